@@ -1,0 +1,11 @@
+# Sourced by the other scripts: where caches live and how to log.
+set -euo pipefail
+FERRY_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export FERRY_CACHE_DIR="${FERRY_CACHE_DIR:-$HOME/.cache/ferry}"
+# CI starts from a clean clone each time; keep the build outside the clone so a
+# second run on the same machine reuses it. Developers keep ./target.
+if [ "${CI:-}" = "true" ] && [ -z "${CARGO_TARGET_DIR:-}" ]; then
+  export CARGO_TARGET_DIR="$FERRY_CACHE_DIR/target"
+fi
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$FERRY_ROOT/target}"
+step() { printf '\n==> %s\n' "$*"; }

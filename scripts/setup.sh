@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what building and testing ferry need, idempotently: the wasm
+# target, Debian packages (PostgreSQL 15 server), and a Python venv with
+# localstripe, the official stripe library and schemathesis.
+# Usage: scripts/setup.sh [--test]
+source "$(dirname "$0")/lib.sh"
+want_test=false
+[ "${1:-}" = "--test" ] && want_test=true
+
+if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+  step "adding the wasm32-wasip2 target"
+  rustup target add wasm32-wasip2
+fi
+
+if $want_test; then
+  missing=()
+  [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql-15)
+  command -v runuser >/dev/null || missing+=(util-linux)
+  if [ ${#missing[@]} -gt 0 ]; then
+    step "installing Debian packages: ${missing[*]}"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+  fi
+  "$FERRY_ROOT/scripts/python-deps.sh"
+fi

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# `make test`: the whole suite, as CI runs it. Installs what it needs, builds
+# the components, checks formatting and lints, runs every test against real
+# peers (throw-away PostgreSQL, localstripe), then schemathesis on both backends.
+source "$(dirname "$0")/lib.sh"
+cd "$FERRY_ROOT"
+"$FERRY_ROOT/scripts/setup.sh" --test
+"$FERRY_ROOT/scripts/build-connectors.sh"
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --quiet --workspace --all-targets -- -D warnings
+
+step "cargo test (workspace)"
+cargo test --workspace --no-fail-fast
+
+step "schemathesis against /openapi.json (SQLite and PostgreSQL)"
+"$FERRY_ROOT/scripts/schemathesis.sh"
