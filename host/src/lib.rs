@@ -1,0 +1,13 @@
+//! ferry: keeps a customer catalog in two-way sync with external systems.
+//!
+//! The host owns storage, the outbox, retries, idempotency and conflict
+//! handling; everything specific to a remote system lives in a connector, a
+//! WebAssembly component run by [`runtime`].
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod runtime;
+pub mod store;
+pub mod telemetry;
+pub mod testkit;

@@ -1,0 +1,146 @@
+//! A connector that misbehaves on request, for ferry's sandbox tests.
+//!
+//! `push` reads an instruction from its `record` JSON, e.g. `{"do":"loop"}`:
+//!
+//! - `ok`: succeed at once;
+//! - `loop`: spin forever (the deadline must stop it);
+//! - `alloc`: allocate without end (the memory cap must stop it);
+//! - `stack`: recurse without end;
+//! - `trap`: hit `unreachable`;
+//! - `http` with `url`: send a request carrying `{{secret:api_key}}` in a
+//!   header and the body, and report what came back (status, body, headers,
+//!   or the error), so a test sees exactly what the guest saw;
+//! - `hmac` with `secret`: HMAC `"message"` with that secret name;
+//! - `setting` with `name`: read a setting.
+//!
+//! It declares host `api.example.com`, host setting `api_base` and secret
+//! `api_key`.
+
+#![allow(unsafe_code)] // wit-bindgen's generated glue
+
+wit_bindgen::generate!({
+    path: "../../../wit/v0.1.0",
+    world: "connector-world",
+});
+
+use std::hint::black_box;
+
+use exports::ferry::connector::connector::{
+    ConnectorError, Guest, Manifest, Page, ParsedWebhook, PushRequest, PushResult, RemoteRecord,
+    SecretSpec, SettingSpec, WebhookRequest,
+};
+use ferry::connector::{crypto, http, settings};
+use serde_json::{json, Value};
+
+struct Hostile;
+
+impl Guest for Hostile {
+    fn get_manifest() -> Manifest {
+        Manifest {
+            name: "hostile".into(),
+            version: "0.1.0".into(),
+            description: "Misbehaves on request".into(),
+            entities: vec!["customer".into()],
+            hosts: vec!["api.example.com".into()],
+            host_settings: vec!["api_base".into()],
+            settings: vec![SettingSpec {
+                name: "api_base".into(),
+                description: "Base URL; its host counts as declared".into(),
+                default: None,
+                required: false,
+            }],
+            secrets: vec![SecretSpec {
+                name: "api_key".into(),
+                description: "API key".into(),
+                required: true,
+            }],
+            webhooks: false,
+        }
+    }
+
+    fn verify_webhook(_req: WebhookRequest) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+
+    fn parse_webhook(_req: WebhookRequest) -> Result<ParsedWebhook, ConnectorError> {
+        Ok(ParsedWebhook {
+            events: Vec::new(),
+            reply: None,
+        })
+    }
+
+    fn push(req: PushRequest) -> Result<PushResult, ConnectorError> {
+        let instruction: Value = serde_json::from_str(&req.record)
+            .map_err(|e| ConnectorError::Permanent(e.to_string()))?;
+        let text = |key: &str| instruction[key].as_str().unwrap_or_default().to_owned();
+        let report = |value: Value| {
+            Ok(PushResult {
+                remote_id: req.local_id.clone(),
+                record: Some(value.to_string()),
+            })
+        };
+        match text("do").as_str() {
+            "ok" => Ok(PushResult {
+                remote_id: req.local_id.clone(),
+                record: None,
+            }),
+            "loop" => {
+                let mut i = 0u64;
+                loop {
+                    i = black_box(i.wrapping_add(1));
+                }
+            }
+            "alloc" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    black_box(&hoard);
+                }
+            }
+            "stack" => report(json!(recurse(black_box(1)))),
+            "trap" => core::arch::wasm32::unreachable(),
+            "http" => {
+                let request = http::Request {
+                    method: http::Method::Post,
+                    url: text("url"),
+                    headers: vec![("authorization".into(), "Bearer {{secret:api_key}}".into())],
+                    body: Some(b"key={{secret:api_key}}".to_vec()),
+                    timeout_ms: None,
+                };
+                match http::send(&request) {
+                    Ok(r) => report(json!({
+                        "status": r.status,
+                        "body": String::from_utf8_lossy(&r.body),
+                        "headers": r.headers,
+                    })),
+                    Err(e) => report(json!({ "error": format!("{e:?}") })),
+                }
+            }
+            "hmac" => match crypto::hmac_sha256(&text("secret"), b"message") {
+                Ok(mac) => report(json!({ "mac": mac })),
+                Err(e) => report(json!({ "error": e })),
+            },
+            "setting" => report(json!({ "value": settings::get(&text("name")) })),
+            other => Err(ConnectorError::Unsupported(format!(
+                "unknown instruction `{other}`"
+            ))),
+        }
+    }
+
+    fn fetch(entity: String, _remote_id: String) -> Result<RemoteRecord, ConnectorError> {
+        Err(ConnectorError::Unsupported(format!("fetch {entity}")))
+    }
+
+    fn list(entity: String, _cursor: Option<String>, _limit: u32) -> Result<Page, ConnectorError> {
+        Err(ConnectorError::Unsupported(format!("list {entity}")))
+    }
+}
+
+/// Recurses until the stack runs out; the result is never reached.
+#[allow(unconditional_recursion)] // the point: exhaust the stack
+fn recurse(depth: u64) -> u64 {
+    let frame = black_box([depth; 64]);
+    recurse(black_box(depth + 1)) + frame[(depth % 64) as usize]
+}
+
+export!(Hostile);
