@@ -1,0 +1,216 @@
+//! Conversions between Stripe's customer object and ferry's canonical
+//! customer, and the form encoding Stripe expects for writes.
+
+use std::collections::BTreeMap;
+
+use ferry_sdk::{Address, Customer};
+use serde::Deserialize;
+
+/// The metadata key holding ferry's id of the customer. Kept out of the
+/// canonical record: it is bookkeeping, not customer data.
+pub(crate) const FERRY_ID_KEY: &str = "ferry_id";
+
+/// The parts of a Stripe customer ferry syncs.
+#[derive(Debug, Deserialize)]
+pub(crate) struct StripeCustomer {
+    pub(crate) id: String,
+    #[serde(default)]
+    pub(crate) deleted: bool,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    phone: Option<String>,
+    // Not `Option<StripeAddress>`: a fake or an old API version may send a
+    // non-object here, which must not fail the whole record.
+    #[serde(default)]
+    address: Option<serde_json::Value>,
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, serde_json::Value>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StripeAddress {
+    #[serde(default)]
+    line1: Option<String>,
+    #[serde(default)]
+    line2: Option<String>,
+    #[serde(default)]
+    city: Option<String>,
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    postal_code: Option<String>,
+    #[serde(default)]
+    country: Option<String>,
+}
+
+/// Stripe has no "empty" value distinct from unset: both become `None`.
+fn non_empty(v: Option<String>) -> Option<String> {
+    v.filter(|s| !s.is_empty())
+}
+
+pub(crate) fn from_stripe(c: StripeCustomer) -> Customer {
+    let address = c
+        .address
+        .and_then(|v| serde_json::from_value::<StripeAddress>(v).ok())
+        .map(|a| Address {
+            line1: non_empty(a.line1),
+            line2: non_empty(a.line2),
+            city: non_empty(a.city),
+            state: non_empty(a.state),
+            postal_code: non_empty(a.postal_code),
+            country: non_empty(a.country),
+        })
+        .filter(|a| !a.is_empty());
+    let metadata = c
+        .metadata
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k != FERRY_ID_KEY)
+        .filter_map(|(k, v)| match v {
+            serde_json::Value::String(s) => Some((k, s)),
+            serde_json::Value::Null => None,
+            other => Some((k, other.to_string())),
+        })
+        .collect();
+    Customer {
+        id: Some(c.id),
+        name: non_empty(c.name),
+        email: non_empty(c.email),
+        phone: non_empty(c.phone),
+        address,
+        metadata,
+    }
+}
+
+/// Form pairs for `POST /v1/customers[/{id}]`. On update an unset field is
+/// sent empty, which Stripe documents as "unset", so the remote ends up equal
+/// to ferry's record rather than keeping stale values. Metadata keys absent
+/// locally are left alone: Stripe merges metadata, and other integrations
+/// may own keys ferry does not know.
+pub(crate) fn customer_form(c: &Customer, local_id: &str, update: bool) -> Vec<(String, String)> {
+    let mut form = Vec::new();
+    let mut field = |name: &str, value: &Option<String>| match value {
+        Some(v) => form.push((name.to_owned(), v.clone())),
+        None if update => form.push((name.to_owned(), String::new())),
+        None => {}
+    };
+    field("name", &c.name);
+    field("email", &c.email);
+    field("phone", &c.phone);
+    match &c.address {
+        Some(a) => {
+            let parts = [
+                ("line1", &a.line1),
+                ("line2", &a.line2),
+                ("city", &a.city),
+                ("state", &a.state),
+                ("postal_code", &a.postal_code),
+                ("country", &a.country),
+            ];
+            for (key, value) in parts {
+                match value {
+                    Some(v) => form.push((format!("address[{key}]"), v.clone())),
+                    // Unset a line ferry no longer has, as for top-level fields.
+                    None if update => form.push((format!("address[{key}]"), String::new())),
+                    None => {}
+                }
+            }
+        }
+        None if update => form.push(("address".to_owned(), String::new())),
+        None => {}
+    }
+    for (k, v) in &c.metadata {
+        if k != FERRY_ID_KEY {
+            form.push((format!("metadata[{k}]"), v.clone()));
+        }
+    }
+    form.push((format!("metadata[{FERRY_ID_KEY}]"), local_id.to_owned()));
+    form
+}
+
+/// Percent-encodes an id for use as one URL path segment, so an id from a
+/// webhook or an operator can never change the path it is put in.
+pub(crate) fn path_segment(id: &str) -> String {
+    // `.` and `..` would be resolved away as path steps.
+    if id.bytes().all(|b| b == b'.') {
+        return id.replace('.', "%2E");
+    }
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stripe_customer_to_canonical() {
+        let json = r#"{"id":"cus_1","object":"customer","name":"Ada","email":"",
+            "phone":null,"address":{"line1":"1 Road","line2":null,"city":"London",
+            "state":"","postal_code":"N1","country":"GB"},
+            "metadata":{"ferry_id":"f1","tier":"gold"}}"#;
+        let c = from_stripe(serde_json::from_str(json).unwrap());
+        assert_eq!(c.id.as_deref(), Some("cus_1"));
+        assert_eq!(c.email, None);
+        let a = c.address.unwrap();
+        assert_eq!(a.city.as_deref(), Some("London"));
+        assert_eq!(a.state, None);
+        assert_eq!(c.metadata.len(), 1);
+        assert_eq!(c.metadata["tier"], "gold");
+    }
+
+    #[test]
+    fn odd_address_values_do_not_fail_the_record() {
+        let c = from_stripe(serde_json::from_str(r#"{"id":"cus_1","address":""}"#).unwrap());
+        assert_eq!(c.address, None);
+    }
+
+    #[test]
+    fn update_form_unsets_missing_fields() {
+        let c = Customer {
+            name: Some("Ada".into()),
+            ..Customer::default()
+        };
+        let create = customer_form(&c, "f1", false);
+        assert_eq!(
+            create,
+            vec![
+                ("name".to_owned(), "Ada".to_owned()),
+                ("metadata[ferry_id]".to_owned(), "f1".to_owned())
+            ]
+        );
+        let update = customer_form(&c, "f1", true);
+        assert!(update.contains(&("email".to_owned(), String::new())));
+        assert!(update.contains(&("address".to_owned(), String::new())));
+
+        let with_city = Customer {
+            address: Some(Address {
+                city: Some("Paris".into()),
+                ..Address::default()
+            }),
+            ..Customer::default()
+        };
+        let create = customer_form(&with_city, "f1", false);
+        assert!(create.contains(&("address[city]".to_owned(), "Paris".to_owned())));
+        assert!(!create.iter().any(|(k, _)| k == "address[line1]"));
+        let update = customer_form(&with_city, "f1", true);
+        assert!(update.contains(&("address[line1]".to_owned(), String::new())));
+    }
+
+    #[test]
+    fn path_segments_are_escaped() {
+        assert_eq!(path_segment("cus_AZ09"), "cus_AZ09");
+        assert_eq!(path_segment("../x?y"), "..%2Fx%3Fy");
+        assert_eq!(path_segment(".."), "%2E%2E");
+    }
+}

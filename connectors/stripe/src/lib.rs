@@ -1,0 +1,276 @@
+//! The Stripe connector: syncs ferry customers with Stripe customers through
+//! Stripe's REST API (form-encoded writes, cursor-paged lists) and turns
+//! Stripe's signed `customer.*` webhooks into ferry events.
+
+mod convert;
+
+use ferry_sdk::http::{Request, Response};
+use ferry_sdk::{
+    settings, webhook, Connector, ConnectorError, Customer, Event, Manifest, Operation, Page,
+    ParsedWebhook, PushRequest, PushResult, RemoteRecord, WebhookRequest,
+};
+use serde::Deserialize;
+
+use crate::convert::{customer_form, from_stripe, StripeCustomer};
+
+const ENTITY: &str = "customer";
+const DEFAULT_API_BASE: &str = "https://api.stripe.com";
+/// Stripe caps `limit` at 100.
+const MAX_PAGE: u32 = 100;
+
+struct Stripe;
+
+impl Connector for Stripe {
+    fn manifest() -> Manifest {
+        Manifest::builder("stripe", env!("CARGO_PKG_VERSION"))
+            .description("Stripe customers: push, fetch, list and customer.* webhooks")
+            .entity(ENTITY)
+            .host("api.stripe.com")
+            .base_url_setting(
+                "api_base",
+                "Base URL of the Stripe API (point it at a test double such as localstripe)",
+                DEFAULT_API_BASE,
+            )
+            .secret(
+                "api_key",
+                "Stripe secret key (sk_live_… or sk_test_…)",
+                true,
+            )
+            .secret(
+                "webhook_secret",
+                "Signing secret of the webhook endpoint (whsec_…)",
+                false,
+            )
+            .webhooks()
+            .build()
+    }
+
+    fn verify_webhook(req: WebhookRequest) -> Result<(), ConnectorError> {
+        webhook::verify_stripe(&req.headers, &req.body, "webhook_secret")
+    }
+
+    fn parse_webhook(req: WebhookRequest) -> Result<ParsedWebhook, ConnectorError> {
+        parse_event(&req.body)
+    }
+
+    fn push(req: PushRequest) -> Result<PushResult, ConnectorError> {
+        ensure_customer(&req.entity)?;
+        let customer = Customer::from_json(&req.record)?;
+        let response = match req.operation {
+            Operation::Create => {
+                let form = customer_form(&customer, &req.local_id, false);
+                post(
+                    format!("{}/v1/customers", api_base()),
+                    &form,
+                    &req.idempotency_key,
+                )?
+            }
+            Operation::Update => {
+                let id = linked_id(&req)?;
+                let form = customer_form(&customer, &req.local_id, true);
+                post(customer_url(id), &form, &req.idempotency_key)?
+            }
+            Operation::Delete => {
+                let id = linked_id(&req)?;
+                let resp = checked(call(Request::delete(customer_url(id)))?)?;
+                // The answer is `{id, object, deleted: true}`: nothing to return.
+                drop(resp);
+                return Ok(PushResult::new(id));
+            }
+        };
+        let stripe: StripeCustomer = response.json()?;
+        let id = stripe.id.clone();
+        Ok(PushResult::new(id).with_record(from_stripe(stripe).to_json()))
+    }
+
+    fn fetch(entity: String, remote_id: String) -> Result<RemoteRecord, ConnectorError> {
+        ensure_customer(&entity)?;
+        let resp = checked(call(Request::get(customer_url(&remote_id)))?)?;
+        let stripe: StripeCustomer = resp.json()?;
+        // Stripe answers a retrieve of a deleted customer with 200 and a stub.
+        if stripe.deleted {
+            return Err(ConnectorError::not_found(format!(
+                "customer {remote_id} is deleted"
+            )));
+        }
+        Ok(remote_record(stripe))
+    }
+
+    fn list(entity: String, cursor: Option<String>, limit: u32) -> Result<Page, ConnectorError> {
+        ensure_customer(&entity)?;
+        let limit = limit.clamp(1, MAX_PAGE).to_string();
+        let mut query = vec![("limit", limit.as_str())];
+        if let Some(after) = cursor.as_deref() {
+            query.push(("starting_after", after));
+        }
+        let req = Request::get(format!("{}/v1/customers", api_base())).query(&query)?;
+        let list: StripeList = checked(call(req)?)?.json()?;
+        let next_cursor = if list.has_more {
+            list.data.last().map(|c| c.id.clone())
+        } else {
+            None
+        };
+        let records = list.data.into_iter().map(remote_record).collect();
+        Ok(Page::new(records, next_cursor))
+    }
+}
+
+ferry_sdk::export_connector!(Stripe);
+
+#[derive(Deserialize)]
+struct StripeList {
+    data: Vec<StripeCustomer>,
+    #[serde(default)]
+    has_more: bool,
+}
+
+/// The parts of a Stripe event ferry reads.
+#[derive(Deserialize)]
+struct StripeEvent {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    created: i64,
+    data: StripeEventData,
+    #[serde(default)]
+    request: Option<EventRequest>,
+}
+
+#[derive(Deserialize)]
+struct StripeEventData {
+    object: serde_json::Value,
+}
+
+/// `request` is an object since API version 2017-05-25 and a bare request id
+/// before; only the object form carries the idempotency key.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EventRequest {
+    Object {
+        #[serde(default)]
+        idempotency_key: Option<String>,
+    },
+    Legacy(#[allow(dead_code)] String),
+}
+
+fn parse_event(body: &[u8]) -> Result<ParsedWebhook, ConnectorError> {
+    let event: StripeEvent = serde_json::from_slice(body)?;
+    let kind = match event.kind.as_str() {
+        "customer.created" | "customer.updated" => ferry_sdk::ChangeKind::Upsert,
+        "customer.deleted" => ferry_sdk::ChangeKind::Delete,
+        _ => return Ok(ParsedWebhook::ignored()),
+    };
+    let stripe: StripeCustomer = serde_json::from_value(event.data.object)?;
+    let remote_id = stripe.id.clone();
+    let occurred_at_ms = event.created.saturating_mul(1000);
+    let snapshot = from_stripe(stripe).to_json();
+    let origin_key = match event.request {
+        Some(EventRequest::Object { idempotency_key }) => idempotency_key,
+        _ => None,
+    };
+    let base = match kind {
+        ferry_sdk::ChangeKind::Upsert => {
+            Event::upsert(event.id, ENTITY, remote_id, occurred_at_ms, Some(snapshot))
+        }
+        // The last state travels with a deletion too, for the audit trail.
+        ferry_sdk::ChangeKind::Delete => Event {
+            record: Some(snapshot),
+            ..Event::delete(event.id, ENTITY, remote_id, occurred_at_ms)
+        },
+    };
+    Ok(ParsedWebhook::events(vec![base
+        .with_remote_type(event.kind)
+        .with_origin_key(origin_key)]))
+}
+
+fn remote_record(stripe: StripeCustomer) -> RemoteRecord {
+    let id = stripe.id.clone();
+    RemoteRecord::new(id, from_stripe(stripe).to_json())
+}
+
+fn ensure_customer(entity: &str) -> Result<(), ConnectorError> {
+    if entity == ENTITY {
+        Ok(())
+    } else {
+        Err(ConnectorError::unsupported(format!(
+            "the stripe connector does not handle `{entity}`"
+        )))
+    }
+}
+
+fn linked_id(req: &PushRequest) -> Result<&str, ConnectorError> {
+    req.remote_id
+        .as_deref()
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| {
+            ConnectorError::permanent(format!(
+                "customer {} has no Stripe id to update or delete",
+                req.local_id
+            ))
+        })
+}
+
+fn api_base() -> String {
+    settings::base_url("api_base", DEFAULT_API_BASE)
+}
+
+fn customer_url(id: &str) -> String {
+    format!("{}/v1/customers/{}", api_base(), convert::path_segment(id))
+}
+
+/// POSTs a form with the push's idempotency key, so Stripe replays the first
+/// answer when a retry follows a timeout instead of writing twice.
+fn post(
+    url: String,
+    form: &[(String, String)],
+    idempotency_key: &str,
+) -> Result<Response, ConnectorError> {
+    let req = Request::post(url)
+        .header("idempotency-key", idempotency_key)
+        .form(form)?;
+    checked(call(req)?)
+}
+
+fn call(req: Request) -> Result<Response, ConnectorError> {
+    req.bearer_secret("api_key")
+        .header("stripe-version", STRIPE_VERSION)
+        .send()
+}
+
+/// The API version the conversions were written against, pinned so an
+/// account's default version cannot change the shapes under us.
+const STRIPE_VERSION: &str = "2024-06-20";
+
+/// Maps a non-2xx answer onto a typed error with Stripe's own message, and
+/// honours `Stripe-Should-Retry` when Stripe says more than the status does.
+fn checked(resp: Response) -> Result<Response, ConnectorError> {
+    let should_retry = resp.header("stripe-should-retry").map(str::to_owned);
+    resp.error_for_status_with(stripe_error_message)
+        .map_err(|err| match (err, should_retry.as_deref()) {
+            (ConnectorError::Permanent(m), Some("true")) => ConnectorError::retryable(m),
+            (err, _) => err,
+        })
+}
+
+fn stripe_error_message(resp: &Response) -> String {
+    #[derive(Deserialize)]
+    struct Body {
+        error: Detail,
+    }
+    #[derive(Deserialize)]
+    struct Detail {
+        #[serde(default)]
+        message: Option<String>,
+        #[serde(default, rename = "type")]
+        kind: Option<String>,
+    }
+    match serde_json::from_slice::<Body>(&resp.body) {
+        Ok(Body { error }) => match (error.kind, error.message) {
+            (Some(kind), Some(message)) => format!("{kind}: {message}"),
+            (None, Some(message)) => message,
+            (Some(kind), None) => kind,
+            (None, None) => String::new(),
+        },
+        Err(_) => resp.text().chars().take(300).collect(),
+    }
+}

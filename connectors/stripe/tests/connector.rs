@@ -1,0 +1,370 @@
+//! The Stripe connector as a third-party author tests one: the built
+//! component in ferry's real runtime, HTTP answered by a script
+//! (`ferry_sdk::testkit`), no network.
+
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ferry_sdk::testkit::{
+    self, CallError, ChangeKind, ConnectorError, Operation, RateLimit, TestKit, WireError,
+};
+use hmac::{Hmac, Mac};
+use serde_json::json;
+use sha2::Sha256;
+
+const API: &str = "https://api.stripe.com/v1/customers";
+
+fn wasm() -> &'static [u8] {
+    static WASM: OnceLock<Vec<u8>> = OnceLock::new();
+    WASM.get_or_init(|| {
+        let path = testkit::build_component(env!("CARGO_MANIFEST_DIR")).expect("build");
+        std::fs::read(path).expect("read component")
+    })
+}
+
+async fn kit() -> TestKit {
+    TestKit::load(wasm())
+        .await
+        .expect("load")
+        .secret("api_key", "sk_test_kit")
+        .secret("webhook_secret", "whsec_kit")
+}
+
+fn stripe_customer(id: &str) -> serde_json::Value {
+    json!({
+        "id": id, "object": "customer", "name": "Ada Lovelace", "email": "ada@example.com",
+        "phone": null, "address": {"line1": "12 St James's Sq", "line2": null, "city": "London",
+            "state": null, "postal_code": "SW1Y 4JH", "country": "GB"},
+        "metadata": {"ferry_id": "c1", "tier": "gold"}, "created": 1_700_000_000
+    })
+}
+
+fn create_request() -> testkit::PushRequest {
+    let record = json!({"id": "c1", "name": "Ada Lovelace", "email": "ada@example.com",
+        "address": {"city": "London", "country": "GB"}, "metadata": {"tier": "gold"}});
+    testkit::push_request(
+        "customer",
+        Operation::Create,
+        "c1",
+        None,
+        record.to_string(),
+    )
+}
+
+fn connector_error(result: Result<impl std::fmt::Debug, CallError>) -> ConnectorError {
+    match result {
+        Err(CallError::Connector(err)) => err,
+        other => panic!("expected a connector error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn manifest_declares_what_the_connector_needs() {
+    let kit = kit().await;
+    let m = kit.manifest();
+    assert_eq!(m.name, "stripe");
+    assert_eq!(m.entities, ["customer"]);
+    assert_eq!(m.hosts, ["api.stripe.com"]);
+    assert_eq!(m.host_settings, ["api_base"]);
+    let secrets: Vec<_> = m.secrets.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(secrets, ["api_key", "webhook_secret"]);
+    assert!(m.webhooks);
+}
+
+#[tokio::test]
+async fn create_sends_a_form_with_the_key_and_idempotency_key() {
+    let kit = kit().await;
+    kit.http()
+        .on("POST", API)
+        .respond_json(200, &stripe_customer("cus_new"));
+    let result = kit.push(create_request()).await.expect("push");
+    assert_eq!(result.remote_id, "cus_new");
+    let record: serde_json::Value = serde_json::from_str(&result.record.unwrap()).unwrap();
+    assert_eq!(record["email"], "ada@example.com");
+    assert_eq!(record["metadata"], json!({"tier": "gold"}));
+
+    let sent = kit.http().requests();
+    assert_eq!(sent.len(), 1);
+    let req = &sent[0];
+    assert_eq!((req.method.as_str(), req.url.as_str()), ("POST", API));
+    // The host substituted the placeholder: the component never saw the key.
+    assert_eq!(req.header("authorization"), Some("Bearer sk_test_kit"));
+    assert_eq!(req.header("idempotency-key"), Some("c1-v1"));
+    assert_eq!(
+        req.header("content-type"),
+        Some("application/x-www-form-urlencoded")
+    );
+    let form = req.form();
+    let field = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    assert_eq!(field("name"), Some("Ada Lovelace"));
+    assert_eq!(field("email"), Some("ada@example.com"));
+    assert_eq!(field("address[city]"), Some("London"));
+    assert_eq!(field("metadata[tier]"), Some("gold"));
+    assert_eq!(field("metadata[ferry_id]"), Some("c1"));
+    // A create leaves unknown fields out rather than blanking them.
+    assert_eq!(field("phone"), None);
+}
+
+#[tokio::test]
+async fn update_and_delete_address_the_linked_customer() {
+    let kit = kit().await;
+    kit.http()
+        .on("POST", &format!("{API}/cus_1"))
+        .respond_json(200, &stripe_customer("cus_1"));
+    kit.http()
+        .on("DELETE", &format!("{API}/cus_1"))
+        .respond_json(
+            200,
+            &json!({"id": "cus_1", "object": "customer", "deleted": true}),
+        );
+
+    let mut update = create_request();
+    update.operation = Operation::Update;
+    update.remote_id = Some("cus_1".into());
+    assert_eq!(kit.push(update).await.unwrap().remote_id, "cus_1");
+    let sent = kit.http().last_request().unwrap();
+    // Fields unset locally are unset remotely.
+    assert_eq!(sent.form_value("phone").as_deref(), Some(""));
+
+    let mut delete = create_request();
+    delete.operation = Operation::Delete;
+    delete.remote_id = Some("cus_1".into());
+    let result = kit.push(delete).await.unwrap();
+    assert_eq!((result.remote_id.as_str(), result.record), ("cus_1", None));
+    assert_eq!(kit.http().last_request().unwrap().method, "DELETE");
+
+    let mut unlinked = create_request();
+    unlinked.operation = Operation::Update;
+    assert!(matches!(
+        connector_error(kit.push(unlinked).await),
+        ConnectorError::Permanent(_)
+    ));
+}
+
+#[tokio::test]
+async fn rate_limit_carries_retry_after() {
+    let kit = kit().await;
+    kit.http().on("POST", API).respond(
+        429,
+        &[("Retry-After", "2")],
+        r#"{"error":{"type":"rate_limit_error","message":"Too many requests"}}"#,
+    );
+    match connector_error(kit.push(create_request()).await) {
+        ConnectorError::RateLimited(RateLimit {
+            retry_after_ms,
+            message,
+        }) => {
+            assert_eq!(retry_after_ms, Some(2000));
+            assert!(message.contains("Too many requests"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn server_errors_and_network_failures_are_retryable() {
+    let kit = kit().await;
+    kit.http()
+        .on("POST", API)
+        .respond(
+            500,
+            &[],
+            r#"{"error":{"type":"api_error","message":"boom"}}"#,
+        )
+        .fail(WireError::Timeout("too slow".into()))
+        .fail(WireError::Connect("refused".into()));
+    for _ in 0..3 {
+        assert!(matches!(
+            connector_error(kit.push(create_request()).await),
+            ConnectorError::Retryable(_)
+        ));
+    }
+}
+
+#[tokio::test]
+async fn client_errors_map_to_their_kinds() {
+    let kit = kit().await;
+    kit.http().on("GET", &format!("{API}/cus_gone")).respond(
+        404,
+        &[],
+        r#"{"error":{"type":"invalid_request_error","message":"No such customer: 'cus_gone'"}}"#,
+    );
+    kit.http()
+        .on("GET", &format!("{API}/cus_deleted"))
+        .respond_json(
+            200,
+            &json!({"id": "cus_deleted", "object": "customer", "deleted": true}),
+        );
+    kit.http().on("POST", API).respond(
+        401,
+        &[],
+        r#"{"error":{"type":"invalid_request_error","message":"Invalid API Key provided"}}"#,
+    );
+    kit.http().on("POST", &format!("{API}/cus_1")).respond(
+        400,
+        &[],
+        r#"{"error":{"type":"invalid_request_error","message":"Invalid email address"}}"#,
+    );
+
+    match connector_error(kit.fetch("customer", "cus_gone").await) {
+        ConnectorError::NotFound(m) => assert!(m.contains("No such customer"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        connector_error(kit.fetch("customer", "cus_deleted").await),
+        ConnectorError::NotFound(_)
+    ));
+    assert!(matches!(
+        connector_error(kit.push(create_request()).await),
+        ConnectorError::Unauthorized(_)
+    ));
+    let mut update = create_request();
+    update.operation = Operation::Update;
+    update.remote_id = Some("cus_1".into());
+    match connector_error(kit.push(update).await) {
+        ConnectorError::Permanent(m) => assert!(m.contains("Invalid email address"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        connector_error(kit.fetch("invoice", "in_1").await),
+        ConnectorError::Unsupported(_)
+    ));
+}
+
+#[tokio::test]
+async fn list_pages_with_starting_after() {
+    let kit = kit().await;
+    kit.http()
+        .on("GET", &format!("{API}?limit=2&starting_after=cus_2"))
+        .respond_json(
+            200,
+            &json!({"object": "list", "has_more": false,
+            "data": [stripe_customer("cus_3")]}),
+        );
+    kit.http()
+        .on("GET", &format!("{API}?limit=2"))
+        .respond_json(
+            200,
+            &json!({"object": "list", "has_more": true,
+            "data": [stripe_customer("cus_1"), stripe_customer("cus_2")]}),
+        );
+
+    let first = kit.list("customer", None, 2).await.unwrap();
+    assert_eq!(first.records.len(), 2);
+    assert_eq!(first.next_cursor.as_deref(), Some("cus_2"));
+    let second = kit.list("customer", first.next_cursor, 2).await.unwrap();
+    assert_eq!(second.records[0].remote_id, "cus_3");
+    assert_eq!(second.next_cursor, None);
+    assert!(kit.http().unmatched().is_empty());
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn sign(secret: &str, t: i64, body: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.{body}").as_bytes());
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+fn event_body(kind: &str) -> String {
+    json!({"id": "evt_1", "object": "event", "type": kind, "created": 1_700_000_123,
+        "data": {"object": stripe_customer("cus_1")},
+        "request": {"id": "req_1", "idempotency_key": "c1-v3"}})
+    .to_string()
+}
+
+#[tokio::test]
+async fn webhook_signatures_are_checked() {
+    let kit = kit().await;
+    let body = event_body("customer.updated");
+    let ok =
+        |header: String| testkit::webhook_request(&[("Stripe-Signature", &header)], body.clone());
+    let now = now_secs();
+
+    kit.verify_webhook(ok(sign("whsec_kit", now, &body)))
+        .await
+        .expect("a valid signature");
+    // Secret rotation: Stripe sends one v1 per active secret.
+    let rotated = format!("{},v1={}", sign("whsec_kit", now, &body), "ab".repeat(32));
+    kit.verify_webhook(ok(rotated))
+        .await
+        .expect("any v1 may match");
+
+    let refused = |r: Result<(), CallError>| {
+        assert!(
+            matches!(
+                r,
+                Err(CallError::Connector(ConnectorError::InvalidSignature(_)))
+            ),
+            "{r:?}"
+        )
+    };
+    refused(
+        kit.verify_webhook(ok(sign("whsec_other", now, &body)))
+            .await,
+    );
+    refused(
+        kit.verify_webhook(ok(sign("whsec_kit", now - 301, &body)))
+            .await,
+    );
+    let tampered = testkit::webhook_request(
+        &[("stripe-signature", &sign("whsec_kit", now, &body))],
+        body.replace("Ada", "Eve"),
+    );
+    refused(kit.verify_webhook(tampered).await);
+    refused(
+        kit.verify_webhook(testkit::webhook_request(&[], body.clone()))
+            .await,
+    );
+}
+
+#[tokio::test]
+async fn customer_events_become_ferry_events() {
+    let kit = kit().await;
+    let parsed = kit
+        .parse_webhook(testkit::webhook_request(
+            &[],
+            event_body("customer.updated"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(parsed.events.len(), 1);
+    let event = &parsed.events[0];
+    assert_eq!(event.id, "evt_1");
+    assert_eq!(event.kind, ChangeKind::Upsert);
+    assert_eq!(event.remote_id, "cus_1");
+    assert_eq!(event.occurred_at_ms, 1_700_000_123_000);
+    assert_eq!(event.origin_key.as_deref(), Some("c1-v3"));
+    assert_eq!(event.remote_type, "customer.updated");
+    let record: serde_json::Value = serde_json::from_str(event.record.as_deref().unwrap()).unwrap();
+    assert_eq!(record["name"], "Ada Lovelace");
+    assert_eq!(record["address"]["postal_code"], "SW1Y 4JH");
+
+    let deleted = kit
+        .parse_webhook(testkit::webhook_request(
+            &[],
+            event_body("customer.deleted"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(deleted.events[0].kind, ChangeKind::Delete);
+
+    let ignored = kit
+        .parse_webhook(testkit::webhook_request(&[], event_body("invoice.paid")))
+        .await
+        .unwrap();
+    assert!(ignored.events.is_empty());
+
+    assert!(matches!(
+        connector_error(
+            kit.parse_webhook(testkit::webhook_request(&[], "not json"))
+                .await
+        ),
+        ConnectorError::Permanent(_)
+    ));
+}

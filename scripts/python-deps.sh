@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Creates (once) the Python virtualenv the integration tests use for Stripe
+# peers: localstripe (a stateful fake Stripe that sends signed webhooks), the
+# official `stripe` library (drives localstripe and cross-checks webhook
+# signatures) and schemathesis. Idempotent: a venv whose stamp matches the
+# pinned set is reused as is. Prints the venv's python path on stdout.
+set -euo pipefail
+
+CACHE_DIR="${FERRY_CACHE_DIR:-$HOME/.cache/ferry}"
+VENV="$CACHE_DIR/venv"
+PYTHON="${PYTHON:-python3}"
+
+# Pinned: versions checked to install and run together on Python 3.11.
+REQUIREMENTS=(
+  "localstripe==1.15.10"
+  "stripe==16.1.0"
+  "schemathesis==4.32.5"
+)
+STAMP="$VENV/.ferry-requirements"
+WANT="$(printf '%s\n' "${REQUIREMENTS[@]}")"
+
+up_to_date() { [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; }
+
+if up_to_date; then
+  echo "$VENV/bin/python"
+  exit 0
+fi
+
+mkdir -p "$CACHE_DIR"
+# Parallel test binaries may call this at once: one installs, the others wait.
+exec 9>"$CACHE_DIR/venv.lock"
+flock 9
+if ! up_to_date; then
+  # The stamp is written last, so an interrupted install is redone from scratch.
+  rm -rf "$VENV"
+  "$PYTHON" -m venv "$VENV" >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${REQUIREMENTS[@]}" >&2
+  printf '%s' "$WANT" >"$STAMP"
+fi
+echo "$VENV/bin/python"

@@ -1,0 +1,103 @@
+//! ferry's canonical customer: the JSON every connector reads from
+//! `push-request.record` and writes into events and remote records
+//! (documented in `docs/connector-contract.md`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A customer in ferry's canonical model.
+///
+/// Every field is optional on the wire so a partial record (a remote that
+/// knows no phone numbers) round-trips; absent and `null` both mean "not
+/// known". Unknown fields are ignored, so a newer host can add fields without
+/// breaking older connectors.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Customer {
+    /// In a record ferry sends: ferry's id of the customer. In a record a
+    /// connector returns: the remote's id (the host keys links on the
+    /// separate `remote-id` field, so this is informational there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Full name or company name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// E-mail address; the host matches unlinked remote customers on it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Phone number as entered, ideally E.164.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+    /// Postal address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<Address>,
+    /// Free-form string pairs, synced as a whole.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A postal address, field names as Stripe's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Address {
+    /// Street, PO box or company name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line1: Option<String>,
+    /// Apartment, suite, unit or building.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line2: Option<String>,
+    /// City, district, suburb, town or village.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub city: Option<String>,
+    /// State, county, province or region.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// ZIP or postal code.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postal_code: Option<String>,
+    /// Two-letter country code (ISO 3166-1 alpha-2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+}
+
+impl Address {
+    /// Whether no field is set.
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+impl Customer {
+    /// Parses canonical JSON; malformed JSON is a permanent error.
+    pub fn from_json(json: &str) -> Result<Self, crate::ConnectorError> {
+        Ok(serde_json::from_str(json)?)
+    }
+
+    /// Canonical JSON text.
+    pub fn to_json(&self) -> String {
+        // Serializing plain strings and maps cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_skips_unknown_fields() {
+        let json = r#"{"id":"c1","name":"Ada","email":"ada@example.com","phone":null,
+            "address":{"city":"London","country":"GB"},"metadata":{"tier":"gold"},"future":1}"#;
+        let c = Customer::from_json(json).unwrap();
+        assert_eq!(c.name.as_deref(), Some("Ada"));
+        assert_eq!(c.phone, None);
+        assert_eq!(c.address.as_ref().unwrap().city.as_deref(), Some("London"));
+        assert_eq!(
+            c.to_json(),
+            r#"{"id":"c1","name":"Ada","email":"ada@example.com","address":{"city":"London","country":"GB"},"metadata":{"tier":"gold"}}"#
+        );
+        assert_eq!(Customer::from_json("{}").unwrap(), Customer::default());
+        assert!(Customer::from_json("[").is_err());
+    }
+}

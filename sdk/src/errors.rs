@@ -1,0 +1,200 @@
+//! Typed errors: constructors for the WIT `connector-error` variant and the
+//! mapping from remote HTTP answers and host HTTP failures onto it.
+
+use crate::bindings::ferry::connector::types::{ConnectorError, RateLimit};
+
+/// Why the host could not obtain an HTTP response (the WIT `http-error`).
+pub use crate::bindings::ferry::connector::http::HttpError;
+
+impl ConnectorError {
+    /// A transient failure: the host retries with backoff.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self::Retryable(message.into())
+    }
+
+    /// The remote asked us to slow down; retry no sooner than `retry_after_ms`.
+    pub fn rate_limited(retry_after_ms: Option<u64>, message: impl Into<String>) -> Self {
+        Self::RateLimited(RateLimit {
+            retry_after_ms,
+            message: message.into(),
+        })
+    }
+
+    /// The request can never succeed as it is: the host dead-letters it.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self::Permanent(message.into())
+    }
+
+    /// The remote record does not exist.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::NotFound(message.into())
+    }
+
+    /// The remote refused the credentials.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::Unauthorized(message.into())
+    }
+
+    /// A webhook's signature, timestamp or origin did not verify.
+    pub fn invalid_signature(message: impl Into<String>) -> Self {
+        Self::InvalidSignature(message.into())
+    }
+
+    /// The connector does not implement this operation or entity.
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        Self::Unsupported(message.into())
+    }
+
+    /// Maps a remote HTTP status onto the error the host's retry policy
+    /// expects, or `None` for a 1xx–3xx answer.
+    ///
+    /// 429 → rate-limited (with `Retry-After` in delta-seconds, if given),
+    /// 5xx and 408 → retryable, 401/403 → unauthorized, 404/410 → not-found,
+    /// any other 4xx → permanent. `detail` (usually the remote's error
+    /// message) is appended for the operator.
+    pub fn from_status(status: u16, retry_after: Option<&str>, detail: &str) -> Option<Self> {
+        let message = if detail.is_empty() {
+            format!("remote answered HTTP {status}")
+        } else {
+            format!("remote answered HTTP {status}: {detail}")
+        };
+        Some(match status {
+            100..=399 => return None,
+            429 => Self::rate_limited(retry_after.and_then(parse_retry_after_ms), message),
+            401 | 403 => Self::unauthorized(message),
+            404 | 410 => Self::not_found(message),
+            // A request timeout says nothing about the request itself.
+            408 => Self::retryable(message),
+            400..=499 => Self::permanent(message),
+            _ => Self::retryable(message),
+        })
+    }
+
+    /// The message carried by any case.
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Retryable(m)
+            | Self::Permanent(m)
+            | Self::NotFound(m)
+            | Self::Unauthorized(m)
+            | Self::InvalidSignature(m)
+            | Self::Unsupported(m) => m,
+            Self::RateLimited(r) => &r.message,
+        }
+    }
+}
+
+/// `Retry-After` in delta-seconds as milliseconds. The HTTP-date form is not
+/// parsed (no remote ferry talks to sends it); it yields `None`, which lets
+/// the host fall back to its own backoff.
+fn parse_retry_after_ms(value: &str) -> Option<u64> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(secs.saturating_mul(1000));
+    }
+    // Some APIs send fractional seconds.
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(|s| (s * 1000.0).ceil() as u64)
+}
+
+impl From<HttpError> for ConnectorError {
+    /// Network trouble is transient; a request the host refused or could not
+    /// parse will be refused again, so retrying it only delays the dead letter.
+    fn from(err: HttpError) -> Self {
+        match err {
+            HttpError::Connect(m) => Self::retryable(format!("connect failed: {m}")),
+            HttpError::Timeout(m) => Self::retryable(format!("timed out: {m}")),
+            HttpError::Denied(m) => Self::permanent(format!("host denied the request: {m}")),
+            HttpError::InvalidRequest(m) => Self::permanent(format!("invalid request: {m}")),
+            HttpError::TooLarge(m) => Self::permanent(format!("response too large: {m}")),
+        }
+    }
+}
+
+impl From<serde_json::Error> for ConnectorError {
+    /// Malformed JSON (ours or the remote's) does not fix itself on retry.
+    fn from(err: serde_json::Error) -> Self {
+        Self::permanent(format!("invalid JSON: {err}"))
+    }
+}
+
+impl From<serde_urlencoded::ser::Error> for ConnectorError {
+    fn from(err: serde_urlencoded::ser::Error) -> Self {
+        Self::permanent(format!("cannot form-encode: {err}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_mapping_follows_the_contract() {
+        assert_eq!(ConnectorError::from_status(200, None, ""), None);
+        assert_eq!(
+            ConnectorError::from_status(429, Some("3"), "slow down"),
+            Some(ConnectorError::rate_limited(
+                Some(3000),
+                "remote answered HTTP 429: slow down"
+            ))
+        );
+        assert!(matches!(
+            ConnectorError::from_status(429, None, ""),
+            Some(ConnectorError::RateLimited(RateLimit {
+                retry_after_ms: None,
+                ..
+            }))
+        ));
+        assert!(matches!(
+            ConnectorError::from_status(503, None, ""),
+            Some(ConnectorError::Retryable(_))
+        ));
+        assert!(matches!(
+            ConnectorError::from_status(401, None, ""),
+            Some(ConnectorError::Unauthorized(_))
+        ));
+        assert!(matches!(
+            ConnectorError::from_status(403, None, ""),
+            Some(ConnectorError::Unauthorized(_))
+        ));
+        assert!(matches!(
+            ConnectorError::from_status(404, None, ""),
+            Some(ConnectorError::NotFound(_))
+        ));
+        assert!(matches!(
+            ConnectorError::from_status(400, None, ""),
+            Some(ConnectorError::Permanent(_))
+        ));
+        assert!(matches!(
+            ConnectorError::from_status(409, None, ""),
+            Some(ConnectorError::Permanent(_))
+        ));
+    }
+
+    #[test]
+    fn retry_after_parses_delta_seconds_only() {
+        assert_eq!(parse_retry_after_ms(" 2 "), Some(2000));
+        assert_eq!(parse_retry_after_ms("0.5"), Some(500));
+        assert_eq!(parse_retry_after_ms("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after_ms("-1"), None);
+    }
+
+    #[test]
+    fn network_errors_are_retryable_and_refusals_permanent() {
+        assert!(matches!(
+            ConnectorError::from(HttpError::Timeout("x".into())),
+            ConnectorError::Retryable(_)
+        ));
+        assert!(matches!(
+            ConnectorError::from(HttpError::Connect("x".into())),
+            ConnectorError::Retryable(_)
+        ));
+        assert!(matches!(
+            ConnectorError::from(HttpError::Denied("x".into())),
+            ConnectorError::Permanent(_)
+        ));
+    }
+}

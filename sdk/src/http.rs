@@ -1,0 +1,293 @@
+//! Outbound HTTP through the host: a request builder, JSON and form bodies,
+//! and the mapping of remote answers onto [`ConnectorError`].
+//!
+//! The host only reaches hosts the manifest declares and substitutes
+//! `{{secret:NAME}}` placeholders (see [`secret`]) in header values and the
+//! body, so credentials never enter the component.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::bindings::ferry::connector::http as raw;
+use crate::errors::HttpError;
+use crate::ConnectorError;
+
+/// HTTP method.
+pub use raw::Method;
+
+/// The placeholder the host replaces with the value of secret `name`.
+///
+/// ```
+/// assert_eq!(ferry_sdk::http::secret("api_key"), "{{secret:api_key}}");
+/// ```
+pub fn secret(name: &str) -> String {
+    format!("{{{{secret:{name}}}}}")
+}
+
+/// An outgoing request under construction.
+#[derive(Debug, Clone)]
+#[must_use = "a request does nothing until it is sent"]
+pub struct Request {
+    method: Method,
+    url: String,
+    headers: Vec<(String, String)>,
+    body: Option<Vec<u8>>,
+    timeout_ms: Option<u32>,
+}
+
+impl Request {
+    /// A request with `method` to the absolute `url`.
+    pub fn new(method: Method, url: impl Into<String>) -> Self {
+        Self {
+            method,
+            url: url.into(),
+            headers: Vec::new(),
+            body: None,
+            timeout_ms: None,
+        }
+    }
+
+    /// A `GET` request.
+    pub fn get(url: impl Into<String>) -> Self {
+        Self::new(Method::Get, url)
+    }
+
+    /// A `POST` request.
+    pub fn post(url: impl Into<String>) -> Self {
+        Self::new(Method::Post, url)
+    }
+
+    /// A `PUT` request.
+    pub fn put(url: impl Into<String>) -> Self {
+        Self::new(Method::Put, url)
+    }
+
+    /// A `PATCH` request.
+    pub fn patch(url: impl Into<String>) -> Self {
+        Self::new(Method::Patch, url)
+    }
+
+    /// A `DELETE` request.
+    pub fn delete(url: impl Into<String>) -> Self {
+        Self::new(Method::Delete, url)
+    }
+
+    /// Adds a header (repeatable).
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// `Authorization: Bearer {{secret:NAME}}`: the host puts the token in.
+    pub fn bearer_secret(self, secret_name: &str) -> Self {
+        let value = format!("Bearer {}", secret(secret_name));
+        self.header("authorization", value)
+    }
+
+    /// Adds query parameters, URL-encoded, to the URL.
+    pub fn query<T: Serialize + ?Sized>(mut self, params: &T) -> Result<Self, ConnectorError> {
+        let encoded = serde_urlencoded::to_string(params)?;
+        if !encoded.is_empty() {
+            let sep = if self.url.contains('?') { '&' } else { '?' };
+            self.url.push(sep);
+            self.url.push_str(&encoded);
+        }
+        Ok(self)
+    }
+
+    /// A JSON body with `content-type: application/json`.
+    pub fn json<T: Serialize + ?Sized>(self, body: &T) -> Result<Self, ConnectorError> {
+        let bytes = serde_json::to_vec(body)?;
+        Ok(self.header("content-type", "application/json").body(bytes))
+    }
+
+    /// A form body (`application/x-www-form-urlencoded`) from `body`, which
+    /// serializes to a flat sequence of pairs (a struct, a map or a
+    /// `Vec<(K, V)>`). For nested keys such as Stripe's `metadata[k]`, build
+    /// the pairs yourself.
+    pub fn form<T: Serialize + ?Sized>(self, body: &T) -> Result<Self, ConnectorError> {
+        let encoded = serde_urlencoded::to_string(body)?;
+        Ok(self
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(encoded.into_bytes()))
+    }
+
+    /// A raw body; set `content-type` yourself.
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.body = Some(body.into());
+        self
+    }
+
+    /// Total time allowed for this request; the host caps it with its own.
+    pub fn timeout_ms(mut self, ms: u32) -> Self {
+        self.timeout_ms = Some(ms);
+        self
+    }
+
+    /// The request's method.
+    pub fn method(&self) -> Method {
+        self.method
+    }
+
+    /// The request's URL, with any query added.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The request's body, if any.
+    pub fn body_bytes(&self) -> Option<&[u8]> {
+        self.body.as_deref()
+    }
+
+    /// Sends the request; a host-side failure keeps its [`HttpError`] case.
+    pub fn send_raw(self) -> Result<Response, HttpError> {
+        let req = raw::Request {
+            method: self.method,
+            url: self.url,
+            headers: self.headers,
+            body: self.body,
+            timeout_ms: self.timeout_ms,
+        };
+        raw::send(&req).map(Response::from)
+    }
+
+    /// Sends the request. Network failures and timeouts become
+    /// [`ConnectorError::Retryable`]; requests the host refuses become
+    /// [`ConnectorError::Permanent`]. Any status is returned as a
+    /// [`Response`]: call [`Response::error_for_status`] to map 4xx/5xx.
+    pub fn send(self) -> Result<Response, ConnectorError> {
+        self.send_raw().map_err(ConnectorError::from)
+    }
+}
+
+/// A remote's answer, whatever its status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// HTTP status code.
+    pub status: u16,
+    /// Headers with lower-cased names.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl From<raw::Response> for Response {
+    fn from(r: raw::Response) -> Self {
+        Self {
+            status: r.status,
+            headers: r.headers,
+            body: r.body,
+        }
+    }
+}
+
+impl Response {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header(&self.headers, name)
+    }
+
+    /// Whether the status is 2xx.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The body as text (lossy UTF-8).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Parses the body as JSON; a body that does not parse is permanent.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, ConnectorError> {
+        serde_json::from_slice(&self.body).map_err(|e| {
+            ConnectorError::permanent(format!(
+                "remote answered HTTP {} with a body that is not the expected JSON: {e}",
+                self.status
+            ))
+        })
+    }
+
+    /// `Ok(self)` for 1xx–3xx; otherwise the error
+    /// [`ConnectorError::from_status`] maps the status to, with the start of
+    /// the body as detail.
+    pub fn error_for_status(self) -> Result<Self, ConnectorError> {
+        self.error_for_status_with(|r| truncate(&r.text(), 500))
+    }
+
+    /// Like [`Response::error_for_status`], with the detail extracted by
+    /// `detail` (for example the remote's `error.message` field).
+    pub fn error_for_status_with(
+        self,
+        detail: impl FnOnce(&Self) -> String,
+    ) -> Result<Self, ConnectorError> {
+        if (100..400).contains(&self.status) {
+            return Ok(self);
+        }
+        let detail = detail(&self);
+        match ConnectorError::from_status(self.status, self.header("retry-after"), &detail) {
+            Some(err) => Err(err),
+            None => Ok(self),
+        }
+    }
+}
+
+/// The first value of header `name` in `headers` (case-insensitive).
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((idx, _)) => format!("{}…", &s[..idx]),
+        None => s.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_and_query_are_url_encoded() {
+        let req = Request::post("https://x.example/v1/c")
+            .query(&[("limit", "2"), ("starting_after", "cus_1")])
+            .unwrap()
+            .form(&[("name", "Ada Lovelace"), ("metadata[ferry_id]", "a&b")])
+            .unwrap();
+        assert_eq!(
+            req.url(),
+            "https://x.example/v1/c?limit=2&starting_after=cus_1"
+        );
+        assert_eq!(
+            req.body_bytes().unwrap(),
+            b"name=Ada+Lovelace&metadata%5Bferry_id%5D=a%26b"
+        );
+    }
+
+    #[test]
+    fn error_for_status_uses_retry_after() {
+        let resp = Response {
+            status: 429,
+            headers: vec![("retry-after".into(), "7".into())],
+            body: b"{}".to_vec(),
+        };
+        match resp.error_for_status() {
+            Err(ConnectorError::RateLimited(r)) => assert_eq!(r.retry_after_ms, Some(7000)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn long_details_are_truncated() {
+        let resp = Response {
+            status: 400,
+            headers: vec![],
+            body: vec![b'x'; 2000],
+        };
+        let err = resp.error_for_status().unwrap_err();
+        assert!(err.message().len() < 600);
+    }
+}
