@@ -1,0 +1,493 @@
+//! `/api/v1/customers`: create, list, fetch, patch, replace and delete
+//! customers. Every write commits the customer row, its outbox event and its
+//! idempotency record in one transaction.
+
+pub mod validate;
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::http::{header, Method, StatusCode};
+use axum::response::Response;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+pub use self::validate::{is_valid_email, normalise_email, validate};
+use super::error::{ApiError, Problem};
+use super::extract::{
+    from_value, parse_json, CorrelationId, IdempotencyKey, IfMatch, JsonBody, Principal, QueryPairs,
+};
+use super::idempotency::{self, Begin};
+use crate::app::AppState;
+use crate::store::customers::WriteContext;
+use crate::store::idempotency::IdempotencyCompletion;
+use crate::store::{Address, Customer, CustomerId, ListCustomers, StoredResponse};
+
+/// Default page size.
+pub const DEFAULT_LIMIT: u32 = 50;
+/// Largest page size.
+pub const MAX_LIMIT: u32 = 200;
+
+/// A customer as sent to `POST` (create) and `PUT` (replace). Omitted
+/// optional fields are empty; unknown fields are rejected, so a typo never
+/// silently drops data.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerInput {
+    /// Full name or business name.
+    #[serde(default)]
+    #[schema(max_length = 256, min_length = 1)]
+    pub name: Option<String>,
+    /// Email; stored trimmed and lowercased, unique among live customers.
+    #[schema(max_length = 254, example = "ada@example.com")]
+    pub email: String,
+    /// Phone number: digits, spaces and `+-().`.
+    #[serde(default)]
+    #[schema(max_length = 40, min_length = 1)]
+    pub phone: Option<String>,
+    /// Postal address.
+    #[serde(default)]
+    pub address: Option<Address>,
+    /// Up to 50 string pairs; keys up to 40 characters, values up to 500.
+    #[serde(default)]
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// A JSON merge patch (RFC 7396) of a customer: a field left out stays as
+/// is, `null` clears it (`email` cannot be cleared), objects (`address`,
+/// `metadata`) merge key by key.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerPatch {
+    /// Full name or business name; null clears it.
+    #[schema(max_length = 256, min_length = 1)]
+    pub name: Option<String>,
+    /// Email.
+    #[schema(max_length = 254, example = "ada@example.com")]
+    pub email: Option<String>,
+    /// Phone number; null clears it.
+    #[schema(max_length = 40, min_length = 1)]
+    pub phone: Option<String>,
+    /// Address lines to change; null clears the address.
+    pub address: Option<Address>,
+    /// Metadata keys to set; a key set to null is removed.
+    pub metadata: Option<BTreeMap<String, Option<String>>>,
+}
+
+/// One page of customers.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CustomerList {
+    /// Customers in creation order.
+    pub data: Vec<Customer>,
+    /// Whether more customers follow.
+    pub has_more: bool,
+    /// Pass as `starting_after` for the next page; null on the last page.
+    pub next_cursor: Option<CustomerId>,
+}
+
+/// Query parameters of the customer list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
+    pub limit: Option<u32>,
+    /// A customer id: return the customers created after it.
+    #[param(pattern = "^cus_[0-9a-f]{32}$")]
+    pub starting_after: Option<String>,
+    /// Only the customer with this email (compared normalised).
+    pub email: Option<String>,
+}
+
+/// Create a customer.
+///
+/// Returns 201 with the customer, its `Location` and its `ETag` (`"1"`).
+/// Send an `Idempotency-Key` to make retries safe.
+#[utoipa::path(
+    post, path = "/api/v1/customers", tag = "customers",
+    request_body(content = CustomerInput, content_type = "application/json"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the first response is replayed", pattern = "^[!-~]{1,255}$")),
+    responses(
+        (status = 201, description = "Created", body = Customer,
+            headers(("ETag" = String, description = "Strong entity tag: the version"), ("Location" = String))),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Email taken or key in flight", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields or key reused", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn create_customer(
+    State(state): State<AppState>,
+    principal: Principal,
+    IdempotencyKey(key): IdempotencyKey,
+    CorrelationId(correlation_id): CorrelationId,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let path = "/api/v1/customers";
+    let record =
+        match idempotency::begin(&state, principal, key, &Method::POST, path, &body).await? {
+            Begin::Replay(response) => return Ok(response),
+            Begin::Run(record) => record,
+        };
+    let render = |c: &Customer| render(StatusCode::CREATED, c, true);
+    let result = async {
+        let fields = validate(parse_json::<CustomerInput>(&body)?)?;
+        let ctx = context(&correlation_id, record.as_ref(), &render);
+        let customer = state.store.create_customer(fields, ctx).await?;
+        Ok(render(&customer))
+    }
+    .await;
+    idempotency::finish(&state, record, result).await
+}
+
+/// List customers.
+///
+/// Pages through live customers in creation order. Pass the `next_cursor`
+/// of a page as `starting_after` to get the next one.
+#[utoipa::path(
+    get, path = "/api/v1/customers", tag = "customers",
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page of customers", body = CustomerList),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn list_customers(
+    State(state): State<AppState>,
+    _principal: Principal,
+    QueryPairs(pairs): QueryPairs,
+) -> Result<Json<CustomerList>, ApiError> {
+    let mut request = ListCustomers {
+        limit: DEFAULT_LIMIT,
+        ..ListCustomers::default()
+    };
+    for (name, value) in pairs {
+        match name.as_str() {
+            "limit" => {
+                request.limit = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|l| (1..=MAX_LIMIT).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::field(
+                            "limit",
+                            format!("must be an integer from 1 to {MAX_LIMIT}"),
+                        )
+                    })?;
+            }
+            "starting_after" => {
+                request.starting_after =
+                    Some(CustomerId::parse(&value).ok_or_else(|| {
+                        ApiError::field("starting_after", "must be a customer id")
+                    })?);
+            }
+            "email" if value.contains('\0') => {
+                return Err(ApiError::field("email", "must not contain NUL"));
+            }
+            "email" => request.email = Some(normalise_email(&value)),
+            // Unknown parameters are ignored, as proxies and caches add their own.
+            _ => {}
+        }
+    }
+    let page = state.store.list_customers(&request).await?;
+    let next_cursor = if page.has_more {
+        page.data.last().map(|c| c.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(CustomerList {
+        data: page.data,
+        has_more: page.has_more,
+        next_cursor,
+    }))
+}
+
+/// Fetch a customer.
+#[utoipa::path(
+    get, path = "/api/v1/customers/{id}", tag = "customers",
+    params(("id" = String, Path, description = "Customer id", pattern = "^cus_[0-9a-f]{32}$")),
+    responses(
+        (status = 200, description = "The customer", body = Customer,
+            headers(("ETag" = String, description = "Strong entity tag: the version"))),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such customer", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn get_customer(
+    State(state): State<AppState>,
+    _principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = CustomerId::parse(&id).ok_or(ApiError::CustomerNotFound)?;
+    let customer = state.store.get_customer(&id).await?;
+    Ok(idempotency::into_response(
+        render(StatusCode::OK, &customer, false),
+        false,
+    ))
+}
+
+/// Patch a customer (JSON merge patch).
+///
+/// Fields left out stay as they are; `null` clears a field; `address` and
+/// `metadata` merge key by key. Send `If-Match` with the ETag you read to
+/// refuse the change if someone else wrote in between (412).
+#[utoipa::path(
+    patch, path = "/api/v1/customers/{id}", tag = "customers",
+    request_body(content = CustomerPatch, content_type = "application/json"),
+    params(
+        ("id" = String, Path, description = "Customer id", pattern = "^cus_[0-9a-f]{32}$"),
+        ("If-Match" = Option<String>, Header, description = "ETag the change is based on, e.g. \"3\"", pattern = "^(\\*|\"[0-9]+\")$"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the first response is replayed", pattern = "^[!-~]{1,255}$"),
+    ),
+    responses(
+        (status = 200, description = "The updated customer", body = Customer,
+            headers(("ETag" = String, description = "Strong entity tag: the version"))),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such customer", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Email taken or key in flight", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match is stale", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields or key reused", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn patch_customer(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    IfMatch(expected): IfMatch,
+    IdempotencyKey(key): IdempotencyKey,
+    CorrelationId(correlation_id): CorrelationId,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let path = format!("/api/v1/customers/{id}");
+    let record =
+        match idempotency::begin(&state, principal, key, &Method::PATCH, &path, &body).await? {
+            Begin::Replay(response) => return Ok(response),
+            Begin::Run(record) => record,
+        };
+    let render = |c: &Customer| render(StatusCode::OK, c, false);
+    let result = async {
+        let id = CustomerId::parse(&id).ok_or(ApiError::CustomerNotFound)?;
+        let patch: serde_json::Value = parse_json(&body)?;
+        if !patch.is_object() {
+            return Err(ApiError::field(
+                "body",
+                "a merge patch must be a JSON object",
+            ));
+        }
+        let ctx = context(&correlation_id, record.as_ref(), &render);
+        let customer = state
+            .store
+            .update_customer(&id, expected, ctx, |current| {
+                let mut merged = serde_json::to_value(input_of(current))
+                    .map_err(|e| ApiError::Internal(e.into()))?;
+                merge_patch(&mut merged, &patch);
+                validate(from_value::<CustomerInput>(merged)?)
+            })
+            .await?;
+        Ok(render(&customer))
+    }
+    .await;
+    idempotency::finish(&state, record, result).await
+}
+
+/// Replace a customer.
+///
+/// Every field is set from the body; optional fields left out are cleared.
+#[utoipa::path(
+    put, path = "/api/v1/customers/{id}", tag = "customers",
+    request_body(content = CustomerInput, content_type = "application/json"),
+    params(
+        ("id" = String, Path, description = "Customer id", pattern = "^cus_[0-9a-f]{32}$"),
+        ("If-Match" = Option<String>, Header, description = "ETag the change is based on, e.g. \"3\"", pattern = "^(\\*|\"[0-9]+\")$"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the first response is replayed", pattern = "^[!-~]{1,255}$"),
+    ),
+    responses(
+        (status = 200, description = "The replaced customer", body = Customer,
+            headers(("ETag" = String, description = "Strong entity tag: the version"))),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such customer", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Email taken or key in flight", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match is stale", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields or key reused", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn replace_customer(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    IfMatch(expected): IfMatch,
+    IdempotencyKey(key): IdempotencyKey,
+    CorrelationId(correlation_id): CorrelationId,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let path = format!("/api/v1/customers/{id}");
+    let record =
+        match idempotency::begin(&state, principal, key, &Method::PUT, &path, &body).await? {
+            Begin::Replay(response) => return Ok(response),
+            Begin::Run(record) => record,
+        };
+    let render = |c: &Customer| render(StatusCode::OK, c, false);
+    let result = async {
+        let id = CustomerId::parse(&id).ok_or(ApiError::CustomerNotFound)?;
+        let fields = validate(parse_json::<CustomerInput>(&body)?)?;
+        let ctx = context(&correlation_id, record.as_ref(), &render);
+        let customer = state
+            .store
+            .update_customer(&id, expected, ctx, |_| Ok::<_, ApiError>(fields.clone()))
+            .await?;
+        Ok(render(&customer))
+    }
+    .await;
+    idempotency::finish(&state, record, result).await
+}
+
+/// Delete a customer.
+///
+/// A soft delete: the customer disappears from the API and its email becomes
+/// free; connectors are told through the outbox. Answers 200 with the
+/// deleted record (`deleted_at` set). Deleting again is 404.
+#[utoipa::path(
+    delete, path = "/api/v1/customers/{id}", tag = "customers",
+    params(
+        ("id" = String, Path, description = "Customer id", pattern = "^cus_[0-9a-f]{32}$"),
+        ("If-Match" = Option<String>, Header, description = "ETag the change is based on, e.g. \"3\"", pattern = "^(\\*|\"[0-9]+\")$"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the first response is replayed", pattern = "^[!-~]{1,255}$"),
+    ),
+    responses(
+        (status = 200, description = "The deleted customer", body = Customer),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such customer", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Key in flight", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match is stale", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Key reused", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn delete_customer(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    IfMatch(expected): IfMatch,
+    IdempotencyKey(key): IdempotencyKey,
+    CorrelationId(correlation_id): CorrelationId,
+) -> Result<Response, ApiError> {
+    let path = format!("/api/v1/customers/{id}");
+    let record =
+        match idempotency::begin(&state, principal, key, &Method::DELETE, &path, b"").await? {
+            Begin::Replay(response) => return Ok(response),
+            Begin::Run(record) => record,
+        };
+    let render = |c: &Customer| render(StatusCode::OK, c, false);
+    let result = async {
+        let id = CustomerId::parse(&id).ok_or(ApiError::CustomerNotFound)?;
+        let ctx = context(&correlation_id, record.as_ref(), &render);
+        let customer = state.store.delete_customer(&id, expected, ctx).await?;
+        Ok(render(&customer))
+    }
+    .await;
+    idempotency::finish(&state, record, result).await
+}
+
+fn context<'a>(
+    correlation_id: &'a str,
+    record: Option<&'a crate::store::IdempotencyRecord>,
+    render: &'a (dyn Fn(&Customer) -> StoredResponse + Send + Sync),
+) -> WriteContext<'a> {
+    WriteContext {
+        correlation_id: Some(correlation_id),
+        idempotency: record.map(|r| IdempotencyCompletion {
+            scope: &r.scope,
+            key: &r.key,
+            render,
+        }),
+    }
+}
+
+/// The response to a customer write or read, as stored for replay.
+fn render(status: StatusCode, customer: &Customer, location: bool) -> StoredResponse {
+    let mut headers = vec![
+        (
+            header::CONTENT_TYPE.to_string(),
+            "application/json".to_owned(),
+        ),
+        (
+            header::ETAG.to_string(),
+            format!("\"{}\"", customer.version),
+        ),
+    ];
+    if location {
+        headers.push((
+            header::LOCATION.to_string(),
+            format!("/api/v1/customers/{}", customer.id),
+        ));
+    }
+    StoredResponse {
+        status: status.as_u16(),
+        headers,
+        // Serialising plain data into a Vec cannot fail.
+        body: serde_json::to_vec(customer).unwrap_or_default(),
+    }
+}
+
+/// The editable fields of a customer in request form (the base of a patch).
+fn input_of(customer: &Customer) -> CustomerInput {
+    CustomerInput {
+        name: customer.name.clone(),
+        email: customer.email.clone(),
+        phone: customer.phone.clone(),
+        address: customer.address.clone(),
+        metadata: Some(customer.metadata.clone()),
+    }
+}
+
+/// RFC 7396 JSON merge patch.
+fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    let serde_json::Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = serde_json::Value::Object(serde_json::Map::new());
+    }
+    if let serde_json::Value::Object(target) = target {
+        for (key, value) in patch {
+            if value.is_null() {
+                target.remove(key);
+            } else {
+                merge_patch(
+                    target.entry(key.clone()).or_insert(serde_json::Value::Null),
+                    value,
+                );
+            }
+        }
+    }
+}
+
+/// Routes under `/api/v1/customers`.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/customers", get(list_customers).post(create_customer))
+        .route(
+            "/customers/{id}",
+            get(get_customer)
+                .patch(patch_customer)
+                .put(replace_customer)
+                .delete(delete_customer),
+        )
+}

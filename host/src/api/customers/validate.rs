@@ -1,0 +1,213 @@
+//! Validation and normalisation of customer input: what ferry accepts as a
+//! name, email, phone, address and metadata, and the limits on each.
+
+use super::CustomerInput;
+use crate::api::error::{ApiError, FieldError};
+use crate::store::{Address, CustomerFields};
+
+/// Longest name, in characters.
+pub const MAX_NAME: usize = 256;
+/// Longest email, in bytes (RFC 5321 path limit).
+pub const MAX_EMAIL: usize = 254;
+/// Longest phone number, in characters.
+pub const MAX_PHONE: usize = 40;
+/// Longest address line, in characters.
+pub const MAX_ADDRESS_LINE: usize = 200;
+/// Most metadata keys (Stripe's limits).
+pub const MAX_METADATA_KEYS: usize = 50;
+/// Longest metadata key, in characters.
+pub const MAX_METADATA_KEY: usize = 40;
+/// Longest metadata value, in characters.
+pub const MAX_METADATA_VALUE: usize = 500;
+/// Trimmed and lowercased: how emails are stored and compared.
+pub fn normalise_email(email: &str) -> String {
+    email.trim().to_lowercase()
+}
+
+/// A pragmatic email check, not RFC 5322: one `@`, a local part of 1-64
+/// visible characters, and a domain of dot-separated labels (letters, digits,
+/// hyphens; no leading or trailing hyphen) with at least two labels. It
+/// refuses what is certainly not deliverable and accepts what mail systems
+/// accept; the only real check is sending a message.
+pub fn is_valid_email(email: &str) -> bool {
+    if email.len() > MAX_EMAIL {
+        return false;
+    }
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    let local_ok = !local.is_empty()
+        && local.len() <= 64
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && local
+            .chars()
+            .all(|c| !c.is_whitespace() && !c.is_control() && !"@<>()[]\\,;:\"".contains(c));
+    let labels: Vec<&str> = domain.split('.').collect();
+    let domain_ok = labels.len() >= 2
+        && domain.len() <= 253
+        && labels.iter().all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_alphanumeric() || c == '-')
+        });
+    local_ok && domain_ok
+}
+
+fn optional_text(
+    errors: &mut Vec<FieldError>,
+    field: &str,
+    value: Option<String>,
+    max: usize,
+) -> Option<String> {
+    let value = value?.trim().to_owned();
+    if value.chars().any(char::is_control) {
+        errors.push(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
+    } else if value.is_empty() {
+        errors.push(FieldError::new(
+            field,
+            "must not be blank; send null to clear it",
+        ));
+    } else if value.chars().count() > max {
+        errors.push(FieldError::new(
+            field,
+            format!("must be at most {max} characters"),
+        ));
+    }
+    Some(value)
+}
+
+/// Validates and normalises a request into the stored fields, reporting
+/// every invalid field at once.
+pub fn validate(input: CustomerInput) -> Result<CustomerFields, ApiError> {
+    let mut errors = Vec::new();
+    let name = optional_text(&mut errors, "name", input.name, MAX_NAME);
+    let email = normalise_email(&input.email);
+    if !is_valid_email(&email) {
+        errors.push(FieldError::new(
+            "email",
+            "must be an email address like name@example.com",
+        ));
+    }
+    let phone = optional_text(&mut errors, "phone", input.phone, MAX_PHONE);
+    if let Some(phone) = &phone {
+        let allowed = phone
+            .chars()
+            .all(|c| c.is_ascii_digit() || " +-().".contains(c));
+        if !allowed || !phone.chars().any(|c| c.is_ascii_digit()) {
+            errors.push(FieldError::new(
+                "phone",
+                "may contain only digits, spaces and +-().",
+            ));
+        }
+    }
+    let address = input.address.map(|a| Address {
+        line1: optional_text(&mut errors, "address.line1", a.line1, MAX_ADDRESS_LINE),
+        line2: optional_text(&mut errors, "address.line2", a.line2, MAX_ADDRESS_LINE),
+        city: optional_text(&mut errors, "address.city", a.city, MAX_ADDRESS_LINE),
+        postal_code: optional_text(
+            &mut errors,
+            "address.postal_code",
+            a.postal_code,
+            MAX_ADDRESS_LINE,
+        ),
+        state: optional_text(&mut errors, "address.state", a.state, MAX_ADDRESS_LINE),
+        country: a.country.map(|c| c.trim().to_ascii_uppercase()),
+    });
+    if let Some(country) = address.as_ref().and_then(|a| a.country.as_ref()) {
+        if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
+            errors.push(FieldError::new(
+                "address.country",
+                "must be a two-letter country code",
+            ));
+        }
+    }
+    let metadata = input.metadata.unwrap_or_default();
+    if metadata.len() > MAX_METADATA_KEYS {
+        errors.push(FieldError::new(
+            "metadata",
+            format!("at most {MAX_METADATA_KEYS} keys"),
+        ));
+    }
+    for (key, value) in &metadata {
+        // NUL cannot be stored by PostgreSQL (text or jsonb); refusing it
+        // everywhere keeps both backends identical.
+        if key.chars().any(char::is_control) || value.contains('\0') {
+            errors.push(FieldError::new(
+                format!("metadata.{}", key.escape_debug()),
+                "keys must not contain control characters, values no NUL",
+            ));
+        }
+        if key.is_empty() || key.chars().count() > MAX_METADATA_KEY {
+            errors.push(FieldError::new(
+                format!("metadata.{key}"),
+                format!("keys must be 1 to {MAX_METADATA_KEY} characters"),
+            ));
+        }
+        if value.chars().count() > MAX_METADATA_VALUE {
+            errors.push(FieldError::new(
+                format!("metadata.{key}"),
+                format!("values must be at most {MAX_METADATA_VALUE} characters"),
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    Ok(CustomerFields {
+        name,
+        email,
+        phone,
+        address,
+        metadata,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_that_mail_systems_accept_pass() {
+        for email in [
+            "ada@example.com",
+            "a.b+tag@sub.example.co.uk",
+            "o'brien@example.ie",
+            "x@xn--80ak6aa92e.com",
+            "ü@exämple.de",
+        ] {
+            assert!(is_valid_email(email), "{email}");
+        }
+    }
+
+    #[test]
+    fn what_is_not_an_email_fails() {
+        for email in [
+            "",
+            "plain",
+            "a@b",
+            "a@@b.com",
+            "a b@c.com",
+            "a@-b.com",
+            "a@b-.com",
+            ".a@b.com",
+            "a..b@c.com",
+            "a@b..com",
+            "<a>@b.com",
+        ] {
+            assert!(!is_valid_email(email), "{email}");
+        }
+        assert!(!is_valid_email(&format!("{}@example.com", "a".repeat(65))));
+    }
+
+    #[test]
+    fn normalisation_trims_and_lowercases() {
+        assert_eq!(normalise_email("  Ada@Example.COM "), "ada@example.com");
+    }
+}

@@ -1,0 +1,223 @@
+//! The one API error type: every failure leaves as `application/problem+json`
+//! (RFC 9457) with a stable `code`; unexpected failures are logged with their
+//! cause chain and leave as an opaque 500.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::store::StoreError;
+
+/// The media type of every error body.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// One invalid field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct FieldError {
+    /// Dotted path of the field (`email`, `address.city`, `metadata.plan`),
+    /// or a header / query parameter name.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl FieldError {
+    /// A field error.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the problem type (`https://ferry.dev/problems/<code>`).
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// Short summary of the problem type.
+    pub title: String,
+    /// HTTP status.
+    pub status: u16,
+    /// Explanation of this occurrence.
+    pub detail: String,
+    /// Stable machine-readable code.
+    pub code: String,
+    /// The invalid fields, for `validation_failed`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+}
+
+/// Every way an API call can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is well-formed JSON but its content is invalid.
+    #[error("the request is invalid")]
+    Validation(Vec<FieldError>),
+    /// The body is not JSON.
+    #[error("the body is not valid JSON: {0}")]
+    MalformedJson(String),
+    /// No live customer with this id.
+    #[error("no customer with this id")]
+    CustomerNotFound,
+    /// Another live customer has this email.
+    #[error("another customer already has this email")]
+    EmailTaken,
+    /// `If-Match` names a version that is not the current one.
+    #[error("If-Match does not match the current version {current}")]
+    PreconditionFailed {
+        /// The current version.
+        current: i64,
+    },
+    /// The body exceeds the configured limit.
+    #[error("the body exceeds {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The body is not `application/json`.
+    #[error("the body must be sent as {expected}")]
+    UnsupportedMediaType {
+        /// The accepted media types.
+        expected: &'static str,
+    },
+    /// The idempotency key was used for a different request.
+    #[error("this Idempotency-Key was already used for a different request")]
+    IdempotencyKeyReused,
+    /// A request with this idempotency key is still running.
+    #[error("a request with this Idempotency-Key is still in progress; retry later")]
+    IdempotencyKeyInFlight,
+    /// Missing or wrong bearer token.
+    #[error("a valid bearer token is required")]
+    Unauthorized,
+    /// No such route.
+    #[error("no such resource")]
+    NotFound,
+    /// The route exists but not with this method.
+    #[error("method not allowed on this resource")]
+    MethodNotAllowed,
+    /// Anything else; logged, never shown.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    /// One invalid field.
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Validation(vec![FieldError::new(field, message)])
+    }
+
+    /// HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
+            Self::CustomerNotFound | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::EmailTaken => StatusCode::CONFLICT,
+            Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::IdempotencyKeyInFlight => StatusCode::CONFLICT,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Stable code, part of the API contract.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Validation(_) => "validation_failed",
+            Self::MalformedJson(_) => "malformed_json",
+            Self::CustomerNotFound => "customer_not_found",
+            Self::EmailTaken => "email_taken",
+            Self::PreconditionFailed { .. } => "precondition_failed",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::UnsupportedMediaType { .. } => "unsupported_media_type",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
+            Self::IdempotencyKeyInFlight => "idempotency_key_in_flight",
+            Self::Unauthorized => "unauthorized",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            Self::Validation(_) => "Validation failed",
+            Self::MalformedJson(_) => "Malformed JSON",
+            Self::CustomerNotFound => "Customer not found",
+            Self::EmailTaken => "Email taken",
+            Self::PreconditionFailed { .. } => "Precondition failed",
+            Self::PayloadTooLarge { .. } => "Payload too large",
+            Self::UnsupportedMediaType { .. } => "Unsupported media type",
+            Self::IdempotencyKeyReused => "Idempotency key reused",
+            Self::IdempotencyKeyInFlight => "Idempotency key in flight",
+            Self::Unauthorized => "Unauthorized",
+            Self::NotFound => "Not found",
+            Self::MethodNotAllowed => "Method not allowed",
+            Self::Internal(_) => "Internal error",
+        }
+    }
+
+    /// The problem document for this error.
+    pub fn problem(&self) -> Problem {
+        let errors = match self {
+            Self::Validation(errors) => errors.clone(),
+            _ => Vec::new(),
+        };
+        let detail = match self {
+            Self::Validation(errors) => {
+                let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+                format!("invalid fields: {}", fields.join(", "))
+            }
+            other => other.to_string(),
+        };
+        Problem {
+            type_: format!("https://ferry.dev/problems/{}", self.code()),
+            title: self.title().to_owned(),
+            status: self.status().as_u16(),
+            detail,
+            code: self.code().to_owned(),
+            errors,
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::CustomerNotFound => Self::CustomerNotFound,
+            StoreError::EmailTaken => Self::EmailTaken,
+            StoreError::VersionMismatch { current } => Self::PreconditionFailed { current },
+            other => Self::Internal(other.into()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Self::Internal(cause) = &self {
+            tracing::error!(error = format!("{cause:#}"), "request failed");
+        }
+        let status = self.status();
+        let body = serde_json::to_vec(&self.problem()).unwrap_or_default();
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if let Self::PreconditionFailed { current } = self {
+            if let Ok(etag) = HeaderValue::from_str(&format!("\"{current}\"")) {
+                headers.insert(header::ETAG, etag);
+            }
+        }
+        if matches!(self, Self::Unauthorized) {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}

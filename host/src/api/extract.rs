@@ -1,0 +1,258 @@
+//! Extractors that turn every malformed request into an [`ApiError`] (never
+//! axum's plain-text rejections): JSON bodies, query strings, `If-Match`,
+//! `Idempotency-Key`, the request id, and the admin bearer token.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
+use secrecy::ExposeSecret;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::error::{ApiError, FieldError};
+use crate::app::AppState;
+
+/// Header carrying the request id (correlation id).
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// A JSON request body, read whole (within the body limit) but not yet
+/// parsed: idempotency fingerprints the exact bytes.
+pub struct JsonBody(pub Bytes);
+
+impl FromRequest<AppState> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|essence| {
+                let essence = essence.trim().to_ascii_lowercase();
+                essence == "application/json" || essence == "application/merge-patch+json"
+            })
+            .unwrap_or(false);
+        if !json {
+            return Err(ApiError::UnsupportedMediaType {
+                expected: "application/json",
+            });
+        }
+        match Bytes::from_request(request, state).await {
+            Ok(bytes) => Ok(Self(bytes)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::PayloadTooLarge {
+                    limit: state.settings.max_body_bytes,
+                })
+            }
+            Err(rejection) => Err(ApiError::MalformedJson(rejection.body_text())),
+        }
+    }
+}
+
+/// Parses a JSON object, naming the offending field on a data error: syntax
+/// errors are `malformed_json` (400), well-formed JSON of the wrong shape is
+/// `validation_failed` (422). Every body ferry accepts is an object; serde
+/// alone would also accept an array for a struct (positionally), which no
+/// client means. Objects are parsed once, straight into `T` (the hot path);
+/// anything else is parsed as a plain value only to tell a syntax error from
+/// a non-object.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+        if !value.is_object() {
+            return Err(ApiError::field("body", "must be a JSON object"));
+        }
+        return from_value(value);
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(shape_error)?;
+    // Trailing bytes after the document make it malformed.
+    deserializer
+        .end()
+        .map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    Ok(value)
+}
+
+/// Converts a `serde_json::Value` into `T` with the same error mapping as
+/// [`parse_json`].
+pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(shape_error)
+}
+
+fn shape_error(error: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = error.path().to_string();
+    let inner = error.into_inner();
+    match inner.classify() {
+        serde_json::error::Category::Data => {
+            let message = strip_position(&inner.to_string());
+            ApiError::Validation(vec![FieldError::new(field_name(&path, &message), message)])
+        }
+        _ => ApiError::MalformedJson(inner.to_string()),
+    }
+}
+
+/// serde_path_to_error's path already ends in an unknown field's name, but a
+/// missing field is only named in the message.
+fn field_name(path: &str, message: &str) -> String {
+    let base = if path == "." { "" } else { path };
+    let missing = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next());
+    match missing {
+        Some(name) if base.is_empty() => name.to_owned(),
+        Some(name) => format!("{base}.{name}"),
+        None if base.is_empty() => "body".to_owned(),
+        None => base.to_owned(),
+    }
+}
+
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(at) => message[..at].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+/// The query string as name/value pairs (percent-decoded).
+pub struct QueryPairs(pub Vec<(String, String)>);
+
+impl<S: Send + Sync> FromRequestParts<S> for QueryPairs {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or("");
+        serde_urlencoded::from_str(query)
+            .map(Self)
+            .map_err(|e| ApiError::field("query", e.to_string()))
+    }
+}
+
+/// `If-Match`: the version the client last saw, if it sent one.
+pub struct IfMatch(pub Option<i64>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let Some(value) = parts.headers.get(header::IF_MATCH) else {
+            return Ok(Self(None));
+        };
+        let text = value.to_str().unwrap_or("").trim();
+        if text == "*" {
+            return Ok(Self(None));
+        }
+        // An entity tag we never issued cannot match; version 0 never exists,
+        // so the write fails with 412 like any other stale tag.
+        let version = text
+            .strip_prefix('"')
+            .and_then(|t| t.strip_suffix('"'))
+            .and_then(|t| t.parse::<i64>().ok())
+            .filter(|v| *v >= 1)
+            .unwrap_or(0);
+        Ok(Self(Some(version)))
+    }
+}
+
+/// `Idempotency-Key`, if the client sent one.
+pub struct IdempotencyKey(pub Option<String>);
+
+/// Longest accepted idempotency key (Stripe's limit).
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let Some(value) = parts.headers.get("idempotency-key") else {
+            return Ok(Self(None));
+        };
+        let key = value.to_str().unwrap_or("");
+        let printable = key.bytes().all(|b| (0x21..=0x7e).contains(&b));
+        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY || !printable {
+            return Err(ApiError::field(
+                "Idempotency-Key",
+                format!("must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"),
+            ));
+        }
+        Ok(Self(Some(key.to_owned())))
+    }
+}
+
+/// The request id set by the request-id layer; the correlation id stored on
+/// outbox events.
+pub struct CorrelationId(pub String);
+
+/// Longest client-supplied request id we keep.
+const MAX_REQUEST_ID: usize = 128;
+
+impl<S: Send + Sync> FromRequestParts<S> for CorrelationId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(request_id(&parts.headers)))
+    }
+}
+
+/// The request id of a request, or a fresh one if missing or unusable.
+pub fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID)
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// Who is calling. Idempotency keys are scoped by principal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Principal {
+    /// Holder of the admin token.
+    Admin,
+    /// No token is configured: the open embedded mode (loopback only).
+    Open,
+}
+
+impl Principal {
+    /// The idempotency scope of this principal.
+    pub fn scope(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Open => "open",
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(expected) = &state.settings.admin_token else {
+            return Ok(Self::Open);
+        };
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, token) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
+            .ok_or(ApiError::Unauthorized)?;
+        // Hashing first makes the comparison constant-time in the token
+        // length too.
+        let given = Sha256::digest(given.as_bytes());
+        let expected = Sha256::digest(expected.expose_secret().as_bytes());
+        if bool::from(given.ct_eq(&expected)) {
+            Ok(Self::Admin)
+        } else {
+            Err(ApiError::Unauthorized)
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! `Idempotency-Key` handling for API writes, with Stripe's semantics: the
+//! first response to a key is stored and replayed for the same request; the
+//! same key with a different request is refused; a key whose request is
+//! still running is refused with 409 until it finishes.
+
+use axum::body::Body;
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::Response;
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+use super::extract::Principal;
+use crate::app::AppState;
+use crate::store::{ClaimOutcome, IdempotencyRecord, StoredResponse};
+
+/// How long an unfinished claim blocks other requests with the same key
+/// before it is presumed abandoned by a crashed process. No request runs this
+/// long: writes are single transactions bounded by the store timeouts.
+pub const LEASE_MS: i64 = 60_000;
+
+/// Header set on replayed responses.
+pub const REPLAYED: &str = "idempotent-replayed";
+
+/// The fingerprint of a request: sha256 over method, path and body.
+pub fn fingerprint(method: &Method, path: &str, body: &[u8]) -> String {
+    let mut hash = Sha256::new();
+    hash.update(method.as_str().as_bytes());
+    hash.update(b"\n");
+    hash.update(path.as_bytes());
+    hash.update(b"\n");
+    hash.update(body);
+    hex::encode(hash.finalize())
+}
+
+/// What to do with a write request.
+pub enum Begin {
+    /// Run it; complete this record (if any) in the write's transaction.
+    Run(Option<IdempotencyRecord>),
+    /// Answer this stored response.
+    Replay(Response),
+}
+
+/// Claims the key of a write request, if it has one.
+pub async fn begin(
+    state: &AppState,
+    principal: Principal,
+    key: Option<String>,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+) -> Result<Begin, ApiError> {
+    let Some(key) = key else {
+        return Ok(Begin::Run(None));
+    };
+    let record = IdempotencyRecord {
+        scope: principal.scope().to_owned(),
+        key,
+        fingerprint: fingerprint(method, path, body),
+    };
+    let ttl_ms = i64::try_from(state.settings.idempotency_ttl.as_millis()).unwrap_or(i64::MAX / 2);
+    match state
+        .store
+        .claim_idempotency_key(&record, ttl_ms, LEASE_MS)
+        .await?
+    {
+        ClaimOutcome::Claimed => Ok(Begin::Run(Some(record))),
+        ClaimOutcome::InFlight => Err(ApiError::IdempotencyKeyInFlight),
+        ClaimOutcome::Mismatch => Err(ApiError::IdempotencyKeyReused),
+        ClaimOutcome::Done(stored) => {
+            tracing::info!(idempotency_key = %record.key, "replaying stored response");
+            Ok(Begin::Replay(into_response(stored, true)))
+        }
+    }
+}
+
+/// Finishes a write: on success the response (already stored with the
+/// write) is sent; on failure the claim is released so the client may retry.
+pub async fn finish(
+    state: &AppState,
+    record: Option<IdempotencyRecord>,
+    result: Result<StoredResponse, ApiError>,
+) -> Result<Response, ApiError> {
+    match result {
+        Ok(stored) => Ok(into_response(stored, false)),
+        Err(error) => {
+            if let Some(record) = record {
+                if let Err(release) = state.store.release_idempotency_key(&record).await {
+                    tracing::error!(
+                        error = format!("{:#}", anyhow::Error::from(release)),
+                        "could not release idempotency key"
+                    );
+                }
+            }
+            Err(error)
+        }
+    }
+}
+
+/// Builds the HTTP response from a stored one.
+pub fn into_response(stored: StoredResponse, replayed: bool) -> Response {
+    let mut response = Response::new(Body::from(stored.body));
+    *response.status_mut() =
+        StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    for (name, value) in stored.headers {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+            headers.insert(name, value);
+        }
+    }
+    if replayed {
+        headers.insert(REPLAYED, HeaderValue::from_static("true"));
+    }
+    response
+}

@@ -1,0 +1,127 @@
+//! The HTTP API: `/api/v1` (admin, bearer token when configured), health
+//! probes, the OpenAPI document and its browsable docs page.
+
+pub mod connectors;
+pub mod customers;
+pub mod error;
+pub mod extract;
+pub mod idempotency;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_scalar::{Scalar, Servable};
+
+use self::error::ApiError;
+use crate::app::AppState;
+
+/// The OpenAPI document, generated from the handlers.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "ferry", description = "Customer catalog kept in two-way sync with external systems."),
+    paths(
+        customers::create_customer,
+        customers::list_customers,
+        customers::get_customer,
+        customers::patch_customer,
+        customers::replace_customer,
+        customers::delete_customer,
+        connectors::list_connectors,
+        healthz,
+        readyz,
+    ),
+    components(schemas(error::Problem, error::FieldError)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "customers", description = "The customer catalog"),
+        (name = "connectors", description = "Loaded connectors"),
+        (name = "health", description = "Probes"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// Process is up.
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process is up", body = String)))]
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Store is reachable.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses(
+        (status = 200, description = "Ready to serve", body = String),
+        (status = 503, description = "The store is unreachable", body = String),
+    ))]
+pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready"),
+        Err(error) => {
+            tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "store not reachable"
+            );
+            (StatusCode::SERVICE_UNAVAILABLE, "store unreachable")
+        }
+    }
+}
+
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// The whole HTTP surface with its middleware.
+pub fn router(state: AppState) -> Router {
+    let max_body = state.settings.max_body_bytes;
+    let v1 = Router::new()
+        .merge(customers::router())
+        .merge(connectors::router());
+    Router::new()
+        .nest("/api/v1", v1)
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi_json))
+        .merge(Scalar::with_url("/docs", ApiDoc::openapi()))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(crate::telemetry::request_span)
+                        // One access-log line per request, inside the request span.
+                        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+                )
+                .layer(PropagateRequestIdLayer::x_request_id()),
+        )
+        .with_state(state)
+}

@@ -1,0 +1,254 @@
+//! Start-up: builds the store, the connector runtime and the HTTP API from a
+//! [`Config`], binds the listener, and runs every task under one
+//! cancellation token until it is cancelled.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::SecretString;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::RwLock;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::runtime::{Connector, Runtime, RuntimeConfig};
+use crate::store::{Store, StoreKind, StoreOptions};
+
+/// How often expired idempotency keys are purged.
+const PURGE_INTERVAL: Duration = Duration::from_secs(300);
+
+/// Settings the API reads on every request.
+#[derive(Debug)]
+pub struct ApiSettings {
+    /// Bearer token for `/api/v1`; `None` runs the API open (loopback only).
+    pub admin_token: Option<SecretString>,
+    /// How long idempotency keys are remembered.
+    pub idempotency_ttl: Duration,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+/// A connector loaded from a component file.
+#[derive(Clone)]
+pub struct LoadedConnector {
+    /// The compiled connector.
+    pub connector: Arc<Connector>,
+    /// sha256 of the component bytes, hex.
+    pub sha256: String,
+    /// Where it was loaded from.
+    pub source: PathBuf,
+}
+
+/// Connectors by manifest name.
+pub type ConnectorRegistry = Arc<RwLock<BTreeMap<String, LoadedConnector>>>;
+
+/// State shared by the API handlers and the background tasks.
+#[derive(Clone)]
+pub struct AppState {
+    /// The store.
+    pub store: Store,
+    /// The connector runtime (one wasmtime engine).
+    pub runtime: Arc<Runtime>,
+    /// Loaded connectors by manifest name.
+    pub connectors: ConnectorRegistry,
+    /// Per-request settings.
+    pub settings: Arc<ApiSettings>,
+}
+
+/// A built, bound, not yet running ferry.
+pub struct App {
+    listener: TcpListener,
+    address: SocketAddr,
+    state: AppState,
+    cancel: CancellationToken,
+}
+
+impl App {
+    /// Validates `config`, connects and migrates the store, loads the
+    /// connectors and binds the listen address (port 0 picks a free port).
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        config.validate()?;
+        let kind = StoreKind::from_url(config.database_url_exposed())?;
+        let mode = match kind {
+            StoreKind::Sqlite => "embedded",
+            StoreKind::Postgres => "cluster",
+        };
+        let options = StoreOptions {
+            max_connections: config.database_max_connections,
+            ..StoreOptions::default()
+        };
+        let store = Store::connect(config.database_url_exposed(), &options)
+            .await
+            .with_context(|| format!("connecting to {}", config.database_url_redacted()))?;
+        store.migrate().await.context("running migrations")?;
+
+        let runtime_config = RuntimeConfig {
+            allow_private_hosts: config.allow_private_hosts,
+            ..RuntimeConfig::default()
+        };
+        let runtime =
+            Arc::new(Runtime::new(runtime_config).context("starting the connector runtime")?);
+        let connectors: ConnectorRegistry = Arc::default();
+        load_connectors(&runtime, &config.connectors_dir, &connectors).await;
+
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let address = listener.local_addr().context("reading the bound address")?;
+        tracing::info!(
+            mode,
+            database = kind.as_str(),
+            database_url = %config.database_url_redacted(),
+            listen = %address,
+            "ferry started"
+        );
+        if config.admin_token.is_none() {
+            tracing::warn!(
+                listen = %address,
+                "NO ADMIN TOKEN: the API is UNAUTHENTICATED; anyone who can reach this loopback address can read and change every customer. Set FERRY_ADMIN_TOKEN."
+            );
+        }
+
+        let state = AppState {
+            store,
+            runtime,
+            connectors,
+            settings: Arc::new(ApiSettings {
+                admin_token: config.admin_token.clone(),
+                idempotency_ttl: config.idempotency_ttl,
+                max_body_bytes: config.max_body_bytes,
+            }),
+        };
+        Ok(Self {
+            listener,
+            address,
+            state,
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    /// The bound address.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The shared state (tests use its store).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Cancelling this token stops the app gracefully.
+    pub fn cancellation_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Serves until the cancellation token is cancelled, then lets in-flight
+    /// requests finish and stops the background tasks.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let tasks = TaskTracker::new();
+        tasks.spawn(purge_idempotency_keys(
+            self.state.store.clone(),
+            self.cancel.clone(),
+        ));
+        tasks.close();
+
+        let router = crate::api::router(self.state.clone());
+        let cancel = self.cancel.clone();
+        let served = axum::serve(self.listener, router)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await
+            .context("serving HTTP");
+        // Whatever ended the server ends the background tasks too.
+        self.cancel.cancel();
+        tasks.wait().await;
+        self.state.store.close().await;
+        tracing::info!("ferry stopped");
+        served
+    }
+}
+
+/// Loads every `*.wasm` in `dir`. A missing directory is a warning and a
+/// broken component an error log: neither stops ferry, since the API is
+/// useful without connectors.
+async fn load_connectors(runtime: &Runtime, dir: &Path, registry: &ConnectorRegistry) {
+    let mut entries = match tokio::fs::read_dir(dir).await {
+        Ok(entries) => entries,
+        Err(error) => {
+            tracing::warn!(dir = %dir.display(), %error, "connectors directory not readable; no connectors loaded");
+            return;
+        }
+    };
+    let mut paths = Vec::new();
+    loop {
+        match entries.next_entry().await {
+            Ok(Some(entry)) => {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "wasm") {
+                    paths.push(path);
+                }
+            }
+            Ok(None) => break,
+            Err(error) => {
+                tracing::error!(dir = %dir.display(), %error, "could not list connectors directory");
+                break;
+            }
+        }
+    }
+    paths.sort();
+    for path in paths {
+        match load_connector(runtime, &path).await {
+            Ok(loaded) => {
+                let name = loaded.connector.manifest().name.clone();
+                tracing::info!(
+                    connector = %name,
+                    version = %loaded.connector.manifest().version,
+                    sha256 = %loaded.sha256,
+                    path = %path.display(),
+                    "connector loaded"
+                );
+                registry.write().await.insert(name, loaded);
+            }
+            Err(error) => {
+                tracing::error!(path = %path.display(), error = format!("{error:#}"), "connector not loaded");
+            }
+        }
+    }
+}
+
+async fn load_connector(runtime: &Runtime, path: &Path) -> anyhow::Result<LoadedConnector> {
+    let bytes = tokio::fs::read(path)
+        .await
+        .context("reading the component")?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let connector = runtime
+        .load(&bytes)
+        .await
+        .context("loading the component")?;
+    Ok(LoadedConnector {
+        connector,
+        sha256,
+        source: path.to_owned(),
+    })
+}
+
+/// Purges expired idempotency keys now and then; expired keys are also
+/// ignored (and overwritten) when claimed, so this only bounds table size.
+async fn purge_idempotency_keys(store: Store, cancel: CancellationToken) {
+    let mut every = tokio::time::interval(PURGE_INTERVAL);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = every.tick() => match store.purge_expired_idempotency_keys().await {
+                Ok(0) => {}
+                Ok(purged) => tracing::debug!(purged, "expired idempotency keys purged"),
+                Err(error) => tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)), "purging idempotency keys failed"),
+            },
+        }
+    }
+}

@@ -1,0 +1,506 @@
+//! Customers: the record type, its id, and the writes that commit a customer
+//! row together with its outbox event and idempotency record in one
+//! transaction.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::types::Json;
+use utoipa::ToSchema;
+
+use super::idempotency::IdempotencyCompletion;
+use super::outbox::OutboxKind;
+use super::{dispatch, now, Store, StoreError};
+
+/// A customer id: `cus_` followed by a UUIDv7 in lowercase hex. UUIDv7 starts
+/// with a timestamp, so ids sort in creation order and serve as cursors.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(transparent)]
+#[schema(value_type = String, example = "cus_0193f1b2c3d47e8f9a0b1c2d3e4f5a6b")]
+pub struct CustomerId(String);
+
+impl CustomerId {
+    const PREFIX: &'static str = "cus_";
+
+    /// A new, time-ordered id.
+    pub fn generate() -> Self {
+        Self(format!("{}{}", Self::PREFIX, uuid::Uuid::now_v7().simple()))
+    }
+
+    /// Parses `cus_<32 lowercase hex>`; anything else is not an id.
+    pub fn parse(text: &str) -> Option<Self> {
+        let hex = text.strip_prefix(Self::PREFIX)?;
+        let valid = hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        valid.then(|| Self(text.to_owned()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for CustomerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A postal address. Every line is optional; unknown fields are rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Address {
+    /// Street, PO box or company name.
+    #[serde(default)]
+    pub line1: Option<String>,
+    /// Apartment, suite, unit or building.
+    #[serde(default)]
+    pub line2: Option<String>,
+    /// City, district, suburb, town or village.
+    #[serde(default)]
+    pub city: Option<String>,
+    /// ZIP or postal code.
+    #[serde(default)]
+    pub postal_code: Option<String>,
+    /// State, county, province or region.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// Two-letter country code (ISO 3166-1 alpha-2).
+    #[serde(default)]
+    pub country: Option<String>,
+}
+
+/// The fields a client controls, already validated and normalised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomerFields {
+    /// Full name or business name.
+    pub name: Option<String>,
+    /// Trimmed, lowercased email.
+    pub email: String,
+    /// Phone number as given (trimmed).
+    pub phone: Option<String>,
+    /// Postal address.
+    pub address: Option<Address>,
+    /// Free-form string key/value pairs.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A customer as stored and as the API returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Customer {
+    /// Unique id.
+    pub id: CustomerId,
+    /// Full name or business name.
+    pub name: Option<String>,
+    /// Email, trimmed and lowercased; unique among live customers.
+    pub email: String,
+    /// Phone number.
+    pub phone: Option<String>,
+    /// Postal address.
+    pub address: Option<Address>,
+    /// Free-form string key/value pairs.
+    pub metadata: BTreeMap<String, String>,
+    /// Starts at 1 and grows by one with every write; the ETag is this number.
+    pub version: i64,
+    /// When the customer was created.
+    pub created_at: DateTime<Utc>,
+    /// When the customer was last written.
+    pub updated_at: DateTime<Utc>,
+    /// When the customer was deleted; null while live.
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+impl Customer {
+    /// The client-controlled fields of this customer.
+    pub fn fields(&self) -> CustomerFields {
+        CustomerFields {
+            name: self.name.clone(),
+            email: self.email.clone(),
+            phone: self.phone.clone(),
+            address: self.address.clone(),
+            metadata: self.metadata.clone(),
+        }
+    }
+}
+
+/// A row of `customers`, decoded the same way on both backends.
+#[derive(sqlx::FromRow)]
+struct CustomerRow {
+    id: String,
+    name: Option<String>,
+    email: String,
+    phone: Option<String>,
+    address: Option<Json<Address>>,
+    metadata: Json<BTreeMap<String, String>>,
+    version: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    deleted_at: Option<DateTime<Utc>>,
+}
+
+impl From<CustomerRow> for Customer {
+    fn from(row: CustomerRow) -> Self {
+        Self {
+            id: CustomerId(row.id),
+            name: row.name,
+            email: row.email,
+            phone: row.phone,
+            address: row.address.map(|a| a.0),
+            metadata: row.metadata.0,
+            version: row.version,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            deleted_at: row.deleted_at,
+        }
+    }
+}
+
+/// A page request for [`Store::list_customers`].
+#[derive(Debug, Clone, Default)]
+pub struct ListCustomers {
+    /// Page size (the caller bounds it).
+    pub limit: u32,
+    /// Return customers whose id sorts after this one.
+    pub starting_after: Option<CustomerId>,
+    /// Only the live customer with this (normalised) email.
+    pub email: Option<String>,
+}
+
+/// One page of customers, in id (= creation) order.
+#[derive(Debug, Clone)]
+pub struct CustomerPage {
+    /// The customers on this page.
+    pub data: Vec<Customer>,
+    /// Whether more customers follow the last one.
+    pub has_more: bool,
+}
+
+/// What a write records besides the customer row.
+#[derive(Clone, Copy, Default)]
+pub struct WriteContext<'a> {
+    /// The request id that caused the write; stored on the outbox event.
+    pub correlation_id: Option<&'a str>,
+    /// The idempotency key to complete in the same transaction.
+    pub idempotency: Option<IdempotencyCompletion<'a>>,
+}
+
+macro_rules! columns {
+    () => {
+        "id, name, email, phone, address, metadata, version, created_at, updated_at, deleted_at"
+    };
+}
+
+const SELECT_LIVE: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM customers WHERE id = $1 AND deleted_at IS NULL"
+);
+
+/// How often an update retries after losing a race to a concurrent writer
+/// (PostgreSQL only; SQLite writers are serialised).
+const UPDATE_ATTEMPTS: usize = 5;
+
+/// Inside a dispatched transaction `$tx`: writes the outbox event for
+/// `$customer` and completes the idempotency record, if any.
+macro_rules! finish_write {
+    ($tx:ident, $ctx:expr, $customer:expr, $kind:expr) => {{
+        let customer: &Customer = $customer;
+        sqlx::query(
+            "INSERT INTO outbox (aggregate, aggregate_id, version, kind, payload, correlation_id, created_at) \
+             VALUES ('customer', $1, $2, $3, $4, $5, $6)",
+        )
+        .bind(customer.id.as_str())
+        .bind(customer.version)
+        .bind($kind.as_str())
+        .bind(Json(customer))
+        .bind($ctx.correlation_id)
+        .bind(customer.updated_at)
+        .execute(&mut *$tx)
+        .await?;
+        if let Some(completion) = &$ctx.idempotency {
+            let response = (completion.render)(customer);
+            sqlx::query(super::idempotency::COMPLETE_SQL)
+                .bind(completion.scope)
+                .bind(completion.key)
+                .bind(i32::from(response.status))
+                .bind(Json(&response.headers))
+                .bind(&response.body)
+                .execute(&mut *$tx)
+                .await?;
+        }
+    }};
+}
+
+impl Store {
+    /// Creates a customer (version 1) and its `created` outbox event.
+    #[tracing::instrument(skip_all, fields(customer_id, correlation_id = ctx.correlation_id))]
+    pub async fn create_customer(
+        &self,
+        fields: CustomerFields,
+        ctx: WriteContext<'_>,
+    ) -> Result<Customer, StoreError> {
+        let at = now();
+        let customer = Customer {
+            id: CustomerId::generate(),
+            name: fields.name,
+            email: fields.email,
+            phone: fields.phone,
+            address: fields.address,
+            metadata: fields.metadata,
+            version: 1,
+            created_at: at,
+            updated_at: at,
+            deleted_at: None,
+        };
+        tracing::Span::current().record("customer_id", customer.id.as_str());
+        if let Store::Postgres(pool) = self {
+            create_in_one_statement(pool, &customer, ctx).await?;
+            return Ok(customer);
+        }
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query(concat!(
+                "INSERT INTO customers (", columns!(), ") ",
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL)"
+            ))
+            .bind(customer.id.as_str())
+            .bind(&customer.name)
+            .bind(&customer.email)
+            .bind(&customer.phone)
+            .bind(customer.address.as_ref().map(Json))
+            .bind(Json(&customer.metadata))
+            .bind(customer.version)
+            .bind(customer.created_at)
+            .bind(customer.updated_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_customer_write)?;
+            finish_write!(tx, ctx, &customer, OutboxKind::Created);
+            tx.commit().await?;
+        });
+        Ok(customer)
+    }
+
+    /// The live customer with this id.
+    #[tracing::instrument(skip_all, fields(customer_id = %id))]
+    pub async fn get_customer(&self, id: &CustomerId) -> Result<Customer, StoreError> {
+        let row: Option<CustomerRow> = dispatch!(self, read pool => {
+            sqlx::query_as(SELECT_LIVE).bind(id.as_str()).fetch_optional(pool).await?
+        });
+        row.map(Customer::from).ok_or(StoreError::CustomerNotFound)
+    }
+
+    /// A page of live customers in id order.
+    #[tracing::instrument(skip_all, fields(limit = request.limit))]
+    pub async fn list_customers(
+        &self,
+        request: &ListCustomers,
+    ) -> Result<CustomerPage, StoreError> {
+        let fetch = i64::from(request.limit) + 1;
+        let rows: Vec<CustomerRow> = dispatch!(self, read pool => {
+            sqlx::query_as(concat!(
+                "SELECT ", columns!(), " FROM customers WHERE deleted_at IS NULL ",
+                "AND (CAST($1 AS TEXT) IS NULL OR id > CAST($1 AS TEXT)) ",
+                "AND (CAST($2 AS TEXT) IS NULL OR email = CAST($2 AS TEXT)) ",
+                "ORDER BY id LIMIT $3"
+            ))
+            .bind(request.starting_after.as_ref().map(CustomerId::as_str))
+            .bind(request.email.as_deref())
+            .bind(fetch)
+            .fetch_all(pool)
+            .await?
+        });
+        let mut data: Vec<Customer> = rows.into_iter().map(Customer::from).collect();
+        let has_more = data.len() > request.limit as usize;
+        data.truncate(request.limit as usize);
+        Ok(CustomerPage { data, has_more })
+    }
+
+    /// Replaces a live customer's fields with what `change` computes from the
+    /// current record, bumping the version and recording an `updated` event.
+    ///
+    /// With `expected_version`, a customer at another version fails with
+    /// [`StoreError::VersionMismatch`]; without it, a lost race against a
+    /// concurrent writer is retried on the fresh record.
+    #[tracing::instrument(skip_all, fields(customer_id = %id, correlation_id = ctx.correlation_id))]
+    pub async fn update_customer<E, F>(
+        &self,
+        id: &CustomerId,
+        expected_version: Option<i64>,
+        ctx: WriteContext<'_>,
+        mut change: F,
+    ) -> Result<Customer, E>
+    where
+        E: From<StoreError>,
+        F: FnMut(&Customer) -> Result<CustomerFields, E>,
+    {
+        for _ in 0..UPDATE_ATTEMPTS {
+            let written: Option<Customer> = dispatch!(self, write pool => {
+                let mut tx = pool.begin().await.map_err(StoreError::from)?;
+                let current: Customer = sqlx::query_as::<_, CustomerRow>(SELECT_LIVE)
+                    .bind(id.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?
+                    .map(Customer::from)
+                    .ok_or(StoreError::CustomerNotFound)?;
+                if let Some(expected) = expected_version {
+                    if expected != current.version {
+                        return Err(StoreError::VersionMismatch { current: current.version }.into());
+                    }
+                }
+                let fields = change(&current)?;
+                let updated = Customer {
+                    name: fields.name,
+                    email: fields.email,
+                    phone: fields.phone,
+                    address: fields.address,
+                    metadata: fields.metadata,
+                    version: current.version + 1,
+                    updated_at: now(),
+                    ..current
+                };
+                let done = sqlx::query(
+                    "UPDATE customers SET name = $1, email = $2, phone = $3, address = $4, \
+                     metadata = $5, version = $6, updated_at = $7 \
+                     WHERE id = $8 AND version = $9 AND deleted_at IS NULL",
+                )
+                .bind(&updated.name)
+                .bind(&updated.email)
+                .bind(&updated.phone)
+                .bind(updated.address.as_ref().map(Json))
+                .bind(Json(&updated.metadata))
+                .bind(updated.version)
+                .bind(updated.updated_at)
+                .bind(id.as_str())
+                .bind(updated.version - 1)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from_customer_write)?;
+                if done.rows_affected() == 1 {
+                    let write = async {
+                        finish_write!(tx, ctx, &updated, OutboxKind::Updated);
+                        tx.commit().await?;
+                        Ok::<_, StoreError>(())
+                    };
+                    write.await?;
+                    Some(updated)
+                } else {
+                    None
+                }
+            });
+            match written {
+                Some(customer) => return Ok(customer),
+                // Someone wrote between our read and our update.
+                None if expected_version.is_some() => {
+                    let current = self.get_customer(id).await?;
+                    return Err(StoreError::VersionMismatch {
+                        current: current.version,
+                    }
+                    .into());
+                }
+                None => continue,
+            }
+        }
+        Err(StoreError::Database(sqlx::Error::Protocol(
+            "customer update kept losing races to concurrent writers".into(),
+        ))
+        .into())
+    }
+
+    /// Soft-deletes a live customer (its email becomes free), bumping the
+    /// version and recording a `deleted` event. Returns the deleted record.
+    #[tracing::instrument(skip_all, fields(customer_id = %id, correlation_id = ctx.correlation_id))]
+    pub async fn delete_customer(
+        &self,
+        id: &CustomerId,
+        expected_version: Option<i64>,
+        ctx: WriteContext<'_>,
+    ) -> Result<Customer, StoreError> {
+        let at = now();
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            // One statement decides: only a live row at the expected version
+            // (if any) is deleted, so concurrent deletes cannot both succeed.
+            let row: Option<CustomerRow> = sqlx::query_as(concat!(
+                "UPDATE customers SET deleted_at = $1, updated_at = $1, version = version + 1 ",
+                "WHERE id = $2 AND deleted_at IS NULL AND (CAST($3 AS BIGINT) IS NULL OR version = CAST($3 AS BIGINT)) ",
+                "RETURNING ", columns!()
+            ))
+            .bind(at)
+            .bind(id.as_str())
+            .bind(expected_version)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(row) = row else {
+                drop(tx);
+                // Tell a missing customer from a stale If-Match.
+                let current = self.get_customer(id).await?;
+                return Err(StoreError::VersionMismatch { current: current.version });
+            };
+            let deleted = Customer::from(row);
+            finish_write!(tx, ctx, &deleted, OutboxKind::Deleted);
+            tx.commit().await?;
+            Ok(deleted)
+        })
+    }
+}
+
+/// PostgreSQL only: the customer row, its outbox event and the idempotency
+/// completion as ONE statement (data-modifying CTEs), which PostgreSQL runs
+/// atomically: one round trip instead of four (BEGIN, two INSERTs, COMMIT).
+/// Creates are the hot path of bulk imports; SQLite is in-process, has no
+/// round trips to save, and no data-modifying CTEs.
+async fn create_in_one_statement(
+    pool: &sqlx::PgPool,
+    customer: &Customer,
+    ctx: WriteContext<'_>,
+) -> Result<(), StoreError> {
+    let completion = ctx.idempotency.map(|c| (c, (c.render)(customer)));
+    let sql = if completion.is_some() {
+        concat!(
+            "WITH customer AS (INSERT INTO customers (", columns!(), ") ",
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL)), ",
+            "event AS (INSERT INTO outbox (aggregate, aggregate_id, version, kind, payload, correlation_id, created_at) ",
+            "VALUES ('customer', $1, $7, 'created', $10, $11, $9)), ",
+            "idempotency AS (UPDATE idempotency_keys SET state = 'done', response_status = $14, ",
+            "response_headers = $15, response_body = $16 WHERE scope = $12 AND key = $13) ",
+            "SELECT 1"
+        )
+    } else {
+        concat!(
+            "WITH customer AS (INSERT INTO customers (", columns!(), ") ",
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL)), ",
+            "event AS (INSERT INTO outbox (aggregate, aggregate_id, version, kind, payload, correlation_id, created_at) ",
+            "VALUES ('customer', $1, $7, 'created', $10, $11, $9)) ",
+            "SELECT 1"
+        )
+    };
+    let mut query = sqlx::query(sql)
+        .bind(customer.id.as_str())
+        .bind(&customer.name)
+        .bind(&customer.email)
+        .bind(&customer.phone)
+        .bind(customer.address.as_ref().map(Json))
+        .bind(Json(&customer.metadata))
+        .bind(customer.version)
+        .bind(customer.created_at)
+        .bind(customer.updated_at)
+        .bind(Json(customer))
+        .bind(ctx.correlation_id);
+    if let Some((completion, response)) = &completion {
+        query = query
+            .bind(completion.scope)
+            .bind(completion.key)
+            .bind(i32::from(response.status))
+            .bind(Json(&response.headers))
+            .bind(&response.body);
+    }
+    query
+        .execute(pool)
+        .await
+        .map_err(StoreError::from_customer_write)?;
+    Ok(())
+}

@@ -1,0 +1,193 @@
+//! Idempotency keys of API writes: claiming a key, replaying a finished
+//! response, and expiring old keys.
+//!
+//! A key is claimed (state `in_flight`) in its own short transaction so that
+//! concurrent requests see it; the write it guards completes it (state
+//! `done`, with the response) inside the write's own transaction, so a
+//! committed write always has its stored response. A request that fails
+//! releases its claim; a claim left behind by a crashed process is taken over
+//! once its lease expires.
+
+use chrono::Utc;
+use sqlx::types::Json;
+
+use super::customers::Customer;
+use super::{dispatch, now, Store, StoreError};
+
+/// A response as recorded for replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// The headers worth replaying (content type, location, etag).
+    pub headers: Vec<(String, String)>,
+    /// The exact body bytes.
+    pub body: Vec<u8>,
+}
+
+/// Identifies one idempotency key.
+#[derive(Debug, Clone)]
+pub struct IdempotencyRecord {
+    /// Whose key this is (keys of different principals never collide).
+    pub scope: String,
+    /// The client's `Idempotency-Key`.
+    pub key: String,
+    /// sha256 of method, path and body, hex.
+    pub fingerprint: String,
+}
+
+/// How to complete a claimed key inside a write's transaction.
+#[derive(Clone, Copy)]
+pub struct IdempotencyCompletion<'a> {
+    /// The key's scope.
+    pub scope: &'a str,
+    /// The key.
+    pub key: &'a str,
+    /// Renders the response the write will answer, from the written record.
+    pub render: &'a (dyn Fn(&Customer) -> StoredResponse + Send + Sync),
+}
+
+/// The result of [`Store::claim_idempotency_key`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// The key is ours: run the request.
+    Claimed,
+    /// Another request with this key is running.
+    InFlight,
+    /// The key was used for a different request.
+    Mismatch,
+    /// The request already ran: answer this.
+    Done(StoredResponse),
+}
+
+pub(super) const COMPLETE_SQL: &str = "UPDATE idempotency_keys SET state = 'done', \
+     response_status = $3, response_headers = $4, response_body = $5 \
+     WHERE scope = $1 AND key = $2";
+
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    fingerprint: String,
+    state: String,
+    response_status: Option<i32>,
+    response_headers: Option<Json<Vec<(String, String)>>>,
+    response_body: Option<Vec<u8>>,
+    locked_at_ms: i64,
+    expires_at_ms: i64,
+}
+
+impl Store {
+    /// Claims `record` for one request. `ttl_ms` is how long the key is
+    /// remembered; `lease_ms` how long an unfinished claim blocks others.
+    #[tracing::instrument(skip_all, fields(idempotency_key = %record.key))]
+    pub async fn claim_idempotency_key(
+        &self,
+        record: &IdempotencyRecord,
+        ttl_ms: i64,
+        lease_ms: i64,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let now_ms = Utc::now().timestamp_millis();
+        dispatch!(self, write pool => {
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency_keys \
+                 (scope, key, fingerprint, state, created_at, locked_at_ms, expires_at_ms) \
+                 VALUES ($1, $2, $3, 'in_flight', $4, $5, $6) ON CONFLICT (scope, key) DO NOTHING",
+            )
+            .bind(&record.scope)
+            .bind(&record.key)
+            .bind(&record.fingerprint)
+            .bind(now())
+            .bind(now_ms)
+            .bind(now_ms + ttl_ms)
+            .execute(pool)
+            .await?;
+            if inserted.rows_affected() == 1 {
+                return Ok(ClaimOutcome::Claimed);
+            }
+            let row: Option<KeyRow> = sqlx::query_as(
+                "SELECT fingerprint, state, response_status, response_headers, response_body, \
+                 locked_at_ms, expires_at_ms FROM idempotency_keys WHERE scope = $1 AND key = $2",
+            )
+            .bind(&record.scope)
+            .bind(&record.key)
+            .fetch_optional(pool)
+            .await?;
+            let Some(row) = row else {
+                // Released between our insert and our read: the caller retries.
+                return Ok(ClaimOutcome::InFlight);
+            };
+            let expired = row.expires_at_ms <= now_ms;
+            let abandoned = row.state == "in_flight" && row.locked_at_ms + lease_ms <= now_ms;
+            if expired || (abandoned && row.fingerprint == record.fingerprint) {
+                // Take the key over; the guard on the old lock time makes sure
+                // only one of several racing requests wins it.
+                let taken = sqlx::query(
+                    "UPDATE idempotency_keys SET fingerprint = $3, state = 'in_flight', \
+                     response_status = NULL, response_headers = NULL, response_body = NULL, \
+                     created_at = $4, locked_at_ms = $5, expires_at_ms = $6 \
+                     WHERE scope = $1 AND key = $2 AND locked_at_ms = $7 AND expires_at_ms = $8",
+                )
+                .bind(&record.scope)
+                .bind(&record.key)
+                .bind(&record.fingerprint)
+                .bind(now())
+                .bind(now_ms)
+                .bind(now_ms + ttl_ms)
+                .bind(row.locked_at_ms)
+                .bind(row.expires_at_ms)
+                .execute(pool)
+                .await?;
+                return Ok(if taken.rows_affected() == 1 {
+                    ClaimOutcome::Claimed
+                } else {
+                    ClaimOutcome::InFlight
+                });
+            }
+            if row.fingerprint != record.fingerprint {
+                return Ok(ClaimOutcome::Mismatch);
+            }
+            if row.state == "in_flight" {
+                return Ok(ClaimOutcome::InFlight);
+            }
+            Ok(ClaimOutcome::Done(StoredResponse {
+                status: row
+                    .response_status
+                    .and_then(|s| u16::try_from(s).ok())
+                    .unwrap_or(500),
+                headers: row.response_headers.map(|h| h.0).unwrap_or_default(),
+                body: row.response_body.unwrap_or_default(),
+            }))
+        })
+    }
+
+    /// Forgets an unfinished claim, so the client may retry with the same key.
+    #[tracing::instrument(skip_all, fields(idempotency_key = %record.key))]
+    pub async fn release_idempotency_key(
+        &self,
+        record: &IdempotencyRecord,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, write pool => {
+            sqlx::query(
+                "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND state = 'in_flight'",
+            )
+            .bind(&record.scope)
+            .bind(&record.key)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Deletes expired keys; returns how many.
+    #[tracing::instrument(skip_all)]
+    pub async fn purge_expired_idempotency_keys(&self) -> Result<u64, StoreError> {
+        let now_ms = Utc::now().timestamp_millis();
+        let done = dispatch!(self, write pool => {
+            sqlx::query("DELETE FROM idempotency_keys WHERE expires_at_ms <= $1")
+                .bind(now_ms)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(done)
+    }
+}

@@ -1,0 +1,262 @@
+//! The store: ferry's durable state (customers, the outbox, idempotency keys)
+//! on SQLite (embedded mode) or PostgreSQL (cluster mode).
+//!
+//! One [`Store`] enum dispatches to the pool of the configured backend. Each
+//! query is written once and compiled for both backends by [`dispatch!`]: the
+//! SQL is portable (`$n` placeholders work in both), and the few columns whose
+//! types differ (JSON, timestamps) round-trip through the same Rust types. We
+//! chose this over `sqlx::Any` because `Any` cannot carry JSON, timestamps or
+//! blobs the way we need, and over generic functions because their trait
+//! bounds are longer than the queries.
+//!
+//! SQLite runs with one writer connection and a pool of readers: SQLite
+//! admits one writer at a time anyway, and queueing writers in-process avoids
+//! `SQLITE_BUSY` on lock upgrades. `synchronous=FULL` makes every commit
+//! durable before the API answers (WAL with NORMAL can lose the last commits
+//! on power loss, which would contradict "nothing is lost").
+
+pub mod customers;
+pub mod idempotency;
+pub mod outbox;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+pub use customers::{Address, Customer, CustomerFields, CustomerId, CustomerPage, ListCustomers};
+pub use idempotency::{ClaimOutcome, IdempotencyRecord, StoredResponse};
+pub use outbox::{OutboxEvent, OutboxKind};
+
+/// Which database a [`Store`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// Embedded mode: a local SQLite file.
+    Sqlite,
+    /// Cluster mode: a PostgreSQL server shared by every replica.
+    Postgres,
+}
+
+impl StoreKind {
+    /// The kind a database URL selects: `postgres://` / `postgresql://` or SQLite.
+    pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else {
+            Err(StoreError::UnsupportedUrl)
+        }
+    }
+
+    /// `sqlite` or `postgres`, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
+/// Connection tuning for [`Store::connect`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Maximum connections (PostgreSQL pool; SQLite readers).
+    pub max_connections: u32,
+    /// How long to wait for a connection or a SQLite lock before failing.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Errors from the store. Business outcomes (not found, conflicts) are
+/// variants so callers can map them without parsing database errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL is neither `sqlite:` nor `postgres://`.
+    #[error("unsupported database URL: use sqlite://PATH or postgres://...")]
+    UnsupportedUrl,
+    /// No live customer has this id.
+    #[error("customer not found")]
+    CustomerNotFound,
+    /// Another live customer already has this email.
+    #[error("email already belongs to another customer")]
+    EmailTaken,
+    /// The caller's expected version is not the current one.
+    #[error("version mismatch: current version is {current}")]
+    VersionMismatch {
+        /// The customer's current version.
+        current: i64,
+    },
+    /// A migration failed.
+    #[error("migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Any other database error.
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    /// A stored JSON document could not be encoded or decoded.
+    #[error("stored JSON is invalid")]
+    Json(#[from] serde_json::Error),
+}
+
+impl StoreError {
+    /// Maps a unique violation (the only one a customer write can hit is the
+    /// live-email index) to [`StoreError::EmailTaken`].
+    fn from_customer_write(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::Database(db) if db.is_unique_violation() => Self::EmailTaken,
+            _ => Self::Database(error),
+        }
+    }
+}
+
+/// SQLite pools: one writer, several readers (see the module docs).
+#[derive(Debug, Clone)]
+pub struct SqlitePools {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+/// ferry's store on either backend. Cheap to clone (pools are shared).
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// Embedded mode.
+    Sqlite(SqlitePools),
+    /// Cluster mode.
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to the writer pool of whichever backend
+/// `$store` is; the body is type-checked once per backend.
+macro_rules! dispatch {
+    ($store:expr, write $pool:ident => $body:expr) => {
+        match $store {
+            $crate::store::Store::Sqlite(pools) => {
+                let $pool = &pools.writer;
+                $body
+            }
+            $crate::store::Store::Postgres(pool) => {
+                let $pool = pool;
+                $body
+            }
+        }
+    };
+    ($store:expr, read $pool:ident => $body:expr) => {
+        match $store {
+            $crate::store::Store::Sqlite(pools) => {
+                let $pool = &pools.reader;
+                $body
+            }
+            $crate::store::Store::Postgres(pool) => {
+                let $pool = pool;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use dispatch;
+
+impl Store {
+    /// Connects to the database `url` names, creating a SQLite file if missing.
+    #[tracing::instrument(skip_all, fields(kind))]
+    pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
+        let kind = StoreKind::from_url(url)?;
+        tracing::Span::current().record("kind", kind.as_str());
+        match kind {
+            StoreKind::Sqlite => {
+                let connect = SqliteConnectOptions::from_str(url)?
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Full)
+                    .foreign_keys(true)
+                    .busy_timeout(options.acquire_timeout);
+                let writer = SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(options.acquire_timeout)
+                    .connect_with(connect.clone())
+                    .await?;
+                let reader = SqlitePoolOptions::new()
+                    .max_connections(options.max_connections.max(1))
+                    .acquire_timeout(options.acquire_timeout)
+                    .connect_with(connect.read_only(true))
+                    .await?;
+                Ok(Self::Sqlite(SqlitePools { writer, reader }))
+            }
+            StoreKind::Postgres => {
+                let connect = PgConnectOptions::from_str(url)?;
+                let pool = PgPoolOptions::new()
+                    .max_connections(options.max_connections.max(1))
+                    .acquire_timeout(options.acquire_timeout)
+                    // No ping before every acquire: it doubles the round
+                    // trips of a create. A connection that died while idle
+                    // fails one query; idle and lifetime limits recycle them.
+                    .test_before_acquire(false)
+                    .idle_timeout(Duration::from_secs(300))
+                    .max_lifetime(Duration::from_secs(1800))
+                    .connect_with(connect)
+                    .await?;
+                Ok(Self::Postgres(pool))
+            }
+        }
+    }
+
+    /// Which backend this store runs on.
+    pub fn kind(&self) -> StoreKind {
+        match self {
+            Self::Sqlite(_) => StoreKind::Sqlite,
+            Self::Postgres(_) => StoreKind::Postgres,
+        }
+    }
+
+    /// Applies the backend's migrations (embedded in the binary).
+    #[tracing::instrument(skip_all)]
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match self {
+            Self::Sqlite(pools) => {
+                sqlx::migrate!("../migrations/sqlite")
+                    .run(&pools.writer)
+                    .await?
+            }
+            Self::Postgres(pool) => sqlx::migrate!("../migrations/postgres").run(pool).await?,
+        }
+        Ok(())
+    }
+
+    /// Checks that the database answers (for `/readyz`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, read pool => {
+            sqlx::query("SELECT 1").execute(pool).await?;
+        });
+        Ok(())
+    }
+
+    /// Closes every pool, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        match self {
+            Self::Sqlite(pools) => {
+                pools.writer.close().await;
+                pools.reader.close().await;
+            }
+            Self::Postgres(pool) => pool.close().await,
+        }
+    }
+}
+
+/// Timestamps are kept at microsecond precision: PostgreSQL stores no more,
+/// and both backends must return the same values.
+pub(crate) fn now() -> chrono::DateTime<chrono::Utc> {
+    use chrono::{DurationRound, TimeDelta};
+    let now = chrono::Utc::now();
+    now.duration_trunc(TimeDelta::microseconds(1))
+        .unwrap_or(now)
+}

@@ -1,0 +1,71 @@
+//! The transactional outbox: one event per customer write, committed with the
+//! write itself, for the relay to move onto the bus in id order.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::types::Json;
+
+use super::{dispatch, Store, StoreError};
+
+/// What happened to the aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxKind {
+    /// The customer was created.
+    Created,
+    /// The customer's fields changed.
+    Updated,
+    /// The customer was (soft-)deleted.
+    Deleted,
+}
+
+impl OutboxKind {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Updated => "updated",
+            Self::Deleted => "deleted",
+        }
+    }
+}
+
+/// One outbox row.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct OutboxEvent {
+    /// Monotonic id (assigned at insert).
+    pub id: i64,
+    /// Aggregate type, e.g. `customer`.
+    pub aggregate: String,
+    /// The aggregate's id.
+    pub aggregate_id: String,
+    /// The aggregate's version after the write.
+    pub version: i64,
+    /// `created`, `updated` or `deleted`.
+    pub kind: String,
+    /// The aggregate as written.
+    pub payload: Json<serde_json::Value>,
+    /// The request id of the API call that caused the write.
+    pub correlation_id: Option<String>,
+    /// When the write committed.
+    pub created_at: DateTime<Utc>,
+    /// When the relay published the event; null until then.
+    pub published_at: Option<DateTime<Utc>>,
+}
+
+impl Store {
+    /// The events of one aggregate, oldest first.
+    #[tracing::instrument(skip_all, fields(aggregate_id))]
+    pub async fn outbox_events(&self, aggregate_id: &str) -> Result<Vec<OutboxEvent>, StoreError> {
+        let rows = dispatch!(self, read pool => {
+            sqlx::query_as(
+                "SELECT id, aggregate, aggregate_id, version, kind, payload, correlation_id, \
+                 created_at, published_at FROM outbox WHERE aggregate_id = $1 ORDER BY id",
+            )
+            .bind(aggregate_id)
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows)
+    }
+}

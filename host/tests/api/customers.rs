@@ -1,0 +1,326 @@
+//! Customer CRUD, ETags, pagination, outbox events and email uniqueness.
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::helpers::{assert_problem, email, on_both_backends, spawn_app, Backend};
+
+async fn create_returns_201_with_location_etag_and_outbox_event(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let address = email("ada");
+    let response = app
+        .request(Method::POST, "/api/v1/customers")
+        .header("x-request-id", "req-create-1")
+        .json(&json!({
+            "name": "Ada Lovelace",
+            "email": format!("  {}  ", address.to_uppercase()),
+            "phone": "+44 20 7946 0000",
+            "address": {"line1": "12 St James's Square", "city": "London", "country": "gb"},
+            "metadata": {"plan": "pro"}
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.headers()["etag"], "\"1\"");
+    assert_eq!(response.headers()["x-request-id"], "req-create-1");
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let created: Value = response.json().await.unwrap();
+    let id = created["id"].as_str().unwrap();
+    assert!(id.starts_with("cus_"));
+    assert_eq!(location, format!("/api/v1/customers/{id}"));
+    assert_eq!(created["email"], address, "email is trimmed and lowercased");
+    assert_eq!(created["address"]["country"], "GB");
+    assert_eq!(created["version"], 1);
+    assert_eq!(created["deleted_at"], Value::Null);
+
+    let fetched = app.request(Method::GET, &location).send().await.unwrap();
+    assert_eq!(fetched.status(), 200);
+    assert_eq!(fetched.headers()["etag"], "\"1\"");
+    assert_eq!(fetched.json::<Value>().await.unwrap(), created);
+
+    let events = app.store.outbox_events(id).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].aggregate, "customer");
+    assert_eq!(events[0].kind, "created");
+    assert_eq!(events[0].version, 1);
+    assert_eq!(events[0].correlation_id.as_deref(), Some("req-create-1"));
+    assert_eq!(events[0].payload.0, created);
+    assert!(events[0].published_at.is_none());
+}
+
+async fn unknown_customer_is_404(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let missing = "/api/v1/customers/cus_0193f1b2c3d47e8f9a0b1c2d3e4f5a6b";
+    let response = app.request(Method::GET, missing).send().await.unwrap();
+    assert_problem(response, 404, "customer_not_found").await;
+    let response = app
+        .request(Method::GET, "/api/v1/customers/not-an-id")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 404, "customer_not_found").await;
+}
+
+async fn patch_merges_fields_and_bumps_version(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let created = app
+        .create_ok(&json!({
+            "name": "Grace", "email": email("grace"), "phone": "555 0100",
+            "address": {"city": "Arlington", "country": "US"},
+            "metadata": {"a": "1", "b": "2"}
+        }))
+        .await;
+    let path = format!("/api/v1/customers/{}", created["id"].as_str().unwrap());
+    let response = app
+        .request(Method::PATCH, &path)
+        .json(&json!({"name": "Grace Hopper", "phone": null, "address": {"line1": "1 Navy Way"}, "metadata": {"a": null, "c": "3"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["etag"], "\"2\"");
+    let patched: Value = response.json().await.unwrap();
+    assert_eq!(patched["name"], "Grace Hopper");
+    assert_eq!(patched["phone"], Value::Null, "null clears");
+    assert_eq!(patched["email"], created["email"], "absent stays");
+    assert_eq!(
+        patched["address"],
+        json!({"line1": "1 Navy Way", "line2": null, "city": "Arlington", "postal_code": null, "state": null, "country": "US"})
+    );
+    assert_eq!(patched["metadata"], json!({"b": "2", "c": "3"}));
+    assert_eq!(patched["version"], 2);
+    assert_eq!(patched["created_at"], created["created_at"]);
+
+    let events = app
+        .store
+        .outbox_events(created["id"].as_str().unwrap())
+        .await
+        .unwrap();
+    let kinds: Vec<(&str, i64)> = events
+        .iter()
+        .map(|e| (e.kind.as_str(), e.version))
+        .collect();
+    assert_eq!(kinds, [("created", 1), ("updated", 2)]);
+    assert_eq!(events[1].payload.0, patched);
+
+    let response = app
+        .request(Method::PATCH, &path)
+        .json(&json!({"email": null}))
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(response, 422, "validation_failed").await;
+    assert_eq!(problem["errors"][0]["field"], "email");
+}
+
+async fn put_replaces_every_field(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let created = app
+        .create_ok(&json!({"name": "Linus", "email": email("linus"), "phone": "123", "metadata": {"k": "v"}}))
+        .await;
+    let path = format!("/api/v1/customers/{}", created["id"].as_str().unwrap());
+    let new_email = email("torvalds");
+    let response = app
+        .request(Method::PUT, &path)
+        .header("if-match", "\"1\"")
+        .json(&json!({"email": new_email}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let replaced: Value = response.json().await.unwrap();
+    assert_eq!(replaced["email"], new_email);
+    assert_eq!(replaced["name"], Value::Null);
+    assert_eq!(replaced["phone"], Value::Null);
+    assert_eq!(replaced["metadata"], json!({}));
+    assert_eq!(replaced["version"], 2);
+}
+
+async fn delete_is_soft_and_twice_is_404(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let address = email("del");
+    let created = app.create_ok(&json!({"email": address})).await;
+    let id = created["id"].as_str().unwrap();
+    let path = format!("/api/v1/customers/{id}");
+
+    let response = app.request(Method::DELETE, &path).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let deleted: Value = response.json().await.unwrap();
+    assert_eq!(deleted["version"], 2);
+    assert!(deleted["deleted_at"].is_string());
+
+    let response = app.request(Method::GET, &path).send().await.unwrap();
+    assert_problem(response, 404, "customer_not_found").await;
+    let response = app.request(Method::DELETE, &path).send().await.unwrap();
+    assert_problem(response, 404, "customer_not_found").await;
+    let response = app
+        .request(Method::PATCH, &path)
+        .json(&json!({"name": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 404, "customer_not_found").await;
+
+    let kinds: Vec<String> = app
+        .store
+        .outbox_events(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["created", "deleted"]);
+
+    // The email of a deleted customer is free again.
+    app.create_ok(&json!({"email": address})).await;
+}
+
+async fn stale_if_match_is_412(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let created = app.create_ok(&json!({"email": email("etag")})).await;
+    let path = format!("/api/v1/customers/{}", created["id"].as_str().unwrap());
+    let response = app
+        .request(Method::PATCH, &path)
+        .header("if-match", "\"1\"")
+        .json(&json!({"name": "first"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    for method in [Method::PATCH, Method::PUT, Method::DELETE] {
+        let mut request = app
+            .request(method.clone(), &path)
+            .header("if-match", "\"1\"");
+        if method != Method::DELETE {
+            request = request.json(&json!({"name": "second", "email": created["email"]}));
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(
+            response.headers()["etag"],
+            "\"2\"",
+            "{method}: current ETag is sent back"
+        );
+        assert_problem(response, 412, "precondition_failed").await;
+    }
+    let (_, current) = app.get_json(&path).await;
+    assert_eq!(current["name"], "first");
+    assert_eq!(current["version"], 2);
+    let events = app
+        .store
+        .outbox_events(created["id"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 2, "refused writes leave no event");
+}
+
+async fn list_paginates_in_creation_order(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let created = app
+            .create_ok(&json!({"email": email(&format!("page{i}"))}))
+            .await;
+        ids.push(created["id"].as_str().unwrap().to_owned());
+    }
+    let mut seen = Vec::new();
+    let mut path = "/api/v1/customers?limit=2".to_owned();
+    loop {
+        let (status, page) = app.get_json(&path).await;
+        assert_eq!(status, 200);
+        for customer in page["data"].as_array().unwrap() {
+            seen.push(customer["id"].as_str().unwrap().to_owned());
+        }
+        if !page["has_more"].as_bool().unwrap() {
+            assert_eq!(page["next_cursor"], Value::Null);
+            break;
+        }
+        path = format!(
+            "/api/v1/customers?limit=2&starting_after={}",
+            page["next_cursor"].as_str().unwrap()
+        );
+    }
+    assert_eq!(seen, ids);
+
+    let (status, past_end) = app
+        .get_json(&format!("/api/v1/customers?starting_after={}", ids[4]))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        past_end,
+        json!({"data": [], "has_more": false, "next_cursor": null})
+    );
+
+    let (_, all) = app.get_json("/api/v1/customers").await;
+    assert_eq!(all["data"].as_array().unwrap().len(), 5);
+    assert_eq!(all["has_more"], false);
+
+    let (_, one) = app
+        .get_json(&format!(
+            "/api/v1/customers?email={}",
+            ids_email(&all, 3).to_uppercase()
+        ))
+        .await;
+    assert_eq!(one["data"].as_array().unwrap().len(), 1);
+    assert_eq!(one["data"][0]["id"], ids[3].as_str());
+
+    for bad in ["limit=0", "limit=201", "limit=ten", "starting_after=nope"] {
+        let response = app
+            .request(Method::GET, &format!("/api/v1/customers?{bad}"))
+            .send()
+            .await
+            .unwrap();
+        assert_problem(response, 422, "validation_failed").await;
+    }
+}
+
+fn ids_email(page: &Value, index: usize) -> String {
+    page["data"][index]["email"].as_str().unwrap().to_owned()
+}
+
+async fn duplicate_email_is_409(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let address = email("dup");
+    app.create_ok(&json!({"email": address})).await;
+    let response = app.create(&json!({"email": address.to_uppercase()})).await;
+    assert_problem(response, 409, "email_taken").await;
+
+    let other = app.create_ok(&json!({"email": email("other")})).await;
+    let path = format!("/api/v1/customers/{}", other["id"].as_str().unwrap());
+    let response = app
+        .request(Method::PATCH, &path)
+        .json(&json!({"email": address}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 409, "email_taken").await;
+}
+
+async fn concurrent_creates_with_one_email_yield_one_customer(backend: Backend) {
+    let app = spawn_app(backend).await;
+    for round in 0..5 {
+        let address = email(&format!("race{round}"));
+        let body = json!({"email": address});
+        let (a, b) = tokio::join!(app.create(&body), app.create(&body));
+        let mut statuses = [a.status().as_u16(), b.status().as_u16()];
+        statuses.sort_unstable();
+        assert_eq!(statuses, [201, 409], "round {round}");
+        let (_, page) = app
+            .get_json(&format!("/api/v1/customers?email={address}"))
+            .await;
+        assert_eq!(page["data"].as_array().unwrap().len(), 1);
+    }
+}
+
+on_both_backends!(
+    create_returns_201_with_location_etag_and_outbox_event,
+    unknown_customer_is_404,
+    patch_merges_fields_and_bumps_version,
+    put_replaces_every_field,
+    delete_is_soft_and_twice_is_404,
+    stale_if_match_is_412,
+    list_paginates_in_creation_order,
+    duplicate_email_is_409,
+    concurrent_creates_with_one_email_yield_one_customer,
+);

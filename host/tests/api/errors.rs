@@ -1,0 +1,202 @@
+//! Bad requests: every one answers problem+json with a stable code, never a
+//! 500 and never axum's plain-text rejections.
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::helpers::{
+    assert_problem, email, on_both_backends, spawn_app, spawn_app_with_token, Backend, TOKEN,
+};
+
+async fn malformed_json_is_400(backend: Backend) {
+    let app = spawn_app(backend).await;
+    for body in [
+        "{",
+        "{\"email\": }",
+        "not json",
+        "",
+        "{\"email\":\"a@b.co\"} trailing",
+    ] {
+        let response = app
+            .request(Method::POST, "/api/v1/customers")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_problem(response, 400, "malformed_json").await;
+    }
+}
+
+async fn wrong_shapes_are_422_naming_the_field(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let cases = [
+        (json!({"email": 42}), "email"),
+        (json!({"name": "x"}), "email"),
+        (
+            json!({"email": email("t"), "metadata": {"k": 1}}),
+            "metadata.k",
+        ),
+        (
+            json!({"email": email("t"), "address": {"city": ["x"]}}),
+            "address.city",
+        ),
+        (json!({"email": email("t"), "nickname": "x"}), "nickname"),
+        (
+            json!({"email": email("t"), "address": {"planet": "Mars"}}),
+            "address.planet",
+        ),
+        (json!({"email": "not-an-email"}), "email"),
+        (json!({"email": "a@b"}), "email"),
+        (json!({"email": "a b@example.com"}), "email"),
+        (json!({"email": email("t"), "name": "  "}), "name"),
+        (
+            json!({"email": email("t"), "name": "n".repeat(257)}),
+            "name",
+        ),
+        (json!({"email": email("t"), "phone": "call me"}), "phone"),
+        (
+            json!({"email": email("t"), "address": {"country": "GBR"}}),
+            "address.country",
+        ),
+        (
+            json!({"email": email("t"), "metadata": {"k".repeat(41): "v"}}),
+            &*format!("metadata.{}", "k".repeat(41)),
+        ),
+        (
+            json!({"email": email("t"), "metadata": {"k": "v".repeat(501)}}),
+            "metadata.k",
+        ),
+        (json!([1, 2]), "body"),
+        (json!({"email": email("t"), "name": "a\u{0}b"}), "name"),
+        (
+            json!({"email": email("t"), "address": {"city": "x\u{7}"}}),
+            "address.city",
+        ),
+        (
+            json!({"email": email("t"), "metadata": {"k": "a\u{0}b"}}),
+            "metadata.k",
+        ),
+    ];
+    for (body, field) in cases {
+        let response = app.create(&body).await;
+        let problem = assert_problem(response, 422, "validation_failed").await;
+        assert_eq!(problem["errors"][0]["field"], field, "{body}: {problem}");
+    }
+    let many: serde_json::Map<String, serde_json::Value> =
+        (0..51).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let response = app
+        .create(&json!({"email": email("t"), "metadata": many}))
+        .await;
+    let problem = assert_problem(response, 422, "validation_failed").await;
+    assert_eq!(problem["errors"][0]["field"], "metadata");
+
+    let response = app
+        .request(Method::GET, "/api/v1/customers?email=a%00b@example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 422, "validation_failed").await;
+}
+
+async fn oversized_body_is_413(backend: Backend) {
+    let app = spawn_app(backend).await;
+    // The test app's limit is 16 KiB.
+    let response = app
+        .create(&json!({"email": email("big"), "name": "x".repeat(20_000)}))
+        .await;
+    assert_problem(response, 413, "payload_too_large").await;
+}
+
+async fn non_json_content_type_is_415(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let body = json!({"email": email("ct")}).to_string();
+    for content_type in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        None,
+    ] {
+        let mut request = app
+            .request(Method::POST, "/api/v1/customers")
+            .body(body.clone());
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        assert_problem(request.send().await.unwrap(), 415, "unsupported_media_type").await;
+    }
+    let response = app
+        .request(Method::POST, "/api/v1/customers")
+        .header("content-type", "application/json; charset=utf-8")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+}
+
+async fn unknown_routes_and_methods_are_problems(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let response = app
+        .request(Method::GET, "/api/v1/nothing-here")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 404, "not_found").await;
+    let response = app
+        .request(Method::DELETE, "/api/v1/customers")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 405, "method_not_allowed").await;
+}
+
+async fn token_is_required_when_configured(backend: Backend) {
+    let app = spawn_app_with_token(backend).await;
+    let url = format!("{}/api/v1/customers", app.base);
+    let response = app.client.get(&url).send().await.unwrap();
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    assert_problem(response, 401, "unauthorized").await;
+    let response = app
+        .client
+        .get(&url)
+        .bearer_auth("wrong-token-wrong-token")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 401, "unauthorized").await;
+    let response = app
+        .client
+        .post(&url)
+        .json(&json!({"email": email("auth")}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 401, "unauthorized").await;
+
+    let response = app
+        .client
+        .get(&url)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    app.create_ok(&json!({"email": email("auth")})).await;
+    // Probes stay open for load balancers.
+    let response = app
+        .client
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+on_both_backends!(
+    malformed_json_is_400,
+    wrong_shapes_are_422_naming_the_field,
+    oversized_body_is_413,
+    non_json_content_type_is_415,
+    unknown_routes_and_methods_are_problems,
+    token_is_required_when_configured,
+);

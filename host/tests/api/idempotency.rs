@@ -1,0 +1,178 @@
+//! `Idempotency-Key`: replay, reuse with another request, in-flight keys.
+
+use ferry::api::idempotency::{fingerprint, LEASE_MS};
+use ferry::store::{ClaimOutcome, IdempotencyRecord};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::helpers::{assert_problem, email, on_both_backends, spawn_app, Backend};
+
+async fn same_key_same_request_replays_the_first_response(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let body = json!({"email": email("idem"), "name": "Once"});
+    let send = || {
+        app.request(Method::POST, "/api/v1/customers")
+            .header("idempotency-key", "create-once-1")
+            .json(&body)
+            .send()
+    };
+    let first = send().await.unwrap();
+    assert_eq!(first.status(), 201);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first_headers = first.headers().clone();
+    let first_body = first.bytes().await.unwrap();
+
+    for _ in 0..2 {
+        let again = send().await.unwrap();
+        assert_eq!(again.status(), 201);
+        assert_eq!(again.headers()["idempotent-replayed"], "true");
+        for name in ["etag", "location", "content-type"] {
+            assert_eq!(again.headers()[name], first_headers[name], "{name}");
+        }
+        assert_eq!(again.bytes().await.unwrap(), first_body);
+    }
+    let created: Value = serde_json::from_slice(&first_body).unwrap();
+    let (_, page) = app.get_json("/api/v1/customers").await;
+    assert_eq!(
+        page["data"].as_array().unwrap().len(),
+        1,
+        "one customer only"
+    );
+    assert_eq!(
+        app.store
+            .outbox_events(created["id"].as_str().unwrap())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Keys work on every write, not only creates.
+    let path = format!("/api/v1/customers/{}", created["id"].as_str().unwrap());
+    for _ in 0..2 {
+        let response = app
+            .request(Method::DELETE, &path)
+            .header("idempotency-key", "delete-once-1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "a replayed delete is not a 404");
+    }
+}
+
+async fn same_key_other_request_is_refused(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let first = app
+        .request(Method::POST, "/api/v1/customers")
+        .header("idempotency-key", "reused-key")
+        .json(&json!({"email": email("one")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 201);
+    let second = app
+        .request(Method::POST, "/api/v1/customers")
+        .header("idempotency-key", "reused-key")
+        .json(&json!({"email": email("two")}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(second, 422, "idempotency_key_reused").await;
+}
+
+async fn key_in_flight_is_409(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let body = json!({"email": email("flight")});
+    let bytes = serde_json::to_vec(&body).unwrap();
+    // Hold the key as a first request would while it runs.
+    let record = IdempotencyRecord {
+        scope: "open".into(),
+        key: "held-key".into(),
+        fingerprint: fingerprint(&Method::POST, "/api/v1/customers", &bytes),
+    };
+    let claim = app
+        .store
+        .claim_idempotency_key(&record, 3_600_000, LEASE_MS)
+        .await
+        .unwrap();
+    assert_eq!(claim, ClaimOutcome::Claimed);
+    let send = || {
+        app.request(Method::POST, "/api/v1/customers")
+            .header("idempotency-key", "held-key")
+            .header("content-type", "application/json")
+            .body(bytes.clone())
+            .send()
+    };
+    assert_problem(send().await.unwrap(), 409, "idempotency_key_in_flight").await;
+
+    // Once the holder gives up, the key is free.
+    app.store.release_idempotency_key(&record).await.unwrap();
+    assert_eq!(send().await.unwrap().status(), 201);
+}
+
+async fn concurrent_requests_with_one_key_write_once(backend: Backend) {
+    let app = spawn_app(backend).await;
+    for round in 0..5 {
+        let body = json!({"email": email(&format!("concurrent{round}"))});
+        let key = format!("concurrent-{round}");
+        let send = || {
+            app.request(Method::POST, "/api/v1/customers")
+                .header("idempotency-key", &key)
+                .json(&body)
+                .send()
+        };
+        let (a, b) = tokio::join!(send(), send());
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let outcomes = [a.status().as_u16(), b.status().as_u16()];
+        assert!(outcomes.contains(&201), "{outcomes:?}");
+        assert!(
+            outcomes == [201, 201] || outcomes.contains(&409),
+            "the loser is a replay or in flight: {outcomes:?}"
+        );
+        let (_, page) = app
+            .get_json(&format!(
+                "/api/v1/customers?email={}",
+                body["email"].as_str().unwrap()
+            ))
+            .await;
+        assert_eq!(page["data"].as_array().unwrap().len(), 1);
+    }
+}
+
+async fn failed_request_releases_its_key(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let response = app
+        .request(Method::POST, "/api/v1/customers")
+        .header("idempotency-key", "retry-after-fix")
+        .json(&json!({"email": "broken"}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 422, "validation_failed").await;
+    let response = app
+        .request(Method::POST, "/api/v1/customers")
+        .header("idempotency-key", "retry-after-fix")
+        .json(&json!({"email": email("fixed")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+
+    let response = app
+        .request(Method::POST, "/api/v1/customers")
+        .header("idempotency-key", "x".repeat(256))
+        .json(&json!({"email": email("long")}))
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(response, 422, "validation_failed").await;
+    assert_eq!(problem["errors"][0]["field"], "Idempotency-Key");
+}
+
+on_both_backends!(
+    same_key_same_request_replays_the_first_response,
+    same_key_other_request_is_refused,
+    key_in_flight_is_409,
+    concurrent_requests_with_one_key_write_once,
+    failed_request_releases_its_key,
+);

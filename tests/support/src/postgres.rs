@@ -1,0 +1,252 @@
+//! A throw-away PostgreSQL cluster for tests: `initdb` in a temp dir, a free
+//! loopback port, `fsync` on (tests must exercise the durable path), and a
+//! fresh database per test.
+//!
+//! PostgreSQL refuses to run as root, and CI runs as root: then the cluster
+//! runs as the `postgres` user (`runuser -u postgres --`) in a directory that
+//! user owns. A small shell watchdog stops the server when the process that
+//! started it exits, so a cluster kept in a `static` (which Rust never drops)
+//! does not outlive the test binary.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Where the Debian packages put the server binaries.
+const DEFAULT_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
+
+/// Stops the server once the owning process is gone, then removes the data.
+const WATCHDOG: &str = r#"
+"$BIN/postgres" -D "$DATA" -p "$PORT" -k "$SOCKETS" \
+    -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=400 \
+    -c shared_buffers=128MB -c log_min_messages=warning 2>"$ROOT/postgres.log" &
+pg=$!
+while [ -d "/proc/$OWNER" ] && kill -0 "$pg" 2>/dev/null; do sleep 0.5; done
+# Immediate shutdown: the data is thrown away, a checkpoint would only cost time.
+kill -QUIT "$pg" 2>/dev/null
+wait "$pg"
+rm -rf "$ROOT" 2>/dev/null
+"#;
+
+/// A running cluster.
+pub struct PgCluster {
+    root: PathBuf,
+    port: u16,
+    bin: PathBuf,
+    watchdog: Option<Child>,
+    as_postgres: bool,
+}
+
+/// The cluster shared by every test of one test binary.
+static SHARED: OnceLock<PgCluster> = OnceLock::new();
+
+impl PgCluster {
+    /// The binary's shared cluster, started on first use.
+    ///
+    /// # Panics
+    /// If PostgreSQL cannot start: a test without its database cannot run.
+    pub fn shared() -> &'static PgCluster {
+        SHARED.get_or_init(|| Self::start().expect("starting the throw-away PostgreSQL cluster"))
+    }
+
+    /// Starts a new cluster (blocking; takes about a second).
+    pub fn start() -> anyhow::Result<Self> {
+        let bin = std::env::var_os("FERRY_PG_BIN")
+            .map_or_else(|| PathBuf::from(DEFAULT_BIN_DIR), PathBuf::from);
+        let as_postgres = running_as_root();
+        // Not a `TempDir`: the watchdog removes it, possibly after we exit.
+        let root = tempfile::Builder::new()
+            .prefix("ferry-pg-")
+            .tempdir()
+            .context("creating the cluster directory")?
+            .keep();
+        if as_postgres {
+            run(Command::new("chown")
+                .arg("-R")
+                .arg("postgres:postgres")
+                .arg(&root))?;
+        }
+        let data = root.join("data");
+        let mut initdb = command(as_postgres, &bin.join("initdb"));
+        initdb.arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ]);
+        run(&mut initdb).context("initdb")?;
+
+        let port = free_port()?;
+        let mut shell = command(as_postgres, Path::new("/bin/sh"));
+        shell
+            .args(["-c", WATCHDOG])
+            .env("BIN", &bin)
+            .env("DATA", &data)
+            .env("PORT", port.to_string())
+            .env("SOCKETS", &root)
+            .env("ROOT", &root)
+            .env("OWNER", std::process::id().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let watchdog = shell.spawn().context("starting postgres")?;
+        let cluster = Self {
+            root,
+            port,
+            bin,
+            watchdog: Some(watchdog),
+            as_postgres,
+        };
+        cluster.wait_ready(Duration::from_secs(60))?;
+        Ok(cluster)
+    }
+
+    fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-q",
+                ])
+                .status()
+                .context("running pg_isready")?;
+            if ready.success() {
+                return Ok(());
+            }
+            if started.elapsed() > timeout {
+                bail!(
+                    "postgres did not become ready on port {} within {timeout:?}",
+                    self.port
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The port the server listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The URL of database `name` (superuser `postgres`, trust auth).
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Creates an empty database and returns its URL.
+    pub async fn create_database(&self) -> anyhow::Result<String> {
+        let name = format!("test_{}", uuid_like());
+        let status = tokio::process::Command::new(self.bin.join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ])
+            .args([
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-q",
+                "-c",
+                &format!("CREATE DATABASE {name}"),
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .context("running psql")?;
+        if !status.success() {
+            bail!("CREATE DATABASE {name} failed");
+        }
+        Ok(self.url(&name))
+    }
+
+    /// The directory holding the cluster.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let mut stop = command(self.as_postgres, &self.bin.join("pg_ctl"));
+        stop.arg("stop")
+            .arg("-D")
+            .arg(self.root.join("data"))
+            .args(["-m", "immediate", "-w"]);
+        let _ = stop.stdout(Stdio::null()).stderr(Stdio::null()).status();
+        if let Some(mut watchdog) = self.watchdog.take() {
+            let _ = watchdog.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn command(as_postgres: bool, program: &Path) -> Command {
+    if as_postgres {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A free loopback port (the OS picks; a race with another process taking
+/// it before postgres binds is possible but shows up as a clear failure).
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{}_{}_{}",
+        std::process::id(),
+        nanos,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
