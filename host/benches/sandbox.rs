@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,10 +23,7 @@ use sha2::Sha256;
 const WEBHOOK_SECRET: &str = "whsec_bench_0123456789abcdef";
 
 fn component(name: &str) -> Option<Vec<u8>> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/wasm32-wasip2/release")
-        .join(format!("{name}.wasm"));
-    std::fs::read(path).ok()
+    std::fs::read(ferry_test_support::wasm::release_component(name)).ok()
 }
 
 fn runtime() -> Runtime {

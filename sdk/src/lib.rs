@@ -59,10 +59,10 @@ pub mod webhook;
 #[allow(missing_docs, unsafe_code, clippy::all)]
 pub mod bindings {
     wit_bindgen::generate!({
-        world: "connector-world",
+        world: "connector",
         path: "../wit/v0.1.0",
         pub_export_macro: true,
-        export_macro_name: "__export_connector_world",
+        export_macro_name: "__export_connector",
         default_bindings_module: "ferry_sdk::bindings",
         additional_derives: [PartialEq, Eq],
     });
@@ -72,7 +72,7 @@ pub use customer::{Address, Customer};
 pub use errors::HttpError;
 pub use records::ManifestBuilder;
 
-pub use bindings::exports::ferry::connector::connector::{
+pub use bindings::exports::ferry::connector::handler::{
     ChangeKind, Event, Manifest, Operation, Page, ParsedWebhook, PushRequest, PushResult,
     RemoteRecord, SecretSpec, SettingSpec, WebhookReply, WebhookRequest,
 };
@@ -142,7 +142,7 @@ pub trait Connector {
 #[doc(hidden)]
 pub struct Adapter<T>(core::marker::PhantomData<T>);
 
-impl<T: Connector> bindings::exports::ferry::connector::connector::Guest for Adapter<T> {
+impl<T: Connector> bindings::exports::ferry::connector::handler::Guest for Adapter<T> {
     fn get_manifest() -> Manifest {
         T::manifest()
     }
@@ -174,7 +174,7 @@ macro_rules! export_connector {
     ($connector:ty) => {
         // The generated export macro takes an identifier, so name the adapter.
         type __FerryConnectorExport = $crate::Adapter<$connector>;
-        $crate::bindings::__export_connector_world!(
+        $crate::bindings::__export_connector!(
             __FerryConnectorExport with_types_in $crate::bindings
         );
     };

@@ -38,7 +38,7 @@ use wasmtime::{
 
 use self::state::{CallState, ConnectorShared, TokenBucket};
 pub use self::transport::{HttpTransport, ReqwestTransport, WireError, WireRequest, WireResponse};
-use self::v0_1_0::ConnectorWorld;
+use self::v0_1_0::Connector as ConnectorBindings;
 pub use self::v0_1_0::{
     ChangeKind, ConnectorError, Event, Manifest, Operation, Page, ParsedWebhook, PushRequest,
     PushResult, RateLimit, RemoteRecord, SecretSpec, SettingSpec, WebhookReply, WebhookRequest,
@@ -146,7 +146,7 @@ pub enum LoadError {
     #[error("invalid component: {0}")]
     Compile(String),
     /// The component's imports or exports do not match the world.
-    #[error("the component does not implement ferry:connector/connector-world@0.1.0: {0}")]
+    #[error("the component does not implement ferry:connector/connector@0.1.0: {0}")]
     WrongWorld(String),
     /// `manifest()` failed (trap, deadline, ...).
     #[error("calling manifest() failed: {0}")]
@@ -233,7 +233,7 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| RuntimeError::Engine(chain(&e)))?;
-        ConnectorWorld::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |s| s)
+        ConnectorBindings::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError::Engine(chain(&e)))?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
@@ -446,7 +446,7 @@ struct ExportIndices {
 }
 
 impl ExportIndices {
-    const INTERFACE: &'static str = "ferry:connector/connector@0.1.0";
+    const INTERFACE: &'static str = "ferry:connector/handler@0.1.0";
 
     fn new(component: &Component) -> Result<Self, String> {
         let interface = component
@@ -578,7 +578,7 @@ impl Connector {
         let mut type_error = None;
         let result = self
             .run(&ConnectorConfig::default(), async |store, instance| {
-                if let Err(e) = ConnectorWorld::new(&mut *store, &instance) {
+                if let Err(e) = ConnectorBindings::new(&mut *store, &instance) {
                     type_error = Some(chain(&e));
                     return Err(Failure::Instantiate(e));
                 }

@@ -5,7 +5,7 @@
 //! records derive serde so the CLI and the API can print a manifest as JSON.
 
 wasmtime::component::bindgen!({
-    world: "connector-world",
+    world: "connector",
     path: "../wit/v0.1.0",
     // Only `http.send` waits on I/O; the other imports answer from memory.
     imports: {
@@ -22,7 +22,7 @@ wasmtime::component::bindgen!({
 });
 
 pub use self::ferry::connector::types::{ConnectorError, RateLimit};
-pub use exports::ferry::connector::connector::{
+pub use exports::ferry::connector::handler::{
     ChangeKind, Event, Manifest, Operation, Page, ParsedWebhook, PushRequest, PushResult,
     RemoteRecord, SecretSpec, SettingSpec, WebhookReply, WebhookRequest,
 };

@@ -9,10 +9,7 @@ use std::path::PathBuf;
 ///
 /// If the component has not been built: run `make connectors` first.
 pub fn component_path(crate_name: &str) -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let path = root
-        .join("target/wasm32-wasip2/release")
-        .join(format!("{crate_name}.wasm"));
+    let path = release_component(crate_name);
     assert!(
         path.exists(),
         "{} is missing: run `make connectors` first (or `cargo build --target wasm32-wasip2 --release -p {}`)",
@@ -20,4 +17,17 @@ pub fn component_path(crate_name: &str) -> PathBuf {
         crate_name.replace('_', "-"),
     );
     path
+}
+
+/// Where `cargo build --target wasm32-wasip2 --release` puts the component of
+/// `crate_name`, whether or not it exists yet.
+pub fn release_component(crate_name: &str) -> PathBuf {
+    // Cargo passes its CARGO_TARGET_DIR on to the tests it runs (CI keeps the
+    // build outside the clone); otherwise it is the workspace's `target/`.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    target
+        .join("wasm32-wasip2/release")
+        .join(format!("{crate_name}.wasm"))
 }

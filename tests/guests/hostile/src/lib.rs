@@ -20,12 +20,12 @@
 
 wit_bindgen::generate!({
     path: "../../../wit/v0.1.0",
-    world: "connector-world",
+    world: "connector",
 });
 
 use std::hint::black_box;
 
-use exports::ferry::connector::connector::{
+use exports::ferry::connector::handler::{
     ConnectorError, Guest, Manifest, Page, ParsedWebhook, PushRequest, PushResult, RemoteRecord,
     SecretSpec, SettingSpec, WebhookRequest,
 };
