@@ -7,7 +7,7 @@
 #   BENCH_DURATION=30 BENCH_CLIENTS="8 32" scripts/bench-api.sh
 #   BENCH_NO_BUILD=1 scripts/bench-api.sh      reuse target/release as built
 #
-# Needs wrk (apt-get install -y wrk) and pgbench (postgresql-contrib / the
+# Installs wrk (Debian) if missing; needs pgbench (postgresql-contrib / the
 # Debian server packages). Everything runs on 127.0.0.1.
 #
 # Measured 2026-11-22 (BENCH_DURATION=10, release build, 2 shared cores that
@@ -26,6 +26,12 @@ DURATION="${BENCH_DURATION:-10}"
 CLIENTS="${BENCH_CLIENTS:-1 8 32}"
 PG_BIN="${FERRY_PG_BIN:-/usr/lib/postgresql/15/bin}"
 LUA="$FERRY_ROOT/host/benches/api_load.lua"
+
+if ! command -v wrk >/dev/null; then
+  step "installing wrk (Debian package)"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk
+fi
 
 if [ -z "${BENCH_NO_BUILD:-}" ]; then
   step "building ferry and ferry-pg (release)"

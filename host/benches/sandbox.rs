@@ -243,6 +243,14 @@ fn summary(
         );
         percentiles(
             rt,
+            "stripe component: receive_webhook (1 instance)",
+            10_000,
+            || async {
+                black_box(stripe.receive_webhook(&scfg, req.clone()).await.unwrap());
+            },
+        );
+        percentiles(
+            rt,
             "native Rust: HMAC verify + serde_json parse",
             10_000,
             || async {
@@ -337,7 +345,7 @@ fn pool_reset_strategies(rt: &tokio::runtime::Runtime, wasm: &[u8]) {
         linker.define_unknown_imports_as_traps(&component).unwrap();
         let pre = linker.instantiate_pre(&component).unwrap();
         let iface = component
-            .get_export_index(None, "ferry:connector/connector@0.1.0")
+            .get_export_index(None, "ferry:connector/handler@0.1.0")
             .unwrap();
         let verify = component
             .get_export_index(Some(&iface), "verify-webhook")
@@ -409,6 +417,17 @@ fn main() {
                     for _ in 0..iters {
                         stripe.verify_webhook(&scfg, req.clone()).await.unwrap();
                         black_box(stripe.parse_webhook(&scfg, req.clone()).await.unwrap());
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+        c.bench_function("stripe_webhook_component_receive_webhook", |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        black_box(stripe.receive_webhook(&scfg, req.clone()).await.unwrap());
                     }
                     start.elapsed()
                 })

@@ -175,6 +175,13 @@ impl TestKit {
         self.connector.parse_webhook(&self.config(), req).await
     }
 
+    /// Handles a delivery as one call ([`Connector::receive_webhook`]):
+    /// `verify-webhook`, then `parse-webhook` only if it passed, on one
+    /// instance.
+    pub async fn receive_webhook(&self, req: WebhookRequest) -> Result<ParsedWebhook, CallError> {
+        self.connector.receive_webhook(&self.config(), req).await
+    }
+
     /// Calls `push`.
     pub async fn push(&self, req: PushRequest) -> Result<PushResult, CallError> {
         self.connector.push(&self.config(), req).await

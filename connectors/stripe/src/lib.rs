@@ -10,6 +10,7 @@ use ferry_sdk::{
     ParsedWebhook, PushRequest, PushResult, RemoteRecord, WebhookRequest,
 };
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::convert::{customer_form, from_stripe, StripeCustomer};
 
@@ -124,48 +125,51 @@ struct StripeList {
     has_more: bool,
 }
 
-/// The parts of a Stripe event ferry reads.
+/// The parts of a Stripe event ferry reads. `data.object` and `request` are
+/// kept as raw JSON (borrowed from the body, no allocation) and parsed only
+/// when the event is one ferry handles: building a `serde_json::Value` tree
+/// of the object first cost more than the rest of the parse.
 #[derive(Deserialize)]
-struct StripeEvent {
+struct StripeEvent<'a> {
     id: String,
     #[serde(rename = "type")]
     kind: String,
     created: i64,
-    data: StripeEventData,
-    #[serde(default)]
-    request: Option<EventRequest>,
+    #[serde(borrow)]
+    data: StripeEventData<'a>,
+    #[serde(default, borrow)]
+    request: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
-struct StripeEventData {
-    object: serde_json::Value,
+struct StripeEventData<'a> {
+    #[serde(borrow)]
+    object: &'a RawValue,
 }
 
 /// `request` is an object since API version 2017-05-25 and a bare request id
-/// before; only the object form carries the idempotency key.
+/// (or null) before; only the object form carries the idempotency key.
 #[derive(Deserialize)]
-#[serde(untagged)]
-enum EventRequest {
-    Object {
-        #[serde(default)]
-        idempotency_key: Option<String>,
-    },
-    Legacy(#[allow(dead_code)] String),
+struct EventRequest {
+    #[serde(default)]
+    idempotency_key: Option<String>,
 }
 
 fn parse_event(body: &[u8]) -> Result<ParsedWebhook, ConnectorError> {
-    let event: StripeEvent = serde_json::from_slice(body)?;
+    let event: StripeEvent<'_> = serde_json::from_slice(body)?;
     let kind = match event.kind.as_str() {
         "customer.created" | "customer.updated" => ferry_sdk::ChangeKind::Upsert,
         "customer.deleted" => ferry_sdk::ChangeKind::Delete,
         _ => return Ok(ParsedWebhook::ignored()),
     };
-    let stripe: StripeCustomer = serde_json::from_value(event.data.object)?;
+    let stripe: StripeCustomer = serde_json::from_str(event.data.object.get())?;
     let remote_id = stripe.id.clone();
     let occurred_at_ms = event.created.saturating_mul(1000);
     let snapshot = from_stripe(stripe).to_json();
-    let origin_key = match event.request {
-        Some(EventRequest::Object { idempotency_key }) => idempotency_key,
+    let origin_key = match event.request.map(RawValue::get) {
+        Some(raw) if raw.starts_with('{') => {
+            serde_json::from_str::<EventRequest>(raw)?.idempotency_key
+        }
         _ => None,
     };
     let base = match kind {

@@ -354,6 +354,17 @@ async fn customer_events_become_ferry_events() {
         .unwrap();
     assert_eq!(deleted.events[0].kind, ChangeKind::Delete);
 
+    // Before API version 2017-05-25 `request` was a bare id: no origin key.
+    let legacy = json!({"id": "evt_2", "object": "event", "type": "customer.created",
+        "created": 1_700_000_123, "data": {"object": stripe_customer("cus_2")},
+        "request": "req_legacy"});
+    let legacy = kit
+        .parse_webhook(testkit::webhook_request(&[], legacy.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(legacy.events[0].remote_id, "cus_2");
+    assert_eq!(legacy.events[0].origin_key, None);
+
     let ignored = kit
         .parse_webhook(testkit::webhook_request(&[], event_body("invoice.paid")))
         .await
@@ -365,6 +376,48 @@ async fn customer_events_become_ferry_events() {
             kit.parse_webhook(testkit::webhook_request(&[], "not json"))
                 .await
         ),
+        ConnectorError::Permanent(_)
+    ));
+}
+
+#[tokio::test]
+async fn a_delivery_is_verified_then_parsed_in_one_call() {
+    let kit = kit().await;
+    let body = event_body("customer.updated");
+    let now = now_secs();
+    let delivery = |secret: &str, body: &str| {
+        testkit::webhook_request(
+            &[("Stripe-Signature", &sign(secret, now, body))],
+            body.to_owned(),
+        )
+    };
+
+    let parsed = kit
+        .receive_webhook(delivery("whsec_kit", &body))
+        .await
+        .expect("a signed delivery is parsed");
+    assert_eq!(parsed.events.len(), 1);
+    assert_eq!(parsed.events[0].id, "evt_1");
+    assert_eq!(parsed.events[0].remote_id, "cus_1");
+    assert_eq!(parsed.events[0].kind, ChangeKind::Upsert);
+
+    // A wrong signature is refused and yields no events.
+    assert!(matches!(
+        connector_error(kit.receive_webhook(delivery("whsec_other", &body)).await),
+        ConnectorError::InvalidSignature(_)
+    ));
+    // Parsing never runs after a refusal: a body parse-webhook would reject
+    // as not JSON still fails only with the signature error...
+    assert!(matches!(
+        connector_error(
+            kit.receive_webhook(delivery("whsec_other", "not json"))
+                .await
+        ),
+        ConnectorError::InvalidSignature(_)
+    ));
+    // ...while the same body, correctly signed, reaches the parser.
+    assert!(matches!(
+        connector_error(kit.receive_webhook(delivery("whsec_kit", "not json")).await),
         ConnectorError::Permanent(_)
     ));
 }

@@ -521,6 +521,31 @@ impl Connector {
         .map_err(CallError::Connector)
     }
 
+    /// Handles one webhook delivery: `verify-webhook` and then
+    /// `parse-webhook` on ONE fresh instance, under one deadline (a delivery
+    /// is one logical call, and instantiating once halves the sandbox cost).
+    ///
+    /// If verification fails the call returns that error, normally
+    /// `CallError::Connector(ConnectorError::InvalidSignature(..))`, and
+    /// `parse-webhook` is never called: unverified bytes are never parsed.
+    #[tracing::instrument(skip_all, fields(connector = %self.name()))]
+    pub async fn receive_webhook(
+        &self,
+        cfg: &ConnectorConfig,
+        req: WebhookRequest,
+    ) -> Result<ParsedWebhook, CallError> {
+        self.run(cfg, async |store, instance| {
+            let verdict: Result<(), ConnectorError> =
+                call_typed(store, &instance, &self.exports.verify_webhook, (&req,)).await?;
+            if let Err(e) = verdict {
+                return Ok(Err(e));
+            }
+            call_typed(store, &instance, &self.exports.parse_webhook, (&req,)).await
+        })
+        .await?
+        .map_err(CallError::Connector)
+    }
+
     /// Creates, updates or deletes one remote record.
     #[tracing::instrument(skip_all, fields(connector = %self.name(), entity = %req.entity, local_id = %req.local_id))]
     pub async fn push(
@@ -609,20 +634,15 @@ impl Connector {
         (R,): ComponentNamedList + Lift + Send + Sync,
     {
         self.run(cfg, async |store, instance| {
-            let f = instance
-                .get_typed_func::<P, (R,)>(&mut *store, export)
-                .map_err(Failure::Instantiate)?;
-            let (result,) = f
-                .call_async(&mut *store, params)
-                .await
-                .map_err(Failure::Call)?;
-            Ok(result)
+            call_typed(store, &instance, export, params).await
         })
         .await
     }
 
     /// Runs `body` on a fresh instance in a fresh store, under the call's
     /// deadline and limits, and turns whatever went wrong into a [`CallError`].
+    /// `body` may call several exports (see [`call_typed`]); they share the
+    /// instance, the store and the one deadline.
     async fn run<R>(
         &self,
         cfg: &ConnectorConfig,
@@ -695,6 +715,29 @@ impl Connector {
         tracing::warn!(connector = %self.name(), error = %error, "connector call failed in the sandbox");
         error
     }
+}
+
+/// Calls one export of a live instance; a [`Connector::run`] body may call
+/// several in a row (wasmtime runs each call's post-return before the next).
+async fn call_typed<P, R>(
+    store: &mut Store<CallState>,
+    instance: &Instance,
+    export: &ComponentExportIndex,
+    params: P,
+) -> Result<R, Failure>
+where
+    P: ComponentNamedList + Lower + Send + Sync,
+    R: ComponentType + Lift + Send + Sync + 'static,
+    (R,): ComponentNamedList + Lift + Send + Sync,
+{
+    let f = instance
+        .get_typed_func::<P, (R,)>(&mut *store, export)
+        .map_err(Failure::Instantiate)?;
+    let (result,) = f
+        .call_async(&mut *store, params)
+        .await
+        .map_err(Failure::Call)?;
+    Ok(result)
 }
 
 #[cfg(test)]

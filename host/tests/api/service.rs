@@ -45,7 +45,62 @@ async fn shutdown_stops_listening_and_returns_ok(backend: Backend) {
     reopened.close().await;
 }
 
+/// A request whose body is still arriving when shutdown begins is served to
+/// the end and committed; only then does the app stop.
+async fn shutdown_lets_an_in_flight_request_finish(backend: Backend) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut app = spawn_app(backend).await;
+    let email = crate::helpers::email("in-flight");
+    let body = serde_json::json!({"name": "Half Sent", "email": &email}).to_string();
+    let (first, rest) = body.as_bytes().split_at(body.len() / 2);
+    let mut stream = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /api/v1/customers HTTP/1.1\r\nhost: ferry\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(first).await.unwrap();
+    // Give the server time to start on the request before shutdown begins.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+
+    let finish_request = async {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        stream.write_all(rest).await.unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        String::from_utf8_lossy(&response).into_owned()
+    };
+    let (stopped, response) = tokio::join!(app.shutdown(), finish_request);
+    stopped.expect("stopped cleanly");
+    assert!(
+        response.starts_with("HTTP/1.1 201"),
+        "the in-flight create was served: {response}"
+    );
+
+    let reopened = ferry::store::Store::connect(&app.database_url, &Default::default())
+        .await
+        .unwrap();
+    let page = reopened
+        .list_customers(&ferry::store::ListCustomers {
+            limit: 10,
+            starting_after: None,
+            email: Some(email.clone()),
+        })
+        .await;
+    reopened.close().await;
+    assert_eq!(
+        page.unwrap().data.len(),
+        1,
+        "committed before the app stopped"
+    );
+}
+
 on_both_backends!(
     probes_and_openapi_answer,
-    shutdown_stops_listening_and_returns_ok
+    shutdown_stops_listening_and_returns_ok,
+    shutdown_lets_an_in_flight_request_finish
 );
