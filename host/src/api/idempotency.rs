@@ -33,15 +33,38 @@ pub fn fingerprint(method: &Method, path: &str, body: &[u8]) -> String {
 }
 
 /// What to do with a write request.
-pub enum Begin {
+enum Begin {
     /// Run it; complete this record (if any) in the write's transaction.
     Run(Option<IdempotencyRecord>),
     /// Answer this stored response.
     Replay(Response),
 }
 
+/// Runs one write under its idempotency key: answers a stored response for
+/// a replay, otherwise runs `write` with the claimed record (which the write
+/// completes in its own transaction) and releases the key if it fails.
+pub async fn run<Fut>(
+    state: &AppState,
+    principal: Principal,
+    key: Option<String>,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+    write: impl FnOnce(Option<IdempotencyRecord>) -> Fut,
+) -> Result<Response, ApiError>
+where
+    Fut: std::future::Future<Output = Result<StoredResponse, ApiError>>,
+{
+    let record = match begin(state, principal, key, method, path, body).await? {
+        Begin::Replay(response) => return Ok(response),
+        Begin::Run(record) => record,
+    };
+    let result = write(record.clone()).await;
+    finish(state, record, result).await
+}
+
 /// Claims the key of a write request, if it has one.
-pub async fn begin(
+async fn begin(
     state: &AppState,
     principal: Principal,
     key: Option<String>,
@@ -75,7 +98,7 @@ pub async fn begin(
 
 /// Finishes a write: on success the response (already stored with the
 /// write) is sent; on failure the claim is released so the client may retry.
-pub async fn finish(
+async fn finish(
     state: &AppState,
     record: Option<IdempotencyRecord>,
     result: Result<StoredResponse, ApiError>,

@@ -19,7 +19,7 @@ use super::error::{ApiError, Problem};
 use super::extract::{
     from_value, parse_json, CorrelationId, IdempotencyKey, IfMatch, JsonBody, Principal, QueryPairs,
 };
-use super::idempotency::{self, Begin};
+use super::idempotency;
 use crate::app::AppState;
 use crate::store::customers::WriteContext;
 use crate::store::idempotency::IdempotencyCompletion;
@@ -129,20 +129,23 @@ pub async fn create_customer(
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let path = "/api/v1/customers";
-    let record =
-        match idempotency::begin(&state, principal, key, &Method::POST, path, &body).await? {
-            Begin::Replay(response) => return Ok(response),
-            Begin::Run(record) => record,
-        };
     let render = |c: &Customer| render(StatusCode::CREATED, c, true);
-    let result = async {
-        let fields = validate(parse_json::<CustomerInput>(&body)?)?;
-        let ctx = context(&correlation_id, record.as_ref(), &render);
-        let customer = state.store.create_customer(fields, ctx).await?;
-        Ok(render(&customer))
-    }
-    .await;
-    idempotency::finish(&state, record, result).await
+    let (state, body, correlation_id) = (&state, &body, &correlation_id);
+    idempotency::run(
+        state,
+        principal,
+        key,
+        &Method::POST,
+        path,
+        body,
+        |record| async move {
+            let fields = validate(parse_json::<CustomerInput>(body)?)?;
+            let ctx = context(correlation_id, record.as_ref(), &render);
+            let customer = state.store.create_customer(fields, ctx).await?;
+            Ok(render(&customer))
+        },
+    )
+    .await
 }
 
 /// List customers.
@@ -271,35 +274,38 @@ pub async fn patch_customer(
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let path = format!("/api/v1/customers/{id}");
-    let record =
-        match idempotency::begin(&state, principal, key, &Method::PATCH, &path, &body).await? {
-            Begin::Replay(response) => return Ok(response),
-            Begin::Run(record) => record,
-        };
     let render = |c: &Customer| render(StatusCode::OK, c, false);
-    let result = async {
-        let id = CustomerId::parse(&id).ok_or(ApiError::CustomerNotFound)?;
-        let patch: serde_json::Value = parse_json(&body)?;
-        if !patch.is_object() {
-            return Err(ApiError::field(
-                "body",
-                "a merge patch must be a JSON object",
-            ));
-        }
-        let ctx = context(&correlation_id, record.as_ref(), &render);
-        let customer = state
-            .store
-            .update_customer(&id, expected, ctx, |current| {
-                let mut merged = serde_json::to_value(input_of(current))
-                    .map_err(|e| ApiError::Internal(e.into()))?;
-                merge_patch(&mut merged, &patch);
-                validate(from_value::<CustomerInput>(merged)?)
-            })
-            .await?;
-        Ok(render(&customer))
-    }
-    .await;
-    idempotency::finish(&state, record, result).await
+    let (state, body, correlation_id) = (&state, &body, &correlation_id);
+    idempotency::run(
+        state,
+        principal,
+        key,
+        &Method::PATCH,
+        &path,
+        body,
+        |record| async move {
+            let id = CustomerId::parse(&id).ok_or(ApiError::CustomerNotFound)?;
+            let patch: serde_json::Value = parse_json(body)?;
+            if !patch.is_object() {
+                return Err(ApiError::field(
+                    "body",
+                    "a merge patch must be a JSON object",
+                ));
+            }
+            let ctx = context(correlation_id, record.as_ref(), &render);
+            let customer = state
+                .store
+                .update_customer(&id, expected, ctx, |current| {
+                    let mut merged = serde_json::to_value(input_of(current))
+                        .map_err(|e| ApiError::Internal(e.into()))?;
+                    merge_patch(&mut merged, &patch);
+                    validate(from_value::<CustomerInput>(merged)?)
+                })
+                .await?;
+            Ok(render(&customer))
+        },
+    )
+    .await
 }
 
 /// Replace a customer.
@@ -337,24 +343,27 @@ pub async fn replace_customer(
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let path = format!("/api/v1/customers/{id}");
-    let record =
-        match idempotency::begin(&state, principal, key, &Method::PUT, &path, &body).await? {
-            Begin::Replay(response) => return Ok(response),
-            Begin::Run(record) => record,
-        };
     let render = |c: &Customer| render(StatusCode::OK, c, false);
-    let result = async {
-        let id = CustomerId::parse(&id).ok_or(ApiError::CustomerNotFound)?;
-        let fields = validate(parse_json::<CustomerInput>(&body)?)?;
-        let ctx = context(&correlation_id, record.as_ref(), &render);
-        let customer = state
-            .store
-            .update_customer(&id, expected, ctx, |_| Ok::<_, ApiError>(fields.clone()))
-            .await?;
-        Ok(render(&customer))
-    }
-    .await;
-    idempotency::finish(&state, record, result).await
+    let (state, body, correlation_id) = (&state, &body, &correlation_id);
+    idempotency::run(
+        state,
+        principal,
+        key,
+        &Method::PUT,
+        &path,
+        body,
+        |record| async move {
+            let id = CustomerId::parse(&id).ok_or(ApiError::CustomerNotFound)?;
+            let fields = validate(parse_json::<CustomerInput>(body)?)?;
+            let ctx = context(correlation_id, record.as_ref(), &render);
+            let customer = state
+                .store
+                .update_customer(&id, expected, ctx, |_| Ok::<_, ApiError>(fields.clone()))
+                .await?;
+            Ok(render(&customer))
+        },
+    )
+    .await
 }
 
 /// Delete a customer.
@@ -388,20 +397,23 @@ pub async fn delete_customer(
     CorrelationId(correlation_id): CorrelationId,
 ) -> Result<Response, ApiError> {
     let path = format!("/api/v1/customers/{id}");
-    let record =
-        match idempotency::begin(&state, principal, key, &Method::DELETE, &path, b"").await? {
-            Begin::Replay(response) => return Ok(response),
-            Begin::Run(record) => record,
-        };
     let render = |c: &Customer| render(StatusCode::OK, c, false);
-    let result = async {
-        let id = CustomerId::parse(&id).ok_or(ApiError::CustomerNotFound)?;
-        let ctx = context(&correlation_id, record.as_ref(), &render);
-        let customer = state.store.delete_customer(&id, expected, ctx).await?;
-        Ok(render(&customer))
-    }
-    .await;
-    idempotency::finish(&state, record, result).await
+    let (state, correlation_id) = (&state, &correlation_id);
+    idempotency::run(
+        state,
+        principal,
+        key,
+        &Method::DELETE,
+        &path,
+        b"",
+        |record| async move {
+            let id = CustomerId::parse(&id).ok_or(ApiError::CustomerNotFound)?;
+            let ctx = context(correlation_id, record.as_ref(), &render);
+            let customer = state.store.delete_customer(&id, expected, ctx).await?;
+            Ok(render(&customer))
+        },
+    )
+    .await
 }
 
 fn context<'a>(
