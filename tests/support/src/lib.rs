@@ -1,4 +1,7 @@
 //! Real peers for ferry's integration tests, started by the tests themselves.
+pub mod fake_remote;
+pub mod fault_proxy;
+pub mod kafka;
 pub mod localstripe;
 pub mod postgres;
 pub mod wasm;
