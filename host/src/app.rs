@@ -12,13 +12,17 @@ use anyhow::Context;
 use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tokio::sync::RwLock;
+use tokio::sync::{Notify, RwLock};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::connector_settings::ConnectorSettings;
 use crate::runtime::{Connector, Runtime, RuntimeConfig};
+use crate::secrets::SecretBox;
 use crate::store::{Store, StoreKind, StoreOptions};
+use crate::sync::retry::RetryPolicy;
+use crate::sync::{SyncEngine, SyncOptions};
 
 /// How often expired idempotency keys are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(300);
@@ -59,6 +63,13 @@ pub struct AppState {
     pub connectors: ConnectorRegistry,
     /// Per-request settings.
     pub settings: Arc<ApiSettings>,
+    /// Each connector's settings and secrets.
+    pub connector_settings: Arc<ConnectorSettings>,
+    /// The outbound sync engine.
+    pub sync: SyncEngine,
+    /// Signalled after every committed write, so the relay moves its outbox
+    /// event without waiting for its next poll.
+    pub outbox_signal: Arc<Notify>,
 }
 
 /// A built, bound, not yet running ferry.
@@ -67,6 +78,9 @@ pub struct App {
     address: SocketAddr,
     state: AppState,
     cancel: CancellationToken,
+    workers: bool,
+    kafka: Option<crate::bus::kafka::KafkaSettings>,
+    kafka_topic: String,
 }
 
 impl App {
@@ -90,6 +104,8 @@ impl App {
 
         let runtime_config = RuntimeConfig {
             allow_private_hosts: config.allow_private_hosts,
+            call_timeout: config.connector_call_timeout,
+            http_requests_per_second: config.connector_requests_per_second,
             ..RuntimeConfig::default()
         };
         let runtime =
@@ -115,6 +131,46 @@ impl App {
             );
         }
 
+        let connector_settings = Arc::new(ConnectorSettings::new(
+            store.clone(),
+            &config.connectors,
+            config.master_key.as_ref().map(SecretBox::new),
+        ));
+        let sync = SyncEngine::new(
+            store.clone(),
+            connectors.clone(),
+            connector_settings.clone(),
+            SyncOptions {
+                policy: RetryPolicy {
+                    max_attempts: config.sync_max_attempts,
+                    base: config.sync_backoff_base,
+                    max_delay: config.sync_backoff_max,
+                },
+                lease: config.sync_lease,
+                concurrency: config.sync_concurrency,
+                breaker_failure_threshold: config.breaker_failure_threshold,
+                breaker_cooldown: config.breaker_cooldown,
+            },
+        );
+        let kafka = config
+            .kafka_brokers
+            .as_ref()
+            .map(|brokers| crate::bus::kafka::KafkaSettings {
+                brokers: brokers.clone(),
+                group_id: config.kafka_group_id.clone(),
+                client_id: format!("ferry-{}", address.port()),
+                partitions: config.kafka_partitions,
+                replication_factor: config.kafka_replication_factor,
+            });
+        tracing::info!(
+            bus = if kafka.is_some() {
+                "kafka"
+            } else {
+                "outbox (in-process)"
+            },
+            workers = config.workers,
+            "sync configured"
+        );
         let state = AppState {
             store,
             runtime,
@@ -124,12 +180,18 @@ impl App {
                 idempotency_ttl: config.idempotency_ttl,
                 max_body_bytes: config.max_body_bytes,
             }),
+            connector_settings,
+            sync,
+            outbox_signal: Arc::new(Notify::new()),
         };
         Ok(Self {
             listener,
             address,
             state,
             cancel: CancellationToken::new(),
+            workers: config.workers,
+            kafka,
+            kafka_topic: format!("{}.changes", config.kafka_topic_prefix),
         })
     }
 
@@ -156,6 +218,9 @@ impl App {
             self.state.store.clone(),
             self.cancel.clone(),
         ));
+        if self.workers {
+            self.spawn_sync(&tasks).await?;
+        }
         tasks.close();
 
         let router = crate::api::router(self.state.clone());
@@ -170,6 +235,36 @@ impl App {
         self.state.store.close().await;
         tracing::info!("ferry stopped");
         served
+    }
+}
+
+impl App {
+    /// Starts the relay, the bus consumer and the sync scheduler.
+    async fn spawn_sync(&self, tasks: &TaskTracker) -> anyhow::Result<()> {
+        let state = &self.state;
+        tasks.spawn(state.sync.clone().run_scheduler(self.cancel.clone()));
+        match &self.kafka {
+            None => {
+                tasks.spawn(crate::bus::run_embedded_relay(
+                    state.store.clone(),
+                    state.sync.clone(),
+                    state.outbox_signal.clone(),
+                    self.cancel.clone(),
+                ));
+            }
+            Some(kafka) => {
+                crate::bus::start_kafka(
+                    tasks,
+                    kafka,
+                    &self.kafka_topic,
+                    state,
+                    self.cancel.clone(),
+                )
+                .await
+                .context("starting the Kafka bus")?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -2,6 +2,7 @@
 //! `FERRY_`-prefixed environment variables; validated at start. Unknown keys
 //! are errors, and secrets never print.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -55,6 +56,78 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// `text` or `json`.
     pub log_format: LogFormat,
+    /// Kafka bootstrap servers (`host:port,...`); set, ferry runs the
+    /// cluster bus. Unset, the outbox is drained in-process.
+    #[serde(default)]
+    pub kafka_brokers: Option<String>,
+    /// Prefix of the topic names (`{prefix}.changes`, `{prefix}.inbox`).
+    pub kafka_topic_prefix: String,
+    /// Partitions of topics ferry creates (existing topics are left alone).
+    pub kafka_partitions: i32,
+    /// Replication factor of topics ferry creates.
+    pub kafka_replication_factor: i32,
+    /// Consumer group shared by every replica.
+    pub kafka_group_id: String,
+    /// Run the relay and the sync workers in this process (an API-only
+    /// replica sets this to false).
+    pub workers: bool,
+    /// Pushes that may run at once in this process.
+    pub sync_concurrency: usize,
+    /// Attempts before a retryable failure is dead-lettered.
+    pub sync_max_attempts: u32,
+    /// First retry delay (the cap of the first jittered delay).
+    #[serde(deserialize_with = "duration")]
+    pub sync_backoff_base: Duration,
+    /// Longest delay between two attempts (a Retry-After may ask for more).
+    #[serde(deserialize_with = "duration")]
+    pub sync_backoff_max: Duration,
+    /// How long a worker owns a (customer, connector) while it pushes; must
+    /// exceed `connector_call_timeout`. A crashed worker's claims expire
+    /// after it.
+    #[serde(deserialize_with = "duration")]
+    pub sync_lease: Duration,
+    /// Wall-clock limit of one connector call, HTTP included.
+    #[serde(deserialize_with = "duration")]
+    pub connector_call_timeout: Duration,
+    /// Outbound HTTP requests per second per connector (token bucket);
+    /// 0 lifts the limit. Stripe allows 100/s in live mode.
+    pub connector_requests_per_second: u32,
+    /// Consecutive retryable failures that open a connector's breaker.
+    pub breaker_failure_threshold: u32,
+    /// How long an open breaker waits before letting one probe through.
+    #[serde(deserialize_with = "duration")]
+    pub breaker_cooldown: Duration,
+    /// Per-connector settings and secrets from the file or environment
+    /// (`FERRY_CONNECTORS__STRIPE__SECRETS__API_KEY=sk_test_...`). Settings
+    /// stored through the API take precedence.
+    #[serde(default)]
+    pub connectors: BTreeMap<String, ConnectorSettingsConfig>,
+}
+
+/// One connector's configuration from the file or environment.
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorSettingsConfig {
+    /// Whether ferry syncs through this connector (default: true once any
+    /// setting or secret is given).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Non-secret settings by name.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
+    /// Secret values by name.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretString>,
+}
+
+impl std::fmt::Debug for ConnectorSettingsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectorSettingsConfig")
+            .field("enabled", &self.enabled)
+            .field("settings", &self.settings)
+            .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -76,6 +149,25 @@ impl std::fmt::Debug for Config {
             .field("connectors_dir", &self.connectors_dir)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("log_format", &self.log_format)
+            .field("kafka_brokers", &self.kafka_brokers)
+            .field("kafka_topic_prefix", &self.kafka_topic_prefix)
+            .field("kafka_partitions", &self.kafka_partitions)
+            .field("kafka_replication_factor", &self.kafka_replication_factor)
+            .field("kafka_group_id", &self.kafka_group_id)
+            .field("workers", &self.workers)
+            .field("sync_concurrency", &self.sync_concurrency)
+            .field("sync_max_attempts", &self.sync_max_attempts)
+            .field("sync_backoff_base", &self.sync_backoff_base)
+            .field("sync_backoff_max", &self.sync_backoff_max)
+            .field("sync_lease", &self.sync_lease)
+            .field("connector_call_timeout", &self.connector_call_timeout)
+            .field(
+                "connector_requests_per_second",
+                &self.connector_requests_per_second,
+            )
+            .field("breaker_failure_threshold", &self.breaker_failure_threshold)
+            .field("breaker_cooldown", &self.breaker_cooldown)
+            .field("connectors", &self.connectors)
             .finish()
     }
 }
@@ -91,6 +183,20 @@ struct Defaults {
     connectors_dir: &'static str,
     max_body_bytes: usize,
     log_format: LogFormat,
+    kafka_topic_prefix: &'static str,
+    kafka_partitions: i32,
+    kafka_replication_factor: i32,
+    kafka_group_id: &'static str,
+    workers: bool,
+    sync_concurrency: usize,
+    sync_max_attempts: u32,
+    sync_backoff_base: &'static str,
+    sync_backoff_max: &'static str,
+    sync_lease: &'static str,
+    connector_call_timeout: &'static str,
+    connector_requests_per_second: u32,
+    breaker_failure_threshold: u32,
+    breaker_cooldown: &'static str,
 }
 
 const DEFAULTS: Defaults = Defaults {
@@ -102,6 +208,20 @@ const DEFAULTS: Defaults = Defaults {
     connectors_dir: "dist/connectors",
     max_body_bytes: 1024 * 1024,
     log_format: LogFormat::Text,
+    kafka_topic_prefix: "ferry",
+    kafka_partitions: 6,
+    kafka_replication_factor: 1,
+    kafka_group_id: "ferry",
+    workers: true,
+    sync_concurrency: 64,
+    sync_max_attempts: 10,
+    sync_backoff_base: "1s",
+    sync_backoff_max: "10m",
+    sync_lease: "60s",
+    connector_call_timeout: "10s",
+    connector_requests_per_second: 100,
+    breaker_failure_threshold: 5,
+    breaker_cooldown: "30s",
 };
 
 /// Why the configuration was refused.
@@ -129,7 +249,8 @@ impl Config {
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment.merge(env.ignore(NOT_SETTINGS))
+        // `__` nests: FERRY_CONNECTORS__STRIPE__SETTINGS__API_BASE.
+        figment.merge(env.ignore(NOT_SETTINGS).split("__"))
     }
 
     /// Defaults plus `overrides` (used by tests).
@@ -169,6 +290,26 @@ impl Config {
         if self.database_max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "database_max_connections must be at least 1".into(),
+            ));
+        }
+        if self.sync_lease <= self.connector_call_timeout {
+            return Err(ConfigError::Invalid(
+                "sync_lease must be longer than connector_call_timeout".into(),
+            ));
+        }
+        if self.sync_max_attempts == 0 || self.sync_concurrency == 0 {
+            return Err(ConfigError::Invalid(
+                "sync_max_attempts and sync_concurrency must be at least 1".into(),
+            ));
+        }
+        if self.sync_backoff_base.is_zero() || self.sync_backoff_max < self.sync_backoff_base {
+            return Err(ConfigError::Invalid(
+                "sync_backoff_base must be positive and at most sync_backoff_max".into(),
+            ));
+        }
+        if self.kafka_partitions < 1 || self.kafka_replication_factor < 1 {
+            return Err(ConfigError::Invalid(
+                "kafka_partitions and kafka_replication_factor must be at least 1".into(),
             ));
         }
         crate::store::StoreKind::from_url(self.database_url_exposed())
@@ -218,7 +359,7 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
-/// Seconds as a number, or a number with an `s`, `m`, `h` or `d` suffix.
+/// Seconds as a number, or a number with an `ms`, `s`, `m`, `h` or `d` suffix.
 fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -226,30 +367,31 @@ fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::E
         Seconds(u64),
         Text(String),
     }
-    let seconds = match Raw::deserialize(deserializer)? {
-        Raw::Seconds(s) => Some(s),
-        Raw::Text(text) => parse_seconds(&text),
+    let parsed = match Raw::deserialize(deserializer)? {
+        Raw::Seconds(s) => Some(Duration::from_secs(s)),
+        Raw::Text(text) => parse_duration(&text),
     };
-    seconds
-        .map(Duration::from_secs)
-        .ok_or_else(|| serde::de::Error::custom("expected seconds or a number with s, m, h or d"))
+    parsed.ok_or_else(|| {
+        serde::de::Error::custom("expected seconds or a number with ms, s, m, h or d")
+    })
 }
 
-fn parse_seconds(text: &str) -> Option<u64> {
+fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         Some((at, _)) => text.split_at(at),
         None => (text, "s"),
     };
     let number: u64 = number.parse().ok()?;
-    let factor = match unit.trim() {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
+    let millis = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
         _ => return None,
     };
-    number.checked_mul(factor)
+    number.checked_mul(millis).map(Duration::from_millis)
 }
 
 #[cfg(test)]
@@ -260,11 +402,13 @@ mod tests {
 
     #[test]
     fn durations_accept_units() {
-        assert_eq!(parse_seconds("90"), Some(90));
-        assert_eq!(parse_seconds("24h"), Some(86_400));
-        assert_eq!(parse_seconds("30m"), Some(1_800));
-        assert_eq!(parse_seconds("2d"), Some(172_800));
-        assert_eq!(parse_seconds("5 parsecs"), None);
+        let secs = |s: &str| parse_duration(s).map(|d| d.as_millis());
+        assert_eq!(secs("90"), Some(90_000));
+        assert_eq!(secs("250ms"), Some(250));
+        assert_eq!(secs("24h"), Some(86_400_000));
+        assert_eq!(secs("30m"), Some(1_800_000));
+        assert_eq!(secs("2d"), Some(172_800_000));
+        assert_eq!(secs("5 parsecs"), None);
     }
 
     #[test]
@@ -301,6 +445,19 @@ mod tests {
             assert_eq!(config.listen.port(), 9000);
             assert_eq!(config.idempotency_ttl, Duration::from_secs(7_200));
             assert!(!format!("{config:?}").contains("0123456789abcdef0123"));
+
+            jail.set_env(
+                "FERRY_CONNECTORS__STRIPE__SETTINGS__API_BASE",
+                "http://127.0.0.1:8420",
+            );
+            jail.set_env(
+                "FERRY_CONNECTORS__STRIPE__SECRETS__API_KEY",
+                "sk_test_secret",
+            );
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let stripe = &config.connectors["stripe"];
+            assert_eq!(stripe.settings["api_base"], "http://127.0.0.1:8420");
+            assert!(!format!("{config:?}").contains("sk_test_secret"));
 
             jail.set_env("FERRY_ADMN_TOKEN", "typo");
             assert!(Config::load(None).is_err());

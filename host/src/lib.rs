@@ -6,8 +6,12 @@
 
 pub mod api;
 pub mod app;
+pub mod bus;
 pub mod config;
+pub mod connector_settings;
 pub mod runtime;
+pub mod secrets;
 pub mod store;
+pub mod sync;
 pub mod telemetry;
 pub mod testkit;

@@ -90,6 +90,15 @@ pub enum ApiError {
     /// A request with this idempotency key is still running.
     #[error("a request with this Idempotency-Key is still in progress; retry later")]
     IdempotencyKeyInFlight,
+    /// No loaded connector has this name.
+    #[error("no connector with this name is loaded")]
+    ConnectorNotFound,
+    /// No dead letter has this id.
+    #[error("no dead letter with this id")]
+    DeadLetterNotFound,
+    /// Secrets cannot be stored without a master key.
+    #[error("secrets can only be stored when FERRY_MASTER_KEY is set; or give them through FERRY_CONNECTORS__<NAME>__SECRETS__<SECRET>")]
+    MasterKeyRequired,
     /// Missing or wrong bearer token.
     #[error("a valid bearer token is required")]
     Unauthorized,
@@ -115,7 +124,11 @@ impl ApiError {
         match self {
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
-            Self::CustomerNotFound | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::CustomerNotFound
+            | Self::NotFound
+            | Self::ConnectorNotFound
+            | Self::DeadLetterNotFound => StatusCode::NOT_FOUND,
+            Self::MasterKeyRequired => StatusCode::CONFLICT,
             Self::EmailTaken => StatusCode::CONFLICT,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -140,6 +153,9 @@ impl ApiError {
             Self::UnsupportedMediaType { .. } => "unsupported_media_type",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::IdempotencyKeyInFlight => "idempotency_key_in_flight",
+            Self::ConnectorNotFound => "connector_not_found",
+            Self::DeadLetterNotFound => "dead_letter_not_found",
+            Self::MasterKeyRequired => "master_key_not_configured",
             Self::Unauthorized => "unauthorized",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
@@ -158,6 +174,9 @@ impl ApiError {
             Self::UnsupportedMediaType { .. } => "Unsupported media type",
             Self::IdempotencyKeyReused => "Idempotency key reused",
             Self::IdempotencyKeyInFlight => "Idempotency key in flight",
+            Self::ConnectorNotFound => "Connector not found",
+            Self::DeadLetterNotFound => "Dead letter not found",
+            Self::MasterKeyRequired => "Master key not configured",
             Self::Unauthorized => "Unauthorized",
             Self::NotFound => "Not found",
             Self::MethodNotAllowed => "Method not allowed",

@@ -3,6 +3,7 @@
 
 pub mod connectors;
 pub mod customers;
+pub mod dead_letters;
 pub mod error;
 pub mod extract;
 pub mod idempotency;
@@ -33,7 +34,14 @@ use crate::app::AppState;
         customers::patch_customer,
         customers::replace_customer,
         customers::delete_customer,
+        customers::sync::customer_sync,
         connectors::list_connectors,
+        connectors::get_connector,
+        connectors::put_settings,
+        dead_letters::list_dead_letters,
+        dead_letters::get_dead_letter,
+        dead_letters::replay_dead_letter,
+        dead_letters::replay_dead_letters,
         healthz,
         readyz,
     ),
@@ -41,7 +49,8 @@ use crate::app::AppState;
     modifiers(&BearerAuth),
     tags(
         (name = "customers", description = "The customer catalog"),
-        (name = "connectors", description = "Loaded connectors"),
+        (name = "connectors", description = "Loaded connectors and their configuration"),
+        (name = "sync", description = "Sync status and dead letters"),
         (name = "health", description = "Probes"),
     )
 )]
@@ -102,7 +111,8 @@ pub fn router(state: AppState) -> Router {
     let max_body = state.settings.max_body_bytes;
     let v1 = Router::new()
         .merge(customers::router())
-        .merge(connectors::router());
+        .merge(connectors::router())
+        .merge(dead_letters::router());
     Router::new()
         .nest("/api/v1", v1)
         .route("/healthz", get(healthz))

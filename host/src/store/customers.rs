@@ -504,3 +504,14 @@ async fn create_in_one_statement(
         .map_err(StoreError::from_customer_write)?;
     Ok(())
 }
+
+/// The customer with this id, deleted or not.
+pub(super) async fn get_any(store: &Store, id: &str) -> Result<Option<Customer>, StoreError> {
+    let row: Option<CustomerRow> = dispatch!(store, read pool => {
+        sqlx::query_as(concat!("SELECT ", columns!(), " FROM customers WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+    });
+    Ok(row.map(Customer::from))
+}

@@ -15,9 +15,11 @@
 //! durable before the API answers (WAL with NORMAL can lose the last commits
 //! on power loss, which would contradict "nothing is lost").
 
+pub mod connector_configs;
 pub mod customers;
 pub mod idempotency;
 pub mod outbox;
+pub mod sync;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -30,6 +32,10 @@ use sqlx::sqlite::{
 pub use customers::{Address, Customer, CustomerFields, CustomerId, CustomerPage, ListCustomers};
 pub use idempotency::{ClaimOutcome, IdempotencyRecord, StoredResponse};
 pub use outbox::{OutboxEvent, OutboxKind};
+pub use sync::{
+    ChangeNotice, DeadLetter, Delivery, LinkKey, LinkState, ListDeadLetters, RecordedOutcome,
+    SyncLink,
+};
 
 /// Which database a [`Store`] runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +104,9 @@ pub enum StoreError {
         /// The customer's current version.
         current: i64,
     },
+    /// The remote record is already linked to another customer.
+    #[error("the remote record is already linked to another customer")]
+    RemoteIdTaken,
     /// A migration failed.
     #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),

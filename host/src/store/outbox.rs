@@ -69,3 +69,50 @@ impl Store {
         Ok(rows)
     }
 }
+
+/// The advisory-lock key of the relay leader ("ferry" in ASCII).
+const RELAY_LOCK_KEY: i64 = 0x0066_6572_7279;
+
+/// Leadership of the outbox relay. In a cluster exactly one replica relays,
+/// so the outbox reaches the bus in id order; the others stand by. On
+/// PostgreSQL this is a session advisory lock held on a dedicated
+/// connection: if the leader dies its session ends and the lock is free.
+pub enum RelayLeadership {
+    /// SQLite has one process: it always leads.
+    Sole,
+    /// The connection holding the advisory lock.
+    Postgres(sqlx::pool::PoolConnection<sqlx::Postgres>),
+}
+
+impl RelayLeadership {
+    /// Whether the lock is still held (its connection still answers).
+    pub async fn still_held(&mut self) -> bool {
+        match self {
+            Self::Sole => true,
+            Self::Postgres(conn) => sqlx::query("SELECT 1").execute(&mut **conn).await.is_ok(),
+        }
+    }
+}
+
+impl Store {
+    /// Becomes the relay leader if no one else is.
+    pub async fn try_lead_relay(&self) -> Result<Option<RelayLeadership>, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(Some(RelayLeadership::Sole)),
+            Store::Postgres(pool) => {
+                let mut conn = pool.acquire().await?;
+                let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                    .bind(RELAY_LOCK_KEY)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if locked {
+                    // Never hand a connection holding the lock back to the
+                    // pool, where another task could unlock it by accident.
+                    Ok(Some(RelayLeadership::Postgres(conn)))
+                } else {
+                    Ok(None)
+                }
+            }
+        }
+    }
+}

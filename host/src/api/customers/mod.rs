@@ -2,6 +2,7 @@
 //! customers. Every write commits the customer row, its outbox event and its
 //! idempotency record in one transaction.
 
+pub mod sync;
 pub mod validate;
 
 use std::collections::BTreeMap;
@@ -502,4 +503,5 @@ pub fn router() -> Router<AppState> {
                 .put(replace_customer)
                 .delete(delete_customer),
         )
+        .route("/customers/{id}/sync", get(sync::customer_sync))
 }

@@ -1,0 +1,218 @@
+//! Outbound sync throughput and latency, from the commit of a change to the
+//! remote's acknowledgement, against a fast in-process fake of Stripe's API
+//! (`FakeStripe`; localstripe would be the bottleneck) through the real
+//! Stripe connector.
+//!
+//! `cargo bench -p ferry --bench outbound` runs embedded mode (SQLite, the
+//! outbox drained in-process). `FERRY_BENCH_MODES=embedded,cluster` adds
+//! cluster mode: a throw-away PostgreSQL and a tansu broker (needs
+//! `scripts/tansu.sh`). Needs `make connectors`.
+//!
+//! Per mode it prints:
+//! - sustained throughput: `FERRY_BENCH_CHANGES` (default 10000) creates
+//!   committed by 16 writers as fast as the store takes them, divided by the
+//!   time from the first commit to the last create arriving at the remote;
+//! - latency at a fixed rate (`FERRY_BENCH_RATE`, default 1000/s, for 5 s):
+//!   commit → arrival at the remote, p50 / p99 / max.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry::app::App;
+use ferry::config::Config;
+use ferry::store::customers::WriteContext;
+use ferry::store::CustomerFields;
+use ferry_test_support::fake_remote::FakeStripe;
+use serde_json::json;
+
+struct Running {
+    state: ferry::app::AppState,
+    cancel: tokio_util::sync::CancellationToken,
+    _dir: tempfile::TempDir,
+    _broker: Option<ferry_test_support::kafka::Broker>,
+}
+
+async fn start(mode: &str, stripe: &FakeStripe) -> Running {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let connectors = dir.path().join("connectors");
+    std::fs::create_dir_all(&connectors).expect("dir");
+    std::fs::copy(
+        ferry_test_support::wasm::component_path("ferry_connector_stripe"),
+        connectors.join("stripe.wasm"),
+    )
+    .expect("the Stripe component (make connectors)");
+    let mut overrides = json!({
+        "listen": "127.0.0.1:0",
+        "connectors_dir": connectors,
+        "allow_private_hosts": true,
+        "database_max_connections": 16,
+        "sync_concurrency": 64,
+        // The per-connector request limit protects real remotes (Stripe
+        // allows 100/s); the fake needs none.
+        "connector_requests_per_second": 0,
+        "connectors": {"stripe": {"settings": {"api_base": stripe.url()}, "secrets": {"api_key": "sk_test_bench"}}},
+    });
+    let mut broker = None;
+    match mode {
+        "embedded" => {
+            overrides["database_url"] = json!(format!(
+                "sqlite://{}",
+                dir.path().join("ferry.db").display()
+            ));
+        }
+        "cluster" => {
+            let pg = ferry_test_support::postgres::PgCluster::shared();
+            overrides["database_url"] = json!(pg.create_database().await.expect("database"));
+            let started = ferry_test_support::kafka::Broker::start_with(
+                ferry_test_support::kafka::Storage::Memory,
+            )
+            .expect("tansu (scripts/tansu.sh)");
+            overrides["kafka_brokers"] = json!(started.bootstrap());
+            broker = Some(started);
+        }
+        other => panic!("unknown mode {other}"),
+    }
+    let config = Config::from_overrides(overrides).expect("config");
+    let app = App::build(config).await.expect("app");
+    let state = app.state().clone();
+    let cancel = app.cancellation_token();
+    tokio::spawn(app.run_until_stopped());
+    Running {
+        state,
+        cancel,
+        _dir: dir,
+        _broker: broker,
+    }
+}
+
+fn fields(n: usize, tag: &str) -> CustomerFields {
+    CustomerFields {
+        name: Some(format!("Customer {n}")),
+        email: format!("{tag}-{n}@example.com"),
+        phone: Some("+15555550100".into()),
+        address: None,
+        metadata: Default::default(),
+    }
+}
+
+async fn commit(state: &ferry::app::AppState, n: usize, tag: &str) -> (String, Instant) {
+    let customer = state
+        .store
+        .create_customer(fields(n, tag), WriteContext::default())
+        .await
+        .expect("create");
+    let at = Instant::now();
+    state.outbox_signal.notify_one();
+    (customer.id.as_str().to_owned(), at)
+}
+
+async fn throughput(state: &ferry::app::AppState, stripe: &FakeStripe, changes: usize) -> f64 {
+    let before = stripe.counts().creates;
+    let started = Instant::now();
+    let writers = 16;
+    let tag = format!("tput{}", uuid::Uuid::new_v4().simple());
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let state = state.clone();
+        let tag = tag.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in (w..changes).step_by(writers) {
+                commit(&state, n, &tag).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("writer");
+    }
+    let committed = started.elapsed();
+    stripe
+        .wait_for_creates(before + changes as u64, Duration::from_secs(300))
+        .await
+        .expect("every change reaches the remote");
+    let elapsed = started.elapsed();
+    println!(
+        "  committed {changes} changes in {:.2} s ({:.0}/s)",
+        committed.as_secs_f64(),
+        changes as f64 / committed.as_secs_f64()
+    );
+    changes as f64 / elapsed.as_secs_f64()
+}
+
+async fn latency(state: &ferry::app::AppState, stripe: &FakeStripe, rate: u64) -> Vec<Duration> {
+    let before = stripe.counts().creates;
+    let commits: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let total = rate * 5;
+    let mut ticker = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = Vec::new();
+    for n in 0..total as usize {
+        ticker.tick().await;
+        let state = state.clone();
+        let commits = commits.clone();
+        tasks.push(tokio::spawn(async move {
+            let (id, at) = commit(&state, n, "lat").await;
+            commits.lock().unwrap().insert(id, at);
+        }));
+    }
+    for task in tasks {
+        task.await.expect("writer");
+    }
+    stripe
+        .wait_for_creates(before + total, Duration::from_secs(120))
+        .await
+        .expect("every change reaches the remote");
+    let arrivals = stripe.create_times();
+    let commits = commits.lock().unwrap();
+    let mut latencies: Vec<Duration> = commits
+        .iter()
+        .filter_map(|(id, at)| {
+            arrivals
+                .get(id)
+                .map(|arrived| arrived.saturating_duration_since(*at))
+        })
+        .collect();
+    latencies.sort();
+    latencies
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+fn main() {
+    let modes = std::env::var("FERRY_BENCH_MODES").unwrap_or_else(|_| "embedded".into());
+    let changes: usize = std::env::var("FERRY_BENCH_CHANGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let rate: u64 = std::env::var("FERRY_BENCH_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        for mode in modes.split(',') {
+            let stripe = FakeStripe::start().await.expect("fake Stripe");
+            let running = start(mode, &stripe).await;
+            println!("outbound sync, {mode} mode");
+            // Warm up: compile caches, pools, connections.
+            throughput(&running.state, &stripe, 500).await;
+            let per_second = throughput(&running.state, &stripe, changes).await;
+            println!("  sustained: {per_second:.0} changes/s (commit → remote acknowledged)");
+            let latencies = latency(&running.state, &stripe, rate).await;
+            println!(
+                "  at {rate}/s: commit → remote p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples)",
+                pct(&latencies, 0.50).as_secs_f64() * 1e3,
+                pct(&latencies, 0.99).as_secs_f64() * 1e3,
+                latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+                latencies.len()
+            );
+            running.cancel.cancel();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+}

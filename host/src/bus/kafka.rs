@@ -1,0 +1,700 @@
+//! The Kafka side of the bus in cluster mode: a producer the outbox relay
+//! publishes customer changes with, and a consumer-group consumer the sync
+//! workers read them with (rdkafka over a bundled librdkafka).
+//!
+//! Delivery is **at least once**, on both legs:
+//! - [`KafkaProducer::publish`] returns only when the broker acknowledged every
+//!   message (idempotent producer, `acks=all`), so the relay marks outbox rows
+//!   as published only once they are durable in Kafka. A crash in between
+//!   publishes them again; the idempotent producer removes the duplicates of
+//!   its own retries, not those of a restarted relay.
+//! - [`KafkaConsumer::run`] commits a batch's offsets only after the handler
+//!   made its outcome durable in the store, and never moves past a batch the
+//!   handler failed: it seeks back and hands it over again. A commit lost to a
+//!   crash or a rebalance means the next owner of the partition sees the batch
+//!   again, which the handlers tolerate because they are idempotent (an event
+//!   is a trigger; the worker pushes the customer's *current* state).
+//!
+//! The message key is the customer id. Kafka orders messages only within a
+//! partition and the partition is chosen from the key, so every change of
+//! one customer lands in one partition and is handled in order by the one
+//! group member that owns it, while different customers spread over the
+//! partitions and the members of the group.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message as _};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientContext;
+use tokio_util::sync::CancellationToken;
+use tracing::level_filters::LevelFilter;
+
+/// After the first message of a batch, how long to wait for more.
+const BATCH_WINDOW: Duration = Duration::from_millis(10);
+/// First wait before a failed batch is handed over again; doubles up to
+/// [`RETRY_MAX`].
+const RETRY_INITIAL: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Bound on the blocking librdkafka calls (seek, commit, topic creation).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Wait when librdkafka's local producer queue is full.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(10);
+
+/// Where the bus is and how its topics look.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaSettings {
+    /// `host:port[,host:port...]` of the bootstrap brokers.
+    pub brokers: String,
+    /// The consumer group the workers of every replica share.
+    pub group_id: String,
+    /// Names this process in the broker's logs and metrics.
+    pub client_id: String,
+    /// Partitions of a topic [`KafkaProducer::ensure_topics`] creates: the
+    /// upper bound on how many workers of the group can share a topic.
+    pub partitions: i32,
+    /// Replication factor of a topic [`KafkaProducer::ensure_topics`] creates.
+    pub replication_factor: i32,
+}
+
+impl KafkaSettings {
+    fn validate(&self) -> Result<(), BusError> {
+        let problem = if self.brokers.trim().is_empty() {
+            "brokers is empty"
+        } else if self.group_id.trim().is_empty() {
+            "group_id is empty"
+        } else if self.partitions < 1 {
+            "partitions must be at least 1"
+        } else if self.replication_factor < 1 {
+            "replication_factor must be at least 1"
+        } else {
+            return Ok(());
+        };
+        Err(BusError::InvalidSettings(problem.to_owned()))
+    }
+
+    /// What producer, admin client and consumer share.
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("client.id", &self.client_id)
+            .set_log_level(rdkafka_log_level());
+        config
+    }
+}
+
+/// What went wrong talking to Kafka. The broker's (or librdkafka's) own
+/// error text is in the source.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The settings cannot work; nothing was sent.
+    #[error("invalid Kafka settings: {0}")]
+    InvalidSettings(String),
+    /// librdkafka refused the configuration or could not start a client.
+    #[error("creating the Kafka {role}")]
+    Client {
+        role: &'static str,
+        #[source]
+        source: Box<KafkaError>,
+    },
+    /// A Kafka consumer must be created inside a Tokio runtime: its wake-up
+    /// task runs there.
+    #[error("a Kafka consumer must be created inside a Tokio runtime")]
+    NoRuntime,
+    /// The consumer could not subscribe.
+    #[error("subscribing to topic {topic}")]
+    Subscribe {
+        topic: String,
+        #[source]
+        source: Box<KafkaError>,
+    },
+    /// The CreateTopics request as a whole failed.
+    #[error("creating topics")]
+    Admin(#[source] Box<KafkaError>),
+    /// The broker refused to create one topic.
+    #[error("creating topic {topic}: {code}")]
+    CreateTopic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
+    /// A message was not acknowledged by the broker (or could not even be
+    /// queued); the caller should publish the whole batch again.
+    #[error("publishing to topic {topic} (key {key})")]
+    Publish {
+        topic: String,
+        key: String,
+        #[source]
+        source: Box<KafkaError>,
+    },
+    /// The producer shut down while a delivery was outstanding.
+    #[error("the Kafka producer stopped before topic {topic} acknowledged key {key}")]
+    ProducerGone { topic: String, key: String },
+    /// librdkafka reported a fatal consumer error; this consumer cannot go
+    /// on and must be recreated.
+    #[error("fatal error consuming topic {topic}")]
+    Consume {
+        topic: String,
+        #[source]
+        source: Box<KafkaError>,
+    },
+    /// Reading the consumer's partition assignment failed.
+    #[error("reading the partition assignment")]
+    Assignment(#[source] Box<KafkaError>),
+}
+
+/// One message on the bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The customer id: it picks the partition, hence the order.
+    pub key: String,
+    pub payload: Vec<u8>,
+}
+
+/// Publishes messages and creates topics.
+pub struct KafkaProducer {
+    producer: FutureProducer<BusContext>,
+    admin: AdminClient<BusContext>,
+    settings: KafkaSettings,
+}
+
+impl KafkaProducer {
+    /// A producer for the brokers in `settings`. Connects lazily: a broker
+    /// that is down shows up as an error of the first call, not here.
+    pub fn new(settings: &KafkaSettings) -> Result<Self, BusError> {
+        settings.validate()?;
+        let mut config = settings.client_config();
+        config
+            // No duplicates or reordering from librdkafka's own retries.
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            // A relay batch goes out in a few requests rather than one each.
+            .set("linger.ms", "5")
+            // Bounded: a publish that cannot succeed fails and the relay
+            // retries the outbox rows later, rather than hanging.
+            .set("message.timeout.ms", "30000")
+            .set("compression.type", "none")
+            // The Java client's key hashing, so a key lands on the same
+            // partition whichever client produced it.
+            .set("partitioner", "murmur2_random");
+        let producer =
+            config
+                .create_with_context(BusContext)
+                .map_err(|source| BusError::Client {
+                    role: "producer",
+                    source: Box::new(source),
+                })?;
+        let admin = settings
+            .client_config()
+            .create_with_context(BusContext)
+            .map_err(|source| BusError::Client {
+                role: "admin client",
+                source: Box::new(source),
+            })?;
+        Ok(Self {
+            producer,
+            admin,
+            settings: settings.clone(),
+        })
+    }
+
+    /// Creates the topics that are missing, with the configured partitions
+    /// and replication factor. Existing topics are left as they are (their
+    /// partition count included), so every replica may call this at start.
+    #[tracing::instrument(skip_all, fields(topics = ?topics))]
+    pub async fn ensure_topics(&self, topics: &[&str]) -> Result<(), BusError> {
+        if topics.is_empty() {
+            return Ok(());
+        }
+        let new_topics: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|topic| {
+                NewTopic::new(
+                    topic,
+                    self.settings.partitions,
+                    TopicReplication::Fixed(self.settings.replication_factor),
+                )
+            })
+            .collect();
+        // The operation timeout makes the controller answer only once the
+        // topic exists on its brokers, so a publish right after this call
+        // does not race the creation.
+        let options = AdminOptions::new()
+            .request_timeout(Some(CALL_TIMEOUT))
+            .operation_timeout(Some(CALL_TIMEOUT));
+        let results = self
+            .admin
+            .create_topics(&new_topics, &options)
+            .await
+            .map_err(|error| BusError::Admin(Box::new(error)))?;
+        for result in results {
+            match result {
+                Ok(topic) => tracing::info!(%topic, "created topic"),
+                Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    tracing::debug!(%topic, "topic exists");
+                }
+                Err((topic, code)) => return Err(BusError::CreateTopic { topic, code }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends every message to `topic` and returns once the broker
+    /// acknowledged all of them. Messages are queued in slice order, so
+    /// messages with the same key keep their order. On error some messages
+    /// may still have been delivered: publish the whole slice again (the
+    /// consumers are idempotent).
+    #[tracing::instrument(skip_all, fields(topic = %topic, messages = messages.len()))]
+    pub async fn publish(&self, topic: &str, messages: &[Message]) -> Result<(), BusError> {
+        let mut deliveries = Vec::with_capacity(messages.len());
+        for message in messages {
+            deliveries.push(self.enqueue(topic, message).await?);
+        }
+        for (delivery, message) in deliveries.into_iter().zip(messages) {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((source, _))) => {
+                    return Err(BusError::Publish {
+                        topic: topic.to_owned(),
+                        key: message.key.clone(),
+                        source: Box::new(source),
+                    })
+                }
+                Err(_canceled) => {
+                    return Err(BusError::ProducerGone {
+                        topic: topic.to_owned(),
+                        key: message.key.clone(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts one message into librdkafka's queue, waiting while the queue is
+    /// full (it drains as the broker acknowledges, or as messages time out).
+    async fn enqueue(&self, topic: &str, message: &Message) -> Result<DeliveryFuture, BusError> {
+        let mut record = FutureRecord::to(topic)
+            .key(message.key.as_str())
+            .payload(message.payload.as_slice());
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(QUEUE_FULL_WAIT).await;
+                }
+                Err((source, _)) => {
+                    return Err(BusError::Publish {
+                        topic: topic.to_owned(),
+                        key: message.key.clone(),
+                        source: Box::new(source),
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// A member of the consumer group, subscribed to one topic.
+pub struct KafkaConsumer {
+    // In an `Arc` so that the blocking librdkafka calls (commit, seek) can
+    // run on the blocking pool.
+    consumer: Arc<StreamConsumer<BusContext>>,
+    topic: String,
+    group_id: String,
+}
+
+/// Where a batch starts and ends, per partition.
+#[derive(Debug, Default)]
+struct BatchPositions {
+    /// partition -> (first offset, last offset)
+    partitions: BTreeMap<i32, (i64, i64)>,
+}
+
+impl BatchPositions {
+    fn record(&mut self, partition: i32, offset: i64) {
+        self.partitions
+            .entry(partition)
+            .and_modify(|(_, last)| *last = offset)
+            .or_insert((offset, offset));
+    }
+}
+
+impl KafkaConsumer {
+    /// Joins `settings.group_id` and subscribes to `topic` (which should
+    /// exist: see [`KafkaProducer::ensure_topics`]). Must be called inside a
+    /// Tokio runtime. A partition without a committed offset is read from
+    /// its beginning, so nothing published before the group first started
+    /// is missed.
+    pub fn new(settings: &KafkaSettings, topic: &str) -> Result<Self, BusError> {
+        settings.validate()?;
+        // rdkafka spawns the consumer's wake-up task on the current runtime
+        // and would panic without one.
+        tokio::runtime::Handle::try_current().map_err(|_| BusError::NoRuntime)?;
+        let mut config = settings.client_config();
+        config
+            .set("group.id", &settings.group_id)
+            // Offsets are committed by `run`, after the handler succeeded.
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            // How long the broker may hold a fetch that found nothing: it
+            // bounds how late an idle worker sees a new change. Kafka answers
+            // as soon as data arrives, so this only sets the idle polling rate
+            // (10 per second); brokers that just wait it out (tansu) cost this
+            // much latency on every fetch.
+            .set("fetch.wait.max.ms", "100")
+            // A crashed member's partitions move on within 10 s; the short
+            // heartbeat lets members notice a rebalance quickly.
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000");
+        let consumer: StreamConsumer<BusContext> =
+            config
+                .create_with_context(BusContext)
+                .map_err(|source| BusError::Client {
+                    role: "consumer",
+                    source: Box::new(source),
+                })?;
+        consumer
+            .subscribe(&[topic])
+            .map_err(|source| BusError::Subscribe {
+                topic: topic.to_owned(),
+                source: Box::new(source),
+            })?;
+        Ok(Self {
+            consumer: Arc::new(consumer),
+            topic: topic.to_owned(),
+            group_id: settings.group_id.clone(),
+        })
+    }
+
+    /// Leaves the group at once, so that its partitions move to the other
+    /// members now rather than after the session timeout. Dropping the
+    /// consumer does the same but blocks the calling thread until the broker
+    /// answered.
+    pub async fn close(self) {
+        let consumer = self.consumer;
+        if let Err(join_error) = tokio::task::spawn_blocking(move || drop(consumer)).await {
+            tracing::error!(%join_error, "closing the consumer failed");
+        }
+    }
+
+    /// The partitions of the topic the group currently assigns to this
+    /// member (empty before it joined).
+    pub fn assignment(&self) -> Result<Vec<i32>, BusError> {
+        let assignment = self
+            .consumer
+            .assignment()
+            .map_err(|error| BusError::Assignment(Box::new(error)))?;
+        Ok(assignment
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|element| element.partition())
+            .collect())
+    }
+
+    /// Hands the messages to `handler` in batches of at most `max_batch`
+    /// (the first message and whatever else arrives within 10 ms), in order
+    /// within each partition, until `cancel` fires. One `run` per consumer
+    /// at a time.
+    ///
+    /// After `handler` returns `Ok` the batch's offsets are committed: the
+    /// handler must have made its outcome durable by then. After `Err` the
+    /// consumer waits (100 ms, doubling up to 5 s) and hands the same
+    /// messages again, starting from the first message of each partition of
+    /// the failed batch; nothing is ever skipped. A batch being handled is
+    /// finished and committed before cancellation is noticed.
+    ///
+    /// A commit that fails (typically because a rebalance gave the partition
+    /// to another member) is logged and ignored: the new owner reads the
+    /// messages again from the last committed offset.
+    #[tracing::instrument(skip_all, fields(topic = %self.topic, group = %self.group_id))]
+    pub async fn run<F, Fut>(
+        &self,
+        cancel: CancellationToken,
+        max_batch: usize,
+        mut handler: F,
+    ) -> Result<(), BusError>
+    where
+        F: FnMut(Vec<Message>) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
+        let max_batch = max_batch.max(1);
+        let mut retry_wait = RETRY_INITIAL;
+        // After a failure, the retry is cut to the failed batch's size so
+        // that it is the same batch, not a larger one.
+        let mut limit = max_batch;
+        let mut attempt: u32 = 1;
+        loop {
+            let Some((messages, positions)) = self.next_batch(&cancel, limit).await? else {
+                return Ok(());
+            };
+            let size = messages.len();
+            match handler(messages).await {
+                Ok(()) => {
+                    self.commit(&positions).await;
+                    retry_wait = RETRY_INITIAL;
+                    limit = max_batch;
+                    attempt = 1;
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        messages = size,
+                        attempt,
+                        retry_in_ms = retry_wait.as_millis() as u64,
+                        "handler failed; the batch will be handed over again"
+                    );
+                    self.rewind(&positions).await;
+                    limit = size;
+                    attempt = attempt.saturating_add(1);
+                    tokio::select! {
+                        () = cancel.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(retry_wait) => {}
+                    }
+                    retry_wait = (retry_wait * 2).min(RETRY_MAX);
+                }
+            }
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Waits for the next message (or `cancel`), then collects what else
+    /// arrives within [`BATCH_WINDOW`], up to `limit` messages. `None` when
+    /// cancelled.
+    async fn next_batch(
+        &self,
+        cancel: &CancellationToken,
+        limit: usize,
+    ) -> Result<Option<(Vec<Message>, BatchPositions)>, BusError> {
+        let mut messages = Vec::with_capacity(limit.min(1024));
+        let mut positions = BatchPositions::default();
+        loop {
+            let received = tokio::select! {
+                // Cancellation safe: a message is taken off the queue only
+                // when `recv` completes.
+                () = cancel.cancelled() => return Ok(None),
+                received = self.consumer.recv() => received,
+            };
+            // The borrowed message is converted at once: it must not be held
+            // across an await (it is not `Send`).
+            match received {
+                Ok(message) => {
+                    self.take(&message, &mut messages, &mut positions);
+                    break;
+                }
+                Err(error) => self.consume_error(error)?,
+            }
+        }
+        // Not raced with `cancel`: the window is short, and a message taken
+        // off the queue must reach the handler, or this consumer would skip it.
+        let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
+        while messages.len() < limit {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Err(_elapsed) => break,
+                Ok(Ok(message)) => self.take(&message, &mut messages, &mut positions),
+                Ok(Err(error)) => {
+                    self.consume_error(error)?;
+                    break;
+                }
+            }
+        }
+        tracing::debug!(
+            messages = messages.len(),
+            offsets = ?positions.partitions,
+            "batch received"
+        );
+        Ok(Some((messages, positions)))
+    }
+
+    fn take(
+        &self,
+        message: &BorrowedMessage<'_>,
+        messages: &mut Vec<Message>,
+        positions: &mut BatchPositions,
+    ) {
+        let key = match message.key() {
+            None => String::new(),
+            Some(bytes) => match std::str::from_utf8(bytes) {
+                Ok(key) => key.to_owned(),
+                // Not written by ferry; handed over rather than dropped so
+                // that the handler decides (and nothing vanishes silently).
+                Err(_) => {
+                    tracing::warn!(
+                        partition = message.partition(),
+                        offset = message.offset(),
+                        "message key is not UTF-8"
+                    );
+                    String::from_utf8_lossy(bytes).into_owned()
+                }
+            },
+        };
+        messages.push(Message {
+            key,
+            payload: message.payload().unwrap_or_default().to_vec(),
+        });
+        positions.record(message.partition(), message.offset());
+    }
+
+    /// Fatal errors end the consumer; the rest (a broker going away, a
+    /// topic not there yet) librdkafka recovers from by itself.
+    fn consume_error(&self, error: KafkaError) -> Result<(), BusError> {
+        if matches!(error, KafkaError::MessageConsumptionFatal(_)) {
+            return Err(BusError::Consume {
+                topic: self.topic.clone(),
+                source: Box::new(error),
+            });
+        }
+        tracing::warn!(error = %error, "consumer error; librdkafka retries");
+        Ok(())
+    }
+
+    /// Commits "next to read = last handled + 1" for each partition of the
+    /// batch, waiting for the broker's answer so that a stopping worker does
+    /// not leave its last batch uncommitted.
+    #[tracing::instrument(skip_all, fields(partitions = positions.partitions.len()))]
+    async fn commit(&self, positions: &BatchPositions) {
+        let mut offsets = TopicPartitionList::with_capacity(positions.partitions.len());
+        for (&partition, &(_, last)) in &positions.partitions {
+            if let Err(error) =
+                offsets.add_partition_offset(&self.topic, partition, Offset::Offset(last + 1))
+            {
+                tracing::warn!(%error, partition, "cannot record the offset to commit");
+            }
+        }
+        let consumer = Arc::clone(&self.consumer);
+        let result =
+            tokio::task::spawn_blocking(move || consumer.commit(&offsets, CommitMode::Sync)).await;
+        match result {
+            Ok(Ok(())) => tracing::debug!("offsets committed"),
+            Ok(Err(error)) => tracing::warn!(
+                %error,
+                "offset commit failed (a rebalance moved the partition?); \
+                 its next owner sees these messages again"
+            ),
+            Err(join_error) => tracing::error!(%join_error, "offset commit task failed"),
+        }
+    }
+
+    /// Moves each partition of a failed batch back to the batch's first
+    /// message, so the next fetch hands it over again. A partition this
+    /// member lost meanwhile cannot be moved back; its new owner starts from
+    /// the last committed offset anyway.
+    #[tracing::instrument(skip_all, fields(partitions = positions.partitions.len()))]
+    async fn rewind(&self, positions: &BatchPositions) {
+        let mut offsets = TopicPartitionList::with_capacity(positions.partitions.len());
+        for (&partition, &(first, _)) in &positions.partitions {
+            if let Err(error) =
+                offsets.add_partition_offset(&self.topic, partition, Offset::Offset(first))
+            {
+                tracing::warn!(%error, partition, "cannot record the offset to seek to");
+            }
+        }
+        let consumer = Arc::clone(&self.consumer);
+        let result = tokio::task::spawn_blocking(move || {
+            consumer.seek_partitions(offsets, CALL_TIMEOUT).map(|done| {
+                done.elements()
+                    .iter()
+                    .filter_map(|element| {
+                        element
+                            .error()
+                            .err()
+                            .map(|error| (element.partition(), error))
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .await;
+        match result {
+            Ok(Ok(failed)) => {
+                for (partition, error) in failed {
+                    tracing::warn!(partition, %error, "cannot seek back (partition reassigned?)");
+                }
+            }
+            Ok(Err(error)) => tracing::warn!(%error, "cannot seek back"),
+            Err(join_error) => tracing::error!(%join_error, "seek task failed"),
+        }
+    }
+}
+
+/// librdkafka's callbacks: its log lines and errors go to `tracing`, and
+/// rebalances are logged.
+struct BusContext;
+
+impl ClientContext for BusContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", facility, "{message}");
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", facility, "{message}");
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // librdkafka reports transient trouble (a broker down, all brokers
+        // down) here and keeps retrying; fatal errors also reach the caller.
+        tracing::warn!(target: "librdkafka", %error, "{reason}");
+    }
+}
+
+impl ConsumerContext for BusContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(partitions) => {
+                tracing::info!(partitions = %describe(partitions), "partitions revoked");
+            }
+            Rebalance::Assign(partitions) => {
+                tracing::info!(partitions = %describe(partitions), "partitions assigned");
+            }
+            Rebalance::Error(error) => tracing::warn!(%error, "rebalance failed"),
+        }
+    }
+}
+
+/// `topic[0,1,2]` style list for logs.
+fn describe(partitions: &TopicPartitionList) -> String {
+    let mut by_topic: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
+    let elements = partitions.elements();
+    for element in &elements {
+        by_topic
+            .entry(element.topic())
+            .or_default()
+            .push(element.partition());
+    }
+    by_topic
+        .iter()
+        .map(|(topic, partitions)| format!("{topic}{partitions:?}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// librdkafka formats only the lines `tracing` would keep.
+fn rdkafka_log_level() -> RDKafkaLogLevel {
+    match LevelFilter::current() {
+        LevelFilter::TRACE | LevelFilter::DEBUG => RDKafkaLogLevel::Debug,
+        LevelFilter::INFO => RDKafkaLogLevel::Info,
+        LevelFilter::WARN => RDKafkaLogLevel::Warning,
+        _ => RDKafkaLogLevel::Error,
+    }
+}

@@ -1,0 +1,227 @@
+//! The bus between the outbox and the sync workers.
+//!
+//! Embedded mode ([`run_embedded_relay`]): the outbox table is the bus. The
+//! relay reads unpublished rows in id order and, in one transaction,
+//! schedules their pushes and marks them published; the sync scheduler then
+//! pushes them.
+//!
+//! Cluster mode: [`run_kafka_relay`] publishes the outbox to Kafka (key =
+//! customer id, so one customer's changes stay in one partition, in order)
+//! and marks rows published only after the broker acknowledged them;
+//! [`run_kafka_consumer`] consumes in the replicas' shared consumer group,
+//! schedules and runs the pushes, and commits offsets only once their
+//! outcomes are recorded. Any step may run twice after a crash: scheduling
+//! is an idempotent upsert and pushes are keyed, so twice is harmless.
+
+pub mod kafka;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{ChangeNotice, OutboxEvent, Store};
+use crate::sync::SyncEngine;
+
+/// Outbox rows moved per relay round.
+const RELAY_BATCH: u32 = 500;
+/// Longest the relay waits without a signal before looking again (a write
+/// by another process signals nothing).
+const RELAY_POLL: Duration = Duration::from_millis(250);
+/// Pause after a failed round.
+const RELAY_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The change an outbox row announces.
+pub fn change_of(event: &OutboxEvent) -> ChangeNotice {
+    ChangeNotice {
+        customer_id: event.aggregate_id.clone(),
+        version: event.version,
+        correlation_id: event.correlation_id.clone(),
+    }
+}
+
+/// Embedded mode: drains the outbox into scheduled pushes until cancelled.
+pub async fn run_embedded_relay(
+    store: Store,
+    engine: SyncEngine,
+    signal: Arc<Notify>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let wait = match relay_round(&store, &engine).await {
+            Ok(0) => RELAY_POLL,
+            Ok(moved) => {
+                tracing::debug!(moved, "outbox relayed");
+                engine.wake();
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(error = format!("{error:#}"), "outbox relay round failed");
+                RELAY_BACKOFF
+            }
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = signal.notified() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+async fn relay_round(store: &Store, engine: &SyncEngine) -> anyhow::Result<usize> {
+    let rows = store.unpublished_outbox(RELAY_BATCH).await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let changes: Vec<ChangeNotice> = rows
+        .iter()
+        .filter(|row| row.aggregate == crate::sync::ENTITY)
+        .map(change_of)
+        .collect();
+    let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+    engine.accept(&changes, &ids).await?;
+    Ok(rows.len())
+}
+
+/// How often a standby replica asks to become the relay leader.
+const LEADER_POLL: Duration = Duration::from_secs(2);
+/// Changes a consumer hands the sync engine at once.
+const CONSUME_BATCH: usize = 256;
+
+/// Cluster mode: creates the topic if missing, then starts the relay and
+/// the consumer under `tasks`.
+pub async fn start_kafka(
+    tasks: &tokio_util::task::TaskTracker,
+    settings: &kafka::KafkaSettings,
+    topic: &str,
+    state: &crate::app::AppState,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let producer = kafka::KafkaProducer::new(settings)?;
+    producer.ensure_topics(&[topic]).await?;
+    let consumer = kafka::KafkaConsumer::new(settings, topic)?;
+    tasks.spawn(run_kafka_relay(
+        state.store.clone(),
+        producer,
+        topic.to_owned(),
+        state.outbox_signal.clone(),
+        cancel.clone(),
+    ));
+    tasks.spawn(run_kafka_consumer(consumer, state.sync.clone(), cancel));
+    Ok(())
+}
+
+/// Cluster mode: publishes the outbox to `topic` while this replica leads.
+pub async fn run_kafka_relay(
+    store: Store,
+    producer: kafka::KafkaProducer,
+    topic: String,
+    signal: Arc<Notify>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let leadership = tokio::select! {
+            () = cancel.cancelled() => return,
+            leadership = store.try_lead_relay() => leadership,
+        };
+        let mut leadership = match leadership {
+            Ok(Some(leadership)) => leadership,
+            Ok(None) => {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(LEADER_POLL) => continue,
+                }
+            }
+            Err(error) => {
+                tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::from(error)),
+                    "relay leadership check failed"
+                );
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(RELAY_BACKOFF) => continue,
+                }
+            }
+        };
+        tracing::info!(topic, "this replica relays the outbox to Kafka");
+        loop {
+            let wait = match publish_round(&store, &producer, &topic).await {
+                Ok(0) => RELAY_POLL,
+                Ok(moved) => {
+                    tracing::debug!(moved, "outbox published");
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(error = format!("{error:#}"), "publishing the outbox failed");
+                    RELAY_BACKOFF
+                }
+            };
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = signal.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+            if !leadership.still_held().await {
+                tracing::warn!("lost the relay leadership (database session ended)");
+                break;
+            }
+        }
+    }
+}
+
+async fn publish_round(
+    store: &Store,
+    producer: &kafka::KafkaProducer,
+    topic: &str,
+) -> anyhow::Result<usize> {
+    let rows = store.unpublished_outbox(RELAY_BATCH).await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let messages = rows
+        .iter()
+        .map(|row| {
+            Ok(kafka::Message {
+                key: row.aggregate_id.clone(),
+                payload: serde_json::to_vec(&change_of(row))?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    producer.publish(topic, &messages).await?;
+    // After the acknowledgement: a crash in between publishes these rows
+    // again, which consumers absorb.
+    let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+    store.mark_published(&ids).await?;
+    Ok(rows.len())
+}
+
+/// Cluster mode: consumes changes in the replicas' group and pushes them.
+pub async fn run_kafka_consumer(
+    consumer: kafka::KafkaConsumer,
+    engine: SyncEngine,
+    cancel: CancellationToken,
+) {
+    let handler = |batch: Vec<kafka::Message>| {
+        let engine = engine.clone();
+        async move {
+            let mut changes = Vec::with_capacity(batch.len());
+            for message in batch {
+                match serde_json::from_slice::<ChangeNotice>(&message.payload) {
+                    Ok(change) => changes.push(change),
+                    // Only ferry writes this topic; a message it cannot read
+                    // would block the partition forever if retried.
+                    Err(error) => {
+                        tracing::error!(key = message.key, %error, "unreadable change message skipped")
+                    }
+                }
+            }
+            let keys = engine.accept(&changes, &[]).await?;
+            engine.push_now(keys).await;
+            Ok(())
+        }
+    };
+    if let Err(error) = consumer.run(cancel, CONSUME_BATCH, handler).await {
+        tracing::error!(error = format!("{error:#}"), "Kafka consumer stopped");
+    }
+}

@@ -1,0 +1,94 @@
+//! Connector configuration written through the API: settings in clear,
+//! secrets sealed by [`crate::secrets::SecretBox`] (the store never sees
+//! them in clear).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+
+use super::{dispatch, now, Store, StoreError};
+
+/// One `connector_configs` row.
+#[derive(Debug, Clone)]
+pub struct StoredConnectorConfig {
+    /// The connector's manifest name.
+    pub connector: String,
+    /// Whether ferry syncs through it.
+    pub enabled: bool,
+    /// Non-secret settings.
+    pub settings: BTreeMap<String, String>,
+    /// The sealed secrets, if any.
+    pub sealed_secrets: Option<Vec<u8>>,
+    /// The names of the sealed secrets.
+    pub secret_names: Vec<String>,
+    /// Last write.
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    connector: String,
+    enabled: bool,
+    settings: Json<BTreeMap<String, String>>,
+    secrets: Option<Vec<u8>>,
+    secret_names: Json<Vec<String>>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<Row> for StoredConnectorConfig {
+    fn from(row: Row) -> Self {
+        Self {
+            connector: row.connector,
+            enabled: row.enabled,
+            settings: row.settings.0,
+            sealed_secrets: row.secrets,
+            secret_names: row.secret_names.0,
+            updated_at: row.updated_at,
+        }
+    }
+}
+
+impl Store {
+    /// Replaces a connector's stored configuration.
+    #[tracing::instrument(skip_all, fields(connector = %config.connector))]
+    pub async fn put_connector_config(
+        &self,
+        config: &StoredConnectorConfig,
+    ) -> Result<StoredConnectorConfig, StoreError> {
+        let at = now();
+        dispatch!(self, write pool => {
+            sqlx::query(
+                "INSERT INTO connector_configs (connector, enabled, settings, secrets, secret_names, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (connector) DO UPDATE SET \
+                 enabled = excluded.enabled, settings = excluded.settings, secrets = excluded.secrets, \
+                 secret_names = excluded.secret_names, updated_at = excluded.updated_at",
+            )
+            .bind(&config.connector)
+            .bind(config.enabled)
+            .bind(Json(&config.settings))
+            .bind(&config.sealed_secrets)
+            .bind(Json(&config.secret_names))
+            .bind(at)
+            .execute(pool)
+            .await?;
+        });
+        Ok(StoredConnectorConfig {
+            updated_at: at,
+            ..config.clone()
+        })
+    }
+
+    /// Every stored connector configuration.
+    pub async fn connector_configs(&self) -> Result<Vec<StoredConnectorConfig>, StoreError> {
+        let rows: Vec<Row> = dispatch!(self, read pool => {
+            sqlx::query_as(
+                "SELECT connector, enabled, settings, secrets, secret_names, updated_at \
+                 FROM connector_configs ORDER BY connector",
+            )
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows.into_iter().map(StoredConnectorConfig::from).collect())
+    }
+}

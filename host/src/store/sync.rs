@@ -1,0 +1,836 @@
+//! Sync state: per (customer, connector) the link to the remote record and
+//! the schedule of its next push (`sync_links`), the log of every outcome
+//! (`deliveries`) and the dead letters.
+//!
+//! A link row is both the lock and the queue entry. Claiming it sets a lease
+//! (`lease_until_ms`, `lease_token`) in one conditional `UPDATE`, which works
+//! the same on SQLite's single writer and on PostgreSQL across replicas; a
+//! crashed worker's lease simply expires. An outcome is written only under
+//! the lease token that claimed the row, so a worker whose lease expired
+//! cannot overwrite the newer owner's result.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::types::Json;
+use utoipa::ToSchema;
+
+use super::{dispatch, now, Store, StoreError};
+
+/// Scheduling state of a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    /// A push is due.
+    Pending,
+    /// The last attempt failed; another is scheduled.
+    Retry,
+    /// The remote holds the newest version ferry knows of.
+    Synced,
+    /// Dead-lettered: waits for a replay or a newer local change.
+    Dead,
+}
+
+impl LinkState {
+    fn parse(text: &str) -> Self {
+        match text {
+            "pending" => Self::Pending,
+            "retry" => Self::Retry,
+            "synced" => Self::Synced,
+            _ => Self::Dead,
+        }
+    }
+}
+
+/// One `sync_links` row.
+#[derive(Debug, Clone)]
+pub struct SyncLink {
+    /// The local customer.
+    pub customer_id: String,
+    /// The connector's manifest name.
+    pub connector: String,
+    /// The remote record's id once linked.
+    pub remote_id: Option<String>,
+    /// Whether the remote record was deleted by ferry.
+    pub remote_deleted: bool,
+    /// Newest local version seen on the bus.
+    pub wanted_version: i64,
+    /// Newest local version the remote holds.
+    pub synced_version: i64,
+    /// sha256 (hex) of the canonical record last pushed.
+    pub pushed_hash: Option<String>,
+    /// The remote's state after the last push.
+    pub snapshot: Option<serde_json::Value>,
+    /// A create whose outcome is unknown (it timed out): the next attempt
+    /// replays exactly that version's request with the same idempotency key.
+    pub pending_version: Option<i64>,
+    /// Scheduling state.
+    pub state: LinkState,
+    /// Failed attempts since the last success.
+    pub attempts: i32,
+    /// When the next attempt is due, unix ms.
+    pub next_attempt_at_ms: i64,
+    /// The lease of the worker holding the row, if any.
+    pub lease_token: Option<String>,
+    /// The last error, for the operator.
+    pub last_error: Option<String>,
+    /// Request id of the change that scheduled the push.
+    pub correlation_id: Option<String>,
+    /// Last write of this row.
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct SyncLinkRow {
+    customer_id: String,
+    connector: String,
+    remote_id: Option<String>,
+    remote_deleted: bool,
+    wanted_version: i64,
+    synced_version: i64,
+    pushed_hash: Option<String>,
+    snapshot: Option<Json<serde_json::Value>>,
+    pending_version: Option<i64>,
+    state: String,
+    attempts: i32,
+    next_attempt_at_ms: i64,
+    lease_token: Option<String>,
+    last_error: Option<String>,
+    correlation_id: Option<String>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<SyncLinkRow> for SyncLink {
+    fn from(row: SyncLinkRow) -> Self {
+        Self {
+            customer_id: row.customer_id,
+            connector: row.connector,
+            remote_id: row.remote_id,
+            remote_deleted: row.remote_deleted,
+            wanted_version: row.wanted_version,
+            synced_version: row.synced_version,
+            pushed_hash: row.pushed_hash,
+            snapshot: row.snapshot.map(|s| s.0),
+            pending_version: row.pending_version,
+            state: LinkState::parse(&row.state),
+            attempts: row.attempts,
+            next_attempt_at_ms: row.next_attempt_at_ms,
+            lease_token: row.lease_token,
+            last_error: row.last_error,
+            correlation_id: row.correlation_id,
+            updated_at: row.updated_at,
+        }
+    }
+}
+
+macro_rules! link_columns {
+    () => {
+        "customer_id, connector, remote_id, remote_deleted, wanted_version, synced_version, \
+         pushed_hash, snapshot, pending_version, state, attempts, next_attempt_at_ms, \
+         lease_token, last_error, correlation_id, updated_at"
+    };
+}
+
+/// A change the bus delivered: customer `customer_id` reached `version`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChangeNotice {
+    /// The customer.
+    pub customer_id: String,
+    /// Its version after the change.
+    pub version: i64,
+    /// The request id of the write.
+    pub correlation_id: Option<String>,
+}
+
+/// (customer, connector): the key of a link.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LinkKey {
+    /// The customer.
+    pub customer_id: String,
+    /// The connector.
+    pub connector: String,
+}
+
+/// What an attempt ended with, as the store records it.
+#[derive(Debug, Clone)]
+pub enum RecordedOutcome {
+    /// The remote accepted the push of `version`.
+    Delivered {
+        /// `create`, `update` or `delete`.
+        operation: &'static str,
+        /// The local version pushed.
+        version: i64,
+        /// The remote id after the push.
+        remote_id: String,
+        /// Whether the push deleted the remote record.
+        remote_deleted: bool,
+        /// sha256 of the canonical record pushed.
+        pushed_hash: String,
+        /// The remote's state after the push, if it returned one.
+        snapshot: Option<serde_json::Value>,
+    },
+    /// Nothing to push.
+    Skipped {
+        /// The local version considered.
+        version: i64,
+        /// Why.
+        reason: String,
+        /// Whether `version` now counts as synced (e.g. a customer deleted
+        /// before it was ever pushed).
+        mark_synced: bool,
+    },
+    /// Failed; try again at `at_ms`.
+    RetryScheduled {
+        /// The local version attempted.
+        version: i64,
+        /// `create`, `update` or `delete`.
+        operation: &'static str,
+        /// This attempt's number (1-based).
+        attempt: i32,
+        /// When the next attempt is due, unix ms.
+        at_ms: i64,
+        /// The error.
+        error: String,
+        /// Set when the failed attempt was a create whose outcome is unknown.
+        pending_version: Option<i64>,
+    },
+    /// Not attempted (breaker open); due again at `at_ms`. Costs no attempt
+    /// and leaves no delivery record.
+    Deferred {
+        /// When to look again, unix ms.
+        at_ms: i64,
+    },
+    /// Given up: a dead letter waits for a person.
+    DeadLettered {
+        /// The local version attempted.
+        version: i64,
+        /// `create`, `update` or `delete`, if it got that far.
+        operation: Option<&'static str>,
+        /// Attempts made.
+        attempt: i32,
+        /// The error class (`permanent`, `retries_exhausted`, ...).
+        error_kind: String,
+        /// The error.
+        error: String,
+    },
+}
+
+/// One row of the delivery log.
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+pub struct Delivery {
+    /// Log id.
+    pub id: i64,
+    /// The connector.
+    pub connector: String,
+    /// `outbound` (ferry → remote) or `inbound`.
+    pub direction: String,
+    /// The local version concerned.
+    pub version: i64,
+    /// `create`, `update` or `delete`.
+    pub operation: Option<String>,
+    /// `delivered`, `skipped`, `retry_scheduled` or `dead_lettered`.
+    pub outcome: String,
+    /// Attempt number.
+    pub attempt: i32,
+    /// Skip reason or error.
+    pub detail: Option<String>,
+    /// For `retry_scheduled`: when, unix ms.
+    pub next_attempt_at_ms: Option<i64>,
+    /// The remote id, if known.
+    pub remote_id: Option<String>,
+    /// The request id of the change.
+    pub correlation_id: Option<String>,
+    /// When it was recorded.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A dead letter.
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+pub struct DeadLetter {
+    /// `dl_…`
+    pub id: String,
+    /// The customer.
+    pub customer_id: String,
+    /// The connector.
+    pub connector: String,
+    /// `outbound` or `inbound`.
+    pub direction: String,
+    /// The local version that failed.
+    pub version: i64,
+    /// `permanent`, `unauthorized`, `retries_exhausted`, ...
+    pub error_kind: String,
+    /// The last error.
+    pub error: String,
+    /// Attempts made.
+    pub attempts: i32,
+    /// The request id of the change.
+    pub correlation_id: Option<String>,
+    /// When it was dead-lettered.
+    pub created_at: DateTime<Utc>,
+    /// When it was replayed; null while open.
+    pub replayed_at: Option<DateTime<Utc>>,
+}
+
+const DEAD_LETTER_COLUMNS: &str = "id, customer_id, connector, direction, version, error_kind, \
+     error, attempts, correlation_id, created_at, replayed_at";
+
+/// Filter for [`Store::dead_letters`].
+#[derive(Debug, Clone, Default)]
+pub struct ListDeadLetters {
+    /// Only this connector's.
+    pub connector: Option<String>,
+    /// Include replayed ones.
+    pub include_replayed: bool,
+    /// Ids sorting after this one.
+    pub starting_after: Option<String>,
+    /// Page size.
+    pub limit: u32,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+// Upserts a link for a change. A newer version re-opens a synced or
+// dead-lettered link; a link waiting in backoff keeps its schedule (its next
+// attempt pushes the current state anyway).
+const INTAKE_SQL: &str = "INSERT INTO sync_links \
+    (customer_id, connector, wanted_version, state, next_attempt_at_ms, correlation_id, updated_at) \
+    VALUES ($1, $2, $3, 'pending', $4, $5, $6) \
+    ON CONFLICT (customer_id, connector) DO UPDATE SET \
+      state = CASE WHEN excluded.wanted_version > sync_links.synced_version \
+                    AND sync_links.state IN ('synced', 'dead') THEN 'pending' ELSE sync_links.state END, \
+      attempts = CASE WHEN excluded.wanted_version > sync_links.synced_version \
+                    AND sync_links.state IN ('synced', 'dead') THEN 0 ELSE sync_links.attempts END, \
+      next_attempt_at_ms = CASE WHEN excluded.wanted_version > sync_links.synced_version \
+                    AND sync_links.state IN ('synced', 'dead') THEN excluded.next_attempt_at_ms \
+                    ELSE sync_links.next_attempt_at_ms END, \
+      wanted_version = CASE WHEN excluded.wanted_version > sync_links.wanted_version \
+                    THEN excluded.wanted_version ELSE sync_links.wanted_version END, \
+      correlation_id = CASE WHEN excluded.wanted_version >= sync_links.wanted_version \
+                    THEN excluded.correlation_id ELSE sync_links.correlation_id END, \
+      updated_at = excluded.updated_at";
+
+const CLAIM_ONE_SQL: &str = concat!(
+    "UPDATE sync_links SET lease_until_ms = $3, lease_token = $4 ",
+    "WHERE customer_id = $1 AND connector = $2 AND state IN ('pending', 'retry') ",
+    "AND next_attempt_at_ms <= $5 AND lease_until_ms < $5 RETURNING ",
+    link_columns!()
+);
+
+const CLAIM_DUE_SQLITE: &str = concat!(
+    "UPDATE sync_links SET lease_until_ms = $1, lease_token = $2 ",
+    "WHERE (customer_id, connector) IN (SELECT customer_id, connector FROM sync_links ",
+    "WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= $3 AND lease_until_ms < $3 ",
+    "ORDER BY next_attempt_at_ms LIMIT $4) RETURNING ",
+    link_columns!()
+);
+
+// SKIP LOCKED: replicas polling at once take disjoint rows instead of queueing.
+const CLAIM_DUE_POSTGRES: &str = concat!(
+    "UPDATE sync_links SET lease_until_ms = $1, lease_token = $2 ",
+    "WHERE (customer_id, connector) IN (SELECT customer_id, connector FROM sync_links ",
+    "WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= $3 AND lease_until_ms < $3 ",
+    "ORDER BY next_attempt_at_ms LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING ",
+    link_columns!()
+);
+
+const INSERT_DELIVERY_SQL: &str = "INSERT INTO deliveries (customer_id, connector, direction, \
+    version, operation, outcome, attempt, detail, next_attempt_at_ms, remote_id, correlation_id, \
+    created_at) VALUES ($1, $2, 'outbound', $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
+impl Store {
+    /// Schedules a push of each change to each connector, and marks the
+    /// outbox rows `published_ids` (embedded mode: the outbox is the bus) in
+    /// the same transaction, so a change is never consumed twice nor lost.
+    #[tracing::instrument(skip_all, fields(changes = changes.len(), connectors = connectors.len()))]
+    pub async fn intake_changes(
+        &self,
+        changes: &[ChangeNotice],
+        connectors: &[String],
+        published_ids: &[i64],
+    ) -> Result<Vec<LinkKey>, StoreError> {
+        let at = now();
+        let due = at.timestamp_millis();
+        let mut keys = Vec::with_capacity(changes.len() * connectors.len());
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            for change in changes {
+                for connector in connectors {
+                    sqlx::query(INTAKE_SQL)
+                        .bind(&change.customer_id)
+                        .bind(connector)
+                        .bind(change.version)
+                        .bind(due)
+                        .bind(&change.correlation_id)
+                        .bind(at)
+                        .execute(&mut *tx)
+                        .await?;
+                    keys.push(LinkKey {
+                        customer_id: change.customer_id.clone(),
+                        connector: connector.clone(),
+                    });
+                }
+            }
+            for id in published_ids {
+                sqlx::query("UPDATE outbox SET published_at = $1 WHERE id = $2")
+                    .bind(at)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        });
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    /// Claims one link if it is due and free; `None` if another worker holds
+    /// it or nothing is due.
+    pub async fn claim_link(
+        &self,
+        key: &LinkKey,
+        lease_token: &str,
+        lease_until_ms: i64,
+    ) -> Result<Option<SyncLink>, StoreError> {
+        let row: Option<SyncLinkRow> = dispatch!(self, write pool => {
+            sqlx::query_as(CLAIM_ONE_SQL)
+                .bind(&key.customer_id)
+                .bind(&key.connector)
+                .bind(lease_until_ms)
+                .bind(lease_token)
+                .bind(now_ms())
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(row.map(SyncLink::from))
+    }
+
+    /// Claims up to `limit` due, free links, oldest due first.
+    pub async fn claim_due_links(
+        &self,
+        lease_token: &str,
+        lease_until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<SyncLink>, StoreError> {
+        let now = now_ms();
+        let rows: Vec<SyncLinkRow> = match self {
+            Store::Sqlite(pools) => {
+                sqlx::query_as(CLAIM_DUE_SQLITE)
+                    .bind(lease_until_ms)
+                    .bind(lease_token)
+                    .bind(now)
+                    .bind(i64::from(limit))
+                    .fetch_all(&pools.writer)
+                    .await?
+            }
+            Store::Postgres(pool) => {
+                sqlx::query_as(CLAIM_DUE_POSTGRES)
+                    .bind(lease_until_ms)
+                    .bind(lease_token)
+                    .bind(now)
+                    .bind(i64::from(limit))
+                    .fetch_all(pool)
+                    .await?
+            }
+        };
+        Ok(rows.into_iter().map(SyncLink::from).collect())
+    }
+
+    /// When the next link falls due (unix ms), if any is waiting.
+    pub async fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
+        let next: Option<i64> = dispatch!(self, read pool => {
+            sqlx::query_scalar(
+                "SELECT MIN(CASE WHEN lease_until_ms > next_attempt_at_ms THEN lease_until_ms \
+                 ELSE next_attempt_at_ms END) FROM sync_links WHERE state IN ('pending', 'retry')",
+            )
+            .fetch_one(pool)
+            .await?
+        });
+        Ok(next)
+    }
+
+    /// Records that a create of `version` is about to be sent, so that if
+    /// its outcome is lost the next attempt replays it exactly.
+    pub async fn mark_create_pending(
+        &self,
+        link: &SyncLink,
+        version: i64,
+    ) -> Result<bool, StoreError> {
+        let done = dispatch!(self, write pool => {
+            sqlx::query(
+                "UPDATE sync_links SET pending_version = $1 \
+                 WHERE customer_id = $2 AND connector = $3 AND lease_token = $4",
+            )
+            .bind(version)
+            .bind(&link.customer_id)
+            .bind(&link.connector)
+            .bind(&link.lease_token)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(done == 1)
+    }
+
+    /// Writes an attempt's outcome under the lease that claimed `link`, with
+    /// its delivery record and dead letter, in one transaction. Returns
+    /// false if the lease was lost (another worker owns the row now).
+    #[tracing::instrument(skip_all, fields(customer_id = %link.customer_id, connector = %link.connector))]
+    pub async fn record_outcome(
+        &self,
+        link: &SyncLink,
+        outcome: &RecordedOutcome,
+    ) -> Result<bool, StoreError> {
+        let at = now();
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            let updated = match outcome {
+                RecordedOutcome::Delivered { version, remote_id, remote_deleted, pushed_hash, snapshot, .. } => {
+                    // Only the lease holder moves synced_version, so it can be
+                    // computed here; wanted_version may grow concurrently.
+                    let synced = link.synced_version.max(*version);
+                    sqlx::query(
+                        "UPDATE sync_links SET remote_id = $1, remote_deleted = $2, synced_version = $3, \
+                         pushed_hash = $4, snapshot = $5, pending_version = NULL, attempts = 0, \
+                         last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $6, \
+                         state = CASE WHEN wanted_version > $3 THEN 'pending' ELSE 'synced' END, \
+                         next_attempt_at_ms = $7 \
+                         WHERE customer_id = $8 AND connector = $9 AND lease_token = $10",
+                    )
+                    .bind(remote_id)
+                    .bind(remote_deleted)
+                    .bind(synced)
+                    .bind(pushed_hash)
+                    .bind(snapshot.as_ref().map(Json))
+                    .bind(at)
+                    .bind(at.timestamp_millis())
+                    .bind(&link.customer_id)
+                    .bind(&link.connector)
+                    .bind(&link.lease_token)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| match &e {
+                        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::RemoteIdTaken,
+                        _ => StoreError::Database(e),
+                    })?
+                }
+                RecordedOutcome::Skipped { version, mark_synced, .. } => {
+                    let synced = if *mark_synced {
+                        link.synced_version.max(*version)
+                    } else {
+                        link.synced_version
+                    };
+                    // A skip settles every version up to the one considered.
+                    let settled = synced.max(*version);
+                    sqlx::query(
+                        "UPDATE sync_links SET synced_version = $1, \
+                         state = CASE WHEN wanted_version > $2 THEN 'pending' ELSE 'synced' END, \
+                         attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, \
+                         next_attempt_at_ms = $3, updated_at = $4 \
+                         WHERE customer_id = $5 AND connector = $6 AND lease_token = $7",
+                    )
+                    .bind(synced)
+                    .bind(settled)
+                    .bind(at.timestamp_millis())
+                    .bind(at)
+                    .bind(&link.customer_id)
+                    .bind(&link.connector)
+                    .bind(&link.lease_token)
+                    .execute(&mut *tx)
+                    .await?
+                }
+                RecordedOutcome::RetryScheduled { attempt, at_ms, error, pending_version, .. } => {
+                    sqlx::query(
+                        "UPDATE sync_links SET state = 'retry', attempts = $1, next_attempt_at_ms = $2, \
+                         last_error = $3, pending_version = COALESCE($4, pending_version), \
+                         lease_until_ms = 0, lease_token = NULL, updated_at = $5 \
+                         WHERE customer_id = $6 AND connector = $7 AND lease_token = $8",
+                    )
+                    .bind(attempt)
+                    .bind(at_ms)
+                    .bind(error)
+                    .bind(pending_version)
+                    .bind(at)
+                    .bind(&link.customer_id)
+                    .bind(&link.connector)
+                    .bind(&link.lease_token)
+                    .execute(&mut *tx)
+                    .await?
+                }
+                RecordedOutcome::Deferred { at_ms } => {
+                    sqlx::query(
+                        "UPDATE sync_links SET next_attempt_at_ms = $1, lease_until_ms = 0, \
+                         lease_token = NULL WHERE customer_id = $2 AND connector = $3 AND lease_token = $4",
+                    )
+                    .bind(at_ms)
+                    .bind(&link.customer_id)
+                    .bind(&link.connector)
+                    .bind(&link.lease_token)
+                    .execute(&mut *tx)
+                    .await?
+                }
+                RecordedOutcome::DeadLettered { attempt, error, .. } => {
+                    sqlx::query(
+                        "UPDATE sync_links SET state = 'dead', attempts = $1, last_error = $2, \
+                         lease_until_ms = 0, lease_token = NULL, updated_at = $3 \
+                         WHERE customer_id = $4 AND connector = $5 AND lease_token = $6",
+                    )
+                    .bind(attempt)
+                    .bind(error)
+                    .bind(at)
+                    .bind(&link.customer_id)
+                    .bind(&link.connector)
+                    .bind(&link.lease_token)
+                    .execute(&mut *tx)
+                    .await?
+                }
+            };
+            if updated.rows_affected() != 1 {
+                return Ok(false);
+            }
+            let (version, operation, outcome_name, attempt, detail, next_at, remote_id) = match outcome {
+                RecordedOutcome::Delivered { operation, version, remote_id, .. } => {
+                    (*version, Some(*operation), "delivered", link.attempts + 1, None, None, Some(remote_id.clone()))
+                }
+                RecordedOutcome::Skipped { version, reason, .. } => {
+                    (*version, None, "skipped", link.attempts + 1, Some(reason.clone()), None, link.remote_id.clone())
+                }
+                RecordedOutcome::RetryScheduled { version, operation, attempt, at_ms, error, .. } => {
+                    (*version, Some(*operation), "retry_scheduled", *attempt, Some(error.clone()), Some(*at_ms), link.remote_id.clone())
+                }
+                RecordedOutcome::Deferred { .. } => {
+                    tx.commit().await?;
+                    return Ok(true);
+                }
+                RecordedOutcome::DeadLettered { version, operation, attempt, error, .. } => {
+                    (*version, *operation, "dead_lettered", *attempt, Some(error.clone()), None, link.remote_id.clone())
+                }
+            };
+            sqlx::query(INSERT_DELIVERY_SQL)
+                .bind(&link.customer_id)
+                .bind(&link.connector)
+                .bind(version)
+                .bind(operation)
+                .bind(outcome_name)
+                .bind(attempt)
+                .bind(detail)
+                .bind(next_at)
+                .bind(remote_id)
+                .bind(&link.correlation_id)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+            if let RecordedOutcome::DeadLettered { version, attempt, error_kind, error, .. } = outcome {
+                sqlx::query(
+                    "INSERT INTO dead_letters (id, customer_id, connector, direction, version, \
+                     error_kind, error, attempts, correlation_id, created_at) \
+                     VALUES ($1, $2, $3, 'outbound', $4, $5, $6, $7, $8, $9)",
+                )
+                .bind(format!("dl_{}", uuid::Uuid::now_v7().simple()))
+                .bind(&link.customer_id)
+                .bind(&link.connector)
+                .bind(version)
+                .bind(error_kind)
+                .bind(error)
+                .bind(attempt)
+                .bind(&link.correlation_id)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// The links of one customer, by connector.
+    pub async fn links_of(&self, customer_id: &str) -> Result<Vec<SyncLink>, StoreError> {
+        let rows: Vec<SyncLinkRow> = dispatch!(self, read pool => {
+            sqlx::query_as(concat!(
+                "SELECT ", link_columns!(), " FROM sync_links WHERE customer_id = $1 ORDER BY connector"
+            ))
+            .bind(customer_id)
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows.into_iter().map(SyncLink::from).collect())
+    }
+
+    /// The link of `remote_id` in `connector`, if any.
+    pub async fn link_by_remote_id(
+        &self,
+        connector: &str,
+        remote_id: &str,
+    ) -> Result<Option<SyncLink>, StoreError> {
+        let row: Option<SyncLinkRow> = dispatch!(self, read pool => {
+            sqlx::query_as(concat!(
+                "SELECT ", link_columns!(), " FROM sync_links WHERE connector = $1 AND remote_id = $2"
+            ))
+            .bind(connector)
+            .bind(remote_id)
+            .fetch_optional(pool)
+            .await?
+        });
+        Ok(row.map(SyncLink::from))
+    }
+
+    /// The newest `limit` delivery records of a customer, newest first.
+    pub async fn deliveries_of(
+        &self,
+        customer_id: &str,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let rows = dispatch!(self, read pool => {
+            sqlx::query_as(
+                "SELECT id, connector, direction, version, operation, outcome, attempt, detail, \
+                 next_attempt_at_ms, remote_id, correlation_id, created_at FROM deliveries \
+                 WHERE customer_id = $1 ORDER BY id DESC LIMIT $2",
+            )
+            .bind(customer_id)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows)
+    }
+
+    /// The outbox payload of `customer_id` at `version` (what a pending
+    /// create sent).
+    pub async fn outbox_payload(
+        &self,
+        customer_id: &str,
+        version: i64,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        let payload: Option<Json<serde_json::Value>> = dispatch!(self, read pool => {
+            sqlx::query_scalar(
+                "SELECT payload FROM outbox WHERE aggregate = 'customer' AND aggregate_id = $1 \
+                 AND version = $2 ORDER BY id LIMIT 1",
+            )
+            .bind(customer_id)
+            .bind(version)
+            .fetch_optional(pool)
+            .await?
+        });
+        Ok(payload.map(|p| p.0))
+    }
+
+    /// A page of dead letters, oldest first.
+    pub async fn dead_letters(
+        &self,
+        request: &ListDeadLetters,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let sql = format!(
+            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters \
+             WHERE (CAST($1 AS TEXT) IS NULL OR connector = $1) \
+             AND ($2 OR replayed_at IS NULL) \
+             AND (CAST($3 AS TEXT) IS NULL OR id > $3) ORDER BY id LIMIT $4"
+        );
+        let rows = dispatch!(self, read pool => {
+            sqlx::query_as(&sql)
+                .bind(&request.connector)
+                .bind(request.include_replayed)
+                .bind(&request.starting_after)
+                .bind(i64::from(request.limit))
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(rows)
+    }
+
+    /// One dead letter.
+    pub async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
+        let sql = format!("SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = $1");
+        let row = dispatch!(self, read pool => {
+            sqlx::query_as(&sql).bind(id).fetch_optional(pool).await?
+        });
+        Ok(row)
+    }
+
+    /// Replays open dead letters: marks them replayed and schedules their
+    /// links again with a fresh attempt budget. `ids` selects specific ones;
+    /// `connector` all of a connector's. Returns the replayed letters.
+    #[tracing::instrument(skip_all)]
+    pub async fn replay_dead_letters(
+        &self,
+        ids: Option<&[String]>,
+        connector: Option<&str>,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let at = now();
+        let select = format!(
+            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE replayed_at IS NULL \
+             AND (CAST($1 AS TEXT) IS NULL OR connector = $1) ORDER BY id"
+        );
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            let open: Vec<DeadLetter> = sqlx::query_as(&select)
+                .bind(connector)
+                .fetch_all(&mut *tx)
+                .await?;
+            let chosen: Vec<DeadLetter> = open
+                .into_iter()
+                .filter(|letter| ids.is_none_or(|ids| ids.contains(&letter.id)))
+                .collect();
+            for letter in &chosen {
+                sqlx::query("UPDATE dead_letters SET replayed_at = $1 WHERE id = $2")
+                    .bind(at)
+                    .bind(&letter.id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "UPDATE sync_links SET state = 'pending', attempts = 0, next_attempt_at_ms = $1, \
+                     updated_at = $2 WHERE customer_id = $3 AND connector = $4 AND state = 'dead'",
+                )
+                .bind(at.timestamp_millis())
+                .bind(at)
+                .bind(&letter.customer_id)
+                .bind(&letter.connector)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(chosen)
+        })
+    }
+
+    /// The oldest unpublished outbox rows, in id order.
+    pub async fn unpublished_outbox(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<super::OutboxEvent>, StoreError> {
+        let rows = dispatch!(self, write pool => {
+            sqlx::query_as(
+                "SELECT id, aggregate, aggregate_id, version, kind, payload, correlation_id, \
+                 created_at, published_at FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1",
+            )
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows)
+    }
+
+    /// Marks outbox rows published (cluster mode, after the broker
+    /// acknowledged them).
+    pub async fn mark_published(&self, ids: &[i64]) -> Result<(), StoreError> {
+        let at = now();
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            for id in ids {
+                sqlx::query("UPDATE outbox SET published_at = $1 WHERE id = $2")
+                    .bind(at)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// The customer with this id, deleted or not (workers push deletes too).
+    pub async fn get_customer_any(&self, id: &str) -> Result<Option<super::Customer>, StoreError> {
+        super::customers::get_any(self, id).await
+    }
+}

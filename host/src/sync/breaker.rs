@@ -1,0 +1,222 @@
+//! A circuit breaker per connector: after `threshold` consecutive retryable
+//! failures the connector's calls stop for `cooldown`, then one probe goes
+//! through; its success closes the breaker, its failure opens it again.
+//! A rate-limited answer pauses the connector until its Retry-After.
+//!
+//! Breakers live in each process: replicas learn a remote is down on their
+//! own, after at most `threshold` failures each. Work that meets an open
+//! breaker is deferred without spending an attempt.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// How long calls are deferred while a probe is out.
+const PROBE_WAIT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+        failures: u32,
+    },
+    HalfOpen {
+        probe_started: Instant,
+        failures: u32,
+    },
+}
+
+/// What an open breaker says: try again no sooner than this.
+#[derive(Debug, Clone, Copy)]
+pub struct Deferred(pub Duration);
+
+/// A breaker's state, for the API.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct BreakerView {
+    /// `closed`, `open` or `half_open`.
+    pub state: &'static str,
+    /// Retryable failures in a row.
+    pub consecutive_failures: u32,
+    /// While open: milliseconds until a probe is let through.
+    pub retry_in_ms: Option<u64>,
+}
+
+/// The breakers of every connector in this process.
+#[derive(Debug)]
+pub struct Breakers {
+    threshold: u32,
+    cooldown: Duration,
+    states: Mutex<HashMap<String, State>>,
+}
+
+impl Breakers {
+    /// Breakers that open after `threshold` failures for `cooldown`.
+    pub fn new(threshold: u32, cooldown: Duration) -> Self {
+        Self {
+            threshold: threshold.max(1),
+            cooldown,
+            states: Mutex::default(),
+        }
+    }
+
+    fn with<R>(&self, connector: &str, f: impl FnOnce(&mut State) -> R) -> R {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let state = states
+            .entry(connector.to_owned())
+            .or_insert(State::Closed { failures: 0 });
+        f(state)
+    }
+
+    /// May `connector` be called now?
+    pub fn allow(&self, connector: &str) -> Result<(), Deferred> {
+        let now = Instant::now();
+        self.with(connector, |state| match *state {
+            State::Closed { .. } => Ok(()),
+            State::Open { until, failures } if now >= until => {
+                *state = State::HalfOpen {
+                    probe_started: now,
+                    failures,
+                };
+                Ok(())
+            }
+            State::Open { until, .. } => Err(Deferred(until - now)),
+            // A probe that never reported back (its call was skipped, or
+            // its task died) is replaced after a cool-down.
+            State::HalfOpen {
+                probe_started,
+                failures,
+            } if now.duration_since(probe_started) >= self.cooldown => {
+                *state = State::HalfOpen {
+                    probe_started: now,
+                    failures,
+                };
+                Ok(())
+            }
+            State::HalfOpen { .. } => Err(Deferred(PROBE_WAIT)),
+        })
+    }
+
+    /// The remote answered (successfully, or with an error that says it is up).
+    pub fn success(&self, connector: &str) {
+        self.with(connector, |state| *state = State::Closed { failures: 0 });
+    }
+
+    /// A retryable failure (timeout, 5xx, connection refused).
+    pub fn failure(&self, connector: &str) {
+        let now = Instant::now();
+        let (threshold, cooldown) = (self.threshold, self.cooldown);
+        self.with(connector, |state| {
+            *state = match *state {
+                State::Closed { failures } if failures + 1 >= threshold => State::Open {
+                    until: now + cooldown,
+                    failures: failures + 1,
+                },
+                State::Closed { failures } => State::Closed {
+                    failures: failures + 1,
+                },
+                State::HalfOpen { failures, .. } | State::Open { failures, .. } => State::Open {
+                    until: now + cooldown,
+                    failures: failures + 1,
+                },
+            };
+        });
+        if let State::Open { .. } = self.with(connector, |s| *s) {
+            tracing::warn!(
+                connector,
+                cooldown_ms = cooldown.as_millis() as u64,
+                "circuit breaker open"
+            );
+        }
+    }
+
+    /// The remote asked for a pause (rate limited): stop calling until then.
+    pub fn pause(&self, connector: &str, pause: Duration) {
+        let until = Instant::now() + pause;
+        self.with(connector, |state| {
+            let failures = match *state {
+                State::Closed { failures }
+                | State::Open { failures, .. }
+                | State::HalfOpen { failures, .. } => failures,
+            };
+            let later = match *state {
+                State::Open { until: current, .. } => current.max(until),
+                _ => until,
+            };
+            *state = State::Open {
+                until: later,
+                failures,
+            };
+        });
+    }
+
+    /// `connector`'s breaker, for the API.
+    pub fn view(&self, connector: &str) -> BreakerView {
+        let now = Instant::now();
+        self.with(connector, |state| match *state {
+            State::Closed { failures } => BreakerView {
+                state: "closed",
+                consecutive_failures: failures,
+                retry_in_ms: None,
+            },
+            State::Open { until, failures } => BreakerView {
+                state: if now >= until { "half_open" } else { "open" },
+                consecutive_failures: failures,
+                retry_in_ms: Some(until.saturating_duration_since(now).as_millis() as u64),
+            },
+            State::HalfOpen { failures, .. } => BreakerView {
+                state: "half_open",
+                consecutive_failures: failures,
+                retry_in_ms: None,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_threshold_then_lets_one_probe_through() {
+        let breakers = Breakers::new(3, Duration::from_millis(50));
+        for _ in 0..2 {
+            breakers.failure("stripe");
+            assert!(breakers.allow("stripe").is_ok());
+        }
+        breakers.failure("stripe");
+        assert!(breakers.allow("stripe").is_err());
+        assert_eq!(breakers.view("stripe").state, "open");
+        // Other connectors are unaffected.
+        assert!(breakers.allow("salesforce").is_ok());
+
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(breakers.allow("stripe").is_ok(), "the probe");
+        assert!(breakers.allow("stripe").is_err(), "only one probe");
+        breakers.failure("stripe");
+        assert!(breakers.allow("stripe").is_err(), "a failed probe reopens");
+
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(breakers.allow("stripe").is_ok());
+        breakers.success("stripe");
+        assert!(breakers.allow("stripe").is_ok());
+        assert_eq!(breakers.view("stripe").state, "closed");
+    }
+
+    #[test]
+    fn rate_limits_pause_the_connector() {
+        let breakers = Breakers::new(5, Duration::from_secs(30));
+        breakers.pause("stripe", Duration::from_millis(30));
+        let Err(Deferred(wait)) = breakers.allow("stripe") else {
+            panic!("paused")
+        };
+        assert!(wait <= Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(breakers.allow("stripe").is_ok());
+    }
+}

@@ -1,0 +1,239 @@
+//! Outbound sync: from a committed local change to every enabled remote.
+//!
+//! The bus (the outbox drained in-process, or Kafka) hands changes to
+//! [`SyncEngine::accept`], which schedules a push per (customer, connector)
+//! in the store. Pushes then run as [`SyncEngine::push_link`] steps on links
+//! claimed under a lease: by whoever accepted the change, at once, and by
+//! the [`SyncEngine::run_scheduler`] loop for retries and for anything a
+//! crashed process left behind. See docs/sync.md.
+
+pub mod breaker;
+pub mod outbound;
+pub mod retry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::breaker::Breakers;
+pub use self::outbound::{Outcome, ENTITY};
+use self::retry::RetryPolicy;
+use crate::app::ConnectorRegistry;
+use crate::connector_settings::ConnectorSettings;
+use crate::store::sync::now_ms;
+use crate::store::{ChangeNotice, LinkKey, Store, StoreError, SyncLink};
+
+/// Longest the scheduler sleeps without being woken.
+const IDLE_POLL: Duration = Duration::from_millis(500);
+
+/// Tuning of the sync engine.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    /// Retry schedule.
+    pub policy: RetryPolicy,
+    /// How long a claim on a link lasts.
+    pub lease: Duration,
+    /// Pushes in flight at once in this process.
+    pub concurrency: usize,
+    /// Breaker threshold.
+    pub breaker_failure_threshold: u32,
+    /// Breaker cool-down.
+    pub breaker_cooldown: Duration,
+}
+
+struct Inner {
+    store: Store,
+    connectors: ConnectorRegistry,
+    settings: Arc<ConnectorSettings>,
+    breakers: Breakers,
+    policy: RetryPolicy,
+    lease: Duration,
+    permits: Arc<Semaphore>,
+    concurrency: usize,
+    wake: Notify,
+}
+
+/// The outbound sync engine; cheap to clone.
+#[derive(Clone)]
+pub struct SyncEngine {
+    inner: Arc<Inner>,
+}
+
+impl SyncEngine {
+    /// An engine pushing through `connectors` with their `settings`.
+    pub fn new(
+        store: Store,
+        connectors: ConnectorRegistry,
+        settings: Arc<ConnectorSettings>,
+        options: SyncOptions,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                connectors,
+                settings,
+                breakers: Breakers::new(
+                    options.breaker_failure_threshold,
+                    options.breaker_cooldown,
+                ),
+                policy: options.policy,
+                lease: options.lease,
+                permits: Arc::new(Semaphore::new(options.concurrency)),
+                concurrency: options.concurrency,
+                wake: Notify::new(),
+            }),
+        }
+    }
+
+    /// The per-connector circuit breakers.
+    pub fn breakers(&self) -> &Breakers {
+        &self.inner.breakers
+    }
+
+    /// Wakes the scheduler (after a replay, or a new change).
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// The connectors changes go to: loaded, enabled, handling customers.
+    pub async fn enabled_connectors(&self) -> Result<Vec<String>, StoreError> {
+        let loaded: Vec<(String, bool)> = self
+            .inner
+            .connectors
+            .read()
+            .await
+            .iter()
+            .map(|(name, l)| {
+                let handles = l.connector.manifest().entities.iter().any(|e| e == ENTITY);
+                (name.clone(), handles)
+            })
+            .collect();
+        let mut enabled = Vec::with_capacity(loaded.len());
+        for (name, handles) in loaded {
+            if handles && self.inner.settings.get(&name).await?.enabled {
+                enabled.push(name);
+            }
+        }
+        Ok(enabled)
+    }
+
+    /// Schedules pushes for `changes` to every enabled connector, durably,
+    /// and marks `published_ids` outbox rows consumed in the same
+    /// transaction. Returns the links to push.
+    pub async fn accept(
+        &self,
+        changes: &[ChangeNotice],
+        published_ids: &[i64],
+    ) -> Result<Vec<LinkKey>, StoreError> {
+        let connectors = self.enabled_connectors().await?;
+        self.inner
+            .store
+            .intake_changes(changes, &connectors, published_ids)
+            .await
+    }
+
+    fn lease(&self) -> (String, i64) {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let until = now_ms() + i64::try_from(self.inner.lease.as_millis()).unwrap_or(i64::MAX);
+        (token, until)
+    }
+
+    /// Claims and pushes each of `keys` that is due and free, at most
+    /// `concurrency` at a time, and waits until every outcome is recorded.
+    /// Links another worker holds, or that wait in backoff, are left to
+    /// their owner and the scheduler.
+    pub async fn push_now(&self, keys: Vec<LinkKey>) -> Vec<Outcome> {
+        let tasks = TaskTracker::new();
+        let (outcomes_tx, mut outcomes_rx) = tokio::sync::mpsc::unbounded_channel();
+        for key in keys {
+            let Ok(permit) = self.inner.permits.clone().acquire_owned().await else {
+                break;
+            };
+            let engine = self.clone();
+            let outcomes_tx = outcomes_tx.clone();
+            tasks.spawn(async move {
+                let _permit = permit;
+                let (token, until) = engine.lease();
+                match engine.inner.store.claim_link(&key, &token, until).await {
+                    Ok(Some(link)) => {
+                        let _ = outcomes_tx.send(engine.push_link(link).await);
+                    }
+                    Ok(None) => {}
+                    Err(error) => tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::from(error)),
+                        "claiming a link failed; the scheduler will retry it"
+                    ),
+                }
+            });
+        }
+        drop(outcomes_tx);
+        tasks.close();
+        tasks.wait().await;
+        let mut outcomes = Vec::new();
+        while let Some(outcome) = outcomes_rx.recv().await {
+            outcomes.push(outcome);
+        }
+        outcomes
+    }
+
+    /// Runs due links until cancelled: retries when their time comes, and
+    /// anything left pending (a crashed process's claims once their lease
+    /// expired, links a busy worker skipped).
+    pub async fn run_scheduler(self, cancel: CancellationToken) {
+        let tasks = TaskTracker::new();
+        loop {
+            let free = self.inner.permits.available_permits();
+            let claimed = if free == 0 {
+                Ok(Vec::new())
+            } else {
+                let (token, until) = self.lease();
+                let limit = u32::try_from(free.min(self.inner.concurrency)).unwrap_or(64);
+                self.inner.store.claim_due_links(&token, until, limit).await
+            };
+            let claimed = match claimed {
+                Ok(claimed) => claimed,
+                Err(error) => {
+                    tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::from(error)),
+                        "claiming due links failed"
+                    );
+                    Vec::new()
+                }
+            };
+            let busy = !claimed.is_empty();
+            for link in claimed {
+                self.spawn_push(&tasks, link).await;
+            }
+            if busy {
+                continue;
+            }
+            let sleep = match self.inner.store.next_due_ms().await {
+                Ok(Some(due)) => {
+                    Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0)).min(IDLE_POLL)
+                }
+                _ => IDLE_POLL,
+            };
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = self.inner.wake.notified() => {}
+                () = tokio::time::sleep(sleep.max(Duration::from_millis(5))) => {}
+            }
+        }
+        tasks.close();
+        tasks.wait().await;
+    }
+
+    async fn spawn_push(&self, tasks: &TaskTracker, link: SyncLink) {
+        let Ok(permit) = self.inner.permits.clone().acquire_owned().await else {
+            return;
+        };
+        let engine = self.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            engine.push_link(link).await;
+        });
+    }
+}

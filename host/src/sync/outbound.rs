@@ -1,0 +1,434 @@
+//! One outbound step: given a claimed link, decide what to push, push it
+//! through the connector, and classify what happened.
+//!
+//! The step reads the *current* customer, never an event's payload, so a
+//! retried or reordered event cannot push stale data, and a version already
+//! synced is a no-op. The only exception is a create whose outcome is
+//! unknown (it timed out): that exact request is replayed with the same
+//! idempotency key first, so the remote can answer with the record it
+//! already created instead of making a second one.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::SyncEngine;
+use crate::runtime::{CallError, ConnectorError, Operation, PushRequest};
+use crate::store::sync::now_ms;
+use crate::store::{Customer, RecordedOutcome, SyncLink};
+
+/// The entity type ferry syncs today.
+pub const ENTITY: &str = "customer";
+
+/// The typed outcome of one step, as a test or a log sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The remote accepted the push.
+    Delivered {
+        /// `create`, `update` or `delete`.
+        operation: String,
+        /// The remote id.
+        remote_id: String,
+    },
+    /// Nothing needed pushing.
+    Skipped {
+        /// Why.
+        reason: String,
+    },
+    /// Failed; another attempt is scheduled.
+    RetryScheduled {
+        /// The attempt that failed (1-based).
+        attempt: i32,
+        /// When the next one is due, unix ms.
+        at_ms: i64,
+    },
+    /// The breaker is open; the link waits without spending an attempt.
+    Deferred,
+    /// Given up: see the dead letter.
+    DeadLettered {
+        /// Why.
+        reason: String,
+    },
+    /// Another worker took the link over (our lease expired).
+    LeaseLost,
+}
+
+/// The idempotency key of pushing `customer_id` at `version` to `connector`.
+pub fn idempotency_key(connector: &str, customer_id: &str, version: i64) -> String {
+    format!("ferry-{connector}-{customer_id}-v{version}")
+}
+
+/// The canonical record ferry sends (docs/connector-contract.md), from a
+/// customer as serialised in the store or the outbox.
+pub fn canonical_record(customer: &serde_json::Value) -> serde_json::Value {
+    let mut record = serde_json::Map::new();
+    for field in ["id", "name", "email", "phone", "address", "metadata"] {
+        if let Some(value) = customer.get(field) {
+            record.insert(field.to_owned(), value.clone());
+        }
+    }
+    serde_json::Value::Object(record)
+}
+
+fn hash(record: &str) -> String {
+    hex::encode(Sha256::digest(record.as_bytes()))
+}
+
+struct Plan {
+    operation: Operation,
+    version: i64,
+    record: String,
+    key: String,
+}
+
+fn operation_name(operation: Operation) -> &'static str {
+    match operation {
+        Operation::Create => "create",
+        Operation::Update => "update",
+        Operation::Delete => "delete",
+    }
+}
+
+impl SyncEngine {
+    /// Runs one step for a claimed link and records its outcome.
+    #[tracing::instrument(skip_all, fields(
+        customer_id = %link.customer_id,
+        connector = %link.connector,
+        correlation_id = link.correlation_id.as_deref().unwrap_or(""),
+    ))]
+    pub async fn push_link(&self, link: SyncLink) -> Outcome {
+        let (recorded, outcome) = self.try_push(&link).await;
+        match self.inner.store.record_outcome(&link, &recorded).await {
+            Ok(true) => {
+                tracing::debug!(?outcome, "sync step done");
+                if matches!(outcome, Outcome::Delivered { .. } | Outcome::Skipped { .. }) {
+                    // A newer version may have arrived while we pushed.
+                    self.inner.wake.notify_one();
+                }
+                outcome
+            }
+            Ok(false) => {
+                tracing::warn!("lease lost before the outcome was recorded");
+                Outcome::LeaseLost
+            }
+            Err(crate::store::StoreError::RemoteIdTaken) => {
+                let reason = "the remote record is already linked to another customer".to_owned();
+                let dead = RecordedOutcome::DeadLettered {
+                    version: link.wanted_version,
+                    operation: None,
+                    attempt: link.attempts + 1,
+                    error_kind: "remote_id_taken".into(),
+                    error: reason.clone(),
+                };
+                match self.inner.store.record_outcome(&link, &dead).await {
+                    Ok(_) => Outcome::DeadLettered { reason },
+                    Err(error) => self.unrecorded(error),
+                }
+            }
+            Err(error) => self.unrecorded(error),
+        }
+    }
+
+    fn unrecorded(&self, error: crate::store::StoreError) -> Outcome {
+        // The lease expires and the step runs again; the idempotency key
+        // makes the repeated push harmless.
+        tracing::error!(
+            error = format!("{:#}", anyhow::Error::from(error)),
+            "could not record a sync outcome; the link will be retried when its lease expires"
+        );
+        Outcome::LeaseLost
+    }
+
+    async fn try_push(&self, link: &SyncLink) -> (RecordedOutcome, Outcome) {
+        let inner = &self.inner;
+        let skip = |version: i64, reason: &str, mark_synced: bool| {
+            (
+                RecordedOutcome::Skipped {
+                    version,
+                    reason: reason.to_owned(),
+                    mark_synced,
+                },
+                Outcome::Skipped {
+                    reason: reason.to_owned(),
+                },
+            )
+        };
+        let Some(connector) = inner
+            .connectors
+            .read()
+            .await
+            .get(&link.connector)
+            .map(|l| l.connector.clone())
+        else {
+            return skip(link.wanted_version, "connector not loaded", false);
+        };
+        let config = match inner.settings.get(&link.connector).await {
+            Ok(config) if config.enabled => config,
+            Ok(_) => return skip(link.wanted_version, "connector disabled", false),
+            Err(error) => return self.retry_later(link, None, None, store_error(error)),
+        };
+        let customer = match inner.store.get_customer_any(&link.customer_id).await {
+            Ok(Some(customer)) => customer,
+            Ok(None) => return skip(link.wanted_version, "customer does not exist", true),
+            Err(error) => return self.retry_later(link, None, None, store_error(error)),
+        };
+        let plan = match self.plan(link, &customer).await {
+            Ok(Ok(plan)) => plan,
+            Ok(Err((reason, mark_synced))) => return skip(customer.version, &reason, mark_synced),
+            Err(error) => return self.retry_later(link, None, None, store_error(error)),
+        };
+        if let Err(deferred) = inner.breakers.allow(&link.connector) {
+            let at_ms = now_ms() + i64::try_from(deferred.0.as_millis()).unwrap_or(i64::MAX);
+            return (RecordedOutcome::Deferred { at_ms }, Outcome::Deferred);
+        }
+        if plan.operation == Operation::Create && link.pending_version != Some(plan.version) {
+            // Durable before the request leaves: if we crash or time out,
+            // the next attempt replays this create with the same key.
+            match inner.store.mark_create_pending(link, plan.version).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return (
+                        RecordedOutcome::Deferred { at_ms: now_ms() },
+                        Outcome::LeaseLost,
+                    )
+                }
+                Err(error) => return self.retry_later(link, None, None, store_error(error)),
+            }
+        }
+        let pushed_hash = hash(&plan.record);
+        let request = PushRequest {
+            entity: ENTITY.to_owned(),
+            operation: plan.operation,
+            local_id: link.customer_id.clone(),
+            remote_id: link.remote_id.clone(),
+            version: u64::try_from(plan.version).unwrap_or_default(),
+            idempotency_key: plan.key.clone(),
+            record: plan.record,
+        };
+        let operation = operation_name(plan.operation);
+        tracing::debug!(operation, version = plan.version, "pushing");
+        match connector.push(&config.config, request).await {
+            Ok(result) => {
+                inner.breakers.success(&link.connector);
+                let snapshot = result
+                    .record
+                    .as_deref()
+                    .and_then(|r| serde_json::from_str(r).ok());
+                (
+                    RecordedOutcome::Delivered {
+                        operation,
+                        version: plan.version,
+                        remote_id: result.remote_id.clone(),
+                        remote_deleted: plan.operation == Operation::Delete,
+                        pushed_hash,
+                        snapshot,
+                    },
+                    Outcome::Delivered {
+                        operation: operation.to_owned(),
+                        remote_id: result.remote_id,
+                    },
+                )
+            }
+            Err(CallError::Connector(ConnectorError::NotFound(message)))
+                if plan.operation == Operation::Delete =>
+            {
+                inner.breakers.success(&link.connector);
+                tracing::info!(message, "remote record already gone; delete counts as done");
+                let remote_id = link.remote_id.clone().unwrap_or_default();
+                (
+                    RecordedOutcome::Delivered {
+                        operation,
+                        version: plan.version,
+                        remote_id: remote_id.clone(),
+                        remote_deleted: true,
+                        pushed_hash,
+                        snapshot: None,
+                    },
+                    Outcome::Delivered {
+                        operation: operation.to_owned(),
+                        remote_id,
+                    },
+                )
+            }
+            Err(error) => self.failed(link, plan.version, operation, error),
+        }
+    }
+
+    /// What to push for `customer`, or why nothing is (reason, and whether
+    /// that settles the version).
+    async fn plan(
+        &self,
+        link: &SyncLink,
+        customer: &Customer,
+    ) -> Result<Result<Plan, (String, bool)>, crate::store::StoreError> {
+        if let Some(pending) = link.pending_version {
+            if link.remote_id.is_none() {
+                if let Some(payload) = self
+                    .inner
+                    .store
+                    .outbox_payload(&link.customer_id, pending)
+                    .await?
+                {
+                    return Ok(Ok(Plan {
+                        operation: Operation::Create,
+                        version: pending,
+                        record: canonical_record(&payload).to_string(),
+                        key: idempotency_key(&link.connector, &link.customer_id, pending),
+                    }));
+                }
+            }
+        }
+        let current = serde_json::to_value(customer)?;
+        let record = canonical_record(&current).to_string();
+        let key = idempotency_key(&link.connector, &link.customer_id, customer.version);
+        if customer.deleted_at.is_some() {
+            return Ok(match &link.remote_id {
+                Some(_) if !link.remote_deleted => Ok(Plan {
+                    operation: Operation::Delete,
+                    version: customer.version,
+                    record,
+                    key,
+                }),
+                Some(_) => Err(("remote record already deleted".into(), true)),
+                None => Err(("deleted before it was ever pushed".into(), true)),
+            });
+        }
+        if customer.version <= link.synced_version {
+            return Ok(Err((
+                format!("version {} already synced", customer.version),
+                false,
+            )));
+        }
+        if link.remote_id.is_none() {
+            return Ok(Ok(Plan {
+                operation: Operation::Create,
+                version: customer.version,
+                record,
+                key,
+            }));
+        }
+        if link.pushed_hash.as_deref() == Some(hash(&record).as_str()) {
+            return Ok(Err(("content unchanged since the last push".into(), true)));
+        }
+        Ok(Ok(Plan {
+            operation: Operation::Update,
+            version: customer.version,
+            record,
+            key,
+        }))
+    }
+
+    fn failed(
+        &self,
+        link: &SyncLink,
+        version: i64,
+        operation: &'static str,
+        error: CallError,
+    ) -> (RecordedOutcome, Outcome) {
+        let breakers = &self.inner.breakers;
+        let dead = |kind: &str, message: String| {
+            (
+                RecordedOutcome::DeadLettered {
+                    version,
+                    operation: Some(operation),
+                    attempt: link.attempts + 1,
+                    error_kind: kind.to_owned(),
+                    error: message.clone(),
+                },
+                Outcome::DeadLettered { reason: message },
+            )
+        };
+        match error {
+            CallError::Connector(ConnectorError::RateLimited(limit)) => {
+                let after = limit.retry_after_ms.map(Duration::from_millis);
+                if let Some(after) = after {
+                    breakers.pause(&link.connector, after);
+                }
+                self.retry_later(
+                    link,
+                    Some((version, operation)),
+                    after,
+                    format!("rate limited: {}", limit.message),
+                )
+            }
+            CallError::Connector(ConnectorError::Permanent(message)) => {
+                breakers.success(&link.connector);
+                dead("permanent", message)
+            }
+            CallError::Connector(ConnectorError::NotFound(message)) => {
+                breakers.success(&link.connector);
+                dead("not_found", format!("remote record not found: {message}"))
+            }
+            CallError::Connector(ConnectorError::Unauthorized(message)) => {
+                breakers.success(&link.connector);
+                dead("unauthorized", format!("unauthorized: {message}"))
+            }
+            CallError::Connector(ConnectorError::Unsupported(message)) => {
+                dead("unsupported", format!("unsupported: {message}"))
+            }
+            CallError::Connector(ConnectorError::InvalidSignature(message)) => {
+                dead("permanent", message)
+            }
+            CallError::Connector(ConnectorError::Retryable(message)) => {
+                breakers.failure(&link.connector);
+                self.retry_later(link, Some((version, operation)), None, message)
+            }
+            // The guest misbehaved or ran out of time: retry, since a
+            // timeout may be the remote's, and let the attempt budget end it.
+            other => {
+                breakers.failure(&link.connector);
+                self.retry_later(link, Some((version, operation)), None, other.to_string())
+            }
+        }
+    }
+
+    fn retry_later(
+        &self,
+        link: &SyncLink,
+        attempted: Option<(i64, &'static str)>,
+        retry_after: Option<Duration>,
+        error: String,
+    ) -> (RecordedOutcome, Outcome) {
+        let policy = &self.inner.policy;
+        let attempt = link.attempts + 1;
+        let (version, operation) = attempted.unwrap_or((link.wanted_version, "none"));
+        if policy.exhausted(u32::try_from(attempt).unwrap_or(u32::MAX)) {
+            let message = format!("gave up after {attempt} attempts: {error}");
+            return (
+                RecordedOutcome::DeadLettered {
+                    version,
+                    operation: attempted.map(|(_, op)| op),
+                    attempt,
+                    error_kind: "retries_exhausted".into(),
+                    error: message.clone(),
+                },
+                Outcome::DeadLettered { reason: message },
+            );
+        }
+        let delay = policy.delay(u32::try_from(attempt).unwrap_or(u32::MAX), retry_after);
+        let at_ms = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        tracing::info!(
+            attempt,
+            delay_ms = delay.as_millis() as u64,
+            error,
+            "push failed; retry scheduled"
+        );
+        (
+            RecordedOutcome::RetryScheduled {
+                version,
+                operation,
+                attempt,
+                at_ms,
+                error,
+                pending_version: None,
+            },
+            Outcome::RetryScheduled { attempt, at_ms },
+        )
+    }
+}
+
+fn store_error(error: impl Into<anyhow::Error>) -> String {
+    format!("store unavailable: {:#}", error.into())
+}

@@ -1,0 +1,91 @@
+//! When to try again: exponential backoff with full jitter, a cap, and the
+//! remote's Retry-After honoured.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// Longest Retry-After honoured; a remote asking for more is treated as if
+/// it asked for this (an operator will see the retries in the log).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The retry schedule of failed pushes.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Attempts before a retryable failure is dead-lettered.
+    pub max_attempts: u32,
+    /// Cap of the first delay.
+    pub base: Duration,
+    /// Cap of any delay (Retry-After excepted).
+    pub max_delay: Duration,
+}
+
+impl RetryPolicy {
+    /// Whether attempt number `attempt` (1-based) was the last allowed.
+    pub fn exhausted(&self, attempt: u32) -> bool {
+        attempt >= self.max_attempts
+    }
+
+    /// The delay after failed attempt `attempt` (1-based): uniform in
+    /// `[0, min(max_delay, base * 2^(attempt-1))]` ("full jitter", which
+    /// spreads the retries of many records failing together), but never
+    /// sooner than `retry_after`.
+    pub fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let exponent = attempt.saturating_sub(1).min(30);
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << exponent)
+            .min(self.max_delay);
+        let jittered = Duration::from_millis(
+            rand::thread_rng()
+                .gen_range(0..=u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX)),
+        );
+        match retry_after {
+            Some(after) => jittered.max(after.min(MAX_RETRY_AFTER)),
+            None => jittered,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: RetryPolicy = RetryPolicy {
+        max_attempts: 5,
+        base: Duration::from_secs(1),
+        max_delay: Duration::from_secs(60),
+    };
+
+    #[test]
+    fn delays_grow_exponentially_under_the_cap() {
+        for _ in 0..200 {
+            assert!(POLICY.delay(1, None) <= Duration::from_secs(1));
+            assert!(POLICY.delay(3, None) <= Duration::from_secs(4));
+            assert!(POLICY.delay(40, None) <= Duration::from_secs(60));
+        }
+        // Full jitter: not every delay sits at the ceiling.
+        let spread: std::collections::BTreeSet<_> =
+            (0..50).map(|_| POLICY.delay(6, None)).collect();
+        assert!(spread.len() > 10);
+    }
+
+    #[test]
+    fn retry_after_is_a_floor() {
+        for _ in 0..100 {
+            assert!(POLICY.delay(1, Some(Duration::from_secs(30))) >= Duration::from_secs(30));
+        }
+        // Above the cap too: the remote knows best, within a day.
+        assert!(POLICY.delay(1, Some(Duration::from_secs(600))) >= Duration::from_secs(600));
+        assert_eq!(
+            POLICY.delay(1, Some(Duration::from_secs(10 * 86_400))),
+            MAX_RETRY_AFTER
+        );
+    }
+
+    #[test]
+    fn the_last_attempt_is_the_configured_one() {
+        assert!(!POLICY.exhausted(4));
+        assert!(POLICY.exhausted(5));
+    }
+}

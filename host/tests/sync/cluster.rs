@@ -1,0 +1,101 @@
+//! Cluster mode: PostgreSQL and a real Kafka-protocol broker (tansu).
+
+use std::time::Duration;
+
+use ferry_test_support::kafka::Broker;
+use ferry_test_support::localstripe::LocalStripe;
+use serde_json::json;
+
+use crate::helpers::{
+    email, spawn_sync_app, stripe_customer, stripe_customers_by_email, Backend, Setup,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_update_delete_through_kafka() {
+    let broker = Broker::start().expect("broker");
+    let stripe = LocalStripe::start().expect("localstripe");
+    let mut setup = Setup::new(Backend::Postgres, &stripe.url());
+    setup.kafka = Some(broker.bootstrap());
+    let app = spawn_sync_app(setup).await;
+
+    let ada = email("kafka");
+    let customer = app.create(json!({"name": "Ada", "email": ada})).await;
+    let id = customer["id"].as_str().expect("id");
+    let link = app.wait_synced(id, 1).await;
+    let remote_id = link["remote_id"].as_str().expect("linked").to_owned();
+    assert_eq!(
+        stripe_customer(&stripe.url(), &remote_id)
+            .await
+            .expect("created")["name"],
+        "Ada"
+    );
+
+    app.patch(id, json!({"name": "Ada K."})).await;
+    app.wait_synced(id, 2).await;
+    assert_eq!(
+        stripe_customer(&stripe.url(), &remote_id)
+            .await
+            .expect("exists")["name"],
+        "Ada K."
+    );
+
+    app.delete(id).await;
+    app.wait_synced(id, 3).await;
+    assert!(stripe_customer(&stripe.url(), &remote_id).await.is_none());
+
+    // Every outbox row was published (after the broker's acknowledgement).
+    let unpublished = app.store.unpublished_outbox(10).await.expect("outbox");
+    assert!(unpublished.is_empty(), "{unpublished:?}");
+}
+
+/// Two replicas on one database and one broker share the work: every
+/// customer reaches Stripe exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_the_work_without_double_pushes() {
+    let broker = Broker::start().expect("broker");
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = ferry_test_support::fault_proxy::FaultProxy::start(&stripe.url())
+        .await
+        .expect("proxy");
+    let mut setup = Setup::new(Backend::Postgres, &proxy.url());
+    setup.kafka = Some(broker.bootstrap());
+    let topic_prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+    setup.extra = json!({"kafka_topic_prefix": topic_prefix});
+    let first = spawn_sync_app(setup).await;
+    let mut setup = Setup::new(Backend::Postgres, &proxy.url());
+    setup.kafka = Some(broker.bootstrap());
+    setup.database_url = Some(first.database_url.clone());
+    setup.extra = json!({"kafka_topic_prefix": topic_prefix});
+    let second = spawn_sync_app(setup).await;
+
+    let mut ids = Vec::new();
+    let mut emails = Vec::new();
+    for n in 0..40 {
+        let replica = if n % 2 == 0 { &first } else { &second };
+        let address = email(&format!("replica{n}"));
+        let customer = replica
+            .create(json!({"email": address, "name": format!("n{n}")}))
+            .await;
+        ids.push(customer["id"].as_str().expect("id").to_owned());
+        emails.push(address);
+    }
+    for id in &ids {
+        first
+            .wait_link(id, Duration::from_secs(30), |l| l["state"] == "synced")
+            .await;
+    }
+    let creates = proxy.requests_to("POST", "/v1/customers");
+    assert_eq!(
+        creates.len(),
+        40,
+        "one create per customer, no double pushes"
+    );
+    for address in &emails {
+        assert_eq!(
+            stripe_customers_by_email(&stripe.url(), address)
+                .await
+                .len(),
+            1
+        );
+    }
+}

@@ -1,0 +1,330 @@
+//! Faults between ferry and Stripe: a proxy in front of localstripe times
+//! out, rate-limits, fails, refuses, and goes down; it honours
+//! `Idempotency-Key` the way Stripe documents it (localstripe does not).
+
+use std::time::Duration;
+
+use ferry_test_support::fault_proxy::{Fault, FaultProxy, Match};
+use ferry_test_support::localstripe::LocalStripe;
+use serde_json::{json, Value};
+
+use crate::helpers::{email, spawn_sync_app, stripe_customers_by_email, Backend, Setup, SyncApp};
+
+struct Harness {
+    stripe: LocalStripe,
+    proxy: FaultProxy,
+    app: SyncApp,
+}
+
+async fn harness(extra: Value) -> Harness {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    proxy.emulate_stripe_idempotency();
+    let mut setup = Setup::new(Backend::Sqlite, &proxy.url());
+    setup.extra = extra;
+    let app = spawn_sync_app(setup).await;
+    Harness { stripe, proxy, app }
+}
+
+fn outcomes(status: &Value) -> Vec<String> {
+    status["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .rev()
+        .map(|d| d["outcome"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// The remote applied the create but the answer came too late: the retry
+/// carries the same idempotency key, so Stripe answers with the customer it
+/// already made and no second one exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_after_the_remote_applied_the_write_creates_no_duplicate() {
+    let h = harness(json!({})).await;
+    h.proxy.push(
+        Match::request("POST", "/v1/customers"),
+        Fault::ForwardThenDelay(Duration::from_secs(4)),
+    );
+    let address = email("timeout");
+    let customer = h
+        .app
+        .create(json!({"email": address, "name": "Slow"}))
+        .await;
+    let id = customer["id"].as_str().unwrap();
+    h.app.wait_synced(id, 1).await;
+
+    let creates = h.proxy.requests_to("POST", "/v1/customers");
+    assert_eq!(creates.len(), 2, "one timed-out attempt, one retry");
+    assert_eq!(
+        creates[0].header("idempotency-key"),
+        creates[1].header("idempotency-key")
+    );
+    assert!(
+        creates[0].forwarded && !creates[1].forwarded,
+        "the retry was answered from Stripe's saved result"
+    );
+    assert_eq!(
+        stripe_customers_by_email(&h.stripe.url(), &address)
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(
+        outcomes(&h.app.sync_status(id).await),
+        ["retry_scheduled", "delivered"]
+    );
+}
+
+/// 429 with Retry-After: the next attempt waits at least that long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_honour_retry_after() {
+    let h = harness(json!({})).await;
+    h.proxy.push(
+        Match::request("POST", "/v1/customers"),
+        Fault::rate_limited(1),
+    );
+    let customer = h.app.create(json!({"email": email("limited")})).await;
+    let id = customer["id"].as_str().unwrap();
+    h.app.wait_synced(id, 1).await;
+    let status = h.app.sync_status(id).await;
+    assert_eq!(outcomes(&status), ["retry_scheduled", "delivered"]);
+    let retry = &status["history"][1];
+    let scheduled_at =
+        chrono::DateTime::parse_from_rfc3339(retry["created_at"].as_str().unwrap()).unwrap();
+    let delay = retry["next_attempt_at_ms"].as_i64().unwrap() - scheduled_at.timestamp_millis();
+    assert!(delay >= 1_000, "Retry-After: 1 honoured (delay {delay} ms)");
+    assert!(
+        retry["detail"].as_str().unwrap().contains("rate limited"),
+        "{retry}"
+    );
+}
+
+/// 500s then success: retried with backoff until delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_are_retried_until_delivered() {
+    let h = harness(json!({})).await;
+    for _ in 0..2 {
+        h.proxy
+            .push(Match::request("POST", "/v1/customers"), Fault::status(500));
+    }
+    let address = email("flaky");
+    let customer = h.app.create(json!({"email": address})).await;
+    let id = customer["id"].as_str().unwrap();
+    h.app.wait_synced(id, 1).await;
+    assert_eq!(
+        outcomes(&h.app.sync_status(id).await),
+        ["retry_scheduled", "retry_scheduled", "delivered"]
+    );
+    assert_eq!(
+        stripe_customers_by_email(&h.stripe.url(), &address)
+            .await
+            .len(),
+        1
+    );
+}
+
+/// A permanent 400 dead-letters at once; replaying it after the cause is
+/// fixed delivers it. Exhausted retries dead-letter too, and a bulk replay
+/// by connector brings them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_errors_dead_letter_and_replay_delivers() {
+    let h = harness(json!({})).await;
+    h.proxy.push(
+        Match::request("POST", "/v1/customers"),
+        Fault::stripe_error(400, "invalid_request_error", "Invalid email address"),
+    );
+    let customer = h.app.create(json!({"email": email("refused")})).await;
+    let id = customer["id"].as_str().unwrap();
+    let link = h
+        .app
+        .wait_link(id, Duration::from_secs(10), |l| l["state"] == "dead")
+        .await;
+    assert!(
+        link["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("Invalid email"),
+        "{link}"
+    );
+    assert_eq!(
+        h.proxy.requests_to("POST", "/v1/customers").len(),
+        1,
+        "no retry of a permanent error"
+    );
+
+    let (status, letters) = h
+        .app
+        .send(
+            reqwest::Method::GET,
+            "/api/v1/dead-letters?connector=stripe",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let letter = letters["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["customer_id"] == id)
+        .expect("dead letter")
+        .clone();
+    assert_eq!(letter["error_kind"], "permanent");
+
+    // The cause is fixed (the fault was one-off); replay.
+    let path = format!(
+        "/api/v1/dead-letters/{}/replay",
+        letter["id"].as_str().unwrap()
+    );
+    let (status, replayed) = h.app.send(reqwest::Method::POST, &path, None).await;
+    assert_eq!(
+        (status, replayed["replayed"].as_u64()),
+        (200, Some(1)),
+        "{replayed}"
+    );
+    h.app.wait_synced(id, 1).await;
+    let (_, open) = h
+        .app
+        .send(reqwest::Method::GET, "/api/v1/dead-letters", None)
+        .await;
+    assert_eq!(open["data"], json!([]), "nothing left open");
+    let (status, again) = h.app.send(reqwest::Method::POST, &path, None).await;
+    assert_eq!(
+        (status, again["replayed"].as_u64()),
+        (200, Some(0)),
+        "a second replay is a no-op"
+    );
+
+    // Retries exhausted (5 attempts) → dead letter; bulk replay.
+    for _ in 0..5 {
+        h.proxy
+            .push(Match::request("POST", "/v1/customers"), Fault::status(503));
+    }
+    let other = h.app.create(json!({"email": email("exhausted")})).await;
+    let other_id = other["id"].as_str().unwrap();
+    let link = h
+        .app
+        .wait_link(other_id, Duration::from_secs(20), |l| l["state"] == "dead")
+        .await;
+    assert_eq!(link["attempts"], 5, "{link}");
+    let (status, replayed) = h
+        .app
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/dead-letters/replay",
+            Some(json!({"connector": "stripe"})),
+        )
+        .await;
+    assert_eq!(
+        (status, replayed["replayed"].as_u64()),
+        (200, Some(1)),
+        "{replayed}"
+    );
+    h.app.wait_synced(other_id, 1).await;
+
+    let (status, problem) = h
+        .app
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/dead-letters/dl_nope/replay",
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (404, Some("dead_letter_not_found"))
+    );
+}
+
+/// The remote goes down: the breaker opens, waiting behind it spends no
+/// attempts, and when the remote is back everything is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_opens_while_the_remote_is_down_and_recovers() {
+    let h = harness(json!({"sync_max_attempts": 6})).await;
+    h.proxy.set_down(true);
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let customer = h
+            .app
+            .create(json!({"email": email(&format!("down{n}"))}))
+            .await;
+        ids.push(customer["id"].as_str().unwrap().to_owned());
+    }
+    // Three failures open the breaker.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, connector) = h
+            .app
+            .send(reqwest::Method::GET, "/api/v1/connectors/stripe", None)
+            .await;
+        if connector["breaker"]["state"] == "open" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "breaker never opened: {connector}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Down for far longer than 6 attempts at ≤ 400 ms would take: only the
+    // probes (one per cool-down) spend attempts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut spent = 0;
+    for id in &ids {
+        let link = &h.app.sync_status(id).await["connectors"][0];
+        assert_ne!(
+            link["state"], "dead",
+            "waiting behind the breaker spent the budget: {link}"
+        );
+        spent += link["attempts"].as_i64().unwrap_or(0);
+    }
+    assert!(
+        spent <= 3 + 4,
+        "only the failures that opened it and the probes count: {spent}"
+    );
+
+    h.proxy.set_down(false);
+    for id in &ids {
+        h.app.wait_synced(id, 1).await;
+    }
+    let (_, connector) = h
+        .app
+        .send(reqwest::Method::GET, "/api/v1/connectors/stripe", None)
+        .await;
+    assert_eq!(connector["breaker"]["state"], "closed", "{connector}");
+}
+
+/// One customer waiting for a retry does not hold up another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_for_one_customer_does_not_block_others() {
+    let h = harness(json!({"sync_backoff_base": "2s", "sync_backoff_max": "3s"})).await;
+    let slow = h.app.create(json!({"email": email("slow")})).await;
+    let slow_id = slow["id"].as_str().unwrap();
+    let link = h.app.wait_synced(slow_id, 1).await;
+    let remote = link["remote_id"].as_str().unwrap();
+    // Its updates fail (on its own remote path) until the faults run out.
+    for _ in 0..2 {
+        h.proxy.push(
+            Match::request("POST", &format!("/v1/customers/{remote}")),
+            Fault::status(500),
+        );
+    }
+    h.app.patch(slow_id, json!({"name": "changed"})).await;
+    h.app
+        .wait_link(slow_id, Duration::from_secs(10), |l| l["state"] == "retry")
+        .await;
+
+    let fast = h.app.create(json!({"email": email("fast")})).await;
+    let fast_id = fast["id"].as_str().unwrap();
+    h.app.wait_synced(fast_id, 1).await;
+    let slow_link = &h.app.sync_status(slow_id).await["connectors"][0];
+    assert_eq!(
+        slow_link["synced_version"], 1,
+        "the other customer went first: {slow_link}"
+    );
+    h.app
+        .wait_link(slow_id, Duration::from_secs(20), |l| {
+            l["synced_version"] == 2
+        })
+        .await;
+}

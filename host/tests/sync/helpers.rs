@@ -1,0 +1,271 @@
+//! `spawn_sync_app()`: a ferry with the Stripe connector loaded and pointed
+//! at a given Stripe base URL, with fast retries; and waits on sync state.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use ferry::app::App;
+use ferry::config::{Config, LogFormat};
+use ferry::store::Store;
+use ferry_test_support::postgres::PgCluster;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// Which store a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The API key ferry sends to localstripe (which accepts any).
+pub const STRIPE_KEY: &str = "sk_test_ferry";
+
+/// How a test's ferry is set up.
+pub struct Setup {
+    pub backend: Backend,
+    /// Stripe's base URL (localstripe or a proxy in front of it).
+    pub stripe_url: Option<String>,
+    /// Kafka bootstrap servers: cluster mode.
+    pub kafka: Option<String>,
+    /// An existing database to share (two replicas); else a fresh one.
+    pub database_url: Option<String>,
+    /// More config overrides.
+    pub extra: Value,
+}
+
+impl Setup {
+    pub fn new(backend: Backend, stripe_url: &str) -> Self {
+        Self {
+            backend,
+            stripe_url: Some(stripe_url.to_owned()),
+            kafka: None,
+            database_url: None,
+            extra: json!({}),
+        }
+    }
+}
+
+pub struct SyncApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub store: Store,
+    pub database_url: String,
+    cancel: CancellationToken,
+    _server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for SyncApp {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+fn init_logs() {
+    static INIT: OnceLock<()> = OnceLock::new();
+    INIT.get_or_init(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = ferry::telemetry::init(LogFormat::Text, "info,ferry=debug", std::io::stdout);
+        }
+    });
+}
+
+/// The built Stripe component.
+pub fn stripe_component() -> PathBuf {
+    ferry_test_support::wasm::component_path("ferry_connector_stripe")
+}
+
+pub async fn spawn_sync_app(setup: Setup) -> SyncApp {
+    init_logs();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let connectors = dir.path().join("connectors");
+    std::fs::create_dir_all(&connectors).expect("connectors dir");
+    std::fs::copy(stripe_component(), connectors.join("stripe.wasm")).expect("copy stripe.wasm");
+    let database_url = match (setup.database_url, setup.backend) {
+        (Some(url), _) => url,
+        (None, Backend::Sqlite) => format!("sqlite://{}", dir.path().join("ferry.db").display()),
+        (None, Backend::Postgres) => PgCluster::shared()
+            .create_database()
+            .await
+            .expect("test database"),
+    };
+    let mut overrides = json!({
+        "listen": "127.0.0.1:0",
+        "database_url": &database_url,
+        "database_max_connections": 8,
+        "connectors_dir": connectors,
+        "allow_private_hosts": true,
+        "master_key": "test-master-key-0123456789abcdef",
+        "sync_backoff_base": "100ms",
+        "sync_backoff_max": "400ms",
+        "sync_max_attempts": 5,
+        "connector_call_timeout": "2s",
+        "sync_lease": "4s",
+        "breaker_failure_threshold": 3,
+        "breaker_cooldown": "1s",
+    });
+    if let Some(url) = &setup.stripe_url {
+        overrides["connectors"] = json!({
+            "stripe": { "settings": { "api_base": url }, "secrets": { "api_key": STRIPE_KEY } }
+        });
+    }
+    if let Some(kafka) = &setup.kafka {
+        overrides["kafka_brokers"] = json!(kafka);
+        overrides["kafka_topic_prefix"] = json!(format!("t{}", uuid::Uuid::new_v4().simple()));
+        overrides["kafka_partitions"] = json!(3);
+    }
+    if let (Some(target), Some(extra)) = (overrides.as_object_mut(), setup.extra.as_object()) {
+        for (k, v) in extra {
+            target.insert(k.clone(), v.clone());
+        }
+    }
+    let config = Config::from_overrides(overrides).expect("test config");
+    let app = App::build(config).await.expect("app builds");
+    let base = format!("http://{}", app.address());
+    let store = app.state().store.clone();
+    let cancel = app.cancellation_token();
+    let server = tokio::spawn(app.run_until_stopped());
+    SyncApp {
+        base,
+        client: reqwest::Client::new(),
+        store,
+        database_url,
+        cancel,
+        _server: server,
+        _dir: dir,
+    }
+}
+
+impl SyncApp {
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request sent");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn create(&self, body: Value) -> Value {
+        let (status, customer) = self
+            .send(reqwest::Method::POST, "/api/v1/customers", Some(body))
+            .await;
+        assert_eq!(status, 201, "create failed: {customer}");
+        customer
+    }
+
+    pub async fn patch(&self, id: &str, body: Value) -> Value {
+        let (status, customer) = self
+            .send(
+                reqwest::Method::PATCH,
+                &format!("/api/v1/customers/{id}"),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, 200, "patch failed: {customer}");
+        customer
+    }
+
+    pub async fn delete(&self, id: &str) {
+        let (status, body) = self
+            .send(
+                reqwest::Method::DELETE,
+                &format!("/api/v1/customers/{id}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "delete failed: {body}");
+    }
+
+    pub async fn sync_status(&self, id: &str) -> Value {
+        let (status, body) = self
+            .send(
+                reqwest::Method::GET,
+                &format!("/api/v1/customers/{id}/sync"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "sync status: {body}");
+        body
+    }
+
+    /// Waits until the customer's Stripe link satisfies `done`; returns it.
+    pub async fn wait_link(
+        &self,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.sync_status(id).await;
+            let link = status["connectors"]
+                .as_array()
+                .and_then(|links| links.iter().find(|l| l["connector"] == "stripe"))
+                .cloned()
+                .unwrap_or(Value::Null);
+            if done(&link) {
+                return link;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "sync of {id} did not settle within {timeout:?}: {status:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until version `version` of the customer is synced to Stripe.
+    pub async fn wait_synced(&self, id: &str, version: i64) -> Value {
+        self.wait_link(id, Duration::from_secs(20), |link| {
+            link["state"] == "synced" && link["synced_version"].as_i64() >= Some(version)
+        })
+        .await
+    }
+}
+
+/// A customer as Stripe holds it (GET /v1/customers/{id}); 404 → None.
+pub async fn stripe_customer(stripe_url: &str, remote_id: &str) -> Option<Value> {
+    let response = reqwest::Client::new()
+        .get(format!("{stripe_url}/v1/customers/{remote_id}"))
+        .bearer_auth(STRIPE_KEY)
+        .send()
+        .await
+        .expect("localstripe answers");
+    if response.status() == 404 {
+        return None;
+    }
+    let body: Value = response.json().await.expect("json");
+    if body["deleted"] == true {
+        return None;
+    }
+    Some(body)
+}
+
+/// Stripe customers with this email.
+pub async fn stripe_customers_by_email(stripe_url: &str, email: &str) -> Vec<Value> {
+    let body: Value = reqwest::Client::new()
+        .get(format!("{stripe_url}/v1/customers"))
+        .query(&[("email", email), ("limit", "100")])
+        .bearer_auth(STRIPE_KEY)
+        .send()
+        .await
+        .expect("localstripe answers")
+        .json()
+        .await
+        .expect("json");
+    body["data"].as_array().cloned().unwrap_or_default()
+}
+
+/// A unique email for a test.
+pub fn email(tag: &str) -> String {
+    format!("{tag}-{}@example.com", uuid::Uuid::new_v4().simple())
+}

@@ -1,0 +1,215 @@
+//! Local change → Stripe, on both backends with the in-process bus.
+
+use ferry_test_support::localstripe::LocalStripe;
+use serde_json::json;
+
+use crate::helpers::{email, spawn_sync_app, stripe_customer, Backend, Setup};
+
+async fn create_update_delete_reach_stripe(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(backend, &stripe.url())).await;
+    let address = json!({"line1": "12 St James's Square", "city": "London", "postal_code": "SW1Y 4JH", "country": "GB"});
+    let ada = email("ada");
+    let customer = app
+        .create(json!({"name": "Ada Lovelace", "email": ada, "phone": "+442079460000", "address": address, "metadata": {"tier": "gold"}}))
+        .await;
+    let id = customer["id"].as_str().expect("id");
+
+    // create → a Stripe customer with the same fields, and the link stored
+    let link = app.wait_synced(id, 1).await;
+    let remote_id = link["remote_id"].as_str().expect("linked").to_owned();
+    assert!(remote_id.starts_with("cus_"), "{link}");
+    let remote = stripe_customer(&stripe.url(), &remote_id)
+        .await
+        .expect("exists in Stripe");
+    assert_eq!(remote["email"], ada.as_str());
+    assert_eq!(remote["name"], "Ada Lovelace");
+    assert_eq!(remote["phone"], "+442079460000");
+    assert_eq!(remote["address"]["city"], "London");
+    assert_eq!(remote["metadata"]["tier"], "gold");
+    assert_eq!(remote["metadata"]["ferry_id"], id);
+    let stored = app
+        .store
+        .link_by_remote_id("stripe", &remote_id)
+        .await
+        .expect("store");
+    assert_eq!(stored.expect("link by remote id").customer_id, id);
+
+    // update → fields change, same remote record
+    app.patch(
+        id,
+        json!({"name": "Augusta Ada King", "metadata": {"tier": "platinum"}}),
+    )
+    .await;
+    let link = app.wait_synced(id, 2).await;
+    assert_eq!(link["remote_id"], remote_id.as_str());
+    let remote = stripe_customer(&stripe.url(), &remote_id)
+        .await
+        .expect("still exists");
+    assert_eq!(remote["name"], "Augusta Ada King");
+    assert_eq!(remote["metadata"]["tier"], "platinum");
+
+    // delete → removed in Stripe
+    app.delete(id).await;
+    let link = app.wait_synced(id, 3).await;
+    assert_eq!(link["remote_deleted"], true);
+    assert!(
+        stripe_customer(&stripe.url(), &remote_id).await.is_none(),
+        "deleted in Stripe"
+    );
+
+    // the history tells the story: three deliveries, nothing else
+    let status = app.sync_status(id).await;
+    let outcomes: Vec<(String, String)> = status["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .rev()
+        .map(|d| {
+            (
+                d["operation"].as_str().unwrap_or("").to_owned(),
+                d["outcome"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let delivered: Vec<&str> = outcomes
+        .iter()
+        .filter(|(_, outcome)| outcome == "delivered")
+        .map(|(op, _)| op.as_str())
+        .collect();
+    assert_eq!(delivered, ["create", "update", "delete"], "{status:#}");
+}
+
+/// A burst of changes to one customer ends with Stripe holding the last
+/// state, one remote customer, and no stale write after a newer one.
+async fn bursts_converge_on_the_latest_state(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(backend, &stripe.url())).await;
+    let address = email("burst");
+    let customer = app.create(json!({"email": address, "name": "v1"})).await;
+    let id = customer["id"].as_str().expect("id");
+    for n in 2..=10 {
+        app.patch(id, json!({"name": format!("v{n}")})).await;
+    }
+    let link = app.wait_synced(id, 10).await;
+    let remote = stripe_customer(&stripe.url(), link["remote_id"].as_str().expect("linked"))
+        .await
+        .expect("exists");
+    assert_eq!(remote["name"], "v10");
+    let same_email = crate::helpers::stripe_customers_by_email(&stripe.url(), &address).await;
+    assert_eq!(
+        same_email.len(),
+        1,
+        "exactly one Stripe customer: {same_email:#?}"
+    );
+}
+
+/// A connector without configuration is loaded but nothing is pushed, and
+/// the API says so; configuring it through the API enables it.
+async fn settings_through_the_api(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let mut setup = Setup::new(backend, &stripe.url());
+    setup.stripe_url = None;
+    let app = spawn_sync_app(setup).await;
+    let (status, connector) = app
+        .send(reqwest::Method::GET, "/api/v1/connectors/stripe", None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(connector["enabled"], false);
+    assert_eq!(connector["config_source"], "none");
+
+    let (status, problem) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/stripe/settings",
+            Some(json!({"settings": {"api_base": stripe.url(), "colour": "blue"}})),
+        )
+        .await;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(problem["code"], "validation_failed");
+    let fields: Vec<&str> = problem["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert!(fields.contains(&"settings.colour"), "{problem}");
+    assert!(fields.contains(&"secrets.api_key"), "{problem}");
+
+    let (status, connector) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/stripe/settings",
+            Some(json!({"settings": {"api_base": stripe.url()}, "secrets": {"api_key": "sk_test_from_api"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{connector}");
+    assert_eq!(connector["enabled"], true);
+    assert_eq!(connector["config_source"], "api");
+    assert_eq!(connector["secrets"], json!(["api_key"]));
+    assert!(
+        !connector.to_string().contains("sk_test_from_api"),
+        "secrets never come back"
+    );
+    let (_, listed) = app
+        .send(reqwest::Method::GET, "/api/v1/connectors", None)
+        .await;
+    assert!(!listed.to_string().contains("sk_test_from_api"));
+
+    let customer = app.create(json!({"email": email("api-configured")})).await;
+    let id = customer["id"].as_str().expect("id");
+    app.wait_synced(id, 1).await;
+
+    // The secret is stored sealed, not in clear.
+    let configs = app.store.connector_configs().await.expect("configs");
+    let sealed = configs[0].sealed_secrets.as_ref().expect("sealed");
+    assert!(!String::from_utf8_lossy(sealed).contains("sk_test_from_api"));
+
+    let (status, problem) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/nope/settings",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(problem["code"], "connector_not_found");
+}
+
+mod sqlite {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn create_update_delete() {
+        create_update_delete_reach_stripe(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bursts_converge() {
+        bursts_converge_on_the_latest_state(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn settings_api() {
+        settings_through_the_api(Backend::Sqlite).await;
+    }
+}
+
+mod postgres {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn create_update_delete() {
+        create_update_delete_reach_stripe(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bursts_converge() {
+        bursts_converge_on_the_latest_state(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn settings_api() {
+        settings_through_the_api(Backend::Postgres).await;
+    }
+}
