@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing ferry need, idempotently: the wasm
-# target, Debian packages (PostgreSQL 15 server), and a Python venv with
-# localstripe, the official stripe library and schemathesis.
+# target, Debian packages (PostgreSQL 15 server), a Python venv with
+# localstripe, the official stripe library and schemathesis, and the tansu
+# broker.
 # Usage: scripts/setup.sh [--test]
 source "$(dirname "$0")/lib.sh"
 want_test=false
@@ -23,4 +24,7 @@ if $want_test; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
   fi
   "$FERRY_ROOT/scripts/python-deps.sh"
+  # The Kafka-protocol broker the cluster-mode tests start (built once per
+  # machine, cached under $FERRY_CACHE_DIR/tools).
+  "$FERRY_ROOT/scripts/tansu.sh" >/dev/null
 fi

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # `make test`: the whole suite, as CI runs it. Installs what it needs, builds
 # the components, checks formatting and lints, runs every test against real
-# peers (throw-away PostgreSQL, localstripe), then schemathesis on both backends.
+# peers (throw-away PostgreSQL, localstripe, a tansu Kafka broker), then
+# schemathesis on both backends. docker-compose.yaml is checked with a parser
+# (no Docker engine runs here).
 source "$(dirname "$0")/lib.sh"
 cd "$FERRY_ROOT"
 "$FERRY_ROOT/scripts/setup.sh" --test
+"$FERRY_ROOT/scripts/check-compose.sh"
 "$FERRY_ROOT/scripts/build-connectors.sh"
 
 step "cargo fmt --check"
