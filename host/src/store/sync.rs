@@ -214,6 +214,16 @@ pub enum RecordedOutcome {
     },
 }
 
+/// A write to a claimed link, batched by the sync engine.
+#[derive(Debug, Clone)]
+pub enum LinkWrite {
+    /// A create of this version is about to be sent: if its outcome is
+    /// lost, the next attempt replays it exactly.
+    CreatePending(i64),
+    /// An attempt's outcome.
+    Outcome(RecordedOutcome),
+}
+
 /// One row of the delivery log.
 #[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
 pub struct Delivery {
@@ -339,6 +349,196 @@ const INSERT_DELIVERY_SQL: &str = "INSERT INTO deliveries (customer_id, connecto
     version, operation, outcome, attempt, detail, next_attempt_at_ms, remote_id, correlation_id, \
     created_at) VALUES ($1, $2, 'outbound', $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 
+/// Inside a dispatched transaction `$tx`: writes `$outcome` for `$link`
+/// under its lease. Evaluates to `Result<bool, StoreError>`: false if the
+/// lease was lost.
+macro_rules! record_in {
+    ($tx:ident, $link:expr, $outcome:expr, $at:expr) => {
+        async {
+            let updated = match $outcome {
+                RecordedOutcome::Delivered { version, remote_id, remote_deleted, pushed_hash, snapshot, .. } => {
+                    // Only the lease holder moves synced_version, so it can be
+                    // computed here; wanted_version may grow concurrently.
+                    let synced = $link.synced_version.max(*version);
+                    sqlx::query(
+                        "UPDATE sync_links SET remote_id = $1, remote_deleted = $2, synced_version = $3, \
+                         pushed_hash = $4, snapshot = $5, pending_version = NULL, attempts = 0, \
+                         last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $6, \
+                         state = CASE WHEN wanted_version > $3 THEN 'pending' ELSE 'synced' END, \
+                         next_attempt_at_ms = $7 \
+                         WHERE customer_id = $8 AND connector = $9 AND lease_token = $10",
+                    )
+                    .bind(remote_id)
+                    .bind(remote_deleted)
+                    .bind(synced)
+                    .bind(pushed_hash)
+                    .bind(snapshot.as_ref().map(Json))
+                    .bind($at)
+                    .bind($at.timestamp_millis())
+                    .bind(&$link.customer_id)
+                    .bind(&$link.connector)
+                    .bind(&$link.lease_token)
+                    .execute(&mut *$tx)
+                    .await
+                    .map_err(|e| match &e {
+                        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::RemoteIdTaken,
+                        _ => StoreError::Database(e),
+                    })?
+                }
+                RecordedOutcome::Skipped { version, mark_synced, .. } => {
+                    let synced = if *mark_synced {
+                        $link.synced_version.max(*version)
+                    } else {
+                        $link.synced_version
+                    };
+                    // A skip settles every version up to the one considered.
+                    let settled = synced.max(*version);
+                    sqlx::query(
+                        "UPDATE sync_links SET synced_version = $1, \
+                         state = CASE WHEN wanted_version > $2 THEN 'pending' ELSE 'synced' END, \
+                         attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, \
+                         next_attempt_at_ms = $3, updated_at = $4 \
+                         WHERE customer_id = $5 AND connector = $6 AND lease_token = $7",
+                    )
+                    .bind(synced)
+                    .bind(settled)
+                    .bind($at.timestamp_millis())
+                    .bind($at)
+                    .bind(&$link.customer_id)
+                    .bind(&$link.connector)
+                    .bind(&$link.lease_token)
+                    .execute(&mut *$tx)
+                    .await?
+                }
+                RecordedOutcome::RetryScheduled { attempt, at_ms, error, pending_version, .. } => {
+                    sqlx::query(
+                        "UPDATE sync_links SET state = 'retry', attempts = $1, next_attempt_at_ms = $2, \
+                         last_error = $3, pending_version = COALESCE($4, pending_version), \
+                         lease_until_ms = 0, lease_token = NULL, updated_at = $5 \
+                         WHERE customer_id = $6 AND connector = $7 AND lease_token = $8",
+                    )
+                    .bind(attempt)
+                    .bind(at_ms)
+                    .bind(error)
+                    .bind(pending_version)
+                    .bind($at)
+                    .bind(&$link.customer_id)
+                    .bind(&$link.connector)
+                    .bind(&$link.lease_token)
+                    .execute(&mut *$tx)
+                    .await?
+                }
+                RecordedOutcome::Deferred { at_ms } => {
+                    sqlx::query(
+                        "UPDATE sync_links SET next_attempt_at_ms = $1, lease_until_ms = 0, \
+                         lease_token = NULL WHERE customer_id = $2 AND connector = $3 AND lease_token = $4",
+                    )
+                    .bind(at_ms)
+                    .bind(&$link.customer_id)
+                    .bind(&$link.connector)
+                    .bind(&$link.lease_token)
+                    .execute(&mut *$tx)
+                    .await?
+                }
+                RecordedOutcome::DeadLettered { attempt, error, error_kind, .. } => {
+                    // A refused create was not applied: forget it, so a fixed
+                    // record is sent fresh. Exhausted retries may have been
+                    // applied (timeouts): keep replaying that create.
+                    let forget_pending = error_kind != "retries_exhausted";
+                    sqlx::query(
+                        "UPDATE sync_links SET state = 'dead', attempts = $1, last_error = $2, \
+                         pending_version = CASE WHEN $7 THEN NULL ELSE pending_version END, \
+                         lease_until_ms = 0, lease_token = NULL, updated_at = $3 \
+                         WHERE customer_id = $4 AND connector = $5 AND lease_token = $6",
+                    )
+                    .bind(attempt)
+                    .bind(error)
+                    .bind($at)
+                    .bind(&$link.customer_id)
+                    .bind(&$link.connector)
+                    .bind(&$link.lease_token)
+                    .bind(forget_pending)
+                    .execute(&mut *$tx)
+                    .await?
+                }
+            };
+            if updated.rows_affected() != 1 {
+                return Ok(false);
+            }
+            let (version, operation, outcome_name, attempt, detail, next_at, remote_id) = match $outcome {
+                RecordedOutcome::Delivered { operation, version, remote_id, .. } => {
+                    (*version, Some(*operation), "delivered", $link.attempts + 1, None, None, Some(remote_id.clone()))
+                }
+                RecordedOutcome::Skipped { version, reason, .. } => {
+                    (*version, None, "skipped", $link.attempts + 1, Some(reason.clone()), None, $link.remote_id.clone())
+                }
+                RecordedOutcome::RetryScheduled { version, operation, attempt, at_ms, error, .. } => {
+                    (*version, Some(*operation), "retry_scheduled", *attempt, Some(error.clone()), Some(*at_ms), $link.remote_id.clone())
+                }
+                RecordedOutcome::Deferred { .. } => return Ok(true),
+                RecordedOutcome::DeadLettered { version, operation, attempt, error, .. } => {
+                    (*version, *operation, "dead_lettered", *attempt, Some(error.clone()), None, $link.remote_id.clone())
+                }
+            };
+            sqlx::query(INSERT_DELIVERY_SQL)
+                .bind(&$link.customer_id)
+                .bind(&$link.connector)
+                .bind(version)
+                .bind(operation)
+                .bind(outcome_name)
+                .bind(attempt)
+                .bind(detail)
+                .bind(next_at)
+                .bind(remote_id)
+                .bind(&$link.correlation_id)
+                .bind($at)
+                .execute(&mut *$tx)
+                .await?;
+            if let RecordedOutcome::DeadLettered { version, attempt, error_kind, error, .. } = $outcome {
+                sqlx::query(
+                    "INSERT INTO dead_letters (id, customer_id, connector, direction, version, \
+                     error_kind, error, attempts, correlation_id, created_at) \
+                     VALUES ($1, $2, $3, 'outbound', $4, $5, $6, $7, $8, $9)",
+                )
+                .bind(format!("dl_{}", uuid::Uuid::now_v7().simple()))
+                .bind(&$link.customer_id)
+                .bind(&$link.connector)
+                .bind(version)
+                .bind(error_kind)
+                .bind(error)
+                .bind(attempt)
+                .bind(&$link.correlation_id)
+                .bind($at)
+                .execute(&mut *$tx)
+                .await?;
+            }
+            Ok::<bool, StoreError>(true)
+        }
+        .await
+    };
+}
+
+/// Inside a dispatched transaction `$tx`: records that a create of
+/// `$version` is about to be sent for `$link`.
+macro_rules! pending_in {
+    ($tx:ident, $link:expr, $version:expr) => {
+        async {
+            let updated = sqlx::query(
+                "UPDATE sync_links SET pending_version = $1 \
+                 WHERE customer_id = $2 AND connector = $3 AND lease_token = $4",
+            )
+            .bind($version)
+            .bind(&$link.customer_id)
+            .bind(&$link.connector)
+            .bind(&$link.lease_token)
+            .execute(&mut *$tx)
+            .await?;
+            Ok::<bool, StoreError>(updated.rows_affected() == 1)
+        }
+        .await
+    };
+}
+
 impl Store {
     /// Schedules a push of each change to each connector, and marks the
     /// outbox rows `published_ids` (embedded mode: the outbox is the bus) in
@@ -386,25 +586,32 @@ impl Store {
         Ok(keys)
     }
 
-    /// Claims one link if it is due and free; `None` if another worker holds
-    /// it or nothing is due.
-    pub async fn claim_link(
+    /// Claims each of `keys` that is due and free, in one transaction;
+    /// returns the claimed links.
+    pub async fn claim_links(
         &self,
-        key: &LinkKey,
+        keys: &[LinkKey],
         lease_token: &str,
         lease_until_ms: i64,
-    ) -> Result<Option<SyncLink>, StoreError> {
-        let row: Option<SyncLinkRow> = dispatch!(self, write pool => {
-            sqlx::query_as(CLAIM_ONE_SQL)
-                .bind(&key.customer_id)
-                .bind(&key.connector)
-                .bind(lease_until_ms)
-                .bind(lease_token)
-                .bind(now_ms())
-                .fetch_optional(pool)
-                .await?
+    ) -> Result<Vec<SyncLink>, StoreError> {
+        let now = now_ms();
+        let mut claimed = Vec::new();
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            for key in keys {
+                let row: Option<SyncLinkRow> = sqlx::query_as(CLAIM_ONE_SQL)
+                    .bind(&key.customer_id)
+                    .bind(&key.connector)
+                    .bind(lease_until_ms)
+                    .bind(lease_token)
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                claimed.extend(row.map(SyncLink::from));
+            }
+            tx.commit().await?;
         });
-        Ok(row.map(SyncLink::from))
+        Ok(claimed)
     }
 
     /// Claims up to `limit` due, free links, oldest due first.
@@ -451,198 +658,42 @@ impl Store {
         Ok(next)
     }
 
-    /// Records that a create of `version` is about to be sent, so that if
-    /// its outcome is lost the next attempt replays it exactly.
-    pub async fn mark_create_pending(
+    /// Applies link writes under their leases in ONE transaction (group
+    /// commit: concurrent pushes share the fsync). Returns, per write,
+    /// whether the lease still held. If the transaction fails (e.g. one
+    /// write hit the unique remote id), nothing is applied and the caller
+    /// retries the writes one by one to find the culprit.
+    #[tracing::instrument(skip_all, fields(writes = writes.len()))]
+    pub async fn write_links(
         &self,
-        link: &SyncLink,
-        version: i64,
-    ) -> Result<bool, StoreError> {
-        let done = dispatch!(self, write pool => {
-            sqlx::query(
-                "UPDATE sync_links SET pending_version = $1 \
-                 WHERE customer_id = $2 AND connector = $3 AND lease_token = $4",
-            )
-            .bind(version)
-            .bind(&link.customer_id)
-            .bind(&link.connector)
-            .bind(&link.lease_token)
-            .execute(pool)
-            .await?
-            .rows_affected()
-        });
-        Ok(done == 1)
+        writes: &[(&SyncLink, &LinkWrite)],
+    ) -> Result<Vec<bool>, StoreError> {
+        let at = now();
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            let mut applied = Vec::with_capacity(writes.len());
+            for (link, write) in writes {
+                let done = match write {
+                    LinkWrite::CreatePending(version) => pending_in!(tx, link, version)?,
+                    LinkWrite::Outcome(outcome) => record_in!(tx, link, outcome, at)?,
+                };
+                applied.push(done);
+            }
+            tx.commit().await?;
+            Ok(applied)
+        })
     }
 
-    /// Writes an attempt's outcome under the lease that claimed `link`, with
-    /// its delivery record and dead letter, in one transaction. Returns
-    /// false if the lease was lost (another worker owns the row now).
-    #[tracing::instrument(skip_all, fields(customer_id = %link.customer_id, connector = %link.connector))]
+    /// Writes one attempt's outcome under the lease that claimed `link`,
+    /// with its delivery record and dead letter, in one transaction.
+    /// Returns false if the lease was lost (another worker owns the row).
     pub async fn record_outcome(
         &self,
         link: &SyncLink,
         outcome: &RecordedOutcome,
     ) -> Result<bool, StoreError> {
-        let at = now();
-        dispatch!(self, write pool => {
-            let mut tx = pool.begin().await?;
-            let updated = match outcome {
-                RecordedOutcome::Delivered { version, remote_id, remote_deleted, pushed_hash, snapshot, .. } => {
-                    // Only the lease holder moves synced_version, so it can be
-                    // computed here; wanted_version may grow concurrently.
-                    let synced = link.synced_version.max(*version);
-                    sqlx::query(
-                        "UPDATE sync_links SET remote_id = $1, remote_deleted = $2, synced_version = $3, \
-                         pushed_hash = $4, snapshot = $5, pending_version = NULL, attempts = 0, \
-                         last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $6, \
-                         state = CASE WHEN wanted_version > $3 THEN 'pending' ELSE 'synced' END, \
-                         next_attempt_at_ms = $7 \
-                         WHERE customer_id = $8 AND connector = $9 AND lease_token = $10",
-                    )
-                    .bind(remote_id)
-                    .bind(remote_deleted)
-                    .bind(synced)
-                    .bind(pushed_hash)
-                    .bind(snapshot.as_ref().map(Json))
-                    .bind(at)
-                    .bind(at.timestamp_millis())
-                    .bind(&link.customer_id)
-                    .bind(&link.connector)
-                    .bind(&link.lease_token)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| match &e {
-                        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::RemoteIdTaken,
-                        _ => StoreError::Database(e),
-                    })?
-                }
-                RecordedOutcome::Skipped { version, mark_synced, .. } => {
-                    let synced = if *mark_synced {
-                        link.synced_version.max(*version)
-                    } else {
-                        link.synced_version
-                    };
-                    // A skip settles every version up to the one considered.
-                    let settled = synced.max(*version);
-                    sqlx::query(
-                        "UPDATE sync_links SET synced_version = $1, \
-                         state = CASE WHEN wanted_version > $2 THEN 'pending' ELSE 'synced' END, \
-                         attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, \
-                         next_attempt_at_ms = $3, updated_at = $4 \
-                         WHERE customer_id = $5 AND connector = $6 AND lease_token = $7",
-                    )
-                    .bind(synced)
-                    .bind(settled)
-                    .bind(at.timestamp_millis())
-                    .bind(at)
-                    .bind(&link.customer_id)
-                    .bind(&link.connector)
-                    .bind(&link.lease_token)
-                    .execute(&mut *tx)
-                    .await?
-                }
-                RecordedOutcome::RetryScheduled { attempt, at_ms, error, pending_version, .. } => {
-                    sqlx::query(
-                        "UPDATE sync_links SET state = 'retry', attempts = $1, next_attempt_at_ms = $2, \
-                         last_error = $3, pending_version = COALESCE($4, pending_version), \
-                         lease_until_ms = 0, lease_token = NULL, updated_at = $5 \
-                         WHERE customer_id = $6 AND connector = $7 AND lease_token = $8",
-                    )
-                    .bind(attempt)
-                    .bind(at_ms)
-                    .bind(error)
-                    .bind(pending_version)
-                    .bind(at)
-                    .bind(&link.customer_id)
-                    .bind(&link.connector)
-                    .bind(&link.lease_token)
-                    .execute(&mut *tx)
-                    .await?
-                }
-                RecordedOutcome::Deferred { at_ms } => {
-                    sqlx::query(
-                        "UPDATE sync_links SET next_attempt_at_ms = $1, lease_until_ms = 0, \
-                         lease_token = NULL WHERE customer_id = $2 AND connector = $3 AND lease_token = $4",
-                    )
-                    .bind(at_ms)
-                    .bind(&link.customer_id)
-                    .bind(&link.connector)
-                    .bind(&link.lease_token)
-                    .execute(&mut *tx)
-                    .await?
-                }
-                RecordedOutcome::DeadLettered { attempt, error, .. } => {
-                    sqlx::query(
-                        "UPDATE sync_links SET state = 'dead', attempts = $1, last_error = $2, \
-                         lease_until_ms = 0, lease_token = NULL, updated_at = $3 \
-                         WHERE customer_id = $4 AND connector = $5 AND lease_token = $6",
-                    )
-                    .bind(attempt)
-                    .bind(error)
-                    .bind(at)
-                    .bind(&link.customer_id)
-                    .bind(&link.connector)
-                    .bind(&link.lease_token)
-                    .execute(&mut *tx)
-                    .await?
-                }
-            };
-            if updated.rows_affected() != 1 {
-                return Ok(false);
-            }
-            let (version, operation, outcome_name, attempt, detail, next_at, remote_id) = match outcome {
-                RecordedOutcome::Delivered { operation, version, remote_id, .. } => {
-                    (*version, Some(*operation), "delivered", link.attempts + 1, None, None, Some(remote_id.clone()))
-                }
-                RecordedOutcome::Skipped { version, reason, .. } => {
-                    (*version, None, "skipped", link.attempts + 1, Some(reason.clone()), None, link.remote_id.clone())
-                }
-                RecordedOutcome::RetryScheduled { version, operation, attempt, at_ms, error, .. } => {
-                    (*version, Some(*operation), "retry_scheduled", *attempt, Some(error.clone()), Some(*at_ms), link.remote_id.clone())
-                }
-                RecordedOutcome::Deferred { .. } => {
-                    tx.commit().await?;
-                    return Ok(true);
-                }
-                RecordedOutcome::DeadLettered { version, operation, attempt, error, .. } => {
-                    (*version, *operation, "dead_lettered", *attempt, Some(error.clone()), None, link.remote_id.clone())
-                }
-            };
-            sqlx::query(INSERT_DELIVERY_SQL)
-                .bind(&link.customer_id)
-                .bind(&link.connector)
-                .bind(version)
-                .bind(operation)
-                .bind(outcome_name)
-                .bind(attempt)
-                .bind(detail)
-                .bind(next_at)
-                .bind(remote_id)
-                .bind(&link.correlation_id)
-                .bind(at)
-                .execute(&mut *tx)
-                .await?;
-            if let RecordedOutcome::DeadLettered { version, attempt, error_kind, error, .. } = outcome {
-                sqlx::query(
-                    "INSERT INTO dead_letters (id, customer_id, connector, direction, version, \
-                     error_kind, error, attempts, correlation_id, created_at) \
-                     VALUES ($1, $2, $3, 'outbound', $4, $5, $6, $7, $8, $9)",
-                )
-                .bind(format!("dl_{}", uuid::Uuid::now_v7().simple()))
-                .bind(&link.customer_id)
-                .bind(&link.connector)
-                .bind(version)
-                .bind(error_kind)
-                .bind(error)
-                .bind(attempt)
-                .bind(&link.correlation_id)
-                .bind(at)
-                .execute(&mut *tx)
-                .await?;
-            }
-            tx.commit().await?;
-            Ok(true)
-        })
+        let write = LinkWrite::Outcome(outcome.clone());
+        Ok(self.write_links(&[(link, &write)]).await?[0])
     }
 
     /// The links of one customer, by connector.

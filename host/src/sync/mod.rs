@@ -14,7 +14,7 @@ pub mod retry;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -24,7 +24,18 @@ use self::retry::RetryPolicy;
 use crate::app::ConnectorRegistry;
 use crate::connector_settings::ConnectorSettings;
 use crate::store::sync::now_ms;
+use crate::store::sync::LinkWrite;
 use crate::store::{ChangeNotice, LinkKey, Store, StoreError, SyncLink};
+
+/// Most link writes committed in one transaction.
+const WRITE_BATCH: usize = 256;
+
+/// A link write waiting for the group commit, and who waits for it.
+struct WriteRequest {
+    link: SyncLink,
+    write: LinkWrite,
+    done: oneshot::Sender<Result<bool, StoreError>>,
+}
 
 /// Longest the scheduler sleeps without being woken.
 const IDLE_POLL: Duration = Duration::from_millis(500);
@@ -54,6 +65,7 @@ struct Inner {
     permits: Arc<Semaphore>,
     concurrency: usize,
     wake: Notify,
+    writes: mpsc::UnboundedSender<WriteRequest>,
 }
 
 /// The outbound sync engine; cheap to clone.
@@ -70,6 +82,8 @@ impl SyncEngine {
         settings: Arc<ConnectorSettings>,
         options: SyncOptions,
     ) -> Self {
+        let (writes, queued) = mpsc::unbounded_channel();
+        tokio::spawn(group_commit(store.clone(), queued));
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -84,8 +98,26 @@ impl SyncEngine {
                 permits: Arc::new(Semaphore::new(options.concurrency)),
                 concurrency: options.concurrency,
                 wake: Notify::new(),
+                writes,
             }),
         }
+    }
+
+    /// Writes to a claimed link through the group commit; true if the lease
+    /// still held.
+    async fn write_link(&self, link: &SyncLink, write: LinkWrite) -> Result<bool, StoreError> {
+        let (done, result) = oneshot::channel();
+        let request = WriteRequest {
+            link: link.clone(),
+            write,
+            done,
+        };
+        if self.inner.writes.send(request).is_err() {
+            return Err(StoreError::Database(sqlx::Error::PoolClosed));
+        }
+        result
+            .await
+            .unwrap_or(Err(StoreError::Database(sqlx::Error::PoolClosed)))
     }
 
     /// The per-connector circuit breakers.
@@ -141,14 +173,25 @@ impl SyncEngine {
         (token, until)
     }
 
-    /// Claims and pushes each of `keys` that is due and free, at most
-    /// `concurrency` at a time, and waits until every outcome is recorded.
-    /// Links another worker holds, or that wait in backoff, are left to
-    /// their owner and the scheduler.
+    /// Claims each of `keys` that is due and free (in one transaction),
+    /// pushes them, at most `concurrency` at a time, and waits until every
+    /// outcome is recorded. Links another worker holds, or that wait in
+    /// backoff, are left to their owner and the scheduler.
     pub async fn push_now(&self, keys: Vec<LinkKey>) -> Vec<Outcome> {
+        let (token, until) = self.lease();
+        let claimed = match self.inner.store.claim_links(&keys, &token, until).await {
+            Ok(claimed) => claimed,
+            Err(error) => {
+                tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::from(error)),
+                    "claiming links failed; the scheduler will push them"
+                );
+                return Vec::new();
+            }
+        };
         let tasks = TaskTracker::new();
-        let (outcomes_tx, mut outcomes_rx) = tokio::sync::mpsc::unbounded_channel();
-        for key in keys {
+        let (outcomes_tx, mut outcomes_rx) = mpsc::unbounded_channel();
+        for link in claimed {
             let Ok(permit) = self.inner.permits.clone().acquire_owned().await else {
                 break;
             };
@@ -156,17 +199,7 @@ impl SyncEngine {
             let outcomes_tx = outcomes_tx.clone();
             tasks.spawn(async move {
                 let _permit = permit;
-                let (token, until) = engine.lease();
-                match engine.inner.store.claim_link(&key, &token, until).await {
-                    Ok(Some(link)) => {
-                        let _ = outcomes_tx.send(engine.push_link(link).await);
-                    }
-                    Ok(None) => {}
-                    Err(error) => tracing::warn!(
-                        error = format!("{:#}", anyhow::Error::from(error)),
-                        "claiming a link failed; the scheduler will retry it"
-                    ),
-                }
+                let _ = outcomes_tx.send(engine.push_link(link).await);
             });
         }
         drop(outcomes_tx);
@@ -235,5 +268,34 @@ impl SyncEngine {
             let _permit = permit;
             engine.push_link(link).await;
         });
+    }
+}
+
+/// Commits queued link writes in batches: one transaction (one fsync) for
+/// every write that queued while the previous batch committed. Ends when
+/// the engine is dropped.
+async fn group_commit(store: Store, mut queued: mpsc::UnboundedReceiver<WriteRequest>) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    while queued.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        let writes: Vec<(&SyncLink, &LinkWrite)> =
+            batch.iter().map(|r| (&r.link, &r.write)).collect();
+        match store.write_links(&writes).await {
+            Ok(applied) => {
+                for (request, applied) in batch.drain(..).zip(applied) {
+                    let _ = request.done.send(Ok(applied));
+                }
+            }
+            // One bad write fails the whole transaction: apply them one by
+            // one so each gets its own answer.
+            Err(_) => {
+                for request in batch.drain(..) {
+                    let result = store
+                        .write_links(&[(&request.link, &request.write)])
+                        .await
+                        .map(|applied| applied[0]);
+                    let _ = request.done.send(result);
+                }
+            }
+        }
     }
 }

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::SyncEngine;
 use crate::runtime::{CallError, ConnectorError, Operation, PushRequest};
-use crate::store::sync::now_ms;
+use crate::store::sync::{now_ms, LinkWrite};
 use crate::store::{Customer, RecordedOutcome, SyncLink};
 
 /// The entity type ferry syncs today.
@@ -100,7 +100,7 @@ impl SyncEngine {
     ))]
     pub async fn push_link(&self, link: SyncLink) -> Outcome {
         let (recorded, outcome) = self.try_push(&link).await;
-        match self.inner.store.record_outcome(&link, &recorded).await {
+        match self.write_link(&link, LinkWrite::Outcome(recorded)).await {
             Ok(true) => {
                 tracing::debug!(?outcome, "sync step done");
                 if matches!(outcome, Outcome::Delivered { .. } | Outcome::Skipped { .. }) {
@@ -122,7 +122,7 @@ impl SyncEngine {
                     error_kind: "remote_id_taken".into(),
                     error: reason.clone(),
                 };
-                match self.inner.store.record_outcome(&link, &dead).await {
+                match self.write_link(&link, LinkWrite::Outcome(dead)).await {
                     Ok(_) => Outcome::DeadLettered { reason },
                     Err(error) => self.unrecorded(error),
                 }
@@ -186,7 +186,10 @@ impl SyncEngine {
         if plan.operation == Operation::Create && link.pending_version != Some(plan.version) {
             // Durable before the request leaves: if we crash or time out,
             // the next attempt replays this create with the same key.
-            match inner.store.mark_create_pending(link, plan.version).await {
+            match self
+                .write_link(link, LinkWrite::CreatePending(plan.version))
+                .await
+            {
                 Ok(true) => {}
                 Ok(false) => {
                     return (
