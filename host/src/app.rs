@@ -81,6 +81,7 @@ pub struct App {
     workers: bool,
     kafka: Option<crate::bus::kafka::KafkaSettings>,
     kafka_topic: String,
+    redelivery_after: Duration,
 }
 
 impl App {
@@ -150,6 +151,10 @@ impl App {
                 concurrency: config.sync_concurrency,
                 breaker_failure_threshold: config.breaker_failure_threshold,
                 breaker_cooldown: config.breaker_cooldown,
+                inbound: crate::sync::inbound::InboundPolicies {
+                    delete: config.inbound_delete_policy,
+                    conflict: config.conflict_policy,
+                },
             },
         );
         let kafka = config
@@ -192,6 +197,7 @@ impl App {
             workers: config.workers,
             kafka,
             kafka_topic: format!("{}.changes", config.kafka_topic_prefix),
+            redelivery_after: config.bus_redelivery_after,
         })
     }
 
@@ -243,6 +249,7 @@ impl App {
     async fn spawn_sync(&self, tasks: &TaskTracker) -> anyhow::Result<()> {
         let state = &self.state;
         tasks.spawn(state.sync.clone().run_scheduler(self.cancel.clone()));
+        tasks.spawn(state.sync.clone().run_inbox(self.cancel.clone()));
         match &self.kafka {
             None => {
                 tasks.spawn(crate::bus::run_embedded_relay(
@@ -258,6 +265,7 @@ impl App {
                     kafka,
                     &self.kafka_topic,
                     state,
+                    self.redelivery_after,
                     self.cancel.clone(),
                 )
                 .await

@@ -68,6 +68,10 @@ pub struct Config {
     pub kafka_replication_factor: i32,
     /// Consumer group shared by every replica.
     pub kafka_group_id: String,
+    /// Cluster mode: a change the bus acknowledged but no consumer took
+    /// within this long is scheduled from the outbox directly.
+    #[serde(deserialize_with = "duration")]
+    pub bus_redelivery_after: Duration,
     /// Run the relay and the sync workers in this process (an API-only
     /// replica sets this to false).
     pub workers: bool,
@@ -97,6 +101,11 @@ pub struct Config {
     /// How long an open breaker waits before letting one probe through.
     #[serde(deserialize_with = "duration")]
     pub breaker_cooldown: Duration,
+    /// What a remote delete does locally: `soft_delete`, `unlink` or `ignore`.
+    pub inbound_delete_policy: crate::sync::inbound::DeletePolicy,
+    /// Fields changed differently on both sides: `last_writer_wins`,
+    /// `prefer_local`, `prefer_remote` or `flag` (a person resolves them).
+    pub conflict_policy: crate::sync::merge::ConflictPolicy,
     /// Per-connector settings and secrets from the file or environment
     /// (`FERRY_CONNECTORS__STRIPE__SECRETS__API_KEY=sk_test_...`). Settings
     /// stored through the API take precedence.
@@ -154,6 +163,7 @@ impl std::fmt::Debug for Config {
             .field("kafka_partitions", &self.kafka_partitions)
             .field("kafka_replication_factor", &self.kafka_replication_factor)
             .field("kafka_group_id", &self.kafka_group_id)
+            .field("bus_redelivery_after", &self.bus_redelivery_after)
             .field("workers", &self.workers)
             .field("sync_concurrency", &self.sync_concurrency)
             .field("sync_max_attempts", &self.sync_max_attempts)
@@ -167,6 +177,8 @@ impl std::fmt::Debug for Config {
             )
             .field("breaker_failure_threshold", &self.breaker_failure_threshold)
             .field("breaker_cooldown", &self.breaker_cooldown)
+            .field("inbound_delete_policy", &self.inbound_delete_policy)
+            .field("conflict_policy", &self.conflict_policy)
             .field("connectors", &self.connectors)
             .finish()
     }
@@ -187,6 +199,7 @@ struct Defaults {
     kafka_partitions: i32,
     kafka_replication_factor: i32,
     kafka_group_id: &'static str,
+    bus_redelivery_after: &'static str,
     workers: bool,
     sync_concurrency: usize,
     sync_max_attempts: u32,
@@ -197,6 +210,8 @@ struct Defaults {
     connector_requests_per_second: u32,
     breaker_failure_threshold: u32,
     breaker_cooldown: &'static str,
+    inbound_delete_policy: &'static str,
+    conflict_policy: &'static str,
 }
 
 const DEFAULTS: Defaults = Defaults {
@@ -212,6 +227,7 @@ const DEFAULTS: Defaults = Defaults {
     kafka_partitions: 6,
     kafka_replication_factor: 1,
     kafka_group_id: "ferry",
+    bus_redelivery_after: "60s",
     workers: true,
     sync_concurrency: 64,
     sync_max_attempts: 10,
@@ -222,6 +238,8 @@ const DEFAULTS: Defaults = Defaults {
     connector_requests_per_second: 100,
     breaker_failure_threshold: 5,
     breaker_cooldown: "30s",
+    inbound_delete_policy: "soft_delete",
+    conflict_policy: "last_writer_wins",
 };
 
 /// Why the configuration was refused.

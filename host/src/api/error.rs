@@ -96,6 +96,15 @@ pub enum ApiError {
     /// No dead letter has this id.
     #[error("no dead letter with this id")]
     DeadLetterNotFound,
+    /// A webhook's signature did not verify.
+    #[error("the webhook signature did not verify: {0}")]
+    InvalidSignature(String),
+    /// A verified webhook could not be parsed.
+    #[error("the webhook could not be processed: {0}")]
+    InvalidWebhook(String),
+    /// The connector trapped, timed out or failed; the sender should retry.
+    #[error("the connector could not process this delivery; retry later")]
+    ConnectorFailed,
     /// Secrets cannot be stored without a master key.
     #[error("secrets can only be stored when FERRY_MASTER_KEY is set; or give them through FERRY_CONNECTORS__<NAME>__SECRETS__<SECRET>")]
     MasterKeyRequired,
@@ -129,6 +138,8 @@ impl ApiError {
             | Self::ConnectorNotFound
             | Self::DeadLetterNotFound => StatusCode::NOT_FOUND,
             Self::MasterKeyRequired => StatusCode::CONFLICT,
+            Self::InvalidSignature(_) | Self::InvalidWebhook(_) => StatusCode::BAD_REQUEST,
+            Self::ConnectorFailed => StatusCode::SERVICE_UNAVAILABLE,
             Self::EmailTaken => StatusCode::CONFLICT,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -156,6 +167,9 @@ impl ApiError {
             Self::ConnectorNotFound => "connector_not_found",
             Self::DeadLetterNotFound => "dead_letter_not_found",
             Self::MasterKeyRequired => "master_key_not_configured",
+            Self::InvalidSignature(_) => "invalid_signature",
+            Self::InvalidWebhook(_) => "invalid_webhook",
+            Self::ConnectorFailed => "connector_failed",
             Self::Unauthorized => "unauthorized",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
@@ -177,6 +191,9 @@ impl ApiError {
             Self::ConnectorNotFound => "Connector not found",
             Self::DeadLetterNotFound => "Dead letter not found",
             Self::MasterKeyRequired => "Master key not configured",
+            Self::InvalidSignature(_) => "Invalid signature",
+            Self::InvalidWebhook(_) => "Invalid webhook",
+            Self::ConnectorFailed => "Connector failed",
             Self::Unauthorized => "Unauthorized",
             Self::NotFound => "Not found",
             Self::MethodNotAllowed => "Method not allowed",

@@ -7,6 +7,7 @@ pub mod dead_letters;
 pub mod error;
 pub mod extract;
 pub mod idempotency;
+pub mod webhooks;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
@@ -42,6 +43,7 @@ use crate::app::AppState;
         dead_letters::get_dead_letter,
         dead_letters::replay_dead_letter,
         dead_letters::replay_dead_letters,
+        webhooks::receive,
         healthz,
         readyz,
     ),
@@ -51,6 +53,7 @@ use crate::app::AppState;
         (name = "customers", description = "The customer catalog"),
         (name = "connectors", description = "Loaded connectors and their configuration"),
         (name = "sync", description = "Sync status and dead letters"),
+        (name = "webhooks", description = "Public endpoints remote systems deliver changes to"),
         (name = "health", description = "Probes"),
     )
 )]
@@ -115,6 +118,7 @@ pub fn router(state: AppState) -> Router {
         .merge(dead_letters::router());
     Router::new()
         .nest("/api/v1", v1)
+        .merge(webhooks::router())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi_json))

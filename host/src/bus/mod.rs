@@ -38,6 +38,7 @@ pub fn change_of(event: &OutboxEvent) -> ChangeNotice {
         customer_id: event.aggregate_id.clone(),
         version: event.version,
         correlation_id: event.correlation_id.clone(),
+        outbox_id: Some(event.id),
     }
 }
 
@@ -84,6 +85,49 @@ async fn relay_round(store: &Store, engine: &SyncEngine) -> anyhow::Result<usize
     Ok(rows.len())
 }
 
+/// Cluster mode's safety net: a change the bus acknowledged but no consumer
+/// took within `after` (a broker that lost it, a consumer group stuck
+/// without partitions) is scheduled from the outbox directly. Normally this
+/// finds nothing; when it does, it says so.
+pub async fn run_redelivery(
+    store: Store,
+    engine: SyncEngine,
+    after: Duration,
+    cancel: CancellationToken,
+) {
+    let every = (after / 2).max(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let older_than =
+            chrono::Utc::now() - chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
+        match store.unconsumed_outbox(older_than, RELAY_BATCH).await {
+            Ok(rows) if rows.is_empty() => {}
+            Ok(rows) => {
+                let changes: Vec<ChangeNotice> = rows.iter().map(change_of).collect();
+                tracing::warn!(
+                    changes = changes.len(),
+                    after_ms = after.as_millis() as u64,
+                    "the bus did not deliver these changes in time; scheduling them from the outbox"
+                );
+                match engine.accept(&changes, &[]).await {
+                    Ok(_) => engine.wake(),
+                    Err(error) => tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::from(error)),
+                        "redelivery failed"
+                    ),
+                }
+            }
+            Err(error) => tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "looking for undelivered changes failed"
+            ),
+        }
+    }
+}
+
 /// How often a standby replica asks to become the relay leader.
 const LEADER_POLL: Duration = Duration::from_secs(2);
 /// Changes a consumer hands the sync engine at once.
@@ -96,6 +140,7 @@ pub async fn start_kafka(
     settings: &kafka::KafkaSettings,
     topic: &str,
     state: &crate::app::AppState,
+    redelivery_after: Duration,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let producer = kafka::KafkaProducer::new(settings)?;
@@ -108,7 +153,17 @@ pub async fn start_kafka(
         state.outbox_signal.clone(),
         cancel.clone(),
     ));
-    tasks.spawn(run_kafka_consumer(consumer, state.sync.clone(), cancel));
+    tasks.spawn(run_kafka_consumer(
+        consumer,
+        state.sync.clone(),
+        cancel.clone(),
+    ));
+    tasks.spawn(run_redelivery(
+        state.store.clone(),
+        state.sync.clone(),
+        redelivery_after,
+        cancel,
+    ));
     Ok(())
 }
 

@@ -127,7 +127,7 @@ impl Customer {
 
 /// A row of `customers`, decoded the same way on both backends.
 #[derive(sqlx::FromRow)]
-struct CustomerRow {
+pub(super) struct CustomerRow {
     id: String,
     name: Option<String>,
     email: String,
@@ -191,6 +191,7 @@ macro_rules! columns {
         "id, name, email, phone, address, metadata, version, created_at, updated_at, deleted_at"
     };
 }
+pub(super) use columns;
 
 const SELECT_LIVE: &str = concat!(
     "SELECT ",

@@ -18,6 +18,7 @@
 pub mod connector_configs;
 pub mod customers;
 pub mod idempotency;
+pub mod inbox;
 pub mod outbox;
 pub mod sync;
 

@@ -77,6 +77,10 @@ pub struct SyncLink {
     pub correlation_id: Option<String>,
     /// Last write of this row.
     pub updated_at: DateTime<Utc>,
+    /// The remote event time last applied through this link, unix ms.
+    pub remote_seen_at_ms: i64,
+    /// When ferry last pushed through this link (ferry's clock), unix ms.
+    pub pushed_at_ms: i64,
 }
 
 #[derive(sqlx::FromRow)]
@@ -97,6 +101,8 @@ struct SyncLinkRow {
     last_error: Option<String>,
     correlation_id: Option<String>,
     updated_at: DateTime<Utc>,
+    remote_seen_at_ms: i64,
+    pushed_at_ms: i64,
 }
 
 impl From<SyncLinkRow> for SyncLink {
@@ -118,6 +124,8 @@ impl From<SyncLinkRow> for SyncLink {
             last_error: row.last_error,
             correlation_id: row.correlation_id,
             updated_at: row.updated_at,
+            remote_seen_at_ms: row.remote_seen_at_ms,
+            pushed_at_ms: row.pushed_at_ms,
         }
     }
 }
@@ -126,7 +134,7 @@ macro_rules! link_columns {
     () => {
         "customer_id, connector, remote_id, remote_deleted, wanted_version, synced_version, \
          pushed_hash, snapshot, pending_version, state, attempts, next_attempt_at_ms, \
-         lease_token, last_error, correlation_id, updated_at"
+         lease_token, last_error, correlation_id, updated_at, remote_seen_at_ms, pushed_at_ms"
     };
 }
 
@@ -139,6 +147,10 @@ pub struct ChangeNotice {
     pub version: i64,
     /// The request id of the write.
     pub correlation_id: Option<String>,
+    /// The outbox row that announced it (absent in messages of older
+    /// versions).
+    #[serde(default)]
+    pub outbox_id: Option<i64>,
 }
 
 /// (customer, connector): the key of a link.
@@ -365,7 +377,7 @@ macro_rules! record_in {
                          pushed_hash = $4, snapshot = $5, pending_version = NULL, attempts = 0, \
                          last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $6, \
                          state = CASE WHEN wanted_version > $3 THEN 'pending' ELSE 'synced' END, \
-                         next_attempt_at_ms = $7 \
+                         next_attempt_at_ms = $7, pushed_at_ms = $7 \
                          WHERE customer_id = $8 AND connector = $9 AND lease_token = $10",
                     )
                     .bind(remote_id)
@@ -541,8 +553,9 @@ macro_rules! pending_in {
 
 impl Store {
     /// Schedules a push of each change to each connector, and marks the
-    /// outbox rows `published_ids` (embedded mode: the outbox is the bus) in
-    /// the same transaction, so a change is never consumed twice nor lost.
+    /// outbox rows `published_ids` published (embedded mode: the outbox is
+    /// the bus) and every change's row consumed, in the same transaction, so
+    /// a change is never consumed twice nor lost.
     #[tracing::instrument(skip_all, fields(changes = changes.len(), connectors = connectors.len()))]
     pub async fn intake_changes(
         &self,
@@ -573,7 +586,14 @@ impl Store {
                 }
             }
             for id in published_ids {
-                sqlx::query("UPDATE outbox SET published_at = $1 WHERE id = $2")
+                sqlx::query("UPDATE outbox SET published_at = COALESCE(published_at, $1), consumed_at = $1 WHERE id = $2")
+                    .bind(at)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for id in changes.iter().filter_map(|c| c.outbox_id) {
+                sqlx::query("UPDATE outbox SET consumed_at = $1 WHERE id = $2 AND consumed_at IS NULL")
                     .bind(at)
                     .bind(id)
                     .execute(&mut *tx)
@@ -855,6 +875,27 @@ impl Store {
                 "SELECT id, aggregate, aggregate_id, version, kind, payload, correlation_id, \
                  created_at, published_at FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1",
             )
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows)
+    }
+
+    /// Outbox rows the bus published more than `older_than` ago that no
+    /// consumer has taken yet, oldest first.
+    pub async fn unconsumed_outbox(
+        &self,
+        older_than: chrono::DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<super::OutboxEvent>, StoreError> {
+        let rows = dispatch!(self, read pool => {
+            sqlx::query_as(
+                "SELECT id, aggregate, aggregate_id, version, kind, payload, correlation_id, \
+                 created_at, published_at FROM outbox WHERE consumed_at IS NULL \
+                 AND published_at IS NOT NULL AND published_at < $1 ORDER BY id LIMIT $2",
+            )
+            .bind(older_than)
             .bind(i64::from(limit))
             .fetch_all(pool)
             .await?

@@ -8,6 +8,8 @@
 //! crashed process left behind. See docs/sync.md.
 
 pub mod breaker;
+pub mod inbound;
+pub mod merge;
 pub mod outbound;
 pub mod retry;
 
@@ -53,6 +55,8 @@ pub struct SyncOptions {
     pub breaker_failure_threshold: u32,
     /// Breaker cool-down.
     pub breaker_cooldown: Duration,
+    /// How remote deletes and conflicting edits are handled.
+    pub inbound: inbound::InboundPolicies,
 }
 
 struct Inner {
@@ -65,7 +69,10 @@ struct Inner {
     permits: Arc<Semaphore>,
     concurrency: usize,
     wake: Notify,
+    inbox_wake: Notify,
     writes: mpsc::UnboundedSender<WriteRequest>,
+    delete_policy: inbound::DeletePolicy,
+    conflict_policy: merge::ConflictPolicy,
 }
 
 /// The outbound sync engine; cheap to clone.
@@ -98,7 +105,10 @@ impl SyncEngine {
                 permits: Arc::new(Semaphore::new(options.concurrency)),
                 concurrency: options.concurrency,
                 wake: Notify::new(),
+                inbox_wake: Notify::new(),
                 writes,
+                delete_policy: options.inbound.delete,
+                conflict_policy: options.inbound.conflict,
             }),
         }
     }

@@ -45,6 +45,7 @@ fn base_env(dir: &std::path::Path, database_url: &str, stripe: &str) -> BTreeMap
         ("FERRY_SYNC_LEASE".into(), "3s".into()),
         ("FERRY_SYNC_BACKOFF_BASE".into(), "100ms".into()),
         ("FERRY_SYNC_BACKOFF_MAX".into(), "500ms".into()),
+        ("FERRY_BUS_REDELIVERY_AFTER".into(), "5s".into()),
     ])
 }
 

@@ -22,6 +22,9 @@ pub enum Backend {
 /// The API key ferry sends to localstripe (which accepts any).
 pub const STRIPE_KEY: &str = "sk_test_ferry";
 
+/// The signing secret of ferry's Stripe webhook endpoint in tests.
+pub const WEBHOOK_SECRET: &str = "whsec_ferry_sync_test";
+
 /// How a test's ferry is set up.
 pub struct Setup {
     pub backend: Backend,
@@ -52,6 +55,8 @@ pub struct SyncApp {
     pub client: reqwest::Client,
     pub store: Store,
     pub database_url: String,
+    /// The admin token, when the setup configured one.
+    pub token: Option<String>,
     cancel: CancellationToken,
     _server: tokio::task::JoinHandle<anyhow::Result<()>>,
     _dir: tempfile::TempDir,
@@ -108,7 +113,7 @@ pub async fn spawn_sync_app(setup: Setup) -> SyncApp {
     });
     if let Some(url) = &setup.stripe_url {
         overrides["connectors"] = json!({
-            "stripe": { "settings": { "api_base": url }, "secrets": { "api_key": STRIPE_KEY } }
+            "stripe": { "settings": { "api_base": url }, "secrets": { "api_key": STRIPE_KEY, "webhook_secret": WEBHOOK_SECRET } }
         });
     }
     if let Some(kafka) = &setup.kafka {
@@ -121,6 +126,7 @@ pub async fn spawn_sync_app(setup: Setup) -> SyncApp {
             target.insert(k.clone(), v.clone());
         }
     }
+    let token = overrides["admin_token"].as_str().map(str::to_owned);
     let config = Config::from_overrides(overrides).expect("test config");
     let app = App::build(config).await.expect("app builds");
     let base = format!("http://{}", app.address());
@@ -132,6 +138,7 @@ pub async fn spawn_sync_app(setup: Setup) -> SyncApp {
         client: reqwest::Client::new(),
         store,
         database_url,
+        token,
         cancel,
         _server: server,
         _dir: dir,
@@ -146,6 +153,9 @@ impl SyncApp {
         body: Option<Value>,
     ) -> (u16, Value) {
         let mut request = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
         if let Some(body) = body {
             request = request.json(&body);
         }

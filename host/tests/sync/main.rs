@@ -8,5 +8,6 @@ mod helpers;
 mod cluster;
 mod crash;
 mod faults;
+mod inbound;
 mod outbound;
 mod process;

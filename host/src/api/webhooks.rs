@@ -1,0 +1,145 @@
+//! `POST /webhooks/{connector}`: one public endpoint per connector.
+//!
+//! The connector verifies and parses the delivery in the sandbox; the
+//! events are stored in the inbox (once per remote event id) and only then
+//! does the sender get its 2xx, or the reply the connector asked for (e.g.
+//! Salesforce's SOAP Ack). Nothing is stored for a bad signature. A
+//! connector that traps or times out answers 503, so the sender retries. No
+//! admin token: the signature is the authentication.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::error::{ApiError, Problem};
+use super::extract::request_id;
+use crate::app::AppState;
+use crate::runtime::{CallError, ChangeKind, ConnectorError, WebhookRequest};
+use crate::store::inbox::NewInboxEvent;
+
+/// What ferry answers a delivery with when the connector asks for no
+/// particular body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookReceipt {
+    /// Events in the delivery.
+    pub events: usize,
+    /// Events stored now (the others were delivered before).
+    pub stored: usize,
+}
+
+/// Receive a webhook.
+///
+/// The connector verifies the signature and parses the events; they are
+/// stored durably before the answer. A redelivery is acknowledged and not
+/// applied twice. Bad or missing signature: 400 `invalid_signature`.
+#[utoipa::path(
+    post, path = "/webhooks/{connector}", tag = "webhooks",
+    params(("connector" = String, Path, description = "Connector name")),
+    request_body(content = String, description = "The remote's delivery, byte for byte"),
+    responses(
+        (status = 200, description = "Stored (or the connector's own reply body)", body = WebhookReceipt),
+        (status = 400, description = "Signature or payload refused", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown or disabled connector", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The connector failed; retry", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub async fn receive(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let connector = state
+        .connectors
+        .read()
+        .await
+        .get(&name)
+        .map(|l| l.connector.clone())
+        .ok_or(ApiError::ConnectorNotFound)?;
+    let config = state.connector_settings.get(&name).await?;
+    if !config.enabled || !connector.manifest().webhooks {
+        return Err(ApiError::ConnectorNotFound);
+    }
+    let request = WebhookRequest {
+        headers: headers
+            .iter()
+            .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect(),
+        body: body.to_vec(),
+    };
+    let parsed = match connector.receive_webhook(&config.config, request).await {
+        Ok(parsed) => parsed,
+        Err(CallError::Connector(ConnectorError::InvalidSignature(message))) => {
+            tracing::info!(connector = %name, message, "webhook refused: signature");
+            return Err(ApiError::InvalidSignature(message));
+        }
+        Err(CallError::Connector(
+            ConnectorError::Permanent(message) | ConnectorError::Unsupported(message),
+        )) => return Err(ApiError::InvalidWebhook(message)),
+        // The connector broke (trap, deadline, a retryable error of its
+        // own): the sender must retry, and the host stays up.
+        Err(error) => {
+            tracing::warn!(connector = %name, %error, "webhook not processed; the sender will retry");
+            return Err(ApiError::ConnectorFailed);
+        }
+    };
+    let mut events = Vec::with_capacity(parsed.events.len());
+    for event in parsed.events {
+        let record = match event.record.as_deref().map(serde_json::from_str) {
+            Some(Ok(value)) => Some(value),
+            Some(Err(error)) => {
+                return Err(ApiError::InvalidWebhook(format!(
+                    "the connector produced an invalid record: {error}"
+                )))
+            }
+            None => None,
+        };
+        events.push(NewInboxEvent {
+            event_id: event.id,
+            entity: event.entity,
+            kind: match event.kind {
+                ChangeKind::Upsert => "upsert",
+                ChangeKind::Delete => "delete",
+            },
+            remote_id: event.remote_id,
+            occurred_at_ms: event.occurred_at_ms,
+            record,
+            origin_key: event.origin_key,
+            remote_type: event.remote_type,
+        });
+    }
+    let correlation_id = request_id(&headers);
+    let stored = state
+        .store
+        .store_inbox(&name, &events, Some(&correlation_id))
+        .await?;
+    if stored > 0 {
+        state.sync.wake_inbox();
+    }
+    tracing::info!(connector = %name, events = events.len(), stored, "webhook received");
+    Ok(match parsed.reply {
+        Some(reply) => {
+            let mut response = (StatusCode::OK, reply.body).into_response();
+            if let Ok(value) = HeaderValue::from_str(&reply.content_type) {
+                response.headers_mut().insert(header::CONTENT_TYPE, value);
+            }
+            response
+        }
+        None => Json(WebhookReceipt {
+            events: events.len(),
+            stored,
+        })
+        .into_response(),
+    })
+}
+
+/// Routes under `/webhooks`.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/webhooks/{connector}", post(receive))
+}

@@ -1,0 +1,449 @@
+//! The webhook inbox and the one transaction that applies a remote change:
+//! the customer write, its outbox event (tagged with the connector it came
+//! from, so it is not pushed back there), the link, the inbox row's outcome
+//! and any conflict.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::types::Json;
+use utoipa::ToSchema;
+
+use super::customers::{columns, CustomerRow};
+use super::sync::now_ms;
+use super::{dispatch, now, Customer, CustomerFields, CustomerId, Store, StoreError};
+
+/// An event to store, as a connector parsed it.
+#[derive(Debug, Clone)]
+pub struct NewInboxEvent {
+    /// The remote's event id.
+    pub event_id: String,
+    /// Entity type.
+    pub entity: String,
+    /// `upsert` or `delete`.
+    pub kind: &'static str,
+    /// The remote record's id.
+    pub remote_id: String,
+    /// When the remote says it happened.
+    pub occurred_at_ms: i64,
+    /// The record, canonical JSON.
+    pub record: Option<serde_json::Value>,
+    /// The idempotency key of the request that caused it, if reported.
+    pub origin_key: Option<String>,
+    /// The remote's own event type.
+    pub remote_type: String,
+}
+
+/// One inbox row.
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+pub struct InboxEvent {
+    /// Arrival order.
+    pub seq: i64,
+    /// The connector it came through.
+    pub connector: String,
+    /// The remote's event id.
+    pub event_id: String,
+    /// Entity type.
+    pub entity: String,
+    /// `upsert` or `delete`.
+    pub kind: String,
+    /// The remote record's id.
+    pub remote_id: String,
+    /// When the remote says it happened, unix ms.
+    pub occurred_at_ms: i64,
+    /// The record, canonical JSON.
+    #[schema(value_type = Option<Object>)]
+    pub record: Option<Json<serde_json::Value>>,
+    /// The idempotency key of the request that caused it.
+    pub origin_key: Option<String>,
+    /// The remote's own event type.
+    pub remote_type: String,
+    /// `pending`, `retry`, `applied`, `skipped` or `dead`.
+    pub state: String,
+    /// Failed attempts.
+    pub attempts: i32,
+    /// Why it was skipped, or the last error.
+    pub detail: Option<String>,
+    /// The local customer it was applied to.
+    pub customer_id: Option<String>,
+    /// Request id of the webhook delivery.
+    pub correlation_id: Option<String>,
+    /// The lease that claimed it.
+    #[serde(skip)]
+    pub lease_token: Option<String>,
+    /// When it arrived.
+    pub received_at: DateTime<Utc>,
+}
+
+const INBOX_COLUMNS: &str = "seq, connector, event_id, entity, kind, remote_id, occurred_at_ms, \
+     record, origin_key, remote_type, state, attempts, detail, customer_id, correlation_id, \
+     lease_token, received_at";
+
+/// What applying a remote change does to the customer.
+#[derive(Debug, Clone)]
+pub enum CustomerWrite {
+    /// Nothing (the link and the inbox row still change).
+    None,
+    /// A new customer from the remote record.
+    Create(CustomerFields),
+    /// New field values for an existing customer at `expected_version`.
+    Update {
+        /// The customer.
+        id: CustomerId,
+        /// Its version when the merge was computed.
+        expected_version: i64,
+        /// The merged fields.
+        fields: CustomerFields,
+    },
+    /// Soft-delete an existing customer at `expected_version`.
+    Delete {
+        /// The customer.
+        id: CustomerId,
+        /// Its version when the decision was made.
+        expected_version: i64,
+    },
+}
+
+/// A field-level conflict to record with the change.
+#[derive(Debug, Clone)]
+pub struct NewConflict {
+    /// The policy that was applied.
+    pub policy: String,
+    /// The conflicting fields (JSON array).
+    pub fields: serde_json::Value,
+    /// Whether a person must resolve it (`flag`).
+    pub open: bool,
+}
+
+/// Everything one applied remote change writes, in one transaction.
+#[derive(Debug, Clone)]
+pub struct InboundChange<'a> {
+    /// The claimed inbox event.
+    pub event: &'a InboxEvent,
+    /// The customer write.
+    pub customer: CustomerWrite,
+    /// The local customer the link belongs to (for `None` and `Update` and
+    /// `Delete`; a `Create` links the new customer).
+    pub link_customer: Option<CustomerId>,
+    /// The remote state to keep as the last synced snapshot.
+    pub snapshot: Option<serde_json::Value>,
+    /// Whether the remote already holds the result (nothing to push back).
+    pub remote_has_result: bool,
+    /// `applied` or `skipped`.
+    pub outcome: &'static str,
+    /// Why, for a skip or a merge.
+    pub detail: Option<String>,
+    /// A conflict to record.
+    pub conflict: Option<NewConflict>,
+}
+
+/// What [`Store::apply_inbound`] did.
+#[derive(Debug)]
+pub enum Applied {
+    /// Done; the customer as written (if it was written).
+    Done(Option<Box<Customer>>),
+    /// The customer changed since the decision: decide again.
+    Raced,
+    /// The lease on the inbox row was lost.
+    LeaseLost,
+}
+
+impl Store {
+    /// Stores the events of one verified delivery; a redelivered event id
+    /// is not stored again. Returns how many were new.
+    #[tracing::instrument(skip_all, fields(connector, events = events.len()))]
+    pub async fn store_inbox(
+        &self,
+        connector: &str,
+        events: &[NewInboxEvent],
+        correlation_id: Option<&str>,
+    ) -> Result<usize, StoreError> {
+        let at = now();
+        let mut stored = 0;
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            for event in events {
+                stored += sqlx::query(
+                    "INSERT INTO inbox (connector, event_id, entity, kind, remote_id, occurred_at_ms, \
+                     record, origin_key, remote_type, state, next_attempt_at_ms, correlation_id, received_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12) \
+                     ON CONFLICT (connector, event_id) DO NOTHING",
+                )
+                .bind(connector)
+                .bind(&event.event_id)
+                .bind(&event.entity)
+                .bind(event.kind)
+                .bind(&event.remote_id)
+                .bind(event.occurred_at_ms)
+                .bind(event.record.as_ref().map(Json))
+                .bind(&event.origin_key)
+                .bind(&event.remote_type)
+                .bind(at.timestamp_millis())
+                .bind(correlation_id)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected() as usize;
+            }
+            tx.commit().await?;
+        });
+        Ok(stored)
+    }
+
+    /// Claims up to `limit` due, free inbox events, in arrival order.
+    pub async fn claim_due_inbox(
+        &self,
+        lease_token: &str,
+        lease_until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<InboxEvent>, StoreError> {
+        let now = now_ms();
+        let sql = format!(
+            "UPDATE inbox SET lease_until_ms = $1, lease_token = $2 WHERE seq IN \
+             (SELECT seq FROM inbox WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= $3 \
+             AND lease_until_ms < $3 ORDER BY seq LIMIT $4{}) RETURNING {INBOX_COLUMNS}",
+            if matches!(self, Store::Postgres(_)) { " FOR UPDATE SKIP LOCKED" } else { "" }
+        );
+        let mut rows: Vec<InboxEvent> = dispatch!(self, write pool => {
+            sqlx::query_as(&sql)
+                .bind(lease_until_ms)
+                .bind(lease_token)
+                .bind(now)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?
+        });
+        rows.sort_by_key(|e| e.seq);
+        Ok(rows)
+    }
+
+    /// Ends an inbox event without applying anything: `skipped`, `retry`
+    /// (due at `next_attempt_at_ms`) or `dead` (with a dead letter).
+    pub async fn finish_inbox(
+        &self,
+        event: &InboxEvent,
+        state: &str,
+        detail: &str,
+        next_attempt_at_ms: Option<i64>,
+        customer_id: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let at = now();
+        let attempts = if matches!(state, "retry" | "dead") {
+            event.attempts + 1
+        } else {
+            event.attempts
+        };
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            let updated = sqlx::query(
+                "UPDATE inbox SET state = $1, detail = $2, attempts = $3, \
+                 next_attempt_at_ms = COALESCE($4, next_attempt_at_ms), customer_id = COALESCE($5, customer_id), \
+                 lease_until_ms = 0, lease_token = NULL WHERE seq = $6 AND lease_token = $7",
+            )
+            .bind(state)
+            .bind(detail)
+            .bind(attempts)
+            .bind(next_attempt_at_ms)
+            .bind(customer_id)
+            .bind(event.seq)
+            .bind(&event.lease_token)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated != 1 {
+                return Ok(false);
+            }
+            if state == "dead" {
+                sqlx::query(
+                    "INSERT INTO dead_letters (id, customer_id, connector, direction, version, \
+                     error_kind, error, attempts, correlation_id, created_at, inbox_seq) \
+                     VALUES ($1, $2, $3, 'inbound', 0, $4, $5, $6, $7, $8, $9)",
+                )
+                .bind(format!("dl_{}", uuid::Uuid::now_v7().simple()))
+                .bind(customer_id.unwrap_or_default())
+                .bind(&event.connector)
+                .bind(if next_attempt_at_ms.is_some() { "retries_exhausted" } else { "permanent" })
+                .bind(detail)
+                .bind(attempts)
+                .bind(&event.correlation_id)
+                .bind(at)
+                .bind(event.seq)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Applies one remote change in one transaction (see [`InboundChange`]).
+    #[tracing::instrument(skip_all, fields(connector = %change.event.connector, event_id = %change.event.event_id))]
+    pub async fn apply_inbound(&self, change: &InboundChange<'_>) -> Result<Applied, StoreError> {
+        let at = now();
+        let event = change.event;
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            let (customer, kind) = match &change.customer {
+                CustomerWrite::None => (None, None),
+                CustomerWrite::Create(fields) => {
+                    let row: CustomerRow = sqlx::query_as(concat!(
+                        "INSERT INTO customers (", columns!(), ") ",
+                        "VALUES ($1, $2, $3, $4, $5, $6, 1, $7, $7, NULL) RETURNING ", columns!()
+                    ))
+                    .bind(CustomerId::generate().as_str())
+                    .bind(&fields.name)
+                    .bind(&fields.email)
+                    .bind(&fields.phone)
+                    .bind(fields.address.as_ref().map(Json))
+                    .bind(Json(&fields.metadata))
+                    .bind(at)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(StoreError::from_customer_write)?;
+                    (Some(Customer::from(row)), Some("created"))
+                }
+                CustomerWrite::Update { id, expected_version, fields } => {
+                    let row: Option<CustomerRow> = sqlx::query_as(concat!(
+                        "UPDATE customers SET name = $1, email = $2, phone = $3, address = $4, metadata = $5, ",
+                        "version = version + 1, updated_at = $6 ",
+                        "WHERE id = $7 AND version = $8 AND deleted_at IS NULL RETURNING ", columns!()
+                    ))
+                    .bind(&fields.name)
+                    .bind(&fields.email)
+                    .bind(&fields.phone)
+                    .bind(fields.address.as_ref().map(Json))
+                    .bind(Json(&fields.metadata))
+                    .bind(at)
+                    .bind(id.as_str())
+                    .bind(expected_version)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(StoreError::from_customer_write)?;
+                    match row {
+                        Some(row) => (Some(Customer::from(row)), Some("updated")),
+                        None => return Ok(Applied::Raced),
+                    }
+                }
+                CustomerWrite::Delete { id, expected_version } => {
+                    let row: Option<CustomerRow> = sqlx::query_as(concat!(
+                        "UPDATE customers SET deleted_at = $1, updated_at = $1, version = version + 1 ",
+                        "WHERE id = $2 AND version = $3 AND deleted_at IS NULL RETURNING ", columns!()
+                    ))
+                    .bind(at)
+                    .bind(id.as_str())
+                    .bind(expected_version)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    match row {
+                        Some(row) => (Some(Customer::from(row)), Some("deleted")),
+                        None => return Ok(Applied::Raced),
+                    }
+                }
+            };
+            if let (Some(customer), Some(kind)) = (&customer, kind) {
+                sqlx::query(
+                    "INSERT INTO outbox (aggregate, aggregate_id, version, kind, payload, correlation_id, \
+                     created_at, source_connector) VALUES ('customer', $1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(customer.id.as_str())
+                .bind(customer.version)
+                .bind(kind)
+                .bind(Json(customer))
+                .bind(&event.correlation_id)
+                .bind(customer.updated_at)
+                .bind(&event.connector)
+                .execute(&mut *tx)
+                .await?;
+            }
+            let link_customer = customer
+                .as_ref()
+                .map(|c| c.id.clone())
+                .or_else(|| change.link_customer.clone());
+            if let Some(link_customer) = &link_customer {
+                let version = customer.as_ref().map(|c| c.version).unwrap_or(0);
+                let remote_deleted = event.kind == "delete";
+                // A change the remote already holds is synced at its new
+                // version: the relay's intake then sees nothing to push back.
+                let synced = if change.remote_has_result { version } else { 0 };
+                sqlx::query(
+                    "INSERT INTO sync_links (customer_id, connector, remote_id, remote_deleted, wanted_version, \
+                     synced_version, snapshot, state, next_attempt_at_ms, remote_seen_at_ms, correlation_id, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 'synced', $8, $9, $10, $11) \
+                     ON CONFLICT (customer_id, connector) DO UPDATE SET remote_id = excluded.remote_id, \
+                     remote_deleted = excluded.remote_deleted, \
+                     snapshot = COALESCE(excluded.snapshot, sync_links.snapshot), \
+                     synced_version = CASE WHEN excluded.synced_version > sync_links.synced_version \
+                        THEN excluded.synced_version ELSE sync_links.synced_version END, \
+                     remote_seen_at_ms = CASE WHEN excluded.remote_seen_at_ms > sync_links.remote_seen_at_ms \
+                        THEN excluded.remote_seen_at_ms ELSE sync_links.remote_seen_at_ms END, \
+                     updated_at = excluded.updated_at",
+                )
+                .bind(link_customer.as_str())
+                .bind(&event.connector)
+                .bind(&event.remote_id)
+                .bind(remote_deleted)
+                .bind(version)
+                .bind(synced)
+                .bind(change.snapshot.as_ref().map(Json))
+                .bind(at.timestamp_millis())
+                .bind(event.occurred_at_ms)
+                .bind(&event.correlation_id)
+                .bind(at)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| match &e {
+                    sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::RemoteIdTaken,
+                    _ => StoreError::Database(e),
+                })?;
+            }
+            if let Some(conflict) = &change.conflict {
+                sqlx::query(
+                    "INSERT INTO conflicts (id, customer_id, connector, event_id, policy, fields, remote_record, \
+                     state, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                )
+                .bind(format!("cf_{}", uuid::Uuid::now_v7().simple()))
+                .bind(link_customer.as_ref().map(|c| c.as_str()).unwrap_or_default())
+                .bind(&event.connector)
+                .bind(&event.event_id)
+                .bind(&conflict.policy)
+                .bind(Json(&conflict.fields))
+                .bind(Json(change.snapshot.clone().unwrap_or_default()))
+                .bind(if conflict.open { "open" } else { "resolved" })
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+            }
+            let updated = sqlx::query(
+                "UPDATE inbox SET state = $1, detail = $2, customer_id = $3, lease_until_ms = 0, \
+                 lease_token = NULL WHERE seq = $4 AND lease_token = $5",
+            )
+            .bind(change.outcome)
+            .bind(&change.detail)
+            .bind(link_customer.as_ref().map(|c| c.as_str()))
+            .bind(event.seq)
+            .bind(&event.lease_token)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated != 1 {
+                return Ok(Applied::LeaseLost);
+            }
+            tx.commit().await?;
+            Ok(Applied::Done(customer.map(Box::new)))
+        })
+    }
+
+    /// The inbox events of one remote record, newest first.
+    pub async fn inbox_of_remote(
+        &self,
+        connector: &str,
+        remote_id: &str,
+    ) -> Result<Vec<InboxEvent>, StoreError> {
+        let sql = format!(
+            "SELECT {INBOX_COLUMNS} FROM inbox WHERE connector = $1 AND remote_id = $2 ORDER BY seq DESC"
+        );
+        let rows = dispatch!(self, read pool => {
+            sqlx::query_as(&sql).bind(connector).bind(remote_id).fetch_all(pool).await?
+        });
+        Ok(rows)
+    }
+}

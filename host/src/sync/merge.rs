@@ -1,0 +1,823 @@
+//! Three-way merge of a customer record: the last synced snapshot (base),
+//! the local record and a remote one, field by field (DESIGN.md section 3,
+//! "Conflicts"). Pure: no I/O, no clock; the caller stores the result and
+//! records the conflicts.
+//!
+//! # Granularity
+//!
+//! The unit of change is one *field*: `name`, `email`, `phone`, each
+//! `address` subfield on its own (`address.city`) and each metadata key on
+//! its own (`metadata.tier`). A person who fixes the city in Stripe while
+//! another changes the street line locally made two unrelated edits, and
+//! metadata keys are usually owned by different integrations; treating the
+//! address or the metadata as one value would turn those into conflicts. A
+//! metadata key may itself contain dots: the field name is `metadata.` plus
+//! the key as is. The canonical `id` is not a field: it names the record on
+//! each side and differs by design.
+//!
+//! # Equality
+//!
+//! Values are compared trimmed. Absent, `null`, `""` and a value that is not
+//! a string all mean "not set" (docs/connector-contract.md: every field is
+//! optional), so a remote that writes `""` where ferry has `null` did not
+//! change anything. Emails compare case-insensitively, as ferry stores them.
+//!
+//! # Rules
+//!
+//! With a base, a side *changed* a field when its value differs from the
+//! base's. Changed on one side only: that side's value is taken. Changed on
+//! both to the same value: nothing to decide. Changed on both to different
+//! values: a [`FieldConflict`], resolved by the [`ConflictPolicy`]; flagged
+//! conflicts keep the local value in the merged record until a person decides.
+//!
+//! With no base (never synced, e.g. a remote record just matched to a local
+//! customer by email) nothing says who changed what, so a field whose values
+//! differ counts as changed remotely: the remote's value is taken, and under
+//! [`ConflictPolicy::Flag`] it is a conflict instead. One refinement: without
+//! a base, a field the remote does not set is taken as *not known* there
+//! rather than as *cleared* (a connector whose system has no phone numbers
+//! never writes `phone`), so the local value is kept and nothing conflicts;
+//! likewise a field only the remote sets fills the local gap without a
+//! conflict, even under `Flag`. Only two set, different values conflict.
+//! Once a snapshot exists, an unset field that was set in it is a deletion.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{Map, Value};
+
+/// The address subfields, in canonical order (Stripe's names).
+const ADDRESS_FIELDS: [&str; 6] = ["line1", "line2", "city", "state", "postal_code", "country"];
+
+/// The top-level string fields.
+const SCALAR_FIELDS: [&str; 3] = ["name", "email", "phone"];
+
+/// How a field changed differently on both sides is decided.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictPolicy {
+    /// The side whose change is newer; a tie goes to the remote.
+    LastWriterWins,
+    /// Always the local value.
+    PreferLocal,
+    /// Always the remote value.
+    PreferRemote,
+    /// Neither: the local value stays and a person decides.
+    Flag,
+}
+
+/// Which value a conflict ended with.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Resolution {
+    /// The local value was kept.
+    Local,
+    /// The remote value was taken.
+    Remote,
+    /// Flagged: the local value stays until a person resolves it.
+    Pending,
+}
+
+/// One field changed differently on both sides.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct FieldConflict {
+    /// Dotted field name: `name`, `address.city`, `metadata.tier`.
+    pub field: String,
+    /// The snapshot's value (trimmed string, or null when not set or when
+    /// there is no snapshot).
+    #[schema(value_type = Object)]
+    pub base: Value,
+    /// The local value (trimmed string or null).
+    #[schema(value_type = Object)]
+    pub local: Value,
+    /// The remote value (trimmed string or null).
+    #[schema(value_type = Object)]
+    pub remote: Value,
+    /// How the policy decided it.
+    pub resolution: Resolution,
+}
+
+/// The three records to merge, canonical customer JSON each.
+#[derive(Debug, Clone, Copy)]
+pub struct Sides<'a> {
+    /// The last synced snapshot for this (customer, connector); `None` when
+    /// the two were never synced.
+    pub base: Option<&'a Value>,
+    /// The local record.
+    pub local: &'a Value,
+    /// The remote record.
+    pub remote: &'a Value,
+    /// When the local record was last written, unix ms.
+    pub local_changed_at_ms: i64,
+    /// When the remote record was last written, unix ms, as precisely as the
+    /// remote says (Stripe: whole seconds).
+    pub remote_changed_at_ms: i64,
+}
+
+/// The outcome of a three-way merge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Merge {
+    /// The merged canonical record: `id` (the local one, when it has one),
+    /// `name`, `email`, `phone` (string or null), `address` (null when no
+    /// subfield is set, else all six subfields, string or null) and
+    /// `metadata` (an object of the keys set).
+    pub merged: Value,
+    /// Fields the local side changed since the base, sorted.
+    pub local_changed: Vec<String>,
+    /// Fields the remote side changed since the base, sorted.
+    pub remote_changed: Vec<String>,
+    /// Fields changed differently on both sides, sorted by field. Every one
+    /// is in both change lists.
+    pub conflicts: Vec<FieldConflict>,
+}
+
+impl Merge {
+    /// Whether applying the merged record would change `local` (compared
+    /// with this module's equality, so a case-only email change is none).
+    pub fn changes_local(&self, local: &Value) -> bool {
+        !differing_fields(&self.merged, local).is_empty()
+    }
+
+    /// Whether a flagged conflict waits for a person.
+    pub fn has_pending_conflicts(&self) -> bool {
+        self.conflicts
+            .iter()
+            .any(|c| c.resolution == Resolution::Pending)
+    }
+}
+
+/// The fields whose values differ between two canonical records, sorted,
+/// compared as [`merge`] compares them (the `id` is ignored).
+pub fn differing_fields(a: &Value, b: &Value) -> Vec<String> {
+    let (a, b) = (Fields::of(a), Fields::of(b));
+    field_names([&a, &b])
+        .into_iter()
+        .filter(|field| !same(field, a.get(field), b.get(field)))
+        .collect()
+}
+
+/// Merges `sides` field by field; see the module docs for the rules.
+pub fn merge(sides: Sides<'_>, policy: ConflictPolicy) -> Merge {
+    let local = Fields::of(sides.local);
+    let remote = Fields::of(sides.remote);
+    let base = sides.base.map(Fields::of);
+
+    let mut merged = BTreeMap::new();
+    let mut local_changed = Vec::new();
+    let mut remote_changed = Vec::new();
+    let mut conflicts = Vec::new();
+
+    let mut names = field_names([&local, &remote]);
+    if let Some(base) = &base {
+        names.extend(field_names([base]));
+    }
+    // BTreeSet iteration keeps every output list sorted.
+    for field in names {
+        let l = local.get(&field);
+        let r = remote.get(&field);
+        let (local_moved, remote_moved) = match &base {
+            Some(base) => {
+                let b = base.get(&field);
+                (!same(&field, l, b), !same(&field, r, b))
+            }
+            // Never synced: a differing field is the remote's news, unless
+            // the remote simply does not know it (see the module docs).
+            None if r.is_none() || same(&field, l, r) => (false, false),
+            // Nothing to disagree with: the remote fills a gap.
+            None if l.is_none() => (false, true),
+            None if policy == ConflictPolicy::Flag => (true, true),
+            None => (false, true),
+        };
+
+        let take_remote = match (local_moved, remote_moved) {
+            (_, false) => false,
+            (false, true) => true,
+            (true, true) if same(&field, l, r) => false,
+            (true, true) => {
+                let resolution = resolve(policy, &sides);
+                conflicts.push(FieldConflict {
+                    field: field.clone(),
+                    base: json(base.as_ref().and_then(|b| b.get(&field))),
+                    local: json(l),
+                    remote: json(r),
+                    resolution,
+                });
+                resolution == Resolution::Remote
+            }
+        };
+        if local_moved {
+            local_changed.push(field.clone());
+        }
+        if remote_moved {
+            remote_changed.push(field.clone());
+        }
+        let value = if take_remote { r } else { l };
+        if let Some(value) = value {
+            merged.insert(field, value.to_owned());
+        }
+    }
+
+    Merge {
+        merged: record(local_id(sides.local), &merged),
+        local_changed,
+        remote_changed,
+        conflicts,
+    }
+}
+
+/// Decides a conflict under `policy`.
+fn resolve(policy: ConflictPolicy, sides: &Sides<'_>) -> Resolution {
+    match policy {
+        // A tie goes to the remote: remote clocks are often coarser (Stripe
+        // stamps whole seconds, truncated), so a remote change stamped with
+        // the same instant as a local one most likely happened after it.
+        ConflictPolicy::LastWriterWins
+            if sides.local_changed_at_ms > sides.remote_changed_at_ms =>
+        {
+            Resolution::Local
+        }
+        ConflictPolicy::LastWriterWins => Resolution::Remote,
+        ConflictPolicy::PreferLocal => Resolution::Local,
+        ConflictPolicy::PreferRemote => Resolution::Remote,
+        ConflictPolicy::Flag => Resolution::Pending,
+    }
+}
+
+/// A record flattened to its set fields: dotted name → trimmed value.
+struct Fields(BTreeMap<String, String>);
+
+impl Fields {
+    fn of(record: &Value) -> Self {
+        let mut fields = BTreeMap::new();
+        let mut put = |name: String, value: Option<&Value>| {
+            if let Some(text) = value.and_then(set_text) {
+                fields.insert(name, text.to_owned());
+            }
+        };
+        for name in SCALAR_FIELDS {
+            put(name.to_owned(), record.get(name));
+        }
+        if let Some(address) = record.get("address") {
+            for name in ADDRESS_FIELDS {
+                put(format!("address.{name}"), address.get(name));
+            }
+        }
+        if let Some(metadata) = record.get("metadata").and_then(Value::as_object) {
+            for (key, value) in metadata {
+                put(format!("metadata.{key}"), Some(value));
+            }
+        }
+        Fields(fields)
+    }
+
+    fn get(&self, field: &str) -> Option<&str> {
+        self.0.get(field).map(String::as_str)
+    }
+}
+
+/// The trimmed text of a set value; `None` for "not set".
+fn set_text(value: &Value) -> Option<&str> {
+    value.as_str().map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Every field set in any of `records`, sorted.
+fn field_names<const N: usize>(records: [&Fields; N]) -> BTreeSet<String> {
+    records
+        .iter()
+        .flat_map(|fields| fields.0.keys().cloned())
+        .collect()
+}
+
+/// Whether two values of `field` are the same (both already trimmed).
+fn same(field: &str, a: Option<&str>, b: Option<&str>) -> bool {
+    match (a, b) {
+        // Emails are stored lowercased (api::customers::normalise_email) and
+        // most remotes keep whatever case was typed.
+        (Some(a), Some(b)) if field == "email" => a.to_lowercase() == b.to_lowercase(),
+        _ => a == b,
+    }
+}
+
+fn json(value: Option<&str>) -> Value {
+    value.map_or(Value::Null, Value::from)
+}
+
+/// The local record's `id`, which the merged record keeps: it is what the
+/// merged record is written back to.
+fn local_id(local: &Value) -> Option<&str> {
+    local.get("id").and_then(Value::as_str)
+}
+
+/// Builds the canonical record from its set fields.
+fn record(id: Option<&str>, fields: &BTreeMap<String, String>) -> Value {
+    let mut record = Map::new();
+    if let Some(id) = id {
+        record.insert("id".into(), id.into());
+    }
+    for name in SCALAR_FIELDS {
+        let value = fields.get(name).map(String::as_str);
+        let value = match value {
+            Some(email) if name == "email" => Value::from(email.to_lowercase()),
+            other => json(other),
+        };
+        record.insert(name.into(), value);
+    }
+    let mut address = Map::new();
+    for name in ADDRESS_FIELDS {
+        let value = fields.get(&format!("address.{name}")).map(String::as_str);
+        address.insert(name.into(), json(value));
+    }
+    let address_set = address.values().any(|v| !v.is_null());
+    record.insert(
+        "address".into(),
+        if address_set {
+            Value::Object(address)
+        } else {
+            Value::Null
+        },
+    );
+    let metadata: Map<String, Value> = fields
+        .iter()
+        .filter_map(|(field, value)| {
+            let key = field.strip_prefix("metadata.")?;
+            Some((key.to_owned(), Value::from(value.as_str())))
+        })
+        .collect();
+    record.insert("metadata".into(), Value::Object(metadata));
+    Value::Object(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn customer() -> Value {
+        json!({
+            "id": "cus_local",
+            "name": "Ada Lovelace",
+            "email": "ada@example.com",
+            "phone": "+442079460000",
+            "address": {
+                "line1": "12 St James's Square",
+                "line2": null,
+                "city": "London",
+                "state": null,
+                "postal_code": "SW1Y 4JH",
+                "country": "GB"
+            },
+            "metadata": { "tier": "gold" }
+        })
+    }
+
+    /// `record` with the dotted `field` set to `value` (null removes it).
+    fn with(record: &Value, field: &str, value: Value) -> Value {
+        let mut record = record.clone();
+        let mut path: Vec<&str> = match field.split_once('.') {
+            Some((head, tail)) => vec![head, tail],
+            None => vec![field],
+        };
+        let last = path.pop().expect("a field name");
+        let mut target = &mut record;
+        for step in path {
+            if !target[step].is_object() {
+                target[step] = json!({});
+            }
+            target = &mut target[step];
+        }
+        let object = target.as_object_mut().expect("an object");
+        if value.is_null() {
+            object.remove(last);
+        } else {
+            object.insert(last.to_owned(), value);
+        }
+        record
+    }
+
+    fn run(base: Option<&Value>, local: &Value, remote: &Value, policy: ConflictPolicy) -> Merge {
+        merge(
+            Sides {
+                base,
+                local,
+                remote,
+                local_changed_at_ms: 1_000,
+                remote_changed_at_ms: 2_000,
+            },
+            policy,
+        )
+    }
+
+    const ALL: [ConflictPolicy; 4] = [
+        ConflictPolicy::LastWriterWins,
+        ConflictPolicy::PreferLocal,
+        ConflictPolicy::PreferRemote,
+        ConflictPolicy::Flag,
+    ];
+
+    #[test]
+    fn no_changes_merges_to_the_local_record() {
+        let base = customer();
+        let remote = with(&base, "id", json!("cus_remote"));
+        for policy in ALL {
+            let merge = run(Some(&base), &base, &remote, policy);
+            assert_eq!(merge.merged, base, "{policy:?}");
+            assert!(merge.local_changed.is_empty());
+            assert!(merge.remote_changed.is_empty());
+            assert!(merge.conflicts.is_empty());
+            assert!(!merge.changes_local(&base));
+            assert!(!merge.has_pending_conflicts());
+        }
+    }
+
+    #[test]
+    fn a_remote_only_change_is_taken() {
+        let base = customer();
+        let remote = with(&base, "name", json!("Augusta Ada King"));
+        let merge = run(Some(&base), &base, &remote, ConflictPolicy::Flag);
+        assert_eq!(merge.merged["name"], "Augusta Ada King");
+        assert_eq!(merge.remote_changed, ["name"]);
+        assert!(merge.local_changed.is_empty());
+        assert!(merge.conflicts.is_empty());
+        assert!(merge.changes_local(&base));
+    }
+
+    #[test]
+    fn a_local_only_change_is_kept() {
+        let base = customer();
+        let local = with(&base, "phone", json!("+441234567890"));
+        let merge = run(Some(&base), &local, &base, ConflictPolicy::PreferRemote);
+        assert_eq!(merge.merged, local);
+        assert_eq!(merge.local_changed, ["phone"]);
+        assert!(merge.remote_changed.is_empty());
+        assert!(merge.conflicts.is_empty());
+        assert!(!merge.changes_local(&local));
+    }
+
+    #[test]
+    fn both_sides_making_the_same_change_is_no_conflict() {
+        let base = customer();
+        let local = with(&base, "name", json!("Ada King"));
+        let remote = with(&base, "name", json!(" Ada King "));
+        for policy in ALL {
+            let merge = run(Some(&base), &local, &remote, policy);
+            assert_eq!(merge.merged["name"], "Ada King");
+            assert_eq!(merge.local_changed, ["name"]);
+            assert_eq!(merge.remote_changed, ["name"]);
+            assert!(merge.conflicts.is_empty(), "{policy:?}");
+            assert!(!merge.changes_local(&local));
+        }
+    }
+
+    #[test]
+    fn different_fields_on_each_side_merge_cleanly() {
+        let base = customer();
+        let local = with(&base, "phone", json!("+441234567890"));
+        let remote = with(&base, "name", json!("Ada King"));
+        let merge = run(Some(&base), &local, &remote, ConflictPolicy::Flag);
+        let expected = with(&local, "name", json!("Ada King"));
+        assert_eq!(merge.merged, expected);
+        assert_eq!(merge.local_changed, ["phone"]);
+        assert_eq!(merge.remote_changed, ["name"]);
+        assert!(merge.conflicts.is_empty());
+        assert!(!merge.has_pending_conflicts());
+    }
+
+    #[test]
+    fn the_same_field_changed_differently_follows_each_policy() {
+        let base = customer();
+        let local = with(&base, "name", json!("Local Name"));
+        let remote = with(&base, "name", json!("Remote Name"));
+        let cases = [
+            (ConflictPolicy::PreferLocal, Resolution::Local, "Local Name"),
+            (
+                ConflictPolicy::PreferRemote,
+                Resolution::Remote,
+                "Remote Name",
+            ),
+            (ConflictPolicy::Flag, Resolution::Pending, "Local Name"),
+            // The remote (2000 ms) wrote after the local side (1000 ms).
+            (
+                ConflictPolicy::LastWriterWins,
+                Resolution::Remote,
+                "Remote Name",
+            ),
+        ];
+        for (policy, resolution, name) in cases {
+            let merge = run(Some(&base), &local, &remote, policy);
+            assert_eq!(merge.merged["name"], name, "{policy:?}");
+            assert_eq!(
+                merge.conflicts,
+                [FieldConflict {
+                    field: "name".into(),
+                    base: json!("Ada Lovelace"),
+                    local: json!("Local Name"),
+                    remote: json!("Remote Name"),
+                    resolution,
+                }]
+            );
+            assert_eq!(merge.local_changed, ["name"]);
+            assert_eq!(merge.remote_changed, ["name"]);
+            assert_eq!(
+                merge.has_pending_conflicts(),
+                policy == ConflictPolicy::Flag
+            );
+        }
+    }
+
+    #[test]
+    fn last_writer_wins_compares_timestamps_and_ties_go_to_remote() {
+        let base = customer();
+        let local = with(&base, "email", json!("local@example.com"));
+        let remote = with(&base, "email", json!("remote@example.com"));
+        for (local_at, remote_at, expected) in [
+            (3_000, 2_000, "local@example.com"),
+            (2_000, 3_000, "remote@example.com"),
+            (2_000, 2_000, "remote@example.com"),
+        ] {
+            let merge = merge(
+                Sides {
+                    base: Some(&base),
+                    local: &local,
+                    remote: &remote,
+                    local_changed_at_ms: local_at,
+                    remote_changed_at_ms: remote_at,
+                },
+                ConflictPolicy::LastWriterWins,
+            );
+            assert_eq!(merge.merged["email"], expected, "{local_at} vs {remote_at}");
+            assert_eq!(merge.conflicts.len(), 1);
+        }
+    }
+
+    #[test]
+    fn address_subfields_merge_separately() {
+        let base = customer();
+        let local = with(&base, "address.line1", json!("1 New Street"));
+        let remote = with(&base, "address.city", json!("Cambridge"));
+        let merge = run(Some(&base), &local, &remote, ConflictPolicy::Flag);
+        assert_eq!(merge.merged["address"]["line1"], "1 New Street");
+        assert_eq!(merge.merged["address"]["city"], "Cambridge");
+        assert_eq!(merge.merged["address"]["country"], "GB");
+        assert_eq!(merge.local_changed, ["address.line1"]);
+        assert_eq!(merge.remote_changed, ["address.city"]);
+        assert!(merge.conflicts.is_empty());
+
+        // The same subfield on both sides conflicts, named by its path.
+        let remote = with(&base, "address.line1", json!("2 Other Street"));
+        let merge = run(Some(&base), &local, &remote, ConflictPolicy::PreferRemote);
+        assert_eq!(merge.conflicts.len(), 1);
+        assert_eq!(merge.conflicts[0].field, "address.line1");
+        assert_eq!(merge.merged["address"]["line1"], "2 Other Street");
+    }
+
+    #[test]
+    fn an_address_with_nothing_set_becomes_null() {
+        let base = customer();
+        let remote = with(&base, "address", Value::Null);
+        let merge = run(Some(&base), &base, &remote, ConflictPolicy::PreferLocal);
+        assert_eq!(merge.merged["address"], Value::Null);
+        assert_eq!(
+            merge.remote_changed,
+            [
+                "address.city",
+                "address.country",
+                "address.line1",
+                "address.postal_code"
+            ]
+        );
+
+        // An address set only through the merge gets all six subfields.
+        let bare = json!({ "email": "ada@example.com" });
+        let remote = with(&bare, "address.country", json!("FR"));
+        let merge = run(Some(&bare), &bare, &remote, ConflictPolicy::Flag);
+        assert_eq!(
+            merge.merged["address"],
+            json!({
+                "line1": null, "line2": null, "city": null,
+                "state": null, "postal_code": null, "country": "FR"
+            })
+        );
+    }
+
+    #[test]
+    fn metadata_keys_are_added_removed_and_changed_one_by_one() {
+        let base = with(
+            &customer(),
+            "metadata",
+            json!({ "tier": "gold", "source": "web", "old": "x" }),
+        );
+        let local = with(&base, "metadata.source", json!("shop"));
+        let local = with(&local, "metadata.local_key", json!("l"));
+        let remote = with(&base, "metadata.tier", json!("platinum"));
+        let remote = with(&remote, "metadata.old", Value::Null);
+        let remote = with(&remote, "metadata.remote_key", json!("r"));
+        let merge = run(Some(&base), &local, &remote, ConflictPolicy::Flag);
+        assert_eq!(
+            merge.merged["metadata"],
+            json!({ "tier": "platinum", "source": "shop", "local_key": "l", "remote_key": "r" })
+        );
+        assert_eq!(
+            merge.local_changed,
+            ["metadata.local_key", "metadata.source"]
+        );
+        assert_eq!(
+            merge.remote_changed,
+            ["metadata.old", "metadata.remote_key", "metadata.tier"]
+        );
+        assert!(merge.conflicts.is_empty());
+
+        // A key removed on one side and changed on the other conflicts.
+        let local = with(&base, "metadata.tier", Value::Null);
+        let merge = run(Some(&base), &local, &remote, ConflictPolicy::PreferLocal);
+        assert_eq!(merge.conflicts.len(), 1);
+        assert_eq!(merge.conflicts[0].field, "metadata.tier");
+        assert_eq!(merge.conflicts[0].local, Value::Null);
+        assert_eq!(merge.conflicts[0].remote, "platinum");
+        assert_eq!(merge.merged["metadata"].get("tier"), None);
+        assert_eq!(
+            merge.merged["metadata"],
+            json!({ "source": "web", "remote_key": "r" })
+        );
+    }
+
+    #[test]
+    fn absent_null_and_empty_are_all_unset() {
+        let base = json!({ "email": "ada@example.com", "name": null, "address": { "city": "" } });
+        let local = json!({
+            "email": "ada@example.com", "phone": "", "metadata": { "k": "" },
+            "address": null
+        });
+        let remote = json!({
+            "email": "ada@example.com", "name": "  ", "phone": null,
+            "address": { "line1": null, "city": null }, "metadata": {}
+        });
+        for policy in ALL {
+            let merge = run(Some(&base), &local, &remote, policy);
+            assert!(merge.local_changed.is_empty(), "{policy:?}");
+            assert!(merge.remote_changed.is_empty(), "{policy:?}");
+            assert!(merge.conflicts.is_empty());
+            assert!(!merge.changes_local(&local));
+            assert_eq!(
+                merge.merged,
+                json!({
+                    "name": null, "email": "ada@example.com", "phone": null,
+                    "address": null, "metadata": {}
+                })
+            );
+        }
+        assert!(differing_fields(&base, &remote).is_empty());
+    }
+
+    #[test]
+    fn values_that_are_not_strings_count_as_unset() {
+        let base = customer();
+        let remote = with(&base, "phone", json!(442079460000_i64));
+        let remote = with(&remote, "metadata", json!("not an object"));
+        let merge = run(Some(&base), &base, &remote, ConflictPolicy::PreferRemote);
+        assert_eq!(merge.remote_changed, ["metadata.tier", "phone"]);
+        assert_eq!(merge.merged["phone"], Value::Null);
+        assert_eq!(merge.merged["metadata"], json!({}));
+
+        // A record that is not even an object merges without panicking.
+        let merge = run(
+            Some(&json!(null)),
+            &json!([1, 2]),
+            &json!("x"),
+            ConflictPolicy::Flag,
+        );
+        assert_eq!(
+            merge.merged,
+            json!({ "name": null, "email": null, "phone": null, "address": null, "metadata": {} })
+        );
+    }
+
+    #[test]
+    fn email_compares_case_insensitively_after_trim() {
+        let base = customer();
+        let remote = with(&base, "email", json!("  ADA@Example.COM "));
+        let merge = run(Some(&base), &base, &remote, ConflictPolicy::Flag);
+        assert!(merge.remote_changed.is_empty());
+        assert!(!merge.changes_local(&base));
+
+        // Both changed to the same address in different case: no conflict.
+        let local = with(&base, "email", json!("ada.king@example.com"));
+        let remote = with(&base, "email", json!("Ada.King@Example.com"));
+        let merge = run(Some(&base), &local, &remote, ConflictPolicy::Flag);
+        assert!(merge.conflicts.is_empty());
+        assert_eq!(merge.merged["email"], "ada.king@example.com");
+
+        // A remote-only change is taken, lowercased as ferry stores emails.
+        let remote = with(&base, "email", json!("Lovelace@Example.com"));
+        let merge = run(Some(&base), &base, &remote, ConflictPolicy::Flag);
+        assert_eq!(merge.remote_changed, ["email"]);
+        assert_eq!(merge.merged["email"], "lovelace@example.com");
+    }
+
+    #[test]
+    fn the_id_is_not_a_field_and_the_local_one_is_kept() {
+        let base = with(&customer(), "id", json!("cus_remote"));
+        let local = with(&customer(), "id", json!("0193a5c4-local"));
+        let remote = with(&base, "id", json!("cus_other"));
+        let merge = run(Some(&base), &local, &remote, ConflictPolicy::Flag);
+        assert_eq!(merge.merged["id"], "0193a5c4-local");
+        assert!(merge.local_changed.is_empty());
+        assert!(merge.remote_changed.is_empty());
+        assert!(differing_fields(&local, &remote).is_empty());
+    }
+
+    #[test]
+    fn with_no_base_differing_fields_are_remote_changes() {
+        let local = customer();
+        let remote = with(&local, "name", json!("Ada King"));
+        let remote = with(&remote, "address.city", json!("Cambridge"));
+        let remote = with(&remote, "metadata.plan", json!("pro"));
+        for policy in [
+            ConflictPolicy::LastWriterWins,
+            ConflictPolicy::PreferLocal,
+            ConflictPolicy::PreferRemote,
+        ] {
+            let merge = run(None, &local, &remote, policy);
+            assert_eq!(
+                merge.merged,
+                with(&remote, "id", json!("cus_local")),
+                "{policy:?}"
+            );
+            assert_eq!(
+                merge.remote_changed,
+                ["address.city", "metadata.plan", "name"]
+            );
+            assert!(merge.local_changed.is_empty());
+            assert!(merge.conflicts.is_empty());
+        }
+    }
+
+    #[test]
+    fn with_no_base_and_flag_differing_values_conflict() {
+        let local = customer();
+        let remote = with(&local, "name", json!("Ada King"));
+        let remote = with(&remote, "metadata.plan", json!("pro"));
+        let merge = run(None, &local, &remote, ConflictPolicy::Flag);
+        // The remote sets a key the local side lacks: nothing to disagree on.
+        assert_eq!(merge.merged["metadata"]["plan"], "pro");
+        assert_eq!(merge.merged["name"], "Ada Lovelace");
+        assert_eq!(
+            merge.conflicts,
+            [FieldConflict {
+                field: "name".into(),
+                base: Value::Null,
+                local: json!("Ada Lovelace"),
+                remote: json!("Ada King"),
+                resolution: Resolution::Pending,
+            }]
+        );
+        assert_eq!(merge.local_changed, ["name"]);
+        assert_eq!(merge.remote_changed, ["metadata.plan", "name"]);
+        assert!(merge.has_pending_conflicts());
+    }
+
+    #[test]
+    fn with_no_base_what_the_remote_does_not_set_is_kept() {
+        let local = customer();
+        let remote = json!({ "id": "cus_remote", "email": "ada@example.com", "name": "Ada" });
+        for policy in ALL {
+            let merge = run(None, &local, &remote, policy);
+            assert_eq!(merge.merged["phone"], "+442079460000", "{policy:?}");
+            assert_eq!(merge.merged["address"], local["address"]);
+            assert_eq!(merge.merged["metadata"], local["metadata"]);
+            let taken = policy != ConflictPolicy::Flag;
+            assert_eq!(
+                merge.merged["name"],
+                if taken { "Ada" } else { "Ada Lovelace" }
+            );
+            assert_eq!(merge.remote_changed, ["name"]);
+        }
+    }
+
+    #[test]
+    fn with_a_base_a_remote_deletion_is_a_change() {
+        let base = customer();
+        let remote = with(&base, "phone", Value::Null);
+        let merge = run(Some(&base), &base, &remote, ConflictPolicy::LastWriterWins);
+        assert_eq!(merge.remote_changed, ["phone"]);
+        assert_eq!(merge.merged["phone"], Value::Null);
+    }
+
+    #[test]
+    fn policies_round_trip_as_snake_case() {
+        let text = serde_json::to_string(&ALL).expect("serialises");
+        assert_eq!(
+            text,
+            r#"["last_writer_wins","prefer_local","prefer_remote","flag"]"#
+        );
+        let back: Vec<ConflictPolicy> = serde_json::from_str(&text).expect("parses");
+        assert_eq!(back, ALL);
+        assert_eq!(
+            serde_json::to_value(Resolution::Pending).expect("serialises"),
+            "pending"
+        );
+    }
+}

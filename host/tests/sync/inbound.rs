@@ -1,0 +1,394 @@
+//! Remote change → local: localstripe's real signed webhooks, changes made
+//! with Stripe's own Python library (as a person in the dashboard would),
+//! and hand-signed deliveries for duplicates, replays and ordering.
+
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_test_support::localstripe::{venv_python, LocalStripe};
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+use crate::helpers::{email, spawn_sync_app, Backend, Setup, SyncApp, STRIPE_KEY, WEBHOOK_SECRET};
+
+/// Runs Python with the official `stripe` library pointed at localstripe;
+/// `code` may use `stripe` and prints a JSON result.
+fn stripe_py(stripe_url: &str, code: &str) -> Value {
+    let script = format!(
+        "import json, stripe\nstripe.api_key = '{STRIPE_KEY}'\nstripe.api_base = '{stripe_url}'\n{code}"
+    );
+    let out = Command::new(venv_python().expect("venv"))
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "stripe library failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// Signs `body` the way Stripe does (`t=…,v1=HMAC-SHA256("{t}.{body}")`).
+fn stripe_signature(body: &str, secret: &str) -> String {
+    let t = chrono::Utc::now().timestamp();
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.{body}").as_bytes());
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+async fn deliver(app: &SyncApp, body: &str, signature: &str) -> (u16, Value) {
+    let response = app
+        .client
+        .post(format!("{}/webhooks/stripe", app.base))
+        .header("stripe-signature", signature)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("delivered");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn event(id: &str, kind: &str, created: i64, customer: Value) -> String {
+    json!({"id": id, "object": "event", "type": kind, "created": created, "data": {"object": customer}}).to_string()
+}
+
+fn stripe_customer_json(id: &str, email: &str, name: &str) -> Value {
+    json!({"id": id, "object": "customer", "email": email, "name": name, "metadata": {}})
+}
+
+async fn find_by_email(app: &SyncApp, address: &str) -> Option<Value> {
+    let (_, page) = app
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/v1/customers?email={address}"),
+            None,
+        )
+        .await;
+    page["data"].as_array().and_then(|d| d.first().cloned())
+}
+
+async fn wait_for(
+    app: &SyncApp,
+    what: &str,
+    check: impl AsyncFn(&SyncApp) -> Option<Value>,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(found) = check(app).await {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Created, updated and deleted in Stripe by its own library: the same
+/// happens in ferry, through localstripe's signed webhooks.
+async fn dashboard_changes_reach_ferry(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(backend, &stripe.url())).await;
+    stripe
+        .register_webhook(
+            "ferry",
+            &format!("{}/webhooks/stripe", app.base),
+            WEBHOOK_SECRET,
+            None,
+        )
+        .await
+        .expect("webhook registered");
+    let address = email("dashboard");
+
+    let created = stripe_py(
+        &stripe.url(),
+        &format!("c = stripe.Customer.create(email='{address}', name='Grace Hopper', phone='+15555550123')\nprint(json.dumps({{'id': c.id}}))"),
+    );
+    let remote_id = created["id"].as_str().unwrap().to_owned();
+    let customer = wait_for(&app, "the Stripe customer in ferry", async |app| {
+        find_by_email(app, &address).await
+    })
+    .await;
+    assert_eq!(customer["name"], "Grace Hopper");
+    assert_eq!(customer["phone"], "+15555550123");
+    let id = customer["id"].as_str().unwrap().to_owned();
+    let link = app.wait_synced(&id, 1).await;
+    assert_eq!(
+        link["remote_id"],
+        remote_id.as_str(),
+        "linked to the Stripe customer"
+    );
+
+    stripe_py(
+        &stripe.url(),
+        &format!(
+            "stripe.Customer.modify('{remote_id}', name='Rear Admiral Hopper')\nprint('null')"
+        ),
+    );
+    wait_for(&app, "the rename", async |app| {
+        let (_, c) = app
+            .send(
+                reqwest::Method::GET,
+                &format!("/api/v1/customers/{id}"),
+                None,
+            )
+            .await;
+        (c["name"] == "Rear Admiral Hopper").then_some(c)
+    })
+    .await;
+
+    stripe_py(
+        &stripe.url(),
+        &format!("stripe.Customer.delete('{remote_id}')\nprint('null')"),
+    );
+    wait_for(&app, "the delete", async |app| {
+        let (status, _) = app
+            .send(
+                reqwest::Method::GET,
+                &format!("/api/v1/customers/{id}"),
+                None,
+            )
+            .await;
+        (status == 404).then_some(Value::Null)
+    })
+    .await;
+}
+
+/// A change through ferry's API reaches Stripe; Stripe's webhooks come back
+/// and are recognised as echoes: nothing applied twice, nothing pushed again.
+async fn round_trip_is_not_applied_twice(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(backend, &stripe.url())).await;
+    stripe
+        .register_webhook(
+            "ferry",
+            &format!("{}/webhooks/stripe", app.base),
+            WEBHOOK_SECRET,
+            None,
+        )
+        .await
+        .expect("webhook registered");
+    let customer = app
+        .create(json!({"email": email("roundtrip"), "name": "Round Trip"}))
+        .await;
+    let id = customer["id"].as_str().unwrap();
+    app.wait_synced(id, 1).await;
+    app.patch(id, json!({"name": "Round Trip 2"})).await;
+    app.wait_synced(id, 2).await;
+    // Let the webhooks land and be processed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = app.sync_status(id).await;
+    assert_eq!(
+        status["version"], 2,
+        "no version from the echoes: {status:#}"
+    );
+    let delivered = status["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["outcome"] == "delivered")
+        .count();
+    assert_eq!(delivered, 2, "pushed once per change: {status:#}");
+}
+
+/// Bad signatures store nothing; duplicates are acknowledged once; old and
+/// same-second events do not overwrite newer state; an unknown connector is
+/// 404 and no admin token is needed.
+async fn deliveries_are_verified_deduplicated_and_ordered(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let mut setup = Setup::new(backend, &stripe.url());
+    setup.extra = json!({"admin_token": "an-admin-token-0123456789"});
+    let app = spawn_sync_app(setup).await;
+    let address = email("ordered");
+    let now = chrono::Utc::now().timestamp();
+    let newer = event(
+        "evt_newer",
+        "customer.updated",
+        now,
+        stripe_customer_json("cus_remote1", &address, "Newer"),
+    );
+    let older = event(
+        "evt_older",
+        "customer.created",
+        now - 10,
+        stripe_customer_json("cus_remote1", &address, "Older"),
+    );
+
+    let (status, problem) = deliver(&app, &newer, &stripe_signature(&newer, "whsec_wrong")).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (400, Some("invalid_signature"))
+    );
+    let (status, problem) = deliver(&app, &newer, "").await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (400, Some("invalid_signature"))
+    );
+    assert!(
+        app.store
+            .inbox_of_remote("stripe", "cus_remote1")
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing stored"
+    );
+
+    let (status, receipt) = deliver(&app, &newer, &stripe_signature(&newer, WEBHOOK_SECRET)).await;
+    assert_eq!(
+        (status, receipt["stored"].as_u64()),
+        (200, Some(1)),
+        "{receipt}"
+    );
+    let (status, receipt) = deliver(&app, &newer, &stripe_signature(&newer, WEBHOOK_SECRET)).await;
+    assert_eq!(
+        (status, receipt["stored"].as_u64()),
+        (200, Some(0)),
+        "a redelivery is acknowledged, not stored"
+    );
+    let customer = wait_for(&app, "the customer", async |app| {
+        find_by_email(app, &address).await
+    })
+    .await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+
+    // The older event arrives late: stale, skipped.
+    let (status, _) = deliver(&app, &older, &stripe_signature(&older, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200);
+    wait_for(&app, "the stale event to be skipped", async |app| {
+        let events = app
+            .store
+            .inbox_of_remote("stripe", "cus_remote1")
+            .await
+            .unwrap();
+        events
+            .iter()
+            .find(|e| e.event_id == "evt_older" && e.state == "skipped")
+            .map(|_| Value::Null)
+    })
+    .await;
+    let (_, current) = app
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/v1/customers/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(current["name"], "Newer");
+    assert_eq!(
+        current["version"], 1,
+        "neither the duplicate nor the stale event wrote"
+    );
+
+    let (status, problem) = app
+        .client
+        .post(format!("{}/webhooks/nope", app.base))
+        .body("{}")
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .map(|s| (s, ()))
+        .unwrap();
+    assert_eq!(status, 404, "{problem:?}");
+}
+
+/// A Stripe customer whose email a local customer already has is linked
+/// to it, not duplicated.
+async fn remote_customer_matches_local_email(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let mut setup = Setup::new(backend, &stripe.url());
+    setup.stripe_url = Some(stripe.url());
+    let app = spawn_sync_app(setup).await;
+    let address = email("match");
+    // Created locally, then the sync is disabled so Stripe does not get it.
+    let (status, _) = app
+        .send(reqwest::Method::PUT, "/api/v1/connectors/stripe/settings", Some(json!({"enabled": false, "settings": {"api_base": stripe.url()}, "secrets": {"api_key": STRIPE_KEY, "webhook_secret": WEBHOOK_SECRET}})))
+        .await;
+    assert_eq!(status, 200);
+    let local = app
+        .create(json!({"email": address, "name": "Local Name", "phone": "+15550001111"}))
+        .await;
+    let (status, _) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/stripe/settings",
+            Some(json!({"enabled": true, "settings": {"api_base": stripe.url()}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let body = event(
+        "evt_match",
+        "customer.created",
+        chrono::Utc::now().timestamp(),
+        stripe_customer_json("cus_match", &address.to_uppercase(), "Remote Name"),
+    );
+    let (status, _) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200);
+    let id = local["id"].as_str().unwrap();
+    let link = app
+        .wait_link(id, Duration::from_secs(10), |l| {
+            l["remote_id"] == "cus_match"
+        })
+        .await;
+    assert_eq!(link["remote_id"], "cus_match");
+    let (_, page) = app
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/v1/customers?email={address}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        page["data"].as_array().unwrap().len(),
+        1,
+        "no duplicate customer"
+    );
+}
+
+mod sqlite {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dashboard_changes() {
+        dashboard_changes_reach_ferry(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn round_trip() {
+        round_trip_is_not_applied_twice(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn verified_deduplicated_ordered() {
+        deliveries_are_verified_deduplicated_and_ordered(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn email_match() {
+        remote_customer_matches_local_email(Backend::Sqlite).await;
+    }
+}
+
+mod postgres {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dashboard_changes() {
+        dashboard_changes_reach_ferry(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn round_trip() {
+        round_trip_is_not_applied_twice(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn verified_deduplicated_ordered() {
+        deliveries_are_verified_deduplicated_and_ordered(Backend::Postgres).await;
+    }
+}
