@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, Problem};
-use super::extract::{parse_json, JsonBody, Principal, QueryPairs};
+use super::extract::{is_id, parse_json, text_param, JsonBody, Principal, QueryPairs};
 use crate::app::AppState;
 use crate::store::{DeadLetter, ListDeadLetters};
 
@@ -70,13 +70,13 @@ pub async fn list_dead_letters(
     };
     for (name, value) in pairs {
         match name.as_str() {
-            "connector" => request.connector = Some(value),
+            "connector" => request.connector = Some(text_param("connector", value)?),
             "include_replayed" => {
                 request.include_replayed = value
                     .parse()
                     .map_err(|_| ApiError::field("include_replayed", "must be true or false"))?;
             }
-            "starting_after" => request.starting_after = Some(value),
+            "starting_after" => request.starting_after = Some(text_param("starting_after", value)?),
             "limit" => {
                 request.limit = value
                     .parse::<u32>()
@@ -120,6 +120,9 @@ pub async fn get_dead_letter(
     _principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Json<DeadLetter>, ApiError> {
+    if !is_id(&id, "dl_") {
+        return Err(ApiError::DeadLetterNotFound);
+    }
     let letter = state
         .store
         .dead_letter(&id)
@@ -149,6 +152,9 @@ pub async fn replay_dead_letter(
     _principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Json<ReplayResult>, ApiError> {
+    if !is_id(&id, "dl_") {
+        return Err(ApiError::DeadLetterNotFound);
+    }
     if state.store.dead_letter(&id).await?.is_none() {
         return Err(ApiError::DeadLetterNotFound);
     }
@@ -164,6 +170,9 @@ pub async fn replay_dead_letter(
     post, path = "/api/v1/dead-letters/replay", tag = "sync",
     request_body = BulkReplay,
     responses(
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 200, description = "Replayed", body = ReplayResult),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid body", body = Problem, content_type = "application/problem+json"),
@@ -176,9 +185,10 @@ pub async fn replay_dead_letters(
     JsonBody(body): JsonBody,
 ) -> Result<Json<ReplayResult>, ApiError> {
     let request: BulkReplay = parse_json(&body)?;
+    let connector = text_param("connector", request.connector)?;
     let replayed = state
         .store
-        .replay_dead_letters(None, Some(&request.connector))
+        .replay_dead_letters(None, Some(&connector))
         .await?;
     Ok(Json(done(&state, replayed)))
 }

@@ -96,6 +96,12 @@ pub enum ApiError {
     /// No dead letter has this id.
     #[error("no dead letter with this id")]
     DeadLetterNotFound,
+    /// No conflict has this id.
+    #[error("no conflict with this id")]
+    ConflictNotFound,
+    /// The conflict was already resolved.
+    #[error("the conflict is not open")]
+    ConflictNotOpen,
     /// A webhook's signature did not verify.
     #[error("the webhook signature did not verify: {0}")]
     InvalidSignature(String),
@@ -136,7 +142,9 @@ impl ApiError {
             Self::CustomerNotFound
             | Self::NotFound
             | Self::ConnectorNotFound
-            | Self::DeadLetterNotFound => StatusCode::NOT_FOUND,
+            | Self::DeadLetterNotFound
+            | Self::ConflictNotFound => StatusCode::NOT_FOUND,
+            Self::ConflictNotOpen => StatusCode::CONFLICT,
             Self::MasterKeyRequired => StatusCode::CONFLICT,
             Self::InvalidSignature(_) | Self::InvalidWebhook(_) => StatusCode::BAD_REQUEST,
             Self::ConnectorFailed => StatusCode::SERVICE_UNAVAILABLE,
@@ -166,6 +174,8 @@ impl ApiError {
             Self::IdempotencyKeyInFlight => "idempotency_key_in_flight",
             Self::ConnectorNotFound => "connector_not_found",
             Self::DeadLetterNotFound => "dead_letter_not_found",
+            Self::ConflictNotFound => "conflict_not_found",
+            Self::ConflictNotOpen => "conflict_not_open",
             Self::MasterKeyRequired => "master_key_not_configured",
             Self::InvalidSignature(_) => "invalid_signature",
             Self::InvalidWebhook(_) => "invalid_webhook",
@@ -190,6 +200,8 @@ impl ApiError {
             Self::IdempotencyKeyInFlight => "Idempotency key in flight",
             Self::ConnectorNotFound => "Connector not found",
             Self::DeadLetterNotFound => "Dead letter not found",
+            Self::ConflictNotFound => "Conflict not found",
+            Self::ConflictNotOpen => "Conflict not open",
             Self::MasterKeyRequired => "Master key not configured",
             Self::InvalidSignature(_) => "Invalid signature",
             Self::InvalidWebhook(_) => "Invalid webhook",

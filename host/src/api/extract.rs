@@ -256,3 +256,23 @@ impl FromRequestParts<AppState> for Principal {
         }
     }
 }
+
+/// A text parameter as the store can hold it: no NUL (PostgreSQL refuses
+/// it in text), at most 256 bytes.
+pub fn text_param(field: &str, value: String) -> Result<String, ApiError> {
+    if value.contains('\0') || value.len() > 256 {
+        return Err(ApiError::field(
+            field,
+            "must be at most 256 bytes, without NUL",
+        ));
+    }
+    Ok(value)
+}
+
+/// Whether `id` looks like an id ferry issues with `prefix`
+/// (`prefix` + 32 lowercase hex digits).
+pub fn is_id(id: &str, prefix: &str) -> bool {
+    id.strip_prefix(prefix).is_some_and(|hex| {
+        hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}

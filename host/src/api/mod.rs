@@ -1,6 +1,7 @@
 //! The HTTP API: `/api/v1` (admin, bearer token when configured), health
 //! probes, the OpenAPI document and its browsable docs page.
 
+pub mod conflicts;
 pub mod connectors;
 pub mod customers;
 pub mod dead_letters;
@@ -44,6 +45,9 @@ use crate::app::AppState;
         dead_letters::replay_dead_letter,
         dead_letters::replay_dead_letters,
         webhooks::receive,
+        conflicts::list_conflicts,
+        conflicts::get_conflict,
+        conflicts::resolve_conflict,
         healthz,
         readyz,
     ),
@@ -115,7 +119,8 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .merge(customers::router())
         .merge(connectors::router())
-        .merge(dead_letters::router());
+        .merge(dead_letters::router())
+        .merge(conflicts::router());
     Router::new()
         .nest("/api/v1", v1)
         .merge(webhooks::router())

@@ -396,11 +396,12 @@ impl Store {
                 })?;
             }
             if let Some(conflict) = &change.conflict {
+                let conflict_id = format!("cf_{}", uuid::Uuid::now_v7().simple());
                 sqlx::query(
                     "INSERT INTO conflicts (id, customer_id, connector, event_id, policy, fields, remote_record, \
-                     state, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                     state, resolution, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 )
-                .bind(format!("cf_{}", uuid::Uuid::now_v7().simple()))
+                .bind(&conflict_id)
                 .bind(link_customer.as_ref().map(|c| c.as_str()).unwrap_or_default())
                 .bind(&event.connector)
                 .bind(&event.event_id)
@@ -408,9 +409,21 @@ impl Store {
                 .bind(Json(&conflict.fields))
                 .bind(Json(change.snapshot.clone().unwrap_or_default()))
                 .bind(if conflict.open { "open" } else { "resolved" })
+                .bind((!conflict.open).then_some(conflict.policy.as_str()))
                 .bind(at)
                 .execute(&mut *tx)
                 .await?;
+                if conflict.open {
+                    // Held until a person resolves it: no push, no apply.
+                    sqlx::query(
+                        "UPDATE sync_links SET held_by = $1 WHERE customer_id = $2 AND connector = $3",
+                    )
+                    .bind(&conflict_id)
+                    .bind(link_customer.as_ref().map(|c| c.as_str()).unwrap_or_default())
+                    .bind(&event.connector)
+                    .execute(&mut *tx)
+                    .await?;
+                }
             }
             let updated = sqlx::query(
                 "UPDATE inbox SET state = $1, detail = $2, customer_id = $3, lease_until_ms = 0, \

@@ -15,6 +15,7 @@
 //! durable before the API answers (WAL with NORMAL can lose the last commits
 //! on power loss, which would contradict "nothing is lost").
 
+pub mod conflicts;
 pub mod connector_configs;
 pub mod customers;
 pub mod idempotency;

@@ -81,6 +81,8 @@ pub struct SyncLink {
     pub remote_seen_at_ms: i64,
     /// When ferry last pushed through this link (ferry's clock), unix ms.
     pub pushed_at_ms: i64,
+    /// The open conflict that holds this link, if any.
+    pub held_by: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -103,6 +105,7 @@ struct SyncLinkRow {
     updated_at: DateTime<Utc>,
     remote_seen_at_ms: i64,
     pushed_at_ms: i64,
+    held_by: Option<String>,
 }
 
 impl From<SyncLinkRow> for SyncLink {
@@ -126,6 +129,7 @@ impl From<SyncLinkRow> for SyncLink {
             updated_at: row.updated_at,
             remote_seen_at_ms: row.remote_seen_at_ms,
             pushed_at_ms: row.pushed_at_ms,
+            held_by: row.held_by,
         }
     }
 }
@@ -134,7 +138,7 @@ macro_rules! link_columns {
     () => {
         "customer_id, connector, remote_id, remote_deleted, wanted_version, synced_version, \
          pushed_hash, snapshot, pending_version, state, attempts, next_attempt_at_ms, \
-         lease_token, last_error, correlation_id, updated_at, remote_seen_at_ms, pushed_at_ms"
+         lease_token, last_error, correlation_id, updated_at, remote_seen_at_ms, pushed_at_ms, held_by"
     };
 }
 
@@ -336,14 +340,14 @@ const INTAKE_SQL: &str = "INSERT INTO sync_links \
 const CLAIM_ONE_SQL: &str = concat!(
     "UPDATE sync_links SET lease_until_ms = $3, lease_token = $4 ",
     "WHERE customer_id = $1 AND connector = $2 AND state IN ('pending', 'retry') ",
-    "AND next_attempt_at_ms <= $5 AND lease_until_ms < $5 RETURNING ",
+    "AND next_attempt_at_ms <= $5 AND lease_until_ms < $5 AND held_by IS NULL RETURNING ",
     link_columns!()
 );
 
 const CLAIM_DUE_SQLITE: &str = concat!(
     "UPDATE sync_links SET lease_until_ms = $1, lease_token = $2 ",
     "WHERE (customer_id, connector) IN (SELECT customer_id, connector FROM sync_links ",
-    "WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= $3 AND lease_until_ms < $3 ",
+    "WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= $3 AND lease_until_ms < $3 AND held_by IS NULL ",
     "ORDER BY next_attempt_at_ms LIMIT $4) RETURNING ",
     link_columns!()
 );
@@ -352,7 +356,7 @@ const CLAIM_DUE_SQLITE: &str = concat!(
 const CLAIM_DUE_POSTGRES: &str = concat!(
     "UPDATE sync_links SET lease_until_ms = $1, lease_token = $2 ",
     "WHERE (customer_id, connector) IN (SELECT customer_id, connector FROM sync_links ",
-    "WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= $3 AND lease_until_ms < $3 ",
+    "WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= $3 AND lease_until_ms < $3 AND held_by IS NULL ",
     "ORDER BY next_attempt_at_ms LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING ",
     link_columns!()
 );
@@ -670,7 +674,8 @@ impl Store {
         let next: Option<i64> = dispatch!(self, read pool => {
             sqlx::query_scalar(
                 "SELECT MIN(CASE WHEN lease_until_ms > next_attempt_at_ms THEN lease_until_ms \
-                 ELSE next_attempt_at_ms END) FROM sync_links WHERE state IN ('pending', 'retry')",
+                 ELSE next_attempt_at_ms END) FROM sync_links WHERE state IN ('pending', 'retry') \
+                 AND held_by IS NULL",
             )
             .fetch_one(pool)
             .await?

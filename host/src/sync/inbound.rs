@@ -37,6 +37,8 @@ const INBOX_POLL: Duration = Duration::from_millis(250);
 /// the late echo of an older push: its payload is not trusted, the record
 /// is re-fetched.
 const ECHO_WINDOW_MS: i64 = 2_000;
+/// How often an event waiting behind an open conflict is looked at again.
+const HELD_RECHECK_MS: i64 = 5_000;
 /// How often a decision is retaken when the customer changed under it.
 const RACE_RETRIES: usize = 5;
 
@@ -70,6 +72,8 @@ pub enum InboundOutcome {
     },
     /// Failed; retried later.
     RetryScheduled,
+    /// Waits behind an open conflict; costs no attempt.
+    Deferred,
     /// Given up: see the dead letter.
     DeadLettered {
         /// Why.
@@ -81,7 +85,7 @@ pub enum InboundOutcome {
 
 /// Canonical record → the fields a customer write takes. `None` when the
 /// record has no usable email (a customer needs one).
-fn fields_of(record: &serde_json::Value) -> Option<CustomerFields> {
+pub(crate) fn fields_of(record: &serde_json::Value) -> Option<CustomerFields> {
     let text = |key: &str| {
         record
             .get(key)
@@ -129,7 +133,7 @@ fn strip_empty(address: &serde_json::Value) -> serde_json::Value {
     serde_json::Value::Object(clean)
 }
 
-fn local_record(customer: &Customer) -> Result<serde_json::Value, StoreError> {
+pub(crate) fn local_record(customer: &Customer) -> Result<serde_json::Value, StoreError> {
     Ok(canonical_record(&serde_json::to_value(customer)?))
 }
 
@@ -231,6 +235,16 @@ impl SyncEngine {
             .store
             .link_by_remote_id(&event.connector, &event.remote_id)
             .await?;
+        if let Some(held_by) = link.as_ref().and_then(|l| l.held_by.as_deref()) {
+            // A person resolves the conflict first; then the event applies.
+            let detail = format!("waiting: the link is held by open conflict {held_by}");
+            let at = now_ms() + HELD_RECHECK_MS;
+            self.inner
+                .store
+                .finish_inbox(event, "pending", &detail, Some(at), None)
+                .await?;
+            return Ok(Some(InboundOutcome::Deferred));
+        }
         if let Some(link) = &link {
             if event.occurred_at_ms < link.remote_seen_at_ms {
                 return self

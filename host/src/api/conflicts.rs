@@ -1,0 +1,326 @@
+//! `/api/v1/conflicts`: fields a local and a remote edit changed
+//! differently. Every conflict is recorded; with the `flag` policy it stays
+//! open, holding its (customer, connector) link, until resolved here.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, FieldError, Problem};
+use super::extract::{is_id, parse_json, request_id, text_param, JsonBody, Principal, QueryPairs};
+use crate::app::AppState;
+use crate::store::conflicts::{Conflict, ListConflicts, Resolved};
+use crate::store::{Customer, CustomerId};
+use crate::sync::inbound::{fields_of, local_record};
+
+const DEFAULT_LIMIT: u32 = 50;
+const MAX_LIMIT: u32 = 500;
+/// Attempts when the customer keeps changing under a resolution.
+const RACE_RETRIES: usize = 3;
+
+/// A page of conflicts.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConflictList {
+    /// Oldest first.
+    pub data: Vec<Conflict>,
+    /// Pass as `starting_after` for the next page; null on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// How to resolve a conflict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Choice {
+    /// Keep ferry's values (they are pushed to the remote).
+    Local,
+    /// Take the remote's values.
+    Remote,
+    /// Use the values given in `fields`.
+    Fields,
+}
+
+/// A resolution.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveConflict {
+    /// `local`, `remote` or `fields`.
+    pub resolution: Choice,
+    /// For `fields`: a value (or null) for every conflicting field, by its
+    /// dotted name (`name`, `address.city`, `metadata.tier`).
+    #[serde(default)]
+    pub fields: BTreeMap<String, Option<String>>,
+}
+
+/// The resolved conflict and the customer as now written.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConflictResolution {
+    /// The conflict, now `resolved`.
+    pub conflict: Conflict,
+    /// The customer at its new version (pushed to every connector).
+    pub customer: Customer,
+}
+
+/// List conflicts.
+///
+/// Query: `state` (`open` or `resolved`; default all), `customer_id`,
+/// `limit` (1–500), `starting_after`.
+#[utoipa::path(
+    get, path = "/api/v1/conflicts", tag = "sync",
+    params(
+        ("state" = Option<String>, Query, description = "open or resolved"),
+        ("customer_id" = Option<String>, Query, description = "Only this customer's"),
+        ("starting_after" = Option<String>, Query, description = "Cursor from the previous page"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 500"),
+    ),
+    responses(
+        (status = 200, description = "A page of conflicts", body = ConflictList),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn list_conflicts(
+    State(state): State<AppState>,
+    _principal: Principal,
+    QueryPairs(pairs): QueryPairs,
+) -> Result<Json<ConflictList>, ApiError> {
+    let mut request = ListConflicts {
+        limit: DEFAULT_LIMIT,
+        ..ListConflicts::default()
+    };
+    for (name, value) in pairs {
+        match name.as_str() {
+            "state" if value == "open" || value == "resolved" => request.state = Some(value),
+            "state" => return Err(ApiError::field("state", "must be open or resolved")),
+            "customer_id" => request.customer_id = Some(text_param("customer_id", value)?),
+            "starting_after" => request.starting_after = Some(text_param("starting_after", value)?),
+            "limit" => {
+                request.limit = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|l| (1..=MAX_LIMIT).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::field(
+                            "limit",
+                            format!("must be an integer from 1 to {MAX_LIMIT}"),
+                        )
+                    })?;
+            }
+            _ => {}
+        }
+    }
+    let limit = request.limit as usize;
+    request.limit += 1;
+    let mut data = state.store.conflicts(&request).await?;
+    let next_cursor = if data.len() > limit {
+        data.truncate(limit);
+        data.last().map(|c| c.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(ConflictList { data, next_cursor }))
+}
+
+/// Get one conflict.
+#[utoipa::path(
+    get, path = "/api/v1/conflicts/{id}", tag = "sync",
+    params(("id" = String, Path, description = "Conflict id")),
+    responses(
+        (status = 200, description = "The conflict", body = Conflict),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such conflict", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn get_conflict(
+    State(state): State<AppState>,
+    _principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<Conflict>, ApiError> {
+    if !is_id(&id, "cf_") {
+        return Err(ApiError::ConflictNotFound);
+    }
+    let conflict = state
+        .store
+        .conflict(&id)
+        .await?
+        .ok_or(ApiError::ConflictNotFound)?;
+    Ok(Json(conflict))
+}
+
+/// Sets a dotted field (`name`, `address.city`, `metadata.tier`) of a
+/// canonical record.
+fn set_field(record: &mut serde_json::Value, field: &str, value: serde_json::Value) {
+    let Some(object) = record.as_object_mut() else {
+        return;
+    };
+    match field.split_once('.') {
+        None => {
+            object.insert(field.to_owned(), value);
+        }
+        Some((parent, child)) => {
+            let nested = object
+                .entry(parent.to_owned())
+                .or_insert_with(|| serde_json::json!({}));
+            if !nested.is_object() {
+                *nested = serde_json::json!({});
+            }
+            if let Some(nested) = nested.as_object_mut() {
+                if value.is_null() {
+                    nested.remove(child);
+                } else {
+                    nested.insert(child.to_owned(), value);
+                }
+            }
+        }
+    }
+}
+
+/// Resolve a conflict.
+///
+/// `local` keeps ferry's values, `remote` takes the remote's, `fields` takes
+/// the given value of every conflicting field. The customer is written at a
+/// new version, the conflict is closed, its link is released, and the result
+/// is pushed to every connector, the one the conflict came from included.
+#[utoipa::path(
+    post, path = "/api/v1/conflicts/{id}/resolve", tag = "sync",
+    params(("id" = String, Path, description = "Conflict id")),
+    request_body = ResolveConflict,
+    responses(
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "Resolved", body = ConflictResolution),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such conflict, or its customer is gone", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already resolved", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid resolution", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn resolve_conflict(
+    State(state): State<AppState>,
+    _principal: Principal,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    JsonBody(body): JsonBody,
+) -> Result<Json<ConflictResolution>, ApiError> {
+    let request: ResolveConflict = parse_json(&body)?;
+    if !is_id(&id, "cf_") {
+        return Err(ApiError::ConflictNotFound);
+    }
+    let conflict = state
+        .store
+        .conflict(&id)
+        .await?
+        .ok_or(ApiError::ConflictNotFound)?;
+    if conflict.state != "open" {
+        return Err(ApiError::ConflictNotOpen);
+    }
+    let conflicting: Vec<(String, serde_json::Value)> = conflict
+        .fields
+        .0
+        .as_array()
+        .map(|fields| {
+            fields
+                .iter()
+                .filter_map(|f| Some((f["field"].as_str()?.to_owned(), f["remote"].clone())))
+                .collect()
+        })
+        .unwrap_or_default();
+    if request.resolution == Choice::Fields {
+        let mut errors = Vec::new();
+        for name in request.fields.keys() {
+            if !conflicting.iter().any(|(f, _)| f == name) {
+                errors.push(FieldError::new(
+                    format!("fields.{name}"),
+                    "not a conflicting field",
+                ));
+            }
+        }
+        for (name, _) in &conflicting {
+            if !request.fields.contains_key(name) {
+                errors.push(FieldError::new(
+                    format!("fields.{name}"),
+                    "a value (or null) is required",
+                ));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ApiError::Validation(errors));
+        }
+    } else if !request.fields.is_empty() {
+        return Err(ApiError::field("fields", "only with resolution `fields`"));
+    }
+    let customer_id = CustomerId::parse(&conflict.customer_id).ok_or(ApiError::CustomerNotFound)?;
+    let correlation_id = request_id(&headers);
+    for _ in 0..RACE_RETRIES {
+        let customer = state.store.get_customer(&customer_id).await?;
+        let mut record = local_record(&customer)?;
+        for (field, remote) in &conflicting {
+            match request.resolution {
+                Choice::Local => {}
+                Choice::Remote => set_field(&mut record, field, remote.clone()),
+                Choice::Fields => {
+                    let value = request.fields.get(field).cloned().flatten();
+                    set_field(
+                        &mut record,
+                        field,
+                        value.map_or(serde_json::Value::Null, Into::into),
+                    );
+                }
+            }
+        }
+        let fields = fields_of(&record)
+            .ok_or_else(|| ApiError::field("fields.email", "a customer needs an email"))?;
+        let choice = match request.resolution {
+            Choice::Local => "local",
+            Choice::Remote => "remote",
+            Choice::Fields => "fields",
+        };
+        match state
+            .store
+            .resolve_conflict(
+                &conflict,
+                choice,
+                &customer_id,
+                customer.version,
+                &fields,
+                Some(&correlation_id),
+            )
+            .await?
+        {
+            Resolved::Done(customer) => {
+                state.outbox_signal.notify_one();
+                state.sync.wake_inbox();
+                let conflict = state
+                    .store
+                    .conflict(&id)
+                    .await?
+                    .ok_or(ApiError::ConflictNotFound)?;
+                tracing::info!(conflict_id = %id, resolution = choice, "conflict resolved");
+                return Ok(Json(ConflictResolution {
+                    conflict,
+                    customer: *customer,
+                }));
+            }
+            Resolved::NotOpen => return Err(ApiError::ConflictNotOpen),
+            Resolved::Raced => continue,
+        }
+    }
+    Err(ApiError::Internal(anyhow::anyhow!(
+        "the customer kept changing while the conflict was resolved"
+    )))
+}
+
+/// Routes under `/api/v1/conflicts`.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/conflicts", get(list_conflicts))
+        .route("/conflicts/{id}", get(get_conflict))
+        .route("/conflicts/{id}/resolve", post(resolve_conflict))
+}

@@ -1,0 +1,175 @@
+//! Conflicts: fields a local and a remote edit changed differently since the
+//! last synced snapshot. Every conflict is recorded; a flagged one (`open`)
+//! holds its link until a person resolves it.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::types::Json;
+use utoipa::ToSchema;
+
+use super::customers::{columns, CustomerRow};
+use super::{dispatch, now, Customer, CustomerFields, CustomerId, Store, StoreError};
+
+/// One recorded conflict.
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+pub struct Conflict {
+    /// `cf_…`
+    pub id: String,
+    /// The customer.
+    pub customer_id: String,
+    /// The connector the remote edit came through.
+    pub connector: String,
+    /// The remote event that conflicted.
+    pub event_id: String,
+    /// The policy in force: `last_writer_wins`, `prefer_local`,
+    /// `prefer_remote` or `flag`.
+    pub policy: String,
+    /// Per field: `field`, `base`, `local`, `remote`, `resolution`.
+    #[schema(value_type = Vec<Object>)]
+    pub fields: Json<serde_json::Value>,
+    /// The remote state that conflicted.
+    #[schema(value_type = Object)]
+    pub remote_record: Json<serde_json::Value>,
+    /// `open` (waits for a person) or `resolved`.
+    pub state: String,
+    /// How it was resolved: the policy's choice, `local`, `remote` or `fields`.
+    pub resolution: Option<String>,
+    /// When it was recorded.
+    pub created_at: DateTime<Utc>,
+    /// When it was resolved.
+    pub resolved_at: Option<DateTime<Utc>>,
+}
+
+const CONFLICT_COLUMNS: &str = "id, customer_id, connector, event_id, policy, fields, \
+     remote_record, state, resolution, created_at, resolved_at";
+
+/// Filter for [`Store::conflicts`].
+#[derive(Debug, Clone, Default)]
+pub struct ListConflicts {
+    /// `open`, `resolved`, or all.
+    pub state: Option<String>,
+    /// Only this customer's.
+    pub customer_id: Option<String>,
+    /// Ids after this one.
+    pub starting_after: Option<String>,
+    /// Page size.
+    pub limit: u32,
+}
+
+/// What resolving a conflict did.
+#[derive(Debug)]
+pub enum Resolved {
+    /// Resolved; the customer as now written.
+    Done(Box<Customer>),
+    /// It was not open.
+    NotOpen,
+    /// The customer changed meanwhile: compute again.
+    Raced,
+}
+
+impl Store {
+    /// A page of conflicts, oldest first.
+    pub async fn conflicts(&self, request: &ListConflicts) -> Result<Vec<Conflict>, StoreError> {
+        let sql = format!(
+            "SELECT {CONFLICT_COLUMNS} FROM conflicts \
+             WHERE (CAST($1 AS TEXT) IS NULL OR state = $1) \
+             AND (CAST($2 AS TEXT) IS NULL OR customer_id = $2) \
+             AND (CAST($3 AS TEXT) IS NULL OR id > $3) ORDER BY id LIMIT $4"
+        );
+        let rows = dispatch!(self, read pool => {
+            sqlx::query_as(&sql)
+                .bind(&request.state)
+                .bind(&request.customer_id)
+                .bind(&request.starting_after)
+                .bind(i64::from(request.limit))
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(rows)
+    }
+
+    /// One conflict.
+    pub async fn conflict(&self, id: &str) -> Result<Option<Conflict>, StoreError> {
+        let sql = format!("SELECT {CONFLICT_COLUMNS} FROM conflicts WHERE id = $1");
+        let row = dispatch!(self, read pool => {
+            sqlx::query_as(&sql).bind(id).fetch_optional(pool).await?
+        });
+        Ok(row)
+    }
+
+    /// Resolves an open conflict: writes `fields` to the customer (a new
+    /// version, pushed to every connector, the source one included), marks
+    /// the conflict resolved and releases the link it held, in one
+    /// transaction.
+    #[tracing::instrument(skip_all, fields(conflict_id = %conflict.id))]
+    pub async fn resolve_conflict(
+        &self,
+        conflict: &Conflict,
+        resolution: &str,
+        customer_id: &CustomerId,
+        expected_version: i64,
+        fields: &CustomerFields,
+        correlation_id: Option<&str>,
+    ) -> Result<Resolved, StoreError> {
+        let at = now();
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            let closed = sqlx::query(
+                "UPDATE conflicts SET state = 'resolved', resolution = $1, resolved_at = $2 \
+                 WHERE id = $3 AND state = 'open'",
+            )
+            .bind(resolution)
+            .bind(at)
+            .bind(&conflict.id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if closed != 1 {
+                return Ok(Resolved::NotOpen);
+            }
+            let row: Option<CustomerRow> = sqlx::query_as(concat!(
+                "UPDATE customers SET name = $1, email = $2, phone = $3, address = $4, metadata = $5, ",
+                "version = version + 1, updated_at = $6 ",
+                "WHERE id = $7 AND version = $8 AND deleted_at IS NULL RETURNING ", columns!()
+            ))
+            .bind(&fields.name)
+            .bind(&fields.email)
+            .bind(&fields.phone)
+            .bind(fields.address.as_ref().map(Json))
+            .bind(Json(&fields.metadata))
+            .bind(at)
+            .bind(customer_id.as_str())
+            .bind(expected_version)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::from_customer_write)?;
+            let Some(row) = row else {
+                return Ok(Resolved::Raced);
+            };
+            let customer = Customer::from(row);
+            sqlx::query(
+                "INSERT INTO outbox (aggregate, aggregate_id, version, kind, payload, correlation_id, created_at) \
+                 VALUES ('customer', $1, $2, 'updated', $3, $4, $5)",
+            )
+            .bind(customer.id.as_str())
+            .bind(customer.version)
+            .bind(Json(&customer))
+            .bind(correlation_id)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE sync_links SET held_by = NULL, updated_at = $1 \
+                 WHERE customer_id = $2 AND connector = $3 AND held_by = $4",
+            )
+            .bind(at)
+            .bind(&conflict.customer_id)
+            .bind(&conflict.connector)
+            .bind(&conflict.id)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(Resolved::Done(Box::new(customer)))
+        })
+    }
+}
