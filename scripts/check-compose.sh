@@ -2,7 +2,7 @@
 # Checks the cluster stack without a Docker engine (none runs in CI):
 # docker-compose.yaml must parse and validate with Debian's docker-compose,
 # must run Kafka in KRaft mode (no ZooKeeper), and the Dockerfile's build
-# commands must be the ones docs/deployment.md documents, verbatim.
+# commands must be the ones README.md and docs/deployment.md document, verbatim.
 source "$(dirname "$0")/lib.sh"
 cd "$FERRY_ROOT"
 
@@ -36,7 +36,7 @@ for service in postgres kafka ferry-1 ferry-2; do
     || fail "docker-compose.yaml has no service ${service}"
 done
 
-step "Dockerfile build commands are documented in docs/deployment.md"
+step "Dockerfile build commands are documented in README.md and docs/deployment.md"
 # Joins continued lines, keeps RUN instructions without their leading
 # --flags (cache mounts), splits on && and keeps the commands that build.
 mapfile -t build_commands < <(
@@ -51,7 +51,9 @@ for wanted in 'rustup target add' 'cargo build' 'scripts/build-connectors.sh'; d
     || fail "no \`$wanted\` command found in Dockerfile's RUN instructions"
 done
 for command in "${build_commands[@]}"; do
-  grep -qF -- "$command" docs/deployment.md \
-    || fail "Dockerfile runs \`$command\` but docs/deployment.md does not document it verbatim"
+  for doc in README.md docs/deployment.md; do
+    grep -qF -- "$command" "$doc" \
+      || fail "Dockerfile runs \`$command\` but $doc does not document it verbatim"
+  done
   printf '    documented: %s\n' "$command"
 done

@@ -36,6 +36,19 @@ pub struct Setup {
     pub database_url: Option<String>,
     /// More config overrides.
     pub extra: Value,
+    /// More connectors loaded next to Stripe, each with its configuration.
+    pub extra_connectors: Vec<ExtraConnector>,
+}
+
+/// A connector component loaded besides Stripe, e.g. the recorder for
+/// fan-out tests.
+pub struct ExtraConnector {
+    /// The manifest name: its `.wasm` file name and its key under `connectors`.
+    pub name: String,
+    /// The built component.
+    pub component: PathBuf,
+    /// Its `connectors.{name}` configuration (`settings`, `secrets`, `enabled`).
+    pub config: Value,
 }
 
 impl Setup {
@@ -46,6 +59,7 @@ impl Setup {
             kafka: None,
             database_url: None,
             extra: json!({}),
+            extra_connectors: Vec::new(),
         }
     }
 }
@@ -82,12 +96,24 @@ pub fn stripe_component() -> PathBuf {
     ferry_test_support::wasm::component_path("ferry_connector_stripe")
 }
 
+/// The built recorder test connector (tests/guests/recorder).
+pub fn recorder_component() -> PathBuf {
+    ferry_test_support::wasm::component_path("ferry_test_recorder")
+}
+
 pub async fn spawn_sync_app(setup: Setup) -> SyncApp {
     init_logs();
     let dir = tempfile::tempdir().expect("temp dir");
     let connectors = dir.path().join("connectors");
     std::fs::create_dir_all(&connectors).expect("connectors dir");
     std::fs::copy(stripe_component(), connectors.join("stripe.wasm")).expect("copy stripe.wasm");
+    for extra in &setup.extra_connectors {
+        std::fs::copy(
+            &extra.component,
+            connectors.join(format!("{}.wasm", extra.name)),
+        )
+        .expect("copy an extra connector");
+    }
     let database_url = match (setup.database_url, setup.backend) {
         (Some(url), _) => url,
         (None, Backend::Sqlite) => format!("sqlite://{}", dir.path().join("ferry.db").display()),
@@ -115,6 +141,14 @@ pub async fn spawn_sync_app(setup: Setup) -> SyncApp {
         overrides["connectors"] = json!({
             "stripe": { "settings": { "api_base": url }, "secrets": { "api_key": STRIPE_KEY, "webhook_secret": WEBHOOK_SECRET } }
         });
+    }
+    if !setup.extra_connectors.is_empty() {
+        if !overrides["connectors"].is_object() {
+            overrides["connectors"] = json!({});
+        }
+        for extra in &setup.extra_connectors {
+            overrides["connectors"][&extra.name] = extra.config.clone();
+        }
     }
     if let Some(kafka) = &setup.kafka {
         overrides["kafka_brokers"] = json!(kafka);
@@ -214,12 +248,24 @@ impl SyncApp {
         timeout: Duration,
         done: impl Fn(&Value) -> bool,
     ) -> Value {
+        self.wait_link_of("stripe", id, timeout, done).await
+    }
+
+    /// Waits until the customer's link to `connector` satisfies `done`
+    /// (`Value::Null` while there is no link); returns it.
+    pub async fn wait_link_of(
+        &self,
+        connector: &str,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let status = self.sync_status(id).await;
             let link = status["connectors"]
                 .as_array()
-                .and_then(|links| links.iter().find(|l| l["connector"] == "stripe"))
+                .and_then(|links| links.iter().find(|l| l["connector"] == connector))
                 .cloned()
                 .unwrap_or(Value::Null);
             if done(&link) {
@@ -227,7 +273,7 @@ impl SyncApp {
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "sync of {id} did not settle within {timeout:?}: {status:#}"
+                "sync of {id} to {connector} did not settle within {timeout:?}: {status:#}"
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }

@@ -6,7 +6,9 @@
 mod helpers;
 
 mod cluster;
+mod conflicts;
 mod crash;
+mod fanout;
 mod faults;
 mod inbound;
 mod outbound;

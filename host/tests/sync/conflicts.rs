@@ -1,0 +1,275 @@
+//! Concurrent local and remote edits: different fields merge; the same
+//! field is a conflict the policy decides, and `flag` holds the link until a
+//! person resolves it through the API.
+
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_test_support::fault_proxy::FaultProxy;
+use ferry_test_support::localstripe::{venv_python, LocalStripe};
+use serde_json::{json, Value};
+
+use crate::helpers::{
+    email, spawn_sync_app, stripe_customer, Backend, Setup, SyncApp, STRIPE_KEY, WEBHOOK_SECRET,
+};
+
+struct Harness {
+    stripe: LocalStripe,
+    proxy: FaultProxy,
+    app: SyncApp,
+    id: String,
+    remote_id: String,
+}
+
+/// A customer synced to Stripe, with localstripe's webhooks going to ferry,
+/// ferry's pushes going through a proxy that can be taken down, and enough
+/// time passed that the next remote event is not mistaken for an echo.
+async fn synced_customer(policy: &str) -> Harness {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let mut setup = Setup::new(Backend::Sqlite, &proxy.url());
+    setup.extra = json!({"conflict_policy": policy, "sync_max_attempts": 100});
+    let app = spawn_sync_app(setup).await;
+    stripe
+        .register_webhook(
+            "ferry",
+            &format!("{}/webhooks/stripe", app.base),
+            WEBHOOK_SECRET,
+            None,
+        )
+        .await
+        .expect("webhook");
+    let customer = app
+        .create(json!({"email": email("conflict"), "name": "Original", "phone": "+15550000001"}))
+        .await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    let link = app.wait_synced(&id, 1).await;
+    let remote_id = link["remote_id"].as_str().unwrap().to_owned();
+    // Stripe's event times are whole seconds; ferry re-fetches events close
+    // to its own last push (possible echoes). Step past that window.
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    Harness {
+        stripe,
+        proxy,
+        app,
+        id,
+        remote_id,
+    }
+}
+
+/// Edits the customer in Stripe as a dashboard user would.
+fn edit_in_stripe(stripe_url: &str, remote_id: &str, field: &str, value: &str) {
+    let script = format!(
+        "import stripe\nstripe.api_key = '{STRIPE_KEY}'\nstripe.api_base = '{stripe_url}'\n\
+         stripe.Customer.modify('{remote_id}', {field}='{value}')"
+    );
+    let out = Command::new(venv_python().unwrap())
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn customer(app: &SyncApp, id: &str) -> Value {
+    app.send(
+        reqwest::Method::GET,
+        &format!("/api/v1/customers/{id}"),
+        None,
+    )
+    .await
+    .1
+}
+
+async fn wait_customer(app: &SyncApp, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let current = customer(app, id).await;
+        if done(&current) {
+            return current;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "customer never reached the state: {current:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn conflicts(app: &SyncApp, query: &str) -> Vec<Value> {
+    let (status, page) = app
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/v1/conflicts{query}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    page["data"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_fields_changed_on_both_sides_merge() {
+    let h = synced_customer("flag").await;
+    h.proxy.set_down(true);
+    h.app.patch(&h.id, json!({"phone": "+15550000002"})).await;
+    edit_in_stripe(&h.stripe.url(), &h.remote_id, "name", "Remote Name");
+    let merged = wait_customer(&h.app, &h.id, |c| c["name"] == "Remote Name").await;
+    assert_eq!(
+        merged["phone"], "+15550000002",
+        "the local edit survives: {merged}"
+    );
+    assert!(
+        conflicts(&h.app, "").await.is_empty(),
+        "no conflict for different fields"
+    );
+
+    // Back up: Stripe gets the merged record.
+    h.proxy.set_down(false);
+    let version = merged["version"].as_i64().unwrap();
+    h.app.wait_synced(&h.id, version).await;
+    let remote = stripe_customer(&h.stripe.url(), &h.remote_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        (remote["name"].as_str(), remote["phone"].as_str()),
+        (Some("Remote Name"), Some("+15550000002"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flagged_conflicts_hold_the_link_until_resolved() {
+    let h = synced_customer("flag").await;
+    h.proxy.set_down(true);
+    h.app.patch(&h.id, json!({"name": "Local Name"})).await;
+    edit_in_stripe(&h.stripe.url(), &h.remote_id, "name", "Remote Name");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let conflict = loop {
+        if let Some(c) = conflicts(&h.app, "?state=open").await.into_iter().next() {
+            break c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no conflict recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(conflict["customer_id"], h.id.as_str());
+    assert_eq!(conflict["fields"][0]["field"], "name");
+    assert_eq!(conflict["fields"][0]["local"], "Local Name");
+    assert_eq!(conflict["fields"][0]["remote"], "Remote Name");
+    assert_eq!(conflict["fields"][0]["resolution"], "pending");
+    assert_eq!(
+        customer(&h.app, &h.id).await["name"],
+        "Local Name",
+        "the local value stays meanwhile"
+    );
+
+    // Held: with Stripe reachable again, nothing is pushed.
+    h.proxy.set_down(false);
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    assert_eq!(
+        stripe_customer(&h.stripe.url(), &h.remote_id)
+            .await
+            .unwrap()["name"],
+        "Remote Name"
+    );
+
+    let path = format!(
+        "/api/v1/conflicts/{}/resolve",
+        conflict["id"].as_str().unwrap()
+    );
+    let (status, problem) = h
+        .app
+        .send(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"resolution": "fields", "fields": {"phone": "x"}})),
+        )
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (422, Some("validation_failed")),
+        "{problem}"
+    );
+    let (status, resolved) = h
+        .app
+        .send(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"resolution": "fields", "fields": {"name": "Agreed Name"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{resolved}");
+    assert_eq!(resolved["conflict"]["state"], "resolved");
+    assert_eq!(resolved["customer"]["name"], "Agreed Name");
+    let version = resolved["customer"]["version"].as_i64().unwrap();
+    h.app.wait_synced(&h.id, version).await;
+    assert_eq!(
+        stripe_customer(&h.stripe.url(), &h.remote_id)
+            .await
+            .unwrap()["name"],
+        "Agreed Name",
+        "sync resumed"
+    );
+    let (status, problem) = h
+        .app
+        .send(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"resolution": "local"})),
+        )
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (409, Some("conflict_not_open"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_decide_same_field_conflicts_and_record_them() {
+    for (policy, expected) in [
+        ("prefer_local", "Local Name"),
+        ("prefer_remote", "Remote Name"),
+        // The remote edit is the later one.
+        ("last_writer_wins", "Remote Name"),
+    ] {
+        let h = synced_customer(policy).await;
+        h.proxy.set_down(true);
+        h.app.patch(&h.id, json!({"name": "Local Name"})).await;
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        edit_in_stripe(&h.stripe.url(), &h.remote_id, "name", "Remote Name");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        let recorded = loop {
+            if let Some(c) = conflicts(&h.app, "?state=resolved")
+                .await
+                .into_iter()
+                .next()
+            {
+                break c;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{policy}: no conflict recorded"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(recorded["policy"], policy);
+        assert_eq!(customer(&h.app, &h.id).await["name"], expected, "{policy}");
+        h.proxy.set_down(false);
+        let version = customer(&h.app, &h.id).await["version"].as_i64().unwrap();
+        h.app.wait_synced(&h.id, version).await;
+        assert_eq!(
+            stripe_customer(&h.stripe.url(), &h.remote_id)
+                .await
+                .unwrap()["name"],
+            expected,
+            "{policy}: both sides agree"
+        );
+    }
+}

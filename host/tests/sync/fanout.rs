@@ -1,0 +1,562 @@
+//! Fan-out: a change made in one remote reaches every other enabled
+//! connector and is never pushed back to its source; a change made through
+//! ferry's API reaches each connector once, and Stripe's echoes of it start
+//! nothing new.
+//!
+//! Two connectors are loaded: Stripe, against a real localstripe behind a
+//! logging proxy (so every request ferry sends Stripe is on record), and the
+//! recorder test connector (tests/guests/recorder), against an in-process
+//! fake that keeps what it is sent and logs every request. Changes made "in
+//! Stripe" go to localstripe directly, as a person in the dashboard would,
+//! and reach ferry through localstripe's real signed webhooks.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ferry_test_support::fault_proxy::{FaultProxy, LoggedRequest};
+use ferry_test_support::localstripe::LocalStripe;
+use serde_json::{json, Value};
+
+use crate::helpers::{
+    email, recorder_component, spawn_sync_app, stripe_customers_by_email, Backend, ExtraConnector,
+    Setup, SyncApp, STRIPE_KEY, WEBHOOK_SECRET,
+};
+
+/// The recorder's `api_key`; the fake checks it arrives as a bearer token.
+const RECORDER_KEY: &str = "rk_test_recorder_key";
+
+/// How long any one step may take to settle.
+const SETTLE: Duration = Duration::from_secs(20);
+
+/// One request the fake recorder remote received.
+#[derive(Debug, Clone)]
+struct Recorded {
+    method: String,
+    path: String,
+    /// The JSON body (`Null` when there is none or it is not JSON).
+    body: Value,
+    authorization: Option<String>,
+    idempotency_key: Option<String>,
+}
+
+#[derive(Default)]
+struct RemoteState {
+    log: Mutex<Vec<Recorded>>,
+    records: Mutex<BTreeMap<String, Value>>,
+    next_id: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The remote the recorder connector talks to: `POST /records` creates,
+/// `PUT`/`DELETE /records/{id}` update and delete (404 for an unknown id).
+struct RecorderRemote {
+    url: String,
+    state: Arc<RemoteState>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl RecorderRemote {
+    async fn start() -> Self {
+        let state = Arc::new(RemoteState::default());
+        // One fallback handler: every request is logged, expected or not.
+        let app = axum::Router::new()
+            .fallback(record_request)
+            .with_state(Arc::clone(&state));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the recorder remote");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("recorder remote");
+        });
+        Self { url, state, server }
+    }
+
+    fn requests(&self) -> Vec<Recorded> {
+        lock(&self.state.log).clone()
+    }
+
+    fn requests_to(&self, method: &str, path: &str) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == method && r.path == path)
+            .collect()
+    }
+
+    fn record(&self, id: &str) -> Option<Value> {
+        lock(&self.state.records).get(id).cloned()
+    }
+
+    /// The recorder's `connectors.recorder` entry, pointing at this fake.
+    fn connector(&self) -> ExtraConnector {
+        ExtraConnector {
+            name: "recorder".to_owned(),
+            component: recorder_component(),
+            config: json!({
+                "settings": {"api_base": self.url, "send_api_key": "true"},
+                "secrets": {"api_key": RECORDER_KEY},
+            }),
+        }
+    }
+
+    /// Polls the log until `done` holds; fails with the log after `SETTLE`.
+    async fn wait_for(&self, what: &str, done: impl Fn(&[Recorded]) -> bool) -> Vec<Recorded> {
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let log = self.requests();
+            if done(&log) {
+                return log;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the recorder remote never saw {what}: {log:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for RecorderRemote {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn record_request(
+    State(state): State<Arc<RemoteState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let path = uri.path().to_owned();
+    lock(&state.log).push(Recorded {
+        method: method.to_string(),
+        path: path.clone(),
+        body: body.clone(),
+        authorization: header("authorization"),
+        idempotency_key: header("idempotency-key"),
+    });
+    let mut records = lock(&state.records);
+    match (method, path.strip_prefix("/records")) {
+        (Method::POST, Some("")) => {
+            let id = format!("rec_{}", state.next_id.fetch_add(1, Ordering::SeqCst) + 1);
+            records.insert(id.clone(), body["record"].clone());
+            (StatusCode::CREATED, Json(json!({ "id": id }))).into_response()
+        }
+        (Method::PUT, Some(rest)) => match records.get_mut(rest.trim_start_matches('/')) {
+            Some(record) => {
+                *record = body["record"].clone();
+                Json(json!({ "id": rest.trim_start_matches('/') })).into_response()
+            }
+            None => StatusCode::NOT_FOUND.into_response(),
+        },
+        (Method::DELETE, Some(rest)) => match records.remove(rest.trim_start_matches('/')) {
+            Some(_) => StatusCode::NO_CONTENT.into_response(),
+            None => StatusCode::NOT_FOUND.into_response(),
+        },
+        _ => StatusCode::METHOD_NOT_ALLOWED.into_response(),
+    }
+}
+
+/// ferry with Stripe (through a logging proxy in front of localstripe,
+/// whose webhooks are registered) and the recorder.
+struct Rig {
+    stripe: LocalStripe,
+    proxy: FaultProxy,
+    remote: RecorderRemote,
+    app: SyncApp,
+}
+
+async fn rig(backend: Backend) -> Rig {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let remote = RecorderRemote::start().await;
+    let mut setup = Setup::new(backend, &proxy.url());
+    setup.extra_connectors.push(remote.connector());
+    let app = spawn_sync_app(setup).await;
+    let (status, connector) = app
+        .send(reqwest::Method::GET, "/api/v1/connectors/recorder", None)
+        .await;
+    assert_eq!(
+        (status, &connector["enabled"]),
+        (200, &json!(true)),
+        "{connector}"
+    );
+    stripe
+        .register_webhook(
+            "ferry",
+            &format!("{}/webhooks/stripe", app.base),
+            WEBHOOK_SECRET,
+            None,
+        )
+        .await
+        .expect("webhook registered");
+    Rig {
+        stripe,
+        proxy,
+        remote,
+        app,
+    }
+}
+
+/// A write made directly in localstripe (not through the proxy: ferry did
+/// not send it), as the dashboard would.
+async fn stripe_write(stripe_url: &str, path: &str, form: &[(&str, &str)]) -> Value {
+    let response = reqwest::Client::new()
+        .post(format!("{stripe_url}{path}"))
+        .bearer_auth(STRIPE_KEY)
+        .form(form)
+        .send()
+        .await
+        .expect("localstripe answers");
+    assert!(response.status().is_success(), "{}", response.status());
+    response.json().await.expect("json")
+}
+
+/// Requests ferry sent Stripe that could change something (anything but a
+/// read: a same-second event is re-fetched with a GET, which is fine).
+fn stripe_writes(proxy: &FaultProxy) -> Vec<String> {
+    proxy
+        .requests()
+        .iter()
+        .filter(|r| r.method != "GET")
+        .map(|r: &LoggedRequest| format!("{} {} {:?}", r.method, r.path, r.form()))
+        .collect()
+}
+
+/// Outbound Stripe deliveries in the customer's sync history.
+fn outbound_to(status: &Value, connector: &str) -> Vec<Value> {
+    status["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter(|d| d["connector"] == connector && d["direction"] == "outbound")
+        .cloned()
+        .collect()
+}
+
+async fn customer_by_email(app: &SyncApp, address: &str) -> Option<Value> {
+    let (_, page) = app
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/v1/customers?email={address}"),
+            None,
+        )
+        .await;
+    page["data"].as_array().and_then(|d| d.first().cloned())
+}
+
+async fn customer(app: &SyncApp, id: &str) -> Value {
+    let (status, customer) = app
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/v1/customers/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{customer}");
+    customer
+}
+
+/// Both links settled at `version` or later: the recorder's by a push, the
+/// Stripe one by the inbound apply (or a push, for API changes). Once the
+/// recorder holds `version`, the relay's intake of it is done for every
+/// connector, so a Stripe link still `synced` here was never scheduled.
+async fn wait_both_synced(app: &SyncApp, id: &str, version: i64) -> (Value, Value) {
+    let synced =
+        |l: &Value| l["state"] == "synced" && l["synced_version"].as_i64() >= Some(version);
+    let recorder = app.wait_link_of("recorder", id, SETTLE, synced).await;
+    let stripe = app.wait_link_of("stripe", id, SETTLE, synced).await;
+    (stripe, recorder)
+}
+
+/// Waits until ferry's inbox holds at least `count` events of the Stripe
+/// record and none is still waiting to be applied.
+async fn wait_inbox_settled(app: &SyncApp, remote_id: &str, count: usize) {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let events = app
+            .store
+            .inbox_of_remote("stripe", remote_id)
+            .await
+            .expect("inbox");
+        let settled = events
+            .iter()
+            .all(|e| e.state == "applied" || e.state == "skipped");
+        if events.len() >= count && settled {
+            return;
+        }
+        let seen: Vec<(&str, &str, &str)> = events
+            .iter()
+            .map(|e| {
+                (
+                    e.event_id.as_str(),
+                    e.remote_type.as_str(),
+                    e.state.as_str(),
+                )
+            })
+            .collect();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{count} settled inbox events of {remote_id} expected: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Created, then renamed, in Stripe: the customer appears in ferry and the
+/// recorder gets a create then an update; ferry sends Stripe no write.
+async fn stripe_change_reaches_the_recorder_not_stripe(backend: Backend) {
+    let Rig {
+        stripe,
+        proxy,
+        remote,
+        app,
+    } = rig(backend).await;
+    let address = email("fanout");
+
+    let created = stripe_write(
+        &stripe.url(),
+        "/v1/customers",
+        &[("email", &address), ("name", "Katherine Johnson")],
+    )
+    .await;
+    let cus = created["id"].as_str().expect("stripe id").to_owned();
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    let local = loop {
+        if let Some(found) = customer_by_email(&app, &address).await {
+            break found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the Stripe customer never reached ferry"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(local["name"], "Katherine Johnson");
+    let id = local["id"].as_str().expect("id").to_owned();
+    let (stripe_link, recorder_link) = wait_both_synced(&app, &id, 1).await;
+    assert_eq!(
+        stripe_link["remote_id"],
+        cus.as_str(),
+        "linked to its source"
+    );
+
+    let creates = remote.requests_to("POST", "/records");
+    assert_eq!(creates.len(), 1, "one create: {:#?}", remote.requests());
+    let create = &creates[0];
+    assert_eq!(create.body["local_id"], id.as_str());
+    assert_eq!(create.body["version"], 1);
+    assert_eq!(create.body["record"]["email"], address.as_str());
+    assert_eq!(create.body["record"]["name"], "Katherine Johnson");
+    let key = format!("ferry-recorder-{id}-v1");
+    assert_eq!(create.body["idempotency_key"], key.as_str());
+    assert_eq!(create.idempotency_key.as_deref(), Some(key.as_str()));
+    assert_eq!(
+        create.authorization.as_deref(),
+        Some(format!("Bearer {RECORDER_KEY}").as_str()),
+        "the recorder's secret reached its remote"
+    );
+    let rec = recorder_link["remote_id"]
+        .as_str()
+        .expect("recorder link has the remote id")
+        .to_owned();
+    assert_eq!(
+        remote.record(&rec).expect("stored")["email"],
+        address.as_str()
+    );
+
+    stripe_write(
+        &stripe.url(),
+        &format!("/v1/customers/{cus}"),
+        &[("name", "Katherine G. Johnson")],
+    )
+    .await;
+    let record_path = format!("/records/{rec}");
+    remote
+        .wait_for("the rename", |log| {
+            log.iter()
+                .any(|r| r.method == "PUT" && r.path == record_path)
+        })
+        .await;
+    wait_both_synced(&app, &id, 2).await;
+    let renamed = customer(&app, &id).await;
+    assert_eq!(renamed["name"], "Katherine G. Johnson");
+    assert_eq!(renamed["version"], 2);
+    let updates = remote.requests_to("PUT", &record_path);
+    assert_eq!(updates.len(), 1, "one update: {:#?}", remote.requests());
+    assert_eq!(updates[0].body["version"], 2);
+    assert_eq!(updates[0].body["record"]["name"], "Katherine G. Johnson");
+    assert_eq!(
+        remote.requests().len(),
+        2,
+        "nothing else reached the recorder: {:#?}",
+        remote.requests()
+    );
+
+    // Nothing went back to Stripe: no write through the proxy, no outbound
+    // delivery to Stripe in the history, still one Stripe customer.
+    assert_eq!(
+        stripe_writes(&proxy),
+        Vec::<String>::new(),
+        "ferry wrote to Stripe"
+    );
+    let status = app.sync_status(&id).await;
+    assert_eq!(
+        outbound_to(&status, "stripe")
+            .iter()
+            .filter(|d| d["outcome"] == "delivered")
+            .count(),
+        0,
+        "{status:#}"
+    );
+    assert_eq!(
+        outbound_to(&status, "recorder")
+            .iter()
+            .filter(|d| d["outcome"] == "delivered")
+            .count(),
+        2,
+        "{status:#}"
+    );
+    let in_stripe = stripe_customers_by_email(&stripe.url(), &address).await;
+    assert_eq!(
+        in_stripe.len(),
+        1,
+        "no second Stripe customer: {in_stripe:#?}"
+    );
+    assert_eq!(in_stripe[0]["name"], "Katherine G. Johnson");
+}
+
+/// Created, renamed and deleted through ferry's API: each change reaches
+/// Stripe once and the recorder once; Stripe's webhooks for ferry's own
+/// writes come back and change nothing, so the recorder gets nothing more.
+async fn api_change_reaches_each_connector_once(backend: Backend) {
+    let Rig {
+        stripe,
+        proxy,
+        remote,
+        app,
+    } = rig(backend).await;
+    let address = email("fanout-api");
+
+    let created = app
+        .create(json!({"email": address, "name": "Dorothy Vaughan"}))
+        .await;
+    let id = created["id"].as_str().expect("id").to_owned();
+    let (stripe_link, recorder_link) = wait_both_synced(&app, &id, 1).await;
+    let cus = stripe_link["remote_id"]
+        .as_str()
+        .expect("linked")
+        .to_owned();
+    let rec = recorder_link["remote_id"]
+        .as_str()
+        .expect("linked")
+        .to_owned();
+    // Stripe's customer.created webhook for ferry's own create.
+    wait_inbox_settled(&app, &cus, 1).await;
+
+    app.patch(&id, json!({"name": "Dorothy J. Vaughan"})).await;
+    wait_both_synced(&app, &id, 2).await;
+    wait_inbox_settled(&app, &cus, 2).await;
+    assert_eq!(
+        customer(&app, &id).await["version"],
+        2,
+        "the echoes wrote nothing"
+    );
+    assert_eq!(
+        remote.record(&rec).expect("stored")["name"],
+        "Dorothy J. Vaughan"
+    );
+
+    app.delete(&id).await;
+    let (stripe_link, recorder_link) = wait_both_synced(&app, &id, 3).await;
+    assert_eq!(stripe_link["remote_deleted"], true);
+    assert_eq!(recorder_link["remote_deleted"], true);
+    wait_inbox_settled(&app, &cus, 3).await;
+    assert!(remote.record(&rec).is_none(), "deleted at the recorder");
+
+    let record_path = format!("/records/{rec}");
+    let seen: Vec<(String, String)> = remote
+        .requests()
+        .into_iter()
+        .map(|r| (r.method, r.path))
+        .collect();
+    let expected: Vec<(String, String)> = [
+        ("POST", "/records"),
+        ("PUT", record_path.as_str()),
+        ("DELETE", record_path.as_str()),
+    ]
+    .iter()
+    .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
+    .collect();
+    assert_eq!(seen, expected, "once each at the recorder");
+
+    let customer_path = format!("/v1/customers/{cus}");
+    let writes: Vec<(String, String)> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.method != "GET")
+        .map(|r| (r.method, r.path))
+        .collect();
+    let expected: Vec<(String, String)> = [
+        ("POST", "/v1/customers"),
+        ("POST", customer_path.as_str()),
+        ("DELETE", customer_path.as_str()),
+    ]
+    .iter()
+    .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
+    .collect();
+    assert_eq!(writes, expected, "once each at Stripe");
+    assert!(
+        stripe_customers_by_email(&stripe.url(), &address)
+            .await
+            .is_empty(),
+        "deleted in Stripe"
+    );
+}
+
+mod sqlite {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stripe_change_fans_out() {
+        stripe_change_reaches_the_recorder_not_stripe(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn api_change_fans_out() {
+        api_change_reaches_each_connector_once(Backend::Sqlite).await;
+    }
+}
+
+mod postgres {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stripe_change_fans_out() {
+        stripe_change_reaches_the_recorder_not_stripe(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn api_change_fans_out() {
+        api_change_reaches_each_connector_once(Backend::Postgres).await;
+    }
+}

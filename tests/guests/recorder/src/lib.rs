@@ -1,0 +1,170 @@
+//! A connector for tests: records every push at a tiny HTTP service.
+//!
+//! It stands in for a second remote system (until a real one such as
+//! Salesforce lands) so the fan-out tests can watch a change travel from one
+//! connector to another. It is written on `ferry-sdk` exactly as a third
+//! party would write a connector, and speaks a deliberately plain protocol
+//! to whatever listens at setting `api_base`:
+//!
+//! | push | request | answer |
+//! |---|---|---|
+//! | create | `POST {api_base}/records` | `{"id": "rec_…"}`: the remote id |
+//! | update | `PUT {api_base}/records/{id}` | any 2xx |
+//! | delete | `DELETE {api_base}/records/{id}` | any 2xx (404: already gone) |
+//!
+//! Creates and updates carry `{"local_id", "version", "idempotency_key",
+//! "record"}` as JSON, `record` being ferry's canonical customer, and the
+//! same key as an `Idempotency-Key` header. HTTP 429,
+//! 5xx and 4xx answers become the typed errors the host's retry policy
+//! expects. With setting `send_api_key` = `true`, secret `api_key` goes out
+//! as a bearer token. No fetch, list or webhooks.
+
+use ferry_sdk::http::{Request, Response};
+use ferry_sdk::{
+    settings, Connector, ConnectorError, Manifest, Operation, PushRequest, PushResult,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+const ENTITY: &str = "customer";
+/// The discard port on loopback: an unconfigured recorder fails fast with
+/// "connection refused" instead of calling anything real.
+const DEFAULT_API_BASE: &str = "http://127.0.0.1:9";
+
+struct Recorder;
+
+impl Connector for Recorder {
+    fn manifest() -> Manifest {
+        Manifest::builder("recorder", env!("CARGO_PKG_VERSION"))
+            .description("Test connector: records every customer push at an HTTP service")
+            .entity(ENTITY)
+            .base_url_setting(
+                "api_base",
+                "Base URL of the recording service",
+                DEFAULT_API_BASE,
+            )
+            .setting(
+                "send_api_key",
+                "`true` to send secret `api_key` as a bearer token",
+                Some("false"),
+                false,
+            )
+            .secret("api_key", "Token for the recording service", false)
+            .build()
+    }
+
+    fn push(req: PushRequest) -> Result<PushResult, ConnectorError> {
+        if req.entity != ENTITY {
+            return Err(ConnectorError::unsupported(format!(
+                "the recorder does not handle `{}`",
+                req.entity
+            )));
+        }
+        match req.operation {
+            Operation::Create => {
+                let body = Body::of(&req)?;
+                let request = Request::post(format!("{}/records", api_base()))
+                    .header("idempotency-key", &req.idempotency_key)
+                    .json(&body)?;
+                let resp = send(request)?;
+                let created: Created = resp.json()?;
+                if created.id.is_empty() {
+                    return Err(ConnectorError::permanent(
+                        "the recording service answered a create without an id",
+                    ));
+                }
+                Ok(PushResult::new(created.id))
+            }
+            Operation::Update => {
+                let id = linked_id(&req)?;
+                let body = Body::of(&req)?;
+                send(
+                    Request::put(record_url(id))
+                        .header("idempotency-key", &req.idempotency_key)
+                        .json(&body)?,
+                )?;
+                Ok(PushResult::new(id))
+            }
+            Operation::Delete => {
+                let id = linked_id(&req)?;
+                send(Request::delete(record_url(id)))?;
+                Ok(PushResult::new(id))
+            }
+        }
+    }
+}
+
+ferry_sdk::export_connector!(Recorder);
+
+/// What a create or update sends.
+#[derive(Serialize)]
+struct Body<'a> {
+    local_id: &'a str,
+    version: u64,
+    idempotency_key: &'a str,
+    record: Value,
+}
+
+impl<'a> Body<'a> {
+    /// Nests the record as JSON (not a string), so the service can read it;
+    /// a record that is not JSON is ferry's bug and will not parse on retry.
+    fn of(req: &'a PushRequest) -> Result<Self, ConnectorError> {
+        Ok(Self {
+            local_id: &req.local_id,
+            version: req.version,
+            idempotency_key: &req.idempotency_key,
+            record: serde_json::from_str(&req.record)?,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct Created {
+    id: String,
+}
+
+fn linked_id(req: &PushRequest) -> Result<&str, ConnectorError> {
+    req.remote_id
+        .as_deref()
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| {
+            ConnectorError::permanent(format!(
+                "customer {} has no recorder id to update or delete",
+                req.local_id
+            ))
+        })
+}
+
+fn api_base() -> String {
+    settings::base_url("api_base", DEFAULT_API_BASE)
+}
+
+fn record_url(id: &str) -> String {
+    format!("{}/records/{}", api_base(), path_segment(id))
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters, so a remote
+/// id cannot change the path it is put in.
+fn path_segment(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for byte in id.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Adds the bearer token when configured, sends, and maps a non-2xx answer
+/// onto the typed error (429 → rate-limited, 5xx → retryable, 4xx →
+/// permanent / unauthorized / not-found).
+fn send(req: Request) -> Result<Response, ConnectorError> {
+    let req = if settings::get("send_api_key").as_deref() == Some("true") {
+        req.bearer_secret("api_key")
+    } else {
+        req
+    };
+    req.send()?.error_for_status()
+}
