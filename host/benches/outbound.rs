@@ -4,9 +4,10 @@
 //! Stripe connector.
 //!
 //! `cargo bench -p ferry --bench outbound` runs embedded mode (SQLite, the
-//! outbox drained in-process). `FERRY_BENCH_MODES=embedded,cluster` adds
-//! cluster mode: a throw-away PostgreSQL and a tansu broker (needs
-//! `scripts/tansu.sh`). Needs `make connectors`.
+//! outbox drained in-process). `FERRY_BENCH_MODES=embedded,postgres,cluster`
+//! adds PostgreSQL with the in-process bus, and cluster mode: a throw-away
+//! PostgreSQL and a tansu broker (needs `scripts/tansu.sh`). Needs
+//! `make connectors`.
 //!
 //! Per mode it prints:
 //! - sustained throughput: `FERRY_BENCH_CHANGES` (default 10000) creates
@@ -60,6 +61,12 @@ async fn start(mode: &str, stripe: &FakeStripe) -> Running {
                 "sqlite://{}",
                 dir.path().join("ferry.db").display()
             ));
+        }
+        // PostgreSQL with the in-process bus: tells the store's share from
+        // the broker's.
+        "postgres" => {
+            let pg = ferry_test_support::postgres::PgCluster::shared();
+            overrides["database_url"] = json!(pg.create_database().await.expect("database"));
         }
         "cluster" => {
             let pg = ferry_test_support::postgres::PgCluster::shared();

@@ -320,10 +320,34 @@ pub fn now_ms() -> i64 {
 // Upserts a link for a change. A newer version re-opens a synced or
 // dead-lettered link; a link waiting in backoff keeps its schedule (its next
 // attempt pushes the current state anyway).
-const INTAKE_SQL: &str = "INSERT INTO sync_links \
+const INTAKE_SQL: &str = concat!(
+    "INSERT INTO sync_links \
     (customer_id, connector, wanted_version, state, next_attempt_at_ms, correlation_id, updated_at) \
-    VALUES ($1, $2, $3, 'pending', $4, $5, $6) \
-    ON CONFLICT (customer_id, connector) DO UPDATE SET \
+    VALUES ($1, $2, $3, 'pending', $4, $5, $6) ",
+    intake_on_conflict!()
+);
+
+// PostgreSQL: one statement for a whole batch (one round trip, not one
+// per change); the batch holds each (customer, connector) once.
+const INTAKE_BATCH_POSTGRES: &str = concat!(
+    "INSERT INTO sync_links \
+    (customer_id, connector, wanted_version, state, next_attempt_at_ms, correlation_id, updated_at) \
+    SELECT c, k, v, 'pending', $4, r, $5 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $6::text[]) \
+    AS batch(c, k, v, r) ",
+    intake_on_conflict!()
+);
+
+const CLAIM_KEYS_POSTGRES: &str = concat!(
+    "UPDATE sync_links SET lease_until_ms = $3, lease_token = $4 ",
+    "WHERE (customer_id, connector) IN (SELECT * FROM UNNEST($1::text[], $2::text[])) ",
+    "AND state IN ('pending', 'retry') AND next_attempt_at_ms <= $5 AND lease_until_ms < $5 ",
+    "AND held_by IS NULL RETURNING ",
+    link_columns!()
+);
+
+macro_rules! intake_on_conflict {
+    () => {
+        "ON CONFLICT (customer_id, connector) DO UPDATE SET \
       state = CASE WHEN excluded.wanted_version > sync_links.synced_version \
                     AND sync_links.state IN ('synced', 'dead') THEN 'pending' ELSE sync_links.state END, \
       attempts = CASE WHEN excluded.wanted_version > sync_links.synced_version \
@@ -335,7 +359,10 @@ const INTAKE_SQL: &str = "INSERT INTO sync_links \
                     THEN excluded.wanted_version ELSE sync_links.wanted_version END, \
       correlation_id = CASE WHEN excluded.wanted_version >= sync_links.wanted_version \
                     THEN excluded.correlation_id ELSE sync_links.correlation_id END, \
-      updated_at = excluded.updated_at";
+      updated_at = excluded.updated_at"
+    };
+}
+use intake_on_conflict;
 
 const CLAIM_ONE_SQL: &str = concat!(
     "UPDATE sync_links SET lease_until_ms = $3, lease_token = $4 ",
@@ -569,6 +596,9 @@ impl Store {
     ) -> Result<Vec<LinkKey>, StoreError> {
         let at = now();
         let due = at.timestamp_millis();
+        if let Store::Postgres(pool) = self {
+            return intake_postgres(pool, changes, connectors, published_ids, at).await;
+        }
         let mut keys = Vec::with_capacity(changes.len() * connectors.len());
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
@@ -619,6 +649,21 @@ impl Store {
         lease_until_ms: i64,
     ) -> Result<Vec<SyncLink>, StoreError> {
         let now = now_ms();
+        if let Store::Postgres(pool) = self {
+            let (customers, connectors): (Vec<&str>, Vec<&str>) = keys
+                .iter()
+                .map(|k| (k.customer_id.as_str(), k.connector.as_str()))
+                .unzip();
+            let rows: Vec<SyncLinkRow> = sqlx::query_as(CLAIM_KEYS_POSTGRES)
+                .bind(customers)
+                .bind(connectors)
+                .bind(lease_until_ms)
+                .bind(lease_token)
+                .bind(now)
+                .fetch_all(pool)
+                .await?;
+            return Ok(rows.into_iter().map(SyncLink::from).collect());
+        }
         let mut claimed = Vec::new();
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
@@ -912,6 +957,14 @@ impl Store {
     /// acknowledged them).
     pub async fn mark_published(&self, ids: &[i64]) -> Result<(), StoreError> {
         let at = now();
+        if let Store::Postgres(pool) = self {
+            sqlx::query("UPDATE outbox SET published_at = $1 WHERE id = ANY($2)")
+                .bind(at)
+                .bind(ids)
+                .execute(pool)
+                .await?;
+            return Ok(());
+        }
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
             for id in ids {
@@ -930,4 +983,75 @@ impl Store {
     pub async fn get_customer_any(&self, id: &str) -> Result<Option<super::Customer>, StoreError> {
         super::customers::get_any(self, id).await
     }
+}
+
+/// [`Store::intake_changes`] on PostgreSQL: three statements for the whole
+/// batch instead of one round trip per change and connector.
+async fn intake_postgres(
+    pool: &sqlx::PgPool,
+    changes: &[ChangeNotice],
+    connectors: &[String],
+    published_ids: &[i64],
+    at: DateTime<Utc>,
+) -> Result<Vec<LinkKey>, StoreError> {
+    // One row per link, with the newest version (ON CONFLICT may not touch
+    // a row twice in one statement).
+    let mut newest: std::collections::BTreeMap<LinkKey, (i64, Option<String>)> =
+        std::collections::BTreeMap::new();
+    for change in changes {
+        for connector in connectors {
+            let key = LinkKey {
+                customer_id: change.customer_id.clone(),
+                connector: connector.clone(),
+            };
+            let entry = newest.entry(key).or_insert((i64::MIN, None));
+            if change.version >= entry.0 {
+                *entry = (change.version, change.correlation_id.clone());
+            }
+        }
+    }
+    let mut customers = Vec::with_capacity(newest.len());
+    let mut names = Vec::with_capacity(newest.len());
+    let mut versions = Vec::with_capacity(newest.len());
+    let mut correlations = Vec::with_capacity(newest.len());
+    for (key, (version, correlation)) in &newest {
+        customers.push(key.customer_id.as_str());
+        names.push(key.connector.as_str());
+        versions.push(*version);
+        correlations.push(correlation.as_deref());
+    }
+    let consumed: Vec<i64> = changes.iter().filter_map(|c| c.outbox_id).collect();
+    let mut tx = pool.begin().await?;
+    if !newest.is_empty() {
+        sqlx::query(INTAKE_BATCH_POSTGRES)
+            .bind(&customers)
+            .bind(&names)
+            .bind(&versions)
+            .bind(at.timestamp_millis())
+            .bind(at)
+            .bind(&correlations)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if !published_ids.is_empty() {
+        sqlx::query(
+            "UPDATE outbox SET published_at = COALESCE(published_at, $1), consumed_at = $1 \
+             WHERE id = ANY($2)",
+        )
+        .bind(at)
+        .bind(published_ids)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !consumed.is_empty() {
+        sqlx::query(
+            "UPDATE outbox SET consumed_at = $1 WHERE id = ANY($2) AND consumed_at IS NULL",
+        )
+        .bind(at)
+        .bind(&consumed)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(newest.into_keys().collect())
 }

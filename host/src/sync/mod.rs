@@ -90,7 +90,16 @@ impl SyncEngine {
         options: SyncOptions,
     ) -> Self {
         let (writes, queued) = mpsc::unbounded_channel();
-        tokio::spawn(group_commit(store.clone(), queued));
+        // SQLite has one writer anyway; on PostgreSQL a batch's statements
+        // are round trips, so several committers keep the pushes fed.
+        let committers = match store.kind() {
+            crate::store::StoreKind::Sqlite => 1,
+            crate::store::StoreKind::Postgres => 4,
+        };
+        let queued = Arc::new(tokio::sync::Mutex::new(queued));
+        for _ in 0..committers {
+            tokio::spawn(group_commit(store.clone(), queued.clone()));
+        }
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -283,10 +292,19 @@ impl SyncEngine {
 
 /// Commits queued link writes in batches: one transaction (one fsync) for
 /// every write that queued while the previous batch committed. Ends when
-/// the engine is dropped.
-async fn group_commit(store: Store, mut queued: mpsc::UnboundedReceiver<WriteRequest>) {
+/// the engine is dropped. Several committers may share the queue.
+async fn group_commit(
+    store: Store,
+    queued: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<WriteRequest>>>,
+) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
-    while queued.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+    loop {
+        // Take what is queued, then let another committer wait for more
+        // while this batch commits.
+        let received = queued.lock().await.recv_many(&mut batch, WRITE_BATCH).await;
+        if received == 0 {
+            return;
+        }
         let writes: Vec<(&SyncLink, &LinkWrite)> =
             batch.iter().map(|r| (&r.link, &r.write)).collect();
         match store.write_links(&writes).await {
