@@ -196,6 +196,7 @@ pub async fn replay_dead_letters(
 fn done(state: &AppState, replayed: Vec<DeadLetter>) -> ReplayResult {
     if !replayed.is_empty() {
         state.sync.wake();
+        state.sync.wake_inbox();
     }
     tracing::info!(replayed = replayed.len(), "dead letters replayed");
     ReplayResult {

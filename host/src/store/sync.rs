@@ -899,6 +899,15 @@ impl Store {
                     .bind(&letter.id)
                     .execute(&mut *tx)
                     .await?;
+                // An inbound dead letter re-opens its inbox event.
+                sqlx::query(
+                    "UPDATE inbox SET state = 'pending', attempts = 0, next_attempt_at_ms = $1 \
+                     WHERE state = 'dead' AND seq = (SELECT inbox_seq FROM dead_letters WHERE id = $2)",
+                )
+                .bind(at.timestamp_millis())
+                .bind(&letter.id)
+                .execute(&mut *tx)
+                .await?;
                 sqlx::query(
                     "UPDATE sync_links SET state = 'pending', attempts = 0, next_attempt_at_ms = $1, \
                      updated_at = $2 WHERE customer_id = $3 AND connector = $4 AND state = 'dead'",

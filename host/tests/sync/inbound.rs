@@ -392,3 +392,65 @@ mod postgres {
         deliveries_are_verified_deduplicated_and_ordered(Backend::Postgres).await;
     }
 }
+
+/// Two deliveries in the same remote second cannot be ordered by time: the
+/// second is not trusted and the record is re-fetched, so ferry ends with
+/// what Stripe holds, whichever arrived first. An oversized body is 413.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_second_events_are_resolved_by_refetching() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
+    let address = email("samesecond");
+    let created = stripe_py(
+        &stripe.url(),
+        &format!("c = stripe.Customer.create(email='{address}', name='What Stripe Holds')\nprint(json.dumps({{'id': c.id}}))"),
+    );
+    let remote_id = created["id"].as_str().unwrap().to_owned();
+    // Stripe's `created` is in seconds: these two are indistinguishable.
+    let second = chrono::Utc::now().timestamp() + 60;
+    let first = event(
+        "evt_same_1",
+        "customer.updated",
+        second,
+        stripe_customer_json(&remote_id, &address, "Second Name"),
+    );
+    let later = event(
+        "evt_same_2",
+        "customer.updated",
+        second,
+        stripe_customer_json(&remote_id, &address, "First Name"),
+    );
+    for body in [&first, &later] {
+        let (status, _) = deliver(&app, body, &stripe_signature(body, WEBHOOK_SECRET)).await;
+        assert_eq!(status, 200);
+    }
+    let customer = wait_for(&app, "both events applied", async |app| {
+        let events = app
+            .store
+            .inbox_of_remote("stripe", &remote_id)
+            .await
+            .unwrap();
+        let done = events
+            .iter()
+            .filter(|e| e.state == "applied" || e.state == "skipped")
+            .count()
+            == 2;
+        if done {
+            find_by_email(app, &address).await
+        } else {
+            None
+        }
+    })
+    .await;
+    assert_eq!(
+        customer["name"], "What Stripe Holds",
+        "the remote's state, not the last payload"
+    );
+
+    let huge = "x".repeat(2 * 1024 * 1024);
+    let (status, problem) = deliver(&app, &huge, "t=1,v1=00").await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (413, Some("payload_too_large"))
+    );
+}
