@@ -80,7 +80,7 @@ pub struct App {
     cancel: CancellationToken,
     workers: bool,
     kafka: Option<crate::bus::kafka::KafkaSettings>,
-    kafka_topic: String,
+    kafka_topic_prefix: String,
     redelivery_after: Duration,
 }
 
@@ -155,6 +155,13 @@ impl App {
                     delete: config.inbound_delete_policy,
                     conflict: config.conflict_policy,
                 },
+                // Cluster mode: fresh inbox events go through Kafka; the
+                // inbox loop takes what the bus did not deliver in time.
+                inbox_grace: if config.kafka_brokers.is_some() {
+                    config.bus_redelivery_after
+                } else {
+                    Duration::ZERO
+                },
             },
         );
         let kafka = config
@@ -196,7 +203,7 @@ impl App {
             cancel: CancellationToken::new(),
             workers: config.workers,
             kafka,
-            kafka_topic: format!("{}.changes", config.kafka_topic_prefix),
+            kafka_topic_prefix: config.kafka_topic_prefix.clone(),
             redelivery_after: config.bus_redelivery_after,
         })
     }
@@ -263,7 +270,7 @@ impl App {
                 crate::bus::start_kafka(
                     tasks,
                     kafka,
-                    &self.kafka_topic,
+                    &self.kafka_topic_prefix,
                     state,
                     self.redelivery_after,
                     self.cancel.clone(),

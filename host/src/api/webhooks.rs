@@ -127,7 +127,9 @@ pub async fn receive(
         .store_inbox(&name, &events, Some(&correlation_id))
         .await?;
     if stored > 0 {
+        // Embedded: the inbox loop applies it; cluster: the relay publishes it.
         state.sync.wake_inbox();
+        state.outbox_signal.notify_one();
     }
     tracing::info!(connector = %name, events = events.len(), stored, "webhook received");
     Ok(match parsed.reply {

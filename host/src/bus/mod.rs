@@ -133,28 +133,41 @@ const LEADER_POLL: Duration = Duration::from_secs(2);
 /// Changes a consumer hands the sync engine at once.
 const CONSUME_BATCH: usize = 256;
 
-/// Cluster mode: creates the topic if missing, then starts the relay and
-/// the consumer under `tasks`.
+/// Cluster mode: creates the topics if missing (`{prefix}.changes` for the
+/// outbox, `{prefix}.inbox` for webhook events), then starts the relay, the
+/// two consumers and the redelivery safety net under `tasks`.
 pub async fn start_kafka(
     tasks: &tokio_util::task::TaskTracker,
     settings: &kafka::KafkaSettings,
-    topic: &str,
+    prefix: &str,
     state: &crate::app::AppState,
     redelivery_after: Duration,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    let topics = Topics {
+        changes: format!("{prefix}.changes"),
+        inbox: format!("{prefix}.inbox"),
+    };
     let producer = kafka::KafkaProducer::new(settings)?;
-    producer.ensure_topics(&[topic]).await?;
-    let consumer = kafka::KafkaConsumer::new(settings, topic)?;
+    producer
+        .ensure_topics(&[&topics.changes, &topics.inbox])
+        .await?;
+    let changes = kafka::KafkaConsumer::new(settings, &topics.changes)?;
+    let inbox = kafka::KafkaConsumer::new(settings, &topics.inbox)?;
     tasks.spawn(run_kafka_relay(
         state.store.clone(),
         producer,
-        topic.to_owned(),
+        topics,
         state.outbox_signal.clone(),
         cancel.clone(),
     ));
     tasks.spawn(run_kafka_consumer(
-        consumer,
+        changes,
+        state.sync.clone(),
+        cancel.clone(),
+    ));
+    tasks.spawn(run_inbox_consumer(
+        inbox,
         state.sync.clone(),
         cancel.clone(),
     ));
@@ -167,11 +180,20 @@ pub async fn start_kafka(
     Ok(())
 }
 
-/// Cluster mode: publishes the outbox to `topic` while this replica leads.
+/// The topics of one deployment.
+pub struct Topics {
+    /// Outbox rows: customer changes, keyed by customer id.
+    pub changes: String,
+    /// Webhook events, keyed by (connector, remote id).
+    pub inbox: String,
+}
+
+/// Cluster mode: publishes the outbox and the inbox while this replica
+/// leads.
 pub async fn run_kafka_relay(
     store: Store,
     producer: kafka::KafkaProducer,
-    topic: String,
+    topics: Topics,
     signal: Arc<Notify>,
     cancel: CancellationToken,
 ) {
@@ -199,9 +221,18 @@ pub async fn run_kafka_relay(
                 }
             }
         };
-        tracing::info!(topic, "this replica relays the outbox to Kafka");
+        tracing::info!(
+            changes = topics.changes,
+            inbox = topics.inbox,
+            "this replica relays the outbox and the inbox to Kafka"
+        );
         loop {
-            let wait = match publish_round(&store, &producer, &topic).await {
+            let rounds = async {
+                let changes = publish_round(&store, &producer, &topics.changes).await?;
+                let events = publish_inbox_round(&store, &producer, &topics.inbox).await?;
+                anyhow::Ok(changes + events)
+            };
+            let wait = match rounds.await {
                 Ok(0) => RELAY_POLL,
                 Ok(moved) => {
                     tracing::debug!(moved, "outbox published");
@@ -249,6 +280,52 @@ async fn publish_round(
     let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
     store.mark_published(&ids).await?;
     Ok(rows.len())
+}
+
+async fn publish_inbox_round(
+    store: &Store,
+    producer: &kafka::KafkaProducer,
+    topic: &str,
+) -> anyhow::Result<usize> {
+    let events = store.unpublished_inbox(RELAY_BATCH).await?;
+    if events.is_empty() {
+        return Ok(0);
+    }
+    // Key = the remote record: its events stay in one partition, in order.
+    let messages: Vec<kafka::Message> = events
+        .iter()
+        .map(|e| kafka::Message {
+            key: format!("{}:{}", e.connector, e.remote_id),
+            payload: e.seq.to_string().into_bytes(),
+        })
+        .collect();
+    producer.publish(topic, &messages).await?;
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    store.mark_inbox_published(&seqs).await?;
+    Ok(events.len())
+}
+
+/// Cluster mode: applies the inbox events the bus delivers, in order per
+/// remote record; offsets are committed after they are applied.
+pub async fn run_inbox_consumer(
+    consumer: kafka::KafkaConsumer,
+    engine: SyncEngine,
+    cancel: CancellationToken,
+) {
+    let handler = |batch: Vec<kafka::Message>| {
+        let engine = engine.clone();
+        async move {
+            let seqs: Vec<i64> = batch
+                .iter()
+                .filter_map(|m| std::str::from_utf8(&m.payload).ok()?.parse().ok())
+                .collect();
+            engine.apply_inbox_seqs(&seqs).await?;
+            Ok(())
+        }
+    };
+    if let Err(error) = consumer.run(cancel, CONSUME_BATCH, handler).await {
+        tracing::error!(error = format!("{error:#}"), "Kafka inbox consumer stopped");
+    }
 }
 
 /// Cluster mode: consumes changes in the replicas' group and pushes them.

@@ -189,19 +189,28 @@ impl Store {
         Ok(stored)
     }
 
-    /// Claims up to `limit` due, free inbox events, in arrival order.
+    /// Claims up to `limit` due, free inbox events, in arrival order. A
+    /// `pending` event is only taken once it has waited `grace_ms` (cluster
+    /// mode: Kafka delivers fresh events in order; this loop takes retries
+    /// and what the bus did not deliver).
     pub async fn claim_due_inbox(
         &self,
         lease_token: &str,
         lease_until_ms: i64,
         limit: u32,
+        grace_ms: i64,
     ) -> Result<Vec<InboxEvent>, StoreError> {
         let now = now_ms();
         let sql = format!(
             "UPDATE inbox SET lease_until_ms = $1, lease_token = $2 WHERE seq IN \
-             (SELECT seq FROM inbox WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= $3 \
+             (SELECT seq FROM inbox WHERE state IN ('pending', 'retry') \
+             AND next_attempt_at_ms <= (CASE WHEN state = 'pending' THEN $3 - $5 ELSE $3 END) \
              AND lease_until_ms < $3 ORDER BY seq LIMIT $4{}) RETURNING {INBOX_COLUMNS}",
-            if matches!(self, Store::Postgres(_)) { " FOR UPDATE SKIP LOCKED" } else { "" }
+            if matches!(self, Store::Postgres(_)) {
+                " FOR UPDATE SKIP LOCKED"
+            } else {
+                ""
+            }
         );
         let mut rows: Vec<InboxEvent> = dispatch!(self, write pool => {
             sqlx::query_as(&sql)
@@ -209,11 +218,73 @@ impl Store {
                 .bind(lease_token)
                 .bind(now)
                 .bind(i64::from(limit))
+                .bind(grace_ms)
                 .fetch_all(pool)
                 .await?
         });
         rows.sort_by_key(|e| e.seq);
         Ok(rows)
+    }
+
+    /// Claims the given inbox events if they are due and free, in `seq`
+    /// order (cluster mode: the ones a Kafka batch announced).
+    pub async fn claim_inbox_seqs(
+        &self,
+        seqs: &[i64],
+        lease_token: &str,
+        lease_until_ms: i64,
+    ) -> Result<Vec<InboxEvent>, StoreError> {
+        let now = now_ms();
+        let sql = format!(
+            "UPDATE inbox SET lease_until_ms = $1, lease_token = $2 WHERE seq = $3 \
+             AND state IN ('pending', 'retry') AND next_attempt_at_ms <= $4 AND lease_until_ms < $4 \
+             RETURNING {INBOX_COLUMNS}"
+        );
+        let mut claimed = Vec::with_capacity(seqs.len());
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            for seq in seqs {
+                let row: Option<InboxEvent> = sqlx::query_as(&sql)
+                    .bind(lease_until_ms)
+                    .bind(lease_token)
+                    .bind(seq)
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                claimed.extend(row);
+            }
+            tx.commit().await?;
+        });
+        claimed.sort_by_key(|e| e.seq);
+        Ok(claimed)
+    }
+
+    /// Inbox events not yet published to the bus, in arrival order.
+    pub async fn unpublished_inbox(&self, limit: u32) -> Result<Vec<InboxEvent>, StoreError> {
+        let sql = format!(
+            "SELECT {INBOX_COLUMNS} FROM inbox WHERE published_at_ms IS NULL ORDER BY seq LIMIT $1"
+        );
+        let rows = dispatch!(self, write pool => {
+            sqlx::query_as(&sql).bind(i64::from(limit)).fetch_all(pool).await?
+        });
+        Ok(rows)
+    }
+
+    /// Marks inbox events published (after the broker acknowledged them).
+    pub async fn mark_inbox_published(&self, seqs: &[i64]) -> Result<(), StoreError> {
+        let at = now_ms();
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            for seq in seqs {
+                sqlx::query("UPDATE inbox SET published_at_ms = $1 WHERE seq = $2")
+                    .bind(at)
+                    .bind(seq)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
     }
 
     /// Ends an inbox event without applying anything: `skipped`, `retry`

@@ -142,10 +142,11 @@ impl SyncEngine {
     pub async fn run_inbox(self, cancel: CancellationToken) {
         loop {
             let (token, until) = self.lease();
+            let grace_ms = i64::try_from(self.inner.inbox_grace.as_millis()).unwrap_or(i64::MAX);
             let claimed = self
                 .inner
                 .store
-                .claim_due_inbox(&token, until, INBOX_BATCH)
+                .claim_due_inbox(&token, until, INBOX_BATCH, grace_ms)
                 .await;
             let claimed = match claimed {
                 Ok(claimed) => claimed,
@@ -171,6 +172,22 @@ impl SyncEngine {
                 () = tokio::time::sleep(INBOX_POLL) => {}
             }
         }
+    }
+
+    /// Applies the inbox events a bus batch announced, in order (cluster
+    /// mode); events not due or held elsewhere are left to their owner and
+    /// the inbox loop.
+    pub async fn apply_inbox_seqs(&self, seqs: &[i64]) -> Result<(), StoreError> {
+        let (token, until) = self.lease();
+        for event in self
+            .inner
+            .store
+            .claim_inbox_seqs(seqs, &token, until)
+            .await?
+        {
+            self.apply_inbox_event(event).await;
+        }
+        Ok(())
     }
 
     /// Wakes the inbox loop (a webhook stored events).

@@ -57,6 +57,9 @@ pub struct SyncOptions {
     pub breaker_cooldown: Duration,
     /// How remote deletes and conflicting edits are handled.
     pub inbound: inbound::InboundPolicies,
+    /// How long a fresh inbox event is left to the bus before the inbox
+    /// loop takes it (zero when the inbox is drained in-process).
+    pub inbox_grace: Duration,
 }
 
 struct Inner {
@@ -73,6 +76,7 @@ struct Inner {
     writes: mpsc::UnboundedSender<WriteRequest>,
     delete_policy: inbound::DeletePolicy,
     conflict_policy: merge::ConflictPolicy,
+    inbox_grace: Duration,
 }
 
 /// The outbound sync engine; cheap to clone.
@@ -118,6 +122,7 @@ impl SyncEngine {
                 writes,
                 delete_policy: options.inbound.delete,
                 conflict_policy: options.inbound.conflict,
+                inbox_grace: options.inbox_grace,
             }),
         }
     }

@@ -99,3 +99,73 @@ async fn two_replicas_share_the_work_without_double_pushes() {
         );
     }
 }
+
+/// Cluster mode: webhook events travel through Kafka (`{prefix}.inbox`,
+/// keyed by remote record) and are applied in order; a stale one is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_events_go_through_kafka_in_order() {
+    use crate::helpers::WEBHOOK_SECRET;
+    use crate::inbound::{deliver, event, find_by_email, stripe_customer_json, stripe_signature};
+
+    let broker = Broker::start().expect("broker");
+    let stripe = LocalStripe::start().expect("localstripe");
+    let mut setup = Setup::new(Backend::Postgres, &stripe.url());
+    setup.kafka = Some(broker.bootstrap());
+    let app = spawn_sync_app(setup).await;
+    let address = email("kafka-inbox");
+    let now = chrono::Utc::now().timestamp() + 120;
+    let bodies = [
+        event(
+            "evt_k1",
+            "customer.created",
+            now,
+            stripe_customer_json("cus_kafka1", &address, "First"),
+        ),
+        event(
+            "evt_k2",
+            "customer.updated",
+            now + 1,
+            stripe_customer_json("cus_kafka1", &address, "Second"),
+        ),
+        event(
+            "evt_k0",
+            "customer.updated",
+            now - 5,
+            stripe_customer_json("cus_kafka1", &address, "Stale"),
+        ),
+    ];
+    for body in &bodies {
+        let (status, _) = deliver(&app, body, &stripe_signature(body, WEBHOOK_SECRET)).await;
+        assert_eq!(status, 200);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = app
+            .store
+            .inbox_of_remote("stripe", "cus_kafka1")
+            .await
+            .unwrap();
+        let settled = events
+            .iter()
+            .filter(|e| e.state == "applied" || e.state == "skipped")
+            .count();
+        if settled == 3 {
+            let stale = events.iter().find(|e| e.event_id == "evt_k0").unwrap();
+            assert_eq!(stale.state, "skipped", "{stale:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "inbox not applied through Kafka: {events:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let customer = find_by_email(&app, &address).await.expect("created");
+    assert_eq!(customer["name"], "Second");
+    // Applied from the bus, not by the inbox loop's 60 s fallback.
+    let published = app.store.unpublished_inbox(10).await.unwrap();
+    assert!(
+        published.is_empty(),
+        "every inbox event was published: {published:?}"
+    );
+}

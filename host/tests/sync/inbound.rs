@@ -32,14 +32,14 @@ fn stripe_py(stripe_url: &str, code: &str) -> Value {
 }
 
 /// Signs `body` the way Stripe does (`t=…,v1=HMAC-SHA256("{t}.{body}")`).
-fn stripe_signature(body: &str, secret: &str) -> String {
+pub(crate) fn stripe_signature(body: &str, secret: &str) -> String {
     let t = chrono::Utc::now().timestamp();
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(format!("{t}.{body}").as_bytes());
     format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-async fn deliver(app: &SyncApp, body: &str, signature: &str) -> (u16, Value) {
+pub(crate) async fn deliver(app: &SyncApp, body: &str, signature: &str) -> (u16, Value) {
     let response = app
         .client
         .post(format!("{}/webhooks/stripe", app.base))
@@ -53,15 +53,15 @@ async fn deliver(app: &SyncApp, body: &str, signature: &str) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-fn event(id: &str, kind: &str, created: i64, customer: Value) -> String {
+pub(crate) fn event(id: &str, kind: &str, created: i64, customer: Value) -> String {
     json!({"id": id, "object": "event", "type": kind, "created": created, "data": {"object": customer}}).to_string()
 }
 
-fn stripe_customer_json(id: &str, email: &str, name: &str) -> Value {
+pub(crate) fn stripe_customer_json(id: &str, email: &str, name: &str) -> Value {
     json!({"id": id, "object": "customer", "email": email, "name": name, "metadata": {}})
 }
 
-async fn find_by_email(app: &SyncApp, address: &str) -> Option<Value> {
+pub(crate) async fn find_by_email(app: &SyncApp, address: &str) -> Option<Value> {
     let (_, page) = app
         .send(
             reqwest::Method::GET,
