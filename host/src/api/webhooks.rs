@@ -122,16 +122,17 @@ pub async fn receive(
         });
     }
     let correlation_id = request_id(&headers);
+    let count = events.len();
     let stored = state
-        .store
-        .store_inbox(&name, &events, Some(&correlation_id))
+        .sync
+        .store_webhook(&name, events, Some(correlation_id))
         .await?;
     if stored > 0 {
         // Embedded: the inbox loop applies it; cluster: the relay publishes it.
         state.sync.wake_inbox();
         state.outbox_signal.notify_one();
     }
-    tracing::info!(connector = %name, events = events.len(), stored, "webhook received");
+    tracing::info!(connector = %name, events = count, stored, "webhook received");
     Ok(match parsed.reply {
         Some(reply) => {
             let mut response = (StatusCode::OK, reply.body).into_response();
@@ -141,7 +142,7 @@ pub async fn receive(
             response
         }
         None => Json(WebhookReceipt {
-            events: events.len(),
+            events: count,
             stored,
         })
         .into_response(),

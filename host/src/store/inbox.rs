@@ -150,39 +150,55 @@ pub enum Applied {
 impl Store {
     /// Stores the events of one verified delivery; a redelivered event id
     /// is not stored again. Returns how many were new.
-    #[tracing::instrument(skip_all, fields(connector, events = events.len()))]
     pub async fn store_inbox(
         &self,
         connector: &str,
         events: &[NewInboxEvent],
         correlation_id: Option<&str>,
     ) -> Result<usize, StoreError> {
+        Ok(self
+            .store_inbox_many(&[(connector, events, correlation_id)])
+            .await?[0])
+    }
+
+    /// Stores several deliveries in ONE transaction (group commit: webhooks
+    /// arriving together share the fsync). Returns, per delivery, how many
+    /// events were new.
+    #[tracing::instrument(skip_all, fields(deliveries = deliveries.len()))]
+    pub async fn store_inbox_many(
+        &self,
+        deliveries: &[(&str, &[NewInboxEvent], Option<&str>)],
+    ) -> Result<Vec<usize>, StoreError> {
         let at = now();
-        let mut stored = 0;
+        let mut stored = Vec::with_capacity(deliveries.len());
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
-            for event in events {
-                stored += sqlx::query(
-                    "INSERT INTO inbox (connector, event_id, entity, kind, remote_id, occurred_at_ms, \
-                     record, origin_key, remote_type, state, next_attempt_at_ms, correlation_id, received_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12) \
-                     ON CONFLICT (connector, event_id) DO NOTHING",
-                )
-                .bind(connector)
-                .bind(&event.event_id)
-                .bind(&event.entity)
-                .bind(event.kind)
-                .bind(&event.remote_id)
-                .bind(event.occurred_at_ms)
-                .bind(event.record.as_ref().map(Json))
-                .bind(&event.origin_key)
-                .bind(&event.remote_type)
-                .bind(at.timestamp_millis())
-                .bind(correlation_id)
-                .bind(at)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected() as usize;
+            for (connector, events, correlation_id) in deliveries {
+                let mut new = 0;
+                for event in *events {
+                    new += sqlx::query(
+                        "INSERT INTO inbox (connector, event_id, entity, kind, remote_id, occurred_at_ms, \
+                         record, origin_key, remote_type, state, next_attempt_at_ms, correlation_id, received_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12) \
+                         ON CONFLICT (connector, event_id) DO NOTHING",
+                    )
+                    .bind(*connector)
+                    .bind(&event.event_id)
+                    .bind(&event.entity)
+                    .bind(event.kind)
+                    .bind(&event.remote_id)
+                    .bind(event.occurred_at_ms)
+                    .bind(event.record.as_ref().map(Json))
+                    .bind(&event.origin_key)
+                    .bind(&event.remote_type)
+                    .bind(at.timestamp_millis())
+                    .bind(*correlation_id)
+                    .bind(at)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected() as usize;
+                }
+                stored.push(new);
             }
             tx.commit().await?;
         });

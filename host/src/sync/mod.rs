@@ -39,6 +39,14 @@ struct WriteRequest {
     done: oneshot::Sender<Result<bool, StoreError>>,
 }
 
+/// A verified delivery waiting for the inbox group commit.
+struct InboxRequest {
+    connector: String,
+    events: Vec<crate::store::inbox::NewInboxEvent>,
+    correlation_id: Option<String>,
+    done: oneshot::Sender<Result<usize, StoreError>>,
+}
+
 /// Longest the scheduler sleeps without being woken.
 const IDLE_POLL: Duration = Duration::from_millis(500);
 
@@ -74,6 +82,7 @@ struct Inner {
     wake: Notify,
     inbox_wake: Notify,
     writes: mpsc::UnboundedSender<WriteRequest>,
+    inbox_writes: mpsc::UnboundedSender<InboxRequest>,
     delete_policy: inbound::DeletePolicy,
     conflict_policy: merge::ConflictPolicy,
     inbox_grace: Duration,
@@ -101,8 +110,11 @@ impl SyncEngine {
             crate::store::StoreKind::Postgres => 4,
         };
         let queued = Arc::new(tokio::sync::Mutex::new(queued));
+        let (inbox_writes, inbox_queued) = mpsc::unbounded_channel();
+        let inbox_queued = Arc::new(tokio::sync::Mutex::new(inbox_queued));
         for _ in 0..committers {
             tokio::spawn(group_commit(store.clone(), queued.clone()));
+            tokio::spawn(inbox_commit(store.clone(), inbox_queued.clone()));
         }
         Self {
             inner: Arc::new(Inner {
@@ -120,6 +132,7 @@ impl SyncEngine {
                 wake: Notify::new(),
                 inbox_wake: Notify::new(),
                 writes,
+                inbox_writes,
                 delete_policy: options.inbound.delete,
                 conflict_policy: options.inbound.conflict,
                 inbox_grace: options.inbox_grace,
@@ -137,6 +150,29 @@ impl SyncEngine {
             done,
         };
         if self.inner.writes.send(request).is_err() {
+            return Err(StoreError::Database(sqlx::Error::PoolClosed));
+        }
+        result
+            .await
+            .unwrap_or(Err(StoreError::Database(sqlx::Error::PoolClosed)))
+    }
+
+    /// Stores a verified delivery's events through the inbox group commit;
+    /// returns how many were new. Durable when it returns.
+    pub async fn store_webhook(
+        &self,
+        connector: &str,
+        events: Vec<crate::store::inbox::NewInboxEvent>,
+        correlation_id: Option<String>,
+    ) -> Result<usize, StoreError> {
+        let (done, result) = oneshot::channel();
+        let request = InboxRequest {
+            connector: connector.to_owned(),
+            events,
+            correlation_id,
+            done,
+        };
+        if self.inner.inbox_writes.send(request).is_err() {
             return Err(StoreError::Database(sqlx::Error::PoolClosed));
         }
         result
@@ -326,6 +362,51 @@ async fn group_commit(
                         .write_links(&[(&request.link, &request.write)])
                         .await
                         .map(|applied| applied[0]);
+                    let _ = request.done.send(result);
+                }
+            }
+        }
+    }
+}
+
+/// Commits queued webhook deliveries in batches, like [`group_commit`]:
+/// deliveries that arrive while one batch commits share the next fsync,
+/// and none is answered before its events are durable.
+async fn inbox_commit(
+    store: Store,
+    queued: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<InboxRequest>>>,
+) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    loop {
+        let received = queued.lock().await.recv_many(&mut batch, WRITE_BATCH).await;
+        if received == 0 {
+            return;
+        }
+        let deliveries: Vec<(&str, &[crate::store::inbox::NewInboxEvent], Option<&str>)> = batch
+            .iter()
+            .map(|r| {
+                (
+                    r.connector.as_str(),
+                    r.events.as_slice(),
+                    r.correlation_id.as_deref(),
+                )
+            })
+            .collect();
+        match store.store_inbox_many(&deliveries).await {
+            Ok(stored) => {
+                for (request, stored) in batch.drain(..).zip(stored) {
+                    let _ = request.done.send(Ok(stored));
+                }
+            }
+            Err(_) => {
+                for request in batch.drain(..) {
+                    let result = store
+                        .store_inbox(
+                            &request.connector,
+                            &request.events,
+                            request.correlation_id.as_deref(),
+                        )
+                        .await;
                     let _ = request.done.send(result);
                 }
             }
