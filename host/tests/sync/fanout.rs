@@ -560,3 +560,27 @@ mod postgres {
         api_change_reaches_each_connector_once(Backend::Postgres).await;
     }
 }
+
+/// A connector that traps or spins in its webhook code gets the sender a
+/// 503 (so it retries), stores nothing, and leaves ferry serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_webhook_connector_is_503_and_ferry_stays_up() {
+    let rig = rig(Backend::Sqlite).await;
+    let post = |body: &'static str| {
+        rig.app
+            .client
+            .post(format!("{}/webhooks/recorder", rig.app.base))
+            .body(body)
+            .send()
+    };
+    for body in ["trap", "loop"] {
+        let response = post(body).await.expect("answered");
+        assert_eq!(response.status(), 503, "{body}");
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["code"], "connector_failed", "{body}: {problem}");
+    }
+    let response = post("{}").await.expect("answered");
+    assert_eq!(response.status(), 200, "the next delivery works");
+    let (status, _) = rig.app.send(reqwest::Method::GET, "/healthz", None).await;
+    assert_eq!(status, 200);
+}

@@ -17,11 +17,16 @@
 //! same key as an `Idempotency-Key` header. HTTP 429,
 //! 5xx and 4xx answers become the typed errors the host's retry policy
 //! expects. With setting `send_api_key` = `true`, secret `api_key` goes out
-//! as a bearer token. No fetch, list or webhooks.
+//! as a bearer token. No fetch or list.
+//!
+//! Its webhook endpoint misbehaves on demand, for the host's bad-path tests:
+//! a body of `trap` traps, `loop` spins until the host's deadline stops it;
+//! anything else verifies and parses to no events.
 
 use ferry_sdk::http::{Request, Response};
 use ferry_sdk::{
-    settings, Connector, ConnectorError, Manifest, Operation, PushRequest, PushResult,
+    settings, Connector, ConnectorError, Manifest, Operation, ParsedWebhook, PushRequest,
+    PushResult, WebhookRequest,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -50,7 +55,22 @@ impl Connector for Recorder {
                 false,
             )
             .secret("api_key", "Token for the recording service", false)
+            .webhooks()
             .build()
+    }
+
+    fn verify_webhook(req: WebhookRequest) -> Result<(), ConnectorError> {
+        match req.body.as_slice() {
+            b"trap" => std::process::abort(),
+            b"loop" => loop {
+                std::hint::spin_loop();
+            },
+            _ => Ok(()),
+        }
+    }
+
+    fn parse_webhook(_req: WebhookRequest) -> Result<ParsedWebhook, ConnectorError> {
+        Ok(ParsedWebhook::ignored())
     }
 
     fn push(req: PushRequest) -> Result<PushResult, ConnectorError> {
