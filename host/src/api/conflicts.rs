@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, FieldError, Problem};
-use super::extract::{is_id, parse_json, request_id, text_param, JsonBody, Principal, QueryPairs};
+use super::extract::{
+    is_id, next_cursor, page_limit, parse_json, request_id, text_param, JsonBody, Principal,
+    QueryPairs,
+};
 use crate::app::AppState;
 use crate::store::conflicts::{Conflict, ListConflicts, Resolved};
 use crate::store::{Customer, CustomerId};
@@ -98,30 +101,14 @@ pub async fn list_conflicts(
             "state" => return Err(ApiError::field("state", "must be open or resolved")),
             "customer_id" => request.customer_id = Some(text_param("customer_id", value)?),
             "starting_after" => request.starting_after = Some(text_param("starting_after", value)?),
-            "limit" => {
-                request.limit = value
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|l| (1..=MAX_LIMIT).contains(l))
-                    .ok_or_else(|| {
-                        ApiError::field(
-                            "limit",
-                            format!("must be an integer from 1 to {MAX_LIMIT}"),
-                        )
-                    })?;
-            }
+            "limit" => request.limit = page_limit(&value, MAX_LIMIT)?,
             _ => {}
         }
     }
-    let limit = request.limit as usize;
+    let limit = request.limit;
     request.limit += 1;
     let mut data = state.store.conflicts(&request).await?;
-    let next_cursor = if data.len() > limit {
-        data.truncate(limit);
-        data.last().map(|c| c.id.clone())
-    } else {
-        None
-    };
+    let next_cursor = next_cursor(&mut data, limit, |c| c.id.clone());
     Ok(Json(ConflictList { data, next_cursor }))
 }
 

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, Problem};
-use super::extract::{is_id, parse_json, text_param, JsonBody, Principal, QueryPairs};
+use super::extract::{
+    is_id, next_cursor, page_limit, parse_json, text_param, JsonBody, Principal, QueryPairs,
+};
 use crate::app::AppState;
 use crate::store::{DeadLetter, ListDeadLetters};
 
@@ -77,30 +79,14 @@ pub async fn list_dead_letters(
                     .map_err(|_| ApiError::field("include_replayed", "must be true or false"))?;
             }
             "starting_after" => request.starting_after = Some(text_param("starting_after", value)?),
-            "limit" => {
-                request.limit = value
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|l| (1..=MAX_LIMIT).contains(l))
-                    .ok_or_else(|| {
-                        ApiError::field(
-                            "limit",
-                            format!("must be an integer from 1 to {MAX_LIMIT}"),
-                        )
-                    })?;
-            }
+            "limit" => request.limit = page_limit(&value, MAX_LIMIT)?,
             _ => {}
         }
     }
     let limit = request.limit;
     request.limit += 1;
     let mut data = state.store.dead_letters(&request).await?;
-    let next_cursor = if data.len() > limit as usize {
-        data.truncate(limit as usize);
-        data.last().map(|d| d.id.clone())
-    } else {
-        None
-    };
+    let next_cursor = next_cursor(&mut data, limit, |d| d.id.clone());
     Ok(Json(DeadLetterList { data, next_cursor }))
 }
 

@@ -276,3 +276,27 @@ pub fn is_id(id: &str, prefix: &str) -> bool {
         hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
     })
 }
+
+/// The `limit` query parameter: an integer from 1 to `max`.
+pub fn page_limit(value: &str, max: u32) -> Result<u32, ApiError> {
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|l| (1..=max).contains(l))
+        .ok_or_else(|| ApiError::field("limit", format!("must be an integer from 1 to {max}")))
+}
+
+/// A page fetched with one row more than `limit`: keeps `limit` rows and
+/// returns the cursor of the next page (the last kept row's), if any.
+pub fn next_cursor<T>(
+    data: &mut Vec<T>,
+    limit: u32,
+    cursor: impl Fn(&T) -> String,
+) -> Option<String> {
+    let limit = limit as usize;
+    if data.len() <= limit {
+        return None;
+    }
+    data.truncate(limit);
+    data.last().map(cursor)
+}

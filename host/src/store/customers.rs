@@ -293,6 +293,18 @@ impl Store {
         row.map(Customer::from).ok_or(StoreError::CustomerNotFound)
     }
 
+    /// The customer with this id, deleted or not (workers push deletes too).
+    #[tracing::instrument(skip_all, fields(customer_id = %id))]
+    pub async fn get_customer_any(&self, id: &str) -> Result<Option<Customer>, StoreError> {
+        let row: Option<CustomerRow> = dispatch!(self, read pool => {
+            sqlx::query_as(concat!("SELECT ", columns!(), " FROM customers WHERE id = $1"))
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(row.map(Customer::from))
+    }
+
     /// A page of live customers in id order.
     #[tracing::instrument(skip_all, fields(limit = request.limit))]
     pub async fn list_customers(
@@ -504,15 +516,4 @@ async fn create_in_one_statement(
         .await
         .map_err(StoreError::from_customer_write)?;
     Ok(())
-}
-
-/// The customer with this id, deleted or not.
-pub(super) async fn get_any(store: &Store, id: &str) -> Result<Option<Customer>, StoreError> {
-    let row: Option<CustomerRow> = dispatch!(store, read pool => {
-        sqlx::query_as(concat!("SELECT ", columns!(), " FROM customers WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(pool)
-            .await?
-    });
-    Ok(row.map(Customer::from))
 }

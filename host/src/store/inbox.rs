@@ -148,19 +148,6 @@ pub enum Applied {
 }
 
 impl Store {
-    /// Stores the events of one verified delivery; a redelivered event id
-    /// is not stored again. Returns how many were new.
-    pub async fn store_inbox(
-        &self,
-        connector: &str,
-        events: &[NewInboxEvent],
-        correlation_id: Option<&str>,
-    ) -> Result<usize, StoreError> {
-        Ok(self
-            .store_inbox_many(&[(connector, events, correlation_id)])
-            .await?[0])
-    }
-
     /// Stores several deliveries in ONE transaction (group commit: webhooks
     /// arriving together share the fsync). Returns, per delivery, how many
     /// events were new.

@@ -754,18 +754,6 @@ impl Store {
         })
     }
 
-    /// Writes one attempt's outcome under the lease that claimed `link`,
-    /// with its delivery record and dead letter, in one transaction.
-    /// Returns false if the lease was lost (another worker owns the row).
-    pub async fn record_outcome(
-        &self,
-        link: &SyncLink,
-        outcome: &RecordedOutcome,
-    ) -> Result<bool, StoreError> {
-        let write = LinkWrite::Outcome(outcome.clone());
-        Ok(self.write_links(&[(link, &write)]).await?[0])
-    }
-
     /// The links of one customer, by connector.
     pub async fn links_of(&self, customer_id: &str) -> Result<Vec<SyncLink>, StoreError> {
         let rows: Vec<SyncLinkRow> = dispatch!(self, read pool => {
@@ -986,11 +974,6 @@ impl Store {
             tx.commit().await?;
         });
         Ok(())
-    }
-
-    /// The customer with this id, deleted or not (workers push deletes too).
-    pub async fn get_customer_any(&self, id: &str) -> Result<Option<super::Customer>, StoreError> {
-        super::customers::get_any(self, id).await
     }
 }
 

@@ -8,6 +8,7 @@
 //! crashed process left behind. See docs/sync.md.
 
 pub mod breaker;
+pub mod group_commit;
 pub mod inbound;
 pub mod merge;
 pub mod outbound;
@@ -16,36 +17,21 @@ pub mod retry;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::breaker::Breakers;
+use self::group_commit::{Committer, GroupCommit};
 pub use self::outbound::{Outcome, ENTITY};
 use self::retry::RetryPolicy;
 use crate::app::ConnectorRegistry;
 use crate::connector_settings::ConnectorSettings;
+use crate::store::inbox::NewInboxEvent;
 use crate::store::sync::now_ms;
 use crate::store::sync::LinkWrite;
 use crate::store::{ChangeNotice, LinkKey, Store, StoreError, SyncLink};
-
-/// Most link writes committed in one transaction.
-const WRITE_BATCH: usize = 256;
-
-/// A link write waiting for the group commit, and who waits for it.
-struct WriteRequest {
-    link: SyncLink,
-    write: LinkWrite,
-    done: oneshot::Sender<Result<bool, StoreError>>,
-}
-
-/// A verified delivery waiting for the inbox group commit.
-struct InboxRequest {
-    connector: String,
-    events: Vec<crate::store::inbox::NewInboxEvent>,
-    correlation_id: Option<String>,
-    done: oneshot::Sender<Result<usize, StoreError>>,
-}
 
 /// Longest the scheduler sleeps without being woken.
 const IDLE_POLL: Duration = Duration::from_millis(500);
@@ -81,8 +67,8 @@ struct Inner {
     concurrency: usize,
     wake: Notify,
     inbox_wake: Notify,
-    writes: mpsc::UnboundedSender<WriteRequest>,
-    inbox_writes: mpsc::UnboundedSender<InboxRequest>,
+    link_writes: GroupCommit<LinkWrites>,
+    inbox_writes: GroupCommit<InboxWrites>,
     delete_policy: inbound::DeletePolicy,
     conflict_policy: merge::ConflictPolicy,
     inbox_grace: Duration,
@@ -102,20 +88,14 @@ impl SyncEngine {
         settings: Arc<ConnectorSettings>,
         options: SyncOptions,
     ) -> Self {
-        let (writes, queued) = mpsc::unbounded_channel();
         // SQLite has one writer anyway; on PostgreSQL a batch's statements
         // are round trips, so several committers keep the pushes fed.
         let committers = match store.kind() {
             crate::store::StoreKind::Sqlite => 1,
             crate::store::StoreKind::Postgres => 4,
         };
-        let queued = Arc::new(tokio::sync::Mutex::new(queued));
-        let (inbox_writes, inbox_queued) = mpsc::unbounded_channel();
-        let inbox_queued = Arc::new(tokio::sync::Mutex::new(inbox_queued));
-        for _ in 0..committers {
-            tokio::spawn(group_commit(store.clone(), queued.clone()));
-            tokio::spawn(inbox_commit(store.clone(), inbox_queued.clone()));
-        }
+        let link_writes = GroupCommit::start(LinkWrites(store.clone()), committers);
+        let inbox_writes = GroupCommit::start(InboxWrites(store.clone()), committers);
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -131,7 +111,7 @@ impl SyncEngine {
                 concurrency: options.concurrency,
                 wake: Notify::new(),
                 inbox_wake: Notify::new(),
-                writes,
+                link_writes,
                 inbox_writes,
                 delete_policy: options.inbound.delete,
                 conflict_policy: options.inbound.conflict,
@@ -143,18 +123,7 @@ impl SyncEngine {
     /// Writes to a claimed link through the group commit; true if the lease
     /// still held.
     async fn write_link(&self, link: &SyncLink, write: LinkWrite) -> Result<bool, StoreError> {
-        let (done, result) = oneshot::channel();
-        let request = WriteRequest {
-            link: link.clone(),
-            write,
-            done,
-        };
-        if self.inner.writes.send(request).is_err() {
-            return Err(StoreError::Database(sqlx::Error::PoolClosed));
-        }
-        result
-            .await
-            .unwrap_or(Err(StoreError::Database(sqlx::Error::PoolClosed)))
+        self.inner.link_writes.submit((link.clone(), write)).await
     }
 
     /// Stores a verified delivery's events through the inbox group commit;
@@ -162,22 +131,13 @@ impl SyncEngine {
     pub async fn store_webhook(
         &self,
         connector: &str,
-        events: Vec<crate::store::inbox::NewInboxEvent>,
+        events: Vec<NewInboxEvent>,
         correlation_id: Option<String>,
     ) -> Result<usize, StoreError> {
-        let (done, result) = oneshot::channel();
-        let request = InboxRequest {
-            connector: connector.to_owned(),
-            events,
-            correlation_id,
-            done,
-        };
-        if self.inner.inbox_writes.send(request).is_err() {
-            return Err(StoreError::Database(sqlx::Error::PoolClosed));
-        }
-        result
+        self.inner
+            .inbox_writes
+            .submit((connector.to_owned(), events, correlation_id))
             .await
-            .unwrap_or(Err(StoreError::Database(sqlx::Error::PoolClosed)))
     }
 
     /// The per-connector circuit breakers.
@@ -331,85 +291,41 @@ impl SyncEngine {
     }
 }
 
-/// Commits queued link writes in batches: one transaction (one fsync) for
-/// every write that queued while the previous batch committed. Ends when
-/// the engine is dropped. Several committers may share the queue.
-async fn group_commit(
-    store: Store,
-    queued: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<WriteRequest>>>,
-) {
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
-    loop {
-        // Take what is queued, then let another committer wait for more
-        // while this batch commits.
-        let received = queued.lock().await.recv_many(&mut batch, WRITE_BATCH).await;
-        if received == 0 {
-            return;
-        }
-        let writes: Vec<(&SyncLink, &LinkWrite)> =
-            batch.iter().map(|r| (&r.link, &r.write)).collect();
-        match store.write_links(&writes).await {
-            Ok(applied) => {
-                for (request, applied) in batch.drain(..).zip(applied) {
-                    let _ = request.done.send(Ok(applied));
-                }
-            }
-            // One bad write fails the whole transaction: apply them one by
-            // one so each gets its own answer.
-            Err(_) => {
-                for request in batch.drain(..) {
-                    let result = store
-                        .write_links(&[(&request.link, &request.write)])
-                        .await
-                        .map(|applied| applied[0]);
-                    let _ = request.done.send(result);
-                }
-            }
-        }
+/// Link writes (create markers and outcomes) of concurrent pushes.
+struct LinkWrites(Store);
+
+impl Committer for LinkWrites {
+    type Write = (SyncLink, LinkWrite);
+    type Done = bool;
+
+    fn commit<'a>(
+        &'a self,
+        writes: &'a [Self::Write],
+    ) -> BoxFuture<'a, Result<Vec<bool>, StoreError>> {
+        Box::pin(async move {
+            let writes: Vec<(&SyncLink, &LinkWrite)> = writes.iter().map(|(l, w)| (l, w)).collect();
+            self.0.write_links(&writes).await
+        })
     }
 }
 
-/// Commits queued webhook deliveries in batches, like [`group_commit`]:
-/// deliveries that arrive while one batch commits share the next fsync,
-/// and none is answered before its events are durable.
-async fn inbox_commit(
-    store: Store,
-    queued: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<InboxRequest>>>,
-) {
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
-    loop {
-        let received = queued.lock().await.recv_many(&mut batch, WRITE_BATCH).await;
-        if received == 0 {
-            return;
-        }
-        let deliveries: Vec<(&str, &[crate::store::inbox::NewInboxEvent], Option<&str>)> = batch
-            .iter()
-            .map(|r| {
-                (
-                    r.connector.as_str(),
-                    r.events.as_slice(),
-                    r.correlation_id.as_deref(),
-                )
-            })
-            .collect();
-        match store.store_inbox_many(&deliveries).await {
-            Ok(stored) => {
-                for (request, stored) in batch.drain(..).zip(stored) {
-                    let _ = request.done.send(Ok(stored));
-                }
-            }
-            Err(_) => {
-                for request in batch.drain(..) {
-                    let result = store
-                        .store_inbox(
-                            &request.connector,
-                            &request.events,
-                            request.correlation_id.as_deref(),
-                        )
-                        .await;
-                    let _ = request.done.send(result);
-                }
-            }
-        }
+/// Verified webhook deliveries: (connector, events, correlation id).
+struct InboxWrites(Store);
+
+impl Committer for InboxWrites {
+    type Write = (String, Vec<NewInboxEvent>, Option<String>);
+    type Done = usize;
+
+    fn commit<'a>(
+        &'a self,
+        writes: &'a [Self::Write],
+    ) -> BoxFuture<'a, Result<Vec<usize>, StoreError>> {
+        Box::pin(async move {
+            let deliveries: Vec<(&str, &[NewInboxEvent], Option<&str>)> = writes
+                .iter()
+                .map(|(c, e, r)| (c.as_str(), e.as_slice(), r.as_deref()))
+                .collect();
+            self.0.store_inbox_many(&deliveries).await
+        })
     }
 }

@@ -18,7 +18,8 @@ use utoipa::{IntoParams, ToSchema};
 pub use self::validate::{is_valid_email, normalise_email, validate};
 use super::error::{ApiError, Problem};
 use super::extract::{
-    from_value, parse_json, CorrelationId, IdempotencyKey, IfMatch, JsonBody, Principal, QueryPairs,
+    from_value, page_limit, parse_json, CorrelationId, IdempotencyKey, IfMatch, JsonBody,
+    Principal, QueryPairs,
 };
 use super::idempotency;
 use crate::app::AppState;
@@ -174,18 +175,7 @@ pub async fn list_customers(
     };
     for (name, value) in pairs {
         match name.as_str() {
-            "limit" => {
-                request.limit = value
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|l| (1..=MAX_LIMIT).contains(l))
-                    .ok_or_else(|| {
-                        ApiError::field(
-                            "limit",
-                            format!("must be an integer from 1 to {MAX_LIMIT}"),
-                        )
-                    })?;
-            }
+            "limit" => request.limit = page_limit(&value, MAX_LIMIT)?,
             "starting_after" => {
                 request.starting_after =
                     Some(CustomerId::parse(&value).ok_or_else(|| {
