@@ -1,5 +1,6 @@
 //! Real peers for ferry's integration tests, started by the tests themselves.
 pub mod fake_remote;
+pub mod fake_salesforce;
 pub mod fault_proxy;
 pub mod kafka;
 pub mod localstripe;
