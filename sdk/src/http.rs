@@ -84,6 +84,12 @@ impl Request {
         self.header("authorization", value)
     }
 
+    /// `Authorization: Bearer {{token:NAME}}` for a token the host holds
+    /// (see [`crate::oauth`]).
+    pub fn bearer_token(self, token: &crate::oauth::Token) -> Self {
+        self.header("authorization", token.bearer())
+    }
+
     /// Adds query parameters, URL-encoded, to the URL.
     pub fn query<T: Serialize + ?Sized>(mut self, params: &T) -> Result<Self, ConnectorError> {
         let encoded = serde_urlencoded::to_string(params)?;

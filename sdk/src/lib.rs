@@ -37,7 +37,8 @@
 //!
 //! Secrets never enter the component: name them in `{{secret:NAME}}`
 //! placeholders (see [`http::secret`]) or key an HMAC with them
-//! ([`crypto::hmac_sha256`]); the host does the rest.
+//! ([`crypto::hmac_sha256`]); the host does the rest. OAuth 2.0 tokens work
+//! the same way: the host obtains and caches them ([`oauth`]).
 #![deny(missing_docs)]
 
 mod customer;
@@ -48,6 +49,7 @@ pub mod clock;
 pub mod crypto;
 pub mod http;
 pub mod log;
+pub mod oauth;
 pub mod settings;
 pub mod webhook;
 

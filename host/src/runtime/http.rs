@@ -7,11 +7,12 @@
 //! total), the response size cap, the call's own deadline, and a per-connector
 //! token bucket.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::policy::{self, DeclaredHost, HostRules, PolicyError};
 use super::state::CallState;
-use super::transport::{WireError, WireRequest};
+use super::transport::{HttpTransport, WireError, WireRequest, WireResponse};
 use super::v0_1_0::ferry::connector::http::{Host, HttpError, Method, Request, Response};
 
 impl From<PolicyError> for HttpError {
@@ -73,7 +74,8 @@ impl CallState {
     }
 
     /// Applies the policy and substitutes secrets; nothing here has side effects.
-    fn prepare(&mut self, req: Request) -> Result<WireRequest, HttpError> {
+    /// Checks `url` against the declared hosts and the operator's rules.
+    pub(crate) fn check_url(&self, url: &str) -> Result<url::Url, PolicyError> {
         let runtime = &self.runtime.config;
         let declared = self.declared_hosts();
         let rules = HostRules {
@@ -81,7 +83,21 @@ impl CallState {
             allowed_hosts: &runtime.allowed_hosts,
             allow_private_hosts: runtime.allow_private_hosts,
         };
-        let url = policy::check_url(&req.url, &rules)?;
+        policy::check_url(url, &rules)
+    }
+
+    /// Time left for a request of this call: the operator's total timeout,
+    /// shortened by the connector's wish and the call's deadline.
+    pub(crate) fn request_timeout(&self, requested_ms: Option<u32>) -> Duration {
+        let total = self.runtime.config.http_total_timeout;
+        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        let requested = requested_ms.map_or(total, |ms| Duration::from_millis(ms.into()));
+        requested.min(total).min(remaining)
+    }
+
+    fn prepare(&mut self, req: Request) -> Result<WireRequest, HttpError> {
+        let runtime = &self.runtime.config;
+        let url = self.check_url(&req.url)?;
 
         // Only now, for an allowed host, do secrets enter the request.
         let secret_names: Vec<String> = self
@@ -106,6 +122,14 @@ impl CallState {
             } else {
                 value
             };
+            let value = if policy::has_token_placeholder(value.as_bytes()) {
+                let bytes = policy::substitute_tokens(value.as_bytes(), &self.tokens)?;
+                String::from_utf8(bytes).map_err(|_| {
+                    HttpError::InvalidRequest(format!("header `{name}`: token is not valid UTF-8"))
+                })?
+            } else {
+                value
+            };
             // Rejects CR/LF, so a secret cannot smuggle extra headers either.
             if http::HeaderValue::from_str(&value).is_err() {
                 return Err(HttpError::InvalidRequest(format!(
@@ -123,11 +147,7 @@ impl CallState {
             other => other,
         };
 
-        let remaining = self.deadline.saturating_duration_since(Instant::now());
-        let requested = req.timeout_ms.map_or(runtime.http_total_timeout, |ms| {
-            Duration::from_millis(ms.into())
-        });
-        let timeout = requested.min(runtime.http_total_timeout).min(remaining);
+        let timeout = self.request_timeout(req.timeout_ms);
         Ok(WireRequest {
             method: method(req.method),
             url,
@@ -139,54 +159,54 @@ impl CallState {
     }
 }
 
-impl Host for CallState {
-    async fn send(&mut self, req: Request) -> Result<Response, HttpError> {
+impl CallState {
+    /// Takes one request from the connector's budget.
+    pub(crate) fn take_request_budget(&self) -> Result<(), PolicyError> {
         let taken = self
             .connector
             .bucket
             .lock()
             .map(|mut b| b.try_take())
             .unwrap_or(false);
-        if !taken {
-            return Err(HttpError::Denied(
+        if taken {
+            Ok(())
+        } else {
+            Err(PolicyError::Denied(
                 "the connector's outbound request rate limit is exhausted".into(),
-            ));
+            ))
         }
+    }
+
+    /// What [`dispatch`] needs, owned, so no borrow of the (not `Sync`)
+    /// call state is held across the request.
+    pub(crate) fn dispatcher(&self) -> Dispatcher {
+        Dispatcher {
+            transport: self.runtime.transport.clone(),
+            connector: self.connector.name.clone(),
+        }
+    }
+
+    /// Replaces any secret or token the remote echoed with its placeholder.
+    fn redact(&self, data: &mut Vec<u8>) {
+        policy::redact_secrets(data, self.secrets());
+        policy::redact_tokens(data, &self.tokens);
+    }
+}
+
+impl Host for CallState {
+    async fn send(&mut self, req: Request) -> Result<Response, HttpError> {
+        self.take_request_budget()?;
         let wire = self.prepare(req)?;
-        let (method, host) = (
-            wire.method.clone(),
-            wire.url.host_str().unwrap_or_default().to_owned(),
-        );
-        let timeout = wire.timeout;
-        let transport = self.runtime.transport.clone();
-        let started = Instant::now();
-        // The transport should honour `timeout` itself; this bounds one that does not.
-        let result = match tokio::time::timeout(timeout, transport.send(wire)).await {
-            Ok(result) => result,
-            Err(_) => Err(WireError::Timeout(format!(
-                "no response within {} ms",
-                timeout.as_millis()
-            ))),
-        };
-        // Never log headers or bodies: they may hold substituted secrets.
-        match &result {
-            Ok(r) => {
-                tracing::debug!(connector = %self.connector.name, %method, %host, status = r.status,
-                elapsed_ms = started.elapsed().as_millis() as u64, "outbound request")
-            }
-            Err(e) => tracing::debug!(connector = %self.connector.name, %method, %host, error = %e,
-                elapsed_ms = started.elapsed().as_millis() as u64, "outbound request failed"),
-        }
-        let response = result?;
+        let response = self.dispatcher().send(wire).await?;
         let mut body = response.body;
         // A remote that echoes a credential must not hand it to the connector.
-        policy::redact_secrets(&mut body, self.secrets());
+        self.redact(&mut body);
         let headers = response
             .headers
             .into_iter()
             .map(|(name, value)| {
                 let mut value = value.into_bytes();
-                policy::redact_secrets(&mut value, self.secrets());
+                self.redact(&mut value);
                 (
                     name.to_ascii_lowercase(),
                     String::from_utf8_lossy(&value).into_owned(),
@@ -198,5 +218,42 @@ impl Host for CallState {
             headers,
             body,
         })
+    }
+}
+
+/// Sends allowed requests for one connector (see [`CallState::dispatcher`]).
+pub(crate) struct Dispatcher {
+    transport: Arc<dyn HttpTransport>,
+    connector: Arc<str>,
+}
+
+impl Dispatcher {
+    /// Sends `wire`, bounded by its timeout, and logs the outcome (never
+    /// headers or bodies: they may hold substituted secrets).
+    pub(crate) async fn send(self, wire: WireRequest) -> Result<WireResponse, WireError> {
+        let (method, host) = (
+            wire.method.clone(),
+            wire.url.host_str().unwrap_or_default().to_owned(),
+        );
+        let timeout = wire.timeout;
+        let started = Instant::now();
+        // The transport should honour `timeout` itself; this bounds one that does not.
+        let result = match tokio::time::timeout(timeout, self.transport.send(wire)).await {
+            Ok(result) => result,
+            Err(_) => Err(WireError::Timeout(format!(
+                "no response within {} ms",
+                timeout.as_millis()
+            ))),
+        };
+        let connector = &self.connector;
+        match &result {
+            Ok(r) => {
+                tracing::debug!(%connector, %method, %host, status = r.status,
+                elapsed_ms = started.elapsed().as_millis() as u64, "outbound request")
+            }
+            Err(e) => tracing::debug!(%connector, %method, %host, error = %e,
+                elapsed_ms = started.elapsed().as_millis() as u64, "outbound request failed"),
+        }
+        result
     }
 }

@@ -15,6 +15,7 @@ mod crypto;
 mod http;
 mod log;
 mod manifest;
+mod oauth;
 mod policy;
 mod settings;
 mod state;
@@ -36,6 +37,7 @@ use wasmtime::{
     Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline,
 };
 
+use self::oauth::TokenCache;
 use self::state::{CallState, ConnectorShared, TokenBucket};
 pub use self::transport::{HttpTransport, ReqwestTransport, WireError, WireRequest, WireResponse};
 use self::v0_1_0::Connector as ConnectorBindings;
@@ -289,6 +291,7 @@ impl Runtime {
             bucket: Mutex::new(TokenBucket::new(
                 self.inner.shared.config.http_requests_per_second,
             )),
+            tokens: TokenCache::default(),
         });
         tracing::info!(connector = %connector.name(), version = %connector.manifest().version,
             sha256 = %connector.sha256, "connector loaded");

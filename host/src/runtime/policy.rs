@@ -208,7 +208,8 @@ fn embedded_v4(seg: &[u16; 8]) -> Ipv4Addr {
     )
 }
 
-const PLACEHOLDER_OPEN: &[u8] = b"{{secret:";
+const SECRET_OPEN: &[u8] = b"{{secret:";
+const TOKEN_OPEN: &[u8] = b"{{token:";
 const PLACEHOLDER_CLOSE: &[u8] = b"}}";
 
 /// Replaces every `{{secret:NAME}}` in `input` with the secret's value.
@@ -222,33 +223,53 @@ pub(crate) fn substitute_secrets(
     declared: &[String],
     values: &BTreeMap<String, SecretString>,
 ) -> Result<Vec<u8>, PolicyError> {
-    let mut out = Vec::with_capacity(input.len());
-    let mut rest = input;
-    while let Some(start) = find(rest, PLACEHOLDER_OPEN) {
-        let after_open = &rest[start + PLACEHOLDER_OPEN.len()..];
-        let Some(end) = find(after_open, PLACEHOLDER_CLOSE) else {
-            break;
-        };
-        let name = &after_open[..end];
-        let valid_name = !name.is_empty()
-            && name
-                .iter()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_');
-        if !valid_name {
-            out.extend_from_slice(&rest[..start + PLACEHOLDER_OPEN.len()]);
-            rest = after_open;
-            continue;
-        }
-        // Checked above: ASCII only.
-        let name = String::from_utf8_lossy(name);
-        if !declared.iter().any(|d| *d == name) {
+    substitute(input, SECRET_OPEN, |name| {
+        if !declared.iter().any(|d| d == name) {
             return Err(PolicyError::Denied(format!(
                 "secret `{name}` is not declared in the manifest"
             )));
         }
-        let value = values.get(name.as_ref()).ok_or_else(|| {
-            PolicyError::Denied(format!("secret `{name}` has no value configured"))
-        })?;
+        values
+            .get(name)
+            .ok_or_else(|| PolicyError::Denied(format!("secret `{name}` has no value configured")))
+    })
+}
+
+/// Replaces every `{{token:NAME}}` in `input` with the value of the OAuth
+/// token this call obtained under `NAME` (see [`super::oauth`]).
+pub(crate) fn substitute_tokens(
+    input: &[u8],
+    tokens: &BTreeMap<String, SecretString>,
+) -> Result<Vec<u8>, PolicyError> {
+    substitute(input, TOKEN_OPEN, |name| {
+        tokens.get(name).ok_or_else(|| {
+            PolicyError::Denied(format!(
+                "token `{name}` was not obtained in this call (call oauth.client-credentials-token first)"
+            ))
+        })
+    })
+}
+
+fn substitute<'v>(
+    input: &[u8],
+    open: &[u8],
+    value_of: impl Fn(&str) -> Result<&'v SecretString, PolicyError>,
+) -> Result<Vec<u8>, PolicyError> {
+    let mut out = Vec::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(start) = find(rest, open) {
+        let after_open = &rest[start + open.len()..];
+        let Some(end) = find(after_open, PLACEHOLDER_CLOSE) else {
+            break;
+        };
+        let name = &after_open[..end];
+        if !is_placeholder_name(name) {
+            out.extend_from_slice(&rest[..start + open.len()]);
+            rest = after_open;
+            continue;
+        }
+        // Checked above: ASCII only.
+        let value = value_of(&String::from_utf8_lossy(name))?;
         out.extend_from_slice(&rest[..start]);
         out.extend_from_slice(value.expose_secret().as_bytes());
         rest = &after_open[end + PLACEHOLDER_CLOSE.len()..];
@@ -257,9 +278,22 @@ pub(crate) fn substitute_secrets(
     Ok(out)
 }
 
-/// Whether `input` holds anything that looks like a placeholder.
+/// Whether `name` may appear in a placeholder: `[a-z0-9_]+`.
+pub(crate) fn is_placeholder_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+}
+
+/// Whether `input` holds anything that looks like a secret placeholder.
 pub(crate) fn has_placeholder(input: &[u8]) -> bool {
-    find(input, PLACEHOLDER_OPEN).is_some()
+    find(input, SECRET_OPEN).is_some()
+}
+
+/// Whether `input` holds anything that looks like a token placeholder.
+pub(crate) fn has_token_placeholder(input: &[u8]) -> bool {
+    find(input, TOKEN_OPEN).is_some()
 }
 
 /// Secrets shorter than this are not redacted from responses: a short value
@@ -269,12 +303,21 @@ const MIN_REDACTED_LEN: usize = 6;
 /// Replaces every configured secret value in `data` with its placeholder, so a
 /// remote that echoes a credential back does not hand it to the connector.
 pub(crate) fn redact_secrets(data: &mut Vec<u8>, values: &BTreeMap<String, SecretString>) {
+    redact(data, values, "secret");
+}
+
+/// Like [`redact_secrets`], for the OAuth tokens a call holds.
+pub(crate) fn redact_tokens(data: &mut Vec<u8>, tokens: &BTreeMap<String, SecretString>) {
+    redact(data, tokens, "token");
+}
+
+fn redact(data: &mut Vec<u8>, values: &BTreeMap<String, SecretString>, kind: &str) {
     for (name, value) in values {
         let value = value.expose_secret().as_bytes();
         if value.len() < MIN_REDACTED_LEN || find(data, value).is_none() {
             continue;
         }
-        let placeholder = format!("{{{{secret:{name}}}}}");
+        let placeholder = format!("{{{{{kind}:{name}}}}}");
         let mut out = Vec::with_capacity(data.len());
         let mut rest: &[u8] = data;
         while let Some(i) = find(rest, value) {
@@ -433,6 +476,21 @@ mod tests {
         let out =
             substitute_secrets(b"{{secret:Bad Name}} {{secret:", &declared, &secrets()).unwrap();
         assert_eq!(out, b"{{secret:Bad Name}} {{secret:");
+    }
+
+    #[test]
+    fn substitutes_tokens_obtained_in_the_call_only() {
+        let tokens = BTreeMap::from([("api".to_owned(), SecretString::from("00Dtoken!abc"))]);
+        let out = substitute_tokens(b"Bearer {{token:api}}", &tokens).unwrap();
+        assert_eq!(out, b"Bearer 00Dtoken!abc");
+        let missing = substitute_tokens(b"Bearer {{token:other}}", &tokens);
+        assert!(matches!(missing, Err(PolicyError::Denied(_))));
+        // A secret placeholder is not a token placeholder.
+        let out = substitute_tokens(b"{{secret:api}}", &tokens).unwrap();
+        assert_eq!(out, b"{{secret:api}}");
+        let mut body = b"your token is 00Dtoken!abc".to_vec();
+        redact_tokens(&mut body, &tokens);
+        assert_eq!(body, b"your token is {{token:api}}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use super::oauth::{CallTokens, TokenCache};
 use super::policy::DeclaredHost;
 use super::v0_1_0::Manifest;
 use super::{ConnectorConfig, RuntimeShared};
@@ -27,6 +28,8 @@ pub(crate) struct ConnectorShared {
     pub(crate) hosts: Vec<DeclaredHost>,
     /// Outbound request budget, shared by all calls of this connector.
     pub(crate) bucket: Mutex<TokenBucket>,
+    /// OAuth tokens, shared by all calls of this connector.
+    pub(crate) tokens: TokenCache,
 }
 
 impl ConnectorShared {
@@ -48,6 +51,7 @@ impl ConnectorShared {
             },
             hosts: Vec::new(),
             bucket: Mutex::new(TokenBucket::new(0)),
+            tokens: TokenCache::default(),
         }
     }
 }
@@ -98,6 +102,8 @@ pub(crate) struct CallState {
     pub(crate) limiter: MemoryLimiter,
     /// Log lines written so far in this call (see [`super::log`]).
     pub(crate) log_lines: u32,
+    /// OAuth tokens this call obtained, for `{{token:NAME}}` substitution.
+    pub(crate) tokens: CallTokens,
     /// Built on first use: most calls never touch WASI, and building a
     /// context seeds random number generators.
     wasi: Option<WasiCtx>,
@@ -119,6 +125,7 @@ impl CallState {
             deadline,
             limiter,
             log_lines: 0,
+            tokens: CallTokens::new(),
             wasi: None,
             table: ResourceTable::new(),
         }

@@ -7,9 +7,12 @@
 wasmtime::component::bindgen!({
     world: "connector",
     path: "../wit/v0.1.0",
-    // Only `http.send` waits on I/O; the other imports answer from memory.
+    // Only `http.send` and `oauth` wait (on I/O, or on another call's token
+    // request); the other imports answer from memory.
     imports: {
         "ferry:connector/http.send": async,
+        "ferry:connector/oauth.client-credentials-token": async,
+        "ferry:connector/oauth.invalidate": async,
         default: tracing,
     },
     exports: { default: async },
