@@ -15,7 +15,10 @@
 //! row and any conflict. The outbox event then fans out to every other
 //! connector through the normal outbound path.
 
+use std::collections::HashMap;
 use std::time::Duration;
+
+use futures::StreamExt;
 
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -29,7 +32,7 @@ use crate::store::sync::now_ms;
 use crate::store::{Address, Customer, CustomerFields, CustomerId, ListCustomers, StoreError};
 
 /// Inbox events claimed per round.
-const INBOX_BATCH: u32 = 64;
+const INBOX_BATCH: u32 = 128;
 /// Longest the inbox loop sleeps without being woken.
 const INBOX_POLL: Duration = Duration::from_millis(250);
 /// A webhook whose remote time is no later than ferry's last push through
@@ -159,10 +162,7 @@ impl SyncEngine {
                 }
             };
             let busy = !claimed.is_empty();
-            // One at a time: events of one remote record must apply in order.
-            for event in claimed {
-                self.apply_inbox_event(event).await;
-            }
+            self.apply_in_record_order(claimed).await;
             if busy {
                 continue;
             }
@@ -179,15 +179,41 @@ impl SyncEngine {
     /// the inbox loop.
     pub async fn apply_inbox_seqs(&self, seqs: &[i64]) -> Result<(), StoreError> {
         let (token, until) = self.lease();
-        for event in self
+        let claimed = self
             .inner
             .store
             .claim_inbox_seqs(seqs, &token, until)
-            .await?
-        {
-            self.apply_inbox_event(event).await;
-        }
+            .await?;
+        self.apply_in_record_order(claimed).await;
         Ok(())
+    }
+
+    /// Applies claimed events (in arrival order): the events of one remote
+    /// record one after another, in order, and different records at once,
+    /// up to `concurrency`. Records that meet in one customer (the same
+    /// email, or linked to it from two connectors) are safe to run together:
+    /// the customer write checks its version and the live-email index, and a
+    /// loser decides again.
+    async fn apply_in_record_order(&self, claimed: Vec<InboxEvent>) {
+        let mut groups: Vec<Vec<InboxEvent>> = Vec::new();
+        let mut index: HashMap<(String, String), usize> = HashMap::new();
+        for event in claimed {
+            let key = (event.connector.clone(), event.remote_id.clone());
+            match index.get(&key) {
+                Some(&at) => groups[at].push(event),
+                None => {
+                    index.insert(key, groups.len());
+                    groups.push(vec![event]);
+                }
+            }
+        }
+        futures::stream::iter(groups)
+            .for_each_concurrent(self.inner.concurrency, |group| async move {
+                for event in group {
+                    self.apply_inbox_event(event).await;
+                }
+            })
+            .await;
     }
 
     /// Wakes the inbox loop (a webhook stored events).
