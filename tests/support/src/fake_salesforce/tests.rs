@@ -44,12 +44,7 @@ impl Api {
         format!("{}/services/data/v62.0/{rest}", self.fake.url())
     }
 
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        rest: &str,
-        body: Option<Value>,
-    ) -> (u16, Value) {
+    async fn call(&self, method: reqwest::Method, rest: &str, body: Option<Value>) -> (u16, Value) {
         let mut req = self
             .http
             .request(method, self.url(rest))
@@ -118,9 +113,7 @@ async fn fake_salesforce_contact_lifecycle() {
         .call(
             Method::POST,
             "sobjects/Contact/",
-            Some(
-                json!({"FirstName": "Ada", "LastName": "Lovelace", "Email": "ada@example.com"}),
-            ),
+            Some(json!({"FirstName": "Ada", "LastName": "Lovelace", "Email": "ada@example.com"})),
         )
         .await;
     assert_eq!(status, 201, "{created}");
@@ -406,9 +399,8 @@ async fn fake_salesforce_query_pages_with_next_records_url() {
         .as_str()
         .unwrap()
         .to_owned();
-    let q = format!(
-        "SELECT Id FROM Contact WHERE SystemModstamp >= {since} ORDER BY SystemModstamp"
-    );
+    let q =
+        format!("SELECT Id FROM Contact WHERE SystemModstamp >= {since} ORDER BY SystemModstamp");
     let url = format!(
         "{}?{}",
         api.url("query"),

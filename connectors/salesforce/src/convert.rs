@@ -1,0 +1,500 @@
+//! The mapping between ferry's canonical customer and a Salesforce record:
+//! which canonical path goes to which field (the default Contact mapping,
+//! extended or overridden by the `field_map` setting), the name and street
+//! splits, and Salesforce's timestamps.
+
+use std::collections::BTreeMap;
+
+use ferry_sdk::json::{Map, Value};
+use ferry_sdk::{Address, ConnectorError, Customer};
+
+/// A place in the canonical customer a Salesforce field can hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// The whole name in one field (an Account's `Name`).
+    Name,
+    /// All but the last word of the name (a Contact's `FirstName`).
+    FirstName,
+    /// The last word of the name (a Contact's `LastName`); never empty,
+    /// because Salesforce requires it.
+    LastName,
+    Email,
+    Phone,
+    /// `line1` and `line2` joined by a newline, as Salesforce's compound
+    /// street fields hold them.
+    Street,
+    Line1,
+    Line2,
+    City,
+    State,
+    PostalCode,
+    Country,
+    /// One metadata entry.
+    Metadata(String),
+}
+
+impl Path {
+    fn parse(path: &str) -> Result<Self, ConnectorError> {
+        Ok(match path {
+            "name" => Self::Name,
+            "name.first" => Self::FirstName,
+            "name.last" => Self::LastName,
+            "email" => Self::Email,
+            "phone" => Self::Phone,
+            "address.street" => Self::Street,
+            "address.line1" => Self::Line1,
+            "address.line2" => Self::Line2,
+            "address.city" => Self::City,
+            "address.state" => Self::State,
+            "address.postal_code" => Self::PostalCode,
+            "address.country" => Self::Country,
+            _ => match path.strip_prefix("metadata.") {
+                Some(key) if !key.is_empty() => Self::Metadata(key.to_owned()),
+                _ => {
+                    return Err(ConnectorError::permanent(format!(
+                        "setting `field_map`: `{path}` is not a canonical customer path \
+                         (name, name.first, name.last, email, phone, address.street, \
+                         address.line1, address.line2, address.city, address.state, \
+                         address.postal_code, address.country, metadata.KEY)"
+                    )))
+                }
+            },
+        })
+    }
+
+    /// Paths that hold the same data as this one: mapping one replaces the
+    /// others, so `{"name": "Name"}` alone turns a Contact mapping into an
+    /// Account one.
+    fn overlaps(&self, other: &Self) -> bool {
+        use Path::*;
+        matches!(
+            (self, other),
+            (Name, FirstName | LastName)
+                | (FirstName | LastName, Name)
+                | (Street, Line1 | Line2)
+                | (Line1 | Line2, Street)
+        ) || self == other
+    }
+}
+
+/// Canonical paths and the Salesforce fields that hold them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FieldMap {
+    entries: Vec<(Path, String)>,
+}
+
+impl Default for FieldMap {
+    /// The Contact mapping.
+    fn default() -> Self {
+        let entries = [
+            (Path::FirstName, "FirstName"),
+            (Path::LastName, "LastName"),
+            (Path::Email, "Email"),
+            (Path::Phone, "Phone"),
+            (Path::Street, "MailingStreet"),
+            (Path::City, "MailingCity"),
+            (Path::State, "MailingState"),
+            (Path::PostalCode, "MailingPostalCode"),
+            (Path::Country, "MailingCountry"),
+        ];
+        Self {
+            entries: entries
+                .into_iter()
+                .map(|(p, f)| (p, f.to_owned()))
+                .collect(),
+        }
+    }
+}
+
+/// Whether `name` can be a Salesforce API name (`Email`, `Tier__c`,
+/// `ns__Field__c`). Checked because names go into SOQL and URL paths.
+pub(crate) fn is_api_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic())
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && name.len() <= 120
+}
+
+impl FieldMap {
+    /// The default mapping with the `field_map` setting's JSON object laid
+    /// over it: a string maps a path, `null` or `""` drops a default one.
+    pub(crate) fn with_overrides(json: Option<&str>) -> Result<Self, ConnectorError> {
+        let mut map = Self::default();
+        let Some(json) = json.map(str::trim).filter(|j| !j.is_empty()) else {
+            return Ok(map);
+        };
+        let overrides: Map<String, Value> = ferry_sdk::json::from_str(json).map_err(|e| {
+            ConnectorError::permanent(format!("setting `field_map` is not a JSON object: {e}"))
+        })?;
+        for (path, field) in overrides {
+            let parsed = Path::parse(&path)?;
+            map.entries.retain(|(p, _)| !p.overlaps(&parsed));
+            match field {
+                Value::Null => {}
+                Value::String(f) if f.is_empty() => {}
+                Value::String(f) if is_api_name(&f) => map.entries.push((parsed, f)),
+                other => {
+                    return Err(ConnectorError::permanent(format!(
+                        "setting `field_map`: `{path}` maps to {other}, not a Salesforce field name"
+                    )))
+                }
+            }
+        }
+        let mut seen = BTreeMap::new();
+        for (path, field) in &map.entries {
+            if let Some(previous) = seen.insert(field.to_ascii_lowercase(), path) {
+                return Err(ConnectorError::permanent(format!(
+                    "setting `field_map`: field `{field}` holds both {previous:?} and {path:?}"
+                )));
+            }
+        }
+        Ok(map)
+    }
+
+    /// The mapped Salesforce fields, in mapping order.
+    pub(crate) fn fields(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|(_, f)| f.as_str())
+    }
+
+    /// The body of a create (absent values left out) or an update (absent
+    /// values sent as `null`, so a field cleared in ferry clears in
+    /// Salesforce).
+    pub(crate) fn to_sobject(&self, c: &Customer, update: bool) -> Map<String, Value> {
+        let (first, last) = split_name(c.name.as_deref());
+        let address = c.address.clone().unwrap_or_default();
+        let mut out = Map::new();
+        for (path, field) in &self.entries {
+            let value = match path {
+                Path::Name => c.name.clone(),
+                Path::FirstName => first.clone(),
+                Path::LastName => Some(last.clone().unwrap_or_else(|| fallback_last_name(c))),
+                Path::Email => c.email.clone(),
+                Path::Phone => c.phone.clone(),
+                Path::Street => street(&address),
+                Path::Line1 => address.line1.clone(),
+                Path::Line2 => address.line2.clone(),
+                Path::City => address.city.clone(),
+                Path::State => address.state.clone(),
+                Path::PostalCode => address.postal_code.clone(),
+                Path::Country => address.country.clone(),
+                Path::Metadata(key) => c.metadata.get(key).cloned(),
+            };
+            match value.filter(|v| !v.is_empty()) {
+                Some(v) => {
+                    out.insert(field.clone(), Value::String(v));
+                }
+                None if update => {
+                    out.insert(field.clone(), Value::Null);
+                }
+                None => {}
+            }
+        }
+        out
+    }
+
+    /// The canonical customer held by a record's fields (REST JSON, or an
+    /// outbound message's elements as strings). Field names compare
+    /// case-insensitively, as Salesforce's do.
+    pub(crate) fn customer_from(&self, remote_id: &str, fields: &Map<String, Value>) -> Customer {
+        let by_lower: BTreeMap<String, &Value> = fields
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        let get = |field: &str| {
+            by_lower
+                .get(&field.to_ascii_lowercase())
+                .and_then(|v| text(v))
+        };
+        let mut c = Customer {
+            id: Some(remote_id.to_owned()),
+            ..Customer::default()
+        };
+        let mut address = Address::default();
+        let (mut first, mut last) = (None, None);
+        for (path, field) in &self.entries {
+            let value = get(field);
+            match path {
+                Path::Name => c.name = value,
+                Path::FirstName => first = value,
+                Path::LastName => last = value,
+                Path::Email => c.email = value,
+                Path::Phone => c.phone = value,
+                Path::Street => {
+                    let (l1, l2) = split_street(value);
+                    address.line1 = l1;
+                    address.line2 = l2;
+                }
+                Path::Line1 => address.line1 = value,
+                Path::Line2 => address.line2 = value,
+                Path::City => address.city = value,
+                Path::State => address.state = value,
+                Path::PostalCode => address.postal_code = value,
+                Path::Country => address.country = value,
+                Path::Metadata(key) => {
+                    if let Some(v) = value {
+                        c.metadata.insert(key.clone(), v);
+                    }
+                }
+            }
+        }
+        if c.name.is_none() {
+            let joined = [first, last].into_iter().flatten().collect::<Vec<_>>();
+            if !joined.is_empty() {
+                c.name = Some(joined.join(" "));
+            }
+        }
+        if !address.is_empty() {
+            c.address = Some(address);
+        }
+        c
+    }
+}
+
+/// A field's value as text; `null` and `""` are "not known".
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::String(s) if s.is_empty() => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// `(first, last)`: the last whitespace-separated word is the last name.
+fn split_name(name: Option<&str>) -> (Option<String>, Option<String>) {
+    let words: Vec<&str> = name.unwrap_or_default().split_whitespace().collect();
+    match words.split_last() {
+        None => (None, None),
+        Some((last, [])) => (None, Some((*last).to_owned())),
+        Some((last, rest)) => (Some(rest.join(" ")), Some((*last).to_owned())),
+    }
+}
+
+/// `LastName` is required: without a name, the e-mail's local part stands
+/// in, else `Unknown`.
+fn fallback_last_name(c: &Customer) -> String {
+    c.email
+        .as_deref()
+        .and_then(|e| e.split('@').next())
+        .map(str::trim)
+        .filter(|local| !local.is_empty())
+        .unwrap_or("Unknown")
+        .to_owned()
+}
+
+fn street(a: &Address) -> Option<String> {
+    match (&a.line1, &a.line2) {
+        (Some(l1), Some(l2)) if !l2.is_empty() => Some(format!("{l1}\n{l2}")),
+        (Some(l1), _) => Some(l1.clone()),
+        (None, l2) => l2.clone(),
+    }
+}
+
+/// A street field back into `line1` and `line2`, split on the first newline.
+fn split_street(street: Option<String>) -> (Option<String>, Option<String>) {
+    let Some(street) = street else {
+        return (None, None);
+    };
+    let non_empty = |s: &str| {
+        let s = s.trim_end_matches('\r');
+        (!s.is_empty()).then(|| s.to_owned())
+    };
+    match street.split_once('\n') {
+        Some((l1, l2)) => (non_empty(l1), non_empty(l2)),
+        None => (non_empty(&street), None),
+    }
+}
+
+/// Milliseconds since the epoch of a Salesforce datetime:
+/// `2026-11-29T08:00:00.000+0000`, also with `Z` or `+00:00`, with or
+/// without fractional seconds.
+pub(crate) fn parse_datetime_ms(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let num = |from: usize, len: usize| -> Option<i64> {
+        let part = s.get(from..from + len)?;
+        part.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| part.parse().ok())?
+    };
+    let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    let (hour, minute, second) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
+    let seps = s.as_bytes();
+    if seps.get(4) != Some(&b'-')
+        || seps.get(7) != Some(&b'-')
+        || !matches!(seps.get(10), Some(b'T' | b't' | b' '))
+        || seps.get(13) != Some(&b':')
+        || seps.get(16) != Some(&b':')
+        || !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut rest = s.get(19..)?;
+    let mut millis = 0;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let padded = format!("{:0<3}", &frac[..digits.min(3)]);
+        millis = padded.parse::<i64>().ok()?;
+        rest = &frac[digits..];
+    }
+    let offset_secs = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let sign = match rest.as_bytes().first()? {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let digits: String = rest[1..].chars().filter(|c| *c != ':').collect();
+            if digits.len() != 4 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let h: i64 = digits[..2].parse().ok()?;
+            let m: i64 = digits[2..].parse().ok()?;
+            sign * (h * 3600 + m * 60)
+        }
+    };
+    let days = days_from_civil(year, month, day);
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
+    Some(secs * 1000 + millis)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
+/// `days_from_civil`).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_sdk::json::json;
+
+    use super::*;
+
+    fn customer(name: Option<&str>, email: Option<&str>) -> Customer {
+        Customer {
+            name: name.map(str::to_owned),
+            email: email.map(str::to_owned),
+            ..Customer::default()
+        }
+    }
+
+    #[test]
+    fn names_split_on_the_last_word_and_last_name_is_never_empty() {
+        let map = FieldMap::default();
+        let body = map.to_sobject(&customer(Some("Ada  King Lovelace"), None), false);
+        assert_eq!(body["FirstName"], "Ada King");
+        assert_eq!(body["LastName"], "Lovelace");
+        let body = map.to_sobject(&customer(Some("Cher"), None), false);
+        assert_eq!(body.get("FirstName"), None);
+        assert_eq!(body["LastName"], "Cher");
+        let body = map.to_sobject(&customer(None, Some("ada@example.com")), true);
+        assert_eq!(body["LastName"], "ada");
+        assert_eq!(body["FirstName"], Value::Null);
+        let body = map.to_sobject(&customer(None, None), true);
+        assert_eq!(body["LastName"], "Unknown");
+    }
+
+    #[test]
+    fn create_leaves_out_and_update_clears_absent_fields() {
+        let map = FieldMap::default();
+        let c = Customer {
+            name: Some("Ada Lovelace".into()),
+            address: Some(Address {
+                line1: Some("12 St James's Sq".into()),
+                line2: Some("Flat 1".into()),
+                city: Some("London".into()),
+                ..Address::default()
+            }),
+            ..Customer::default()
+        };
+        let create = map.to_sobject(&c, false);
+        assert_eq!(create["MailingStreet"], "12 St James's Sq\nFlat 1");
+        assert!(!create.contains_key("Phone"));
+        let update = map.to_sobject(&c, true);
+        assert_eq!(update["Phone"], Value::Null);
+        assert_eq!(update["MailingCountry"], Value::Null);
+        assert_eq!(update.len(), 9);
+    }
+
+    #[test]
+    fn records_map_back_to_canonical() {
+        let map = FieldMap::with_overrides(Some(r#"{"metadata.tier":"Tier__c"}"#)).unwrap();
+        let fields = json!({"Id": "003x", "FirstName": "Ada", "LastName": "Lovelace",
+            "email": "ada@example.com", "Phone": null, "MailingStreet": "1 Road\r\nFlat 2",
+            "MailingCity": "London", "Tier__c": "gold", "Other__c": 5});
+        let c = map.customer_from("003x", fields.as_object().unwrap());
+        assert_eq!(c.id.as_deref(), Some("003x"));
+        assert_eq!(c.name.as_deref(), Some("Ada Lovelace"));
+        assert_eq!(c.email.as_deref(), Some("ada@example.com"));
+        assert_eq!(c.phone, None);
+        let a = c.address.unwrap();
+        assert_eq!(a.line1.as_deref(), Some("1 Road"));
+        assert_eq!(a.line2.as_deref(), Some("Flat 2"));
+        assert_eq!(c.metadata["tier"], "gold");
+    }
+
+    #[test]
+    fn overrides_replace_overlapping_paths() {
+        let map = FieldMap::with_overrides(Some(
+            r#"{"name":"Name","address.street":"BillingStreet","phone":null,"email":""}"#,
+        ))
+        .unwrap();
+        let fields: Vec<_> = map.fields().collect();
+        assert!(fields.contains(&"Name"));
+        assert!(!fields.contains(&"FirstName"));
+        assert!(!fields.contains(&"LastName"));
+        assert!(!fields.contains(&"MailingStreet"));
+        assert!(!fields.contains(&"Phone"));
+        assert!(!fields.contains(&"Email"));
+        let body = map.to_sobject(&customer(Some("Acme Ltd"), None), false);
+        assert_eq!(body["Name"], "Acme Ltd");
+
+        let phone = FieldMap::with_overrides(Some(r#"{"phone":"MobilePhone"}"#)).unwrap();
+        assert!(phone.fields().any(|f| f == "MobilePhone"));
+        assert!(!phone.fields().any(|f| f == "Phone"));
+
+        for bad in [
+            r#"{"nickname":"X"}"#,
+            r#"{"email":"Email; DROP"}"#,
+            r#"{"email":"Phone"}"#,
+            r#"["x"]"#,
+        ] {
+            assert!(FieldMap::with_overrides(Some(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn salesforce_datetimes() {
+        assert_eq!(
+            parse_datetime_ms("1970-01-01T00:00:01.000+0000"),
+            Some(1000)
+        );
+        assert_eq!(
+            parse_datetime_ms("2026-11-29T08:00:00.000+0000"),
+            Some(1_795_939_200_000)
+        );
+        assert_eq!(
+            parse_datetime_ms("2026-11-29T08:00:00Z"),
+            Some(1_795_939_200_000)
+        );
+        assert_eq!(
+            parse_datetime_ms("2026-11-29T09:00:00.5+01:00"),
+            Some(1_795_939_200_500)
+        );
+        assert_eq!(parse_datetime_ms("2026-11-29"), None);
+        assert_eq!(parse_datetime_ms("2026-13-29T08:00:00Z"), None);
+    }
+}

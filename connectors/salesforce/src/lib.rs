@@ -1,0 +1,597 @@
+//! The Salesforce connector: syncs ferry customers with Salesforce Contacts
+//! (or Accounts, or a custom object) through the REST API, authenticated by
+//! the OAuth client-credentials flow the host runs for it, and turns
+//! Outbound Messages (SOAP) into ferry events.
+
+mod convert;
+mod outbound;
+
+use ferry_sdk::http::{Request, Response};
+use ferry_sdk::json::{Map, Value};
+use ferry_sdk::oauth::{self, ClientCredentials, Token};
+use ferry_sdk::{
+    clock, settings, Connector, ConnectorError, Customer, Event, Manifest, Operation, Page,
+    ParsedWebhook, PushRequest, PushResult, RemoteRecord, WebhookRequest,
+};
+use serde::Deserialize;
+
+use crate::convert::{is_api_name, parse_datetime_ms, FieldMap};
+
+const ENTITY: &str = "customer";
+/// The name the host caches the access token under.
+const TOKEN_NAME: &str = "salesforce";
+const DEFAULT_API_VERSION: &str = "62.0";
+const DEFAULT_OBJECT: &str = "Contact";
+const DEFAULT_CLIENT_NAME: &str = "ferry";
+/// Salesforce clamps `batchSize` to this range; a page holds at most
+/// `MAX_BATCH` records.
+const MIN_BATCH: u32 = 200;
+const MAX_BATCH: u32 = 2000;
+
+struct Salesforce;
+
+impl Connector for Salesforce {
+    fn manifest() -> Manifest {
+        let mut manifest = Manifest::builder("salesforce", env!("CARGO_PKG_VERSION"))
+            .description("Salesforce Contacts (or any object): push, fetch, list and Outbound Messages")
+            .entity(ENTITY)
+            .setting(
+                "login_url",
+                "The org's My Domain URL, e.g. https://acme.my.salesforce.com (the token endpoint's host)",
+                None,
+                true,
+            )
+            .setting(
+                "api_version",
+                "REST API version, e.g. 62.0",
+                Some(DEFAULT_API_VERSION),
+                false,
+            )
+            .setting(
+                "object",
+                "The sObject customers sync with: Contact, Account or a custom object",
+                Some(DEFAULT_OBJECT),
+                false,
+            )
+            .setting(
+                "organization_id",
+                "The org's id (15 or 18 characters); Outbound Messages from any other org are refused",
+                None,
+                false,
+            )
+            .setting(
+                "client_name",
+                "Sent as `Sforce-Call-Options: client=NAME` on every data API request",
+                Some(DEFAULT_CLIENT_NAME),
+                false,
+            )
+            .setting(
+                "field_map",
+                r#"JSON object of canonical paths to fields, over the Contact defaults, e.g. {"metadata.tier":"Tier__c"}"#,
+                None,
+                false,
+            )
+            .setting(
+                "instance_url",
+                "Base URL of the org's API; overrides the token response's instance_url",
+                None,
+                false,
+            )
+            .setting(
+                "external_id_field",
+                "An external id field (e.g. Ferry_Id__c): creates become upserts on ferry's id, so a retry never duplicates",
+                None,
+                false,
+            )
+            .secret("client_id", "Consumer key of the connected app", true)
+            .secret("client_secret", "Consumer secret of the connected app", true)
+            .webhooks()
+            .build();
+        // Both are base URLs whose hosts the operator chooses; the builder's
+        // `base_url_setting` wants a default, which neither has.
+        manifest.host_settings = vec!["login_url".to_owned(), "instance_url".to_owned()];
+        manifest
+    }
+
+    fn verify_webhook(req: WebhookRequest) -> Result<(), ConnectorError> {
+        // Outbound Messages are not signed: the org id is the check (see the
+        // README for what else protects the endpoint).
+        let message = outbound::parse(&req.body)?;
+        let expected = settings::get("organization_id")
+            .filter(|v| !v.trim().is_empty())
+            .ok_or_else(|| {
+                ConnectorError::invalid_signature(
+                    "setting `organization_id` is not set, so no outbound message can be verified",
+                )
+            })?;
+        match message.organization_id.as_deref() {
+            Some(got) if outbound::same_org(got, &expected) => Ok(()),
+            Some(got) => Err(ConnectorError::invalid_signature(format!(
+                "outbound message from organization {got}, not the configured one"
+            ))),
+            None => Err(ConnectorError::invalid_signature(
+                "outbound message has no OrganizationId",
+            )),
+        }
+    }
+
+    fn parse_webhook(req: WebhookRequest) -> Result<ParsedWebhook, ConnectorError> {
+        let config = Config::load()?;
+        let message = outbound::parse(&req.body)?;
+        let remote_type = format!("outbound_message.{}", config.object);
+        let events = message
+            .notifications
+            .into_iter()
+            .filter(|n| n.object.eq_ignore_ascii_case(&config.object))
+            .map(|n| {
+                let when = ["LastModifiedDate", "SystemModstamp"]
+                    .iter()
+                    .find_map(|f| n.fields.get(*f).and_then(Value::as_str))
+                    .and_then(parse_datetime_ms)
+                    .unwrap_or_else(clock::now_ms);
+                let record = config
+                    .fields
+                    .customer_from(&n.record_id, &n.fields)
+                    .to_json();
+                Event::upsert(n.id, ENTITY, n.record_id, when, Some(record))
+                    .with_remote_type(remote_type.clone())
+            })
+            .collect();
+        Ok(ParsedWebhook::events(events).with_reply(
+            "text/xml; charset=utf-8",
+            outbound::ACK_REPLY.as_bytes().to_vec(),
+        ))
+    }
+
+    fn push(req: PushRequest) -> Result<PushResult, ConnectorError> {
+        ensure_customer(&req.entity)?;
+        let config = Config::load()?;
+        match req.operation {
+            Operation::Create => {
+                let customer = Customer::from_json(&req.record)?;
+                let fields = config.fields.to_sobject(&customer, false);
+                let body = Value::Object(fields.clone());
+                let id = match &config.external_id_field {
+                    Some(field) => config.upsert(field, &req.local_id, &body)?,
+                    None => config.create(&body)?,
+                };
+                Ok(written(&config, id, &fields))
+            }
+            Operation::Update => {
+                let id = linked_id(&req)?;
+                let customer = Customer::from_json(&req.record)?;
+                let mut fields = config.fields.to_sobject(&customer, true);
+                if let Some(field) = &config.external_id_field {
+                    fields.insert(field.clone(), Value::String(req.local_id.clone()));
+                }
+                let body = Value::Object(fields.clone());
+                config.call(|base, token| {
+                    Request::patch(config.record_url(base, id))
+                        .bearer_token(token)
+                        .json(&body)
+                })?;
+                Ok(written(&config, id.to_owned(), &fields))
+            }
+            Operation::Delete => {
+                let id = linked_id(&req)?;
+                config.call(|base, token| {
+                    Ok(Request::delete(config.record_url(base, id)).bearer_token(token))
+                })?;
+                Ok(PushResult::new(id))
+            }
+        }
+    }
+
+    fn fetch(entity: String, remote_id: String) -> Result<RemoteRecord, ConnectorError> {
+        ensure_customer(&entity)?;
+        let config = Config::load()?;
+        let resp = config.call(|base, token| {
+            Ok(Request::get(config.record_url(base, &remote_id)).bearer_token(token))
+        })?;
+        let row: Map<String, Value> = resp.json()?;
+        config.remote_record(&row)
+    }
+
+    /// Keyset paging: `SELECT … WHERE Id > '<cursor>' ORDER BY Id LIMIT
+    /// <limit>`, so a page never holds more than `limit` records and a
+    /// cursor (the last Id) never expires, unlike a query locator. Salesforce
+    /// may still split one answer into batches; those are followed with
+    /// `nextRecordsUrl` within the call.
+    fn list(entity: String, cursor: Option<String>, limit: u32) -> Result<Page, ConnectorError> {
+        ensure_customer(&entity)?;
+        let config = Config::load()?;
+        if let Some(after) = &cursor {
+            if !is_record_id(after) {
+                return Err(ConnectorError::permanent(format!(
+                    "cursor `{after}` is not a Salesforce record id"
+                )));
+            }
+        }
+        let limit = limit.clamp(1, MAX_BATCH);
+        let batch = format!("batchSize={}", limit.max(MIN_BATCH));
+        let soql = config.list_query(cursor.as_deref(), limit);
+        let mut next: Option<String> = None;
+        let mut records = Vec::new();
+        loop {
+            let resp = config.call(|base, token| {
+                let req = match &next {
+                    Some(path) => Request::get(format!("{base}{path}")),
+                    None => Request::get(format!("{}/query", config.data_url(base)))
+                        .query(&[("q", soql.as_str())])?,
+                };
+                Ok(req
+                    .bearer_token(token)
+                    .header("sforce-query-options", batch.as_str()))
+            })?;
+            let result: QueryResult = resp.json()?;
+            for row in &result.records {
+                records.push(config.remote_record(row)?);
+            }
+            match result.next_records_url {
+                Some(path) if !result.done && path.starts_with("/services/data/") => {
+                    next = Some(path)
+                }
+                _ => break,
+            }
+        }
+        records.truncate(limit as usize);
+        let next_cursor = (records.len() == limit as usize)
+            .then(|| records.last().map(|r| r.remote_id.clone()))
+            .flatten();
+        Ok(Page::new(records, next_cursor))
+    }
+}
+
+/// The push's result with what Salesforce now holds in the mapped fields
+/// (what was written, read back through the mapping), so the host's
+/// last-synced snapshot is exactly what a later Outbound Message carries.
+fn written(config: &Config, id: String, fields: &Map<String, Value>) -> PushResult {
+    let record = config.fields.customer_from(&id, fields).to_json();
+    PushResult::new(id).with_record(record)
+}
+
+/// Whether `id` looks like a Salesforce record id (15 or 18 alphanumerics),
+/// so it can go into SOQL as is.
+fn is_record_id(id: &str) -> bool {
+    matches!(id.len(), 15 | 18) && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+ferry_sdk::export_connector!(Salesforce);
+
+/// A SOQL query's answer (one page).
+#[derive(Deserialize)]
+struct QueryResult {
+    #[serde(default = "yes")]
+    done: bool,
+    #[serde(default, rename = "nextRecordsUrl")]
+    next_records_url: Option<String>,
+    #[serde(default)]
+    records: Vec<Map<String, Value>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The answer to a create or an upsert.
+#[derive(Deserialize)]
+struct SaveResult {
+    id: String,
+}
+
+/// The settings of one call, read and checked once.
+struct Config {
+    login_url: String,
+    instance_url: Option<String>,
+    api_version: String,
+    object: String,
+    client_name: String,
+    external_id_field: Option<String>,
+    fields: FieldMap,
+}
+
+impl Config {
+    fn load() -> Result<Self, ConnectorError> {
+        let login_url = settings::require("login_url")?
+            .trim()
+            .trim_end_matches('/')
+            .to_owned();
+        let instance_url = settings::get("instance_url")
+            .map(|u| u.trim().trim_end_matches('/').to_owned())
+            .filter(|u| !u.is_empty());
+        let api_version = setting_or("api_version", DEFAULT_API_VERSION);
+        let api_version = api_version
+            .strip_prefix(['v', 'V'])
+            .unwrap_or(&api_version)
+            .to_owned();
+        let valid_version = api_version.split_once('.').is_some_and(|(major, minor)| {
+            [major, minor]
+                .iter()
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        });
+        if !valid_version {
+            return Err(ConnectorError::permanent(format!(
+                "setting `api_version`: `{api_version}` is not a version such as 62.0"
+            )));
+        }
+        let object = setting_or("object", DEFAULT_OBJECT);
+        checked_name("object", &object)?;
+        let external_id_field = settings::get("external_id_field")
+            .map(|f| f.trim().to_owned())
+            .filter(|f| !f.is_empty());
+        if let Some(field) = &external_id_field {
+            checked_name("external_id_field", field)?;
+        }
+        Ok(Self {
+            login_url,
+            instance_url,
+            api_version,
+            object,
+            client_name: setting_or("client_name", DEFAULT_CLIENT_NAME),
+            external_id_field,
+            fields: FieldMap::with_overrides(settings::get("field_map").as_deref())?,
+        })
+    }
+
+    fn grant(&self) -> ClientCredentials {
+        ClientCredentials::new(
+            format!("{}/services/oauth2/token", self.login_url),
+            "client_id",
+            "client_secret",
+        )
+    }
+
+    /// Where the org's API lives: the setting, else what the token says.
+    fn base_url(&self, token: &Token) -> Result<String, ConnectorError> {
+        self.instance_url
+            .clone()
+            .or_else(|| {
+                token
+                    .field("instance_url")
+                    .map(|u| u.trim_end_matches('/').to_owned())
+            })
+            .ok_or_else(|| {
+                ConnectorError::permanent(
+                    "the token response has no instance_url; set the `instance_url` setting",
+                )
+            })
+    }
+
+    fn data_url(&self, base: &str) -> String {
+        format!("{base}/services/data/v{}", self.api_version)
+    }
+
+    fn record_url(&self, base: &str, id: &str) -> String {
+        format!(
+            "{}/sobjects/{}/{}",
+            self.data_url(base),
+            self.object,
+            path_segment(id)
+        )
+    }
+
+    /// Sends the request `build` makes with a token and the instance's base
+    /// URL; a 401 refreshes the token and sends it once more.
+    fn call(
+        &self,
+        build: impl Fn(&str, &Token) -> Result<Request, ConnectorError>,
+    ) -> Result<Response, ConnectorError> {
+        let call_options = format!("client={}", self.client_name);
+        oauth::with_token(TOKEN_NAME, &self.grant(), |token| {
+            let base = self.base_url(token)?;
+            let resp = build(&base, token)?
+                .header("accept", "application/json")
+                .header("sforce-call-options", call_options.as_str())
+                .send()?;
+            checked(resp)
+        })
+    }
+
+    fn create(&self, body: &Value) -> Result<String, ConnectorError> {
+        let resp = self.call(|base, token| {
+            Request::post(format!("{}/sobjects/{}/", self.data_url(base), self.object))
+                .bearer_token(token)
+                .json(body)
+        })?;
+        Ok(resp.json::<SaveResult>()?.id)
+    }
+
+    /// An upsert on the external id: a retried create finds the record the
+    /// first attempt made instead of making a second one.
+    fn upsert(&self, field: &str, local_id: &str, body: &Value) -> Result<String, ConnectorError> {
+        let url = |base: &str| {
+            format!(
+                "{}/sobjects/{}/{field}/{}",
+                self.data_url(base),
+                self.object,
+                path_segment(local_id)
+            )
+        };
+        let resp =
+            self.call(|base, token| Request::patch(url(base)).bearer_token(token).json(body))?;
+        if resp.status != 204 && !resp.body.is_empty() {
+            return Ok(resp.json::<SaveResult>()?.id);
+        }
+        // Versions before 46.0 answer an update through upsert with 204 and
+        // no body: ask for the id.
+        let resp = self.call(|base, token| {
+            Request::get(url(base))
+                .query(&[("fields", "Id")])
+                .map(|r| r.bearer_token(token))
+        })?;
+        let row: Map<String, Value> = resp.json()?;
+        row.get("Id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                ConnectorError::permanent(format!(
+                    "Salesforce returned no Id for {}.{field} = {local_id}",
+                    self.object
+                ))
+            })
+    }
+
+    /// `SELECT Id, LastModifiedDate, <mapped fields> FROM <object> ORDER BY Id`.
+    fn list_query(&self, after: Option<&str>, limit: u32) -> String {
+        let mut fields = vec!["Id", "LastModifiedDate"];
+        for field in self.fields.fields() {
+            if !fields.iter().any(|f| f.eq_ignore_ascii_case(field)) {
+                fields.push(field);
+            }
+        }
+        let filter = after.map_or(String::new(), |id| format!(" WHERE Id > '{id}'"));
+        format!(
+            "SELECT {} FROM {}{filter} ORDER BY Id LIMIT {limit}",
+            fields.join(", "),
+            self.object
+        )
+    }
+
+    fn remote_record(&self, row: &Map<String, Value>) -> Result<RemoteRecord, ConnectorError> {
+        let id = row
+            .get("Id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ConnectorError::permanent("Salesforce returned a record without Id"))?;
+        let record = RemoteRecord::new(id, self.fields.customer_from(id, row).to_json());
+        Ok(
+            match row
+                .get("LastModifiedDate")
+                .and_then(Value::as_str)
+                .and_then(parse_datetime_ms)
+            {
+                Some(ms) => record.with_updated_at_ms(ms),
+                None => record,
+            },
+        )
+    }
+}
+
+fn setting_or(name: &str, default: &str) -> String {
+    settings::get(name)
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+fn checked_name(setting: &str, name: &str) -> Result<(), ConnectorError> {
+    if is_api_name(name) {
+        Ok(())
+    } else {
+        Err(ConnectorError::permanent(format!(
+            "setting `{setting}`: `{name}` is not a Salesforce API name"
+        )))
+    }
+}
+
+fn ensure_customer(entity: &str) -> Result<(), ConnectorError> {
+    if entity == ENTITY {
+        Ok(())
+    } else {
+        Err(ConnectorError::unsupported(format!(
+            "the salesforce connector does not handle `{entity}`"
+        )))
+    }
+}
+
+fn linked_id(req: &PushRequest) -> Result<&str, ConnectorError> {
+    req.remote_id
+        .as_deref()
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| {
+            ConnectorError::permanent(format!(
+                "customer {} has no Salesforce id to update or delete",
+                req.local_id
+            ))
+        })
+}
+
+/// Percent-encodes an id for use as one URL path segment, so an id from a
+/// webhook or an operator can never change the path it is put in.
+fn path_segment(id: &str) -> String {
+    // `.` and `..` would be resolved away as path steps.
+    if id.bytes().all(|b| b == b'.') {
+        return id.replace('.', "%2E");
+    }
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// One entry of a Salesforce error body (`[{message, errorCode, fields}]`).
+#[derive(Debug, Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    message: String,
+    #[serde(default, rename = "errorCode")]
+    error_code: String,
+    #[serde(default)]
+    fields: Vec<String>,
+}
+
+/// A 2xx answer, or the error its status and Salesforce's `errorCode` say.
+fn checked(resp: Response) -> Result<Response, ConnectorError> {
+    if resp.is_success() {
+        return Ok(resp);
+    }
+    Err(api_error(&resp))
+}
+
+fn api_error(resp: &Response) -> ConnectorError {
+    let errors: Vec<ApiError> = ferry_sdk::json::from_slice(&resp.body).unwrap_or_default();
+    let detail = if errors.is_empty() {
+        resp.text().chars().take(300).collect::<String>()
+    } else {
+        errors
+            .iter()
+            .map(|e| {
+                let mut line = format!("{}: {}", e.error_code, e.message);
+                if !e.fields.is_empty() {
+                    line.push_str(&format!(" (fields: {})", e.fields.join(", ")));
+                }
+                line
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let message = format!("Salesforce answered HTTP {}: {detail}", resp.status);
+    let code = errors.first().map(|e| e.error_code.as_str()).unwrap_or("");
+    match code {
+        "REQUEST_LIMIT_EXCEEDED" => {
+            let retry_after = resp
+                .header("retry-after")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|secs| secs.saturating_mul(1000));
+            return ConnectorError::rate_limited(retry_after, message);
+        }
+        "INVALID_SESSION_ID" => return ConnectorError::unauthorized(message),
+        "ENTITY_IS_DELETED" | "NOT_FOUND" => return ConnectorError::not_found(message),
+        "SERVER_UNAVAILABLE" | "UNABLE_TO_LOCK_ROW" => return ConnectorError::retryable(message),
+        _ => {}
+    }
+    match resp.status {
+        // An upsert whose external id matches several records.
+        300 => ConnectorError::permanent(message),
+        _ => ConnectorError::from_status(resp.status, resp.header("retry-after"), "")
+            .map(|err| with_message(err, message.clone()))
+            .unwrap_or_else(|| ConnectorError::permanent(message)),
+    }
+}
+
+/// `err` with `message` in place of the generic one.
+fn with_message(err: ConnectorError, message: String) -> ConnectorError {
+    match err {
+        ConnectorError::Retryable(_) => ConnectorError::Retryable(message),
+        ConnectorError::RateLimited(r) => ConnectorError::rate_limited(r.retry_after_ms, message),
+        ConnectorError::Permanent(_) => ConnectorError::Permanent(message),
+        ConnectorError::NotFound(_) => ConnectorError::NotFound(message),
+        ConnectorError::Unauthorized(_) => ConnectorError::Unauthorized(message),
+        ConnectorError::InvalidSignature(_) => ConnectorError::InvalidSignature(message),
+        ConnectorError::Unsupported(_) => ConnectorError::Unsupported(message),
+    }
+}

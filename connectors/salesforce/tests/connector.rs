@@ -1,0 +1,519 @@
+//! The Salesforce connector as a third-party author tests one: the built
+//! component in ferry's real runtime, HTTP (the token endpoint included)
+//! answered by a script (`ferry_sdk::testkit`), no network.
+
+use std::sync::OnceLock;
+
+use ferry_sdk::testkit::{self, CallError, ChangeKind, ConnectorError, Operation, TestKit};
+use serde_json::{json, Value};
+
+const ORG: &str = "https://acme.my.salesforce.com";
+const TOKEN_URL: &str = "https://acme.my.salesforce.com/services/oauth2/token";
+const DATA: &str = "https://acme.my.salesforce.com/services/data/v62.0";
+const CONTACTS: &str = "https://acme.my.salesforce.com/services/data/v62.0/sobjects/Contact";
+const ORG_ID: &str = "00D000000000001EAA";
+
+fn wasm() -> &'static [u8] {
+    static WASM: OnceLock<Vec<u8>> = OnceLock::new();
+    WASM.get_or_init(|| {
+        let path = testkit::build_component(env!("CARGO_MANIFEST_DIR")).expect("build");
+        std::fs::read(path).expect("read component")
+    })
+}
+
+async fn kit() -> TestKit {
+    TestKit::load(wasm())
+        .await
+        .expect("load")
+        .setting("login_url", ORG)
+        .setting("organization_id", "00D000000000001")
+        .setting("field_map", r#"{"metadata.tier":"Tier__c"}"#)
+        .secret("client_id", "cid")
+        .secret("client_secret", "csecret")
+}
+
+fn token(value: &str) -> Value {
+    json!({"access_token": value, "instance_url": ORG, "id": format!("{ORG}/id/{ORG_ID}/005000000000001AAA"),
+        "token_type": "Bearer", "issued_at": "1795939200000", "signature": "sig"})
+}
+
+/// Scripts the token endpoint to hand out `values` in turn.
+fn script_tokens(kit: &TestKit, values: &[&str]) {
+    let mut rule = kit.http().on("POST", TOKEN_URL);
+    for value in values {
+        rule = rule.respond_json(200, &token(value));
+    }
+}
+
+fn sf_error(code: &str, message: &str, fields: &[&str]) -> Value {
+    json!([{"message": message, "errorCode": code, "fields": fields}])
+}
+
+fn create_request() -> testkit::PushRequest {
+    let record = json!({"id": "c1", "name": "Ada King Lovelace", "email": "ada@example.com",
+        "address": {"line1": "12 St James's Sq", "line2": "Flat 1", "city": "London", "country": "GB"},
+        "metadata": {"tier": "gold"}});
+    testkit::push_request(
+        "customer",
+        Operation::Create,
+        "c1",
+        None,
+        record.to_string(),
+    )
+}
+
+fn linked(operation: Operation, id: &str) -> testkit::PushRequest {
+    let mut req = create_request();
+    req.operation = operation;
+    req.remote_id = Some(id.to_owned());
+    req
+}
+
+fn connector_error(result: Result<impl std::fmt::Debug, CallError>) -> ConnectorError {
+    match result {
+        Err(CallError::Connector(err)) => err,
+        other => panic!("expected a connector error, got {other:?}"),
+    }
+}
+
+fn token_requests(kit: &TestKit) -> usize {
+    kit.http()
+        .requests()
+        .iter()
+        .filter(|r| r.url == TOKEN_URL)
+        .count()
+}
+
+#[tokio::test]
+async fn manifest_declares_what_the_connector_needs() {
+    let kit = kit().await;
+    let m = kit.manifest();
+    assert_eq!(m.name, "salesforce");
+    assert_eq!(m.entities, ["customer"]);
+    assert!(m.hosts.is_empty());
+    assert_eq!(m.host_settings, ["login_url", "instance_url"]);
+    let secrets: Vec<_> = m.secrets.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(secrets, ["client_id", "client_secret"]);
+    let login = m.settings.iter().find(|s| s.name == "login_url").unwrap();
+    assert!(login.required);
+    assert!(m.webhooks);
+}
+
+#[tokio::test]
+async fn create_sends_mapped_fields_with_one_token_for_two_calls() {
+    let kit = kit().await;
+    script_tokens(&kit, &["tok-1"]);
+    kit.http().on("POST", &format!("{CONTACTS}/")).respond_json(
+        201,
+        &json!({"id": "003000000000001AAA", "success": true, "errors": []}),
+    );
+
+    let result = kit.push(create_request()).await.expect("push");
+    assert_eq!(result.remote_id, "003000000000001AAA");
+    kit.push(create_request()).await.expect("second push");
+
+    assert_eq!(token_requests(&kit), 1, "the host caches the token");
+    let sent = kit.http().requests();
+    let token_req = &sent[0];
+    assert_eq!(
+        token_req.form_value("grant_type").as_deref(),
+        Some("client_credentials")
+    );
+    assert_eq!(token_req.form_value("client_id").as_deref(), Some("cid"));
+    let create = &sent[1];
+    assert_eq!(create.url, format!("{CONTACTS}/"));
+    assert_eq!(create.header("authorization"), Some("Bearer tok-1"));
+    assert_eq!(create.header("sforce-call-options"), Some("client=ferry"));
+    assert_eq!(create.header("content-type"), Some("application/json"));
+    let body: Value = serde_json::from_str(&create.body_text()).unwrap();
+    assert_eq!(
+        body,
+        json!({"FirstName": "Ada King", "LastName": "Lovelace", "Email": "ada@example.com",
+            "MailingStreet": "12 St James's Sq\nFlat 1", "MailingCity": "London",
+            "MailingCountry": "GB", "Tier__c": "gold"})
+    );
+    assert!(kit.http().unmatched().is_empty());
+}
+
+#[tokio::test]
+async fn an_expired_session_refreshes_the_token_once() {
+    let kit = kit().await;
+    script_tokens(&kit, &["tok-old", "tok-new"]);
+    kit.http()
+        .on("PATCH", &format!("{CONTACTS}/003A"))
+        .respond_json(
+            401,
+            &sf_error("INVALID_SESSION_ID", "Session expired or invalid", &[]),
+        )
+        .respond(204, &[], "");
+
+    let result = kit
+        .push(linked(Operation::Update, "003A"))
+        .await
+        .expect("retried");
+    assert_eq!(result.remote_id, "003A");
+    assert_eq!(token_requests(&kit), 2);
+    let patches: Vec<_> = kit
+        .http()
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH")
+        .collect();
+    assert_eq!(patches.len(), 2);
+    assert_eq!(patches[0].header("authorization"), Some("Bearer tok-old"));
+    assert_eq!(patches[1].header("authorization"), Some("Bearer tok-new"));
+    // An update sends every mapped field; absent ones as null.
+    let body: Value = serde_json::from_str(&patches[1].body_text()).unwrap();
+    assert_eq!(body["Phone"], Value::Null);
+    assert_eq!(body["MailingState"], Value::Null);
+    assert_eq!(body["LastName"], "Lovelace");
+}
+
+#[tokio::test]
+async fn a_second_401_is_unauthorized() {
+    let kit = kit().await;
+    script_tokens(&kit, &["tok-1", "tok-2", "tok-3"]);
+    kit.http()
+        .on("DELETE", &format!("{CONTACTS}/003A"))
+        .respond_json(
+            401,
+            &sf_error("INVALID_SESSION_ID", "Session expired or invalid", &[]),
+        );
+    match connector_error(kit.push(linked(Operation::Delete, "003A")).await) {
+        ConnectorError::Unauthorized(m) => assert!(m.contains("INVALID_SESSION_ID"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(token_requests(&kit), 2, "one refresh, not a loop");
+}
+
+#[tokio::test]
+async fn salesforce_error_codes_map_to_their_kinds() {
+    let kit = kit().await;
+    script_tokens(&kit, &["tok-1"]);
+    kit.http().on("POST", &format!("{CONTACTS}/")).respond_json(
+        403,
+        &sf_error(
+            "REQUEST_LIMIT_EXCEEDED",
+            "TotalRequests Limit exceeded.",
+            &[],
+        ),
+    );
+    kit.http()
+        .on("PATCH", &format!("{CONTACTS}/003A"))
+        .respond_json(
+            400,
+            &sf_error(
+                "REQUIRED_FIELD_MISSING",
+                "Required fields are missing: [LastName]",
+                &["LastName"],
+            ),
+        );
+    kit.http()
+        .on("DELETE", &format!("{CONTACTS}/003A"))
+        .respond_json(
+            404,
+            &sf_error("ENTITY_IS_DELETED", "entity is deleted", &[]),
+        );
+    kit.http()
+        .on("GET", &format!("{CONTACTS}/003B"))
+        .respond_json(503, &sf_error("SERVER_UNAVAILABLE", "try later", &[]));
+
+    assert!(matches!(
+        connector_error(kit.push(create_request()).await),
+        ConnectorError::RateLimited(r) if r.retry_after_ms.is_none()
+            && r.message.contains("REQUEST_LIMIT_EXCEEDED")
+    ));
+    match connector_error(kit.push(linked(Operation::Update, "003A")).await) {
+        ConnectorError::Permanent(m) => {
+            assert!(m.contains("REQUIRED_FIELD_MISSING"), "{m}");
+            assert!(m.contains("Required fields are missing"), "{m}");
+            assert!(m.contains("LastName"), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        connector_error(kit.push(linked(Operation::Delete, "003A")).await),
+        ConnectorError::NotFound(_)
+    ));
+    assert!(matches!(
+        connector_error(kit.fetch("customer", "003B").await),
+        ConnectorError::Retryable(_)
+    ));
+    assert!(matches!(
+        connector_error(kit.fetch("invoice", "003B").await),
+        ConnectorError::Unsupported(_)
+    ));
+    assert_eq!(token_requests(&kit), 1, "none of these refreshes the token");
+}
+
+#[tokio::test]
+async fn fetch_maps_the_record_back() {
+    let kit = kit().await;
+    script_tokens(&kit, &["tok-1"]);
+    kit.http()
+        .on("GET", &format!("{CONTACTS}/003A"))
+        .respond_json(
+            200,
+            &json!({"attributes": {"type": "Contact"}, "Id": "003A", "FirstName": "Ada",
+            "LastName": "Lovelace", "Email": "ada@example.com", "Phone": null,
+            "MailingStreet": "1 Road\nFlat 2", "Tier__c": "gold",
+            "LastModifiedDate": "2026-11-29T08:00:00.000+0000"}),
+        );
+    let record = kit.fetch("customer", "003A").await.unwrap();
+    assert_eq!(record.remote_id, "003A");
+    assert_eq!(record.updated_at_ms, Some(1_795_939_200_000));
+    let c: Value = serde_json::from_str(&record.record).unwrap();
+    assert_eq!(
+        c,
+        json!({"id": "003A", "name": "Ada Lovelace", "email": "ada@example.com",
+            "address": {"line1": "1 Road", "line2": "Flat 2"}, "metadata": {"tier": "gold"}})
+    );
+}
+
+#[tokio::test]
+async fn list_pages_by_id_and_follows_batches() {
+    let kit = kit().await;
+    script_tokens(&kit, &["tok-1"]);
+    let id = |n: u8| format!("003000000000{n:03}AAA");
+    let row = |n: u8| {
+        json!({"attributes": {"type": "Contact"}, "Id": id(n), "LastName": format!("L{n}"),
+            "LastModifiedDate": "2026-11-29T08:00:00Z"})
+    };
+    // The first page's answer comes in two batches (Salesforce may split
+    // even a LIMITed query); the connector follows nextRecordsUrl.
+    let locator = "/services/data/v62.0/query/01gA-1";
+    kit.http()
+        .on("GET", &format!("{DATA}/query?q="))
+        .respond_json(
+            200,
+            &json!({"totalSize": 2, "done": false, "nextRecordsUrl": locator,
+                "records": [row(1)]}),
+        )
+        .respond_json(
+            200,
+            &json!({"totalSize": 1, "done": true, "records": [row(3)]}),
+        );
+    kit.http()
+        .on("GET", &format!("{ORG}{locator}"))
+        .respond_json(
+            200,
+            &json!({"totalSize": 2, "done": true, "records": [row(2)]}),
+        );
+
+    let first = kit.list("customer", None, 2).await.unwrap();
+    let ids: Vec<&str> = first.records.iter().map(|r| r.remote_id.as_str()).collect();
+    assert_eq!(ids, [id(1), id(2)]);
+    assert_eq!(
+        first.next_cursor,
+        Some(id(2)),
+        "a full page: there may be more"
+    );
+    let requests = kit.http().requests();
+    let query = requests
+        .iter()
+        .find(|r| r.url.contains("/query?q="))
+        .expect("a query");
+    assert_eq!(query.header("sforce-query-options"), Some("batchSize=200"));
+    assert_eq!(query.header("sforce-call-options"), Some("client=ferry"));
+    let q = query.query().into_iter().find(|(k, _)| k == "q").unwrap().1;
+    assert!(
+        q.starts_with("SELECT Id, LastModifiedDate, FirstName, LastName, Email"),
+        "{q}"
+    );
+    assert!(
+        q.ends_with("Tier__c FROM Contact ORDER BY Id LIMIT 2"),
+        "{q}"
+    );
+
+    let second = kit.list("customer", first.next_cursor, 5000).await.unwrap();
+    assert_eq!(second.records[0].remote_id, id(3));
+    assert_eq!(second.next_cursor, None, "a short page is the last");
+    let page = kit.http().last_request().unwrap();
+    let q = page.query().into_iter().find(|(k, _)| k == "q").unwrap().1;
+    assert!(
+        q.ends_with(&format!("WHERE Id > '{}' ORDER BY Id LIMIT 2000", id(2))),
+        "{q}"
+    );
+    assert_eq!(page.header("sforce-query-options"), Some("batchSize=2000"));
+    assert!(kit.http().unmatched().is_empty());
+
+    for bad in [
+        "https://evil.example/x",
+        "003' OR Name != '",
+        "/services/data/v62.0/query/x",
+    ] {
+        assert!(matches!(
+            connector_error(kit.list("customer", Some(bad.into()), 10).await),
+            ConnectorError::Permanent(_)
+        ));
+    }
+}
+
+#[tokio::test]
+async fn an_external_id_makes_create_an_upsert() {
+    let kit = kit()
+        .await
+        .setting("external_id_field", "Ferry_Id__c")
+        .setting("client_name", "acme-sync");
+    script_tokens(&kit, &["tok-1"]);
+    let upsert = format!("{CONTACTS}/Ferry_Id__c/c1");
+    kit.http()
+        .on("PATCH", &upsert)
+        .respond_json(
+            201,
+            &json!({"id": "003N", "success": true, "errors": [], "created": true}),
+        )
+        .respond(204, &[], "");
+    kit.http().on("GET", &upsert).respond_json(
+        200,
+        &json!({"attributes": {"type": "Contact"}, "Id": "003N"}),
+    );
+
+    assert_eq!(kit.push(create_request()).await.unwrap().remote_id, "003N");
+    let sent = kit.http().last_request().unwrap();
+    assert_eq!(
+        (sent.method.as_str(), sent.url.as_str()),
+        ("PATCH", upsert.as_str())
+    );
+    assert_eq!(sent.header("sforce-call-options"), Some("client=acme-sync"));
+    // An older API version answers 204: the id is read back.
+    assert_eq!(kit.push(create_request()).await.unwrap().remote_id, "003N");
+    assert_eq!(kit.http().last_request().unwrap().method, "GET");
+}
+
+/// An outbound message as the fake Salesforce (tests/support) writes one.
+fn outbound_message(org_id: &str, records: &[(&str, &str, &str)]) -> String {
+    let mut xml = String::from(concat!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>"#,
+        r#"<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/""#,
+        r#" xmlns:xsd="http://www.w3.org/2001/XMLSchema""#,
+        r#" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">"#,
+        "<soapenv:Body>",
+    ));
+    xml.push_str(&format!(
+        concat!(
+            r#"<notifications xmlns="http://soap.sforce.com/2005/09/outbound">"#,
+            "<OrganizationId>{org}</OrganizationId>",
+            "<ActionId>04k000000000001AAA</ActionId>",
+            r#"<SessionId xsi:nil="true"/>"#,
+            "<EnterpriseUrl>{base}/services/Soap/c/62.0/{org15}</EnterpriseUrl>",
+            "<PartnerUrl>{base}/services/Soap/u/62.0/{org15}</PartnerUrl>",
+        ),
+        org = org_id,
+        org15 = &org_id[..15],
+        base = ORG,
+    ));
+    for (notification, object, id) in records {
+        xml.push_str(&format!(
+            concat!(
+                "<Notification><Id>{nid}</Id>",
+                r#"<sObject xsi:type="sf:{object}" xmlns:sf="urn:sobject.enterprise.soap.sforce.com">"#,
+                "<sf:Id>{id}</sf:Id>",
+                "<sf:CreatedDate>2026-11-29T07:00:00.000Z</sf:CreatedDate>",
+                "<sf:Email>{id}@example.com</sf:Email>",
+                "<sf:FirstName>Ada</sf:FirstName>",
+                "<sf:LastModifiedDate>2026-11-29T08:00:00.000Z</sf:LastModifiedDate>",
+                "<sf:LastName>O&apos;Brien &amp; Co</sf:LastName>",
+                "<sf:MailingCity>London</sf:MailingCity>",
+                "<sf:SystemModstamp>2026-11-29T08:00:00.000Z</sf:SystemModstamp>",
+                "<sf:Tier__c>gold</sf:Tier__c>",
+                "</sObject></Notification>",
+            ),
+            nid = notification,
+            object = object,
+            id = id,
+        ));
+    }
+    xml.push_str("</notifications></soapenv:Body></soapenv:Envelope>");
+    xml
+}
+
+#[tokio::test]
+async fn an_outbound_message_becomes_events_and_an_ack() {
+    let kit = kit().await;
+    let body = outbound_message(
+        ORG_ID,
+        &[
+            ("04l01", "Contact", "003A"),
+            ("04l02", "Contact", "003B"),
+            ("04l03", "Contact", "003C"),
+            ("04l04", "Account", "001A"),
+        ],
+    );
+    let parsed = kit
+        .receive_webhook(testkit::webhook_request(
+            &[
+                ("content-type", "text/xml; charset=utf-8"),
+                ("soapaction", "\"\""),
+            ],
+            body,
+        ))
+        .await
+        .expect("verified and parsed");
+    // The Account notification is not the configured object: skipped.
+    assert_eq!(parsed.events.len(), 3);
+    let ids: Vec<_> = parsed.events.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["04l01", "04l02", "04l03"]);
+    let event = &parsed.events[1];
+    assert_eq!(event.entity, "customer");
+    assert_eq!(event.kind, ChangeKind::Upsert);
+    assert_eq!(event.remote_id, "003B");
+    assert_eq!(event.occurred_at_ms, 1_795_939_200_000);
+    assert_eq!(event.origin_key, None);
+    assert_eq!(event.remote_type, "outbound_message.Contact");
+    let record: Value = serde_json::from_str(event.record.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        record,
+        json!({"id": "003B", "name": "Ada O'Brien & Co", "email": "003B@example.com",
+            "address": {"city": "London"}, "metadata": {"tier": "gold"}})
+    );
+    let reply = parsed.reply.expect("a SOAP acknowledgement");
+    assert_eq!(reply.content_type, "text/xml; charset=utf-8");
+    let reply = String::from_utf8(reply.body).unwrap();
+    assert!(
+        reply.contains(
+            r#"<notificationsResponse xmlns="http://soap.sforce.com/2005/09/outbound"><Ack>true</Ack></notificationsResponse>"#
+        ),
+        "{reply}"
+    );
+    assert!(kit.http().requests().is_empty(), "no API call needed");
+}
+
+#[tokio::test]
+async fn outbound_messages_from_another_org_or_malformed_are_refused() {
+    let kit = kit().await;
+    let other_org = outbound_message("00D000000000002EAA", &[("04l01", "Contact", "003A")]);
+    assert!(matches!(
+        connector_error(
+            kit.receive_webhook(testkit::webhook_request(&[], other_org))
+                .await
+        ),
+        ConnectorError::InvalidSignature(_)
+    ));
+    let no_org = outbound_message(ORG_ID, &[])
+        .replace(&format!("<OrganizationId>{ORG_ID}</OrganizationId>"), "");
+    assert!(matches!(
+        connector_error(
+            kit.verify_webhook(testkit::webhook_request(&[], no_org))
+                .await
+        ),
+        ConnectorError::InvalidSignature(_)
+    ));
+    for body in ["<soapenv:Envelope", "{\"not\":\"xml\"}", "<Envelope/>"] {
+        match connector_error(
+            kit.verify_webhook(testkit::webhook_request(&[], body))
+                .await,
+        ) {
+            ConnectorError::Permanent(m) => {
+                assert!(m.starts_with("malformed outbound message"), "{m}")
+            }
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+    // An 18-character setting matches too.
+    let kit = kit.setting("organization_id", ORG_ID);
+    let ok = outbound_message(ORG_ID, &[("04l01", "Contact", "003A")]);
+    kit.verify_webhook(testkit::webhook_request(&[], ok))
+        .await
+        .expect("same org");
+}
