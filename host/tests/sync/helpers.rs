@@ -96,6 +96,11 @@ pub fn stripe_component() -> PathBuf {
     ferry_test_support::wasm::component_path("ferry_connector_stripe")
 }
 
+/// The built Salesforce component.
+pub fn salesforce_component() -> PathBuf {
+    ferry_test_support::wasm::component_path("ferry_connector_salesforce")
+}
+
 /// The built recorder test connector (tests/guests/recorder).
 pub fn recorder_component() -> PathBuf {
     ferry_test_support::wasm::component_path("ferry_test_recorder")

@@ -13,3 +13,4 @@ mod faults;
 mod inbound;
 mod outbound;
 mod process;
+mod salesforce;

@@ -1,0 +1,503 @@
+//! Salesforce end to end: the real ferry app with two connectors, Stripe
+//! (against a real localstripe, webhooks registered) and Salesforce (the
+//! connector in connectors/salesforce, against the fake Salesforce in
+//! tests/support, which follows Salesforce's documented REST, OAuth and
+//! Outbound Message behaviour).
+//!
+//! Changes "made in Salesforce" go to the fake directly, as a person in the
+//! Salesforce UI would, and reach ferry as Outbound Messages the fake sends.
+
+use std::time::Duration;
+
+use ferry_test_support::fake_salesforce::{FakeSalesforce, FakeSalesforceConfig, RecordedRequest};
+use ferry_test_support::localstripe::LocalStripe;
+use serde_json::{json, Value};
+
+use crate::helpers::{
+    email, salesforce_component, spawn_sync_app, stripe_customer, Backend, ExtraConnector, Setup,
+    SyncApp, STRIPE_KEY, WEBHOOK_SECRET,
+};
+
+/// How long any one step may take to settle.
+const SETTLE: Duration = Duration::from_secs(20);
+
+/// The `client_name` ferry sends in `Sforce-Call-Options`.
+const CLIENT_NAME: &str = "ferry-e2e";
+
+struct Rig {
+    stripe: LocalStripe,
+    salesforce: FakeSalesforce,
+    app: SyncApp,
+}
+
+impl Rig {
+    fn webhook_url(&self) -> String {
+        format!("{}/webhooks/salesforce", self.app.base)
+    }
+
+    /// Data API requests ferry made (anything but the token endpoint).
+    fn data_requests(&self) -> Vec<RecordedRequest> {
+        self.salesforce
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.starts_with("/services/data/"))
+            .collect()
+    }
+
+    /// Data API writes ferry made.
+    fn salesforce_writes(&self) -> Vec<String> {
+        self.data_requests()
+            .into_iter()
+            .filter(|r| r.method != "GET")
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect()
+    }
+
+    /// Waits until the Contact `remote_id` satisfies `done` (`None` once deleted).
+    async fn wait_contact(&self, remote_id: &str, done: impl Fn(Option<&Value>) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let record = self.salesforce.record("Contact", remote_id);
+            if done(record.as_ref()) {
+                return record.unwrap_or(Value::Null);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "Contact {remote_id} did not settle: {record:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+async fn rig(backend: Backend, config: FakeSalesforceConfig) -> Rig {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let salesforce = FakeSalesforce::start(config)
+        .await
+        .expect("fake salesforce");
+    let mut setup = Setup::new(backend, &stripe.url());
+    setup.extra_connectors.push(ExtraConnector {
+        name: "salesforce".to_owned(),
+        component: salesforce_component(),
+        config: json!({
+            "settings": {
+                "login_url": salesforce.url(),
+                "organization_id": salesforce.org_id(),
+                "client_name": CLIENT_NAME,
+                "api_version": "62.0",
+            },
+            "secrets": {
+                "client_id": salesforce.config().client_id,
+                "client_secret": salesforce.config().client_secret,
+            },
+        }),
+    });
+    let app = spawn_sync_app(setup).await;
+    let (status, connector) = app
+        .send(reqwest::Method::GET, "/api/v1/connectors/salesforce", None)
+        .await;
+    assert_eq!(
+        (status, &connector["enabled"]),
+        (200, &json!(true)),
+        "{connector}"
+    );
+    stripe
+        .register_webhook(
+            "ferry",
+            &format!("{}/webhooks/stripe", app.base),
+            WEBHOOK_SECRET,
+            None,
+        )
+        .await
+        .expect("webhook registered");
+    Rig {
+        stripe,
+        salesforce,
+        app,
+    }
+}
+
+/// Both links of customer `id` settled at `version` or later.
+async fn wait_both_synced(app: &SyncApp, id: &str, version: i64) -> (Value, Value) {
+    let synced =
+        |l: &Value| l["state"] == "synced" && l["synced_version"].as_i64() >= Some(version);
+    let salesforce = app.wait_link_of("salesforce", id, SETTLE, synced).await;
+    let stripe = app.wait_link_of("stripe", id, SETTLE, synced).await;
+    (stripe, salesforce)
+}
+
+async fn customer_by_email(app: &SyncApp, address: &str) -> Option<Value> {
+    let (_, page) = app
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/v1/customers?email={address}"),
+            None,
+        )
+        .await;
+    page["data"].as_array().and_then(|d| d.first().cloned())
+}
+
+async fn wait_customer_by_email(app: &SyncApp, address: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        if let Some(customer) = customer_by_email(app, address).await {
+            return customer;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no customer {address} in ferry"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn remote_id(link: &Value) -> String {
+    link["remote_id"].as_str().expect("remote id").to_owned()
+}
+
+/// Created, renamed and deleted through ferry's API: the Contact follows,
+/// with one token for the whole run and `Sforce-Call-Options` on every call.
+async fn api_changes_reach_salesforce(backend: Backend) {
+    let rig = rig(backend, FakeSalesforceConfig::default()).await;
+    let address = email("sf-api");
+    let created = rig
+        .app
+        .create(json!({
+            "name": "Ada King Lovelace",
+            "email": address,
+            "phone": "+44 20 7946 0000",
+            "address": {"line1": "12 St James's Square", "line2": "Flat 2", "city": "London",
+                "postal_code": "SW1Y 4JH", "country": "GB"},
+        }))
+        .await;
+    let id = created["id"].as_str().expect("id").to_owned();
+    let (_, link) = wait_both_synced(&rig.app, &id, 1).await;
+    let contact_id = remote_id(&link);
+    let contact = rig.wait_contact(&contact_id, |c| c.is_some()).await;
+    assert_eq!(contact["FirstName"], "Ada King", "{contact}");
+    assert_eq!(contact["LastName"], "Lovelace", "{contact}");
+    assert_eq!(contact["Email"], address.as_str(), "{contact}");
+    assert_eq!(contact["Phone"], "+44 20 7946 0000", "{contact}");
+    assert_eq!(
+        contact["MailingStreet"], "12 St James's Square\nFlat 2",
+        "{contact}"
+    );
+    assert_eq!(contact["MailingCity"], "London", "{contact}");
+    assert_eq!(contact["MailingCountry"], "GB", "{contact}");
+
+    rig.app
+        .patch(&id, json!({"name": "Ada Byron", "phone": null}))
+        .await;
+    wait_both_synced(&rig.app, &id, 2).await;
+    let contact = rig.wait_contact(&contact_id, |c| c.is_some()).await;
+    assert_eq!(
+        (
+            &contact["FirstName"],
+            &contact["LastName"],
+            &contact["Phone"]
+        ),
+        (&json!("Ada"), &json!("Byron"), &Value::Null),
+        "{contact}"
+    );
+
+    rig.app.delete(&id).await;
+    rig.wait_contact(&contact_id, |c| c.is_none()).await;
+
+    let counts = rig.salesforce.counts();
+    assert_eq!(
+        (counts.creates, counts.updates, counts.deletes),
+        (1, 1, 1),
+        "{:?}",
+        rig.salesforce_writes()
+    );
+    assert_eq!(counts.token_requests, 1, "one token for the whole run");
+    for request in rig.data_requests() {
+        assert_eq!(
+            request.header("sforce-call-options"),
+            Some(format!("client={CLIENT_NAME}").as_str()),
+            "{} {}",
+            request.method,
+            request.path
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_changes_reach_salesforce_sqlite() {
+    api_changes_reach_salesforce(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_changes_reach_salesforce_postgres() {
+    api_changes_reach_salesforce(Backend::Postgres).await;
+}
+
+/// An Outbound Message with three notifications is acknowledged, each
+/// Contact becomes a ferry customer that travels on to Stripe, nothing is
+/// written back to Salesforce, and a redelivery of the same notifications
+/// is acknowledged without being applied again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_message_is_acknowledged_applied_once_and_reaches_stripe() {
+    let rig = rig(Backend::Sqlite, FakeSalesforceConfig::default()).await;
+    let people = [
+        ("Grace", "Hopper", email("sf-grace")),
+        ("Edsger", "Dijkstra", email("sf-edsger")),
+        ("Barbara", "Liskov", email("sf-barbara")),
+    ];
+    let ids: Vec<String> = people
+        .iter()
+        .map(|(first, last, address)| {
+            rig.salesforce.insert_record(
+                "Contact",
+                json!({"FirstName": first, "LastName": last, "Email": address,
+                    "MailingCity": "Arlington", "MailingCountry": "US"}),
+            )
+        })
+        .collect();
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let delivery = rig
+        .salesforce
+        .send_outbound_message(&rig.webhook_url(), "Contact", &id_refs)
+        .await
+        .expect("delivery");
+    assert!(delivery.acked, "{delivery:?}");
+    assert_eq!(delivery.notification_ids.len(), 3);
+
+    let mut customers = Vec::new();
+    for ((first, last, address), contact_id) in people.iter().zip(&ids) {
+        let customer = wait_customer_by_email(&rig.app, address).await;
+        assert_eq!(customer["name"], format!("{first} {last}"), "{customer}");
+        assert_eq!(customer["address"]["city"], "Arlington", "{customer}");
+        let id = customer["id"].as_str().expect("id").to_owned();
+        let link = rig
+            .app
+            .wait_link_of("salesforce", &id, SETTLE, |l| {
+                l["remote_id"] == **contact_id
+            })
+            .await;
+        assert_eq!(link["state"], "synced", "{link}");
+        let (stripe_link, _) = wait_both_synced(&rig.app, &id, 1).await;
+        let in_stripe = stripe_customer(&rig.stripe.url(), &remote_id(&stripe_link))
+            .await
+            .expect("in Stripe");
+        assert_eq!(in_stripe["name"], format!("{first} {last}"), "{in_stripe}");
+        assert_eq!(in_stripe["email"], address.as_str(), "{in_stripe}");
+        customers.push(customer);
+    }
+    assert_eq!(
+        rig.salesforce_writes(),
+        Vec::<String>::new(),
+        "nothing goes back to Salesforce"
+    );
+
+    // Salesforce redelivers until it sees an Ack: the same notification ids.
+    let again: Vec<(String, String)> = delivery
+        .notification_ids
+        .iter()
+        .cloned()
+        .zip(ids.iter().cloned())
+        .collect();
+    let xml = rig
+        .salesforce
+        .outbound_message_xml(rig.salesforce.org_id(), "Contact", &again);
+    let redelivery = rig
+        .salesforce
+        .send_raw(&rig.webhook_url(), xml)
+        .await
+        .expect("redelivery");
+    assert!(redelivery.acked, "{redelivery:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (customer, contact_id) in customers.iter().zip(&ids) {
+        let id = customer["id"].as_str().expect("id");
+        let now = rig.app.sync_status(id).await;
+        assert_eq!(now["version"], 1, "applied once: {now}");
+        let events = rig
+            .app
+            .store
+            .inbox_of_remote("salesforce", contact_id)
+            .await
+            .expect("inbox");
+        assert_eq!(events.len(), 1, "stored once");
+    }
+}
+
+/// A message from another org, or one that is not a SOAP notification, is
+/// refused with 400 and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_or_malformed_outbound_messages_are_refused() {
+    let rig = rig(Backend::Sqlite, FakeSalesforceConfig::default()).await;
+    let contact_id = rig.salesforce.insert_record(
+        "Contact",
+        json!({"LastName": "Mallory", "Email": email("sf-mallory")}),
+    );
+    let foreign = rig.salesforce.outbound_message_xml(
+        "00D000000000999EAA",
+        "Contact",
+        &[("04l000000000001AAA".to_owned(), contact_id.clone())],
+    );
+    let refused = rig
+        .salesforce
+        .send_raw(&rig.webhook_url(), foreign)
+        .await
+        .expect("answer");
+    assert_eq!(refused.status, 400, "{refused:?}");
+    assert!(!refused.acked);
+    assert!(refused.body.contains("invalid_signature"), "{refused:?}");
+
+    for body in ["<notifications><Notification>", "{\"not\": \"xml\"}", ""] {
+        let refused = rig
+            .salesforce
+            .send_raw(&rig.webhook_url(), body.to_owned())
+            .await
+            .expect("answer");
+        assert_eq!(refused.status, 400, "{body}: {refused:?}");
+        assert!(!refused.acked);
+    }
+    let stored = rig
+        .app
+        .store
+        .inbox_of_remote("salesforce", &contact_id)
+        .await
+        .expect("inbox");
+    assert!(stored.is_empty(), "{stored:?}");
+}
+
+/// The session expires mid-stream: the next push gets 401
+/// `INVALID_SESSION_ID`, the host fetches one new token and the push goes
+/// through. Then Salesforce answers `REQUEST_LIMIT_EXCEEDED` twice: the push
+/// backs off and lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_sessions_recover_and_request_limits_back_off() {
+    let rig = rig(Backend::Sqlite, FakeSalesforceConfig::default()).await;
+    let created = rig
+        .app
+        .create(json!({"name": "Alan Turing", "email": email("sf-alan")}))
+        .await;
+    let id = created["id"].as_str().expect("id").to_owned();
+    let (_, link) = wait_both_synced(&rig.app, &id, 1).await;
+    let contact_id = remote_id(&link);
+    assert_eq!(rig.salesforce.counts().token_requests, 1);
+
+    rig.salesforce.expire_sessions();
+    rig.app.patch(&id, json!({"name": "Alan M Turing"})).await;
+    wait_both_synced(&rig.app, &id, 2).await;
+    let contact = rig.wait_contact(&contact_id, |c| c.is_some()).await;
+    assert_eq!(contact["FirstName"], "Alan M", "{contact}");
+    assert_eq!(
+        rig.salesforce.counts().token_requests,
+        2,
+        "one refresh after the session expired"
+    );
+
+    rig.salesforce.fail_with_request_limit(2);
+    rig.app.patch(&id, json!({"phone": "+1 555 0100"})).await;
+    wait_both_synced(&rig.app, &id, 3).await;
+    let contact = rig.wait_contact(&contact_id, |c| c.is_some()).await;
+    assert_eq!(contact["Phone"], "+1 555 0100", "{contact}");
+    let history = rig.app.sync_status(&id).await["history"].clone();
+    let limited: Vec<&Value> = history
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter(|d| d["connector"] == "salesforce" && d["version"] == 3)
+        .filter(|d| d["outcome"] != "delivered")
+        .collect();
+    assert_eq!(limited.len(), 2, "two rate-limited attempts: {history:#}");
+    assert_eq!(
+        rig.salesforce.counts().token_requests,
+        2,
+        "a request limit is not a session problem"
+    );
+}
+
+/// With Stripe and Salesforce both enabled, a change made in either reaches
+/// the other through ferry, and neither hears its own change back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_cross_between_stripe_and_salesforce() {
+    let rig = rig(Backend::Sqlite, FakeSalesforceConfig::default()).await;
+
+    // Made in Stripe's dashboard: reaches Salesforce as a new Contact.
+    let address = email("sf-cross");
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/customers", rig.stripe.url()))
+        .bearer_auth(STRIPE_KEY)
+        .form(&[("name", "Katherine Johnson"), ("email", &address)])
+        .send()
+        .await
+        .expect("localstripe answers");
+    assert!(response.status().is_success(), "{}", response.status());
+    let customer = wait_customer_by_email(&rig.app, &address).await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let (stripe_link, sf_link) = wait_both_synced(&rig.app, &id, 1).await;
+    let contact_id = remote_id(&sf_link);
+    let contact = rig.wait_contact(&contact_id, |c| c.is_some()).await;
+    assert_eq!(
+        (&contact["FirstName"], &contact["LastName"]),
+        (&json!("Katherine"), &json!("Johnson")),
+        "{contact}"
+    );
+
+    // Salesforce's own Outbound Message for ferry's write is an echo: it
+    // changes nothing and goes nowhere.
+    let echo = rig
+        .salesforce
+        .send_outbound_message(&rig.webhook_url(), "Contact", &[&contact_id])
+        .await
+        .expect("echo delivery");
+    assert!(echo.acked, "{echo:?}");
+    let event = wait_inbox_done(&rig, &contact_id, 1).await;
+    assert_eq!(event.len(), 1);
+    assert_eq!(rig.app.sync_status(&id).await["version"], 1);
+
+    // Changed in Salesforce: reaches Stripe, and nothing is written back.
+    let writes_before = rig.salesforce_writes();
+    rig.salesforce.update_record(
+        "Contact",
+        &contact_id,
+        json!({"LastName": "Goble Johnson", "MailingCity": "Hampton"}),
+    );
+    let delivery = rig
+        .salesforce
+        .send_outbound_message(&rig.webhook_url(), "Contact", &[&contact_id])
+        .await
+        .expect("delivery");
+    assert!(delivery.acked, "{delivery:?}");
+    wait_both_synced(&rig.app, &id, 2).await;
+    let in_stripe = stripe_customer(&rig.stripe.url(), &remote_id(&stripe_link))
+        .await
+        .expect("in Stripe");
+    assert_eq!(in_stripe["name"], "Katherine Goble Johnson", "{in_stripe}");
+    assert_eq!(in_stripe["address"]["city"], "Hampton", "{in_stripe}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rig.salesforce_writes(), writes_before, "no write back");
+    assert_eq!(rig.app.sync_status(&id).await["version"], 2);
+}
+
+/// Waits until `count` inbox events of the Contact are settled.
+async fn wait_inbox_done(
+    rig: &Rig,
+    contact_id: &str,
+    count: usize,
+) -> Vec<ferry::store::inbox::InboxEvent> {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let events = rig
+            .app
+            .store
+            .inbox_of_remote("salesforce", contact_id)
+            .await
+            .expect("inbox");
+        if events.len() >= count
+            && events
+                .iter()
+                .all(|e| e.state == "applied" || e.state == "skipped")
+        {
+            return events;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{count} settled events of {contact_id} expected"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
