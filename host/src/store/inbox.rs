@@ -116,9 +116,9 @@ pub struct NewConflict {
 
 /// Everything one applied remote change writes, in one transaction.
 #[derive(Debug, Clone)]
-pub struct InboundChange<'a> {
+pub struct InboundChange {
     /// The claimed inbox event.
-    pub event: &'a InboxEvent,
+    pub event: InboxEvent,
     /// The customer write.
     pub customer: CustomerWrite,
     /// The local customer the link belongs to (for `None` and `Update` and
@@ -328,12 +328,17 @@ impl Store {
             }
             if state == "dead" {
                 sqlx::query(
+                    // The customer: the one the event named, else the one
+                    // the remote record is linked to, so the operator sees
+                    // whose change is stuck.
                     "INSERT INTO dead_letters (id, customer_id, connector, direction, version, \
                      error_kind, error, attempts, correlation_id, created_at, inbox_seq) \
-                     VALUES ($1, $2, $3, 'inbound', 0, $4, $5, $6, $7, $8, $9)",
+                     VALUES ($1, COALESCE($2, (SELECT customer_id FROM sync_links \
+                        WHERE connector = $3 AND remote_id = $10), ''), \
+                     $3, 'inbound', 0, $4, $5, $6, $7, $8, $9)",
                 )
                 .bind(format!("dl_{}", uuid::Uuid::now_v7().simple()))
-                .bind(customer_id.unwrap_or_default())
+                .bind(customer_id)
                 .bind(&event.connector)
                 .bind(if next_attempt_at_ms.is_some() { "retries_exhausted" } else { "permanent" })
                 .bind(detail)
@@ -341,6 +346,7 @@ impl Store {
                 .bind(&event.correlation_id)
                 .bind(at)
                 .bind(event.seq)
+                .bind(&event.remote_id)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -350,12 +356,32 @@ impl Store {
     }
 
     /// Applies one remote change in one transaction (see [`InboundChange`]).
-    #[tracing::instrument(skip_all, fields(connector = %change.event.connector, event_id = %change.event.event_id))]
-    pub async fn apply_inbound(&self, change: &InboundChange<'_>) -> Result<Applied, StoreError> {
+    pub async fn apply_inbound(&self, change: &InboundChange) -> Result<Applied, StoreError> {
+        let mut results = self
+            .apply_inbound_many(std::slice::from_ref(change))
+            .await?;
+        results
+            .pop()
+            .unwrap_or(Err(StoreError::Database(sqlx::Error::RowNotFound)))
+    }
+
+    /// Applies several remote changes in ONE transaction (group commit:
+    /// one fsync for all), each in its own savepoint, so a change that
+    /// raced, lost its lease or broke a constraint is rolled back alone and
+    /// gets its own answer, in order.
+    #[tracing::instrument(skip_all, fields(changes = changes.len()))]
+    pub async fn apply_inbound_many(
+        &self,
+        changes: &[InboundChange],
+    ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
         let at = now();
-        let event = change.event;
         dispatch!(self, write pool => {
-            let mut tx = pool.begin().await?;
+            let mut outer = pool.begin().await?;
+            let mut results = Vec::with_capacity(changes.len());
+            for change in changes {
+                let event = &change.event;
+                let mut tx = sqlx::Acquire::begin(&mut *outer).await?;
+                let result: Result<Applied, StoreError> = async {
             let (customer, kind) = match &change.customer {
                 CustomerWrite::None => (None, None),
                 CustomerWrite::Create(fields) => {
@@ -514,8 +540,18 @@ impl Store {
             if updated != 1 {
                 return Ok(Applied::LeaseLost);
             }
-            tx.commit().await?;
             Ok(Applied::Done(customer.map(Box::new)))
+                }
+                .await;
+                if matches!(result, Ok(Applied::Done(_))) {
+                    tx.commit().await?;
+                } else {
+                    tx.rollback().await?;
+                }
+                results.push(result);
+            }
+            outer.commit().await?;
+            Ok(results)
         })
     }
 

@@ -332,7 +332,7 @@ impl SyncEngine {
             };
             return self
                 .write(InboundChange {
-                    event,
+                    event: event.clone(),
                     customer: CustomerWrite::Create(fields),
                     link_customer: None,
                     snapshot: Some(remote),
@@ -392,7 +392,7 @@ impl SyncEngine {
             (_, false, None) => format!("updated: {}", merged.remote_changed.join(", ")),
         };
         self.write(InboundChange {
-            event,
+            event: event.clone(),
             customer: change,
             link_customer: Some(customer.id.clone()),
             snapshot: Some(remote),
@@ -442,7 +442,7 @@ impl SyncEngine {
             }
         };
         self.write(InboundChange {
-            event,
+            event: event.clone(),
             customer,
             link_customer: Some(customer_id),
             snapshot: None,
@@ -454,16 +454,20 @@ impl SyncEngine {
         .await
     }
 
-    async fn write(&self, change: InboundChange<'_>) -> Result<Option<InboundOutcome>, Failure> {
-        match self.inner.store.apply_inbound(&change).await {
+    /// Writes a decided change through the apply group commit.
+    async fn write(&self, change: InboundChange) -> Result<Option<InboundOutcome>, Failure> {
+        let link_customer = change.link_customer.clone();
+        let detail = change.detail.clone();
+        let applied = self.inner.inbound_applies.submit(change).await;
+        match applied.and_then(|result| result) {
             Ok(Applied::Done(customer)) => {
                 let customer_id = customer
                     .map(|c| c.id.as_str().to_owned())
-                    .or_else(|| change.link_customer.map(|c| c.as_str().to_owned()))
+                    .or_else(|| link_customer.map(|c| c.as_str().to_owned()))
                     .unwrap_or_default();
                 tracing::info!(
                     customer_id,
-                    detail = change.detail.as_deref().unwrap_or(""),
+                    detail = detail.as_deref().unwrap_or(""),
                     "inbound change applied"
                 );
                 // The outbox event fans the change out to the other connectors.

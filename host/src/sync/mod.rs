@@ -28,7 +28,7 @@ pub use self::outbound::{Outcome, ENTITY};
 use self::retry::RetryPolicy;
 use crate::app::ConnectorRegistry;
 use crate::connector_settings::ConnectorSettings;
-use crate::store::inbox::NewInboxEvent;
+use crate::store::inbox::{Applied, InboundChange, NewInboxEvent};
 use crate::store::sync::now_ms;
 use crate::store::sync::LinkWrite;
 use crate::store::{ChangeNotice, LinkKey, Store, StoreError, SyncLink};
@@ -69,6 +69,7 @@ struct Inner {
     inbox_wake: Notify,
     link_writes: GroupCommit<LinkWrites>,
     inbox_writes: GroupCommit<InboxWrites>,
+    inbound_applies: GroupCommit<InboundApplies>,
     delete_policy: inbound::DeletePolicy,
     conflict_policy: merge::ConflictPolicy,
     inbox_grace: Duration,
@@ -96,6 +97,7 @@ impl SyncEngine {
         };
         let link_writes = GroupCommit::start(LinkWrites(store.clone()), committers);
         let inbox_writes = GroupCommit::start(InboxWrites(store.clone()), committers);
+        let inbound_applies = GroupCommit::start(InboundApplies(store.clone()), committers);
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -113,6 +115,7 @@ impl SyncEngine {
                 inbox_wake: Notify::new(),
                 link_writes,
                 inbox_writes,
+                inbound_applies,
                 delete_policy: options.inbound.delete,
                 conflict_policy: options.inbound.conflict,
                 inbox_grace: options.inbox_grace,
@@ -306,6 +309,21 @@ impl Committer for LinkWrites {
             let writes: Vec<(&SyncLink, &LinkWrite)> = writes.iter().map(|(l, w)| (l, w)).collect();
             self.0.write_links(&writes).await
         })
+    }
+}
+
+/// Applied remote changes: each in its own savepoint of one transaction.
+struct InboundApplies(Store);
+
+impl Committer for InboundApplies {
+    type Write = InboundChange;
+    type Done = Result<Applied, StoreError>;
+
+    fn commit<'a>(
+        &'a self,
+        writes: &'a [Self::Write],
+    ) -> BoxFuture<'a, Result<Vec<Self::Done>, StoreError>> {
+        Box::pin(self.0.apply_inbound_many(writes))
     }
 }
 
