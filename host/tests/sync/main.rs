@@ -11,6 +11,7 @@ mod crash;
 mod fanout;
 mod faults;
 mod inbound;
+mod inbound_policies;
 mod outbound;
 mod process;
 mod salesforce;
