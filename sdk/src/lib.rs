@@ -72,7 +72,7 @@ pub mod bindings {
 
 pub use customer::{Address, Customer};
 pub use errors::HttpError;
-pub use records::ManifestBuilder;
+pub use records::{ensure_entity, ManifestBuilder};
 
 pub use bindings::exports::ferry::connector::handler::{
     ChangeKind, Event, Manifest, Operation, Page, ParsedWebhook, PushRequest, PushResult,

@@ -2,8 +2,8 @@
 //! spells out a record with a dozen fields.
 
 use crate::{
-    ChangeKind, Event, Manifest, Page, ParsedWebhook, PushResult, RemoteRecord, SecretSpec,
-    SettingSpec, WebhookReply,
+    ChangeKind, ConnectorError, Event, Manifest, Page, ParsedWebhook, PushRequest, PushResult,
+    RemoteRecord, SecretSpec, SettingSpec, WebhookReply,
 };
 
 impl Manifest {
@@ -102,6 +102,34 @@ impl ManifestBuilder {
     /// The finished manifest.
     pub fn build(self) -> Manifest {
         self.0
+    }
+}
+
+impl PushRequest {
+    /// The linked remote id an update or delete needs; a missing one is
+    /// [`ConnectorError::Permanent`] naming `system` (e.g. "Stripe").
+    pub fn linked_remote_id(&self, system: &str) -> Result<&str, ConnectorError> {
+        self.remote_id
+            .as_deref()
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| {
+                ConnectorError::permanent(format!(
+                    "customer {} has no {system} id to update or delete",
+                    self.local_id
+                ))
+            })
+    }
+}
+
+/// `Ok` if `entity` is `expected`; otherwise [`ConnectorError::Unsupported`]
+/// naming the `connector`, so the host never retries it.
+pub fn ensure_entity(entity: &str, expected: &str, connector: &str) -> Result<(), ConnectorError> {
+    if entity == expected {
+        Ok(())
+    } else {
+        Err(ConnectorError::unsupported(format!(
+            "the {connector} connector does not handle `{entity}`"
+        )))
     }
 }
 

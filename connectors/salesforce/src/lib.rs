@@ -144,7 +144,7 @@ impl Connector for Salesforce {
     }
 
     fn push(req: PushRequest) -> Result<PushResult, ConnectorError> {
-        ensure_customer(&req.entity)?;
+        ferry_sdk::ensure_entity(&req.entity, ENTITY, "salesforce")?;
         let config = Config::load()?;
         match req.operation {
             Operation::Create => {
@@ -158,7 +158,7 @@ impl Connector for Salesforce {
                 Ok(written(&config, id, &fields))
             }
             Operation::Update => {
-                let id = linked_id(&req)?;
+                let id = req.linked_remote_id("Salesforce")?;
                 let customer = Customer::from_json(&req.record)?;
                 let mut fields = config.fields.to_sobject(&customer, true);
                 if let Some(field) = &config.external_id_field {
@@ -173,7 +173,7 @@ impl Connector for Salesforce {
                 Ok(written(&config, id.to_owned(), &fields))
             }
             Operation::Delete => {
-                let id = linked_id(&req)?;
+                let id = req.linked_remote_id("Salesforce")?;
                 config.call(|base, token| {
                     Ok(Request::delete(config.record_url(base, id)).bearer_token(token))
                 })?;
@@ -183,7 +183,7 @@ impl Connector for Salesforce {
     }
 
     fn fetch(entity: String, remote_id: String) -> Result<RemoteRecord, ConnectorError> {
-        ensure_customer(&entity)?;
+        ferry_sdk::ensure_entity(&entity, ENTITY, "salesforce")?;
         let config = Config::load()?;
         let resp = config.call(|base, token| {
             Ok(Request::get(config.record_url(base, &remote_id)).bearer_token(token))
@@ -198,7 +198,7 @@ impl Connector for Salesforce {
     /// may still split one answer into batches; those are followed with
     /// `nextRecordsUrl` within the call.
     fn list(entity: String, cursor: Option<String>, limit: u32) -> Result<Page, ConnectorError> {
-        ensure_customer(&entity)?;
+        ferry_sdk::ensure_entity(&entity, ENTITY, "salesforce")?;
         let config = Config::load()?;
         if let Some(after) = &cursor {
             if !is_record_id(after) {
@@ -481,28 +481,6 @@ fn checked_name(setting: &str, name: &str) -> Result<(), ConnectorError> {
             "setting `{setting}`: `{name}` is not a Salesforce API name"
         )))
     }
-}
-
-fn ensure_customer(entity: &str) -> Result<(), ConnectorError> {
-    if entity == ENTITY {
-        Ok(())
-    } else {
-        Err(ConnectorError::unsupported(format!(
-            "the salesforce connector does not handle `{entity}`"
-        )))
-    }
-}
-
-fn linked_id(req: &PushRequest) -> Result<&str, ConnectorError> {
-    req.remote_id
-        .as_deref()
-        .filter(|id| !id.is_empty())
-        .ok_or_else(|| {
-            ConnectorError::permanent(format!(
-                "customer {} has no Salesforce id to update or delete",
-                req.local_id
-            ))
-        })
 }
 
 /// Percent-encodes an id for use as one URL path segment, so an id from a

@@ -55,7 +55,7 @@ impl Connector for Stripe {
     }
 
     fn push(req: PushRequest) -> Result<PushResult, ConnectorError> {
-        ensure_customer(&req.entity)?;
+        ferry_sdk::ensure_entity(&req.entity, ENTITY, "stripe")?;
         let customer = Customer::from_json(&req.record)?;
         let response = match req.operation {
             Operation::Create => {
@@ -67,12 +67,12 @@ impl Connector for Stripe {
                 )?
             }
             Operation::Update => {
-                let id = linked_id(&req)?;
+                let id = req.linked_remote_id("Stripe")?;
                 let form = customer_form(&customer, &req.local_id, true);
                 post(customer_url(id), &form, &req.idempotency_key)?
             }
             Operation::Delete => {
-                let id = linked_id(&req)?;
+                let id = req.linked_remote_id("Stripe")?;
                 let resp = checked(call(Request::delete(customer_url(id)))?)?;
                 // The answer is `{id, object, deleted: true}`: nothing to return.
                 drop(resp);
@@ -85,7 +85,7 @@ impl Connector for Stripe {
     }
 
     fn fetch(entity: String, remote_id: String) -> Result<RemoteRecord, ConnectorError> {
-        ensure_customer(&entity)?;
+        ferry_sdk::ensure_entity(&entity, ENTITY, "stripe")?;
         let resp = checked(call(Request::get(customer_url(&remote_id)))?)?;
         let stripe: StripeCustomer = resp.json()?;
         // Stripe answers a retrieve of a deleted customer with 200 and a stub.
@@ -98,7 +98,7 @@ impl Connector for Stripe {
     }
 
     fn list(entity: String, cursor: Option<String>, limit: u32) -> Result<Page, ConnectorError> {
-        ensure_customer(&entity)?;
+        ferry_sdk::ensure_entity(&entity, ENTITY, "stripe")?;
         let limit = limit.clamp(1, MAX_PAGE).to_string();
         let mut query = vec![("limit", limit.as_str())];
         if let Some(after) = cursor.as_deref() {
@@ -190,28 +190,6 @@ fn parse_event(body: &[u8]) -> Result<ParsedWebhook, ConnectorError> {
 fn remote_record(stripe: StripeCustomer) -> RemoteRecord {
     let id = stripe.id.clone();
     RemoteRecord::new(id, from_stripe(stripe).to_json())
-}
-
-fn ensure_customer(entity: &str) -> Result<(), ConnectorError> {
-    if entity == ENTITY {
-        Ok(())
-    } else {
-        Err(ConnectorError::unsupported(format!(
-            "the stripe connector does not handle `{entity}`"
-        )))
-    }
-}
-
-fn linked_id(req: &PushRequest) -> Result<&str, ConnectorError> {
-    req.remote_id
-        .as_deref()
-        .filter(|id| !id.is_empty())
-        .ok_or_else(|| {
-            ConnectorError::permanent(format!(
-                "customer {} has no Stripe id to update or delete",
-                req.local_id
-            ))
-        })
 }
 
 fn api_base() -> String {
