@@ -65,6 +65,10 @@ impl EffectiveConfig {
 struct Cache {
     loaded_at: Option<Instant>,
     stored: BTreeMap<String, EffectiveConfig>,
+    /// Bumped by [`ConnectorSettings::invalidate`]: a refresh that read the
+    /// table before the bump may hold rows older than the write that caused
+    /// it, and must not install them.
+    generation: u64,
 }
 
 /// The effective configuration of every connector.
@@ -106,6 +110,7 @@ impl ConnectorSettings {
             secret_box,
             cache: RwLock::new(Cache {
                 loaded_at: None,
+                generation: 0,
                 stored: BTreeMap::new(),
             }),
         }
@@ -130,25 +135,35 @@ impl ConnectorSettings {
 
     /// Forgets the cached stored settings (after this replica wrote some).
     pub async fn invalidate(&self) {
-        self.cache.write().await.loaded_at = None;
+        let mut cache = self.cache.write().await;
+        cache.loaded_at = None;
+        cache.generation += 1;
     }
 
     async fn refresh_if_stale(&self) -> Result<(), StoreError> {
-        {
-            let cache = self.cache.read().await;
-            if cache.loaded_at.is_some_and(|at| at.elapsed() < REFRESH) {
-                return Ok(());
+        loop {
+            let generation = {
+                let cache = self.cache.read().await;
+                if cache.loaded_at.is_some_and(|at| at.elapsed() < REFRESH) {
+                    return Ok(());
+                }
+                cache.generation
+            };
+            let rows = self.store.connector_configs().await?;
+            let stored = rows
+                .into_iter()
+                .map(|row| (row.connector.clone(), self.effective(row)))
+                .collect();
+            let mut cache = self.cache.write().await;
+            if cache.generation != generation {
+                // Invalidated while we read: what we read may predate the
+                // write (e.g. a connector just disabled). Read again.
+                continue;
             }
+            cache.stored = stored;
+            cache.loaded_at = Some(Instant::now());
+            return Ok(());
         }
-        let rows = self.store.connector_configs().await?;
-        let stored = rows
-            .into_iter()
-            .map(|row| (row.connector.clone(), self.effective(row)))
-            .collect();
-        let mut cache = self.cache.write().await;
-        cache.stored = stored;
-        cache.loaded_at = Some(Instant::now());
-        Ok(())
     }
 
     fn effective(&self, row: StoredConnectorConfig) -> EffectiveConfig {
