@@ -313,6 +313,25 @@ async fn remote_customer_matches_local_email(backend: Backend) {
     let local = app
         .create(json!({"email": address, "name": "Local Name", "phone": "+15550001111"}))
         .await;
+    // Re-enable only once the relay took the create in while disabled;
+    // otherwise (a loaded machine) it would see the connector enabled and
+    // push the customer after all.
+    let local_id = local["id"].as_str().expect("id").to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app
+        .store
+        .outbox_events(&local_id)
+        .await
+        .expect("outbox")
+        .iter()
+        .any(|e| e.published_at.is_none())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay never took the create in"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     let (status, _) = app
         .send(
             reqwest::Method::PUT,
