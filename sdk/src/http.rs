@@ -237,6 +237,31 @@ impl Response {
     }
 }
 
+/// Percent-encodes an id for use as one URL path segment, so an id from a
+/// webhook or an operator can never change the path it is put in.
+///
+/// ```
+/// use ferry_sdk::http::path_segment;
+/// assert_eq!(path_segment("cus_AZ09"), "cus_AZ09");
+/// assert_eq!(path_segment("../x?y"), "..%2Fx%3Fy");
+/// assert_eq!(path_segment(".."), "%2E%2E");
+/// ```
+pub fn path_segment(id: &str) -> String {
+    // `.` and `..` would be resolved away as path steps.
+    if id.bytes().all(|b| b == b'.') {
+        return id.replace('.', "%2E");
+    }
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// The first value of header `name` in `headers` (case-insensitive).
 pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers

@@ -366,7 +366,7 @@ impl Config {
             "{}/sobjects/{}/{}",
             self.data_url(base),
             self.object,
-            path_segment(id)
+            ferry_sdk::http::path_segment(id)
         )
     }
 
@@ -404,7 +404,7 @@ impl Config {
                 "{}/sobjects/{}/{field}/{}",
                 self.data_url(base),
                 self.object,
-                path_segment(local_id)
+                ferry_sdk::http::path_segment(local_id)
             )
         };
         let resp =
@@ -481,24 +481,6 @@ fn checked_name(setting: &str, name: &str) -> Result<(), ConnectorError> {
             "setting `{setting}`: `{name}` is not a Salesforce API name"
         )))
     }
-}
-
-/// Percent-encodes an id for use as one URL path segment, so an id from a
-/// webhook or an operator can never change the path it is put in.
-fn path_segment(id: &str) -> String {
-    // `.` and `..` would be resolved away as path steps.
-    if id.bytes().all(|b| b == b'.') {
-        return id.replace('.', "%2E");
-    }
-    let mut out = String::with_capacity(id.len());
-    for b in id.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// One entry of a Salesforce error body (`[{message, errorCode, fields}]`).

@@ -131,24 +131,6 @@ pub(crate) fn customer_form(c: &Customer, local_id: &str, update: bool) -> Vec<(
     form
 }
 
-/// Percent-encodes an id for use as one URL path segment, so an id from a
-/// webhook or an operator can never change the path it is put in.
-pub(crate) fn path_segment(id: &str) -> String {
-    // `.` and `..` would be resolved away as path steps.
-    if id.bytes().all(|b| b == b'.') {
-        return id.replace('.', "%2E");
-    }
-    let mut out = String::with_capacity(id.len());
-    for b in id.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,12 +187,5 @@ mod tests {
         assert!(!create.iter().any(|(k, _)| k == "address[line1]"));
         let update = customer_form(&with_city, "f1", true);
         assert!(update.contains(&("address[line1]".to_owned(), String::new())));
-    }
-
-    #[test]
-    fn path_segments_are_escaped() {
-        assert_eq!(path_segment("cus_AZ09"), "cus_AZ09");
-        assert_eq!(path_segment("../x?y"), "..%2Fx%3Fy");
-        assert_eq!(path_segment(".."), "%2E%2E");
     }
 }

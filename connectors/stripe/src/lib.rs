@@ -197,7 +197,11 @@ fn api_base() -> String {
 }
 
 fn customer_url(id: &str) -> String {
-    format!("{}/v1/customers/{}", api_base(), convert::path_segment(id))
+    format!(
+        "{}/v1/customers/{}",
+        api_base(),
+        ferry_sdk::http::path_segment(id)
+    )
 }
 
 /// POSTs a form with the push's idempotency key, so Stripe replays the first
