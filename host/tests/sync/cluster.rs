@@ -105,7 +105,7 @@ async fn two_replicas_share_the_work_without_double_pushes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_events_go_through_kafka_in_order() {
     use crate::helpers::WEBHOOK_SECRET;
-    use crate::inbound::{deliver, event, find_by_email, stripe_customer_json, stripe_signature};
+    use crate::inbound::{deliver, event, stripe_customer_json, stripe_signature};
 
     let broker = Broker::start().expect("broker");
     let stripe = LocalStripe::start().expect("localstripe");
@@ -160,7 +160,7 @@ async fn webhook_events_go_through_kafka_in_order() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let customer = find_by_email(&app, &address).await.expect("created");
+    let customer = app.customer_by_email(&address).await.expect("created");
     assert_eq!(customer["name"], "Second");
     // Applied from the bus, not by the inbox loop's 60 s fallback.
     let published = app.store.unpublished_inbox(10).await.unwrap();

@@ -253,17 +253,6 @@ fn outbound_to(status: &Value, connector: &str) -> Vec<Value> {
         .collect()
 }
 
-async fn customer_by_email(app: &SyncApp, address: &str) -> Option<Value> {
-    let (_, page) = app
-        .send(
-            reqwest::Method::GET,
-            &format!("/api/v1/customers?email={address}"),
-            None,
-        )
-        .await;
-    page["data"].as_array().and_then(|d| d.first().cloned())
-}
-
 async fn customer(app: &SyncApp, id: &str) -> Value {
     let (status, customer) = app
         .send(
@@ -288,40 +277,6 @@ async fn wait_both_synced(app: &SyncApp, id: &str, version: i64) -> (Value, Valu
     (stripe, recorder)
 }
 
-/// Waits until ferry's inbox holds at least `count` events of the Stripe
-/// record and none is still waiting to be applied.
-async fn wait_inbox_settled(app: &SyncApp, remote_id: &str, count: usize) {
-    let deadline = tokio::time::Instant::now() + SETTLE;
-    loop {
-        let events = app
-            .store
-            .inbox_of_remote("stripe", remote_id)
-            .await
-            .expect("inbox");
-        let settled = events
-            .iter()
-            .all(|e| e.state == "applied" || e.state == "skipped");
-        if events.len() >= count && settled {
-            return;
-        }
-        let seen: Vec<(&str, &str, &str)> = events
-            .iter()
-            .map(|e| {
-                (
-                    e.event_id.as_str(),
-                    e.remote_type.as_str(),
-                    e.state.as_str(),
-                )
-            })
-            .collect();
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{count} settled inbox events of {remote_id} expected: {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 /// Created, then renamed, in Stripe: the customer appears in ferry and the
 /// recorder gets a create then an update; ferry sends Stripe no write.
 async fn stripe_change_reaches_the_recorder_not_stripe(backend: Backend) {
@@ -342,7 +297,7 @@ async fn stripe_change_reaches_the_recorder_not_stripe(backend: Backend) {
     let cus = created["id"].as_str().expect("stripe id").to_owned();
     let deadline = tokio::time::Instant::now() + SETTLE;
     let local = loop {
-        if let Some(found) = customer_by_email(&app, &address).await {
+        if let Some(found) = app.customer_by_email(&address).await {
             break found;
         }
         assert!(
@@ -471,11 +426,11 @@ async fn api_change_reaches_each_connector_once(backend: Backend) {
         .expect("linked")
         .to_owned();
     // Stripe's customer.created webhook for ferry's own create.
-    wait_inbox_settled(&app, &cus, 1).await;
+    app.wait_inbox_settled("stripe", &cus, 1).await;
 
     app.patch(&id, json!({"name": "Dorothy J. Vaughan"})).await;
     wait_both_synced(&app, &id, 2).await;
-    wait_inbox_settled(&app, &cus, 2).await;
+    app.wait_inbox_settled("stripe", &cus, 2).await;
     assert_eq!(
         customer(&app, &id).await["version"],
         2,
@@ -490,7 +445,7 @@ async fn api_change_reaches_each_connector_once(backend: Backend) {
     let (stripe_link, recorder_link) = wait_both_synced(&app, &id, 3).await;
     assert_eq!(stripe_link["remote_deleted"], true);
     assert_eq!(recorder_link["remote_deleted"], true);
-    wait_inbox_settled(&app, &cus, 3).await;
+    app.wait_inbox_settled("stripe", &cus, 3).await;
     assert!(remote.record(&rec).is_none(), "deleted at the recorder");
 
     let record_path = format!("/records/{rec}");

@@ -284,6 +284,72 @@ impl SyncApp {
         }
     }
 
+    /// The live customer with this email, if any.
+    pub async fn customer_by_email(&self, address: &str) -> Option<Value> {
+        let (_, page) = self
+            .send(
+                reqwest::Method::GET,
+                &format!("/api/v1/customers?email={address}"),
+                None,
+            )
+            .await;
+        page["data"].as_array().and_then(|d| d.first().cloned())
+    }
+
+    /// Waits until a live customer with this email exists; returns it.
+    pub async fn wait_customer_by_email(&self, address: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(customer) = self.customer_by_email(address).await {
+                return customer;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no customer {address} in ferry"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until the inbox holds at least `count` events of the remote
+    /// record and none is still waiting to be applied; returns them.
+    pub async fn wait_inbox_settled(
+        &self,
+        connector: &str,
+        remote_id: &str,
+        count: usize,
+    ) -> Vec<ferry::store::inbox::InboxEvent> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let events = self
+                .store
+                .inbox_of_remote(connector, remote_id)
+                .await
+                .expect("inbox");
+            let settled = events
+                .iter()
+                .all(|e| e.state == "applied" || e.state == "skipped");
+            if events.len() >= count && settled {
+                return events;
+            }
+            let seen: Vec<(&str, &str, &str)> = events
+                .iter()
+                .map(|e| {
+                    (
+                        e.event_id.as_str(),
+                        e.remote_type.as_str(),
+                        e.state.as_str(),
+                    )
+                })
+                .collect();
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{count} settled inbox events of {remote_id} expected: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// Waits until version `version` of the customer is synced to Stripe.
     pub async fn wait_synced(&self, id: &str, version: i64) -> Value {
         self.wait_link(id, Duration::from_secs(20), |link| {

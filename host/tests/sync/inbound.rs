@@ -61,17 +61,6 @@ pub(crate) fn stripe_customer_json(id: &str, email: &str, name: &str) -> Value {
     json!({"id": id, "object": "customer", "email": email, "name": name, "metadata": {}})
 }
 
-pub(crate) async fn find_by_email(app: &SyncApp, address: &str) -> Option<Value> {
-    let (_, page) = app
-        .send(
-            reqwest::Method::GET,
-            &format!("/api/v1/customers?email={address}"),
-            None,
-        )
-        .await;
-    page["data"].as_array().and_then(|d| d.first().cloned())
-}
-
 async fn wait_for(
     app: &SyncApp,
     what: &str,
@@ -112,7 +101,7 @@ async fn dashboard_changes_reach_ferry(backend: Backend) {
     );
     let remote_id = created["id"].as_str().unwrap().to_owned();
     let customer = wait_for(&app, "the Stripe customer in ferry", async |app| {
-        find_by_email(app, &address).await
+        app.customer_by_email(&address).await
     })
     .await;
     assert_eq!(customer["name"], "Grace Hopper");
@@ -252,7 +241,7 @@ async fn deliveries_are_verified_deduplicated_and_ordered(backend: Backend) {
         "a redelivery is acknowledged, not stored"
     );
     let customer = wait_for(&app, "the customer", async |app| {
-        find_by_email(app, &address).await
+        app.customer_by_email(&address).await
     })
     .await;
     let id = customer["id"].as_str().unwrap().to_owned();
@@ -455,7 +444,7 @@ async fn same_second_events_are_resolved_by_refetching() {
             .count()
             == 2;
         if done {
-            find_by_email(app, &address).await
+            app.customer_by_email(&address).await
         } else {
             None
         }

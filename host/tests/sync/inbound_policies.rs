@@ -10,23 +10,9 @@ use ferry_test_support::localstripe::LocalStripe;
 use serde_json::{json, Value};
 
 use crate::helpers::{email, spawn_sync_app, Backend, Setup, SyncApp, STRIPE_KEY, WEBHOOK_SECRET};
-use crate::inbound::{deliver, event, find_by_email, stripe_customer_json, stripe_signature};
+use crate::inbound::{deliver, event, stripe_customer_json, stripe_signature};
 
 const SETTLE: Duration = Duration::from_secs(20);
-
-async fn wait_customer(app: &SyncApp, address: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + SETTLE;
-    loop {
-        if let Some(customer) = find_by_email(app, address).await {
-            return customer;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no customer {address}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 /// Waits until the inbox event `event_id` of `remote_id` is in `state`.
 async fn wait_event(app: &SyncApp, remote_id: &str, event_id: &str, state: &str) -> String {
@@ -78,7 +64,7 @@ async fn remote_deletes_follow_the_unlink_and_ignore_policies() {
             &event("evt_c", "customer.created", created, customer.clone()),
         )
         .await;
-        let local = wait_customer(&app, &address).await;
+        let local = app.wait_customer_by_email(&address).await;
         let id = local["id"].as_str().expect("id").to_owned();
 
         signed(
@@ -95,7 +81,7 @@ async fn remote_deletes_follow_the_unlink_and_ignore_policies() {
             detail,
             "{policy}"
         );
-        let still = find_by_email(&app, &address).await;
+        let still = app.customer_by_email(&address).await;
         assert_eq!(
             still.as_ref().map(|c| &c["id"]),
             Some(&json!(id)),
@@ -145,7 +131,7 @@ async fn inbound_failures_retry_dead_letter_and_replay() {
         &event("evt_1", "customer.created", created, remote.clone()),
     )
     .await;
-    let local = wait_customer(&app, &address).await;
+    let local = app.wait_customer_by_email(&address).await;
     let id = local["id"].as_str().expect("id").to_owned();
 
     proxy.set_down(true);
@@ -187,7 +173,7 @@ async fn inbound_failures_retry_dead_letter_and_replay() {
         "{replayed}"
     );
     wait_event(&app, &remote_id, "evt_2", "applied").await;
-    let customer = find_by_email(&app, &address).await.expect("customer");
+    let customer = app.customer_by_email(&address).await.expect("customer");
     assert_eq!(customer["name"], "After Outage", "{customer}");
     assert_eq!(customer["version"], 2, "{customer}");
 }

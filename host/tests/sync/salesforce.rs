@@ -126,31 +126,6 @@ async fn wait_both_synced(app: &SyncApp, id: &str, version: i64) -> (Value, Valu
     (stripe, salesforce)
 }
 
-async fn customer_by_email(app: &SyncApp, address: &str) -> Option<Value> {
-    let (_, page) = app
-        .send(
-            reqwest::Method::GET,
-            &format!("/api/v1/customers?email={address}"),
-            None,
-        )
-        .await;
-    page["data"].as_array().and_then(|d| d.first().cloned())
-}
-
-async fn wait_customer_by_email(app: &SyncApp, address: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + SETTLE;
-    loop {
-        if let Some(customer) = customer_by_email(app, address).await {
-            return customer;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no customer {address} in ferry"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 fn remote_id(link: &Value) -> String {
     link["remote_id"].as_str().expect("remote id").to_owned()
 }
@@ -265,7 +240,7 @@ async fn outbound_message_is_acknowledged_applied_once_and_reaches_stripe() {
 
     let mut customers = Vec::new();
     for ((first, last, address), contact_id) in people.iter().zip(&ids) {
-        let customer = wait_customer_by_email(&rig.app, address).await;
+        let customer = rig.app.wait_customer_by_email(address).await;
         assert_eq!(customer["name"], format!("{first} {last}"), "{customer}");
         assert_eq!(customer["address"]["city"], "Arlington", "{customer}");
         let id = customer["id"].as_str().expect("id").to_owned();
@@ -426,7 +401,7 @@ async fn changes_cross_between_stripe_and_salesforce() {
         .await
         .expect("localstripe answers");
     assert!(response.status().is_success(), "{}", response.status());
-    let customer = wait_customer_by_email(&rig.app, &address).await;
+    let customer = rig.app.wait_customer_by_email(&address).await;
     let id = customer["id"].as_str().expect("id").to_owned();
     let (stripe_link, sf_link) = wait_both_synced(&rig.app, &id, 1).await;
     let contact_id = remote_id(&sf_link);
@@ -445,7 +420,10 @@ async fn changes_cross_between_stripe_and_salesforce() {
         .await
         .expect("echo delivery");
     assert!(echo.acked, "{echo:?}");
-    let event = wait_inbox_done(&rig, &contact_id, 1).await;
+    let event = rig
+        .app
+        .wait_inbox_settled("salesforce", &contact_id, 1)
+        .await;
     assert_eq!(event.len(), 1);
     assert_eq!(rig.app.sync_status(&id).await["version"], 1);
 
@@ -471,33 +449,4 @@ async fn changes_cross_between_stripe_and_salesforce() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(rig.salesforce_writes(), writes_before, "no write back");
     assert_eq!(rig.app.sync_status(&id).await["version"], 2);
-}
-
-/// Waits until `count` inbox events of the Contact are settled.
-async fn wait_inbox_done(
-    rig: &Rig,
-    contact_id: &str,
-    count: usize,
-) -> Vec<ferry::store::inbox::InboxEvent> {
-    let deadline = tokio::time::Instant::now() + SETTLE;
-    loop {
-        let events = rig
-            .app
-            .store
-            .inbox_of_remote("salesforce", contact_id)
-            .await
-            .expect("inbox");
-        if events.len() >= count
-            && events
-                .iter()
-                .all(|e| e.state == "applied" || e.state == "skipped")
-        {
-            return events;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{count} settled events of {contact_id} expected"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
