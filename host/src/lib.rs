@@ -9,9 +9,11 @@ pub mod app;
 pub mod bus;
 pub mod config;
 pub mod connector_settings;
-pub mod runtime;
 pub mod secrets;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
-pub mod testkit;
+
+/// The connector runtime, a crate of its own (`ferry-runtime`) so that a
+/// connector author's tests never build the server.
+pub use ferry_runtime as runtime;

@@ -53,7 +53,7 @@ pub mod oauth;
 pub mod settings;
 pub mod webhook;
 
-/// Raw bindings generated from `wit/v0.1.0/connector.wit`.
+/// Raw bindings generated from `wit/since_v0.2.0/connector.wit`.
 ///
 /// Prefer the re-exports and helpers at the crate root; this module is public
 /// so the generated export glue can reach it from the connector's crate.
@@ -62,7 +62,7 @@ pub mod webhook;
 pub mod bindings {
     wit_bindgen::generate!({
         world: "connector",
-        path: "../wit/v0.1.0",
+        path: "../wit/since_v0.2.0",
         pub_export_macro: true,
         export_macro_name: "__export_connector",
         default_bindings_module: "ferry_sdk::bindings",
@@ -84,13 +84,13 @@ pub use bindings::ferry::connector::types::{ConnectorError, Header, RateLimit};
 pub use serde_json as json;
 
 /// The SDK's WIT package version: the contract this SDK builds against.
-pub const WIT_VERSION: &str = "0.1.0";
+pub const WIT_VERSION: &str = "0.2.0";
 
 /// Runs a built component against scripted HTTP answers in `cargo test`.
 ///
 /// Enable the `testkit` feature in `[dev-dependencies]`; native targets only.
 #[cfg(all(feature = "testkit", not(target_arch = "wasm32")))]
-pub use ferry::testkit;
+pub use ferry_runtime::testkit;
 
 /// What a connector does. Every method but [`Connector::manifest`] has a
 /// default that answers [`ConnectorError::Unsupported`], so a connector

@@ -16,10 +16,14 @@
 //! It declares host `api.example.com`, host setting `api_base` and secret
 //! `api_key`.
 
+//! It is built against the OLDEST supported world, `ferry:connector@0.1.0`,
+//! on purpose: the sandbox tests that run it also prove that a component
+//! built against an old version of the contract still loads and runs.
+
 #![allow(unsafe_code)] // wit-bindgen's generated glue
 
 wit_bindgen::generate!({
-    path: "../../../wit/v0.1.0",
+    path: "../../../wit/since_v0.1.0",
     world: "connector",
 });
 

@@ -1,0 +1,262 @@
+//! `http.send`: a connector's outbound HTTP, through the policy in
+//! [`super::policy`] and then the [`HttpTransport`](super::HttpTransport).
+//!
+//! Order matters: the rate limit and the host check run first, and a request
+//! to an undeclared host is refused before any secret is substituted. Limits:
+//! the operator's connect/total timeouts (a connector may only shorten the
+//! total), the response size cap, the call's own deadline, and a per-connector
+//! token bucket.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::policy::{self, DeclaredHost, HostRules, PolicyError};
+use super::state::CallState;
+use super::transport::{HttpTransport, WireError, WireRequest, WireResponse};
+use super::wit::latest::ferry::connector::http::{Host, HttpError, Method, Request, Response};
+
+impl From<PolicyError> for HttpError {
+    fn from(e: PolicyError) -> Self {
+        match e {
+            PolicyError::Denied(m) => HttpError::Denied(m),
+            PolicyError::Invalid(m) => HttpError::InvalidRequest(m),
+        }
+    }
+}
+
+impl From<WireError> for HttpError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::Connect(m) => HttpError::Connect(m),
+            WireError::Timeout(m) => HttpError::Timeout(m),
+            WireError::TooLarge(m) => HttpError::TooLarge(m),
+            WireError::Denied(m) => HttpError::Denied(m),
+        }
+    }
+}
+
+fn method(m: Method) -> http::Method {
+    match m {
+        Method::Get => http::Method::GET,
+        Method::Post => http::Method::POST,
+        Method::Put => http::Method::PUT,
+        Method::Patch => http::Method::PATCH,
+        Method::Delete => http::Method::DELETE,
+        Method::Head => http::Method::HEAD,
+    }
+}
+
+impl CallState {
+    /// Hosts this call may reach: the manifest's `hosts` plus the host of
+    /// each host-setting's value (the operator's or the manifest default).
+    fn declared_hosts(&self) -> Vec<DeclaredHost> {
+        let manifest = &self.connector.manifest;
+        let mut hosts = self.connector.hosts.clone();
+        for name in &manifest.host_settings {
+            let value = self.config.settings.get(name).cloned().or_else(|| {
+                manifest
+                    .settings
+                    .iter()
+                    .find(|s| &s.name == name)
+                    .and_then(|s| s.default.clone())
+            });
+            match value.as_deref().map(DeclaredHost::from_setting_url) {
+                Some(Some(host)) => hosts.push(host),
+                Some(None) => tracing::warn!(
+                    connector = %self.connector.name,
+                    setting = %name,
+                    "host setting is not an absolute http(s) URL; ignoring it"
+                ),
+                None => {}
+            }
+        }
+        hosts
+    }
+
+    /// Applies the policy and substitutes secrets; nothing here has side effects.
+    /// Checks `url` against the declared hosts and the operator's rules.
+    pub(crate) fn check_url(&self, url: &str) -> Result<url::Url, PolicyError> {
+        let runtime = &self.runtime.config;
+        let declared = self.declared_hosts();
+        let rules = HostRules {
+            declared: &declared,
+            operator: policy::OperatorHosts {
+                allowed: &runtime.allowed_hosts,
+                denied: &runtime.denied_hosts,
+                allow_private: runtime.allow_private_hosts,
+            },
+        };
+        policy::check_url(url, &rules)
+    }
+
+    /// Time left for a request of this call: the operator's total timeout,
+    /// shortened by the connector's wish and the call's deadline.
+    pub(crate) fn request_timeout(&self, requested_ms: Option<u32>) -> Duration {
+        let total = self.runtime.config.http_total_timeout;
+        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        let requested = requested_ms.map_or(total, |ms| Duration::from_millis(ms.into()));
+        requested.min(total).min(remaining)
+    }
+
+    fn prepare(&mut self, req: Request) -> Result<WireRequest, HttpError> {
+        let runtime = &self.runtime.config;
+        let url = self.check_url(&req.url)?;
+
+        // Only now, for an allowed host, do secrets enter the request.
+        let secret_names: Vec<String> = self
+            .connector
+            .manifest
+            .secrets
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
+        let mut headers = Vec::with_capacity(req.headers.len());
+        for (name, value) in req.headers {
+            http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| HttpError::InvalidRequest(format!("bad header name `{name}`")))?;
+            let value = if policy::has_placeholder(value.as_bytes()) {
+                let bytes =
+                    policy::substitute_secrets(value.as_bytes(), &secret_names, self.secrets())?;
+                // Secret values are ASCII tokens in practice; anything else
+                // cannot go into a header and is refused without echoing it.
+                String::from_utf8(bytes).map_err(|_| {
+                    HttpError::InvalidRequest(format!("header `{name}`: secret is not valid UTF-8"))
+                })?
+            } else {
+                value
+            };
+            let value = if policy::has_token_placeholder(value.as_bytes()) {
+                let bytes = policy::substitute_tokens(value.as_bytes(), &self.tokens)?;
+                String::from_utf8(bytes).map_err(|_| {
+                    HttpError::InvalidRequest(format!("header `{name}`: token is not valid UTF-8"))
+                })?
+            } else {
+                value
+            };
+            // Rejects CR/LF, so a secret cannot smuggle extra headers either.
+            if http::HeaderValue::from_str(&value).is_err() {
+                return Err(HttpError::InvalidRequest(format!(
+                    "header `{name}` has an invalid value"
+                )));
+            }
+            headers.push((name, value));
+        }
+        let body = match req.body {
+            Some(body) if policy::has_placeholder(&body) => Some(policy::substitute_secrets(
+                &body,
+                &secret_names,
+                self.secrets(),
+            )?),
+            other => other,
+        };
+
+        let timeout = self.request_timeout(req.timeout_ms);
+        Ok(WireRequest {
+            method: method(req.method),
+            url,
+            headers,
+            body,
+            timeout,
+            max_response_bytes: runtime.max_response_bytes,
+        })
+    }
+}
+
+impl CallState {
+    /// Takes one request from the connector's budget.
+    pub(crate) fn take_request_budget(&self) -> Result<(), PolicyError> {
+        let taken = self
+            .connector
+            .bucket
+            .lock()
+            .map(|mut b| b.try_take())
+            .unwrap_or(false);
+        if taken {
+            Ok(())
+        } else {
+            Err(PolicyError::Denied(
+                "the connector's outbound request rate limit is exhausted".into(),
+            ))
+        }
+    }
+
+    /// What [`dispatch`] needs, owned, so no borrow of the (not `Sync`)
+    /// call state is held across the request.
+    pub(crate) fn dispatcher(&self) -> Dispatcher {
+        Dispatcher {
+            transport: self.runtime.transport.clone(),
+            connector: self.connector.name.clone(),
+        }
+    }
+
+    /// Replaces any secret or token the remote echoed with its placeholder.
+    fn redact(&self, data: &mut Vec<u8>) {
+        policy::redact_secrets(data, self.secrets());
+        policy::redact_tokens(data, &self.tokens);
+    }
+}
+
+impl Host for CallState {
+    async fn send(&mut self, req: Request) -> Result<Response, HttpError> {
+        self.take_request_budget()?;
+        let wire = self.prepare(req)?;
+        let response = self.dispatcher().send(wire).await?;
+        let mut body = response.body;
+        // A remote that echoes a credential must not hand it to the connector.
+        self.redact(&mut body);
+        let headers = response
+            .headers
+            .into_iter()
+            .map(|(name, value)| {
+                let mut value = value.into_bytes();
+                self.redact(&mut value);
+                (
+                    name.to_ascii_lowercase(),
+                    String::from_utf8_lossy(&value).into_owned(),
+                )
+            })
+            .collect();
+        Ok(Response {
+            status: response.status,
+            headers,
+            body,
+        })
+    }
+}
+
+/// Sends allowed requests for one connector (see [`CallState::dispatcher`]).
+pub(crate) struct Dispatcher {
+    transport: Arc<dyn HttpTransport>,
+    connector: Arc<str>,
+}
+
+impl Dispatcher {
+    /// Sends `wire`, bounded by its timeout, and logs the outcome (never
+    /// headers or bodies: they may hold substituted secrets).
+    pub(crate) async fn send(self, wire: WireRequest) -> Result<WireResponse, WireError> {
+        let (method, host) = (
+            wire.method.clone(),
+            wire.url.host_str().unwrap_or_default().to_owned(),
+        );
+        let timeout = wire.timeout;
+        let started = Instant::now();
+        // The transport should honour `timeout` itself; this bounds one that does not.
+        let result = match tokio::time::timeout(timeout, self.transport.send(wire)).await {
+            Ok(result) => result,
+            Err(_) => Err(WireError::Timeout(format!(
+                "no response within {} ms",
+                timeout.as_millis()
+            ))),
+        };
+        let connector = &self.connector;
+        match &result {
+            Ok(r) => {
+                tracing::debug!(%connector, %method, %host, status = r.status,
+                elapsed_ms = started.elapsed().as_millis() as u64, "outbound request")
+            }
+            Err(e) => tracing::debug!(%connector, %method, %host, error = %e,
+                elapsed_ms = started.elapsed().as_millis() as u64, "outbound request failed"),
+        }
+        result
+    }
+}

@@ -1,0 +1,801 @@
+//! The connector runtime: loads connector components and runs their calls in
+//! a sandbox.
+//!
+//! One wasmtime [`Engine`] with the pooling allocator, a compiled-component
+//! cache keyed by the sha256 of the bytes, an `InstancePre` per loaded
+//! connector and a fresh `Store` per call. Each call has a wall-clock
+//! deadline (epoch interruption stops CPU loops; a timer stops waits) and a
+//! memory cap. The imports a connector sees are one module each: [`http`]
+//! (through [`policy`] and a [`HttpTransport`]), [`settings`], [`crypto`],
+//! [`log`] and [`clock`]. WASI is linked but grants nothing. See
+//! `docs/runtime.md`.
+
+mod clock;
+mod crypto;
+mod http;
+mod log;
+mod manifest;
+mod oauth;
+mod policy;
+mod settings;
+mod state;
+pub mod testkit;
+mod transport;
+pub mod wit;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{
+    Component, ComponentExportIndex, ComponentNamedList, ComponentType, Instance, InstancePre,
+    Lift, Linker, Lower,
+};
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline,
+};
+
+use self::oauth::TokenCache;
+use self::state::{CallState, ConnectorShared, TokenBucket};
+pub use self::transport::{HttpTransport, ReqwestTransport, WireError, WireRequest, WireResponse};
+pub use self::wit::latest::{
+    ChangeKind, ConnectorError, Event, Manifest, Operation, Page, ParsedWebhook, PushRequest,
+    PushResult, RateLimit, RemoteRecord, SecretSpec, SettingSpec, WebhookReply, WebhookRequest,
+};
+
+/// How often the epoch advances. A guest stuck in a loop is stopped at most
+/// one tick after its deadline and yields to the executor once per tick.
+const EPOCH_TICK: Duration = Duration::from_millis(2);
+
+/// Core instances, tables and memories a connector component may create
+/// per component instance (a Rust guest uses 3-4 core instances and one
+/// memory; each memory slot reserves 4 GiB + guard of address space).
+const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
+const TABLES_PER_COMPONENT: u32 = 4;
+const MEMORIES_PER_COMPONENT: u32 = 1;
+
+/// Operator settings for the sandbox and outbound HTTP.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Wall-clock limit of one call (instantiation included).
+    pub call_timeout: Duration,
+    /// Linear memory a call may grow to.
+    pub memory_limit_bytes: usize,
+    /// Allow loopback/private/link-local addresses and plain `http://`.
+    /// For tests and local fakes; never in production.
+    pub allow_private_hosts: bool,
+    /// Operator allow-list of hosts (`api.stripe.com` or `*.stripe.com`);
+    /// empty allows every host a connector declares.
+    pub allowed_hosts: Vec<String>,
+    /// Operator deny-list, same syntax; it wins over the allow-list.
+    pub denied_hosts: Vec<String>,
+    /// TCP + TLS connect timeout of outbound requests.
+    pub http_connect_timeout: Duration,
+    /// Total time of one outbound request; a connector may ask for less.
+    pub http_total_timeout: Duration,
+    /// Largest response body handed to a connector.
+    pub max_response_bytes: usize,
+    /// Instances that may run at once across all connectors (pool slots);
+    /// further calls wait for a free slot.
+    pub max_instances: u32,
+    /// Where compiled components are cached across restarts (wasmtime's
+    /// own cache, keyed by the bytes and the engine settings); `None` keeps
+    /// the in-memory cache only.
+    pub cache_dir: Option<PathBuf>,
+    /// Outbound requests per second per connector (token bucket, bursts of
+    /// the same size); 0 disables the limit.
+    pub http_requests_per_second: u32,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            call_timeout: Duration::from_secs(10),
+            memory_limit_bytes: 64 * 1024 * 1024,
+            allow_private_hosts: false,
+            allowed_hosts: Vec::new(),
+            denied_hosts: Vec::new(),
+            http_connect_timeout: Duration::from_secs(5),
+            http_total_timeout: Duration::from_secs(30),
+            max_response_bytes: 4 * 1024 * 1024,
+            max_instances: 1000,
+            cache_dir: None,
+            http_requests_per_second: 100,
+        }
+    }
+}
+
+/// The operator's per-connector configuration, passed to every call.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectorConfig {
+    /// Non-secret settings by name (what `settings.get` answers).
+    pub settings: BTreeMap<String, String>,
+    /// Secret values by name; a connector can only name them.
+    pub secrets: BTreeMap<String, secrecy::SecretString>,
+}
+
+/// The runtime could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// wasmtime rejected the engine configuration (e.g. the pool cannot be
+    /// reserved with these limits).
+    #[error("cannot create the WebAssembly engine: {0}")]
+    Engine(String),
+    /// The compiled-code cache directory is unusable.
+    #[error("cannot use the compiled-code cache: {0}")]
+    Cache(String),
+    /// The HTTP client could not be built.
+    #[error("cannot create the HTTP client: {0}")]
+    Transport(String),
+}
+
+/// Why a component was refused at load time.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The bytes are not WebAssembly at all.
+    #[error("not a WebAssembly file: it does not start with the `\\0asm` magic bytes")]
+    NotWasm,
+    /// A core module, e.g. built for `wasm32-unknown-unknown` or `wasm32-wasip1`.
+    #[error(
+        "this is a core WebAssembly module, not a component; build the connector with \
+         `cargo build --target wasm32-wasip2 --release`, which produces a component"
+    )]
+    CoreModule,
+    /// The binary header names a WebAssembly version or layer we do not know.
+    #[error("unsupported WebAssembly binary version/layer {0:02x?}")]
+    UnknownVersion([u8; 4]),
+    /// wasmtime could not validate or compile the component.
+    #[error("invalid component: {0}")]
+    Compile(String),
+    /// The component targets no world this host runs (not a connector, a
+    /// newer or an unsupported version of `ferry:connector`).
+    #[error("{0}")]
+    World(wit::WorldMismatch),
+    /// The component's imports or exports do not match its world.
+    #[error("the component does not implement the ferry:connector world it names: {0}")]
+    WrongWorld(String),
+    /// `manifest()` failed (trap, deadline, ...).
+    #[error("calling manifest() failed: {0}")]
+    ManifestCall(#[source] CallError),
+    /// The manifest's content is invalid.
+    #[error("invalid manifest: {0}")]
+    InvalidManifest(String),
+    /// The manifest declares a host the operator forbids (deny-list, not on
+    /// the allow-list, or a private address).
+    #[error("forbidden host: {0}")]
+    ForbiddenHost(String),
+}
+
+/// Why a connector call produced no result.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CallError {
+    /// The connector answered with an error; its case drives retries.
+    #[error("connector error: {0}")]
+    Connector(ConnectorError),
+    /// The call ran past `call_timeout` and was stopped.
+    #[error("the call exceeded its deadline")]
+    DeadlineExceeded,
+    /// The guest hit the memory cap (or another sandbox limit, e.g. its stack).
+    #[error("the call exhausted a sandbox limit: {0}")]
+    ResourceExhausted(String),
+    /// The guest trapped (panic, abort, invalid operation): a connector bug.
+    #[error("the connector trapped: {0}")]
+    Trap(String),
+    /// The host could not create an instance (e.g. the pool is exhausted).
+    #[error("cannot instantiate the connector: {0}")]
+    Instantiate(String),
+}
+
+/// State shared by the runtime and all calls.
+pub(crate) struct RuntimeShared {
+    pub(crate) config: RuntimeConfig,
+    pub(crate) transport: Arc<dyn HttpTransport>,
+}
+
+struct RuntimeInner {
+    shared: Arc<RuntimeShared>,
+    engine: Engine,
+    linker: Linker<CallState>,
+    /// Compiled components by sha256 of their bytes.
+    components: Mutex<HashMap<String, Component>>,
+    /// One permit per pool slot, so calls beyond the pool wait instead of failing.
+    slots: Arc<tokio::sync::Semaphore>,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl Drop for RuntimeInner {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Loads and runs connectors. Cheap to clone; clones share the engine,
+/// the caches and the instance pool.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<RuntimeInner>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("config", &self.inner.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// A runtime whose connectors reach the network through [`ReqwestTransport`].
+    pub fn new(config: RuntimeConfig) -> Result<Runtime, RuntimeError> {
+        let transport =
+            ReqwestTransport::new(config.http_connect_timeout, config.allow_private_hosts)
+                .map_err(|e| RuntimeError::Transport(e.to_string()))?;
+        Self::with_transport(config, Arc::new(transport))
+    }
+
+    /// A runtime whose connectors' allowed requests go to `transport`
+    /// (the policy still applies before it).
+    pub fn with_transport(
+        config: RuntimeConfig,
+        transport: Arc<dyn HttpTransport>,
+    ) -> Result<Runtime, RuntimeError> {
+        let engine = build_engine(&config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| RuntimeError::Engine(chain(&e)))?;
+        wit::add_to_linker(&mut linker).map_err(|e| RuntimeError::Engine(chain(&e)))?;
+
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        spawn_epoch_ticker(engine.clone(), stop_ticker.clone())?;
+        let slots = Arc::new(tokio::sync::Semaphore::new(config.max_instances as usize));
+        Ok(Runtime {
+            inner: Arc::new(RuntimeInner {
+                shared: Arc::new(RuntimeShared { config, transport }),
+                engine,
+                linker,
+                components: Mutex::new(HashMap::new()),
+                slots,
+                stop_ticker,
+            }),
+        })
+    }
+
+    /// The configuration this runtime was built with.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.shared.config
+    }
+
+    /// Validates `wasm` as a connector component, compiles it (or takes it
+    /// from the cache), links it and reads and checks its manifest.
+    #[tracing::instrument(skip_all, fields(bytes = wasm.len()))]
+    pub async fn load(&self, wasm: &[u8]) -> Result<Arc<Connector>, LoadError> {
+        check_header(wasm)?;
+        let sha256 = hex::encode(Sha256::digest(wasm));
+        let component = self.compile(&sha256, wasm).await?;
+        let world = wit::detect(&component, &self.inner.engine).map_err(LoadError::World)?;
+        let pre = self
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::WrongWorld(chain(&e)))?;
+        // Checks that the world's exports exist; their types are checked on
+        // a live instance when the manifest is read.
+        let exports = ExportIndices::new(&component, world).map_err(LoadError::WrongWorld)?;
+
+        let mut connector = Connector {
+            runtime: self.inner.clone(),
+            pre,
+            exports,
+            shared: Arc::new(ConnectorShared::loading()),
+            sha256,
+            code_bytes: code_size(&component),
+        };
+        let manifest = connector.read_manifest().await?;
+        let hosts = manifest::validate(&manifest).map_err(LoadError::InvalidManifest)?;
+        let config = &self.inner.shared.config;
+        policy::check_declared_hosts(
+            &hosts,
+            &policy::OperatorHosts {
+                allowed: &config.allowed_hosts,
+                denied: &config.denied_hosts,
+                allow_private: config.allow_private_hosts,
+            },
+        )
+        .map_err(LoadError::ForbiddenHost)?;
+        connector.shared = Arc::new(ConnectorShared {
+            name: Arc::from(manifest.name.as_str()),
+            manifest,
+            hosts,
+            bucket: Mutex::new(TokenBucket::new(
+                self.inner.shared.config.http_requests_per_second,
+            )),
+            tokens: TokenCache::default(),
+        });
+        tracing::debug!(connector = %connector.name(), version = %connector.manifest().version,
+            world = %world, sha256 = %connector.sha256, "connector compiled and checked");
+        Ok(Arc::new(connector))
+    }
+
+    async fn compile(&self, sha256: &str, wasm: &[u8]) -> Result<Component, LoadError> {
+        if let Some(c) = self
+            .inner
+            .components
+            .lock()
+            .ok()
+            .and_then(|m| m.get(sha256).cloned())
+        {
+            return Ok(c);
+        }
+        // Compiling takes up to seconds of CPU: keep it off the async workers.
+        let engine = self.inner.engine.clone();
+        let bytes = wasm.to_vec();
+        let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
+            .await
+            .map_err(|e| LoadError::Compile(format!("compiler task failed: {e}")))?
+            .map_err(|e| LoadError::Compile(chain(&e)))?;
+        if let Ok(mut map) = self.inner.components.lock() {
+            map.insert(sha256.to_owned(), component.clone());
+        }
+        Ok(component)
+    }
+}
+
+fn build_engine(config: &RuntimeConfig) -> Result<Engine, RuntimeError> {
+    let mut pool = PoolingAllocationConfig::default();
+    let n = config.max_instances.max(1);
+    let memory_limit = config.memory_limit_bytes.max(64 * 1024);
+    pool.total_component_instances(n)
+        .total_core_instances(n.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+        .total_memories(n.saturating_mul(MEMORIES_PER_COMPONENT))
+        .total_tables(n.saturating_mul(TABLES_PER_COMPONENT))
+        .total_stacks(n)
+        .max_memory_size(memory_limit)
+        // On reuse, reset only the pages a guest dirtied (Linux >= 6.7) and
+        // do it with memset rather than madvise, so the next call on the
+        // slot takes no page faults. A Rust guest's stack sits below 1 MiB.
+        .pagemap_scan(wasmtime::Enabled::Auto)
+        .linear_memory_keep_resident(2 * 1024 * 1024)
+        .table_keep_resident(64 * 1024);
+
+    let mut wasm = wasmtime::Config::new();
+    wasm.wasm_component_model(true)
+        .epoch_interruption(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+        .cranelift_opt_level(wasmtime::OptLevel::Speed)
+        .memory_init_cow(true)
+        // Traps carry no wasm backtrace: cheaper to raise and a guest's
+        // frames mean nothing to the operator.
+        .wasm_backtrace_max_frames(None);
+    if let Some(dir) = &config.cache_dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| RuntimeError::Cache(format!("{}: {e}", dir.display())))?;
+        let mut cache_config = wasmtime::CacheConfig::new();
+        cache_config.with_directory(dir);
+        let cache =
+            wasmtime::Cache::new(cache_config).map_err(|e| RuntimeError::Cache(chain(&e)))?;
+        wasm.cache(Some(cache));
+    }
+    Engine::new(&wasm).map_err(|e| RuntimeError::Engine(chain(&e)))
+}
+
+fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) -> Result<(), RuntimeError> {
+    // A plain thread: it must tick even when every async worker is busy.
+    let weak = engine.weak();
+    drop(engine);
+    std::thread::Builder::new()
+        .name("ferry-epoch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|e| RuntimeError::Engine(format!("cannot start the epoch thread: {e}")))
+}
+
+/// Tells garbage, core modules and components apart before wasmtime's
+/// messages (which assume a component) would confuse the operator.
+fn check_header(wasm: &[u8]) -> Result<(), LoadError> {
+    if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
+        return Err(LoadError::NotWasm);
+    }
+    match [wasm[4], wasm[5], wasm[6], wasm[7]] {
+        [1, 0, 0, 0] => Err(LoadError::CoreModule),
+        // Version 0x0d, layer 1: the component model's binary format.
+        [0x0d, 0x00, 0x01, 0x00] => Ok(()),
+        other => Err(LoadError::UnknownVersion(other)),
+    }
+}
+
+fn code_size(component: &Component) -> usize {
+    let range = component.image_range();
+    (range.end as usize).saturating_sub(range.start as usize)
+}
+
+/// An error and its causes on one line.
+fn chain(e: &wasmtime::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&cause.to_string());
+    }
+    out
+}
+
+/// A loaded connector: its manifest and a linked, ready-to-instantiate
+/// component. Every call runs in a fresh instance.
+pub struct Connector {
+    runtime: Arc<RuntimeInner>,
+    pre: InstancePre<CallState>,
+    exports: ExportIndices,
+    shared: Arc<ConnectorShared>,
+    sha256: String,
+    code_bytes: usize,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("name", &self.name())
+            .field("version", &self.manifest().version)
+            .field("sha256", &self.sha256)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a failed call failed: creating the instance or running the export.
+enum Failure {
+    Instantiate(wasmtime::Error),
+    Call(wasmtime::Error),
+}
+
+/// The world's exports, looked up by name once per component. A call then
+/// type-checks only the one function it uses, not all six.
+struct ExportIndices {
+    world: wit::WorldVersion,
+    get_manifest: ComponentExportIndex,
+    verify_webhook: ComponentExportIndex,
+    parse_webhook: ComponentExportIndex,
+    push: ComponentExportIndex,
+    fetch: ComponentExportIndex,
+    list: ComponentExportIndex,
+}
+
+impl ExportIndices {
+    fn new(component: &Component, world: wit::WorldVersion) -> Result<Self, String> {
+        let handler = world.handler();
+        let interface = component
+            .get_export_index(None, &handler)
+            .ok_or_else(|| format!("no exported instance named `{handler}`"))?;
+        let lookup = |name: &str| {
+            component
+                .get_export_index(Some(&interface), name)
+                .ok_or_else(|| format!("`{handler}` does not export `{name}`"))
+        };
+        Ok(Self {
+            world,
+            get_manifest: lookup("get-manifest")?,
+            verify_webhook: lookup("verify-webhook")?,
+            parse_webhook: lookup("parse-webhook")?,
+            push: lookup("push")?,
+            fetch: lookup("fetch")?,
+            list: lookup("list")?,
+        })
+    }
+}
+
+impl Connector {
+    /// The manifest the component returned at load time.
+    pub fn manifest(&self) -> &Manifest {
+        &self.shared.manifest
+    }
+
+    /// The connector's name (from the manifest).
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The version of the `ferry:connector` world the component targets.
+    pub fn world(&self) -> wit::WorldVersion {
+        self.exports.world
+    }
+
+    /// Hex sha256 of the component bytes.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// Bytes of compiled machine code held for this component.
+    pub fn code_size(&self) -> usize {
+        self.code_bytes
+    }
+
+    /// Checks a webhook's signature before anything is parsed.
+    #[tracing::instrument(skip_all, fields(connector = %self.name()))]
+    pub async fn verify_webhook(
+        &self,
+        cfg: &ConnectorConfig,
+        req: WebhookRequest,
+    ) -> Result<(), CallError> {
+        self.call_export::<(&WebhookRequest,), Result<(), ConnectorError>>(
+            cfg,
+            &self.exports.verify_webhook,
+            (&req,),
+        )
+        .await?
+        .map_err(CallError::Connector)
+    }
+
+    /// Turns a verified webhook into events.
+    #[tracing::instrument(skip_all, fields(connector = %self.name()))]
+    pub async fn parse_webhook(
+        &self,
+        cfg: &ConnectorConfig,
+        req: WebhookRequest,
+    ) -> Result<ParsedWebhook, CallError> {
+        self.call_export::<(&WebhookRequest,), Result<ParsedWebhook, ConnectorError>>(
+            cfg,
+            &self.exports.parse_webhook,
+            (&req,),
+        )
+        .await?
+        .map_err(CallError::Connector)
+    }
+
+    /// Handles one webhook delivery: `verify-webhook` and then
+    /// `parse-webhook` on ONE fresh instance, under one deadline (a delivery
+    /// is one logical call, and instantiating once halves the sandbox cost).
+    ///
+    /// If verification fails the call returns that error, normally
+    /// `CallError::Connector(ConnectorError::InvalidSignature(..))`, and
+    /// `parse-webhook` is never called: unverified bytes are never parsed.
+    #[tracing::instrument(skip_all, fields(connector = %self.name()))]
+    pub async fn receive_webhook(
+        &self,
+        cfg: &ConnectorConfig,
+        req: WebhookRequest,
+    ) -> Result<ParsedWebhook, CallError> {
+        self.run(cfg, async |store, instance| {
+            let verdict: Result<(), ConnectorError> =
+                call_typed(store, &instance, &self.exports.verify_webhook, (&req,)).await?;
+            if let Err(e) = verdict {
+                return Ok(Err(e));
+            }
+            call_typed(store, &instance, &self.exports.parse_webhook, (&req,)).await
+        })
+        .await?
+        .map_err(CallError::Connector)
+    }
+
+    /// Creates, updates or deletes one remote record.
+    #[tracing::instrument(skip_all, fields(connector = %self.name(), entity = %req.entity, local_id = %req.local_id))]
+    pub async fn push(
+        &self,
+        cfg: &ConnectorConfig,
+        req: PushRequest,
+    ) -> Result<PushResult, CallError> {
+        self.call_export::<(&PushRequest,), Result<PushResult, ConnectorError>>(
+            cfg,
+            &self.exports.push,
+            (&req,),
+        )
+        .await?
+        .map_err(CallError::Connector)
+    }
+
+    /// Reads one remote record.
+    #[tracing::instrument(skip_all, fields(connector = %self.name(), entity, remote_id))]
+    pub async fn fetch(
+        &self,
+        cfg: &ConnectorConfig,
+        entity: &str,
+        remote_id: &str,
+    ) -> Result<RemoteRecord, CallError> {
+        self.call_export::<(&str, &str), Result<RemoteRecord, ConnectorError>>(
+            cfg,
+            &self.exports.fetch,
+            (entity, remote_id),
+        )
+        .await?
+        .map_err(CallError::Connector)
+    }
+
+    /// Reads a page of remote records after `cursor`, `limit` at most.
+    #[tracing::instrument(skip_all, fields(connector = %self.name(), entity))]
+    pub async fn list(
+        &self,
+        cfg: &ConnectorConfig,
+        entity: &str,
+        cursor: Option<String>,
+        limit: u32,
+    ) -> Result<Page, CallError> {
+        self.call_export::<(&str, Option<&str>, u32), Result<Page, ConnectorError>>(
+            cfg,
+            &self.exports.list,
+            (entity, cursor.as_deref(), limit),
+        )
+        .await?
+        .map_err(CallError::Connector)
+    }
+
+    /// Reads the manifest on a fresh instance, checking on the way that every
+    /// export has the world's types (a mismatch is a [`LoadError::WrongWorld`]).
+    async fn read_manifest(&self) -> Result<Manifest, LoadError> {
+        let mut type_error = None;
+        let result = self
+            .run(&ConnectorConfig::default(), async |store, instance| {
+                let typed = match self.exports.world {
+                    wit::WorldVersion::V0_1_0 => {
+                        wit::since_v0_1_0::Connector::new(&mut *store, &instance).map(drop)
+                    }
+                    wit::WorldVersion::V0_2_0 => {
+                        wit::since_v0_2_0::Connector::new(&mut *store, &instance).map(drop)
+                    }
+                };
+                if let Err(e) = typed {
+                    type_error = Some(chain(&e));
+                    return Err(Failure::Instantiate(e));
+                }
+                let f = instance
+                    .get_typed_func::<(), (Manifest,)>(&mut *store, &self.exports.get_manifest)
+                    .map_err(Failure::Instantiate)?;
+                let (manifest,) = f.call_async(&mut *store, ()).await.map_err(Failure::Call)?;
+                Ok(manifest)
+            })
+            .await;
+        match (result, type_error) {
+            (_, Some(e)) => Err(LoadError::WrongWorld(e)),
+            (Ok(manifest), None) => Ok(manifest),
+            (Err(e), None) => Err(LoadError::ManifestCall(e)),
+        }
+    }
+
+    /// Calls one export with `params` on a fresh instance.
+    async fn call_export<P, R>(
+        &self,
+        cfg: &ConnectorConfig,
+        export: &ComponentExportIndex,
+        params: P,
+    ) -> Result<R, CallError>
+    where
+        P: ComponentNamedList + Lower + Send + Sync,
+        R: ComponentType + Lift + Send + Sync + 'static,
+        (R,): ComponentNamedList + Lift + Send + Sync,
+    {
+        self.run(cfg, async |store, instance| {
+            call_typed(store, &instance, export, params).await
+        })
+        .await
+    }
+
+    /// Runs `body` on a fresh instance in a fresh store, under the call's
+    /// deadline and limits, and turns whatever went wrong into a [`CallError`].
+    /// `body` may call several exports (see [`call_typed`]); they share the
+    /// instance, the store and the one deadline.
+    async fn run<R>(
+        &self,
+        cfg: &ConnectorConfig,
+        body: impl AsyncFnOnce(&mut Store<CallState>, Instance) -> Result<R, Failure>,
+    ) -> Result<R, CallError> {
+        let runtime = &self.runtime;
+        let timeout = runtime.shared.config.call_timeout;
+        let deadline = Instant::now() + timeout;
+        let _slot = runtime
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| CallError::Instantiate("the runtime is shutting down".into()))?;
+        let state = CallState::new(
+            runtime.shared.clone(),
+            self.shared.clone(),
+            cfg.clone(),
+            deadline,
+        );
+        let mut store = Store::new(&runtime.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|ctx| {
+            if Instant::now() >= ctx.data().deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                // Let other tasks on this worker run while a guest computes.
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+
+        let run = async {
+            let instance = self
+                .pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(Failure::Instantiate)?;
+            body(&mut store, instance).await
+        };
+        // The epoch stops a computing guest; this timer stops one waiting on
+        // the host (an HTTP request). Dropping the future abandons the store.
+        let outcome = tokio::time::timeout(timeout, run).await;
+        let memory_hit = store.data().limiter.hit;
+        match outcome {
+            Err(_elapsed) => Err(CallError::DeadlineExceeded),
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(Failure::Instantiate(e))) if memory_hit => {
+                Err(CallError::ResourceExhausted(format!(
+                    "instantiation needs more memory than the limit: {}",
+                    chain(&e)
+                )))
+            }
+            Ok(Err(Failure::Instantiate(e))) => Err(CallError::Instantiate(chain(&e))),
+            Ok(Err(Failure::Call(e))) => Err(self.classify_trap(&e, memory_hit)),
+        }
+    }
+
+    fn classify_trap(&self, e: &wasmtime::Error, memory_hit: bool) -> CallError {
+        let limit = self.runtime.shared.config.memory_limit_bytes;
+        let error = match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => CallError::DeadlineExceeded,
+            Some(Trap::StackOverflow) => CallError::ResourceExhausted("stack overflow".into()),
+            // A Rust guest aborts (an `unreachable` trap) when an allocation
+            // fails; the limiter saw the refused growth, so say what happened.
+            _ if memory_hit => {
+                CallError::ResourceExhausted(format!("memory limit of {limit} bytes reached"))
+            }
+            _ => CallError::Trap(chain(e)),
+        };
+        tracing::warn!(connector = %self.name(), error = %error, "connector call failed in the sandbox");
+        error
+    }
+}
+
+/// Calls one export of a live instance; a [`Connector::run`] body may call
+/// several in a row (wasmtime runs each call's post-return before the next).
+async fn call_typed<P, R>(
+    store: &mut Store<CallState>,
+    instance: &Instance,
+    export: &ComponentExportIndex,
+    params: P,
+) -> Result<R, Failure>
+where
+    P: ComponentNamedList + Lower + Send + Sync,
+    R: ComponentType + Lift + Send + Sync + 'static,
+    (R,): ComponentNamedList + Lift + Send + Sync,
+{
+    let f = instance
+        .get_typed_func::<P, (R,)>(&mut *store, export)
+        .map_err(Failure::Instantiate)?;
+    let (result,) = f
+        .call_async(&mut *store, params)
+        .await
+        .map_err(Failure::Call)?;
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_check_tells_kinds_apart() {
+        assert!(matches!(
+            check_header(b"hello world"),
+            Err(LoadError::NotWasm)
+        ));
+        assert!(matches!(
+            check_header(b"\0asm\x01\0\0\0"),
+            Err(LoadError::CoreModule)
+        ));
+        assert!(check_header(b"\0asm\x0d\0\x01\0").is_ok());
+        assert!(matches!(
+            check_header(b"\0asm\x02\0\0\0"),
+            Err(LoadError::UnknownVersion(_))
+        ));
+    }
+}

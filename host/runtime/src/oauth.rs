@@ -1,0 +1,360 @@
+//! `oauth`: OAuth 2.0 client-credentials tokens that the host obtains, caches
+//! per connector and substitutes for `{{token:NAME}}` in header values.
+//!
+//! The token request goes through the same egress policy as `http.send`
+//! (declared hosts only, the connector's request budget, the call's
+//! deadline), with the client id and secret taken from the connector's
+//! secrets host-side. The token itself never enters the component: a call
+//! that obtained token `NAME` may use its placeholder, and any echo of it in
+//! a response is redacted.
+//!
+//! One [`TokenCache`] lives with each loaded connector, so every call of the
+//! connector shares its tokens. A cached token is reused until it expires
+//! (`expires_in`, less a margin), the grant's secrets change, or the
+//! connector reports it refused with `invalidate`. Concurrent calls wait on
+//! one token request instead of each sending their own.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::http::Dispatcher;
+use super::policy::{self, PolicyError};
+use super::state::CallState;
+use super::transport::{WireError, WireRequest};
+use super::wit::latest::ferry::connector::oauth::{ClientCredentials, Host, TokenInfo};
+use super::wit::latest::{ConnectorError, RateLimit};
+
+/// A token is treated as expired this long before the server says it is, so
+/// a request started just before the expiry does not carry a dead token.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+
+/// Token response fields that are credentials and stay in the host.
+const SECRET_FIELDS: &[&str] = &["access_token", "refresh_token", "id_token"];
+
+/// The tokens of one loaded connector, by name.
+#[derive(Default)]
+pub(crate) struct TokenCache {
+    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
+    generations: AtomicU64,
+}
+
+impl TokenCache {
+    fn slot(&self, name: &str) -> Arc<tokio::sync::Mutex<Option<Cached>>> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.entry(name.to_owned()).or_default().clone()
+    }
+
+    fn next_generation(&self) -> u64 {
+        self.generations.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+struct Cached {
+    value: SecretString,
+    generation: u64,
+    /// Non-secret response fields, as JSON object text.
+    fields: String,
+    expires_at: Option<(Instant, i64)>,
+    /// Hash of the grant and its secret values: a rotated secret or another
+    /// endpoint means another token.
+    grant: [u8; 32],
+}
+
+impl Cached {
+    fn is_fresh(&self, grant: &[u8; 32]) -> bool {
+        &self.grant == grant
+            && self
+                .expires_at
+                .is_none_or(|(at, _)| Instant::now() + EXPIRY_MARGIN < at)
+    }
+
+    fn info(&self) -> TokenInfo {
+        TokenInfo {
+            generation: self.generation,
+            fields: self.fields.clone(),
+            expires_at_ms: self.expires_at.map(|(_, ms)| ms),
+        }
+    }
+}
+
+impl CallState {
+    /// The value of a secret the manifest declares, for a host-side request.
+    fn grant_secret(&self, name: &str) -> Result<&SecretString, ConnectorError> {
+        if !self
+            .connector
+            .manifest
+            .secrets
+            .iter()
+            .any(|s| s.name == name)
+        {
+            return Err(ConnectorError::Permanent(format!(
+                "secret `{name}` is not declared in the manifest"
+            )));
+        }
+        self.secrets().get(name).ok_or_else(|| {
+            ConnectorError::Unauthorized(format!("secret `{name}` has no value configured"))
+        })
+    }
+
+    /// The token request for `grant`, allowed by the egress policy, with
+    /// the client's credentials filled in host-side.
+    fn token_request(&self, grant: &ClientCredentials) -> Result<WireRequest, ConnectorError> {
+        let url = self.check_url(&grant.token_url).map_err(|e| {
+            let (PolicyError::Denied(m) | PolicyError::Invalid(m)) = e;
+            ConnectorError::Permanent(format!("token endpoint refused: {m}"))
+        })?;
+        let client_id = self.grant_secret(&grant.client_id_secret)?;
+        let client_secret = self.grant_secret(&grant.client_secret_secret)?;
+        let mut form = vec![
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id.expose_secret()),
+            ("client_secret", client_secret.expose_secret()),
+        ];
+        if let Some(scope) = &grant.scope {
+            form.push(("scope", scope));
+        }
+        let body = serde_urlencoded::to_string(&form)
+            .map_err(|e| ConnectorError::Permanent(format!("token request: {e}")))?;
+        self.take_request_budget().map_err(|e| {
+            let (PolicyError::Denied(m) | PolicyError::Invalid(m)) = e;
+            ConnectorError::RateLimited(RateLimit {
+                retry_after_ms: Some(1000),
+                message: m,
+            })
+        })?;
+        Ok(WireRequest {
+            method: http::Method::POST,
+            url,
+            headers: vec![
+                (
+                    "content-type".into(),
+                    "application/x-www-form-urlencoded".into(),
+                ),
+                ("accept".into(), "application/json".into()),
+            ],
+            body: Some(body.into_bytes()),
+            timeout: self.request_timeout(None),
+            max_response_bytes: self.runtime.config.max_response_bytes,
+        })
+    }
+}
+
+/// Sends a token request and reads the answer.
+async fn request_token(
+    wire: WireRequest,
+    dispatcher: Dispatcher,
+    secrets: &BTreeMap<String, SecretString>,
+    generation: u64,
+    fingerprint: [u8; 32],
+) -> Result<Cached, ConnectorError> {
+    let response = dispatcher.send(wire).await.map_err(|e| match e {
+        WireError::Denied(m) => ConnectorError::Permanent(format!("token endpoint: {m}")),
+        other => ConnectorError::Retryable(format!("token endpoint: {other}")),
+    })?;
+    if !(200..300).contains(&response.status) {
+        let mut body = response.body;
+        policy::redact_secrets(&mut body, secrets);
+        return Err(token_error(response.status, &body, &response.headers));
+    }
+    parse_token(&response.body, generation, fingerprint)
+}
+
+/// Maps a refused token request onto the connector's error cases.
+fn token_error(status: u16, body: &[u8], headers: &[(String, String)]) -> ConnectorError {
+    let parsed: Option<Map<String, Value>> = serde_json::from_slice(body).ok();
+    let text = |k: &str| {
+        parsed
+            .as_ref()
+            .and_then(|m| m.get(k))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (code, description) = (text("error"), text("error_description"));
+    let message = format!("token endpoint answered HTTP {status}: {code} {description}");
+    match (status, code.as_str()) {
+        (429, _) => ConnectorError::RateLimited(RateLimit {
+            retry_after_ms: headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
+                .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+                .map(|s| s.saturating_mul(1000)),
+            message,
+        }),
+        (500.., _) | (408, _) => ConnectorError::Retryable(message),
+        (_, "invalid_client" | "invalid_grant" | "unauthorized_client" | "access_denied")
+        | (401 | 403, _) => ConnectorError::Unauthorized(message),
+        _ => ConnectorError::Permanent(message),
+    }
+}
+
+fn parse_token(body: &[u8], generation: u64, grant: [u8; 32]) -> Result<Cached, ConnectorError> {
+    let mut fields: Map<String, Value> = serde_json::from_slice(body).map_err(|e| {
+        ConnectorError::Permanent(format!("token response is not a JSON object: {e}"))
+    })?;
+    let value = match fields.get("access_token") {
+        Some(Value::String(token)) if !token.is_empty() => SecretString::from(token.clone()),
+        _ => {
+            return Err(ConnectorError::Permanent(
+                "token response has no access_token".into(),
+            ))
+        }
+    };
+    for name in SECRET_FIELDS {
+        fields.remove(*name);
+    }
+    let expires_at = fields
+        .get("expires_in")
+        .and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()))
+        .map(|secs| {
+            let ttl = Duration::from_secs(secs);
+            let wall = chrono::Utc::now().timestamp_millis()
+                + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+            (Instant::now() + ttl, wall)
+        });
+    Ok(Cached {
+        value,
+        generation,
+        fields: Value::Object(fields).to_string(),
+        expires_at,
+        grant,
+    })
+}
+
+fn check_name(name: &str) -> Result<(), ConnectorError> {
+    if policy::is_placeholder_name(name.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ConnectorError::Permanent(format!(
+            "token name `{name}` must match [a-z0-9_]+"
+        )))
+    }
+}
+
+impl Host for CallState {
+    async fn client_credentials_token(
+        &mut self,
+        name: String,
+        grant: ClientCredentials,
+    ) -> Result<TokenInfo, ConnectorError> {
+        check_name(&name)?;
+        let fingerprint = {
+            let mut hash = Sha256::new();
+            for part in [
+                grant.token_url.as_str(),
+                self.grant_secret(&grant.client_id_secret)?.expose_secret(),
+                self.grant_secret(&grant.client_secret_secret)?
+                    .expose_secret(),
+                grant.scope.as_deref().unwrap_or_default(),
+            ] {
+                hash.update((part.len() as u64).to_le_bytes());
+                hash.update(part.as_bytes());
+            }
+            <[u8; 32]>::from(hash.finalize())
+        };
+        let slot = self.connector.tokens.slot(&name);
+        // Holding the slot while the request runs makes concurrent calls wait
+        // for this token instead of each asking for their own.
+        let mut cached = slot.lock().await;
+        if let Some(token) = cached.as_ref().filter(|t| t.is_fresh(&fingerprint)) {
+            self.tokens.insert(name, token.value.clone());
+            return Ok(token.info());
+        }
+        let generation = self.connector.tokens.next_generation();
+        let wire = self.token_request(&grant)?;
+        let secrets = self.secrets().clone();
+        let token =
+            request_token(wire, self.dispatcher(), &secrets, generation, fingerprint).await?;
+        tracing::info!(connector = %self.connector.name, token = %name, generation,
+            "obtained an OAuth token");
+        let info = token.info();
+        self.tokens.insert(name, token.value.clone());
+        *cached = Some(token);
+        Ok(info)
+    }
+
+    async fn invalidate(&mut self, name: String, generation: u64) {
+        let slot = self.connector.tokens.slot(&name);
+        let mut cached = slot.lock().await;
+        if cached.as_ref().is_some_and(|t| t.generation == generation) {
+            tracing::info!(connector = %self.connector.name, token = %name, generation,
+                "OAuth token refused by the remote; dropping it");
+            *cached = None;
+        }
+        self.tokens.remove(&name);
+    }
+}
+
+/// The call-local view: token name -> value, for placeholder substitution.
+pub(crate) type CallTokens = BTreeMap<String, SecretString>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_response_keeps_its_value_in_the_host() {
+        let body =
+            br#"{"access_token":"00Dx!AQ.secret","instance_url":"https://acme.my.salesforce.com",
+            "token_type":"Bearer","issued_at":"1700000000000","refresh_token":"r","id_token":"i"}"#;
+        let cached = parse_token(body, 7, [0; 32]).unwrap();
+        assert_eq!(cached.value.expose_secret(), "00Dx!AQ.secret");
+        let info = cached.info();
+        assert_eq!(info.generation, 7);
+        assert_eq!(
+            info.expires_at_ms, None,
+            "no expires_in: kept until invalidated"
+        );
+        let fields: Map<String, Value> = serde_json::from_str(&info.fields).unwrap();
+        assert_eq!(fields["instance_url"], "https://acme.my.salesforce.com");
+        for secret in SECRET_FIELDS {
+            assert!(!fields.contains_key(*secret), "{secret} leaked");
+        }
+        assert!(cached.is_fresh(&[0; 32]));
+        assert!(!cached.is_fresh(&[1; 32]), "another grant is another token");
+    }
+
+    #[test]
+    fn expiry_counts_with_a_margin() {
+        let soon = parse_token(br#"{"access_token":"t","expires_in":10}"#, 1, [0; 32]).unwrap();
+        assert!(!soon.is_fresh(&[0; 32]), "within the margin");
+        let later =
+            parse_token(br#"{"access_token":"t","expires_in":"3600"}"#, 1, [0; 32]).unwrap();
+        assert!(later.is_fresh(&[0; 32]));
+        assert!(later.info().expires_at_ms.is_some());
+    }
+
+    #[test]
+    fn refusals_map_onto_connector_errors() {
+        let refused = token_error(
+            400,
+            br#"{"error":"invalid_client","error_description":"bad"}"#,
+            &[],
+        );
+        assert!(
+            matches!(refused, ConnectorError::Unauthorized(_)),
+            "{refused:?}"
+        );
+        let grant = token_error(400, br#"{"error":"unsupported_grant_type"}"#, &[]);
+        assert!(matches!(grant, ConnectorError::Permanent(_)), "{grant:?}");
+        let limited = token_error(429, b"", &[("Retry-After".into(), "3".into())]);
+        assert!(
+            matches!(&limited, ConnectorError::RateLimited(r) if r.retry_after_ms == Some(3000)),
+            "{limited:?}"
+        );
+        assert!(matches!(
+            token_error(503, b"<html>", &[]),
+            ConnectorError::Retryable(_)
+        ));
+        assert!(matches!(
+            parse_token(b"{}", 1, [0; 32]),
+            Err(ConnectorError::Permanent(_))
+        ));
+    }
+}

@@ -1,0 +1,565 @@
+//! The outbound HTTP policy, applied before anything touches the wire: which
+//! hosts a connector may reach, which addresses are never dialled, and where
+//! `{{secret:NAME}}` placeholders are replaced by secret values.
+//!
+//! Pure functions over the manifest, the operator's settings and the request,
+//! so every rule is unit-tested without a network.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use secrecy::{ExposeSecret, SecretString};
+use url::{Host, Url};
+
+/// Why the policy refused a request, mapped onto `http-error` at the boundary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PolicyError {
+    /// `http-error.denied`: the request is well-formed but not allowed.
+    Denied(String),
+    /// `http-error.invalid-request`: the URL or a header is malformed.
+    Invalid(String),
+}
+
+/// A host a connector may call: from the manifest's `hosts` (port `None`
+/// means the scheme's default port) or from a host-setting URL (its port).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DeclaredHost {
+    pub(crate) host: String,
+    pub(crate) port: Option<u16>,
+}
+
+impl DeclaredHost {
+    /// Parses a manifest `hosts` entry, `host` or `host:port`, nothing else.
+    pub(crate) fn from_manifest_entry(entry: &str) -> Result<Self, String> {
+        let invalid = || format!("`{entry}` is not a host name or host:port");
+        if entry.is_empty() || entry.contains(['/', '?', '#', '@', '*']) || entry.contains("://") {
+            return Err(invalid());
+        }
+        let url = Url::parse(&format!("https://{entry}")).map_err(|_| invalid())?;
+        let host = url.host().map(normalize_host).ok_or_else(invalid)?;
+        Ok(Self {
+            host,
+            port: url.port(),
+        })
+    }
+
+    /// The host of a host-setting's value, a base URL such as
+    /// `http://127.0.0.1:12111`; `None` if it is not an absolute http(s) URL.
+    pub(crate) fn from_setting_url(value: &str) -> Option<Self> {
+        let url = Url::parse(value).ok()?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return None;
+        }
+        let host = url.host().map(normalize_host)?;
+        Some(Self {
+            host,
+            port: url.port_or_known_default(),
+        })
+    }
+
+    fn matches(&self, host: &str, url: &Url) -> bool {
+        self.host == host
+            && match self.port {
+                None => url.port().is_none(),
+                Some(port) => url.port_or_known_default() == Some(port),
+            }
+    }
+}
+
+/// Lower-cased host without a trailing dot; IP literals in canonical form.
+pub(crate) fn normalize_host(host: Host<&str>) -> String {
+    match host {
+        Host::Domain(d) => d.trim_end_matches('.').to_ascii_lowercase(),
+        Host::Ipv4(ip) => ip.to_string(),
+        Host::Ipv6(ip) => ip.to_string(),
+    }
+}
+
+/// The operator's rules on hosts, whatever the connector declares.
+#[derive(Clone, Copy)]
+pub(crate) struct OperatorHosts<'a> {
+    /// The allow-list; empty allows every declared host.
+    pub(crate) allowed: &'a [String],
+    /// The deny-list; it wins over the allow-list.
+    pub(crate) denied: &'a [String],
+    /// Whether private addresses and plain `http://` are allowed.
+    pub(crate) allow_private: bool,
+}
+
+impl OperatorHosts<'_> {
+    /// Why the operator forbids `host`, if they do. A domain name that
+    /// resolves to a private address is caught later, by the transport.
+    fn refusal(&self, host: &str, ip: Option<IpAddr>) -> Option<String> {
+        if self.denied.iter().any(|d| list_matches(d, host)) {
+            return Some(format!("host `{host}` is on the operator's deny-list"));
+        }
+        if !self.allowed.is_empty() && !self.allowed.iter().any(|a| list_matches(a, host)) {
+            return Some(format!("host `{host}` is not on the operator's allow-list"));
+        }
+        let private = match ip {
+            Some(ip) => is_forbidden_ip(ip),
+            None => host == "localhost" || host.ends_with(".localhost"),
+        };
+        if private && !self.allow_private {
+            return Some(format!(
+                "host `{host}` is a private, loopback or link-local address"
+            ));
+        }
+        None
+    }
+}
+
+/// What the policy needs to know about the operator and the connector.
+pub(crate) struct HostRules<'a> {
+    /// Hosts the manifest and its host-settings declare.
+    pub(crate) declared: &'a [DeclaredHost],
+    /// The operator's rules.
+    pub(crate) operator: OperatorHosts<'a>,
+}
+
+/// Checks a manifest's declared hosts against the operator's rules when a
+/// component is loaded, so a connector that could never run here is refused
+/// up front instead of failing on its first request. Every problem, joined.
+pub(crate) fn check_declared_hosts(
+    hosts: &[DeclaredHost],
+    operator: &OperatorHosts<'_>,
+) -> Result<(), String> {
+    let problems: Vec<String> = hosts
+        .iter()
+        .filter_map(|d| operator.refusal(&d.host, d.host.parse::<IpAddr>().ok()))
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// Checks `raw` against the rules and returns the parsed URL.
+pub(crate) fn check_url(raw: &str, rules: &HostRules<'_>) -> Result<Url, PolicyError> {
+    let url = Url::parse(raw).map_err(|e| PolicyError::Invalid(format!("bad URL: {e}")))?;
+    match url.scheme() {
+        "https" => {}
+        // Plain HTTP is for local fakes in tests and development; in
+        // production it would put secrets on the wire in clear text.
+        "http" if rules.operator.allow_private => {}
+        "http" => {
+            return Err(PolicyError::Denied(
+                "plain http:// is not allowed; use https://".into(),
+            ))
+        }
+        other => {
+            return Err(PolicyError::Invalid(format!(
+                "unsupported URL scheme `{other}`"
+            )))
+        }
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(PolicyError::Invalid(
+            "credentials in the URL are not allowed".into(),
+        ));
+    }
+    let host_ref = url
+        .host()
+        .ok_or_else(|| PolicyError::Invalid("URL has no host".into()))?;
+    let host = normalize_host(host_ref);
+    if !rules.declared.iter().any(|d| d.matches(&host, &url)) {
+        return Err(PolicyError::Denied(format!(
+            "host `{host}` (port {}) is not declared in the connector's manifest",
+            url.port_or_known_default().unwrap_or(0)
+        )));
+    }
+    let ip = match url.host() {
+        Some(Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
+        Some(Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
+        _ => None,
+    };
+    if let Some(refusal) = rules.operator.refusal(&host, ip) {
+        return Err(PolicyError::Denied(refusal));
+    }
+    Ok(url)
+}
+
+/// An operator allow- or deny-list entry: an exact host or `*.suffix`.
+fn list_matches(entry: &str, host: &str) -> bool {
+    let entry = entry.trim().trim_end_matches('.').to_ascii_lowercase();
+    match entry.strip_prefix("*.") {
+        Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(&format!(".{suffix}")),
+        None => entry == host,
+    }
+}
+
+/// Addresses a connector must never reach unless the operator allows it:
+/// loopback, private, link-local (cloud metadata), unique-local, CGNAT,
+/// unspecified, multicast, broadcast, documentation and reserved ranges, and
+/// IPv6 forms that embed such an IPv4 address.
+pub(crate) fn is_forbidden_ip(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => forbidden_v4(v4),
+        IpAddr::V6(v6) => forbidden_v6(v6),
+    }
+}
+
+fn forbidden_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, c, _] = ip.octets();
+    ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || ip.is_documentation()
+        || a == 0
+        || (a == 100 && (64..128).contains(&b)) // CGNAT 100.64.0.0/10
+        || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+        || (a == 198 && (b == 18 || b == 19)) // benchmarking
+        || a >= 240 // reserved
+}
+
+fn forbidden_v6(ip: Ipv6Addr) -> bool {
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return forbidden_v4(v4);
+    }
+    let seg = ip.segments();
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        || (seg[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
+        || (seg[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
+        || (seg[0] & 0xffc0) == 0xfec0 // site-local (deprecated) fec0::/10
+        || (seg[0] == 0x2001 && seg[1] == 0x0db8) // documentation
+        // NAT64 and IPv4-compatible forms embed an IPv4 address.
+        || (seg[0] == 0x64 && seg[1] == 0xff9b && forbidden_v4(embedded_v4(&seg)))
+        || (seg[..6] == [0, 0, 0, 0, 0, 0] && forbidden_v4(embedded_v4(&seg)))
+}
+
+fn embedded_v4(seg: &[u16; 8]) -> Ipv4Addr {
+    Ipv4Addr::new(
+        (seg[6] >> 8) as u8,
+        seg[6] as u8,
+        (seg[7] >> 8) as u8,
+        seg[7] as u8,
+    )
+}
+
+const SECRET_OPEN: &[u8] = b"{{secret:";
+const TOKEN_OPEN: &[u8] = b"{{token:";
+const PLACEHOLDER_CLOSE: &[u8] = b"}}";
+
+/// Replaces every `{{secret:NAME}}` in `input` with the secret's value.
+///
+/// A name the manifest does not declare, or one without a configured value,
+/// denies the whole request: silently sending the literal placeholder would
+/// hide a misconfiguration. Text that merely looks similar (no closing
+/// braces, characters outside `[a-z0-9_]`) is left alone.
+pub(crate) fn substitute_secrets(
+    input: &[u8],
+    declared: &[String],
+    values: &BTreeMap<String, SecretString>,
+) -> Result<Vec<u8>, PolicyError> {
+    substitute(input, SECRET_OPEN, |name| {
+        if !declared.iter().any(|d| d == name) {
+            return Err(PolicyError::Denied(format!(
+                "secret `{name}` is not declared in the manifest"
+            )));
+        }
+        values
+            .get(name)
+            .ok_or_else(|| PolicyError::Denied(format!("secret `{name}` has no value configured")))
+    })
+}
+
+/// Replaces every `{{token:NAME}}` in `input` with the value of the OAuth
+/// token this call obtained under `NAME` (see [`super::oauth`]).
+pub(crate) fn substitute_tokens(
+    input: &[u8],
+    tokens: &BTreeMap<String, SecretString>,
+) -> Result<Vec<u8>, PolicyError> {
+    substitute(input, TOKEN_OPEN, |name| {
+        tokens.get(name).ok_or_else(|| {
+            PolicyError::Denied(format!(
+                "token `{name}` was not obtained in this call (call oauth.client-credentials-token first)"
+            ))
+        })
+    })
+}
+
+fn substitute<'v>(
+    input: &[u8],
+    open: &[u8],
+    value_of: impl Fn(&str) -> Result<&'v SecretString, PolicyError>,
+) -> Result<Vec<u8>, PolicyError> {
+    let mut out = Vec::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(start) = find(rest, open) {
+        let after_open = &rest[start + open.len()..];
+        let Some(end) = find(after_open, PLACEHOLDER_CLOSE) else {
+            break;
+        };
+        let name = &after_open[..end];
+        if !is_placeholder_name(name) {
+            out.extend_from_slice(&rest[..start + open.len()]);
+            rest = after_open;
+            continue;
+        }
+        // Checked above: ASCII only.
+        let value = value_of(&String::from_utf8_lossy(name))?;
+        out.extend_from_slice(&rest[..start]);
+        out.extend_from_slice(value.expose_secret().as_bytes());
+        rest = &after_open[end + PLACEHOLDER_CLOSE.len()..];
+    }
+    out.extend_from_slice(rest);
+    Ok(out)
+}
+
+/// Whether `name` may appear in a placeholder: `[a-z0-9_]+`.
+pub(crate) fn is_placeholder_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+}
+
+/// Whether `input` holds anything that looks like a secret placeholder.
+pub(crate) fn has_placeholder(input: &[u8]) -> bool {
+    find(input, SECRET_OPEN).is_some()
+}
+
+/// Whether `input` holds anything that looks like a token placeholder.
+pub(crate) fn has_token_placeholder(input: &[u8]) -> bool {
+    find(input, TOKEN_OPEN).is_some()
+}
+
+/// Secrets shorter than this are not redacted from responses: a short value
+/// would match unrelated text, and a short secret offers no protection anyway.
+const MIN_REDACTED_LEN: usize = 6;
+
+/// Replaces every configured secret value in `data` with its placeholder, so a
+/// remote that echoes a credential back does not hand it to the connector.
+pub(crate) fn redact_secrets(data: &mut Vec<u8>, values: &BTreeMap<String, SecretString>) {
+    redact(data, values, "secret");
+}
+
+/// Like [`redact_secrets`], for the OAuth tokens a call holds.
+pub(crate) fn redact_tokens(data: &mut Vec<u8>, tokens: &BTreeMap<String, SecretString>) {
+    redact(data, tokens, "token");
+}
+
+fn redact(data: &mut Vec<u8>, values: &BTreeMap<String, SecretString>, kind: &str) {
+    for (name, value) in values {
+        let value = value.expose_secret().as_bytes();
+        if value.len() < MIN_REDACTED_LEN || find(data, value).is_none() {
+            continue;
+        }
+        let placeholder = format!("{{{{{kind}:{name}}}}}");
+        let mut out = Vec::with_capacity(data.len());
+        let mut rest: &[u8] = data;
+        while let Some(i) = find(rest, value) {
+            out.extend_from_slice(&rest[..i]);
+            out.extend_from_slice(placeholder.as_bytes());
+            rest = &rest[i + value.len()..];
+        }
+        out.extend_from_slice(rest);
+        *data = out;
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || haystack.len() < needle.len() {
+        return None;
+    }
+    let first = needle[0];
+    let last_start = haystack.len() - needle.len();
+    let mut i = 0;
+    while i <= last_start {
+        match haystack[i..=last_start].iter().position(|&b| b == first) {
+            None => return None,
+            Some(off) => {
+                let at = i + off;
+                if &haystack[at..at + needle.len()] == needle {
+                    return Some(at);
+                }
+                i = at + 1;
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules<'a>(
+        declared: &'a [DeclaredHost],
+        allowed: &'a [String],
+        private: bool,
+    ) -> HostRules<'a> {
+        HostRules {
+            declared,
+            operator: OperatorHosts {
+                allowed,
+                denied: &[],
+                allow_private: private,
+            },
+        }
+    }
+
+    fn declared(entries: &[&str]) -> Vec<DeclaredHost> {
+        entries
+            .iter()
+            .map(|e| DeclaredHost::from_manifest_entry(e).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn declared_host_is_allowed_and_others_are_denied() {
+        let d = declared(&["api.example.com"]);
+        assert!(check_url("https://api.example.com/v1/x", &rules(&d, &[], false)).is_ok());
+        assert!(check_url("https://API.Example.com./v1", &rules(&d, &[], false)).is_ok());
+        let denied = check_url("https://evil.example.net/", &rules(&d, &[], false));
+        assert!(matches!(denied, Err(PolicyError::Denied(_))), "{denied:?}");
+        // A subdomain or another port is another host.
+        assert!(check_url("https://x.api.example.com/", &rules(&d, &[], false)).is_err());
+        assert!(check_url("https://api.example.com:8443/", &rules(&d, &[], false)).is_err());
+    }
+
+    #[test]
+    fn http_scheme_needs_private_hosts_allowed() {
+        let d = declared(&["api.example.com"]);
+        assert!(matches!(
+            check_url("http://api.example.com/", &rules(&d, &[], false)),
+            Err(PolicyError::Denied(_))
+        ));
+        // With the operator's permission the declared host is reachable over http.
+        assert!(check_url("http://api.example.com/", &rules(&d, &[], true)).is_ok());
+        assert!(matches!(
+            check_url("ftp://api.example.com/", &rules(&d, &[], true)),
+            Err(PolicyError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn private_addresses_are_refused_even_when_declared() {
+        let d = vec![
+            DeclaredHost::from_setting_url("http://127.0.0.1:4000").unwrap(),
+            DeclaredHost::from_setting_url("https://169.254.169.254").unwrap(),
+            DeclaredHost::from_setting_url("https://[::1]:9000").unwrap(),
+            DeclaredHost::from_setting_url("https://localhost:9000").unwrap(),
+        ];
+        for url in [
+            "https://127.0.0.1:4000/",
+            "https://169.254.169.254/latest",
+            "https://[::1]:9000/",
+            "https://localhost:9000/",
+        ] {
+            let r = check_url(url, &rules(&d, &[], false));
+            assert!(matches!(r, Err(PolicyError::Denied(_))), "{url}: {r:?}");
+        }
+        assert!(check_url("http://127.0.0.1:4000/v1", &rules(&d, &[], true)).is_ok());
+        // The setting's port is part of the declaration.
+        assert!(check_url("http://127.0.0.1:5432/", &rules(&d, &[], true)).is_err());
+    }
+
+    #[test]
+    fn operator_allow_list_narrows_declared_hosts() {
+        let d = declared(&["api.example.com", "files.example.com"]);
+        let allowed = vec!["*.example.com".to_owned()];
+        assert!(check_url("https://files.example.com/", &rules(&d, &allowed, false)).is_ok());
+        let allowed = vec!["api.example.com".to_owned()];
+        assert!(check_url("https://files.example.com/", &rules(&d, &allowed, false)).is_err());
+    }
+
+    #[test]
+    fn forbidden_ranges() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "ff02::1",
+        ] {
+            assert!(is_forbidden_ip(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
+            assert!(!is_forbidden_ip(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    fn secrets() -> BTreeMap<String, SecretString> {
+        BTreeMap::from([("api_key".to_owned(), SecretString::from("sk_test_123456"))])
+    }
+
+    #[test]
+    fn substitutes_declared_secrets_only() {
+        let declared = vec!["api_key".to_owned()];
+        let out = substitute_secrets(b"Bearer {{secret:api_key}}!", &declared, &secrets()).unwrap();
+        assert_eq!(out, b"Bearer sk_test_123456!");
+        let undeclared = substitute_secrets(b"{{secret:other}}", &declared, &secrets());
+        assert!(matches!(undeclared, Err(PolicyError::Denied(_))));
+        let unset = substitute_secrets(b"{{secret:api_key}}", &declared, &BTreeMap::new());
+        assert!(matches!(unset, Err(PolicyError::Denied(_))));
+        // Not a placeholder: left alone.
+        let out =
+            substitute_secrets(b"{{secret:Bad Name}} {{secret:", &declared, &secrets()).unwrap();
+        assert_eq!(out, b"{{secret:Bad Name}} {{secret:");
+    }
+
+    #[test]
+    fn substitutes_tokens_obtained_in_the_call_only() {
+        let tokens = BTreeMap::from([("api".to_owned(), SecretString::from("00Dtoken!abc"))]);
+        let out = substitute_tokens(b"Bearer {{token:api}}", &tokens).unwrap();
+        assert_eq!(out, b"Bearer 00Dtoken!abc");
+        let missing = substitute_tokens(b"Bearer {{token:other}}", &tokens);
+        assert!(matches!(missing, Err(PolicyError::Denied(_))));
+        // A secret placeholder is not a token placeholder.
+        let out = substitute_tokens(b"{{secret:api}}", &tokens).unwrap();
+        assert_eq!(out, b"{{secret:api}}");
+        let mut body = b"your token is 00Dtoken!abc".to_vec();
+        redact_tokens(&mut body, &tokens);
+        assert_eq!(body, b"your token is {{token:api}}");
+    }
+
+    #[test]
+    fn redacts_echoed_secrets() {
+        let mut body = b"you sent sk_test_123456 and sk_test_123456".to_vec();
+        redact_secrets(&mut body, &secrets());
+        assert_eq!(body, b"you sent {{secret:api_key}} and {{secret:api_key}}");
+    }
+
+    #[test]
+    fn manifest_entries_parse() {
+        assert_eq!(
+            DeclaredHost::from_manifest_entry("api.stripe.com").unwrap(),
+            DeclaredHost {
+                host: "api.stripe.com".into(),
+                port: None
+            }
+        );
+        assert_eq!(
+            DeclaredHost::from_manifest_entry("Api.X.com:8443")
+                .unwrap()
+                .port,
+            Some(8443)
+        );
+        for bad in [
+            "https://api.stripe.com",
+            "api.stripe.com/v1",
+            "*.stripe.com",
+            "",
+            "a b",
+        ] {
+            assert!(DeclaredHost::from_manifest_entry(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The per-call store data: everything a connector's imports can see during
+//! one call, the memory limiter, and the deny-all WASI context.
+//!
+//! A fresh [`CallState`] lives in a fresh `Store` for every call and is
+//! dropped with it, so nothing a guest does survives into the next call.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::oauth::{CallTokens, TokenCache};
+use super::policy::DeclaredHost;
+use super::wit::latest::Manifest;
+use super::{ConnectorConfig, RuntimeShared};
+
+/// What the runtime knows about a loaded connector, shared by its calls.
+pub(crate) struct ConnectorShared {
+    /// The manifest's name, for logs.
+    pub(crate) name: Arc<str>,
+    pub(crate) manifest: Manifest,
+    /// Parsed `manifest.hosts`.
+    pub(crate) hosts: Vec<DeclaredHost>,
+    /// Outbound request budget, shared by all calls of this connector.
+    pub(crate) bucket: Mutex<TokenBucket>,
+    /// OAuth tokens, shared by all calls of this connector.
+    pub(crate) tokens: TokenCache,
+}
+
+impl ConnectorShared {
+    /// The stand-in used while `manifest()` itself runs: it declares
+    /// nothing, so every import that needs a declaration refuses.
+    pub(crate) fn loading() -> Self {
+        Self {
+            name: Arc::from("(loading)"),
+            manifest: Manifest {
+                name: String::new(),
+                version: String::new(),
+                description: String::new(),
+                entities: Vec::new(),
+                hosts: Vec::new(),
+                host_settings: Vec::new(),
+                settings: Vec::new(),
+                secrets: Vec::new(),
+                webhooks: false,
+            },
+            hosts: Vec::new(),
+            bucket: Mutex::new(TokenBucket::new(0)),
+            tokens: TokenCache::default(),
+        }
+    }
+}
+
+/// A token bucket: `rate` requests per second, bursts up to `rate`.
+/// A rate of 0 means unlimited.
+pub(crate) struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub(crate) fn new(per_second: u32) -> Self {
+        let rate = f64::from(per_second);
+        Self {
+            rate,
+            tokens: rate,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes one token if available.
+    pub(crate) fn try_take(&mut self) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Store data for one call.
+pub(crate) struct CallState {
+    pub(crate) runtime: Arc<RuntimeShared>,
+    pub(crate) connector: Arc<ConnectorShared>,
+    pub(crate) config: ConnectorConfig,
+    /// Wall-clock end of the call, checked on every epoch tick.
+    pub(crate) deadline: Instant,
+    pub(crate) limiter: MemoryLimiter,
+    /// Log lines written so far in this call (see [`super::log`]).
+    pub(crate) log_lines: u32,
+    /// OAuth tokens this call obtained, for `{{token:NAME}}` substitution.
+    pub(crate) tokens: CallTokens,
+    /// Built on first use: most calls never touch WASI, and building a
+    /// context seeds random number generators.
+    wasi: Option<WasiCtx>,
+    table: ResourceTable,
+}
+
+impl CallState {
+    pub(crate) fn new(
+        runtime: Arc<RuntimeShared>,
+        connector: Arc<ConnectorShared>,
+        config: ConnectorConfig,
+        deadline: Instant,
+    ) -> Self {
+        let limiter = MemoryLimiter::new(runtime.config.memory_limit_bytes);
+        Self {
+            runtime,
+            connector,
+            config,
+            deadline,
+            limiter,
+            log_lines: 0,
+            tokens: CallTokens::new(),
+            wasi: None,
+            table: ResourceTable::new(),
+        }
+    }
+
+    /// The connector's secret values, for substitution and redaction.
+    pub(crate) fn secrets(&self) -> &BTreeMap<String, secrecy::SecretString> {
+        &self.config.secrets
+    }
+}
+
+// The shared `types` interface declares records only, no functions.
+impl super::wit::latest::ferry::connector::types::Host for CallState {}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        let name = self.connector.name.clone();
+        let ctx = self.wasi.get_or_insert_with(|| deny_all_wasi(name));
+        WasiCtxView {
+            ctx,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// WASI with nothing in it. Rust's std imports `wasi:*` even in a guest that
+/// never uses it, so the interfaces must be linked, but they grant nothing:
+/// no preopened directories, no environment, no arguments, no stdin, no
+/// sockets and no name lookup. stdout and stderr go to the host log.
+fn deny_all_wasi(connector: Arc<str>) -> WasiCtx {
+    WasiCtx::builder()
+        .stdout(GuestOutput {
+            connector: connector.clone(),
+            stream: "stdout",
+        })
+        .stderr(GuestOutput {
+            connector,
+            stream: "stderr",
+        })
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .build()
+}
+
+/// Caps a call's linear memory and remembers whether the cap was hit, so a
+/// guest that aborts after a failed allocation is reported as out of memory
+/// rather than as a generic trap.
+pub(crate) struct MemoryLimiter {
+    limit: usize,
+    pub(crate) hit: bool,
+}
+
+impl MemoryLimiter {
+    fn new(limit: usize) -> Self {
+        Self { limit, hit: false }
+    }
+}
+
+/// Table elements allowed per table; Rust guests use a few hundred.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = desired <= self.limit && maximum.is_none_or(|m| desired <= m);
+        if !allowed {
+            self.hit = true;
+        }
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = desired <= MAX_TABLE_ELEMENTS && maximum.is_none_or(|m| desired <= m);
+        if !allowed {
+            self.hit = true;
+        }
+        Ok(allowed)
+    }
+}
+
+/// A guest's stdout or stderr, written to the host log line by line.
+struct GuestOutput {
+    connector: Arc<str>,
+    stream: &'static str,
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(LogWriter {
+            connector: self.connector.clone(),
+            stream: self.stream,
+        })
+    }
+}
+
+struct LogWriter {
+    connector: Arc<str>,
+    stream: &'static str,
+}
+
+/// Longest single write copied into the log; the rest is dropped so a guest
+/// cannot flood the log with one write.
+const MAX_OUTPUT_LOGGED: usize = 4096;
+
+impl tokio::io::AsyncWrite for LogWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let shown = &buf[..buf.len().min(MAX_OUTPUT_LOGGED)];
+        let text = String::from_utf8_lossy(shown);
+        let text = text.trim_end();
+        if !text.is_empty() {
+            tracing::info!(target: "ferry::connector", connector = %self.connector, stream = self.stream, "{text}");
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_refuses_after_burst() {
+        let mut bucket = TokenBucket::new(2);
+        assert!(bucket.try_take());
+        assert!(bucket.try_take());
+        assert!(!bucket.try_take());
+        let mut unlimited = TokenBucket::new(0);
+        assert!((0..1000).all(|_| unlimited.try_take()));
+    }
+}

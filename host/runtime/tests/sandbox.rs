@@ -1,0 +1,633 @@
+//! The connector sandbox against a hostile guest (`tests/guests/hostile`,
+//! built by `make connectors`): deadlines, memory, traps, the HTTP policy
+//! and secret handling, with real sockets on 127.0.0.1 where it matters.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use ferry_runtime::wit::{WorldMismatch, WorldVersion};
+use ferry_runtime::{
+    CallError, Connector, ConnectorConfig, HttpTransport, LoadError, Operation, PushRequest,
+    Runtime, RuntimeConfig, WireError, WireRequest, WireResponse,
+};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use hmac::{Hmac, Mac};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const SECRET: &str = "sk_test_hostile_secret_42";
+
+/// One compiled-code cache for the whole test binary, so only the first
+/// runtime pays for compiling the guest.
+fn cache_dir() -> std::path::PathBuf {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"))
+        .path()
+        .to_owned()
+}
+
+fn config() -> RuntimeConfig {
+    RuntimeConfig {
+        call_timeout: Duration::from_millis(500),
+        memory_limit_bytes: 32 * 1024 * 1024,
+        max_instances: 8,
+        cache_dir: Some(cache_dir()),
+        ..RuntimeConfig::default()
+    }
+}
+
+fn hostile_bytes() -> Vec<u8> {
+    std::fs::read(ferry_test_support::wasm::component_path(
+        "ferry_test_hostile",
+    ))
+    .expect("read hostile guest")
+}
+
+async fn load(runtime: &Runtime) -> Arc<Connector> {
+    runtime
+        .load(&hostile_bytes())
+        .await
+        .expect("hostile guest loads")
+}
+
+fn connector_config(settings: &[(&str, &str)]) -> ConnectorConfig {
+    ConnectorConfig {
+        settings: settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        secrets: BTreeMap::from([("api_key".to_owned(), SecretString::from(SECRET))]),
+    }
+}
+
+fn instruction(record: Value) -> PushRequest {
+    PushRequest {
+        entity: "customer".into(),
+        operation: Operation::Create,
+        local_id: "cus_local_1".into(),
+        remote_id: None,
+        version: 1,
+        idempotency_key: "idem-1".into(),
+        record: record.to_string(),
+    }
+}
+
+/// What the guest reported back from a push (its `record` JSON).
+async fn push_report(connector: &Connector, cfg: &ConnectorConfig, record: Value) -> Value {
+    let result = connector
+        .push(cfg, instruction(record))
+        .await
+        .expect("push succeeds");
+    serde_json::from_str(result.record.as_deref().expect("guest reports")).expect("report is JSON")
+}
+
+async fn assert_healthy(connector: &Connector, cfg: &ConnectorConfig) {
+    let result = connector
+        .push(cfg, instruction(json!({"do": "ok"})))
+        .await
+        .expect("a plain call still works");
+    assert_eq!(result.remote_id, "cus_local_1");
+}
+
+/// A transport that records what reaches the wire and answers 200.
+#[derive(Default)]
+struct RecordingTransport {
+    requests: Mutex<Vec<WireRequest>>,
+}
+
+impl HttpTransport for RecordingTransport {
+    fn send(&self, req: WireRequest) -> BoxFuture<'static, Result<WireResponse, WireError>> {
+        self.requests.lock().unwrap().push(req);
+        async {
+            Ok(WireResponse {
+                status: 200,
+                headers: vec![],
+                body: b"fine".to_vec(),
+            })
+        }
+        .boxed()
+    }
+}
+
+/// A transport that never answers.
+struct HangingTransport;
+
+impl HttpTransport for HangingTransport {
+    fn send(&self, _req: WireRequest) -> BoxFuture<'static, Result<WireResponse, WireError>> {
+        futures::future::pending().boxed()
+    }
+}
+
+/// A minimal HTTP/1.1 server on 127.0.0.1 that counts connections, records
+/// each raw request and echoes its body back.
+struct EchoServer {
+    port: u16,
+    connections: Arc<AtomicUsize>,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl EchoServer {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (c, r) = (connections.clone(), requests.clone());
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let raw = read_request(&mut socket).await;
+                    let body = raw
+                        .split_once("\r\n\r\n")
+                        .map(|(_, b)| b.to_owned())
+                        .unwrap_or_default();
+                    r.lock().unwrap().push(raw);
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-echo: {}\r\nconnection: close\r\n\r\n{}",
+                        body.len(),
+                        body,
+                        body
+                    );
+                    let _ = socket.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        Self {
+            port,
+            connections,
+            requests,
+        }
+    }
+}
+
+async fn read_request(socket: &mut tokio::net::TcpStream) -> String {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = socket.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        data.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&data);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_owned())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= length {
+                break;
+            }
+        }
+    }
+    String::from_utf8_lossy(&data).into_owned()
+}
+
+#[tokio::test]
+async fn an_infinite_loop_is_stopped_at_the_deadline_and_the_next_call_works() {
+    let runtime = Runtime::new(RuntimeConfig {
+        call_timeout: Duration::from_millis(200),
+        ..config()
+    })
+    .unwrap();
+    let connector = load(&runtime).await;
+    let cfg = connector_config(&[]);
+    let started = Instant::now();
+    let err = connector
+        .push(&cfg, instruction(json!({"do": "loop"})))
+        .await
+        .unwrap_err();
+    let elapsed = started.elapsed();
+    assert_eq!(err, CallError::DeadlineExceeded);
+    assert!(
+        elapsed >= Duration::from_millis(200),
+        "stopped early: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "stopped late: {elapsed:?}"
+    );
+    assert_healthy(&connector, &cfg).await;
+}
+
+#[tokio::test]
+async fn a_guest_waiting_on_the_host_is_stopped_at_the_deadline() {
+    let runtime = Runtime::with_transport(
+        RuntimeConfig {
+            call_timeout: Duration::from_millis(200),
+            ..config()
+        },
+        Arc::new(HangingTransport),
+    )
+    .unwrap();
+    let connector = load(&runtime).await;
+    let cfg = connector_config(&[]);
+    let started = Instant::now();
+    let outcome = connector
+        .push(
+            &cfg,
+            instruction(json!({"do": "http", "url": "https://api.example.com/slow"})),
+        )
+        .await;
+    // Either the call's deadline fires, or the request's timeout (capped by
+    // the remaining call time) reaches the guest first; both within bounds.
+    match outcome {
+        Err(CallError::DeadlineExceeded) => {}
+        Ok(r) => assert!(r.record.unwrap().contains("Timeout"), "unexpected success"),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn unbounded_allocation_fails_that_call_only() {
+    let runtime = Runtime::new(config()).unwrap();
+    let connector = load(&runtime).await;
+    let cfg = connector_config(&[]);
+    let err = connector
+        .push(&cfg, instruction(json!({"do": "alloc"})))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CallError::ResourceExhausted(m) if m.contains("memory")),
+        "{err:?}"
+    );
+    assert_healthy(&connector, &cfg).await;
+}
+
+#[tokio::test]
+async fn a_trap_fails_that_call_only() {
+    let runtime = Runtime::new(config()).unwrap();
+    let connector = load(&runtime).await;
+    let cfg = connector_config(&[]);
+    let err = connector
+        .push(&cfg, instruction(json!({"do": "trap"})))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CallError::Trap(_)), "{err:?}");
+    assert_healthy(&connector, &cfg).await;
+    // Rust keeps its stack in linear memory: running off its end is a memory
+    // fault in the guest, a trap like any other.
+    let err = connector
+        .push(&cfg, instruction(json!({"do": "stack"})))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CallError::Trap(_)), "{err:?}");
+    assert_healthy(&connector, &cfg).await;
+}
+
+#[tokio::test]
+async fn a_guest_error_is_a_connector_error_not_a_trap() {
+    let runtime = Runtime::new(config()).unwrap();
+    let connector = load(&runtime).await;
+    let err = connector
+        .fetch(&connector_config(&[]), "customer", "cus_1")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CallError::Connector(ferry_runtime::ConnectorError::Unsupported(_))
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_to_an_undeclared_host_is_refused_before_the_wire() {
+    let transport = Arc::new(RecordingTransport::default());
+    let runtime = Runtime::with_transport(config(), transport.clone()).unwrap();
+    let connector = load(&runtime).await;
+    let cfg = connector_config(&[]);
+    let report = push_report(
+        &connector,
+        &cfg,
+        json!({"do": "http", "url": "https://evil.example.net/steal"}),
+    )
+    .await;
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("Denied") && error.contains("not declared"),
+        "{error}"
+    );
+    assert!(!report.to_string().contains(SECRET));
+    assert!(
+        transport.requests.lock().unwrap().is_empty(),
+        "nothing may reach the wire"
+    );
+
+    // The declared host goes through, with the secret substituted on the wire only.
+    let report = push_report(
+        &connector,
+        &cfg,
+        json!({"do": "http", "url": "https://api.example.com/v1/x"}),
+    )
+    .await;
+    assert_eq!(report["status"], 200);
+    let sent = transport.requests.lock().unwrap();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].headers,
+        vec![("authorization".to_owned(), format!("Bearer {SECRET}"))]
+    );
+    assert_eq!(
+        sent[0].body.as_deref(),
+        Some(format!("key={SECRET}").as_bytes())
+    );
+}
+
+#[tokio::test]
+async fn private_addresses_are_refused_even_when_declared_by_a_host_setting() {
+    let server = EchoServer::start().await;
+    let runtime = Runtime::new(config()).unwrap();
+    let connector = load(&runtime).await;
+    for base in [
+        format!("https://127.0.0.1:{}", server.port),
+        "https://169.254.169.254".to_owned(),
+    ] {
+        let cfg = connector_config(&[("api_base", &base)]);
+        let report = push_report(
+            &connector,
+            &cfg,
+            json!({"do": "http", "url": format!("{base}/v1")}),
+        )
+        .await;
+        let error = report["error"].as_str().unwrap();
+        assert!(
+            error.contains("Denied") && error.contains("private"),
+            "{base}: {error}"
+        );
+    }
+    // Plain http to a public declared host is refused as well.
+    let report = push_report(
+        &connector,
+        &connector_config(&[]),
+        json!({"do": "http", "url": "http://api.example.com/"}),
+    )
+    .await;
+    assert!(
+        report["error"].as_str().unwrap().contains("Denied"),
+        "{report}"
+    );
+    assert_eq!(
+        server.connections.load(Ordering::SeqCst),
+        0,
+        "no connection may reach 127.0.0.1"
+    );
+}
+
+#[tokio::test]
+async fn a_secret_cannot_be_exfiltrated_to_an_undeclared_host() {
+    let server = EchoServer::start().await;
+    // Private hosts are allowed, so only the manifest declaration protects the secret.
+    let runtime = Runtime::new(RuntimeConfig {
+        allow_private_hosts: true,
+        ..config()
+    })
+    .unwrap();
+    let connector = load(&runtime).await;
+    let cfg = connector_config(&[]);
+    let url = format!("http://127.0.0.1:{}/collect", server.port);
+    let report = push_report(&connector, &cfg, json!({"do": "http", "url": url})).await;
+    assert!(
+        report["error"].as_str().unwrap().contains("Denied"),
+        "{report}"
+    );
+    assert!(
+        !report.to_string().contains(SECRET),
+        "the guest must not see the secret"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        server.connections.load(Ordering::SeqCst),
+        0,
+        "the request must never leave"
+    );
+}
+
+#[tokio::test]
+async fn a_declared_local_host_receives_the_secret_and_the_guest_never_sees_it() {
+    let server = EchoServer::start().await;
+    let runtime = Runtime::new(RuntimeConfig {
+        allow_private_hosts: true,
+        ..config()
+    })
+    .unwrap();
+    let connector = load(&runtime).await;
+    let base = format!("http://127.0.0.1:{}", server.port);
+    let cfg = connector_config(&[("api_base", &base)]);
+    let report = push_report(
+        &connector,
+        &cfg,
+        json!({"do": "http", "url": format!("{base}/v1/customers")}),
+    )
+    .await;
+    assert_eq!(report["status"], 200, "{report}");
+
+    let requests = server.requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 1);
+    let raw = &requests[0];
+    assert!(raw.starts_with("POST /v1/customers HTTP/1.1"), "{raw}");
+    assert!(
+        raw.to_ascii_lowercase().contains(&format!(
+            "authorization: bearer {}",
+            SECRET.to_ascii_lowercase()
+        )),
+        "{raw}"
+    );
+    assert!(raw.ends_with(&format!("key={SECRET}")), "{raw}");
+
+    // The server echoed the secret in its body and a header: redacted for the guest.
+    assert!(!report.to_string().contains(SECRET), "{report}");
+    assert_eq!(report["body"], "key={{secret:api_key}}");
+}
+
+#[tokio::test]
+async fn outbound_requests_are_rate_limited_per_connector() {
+    let transport = Arc::new(RecordingTransport::default());
+    let runtime = Runtime::with_transport(
+        RuntimeConfig {
+            http_requests_per_second: 1,
+            ..config()
+        },
+        transport.clone(),
+    )
+    .unwrap();
+    let connector = load(&runtime).await;
+    let cfg = connector_config(&[]);
+    let call = json!({"do": "http", "url": "https://api.example.com/v1/x"});
+    assert_eq!(
+        push_report(&connector, &cfg, call.clone()).await["status"],
+        200
+    );
+    let report = push_report(&connector, &cfg, call).await;
+    assert!(
+        report["error"].as_str().unwrap().contains("rate limit"),
+        "{report}"
+    );
+    assert_eq!(transport.requests.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn hmac_uses_declared_secrets_only() {
+    let runtime = Runtime::new(config()).unwrap();
+    let connector = load(&runtime).await;
+    let cfg = connector_config(&[]);
+    let report = push_report(&connector, &cfg, json!({"do": "hmac", "secret": "api_key"})).await;
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(b"message");
+    let expected: Vec<u8> = mac.finalize().into_bytes().to_vec();
+    assert_eq!(report["mac"], json!(expected));
+
+    let report = push_report(
+        &connector,
+        &cfg,
+        json!({"do": "hmac", "secret": "root_password"}),
+    )
+    .await;
+    assert!(
+        report["error"].as_str().unwrap().contains("not declared"),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn settings_are_visible_only_when_declared() {
+    let runtime = Runtime::new(config()).unwrap();
+    let connector = load(&runtime).await;
+    let cfg = connector_config(&[("api_base", "https://api.example.com"), ("other", "x")]);
+    let report = push_report(
+        &connector,
+        &cfg,
+        json!({"do": "setting", "name": "api_base"}),
+    )
+    .await;
+    assert_eq!(report["value"], "https://api.example.com");
+    let report = push_report(&connector, &cfg, json!({"do": "setting", "name": "other"})).await;
+    assert_eq!(report["value"], Value::Null);
+}
+
+#[tokio::test]
+async fn the_manifest_is_read_checked_and_printable() {
+    let runtime = Runtime::new(config()).unwrap();
+    let bytes = hostile_bytes();
+    let connector = runtime.load(&bytes).await.unwrap();
+    assert_eq!(connector.name(), "hostile");
+    assert_eq!(connector.sha256().len(), 64);
+    let json: Value =
+        serde_json::from_str(&serde_json::to_string_pretty(connector.manifest()).unwrap()).unwrap();
+    assert_eq!(json["hosts"], json!(["api.example.com"]));
+    assert_eq!(json["secrets"][0]["name"], "api_key");
+    // A second load of the same bytes hits the compiled-component cache.
+    let again = runtime.load(&bytes).await.unwrap();
+    assert_eq!(again.sha256(), connector.sha256());
+}
+
+#[tokio::test]
+async fn garbage_and_core_modules_are_refused_with_clear_errors() {
+    let runtime = Runtime::new(config()).unwrap();
+    let err = runtime.load(b"definitely not wasm").await.unwrap_err();
+    assert!(matches!(err, LoadError::NotWasm), "{err:?}");
+    assert!(err.to_string().contains("not a WebAssembly file"));
+
+    let core = wat::parse_str("(module (func (export \"f\")))").unwrap();
+    let err = runtime.load(&core).await.unwrap_err();
+    assert!(matches!(err, LoadError::CoreModule), "{err:?}");
+    assert!(err.to_string().contains("not a component"), "{err}");
+
+    let empty_component = wat::parse_str("(component)").unwrap();
+    let err = runtime.load(&empty_component).await.unwrap_err();
+    assert!(
+        matches!(err, LoadError::World(WorldMismatch::NotAConnector)),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("ferry:connector"), "{err}");
+
+    let mut truncated = hostile_bytes();
+    truncated.truncate(truncated.len() / 2);
+    let err = runtime.load(&truncated).await.unwrap_err();
+    assert!(matches!(err, LoadError::Compile(_)), "{err:?}");
+}
+
+/// A component exporting only `handler@VERSION` (no functions): enough to
+/// tell which world it claims.
+fn claims_world(version: &str) -> Vec<u8> {
+    wat::parse_str(format!(
+        "(component (instance $h) (export \"ferry:connector/handler@{version}\" (instance $h)))"
+    ))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_old_world_component_still_loads_and_runs() {
+    let runtime = Runtime::new(config()).unwrap();
+    // The hostile guest is built against the oldest supported world, on
+    // purpose: every test in this file runs a 0.1.0 component.
+    let old = load(&runtime).await;
+    assert_eq!(old.world(), WorldVersion::V0_1_0);
+    assert_eq!(WorldVersion::SUPPORTED[0], WorldVersion::V0_1_0);
+    let cfg = connector_config(&[]);
+    assert_healthy(&old, &cfg).await;
+    // Its imports reach the host through the 0.1.0 bindings.
+    let report = push_report(&old, &cfg, json!({"do": "hmac", "secret": "api_key"})).await;
+    assert!(report["mac"].is_array(), "{report}");
+}
+
+#[tokio::test]
+async fn worlds_this_host_does_not_run_are_refused_by_version() {
+    let runtime = Runtime::new(config()).unwrap();
+    let err = runtime.load(&claims_world("9.0.0")).await.unwrap_err();
+    assert!(
+        matches!(&err, LoadError::World(WorldMismatch::Newer(v)) if v == "9.0.0"),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("newer than this ferry supports"),
+        "{err}"
+    );
+    let err = runtime.load(&claims_world("0.0.1")).await.unwrap_err();
+    assert!(
+        matches!(&err, LoadError::World(WorldMismatch::Unsupported(v)) if v == "0.0.1"),
+        "{err:?}"
+    );
+    // A supported version whose exports are missing.
+    let err = runtime.load(&claims_world("0.2.0")).await.unwrap_err();
+    assert!(matches!(err, LoadError::WrongWorld(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn declared_hosts_the_operator_forbids_are_refused_at_load() {
+    let denied = Runtime::new(RuntimeConfig {
+        denied_hosts: vec!["*.example.com".into()],
+        ..config()
+    })
+    .unwrap();
+    let err = denied.load(&hostile_bytes()).await.unwrap_err();
+    assert!(matches!(err, LoadError::ForbiddenHost(_)), "{err:?}");
+    assert!(err.to_string().contains("deny-list"), "{err}");
+    let not_allowed = Runtime::new(RuntimeConfig {
+        allowed_hosts: vec!["api.stripe.com".into()],
+        ..config()
+    })
+    .unwrap();
+    let err = not_allowed.load(&hostile_bytes()).await.unwrap_err();
+    assert!(err.to_string().contains("allow-list"), "{err}");
+    let allowed = Runtime::new(RuntimeConfig {
+        allowed_hosts: vec!["*.example.com".into()],
+        ..config()
+    })
+    .unwrap();
+    allowed.load(&hostile_bytes()).await.expect("allowed");
+}
