@@ -29,11 +29,13 @@ RUN --mount=type=cache,id=ferry-cargo-registry,target=/usr/local/cargo/registry,
     cargo build --release --locked -p ferry \
     && install -D -m 0755 /src/target/release/ferry /out/ferry
 
-# Builds the wasm32-wasip2 components into dist/connectors/*.wasm (outside
-# the cache mount, so they stay in this stage's filesystem).
+# Builds the wasm32-wasip2 components into target/release/connectors/ and
+# copies them out of the cache mount, into the install layout ferry finds
+# them in: ../share/ferry/connectors relative to the executable.
 RUN --mount=type=cache,id=ferry-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,id=ferry-target,target=/src/target,sharing=locked \
-    scripts/build-connectors.sh
+    scripts/build-connectors.sh \
+    && mkdir -p /out/connectors && cp /src/target/release/connectors/*.wasm /out/connectors/
 
 FROM debian:bookworm-slim
 
@@ -52,12 +54,13 @@ RUN groupadd --system --gid 10001 ferry \
         --create-home --shell /usr/sbin/nologin ferry
 
 COPY --from=build /out/ferry /usr/local/bin/ferry
-COPY --from=build /src/dist/connectors/ /opt/ferry/connectors/
+# Found without configuration: ferry looks beside itself, then in
+# ../share/ferry/connectors.
+COPY --from=build /out/connectors/ /usr/local/share/ferry/connectors/
 
 # Listening on all interfaces makes FERRY_ADMIN_TOKEN mandatory: ferry
 # refuses to start an open API on a non-loopback address.
-ENV FERRY_CONNECTORS_DIR=/opt/ferry/connectors \
-    FERRY_LISTEN=0.0.0.0:8080
+ENV FERRY_LISTEN=0.0.0.0:8080
 WORKDIR /var/lib/ferry
 USER 10001:10001
 EXPOSE 8080

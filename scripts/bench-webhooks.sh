@@ -24,7 +24,7 @@ if ! command -v wrk >/dev/null; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk
 fi
-[ -f dist/connectors/stripe.wasm ] || "$FERRY_ROOT/scripts/build-connectors.sh"
+[ -f "$CARGO_TARGET_DIR/release/connectors/stripe.wasm" ] || "$FERRY_ROOT/scripts/build-connectors.sh"
 if [ -z "${BENCH_NO_BUILD:-}" ]; then
   step "building ferry and ferry-pg (release)"
   cargo build --quiet --release -p ferry --bin ferry -p ferry-test-support --bin ferry-pg
@@ -74,7 +74,7 @@ bench() {
   local name="$1" url="$2" port
   port="$(free_port)"
   FERRY_LISTEN="127.0.0.1:$port" FERRY_DATABASE_URL="$url" FERRY_DATABASE_MAX_CONNECTIONS=32 \
-    FERRY_CONNECTORS_DIR="$FERRY_ROOT/dist/connectors" RUST_LOG=warn \
+    RUST_LOG=warn \
     FERRY_CONNECTORS__STRIPE__SECRETS__API_KEY=sk_test_bench \
     FERRY_CONNECTORS__STRIPE__SECRETS__WEBHOOK_SECRET="$SECRET" \
     FERRY_CONNECTORS__STRIPE__SETTINGS__API_BASE=http://127.0.0.1:9 \

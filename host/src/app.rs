@@ -2,23 +2,20 @@
 //! [`Config`], binds the listener, and runs every task under one
 //! cancellation token until it is cancelled.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use secrecy::SecretString;
-use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, RwLock};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::connector_settings::ConnectorSettings;
-use crate::runtime::{Connector, Runtime, RuntimeConfig};
+use crate::registry::{bundled, Registry, RegistryOptions};
+use crate::runtime::{Runtime, RuntimeConfig};
 use crate::secrets::SecretBox;
 use crate::store::{Store, StoreKind, StoreOptions};
 use crate::sync::retry::RetryPolicy;
@@ -36,35 +33,19 @@ pub struct ApiSettings {
     pub idempotency_ttl: Duration,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Largest accepted connector component (uploads).
+    pub max_component_bytes: usize,
 }
-
-/// A connector loaded from a component file.
-#[derive(Clone)]
-pub struct LoadedConnector {
-    /// The compiled connector.
-    pub connector: Arc<Connector>,
-    /// sha256 of the component bytes, hex.
-    pub sha256: String,
-    /// Where it was loaded from.
-    pub source: PathBuf,
-}
-
-/// Connectors by manifest name.
-pub type ConnectorRegistry = Arc<RwLock<BTreeMap<String, LoadedConnector>>>;
 
 /// State shared by the API handlers and the background tasks.
 #[derive(Clone)]
 pub struct AppState {
     /// The store.
     pub store: Store,
-    /// The connector runtime (one wasmtime engine).
-    pub runtime: Arc<Runtime>,
-    /// Loaded connectors by manifest name.
-    pub connectors: ConnectorRegistry,
+    /// The connectors: versions, the active one, switches and settings.
+    pub registry: Registry,
     /// Per-request settings.
     pub settings: Arc<ApiSettings>,
-    /// Each connector's settings and secrets.
-    pub connector_settings: Arc<ConnectorSettings>,
     /// The outbound sync engine.
     pub sync: SyncEngine,
     /// Signalled after every committed write, so the relay moves its outbox
@@ -105,14 +86,61 @@ impl App {
 
         let runtime_config = RuntimeConfig {
             allow_private_hosts: config.allow_private_hosts,
+            allowed_hosts: config.connector_allowed_hosts.clone(),
+            denied_hosts: config.connector_denied_hosts.clone(),
             call_timeout: config.connector_call_timeout,
             http_requests_per_second: config.connector_requests_per_second,
+            cache_dir: config.compile_cache(),
             ..RuntimeConfig::default()
         };
         let runtime =
             Arc::new(Runtime::new(runtime_config).context("starting the connector runtime")?);
-        let connectors: ConnectorRegistry = Arc::default();
-        load_connectors(&runtime, &config.connectors_dir, &connectors).await;
+        let registry = Registry::new(
+            store.clone(),
+            runtime,
+            RegistryOptions {
+                environment: config.connectors.clone(),
+                secret_box: config.master_key.as_ref().map(SecretBox::new),
+                max_component_bytes: config.connector_max_bytes,
+            },
+        );
+        match bundled::locate(config.connectors_dir.as_deref()) {
+            Ok(dir) => {
+                tracing::info!(dir = %dir.display(), "registering the bundled connectors");
+                let files = bundled::read(&dir).await;
+                registry
+                    .seed_bundled(&files)
+                    .await
+                    .context("registering the bundled connectors")?;
+            }
+            Err(looked_in) => {
+                tracing::warn!(
+                    looked_in = ?looked_in,
+                    "no bundled connectors found; connectors can still be uploaded (POST /api/v1/connectors)"
+                );
+                registry
+                    .refresh()
+                    .await
+                    .context("reading the connector registry")?;
+            }
+        }
+        for entry in registry.entries() {
+            match &entry.active {
+                Some(active) => tracing::info!(
+                    connector = %entry.name,
+                    version = %active.meta.version,
+                    source = active.meta.source.as_str(),
+                    from = %active.meta.uploaded_by,
+                    switch = ?entry.effective.switch,
+                    "connector ready"
+                ),
+                None => tracing::warn!(
+                    connector = %entry.name,
+                    problem = entry.problem.as_deref().unwrap_or("no version is active"),
+                    "connector not loaded"
+                ),
+            }
+        }
 
         let listener = TcpListener::bind(config.listen)
             .await
@@ -132,15 +160,9 @@ impl App {
             );
         }
 
-        let connector_settings = Arc::new(ConnectorSettings::new(
-            store.clone(),
-            &config.connectors,
-            config.master_key.as_ref().map(SecretBox::new),
-        ));
         let sync = SyncEngine::new(
             store.clone(),
-            connectors.clone(),
-            connector_settings.clone(),
+            registry.clone(),
             SyncOptions {
                 policy: RetryPolicy {
                     max_attempts: config.sync_max_attempts,
@@ -185,14 +207,13 @@ impl App {
         );
         let state = AppState {
             store,
-            runtime,
-            connectors,
+            registry,
             settings: Arc::new(ApiSettings {
                 admin_token: config.admin_token.clone(),
                 idempotency_ttl: config.idempotency_ttl,
                 max_body_bytes: config.max_body_bytes,
+                max_component_bytes: config.connector_max_bytes,
             }),
-            connector_settings,
             sync,
             outbox_signal: Arc::new(Notify::new()),
         };
@@ -231,6 +252,9 @@ impl App {
             self.state.store.clone(),
             self.cancel.clone(),
         ));
+        // Every replica, workers or not, follows the registry: an API-only
+        // replica serves webhooks with the active version too.
+        tasks.spawn(self.state.registry.clone().run(self.cancel.clone()));
         if self.workers {
             self.spawn_sync(&tasks).await?;
         }
@@ -271,7 +295,11 @@ impl App {
                     tasks,
                     kafka,
                     &self.kafka_topic_prefix,
-                    state,
+                    crate::bus::KafkaParts {
+                        store: &state.store,
+                        sync: &state.sync,
+                        outbox_signal: &state.outbox_signal,
+                    },
                     self.redelivery_after,
                     self.cancel.clone(),
                 )
@@ -281,70 +309,6 @@ impl App {
         }
         Ok(())
     }
-}
-
-/// Loads every `*.wasm` in `dir`. A missing directory is a warning and a
-/// broken component an error log: neither stops ferry, since the API is
-/// useful without connectors.
-async fn load_connectors(runtime: &Runtime, dir: &Path, registry: &ConnectorRegistry) {
-    let mut entries = match tokio::fs::read_dir(dir).await {
-        Ok(entries) => entries,
-        Err(error) => {
-            tracing::warn!(dir = %dir.display(), %error, "connectors directory not readable; no connectors loaded");
-            return;
-        }
-    };
-    let mut paths = Vec::new();
-    loop {
-        match entries.next_entry().await {
-            Ok(Some(entry)) => {
-                let path = entry.path();
-                if path.extension().is_some_and(|e| e == "wasm") {
-                    paths.push(path);
-                }
-            }
-            Ok(None) => break,
-            Err(error) => {
-                tracing::error!(dir = %dir.display(), %error, "could not list connectors directory");
-                break;
-            }
-        }
-    }
-    paths.sort();
-    for path in paths {
-        match load_connector(runtime, &path).await {
-            Ok(loaded) => {
-                let name = loaded.connector.manifest().name.clone();
-                tracing::info!(
-                    connector = %name,
-                    version = %loaded.connector.manifest().version,
-                    sha256 = %loaded.sha256,
-                    path = %path.display(),
-                    "connector loaded"
-                );
-                registry.write().await.insert(name, loaded);
-            }
-            Err(error) => {
-                tracing::error!(path = %path.display(), error = format!("{error:#}"), "connector not loaded");
-            }
-        }
-    }
-}
-
-async fn load_connector(runtime: &Runtime, path: &Path) -> anyhow::Result<LoadedConnector> {
-    let bytes = tokio::fs::read(path)
-        .await
-        .context("reading the component")?;
-    let sha256 = hex::encode(Sha256::digest(&bytes));
-    let connector = runtime
-        .load(&bytes)
-        .await
-        .context("loading the component")?;
-    Ok(LoadedConnector {
-        connector,
-        sha256,
-        source: path.to_owned(),
-    })
 }
 
 /// Purges expired idempotency keys now and then; expired keys are also

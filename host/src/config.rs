@@ -50,8 +50,25 @@ pub struct Config {
     pub idempotency_ttl: Duration,
     /// Let connectors call private and loopback addresses (tests only).
     pub allow_private_hosts: bool,
-    /// Directory whose `*.wasm` components are loaded at start.
-    pub connectors_dir: PathBuf,
+    /// Folder of the bundled connectors (`*.wasm`), seeded into the
+    /// registry at start. Unset: a `connectors/` folder beside the
+    /// executable, else `../share/ferry/connectors` relative to it.
+    #[serde(default)]
+    pub connectors_dir: Option<PathBuf>,
+    /// Largest connector component an upload may send, in bytes.
+    pub connector_max_bytes: usize,
+    /// Hosts connectors may declare and call (`api.stripe.com`,
+    /// `*.salesforce.com`); empty allows any. A list or a comma-separated string.
+    #[serde(default, deserialize_with = "host_list")]
+    pub connector_allowed_hosts: Vec<String>,
+    /// Hosts connectors may never declare or call; wins over the allow-list.
+    #[serde(default, deserialize_with = "host_list")]
+    pub connector_denied_hosts: Vec<String>,
+    /// Where compiled connector code is cached across restarts. Unset:
+    /// `$XDG_CACHE_HOME/ferry/compiled` or `~/.cache/ferry/compiled`;
+    /// `""` turns the disk cache off.
+    #[serde(default)]
+    pub compile_cache_dir: Option<PathBuf>,
     /// Largest accepted request body in bytes.
     pub max_body_bytes: usize,
     /// `text` or `json`.
@@ -156,6 +173,10 @@ impl std::fmt::Debug for Config {
             .field("idempotency_ttl", &self.idempotency_ttl)
             .field("allow_private_hosts", &self.allow_private_hosts)
             .field("connectors_dir", &self.connectors_dir)
+            .field("connector_max_bytes", &self.connector_max_bytes)
+            .field("connector_allowed_hosts", &self.connector_allowed_hosts)
+            .field("connector_denied_hosts", &self.connector_denied_hosts)
+            .field("compile_cache_dir", &self.compile_cache_dir)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("log_format", &self.log_format)
             .field("kafka_brokers", &self.kafka_brokers)
@@ -192,7 +213,7 @@ struct Defaults {
     database_max_connections: u32,
     idempotency_ttl: u64,
     allow_private_hosts: bool,
-    connectors_dir: &'static str,
+    connector_max_bytes: usize,
     max_body_bytes: usize,
     log_format: LogFormat,
     kafka_topic_prefix: &'static str,
@@ -220,7 +241,7 @@ const DEFAULTS: Defaults = Defaults {
     database_max_connections: 16,
     idempotency_ttl: 24 * 60 * 60,
     allow_private_hosts: false,
-    connectors_dir: "dist/connectors",
+    connector_max_bytes: 16 * 1024 * 1024,
     max_body_bytes: 1024 * 1024,
     log_format: LogFormat::Text,
     kafka_topic_prefix: "ferry",
@@ -295,6 +316,11 @@ impl Config {
                 ));
             }
         }
+        if self.connector_max_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "connector_max_bytes must be at least 1024".into(),
+            ));
+        }
         if self.max_body_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "max_body_bytes must be at least 1024".into(),
@@ -333,6 +359,20 @@ impl Config {
         crate::store::StoreKind::from_url(self.database_url_exposed())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
+    }
+
+    /// The compiled-code cache directory in effect (see
+    /// [`Config::compile_cache_dir`]).
+    pub fn compile_cache(&self) -> Option<PathBuf> {
+        match &self.compile_cache_dir {
+            Some(dir) if dir.as_os_str().is_empty() => None,
+            Some(dir) => Some(dir.clone()),
+            None => std::env::var_os("XDG_CACHE_HOME")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .map(|d| d.join("ferry/compiled")),
+        }
     }
 
     /// The database URL, password included: only for connecting.
@@ -375,6 +415,26 @@ pub fn redact_url(raw: &str) -> String {
         }
         Err(_) => "[unparsable database URL]".to_owned(),
     }
+}
+
+/// A list of hosts: a TOML array, or one comma-separated string (what an
+/// environment variable can hold).
+fn host_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        Text(String),
+    }
+    let hosts = match Raw::deserialize(deserializer)? {
+        Raw::List(list) => list,
+        Raw::Text(text) => text.split(',').map(str::to_owned).collect(),
+    };
+    Ok(hosts
+        .into_iter()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .collect())
 }
 
 /// Seconds as a number, or a number with an `ms`, `s`, `m`, `h` or `d` suffix.

@@ -8,7 +8,7 @@ pub mod api;
 pub mod app;
 pub mod bus;
 pub mod config;
-pub mod connector_settings;
+pub mod registry;
 pub mod secrets;
 pub mod store;
 pub mod sync;

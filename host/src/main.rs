@@ -117,5 +117,12 @@ async fn check_connector(file: PathBuf) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("loading {}", file.display()))?;
     println!("{}", serde_json::to_string_pretty(connector.manifest())?);
+    eprintln!(
+        "ok: {} {} targets ferry:connector@{}, sha256 {}",
+        connector.name(),
+        connector.manifest().version,
+        connector.world(),
+        connector.sha256()
+    );
     Ok(())
 }

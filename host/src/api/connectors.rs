@@ -1,34 +1,52 @@
-//! `/api/v1/connectors`: the loaded connectors, their configuration
-//! (settings, secrets, enabled) and their circuit breakers.
+//! `/api/v1/connectors`: the connector plane. Upload a component, list
+//! connectors and their versions, activate a version (rollback or roll
+//! forward), enable, disable, configure and delete. Every route needs the
+//! admin token; everything goes through the [`Registry`](crate::registry).
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, State};
-use axum::routing::{get, put};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::error::{ApiError, FieldError, Problem};
-use super::extract::{parse_json, JsonBody, Principal};
-use crate::app::{AppState, LoadedConnector};
-use crate::connector_settings::ConfigSource;
-use crate::store::connector_configs::StoredConnectorConfig;
+use super::error::{ApiError, Problem};
+use super::extract::{parse_json, JsonBody, Principal, QueryPairs};
+use crate::app::AppState;
+use crate::registry::{ConfigSource, Entry, NewSettings, Switch};
+use crate::store::connectors::VersionMeta;
 use crate::sync::breaker::BreakerView;
 
-/// A loaded connector and how it is configured.
+/// A connector: its active version, switch, configuration and breaker.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ConnectorSummary {
     /// The manifest name connectors are addressed by.
     pub name: String,
-    /// sha256 of the component bytes, hex.
-    pub sha256: String,
-    /// The manifest the component declared.
-    #[schema(value_type = Object)]
-    pub manifest: serde_json::Value,
-    /// Whether ferry syncs through it.
+    /// `enabled` (synced), `disabled` (paused: changes wait, webhooks 404)
+    /// or `unconfigured` (loaded, never switched on).
+    pub state: Switch,
+    /// Whether ferry syncs through it now (`state` is `enabled`).
     pub enabled: bool,
+    /// The version calls run on, if one is loaded.
+    pub active_version: Option<String>,
+    /// sha256 of the active component, hex.
+    pub sha256: Option<String>,
+    /// The `ferry:connector` world version the active component targets.
+    pub world: Option<String>,
+    /// Where the active version came from: `bundled` or `upload`.
+    pub source: Option<&'static str>,
+    /// The active version's manifest.
+    #[schema(value_type = Option<Object>)]
+    pub manifest: Option<serde_json::Value>,
+    /// Why the active version is not (or not the newest choice) loaded on
+    /// this replica.
+    pub load_problem: Option<String>,
     /// Where its configuration comes from: `api`, `environment` or `none`.
     pub config_source: ConfigSource,
     /// Its non-secret settings.
@@ -41,11 +59,52 @@ pub struct ConnectorSummary {
     pub breaker: BreakerView,
 }
 
-/// The loaded connectors.
+/// The connectors.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ConnectorList {
     /// Connectors in name order.
     pub data: Vec<ConnectorSummary>,
+}
+
+/// One stored version of a connector.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConnectorVersion {
+    /// The connector.
+    pub name: String,
+    /// The manifest's semantic version.
+    pub version: String,
+    /// sha256 of the component bytes, hex.
+    pub sha256: String,
+    /// The `ferry:connector` world version it targets.
+    pub world: String,
+    /// Size of the component in bytes.
+    pub size_bytes: i64,
+    /// `bundled` (shipped with ferry, registered at start) or `upload`.
+    pub source: &'static str,
+    /// `admin`, `open` (no admin token configured) or the bundled file.
+    pub uploaded_by: String,
+    /// When it was stored.
+    pub uploaded_at: DateTime<Utc>,
+    /// Whether it is the active version.
+    pub active: bool,
+    /// Its manifest.
+    #[schema(value_type = Object)]
+    pub manifest: serde_json::Value,
+}
+
+/// The stored versions of a connector.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConnectorVersionList {
+    /// Oldest first.
+    pub data: Vec<ConnectorVersion>,
+}
+
+/// Which version to make active.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Activate {
+    /// A stored version of the connector.
+    pub version: String,
 }
 
 /// A connector's configuration, as written.
@@ -69,45 +128,157 @@ fn yes() -> bool {
     true
 }
 
-async fn summary(
-    state: &AppState,
-    name: &str,
-    loaded: &LoadedConnector,
-) -> Result<ConnectorSummary, ApiError> {
-    let manifest = serde_json::to_value(loaded.connector.manifest())
-        .map_err(|e| ApiError::Internal(e.into()))?;
-    let effective = state.connector_settings.get(name).await?;
-    Ok(ConnectorSummary {
-        name: name.to_owned(),
-        sha256: loaded.sha256.clone(),
-        manifest,
-        enabled: effective.enabled,
+fn summary(state: &AppState, entry: &Entry) -> ConnectorSummary {
+    let active = entry.active.as_ref();
+    let effective = &entry.effective;
+    ConnectorSummary {
+        name: entry.name.clone(),
+        state: effective.switch,
+        enabled: effective.switch == Switch::Enabled,
+        active_version: active.map(|a| a.meta.version.clone()),
+        sha256: active.map(|a| a.meta.sha256.clone()),
+        world: active.map(|a| a.connector.world().to_string()),
+        source: active.map(|a| a.meta.source.as_str()),
+        manifest: active.map(|a| a.meta.manifest.clone()),
+        load_problem: entry.problem.clone(),
         config_source: effective.source,
         settings: effective.config.settings.clone(),
         secrets: effective.secret_names.clone(),
         problem: effective.problem.clone(),
-        breaker: state.sync.breakers().view(name),
-    })
+        breaker: state.sync.breakers().view(&entry.name),
+    }
 }
 
-async fn loaded(state: &AppState, name: &str) -> Result<LoadedConnector, ApiError> {
-    state
-        .connectors
-        .read()
-        .await
-        .get(name)
-        .cloned()
-        .ok_or(ApiError::ConnectorNotFound)
+fn version_view(meta: VersionMeta, active: Option<&str>) -> ConnectorVersion {
+    ConnectorVersion {
+        active: active == Some(meta.version.as_str()),
+        name: meta.name,
+        version: meta.version,
+        sha256: meta.sha256,
+        world: meta.world,
+        size_bytes: meta.size_bytes,
+        source: meta.source.as_str(),
+        uploaded_by: meta.uploaded_by,
+        uploaded_at: meta.uploaded_at,
+        manifest: meta.manifest,
+    }
 }
 
-/// List loaded connectors.
+fn current(state: &AppState, name: &str) -> Result<Json<ConnectorSummary>, ApiError> {
+    let entry = state
+        .registry
+        .entry(name)
+        .ok_or(ApiError::ConnectorNotFound)?;
+    Ok(Json(summary(state, &entry)))
+}
+
+/// `true` or `false` in a query string.
+fn bool_param(pairs: &[(String, String)], name: &str, default: bool) -> Result<bool, ApiError> {
+    match pairs.iter().rev().find(|(n, _)| n == name) {
+        None => Ok(default),
+        Some((_, value)) => value
+            .parse()
+            .map_err(|_| ApiError::field(name, "must be true or false")),
+    }
+}
+
+/// A component upload: `Content-Type: application/wasm`, at most the
+/// configured component size.
+pub struct WasmBody(pub Bytes);
+
+impl FromRequest<AppState> for WasmBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let wasm = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/wasm"));
+        if !wasm {
+            return Err(ApiError::UnsupportedMediaType {
+                expected: "application/wasm",
+            });
+        }
+        match Bytes::from_request(request, state).await {
+            Ok(bytes) => Ok(Self(bytes)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::ComponentTooLarge {
+                    limit: state.settings.max_component_bytes,
+                })
+            }
+            Err(rejection) => Err(ApiError::field("body", rejection.body_text())),
+        }
+    }
+}
+
+/// Upload a connector.
 ///
-/// The connectors found in the connectors directory at start, with their
-/// manifests, configuration (secret names only) and circuit breakers.
+/// The body is a connector component (`cargo build --target wasm32-wasip2
+/// --release`), sent as `application/wasm`. ferry checks it before storing
+/// anything: a component, not a core module; a `ferry:connector` world this
+/// ferry runs; a sane manifest; hosts the operator allows; within the size
+/// limit. A new version becomes active at once on every replica (within
+/// about a second), unless `activate=false`; calls already running finish
+/// on the version they started on. The same bytes again change nothing and
+/// answer 200 with the stored version; a version number already stored
+/// with other bytes is 409 `version_exists`.
+#[utoipa::path(
+    post, path = "/api/v1/connectors", tag = "connectors",
+    params(("activate" = Option<bool>, Query, description = "Make the new version active (default true)")),
+    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The component"),
+    responses(
+        (status = 201, description = "Stored (and active, unless activate=false)", body = ConnectorVersion),
+        (status = 200, description = "These bytes were stored already; nothing changed", body = ConnectorVersion),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "This version exists with other bytes (`version_exists`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Larger than the component limit (`component_too_large`)", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not sent as application/wasm", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Refused: `not_wasm`, `core_module`, `invalid_component`, `not_a_connector`, `world_unsupported`, `world_too_new`, `world_mismatch`, `manifest_failed`, `invalid_manifest` or `forbidden_host`", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn upload_connector(
+    State(state): State<AppState>,
+    principal: Principal,
+    QueryPairs(pairs): QueryPairs,
+    WasmBody(bytes): WasmBody,
+) -> Result<Response, ApiError> {
+    let activate = bool_param(&pairs, "activate", true)?;
+    let uploaded = state
+        .registry
+        .upload(&bytes, activate, principal.scope())
+        .await?;
+    let name = uploaded.version.name.clone();
+    let active = state
+        .registry
+        .entry(&name)
+        .and_then(|e| e.active.as_ref().map(|a| a.meta.version.clone()));
+    let status = if uploaded.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut response = (
+        status,
+        Json(version_view(uploaded.version, active.as_deref())),
+    )
+        .into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/api/v1/connectors/{name}")) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// List connectors.
+///
+/// Every connector with its active version, manifest, switch,
+/// configuration (secret names only), load problems and circuit breaker.
 #[utoipa::path(
     get, path = "/api/v1/connectors", tag = "connectors",
     responses(
-        (status = 200, description = "Loaded connectors", body = ConnectorList),
+        (status = 200, description = "The connectors", body = ConnectorList),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
@@ -115,19 +286,14 @@ async fn loaded(state: &AppState, name: &str) -> Result<LoadedConnector, ApiErro
 pub async fn list_connectors(
     State(state): State<AppState>,
     _principal: Principal,
-) -> Result<Json<ConnectorList>, ApiError> {
-    let registry: Vec<(String, LoadedConnector)> = state
-        .connectors
-        .read()
-        .await
+) -> Json<ConnectorList> {
+    let data = state
+        .registry
+        .entries()
         .iter()
-        .map(|(n, l)| (n.clone(), l.clone()))
+        .map(|entry| summary(&state, entry))
         .collect();
-    let mut data = Vec::with_capacity(registry.len());
-    for (name, loaded) in &registry {
-        data.push(summary(&state, name, loaded).await?);
-    }
-    Ok(Json(ConnectorList { data }))
+    Json(ConnectorList { data })
 }
 
 /// Get one connector.
@@ -146,18 +312,153 @@ pub async fn get_connector(
     _principal: Principal,
     Path(name): Path<String>,
 ) -> Result<Json<ConnectorSummary>, ApiError> {
-    let connector = loaded(&state, &name).await?;
-    Ok(Json(summary(&state, &name, &connector).await?))
+    current(&state, &name)
+}
+
+/// List a connector's versions.
+#[utoipa::path(
+    get, path = "/api/v1/connectors/{name}/versions", tag = "connectors",
+    params(("name" = String, Path, description = "Connector name")),
+    responses(
+        (status = 200, description = "Its stored versions, oldest first", body = ConnectorVersionList),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such connector", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn list_versions(
+    State(state): State<AppState>,
+    _principal: Principal,
+    Path(name): Path<String>,
+) -> Result<Json<ConnectorVersionList>, ApiError> {
+    let versions = state.registry.versions(&name).await?;
+    let active = state
+        .registry
+        .entry(&name)
+        .and_then(|e| e.active.as_ref().map(|a| a.meta.version.clone()));
+    let data = versions
+        .into_iter()
+        .map(|v| version_view(v, active.as_deref()))
+        .collect();
+    Ok(Json(ConnectorVersionList { data }))
+}
+
+/// Activate a version.
+///
+/// Makes a stored version the active one on every replica: a rollback or a
+/// roll forward. Calls already running finish on the version they started
+/// on.
+#[utoipa::path(
+    post, path = "/api/v1/connectors/{name}/activate", tag = "connectors",
+    params(("name" = String, Path, description = "Connector name")),
+    request_body = Activate,
+    responses(
+        (status = 200, description = "The connector, now on that version", body = ConnectorSummary),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such connector or version", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The version no longer loads under this ferry's rules", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn activate(
+    State(state): State<AppState>,
+    _principal: Principal,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<ConnectorSummary>, ApiError> {
+    let request: Activate = parse_json(&body)?;
+    state.registry.activate(&name, &request.version).await?;
+    current(&state, &name)
+}
+
+/// Enable a connector.
+///
+/// Changes are pushed and webhooks accepted again; pushes that waited while
+/// it was disabled go out at once. Needs every required setting and secret.
+#[utoipa::path(
+    post, path = "/api/v1/connectors/{name}/enable", tag = "connectors",
+    params(("name" = String, Path, description = "Connector name")),
+    responses(
+        (status = 200, description = "The connector", body = ConnectorSummary),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such connector", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Required settings or secrets are missing", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn enable(
+    State(state): State<AppState>,
+    _principal: Principal,
+    Path(name): Path<String>,
+) -> Result<Json<ConnectorSummary>, ApiError> {
+    state.registry.set_enabled(&name, true).await?;
+    current(&state, &name)
+}
+
+/// Disable a connector.
+///
+/// A pause: its webhooks answer 404, and changes keep queueing for it
+/// without spending attempts until it is enabled again. To stop syncing
+/// with a system for good, delete the connector.
+#[utoipa::path(
+    post, path = "/api/v1/connectors/{name}/disable", tag = "connectors",
+    params(("name" = String, Path, description = "Connector name")),
+    responses(
+        (status = 200, description = "The connector", body = ConnectorSummary),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such connector", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn disable(
+    State(state): State<AppState>,
+    _principal: Principal,
+    Path(name): Path<String>,
+) -> Result<Json<ConnectorSummary>, ApiError> {
+    state.registry.set_enabled(&name, false).await?;
+    current(&state, &name)
+}
+
+/// Delete a connector.
+///
+/// Removes its versions and stored settings on every replica; a bundled
+/// connector is not registered again at the next start. Refused with 409
+/// `connector_in_use` while customers are linked to its records, unless
+/// `force=true`; the links are kept either way, for audit.
+#[utoipa::path(
+    delete, path = "/api/v1/connectors/{name}", tag = "connectors",
+    params(
+        ("name" = String, Path, description = "Connector name"),
+        ("force" = Option<bool>, Query, description = "Delete even while customers are linked"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such connector", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Customers are linked (`connector_in_use`)", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn delete_connector(
+    State(state): State<AppState>,
+    _principal: Principal,
+    Path(name): Path<String>,
+    QueryPairs(pairs): QueryPairs,
+) -> Result<StatusCode, ApiError> {
+    let force = bool_param(&pairs, "force", false)?;
+    state.registry.delete(&name, force).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Configure a connector.
 ///
-/// Replaces the connector's settings and enabled flag (and its secrets, if
-/// `secrets` is given). Names are checked against the manifest; an enabled
-/// connector must have every required setting and secret. Secrets are
-/// stored encrypted with `FERRY_MASTER_KEY` and never returned. Every
-/// replica picks the change up within two seconds. Configuration stored
-/// here takes precedence over `FERRY_CONNECTORS__*` variables.
+/// Replaces the connector's settings and switch (and its secrets, if
+/// `secrets` is given). Names are checked against the active version's
+/// manifest: unknown names are refused and, for an enabled connector,
+/// missing required ones are named. Secrets are stored encrypted with
+/// `FERRY_MASTER_KEY` and never returned. Every replica picks the change up
+/// within about a second. Configuration stored here takes precedence over
+/// `FERRY_CONNECTORS__*` variables.
 #[utoipa::path(
     put, path = "/api/v1/connectors/{name}/settings", tag = "connectors",
     params(("name" = String, Path, description = "Connector name")),
@@ -169,7 +470,7 @@ pub async fn get_connector(
         (status = 200, description = "The connector as now configured", body = ConnectorSummary),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such connector", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Secrets given but no master key is configured", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Secrets given but no master key is configured, or no version is loaded", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Unknown or missing settings", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
@@ -180,93 +481,40 @@ pub async fn put_settings(
     Path(name): Path<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<ConnectorSummary>, ApiError> {
-    let connector = loaded(&state, &name).await?;
+    if state.registry.entry(&name).is_none() {
+        return Err(ApiError::ConnectorNotFound);
+    }
     let request: PutSettings = parse_json(&body)?;
-    let manifest = connector.connector.manifest();
-    let previous = state
-        .store
-        .connector_configs()
-        .await?
-        .into_iter()
-        .find(|c| c.connector == name);
-
-    let mut errors = Vec::new();
-    for key in request.settings.keys() {
-        if !manifest.settings.iter().any(|s| &s.name == key) {
-            errors.push(FieldError::new(
-                format!("settings.{key}"),
-                "not a setting of this connector",
-            ));
-        }
-    }
-    if let Some(secrets) = &request.secrets {
-        for key in secrets.keys() {
-            if !manifest.secrets.iter().any(|s| &s.name == key) {
-                errors.push(FieldError::new(
-                    format!("secrets.{key}"),
-                    "not a secret of this connector",
-                ));
-            }
-        }
-    }
-    let secret_names: Vec<String> = match (&request.secrets, &previous) {
-        (Some(secrets), _) => secrets.keys().cloned().collect(),
-        (None, Some(previous)) => previous.secret_names.clone(),
-        (None, None) => Vec::new(),
-    };
-    if request.enabled {
-        for spec in &manifest.settings {
-            if spec.required && spec.default.is_none() && !request.settings.contains_key(&spec.name)
-            {
-                errors.push(FieldError::new(
-                    format!("settings.{}", spec.name),
-                    "required by this connector",
-                ));
-            }
-        }
-        for spec in &manifest.secrets {
-            if spec.required && !secret_names.contains(&spec.name) {
-                errors.push(FieldError::new(
-                    format!("secrets.{}", spec.name),
-                    "required by this connector",
-                ));
-            }
-        }
-    }
-    if !errors.is_empty() {
-        return Err(ApiError::Validation(errors));
-    }
-    let sealed_secrets = match &request.secrets {
-        Some(secrets) if secrets.is_empty() => None,
-        Some(secrets) => {
-            let secret_box = state
-                .connector_settings
-                .secret_box()
-                .ok_or(ApiError::MasterKeyRequired)?;
-            Some(secret_box.seal(secrets))
-        }
-        None => previous.and_then(|p| p.sealed_secrets),
-    };
     state
-        .store
-        .put_connector_config(&StoredConnectorConfig {
-            connector: name.clone(),
-            enabled: request.enabled,
-            settings: request.settings,
-            sealed_secrets,
-            secret_names,
-            updated_at: chrono::Utc::now(),
-        })
+        .registry
+        .put_settings(
+            &name,
+            NewSettings {
+                enabled: request.enabled,
+                settings: request.settings,
+                secrets: request.secrets,
+            },
+        )
         .await?;
-    state.connector_settings.invalidate().await;
-    tracing::info!(connector = %name, enabled = request.enabled, "connector configured");
-    Ok(Json(summary(&state, &name, &connector).await?))
+    current(&state, &name)
 }
 
 /// Routes under `/api/v1/connectors`.
-pub fn router() -> Router<AppState> {
+pub fn router(max_component_bytes: usize) -> Router<AppState> {
     Router::new()
-        .route("/connectors", get(list_connectors))
-        .route("/connectors/{name}", get(get_connector))
+        .route(
+            "/connectors",
+            get(list_connectors)
+                .post(upload_connector)
+                .layer(DefaultBodyLimit::max(max_component_bytes)),
+        )
+        .route(
+            "/connectors/{name}",
+            get(get_connector).delete(delete_connector),
+        )
+        .route("/connectors/{name}/versions", get(list_versions))
+        .route("/connectors/{name}/activate", post(activate))
+        .route("/connectors/{name}/enable", post(enable))
+        .route("/connectors/{name}/disable", post(disable))
         .route("/connectors/{name}/settings", put(put_settings))
 }

@@ -7,6 +7,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::registry::RegistryError;
+use crate::runtime::wit::WorldMismatch;
+use crate::runtime::LoadError;
 use crate::store::StoreError;
 
 /// The media type of every error body.
@@ -93,6 +96,37 @@ pub enum ApiError {
     /// No loaded connector has this name.
     #[error("no connector with this name is loaded")]
     ConnectorNotFound,
+    /// The connector has no such version.
+    #[error("the connector has no version {0}")]
+    ConnectorVersionNotFound(String),
+    /// The connector has no loaded version to work with.
+    #[error("no version of the connector is loaded: {0}")]
+    ConnectorNotLoaded(String),
+    /// Customers are linked to the connector's records.
+    #[error("{linked} customers are linked to this connector's records; add ?force=true to delete it anyway (the links are kept for audit)")]
+    ConnectorInUse {
+        /// How many.
+        linked: i64,
+    },
+    /// An uploaded component was refused; `code` says why.
+    #[error("{detail}")]
+    ComponentRefused {
+        /// `not_wasm`, `core_module`, `invalid_component`, `not_a_connector`,
+        /// `world_unsupported`, `world_too_new`, `world_mismatch`,
+        /// `manifest_failed`, `invalid_manifest` or `forbidden_host`.
+        code: &'static str,
+        /// What is wrong, for a person.
+        detail: String,
+    },
+    /// An uploaded component exceeds the configured limit.
+    #[error("the component exceeds {limit} bytes (FERRY_CONNECTOR_MAX_BYTES)")]
+    ComponentTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The uploaded version is stored already with other bytes.
+    #[error("{0}")]
+    VersionExists(String),
     /// No dead letter has this id.
     #[error("no dead letter with this id")]
     DeadLetterNotFound,
@@ -142,10 +176,16 @@ impl ApiError {
             Self::CustomerNotFound
             | Self::NotFound
             | Self::ConnectorNotFound
+            | Self::ConnectorVersionNotFound(_)
             | Self::DeadLetterNotFound
             | Self::ConflictNotFound => StatusCode::NOT_FOUND,
             Self::ConflictNotOpen => StatusCode::CONFLICT,
             Self::MasterKeyRequired => StatusCode::CONFLICT,
+            Self::ConnectorNotLoaded(_) | Self::ConnectorInUse { .. } | Self::VersionExists(_) => {
+                StatusCode::CONFLICT
+            }
+            Self::ComponentRefused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::ComponentTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidSignature(_) | Self::InvalidWebhook(_) => StatusCode::BAD_REQUEST,
             Self::ConnectorFailed => StatusCode::SERVICE_UNAVAILABLE,
             Self::EmailTaken => StatusCode::CONFLICT,
@@ -173,6 +213,12 @@ impl ApiError {
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::IdempotencyKeyInFlight => "idempotency_key_in_flight",
             Self::ConnectorNotFound => "connector_not_found",
+            Self::ConnectorVersionNotFound(_) => "connector_version_not_found",
+            Self::ConnectorNotLoaded(_) => "connector_not_loaded",
+            Self::ConnectorInUse { .. } => "connector_in_use",
+            Self::ComponentRefused { code, .. } => code,
+            Self::ComponentTooLarge { .. } => "component_too_large",
+            Self::VersionExists(_) => "version_exists",
             Self::DeadLetterNotFound => "dead_letter_not_found",
             Self::ConflictNotFound => "conflict_not_found",
             Self::ConflictNotOpen => "conflict_not_open",
@@ -199,6 +245,12 @@ impl ApiError {
             Self::IdempotencyKeyReused => "Idempotency key reused",
             Self::IdempotencyKeyInFlight => "Idempotency key in flight",
             Self::ConnectorNotFound => "Connector not found",
+            Self::ConnectorVersionNotFound(_) => "Connector version not found",
+            Self::ConnectorNotLoaded(_) => "Connector not loaded",
+            Self::ConnectorInUse { .. } => "Connector in use",
+            Self::ComponentRefused { .. } => "Component refused",
+            Self::ComponentTooLarge { .. } => "Component too large",
+            Self::VersionExists(_) => "Version exists",
             Self::DeadLetterNotFound => "Dead letter not found",
             Self::ConflictNotFound => "Conflict not found",
             Self::ConflictNotOpen => "Conflict not open",
@@ -245,6 +297,47 @@ impl From<StoreError> for ApiError {
             StoreError::VersionMismatch { current } => Self::PreconditionFailed { current },
             other => Self::Internal(other.into()),
         }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(error: RegistryError) -> Self {
+        match error {
+            RegistryError::NotFound => Self::ConnectorNotFound,
+            RegistryError::VersionNotFound(v) => Self::ConnectorVersionNotFound(v),
+            RegistryError::NotLoaded(why) => Self::ConnectorNotLoaded(why),
+            RegistryError::Linked(linked) => Self::ConnectorInUse { linked },
+            RegistryError::Settings(problems) => Self::Validation(
+                problems
+                    .into_iter()
+                    .map(|p| FieldError::new(p.field, p.message))
+                    .collect(),
+            ),
+            RegistryError::MasterKeyRequired => Self::MasterKeyRequired,
+            RegistryError::TooLarge { limit } => Self::ComponentTooLarge { limit },
+            RegistryError::VersionExists(_) => Self::VersionExists(error.to_string()),
+            RegistryError::Invalid(load) => Self::ComponentRefused {
+                code: refusal_code(&load),
+                detail: load.to_string(),
+            },
+            RegistryError::Store(store) => store.into(),
+        }
+    }
+}
+
+/// The stable code of each way a component is refused.
+fn refusal_code(error: &LoadError) -> &'static str {
+    match error {
+        LoadError::NotWasm | LoadError::UnknownVersion(_) => "not_wasm",
+        LoadError::CoreModule => "core_module",
+        LoadError::Compile(_) => "invalid_component",
+        LoadError::World(WorldMismatch::NotAConnector) => "not_a_connector",
+        LoadError::World(WorldMismatch::Newer(_)) => "world_too_new",
+        LoadError::World(WorldMismatch::Unsupported(_)) => "world_unsupported",
+        LoadError::WrongWorld(_) => "world_mismatch",
+        LoadError::ManifestCall(_) => "manifest_failed",
+        LoadError::InvalidManifest(_) => "invalid_manifest",
+        LoadError::ForbiddenHost(_) => "forbidden_host",
     }
 }
 

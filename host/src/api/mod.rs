@@ -37,8 +37,14 @@ use crate::app::AppState;
         customers::replace_customer,
         customers::delete_customer,
         customers::sync::customer_sync,
+        connectors::upload_connector,
         connectors::list_connectors,
         connectors::get_connector,
+        connectors::list_versions,
+        connectors::activate,
+        connectors::enable,
+        connectors::disable,
+        connectors::delete_connector,
         connectors::put_settings,
         dead_letters::list_dead_letters,
         dead_letters::get_dead_letter,
@@ -55,7 +61,7 @@ use crate::app::AppState;
     modifiers(&BearerAuth),
     tags(
         (name = "customers", description = "The customer catalog"),
-        (name = "connectors", description = "Loaded connectors and their configuration"),
+        (name = "connectors", description = "Connectors: upload, versions, activation, switches and configuration"),
         (name = "sync", description = "Sync status and dead letters"),
         (name = "webhooks", description = "Public endpoints remote systems deliver changes to"),
         (name = "health", description = "Probes"),
@@ -118,7 +124,7 @@ pub fn router(state: AppState) -> Router {
     let max_body = state.settings.max_body_bytes;
     let v1 = Router::new()
         .merge(customers::router())
-        .merge(connectors::router())
+        .merge(connectors::router(state.settings.max_component_bytes))
         .merge(dead_letters::router())
         .merge(conflicts::router());
     Router::new()

@@ -20,6 +20,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, Problem};
 use super::extract::request_id;
 use crate::app::AppState;
+use crate::registry::Need;
 use crate::runtime::{CallError, ChangeKind, ConnectorError, WebhookRequest};
 use crate::store::inbox::NewInboxEvent;
 
@@ -62,17 +63,12 @@ pub async fn receive(
         },
         _ => ApiError::InvalidWebhook(rejection.body_text()),
     })?;
-    let connector = state
-        .connectors
-        .read()
-        .await
-        .get(&name)
-        .map(|l| l.connector.clone())
-        .ok_or(ApiError::ConnectorNotFound)?;
-    let config = state.connector_settings.get(&name).await?;
-    if !config.enabled || !connector.manifest().webhooks {
-        return Err(ApiError::ConnectorNotFound);
-    }
+    // Unknown, disabled, unconfigured or without webhooks: all look the
+    // same from outside.
+    let ready = state
+        .registry
+        .ready(&name, Need::Webhooks)
+        .map_err(|_| ApiError::ConnectorNotFound)?;
     let request = WebhookRequest {
         headers: headers
             .iter()
@@ -80,7 +76,11 @@ pub async fn receive(
             .collect(),
         body: body.to_vec(),
     };
-    let parsed = match connector.receive_webhook(&config.config, request).await {
+    let parsed = match ready
+        .connector
+        .receive_webhook(&ready.config, request)
+        .await
+    {
         Ok(parsed) => parsed,
         Err(CallError::Connector(ConnectorError::InvalidSignature(message))) => {
             tracing::info!(connector = %name, message, "webhook refused: signature");

@@ -140,7 +140,7 @@ pub async fn start_kafka(
     tasks: &tokio_util::task::TaskTracker,
     settings: &kafka::KafkaSettings,
     prefix: &str,
-    state: &crate::app::AppState,
+    state: KafkaParts<'_>,
     redelivery_after: Duration,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -178,6 +178,16 @@ pub async fn start_kafka(
         cancel,
     ));
     Ok(())
+}
+
+/// What the Kafka bus works with.
+pub struct KafkaParts<'a> {
+    /// The outbox and the inbox it publishes.
+    pub store: &'a Store,
+    /// What consumed changes and events go to.
+    pub sync: &'a SyncEngine,
+    /// Signalled after commits that give the relay work.
+    pub outbox_signal: &'a Arc<Notify>,
 }
 
 /// The topics of one deployment.

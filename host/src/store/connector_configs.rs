@@ -14,8 +14,6 @@ use super::{dispatch, now, Store, StoreError};
 pub struct StoredConnectorConfig {
     /// The connector's manifest name.
     pub connector: String,
-    /// Whether ferry syncs through it.
-    pub enabled: bool,
     /// Non-secret settings.
     pub settings: BTreeMap<String, String>,
     /// The sealed secrets, if any.
@@ -29,7 +27,6 @@ pub struct StoredConnectorConfig {
 #[derive(sqlx::FromRow)]
 struct Row {
     connector: String,
-    enabled: bool,
     settings: Json<BTreeMap<String, String>>,
     secrets: Option<Vec<u8>>,
     secret_names: Json<Vec<String>>,
@@ -40,7 +37,6 @@ impl From<Row> for StoredConnectorConfig {
     fn from(row: Row) -> Self {
         Self {
             connector: row.connector,
-            enabled: row.enabled,
             settings: row.settings.0,
             sealed_secrets: row.secrets,
             secret_names: row.secret_names.0,
@@ -50,28 +46,41 @@ impl From<Row> for StoredConnectorConfig {
 }
 
 impl Store {
-    /// Replaces a connector's stored configuration.
+    /// Replaces a connector's stored configuration and sets its enabled
+    /// switch, in one transaction that bumps the connector's revision (so
+    /// every replica reloads it).
     #[tracing::instrument(skip_all, fields(connector = %config.connector))]
     pub async fn put_connector_config(
         &self,
         config: &StoredConnectorConfig,
+        enabled: bool,
     ) -> Result<StoredConnectorConfig, StoreError> {
         let at = now();
         dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
             sqlx::query(
-                "INSERT INTO connector_configs (connector, enabled, settings, secrets, secret_names, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (connector) DO UPDATE SET \
-                 enabled = excluded.enabled, settings = excluded.settings, secrets = excluded.secrets, \
+                "INSERT INTO connector_configs (connector, settings, secrets, secret_names, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (connector) DO UPDATE SET \
+                 settings = excluded.settings, secrets = excluded.secrets, \
                  secret_names = excluded.secret_names, updated_at = excluded.updated_at",
             )
             .bind(&config.connector)
-            .bind(config.enabled)
             .bind(Json(&config.settings))
             .bind(&config.sealed_secrets)
             .bind(Json(&config.secret_names))
             .bind(at)
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
+            sqlx::query(
+                "UPDATE connectors SET enabled = $2, revision = revision + 1, updated_at = $3 \
+                 WHERE name = $1",
+            )
+            .bind(&config.connector)
+            .bind(enabled)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
         });
         Ok(StoredConnectorConfig {
             updated_at: at,
@@ -83,7 +92,7 @@ impl Store {
     pub async fn connector_configs(&self) -> Result<Vec<StoredConnectorConfig>, StoreError> {
         let rows: Vec<Row> = dispatch!(self, read pool => {
             sqlx::query_as(
-                "SELECT connector, enabled, settings, secrets, secret_names, updated_at \
+                "SELECT connector, settings, secrets, secret_names, updated_at \
                  FROM connector_configs ORDER BY connector",
             )
             .fetch_all(pool)

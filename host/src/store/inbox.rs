@@ -555,6 +555,17 @@ impl Store {
         })
     }
 
+    /// How many events the inbox holds from `connector`.
+    pub async fn inbox_count(&self, connector: &str) -> Result<u64, StoreError> {
+        let count: i64 = dispatch!(self, read pool => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM inbox WHERE connector = $1")
+                .bind(connector)
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
     /// The inbox events of one remote record, newest first.
     pub async fn inbox_of_remote(
         &self,

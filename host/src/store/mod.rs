@@ -17,6 +17,7 @@
 
 pub mod conflicts;
 pub mod connector_configs;
+pub mod connectors;
 pub mod customers;
 pub mod idempotency;
 pub mod inbox;

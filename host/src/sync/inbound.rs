@@ -504,17 +504,16 @@ impl SyncEngine {
     }
 
     async fn fetch_current(&self, event: &InboxEvent) -> Result<serde_json::Value, Failure> {
-        let connector = self
+        // Accepted while the connector was enabled: finish it even if the
+        // connector was disabled since.
+        let ready = self
             .inner
-            .connectors
-            .read()
-            .await
-            .get(&event.connector)
-            .map(|l| l.connector.clone())
+            .registry
+            .loaded(&event.connector)
             .ok_or_else(|| Failure::Retry("connector not loaded".into()))?;
-        let config = self.inner.settings.get(&event.connector).await?;
+        let (connector, config) = (ready.connector, ready.config);
         match connector
-            .fetch(&config.config, super::ENTITY, &event.remote_id)
+            .fetch(&config, super::ENTITY, &event.remote_id)
             .await
         {
             Ok(remote) => serde_json::from_str(&remote.record).map_err(|e| {

@@ -26,8 +26,7 @@ use self::breaker::Breakers;
 use self::group_commit::{Committer, GroupCommit};
 pub use self::outbound::{Outcome, ENTITY};
 use self::retry::RetryPolicy;
-use crate::app::ConnectorRegistry;
-use crate::connector_settings::ConnectorSettings;
+use crate::registry::Registry;
 use crate::store::inbox::{Applied, InboundChange, NewInboxEvent};
 use crate::store::sync::now_ms;
 use crate::store::sync::LinkWrite;
@@ -58,8 +57,7 @@ pub struct SyncOptions {
 
 struct Inner {
     store: Store,
-    connectors: ConnectorRegistry,
-    settings: Arc<ConnectorSettings>,
+    registry: Registry,
     breakers: Breakers,
     policy: RetryPolicy,
     lease: Duration,
@@ -82,13 +80,8 @@ pub struct SyncEngine {
 }
 
 impl SyncEngine {
-    /// An engine pushing through `connectors` with their `settings`.
-    pub fn new(
-        store: Store,
-        connectors: ConnectorRegistry,
-        settings: Arc<ConnectorSettings>,
-        options: SyncOptions,
-    ) -> Self {
+    /// An engine pushing through the connectors of `registry`.
+    pub fn new(store: Store, registry: Registry, options: SyncOptions) -> Self {
         // SQLite has one writer anyway; on PostgreSQL a batch's statements
         // are round trips, so several committers keep the pushes fed.
         let committers = match store.kind() {
@@ -101,8 +94,7 @@ impl SyncEngine {
         Self {
             inner: Arc::new(Inner {
                 store,
-                connectors,
-                settings,
+                registry,
                 breakers: Breakers::new(
                     options.breaker_failure_threshold,
                     options.breaker_cooldown,
@@ -153,37 +145,16 @@ impl SyncEngine {
         self.inner.wake.notify_one();
     }
 
-    /// The connectors changes go to: loaded, enabled, handling customers.
-    pub async fn enabled_connectors(&self) -> Result<Vec<String>, StoreError> {
-        let loaded: Vec<(String, bool)> = self
-            .inner
-            .connectors
-            .read()
-            .await
-            .iter()
-            .map(|(name, l)| {
-                let handles = l.connector.manifest().entities.iter().any(|e| e == ENTITY);
-                (name.clone(), handles)
-            })
-            .collect();
-        let mut enabled = Vec::with_capacity(loaded.len());
-        for (name, handles) in loaded {
-            if handles && self.inner.settings.get(&name).await?.enabled {
-                enabled.push(name);
-            }
-        }
-        Ok(enabled)
-    }
-
-    /// Schedules pushes for `changes` to every enabled connector, durably,
-    /// and marks `published_ids` outbox rows consumed in the same
-    /// transaction. Returns the links to push.
+    /// Schedules pushes for `changes` to every switched-on connector
+    /// (enabled, or disabled so they wait), durably, and marks
+    /// `published_ids` outbox rows consumed in the same transaction.
+    /// Returns the links to push.
     pub async fn accept(
         &self,
         changes: &[ChangeNotice],
         published_ids: &[i64],
     ) -> Result<Vec<LinkKey>, StoreError> {
-        let connectors = self.enabled_connectors().await?;
+        let connectors = self.inner.registry.participants(ENTITY);
         self.inner
             .store
             .intake_changes(changes, &connectors, published_ids)
@@ -240,6 +211,8 @@ impl SyncEngine {
     /// expired, links a busy worker skipped).
     pub async fn run_scheduler(self, cancel: CancellationToken) {
         let tasks = TaskTracker::new();
+        // An enabled connector releases the pushes that waited for it.
+        let mut registry_changes = self.inner.registry.subscribe();
         loop {
             let free = self.inner.permits.available_permits();
             let claimed = if free == 0 {
@@ -275,6 +248,7 @@ impl SyncEngine {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = self.inner.wake.notified() => {}
+                _ = registry_changes.changed() => {}
                 () = tokio::time::sleep(sleep.max(Duration::from_millis(5))) => {}
             }
         }

@@ -14,12 +14,31 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::SyncEngine;
+use crate::registry::{Need, NotReady};
 use crate::runtime::{CallError, ConnectorError, Operation, PushRequest};
 use crate::store::sync::{now_ms, LinkWrite};
 use crate::store::{Customer, RecordedOutcome, SyncLink};
 
 /// The entity type ferry syncs today.
 pub const ENTITY: &str = "customer";
+
+/// How often a push waiting for a disabled connector looks again (enabling
+/// the connector resumes its pushes at once; this is the fallback).
+const PAUSED_RECHECK: Duration = Duration::from_secs(60);
+
+/// How soon a push looks again when this replica has no loaded version of
+/// its connector.
+const NOT_LOADED_RECHECK: Duration = Duration::from_secs(5);
+
+/// Waits `after` without spending an attempt or writing a delivery.
+fn deferred(after: Duration) -> (RecordedOutcome, Outcome) {
+    (wait(after), Outcome::Deferred)
+}
+
+fn wait(after: Duration) -> RecordedOutcome {
+    let at_ms = now_ms() + i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+    RecordedOutcome::Deferred { at_ms }
+}
 
 /// The typed outcome of one step, as a test or a log sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -46,6 +65,9 @@ pub enum Outcome {
     },
     /// The breaker is open; the link waits without spending an attempt.
     Deferred,
+    /// The connector is disabled; the link waits, without spending an
+    /// attempt, until it is enabled.
+    Paused,
     /// Given up: see the dead letter.
     DeadLettered {
         /// Why.
@@ -107,6 +129,9 @@ impl SyncEngine {
                     // A newer version may have arrived while we pushed.
                     self.inner.wake.notify_one();
                 }
+                if outcome == Outcome::Paused {
+                    self.resume_if_enabled_meanwhile(&link.connector).await;
+                }
                 outcome
             }
             Ok(false) => {
@@ -141,6 +166,27 @@ impl SyncEngine {
         Outcome::LeaseLost
     }
 
+    /// The connector may have been enabled between this step's look at it
+    /// and the write that parked the link: the enable's resume then ran
+    /// too early for it. Resume again, so it does not wait the recheck out.
+    async fn resume_if_enabled_meanwhile(&self, connector: &str) {
+        if self
+            .inner
+            .registry
+            .ready(connector, Need::Entity(ENTITY))
+            .is_err()
+        {
+            return;
+        }
+        match self.inner.store.resume_connector_links(connector).await {
+            Ok(_) => self.inner.wake.notify_one(),
+            Err(error) => tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "resuming waiting pushes failed; they are retried within a minute"
+            ),
+        }
+    }
+
     async fn try_push(&self, link: &SyncLink) -> (RecordedOutcome, Outcome) {
         let inner = &self.inner;
         let skip = |version: i64, reason: &str, mark_synced: bool| {
@@ -155,20 +201,19 @@ impl SyncEngine {
                 },
             )
         };
-        let Some(connector) = inner
-            .connectors
-            .read()
-            .await
-            .get(&link.connector)
-            .map(|l| l.connector.clone())
-        else {
-            return skip(link.wanted_version, "connector not loaded", false);
+        let ready = match inner.registry.ready(&link.connector, Need::Entity(ENTITY)) {
+            Ok(ready) => ready,
+            // Paused: wait, spending no attempt; enabling it resumes the
+            // link at once, this is only the fallback.
+            Err(NotReady::Disabled) => return (wait(PAUSED_RECHECK), Outcome::Paused),
+            // This replica could not load the active version (yet): another
+            // replica, or a later refresh, will.
+            Err(NotReady::NotLoaded(_)) => return deferred(NOT_LOADED_RECHECK),
+            Err(why @ (NotReady::Unknown | NotReady::Unconfigured | NotReady::Unsupported(_))) => {
+                return skip(link.wanted_version, &why.to_string(), false)
+            }
         };
-        let config = match inner.settings.get(&link.connector).await {
-            Ok(config) if config.enabled => config,
-            Ok(_) => return skip(link.wanted_version, "connector disabled", false),
-            Err(error) => return self.retry_later(link, None, None, store_error(error)),
-        };
+        let (connector, config) = (ready.connector, ready.config);
         let customer = match inner.store.get_customer_any(&link.customer_id).await {
             Ok(Some(customer)) => customer,
             Ok(None) => return skip(link.wanted_version, "customer does not exist", true),
@@ -179,9 +224,8 @@ impl SyncEngine {
             Ok(Err((reason, mark_synced))) => return skip(customer.version, &reason, mark_synced),
             Err(error) => return self.retry_later(link, None, None, store_error(error)),
         };
-        if let Err(deferred) = inner.breakers.allow(&link.connector) {
-            let at_ms = now_ms() + i64::try_from(deferred.0.as_millis()).unwrap_or(i64::MAX);
-            return (RecordedOutcome::Deferred { at_ms }, Outcome::Deferred);
+        if let Err(wait) = inner.breakers.allow(&link.connector) {
+            return deferred(wait.0);
         }
         if plan.operation == Operation::Create && link.pending_version != Some(plan.version) {
             // Durable before the request leaves: if we crash or time out,
@@ -212,7 +256,7 @@ impl SyncEngine {
         };
         let operation = operation_name(plan.operation);
         tracing::debug!(operation, version = plan.version, "pushing");
-        match connector.push(&config.config, request).await {
+        match connector.push(&config, request).await {
             Ok(result) => {
                 inner.breakers.success(&link.connector);
                 let snapshot = result

@@ -291,20 +291,16 @@ async fn deliveries_are_verified_deduplicated_and_ordered(backend: Backend) {
 async fn remote_customer_matches_local_email(backend: Backend) {
     let stripe = LocalStripe::start().expect("localstripe");
     let mut setup = Setup::new(backend, &stripe.url());
-    setup.stripe_url = Some(stripe.url());
+    // Stripe starts unconfigured, so nothing is queued for it: the local
+    // customer is made before Stripe is switched on.
+    setup.stripe_url = None;
     let app = spawn_sync_app(setup).await;
     let address = email("match");
-    // Created locally, then the sync is disabled so Stripe does not get it.
-    let (status, _) = app
-        .send(reqwest::Method::PUT, "/api/v1/connectors/stripe/settings", Some(json!({"enabled": false, "settings": {"api_base": stripe.url()}, "secrets": {"api_key": STRIPE_KEY, "webhook_secret": WEBHOOK_SECRET}})))
-        .await;
-    assert_eq!(status, 200);
     let local = app
         .create(json!({"email": address, "name": "Local Name", "phone": "+15550001111"}))
         .await;
-    // Re-enable only once the relay took the create in while disabled;
-    // otherwise (a loaded machine) it would see the connector enabled and
-    // push the customer after all.
+    // Switch Stripe on only once the relay took the create in; otherwise
+    // (a loaded machine) it would see Stripe on and push the customer.
     let local_id = local["id"].as_str().expect("id").to_owned();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while app
@@ -325,7 +321,7 @@ async fn remote_customer_matches_local_email(backend: Backend) {
         .send(
             reqwest::Method::PUT,
             "/api/v1/connectors/stripe/settings",
-            Some(json!({"enabled": true, "settings": {"api_base": stripe.url()}})),
+            Some(json!({"settings": {"api_base": stripe.url()}, "secrets": {"api_key": STRIPE_KEY, "webhook_secret": WEBHOOK_SECRET}})),
         )
         .await;
     assert_eq!(status, 200);

@@ -1,0 +1,191 @@
+//! A connector's effective configuration and switch: what the operator
+//! stored through the API (`PUT /api/v1/connectors/{name}/settings`, the
+//! enable and disable calls), else what the file or environment gives
+//! (`FERRY_CONNECTORS__{NAME}__...`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::config::ConnectorSettingsConfig;
+use crate::runtime::{ConnectorConfig, Manifest};
+use crate::secrets::SecretBox;
+use crate::store::connector_configs::StoredConnectorConfig;
+
+/// Where a connector's configuration comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfigSource {
+    /// Stored through the API.
+    Api,
+    /// The configuration file or environment.
+    Environment,
+    /// Nothing configured.
+    None,
+}
+
+/// Whether ferry syncs through a connector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Switch {
+    /// Changes are pushed and webhooks accepted.
+    Enabled,
+    /// Paused: changes queue for it without spending attempts, its webhooks
+    /// answer 404. Enabling it pushes what queued.
+    Disabled,
+    /// Loaded but never switched on: no changes queue for it.
+    Unconfigured,
+}
+
+/// A connector's effective configuration.
+#[derive(Debug, Clone)]
+pub struct EffectiveConfig {
+    /// The switch.
+    pub switch: Switch,
+    /// What the runtime hands the connector's calls.
+    pub config: Arc<ConnectorConfig>,
+    /// Where it came from.
+    pub source: ConfigSource,
+    /// Names of the secrets that have a value.
+    pub secret_names: Vec<String>,
+    /// Set when stored secrets could not be opened (wrong master key).
+    pub problem: Option<String>,
+}
+
+/// The operator's switch (`None`: not set through the API), the stored
+/// configuration and the environment's, combined.
+pub(crate) fn effective(
+    name: &str,
+    switch: Option<bool>,
+    stored: Option<&StoredConnectorConfig>,
+    environment: Option<&ConnectorSettingsConfig>,
+    secret_box: Option<&SecretBox>,
+) -> EffectiveConfig {
+    let environment_switch = environment.map_or(Switch::Unconfigured, |env| {
+        let configured = !env.settings.is_empty() || !env.secrets.is_empty();
+        match env.enabled {
+            Some(true) => Switch::Enabled,
+            Some(false) => Switch::Disabled,
+            None if configured => Switch::Enabled,
+            None => Switch::Unconfigured,
+        }
+    });
+    let switch = match switch {
+        Some(true) => Switch::Enabled,
+        Some(false) => Switch::Disabled,
+        None => environment_switch,
+    };
+    match (stored, environment) {
+        (Some(row), _) => {
+            let (secrets, problem) = match (&row.sealed_secrets, secret_box) {
+                (None, _) => (BTreeMap::new(), None),
+                (Some(sealed), Some(secret_box)) => match secret_box.open(sealed) {
+                    Ok(secrets) => (secrets, None),
+                    Err(error) => (BTreeMap::new(), Some(error.to_string())),
+                },
+                (Some(_), None) => (
+                    BTreeMap::new(),
+                    Some("stored secrets need FERRY_MASTER_KEY to be opened".to_owned()),
+                ),
+            };
+            if let Some(problem) = &problem {
+                tracing::error!(connector = name, problem, "connector secrets unavailable");
+            }
+            EffectiveConfig {
+                switch,
+                config: Arc::new(ConnectorConfig {
+                    settings: row.settings.clone(),
+                    secrets,
+                }),
+                source: ConfigSource::Api,
+                secret_names: row.secret_names.clone(),
+                problem,
+            }
+        }
+        (None, Some(env)) => EffectiveConfig {
+            switch,
+            config: Arc::new(ConnectorConfig {
+                settings: env.settings.clone(),
+                secrets: env.secrets.clone(),
+            }),
+            source: ConfigSource::Environment,
+            secret_names: env.secrets.keys().cloned().collect(),
+            problem: None,
+        },
+        (None, None) => EffectiveConfig {
+            switch,
+            config: Arc::default(),
+            source: ConfigSource::None,
+            secret_names: Vec::new(),
+            problem: None,
+        },
+    }
+}
+
+/// One problem with a connector's configuration, by field (`settings.NAME`
+/// or `secrets.NAME`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingsProblem {
+    /// `settings.NAME` or `secrets.NAME`.
+    pub field: String,
+    /// What is wrong.
+    pub message: &'static str,
+}
+
+impl SettingsProblem {
+    fn new(field: String, message: &'static str) -> Self {
+        Self { field, message }
+    }
+}
+
+/// The message of a required setting or secret without a value.
+pub(crate) const REQUIRED: &str = "required by this connector";
+
+/// Checks names against `manifest`: settings and secrets it does not
+/// declare, and (if the connector is to run) required ones without a value.
+pub(crate) fn check_against_manifest<'a>(
+    manifest: &Manifest,
+    settings: impl Iterator<Item = &'a String> + Clone,
+    secrets: impl Iterator<Item = &'a String> + Clone,
+    running: bool,
+) -> Vec<SettingsProblem> {
+    let mut problems = Vec::new();
+    for key in settings.clone() {
+        if !manifest.settings.iter().any(|s| &s.name == key) {
+            problems.push(SettingsProblem::new(
+                format!("settings.{key}"),
+                "not a setting of this connector",
+            ));
+        }
+    }
+    for key in secrets.clone() {
+        if !manifest.secrets.iter().any(|s| &s.name == key) {
+            problems.push(SettingsProblem::new(
+                format!("secrets.{key}"),
+                "not a secret of this connector",
+            ));
+        }
+    }
+    if running {
+        for spec in &manifest.settings {
+            if spec.required && spec.default.is_none() && !settings.clone().any(|k| k == &spec.name)
+            {
+                problems.push(SettingsProblem::new(
+                    format!("settings.{}", spec.name),
+                    REQUIRED,
+                ));
+            }
+        }
+        for spec in &manifest.secrets {
+            if spec.required && !secrets.clone().any(|k| k == &spec.name) {
+                problems.push(SettingsProblem::new(
+                    format!("secrets.{}", spec.name),
+                    REQUIRED,
+                ));
+            }
+        }
+    }
+    problems
+}

@@ -1,0 +1,817 @@
+//! The connector registry: the one owner of loaded connectors. It keeps
+//! every version of every connector in the store (bytes, sha256, manifest),
+//! which version is active, whether the connector is enabled and how it is
+//! configured, and answers the one question the rest of ferry asks: "the
+//! ready connector for (name, need), or why not" ([`Registry::ready`]).
+//!
+//! Changes (an upload, an activation, enable or disable, settings, a delete)
+//! are written to the store, which bumps the connector's revision, and
+//! applied to this replica at once. Every other replica polls the revisions
+//! every [`POLL`] and loads what changed: polling works the same on SQLite
+//! and PostgreSQL, needs no connection of its own (a LISTEN connection that
+//! drops loses notifications, so it would need polling as a fallback
+//! anyway), and costs one primary-key scan of a table with a row per
+//! connector. A new version is compiled (or taken from the compiled-code
+//! cache) before it replaces the old one; calls already running keep the
+//! `Arc` of the version they started on, so nothing fails during a swap.
+//!
+//! The bundled connectors enter through the same door at start
+//! ([`Registry::seed_bundled`]).
+
+pub mod bundled;
+mod config;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use self::config::{ConfigSource, EffectiveConfig, SettingsProblem, Switch};
+use crate::config::ConnectorSettingsConfig;
+use crate::runtime::{Connector, ConnectorConfig, LoadError, Manifest, Runtime};
+use crate::secrets::SecretBox;
+use crate::store::connector_configs::StoredConnectorConfig;
+use crate::store::connectors::{
+    AddedVersion, ConnectorRow, NewVersion, Seeded, VersionMeta, VersionSource,
+};
+use crate::store::{Store, StoreError};
+
+/// How often a replica looks for changes made by another.
+pub const POLL: Duration = Duration::from_secs(1);
+
+/// What a caller needs a connector for.
+#[derive(Debug, Clone, Copy)]
+pub enum Need<'a> {
+    /// To push or read records of this entity type.
+    Entity(&'a str),
+    /// To receive webhooks.
+    Webhooks,
+}
+
+/// A connector ready for a call: the active version and its configuration,
+/// as they were when asked. A call holds them to its end, so a version swap
+/// or a settings change never reaches into a call already running.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// The active version's loaded component.
+    pub connector: Arc<Connector>,
+    /// What its calls are configured with.
+    pub config: Arc<ConnectorConfig>,
+}
+
+/// Why a connector is not ready.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// No connector has this name (never loaded, or deleted).
+    #[error("no connector with this name")]
+    Unknown,
+    /// The connector exists but no version of it is loaded here.
+    #[error("no version of the connector is loaded: {0}")]
+    NotLoaded(String),
+    /// Disabled by the operator: work waits until it is enabled.
+    #[error("the connector is disabled")]
+    Disabled,
+    /// Never switched on (its required settings were never given).
+    #[error("the connector is not configured")]
+    Unconfigured,
+    /// The connector does not handle what was asked (an entity, webhooks).
+    #[error("the connector does not handle {0}")]
+    Unsupported(String),
+}
+
+/// The version of a connector calls run on.
+#[derive(Debug, Clone)]
+pub struct Active {
+    /// The loaded component.
+    pub connector: Arc<Connector>,
+    /// What the store knows about it.
+    pub meta: VersionMeta,
+}
+
+/// Everything about one connector, as of the registry's last refresh.
+#[derive(Debug)]
+pub struct Entry {
+    /// The manifest name.
+    pub name: String,
+    /// The active version, if one is loaded.
+    pub active: Option<Active>,
+    /// Why the active version is not (or not the stored one) loaded here.
+    pub problem: Option<String>,
+    /// Switch and configuration.
+    pub effective: EffectiveConfig,
+    revision: i64,
+}
+
+impl Entry {
+    fn ready(&self, need: Need<'_>) -> Result<Ready, NotReady> {
+        let active = self.active.as_ref().ok_or_else(|| {
+            NotReady::NotLoaded(
+                self.problem
+                    .clone()
+                    .unwrap_or_else(|| "no version is active".to_owned()),
+            )
+        })?;
+        match self.effective.switch {
+            Switch::Enabled => {}
+            Switch::Disabled => return Err(NotReady::Disabled),
+            Switch::Unconfigured => return Err(NotReady::Unconfigured),
+        }
+        let manifest = active.connector.manifest();
+        match need {
+            Need::Entity(entity) if !manifest.entities.iter().any(|e| e == entity) => {
+                return Err(NotReady::Unsupported(format!("entity `{entity}`")));
+            }
+            Need::Webhooks if !manifest.webhooks => {
+                return Err(NotReady::Unsupported("webhooks".to_owned()));
+            }
+            _ => {}
+        }
+        Ok(Ready {
+            connector: active.connector.clone(),
+            config: self.effective.config.clone(),
+        })
+    }
+}
+
+/// Why a change to the registry was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// No connector has this name.
+    #[error("no connector with this name")]
+    NotFound,
+    /// The connector has no such version.
+    #[error("the connector has no version {0}")]
+    VersionNotFound(String),
+    /// The connector has no loaded version to check settings against.
+    #[error("no version of the connector is loaded: {0}")]
+    NotLoaded(String),
+    /// Customers are linked to it (delete without `force`).
+    #[error("{0} customers are linked to this connector's records; pass force=true to delete it anyway (the links are kept)")]
+    Linked(i64),
+    /// Settings or secrets do not fit the active manifest.
+    #[error("the settings do not fit the connector's manifest")]
+    Settings(Vec<SettingsProblem>),
+    /// Secrets were given but no master key is configured.
+    #[error("secrets can only be stored with a master key")]
+    MasterKeyRequired,
+    /// The component is larger than the configured limit.
+    #[error("the component exceeds {limit} bytes")]
+    TooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// The component was refused (see the runtime's [`LoadError`]).
+    #[error(transparent)]
+    Invalid(LoadError),
+    /// This version of the connector exists with other bytes.
+    #[error("{} {} already exists with other bytes (sha256 {}); give the new build a new version", .0.name, .0.version, .0.sha256)]
+    VersionExists(Box<VersionMeta>),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What an upload did.
+#[derive(Debug, Clone)]
+pub struct Uploaded {
+    /// The version, as stored.
+    pub version: VersionMeta,
+    /// False: the same bytes were stored already and nothing changed.
+    pub created: bool,
+}
+
+/// What the registry needs besides the store and the runtime.
+#[derive(Debug)]
+pub struct RegistryOptions {
+    /// Settings and secrets from the file and environment, by connector.
+    pub environment: BTreeMap<String, ConnectorSettingsConfig>,
+    /// Opens and seals stored secrets; `None` without a master key.
+    pub secret_box: Option<SecretBox>,
+    /// Largest component accepted by an upload.
+    pub max_component_bytes: usize,
+}
+
+/// A connector's configuration as written through the API.
+#[derive(Debug, Default)]
+pub struct NewSettings {
+    /// Whether ferry syncs through it.
+    pub enabled: bool,
+    /// Non-secret settings by name.
+    pub settings: BTreeMap<String, String>,
+    /// Secrets by name; `None` keeps the stored ones, empty removes them.
+    pub secrets: Option<BTreeMap<String, SecretString>>,
+}
+
+#[derive(Default)]
+struct View {
+    entries: BTreeMap<String, Arc<Entry>>,
+}
+
+struct Inner {
+    store: Store,
+    runtime: Arc<Runtime>,
+    options: RegistryOptions,
+    view: RwLock<Arc<View>>,
+    /// One refresh at a time: two would load the same version twice.
+    refreshing: tokio::sync::Mutex<()>,
+    /// Components this process just loaded for a version about to become
+    /// active (an upload, an activation, the bundle), by sha256, so the
+    /// refresh that installs it does not load it again.
+    staged: Mutex<HashMap<String, Arc<Connector>>>,
+    /// Counts refreshes that changed something; workers wait on it.
+    changes: watch::Sender<u64>,
+}
+
+/// The connector registry; cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field(
+                "connectors",
+                &self.view().entries.keys().collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// An empty registry over `store`, loading components with `runtime`.
+    /// [`Registry::seed_bundled`] and [`Registry::refresh`] fill it.
+    pub fn new(store: Store, runtime: Arc<Runtime>, options: RegistryOptions) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                runtime,
+                options,
+                view: RwLock::new(Arc::default()),
+                refreshing: tokio::sync::Mutex::new(()),
+                staged: Mutex::new(HashMap::new()),
+                changes: watch::channel(0).0,
+            }),
+        }
+    }
+
+    fn view(&self) -> Arc<View> {
+        match self.inner.view.read() {
+            Ok(view) => view.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The ready connector for `name` and `need`, or why not. Answers from
+    /// memory: no I/O on the hot path.
+    pub fn ready(&self, name: &str, need: Need<'_>) -> Result<Ready, NotReady> {
+        self.view()
+            .entries
+            .get(name)
+            .ok_or(NotReady::Unknown)?
+            .ready(need)
+    }
+
+    /// The active version of `name` and its configuration, whether or not
+    /// the connector is enabled (to finish work it already accepted).
+    pub fn loaded(&self, name: &str) -> Option<Ready> {
+        let entry = self.view().entries.get(name).cloned()?;
+        let active = entry.active.as_ref()?;
+        Some(Ready {
+            connector: active.connector.clone(),
+            config: entry.effective.config.clone(),
+        })
+    }
+
+    /// One connector.
+    pub fn entry(&self, name: &str) -> Option<Arc<Entry>> {
+        self.view().entries.get(name).cloned()
+    }
+
+    /// Every connector, in name order.
+    pub fn entries(&self) -> Vec<Arc<Entry>> {
+        self.view().entries.values().cloned().collect()
+    }
+
+    /// The connectors a change to `entity` is queued for: loaded, handling
+    /// it, and switched on (enabled, or disabled so the change waits).
+    pub fn participants(&self, entity: &str) -> Vec<String> {
+        self.view()
+            .entries
+            .values()
+            .filter(|e| e.effective.switch != Switch::Unconfigured)
+            .filter(|e| {
+                e.active
+                    .as_ref()
+                    .is_some_and(|a| a.connector.manifest().entities.iter().any(|x| x == entity))
+            })
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
+    /// Changes whenever a refresh changed something (a version, a switch,
+    /// settings): workers wait on it to pick up work an enable released.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Opens and seals stored secrets, if a master key is configured.
+    pub fn secret_box(&self) -> Option<&SecretBox> {
+        self.inner.options.secret_box.as_ref()
+    }
+
+    /// Re-reads what changed in the store since the last refresh and loads
+    /// newly active versions. A version that fails to load leaves the
+    /// previous one running and says why in [`Entry::problem`].
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let _one = self.inner.refreshing.lock().await;
+        let result = self.refresh_locked().await;
+        if let Ok(mut staged) = self.inner.staged.lock() {
+            staged.clear();
+        }
+        result
+    }
+
+    async fn refresh_locked(&self) -> Result<(), StoreError> {
+        let rows: Vec<ConnectorRow> = self
+            .inner
+            .store
+            .connector_rows()
+            .await?
+            .into_iter()
+            .filter(|r| r.deleted_at.is_none())
+            .collect();
+        let current = self.view();
+        let unchanged = rows.len() == current.entries.len()
+            && rows.iter().all(|r| {
+                current
+                    .entries
+                    .get(&r.name)
+                    .is_some_and(|e| e.revision == r.revision)
+            });
+        if unchanged {
+            return Ok(());
+        }
+        let configs: BTreeMap<String, StoredConnectorConfig> = self
+            .inner
+            .store
+            .connector_configs()
+            .await?
+            .into_iter()
+            .map(|c| (c.connector.clone(), c))
+            .collect();
+        let mut entries = BTreeMap::new();
+        for row in rows {
+            let previous = current.entries.get(&row.name);
+            if let Some(previous) = previous.filter(|p| p.revision == row.revision) {
+                entries.insert(row.name.clone(), previous.clone());
+                continue;
+            }
+            let (active, problem) = self
+                .resolve_active(&row, previous.and_then(|p| p.active.as_ref()))
+                .await;
+            let effective = config::effective(
+                &row.name,
+                row.enabled,
+                configs.get(&row.name),
+                self.inner.options.environment.get(&row.name),
+                self.inner.options.secret_box.as_ref(),
+            );
+            let entry = Entry {
+                name: row.name.clone(),
+                active,
+                problem,
+                effective,
+                revision: row.revision,
+            };
+            entries.insert(row.name, Arc::new(entry));
+        }
+        for gone in current.entries.keys().filter(|n| !entries.contains_key(*n)) {
+            tracing::info!(connector = %gone, "connector removed");
+        }
+        let view = Arc::new(View { entries });
+        match self.inner.view.write() {
+            Ok(mut slot) => *slot = view.clone(),
+            Err(poisoned) => *poisoned.into_inner() = view.clone(),
+        }
+        // Every replica that sees a connector switched on releases the
+        // pushes that waited for it (once the new view is in place, so a
+        // released push sees it enabled), and so a push parked by a replica
+        // whose view was still stale does not wait out its recheck.
+        for (name, entry) in &view.entries {
+            let was_off = current
+                .entries
+                .get(name)
+                .is_some_and(|e| e.effective.switch != Switch::Enabled);
+            if was_off && entry.effective.switch == Switch::Enabled {
+                match self.inner.store.resume_connector_links(name).await {
+                    Ok(resumed) => {
+                        tracing::info!(connector = %name, resumed, "connector enabled; waiting pushes released")
+                    }
+                    Err(error) => {
+                        tracing::warn!(connector = %name, error = format!("{:#}", anyhow::Error::from(error)), "releasing waiting pushes failed; they retry within a minute")
+                    }
+                }
+            }
+        }
+        self.inner.changes.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// The version `row` says is active, loaded; the previous one (and the
+    /// reason) if it cannot be.
+    async fn resolve_active(
+        &self,
+        row: &ConnectorRow,
+        previous: Option<&Active>,
+    ) -> (Option<Active>, Option<String>) {
+        let Some(version) = &row.active_version else {
+            return (None, Some("no version is active".to_owned()));
+        };
+        let keep = |reason: String| {
+            let reason = match previous {
+                Some(p) => format!("{reason}; still running {}", p.meta.version),
+                None => reason,
+            };
+            (previous.cloned(), Some(reason))
+        };
+        let meta = match self.inner.store.connector_version(&row.name, version).await {
+            Ok(Some(meta)) => meta,
+            Ok(None) => return keep(format!("version {version} is not stored")),
+            Err(error) => return keep(format!("reading version {version} failed: {error}")),
+        };
+        if let Some(previous) = previous.filter(|p| p.meta.sha256 == meta.sha256) {
+            return (
+                Some(Active {
+                    connector: previous.connector.clone(),
+                    meta,
+                }),
+                None,
+            );
+        }
+        let staged = self
+            .inner
+            .staged
+            .lock()
+            .ok()
+            .and_then(|mut s| s.remove(&meta.sha256));
+        let connector = match staged {
+            Some(connector) => connector,
+            None => match self.load_stored(&row.name, version).await {
+                Ok(connector) => connector,
+                Err(reason) => {
+                    tracing::error!(connector = %row.name, version = %version, %reason, "connector version not loaded");
+                    return keep(format!("version {version} failed to load: {reason}"));
+                }
+            },
+        };
+        if connector.sha256() != meta.sha256 {
+            return keep(format!("version {version}'s bytes do not match its sha256"));
+        }
+        tracing::info!(
+            connector = %row.name,
+            version = %meta.version,
+            world = %connector.world(),
+            sha256 = %meta.sha256,
+            source = meta.source.as_str(),
+            from = %meta.uploaded_by,
+            "connector version active"
+        );
+        (Some(Active { connector, meta }), None)
+    }
+
+    async fn load_stored(&self, name: &str, version: &str) -> Result<Arc<Connector>, String> {
+        let (_, bytes) = self
+            .inner
+            .store
+            .connector_component(name, version)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "its bytes are not stored".to_owned())?;
+        let connector = self
+            .inner
+            .runtime
+            .load(&bytes)
+            .await
+            .map_err(|e| e.to_string())?;
+        if connector.name() != name || connector.manifest().version != version {
+            return Err(format!(
+                "the stored component is {} {}",
+                connector.name(),
+                connector.manifest().version
+            ));
+        }
+        Ok(connector)
+    }
+
+    fn stage(&self, connector: &Arc<Connector>) {
+        if let Ok(mut staged) = self.inner.staged.lock() {
+            staged.insert(connector.sha256().to_owned(), connector.clone());
+        }
+    }
+
+    /// Refreshes every [`POLL`] until cancelled.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut every = tokio::time::interval(POLL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = every.tick() => {
+                    if let Err(error) = self.refresh().await {
+                        tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)), "connector registry refresh failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Enters the bundled components into the store (see
+    /// [`Store::seed_connector_version`]) and loads what is active.
+    pub async fn seed_bundled(&self, files: &[bundled::BundledFile]) -> Result<(), StoreError> {
+        for file in files {
+            let path = file.path.display().to_string();
+            let connector = match self.inner.runtime.load(&file.bytes).await {
+                Ok(connector) => connector,
+                Err(error) => {
+                    tracing::error!(path, error = %error, "bundled connector refused");
+                    continue;
+                }
+            };
+            let manifest = manifest_json(connector.manifest());
+            let world = connector.world().to_string();
+            let new = NewVersion {
+                name: connector.name(),
+                version: &connector.manifest().version,
+                sha256: connector.sha256(),
+                world: &world,
+                manifest: &manifest,
+                component: &file.bytes,
+                source: VersionSource::Bundled,
+                uploaded_by: &path,
+            };
+            match self.inner.store.seed_connector_version(&new).await? {
+                Seeded::Stored { .. } => self.stage(&connector),
+                Seeded::Deleted => tracing::info!(
+                    connector = %connector.name(),
+                    path,
+                    "bundled connector not registered: it was deleted through the API (upload it to bring it back)"
+                ),
+                Seeded::UploadDiffers => tracing::warn!(
+                    connector = %connector.name(),
+                    version = %connector.manifest().version,
+                    path,
+                    "bundled connector not registered: an uploaded component has the same version with other bytes"
+                ),
+            }
+        }
+        self.refresh().await
+    }
+
+    /// Validates and stores an uploaded component, and (if `activate`)
+    /// makes it active everywhere. The same bytes again change nothing.
+    #[tracing::instrument(skip_all, fields(bytes = bytes.len(), activate))]
+    pub async fn upload(
+        &self,
+        bytes: &[u8],
+        activate: bool,
+        uploaded_by: &str,
+    ) -> Result<Uploaded, RegistryError> {
+        let limit = self.inner.options.max_component_bytes;
+        if bytes.len() > limit {
+            return Err(RegistryError::TooLarge { limit });
+        }
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        if let Some(existing) = self.inner.store.connector_version_by_sha(&sha256).await? {
+            return Ok(Uploaded {
+                version: existing,
+                created: false,
+            });
+        }
+        let connector = self
+            .inner
+            .runtime
+            .load(bytes)
+            .await
+            .map_err(RegistryError::Invalid)?;
+        let manifest = manifest_json(connector.manifest());
+        let world = connector.world().to_string();
+        let new = NewVersion {
+            name: connector.name(),
+            version: &connector.manifest().version,
+            sha256: &sha256,
+            world: &world,
+            manifest: &manifest,
+            component: bytes,
+            source: VersionSource::Upload,
+            uploaded_by,
+        };
+        self.stage(&connector);
+        let uploaded = match self
+            .inner
+            .store
+            .add_connector_version(&new, activate)
+            .await?
+        {
+            AddedVersion::Added(version) => Uploaded {
+                version,
+                created: true,
+            },
+            AddedVersion::Exists(version) => Uploaded {
+                version,
+                created: false,
+            },
+            AddedVersion::Conflict(existing) => {
+                return Err(RegistryError::VersionExists(Box::new(existing)))
+            }
+        };
+        tracing::info!(
+            connector = %uploaded.version.name,
+            version = %uploaded.version.version,
+            sha256 = %uploaded.version.sha256,
+            activate,
+            uploaded_by,
+            "connector uploaded"
+        );
+        self.refresh().await?;
+        Ok(uploaded)
+    }
+
+    /// The stored versions of `name`, oldest first.
+    pub async fn versions(&self, name: &str) -> Result<Vec<VersionMeta>, RegistryError> {
+        if self.entry(name).is_none() {
+            return Err(RegistryError::NotFound);
+        }
+        Ok(self.inner.store.connector_versions(name).await?)
+    }
+
+    /// Makes `version` of `name` the active one (rollback or roll
+    /// forward), after loading it here to be sure it still loads.
+    pub async fn activate(&self, name: &str, version: &str) -> Result<(), RegistryError> {
+        if self.entry(name).is_none() {
+            return Err(RegistryError::NotFound);
+        }
+        let (_, bytes) = self
+            .inner
+            .store
+            .connector_component(name, version)
+            .await?
+            .ok_or_else(|| RegistryError::VersionNotFound(version.to_owned()))?;
+        // Loaded again here: it may be refused under today's operator rules.
+        let connector = self
+            .inner
+            .runtime
+            .load(&bytes)
+            .await
+            .map_err(RegistryError::Invalid)?;
+        self.stage(&connector);
+        if !self
+            .inner
+            .store
+            .activate_connector_version(name, version)
+            .await?
+        {
+            return Err(RegistryError::VersionNotFound(version.to_owned()));
+        }
+        tracing::info!(connector = name, version, "connector version activated");
+        self.refresh().await?;
+        Ok(())
+    }
+
+    /// Enables or disables `name`. Enabling needs the active manifest's
+    /// required settings and secrets; the refresh that follows releases the
+    /// pushes that waited.
+    pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), RegistryError> {
+        let entry = self.entry(name).ok_or(RegistryError::NotFound)?;
+        if enabled {
+            let manifest = active_manifest(&entry)?;
+            let problems: Vec<SettingsProblem> = config::check_against_manifest(
+                manifest,
+                entry.effective.config.settings.keys(),
+                entry.effective.secret_names.iter(),
+                true,
+            )
+            .into_iter()
+            .filter(|p| p.message == config::REQUIRED)
+            .collect();
+            if !problems.is_empty() {
+                return Err(RegistryError::Settings(problems));
+            }
+        }
+        if !self
+            .inner
+            .store
+            .set_connector_enabled(name, enabled)
+            .await?
+        {
+            return Err(RegistryError::NotFound);
+        }
+        tracing::info!(connector = name, enabled, "connector switched");
+        self.refresh().await?;
+        Ok(())
+    }
+
+    /// Writes `name`'s settings, secrets and switch after checking them
+    /// against the active manifest.
+    pub async fn put_settings(&self, name: &str, new: NewSettings) -> Result<(), RegistryError> {
+        let entry = self.entry(name).ok_or(RegistryError::NotFound)?;
+        let manifest = active_manifest(&entry)?;
+        let previous = self
+            .inner
+            .store
+            .connector_configs()
+            .await?
+            .into_iter()
+            .find(|c| c.connector == name);
+        let secret_names: Vec<String> = match (&new.secrets, &previous) {
+            (Some(secrets), _) => secrets.keys().cloned().collect(),
+            (None, Some(previous)) => previous.secret_names.clone(),
+            (None, None) => Vec::new(),
+        };
+        let problems = config::check_against_manifest(
+            manifest,
+            new.settings.keys(),
+            secret_names.iter(),
+            new.enabled,
+        );
+        if !problems.is_empty() {
+            return Err(RegistryError::Settings(problems));
+        }
+        let sealed_secrets = match &new.secrets {
+            Some(secrets) if secrets.is_empty() => None,
+            Some(secrets) => Some(
+                self.secret_box()
+                    .ok_or(RegistryError::MasterKeyRequired)?
+                    .seal(secrets),
+            ),
+            None => previous.and_then(|p| p.sealed_secrets),
+        };
+        self.inner
+            .store
+            .put_connector_config(
+                &StoredConnectorConfig {
+                    connector: name.to_owned(),
+                    settings: new.settings,
+                    sealed_secrets,
+                    secret_names,
+                    updated_at: chrono::Utc::now(),
+                },
+                new.enabled,
+            )
+            .await?;
+        if new.enabled {
+            self.inner.store.resume_connector_links(name).await?;
+        }
+        tracing::info!(
+            connector = name,
+            enabled = new.enabled,
+            "connector configured"
+        );
+        self.refresh().await?;
+        Ok(())
+    }
+
+    /// Deletes `name`: its versions and stored settings. Refused while
+    /// customers are linked to its records, unless `force`; the links are
+    /// kept either way, for audit.
+    pub async fn delete(&self, name: &str, force: bool) -> Result<(), RegistryError> {
+        if self.entry(name).is_none() {
+            return Err(RegistryError::NotFound);
+        }
+        let linked = self.inner.store.linked_customers(name).await?;
+        if linked > 0 && !force {
+            return Err(RegistryError::Linked(linked));
+        }
+        if !self.inner.store.delete_connector(name).await? {
+            return Err(RegistryError::NotFound);
+        }
+        tracing::info!(connector = name, linked, "connector deleted");
+        self.refresh().await?;
+        Ok(())
+    }
+}
+
+fn active_manifest(entry: &Entry) -> Result<&Manifest, RegistryError> {
+    entry
+        .active
+        .as_ref()
+        .map(|a| a.connector.manifest())
+        .ok_or_else(|| {
+            RegistryError::NotLoaded(
+                entry
+                    .problem
+                    .clone()
+                    .unwrap_or_else(|| "no version is active".to_owned()),
+            )
+        })
+}
+
+/// A manifest as stored and shown: its JSON form.
+fn manifest_json(manifest: &Manifest) -> serde_json::Value {
+    serde_json::to_value(manifest).unwrap_or(serde_json::Value::Null)
+}

@@ -1,0 +1,550 @@
+//! The connector registry's durable half: each connector's versions (the
+//! component bytes, their sha256 and manifest), which version is active and
+//! who chose it, whether the connector is enabled, and a revision that every
+//! change bumps so other replicas notice (see `crate::registry`).
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+
+use super::{dispatch, now, Store, StoreError};
+
+/// Where a stored version came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionSource {
+    /// A component bundled with ferry, seeded at start.
+    Bundled,
+    /// Uploaded through the API.
+    Upload,
+}
+
+impl VersionSource {
+    /// The column value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Bundled => "bundled",
+            Self::Upload => "upload",
+        }
+    }
+
+    fn parse(value: &str) -> Self {
+        match value {
+            "bundled" => Self::Bundled,
+            _ => Self::Upload,
+        }
+    }
+}
+
+/// Who chose a connector's active version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivatedBy {
+    /// ferry's start-up seeding of its bundled connectors; a newer bundle
+    /// replaces it.
+    Bundle,
+    /// An operator, through the API (an upload or an activation); the
+    /// bundle never overrides it.
+    Api,
+}
+
+impl ActivatedBy {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Bundle => "bundle",
+            Self::Api => "api",
+        }
+    }
+
+    fn parse(value: &str) -> Self {
+        match value {
+            "api" => Self::Api,
+            _ => Self::Bundle,
+        }
+    }
+}
+
+/// One `connectors` row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnectorRow {
+    /// The manifest name.
+    pub name: String,
+    /// The version calls run on, if any.
+    pub active_version: Option<String>,
+    /// Who chose it.
+    pub activated_by: ActivatedBy,
+    /// The operator's switch; `None` follows the file or environment.
+    pub enabled: Option<bool>,
+    /// Deleted: not loaded, not seeded again from the bundle.
+    pub deleted_at: Option<DateTime<Utc>>,
+    /// Bumped by every change to this connector (versions, activation,
+    /// enablement, settings).
+    pub revision: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct ConnectorDbRow {
+    name: String,
+    active_version: Option<String>,
+    activated_by: String,
+    enabled: Option<bool>,
+    deleted_at: Option<DateTime<Utc>>,
+    revision: i64,
+}
+
+impl From<ConnectorDbRow> for ConnectorRow {
+    fn from(row: ConnectorDbRow) -> Self {
+        Self {
+            name: row.name,
+            active_version: row.active_version,
+            activated_by: ActivatedBy::parse(&row.activated_by),
+            enabled: row.enabled,
+            deleted_at: row.deleted_at,
+            revision: row.revision,
+        }
+    }
+}
+
+const CONNECTOR_COLUMNS: &str = "name, active_version, activated_by, enabled, deleted_at, revision";
+
+/// A stored version, without its bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionMeta {
+    /// The connector's name.
+    pub name: String,
+    /// The manifest's semantic version.
+    pub version: String,
+    /// Hex sha256 of the component bytes.
+    pub sha256: String,
+    /// The `ferry:connector` world version it targets.
+    pub world: String,
+    /// The manifest, as the API shows it.
+    pub manifest: serde_json::Value,
+    /// Size of the component.
+    pub size_bytes: i64,
+    /// Bundled or uploaded.
+    pub source: VersionSource,
+    /// `admin`, `open`, or the bundled file's path.
+    pub uploaded_by: String,
+    /// When it was stored.
+    pub uploaded_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct VersionDbRow {
+    name: String,
+    version: String,
+    sha256: String,
+    world: String,
+    manifest: Json<serde_json::Value>,
+    size_bytes: i64,
+    source: String,
+    uploaded_by: String,
+    uploaded_at: DateTime<Utc>,
+}
+
+impl From<VersionDbRow> for VersionMeta {
+    fn from(row: VersionDbRow) -> Self {
+        Self {
+            name: row.name,
+            version: row.version,
+            sha256: row.sha256,
+            world: row.world,
+            manifest: row.manifest.0,
+            size_bytes: row.size_bytes,
+            source: VersionSource::parse(&row.source),
+            uploaded_by: row.uploaded_by,
+            uploaded_at: row.uploaded_at,
+        }
+    }
+}
+
+const VERSION_COLUMNS: &str =
+    "name, version, sha256, world, manifest, size_bytes, source, uploaded_by, uploaded_at";
+
+/// A version to store.
+#[derive(Debug, Clone, Copy)]
+pub struct NewVersion<'a> {
+    /// The manifest name.
+    pub name: &'a str,
+    /// The manifest version.
+    pub version: &'a str,
+    /// Hex sha256 of `component`.
+    pub sha256: &'a str,
+    /// The world version it targets.
+    pub world: &'a str,
+    /// The manifest.
+    pub manifest: &'a serde_json::Value,
+    /// The component bytes.
+    pub component: &'a [u8],
+    /// Bundled or uploaded.
+    pub source: VersionSource,
+    /// Who stored it.
+    pub uploaded_by: &'a str,
+}
+
+/// What [`Store::add_connector_version`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AddedVersion {
+    /// Stored (and activated, if asked).
+    Added(VersionMeta),
+    /// These exact bytes are stored already: nothing changed.
+    Exists(VersionMeta),
+    /// The connector has this version with other bytes: nothing changed.
+    Conflict(VersionMeta),
+}
+
+/// What [`Store::seed_connector_version`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seeded {
+    /// The bundled version is stored, and active unless an operator chose
+    /// another version.
+    Stored {
+        /// Whether this seeding changed the active version.
+        activated: bool,
+    },
+    /// The connector was deleted through the API: the bundle does not bring
+    /// it back.
+    Deleted,
+    /// An upload of the same version with other bytes exists and wins.
+    UploadDiffers,
+}
+
+/// Inside a dispatched transaction `$tx`: inserts the version `$new`.
+macro_rules! insert_version {
+    ($tx:ident, $new:expr, $at:expr) => {
+        sqlx::query(
+            "INSERT INTO connector_versions (name, version, sha256, world, manifest, component, \
+             size_bytes, source, uploaded_by, uploaded_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind($new.name)
+        .bind($new.version)
+        .bind($new.sha256)
+        .bind($new.world)
+        .bind(Json($new.manifest))
+        .bind($new.component)
+        .bind(i64::try_from($new.component.len()).unwrap_or(i64::MAX))
+        .bind($new.source.as_str())
+        .bind($new.uploaded_by)
+        .bind($at)
+        .execute(&mut *$tx)
+        .await
+    };
+}
+
+impl Store {
+    /// Every connector row, deleted ones included.
+    pub async fn connector_rows(&self) -> Result<Vec<ConnectorRow>, StoreError> {
+        let sql = format!("SELECT {CONNECTOR_COLUMNS} FROM connectors ORDER BY name");
+        let rows: Vec<ConnectorDbRow> = dispatch!(self, read pool => {
+            sqlx::query_as(&sql).fetch_all(pool).await?
+        });
+        Ok(rows.into_iter().map(ConnectorRow::from).collect())
+    }
+
+    /// The stored versions of `name`, oldest first.
+    pub async fn connector_versions(&self, name: &str) -> Result<Vec<VersionMeta>, StoreError> {
+        let sql = format!(
+            "SELECT {VERSION_COLUMNS} FROM connector_versions WHERE name = $1 ORDER BY uploaded_at, version"
+        );
+        let rows: Vec<VersionDbRow> = dispatch!(self, read pool => {
+            sqlx::query_as(&sql).bind(name).fetch_all(pool).await?
+        });
+        Ok(rows.into_iter().map(VersionMeta::from).collect())
+    }
+
+    /// One stored version of `name`.
+    pub async fn connector_version(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Option<VersionMeta>, StoreError> {
+        let sql = format!(
+            "SELECT {VERSION_COLUMNS} FROM connector_versions WHERE name = $1 AND version = $2"
+        );
+        let row: Option<VersionDbRow> = dispatch!(self, read pool => {
+            sqlx::query_as(&sql).bind(name).bind(version).fetch_optional(pool).await?
+        });
+        Ok(row.map(VersionMeta::from))
+    }
+
+    /// The stored version with these bytes, if any.
+    pub async fn connector_version_by_sha(
+        &self,
+        sha256: &str,
+    ) -> Result<Option<VersionMeta>, StoreError> {
+        let sql = format!("SELECT {VERSION_COLUMNS} FROM connector_versions WHERE sha256 = $1");
+        let row: Option<VersionDbRow> = dispatch!(self, read pool => {
+            sqlx::query_as(&sql).bind(sha256).fetch_optional(pool).await?
+        });
+        Ok(row.map(VersionMeta::from))
+    }
+
+    /// The bytes of one stored version and their sha256.
+    pub async fn connector_component(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        let row: Option<(String, Vec<u8>)> = dispatch!(self, read pool => {
+            sqlx::query_as(
+                "SELECT sha256, component FROM connector_versions WHERE name = $1 AND version = $2",
+            )
+            .bind(name)
+            .bind(version)
+            .fetch_optional(pool)
+            .await?
+        });
+        Ok(row)
+    }
+
+    /// Stores an uploaded version and, if `activate`, makes it active, in
+    /// one transaction. The same bytes again, or the same version with other
+    /// bytes, change nothing. Brings a deleted connector back.
+    #[tracing::instrument(skip_all, fields(connector = new.name, version = new.version))]
+    pub async fn add_connector_version(
+        &self,
+        new: &NewVersion<'_>,
+        activate: bool,
+    ) -> Result<AddedVersion, StoreError> {
+        let at = now();
+        let by_sha = format!("SELECT {VERSION_COLUMNS} FROM connector_versions WHERE sha256 = $1");
+        let by_version = format!(
+            "SELECT {VERSION_COLUMNS} FROM connector_versions WHERE name = $1 AND version = $2"
+        );
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            let same: Option<VersionDbRow> =
+                sqlx::query_as(&by_sha).bind(new.sha256).fetch_optional(&mut *tx).await?;
+            if let Some(same) = same {
+                return Ok(AddedVersion::Exists(same.into()));
+            }
+            let other: Option<VersionDbRow> = sqlx::query_as(&by_version)
+                .bind(new.name)
+                .bind(new.version)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(other) = other {
+                return Ok(AddedVersion::Conflict(other.into()));
+            }
+            insert_version!(tx, new, at)?;
+            sqlx::query(
+                "INSERT INTO connectors (name, active_version, activated_by, enabled, deleted_at, revision, updated_at) \
+                 VALUES ($1, CASE WHEN $3 THEN $2 END, 'api', NULL, NULL, 1, $4) \
+                 ON CONFLICT (name) DO UPDATE SET deleted_at = NULL, \
+                 active_version = CASE WHEN $3 THEN $2 ELSE connectors.active_version END, \
+                 activated_by = CASE WHEN $3 THEN 'api' ELSE connectors.activated_by END, \
+                 revision = connectors.revision + 1, updated_at = $4",
+            )
+            .bind(new.name)
+            .bind(new.version)
+            .bind(activate)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+        });
+        Ok(AddedVersion::Added(VersionMeta {
+            name: new.name.to_owned(),
+            version: new.version.to_owned(),
+            sha256: new.sha256.to_owned(),
+            world: new.world.to_owned(),
+            manifest: new.manifest.clone(),
+            size_bytes: i64::try_from(new.component.len()).unwrap_or(i64::MAX),
+            source: new.source,
+            uploaded_by: new.uploaded_by.to_owned(),
+            uploaded_at: at,
+        }))
+    }
+
+    /// Stores a bundled version found at start and activates it unless an
+    /// operator chose the active version through the API. A bundled
+    /// version rebuilt with other bytes under the same version number
+    /// replaces the stored one (a developer's rebuild); an upload of that
+    /// version is never replaced. Safe when replicas seed at once.
+    #[tracing::instrument(skip_all, fields(connector = new.name, version = new.version))]
+    pub async fn seed_connector_version(&self, new: &NewVersion<'_>) -> Result<Seeded, StoreError> {
+        let at = now();
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            let deleted: Option<Option<DateTime<Utc>>> =
+                sqlx::query_scalar("SELECT deleted_at FROM connectors WHERE name = $1")
+                    .bind(new.name)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if matches!(deleted, Some(Some(_))) {
+                return Ok(Seeded::Deleted);
+            }
+            let stored: Option<(String, String)> = sqlx::query_as(
+                "SELECT sha256, source FROM connector_versions WHERE name = $1 AND version = $2",
+            )
+            .bind(new.name)
+            .bind(new.version)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let replaced = match stored {
+                None => {
+                    insert_version!(tx, new, at)?;
+                    false
+                }
+                Some((sha256, _)) if sha256 == new.sha256 => false,
+                Some((_, source)) if VersionSource::parse(&source) == VersionSource::Upload => {
+                    return Ok(Seeded::UploadDiffers);
+                }
+                Some(_) => {
+                    sqlx::query(
+                        "UPDATE connector_versions SET sha256 = $3, world = $4, manifest = $5, \
+                         component = $6, size_bytes = $7, uploaded_by = $8, uploaded_at = $9 \
+                         WHERE name = $1 AND version = $2",
+                    )
+                    .bind(new.name)
+                    .bind(new.version)
+                    .bind(new.sha256)
+                    .bind(new.world)
+                    .bind(Json(new.manifest))
+                    .bind(new.component)
+                    .bind(i64::try_from(new.component.len()).unwrap_or(i64::MAX))
+                    .bind(new.uploaded_by)
+                    .bind(at)
+                    .execute(&mut *tx)
+                    .await?;
+                    true
+                }
+            };
+            sqlx::query(
+                "INSERT INTO connectors (name, active_version, activated_by, enabled, deleted_at, revision, updated_at) \
+                 VALUES ($1, NULL, 'bundle', NULL, NULL, 1, $2) ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(new.name)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            let activated = sqlx::query(
+                "UPDATE connectors SET active_version = $2, activated_by = 'bundle', \
+                 revision = revision + 1, updated_at = $4 \
+                 WHERE name = $1 AND (active_version IS NULL \
+                 OR (activated_by = 'bundle' AND (active_version <> $2 OR $3)))",
+            )
+            .bind(new.name)
+            .bind(new.version)
+            .bind(replaced)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            tx.commit().await?;
+            Ok(Seeded::Stored { activated })
+        })
+    }
+
+    /// Makes `version` of `name` active (rollback or roll forward); false
+    /// if the connector or that version does not exist.
+    pub async fn activate_connector_version(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<bool, StoreError> {
+        let updated = dispatch!(self, write pool => {
+            sqlx::query(
+                "UPDATE connectors SET active_version = $2, activated_by = $3, \
+                 revision = revision + 1, updated_at = $4 \
+                 WHERE name = $1 AND deleted_at IS NULL AND EXISTS \
+                 (SELECT 1 FROM connector_versions v WHERE v.name = $1 AND v.version = $2)",
+            )
+            .bind(name)
+            .bind(version)
+            .bind(ActivatedBy::Api.as_str())
+            .bind(now())
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(updated == 1)
+    }
+
+    /// Sets the operator's enabled switch; false if no such connector.
+    pub async fn set_connector_enabled(
+        &self,
+        name: &str,
+        enabled: bool,
+    ) -> Result<bool, StoreError> {
+        let updated = dispatch!(self, write pool => {
+            sqlx::query(
+                "UPDATE connectors SET enabled = $2, revision = revision + 1, updated_at = $3 \
+                 WHERE name = $1 AND deleted_at IS NULL",
+            )
+            .bind(name)
+            .bind(enabled)
+            .bind(now())
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(updated == 1)
+    }
+
+    /// Deletes a connector: its versions and stored configuration go, its
+    /// row stays as a tombstone (so the bundle does not bring it back) and
+    /// its links stay for audit.
+    #[tracing::instrument(skip_all, fields(connector = name))]
+    pub async fn delete_connector(&self, name: &str) -> Result<bool, StoreError> {
+        let at = now();
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            let updated = sqlx::query(
+                "UPDATE connectors SET deleted_at = $2, active_version = NULL, enabled = NULL, \
+                 activated_by = 'bundle', revision = revision + 1, updated_at = $2 \
+                 WHERE name = $1 AND deleted_at IS NULL",
+            )
+            .bind(name)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated != 1 {
+                return Ok(false);
+            }
+            sqlx::query("DELETE FROM connector_versions WHERE name = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM connector_configs WHERE connector = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        });
+        Ok(true)
+    }
+
+    /// Makes the pushes that waited while `name` was disabled due now
+    /// (retries in backoff keep their time).
+    pub async fn resume_connector_links(&self, name: &str) -> Result<u64, StoreError> {
+        let now_ms = super::sync::now_ms();
+        let resumed = dispatch!(self, write pool => {
+            sqlx::query(
+                "UPDATE sync_links SET next_attempt_at_ms = $2 WHERE connector = $1 \
+                 AND state = 'pending' AND next_attempt_at_ms > $2",
+            )
+            .bind(name)
+            .bind(now_ms)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(resumed)
+    }
+
+    /// Customers linked to a live record of `name`.
+    pub async fn linked_customers(&self, name: &str) -> Result<i64, StoreError> {
+        let count = dispatch!(self, read pool => {
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM sync_links WHERE connector = $1 \
+                 AND remote_id IS NOT NULL AND NOT remote_deleted",
+            )
+            .bind(name)
+            .fetch_one(pool)
+            .await?
+        });
+        Ok(count)
+    }
+}
