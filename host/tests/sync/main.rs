@@ -7,6 +7,7 @@ mod helpers;
 
 mod cluster;
 mod conflicts;
+mod connectors;
 mod crash;
 mod fanout;
 mod faults;
@@ -14,4 +15,5 @@ mod inbound;
 mod inbound_policies;
 mod outbound;
 mod process;
+mod recorder_remote;
 mod salesforce;

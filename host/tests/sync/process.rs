@@ -11,6 +11,9 @@ use std::time::Duration;
 pub struct FerryProcess {
     child: Option<Child>,
     env: BTreeMap<String, String>,
+    /// Its working directory: not the repository, so nothing it finds
+    /// comes from there by accident.
+    dir: PathBuf,
     log: PathBuf,
     pub base: String,
 }
@@ -29,6 +32,7 @@ impl FerryProcess {
         let mut this = Self {
             child: None,
             env,
+            dir: log_dir.to_owned(),
             log: log_dir.join(format!("ferry-{}.log", uuid::Uuid::new_v4().simple())),
             base: String::new(),
         };
@@ -47,6 +51,7 @@ impl FerryProcess {
             .expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
             .arg("serve")
+            .current_dir(&self.dir)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "info,ferry=debug")

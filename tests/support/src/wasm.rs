@@ -31,3 +31,20 @@ pub fn release_component(crate_name: &str) -> PathBuf {
         .join("wasm32-wasip2/release")
         .join(format!("{crate_name}.wasm"))
 }
+
+/// Path of a variant of a test guest that `make connectors` builds with a
+/// cargo feature and copies aside as `{crate_name}-{variant}.wasm` (e.g.
+/// the recorder's `version-2`).
+///
+/// # Panics
+///
+/// If it has not been built: run `make connectors` first.
+pub fn variant_path(crate_name: &str, variant: &str) -> PathBuf {
+    let path = release_component(&format!("{crate_name}-{variant}"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `make connectors` first",
+        path.display(),
+    );
+    path
+}

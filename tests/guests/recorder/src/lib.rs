@@ -20,13 +20,21 @@
 //! as a bearer token. No fetch or list.
 //!
 //! Its webhook endpoint misbehaves on demand, for the host's bad-path tests:
-//! a body of `trap` traps, `loop` spins until the host's deadline stops it;
-//! anything else verifies and parses to no events.
+//! a body of `trap` traps, `loop` spins until the host's deadline stops it.
+//! A JSON body `{"id": "evt_…", "remote_id": "rec_…", "record": {…}}`
+//! becomes one upsert event; anything else parses to no events. Every
+//! answer's body is `recorder VERSION`, so a test sees which version served
+//! it.
+//!
+//! Features build variants of it for the connector-plane tests (each is one
+//! more file beside the default build, see `scripts/build-connectors.sh`):
+//! `version-2` is version 0.2.0, `rebuilt` is the default version with other
+//! bytes, `invalid-manifest` declares a name and version ferry refuses.
 
 use ferry_sdk::http::{Request, Response};
 use ferry_sdk::{
-    settings, Connector, ConnectorError, Manifest, Operation, ParsedWebhook, PushRequest,
-    PushResult, WebhookRequest,
+    clock, settings, Connector, ConnectorError, Event, Manifest, Operation, ParsedWebhook,
+    PushRequest, PushResult, WebhookRequest,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -36,12 +44,40 @@ const ENTITY: &str = "customer";
 /// "connection refused" instead of calling anything real.
 const DEFAULT_API_BASE: &str = "http://127.0.0.1:9";
 
+/// The manifest's name and version.
+const NAME: &str = if cfg!(feature = "invalid-manifest") {
+    "Recorder!"
+} else {
+    "recorder"
+};
+const VERSION: &str = if cfg!(feature = "invalid-manifest") {
+    "latest"
+} else if cfg!(feature = "version-2") {
+    "0.2.0"
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+const DESCRIPTION: &str = if cfg!(feature = "rebuilt") {
+    "Test connector: records every customer push at an HTTP service (rebuilt)"
+} else {
+    "Test connector: records every customer push at an HTTP service"
+};
+
 struct Recorder;
+
+/// A webhook body that carries one event.
+#[derive(Deserialize)]
+struct Delivery {
+    id: String,
+    remote_id: String,
+    #[serde(default)]
+    record: Option<Value>,
+}
 
 impl Connector for Recorder {
     fn manifest() -> Manifest {
-        Manifest::builder("recorder", env!("CARGO_PKG_VERSION"))
-            .description("Test connector: records every customer push at an HTTP service")
+        Manifest::builder(NAME, VERSION)
+            .description(DESCRIPTION)
             .entity(ENTITY)
             .base_url_setting(
                 "api_base",
@@ -69,8 +105,18 @@ impl Connector for Recorder {
         }
     }
 
-    fn parse_webhook(_req: WebhookRequest) -> Result<ParsedWebhook, ConnectorError> {
-        Ok(ParsedWebhook::ignored())
+    fn parse_webhook(req: WebhookRequest) -> Result<ParsedWebhook, ConnectorError> {
+        let events = match serde_json::from_slice::<Delivery>(&req.body) {
+            Ok(delivery) => vec![Event::upsert(
+                delivery.id,
+                ENTITY,
+                delivery.remote_id,
+                clock::now_ms(),
+                delivery.record.map(|r| r.to_string()),
+            )],
+            Err(_) => Vec::new(),
+        };
+        Ok(ParsedWebhook::events(events).with_reply("text/plain", format!("recorder {VERSION}")))
     }
 
     fn push(req: PushRequest) -> Result<PushResult, ConnectorError> {

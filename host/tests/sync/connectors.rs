@@ -1,0 +1,793 @@
+//! The connector plane: uploads (and every way one is refused), versions,
+//! activation (rollback), enable and disable, delete, a version swap under
+//! webhook load, and two `ferry serve` processes on one PostgreSQL following
+//! each other's changes. The uploaded connector is the recorder test guest
+//! (tests/guests/recorder) and its variants: `version-2` (0.2.0), `rebuilt`
+//! (0.1.0 with other bytes) and `invalid-manifest`. Its webhook answers
+//! `recorder VERSION`, so a test sees which version served a delivery.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_test_support::postgres::PgCluster;
+use ferry_test_support::wasm::{component_path, variant_path};
+use serde_json::{json, Value};
+
+use crate::helpers::{spawn_sync_app, stripe_component, Backend, Setup, SyncApp};
+use crate::process::FerryProcess;
+use crate::recorder_remote::RecorderRemote;
+
+/// The admin token of the tests that need one.
+const TOKEN: &str = "connector-plane-admin-token-0123";
+
+fn recorder() -> Vec<u8> {
+    std::fs::read(component_path("ferry_test_recorder")).expect("recorder.wasm")
+}
+
+fn recorder_variant(variant: &str) -> Vec<u8> {
+    std::fs::read(variant_path("ferry_test_recorder", variant)).expect("a recorder variant")
+}
+
+fn setup(backend: Backend) -> Setup {
+    let mut setup = Setup::new(backend, "http://127.0.0.1:9");
+    setup.stripe_url = None;
+    setup
+}
+
+/// `POST /api/v1/connectors` with `bytes` as `content_type`.
+async fn upload_as(app: &SyncApp, bytes: Vec<u8>, query: &str, content_type: &str) -> (u16, Value) {
+    let mut request = app
+        .client
+        .post(format!("{}/api/v1/connectors{query}", app.base))
+        .header("content-type", content_type)
+        .body(bytes);
+    if let Some(token) = &app.token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("answered");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn upload(app: &SyncApp, bytes: Vec<u8>, query: &str) -> (u16, Value) {
+    upload_as(app, bytes, query, "application/wasm").await
+}
+
+async fn get(app: &SyncApp, path: &str) -> (u16, Value) {
+    app.send(reqwest::Method::GET, path, None).await
+}
+
+async fn post(app: &SyncApp, path: &str, body: Option<Value>) -> (u16, Value) {
+    app.send(reqwest::Method::POST, path, body).await
+}
+
+/// Posts a recorder webhook carrying one event; the status and the body.
+async fn recorder_webhook(client: &reqwest::Client, base: &str, id: &str) -> (u16, String) {
+    let body = json!({
+        "id": id,
+        "remote_id": format!("rec_{id}"),
+        "record": {"email": format!("{id}@example.com"), "name": id},
+    });
+    match client
+        .post(format!("{base}/webhooks/recorder"))
+        .json(&body)
+        .send()
+        .await
+    {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap_or_default())
+        }
+        Err(error) => (0, error.to_string()),
+    }
+}
+
+/// Uploads the recorder and enables it against `remote`.
+async fn install_recorder(app: &SyncApp, remote: &RecorderRemote) {
+    let (status, version) = upload(app, recorder(), "").await;
+    assert_eq!(status, 201, "{version}");
+    let (status, connector) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/recorder/settings",
+            Some(json!({"settings": {"api_base": remote.url}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{connector}");
+    assert_eq!(connector["state"], "enabled");
+}
+
+/// An upload is stored and active at once; the same bytes again change
+/// nothing; a second version can be stored without activating it; the
+/// same version number with other bytes is refused.
+async fn upload_and_upload_again(backend: Backend) {
+    let app = spawn_sync_app(setup(backend)).await;
+    let (status, version) = upload(&app, recorder(), "").await;
+    assert_eq!(status, 201, "{version}");
+    assert_eq!(version["name"], "recorder");
+    assert_eq!(version["version"], "0.1.0");
+    assert_eq!(version["active"], true);
+    assert_eq!(version["source"], "upload");
+    assert_eq!(version["world"], "0.2.0");
+    assert_eq!(version["uploaded_by"], "open");
+    assert_eq!(version["sha256"].as_str().map(str::len), Some(64));
+
+    let (status, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(status, 200, "{connector}");
+    assert_eq!(connector["active_version"], "0.1.0");
+    assert_eq!(connector["sha256"], version["sha256"]);
+    assert_eq!(connector["manifest"]["name"], "recorder");
+    // Uploaded, not yet switched on: nothing is queued for it.
+    assert_eq!(connector["state"], "unconfigured");
+    let (_, page) = get(&app, "/api/v1/connectors").await;
+    let names: Vec<&str> = page["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, ["recorder", "stripe"]);
+
+    let (status, again) = upload(&app, recorder(), "").await;
+    assert_eq!(status, 200, "the same bytes again: {again}");
+    assert_eq!(again["sha256"], version["sha256"]);
+    assert_eq!(again["uploaded_at"], version["uploaded_at"]);
+
+    let (status, second) = upload(&app, recorder_variant("version-2"), "?activate=false").await;
+    assert_eq!(status, 201, "{second}");
+    assert_eq!(second["version"], "0.2.0");
+    assert_eq!(second["active"], false);
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(connector["active_version"], "0.1.0", "activate=false");
+
+    let (status, problem) = upload(&app, recorder_variant("rebuilt"), "").await;
+    assert_eq!(status, 409, "{problem}");
+    assert_eq!(problem["code"], "version_exists");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("0.1.0"),
+        "{problem}"
+    );
+
+    let (status, versions) = get(&app, "/api/v1/connectors/recorder/versions").await;
+    assert_eq!(status, 200);
+    let listed: Vec<(&str, bool)> = versions["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|v| {
+            (
+                v["version"].as_str().unwrap(),
+                v["active"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(listed, [("0.1.0", true), ("0.2.0", false)]);
+
+    // The bundled Stripe connector went through the same door.
+    let (_, versions) = get(&app, "/api/v1/connectors/stripe/versions").await;
+    assert_eq!(versions["data"][0]["source"], "bundled", "{versions}");
+    assert_eq!(versions["data"][0]["active"], true);
+}
+
+/// Every way an upload is refused, each with its own code; nothing is
+/// stored, and the admin token is required.
+async fn invalid_uploads_are_refused(backend: Backend) {
+    let mut setup = setup(backend);
+    setup.extra = json!({
+        "admin_token": TOKEN,
+        // Between the recorder (≈ 250 KB) and Stripe (≈ 390 KB).
+        "connector_max_bytes": 320_000,
+        // The hostile guest declares api.example.com.
+        "connector_denied_hosts": "api.example.com, *.evil.example",
+    });
+    let app = spawn_sync_app(setup).await;
+
+    let anonymous = app
+        .client
+        .post(format!("{}/api/v1/connectors", app.base))
+        .header("content-type", "application/wasm")
+        .body(recorder())
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(anonymous.status(), 401);
+
+    let component = |wat: &str| wat::parse_str(wat).expect("valid WAT");
+    let stripe = std::fs::read(stripe_component()).expect("stripe.wasm");
+    let recorder_bytes = recorder();
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "garbage",
+            b"this is not webassembly".to_vec(),
+            422,
+            "not_wasm",
+        ),
+        (
+            "a core module",
+            component("(module (func (export \"f\")))"),
+            422,
+            "core_module",
+        ),
+        (
+            "a truncated component",
+            recorder_bytes[..recorder_bytes.len() / 2].to_vec(),
+            422,
+            "invalid_component",
+        ),
+        (
+            "a component that is no connector",
+            component("(component)"),
+            422,
+            "not_a_connector",
+        ),
+        (
+            "a newer world",
+            component(
+                "(component (instance $h) (export \"ferry:connector/handler@9.1.0\" (instance $h)))",
+            ),
+            422,
+            "world_too_new",
+        ),
+        (
+            "an unsupported world",
+            component(
+                "(component (instance $h) (export \"ferry:connector/handler@0.0.7\" (instance $h)))",
+            ),
+            422,
+            "world_unsupported",
+        ),
+        (
+            "a supported world without its functions",
+            component(
+                "(component (instance $h) (export \"ferry:connector/handler@0.2.0\" (instance $h)))",
+            ),
+            422,
+            "world_mismatch",
+        ),
+        (
+            "a bad manifest",
+            recorder_variant("invalid-manifest"),
+            422,
+            "invalid_manifest",
+        ),
+        (
+            "a denied host",
+            std::fs::read(component_path("ferry_test_hostile")).expect("hostile.wasm"),
+            422,
+            "forbidden_host",
+        ),
+        ("too large", stripe, 413, "component_too_large"),
+    ];
+    for (what, bytes, status, code) in cases {
+        let (got, problem) = upload(&app, bytes, "").await;
+        assert_eq!(
+            (got, problem["code"].as_str()),
+            (status, Some(code)),
+            "{what}: {problem}"
+        );
+        assert!(
+            problem["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{what}: {problem}"
+        );
+    }
+    let (status, problem) = upload_as(&app, recorder(), "", "application/octet-stream").await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (415, Some("unsupported_media_type"))
+    );
+    let (status, problem) = upload(&app, recorder(), "?activate=maybe").await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (422, Some("validation_failed"))
+    );
+
+    let (_, page) = get(&app, "/api/v1/connectors").await;
+    assert_eq!(
+        page["data"].as_array().map(Vec::len),
+        Some(1),
+        "only the bundled Stripe connector: {page}"
+    );
+    // What is allowed still goes in.
+    let (status, version) = upload(&app, recorder(), "").await;
+    assert_eq!(status, 201, "{version}");
+    assert_eq!(version["uploaded_by"], "admin");
+}
+
+/// Roll forward and back; disable (webhooks 404, pushes wait without
+/// spending attempts) and enable again (what waited is pushed).
+async fn rollback_disable_and_enable(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let served_by = || async { recorder_webhook(&app.client, &app.base, &uuid()).await };
+    assert_eq!(served_by().await, (200, "recorder 0.1.0".to_owned()));
+
+    let (status, _) = upload(&app, recorder_variant("version-2"), "").await;
+    assert_eq!(status, 201);
+    assert_eq!(served_by().await, (200, "recorder 0.2.0".to_owned()));
+    let (status, connector) = post(
+        &app,
+        "/api/v1/connectors/recorder/activate",
+        Some(json!({"version": "0.1.0"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{connector}");
+    assert_eq!(connector["active_version"], "0.1.0");
+    assert_eq!(served_by().await, (200, "recorder 0.1.0".to_owned()));
+    let (status, problem) = post(
+        &app,
+        "/api/v1/connectors/recorder/activate",
+        Some(json!({"version": "9.9.9"})),
+    )
+    .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (404, Some("connector_version_not_found"))
+    );
+
+    let (status, connector) = post(&app, "/api/v1/connectors/recorder/disable", None).await;
+    assert_eq!(status, 200, "{connector}");
+    assert_eq!(connector["state"], "disabled");
+    assert_eq!(connector["enabled"], false);
+    let (status, _) = served_by().await;
+    assert_eq!(status, 404, "a disabled connector's webhooks");
+
+    let customer = app
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Waits"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        remote.requests_to("POST", "/records").is_empty(),
+        "nothing is pushed while disabled"
+    );
+    let status = app.sync_status(&id).await;
+    let link = status["connectors"]
+        .as_array()
+        .and_then(|links| links.iter().find(|l| l["connector"] == "recorder"))
+        .cloned()
+        .unwrap_or_else(|| panic!("the change waits for the recorder: {status}"));
+    assert_eq!(link["state"], "pending", "{link}");
+    assert_eq!(link["attempts"], 0, "no attempt spent: {link}");
+
+    let (status, connector) = post(&app, "/api/v1/connectors/recorder/enable", None).await;
+    assert_eq!(status, 200, "{connector}");
+    assert_eq!(connector["state"], "enabled");
+    let link = app
+        .wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
+            l["state"] == "synced"
+        })
+        .await;
+    assert!(link["remote_id"].as_str().is_some(), "{link}");
+    assert_eq!(remote.requests_to("POST", "/records").len(), 1);
+    let history = app.sync_status(&id).await;
+    let retries = history["history"]
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .filter(|d| d["connector"] == "recorder" && d["outcome"] != "delivered")
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(retries, 0, "the wait left no failed attempts: {history}");
+    assert_eq!(served_by().await.0, 200);
+}
+
+/// Enabling needs the manifest's required settings and secrets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enabling_names_what_is_missing() {
+    let app = spawn_sync_app(setup(Backend::Sqlite)).await;
+    let (status, problem) = post(&app, "/api/v1/connectors/stripe/enable", None).await;
+    assert_eq!(status, 422, "{problem}");
+    let fields: Vec<&str> = problem["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .filter_map(|e| e["field"].as_str())
+        .collect();
+    assert_eq!(fields, ["secrets.api_key"], "{problem}");
+    let (status, problem) = post(&app, "/api/v1/connectors/nope/enable", None).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (404, Some("connector_not_found"))
+    );
+}
+
+/// A connector with linked customers is only deleted with `force`, and its
+/// links stay; a deleted bundled connector is not registered again at the
+/// next start, and uploading it brings it back.
+async fn delete_refused_while_linked_then_forced(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    // The database outlives the first app: the second starts on it.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut first = setup(backend);
+    if backend == Backend::Sqlite {
+        first.database_url = Some(format!(
+            "sqlite://{}",
+            dir.path().join("ferry.db").display()
+        ));
+    }
+    let app = spawn_sync_app(first).await;
+    install_recorder(&app, &remote).await;
+    let customer = app
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Linked"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    app.wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
+        l["state"] == "synced"
+    })
+    .await;
+
+    let (status, problem) = app
+        .send(reqwest::Method::DELETE, "/api/v1/connectors/recorder", None)
+        .await;
+    assert_eq!(status, 409, "{problem}");
+    assert_eq!(problem["code"], "connector_in_use");
+    assert!(
+        problem["detail"].as_str().unwrap().starts_with("1 "),
+        "{problem}"
+    );
+    let (status, _) = app
+        .send(
+            reqwest::Method::DELETE,
+            "/api/v1/connectors/recorder?force=true",
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (status, _) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        recorder_webhook(&app.client, &app.base, &uuid()).await.0,
+        404
+    );
+    let kept = app.sync_status(&id).await;
+    assert!(
+        kept["connectors"].as_array().is_some_and(|l| l
+            .iter()
+            .any(|l| l["connector"] == "recorder" && l["remote_id"].is_string())),
+        "the link is kept for audit: {kept}"
+    );
+
+    // Stripe, bundled and unlinked, goes at once and stays gone.
+    let (status, _) = app
+        .send(reqwest::Method::DELETE, "/api/v1/connectors/stripe", None)
+        .await;
+    assert_eq!(status, 204);
+    let mut again = setup(backend);
+    again.database_url = Some(app.database_url.clone());
+    drop(app);
+    let app = spawn_sync_app(again).await;
+    let (status, _) = get(&app, "/api/v1/connectors/stripe").await;
+    assert_eq!(
+        status, 404,
+        "a deleted bundled connector is not seeded again"
+    );
+    let stripe = std::fs::read(stripe_component()).expect("stripe.wasm");
+    let (status, version) = upload(&app, stripe, "").await;
+    assert_eq!(status, 201, "{version}");
+    let (status, connector) = get(&app, "/api/v1/connectors/stripe").await;
+    assert_eq!(status, 200);
+    assert_eq!(connector["source"], "upload");
+}
+
+/// A new version goes live while 16 clients post webhooks as fast as they
+/// can: every delivery is answered 2xx, by one version or the other, and
+/// every event is stored.
+async fn swap_under_webhook_load(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = Arc::new(spawn_sync_app(setup(backend)).await);
+    install_recorder(&app, &remote).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<(u16, String)>::new()));
+    let by_version = Arc::new(std::sync::Mutex::new(BTreeMap::<String, usize>::new()));
+    let run = uuid();
+    let mut clients = Vec::new();
+    for client in 0..16 {
+        let (app, stop, sent, failures, by_version, run) = (
+            app.clone(),
+            stop.clone(),
+            sent.clone(),
+            failures.clone(),
+            by_version.clone(),
+            run.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let (status, body) =
+                    recorder_webhook(&app.client, &app.base, &format!("{run}-{client}-{n}")).await;
+                sent.fetch_add(1, Ordering::Relaxed);
+                if (200..300).contains(&status) {
+                    *by_version.lock().unwrap().entry(body).or_default() += 1;
+                } else {
+                    failures.lock().unwrap().push((status, body));
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, _) = upload(&app, recorder_variant("version-2"), "").await;
+    assert_eq!(status, 201);
+    for version in ["0.1.0", "0.2.0", "0.1.0", "0.2.0"] {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (status, body) = post(
+            &app,
+            "/api/v1/connectors/recorder/activate",
+            Some(json!({"version": version})),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.expect("client");
+    }
+    let failures = failures.lock().unwrap().clone();
+    let by_version = by_version.lock().unwrap().clone();
+    let sent = sent.load(Ordering::Relaxed);
+    eprintln!("{sent} deliveries during the swaps: {by_version:?}");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        by_version.contains_key("recorder 0.1.0") && by_version.contains_key("recorder 0.2.0"),
+        "both versions served: {by_version:?}"
+    );
+    let stored = app
+        .store
+        .inbox_count("recorder")
+        .await
+        .expect("count the inbox");
+    assert_eq!(stored, sent, "every acknowledged event is stored");
+}
+
+/// Two `ferry serve` processes on one PostgreSQL, started outside the
+/// repository with no FERRY_CONNECTORS_DIR (they find the bundled
+/// connectors beside the executable). An upload, an activation and a
+/// disable made through one are in force on the other within seconds; no
+/// secret value appears in any answer or log line along the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_on_one_replica_reaches_the_other() {
+    const SECRET: &str = "rk_live_must_never_be_seen_4242";
+    let database_url = PgCluster::shared()
+        .create_database()
+        .await
+        .expect("test database");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cache = dir.path().join("compiled");
+    let env = BTreeMap::from([
+        ("FERRY_DATABASE_URL".to_owned(), database_url),
+        ("FERRY_ALLOW_PRIVATE_HOSTS".to_owned(), "true".to_owned()),
+        ("FERRY_ADMIN_TOKEN".to_owned(), TOKEN.to_owned()),
+        (
+            "FERRY_MASTER_KEY".to_owned(),
+            "test-master-key-0123456789abcdef".to_owned(),
+        ),
+        (
+            "FERRY_COMPILE_CACHE_DIR".to_owned(),
+            cache.display().to_string(),
+        ),
+    ]);
+    let a = FerryProcess::start(env.clone(), dir.path()).await;
+    let b = FerryProcess::start(env, dir.path()).await;
+    let client = reqwest::Client::new();
+    let mut seen = Vec::<String>::new();
+    let call = |base: &str, method: reqwest::Method, path: &str| {
+        client
+            .request(method, format!("{base}{path}"))
+            .bearer_auth(TOKEN)
+    };
+
+    // Both found the bundled connectors without being told where.
+    let listed: Value = call(&b.base, reqwest::Method::GET, "/api/v1/connectors")
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    let bundled: Vec<(&str, &str)> = listed["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap(),
+                c["source"].as_str().unwrap_or("none"),
+            )
+        })
+        .collect();
+    assert_eq!(bundled, [("salesforce", "bundled"), ("stripe", "bundled")]);
+    seen.push(listed.to_string());
+
+    let started = Instant::now();
+    let response = call(&a.base, reqwest::Method::POST, "/api/v1/connectors")
+        .header("content-type", "application/wasm")
+        .body(recorder())
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(response.status(), 201);
+    seen.push(response.text().await.unwrap());
+    let answer = |process: &FerryProcess| {
+        let client = client.clone();
+        let base = process.base.clone();
+        async move {
+            let response = client
+                .put(format!("{base}/api/v1/connectors/recorder/settings"))
+                .bearer_auth(TOKEN)
+                .json(&json!({
+                    "settings": {"send_api_key": "true"},
+                    "secrets": {"api_key": SECRET},
+                }))
+                .send()
+                .await
+                .expect("settings");
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let (status, body) = answer(&a).await;
+    assert_eq!(status, 200, "{body}");
+    seen.push(body);
+    let first = wait_served(&client, &b.base, "recorder 0.1.0").await;
+    eprintln!("upload on A served by B after {:?}", started.elapsed());
+    assert!(first < Duration::from_secs(10), "{first:?}");
+
+    let started = Instant::now();
+    let response = call(&a.base, reqwest::Method::POST, "/api/v1/connectors")
+        .header("content-type", "application/wasm")
+        .body(recorder_variant("version-2"))
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(response.status(), 201);
+    seen.push(response.text().await.unwrap());
+    wait_served(&client, &b.base, "recorder 0.2.0").await;
+    eprintln!("new version on A served by B after {:?}", started.elapsed());
+
+    let response = call(
+        &b.base,
+        reqwest::Method::POST,
+        "/api/v1/connectors/recorder/activate",
+    )
+    .json(&json!({"version": "0.1.0"}))
+    .send()
+    .await
+    .expect("activate");
+    assert_eq!(response.status(), 200);
+    seen.push(response.text().await.unwrap());
+    wait_served(&client, &a.base, "recorder 0.1.0").await;
+
+    let response = call(
+        &a.base,
+        reqwest::Method::POST,
+        "/api/v1/connectors/recorder/disable",
+    )
+    .send()
+    .await
+    .expect("disable");
+    assert_eq!(response.status(), 200);
+    seen.push(response.text().await.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while recorder_webhook(&client, &b.base, &uuid()).await.0 != 404 {
+        assert!(Instant::now() < deadline, "B never saw the disable");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for path in [
+        "/api/v1/connectors",
+        "/api/v1/connectors/recorder",
+        "/api/v1/connectors/recorder/versions",
+    ] {
+        for process in [&a, &b] {
+            seen.push(
+                call(&process.base, reqwest::Method::GET, path)
+                    .send()
+                    .await
+                    .expect("get")
+                    .text()
+                    .await
+                    .unwrap(),
+            );
+        }
+    }
+    for (what, text) in seen
+        .iter()
+        .map(|s| ("an answer", s.clone()))
+        .chain([("A's log", a.log_text()), ("B's log", b.log_text())])
+    {
+        assert!(!text.contains(SECRET), "the secret appears in {what}");
+    }
+    assert!(
+        a.log_text().contains("connector uploaded"),
+        "A logs the upload"
+    );
+}
+
+/// Waits until `base` answers recorder webhooks with `expected`; how long
+/// that took.
+async fn wait_served(client: &reqwest::Client, base: &str, expected: &str) -> Duration {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(10);
+    loop {
+        let (status, body) = recorder_webhook(client, base, &uuid()).await;
+        if status == 200 && body == expected {
+            return started.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{base} never served {expected}: last {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn uuid() -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "t{}{}",
+        uuid::Uuid::new_v4().simple(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+mod sqlite {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn upload_and_upload_again() {
+        super::upload_and_upload_again(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn invalid_uploads_are_refused() {
+        super::invalid_uploads_are_refused(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rollback_disable_and_enable() {
+        super::rollback_disable_and_enable(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delete_refused_while_linked_then_forced() {
+        super::delete_refused_while_linked_then_forced(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn swap_under_webhook_load() {
+        super::swap_under_webhook_load(Backend::Sqlite).await;
+    }
+}
+
+mod postgres {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn upload_and_upload_again() {
+        super::upload_and_upload_again(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rollback_disable_and_enable() {
+        super::rollback_disable_and_enable(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delete_refused_while_linked_then_forced() {
+        super::delete_refused_while_linked_then_forced(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn swap_under_webhook_load() {
+        super::swap_under_webhook_load(Backend::Postgres).await;
+    }
+}

@@ -1,0 +1,163 @@
+//! The remote the recorder test connector (tests/guests/recorder) talks
+//! to: an in-process fake that keeps what it is sent and logs every request.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::helpers::{recorder_component, ExtraConnector};
+
+/// The recorder's `api_key`; the fake checks it arrives as a bearer token.
+pub const RECORDER_KEY: &str = "rk_test_recorder_key";
+
+/// How long any one step may take to settle.
+pub const SETTLE: Duration = Duration::from_secs(20);
+
+/// One request the fake recorder remote received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    /// The JSON body (`Null` when there is none or it is not JSON).
+    pub body: Value,
+    pub authorization: Option<String>,
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Default)]
+struct RemoteState {
+    log: Mutex<Vec<Recorded>>,
+    records: Mutex<BTreeMap<String, Value>>,
+    next_id: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The remote the recorder connector talks to: `POST /records` creates,
+/// `PUT`/`DELETE /records/{id}` update and delete (404 for an unknown id).
+pub struct RecorderRemote {
+    pub url: String,
+    state: Arc<RemoteState>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl RecorderRemote {
+    pub async fn start() -> Self {
+        let state = Arc::new(RemoteState::default());
+        // One fallback handler: every request is logged, expected or not.
+        let app = axum::Router::new()
+            .fallback(record_request)
+            .with_state(Arc::clone(&state));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the recorder remote");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("recorder remote");
+        });
+        Self { url, state, server }
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        lock(&self.state.log).clone()
+    }
+
+    pub fn requests_to(&self, method: &str, path: &str) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == method && r.path == path)
+            .collect()
+    }
+
+    pub fn record(&self, id: &str) -> Option<Value> {
+        lock(&self.state.records).get(id).cloned()
+    }
+
+    /// The recorder's `connectors.recorder` entry, pointing at this fake.
+    pub fn connector(&self) -> ExtraConnector {
+        ExtraConnector {
+            name: "recorder".to_owned(),
+            component: recorder_component(),
+            config: json!({
+                "settings": {"api_base": self.url, "send_api_key": "true"},
+                "secrets": {"api_key": RECORDER_KEY},
+            }),
+        }
+    }
+
+    /// Polls the log until `done` holds; fails with the log after `SETTLE`.
+    pub async fn wait_for(&self, what: &str, done: impl Fn(&[Recorded]) -> bool) -> Vec<Recorded> {
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let log = self.requests();
+            if done(&log) {
+                return log;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the recorder remote never saw {what}: {log:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for RecorderRemote {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn record_request(
+    State(state): State<Arc<RemoteState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let path = uri.path().to_owned();
+    lock(&state.log).push(Recorded {
+        method: method.to_string(),
+        path: path.clone(),
+        body: body.clone(),
+        authorization: header("authorization"),
+        idempotency_key: header("idempotency-key"),
+    });
+    let mut records = lock(&state.records);
+    match (method, path.strip_prefix("/records")) {
+        (Method::POST, Some("")) => {
+            let id = format!("rec_{}", state.next_id.fetch_add(1, Ordering::SeqCst) + 1);
+            records.insert(id.clone(), body["record"].clone());
+            (StatusCode::CREATED, Json(json!({ "id": id }))).into_response()
+        }
+        (Method::PUT, Some(rest)) => match records.get_mut(rest.trim_start_matches('/')) {
+            Some(record) => {
+                *record = body["record"].clone();
+                Json(json!({ "id": rest.trim_start_matches('/') })).into_response()
+            }
+            None => StatusCode::NOT_FOUND.into_response(),
+        },
+        (Method::DELETE, Some(rest)) => match records.remove(rest.trim_start_matches('/')) {
+            Some(_) => StatusCode::NO_CONTENT.into_response(),
+            None => StatusCode::NOT_FOUND.into_response(),
+        },
+        _ => StatusCode::METHOD_NOT_ALLOWED.into_response(),
+    }
+}
