@@ -182,7 +182,8 @@ fn bool_param(pairs: &[(String, String)], name: &str, default: bool) -> Result<b
     }
 }
 
-/// A component upload: `Content-Type: application/wasm`, at most the
+/// A component upload: `Content-Type: application/wasm` (or
+/// `application/octet-stream`, what generic clients send), at most the
 /// configured component size.
 pub struct WasmBody(pub Bytes);
 
@@ -195,7 +196,8 @@ impl FromRequest<AppState> for WasmBody {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(';').next())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/wasm"));
+            .map(|v| v.trim().to_ascii_lowercase())
+            .is_some_and(|v| v == "application/wasm" || v == "application/octet-stream");
         if !wasm {
             return Err(ApiError::UnsupportedMediaType {
                 expected: "application/wasm",
@@ -227,14 +229,20 @@ impl FromRequest<AppState> for WasmBody {
 #[utoipa::path(
     post, path = "/api/v1/connectors", tag = "connectors",
     params(("activate" = Option<bool>, Query, description = "Make the new version active (default true)")),
-    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The component"),
+    request_body(
+        description = "The component, as `application/wasm` (or `application/octet-stream`)",
+        content(
+            ([u8] = "application/wasm"),
+            ([u8] = "application/octet-stream"),
+        ),
+    ),
     responses(
         (status = 201, description = "Stored (and active, unless activate=false)", body = ConnectorVersion),
         (status = 200, description = "These bytes were stored already; nothing changed", body = ConnectorVersion),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "This version exists with other bytes (`version_exists`)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Larger than the component limit (`component_too_large`)", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not sent as application/wasm", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not sent as application/wasm or application/octet-stream", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Refused: `not_wasm`, `core_module`, `invalid_component`, `not_a_connector`, `world_unsupported`, `world_too_new`, `world_mismatch`, `manifest_failed`, `invalid_manifest` or `forbidden_host`", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
@@ -354,9 +362,12 @@ pub async fn list_versions(
     request_body = Activate,
     responses(
         (status = 200, description = "The connector, now on that version", body = ConnectorSummary),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such connector or version", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The version no longer loads under this ferry's rules", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid body, or the version no longer loads under this ferry's rules", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
@@ -436,6 +447,7 @@ pub async fn disable(
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such connector", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Customers are linked (`connector_in_use`)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid `force`", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]

@@ -179,6 +179,8 @@ async fn invalid_uploads_are_refused(backend: Backend) {
         "admin_token": TOKEN,
         // Between the recorder (≈ 250 KB) and Stripe (≈ 390 KB).
         "connector_max_bytes": 320_000,
+        // Uploads have their own limit: the JSON one does not apply.
+        "max_body_bytes": 100_000,
         // The hostile guest declares api.example.com.
         "connector_denied_hosts": "api.example.com, *.evil.example",
     });
@@ -272,7 +274,7 @@ async fn invalid_uploads_are_refused(backend: Backend) {
             "{what}: {problem}"
         );
     }
-    let (status, problem) = upload_as(&app, recorder(), "", "application/octet-stream").await;
+    let (status, problem) = upload_as(&app, recorder(), "", "application/json").await;
     assert_eq!(
         (status, problem["code"].as_str()),
         (415, Some("unsupported_media_type"))
