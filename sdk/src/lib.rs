@@ -86,11 +86,8 @@ pub use serde_json as json;
 /// The SDK's WIT package version: the contract this SDK builds against.
 pub const WIT_VERSION: &str = "0.2.0";
 
-/// Runs a built component against scripted HTTP answers in `cargo test`.
-///
-/// Enable the `testkit` feature in `[dev-dependencies]`; native targets only.
 #[cfg(all(feature = "testkit", not(target_arch = "wasm32")))]
-pub use ferry_runtime::testkit;
+pub mod testkit;
 
 /// What a connector does. Every method but [`Connector::manifest`] has a
 /// default that answers [`ConnectorError::Unsupported`], so a connector

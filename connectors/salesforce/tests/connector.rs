@@ -2,9 +2,8 @@
 //! component in ferry's real runtime, HTTP (the token endpoint included)
 //! answered by a script (`ferry_sdk::testkit`), no network.
 
-use std::sync::OnceLock;
-
-use ferry_sdk::testkit::{self, CallError, ChangeKind, ConnectorError, Operation, TestKit};
+use ferry_sdk::testkit::{self, CallError, TestKit};
+use ferry_sdk::{ChangeKind, ConnectorError, Operation, PushRequest};
 use serde_json::{json, Value};
 
 const ORG: &str = "https://acme.my.salesforce.com";
@@ -13,16 +12,8 @@ const DATA: &str = "https://acme.my.salesforce.com/services/data/v62.0";
 const CONTACTS: &str = "https://acme.my.salesforce.com/services/data/v62.0/sobjects/Contact";
 const ORG_ID: &str = "00D000000000001EAA";
 
-fn wasm() -> &'static [u8] {
-    static WASM: OnceLock<Vec<u8>> = OnceLock::new();
-    WASM.get_or_init(|| {
-        let path = testkit::build_component(env!("CARGO_MANIFEST_DIR")).expect("build");
-        std::fs::read(path).expect("read component")
-    })
-}
-
 async fn kit() -> TestKit {
-    TestKit::load(wasm())
+    TestKit::this_crate()
         .await
         .expect("load")
         .setting("login_url", ORG)
@@ -49,7 +40,7 @@ fn sf_error(code: &str, message: &str, fields: &[&str]) -> Value {
     json!([{"message": message, "errorCode": code, "fields": fields}])
 }
 
-fn create_request() -> testkit::PushRequest {
+fn create_request() -> PushRequest {
     let record = json!({"id": "c1", "name": "Ada King Lovelace", "email": "ada@example.com",
         "address": {"line1": "12 St James's Sq", "line2": "Flat 1", "city": "London", "country": "GB"},
         "metadata": {"tier": "gold"}});
@@ -62,7 +53,7 @@ fn create_request() -> testkit::PushRequest {
     )
 }
 
-fn linked(operation: Operation, id: &str) -> testkit::PushRequest {
+fn linked(operation: Operation, id: &str) -> PushRequest {
     let mut req = create_request();
     req.operation = operation;
     req.remote_id = Some(id.to_owned());

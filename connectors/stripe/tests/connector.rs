@@ -2,28 +2,15 @@
 //! component in ferry's real runtime, HTTP answered by a script
 //! (`ferry_sdk::testkit`), no network.
 
-use std::sync::OnceLock;
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use ferry_sdk::testkit::{
-    self, CallError, ChangeKind, ConnectorError, Operation, RateLimit, TestKit, WireError,
-};
-use hmac::{Hmac, Mac};
+use ferry_sdk::testkit::{self, sign, CallError, TestKit, WireError};
+use ferry_sdk::{ChangeKind, ConnectorError, Operation, PushRequest, RateLimit};
 use serde_json::json;
-use sha2::Sha256;
 
 const API: &str = "https://api.stripe.com/v1/customers";
 
-fn wasm() -> &'static [u8] {
-    static WASM: OnceLock<Vec<u8>> = OnceLock::new();
-    WASM.get_or_init(|| {
-        let path = testkit::build_component(env!("CARGO_MANIFEST_DIR")).expect("build");
-        std::fs::read(path).expect("read component")
-    })
-}
-
 async fn kit() -> TestKit {
-    TestKit::load(wasm())
+    // Built once per test binary; compiled code is cached across runs.
+    TestKit::this_crate()
         .await
         .expect("load")
         .secret("api_key", "sk_test_kit")
@@ -39,7 +26,7 @@ fn stripe_customer(id: &str) -> serde_json::Value {
     })
 }
 
-fn create_request() -> testkit::PushRequest {
+fn create_request() -> PushRequest {
     let record = json!({"id": "c1", "name": "Ada Lovelace", "email": "ada@example.com",
         "address": {"city": "London", "country": "GB"}, "metadata": {"tier": "gold"}});
     testkit::push_request(
@@ -259,16 +246,12 @@ async fn list_pages_with_starting_after() {
 }
 
 fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+    sign::now_secs()
 }
 
-fn sign(secret: &str, t: i64, body: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(format!("{t}.{body}").as_bytes());
-    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+/// Stripe's `Stripe-Signature` header for `body` at `t`.
+fn stripe_signature(secret: &str, t: i64, body: &str) -> String {
+    sign::timestamped(secret, t, body.as_bytes())
 }
 
 fn event_body(kind: &str) -> String {
@@ -286,11 +269,15 @@ async fn webhook_signatures_are_checked() {
         |header: String| testkit::webhook_request(&[("Stripe-Signature", &header)], body.clone());
     let now = now_secs();
 
-    kit.verify_webhook(ok(sign("whsec_kit", now, &body)))
+    kit.verify_webhook(ok(stripe_signature("whsec_kit", now, &body)))
         .await
         .expect("a valid signature");
     // Secret rotation: Stripe sends one v1 per active secret.
-    let rotated = format!("{},v1={}", sign("whsec_kit", now, &body), "ab".repeat(32));
+    let rotated = format!(
+        "{},v1={}",
+        stripe_signature("whsec_kit", now, &body),
+        "ab".repeat(32)
+    );
     kit.verify_webhook(ok(rotated))
         .await
         .expect("any v1 may match");
@@ -305,15 +292,18 @@ async fn webhook_signatures_are_checked() {
         )
     };
     refused(
-        kit.verify_webhook(ok(sign("whsec_other", now, &body)))
+        kit.verify_webhook(ok(stripe_signature("whsec_other", now, &body)))
             .await,
     );
     refused(
-        kit.verify_webhook(ok(sign("whsec_kit", now - 301, &body)))
+        kit.verify_webhook(ok(stripe_signature("whsec_kit", now - 301, &body)))
             .await,
     );
     let tampered = testkit::webhook_request(
-        &[("stripe-signature", &sign("whsec_kit", now, &body))],
+        &[(
+            "stripe-signature",
+            &stripe_signature("whsec_kit", now, &body),
+        )],
         body.replace("Ada", "Eve"),
     );
     refused(kit.verify_webhook(tampered).await);
@@ -387,7 +377,7 @@ async fn a_delivery_is_verified_then_parsed_in_one_call() {
     let now = now_secs();
     let delivery = |secret: &str, body: &str| {
         testkit::webhook_request(
-            &[("Stripe-Signature", &sign(secret, now, body))],
+            &[("Stripe-Signature", &stripe_signature(secret, now, body))],
             body.to_owned(),
         )
     };
@@ -420,4 +410,21 @@ async fn a_delivery_is_verified_then_parsed_in_one_call() {
         connector_error(kit.receive_webhook(delivery("whsec_kit", "not json")).await),
         ConnectorError::Permanent(_)
     ));
+}
+
+#[tokio::test]
+async fn redelivered_reordered_and_tampered_deliveries() {
+    let kit = kit().await;
+    let body = event_body("customer.updated");
+    let signed = testkit::webhook_request(
+        &[(
+            "Stripe-Signature",
+            &stripe_signature("whsec_kit", now_secs(), &body),
+        )],
+        body,
+    );
+    let report = testkit::webhooks::check_delivery(&kit, signed)
+        .await
+        .unwrap_or_else(|problem| panic!("{problem}"));
+    assert_eq!(report.event_ids, ["evt_1"]);
 }

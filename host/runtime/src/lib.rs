@@ -19,7 +19,6 @@ mod oauth;
 mod policy;
 mod settings;
 mod state;
-pub mod testkit;
 mod transport;
 pub mod wit;
 

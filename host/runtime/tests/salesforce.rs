@@ -18,9 +18,8 @@ use serde_json::{json, Value};
 fn component() -> &'static [u8] {
     static WASM: OnceLock<Vec<u8>> = OnceLock::new();
     WASM.get_or_init(|| {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../connectors/salesforce");
-        let path =
-            ferry_runtime::testkit::build_component(dir).expect("build the salesforce connector");
+        // Built by `make connectors`, like every component the tests load.
+        let path = ferry_test_support::wasm::component_path("ferry_connector_salesforce");
         std::fs::read(path).expect("read the salesforce connector")
     })
 }

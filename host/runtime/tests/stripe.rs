@@ -22,9 +22,8 @@ const WEBHOOK_SECRET: &str = "whsec_ferry_test";
 fn component() -> &'static [u8] {
     static WASM: OnceLock<Vec<u8>> = OnceLock::new();
     WASM.get_or_init(|| {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../connectors/stripe");
-        let path =
-            ferry_runtime::testkit::build_component(dir).expect("build the stripe connector");
+        // Built by `make connectors`, like every component the tests load.
+        let path = ferry_test_support::wasm::component_path("ferry_connector_stripe");
         std::fs::read(path).expect("read the stripe connector")
     })
 }

@@ -1,0 +1,478 @@
+//! The test kit: runs your built connector in ferry's real sandbox (the
+//! same runtime, host policy and secret substitution as the server) from
+//! plain `cargo test`, with its HTTP answered by a script, recorded from a
+//! real endpoint, or replayed from a recording.
+//!
+//! Enable the `testkit` feature in `[dev-dependencies]` (native targets
+//! only). It builds ferry's connector runtime, `ferry-runtime`, and nothing
+//! of the server. Calls take and return the SDK's own types
+//! ([`PushRequest`], [`ConnectorError`], ...), so a test reads like the
+//! connector it tests.
+//!
+//! ```no_run
+//! use ferry_sdk::testkit::{self, CallError, TestKit};
+//! use ferry_sdk::{ConnectorError, Operation};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! // Builds this crate for wasm32-wasip2 once per test binary, then loads it.
+//! let kit = TestKit::this_crate().await?.secret("api_key", "sk_test_123");
+//! kit.http()
+//!     .on("POST", "https://api.example-crm.com/v1/contacts")
+//!     .respond(429, &[("retry-after", "2")], "{}")
+//!     .respond_json(201, &serde_json::json!({"id": "ct_1"}));
+//! let req = testkit::push_request("customer", Operation::Create, "c1", None, r#"{"name":"Ada"}"#);
+//! let err = kit.push(req.clone()).await.unwrap_err();
+//! assert!(matches!(err, CallError::Connector(ConnectorError::RateLimited(_))));
+//! assert_eq!(kit.push(req).await?.remote_id, "ct_1");
+//! let sent = kit.http().requests();
+//! assert_eq!(sent[0].header("authorization"), Some("Bearer sk_test_123"));
+//! # Ok(()) }
+//! ```
+//!
+//! The pieces:
+//! - [`TestKit`]: load ([`TestKit::this_crate`], [`TestKit::load_file`],
+//!   [`TestKit::load`]), configure ([`TestKit::setting`],
+//!   [`TestKit::secret`]) and call ([`TestKit::push`], [`TestKit::fetch`],
+//!   [`TestKit::list`], [`TestKit::verify_webhook`],
+//!   [`TestKit::parse_webhook`], [`TestKit::receive_webhook`]).
+//! - [`ScriptedHttp`] (`kit.http()`): rules that answer requests, and every
+//!   request as it went on the wire.
+//! - [`Tape`]: record a session against a real endpoint, replay it offline.
+//! - [`sign`]: webhook signatures that the SDK's [`crate::webhook`] checks
+//!   accept.
+//! - [`webhooks`]: duplicated, out-of-order and tampered deliveries.
+
+mod convert;
+mod scripted;
+pub mod sign;
+mod tape;
+pub mod webhooks;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The sandbox's settings, for [`TestKit::load_with`].
+pub use ferry_runtime::RuntimeConfig;
+/// Why the transport gave no response (for [`RuleHandle::fail`]).
+pub use ferry_runtime::WireError;
+use ferry_runtime::{Connector as Loaded, ConnectorConfig, HttpTransport, Runtime};
+use secrecy::SecretString;
+
+pub use self::scripted::{RecordedRequest, RuleHandle, ScriptedHttp};
+pub use self::tape::{Exchange, Tape};
+use crate::{
+    ConnectorError, Manifest, Operation, Page, ParsedWebhook, PushRequest, PushResult,
+    RemoteRecord, WebhookRequest,
+};
+
+/// Why the kit could not build or load a component.
+#[derive(Debug)]
+pub enum TestKitError {
+    /// Reading or writing a file failed.
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// `cargo build --target wasm32-wasip2` failed or produced no component.
+    Build(String),
+    /// The runtime could not be created.
+    Runtime(String),
+    /// The runtime refused the component (the same checks as an upload).
+    Load(String),
+    /// A recording could not be read, written or used.
+    Tape(String),
+}
+
+impl std::fmt::Display for TestKitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            Self::Build(m) => write!(f, "building the component: {m}"),
+            Self::Runtime(m) => write!(f, "creating the runtime: {m}"),
+            Self::Load(m) => write!(f, "loading the component: {m}"),
+            Self::Tape(m) => write!(f, "recording: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for TestKitError {}
+
+/// Why a call produced no result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallError {
+    /// Your connector returned this error.
+    Connector(ConnectorError),
+    /// The call ran past the sandbox's deadline (a loop, a slow remote).
+    DeadlineExceeded,
+    /// The guest hit the memory cap or the stack limit.
+    ResourceExhausted(String),
+    /// The guest trapped: a panic, an abort, an invalid operation.
+    Trap(String),
+    /// The host could not create an instance.
+    Instantiate(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Connector(e) => write!(f, "the connector returned {e:?}"),
+            Self::DeadlineExceeded => f.write_str("the call exceeded its deadline"),
+            Self::ResourceExhausted(m) => write!(f, "the call exhausted a sandbox limit: {m}"),
+            Self::Trap(m) => write!(f, "the connector trapped: {m}"),
+            Self::Instantiate(m) => write!(f, "cannot instantiate the connector: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// Where the component's HTTP goes.
+#[derive(Debug, Clone)]
+pub enum Http {
+    /// Answered by rules the test adds with [`TestKit::http`] (the default).
+    Scripted,
+    /// Sent to the real network (through the host's policy, which allows
+    /// private addresses here so a local service can be recorded), and every
+    /// exchange kept; [`TestKit::save_recording`] writes them to the file,
+    /// secrets and tokens scrubbed.
+    Record(PathBuf),
+    /// Answered from a file [`Http::Record`] wrote, without any network.
+    Replay(PathBuf),
+}
+
+/// A loaded connector with scripted (or recorded, or replayed) HTTP,
+/// settings and secrets.
+///
+/// Settings and secrets may change between calls: each call gets the
+/// configuration as it is then, as in production.
+pub struct TestKit {
+    // Kept alive for the connector's sake: it owns the engine.
+    _runtime: Runtime,
+    connector: Arc<Loaded>,
+    http: Arc<ScriptedHttp>,
+    tape: Option<Arc<tape::TapeTransport>>,
+    settings: BTreeMap<String, String>,
+    secrets: BTreeMap<String, String>,
+}
+
+impl TestKit {
+    /// Builds the crate under test (`CARGO_MANIFEST_DIR`, which `cargo
+    /// test` sets) for `wasm32-wasip2` once per test binary, and loads it.
+    pub async fn this_crate() -> Result<Self, TestKitError> {
+        Self::this_crate_with(Http::Scripted).await
+    }
+
+    /// [`TestKit::this_crate`], with its HTTP recorded or replayed.
+    pub async fn this_crate_with(http: Http) -> Result<Self, TestKitError> {
+        let dir = std::env::var_os("CARGO_MANIFEST_DIR").ok_or_else(|| {
+            TestKitError::Build("CARGO_MANIFEST_DIR is not set: run under `cargo test`".into())
+        })?;
+        let wasm = build_component(PathBuf::from(dir))?;
+        Self::load_file_with(wasm, http).await
+    }
+
+    /// Loads a `.wasm` file with scripted HTTP.
+    pub async fn load_file(path: impl AsRef<Path>) -> Result<Self, TestKitError> {
+        Self::load_file_with(path, Http::Scripted).await
+    }
+
+    /// Loads a `.wasm` file with the given HTTP.
+    pub async fn load_file_with(path: impl AsRef<Path>, http: Http) -> Result<Self, TestKitError> {
+        let path = path.as_ref();
+        let wasm = std::fs::read(path).map_err(|source| TestKitError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = default_config();
+        // Compiled code is cached beside the build, so the next test binary
+        // or run does not compile the component again.
+        config.cache_dir = cache_dir_for(path);
+        Self::load_with(wasm, config, http).await
+    }
+
+    /// Loads component bytes with scripted HTTP and the default sandbox.
+    pub async fn load(wasm: impl AsRef<[u8]>) -> Result<Self, TestKitError> {
+        Self::load_with(wasm, default_config(), Http::Scripted).await
+    }
+
+    /// Loads component bytes with a given sandbox configuration (for example
+    /// `allow_private_hosts` to script a `http://127.0.0.1` base URL) and
+    /// HTTP.
+    pub async fn load_with(
+        wasm: impl AsRef<[u8]>,
+        mut config: RuntimeConfig,
+        http: Http,
+    ) -> Result<Self, TestKitError> {
+        let scripted = Arc::new(ScriptedHttp::default());
+        let tape = match &http {
+            Http::Scripted => None,
+            Http::Record(path) => {
+                // A recording runs against a real service, often a local one.
+                config.allow_private_hosts = true;
+                Some(Arc::new(tape::TapeTransport::record(
+                    path.clone(),
+                    config.http_connect_timeout,
+                )?))
+            }
+            Http::Replay(path) => {
+                config.allow_private_hosts = true;
+                Some(Arc::new(tape::TapeTransport::replay(path)?))
+            }
+        };
+        let transport: Arc<dyn HttpTransport> = match &tape {
+            Some(tape) => tape.clone(),
+            None => scripted.clone(),
+        };
+        let runtime = Runtime::with_transport(config, transport)
+            .map_err(|e| TestKitError::Runtime(e.to_string()))?;
+        let connector = runtime
+            .load(wasm.as_ref())
+            .await
+            .map_err(|e| TestKitError::Load(e.to_string()))?;
+        Ok(Self {
+            _runtime: runtime,
+            connector,
+            http: scripted,
+            tape,
+            settings: BTreeMap::new(),
+            secrets: BTreeMap::new(),
+        })
+    }
+
+    /// Sets a (non-secret) setting.
+    #[must_use]
+    pub fn setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.settings.insert(name.into(), value.into());
+        self
+    }
+
+    /// Sets a secret's value. The component never sees it; recorded requests
+    /// show it where the connector placed a `{{secret:NAME}}` placeholder.
+    #[must_use]
+    pub fn secret(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.secrets.insert(name.into(), value.into());
+        self
+    }
+
+    /// The scripted HTTP the component talks to (with [`Http::Scripted`]).
+    pub fn http(&self) -> &ScriptedHttp {
+        &self.http
+    }
+
+    /// The connector's manifest.
+    pub fn manifest(&self) -> Manifest {
+        convert::manifest(self.connector.manifest())
+    }
+
+    /// The `ferry:connector` world version the component targets.
+    pub fn world(&self) -> &'static str {
+        self.connector.world().as_str()
+    }
+
+    /// With [`Http::Record`]: writes what was recorded so far to the file,
+    /// every secret value replaced by its `{{secret:NAME}}` placeholder and
+    /// every OAuth token by `{{token}}`. Returns the file.
+    pub fn save_recording(&self) -> Result<PathBuf, TestKitError> {
+        match &self.tape {
+            Some(tape) => tape.save(&self.secrets),
+            None => Err(TestKitError::Tape(
+                "this kit was not loaded with Http::Record".into(),
+            )),
+        }
+    }
+
+    fn config(&self) -> ConnectorConfig {
+        ConnectorConfig {
+            settings: self.settings.clone(),
+            secrets: self
+                .secrets
+                .iter()
+                .map(|(k, v)| (k.clone(), SecretString::from(v.clone())))
+                .collect(),
+        }
+    }
+
+    /// Calls `verify-webhook`.
+    pub async fn verify_webhook(&self, req: WebhookRequest) -> Result<(), CallError> {
+        self.connector
+            .verify_webhook(&self.config(), convert::webhook_request(req))
+            .await
+            .map_err(convert::call_error)
+    }
+
+    /// Calls `parse-webhook` (without verifying first).
+    pub async fn parse_webhook(&self, req: WebhookRequest) -> Result<ParsedWebhook, CallError> {
+        self.connector
+            .parse_webhook(&self.config(), convert::webhook_request(req))
+            .await
+            .map(convert::parsed_webhook)
+            .map_err(convert::call_error)
+    }
+
+    /// Handles a delivery the way ferry's webhook endpoint does:
+    /// `verify-webhook`, then `parse-webhook` only if it passed, on one
+    /// instance.
+    pub async fn receive_webhook(&self, req: WebhookRequest) -> Result<ParsedWebhook, CallError> {
+        self.connector
+            .receive_webhook(&self.config(), convert::webhook_request(req))
+            .await
+            .map(convert::parsed_webhook)
+            .map_err(convert::call_error)
+    }
+
+    /// Calls `push`.
+    pub async fn push(&self, req: PushRequest) -> Result<PushResult, CallError> {
+        self.connector
+            .push(&self.config(), convert::push_request(req))
+            .await
+            .map(convert::push_result)
+            .map_err(convert::call_error)
+    }
+
+    /// Calls `fetch`.
+    pub async fn fetch(&self, entity: &str, remote_id: &str) -> Result<RemoteRecord, CallError> {
+        self.connector
+            .fetch(&self.config(), entity, remote_id)
+            .await
+            .map(convert::remote_record)
+            .map_err(convert::call_error)
+    }
+
+    /// Calls `list`.
+    pub async fn list(
+        &self,
+        entity: &str,
+        cursor: Option<String>,
+        limit: u32,
+    ) -> Result<Page, CallError> {
+        self.connector
+            .list(&self.config(), entity, cursor, limit)
+            .await
+            .map(convert::page)
+            .map_err(convert::call_error)
+    }
+}
+
+/// A small sandbox: each kit has its own instance pool, and each slot
+/// reserves address space, so tests running side by side must not reserve
+/// thousands.
+fn default_config() -> RuntimeConfig {
+    RuntimeConfig {
+        max_instances: 8,
+        ..RuntimeConfig::default()
+    }
+}
+
+/// `<target>/ferry-testkit-cache` for a component under
+/// `<target>/wasm32-wasip2/<profile>/`, else none.
+fn cache_dir_for(wasm: &Path) -> Option<PathBuf> {
+    let target = wasm.parent()?.parent()?.parent()?;
+    (wasm.parent()?.parent()?.file_name()? == "wasm32-wasip2")
+        .then(|| target.join("ferry-testkit-cache"))
+}
+
+/// A push request with version 1 and idempotency key `"{local_id}-v1"`;
+/// change the public fields for anything else.
+pub fn push_request(
+    entity: &str,
+    operation: Operation,
+    local_id: &str,
+    remote_id: Option<&str>,
+    record: impl Into<String>,
+) -> PushRequest {
+    PushRequest {
+        entity: entity.to_owned(),
+        operation,
+        local_id: local_id.to_owned(),
+        remote_id: remote_id.map(str::to_owned),
+        version: 1,
+        idempotency_key: format!("{local_id}-v1"),
+        record: record.into(),
+    }
+}
+
+/// A webhook delivery as the host passes it: header names lower-cased, the
+/// body byte for byte.
+pub fn webhook_request(headers: &[(&str, &str)], body: impl Into<Vec<u8>>) -> WebhookRequest {
+    WebhookRequest {
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
+            .collect(),
+        body: body.into(),
+    }
+}
+
+/// Builds the connector crate at `manifest_dir` with `cargo build --release
+/// --target wasm32-wasip2` and returns the component's path. Within one
+/// process (a test binary) each crate is built once: concurrent tests wait
+/// for that one build instead of running cargo side by side.
+pub fn build_component(manifest_dir: impl AsRef<Path>) -> Result<PathBuf, TestKitError> {
+    /// One build per crate: the first caller runs it, the others wait.
+    type Build = Arc<OnceLock<Result<PathBuf, String>>>;
+    static BUILDS: OnceLock<Mutex<HashMap<PathBuf, Build>>> = OnceLock::new();
+    let dir = manifest_dir.as_ref().to_owned();
+    let slot = {
+        let mut builds = BUILDS
+            .get_or_init(Mutex::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        builds.entry(dir.clone()).or_default().clone()
+    };
+    slot.get_or_init(|| run_cargo_build(&dir))
+        .clone()
+        .map_err(TestKitError::Build)
+}
+
+fn run_cargo_build(manifest_dir: &Path) -> Result<PathBuf, String> {
+    let manifest = manifest_dir.join("Cargo.toml");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(cargo)
+        .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2"])
+        .arg("--message-format=json-render-diagnostics")
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("running cargo: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "cargo build of {} failed (see its output above)",
+            manifest.display()
+        ));
+    }
+    let manifest = manifest.canonicalize().unwrap_or(manifest);
+    // The package's own cdylib artifact (the last one reported), not one of
+    // its dependencies'.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .rev()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|msg| msg["reason"] == "compiler-artifact")
+        .filter(|msg| {
+            msg["manifest_path"]
+                .as_str()
+                .is_some_and(|p| Path::new(p) == manifest)
+        })
+        .find_map(|msg| {
+            msg["filenames"].as_array().and_then(|files| {
+                files
+                    .iter()
+                    .filter_map(|f| f.as_str())
+                    .find(|f| f.ends_with(".wasm"))
+                    .map(PathBuf::from)
+            })
+        })
+        .ok_or_else(|| {
+            format!(
+                "{} produced no .wasm (is its crate-type cdylib?)",
+                manifest.display()
+            )
+        })
+}

@@ -1,0 +1,304 @@
+//! Scripted HTTP: the component's requests answered by rules a test sets
+//! up, and recorded as they went on the wire (after the host's policy
+//! allowed them and substituted secrets).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Mutex, MutexGuard};
+
+use ferry_runtime::{HttpTransport, WireError, WireRequest, WireResponse};
+
+/// One request the component sent, as it went on the wire: after the host
+/// policy allowed it and substituted secrets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedRequest {
+    /// Upper-case method, e.g. `POST`.
+    pub method: String,
+    /// The absolute URL.
+    pub url: String,
+    /// Headers in the connector's order.
+    pub headers: Vec<(String, String)>,
+    /// The body, if any.
+    pub body: Option<Vec<u8>>,
+}
+
+impl RecordedRequest {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as UTF-8 text (empty if none).
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(self.body.as_deref().unwrap_or_default()).into_owned()
+    }
+
+    /// The body decoded as `application/x-www-form-urlencoded` pairs.
+    pub fn form(&self) -> Vec<(String, String)> {
+        serde_urlencoded::from_bytes(self.body.as_deref().unwrap_or_default()).unwrap_or_default()
+    }
+
+    /// The first value of form field `name`.
+    pub fn form_value(&self, name: &str) -> Option<String> {
+        self.form()
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    }
+
+    /// The query string decoded as pairs.
+    pub fn query(&self) -> Vec<(String, String)> {
+        url::Url::parse(&self.url)
+            .map(|u| u.query_pairs().into_owned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// An [`HttpTransport`] answering from a script and recording every request.
+///
+/// A request is answered by the matching rule (method equal, URL starting
+/// with the rule's prefix) with the longest prefix; among equals, the first
+/// added. Each rule answers its responses in order and repeats the last one.
+/// A request no rule matches fails with a connect error (which the SDK maps
+/// to retryable) and is listed by [`ScriptedHttp::unmatched`].
+#[derive(Default)]
+pub struct ScriptedHttp {
+    state: Mutex<ScriptState>,
+}
+
+#[derive(Default)]
+struct ScriptState {
+    rules: Vec<Rule>,
+    requests: Vec<RecordedRequest>,
+    unmatched: Vec<RecordedRequest>,
+}
+
+struct Rule {
+    method: String,
+    url_prefix: String,
+    answers: VecDeque<Answer>,
+}
+
+#[derive(Clone)]
+enum Answer {
+    Response(WireResponse),
+    Error(WireError),
+}
+
+impl ScriptedHttp {
+    /// Starts a rule for requests with `method` (case-insensitive) to URLs
+    /// starting with `url_prefix`; add answers with the returned handle.
+    pub fn on(&self, method: &str, url_prefix: &str) -> RuleHandle<'_> {
+        let mut state = self.lock();
+        state.rules.push(Rule {
+            method: method.to_ascii_uppercase(),
+            url_prefix: url_prefix.to_owned(),
+            answers: VecDeque::new(),
+        });
+        RuleHandle {
+            http: self,
+            index: state.rules.len() - 1,
+        }
+    }
+
+    /// Every request sent so far, in order (matched or not).
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.lock().requests.clone()
+    }
+
+    /// The last request sent, if any.
+    pub fn last_request(&self) -> Option<RecordedRequest> {
+        self.lock().requests.last().cloned()
+    }
+
+    /// Requests no rule answered.
+    pub fn unmatched(&self) -> Vec<RecordedRequest> {
+        self.lock().unmatched.clone()
+    }
+
+    /// Forgets recorded requests (rules stay).
+    pub fn clear_requests(&self) {
+        let mut state = self.lock();
+        state.requests.clear();
+        state.unmatched.clear();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ScriptState> {
+        // A panic while holding the lock happens only in a failing test; the
+        // script is still usable for its report.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn answer(&self, req: WireRequest) -> Result<WireResponse, WireError> {
+        let recorded = RecordedRequest {
+            method: req.method.as_str().to_ascii_uppercase(),
+            url: req.url.to_string(),
+            headers: req.headers,
+            body: req.body,
+        };
+        let mut state = self.lock();
+        state.requests.push(recorded.clone());
+        let rule = state
+            .rules
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, r)| {
+                r.method == recorded.method
+                    && recorded.url.starts_with(&r.url_prefix)
+                    && !r.answers.is_empty()
+            })
+            // Longest prefix wins; `max_by_key` keeps the last maximum, so
+            // rank by (length, reversed index) to prefer the first added.
+            .max_by_key(|(i, r)| (r.url_prefix.len(), usize::MAX - i))
+            .map(|(_, r)| r);
+        let answer = match rule {
+            Some(rule) if rule.answers.len() > 1 => rule.answers.pop_front(),
+            Some(rule) => rule.answers.front().cloned(),
+            None => None,
+        };
+        match answer {
+            Some(Answer::Response(resp)) => {
+                if resp.body.len() > req.max_response_bytes {
+                    return Err(WireError::TooLarge(format!(
+                        "scripted body of {} bytes exceeds the limit of {}",
+                        resp.body.len(),
+                        req.max_response_bytes
+                    )));
+                }
+                Ok(resp)
+            }
+            Some(Answer::Error(err)) => Err(err),
+            None => {
+                let message = format!(
+                    "no scripted response for {} {}",
+                    recorded.method, recorded.url
+                );
+                state.unmatched.push(recorded);
+                Err(WireError::Connect(message))
+            }
+        }
+    }
+}
+
+impl HttpTransport for ScriptedHttp {
+    fn send(
+        &self,
+        req: WireRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<WireResponse, WireError>> + Send + 'static>> {
+        let result = self.answer(req);
+        Box::pin(async move { result })
+    }
+}
+
+/// Adds answers to one rule of a [`ScriptedHttp`]; calls chain, and answers
+/// are given in order, the last one repeating.
+pub struct RuleHandle<'a> {
+    http: &'a ScriptedHttp,
+    index: usize,
+}
+
+impl RuleHandle<'_> {
+    /// Answers with `status`, `headers` (names are lower-cased, as the host
+    /// does) and `body`.
+    pub fn respond(self, status: u16, headers: &[(&str, &str)], body: impl Into<Vec<u8>>) -> Self {
+        let resp = WireResponse {
+            status,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
+                .collect(),
+            body: body.into(),
+        };
+        self.push(Answer::Response(resp))
+    }
+
+    /// Answers with `status` and `body` serialized as JSON.
+    pub fn respond_json(self, status: u16, body: &serde_json::Value) -> Self {
+        let bytes = serde_json::to_vec(body).unwrap_or_default();
+        self.respond(status, &[("content-type", "application/json")], bytes)
+    }
+
+    /// Fails at the transport: a connect error, a timeout, a body too large.
+    pub fn fail(self, error: WireError) -> Self {
+        self.push(Answer::Error(error))
+    }
+
+    fn push(self, answer: Answer) -> Self {
+        if let Some(rule) = self.http.lock().rules.get_mut(self.index) {
+            rule.answers.push_back(answer);
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(method: ::http::Method, url: &str) -> WireRequest {
+        WireRequest {
+            method,
+            url: url::Url::parse(url).unwrap(),
+            headers: vec![("authorization".into(), "Bearer k".into())],
+            body: Some(b"a=1&b=x+y".to_vec()),
+            timeout: std::time::Duration::from_secs(1),
+            max_response_bytes: 1024,
+        }
+    }
+
+    #[test]
+    fn longest_prefix_wins_and_sequences_repeat_their_last_answer() {
+        let http = ScriptedHttp::default();
+        http.on("post", "https://x.example/v1/")
+            .respond(500, &[], "general");
+        http.on("POST", "https://x.example/v1/customers")
+            .respond(429, &[("Retry-After", "1")], "")
+            .respond(200, &[], "ok");
+        let status = |url: &str| {
+            http.answer(wire(::http::Method::POST, url))
+                .map(|r| r.status)
+                .unwrap()
+        };
+        assert_eq!(status("https://x.example/v1/customers"), 429);
+        assert_eq!(status("https://x.example/v1/customers"), 200);
+        assert_eq!(status("https://x.example/v1/customers"), 200);
+        assert_eq!(status("https://x.example/v1/other"), 500);
+
+        let first = http.requests().remove(0);
+        assert_eq!(first.method, "POST");
+        assert_eq!(first.header("Authorization"), Some("Bearer k"));
+        assert_eq!(first.form_value("b").as_deref(), Some("x y"));
+    }
+
+    #[test]
+    fn unmatched_requests_fail_and_are_listed() {
+        let http = ScriptedHttp::default();
+        http.on("GET", "https://x.example/")
+            .fail(WireError::Timeout("slow".into()));
+        assert_eq!(
+            http.answer(wire(::http::Method::GET, "https://x.example/a")),
+            Err(WireError::Timeout("slow".into()))
+        );
+        assert!(matches!(
+            http.answer(wire(::http::Method::DELETE, "https://x.example/a")),
+            Err(WireError::Connect(_))
+        ));
+        assert_eq!(http.unmatched().len(), 1);
+        assert_eq!(http.requests().len(), 2);
+    }
+
+    #[test]
+    fn oversized_scripted_bodies_are_refused_like_the_real_wire() {
+        let http = ScriptedHttp::default();
+        http.on("GET", "https://x.example/")
+            .respond(200, &[], vec![0u8; 2048]);
+        assert!(matches!(
+            http.answer(wire(::http::Method::GET, "https://x.example/")),
+            Err(WireError::TooLarge(_))
+        ));
+    }
+}

@@ -1,0 +1,361 @@
+//! Record and replay: run the connector against a real endpoint once
+//! ([`Http::Record`](super::Http::Record)), save the exchanges, and replay
+//! them offline in `cargo test` ([`Http::Replay`](super::Http::Replay)).
+//!
+//! A saved [`Tape`] holds no secret: every secret value the kit was given is
+//! replaced by its `{{secret:NAME}}` placeholder, and every OAuth token the
+//! recorded session obtained (`access_token`, `refresh_token` and
+//! `id_token` in a JSON answer) by `{{token}}`, wherever it appears: URLs,
+//! headers and bodies, both ways. Replay matches a request to the first
+//! unused exchange with the same method and URL (after the same scrubbing),
+//! so a replayed run may use different secret values than the recording.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use ferry_runtime::{HttpTransport, ReqwestTransport, WireError, WireRequest, WireResponse};
+use serde::{Deserialize, Serialize};
+
+use super::TestKitError;
+
+/// The file format of a recording (JSON).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Tape {
+    /// Format version, 1.
+    pub version: u32,
+    /// The exchanges, in the order they happened.
+    pub exchanges: Vec<Exchange>,
+}
+
+/// One request and its answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Exchange {
+    /// `GET`, `POST`, ...
+    pub method: String,
+    /// The absolute URL.
+    pub url: String,
+    /// Request headers.
+    pub request_headers: Vec<(String, String)>,
+    /// Request body (text, or `base64:` followed by base64).
+    pub request_body: Option<String>,
+    /// Response status, or none if the transport failed.
+    pub status: Option<u16>,
+    /// Response headers.
+    pub response_headers: Vec<(String, String)>,
+    /// Response body (text, or `base64:` followed by base64).
+    pub response_body: String,
+    /// The transport's error instead of a response (`connect: …`).
+    pub error: Option<String>,
+}
+
+impl Tape {
+    /// Reads a tape file.
+    pub fn load(path: &Path) -> Result<Self, TestKitError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TestKitError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        serde_json::from_str(&text)
+            .map_err(|e| TestKitError::Tape(format!("{}: {e}", path.display())))
+    }
+}
+
+fn body_text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) if !text.starts_with("base64:") => text.to_owned(),
+        _ => format!(
+            "base64:{}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        ),
+    }
+}
+
+fn body_bytes(text: &str) -> Vec<u8> {
+    match text.strip_prefix("base64:") {
+        Some(encoded) => base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap_or_default(),
+        None => text.as_bytes().to_vec(),
+    }
+}
+
+/// Replaces every value in `values` (longest first) by its placeholder.
+fn scrub(text: &str, values: &[(String, String)]) -> String {
+    let mut out = text.to_owned();
+    for (value, placeholder) in values {
+        if !value.is_empty() {
+            out = out.replace(value.as_str(), placeholder);
+        }
+    }
+    out
+}
+
+/// Token fields of an OAuth token answer; their values are scrubbed
+/// everywhere.
+const TOKEN_FIELDS: [&str; 3] = ["access_token", "refresh_token", "id_token"];
+
+fn tokens_in(body: &[u8]) -> Vec<String> {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(body) else {
+        return Vec::new();
+    };
+    TOKEN_FIELDS
+        .iter()
+        .filter_map(|f| map.get(*f).and_then(|v| v.as_str()).map(str::to_owned))
+        .collect()
+}
+
+enum Mode {
+    Record {
+        path: PathBuf,
+        real: ReqwestTransport,
+        recorded: Arc<Mutex<Vec<Exchange>>>,
+    },
+    Replay {
+        exchanges: Vec<Exchange>,
+        used: Mutex<Vec<bool>>,
+    },
+}
+
+/// The transport of a recording or replaying kit.
+pub(super) struct TapeTransport {
+    mode: Mode,
+}
+
+impl TapeTransport {
+    pub(super) fn record(path: PathBuf, connect_timeout: Duration) -> Result<Self, TestKitError> {
+        let real = ReqwestTransport::new(connect_timeout, true)
+            .map_err(|e| TestKitError::Runtime(e.to_string()))?;
+        Ok(Self {
+            mode: Mode::Record {
+                path,
+                real,
+                recorded: Arc::default(),
+            },
+        })
+    }
+
+    pub(super) fn replay(path: &Path) -> Result<Self, TestKitError> {
+        let tape = Tape::load(path)?;
+        let used = Mutex::new(vec![false; tape.exchanges.len()]);
+        Ok(Self {
+            mode: Mode::Replay {
+                exchanges: tape.exchanges,
+                used,
+            },
+        })
+    }
+
+    /// Writes the recording, scrubbed of `secrets` and of every token.
+    pub(super) fn save(&self, secrets: &BTreeMap<String, String>) -> Result<PathBuf, TestKitError> {
+        let Mode::Record { path, recorded, .. } = &self.mode else {
+            return Err(TestKitError::Tape(
+                "this kit replays; it records nothing".into(),
+            ));
+        };
+        let recorded = recorded.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut values: Vec<(String, String)> = secrets
+            .iter()
+            .map(|(name, value)| (value.clone(), format!("{{{{secret:{name}}}}}")))
+            .collect();
+        for exchange in &recorded {
+            for token in tokens_in(&body_bytes(&exchange.response_body)) {
+                values.push((token, "{{token}}".to_owned()));
+            }
+        }
+        // A longer value may contain a shorter one: replace it first.
+        values.sort_by_key(|(value, _)| std::cmp::Reverse(value.len()));
+        let scrub_pairs = |pairs: &[(String, String)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.clone(), scrub(v, &values)))
+                .collect()
+        };
+        let exchanges = recorded
+            .iter()
+            .map(|e| Exchange {
+                method: e.method.clone(),
+                url: scrub(&e.url, &values),
+                request_headers: scrub_pairs(&e.request_headers),
+                request_body: e.request_body.as_deref().map(|b| scrub(b, &values)),
+                status: e.status,
+                response_headers: scrub_pairs(&e.response_headers),
+                response_body: scrub(&e.response_body, &values),
+                error: e.error.as_deref().map(|m| scrub(m, &values)),
+            })
+            .collect();
+        let tape = Tape {
+            version: 1,
+            exchanges,
+        };
+        let text =
+            serde_json::to_string_pretty(&tape).map_err(|e| TestKitError::Tape(e.to_string()))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| TestKitError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        std::fs::write(path, text + "\n").map_err(|source| TestKitError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path.clone())
+    }
+}
+
+type Answer = Pin<Box<dyn Future<Output = Result<WireResponse, WireError>> + Send + 'static>>;
+
+impl HttpTransport for TapeTransport {
+    fn send(&self, req: WireRequest) -> Answer {
+        match &self.mode {
+            Mode::Record { real, recorded, .. } => {
+                let method = req.method.as_str().to_owned();
+                let url = req.url.to_string();
+                let request_headers = req.headers.clone();
+                let request_body = req.body.as_deref().map(body_text);
+                let answer = real.send(req);
+                let recorded = Arc::clone(recorded);
+                Box::pin(async move {
+                    let result = answer.await;
+                    let exchange = match &result {
+                        Ok(resp) => Exchange {
+                            method,
+                            url,
+                            request_headers,
+                            request_body,
+                            status: Some(resp.status),
+                            response_headers: resp.headers.clone(),
+                            response_body: body_text(&resp.body),
+                            error: None,
+                        },
+                        Err(error) => Exchange {
+                            method,
+                            url,
+                            request_headers,
+                            request_body,
+                            status: None,
+                            response_headers: Vec::new(),
+                            response_body: String::new(),
+                            error: Some(error.to_string()),
+                        },
+                    };
+                    recorded
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(exchange);
+                    result
+                })
+            }
+            Mode::Replay { exchanges, used } => {
+                let result = replay(exchanges, used, &req);
+                Box::pin(async move { result })
+            }
+        }
+    }
+}
+
+fn replay(
+    exchanges: &[Exchange],
+    used: &Mutex<Vec<bool>>,
+    req: &WireRequest,
+) -> Result<WireResponse, WireError> {
+    let method = req.method.as_str();
+    let url = req.url.as_str();
+    let mut used = used.lock().unwrap_or_else(|e| e.into_inner());
+    let found = exchanges.iter().enumerate().position(|(i, e)| {
+        !used[i] && e.method.eq_ignore_ascii_case(method) && urls_match(&e.url, url)
+    });
+    let Some(index) = found else {
+        return Err(WireError::Connect(format!(
+            "the recording has no unused exchange for {method} {url}: record it again"
+        )));
+    };
+    used[index] = true;
+    let exchange = &exchanges[index];
+    match (exchange.status, &exchange.error) {
+        (Some(status), _) => Ok(WireResponse {
+            status,
+            headers: exchange.response_headers.clone(),
+            body: body_bytes(&exchange.response_body),
+        }),
+        (None, Some(error)) => Err(WireError::Connect(error.clone())),
+        (None, None) => Err(WireError::Connect("recorded without an answer".into())),
+    }
+}
+
+/// A recorded URL (scrubbed: `{{secret:NAME}}` stands for any value)
+/// against a live one.
+fn urls_match(recorded: &str, live: &str) -> bool {
+    let pieces = literal_pieces(recorded);
+    let [first, middle @ .., last] = pieces.as_slice() else {
+        return recorded == live;
+    };
+    if live.len() < first.len() + last.len() || !live.starts_with(first) || !live.ends_with(last) {
+        return false;
+    }
+    let mut rest = &live[first.len()..live.len() - last.len()];
+    for piece in middle {
+        match rest.find(piece) {
+            Some(at) => rest = &rest[at + piece.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// The text between `{{…}}` placeholders.
+fn literal_pieces(text: &str) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("{{") {
+        let Some(end) = rest[start..].find("}}") else {
+            break;
+        };
+        pieces.push(&rest[..start]);
+        rest = &rest[start + end + 2..];
+    }
+    pieces.push(rest);
+    pieces
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrubbed_urls_match_any_value_in_place_of_a_secret() {
+        assert!(urls_match(
+            "https://a.example/v1/x",
+            "https://a.example/v1/x"
+        ));
+        assert!(!urls_match(
+            "https://a.example/v1/x",
+            "https://a.example/v1/y"
+        ));
+        let recorded = "https://a.example/v1/x?key={{secret:api_key}}&n=1";
+        assert!(urls_match(recorded, "https://a.example/v1/x?key=abc&n=1"));
+        assert!(!urls_match(recorded, "https://a.example/v1/x?key=abc&n=2"));
+    }
+
+    #[test]
+    fn secrets_and_tokens_are_scrubbed_longest_first() {
+        let values = vec![
+            ("sk_live_long".to_owned(), "{{secret:b}}".to_owned()),
+            ("sk_live".to_owned(), "{{secret:a}}".to_owned()),
+        ];
+        assert_eq!(
+            scrub("Bearer sk_live_long / sk_live", &values),
+            "Bearer {{secret:b}} / {{secret:a}}"
+        );
+        assert_eq!(
+            tokens_in(br#"{"access_token":"t0k","token_type":"bearer"}"#),
+            ["t0k"]
+        );
+        assert_eq!(body_bytes(&body_text(&[0xff, 0x00])), vec![0xff, 0x00]);
+    }
+}

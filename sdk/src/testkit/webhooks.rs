@@ -1,0 +1,137 @@
+//! What happens to webhook deliveries on the way: senders retry (the same
+//! delivery twice), deliveries cross (an older state arrives after a newer
+//! one), and anyone can post to a public endpoint (a body or signature
+//! changed on the way). ferry's host handles the first two with what the
+//! connector's events say, and the third with the connector's signature
+//! check; [`check_delivery`] checks that your connector gives the host what
+//! it needs, for one of your signed deliveries.
+//!
+//! ```no_run
+//! # async fn demo(kit: ferry_sdk::testkit::TestKit, signed: ferry_sdk::WebhookRequest) {
+//! use ferry_sdk::testkit::webhooks;
+//! let report = webhooks::check_delivery(&kit, signed).await.unwrap();
+//! assert_eq!(report.events, 1);
+//! # }
+//! ```
+
+use super::{CallError, TestKit};
+use crate::{ConnectorError, ParsedWebhook, WebhookRequest};
+
+/// What [`check_delivery`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryReport {
+    /// Events the delivery carries.
+    pub events: usize,
+    /// Their ids, which the host keys its inbox on.
+    pub event_ids: Vec<String>,
+}
+
+/// Runs `signed` (a correctly signed delivery) and its mishaps through the
+/// connector the way ferry's webhook endpoint does, and checks:
+///
+/// - it verifies and parses;
+/// - **duplicated**: the same delivery again gives the same event ids, so
+///   the host stores it once (an id built from the time of receipt, or a
+///   random one, would apply a redelivery twice);
+/// - **out of order**: every event says when the change happened
+///   (`occurred_at_ms > 0`), so the host can drop an older state that
+///   arrives after a newer one;
+/// - **tampered**: a body with one byte changed, a signature header with
+///   one character changed, and no signature header at all are each
+///   refused with `invalid-signature`, so the host stores nothing.
+///
+/// Returns what it saw, or what failed, in words.
+pub async fn check_delivery(
+    kit: &TestKit,
+    signed: WebhookRequest,
+) -> Result<DeliveryReport, String> {
+    let first = receive(kit, signed.clone(), "the signed delivery").await?;
+    if first.events.is_empty() {
+        return Err("the signed delivery parsed to no events: use a delivery of an event type the connector handles".into());
+    }
+    let again = receive(kit, signed.clone(), "the same delivery again").await?;
+    let ids = |parsed: &ParsedWebhook| {
+        parsed
+            .events
+            .iter()
+            .map(|e| e.id.clone())
+            .collect::<Vec<_>>()
+    };
+    if ids(&first) != ids(&again) {
+        return Err(format!(
+            "a redelivery gave other event ids ({:?}, then {:?}): the host would apply it twice; build event ids from the remote's own event id",
+            ids(&first),
+            ids(&again)
+        ));
+    }
+    if let Some(event) = first.events.iter().find(|e| e.occurred_at_ms <= 0) {
+        return Err(format!(
+            "event {} has no occurred_at_ms: the host cannot tell an older state arriving late from a newer one",
+            event.id
+        ));
+    }
+
+    let mut tampered_body = signed.clone();
+    let middle = tampered_body.body.len() / 2;
+    match tampered_body.body.get_mut(middle) {
+        Some(byte) => *byte ^= 0x01,
+        None => tampered_body.body.push(b' '),
+    }
+    refused(kit, tampered_body, "a body changed on the way").await?;
+
+    let signature_headers: Vec<usize> = signed
+        .headers
+        .iter()
+        .enumerate()
+        .filter(|(_, (name, _))| {
+            let name = name.to_ascii_lowercase();
+            name.contains("signature") || name.contains("hmac")
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if let Some(&index) = signature_headers.first() {
+        let mut forged = signed.clone();
+        let value = &mut forged.headers[index].1;
+        *value = flip_last_hex(value);
+        refused(kit, forged, "a signature header changed on the way").await?;
+    }
+    let mut unsigned = signed;
+    unsigned.headers.retain(|(name, _)| {
+        let name = name.to_ascii_lowercase();
+        !(name.contains("signature") || name.contains("hmac"))
+    });
+    refused(kit, unsigned, "a delivery without its signature header").await?;
+
+    Ok(DeliveryReport {
+        events: first.events.len(),
+        event_ids: ids(&first),
+    })
+}
+
+async fn receive(kit: &TestKit, req: WebhookRequest, what: &str) -> Result<ParsedWebhook, String> {
+    kit.receive_webhook(req)
+        .await
+        .map_err(|e| format!("{what} was not accepted: {e}"))
+}
+
+async fn refused(kit: &TestKit, req: WebhookRequest, what: &str) -> Result<(), String> {
+    match kit.receive_webhook(req).await {
+        Err(CallError::Connector(ConnectorError::InvalidSignature(_))) => Ok(()),
+        Err(other) => Err(format!(
+            "{what} failed with {other} instead of invalid-signature: the sender would be told to retry"
+        )),
+        Ok(_) => Err(format!("{what} was accepted: anyone could post changes")),
+    }
+}
+
+/// Changes the last hexadecimal digit of a signature so it stays well
+/// formed but no longer matches.
+fn flip_last_hex(value: &str) -> String {
+    let mut chars: Vec<char> = value.chars().collect();
+    if let Some(c) = chars.iter_mut().rev().find(|c| c.is_ascii_hexdigit()) {
+        *c = if *c == '0' { '1' } else { '0' };
+    } else {
+        chars.push('0');
+    }
+    chars.into_iter().collect()
+}

@@ -1,0 +1,322 @@
+//! The connector, built for wasm32-wasip2 and run in ferry's real sandbox
+//! by the SDK's test kit: HTTP answered by a script, or replayed from a
+//! recorded session, no network. Run with `cargo test`.
+
+use ferry_sdk::testkit::{self, sign, CallError, Http, TestKit};
+use ferry_sdk::{ChangeKind, ConnectorError, Operation, PushRequest, RateLimit};
+use serde_json::json;
+
+const API: &str = "https://api.example-crm.com/v1/contacts";
+const WEBHOOK_SECRET: &str = "whsec_test";
+
+async fn kit() -> TestKit {
+    // Builds this crate once per test binary; the compiled code is cached
+    // under target/, so later runs start in milliseconds.
+    TestKit::this_crate()
+        .await
+        .expect("build and load the connector")
+        .secret("api_key", "sk_test_kit")
+        .secret("webhook_secret", WEBHOOK_SECRET)
+}
+
+fn contact(id: &str, name: &str) -> serde_json::Value {
+    json!({"id": id, "name": name, "email": "ada@example.com", "phone": null,
+        "external_id": "c1", "updated_at": 1_700_000_000})
+}
+
+fn create_request() -> PushRequest {
+    let record = json!({"id": "c1", "name": "Ada Lovelace", "email": "ada@example.com"});
+    testkit::push_request(
+        "customer",
+        Operation::Create,
+        "c1",
+        None,
+        record.to_string(),
+    )
+}
+
+fn connector_error<T: std::fmt::Debug>(result: Result<T, CallError>) -> ConnectorError {
+    match result {
+        Err(CallError::Connector(error)) => error,
+        other => panic!("expected an error from the connector, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_manifest_declares_what_the_connector_needs() {
+    let kit = kit().await;
+    let manifest = kit.manifest();
+    assert_eq!(manifest.entities, ["customer"]);
+    assert_eq!(manifest.hosts, ["api.example-crm.com"]);
+    assert!(manifest.webhooks);
+    let secrets: Vec<&str> = manifest.secrets.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(secrets, ["api_key", "webhook_secret"]);
+}
+
+#[tokio::test]
+async fn a_create_sends_the_key_and_the_idempotency_key() {
+    let kit = kit().await;
+    kit.http()
+        .on("POST", API)
+        .respond_json(201, &contact("ct_1", "Ada Lovelace"));
+    let result = kit.push(create_request()).await.expect("created");
+    assert_eq!(result.remote_id, "ct_1");
+    let sent = kit.http().last_request().expect("one request");
+    // The component named the secret; the host put its value in.
+    assert_eq!(sent.header("authorization"), Some("Bearer sk_test_kit"));
+    assert_eq!(sent.header("idempotency-key"), Some("c1-v1"));
+    let body: serde_json::Value = serde_json::from_str(&sent.body_text()).expect("JSON");
+    assert_eq!(body["name"], "Ada Lovelace");
+    assert_eq!(body["external_id"], "c1");
+}
+
+#[tokio::test]
+async fn updates_and_deletes_go_to_the_linked_contact() {
+    let kit = kit().await;
+    kit.http()
+        .on("PATCH", &format!("{API}/ct_1"))
+        .respond_json(200, &contact("ct_1", "Ada King"));
+    kit.http()
+        .on("DELETE", &format!("{API}/ct_1"))
+        .respond(204, &[], "");
+    let mut update = create_request();
+    update.operation = Operation::Update;
+    update.remote_id = Some("ct_1".into());
+    assert_eq!(kit.push(update.clone()).await.unwrap().remote_id, "ct_1");
+    update.operation = Operation::Delete;
+    assert_eq!(kit.push(update).await.unwrap().remote_id, "ct_1");
+    let methods: Vec<String> = kit
+        .http()
+        .requests()
+        .into_iter()
+        .map(|r| r.method)
+        .collect();
+    assert_eq!(methods, ["PATCH", "DELETE"]);
+}
+
+#[tokio::test]
+async fn remote_answers_become_the_errors_ferrys_retries_key_off() {
+    let kit = kit().await;
+    kit.http()
+        .on("POST", API)
+        .respond(429, &[("retry-after", "3")], "{}")
+        .respond(503, &[], "unavailable")
+        .respond(
+            401,
+            &[],
+            r#"{"error":{"code":"unauthorized","message":"bad key"}}"#,
+        )
+        .respond(
+            422,
+            &[],
+            r#"{"error":{"code":"invalid_email","message":"email must contain @"}}"#,
+        );
+    assert!(matches!(
+        connector_error(kit.push(create_request()).await),
+        ConnectorError::RateLimited(RateLimit {
+            retry_after_ms: Some(3000),
+            ..
+        })
+    ));
+    assert!(matches!(
+        connector_error(kit.push(create_request()).await),
+        ConnectorError::Retryable(_)
+    ));
+    assert!(matches!(
+        connector_error(kit.push(create_request()).await),
+        ConnectorError::Unauthorized(_)
+    ));
+    let invalid = connector_error(kit.push(create_request()).await);
+    assert!(
+        matches!(&invalid, ConnectorError::Permanent(m) if m.contains("invalid_email")),
+        "{invalid:?}"
+    );
+}
+
+#[tokio::test]
+async fn fetch_and_list_read_contacts_as_customers() {
+    let kit = kit().await;
+    kit.http().on("GET", &format!("{API}/ct_404")).respond(
+        404,
+        &[],
+        r#"{"error":{"code":"not_found","message":"no such contact"}}"#,
+    );
+    kit.http()
+        .on("GET", &format!("{API}?limit=2"))
+        .respond_json(
+            200,
+            &json!({"data": [contact("ct_1", "A"), contact("ct_2", "B")], "has_more": true}),
+        );
+    kit.http()
+        .on("GET", &format!("{API}?limit=2&starting_after=ct_2"))
+        .respond_json(
+            200,
+            &json!({"data": [contact("ct_3", "C")], "has_more": false}),
+        );
+    assert!(matches!(
+        connector_error(kit.fetch("customer", "ct_404").await),
+        ConnectorError::NotFound(_)
+    ));
+    let first = kit.list("customer", None, 2).await.unwrap();
+    assert_eq!(first.records.len(), 2);
+    assert_eq!(first.next_cursor.as_deref(), Some("ct_2"));
+    let record: serde_json::Value = serde_json::from_str(&first.records[0].record).unwrap();
+    assert_eq!(record["name"], "A");
+    let second = kit.list("customer", first.next_cursor, 2).await.unwrap();
+    assert_eq!(second.records[0].remote_id, "ct_3");
+    assert_eq!(second.next_cursor, None);
+}
+
+fn event(id: &str, kind: &str, created_at: i64, name: &str) -> Vec<u8> {
+    json!({"id": id, "type": kind, "created_at": created_at, "data": contact("ct_1", name)})
+        .to_string()
+        .into_bytes()
+}
+
+fn signed(body: Vec<u8>) -> ferry_sdk::WebhookRequest {
+    let header = sign::timestamped(WEBHOOK_SECRET, sign::now_secs(), &body);
+    testkit::webhook_request(&[("Example-Signature", &header)], body)
+}
+
+#[tokio::test]
+async fn a_signed_webhook_becomes_a_ferry_event() {
+    let kit = kit().await;
+    let parsed = kit
+        .receive_webhook(signed(event(
+            "evt_1",
+            "contact.updated",
+            1_700_000_100,
+            "Ada",
+        )))
+        .await
+        .expect("verified and parsed");
+    let first = &parsed.events[0];
+    assert_eq!(
+        (first.id.as_str(), first.kind, first.remote_id.as_str()),
+        ("evt_1", ChangeKind::Upsert, "ct_1")
+    );
+    assert_eq!(first.occurred_at_ms, 1_700_000_100_000);
+    // The record is ferry's canonical customer, not the API's contact.
+    let record: serde_json::Value = serde_json::from_str(first.record.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        record,
+        json!({"id": "ct_1", "name": "Ada", "email": "ada@example.com"})
+    );
+    let ignored = kit
+        .receive_webhook(signed(event("evt_2", "invoice.paid", 1_700_000_100, "Ada")))
+        .await
+        .unwrap();
+    assert!(
+        ignored.events.is_empty(),
+        "other event types are acknowledged, not errors"
+    );
+}
+
+#[tokio::test]
+async fn redelivered_reordered_and_tampered_webhooks() {
+    let kit = kit().await;
+    // Redelivery, missing event times and tampering, checked in one go.
+    let report = testkit::webhooks::check_delivery(
+        &kit,
+        signed(event("evt_1", "contact.updated", 1_700_000_100, "Ada")),
+    )
+    .await
+    .unwrap_or_else(|problem| panic!("{problem}"));
+    assert_eq!(report.event_ids, ["evt_1"]);
+    // Out of order: the older state says it is older, so ferry keeps the newer.
+    let newer = kit
+        .receive_webhook(signed(event(
+            "evt_3",
+            "contact.updated",
+            1_700_000_300,
+            "Ada King",
+        )))
+        .await
+        .unwrap();
+    let older = kit
+        .receive_webhook(signed(event(
+            "evt_2",
+            "contact.updated",
+            1_700_000_200,
+            "Ada",
+        )))
+        .await
+        .unwrap();
+    assert!(older.events[0].occurred_at_ms < newer.events[0].occurred_at_ms);
+    // A signature older than five minutes is a replay.
+    let body = event("evt_4", "contact.updated", 1_700_000_400, "Eve");
+    let stale = sign::timestamped(WEBHOOK_SECRET, sign::now_secs() - 301, &body);
+    assert!(matches!(
+        connector_error(
+            kit.receive_webhook(testkit::webhook_request(
+                &[("example-signature", &stale)],
+                body
+            ))
+            .await
+        ),
+        ConnectorError::InvalidSignature(_)
+    ));
+}
+
+/// The calls of the recorded session, in order; `record_a_session` and
+/// `a_recorded_session_replays_offline` both run them.
+async fn session(kit: &TestKit) -> Vec<String> {
+    let created = kit.push(create_request()).await.expect("create");
+    let fetched = kit
+        .fetch("customer", &created.remote_id)
+        .await
+        .expect("fetch");
+    let mut update = create_request();
+    update.operation = Operation::Update;
+    update.remote_id = Some(created.remote_id.clone());
+    update.record = json!({"name": "Ada King", "email": "ada@example.com"}).to_string();
+    let updated = kit.push(update.clone()).await.expect("update");
+    let page = kit.list("customer", None, 10).await.expect("list");
+    update.operation = Operation::Delete;
+    kit.push(update).await.expect("delete");
+    vec![
+        created.remote_id,
+        fetched.record,
+        updated.record.unwrap_or_default(),
+        page.records.len().to_string(),
+    ]
+}
+
+const SESSION: &str = "tests/fixtures/session.json";
+
+/// Runs the session against a live API and saves it (secrets scrubbed) for
+/// the replay test. Run it when the API changes:
+/// `EXAMPLE_API_BASE=https://… EXAMPLE_API_KEY=… cargo test -- --ignored record_a_session`
+#[tokio::test]
+#[ignore = "needs a live Example CRM API: set EXAMPLE_API_BASE and EXAMPLE_API_KEY"]
+async fn record_a_session() {
+    let base = std::env::var("EXAMPLE_API_BASE").expect("EXAMPLE_API_BASE");
+    let key = std::env::var("EXAMPLE_API_KEY").expect("EXAMPLE_API_KEY");
+    let kit = TestKit::this_crate_with(Http::Record(SESSION.into()))
+        .await
+        .expect("load")
+        .setting("api_base", base)
+        .secret("api_key", key);
+    session(&kit).await;
+    kit.save_recording().expect("save the recording");
+}
+
+#[tokio::test]
+async fn a_recorded_session_replays_offline() {
+    let base = std::env::var("EXAMPLE_API_BASE").unwrap_or_else(|_| recorded_base());
+    let kit = TestKit::this_crate_with(Http::Replay(SESSION.into()))
+        .await
+        .expect("load the recording")
+        .setting("api_base", base)
+        .secret("api_key", "any key: the recording holds none");
+    let seen = session(&kit).await;
+    assert!(seen[0].starts_with("ct_"), "{seen:?}");
+    assert!(seen[2].contains("Ada King"), "{seen:?}");
+}
+
+/// The base URL the session was recorded against.
+fn recorded_base() -> String {
+    let tape = testkit::Tape::load(std::path::Path::new(SESSION)).expect("the recording");
+    let url = &tape.exchanges[0].url;
+    url[..url.find("/v1/").expect("an API URL")].to_owned()
+}
