@@ -11,7 +11,7 @@ use super::latest::ferry::connector as latest;
 
 wasmtime::component::bindgen!({
     world: "connector",
-    path: "../../wit/since_v0.1.0",
+    path: "wit/since_v0.1.0",
     imports: {
         "ferry:connector/http.send": async,
         default: tracing,

@@ -5,7 +5,7 @@
 
 wasmtime::component::bindgen!({
     world: "connector",
-    path: "../../wit/since_v0.2.0",
+    path: "wit/since_v0.2.0",
     // Only `http.send` and `oauth` wait (on I/O, or on another call's token
     // request); the other imports answer from memory.
     imports: {
