@@ -10,6 +10,7 @@
 //! [`log`] and [`clock`]. WASI is linked but grants nothing. See
 //! `docs/runtime.md`.
 
+pub mod build;
 mod clock;
 mod crypto;
 mod http;
@@ -44,6 +45,12 @@ pub use self::wit::latest::{
     ChangeKind, ConnectorError, Event, Manifest, Operation, Page, ParsedWebhook, PushRequest,
     PushResult, RateLimit, RemoteRecord, SecretSpec, SettingSpec, WebhookReply, WebhookRequest,
 };
+
+/// Whether `name` is a valid connector name (what a manifest's `name` must
+/// be): 1-64 characters of `[a-z0-9-]`, not starting or ending with `-`.
+pub fn valid_connector_name(name: &str) -> bool {
+    manifest::is_connector_name(name)
+}
 
 /// How often the epoch advances. A guest stuck in a loop is stopped at most
 /// one tick after its deadline and yields to the executor once per tick.
@@ -166,6 +173,25 @@ pub enum LoadError {
     /// the allow-list, or a private address).
     #[error("forbidden host: {0}")]
     ForbiddenHost(String),
+}
+
+impl LoadError {
+    /// A stable, machine-readable code for the refusal: what the upload API
+    /// answers and `ferry connector check` prints.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotWasm | Self::UnknownVersion(_) => "not_wasm",
+            Self::CoreModule => "core_module",
+            Self::Compile(_) => "invalid_component",
+            Self::World(wit::WorldMismatch::NotAConnector) => "not_a_connector",
+            Self::World(wit::WorldMismatch::Newer(_)) => "world_too_new",
+            Self::World(wit::WorldMismatch::Unsupported(_)) => "world_unsupported",
+            Self::WrongWorld(_) => "world_mismatch",
+            Self::ManifestCall(_) => "manifest_failed",
+            Self::InvalidManifest(_) => "invalid_manifest",
+            Self::ForbiddenHost(_) => "forbidden_host",
+        }
+    }
 }
 
 /// Why a connector call produced no result.
@@ -316,6 +342,20 @@ impl Runtime {
         tracing::debug!(connector = %connector.name(), version = %connector.manifest().version,
             world = %world, sha256 = %connector.sha256, "connector compiled and checked");
         Ok(Arc::new(connector))
+    }
+
+    /// The names a component imports (`ferry:connector/http@0.2.0`,
+    /// `wasi:cli/environment@0.2.3`, ...), in the component's order. Checks
+    /// only that it compiles, so it answers for components `load` refuses.
+    pub async fn imports(&self, wasm: &[u8]) -> Result<Vec<String>, LoadError> {
+        check_header(wasm)?;
+        let sha256 = hex::encode(Sha256::digest(wasm));
+        let component = self.compile(&sha256, wasm).await?;
+        Ok(component
+            .component_type()
+            .imports(&self.inner.engine)
+            .map(|(name, _)| name.to_owned())
+            .collect())
     }
 
     async fn compile(&self, sha256: &str, wasm: &[u8]) -> Result<Component, LoadError> {

@@ -62,7 +62,7 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<DeclaredHost>, String> {
     }
 }
 
-fn is_connector_name(name: &str) -> bool {
+pub(crate) fn is_connector_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name

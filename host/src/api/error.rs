@@ -8,8 +8,6 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::registry::RegistryError;
-use crate::runtime::wit::WorldMismatch;
-use crate::runtime::LoadError;
 use crate::store::StoreError;
 
 /// The media type of every error body.
@@ -317,27 +315,11 @@ impl From<RegistryError> for ApiError {
             RegistryError::TooLarge { limit } => Self::ComponentTooLarge { limit },
             RegistryError::VersionExists(_) => Self::VersionExists(error.to_string()),
             RegistryError::Invalid(load) => Self::ComponentRefused {
-                code: refusal_code(&load),
+                code: load.code(),
                 detail: load.to_string(),
             },
             RegistryError::Store(store) => store.into(),
         }
-    }
-}
-
-/// The stable code of each way a component is refused.
-fn refusal_code(error: &LoadError) -> &'static str {
-    match error {
-        LoadError::NotWasm | LoadError::UnknownVersion(_) => "not_wasm",
-        LoadError::CoreModule => "core_module",
-        LoadError::Compile(_) => "invalid_component",
-        LoadError::World(WorldMismatch::NotAConnector) => "not_a_connector",
-        LoadError::World(WorldMismatch::Newer(_)) => "world_too_new",
-        LoadError::World(WorldMismatch::Unsupported(_)) => "world_unsupported",
-        LoadError::WrongWorld(_) => "world_mismatch",
-        LoadError::ManifestCall(_) => "manifest_failed",
-        LoadError::InvalidManifest(_) => "invalid_manifest",
-        LoadError::ForbiddenHost(_) => "forbidden_host",
     }
 }
 

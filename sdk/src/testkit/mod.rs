@@ -50,7 +50,6 @@ pub mod webhooks;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// The sandbox's settings, for [`TestKit::load_with`].
@@ -423,56 +422,7 @@ pub fn build_component(manifest_dir: impl AsRef<Path>) -> Result<PathBuf, TestKi
             .unwrap_or_else(|e| e.into_inner());
         builds.entry(dir.clone()).or_default().clone()
     };
-    slot.get_or_init(|| run_cargo_build(&dir))
+    slot.get_or_init(|| ferry_runtime::build::component(&dir, true))
         .clone()
         .map_err(TestKitError::Build)
-}
-
-fn run_cargo_build(manifest_dir: &Path) -> Result<PathBuf, String> {
-    let manifest = manifest_dir.join("Cargo.toml");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = Command::new(cargo)
-        .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2"])
-        .arg("--message-format=json-render-diagnostics")
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("running cargo: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "cargo build of {} failed (see its output above)",
-            manifest.display()
-        ));
-    }
-    let manifest = manifest.canonicalize().unwrap_or(manifest);
-    // The package's own cdylib artifact (the last one reported), not one of
-    // its dependencies'.
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    stdout
-        .lines()
-        .rev()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|msg| msg["reason"] == "compiler-artifact")
-        .filter(|msg| {
-            msg["manifest_path"]
-                .as_str()
-                .is_some_and(|p| Path::new(p) == manifest)
-        })
-        .find_map(|msg| {
-            msg["filenames"].as_array().and_then(|files| {
-                files
-                    .iter()
-                    .filter_map(|f| f.as_str())
-                    .find(|f| f.ends_with(".wasm"))
-                    .map(PathBuf::from)
-            })
-        })
-        .ok_or_else(|| {
-            format!(
-                "{} produced no .wasm (is its crate-type cdylib?)",
-                manifest.display()
-            )
-        })
 }
