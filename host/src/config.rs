@@ -282,6 +282,21 @@ impl Config {
             .map_err(|e| ConfigError::Load(Box::new(e)))
     }
 
+    /// Like [`Config::load`], with `overrides` on top of the compiled-in
+    /// defaults (the file and the environment still win): `ferry connector
+    /// dev`'s local defaults.
+    pub fn load_with(file: Option<&Path>, overrides: impl Serialize) -> Result<Self, ConfigError> {
+        let mut figment =
+            Figment::from(Serialized::defaults(DEFAULTS)).merge(Serialized::defaults(overrides));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment
+            .merge(Env::prefixed("FERRY_").ignore(NOT_SETTINGS).split("__"))
+            .extract()
+            .map_err(|e| ConfigError::Load(Box::new(e)))
+    }
+
     /// Defaults, then `file`, then `env` (`FERRY_` variables).
     pub fn figment(file: Option<&Path>, env: Env) -> Figment {
         let mut figment = Figment::from(Serialized::defaults(DEFAULTS));

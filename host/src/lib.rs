@@ -7,6 +7,7 @@
 pub mod api;
 pub mod app;
 pub mod bus;
+pub mod cli;
 pub mod config;
 pub mod registry;
 pub mod secrets;

@@ -1,4 +1,5 @@
-//! The `ferry` binary: `ferry serve` (the default) and `ferry connector check`.
+//! The `ferry` binary: `ferry serve` (the default), and the connector
+//! author's commands `ferry connector new|check|dev`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,8 +7,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry::app::App;
+use ferry::cli::check::CheckOptions;
+use ferry::cli::dev::DevOptions;
+use ferry::cli::new::NewConnector;
 use ferry::config::{Config, LogFormat};
-use ferry::runtime::{Runtime, RuntimeConfig};
 use tokio_util::sync::CancellationToken;
 
 /// Keeps a customer catalog in two-way sync with external systems.
@@ -25,7 +28,7 @@ struct Cli {
 enum Command {
     /// Serve the API (the default).
     Serve,
-    /// Work with connector components.
+    /// Write, check and try connectors.
     Connector {
         #[command(subcommand)]
         command: ConnectorCommand,
@@ -34,10 +37,52 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ConnectorCommand {
-    /// Validate a component and print its manifest.
+    /// Scaffold a connector crate (an Example CRM connector with its tests)
+    /// to make your own.
+    New {
+        /// The connector's name: a-z, 0-9 and `-`.
+        name: String,
+        /// Where to create it (default ./ferry-connector-NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Build against this checkout's `sdk/` until ferry-sdk is published
+        /// (writes a [patch.crates-io] table).
+        #[arg(long)]
+        sdk_path: Option<PathBuf>,
+        /// Where ferry-runtime is (default SDK_PATH/../host/runtime).
+        #[arg(long, requires = "sdk_path")]
+        runtime_path: Option<PathBuf>,
+    },
+    /// Report what ferry sees in a component and whether an upload would be
+    /// accepted; exits non-zero if not.
     Check {
         /// The component (`.wasm`).
         file: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The largest component accepted, in bytes.
+        #[arg(long, default_value_t = 16 * 1024 * 1024)]
+        max_bytes: usize,
+        /// Hosts connectors may declare (comma-separated, `*.suffix` allowed).
+        #[arg(long, value_delimiter = ',')]
+        allowed_hosts: Vec<String>,
+        /// Hosts connectors may not declare.
+        #[arg(long, value_delimiter = ',')]
+        denied_hosts: Vec<String>,
+        /// Accept private and loopback hosts (as `FERRY_ALLOW_PRIVATE_HOSTS`).
+        #[arg(long)]
+        allow_private_hosts: bool,
+    },
+    /// Build the connector crate in DIR, check it, and serve a local ferry
+    /// with it loaded.
+    Dev {
+        /// The connector crate (default: the current directory).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Rebuild and reload when its sources change.
+        #[arg(long)]
+        watch: bool,
     },
 }
 
@@ -56,13 +101,11 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(cli.config).await,
-            Command::Connector {
-                command: ConnectorCommand::Check { file },
-            } => check_connector(file).await,
+            Command::Connector { command } => connector(command, cli.config).await,
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
@@ -70,12 +113,84 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config_file: Option<PathBuf>) -> anyhow::Result<()> {
+async fn serve(config_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_file.as_deref()).context("loading configuration")?;
     ferry::telemetry::init(config.log_format, "info", std::io::stderr)?;
     let app = App::build(config).await?;
     stop_on_signal(app.cancellation_token());
-    app.run_until_stopped().await
+    app.run_until_stopped().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn connector(
+    command: ConnectorCommand,
+    config_file: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        ConnectorCommand::New {
+            name,
+            dir,
+            sdk_path,
+            runtime_path,
+        } => {
+            let dir = ferry::cli::new::scaffold(&NewConnector {
+                name,
+                dir,
+                sdk_path,
+                runtime_path,
+            })?;
+            println!(
+                "created {dir}\n\nnext:\n  cd {dir}\n  cargo test                       # builds the component and runs its tests\n  ferry connector dev              # serves a local ferry with it loaded\n\nREADME.md has the rest: check, upload, and the API it is written against.",
+                dir = dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ConnectorCommand::Check {
+            file,
+            json,
+            max_bytes,
+            allowed_hosts,
+            denied_hosts,
+            allow_private_hosts,
+        } => {
+            ferry::telemetry::init(LogFormat::Text, "warn", std::io::stderr)?;
+            let report = ferry::cli::check::check(
+                &file,
+                &CheckOptions {
+                    max_bytes,
+                    allowed_hosts,
+                    denied_hosts,
+                    allow_private_hosts,
+                },
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.human());
+            }
+            Ok(if report.accepted {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        ConnectorCommand::Dev { dir, watch } => {
+            ferry::telemetry::init(LogFormat::Text, "info", std::io::stderr)?;
+            let cancel = CancellationToken::new();
+            stop_on_signal(cancel.clone());
+            ferry::cli::dev::run(
+                DevOptions {
+                    dir,
+                    config_file,
+                    watch,
+                },
+                cancel,
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 /// Cancels `cancel` on SIGINT or SIGTERM: the server stops accepting
@@ -103,26 +218,4 @@ fn stop_on_signal(cancel: CancellationToken) {
         }
         cancel.cancel();
     });
-}
-
-async fn check_connector(file: PathBuf) -> anyhow::Result<()> {
-    ferry::telemetry::init(LogFormat::Text, "warn", std::io::stderr)?;
-    let bytes = tokio::fs::read(&file)
-        .await
-        .with_context(|| format!("reading {}", file.display()))?;
-    let runtime =
-        Runtime::new(RuntimeConfig::default()).context("starting the connector runtime")?;
-    let connector = runtime
-        .load(&bytes)
-        .await
-        .with_context(|| format!("loading {}", file.display()))?;
-    println!("{}", serde_json::to_string_pretty(connector.manifest())?);
-    eprintln!(
-        "ok: {} {} targets ferry:connector@{}, sha256 {}",
-        connector.name(),
-        connector.manifest().version,
-        connector.world(),
-        connector.sha256()
-    );
-    Ok(())
 }

@@ -1,0 +1,244 @@
+//! `ferry connector check FILE`: what ferry sees in a component, and
+//! whether an upload would be accepted, by the same checks an upload runs
+//! (the runtime's load, the size limit, the operator's host rules given as
+//! options).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::runtime::{Runtime, RuntimeConfig};
+
+/// The operator rules to check against (an upload's are the server's
+/// configuration).
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    /// Largest component accepted.
+    pub max_bytes: usize,
+    /// `connector_allowed_hosts`.
+    pub allowed_hosts: Vec<String>,
+    /// `connector_denied_hosts`.
+    pub denied_hosts: Vec<String>,
+    /// `allow_private_hosts`.
+    pub allow_private_hosts: bool,
+}
+
+/// What `check` found. Serialized as the `--json` output.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// The file checked.
+    pub file: PathBuf,
+    /// Its size.
+    pub size_bytes: usize,
+    /// Hex sha256 of its bytes.
+    pub sha256: Option<String>,
+    /// The `ferry:connector` version it targets.
+    pub world: Option<String>,
+    /// How long compiling (and checking) it took here, with a cold cache.
+    pub compile_ms: Option<u64>,
+    /// What it imports.
+    pub imports: Vec<String>,
+    /// Its manifest, when it could be read.
+    pub manifest: Option<serde_json::Value>,
+    /// Whether an upload under these rules would be accepted.
+    pub accepted: bool,
+    /// Why not, one entry per reason, each with the upload's problem code.
+    pub refusals: Vec<Refusal>,
+}
+
+/// One reason an upload would be refused.
+#[derive(Debug, Serialize)]
+pub struct Refusal {
+    /// The code the upload API answers.
+    pub code: &'static str,
+    /// What is wrong.
+    pub detail: String,
+}
+
+/// Checks `file` under `options`.
+pub async fn check(file: &Path, options: &CheckOptions) -> anyhow::Result<Report> {
+    let bytes = tokio::fs::read(file)
+        .await
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+    // Two runtimes over one throw-away compile cache: one without operator
+    // rules reads everything there is to show, one with them gives the
+    // verdict (and finds the code compiled).
+    let cache = tempfile::tempdir().context("a temporary compile cache")?;
+    let sandbox = |rules: bool| {
+        Runtime::new(RuntimeConfig {
+            allowed_hosts: if rules {
+                options.allowed_hosts.clone()
+            } else {
+                Vec::new()
+            },
+            denied_hosts: if rules {
+                options.denied_hosts.clone()
+            } else {
+                Vec::new()
+            },
+            allow_private_hosts: !rules || options.allow_private_hosts,
+            max_instances: 4,
+            cache_dir: Some(cache.path().to_owned()),
+            ..RuntimeConfig::default()
+        })
+    };
+    let (open, strict) = (sandbox(false)?, sandbox(true)?);
+    let mut report = Report {
+        file: file.to_owned(),
+        size_bytes: bytes.len(),
+        sha256: None,
+        world: None,
+        compile_ms: None,
+        imports: Vec::new(),
+        manifest: None,
+        accepted: true,
+        refusals: Vec::new(),
+    };
+    if bytes.len() > options.max_bytes {
+        report.refusals.push(Refusal {
+            code: "component_too_large",
+            detail: format!(
+                "{} bytes, more than the limit of {} (connector_max_bytes)",
+                bytes.len(),
+                options.max_bytes
+            ),
+        });
+    }
+    let started = Instant::now();
+    if let Ok(connector) = open.load(&bytes).await {
+        report.compile_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(0));
+        report.sha256 = Some(connector.sha256().to_owned());
+        report.world = Some(connector.world().to_string());
+        report.manifest = serde_json::to_value(connector.manifest()).ok();
+    }
+    if let Err(error) = strict.load(&bytes).await {
+        report.refusals.push(Refusal {
+            code: error.code(),
+            detail: error.to_string(),
+        });
+    }
+    // Imports need only a compiled component, so a refused one lists them too.
+    report.imports = open.imports(&bytes).await.unwrap_or_default();
+    report.accepted = report.refusals.is_empty();
+    Ok(report)
+}
+
+impl Report {
+    /// The report for a person.
+    pub fn human(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let manifest = self.manifest.as_ref();
+        let text = |v: Option<&serde_json::Value>| {
+            v.and_then(|v| v.as_str()).unwrap_or_default().to_owned()
+        };
+        let list = |key: &str| -> Vec<String> {
+            manifest
+                .and_then(|m| m[key].as_array())
+                .map(|a| {
+                    a.iter()
+                        .map(|v| v.as_str().unwrap_or_default().to_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        match manifest {
+            Some(m) => {
+                let _ = writeln!(
+                    out,
+                    "{} {}: {}",
+                    text(m.get("name")),
+                    text(m.get("version")),
+                    text(m.get("description"))
+                );
+            }
+            None => {
+                let _ = writeln!(out, "{}", self.file.display());
+            }
+        }
+        let mut row = |label: &str, value: String| {
+            let _ = writeln!(out, "  {label:<11} {value}");
+        };
+        row(
+            "file",
+            format!(
+                "{} ({:.1} KiB{})",
+                self.file.display(),
+                self.size_bytes as f64 / 1024.0,
+                self.sha256
+                    .as_deref()
+                    .map(|s| format!(", sha256 {}", &s[..16]))
+                    .unwrap_or_default()
+            ),
+        );
+        if let Some(world) = &self.world {
+            row("world", format!("ferry:connector@{world}"));
+        }
+        if let Some(ms) = self.compile_ms {
+            row("compiled", format!("in {ms} ms (cold cache)"));
+        }
+        if let Some(m) = manifest {
+            row("entities", list("entities").join(", "));
+            let mut hosts = list("hosts");
+            hosts.extend(
+                list("host_settings")
+                    .into_iter()
+                    .map(|s| format!("the host of setting `{s}`")),
+            );
+            row("hosts", hosts.join(", "));
+            let specs = |key: &str| -> String {
+                m[key]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|s| {
+                                let mut text = text(s.get("name"));
+                                if s["required"] == true {
+                                    text.push_str(" (required)");
+                                }
+                                if let Some(default) = s.get("default").and_then(|d| d.as_str()) {
+                                    text.push_str(&format!(" (default {default})"));
+                                }
+                                text
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default()
+            };
+            row("settings", specs("settings"));
+            row("secrets", specs("secrets"));
+            row(
+                "webhooks",
+                if m["webhooks"] == true { "yes" } else { "no" }.to_owned(),
+            );
+        }
+        if !self.imports.is_empty() {
+            let ferry: Vec<&str> = self
+                .imports
+                .iter()
+                .filter(|i| i.starts_with("ferry:"))
+                .map(String::as_str)
+                .collect();
+            let wasi = self.imports.len() - ferry.len();
+            row(
+                "imports",
+                format!(
+                    "{} (and {wasi} WASI interfaces, which grant nothing)",
+                    ferry.join(", ")
+                ),
+            );
+        }
+        if self.accepted {
+            row("upload", "would be accepted".to_owned());
+        } else {
+            row("upload", "would be REFUSED:".to_owned());
+            for refusal in &self.refusals {
+                let _ = writeln!(out, "    - {}: {}", refusal.code, refusal.detail);
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,155 @@
+//! `ferry connector dev [DIR]`: the author's loop. Builds the connector
+//! crate, checks the component, and serves a local ferry (embedded mode,
+//! SQLite under `DIR/target/ferry-dev/`, private addresses allowed so the
+//! connector can call a local fake) with it registered next to the bundled
+//! connectors, through the same door they use. With `--watch` it rebuilds
+//! and reloads the connector when the crate's sources change.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::config::Config;
+use crate::registry::bundled::BundledFile;
+use crate::registry::Registry;
+
+/// How `dev` runs.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    /// The connector crate.
+    pub dir: PathBuf,
+    /// ferry's configuration file, if any.
+    pub config_file: Option<PathBuf>,
+    /// Rebuild and reload when the sources change.
+    pub watch: bool,
+}
+
+/// Builds, checks, registers and serves until `cancel`.
+pub async fn run(options: DevOptions, cancel: CancellationToken) -> anyhow::Result<()> {
+    let dir = std::path::absolute(&options.dir)
+        .with_context(|| format!("resolving {}", options.dir.display()))?;
+    let wasm = build(&dir).await?;
+    let state_dir = dir.join("target/ferry-dev");
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    // Defaults for a local loop; the file and FERRY_* variables still win.
+    let config = Config::load_with(
+        options.config_file.as_deref(),
+        json!({
+            "database_url": format!("sqlite://{}", state_dir.join("ferry.db").display()),
+            "allow_private_hosts": true,
+        }),
+    )
+    .context("loading configuration")?;
+    let app = App::build(config).await?;
+    let registry = app.state().registry.clone();
+    let name = register(&registry, &wasm).await?;
+    let base = format!("http://{}", app.address());
+    print_next_steps(&name, &base, &wasm);
+    let stop = app.cancellation_token();
+    let server = tokio::spawn(app.run_until_stopped());
+    let watching = options
+        .watch
+        .then(|| tokio::spawn(watch(dir.clone(), registry, stop.clone())));
+    tokio::select! {
+        () = cancel.cancelled() => stop.cancel(),
+        () = stop.cancelled() => {}
+    }
+    if let Some(watching) = watching {
+        watching.abort();
+    }
+    server.await.context("the server task failed")?
+}
+
+async fn build(dir: &Path) -> anyhow::Result<PathBuf> {
+    let dir = dir.to_owned();
+    eprintln!("building {} for wasm32-wasip2 ...", dir.display());
+    tokio::task::spawn_blocking(move || crate::runtime::build::component(&dir, false))
+        .await
+        .context("the build task failed")?
+        .map_err(anyhow::Error::msg)
+}
+
+/// Registers the built component as a bundled one (so a rebuild with the
+/// same version replaces it) and returns its connector name.
+async fn register(registry: &Registry, wasm: &Path) -> anyhow::Result<String> {
+    let bytes = tokio::fs::read(wasm)
+        .await
+        .with_context(|| format!("reading {}", wasm.display()))?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    registry
+        .seed_bundled(&[BundledFile {
+            path: wasm.to_owned(),
+            bytes,
+        }])
+        .await
+        .context("registering the connector")?;
+    registry
+        .entries()
+        .into_iter()
+        .find(|e| e.active.as_ref().is_some_and(|a| a.meta.sha256 == sha256))
+        .map(|e| e.name.clone())
+        .context(
+            "the component was refused (see the log above; `ferry connector check FILE` says why)",
+        )
+}
+
+fn print_next_steps(name: &str, base: &str, wasm: &Path) {
+    let env = name.replace('-', "_").to_ascii_uppercase();
+    eprintln!(
+        "\nferry is serving {base} with connector `{name}` from {wasm}\n\
+         \n  configure it   curl -X PUT {base}/api/v1/connectors/{name}/settings -H 'content-type: application/json' \\\n                   -d '{{\"settings\": {{\"api_base\": \"http://127.0.0.1:PORT\"}}, \"secrets\": {{\"api_key\": \"...\"}}}}'\n                 (or start with FERRY_CONNECTORS__{env}__SETTINGS__…, …__SECRETS__…)\n  its state      curl {base}/api/v1/connectors/{name}\n  push a change  curl -X POST {base}/api/v1/customers -H 'content-type: application/json' -d '{{\"email\": \"ada@example.com\"}}'\n  its webhooks   POST {base}/webhooks/{name}\n  a sync status  curl {base}/api/v1/customers/CUSTOMER_ID/sync\n\nCtrl-C stops it.\n",
+        wasm = wasm.display()
+    );
+}
+
+/// Rebuilds and re-registers when a file under `src/` or `Cargo.toml`
+/// changes.
+async fn watch(dir: PathBuf, registry: Registry, stop: CancellationToken) {
+    let mut seen = newest_change(&dir);
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let now = newest_change(&dir);
+        if now <= seen {
+            continue;
+        }
+        seen = now;
+        match build(&dir).await {
+            Ok(wasm) => match register(&registry, &wasm).await {
+                Ok(name) => eprintln!("reloaded `{name}` from {}", wasm.display()),
+                Err(error) => eprintln!("not reloaded: {error:#}"),
+            },
+            Err(error) => eprintln!("not rebuilt: {error:#}"),
+        }
+    }
+}
+
+/// The newest modification time of the crate's sources.
+fn newest_change(dir: &Path) -> SystemTime {
+    fn walk(path: &Path, newest: &mut SystemTime) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        if let Ok(modified) = meta.modified() {
+            *newest = (*newest).max(modified);
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+                walk(&entry.path(), newest);
+            }
+        }
+    }
+    let mut newest = SystemTime::UNIX_EPOCH;
+    walk(&dir.join("src"), &mut newest);
+    walk(&dir.join("Cargo.toml"), &mut newest);
+    newest
+}

@@ -1,0 +1,7 @@
+//! The `ferry connector` commands for connector authors: `new` scaffolds a
+//! crate, `check` reports what ferry sees in a component, `dev` builds a
+//! crate and serves it in a local ferry.
+
+pub mod check;
+pub mod dev;
+pub mod new;
