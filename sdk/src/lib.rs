@@ -5,7 +5,7 @@
 //! [`export_connector!`], and build with
 //! `cargo build --target wasm32-wasip2 --release`:
 //!
-//! ```ignore
+//! ```
 //! use ferry_sdk::{Connector, ConnectorError, Manifest, PushRequest, PushResult};
 //!
 //! struct Acme;
@@ -62,7 +62,7 @@ pub mod webhook;
 pub mod bindings {
     wit_bindgen::generate!({
         world: "connector",
-        path: "../wit/since_v0.2.0",
+        path: "wit/since_v0.2.0",
         pub_export_macro: true,
         export_macro_name: "__export_connector",
         default_bindings_module: "ferry_sdk::bindings",
@@ -88,6 +88,12 @@ pub const WIT_VERSION: &str = "0.2.0";
 
 #[cfg(all(feature = "testkit", not(target_arch = "wasm32")))]
 pub mod testkit;
+
+// The guides' examples are compiled as doctests of this crate, so they
+// cannot drift from it (they use the test kit, hence the feature).
+#[cfg(all(doctest, feature = "testkit", not(target_arch = "wasm32")))]
+#[doc = include_str!("../../docs/sdk.md")]
+struct SdkGuide;
 
 /// What a connector does. Every method but [`Connector::manifest`] has a
 /// default that answers [`ConnectorError::Unsupported`], so a connector
@@ -165,7 +171,17 @@ impl<T: Connector> bindings::exports::ferry::connector::handler::Guest for Adapt
 /// Exports a [`Connector`] implementation as the component's `connector`
 /// interface. Call it once, at the root of the connector's crate:
 ///
-/// ```ignore
+/// ```
+/// use ferry_sdk::{Connector, Manifest};
+///
+/// struct MyConnector;
+///
+/// impl Connector for MyConnector {
+///     fn manifest() -> Manifest {
+///         Manifest::builder("my-connector", "0.1.0").entity("customer").build()
+///     }
+/// }
+///
 /// ferry_sdk::export_connector!(MyConnector);
 /// ```
 #[macro_export]

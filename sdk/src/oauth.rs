@@ -6,18 +6,27 @@
 //! therefore does not fetch a token every time, and the token never enters
 //! the component.
 //!
-//! ```ignore
+//! ```no_run
+//! use ferry_sdk::http::{Request, Response};
 //! use ferry_sdk::oauth::{self, ClientCredentials};
+//! use ferry_sdk::ConnectorError;
 //!
-//! let grant = ClientCredentials::new("https://login.example.com/oauth2/token", "client_id", "client_secret");
-//! let created = oauth::with_token("api", &grant, |token| {
-//!     let base = token.field("instance_url").unwrap_or("https://api.example.com");
-//!     Request::post(format!("{base}/contacts"))
-//!         .bearer_token(token)
-//!         .json(&body)?
-//!         .send()?
-//!         .error_for_status()
-//! })?;
+//! fn create(body: &serde_json::Value) -> Result<Response, ConnectorError> {
+//!     let grant = ClientCredentials::new(
+//!         "https://login.example.com/oauth2/token",
+//!         "client_id",
+//!         "client_secret",
+//!     );
+//!     // Retried once with a new token if the remote refuses this one.
+//!     oauth::with_token("api", &grant, |token| {
+//!         let base = token.field("instance_url").unwrap_or("https://api.example.com");
+//!         Request::post(format!("{base}/contacts"))
+//!             .bearer_token(token)
+//!             .json(body)?
+//!             .send()?
+//!             .error_for_status()
+//!     })
+//! }
 //! ```
 
 use serde_json::{Map, Value};

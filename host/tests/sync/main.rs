@@ -17,3 +17,4 @@ mod outbound;
 mod process;
 mod recorder_remote;
 mod salesforce;
+mod walk;
