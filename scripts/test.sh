@@ -16,6 +16,9 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --quiet --workspace --all-targets -- -D warnings
 
+step "cargo doc (ferry-sdk, warnings denied: what a connector author reads)"
+RUSTDOCFLAGS="-D warnings" cargo doc --quiet -p ferry-sdk --no-deps --features testkit
+
 step "cargo test (workspace)"
 cargo test --workspace --no-fail-fast
 

@@ -9,7 +9,7 @@ use serde_json::json;
 const API: &str = "https://api.stripe.com/v1/customers";
 
 async fn kit() -> TestKit {
-    // Built once per test binary; compiled code is cached across runs.
+    // Built once per test binary; the component is compiled once for all its tests.
     TestKit::this_crate()
         .await
         .expect("load")

@@ -16,6 +16,8 @@ mod crypto;
 mod http;
 mod log;
 mod manifest;
+#[cfg(feature = "network")]
+mod network;
 mod oauth;
 mod policy;
 mod settings;
@@ -38,9 +40,11 @@ use wasmtime::{
     Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline,
 };
 
+#[cfg(feature = "network")]
+pub use self::network::ReqwestTransport;
 use self::oauth::TokenCache;
 use self::state::{CallState, ConnectorShared, TokenBucket};
-pub use self::transport::{HttpTransport, ReqwestTransport, WireError, WireRequest, WireResponse};
+pub use self::transport::{HttpTransport, WireError, WireRequest, WireResponse};
 pub use self::wit::latest::{
     ChangeKind, ConnectorError, Event, Manifest, Operation, Page, ParsedWebhook, PushRequest,
     PushResult, RateLimit, RemoteRecord, SecretSpec, SettingSpec, WebhookReply, WebhookRequest,
@@ -88,8 +92,8 @@ pub struct RuntimeConfig {
     /// further calls wait for a free slot.
     pub max_instances: u32,
     /// Where compiled components are cached across restarts (wasmtime's
-    /// own cache, keyed by the bytes and the engine settings); `None` keeps
-    /// the in-memory cache only.
+    /// own cache, keyed by the bytes and the engine settings; feature
+    /// `disk-cache`); `None` keeps the in-memory cache only.
     pub cache_dir: Option<PathBuf>,
     /// Outbound requests per second per connector (token bucket, bursts of
     /// the same size); 0 disables the limit.
@@ -224,16 +228,22 @@ struct RuntimeInner {
     shared: Arc<RuntimeShared>,
     engine: Engine,
     linker: Linker<CallState>,
-    /// Compiled components by sha256 of their bytes.
-    components: Mutex<HashMap<String, Component>>,
+    /// Compiled components by sha256 of their bytes (shared with runtimes
+    /// made by [`Runtime::with_other_transport`]).
+    components: Arc<Mutex<HashMap<String, Component>>>,
     /// One permit per pool slot, so calls beyond the pool wait instead of failing.
     slots: Arc<tokio::sync::Semaphore>,
-    stop_ticker: Arc<AtomicBool>,
+    /// Stops the epoch thread when the last runtime sharing it goes.
+    _ticker: Arc<EpochTicker>,
 }
 
-impl Drop for RuntimeInner {
+/// The epoch thread's stop flag, set when the last runtime sharing the
+/// engine is dropped.
+struct EpochTicker(Arc<AtomicBool>);
+
+impl Drop for EpochTicker {
     fn drop(&mut self) {
-        self.stop_ticker.store(true, Ordering::Relaxed);
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -254,6 +264,7 @@ impl std::fmt::Debug for Runtime {
 
 impl Runtime {
     /// A runtime whose connectors reach the network through [`ReqwestTransport`].
+    #[cfg(feature = "network")]
     pub fn new(config: RuntimeConfig) -> Result<Runtime, RuntimeError> {
         let transport =
             ReqwestTransport::new(config.http_connect_timeout, config.allow_private_hosts)
@@ -281,11 +292,32 @@ impl Runtime {
                 shared: Arc::new(RuntimeShared { config, transport }),
                 engine,
                 linker,
-                components: Mutex::new(HashMap::new()),
+                components: Arc::default(),
                 slots,
-                stop_ticker,
+                _ticker: Arc::new(EpochTicker(stop_ticker)),
             }),
         })
+    }
+
+    /// A runtime that shares this one's engine, instance pool and compiled
+    /// components, but sends its connectors' allowed requests to
+    /// `transport`. The test kit gives each test its own scripted HTTP this
+    /// way without compiling the component again.
+    pub fn with_other_transport(&self, transport: Arc<dyn HttpTransport>) -> Runtime {
+        let inner = &self.inner;
+        Runtime {
+            inner: Arc::new(RuntimeInner {
+                shared: Arc::new(RuntimeShared {
+                    config: inner.shared.config.clone(),
+                    transport,
+                }),
+                engine: inner.engine.clone(),
+                linker: inner.linker.clone(),
+                components: Arc::clone(&inner.components),
+                slots: Arc::clone(&inner.slots),
+                _ticker: Arc::clone(&inner._ticker),
+            }),
+        }
     }
 
     /// The configuration this runtime was built with.
@@ -408,6 +440,14 @@ fn build_engine(config: &RuntimeConfig) -> Result<Engine, RuntimeError> {
         // Traps carry no wasm backtrace: cheaper to raise and a guest's
         // frames mean nothing to the operator.
         .wasm_backtrace_max_frames(None);
+    #[cfg(not(feature = "disk-cache"))]
+    if let Some(dir) = &config.cache_dir {
+        return Err(RuntimeError::Cache(format!(
+            "{}: this build of ferry-runtime has no disk cache (feature `disk-cache`)",
+            dir.display()
+        )));
+    }
+    #[cfg(feature = "disk-cache")]
     if let Some(dir) = &config.cache_dir {
         std::fs::create_dir_all(dir)
             .map_err(|e| RuntimeError::Cache(format!("{}: {e}", dir.display())))?;

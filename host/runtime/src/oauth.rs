@@ -214,8 +214,11 @@ fn parse_token(body: &[u8], generation: u64, grant: [u8; 32]) -> Result<Cached, 
         .and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()))
         .map(|secs| {
             let ttl = Duration::from_secs(secs);
-            let wall = chrono::Utc::now().timestamp_millis()
-                + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2))
+                .unwrap_or(0);
+            let wall = now_ms + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
             (Instant::now() + ttl, wall)
         });
     Ok(Cached {

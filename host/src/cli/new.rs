@@ -132,6 +132,11 @@ serde_json = "1"
 ferry-sdk = {{ version = "{SDK_VERSION}", features = ["testkit"] }}
 tokio = {{ version = "1", features = ["macros", "rt-multi-thread"] }}
 
+[features]
+# `cargo test --features record -- --ignored record_a_session` records the
+# session against a live API (it needs the test kit's HTTP client).
+record = ["ferry-sdk/testkit-record"]
+
 # A crate of its own, even when created inside another workspace.
 [workspace]
 

@@ -154,14 +154,21 @@ async fn from_ferry_connector_new_to_a_live_webhook() {
     assert_eq!(connector["source"], "bundled", "{connector}");
     let manifest = crate_dir.join("Cargo.toml");
     let toml = std::fs::read_to_string(&manifest).expect("Cargo.toml");
-    std::fs::write(&manifest, toml.replacen("version = \"0.1.0\"", "version = \"0.1.1\"", 1))
-        .expect("bump the version");
+    std::fs::write(
+        &manifest,
+        toml.replacen("version = \"0.1.0\"", "version = \"0.1.1\"", 1),
+    )
+    .expect("bump the version");
     let started = Instant::now();
     dev.wait_connector("0.1.1").await;
     times.insert("dev: reload after an edit", started.elapsed());
     dev.stop();
     std::fs::write(&manifest, toml).expect("restore the version");
-    cargo(&crate_dir, &["build", "--quiet", "--target", "wasm32-wasip2", "--release"], &[]);
+    cargo(
+        &crate_dir,
+        &["build", "--quiet", "--target", "wasm32-wasip2", "--release"],
+        &[],
+    );
 
     // 5. Upload it to a running ferry.
     let fake = FakeExampleCrm::start(API_KEY)
@@ -335,7 +342,15 @@ async fn from_ferry_connector_new_to_a_live_webhook() {
         "record",
         cargo(
             &crate_dir,
-            &["test", "--quiet", "--", "--ignored", "record_a_session"],
+            &[
+                "test",
+                "--quiet",
+                "--features",
+                "record",
+                "--",
+                "--ignored",
+                "record_a_session",
+            ],
             &[
                 ("EXAMPLE_API_BASE", &fake.url()),
                 ("EXAMPLE_API_KEY", API_KEY),
@@ -480,17 +495,99 @@ fn check_reports_what_an_upload_would_refuse() {
     assert!(ok, "{report}");
     assert_eq!(report["world"], "0.1.0", "an old-world component");
     let (ok, report) = json(&[
-        "connector", "check", "--json", "--denied-hosts", "*.example.com", &path(&hostile),
+        "connector",
+        "check",
+        "--json",
+        "--denied-hosts",
+        "*.example.com",
+        &path(&hostile),
     ]);
     assert!(!ok);
     assert_eq!(report["refusals"][0]["code"], "forbidden_host", "{report}");
-    assert_eq!(report["manifest"]["name"], "hostile", "the manifest is shown anyway");
-    let (ok, report) = json(&["connector", "check", "--json", "--max-bytes", "1000", &path(&stripe)]);
+    assert_eq!(
+        report["manifest"]["name"], "hostile",
+        "the manifest is shown anyway"
+    );
+    let (ok, report) = json(&[
+        "connector",
+        "check",
+        "--json",
+        "--max-bytes",
+        "1000",
+        &path(&stripe),
+    ]);
     assert!(!ok);
-    assert_eq!(report["refusals"][0]["code"], "component_too_large", "{report}");
+    assert_eq!(
+        report["refusals"][0]["code"], "component_too_large",
+        "{report}"
+    );
     let garbage = tempfile::NamedTempFile::new().expect("temp file");
     std::fs::write(garbage.path(), b"not a component").expect("write");
     let (ok, report) = json(&["connector", "check", "--json", &path(garbage.path())]);
     assert!(!ok);
     assert_eq!(report["refusals"][0]["code"], "not_wasm", "{report}");
+}
+
+/// `ferry-sdk` (with `ferry-runtime`, which its test kit needs) packages as
+/// crates.io would take it, and a scaffold builds against the packages, not
+/// the repository: the WIT and everything else it needs travel inside.
+#[test]
+fn the_sdk_packages_and_builds_outside_the_workspace() {
+    cargo(
+        &repo(),
+        &[
+            "package",
+            "--quiet",
+            "--no-verify",
+            "--allow-dirty",
+            "-p",
+            "ferry-runtime",
+            "-p",
+            "ferry-sdk",
+        ],
+        &[],
+    );
+    let work = tempfile::tempdir().expect("temp dir");
+    let version = env!("CARGO_PKG_VERSION");
+    for package in ["ferry-runtime", "ferry-sdk"] {
+        let archive = target_dir().join(format!("package/{package}-{version}.crate"));
+        let status = Command::new("tar")
+            .arg("xzf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(work.path())
+            .status()
+            .expect("tar");
+        assert!(status.success(), "unpacking {}", archive.display());
+    }
+    let sdk = work.path().join(format!("ferry-sdk-{version}"));
+    assert!(
+        sdk.join("wit/since_v0.2.0/connector.wit").is_file(),
+        "the WIT is packaged"
+    );
+    let crate_dir = work.path().join("packaged");
+    let (output, _) = ferry(&[
+        "connector",
+        "new",
+        "packaged",
+        "--dir",
+        crate_dir.to_str().expect("utf-8 path"),
+        "--sdk-path",
+        sdk.to_str().expect("utf-8 path"),
+        "--runtime-path",
+        work.path()
+            .join(format!("ferry-runtime-{version}"))
+            .to_str()
+            .expect("utf-8 path"),
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    std::fs::copy(repo().join("Cargo.lock"), crate_dir.join("Cargo.lock")).expect("lock file");
+    cargo(
+        &crate_dir,
+        &["build", "--quiet", "--target", "wasm32-wasip2", "--release"],
+        &[],
+    );
+    assert!(target_dir()
+        .join("wasm32-wasip2/release/ferry_connector_packaged.wasm")
+        .is_file());
 }

@@ -5,7 +5,8 @@
 //!
 //! Enable the `testkit` feature in `[dev-dependencies]` (native targets
 //! only). It builds ferry's connector runtime, `ferry-runtime`, and nothing
-//! of the server. Calls take and return the SDK's own types
+//! of the server; `testkit-record` adds the HTTP client that
+//! [`Http::Record`] needs. Calls take and return the SDK's own types
 //! ([`PushRequest`], [`ConnectorError`], ...), so a test reads like the
 //! connector it tests.
 //!
@@ -31,7 +32,8 @@
 //!
 //! The pieces:
 //! - [`TestKit`]: load ([`TestKit::this_crate`], [`TestKit::load_file`],
-//!   [`TestKit::load`]), configure ([`TestKit::setting`],
+//!   [`TestKit::load`]; a test binary compiles each component once),
+//!   configure ([`TestKit::setting`],
 //!   [`TestKit::secret`]) and call ([`TestKit::push`], [`TestKit::fetch`],
 //!   [`TestKit::list`], [`TestKit::verify_webhook`],
 //!   [`TestKit::parse_webhook`], [`TestKit::receive_webhook`]).
@@ -137,7 +139,7 @@ pub enum Http {
     /// Sent to the real network (through the host's policy, which allows
     /// private addresses here so a local service can be recorded), and every
     /// exchange kept; [`TestKit::save_recording`] writes them to the file,
-    /// secrets and tokens scrubbed.
+    /// secrets and tokens scrubbed. Needs the `testkit-record` feature.
     Record(PathBuf),
     /// Answered from a file [`Http::Record`] wrote, without any network.
     Replay(PathBuf),
@@ -186,16 +188,50 @@ impl TestKit {
             path: path.to_owned(),
             source,
         })?;
-        let mut config = default_config();
-        // Compiled code is cached beside the build, so the next test binary
-        // or run does not compile the component again.
-        config.cache_dir = cache_dir_for(path);
-        Self::load_with(wasm, config, http).await
+        Self::load_shared(&wasm, http).await
     }
 
     /// Loads component bytes with scripted HTTP and the default sandbox.
     pub async fn load(wasm: impl AsRef<[u8]>) -> Result<Self, TestKitError> {
-        Self::load_with(wasm, default_config(), Http::Scripted).await
+        Self::load_shared(wasm.as_ref(), Http::Scripted).await
+    }
+
+    /// Loads on one of the process's shared runtimes, so a component is
+    /// compiled once per test binary however many kits load it.
+    async fn load_shared(wasm: &[u8], http: Http) -> Result<Self, TestKitError> {
+        static PRODUCTION: OnceLock<Result<Runtime, String>> = OnceLock::new();
+        static LOCAL: OnceLock<Result<Runtime, String>> = OnceLock::new();
+        // Scripted HTTP runs under the server's own policy; a recording (or
+        // its replay) often ran against a local service, so those may reach
+        // private addresses and plain http.
+        let local = !matches!(http, Http::Scripted);
+        let base = if local { &LOCAL } else { &PRODUCTION }
+            .get_or_init(|| {
+                // Every request goes through a kit's own transport; this
+                // one only exists because a runtime needs one.
+                let nowhere: Arc<dyn HttpTransport> = Arc::new(ScriptedHttp::default());
+                let config = RuntimeConfig {
+                    allow_private_hosts: local,
+                    ..shared_config()
+                };
+                Runtime::with_transport(config, nowhere).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| TestKitError::Runtime(e.clone()))?;
+        let (transport, scripted, tape) = transport_for(&http)?;
+        let runtime = base.with_other_transport(transport);
+        let connector = runtime
+            .load(wasm)
+            .await
+            .map_err(|e| TestKitError::Load(e.to_string()))?;
+        Ok(Self {
+            _runtime: runtime,
+            connector,
+            http: scripted,
+            tape,
+            settings: BTreeMap::new(),
+            secrets: BTreeMap::new(),
+        })
     }
 
     /// Loads component bytes with a given sandbox configuration (for example
@@ -206,26 +242,11 @@ impl TestKit {
         mut config: RuntimeConfig,
         http: Http,
     ) -> Result<Self, TestKitError> {
-        let scripted = Arc::new(ScriptedHttp::default());
-        let tape = match &http {
-            Http::Scripted => None,
-            Http::Record(path) => {
-                // A recording runs against a real service, often a local one.
-                config.allow_private_hosts = true;
-                Some(Arc::new(tape::TapeTransport::record(
-                    path.clone(),
-                    config.http_connect_timeout,
-                )?))
-            }
-            Http::Replay(path) => {
-                config.allow_private_hosts = true;
-                Some(Arc::new(tape::TapeTransport::replay(path)?))
-            }
-        };
-        let transport: Arc<dyn HttpTransport> = match &tape {
-            Some(tape) => tape.clone(),
-            None => scripted.clone(),
-        };
+        if !matches!(http, Http::Scripted) {
+            // A recording runs against a real service, often a local one.
+            config.allow_private_hosts = true;
+        }
+        let (transport, scripted, tape) = transport_for(&http)?;
         let runtime = Runtime::with_transport(config, transport)
             .map_err(|e| TestKitError::Runtime(e.to_string()))?;
         let connector = runtime
@@ -356,22 +377,38 @@ impl TestKit {
     }
 }
 
-/// A small sandbox: each kit has its own instance pool, and each slot
-/// reserves address space, so tests running side by side must not reserve
-/// thousands.
-fn default_config() -> RuntimeConfig {
+/// The sandbox the kits of a test binary share: the server's limits and a
+/// small instance pool (each slot reserves address space).
+fn shared_config() -> RuntimeConfig {
     RuntimeConfig {
-        max_instances: 8,
+        max_instances: 32,
         ..RuntimeConfig::default()
     }
 }
 
-/// `<target>/ferry-testkit-cache` for a component under
-/// `<target>/wasm32-wasip2/<profile>/`, else none.
-fn cache_dir_for(wasm: &Path) -> Option<PathBuf> {
-    let target = wasm.parent()?.parent()?.parent()?;
-    (wasm.parent()?.parent()?.file_name()? == "wasm32-wasip2")
-        .then(|| target.join("ferry-testkit-cache"))
+type Transports = (
+    Arc<dyn HttpTransport>,
+    Arc<ScriptedHttp>,
+    Option<Arc<tape::TapeTransport>>,
+);
+
+/// The transport a kit's calls go through, its script (used when `http`
+/// is scripted) and its tape (when recording or replaying).
+fn transport_for(http: &Http) -> Result<Transports, TestKitError> {
+    let scripted = Arc::new(ScriptedHttp::default());
+    let tape = match http {
+        Http::Scripted => None,
+        Http::Record(path) => Some(Arc::new(tape::TapeTransport::record(
+            path.clone(),
+            RuntimeConfig::default().http_connect_timeout,
+        )?)),
+        Http::Replay(path) => Some(Arc::new(tape::TapeTransport::replay(path)?)),
+    };
+    let transport: Arc<dyn HttpTransport> = match &tape {
+        Some(tape) => tape.clone(),
+        None => scripted.clone(),
+    };
+    Ok((transport, scripted, tape))
 }
 
 /// A push request with version 1 and idempotency key `"{local_id}-v1"`;

@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use ferry_runtime::{HttpTransport, ReqwestTransport, WireError, WireRequest, WireResponse};
+#[cfg(feature = "testkit-record")]
+use ferry_runtime::ReqwestTransport;
+use ferry_runtime::{HttpTransport, WireError, WireRequest, WireResponse};
 use serde::{Deserialize, Serialize};
 
 use super::TestKitError;
@@ -110,9 +112,11 @@ fn tokens_in(body: &[u8]) -> Vec<String> {
 }
 
 enum Mode {
+    // Only built with the `testkit-record` feature.
+    #[cfg_attr(not(feature = "testkit-record"), allow(dead_code))]
     Record {
         path: PathBuf,
-        real: ReqwestTransport,
+        real: Arc<dyn HttpTransport>,
         recorded: Arc<Mutex<Vec<Exchange>>>,
     },
     Replay {
@@ -127,9 +131,12 @@ pub(super) struct TapeTransport {
 }
 
 impl TapeTransport {
+    #[cfg(feature = "testkit-record")]
     pub(super) fn record(path: PathBuf, connect_timeout: Duration) -> Result<Self, TestKitError> {
-        let real = ReqwestTransport::new(connect_timeout, true)
-            .map_err(|e| TestKitError::Runtime(e.to_string()))?;
+        let real: Arc<dyn HttpTransport> = Arc::new(
+            ReqwestTransport::new(connect_timeout, true)
+                .map_err(|e| TestKitError::Runtime(e.to_string()))?,
+        );
         Ok(Self {
             mode: Mode::Record {
                 path,
@@ -137,6 +144,13 @@ impl TapeTransport {
                 recorded: Arc::default(),
             },
         })
+    }
+
+    #[cfg(not(feature = "testkit-record"))]
+    pub(super) fn record(_: PathBuf, _: Duration) -> Result<Self, TestKitError> {
+        Err(TestKitError::Tape(
+            "recording needs ferry-sdk's `testkit-record` feature (it adds an HTTP client)".into(),
+        ))
     }
 
     pub(super) fn replay(path: &Path) -> Result<Self, TestKitError> {

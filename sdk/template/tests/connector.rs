@@ -10,8 +10,8 @@ const API: &str = "https://api.example-crm.com/v1/contacts";
 const WEBHOOK_SECRET: &str = "whsec_test";
 
 async fn kit() -> TestKit {
-    // Builds this crate once per test binary; the compiled code is cached
-    // under target/, so later runs start in milliseconds.
+    // Builds this crate once per test binary, and compiles the component
+    // once however many tests load it.
     TestKit::this_crate()
         .await
         .expect("build and load the connector")
@@ -286,7 +286,8 @@ const SESSION: &str = "tests/fixtures/session.json";
 
 /// Runs the session against a live API and saves it (secrets scrubbed) for
 /// the replay test. Run it when the API changes:
-/// `EXAMPLE_API_BASE=https://… EXAMPLE_API_KEY=… cargo test -- --ignored record_a_session`
+/// `EXAMPLE_API_BASE=https://… EXAMPLE_API_KEY=… cargo test --features record -- --ignored record_a_session`
+#[cfg(feature = "record")]
 #[tokio::test]
 #[ignore = "needs a live Example CRM API: set EXAMPLE_API_BASE and EXAMPLE_API_KEY"]
 async fn record_a_session() {
