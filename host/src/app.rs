@@ -63,6 +63,7 @@ pub struct App {
     kafka: Option<crate::bus::kafka::KafkaSettings>,
     kafka_topic_prefix: String,
     redelivery_after: Duration,
+    reconcile: crate::sync::reconcile::ReconcileOptions,
 }
 
 impl App {
@@ -176,6 +177,13 @@ impl App {
                 inbound: crate::sync::inbound::InboundPolicies {
                     delete: config.inbound_delete_policy,
                     conflict: config.conflict_policy,
+                    field_owners: config.field_owners.clone(),
+                    duplicate_email: config.duplicate_email_policy,
+                    duplicate_email_by_connector: config
+                        .connectors
+                        .iter()
+                        .filter_map(|(name, c)| c.duplicate_email.map(|d| (name.clone(), d)))
+                        .collect(),
                 },
                 // Cluster mode: fresh inbox events go through Kafka; the
                 // inbox loop takes what the bus did not deliver in time.
@@ -226,6 +234,20 @@ impl App {
             kafka,
             kafka_topic_prefix: config.kafka_topic_prefix.clone(),
             redelivery_after: config.bus_redelivery_after,
+            reconcile: crate::sync::reconcile::ReconcileOptions {
+                max_delete_share: config.reconcile_max_delete_share,
+                schedules: config
+                    .connectors
+                    .iter()
+                    .filter_map(|(name, c)| {
+                        Some(crate::sync::reconcile::Schedule {
+                            connector: name.clone(),
+                            every: c.reconcile_every?,
+                            repair: c.reconcile_repair.unwrap_or_default(),
+                        })
+                    })
+                    .collect(),
+            },
         })
     }
 
@@ -281,6 +303,12 @@ impl App {
         let state = &self.state;
         tasks.spawn(state.sync.clone().run_scheduler(self.cancel.clone()));
         tasks.spawn(state.sync.clone().run_inbox(self.cancel.clone()));
+        tasks.spawn(
+            state
+                .sync
+                .clone()
+                .run_reconciler(self.reconcile.clone(), self.cancel.clone()),
+        );
         match &self.kafka {
             None => {
                 tasks.spawn(crate::bus::run_embedded_relay(

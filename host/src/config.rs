@@ -123,6 +123,16 @@ pub struct Config {
     /// Fields changed differently on both sides: `last_writer_wins`,
     /// `prefer_local`, `prefer_remote` or `flag` (a person resolves them).
     pub conflict_policy: crate::sync::merge::ConflictPolicy,
+    /// A remote record whose email belongs to another customer: `reject`,
+    /// `flag`, `merge` or `auto_rename` (per connector:
+    /// `connectors.NAME.duplicate_email`).
+    pub duplicate_email_policy: crate::sync::inbound::DuplicateEmail,
+    /// Fields a system owns, whose value wins: `{ phone = "salesforce" }`.
+    #[serde(default)]
+    pub field_owners: crate::sync::merge::FieldOwners,
+    /// A reconciliation aborts, repairing nothing, when it would delete or
+    /// unlink more than this share of a connector's links.
+    pub reconcile_max_delete_share: f64,
     /// Per-connector settings and secrets from the file or environment
     /// (`FERRY_CONNECTORS__STRIPE__SECRETS__API_KEY=sk_test_...`). Settings
     /// stored through the API take precedence.
@@ -144,6 +154,16 @@ pub struct ConnectorSettingsConfig {
     /// Secret values by name.
     #[serde(default)]
     pub secrets: BTreeMap<String, SecretString>,
+    /// Overrides `duplicate_email_policy` for this connector.
+    #[serde(default)]
+    pub duplicate_email: Option<crate::sync::inbound::DuplicateEmail>,
+    /// Runs a reconciliation this often (`24h`); unset: only on demand.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub reconcile_every: Option<Duration>,
+    /// What a scheduled reconciliation repairs: `report` (the default),
+    /// `push_local`, `pull_remote` or `merge`.
+    #[serde(default)]
+    pub reconcile_repair: Option<crate::sync::reconcile::Repair>,
 }
 
 impl std::fmt::Debug for ConnectorSettingsConfig {
@@ -152,6 +172,9 @@ impl std::fmt::Debug for ConnectorSettingsConfig {
             .field("enabled", &self.enabled)
             .field("settings", &self.settings)
             .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
+            .field("duplicate_email", &self.duplicate_email)
+            .field("reconcile_every", &self.reconcile_every)
+            .field("reconcile_repair", &self.reconcile_repair)
             .finish()
     }
 }
@@ -200,6 +223,12 @@ impl std::fmt::Debug for Config {
             .field("breaker_cooldown", &self.breaker_cooldown)
             .field("inbound_delete_policy", &self.inbound_delete_policy)
             .field("conflict_policy", &self.conflict_policy)
+            .field("duplicate_email_policy", &self.duplicate_email_policy)
+            .field("field_owners", &self.field_owners)
+            .field(
+                "reconcile_max_delete_share",
+                &self.reconcile_max_delete_share,
+            )
             .field("connectors", &self.connectors)
             .finish()
     }
@@ -233,6 +262,8 @@ struct Defaults {
     breaker_cooldown: &'static str,
     inbound_delete_policy: &'static str,
     conflict_policy: &'static str,
+    duplicate_email_policy: &'static str,
+    reconcile_max_delete_share: f64,
 }
 
 const DEFAULTS: Defaults = Defaults {
@@ -261,6 +292,8 @@ const DEFAULTS: Defaults = Defaults {
     breaker_cooldown: "30s",
     inbound_delete_policy: "soft_delete",
     conflict_policy: "last_writer_wins",
+    duplicate_email_policy: "reject",
+    reconcile_max_delete_share: 0.1,
 };
 
 /// Why the configuration was refused.
@@ -334,6 +367,16 @@ impl Config {
         if self.connector_max_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "connector_max_bytes must be at least 1024".into(),
+            ));
+        }
+        if let Some(key) = self.field_owners.invalid_key() {
+            return Err(ConfigError::Invalid(format!(
+                "field_owners: `{key}` is not a field (name, email, phone, address[.line1|line2|city|state|postal_code|country], metadata[.KEY])"
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.reconcile_max_delete_share) {
+            return Err(ConfigError::Invalid(
+                "reconcile_max_delete_share must be between 0 and 1".into(),
             ));
         }
         if self.max_body_bytes < 1024 {
@@ -450,6 +493,13 @@ fn host_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, 
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .collect())
+}
+
+/// An optional [`duration`].
+fn optional_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    duration(deserializer).map(Some)
 }
 
 /// Seconds as a number, or a number with an `ms`, `s`, `m`, `h` or `d` suffix.

@@ -57,6 +57,24 @@ pub struct ConnectorSummary {
     pub problem: Option<String>,
     /// This replica's circuit breaker for it.
     pub breaker: BreakerView,
+    /// The newest reconciliation or backfill run of it.
+    pub last_reconciliation: Option<LastReconciliation>,
+    /// True until its first reconciliation or backfill: bring the data
+    /// already on both sides into sync with
+    /// `POST /api/v1/connectors/{name}/enable?backfill=true` or
+    /// `POST /api/v1/reconciliations {"mode": "backfill"}`.
+    pub backfill_offered: bool,
+}
+
+/// A connector's newest run.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LastReconciliation {
+    /// `rec_…`
+    pub id: String,
+    /// `reconcile` or `backfill`.
+    pub mode: String,
+    /// `running`, `completed`, `failed` or `aborted`.
+    pub status: String,
 }
 
 /// The connectors.
@@ -128,10 +146,11 @@ fn yes() -> bool {
     true
 }
 
-fn summary(state: &AppState, entry: &Entry) -> ConnectorSummary {
+async fn summary(state: &AppState, entry: &Entry) -> Result<ConnectorSummary, ApiError> {
     let active = entry.active.as_ref();
     let effective = &entry.effective;
-    ConnectorSummary {
+    let last = state.store.latest_run(&entry.name).await?;
+    Ok(ConnectorSummary {
         name: entry.name.clone(),
         state: effective.switch,
         enabled: effective.switch == Switch::Enabled,
@@ -146,7 +165,13 @@ fn summary(state: &AppState, entry: &Entry) -> ConnectorSummary {
         secrets: effective.secret_names.clone(),
         problem: effective.problem.clone(),
         breaker: state.sync.breakers().view(&entry.name),
-    }
+        backfill_offered: last.is_none(),
+        last_reconciliation: last.map(|run| LastReconciliation {
+            id: run.id,
+            mode: run.mode,
+            status: run.status,
+        }),
+    })
 }
 
 fn version_view(meta: VersionMeta, active: Option<&str>) -> ConnectorVersion {
@@ -164,12 +189,12 @@ fn version_view(meta: VersionMeta, active: Option<&str>) -> ConnectorVersion {
     }
 }
 
-fn current(state: &AppState, name: &str) -> Result<Json<ConnectorSummary>, ApiError> {
+async fn current(state: &AppState, name: &str) -> Result<Json<ConnectorSummary>, ApiError> {
     let entry = state
         .registry
         .entry(name)
         .ok_or(ApiError::ConnectorNotFound)?;
-    Ok(Json(summary(state, &entry)))
+    Ok(Json(summary(state, &entry).await?))
 }
 
 /// `true` or `false` in a query string.
@@ -294,14 +319,12 @@ pub async fn upload_connector(
 pub async fn list_connectors(
     State(state): State<AppState>,
     _principal: Principal,
-) -> Json<ConnectorList> {
-    let data = state
-        .registry
-        .entries()
-        .iter()
-        .map(|entry| summary(&state, entry))
-        .collect();
-    Json(ConnectorList { data })
+) -> Result<Json<ConnectorList>, ApiError> {
+    let mut data = Vec::new();
+    for entry in state.registry.entries() {
+        data.push(summary(&state, &entry).await?);
+    }
+    Ok(Json(ConnectorList { data }))
 }
 
 /// Get one connector.
@@ -320,7 +343,7 @@ pub async fn get_connector(
     _principal: Principal,
     Path(name): Path<String>,
 ) -> Result<Json<ConnectorSummary>, ApiError> {
-    current(&state, &name)
+    current(&state, &name).await
 }
 
 /// List a connector's versions.
@@ -379,16 +402,23 @@ pub async fn activate(
 ) -> Result<Json<ConnectorSummary>, ApiError> {
     let request: Activate = parse_json(&body)?;
     state.registry.activate(&name, &request.version).await?;
-    current(&state, &name)
+    current(&state, &name).await
 }
 
 /// Enable a connector.
 ///
 /// Changes are pushed and webhooks accepted again; pushes that waited while
 /// it was disabled go out at once. Needs every required setting and secret.
+///
+/// `?backfill=true` also starts a backfill (docs/reconciliation.md): remote
+/// records are imported or linked by email, local customers pushed; the
+/// run is in `last_reconciliation`.
 #[utoipa::path(
     post, path = "/api/v1/connectors/{name}/enable", tag = "connectors",
-    params(("name" = String, Path, description = "Connector name")),
+    params(
+        ("name" = String, Path, description = "Connector name"),
+        ("backfill" = Option<bool>, Query, description = "Also start a backfill run"),
+    ),
     responses(
         (status = 200, description = "The connector", body = ConnectorSummary),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
@@ -401,9 +431,20 @@ pub async fn enable(
     State(state): State<AppState>,
     _principal: Principal,
     Path(name): Path<String>,
+    QueryPairs(pairs): QueryPairs,
 ) -> Result<Json<ConnectorSummary>, ApiError> {
+    let backfill = bool_param(&pairs, "backfill", false)?;
     state.registry.set_enabled(&name, true).await?;
-    current(&state, &name)
+    if backfill {
+        super::reconciliations::start(
+            &state,
+            &name,
+            crate::sync::reconcile::Mode::Backfill,
+            crate::sync::reconcile::Repair::Merge,
+        )
+        .await?;
+    }
+    current(&state, &name).await
 }
 
 /// Disable a connector.
@@ -427,7 +468,7 @@ pub async fn disable(
     Path(name): Path<String>,
 ) -> Result<Json<ConnectorSummary>, ApiError> {
     state.registry.set_enabled(&name, false).await?;
-    current(&state, &name)
+    current(&state, &name).await
 }
 
 /// Delete a connector.
@@ -508,7 +549,7 @@ pub async fn put_settings(
             },
         )
         .await?;
-    current(&state, &name)
+    current(&state, &name).await
 }
 
 /// Routes under `/api/v1/connectors`.

@@ -134,6 +134,21 @@ pub enum ApiError {
     /// The conflict was already resolved.
     #[error("the conflict is not open")]
     ConflictNotOpen,
+    /// A reconciliation of the connector is going (its id).
+    #[error("reconciliation {0} of this connector is still running")]
+    ReconciliationRunning(String),
+    /// No reconciliation run has this id.
+    #[error("no reconciliation with this id")]
+    ReconciliationNotFound,
+    /// The run has no finding with this id.
+    #[error("the reconciliation has no finding with this id")]
+    MismatchNotFound,
+    /// The finding was repaired or resolved already.
+    #[error("the finding is not open")]
+    MismatchNotOpen,
+    /// The connector is disabled or unconfigured.
+    #[error("the connector is not ready: {0}")]
+    ConnectorNotReady(String),
     /// A webhook's signature did not verify.
     #[error("the webhook signature did not verify: {0}")]
     InvalidSignature(String),
@@ -176,8 +191,13 @@ impl ApiError {
             | Self::ConnectorNotFound
             | Self::ConnectorVersionNotFound(_)
             | Self::DeadLetterNotFound
-            | Self::ConflictNotFound => StatusCode::NOT_FOUND,
-            Self::ConflictNotOpen => StatusCode::CONFLICT,
+            | Self::ConflictNotFound
+            | Self::ReconciliationNotFound
+            | Self::MismatchNotFound => StatusCode::NOT_FOUND,
+            Self::ConflictNotOpen
+            | Self::MismatchNotOpen
+            | Self::ReconciliationRunning(_)
+            | Self::ConnectorNotReady(_) => StatusCode::CONFLICT,
             Self::MasterKeyRequired => StatusCode::CONFLICT,
             Self::ConnectorNotLoaded(_) | Self::ConnectorInUse { .. } | Self::VersionExists(_) => {
                 StatusCode::CONFLICT
@@ -220,6 +240,11 @@ impl ApiError {
             Self::DeadLetterNotFound => "dead_letter_not_found",
             Self::ConflictNotFound => "conflict_not_found",
             Self::ConflictNotOpen => "conflict_not_open",
+            Self::ReconciliationRunning(_) => "reconciliation_running",
+            Self::ReconciliationNotFound => "reconciliation_not_found",
+            Self::MismatchNotFound => "mismatch_not_found",
+            Self::MismatchNotOpen => "mismatch_not_open",
+            Self::ConnectorNotReady(_) => "connector_not_ready",
             Self::MasterKeyRequired => "master_key_not_configured",
             Self::InvalidSignature(_) => "invalid_signature",
             Self::InvalidWebhook(_) => "invalid_webhook",
@@ -252,6 +277,11 @@ impl ApiError {
             Self::DeadLetterNotFound => "Dead letter not found",
             Self::ConflictNotFound => "Conflict not found",
             Self::ConflictNotOpen => "Conflict not open",
+            Self::ReconciliationRunning(_) => "Reconciliation running",
+            Self::ReconciliationNotFound => "Reconciliation not found",
+            Self::MismatchNotFound => "Finding not found",
+            Self::MismatchNotOpen => "Finding not open",
+            Self::ConnectorNotReady(_) => "Connector not ready",
             Self::MasterKeyRequired => "Master key not configured",
             Self::InvalidSignature(_) => "Invalid signature",
             Self::InvalidWebhook(_) => "Invalid webhook",

@@ -8,6 +8,7 @@ pub mod dead_letters;
 pub mod error;
 pub mod extract;
 pub mod idempotency;
+pub mod reconciliations;
 pub mod webhooks;
 
 use axum::extract::{DefaultBodyLimit, State};
@@ -54,6 +55,11 @@ use crate::app::AppState;
         conflicts::list_conflicts,
         conflicts::get_conflict,
         conflicts::resolve_conflict,
+        reconciliations::start_reconciliation,
+        reconciliations::list_reconciliations,
+        reconciliations::get_reconciliation,
+        reconciliations::list_mismatches,
+        reconciliations::resolve_mismatch,
         healthz,
         readyz,
     ),
@@ -63,6 +69,7 @@ use crate::app::AppState;
         (name = "customers", description = "The customer catalog"),
         (name = "connectors", description = "Connectors: upload, versions, activation, switches and configuration"),
         (name = "sync", description = "Sync status and dead letters"),
+        (name = "reconciliation", description = "Reconciliation and backfill runs, their reports and findings"),
         (name = "webhooks", description = "Public endpoints remote systems deliver changes to"),
         (name = "health", description = "Probes"),
     )
@@ -126,7 +133,8 @@ pub fn router(state: AppState) -> Router {
         .merge(customers::router())
         .merge(connectors::router(state.settings.max_component_bytes))
         .merge(dead_letters::router())
-        .merge(conflicts::router());
+        .merge(conflicts::router())
+        .merge(reconciliations::router());
     Router::new()
         .nest("/api/v1", v1)
         .merge(webhooks::router())

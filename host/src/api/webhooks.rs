@@ -119,6 +119,7 @@ pub async fn receive(
             record,
             origin_key: event.origin_key,
             remote_type: event.remote_type,
+            policy: None,
         });
     }
     let correlation_id = request_id(&headers);

@@ -31,6 +31,9 @@ pub struct NewInboxEvent {
     pub origin_key: Option<String>,
     /// The remote's own event type.
     pub remote_type: String,
+    /// A conflict policy (its `snake_case` name) to apply this event with
+    /// instead of the configured one; set by reconciliation repairs.
+    pub policy: Option<String>,
 }
 
 /// One inbox row.
@@ -72,11 +75,14 @@ pub struct InboxEvent {
     pub lease_token: Option<String>,
     /// When it arrived.
     pub received_at: DateTime<Utc>,
+    /// The conflict policy it is applied with, if not the configured one.
+    #[serde(skip)]
+    pub policy: Option<String>,
 }
 
 const INBOX_COLUMNS: &str = "seq, connector, event_id, entity, kind, remote_id, occurred_at_ms, \
      record, origin_key, remote_type, state, attempts, detail, customer_id, correlation_id, \
-     lease_token, received_at";
+     lease_token, received_at, policy";
 
 /// What applying a remote change does to the customer.
 #[derive(Debug, Clone)]
@@ -124,10 +130,21 @@ pub struct InboundChange {
     /// The local customer the link belongs to (for `None` and `Update` and
     /// `Delete`; a `Create` links the new customer).
     pub link_customer: Option<CustomerId>,
+    /// A customer whose link to this remote record moves to
+    /// `link_customer` (a duplicate email merged into its owner).
+    pub unlink_customer: Option<CustomerId>,
+    /// Whether the remote record is linked to `link_customer` (false: a
+    /// flagged duplicate, recorded as a conflict on the customer that has
+    /// its email and left unlinked).
+    pub link_remote: bool,
     /// The remote state to keep as the last synced snapshot.
     pub snapshot: Option<serde_json::Value>,
     /// Whether the remote already holds the result (nothing to push back).
     pub remote_has_result: bool,
+    /// Push this version of the customer to the connector again, under a
+    /// new idempotency key: the remote lacks a value the merge kept and no
+    /// new version will carry it (see [`Store::force_push`]).
+    pub push_back: Option<i64>,
     /// `applied` or `skipped`.
     pub outcome: &'static str,
     /// Why, for a skip or a merge.
@@ -165,8 +182,9 @@ impl Store {
                 for event in *events {
                     new += sqlx::query(
                         "INSERT INTO inbox (connector, event_id, entity, kind, remote_id, occurred_at_ms, \
-                         record, origin_key, remote_type, state, next_attempt_at_ms, correlation_id, received_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12) \
+                         record, origin_key, remote_type, state, next_attempt_at_ms, correlation_id, received_at, \
+                         policy) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12, $13) \
                          ON CONFLICT (connector, event_id) DO NOTHING",
                     )
                     .bind(*connector)
@@ -181,6 +199,7 @@ impl Store {
                     .bind(at.timestamp_millis())
                     .bind(*correlation_id)
                     .bind(at)
+                    .bind(&event.policy)
                     .execute(&mut *tx)
                     .await?
                     .rows_affected() as usize;
@@ -458,7 +477,18 @@ impl Store {
                 .as_ref()
                 .map(|c| c.id.clone())
                 .or_else(|| change.link_customer.clone());
-            if let Some(link_customer) = &link_customer {
+            if let Some(old) = &change.unlink_customer {
+                sqlx::query(
+                    "UPDATE sync_links SET remote_id = NULL, snapshot = NULL, pushed_hash = NULL, \
+                     pending_version = NULL, updated_at = $3 WHERE customer_id = $1 AND connector = $2",
+                )
+                .bind(old.as_str())
+                .bind(&event.connector)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+            }
+            if let Some(link_customer) = link_customer.as_ref().filter(|_| change.link_remote) {
                 let version = customer.as_ref().map(|c| c.version).unwrap_or(0);
                 let remote_deleted = event.kind == "delete";
                 // A change the remote already holds is synced at its new
@@ -494,6 +524,16 @@ impl Store {
                     sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::RemoteIdTaken,
                     _ => StoreError::Database(e),
                 })?;
+            }
+            if let (Some(version), Some(link_customer)) = (change.push_back, &link_customer) {
+                sqlx::query(super::sync::FORCE_PUSH_SQL)
+                    .bind(link_customer.as_str())
+                    .bind(&event.connector)
+                    .bind(version)
+                    .bind(at.timestamp_millis())
+                    .bind(at)
+                    .execute(&mut *tx)
+                    .await?;
             }
             if let Some(conflict) = &change.conflict {
                 let conflict_id = format!("cf_{}", uuid::Uuid::now_v7().simple());

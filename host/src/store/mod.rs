@@ -22,6 +22,7 @@ pub mod customers;
 pub mod idempotency;
 pub mod inbox;
 pub mod outbox;
+pub mod reconciliations;
 pub mod sync;
 
 use std::str::FromStr;

@@ -83,10 +83,13 @@ pub struct SyncLink {
     pub pushed_at_ms: i64,
     /// The open conflict that holds this link, if any.
     pub held_by: Option<String>,
+    /// Pushes a repair forced at a version the remote already had a push
+    /// for (part of the idempotency key, see [`Store::force_push`]).
+    pub repairs: i32,
 }
 
 #[derive(sqlx::FromRow)]
-struct SyncLinkRow {
+pub(super) struct SyncLinkRow {
     customer_id: String,
     connector: String,
     remote_id: Option<String>,
@@ -106,6 +109,7 @@ struct SyncLinkRow {
     remote_seen_at_ms: i64,
     pushed_at_ms: i64,
     held_by: Option<String>,
+    repairs: i32,
 }
 
 impl From<SyncLinkRow> for SyncLink {
@@ -130,6 +134,7 @@ impl From<SyncLinkRow> for SyncLink {
             remote_seen_at_ms: row.remote_seen_at_ms,
             pushed_at_ms: row.pushed_at_ms,
             held_by: row.held_by,
+            repairs: row.repairs,
         }
     }
 }
@@ -138,9 +143,11 @@ macro_rules! link_columns {
     () => {
         "customer_id, connector, remote_id, remote_deleted, wanted_version, synced_version, \
          pushed_hash, snapshot, pending_version, state, attempts, next_attempt_at_ms, \
-         lease_token, last_error, correlation_id, updated_at, remote_seen_at_ms, pushed_at_ms, held_by"
+         lease_token, last_error, correlation_id, updated_at, remote_seen_at_ms, pushed_at_ms, held_by, \
+         repairs"
     };
 }
+pub(super) use link_columns;
 
 /// A change the bus delivered: customer `customer_id` reached `version`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -316,6 +323,20 @@ pub struct ListDeadLetters {
 pub fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
+
+/// Makes a link push `$3` (the customer's current version) again under a
+/// new idempotency key: the remote drifted from what ferry pushed, or lacks
+/// a value a merge kept. `$1` customer, `$2` connector, `$4` now (ms), `$5`
+/// now. A link in backoff keeps its schedule (its attempt pushes anyway).
+pub(crate) const FORCE_PUSH_SQL: &str = "UPDATE sync_links SET pushed_hash = NULL, \
+    repairs = repairs + 1, \
+    synced_version = CASE WHEN synced_version >= $3 THEN $3 - 1 ELSE synced_version END, \
+    wanted_version = CASE WHEN wanted_version < $3 THEN $3 ELSE wanted_version END, \
+    attempts = CASE WHEN state IN ('synced', 'dead') THEN 0 ELSE attempts END, \
+    next_attempt_at_ms = CASE WHEN state IN ('synced', 'dead') THEN $4 ELSE next_attempt_at_ms END, \
+    state = CASE WHEN state IN ('synced', 'dead') THEN 'pending' ELSE state END, \
+    updated_at = $5 \
+    WHERE customer_id = $1 AND connector = $2 AND remote_id IS NOT NULL AND NOT remote_deleted";
 
 // Upserts a link for a change. A newer version re-opens a synced or
 // dead-lettered link; a link waiting in backoff keeps its schedule (its next

@@ -15,7 +15,7 @@
 //! row and any conflict. The outbox event then fans out to every other
 //! connector through the normal outbound path.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -23,13 +23,16 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::merge::{merge, ConflictPolicy, Sides};
+use super::merge::{merge_owned, ConflictPolicy, FieldOwners, Resolution, Sides};
 use super::outbound::canonical_record;
 use super::SyncEngine;
 use crate::runtime::{CallError, ConnectorError};
 use crate::store::inbox::{Applied, CustomerWrite, InboundChange, InboxEvent, NewConflict};
 use crate::store::sync::now_ms;
 use crate::store::{Address, Customer, CustomerFields, CustomerId, ListCustomers, StoreError};
+
+/// The `remote_type` of the inbox events a reconciliation's repairs store.
+pub const RECONCILIATION: &str = "reconciliation";
 
 /// Inbox events claimed per round.
 const INBOX_BATCH: u32 = 128;
@@ -322,7 +325,27 @@ impl SyncEngine {
                 Some(_) => return self.skip(event, "the customer was deleted locally").await,
                 None => return self.skip(event, "the linked customer does not exist").await,
             },
-            None => (self.customer_by_email(&remote).await?, None),
+            None => match self.customer_by_email(&remote).await? {
+                Some(owner) => {
+                    let taken = inner
+                        .store
+                        .links_of(owner.id.as_str())
+                        .await?
+                        .into_iter()
+                        .find(|l| {
+                            l.connector == event.connector
+                                && !l.remote_deleted
+                                && l.remote_id.as_deref().is_some_and(|r| r != event.remote_id)
+                        });
+                    match taken {
+                        Some(taken) => {
+                            return self.apply_duplicate(event, remote, owner, taken).await
+                        }
+                        None => (Some(owner), None),
+                    }
+                }
+                None => (None, None),
+            },
         };
         let Some(customer) = customer else {
             let Some(fields) = fields_of(&remote) else {
@@ -335,8 +358,11 @@ impl SyncEngine {
                     event: event.clone(),
                     customer: CustomerWrite::Create(fields),
                     link_customer: None,
+                    unlink_customer: None,
+                    link_remote: true,
                     snapshot: Some(remote),
                     remote_has_result: true,
+                    push_back: None,
                     outcome: "applied",
                     detail: Some("created from the remote record".into()),
                     conflict: None,
@@ -345,7 +371,8 @@ impl SyncEngine {
         };
 
         let local = local_record(&customer)?;
-        let merged = merge(
+        let policy = self.event_policy(event);
+        let merged = merge_owned(
             Sides {
                 base: base.as_ref(),
                 local: &local,
@@ -353,22 +380,79 @@ impl SyncEngine {
                 local_changed_at_ms: customer.updated_at.timestamp_millis(),
                 remote_changed_at_ms: event.occurred_at_ms,
             },
-            inner.conflict_policy,
+            policy,
+            &inner.field_owners,
+            &event.connector,
         );
-        let conflict = (!merged.conflicts.is_empty()).then(|| NewConflict {
-            policy: serde_json::to_value(inner.conflict_policy)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
+        let mut conflict = (!merged.conflicts.is_empty()).then(|| NewConflict {
+            policy: policy_name(policy),
             fields: serde_json::to_value(&merged.conflicts).unwrap_or_default(),
             open: merged.has_pending_conflicts(),
         });
-        let Some(fields) = fields_of(&merged.merged) else {
+        let Some(mut fields) = fields_of(&merged.merged) else {
             return Err(Failure::Permanent("the merged record has no email".into()));
         };
+        let mut detail_prefix = String::new();
+        if fields.email != customer.email {
+            if let Some(owner) = self
+                .other_customer_with(&fields.email, &customer.id)
+                .await?
+            {
+                match self.duplicate_email_policy(&event.connector) {
+                    DuplicateEmail::Reject => {
+                        return Err(Failure::Permanent(format!(
+                            "the email {} belongs to customer {}; duplicate_email policy is reject",
+                            fields.email,
+                            owner.id.as_str()
+                        )))
+                    }
+                    DuplicateEmail::Flag => {
+                        conflict = Some(NewConflict {
+                            policy: "duplicate_email".to_owned(),
+                            fields: serde_json::json!([{
+                                "field": "email",
+                                "base": base.as_ref().and_then(|b| b.get("email")).cloned(),
+                                "local": customer.email,
+                                "remote": fields.email,
+                                "resolution": Resolution::Pending,
+                                "detail": format!("the remote email belongs to customer {}", owner.id.as_str()),
+                            }]),
+                            open: true,
+                        });
+                        fields.email = customer.email.clone();
+                    }
+                    DuplicateEmail::AutoRename => {
+                        fields.email =
+                            renamed_email(&fields.email, &event.connector, &event.remote_id);
+                        detail_prefix = format!("email rewritten to {}; ", fields.email);
+                    }
+                    DuplicateEmail::Merge => {
+                        // The remote record now stands for the customer
+                        // that has its email: relink it there and merge
+                        // into that customer as a first sync (no snapshot).
+                        let detail = format!(
+                            "relinked from customer {} to customer {}, whose email it has",
+                            customer.id.as_str(),
+                            owner.id.as_str()
+                        );
+                        return self
+                            .merge_first_sync(
+                                event,
+                                remote,
+                                owner,
+                                Some(customer.id.clone()),
+                                &detail,
+                            )
+                            .await;
+                    }
+                }
+            }
+        }
         // The remote holds the result when nothing local survived the merge.
-        let remote_has_result = merged.local_changed.is_empty() && conflict.is_none();
-        let change = if merged.changes_local(&local) {
+        let remote_has_result =
+            merged.local_changed.is_empty() && conflict.is_none() && merged.overridden.is_empty();
+        let changes_local = merged.changes_local(&local) || fields.email != customer.email;
+        let change = if changes_local {
             CustomerWrite::Update {
                 id: customer.id.clone(),
                 expected_version: customer.version,
@@ -377,13 +461,26 @@ impl SyncEngine {
         } else {
             CustomerWrite::None
         };
+        // A value the remote lacks and cannot get from a new version (the
+        // customer did not change): a conflict kept locally, or an owned
+        // field the remote changed. Push the current version to it again.
+        // A reconciliation's repair also brings the remote up to the merged
+        // record where it lags (a local change whose push gave up).
+        let lags = event.remote_type == RECONCILIATION
+            && !super::merge::field_differences(&merged.merged, &remote, base.as_ref()).is_empty();
+        let push_back = (matches!(change, CustomerWrite::None)
+            && (merged.remote_needs_push() || lags))
+            .then_some(customer.version);
         let detail = match (&change, base.is_none(), &conflict) {
             (_, _, Some(_)) => format!(
                 "merged with {} conflicting field(s)",
-                merged.conflicts.len()
+                merged.conflicts.len().max(1)
             ),
             (CustomerWrite::None, true, None) => {
                 "linked to the customer with the same email".to_owned()
+            }
+            (CustomerWrite::None, false, None) if push_back.is_some() => {
+                "kept the owned or local values; pushing them back".to_owned()
             }
             (CustomerWrite::None, false, None) => {
                 "echo: the remote matches the local state".to_owned()
@@ -395,13 +492,208 @@ impl SyncEngine {
             event: event.clone(),
             customer: change,
             link_customer: Some(customer.id.clone()),
+            unlink_customer: None,
+            link_remote: true,
             snapshot: Some(remote),
             remote_has_result,
+            push_back,
+            outcome: "applied",
+            detail: Some(format!("{detail_prefix}{detail}")),
+            conflict,
+        })
+        .await
+    }
+
+    /// An unlinked remote record whose email belongs to `owner`, a customer
+    /// already linked to another live record `taken` of the same connector
+    /// (two remote records, one person): the duplicate-email policy decides.
+    async fn apply_duplicate(
+        &self,
+        event: &InboxEvent,
+        remote: serde_json::Value,
+        owner: Customer,
+        taken: crate::store::SyncLink,
+    ) -> Result<Option<InboundOutcome>, Failure> {
+        let other = taken.remote_id.unwrap_or_default();
+        let what = format!(
+            "the email {} belongs to customer {}, already linked to {} record {other}",
+            owner.email,
+            owner.id.as_str(),
+            event.connector
+        );
+        let (customer, link_customer, link_remote, detail, conflict) = match self
+            .duplicate_email_policy(&event.connector)
+        {
+            DuplicateEmail::Reject => {
+                return Err(Failure::Permanent(format!(
+                    "{what}; duplicate_email policy is reject"
+                )))
+            }
+            DuplicateEmail::Flag => {
+                if let Some(held_by) = taken.held_by {
+                    let detail = format!("waiting: the link is held by open conflict {held_by}");
+                    let at = now_ms() + HELD_RECHECK_MS;
+                    self.inner
+                        .store
+                        .finish_inbox(event, "pending", &detail, Some(at), None)
+                        .await?;
+                    return Ok(Some(InboundOutcome::Deferred));
+                }
+                let conflict = NewConflict {
+                    policy: "duplicate_email".to_owned(),
+                    fields: serde_json::json!([{
+                        "field": "email",
+                        "base": null,
+                        "local": owner.email,
+                        "remote": owner.email,
+                        "resolution": Resolution::Pending,
+                        "detail": format!("{} record {} has this email too: {what}", event.connector, event.remote_id),
+                    }]),
+                    open: true,
+                };
+                // The record stays unlinked; the owner's link waits for
+                // a person.
+                (
+                    CustomerWrite::None,
+                    Some(owner.id.clone()),
+                    false,
+                    format!("flagged: {what}"),
+                    Some(conflict),
+                )
+            }
+            DuplicateEmail::Merge => {
+                // The record now stands for the owner: it takes the
+                // owner's link, first-sync rules (no snapshot).
+                return self
+                    .merge_first_sync(
+                        event,
+                        remote,
+                        owner,
+                        None,
+                        &format!("relinked from {} record {other}: {what}", event.connector),
+                    )
+                    .await;
+            }
+            DuplicateEmail::AutoRename => {
+                let Some(mut fields) = fields_of(&remote) else {
+                    return Err(Failure::Permanent(
+                        "the remote record has no email; a customer needs one".into(),
+                    ));
+                };
+                fields.email = renamed_email(&fields.email, &event.connector, &event.remote_id);
+                let detail = format!(
+                    "created with the email rewritten to {}: {what}",
+                    fields.email
+                );
+                (CustomerWrite::Create(fields), None, true, detail, None)
+            }
+        };
+        self.write(InboundChange {
+            event: event.clone(),
+            customer,
+            link_customer,
+            unlink_customer: None,
+            link_remote,
+            snapshot: Some(remote),
+            remote_has_result: true,
+            push_back: None,
             outcome: "applied",
             detail: Some(detail),
             conflict,
         })
         .await
+    }
+
+    /// Links `event`'s record to `customer` as a first sync (no snapshot:
+    /// the fields the remote sets differently follow the conflict policy).
+    async fn merge_first_sync(
+        &self,
+        event: &InboxEvent,
+        remote: serde_json::Value,
+        customer: Customer,
+        unlink: Option<CustomerId>,
+        detail: &str,
+    ) -> Result<Option<InboundOutcome>, Failure> {
+        let inner = &self.inner;
+        let policy = self.event_policy(event);
+        let local = local_record(&customer)?;
+        let merged = merge_owned(
+            Sides {
+                base: None,
+                local: &local,
+                remote: &remote,
+                local_changed_at_ms: customer.updated_at.timestamp_millis(),
+                remote_changed_at_ms: event.occurred_at_ms,
+            },
+            policy,
+            &inner.field_owners,
+            &event.connector,
+        );
+        let Some(fields) = fields_of(&merged.merged) else {
+            return Err(Failure::Permanent("the merged record has no email".into()));
+        };
+        let change = if merged.changes_local(&local) {
+            CustomerWrite::Update {
+                id: customer.id.clone(),
+                expected_version: customer.version,
+                fields,
+            }
+        } else {
+            CustomerWrite::None
+        };
+        let push_back = (matches!(change, CustomerWrite::None) && merged.remote_needs_push())
+            .then_some(customer.version);
+        self.write(InboundChange {
+            event: event.clone(),
+            customer: change,
+            link_customer: Some(customer.id.clone()),
+            unlink_customer: unlink,
+            link_remote: true,
+            snapshot: Some(remote),
+            remote_has_result: !merged.remote_needs_push(),
+            push_back,
+            outcome: "applied",
+            detail: Some(detail.to_owned()),
+            conflict: None,
+        })
+        .await
+    }
+
+    /// The conflict policy `event` is applied with: its own (a
+    /// reconciliation's `pull_remote`), else the configured one.
+    fn event_policy(&self, event: &InboxEvent) -> ConflictPolicy {
+        event
+            .policy
+            .as_deref()
+            .and_then(|p| serde_json::from_value(serde_json::Value::from(p)).ok())
+            .unwrap_or(self.inner.conflict_policy)
+    }
+
+    /// The duplicate-email policy for records from `connector`.
+    fn duplicate_email_policy(&self, connector: &str) -> DuplicateEmail {
+        self.inner
+            .duplicate_email_by_connector
+            .get(connector)
+            .copied()
+            .unwrap_or(self.inner.duplicate_email)
+    }
+
+    /// A live customer other than `except` with `email`.
+    async fn other_customer_with(
+        &self,
+        email: &str,
+        except: &CustomerId,
+    ) -> Result<Option<Customer>, Failure> {
+        let page = self
+            .inner
+            .store
+            .list_customers(&ListCustomers {
+                limit: 1,
+                starting_after: None,
+                email: Some(email.to_owned()),
+            })
+            .await?;
+        Ok(page.data.into_iter().find(|c| &c.id != except))
     }
 
     async fn apply_delete(
@@ -445,8 +737,11 @@ impl SyncEngine {
             event: event.clone(),
             customer,
             link_customer: Some(customer_id),
+            unlink_customer: None,
+            link_remote: true,
             snapshot: None,
             remote_has_result: true,
+            push_back: None,
             outcome: "applied",
             detail: Some(detail.into()),
             conflict: None,
@@ -580,10 +875,62 @@ impl From<StoreError> for Failure {
 }
 
 /// The policies inbound sync applies.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct InboundPolicies {
     /// Remote deletes.
     pub delete: DeletePolicy,
     /// Fields changed differently on both sides.
     pub conflict: ConflictPolicy,
+    /// Fields a system owns: its value wins.
+    pub field_owners: FieldOwners,
+    /// A remote record whose email belongs to another customer, by default.
+    pub duplicate_email: DuplicateEmail,
+    /// The same, per connector.
+    pub duplicate_email_by_connector: BTreeMap<String, DuplicateEmail>,
+}
+
+/// What ferry does with a remote record whose email belongs to another live
+/// customer (emails are unique among live customers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DuplicateEmail {
+    /// Dead-letter the event, naming the customer that has the email.
+    #[default]
+    Reject,
+    /// Keep the local email and open a conflict on `email` for a person.
+    Flag,
+    /// Link the remote record to the customer that has the email instead
+    /// (its old customer loses the link).
+    Merge,
+    /// Keep both: the incoming email is rewritten to
+    /// `local+dup-CONNECTOR-REMOTEID@domain` locally.
+    AutoRename,
+}
+
+/// A policy's name as stored with a conflict.
+fn policy_name(policy: ConflictPolicy) -> String {
+    serde_json::to_value(policy)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The rewrite [`DuplicateEmail::AutoRename`] gives `email` for the record
+/// `remote_id` of `connector`: a plus-address on the same domain, so it
+/// stays deliverable on most mail servers and says where it came from.
+pub fn renamed_email(email: &str, connector: &str, remote_id: &str) -> String {
+    let tag: String = format!("dup-{connector}-{remote_id}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    match email.rsplit_once('@') {
+        Some((local, domain)) => format!("{local}+{tag}@{domain}"),
+        None => format!("{email}+{tag}"),
+    }
 }

@@ -117,6 +117,59 @@ pub struct Sides<'a> {
     pub remote_changed_at_ms: i64,
 }
 
+/// Which system owns which fields (configuration `field_owners`): the
+/// owner's value wins. Keys are field names as [`merge`] uses them (`phone`,
+/// `address.city`, `metadata.tier`) or a whole group (`address`,
+/// `metadata`); values are a connector's name, or `ferry` for the catalog
+/// itself (then no remote's edit to the field is taken).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct FieldOwners(BTreeMap<String, String>);
+
+/// The owner name of fields only ferry's own API may change.
+pub const LOCAL_OWNER: &str = "ferry";
+
+impl FieldOwners {
+    /// The owners given, as they are.
+    pub fn new(owners: BTreeMap<String, String>) -> Self {
+        Self(owners)
+    }
+
+    /// Whether no field has an owner.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The owner of `field`: its own entry, else its group's.
+    pub fn owner(&self, field: &str) -> Option<&str> {
+        self.0
+            .get(field)
+            .or_else(|| {
+                let group = field.split_once('.').map(|(group, _)| group)?;
+                self.0.get(group)
+            })
+            .map(String::as_str)
+    }
+
+    /// Names a key that is not a field (for configuration checks).
+    pub fn invalid_key(&self) -> Option<&str> {
+        self.0
+            .keys()
+            .find(|key| {
+                let key = key.as_str();
+                let known = SCALAR_FIELDS.contains(&key)
+                    || key == "address"
+                    || key == "metadata"
+                    || key
+                        .strip_prefix("address.")
+                        .is_some_and(|sub| ADDRESS_FIELDS.contains(&sub))
+                    || key.strip_prefix("metadata.").is_some_and(|k| !k.is_empty());
+                !known
+            })
+            .map(String::as_str)
+    }
+}
+
 /// The outcome of a three-way merge.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Merge {
@@ -132,6 +185,10 @@ pub struct Merge {
     /// Fields changed differently on both sides, sorted by field. Every one
     /// is in both change lists.
     pub conflicts: Vec<FieldConflict>,
+    /// Fields whose remote value was not taken because another system owns
+    /// them, and which differ on the remote: the remote needs the merged
+    /// value pushed back.
+    pub overridden: Vec<String>,
 }
 
 impl Merge {
@@ -139,6 +196,17 @@ impl Merge {
     /// with this module's equality, so a case-only email change is none).
     pub fn changes_local(&self, local: &Value) -> bool {
         !differing_fields(&self.merged, local).is_empty()
+    }
+
+    /// Whether the remote lacks part of the merged record that it cannot
+    /// get unless ferry pushes it: a conflict kept locally, or an owned
+    /// field the remote changed.
+    pub fn remote_needs_push(&self) -> bool {
+        !self.overridden.is_empty()
+            || self
+                .conflicts
+                .iter()
+                .any(|c| c.resolution == Resolution::Local)
     }
 
     /// Whether a flagged conflict waits for a person.
@@ -159,8 +227,65 @@ pub fn differing_fields(a: &Value, b: &Value) -> Vec<String> {
         .collect()
 }
 
+/// One field whose local and remote values differ (a reconciliation's
+/// finding), with the last synced snapshot's value.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct FieldDifference {
+    /// Dotted field name.
+    pub field: String,
+    /// The local value (trimmed string or null).
+    #[schema(value_type = Object)]
+    pub local: Value,
+    /// The remote value (trimmed string or null).
+    #[schema(value_type = Object)]
+    pub remote: Value,
+    /// The snapshot's value (null when not set or never synced).
+    #[schema(value_type = Object)]
+    pub base: Value,
+}
+
+/// The fields on which `local` and `remote` disagree, as [`merge`] compares
+/// them. A field the remote does not set, and did not set in `base` either,
+/// is one its system does not know (a connector without phone numbers): it
+/// is not a difference. One it set in `base` and no longer does is.
+pub fn field_differences(
+    local: &Value,
+    remote: &Value,
+    base: Option<&Value>,
+) -> Vec<FieldDifference> {
+    let (l, r) = (Fields::of(local), Fields::of(remote));
+    let b = base.map(Fields::of);
+    field_names([&l, &r])
+        .into_iter()
+        .filter(|field| !same(field, l.get(field), r.get(field)))
+        .filter(|field| {
+            r.get(field).is_some() || b.as_ref().is_some_and(|b| b.get(field).is_some())
+        })
+        .map(|field| FieldDifference {
+            local: json(l.get(&field)),
+            remote: json(r.get(&field)),
+            base: json(b.as_ref().and_then(|b| b.get(&field))),
+            field,
+        })
+        .collect()
+}
+
 /// Merges `sides` field by field; see the module docs for the rules.
 pub fn merge(sides: Sides<'_>, policy: ConflictPolicy) -> Merge {
+    merge_owned(sides, policy, &FieldOwners::default(), "")
+}
+
+/// [`merge`], with owned fields decided by their owner first: a field
+/// `source` (the connector the remote record came through) owns takes the
+/// remote's value whenever it differs; a field another system owns keeps
+/// the local value, and if the remote's differs it is listed in
+/// [`Merge::overridden`]. Neither is a conflict.
+pub fn merge_owned(
+    sides: Sides<'_>,
+    policy: ConflictPolicy,
+    owners: &FieldOwners,
+    source: &str,
+) -> Merge {
     let local = Fields::of(sides.local);
     let remote = Fields::of(sides.remote);
     let base = sides.base.map(Fields::of);
@@ -169,6 +294,7 @@ pub fn merge(sides: Sides<'_>, policy: ConflictPolicy) -> Merge {
     let mut local_changed = Vec::new();
     let mut remote_changed = Vec::new();
     let mut conflicts = Vec::new();
+    let mut overridden = Vec::new();
 
     let mut names = field_names([&local, &remote]);
     if let Some(base) = &base {
@@ -192,21 +318,31 @@ pub fn merge(sides: Sides<'_>, policy: ConflictPolicy) -> Merge {
             None => (false, true),
         };
 
-        let take_remote = match (local_moved, remote_moved) {
-            (_, false) => false,
-            (false, true) => true,
-            (true, true) if same(&field, l, r) => false,
-            (true, true) => {
-                let resolution = resolve(policy, &sides);
-                conflicts.push(FieldConflict {
-                    field: field.clone(),
-                    base: json(base.as_ref().and_then(|b| b.get(&field))),
-                    local: json(l),
-                    remote: json(r),
-                    resolution,
-                });
-                resolution == Resolution::Remote
+        let owner = owners.owner(&field);
+        let take_remote = match (owner, local_moved, remote_moved) {
+            (Some(owner), _, _) if owner == source => !same(&field, l, r),
+            (Some(_), _, _) => {
+                if !same(&field, l, r) && remote_moved {
+                    overridden.push(field.clone());
+                }
+                false
             }
+            (None, local_moved, remote_moved) => match (local_moved, remote_moved) {
+                (_, false) => false,
+                (false, true) => true,
+                (true, true) if same(&field, l, r) => false,
+                (true, true) => {
+                    let resolution = resolve(policy, &sides);
+                    conflicts.push(FieldConflict {
+                        field: field.clone(),
+                        base: json(base.as_ref().and_then(|b| b.get(&field))),
+                        local: json(l),
+                        remote: json(r),
+                        resolution,
+                    });
+                    resolution == Resolution::Remote
+                }
+            },
         };
         if local_moved {
             local_changed.push(field.clone());
@@ -225,6 +361,7 @@ pub fn merge(sides: Sides<'_>, policy: ConflictPolicy) -> Merge {
         local_changed,
         remote_changed,
         conflicts,
+        overridden,
     }
 }
 

@@ -12,6 +12,7 @@ pub mod group_commit;
 pub mod inbound;
 pub mod merge;
 pub mod outbound;
+pub mod reconcile;
 pub mod retry;
 
 use std::sync::Arc;
@@ -65,11 +66,15 @@ struct Inner {
     concurrency: usize,
     wake: Notify,
     inbox_wake: Notify,
+    reconcile_wake: Notify,
     link_writes: GroupCommit<LinkWrites>,
     inbox_writes: GroupCommit<InboxWrites>,
     inbound_applies: GroupCommit<InboundApplies>,
     delete_policy: inbound::DeletePolicy,
     conflict_policy: merge::ConflictPolicy,
+    field_owners: merge::FieldOwners,
+    duplicate_email: inbound::DuplicateEmail,
+    duplicate_email_by_connector: std::collections::BTreeMap<String, inbound::DuplicateEmail>,
     inbox_grace: Duration,
 }
 
@@ -105,11 +110,15 @@ impl SyncEngine {
                 concurrency: options.concurrency,
                 wake: Notify::new(),
                 inbox_wake: Notify::new(),
+                reconcile_wake: Notify::new(),
                 link_writes,
                 inbox_writes,
                 inbound_applies,
                 delete_policy: options.inbound.delete,
                 conflict_policy: options.inbound.conflict,
+                field_owners: options.inbound.field_owners,
+                duplicate_email: options.inbound.duplicate_email,
+                duplicate_email_by_connector: options.inbound.duplicate_email_by_connector,
                 inbox_grace: options.inbox_grace,
             }),
         }

@@ -78,8 +78,15 @@ pub enum Outcome {
 }
 
 /// The idempotency key of pushing `customer_id` at `version` to `connector`.
-pub fn idempotency_key(connector: &str, customer_id: &str, version: i64) -> String {
-    format!("ferry-{connector}-{customer_id}-v{version}")
+/// A push a repair forced (`repairs` > 0: the remote drifted from a version
+/// it was already pushed) gets a key of its own, or the remote would answer
+/// it with its saved answer to the earlier push and change nothing.
+pub fn idempotency_key(connector: &str, customer_id: &str, version: i64, repairs: i32) -> String {
+    if repairs > 0 {
+        format!("ferry-{connector}-{customer_id}-v{version}-r{repairs}")
+    } else {
+        format!("ferry-{connector}-{customer_id}-v{version}")
+    }
 }
 
 /// The canonical record ferry sends (docs/connector-contract.md), from a
@@ -322,14 +329,24 @@ impl SyncEngine {
                         operation: Operation::Create,
                         version: pending,
                         record: canonical_record(&payload).to_string(),
-                        key: idempotency_key(&link.connector, &link.customer_id, pending),
+                        key: idempotency_key(
+                            &link.connector,
+                            &link.customer_id,
+                            pending,
+                            link.repairs,
+                        ),
                     }));
                 }
             }
         }
         let current = serde_json::to_value(customer)?;
         let record = canonical_record(&current).to_string();
-        let key = idempotency_key(&link.connector, &link.customer_id, customer.version);
+        let key = idempotency_key(
+            &link.connector,
+            &link.customer_id,
+            customer.version,
+            link.repairs,
+        );
         if customer.deleted_at.is_some() {
             return Ok(match &link.remote_id {
                 Some(_) if !link.remote_deleted => Ok(Plan {

@@ -160,11 +160,7 @@ pub async fn spawn_sync_app(setup: Setup) -> SyncApp {
         overrides["kafka_topic_prefix"] = json!(format!("t{}", uuid::Uuid::new_v4().simple()));
         overrides["kafka_partitions"] = json!(3);
     }
-    if let (Some(target), Some(extra)) = (overrides.as_object_mut(), setup.extra.as_object()) {
-        for (k, v) in extra {
-            target.insert(k.clone(), v.clone());
-        }
-    }
+    merge_json(&mut overrides, &setup.extra);
     let token = overrides["admin_token"].as_str().map(str::to_owned);
     let config = Config::from_overrides(overrides).expect("test config");
     let app = App::build(config).await.expect("app builds");
@@ -181,6 +177,19 @@ pub async fn spawn_sync_app(setup: Setup) -> SyncApp {
         cancel,
         _server: server,
         _dir: dir,
+    }
+}
+
+/// Merges `extra` into `target`, objects key by key (so `extra` can add
+/// to `connectors.stripe` without replacing its settings).
+fn merge_json(target: &mut Value, extra: &Value) {
+    match (target.as_object_mut(), extra.as_object()) {
+        (Some(target), Some(extra)) => {
+            for (k, v) in extra {
+                merge_json(target.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        _ => *target = extra.clone(),
     }
 }
 

@@ -15,6 +15,7 @@ mod inbound;
 mod inbound_policies;
 mod outbound;
 mod process;
+mod reconcile;
 mod recorder_remote;
 mod salesforce;
 mod walk;

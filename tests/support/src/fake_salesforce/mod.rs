@@ -286,6 +286,7 @@ struct Data {
     tokens: HashSet<String>,
     cursors: HashMap<String, Cursor>,
     limit_failures: u64,
+    query_cap: Option<usize>,
     requests: Vec<RecordedRequest>,
     counts: Counts,
     next_seq: u64,
@@ -376,6 +377,15 @@ impl FakeSalesforce {
     /// Calls without a live session answer 401 and do not use one up.
     pub fn fail_with_request_limit(&self, n: u64) {
         self.shared.data().limit_failures = n;
+    }
+
+    /// Makes every SOQL query return at most `cap` rows and say it is
+    /// done, as a query does when records silently drop out of what the
+    /// integration user may see (a sharing rule changed, a profile lost a
+    /// permission): a listing that looks complete and is not. `None` lifts
+    /// it.
+    pub fn truncate_queries(&self, cap: Option<usize>) {
+        self.shared.data().query_cap = cap;
     }
 
     /// The API call counters so far.
@@ -1228,6 +1238,9 @@ fn run_query(shared: &Shared, version: &str, soql: &str) -> Result<Vec<Value>, S
     }
     if let Some(limit) = query.limit {
         hits.truncate(limit);
+    }
+    if let Some(cap) = data.query_cap {
+        hits.truncate(cap);
     }
     Ok(hits
         .into_iter()

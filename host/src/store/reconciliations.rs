@@ -1,0 +1,865 @@
+//! Reconciliation runs: the run (its phase, listing cursor, counts and the
+//! lease of the replica driving it), the remote records it listed, and what
+//! it found. Everything a run needs between pages lives here, not in
+//! memory, so a run resumes after a crash and its memory does not grow with
+//! the number of records (see `crate::sync::reconcile`).
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+
+use super::customers::{columns, CustomerRow};
+use super::sync::{link_columns, now_ms, SyncLinkRow};
+use super::{dispatch, now, Customer, Store, StoreError, SyncLink};
+
+/// One `reconciliation_runs` row. The enumerations are stored as their
+/// `snake_case` names and typed by `crate::sync::reconcile`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RunRow {
+    /// `rec_…`
+    pub id: String,
+    /// The connector reconciled.
+    pub connector: String,
+    /// `reconcile` or `backfill`.
+    pub mode: String,
+    /// `report`, `push_local`, `pull_remote` or `merge`.
+    pub repair: String,
+    /// `api` or `schedule`.
+    pub trigger: String,
+    /// `running`, `completed`, `failed` or `aborted`.
+    pub status: String,
+    /// `listing`, `classifying`, `repairing` or `done`.
+    pub phase: String,
+    /// The next page to list.
+    pub cursor: Option<String>,
+    /// Whether every page was listed.
+    pub listing_complete: bool,
+    /// Pages listed.
+    pub pages: i64,
+    /// Remote records listed.
+    pub records: i64,
+    /// Count per kind of finding (`equal`, `different`, ...).
+    pub counts: Json<serde_json::Map<String, serde_json::Value>>,
+    /// Repairs scheduled.
+    pub repairs: i64,
+    /// Why it failed or aborted.
+    pub error: Option<String>,
+    /// The lease of the replica driving it.
+    pub lease_token: Option<String>,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// Its last write.
+    pub updated_at: DateTime<Utc>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+const RUN_COLUMNS: &str = "id, connector, mode, repair, trigger, status, phase, cursor, \
+     listing_complete, pages, records, counts, repairs, error, lease_token, started_at, \
+     updated_at, finished_at";
+
+/// One `reconciliation_mismatches` row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct MismatchRow {
+    /// `mm_…`, in creation order.
+    pub id: String,
+    /// The run that found it.
+    pub run_id: String,
+    /// `different`, `missing_local`, `missing_remote`, `orphan`,
+    /// `duplicate` or `unlinked`.
+    pub kind: String,
+    /// The remote record, if there is one.
+    pub remote_id: Option<String>,
+    /// The local customer, if there is one.
+    pub customer_id: Option<String>,
+    /// Differing fields: `[{field, local, remote, base}]`.
+    pub fields: Json<serde_json::Value>,
+    /// The remote record as listed, canonical JSON.
+    pub record: Option<Json<serde_json::Value>>,
+    /// More about it.
+    pub detail: Option<String>,
+    /// `open`, `repaired`, `resolved` or `skipped`.
+    pub state: String,
+    /// What was done about it.
+    pub repair: Option<String>,
+    /// When it was found.
+    pub created_at: DateTime<Utc>,
+    /// When a person resolved it.
+    pub resolved_at: Option<DateTime<Utc>>,
+}
+
+const MISMATCH_COLUMNS: &str = "id, run_id, kind, remote_id, customer_id, fields, record, \
+     detail, state, repair, created_at, resolved_at";
+
+/// A finding to record.
+#[derive(Debug, Clone)]
+pub struct NewMismatch {
+    /// Its kind's name.
+    pub kind: &'static str,
+    /// The remote record.
+    pub remote_id: Option<String>,
+    /// The local customer.
+    pub customer_id: Option<String>,
+    /// Differing fields.
+    pub fields: serde_json::Value,
+    /// The remote record.
+    pub record: Option<serde_json::Value>,
+    /// More about it.
+    pub detail: Option<String>,
+}
+
+/// A listed remote record that no link names.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UnlinkedRecord {
+    /// Its id.
+    pub remote_id: String,
+    /// Its email, lower-cased.
+    pub email: Option<String>,
+    /// Canonical JSON.
+    pub record: Json<serde_json::Value>,
+    /// When its page was listed (unix ms).
+    pub listed_at_ms: i64,
+    /// How many of the run's unlinked records have its email.
+    pub same_email: i64,
+}
+
+/// What one listed page adds to a run, committed with its cursor.
+#[derive(Debug, Default)]
+pub struct PageFindings {
+    /// Linked remote ids seen.
+    pub seen: Vec<String>,
+    /// Unlinked records.
+    pub unlinked: Vec<(String, Option<String>, serde_json::Value)>,
+    /// Mismatches among the linked records.
+    pub mismatches: Vec<NewMismatch>,
+    /// Counts to add: linked records `equal` to their customer, `in_flight`
+    /// (a push or a person's decision pending), `invalid`, `rate_limited`.
+    pub counts: std::collections::BTreeMap<&'static str, i64>,
+}
+
+/// Inside a dispatched transaction `$tx`: inserts `$mismatches` for run `$run`.
+macro_rules! insert_mismatches {
+    ($tx:ident, $run:expr, $mismatches:expr, $at:expr) => {
+        async {
+            for mismatch in $mismatches {
+                sqlx::query(
+                    "INSERT INTO reconciliation_mismatches (id, run_id, kind, remote_id, customer_id, \
+                     fields, record, detail, state, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'open', $9)",
+                )
+                .bind(format!("mm_{}", uuid::Uuid::now_v7().simple()))
+                .bind($run)
+                .bind(mismatch.kind)
+                .bind(&mismatch.remote_id)
+                .bind(&mismatch.customer_id)
+                .bind(Json(&mismatch.fields))
+                .bind(mismatch.record.as_ref().map(Json))
+                .bind(&mismatch.detail)
+                .bind($at)
+                .execute(&mut *$tx)
+                .await?;
+            }
+            Ok::<(), StoreError>(())
+        }
+        .await
+    };
+}
+
+/// Inside a dispatched transaction `$tx`: adds `$n` to count `$kind` of
+/// run `$run` (read, then written: the run's lease serialises its writers).
+macro_rules! add_counts {
+    ($tx:ident, $run:expr, $kind:expr, $n:expr) => {
+        async {
+            let counts: Json<serde_json::Map<String, serde_json::Value>> =
+                sqlx::query_scalar("SELECT counts FROM reconciliation_runs WHERE id = $1")
+                    .bind($run)
+                    .fetch_one(&mut *$tx)
+                    .await?;
+            let mut counts = counts.0;
+            let current = counts.get($kind).and_then(|v| v.as_i64()).unwrap_or(0);
+            counts.insert($kind.to_owned(), (current + $n).into());
+            sqlx::query("UPDATE reconciliation_runs SET counts = $2 WHERE id = $1")
+                .bind($run)
+                .bind(Json(counts))
+                .execute(&mut *$tx)
+                .await?;
+            Ok::<(), StoreError>(())
+        }
+        .await
+    };
+}
+
+impl Store {
+    /// Starts a run; `None` if one is already running for the connector.
+    pub async fn start_run(
+        &self,
+        connector: &str,
+        mode: &str,
+        repair: &str,
+        trigger: &str,
+    ) -> Result<Option<RunRow>, StoreError> {
+        let id = format!("rec_{}", uuid::Uuid::now_v7().simple());
+        let at = now();
+        let inserted = dispatch!(self, write pool => {
+            sqlx::query(
+                "INSERT INTO reconciliation_runs (id, connector, mode, repair, trigger, status, phase, \
+                 counts, started_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'running', 'listing', $6, $7, $7)",
+            )
+            .bind(&id)
+            .bind(connector)
+            .bind(mode)
+            .bind(repair)
+            .bind(trigger)
+            .bind(Json(serde_json::Map::new()))
+            .bind(at)
+            .execute(pool)
+            .await
+            .map(drop)
+        });
+        match inserted {
+            Ok(_) => self.run(&id).await,
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// One run.
+    pub async fn run(&self, id: &str) -> Result<Option<RunRow>, StoreError> {
+        let sql = format!("SELECT {RUN_COLUMNS} FROM reconciliation_runs WHERE id = $1");
+        Ok(dispatch!(self, read pool => {
+            sqlx::query_as(&sql).bind(id).fetch_optional(pool).await?
+        }))
+    }
+
+    /// Runs, newest first: of `connector` if given, after `before` (an id).
+    pub async fn runs(
+        &self,
+        connector: Option<&str>,
+        before: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<RunRow>, StoreError> {
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM reconciliation_runs \
+             WHERE (CAST($1 AS TEXT) IS NULL OR connector = $1) \
+             AND (CAST($2 AS TEXT) IS NULL OR id < $2) ORDER BY id DESC LIMIT $3"
+        );
+        Ok(dispatch!(self, read pool => {
+            sqlx::query_as(&sql)
+                .bind(connector)
+                .bind(before)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?
+        }))
+    }
+
+    /// The newest run of `connector`, if any.
+    pub async fn latest_run(&self, connector: &str) -> Result<Option<RunRow>, StoreError> {
+        Ok(self
+            .runs(Some(connector), None, 1)
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    /// Claims a running run whose lease expired (none yet, or its replica
+    /// died): this replica drives it from where it stopped.
+    pub async fn claim_run(
+        &self,
+        token: &str,
+        until_ms: i64,
+    ) -> Result<Option<RunRow>, StoreError> {
+        let now = now_ms();
+        let sql = format!(
+            "UPDATE reconciliation_runs SET lease_token = $1, lease_until_ms = $2 \
+             WHERE id = (SELECT id FROM reconciliation_runs WHERE status = 'running' \
+             AND lease_until_ms < $3 ORDER BY id LIMIT 1) AND lease_until_ms < $3 \
+             RETURNING {RUN_COLUMNS}"
+        );
+        Ok(dispatch!(self, write pool => {
+            sqlx::query_as(&sql)
+                .bind(token)
+                .bind(until_ms)
+                .bind(now)
+                .fetch_optional(pool)
+                .await?
+        }))
+    }
+
+    /// Extends the lease; false if another replica took the run over.
+    pub async fn renew_run(
+        &self,
+        id: &str,
+        token: &str,
+        until_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let updated = dispatch!(self, write pool => {
+            sqlx::query(
+                "UPDATE reconciliation_runs SET lease_until_ms = $3 WHERE id = $1 AND lease_token = $2 \
+                 AND status = 'running'",
+            )
+            .bind(id)
+            .bind(token)
+            .bind(until_ms)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(updated == 1)
+    }
+
+    /// Commits one listed page under the lease: what it found, the counts,
+    /// and the cursor of the next page (`None`: the listing is complete),
+    /// in one transaction, so a crash redoes at most this page.
+    pub async fn commit_page(
+        &self,
+        run: &RunRow,
+        findings: &PageFindings,
+        next_cursor: Option<&str>,
+        listed: i64,
+    ) -> Result<bool, StoreError> {
+        let at = now();
+        let listed_at = at.timestamp_millis();
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            for remote_id in &findings.seen {
+                sqlx::query(
+                    "INSERT INTO reconciliation_seen (run_id, remote_id) VALUES ($1, $2) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(&run.id)
+                .bind(remote_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            for (remote_id, email, record) in &findings.unlinked {
+                sqlx::query(
+                    "INSERT INTO reconciliation_unlinked (run_id, remote_id, email, record, listed_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                )
+                .bind(&run.id)
+                .bind(remote_id)
+                .bind(email)
+                .bind(Json(record))
+                .bind(listed_at)
+                .execute(&mut *tx)
+                .await?;
+            }
+            insert_mismatches!(tx, &run.id, &findings.mismatches, at)?;
+            let updated = sqlx::query(
+                "UPDATE reconciliation_runs SET cursor = $3, listing_complete = $4, \
+                 phase = CASE WHEN $4 THEN 'classifying' ELSE phase END, pages = pages + 1, \
+                 records = records + $5, updated_at = $6 WHERE id = $1 AND lease_token = $2",
+            )
+            .bind(&run.id)
+            .bind(&run.lease_token)
+            .bind(next_cursor)
+            .bind(next_cursor.is_none())
+            .bind(listed)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated != 1 {
+                return Ok(false);
+            }
+            for (kind, n) in &findings.counts {
+                add_counts!(tx, &run.id, *kind, *n)?;
+            }
+            tx.commit().await?;
+        });
+        Ok(true)
+    }
+
+    /// Adds `findings.counts` to the run's counts (a page that was not
+    /// listed: a rate-limited wait), under the lease.
+    pub async fn commit_counts(
+        &self,
+        run: &RunRow,
+        findings: &PageFindings,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            let updated = sqlx::query(
+                "UPDATE reconciliation_runs SET updated_at = $3 WHERE id = $1 AND lease_token = $2 \
+                 AND status = 'running'",
+            )
+            .bind(&run.id)
+            .bind(&run.lease_token)
+            .bind(now())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated != 1 {
+                return Ok(false);
+            }
+            for (kind, n) in &findings.counts {
+                add_counts!(tx, &run.id, *kind, *n)?;
+            }
+            tx.commit().await?;
+        });
+        Ok(true)
+    }
+
+    /// Recounts the findings by kind into the run's counts (`equal` kept).
+    pub async fn recount(&self, run_id: &str) -> Result<(), StoreError> {
+        let rows: Vec<(String, i64)> = dispatch!(self, read pool => {
+            sqlx::query_as(
+                "SELECT kind, COUNT(*) FROM reconciliation_mismatches WHERE run_id = $1 GROUP BY kind",
+            )
+            .bind(run_id)
+            .fetch_all(pool)
+            .await?
+        });
+        let Some(run) = self.run(run_id).await? else {
+            return Ok(());
+        };
+        let mut counts = run.counts.0;
+        for kind in [
+            "different",
+            "missing_local",
+            "missing_remote",
+            "orphan",
+            "duplicate",
+            "unlinked",
+        ] {
+            let n = rows.iter().find(|(k, _)| k == kind).map_or(0, |(_, n)| *n);
+            counts.insert(kind.to_owned(), n.into());
+        }
+        dispatch!(self, write pool => {
+            sqlx::query("UPDATE reconciliation_runs SET counts = $2, updated_at = $3 WHERE id = $1")
+                .bind(run_id)
+                .bind(Json(counts))
+                .bind(now())
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Ends a run: `completed`, `failed` or `aborted` (with the reason).
+    pub async fn finish_run(
+        &self,
+        run: &RunRow,
+        status: &str,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let at = now();
+        dispatch!(self, write pool => {
+            sqlx::query(
+                "UPDATE reconciliation_runs SET status = $2, phase = 'done', error = $3, \
+                 finished_at = $4, updated_at = $4, lease_until_ms = 0 WHERE id = $1 AND status = 'running'",
+            )
+            .bind(&run.id)
+            .bind(status)
+            .bind(error)
+            .bind(at)
+            .execute(pool)
+            .await?;
+            // What only a running run needs.
+            sqlx::query("DELETE FROM reconciliation_seen WHERE run_id = $1")
+                .bind(&run.id)
+                .execute(pool)
+                .await?;
+            sqlx::query("DELETE FROM reconciliation_unlinked WHERE run_id = $1")
+                .bind(&run.id)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Unlinked records of a run with their email's count among them, in
+    /// remote-id order after `after`.
+    pub async fn unlinked_records(
+        &self,
+        run_id: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<UnlinkedRecord>, StoreError> {
+        Ok(dispatch!(self, read pool => {
+            sqlx::query_as(
+                "SELECT u.remote_id, u.email, u.record, u.listed_at_ms, \
+                 (SELECT COUNT(*) FROM reconciliation_unlinked d WHERE d.run_id = u.run_id AND d.email = u.email) \
+                 AS same_email FROM reconciliation_unlinked u WHERE u.run_id = $1 \
+                 AND (CAST($2 AS TEXT) IS NULL OR u.remote_id > $2) ORDER BY u.remote_id LIMIT $3",
+            )
+            .bind(run_id)
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Links of `connector` to a live remote record that the run did not
+    /// see, left unchanged since the run started (a link made meanwhile may
+    /// name a record created after the listing passed its place), in
+    /// customer order after `after`: `(customer_id, remote_id)`.
+    pub async fn unseen_links(
+        &self,
+        run: &RunRow,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(dispatch!(self, read pool => {
+            sqlx::query_as(
+                "SELECT l.customer_id, l.remote_id FROM sync_links l WHERE l.connector = $1 \
+                 AND l.remote_id IS NOT NULL AND NOT l.remote_deleted AND l.updated_at < $2 \
+                 AND NOT EXISTS (SELECT 1 FROM reconciliation_seen s WHERE s.run_id = $3 AND s.remote_id = l.remote_id) \
+                 AND (CAST($4 AS TEXT) IS NULL OR l.customer_id > $4) ORDER BY l.customer_id LIMIT $5",
+            )
+            .bind(&run.connector)
+            .bind(run.started_at)
+            .bind(&run.id)
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Links of `connector` to a live remote record.
+    pub async fn live_link_count(&self, connector: &str) -> Result<i64, StoreError> {
+        Ok(dispatch!(self, read pool => {
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM sync_links WHERE connector = $1 AND remote_id IS NOT NULL \
+                 AND NOT remote_deleted",
+            )
+            .bind(connector)
+            .fetch_one(pool)
+            .await?
+        }))
+    }
+
+    /// Live customers created before the run started with no live link to
+    /// its connector, no push to it on the way, and no unlinked remote
+    /// record of the run with their email, in id order after `after`.
+    pub async fn customers_missing_remotely(
+        &self,
+        run: &RunRow,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Customer>, StoreError> {
+        let rows: Vec<CustomerRow> = dispatch!(self, read pool => {
+            sqlx::query_as(concat!(
+                "SELECT ", columns!(), " FROM customers c WHERE c.deleted_at IS NULL AND c.created_at < $2 ",
+                "AND NOT EXISTS (SELECT 1 FROM sync_links l WHERE l.customer_id = c.id AND l.connector = $1 ",
+                "AND ((l.remote_id IS NOT NULL AND NOT l.remote_deleted) OR l.state IN ('pending', 'retry'))) ",
+                "AND NOT EXISTS (SELECT 1 FROM reconciliation_unlinked u WHERE u.run_id = $3 AND u.email = c.email) ",
+                "AND (CAST($4 AS TEXT) IS NULL OR c.id > $4) ORDER BY c.id LIMIT $5"
+            ))
+            .bind(&run.connector)
+            .bind(run.started_at)
+            .bind(&run.id)
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows.into_iter().map(Customer::from).collect())
+    }
+
+    /// A run's findings, in order, filtered by kind and state.
+    pub async fn mismatches(
+        &self,
+        run_id: &str,
+        kind: Option<&str>,
+        state: Option<&str>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<MismatchRow>, StoreError> {
+        let sql = format!(
+            "SELECT {MISMATCH_COLUMNS} FROM reconciliation_mismatches WHERE run_id = $1 \
+             AND (CAST($2 AS TEXT) IS NULL OR kind = $2) AND (CAST($3 AS TEXT) IS NULL OR state = $3) \
+             AND (CAST($4 AS TEXT) IS NULL OR id > $4) ORDER BY id LIMIT $5"
+        );
+        Ok(dispatch!(self, read pool => {
+            sqlx::query_as(&sql)
+                .bind(run_id)
+                .bind(kind)
+                .bind(state)
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?
+        }))
+    }
+
+    /// One finding.
+    pub async fn mismatch(
+        &self,
+        run_id: &str,
+        id: &str,
+    ) -> Result<Option<MismatchRow>, StoreError> {
+        let sql = format!(
+            "SELECT {MISMATCH_COLUMNS} FROM reconciliation_mismatches WHERE run_id = $1 AND id = $2"
+        );
+        Ok(dispatch!(self, read pool => {
+            sqlx::query_as(&sql).bind(run_id).bind(id).fetch_optional(pool).await?
+        }))
+    }
+
+    /// Records what was done about an open finding: `repaired`, `resolved`
+    /// (by a person) or `skipped`; false if it was not open.
+    pub async fn settle_mismatch(
+        &self,
+        id: &str,
+        state: &str,
+        repair: &str,
+    ) -> Result<bool, StoreError> {
+        let at = now();
+        let updated = dispatch!(self, write pool => {
+            sqlx::query(
+                "UPDATE reconciliation_mismatches SET state = $2, repair = $3, \
+                 resolved_at = CASE WHEN $2 = 'resolved' THEN $4 ELSE resolved_at END \
+                 WHERE id = $1 AND state = 'open'",
+            )
+            .bind(id)
+            .bind(state)
+            .bind(repair)
+            .bind(at)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(updated == 1)
+    }
+
+    /// Counts a run's scheduled repairs.
+    pub async fn add_repairs(&self, run_id: &str, n: i64) -> Result<(), StoreError> {
+        dispatch!(self, write pool => {
+            sqlx::query("UPDATE reconciliation_runs SET repairs = repairs + $2, updated_at = $3 WHERE id = $1")
+                .bind(run_id)
+                .bind(n)
+                .bind(now())
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Forces a push of `customer_id`'s current `version` to `connector`
+    /// under a new idempotency key (the remote drifted from what ferry
+    /// pushed): see `FORCE_PUSH_SQL`.
+    pub async fn force_push(
+        &self,
+        customer_id: &str,
+        connector: &str,
+        version: i64,
+    ) -> Result<bool, StoreError> {
+        let at = now();
+        let updated = dispatch!(self, write pool => {
+            sqlx::query(super::sync::FORCE_PUSH_SQL)
+                .bind(customer_id)
+                .bind(connector)
+                .bind(version)
+                .bind(at.timestamp_millis())
+                .bind(at)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(updated == 1)
+    }
+
+    /// Schedules a create of `customer_id`'s current `version` in
+    /// `connector` under a new idempotency key: the customer has no live
+    /// record there (never pushed, or the one its link names is gone, which
+    /// the link then forgets). A link another worker holds is left alone.
+    pub async fn recreate_remote(
+        &self,
+        customer_id: &str,
+        connector: &str,
+        version: i64,
+    ) -> Result<bool, StoreError> {
+        let at = now();
+        let updated = dispatch!(self, write pool => {
+            sqlx::query(
+                "INSERT INTO sync_links (customer_id, connector, wanted_version, synced_version, state, \
+                 next_attempt_at_ms, updated_at) VALUES ($1, $2, $3, 0, 'pending', $4, $5) \
+                 ON CONFLICT (customer_id, connector) DO UPDATE SET remote_id = NULL, remote_deleted = FALSE, \
+                 snapshot = NULL, pushed_hash = NULL, pending_version = NULL, repairs = sync_links.repairs + 1, \
+                 synced_version = 0, \
+                 wanted_version = CASE WHEN sync_links.wanted_version < $3 THEN $3 ELSE sync_links.wanted_version END, \
+                 state = 'pending', attempts = 0, next_attempt_at_ms = $4, updated_at = $5 \
+                 WHERE sync_links.lease_until_ms < $4",
+            )
+            .bind(customer_id)
+            .bind(connector)
+            .bind(version)
+            .bind(at.timestamp_millis())
+            .bind(at)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(updated == 1)
+    }
+
+    /// The links of `connector` naming any of `remote_ids`, each with its
+    /// customer (deleted ones included).
+    pub async fn linked_records(
+        &self,
+        connector: &str,
+        remote_ids: &[String],
+    ) -> Result<Vec<(SyncLink, Option<Customer>)>, StoreError> {
+        if remote_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let links_sql = format!(
+            "SELECT {} FROM sync_links WHERE connector = $1 AND remote_id IN ({})",
+            link_columns!(),
+            placeholders(2, remote_ids.len())
+        );
+        let links: Vec<SyncLinkRow> = dispatch!(self, read pool => {
+            let mut query = sqlx::query_as(&links_sql).bind(connector);
+            for id in remote_ids {
+                query = query.bind(id);
+            }
+            query.fetch_all(pool).await?
+        });
+        let links: Vec<SyncLink> = links.into_iter().map(SyncLink::from).collect();
+        let ids: Vec<&str> = links.iter().map(|l| l.customer_id.as_str()).collect();
+        let customers = self.customers_by_ids(&ids).await?;
+        Ok(links
+            .into_iter()
+            .map(|link| {
+                let customer = customers
+                    .iter()
+                    .find(|c| c.id.as_str() == link.customer_id)
+                    .cloned();
+                (link, customer)
+            })
+            .collect())
+    }
+
+    async fn customers_by_ids(&self, ids: &[&str]) -> Result<Vec<Customer>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT {} FROM customers c WHERE c.id IN ({})",
+            columns!(),
+            placeholders(1, ids.len())
+        );
+        let rows: Vec<CustomerRow> = dispatch!(self, read pool => {
+            let mut query = sqlx::query_as(&sql);
+            for id in ids {
+                query = query.bind(*id);
+            }
+            query.fetch_all(pool).await?
+        });
+        Ok(rows.into_iter().map(Customer::from).collect())
+    }
+
+    /// Live customers with any of `emails` (lower-cased), each with the
+    /// remote id of its live link to `connector`, if it has one.
+    pub async fn customers_by_emails(
+        &self,
+        connector: &str,
+        emails: &[String],
+    ) -> Result<Vec<(Customer, Option<String>)>, StoreError> {
+        if emails.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT {} FROM customers c WHERE c.deleted_at IS NULL AND c.email IN ({})",
+            columns!(),
+            placeholders(1, emails.len())
+        );
+        let rows: Vec<CustomerRow> = dispatch!(self, read pool => {
+            let mut query = sqlx::query_as(&sql);
+            for email in emails {
+                query = query.bind(email);
+            }
+            query.fetch_all(pool).await?
+        });
+        let customers: Vec<Customer> = rows.into_iter().map(Customer::from).collect();
+        let ids: Vec<&str> = customers.iter().map(|c| c.id.as_str()).collect();
+        let linked: Vec<(String, String)> = if ids.is_empty() {
+            Vec::new()
+        } else {
+            let sql = format!(
+                "SELECT customer_id, remote_id FROM sync_links WHERE connector = $1 \
+                 AND remote_id IS NOT NULL AND NOT remote_deleted AND customer_id IN ({})",
+                placeholders(2, ids.len())
+            );
+            dispatch!(self, read pool => {
+                let mut query = sqlx::query_as(&sql).bind(connector);
+                for id in &ids {
+                    query = query.bind(*id);
+                }
+                query.fetch_all(pool).await?
+            })
+        };
+        Ok(customers
+            .into_iter()
+            .map(|customer| {
+                let remote = linked
+                    .iter()
+                    .find(|(id, _)| id == customer.id.as_str())
+                    .map(|(_, remote)| remote.clone());
+                (customer, remote)
+            })
+            .collect())
+    }
+
+    /// Records findings and moves the run's position (`cursor`, `phase`)
+    /// in one transaction under its lease, so a resumed run neither misses
+    /// nor repeats a step's findings; false if the lease was lost.
+    pub async fn commit_step(
+        &self,
+        run: &RunRow,
+        mismatches: &[NewMismatch],
+        cursor: Option<&str>,
+        phase: &str,
+    ) -> Result<bool, StoreError> {
+        let at = now();
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            let updated = sqlx::query(
+                "UPDATE reconciliation_runs SET cursor = $3, phase = $4, updated_at = $5 \
+                 WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+            )
+            .bind(&run.id)
+            .bind(&run.lease_token)
+            .bind(cursor)
+            .bind(phase)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated != 1 {
+                return Ok(false);
+            }
+            insert_mismatches!(tx, &run.id, mismatches, at)?;
+            tx.commit().await?;
+        });
+        Ok(true)
+    }
+
+    /// Links waiting to be pushed (for a run's back-pressure).
+    pub async fn push_backlog(&self) -> Result<i64, StoreError> {
+        Ok(dispatch!(self, read pool => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM sync_links WHERE state IN ('pending', 'retry')")
+                .fetch_one(pool)
+                .await?
+        }))
+    }
+
+    /// Inbox events not yet applied (for a run's back-pressure).
+    pub async fn inbox_backlog(&self) -> Result<i64, StoreError> {
+        Ok(dispatch!(self, read pool => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM inbox WHERE state IN ('pending', 'retry')")
+                .fetch_one(pool)
+                .await?
+        }))
+    }
+}
+
+/// `$first, $first+1, ...`: `n` numbered placeholders.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

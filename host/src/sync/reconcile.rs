@@ -1,0 +1,991 @@
+//! Reconciliation and backfill: page through a connector's `list`, compare
+//! every remote record with the catalog, write a report, and repair what
+//! the run's policy says through the normal inbound and outbound paths.
+//!
+//! A run goes through three phases, each resumable from the position it
+//! stored with its last step (docs/reconciliation.md):
+//!
+//! 1. **listing**: one page at a time (one call in flight, inside the
+//!    connector's breaker and rate limit). Linked records are compared with
+//!    their customer at once; unlinked ones are kept in the store for the
+//!    next phase. A page's findings and the next cursor commit together.
+//! 2. **classifying**, only after a *complete* listing: unlinked records are
+//!    matched by email (or found duplicate, or missing locally); customers
+//!    with no record are missing remotely; links whose record the listing
+//!    did not return are orphans. Then the mass-delete brake.
+//! 3. **repairing**: each open finding the policy acts on becomes an inbox
+//!    event (applied like a webhook: retried, deduplicated, in the
+//!    customer's history) or a scheduled push, paced by the backlog so live
+//!    traffic keeps going.
+//!
+//! A run holds a lease in the store: one replica drives it, and another
+//! takes it over from its last step when the lease runs out (a crash).
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use utoipa::ToSchema;
+
+use super::breaker::Deferred;
+use super::inbound::{fields_of, local_record};
+use super::merge::field_differences;
+use super::outbound::canonical_record;
+use super::{SyncEngine, ENTITY};
+use crate::registry::{Need, NotReady};
+use crate::runtime::{CallError, ConnectorError, Page};
+use crate::store::inbox::NewInboxEvent;
+use crate::store::reconciliations::{MismatchRow, NewMismatch, PageFindings, RunRow};
+use crate::store::sync::now_ms;
+use crate::store::sync::LinkState;
+use crate::store::StoreError;
+
+/// Remote records asked for per `list` call.
+pub const PAGE_SIZE: u32 = 100;
+/// Stored records or findings handled per classification or repair step.
+const STEP: u32 = 200;
+/// How often the worker looks for runs to drive and schedules to start.
+const POLL: Duration = Duration::from_secs(1);
+/// Repairs wait while more inbox events or pushes than this are waiting:
+/// live webhooks and pushes go first.
+const BACKLOG: i64 = 200;
+/// Runs one process drives at once.
+const MAX_RUNS: usize = 4;
+
+/// What a run is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Find drift and repair it per the run's policy.
+    Reconcile,
+    /// Bring existing data into sync (a connector's first enable): never
+    /// deletes or unlinks anything.
+    Backfill,
+}
+
+/// What a run changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Repair {
+    /// Nothing: the report only.
+    #[default]
+    Report,
+    /// The remote is made to match ferry.
+    PushLocal,
+    /// ferry is made to match the remote, importing remote-only records.
+    PullRemote,
+    /// Both ways, by the normal three-way rules and the conflict policy.
+    Merge,
+}
+
+/// A kind of finding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Linked, with field differences.
+    Different,
+    /// A remote record with no live local customer.
+    MissingLocal,
+    /// A live customer with no remote record.
+    MissingRemote,
+    /// A link whose remote record a complete listing did not return.
+    Orphan,
+    /// An email shared by several remote records, or by a remote record
+    /// and a customer already linked to another one.
+    Duplicate,
+    /// A remote record not linked yet, matching a customer by email.
+    Unlinked,
+}
+
+macro_rules! names {
+    ($($ty:ident { $($variant:ident => $name:literal),+ $(,)? })+) => {$(
+        impl $ty {
+            /// The `snake_case` name, as stored and served.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $name),+ }
+            }
+
+            /// The value a stored name stands for.
+            pub fn parse(name: &str) -> Option<Self> {
+                match name { $($name => Some(Self::$variant),)+ _ => None }
+            }
+        }
+    )+};
+}
+
+names! {
+    Mode { Reconcile => "reconcile", Backfill => "backfill" }
+    Repair { Report => "report", PushLocal => "push_local", PullRemote => "pull_remote", Merge => "merge" }
+    Kind {
+        Different => "different",
+        MissingLocal => "missing_local",
+        MissingRemote => "missing_remote",
+        Orphan => "orphan",
+        Duplicate => "duplicate",
+        Unlinked => "unlinked",
+    }
+}
+
+/// A connector reconciled on a schedule.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// The connector.
+    pub connector: String,
+    /// How often.
+    pub every: Duration,
+    /// With what repair policy.
+    pub repair: Repair,
+}
+
+/// How runs are driven.
+#[derive(Debug, Clone)]
+pub struct ReconcileOptions {
+    /// A run aborts, repairing nothing, when it finds more orphans than this
+    /// share of the connector's live links (at least one is always allowed).
+    pub max_delete_share: f64,
+    /// Scheduled runs.
+    pub schedules: Vec<Schedule>,
+}
+
+/// Why driving a run stopped before its end.
+enum Stop {
+    /// Another replica took it over, or it ended meanwhile.
+    LeaseLost,
+    /// The process is shutting down: the lease runs out and a replica (or
+    /// this one, restarted) resumes it.
+    Cancelled,
+    /// It cannot go on: `failed`, with the reason.
+    Failed(String),
+    /// The store failed: left to the lease, retried.
+    Store(StoreError),
+}
+
+impl From<StoreError> for Stop {
+    fn from(error: StoreError) -> Self {
+        Self::Store(error)
+    }
+}
+
+/// What repairing one finding means.
+enum Action {
+    /// Apply the remote record (or its delete) through the inbox.
+    Event(NewInboxEvent),
+    /// Push the customer's current version again (a new idempotency key).
+    ForcePush(String),
+    /// Create the customer's record anew.
+    Recreate(String),
+}
+
+impl SyncEngine {
+    /// Drives reconciliation runs until cancelled: takes over any running
+    /// run whose lease expired (started through the API, by a schedule, or
+    /// left by a replica that died), and starts scheduled runs when due.
+    pub async fn run_reconciler(self, options: ReconcileOptions, cancel: CancellationToken) {
+        let tracker = TaskTracker::new();
+        loop {
+            if let Err(error) = self.start_scheduled(&options).await {
+                tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::from(error)),
+                    "starting scheduled reconciliations failed"
+                );
+            }
+            while tracker.len() < MAX_RUNS {
+                let token = uuid::Uuid::new_v4().simple().to_string();
+                match self
+                    .inner
+                    .store
+                    .claim_run(&token, now_ms() + self.lease_ms())
+                    .await
+                {
+                    Ok(Some(run)) => {
+                        let engine = self.clone();
+                        let cancel = cancel.clone();
+                        let share = options.max_delete_share;
+                        tracker.spawn(async move { engine.drive(run, share, &cancel).await });
+                    }
+                    Ok(None) => break,
+                    Err(error) => {
+                        tracing::warn!(
+                            error = format!("{:#}", anyhow::Error::from(error)),
+                            "claiming a reconciliation failed"
+                        );
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = self.inner.reconcile_wake.notified() => {}
+                () = tokio::time::sleep(POLL) => {}
+            }
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    /// Wakes the reconciler (a run was started here).
+    pub fn wake_reconciler(&self) {
+        self.inner.reconcile_wake.notify_one();
+    }
+
+    async fn start_scheduled(&self, options: &ReconcileOptions) -> Result<(), StoreError> {
+        for schedule in &options.schedules {
+            if self
+                .inner
+                .registry
+                .ready(&schedule.connector, Need::Entity(ENTITY))
+                .is_err()
+            {
+                continue;
+            }
+            let due = match self.inner.store.latest_run(&schedule.connector).await? {
+                Some(last) => {
+                    let every =
+                        chrono::Duration::from_std(schedule.every).unwrap_or(chrono::Duration::MAX);
+                    last.status != "running" && last.started_at + every <= chrono::Utc::now()
+                }
+                None => true,
+            };
+            if due {
+                let started = self
+                    .inner
+                    .store
+                    .start_run(
+                        &schedule.connector,
+                        Mode::Reconcile.as_str(),
+                        schedule.repair.as_str(),
+                        "schedule",
+                    )
+                    .await?;
+                if let Some(run) = started {
+                    tracing::info!(
+                        run_id = run.id,
+                        connector = run.connector,
+                        "scheduled reconciliation started"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drives one claimed run from where it stands to its end.
+    #[tracing::instrument(skip_all, fields(run_id = %run.id, connector = %run.connector))]
+    async fn drive(&self, run: RunRow, max_delete_share: f64, cancel: &CancellationToken) {
+        let result = self.drive_phases(&run, max_delete_share, cancel).await;
+        let store = &self.inner.store;
+        let ended = match result {
+            Ok(()) => Ok(()),
+            Err(Stop::Failed(reason)) => {
+                tracing::warn!(reason, "reconciliation failed");
+                store.finish_run(&run, "failed", Some(&reason)).await
+            }
+            Err(Stop::LeaseLost) => {
+                tracing::info!("reconciliation taken over or ended elsewhere");
+                Ok(())
+            }
+            Err(Stop::Cancelled) => Ok(()),
+            Err(Stop::Store(error)) => Err(error),
+        };
+        if let Err(error) = ended {
+            tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "reconciliation interrupted by the store; resumed when its lease expires"
+            );
+        }
+    }
+
+    async fn drive_phases(
+        &self,
+        run: &RunRow,
+        max_delete_share: f64,
+        cancel: &CancellationToken,
+    ) -> Result<(), Stop> {
+        let store = &self.inner.store;
+        let repair = Repair::parse(&run.repair).unwrap_or_default();
+        let mode = Mode::parse(&run.mode).unwrap_or(Mode::Reconcile);
+        if run.phase == "listing" {
+            self.list_remote(run, cancel).await?;
+        }
+        let run = self.reload(run).await?;
+        if run.phase == "classifying" {
+            self.classify(&run).await?;
+            store.recount(&run.id).await?;
+            let run = self.reload(&run).await?;
+            if let Some(reason) = self.brake(&run, mode, repair, max_delete_share).await? {
+                tracing::warn!(reason, "reconciliation aborted by the mass-delete brake");
+                store.finish_run(&run, "aborted", Some(&reason)).await?;
+                return Ok(());
+            }
+            let next = if repair == Repair::Report {
+                "done"
+            } else {
+                "repairing"
+            };
+            if !store.commit_step(&run, &[], None, next).await? {
+                return Err(Stop::LeaseLost);
+            }
+        }
+        let run = self.reload(&run).await?;
+        if run.phase == "repairing" {
+            self.repair(&run, mode, repair, cancel).await?;
+        }
+        store.recount(&run.id).await?;
+        store.finish_run(&run, "completed", None).await?;
+        tracing::info!("reconciliation completed");
+        Ok(())
+    }
+
+    /// The run as stored, if this replica still holds it.
+    async fn reload(&self, run: &RunRow) -> Result<RunRow, Stop> {
+        match self.inner.store.run(&run.id).await? {
+            Some(now) if now.status == "running" && now.lease_token == run.lease_token => Ok(now),
+            _ => Err(Stop::LeaseLost),
+        }
+    }
+
+    async fn renew(&self, run: &RunRow) -> Result<(), Stop> {
+        let token = run.lease_token.as_deref().unwrap_or_default();
+        if self
+            .inner
+            .store
+            .renew_run(&run.id, token, now_ms() + self.lease_ms())
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(Stop::LeaseLost)
+        }
+    }
+
+    /// A run's lease lasts as long as a push's (`sync_lease`).
+    fn lease_ms(&self) -> i64 {
+        i64::try_from(self.inner.lease.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Waits `wait` (a rate limit, a backoff, a backlog), renewing the
+    /// run's lease on the way, or stops with the process.
+    async fn wait(
+        &self,
+        run: &RunRow,
+        cancel: &CancellationToken,
+        wait: Duration,
+    ) -> Result<(), Stop> {
+        let step = self.inner.lease / 3;
+        let until = Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            pause(cancel, left.min(step)).await?;
+            self.renew(run).await?;
+        }
+    }
+
+    /// Phase 1: every page of the connector's `list`, from the stored
+    /// cursor. A 429 waits (Retry-After, else a second) and asks again,
+    /// however often; other failures retry with backoff, and when retries
+    /// run out the run fails: no finding is trusted from a partial listing.
+    async fn list_remote(&self, run: &RunRow, cancel: &CancellationToken) -> Result<(), Stop> {
+        let inner = &self.inner;
+        let mut cursor = run.cursor.clone();
+        let mut failures = 0u32;
+        loop {
+            if cancel.is_cancelled() {
+                return Err(Stop::Cancelled);
+            }
+            self.renew(run).await?;
+            let ready = match inner.registry.ready(&run.connector, Need::Entity(ENTITY)) {
+                Ok(ready) => ready,
+                // Paused by an operator: the run waits with it.
+                Err(NotReady::Disabled) => {
+                    self.wait(run, cancel, POLL).await?;
+                    continue;
+                }
+                Err(other) => {
+                    return Err(Stop::Failed(format!("the connector is not ready: {other}")))
+                }
+            };
+            if let Err(Deferred(wait)) = inner.breakers.allow(&run.connector) {
+                self.wait(
+                    run,
+                    cancel,
+                    wait.clamp(Duration::from_millis(50), Duration::from_secs(5)),
+                )
+                .await?;
+                continue;
+            }
+            let listed = {
+                let _permit = inner.permits.acquire().await;
+                ready
+                    .connector
+                    .list(&ready.config, ENTITY, cursor.clone(), PAGE_SIZE)
+                    .await
+            };
+            let mut findings = PageFindings::default();
+            let page = match listed {
+                Ok(page) => {
+                    inner.breakers.success(&run.connector);
+                    failures = 0;
+                    page
+                }
+                Err(CallError::Connector(ConnectorError::RateLimited(limit))) => {
+                    let wait = limit
+                        .retry_after_ms
+                        .map_or(Duration::from_secs(1), Duration::from_millis);
+                    inner.breakers.pause(&run.connector, wait);
+                    tracing::info!(
+                        wait_ms = wait.as_millis() as u64,
+                        "listing rate limited; waiting"
+                    );
+                    findings.counts.insert("rate_limited", 1);
+                    if !inner.store.commit_counts(run, &findings).await? {
+                        return Err(Stop::LeaseLost);
+                    }
+                    self.wait(run, cancel, wait).await?;
+                    continue;
+                }
+                Err(CallError::Connector(
+                    ConnectorError::Permanent(m)
+                    | ConnectorError::Unauthorized(m)
+                    | ConnectorError::Unsupported(m),
+                )) => return Err(Stop::Failed(format!("listing failed: {m}"))),
+                Err(error) => {
+                    inner.breakers.failure(&run.connector);
+                    failures += 1;
+                    if inner.policy.exhausted(failures) {
+                        return Err(Stop::Failed(format!(
+                            "listing failed after {failures} attempts: {error}"
+                        )));
+                    }
+                    tracing::info!(%error, failures, "listing a page failed; retrying");
+                    self.wait(run, cancel, inner.policy.delay(failures, None))
+                        .await?;
+                    continue;
+                }
+            };
+            let listed = i64::try_from(page.records.len()).unwrap_or(i64::MAX);
+            self.compare_page(run, &page, &mut findings).await?;
+            if !inner
+                .store
+                .commit_page(run, &findings, page.next_cursor.as_deref(), listed)
+                .await?
+            {
+                return Err(Stop::LeaseLost);
+            }
+            match page.next_cursor {
+                Some(next) => cursor = Some(next),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Compares a page's linked records with their customers; keeps the
+    /// unlinked ones for classification.
+    async fn compare_page(
+        &self,
+        run: &RunRow,
+        page: &Page,
+        findings: &mut PageFindings,
+    ) -> Result<(), Stop> {
+        let ids: Vec<String> = page.records.iter().map(|r| r.remote_id.clone()).collect();
+        let linked = self
+            .inner
+            .store
+            .linked_records(&run.connector, &ids)
+            .await?;
+        for record in &page.records {
+            let remote = match serde_json::from_str::<serde_json::Value>(&record.record) {
+                Ok(remote) => canonical_record(&remote),
+                Err(error) => {
+                    tracing::warn!(remote_id = record.remote_id, %error, "listed record is not JSON; skipped");
+                    *findings.counts.entry("invalid").or_default() += 1;
+                    findings.seen.push(record.remote_id.clone());
+                    continue;
+                }
+            };
+            let link = linked
+                .iter()
+                .find(|(l, _)| l.remote_id.as_deref() == Some(record.remote_id.as_str()));
+            let Some((link, customer)) = link else {
+                let email = fields_of(&remote).map(|f| f.email);
+                findings
+                    .unlinked
+                    .push((record.remote_id.clone(), email, remote));
+                continue;
+            };
+            findings.seen.push(record.remote_id.clone());
+            let Some(customer) = customer else {
+                *findings.counts.entry("invalid").or_default() += 1;
+                continue;
+            };
+            if customer.deleted_at.is_some() {
+                if !link.remote_deleted {
+                    findings.mismatches.push(NewMismatch {
+                        kind: Kind::MissingLocal.as_str(),
+                        remote_id: Some(record.remote_id.clone()),
+                        customer_id: Some(customer.id.as_str().to_owned()),
+                        fields: serde_json::json!([]),
+                        record: Some(remote),
+                        detail: Some(
+                            "the customer was deleted in ferry; the remote still has the record"
+                                .into(),
+                        ),
+                    });
+                }
+                continue;
+            }
+            // A push on its way or a person's decision pending: the
+            // difference is being settled already.
+            if link.held_by.is_some() || matches!(link.state, LinkState::Pending | LinkState::Retry)
+            {
+                *findings.counts.entry("in_flight").or_default() += 1;
+                continue;
+            }
+            let differences =
+                field_differences(&local_record(customer)?, &remote, link.snapshot.as_ref());
+            if differences.is_empty() {
+                *findings.counts.entry("equal").or_default() += 1;
+            } else {
+                findings.mismatches.push(NewMismatch {
+                    kind: Kind::Different.as_str(),
+                    remote_id: Some(record.remote_id.clone()),
+                    customer_id: Some(customer.id.as_str().to_owned()),
+                    fields: serde_json::to_value(&differences).unwrap_or_default(),
+                    record: Some(remote),
+                    detail: None,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Phase 2, from the stored position: `u:` unlinked records, `m:`
+    /// customers missing remotely, `o:` orphaned links (each followed by
+    /// the last key handled).
+    async fn classify(&self, run: &RunRow) -> Result<(), Stop> {
+        let store = &self.inner.store;
+        let position = run.cursor.clone().unwrap_or_else(|| "u:".to_owned());
+        let (mut step, after) = position.split_once(':').unwrap_or(("u", ""));
+        let mut after = (!after.is_empty()).then(|| after.to_owned());
+        loop {
+            self.renew(run).await?;
+            let (found, last) = match step {
+                "u" => self.classify_unlinked(run, after.as_deref()).await?,
+                "m" => {
+                    let customers = store
+                        .customers_missing_remotely(run, after.as_deref(), STEP)
+                        .await?;
+                    let last = customers.last().map(|c| c.id.as_str().to_owned());
+                    let found = customers
+                        .into_iter()
+                        .map(|c| NewMismatch {
+                            kind: Kind::MissingRemote.as_str(),
+                            remote_id: None,
+                            customer_id: Some(c.id.as_str().to_owned()),
+                            fields: serde_json::json!([]),
+                            record: None,
+                            detail: None,
+                        })
+                        .collect();
+                    (found, last)
+                }
+                _ => {
+                    let links = store.unseen_links(run, after.as_deref(), STEP).await?;
+                    let last = links.last().map(|(customer, _)| customer.clone());
+                    let found = links
+                        .into_iter()
+                        .map(|(customer, remote)| NewMismatch {
+                            kind: Kind::Orphan.as_str(),
+                            remote_id: Some(remote),
+                            customer_id: Some(customer),
+                            fields: serde_json::json!([]),
+                            record: None,
+                            detail: Some(
+                                "linked, but a complete listing did not return the remote record"
+                                    .into(),
+                            ),
+                        })
+                        .collect();
+                    (found, last)
+                }
+            };
+            let next = match (&last, step) {
+                (Some(last), _) => format!("{step}:{last}"),
+                (None, "u") => "m:".to_owned(),
+                (None, "m") => "o:".to_owned(),
+                (None, _) => return Ok(()),
+            };
+            if !store
+                .commit_step(run, &found, Some(&next), "classifying")
+                .await?
+            {
+                return Err(Stop::LeaseLost);
+            }
+            let (s, a) = next.split_once(':').unwrap_or(("o", ""));
+            step = match s {
+                "u" => "u",
+                "m" => "m",
+                _ => "o",
+            };
+            after = (!a.is_empty()).then(|| a.to_owned());
+        }
+    }
+
+    /// One step of unlinked records: matched by email, duplicate, or
+    /// missing locally.
+    async fn classify_unlinked(
+        &self,
+        run: &RunRow,
+        after: Option<&str>,
+    ) -> Result<(Vec<NewMismatch>, Option<String>), Stop> {
+        let store = &self.inner.store;
+        let batch = store.unlinked_records(&run.id, after, STEP).await?;
+        let mut emails: Vec<String> = batch.iter().filter_map(|r| r.email.clone()).collect();
+        emails.sort();
+        emails.dedup();
+        let owners = store.customers_by_emails(&run.connector, &emails).await?;
+        let mut found = Vec::with_capacity(batch.len());
+        for record in &batch {
+            let same_email = record.same_email;
+            let remote = &record.record.0;
+            let owner = record
+                .email
+                .as_ref()
+                .and_then(|email| owners.iter().find(|(c, _)| &c.email == email));
+            let (kind, customer_id, fields, detail) = match (&record.email, owner) {
+                (None, _) => (
+                    Kind::MissingLocal,
+                    None,
+                    serde_json::json!([]),
+                    Some("the remote record has no email".to_owned()),
+                ),
+                (Some(_), owner) if same_email > 1 => (
+                    Kind::Duplicate,
+                    owner.map(|(c, _)| c.id.as_str().to_owned()),
+                    serde_json::json!([]),
+                    Some(format!("{same_email} remote records have this email")),
+                ),
+                (Some(_), Some((customer, Some(other)))) => (
+                    Kind::Duplicate,
+                    Some(customer.id.as_str().to_owned()),
+                    serde_json::json!([]),
+                    Some(format!(
+                        "the customer with this email is linked to remote record {other}"
+                    )),
+                ),
+                (Some(_), Some((customer, None))) => (
+                    Kind::Unlinked,
+                    Some(customer.id.as_str().to_owned()),
+                    serde_json::to_value(field_differences(&local_record(customer)?, remote, None))
+                        .unwrap_or_default(),
+                    Some("matches a customer by email".to_owned()),
+                ),
+                (Some(_), None) => (Kind::MissingLocal, None, serde_json::json!([]), None),
+            };
+            found.push(NewMismatch {
+                kind: kind.as_str(),
+                remote_id: Some(record.remote_id.clone()),
+                customer_id,
+                fields,
+                record: Some(remote.clone()),
+                detail,
+            });
+        }
+        Ok((found, batch.last().map(|r| r.remote_id.clone())))
+    }
+
+    /// The mass-delete brake: the reason to abort, if the run would act on
+    /// more orphans than the allowed share of the connector's live links.
+    /// Orphans are what a listing that silently stopped short produces.
+    async fn brake(
+        &self,
+        run: &RunRow,
+        mode: Mode,
+        repair: Repair,
+        max_delete_share: f64,
+    ) -> Result<Option<String>, StoreError> {
+        if mode == Mode::Backfill || repair == Repair::Report {
+            return Ok(None);
+        }
+        let orphans = run
+            .counts
+            .0
+            .get("orphan")
+            .and_then(|v| v.as_i64())
+            .unwrap_or(0);
+        if orphans == 0 {
+            return Ok(None);
+        }
+        let links = self.inner.store.live_link_count(&run.connector).await?;
+        let allowed = allowed_deletes(links, max_delete_share);
+        Ok((orphans > allowed).then(|| {
+            format!(
+                "mass-delete brake: {orphans} of {links} links name a remote record the listing did not return, \
+                 more than the {allowed} allowed (reconcile_max_delete_share = {max_delete_share}); nothing was \
+                 repaired. If the records are really gone, resolve the orphans by hand or raise the share."
+            )
+        }))
+    }
+
+    /// Phase 3: schedules the repair of every open finding the policy acts
+    /// on, a step at a time, after the backlog drains.
+    async fn repair(
+        &self,
+        run: &RunRow,
+        mode: Mode,
+        repair: Repair,
+        cancel: &CancellationToken,
+    ) -> Result<(), Stop> {
+        let store = &self.inner.store;
+        let mut after = run.cursor.clone();
+        loop {
+            self.renew(run).await?;
+            self.wait_for_backlog(run, cancel).await?;
+            let batch = store
+                .mismatches(&run.id, None, Some("open"), after.as_deref(), STEP)
+                .await?;
+            let Some(last) = batch.last().map(|m| m.id.clone()) else {
+                return Ok(());
+            };
+            let mut events = Vec::new();
+            let mut done = Vec::new();
+            for mismatch in &batch {
+                let Some(action) = plan_repair(run, mode, repair, mismatch) else {
+                    continue;
+                };
+                let what = match action {
+                    Action::Event(event) => {
+                        let what = format!("inbox event {} ({})", event.event_id, event.kind);
+                        events.push(event);
+                        what
+                    }
+                    push => match self.schedule_push(&run.connector, push).await? {
+                        Some(what) => what,
+                        // Its link is busy: the push in flight carries the
+                        // current state anyway; the finding stays open.
+                        None => continue,
+                    },
+                };
+                done.push((mismatch.id.clone(), what));
+            }
+            if !events.is_empty() {
+                store
+                    .store_inbox_many(&[(
+                        run.connector.as_str(),
+                        events.as_slice(),
+                        Some(run.id.as_str()),
+                    )])
+                    .await?;
+                self.wake_inbox();
+            }
+            for (id, what) in &done {
+                store.settle_mismatch(id, "repaired", what).await?;
+            }
+            store
+                .add_repairs(&run.id, i64::try_from(done.len()).unwrap_or(0))
+                .await?;
+            self.inner.wake.notify_one();
+            if !store
+                .commit_step(run, &[], Some(&last), "repairing")
+                .await?
+            {
+                return Err(Stop::LeaseLost);
+            }
+            after = Some(last);
+        }
+    }
+
+    /// Schedules a push `action` (not an event); what was scheduled, or
+    /// `None` if the link is busy or the customer gone.
+    async fn schedule_push(
+        &self,
+        connector: &str,
+        action: Action,
+    ) -> Result<Option<String>, StoreError> {
+        let store = &self.inner.store;
+        let (customer, recreate) = match action {
+            Action::Event(_) => return Ok(None),
+            Action::ForcePush(customer) => (customer, false),
+            Action::Recreate(customer) => (customer, true),
+        };
+        let Some(current) = store.get_customer_any(&customer).await? else {
+            return Ok(None);
+        };
+        let scheduled = if recreate {
+            store
+                .recreate_remote(&customer, connector, current.version)
+                .await?
+        } else {
+            store
+                .force_push(&customer, connector, current.version)
+                .await?
+        };
+        self.inner.wake.notify_one();
+        Ok(scheduled.then(|| {
+            let what = if recreate { "create" } else { "push" };
+            format!("{what} of version {} scheduled", current.version)
+        }))
+    }
+
+    /// Resolves one open finding by hand with `action`, the way a run with
+    /// that repair policy would (orphans included, whatever the run's
+    /// mode); what was scheduled, or `None` when the action does nothing
+    /// for this kind of finding.
+    pub async fn resolve_mismatch(
+        &self,
+        run: &RunRow,
+        mismatch: &MismatchRow,
+        action: Repair,
+    ) -> Result<Option<String>, StoreError> {
+        let store = &self.inner.store;
+        let Some(planned) = plan_repair(run, Mode::Reconcile, action, mismatch) else {
+            return Ok(None);
+        };
+        let what = match planned {
+            Action::Event(mut event) => {
+                // A second resolution of the same finding is a new event.
+                event.event_id = format!("{}:{}", event.event_id, uuid::Uuid::now_v7().simple());
+                let what = format!("inbox event {} ({})", event.event_id, event.kind);
+                store
+                    .store_inbox_many(&[(
+                        run.connector.as_str(),
+                        std::slice::from_ref(&event),
+                        Some(run.id.as_str()),
+                    )])
+                    .await?;
+                self.wake_inbox();
+                what
+            }
+            push => match self.schedule_push(&run.connector, push).await? {
+                Some(what) => what,
+                None => "nothing: a push of the customer is already on its way".to_owned(),
+            },
+        };
+        Ok(Some(what))
+    }
+
+    /// Waits while the inbox or the push queue holds more than [`BACKLOG`].
+    async fn wait_for_backlog(&self, run: &RunRow, cancel: &CancellationToken) -> Result<(), Stop> {
+        let mut renewed = Instant::now();
+        loop {
+            let store = &self.inner.store;
+            if store.inbox_backlog().await? < BACKLOG && store.push_backlog().await? < BACKLOG {
+                return Ok(());
+            }
+            pause(cancel, Duration::from_millis(100)).await?;
+            if renewed.elapsed() > self.inner.lease / 3 {
+                self.renew(run).await?;
+                renewed = Instant::now();
+            }
+        }
+    }
+}
+
+/// What repairing `mismatch` under `repair` does; `None`: it stays open
+/// for a person.
+fn plan_repair(run: &RunRow, mode: Mode, repair: Repair, mismatch: &MismatchRow) -> Option<Action> {
+    use Repair::{Merge, PullRemote, PushLocal, Report};
+    let kind = action_kind(mismatch);
+    let event = |kind: &'static str, policy: Option<&str>| {
+        Some(Action::Event(NewInboxEvent {
+            event_id: format!("reconcile:{}:{}", run.id, mismatch.id),
+            entity: ENTITY.to_owned(),
+            kind,
+            remote_id: mismatch.remote_id.clone()?,
+            occurred_at_ms: mismatch.created_at.timestamp_millis(),
+            record: mismatch.record.as_ref().map(|r| r.0.clone()),
+            origin_key: None,
+            remote_type: super::inbound::RECONCILIATION.to_owned(),
+            policy: policy.map(str::to_owned),
+        }))
+    };
+    let customer = mismatch.customer_id.clone();
+    match (kind, repair) {
+        (_, Report) => None,
+        (Kind::Different, PushLocal) => customer.map(Action::ForcePush),
+        (Kind::Different, PullRemote) => event("upsert", Some("prefer_remote")),
+        (Kind::Different, Merge) => event("upsert", None),
+        // The customer was deleted in ferry: the delete is pushed; ferry
+        // never brings a deleted customer back.
+        (Kind::MissingLocal, PushLocal | Merge) if customer.is_some() => {
+            customer.map(Action::ForcePush)
+        }
+        (Kind::MissingLocal, _) if customer.is_some() => None,
+        (Kind::MissingLocal, PullRemote | Merge) => event("upsert", None),
+        // push_local never deletes a record ferry does not know.
+        (Kind::MissingLocal, PushLocal) => None,
+        (Kind::Unlinked, PushLocal) => event("upsert", Some("prefer_local")),
+        (Kind::Unlinked, PullRemote) => event("upsert", Some("prefer_remote")),
+        (Kind::Unlinked, Merge) => event("upsert", None),
+        // The duplicate-email policy decides, as for a webhook.
+        (Kind::Duplicate, PullRemote | Merge) => event("upsert", None),
+        (Kind::Duplicate, PushLocal) => None,
+        (Kind::MissingRemote, PushLocal | Merge) => customer.map(Action::Recreate),
+        // pull_remote never deletes a customer the remote lacks.
+        (Kind::MissingRemote, PullRemote) => None,
+        (Kind::Orphan, _) if mode == Mode::Backfill => None,
+        (Kind::Orphan, PushLocal) => customer.map(Action::Recreate),
+        // The delete policy decides, as for a remote delete.
+        (Kind::Orphan, PullRemote | Merge) => event("delete", None),
+    }
+}
+
+fn action_kind(mismatch: &MismatchRow) -> Kind {
+    Kind::parse(&mismatch.kind).unwrap_or(Kind::Different)
+}
+
+/// Orphans a run may act on: `share` of `links`, and at least one.
+pub fn allowed_deletes(links: i64, share: f64) -> i64 {
+    #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+    let allowed = (links as f64 * share).floor() as i64;
+    allowed.max(1)
+}
+
+/// Sleeps `wait`, or stops with the process.
+async fn pause(cancel: &CancellationToken, wait: Duration) -> Result<(), Stop> {
+    tokio::select! {
+        () = cancel.cancelled() => Err(Stop::Cancelled),
+        () = tokio::time::sleep(wait) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_brake_allows_a_share_and_at_least_one() {
+        assert_eq!(allowed_deletes(0, 0.1), 1);
+        assert_eq!(allowed_deletes(9, 0.1), 1);
+        assert_eq!(allowed_deletes(100, 0.1), 10);
+        assert_eq!(allowed_deletes(1000, 0.0), 1);
+        assert_eq!(allowed_deletes(1000, 1.0), 1000);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for kind in [
+            Kind::Different,
+            Kind::MissingLocal,
+            Kind::MissingRemote,
+            Kind::Orphan,
+            Kind::Duplicate,
+            Kind::Unlinked,
+        ] {
+            assert_eq!(Kind::parse(kind.as_str()), Some(kind));
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+        }
+        for repair in [
+            Repair::Report,
+            Repair::PushLocal,
+            Repair::PullRemote,
+            Repair::Merge,
+        ] {
+            assert_eq!(Repair::parse(repair.as_str()), Some(repair));
+            assert_eq!(serde_json::to_value(repair).unwrap(), repair.as_str());
+        }
+    }
+}

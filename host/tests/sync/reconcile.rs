@@ -1,0 +1,1086 @@
+//! Reconciliation and backfill end to end: records made behind ferry's back
+//! in a real localstripe and in the fake Salesforce, found by a run that
+//! pages through the connector's `list`, reported, and repaired through
+//! the normal inbound and outbound paths. Plus the duplicate-email
+//! strategies and field ownership on the webhook path, on both backends.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ferry_test_support::fake_salesforce::{FakeSalesforce, FakeSalesforceConfig};
+use ferry_test_support::fault_proxy::{Fault, FaultProxy, Match};
+use ferry_test_support::localstripe::LocalStripe;
+use serde_json::{json, Value};
+
+use crate::helpers::{
+    email, salesforce_component, spawn_sync_app, stripe_component, stripe_customer,
+    stripe_customers_by_email, Backend, ExtraConnector, Setup, SyncApp, STRIPE_KEY, WEBHOOK_SECRET,
+};
+use crate::inbound::{deliver, event, stripe_signature};
+use crate::process::FerryProcess;
+
+/// How long a run or its repairs may take to settle.
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// Creates a Stripe customer directly in localstripe (as a person in the
+/// dashboard would; no webhook reaches ferry); returns its id.
+async fn stripe_create(stripe_url: &str, form: &[(&str, &str)]) -> String {
+    let body: Value = reqwest::Client::new()
+        .post(format!("{stripe_url}/v1/customers"))
+        .bearer_auth(STRIPE_KEY)
+        .form(form)
+        .send()
+        .await
+        .expect("localstripe answers")
+        .json()
+        .await
+        .expect("json");
+    body["id"].as_str().expect("an id").to_owned()
+}
+
+async fn stripe_update(stripe_url: &str, id: &str, form: &[(&str, &str)]) {
+    let response = reqwest::Client::new()
+        .post(format!("{stripe_url}/v1/customers/{id}"))
+        .bearer_auth(STRIPE_KEY)
+        .form(form)
+        .send()
+        .await
+        .expect("localstripe answers");
+    assert!(
+        response.status().is_success(),
+        "update {id}: {}",
+        response.status()
+    );
+}
+
+async fn stripe_delete(stripe_url: &str, id: &str) {
+    let response = reqwest::Client::new()
+        .delete(format!("{stripe_url}/v1/customers/{id}"))
+        .bearer_auth(STRIPE_KEY)
+        .send()
+        .await
+        .expect("localstripe answers");
+    assert!(
+        response.status().is_success(),
+        "delete {id}: {}",
+        response.status()
+    );
+}
+
+/// `POST /api/v1/reconciliations`; returns the run (202).
+async fn start_run(app: &SyncApp, body: Value) -> Value {
+    let (status, run) = app
+        .send(reqwest::Method::POST, "/api/v1/reconciliations", Some(body))
+        .await;
+    assert_eq!(status, 202, "{run}");
+    assert_eq!(run["status"], "running", "{run}");
+    run
+}
+
+async fn get_run(base: &str, id: &str) -> Value {
+    reqwest::get(format!("{base}/api/v1/reconciliations/{id}"))
+        .await
+        .expect("ferry answers")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// Waits until run `id` has ended; returns it.
+async fn wait_run(base: &str, id: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let run = get_run(base, id).await;
+        if run["status"] != "running" {
+            return run;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "run {id} did not end: {run:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts a run and waits for its end.
+async fn run_to_end(app: &SyncApp, body: Value) -> Value {
+    let run = start_run(app, body).await;
+    wait_run(&app.base, run["id"].as_str().expect("id")).await
+}
+
+/// Every finding of a run (all pages), optionally of one kind.
+async fn findings(base: &str, run: &str, kind: Option<&str>) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut url = format!("{base}/api/v1/reconciliations/{run}/mismatches?limit=2");
+        if let Some(kind) = kind {
+            url.push_str(&format!("&kind={kind}"));
+        }
+        if let Some(after) = &after {
+            url.push_str(&format!("&starting_after={after}"));
+        }
+        let page: Value = reqwest::get(url)
+            .await
+            .expect("ferry")
+            .json()
+            .await
+            .expect("json");
+        all.extend(page["data"].as_array().cloned().unwrap_or_default());
+        match page["next_cursor"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => return all,
+        }
+    }
+}
+
+/// The report's counts that are not zero.
+fn counts(run: &Value) -> BTreeMap<String, i64> {
+    run["counts"]
+        .as_object()
+        .expect("counts")
+        .iter()
+        .filter_map(|(k, v)| v.as_i64().filter(|n| *n != 0).map(|n| (k.clone(), n)))
+        .collect()
+}
+
+fn expect_counts(run: &Value, expected: &[(&str, i64)]) {
+    let expected: BTreeMap<String, i64> = expected
+        .iter()
+        .map(|(k, n)| ((*k).to_owned(), *n))
+        .collect();
+    assert_eq!(counts(run), expected, "{run:#}");
+}
+
+/// Waits until `check` holds, polling.
+async fn eventually<F, Fut>(what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "never true: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Stripe configured through the API (its first enable), for a ferry that
+/// ran without it.
+async fn configure_stripe(app: &SyncApp, stripe_url: &str) -> Value {
+    let (status, connector) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/stripe/settings",
+            Some(json!({"settings": {"api_base": stripe_url}, "secrets": {"api_key": STRIPE_KEY}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{connector}");
+    connector
+}
+
+/// Backfill on a connector's first enable: a catalog and a Stripe account
+/// that grew apart before ferry connected them. Matches by email are
+/// linked (the merge takes Stripe's values where ferry had none), Stripe-only
+/// records are imported, ferry-only customers pushed, and of two Stripe
+/// records with one email only one becomes a customer (the other is a dead
+/// letter under the default `reject` strategy). A second backfill finds
+/// everything equal and creates nothing on either side.
+async fn backfill_links_imports_and_pushes(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let mut setup = Setup::new(backend, &url);
+    setup.stripe_url = None;
+    let app = spawn_sync_app(setup).await;
+
+    let (local_only, matched, remote_only, dup) = (
+        email("bf-local"),
+        email("bf-match"),
+        email("bf-remote"),
+        email("bf-dup"),
+    );
+    let a = app
+        .create(json!({"email": local_only, "name": "Only Local"}))
+        .await;
+    let b = app.create(json!({"email": matched, "name": "Bea"})).await;
+    let s_b = stripe_create(
+        &url,
+        &[("email", &matched), ("name", "Bea"), ("phone", "+15550001")],
+    )
+    .await;
+    let s_r = stripe_create(&url, &[("email", &remote_only), ("name", "Only Remote")]).await;
+    let s_d1 = stripe_create(&url, &[("email", &dup), ("name", "Dup One")]).await;
+    let s_d2 = stripe_create(&url, &[("email", &dup), ("name", "Dup Two")]).await;
+
+    let connector = configure_stripe(&app, &url).await;
+    assert_eq!(connector["enabled"], true, "{connector}");
+    assert_eq!(connector["backfill_offered"], true, "{connector}");
+    // Nothing flows by itself: the existing data waits for the backfill.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(stripe_customers_by_email(&url, &local_only)
+        .await
+        .is_empty());
+
+    let run = start_run(&app, json!({"connector": "stripe", "mode": "backfill"})).await;
+    assert_eq!(
+        (run["mode"].as_str(), run["repair"].as_str()),
+        (Some("backfill"), Some("merge")),
+        "{run}"
+    );
+    let (status, again) = app
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/reconciliations",
+            Some(json!({"connector": "stripe"})),
+        )
+        .await;
+    if status == 409 {
+        assert_eq!(again["code"], "reconciliation_running", "{again}");
+    } else {
+        // The backfill was quicker than this request; let the report run end.
+        assert_eq!(status, 202, "{again}");
+        wait_run(&app.base, again["id"].as_str().unwrap()).await;
+    }
+    let run = wait_run(&app.base, run["id"].as_str().unwrap()).await;
+    assert_eq!(run["status"], "completed", "{run:#}");
+    expect_counts(
+        &run,
+        &[
+            ("unlinked", 1),
+            ("missing_local", 1),
+            ("duplicate", 2),
+            ("missing_remote", 1),
+            ("repairs", 5),
+        ],
+    );
+    assert_eq!(run["progress"]["listing_complete"], true, "{run}");
+    assert_eq!(run["progress"]["records"], 4, "{run}");
+    let unlinked = findings(&app.base, run["id"].as_str().unwrap(), Some("unlinked")).await;
+    assert_eq!(unlinked[0]["remote_id"], s_b.as_str(), "{unlinked:?}");
+    assert_eq!(unlinked[0]["customer_id"], b["id"], "{unlinked:?}");
+    assert_eq!(unlinked[0]["state"], "repaired", "{unlinked:?}");
+    assert_eq!(
+        unlinked[0]["fields"],
+        json!([{"field": "phone", "local": null, "remote": "+15550001", "base": null}])
+    );
+
+    // Linked by email, and Stripe's phone filled ferry's gap.
+    let b_id = b["id"].as_str().unwrap();
+    let link = app
+        .wait_link(b_id, SETTLE, |l| l["remote_id"] == s_b.as_str())
+        .await;
+    assert_eq!(link["connector"], "stripe");
+    eventually("the matched customer took Stripe's phone", || async {
+        app.customer_by_email(&matched)
+            .await
+            .is_some_and(|c| c["phone"] == "+15550001")
+    })
+    .await;
+    // Imported.
+    let imported = app.wait_customer_by_email(&remote_only).await;
+    assert_eq!(imported["name"], "Only Remote");
+    app.wait_link(imported["id"].as_str().unwrap(), SETTLE, |l| {
+        l["remote_id"] == s_r.as_str()
+    })
+    .await;
+    // Pushed.
+    let a_link = app
+        .wait_link(a["id"].as_str().unwrap(), SETTLE, |l| {
+            l["state"] == "synced"
+        })
+        .await;
+    let pushed = stripe_customer(&url, a_link["remote_id"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(pushed["email"], local_only.as_str());
+    // One customer for the duplicate email, linked to one of its records;
+    // the other record is a dead letter that says why.
+    let dup_customer = app.wait_customer_by_email(&dup).await;
+    let dup_link = app
+        .wait_link(dup_customer["id"].as_str().unwrap(), SETTLE, |l| {
+            !l["remote_id"].is_null()
+        })
+        .await;
+    let linked = dup_link["remote_id"].as_str().unwrap().to_owned();
+    assert!(linked == s_d1 || linked == s_d2, "{dup_link}");
+    let other = if linked == s_d1 { &s_d2 } else { &s_d1 };
+    eventually("the second duplicate is dead-lettered", || async {
+        let events = app.store.inbox_of_remote("stripe", other).await.unwrap();
+        events.iter().any(|e| {
+            e.state == "dead"
+                && e.detail
+                    .as_deref()
+                    .is_some_and(|d| d.contains("duplicate_email policy is reject"))
+        })
+    })
+    .await;
+
+    // Every repair is in the customer's history with the run's id.
+    let events = app.store.inbox_of_remote("stripe", &s_r).await.unwrap();
+    assert!(
+        events.iter().any(|e| e.remote_type == "reconciliation"
+            && e.correlation_id.as_deref() == run["id"].as_str()),
+        "{events:?}"
+    );
+
+    // Idempotent: a second backfill finds the rest equal and makes nothing.
+    app.wait_synced(b_id, 1).await;
+    let second = run_to_end(&app, json!({"connector": "stripe", "mode": "backfill"})).await;
+    assert_eq!(second["status"], "completed", "{second:#}");
+    expect_counts(&second, &[("equal", 4), ("duplicate", 1), ("repairs", 1)]);
+    for address in [&local_only, &matched, &remote_only] {
+        assert_eq!(
+            stripe_customers_by_email(&url, address).await.len(),
+            1,
+            "{address} once in Stripe"
+        );
+    }
+    assert_eq!(stripe_customers_by_email(&url, &dup).await.len(), 2);
+    let (_, page) = app
+        .send(reqwest::Method::GET, "/api/v1/customers?limit=100", None)
+        .await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 4, "{page:#}");
+    let (_, connector) = app
+        .send(reqwest::Method::GET, "/api/v1/connectors/stripe", None)
+        .await;
+    assert_eq!(connector["backfill_offered"], false, "{connector}");
+    assert_eq!(
+        connector["last_reconciliation"]["id"], second["id"],
+        "{connector}"
+    );
+}
+
+/// Drift behind ferry's back (no webhooks): in Stripe a customer is
+/// deleted, another renamed, a third added. A report run finds the three
+/// and changes nothing; the report survives a restart; one finding is
+/// resolved by hand (`push_local`), and a `merge` run repairs the rest.
+async fn drift_is_found_reported_and_repaired(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    // The database outlives the first app (a restart).
+    let db_dir = tempfile::tempdir().expect("dir");
+    let mut setup = Setup::new(backend, &url);
+    if backend == Backend::Sqlite {
+        setup.database_url = Some(format!(
+            "sqlite://{}",
+            db_dir.path().join("ferry.db").display()
+        ));
+    }
+    let app = spawn_sync_app(setup).await;
+    let mut ids = Vec::new();
+    for tag in ["drift-x", "drift-y", "drift-z", "drift-v"] {
+        let customer = app.create(json!({"email": email(tag), "name": tag})).await;
+        ids.push(customer["id"].as_str().unwrap().to_owned());
+    }
+    let mut remote = Vec::new();
+    for id in &ids {
+        let link = app.wait_synced(id, 1).await;
+        remote.push(link["remote_id"].as_str().unwrap().to_owned());
+    }
+    stripe_delete(&url, &remote[0]).await;
+    stripe_update(&url, &remote[1], &[("name", "Renamed In Stripe")]).await;
+    stripe_update(&url, &remote[3], &[("phone", "+15550002")]).await;
+    let added = email("drift-added");
+    let s_w = stripe_create(&url, &[("email", &added), ("name", "Added In Stripe")]).await;
+
+    let report = run_to_end(&app, json!({"connector": "stripe"})).await;
+    assert_eq!(
+        (report["status"].as_str(), report["repair"].as_str()),
+        (Some("completed"), Some("report")),
+        "{report:#}"
+    );
+    expect_counts(
+        &report,
+        &[
+            ("equal", 1),
+            ("different", 2),
+            ("orphan", 1),
+            ("missing_local", 1),
+        ],
+    );
+    let id = report["id"].as_str().unwrap().to_owned();
+    let different = findings(&app.base, &id, Some("different")).await;
+    let renamed = different
+        .iter()
+        .find(|m| m["customer_id"] == ids[1].as_str())
+        .expect("y differs");
+    assert_eq!(
+        renamed["fields"],
+        json!([{"field": "name", "local": "drift-y", "remote": "Renamed In Stripe", "base": "drift-y"}])
+    );
+    let orphan = &findings(&app.base, &id, Some("orphan")).await[0];
+    assert_eq!(
+        (orphan["customer_id"].as_str(), orphan["remote_id"].as_str()),
+        (Some(ids[0].as_str()), Some(remote[0].as_str()))
+    );
+    let missing = &findings(&app.base, &id, Some("missing_local")).await[0];
+    assert_eq!(missing["remote_id"], s_w.as_str());
+    assert_eq!(missing["record"]["email"], added.as_str());
+    // Nothing changed.
+    assert!(app.customer_by_email(&added).await.is_none());
+    assert_eq!(
+        app.sync_status(&ids[0]).await["connectors"][0]["remote_id"],
+        remote[0].as_str()
+    );
+
+    // The report survives a restart.
+    let database_url = app.database_url.clone();
+    drop(app);
+    let mut setup = Setup::new(backend, &url);
+    setup.database_url = Some(database_url);
+    let app = spawn_sync_app(setup).await;
+    let after = get_run(&app.base, &id).await;
+    assert_eq!(counts(&after), counts(&report), "{after:#}");
+    assert_eq!(findings(&app.base, &id, None).await.len(), 4);
+
+    // By hand: make Stripe match ferry for the renamed one.
+    let path = format!(
+        "/api/v1/reconciliations/{id}/mismatches/{}/resolve",
+        renamed["id"].as_str().unwrap()
+    );
+    let (status, resolved) = app
+        .send(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"action": "push_local"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{resolved}");
+    assert_eq!(resolved["state"], "resolved", "{resolved}");
+    let (status, twice) = app
+        .send(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"action": "push_local"})),
+        )
+        .await;
+    assert_eq!(
+        (status, twice["code"].as_str()),
+        (409, Some("mismatch_not_open")),
+        "{twice}"
+    );
+    let (status, bad) = app
+        .send(
+            reqwest::Method::POST,
+            &path.replace("/resolve", "x/resolve"),
+            Some(json!({"action": "merge"})),
+        )
+        .await;
+    assert_eq!(
+        (status, bad["code"].as_str()),
+        (404, Some("mismatch_not_found")),
+        "{bad}"
+    );
+    eventually("Stripe has ferry's name again", || async {
+        stripe_customer(&url, &remote[1])
+            .await
+            .is_some_and(|c| c["name"] == "drift-y")
+    })
+    .await;
+    app.wait_link(&ids[1], SETTLE, |l| l["state"] == "synced")
+        .await;
+
+    // A merge run repairs the rest: the orphan follows the delete policy
+    // (soft delete), the added record is imported, the phone is taken.
+    let merge = run_to_end(&app, json!({"connector": "stripe", "repair": "merge"})).await;
+    assert_eq!(merge["status"], "completed", "{merge:#}");
+    expect_counts(
+        &merge,
+        &[
+            ("equal", 2),
+            ("different", 1),
+            ("orphan", 1),
+            ("missing_local", 1),
+            ("repairs", 3),
+        ],
+    );
+    let imported = app.wait_customer_by_email(&added).await;
+    assert_eq!(imported["name"], "Added In Stripe");
+    eventually("the orphan's customer is deleted", || async {
+        app.store
+            .get_customer_any(&ids[0])
+            .await
+            .unwrap()
+            .is_some_and(|c| c.deleted_at.is_some())
+    })
+    .await;
+    eventually("the phone set in Stripe reached ferry", || async {
+        app.store
+            .get_customer_any(&ids[3])
+            .await
+            .unwrap()
+            .is_some_and(|c| c.phone.as_deref() == Some("+15550002"))
+    })
+    .await;
+    // Converged: nothing left to find.
+    app.wait_synced(&ids[3], 2).await;
+    let clean = run_to_end(&app, json!({"connector": "stripe"})).await;
+    expect_counts(&clean, &[("equal", 4)]);
+}
+
+/// The Salesforce connector beside Stripe, against the fake Salesforce.
+async fn salesforce_app(backend: Backend, extra: Value) -> (LocalStripe, FakeSalesforce, SyncApp) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let salesforce = FakeSalesforce::start(FakeSalesforceConfig::default())
+        .await
+        .expect("fake salesforce");
+    let mut setup = Setup::new(backend, &stripe.url());
+    setup.extra = extra;
+    setup.extra_connectors.push(ExtraConnector {
+        name: "salesforce".to_owned(),
+        component: salesforce_component(),
+        config: json!({
+            "settings": {"login_url": salesforce.url(), "organization_id": salesforce.org_id()},
+            "secrets": {
+                "client_id": salesforce.config().client_id,
+                "client_secret": salesforce.config().client_secret,
+            },
+        }),
+    });
+    let app = spawn_sync_app(setup).await;
+    (stripe, salesforce, app)
+}
+
+/// Creates `n` customers and waits until each has its Contact; returns
+/// `(customer id, contact id)`.
+async fn customers_with_contacts(app: &SyncApp, n: usize, tag: &str) -> Vec<(String, String)> {
+    let mut created = Vec::new();
+    for i in 0..n {
+        let customer = app
+            .create(json!({"email": email(&format!("{tag}-{i}")), "name": format!("{tag} {i}")}))
+            .await;
+        created.push(customer["id"].as_str().unwrap().to_owned());
+    }
+    let mut pairs = Vec::new();
+    for id in created {
+        let link = app
+            .wait_link_of("salesforce", &id, SETTLE, |l| l["state"] == "synced")
+            .await;
+        pairs.push((id, link["remote_id"].as_str().unwrap().to_owned()));
+    }
+    pairs
+}
+
+/// A Contact deleted in Salesforce (which Outbound Messages never report)
+/// is found as an orphan and, under `pull_remote`, handled per the delete
+/// policy: the customer is soft-deleted, and the delete fans out to Stripe.
+/// Salesforce's request limit slows the listing down; the run still only
+/// completes once every page was read.
+async fn salesforce_delete_is_an_orphan(backend: Backend) {
+    let (stripe, salesforce, app) = salesforce_app(backend, json!({})).await;
+    let pairs = customers_with_contacts(&app, 3, "sf-orphan").await;
+    let (gone_customer, gone_contact) = pairs[0].clone();
+    salesforce.delete_record("Contact", &gone_contact);
+    salesforce.fail_with_request_limit(2);
+
+    let run = run_to_end(
+        &app,
+        json!({"connector": "salesforce", "repair": "pull_remote"}),
+    )
+    .await;
+    assert_eq!(run["status"], "completed", "{run:#}");
+    expect_counts(
+        &run,
+        &[
+            ("equal", 2),
+            ("orphan", 1),
+            ("rate_limited", 2),
+            ("repairs", 1),
+        ],
+    );
+    let orphan = &findings(&app.base, run["id"].as_str().unwrap(), Some("orphan")).await[0];
+    assert_eq!(
+        (orphan["customer_id"].as_str(), orphan["remote_id"].as_str()),
+        (Some(gone_customer.as_str()), Some(gone_contact.as_str()))
+    );
+    eventually("the customer is soft-deleted", || async {
+        app.store
+            .get_customer_any(&gone_customer)
+            .await
+            .unwrap()
+            .is_some_and(|c| c.deleted_at.is_some())
+    })
+    .await;
+    let stripe_link = app
+        .wait_link(&gone_customer, SETTLE, |l| l["remote_deleted"] == true)
+        .await;
+    assert!(
+        stripe_customer(&stripe.url(), stripe_link["remote_id"].as_str().unwrap())
+            .await
+            .is_none()
+    );
+    for (id, _) in &pairs[1..] {
+        assert!(app
+            .store
+            .get_customer_any(id)
+            .await
+            .unwrap()
+            .unwrap()
+            .deleted_at
+            .is_none());
+    }
+}
+
+/// A listing that silently returns only part of the records (the fake
+/// truncates its queries, as a changed sharing rule would) looks like many
+/// deletes: the brake aborts the run before any repair, says so, and
+/// nothing is deleted. The findings stay for a person.
+async fn mass_delete_brake_stops_a_partial_listing(backend: Backend) {
+    let (_stripe, salesforce, app) =
+        salesforce_app(backend, json!({"reconcile_max_delete_share": 0.25})).await;
+    let pairs = customers_with_contacts(&app, 8, "sf-brake").await;
+    salesforce.truncate_queries(Some(3));
+
+    let run = run_to_end(&app, json!({"connector": "salesforce", "repair": "merge"})).await;
+    assert_eq!(run["status"], "aborted", "{run:#}");
+    let error = run["error"].as_str().unwrap();
+    assert!(
+        error.contains("mass-delete brake") && error.contains("5 of 8"),
+        "{error}"
+    );
+    expect_counts(&run, &[("equal", 3), ("orphan", 5)]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (id, contact) in &pairs {
+        assert!(
+            app.store
+                .get_customer_any(id)
+                .await
+                .unwrap()
+                .unwrap()
+                .deleted_at
+                .is_none(),
+            "{id} kept"
+        );
+        assert!(
+            salesforce.record("Contact", contact).is_some(),
+            "{contact} kept"
+        );
+    }
+    let orphans = findings(&app.base, run["id"].as_str().unwrap(), Some("orphan")).await;
+    assert!(orphans.iter().all(|o| o["state"] == "open"), "{orphans:?}");
+    // A person looks, sees the listing was wrong, and dismisses one.
+    let path = format!(
+        "/api/v1/reconciliations/{}/mismatches/{}/resolve",
+        run["id"].as_str().unwrap(),
+        orphans[0]["id"].as_str().unwrap()
+    );
+    let (status, dismissed) = app
+        .send(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"action": "dismiss"})),
+        )
+        .await;
+    assert_eq!(
+        (status, dismissed["repair"].as_str()),
+        (200, Some("dismissed")),
+        "{dismissed}"
+    );
+
+    // The listing is whole again: nothing is missing.
+    salesforce.truncate_queries(None);
+    let whole = run_to_end(&app, json!({"connector": "salesforce", "repair": "merge"})).await;
+    expect_counts(&whole, &[("equal", 8)]);
+}
+
+/// The real binary, SIGKILLed in the middle of listing 500 Stripe records
+/// (each page held back by a proxy): the run is taken over from its last
+/// committed page, not from zero, and the report counts every record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_run_resumes_from_its_last_page() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let client = reqwest::Client::new();
+    for i in 0..500 {
+        let address = format!("kill-{i}@example.com");
+        let response = client
+            .post(format!("{url}/v1/customers"))
+            .bearer_auth(STRIPE_KEY)
+            .form(&[("email", address.as_str())])
+            .send()
+            .await
+            .expect("localstripe");
+        assert!(response.status().is_success());
+    }
+    let proxy = FaultProxy::start(&url).await.expect("proxy");
+    for _ in 0..20 {
+        proxy.push(
+            Match::request("GET", "/v1/customers"),
+            Fault::ForwardThenDelay(Duration::from_millis(700)),
+        );
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let connectors = dir.path().join("connectors");
+    std::fs::create_dir_all(&connectors).expect("dir");
+    std::fs::copy(stripe_component(), connectors.join("stripe.wasm")).expect("copy");
+    let env = BTreeMap::from([
+        (
+            "FERRY_DATABASE_URL".to_owned(),
+            format!("sqlite://{}", dir.path().join("ferry.db").display()),
+        ),
+        (
+            "FERRY_CONNECTORS_DIR".to_owned(),
+            connectors.display().to_string(),
+        ),
+        ("FERRY_ALLOW_PRIVATE_HOSTS".to_owned(), "true".to_owned()),
+        (
+            "FERRY_CONNECTORS__STRIPE__SETTINGS__API_BASE".to_owned(),
+            proxy.url(),
+        ),
+        (
+            "FERRY_CONNECTORS__STRIPE__SECRETS__API_KEY".to_owned(),
+            STRIPE_KEY.to_owned(),
+        ),
+        ("FERRY_CONNECTOR_CALL_TIMEOUT".to_owned(), "3s".to_owned()),
+        ("FERRY_SYNC_LEASE".to_owned(), "5s".to_owned()),
+    ]);
+    let mut ferry = FerryProcess::start(env, dir.path()).await;
+    let started: Value = client
+        .post(format!("{}/api/v1/reconciliations", ferry.base))
+        .json(&json!({"connector": "stripe"}))
+        .send()
+        .await
+        .expect("ferry")
+        .json()
+        .await
+        .expect("json");
+    let id = started["id"].as_str().expect("a run id").to_owned();
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let run = get_run(&ferry.base, &id).await;
+        if run["progress"]["pages"].as_i64() >= Some(2) {
+            assert_eq!(run["status"], "running", "killed mid-run: {run:#}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no progress: {run:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ferry.kill();
+    let listed_before = proxy.requests_to("GET", "/v1/customers").len();
+    ferry.restart().await;
+
+    let run = wait_run(&ferry.base, &id).await;
+    assert_eq!(run["status"], "completed", "{run:#}\n{}", ferry.log_text());
+    assert_eq!(
+        (
+            run["progress"]["pages"].as_i64(),
+            run["progress"]["records"].as_i64()
+        ),
+        (Some(5), Some(500)),
+        "{run:#}"
+    );
+    expect_counts(&run, &[("missing_local", 500)]);
+    let mut remote_ids: Vec<String> = findings(&ferry.base, &id, None)
+        .await
+        .into_iter()
+        .map(|m| m["remote_id"].as_str().unwrap().to_owned())
+        .collect();
+    remote_ids.sort();
+    remote_ids.dedup();
+    assert_eq!(remote_ids.len(), 500, "every record once");
+    // Resumed from a cursor: after the restart no page was asked for from
+    // the start again.
+    let requests = proxy.requests_to("GET", "/v1/customers");
+    let from_start = requests[listed_before..]
+        .iter()
+        .filter(|r| !r.query.as_deref().unwrap_or("").contains("starting_after"))
+        .count();
+    assert_eq!(from_start, 0, "the resumed run started over");
+}
+
+/// Runs `check` against a ferry with `extra` configuration and a customer
+/// linked to Stripe record `s1`, into which a webhook brings an unlinked
+/// Stripe record `s2` with the same email.
+async fn duplicate_email_delivery(
+    stripe: &LocalStripe,
+    backend: Backend,
+    strategy: &str,
+) -> (SyncApp, String, String, String) {
+    let mut setup = Setup::new(backend, &stripe.url());
+    setup.extra = json!({"connectors": {"stripe": {"duplicate_email": strategy}}});
+    let app = spawn_sync_app(setup).await;
+    let address = email(&format!("dup-{strategy}"));
+    let customer = app.create(json!({"email": address, "name": "First"})).await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    app.wait_synced(&id, 1).await;
+    let s2 = format!("cus_dup{}", uuid::Uuid::new_v4().simple());
+    let body = event(
+        &format!("evt_{s2}"),
+        "customer.created",
+        chrono::Utc::now().timestamp(),
+        json!({"id": s2, "object": "customer", "email": address, "name": "Second", "metadata": {}}),
+    );
+    let (status, reply) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200, "{reply}");
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let events = app.store.inbox_of_remote("stripe", &s2).await.unwrap();
+        if let Some(done) = events
+            .iter()
+            .find(|e| e.state != "pending" && e.state != "retry")
+        {
+            let detail = done.detail.clone().unwrap_or_default();
+            return (app, id, s2, format!("{}: {detail}", done.state));
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{events:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Each duplicate-email strategy, for a Stripe record whose email belongs
+/// to a customer already linked to another record.
+async fn duplicate_email_strategies(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+
+    let (app, id, _s2, outcome) = duplicate_email_delivery(&stripe, backend, "reject").await;
+    assert!(
+        outcome.starts_with("dead:") && outcome.contains("duplicate_email policy is reject"),
+        "{outcome}"
+    );
+    assert!(outcome.contains(&id), "names the customer: {outcome}");
+    drop(app);
+
+    let (app, id, s2, outcome) = duplicate_email_delivery(&stripe, backend, "flag").await;
+    assert!(outcome.starts_with("applied: flagged"), "{outcome}");
+    let (_, conflicts) = app
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/v1/conflicts?customer_id={id}&state=open"),
+            None,
+        )
+        .await;
+    let conflict = &conflicts["data"][0];
+    assert_eq!(conflict["policy"], "duplicate_email", "{conflicts:#}");
+    assert!(
+        conflict["fields"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&s2),
+        "{conflict:#}"
+    );
+    assert!(
+        app.store
+            .link_by_remote_id("stripe", &s2)
+            .await
+            .unwrap()
+            .is_none(),
+        "left unlinked"
+    );
+    drop(app);
+
+    let (app, id, s2, outcome) = duplicate_email_delivery(&stripe, backend, "merge").await;
+    assert!(outcome.starts_with("applied: relinked"), "{outcome}");
+    let link = app
+        .store
+        .link_by_remote_id("stripe", &s2)
+        .await
+        .unwrap()
+        .expect("linked");
+    assert_eq!(link.customer_id, id);
+    drop(app);
+
+    let (app, id, s2, outcome) = duplicate_email_delivery(&stripe, backend, "auto_rename").await;
+    assert!(
+        outcome.starts_with("applied: created with the email rewritten"),
+        "{outcome}"
+    );
+    let link = app
+        .store
+        .link_by_remote_id("stripe", &s2)
+        .await
+        .unwrap()
+        .expect("linked");
+    assert_ne!(link.customer_id, id);
+    let renamed = app
+        .store
+        .get_customer_any(&link.customer_id)
+        .await
+        .unwrap()
+        .unwrap();
+    let first = app.store.get_customer_any(&id).await.unwrap().unwrap();
+    let (local, domain) = first.email.split_once('@').unwrap();
+    assert_eq!(
+        renamed.email,
+        format!("{local}+dup-stripe-{}@{domain}", s2.to_lowercase())
+    );
+    assert_eq!(renamed.name.as_deref(), Some("Second"));
+}
+
+/// Field ownership under the `flag` policy: both sides changed name and
+/// phone. Stripe owns the phone (its value is taken), ferry owns the name
+/// (its value is kept and pushed back over Stripe's); neither is a conflict.
+async fn field_owners_decide_before_the_conflict_policy(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let mut setup = Setup::new(backend, &proxy.url());
+    setup.extra = json!({
+        "conflict_policy": "flag",
+        "field_owners": {"phone": "stripe", "name": "ferry"},
+        "sync_max_attempts": 100,
+    });
+    let app = spawn_sync_app(setup).await;
+    let address = email("owners");
+    let customer = app
+        .create(json!({"email": address, "name": "Ann", "phone": "+100"}))
+        .await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    let link = app.wait_synced(&id, 1).await;
+    let s1 = link["remote_id"].as_str().unwrap().to_owned();
+
+    proxy.set_down(true);
+    app.patch(&id, json!({"name": "Ann Local", "phone": "+101"}))
+        .await;
+    let body = event(
+        "evt_owners",
+        "customer.updated",
+        chrono::Utc::now().timestamp() + 3,
+        json!({"id": s1, "object": "customer", "email": address, "name": "Ann Remote", "phone": "+200", "metadata": {}}),
+    );
+    let (status, reply) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200, "{reply}");
+    let events = app.wait_inbox_settled("stripe", &s1, 1).await;
+    assert_eq!(events[0].state, "applied", "{events:?}");
+    let now = app.store.get_customer_any(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (now.name.as_deref(), now.phone.as_deref()),
+        (Some("Ann Local"), Some("+200"))
+    );
+    let (_, conflicts) = app
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/v1/conflicts?customer_id={id}"),
+            None,
+        )
+        .await;
+    assert_eq!(conflicts["data"], json!([]), "{conflicts:#}");
+
+    proxy.set_down(false);
+    eventually("Stripe has ferry's name and its own phone", || async {
+        stripe_customer(&stripe.url(), &s1)
+            .await
+            .is_some_and(|c| c["name"] == "Ann Local" && c["phone"] == "+200")
+    })
+    .await;
+}
+
+/// Starting a run: unknown and unready connectors, a bad body.
+async fn starting_a_run_checks_its_request(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let mut setup = Setup::new(backend, &stripe.url());
+    setup.stripe_url = None;
+    let app = spawn_sync_app(setup).await;
+    let cases = [
+        (json!({"connector": "nope"}), 404, "connector_not_found"),
+        (json!({"connector": "stripe"}), 409, "connector_not_ready"),
+        (
+            json!({"connector": "stripe", "repair": "everything"}),
+            422,
+            "validation_failed",
+        ),
+        (
+            json!({"connector": "stripe", "colour": "blue"}),
+            422,
+            "validation_failed",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let (got, problem) = app
+            .send(
+                reqwest::Method::POST,
+                "/api/v1/reconciliations",
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(
+            (got, problem["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {problem}"
+        );
+    }
+    let (status, problem) = app
+        .send(
+            reqwest::Method::GET,
+            "/api/v1/reconciliations/rec_nope",
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (404, Some("reconciliation_not_found"))
+    );
+    let (status, list) = app
+        .send(reqwest::Method::GET, "/api/v1/reconciliations", None)
+        .await;
+    assert_eq!((status, &list["data"]), (200, &json!([])));
+}
+
+mod sqlite {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn backfill() {
+        backfill_links_imports_and_pushes(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drift() {
+        drift_is_found_reported_and_repaired(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn salesforce_delete() {
+        salesforce_delete_is_an_orphan(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mass_delete_brake() {
+        mass_delete_brake_stops_a_partial_listing(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn duplicate_emails() {
+        duplicate_email_strategies(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn field_owners() {
+        field_owners_decide_before_the_conflict_policy(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_requests() {
+        starting_a_run_checks_its_request(Backend::Sqlite).await;
+    }
+}
+
+mod postgres {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn backfill() {
+        backfill_links_imports_and_pushes(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drift() {
+        drift_is_found_reported_and_repaired(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mass_delete_brake() {
+        mass_delete_brake_stops_a_partial_listing(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn duplicate_emails() {
+        duplicate_email_strategies(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn field_owners() {
+        field_owners_decide_before_the_conflict_policy(Backend::Postgres).await;
+    }
+}
