@@ -957,4 +957,141 @@ mod tests {
             "pending"
         );
     }
+
+    fn owners(pairs: &[(&str, &str)]) -> FieldOwners {
+        FieldOwners::new(
+            pairs
+                .iter()
+                .map(|(f, o)| ((*f).to_owned(), (*o).to_owned()))
+                .collect(),
+        )
+    }
+
+    fn run_owned(
+        base: Option<&Value>,
+        local: &Value,
+        remote: &Value,
+        owners: &FieldOwners,
+        source: &str,
+    ) -> Merge {
+        merge_owned(
+            Sides {
+                base,
+                local,
+                remote,
+                local_changed_at_ms: 1_000,
+                remote_changed_at_ms: 2_000,
+            },
+            ConflictPolicy::Flag,
+            owners,
+            source,
+        )
+    }
+
+    #[test]
+    fn an_owner_wins_both_ways_and_nothing_conflicts() {
+        let base = customer();
+        let local = with(
+            &with(&base, "phone", json!("+1 local")),
+            "name",
+            json!("Local"),
+        );
+        let remote = with(
+            &with(&base, "phone", json!("+1 remote")),
+            "name",
+            json!("Remote"),
+        );
+        let owned = owners(&[("phone", "salesforce"), ("name", LOCAL_OWNER)]);
+        let merged = run_owned(Some(&base), &local, &remote, &owned, "salesforce");
+        assert_eq!(merged.merged["phone"], "+1 remote", "the owner's value");
+        assert_eq!(merged.merged["name"], "Local", "ferry's own field");
+        assert!(merged.conflicts.is_empty(), "{:?}", merged.conflicts);
+        assert_eq!(merged.overridden, vec!["name".to_owned()]);
+        assert!(merged.remote_needs_push());
+        // The same record from another system: neither field is taken.
+        let other = run_owned(Some(&base), &local, &remote, &owned, "stripe");
+        assert_eq!(
+            (
+                other.merged["phone"].as_str(),
+                other.merged["name"].as_str()
+            ),
+            (Some("+1 local"), Some("Local"))
+        );
+        assert_eq!(
+            other.overridden,
+            vec!["name".to_owned(), "phone".to_owned()]
+        );
+    }
+
+    #[test]
+    fn a_group_owner_covers_its_subfields_and_a_subfield_owner_beats_it() {
+        let owned = owners(&[
+            ("address", "stripe"),
+            ("address.city", "salesforce"),
+            ("metadata", "stripe"),
+        ]);
+        assert_eq!(owned.owner("address.line1"), Some("stripe"));
+        assert_eq!(owned.owner("address.city"), Some("salesforce"));
+        assert_eq!(owned.owner("metadata.tier"), Some("stripe"));
+        assert_eq!(owned.owner("phone"), None);
+        let base = customer();
+        let remote = with(
+            &with(&base, "address.line1", json!("1 New St")),
+            "address.city",
+            json!("Bath"),
+        );
+        let merged = run_owned(Some(&base), &base, &remote, &owned, "stripe");
+        assert_eq!(merged.merged["address"]["line1"], "1 New St");
+        assert_eq!(
+            merged.merged["address"]["city"], "London",
+            "salesforce owns the city"
+        );
+        assert_eq!(merged.overridden, vec!["address.city".to_owned()]);
+    }
+
+    #[test]
+    fn unknown_owner_keys_are_named() {
+        assert_eq!(
+            owners(&[("phone", "x"), ("address.zip", "x")]).invalid_key(),
+            Some("address.zip")
+        );
+        assert_eq!(
+            owners(&[("shoe_size", "x")]).invalid_key(),
+            Some("shoe_size")
+        );
+        assert_eq!(
+            owners(&[("metadata.tier", "x"), ("email", "ferry")]).invalid_key(),
+            None
+        );
+    }
+
+    #[test]
+    fn differences_ignore_fields_the_remote_never_knew() {
+        let local = customer();
+        // The remote has no metadata and no phone, and never had.
+        let remote = with(&with(&local, "metadata", json!(null)), "phone", json!(null));
+        assert!(field_differences(&local, &remote, None).is_empty());
+        assert!(field_differences(&local, &remote, Some(&remote)).is_empty());
+        // It had a phone when last synced: clearing it is a difference.
+        let differences = field_differences(&local, &remote, Some(&local));
+        let names: Vec<&str> = differences.iter().map(|d| d.field.as_str()).collect();
+        assert_eq!(names, ["metadata.tier", "phone"]);
+        assert_eq!(differences[1].local, "+442079460000");
+        assert_eq!(differences[1].remote, Value::Null);
+        // Email case is not a difference; a changed city is.
+        let remote = with(
+            &with(&local, "email", json!("ADA@example.com")),
+            "address.city",
+            json!("Bath"),
+        );
+        let differences = field_differences(&local, &remote, None);
+        assert_eq!(differences.len(), 1);
+        assert_eq!(
+            (
+                differences[0].field.as_str(),
+                differences[0].remote.as_str()
+            ),
+            ("address.city", Some("Bath"))
+        );
+    }
 }

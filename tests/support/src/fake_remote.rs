@@ -8,7 +8,7 @@
 //! It injects no faults: use [`crate::fault_proxy`] in front of localstripe
 //! for that.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -52,7 +52,8 @@ struct Counters {
 
 #[derive(Default)]
 struct Data {
-    customers: HashMap<String, Value>,
+    /// By id; ids sort in creation order, as `list` pages them.
+    customers: BTreeMap<String, Value>,
     deleted: HashSet<String>,
     /// Idempotency key -> the first answer (status, JSON body).
     replies: HashMap<String, (StatusCode, Value)>,
@@ -94,7 +95,7 @@ impl FakeStripe {
             creates_seen: watch::channel(0).0,
         });
         let app = Router::new()
-            .route("/v1/customers", post(create))
+            .route("/v1/customers", post(create).get(list))
             .route(
                 "/v1/customers/{id}",
                 post(update).get(retrieve).delete(delete),
@@ -161,6 +162,24 @@ impl FakeStripe {
     /// The stored customer `id` as the API would return it.
     pub fn customer(&self, id: &str) -> Option<Value> {
         self.shared.data().customers.get(id).cloned()
+    }
+
+    /// Creates `n` customers directly, as if they existed before ferry
+    /// was connected: `email_of(i)` gives the i-th one's email.
+    pub fn preload(&self, n: usize, email_of: impl Fn(usize) -> String) {
+        let mut data = self.shared.data();
+        for i in 0..n {
+            let id = format!(
+                "cus_fake{:010}",
+                self.shared.next_id.fetch_add(1, Ordering::SeqCst)
+            );
+            let customer = json!({
+                "id": id, "object": "customer", "created": 1_700_000_000, "livemode": false,
+                "name": format!("Preloaded {i}"), "email": email_of(i), "phone": null,
+                "address": null, "metadata": {},
+            });
+            data.customers.insert(id, customer);
+        }
     }
 
     /// How many customers exist (not deleted).
@@ -334,6 +353,34 @@ async fn update(
     drop(data);
     shared.counters.updates.fetch_add(1, Ordering::SeqCst);
     axum::Json(customer).into_response()
+}
+
+/// `GET /v1/customers?limit=&starting_after=`: a page in id order, with
+/// `has_more`, as the Stripe connector pages through it.
+async fn list(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    let limit = query
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(10)
+        .clamp(1, 100);
+    let data = shared.data();
+    let after = query.get("starting_after").cloned();
+    let range = match &after {
+        Some(after) => data
+            .customers
+            .range::<String, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+        None => data.customers.range::<String, _>(..),
+    };
+    let mut page: Vec<Value> = range.take(limit + 1).map(|(_, c)| c.clone()).collect();
+    let has_more = page.len() > limit;
+    page.truncate(limit);
+    axum::Json(
+        json!({"object": "list", "url": "/v1/customers", "has_more": has_more, "data": page}),
+    )
+    .into_response()
 }
 
 async fn retrieve(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
