@@ -1,7 +1,10 @@
 //! Backfill throughput and memory: a real ferry (SQLite by default;
 //! `FERRY_BENCH_BACKEND=postgres` runs it on a throw-away PostgreSQL) and
 //! the fast fake Stripe pre-loaded with `FERRY_BENCH_RECORDS` customers
-//! (default 100,000) that ferry has never seen. Needs `make connectors`.
+//! (default 100,000) that ferry has never seen, with the connector's
+//! request budget lifted (`connector_requests_per_second = 0`: against
+//! real Stripe the default 100/s caps a listing at 10,000 records/s).
+//! Needs `make connectors`.
 //!
 //! `cargo bench -p ferry --bench backfill` prints:
 //! - the ceiling: a bare HTTP client paging through the same fake with the
@@ -111,6 +114,9 @@ async fn bench(records: usize) {
         "database_max_connections": 16,
         "connectors_dir": connectors,
         "allow_private_hosts": true,
+        // Measure ferry, not the politeness budget (100 requests/s by
+        // default, i.e. at most 10,000 listed records/s against Stripe).
+        "connector_requests_per_second": 0,
         "connectors": {"stripe": {"settings": {"api_base": stripe.url()}, "secrets": {"api_key": "sk_test_bench"}}},
     }))
     .expect("config");
@@ -134,6 +140,7 @@ async fn bench(records: usize) {
         .expect("json");
     let id = run["id"].as_str().expect("a run").to_owned();
     let (mut run_done, mut rss_at_tenth, mut peak) = (None, None, rss_before);
+    let mut phases: Vec<(String, Duration)> = Vec::new();
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         peak = peak.max(rss_mib());
@@ -151,6 +158,10 @@ async fn bench(records: usize) {
                 .json()
                 .await
                 .expect("json");
+            let phase = run["progress"]["phase"].as_str().unwrap_or("").to_owned();
+            if phases.last().is_none_or(|(p, _)| *p != phase) {
+                phases.push((phase, started.elapsed()));
+            }
             if run["status"] != "running" {
                 assert_eq!(run["status"], "completed", "{run:#}");
                 run_done = Some(started.elapsed());
@@ -180,6 +191,11 @@ async fn bench(records: usize) {
         run_done.as_secs_f64(),
         (total - run_done.min(total)).as_secs_f64()
     );
+    let phases: Vec<String> = phases
+        .iter()
+        .map(|(phase, at)| format!("{phase} from {:.1} s", at.as_secs_f64()))
+        .collect();
+    println!("  phases: {}", phases.join(", "));
     println!(
         "  RSS: {rss_before:.0} MiB before, {:.0} MiB at 10% linked, {rss_end:.0} MiB at the end, peak {peak:.0} MiB",
         rss_at_tenth.unwrap_or(rss_end)

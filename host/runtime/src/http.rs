@@ -162,8 +162,15 @@ impl CallState {
     }
 }
 
+fn budget_exhausted() -> PolicyError {
+    PolicyError::Denied(
+        "the connector's outbound request rate limit is exhausted before the call's deadline"
+            .into(),
+    )
+}
+
 impl CallState {
-    /// Takes one request from the connector's budget.
+    /// Takes one request from the connector's budget now, or refuses.
     pub(crate) fn take_request_budget(&self) -> Result<(), PolicyError> {
         let taken = self
             .connector
@@ -174,9 +181,31 @@ impl CallState {
         if taken {
             Ok(())
         } else {
-            Err(PolicyError::Denied(
-                "the connector's outbound request rate limit is exhausted".into(),
-            ))
+            Err(budget_exhausted())
+        }
+    }
+
+    /// Waits for one request of the connector's budget (the rate limit
+    /// paces calls), as long as the call's deadline allows; refuses when
+    /// the next token comes too late.
+    pub(crate) fn wait_for_request_budget(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), PolicyError>> + Send + 'static {
+        let (connector, deadline) = (self.connector.clone(), self.deadline);
+        async move {
+            loop {
+                let wait = match connector.bucket.lock() {
+                    Ok(mut bucket) => bucket.take(),
+                    Err(_) => return Err(budget_exhausted()),
+                };
+                match wait {
+                    Ok(()) => return Ok(()),
+                    Err(wait) if std::time::Instant::now() + wait < deadline => {
+                        tokio::time::sleep(wait).await;
+                    }
+                    Err(_) => return Err(budget_exhausted()),
+                }
+            }
         }
     }
 
@@ -198,7 +227,7 @@ impl CallState {
 
 impl Host for CallState {
     async fn send(&mut self, req: Request) -> Result<Response, HttpError> {
-        self.take_request_budget()?;
+        self.wait_for_request_budget().await?;
         let wire = self.prepare(req)?;
         let response = self.dispatcher().send(wire).await?;
         let mut body = response.body;

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -76,8 +76,13 @@ impl TokenBucket {
 
     /// Takes one token if available.
     pub(crate) fn try_take(&mut self) -> bool {
+        self.take().is_ok()
+    }
+
+    /// Takes one token, or says how long until one is there.
+    pub(crate) fn take(&mut self) -> Result<(), Duration> {
         if self.rate == 0.0 {
-            return true;
+            return Ok(());
         }
         let now = Instant::now();
         let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
@@ -85,9 +90,9 @@ impl TokenBucket {
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            true
+            Ok(())
         } else {
-            false
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
         }
     }
 }
@@ -280,6 +285,11 @@ mod tests {
         assert!(bucket.try_take());
         assert!(bucket.try_take());
         assert!(!bucket.try_take());
+        let wait = bucket.take().expect_err("empty");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
         let mut unlimited = TokenBucket::new(0);
         assert!((0..1000).all(|_| unlimited.try_take()));
     }

@@ -480,6 +480,38 @@ async fn outbound_requests_are_rate_limited_per_connector() {
     assert_eq!(transport.requests.lock().unwrap().len(), 1);
 }
 
+/// Within the burst requests go at once; beyond it they wait for the bucket
+/// (paced, not refused) while the call's deadline allows.
+#[tokio::test]
+async fn outbound_requests_beyond_the_burst_are_paced() {
+    let transport = Arc::new(RecordingTransport::default());
+    let runtime = Runtime::with_transport(
+        RuntimeConfig {
+            http_requests_per_second: 5,
+            call_timeout: Duration::from_secs(5),
+            ..config()
+        },
+        transport.clone(),
+    )
+    .unwrap();
+    let connector = load(&runtime).await;
+    let cfg = connector_config(&[]);
+    let call = json!({"do": "http", "url": "https://api.example.com/v1/x"});
+    let started = std::time::Instant::now();
+    for _ in 0..7 {
+        let report = push_report(&connector, &cfg, call.clone()).await;
+        assert_eq!(report["status"], 200, "{report}");
+    }
+    assert_eq!(transport.requests.lock().unwrap().len(), 7);
+    // Two requests past a burst of five at five per second: at least
+    // ~400 ms of waiting (a lower bound the bucket guarantees).
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn hmac_uses_declared_secrets_only() {
     let runtime = Runtime::new(config()).unwrap();

@@ -624,17 +624,46 @@ impl Store {
         Ok(updated == 1)
     }
 
-    /// Counts a run's scheduled repairs.
-    pub async fn add_repairs(&self, run_id: &str, n: i64) -> Result<(), StoreError> {
+    /// Records a repair step in one transaction under the run's lease:
+    /// each finding in `repaired` is marked `repaired` with what was done,
+    /// the run counts them, and its position moves to `cursor`.
+    pub async fn commit_repairs(
+        &self,
+        run: &RunRow,
+        repaired: &[(String, String)],
+        cursor: &str,
+    ) -> Result<bool, StoreError> {
+        let at = now();
         dispatch!(self, write pool => {
-            sqlx::query("UPDATE reconciliation_runs SET repairs = repairs + $2, updated_at = $3 WHERE id = $1")
-                .bind(run_id)
-                .bind(n)
-                .bind(now())
-                .execute(pool)
+            let mut tx = pool.begin().await?;
+            let updated = sqlx::query(
+                "UPDATE reconciliation_runs SET cursor = $3, repairs = repairs + $4, updated_at = $5 \
+                 WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+            )
+            .bind(&run.id)
+            .bind(&run.lease_token)
+            .bind(cursor)
+            .bind(i64::try_from(repaired.len()).unwrap_or(i64::MAX))
+            .bind(at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated != 1 {
+                return Ok(false);
+            }
+            for (id, what) in repaired {
+                sqlx::query(
+                    "UPDATE reconciliation_mismatches SET state = 'repaired', repair = $2 \
+                     WHERE id = $1 AND state = 'open'",
+                )
+                .bind(id)
+                .bind(what)
+                .execute(&mut *tx)
                 .await?;
+            }
+            tx.commit().await?;
         });
-        Ok(())
+        Ok(true)
     }
 
     /// Forces a push of `customer_id`'s current `version` to `connector`

@@ -44,12 +44,16 @@ use crate::store::StoreError;
 /// Remote records asked for per `list` call.
 pub const PAGE_SIZE: u32 = 100;
 /// Stored records or findings handled per classification or repair step.
-const STEP: u32 = 200;
+const STEP: u32 = 500;
 /// How often the worker looks for runs to drive and schedules to start.
 const POLL: Duration = Duration::from_secs(1);
-/// Repairs wait while more inbox events or pushes than this are waiting:
-/// live webhooks and pushes go first.
-const BACKLOG: i64 = 200;
+/// A repair step waits until fewer than this many inbox events, and as
+/// many pushes, are waiting (and adds at most [`STEP`]): the queues never
+/// run dry during a backfill, and a live webhook or push waits behind at
+/// most this many.
+const BACKLOG: i64 = 1000;
+/// How often a waiting repair step looks at the backlog again.
+const BACKLOG_POLL: Duration = Duration::from_millis(20);
 /// Runs one process drives at once.
 const MAX_RUNS: usize = 4;
 
@@ -781,17 +785,8 @@ impl SyncEngine {
                     .await?;
                 self.wake_inbox();
             }
-            for (id, what) in &done {
-                store.settle_mismatch(id, "repaired", what).await?;
-            }
-            store
-                .add_repairs(&run.id, i64::try_from(done.len()).unwrap_or(0))
-                .await?;
             self.inner.wake.notify_one();
-            if !store
-                .commit_step(run, &[], Some(&last), "repairing")
-                .await?
-            {
+            if !store.commit_repairs(run, &done, &last).await? {
                 return Err(Stop::LeaseLost);
             }
             after = Some(last);
@@ -872,10 +867,11 @@ impl SyncEngine {
         let mut renewed = Instant::now();
         loop {
             let store = &self.inner.store;
-            if store.inbox_backlog().await? < BACKLOG && store.push_backlog().await? < BACKLOG {
+            let room = BACKLOG - i64::from(STEP);
+            if store.inbox_backlog().await? <= room && store.push_backlog().await? <= room {
                 return Ok(());
             }
-            pause(cancel, Duration::from_millis(100)).await?;
+            pause(cancel, BACKLOG_POLL).await?;
             if renewed.elapsed() > self.inner.lease / 3 {
                 self.renew(run).await?;
                 renewed = Instant::now();
