@@ -51,6 +51,10 @@ pub struct AppState {
     /// Signalled after every committed write, so the relay moves its outbox
     /// event without waiting for its next poll.
     pub outbox_signal: Arc<Notify>,
+    /// Renders `/metrics`; `None` when metrics are off.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Cluster mode: a Kafka client `/readyz` asks for the cluster's metadata.
+    pub bus_probe: Option<Arc<crate::bus::kafka::KafkaProducer>>,
 }
 
 /// A built, bound, not yet running ferry.
@@ -64,6 +68,7 @@ pub struct App {
     kafka_topic_prefix: String,
     redelivery_after: Duration,
     reconcile: crate::sync::reconcile::ReconcileOptions,
+    retention: crate::retention::Retention,
 }
 
 impl App {
@@ -213,7 +218,25 @@ impl App {
             workers = config.workers,
             "sync configured"
         );
+        let metrics = if config.metrics {
+            let handle = crate::metrics::install();
+            if handle.is_none() {
+                tracing::warn!("another metrics recorder is installed; /metrics is off");
+            }
+            handle
+        } else {
+            None
+        };
+        let bus_probe = match &kafka {
+            Some(settings) => Some(Arc::new(
+                crate::bus::kafka::KafkaProducer::new(settings)
+                    .context("creating the Kafka readiness client")?,
+            )),
+            None => None,
+        };
         let state = AppState {
+            metrics,
+            bus_probe,
             store,
             registry,
             settings: Arc::new(ApiSettings {
@@ -234,6 +257,11 @@ impl App {
             kafka,
             kafka_topic_prefix: config.kafka_topic_prefix.clone(),
             redelivery_after: config.bus_redelivery_after,
+            retention: crate::retention::Retention {
+                keep: config.retention,
+                every: config.retention_every,
+                batch: config.retention_batch.max(1),
+            },
             reconcile: crate::sync::reconcile::ReconcileOptions {
                 max_delete_share: config.reconcile_max_delete_share,
                 schedules: config
@@ -277,7 +305,21 @@ impl App {
         // Every replica, workers or not, follows the registry: an API-only
         // replica serves webhooks with the active version too.
         tasks.spawn(self.state.registry.clone().run(self.cancel.clone()));
+        if let Some(handle) = &self.state.metrics {
+            tasks.spawn(crate::metrics::run_gauges(
+                handle.clone(),
+                self.state.store.clone(),
+                self.state.registry.clone(),
+                self.state.sync.clone(),
+                self.cancel.clone(),
+            ));
+        }
         if self.workers {
+            tasks.spawn(crate::retention::run(
+                self.state.store.clone(),
+                self.retention,
+                self.cancel.clone(),
+            ));
             self.spawn_sync(&tasks).await?;
         }
         tasks.close();

@@ -133,6 +133,18 @@ pub struct Config {
     /// A reconciliation aborts, repairing nothing, when it would delete or
     /// unlink more than this share of a connector's links.
     pub reconcile_max_delete_share: f64,
+    /// Serve `/metrics` and record metrics (`false` records nothing).
+    pub metrics: bool,
+    /// Published-and-consumed outbox events, applied or skipped inbox
+    /// events and deliveries older than this are deleted (dead letters and
+    /// open conflicts stay until resolved). `0` keeps everything.
+    #[serde(deserialize_with = "duration")]
+    pub retention: Duration,
+    /// How often retention runs.
+    #[serde(deserialize_with = "duration")]
+    pub retention_every: Duration,
+    /// Rows one retention statement deletes at most.
+    pub retention_batch: u32,
     /// Per-connector settings and secrets from the file or environment
     /// (`FERRY_CONNECTORS__STRIPE__SECRETS__API_KEY=sk_test_...`). Settings
     /// stored through the API take precedence.
@@ -229,6 +241,10 @@ impl std::fmt::Debug for Config {
                 "reconcile_max_delete_share",
                 &self.reconcile_max_delete_share,
             )
+            .field("metrics", &self.metrics)
+            .field("retention", &self.retention)
+            .field("retention_every", &self.retention_every)
+            .field("retention_batch", &self.retention_batch)
             .field("connectors", &self.connectors)
             .finish()
     }
@@ -264,6 +280,10 @@ struct Defaults {
     conflict_policy: &'static str,
     duplicate_email_policy: &'static str,
     reconcile_max_delete_share: f64,
+    metrics: bool,
+    retention: &'static str,
+    retention_every: &'static str,
+    retention_batch: u32,
 }
 
 const DEFAULTS: Defaults = Defaults {
@@ -294,6 +314,10 @@ const DEFAULTS: Defaults = Defaults {
     conflict_policy: "last_writer_wins",
     duplicate_email_policy: "reject",
     reconcile_max_delete_share: 0.1,
+    metrics: true,
+    retention: "7d",
+    retention_every: "1m",
+    retention_batch: 1000,
 };
 
 /// Why the configuration was refused.

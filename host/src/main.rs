@@ -1,5 +1,5 @@
-//! The `ferry` binary: `ferry serve` (the default), and the connector
-//! author's commands `ferry connector new|check|dev`.
+//! The `ferry` binary: `ferry serve` (the default), `ferry status`, and the
+//! connector author's commands `ferry connector new|check|dev`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +28,15 @@ struct Cli {
 enum Command {
     /// Serve the API (the default).
     Serve,
+    /// Print a running instance's sync health (GET /api/v1/health).
+    Status {
+        /// The instance (default: http:// + FERRY_LISTEN).
+        #[arg(long)]
+        url: Option<String>,
+        /// Print the JSON the API returns.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write, check and try connectors.
     Connector {
         #[command(subcommand)]
@@ -101,6 +110,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(cli.config).await,
+            Command::Status { url, json } => status(url, json).await,
             Command::Connector { command } => connector(command, cli.config).await,
         }
     });
@@ -119,6 +129,20 @@ async fn serve(config_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let app = App::build(config).await?;
     stop_on_signal(app.cancellation_token());
     app.run_until_stopped().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(url: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
+    let options = ferry::cli::status::StatusOptions {
+        url: url.unwrap_or_else(|| {
+            ferry::cli::status::default_url(std::env::var("FERRY_LISTEN").ok().as_deref())
+        }),
+        token: std::env::var("FERRY_ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+        json,
+    };
+    print!("{}", ferry::cli::status::status(&options).await?);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -606,6 +606,7 @@ impl Connector {
         req: WebhookRequest,
     ) -> Result<(), CallError> {
         self.call_export::<(&WebhookRequest,), Result<(), ConnectorError>>(
+            "verify-webhook",
             cfg,
             &self.exports.verify_webhook,
             (&req,),
@@ -622,6 +623,7 @@ impl Connector {
         req: WebhookRequest,
     ) -> Result<ParsedWebhook, CallError> {
         self.call_export::<(&WebhookRequest,), Result<ParsedWebhook, ConnectorError>>(
+            "parse-webhook",
             cfg,
             &self.exports.parse_webhook,
             (&req,),
@@ -643,7 +645,7 @@ impl Connector {
         cfg: &ConnectorConfig,
         req: WebhookRequest,
     ) -> Result<ParsedWebhook, CallError> {
-        self.run(cfg, async |store, instance| {
+        self.run("receive-webhook", cfg, async |store, instance| {
             let verdict: Result<(), ConnectorError> =
                 call_typed(store, &instance, &self.exports.verify_webhook, (&req,)).await?;
             if let Err(e) = verdict {
@@ -663,6 +665,7 @@ impl Connector {
         req: PushRequest,
     ) -> Result<PushResult, CallError> {
         self.call_export::<(&PushRequest,), Result<PushResult, ConnectorError>>(
+            "push",
             cfg,
             &self.exports.push,
             (&req,),
@@ -680,6 +683,7 @@ impl Connector {
         remote_id: &str,
     ) -> Result<RemoteRecord, CallError> {
         self.call_export::<(&str, &str), Result<RemoteRecord, ConnectorError>>(
+            "fetch",
             cfg,
             &self.exports.fetch,
             (entity, remote_id),
@@ -698,6 +702,7 @@ impl Connector {
         limit: u32,
     ) -> Result<Page, CallError> {
         self.call_export::<(&str, Option<&str>, u32), Result<Page, ConnectorError>>(
+            "list",
             cfg,
             &self.exports.list,
             (entity, cursor.as_deref(), limit),
@@ -711,25 +716,29 @@ impl Connector {
     async fn read_manifest(&self) -> Result<Manifest, LoadError> {
         let mut type_error = None;
         let result = self
-            .run(&ConnectorConfig::default(), async |store, instance| {
-                let typed = match self.exports.world {
-                    wit::WorldVersion::V0_1_0 => {
-                        wit::since_v0_1_0::Connector::new(&mut *store, &instance).map(drop)
+            .run(
+                "get-manifest",
+                &ConnectorConfig::default(),
+                async |store, instance| {
+                    let typed = match self.exports.world {
+                        wit::WorldVersion::V0_1_0 => {
+                            wit::since_v0_1_0::Connector::new(&mut *store, &instance).map(drop)
+                        }
+                        wit::WorldVersion::V0_2_0 => {
+                            wit::since_v0_2_0::Connector::new(&mut *store, &instance).map(drop)
+                        }
+                    };
+                    if let Err(e) = typed {
+                        type_error = Some(chain(&e));
+                        return Err(Failure::Instantiate(e));
                     }
-                    wit::WorldVersion::V0_2_0 => {
-                        wit::since_v0_2_0::Connector::new(&mut *store, &instance).map(drop)
-                    }
-                };
-                if let Err(e) = typed {
-                    type_error = Some(chain(&e));
-                    return Err(Failure::Instantiate(e));
-                }
-                let f = instance
-                    .get_typed_func::<(), (Manifest,)>(&mut *store, &self.exports.get_manifest)
-                    .map_err(Failure::Instantiate)?;
-                let (manifest,) = f.call_async(&mut *store, ()).await.map_err(Failure::Call)?;
-                Ok(manifest)
-            })
+                    let f = instance
+                        .get_typed_func::<(), (Manifest,)>(&mut *store, &self.exports.get_manifest)
+                        .map_err(Failure::Instantiate)?;
+                    let (manifest,) = f.call_async(&mut *store, ()).await.map_err(Failure::Call)?;
+                    Ok(manifest)
+                },
+            )
             .await;
         match (result, type_error) {
             (_, Some(e)) => Err(LoadError::WrongWorld(e)),
@@ -741,6 +750,7 @@ impl Connector {
     /// Calls one export with `params` on a fresh instance.
     async fn call_export<P, R>(
         &self,
+        function: &'static str,
         cfg: &ConnectorConfig,
         export: &ComponentExportIndex,
         params: P,
@@ -750,7 +760,7 @@ impl Connector {
         R: ComponentType + Lift + Send + Sync + 'static,
         (R,): ComponentNamedList + Lift + Send + Sync,
     {
-        self.run(cfg, async |store, instance| {
+        self.run(function, cfg, async |store, instance| {
             call_typed(store, &instance, export, params).await
         })
         .await
@@ -762,6 +772,7 @@ impl Connector {
     /// instance, the store and the one deadline.
     async fn run<R>(
         &self,
+        function: &'static str,
         cfg: &ConnectorConfig,
         body: impl AsyncFnOnce(&mut Store<CallState>, Instance) -> Result<R, Failure>,
     ) -> Result<R, CallError> {
@@ -801,9 +812,10 @@ impl Connector {
         };
         // The epoch stops a computing guest; this timer stops one waiting on
         // the host (an HTTP request). Dropping the future abandons the store.
+        let started = Instant::now();
         let outcome = tokio::time::timeout(timeout, run).await;
         let memory_hit = store.data().limiter.hit;
-        match outcome {
+        let result = match outcome {
             Err(_elapsed) => Err(CallError::DeadlineExceeded),
             Ok(Ok(value)) => Ok(value),
             Ok(Err(Failure::Instantiate(e))) if memory_hit => {
@@ -814,7 +826,27 @@ impl Connector {
             }
             Ok(Err(Failure::Instantiate(e))) => Err(CallError::Instantiate(chain(&e))),
             Ok(Err(Failure::Call(e))) => Err(self.classify_trap(&e, memory_hit)),
-        }
+        };
+        self.observe(function, started.elapsed(), result.as_ref().err());
+        result
+    }
+
+    /// Records one call in the process's metrics (a no-op unless the
+    /// embedding program installed a `metrics` recorder): its duration, and
+    /// whether the sandbox stopped it.
+    fn observe(&self, function: &'static str, took: Duration, error: Option<&CallError>) {
+        let connector = self.name().to_owned();
+        metrics::histogram!("ferry_connector_call_duration_seconds",
+            "connector" => connector.clone(), "function" => function)
+        .record(took.as_secs_f64());
+        let stopped = match error {
+            Some(CallError::DeadlineExceeded) => "ferry_connector_timeouts_total",
+            Some(CallError::Trap(_) | CallError::ResourceExhausted(_)) => {
+                "ferry_connector_traps_total"
+            }
+            _ => return,
+        };
+        metrics::counter!(stopped, "connector" => connector, "function" => function).increment(1);
     }
 
     fn classify_trap(&self, e: &wasmtime::Error, memory_hit: bool) -> CallError {

@@ -1,6 +1,9 @@
 //! `log.write`: a connector's log lines, into the host's `tracing` log under
 //! the target `ferry::connector`, tagged with the connector's name.
 //!
+//! A line's control characters (line breaks, escapes) are escaped, so a
+//! guest cannot forge log lines or the host's fields in them.
+//!
 //! Limits: each line is cut at [`MAX_LINE_BYTES`] and a call writes at most
 //! [`MAX_LINES_PER_CALL`] lines (one notice says the rest was dropped), so a
 //! chatty or hostile guest cannot flood the log.
@@ -32,6 +35,7 @@ impl Host for CallState {
             message.truncate(cut);
             message.push('…');
         }
+        let message = one_line(message);
         match level {
             Level::Trace => tracing::trace!(target: "ferry::connector", connector, "{message}"),
             Level::Debug => tracing::debug!(target: "ferry::connector", connector, "{message}"),
@@ -39,5 +43,40 @@ impl Host for CallState {
             Level::Warn => tracing::warn!(target: "ferry::connector", connector, "{message}"),
             Level::Error => tracing::error!(target: "ferry::connector", connector, "{message}"),
         }
+    }
+}
+
+/// A guest's text as one field's value: line breaks and other control
+/// characters are escaped, so it can never start a log line of its own or
+/// pose as the host's fields (the JSON output escapes them anyway).
+fn one_line(message: String) -> String {
+    if !message.chars().any(char::is_control) {
+        return message;
+    }
+    let mut line = String::with_capacity(message.len() + 8);
+    for c in message.chars() {
+        if c.is_control() {
+            line.extend(c.escape_default());
+        } else {
+            line.push(c);
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn a_guest_cannot_start_a_line_of_its_own() {
+        let forged = "ok\n2026-11-30T00:00:00Z  INFO ferry: correlation_id=forged\r\x1b[2K";
+        let line = one_line(forged.to_owned());
+        assert!(
+            !line.contains('\n') && !line.contains('\r') && !line.contains('\x1b'),
+            "{line}"
+        );
+        assert!(line.starts_with("ok\\n2026"), "{line}");
+        assert_eq!(one_line("plain text".into()), "plain text");
     }
 }

@@ -7,13 +7,12 @@ pub mod customers;
 pub mod dead_letters;
 pub mod error;
 pub mod extract;
+pub mod health;
 pub mod idempotency;
 pub mod reconciliations;
 pub mod webhooks;
 
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::{Json, Router};
 use tower::ServiceBuilder;
@@ -60,8 +59,11 @@ use crate::app::AppState;
         reconciliations::get_reconciliation,
         reconciliations::list_mismatches,
         reconciliations::resolve_mismatch,
+        health::health,
+        health::list_links,
+        health::list_inbox,
         healthz,
-        readyz,
+        health::readyz,
     ),
     components(schemas(error::Problem, error::FieldError)),
     modifiers(&BearerAuth),
@@ -95,25 +97,6 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Store is reachable.
-#[utoipa::path(get, path = "/readyz", tag = "health",
-    responses(
-        (status = 200, description = "Ready to serve", body = String),
-        (status = 503, description = "The store is unreachable", body = String),
-    ))]
-pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    match state.store.ping().await {
-        Ok(()) => (StatusCode::OK, "ready"),
-        Err(error) => {
-            tracing::warn!(
-                error = format!("{:#}", anyhow::Error::from(error)),
-                "store not reachable"
-            );
-            (StatusCode::SERVICE_UNAVAILABLE, "store unreachable")
-        }
-    }
-}
-
 async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
@@ -134,14 +117,22 @@ pub fn router(state: AppState) -> Router {
         .merge(connectors::router(state.settings.max_component_bytes))
         .merge(dead_letters::router())
         .merge(conflicts::router())
-        .merge(reconciliations::router());
-    Router::new()
+        .merge(reconciliations::router())
+        .merge(health::router());
+    let mut routes = Router::new()
         .nest("/api/v1", v1)
         .merge(webhooks::router())
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi_json))
-        .merge(Scalar::with_url("/docs", ApiDoc::openapi()))
+        .merge(Scalar::with_url("/docs", ApiDoc::openapi()));
+    if state.metrics.is_some() {
+        // Counted by route template; unmatched paths are not counted (a
+        // client could otherwise mint a series per path).
+        routes = routes.route_layer(axum::middleware::from_fn(crate::metrics::track_http));
+    }
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

@@ -81,17 +81,25 @@ pub async fn receive(
         .receive_webhook(&ready.config, request)
         .await
     {
-        Ok(parsed) => parsed,
+        Ok(parsed) => {
+            crate::metrics::webhook_verification(&name, "verified");
+            parsed
+        }
         Err(CallError::Connector(ConnectorError::InvalidSignature(message))) => {
+            crate::metrics::webhook_verification(&name, "invalid_signature");
             tracing::info!(connector = %name, message, "webhook refused: signature");
             return Err(ApiError::InvalidSignature(message));
         }
         Err(CallError::Connector(
             ConnectorError::Permanent(message) | ConnectorError::Unsupported(message),
-        )) => return Err(ApiError::InvalidWebhook(message)),
+        )) => {
+            crate::metrics::webhook_verification(&name, "invalid");
+            return Err(ApiError::InvalidWebhook(message));
+        }
         // The connector broke (trap, deadline, a retryable error of its
         // own): the sender must retry, and the host stays up.
         Err(error) => {
+            crate::metrics::webhook_verification(&name, "failed");
             tracing::warn!(connector = %name, %error, "webhook not processed; the sender will retry");
             return Err(ApiError::ConnectorFailed);
         }

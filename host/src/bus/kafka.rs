@@ -33,7 +33,7 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message as _};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
@@ -255,6 +255,14 @@ impl KafkaProducer {
     /// consumers are idempotent).
     #[tracing::instrument(skip_all, fields(topic = %topic, messages = messages.len()))]
     pub async fn publish(&self, topic: &str, messages: &[Message]) -> Result<(), BusError> {
+        let published = self.publish_all(topic, messages).await;
+        if published.is_err() {
+            crate::metrics::kafka_producer_error();
+        }
+        published
+    }
+
+    async fn publish_all(&self, topic: &str, messages: &[Message]) -> Result<(), BusError> {
         let mut deliveries = Vec::with_capacity(messages.len());
         for message in messages {
             deliveries.push(self.enqueue(topic, message).await?);
@@ -278,6 +286,28 @@ impl KafkaProducer {
             }
         }
         Ok(())
+    }
+
+    /// Asks the cluster for its metadata (`/readyz` in cluster mode).
+    pub async fn probe(self: &std::sync::Arc<Self>, timeout: Duration) -> Result<(), BusError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            this.producer
+                .client()
+                .fetch_metadata(None, timeout)
+                .map(drop)
+                .map_err(|source| BusError::Client {
+                    role: "readiness probe",
+                    source: Box::new(source),
+                })
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(BusError::Client {
+                role: "readiness probe",
+                source: Box::new(KafkaError::Canceled),
+            })
+        })
     }
 
     /// Puts one message into librdkafka's queue, waiting while the queue is
@@ -358,7 +388,9 @@ impl KafkaConsumer {
             // A crashed member's partitions move on within 10 s; the short
             // heartbeat lets members notice a rebalance quickly.
             .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000");
+            .set("heartbeat.interval.ms", "1000")
+            // Per-partition consumer lag for the metrics (see `stats`).
+            .set("statistics.interval.ms", "5000");
         let consumer: StreamConsumer<BusContext> =
             config
                 .create_with_context(BusContext)
@@ -635,6 +667,17 @@ impl KafkaConsumer {
 struct BusContext;
 
 impl ClientContext for BusContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (name, topic) in &statistics.topics {
+            for (id, partition) in &topic.partitions {
+                // -1: not consumed here (or a producer's statistics).
+                if *id >= 0 && partition.consumer_lag >= 0 {
+                    crate::metrics::kafka_consumer_lag(name, *id, partition.consumer_lag);
+                }
+            }
+        }
+    }
+
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
         match level {
             RDKafkaLogLevel::Emerg

@@ -38,10 +38,12 @@ pub struct Conflict {
     pub created_at: DateTime<Utc>,
     /// When it was resolved.
     pub resolved_at: Option<DateTime<Utc>>,
+    /// The correlation id of the webhook delivery that conflicted.
+    pub correlation_id: Option<String>,
 }
 
 const CONFLICT_COLUMNS: &str = "id, customer_id, connector, event_id, policy, fields, \
-     remote_record, state, resolution, created_at, resolved_at";
+     remote_record, state, resolution, created_at, resolved_at, correlation_id";
 
 /// Filter for [`Store::conflicts`].
 #[derive(Debug, Clone, Default)]

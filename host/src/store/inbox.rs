@@ -80,7 +80,8 @@ pub struct InboxEvent {
     pub policy: Option<String>,
 }
 
-const INBOX_COLUMNS: &str = "seq, connector, event_id, entity, kind, remote_id, occurred_at_ms, \
+pub(crate) const INBOX_COLUMNS: &str =
+    "seq, connector, event_id, entity, kind, remote_id, occurred_at_ms, \
      record, origin_key, remote_type, state, attempts, detail, customer_id, correlation_id, \
      lease_token, received_at, policy";
 
@@ -539,7 +540,8 @@ impl Store {
                 let conflict_id = format!("cf_{}", uuid::Uuid::now_v7().simple());
                 sqlx::query(
                     "INSERT INTO conflicts (id, customer_id, connector, event_id, policy, fields, remote_record, \
-                     state, resolution, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                     state, resolution, created_at, correlation_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 )
                 .bind(&conflict_id)
                 .bind(link_customer.as_ref().map(|c| c.as_str()).unwrap_or_default())
@@ -551,6 +553,7 @@ impl Store {
                 .bind(if conflict.open { "open" } else { "resolved" })
                 .bind((!conflict.open).then_some(conflict.policy.as_str()))
                 .bind(at)
+                .bind(&event.correlation_id)
                 .execute(&mut *tx)
                 .await?;
                 if conflict.open {

@@ -19,6 +19,7 @@ pub mod conflicts;
 pub mod connector_configs;
 pub mod connectors;
 pub mod customers;
+pub mod health;
 pub mod idempotency;
 pub mod inbox;
 pub mod outbox;

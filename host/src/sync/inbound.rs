@@ -232,15 +232,32 @@ impl SyncEngine {
         correlation_id = event.correlation_id.as_deref().unwrap_or(""),
     ))]
     pub async fn apply_inbox_event(&self, event: InboxEvent) -> InboundOutcome {
+        let outcome = self.apply_inbox_step(&event).await;
+        let connector = &event.connector;
+        match &outcome {
+            InboundOutcome::Applied { .. } => self.observe(connector, "inbound", "applied", None),
+            InboundOutcome::Skipped { .. } => self.observe(connector, "inbound", "skipped", None),
+            InboundOutcome::DeadLettered { reason } => {
+                self.observe(connector, "inbound", "dead_lettered", Some(reason));
+            }
+            // Retries are counted where their error is known.
+            InboundOutcome::RetryScheduled
+            | InboundOutcome::Deferred
+            | InboundOutcome::LeaseLost => {}
+        }
+        outcome
+    }
+
+    async fn apply_inbox_step(&self, event: &InboxEvent) -> InboundOutcome {
         for _ in 0..RACE_RETRIES {
-            match self.try_apply(&event).await {
+            match self.try_apply(event).await {
                 Ok(Some(outcome)) => return outcome,
                 // The customer changed while we decided: decide again.
                 Ok(None) => continue,
-                Err(error) => return self.inbound_failed(&event, error).await,
+                Err(error) => return self.inbound_failed(event, error).await,
             }
         }
-        self.inbound_failed(&event, Failure::Retry("the customer kept changing".into()))
+        self.inbound_failed(event, Failure::Retry("the customer kept changing".into()))
             .await
     }
 
@@ -272,9 +289,19 @@ impl SyncEngine {
         }
         if let Some(key) = &event.origin_key {
             if key.starts_with(&format!("ferry-{}-", event.connector)) {
-                return self
-                    .skip(event, "echo of ferry's own push (idempotency key)")
-                    .await;
+                // The push it echoes carries the change's correlation id:
+                // name it, so one id leads from the change to its echo.
+                let push = inner
+                    .store
+                    .link_by_remote_id(&event.connector, &event.remote_id)
+                    .await?
+                    .and_then(|link| link.correlation_id);
+                let reason = match &push {
+                    Some(id) => format!("echo of ferry's own push (idempotency key; change {id})"),
+                    None => "echo of ferry's own push (idempotency key)".to_owned(),
+                };
+                tracing::info!(echo_of = push.as_deref().unwrap_or(""), "echo suppressed");
+                return self.skip(event, &reason).await;
             }
         }
         let link = inner
@@ -483,7 +510,12 @@ impl SyncEngine {
                 "kept the owned or local values; pushing them back".to_owned()
             }
             (CustomerWrite::None, false, None) => {
-                "echo: the remote matches the local state".to_owned()
+                let push = link.as_ref().and_then(|l| l.correlation_id.as_deref());
+                tracing::info!(echo_of = push.unwrap_or(""), "echo suppressed");
+                match push {
+                    Some(id) => format!("echo: the remote matches the local state (change {id})"),
+                    None => "echo: the remote matches the local state".to_owned(),
+                }
             }
             (_, true, None) => "linked by email and updated".to_owned(),
             (_, false, None) => format!("updated: {}", merged.remote_changed.join(", ")),
@@ -847,7 +879,15 @@ impl SyncEngine {
             .await
         {
             Ok(true) if state == "dead" => InboundOutcome::DeadLettered { reason: detail },
-            Ok(true) => InboundOutcome::RetryScheduled,
+            Ok(true) => {
+                self.observe(
+                    &event.connector,
+                    "inbound",
+                    "retry_scheduled",
+                    Some(&detail),
+                );
+                InboundOutcome::RetryScheduled
+            }
             Ok(false) => InboundOutcome::LeaseLost,
             Err(error) => {
                 tracing::error!(

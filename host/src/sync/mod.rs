@@ -76,6 +76,18 @@ struct Inner {
     duplicate_email: inbound::DuplicateEmail,
     duplicate_email_by_connector: std::collections::BTreeMap<String, inbound::DuplicateEmail>,
     inbox_grace: Duration,
+    activity: std::sync::Mutex<std::collections::HashMap<String, Activity>>,
+}
+
+/// What this process last saw of a connector's sync, both directions.
+#[derive(Debug, Clone, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct Activity {
+    /// When a push or an inbound apply last succeeded.
+    pub last_success_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When one last failed (retry scheduled or dead-lettered).
+    pub last_error_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// That failure's message.
+    pub last_error: Option<String>,
 }
 
 /// The outbound sync engine; cheap to clone.
@@ -120,8 +132,43 @@ impl SyncEngine {
                 duplicate_email: options.inbound.duplicate_email,
                 duplicate_email_by_connector: options.inbound.duplicate_email_by_connector,
                 inbox_grace: options.inbox_grace,
+                activity: std::sync::Mutex::default(),
             }),
         }
+    }
+
+    /// Counts one finished step in the metrics and remembers the
+    /// connector's last success or failure. `outcome` is the metrics label;
+    /// `error` is set for a failure.
+    fn observe(
+        &self,
+        connector: &str,
+        direction: &'static str,
+        outcome: &'static str,
+        error: Option<&str>,
+    ) {
+        crate::metrics::delivery(connector, direction, outcome);
+        let now = chrono::Utc::now();
+        if let Ok(mut activity) = self.inner.activity.lock() {
+            let entry = activity.entry(connector.to_owned()).or_default();
+            match error {
+                None => entry.last_success_at = Some(now),
+                Some(error) => {
+                    entry.last_error_at = Some(now);
+                    entry.last_error = Some(error.chars().take(500).collect());
+                }
+            }
+        }
+    }
+
+    /// What this process last saw of `connector`'s sync.
+    pub fn activity(&self, connector: &str) -> Activity {
+        self.inner
+            .activity
+            .lock()
+            .ok()
+            .and_then(|activity| activity.get(connector).cloned())
+            .unwrap_or_default()
     }
 
     /// Writes to a claimed link through the group commit; true if the lease

@@ -129,9 +129,31 @@ impl SyncEngine {
     ))]
     pub async fn push_link(&self, link: SyncLink) -> Outcome {
         let (recorded, outcome) = self.try_push(&link).await;
+        let connector = &link.connector;
+        match (&outcome, &recorded) {
+            (Outcome::Delivered { .. }, _) => {
+                self.observe(connector, "outbound", "delivered", None)
+            }
+            (Outcome::Skipped { .. }, _) => self.observe(connector, "outbound", "skipped", None),
+            (Outcome::RetryScheduled { .. }, RecordedOutcome::RetryScheduled { error, .. }) => {
+                self.observe(connector, "outbound", "retry_scheduled", Some(error));
+            }
+            (Outcome::DeadLettered { reason }, _) => {
+                self.observe(connector, "outbound", "dead_lettered", Some(reason));
+            }
+            _ => {}
+        }
         match self.write_link(&link, LinkWrite::Outcome(recorded)).await {
             Ok(true) => {
-                tracing::debug!(?outcome, "sync step done");
+                match &outcome {
+                    Outcome::Delivered {
+                        operation,
+                        remote_id,
+                    } => {
+                        tracing::info!(operation, remote_id, "pushed");
+                    }
+                    _ => tracing::debug!(?outcome, "sync step done"),
+                }
                 if matches!(outcome, Outcome::Delivered { .. } | Outcome::Skipped { .. }) {
                     // A newer version may have arrived while we pushed.
                     self.inner.wake.notify_one();

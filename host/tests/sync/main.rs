@@ -13,6 +13,7 @@ mod fanout;
 mod faults;
 mod inbound;
 mod inbound_policies;
+mod operations;
 mod outbound;
 mod process;
 mod reconcile;

@@ -25,10 +25,14 @@ const WATCHDOG: &str = r#"
     -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=400 \
     -c shared_buffers=128MB -c log_min_messages=warning 2>"$ROOT/postgres.log" &
 pg=$!
-while [ -d "/proc/$OWNER" ] && kill -0 "$pg" 2>/dev/null; do sleep 0.5; done
+while kill -0 "$pg" 2>/dev/null && [ ! -e "$DATA/postmaster.pid" ]; do sleep 0.1; done
+# Runs while the owner lives and the server runs, or is paused (see
+# `PgCluster::pause`): a resumed server is a new process, so its pid file
+# is what is watched.
+while [ -d "/proc/$OWNER" ] && { [ -e "$ROOT/paused" ] || [ -e "$DATA/postmaster.pid" ]; }; do sleep 0.5; done
 # Immediate shutdown: the data is thrown away, a checkpoint would only cost time.
-kill -QUIT "$pg" 2>/dev/null
-wait "$pg"
+"$BIN/pg_ctl" stop -D "$DATA" -m immediate -w >/dev/null 2>&1
+wait "$pg" 2>/dev/null
 rm -rf "$ROOT" 2>/dev/null
 "#;
 
@@ -174,6 +178,51 @@ impl PgCluster {
             bail!("CREATE DATABASE {name} failed");
         }
         Ok(self.url(&name))
+    }
+
+    /// Stops the server (fast shutdown) and keeps its data, so
+    /// [`PgCluster::resume`] can start it again: an outage, for tests.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        std::fs::write(self.root.join("paused"), b"").context("marking the cluster paused")?;
+        if self.as_postgres {
+            run(Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(self.root.join("paused")))?;
+        }
+        let mut stop = command(self.as_postgres, &self.bin.join("pg_ctl"));
+        stop.arg("stop")
+            .arg("-D")
+            .arg(self.root.join("data"))
+            .args(["-m", "fast", "-w"]);
+        run(&mut stop).context("pg_ctl stop")
+    }
+
+    /// Starts a paused server again on the same port.
+    pub fn resume(&self) -> anyhow::Result<()> {
+        let mut start = command(self.as_postgres, &self.bin.join("pg_ctl"));
+        start
+            .arg("start")
+            .arg("-D")
+            .arg(self.root.join("data"))
+            .arg("-l")
+            .arg(self.root.join("postgres-resumed.log"))
+            .arg("-o")
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=400",
+                self.port,
+                self.root.display()
+            ))
+            .arg("-w")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // Not `run`: the server it leaves behind must not hold a pipe open.
+        let started = start.status().context("running pg_ctl start")?;
+        if !started.success() {
+            bail!("pg_ctl start failed: {started}");
+        }
+        let _ = std::fs::remove_file(self.root.join("paused"));
+        self.wait_ready(Duration::from_secs(60))
     }
 
     /// The directory holding the cluster.

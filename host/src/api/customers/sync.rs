@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 use crate::api::error::{ApiError, Problem};
 use crate::api::extract::Principal;
 use crate::app::AppState;
+use crate::store::inbox::InboxEvent;
 use crate::store::{CustomerId, Delivery, LinkState};
 
 /// How many recent deliveries the status shows.
@@ -48,14 +49,19 @@ pub struct CustomerSync {
     pub version: i64,
     /// One entry per connector the customer was scheduled for.
     pub connectors: Vec<ConnectorSync>,
-    /// The most recent delivery outcomes, newest first.
+    /// The most recent outbound delivery outcomes, newest first.
     pub history: Vec<Delivery>,
+    /// The most recent inbound events applied to (or skipped for) this
+    /// customer, newest first, with their outcome (`state`, `detail`) and
+    /// correlation id.
+    pub inbound: Vec<InboxEvent>,
 }
 
 /// Sync status of a customer.
 ///
 /// Per connector: the remote id, the synced version, the state and the last
-/// error; then the latest delivery outcomes. Works for deleted customers too.
+/// error; then the latest outbound delivery outcomes and inbound events.
+/// Works for deleted customers too.
 #[utoipa::path(
     get, path = "/api/v1/customers/{id}/sync", tag = "sync",
     params(("id" = String, Path, description = "Customer id", pattern = "^cus_[0-9a-f]{32}$")),
@@ -79,6 +85,7 @@ pub async fn customer_sync(
         .ok_or(ApiError::CustomerNotFound)?;
     let links = state.store.links_of(id.as_str()).await?;
     let history = state.store.deliveries_of(id.as_str(), HISTORY).await?;
+    let inbound = state.store.inbox_of(id.as_str(), HISTORY).await?;
     let connectors = links
         .into_iter()
         .map(|link| ConnectorSync {
@@ -100,5 +107,6 @@ pub async fn customer_sync(
         version: customer.version,
         connectors,
         history,
+        inbound,
     }))
 }

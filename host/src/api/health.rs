@@ -1,0 +1,442 @@
+//! What an operator asks a running ferry: `/readyz` (each dependency),
+//! `/metrics` (Prometheus text), `GET /api/v1/health` (per connector), and
+//! the links and inbox events still in flight.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::error::{ApiError, Problem};
+use super::extract::{next_cursor, page_limit, text_param, Principal, QueryPairs};
+use crate::app::AppState;
+use crate::registry::Switch;
+use crate::store::health::{InboxFilter, LinkFilter, LinkSummary};
+use crate::store::inbox::InboxEvent;
+use crate::sync::breaker::BreakerView;
+use crate::sync::Activity;
+
+const DEFAULT_LIMIT: u32 = 50;
+const MAX_LIMIT: u32 = 500;
+/// How long `/readyz` waits for the Kafka cluster's metadata.
+const BUS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One dependency's readiness.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Check {
+    /// `store`, `bus` or `connector:NAME`.
+    pub name: String,
+    /// Whether it is ready.
+    pub ok: bool,
+    /// What is wrong, or what it is.
+    pub detail: String,
+}
+
+/// `/readyz`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `not_ready`.
+    pub status: &'static str,
+    /// The names of the checks that failed.
+    pub not_ready: Vec<String>,
+    /// Every check.
+    pub checks: Vec<Check>,
+}
+
+/// Readiness of each dependency.
+///
+/// The store answers; in cluster mode the Kafka cluster returns its
+/// metadata; every switched-on connector has a loaded active version. 503
+/// names what is not ready.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses(
+        (status = 200, description = "Ready to serve", body = Readiness),
+        (status = 503, description = "Something is not ready; `not_ready` names it", body = Readiness),
+    ))]
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let mut checks = Vec::new();
+    checks.push(match state.store.ping().await {
+        Ok(()) => Check {
+            name: "store".into(),
+            ok: true,
+            detail: state.store.kind().as_str().into(),
+        },
+        Err(error) => Check {
+            name: "store".into(),
+            ok: false,
+            detail: format!("{:#}", anyhow::Error::from(error)),
+        },
+    });
+    if let Some(bus) = &state.bus_probe {
+        checks.push(match bus.probe(BUS_PROBE_TIMEOUT).await {
+            Ok(()) => Check {
+                name: "bus".into(),
+                ok: true,
+                detail: "kafka".into(),
+            },
+            Err(error) => Check {
+                name: "bus".into(),
+                ok: false,
+                detail: format!("{:#}", anyhow::Error::from(error)),
+            },
+        });
+    }
+    for entry in state.registry.entries() {
+        let switched_on = entry.effective.switch == Switch::Enabled;
+        // A replica still serving an older version (the new one failed to
+        // load here) is ready, and says so.
+        let (ok, detail) = match (&entry.active, &entry.problem) {
+            (Some(active), None) => (true, format!("version {} loaded", active.meta.version)),
+            (Some(active), Some(problem)) => (
+                true,
+                format!("version {} loaded; {problem}", active.meta.version),
+            ),
+            (None, problem) => (
+                !switched_on,
+                problem
+                    .clone()
+                    .unwrap_or_else(|| "no version is active".into()),
+            ),
+        };
+        checks.push(Check {
+            name: format!("connector:{}", entry.name),
+            ok,
+            detail,
+        });
+    }
+    let not_ready: Vec<String> = checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.name.clone())
+        .collect();
+    let status = if not_ready.is_empty() {
+        StatusCode::OK
+    } else {
+        tracing::warn!(not_ready = ?not_ready, "not ready");
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = Readiness {
+        status: if not_ready.is_empty() {
+            "ready"
+        } else {
+            "not_ready"
+        },
+        not_ready,
+        checks,
+    };
+    (status, Json(body)).into_response()
+}
+
+/// Metrics in Prometheus text format (404 when `FERRY_METRICS=false`).
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError::NotFound.into_response(),
+    }
+}
+
+/// Counts of a connector's links by state.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct LinkCounts {
+    /// Linked and up to date.
+    pub synced: i64,
+    /// Waiting for their push.
+    pub pending: i64,
+    /// Failed, scheduled again.
+    pub retrying: i64,
+    /// Given up on (see the dead letters).
+    pub dead: i64,
+}
+
+/// Inbox events of a connector not applied yet.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct InboxCounts {
+    /// Pending or retrying.
+    pub unapplied: i64,
+    /// Age of the oldest of them, in seconds.
+    pub oldest_age_seconds: f64,
+}
+
+/// One connector's sync health.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConnectorHealth {
+    /// The connector.
+    pub connector: String,
+    /// Whether a version is loaded and it is switched on.
+    pub switch: String,
+    /// Outbound links by state.
+    pub links: LinkCounts,
+    /// Inbound events waiting.
+    pub inbox: InboxCounts,
+    /// Dead letters not replayed, both directions.
+    pub dead_letters: i64,
+    /// Open conflicts.
+    pub conflicts_open: i64,
+    /// The circuit breaker.
+    pub breaker: BreakerView,
+    /// What this replica last saw: success, error.
+    #[serde(flatten)]
+    pub activity: Activity,
+}
+
+/// The health summary.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Outbox events not yet published.
+    pub outbox_unpublished: i64,
+    /// Age of the oldest of them, in seconds.
+    pub outbox_oldest_age_seconds: f64,
+    /// Per connector, by name.
+    pub connectors: Vec<ConnectorHealth>,
+}
+
+/// Sync health per connector.
+///
+/// Counts synced, pending, retrying, dead-lettered and conflicted; breaker
+/// state; the last success and error this replica saw; backlog ages.
+#[utoipa::path(
+    get, path = "/api/v1/health", tag = "sync",
+    responses(
+        (status = 200, description = "The health summary", body = Health),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn health(
+    State(state): State<AppState>,
+    _principal: Principal,
+) -> Result<Json<Health>, ApiError> {
+    let backlog = state.store.backlog().await?;
+    let links = state.store.link_counts().await?;
+    let mut names: Vec<String> = state
+        .registry
+        .entries()
+        .into_iter()
+        .map(|e| e.name.clone())
+        .collect();
+    names.extend(links.keys().map(|(c, _)| c.clone()));
+    names.extend(backlog.inbox_unapplied.keys().cloned());
+    names.sort();
+    names.dedup();
+    let switches: BTreeMap<String, Switch> = state
+        .registry
+        .entries()
+        .into_iter()
+        .map(|e| (e.name.clone(), e.effective.switch))
+        .collect();
+    let connectors = names
+        .into_iter()
+        .map(|name| {
+            let count = |s: &str| {
+                links
+                    .get(&(name.clone(), s.to_owned()))
+                    .copied()
+                    .unwrap_or(0)
+            };
+            ConnectorHealth {
+                switch: switches
+                    .get(&name)
+                    .map_or("removed", |s| match s {
+                        Switch::Enabled => "enabled",
+                        Switch::Disabled => "disabled",
+                        Switch::Unconfigured => "unconfigured",
+                    })
+                    .to_owned(),
+                links: LinkCounts {
+                    synced: count("synced"),
+                    pending: count("pending"),
+                    retrying: count("retry"),
+                    dead: count("dead"),
+                },
+                inbox: InboxCounts {
+                    unapplied: backlog.inbox_unapplied.get(&name).copied().unwrap_or(0),
+                    oldest_age_seconds: backlog
+                        .inbox_oldest_age_by_connector
+                        .get(&name)
+                        .map_or(0.0, Duration::as_secs_f64),
+                },
+                dead_letters: backlog
+                    .dead_letters
+                    .iter()
+                    .filter(|((c, _), _)| *c == name)
+                    .map(|(_, n)| n)
+                    .sum(),
+                conflicts_open: backlog.conflicts_open.get(&name).copied().unwrap_or(0),
+                breaker: state.sync.breakers().view(&name),
+                activity: state.sync.activity(&name),
+                connector: name,
+            }
+        })
+        .collect();
+    Ok(Json(Health {
+        outbox_unpublished: backlog.outbox_unpublished,
+        outbox_oldest_age_seconds: backlog.outbox_oldest_age.as_secs_f64(),
+        connectors,
+    }))
+}
+
+/// A page of links.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LinkList {
+    /// By customer id, then connector.
+    pub data: Vec<LinkSummary>,
+    /// Pass as `starting_after` for the next page; null on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// List sync links.
+///
+/// Filter by `connector` and `state` (`pending`, `retry`, `synced`,
+/// `dead`): `state=retry` lists the pushes being retried, with their last
+/// error and when the next attempt is due.
+#[utoipa::path(
+    get, path = "/api/v1/sync/links", tag = "sync",
+    params(
+        ("connector" = Option<String>, Query, description = "Only this connector's"),
+        ("state" = Option<String>, Query, description = "pending, retry, synced or dead"),
+        ("starting_after" = Option<String>, Query, description = "Cursor from the previous page"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 500"),
+    ),
+    responses(
+        (status = 200, description = "A page of links", body = LinkList),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn list_links(
+    State(state): State<AppState>,
+    _principal: Principal,
+    QueryPairs(pairs): QueryPairs,
+) -> Result<Json<LinkList>, ApiError> {
+    let mut filter = LinkFilter {
+        limit: DEFAULT_LIMIT,
+        ..LinkFilter::default()
+    };
+    for (name, value) in pairs {
+        match name.as_str() {
+            "connector" => filter.connector = Some(text_param("connector", value)?),
+            "state" => {
+                filter.state = Some(one_of(
+                    "state",
+                    value,
+                    &["pending", "retry", "synced", "dead"],
+                )?)
+            }
+            "starting_after" => {
+                let (customer, connector) = value.split_once('/').ok_or_else(|| {
+                    ApiError::field("starting_after", "must be a cursor from a previous page")
+                })?;
+                filter.starting_after = Some((
+                    text_param("starting_after", customer.to_owned())?,
+                    text_param("starting_after", connector.to_owned())?,
+                ));
+            }
+            "limit" => filter.limit = page_limit(&value, MAX_LIMIT)?,
+            _ => {}
+        }
+    }
+    let limit = filter.limit;
+    filter.limit += 1;
+    let mut data = state.store.list_links(&filter).await?;
+    let next_cursor = next_cursor(&mut data, limit, |l| {
+        format!("{}/{}", l.customer_id, l.connector)
+    });
+    Ok(Json(LinkList { data, next_cursor }))
+}
+
+/// A page of inbox events.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InboxList {
+    /// Oldest first.
+    pub data: Vec<InboxEvent>,
+    /// Pass as `starting_after` for the next page; null on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// List inbox events.
+///
+/// Filter by `connector` and `state` (`pending`, `retry`, `applied`,
+/// `skipped`, `dead`): `state=retry` lists the inbound events being
+/// retried, with their last error.
+#[utoipa::path(
+    get, path = "/api/v1/sync/inbox", tag = "sync",
+    params(
+        ("connector" = Option<String>, Query, description = "Only this connector's"),
+        ("state" = Option<String>, Query, description = "pending, retry, applied, skipped or dead"),
+        ("starting_after" = Option<String>, Query, description = "Cursor from the previous page"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 500"),
+    ),
+    responses(
+        (status = 200, description = "A page of inbox events", body = InboxList),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn list_inbox(
+    State(state): State<AppState>,
+    _principal: Principal,
+    QueryPairs(pairs): QueryPairs,
+) -> Result<Json<InboxList>, ApiError> {
+    let mut filter = InboxFilter {
+        limit: DEFAULT_LIMIT,
+        ..InboxFilter::default()
+    };
+    for (name, value) in pairs {
+        match name.as_str() {
+            "connector" => filter.connector = Some(text_param("connector", value)?),
+            "state" => {
+                filter.state = Some(one_of(
+                    "state",
+                    value,
+                    &["pending", "retry", "applied", "skipped", "dead"],
+                )?);
+            }
+            "starting_after" => {
+                filter.starting_after = Some(value.parse().map_err(|_| {
+                    ApiError::field("starting_after", "must be a cursor from a previous page")
+                })?);
+            }
+            "limit" => filter.limit = page_limit(&value, MAX_LIMIT)?,
+            _ => {}
+        }
+    }
+    let limit = filter.limit;
+    filter.limit += 1;
+    let mut data = state.store.list_inbox(&filter).await?;
+    let next_cursor = next_cursor(&mut data, limit, |e| e.seq.to_string());
+    Ok(Json(InboxList { data, next_cursor }))
+}
+
+fn one_of(field: &str, value: String, allowed: &[&str]) -> Result<String, ApiError> {
+    if allowed.contains(&value.as_str()) {
+        Ok(value)
+    } else {
+        Err(ApiError::field(
+            field,
+            format!("must be one of {}", allowed.join(", ")),
+        ))
+    }
+}
+
+/// Routes under `/api/v1`.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/health", get(health))
+        .route("/sync/links", get(list_links))
+        .route("/sync/inbox", get(list_inbox))
+}

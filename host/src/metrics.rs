@@ -1,0 +1,283 @@
+//! Metrics in Prometheus text format at `/metrics`, through the `metrics`
+//! facade and its Prometheus exporter.
+//!
+//! Counters and histograms are recorded where things happen and live in
+//! memory; backlog gauges (which need the store) are refreshed by
+//! [`run_gauges`] every few seconds, so a scrape never queries anything.
+//! The names and labels are listed in docs/operations.md.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::registry::Registry;
+use crate::store::Store;
+use crate::sync::SyncEngine;
+
+/// Histogram buckets for durations, in seconds: 0.5 ms to 10 s.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// How often the backlog gauges are refreshed.
+pub const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The process's recorder, installed once (every `App` in a process shares
+/// it: tests run several).
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder as the process's `metrics` recorder and
+/// returns the handle that renders it. `None` if another recorder was
+/// installed first.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+/// Help texts for the series (`# HELP` lines).
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "ferry_http_requests_total",
+        "HTTP requests answered, by method, route template and status"
+    );
+    describe_histogram!(
+        "ferry_http_request_duration_seconds",
+        Unit::Seconds,
+        "HTTP request latency, by method, route template and status"
+    );
+    describe_counter!(
+        "ferry_sync_deliveries_total",
+        "Sync attempts by connector, direction (outbound, inbound) and outcome"
+    );
+    describe_counter!(
+        "ferry_sync_retries_total",
+        "Attempts that failed and were scheduled again"
+    );
+    describe_counter!("ferry_dead_letters_total", "Dead letters written");
+    describe_counter!(
+        "ferry_webhook_verifications_total",
+        "Webhook deliveries by connector and verification result"
+    );
+    describe_histogram!(
+        "ferry_connector_call_duration_seconds",
+        Unit::Seconds,
+        "Sandboxed connector calls, by connector and function"
+    );
+    describe_counter!(
+        "ferry_connector_traps_total",
+        "Connector calls the sandbox stopped on a trap or a resource limit"
+    );
+    describe_counter!(
+        "ferry_connector_timeouts_total",
+        "Connector calls stopped at their deadline"
+    );
+    describe_gauge!(
+        "ferry_outbox_unpublished",
+        "Outbox events not yet published"
+    );
+    describe_gauge!(
+        "ferry_outbox_oldest_unpublished_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest unpublished outbox event (0 when none)"
+    );
+    describe_gauge!(
+        "ferry_inbox_unapplied",
+        "Inbox events pending or retrying, by connector"
+    );
+    describe_gauge!(
+        "ferry_inbox_oldest_unapplied_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest pending or retrying inbox event (0 when none)"
+    );
+    describe_gauge!(
+        "ferry_sync_links",
+        "Outbound links waiting to be pushed, retrying or dead, by connector and state"
+    );
+    describe_gauge!(
+        "ferry_dead_letters_unreplayed",
+        "Dead letters not replayed, by connector and direction"
+    );
+    describe_gauge!("ferry_conflicts_open", "Open conflicts, by connector");
+    describe_gauge!(
+        "ferry_breaker_state",
+        "Circuit breaker per connector: 0 closed, 1 half open, 2 open"
+    );
+    describe_counter!(
+        "ferry_kafka_producer_errors_total",
+        "Kafka publishes that failed"
+    );
+    describe_gauge!(
+        "ferry_kafka_consumer_lag_messages",
+        "Messages between this consumer's position and the partition's end"
+    );
+}
+
+/// Axum middleware: counts and times every routed request by its route
+/// template (never the raw path, which would let clients mint series).
+pub async fn track_http(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    let labels = [("method", method), ("route", route), ("status", status)];
+    counter!("ferry_http_requests_total", &labels).increment(1);
+    histogram!("ferry_http_request_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// One sync attempt's outcome.
+pub fn delivery(connector: &str, direction: &'static str, outcome: &'static str) {
+    counter!("ferry_sync_deliveries_total",
+        "connector" => connector.to_owned(), "direction" => direction, "outcome" => outcome)
+    .increment(1);
+    match outcome {
+        "retry_scheduled" => counter!("ferry_sync_retries_total",
+            "connector" => connector.to_owned(), "direction" => direction)
+        .increment(1),
+        "dead_lettered" => counter!("ferry_dead_letters_total",
+            "connector" => connector.to_owned(), "direction" => direction)
+        .increment(1),
+        _ => {}
+    }
+}
+
+/// One webhook delivery's verification: `verified`, `invalid_signature`,
+/// `invalid` (refused after verification) or `failed` (the connector broke).
+pub fn webhook_verification(connector: &str, result: &'static str) {
+    counter!("ferry_webhook_verifications_total",
+        "connector" => connector.to_owned(), "result" => result)
+    .increment(1);
+}
+
+/// A Kafka publish failed.
+pub fn kafka_producer_error() {
+    counter!("ferry_kafka_producer_errors_total").increment(1);
+}
+
+/// Kafka consumer lag of one partition, from librdkafka's statistics.
+pub fn kafka_consumer_lag(topic: &str, partition: i32, lag: i64) {
+    gauge!("ferry_kafka_consumer_lag_messages",
+        "topic" => topic.to_owned(), "partition" => partition.to_string())
+    .set(lag as f64);
+}
+
+/// Refreshes the backlog gauges every [`GAUGE_INTERVAL`] until cancelled,
+/// and lets the exporter drain its histogram buffers.
+pub async fn run_gauges(
+    handle: PrometheusHandle,
+    store: Store,
+    registry: Registry,
+    sync: SyncEngine,
+    cancel: CancellationToken,
+) {
+    let mut every = tokio::time::interval(GAUGE_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut previous = Vec::new();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        handle.run_upkeep();
+        match store.backlog().await {
+            Ok(backlog) => set_backlog(&backlog, &mut previous),
+            Err(error) => tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "refreshing the backlog gauges failed"
+            ),
+        }
+        for entry in registry.entries() {
+            let view = sync.breakers().view(&entry.name);
+            let state = match view.state {
+                "open" => 2.0,
+                "half_open" => 1.0,
+                _ => 0.0,
+            };
+            gauge!("ferry_breaker_state", "connector" => entry.name.clone()).set(state);
+        }
+    }
+}
+
+/// A labelled gauge value.
+type Series = (&'static str, Vec<(&'static str, String)>);
+
+/// Sets the backlog gauges, and zeroes the labelled ones that dropped out
+/// of the counts since the last refresh (a drained connector reads 0, not
+/// its last backlog).
+fn set_backlog(backlog: &crate::store::health::Backlog, previous: &mut Vec<Series>) {
+    gauge!("ferry_outbox_unpublished").set(backlog.outbox_unpublished as f64);
+    gauge!("ferry_outbox_oldest_unpublished_age_seconds")
+        .set(backlog.outbox_oldest_age.as_secs_f64());
+    gauge!("ferry_inbox_oldest_unapplied_age_seconds").set(backlog.inbox_oldest_age.as_secs_f64());
+    let mut now: Vec<(Series, i64)> = Vec::new();
+    for (connector, count) in &backlog.inbox_unapplied {
+        now.push((
+            (
+                "ferry_inbox_unapplied",
+                vec![("connector", connector.clone())],
+            ),
+            *count,
+        ));
+    }
+    for ((connector, state), count) in &backlog.links {
+        now.push((
+            (
+                "ferry_sync_links",
+                vec![("connector", connector.clone()), ("state", state.clone())],
+            ),
+            *count,
+        ));
+    }
+    for ((connector, direction), count) in &backlog.dead_letters {
+        now.push((
+            (
+                "ferry_dead_letters_unreplayed",
+                vec![
+                    ("connector", connector.clone()),
+                    ("direction", direction.clone()),
+                ],
+            ),
+            *count,
+        ));
+    }
+    for (connector, count) in &backlog.conflicts_open {
+        now.push((
+            (
+                "ferry_conflicts_open",
+                vec![("connector", connector.clone())],
+            ),
+            *count,
+        ));
+    }
+    for gone in previous.iter() {
+        if !now.iter().any(|(series, _)| series == gone) {
+            gauge!(gone.0, &gone.1).set(0.0);
+        }
+    }
+    for ((name, labels), count) in &now {
+        gauge!(*name, labels).set(*count as f64);
+    }
+    *previous = now.into_iter().map(|(series, _)| series).collect();
+}

@@ -1,0 +1,75 @@
+//! Retention: keeps the append-only tables bounded. Finished outbox and
+//! inbox rows and old deliveries are deleted in small batches, one short
+//! statement at a time, so writers never wait behind a long delete. Dead
+//! letters, the inbox events they point at and open conflicts are never
+//! touched. See docs/operations.md.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::store::health::Trimmed;
+use crate::store::{Store, StoreError};
+
+/// Retention's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Rows older than this go; zero keeps everything.
+    pub keep: Duration,
+    /// How often a pass runs.
+    pub every: Duration,
+    /// Rows one statement looks at (and deletes at most).
+    pub batch: u32,
+}
+
+/// A pause between two batches, so a long pass yields the writer.
+const BETWEEN_BATCHES: Duration = Duration::from_millis(10);
+
+/// Runs a pass every `retention.every` until cancelled.
+pub async fn run(store: Store, retention: Retention, cancel: CancellationToken) {
+    if retention.keep.is_zero() {
+        return;
+    }
+    let mut every = tokio::time::interval(retention.every);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match pass(&store, retention, &cancel).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "retention pass done"),
+            Err(error) => tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "retention pass failed; the next one continues"
+            ),
+        }
+    }
+}
+
+/// One pass over every trimmed table; returns the rows deleted.
+pub async fn pass(
+    store: &Store,
+    retention: Retention,
+    cancel: &CancellationToken,
+) -> Result<u64, StoreError> {
+    let Ok(keep) = chrono::Duration::from_std(retention.keep) else {
+        return Ok(0);
+    };
+    let cutoff = chrono::Utc::now() - keep;
+    let mut deleted = 0;
+    for table in Trimmed::ALL {
+        let mut after = 0;
+        loop {
+            let step = store.trim(table, after, cutoff, retention.batch).await?;
+            deleted += step.deleted;
+            match step.next {
+                Some(next) if !cancel.is_cancelled() => after = next,
+                _ => break,
+            }
+            tokio::time::sleep(BETWEEN_BATCHES).await;
+        }
+    }
+    Ok(deleted)
+}

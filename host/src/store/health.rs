@@ -1,0 +1,334 @@
+//! What operators look at: backlogs and their ages, per-connector counts,
+//! the links and inbox events still in flight, and retention, which keeps
+//! the append-only tables bounded.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::inbox::InboxEvent;
+use super::{dispatch, Store, StoreError};
+
+/// Backlogs, counted with queries that stay on partial indexes (the
+/// metrics task runs them every few seconds).
+#[derive(Debug, Clone, Default)]
+pub struct Backlog {
+    /// Outbox events not yet published.
+    pub outbox_unpublished: i64,
+    /// Age of the oldest of them.
+    pub outbox_oldest_age: Duration,
+    /// Inbox events pending or retrying, per connector.
+    pub inbox_unapplied: BTreeMap<String, i64>,
+    /// Age of the oldest of them, per connector.
+    pub inbox_oldest_age_by_connector: BTreeMap<String, Duration>,
+    /// Age of the oldest of them, all connectors.
+    pub inbox_oldest_age: Duration,
+    /// Links pending or retrying, per (connector, state).
+    pub links: BTreeMap<(String, String), i64>,
+    /// Dead letters not replayed, per (connector, direction).
+    pub dead_letters: BTreeMap<(String, String), i64>,
+    /// Open conflicts, per connector.
+    pub conflicts_open: BTreeMap<String, i64>,
+}
+
+fn age(oldest: Option<DateTime<Utc>>) -> Duration {
+    oldest
+        .and_then(|at| (Utc::now() - at).to_std().ok())
+        .unwrap_or_default()
+}
+
+/// Which links [`Store::list_links`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct LinkFilter {
+    /// One connector, or all.
+    pub connector: Option<String>,
+    /// `pending`, `retry`, `synced` or `dead`; all when `None`.
+    pub state: Option<String>,
+    /// (customer id, connector) to start after (paging).
+    pub starting_after: Option<(String, String)>,
+    /// Page size.
+    pub limit: u32,
+}
+
+/// One link, as the operator lists see it.
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+pub struct LinkSummary {
+    /// The local customer.
+    pub customer_id: String,
+    /// The connector.
+    pub connector: String,
+    /// The remote record, once linked.
+    pub remote_id: Option<String>,
+    /// `pending`, `retry`, `synced` or `dead`.
+    pub state: String,
+    /// Failed attempts since the last success.
+    pub attempts: i32,
+    /// When the next attempt is due, unix ms.
+    pub next_attempt_at_ms: i64,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// The change that scheduled the push.
+    pub correlation_id: Option<String>,
+    /// Last write of the row.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Which inbox events [`Store::list_inbox`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct InboxFilter {
+    /// One connector, or all.
+    pub connector: Option<String>,
+    /// `pending`, `retry`, `applied`, `skipped` or `dead`; all when `None`.
+    pub state: Option<String>,
+    /// Sequence number to start after (paging).
+    pub starting_after: Option<i64>,
+    /// Page size.
+    pub limit: u32,
+}
+
+/// The append-only tables retention trims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trimmed {
+    /// Outbox events published and consumed, unless a pending create
+    /// still needs its payload.
+    Outbox,
+    /// Inbox events applied or skipped (dead ones stay until replayed).
+    Inbox,
+    /// The delivery log.
+    Deliveries,
+}
+
+impl Trimmed {
+    /// All of them, in the order a retention pass visits them.
+    pub const ALL: [Trimmed; 3] = [Trimmed::Outbox, Trimmed::Inbox, Trimmed::Deliveries];
+
+    /// The table's name.
+    pub fn table(self) -> &'static str {
+        match self {
+            Trimmed::Outbox => "outbox",
+            Trimmed::Inbox => "inbox",
+            Trimmed::Deliveries => "deliveries",
+        }
+    }
+
+    /// (key column, time column, what else a deletable row must satisfy).
+    fn columns(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Trimmed::Outbox => (
+                "id",
+                "created_at",
+                "published_at IS NOT NULL AND consumed_at IS NOT NULL \
+                 AND NOT EXISTS (SELECT 1 FROM sync_links l WHERE l.customer_id = outbox.aggregate_id \
+                 AND l.pending_version = outbox.version)",
+            ),
+            Trimmed::Inbox => ("seq", "received_at", "state IN ('applied', 'skipped')"),
+            Trimmed::Deliveries => ("id", "created_at", "TRUE"),
+        }
+    }
+}
+
+/// Where a retention pass over one table stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrimStep {
+    /// Rows deleted by this step.
+    pub deleted: u64,
+    /// The key to continue after, or `None` when the table's rows older
+    /// than the cut-off are all visited (the next pass starts over).
+    pub next: Option<i64>,
+}
+
+impl Store {
+    /// The backlogs, from partial indexes only.
+    pub async fn backlog(&self) -> Result<Backlog, StoreError> {
+        let (outbox, inbox, links, dead, conflicts) = dispatch!(self, read pool => {
+            let outbox: (i64, Option<DateTime<Utc>>) = sqlx::query_as(
+                "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE published_at IS NULL",
+            )
+            .fetch_one(pool)
+            .await?;
+            let inbox: Vec<(String, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
+                "SELECT connector, COUNT(*), MIN(received_at) FROM inbox \
+                 WHERE state IN ('pending', 'retry') GROUP BY connector",
+            )
+            .fetch_all(pool)
+            .await?;
+            let links: Vec<(String, String, i64)> = sqlx::query_as(
+                "SELECT connector, state, COUNT(*) FROM sync_links \
+                 WHERE state IN ('pending', 'retry') GROUP BY connector, state",
+            )
+            .fetch_all(pool)
+            .await?;
+            let dead: Vec<(String, String, i64)> = sqlx::query_as(
+                "SELECT connector, direction, COUNT(*) FROM dead_letters \
+                 WHERE replayed_at IS NULL GROUP BY connector, direction",
+            )
+            .fetch_all(pool)
+            .await?;
+            let conflicts: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT connector, COUNT(*) FROM conflicts WHERE state = 'open' GROUP BY connector",
+            )
+            .fetch_all(pool)
+            .await?;
+            (outbox, inbox, links, dead, conflicts)
+        });
+        let mut backlog = Backlog {
+            outbox_unpublished: outbox.0,
+            outbox_oldest_age: age(outbox.1),
+            ..Backlog::default()
+        };
+        for (connector, count, oldest) in inbox {
+            let oldest = age(oldest);
+            backlog.inbox_oldest_age = backlog.inbox_oldest_age.max(oldest);
+            backlog
+                .inbox_oldest_age_by_connector
+                .insert(connector.clone(), oldest);
+            backlog.inbox_unapplied.insert(connector, count);
+        }
+        for (connector, state, count) in links {
+            backlog.links.insert((connector, state), count);
+        }
+        for (connector, direction, count) in dead {
+            backlog.dead_letters.insert((connector, direction), count);
+        }
+        backlog.conflicts_open = conflicts.into_iter().collect();
+        Ok(backlog)
+    }
+
+    /// Links per (connector, state), synced ones included: a full count,
+    /// for the health endpoint only.
+    pub async fn link_counts(&self) -> Result<BTreeMap<(String, String), i64>, StoreError> {
+        let rows: Vec<(String, String, i64)> = dispatch!(self, read pool => {
+            sqlx::query_as("SELECT connector, state, COUNT(*) FROM sync_links GROUP BY connector, state")
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(rows.into_iter().map(|(c, s, n)| ((c, s), n)).collect())
+    }
+
+    /// A page of links, by customer id.
+    pub async fn list_links(&self, filter: &LinkFilter) -> Result<Vec<LinkSummary>, StoreError> {
+        let rows = dispatch!(self, read pool => {
+            sqlx::query_as(
+                "SELECT customer_id, connector, remote_id, state, attempts, next_attempt_at_ms, \
+                 last_error, correlation_id, updated_at FROM sync_links \
+                 WHERE (CAST($1 AS TEXT) IS NULL OR connector = $1) \
+                 AND (CAST($2 AS TEXT) IS NULL OR state = $2) \
+                 AND (CAST($3 AS TEXT) IS NULL OR customer_id > $3 \
+                      OR (customer_id = $3 AND connector > $4)) \
+                 ORDER BY customer_id, connector LIMIT $5",
+            )
+            .bind(filter.connector.as_deref())
+            .bind(filter.state.as_deref())
+            .bind(filter.starting_after.as_ref().map(|(c, _)| c.as_str()))
+            .bind(filter.starting_after.as_ref().map_or("", |(_, n)| n.as_str()))
+            .bind(i64::from(filter.limit))
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows)
+    }
+
+    /// A page of inbox events, by arrival.
+    pub async fn list_inbox(&self, filter: &InboxFilter) -> Result<Vec<InboxEvent>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM inbox \
+             WHERE (CAST($1 AS TEXT) IS NULL OR connector = $1) \
+             AND (CAST($2 AS TEXT) IS NULL OR state = $2) \
+             AND seq > $3 ORDER BY seq LIMIT $4",
+            super::inbox::INBOX_COLUMNS
+        );
+        let rows = dispatch!(self, read pool => {
+            sqlx::query_as(&sql)
+                .bind(filter.connector.as_deref())
+                .bind(filter.state.as_deref())
+                .bind(filter.starting_after.unwrap_or(0))
+                .bind(i64::from(filter.limit))
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(rows)
+    }
+
+    /// The newest inbox events applied to (or skipped for) a customer.
+    pub async fn inbox_of(
+        &self,
+        customer_id: &str,
+        limit: u32,
+    ) -> Result<Vec<InboxEvent>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM inbox WHERE customer_id = $1 ORDER BY seq DESC LIMIT $2",
+            super::inbox::INBOX_COLUMNS
+        );
+        let rows = dispatch!(self, read pool => {
+            sqlx::query_as(&sql)
+                .bind(customer_id)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(rows)
+    }
+
+    /// One retention step over `table`: looks at up to `batch` rows after
+    /// `after` in key order, and deletes those older than `cutoff` that
+    /// are finished. Keys grow with time, so the old rows are a prefix; the
+    /// step stops at the first row newer than `cutoff`. One short
+    /// statement each, so writers never wait long.
+    pub async fn trim(
+        &self,
+        table: Trimmed,
+        after: i64,
+        cutoff: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<TrimStep, StoreError> {
+        let (key, time, finished) = table.columns();
+        let name = table.table();
+        let window_sql =
+            format!("SELECT {key}, {time} FROM {name} WHERE {key} > $1 ORDER BY {key} LIMIT $2");
+        let window: Vec<(i64, DateTime<Utc>)> = dispatch!(self, read pool => {
+            sqlx::query_as(&window_sql)
+                .bind(after)
+                .bind(i64::from(batch))
+                .fetch_all(pool)
+                .await?
+        });
+        let old = window.iter().take_while(|(_, at)| *at < cutoff).count();
+        let Some(&(upto, _)) = window[..old].last() else {
+            return Ok(TrimStep {
+                deleted: 0,
+                next: None,
+            });
+        };
+        let delete_sql =
+            format!("DELETE FROM {name} WHERE {key} > $1 AND {key} <= $2 AND {finished}");
+        let deleted = dispatch!(self, write pool => {
+            sqlx::query(&delete_sql)
+                .bind(after)
+                .bind(upto)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        let whole_window = old == window.len() && window.len() == batch as usize;
+        Ok(TrimStep {
+            deleted,
+            next: whole_window.then_some(upto),
+        })
+    }
+
+    /// Rows in each trimmed table (for tests and the soak benchmark).
+    pub async fn table_rows(&self) -> Result<BTreeMap<&'static str, i64>, StoreError> {
+        let mut rows = BTreeMap::new();
+        for table in Trimmed::ALL {
+            let sql = format!("SELECT COUNT(*) FROM {}", table.table());
+            let count: i64 = dispatch!(self, read pool => {
+                sqlx::query_scalar(&sql).fetch_one(pool).await?
+            });
+            rows.insert(table.table(), count);
+        }
+        Ok(rows)
+    }
+}

@@ -1,0 +1,577 @@
+//! Operations: `/metrics` moves with what happens (parsed as Prometheus
+//! text), one correlation id follows a change to Stripe and back in the
+//! JSON logs, `/readyz` follows PostgreSQL going away and coming back,
+//! retention trims what is finished and keeps what a person must see, and
+//! `ferry status` shows a dead letter.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ferry::runtime::{ConnectorConfig, Operation, PushRequest, Runtime, RuntimeConfig};
+use ferry_test_support::localstripe::LocalStripe;
+use ferry_test_support::postgres::PgCluster;
+use serde_json::{json, Value};
+use tokio::process::Command;
+
+use crate::helpers::{
+    email, spawn_sync_app, stripe_component, Backend, Setup, SyncApp, STRIPE_KEY, WEBHOOK_SECRET,
+};
+use crate::inbound::{deliver, event, stripe_customer_json, stripe_signature};
+use crate::process::FerryProcess;
+
+const TOKEN: &str = "ops-test-admin-token-0123456789";
+
+/// One scrape, parsed: (name, labels) → value (histograms by their
+/// `_count`).
+type Scrape = Vec<(String, BTreeMap<String, String>, f64)>;
+
+async fn scrape(base: &str) -> Scrape {
+    let response = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("scraped");
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    let text = response.text().await.unwrap();
+    let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text format");
+    parsed
+        .samples
+        .into_iter()
+        .filter_map(|sample| {
+            let value = match sample.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Histogram(buckets) => buckets.last().map(|b| b.count)?,
+                prometheus_parse::Value::Summary(_) => return None,
+            };
+            let labels = sample
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            Some((sample.metric, labels, value))
+        })
+        .collect()
+}
+
+/// The sum of `name`'s samples whose labels include `labels`.
+fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, _, v)| v)
+        .sum()
+}
+
+fn moved(before: &Scrape, after: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    value(after, name, labels) - value(before, name, labels)
+}
+
+#[tokio::test]
+async fn metrics_move_with_syncs_refused_webhooks_retries_and_traps() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
+    let before = scrape(&app.base).await;
+
+    // A customer synced to Stripe.
+    let customer = app
+        .create(json!({"email": email("metrics"), "name": "M"}))
+        .await;
+    app.wait_synced(customer["id"].as_str().unwrap(), 1).await;
+    // A webhook with a wrong signature.
+    let body = event(
+        "evt_metrics_bad",
+        "customer.updated",
+        1,
+        stripe_customer_json("cus_x", "x@example.com", "X"),
+    );
+    let (status, _) = deliver(&app, &body, "t=1,v1=00").await;
+    assert_eq!(status, 400);
+
+    let after = scrape(&app.base).await;
+    let delivered = [
+        ("connector", "stripe"),
+        ("direction", "outbound"),
+        ("outcome", "delivered"),
+    ];
+    assert!(moved(&before, &after, "ferry_sync_deliveries_total", &delivered) >= 1.0);
+    let created = [
+        ("method", "POST"),
+        ("route", "/api/v1/customers"),
+        ("status", "201"),
+    ];
+    assert!(moved(&before, &after, "ferry_http_requests_total", &created) >= 1.0);
+    assert!(
+        moved(
+            &before,
+            &after,
+            "ferry_http_request_duration_seconds",
+            &created
+        ) >= 1.0
+    );
+    let refused = [("connector", "stripe"), ("result", "invalid_signature")];
+    assert!(
+        moved(
+            &before,
+            &after,
+            "ferry_webhook_verifications_total",
+            &refused
+        ) >= 1.0
+    );
+    let pushes = [("connector", "stripe"), ("function", "push")];
+    assert!(
+        moved(
+            &before,
+            &after,
+            "ferry_connector_call_duration_seconds",
+            &pushes
+        ) >= 1.0
+    );
+    // Routes are templates, never raw paths.
+    assert!(
+        after
+            .iter()
+            .all(|(n, l, _)| n != "ferry_http_requests_total" || !l["route"].contains("cus_")),
+        "raw path in a route label"
+    );
+
+    // Pushes to a Stripe that refuses connections: retried, then dead.
+    let mut down = Setup::new(Backend::Sqlite, "http://127.0.0.1:9");
+    down.extra = json!({"admin_token": TOKEN, "sync_max_attempts": 2});
+    let down = spawn_sync_app(down).await;
+    let customer = down
+        .create(json!({"email": email("retried"), "name": "R"}))
+        .await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    wait_until("the push to be dead-lettered", || async {
+        down.sync_status(&id).await["connectors"][0]["state"] == "dead"
+    })
+    .await;
+    let later = scrape(&down.base).await;
+    let outbound = [("connector", "stripe"), ("direction", "outbound")];
+    assert!(moved(&after, &later, "ferry_sync_retries_total", &outbound) >= 1.0);
+    assert!(moved(&after, &later, "ferry_dead_letters_total", &outbound) >= 1.0);
+
+    // A guest that traps, and one that runs past its deadline.
+    let runtime = Runtime::new(RuntimeConfig {
+        call_timeout: Duration::from_millis(300),
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime");
+    let hostile = std::fs::read(ferry_test_support::wasm::component_path(
+        "ferry_test_hostile",
+    ))
+    .expect("hostile.wasm");
+    let connector = runtime.load(&hostile).await.expect("loads");
+    let push = |what: &str| PushRequest {
+        entity: "customer".into(),
+        operation: Operation::Create,
+        local_id: "cus_1".into(),
+        remote_id: None,
+        version: 1,
+        idempotency_key: "k".into(),
+        record: json!({"do": what}).to_string(),
+    };
+    let cfg = ConnectorConfig::default();
+    assert!(connector.push(&cfg, push("trap")).await.is_err());
+    assert!(connector.push(&cfg, push("loop")).await.is_err());
+    let last = scrape(&app.base).await;
+    let hostile_push = [("connector", "hostile"), ("function", "push")];
+    assert!(moved(&later, &last, "ferry_connector_traps_total", &hostile_push) >= 1.0);
+    assert!(
+        moved(
+            &later,
+            &last,
+            "ferry_connector_timeouts_total",
+            &hostile_push
+        ) >= 1.0
+    );
+
+    // The backlog gauges come from a background refresh.
+    wait_until("the dead-letter gauge", || async {
+        let now = scrape(&down.base).await;
+        value(&now, "ferry_dead_letters_unreplayed", &outbound) >= 1.0
+    })
+    .await;
+
+    // `ferry status` shows the dead letter, as a table and as JSON.
+    let status = |json: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        command
+            .args(["status", "--url", &down.base])
+            .env("FERRY_ADMIN_TOKEN", TOKEN);
+        if json {
+            command.arg("--json");
+        }
+        // Through tokio: the app answers it on this runtime.
+        async move {
+            let out = command.output().await.expect("ferry status runs");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        }
+    };
+    let parsed: Value = serde_json::from_str(&status(true).await).expect("JSON");
+    let stripe_health = parsed["connectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["connector"] == "stripe")
+        .expect("stripe in the health summary")
+        .clone();
+    assert_eq!(stripe_health["dead_letters"], 1, "{parsed:#}");
+    assert_eq!(stripe_health["links"]["dead"], 1, "{parsed:#}");
+    assert!(stripe_health["last_error"].as_str().is_some(), "{parsed:#}");
+    let table = status(false).await;
+    let mut lines = table.lines().skip_while(|l| !l.starts_with("CONNECTOR"));
+    let header = split_columns(lines.next().expect("a header"));
+    let row = split_columns(
+        lines
+            .find(|l| l.starts_with("stripe"))
+            .expect("a stripe row"),
+    );
+    let column = header
+        .iter()
+        .position(|h| h == "DEAD LETTERS")
+        .expect("column");
+    assert_eq!(row[column], "1", "{table}");
+    // Without the token: refused, and said so.
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["status", "--url", &down.base])
+        .env_remove("FERRY_ADMIN_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
+
+fn split_columns(line: &str) -> Vec<String> {
+    line.split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn wait_until<F, Fut>(what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The real binary with JSON logs: a customer created through the API
+/// reaches localstripe, localstripe's webhook comes back and is suppressed
+/// as an echo, and every step logs the API request's correlation id.
+#[tokio::test]
+async fn one_correlation_id_follows_a_change_to_stripe_and_its_echo() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let dir = tempfile::tempdir().unwrap();
+    let connectors = dir.path().join("connectors");
+    std::fs::create_dir_all(&connectors).unwrap();
+    std::fs::copy(stripe_component(), connectors.join("stripe.wasm")).unwrap();
+    let env = BTreeMap::from([
+        (
+            "FERRY_DATABASE_URL".to_owned(),
+            format!("sqlite://{}", dir.path().join("f.db").display()),
+        ),
+        (
+            "FERRY_CONNECTORS_DIR".to_owned(),
+            connectors.display().to_string(),
+        ),
+        ("FERRY_ALLOW_PRIVATE_HOSTS".to_owned(), "true".to_owned()),
+        ("FERRY_LOG_FORMAT".to_owned(), "json".to_owned()),
+        (
+            "FERRY_CONNECTORS__STRIPE__SETTINGS__API_BASE".to_owned(),
+            stripe.url(),
+        ),
+        (
+            "FERRY_CONNECTORS__STRIPE__SECRETS__API_KEY".to_owned(),
+            STRIPE_KEY.to_owned(),
+        ),
+        (
+            "FERRY_CONNECTORS__STRIPE__SECRETS__WEBHOOK_SECRET".to_owned(),
+            WEBHOOK_SECRET.to_owned(),
+        ),
+    ]);
+    let ferry = FerryProcess::start(env, dir.path()).await;
+    stripe
+        .register_webhook(
+            "ferry",
+            &format!("{}/webhooks/stripe", ferry.base),
+            WEBHOOK_SECRET,
+            None,
+        )
+        .await
+        .expect("webhook registered");
+
+    let correlation = format!("req-{}", uuid::Uuid::new_v4().simple());
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/v1/customers", ferry.base))
+        .header("x-request-id", &correlation)
+        .json(&json!({"email": email("correlated"), "name": "Correlated"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(
+        response.headers()["x-request-id"],
+        correlation.as_str(),
+        "returned in a header"
+    );
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Every step's line, found by the one id.
+    let lines_with = |text: &str| -> Vec<Value> {
+        ferry
+            .log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l.to_string().contains(text))
+            .collect()
+    };
+    wait_until("the echo to be suppressed", || async {
+        lines_with(&correlation)
+            .iter()
+            .any(|l| l["message"] == "echo suppressed")
+    })
+    .await;
+    let lines = lines_with(&correlation);
+    let messages: Vec<&str> = lines.iter().filter_map(|l| l["message"].as_str()).collect();
+    for step in ["finished processing request", "pushed", "echo suppressed"] {
+        assert!(
+            messages.iter().any(|m| m.starts_with(step)),
+            "no `{step}` line with {correlation}: {messages:?}"
+        );
+    }
+    let pushed = lines.iter().find(|l| l["message"] == "pushed").unwrap();
+    assert_eq!(pushed["span"]["customer_id"], id.as_str(), "{pushed}");
+    // Stored with the delivery, and named in the echo's inbound outcome.
+    let sync: Value = reqwest::get(format!("{}/api/v1/customers/{id}/sync", ferry.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        sync["history"][0]["correlation_id"],
+        correlation.as_str(),
+        "{sync:#}"
+    );
+    assert!(
+        sync["inbound"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains(&correlation))),
+        "the echo names the change: {sync:#}"
+    );
+}
+
+/// `/readyz` names the store when PostgreSQL stops, and is ready again
+/// when it is back; the process stays up throughout.
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_follows_postgres_going_away_and_coming_back() {
+    let cluster = tokio::task::spawn_blocking(PgCluster::start)
+        .await
+        .unwrap()
+        .expect("a private cluster");
+    let url = cluster.create_database().await.unwrap();
+    let stripe = LocalStripe::start().expect("localstripe");
+    let mut setup = Setup::new(Backend::Postgres, &stripe.url());
+    setup.database_url = Some(url);
+    let app = spawn_sync_app(setup).await;
+    let readyz = |app: &SyncApp| {
+        let url = format!("{}/readyz", app.base);
+        async move {
+            let response = reqwest::get(url).await.expect("answered");
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    let (status, body) = readyz(&app).await;
+    assert_eq!(status, 200, "{body:#}");
+    assert_eq!(body["status"], "ready");
+    assert!(
+        body["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "connector:stripe" && c["ok"] == true),
+        "{body:#}"
+    );
+
+    tokio::task::block_in_place(|| cluster.pause()).expect("postgres stops");
+    wait_until("/readyz to say 503", || async {
+        readyz(&app).await.0 == 503
+    })
+    .await;
+    let seen = readyz(&app).await;
+    assert_eq!(seen.1["not_ready"], json!(["store"]), "{:#}", seen.1);
+
+    tokio::task::block_in_place(|| cluster.resume()).expect("postgres starts again");
+    wait_until("/readyz to say 200 again", || async {
+        readyz(&app).await.0 == 200
+    })
+    .await;
+    // And it serves again.
+    app.create(json!({"email": email("back"), "name": "Back"}))
+        .await;
+}
+
+/// Retention deletes finished outbox events, applied inbox events and old
+/// deliveries, and keeps dead letters and the inbox events they point at.
+async fn retention_trims_what_is_finished(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(backend, &stripe.url())).await;
+    for n in 0..3 {
+        let customer = app
+            .create(json!({"email": email(&format!("ret{n}")), "name": "R"}))
+            .await;
+        app.wait_synced(customer["id"].as_str().unwrap(), 1).await;
+    }
+    // One applied inbound event, and one dead-lettered (no email).
+    let created = chrono::Utc::now().timestamp();
+    let inbound_email = email("retin");
+    let applied = event(
+        "evt_ret_ok",
+        "customer.created",
+        created,
+        stripe_customer_json("cus_ret_ok", &inbound_email, "In"),
+    );
+    assert_eq!(
+        deliver(&app, &applied, &stripe_signature(&applied, WEBHOOK_SECRET))
+            .await
+            .0,
+        200
+    );
+    let dead = event(
+        "evt_ret_dead",
+        "customer.created",
+        created,
+        json!({"id": "cus_ret_dead", "object": "customer", "email": null, "name": "No email", "metadata": {}}),
+    );
+    assert_eq!(
+        deliver(&app, &dead, &stripe_signature(&dead, WEBHOOK_SECRET))
+            .await
+            .0,
+        200
+    );
+    app.wait_customer_by_email(&inbound_email).await;
+    wait_until("the inbound dead letter", || async {
+        count(&app, "/api/v1/dead-letters").await == 1
+    })
+    .await;
+    // The inbound change's own outbox event is relayed too.
+    wait_until("the outbox to drain", || async {
+        app.store.backlog().await.unwrap().outbox_unpublished == 0
+    })
+    .await;
+    let before = app.store.table_rows().await.unwrap();
+    assert!(
+        before["outbox"] >= 3 && before["deliveries"] >= 3 && before["inbox"] >= 2,
+        "{before:?}"
+    );
+
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let retention = ferry::retention::Retention {
+        keep: Duration::from_millis(10),
+        every: Duration::from_secs(60),
+        // Small batches: several steps per table.
+        batch: 2,
+    };
+    let deleted = ferry::retention::pass(&app.store, retention, &Default::default())
+        .await
+        .unwrap();
+    let after = app.store.table_rows().await.unwrap();
+    assert_eq!(after["deliveries"], 0, "{after:?}");
+    assert_eq!(after["outbox"], 0, "published and consumed: {after:?}");
+    assert_eq!(after["inbox"], 1, "the dead event stays: {after:?}");
+    assert_eq!(
+        deleted as i64,
+        before.values().sum::<i64>() - after.values().sum::<i64>()
+    );
+    assert_eq!(count(&app, "/api/v1/dead-letters").await, 1);
+    assert_eq!(
+        count(&app, "/api/v1/sync/inbox?state=dead&connector=stripe").await,
+        1
+    );
+    assert_eq!(count(&app, "/api/v1/sync/inbox?state=applied").await, 0);
+    // Nothing younger than the retention goes.
+    let customer = app
+        .create(json!({"email": email("young"), "name": "Y"}))
+        .await;
+    app.wait_synced(customer["id"].as_str().unwrap(), 1).await;
+    let long = ferry::retention::Retention {
+        keep: Duration::from_secs(3600),
+        ..retention
+    };
+    assert_eq!(
+        ferry::retention::pass(&app.store, long, &Default::default())
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+/// How many items `GET path` lists (one page).
+async fn count(app: &SyncApp, path: &str) -> usize {
+    let response = app
+        .client
+        .get(format!("{}{path}", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{path}");
+    response.json::<Value>().await.unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .len()
+}
+
+mod sqlite {
+    use super::*;
+
+    #[tokio::test]
+    async fn retention_trims_what_is_finished() {
+        super::retention_trims_what_is_finished(Backend::Sqlite).await;
+    }
+}
+
+mod postgres {
+    use super::*;
+
+    #[tokio::test]
+    async fn retention_trims_what_is_finished() {
+        super::retention_trims_what_is_finished(Backend::Postgres).await;
+    }
+}
