@@ -135,6 +135,10 @@ pub struct Config {
     pub reconcile_max_delete_share: f64,
     /// Serve `/metrics` and record metrics (`false` records nothing).
     pub metrics: bool,
+    /// Export trace spans over OTLP/HTTP to this collector
+    /// (`http://otel-collector:4318`); unset, nothing is exported.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
     /// Published-and-consumed outbox events, applied or skipped inbox
     /// events and deliveries older than this are deleted (dead letters and
     /// open conflicts stay until resolved). `0` keeps everything.
@@ -242,6 +246,10 @@ impl std::fmt::Debug for Config {
                 &self.reconcile_max_delete_share,
             )
             .field("metrics", &self.metrics)
+            .field(
+                "otlp_endpoint",
+                &self.otlp_endpoint.as_deref().map(redact_url),
+            )
             .field("retention", &self.retention)
             .field("retention_every", &self.retention_every)
             .field("retention_batch", &self.retention_batch)
@@ -392,6 +400,16 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "connector_max_bytes must be at least 1024".into(),
             ));
+        }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            let scheme_ok = url::Url::parse(endpoint)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+            if !scheme_ok {
+                return Err(ConfigError::Invalid(format!(
+                    "otlp_endpoint must be an http:// or https:// URL, got {}",
+                    redact_url(endpoint)
+                )));
+            }
         }
         if let Some(key) = self.field_owners.invalid_key() {
             return Err(ConfigError::Invalid(format!(

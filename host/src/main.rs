@@ -125,7 +125,12 @@ fn main() -> ExitCode {
 
 async fn serve(config_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_file.as_deref()).context("loading configuration")?;
-    ferry::telemetry::init(config.log_format, "info", std::io::stderr)?;
+    let _telemetry = ferry::telemetry::init_with_export(
+        config.log_format,
+        "info",
+        std::io::stderr,
+        config.otlp_endpoint.as_deref(),
+    )?;
     let app = App::build(config).await?;
     stop_on_signal(app.cancellation_token());
     app.run_until_stopped().await?;

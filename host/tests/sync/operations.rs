@@ -284,7 +284,8 @@ where
 
 /// The real binary with JSON logs: a customer created through the API
 /// reaches localstripe, localstripe's webhook comes back and is suppressed
-/// as an echo, and every step logs the API request's correlation id.
+/// as an echo, and every step logs the API request's correlation id; the
+/// spans reach an OTLP collector with it.
 #[tokio::test]
 async fn one_correlation_id_follows_a_change_to_stripe_and_its_echo() {
     let stripe = LocalStripe::start().expect("localstripe");
@@ -316,6 +317,28 @@ async fn one_correlation_id_follows_a_change_to_stripe_and_its_echo() {
             WEBHOOK_SECRET.to_owned(),
         ),
     ]);
+    // An OTLP/HTTP collector that keeps what it is sent.
+    let exported = std::sync::Arc::new(std::sync::Mutex::new(Vec::<bytes::Bytes>::new()));
+    let collector = {
+        let exported = exported.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: bytes::Bytes| async move {
+                exported.lock().unwrap().push(body);
+                (
+                    [("content-type", "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{address}")
+    };
+    let mut env = env;
+    env.insert("FERRY_OTLP_ENDPOINT".to_owned(), collector);
+    env.insert("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "200".to_owned());
     let ferry = FerryProcess::start(env, dir.path()).await;
     stripe
         .register_webhook(
@@ -371,6 +394,14 @@ async fn one_correlation_id_follows_a_change_to_stripe_and_its_echo() {
     }
     let pushed = lines.iter().find(|l| l["message"] == "pushed").unwrap();
     assert_eq!(pushed["span"]["customer_id"], id.as_str(), "{pushed}");
+    // The same spans, exported over OTLP (protobuf keeps strings as bytes).
+    wait_until("the spans to be exported", || async {
+        exported.lock().unwrap().iter().any(|body| {
+            body.windows(correlation.len())
+                .any(|w| w == correlation.as_bytes())
+        })
+    })
+    .await;
     // Stored with the delivery, and named in the echo's inbound outcome.
     let sync: Value = reqwest::get(format!("{}/api/v1/customers/{id}/sync", ferry.base))
         .await
