@@ -287,27 +287,23 @@ impl SyncEngine {
         if event.entity != super::ENTITY {
             return self.skip(event, "entity not synced").await;
         }
-        if let Some(key) = &event.origin_key {
-            if key.starts_with(&format!("ferry-{}-", event.connector)) {
-                // The push it echoes carries the change's correlation id:
-                // name it, so one id leads from the change to its echo.
-                let push = inner
-                    .store
-                    .link_by_remote_id(&event.connector, &event.remote_id)
-                    .await?
-                    .and_then(|link| link.correlation_id);
-                let reason = match &push {
-                    Some(id) => format!("echo of ferry's own push (idempotency key; change {id})"),
-                    None => "echo of ferry's own push (idempotency key)".to_owned(),
-                };
-                tracing::info!(echo_of = push.as_deref().unwrap_or(""), "echo suppressed");
-                return self.skip(event, &reason).await;
-            }
-        }
         let link = inner
             .store
             .link_by_remote_id(&event.connector, &event.remote_id)
             .await?;
+        if let Some(key) = &event.origin_key {
+            if key.starts_with(&format!("ferry-{}-", event.connector)) {
+                // The push it echoes carries the change's correlation id:
+                // name it, so one id leads from the change to its echo.
+                let push = link.as_ref().and_then(|l| l.correlation_id.as_deref());
+                let reason = match push {
+                    Some(id) => format!("echo of ferry's own push (idempotency key; change {id})"),
+                    None => "echo of ferry's own push (idempotency key)".to_owned(),
+                };
+                tracing::info!(echo_of = push.unwrap_or(""), "echo suppressed");
+                return self.skip(event, &reason).await;
+            }
+        }
         if let Some(held_by) = link.as_ref().and_then(|l| l.held_by.as_deref()) {
             // A person resolves the conflict first; then the event applies.
             let detail = format!("waiting: the link is held by open conflict {held_by}");
