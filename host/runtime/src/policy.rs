@@ -191,8 +191,9 @@ fn list_matches(entry: &str, host: &str) -> bool {
 
 /// Addresses a connector must never reach unless the operator allows it:
 /// loopback, private, link-local (cloud metadata), unique-local, CGNAT,
-/// unspecified, multicast, broadcast, documentation and reserved ranges, and
-/// IPv6 forms that embed such an IPv4 address.
+/// unspecified, multicast, broadcast, documentation and reserved ranges,
+/// local-use NAT64, and IPv6 forms that embed such an IPv4 address
+/// (IPv4-mapped, -compatible and -translated, NAT64, 6to4).
 pub(crate) fn is_forbidden_ip(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => forbidden_v4(v4),
@@ -228,9 +229,25 @@ fn forbidden_v6(ip: Ipv6Addr) -> bool {
         || (seg[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
         || (seg[0] & 0xffc0) == 0xfec0 // site-local (deprecated) fec0::/10
         || (seg[0] == 0x2001 && seg[1] == 0x0db8) // documentation
-        // NAT64 and IPv4-compatible forms embed an IPv4 address.
+        // NAT64 for local use (RFC 8215), 64:ff9b:1::/48: local networks only.
+        || (seg[0] == 0x64 && seg[1] == 0xff9b && seg[2] == 1)
+        // Forms that embed an IPv4 address in their last 32 bits: NAT64
+        // (64:ff9b::/96), IPv4-compatible (::/96), IPv4-translated
+        // (::ffff:0:0/96, RFC 2765).
         || (seg[0] == 0x64 && seg[1] == 0xff9b && forbidden_v4(embedded_v4(&seg)))
         || (seg[..6] == [0, 0, 0, 0, 0, 0] && forbidden_v4(embedded_v4(&seg)))
+        || (seg[..6] == [0, 0, 0, 0, 0xffff, 0] && forbidden_v4(embedded_v4(&seg)))
+        // 6to4 (2002::/16) carries its IPv4 address in bits 16 to 48.
+        || (seg[0] == 0x2002 && forbidden_v4(six_to_four_v4(&seg)))
+}
+
+fn six_to_four_v4(seg: &[u16; 8]) -> Ipv4Addr {
+    Ipv4Addr::new(
+        (seg[1] >> 8) as u8,
+        seg[1] as u8,
+        (seg[2] >> 8) as u8,
+        seg[2] as u8,
+    )
 }
 
 fn embedded_v4(seg: &[u16; 8]) -> Ipv4Addr {
@@ -348,20 +365,90 @@ pub(crate) fn redact_tokens(data: &mut Vec<u8>, tokens: &BTreeMap<String, Secret
 fn redact(data: &mut Vec<u8>, values: &BTreeMap<String, SecretString>, kind: &str) {
     for (name, value) in values {
         let value = value.expose_secret().as_bytes();
-        if value.len() < MIN_REDACTED_LEN || find(data, value).is_none() {
+        if value.len() < MIN_REDACTED_LEN {
             continue;
         }
         let placeholder = format!("{{{{{kind}:{name}}}}}");
-        let mut out = Vec::with_capacity(data.len());
-        let mut rest: &[u8] = data;
-        while let Some(i) = find(rest, value) {
-            out.extend_from_slice(&rest[..i]);
-            out.extend_from_slice(placeholder.as_bytes());
-            rest = &rest[i + value.len()..];
+        for form in encoded_forms(value) {
+            replace_all(data, &form, placeholder.as_bytes());
         }
-        out.extend_from_slice(rest);
-        *data = out;
     }
+}
+
+/// Shortest encoded fragment redacted: shorter ones would match unrelated
+/// text.
+const MIN_FRAGMENT_LEN: usize = 8;
+
+/// How a secret may come back from a remote: as is, percent-encoded
+/// (upper- or lower-case hex, `+` for spaces as forms do), and in base64
+/// (standard or URL-safe), where it may sit at any byte offset of a longer
+/// encoded text such as `user:secret` in a Basic credential. For base64 the
+/// fragment that does not depend on the neighbouring bytes is matched, for
+/// each of the three alignments.
+fn encoded_forms(value: &[u8]) -> Vec<Vec<u8>> {
+    use base64::Engine as _;
+    let mut forms = vec![value.to_vec()];
+    for upper in [true, false] {
+        let encoded = percent_encode(value, upper);
+        if encoded != value {
+            forms.push(encoded);
+        }
+    }
+    let form: Vec<u8> = url::form_urlencoded::byte_serialize(value)
+        .collect::<String>()
+        .into_bytes();
+    forms.push(form);
+    for engine in [
+        &base64::engine::general_purpose::STANDARD,
+        &base64::engine::general_purpose::URL_SAFE,
+    ] {
+        for offset in 0..3 {
+            let mut input = vec![0u8; offset];
+            input.extend_from_slice(value);
+            let encoded = engine.encode(&input).into_bytes();
+            // Characters from a block holding filler or following bytes
+            // depend on them: keep the blocks made of the value alone.
+            let start = if offset == 0 { 0 } else { 4 };
+            let end = 4 * (input.len() / 3);
+            if end > start && end - start >= MIN_FRAGMENT_LEN {
+                forms.push(encoded[start..end].to_vec());
+            }
+        }
+    }
+    forms.sort();
+    forms.dedup();
+    // Longest first, so a form is replaced before a shorter one inside it.
+    forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+    forms
+}
+
+fn percent_encode(value: &[u8], upper: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(value.len() * 3);
+    for &b in value {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b);
+        } else if upper {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        } else {
+            out.extend_from_slice(format!("%{b:02x}").as_bytes());
+        }
+    }
+    out
+}
+
+fn replace_all(data: &mut Vec<u8>, needle: &[u8], with: &[u8]) {
+    if find(data, needle).is_none() {
+        return;
+    }
+    let mut out = Vec::with_capacity(data.len());
+    let mut rest: &[u8] = data;
+    while let Some(i) = find(rest, needle) {
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(with);
+        rest = &rest[i + needle.len()..];
+    }
+    out.extend_from_slice(rest);
+    *data = out;
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -488,10 +575,27 @@ mod tests {
             "::ffff:127.0.0.1",
             "64:ff9b::a9fe:a9fe",
             "ff02::1",
+            // IPv4-translated, 6to4 and local-use NAT64 forms of private
+            // and metadata addresses.
+            "::ffff:0:7f00:1",
+            "::ffff:0:a9fe:a9fe",
+            "2002:7f00:1::",
+            "2002:a9fe:a9fe::1",
+            "2002:c0a8:101::1",
+            "64:ff9b:1::5db8:d822",
+            "64:ff9b:1:abcd::1",
         ] {
             assert!(is_forbidden_ip(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
+        for ip in [
+            "93.184.216.34",
+            "1.1.1.1",
+            "2606:4700::1111",
+            // The same forms around public addresses stay reachable.
+            "::ffff:0:5db8:d822",
+            "2002:5db8:d822::1",
+            "64:ff9b::5db8:d822",
+        ] {
             assert!(!is_forbidden_ip(ip.parse().unwrap()), "{ip}");
         }
     }
@@ -535,6 +639,35 @@ mod tests {
         let mut body = b"you sent sk_test_123456 and sk_test_123456".to_vec();
         redact_secrets(&mut body, &secrets());
         assert_eq!(body, b"you sent {{secret:api_key}} and {{secret:api_key}}");
+    }
+
+    #[test]
+    fn redacts_encoded_echoes_of_a_secret() {
+        use base64::Engine as _;
+        let secret = "sk_live_51H+abc/DEF=ghi 42";
+        let values = BTreeMap::from([("api_key".to_owned(), SecretString::from(secret))]);
+        let b64 = &base64::engine::general_purpose::STANDARD;
+        let url_safe = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let echoes = [
+            format!("Bearer {}", b64.encode(secret)),
+            // A Basic credential: the secret at offsets 0, 1 and 2 of a block.
+            format!("Basic {}", b64.encode(format!("{secret}:"))),
+            format!("Basic {}", b64.encode(format!("u:{secret}"))),
+            format!("Basic {}", b64.encode(format!("us:{secret}"))),
+            format!("token={}", url_safe.encode(format!("x{secret}"))),
+            "key=sk_live_51H%2Babc%2FDEF%3Dghi%2042".to_owned(),
+            "key=sk_live_51H%2babc%2fDEF%3dghi%2042".to_owned(),
+            "key=sk_live_51H%2Babc%2FDEF%3Dghi+42".to_owned(),
+        ];
+        for echo in echoes {
+            let mut body = echo.clone().into_bytes();
+            redact_secrets(&mut body, &values);
+            let text = String::from_utf8(body).unwrap();
+            assert!(text.contains("{{secret:api_key}}"), "{echo} -> {text}");
+            // What is left of the secret is at most the two characters next
+            // to a base64 fragment's edge.
+            assert!(!text.contains("abc"), "{echo} -> {text}");
+        }
     }
 
     #[test]

@@ -334,7 +334,7 @@ impl Store {
                  lease_until_ms = 0, lease_token = NULL WHERE seq = $6 AND lease_token = $7",
             )
             .bind(state)
-            .bind(detail)
+            .bind(super::capped(detail))
             .bind(attempts)
             .bind(next_attempt_at_ms)
             .bind(customer_id)
@@ -361,7 +361,7 @@ impl Store {
                 .bind(customer_id)
                 .bind(&event.connector)
                 .bind(if next_attempt_at_ms.is_some() { "retries_exhausted" } else { "permanent" })
-                .bind(detail)
+                .bind(super::capped(detail))
                 .bind(attempts)
                 .bind(&event.correlation_id)
                 .bind(at)

@@ -180,6 +180,22 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
+/// Longest error text stored on a link, a delivery, a dead letter or an
+/// inbox event, in bytes: a remote's error body can be arbitrarily large.
+pub const MAX_ERROR_BYTES: usize = 4096;
+
+/// `text` cut to [`MAX_ERROR_BYTES`] at a character boundary.
+pub(crate) fn capped(text: &str) -> &str {
+    if text.len() <= MAX_ERROR_BYTES {
+        return text;
+    }
+    let mut cut = MAX_ERROR_BYTES;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &text[..cut]
+}
+
 impl Store {
     /// Connects to the database `url` names, creating a SQLite file if missing.
     #[tracing::instrument(skip_all, fields(kind))]
