@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use super::error::ApiError;
 use super::extract::Principal;
 use crate::app::AppState;
-use crate::store::{ClaimOutcome, IdempotencyRecord, StoredResponse};
+use crate::store::{ClaimOutcome, IdempotencyRecord, Store, StoredResponse};
 
 /// How long an unfinished claim blocks other requests with the same key
 /// before it is presumed abandoned by a crashed process. No request runs this
@@ -55,30 +55,66 @@ pub async fn run<Fut>(
 where
     Fut: std::future::Future<Output = Result<StoredResponse, ApiError>>,
 {
-    let record = match begin(state, principal, key, method, path, body).await? {
-        Begin::Replay(response) => return Ok(response),
-        Begin::Run(record) => record,
-    };
-    let result = write(record.clone()).await;
-    finish(state, record, result).await
-}
-
-/// Claims the key of a write request, if it has one.
-async fn begin(
-    state: &AppState,
-    principal: Principal,
-    key: Option<String>,
-    method: &Method,
-    path: &str,
-    body: &[u8],
-) -> Result<Begin, ApiError> {
-    let Some(key) = key else {
-        return Ok(Begin::Run(None));
-    };
-    let record = IdempotencyRecord {
+    let record = key.map(|key| IdempotencyRecord {
         scope: principal.scope().to_owned(),
         key,
         fingerprint: fingerprint(method, path, body),
+        claim: uuid::Uuid::new_v4().simple().to_string(),
+    });
+    // A client that goes away cancels this future, possibly while the claim
+    // or the write is still queued for the database: the guard then
+    // releases this request's claim (if it landed), so the retry is not
+    // refused for the whole lease.
+    let mut guard = ReleaseOnCancel(record.clone().map(|r| (state.store.clone(), r)));
+    let record = match begin(state, record).await {
+        Ok(Begin::Run(record)) => record,
+        Ok(Begin::Replay(response)) => {
+            guard.0 = None;
+            return Ok(response);
+        }
+        Err(error) => {
+            guard.0 = None;
+            return Err(error);
+        }
+    };
+    let result = write(record.clone()).await;
+    guard.0 = None;
+    finish(state, record, result).await
+}
+
+/// Releases a claimed key if the request is cancelled before its write
+/// finished. Releasing only deletes a claim still `in_flight`: if the write
+/// committed after all (its transaction marks the key done), the delete
+/// waits for it and then finds nothing to do.
+struct ReleaseOnCancel(Option<(Store, IdempotencyRecord)>);
+
+impl Drop for ReleaseOnCancel {
+    fn drop(&mut self) {
+        let Some((store, record)) = self.0.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            match store.release_idempotency_key(&record).await {
+                Ok(()) => tracing::info!(
+                    idempotency_key = %record.key,
+                    "request cancelled by the client; its idempotency key is released"
+                ),
+                Err(error) => tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::from(error)),
+                    "could not release the idempotency key of a cancelled request"
+                ),
+            }
+        });
+    }
+}
+
+/// Claims the key of a write request, if it has one.
+async fn begin(state: &AppState, record: Option<IdempotencyRecord>) -> Result<Begin, ApiError> {
+    let Some(record) = record else {
+        return Ok(Begin::Run(None));
     };
     let ttl_ms = i64::try_from(state.settings.idempotency_ttl.as_millis()).unwrap_or(i64::MAX / 2);
     match state

@@ -34,6 +34,9 @@ pub struct IdempotencyRecord {
     pub key: String,
     /// sha256 of method, path and body, hex.
     pub fingerprint: String,
+    /// This request's claim, so that a release never frees another
+    /// request's (a random id per request).
+    pub claim: String,
 }
 
 /// How to complete a claimed key inside a write's transaction.
@@ -89,8 +92,8 @@ impl Store {
         dispatch!(self, write pool => {
             let inserted = sqlx::query(
                 "INSERT INTO idempotency_keys \
-                 (scope, key, fingerprint, state, created_at, locked_at_ms, expires_at_ms) \
-                 VALUES ($1, $2, $3, 'in_flight', $4, $5, $6) ON CONFLICT (scope, key) DO NOTHING",
+                 (scope, key, fingerprint, state, created_at, locked_at_ms, expires_at_ms, claim) \
+                 VALUES ($1, $2, $3, 'in_flight', $4, $5, $6, $7) ON CONFLICT (scope, key) DO NOTHING",
             )
             .bind(&record.scope)
             .bind(&record.key)
@@ -98,6 +101,7 @@ impl Store {
             .bind(now())
             .bind(now_ms)
             .bind(now_ms + ttl_ms)
+            .bind(&record.claim)
             .execute(pool)
             .await?;
             if inserted.rows_affected() == 1 {
@@ -123,7 +127,7 @@ impl Store {
                 let taken = sqlx::query(
                     "UPDATE idempotency_keys SET fingerprint = $3, state = 'in_flight', \
                      response_status = NULL, response_headers = NULL, response_body = NULL, \
-                     created_at = $4, locked_at_ms = $5, expires_at_ms = $6 \
+                     created_at = $4, locked_at_ms = $5, expires_at_ms = $6, claim = $9 \
                      WHERE scope = $1 AND key = $2 AND locked_at_ms = $7 AND expires_at_ms = $8",
                 )
                 .bind(&record.scope)
@@ -134,6 +138,7 @@ impl Store {
                 .bind(now_ms + ttl_ms)
                 .bind(row.locked_at_ms)
                 .bind(row.expires_at_ms)
+                .bind(&record.claim)
                 .execute(pool)
                 .await?;
                 return Ok(if taken.rows_affected() == 1 {
@@ -167,10 +172,12 @@ impl Store {
     ) -> Result<(), StoreError> {
         dispatch!(self, write pool => {
             sqlx::query(
-                "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND state = 'in_flight'",
+                "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND state = 'in_flight' \
+                 AND claim = $3",
             )
             .bind(&record.scope)
             .bind(&record.key)
+            .bind(&record.claim)
             .execute(pool)
             .await?;
         });

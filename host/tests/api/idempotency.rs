@@ -89,6 +89,7 @@ async fn key_in_flight_is_409(backend: Backend) {
         scope: "open".into(),
         key: "held-key".into(),
         fingerprint: fingerprint(&Method::POST, "/api/v1/customers", &bytes),
+        claim: "held-by-the-test".into(),
     };
     let claim = app
         .store
@@ -167,6 +168,45 @@ async fn failed_request_releases_its_key(backend: Backend) {
         .unwrap();
     let problem = assert_problem(response, 422, "validation_failed").await;
     assert_eq!(problem["errors"][0]["field"], "Idempotency-Key");
+}
+
+/// A client that gives up while its write waits (here: behind another
+/// process holding SQLite's write lock) does not leave its key stuck: the
+/// retry runs instead of getting 409 for the whole lease.
+#[tokio::test]
+async fn a_cancelled_request_releases_its_key() {
+    use sqlx::Connection;
+    let app = spawn_app(Backend::Sqlite).await;
+    let mut blocker = sqlx::SqliteConnection::connect(&app.database_url)
+        .await
+        .expect("a second connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut blocker)
+        .await
+        .expect("write lock");
+    let body = json!({"email": email("cancelled"), "name": "Cancelled"});
+    let send = |timeout_ms: u64| {
+        app.request(Method::POST, "/api/v1/customers")
+            .header("idempotency-key", "cancelled-1")
+            .timeout(std::time::Duration::from_millis(timeout_ms))
+            .json(&body)
+            .send()
+    };
+    assert!(send(300).await.is_err(), "the client gave up");
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    drop(blocker);
+    // The release runs once the writer is free; the retry then goes through.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let response = send(10_000).await.expect("answered");
+        match response.status().as_u16() {
+            201 => break,
+            409 if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            other => panic!("retry answered {other}: {}", response.text().await.unwrap()),
+        }
+    }
 }
 
 on_both_backends!(
