@@ -35,6 +35,20 @@ pub struct ApiSettings {
     pub max_body_bytes: usize,
     /// Largest accepted connector component (uploads).
     pub max_component_bytes: usize,
+    /// Largest webhook body.
+    pub webhook_max_body_bytes: usize,
+    /// Longest a request body may stall.
+    pub body_read_timeout: Duration,
+    /// Longest a whole request may take.
+    pub request_timeout: Duration,
+}
+
+/// Limits on connections, for slow and hostile clients.
+#[derive(Debug, Clone, Copy)]
+struct ServeLimits {
+    max_connections: usize,
+    header_read_timeout: Duration,
+    shutdown_grace: Duration,
 }
 
 /// State shared by the API handlers and the background tasks.
@@ -69,6 +83,7 @@ pub struct App {
     redelivery_after: Duration,
     reconcile: crate::sync::reconcile::ReconcileOptions,
     retention: crate::retention::Retention,
+    limits: ServeLimits,
 }
 
 impl App {
@@ -244,6 +259,9 @@ impl App {
                 idempotency_ttl: config.idempotency_ttl,
                 max_body_bytes: config.max_body_bytes,
                 max_component_bytes: config.connector_max_bytes,
+                webhook_max_body_bytes: config.webhook_max_body_bytes,
+                body_read_timeout: config.body_read_timeout,
+                request_timeout: config.request_timeout,
             }),
             sync,
             outbox_signal: Arc::new(Notify::new()),
@@ -257,6 +275,11 @@ impl App {
             kafka,
             kafka_topic_prefix: config.kafka_topic_prefix.clone(),
             redelivery_after: config.bus_redelivery_after,
+            limits: ServeLimits {
+                max_connections: config.max_connections.max(1),
+                header_read_timeout: config.header_read_timeout,
+                shutdown_grace: config.shutdown_grace,
+            },
             retention: crate::retention::Retention {
                 keep: config.retention,
                 every: config.retention_every,
@@ -325,17 +348,13 @@ impl App {
         tasks.close();
 
         let router = crate::api::router(self.state.clone());
-        let cancel = self.cancel.clone();
-        let served = axum::serve(self.listener, router)
-            .with_graceful_shutdown(async move { cancel.cancelled().await })
-            .await
-            .context("serving HTTP");
+        serve(self.listener, router, self.limits, self.cancel.clone()).await;
         // Whatever ended the server ends the background tasks too.
         self.cancel.cancel();
         tasks.wait().await;
         self.state.store.close().await;
         tracing::info!("ferry stopped");
-        served
+        Ok(())
     }
 }
 
@@ -394,5 +413,86 @@ async fn purge_idempotency_keys(store: Store, cancel: CancellationToken) {
                 Err(error) => tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)), "purging idempotency keys failed"),
             },
         }
+    }
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on `listener` until `cancel`: at most
+/// `max_connections` at once (the rest wait in the kernel's backlog), each
+/// given `header_read_timeout` to send a request's head. On cancellation,
+/// connections finish their requests in flight for up to `shutdown_grace`
+/// and are then closed, so a slow client cannot hold the process up.
+async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    limits: ServeLimits,
+    cancel: CancellationToken,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let connections = TaskTracker::new();
+    let force = CancellationToken::new();
+    loop {
+        let permit = tokio::select! {
+            () = cancel.cancelled() => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            () = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let (cancel, force) = (cancel.clone(), force.clone());
+        connections.spawn(async move {
+            let _permit = permit;
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout);
+            builder.http2().timer(TokioTimer::new());
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(error = %error, "connection ended with an error");
+                    }
+                    return;
+                }
+                () = cancel.cancelled() => connection.as_mut().graceful_shutdown(),
+            }
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = force.cancelled() => {}
+            }
+        });
+    }
+    connections.close();
+    if tokio::time::timeout(limits.shutdown_grace, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = connections.len(),
+            grace_ms = limits.shutdown_grace.as_millis() as u64,
+            "connections still open after the shutdown grace; closing them"
+        );
+        force.cancel();
+        connections.wait().await;
     }
 }

@@ -71,6 +71,23 @@ pub struct Config {
     pub compile_cache_dir: Option<PathBuf>,
     /// Largest accepted request body in bytes.
     pub max_body_bytes: usize,
+    /// Largest webhook body in bytes (checked before the body is read).
+    pub webhook_max_body_bytes: usize,
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Longest a client may take to send a request's head.
+    #[serde(deserialize_with = "duration")]
+    pub header_read_timeout: Duration,
+    /// Longest a request body may stall between two reads.
+    #[serde(deserialize_with = "duration")]
+    pub body_read_timeout: Duration,
+    /// Longest a request may take, its body and the answer included.
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    /// On SIGTERM, how long requests in flight may finish before their
+    /// connections are closed.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
     /// `text` or `json`.
     pub log_format: LogFormat,
     /// Kafka bootstrap servers (`host:port,...`); set, ferry runs the
@@ -245,6 +262,12 @@ impl std::fmt::Debug for Config {
                 "reconcile_max_delete_share",
                 &self.reconcile_max_delete_share,
             )
+            .field("webhook_max_body_bytes", &self.webhook_max_body_bytes)
+            .field("max_connections", &self.max_connections)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("body_read_timeout", &self.body_read_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("shutdown_grace", &self.shutdown_grace)
             .field("metrics", &self.metrics)
             .field(
                 "otlp_endpoint",
@@ -288,6 +311,12 @@ struct Defaults {
     conflict_policy: &'static str,
     duplicate_email_policy: &'static str,
     reconcile_max_delete_share: f64,
+    webhook_max_body_bytes: usize,
+    max_connections: usize,
+    header_read_timeout: &'static str,
+    body_read_timeout: &'static str,
+    request_timeout: &'static str,
+    shutdown_grace: &'static str,
     metrics: bool,
     retention: &'static str,
     retention_every: &'static str,
@@ -322,6 +351,12 @@ const DEFAULTS: Defaults = Defaults {
     conflict_policy: "last_writer_wins",
     duplicate_email_policy: "reject",
     reconcile_max_delete_share: 0.1,
+    webhook_max_body_bytes: 256 * 1024,
+    max_connections: 1024,
+    header_read_timeout: "10s",
+    body_read_timeout: "10s",
+    request_timeout: "60s",
+    shutdown_grace: "10s",
     metrics: true,
     retention: "7d",
     retention_every: "1m",

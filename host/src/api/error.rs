@@ -79,6 +79,12 @@ pub enum ApiError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// The request (its body included) took longer than the server allows.
+    #[error("the request took longer than {seconds} s; send it again")]
+    RequestTimeout {
+        /// The limit in seconds.
+        seconds: u64,
+    },
     /// The body is not `application/json`.
     #[error("the body must be sent as {expected}")]
     UnsupportedMediaType {
@@ -209,6 +215,7 @@ impl ApiError {
             Self::EmailTaken => StatusCode::CONFLICT,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::IdempotencyKeyInFlight => StatusCode::CONFLICT,
@@ -227,6 +234,7 @@ impl ApiError {
             Self::EmailTaken => "email_taken",
             Self::PreconditionFailed { .. } => "precondition_failed",
             Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::RequestTimeout { .. } => "request_timeout",
             Self::UnsupportedMediaType { .. } => "unsupported_media_type",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::IdempotencyKeyInFlight => "idempotency_key_in_flight",
@@ -264,6 +272,7 @@ impl ApiError {
             Self::EmailTaken => "Email taken",
             Self::PreconditionFailed { .. } => "Precondition failed",
             Self::PayloadTooLarge { .. } => "Payload too large",
+            Self::RequestTimeout { .. } => "Request timeout",
             Self::UnsupportedMediaType { .. } => "Unsupported media type",
             Self::IdempotencyKeyReused => "Idempotency key reused",
             Self::IdempotencyKeyInFlight => "Idempotency key in flight",

@@ -112,6 +112,7 @@ async fn method_not_allowed() -> ApiError {
 /// The whole HTTP surface with its middleware.
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.max_body_bytes;
+    let request_timeout = state.settings.request_timeout;
     let v1 = Router::new()
         .merge(customers::router())
         .merge(connectors::router(state.settings.max_component_bytes))
@@ -136,6 +137,22 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        // A stalled body fails after `body_read_timeout`; a whole request
+        // after `request_timeout` (408 request_timeout).
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            state.settings.body_read_timeout,
+        ))
+        .layer(
+            ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(
+                    move |_: tower::BoxError| async move {
+                        ApiError::RequestTimeout {
+                            seconds: request_timeout.as_secs(),
+                        }
+                    },
+                ))
+                .layer(tower::timeout::TimeoutLayer::new(request_timeout)),
+        )
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))

@@ -8,7 +8,6 @@
 //! admin token: the signature is the authentication.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -54,21 +53,17 @@ pub struct WebhookReceipt {
 pub async fn receive(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge {
-            limit: state.settings.max_body_bytes,
-        },
-        _ => ApiError::InvalidWebhook(rejection.body_text()),
-    })?;
     // Unknown, disabled, unconfigured or without webhooks: all look the
-    // same from outside.
+    // same from outside, and are answered before a byte of the body is read.
     let ready = state
         .registry
         .ready(&name, Need::Webhooks)
         .map_err(|_| ApiError::ConnectorNotFound)?;
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
+    let body = read_body(&state, &headers, body).await?;
     let request = WebhookRequest {
         headers: headers
             .iter()
@@ -156,6 +151,46 @@ pub async fn receive(
         })
         .into_response(),
     })
+}
+
+/// Reads a webhook body: refused at once when its declared length is over
+/// the limit, and cut off when it grows past it or stalls.
+async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<Bytes, ApiError> {
+    let limit = state.settings.webhook_max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|error| {
+        if caused_by::<tower_http::timeout::TimeoutError>(&error) {
+            ApiError::RequestTimeout {
+                seconds: state.settings.body_read_timeout.as_secs(),
+            }
+        } else if caused_by::<http_body_util::LengthLimitError>(&error) {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::InvalidWebhook(format!("the body could not be read: {error}"))
+        }
+    })
+}
+
+/// Whether `error` or one of its sources is an `E`.
+fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if current.is::<E>() {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
 }
 
 /// Routes under `/webhooks`.

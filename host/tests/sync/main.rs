@@ -11,6 +11,7 @@ mod connectors;
 mod crash;
 mod fanout;
 mod faults;
+mod hardening;
 mod inbound;
 mod inbound_policies;
 mod operations;

@@ -93,6 +93,24 @@ impl FerryProcess {
         }
     }
 
+    /// Sends SIGTERM and waits up to `limit` for the process to exit;
+    /// returns how long it took, or `None` if it was still running.
+    pub async fn terminate(&mut self, limit: Duration) -> Option<Duration> {
+        let child = self.child.as_mut()?;
+        let started = std::time::Instant::now();
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        while started.elapsed() < limit {
+            if let Ok(Some(_)) = child.try_wait() {
+                self.child = None;
+                return Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
     /// The process log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

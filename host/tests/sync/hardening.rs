@@ -1,0 +1,164 @@
+//! Slow and hostile clients: a request head or body sent too slowly is cut
+//! off, oversized and unaddressed webhook bodies are refused before they
+//! are read, and SIGTERM ends the process within its grace time even with
+//! a client stalled mid-request.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::helpers::{spawn_sync_app, stripe_component, Backend, Setup};
+use crate::process::FerryProcess;
+
+/// Reads until the server answers or closes; returns what it sent and how
+/// long that took.
+async fn answer(stream: &mut TcpStream, limit: Duration) -> (String, Duration) {
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(
+            limit.saturating_sub(started.elapsed()),
+            stream.read(&mut buf),
+        )
+        .await
+        {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => {
+                got.extend_from_slice(&buf[..n]);
+                if got.windows(4).any(|w| w == b"\r\n\r\n")
+                    && String::from_utf8_lossy(&got).contains("\"code\"")
+                {
+                    break;
+                }
+            }
+            Err(_) => panic!(
+                "no answer within {limit:?}; got {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    (
+        String::from_utf8_lossy(&got).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test]
+async fn slow_and_oversized_requests_are_cut_off() {
+    let mut setup = Setup::new(Backend::Sqlite, "http://127.0.0.1:9");
+    setup.extra = json!({
+        "header_read_timeout": "500ms",
+        "body_read_timeout": "500ms",
+        "webhook_max_body_bytes": 2048,
+    });
+    let app = spawn_sync_app(setup).await;
+    let address = app.base.trim_start_matches("http://").to_owned();
+    let connect = || TcpStream::connect(address.clone());
+
+    // A request head that never ends (slowloris): the connection is closed.
+    let mut slow_head = connect().await.unwrap();
+    slow_head
+        .write_all(b"POST /webhooks/stripe HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = slow_head.write_all(b"x-slow: 1\r\n").await;
+    }
+    let (_, took) = answer(&mut slow_head, Duration::from_secs(5)).await;
+    assert!(took < Duration::from_secs(4), "closed after {took:?}");
+
+    // A body that stalls: 408 request_timeout.
+    let mut slow_body = connect().await.unwrap();
+    slow_body
+        .write_all(b"POST /webhooks/stripe HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"id\":")
+        .await
+        .unwrap();
+    let (reply, _) = answer(&mut slow_body, Duration::from_secs(5)).await;
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("request_timeout"), "{reply}");
+
+    // A declared length over the webhook limit: 413 before any body byte.
+    let mut large = connect().await.unwrap();
+    large
+        .write_all(b"POST /webhooks/stripe HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\n")
+        .await
+        .unwrap();
+    let (reply, took) = answer(&mut large, Duration::from_secs(5)).await;
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(
+        took < Duration::from_millis(400),
+        "answered before the body: {took:?}"
+    );
+
+    // An unknown connector: 404 without reading the body.
+    let mut unknown = connect().await.unwrap();
+    unknown
+        .write_all(b"POST /webhooks/nope HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n")
+        .await
+        .unwrap();
+    let (reply, took) = answer(&mut unknown, Duration::from_secs(5)).await;
+    assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+    assert!(took < Duration::from_millis(400), "{took:?}");
+
+    // The server is still fine.
+    let health: Value = reqwest::get(format!("{}/readyz", app.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ready", "{health}");
+}
+
+#[tokio::test]
+async fn sigterm_ends_the_process_within_the_grace_time_despite_a_stalled_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let connectors = dir.path().join("connectors");
+    std::fs::create_dir_all(&connectors).unwrap();
+    std::fs::copy(stripe_component(), connectors.join("stripe.wasm")).unwrap();
+    let env = BTreeMap::from([
+        (
+            "FERRY_DATABASE_URL".to_owned(),
+            format!("sqlite://{}", dir.path().join("f.db").display()),
+        ),
+        (
+            "FERRY_CONNECTORS_DIR".to_owned(),
+            connectors.display().to_string(),
+        ),
+        ("FERRY_SHUTDOWN_GRACE".to_owned(), "1s".to_owned()),
+        (
+            "FERRY_CONNECTORS__STRIPE__SECRETS__API_KEY".to_owned(),
+            "sk_test_x".to_owned(),
+        ),
+        (
+            "FERRY_CONNECTORS__STRIPE__SECRETS__WEBHOOK_SECRET".to_owned(),
+            "whsec_x".to_owned(),
+        ),
+    ]);
+    let mut ferry = FerryProcess::start(env, dir.path()).await;
+    // A request whose body never comes (the body timeout is 10 s).
+    let mut stalled = TcpStream::connect(ferry.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stalled
+        .write_all(b"POST /webhooks/stripe HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let took = ferry.terminate(Duration::from_secs(8)).await;
+    let took =
+        took.unwrap_or_else(|| panic!("still running after SIGTERM; log: {}", ferry.log_text()));
+    assert!(took < Duration::from_secs(4), "exited after {took:?}");
+    assert!(
+        ferry
+            .log_text()
+            .contains("connections still open after the shutdown grace"),
+        "{}",
+        ferry.log_text()
+    );
+}
