@@ -262,8 +262,8 @@ pub async fn resolve_conflict(
                 }
             }
         }
-        let fields = fields_of(&record)
-            .ok_or_else(|| ApiError::field("fields.email", "a customer needs an email"))?;
+        // The resolved record goes through the API's own validation.
+        let fields = fields_of(&record).map_err(|message| ApiError::field("fields", message))?;
         let choice = match request.resolution {
             Choice::Local => "local",
             Choice::Remote => "remote",

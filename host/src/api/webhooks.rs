@@ -102,7 +102,10 @@ pub async fn receive(
     let mut events = Vec::with_capacity(parsed.events.len());
     for event in parsed.events {
         let record = match event.record.as_deref().map(serde_json::from_str) {
-            Some(Ok(value)) => Some(value),
+            Some(Ok(mut value)) => {
+                replace_nul(&mut value);
+                Some(value)
+            }
             Some(Err(error)) => {
                 return Err(ApiError::InvalidWebhook(format!(
                     "the connector produced an invalid record: {error}"
@@ -151,6 +154,28 @@ pub async fn receive(
         })
         .into_response(),
     })
+}
+
+/// Replaces NUL characters in a record's strings (and keys) with U+FFFD:
+/// PostgreSQL cannot store them, and the event must reach the inbox to be
+/// applied or dead-lettered with its reason like any other (the catalog's
+/// validation then refuses control characters where the API does).
+fn replace_nul(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::String(text) if text.contains('\0') => {
+            *text = text.replace('\0', "\u{fffd}");
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(replace_nul),
+        serde_json::Value::Object(map) if map.keys().any(|k| k.contains('\0')) => {
+            let entries = std::mem::take(map);
+            for (key, mut item) in entries {
+                replace_nul(&mut item);
+                map.insert(key.replace('\0', "\u{fffd}"), item);
+            }
+        }
+        serde_json::Value::Object(map) => map.values_mut().for_each(replace_nul),
+        _ => {}
+    }
 }
 
 /// Reads a webhook body: refused at once when its declared length is over

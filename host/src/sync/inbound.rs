@@ -89,9 +89,21 @@ pub enum InboundOutcome {
     LeaseLost,
 }
 
-/// Canonical record → the fields a customer write takes. `None` when the
-/// record has no usable email (a customer needs one).
-pub(crate) fn fields_of(record: &serde_json::Value) -> Option<CustomerFields> {
+/// The record's email, normalised as the catalog stores it (for matching).
+pub(crate) fn email_of(record: &serde_json::Value) -> Option<String> {
+    record
+        .get("email")
+        .and_then(|v| v.as_str())
+        .map(crate::api::customers::validate::normalise_email)
+        .filter(|e| !e.is_empty())
+}
+
+/// Canonical record → the fields a customer write takes, through the same
+/// validation and normalisation as the API (trimmed text, lower-cased
+/// email, the same limits), so a remote can never store what the API would
+/// refuse and leave a customer nobody can edit. The error says which fields
+/// fail and why; the event is dead-lettered with it.
+pub(crate) fn fields_of(record: &serde_json::Value) -> Result<CustomerFields, String> {
     let text = |key: &str| {
         record
             .get(key)
@@ -100,7 +112,9 @@ pub(crate) fn fields_of(record: &serde_json::Value) -> Option<CustomerFields> {
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
     };
-    let email = text("email")?.to_lowercase();
+    let Some(email) = text("email") else {
+        return Err("the remote record has no email; a customer needs one".into());
+    };
     let address = record
         .get("address")
         .filter(|a| a.is_object())
@@ -115,12 +129,23 @@ pub(crate) fn fields_of(record: &serde_json::Value) -> Option<CustomerFields> {
                 .collect()
         })
         .unwrap_or_default();
-    Some(CustomerFields {
+    let input = crate::api::customers::CustomerInput {
         name: text("name"),
         email,
         phone: text("phone"),
         address,
-        metadata,
+        metadata: Some(metadata),
+    };
+    crate::api::customers::validate::validate(input).map_err(|error| match error {
+        crate::api::error::ApiError::Validation(errors) => format!(
+            "the remote record fails the catalog's validation: {}",
+            errors
+                .iter()
+                .map(|e| format!("{}: {}", e.field, e.message))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+        other => other.to_string(),
     })
 }
 
@@ -371,11 +396,7 @@ impl SyncEngine {
             },
         };
         let Some(customer) = customer else {
-            let Some(fields) = fields_of(&remote) else {
-                return Err(Failure::Permanent(
-                    "the remote record has no email; a customer needs one".into(),
-                ));
-            };
+            let fields = fields_of(&remote).map_err(Failure::Permanent)?;
             return self
                 .write(InboundChange {
                     event: event.clone(),
@@ -412,9 +433,7 @@ impl SyncEngine {
             fields: serde_json::to_value(&merged.conflicts).unwrap_or_default(),
             open: merged.has_pending_conflicts(),
         });
-        let Some(mut fields) = fields_of(&merged.merged) else {
-            return Err(Failure::Permanent("the merged record has no email".into()));
-        };
+        let mut fields = fields_of(&merged.merged).map_err(Failure::Permanent)?;
         let mut detail_prefix = String::new();
         if fields.email != customer.email {
             if let Some(owner) = self
@@ -603,11 +622,7 @@ impl SyncEngine {
                     .await;
             }
             DuplicateEmail::AutoRename => {
-                let Some(mut fields) = fields_of(&remote) else {
-                    return Err(Failure::Permanent(
-                        "the remote record has no email; a customer needs one".into(),
-                    ));
-                };
+                let mut fields = fields_of(&remote).map_err(Failure::Permanent)?;
                 fields.email = renamed_email(&fields.email, &event.connector, &event.remote_id);
                 let detail = format!(
                     "created with the email rewritten to {}: {what}",
@@ -657,9 +672,7 @@ impl SyncEngine {
             &inner.field_owners,
             &event.connector,
         );
-        let Some(fields) = fields_of(&merged.merged) else {
-            return Err(Failure::Permanent("the merged record has no email".into()));
-        };
+        let fields = fields_of(&merged.merged).map_err(Failure::Permanent)?;
         let change = if merged.changes_local(&local) {
             CustomerWrite::Update {
                 id: customer.id.clone(),
@@ -811,7 +824,7 @@ impl SyncEngine {
         &self,
         remote: &serde_json::Value,
     ) -> Result<Option<Customer>, Failure> {
-        let Some(fields) = fields_of(remote) else {
+        let Ok(fields) = fields_of(remote) else {
             return Ok(None);
         };
         let page = self

@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 use utoipa::ToSchema;
 
 use super::breaker::Deferred;
-use super::inbound::{fields_of, local_record};
+use super::inbound::{email_of, local_record};
 use super::merge::field_differences;
 use super::outbound::canonical_record;
 use super::{SyncEngine, ENTITY};
@@ -514,7 +514,7 @@ impl SyncEngine {
                 .iter()
                 .find(|(l, _)| l.remote_id.as_deref() == Some(record.remote_id.as_str()));
             let Some((link, customer)) = link else {
-                let email = fields_of(&remote).map(|f| f.email);
+                let email = email_of(&remote);
                 findings
                     .unlinked
                     .push((record.remote_id.clone(), email, remote));

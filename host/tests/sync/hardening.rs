@@ -162,3 +162,77 @@ async fn sigterm_ends_the_process_within_the_grace_time_despite_a_stalled_client
         ferry.log_text()
     );
 }
+
+/// A signed webhook with data the API would refuse is dead-lettered with the
+/// reason, never stored; text the rules can normalise is normalised, and the
+/// customer stays editable.
+async fn inbound_records_are_validated_like_the_api(backend: Backend) {
+    use crate::helpers::{email, WEBHOOK_SECRET};
+    use crate::inbound::{deliver, event, stripe_signature};
+    let app = spawn_sync_app(Setup::new(backend, "http://127.0.0.1:9")).await;
+    let now = chrono::Utc::now().timestamp();
+    let metadata: serde_json::Map<String, Value> = (0..120)
+        .map(|i| (format!("k{i}"), Value::from("v".repeat(2000))))
+        .collect();
+    let hostile = json!({"id": "cus_hostile", "object": "customer", "email": "NOT AN EMAIL <x>",
+        "name": format!("{}\0\r\n", "n".repeat(5000)), "metadata": metadata});
+    let body = event("evt_hostile", "customer.created", now, hostile);
+    assert_eq!(
+        deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET))
+            .await
+            .0,
+        200
+    );
+    let dead = {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, letters) = app
+                .send(reqwest::Method::GET, "/api/v1/dead-letters", None)
+                .await;
+            if let Some(letter) = letters["data"].as_array().and_then(|d| d.first()).cloned() {
+                break letter;
+            }
+            assert!(Instant::now() < deadline, "no dead letter");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let reason = dead["error"].as_str().unwrap();
+    for field in ["email", "name", "metadata"] {
+        assert!(reason.contains(field), "{reason}");
+    }
+    let (_, customers) = app
+        .send(reqwest::Method::GET, "/api/v1/customers", None)
+        .await;
+    assert_eq!(customers["data"], json!([]), "nothing stored");
+
+    // Normalised: surrounding spaces and an upper-case address.
+    let address = email("Normalised");
+    let messy = json!({"id": "cus_messy", "object": "customer",
+        "email": format!("  {}  ", address.to_uppercase()), "name": "  Ada  ", "metadata": {}});
+    let body = event("evt_messy", "customer.created", now, messy);
+    assert_eq!(
+        deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET))
+            .await
+            .0,
+        200
+    );
+    let customer = app.wait_customer_by_email(&address.to_lowercase()).await;
+    assert_eq!(customer["name"], "Ada");
+    let id = customer["id"].as_str().unwrap();
+    let patched = app.patch(id, json!({"name": "Ada L."})).await;
+    assert_eq!(patched["name"], "Ada L.", "still editable: {patched}");
+}
+
+mod sqlite {
+    #[tokio::test]
+    async fn inbound_records_are_validated_like_the_api() {
+        super::inbound_records_are_validated_like_the_api(super::Backend::Sqlite).await;
+    }
+}
+
+mod postgres {
+    #[tokio::test]
+    async fn inbound_records_are_validated_like_the_api() {
+        super::inbound_records_are_validated_like_the_api(super::Backend::Postgres).await;
+    }
+}
