@@ -163,6 +163,14 @@ impl App {
             }
         }
 
+        let problems = registry.check_environment();
+        if !problems.is_empty() {
+            anyhow::bail!(
+                "connector configuration names what the connector does not declare:\n  {}",
+                problems.join("\n  ")
+            );
+        }
+
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;

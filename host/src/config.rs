@@ -363,6 +363,49 @@ const DEFAULTS: Defaults = Defaults {
     retention_batch: 1000,
 };
 
+/// The environment with every value taken as the text it is. figment's
+/// own `Env` parses values by their look, so `FERRY_ADMIN_TOKEN=1234…` or
+/// an `api_version` of `62.0` would reach string settings as numbers (and
+/// `62.0` as `62`). Numbers and booleans are read from their text when the
+/// configuration is extracted (`extract_lossy`).
+struct RawEnv(Env);
+
+impl figment::Provider for RawEnv {
+    fn metadata(&self) -> figment::Metadata {
+        self.0.metadata()
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        let mut dict = figment::value::Dict::new();
+        for (key, value) in self.0.iter() {
+            let nested = figment::util::nest(key.as_str(), figment::value::Value::from(value));
+            if let Some(nested) = nested.into_dict() {
+                merge_dicts(&mut dict, nested);
+            }
+        }
+        Ok(figment::Profile::Default.collect(dict))
+    }
+}
+
+/// Merges `from` into `into`, nested dictionaries key by key.
+fn merge_dicts(into: &mut figment::value::Dict, from: figment::value::Dict) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (
+                Some(figment::value::Value::Dict(_, existing)),
+                figment::value::Value::Dict(_, more),
+            ) => {
+                merge_dicts(existing, more);
+            }
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
 /// Why the configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -378,7 +421,7 @@ impl Config {
     /// Loads defaults, then `file` (if given), then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         Self::figment(file, Env::prefixed("FERRY_"))
-            .extract()
+            .extract_lossy()
             .map_err(|e| ConfigError::Load(Box::new(e)))
     }
 
@@ -392,8 +435,10 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         figment
-            .merge(Env::prefixed("FERRY_").ignore(NOT_SETTINGS).split("__"))
-            .extract()
+            .merge(RawEnv(
+                Env::prefixed("FERRY_").ignore(NOT_SETTINGS).split("__"),
+            ))
+            .extract_lossy()
             .map_err(|e| ConfigError::Load(Box::new(e)))
     }
 
@@ -404,7 +449,7 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         // `__` nests: FERRY_CONNECTORS__STRIPE__SETTINGS__API_BASE.
-        figment.merge(env.ignore(NOT_SETTINGS).split("__"))
+        figment.merge(RawEnv(env.ignore(NOT_SETTINGS).split("__")))
     }
 
     /// Defaults plus `overrides` (used by tests).
@@ -680,6 +725,49 @@ mod tests {
             assert!(!format!("{config:?}").contains("sk_test_secret"));
 
             jail.set_env("FERRY_ADMN_TOKEN", "typo");
+            assert!(Config::load(None).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn string_settings_take_the_raw_text() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("FERRY_ADMIN_TOKEN", "1234567890123456");
+            jail.set_env("FERRY_MASTER_KEY", "0".repeat(64));
+            jail.set_env("FERRY_CONNECTORS__STRIPE__SETTINGS__ACCOUNT", "012345");
+            jail.set_env(
+                "FERRY_CONNECTORS__SALESFORCE__SETTINGS__API_VERSION",
+                "62.0",
+            );
+            jail.set_env("FERRY_CONNECTORS__SALESFORCE__SETTINGS__SANDBOX", "true");
+            // Numbers, booleans and durations still read from their text.
+            jail.set_env("FERRY_SYNC_CONCURRENCY", "12");
+            jail.set_env("FERRY_WORKERS", "false");
+            jail.set_env("FERRY_RECONCILE_MAX_DELETE_SHARE", "0.25");
+            jail.set_env("FERRY_IDEMPOTENCY_TTL", "3600");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                config
+                    .admin_token
+                    .as_ref()
+                    .map(|t| t.expose_secret().to_owned()),
+                Some("1234567890123456".to_owned())
+            );
+            assert_eq!(
+                config.master_key.as_ref().map(|k| k.expose_secret().len()),
+                Some(64)
+            );
+            assert_eq!(config.connectors["stripe"].settings["account"], "012345");
+            let salesforce = &config.connectors["salesforce"].settings;
+            assert_eq!(salesforce["api_version"], "62.0");
+            assert_eq!(salesforce["sandbox"], "true");
+            assert_eq!(config.sync_concurrency, 12);
+            assert!(!config.workers);
+            assert!((config.reconcile_max_delete_share - 0.25).abs() < f64::EPSILON);
+            assert_eq!(config.idempotency_ttl, Duration::from_secs(3600));
+            jail.set_env("FERRY_SYNC_CONCURRENCY", "many");
             assert!(Config::load(None).is_err());
             Ok(())
         });

@@ -683,6 +683,62 @@ impl Registry {
         Ok(())
     }
 
+    /// Checks the settings and secrets given in the file or environment
+    /// against the loaded manifests, as `PUT /settings` does: a name a
+    /// connector does not declare (a typo such as `APIBASE`) is returned,
+    /// one line per problem. A connector name nobody registered is only
+    /// warned about: its component may be uploaded later.
+    pub fn check_environment(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (name, given) in &self.inner.options.environment {
+            let env_name = |kind: &str, key: &str| {
+                format!(
+                    "FERRY_CONNECTORS__{}__{}__{} ({})",
+                    name.to_ascii_uppercase().replace('-', "_"),
+                    kind.to_ascii_uppercase(),
+                    key.to_ascii_uppercase(),
+                    format_args!("connectors.{name}.{kind}.{key}")
+                )
+            };
+            let Some(entry) = self.entry(name) else {
+                let known: Vec<String> = self.entries().iter().map(|e| e.name.clone()).collect();
+                tracing::warn!(
+                    connector = %name,
+                    registered = ?known,
+                    "CONFIGURATION FOR AN UNKNOWN CONNECTOR: no connector named `{name}` is registered; its settings apply only if one is uploaded under that name. A typo?"
+                );
+                continue;
+            };
+            let Some(active) = &entry.active else {
+                continue;
+            };
+            let manifest = active.connector.manifest();
+            for problem in config::check_against_manifest(
+                manifest,
+                given.settings.keys(),
+                given.secrets.keys(),
+                false,
+            ) {
+                let (kind, key) = problem
+                    .field
+                    .split_once('.')
+                    .unwrap_or(("settings", &problem.field));
+                let declared: Vec<&str> = if kind == "secrets" {
+                    manifest.secrets.iter().map(|s| s.name.as_str()).collect()
+                } else {
+                    manifest.settings.iter().map(|s| s.name.as_str()).collect()
+                };
+                problems.push(format!(
+                    "{}: {} (`{name}` declares: {})",
+                    env_name(kind, key),
+                    problem.message,
+                    declared.join(", ")
+                ));
+            }
+        }
+        problems
+    }
+
     /// Enables or disables `name`. Enabling needs the active manifest's
     /// required settings and secrets; the refresh that follows releases the
     /// pushes that waited.

@@ -236,3 +236,41 @@ mod postgres {
         super::inbound_records_are_validated_like_the_api(super::Backend::Postgres).await;
     }
 }
+
+/// A setting the connector does not declare (a typo in the environment) is
+/// an error at start that names the variable; a connector nobody
+/// registered only warns, since it may be uploaded later.
+#[tokio::test]
+async fn configuration_typos_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let connectors = dir.path().join("connectors");
+    std::fs::create_dir_all(&connectors).unwrap();
+    std::fs::copy(stripe_component(), connectors.join("stripe.wasm")).unwrap();
+    let config = |extra: Value| {
+        let mut overrides = json!({
+            "listen": "127.0.0.1:0",
+            "database_url": format!("sqlite://{}", dir.path().join("f.db").display()),
+            "connectors_dir": connectors,
+        });
+        overrides["connectors"] = extra;
+        ferry::config::Config::from_overrides(overrides).expect("config")
+    };
+    let typo = config(json!({"stripe": {"settings": {"apibase": "http://127.0.0.1:1"}}}));
+    let error = match ferry::app::App::build(typo).await {
+        Ok(_) => panic!("started with an undeclared setting"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(
+        error.contains("FERRY_CONNECTORS__STRIPE__SETTINGS__APIBASE"),
+        "{error}"
+    );
+    assert!(
+        error.contains("api_base"),
+        "names what it declares: {error}"
+    );
+    let unknown = config(json!({"stripee": {"settings": {"api_base": "http://127.0.0.1:1"}}}));
+    assert!(
+        ferry::app::App::build(unknown).await.is_ok(),
+        "an unknown connector only warns"
+    );
+}
