@@ -274,3 +274,61 @@ async fn configuration_typos_are_refused_at_start() {
         "an unknown connector only warns"
     );
 }
+
+/// The operator's host allow-list (`connector_allowed_hosts`) is real: a
+/// component declaring a host outside it is refused at upload, one inside
+/// it is accepted.
+#[tokio::test]
+async fn the_host_allow_list_decides_uploads() {
+    let mut setup = Setup::new(Backend::Sqlite, "http://127.0.0.1:9");
+    setup.extra = json!({"connector_allowed_hosts": "api.example.com"});
+    let app = spawn_sync_app(setup).await;
+    let upload = |bytes: Vec<u8>| {
+        app.client
+            .post(format!("{}/api/v1/connectors", app.base))
+            .header("content-type", "application/wasm")
+            .body(bytes)
+            .send()
+    };
+    let stripe = upload(std::fs::read(stripe_component()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(stripe.status(), 422);
+    let problem: Value = stripe.json().await.unwrap();
+    assert_eq!(problem["code"], "forbidden_host", "{problem}");
+    let hostile = ferry_test_support::wasm::component_path("ferry_test_hostile");
+    let allowed = upload(std::fs::read(hostile).unwrap()).await.unwrap();
+    assert_eq!(allowed.status(), 201, "{}", allowed.text().await.unwrap());
+}
+
+/// At most `max_connections` are served at once; the next waits until one
+/// closes.
+#[tokio::test]
+async fn connections_beyond_the_limit_wait() {
+    let mut setup = Setup::new(Backend::Sqlite, "http://127.0.0.1:9");
+    setup.extra = json!({"max_connections": 2});
+    let app = spawn_sync_app(setup).await;
+    let address = app.base.trim_start_matches("http://").to_owned();
+    let first = TcpStream::connect(&address).await.unwrap();
+    let second = TcpStream::connect(&address).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let waiting = client
+        .get(format!("{}/healthz", app.base))
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(waiting.is_err(), "served beyond the limit: {waiting:?}");
+    drop(first);
+    let served = client
+        .get(format!("{}/healthz", app.base))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("served once a connection closed");
+    assert_eq!(served.status(), 200);
+    drop(second);
+}
