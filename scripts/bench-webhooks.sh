@@ -7,6 +7,9 @@
 #   scripts/bench-webhooks.sh                 10 s at 32 connections
 #   BENCH_DURATION=30 BENCH_CONNECTIONS=64 scripts/bench-webhooks.sh
 #   BENCH_NO_BUILD=1 scripts/bench-webhooks.sh   reuse the release build
+#   BENCH_BACKENDS=postgres BENCH_PG_PROFILE=1 scripts/bench-webhooks.sh
+#       PostgreSQL only, and print pg_stat_statements' top statements by
+#       total time over the run (load and drain)
 #
 # Needs `make connectors` (the Stripe component). Installs wrk if missing.
 source "$(dirname "$0")/lib.sh"
@@ -37,7 +40,7 @@ PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$WORK"
+  [ -n "${BENCH_KEEP:-}" ] && echo "kept $WORK" || rm -rf "$WORK"
 }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -92,17 +95,37 @@ bench() {
   echo "apply stage: $pending events still pending when the load stopped"
   while [ "$(pending_count "$name" "$url")" -gt 0 ]; do sleep 0.5; done
   python3 -c "import sys; print(f'apply stage drained them in {float(sys.argv[2]) - float(sys.argv[1]):.1f} s')" "$start" "$(date +%s.%N)"
+  if [ "$name" = postgres ] && [ -n "${BENCH_PG_PROFILE:-}" ]; then
+    step "pg_stat_statements: top statements by total time"
+    "$PG_BIN/psql" "$url" -P pager=off -c "SELECT calls, round(total_exec_time::numeric, 0) AS total_ms,
+        round(mean_exec_time::numeric, 3) AS mean_ms, rows,
+        left(regexp_replace(query, '\s+', ' ', 'g'), 110) AS query
+      FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+      ORDER BY total_exec_time DESC LIMIT 15"
+  fi
   kill "$pid"
   wait "$pid" 2>/dev/null || true
 }
 
 mkfifo "$WORK/pg-stdin"
-"$FERRY_PG_BIN" <"$WORK/pg-stdin" >"$WORK/pg-url" &
+PG_OPTIONS=""
+if [ -n "${BENCH_PG_PROFILE:-}" ]; then
+  PG_OPTIONS="-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all"
+fi
+# Only the cluster gets it: ferry refuses FERRY_ variables it does not know.
+FERRY_PG_OPTIONS="$PG_OPTIONS" "$FERRY_PG_BIN" <"$WORK/pg-stdin" >"$WORK/pg-url" &
 PIDS+=("$!")
 exec 8>"$WORK/pg-stdin"
 for _ in $(seq 1 300); do [ -s "$WORK/pg-url" ] && break; sleep 0.1; done
 PG_URL="$(head -n1 "$WORK/pg-url")"
 
-bench sqlite "sqlite://$WORK/bench.db"
-bench postgres "$PG_URL"
+if [ -n "${BENCH_PG_PROFILE:-}" ]; then
+  "$PG_BIN/psql" "$PG_URL" -qc "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"
+fi
+for backend in ${BENCH_BACKENDS:-sqlite postgres}; do
+  case "$backend" in
+    sqlite) bench sqlite "sqlite://$WORK/bench.db" ;;
+    postgres) bench postgres "$PG_URL" ;;
+  esac
+done
 exec 8>&-

@@ -23,7 +23,7 @@ const DEFAULT_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
 const WATCHDOG: &str = r#"
 "$BIN/postgres" -D "$DATA" -p "$PORT" -k "$SOCKETS" \
     -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=400 \
-    -c shared_buffers=128MB -c log_min_messages=warning 2>"$ROOT/postgres.log" &
+    -c shared_buffers=128MB -c log_min_messages=warning $EXTRA 2>"$ROOT/postgres.log" &
 pg=$!
 while kill -0 "$pg" 2>/dev/null && [ ! -e "$DATA/postmaster.pid" ]; do sleep 0.1; done
 # Runs while the owner lives and the server runs, or is paused (see
@@ -97,6 +97,9 @@ impl PgCluster {
             .env("SOCKETS", &root)
             .env("ROOT", &root)
             .env("OWNER", std::process::id().to_string())
+            // Extra server options for benchmarks, e.g.
+            // `-c shared_preload_libraries=pg_stat_statements`.
+            .env("EXTRA", std::env::var("FERRY_PG_OPTIONS").unwrap_or_default())
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         let watchdog = shell.spawn().context("starting postgres")?;
