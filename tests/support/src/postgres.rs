@@ -99,7 +99,10 @@ impl PgCluster {
             .env("OWNER", std::process::id().to_string())
             // Extra server options for benchmarks, e.g.
             // `-c shared_preload_libraries=pg_stat_statements`.
-            .env("EXTRA", std::env::var("FERRY_PG_OPTIONS").unwrap_or_default())
+            .env(
+                "EXTRA",
+                std::env::var("FERRY_PG_OPTIONS").unwrap_or_default(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         let watchdog = shell.spawn().context("starting postgres")?;
