@@ -26,16 +26,6 @@ use ferry::config::Config;
 use ferry_test_support::fake_remote::FakeStripe;
 use serde_json::{json, Value};
 
-/// Resident set size of this process, in MiB.
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 /// Pages through the fake as fast as one client can: the ceiling.
 async fn ceiling(url: &str, records: usize) -> f64 {
     let client = reqwest::Client::new();
@@ -127,7 +117,7 @@ async fn bench(records: usize) {
     let server = tokio::spawn(app.run_until_stopped());
     let client = reqwest::Client::new();
 
-    let rss_before = rss_mib();
+    let rss_before = ferry_test_support::rss_mib();
     let started = Instant::now();
     let run: Value = client
         .post(format!("{base}/api/v1/reconciliations"))
@@ -143,11 +133,11 @@ async fn bench(records: usize) {
     let mut phases: Vec<(String, Duration)> = Vec::new();
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        peak = peak.max(rss_mib());
+        peak = peak.max(ferry_test_support::rss_mib());
         let linked =
             usize::try_from(store.live_link_count("stripe").await.expect("links")).unwrap_or(0);
         if rss_at_tenth.is_none() && linked >= records / 10 {
-            rss_at_tenth = Some(rss_mib());
+            rss_at_tenth = Some(ferry_test_support::rss_mib());
         }
         if run_done.is_none() {
             let run: Value = client
@@ -176,7 +166,7 @@ async fn bench(records: usize) {
         );
     }
     let total = started.elapsed();
-    let rss_end = rss_mib();
+    let rss_end = ferry_test_support::rss_mib();
     let rate = records as f64 / total.as_secs_f64();
     let run_done = run_done.unwrap_or(total);
     println!("backfill of {records} Stripe records ({backend}, fake Stripe)");

@@ -19,15 +19,6 @@ use ferry::config::Config;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 fn main() {
     let connections: usize = std::env::var("FERRY_BENCH_CONNECTIONS")
         .ok()
@@ -62,7 +53,7 @@ async fn bench(connections: usize) {
     let server = tokio::spawn(app.run_until_stopped());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let before = rss_mib();
+    let before = ferry_test_support::rss_mib();
     let answers: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
     let started = Instant::now();
     let mut clients = Vec::new();
@@ -99,11 +90,11 @@ async fn bench(connections: usize) {
     let mut peak = before;
     while clients.iter().any(|c| !c.is_finished()) && started.elapsed() < Duration::from_secs(120) {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        peak = peak.max(rss_mib());
+        peak = peak.max(ferry_test_support::rss_mib());
     }
     let held = started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = rss_mib();
+    let after = ferry_test_support::rss_mib();
     println!("slow webhook clients: {connections} connections announcing 200 KiB, sending 4 KiB/s");
     println!(
         "  RSS: {before:.0} MiB before, peak {peak:.0} MiB while connected, {after:.0} MiB after"

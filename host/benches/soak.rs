@@ -26,15 +26,6 @@ use sha2::Sha256;
 
 const SECRET: &str = "whsec_soak_0123456789abcdef";
 
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -172,7 +163,7 @@ async fn soak(length: Duration, rate: u64) {
             backlog.inbox_unapplied.values().sum::<i64>(),
             sent.load(Ordering::Relaxed),
             failures.load(Ordering::Relaxed),
-            rss_mib(),
+            ferry_test_support::rss_mib(),
         );
     }
     load.abort();

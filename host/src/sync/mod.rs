@@ -150,7 +150,13 @@ impl SyncEngine {
         crate::metrics::delivery(connector, direction, outcome);
         let now = chrono::Utc::now();
         if let Ok(mut activity) = self.inner.activity.lock() {
-            let entry = activity.entry(connector.to_owned()).or_default();
+            // A push's hot path: no key allocation once the connector is known.
+            if !activity.contains_key(connector) {
+                activity.insert(connector.to_owned(), Activity::default());
+            }
+            let Some(entry) = activity.get_mut(connector) else {
+                return;
+            };
             match error {
                 None => entry.last_success_at = Some(now),
                 Some(error) => {

@@ -7,3 +7,14 @@ pub mod kafka;
 pub mod localstripe;
 pub mod postgres;
 pub mod wasm;
+
+/// Resident set size of this process, in MiB (0 where `/proc` is missing):
+/// the benchmarks' memory figures.
+pub fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
