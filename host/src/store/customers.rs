@@ -305,6 +305,32 @@ impl Store {
         Ok(row.map(Customer::from))
     }
 
+    /// Several customers by id, deleted ones included (the inbound apply's
+    /// read of a claimed batch).
+    pub async fn customers_any(&self, ids: &[&str]) -> Result<Vec<Customer>, StoreError> {
+        let rows: Vec<CustomerRow> = match self {
+            Store::Postgres(pool) => {
+                sqlx::query_as(concat!(
+                    "SELECT ",
+                    columns!(),
+                    " FROM customers WHERE id = ANY($1)"
+                ))
+                .bind(ids)
+                .fetch_all(pool)
+                .await?
+            }
+            // In-process reads: one indexed lookup each is as cheap.
+            Store::Sqlite(_) => {
+                let mut customers = Vec::with_capacity(ids.len());
+                for id in ids {
+                    customers.extend(self.get_customer_any(id).await?);
+                }
+                return Ok(customers);
+            }
+        };
+        Ok(rows.into_iter().map(Customer::from).collect())
+    }
+
     /// A page of live customers in id order.
     #[tracing::instrument(skip_all, fields(limit = request.limit))]
     pub async fn list_customers(

@@ -21,6 +21,7 @@ pub mod connectors;
 pub mod customers;
 pub mod health;
 pub mod idempotency;
+mod inbound_batch;
 pub mod inbox;
 pub mod outbox;
 pub mod reconciliations;

@@ -806,6 +806,38 @@ impl Store {
         Ok(row.map(SyncLink::from))
     }
 
+    /// The links of several remote records at once (the inbound apply's
+    /// read of a claimed batch), by `(connector, remote id)`.
+    pub async fn links_by_remote_ids(
+        &self,
+        keys: &[(&str, &str)],
+    ) -> Result<Vec<SyncLink>, StoreError> {
+        let rows: Vec<SyncLinkRow> = match self {
+            Store::Postgres(pool) => {
+                let (connectors, remote_ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+                sqlx::query_as(concat!(
+                    "SELECT ",
+                    link_columns!(),
+                    " FROM sync_links WHERE (connector, remote_id) IN ",
+                    "(SELECT * FROM unnest($1::text[], $2::text[]))"
+                ))
+                .bind(connectors)
+                .bind(remote_ids)
+                .fetch_all(pool)
+                .await?
+            }
+            // In-process reads: one indexed lookup each is as cheap.
+            Store::Sqlite(_) => {
+                let mut links = Vec::with_capacity(keys.len());
+                for (connector, remote_id) in keys {
+                    links.extend(self.link_by_remote_id(connector, remote_id).await?);
+                }
+                return Ok(links);
+            }
+        };
+        Ok(rows.into_iter().map(SyncLink::from).collect())
+    }
+
     /// The newest `limit` delivery records of a customer, newest first.
     pub async fn deliveries_of(
         &self,

@@ -29,7 +29,9 @@ use super::SyncEngine;
 use crate::runtime::{CallError, ConnectorError};
 use crate::store::inbox::{Applied, CustomerWrite, InboundChange, InboxEvent, NewConflict};
 use crate::store::sync::now_ms;
-use crate::store::{Address, Customer, CustomerFields, CustomerId, ListCustomers, StoreError};
+use crate::store::{
+    Address, Customer, CustomerFields, CustomerId, ListCustomers, StoreError, SyncLink,
+};
 
 /// The `remote_type` of the inbox events a reconciliation's repairs store.
 pub const RECONCILIATION: &str = "reconciliation";
@@ -47,6 +49,14 @@ const ECHO_WINDOW_MS: i64 = 2_000;
 const HELD_RECHECK_MS: i64 = 5_000;
 /// How often a decision is retaken when the customer changed under it.
 const RACE_RETRIES: usize = 5;
+
+/// What one read of a claimed batch knows of an event's remote record: its
+/// link, and the customer that link names (`None`: it does not exist).
+#[derive(Debug)]
+pub struct Known {
+    link: Option<SyncLink>,
+    customer: Option<Customer>,
+}
 
 /// What ferry does when a remote record is deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -235,13 +245,62 @@ impl SyncEngine {
                 }
             }
         }
+        // One read of the links and customers the groups start from, not
+        // two round trips per event; later events of a group read afresh,
+        // after the events before them were applied.
+        let mut known = self.read_known(&groups).await.into_iter();
         futures::stream::iter(groups)
-            .for_each_concurrent(self.inner.concurrency, |group| async move {
-                for event in group {
-                    self.apply_inbox_event(event).await;
+            .for_each_concurrent(self.inner.concurrency, |group| {
+                let mut known = known.next().flatten();
+                async move {
+                    for event in group {
+                        self.apply_inbox_event(event, known.take()).await;
+                    }
                 }
             })
             .await;
+    }
+
+    /// What a batch read knows of each group's first event, in group
+    /// order; nothing (each event reads for itself) if the read failed.
+    async fn read_known(&self, groups: &[Vec<InboxEvent>]) -> Vec<Option<Known>> {
+        let store = &self.inner.store;
+        let keys: Vec<(&str, &str)> = groups
+            .iter()
+            .filter_map(|g| g.first())
+            .map(|e| (e.connector.as_str(), e.remote_id.as_str()))
+            .collect();
+        let read = async {
+            let links = store.links_by_remote_ids(&keys).await?;
+            let ids: Vec<&str> = links.iter().map(|l| l.customer_id.as_str()).collect();
+            let customers = store.customers_any(&ids).await?;
+            Ok::<_, StoreError>((links, customers))
+        };
+        let (links, customers) = match read.await {
+            Ok(read) => read,
+            Err(error) => {
+                tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::from(error)),
+                    "reading the links of an inbox batch failed; each event reads its own"
+                );
+                return Vec::new();
+            }
+        };
+        let mut links: HashMap<(String, String), SyncLink> = links
+            .into_iter()
+            .filter_map(|l| Some(((l.connector.clone(), l.remote_id.clone()?), l)))
+            .collect();
+        let mut customers: HashMap<String, Customer> = customers
+            .into_iter()
+            .map(|c| (c.id.as_str().to_owned(), c))
+            .collect();
+        keys.iter()
+            .map(|(connector, remote_id)| {
+                let link = links.remove(&((*connector).to_owned(), (*remote_id).to_owned()));
+                let customer = link.as_ref().and_then(|l| customers.remove(&l.customer_id));
+                Some(Known { link, customer })
+            })
+            .collect()
     }
 
     /// Wakes the inbox loop (a webhook stored events).
@@ -256,8 +315,12 @@ impl SyncEngine {
         remote_id = %event.remote_id,
         correlation_id = event.correlation_id.as_deref().unwrap_or(""),
     ))]
-    pub async fn apply_inbox_event(&self, event: InboxEvent) -> InboundOutcome {
-        let outcome = self.apply_inbox_step(&event).await;
+    pub async fn apply_inbox_event(
+        &self,
+        event: InboxEvent,
+        known: Option<Known>,
+    ) -> InboundOutcome {
+        let outcome = self.apply_inbox_step(&event, known).await;
         let connector = &event.connector;
         match &outcome {
             InboundOutcome::Applied { .. } => self.observe(connector, "inbound", "applied", None),
@@ -273,9 +336,14 @@ impl SyncEngine {
         outcome
     }
 
-    async fn apply_inbox_step(&self, event: &InboxEvent) -> InboundOutcome {
+    async fn apply_inbox_step(
+        &self,
+        event: &InboxEvent,
+        mut known: Option<Known>,
+    ) -> InboundOutcome {
         for _ in 0..RACE_RETRIES {
-            match self.try_apply(event).await {
+            // A decision taken again after a race reads afresh.
+            match self.try_apply(event, known.take()).await {
                 Ok(Some(outcome)) => return outcome,
                 // The customer changed while we decided: decide again.
                 Ok(None) => continue,
@@ -307,15 +375,25 @@ impl SyncEngine {
     }
 
     /// Decides and applies; `Ok(None)` means "raced, decide again".
-    async fn try_apply(&self, event: &InboxEvent) -> Result<Option<InboundOutcome>, Failure> {
+    async fn try_apply(
+        &self,
+        event: &InboxEvent,
+        known: Option<Known>,
+    ) -> Result<Option<InboundOutcome>, Failure> {
         let inner = &self.inner;
         if event.entity != super::ENTITY {
             return self.skip(event, "entity not synced").await;
         }
-        let link = inner
-            .store
-            .link_by_remote_id(&event.connector, &event.remote_id)
-            .await?;
+        let (link, known_customer) = match known {
+            Some(known) => (known.link, Some(known.customer)),
+            None => (
+                inner
+                    .store
+                    .link_by_remote_id(&event.connector, &event.remote_id)
+                    .await?,
+                None,
+            ),
+        };
         if let Some(key) = &event.origin_key {
             if key.starts_with(&format!("ferry-{}-", event.connector)) {
                 // The push it echoes carries the change's correlation id:
@@ -366,13 +444,19 @@ impl SyncEngine {
         };
 
         let (customer, base) = match &link {
-            Some(link) => match inner.store.get_customer_any(&link.customer_id).await? {
-                Some(customer) if customer.deleted_at.is_none() => {
-                    (Some(customer), link.snapshot.clone())
+            Some(link) => {
+                let linked = match known_customer {
+                    Some(known) => known,
+                    None => inner.store.get_customer_any(&link.customer_id).await?,
+                };
+                match linked {
+                    Some(customer) if customer.deleted_at.is_none() => {
+                        (Some(customer), link.snapshot.clone())
+                    }
+                    Some(_) => return self.skip(event, "the customer was deleted locally").await,
+                    None => return self.skip(event, "the linked customer does not exist").await,
                 }
-                Some(_) => return self.skip(event, "the customer was deleted locally").await,
-                None => return self.skip(event, "the linked customer does not exist").await,
-            },
+            }
             None => match self.customer_by_email(&remote).await? {
                 Some(owner) => {
                     let taken = inner

@@ -11,6 +11,7 @@ mod connectors;
 mod crash;
 mod fanout;
 mod faults;
+mod group_commit;
 mod hardening;
 mod inbound;
 mod inbound_policies;
