@@ -21,7 +21,7 @@ use super::extract::request_id;
 use crate::app::AppState;
 use crate::registry::Need;
 use crate::runtime::{CallError, ChangeKind, ConnectorError, WebhookRequest};
-use crate::store::inbox::NewInboxEvent;
+use crate::store::inbox::{NewInboxEvent, RemoteChange};
 
 /// What ferry answers a delivery with when the connector asks for no
 /// particular body.
@@ -117,8 +117,8 @@ pub async fn receive(
             event_id: event.id,
             entity: event.entity,
             kind: match event.kind {
-                ChangeKind::Upsert => "upsert",
-                ChangeKind::Delete => "delete",
+                ChangeKind::Upsert => RemoteChange::Upsert,
+                ChangeKind::Delete => RemoteChange::Delete,
             },
             remote_id: event.remote_id,
             occurred_at_ms: event.occurred_at_ms,

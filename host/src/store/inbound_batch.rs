@@ -20,7 +20,9 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::customers::{columns, CustomerRow};
-use super::inbox::{link_upsert_on_conflict, Applied, CustomerWrite, InboundChange, NewInboxEvent};
+use super::inbox::{
+    link_upsert_on_conflict, Applied, CustomerWrite, InboundChange, NewInboxEvent, RemoteChange,
+};
 use super::{Customer, CustomerId, StoreError};
 
 /// Stores the events of several webhook deliveries in one statement (the
@@ -107,7 +109,7 @@ impl EventColumns {
         self.connectors.push(connector.to_owned());
         self.event_ids.push(event.event_id.clone());
         self.entities.push(event.entity.clone());
-        self.kinds.push(event.kind);
+        self.kinds.push(event.kind.as_str());
         self.remote_ids.push(event.remote_id.clone());
         self.occurred_at_ms.push(event.occurred_at_ms);
         self.records.push(
@@ -351,15 +353,14 @@ async fn write(
     }
     if !inbox.seqs.is_empty() {
         let finished: Vec<i64> = sqlx::query_scalar(
-            "UPDATE inbox SET state = u_state, detail = u_detail, customer_id = u_customer, \
+            "UPDATE inbox SET state = 'applied', detail = u_detail, customer_id = u_customer, \
              lease_until_ms = 0, lease_token = NULL \
-             FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[]) \
-             AS u(u_seq, u_token, u_state, u_detail, u_customer) \
+             FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[]) \
+             AS u(u_seq, u_token, u_detail, u_customer) \
              WHERE seq = ANY($1::int8[]) AND seq = u_seq AND lease_token = u_token RETURNING seq",
         )
         .bind(&inbox.seqs)
         .bind(inbox.tokens)
-        .bind(inbox.states)
         .bind(inbox.details)
         .bind(inbox.customers)
         .fetch_all(&mut *tx)
@@ -486,7 +487,7 @@ impl LinkColumns {
         self.customers.push(customer.as_str().to_owned());
         self.connectors.push(event.connector.clone());
         self.remote_ids.push(event.remote_id.clone());
-        self.remote_deleted.push(event.kind == "delete");
+        self.remote_deleted.push(event.kind == RemoteChange::Delete);
         self.versions.push(version);
         // As in the savepoint path: synced at the new version when the
         // remote already holds the result.
@@ -510,7 +511,6 @@ impl LinkColumns {
 struct InboxColumns {
     seqs: Vec<i64>,
     tokens: Vec<Option<String>>,
-    states: Vec<&'static str>,
     details: Vec<Option<String>>,
     customers: Vec<Option<String>>,
 }
@@ -519,7 +519,6 @@ impl InboxColumns {
     fn push(&mut self, customer: Option<&CustomerId>, change: &InboundChange) {
         self.seqs.push(change.event.seq);
         self.tokens.push(change.event.lease_token.clone());
-        self.states.push(change.outcome);
         self.details.push(change.detail.clone());
         self.customers.push(customer.map(|c| c.as_str().to_owned()));
     }

@@ -10,7 +10,73 @@ use utoipa::ToSchema;
 
 use super::customers::{columns, CustomerRow};
 use super::sync::now_ms;
-use super::{dispatch, now, Customer, CustomerFields, CustomerId, Store, StoreError};
+use super::sync::DeadLetterKind;
+use super::{dispatch, now, stored_names, Customer, CustomerFields, CustomerId, Store, StoreError};
+
+/// What a remote event did to its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RemoteChange {
+    /// Created or changed.
+    Upsert,
+    /// Deleted.
+    Delete,
+}
+
+stored_names!(RemoteChange { Upsert => "upsert", Delete => "delete" });
+
+/// Where an inbox event stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum InboxState {
+    /// Waiting to be applied (or behind an open conflict).
+    Pending,
+    /// Failed; applied again when due.
+    Retry,
+    /// Applied to the catalog.
+    Applied,
+    /// Nothing to apply (an echo, stale, another entity…).
+    Skipped,
+    /// Given up: see its dead letter.
+    Dead,
+}
+
+stored_names!(InboxState {
+    Pending => "pending",
+    Retry => "retry",
+    Applied => "applied",
+    Skipped => "skipped",
+    Dead => "dead",
+});
+
+/// How an inbox event ends without a change being applied.
+#[derive(Debug, Clone, Copy)]
+pub enum InboxFinish<'a> {
+    /// Nothing to apply; why.
+    Skipped(&'a str),
+    /// Waits, without using an attempt, until `at_ms` (behind an open
+    /// conflict); why.
+    Deferred {
+        /// Why it waits.
+        detail: &'a str,
+        /// When it is looked at again, unix ms.
+        at_ms: i64,
+    },
+    /// Failed; tried again at `at_ms`.
+    Retry {
+        /// The error.
+        error: &'a str,
+        /// When, unix ms.
+        at_ms: i64,
+    },
+    /// Given up, with a dead letter.
+    Dead {
+        /// The error.
+        error: &'a str,
+        /// Why it was given up.
+        kind: DeadLetterKind,
+    },
+}
 
 /// An event to store, as a connector parsed it.
 #[derive(Debug, Clone)]
@@ -19,8 +85,8 @@ pub struct NewInboxEvent {
     pub event_id: String,
     /// Entity type.
     pub entity: String,
-    /// `upsert` or `delete`.
-    pub kind: &'static str,
+    /// What the event did to its record.
+    pub kind: RemoteChange,
     /// The remote record's id.
     pub remote_id: String,
     /// When the remote says it happened.
@@ -47,8 +113,9 @@ pub struct InboxEvent {
     pub event_id: String,
     /// Entity type.
     pub entity: String,
-    /// `upsert` or `delete`.
-    pub kind: String,
+    /// What the event did to its record.
+    #[sqlx(try_from = "String")]
+    pub kind: RemoteChange,
     /// The remote record's id.
     pub remote_id: String,
     /// When the remote says it happened, unix ms.
@@ -60,8 +127,9 @@ pub struct InboxEvent {
     pub origin_key: Option<String>,
     /// The remote's own event type.
     pub remote_type: String,
-    /// `pending`, `retry`, `applied`, `skipped` or `dead`.
-    pub state: String,
+    /// Where it stands.
+    #[sqlx(try_from = "String")]
+    pub state: InboxState,
     /// Failed attempts.
     pub attempts: i32,
     /// Why it was skipped, or the last error.
@@ -146,9 +214,7 @@ pub struct InboundChange {
     /// new idempotency key: the remote lacks a value the merge kept and no
     /// new version will carry it (see [`Store::force_push`]).
     pub push_back: Option<i64>,
-    /// `applied` or `skipped`.
-    pub outcome: &'static str,
-    /// Why, for a skip or a merge.
+    /// How it was applied (a merge, a conflict…).
     pub detail: Option<String>,
     /// A conflict to record.
     pub conflict: Option<NewConflict>,
@@ -210,7 +276,7 @@ impl Store {
                     .bind(*connector)
                     .bind(&event.event_id)
                     .bind(&event.entity)
-                    .bind(event.kind)
+                    .bind(event.kind.as_str())
                     .bind(&event.remote_id)
                     .bind(event.occurred_at_ms)
                     .bind(event.record.as_ref().map(Json))
@@ -337,18 +403,21 @@ impl Store {
         Ok(())
     }
 
-    /// Ends an inbox event without applying anything: `skipped`, `retry`
-    /// (due at `next_attempt_at_ms`) or `dead` (with a dead letter).
+    /// Ends an inbox event without applying anything (see
+    /// [`InboxFinish`]); false when another worker holds it now.
     pub async fn finish_inbox(
         &self,
         event: &InboxEvent,
-        state: &str,
-        detail: &str,
-        next_attempt_at_ms: Option<i64>,
-        customer_id: Option<&str>,
+        finish: InboxFinish<'_>,
     ) -> Result<bool, StoreError> {
         let at = now();
-        let attempts = if matches!(state, "retry" | "dead") {
+        let (state, detail, next_attempt_at_ms) = match finish {
+            InboxFinish::Skipped(reason) => (InboxState::Skipped, reason, None),
+            InboxFinish::Deferred { detail, at_ms } => (InboxState::Pending, detail, Some(at_ms)),
+            InboxFinish::Retry { error, at_ms } => (InboxState::Retry, error, Some(at_ms)),
+            InboxFinish::Dead { error, .. } => (InboxState::Dead, error, None),
+        };
+        let attempts = if matches!(state, InboxState::Retry | InboxState::Dead) {
             event.attempts + 1
         } else {
             event.attempts
@@ -357,14 +426,13 @@ impl Store {
             let mut tx = pool.begin().await?;
             let updated = sqlx::query(
                 "UPDATE inbox SET state = $1, detail = $2, attempts = $3, \
-                 next_attempt_at_ms = COALESCE($4, next_attempt_at_ms), customer_id = COALESCE($5, customer_id), \
-                 lease_until_ms = 0, lease_token = NULL WHERE seq = $6 AND lease_token = $7",
+                 next_attempt_at_ms = COALESCE($4, next_attempt_at_ms), \
+                 lease_until_ms = 0, lease_token = NULL WHERE seq = $5 AND lease_token = $6",
             )
-            .bind(state)
+            .bind(state.as_str())
             .bind(super::capped(detail))
             .bind(attempts)
             .bind(next_attempt_at_ms)
-            .bind(customer_id)
             .bind(event.seq)
             .bind(&event.lease_token)
             .execute(&mut *tx)
@@ -373,7 +441,7 @@ impl Store {
             if updated != 1 {
                 return Ok(false);
             }
-            if state == "dead" {
+            if let InboxFinish::Dead { kind, .. } = finish {
                 sqlx::query(
                     // The customer: the one the event named, else the one
                     // the remote record is linked to, so the operator sees
@@ -385,9 +453,9 @@ impl Store {
                      $3, 'inbound', 0, $4, $5, $6, $7, $8, $9)",
                 )
                 .bind(format!("dl_{}", uuid::Uuid::now_v7().simple()))
-                .bind(customer_id)
+                .bind(&event.customer_id)
                 .bind(&event.connector)
-                .bind(if next_attempt_at_ms.is_some() { "retries_exhausted" } else { "permanent" })
+                .bind(kind.as_str())
                 .bind(super::capped(detail))
                 .bind(attempts)
                 .bind(&event.correlation_id)
@@ -525,7 +593,7 @@ impl Store {
             }
             if let Some(link_customer) = link_customer.as_ref().filter(|_| change.link_remote) {
                 let version = customer.as_ref().map(|c| c.version).unwrap_or(0);
-                let remote_deleted = event.kind == "delete";
+                let remote_deleted = event.kind == RemoteChange::Delete;
                 // A change the remote already holds is synced at its new
                 // version: the relay's intake then sees nothing to push back.
                 let synced = if change.remote_has_result { version } else { 0 };
@@ -596,10 +664,9 @@ impl Store {
                 }
             }
             let updated = sqlx::query(
-                "UPDATE inbox SET state = $1, detail = $2, customer_id = $3, lease_until_ms = 0, \
-                 lease_token = NULL WHERE seq = $4 AND lease_token = $5",
+                "UPDATE inbox SET state = 'applied', detail = $1, customer_id = $2, lease_until_ms = 0, \
+                 lease_token = NULL WHERE seq = $3 AND lease_token = $4",
             )
-            .bind(change.outcome)
             .bind(&change.detail)
             .bind(link_customer.as_ref().map(|c| c.as_str()))
             .bind(event.seq)

@@ -181,6 +181,40 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
+/// Implements `as_str` (the name stored in a TEXT column) and
+/// `TryFrom<String>` (reading it back: `#[sqlx(try_from = "String")]`) for
+/// a fieldless enum, so a state is a type everywhere but in the SQL.
+macro_rules! stored_names {
+    ($name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl $name {
+            /// The stored name.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+
+            fn try_from(text: String) -> Result<Self, String> {
+                match text.as_str() {
+                    $($text => Ok(Self::$variant),)+
+                    other => Err(format!(concat!("not a ", stringify!($name), ": {:?}"), other)),
+                }
+            }
+        }
+    };
+}
+pub(crate) use stored_names;
+
 /// Longest error text stored on a link, a delivery, a dead letter or an
 /// inbox event, in bytes: a remote's error body can be arbitrarily large.
 pub const MAX_ERROR_BYTES: usize = 4096;

@@ -14,7 +14,34 @@ use serde::Serialize;
 use sqlx::types::Json;
 use utoipa::ToSchema;
 
-use super::{dispatch, now, Store, StoreError};
+use super::{dispatch, now, stored_names, Store, StoreError};
+
+/// Why a change was given up (a dead letter's `error_kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterKind {
+    /// The remote refused the change, or it will never apply as it is.
+    Permanent,
+    /// The remote record is gone.
+    NotFound,
+    /// The connector's credentials were refused.
+    Unauthorized,
+    /// The connector cannot do this operation.
+    Unsupported,
+    /// Failed every attempt; a timeout among them may have been applied.
+    RetriesExhausted,
+    /// The remote record ferry created is linked to another customer.
+    RemoteIdTaken,
+}
+
+stored_names!(DeadLetterKind {
+    Permanent => "permanent",
+    NotFound => "not_found",
+    Unauthorized => "unauthorized",
+    Unsupported => "unsupported",
+    RetriesExhausted => "retries_exhausted",
+    RemoteIdTaken => "remote_id_taken",
+});
 
 /// Scheduling state of a link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
@@ -230,8 +257,8 @@ pub enum RecordedOutcome {
         operation: Option<&'static str>,
         /// Attempts made.
         attempt: i32,
-        /// The error class (`permanent`, `retries_exhausted`, ...).
-        error_kind: String,
+        /// Why it was given up.
+        error_kind: DeadLetterKind,
         /// The error.
         error: String,
     },
@@ -289,8 +316,9 @@ pub struct DeadLetter {
     pub direction: String,
     /// The local version that failed.
     pub version: i64,
-    /// `permanent`, `unauthorized`, `retries_exhausted`, ...
-    pub error_kind: String,
+    /// Why it was given up.
+    #[sqlx(try_from = "String")]
+    pub error_kind: DeadLetterKind,
     /// The last error.
     pub error: String,
     /// Attempts made.
@@ -508,7 +536,7 @@ macro_rules! record_in {
                     // A refused create was not applied: forget it, so a fixed
                     // record is sent fresh. Exhausted retries may have been
                     // applied (timeouts): keep replaying that create.
-                    let forget_pending = error_kind != "retries_exhausted";
+                    let forget_pending = *error_kind != DeadLetterKind::RetriesExhausted;
                     sqlx::query(
                         "UPDATE sync_links SET state = 'dead', attempts = $1, last_error = $2, \
                          pending_version = CASE WHEN $7 THEN NULL ELSE pending_version END, \
@@ -568,7 +596,7 @@ macro_rules! record_in {
                 .bind(&$link.customer_id)
                 .bind(&$link.connector)
                 .bind(version)
-                .bind(error_kind)
+                .bind(error_kind.as_str())
                 .bind(super::capped(error))
                 .bind(attempt)
                 .bind(&$link.correlation_id)

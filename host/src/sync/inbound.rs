@@ -27,8 +27,11 @@ use super::merge::{merge_owned, ConflictPolicy, FieldOwners, Resolution, Sides};
 use super::outbound::canonical_record;
 use super::SyncEngine;
 use crate::runtime::{CallError, ConnectorError};
-use crate::store::inbox::{Applied, CustomerWrite, InboundChange, InboxEvent, NewConflict};
+use crate::store::inbox::{
+    Applied, CustomerWrite, InboundChange, InboxEvent, InboxFinish, NewConflict, RemoteChange,
+};
 use crate::store::sync::now_ms;
+use crate::store::sync::DeadLetterKind;
 use crate::store::{
     Address, Customer, CustomerFields, CustomerId, ListCustomers, StoreError, SyncLink,
 };
@@ -362,7 +365,7 @@ impl SyncEngine {
         let finished = self
             .inner
             .store
-            .finish_inbox(event, "skipped", reason, None, None)
+            .finish_inbox(event, InboxFinish::Skipped(reason))
             .await?;
         tracing::debug!(reason, "inbound event skipped");
         Ok(Some(if finished {
@@ -413,7 +416,13 @@ impl SyncEngine {
             let at = now_ms() + HELD_RECHECK_MS;
             self.inner
                 .store
-                .finish_inbox(event, "pending", &detail, Some(at), None)
+                .finish_inbox(
+                    event,
+                    InboxFinish::Deferred {
+                        detail: &detail,
+                        at_ms: at,
+                    },
+                )
                 .await?;
             return Ok(Some(InboundOutcome::Deferred));
         }
@@ -433,10 +442,10 @@ impl SyncEngine {
             event.occurred_at_ms == l.remote_seen_at_ms
                 || (l.pushed_at_ms > 0 && event.occurred_at_ms <= l.pushed_at_ms + ECHO_WINDOW_MS)
         });
-        if doubtful && event.kind == "upsert" {
+        if doubtful && event.kind == RemoteChange::Upsert {
             record = Some(self.fetch_current(event).await?);
         }
-        if event.kind == "delete" {
+        if event.kind == RemoteChange::Delete {
             return self.apply_delete(event, link).await;
         }
         let Some(remote) = record.map(|r| canonical_record(&r)) else {
@@ -491,7 +500,6 @@ impl SyncEngine {
                     snapshot: Some(remote),
                     remote_has_result: true,
                     push_back: None,
-                    outcome: "applied",
                     detail: Some("created from the remote record".into()),
                     conflict: None,
                 })
@@ -628,7 +636,6 @@ impl SyncEngine {
             snapshot: Some(remote),
             remote_has_result,
             push_back,
-            outcome: "applied",
             detail: Some(format!("{detail_prefix}{detail}")),
             conflict,
         })
@@ -666,7 +673,13 @@ impl SyncEngine {
                     let at = now_ms() + HELD_RECHECK_MS;
                     self.inner
                         .store
-                        .finish_inbox(event, "pending", &detail, Some(at), None)
+                        .finish_inbox(
+                            event,
+                            InboxFinish::Deferred {
+                                detail: &detail,
+                                at_ms: at,
+                            },
+                        )
                         .await?;
                     return Ok(Some(InboundOutcome::Deferred));
                 }
@@ -724,7 +737,6 @@ impl SyncEngine {
             snapshot: Some(remote),
             remote_has_result: true,
             push_back: None,
-            outcome: "applied",
             detail: Some(detail),
             conflict,
         })
@@ -777,7 +789,6 @@ impl SyncEngine {
             snapshot: Some(remote),
             remote_has_result: !merged.remote_needs_push(),
             push_back,
-            outcome: "applied",
             detail: Some(detail.to_owned()),
             conflict: None,
         })
@@ -867,7 +878,6 @@ impl SyncEngine {
             snapshot: None,
             remote_has_result: true,
             push_back: None,
-            outcome: "applied",
             detail: Some(detail.into()),
             conflict: None,
         })
@@ -951,27 +961,32 @@ impl SyncEngine {
 
     async fn inbound_failed(&self, event: &InboxEvent, failure: Failure) -> InboundOutcome {
         let attempt = u32::try_from(event.attempts + 1).unwrap_or(u32::MAX);
-        let (state, detail, next) = match failure {
-            Failure::Permanent(message) => ("dead", message, None),
+        let (detail, retry_at, dead) = match failure {
+            Failure::Permanent(message) => (message, None, Some(DeadLetterKind::Permanent)),
             Failure::Retry(message) if self.inner.policy.exhausted(attempt) => (
-                "dead",
                 format!("gave up after {attempt} attempts: {message}"),
-                Some(now_ms()),
+                None,
+                Some(DeadLetterKind::RetriesExhausted),
             ),
             Failure::Retry(message) => {
                 let delay = self.inner.policy.delay(attempt, None);
                 let at = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-                ("retry", message, Some(at))
+                (message, Some(at), None)
             }
         };
-        tracing::warn!(state, detail, "inbound event failed");
-        match self
-            .inner
-            .store
-            .finish_inbox(event, state, &detail, next, None)
-            .await
-        {
-            Ok(true) if state == "dead" => InboundOutcome::DeadLettered { reason: detail },
+        let finish = match (dead, retry_at) {
+            (Some(kind), _) => InboxFinish::Dead {
+                error: &detail,
+                kind,
+            },
+            (None, at_ms) => InboxFinish::Retry {
+                error: &detail,
+                at_ms: at_ms.unwrap_or_else(now_ms),
+            },
+        };
+        tracing::warn!(dead = dead.is_some(), detail, "inbound event failed");
+        match self.inner.store.finish_inbox(event, finish).await {
+            Ok(true) if dead.is_some() => InboundOutcome::DeadLettered { reason: detail },
             Ok(true) => {
                 self.observe(
                     &event.connector,

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use super::SyncEngine;
 use crate::registry::{Need, NotReady};
 use crate::runtime::{CallError, ConnectorError, Operation, PushRequest};
-use crate::store::sync::{now_ms, LinkWrite};
+use crate::store::sync::{now_ms, DeadLetterKind, LinkWrite};
 use crate::store::{Customer, RecordedOutcome, SyncLink};
 
 /// The entity type ferry syncs today.
@@ -173,7 +173,7 @@ impl SyncEngine {
                     version: link.wanted_version,
                     operation: None,
                     attempt: link.attempts + 1,
-                    error_kind: "remote_id_taken".into(),
+                    error_kind: DeadLetterKind::RemoteIdTaken,
                     error: reason.clone(),
                 };
                 match self.write_link(&link, LinkWrite::Outcome(dead)).await {
@@ -414,13 +414,13 @@ impl SyncEngine {
         error: CallError,
     ) -> (RecordedOutcome, Outcome) {
         let breakers = &self.inner.breakers;
-        let dead = |kind: &str, message: String| {
+        let dead = |kind: DeadLetterKind, message: String| {
             (
                 RecordedOutcome::DeadLettered {
                     version,
                     operation: Some(operation),
                     attempt: link.attempts + 1,
-                    error_kind: kind.to_owned(),
+                    error_kind: kind,
                     error: message.clone(),
                 },
                 Outcome::DeadLettered { reason: message },
@@ -441,21 +441,28 @@ impl SyncEngine {
             }
             CallError::Connector(ConnectorError::Permanent(message)) => {
                 breakers.success(&link.connector);
-                dead("permanent", message)
+                dead(DeadLetterKind::Permanent, message)
             }
             CallError::Connector(ConnectorError::NotFound(message)) => {
                 breakers.success(&link.connector);
-                dead("not_found", format!("remote record not found: {message}"))
+                dead(
+                    DeadLetterKind::NotFound,
+                    format!("remote record not found: {message}"),
+                )
             }
             CallError::Connector(ConnectorError::Unauthorized(message)) => {
                 breakers.success(&link.connector);
-                dead("unauthorized", format!("unauthorized: {message}"))
+                dead(
+                    DeadLetterKind::Unauthorized,
+                    format!("unauthorized: {message}"),
+                )
             }
-            CallError::Connector(ConnectorError::Unsupported(message)) => {
-                dead("unsupported", format!("unsupported: {message}"))
-            }
+            CallError::Connector(ConnectorError::Unsupported(message)) => dead(
+                DeadLetterKind::Unsupported,
+                format!("unsupported: {message}"),
+            ),
             CallError::Connector(ConnectorError::InvalidSignature(message)) => {
-                dead("permanent", message)
+                dead(DeadLetterKind::Permanent, message)
             }
             CallError::Connector(ConnectorError::Retryable(message)) => {
                 breakers.failure(&link.connector);
@@ -487,7 +494,7 @@ impl SyncEngine {
                     version,
                     operation: attempted.map(|(_, op)| op),
                     attempt,
-                    error_kind: "retries_exhausted".into(),
+                    error_kind: DeadLetterKind::RetriesExhausted,
                     error: message.clone(),
                 },
                 Outcome::DeadLettered { reason: message },

@@ -35,7 +35,7 @@ use super::outbound::canonical_record;
 use super::{SyncEngine, ENTITY};
 use crate::registry::{Need, NotReady};
 use crate::runtime::{CallError, ConnectorError, Page};
-use crate::store::inbox::NewInboxEvent;
+use crate::store::inbox::{NewInboxEvent, RemoteChange};
 use crate::store::reconciliations::{MismatchRow, NewMismatch, PageFindings, RunRow};
 use crate::store::sync::now_ms;
 use crate::store::sync::LinkState;
@@ -885,7 +885,7 @@ impl SyncEngine {
 fn plan_repair(run: &RunRow, mode: Mode, repair: Repair, mismatch: &MismatchRow) -> Option<Action> {
     use Repair::{Merge, PullRemote, PushLocal, Report};
     let kind = action_kind(mismatch);
-    let event = |kind: &'static str, policy: Option<&str>| {
+    let event = |kind: RemoteChange, policy: Option<&str>| {
         Some(Action::Event(NewInboxEvent {
             event_id: format!("reconcile:{}:{}", run.id, mismatch.id),
             entity: ENTITY.to_owned(),
@@ -902,22 +902,22 @@ fn plan_repair(run: &RunRow, mode: Mode, repair: Repair, mismatch: &MismatchRow)
     match (kind, repair) {
         (_, Report) => None,
         (Kind::Different, PushLocal) => customer.map(Action::ForcePush),
-        (Kind::Different, PullRemote) => event("upsert", Some("prefer_remote")),
-        (Kind::Different, Merge) => event("upsert", None),
+        (Kind::Different, PullRemote) => event(RemoteChange::Upsert, Some("prefer_remote")),
+        (Kind::Different, Merge) => event(RemoteChange::Upsert, None),
         // The customer was deleted in ferry: the delete is pushed; ferry
         // never brings a deleted customer back.
         (Kind::MissingLocal, PushLocal | Merge) if customer.is_some() => {
             customer.map(Action::ForcePush)
         }
         (Kind::MissingLocal, _) if customer.is_some() => None,
-        (Kind::MissingLocal, PullRemote | Merge) => event("upsert", None),
+        (Kind::MissingLocal, PullRemote | Merge) => event(RemoteChange::Upsert, None),
         // push_local never deletes a record ferry does not know.
         (Kind::MissingLocal, PushLocal) => None,
-        (Kind::Unlinked, PushLocal) => event("upsert", Some("prefer_local")),
-        (Kind::Unlinked, PullRemote) => event("upsert", Some("prefer_remote")),
-        (Kind::Unlinked, Merge) => event("upsert", None),
+        (Kind::Unlinked, PushLocal) => event(RemoteChange::Upsert, Some("prefer_local")),
+        (Kind::Unlinked, PullRemote) => event(RemoteChange::Upsert, Some("prefer_remote")),
+        (Kind::Unlinked, Merge) => event(RemoteChange::Upsert, None),
         // The duplicate-email policy decides, as for a webhook.
-        (Kind::Duplicate, PullRemote | Merge) => event("upsert", None),
+        (Kind::Duplicate, PullRemote | Merge) => event(RemoteChange::Upsert, None),
         (Kind::Duplicate, PushLocal) => None,
         (Kind::MissingRemote, PushLocal | Merge) => customer.map(Action::Recreate),
         // pull_remote never deletes a customer the remote lacks.
@@ -925,7 +925,7 @@ fn plan_repair(run: &RunRow, mode: Mode, repair: Repair, mismatch: &MismatchRow)
         (Kind::Orphan, _) if mode == Mode::Backfill => None,
         (Kind::Orphan, PushLocal) => customer.map(Action::Recreate),
         // The delete policy decides, as for a remote delete.
-        (Kind::Orphan, PullRemote | Merge) => event("delete", None),
+        (Kind::Orphan, PullRemote | Merge) => event(RemoteChange::Delete, None),
     }
 }
 

@@ -147,11 +147,11 @@ async fn webhook_events_go_through_kafka_in_order() {
             .unwrap();
         let settled = events
             .iter()
-            .filter(|e| e.state == "applied" || e.state == "skipped")
+            .filter(|e| e.state.as_str() == "applied" || e.state.as_str() == "skipped")
             .count();
         if settled == 3 {
             let stale = events.iter().find(|e| e.event_id == "evt_k0").unwrap();
-            assert_eq!(stale.state, "skipped", "{stale:?}");
+            assert_eq!(stale.state.as_str(), "skipped", "{stale:?}");
             break;
         }
         assert!(

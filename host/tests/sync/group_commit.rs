@@ -5,7 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use ferry::store::inbox::{Applied, CustomerWrite, InboundChange, InboxEvent, NewInboxEvent};
+use ferry::store::inbox::{
+    Applied, CustomerWrite, InboundChange, InboxEvent, NewInboxEvent, RemoteChange,
+};
 use ferry::store::{
     customers::WriteContext, CustomerFields, CustomerId, Store, StoreError, StoreOptions,
 };
@@ -48,7 +50,7 @@ async fn claimed(store: &Store, remote_ids: &[String]) -> Vec<InboxEvent> {
         .map(|remote_id| NewInboxEvent {
             event_id: format!("evt_{remote_id}"),
             entity: "customer".into(),
-            kind: "upsert",
+            kind: RemoteChange::Upsert,
             remote_id: remote_id.clone(),
             occurred_at_ms: 1_000,
             record: Some(json!({ "email": "ignored@example.com" })),
@@ -80,7 +82,6 @@ fn change(event: &InboxEvent, customer: CustomerWrite, link: Option<&CustomerId>
         snapshot: Some(json!({ "name": "from the remote" })),
         remote_has_result: true,
         push_back: None,
-        outcome: "applied",
         detail: Some("applied by the group".into()),
         conflict: None,
     }
@@ -213,7 +214,7 @@ async fn each_change_gets_its_own_answer(postgres: bool) {
                 .expect("inbox read")
                 .pop()
                 .expect("event");
-            rows.push((event.state, event.customer_id));
+            rows.push((event.state.as_str().to_owned(), event.customer_id));
         }
         rows
     };

@@ -90,6 +90,7 @@ async fn slow_and_oversized_requests_are_cut_off() {
         .unwrap();
     let (reply, took) = answer(&mut large, Duration::from_secs(5)).await;
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(reply.contains("payload_too_large"), "{reply}");
     assert!(
         took < Duration::from_millis(400),
         "answered before the body: {took:?}"

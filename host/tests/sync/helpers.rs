@@ -337,7 +337,7 @@ impl SyncApp {
                 .expect("inbox");
             let settled = events
                 .iter()
-                .all(|e| e.state == "applied" || e.state == "skipped");
+                .all(|e| e.state.as_str() == "applied" || e.state.as_str() == "skipped");
             if events.len() >= count && settled {
                 return events;
             }

@@ -257,7 +257,7 @@ async fn deliveries_are_verified_deduplicated_and_ordered(backend: Backend) {
             .unwrap();
         events
             .iter()
-            .find(|e| e.event_id == "evt_older" && e.state == "skipped")
+            .find(|e| e.event_id == "evt_older" && e.state.as_str() == "skipped")
             .map(|_| Value::Null)
     })
     .await;
@@ -436,7 +436,7 @@ async fn same_second_events_are_resolved_by_refetching() {
             .unwrap();
         let done = events
             .iter()
-            .filter(|e| e.state == "applied" || e.state == "skipped")
+            .filter(|e| e.state.as_str() == "applied" || e.state.as_str() == "skipped")
             .count()
             == 2;
         if done {
@@ -450,11 +450,8 @@ async fn same_second_events_are_resolved_by_refetching() {
         customer["name"], "What Stripe Holds",
         "the remote's state, not the last payload"
     );
-
-    let huge = "x".repeat(2 * 1024 * 1024);
-    let (status, problem) = deliver(&app, &huge, "t=1,v1=00").await;
-    assert_eq!(
-        (status, problem["code"].as_str()),
-        (413, Some("payload_too_large"))
-    );
+    // An oversized delivery is refused before its body is read, so a
+    // client still writing it may see the connection close instead of the
+    // 413: `hardening::slow_and_oversized_requests_are_cut_off` checks it
+    // on a raw socket.
 }

@@ -25,7 +25,7 @@ async fn wait_event(app: &SyncApp, remote_id: &str, event_id: &str, state: &str)
             .expect("inbox");
         if let Some(e) = events
             .iter()
-            .find(|e| e.event_id == event_id && e.state == state)
+            .find(|e| e.event_id == event_id && e.state.as_str() == state)
         {
             return e.detail.clone().unwrap_or_default();
         }

@@ -307,7 +307,7 @@ async fn backfill_links_imports_and_pushes(backend: Backend) {
     eventually("the second duplicate is dead-lettered", || async {
         let events = app.store.inbox_of_remote("stripe", other).await.unwrap();
         events.iter().any(|e| {
-            e.state == "dead"
+            e.state.as_str() == "dead"
                 && e.detail
                     .as_deref()
                     .is_some_and(|d| d.contains("duplicate_email policy is reject"))
@@ -820,7 +820,7 @@ async fn duplicate_email_delivery(
         let events = app.store.inbox_of_remote("stripe", &s2).await.unwrap();
         if let Some(done) = events
             .iter()
-            .find(|e| e.state != "pending" && e.state != "retry")
+            .find(|e| e.state.as_str() != "pending" && e.state.as_str() != "retry")
         {
             let detail = done.detail.clone().unwrap_or_default();
             return (app, id, s2, format!("{}: {detail}", done.state));
@@ -942,7 +942,7 @@ async fn field_owners_decide_before_the_conflict_policy(backend: Backend) {
     let (status, reply) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
     assert_eq!(status, 200, "{reply}");
     let events = app.wait_inbox_settled("stripe", &s1, 1).await;
-    assert_eq!(events[0].state, "applied", "{events:?}");
+    assert_eq!(events[0].state.as_str(), "applied", "{events:?}");
     let now = app.store.get_customer_any(&id).await.unwrap().unwrap();
     assert_eq!(
         (now.name.as_deref(), now.phone.as_deref()),
