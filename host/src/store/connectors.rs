@@ -519,7 +519,7 @@ impl Store {
     /// Makes the pushes that waited while `name` was disabled due now
     /// (retries in backoff keep their time).
     pub async fn resume_connector_links(&self, name: &str) -> Result<u64, StoreError> {
-        let now_ms = super::sync::now_ms();
+        let now_ms = super::now_ms();
         let resumed = dispatch!(self, write pool => {
             sqlx::query(
                 "UPDATE sync_links SET next_attempt_at_ms = $2 WHERE connector = $1 \

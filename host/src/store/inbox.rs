@@ -9,8 +9,8 @@ use sqlx::types::Json;
 use utoipa::ToSchema;
 
 use super::customers::{columns, CustomerRow};
-use super::sync::now_ms;
-use super::sync::DeadLetterKind;
+use super::now_ms;
+use super::DeadLetterKind;
 use super::{dispatch, now, stored_names, Customer, CustomerFields, CustomerId, Store, StoreError};
 
 /// What a remote event did to its record.
@@ -622,7 +622,7 @@ impl Store {
                 })?;
             }
             if let (Some(version), Some(link_customer)) = (change.push_back, &link_customer) {
-                sqlx::query(super::sync::FORCE_PUSH_SQL)
+                sqlx::query(super::links::FORCE_PUSH_SQL)
                     .bind(link_customer.as_str())
                     .bind(&event.connector)
                     .bind(version)

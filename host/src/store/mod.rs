@@ -19,13 +19,15 @@ pub mod conflicts;
 pub mod connector_configs;
 pub mod connectors;
 pub mod customers;
+pub mod dead_letters;
+pub mod deliveries;
 pub mod health;
 pub mod idempotency;
 mod inbound_batch;
 pub mod inbox;
+pub mod links;
 pub mod outbox;
 pub mod reconciliations;
-pub mod sync;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -36,12 +38,11 @@ use sqlx::sqlite::{
 };
 
 pub use customers::{Address, Customer, CustomerFields, CustomerId, CustomerPage, ListCustomers};
+pub use dead_letters::{DeadLetter, DeadLetterKind, ListDeadLetters};
+pub use deliveries::Delivery;
 pub use idempotency::{ClaimOutcome, IdempotencyRecord, StoredResponse};
+pub use links::{ChangeNotice, LinkKey, LinkState, RecordedOutcome, SyncLink};
 pub use outbox::{OutboxEvent, OutboxKind};
-pub use sync::{
-    ChangeNotice, DeadLetter, Delivery, LinkKey, LinkState, ListDeadLetters, RecordedOutcome,
-    SyncLink,
-};
 
 /// Which database a [`Store`] runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,6 +215,11 @@ macro_rules! stored_names {
     };
 }
 pub(crate) use stored_names;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
 
 /// Longest error text stored on a link, a delivery, a dead letter or an
 /// inbox event, in bytes: a remote's error body can be arbitrarily large.

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::types::Json;
 
-use super::{dispatch, Store, StoreError};
+use super::{dispatch, now, Store, StoreError};
 
 /// What happened to the aggregate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -67,6 +67,92 @@ impl Store {
             .await?
         });
         Ok(rows)
+    }
+}
+
+impl Store {
+    /// The outbox payload of `customer_id` at `version` (what a pending
+    /// create sent).
+    pub async fn outbox_payload(
+        &self,
+        customer_id: &str,
+        version: i64,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        let payload: Option<Json<serde_json::Value>> = dispatch!(self, read pool => {
+            sqlx::query_scalar(
+                "SELECT payload FROM outbox WHERE aggregate = 'customer' AND aggregate_id = $1 \
+                 AND version = $2 ORDER BY id LIMIT 1",
+            )
+            .bind(customer_id)
+            .bind(version)
+            .fetch_optional(pool)
+            .await?
+        });
+        Ok(payload.map(|p| p.0))
+    }
+
+    /// The oldest unpublished outbox rows, in id order.
+    pub async fn unpublished_outbox(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<super::OutboxEvent>, StoreError> {
+        let rows = dispatch!(self, write pool => {
+            sqlx::query_as(
+                "SELECT id, aggregate, aggregate_id, version, kind, payload, correlation_id, \
+                 created_at, published_at FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1",
+            )
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows)
+    }
+
+    /// Outbox rows the bus published more than `older_than` ago that no
+    /// consumer has taken yet, oldest first.
+    pub async fn unconsumed_outbox(
+        &self,
+        older_than: chrono::DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<super::OutboxEvent>, StoreError> {
+        let rows = dispatch!(self, read pool => {
+            sqlx::query_as(
+                "SELECT id, aggregate, aggregate_id, version, kind, payload, correlation_id, \
+                 created_at, published_at FROM outbox WHERE consumed_at IS NULL \
+                 AND published_at IS NOT NULL AND published_at < $1 ORDER BY id LIMIT $2",
+            )
+            .bind(older_than)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows)
+    }
+
+    /// Marks outbox rows published (cluster mode, after the broker
+    /// acknowledged them).
+    pub async fn mark_published(&self, ids: &[i64]) -> Result<(), StoreError> {
+        let at = now();
+        if let Store::Postgres(pool) = self {
+            sqlx::query("UPDATE outbox SET published_at = $1 WHERE id = ANY($2)")
+                .bind(at)
+                .bind(ids)
+                .execute(pool)
+                .await?;
+            return Ok(());
+        }
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            for id in ids {
+                sqlx::query("UPDATE outbox SET published_at = $1 WHERE id = $2")
+                    .bind(at)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
     }
 }
 

@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 
 use super::customers::{columns, CustomerRow};
-use super::sync::{link_columns, now_ms, SyncLinkRow};
+use super::links::{link_columns, SyncLinkRow};
+use super::now_ms;
 use super::{dispatch, now, Customer, Store, StoreError, SyncLink};
 
 /// One `reconciliation_runs` row. The enumerations are stored as their
@@ -677,7 +678,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let at = now();
         let updated = dispatch!(self, write pool => {
-            sqlx::query(super::sync::FORCE_PUSH_SQL)
+            sqlx::query(super::links::FORCE_PUSH_SQL)
                 .bind(customer_id)
                 .bind(connector)
                 .bind(version)

@@ -30,8 +30,8 @@ use crate::runtime::{CallError, ConnectorError};
 use crate::store::inbox::{
     Applied, CustomerWrite, InboundChange, InboxEvent, InboxFinish, NewConflict, RemoteChange,
 };
-use crate::store::sync::now_ms;
-use crate::store::sync::DeadLetterKind;
+use crate::store::now_ms;
+use crate::store::DeadLetterKind;
 use crate::store::{
     Address, Customer, CustomerFields, CustomerId, ListCustomers, StoreError, SyncLink,
 };

@@ -29,8 +29,8 @@ pub use self::outbound::{Outcome, ENTITY};
 use self::retry::RetryPolicy;
 use crate::registry::Registry;
 use crate::store::inbox::{Applied, InboundChange, NewInboxEvent};
-use crate::store::sync::now_ms;
-use crate::store::sync::LinkWrite;
+use crate::store::links::LinkWrite;
+use crate::store::now_ms;
 use crate::store::{ChangeNotice, LinkKey, Store, StoreError, SyncLink};
 
 /// Longest the scheduler sleeps without being woken.

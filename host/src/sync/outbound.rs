@@ -16,7 +16,8 @@ use sha2::{Digest, Sha256};
 use super::SyncEngine;
 use crate::registry::{Need, NotReady};
 use crate::runtime::{CallError, ConnectorError, Operation, PushRequest};
-use crate::store::sync::{now_ms, DeadLetterKind, LinkWrite};
+use crate::store::links::LinkWrite;
+use crate::store::{now_ms, DeadLetterKind};
 use crate::store::{Customer, RecordedOutcome, SyncLink};
 
 /// The entity type ferry syncs today.

@@ -36,9 +36,9 @@ use super::{SyncEngine, ENTITY};
 use crate::registry::{Need, NotReady};
 use crate::runtime::{CallError, ConnectorError, Page};
 use crate::store::inbox::{NewInboxEvent, RemoteChange};
+use crate::store::now_ms;
 use crate::store::reconciliations::{MismatchRow, NewMismatch, PageFindings, RunRow};
-use crate::store::sync::now_ms;
-use crate::store::sync::LinkState;
+use crate::store::LinkState;
 use crate::store::StoreError;
 
 /// Remote records asked for per `list` call.

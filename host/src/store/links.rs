@@ -1,6 +1,7 @@
-//! Sync state: per (customer, connector) the link to the remote record and
-//! the schedule of its next push (`sync_links`), the log of every outcome
-//! (`deliveries`) and the dead letters.
+//! Links: per (customer, connector) the link to the remote record and the
+//! schedule of its next push (`sync_links`): intake of changes, claims,
+//! and the outcome of each attempt (with its delivery row and, when given
+//! up, its dead letter).
 //!
 //! A link row is both the lock and the queue entry. Claiming it sets a lease
 //! (`lease_until_ms`, `lease_token`) in one conditional `UPDATE`, which works
@@ -14,34 +15,9 @@ use serde::Serialize;
 use sqlx::types::Json;
 use utoipa::ToSchema;
 
-use super::{dispatch, now, stored_names, Store, StoreError};
-
-/// Why a change was given up (a dead letter's `error_kind`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum DeadLetterKind {
-    /// The remote refused the change, or it will never apply as it is.
-    Permanent,
-    /// The remote record is gone.
-    NotFound,
-    /// The connector's credentials were refused.
-    Unauthorized,
-    /// The connector cannot do this operation.
-    Unsupported,
-    /// Failed every attempt; a timeout among them may have been applied.
-    RetriesExhausted,
-    /// The remote record ferry created is linked to another customer.
-    RemoteIdTaken,
-}
-
-stored_names!(DeadLetterKind {
-    Permanent => "permanent",
-    NotFound => "not_found",
-    Unauthorized => "unauthorized",
-    Unsupported => "unsupported",
-    RetriesExhausted => "retries_exhausted",
-    RemoteIdTaken => "remote_id_taken",
-});
+use super::dead_letters::DeadLetterKind;
+use super::deliveries::INSERT_DELIVERY_SQL;
+use super::{dispatch, now, now_ms, Store, StoreError};
 
 /// Scheduling state of a link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
@@ -274,84 +250,6 @@ pub enum LinkWrite {
     Outcome(RecordedOutcome),
 }
 
-/// One row of the delivery log.
-#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
-pub struct Delivery {
-    /// Log id.
-    pub id: i64,
-    /// The connector.
-    pub connector: String,
-    /// `outbound` (ferry → remote) or `inbound`.
-    pub direction: String,
-    /// The local version concerned.
-    pub version: i64,
-    /// `create`, `update` or `delete`.
-    pub operation: Option<String>,
-    /// `delivered`, `skipped`, `retry_scheduled` or `dead_lettered`.
-    pub outcome: String,
-    /// Attempt number.
-    pub attempt: i32,
-    /// Skip reason or error.
-    pub detail: Option<String>,
-    /// For `retry_scheduled`: when, unix ms.
-    pub next_attempt_at_ms: Option<i64>,
-    /// The remote id, if known.
-    pub remote_id: Option<String>,
-    /// The request id of the change.
-    pub correlation_id: Option<String>,
-    /// When it was recorded.
-    pub created_at: DateTime<Utc>,
-}
-
-/// A dead letter.
-#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
-pub struct DeadLetter {
-    /// `dl_…`
-    pub id: String,
-    /// The customer.
-    pub customer_id: String,
-    /// The connector.
-    pub connector: String,
-    /// `outbound` or `inbound`.
-    pub direction: String,
-    /// The local version that failed.
-    pub version: i64,
-    /// Why it was given up.
-    #[sqlx(try_from = "String")]
-    pub error_kind: DeadLetterKind,
-    /// The last error.
-    pub error: String,
-    /// Attempts made.
-    pub attempts: i32,
-    /// The request id of the change.
-    pub correlation_id: Option<String>,
-    /// When it was dead-lettered.
-    pub created_at: DateTime<Utc>,
-    /// When it was replayed; null while open.
-    pub replayed_at: Option<DateTime<Utc>>,
-}
-
-const DEAD_LETTER_COLUMNS: &str = "id, customer_id, connector, direction, version, error_kind, \
-     error, attempts, correlation_id, created_at, replayed_at";
-
-/// Filter for [`Store::dead_letters`].
-#[derive(Debug, Clone, Default)]
-pub struct ListDeadLetters {
-    /// Only this connector's.
-    pub connector: Option<String>,
-    /// Include replayed ones.
-    pub include_replayed: bool,
-    /// Ids sorting after this one.
-    pub starting_after: Option<String>,
-    /// Page size.
-    pub limit: u32,
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
-
 /// Makes a link push `$3` (the customer's current version) again under a
 /// new idempotency key: the remote drifted from what ferry pushed, or lacks
 /// a value a merge kept. `$1` customer, `$2` connector, `$4` now (ms), `$5`
@@ -436,10 +334,6 @@ const CLAIM_DUE_POSTGRES: &str = concat!(
     "ORDER BY next_attempt_at_ms LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING ",
     link_columns!()
 );
-
-const INSERT_DELIVERY_SQL: &str = "INSERT INTO deliveries (customer_id, connector, direction, \
-    version, operation, outcome, attempt, detail, next_attempt_at_ms, remote_id, correlation_id, \
-    created_at) VALUES ($1, $2, 'outbound', $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 
 /// Inside a dispatched transaction `$tx`: writes `$outcome` for `$link`
 /// under its lease. Evaluates to `Result<bool, StoreError>`: false if the
@@ -864,197 +758,6 @@ impl Store {
             }
         };
         Ok(rows.into_iter().map(SyncLink::from).collect())
-    }
-
-    /// The newest `limit` delivery records of a customer, newest first.
-    pub async fn deliveries_of(
-        &self,
-        customer_id: &str,
-        limit: u32,
-    ) -> Result<Vec<Delivery>, StoreError> {
-        let rows = dispatch!(self, read pool => {
-            sqlx::query_as(
-                "SELECT id, connector, direction, version, operation, outcome, attempt, detail, \
-                 next_attempt_at_ms, remote_id, correlation_id, created_at FROM deliveries \
-                 WHERE customer_id = $1 ORDER BY id DESC LIMIT $2",
-            )
-            .bind(customer_id)
-            .bind(i64::from(limit))
-            .fetch_all(pool)
-            .await?
-        });
-        Ok(rows)
-    }
-
-    /// The outbox payload of `customer_id` at `version` (what a pending
-    /// create sent).
-    pub async fn outbox_payload(
-        &self,
-        customer_id: &str,
-        version: i64,
-    ) -> Result<Option<serde_json::Value>, StoreError> {
-        let payload: Option<Json<serde_json::Value>> = dispatch!(self, read pool => {
-            sqlx::query_scalar(
-                "SELECT payload FROM outbox WHERE aggregate = 'customer' AND aggregate_id = $1 \
-                 AND version = $2 ORDER BY id LIMIT 1",
-            )
-            .bind(customer_id)
-            .bind(version)
-            .fetch_optional(pool)
-            .await?
-        });
-        Ok(payload.map(|p| p.0))
-    }
-
-    /// A page of dead letters, oldest first.
-    pub async fn dead_letters(
-        &self,
-        request: &ListDeadLetters,
-    ) -> Result<Vec<DeadLetter>, StoreError> {
-        let sql = format!(
-            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters \
-             WHERE (CAST($1 AS TEXT) IS NULL OR connector = $1) \
-             AND ($2 OR replayed_at IS NULL) \
-             AND (CAST($3 AS TEXT) IS NULL OR id > $3) ORDER BY id LIMIT $4"
-        );
-        let rows = dispatch!(self, read pool => {
-            sqlx::query_as(&sql)
-                .bind(&request.connector)
-                .bind(request.include_replayed)
-                .bind(&request.starting_after)
-                .bind(i64::from(request.limit))
-                .fetch_all(pool)
-                .await?
-        });
-        Ok(rows)
-    }
-
-    /// One dead letter.
-    pub async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
-        let sql = format!("SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = $1");
-        let row = dispatch!(self, read pool => {
-            sqlx::query_as(&sql).bind(id).fetch_optional(pool).await?
-        });
-        Ok(row)
-    }
-
-    /// Replays open dead letters: marks them replayed and schedules their
-    /// links again with a fresh attempt budget. `ids` selects specific ones;
-    /// `connector` all of a connector's. Returns the replayed letters.
-    #[tracing::instrument(skip_all)]
-    pub async fn replay_dead_letters(
-        &self,
-        ids: Option<&[String]>,
-        connector: Option<&str>,
-    ) -> Result<Vec<DeadLetter>, StoreError> {
-        let at = now();
-        let select = format!(
-            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE replayed_at IS NULL \
-             AND (CAST($1 AS TEXT) IS NULL OR connector = $1) ORDER BY id"
-        );
-        dispatch!(self, write pool => {
-            let mut tx = pool.begin().await?;
-            let open: Vec<DeadLetter> = sqlx::query_as(&select)
-                .bind(connector)
-                .fetch_all(&mut *tx)
-                .await?;
-            let chosen: Vec<DeadLetter> = open
-                .into_iter()
-                .filter(|letter| ids.is_none_or(|ids| ids.contains(&letter.id)))
-                .collect();
-            for letter in &chosen {
-                sqlx::query("UPDATE dead_letters SET replayed_at = $1 WHERE id = $2")
-                    .bind(at)
-                    .bind(&letter.id)
-                    .execute(&mut *tx)
-                    .await?;
-                // An inbound dead letter re-opens its inbox event.
-                sqlx::query(
-                    "UPDATE inbox SET state = 'pending', attempts = 0, next_attempt_at_ms = $1 \
-                     WHERE state = 'dead' AND seq = (SELECT inbox_seq FROM dead_letters WHERE id = $2)",
-                )
-                .bind(at.timestamp_millis())
-                .bind(&letter.id)
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "UPDATE sync_links SET state = 'pending', attempts = 0, next_attempt_at_ms = $1, \
-                     updated_at = $2 WHERE customer_id = $3 AND connector = $4 AND state = 'dead'",
-                )
-                .bind(at.timestamp_millis())
-                .bind(at)
-                .bind(&letter.customer_id)
-                .bind(&letter.connector)
-                .execute(&mut *tx)
-                .await?;
-            }
-            tx.commit().await?;
-            Ok(chosen)
-        })
-    }
-
-    /// The oldest unpublished outbox rows, in id order.
-    pub async fn unpublished_outbox(
-        &self,
-        limit: u32,
-    ) -> Result<Vec<super::OutboxEvent>, StoreError> {
-        let rows = dispatch!(self, write pool => {
-            sqlx::query_as(
-                "SELECT id, aggregate, aggregate_id, version, kind, payload, correlation_id, \
-                 created_at, published_at FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1",
-            )
-            .bind(i64::from(limit))
-            .fetch_all(pool)
-            .await?
-        });
-        Ok(rows)
-    }
-
-    /// Outbox rows the bus published more than `older_than` ago that no
-    /// consumer has taken yet, oldest first.
-    pub async fn unconsumed_outbox(
-        &self,
-        older_than: chrono::DateTime<Utc>,
-        limit: u32,
-    ) -> Result<Vec<super::OutboxEvent>, StoreError> {
-        let rows = dispatch!(self, read pool => {
-            sqlx::query_as(
-                "SELECT id, aggregate, aggregate_id, version, kind, payload, correlation_id, \
-                 created_at, published_at FROM outbox WHERE consumed_at IS NULL \
-                 AND published_at IS NOT NULL AND published_at < $1 ORDER BY id LIMIT $2",
-            )
-            .bind(older_than)
-            .bind(i64::from(limit))
-            .fetch_all(pool)
-            .await?
-        });
-        Ok(rows)
-    }
-
-    /// Marks outbox rows published (cluster mode, after the broker
-    /// acknowledged them).
-    pub async fn mark_published(&self, ids: &[i64]) -> Result<(), StoreError> {
-        let at = now();
-        if let Store::Postgres(pool) = self {
-            sqlx::query("UPDATE outbox SET published_at = $1 WHERE id = ANY($2)")
-                .bind(at)
-                .bind(ids)
-                .execute(pool)
-                .await?;
-            return Ok(());
-        }
-        dispatch!(self, write pool => {
-            let mut tx = pool.begin().await?;
-            for id in ids {
-                sqlx::query("UPDATE outbox SET published_at = $1 WHERE id = $2")
-                    .bind(at)
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tx.commit().await?;
-        });
-        Ok(())
     }
 }
 

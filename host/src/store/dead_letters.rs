@@ -1,0 +1,168 @@
+//! Dead letters: changes given up on, in either direction, waiting for a
+//! person to replay them (which schedules their link or inbox event again).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::{dispatch, now, stored_names, Store, StoreError};
+
+/// Why a change was given up (a dead letter's `error_kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterKind {
+    /// The remote refused the change, or it will never apply as it is.
+    Permanent,
+    /// The remote record is gone.
+    NotFound,
+    /// The connector's credentials were refused.
+    Unauthorized,
+    /// The connector cannot do this operation.
+    Unsupported,
+    /// Failed every attempt; a timeout among them may have been applied.
+    RetriesExhausted,
+    /// The remote record ferry created is linked to another customer.
+    RemoteIdTaken,
+}
+
+stored_names!(DeadLetterKind {
+    Permanent => "permanent",
+    NotFound => "not_found",
+    Unauthorized => "unauthorized",
+    Unsupported => "unsupported",
+    RetriesExhausted => "retries_exhausted",
+    RemoteIdTaken => "remote_id_taken",
+});
+
+/// A dead letter.
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+pub struct DeadLetter {
+    /// `dl_…`
+    pub id: String,
+    /// The customer.
+    pub customer_id: String,
+    /// The connector.
+    pub connector: String,
+    /// `outbound` or `inbound`.
+    pub direction: String,
+    /// The local version that failed.
+    pub version: i64,
+    /// Why it was given up.
+    #[sqlx(try_from = "String")]
+    pub error_kind: DeadLetterKind,
+    /// The last error.
+    pub error: String,
+    /// Attempts made.
+    pub attempts: i32,
+    /// The request id of the change.
+    pub correlation_id: Option<String>,
+    /// When it was dead-lettered.
+    pub created_at: DateTime<Utc>,
+    /// When it was replayed; null while open.
+    pub replayed_at: Option<DateTime<Utc>>,
+}
+
+const DEAD_LETTER_COLUMNS: &str = "id, customer_id, connector, direction, version, error_kind, \
+     error, attempts, correlation_id, created_at, replayed_at";
+
+/// Filter for [`Store::dead_letters`].
+#[derive(Debug, Clone, Default)]
+pub struct ListDeadLetters {
+    /// Only this connector's.
+    pub connector: Option<String>,
+    /// Include replayed ones.
+    pub include_replayed: bool,
+    /// Ids sorting after this one.
+    pub starting_after: Option<String>,
+    /// Page size.
+    pub limit: u32,
+}
+
+impl Store {
+    /// A page of dead letters, oldest first.
+    pub async fn dead_letters(
+        &self,
+        request: &ListDeadLetters,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let sql = format!(
+            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters \
+             WHERE (CAST($1 AS TEXT) IS NULL OR connector = $1) \
+             AND ($2 OR replayed_at IS NULL) \
+             AND (CAST($3 AS TEXT) IS NULL OR id > $3) ORDER BY id LIMIT $4"
+        );
+        let rows = dispatch!(self, read pool => {
+            sqlx::query_as(&sql)
+                .bind(&request.connector)
+                .bind(request.include_replayed)
+                .bind(&request.starting_after)
+                .bind(i64::from(request.limit))
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(rows)
+    }
+
+    /// One dead letter.
+    pub async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
+        let sql = format!("SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = $1");
+        let row = dispatch!(self, read pool => {
+            sqlx::query_as(&sql).bind(id).fetch_optional(pool).await?
+        });
+        Ok(row)
+    }
+
+    /// Replays open dead letters: marks them replayed and schedules their
+    /// links again with a fresh attempt budget. `ids` selects specific ones;
+    /// `connector` all of a connector's. Returns the replayed letters.
+    #[tracing::instrument(skip_all)]
+    pub async fn replay_dead_letters(
+        &self,
+        ids: Option<&[String]>,
+        connector: Option<&str>,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let at = now();
+        let select = format!(
+            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE replayed_at IS NULL \
+             AND (CAST($1 AS TEXT) IS NULL OR connector = $1) ORDER BY id"
+        );
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            let open: Vec<DeadLetter> = sqlx::query_as(&select)
+                .bind(connector)
+                .fetch_all(&mut *tx)
+                .await?;
+            let chosen: Vec<DeadLetter> = open
+                .into_iter()
+                .filter(|letter| ids.is_none_or(|ids| ids.contains(&letter.id)))
+                .collect();
+            for letter in &chosen {
+                sqlx::query("UPDATE dead_letters SET replayed_at = $1 WHERE id = $2")
+                    .bind(at)
+                    .bind(&letter.id)
+                    .execute(&mut *tx)
+                    .await?;
+                // An inbound dead letter re-opens its inbox event.
+                sqlx::query(
+                    "UPDATE inbox SET state = 'pending', attempts = 0, next_attempt_at_ms = $1 \
+                     WHERE state = 'dead' AND seq = (SELECT inbox_seq FROM dead_letters WHERE id = $2)",
+                )
+                .bind(at.timestamp_millis())
+                .bind(&letter.id)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE sync_links SET state = 'pending', attempts = 0, next_attempt_at_ms = $1, \
+                     updated_at = $2 WHERE customer_id = $3 AND connector = $4 AND state = 'dead'",
+                )
+                .bind(at.timestamp_millis())
+                .bind(at)
+                .bind(&letter.customer_id)
+                .bind(&letter.connector)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(chosen)
+        })
+    }
+}
