@@ -371,7 +371,9 @@ impl App {
     async fn spawn_sync(&self, tasks: &TaskTracker) -> anyhow::Result<()> {
         let state = &self.state;
         tasks.spawn(state.sync.clone().run_scheduler(self.cancel.clone()));
-        tasks.spawn(state.sync.clone().run_inbox(self.cancel.clone()));
+        for _ in 0..state.sync.inbox_loops() {
+            tasks.spawn(state.sync.clone().run_inbox(self.cancel.clone()));
+        }
         tasks.spawn(
             state
                 .sync

@@ -140,6 +140,13 @@ pub(super) struct CustomerRow {
     deleted_at: Option<DateTime<Utc>>,
 }
 
+impl CustomerRow {
+    /// Whether the row is soft-deleted.
+    pub(super) fn is_deleted(&self) -> bool {
+        self.deleted_at.is_some()
+    }
+}
+
 impl From<CustomerRow> for Customer {
     fn from(row: CustomerRow) -> Self {
         Self {

@@ -262,9 +262,14 @@ async fn write(
             "address = u_address::jsonb, metadata = u_metadata::jsonb, version = version + 1, updated_at = $8 ",
             "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[]) ",
             "AS u(u_id, u_name, u_email, u_phone, u_address, u_metadata, u_expected) ",
-            // `id = ANY` makes the plan index lookups: the planner takes
-            // unnest for 100 rows and hash-joined a seq scan of customers.
-            "WHERE id = ANY($1::text[]) AND id = u_id AND version = u_expected AND deleted_at IS NULL ",
+            // By the primary key only: `id = ANY` for the lookup, and no
+            // `deleted_at IS NULL`, which let the planner (statistics taken
+            // while the table was empty, as on a first backfill) scan the
+            // whole partial email index of live customers: 8 ms for 64 rows
+            // of 5,000. A deleted customer cannot match anyway (a delete
+            // bumps the version the decision expects); one that did would
+            // be returned with `deleted_at` set and send the batch back.
+            "WHERE id = ANY($1::text[]) AND id = u_id AND version = u_expected ",
             "RETURNING ", columns!()
         ))
         .bind(columns.ids)
@@ -277,6 +282,9 @@ async fn write(
         .bind(at)
         .fetch_all(&mut *tx)
         .await?;
+        if updated.iter().any(|row| row.is_deleted()) {
+            return Ok(None);
+        }
         record(updated, "updated", &index, &mut written);
         for &i in &updates {
             raced[i] = written[i].is_none();
