@@ -257,44 +257,7 @@ impl Store {
         deliveries: &[(&str, &[NewInboxEvent], Option<&str>)],
     ) -> Result<Vec<usize>, StoreError> {
         let at = now();
-        if let Store::Postgres(pool) = self {
-            return super::inbound_batch::store_inbox(pool, deliveries, at).await;
-        }
-        let mut stored = Vec::with_capacity(deliveries.len());
-        dispatch!(self, write pool => {
-            let mut tx = pool.begin().await?;
-            for (connector, events, correlation_id) in deliveries {
-                let mut new = 0;
-                for event in *events {
-                    new += sqlx::query(
-                        "INSERT INTO inbox (connector, event_id, entity, kind, remote_id, occurred_at_ms, \
-                         record, origin_key, remote_type, state, next_attempt_at_ms, correlation_id, received_at, \
-                         policy) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12, $13) \
-                         ON CONFLICT (connector, event_id) DO NOTHING",
-                    )
-                    .bind(*connector)
-                    .bind(&event.event_id)
-                    .bind(&event.entity)
-                    .bind(event.kind.as_str())
-                    .bind(&event.remote_id)
-                    .bind(event.occurred_at_ms)
-                    .bind(event.record.as_ref().map(Json))
-                    .bind(&event.origin_key)
-                    .bind(&event.remote_type)
-                    .bind(at.timestamp_millis())
-                    .bind(*correlation_id)
-                    .bind(at)
-                    .bind(&event.policy)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected() as usize;
-                }
-                stored.push(new);
-            }
-            tx.commit().await?;
-        });
-        Ok(stored)
+        super::inbound_batch::store_inbox(self, deliveries, at).await
     }
 
     /// Claims up to `limit` due, free inbox events, oldest due first,
@@ -483,7 +446,7 @@ impl Store {
     /// Applies several remote changes in ONE transaction (group commit:
     /// one fsync for all), each in its own savepoint, so a change that
     /// raced, lost its lease or broke a constraint is rolled back alone and
-    /// gets its own answer, in order. On PostgreSQL a group of common
+    /// gets its own answer, in order. A group of common
     /// changes is first tried as one statement per table
     /// ([`super::inbound_batch`]).
     #[tracing::instrument(skip_all, fields(changes = changes.len()))]
@@ -492,10 +455,8 @@ impl Store {
         changes: &[InboundChange],
     ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
         let at = now();
-        if let Store::Postgres(pool) = self {
-            if let Some(results) = super::inbound_batch::apply(pool, changes, at).await {
-                return Ok(results);
-            }
+        if let Some(results) = super::inbound_batch::apply(self, changes, at).await {
+            return Ok(results);
         }
         dispatch!(self, write pool => {
             let mut outer = pool.begin().await?;
