@@ -287,7 +287,7 @@ async fn write(
         }
     }
     if !outbox.ids.is_empty() {
-        tx.insert_outbox(outbox).await?;
+        tx.insert_outbox(outbox, at).await?;
     }
 
     // The links, then the inbox rows, of the changes that did not race.
@@ -483,15 +483,21 @@ impl<'c> Tx<'c> {
         }
     }
 
-    async fn insert_outbox(&mut self, outbox: OutboxColumns) -> Result<(), sqlx::Error> {
+    /// The outbox rows, all written at the batch's time `at` (the
+    /// customers' `updated_at`).
+    async fn insert_outbox(
+        &mut self,
+        outbox: OutboxColumns,
+        at: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
         match self {
             Self::Postgres(tx) => {
                 sqlx::query(
                     "INSERT INTO outbox (aggregate, aggregate_id, version, kind, payload, correlation_id, \
                      created_at, source_connector) \
-                     SELECT 'customer', u_id, u_version, u_kind, u_payload::jsonb, u_correlation, u_at, u_connector \
-                     FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::text[]) \
-                     WITH ORDINALITY AS u(u_id, u_version, u_kind, u_payload, u_correlation, u_at, u_connector, u_n) \
+                     SELECT 'customer', u_id, u_version, u_kind, u_payload::jsonb, u_correlation, $6, u_connector \
+                     FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $7::text[]) \
+                     WITH ORDINALITY AS u(u_id, u_version, u_kind, u_payload, u_correlation, u_connector, u_n) \
                      ORDER BY u_n",
                 )
                 .bind(outbox.ids)
@@ -499,14 +505,12 @@ impl<'c> Tx<'c> {
                 .bind(outbox.kinds)
                 .bind(outbox.payloads)
                 .bind(outbox.correlation_ids)
-                .bind(outbox.created_at)
+                .bind(at)
                 .bind(outbox.connectors)
                 .execute(&mut **tx)
                 .await?;
             }
             Self::Sqlite(tx) => {
-                // Every row of a batch was written at the batch's time.
-                let at = outbox.created_at.first().copied();
                 let rows = json_rows(vec![
                     json_column(outbox.ids),
                     json_column(outbox.versions),
@@ -697,7 +701,6 @@ struct OutboxColumns {
     kinds: Vec<&'static str>,
     payloads: Vec<String>,
     correlation_ids: Vec<Option<String>>,
-    created_at: Vec<DateTime<Utc>>,
     connectors: Vec<String>,
 }
 
@@ -715,7 +718,6 @@ impl OutboxColumns {
             .push(serde_json::to_string(customer).map_err(|e| sqlx::Error::Encode(e.into()))?);
         self.correlation_ids
             .push(change.event.correlation_id.clone());
-        self.created_at.push(customer.updated_at);
         self.connectors.push(change.event.connector.clone());
         Ok(())
     }
