@@ -174,7 +174,7 @@ impl From<StoreError> for Stop {
 /// What repairing one finding means.
 enum Action {
     /// Apply the remote record (or its delete) through the inbox.
-    Event(NewInboxEvent),
+    Event(Box<NewInboxEvent>),
     /// Push the customer's current version again (a new idempotency key).
     ForcePush(String),
     /// Create the customer's record anew.
@@ -763,7 +763,7 @@ impl SyncEngine {
                 let what = match action {
                     Action::Event(event) => {
                         let what = format!("inbox event {} ({})", event.event_id, event.kind);
-                        events.push(event);
+                        events.push(*event);
                         what
                     }
                     push => match self.schedule_push(&run.connector, push).await? {
@@ -847,7 +847,7 @@ impl SyncEngine {
                 store
                     .store_inbox_many(&[(
                         run.connector.as_str(),
-                        std::slice::from_ref(&event),
+                        std::slice::from_ref(&*event),
                         Some(run.id.as_str()),
                     )])
                     .await?;
@@ -886,7 +886,7 @@ fn plan_repair(run: &RunRow, mode: Mode, repair: Repair, mismatch: &MismatchRow)
     use Repair::{Merge, PullRemote, PushLocal, Report};
     let kind = action_kind(mismatch);
     let event = |kind: RemoteChange, policy: Option<&str>| {
-        Some(Action::Event(NewInboxEvent {
+        Some(Action::Event(Box::new(NewInboxEvent {
             event_id: format!("reconcile:{}:{}", run.id, mismatch.id),
             entity: ENTITY.to_owned(),
             kind,
@@ -896,7 +896,7 @@ fn plan_repair(run: &RunRow, mode: Mode, repair: Repair, mismatch: &MismatchRow)
             origin_key: None,
             remote_type: super::inbound::RECONCILIATION.to_owned(),
             policy: policy.map(str::to_owned),
-        }))
+        })))
     };
     let customer = mismatch.customer_id.clone();
     match (kind, repair) {
