@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Vendors the API reference UI served at /docs from its npm package, so the
+# page works without internet access. Usage: scripts/vendor-scalar.sh VERSION
+# (then point host/src/api/docs.rs at the new file and update LICENSE).
+source "$(dirname "$0")/lib.sh"
+version="${1:?usage: scripts/vendor-scalar.sh VERSION}"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+(cd "$work" && npm pack --silent "@scalar/api-reference@$version" >/dev/null && tar xzf ./*.tgz)
+grep -q '"license": "MIT"' "$work/package/package.json"
+dest="$FERRY_ROOT/host/assets/scalar"
+rm -f "$dest"/scalar-*.js
+cp "$work/package/dist/browser/standalone.js" "$dest/scalar-$version.js"
+sha256sum "$dest/scalar-$version.js"
