@@ -135,11 +135,13 @@ pub struct PutSettings {
     /// Non-secret settings by name, as the manifest declares them.
     #[serde(default)]
     pub settings: BTreeMap<String, String>,
-    /// Secret values by name. Omitted: the stored secrets are kept. `{}`:
-    /// they are removed. Stored encrypted; never returned.
+    /// Secret values by name, replacing the set. Omitted: the secrets in
+    /// effect are kept. `{}`: they are removed. A name given `null` keeps
+    /// the value in effect for it (so one secret can be changed without
+    /// sending the others). Stored encrypted; never returned.
     #[serde(default)]
-    #[schema(value_type = Option<BTreeMap<String, String>>)]
-    pub secrets: Option<BTreeMap<String, SecretString>>,
+    #[schema(value_type = Option<BTreeMap<String, Option<String>>>)]
+    pub secrets: Option<BTreeMap<String, Option<SecretString>>>,
 }
 
 fn yes() -> bool {

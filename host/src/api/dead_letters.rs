@@ -44,12 +44,13 @@ pub struct ReplayResult {
 
 /// List dead letters.
 ///
-/// Open dead letters (not yet replayed), oldest first. `connector` filters
-/// by connector; `include_replayed=true` shows replayed ones too.
+/// Open dead letters (not yet replayed), oldest first. `connector` and
+/// `direction` filter; `include_replayed=true` shows replayed ones too.
 #[utoipa::path(
     get, path = "/api/v1/dead-letters", tag = "sync",
     params(
         ("connector" = Option<String>, Query, description = "Only this connector's"),
+        ("direction" = Option<String>, Query, description = "outbound or inbound"),
         ("include_replayed" = Option<bool>, Query, description = "Include replayed dead letters"),
         ("starting_after" = Option<String>, Query, description = "Cursor from the previous page"),
         ("limit" = Option<u32>, Query, description = "Page size, 1 to 500"),
@@ -73,6 +74,10 @@ pub async fn list_dead_letters(
     for (name, value) in pairs {
         match name.as_str() {
             "connector" => request.connector = Some(text_param("connector", value)?),
+            "direction" if value == "outbound" || value == "inbound" => {
+                request.direction = Some(value);
+            }
+            "direction" => return Err(ApiError::field("direction", "must be outbound or inbound")),
             "include_replayed" => {
                 request.include_replayed = value
                     .parse()

@@ -135,7 +135,7 @@ pub struct SettingsProblem {
 }
 
 impl SettingsProblem {
-    fn new(field: String, message: &'static str) -> Self {
+    pub(crate) fn new(field: String, message: &'static str) -> Self {
         Self { field, message }
     }
 }

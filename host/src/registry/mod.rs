@@ -203,7 +203,8 @@ pub struct NewSettings {
     /// Non-secret settings by name.
     pub settings: BTreeMap<String, String>,
     /// Secrets by name; `None` keeps the stored ones, empty removes them.
-    pub secrets: Option<BTreeMap<String, SecretString>>,
+    /// A name mapped to `None` keeps the value in effect for it.
+    pub secrets: Option<BTreeMap<String, Option<SecretString>>>,
 }
 
 #[derive(Default)]
@@ -777,6 +778,10 @@ impl Registry {
     pub async fn put_settings(&self, name: &str, new: NewSettings) -> Result<(), RegistryError> {
         let entry = self.entry(name).ok_or(RegistryError::NotFound)?;
         let manifest = active_manifest(&entry)?;
+        let secrets = new
+            .secrets
+            .map(|given| keep_secrets_in_effect(&entry, given))
+            .transpose()?;
         let previous = self
             .inner
             .store
@@ -784,7 +789,7 @@ impl Registry {
             .await?
             .into_iter()
             .find(|c| c.connector == name);
-        let secret_names: Vec<String> = match (&new.secrets, &previous) {
+        let secret_names: Vec<String> = match (&secrets, &previous) {
             (Some(secrets), _) => secrets.keys().cloned().collect(),
             (None, Some(previous)) => previous.secret_names.clone(),
             (None, None) => Vec::new(),
@@ -798,7 +803,7 @@ impl Registry {
         if !problems.is_empty() {
             return Err(RegistryError::Settings(problems));
         }
-        let sealed_secrets = match &new.secrets {
+        let sealed_secrets = match &secrets {
             Some(secrets) if secrets.is_empty() => None,
             Some(secrets) => Some(
                 self.secret_box()
@@ -868,6 +873,33 @@ fn active_manifest(entry: &Entry) -> Result<&Manifest, RegistryError> {
 }
 
 /// A manifest as stored and shown: its JSON form.
+/// Fills the secrets given as `None` with the values in effect for `entry`
+/// (stored or from the environment).
+fn keep_secrets_in_effect(
+    entry: &Entry,
+    given: BTreeMap<String, Option<SecretString>>,
+) -> Result<BTreeMap<String, SecretString>, RegistryError> {
+    let in_effect = &entry.effective.config.secrets;
+    let mut problems = Vec::new();
+    let mut secrets = BTreeMap::new();
+    for (name, value) in given {
+        match value.or_else(|| in_effect.get(&name).cloned()) {
+            Some(value) => {
+                secrets.insert(name, value);
+            }
+            None => problems.push(SettingsProblem::new(
+                format!("secrets.{name}"),
+                "has no value in effect to keep",
+            )),
+        }
+    }
+    if problems.is_empty() {
+        Ok(secrets)
+    } else {
+        Err(RegistryError::Settings(problems))
+    }
+}
+
 fn manifest_json(manifest: &Manifest) -> serde_json::Value {
     serde_json::to_value(manifest).unwrap_or(serde_json::Value::Null)
 }

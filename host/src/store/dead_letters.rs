@@ -70,6 +70,8 @@ const DEAD_LETTER_COLUMNS: &str = "id, customer_id, connector, direction, versio
 pub struct ListDeadLetters {
     /// Only this connector's.
     pub connector: Option<String>,
+    /// Only this direction's (`outbound` or `inbound`).
+    pub direction: Option<String>,
     /// Include replayed ones.
     pub include_replayed: bool,
     /// Ids sorting after this one.
@@ -88,7 +90,8 @@ impl Store {
             "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters \
              WHERE (CAST($1 AS TEXT) IS NULL OR connector = $1) \
              AND ($2 OR replayed_at IS NULL) \
-             AND (CAST($3 AS TEXT) IS NULL OR id > $3) ORDER BY id LIMIT $4"
+             AND (CAST($3 AS TEXT) IS NULL OR id > $3) \
+             AND (CAST($5 AS TEXT) IS NULL OR direction = $5) ORDER BY id LIMIT $4"
         );
         let rows = dispatch!(self, read pool => {
             sqlx::query_as(&sql)
@@ -96,6 +99,7 @@ impl Store {
                 .bind(request.include_replayed)
                 .bind(&request.starting_after)
                 .bind(i64::from(request.limit))
+                .bind(&request.direction)
                 .fetch_all(pool)
                 .await?
         });
