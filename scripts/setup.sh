@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing ferry need, idempotently: the wasm
-# target, Debian packages (PostgreSQL 15 server), a Python venv with
+# target, Debian packages (PostgreSQL 15 server, chromium and its
+# WebDriver for the console's tests), a Python venv with
 # localstripe, the official stripe library and schemathesis, and the tansu
 # broker.
 # Usage: scripts/setup.sh [--test]
@@ -17,6 +18,9 @@ if $want_test; then
   missing=()
   [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql-15)
   command -v runuser >/dev/null || missing+=(util-linux)
+  # The console's browser tests: a real headless chromium over WebDriver.
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
   if [ ${#missing[@]} -gt 0 ]; then
     step "installing Debian packages: ${missing[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

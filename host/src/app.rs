@@ -41,6 +41,8 @@ pub struct ApiSettings {
     pub body_read_timeout: Duration,
     /// Longest a whole request may take.
     pub request_timeout: Duration,
+    /// Signs the console's session cookies and CSRF tokens.
+    pub console_key: crate::console::SessionKey,
 }
 
 /// Limits on connections, for slow and hostile clients.
@@ -263,6 +265,7 @@ impl App {
             store,
             registry,
             settings: Arc::new(ApiSettings {
+                console_key: crate::console::SessionKey::new(config.admin_token.as_ref()),
                 admin_token: config.admin_token.clone(),
                 idempotency_ttl: config.idempotency_ttl,
                 max_body_bytes: config.max_body_bytes,

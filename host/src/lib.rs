@@ -9,6 +9,7 @@ pub mod app;
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod metrics;
 pub mod registry;
 pub mod retention;

@@ -245,16 +245,20 @@ impl FromRequestParts<AppState> for Principal {
                 scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
             })
             .ok_or(ApiError::Unauthorized)?;
-        // Hashing first makes the comparison constant-time in the token
-        // length too.
-        let given = Sha256::digest(given.as_bytes());
-        let expected = Sha256::digest(expected.expose_secret().as_bytes());
-        if bool::from(given.ct_eq(&expected)) {
+        if token_matches(expected, given) {
             Ok(Self::Admin)
         } else {
             Err(ApiError::Unauthorized)
         }
     }
+}
+
+/// Whether `given` is the admin token. Hashing first makes the comparison
+/// constant-time in the token length too.
+pub fn token_matches(expected: &secrecy::SecretString, given: &str) -> bool {
+    let given = Sha256::digest(given.as_bytes());
+    let expected = Sha256::digest(expected.expose_secret().as_bytes());
+    given.ct_eq(&expected).into()
 }
 
 /// A text parameter as the store can hold it: no NUL (PostgreSQL refuses

@@ -5,6 +5,7 @@ pub mod conflicts;
 pub mod connectors;
 pub mod customers;
 pub mod dead_letters;
+pub mod docs;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -20,7 +21,6 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
-use utoipa_scalar::{Scalar, Servable};
 
 use self::error::ApiError;
 use crate::app::AppState;
@@ -112,6 +112,7 @@ async fn method_not_allowed() -> ApiError {
 /// The whole HTTP surface with its middleware.
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.max_body_bytes;
+    let max_component_bytes = state.settings.max_component_bytes;
     let request_timeout = state.settings.request_timeout;
     let v1 = Router::new()
         .merge(customers::router())
@@ -127,7 +128,8 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi_json))
-        .merge(Scalar::with_url("/docs", ApiDoc::openapi()));
+        .merge(docs::router())
+        .merge(crate::console::router(max_component_bytes));
     if state.metrics.is_some() {
         // Counted by route template; unmatched paths are not counted (a
         // client could otherwise mint a series per path).

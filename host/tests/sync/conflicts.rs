@@ -58,7 +58,7 @@ async fn synced_customer(policy: &str) -> Harness {
 }
 
 /// Edits the customer in Stripe as a dashboard user would.
-fn edit_in_stripe(stripe_url: &str, remote_id: &str, field: &str, value: &str) {
+pub(crate) fn edit_in_stripe(stripe_url: &str, remote_id: &str, field: &str, value: &str) {
     let script = format!(
         "import stripe\nstripe.api_key = '{STRIPE_KEY}'\nstripe.api_base = '{stripe_url}'\n\
          stripe.Customer.modify('{remote_id}', {field}='{value}')"

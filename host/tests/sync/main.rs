@@ -8,6 +8,7 @@ mod helpers;
 mod cluster;
 mod conflicts;
 mod connectors;
+mod console;
 mod crash;
 mod fanout;
 mod faults;

@@ -182,6 +182,7 @@ struct State {
     log: Mutex<Vec<LoggedRequest>>,
     down: AtomicBool,
     idempotency: AtomicBool,
+    api_key: Mutex<Option<String>>,
     saved: Mutex<HashMap<String, Saved>>,
 }
 
@@ -274,6 +275,13 @@ impl FaultProxy {
     /// Honour `Idempotency-Key` on POSTs as Stripe does (see the module docs).
     pub fn emulate_stripe_idempotency(&self) {
         self.state.idempotency.store(true, Ordering::SeqCst);
+    }
+
+    /// Refuse requests whose bearer token is not `key`, as Stripe does
+    /// (401 `invalid_request_error`, "Invalid API Key provided"):
+    /// localstripe accepts any key.
+    pub fn require_api_key(&self, key: &str) {
+        *self.state.api_key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key.to_owned());
     }
 
     /// Queues `fault` for the next request that `matcher` matches. Faults
@@ -439,6 +447,27 @@ async fn handle(
     };
     if state.down.load(Ordering::SeqCst) {
         return Err(Dropped);
+    }
+    let required = state
+        .api_key
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some(key) = required {
+        let given = parts
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.as_str()) {
+            state.settle(index, false, Some(401));
+            let body = br#"{"error":{"type":"invalid_request_error","message":"Invalid API Key provided"}}"#;
+            return Ok(made_up(
+                401,
+                &[("content-type".into(), "application/json".into())],
+                body.to_vec(),
+            ));
+        }
     }
     let idempotency_key = (state.idempotency.load(Ordering::SeqCst)
         && parts.method == Method::POST)

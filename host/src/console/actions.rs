@@ -1,0 +1,364 @@
+//! The console's forms. Each turns its fields into the request body the
+//! `/api/v1` handler takes and calls that handler: the same validation, the
+//! same writes, the same wake-ups, the same errors.
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::{Multipart, Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use minijinja::context;
+use serde_json::{json, Value};
+
+use super::session::{self, CsrfForm, Session};
+use super::{done, problem, render};
+use crate::api::connectors::WasmBody;
+use crate::api::error::ApiError;
+use crate::api::extract::{JsonBody, QueryPairs};
+use crate::api::{conflicts, connectors, dead_letters, reconciliations};
+use crate::app::AppState;
+
+fn body(value: &Value) -> JsonBody {
+    JsonBody(Bytes::from(value.to_string()))
+}
+
+/// `POST /console/sign-in`: `token` (unless open), `next`.
+pub async fn sign_in(State(state): State<AppState>, body: Bytes) -> Response {
+    let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let next = session::safe_next(field("next")).to_owned();
+    if !session::token_accepted(&state, field("token").unwrap_or("").trim()) {
+        tracing::warn!("console sign-in refused: not the admin token");
+        return render(
+            None,
+            StatusCode::UNAUTHORIZED,
+            "sign_in.html",
+            context! { next, open => false, error => "That is not the admin token." },
+        );
+    }
+    let mut response = Redirect::to(&next).into_response();
+    response
+        .headers_mut()
+        .insert(header::SET_COOKIE, session::start(&state));
+    response
+}
+
+/// `POST /console/sign-out`.
+pub async fn sign_out(_form: CsrfForm) -> Response {
+    let mut response = Redirect::to("/console/sign-in").into_response();
+    response
+        .headers_mut()
+        .insert(header::SET_COOKIE, session::end());
+    response
+}
+
+/// `POST /console/conflicts/{id}/resolve`: `resolution` (`local`, `remote`
+/// or `fields`); for `fields`, `pick.FIELD` (`local`, `remote` or `value`)
+/// and `value.FIELD` per conflicting field. `local.FIELD`/`remote.FIELD`
+/// carry the values the page showed, so a pick means what was seen.
+pub async fn resolve_conflict(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    form: CsrfForm,
+) -> Response {
+    let resolution = form.get("resolution").unwrap_or("fields");
+    let mut request = json!({ "resolution": resolution });
+    if resolution == "fields" {
+        let mut fields = BTreeMap::new();
+        for (name, pick) in form
+            .fields
+            .iter()
+            .filter_map(|(n, v)| Some((n.strip_prefix("pick.")?, v)))
+        {
+            let source = match pick.as_str() {
+                "local" | "remote" | "value" => format!("{pick}.{name}"),
+                _ => continue,
+            };
+            // An empty value clears the field (null).
+            let value = form.get(&source).filter(|v| !v.is_empty());
+            fields.insert(name.to_owned(), value.map(str::to_owned));
+        }
+        request["fields"] = json!(fields);
+    }
+    match conflicts::resolve_conflict(
+        State(state),
+        form.session.principal,
+        Path(id.clone()),
+        axum::http::HeaderMap::new(),
+        body(&request),
+    )
+    .await
+    {
+        Ok(_) => done(
+            &format!("/console/conflicts/{id}"),
+            "Conflict resolved; the merged record is being pushed.",
+        ),
+        Err(error) => problem(&form.session, error),
+    }
+}
+
+/// `POST /console/dead-letters/{id}/replay`.
+pub async fn replay_dead_letter(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    form: CsrfForm,
+) -> Response {
+    match dead_letters::replay_dead_letter(State(state), form.session.principal, Path(id)).await {
+        Ok(axum::Json(result)) => done(
+            "/console/dead-letters",
+            &format!("Replayed {} dead letter(s).", result.replayed),
+        ),
+        Err(error) => problem(&form.session, error),
+    }
+}
+
+/// `POST /console/dead-letters/replay`: `connector`.
+pub async fn replay_dead_letters(State(state): State<AppState>, form: CsrfForm) -> Response {
+    let request = json!({ "connector": form.get("connector").unwrap_or("") });
+    match dead_letters::replay_dead_letters(State(state), form.session.principal, body(&request))
+        .await
+    {
+        Ok(axum::Json(result)) => done(
+            "/console/dead-letters",
+            &format!("Replayed {} dead letter(s).", result.replayed),
+        ),
+        Err(error) => problem(&form.session, error),
+    }
+}
+
+/// `POST /console/connectors` (multipart): `csrf`, `component` (the
+/// `.wasm`), `activate` (checkbox).
+pub async fn upload_connector(
+    State(state): State<AppState>,
+    session: Session,
+    mut multipart: Multipart,
+) -> Response {
+    let (mut csrf, mut component, mut activate) = (None, None, false);
+    loop {
+        match multipart.next_field().await {
+            Ok(Some(field)) => {
+                let name = field.name().unwrap_or("").to_owned();
+                let Ok(bytes) = field.bytes().await else {
+                    return problem(
+                        &session,
+                        ApiError::ComponentTooLarge {
+                            limit: state.settings.max_component_bytes,
+                        },
+                    );
+                };
+                match name.as_str() {
+                    "csrf" => csrf = Some(String::from_utf8_lossy(&bytes).into_owned()),
+                    "component" => component = Some(bytes),
+                    "activate" => activate = true,
+                    _ => {}
+                }
+            }
+            Ok(None) => break,
+            Err(error) => {
+                return problem(&session, ApiError::field("component", error.body_text()))
+            }
+        }
+    }
+    if !session::multipart_csrf_ok(&session, csrf.as_deref()) {
+        return session::csrf_refused();
+    }
+    let Some(component) = component.filter(|c| !c.is_empty()) else {
+        return problem(
+            &session,
+            ApiError::field("component", "choose a .wasm file"),
+        );
+    };
+    let query = QueryPairs(vec![("activate".to_owned(), activate.to_string())]);
+    match connectors::upload_connector(State(state), session.principal, query, WasmBody(component))
+        .await
+    {
+        Ok(response) => {
+            let location = response
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|l| l.strip_prefix("/api/v1"))
+                .map_or_else(
+                    || "/console/connectors".to_owned(),
+                    |l| format!("/console{l}"),
+                );
+            let notice = if response.status() == StatusCode::CREATED {
+                "Version uploaded."
+            } else {
+                "These bytes were already stored; nothing changed."
+            };
+            done(&location, notice)
+        }
+        Err(error) => problem(&session, error),
+    }
+}
+
+/// `POST /console/connectors/{name}/activate`: `version`.
+pub async fn activate(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    form: CsrfForm,
+) -> Response {
+    let request = json!({ "version": form.get("version").unwrap_or("") });
+    match connectors::activate(
+        State(state),
+        form.session.principal,
+        Path(name.clone()),
+        body(&request),
+    )
+    .await
+    {
+        Ok(axum::Json(summary)) => done(
+            &format!("/console/connectors/{name}"),
+            &format!(
+                "Version {} is active.",
+                summary.active_version.unwrap_or_default()
+            ),
+        ),
+        Err(error) => problem(&form.session, error),
+    }
+}
+
+/// `POST /console/connectors/{name}/enable`: `backfill` (checkbox).
+pub async fn enable(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    form: CsrfForm,
+) -> Response {
+    let backfill = form.get("backfill").is_some();
+    let query = QueryPairs(vec![("backfill".to_owned(), backfill.to_string())]);
+    match connectors::enable(
+        State(state),
+        form.session.principal,
+        Path(name.clone()),
+        query,
+    )
+    .await
+    {
+        Ok(_) => done(&format!("/console/connectors/{name}"), "Enabled."),
+        Err(error) => problem(&form.session, error),
+    }
+}
+
+/// `POST /console/connectors/{name}/disable`.
+pub async fn disable(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    form: CsrfForm,
+) -> Response {
+    match connectors::disable(State(state), form.session.principal, Path(name.clone())).await {
+        Ok(_) => done(&format!("/console/connectors/{name}"), "Disabled."),
+        Err(error) => problem(&form.session, error),
+    }
+}
+
+/// `POST /console/connectors/{name}/settings`: `enabled` (checkbox),
+/// `setting.NAME` per setting, `secret.NAME` per declared secret (empty:
+/// keep the value in effect), `clear.NAME` (checkbox: remove it).
+pub async fn put_settings(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    form: CsrfForm,
+) -> Response {
+    let mut settings = BTreeMap::new();
+    let mut secrets = serde_json::Map::new();
+    for (field, value) in &form.fields {
+        if let Some(setting) = field.strip_prefix("setting.") {
+            if !value.trim().is_empty() {
+                settings.insert(setting.to_owned(), value.trim().to_owned());
+            }
+        } else if let Some(secret) = field.strip_prefix("secret.") {
+            if form.get(&format!("clear.{secret}")).is_some() {
+                continue;
+            }
+            // Only secrets that have a value now are kept; an empty field of
+            // one without a value leaves it unset.
+            let has_value = state
+                .registry
+                .entry(&name)
+                .is_some_and(|e| e.effective.secret_names.iter().any(|s| s == secret));
+            if !value.is_empty() {
+                secrets.insert(secret.to_owned(), json!(value));
+            } else if has_value {
+                secrets.insert(secret.to_owned(), Value::Null);
+            }
+        }
+    }
+    let request = json!({
+        "enabled": form.get("enabled").is_some(),
+        "settings": settings,
+        "secrets": secrets,
+    });
+    match connectors::put_settings(
+        State(state),
+        form.session.principal,
+        Path(name.clone()),
+        body(&request),
+    )
+    .await
+    {
+        Ok(_) => done(&format!("/console/connectors/{name}"), "Settings saved."),
+        Err(error) => problem(&form.session, error),
+    }
+}
+
+/// `POST /console/reconciliations`: `connector`, `mode`, `repair`.
+pub async fn start_reconciliation(State(state): State<AppState>, form: CsrfForm) -> Response {
+    let mut request = json!({ "connector": form.get("connector").unwrap_or("") });
+    for name in ["mode", "repair"] {
+        if let Some(value) = form.get(name).filter(|v| !v.is_empty()) {
+            request[name] = json!(value);
+        }
+    }
+    match reconciliations::start_reconciliation(
+        State(state),
+        form.session.principal,
+        body(&request),
+    )
+    .await
+    {
+        Ok(response) => {
+            let location = response
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|l| l.strip_prefix("/api/v1"))
+                .map_or_else(
+                    || "/console/reconciliations".to_owned(),
+                    |l| format!("/console{l}"),
+                );
+            done(&location, "Run started.")
+        }
+        Err(error) => problem(&form.session, error),
+    }
+}
+
+/// `POST /console/reconciliations/{id}/mismatches/{mismatch_id}/resolve`:
+/// `action`.
+pub async fn resolve_mismatch(
+    State(state): State<AppState>,
+    Path((id, mismatch_id)): Path<(String, String)>,
+    form: CsrfForm,
+) -> Response {
+    let request = json!({ "action": form.get("action").unwrap_or("") });
+    match reconciliations::resolve_mismatch(
+        State(state),
+        form.session.principal,
+        Path((id.clone(), mismatch_id)),
+        body(&request),
+    )
+    .await
+    {
+        Ok(_) => done(
+            &format!("/console/reconciliations/{id}"),
+            "Finding resolved.",
+        ),
+        Err(error) => problem(&form.session, error),
+    }
+}

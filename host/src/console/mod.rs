@@ -1,0 +1,265 @@
+//! `/console`: the operator console. Server-rendered HTML (minijinja
+//! templates compiled into the binary, one stylesheet, no script) over the
+//! same handlers as `/api/v1`: every page reads through an API handler and
+//! every form posts to one, so nothing is possible here that the API
+//! refuses, and its errors are the API's problem details.
+//!
+//! Behind the admin token (see [`session`]); with no token configured it is
+//! open, like the API, on a loopback listener only. Pages that show live
+//! state refresh themselves (`<meta http-equiv="refresh">`).
+
+mod actions;
+mod pages;
+pub mod session;
+
+use std::sync::LazyLock;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use minijinja::{context, Environment, Value};
+use serde::Serialize;
+
+use self::session::Session;
+pub use self::session::SessionKey;
+use crate::api::error::ApiError;
+use crate::app::AppState;
+
+const STYLESHEET: &str = include_str!("console.css");
+
+/// The templates, parsed once.
+static TEMPLATES: LazyLock<Environment<'static>> = LazyLock::new(|| {
+    let mut env = Environment::new();
+    let sources = [
+        ("base.html", include_str!("templates/base.html")),
+        ("sign_in.html", include_str!("templates/sign_in.html")),
+        ("problem.html", include_str!("templates/problem.html")),
+        ("overview.html", include_str!("templates/overview.html")),
+        ("customers.html", include_str!("templates/customers.html")),
+        ("customer.html", include_str!("templates/customer.html")),
+        ("conflicts.html", include_str!("templates/conflicts.html")),
+        ("conflict.html", include_str!("templates/conflict.html")),
+        (
+            "dead_letters.html",
+            include_str!("templates/dead_letters.html"),
+        ),
+        ("connectors.html", include_str!("templates/connectors.html")),
+        ("connector.html", include_str!("templates/connector.html")),
+        (
+            "reconciliations.html",
+            include_str!("templates/reconciliations.html"),
+        ),
+        (
+            "reconciliation.html",
+            include_str!("templates/reconciliation.html"),
+        ),
+    ];
+    for (name, source) in sources {
+        if let Err(error) = env.add_template(name, source) {
+            tracing::error!(template = name, %error, "console template does not parse");
+        }
+    }
+    env.add_filter("when", when);
+    env.add_filter("ms", unix_ms);
+    env.add_filter("age", age);
+    env
+});
+
+/// `2026-12-01T02:30:11.123456Z` → `2026-12-01 02:30:11 UTC`.
+fn when(value: Option<String>) -> String {
+    let Some(value) = value else {
+        return String::new();
+    };
+    match chrono::DateTime::parse_from_rfc3339(&value) {
+        Ok(at) => at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        Err(_) => value,
+    }
+}
+
+/// Unix milliseconds → a time.
+fn unix_ms(value: Option<i64>) -> String {
+    value
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|at| at.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_default()
+}
+
+/// Seconds → `3 s`, `4 min`, `2 h`.
+fn age(seconds: f64) -> String {
+    match seconds {
+        s if s <= 0.0 => "–".to_owned(),
+        s if s < 120.0 => format!("{s:.0} s"),
+        s if s < 7_200.0 => format!("{:.0} min", s / 60.0),
+        s => format!("{:.1} h", s / 3_600.0),
+    }
+}
+
+/// Renders `template` with `data` for a signed-in operator (or for nobody:
+/// sign-in and refusals).
+fn render(session: Option<&Session>, status: StatusCode, template: &str, data: Value) -> Response {
+    let csrf = session.map(|s| s.csrf.clone());
+    let result = TEMPLATES.get_template(template).and_then(|t| {
+        t.render(context! {
+            csrf => csrf,
+            signed_in => session.is_some(),
+            ..data
+        })
+    });
+    match result {
+        Ok(html) => (status, Html(html)).into_response(),
+        Err(error) => {
+            tracing::error!(template, %error, "console page failed to render");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the page failed to render",
+            )
+                .into_response()
+        }
+    }
+}
+
+/// A page from serialisable data.
+fn page(session: &Session, template: &str, data: impl Serialize) -> Response {
+    render(
+        Some(session),
+        StatusCode::OK,
+        template,
+        Value::from_serialize(&data),
+    )
+}
+
+/// A refusal or failure, shown with the API's problem details.
+fn render_problem(
+    session: Option<&Session>,
+    status: StatusCode,
+    code: &str,
+    title: &str,
+    detail: &str,
+) -> Response {
+    render(
+        session,
+        status,
+        "problem.html",
+        context! { status => status.as_u16(), code, title, detail, errors => Vec::<Value>::new() },
+    )
+}
+
+/// An API error as a page: its status, code, title, detail and field errors.
+fn problem(session: &Session, error: ApiError) -> Response {
+    let status = error.status();
+    if status.is_server_error() {
+        tracing::error!(error = %error, "console action failed");
+    }
+    let problem = error.problem();
+    render(
+        Some(session),
+        status,
+        "problem.html",
+        Value::from_serialize(&problem),
+    )
+}
+
+/// After a change: back to a page (303, so a reload does not post again),
+/// with a notice it shows once.
+fn done(to: &str, notice: &str) -> Response {
+    let separator = if to.contains('?') { '&' } else { '?' };
+    let query = serde_urlencoded::to_string([("notice", notice)]).unwrap_or_default();
+    Redirect::to(&format!("{to}{separator}{query}")).into_response()
+}
+
+async fn stylesheet() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        STYLESHEET,
+    )
+        .into_response()
+}
+
+/// Headers on every console response: nothing loads from elsewhere, no
+/// framing, no caching of pages that show customer data.
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Routes under `/console`.
+pub fn router(max_component_bytes: usize) -> Router<AppState> {
+    Router::new()
+        .route("/console", get(pages::overview))
+        .route(
+            "/console/sign-in",
+            get(pages::sign_in).post(actions::sign_in),
+        )
+        .route("/console/sign-out", post(actions::sign_out))
+        .route("/console/console.css", get(stylesheet))
+        .route("/console/customers", get(pages::customers))
+        .route("/console/customers/{id}", get(pages::customer))
+        .route("/console/conflicts", get(pages::conflicts))
+        .route("/console/conflicts/{id}", get(pages::conflict))
+        .route(
+            "/console/conflicts/{id}/resolve",
+            post(actions::resolve_conflict),
+        )
+        .route("/console/dead-letters", get(pages::dead_letters))
+        .route(
+            "/console/dead-letters/replay",
+            post(actions::replay_dead_letters),
+        )
+        .route(
+            "/console/dead-letters/{id}/replay",
+            post(actions::replay_dead_letter),
+        )
+        .route(
+            "/console/connectors",
+            get(pages::connectors)
+                .post(actions::upload_connector)
+                .layer(
+                    // The component plus the form's few other bytes.
+                    DefaultBodyLimit::max(max_component_bytes.saturating_add(64 * 1024)),
+                ),
+        )
+        .route("/console/connectors/{name}", get(pages::connector))
+        .route(
+            "/console/connectors/{name}/activate",
+            post(actions::activate),
+        )
+        .route("/console/connectors/{name}/enable", post(actions::enable))
+        .route("/console/connectors/{name}/disable", post(actions::disable))
+        .route(
+            "/console/connectors/{name}/settings",
+            post(actions::put_settings),
+        )
+        .route(
+            "/console/reconciliations",
+            get(pages::reconciliations).post(actions::start_reconciliation),
+        )
+        .route("/console/reconciliations/{id}", get(pages::reconciliation))
+        .route(
+            "/console/reconciliations/{id}/mismatches/{mismatch_id}/resolve",
+            post(actions::resolve_mismatch),
+        )
+        .layer(axum::middleware::map_response(security_headers))
+}

@@ -1,0 +1,333 @@
+//! The console's pages: each reads through the `/api/v1` handler that
+//! answers the same question, and renders what it returned.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::Json;
+use minijinja::context;
+use minijinja::Value;
+use serde_json::json;
+
+use super::session::Session;
+use super::{page, problem, render};
+use crate::api::extract::{Principal, QueryPairs};
+use crate::api::{conflicts, connectors, customers, dead_letters, health, reconciliations};
+use crate::app::AppState;
+
+/// The first value of `name` in a query, if not empty.
+fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty())
+}
+
+/// Only the named query parameters, for an API list handler.
+fn pass(pairs: &[(String, String)], names: &[&str]) -> QueryPairs {
+    QueryPairs(
+        pairs
+            .iter()
+            .filter(|(n, v)| names.contains(&n.as_str()) && !v.trim().is_empty())
+            .map(|(n, v)| (n.clone(), v.trim().to_owned()))
+            .collect(),
+    )
+}
+
+/// `GET /console/sign-in`.
+pub async fn sign_in(State(state): State<AppState>, QueryPairs(pairs): QueryPairs) -> Response {
+    render(
+        None,
+        StatusCode::OK,
+        "sign_in.html",
+        context! {
+            next => super::session::safe_next(param(&pairs, "next")),
+            open => state.settings.admin_token.is_none(),
+            error => Value::from(()),
+        },
+    )
+}
+
+/// `GET /console`: per connector, links by state, backlog, breaker and last
+/// error.
+pub async fn overview(
+    session: Session,
+    State(state): State<AppState>,
+    QueryPairs(pairs): QueryPairs,
+) -> Response {
+    let principal = session.principal;
+    let health = match health::health(State(state.clone()), principal).await {
+        Ok(Json(health)) => health,
+        Err(error) => return problem(&session, error),
+    };
+    let connectors = match connectors::list_connectors(State(state), principal).await {
+        Ok(Json(list)) => list,
+        Err(error) => return problem(&session, error),
+    };
+    page(
+        &session,
+        "overview.html",
+        json!({ "section": "overview", "health": health, "connectors": connectors.data, "notice": param(&pairs, "notice") }),
+    )
+}
+
+/// `GET /console/customers?q=`: an id opens the customer, anything else is
+/// looked up as an email; without `q`, the catalog page by page.
+pub async fn customers(
+    session: Session,
+    State(state): State<AppState>,
+    QueryPairs(pairs): QueryPairs,
+) -> Response {
+    let query = param(&pairs, "q").unwrap_or("");
+    if query.starts_with("cus_") {
+        return Redirect::to(&format!("/console/customers/{}", urlencode(query))).into_response();
+    }
+    let mut api_query = pass(&pairs, &["starting_after"]);
+    if !query.is_empty() {
+        api_query.0.push(("email".to_owned(), query.to_owned()));
+    }
+    api_query.0.push(("limit".to_owned(), "50".to_owned()));
+    match customers::list_customers(State(state), session.principal, api_query).await {
+        Ok(Json(list)) => page(
+            &session,
+            "customers.html",
+            json!({ "section": "customers", "q": query, "list": list }),
+        ),
+        Err(error) => problem(&session, error),
+    }
+}
+
+fn urlencode(value: &str) -> String {
+    serde_urlencoded::to_string([("", value)])
+        .unwrap_or_default()
+        .trim_start_matches('=')
+        .to_owned()
+}
+
+/// `GET /console/customers/{id}`: the record, its links and its history
+/// both ways.
+pub async fn customer(
+    session: Session,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Response {
+    let sync = match customers::sync::customer_sync(
+        State(state.clone()),
+        session.principal,
+        Path(id.clone()),
+    )
+    .await
+    {
+        Ok(Json(sync)) => sync,
+        Err(error) => return problem(&session, error),
+    };
+    // The record itself, deleted or not (the sync status answered for it).
+    let record = match state.store.get_customer_any(&id).await {
+        Ok(record) => record,
+        Err(error) => return problem(&session, error.into()),
+    };
+    let conflicts = match conflicts::list_conflicts(
+        State(state),
+        session.principal,
+        QueryPairs(vec![("customer_id".to_owned(), id)]),
+    )
+    .await
+    {
+        Ok(Json(list)) => list.data,
+        Err(error) => return problem(&session, error),
+    };
+    page(
+        &session,
+        "customer.html",
+        json!({ "section": "customers", "customer": record, "sync": sync, "conflicts": conflicts }),
+    )
+}
+
+/// `GET /console/conflicts?state=`.
+pub async fn conflicts(
+    session: Session,
+    State(state): State<AppState>,
+    QueryPairs(pairs): QueryPairs,
+) -> Response {
+    let shown = param(&pairs, "state").unwrap_or("open").to_owned();
+    let mut query = pass(&pairs, &["starting_after", "customer_id"]);
+    if shown != "all" {
+        query.0.push(("state".to_owned(), shown.clone()));
+    }
+    match conflicts::list_conflicts(State(state), session.principal, query).await {
+        Ok(Json(list)) => page(
+            &session,
+            "conflicts.html",
+            json!({ "section": "conflicts", "shown": shown, "list": list, "notice": param(&pairs, "notice") }),
+        ),
+        Err(error) => problem(&session, error),
+    }
+}
+
+/// `GET /console/conflicts/{id}`: base, local and remote per field.
+pub async fn conflict(
+    session: Session,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    QueryPairs(pairs): QueryPairs,
+) -> Response {
+    match conflicts::get_conflict(State(state), session.principal, Path(id)).await {
+        Ok(Json(conflict)) => page(
+            &session,
+            "conflict.html",
+            json!({ "section": "conflicts", "conflict": conflict, "notice": param(&pairs, "notice") }),
+        ),
+        Err(error) => problem(&session, error),
+    }
+}
+
+/// `GET /console/dead-letters?connector=&direction=&include_replayed=`.
+pub async fn dead_letters(
+    session: Session,
+    State(state): State<AppState>,
+    QueryPairs(pairs): QueryPairs,
+) -> Response {
+    let query = pass(
+        &pairs,
+        &[
+            "connector",
+            "direction",
+            "include_replayed",
+            "starting_after",
+        ],
+    );
+    let letters =
+        match dead_letters::list_dead_letters(State(state.clone()), session.principal, query).await
+        {
+            Ok(Json(list)) => list,
+            Err(error) => return problem(&session, error),
+        };
+    let names: Vec<String> = state
+        .registry
+        .entries()
+        .iter()
+        .map(|e| e.name.clone())
+        .collect();
+    page(
+        &session,
+        "dead_letters.html",
+        json!({
+            "section": "dead-letters",
+            "list": letters,
+            "connectors": names,
+            "connector": param(&pairs, "connector"),
+            "direction": param(&pairs, "direction"),
+            "include_replayed": param(&pairs, "include_replayed") == Some("true"),
+            "notice": param(&pairs, "notice"),
+        }),
+    )
+}
+
+/// `GET /console/connectors`.
+pub async fn connectors(
+    session: Session,
+    State(state): State<AppState>,
+    QueryPairs(pairs): QueryPairs,
+) -> Response {
+    match connectors::list_connectors(State(state), session.principal).await {
+        Ok(Json(list)) => page(
+            &session,
+            "connectors.html",
+            json!({ "section": "connectors", "connectors": list.data, "notice": param(&pairs, "notice") }),
+        ),
+        Err(error) => problem(&session, error),
+    }
+}
+
+/// `GET /console/connectors/{name}`: versions, switch and settings (secret
+/// names only).
+pub async fn connector(
+    session: Session,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    QueryPairs(pairs): QueryPairs,
+) -> Response {
+    let principal: Principal = session.principal;
+    let summary = match connectors::get_connector(
+        State(state.clone()),
+        principal,
+        Path(name.clone()),
+    )
+    .await
+    {
+        Ok(Json(summary)) => summary,
+        Err(error) => return problem(&session, error),
+    };
+    let versions = match connectors::list_versions(State(state), principal, Path(name)).await {
+        Ok(Json(list)) => list.data,
+        Err(error) => return problem(&session, error),
+    };
+    page(
+        &session,
+        "connector.html",
+        json!({ "section": "connectors", "connector": summary, "versions": versions, "notice": param(&pairs, "notice") }),
+    )
+}
+
+/// `GET /console/reconciliations`: runs, newest first, and a form to start
+/// one.
+pub async fn reconciliations(
+    session: Session,
+    State(state): State<AppState>,
+    QueryPairs(pairs): QueryPairs,
+) -> Response {
+    let query = pass(&pairs, &["connector", "starting_after"]);
+    let runs =
+        match reconciliations::list_reconciliations(State(state.clone()), session.principal, query)
+            .await
+        {
+            Ok(Json(list)) => list,
+            Err(error) => return problem(&session, error),
+        };
+    let names: Vec<String> = state
+        .registry
+        .entries()
+        .iter()
+        .map(|e| e.name.clone())
+        .collect();
+    let running = runs.data.iter().any(|r| r.status == "running");
+    page(
+        &session,
+        "reconciliations.html",
+        json!({ "section": "reconciliations", "list": runs, "connectors": names, "running": running, "notice": param(&pairs, "notice") }),
+    )
+}
+
+/// `GET /console/reconciliations/{id}`: progress (refreshing while it
+/// runs), the report and its findings.
+pub async fn reconciliation(
+    session: Session,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    QueryPairs(pairs): QueryPairs,
+) -> Response {
+    let run = match reconciliations::get_reconciliation(
+        State(state.clone()),
+        session.principal,
+        Path(id.clone()),
+    )
+    .await
+    {
+        Ok(Json(run)) => run,
+        Err(error) => return problem(&session, error),
+    };
+    let query = pass(&pairs, &["kind", "state", "starting_after"]);
+    let findings =
+        match reconciliations::list_mismatches(State(state), session.principal, Path(id), query)
+            .await
+        {
+            Ok(Json(list)) => list,
+            Err(error) => return problem(&session, error),
+        };
+    page(
+        &session,
+        "reconciliation.html",
+        json!({ "section": "reconciliations", "run": run, "findings": findings, "notice": param(&pairs, "notice") }),
+    )
+}

@@ -1,0 +1,309 @@
+//! Console sessions: sign-in with the admin token sets a signed, HttpOnly,
+//! SameSite=Strict cookie; every form that changes something carries a
+//! CSRF token bound to the session.
+//!
+//! Sessions are stateless: `{id}.{expires}.{mac}`, the MAC an HMAC-SHA256
+//! under a key derived (HKDF) from the admin token, so they survive a
+//! restart, work on every replica, and all end when the token is rotated.
+//! With no admin token (open mode, loopback only) the key is random per
+//! process. The CSRF token is an HMAC of the session id under the same key.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+use crate::api::extract::Principal;
+use crate::app::AppState;
+
+/// The session cookie's name.
+pub const COOKIE: &str = "ferry_console";
+/// How long a session lasts.
+const LIFETIME_SECONDS: i64 = 12 * 60 * 60;
+/// Binds the derived key to this use.
+const KDF_INFO: &[u8] = b"ferry console sessions v1";
+
+/// The key sessions and CSRF tokens are signed with.
+pub struct SessionKey([u8; 32]);
+
+impl std::fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionKey([REDACTED])")
+    }
+}
+
+impl SessionKey {
+    /// Derived from the admin token, or random when there is none.
+    pub fn new(admin_token: Option<&SecretString>) -> Self {
+        let mut key = [0u8; 32];
+        match admin_token {
+            Some(token) => {
+                let hkdf = Hkdf::<Sha256>::new(Some(b"ferry"), token.expose_secret().as_bytes());
+                hkdf.expand(KDF_INFO, &mut key)
+                    .unwrap_or_else(|_| unreachable!("32 bytes is a valid HKDF-SHA256 length"));
+            }
+            None => rand::thread_rng().fill_bytes(&mut key),
+        }
+        Self(key)
+    }
+
+    fn mac(&self, parts: &[&[u8]]) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
+        for part in parts {
+            mac.update(part);
+            mac.update(b"\n");
+        }
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// A new session's cookie value.
+    fn issue(&self, now: i64) -> String {
+        let mut id = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut id);
+        let id = hex::encode(id);
+        let expires = (now + LIFETIME_SECONDS).to_string();
+        let mac = self.mac(&[b"session", id.as_bytes(), expires.as_bytes()]);
+        format!("{id}.{expires}.{mac}")
+    }
+
+    /// The session id of a valid, unexpired cookie value.
+    fn verify(&self, value: &str, now: i64) -> Option<String> {
+        let mut parts = value.split('.');
+        let (id, expires, mac) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        let expected = self.mac(&[b"session", id.as_bytes(), expires.as_bytes()]);
+        let valid: bool = expected.as_bytes().ct_eq(mac.as_bytes()).into();
+        (valid && expires.parse::<i64>().ok()? > now).then(|| id.to_owned())
+    }
+
+    fn csrf(&self, session_id: &str) -> String {
+        self.mac(&[b"csrf", session_id.as_bytes()])
+    }
+}
+
+/// A signed-in operator.
+pub struct Session {
+    /// The token every form must carry back.
+    pub csrf: String,
+    /// Who the API handlers see.
+    pub principal: Principal,
+}
+
+impl Session {
+    fn check_csrf(&self, given: Option<&str>) -> bool {
+        given.is_some_and(|given| bool::from(given.as_bytes().ct_eq(self.csrf.as_bytes())))
+    }
+}
+
+fn principal(state: &AppState) -> Principal {
+    if state.settings.admin_token.is_some() {
+        Principal::Admin
+    } else {
+        Principal::Open
+    }
+}
+
+fn cookie_value(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value)
+}
+
+/// Where sign-in returns to: a console path only (never another host).
+pub fn safe_next(next: Option<&str>) -> &str {
+    match next {
+        Some(next)
+            if next.starts_with("/console")
+                && !next.contains("//")
+                && !next.contains('\\')
+                && !next.starts_with("/console/sign-") =>
+        {
+            next
+        }
+        _ => "/console",
+    }
+}
+
+impl FromRequestParts<AppState> for Session {
+    /// No valid session: to the sign-in page, then back here.
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let now = chrono::Utc::now().timestamp();
+        let key = &state.settings.console_key;
+        match cookie_value(parts).and_then(|value| key.verify(value, now)) {
+            Some(id) => Ok(Self {
+                csrf: key.csrf(&id),
+                principal: principal(state),
+            }),
+            None => {
+                let next = parts
+                    .uri
+                    .path_and_query()
+                    .map_or("/console", |p| p.as_str());
+                let next = if parts.method == axum::http::Method::GET {
+                    safe_next(Some(next))
+                } else {
+                    "/console"
+                };
+                let location = format!(
+                    "/console/sign-in?{}",
+                    serde_urlencoded::to_string([("next", next)]).unwrap_or_default()
+                );
+                Err(Redirect::to(&location).into_response())
+            }
+        }
+    }
+}
+
+/// A form post from a signed-in operator that carried the session's CSRF
+/// token: its fields, in order.
+pub struct CsrfForm {
+    pub session: Session,
+    pub fields: Vec<(String, String)>,
+}
+
+impl CsrfForm {
+    /// The first value of `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Refuses a post whose CSRF token is missing or wrong (403).
+pub fn csrf_refused() -> Response {
+    super::render_problem(
+        None,
+        StatusCode::FORBIDDEN,
+        "csrf_failed",
+        "The form was refused",
+        "It did not carry this session's CSRF token. Reload the page and try again.",
+    )
+}
+
+impl FromRequest<AppState> for CsrfForm {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = request.into_parts();
+        let session = Session::from_request_parts(&mut parts, state).await?;
+        let form = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        if !form {
+            return Err(csrf_refused());
+        }
+        let request = Request::from_parts(parts, body);
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let fields: Vec<(String, String)> =
+            serde_urlencoded::from_bytes(&bytes).map_err(|_| csrf_refused())?;
+        let given = fields
+            .iter()
+            .find(|(n, _)| n == "csrf")
+            .map(|(_, v)| v.as_str());
+        if !session.check_csrf(given) {
+            return Err(csrf_refused());
+        }
+        Ok(Self { session, fields })
+    }
+}
+
+/// Whether a multipart form's CSRF field is the session's (uploads).
+pub fn multipart_csrf_ok(session: &Session, given: Option<&str>) -> bool {
+    session.check_csrf(given)
+}
+
+/// Starts a session: the `Set-Cookie` header value.
+pub fn start(state: &AppState) -> HeaderValue {
+    let value = state
+        .settings
+        .console_key
+        .issue(chrono::Utc::now().timestamp());
+    cookie(&value, LIFETIME_SECONDS)
+}
+
+/// Ends the session in this browser.
+pub fn end() -> HeaderValue {
+    cookie("", 0)
+}
+
+fn cookie(value: &str, max_age: i64) -> HeaderValue {
+    // Path=/console: the cookie never travels with API or webhook calls.
+    HeaderValue::from_str(&format!(
+        "{COOKIE}={value}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={max_age}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("ferry_console=; Path=/console; Max-Age=0"))
+}
+
+/// Whether `given` is the admin token (constant time); true in open mode.
+pub fn token_accepted(state: &AppState, given: &str) -> bool {
+    match &state.settings.admin_token {
+        None => true,
+        Some(expected) => crate::api::extract::token_matches(expected, given),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_verify_until_they_expire_and_only_under_their_key() {
+        let key = SessionKey::new(Some(&SecretString::from("token-a")));
+        let value = key.issue(1_000);
+        let id = key.verify(&value, 1_001).expect("valid");
+        assert_eq!(
+            key.verify(&value, 1_000 + LIFETIME_SECONDS),
+            None,
+            "expired"
+        );
+        let other = SessionKey::new(Some(&SecretString::from("token-b")));
+        assert_eq!(other.verify(&value, 1_001), None, "another token's key");
+        let forged = value.replace(&id, &"0".repeat(32));
+        assert_eq!(key.verify(&forged, 1_001), None, "another id, same mac");
+        assert_ne!(key.csrf(&id), other.csrf(&id));
+    }
+
+    #[test]
+    fn next_stays_in_the_console() {
+        assert_eq!(
+            safe_next(Some("/console/conflicts?state=open")),
+            "/console/conflicts?state=open"
+        );
+        for bad in [
+            "https://evil.example/",
+            "//evil.example",
+            "/api/v1/customers",
+            "/console//evil",
+            "/console/sign-in",
+        ] {
+            assert_eq!(safe_next(Some(bad)), "/console", "{bad}");
+        }
+    }
+}

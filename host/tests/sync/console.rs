@@ -1,0 +1,550 @@
+//! The operator console in a real headless chromium, against a running
+//! ferry with localstripe: sign-in, a customer reaching Stripe, a flagged
+//! conflict resolved field by field, a dead letter replayed after its
+//! secret is fixed, a connector uploaded and rolled back, a reconciliation
+//! started and read; CSRF refusals, the redirect to sign-in, no secret in
+//! any page, and nothing fetched from another host (`/docs` included).
+//! Screenshots of every page land in `target/console-screenshots/`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferry_test_support::browser::thirtyfour::prelude::*;
+use ferry_test_support::browser::Browser;
+use ferry_test_support::fault_proxy::FaultProxy;
+use ferry_test_support::localstripe::LocalStripe;
+use ferry_test_support::wasm::{component_path, variant_path};
+use serde_json::{json, Value};
+
+use crate::conflicts::edit_in_stripe;
+use crate::helpers::{
+    email, spawn_sync_app, stripe_customer, Backend, Setup, SyncApp, STRIPE_KEY, WEBHOOK_SECRET,
+};
+
+const TOKEN: &str = "console-admin-token-0123456789";
+const MASTER_KEY: &str = "test-master-key-0123456789abcdef";
+const WRONG_KEY: &str = "sk_test_not_the_right_key";
+
+/// The browser on the console, keeping every page's HTML for the checks at
+/// the end.
+struct Console {
+    browser: Browser,
+    base: String,
+    shots: PathBuf,
+    pages: Vec<(String, String)>,
+}
+
+impl Console {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Notes the page now shown: its HTML, and that every field is labelled.
+    async fn seen(&mut self) -> String {
+        let driver = &self.browser.driver;
+        let url = driver.current_url().await.expect("url").to_string();
+        let html = driver.source().await.expect("page source");
+        let unlabelled = driver
+            .execute(
+                "return [...document.querySelectorAll('input:not([type=hidden]), select, textarea')]\
+                 .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label'))\
+                 .map(e => e.name)",
+                vec![],
+            )
+            .await
+            .expect("label check");
+        assert_eq!(
+            unlabelled.json(),
+            &json!([]),
+            "fields without a label on {url}"
+        );
+        self.pages.push((url, html.clone()));
+        html
+    }
+
+    async fn open(&mut self, path: &str) -> String {
+        self.browser
+            .driver
+            .goto(self.url(path))
+            .await
+            .expect("goto");
+        self.seen().await
+    }
+
+    async fn shot(&self, name: &str) {
+        let png = self
+            .browser
+            .driver
+            .screenshot_as_png()
+            .await
+            .expect("screenshot");
+        std::fs::write(self.shots.join(format!("{name}.png")), png).expect("screenshot saved");
+    }
+
+    async fn find(&self, css: &str) -> WebElement {
+        self.browser
+            .driver
+            .find(By::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"))
+    }
+
+    async fn click(&self, css: &str) {
+        self.find(css)
+            .await
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("click {css}: {e}"));
+    }
+
+    /// Clicks what leads to another page, and waits until it has loaded.
+    async fn follow(&mut self, css: &str) -> String {
+        let driver = &self.browser.driver;
+        driver
+            .execute("window.__left = true", vec![])
+            .await
+            .expect("mark");
+        self.click(css).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let loaded = self
+                .browser
+                .driver
+                .execute(
+                    "return !window.__left && document.readyState === 'complete'",
+                    vec![],
+                )
+                .await
+                .map(|r| r.json() == &json!(true))
+                .unwrap_or(false);
+            if loaded {
+                return self.seen().await;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{css} led nowhere");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The page's visible text (empty while a navigation is under way).
+    async fn text(&self) -> String {
+        let text = self
+            .browser
+            .driver
+            .execute(
+                "return document.body ? document.body.innerText : ''",
+                vec![],
+            )
+            .await
+            .expect("text");
+        text.json().as_str().unwrap_or("").to_owned()
+    }
+
+    /// Reloads until the page's text contains `needle`.
+    async fn wait_text(&mut self, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = self.text().await;
+            if text.contains(needle) {
+                self.seen().await;
+                return text;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never showed {needle:?}: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            self.browser.driver.refresh().await.expect("refresh");
+        }
+    }
+}
+
+async fn api_get(app: &SyncApp, path: &str) -> Value {
+    let (status, body) = app.send(reqwest::Method::GET, path, None).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    body
+}
+
+async fn wait_api(app: &SyncApp, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = api_get(app, path).await;
+        if done(&body) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} never got there: {body:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_console_in_a_real_browser() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let mut setup = Setup::new(Backend::Sqlite, &proxy.url());
+    setup.extra = json!({
+        "admin_token": TOKEN,
+        "conflict_policy": "flag",
+        "sync_max_attempts": 3,
+    });
+    let app = spawn_sync_app(setup).await;
+    stripe
+        .register_webhook(
+            "ferry",
+            &format!("{}/webhooks/stripe", app.base),
+            WEBHOOK_SECRET,
+            None,
+        )
+        .await
+        .expect("webhook");
+    let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target dir")
+        .join("console-screenshots");
+    std::fs::create_dir_all(&shots).expect("screenshot dir");
+    let mut console = Console {
+        browser: Browser::start().await.expect("chromium and chromedriver"),
+        base: app.base.clone(),
+        shots,
+        pages: Vec::new(),
+    };
+
+    // Without a session: to sign-in, which returns to the page asked for.
+    console.open("/console/conflicts").await;
+    let url = console.browser.driver.current_url().await.unwrap();
+    assert_eq!(url.path(), "/console/sign-in");
+    assert_eq!(url.query(), Some("next=%2Fconsole%2Fconflicts"));
+    console
+        .find("#token")
+        .await
+        .send_keys("not-the-token")
+        .await
+        .unwrap();
+    console.follow("main form button[type=submit]").await;
+    assert!(console
+        .text()
+        .await
+        .contains("That is not the admin token."));
+    console.shot("sign-in").await;
+    console.find("#token").await.send_keys(TOKEN).await.unwrap();
+    console.follow("main form button[type=submit]").await;
+    assert_eq!(
+        console.browser.driver.current_url().await.unwrap().path(),
+        "/console/conflicts"
+    );
+    console.open("/console").await;
+    assert!(console.text().await.contains("stripe"));
+    console.shot("overview").await;
+
+    // 2. A customer created through the API reaches Stripe: the customer page shows it.
+    let address = email("console");
+    let customer = app
+        .create(json!({"email": address, "name": "Ada Console", "phone": "+15550000001"}))
+        .await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    let link = app.wait_synced(&id, 1).await;
+    let remote_id = link["remote_id"].as_str().unwrap().to_owned();
+    console.open("/console/customers").await;
+    console
+        .find("#q")
+        .await
+        .send_keys(address.as_str())
+        .await
+        .unwrap();
+    console.follow("main form[role=search] button").await;
+    console
+        .follow(&format!("a[href='/console/customers/{id}']"))
+        .await;
+    let text = console.wait_text(&remote_id).await;
+    assert!(text.contains("synced"), "{text}");
+    console.shot("customer").await;
+
+    // 3. A flagged conflict, resolved by picking a side per field.
+    tokio::time::sleep(Duration::from_millis(3_200)).await; // past the echo window
+    proxy.set_down(true);
+    app.patch(&id, json!({"name": "Local Name", "phone": "+15550000002"}))
+        .await;
+    edit_in_stripe(&stripe.url(), &remote_id, "name", "Remote Name");
+    let conflicts = wait_api(&app, "/api/v1/conflicts?state=open", |b| {
+        b["data"].as_array().is_some_and(|d| !d.is_empty())
+    })
+    .await;
+    let conflict_id = conflicts["data"][0]["id"].as_str().unwrap().to_owned();
+    proxy.set_down(false);
+    console.open("/console/conflicts").await;
+    console.shot("conflicts").await;
+    console
+        .follow(&format!("a[href='/console/conflicts/{conflict_id}']"))
+        .await;
+    let html = console.seen().await;
+    assert!(
+        html.contains("Local Name") && html.contains("Remote Name"),
+        "both sides shown"
+    );
+    console.shot("conflict").await;
+    console.click("input[name='pick.name'][value=remote]").await;
+    console.follow("main form button[type=submit]").await;
+    console.wait_text("Conflict resolved").await;
+    let resolved = api_get(&app, &format!("/api/v1/conflicts/{conflict_id}")).await;
+    assert_eq!(resolved["state"], "resolved");
+    let merged = api_get(&app, &format!("/api/v1/customers/{id}")).await;
+    assert_eq!(
+        (merged["name"].as_str(), merged["phone"].as_str()),
+        (Some("Remote Name"), Some("+15550000002"))
+    );
+    app.wait_synced(&id, merged["version"].as_i64().unwrap())
+        .await;
+    let in_stripe = stripe_customer(&stripe.url(), &remote_id)
+        .await
+        .expect("in Stripe");
+    assert_eq!(
+        (in_stripe["name"].as_str(), in_stripe["phone"].as_str()),
+        (Some("Remote Name"), Some("+15550000002"))
+    );
+
+    // 4. A wrong API key dead-letters a push; fixing the secret in the
+    // console and replaying delivers it.
+    proxy.require_api_key(STRIPE_KEY);
+    let (status, body) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/stripe/settings",
+            Some(json!({"settings": {"api_base": proxy.url()}, "secrets": {"api_key": WRONG_KEY, "webhook_secret": WEBHOOK_SECRET}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let stuck = app
+        .create(json!({"email": email("dead"), "name": "Dee Letter"}))
+        .await;
+    let stuck_id = stuck["id"].as_str().unwrap().to_owned();
+    let letters = wait_api(&app, "/api/v1/dead-letters?connector=stripe", |b| {
+        b["data"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|l| l["customer_id"] == stuck_id.as_str()))
+    })
+    .await;
+    let letter = letters["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["customer_id"] == stuck_id.as_str())
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    console
+        .open("/console/dead-letters?connector=stripe&direction=outbound")
+        .await;
+    assert!(console.text().await.contains(&letter));
+    console.shot("dead-letters").await;
+    console.open("/console/connectors/stripe").await;
+    console
+        .find("#secret-api_key")
+        .await
+        .send_keys(STRIPE_KEY)
+        .await
+        .unwrap();
+    console.follow("main form.card button[type=submit]").await;
+    console.wait_text("Settings saved").await;
+    console.shot("connector-stripe").await;
+    console.open("/console/dead-letters?connector=stripe").await;
+    console
+        .follow(&format!("button[aria-label='Replay {letter}']"))
+        .await;
+    console.wait_text("Replayed 1 dead letter").await;
+    app.wait_synced(&stuck_id, 1).await;
+    let config = api_get(&app, "/api/v1/connectors/stripe").await;
+    assert_eq!(
+        config["secrets"],
+        json!(["api_key", "webhook_secret"]),
+        "the other secret was kept"
+    );
+
+    // 5. Upload two versions of a connector, then roll back to the first.
+    for (file, active) in [
+        (component_path("ferry_test_recorder"), "0.1.0"),
+        (variant_path("ferry_test_recorder", "version-2"), "0.2.0"),
+    ] {
+        console.open("/console/connectors").await;
+        console
+            .find("#component")
+            .await
+            .send_keys(file.display().to_string())
+            .await
+            .unwrap();
+        console.follow("main form.card button[type=submit]").await;
+        console.wait_text("Version uploaded").await;
+        let recorder = api_get(&app, "/api/v1/connectors/recorder").await;
+        assert_eq!(recorder["active_version"], active);
+    }
+    console.shot("connector-recorder").await;
+    console
+        .follow("button[aria-label='Activate version 0.1.0']")
+        .await;
+    console.wait_text("Version 0.1.0 is active").await;
+    assert_eq!(
+        api_get(&app, "/api/v1/connectors/recorder").await["active_version"],
+        "0.1.0"
+    );
+    console.open("/console/connectors").await;
+    console.shot("connectors").await;
+
+    // 6. Start a reconciliation and read its report.
+    console.open("/console/reconciliations").await;
+    console.click("#connector option[value=stripe]").await;
+    console.follow("main form.card button[type=submit]").await;
+    console.wait_text("completed").await;
+    let run_path = console
+        .browser
+        .driver
+        .current_url()
+        .await
+        .unwrap()
+        .path()
+        .to_owned();
+    let run_id = run_path.rsplit('/').next().unwrap().to_owned();
+    let run = api_get(&app, &format!("/api/v1/reconciliations/{run_id}")).await;
+    let report = console.find("#report").await.text().await.unwrap();
+    let equal = run["counts"]["equal"].as_i64().unwrap();
+    assert!(equal >= 2, "{run:#}");
+    assert!(report.contains(&format!("equal\n{equal}")), "{report}");
+    console.shot("reconciliation").await;
+    console.open("/console/reconciliations").await;
+    console.shot("reconciliations").await;
+
+    // A phone's width: nothing wider than the screen.
+    console
+        .browser
+        .driver
+        .set_window_rect(0, 0, 390, 844)
+        .await
+        .unwrap();
+    for (path, name) in [
+        ("/console", "overview-phone"),
+        (&*format!("/console/customers/{id}"), "customer-phone"),
+    ] {
+        console.open(path).await;
+        let overflow = console
+            .browser
+            .driver
+            .execute(
+                "return document.documentElement.scrollWidth - window.innerWidth",
+                vec![],
+            )
+            .await
+            .unwrap();
+        console.shot(name).await;
+        assert!(
+            overflow.json().as_i64().unwrap() <= 0,
+            "{path} scrolls sideways on a phone"
+        );
+    }
+    console
+        .browser
+        .driver
+        .set_window_rect(0, 0, 1280, 900)
+        .await
+        .unwrap();
+
+    // Offline: /docs renders from ferry's own assets.
+    console
+        .browser
+        .driver
+        .goto(console.url("/docs"))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !console
+        .text()
+        .await
+        .contains("Customer catalog kept in two-way sync")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the API reference never rendered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    console.shot("docs").await;
+    let resources = console
+        .browser
+        .driver
+        .execute(
+            "return performance.getEntriesByType('resource').map(e => e.name)",
+            vec![],
+        )
+        .await
+        .unwrap();
+    for name in resources.json().as_array().unwrap() {
+        assert!(
+            name.as_str().unwrap().starts_with(&app.base),
+            "/docs loaded {name}"
+        );
+    }
+    assert_eq!(
+        console.browser.trapped(),
+        Vec::<String>::new(),
+        "requests for other hosts"
+    );
+
+    // No page ever carried a secret.
+    for (url, html) in &console.pages {
+        for secret in [STRIPE_KEY, WRONG_KEY, WEBHOOK_SECRET, TOKEN, MASTER_KEY] {
+            assert!(!html.contains(secret), "{url} shows a secret");
+        }
+    }
+
+    // CSRF: a form posted with the session cookie but without (or with a
+    // wrong) token is refused and changes nothing; without a session it
+    // goes to sign-in.
+    console.open("/console").await; // the cookie's path
+    let cookie = console
+        .browser
+        .driver
+        .get_named_cookie("ferry_console")
+        .await
+        .expect("session cookie");
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let replay = format!("{}/console/dead-letters/replay", app.base);
+    for form in ["connector=stripe", "connector=stripe&csrf=0000"] {
+        let response = client
+            .post(&replay)
+            .header("cookie", format!("ferry_console={}", cookie.value))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403, "{form}");
+        assert!(response.text().await.unwrap().contains("csrf_failed"));
+    }
+    let response = client
+        .post(&replay)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("connector=stripe")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 303);
+    assert_eq!(
+        response.headers()["location"],
+        "/console/sign-in?next=%2Fconsole"
+    );
+    let response = client
+        .get(format!("{}/console/dead-letters", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 303);
+    assert_eq!(
+        response.headers()["location"],
+        "/console/sign-in?next=%2Fconsole%2Fdead-letters"
+    );
+
+    console.browser.quit().await;
+}
