@@ -548,3 +548,60 @@ async fn the_operator_console_in_a_real_browser() {
 
     console.browser.quit().await;
 }
+
+/// With no admin token (loopback only), signing in needs no token, but the
+/// session cookie and CSRF tokens work as with one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_mode_signs_in_without_a_token_and_still_checks_csrf() {
+    let mut setup = Setup::new(Backend::Sqlite, "http://127.0.0.1:9");
+    setup.stripe_url = None;
+    let app = spawn_sync_app(setup).await;
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let url = |path: &str| format!("{}{path}", app.base);
+
+    let response = client.get(url("/console")).send().await.unwrap();
+    assert_eq!((response.status().as_u16(), response.headers()["location"].to_str().unwrap()), (303, "/console/sign-in?next=%2Fconsole"));
+    let page = client.get(url("/console/sign-in")).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains("No admin token is configured") && !page.contains("id=\"token\""), "{page}");
+
+    // `next` only ever leads into the console.
+    let response = client.post(url("/console/sign-in")).form(&[("next", "https://evil.example/")]).send().await.unwrap();
+    assert_eq!((response.status().as_u16(), response.headers()["location"].to_str().unwrap()), (303, "/console"));
+    let set_cookie = response.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/console"] {
+        assert!(set_cookie.contains(attribute), "{set_cookie}");
+    }
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    let page = client.get(url("/console")).header("cookie", &cookie).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.headers()["content-security-policy"].to_str().unwrap().starts_with("default-src 'none'"));
+    let html = page.text().await.unwrap();
+    let csrf = html.split("name=\"csrf\" value=\"").nth(1).and_then(|rest| rest.split('"').next()).expect("a csrf field").to_owned();
+
+    let disable = url("/console/connectors/stripe/disable");
+    let refused = client.post(&disable).header("cookie", &cookie).form(&[("x", "1")]).send().await.unwrap();
+    assert_eq!(refused.status(), 403);
+    let forged = format!("{}0", cookie.trim_end_matches(|c: char| c.is_ascii_hexdigit()));
+    let response = client.post(&disable).header("cookie", &forged).form(&[("csrf", &csrf)]).send().await.unwrap();
+    assert_eq!(response.status(), 303, "a forged session signs in again");
+    assert!(response.headers()["location"].to_str().unwrap().starts_with("/console/sign-in"));
+    assert_ne!(api_get(&app, "/api/v1/connectors/stripe").await["state"], "disabled");
+
+    let done = client.post(&disable).header("cookie", &cookie).form(&[("csrf", &csrf)]).send().await.unwrap();
+    assert_eq!(done.status(), 303);
+    assert_eq!(done.headers()["location"].to_str().unwrap(), "/console/connectors/stripe?notice=Disabled.");
+    assert_eq!(api_get(&app, "/api/v1/connectors/stripe").await["state"], "disabled");
+
+    // An API refusal is shown with its problem details.
+    let refused = client
+        .post(url("/console/connectors/stripe/activate"))
+        .header("cookie", &cookie)
+        .form(&[("csrf", csrf.as_str()), ("version", "9.9.9")])
+        .send()
+        .await
+        .unwrap();
+    let status = refused.status().as_u16();
+    let html = refused.text().await.unwrap();
+    assert_eq!(status, 404, "{html}");
+    assert!(html.contains("version_not_found"), "{html}");
+}

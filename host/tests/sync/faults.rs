@@ -175,6 +175,36 @@ async fn permanent_errors_dead_letter_and_replay_delivers() {
         .expect("dead letter")
         .clone();
     assert_eq!(letter["error_kind"], "permanent");
+    for (direction, expected) in [("outbound", 1), ("inbound", 0)] {
+        let (status, filtered) = h
+            .app
+            .send(
+                reqwest::Method::GET,
+                &format!("/api/v1/dead-letters?connector=stripe&direction={direction}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200);
+        let found = filtered["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["customer_id"] == id)
+            .count();
+        assert_eq!(found, expected, "{direction}");
+    }
+    let (status, problem) = h
+        .app
+        .send(
+            reqwest::Method::GET,
+            "/api/v1/dead-letters?direction=sideways",
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, problem["errors"][0]["field"].as_str()),
+        (422, Some("direction"))
+    );
 
     // The cause is fixed (the fault was one-off); replay.
     let path = format!(

@@ -165,6 +165,46 @@ async fn settings_through_the_api(backend: Backend) {
     let sealed = configs[0].sealed_secrets.as_ref().expect("sealed");
     assert!(!String::from_utf8_lossy(sealed).contains("sk_test_from_api"));
 
+    // `null` keeps the value in effect: one secret changes, the other stays.
+    let (status, connector) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/stripe/settings",
+            Some(json!({"settings": {"api_base": stripe.url()}, "secrets": {"api_key": null, "webhook_secret": "whsec_added"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{connector}");
+    assert_eq!(connector["secrets"], json!(["api_key", "webhook_secret"]));
+    let configs = app.store.connector_configs().await.expect("configs");
+    let box_ =
+        ferry::secrets::SecretBox::new(&"test-master-key-0123456789abcdef".to_owned().into());
+    let opened = box_
+        .open(configs[0].sealed_secrets.as_ref().expect("sealed"))
+        .expect("opens");
+    use secrecy::ExposeSecret;
+    assert_eq!(
+        opened["api_key"].expose_secret(),
+        "sk_test_from_api",
+        "kept"
+    );
+    assert_eq!(opened["webhook_secret"].expose_secret(), "whsec_added");
+    let customer = app.create(json!({"email": email("api-kept")})).await;
+    app.wait_synced(customer["id"].as_str().expect("id"), 1)
+        .await;
+    // A secret with no value in effect cannot be kept.
+    let (status, problem) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/stripe/settings",
+            Some(json!({"settings": {"api_base": stripe.url()}, "secrets": {"api_key": null, "nope": null}})),
+        )
+        .await;
+    assert_eq!(
+        (status, problem["errors"][0]["field"].as_str()),
+        (422, Some("secrets.nope")),
+        "{problem}"
+    );
+
     let (status, problem) = app
         .send(
             reqwest::Method::PUT,
