@@ -254,6 +254,7 @@ async fn the_operator_console_in_a_real_browser() {
         .await
         .unwrap();
     console.follow("main form[role=search] button").await;
+    console.shot("customers").await;
     console
         .follow(&format!("a[href='/console/customers/{id}']"))
         .await;
