@@ -7,5 +7,10 @@ export FERRY_CACHE_DIR="${FERRY_CACHE_DIR:-$HOME/.cache/ferry}"
 if [ "${CI:-}" = "true" ] && [ -z "${CARGO_TARGET_DIR:-}" ]; then
   export CARGO_TARGET_DIR="$FERRY_CACHE_DIR/target"
 fi
+# A clean clone gains nothing from incremental state, which only grows the
+# cached target directory (tens of GB over many runs).
+if [ "${CI:-}" = "true" ]; then
+  export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$FERRY_ROOT/target}"
 step() { printf '\n==> %s\n' "$*"; }

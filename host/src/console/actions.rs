@@ -23,6 +23,17 @@ fn body(value: &Value) -> JsonBody {
     JsonBody(Bytes::from(value.to_string()))
 }
 
+/// The console page of what an API call created (its `Location` under
+/// `/api/v1`), or `fallback`.
+fn console_page_of(response: &Response, fallback: &str) -> String {
+    response
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|l| l.strip_prefix("/api/v1"))
+        .map_or_else(|| fallback.to_owned(), |l| format!("/console{l}"))
+}
+
 /// `POST /console/sign-in`: `token` (unless open), `next`.
 pub async fn sign_in(State(state): State<AppState>, body: Bytes) -> Response {
     let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
@@ -179,15 +190,7 @@ pub async fn upload_connector(
         .await
     {
         Ok(response) => {
-            let location = response
-                .headers()
-                .get(header::LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|l| l.strip_prefix("/api/v1"))
-                .map_or_else(
-                    || "/console/connectors".to_owned(),
-                    |l| format!("/console{l}"),
-                );
+            let location = console_page_of(&response, "/console/connectors");
             let notice = if response.status() == StatusCode::CREATED {
                 "Version uploaded."
             } else {
@@ -324,15 +327,7 @@ pub async fn start_reconciliation(State(state): State<AppState>, form: CsrfForm)
     .await
     {
         Ok(response) => {
-            let location = response
-                .headers()
-                .get(header::LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|l| l.strip_prefix("/api/v1"))
-                .map_or_else(
-                    || "/console/reconciliations".to_owned(),
-                    |l| format!("/console{l}"),
-                );
+            let location = console_page_of(&response, "/console/reconciliations");
             done(&location, "Run started.")
         }
         Err(error) => problem(&form.session, error),

@@ -5,15 +5,24 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Json;
-use minijinja::context;
-use minijinja::Value;
+use minijinja::{context, Value};
 use serde_json::json;
 
 use super::session::Session;
 use super::{page, problem, render};
-use crate::api::extract::{Principal, QueryPairs};
+use crate::api::extract::QueryPairs;
 use crate::api::{conflicts, connectors, customers, dead_letters, health, reconciliations};
 use crate::app::AppState;
+
+/// The answer of an API handler, or its problem shown as the page.
+macro_rules! answer {
+    ($session:expr, $call:expr) => {
+        match $call.await {
+            Ok(Json(value)) => value,
+            Err(error) => return problem(&$session, error),
+        }
+    };
+}
 
 /// The first value of `name` in a query, if not empty.
 fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -24,7 +33,7 @@ fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-/// Only the named query parameters, for an API list handler.
+/// Only the named, non-empty query parameters, for an API list handler.
 fn pass(pairs: &[(String, String)], names: &[&str]) -> QueryPairs {
     QueryPairs(
         pairs
@@ -33,6 +42,16 @@ fn pass(pairs: &[(String, String)], names: &[&str]) -> QueryPairs {
             .map(|(n, v)| (n.clone(), v.trim().to_owned()))
             .collect(),
     )
+}
+
+/// The connectors' names, for filters and forms.
+fn connector_names(state: &AppState) -> Vec<String> {
+    state
+        .registry
+        .entries()
+        .iter()
+        .map(|e| e.name.clone())
+        .collect()
 }
 
 /// `GET /console/sign-in`.
@@ -56,15 +75,14 @@ pub async fn overview(
     State(state): State<AppState>,
     QueryPairs(pairs): QueryPairs,
 ) -> Response {
-    let principal = session.principal;
-    let health = match health::health(State(state.clone()), principal).await {
-        Ok(Json(health)) => health,
-        Err(error) => return problem(&session, error),
-    };
-    let connectors = match connectors::list_connectors(State(state), principal).await {
-        Ok(Json(list)) => list,
-        Err(error) => return problem(&session, error),
-    };
+    let health = answer!(
+        session,
+        health::health(State(state.clone()), session.principal)
+    );
+    let connectors = answer!(
+        session,
+        connectors::list_connectors(State(state), session.principal)
+    );
     page(
         &session,
         "overview.html",
@@ -81,28 +99,27 @@ pub async fn customers(
 ) -> Response {
     let query = param(&pairs, "q").unwrap_or("");
     if query.starts_with("cus_") {
-        return Redirect::to(&format!("/console/customers/{}", urlencode(query))).into_response();
+        let path = serde_urlencoded::to_string([("", query)]).unwrap_or_default();
+        return Redirect::to(&format!(
+            "/console/customers/{}",
+            path.trim_start_matches('=')
+        ))
+        .into_response();
     }
     let mut api_query = pass(&pairs, &["starting_after"]);
     if !query.is_empty() {
         api_query.0.push(("email".to_owned(), query.to_owned()));
     }
     api_query.0.push(("limit".to_owned(), "50".to_owned()));
-    match customers::list_customers(State(state), session.principal, api_query).await {
-        Ok(Json(list)) => page(
-            &session,
-            "customers.html",
-            json!({ "section": "customers", "q": query, "list": list }),
-        ),
-        Err(error) => problem(&session, error),
-    }
-}
-
-fn urlencode(value: &str) -> String {
-    serde_urlencoded::to_string([("", value)])
-        .unwrap_or_default()
-        .trim_start_matches('=')
-        .to_owned()
+    let list = answer!(
+        session,
+        customers::list_customers(State(state), session.principal, api_query)
+    );
+    page(
+        &session,
+        "customers.html",
+        json!({ "section": "customers", "q": query, "list": list }),
+    )
 }
 
 /// `GET /console/customers/{id}`: the record, its links and its history
@@ -112,39 +129,31 @@ pub async fn customer(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Response {
-    let sync = match customers::sync::customer_sync(
-        State(state.clone()),
-        session.principal,
-        Path(id.clone()),
-    )
-    .await
-    {
-        Ok(Json(sync)) => sync,
-        Err(error) => return problem(&session, error),
-    };
+    let sync = answer!(
+        session,
+        customers::sync::customer_sync(State(state.clone()), session.principal, Path(id.clone()))
+    );
     // The record itself, deleted or not (the sync status answered for it).
     let record = match state.store.get_customer_any(&id).await {
         Ok(record) => record,
         Err(error) => return problem(&session, error.into()),
     };
-    let conflicts = match conflicts::list_conflicts(
-        State(state),
-        session.principal,
-        QueryPairs(vec![("customer_id".to_owned(), id)]),
-    )
-    .await
-    {
-        Ok(Json(list)) => list.data,
-        Err(error) => return problem(&session, error),
-    };
+    let conflicts = answer!(
+        session,
+        conflicts::list_conflicts(
+            State(state),
+            session.principal,
+            QueryPairs(vec![("customer_id".to_owned(), id)]),
+        )
+    );
     page(
         &session,
         "customer.html",
-        json!({ "section": "customers", "customer": record, "sync": sync, "conflicts": conflicts }),
+        json!({ "section": "customers", "customer": record, "sync": sync, "conflicts": conflicts.data }),
     )
 }
 
-/// `GET /console/conflicts?state=`.
+/// `GET /console/conflicts?state=` (`open` by default, `resolved`, `all`).
 pub async fn conflicts(
     session: Session,
     State(state): State<AppState>,
@@ -155,14 +164,15 @@ pub async fn conflicts(
     if shown != "all" {
         query.0.push(("state".to_owned(), shown.clone()));
     }
-    match conflicts::list_conflicts(State(state), session.principal, query).await {
-        Ok(Json(list)) => page(
-            &session,
-            "conflicts.html",
-            json!({ "section": "conflicts", "shown": shown, "list": list, "notice": param(&pairs, "notice") }),
-        ),
-        Err(error) => problem(&session, error),
-    }
+    let list = answer!(
+        session,
+        conflicts::list_conflicts(State(state), session.principal, query)
+    );
+    page(
+        &session,
+        "conflicts.html",
+        json!({ "section": "conflicts", "shown": shown, "list": list, "notice": param(&pairs, "notice") }),
+    )
 }
 
 /// `GET /console/conflicts/{id}`: base, local and remote per field.
@@ -172,14 +182,15 @@ pub async fn conflict(
     Path(id): Path<String>,
     QueryPairs(pairs): QueryPairs,
 ) -> Response {
-    match conflicts::get_conflict(State(state), session.principal, Path(id)).await {
-        Ok(Json(conflict)) => page(
-            &session,
-            "conflict.html",
-            json!({ "section": "conflicts", "conflict": conflict, "notice": param(&pairs, "notice") }),
-        ),
-        Err(error) => problem(&session, error),
-    }
+    let conflict = answer!(
+        session,
+        conflicts::get_conflict(State(state), session.principal, Path(id))
+    );
+    page(
+        &session,
+        "conflict.html",
+        json!({ "section": "conflicts", "conflict": conflict, "notice": param(&pairs, "notice") }),
+    )
 }
 
 /// `GET /console/dead-letters?connector=&direction=&include_replayed=`.
@@ -197,25 +208,17 @@ pub async fn dead_letters(
             "starting_after",
         ],
     );
-    let letters =
-        match dead_letters::list_dead_letters(State(state.clone()), session.principal, query).await
-        {
-            Ok(Json(list)) => list,
-            Err(error) => return problem(&session, error),
-        };
-    let names: Vec<String> = state
-        .registry
-        .entries()
-        .iter()
-        .map(|e| e.name.clone())
-        .collect();
+    let list = answer!(
+        session,
+        dead_letters::list_dead_letters(State(state.clone()), session.principal, query)
+    );
     page(
         &session,
         "dead_letters.html",
         json!({
             "section": "dead-letters",
-            "list": letters,
-            "connectors": names,
+            "list": list,
+            "connectors": connector_names(&state),
             "connector": param(&pairs, "connector"),
             "direction": param(&pairs, "direction"),
             "include_replayed": param(&pairs, "include_replayed") == Some("true"),
@@ -230,14 +233,15 @@ pub async fn connectors(
     State(state): State<AppState>,
     QueryPairs(pairs): QueryPairs,
 ) -> Response {
-    match connectors::list_connectors(State(state), session.principal).await {
-        Ok(Json(list)) => page(
-            &session,
-            "connectors.html",
-            json!({ "section": "connectors", "connectors": list.data, "notice": param(&pairs, "notice") }),
-        ),
-        Err(error) => problem(&session, error),
-    }
+    let list = answer!(
+        session,
+        connectors::list_connectors(State(state), session.principal)
+    );
+    page(
+        &session,
+        "connectors.html",
+        json!({ "section": "connectors", "connectors": list.data, "notice": param(&pairs, "notice") }),
+    )
 }
 
 /// `GET /console/connectors/{name}`: versions, switch and settings (secret
@@ -248,54 +252,38 @@ pub async fn connector(
     Path(name): Path<String>,
     QueryPairs(pairs): QueryPairs,
 ) -> Response {
-    let principal: Principal = session.principal;
-    let summary = match connectors::get_connector(
-        State(state.clone()),
-        principal,
-        Path(name.clone()),
-    )
-    .await
-    {
-        Ok(Json(summary)) => summary,
-        Err(error) => return problem(&session, error),
-    };
-    let versions = match connectors::list_versions(State(state), principal, Path(name)).await {
-        Ok(Json(list)) => list.data,
-        Err(error) => return problem(&session, error),
-    };
+    let summary = answer!(
+        session,
+        connectors::get_connector(State(state.clone()), session.principal, Path(name.clone()))
+    );
+    let versions = answer!(
+        session,
+        connectors::list_versions(State(state), session.principal, Path(name))
+    );
     page(
         &session,
         "connector.html",
-        json!({ "section": "connectors", "connector": summary, "versions": versions, "notice": param(&pairs, "notice") }),
+        json!({ "section": "connectors", "connector": summary, "versions": versions.data, "notice": param(&pairs, "notice") }),
     )
 }
 
 /// `GET /console/reconciliations`: runs, newest first, and a form to start
-/// one.
+/// one; refreshes itself while one runs.
 pub async fn reconciliations(
     session: Session,
     State(state): State<AppState>,
     QueryPairs(pairs): QueryPairs,
 ) -> Response {
     let query = pass(&pairs, &["connector", "starting_after"]);
-    let runs =
-        match reconciliations::list_reconciliations(State(state.clone()), session.principal, query)
-            .await
-        {
-            Ok(Json(list)) => list,
-            Err(error) => return problem(&session, error),
-        };
-    let names: Vec<String> = state
-        .registry
-        .entries()
-        .iter()
-        .map(|e| e.name.clone())
-        .collect();
-    let running = runs.data.iter().any(|r| r.status == "running");
+    let list = answer!(
+        session,
+        reconciliations::list_reconciliations(State(state.clone()), session.principal, query)
+    );
+    let running = list.data.iter().any(|r| r.status == "running");
     page(
         &session,
         "reconciliations.html",
-        json!({ "section": "reconciliations", "list": runs, "connectors": names, "running": running, "notice": param(&pairs, "notice") }),
+        json!({ "section": "reconciliations", "list": list, "connectors": connector_names(&state), "running": running, "notice": param(&pairs, "notice") }),
     )
 }
 
@@ -307,24 +295,19 @@ pub async fn reconciliation(
     Path(id): Path<String>,
     QueryPairs(pairs): QueryPairs,
 ) -> Response {
-    let run = match reconciliations::get_reconciliation(
-        State(state.clone()),
-        session.principal,
-        Path(id.clone()),
-    )
-    .await
-    {
-        Ok(Json(run)) => run,
-        Err(error) => return problem(&session, error),
-    };
+    let run = answer!(
+        session,
+        reconciliations::get_reconciliation(
+            State(state.clone()),
+            session.principal,
+            Path(id.clone())
+        )
+    );
     let query = pass(&pairs, &["kind", "state", "starting_after"]);
-    let findings =
-        match reconciliations::list_mismatches(State(state), session.principal, Path(id), query)
-            .await
-        {
-            Ok(Json(list)) => list,
-            Err(error) => return problem(&session, error),
-        };
+    let findings = answer!(
+        session,
+        reconciliations::list_mismatches(State(state), session.principal, Path(id), query)
+    );
     page(
         &session,
         "reconciliation.html",

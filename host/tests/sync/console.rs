@@ -557,41 +557,120 @@ async fn open_mode_signs_in_without_a_token_and_still_checks_csrf() {
     let mut setup = Setup::new(Backend::Sqlite, "http://127.0.0.1:9");
     setup.stripe_url = None;
     let app = spawn_sync_app(setup).await;
-    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
     let url = |path: &str| format!("{}{path}", app.base);
 
     let response = client.get(url("/console")).send().await.unwrap();
-    assert_eq!((response.status().as_u16(), response.headers()["location"].to_str().unwrap()), (303, "/console/sign-in?next=%2Fconsole"));
-    let page = client.get(url("/console/sign-in")).send().await.unwrap().text().await.unwrap();
-    assert!(page.contains("No admin token is configured") && !page.contains("id=\"token\""), "{page}");
+    assert_eq!(
+        (
+            response.status().as_u16(),
+            response.headers()["location"].to_str().unwrap()
+        ),
+        (303, "/console/sign-in?next=%2Fconsole")
+    );
+    let page = client
+        .get(url("/console/sign-in"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("No admin token is configured") && !page.contains("id=\"token\""),
+        "{page}"
+    );
 
     // `next` only ever leads into the console.
-    let response = client.post(url("/console/sign-in")).form(&[("next", "https://evil.example/")]).send().await.unwrap();
-    assert_eq!((response.status().as_u16(), response.headers()["location"].to_str().unwrap()), (303, "/console"));
-    let set_cookie = response.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let response = client
+        .post(url("/console/sign-in"))
+        .form(&[("next", "https://evil.example/")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            response.status().as_u16(),
+            response.headers()["location"].to_str().unwrap()
+        ),
+        (303, "/console")
+    );
+    let set_cookie = response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/console"] {
         assert!(set_cookie.contains(attribute), "{set_cookie}");
     }
     let cookie = set_cookie.split(';').next().unwrap().to_owned();
-    let page = client.get(url("/console")).header("cookie", &cookie).send().await.unwrap();
+    let page = client
+        .get(url("/console"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(page.status(), 200);
-    assert!(page.headers()["content-security-policy"].to_str().unwrap().starts_with("default-src 'none'"));
+    assert!(page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .starts_with("default-src 'none'"));
     let html = page.text().await.unwrap();
-    let csrf = html.split("name=\"csrf\" value=\"").nth(1).and_then(|rest| rest.split('"').next()).expect("a csrf field").to_owned();
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a csrf field")
+        .to_owned();
 
     let disable = url("/console/connectors/stripe/disable");
-    let refused = client.post(&disable).header("cookie", &cookie).form(&[("x", "1")]).send().await.unwrap();
+    let refused = client
+        .post(&disable)
+        .header("cookie", &cookie)
+        .form(&[("x", "1")])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(refused.status(), 403);
-    let forged = format!("{}0", cookie.trim_end_matches(|c: char| c.is_ascii_hexdigit()));
-    let response = client.post(&disable).header("cookie", &forged).form(&[("csrf", &csrf)]).send().await.unwrap();
+    let forged = format!(
+        "{}0",
+        cookie.trim_end_matches(|c: char| c.is_ascii_hexdigit())
+    );
+    let response = client
+        .post(&disable)
+        .header("cookie", &forged)
+        .form(&[("csrf", &csrf)])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 303, "a forged session signs in again");
-    assert!(response.headers()["location"].to_str().unwrap().starts_with("/console/sign-in"));
-    assert_ne!(api_get(&app, "/api/v1/connectors/stripe").await["state"], "disabled");
+    assert!(response.headers()["location"]
+        .to_str()
+        .unwrap()
+        .starts_with("/console/sign-in"));
+    assert_ne!(
+        api_get(&app, "/api/v1/connectors/stripe").await["state"],
+        "disabled"
+    );
 
-    let done = client.post(&disable).header("cookie", &cookie).form(&[("csrf", &csrf)]).send().await.unwrap();
+    let done = client
+        .post(&disable)
+        .header("cookie", &cookie)
+        .form(&[("csrf", &csrf)])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(done.status(), 303);
-    assert_eq!(done.headers()["location"].to_str().unwrap(), "/console/connectors/stripe?notice=Disabled.");
-    assert_eq!(api_get(&app, "/api/v1/connectors/stripe").await["state"], "disabled");
+    assert_eq!(
+        done.headers()["location"].to_str().unwrap(),
+        "/console/connectors/stripe?notice=Disabled."
+    );
+    assert_eq!(
+        api_get(&app, "/api/v1/connectors/stripe").await["state"],
+        "disabled"
+    );
 
     // An API refusal is shown with its problem details.
     let refused = client
