@@ -122,16 +122,25 @@ pub async fn customers(
     )
 }
 
-/// `GET /console/customers/{id}`: the record, its links and its history
-/// both ways.
+/// `GET /console/customers/{id}?history=`: the record, its links and its
+/// history both ways (the newest 100 of each, or `history`).
 pub async fn customer(
     session: Session,
     State(state): State<AppState>,
     Path(id): Path<String>,
+    QueryPairs(pairs): QueryPairs,
 ) -> Response {
+    let history: u32 = param(&pairs, "history")
+        .and_then(|h| h.parse().ok())
+        .unwrap_or(100);
     let sync = answer!(
         session,
-        customers::sync::customer_sync(State(state.clone()), session.principal, Path(id.clone()))
+        customers::sync::customer_sync(
+            State(state.clone()),
+            session.principal,
+            Path(id.clone()),
+            QueryPairs(vec![("history".to_owned(), history.to_string())]),
+        )
     );
     // The record itself, deleted or not (the sync status answered for it).
     let record = match state.store.get_customer_any(&id).await {
@@ -149,7 +158,7 @@ pub async fn customer(
     page(
         &session,
         "customer.html",
-        json!({ "section": "customers", "customer": record, "sync": sync, "conflicts": conflicts.data }),
+        json!({ "section": "customers", "customer": record, "sync": sync, "conflicts": conflicts.data, "history": history }),
     )
 }
 

@@ -237,6 +237,41 @@ async fn the_operator_console_in_a_real_browser() {
     console.open("/console").await;
     assert!(console.text().await.contains("stripe"));
     console.shot("overview").await;
+    // The keyboard: the first Tab reaches "Skip to content", Enter jumps to
+    // the page's content.
+    console
+        .browser
+        .driver
+        .action_chain()
+        .send_keys(Key::Tab)
+        .perform()
+        .await
+        .unwrap();
+    let focused = console
+        .browser
+        .driver
+        .execute("return document.activeElement.textContent", vec![])
+        .await
+        .unwrap();
+    assert_eq!(focused.json(), &json!("Skip to content"));
+    console
+        .browser
+        .driver
+        .action_chain()
+        .send_keys(Key::Enter)
+        .perform()
+        .await
+        .unwrap();
+    assert_eq!(
+        console
+            .browser
+            .driver
+            .current_url()
+            .await
+            .unwrap()
+            .fragment(),
+        Some("main")
+    );
 
     // 2. A customer created through the API reaches Stripe: the customer page shows it.
     let address = email("console");

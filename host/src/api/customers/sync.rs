@@ -7,13 +7,16 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::api::error::{ApiError, Problem};
-use crate::api::extract::Principal;
+use crate::api::extract::{page_limit, Principal, QueryPairs};
 use crate::app::AppState;
 use crate::store::inbox::InboxEvent;
 use crate::store::{CustomerId, Delivery, LinkState};
 
-/// How many recent deliveries the status shows.
+/// How many recent deliveries and inbound events the status shows, unless
+/// `history` asks for more.
 const HISTORY: u32 = 20;
+/// The most `history` may ask for.
+const MAX_HISTORY: u32 = 1_000;
 
 /// A customer's sync with one connector.
 #[derive(Debug, Serialize, ToSchema)]
@@ -60,11 +63,15 @@ pub struct CustomerSync {
 /// Sync status of a customer.
 ///
 /// Per connector: the remote id, the synced version, the state and the last
-/// error; then the latest outbound delivery outcomes and inbound events.
-/// Works for deleted customers too.
+/// error; then the latest outbound delivery outcomes and inbound events
+/// (`history` of each, default 20, at most 1,000; retention bounds how far
+/// back they go). Works for deleted customers too.
 #[utoipa::path(
     get, path = "/api/v1/customers/{id}/sync", tag = "sync",
-    params(("id" = String, Path, description = "Customer id", pattern = "^cus_[0-9a-f]{32}$")),
+    params(
+        ("id" = String, Path, description = "Customer id", pattern = "^cus_[0-9a-f]{32}$"),
+        ("history" = Option<u32>, Query, description = "How many recent deliveries and inbound events, 1 to 1000 (default 20)"),
+    ),
     responses(
         (status = 200, description = "The sync status", body = CustomerSync),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
@@ -76,7 +83,19 @@ pub async fn customer_sync(
     State(state): State<AppState>,
     _principal: Principal,
     Path(id): Path<String>,
+    QueryPairs(pairs): QueryPairs,
 ) -> Result<Json<CustomerSync>, ApiError> {
+    let mut history = HISTORY;
+    for (name, value) in pairs {
+        if name == "history" {
+            history = page_limit(&value, MAX_HISTORY).map_err(|_| {
+                ApiError::field(
+                    "history",
+                    format!("must be an integer from 1 to {MAX_HISTORY}"),
+                )
+            })?;
+        }
+    }
     let id = CustomerId::parse(&id).ok_or(ApiError::CustomerNotFound)?;
     let customer = state
         .store
@@ -84,8 +103,8 @@ pub async fn customer_sync(
         .await?
         .ok_or(ApiError::CustomerNotFound)?;
     let links = state.store.links_of(id.as_str()).await?;
-    let history = state.store.deliveries_of(id.as_str(), HISTORY).await?;
-    let inbound = state.store.inbox_of(id.as_str(), HISTORY).await?;
+    let inbound = state.store.inbox_of(id.as_str(), history).await?;
+    let history = state.store.deliveries_of(id.as_str(), history).await?;
     let connectors = links
         .into_iter()
         .map(|link| ConnectorSync {
