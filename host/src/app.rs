@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::Context;
 use secrecy::SecretString;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -64,9 +63,6 @@ pub struct AppState {
     pub settings: Arc<ApiSettings>,
     /// The outbound sync engine.
     pub sync: SyncEngine,
-    /// Signalled after every committed write, so the relay moves its outbox
-    /// event without waiting for its next poll.
-    pub outbox_signal: Arc<Notify>,
     /// Renders `/metrics`; `None` when metrics are off.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Cluster mode: a Kafka client `/readyz` asks for the cluster's metadata.
@@ -275,7 +271,6 @@ impl App {
                 request_timeout: config.request_timeout,
             }),
             sync,
-            outbox_signal: Arc::new(Notify::new()),
         };
         Ok(Self {
             listener,
@@ -388,7 +383,6 @@ impl App {
                 tasks.spawn(crate::bus::run_embedded_relay(
                     state.store.clone(),
                     state.sync.clone(),
-                    state.outbox_signal.clone(),
                     self.cancel.clone(),
                 ));
             }
@@ -400,7 +394,6 @@ impl App {
                     crate::bus::KafkaParts {
                         store: &state.store,
                         sync: &state.sync,
-                        outbox_signal: &state.outbox_signal,
                     },
                     self.redelivery_after,
                     self.cancel.clone(),

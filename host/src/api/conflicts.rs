@@ -282,8 +282,6 @@ pub async fn resolve_conflict(
             .await?
         {
             Resolved::Done(customer) => {
-                state.outbox_signal.notify_one();
-                state.sync.wake_inbox();
                 let conflict = state
                     .store
                     .conflict(&id)

@@ -153,7 +153,7 @@ pub async fn replay_dead_letter(
         .store
         .replay_dead_letters(Some(std::slice::from_ref(&id)), None)
         .await?;
-    Ok(Json(done(&state, replayed)))
+    Ok(Json(done(replayed)))
 }
 
 /// Replay every open dead letter of a connector.
@@ -181,14 +181,10 @@ pub async fn replay_dead_letters(
         .store
         .replay_dead_letters(None, Some(&connector))
         .await?;
-    Ok(Json(done(&state, replayed)))
+    Ok(Json(done(replayed)))
 }
 
-fn done(state: &AppState, replayed: Vec<DeadLetter>) -> ReplayResult {
-    if !replayed.is_empty() {
-        state.sync.wake();
-        state.sync.wake_inbox();
-    }
+fn done(replayed: Vec<DeadLetter>) -> ReplayResult {
     tracing::info!(replayed = replayed.len(), "dead letters replayed");
     ReplayResult {
         replayed: replayed.len(),

@@ -140,12 +140,7 @@ async fn finish(
     result: Result<StoredResponse, ApiError>,
 ) -> Result<Response, ApiError> {
     match result {
-        Ok(stored) => {
-            // The write committed an outbox event: let the relay move it now
-            // rather than at its next poll.
-            state.outbox_signal.notify_one();
-            Ok(into_response(stored, false))
-        }
+        Ok(stored) => Ok(into_response(stored, false)),
         Err(error) => {
             if let Some(record) = record {
                 if let Err(release) = state.store.release_idempotency_key(&record).await {

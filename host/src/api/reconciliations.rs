@@ -306,7 +306,6 @@ pub async fn start(
         repair = repair.as_str(),
         "reconciliation started"
     );
-    state.sync.wake_reconciler();
     Ok(run)
 }
 

@@ -134,11 +134,6 @@ pub async fn receive(
         .sync
         .store_webhook(&name, events, Some(correlation_id))
         .await?;
-    if stored > 0 {
-        // Embedded: the inbox loop applies it; cluster: the relay publishes it.
-        state.sync.wake_inbox();
-        state.outbox_signal.notify_one();
-    }
     tracing::info!(connector = %name, events = count, stored, "webhook received");
     Ok(match parsed.reply {
         Some(reply) => {

@@ -18,7 +18,6 @@ pub mod kafka;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{ChangeNotice, OutboxEvent, Store};
@@ -43,12 +42,8 @@ pub fn change_of(event: &OutboxEvent) -> ChangeNotice {
 }
 
 /// Embedded mode: drains the outbox into scheduled pushes until cancelled.
-pub async fn run_embedded_relay(
-    store: Store,
-    engine: SyncEngine,
-    signal: Arc<Notify>,
-    cancel: CancellationToken,
-) {
+pub async fn run_embedded_relay(store: Store, engine: SyncEngine, cancel: CancellationToken) {
+    let commits = Arc::clone(store.commits());
     loop {
         let wait = match relay_round(&store, &engine).await {
             Ok(0) => RELAY_POLL,
@@ -64,7 +59,7 @@ pub async fn run_embedded_relay(
         };
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = signal.notified() => {}
+            () = commits.outbox.notified() => {}
             () = tokio::time::sleep(wait) => {}
         }
     }
@@ -158,7 +153,6 @@ pub async fn start_kafka(
         state.store.clone(),
         producer,
         topics,
-        state.outbox_signal.clone(),
         cancel.clone(),
     ));
     tasks.spawn(run_kafka_consumer(
@@ -186,8 +180,6 @@ pub struct KafkaParts<'a> {
     pub store: &'a Store,
     /// What consumed changes and events go to.
     pub sync: &'a SyncEngine,
-    /// Signalled after commits that give the relay work.
-    pub outbox_signal: &'a Arc<Notify>,
 }
 
 /// The topics of one deployment.
@@ -204,9 +196,9 @@ pub async fn run_kafka_relay(
     store: Store,
     producer: kafka::KafkaProducer,
     topics: Topics,
-    signal: Arc<Notify>,
     cancel: CancellationToken,
 ) {
+    let commits = Arc::clone(store.commits());
     loop {
         let leadership = tokio::select! {
             () = cancel.cancelled() => return,
@@ -255,7 +247,7 @@ pub async fn run_kafka_relay(
             };
             tokio::select! {
                 () = cancel.cancelled() => return,
-                () = signal.notified() => {}
+                () = commits.outbox.notified() => {}
                 () = tokio::time::sleep(wait) => {}
             }
             if !leadership.still_held().await {

@@ -171,6 +171,10 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
+            // The new version goes out, and the inbox events the conflict
+            // held for this link may go on.
+            self.committed_outbox();
+            self.committed_inbox();
             Ok(Resolved::Done(Box::new(customer)))
         })
     }

@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 
 use super::idempotency::IdempotencyCompletion;
 use super::outbox::OutboxKind;
-use super::{dispatch, now, Store, StoreError};
+use super::{dispatch, now, Backend, Store, StoreError};
 
 /// A customer id: `cus_` followed by a UUIDv7 in lowercase hex. UUIDv7 starts
 /// with a timestamp, so ids sort in creation order and serve as cursors.
@@ -263,8 +263,9 @@ impl Store {
             deleted_at: None,
         };
         tracing::Span::current().record("customer_id", customer.id.as_str());
-        if let Store::Postgres(pool) = self {
+        if let Backend::Postgres(pool) = &self.backend {
             create_in_one_statement(pool, &customer, ctx).await?;
+            self.committed_outbox();
             return Ok(customer);
         }
         dispatch!(self, write pool => {
@@ -288,6 +289,7 @@ impl Store {
             finish_write!(tx, ctx, &customer, OutboxKind::Created);
             tx.commit().await?;
         });
+        self.committed_outbox();
         Ok(customer)
     }
 
@@ -315,8 +317,8 @@ impl Store {
     /// Several customers by id, deleted ones included (the inbound apply's
     /// read of a claimed batch).
     pub async fn customers_any(&self, ids: &[&str]) -> Result<Vec<Customer>, StoreError> {
-        let rows: Vec<CustomerRow> = match self {
-            Store::Postgres(pool) => {
+        let rows: Vec<CustomerRow> = match &self.backend {
+            Backend::Postgres(pool) => {
                 sqlx::query_as(concat!(
                     "SELECT ",
                     columns!(),
@@ -327,7 +329,7 @@ impl Store {
                 .await?
             }
             // In-process reads: one indexed lookup each is as cheap.
-            Store::Sqlite(_) => {
+            Backend::Sqlite(_) => {
                 let mut customers = Vec::with_capacity(ids.len());
                 for id in ids {
                     customers.extend(self.get_customer_any(id).await?);
@@ -455,7 +457,10 @@ impl Store {
                 }
             });
             match written {
-                Some(customer) => return Ok(customer),
+                Some(customer) => {
+                    self.committed_outbox();
+                    return Ok(customer);
+                }
                 // Someone wrote between our read and our update.
                 None if expected_version.is_some() => {
                     let current = self.get_customer(id).await?;
@@ -506,6 +511,7 @@ impl Store {
             let deleted = Customer::from(row);
             finish_write!(tx, ctx, &deleted, OutboxKind::Deleted);
             tx.commit().await?;
+            self.committed_outbox();
             Ok(deleted)
         })
     }

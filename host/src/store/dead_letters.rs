@@ -166,6 +166,12 @@ impl Store {
                 .await?;
             }
             tx.commit().await?;
+            if !chosen.is_empty() {
+                // Outbound letters are links due again, inbound ones inbox
+                // events due again.
+                self.committed_links();
+                self.committed_inbox();
+            }
             Ok(chosen)
         })
     }

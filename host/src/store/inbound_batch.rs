@@ -25,7 +25,7 @@ use super::customers::{columns, CustomerRow};
 use super::inbox::{
     link_upsert_on_conflict, Applied, CustomerWrite, InboundChange, NewInboxEvent, RemoteChange,
 };
-use super::{Customer, CustomerId, Store, StoreError};
+use super::{Backend, Customer, CustomerId, Store, StoreError};
 
 /// Stores the events of several webhook deliveries in one statement (the
 /// ingest's group commit, on either backend); returns, per delivery, how many were new. An
@@ -51,8 +51,8 @@ pub(super) async fn store_inbox(
     if columns.event_ids.is_empty() {
         return Ok(stored);
     }
-    let new: Vec<(String, String)> = match store {
-        Store::Postgres(pool) => {
+    let new: Vec<(String, String)> = match &store.backend {
+        Backend::Postgres(pool) => {
             sqlx::query_as(
                 "INSERT INTO inbox (connector, event_id, entity, kind, remote_id, occurred_at_ms, record, \
                  origin_key, remote_type, state, next_attempt_at_ms, correlation_id, received_at, policy) \
@@ -80,7 +80,7 @@ pub(super) async fn store_inbox(
             .fetch_all(pool)
             .await?
         }
-        Store::Sqlite(pools) => {
+        Backend::Sqlite(pools) => {
             let rows = json_rows(vec![
                 json_column(columns.connectors),
                 json_column(columns.event_ids),
@@ -367,8 +367,8 @@ fn json_column<T: Into<serde_json::Value>>(values: Vec<T>) -> Vec<serde_json::Va
 
 impl<'c> Tx<'c> {
     async fn begin(store: &'c Store) -> Result<Self, sqlx::Error> {
-        Ok(match store {
-            Store::Postgres(pool) => {
+        Ok(match &store.backend {
+            Backend::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
                 // Every statement below finds its rows by key. With a few
                 // dozen keys and a table of a few thousand rows the planner
@@ -380,7 +380,7 @@ impl<'c> Tx<'c> {
                     .await?;
                 Self::Postgres(tx)
             }
-            Store::Sqlite(pools) => Self::Sqlite(pools.writer.begin().await?),
+            Backend::Sqlite(pools) => Self::Sqlite(pools.writer.begin().await?),
         })
     }
 

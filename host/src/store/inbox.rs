@@ -9,9 +9,9 @@ use sqlx::types::Json;
 use utoipa::ToSchema;
 
 use super::customers::{columns, CustomerRow};
-use super::now_ms;
 use super::DeadLetterKind;
 use super::{dispatch, now, stored_names, Customer, CustomerFields, CustomerId, Store, StoreError};
+use super::{now_ms, Backend};
 
 /// What a remote event did to its record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
@@ -257,7 +257,14 @@ impl Store {
         deliveries: &[(&str, &[NewInboxEvent], Option<&str>)],
     ) -> Result<Vec<usize>, StoreError> {
         let at = now();
-        super::inbound_batch::store_inbox(self, deliveries, at).await
+        let stored = super::inbound_batch::store_inbox(self, deliveries, at).await?;
+        if stored.iter().any(|n| *n > 0) {
+            // The inbox loop applies them; in cluster mode the relay
+            // publishes them first.
+            self.committed_inbox();
+            self.committed_outbox();
+        }
+        Ok(stored)
     }
 
     /// Claims up to `limit` due, free inbox events, oldest due first,
@@ -285,7 +292,7 @@ impl Store {
              (SELECT seq FROM inbox WHERE state IN ('pending', 'retry') \
              AND next_attempt_at_ms <= (CASE WHEN state = 'pending' THEN $3 - $5 ELSE $3 END) \
              AND lease_until_ms < $3 ORDER BY next_attempt_at_ms, seq LIMIT $4{}) RETURNING {INBOX_COLUMNS}",
-            if matches!(self, Store::Postgres(_)) {
+            if matches!(self.backend, Backend::Postgres(_)) {
                 " FOR UPDATE SKIP LOCKED"
             } else {
                 ""
@@ -451,6 +458,19 @@ impl Store {
     /// ([`super::inbound_batch`]).
     #[tracing::instrument(skip_all, fields(changes = changes.len()))]
     pub async fn apply_inbound_many(
+        &self,
+        changes: &[InboundChange],
+    ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+        let results = self.apply_inbound_group(changes).await?;
+        if results.iter().any(Result::is_ok) {
+            // Applied changes wrote outbox rows (fan-out to the other
+            // connectors).
+            self.committed_outbox();
+        }
+        Ok(results)
+    }
+
+    async fn apply_inbound_group(
         &self,
         changes: &[InboundChange],
     ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {

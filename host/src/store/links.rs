@@ -17,7 +17,7 @@ use utoipa::ToSchema;
 
 use super::dead_letters::DeadLetterKind;
 use super::deliveries::INSERT_DELIVERY_SQL;
-use super::{dispatch, now, now_ms, Store, StoreError};
+use super::{dispatch, now, now_ms, Backend, Store, StoreError};
 
 /// Scheduling state of a link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
@@ -539,7 +539,7 @@ impl Store {
     ) -> Result<Vec<LinkKey>, StoreError> {
         let at = now();
         let due = at.timestamp_millis();
-        if let Store::Postgres(pool) = self {
+        if let Backend::Postgres(pool) = &self.backend {
             return intake_postgres(pool, changes, connectors, published_ids, at).await;
         }
         let mut keys = Vec::with_capacity(changes.len() * connectors.len());
@@ -592,7 +592,7 @@ impl Store {
         lease_until_ms: i64,
     ) -> Result<Vec<SyncLink>, StoreError> {
         let now = now_ms();
-        if let Store::Postgres(pool) = self {
+        if let Backend::Postgres(pool) = &self.backend {
             let (customers, connectors): (Vec<&str>, Vec<&str>) = keys
                 .iter()
                 .map(|k| (k.customer_id.as_str(), k.connector.as_str()))
@@ -634,8 +634,8 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<SyncLink>, StoreError> {
         let now = now_ms();
-        let rows: Vec<SyncLinkRow> = match self {
-            Store::Sqlite(pools) => {
+        let rows: Vec<SyncLinkRow> = match &self.backend {
+            Backend::Sqlite(pools) => {
                 sqlx::query_as(CLAIM_DUE_SQLITE)
                     .bind(lease_until_ms)
                     .bind(lease_token)
@@ -644,7 +644,7 @@ impl Store {
                     .fetch_all(&pools.writer)
                     .await?
             }
-            Store::Postgres(pool) => {
+            Backend::Postgres(pool) => {
                 sqlx::query_as(CLAIM_DUE_POSTGRES)
                     .bind(lease_until_ms)
                     .bind(lease_token)
@@ -734,8 +734,8 @@ impl Store {
         &self,
         keys: &[(&str, &str)],
     ) -> Result<Vec<SyncLink>, StoreError> {
-        let rows: Vec<SyncLinkRow> = match self {
-            Store::Postgres(pool) => {
+        let rows: Vec<SyncLinkRow> = match &self.backend {
+            Backend::Postgres(pool) => {
                 let (connectors, remote_ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
                 sqlx::query_as(concat!(
                     "SELECT ",
@@ -749,7 +749,7 @@ impl Store {
                 .await?
             }
             // In-process reads: one indexed lookup each is as cheap.
-            Store::Sqlite(_) => {
+            Backend::Sqlite(_) => {
                 let mut links = Vec::with_capacity(keys.len());
                 for (connector, remote_id) in keys {
                     links.extend(self.link_by_remote_id(connector, remote_id).await?);

@@ -143,37 +143,64 @@ pub struct SqlitePools {
     reader: SqlitePool,
 }
 
-/// ferry's store on either backend. Cheap to clone (pools are shared).
+/// ferry's store on either backend, and the signals it raises after it
+/// commits work for a background loop. Cheap to clone (pools and signals
+/// are shared).
 #[derive(Debug, Clone)]
-pub enum Store {
+pub struct Store {
+    backend: Backend,
+    commits: std::sync::Arc<Commits>,
+}
+
+/// The database behind a [`Store`].
+#[derive(Debug, Clone)]
+pub(crate) enum Backend {
     /// Embedded mode.
     Sqlite(SqlitePools),
     /// Cluster mode.
     Postgres(PgPool),
 }
 
+/// Raised by the store once it has committed work for a background loop,
+/// so that no caller (an API handler, the inbox loop, a reconciliation) has
+/// to remember to wake it. Each is a `Notify`: a signal raised while nobody
+/// waits is kept for the next wait.
+#[derive(Debug, Default)]
+pub struct Commits {
+    /// Outbox rows were committed: the relay has events to move.
+    pub outbox: tokio::sync::Notify,
+    /// Inbox events were committed or scheduled again: the inbox loop has
+    /// work.
+    pub inbox: tokio::sync::Notify,
+    /// Links were scheduled again (replays, repairs): the link workers
+    /// have work.
+    pub links: tokio::sync::Notify,
+    /// A reconciliation run was started: the reconciler has work.
+    pub runs: tokio::sync::Notify,
+}
+
 /// Runs `$body` with `$pool` bound to the writer pool of whichever backend
 /// `$store` is; the body is type-checked once per backend.
 macro_rules! dispatch {
     ($store:expr, write $pool:ident => $body:expr) => {
-        match $store {
-            $crate::store::Store::Sqlite(pools) => {
+        match &$store.backend {
+            $crate::store::Backend::Sqlite(pools) => {
                 let $pool = &pools.writer;
                 $body
             }
-            $crate::store::Store::Postgres(pool) => {
+            $crate::store::Backend::Postgres(pool) => {
                 let $pool = pool;
                 $body
             }
         }
     };
     ($store:expr, read $pool:ident => $body:expr) => {
-        match $store {
-            $crate::store::Store::Sqlite(pools) => {
+        match &$store.backend {
+            $crate::store::Backend::Sqlite(pools) => {
                 let $pool = &pools.reader;
                 $body
             }
-            $crate::store::Store::Postgres(pool) => {
+            $crate::store::Backend::Postgres(pool) => {
                 let $pool = pool;
                 $body
             }
@@ -261,7 +288,7 @@ impl Store {
                     .acquire_timeout(options.acquire_timeout)
                     .connect_with(connect.read_only(true))
                     .await?;
-                Ok(Self::Sqlite(SqlitePools { writer, reader }))
+                Ok(Self::new(Backend::Sqlite(SqlitePools { writer, reader })))
             }
             StoreKind::Postgres => {
                 let connect = PgConnectOptions::from_str(url)?;
@@ -276,29 +303,56 @@ impl Store {
                     .max_lifetime(Duration::from_secs(1800))
                     .connect_with(connect)
                     .await?;
-                Ok(Self::Postgres(pool))
+                Ok(Self::new(Backend::Postgres(pool)))
             }
+        }
+    }
+
+    fn new(backend: Backend) -> Self {
+        Self {
+            backend,
+            commits: std::sync::Arc::default(),
         }
     }
 
     /// Which backend this store runs on.
     pub fn kind(&self) -> StoreKind {
-        match self {
-            Self::Sqlite(_) => StoreKind::Sqlite,
-            Self::Postgres(_) => StoreKind::Postgres,
+        match self.backend {
+            Backend::Sqlite(_) => StoreKind::Sqlite,
+            Backend::Postgres(_) => StoreKind::Postgres,
         }
+    }
+
+    /// The signals raised after commits (the loops wait on them).
+    pub fn commits(&self) -> &std::sync::Arc<Commits> {
+        &self.commits
+    }
+
+    /// Outbox rows were committed.
+    pub(crate) fn committed_outbox(&self) {
+        self.commits.outbox.notify_one();
+    }
+
+    /// Inbox events were committed or scheduled again.
+    pub(crate) fn committed_inbox(&self) {
+        self.commits.inbox.notify_one();
+    }
+
+    /// Links were scheduled again.
+    pub(crate) fn committed_links(&self) {
+        self.commits.links.notify_one();
     }
 
     /// Applies the backend's migrations (embedded in the binary).
     #[tracing::instrument(skip_all)]
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        match self {
-            Self::Sqlite(pools) => {
+        match &self.backend {
+            Backend::Sqlite(pools) => {
                 sqlx::migrate!("../migrations/sqlite")
                     .run(&pools.writer)
                     .await?
             }
-            Self::Postgres(pool) => sqlx::migrate!("../migrations/postgres").run(pool).await?,
+            Backend::Postgres(pool) => sqlx::migrate!("../migrations/postgres").run(pool).await?,
         }
         Ok(())
     }
@@ -313,12 +367,12 @@ impl Store {
 
     /// Closes every pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
-        match self {
-            Self::Sqlite(pools) => {
+        match &self.backend {
+            Backend::Sqlite(pools) => {
                 pools.writer.close().await;
                 pools.reader.close().await;
             }
-            Self::Postgres(pool) => pool.close().await,
+            Backend::Postgres(pool) => pool.close().await,
         }
     }
 }

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::types::Json;
 
-use super::{dispatch, now, Store, StoreError};
+use super::{dispatch, now, Backend, Store, StoreError};
 
 /// What happened to the aggregate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -133,7 +133,7 @@ impl Store {
     /// acknowledged them).
     pub async fn mark_published(&self, ids: &[i64]) -> Result<(), StoreError> {
         let at = now();
-        if let Store::Postgres(pool) = self {
+        if let Backend::Postgres(pool) = &self.backend {
             sqlx::query("UPDATE outbox SET published_at = $1 WHERE id = ANY($2)")
                 .bind(at)
                 .bind(ids)
@@ -183,9 +183,9 @@ impl RelayLeadership {
 impl Store {
     /// Becomes the relay leader if no one else is.
     pub async fn try_lead_relay(&self) -> Result<Option<RelayLeadership>, StoreError> {
-        match self {
-            Store::Sqlite(_) => Ok(Some(RelayLeadership::Sole)),
-            Store::Postgres(pool) => {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(Some(RelayLeadership::Sole)),
+            Backend::Postgres(pool) => {
                 let mut conn = pool.acquire().await?;
                 let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
                     .bind(RELAY_LOCK_KEY)

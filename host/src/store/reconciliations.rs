@@ -216,7 +216,10 @@ impl Store {
             .map(drop)
         });
         match inserted {
-            Ok(_) => self.run(&id).await,
+            Ok(_) => {
+                self.commits.runs.notify_one();
+                self.run(&id).await
+            }
             Err(sqlx::Error::Database(db)) if db.is_unique_violation() => Ok(None),
             Err(error) => Err(error.into()),
         }
@@ -688,6 +691,9 @@ impl Store {
                 .await?
                 .rows_affected()
         });
+        if updated == 1 {
+            self.committed_links();
+        }
         Ok(updated == 1)
     }
 
@@ -722,6 +728,9 @@ impl Store {
             .await?
             .rows_affected()
         });
+        if updated == 1 {
+            self.committed_links();
+        }
         Ok(updated == 1)
     }
 

@@ -224,7 +224,7 @@ impl SyncEngine {
             }
             tokio::select! {
                 () = cancel.cancelled() => return,
-                () = self.inner.inbox_wake.notified() => {}
+                () = self.inner.store.commits().inbox.notified() => {}
                 () = tokio::time::sleep(INBOX_POLL) => {}
             }
         }
@@ -319,11 +319,6 @@ impl SyncEngine {
                 Some(Known { link, customer })
             })
             .collect()
-    }
-
-    /// Wakes the inbox loop (a webhook stored events).
-    pub fn wake_inbox(&self) {
-        self.inner.inbox_wake.notify_one();
     }
 
     /// Runs one inbound step and records its outcome.
@@ -916,7 +911,7 @@ impl SyncEngine {
                     "inbound change applied"
                 );
                 // The outbox event fans the change out to the other connectors.
-                self.inner.wake.notify_one();
+                self.inner.store.commits().links.notify_one();
                 Ok(Some(InboundOutcome::Applied { customer_id }))
             }
             Ok(Applied::Raced) => Ok(None),

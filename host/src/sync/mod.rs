@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -64,9 +64,6 @@ struct Inner {
     lease: Duration,
     permits: Arc<Semaphore>,
     concurrency: usize,
-    wake: Notify,
-    inbox_wake: Notify,
-    reconcile_wake: Notify,
     link_writes: GroupCommit<LinkWrites>,
     inbox_writes: GroupCommit<InboxWrites>,
     inbound_applies: GroupCommit<InboundApplies>,
@@ -120,9 +117,6 @@ impl SyncEngine {
                 lease: options.lease,
                 permits: Arc::new(Semaphore::new(options.concurrency)),
                 concurrency: options.concurrency,
-                wake: Notify::new(),
-                inbox_wake: Notify::new(),
-                reconcile_wake: Notify::new(),
                 link_writes,
                 inbox_writes,
                 inbound_applies,
@@ -202,9 +196,11 @@ impl SyncEngine {
         &self.inner.breakers
     }
 
-    /// Wakes the scheduler (after a replay, or a new change).
+    /// Wakes the link workers: the engine scheduled pushes itself (changes
+    /// it accepted from the bus). The store raises the same signal after it
+    /// commits a replay.
     pub fn wake(&self) {
-        self.inner.wake.notify_one();
+        self.inner.store.commits().links.notify_one();
     }
 
     /// Schedules pushes for `changes` to every switched-on connector
@@ -309,7 +305,7 @@ impl SyncEngine {
             };
             tokio::select! {
                 () = cancel.cancelled() => break,
-                () = self.inner.wake.notified() => {}
+                () = self.inner.store.commits().links.notified() => {}
                 _ = registry_changes.changed() => {}
                 () = tokio::time::sleep(sleep.max(Duration::from_millis(5))) => {}
             }

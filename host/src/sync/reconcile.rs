@@ -220,17 +220,12 @@ impl SyncEngine {
             }
             tokio::select! {
                 () = cancel.cancelled() => break,
-                () = self.inner.reconcile_wake.notified() => {}
+                () = self.inner.store.commits().runs.notified() => {}
                 () = tokio::time::sleep(POLL) => {}
             }
         }
         tracker.close();
         tracker.wait().await;
-    }
-
-    /// Wakes the reconciler (a run was started here).
-    pub fn wake_reconciler(&self) {
-        self.inner.reconcile_wake.notify_one();
     }
 
     async fn start_scheduled(&self, options: &ReconcileOptions) -> Result<(), StoreError> {
@@ -783,9 +778,7 @@ impl SyncEngine {
                         Some(run.id.as_str()),
                     )])
                     .await?;
-                self.wake_inbox();
             }
-            self.inner.wake.notify_one();
             if !store.commit_repairs(run, &done, &last).await? {
                 return Err(Stop::LeaseLost);
             }
@@ -818,7 +811,6 @@ impl SyncEngine {
                 .force_push(&customer, connector, current.version)
                 .await?
         };
-        self.inner.wake.notify_one();
         Ok(scheduled.then(|| {
             let what = if recreate { "create" } else { "push" };
             format!("{what} of version {} scheduled", current.version)
@@ -851,7 +843,6 @@ impl SyncEngine {
                         Some(run.id.as_str()),
                     )])
                     .await?;
-                self.wake_inbox();
                 what
             }
             push => match self.schedule_push(&run.connector, push).await? {
