@@ -187,6 +187,10 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn main() {
+    if let Ok(filter) = std::env::var("FERRY_BENCH_LOG") {
+        // e.g. FERRY_BENCH_LOG=warn: what the app says while it is measured.
+        let _ = ferry::telemetry::init(ferry::config::LogFormat::Text, &filter, std::io::stderr);
+    }
     let modes = std::env::var("FERRY_BENCH_MODES").unwrap_or_else(|_| "embedded".into());
     let changes: usize = std::env::var("FERRY_BENCH_CHANGES")
         .ok()

@@ -10,9 +10,12 @@ use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 use utoipa::ToSchema;
 
-use super::idempotency::IdempotencyCompletion;
+use futures::future::BoxFuture;
+
+use super::idempotency::{IdempotencyCompletion, StoredResponse};
 use super::outbox::OutboxKind;
 use super::{dispatch, now, Backend, Store, StoreError};
+use crate::sync::group_commit::Committer;
 
 /// A customer id: `cus_` followed by a UUIDv7 in lowercase hex. UUIDv7 starts
 /// with a timestamp, so ids sort in creation order and serve as cursors.
@@ -213,8 +216,10 @@ const UPDATE_ATTEMPTS: usize = 5;
 /// Inside a dispatched transaction `$tx`: writes the outbox event for
 /// `$customer` and completes the idempotency record, if any.
 macro_rules! finish_write {
-    ($tx:ident, $ctx:expr, $customer:expr, $kind:expr) => {{
+    ($tx:ident, $correlation_id:expr, $completion:expr, $customer:expr, $kind:expr) => {{
         let customer: &Customer = $customer;
+        let correlation_id: Option<&str> = $correlation_id;
+        let completion: Option<&Completion> = $completion;
         sqlx::query(
             "INSERT INTO outbox (aggregate, aggregate_id, version, kind, payload, correlation_id, created_at) \
              VALUES ('customer', $1, $2, $3, $4, $5, $6)",
@@ -223,22 +228,97 @@ macro_rules! finish_write {
         .bind(customer.version)
         .bind($kind.as_str())
         .bind(Json(customer))
-        .bind($ctx.correlation_id)
+        .bind(correlation_id)
         .bind(customer.updated_at)
         .execute(&mut *$tx)
         .await?;
-        if let Some(completion) = &$ctx.idempotency {
-            let response = (completion.render)(customer);
+        if let Some(completion) = completion {
             sqlx::query(super::idempotency::COMPLETE_SQL)
-                .bind(completion.scope)
-                .bind(completion.key)
-                .bind(i32::from(response.status))
-                .bind(Json(&response.headers))
-                .bind(&response.body)
+                .bind(&completion.scope)
+                .bind(&completion.key)
+                .bind(i32::from(completion.response.status))
+                .bind(Json(&completion.response.headers))
+                .bind(&completion.response.body)
                 .execute(&mut *$tx)
                 .await?;
         }
     }};
+}
+
+/// The idempotency key a write completes, with the response rendered from
+/// the record it writes.
+pub(crate) struct Completion {
+    scope: String,
+    key: String,
+    response: StoredResponse,
+}
+
+impl WriteContext<'_> {
+    fn completion(&self, customer: &Customer) -> Option<Completion> {
+        self.idempotency.as_ref().map(|c| Completion {
+            scope: c.scope.to_owned(),
+            key: c.key.to_owned(),
+            response: (c.render)(customer),
+        })
+    }
+}
+
+/// A create ready to commit, owned so it can wait in a group.
+pub(crate) struct NewCustomer {
+    customer: Customer,
+    correlation_id: Option<String>,
+    completion: Option<Completion>,
+}
+
+/// SQLite: creates from concurrent requests committed together, one
+/// transaction and one fsync for all that queued while the previous group
+/// committed (`synchronous=FULL` makes the fsync the cost of a create). A
+/// group that fails (an email taken) is committed again one create at a
+/// time, so each request gets its own answer.
+pub(crate) struct SqliteCreates(pub(crate) sqlx::SqlitePool);
+
+impl Committer for SqliteCreates {
+    type Write = NewCustomer;
+    type Done = ();
+
+    fn commit<'a>(
+        &'a self,
+        writes: &'a [NewCustomer],
+    ) -> BoxFuture<'a, Result<Vec<()>, StoreError>> {
+        Box::pin(async move {
+            let mut tx = self.0.begin().await?;
+            for write in writes {
+                let customer = &write.customer;
+                sqlx::query(concat!(
+                    "INSERT INTO customers (",
+                    columns!(),
+                    ") ",
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL)"
+                ))
+                .bind(customer.id.as_str())
+                .bind(&customer.name)
+                .bind(&customer.email)
+                .bind(&customer.phone)
+                .bind(customer.address.as_ref().map(Json))
+                .bind(Json(&customer.metadata))
+                .bind(customer.version)
+                .bind(customer.created_at)
+                .bind(customer.updated_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from_customer_write)?;
+                finish_write!(
+                    tx,
+                    write.correlation_id.as_deref(),
+                    write.completion.as_ref(),
+                    customer,
+                    OutboxKind::Created
+                );
+            }
+            tx.commit().await?;
+            Ok(vec![(); writes.len()])
+        })
+    }
 }
 
 impl Store {
@@ -263,32 +343,17 @@ impl Store {
             deleted_at: None,
         };
         tracing::Span::current().record("customer_id", customer.id.as_str());
-        if let Backend::Postgres(pool) = &self.backend {
-            create_in_one_statement(pool, &customer, ctx).await?;
-            self.committed_outbox();
-            return Ok(customer);
+        match &self.backend {
+            Backend::Postgres(pool) => create_in_one_statement(pool, &customer, ctx).await?,
+            Backend::Sqlite(pools) => {
+                let write = NewCustomer {
+                    customer: customer.clone(),
+                    correlation_id: ctx.correlation_id.map(str::to_owned),
+                    completion: ctx.completion(&customer),
+                };
+                pools.creates.submit(write).await?;
+            }
         }
-        dispatch!(self, write pool => {
-            let mut tx = pool.begin().await?;
-            sqlx::query(concat!(
-                "INSERT INTO customers (", columns!(), ") ",
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL)"
-            ))
-            .bind(customer.id.as_str())
-            .bind(&customer.name)
-            .bind(&customer.email)
-            .bind(&customer.phone)
-            .bind(customer.address.as_ref().map(Json))
-            .bind(Json(&customer.metadata))
-            .bind(customer.version)
-            .bind(customer.created_at)
-            .bind(customer.updated_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from_customer_write)?;
-            finish_write!(tx, ctx, &customer, OutboxKind::Created);
-            tx.commit().await?;
-        });
         self.committed_outbox();
         Ok(customer)
     }
@@ -446,7 +511,14 @@ impl Store {
                 .map_err(StoreError::from_customer_write)?;
                 if done.rows_affected() == 1 {
                     let write = async {
-                        finish_write!(tx, ctx, &updated, OutboxKind::Updated);
+                        let completion = ctx.completion(&updated);
+                        finish_write!(
+                            tx,
+                            ctx.correlation_id,
+                            completion.as_ref(),
+                            &updated,
+                            OutboxKind::Updated
+                        );
                         tx.commit().await?;
                         Ok::<_, StoreError>(())
                     };
@@ -509,7 +581,14 @@ impl Store {
                 return Err(StoreError::VersionMismatch { current: current.version });
             };
             let deleted = Customer::from(row);
-            finish_write!(tx, ctx, &deleted, OutboxKind::Deleted);
+            let completion = ctx.completion(&deleted);
+            finish_write!(
+                tx,
+                ctx.correlation_id,
+                completion.as_ref(),
+                &deleted,
+                OutboxKind::Deleted
+            );
             tx.commit().await?;
             self.committed_outbox();
             Ok(deleted)

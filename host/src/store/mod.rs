@@ -136,11 +136,13 @@ impl StoreError {
     }
 }
 
-/// SQLite pools: one writer, several readers (see the module docs).
+/// SQLite pools: one writer, several readers (see the module docs), and
+/// the queue that group-commits customer creates on the writer.
 #[derive(Debug, Clone)]
 pub struct SqlitePools {
     writer: SqlitePool,
     reader: SqlitePool,
+    creates: std::sync::Arc<crate::sync::group_commit::GroupCommit<customers::SqliteCreates>>,
 }
 
 /// ferry's store on either backend, and the signals it raises after it
@@ -288,7 +290,15 @@ impl Store {
                     .acquire_timeout(options.acquire_timeout)
                     .connect_with(connect.read_only(true))
                     .await?;
-                Ok(Self::new(Backend::Sqlite(SqlitePools { writer, reader })))
+                let creates = std::sync::Arc::new(crate::sync::group_commit::GroupCommit::start(
+                    customers::SqliteCreates(writer.clone()),
+                    1,
+                ));
+                Ok(Self::new(Backend::Sqlite(SqlitePools {
+                    writer,
+                    reader,
+                    creates,
+                })))
             }
             StoreKind::Postgres => {
                 let connect = PgConnectOptions::from_str(url)?;

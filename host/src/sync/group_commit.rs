@@ -37,6 +37,12 @@ pub struct GroupCommit<C: Committer> {
     queue: mpsc::UnboundedSender<Queued<C>>,
 }
 
+impl<C: Committer> std::fmt::Debug for GroupCommit<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GroupCommit")
+    }
+}
+
 impl<C: Committer> GroupCommit<C> {
     /// Starts `tasks` committers sharing one queue (on the current runtime).
     /// They end when this is dropped.

@@ -313,7 +313,57 @@ async fn concurrent_creates_with_one_email_yield_one_customer(backend: Backend) 
     }
 }
 
+/// Many creates at once (on SQLite they are committed as groups): one
+/// taken email fails alone, every other create is written once with its
+/// outbox event, and a keyed create replays its stored answer.
+async fn a_burst_of_creates_answers_each_on_its_own(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let taken = email("taken");
+    app.create_ok(&json!({"email": taken})).await;
+    let mut bodies: Vec<Value> = (0..40)
+        .map(|i| json!({"email": email(&format!("burst{i}"))}))
+        .collect();
+    bodies[17] = json!({"email": taken});
+    let responses = futures::future::join_all(bodies.iter().enumerate().map(|(i, body)| {
+        app.request(Method::POST, "/api/v1/customers")
+            .header("idempotency-key", format!("burst-key-{i}"))
+            .json(body)
+            .send()
+    }))
+    .await;
+    for (i, response) in responses.into_iter().enumerate() {
+        let response = response.unwrap();
+        if i == 17 {
+            assert_problem(response, 409, "email_taken").await;
+            continue;
+        }
+        assert_eq!(response.status(), 201, "create {i}");
+        let created: Value = response.json().await.unwrap();
+        let id = created["id"].as_str().unwrap();
+        assert_eq!(
+            app.store.outbox_events(id).await.unwrap().len(),
+            1,
+            "create {i}"
+        );
+        let again = app
+            .request(Method::POST, "/api/v1/customers")
+            .header("idempotency-key", format!("burst-key-{i}"))
+            .json(&bodies[i])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 201);
+        assert_eq!(again.headers()["idempotent-replayed"], "true");
+        assert_eq!(
+            again.json::<Value>().await.unwrap(),
+            created,
+            "create {i} replayed"
+        );
+    }
+}
+
 on_both_backends!(
+    a_burst_of_creates_answers_each_on_its_own,
     create_returns_201_with_location_etag_and_outbox_event,
     unknown_customer_is_404,
     patch_merges_fields_and_bumps_version,
