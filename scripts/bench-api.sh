@@ -6,6 +6,7 @@
 #   scripts/bench-api.sh                       defaults: 10 s per run
 #   BENCH_DURATION=30 BENCH_CLIENTS="8 32" scripts/bench-api.sh
 #   BENCH_NO_BUILD=1 scripts/bench-api.sh      reuse target/release as built
+#   BENCH_FERRY_BIN=/path/to/ferry ...         measure another build (same ferry-pg)
 #
 # Installs wrk (Debian) if missing; needs pgbench (postgresql-contrib / the
 # Debian server packages). Everything runs on 127.0.0.1.
@@ -37,7 +38,7 @@ if [ -z "${BENCH_NO_BUILD:-}" ]; then
   step "building ferry and ferry-pg (release)"
   cargo build --quiet --release -p ferry --bin ferry -p ferry-test-support --bin ferry-pg
 fi
-FERRY_BIN="$CARGO_TARGET_DIR/release/ferry"
+FERRY_BIN="${BENCH_FERRY_BIN:-$CARGO_TARGET_DIR/release/ferry}"
 FERRY_PG_BIN="$CARGO_TARGET_DIR/release/ferry-pg"
 
 WORK="$(mktemp -d)"
