@@ -70,12 +70,13 @@ pub struct CustomerSync {
     get, path = "/api/v1/customers/{id}/sync", tag = "sync",
     params(
         ("id" = String, Path, description = "Customer id", pattern = "^cus_[0-9a-f]{32}$"),
-        ("history" = Option<u32>, Query, description = "How many recent deliveries and inbound events, 1 to 1000 (default 20)"),
+        ("history" = Option<u32>, Query, description = "How many recent deliveries and inbound events, 1 to 1000 (default 20)", minimum = 1, maximum = 1000),
     ),
     responses(
         (status = 200, description = "The sync status", body = CustomerSync),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such customer", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid `history`", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
