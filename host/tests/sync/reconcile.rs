@@ -212,6 +212,20 @@ async fn backfill_links_imports_and_pushes(backend: Backend) {
     let s_d1 = stripe_create(&url, &[("email", &dup), ("name", "Dup One")]).await;
     let s_d2 = stripe_create(&url, &[("email", &dup), ("name", "Dup Two")]).await;
 
+    // The relay has moved both creates while no connector was configured
+    // (a create it had not moved yet would be pushed to a connector
+    // enabled in between, rightly: it is a change made after).
+    for id in [&a["id"], &b["id"]] {
+        let id = id.as_str().unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while app.store.outbox_events(id).await.unwrap()[0]
+            .published_at
+            .is_none()
+        {
+            assert!(tokio::time::Instant::now() < deadline, "{id} never relayed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let connector = configure_stripe(&app, &url).await;
     assert_eq!(connector["enabled"], true, "{connector}");
     assert_eq!(connector["backfill_offered"], true, "{connector}");
