@@ -78,26 +78,8 @@ async fn bench(records: usize) {
     let ceiling = ceiling(&stripe.url(), records).await;
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let connectors = dir.path().join("connectors");
-    std::fs::create_dir_all(&connectors).expect("dir");
-    std::fs::copy(
-        ferry_test_support::wasm::component_path("ferry_connector_stripe"),
-        connectors.join("stripe.wasm"),
-    )
-    .expect("make connectors");
-    let (backend, database_url) = match std::env::var("FERRY_BENCH_BACKEND").as_deref() {
-        Ok("postgres") => (
-            "postgres",
-            ferry_test_support::postgres::PgCluster::shared()
-                .create_database()
-                .await
-                .expect("database"),
-        ),
-        _ => (
-            "sqlite",
-            format!("sqlite://{}", dir.path().join("ferry.db").display()),
-        ),
-    };
+    let connectors = ferry_test_support::bench::stripe_connectors_dir(dir.path());
+    let (backend, database_url) = ferry_test_support::bench::database(dir.path()).await;
     let config = Config::from_overrides(json!({
         "listen": "127.0.0.1:0",
         "database_url": database_url,

@@ -43,13 +43,7 @@ async fn start(cache: &std::path::Path) -> Running {
     let dir = tempfile::tempdir().expect("temp dir");
     let empty = dir.path().join("connectors");
     std::fs::create_dir_all(&empty).expect("dir");
-    let database_url = match std::env::var("FERRY_BENCH_BACKEND").as_deref() {
-        Ok("postgres") => ferry_test_support::postgres::PgCluster::shared()
-            .create_database()
-            .await
-            .expect("database"),
-        _ => format!("sqlite://{}", dir.path().join("ferry.db").display()),
-    };
+    let (_, database_url) = ferry_test_support::bench::database(dir.path()).await;
     let config = Config::from_overrides(json!({
         "listen": "127.0.0.1:0",
         "database_url": database_url,

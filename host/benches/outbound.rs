@@ -36,13 +36,7 @@ struct Running {
 
 async fn start(mode: &str, stripe: &FakeStripe) -> Running {
     let dir = tempfile::tempdir().expect("temp dir");
-    let connectors = dir.path().join("connectors");
-    std::fs::create_dir_all(&connectors).expect("dir");
-    std::fs::copy(
-        ferry_test_support::wasm::component_path("ferry_connector_stripe"),
-        connectors.join("stripe.wasm"),
-    )
-    .expect("the Stripe component (make connectors)");
+    let connectors = ferry_test_support::bench::stripe_connectors_dir(dir.path());
     let mut overrides = json!({
         "listen": "127.0.0.1:0",
         "connectors_dir": connectors,

@@ -33,13 +33,7 @@ fn main() {
 
 async fn bench(connections: usize) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let components = dir.path().join("connectors");
-    std::fs::create_dir_all(&components).expect("dir");
-    std::fs::copy(
-        ferry_test_support::wasm::component_path("ferry_connector_stripe"),
-        components.join("stripe.wasm"),
-    )
-    .expect("make connectors");
+    let components = ferry_test_support::bench::stripe_connectors_dir(dir.path());
     let config = Config::from_overrides(json!({
         "listen": "127.0.0.1:0",
         "database_url": format!("sqlite://{}", dir.path().join("ferry.db").display()),

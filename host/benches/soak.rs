@@ -63,13 +63,7 @@ fn signed_event(i: u64) -> (String, String) {
 async fn soak(length: Duration, rate: u64) {
     let stripe = FakeStripe::start().await.expect("fake stripe");
     let dir = tempfile::tempdir().expect("temp dir");
-    let connectors = dir.path().join("connectors");
-    std::fs::create_dir_all(&connectors).expect("dir");
-    std::fs::copy(
-        ferry_test_support::wasm::component_path("ferry_connector_stripe"),
-        connectors.join("stripe.wasm"),
-    )
-    .expect("make connectors");
+    let connectors = ferry_test_support::bench::stripe_connectors_dir(dir.path());
     let database_url = ferry_test_support::postgres::PgCluster::shared()
         .create_database()
         .await

@@ -1,4 +1,5 @@
 //! Real peers for ferry's integration tests, started by the tests themselves.
+pub mod bench;
 pub mod browser;
 pub mod fake_example;
 pub mod fake_remote;
