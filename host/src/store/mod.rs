@@ -136,13 +136,11 @@ impl StoreError {
     }
 }
 
-/// SQLite pools: one writer, several readers (see the module docs), and
-/// the queue that group-commits customer creates on the writer.
+/// SQLite pools: one writer, several readers (see the module docs).
 #[derive(Debug, Clone)]
 pub struct SqlitePools {
     writer: SqlitePool,
     reader: SqlitePool,
-    creates: std::sync::Arc<crate::sync::group_commit::GroupCommit<customers::SqliteCreates>>,
 }
 
 /// ferry's store on either backend, and the signals it raises after it
@@ -152,6 +150,8 @@ pub struct SqlitePools {
 pub struct Store {
     backend: Backend,
     commits: std::sync::Arc<Commits>,
+    /// The queue that group-commits customer creates.
+    creates: std::sync::Arc<crate::sync::group_commit::GroupCommit<customers::Creates>>,
 }
 
 /// The database behind a [`Store`].
@@ -290,15 +290,7 @@ impl Store {
                     .acquire_timeout(options.acquire_timeout)
                     .connect_with(connect.read_only(true))
                     .await?;
-                let creates = std::sync::Arc::new(crate::sync::group_commit::GroupCommit::start(
-                    customers::SqliteCreates(writer.clone()),
-                    1,
-                ));
-                Ok(Self::new(Backend::Sqlite(SqlitePools {
-                    writer,
-                    reader,
-                    creates,
-                })))
+                Ok(Self::new(Backend::Sqlite(SqlitePools { writer, reader })))
             }
             StoreKind::Postgres => {
                 let connect = PgConnectOptions::from_str(url)?;
@@ -320,6 +312,7 @@ impl Store {
 
     fn new(backend: Backend) -> Self {
         Self {
+            creates: std::sync::Arc::new(customers::Creates::start(backend.clone())),
             backend,
             commits: std::sync::Arc::default(),
         }

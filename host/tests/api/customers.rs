@@ -313,7 +313,7 @@ async fn concurrent_creates_with_one_email_yield_one_customer(backend: Backend) 
     }
 }
 
-/// Many creates at once (on SQLite they are committed as groups): one
+/// Many creates at once (they are committed as groups): one
 /// taken email fails alone, every other create is written once with its
 /// outbox event, and a keyed create replays its stored answer.
 async fn a_burst_of_creates_answers_each_on_its_own(backend: Backend) {
