@@ -15,6 +15,9 @@
 //!   time from the first commit to the last create arriving at the remote;
 //! - latency at a fixed rate (`FERRY_BENCH_RATE`, default 1000/s, for 5 s):
 //!   commit → arrival at the remote, p50 / p99 / max.
+//!
+//! `FERRY_PG_OPTIONS="-c shared_preload_libraries=pg_stat_statements"` also
+//! prints PostgreSQL's top statements of the sustained run.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -30,6 +33,8 @@ use serde_json::json;
 struct Running {
     state: ferry::app::AppState,
     cancel: tokio_util::sync::CancellationToken,
+    /// The PostgreSQL database, if the mode has one.
+    database_url: Option<String>,
     _dir: tempfile::TempDir,
     _broker: Option<ferry_test_support::kafka::Broker>,
 }
@@ -74,6 +79,10 @@ async fn start(mode: &str, stripe: &FakeStripe) -> Running {
         }
         other => panic!("unknown mode {other}"),
     }
+    let database_url = overrides["database_url"]
+        .as_str()
+        .filter(|url| url.starts_with("postgres"))
+        .map(str::to_owned);
     let config = Config::from_overrides(overrides).expect("config");
     let app = App::build(config).await.expect("app");
     let state = app.state().clone();
@@ -82,6 +91,7 @@ async fn start(mode: &str, stripe: &FakeStripe) -> Running {
     Running {
         state,
         cancel,
+        database_url,
         _dir: dir,
         _broker: broker,
     }
@@ -176,6 +186,41 @@ async fn latency(state: &ferry::app::AppState, stripe: &FakeStripe, rate: u64) -
     latencies
 }
 
+/// PostgreSQL's statement statistics, when the cluster loads
+/// `pg_stat_statements` (`FERRY_PG_OPTIONS`).
+struct Statements(sqlx::PgPool);
+
+impl Statements {
+    async fn reset(url: &str) -> Option<Self> {
+        let pool = sqlx::PgPool::connect(url).await.expect("bench connection");
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&pool)
+            .await
+            .ok()?;
+        sqlx::query("SELECT pg_stat_statements_reset()")
+            .execute(&pool)
+            .await
+            .ok()?;
+        Some(Self(pool))
+    }
+
+    async fn print(self) {
+        let rows: Vec<(i64, f64, f64, i64, String)> = sqlx::query_as(
+            "SELECT calls, total_exec_time, mean_exec_time, rows, \
+             left(regexp_replace(query, '\\s+', ' ', 'g'), 120) \
+             FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             ORDER BY total_exec_time DESC LIMIT 12",
+        )
+        .fetch_all(&self.0)
+        .await
+        .expect("pg_stat_statements");
+        println!("  top statements (calls, total ms, mean ms, rows):");
+        for (calls, total, mean, rows, query) in rows {
+            println!("    {calls:>7} {total:>8.0} {mean:>7.3} {rows:>8}  {query}");
+        }
+    }
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
@@ -205,7 +250,14 @@ fn main() {
             println!("outbound sync, {mode} mode");
             // Warm up: compile caches, pools, connections.
             throughput(&running.state, &stripe, 500).await;
+            let statements = match &running.database_url {
+                Some(url) => Statements::reset(url).await,
+                None => None,
+            };
             let per_second = throughput(&running.state, &stripe, changes).await;
+            if let Some(statements) = statements {
+                statements.print().await;
+            }
             println!("  sustained: {per_second:.0} changes/s (commit → remote acknowledged)");
             let latencies = latency(&running.state, &stripe, rate).await;
             println!(
