@@ -271,16 +271,30 @@ impl SyncEngine {
         let tasks = TaskTracker::new();
         // An enabled connector releases the pushes that waited for it.
         let mut registry_changes = self.inner.registry.subscribe();
+        // A claim is a statement that walks the due links: it waits until a
+        // quarter of the pushes can start, instead of claiming a handful
+        // each time one finishes (docs/performance.md).
+        let floor = (self.inner.concurrency / 4).max(1);
         loop {
-            let free = self.inner.permits.available_permits();
-            let claimed = if free == 0 {
-                Ok(Vec::new())
-            } else {
-                let (token, until) = self.lease();
-                let limit = u32::try_from(free.min(self.inner.concurrency)).unwrap_or(64);
-                self.inner.store.claim_due_links(&token, until, limit).await
+            let mut capacity = tokio::select! {
+                () = cancel.cancelled() => break,
+                permits = self.inner.permits.clone().acquire_many_owned(u32::try_from(floor).unwrap_or(1)) => {
+                    let Ok(permits) = permits else { break };
+                    permits
+                }
             };
-            let claimed = match claimed {
+            let more = self.inner.permits.available_permits();
+            if let Ok(extra) = self
+                .inner
+                .permits
+                .clone()
+                .try_acquire_many_owned(u32::try_from(more).unwrap_or(0))
+            {
+                capacity.merge(extra);
+            }
+            let (token, until) = self.lease();
+            let limit = u32::try_from(capacity.num_permits()).unwrap_or(1);
+            let claimed = match self.inner.store.claim_due_links(&token, until, limit).await {
                 Ok(claimed) => claimed,
                 Err(error) => {
                     tracing::warn!(
@@ -292,8 +306,16 @@ impl SyncEngine {
             };
             let busy = !claimed.is_empty();
             for link in claimed {
-                self.spawn_push(&tasks, link).await;
+                let Some(permit) = capacity.split(1) else {
+                    break;
+                };
+                let engine = self.clone();
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    engine.push_link(link).await;
+                });
             }
+            drop(capacity);
             if busy {
                 continue;
             }
@@ -312,17 +334,6 @@ impl SyncEngine {
         }
         tasks.close();
         tasks.wait().await;
-    }
-
-    async fn spawn_push(&self, tasks: &TaskTracker, link: SyncLink) {
-        let Ok(permit) = self.inner.permits.clone().acquire_owned().await else {
-            return;
-        };
-        let engine = self.clone();
-        tasks.spawn(async move {
-            let _permit = permit;
-            engine.push_link(link).await;
-        });
     }
 }
 
