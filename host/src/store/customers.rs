@@ -373,6 +373,7 @@ async fn create_in_one_statement(
         addresses.push(customer.address.as_ref().map(Json));
         metadata.push(Json(&customer.metadata));
         versions.push(customer.version);
+        // A new customer's created_at and updated_at are one instant.
         created.push(customer.created_at);
         payloads.push(Json(customer));
         correlation_ids.push(write.correlation_id.as_deref());
