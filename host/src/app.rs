@@ -96,6 +96,7 @@ impl App {
         };
         let options = StoreOptions {
             max_connections: config.database_max_connections,
+            inbox_bus: config.kafka_brokers.is_some(),
             ..StoreOptions::default()
         };
         let store = Store::connect(config.database_url_exposed(), &options)

@@ -51,13 +51,16 @@ pub(super) async fn store_inbox(
     if columns.event_ids.is_empty() {
         return Ok(stored);
     }
+    // Without a bus there is nothing to publish: stored as handed over.
+    let handed_over = (!store.inbox_bus).then(|| at.timestamp_millis());
     let new: Vec<(String, String)> = match &store.backend {
         Backend::Postgres(pool) => {
             sqlx::query_as(
                 "INSERT INTO inbox (connector, event_id, entity, kind, remote_id, occurred_at_ms, record, \
-                 origin_key, remote_type, state, next_attempt_at_ms, correlation_id, received_at, policy) \
+                 origin_key, remote_type, state, next_attempt_at_ms, correlation_id, received_at, policy, \
+                 published_at_ms) \
                  SELECT u_connector, u_event, u_entity, u_kind, u_remote, u_occurred, u_record::jsonb, u_origin, \
-                 u_type, 'pending', $11, u_correlation, $12, u_policy \
+                 u_type, 'pending', $11, u_correlation, $12, u_policy, $14 \
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::text[], \
                  $8::text[], $9::text[], $10::text[], $13::text[]) WITH ORDINALITY \
                  AS u(u_connector, u_event, u_entity, u_kind, u_remote, u_occurred, u_record, u_origin, u_type, \
@@ -77,6 +80,7 @@ pub(super) async fn store_inbox(
             .bind(at.timestamp_millis())
             .bind(at)
             .bind(columns.policies)
+            .bind(handed_over)
             .fetch_all(pool)
             .await?
         }
@@ -98,15 +102,17 @@ pub(super) async fn store_inbox(
             // insert's, not a join's.
             sqlx::query_as(
                 "INSERT INTO inbox (connector, event_id, entity, kind, remote_id, occurred_at_ms, record, \
-                 origin_key, remote_type, state, next_attempt_at_ms, correlation_id, received_at, policy) \
+                 origin_key, remote_type, state, next_attempt_at_ms, correlation_id, received_at, policy, \
+                 published_at_ms) \
                  SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
-                 value ->> 6, value ->> 7, value ->> 8, 'pending', $2, value ->> 9, $3, value ->> 10 \
+                 value ->> 6, value ->> 7, value ->> 8, 'pending', $2, value ->> 9, $3, value ->> 10, $4 \
                  FROM json_each($1) WHERE true ORDER BY key \
                  ON CONFLICT (connector, event_id) DO NOTHING RETURNING connector, event_id",
             )
             .bind(rows)
             .bind(at.timestamp_millis())
             .bind(at)
+            .bind(handed_over)
             .fetch_all(&pools.writer)
             .await?
         }

@@ -259,10 +259,12 @@ impl Store {
         let at = now();
         let stored = super::inbound_batch::store_inbox(self, deliveries, at).await?;
         if stored.iter().any(|n| *n > 0) {
-            // The inbox loop applies them; in cluster mode the relay
-            // publishes them first.
+            // The inbox loop applies them; with a bus the relay publishes
+            // them first.
             self.committed_inbox();
-            self.committed_outbox();
+            if self.inbox_bus {
+                self.committed_outbox();
+            }
         }
         Ok(stored)
     }

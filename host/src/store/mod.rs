@@ -81,6 +81,11 @@ pub struct StoreOptions {
     pub max_connections: u32,
     /// How long to wait for a connection or a SQLite lock before failing.
     pub acquire_timeout: Duration,
+    /// Whether a bus (Kafka) publishes inbox events. Without one they are
+    /// stored as already handed over (`published_at_ms` = arrival): the
+    /// inbox loop applies them either way, the `inbox_unpublished` index
+    /// stays empty, and a broker configured later is not sent the history.
+    pub inbox_bus: bool,
 }
 
 impl Default for StoreOptions {
@@ -88,6 +93,7 @@ impl Default for StoreOptions {
         Self {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(10),
+            inbox_bus: false,
         }
     }
 }
@@ -152,6 +158,8 @@ pub struct Store {
     commits: std::sync::Arc<Commits>,
     /// The queue that group-commits customer creates.
     creates: std::sync::Arc<crate::sync::group_commit::GroupCommit<customers::Creates>>,
+    /// See [`StoreOptions::inbox_bus`].
+    inbox_bus: bool,
 }
 
 /// The database behind a [`Store`].
@@ -290,7 +298,10 @@ impl Store {
                     .acquire_timeout(options.acquire_timeout)
                     .connect_with(connect.read_only(true))
                     .await?;
-                Ok(Self::new(Backend::Sqlite(SqlitePools { writer, reader })))
+                Ok(Self::new(
+                    Backend::Sqlite(SqlitePools { writer, reader }),
+                    options,
+                ))
             }
             StoreKind::Postgres => {
                 let connect = PgConnectOptions::from_str(url)?;
@@ -305,16 +316,17 @@ impl Store {
                     .max_lifetime(Duration::from_secs(1800))
                     .connect_with(connect)
                     .await?;
-                Ok(Self::new(Backend::Postgres(pool)))
+                Ok(Self::new(Backend::Postgres(pool), options))
             }
         }
     }
 
-    fn new(backend: Backend) -> Self {
+    fn new(backend: Backend, options: &StoreOptions) -> Self {
         Self {
             creates: std::sync::Arc::new(customers::Creates::start(backend.clone())),
             backend,
             commits: std::sync::Arc::default(),
+            inbox_bus: options.inbox_bus,
         }
     }
 

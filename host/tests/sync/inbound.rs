@@ -273,6 +273,9 @@ async fn deliveries_are_verified_deduplicated_and_ordered(backend: Backend) {
         current["version"], 1,
         "neither the duplicate nor the stale event wrote"
     );
+    // No bus: the events were stored as handed over, so a broker configured
+    // later is not sent them and the unpublished index stays empty.
+    assert!(app.store.unpublished_inbox(10).await.unwrap().is_empty());
 
     let (status, problem) = app
         .client
