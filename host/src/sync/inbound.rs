@@ -911,7 +911,7 @@ impl SyncEngine {
                     "inbound change applied"
                 );
                 // The outbox event fans the change out to the other connectors.
-                self.inner.store.commits().links.notify_one();
+                self.inner.store.committed_links();
                 Ok(Some(InboundOutcome::Applied { customer_id }))
             }
             Ok(Applied::Raced) => Ok(None),

@@ -200,7 +200,7 @@ impl SyncEngine {
     /// it accepted from the bus). The store raises the same signal after it
     /// commits a replay.
     pub fn wake(&self) {
-        self.inner.store.commits().links.notify_one();
+        self.inner.store.committed_links();
     }
 
     /// Schedules pushes for `changes` to every switched-on connector

@@ -157,7 +157,7 @@ impl SyncEngine {
                 }
                 if matches!(outcome, Outcome::Delivered { .. } | Outcome::Skipped { .. }) {
                     // A newer version may have arrived while we pushed.
-                    self.inner.store.commits().links.notify_one();
+                    self.inner.store.committed_links();
                 }
                 if outcome == Outcome::Paused {
                     self.resume_if_enabled_meanwhile(&link.connector).await;
@@ -209,7 +209,7 @@ impl SyncEngine {
             return;
         }
         match self.inner.store.resume_connector_links(connector).await {
-            Ok(_) => self.inner.store.commits().links.notify_one(),
+            Ok(_) => self.inner.store.committed_links(),
             Err(error) => tracing::warn!(
                 error = format!("{:#}", anyhow::Error::from(error)),
                 "resuming waiting pushes failed; they are retried within a minute"

@@ -71,6 +71,17 @@ impl Console {
         self.seen().await
     }
 
+    /// Presses `key` on whatever has the focus.
+    async fn press(&self, key: Key) {
+        self.browser
+            .driver
+            .action_chain()
+            .send_keys(key)
+            .perform()
+            .await
+            .expect("key press");
+    }
+
     async fn shot(&self, name: &str) {
         let png = self
             .browser
@@ -239,14 +250,7 @@ async fn the_operator_console_in_a_real_browser() {
     console.shot("overview").await;
     // The keyboard: the first Tab reaches "Skip to content", Enter jumps to
     // the page's content.
-    console
-        .browser
-        .driver
-        .action_chain()
-        .send_keys(Key::Tab)
-        .perform()
-        .await
-        .unwrap();
+    console.press(Key::Tab).await;
     let focused = console
         .browser
         .driver
@@ -254,14 +258,7 @@ async fn the_operator_console_in_a_real_browser() {
         .await
         .unwrap();
     assert_eq!(focused.json(), &json!("Skip to content"));
-    console
-        .browser
-        .driver
-        .action_chain()
-        .send_keys(Key::Enter)
-        .perform()
-        .await
-        .unwrap();
+    console.press(Key::Enter).await;
     assert_eq!(
         console
             .browser

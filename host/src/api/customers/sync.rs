@@ -86,10 +86,10 @@ pub async fn customer_sync(
     Path(id): Path<String>,
     QueryPairs(pairs): QueryPairs,
 ) -> Result<Json<CustomerSync>, ApiError> {
-    let mut history = HISTORY;
+    let mut count = HISTORY;
     for (name, value) in pairs {
         if name == "history" {
-            history = page_limit(&value, MAX_HISTORY).map_err(|_| {
+            count = page_limit(&value, MAX_HISTORY).map_err(|_| {
                 ApiError::field(
                     "history",
                     format!("must be an integer from 1 to {MAX_HISTORY}"),
@@ -104,8 +104,8 @@ pub async fn customer_sync(
         .await?
         .ok_or(ApiError::CustomerNotFound)?;
     let links = state.store.links_of(id.as_str()).await?;
-    let inbound = state.store.inbox_of(id.as_str(), history).await?;
-    let history = state.store.deliveries_of(id.as_str(), history).await?;
+    let history = state.store.deliveries_of(id.as_str(), count).await?;
+    let inbound = state.store.inbox_of(id.as_str(), count).await?;
     let connectors = links
         .into_iter()
         .map(|link| ConnectorSync {
