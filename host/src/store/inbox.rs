@@ -232,7 +232,10 @@ pub enum Applied {
 }
 
 /// How a remote change updates an existing link: the new remote id and
-/// snapshot, and the synced version and remote time only forward.
+/// snapshot, and the synced version, the wanted version and the remote
+/// time only forward. Moving `wanted_version` here, as an inserted link
+/// already has it, leaves the relay's intake of the same change nothing to
+/// write on this link (one row version fewer per inbound event).
 macro_rules! link_upsert_on_conflict {
     () => {
         "ON CONFLICT (customer_id, connector) DO UPDATE SET remote_id = excluded.remote_id, \
@@ -242,6 +245,10 @@ macro_rules! link_upsert_on_conflict {
             THEN excluded.synced_version ELSE sync_links.synced_version END, \
          remote_seen_at_ms = CASE WHEN excluded.remote_seen_at_ms > sync_links.remote_seen_at_ms \
             THEN excluded.remote_seen_at_ms ELSE sync_links.remote_seen_at_ms END, \
+         wanted_version = CASE WHEN excluded.wanted_version > sync_links.wanted_version \
+            THEN excluded.wanted_version ELSE sync_links.wanted_version END, \
+         correlation_id = CASE WHEN excluded.wanted_version > sync_links.wanted_version \
+            THEN excluded.correlation_id ELSE sync_links.correlation_id END, \
          updated_at = excluded.updated_at"
     };
 }

@@ -266,7 +266,10 @@ pub(crate) const FORCE_PUSH_SQL: &str = "UPDATE sync_links SET pushed_hash = NUL
 
 // Upserts a link for a change. A newer version re-opens a synced or
 // dead-lettered link; a link waiting in backoff keeps its schedule (its next
-// attempt pushes the current state anyway).
+// attempt pushes the current state anyway). A change the link already holds
+// (the source connector's own link, written by the inbound apply) leaves
+// the row as it is: rewriting it would only move `updated_at`, at the cost
+// of a row version and its WAL (docs/performance.md, round 5).
 const INTAKE_SQL: &str = concat!(
     "INSERT INTO sync_links \
     (customer_id, connector, wanted_version, state, next_attempt_at_ms, correlation_id, updated_at) \
@@ -306,7 +309,11 @@ macro_rules! intake_on_conflict {
                     THEN excluded.wanted_version ELSE sync_links.wanted_version END, \
       correlation_id = CASE WHEN excluded.wanted_version >= sync_links.wanted_version \
                     THEN excluded.correlation_id ELSE sync_links.correlation_id END, \
-      updated_at = excluded.updated_at"
+      updated_at = excluded.updated_at \
+      WHERE (excluded.wanted_version > sync_links.synced_version AND sync_links.state IN ('synced', 'dead')) \
+         OR excluded.wanted_version > sync_links.wanted_version \
+         OR (excluded.wanted_version = sync_links.wanted_version \
+             AND excluded.correlation_id IS DISTINCT FROM sync_links.correlation_id)"
     };
 }
 use intake_on_conflict;
