@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{ChangeNotice, OutboxNotice, Store};
+use crate::store::{ChangeNotice, Store};
 use crate::sync::SyncEngine;
 
 /// Outbox rows moved per relay round.
@@ -35,16 +35,6 @@ const RELAY_BACKOFF: Duration = Duration::from_secs(1);
 /// per few rows. Waiting out the rest of this interval lets a round take
 /// what several commits wrote, for at most this much added latency.
 const RELAY_MIN_INTERVAL: Duration = Duration::from_millis(2);
-
-/// The change an outbox row announces.
-pub fn change_of(event: &OutboxNotice) -> ChangeNotice {
-    ChangeNotice {
-        customer_id: event.aggregate_id.clone(),
-        version: event.version,
-        correlation_id: event.correlation_id.clone(),
-        outbox_id: Some(event.id),
-    }
-}
 
 /// Embedded mode: drains the outbox into scheduled pushes until cancelled.
 pub async fn run_embedded_relay(store: Store, engine: SyncEngine, cancel: CancellationToken) {
@@ -78,18 +68,13 @@ pub async fn run_embedded_relay(store: Store, engine: SyncEngine, cancel: Cancel
 }
 
 async fn relay_round(store: &Store, engine: &SyncEngine) -> anyhow::Result<usize> {
-    let rows = store.unpublished_outbox(RELAY_BATCH).await?;
-    if rows.is_empty() {
+    let changes = store.unpublished_outbox(RELAY_BATCH).await?;
+    if changes.is_empty() {
         return Ok(0);
     }
-    let changes: Vec<ChangeNotice> = rows
-        .iter()
-        .filter(|row| row.aggregate == crate::sync::ENTITY)
-        .map(change_of)
-        .collect();
-    let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+    let ids: Vec<i64> = changes.iter().filter_map(|c| c.outbox_id).collect();
     engine.accept(&changes, &ids).await?;
-    Ok(rows.len())
+    Ok(changes.len())
 }
 
 /// Cluster mode's safety net: a change the bus acknowledged but no consumer
@@ -111,9 +96,8 @@ pub async fn run_redelivery(
         let older_than =
             chrono::Utc::now() - chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
         match store.unconsumed_outbox(older_than, RELAY_BATCH).await {
-            Ok(rows) if rows.is_empty() => {}
-            Ok(rows) => {
-                let changes: Vec<ChangeNotice> = rows.iter().map(change_of).collect();
+            Ok(changes) if changes.is_empty() => {}
+            Ok(changes) => {
                 tracing::warn!(
                     changes = changes.len(),
                     after_ms = after.as_millis() as u64,
@@ -275,25 +259,25 @@ async fn publish_round(
     producer: &kafka::KafkaProducer,
     topic: &str,
 ) -> anyhow::Result<usize> {
-    let rows = store.unpublished_outbox(RELAY_BATCH).await?;
-    if rows.is_empty() {
+    let changes = store.unpublished_outbox(RELAY_BATCH).await?;
+    if changes.is_empty() {
         return Ok(0);
     }
-    let messages = rows
+    let messages = changes
         .iter()
-        .map(|row| {
+        .map(|change| {
             Ok(kafka::Message {
-                key: row.aggregate_id.clone(),
-                payload: serde_json::to_vec(&change_of(row))?,
+                key: change.customer_id.clone(),
+                payload: serde_json::to_vec(change)?,
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     producer.publish(topic, &messages).await?;
     // After the acknowledgement: a crash in between publishes these rows
     // again, which consumers absorb.
-    let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+    let ids: Vec<i64> = changes.iter().filter_map(|c| c.outbox_id).collect();
     store.mark_published(&ids).await?;
-    Ok(rows.len())
+    Ok(changes.len())
 }
 
 async fn publish_inbox_round(

@@ -153,7 +153,7 @@ macro_rules! link_columns {
 pub(super) use link_columns;
 
 /// A change the bus delivered: customer `customer_id` reached `version`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, sqlx::FromRow)]
 pub struct ChangeNotice {
     /// The customer.
     pub customer_id: String,

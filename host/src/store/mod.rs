@@ -42,7 +42,7 @@ pub use dead_letters::{DeadLetter, DeadLetterKind, ListDeadLetters};
 pub use deliveries::Delivery;
 pub use idempotency::{ClaimOutcome, IdempotencyRecord, StoredResponse};
 pub use links::{ChangeNotice, LinkKey, LinkState, RecordedOutcome, SyncLink};
-pub use outbox::{OutboxEvent, OutboxKind, OutboxNotice};
+pub use outbox::{OutboxEvent, OutboxKind};
 
 /// Which database a [`Store`] runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::types::Json;
 
-use super::{dispatch, now, Backend, Store, StoreError};
+use super::{dispatch, now, Backend, ChangeNotice, Store, StoreError};
 
 /// What happened to the aggregate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -53,24 +53,6 @@ pub struct OutboxEvent {
     pub published_at: Option<DateTime<Utc>>,
 }
 
-/// An outbox row as the relays hand it on: which aggregate changed to which
-/// version, without the payload. Consumers act on the customer's current
-/// state, so neither relay needs the copy in the row; not reading it spares
-/// the database sending ~1 KB per change and ferry parsing it.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct OutboxNotice {
-    /// Monotonic id (assigned at insert).
-    pub id: i64,
-    /// `customer`.
-    pub aggregate: String,
-    /// The aggregate's id.
-    pub aggregate_id: String,
-    /// The aggregate's version after the write.
-    pub version: i64,
-    /// The request id of the API call that caused the write.
-    pub correlation_id: Option<String>,
-}
-
 impl Store {
     /// The events of one aggregate, oldest first.
     #[tracing::instrument(skip_all, fields(aggregate_id))]
@@ -109,11 +91,14 @@ impl Store {
         Ok(payload.map(|p| p.0))
     }
 
-    /// The oldest unpublished outbox rows, in id order.
-    pub async fn unpublished_outbox(&self, limit: u32) -> Result<Vec<OutboxNotice>, StoreError> {
+    /// The changes the oldest unpublished outbox rows announce, in id
+    /// order. Every row is a customer's; the relays hand on which customer
+    /// reached which version, not the payload (consumers act on the
+    /// customer's current state), so the payload is not read.
+    pub async fn unpublished_outbox(&self, limit: u32) -> Result<Vec<ChangeNotice>, StoreError> {
         let rows = dispatch!(self, write pool => {
             sqlx::query_as(
-                "SELECT id, aggregate, aggregate_id, version, correlation_id \
+                "SELECT id AS outbox_id, aggregate_id AS customer_id, version, correlation_id \
                  FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1",
             )
             .bind(i64::from(limit))
@@ -123,16 +108,16 @@ impl Store {
         Ok(rows)
     }
 
-    /// Outbox rows the bus published more than `older_than` ago that no
-    /// consumer has taken yet, oldest first.
+    /// The changes of outbox rows the bus published more than `older_than`
+    /// ago that no consumer has taken yet, oldest first.
     pub async fn unconsumed_outbox(
         &self,
         older_than: chrono::DateTime<Utc>,
         limit: u32,
-    ) -> Result<Vec<OutboxNotice>, StoreError> {
+    ) -> Result<Vec<ChangeNotice>, StoreError> {
         let rows = dispatch!(self, read pool => {
             sqlx::query_as(
-                "SELECT id, aggregate, aggregate_id, version, correlation_id \
+                "SELECT id AS outbox_id, aggregate_id AS customer_id, version, correlation_id \
                  FROM outbox WHERE consumed_at IS NULL \
                  AND published_at IS NOT NULL AND published_at < $1 ORDER BY id LIMIT $2",
             )
