@@ -31,8 +31,8 @@ const RELAY_POLL: Duration = Duration::from_millis(250);
 /// Pause after a failed round.
 const RELAY_BACKOFF: Duration = Duration::from_secs(1);
 /// Shortest time between the starts of two relay rounds. Commits signal the
-/// relay one by one; under load a round per commit costs four statements
-/// per few rows. Waiting out the rest of this interval lets a round take
+/// relay one by one; under load a round per commit costs two statements
+/// (read the queue, take the rows off it with their pushes) per few rows. Waiting out the rest of this interval lets a round take
 /// what several commits wrote, for at most this much added latency.
 const RELAY_MIN_INTERVAL: Duration = Duration::from_millis(2);
 
@@ -72,8 +72,7 @@ async fn relay_round(store: &Store, engine: &SyncEngine) -> anyhow::Result<usize
     if changes.is_empty() {
         return Ok(0);
     }
-    let ids: Vec<i64> = changes.iter().filter_map(|c| c.outbox_id).collect();
-    engine.accept(&changes, &ids).await?;
+    engine.accept(&changes).await?;
     Ok(changes.len())
 }
 
@@ -103,7 +102,7 @@ pub async fn run_redelivery(
                     after_ms = after.as_millis() as u64,
                     "the bus did not deliver these changes in time; scheduling them from the outbox"
                 );
-                match engine.accept(&changes, &[]).await {
+                match engine.accept(&changes).await {
                     Ok(_) => engine.wake(),
                     Err(error) => tracing::warn!(
                         error = format!("{:#}", anyhow::Error::from(error)),
@@ -346,7 +345,7 @@ pub async fn run_kafka_consumer(
                     }
                 }
             }
-            let keys = engine.accept(&changes, &[]).await?;
+            let keys = engine.accept(&changes).await?;
             engine.push_now(keys).await;
             Ok(())
         }

@@ -120,7 +120,7 @@ impl Trimmed {
             Trimmed::Outbox => (
                 "id",
                 "created_at",
-                "published_at IS NOT NULL AND consumed_at IS NOT NULL \
+                "NOT EXISTS (SELECT 1 FROM outbox_queue q WHERE q.outbox_id = outbox.id) \
                  AND NOT EXISTS (SELECT 1 FROM sync_links l WHERE l.customer_id = outbox.aggregate_id \
                  AND l.pending_version = outbox.version)",
             ),
@@ -145,7 +145,8 @@ impl Store {
     pub async fn backlog(&self) -> Result<Backlog, StoreError> {
         let (outbox, inbox, links, dead, conflicts) = dispatch!(self, read pool => {
             let outbox: (i64, Option<DateTime<Utc>>) = sqlx::query_as(
-                "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE published_at IS NULL",
+                "SELECT COUNT(*), MIN(o.created_at) FROM outbox_queue q \
+                 JOIN outbox o ON o.id = q.outbox_id WHERE q.published_at IS NULL",
             )
             .fetch_one(pool)
             .await?;

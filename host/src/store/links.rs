@@ -278,9 +278,12 @@ const INTAKE_SQL: &str = concat!(
 );
 
 // PostgreSQL: one statement for a whole batch (one round trip, not one
-// per change); the batch holds each (customer, connector) once.
+// per change, and no transaction of its own to open and commit): the batch
+// holds each (customer, connector) once, and its outbox rows ($7) leave the
+// queue with it.
 const INTAKE_BATCH_POSTGRES: &str = concat!(
-    "INSERT INTO sync_links \
+    "WITH consumed AS (DELETE FROM outbox_queue WHERE outbox_id = ANY($7)) \
+    INSERT INTO sync_links \
     (customer_id, connector, wanted_version, state, next_attempt_at_ms, correlation_id, updated_at) \
     SELECT c, k, v, 'pending', $4, r, $5 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $6::text[]) \
     AS batch(c, k, v, r) ",
@@ -533,21 +536,19 @@ macro_rules! pending_in {
 }
 
 impl Store {
-    /// Schedules a push of each change to each connector, and marks the
-    /// outbox rows `published_ids` published (embedded mode: the outbox is
-    /// the bus) and every change's row consumed, in the same transaction, so
-    /// a change is never consumed twice nor lost.
+    /// Schedules a push of each change to each connector and takes the
+    /// changes' outbox rows off the queue, in the same transaction, so a
+    /// change is never consumed twice nor lost.
     #[tracing::instrument(skip_all, fields(changes = changes.len(), connectors = connectors.len()))]
     pub async fn intake_changes(
         &self,
         changes: &[ChangeNotice],
         connectors: &[String],
-        published_ids: &[i64],
     ) -> Result<Vec<LinkKey>, StoreError> {
         let at = now();
         let due = at.timestamp_millis();
         if let Backend::Postgres(pool) = &self.backend {
-            return intake_postgres(pool, changes, connectors, published_ids, at).await;
+            return intake_postgres(pool, changes, connectors, at).await;
         }
         let mut keys = Vec::with_capacity(changes.len() * connectors.len());
         dispatch!(self, write pool => {
@@ -568,20 +569,12 @@ impl Store {
                         connector: connector.clone(),
                     });
                 }
-            }
-            for id in published_ids {
-                sqlx::query("UPDATE outbox SET published_at = COALESCE(published_at, $1), consumed_at = $1 WHERE id = $2")
-                    .bind(at)
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            for id in changes.iter().filter_map(|c| c.outbox_id) {
-                sqlx::query("UPDATE outbox SET consumed_at = $1 WHERE id = $2 AND consumed_at IS NULL")
-                    .bind(at)
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
+                if let Some(id) = change.outbox_id {
+                    sqlx::query("DELETE FROM outbox_queue WHERE outbox_id = $1")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
             }
             tx.commit().await?;
         });
@@ -768,13 +761,12 @@ impl Store {
     }
 }
 
-/// [`Store::intake_changes`] on PostgreSQL: three statements for the whole
+/// [`Store::intake_changes`] on PostgreSQL: one statement for the whole
 /// batch instead of one round trip per change and connector.
 async fn intake_postgres(
     pool: &sqlx::PgPool,
     changes: &[ChangeNotice],
     connectors: &[String],
-    published_ids: &[i64],
     at: DateTime<Utc>,
 ) -> Result<Vec<LinkKey>, StoreError> {
     // One row per link, with the newest version (ON CONFLICT may not touch
@@ -804,8 +796,14 @@ async fn intake_postgres(
         correlations.push(correlation.as_deref());
     }
     let consumed: Vec<i64> = changes.iter().filter_map(|c| c.outbox_id).collect();
-    let mut tx = pool.begin().await?;
-    if !newest.is_empty() {
+    if newest.is_empty() {
+        if !consumed.is_empty() {
+            sqlx::query("DELETE FROM outbox_queue WHERE outbox_id = ANY($1)")
+                .bind(&consumed)
+                .execute(pool)
+                .await?;
+        }
+    } else {
         sqlx::query(INTAKE_BATCH_POSTGRES)
             .bind(&customers)
             .bind(&names)
@@ -813,28 +811,9 @@ async fn intake_postgres(
             .bind(at.timestamp_millis())
             .bind(at)
             .bind(&correlations)
-            .execute(&mut *tx)
+            .bind(&consumed)
+            .execute(pool)
             .await?;
     }
-    if !published_ids.is_empty() {
-        sqlx::query(
-            "UPDATE outbox SET published_at = COALESCE(published_at, $1), consumed_at = $1 \
-             WHERE id = ANY($2)",
-        )
-        .bind(at)
-        .bind(published_ids)
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !consumed.is_empty() {
-        sqlx::query(
-            "UPDATE outbox SET consumed_at = $1 WHERE id = ANY($2) AND consumed_at IS NULL",
-        )
-        .bind(at)
-        .bind(&consumed)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
     Ok(newest.into_keys().collect())
 }

@@ -1,5 +1,10 @@
 //! The transactional outbox: one event per customer write, committed with the
 //! write itself, for the relay to move onto the bus in id order.
+//!
+//! The outbox is insert-only. What is still to move lives in
+//! `outbox_queue`, one narrow row per outbox row, which a trigger adds with
+//! the insert: the relay marks it published there (cluster mode) and the
+//! consumer that schedules the change's pushes deletes it.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -49,8 +54,9 @@ pub struct OutboxEvent {
     pub correlation_id: Option<String>,
     /// When the write committed.
     pub created_at: DateTime<Utc>,
-    /// When the relay published the event; null until then.
-    pub published_at: Option<DateTime<Utc>>,
+    /// Whether the event is still queued: no consumer has scheduled its
+    /// pushes yet.
+    pub queued: bool,
 }
 
 impl Store {
@@ -60,7 +66,8 @@ impl Store {
         let rows = dispatch!(self, read pool => {
             sqlx::query_as(
                 "SELECT id, aggregate, aggregate_id, version, kind, payload, correlation_id, \
-                 created_at, published_at FROM outbox WHERE aggregate_id = $1 ORDER BY id",
+                 created_at, EXISTS (SELECT 1 FROM outbox_queue q WHERE q.outbox_id = outbox.id) \
+                 AS queued FROM outbox WHERE aggregate_id = $1 ORDER BY id",
             )
             .bind(aggregate_id)
             .fetch_all(pool)
@@ -98,8 +105,9 @@ impl Store {
     pub async fn unpublished_outbox(&self, limit: u32) -> Result<Vec<ChangeNotice>, StoreError> {
         let rows = dispatch!(self, write pool => {
             sqlx::query_as(
-                "SELECT id AS outbox_id, aggregate_id AS customer_id, version, correlation_id \
-                 FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1",
+                "SELECT o.id AS outbox_id, o.aggregate_id AS customer_id, o.version, o.correlation_id \
+                 FROM outbox_queue q JOIN outbox o ON o.id = q.outbox_id \
+                 WHERE q.published_at IS NULL ORDER BY q.outbox_id LIMIT $1",
             )
             .bind(i64::from(limit))
             .fetch_all(pool)
@@ -117,9 +125,9 @@ impl Store {
     ) -> Result<Vec<ChangeNotice>, StoreError> {
         let rows = dispatch!(self, read pool => {
             sqlx::query_as(
-                "SELECT id AS outbox_id, aggregate_id AS customer_id, version, correlation_id \
-                 FROM outbox WHERE consumed_at IS NULL \
-                 AND published_at IS NOT NULL AND published_at < $1 ORDER BY id LIMIT $2",
+                "SELECT o.id AS outbox_id, o.aggregate_id AS customer_id, o.version, o.correlation_id \
+                 FROM outbox_queue q JOIN outbox o ON o.id = q.outbox_id \
+                 WHERE q.published_at < $1 ORDER BY q.outbox_id LIMIT $2",
             )
             .bind(older_than)
             .bind(i64::from(limit))
@@ -134,7 +142,7 @@ impl Store {
     pub async fn mark_published(&self, ids: &[i64]) -> Result<(), StoreError> {
         let at = now();
         if let Backend::Postgres(pool) = &self.backend {
-            sqlx::query("UPDATE outbox SET published_at = $1 WHERE id = ANY($2)")
+            sqlx::query("UPDATE outbox_queue SET published_at = $1 WHERE outbox_id = ANY($2)")
                 .bind(at)
                 .bind(ids)
                 .execute(pool)
@@ -144,7 +152,7 @@ impl Store {
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
             for id in ids {
-                sqlx::query("UPDATE outbox SET published_at = $1 WHERE id = $2")
+                sqlx::query("UPDATE outbox_queue SET published_at = $1 WHERE outbox_id = $2")
                     .bind(at)
                     .bind(id)
                     .execute(&mut *tx)

@@ -204,19 +204,11 @@ impl SyncEngine {
     }
 
     /// Schedules pushes for `changes` to every switched-on connector
-    /// (enabled, or disabled so they wait), durably, and marks
-    /// `published_ids` outbox rows consumed in the same transaction.
-    /// Returns the links to push.
-    pub async fn accept(
-        &self,
-        changes: &[ChangeNotice],
-        published_ids: &[i64],
-    ) -> Result<Vec<LinkKey>, StoreError> {
+    /// (enabled, or disabled so they wait), durably, and takes their outbox
+    /// rows off the queue in the same transaction. Returns the links to push.
+    pub async fn accept(&self, changes: &[ChangeNotice]) -> Result<Vec<LinkKey>, StoreError> {
         let connectors = self.inner.registry.participants(ENTITY);
-        self.inner
-            .store
-            .intake_changes(changes, &connectors, published_ids)
-            .await
+        self.inner.store.intake_changes(changes, &connectors).await
     }
 
     fn lease(&self) -> (String, i64) {

@@ -46,7 +46,7 @@ async fn create_returns_201_with_location_etag_and_outbox_event(backend: Backend
     assert_eq!(events[0].version, 1);
     assert_eq!(events[0].correlation_id.as_deref(), Some("req-create-1"));
     assert_eq!(events[0].payload.0, created);
-    // published_at is set by the relay, which runs concurrently (tests/sync).
+    // The relay takes it off the queue concurrently (tests/sync).
 }
 
 async fn unknown_customer_is_404(backend: Backend) {

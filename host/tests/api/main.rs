@@ -7,4 +7,5 @@ mod helpers;
 mod customers;
 mod errors;
 mod idempotency;
+mod migrations;
 mod service;

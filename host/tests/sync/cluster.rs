@@ -43,9 +43,13 @@ async fn create_update_delete_through_kafka() {
     app.wait_synced(id, 3).await;
     assert!(stripe_customer(&stripe.url(), &remote_id).await.is_none());
 
-    // Every outbox row was published (after the broker's acknowledgement).
+    // Every outbox row went through the broker and was consumed: none is
+    // left on the queue.
     let unpublished = app.store.unpublished_outbox(10).await.expect("outbox");
     assert!(unpublished.is_empty(), "{unpublished:?}");
+    let events = app.store.outbox_events(id).await.expect("outbox");
+    assert_eq!(events.len(), 3);
+    assert!(events.iter().all(|e| !e.queued), "{events:?}");
 }
 
 /// Two replicas on one database and one broker share the work: every

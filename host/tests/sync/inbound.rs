@@ -312,7 +312,7 @@ async fn remote_customer_matches_local_email(backend: Backend) {
         .await
         .expect("outbox")
         .iter()
-        .any(|e| e.published_at.is_none())
+        .any(|e| e.queued)
     {
         assert!(
             tokio::time::Instant::now() < deadline,

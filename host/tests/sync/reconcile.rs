@@ -218,10 +218,7 @@ async fn backfill_links_imports_and_pushes(backend: Backend) {
     for id in [&a["id"], &b["id"]] {
         let id = id.as_str().unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while app.store.outbox_events(id).await.unwrap()[0]
-            .published_at
-            .is_none()
-        {
+        while app.store.outbox_events(id).await.unwrap()[0].queued {
             assert!(tokio::time::Instant::now() < deadline, "{id} never relayed");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
