@@ -32,8 +32,9 @@ const RELAY_POLL: Duration = Duration::from_millis(250);
 const RELAY_BACKOFF: Duration = Duration::from_secs(1);
 /// Shortest time between the starts of two relay rounds. Commits signal the
 /// relay one by one; under load a round per commit costs two statements
-/// (read the queue, take the rows off it with their pushes) per few rows. Waiting out the rest of this interval lets a round take
-/// what several commits wrote, for at most this much added latency.
+/// (read the queue, take the rows off it with their pushes) per few rows.
+/// Waiting out the rest of this interval lets a round take what several
+/// commits wrote, for at most this much added latency.
 const RELAY_MIN_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Embedded mode: drains the outbox into scheduled pushes until cancelled.

@@ -35,6 +35,24 @@ fn before_the_queue(mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Mig
     migrator
 }
 
+/// Migrates `$pool` to just before the queue, writes the old rows at
+/// `$at` and closes it (a macro: `sqlx::migrate!` wants its path literal).
+macro_rules! an_older_database {
+    ($pool:expr, $migrations:literal, $at:expr) => {{
+        let pool = $pool;
+        before_the_queue(sqlx::migrate!($migrations))
+            .run(&pool)
+            .await
+            .unwrap();
+        sqlx::query(OLD_OUTBOX_ROWS)
+            .bind($at)
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    }};
+}
+
 async fn an_outbox_waiting_at_upgrade_is_still_relayed(backend: Backend) {
     let dir = tempfile::tempdir().expect("temp dir");
     let at = Utc::now() - Duration::minutes(5);
@@ -45,31 +63,13 @@ async fn an_outbox_waiting_at_upgrade_is_still_relayed(backend: Backend) {
                 .unwrap()
                 .create_if_missing(true);
             let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-            before_the_queue(sqlx::migrate!("../migrations/sqlite"))
-                .run(&pool)
-                .await
-                .unwrap();
-            sqlx::query(OLD_OUTBOX_ROWS)
-                .bind(at)
-                .execute(&pool)
-                .await
-                .unwrap();
-            pool.close().await;
+            an_older_database!(pool, "../migrations/sqlite", at);
             url
         }
         Backend::Postgres => {
             let url = PgCluster::shared().create_database().await.unwrap();
             let pool = sqlx::PgPool::connect(&url).await.unwrap();
-            before_the_queue(sqlx::migrate!("../migrations/postgres"))
-                .run(&pool)
-                .await
-                .unwrap();
-            sqlx::query(OLD_OUTBOX_ROWS)
-                .bind(at)
-                .execute(&pool)
-                .await
-                .unwrap();
-            pool.close().await;
+            an_older_database!(pool, "../migrations/postgres", at);
             url
         }
     };
