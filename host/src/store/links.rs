@@ -796,24 +796,20 @@ async fn intake_postgres(
         correlations.push(correlation.as_deref());
     }
     let consumed: Vec<i64> = changes.iter().filter_map(|c| c.outbox_id).collect();
-    if newest.is_empty() {
-        if !consumed.is_empty() {
-            sqlx::query("DELETE FROM outbox_queue WHERE outbox_id = ANY($1)")
-                .bind(&consumed)
-                .execute(pool)
-                .await?;
-        }
-    } else {
-        sqlx::query(INTAKE_BATCH_POSTGRES)
-            .bind(&customers)
-            .bind(&names)
-            .bind(&versions)
-            .bind(at.timestamp_millis())
-            .bind(at)
-            .bind(&correlations)
-            .bind(&consumed)
-            .execute(pool)
-            .await?;
+    if newest.is_empty() && consumed.is_empty() {
+        return Ok(Vec::new());
     }
+    // With no connector taking part the insert has no rows and the
+    // statement only takes the changes off the queue.
+    sqlx::query(INTAKE_BATCH_POSTGRES)
+        .bind(&customers)
+        .bind(&names)
+        .bind(&versions)
+        .bind(at.timestamp_millis())
+        .bind(at)
+        .bind(&correlations)
+        .bind(&consumed)
+        .execute(pool)
+        .await?;
     Ok(newest.into_keys().collect())
 }
