@@ -291,3 +291,86 @@ async fn postgres_each_change_gets_its_own_answer() {
 async fn sqlite_each_change_gets_its_own_answer() {
     each_change_gets_its_own_answer(false).await;
 }
+
+fn event(event_id: &str) -> NewInboxEvent {
+    NewInboxEvent {
+        event_id: event_id.into(),
+        entity: "customer".into(),
+        kind: RemoteChange::Upsert,
+        remote_id: format!("cus_{event_id}"),
+        occurred_at_ms: 1_000,
+        record: Some(json!({ "email": "ignored@example.com" })),
+        origin_key: None,
+        remote_type: "customer.updated".into(),
+        policy: None,
+    }
+}
+
+/// The ingest's insert on PostgreSQL stores each event once: twice in one
+/// group, or stored by another writer while the insert runs (here a
+/// transaction still open when the insert starts, which the insert waits
+/// for), it is counted for the delivery that stored it first and the rest
+/// of the group is stored all the same.
+#[tokio::test]
+async fn postgres_an_event_stored_meanwhile_is_stored_once() {
+    let url = PgCluster::shared()
+        .create_database()
+        .await
+        .expect("test database");
+    let store = Store::connect(&url, &StoreOptions::default())
+        .await
+        .expect("store");
+    store.migrate().await.expect("migrations");
+
+    // The same event twice in one group: stored once, counted once.
+    let twice = [event("evt_twice")];
+    let stored = store
+        .store_inbox_many(&[("stripe", &twice, None), ("stripe", &twice, None)])
+        .await
+        .expect("stored");
+    assert_eq!(stored, [1, 0]);
+
+    // Another writer holds `evt_race`, not yet committed.
+    let raw = sqlx::PgPool::connect(&url).await.expect("raw pool");
+    let mut other = raw.begin().await.expect("transaction");
+    sqlx::query(
+        "INSERT INTO inbox (connector, event_id, entity, kind, remote_id, occurred_at_ms, \
+         remote_type, state, next_attempt_at_ms, received_at, published_at_ms) \
+         VALUES ('stripe', 'evt_race', 'customer', 'upsert', 'cus_race', 1, \
+         'customer.updated', 'pending', 0, now(), 0)",
+    )
+    .execute(&mut *other)
+    .await
+    .expect("held insert");
+    let ingest = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .store_inbox_many(&[("stripe", &[event("evt_race"), event("evt_fresh")], None)])
+                .await
+        }
+    });
+    // The insert waits on the held row's unique key until it commits.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !ingest.is_finished(),
+        "the insert waits for the other writer"
+    );
+    other.commit().await.expect("commit");
+    let stored = ingest.await.expect("task").expect("stored");
+    assert_eq!(stored, [1], "only evt_fresh is new");
+
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT event_id, COUNT(*) FROM inbox GROUP BY event_id ORDER BY event_id")
+            .fetch_all(&raw)
+            .await
+            .expect("rows");
+    assert_eq!(
+        rows,
+        [
+            ("evt_fresh".to_owned(), 1),
+            ("evt_race".to_owned(), 1),
+            ("evt_twice".to_owned(), 1)
+        ]
+    );
+}
