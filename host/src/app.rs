@@ -219,6 +219,7 @@ impl App {
                 } else {
                     Duration::ZERO
                 },
+                inbox_loops: config.inbox_loops,
             },
         );
         let kafka = config

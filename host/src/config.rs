@@ -111,6 +111,10 @@ pub struct Config {
     pub workers: bool,
     /// Pushes that may run at once in this process.
     pub sync_concurrency: usize,
+    /// Inbox loops applying remote changes in this process on PostgreSQL
+    /// (SQLite runs one): fewer leave the webhook endpoint more of the
+    /// machine, more apply faster (docs/performance.md, round 7).
+    pub inbox_loops: usize,
     /// Attempts before a retryable failure is dead-lettered.
     pub sync_max_attempts: u32,
     /// First retry delay (the cap of the first jittered delay).
@@ -243,6 +247,7 @@ impl std::fmt::Debug for Config {
             .field("bus_redelivery_after", &self.bus_redelivery_after)
             .field("workers", &self.workers)
             .field("sync_concurrency", &self.sync_concurrency)
+            .field("inbox_loops", &self.inbox_loops)
             .field("sync_max_attempts", &self.sync_max_attempts)
             .field("sync_backoff_base", &self.sync_backoff_base)
             .field("sync_backoff_max", &self.sync_backoff_max)
@@ -299,6 +304,7 @@ struct Defaults {
     bus_redelivery_after: &'static str,
     workers: bool,
     sync_concurrency: usize,
+    inbox_loops: usize,
     sync_max_attempts: u32,
     sync_backoff_base: &'static str,
     sync_backoff_max: &'static str,
@@ -339,6 +345,7 @@ const DEFAULTS: Defaults = Defaults {
     bus_redelivery_after: "60s",
     workers: true,
     sync_concurrency: 64,
+    inbox_loops: 2,
     sync_max_attempts: 10,
     sync_backoff_base: "1s",
     sync_backoff_max: "10m",
@@ -521,9 +528,9 @@ impl Config {
                 "sync_lease must be longer than connector_call_timeout".into(),
             ));
         }
-        if self.sync_max_attempts == 0 || self.sync_concurrency == 0 {
+        if self.sync_max_attempts == 0 || self.sync_concurrency == 0 || self.inbox_loops == 0 {
             return Err(ConfigError::Invalid(
-                "sync_max_attempts and sync_concurrency must be at least 1".into(),
+                "sync_max_attempts, sync_concurrency and inbox_loops must be at least 1".into(),
             ));
         }
         if self.sync_backoff_base.is_zero() || self.sync_backoff_max < self.sync_backoff_base {
@@ -744,6 +751,7 @@ mod tests {
             jail.set_env("FERRY_CONNECTORS__SALESFORCE__SETTINGS__SANDBOX", "true");
             // Numbers, booleans and durations still read from their text.
             jail.set_env("FERRY_SYNC_CONCURRENCY", "12");
+            jail.set_env("FERRY_INBOX_LOOPS", "1");
             jail.set_env("FERRY_WORKERS", "false");
             jail.set_env("FERRY_RECONCILE_MAX_DELETE_SHARE", "0.25");
             jail.set_env("FERRY_IDEMPOTENCY_TTL", "3600");
@@ -764,11 +772,16 @@ mod tests {
             assert_eq!(salesforce["api_version"], "62.0");
             assert_eq!(salesforce["sandbox"], "true");
             assert_eq!(config.sync_concurrency, 12);
+            assert_eq!(config.inbox_loops, 1);
             assert!(!config.workers);
             assert!((config.reconcile_max_delete_share - 0.25).abs() < f64::EPSILON);
             assert_eq!(config.idempotency_ttl, Duration::from_secs(3600));
             jail.set_env("FERRY_SYNC_CONCURRENCY", "many");
             assert!(Config::load(None).is_err());
+            jail.set_env("FERRY_SYNC_CONCURRENCY", "12");
+            jail.set_env("FERRY_INBOX_LOOPS", "0");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert!(config.validate().is_err(), "no inbox loop");
             Ok(())
         });
     }

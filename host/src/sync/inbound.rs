@@ -39,8 +39,6 @@ use crate::store::{
 /// The `remote_type` of the inbox events a reconciliation's repairs store.
 pub const RECONCILIATION: &str = "reconciliation";
 
-/// Inbox loops per process on PostgreSQL (see [`SyncEngine::inbox_loops`]).
-const INBOX_LOOPS_POSTGRES: usize = 2;
 /// Inbox events claimed per round.
 const INBOX_BATCH: u32 = 128;
 /// Longest the inbox loop sleeps without being woken.
@@ -186,14 +184,17 @@ pub(crate) fn local_record(customer: &Customer) -> Result<serde_json::Value, Sto
 impl SyncEngine {
     /// How many inbox loops a process runs. One loop alternates between
     /// claiming (the database works, ferry waits) and deciding (ferry
-    /// works, the database waits); on PostgreSQL a second loop fills those
-    /// gaps, as a second replica would, and is as safe: claims skip each
-    /// other's rows, a customer write checks its version, and a stale event
-    /// is skipped. SQLite has one writer: one loop.
+    /// works, the database waits); on PostgreSQL a second loop (the
+    /// default of `inbox_loops`) fills those gaps, as a second replica
+    /// would, and is as safe: claims skip each other's rows, a customer
+    /// write checks its version, and a stale event is skipped. What the
+    /// loops use of the machine the webhook endpoint does not have: one
+    /// loop answers webhooks faster and applies them later
+    /// (docs/performance.md, round 7). SQLite has one writer: one loop.
     pub fn inbox_loops(&self) -> usize {
         match self.inner.store.kind() {
             crate::store::StoreKind::Sqlite => 1,
-            crate::store::StoreKind::Postgres => INBOX_LOOPS_POSTGRES,
+            crate::store::StoreKind::Postgres => self.inner.inbox_loops,
         }
     }
 

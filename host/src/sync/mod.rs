@@ -54,6 +54,8 @@ pub struct SyncOptions {
     /// How long a fresh inbox event is left to the bus before the inbox
     /// loop takes it (zero when the inbox is drained in-process).
     pub inbox_grace: Duration,
+    /// Inbox loops on PostgreSQL (see [`SyncEngine::inbox_loops`]).
+    pub inbox_loops: usize,
 }
 
 struct Inner {
@@ -73,6 +75,7 @@ struct Inner {
     duplicate_email: inbound::DuplicateEmail,
     duplicate_email_by_connector: std::collections::BTreeMap<String, inbound::DuplicateEmail>,
     inbox_grace: Duration,
+    inbox_loops: usize,
     activity: std::sync::Mutex<std::collections::HashMap<String, Activity>>,
 }
 
@@ -126,6 +129,7 @@ impl SyncEngine {
                 duplicate_email: options.inbound.duplicate_email,
                 duplicate_email_by_connector: options.inbound.duplicate_email_by_connector,
                 inbox_grace: options.inbox_grace,
+                inbox_loops: options.inbox_loops.max(1),
                 activity: std::sync::Mutex::default(),
             }),
         }
