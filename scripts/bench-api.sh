@@ -50,7 +50,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 threads_for() { if [ "$1" -lt 2 ]; then echo 1; else echo 2; fi; }
 
 # A throw-away cluster (fsync on) for both pgbench and ferry's cluster mode.

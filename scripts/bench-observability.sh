@@ -42,7 +42,6 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 mkfifo "$WORK/pg-stdin"
 "$FERRY_PG_BIN" <"$WORK/pg-stdin" >"$WORK/pg-url" &

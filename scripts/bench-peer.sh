@@ -22,11 +22,7 @@ cd "$FERRY_ROOT"
 
 PEER_DIR="${BENCH_PEER_DIR:-$FERRY_ROOT/../shared/bench/stripe-sync-engine}"
 [ -f "$PEER_DIR/run.sh" ] || { echo "no side-by-side script at $PEER_DIR/run.sh" >&2; exit 1; }
-if [ -z "${BENCH_NO_BUILD:-}" ]; then
-  step "building ferry (release) and the connectors"
-  cargo build --quiet --release -p ferry --bin ferry
-  "$FERRY_ROOT/scripts/build-connectors.sh"
-fi
+build_release_unless_told
 
 COPY="$FERRY_CACHE_DIR/bench-peer"
 mkdir -p "$COPY"

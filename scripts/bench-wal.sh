@@ -20,17 +20,12 @@ PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 DURATION="${DURATION:-15}"
 SECRET=whsec_bench_wal
 [ -f "$PEER_DIR/webhooks.lua" ] || { echo "no webhook load at $PEER_DIR" >&2; exit 1; }
-if [ -z "${BENCH_NO_BUILD:-}" ]; then
-  step "building ferry (release) and the connectors"
-  cargo build --quiet --release -p ferry --bin ferry
-  "$FERRY_ROOT/scripts/build-connectors.sh"
-fi
+build_release_unless_told
 FERRY="${FERRY_BIN:-$CARGO_TARGET_DIR/release/ferry}"
 CONNECTORS="${CONNECTORS_DIR:-$CARGO_TARGET_DIR/release/connectors}"
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
 
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 300); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.2; done; return 1; }
 
 work=$(mktemp -d)
@@ -75,7 +70,7 @@ end=$(psql -d ferry -c "SELECT pg_current_wal_insert_lsn()")
 events=$(psql -d ferry -c "SELECT count(*) FROM inbox")
 psql -d ferry -c "SELECT relfilenode || ' ' || relname FROM pg_class WHERE relfilenode <> 0" >"$work/relations"
 as_pg "$PG_BIN/pg_waldump" -p "$work/pg/pg_wal" -s "$start" -e "$end" >"$work/wal" 2>/dev/null || true
-echo "inbox relation sizes: $(psql -d ferry -c "SELECT string_agg(relname || ' ' || pg_size_pretty(pg_relation_size(oid)), ', ' ORDER BY relname) FROM pg_class WHERE relname IN ('inbox', 'outbox', 'sync_links', 'customers')")"
+echo "relation sizes: $(psql -d ferry -c "SELECT string_agg(relname || ' ' || pg_size_pretty(pg_relation_size(oid)), ', ' ORDER BY relname) FROM pg_class WHERE relname IN ('inbox', 'outbox', 'sync_links', 'customers')")"
 
 python3 - "$work/relations" "$work/wal" "$events" <<'PY'
 import collections, re, sys

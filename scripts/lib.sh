@@ -14,3 +14,15 @@ if [ "${CI:-}" = "true" ]; then
 fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$FERRY_ROOT/target}"
 step() { printf '\n==> %s\n' "$*"; }
+
+# A free TCP port on 127.0.0.1.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# The release binary and the connectors, unless BENCH_NO_BUILD is set
+# (benchmarks then measure the build already there, or FERRY_BIN).
+build_release_unless_told() {
+  [ -z "${BENCH_NO_BUILD:-}" ] || return 0
+  step "building ferry (release) and the connectors"
+  cargo build --quiet --release -p ferry --bin ferry
+  "$FERRY_ROOT/scripts/build-connectors.sh"
+}
