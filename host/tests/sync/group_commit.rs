@@ -26,11 +26,16 @@ async fn store(postgres: bool) -> (Store, tempfile::TempDir) {
     } else {
         format!("sqlite://{}", dir.path().join("ferry.db").display())
     };
-    let store = Store::connect(&url, &StoreOptions::default())
+    (open(&url).await, dir)
+}
+
+/// The store at `url`, migrated.
+async fn open(url: &str) -> Store {
+    let store = Store::connect(url, &StoreOptions::default())
         .await
         .expect("store");
     store.migrate().await.expect("migrations");
-    (store, dir)
+    store
 }
 
 fn fields(email: &str, name: &str) -> CustomerFields {
@@ -43,21 +48,26 @@ fn fields(email: &str, name: &str) -> CustomerFields {
     }
 }
 
+/// A `customer.updated` event of `remote_id`.
+fn event(event_id: &str, remote_id: &str) -> NewInboxEvent {
+    NewInboxEvent {
+        event_id: event_id.into(),
+        entity: "customer".into(),
+        kind: RemoteChange::Upsert,
+        remote_id: remote_id.into(),
+        occurred_at_ms: 1_000,
+        record: Some(json!({ "email": "ignored@example.com" })),
+        origin_key: None,
+        remote_type: "customer.updated".into(),
+        policy: None,
+    }
+}
+
 /// Stores one `customer.updated` event per remote id and claims them all.
 async fn claimed(store: &Store, remote_ids: &[String]) -> Vec<InboxEvent> {
     let events: Vec<NewInboxEvent> = remote_ids
         .iter()
-        .map(|remote_id| NewInboxEvent {
-            event_id: format!("evt_{remote_id}"),
-            entity: "customer".into(),
-            kind: RemoteChange::Upsert,
-            remote_id: remote_id.clone(),
-            occurred_at_ms: 1_000,
-            record: Some(json!({ "email": "ignored@example.com" })),
-            origin_key: None,
-            remote_type: "customer.updated".into(),
-            policy: None,
-        })
+        .map(|remote_id| event(&format!("evt_{remote_id}"), remote_id))
         .collect();
     store
         .store_inbox_many(&[("stripe", &events, Some("req_group"))])
@@ -292,20 +302,6 @@ async fn sqlite_each_change_gets_its_own_answer() {
     each_change_gets_its_own_answer(false).await;
 }
 
-fn event(event_id: &str) -> NewInboxEvent {
-    NewInboxEvent {
-        event_id: event_id.into(),
-        entity: "customer".into(),
-        kind: RemoteChange::Upsert,
-        remote_id: format!("cus_{event_id}"),
-        occurred_at_ms: 1_000,
-        record: Some(json!({ "email": "ignored@example.com" })),
-        origin_key: None,
-        remote_type: "customer.updated".into(),
-        policy: None,
-    }
-}
-
 /// The ingest's insert on PostgreSQL stores each event once: twice in one
 /// group, or stored by another writer while the insert runs (here a
 /// transaction still open when the insert starts, which the insert waits
@@ -317,13 +313,10 @@ async fn postgres_an_event_stored_meanwhile_is_stored_once() {
         .create_database()
         .await
         .expect("test database");
-    let store = Store::connect(&url, &StoreOptions::default())
-        .await
-        .expect("store");
-    store.migrate().await.expect("migrations");
+    let store = open(&url).await;
 
     // The same event twice in one group: stored once, counted once.
-    let twice = [event("evt_twice")];
+    let twice = [event("evt_twice", "cus_twice")];
     let stored = store
         .store_inbox_many(&[("stripe", &twice, None), ("stripe", &twice, None)])
         .await
@@ -346,7 +339,14 @@ async fn postgres_an_event_stored_meanwhile_is_stored_once() {
         let store = store.clone();
         async move {
             store
-                .store_inbox_many(&[("stripe", &[event("evt_race"), event("evt_fresh")], None)])
+                .store_inbox_many(&[(
+                    "stripe",
+                    &[
+                        event("evt_race", "cus_race"),
+                        event("evt_fresh", "cus_fresh"),
+                    ],
+                    None,
+                )])
                 .await
         }
     });
