@@ -23,8 +23,7 @@ use chrono::{DateTime, Utc};
 
 use super::customers::{columns, CustomerRow};
 use super::inbox::{
-    link_merge, link_upsert_on_conflict, Applied, CustomerWrite, InboundChange, NewInboxEvent,
-    RemoteChange,
+    link_upsert_on_conflict, Applied, CustomerWrite, InboundChange, NewInboxEvent, RemoteChange,
 };
 use super::{Backend, Customer, CustomerId, Store, StoreError};
 
@@ -547,34 +546,15 @@ impl<'c> Tx<'c> {
         at: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
         match self {
-            // The links that exist are updated, the others inserted: an
-            // `ON CONFLICT … DO UPDATE` first locks the row it meets, and
-            // that lock is a WAL record of its own (≈ 54 bytes per inbound
-            // event; docs/performance.md, round 7). A link inserted since
-            // this statement's snapshot still meets the conflict clause.
-            // `= ANY($1)` keeps the update on the links' key whatever the
-            // planner believes of the table's size.
             Self::Postgres(tx) => {
                 sqlx::query(concat!(
-                    "WITH u AS (SELECT customer_id, connector, remote_id, remote_deleted, wanted_version, ",
-                    "synced_version, snapshot::jsonb AS snapshot, remote_seen_at_ms, correlation_id, ",
-                    "$10::timestamptz AS updated_at ",
-                    "FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::int8[], $6::int8[], $7::text[], ",
-                    "$8::int8[], $11::text[]) ",
-                    "AS u(customer_id, connector, remote_id, remote_deleted, wanted_version, synced_version, ",
-                    "snapshot, remote_seen_at_ms, correlation_id)), ",
-                    "updated AS (UPDATE sync_links SET ",
-                    link_merge!(),
-                    " FROM u AS excluded WHERE sync_links.customer_id = ANY($1::text[]) ",
-                    "AND sync_links.customer_id = excluded.customer_id ",
-                    "AND sync_links.connector = excluded.connector ",
-                    "RETURNING sync_links.customer_id, sync_links.connector) ",
                     "INSERT INTO sync_links (customer_id, connector, remote_id, remote_deleted, wanted_version, ",
                     "synced_version, snapshot, state, next_attempt_at_ms, remote_seen_at_ms, correlation_id, updated_at) ",
-                    "SELECT customer_id, connector, remote_id, remote_deleted, wanted_version, synced_version, snapshot, ",
-                    "'synced', $9, remote_seen_at_ms, correlation_id, updated_at FROM u ",
-                    "WHERE NOT EXISTS (SELECT 1 FROM updated WHERE updated.customer_id = u.customer_id ",
-                    "AND updated.connector = u.connector) ",
+                    "SELECT u_customer, u_connector, u_remote, u_deleted, u_version, u_synced, u_snapshot::jsonb, ",
+                    "'synced', $9, u_seen, u_correlation, $10 ",
+                    "FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::int8[], $6::int8[], $7::text[], ",
+                    "$8::int8[], $11::text[]) ",
+                    "AS u(u_customer, u_connector, u_remote, u_deleted, u_version, u_synced, u_snapshot, u_seen, u_correlation) ",
                     link_upsert_on_conflict!()
                 ))
                 .bind(link.customers)

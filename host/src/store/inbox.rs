@@ -238,20 +238,8 @@ pub enum Applied {
 /// write on this link (one row version fewer per inbound event).
 macro_rules! link_upsert_on_conflict {
     () => {
-        concat!(
-            "ON CONFLICT (customer_id, connector) DO UPDATE SET ",
-            link_merge!()
-        )
-    };
-}
-pub(super) use link_upsert_on_conflict;
-
-/// The `SET` list of [`link_upsert_on_conflict`]: the change's row is
-/// `excluded`, the link `sync_links` (a plain `UPDATE … FROM` names its
-/// rows `excluded` to share it).
-macro_rules! link_merge {
-    () => {
-        "remote_id = excluded.remote_id, remote_deleted = excluded.remote_deleted, \
+        "ON CONFLICT (customer_id, connector) DO UPDATE SET remote_id = excluded.remote_id, \
+         remote_deleted = excluded.remote_deleted, \
          snapshot = COALESCE(excluded.snapshot, sync_links.snapshot), \
          synced_version = CASE WHEN excluded.synced_version > sync_links.synced_version \
             THEN excluded.synced_version ELSE sync_links.synced_version END, \
@@ -264,7 +252,7 @@ macro_rules! link_merge {
          updated_at = excluded.updated_at"
     };
 }
-pub(super) use link_merge;
+pub(super) use link_upsert_on_conflict;
 
 impl Store {
     /// Stores several deliveries in ONE transaction (group commit: webhooks

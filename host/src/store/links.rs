@@ -280,24 +280,13 @@ const INTAKE_SQL: &str = concat!(
 // PostgreSQL: one statement for a whole batch (one round trip, not one
 // per change, and no transaction of its own to open and commit): the batch
 // holds each (customer, connector) once, and its outbox rows ($7) leave the
-// queue with it. A link that, as this statement sees it, already holds its
-// change is not offered to the insert: `ON CONFLICT … DO UPDATE` locks the
-// row it meets even when its `WHERE` then leaves it alone, and that lock is
-// a WAL record (≈ 54 bytes per inbound event, the source connector's link;
-// docs/performance.md, round 7). A link that changes after the statement's
-// snapshot still goes through the conflict clause.
+// queue with it.
 const INTAKE_BATCH_POSTGRES: &str = concat!(
     "WITH consumed AS (DELETE FROM outbox_queue WHERE outbox_id = ANY($7)) \
     INSERT INTO sync_links \
     (customer_id, connector, wanted_version, state, next_attempt_at_ms, correlation_id, updated_at) \
-    SELECT customer_id, connector, wanted_version, 'pending', $4, correlation_id, $5 \
-    FROM UNNEST($1::text[], $2::text[], $3::bigint[], $6::text[]) \
-    AS excluded(customer_id, connector, wanted_version, correlation_id) \
-    WHERE NOT EXISTS (SELECT 1 FROM sync_links WHERE sync_links.customer_id = ANY($1) \
-    AND sync_links.customer_id = excluded.customer_id \
-    AND sync_links.connector = excluded.connector AND NOT ",
-    intake_changes_link!(),
-    ") ",
+    SELECT c, k, v, 'pending', $4, r, $5 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $6::text[]) \
+    AS batch(c, k, v, r) ",
     intake_on_conflict!()
 );
 
@@ -311,8 +300,7 @@ const CLAIM_KEYS_POSTGRES: &str = concat!(
 
 macro_rules! intake_on_conflict {
     () => {
-        concat!(
-            "ON CONFLICT (customer_id, connector) DO UPDATE SET \
+        "ON CONFLICT (customer_id, connector) DO UPDATE SET \
       state = CASE WHEN excluded.wanted_version > sync_links.synced_version \
                     AND sync_links.state IN ('synced', 'dead') THEN 'pending' ELSE sync_links.state END, \
       attempts = CASE WHEN excluded.wanted_version > sync_links.synced_version \
@@ -324,27 +312,14 @@ macro_rules! intake_on_conflict {
                     THEN excluded.wanted_version ELSE sync_links.wanted_version END, \
       correlation_id = CASE WHEN excluded.wanted_version >= sync_links.wanted_version \
                     THEN excluded.correlation_id ELSE sync_links.correlation_id END, \
-      updated_at = excluded.updated_at WHERE ",
-            intake_changes_link!()
-        )
+      updated_at = excluded.updated_at \
+      WHERE (excluded.wanted_version > sync_links.synced_version AND sync_links.state IN ('synced', 'dead')) \
+         OR excluded.wanted_version > sync_links.wanted_version \
+         OR (excluded.wanted_version = sync_links.wanted_version \
+             AND excluded.correlation_id IS DISTINCT FROM sync_links.correlation_id)"
     };
 }
 use intake_on_conflict;
-
-/// Whether the intake's row `excluded` changes the link `sync_links`: a
-/// newer version re-opens a synced or dead link, or moves what it wants, or
-/// the same version names another request. The batch statement names its
-/// rows `excluded` too, to share it.
-macro_rules! intake_changes_link {
-    () => {
-        "((excluded.wanted_version > sync_links.synced_version \
-           AND sync_links.state IN ('synced', 'dead')) \
-          OR excluded.wanted_version > sync_links.wanted_version \
-          OR (excluded.wanted_version = sync_links.wanted_version \
-              AND excluded.correlation_id IS DISTINCT FROM sync_links.correlation_id))"
-    };
-}
-use intake_changes_link;
 
 const CLAIM_ONE_SQL: &str = concat!(
     "UPDATE sync_links SET lease_until_ms = $3, lease_token = $4 ",
