@@ -17,6 +17,7 @@ use crate::registry::{bundled, Registry, RegistryOptions};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::secrets::SecretBox;
 use crate::store::{Store, StoreKind, StoreOptions};
+use crate::sync::inbound::InboxLoop;
 use crate::sync::retry::RetryPolicy;
 use crate::sync::{SyncEngine, SyncOptions};
 
@@ -220,6 +221,7 @@ impl App {
                     Duration::ZERO
                 },
                 inbox_loops: config.inbox_loops,
+                inbox_catch_up_after: config.inbox_catch_up_after,
             },
         );
         let kafka = config
@@ -371,8 +373,13 @@ impl App {
     async fn spawn_sync(&self, tasks: &TaskTracker) -> anyhow::Result<()> {
         let state = &self.state;
         tasks.spawn(state.sync.clone().run_scheduler(self.cancel.clone()));
-        for _ in 0..state.sync.inbox_loops() {
-            tasks.spawn(state.sync.clone().run_inbox(self.cancel.clone()));
+        for n in 0..state.sync.inbox_loops() {
+            let role = if n == 0 {
+                InboxLoop::First
+            } else {
+                InboxLoop::CatchUp
+            };
+            tasks.spawn(state.sync.clone().run_inbox(role, self.cancel.clone()));
         }
         tasks.spawn(
             state

@@ -115,6 +115,12 @@ pub struct Config {
     /// (SQLite runs one): fewer leave the webhook endpoint more of the
     /// machine, more apply faster (docs/performance.md, round 7).
     pub inbox_loops: usize,
+    /// While webhooks keep arriving, the inbox loops after the first wait
+    /// until the oldest event waiting to be applied has waited this long
+    /// (a burst is acknowledged first and applied after); with the endpoint
+    /// quiet they always apply. Zero: they always apply.
+    #[serde(deserialize_with = "duration")]
+    pub inbox_catch_up_after: Duration,
     /// Attempts before a retryable failure is dead-lettered.
     pub sync_max_attempts: u32,
     /// First retry delay (the cap of the first jittered delay).
@@ -248,6 +254,7 @@ impl std::fmt::Debug for Config {
             .field("workers", &self.workers)
             .field("sync_concurrency", &self.sync_concurrency)
             .field("inbox_loops", &self.inbox_loops)
+            .field("inbox_catch_up_after", &self.inbox_catch_up_after)
             .field("sync_max_attempts", &self.sync_max_attempts)
             .field("sync_backoff_base", &self.sync_backoff_base)
             .field("sync_backoff_max", &self.sync_backoff_max)
@@ -305,6 +312,7 @@ struct Defaults {
     workers: bool,
     sync_concurrency: usize,
     inbox_loops: usize,
+    inbox_catch_up_after: &'static str,
     sync_max_attempts: u32,
     sync_backoff_base: &'static str,
     sync_backoff_max: &'static str,
@@ -346,6 +354,7 @@ const DEFAULTS: Defaults = Defaults {
     workers: true,
     sync_concurrency: 64,
     inbox_loops: 2,
+    inbox_catch_up_after: "10s",
     sync_max_attempts: 10,
     sync_backoff_base: "1s",
     sync_backoff_max: "10m",
@@ -752,6 +761,7 @@ mod tests {
             // Numbers, booleans and durations still read from their text.
             jail.set_env("FERRY_SYNC_CONCURRENCY", "12");
             jail.set_env("FERRY_INBOX_LOOPS", "1");
+            jail.set_env("FERRY_INBOX_CATCH_UP_AFTER", "2500ms");
             jail.set_env("FERRY_WORKERS", "false");
             jail.set_env("FERRY_RECONCILE_MAX_DELETE_SHARE", "0.25");
             jail.set_env("FERRY_IDEMPOTENCY_TTL", "3600");
@@ -773,6 +783,7 @@ mod tests {
             assert_eq!(salesforce["sandbox"], "true");
             assert_eq!(config.sync_concurrency, 12);
             assert_eq!(config.inbox_loops, 1);
+            assert_eq!(config.inbox_catch_up_after, Duration::from_millis(2_500));
             assert!(!config.workers);
             assert!((config.reconcile_max_delete_share - 0.25).abs() < f64::EPSILON);
             assert_eq!(config.idempotency_ttl, Duration::from_secs(3600));

@@ -107,6 +107,10 @@ fn describe() {
         "Age of the oldest pending or retrying inbox event (0 when none)"
     );
     describe_gauge!(
+        "ferry_inbox_loops_holding_back",
+        "Inbox loops after the first waiting while the webhook endpoint is busy"
+    );
+    describe_gauge!(
         "ferry_sync_links",
         "Outbound links waiting to be pushed, retrying or dead, by connector and state"
     );

@@ -266,6 +266,7 @@ impl Store {
         let at = now();
         let stored = super::inbound_batch::store_inbox(self, deliveries, at).await?;
         if stored.iter().any(|n| *n > 0) {
+            self.stored_inbox();
             // The inbox loop applies them; with a bus the relay publishes
             // them first.
             self.committed_inbox();

@@ -187,6 +187,9 @@ pub struct Commits {
     pub links: tokio::sync::Notify,
     /// A reconciliation run was started: the reconciler has work.
     pub runs: tokio::sync::Notify,
+    /// When webhook events were last stored (unix ms): the inbox loops
+    /// after the first hold back while the endpoint is busy.
+    inbox_stored_at_ms: std::sync::atomic::AtomicI64,
 }
 
 /// Runs `$body` with `$pool` bound to the writer pool of whichever backend
@@ -351,6 +354,21 @@ impl Store {
     /// Inbox events were committed or scheduled again.
     pub(crate) fn committed_inbox(&self) {
         self.commits.inbox.notify_one();
+    }
+
+    /// New webhook events were stored: the endpoint is busy.
+    pub(crate) fn stored_inbox(&self) {
+        self.commits
+            .inbox_stored_at_ms
+            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// When webhook events were last stored in this process (unix ms; 0
+    /// if never).
+    pub fn inbox_stored_at_ms(&self) -> i64 {
+        self.commits
+            .inbox_stored_at_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Links were scheduled again.

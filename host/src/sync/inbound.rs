@@ -16,6 +16,7 @@
 //! connector through the normal outbound path.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -43,6 +44,12 @@ pub const RECONCILIATION: &str = "reconciliation";
 const INBOX_BATCH: u32 = 128;
 /// Longest the inbox loop sleeps without being woken.
 const INBOX_POLL: Duration = Duration::from_millis(250);
+/// The webhook endpoint counts as busy while events were stored this
+/// recently.
+const ENDPOINT_BUSY_MS: i64 = 100;
+/// How often a catch-up loop holding back looks again.
+const HOLD_BACK_POLL: Duration = Duration::from_millis(20);
+
 /// A webhook whose remote time is no later than ferry's last push through
 /// the link plus this margin (clock skew, one-second remote clocks) may be
 /// the late echo of an older push: its payload is not trusted, the record
@@ -52,6 +59,25 @@ const ECHO_WINDOW_MS: i64 = 2_000;
 const HELD_RECHECK_MS: i64 = 5_000;
 /// How often a decision is retaken when the customer changed under it.
 const RACE_RETRIES: usize = 5;
+
+/// Which inbox loop of a process this is (see [`SyncEngine::run_inbox`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboxLoop {
+    /// Always applies.
+    First,
+    /// Holds back while the webhook endpoint is busy and the backlog young.
+    CatchUp,
+}
+
+/// Whether a catch-up loop leaves the machine to the webhook endpoint for
+/// now: events were stored in the last [`ENDPOINT_BUSY_MS`] and the oldest
+/// event of the latest claim arrived less than `catch_up_after_ms` ago
+/// (all unix ms; a `catch_up_after_ms` of zero never holds back).
+fn hold_back(now: i64, stored_at: i64, oldest_claimed: i64, catch_up_after_ms: i64) -> bool {
+    catch_up_after_ms > 0
+        && now - stored_at < ENDPOINT_BUSY_MS
+        && now - oldest_claimed < catch_up_after_ms
+}
 
 /// What one read of a claimed batch knows of an event's remote record: its
 /// link, and the customer that link names (`None`: it does not exist).
@@ -198,9 +224,44 @@ impl SyncEngine {
         }
     }
 
-    /// Applies inbox events until cancelled, in arrival order.
-    pub async fn run_inbox(self, cancel: CancellationToken) {
+    /// Applies inbox events until cancelled, in arrival order. A
+    /// [`InboxLoop::CatchUp`] loop holds back while webhooks keep arriving,
+    /// until the oldest event waiting has waited `inbox_catch_up_after`:
+    /// on a burst the first loop applies and the endpoint has the rest of
+    /// the machine (its acknowledgements are what the remote waits on);
+    /// once the endpoint is quiet, or the backlog is that old, every loop
+    /// applies (docs/performance.md, round 8).
+    pub async fn run_inbox(self, role: InboxLoop, cancel: CancellationToken) {
+        let catch_up_after =
+            i64::try_from(self.inner.inbox_catch_up_after.as_millis()).unwrap_or(i64::MAX);
+        let holding_back = metrics::gauge!("ferry_inbox_loops_holding_back");
+        let mut held = false;
         loop {
+            let hold = role == InboxLoop::CatchUp
+                && hold_back(
+                    now_ms(),
+                    self.inner.store.inbox_stored_at_ms(),
+                    self.inner.oldest_claimed_ms.load(Ordering::Relaxed),
+                    catch_up_after,
+                );
+            if hold != held {
+                held = hold;
+                if hold {
+                    holding_back.increment(1.0);
+                } else {
+                    holding_back.decrement(1.0);
+                }
+            }
+            if hold {
+                tokio::select! {
+                    () = cancel.cancelled() => {
+                        holding_back.decrement(1.0);
+                        return;
+                    }
+                    () = tokio::time::sleep(HOLD_BACK_POLL) => {}
+                }
+                continue;
+            }
             let (token, until) = self.lease();
             let grace_ms = i64::try_from(self.inner.inbox_grace.as_millis()).unwrap_or(i64::MAX);
             let claimed = self
@@ -218,6 +279,14 @@ impl SyncEngine {
                     Vec::new()
                 }
             };
+            let oldest = claimed
+                .iter()
+                .map(|e| e.received_at.timestamp_millis())
+                .min()
+                .unwrap_or_else(now_ms);
+            self.inner
+                .oldest_claimed_ms
+                .store(oldest, Ordering::Relaxed);
             let busy = !claimed.is_empty();
             self.apply_in_record_order(claimed).await;
             if busy {
@@ -1091,5 +1160,28 @@ pub fn renamed_email(email: &str, connector: &str, remote_id: &str) -> String {
     match email.rsplit_once('@') {
         Some((local, domain)) => format!("{local}+{tag}@{domain}"),
         None => format!("{email}+{tag}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_catch_up_loop_holds_back_only_while_the_endpoint_is_busy_and_the_backlog_young() {
+        let now = 1_000_000;
+        let after = 10_000;
+        // Events stored 10 ms ago, the oldest claimed one 2 s old: hold back.
+        assert!(hold_back(now, now - 10, now - 2_000, after));
+        // The endpoint quiet for longer than it counts as busy: apply.
+        assert!(!hold_back(now, now - ENDPOINT_BUSY_MS, now - 2_000, after));
+        // Never stored anything: apply.
+        assert!(!hold_back(now, 0, now - 2_000, after));
+        // Busy, but the backlog is as old as allowed: apply.
+        assert!(!hold_back(now, now - 10, now - after, after));
+        // Nothing claimed yet (0): the backlog's age is unknown, apply.
+        assert!(!hold_back(now, now - 10, 0, after));
+        // Zero turns holding back off.
+        assert!(!hold_back(now, now - 10, now - 2_000, 0));
     }
 }

@@ -56,6 +56,9 @@ pub struct SyncOptions {
     pub inbox_grace: Duration,
     /// Inbox loops on PostgreSQL (see [`SyncEngine::inbox_loops`]).
     pub inbox_loops: usize,
+    /// How long events may wait while webhooks keep arriving before the
+    /// loops after the first join in (see [`SyncEngine::run_inbox`]).
+    pub inbox_catch_up_after: Duration,
 }
 
 struct Inner {
@@ -76,6 +79,10 @@ struct Inner {
     duplicate_email_by_connector: std::collections::BTreeMap<String, inbound::DuplicateEmail>,
     inbox_grace: Duration,
     inbox_loops: usize,
+    inbox_catch_up_after: Duration,
+    /// When the oldest event of the latest claim arrived (unix ms): the
+    /// inbox's lag, as the loops last saw it.
+    oldest_claimed_ms: std::sync::atomic::AtomicI64,
     activity: std::sync::Mutex<std::collections::HashMap<String, Activity>>,
 }
 
@@ -130,6 +137,8 @@ impl SyncEngine {
                 duplicate_email_by_connector: options.inbound.duplicate_email_by_connector,
                 inbox_grace: options.inbox_grace,
                 inbox_loops: options.inbox_loops.max(1),
+                inbox_catch_up_after: options.inbox_catch_up_after,
+                oldest_claimed_ms: std::sync::atomic::AtomicI64::new(0),
                 activity: std::sync::Mutex::default(),
             }),
         }
