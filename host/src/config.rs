@@ -118,7 +118,7 @@ pub struct Config {
     /// While webhooks keep arriving, the inbox loops after the first wait
     /// until the oldest event waiting to be applied has waited this long
     /// (a burst is acknowledged first and applied after); with the endpoint
-    /// quiet they always apply. Zero: they always apply.
+    /// quiet they always apply. Zero (the default): they always apply.
     #[serde(deserialize_with = "duration")]
     pub inbox_catch_up_after: Duration,
     /// Attempts before a retryable failure is dead-lettered.
@@ -354,7 +354,7 @@ const DEFAULTS: Defaults = Defaults {
     workers: true,
     sync_concurrency: 64,
     inbox_loops: 2,
-    inbox_catch_up_after: "10s",
+    inbox_catch_up_after: "0s",
     sync_max_attempts: 10,
     sync_backoff_base: "1s",
     sync_backoff_max: "10m",
