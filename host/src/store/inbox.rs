@@ -289,17 +289,26 @@ impl Store {
     /// so fresh events still go in arrival order; a retry goes when it is
     /// due, as before. Events of one remote record that meet in a claim
     /// are applied in `seq` order, and a stale one is skipped.
+    ///
+    /// Only rows due at `from_ms` or later are read (`i64::MIN`: all of
+    /// them). On PostgreSQL the index keeps an entry for every row applied
+    /// since the last vacuum, in front of the live ones; a loop that starts
+    /// where its last claim did reads past its own and its peers' recent
+    /// rows, not the whole day's (docs/performance.md, round 9).
     pub async fn claim_due_inbox(
         &self,
         lease_token: &str,
         lease_until_ms: i64,
         limit: u32,
         grace_ms: i64,
+        from_ms: i64,
     ) -> Result<Vec<InboxEvent>, StoreError> {
         let now = now_ms();
+        // The BETWEEN is the index's range; the CASE only filters in it.
         let sql = format!(
             "UPDATE inbox SET lease_until_ms = $1, lease_token = $2 WHERE seq IN \
              (SELECT seq FROM inbox WHERE state IN ('pending', 'retry') \
+             AND next_attempt_at_ms BETWEEN $6 AND $3 \
              AND next_attempt_at_ms <= (CASE WHEN state = 'pending' THEN $3 - $5 ELSE $3 END) \
              AND lease_until_ms < $3 ORDER BY next_attempt_at_ms, seq LIMIT $4{}) RETURNING {INBOX_COLUMNS}",
             if matches!(self.backend, Backend::Postgres(_)) {
@@ -315,6 +324,7 @@ impl Store {
                 .bind(now)
                 .bind(i64::from(limit))
                 .bind(grace_ms)
+                .bind(from_ms)
                 .fetch_all(pool)
                 .await?
         });

@@ -79,6 +79,45 @@ fn hold_back(now: i64, stored_at: i64, oldest_claimed: i64, catch_up_after_ms: i
         && now - oldest_claimed < catch_up_after_ms
 }
 
+/// How often an inbox loop's claim reads the due index from its start (see
+/// [`ClaimFloor`]).
+const CLAIM_SWEEP_EVERY_MS: i64 = 1_000;
+
+/// How far below its last claim's oldest event a loop's next claim starts:
+/// webhooks are stored by several committers, and a group stamped earlier
+/// may commit after a later one was claimed.
+const CLAIM_FLOOR_MARGIN_MS: i64 = 250;
+
+/// Where an inbox loop's next claim starts reading the due index:
+/// [`CLAIM_FLOOR_MARGIN_MS`] before the arrival of the oldest event its last
+/// claim took (an event is due no earlier than it arrived), and from the
+/// start once every [`CLAIM_SWEEP_EVERY_MS`], which finds what lies below:
+/// events whose lease ran out (a loop that died) and events whose commit
+/// came later than that margin.
+#[derive(Debug, Default)]
+struct ClaimFloor {
+    from_ms: i64,
+    swept_at_ms: Option<i64>,
+}
+
+impl ClaimFloor {
+    /// The `from_ms` of a claim made now (unix ms).
+    fn next(&mut self, now: i64) -> i64 {
+        match self.swept_at_ms {
+            Some(at) if now - at < CLAIM_SWEEP_EVERY_MS => self.from_ms,
+            _ => {
+                self.swept_at_ms = Some(now);
+                i64::MIN
+            }
+        }
+    }
+
+    /// A claim took events, the oldest of which arrived at `oldest_ms`.
+    fn claimed(&mut self, oldest_ms: i64) {
+        self.from_ms = oldest_ms.saturating_sub(CLAIM_FLOOR_MARGIN_MS);
+    }
+}
+
 /// What one read of a claimed batch knows of an event's remote record: its
 /// link, and the customer that link names (`None`: it does not exist).
 #[derive(Debug)]
@@ -236,6 +275,7 @@ impl SyncEngine {
             i64::try_from(self.inner.inbox_catch_up_after.as_millis()).unwrap_or(i64::MAX);
         let holding_back = metrics::gauge!("ferry_inbox_loops_holding_back");
         let mut held = false;
+        let mut floor = ClaimFloor::default();
         loop {
             let hold = role == InboxLoop::CatchUp
                 && hold_back(
@@ -267,7 +307,7 @@ impl SyncEngine {
             let claimed = self
                 .inner
                 .store
-                .claim_due_inbox(&token, until, INBOX_BATCH, grace_ms)
+                .claim_due_inbox(&token, until, INBOX_BATCH, grace_ms, floor.next(now_ms()))
                 .await;
             let claimed = match claimed {
                 Ok(claimed) => claimed,
@@ -282,11 +322,13 @@ impl SyncEngine {
             let oldest = claimed
                 .iter()
                 .map(|e| e.received_at.timestamp_millis())
-                .min()
-                .unwrap_or_else(now_ms);
+                .min();
+            if let Some(oldest) = oldest {
+                floor.claimed(oldest);
+            }
             self.inner
                 .oldest_claimed_ms
-                .store(oldest, Ordering::Relaxed);
+                .store(oldest.unwrap_or_else(now_ms), Ordering::Relaxed);
             let busy = !claimed.is_empty();
             self.apply_in_record_order(claimed).await;
             if busy {
@@ -1166,6 +1208,23 @@ pub fn renamed_email(email: &str, connector: &str, remote_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claim_starts_where_the_last_one_did_and_sweeps_once_a_second() {
+        let mut floor = ClaimFloor::default();
+        let now = 1_700_000_000_000;
+        assert_eq!(floor.next(now), i64::MIN, "the first claim reads it all");
+        floor.claimed(now - 40);
+        let from = now - 40 - CLAIM_FLOOR_MARGIN_MS;
+        assert_eq!(floor.next(now + 10), from);
+        // An empty claim leaves the floor where it was.
+        assert_eq!(floor.next(now + 500), from);
+        floor.claimed(now + 400);
+        let from = now + 400 - CLAIM_FLOOR_MARGIN_MS;
+        assert_eq!(floor.next(now + CLAIM_SWEEP_EVERY_MS - 1), from);
+        assert_eq!(floor.next(now + CLAIM_SWEEP_EVERY_MS), i64::MIN);
+        assert_eq!(floor.next(now + CLAIM_SWEEP_EVERY_MS + 1), from);
+    }
 
     #[test]
     fn a_catch_up_loop_holds_back_only_while_the_endpoint_is_busy_and_the_backlog_young() {

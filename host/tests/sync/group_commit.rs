@@ -75,7 +75,7 @@ async fn claimed(store: &Store, remote_ids: &[String]) -> Vec<InboxEvent> {
         .expect("events stored");
     let until = chrono::Utc::now().timestamp_millis() + 60_000;
     let claimed = store
-        .claim_due_inbox("lease-a", until, 100, 0)
+        .claim_due_inbox("lease-a", until, 100, 0, i64::MIN)
         .await
         .expect("claimed");
     assert_eq!(claimed.len(), remote_ids.len());

@@ -405,6 +405,75 @@ mod postgres {
     }
 }
 
+/// A loop that dies holding events leaves them leased. The living loop's
+/// claims start where its last one did, above those events (PostgreSQL
+/// keeps an index entry for every applied event in front of them), and its
+/// sweep once a second still finds them when the lease runs out: nothing
+/// acknowledged is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_a_dead_loop_held_are_applied_once_its_lease_runs_out() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let mut setup = Setup::new(Backend::Postgres, &stripe.url());
+    setup.extra = json!({"inbox_loops": 1});
+    let app = spawn_sync_app(setup).await;
+    let now = chrono::Utc::now().timestamp();
+    let deliver_new = async |event_id: &str, remote_id: &str, address: &str| {
+        let body = event(
+            event_id,
+            "customer.created",
+            now,
+            stripe_customer_json(remote_id, address, "Delivered"),
+        );
+        let (status, _) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+        assert_eq!(status, 200);
+        wait_for(&app, address, async |app| {
+            app.customer_by_email(address).await
+        })
+        .await;
+    };
+    deliver_new("evt_first", "cus_first", &email("first")).await;
+
+    // A dead loop's claim: another remote customer's event, due a minute
+    // ago, leased for three more seconds.
+    let held = email("held");
+    let lease_until = chrono::Utc::now().timestamp_millis() + 3_000;
+    let raw = sqlx::PgPool::connect(&app.database_url)
+        .await
+        .expect("raw pool");
+    sqlx::query(
+        "INSERT INTO inbox (connector, event_id, entity, kind, remote_id, occurred_at_ms, record, \
+         origin_key, remote_type, state, next_attempt_at_ms, correlation_id, received_at, policy, \
+         published_at_ms, lease_token, lease_until_ms) \
+         SELECT connector, 'evt_held', entity, kind, 'cus_held', occurred_at_ms, \
+         jsonb_set(jsonb_set(record, '{email}', to_jsonb($1::text)), '{name}', '\"Held\"'), \
+         origin_key, remote_type, 'pending', next_attempt_at_ms - 60000, correlation_id, \
+         received_at - interval '1 minute', policy, published_at_ms, 'a-dead-loop', $2 \
+         FROM inbox WHERE event_id = 'evt_first'",
+    )
+    .bind(&held)
+    .bind(lease_until)
+    .execute(&raw)
+    .await
+    .expect("a held event");
+
+    // The living loop claims a newer event: its floor is now above the
+    // held one.
+    deliver_new("evt_after", "cus_after", &email("after")).await;
+    if chrono::Utc::now().timestamp_millis() < lease_until {
+        assert!(
+            app.customer_by_email(&held).await.is_none(),
+            "applied while another loop held it"
+        );
+    }
+    let customer = wait_for(
+        &app,
+        "the held event, once its lease ran out",
+        async |app| app.customer_by_email(&held).await,
+    )
+    .await;
+    assert_eq!(customer["name"], "Held");
+}
+
 /// Two deliveries in the same remote second cannot be ordered by time: the
 /// second is not trusted and the record is re-fetched, so ferry ends with
 /// what Stripe holds, whichever arrived first. An oversized body is 413.
