@@ -38,45 +38,67 @@ const RELAY_BACKOFF: Duration = Duration::from_secs(1);
 const RELAY_MIN_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Embedded mode: drains the outbox into scheduled pushes until cancelled.
+///
+/// While no connector takes part, a round schedules nothing and only takes
+/// the changes off the queue: nothing waits on that, so the relay then
+/// looks every [`RELAY_POLL`] instead of after each commit, and the
+/// creates keep the database to themselves (docs/performance.md, round 9).
 pub async fn run_embedded_relay(store: Store, engine: SyncEngine, cancel: CancellationToken) {
     let commits = Arc::clone(store.commits());
     loop {
         let started = tokio::time::Instant::now();
-        let wait = match relay_round(&store, &engine).await {
-            Ok(0) => RELAY_POLL,
-            Ok(moved) => {
+        let (wait, on_commit) = match relay_round(&store, &engine).await {
+            Ok(Round { moved: 0, .. }) => (RELAY_POLL, true),
+            Ok(Round { moved, scheduled }) => {
                 tracing::debug!(moved, "outbox relayed");
                 if moved == RELAY_BATCH as usize {
                     continue;
                 }
-                // A commit since the read has left a signal: the wait
-                // below returns at once, after the interval.
-                tokio::time::sleep_until(started + RELAY_MIN_INTERVAL).await;
-                RELAY_POLL
+                if scheduled {
+                    // A commit since the read has left a signal: the wait
+                    // below returns at once, after the interval.
+                    tokio::time::sleep_until(started + RELAY_MIN_INTERVAL).await;
+                }
+                (RELAY_POLL, scheduled)
             }
             Err(error) => {
                 tracing::warn!(error = format!("{error:#}"), "outbox relay round failed");
-                RELAY_BACKOFF
+                (RELAY_BACKOFF, true)
             }
         };
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = commits.outbox.notified() => {}
+            () = commits.outbox.notified(), if on_commit => {}
             () = tokio::time::sleep(wait) => {}
         }
     }
 }
 
-async fn relay_round(store: &Store, engine: &SyncEngine) -> anyhow::Result<usize> {
+/// What one relay round did.
+struct Round {
+    /// Changes taken off the queue.
+    moved: usize,
+    /// Whether any of them was scheduled for a connector.
+    scheduled: bool,
+}
+
+async fn relay_round(store: &Store, engine: &SyncEngine) -> anyhow::Result<Round> {
     let changes = store.unpublished_outbox(RELAY_BATCH).await?;
     if changes.is_empty() {
-        return Ok(0);
+        return Ok(Round {
+            moved: 0,
+            scheduled: false,
+        });
     }
     // No connector takes part: nothing was scheduled, nothing to wake for.
-    if !engine.accept(&changes).await?.is_empty() {
+    let scheduled = !engine.accept(&changes).await?.is_empty();
+    if scheduled {
         engine.wake();
     }
-    Ok(changes.len())
+    Ok(Round {
+        moved: changes.len(),
+        scheduled,
+    })
 }
 
 /// Cluster mode's safety net: a change the bus acknowledged but no consumer
