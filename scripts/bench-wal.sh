@@ -4,7 +4,8 @@
 # same pre-signed Stripe `customer.updated` webhooks, 32 connections), then
 # `pg_waldump` over the log written from the load's start until the inbox is
 # drained, grouped by relation and by record type (docs/performance.md,
-# round 7).
+# round 7); then how long the drain took and the statements that took the
+# most database time over the same window (`pg_stat_statements`; round 9).
 #
 #   scripts/bench-wal.sh                    this checkout's release build
 #   BENCH_NO_BUILD=1 FERRY_BIN=… scripts/bench-wal.sh   another build
@@ -43,9 +44,11 @@ pg_port=$(free_port)
 as_pg "$PG_BIN/initdb" -D "$work/pg" -A trust >/dev/null
 # A large max_wal_size: no checkpoint (and no full-page images) in the window.
 as_pg "$PG_BIN/pg_ctl" -D "$work/pg" -l "$work/pg.log" \
-  -o "-p $pg_port -k $work -c max_connections=200 -c shared_buffers=1GB -c max_wal_size=4GB" start >/dev/null
+  -o "-p $pg_port -k $work -c max_connections=200 -c shared_buffers=1GB -c max_wal_size=4GB \
+      -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all" start >/dev/null
 psql() { "$PG_BIN/psql" -h 127.0.0.1 -p "$pg_port" -U postgres -v ON_ERROR_STOP=1 -qtA "$@"; }
 psql -c "CREATE DATABASE ferry"
+psql -d ferry -c "CREATE EXTENSION pg_stat_statements"
 
 port=$(free_port)
 env -u FERRY_BIN FERRY_LISTEN="127.0.0.1:$port" \
@@ -61,11 +64,19 @@ python3 "$PEER_DIR/gen_webhooks.py" 300000 5000 "$SECRET" "$work/wh.txt"
 
 psql -d ferry -c "CHECKPOINT"
 start=$(psql -d ferry -c "SELECT pg_current_wal_insert_lsn()")
+psql -d ferry -c "SELECT pg_stat_statements_reset()" >/dev/null
 WEBHOOKS="$work/wh.txt" WEBHOOK_PATH=/webhooks/stripe \
   wrk -t2 -c32 -d"${DURATION}s" -s "$PEER_DIR/webhooks.lua" "http://127.0.0.1:$port" | grep RESULT
+loaded=$(date +%s.%N)
 while [ "$(psql -d ferry -c "SELECT count(*) FROM inbox WHERE state IN ('pending', 'retry')")" != 0 ]; do
-  sleep 0.5
+  sleep 0.1
 done
+echo "drain: $(python3 -c "import time; print(f'{time.time() - $loaded:.1f}')") s after the load"
+echo "statements by database time, from the load's start until drained (calls, total ms, ms a call, rows a call, buffers a call):"
+psql -d ferry -F ' | ' -c "SELECT calls, round(total_exec_time::numeric), round((total_exec_time / calls)::numeric, 3), \
+  round(rows::numeric / calls, 1), round((shared_blks_hit + shared_blks_read)::numeric / calls), \
+  left(regexp_replace(query, '\s+', ' ', 'g'), 100) \
+  FROM pg_stat_statements WHERE calls > 0 ORDER BY total_exec_time DESC LIMIT 12"
 end=$(psql -d ferry -c "SELECT pg_current_wal_insert_lsn()")
 events=$(psql -d ferry -c "SELECT count(*) FROM inbox")
 psql -d ferry -c "SELECT relfilenode || ' ' || relname FROM pg_class WHERE relfilenode <> 0" >"$work/relations"
