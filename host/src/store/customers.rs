@@ -485,6 +485,9 @@ impl Store {
                     " FROM customers WHERE id = ANY($1)"
                 ))
                 .bind(ids)
+                // Planned for each call (the store module's "Plans kept
+                // from an empty table").
+                .persistent(false)
                 .fetch_all(pool)
                 .await?
             }

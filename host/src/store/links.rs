@@ -745,6 +745,9 @@ impl Store {
                 ))
                 .bind(connectors)
                 .bind(remote_ids)
+                // Planned for each call (the store module's "Plans kept
+                // from an empty table").
+                .persistent(false)
                 .fetch_all(pool)
                 .await?
             }

@@ -14,6 +14,20 @@
 //! `SQLITE_BUSY` on lock upgrades. `synchronous=FULL` makes every commit
 //! durable before the API answers (WAL with NORMAL can lose the last commits
 //! on power loss, which would contradict "nothing is lost").
+//!
+//! # Plans kept from an empty table
+//!
+//! sqlx prepares each statement once per connection, and PostgreSQL then
+//! keeps a generic plan, made with the statistics of the moment, until the
+//! table is next analysed. On a new database those say "empty", and the
+//! plan kept is a sequential scan, which stays one while the table grows:
+//! under the side-by-side load the relay's read of the queue scanned the
+//! whole outbox on every round, and the apply's batch reads scanned every
+//! customer and link (`auto_explain`, docs/performance.md, round 9). The
+//! batch reads that look rows up by key (the relay's read, a claimed batch's
+//! customers and links) are therefore planned for each call on PostgreSQL
+//! (`persistent(false)`), with the table as it is. The inbox claim keeps its
+//! plan: planned with its actual parameters it read every due row.
 
 pub mod conflicts;
 pub mod connector_configs;
