@@ -682,6 +682,11 @@ impl Store {
         writes: &[(&SyncLink, &LinkWrite)],
     ) -> Result<Vec<bool>, StoreError> {
         let at = now();
+        if let Backend::Postgres(pool) = &self.backend {
+            if writes.len() > 1 {
+                return write_links_postgres(pool, writes, at).await;
+            }
+        }
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
             let mut applied = Vec::with_capacity(writes.len());
@@ -766,6 +771,206 @@ impl Store {
 
 /// [`Store::intake_changes`] on PostgreSQL: one statement for the whole
 /// batch instead of one round trip per change and connector.
+/// Marks creates about to be sent, for a batch of links (`$1` the writes'
+/// positions in the batch); returns the positions whose lease held.
+const PENDING_BATCH_POSTGRES: &str = "UPDATE sync_links l SET pending_version = w.version \
+     FROM UNNEST($1::int4[], $2::text[], $3::text[], $4::text[], $5::int8[]) \
+       AS w(i, customer_id, connector, lease_token, version) \
+     WHERE l.customer_id = w.customer_id AND l.connector = w.connector \
+       AND l.lease_token = w.lease_token \
+     RETURNING w.i";
+
+/// Records delivered pushes for a batch of links, with their delivery
+/// records: the multi-row form of `record_in!`'s `Delivered` arm. Returns
+/// the positions whose lease held.
+const DELIVERED_BATCH_POSTGRES: &str = "WITH w AS (SELECT * FROM UNNEST($1::int4[], \
+       $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::int8[], $8::text[], \
+       $9::text[], $10::text[], $11::int8[], $12::int4[], $13::text[]) \
+       AS w(i, customer_id, connector, lease_token, remote_id, remote_deleted, synced_version, \
+            pushed_hash, snapshot, operation, version, attempt, correlation_id)), \
+     updated AS (UPDATE sync_links l SET remote_id = w.remote_id, \
+       remote_deleted = w.remote_deleted, synced_version = w.synced_version, \
+       pushed_hash = w.pushed_hash, snapshot = w.snapshot::jsonb, pending_version = NULL, \
+       attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, \
+       updated_at = $14, \
+       state = CASE WHEN l.wanted_version > w.synced_version THEN 'pending' ELSE 'synced' END, \
+       next_attempt_at_ms = $15, pushed_at_ms = $15 \
+       FROM w WHERE l.customer_id = w.customer_id AND l.connector = w.connector \
+         AND l.lease_token = w.lease_token \
+       RETURNING w.i), \
+     recorded AS (INSERT INTO deliveries (customer_id, connector, direction, version, \
+       operation, outcome, attempt, remote_id, correlation_id, created_at) \
+       SELECT w.customer_id, w.connector, 'outbound', w.version, w.operation, 'delivered', \
+         w.attempt, w.remote_id, w.correlation_id, $14 \
+       FROM w JOIN updated ON updated.i = w.i) \
+     SELECT i FROM updated";
+
+/// [`Store::write_links`] on PostgreSQL: create markers and deliveries, the
+/// writes every push makes, go as one statement each for the whole batch
+/// (round trips, not rows, are what a batch costs there); the rarer
+/// outcomes as one statement per link, as on SQLite. One transaction.
+async fn write_links_postgres(
+    pool: &sqlx::PgPool,
+    writes: &[(&SyncLink, &LinkWrite)],
+    at: DateTime<Utc>,
+) -> Result<Vec<bool>, StoreError> {
+    let mut pending = PendingRows::default();
+    let mut delivered = DeliveredRows::default();
+    let mut others = Vec::new();
+    let mut keys = std::collections::HashSet::with_capacity(writes.len());
+    for (i, (link, write)) in writes.iter().enumerate() {
+        // One write per link is the rule (one lease, one step at a time);
+        // an `UPDATE … FROM` would apply only one of two.
+        let first = keys.insert((link.customer_id.as_str(), link.connector.as_str()));
+        let i = i32::try_from(i).unwrap_or(i32::MAX);
+        match write {
+            LinkWrite::CreatePending(version) if first => pending.push(i, link, *version),
+            LinkWrite::Outcome(RecordedOutcome::Delivered {
+                operation,
+                version,
+                remote_id,
+                remote_deleted,
+                pushed_hash,
+                snapshot,
+            }) if first => delivered.push(
+                i,
+                link,
+                Delivery {
+                    operation,
+                    version: *version,
+                    remote_id,
+                    remote_deleted: *remote_deleted,
+                    pushed_hash,
+                    snapshot: snapshot.as_ref().map(serde_json::Value::to_string),
+                },
+            ),
+            _ => others.push(i),
+        }
+    }
+    let mut applied = vec![false; writes.len()];
+    let mut tx = pool.begin().await?;
+    if !pending.i.is_empty() {
+        let held: Vec<i32> = sqlx::query_scalar(PENDING_BATCH_POSTGRES)
+            .bind(&pending.i)
+            .bind(&pending.customer_id)
+            .bind(&pending.connector)
+            .bind(&pending.lease_token)
+            .bind(&pending.version)
+            .fetch_all(&mut *tx)
+            .await?;
+        mark(&mut applied, &held);
+    }
+    if !delivered.i.is_empty() {
+        let held: Vec<i32> = sqlx::query_scalar(DELIVERED_BATCH_POSTGRES)
+            .bind(&delivered.i)
+            .bind(&delivered.customer_id)
+            .bind(&delivered.connector)
+            .bind(&delivered.lease_token)
+            .bind(&delivered.remote_id)
+            .bind(&delivered.remote_deleted)
+            .bind(&delivered.synced_version)
+            .bind(&delivered.pushed_hash)
+            .bind(&delivered.snapshot)
+            .bind(&delivered.operation)
+            .bind(&delivered.version)
+            .bind(&delivered.attempt)
+            .bind(&delivered.correlation_id)
+            .bind(at)
+            .bind(at.timestamp_millis())
+            // A remote id taken fails the batch; the group commit then
+            // writes one by one, and that path names the culprit.
+            .fetch_all(&mut *tx)
+            .await?;
+        mark(&mut applied, &held);
+    }
+    for i in others {
+        let (link, write) = writes[usize::try_from(i).unwrap_or_default()];
+        applied[usize::try_from(i).unwrap_or_default()] = match write {
+            LinkWrite::CreatePending(version) => pending_in!(tx, link, version)?,
+            LinkWrite::Outcome(outcome) => record_in!(tx, link, outcome, at)?,
+        };
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// Sets `applied` at the positions a batch statement returned.
+fn mark(applied: &mut [bool], held: &[i32]) {
+    for i in held {
+        if let Some(slot) = usize::try_from(*i).ok().and_then(|i| applied.get_mut(i)) {
+            *slot = true;
+        }
+    }
+}
+
+/// The columns of [`PENDING_BATCH_POSTGRES`].
+#[derive(Default)]
+struct PendingRows<'a> {
+    i: Vec<i32>,
+    customer_id: Vec<&'a str>,
+    connector: Vec<&'a str>,
+    lease_token: Vec<Option<&'a str>>,
+    version: Vec<i64>,
+}
+
+impl<'a> PendingRows<'a> {
+    fn push(&mut self, i: i32, link: &'a SyncLink, version: i64) {
+        self.i.push(i);
+        self.customer_id.push(&link.customer_id);
+        self.connector.push(&link.connector);
+        self.lease_token.push(link.lease_token.as_deref());
+        self.version.push(version);
+    }
+}
+
+/// One delivered push, as [`DELIVERED_BATCH_POSTGRES`] takes it.
+struct Delivery<'a> {
+    operation: &'static str,
+    version: i64,
+    remote_id: &'a str,
+    remote_deleted: bool,
+    pushed_hash: &'a str,
+    snapshot: Option<String>,
+}
+
+/// The columns of [`DELIVERED_BATCH_POSTGRES`].
+#[derive(Default)]
+struct DeliveredRows<'a> {
+    i: Vec<i32>,
+    customer_id: Vec<&'a str>,
+    connector: Vec<&'a str>,
+    lease_token: Vec<Option<&'a str>>,
+    remote_id: Vec<&'a str>,
+    remote_deleted: Vec<bool>,
+    synced_version: Vec<i64>,
+    pushed_hash: Vec<&'a str>,
+    snapshot: Vec<Option<String>>,
+    operation: Vec<&'static str>,
+    version: Vec<i64>,
+    attempt: Vec<i32>,
+    correlation_id: Vec<Option<&'a str>>,
+}
+
+impl<'a> DeliveredRows<'a> {
+    fn push(&mut self, i: i32, link: &'a SyncLink, delivery: Delivery<'a>) {
+        self.i.push(i);
+        self.customer_id.push(&link.customer_id);
+        self.connector.push(&link.connector);
+        self.lease_token.push(link.lease_token.as_deref());
+        self.remote_id.push(delivery.remote_id);
+        self.remote_deleted.push(delivery.remote_deleted);
+        // Only the lease holder moves synced_version (see `record_in!`).
+        self.synced_version
+            .push(link.synced_version.max(delivery.version));
+        self.pushed_hash.push(delivery.pushed_hash);
+        self.snapshot.push(delivery.snapshot);
+        self.operation.push(delivery.operation);
+        self.version.push(delivery.version);
+        self.attempt.push(link.attempts + 1);
+        self.correlation_id.push(link.correlation_id.as_deref());
+    }
+}
+
 async fn intake_postgres(
     pool: &sqlx::PgPool,
     changes: &[ChangeNotice],

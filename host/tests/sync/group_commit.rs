@@ -1,15 +1,18 @@
-//! The inbound apply's group commit, driven at the store: on PostgreSQL a
-//! group is written as one statement per table, and it must answer each
-//! change exactly as the one-savepoint-per-change path does (which SQLite
-//! runs), including the changes that raced and a lost lease.
+//! The group commits, driven at the store: on PostgreSQL a group is written
+//! as one statement per table, and it must answer each write exactly as the
+//! one-by-one path does (which SQLite runs): the inbound apply's changes,
+//! including the changes that raced and a lost lease, and the pushes' link
+//! writes.
 
 use std::collections::BTreeMap;
 
 use ferry::store::inbox::{
     Applied, CustomerWrite, InboundChange, InboxEvent, NewInboxEvent, RemoteChange,
 };
+use ferry::store::links::LinkWrite;
 use ferry::store::{
-    customers::WriteContext, CustomerFields, CustomerId, Store, StoreError, StoreOptions,
+    customers::WriteContext, ChangeNotice, CustomerFields, CustomerId, LinkState, RecordedOutcome,
+    Store, StoreError, StoreOptions, SyncLink,
 };
 use ferry_test_support::postgres::PgCluster;
 use serde_json::json;
@@ -373,4 +376,161 @@ async fn postgres_an_event_stored_meanwhile_is_stored_once() {
             ("evt_twice".to_owned(), 1)
         ]
     );
+}
+
+/// `n` customers, each with a pending link to `stripe`, claimed under
+/// `lease-a`.
+async fn claimed_links(store: &Store, n: usize) -> Vec<SyncLink> {
+    let mut changes = Vec::new();
+    for i in 0..n {
+        let customer = store
+            .create_customer(
+                fields(&email(&format!("link{i}")), "Ada"),
+                WriteContext::default(),
+            )
+            .await
+            .expect("customer");
+        changes.push(ChangeNotice {
+            customer_id: customer.id.as_str().to_owned(),
+            version: customer.version,
+            correlation_id: Some(format!("req_{i}")),
+            outbox_id: None,
+        });
+    }
+    let keys = store
+        .intake_changes(&changes, &["stripe".to_owned()])
+        .await
+        .expect("intake");
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let mut links = store
+        .claim_links(&keys, "lease-a", until)
+        .await
+        .expect("claimed");
+    // In the order the customers were made.
+    links.sort_by_key(|link| {
+        changes
+            .iter()
+            .position(|c| c.customer_id == link.customer_id)
+    });
+    assert_eq!(links.len(), n);
+    links
+}
+
+fn delivered(link: &SyncLink, remote_id: &str) -> LinkWrite {
+    LinkWrite::Outcome(RecordedOutcome::Delivered {
+        operation: "create",
+        version: link.wanted_version,
+        remote_id: remote_id.to_owned(),
+        remote_deleted: false,
+        pushed_hash: "hash".to_owned(),
+        snapshot: Some(json!({ "id": remote_id })),
+    })
+}
+
+/// A group of link writes (PostgreSQL writes create markers and deliveries
+/// one statement per group, the other outcomes one per link) answers each
+/// write as one-by-one writes would: a lost lease is refused and leaves no
+/// trace, two writes to one link apply in order.
+async fn each_link_write_gets_its_own_answer(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let links = claimed_links(&store, 4).await;
+    let mut stolen = links[2].clone();
+    stolen.lease_token = Some("lease-b".to_owned());
+    let retry = LinkWrite::Outcome(RecordedOutcome::RetryScheduled {
+        version: links[3].wanted_version,
+        operation: "create",
+        attempt: 1,
+        at_ms: chrono::Utc::now().timestamp_millis() + 30_000,
+        error: "remote answered 500".to_owned(),
+        pending_version: None,
+    });
+    let writes = [
+        (&links[0], LinkWrite::CreatePending(links[0].wanted_version)),
+        (&links[1], delivered(&links[1], "cus_one")),
+        (&stolen, delivered(&stolen, "cus_stolen")),
+        (&links[3], retry),
+        // After its marker, in the same group.
+        (&links[0], delivered(&links[0], "cus_zero")),
+    ];
+    let refs: Vec<(&SyncLink, &LinkWrite)> = writes.iter().map(|(l, w)| (*l, w)).collect();
+    let answers = store.write_links(&refs).await.expect("group written");
+    assert_eq!(answers, [true, true, false, true, true]);
+
+    let link = |i: usize| {
+        let store = store.clone();
+        let customer_id = links[i].customer_id.clone();
+        async move { store.links_of(&customer_id).await.expect("links").remove(0) }
+    };
+    for (i, remote_id) in [(0, "cus_zero"), (1, "cus_one")] {
+        let synced = link(i).await;
+        assert_eq!(synced.state, LinkState::Synced, "link {i}");
+        assert_eq!(synced.remote_id.as_deref(), Some(remote_id));
+        assert_eq!(synced.synced_version, links[i].wanted_version);
+        assert_eq!(
+            synced.pending_version, None,
+            "the delivery clears the marker"
+        );
+        assert_eq!(synced.lease_token, None);
+        assert_eq!(synced.snapshot, Some(json!({ "id": remote_id })));
+        let deliveries = store
+            .deliveries_of(&links[i].customer_id, 10)
+            .await
+            .expect("deliveries");
+        assert_eq!(deliveries.len(), 1, "link {i}");
+        assert_eq!(deliveries[0].outcome, "delivered");
+        assert_eq!(deliveries[0].operation.as_deref(), Some("create"));
+        assert_eq!(deliveries[0].attempt, 1);
+        assert_eq!(deliveries[0].remote_id.as_deref(), Some(remote_id));
+        assert_eq!(
+            deliveries[0].correlation_id.as_deref(),
+            Some(format!("req_{i}").as_str())
+        );
+    }
+    let untouched = link(2).await;
+    assert_eq!(untouched.state, LinkState::Pending);
+    assert_eq!(untouched.remote_id, None);
+    assert_eq!(untouched.lease_token.as_deref(), Some("lease-a"));
+    assert!(store
+        .deliveries_of(&links[2].customer_id, 10)
+        .await
+        .expect("deliveries")
+        .is_empty());
+    let retrying = link(3).await;
+    assert_eq!(retrying.state, LinkState::Retry);
+    assert_eq!(retrying.last_error.as_deref(), Some("remote answered 500"));
+
+    // Two links given one remote id: the group fails as a whole and
+    // nothing of it stays; alone, the second names the cause.
+    let fresh = claimed_links(&store, 2).await;
+    let writes = [
+        (&fresh[0], delivered(&fresh[0], "cus_shared")),
+        (&fresh[1], delivered(&fresh[1], "cus_shared")),
+    ];
+    let refs: Vec<(&SyncLink, &LinkWrite)> = writes.iter().map(|(l, w)| (*l, w)).collect();
+    assert!(store.write_links(&refs).await.is_err());
+    let first = store
+        .links_of(&fresh[0].customer_id)
+        .await
+        .expect("links")
+        .remove(0);
+    assert_eq!(
+        first.state,
+        LinkState::Pending,
+        "the failed group left nothing"
+    );
+    assert_eq!(store.write_links(&refs[..1]).await.expect("alone"), [true]);
+    assert!(matches!(
+        store.write_links(&refs[1..]).await,
+        Err(StoreError::RemoteIdTaken)
+    ));
+}
+
+#[tokio::test]
+async fn postgres_each_link_write_gets_its_own_answer() {
+    each_link_write_gets_its_own_answer(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_each_link_write_gets_its_own_answer() {
+    each_link_write_gets_its_own_answer(false).await;
 }
