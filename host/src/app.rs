@@ -82,6 +82,8 @@ pub struct App {
     redelivery_after: Duration,
     reconcile: crate::sync::reconcile::ReconcileOptions,
     retention: crate::retention::Retention,
+    /// How often grown tables are analysed (`store::statistics`).
+    analyze_every: Duration,
     limits: ServeLimits,
 }
 
@@ -295,6 +297,7 @@ impl App {
                 every: config.retention_every,
                 batch: config.retention_batch.max(1),
             },
+            analyze_every: config.analyze_every,
             reconcile: crate::sync::reconcile::ReconcileOptions {
                 max_delete_share: config.reconcile_max_delete_share,
                 schedules: config
@@ -351,6 +354,11 @@ impl App {
             tasks.spawn(crate::retention::run(
                 self.state.store.clone(),
                 self.retention,
+                self.cancel.clone(),
+            ));
+            tasks.spawn(crate::store::statistics::run(
+                self.state.store.clone(),
+                self.analyze_every,
                 self.cancel.clone(),
             ));
             self.spawn_sync(&tasks).await?;

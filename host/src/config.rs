@@ -176,6 +176,10 @@ pub struct Config {
     pub retention_every: Duration,
     /// Rows one retention statement deletes at most.
     pub retention_batch: u32,
+    /// How often ferry looks for tables whose statistics are far behind
+    /// their contents and analyses them (PostgreSQL; zero turns it off).
+    #[serde(deserialize_with = "duration")]
+    pub analyze_every: Duration,
     /// Per-connector settings and secrets from the file or environment
     /// (`FERRY_CONNECTORS__STRIPE__SECRETS__API_KEY=sk_test_...`). Settings
     /// stored through the API take precedence.
@@ -288,6 +292,7 @@ impl std::fmt::Debug for Config {
             .field("retention", &self.retention)
             .field("retention_every", &self.retention_every)
             .field("retention_batch", &self.retention_batch)
+            .field("analyze_every", &self.analyze_every)
             .field("connectors", &self.connectors)
             .finish()
     }
@@ -335,6 +340,7 @@ struct Defaults {
     retention: &'static str,
     retention_every: &'static str,
     retention_batch: u32,
+    analyze_every: &'static str,
 }
 
 const DEFAULTS: Defaults = Defaults {
@@ -377,6 +383,7 @@ const DEFAULTS: Defaults = Defaults {
     retention: "7d",
     retention_every: "1m",
     retention_batch: 1000,
+    analyze_every: "2s",
 };
 
 /// The environment with every value taken as the text it is. figment's

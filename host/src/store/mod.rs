@@ -27,7 +27,10 @@
 //! batch reads that look rows up by key (the relay's read, a claimed batch's
 //! customers and links) are therefore planned for each call on PostgreSQL
 //! (`persistent(false)`), with the table as it is. The inbox claim keeps its
-//! plan: planned with its actual parameters it read every due row.
+//! plan: planned with its actual parameters it read every due row. What
+//! cures the cause, statistics that say "empty" while the table fills, is
+//! [`statistics`]: it analyses a table that outgrew them, and the plans
+//! kept are then made again.
 
 pub mod conflicts;
 pub mod connector_configs;
@@ -42,6 +45,7 @@ pub mod inbox;
 pub mod links;
 pub mod outbox;
 pub mod reconciliations;
+pub mod statistics;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -606,3 +606,82 @@ mod postgres {
         super::retention_trims_what_is_finished(Backend::Postgres).await;
     }
 }
+
+/// The plan of the scheduler's claim of 16 due links, as JSON text.
+async fn claim_plan(pool: &sqlx::PgPool) -> String {
+    let plan: Value = sqlx::query_scalar(
+        "EXPLAIN (FORMAT JSON) SELECT customer_id, connector FROM sync_links \
+         WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= 1000000 \
+         AND lease_until_ms < 1000000 AND held_by IS NULL \
+         ORDER BY next_attempt_at_ms LIMIT 16 FOR UPDATE SKIP LOCKED",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("plan");
+    plan.to_string()
+}
+
+/// A table that filled faster than autovacuum looks (a new install under a
+/// burst) is analysed once it outgrew its statistics, and the scheduler's
+/// claim then reads the due index in order instead of sorting every due
+/// link; a table analysed since is left alone.
+#[tokio::test]
+async fn a_table_that_outgrew_its_statistics_is_analysed() {
+    let url = PgCluster::shared()
+        .create_database()
+        .await
+        .expect("test database");
+    let store = ferry::store::Store::connect(&url, &ferry::store::StoreOptions::default())
+        .await
+        .expect("store");
+    store.migrate().await.expect("migrations");
+    let raw = sqlx::PgPool::connect(&url).await.expect("raw pool");
+    // Autovacuum's minute has not come yet.
+    sqlx::query("ALTER TABLE sync_links SET (autovacuum_enabled = false)")
+        .execute(&raw)
+        .await
+        .expect("autovacuum off");
+    // What a burst leaves: 5,000 links, a tenth of them due.
+    sqlx::query(
+        "INSERT INTO sync_links (customer_id, connector, wanted_version, state, \
+         next_attempt_at_ms, updated_at) \
+         SELECT 'cus_' || g, 'stripe', 1, \
+           CASE WHEN g % 10 = 0 THEN 'pending' ELSE 'synced' END, g, now() \
+         FROM generate_series(1, 5000) g",
+    )
+    .execute(&raw)
+    .await
+    .expect("links");
+    // An idle connection reports its counts after 10 s, one that ends at once.
+    raw.close().await;
+    let raw = sqlx::PgPool::connect(&url).await.expect("raw pool");
+    let before = claim_plan(&raw).await;
+    assert!(
+        before.contains("\"Sort\""),
+        "planned as nearly empty, the claim sorts every due link: {before}"
+    );
+
+    // The counts reach the statistics views within a moment.
+    let mut analysed = Vec::new();
+    for _ in 0..40 {
+        analysed = store.analyze_grown_tables(1000).await.expect("analysed");
+        if !analysed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(analysed, ["sync_links"], "only the table that grew");
+    let after = claim_plan(&raw).await;
+    assert!(
+        !after.contains("\"Sort\"") && after.contains("sync_links_due"),
+        "the claim reads the due index in order: {after}"
+    );
+    assert!(
+        store
+            .analyze_grown_tables(1000)
+            .await
+            .expect("looked again")
+            .is_empty(),
+        "just analysed, nothing to do"
+    );
+}
