@@ -15,6 +15,7 @@ pub mod outbound;
 pub mod reconcile;
 pub mod retry;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +32,7 @@ use crate::registry::Registry;
 use crate::store::inbox::{Applied, InboundChange, NewInboxEvent};
 use crate::store::links::LinkWrite;
 use crate::store::now_ms;
-use crate::store::{ChangeNotice, LinkKey, Store, StoreError, SyncLink};
+use crate::store::{ChangeNotice, Customer, LinkKey, Store, StoreError, StoreKind, SyncLink};
 
 /// Longest the scheduler sleeps without being woken.
 const IDLE_POLL: Duration = Duration::from_millis(500);
@@ -246,6 +247,7 @@ impl SyncEngine {
                 return Vec::new();
             }
         };
+        let customers = self.customers_of(&claimed).await;
         let tasks = TaskTracker::new();
         let (outcomes_tx, mut outcomes_rx) = mpsc::unbounded_channel();
         for link in claimed {
@@ -254,9 +256,10 @@ impl SyncEngine {
             };
             let engine = self.clone();
             let outcomes_tx = outcomes_tx.clone();
+            let customer = customers.get(&link.customer_id).cloned();
             tasks.spawn(async move {
                 let _permit = permit;
-                let _ = outcomes_tx.send(engine.push_link(link).await);
+                let _ = outcomes_tx.send(engine.push_link(link, customer).await);
             });
         }
         drop(outcomes_tx);
@@ -267,6 +270,30 @@ impl SyncEngine {
             outcomes.push(outcome);
         }
         outcomes
+    }
+
+    /// The customers of claimed links, read in one statement on PostgreSQL
+    /// instead of one per push (a round trip each; docs/performance.md,
+    /// round 10). A push whose customer this did not find reads it itself;
+    /// on SQLite every push does (in-process reads cost no round trip).
+    async fn customers_of(&self, links: &[SyncLink]) -> HashMap<String, Customer> {
+        if links.len() < 2 || self.inner.store.kind() != StoreKind::Postgres {
+            return HashMap::new();
+        }
+        let ids: Vec<&str> = links.iter().map(|l| l.customer_id.as_str()).collect();
+        match self.inner.store.customers_any(&ids).await {
+            Ok(customers) => customers
+                .into_iter()
+                .map(|c| (c.id.as_str().to_owned(), c))
+                .collect(),
+            Err(error) => {
+                tracing::debug!(
+                    error = format!("{:#}", anyhow::Error::from(error)),
+                    "reading a claimed batch's customers failed; each push reads its own"
+                );
+                HashMap::new()
+            }
+        }
     }
 
     /// Runs due links until cancelled: retries when their time comes, and
@@ -310,14 +337,16 @@ impl SyncEngine {
                 }
             };
             let busy = !claimed.is_empty();
+            let customers = self.customers_of(&claimed).await;
             for link in claimed {
                 let Some(permit) = capacity.split(1) else {
                     break;
                 };
                 let engine = self.clone();
+                let customer = customers.get(&link.customer_id).cloned();
                 tasks.spawn(async move {
                     let _permit = permit;
-                    engine.push_link(link).await;
+                    engine.push_link(link, customer).await;
                 });
             }
             drop(capacity);

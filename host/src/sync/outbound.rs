@@ -122,14 +122,16 @@ fn operation_name(operation: Operation) -> &'static str {
 }
 
 impl SyncEngine {
-    /// Runs one step for a claimed link and records its outcome.
+    /// Runs one step for a claimed link and records its outcome. `customer`
+    /// is the linked customer if a read of the claimed batch found it; if
+    /// not, the step reads it.
     #[tracing::instrument(skip_all, fields(
         customer_id = %link.customer_id,
         connector = %link.connector,
         correlation_id = link.correlation_id.as_deref().unwrap_or(""),
     ))]
-    pub async fn push_link(&self, link: SyncLink) -> Outcome {
-        let (recorded, outcome) = self.try_push(&link).await;
+    pub async fn push_link(&self, link: SyncLink, customer: Option<Customer>) -> Outcome {
+        let (recorded, outcome) = self.try_push(&link, customer).await;
         let connector = &link.connector;
         match (&outcome, &recorded) {
             (Outcome::Delivered { .. }, _) => {
@@ -217,7 +219,11 @@ impl SyncEngine {
         }
     }
 
-    async fn try_push(&self, link: &SyncLink) -> (RecordedOutcome, Outcome) {
+    async fn try_push(
+        &self,
+        link: &SyncLink,
+        customer: Option<Customer>,
+    ) -> (RecordedOutcome, Outcome) {
         let inner = &self.inner;
         let skip = |version: i64, reason: &str, mark_synced: bool| {
             (
@@ -244,7 +250,11 @@ impl SyncEngine {
             }
         };
         let (connector, config) = (ready.connector, ready.config);
-        let customer = match inner.store.get_customer_any(&link.customer_id).await {
+        let customer = match customer {
+            Some(customer) => Ok(Some(customer)),
+            None => inner.store.get_customer_any(&link.customer_id).await,
+        };
+        let customer = match customer {
             Ok(Some(customer)) => customer,
             Ok(None) => return skip(link.wanted_version, "customer does not exist", true),
             Err(error) => return self.retry_later(link, None, None, store_error(error)),
