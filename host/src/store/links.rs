@@ -769,8 +769,6 @@ impl Store {
     }
 }
 
-/// [`Store::intake_changes`] on PostgreSQL: one statement for the whole
-/// batch instead of one round trip per change and connector.
 /// Marks creates about to be sent, for a batch of links (`$1` the writes'
 /// positions in the batch); returns the positions whose lease held.
 const PENDING_BATCH_POSTGRES: &str = "UPDATE sync_links l SET pending_version = w.version \
@@ -818,11 +816,12 @@ async fn write_links_postgres(
     let mut delivered = DeliveredRows::default();
     let mut others = Vec::new();
     let mut keys = std::collections::HashSet::with_capacity(writes.len());
-    for (i, (link, write)) in writes.iter().enumerate() {
+    for (index, (link, write)) in writes.iter().enumerate() {
         // One write per link is the rule (one lease, one step at a time);
-        // an `UPDATE … FROM` would apply only one of two.
+        // an `UPDATE … FROM` would apply only one of two, so a second goes
+        // one by one, after the batches.
         let first = keys.insert((link.customer_id.as_str(), link.connector.as_str()));
-        let i = i32::try_from(i).unwrap_or(i32::MAX);
+        let i = i32::try_from(index).unwrap_or(i32::MAX);
         match write {
             LinkWrite::CreatePending(version) if first => pending.push(i, link, *version),
             LinkWrite::Outcome(RecordedOutcome::Delivered {
@@ -844,7 +843,7 @@ async fn write_links_postgres(
                     snapshot: snapshot.as_ref().map(serde_json::Value::to_string),
                 },
             ),
-            _ => others.push(i),
+            _ => others.push(index),
         }
     }
     let mut applied = vec![false; writes.len()];
@@ -883,9 +882,9 @@ async fn write_links_postgres(
             .await?;
         mark(&mut applied, &held);
     }
-    for i in others {
-        let (link, write) = writes[usize::try_from(i).unwrap_or_default()];
-        applied[usize::try_from(i).unwrap_or_default()] = match write {
+    for index in others {
+        let (link, write) = writes[index];
+        applied[index] = match write {
             LinkWrite::CreatePending(version) => pending_in!(tx, link, version)?,
             LinkWrite::Outcome(outcome) => record_in!(tx, link, outcome, at)?,
         };
@@ -971,6 +970,8 @@ impl<'a> DeliveredRows<'a> {
     }
 }
 
+/// [`Store::intake_changes`] on PostgreSQL: one statement for the whole
+/// batch instead of one round trip per change and connector.
 async fn intake_postgres(
     pool: &sqlx::PgPool,
     changes: &[ChangeNotice],
