@@ -848,23 +848,19 @@ async fn write_links_postgres(
     }
     let mut applied = vec![false; writes.len()];
     let mut tx = pool.begin().await?;
-    if !pending.i.is_empty() {
-        let held: Vec<i32> = sqlx::query_scalar(PENDING_BATCH_POSTGRES)
-            .bind(&pending.i)
-            .bind(&pending.customer_id)
-            .bind(&pending.connector)
-            .bind(&pending.lease_token)
+    if !pending.links.i.is_empty() {
+        let held: Vec<i32> = pending
+            .links
+            .bind(sqlx::query_scalar(PENDING_BATCH_POSTGRES))
             .bind(&pending.version)
             .fetch_all(&mut *tx)
             .await?;
         mark(&mut applied, &held);
     }
-    if !delivered.i.is_empty() {
-        let held: Vec<i32> = sqlx::query_scalar(DELIVERED_BATCH_POSTGRES)
-            .bind(&delivered.i)
-            .bind(&delivered.customer_id)
-            .bind(&delivered.connector)
-            .bind(&delivered.lease_token)
+    if !delivered.links.i.is_empty() {
+        let held: Vec<i32> = delivered
+            .links
+            .bind(sqlx::query_scalar(DELIVERED_BATCH_POSTGRES))
             .bind(&delivered.remote_id)
             .bind(&delivered.remote_deleted)
             .bind(&delivered.synced_version)
@@ -902,22 +898,46 @@ fn mark(applied: &mut [bool], held: &[i32]) {
     }
 }
 
-/// The columns of [`PENDING_BATCH_POSTGRES`].
+/// The columns both batch statements start with (`$1`–`$4`): the write's
+/// position and the link under its lease.
 #[derive(Default)]
-struct PendingRows<'a> {
+struct LinkRows<'a> {
     i: Vec<i32>,
     customer_id: Vec<&'a str>,
     connector: Vec<&'a str>,
     lease_token: Vec<Option<&'a str>>,
+}
+
+type BatchQuery<'q> =
+    sqlx::query::QueryScalar<'q, sqlx::Postgres, i32, sqlx::postgres::PgArguments>;
+
+impl<'a> LinkRows<'a> {
+    fn push(&mut self, i: i32, link: &'a SyncLink) {
+        self.i.push(i);
+        self.customer_id.push(&link.customer_id);
+        self.connector.push(&link.connector);
+        self.lease_token.push(link.lease_token.as_deref());
+    }
+
+    fn bind<'q>(&'q self, query: BatchQuery<'q>) -> BatchQuery<'q> {
+        query
+            .bind(&self.i)
+            .bind(&self.customer_id)
+            .bind(&self.connector)
+            .bind(&self.lease_token)
+    }
+}
+
+/// The columns of [`PENDING_BATCH_POSTGRES`].
+#[derive(Default)]
+struct PendingRows<'a> {
+    links: LinkRows<'a>,
     version: Vec<i64>,
 }
 
 impl<'a> PendingRows<'a> {
     fn push(&mut self, i: i32, link: &'a SyncLink, version: i64) {
-        self.i.push(i);
-        self.customer_id.push(&link.customer_id);
-        self.connector.push(&link.connector);
-        self.lease_token.push(link.lease_token.as_deref());
+        self.links.push(i, link);
         self.version.push(version);
     }
 }
@@ -935,10 +955,7 @@ struct Delivery<'a> {
 /// The columns of [`DELIVERED_BATCH_POSTGRES`].
 #[derive(Default)]
 struct DeliveredRows<'a> {
-    i: Vec<i32>,
-    customer_id: Vec<&'a str>,
-    connector: Vec<&'a str>,
-    lease_token: Vec<Option<&'a str>>,
+    links: LinkRows<'a>,
     remote_id: Vec<&'a str>,
     remote_deleted: Vec<bool>,
     synced_version: Vec<i64>,
@@ -952,10 +969,7 @@ struct DeliveredRows<'a> {
 
 impl<'a> DeliveredRows<'a> {
     fn push(&mut self, i: i32, link: &'a SyncLink, delivery: Delivery<'a>) {
-        self.i.push(i);
-        self.customer_id.push(&link.customer_id);
-        self.connector.push(&link.connector);
-        self.lease_token.push(link.lease_token.as_deref());
+        self.links.push(i, link);
         self.remote_id.push(delivery.remote_id);
         self.remote_deleted.push(delivery.remote_deleted);
         // Only the lease holder moves synced_version (see `record_in!`).
