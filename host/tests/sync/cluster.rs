@@ -50,6 +50,7 @@ async fn create_update_delete_through_kafka() {
     let events = app.store.outbox_events(id).await.expect("outbox");
     assert_eq!(events.len(), 3);
     assert!(events.iter().all(|e| !e.queued), "{events:?}");
+    app.stop().await;
 }
 
 /// Two replicas on one database and one broker share the work: every
@@ -102,6 +103,8 @@ async fn two_replicas_share_the_work_without_double_pushes() {
             1
         );
     }
+    first.stop().await;
+    second.stop().await;
 }
 
 /// Cluster mode: webhook events travel through Kafka (`{prefix}.inbox`,
@@ -172,4 +175,5 @@ async fn webhook_events_go_through_kafka_in_order() {
         published.is_empty(),
         "every inbox event was published: {published:?}"
     );
+    app.stop().await;
 }

@@ -82,6 +82,19 @@ impl Drop for SyncApp {
     }
 }
 
+impl SyncApp {
+    /// Stops the app and waits until it has, its Kafka consumers out of
+    /// their group. Dropping only cancels it: a test that then stops its
+    /// broker leaves a consumer closing against a broker that is gone, and
+    /// librdkafka's close then waits forever, and with it the test
+    /// runtime's shutdown.
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        let server = std::mem::replace(&mut self._server, tokio::spawn(async { Ok(()) }));
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(30), server).await;
+    }
+}
+
 fn init_logs() {
     static INIT: OnceLock<()> = OnceLock::new();
     INIT.get_or_init(|| {
