@@ -25,6 +25,9 @@ const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Histogram buckets for group commit sizes: 1 to `group_commit::BATCH`.
+const GROUP_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
 /// How often the backlog gauges are refreshed.
 pub const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -40,6 +43,11 @@ pub fn install() -> Option<PrometheusHandle> {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .ok()?
+                .set_buckets_for_metric(
+                    Matcher::Full("ferry_group_commit_size".into()),
+                    GROUP_BUCKETS,
+                )
                 .ok()?
                 .build_recorder();
             let handle = recorder.handle();
@@ -74,6 +82,11 @@ fn describe() {
     describe_counter!(
         "ferry_webhook_verifications_total",
         "Webhook deliveries by connector and verification result"
+    );
+    describe_histogram!(
+        "ferry_group_commit_size",
+        Unit::Count,
+        "Writes committed together, by kind of write (creates, link_writes, inbox_writes, inbound_applies)"
     );
     describe_histogram!(
         "ferry_connector_call_duration_seconds",

@@ -292,6 +292,7 @@ impl Creates {
 }
 
 impl Committer for Creates {
+    const NAME: &'static str = "creates";
     type Write = NewCustomer;
     type Done = ();
 

@@ -19,6 +19,8 @@ pub trait Committer: Send + Sync + 'static {
     type Write: Send + Sync + 'static;
     /// What its writer is told once it is durable.
     type Done: Send + 'static;
+    /// What it writes, as the metrics name it.
+    const NAME: &'static str;
 
     /// Commits `writes` in one transaction; one answer per write, in order.
     fn commit<'a>(
@@ -79,6 +81,8 @@ async fn run<C: Committer>(
         if queued.lock().await.recv_many(&mut batch, BATCH).await == 0 {
             return;
         }
+        metrics::histogram!("ferry_group_commit_size", "writes" => C::NAME)
+            .record(batch.len() as f64);
         let (writes, waiting): (Vec<C::Write>, Vec<_>) = batch.drain(..).unzip();
         match committer.commit(&writes).await {
             Ok(done) => {

@@ -375,6 +375,7 @@ impl SyncEngine {
 struct LinkWrites(Store);
 
 impl Committer for LinkWrites {
+    const NAME: &'static str = "link_writes";
     type Write = (SyncLink, LinkWrite);
     type Done = bool;
 
@@ -393,6 +394,7 @@ impl Committer for LinkWrites {
 struct InboundApplies(Store);
 
 impl Committer for InboundApplies {
+    const NAME: &'static str = "inbound_applies";
     type Write = InboundChange;
     type Done = Result<Applied, StoreError>;
 
@@ -408,6 +410,7 @@ impl Committer for InboundApplies {
 struct InboxWrites(Store);
 
 impl Committer for InboxWrites {
+    const NAME: &'static str = "inbox_writes";
     type Write = (String, Vec<NewInboxEvent>, Option<String>);
     type Done = usize;
 

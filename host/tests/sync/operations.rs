@@ -137,6 +137,14 @@ async fn metrics_move_with_syncs_refused_webhooks_retries_and_traps() {
             &pushes
         ) >= 1.0
     );
+    // The create and the push's outcome went through their group commits.
+    for writes in ["creates", "link_writes"] {
+        let group = [("writes", writes)];
+        assert!(
+            moved(&before, &after, "ferry_group_commit_size", &group) >= 1.0,
+            "{writes}"
+        );
+    }
     // Routes are templates, never raw paths.
     assert!(
         after
