@@ -225,6 +225,10 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
+/// The server binary's allocator, so the figures are the server's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     if let Ok(filter) = std::env::var("FERRY_BENCH_LOG") {
         // e.g. FERRY_BENCH_LOG=warn: what the app says while it is measured.
