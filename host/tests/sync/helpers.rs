@@ -72,7 +72,7 @@ pub struct SyncApp {
     /// The admin token, when the setup configured one.
     pub token: Option<String>,
     cancel: CancellationToken,
-    _server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
     _dir: tempfile::TempDir,
 }
 
@@ -90,8 +90,7 @@ impl SyncApp {
     /// runtime's shutdown.
     pub async fn stop(mut self) {
         self.cancel.cancel();
-        let server = std::mem::replace(&mut self._server, tokio::spawn(async { Ok(()) }));
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(30), server).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(30), &mut self.server).await;
     }
 }
 
@@ -188,7 +187,7 @@ pub async fn spawn_sync_app(setup: Setup) -> SyncApp {
         database_url,
         token,
         cancel,
-        _server: server,
+        server,
         _dir: dir,
     }
 }
