@@ -8,11 +8,18 @@
 //! outbound benchmark the scheduler's claim of 16 due links sorted the whole
 //! backlog on every call (6 ms a call instead of 0.7; docs/performance.md,
 //! round 10). Every `analyze_every` (2 s) [`run`] analyses each of ferry's
-//! tables that changed more since its last analyse than it then held, so a
+//! tables that has more than doubled its rows since its last analyse, so a
 //! growing table's statistics are never off by more than a factor of two;
-//! an analyse invalidates the cached plans, which are then made again. A
-//! table of steady size gets there after as many changes as it has rows,
-//! later than autovacuum's tenth, so in steady state this does nothing.
+//! an analyse invalidates the cached plans, which are then made again.
+//! Growth, not changes: the inbox is written three times per event and a
+//! link once per push, so counting changes analysed a table of steady size
+//! every few seconds under load (466 ms of a core each for a 34 MB inbox;
+//! docs/performance.md, round 12). A table of steady size is left to
+//! autovacuum, and so is one whose statistics were taken at
+//! [`SETTLED_ROWS`] rows or more: the planner scales a table's row count by
+//! its current size (pages times the rows per page it last saw), so a big
+//! table's plans keep their shape as it grows, and its next analyse reads a
+//! full sample (half a second of a core for the inbox above).
 
 use std::time::Duration;
 
@@ -20,26 +27,36 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Backend, Store, StoreError};
 
-/// Changes below which a table is left to autovacuum: a small table's plans
+/// Growth below which a table is left to autovacuum: a small table's plans
 /// are cheap whatever they are.
-const MIN_CHANGES: i64 = 1000;
+const MIN_GROWTH: i64 = 1000;
+
+/// Rows at which a table's statistics are representative: past them, its
+/// analyses are autovacuum's.
+pub const SETTLED_ROWS: i64 = 10_000;
 
 impl Store {
-    /// Analyses each table of ferry's schema that changed more than
-    /// `min_changes` rows, and more than it held at its last analyse, since
-    /// then. Returns the tables analysed; on SQLite, none.
-    pub async fn analyze_grown_tables(&self, min_changes: i64) -> Result<Vec<String>, StoreError> {
+    /// Analyses each table of ferry's schema that grew by more than
+    /// `min_growth` rows, and to more than twice what it held at its last
+    /// analyse, since then, unless that analyse counted [`SETTLED_ROWS`]
+    /// or more. Returns the tables analysed; on SQLite, none.
+    pub async fn analyze_grown_tables(&self, min_growth: i64) -> Result<Vec<String>, StoreError> {
         let Backend::Postgres(pool) = &self.backend else {
             return Ok(Vec::new());
         };
+        // `reltuples` is what the last analyse (or vacuum) counted, -1 if
+        // none ever did; `n_live_tup` follows inserts and deletes since.
         let grown: Vec<String> = sqlx::query_scalar(
             "SELECT quote_ident(s.relname) FROM pg_stat_user_tables s \
              JOIN pg_class c ON c.oid = s.relid \
-             WHERE s.schemaname = current_schema() AND s.n_mod_since_analyze >= $1 \
-               AND s.n_mod_since_analyze > GREATEST(c.reltuples, 0) \
+             WHERE s.schemaname = current_schema() \
+               AND s.n_live_tup - GREATEST(c.reltuples, 0) >= $1 \
+               AND s.n_live_tup > 2 * GREATEST(c.reltuples, 0) \
+               AND c.reltuples < $2 \
              ORDER BY s.relname",
         )
-        .bind(min_changes)
+        .bind(min_growth)
+        .bind(SETTLED_ROWS as f32)
         .fetch_all(pool)
         .await?;
         for table in &grown {
@@ -64,7 +81,7 @@ pub async fn run(store: Store, every: Duration, cancel: CancellationToken) {
             () = cancel.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        match store.analyze_grown_tables(MIN_CHANGES).await {
+        match store.analyze_grown_tables(MIN_GROWTH).await {
             Ok(tables) if tables.is_empty() => {}
             Ok(tables) => tracing::debug!(?tables, "statistics brought up to date"),
             Err(error) => tracing::warn!(

@@ -692,4 +692,98 @@ async fn a_table_that_outgrew_its_statistics_is_analysed() {
             .is_empty(),
         "just analysed, nothing to do"
     );
+
+    // Changes without growth: every link written twice (10,000 changes,
+    // twice what the table holds) is autovacuum's business, not a reason
+    // to analyse again.
+    sqlx::query("UPDATE sync_links SET attempts = attempts + 1")
+        .execute(&raw)
+        .await
+        .expect("first write");
+    sqlx::query("UPDATE sync_links SET attempts = attempts + 1")
+        .execute(&raw)
+        .await
+        .expect("second write");
+    raw.close().await;
+    let raw = sqlx::PgPool::connect(&url).await.expect("raw pool");
+    let mut changed = 0_i64;
+    for _ in 0..40 {
+        changed = sqlx::query_scalar(
+            "SELECT n_mod_since_analyze FROM pg_stat_user_tables WHERE relname = 'sync_links'",
+        )
+        .fetch_one(&raw)
+        .await
+        .expect("counts");
+        if changed >= 10_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(changed >= 10_000, "the writes were counted: {changed}");
+    assert!(
+        store
+            .analyze_grown_tables(1000)
+            .await
+            .expect("looked after the writes")
+            .is_empty(),
+        "rewritten, not grown: nothing to do"
+    );
+
+    // Past twice its size, it is analysed again.
+    sqlx::query(
+        "INSERT INTO sync_links (customer_id, connector, wanted_version, state, \
+         next_attempt_at_ms, updated_at) \
+         SELECT 'cus_' || g, 'stripe', 1, 'synced', g, now() \
+         FROM generate_series(5001, 11000) g",
+    )
+    .execute(&raw)
+    .await
+    .expect("more links");
+    raw.close().await;
+    let mut analysed = Vec::new();
+    for _ in 0..40 {
+        analysed = store.analyze_grown_tables(1000).await.expect("analysed");
+        if !analysed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(analysed, ["sync_links"], "doubled: analysed again");
+
+    // Analysed at 11,000 rows, past `SETTLED_ROWS`: growth is autovacuum's.
+    let raw = sqlx::PgPool::connect(&url).await.expect("raw pool");
+    sqlx::query(
+        "INSERT INTO sync_links (customer_id, connector, wanted_version, state, \
+         next_attempt_at_ms, updated_at) \
+         SELECT 'cus_' || g, 'stripe', 1, 'synced', g, now() \
+         FROM generate_series(11001, 36000) g",
+    )
+    .execute(&raw)
+    .await
+    .expect("many more links");
+    raw.close().await;
+    let raw = sqlx::PgPool::connect(&url).await.expect("raw pool");
+    let mut live = 0_i64;
+    for _ in 0..40 {
+        live = sqlx::query_scalar(
+            "SELECT n_live_tup FROM pg_stat_user_tables WHERE relname = 'sync_links'",
+        )
+        .fetch_one(&raw)
+        .await
+        .expect("counts");
+        if live >= 36_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(live >= 36_000, "the inserts were counted: {live}");
+    assert!(
+        store
+            .analyze_grown_tables(1000)
+            .await
+            .expect("looked after the growth")
+            .is_empty(),
+        "statistics taken at {} rows or more are left to autovacuum",
+        ferry::store::statistics::SETTLED_ROWS
+    );
 }
