@@ -13,6 +13,9 @@
 //! - sustained throughput: `FERRY_BENCH_CHANGES` (default 10000) creates
 //!   committed by 16 writers as fast as the store takes them, divided by the
 //!   time from the first commit to the last create arriving at the remote;
+//! - its ceiling in the same run: the same creates committed on a fresh
+//!   database of the mode with no connector taking part (pushes share the
+//!   machine with the writers, so sustained can only approach it);
 //! - latency at a fixed rate (`FERRY_BENCH_RATE`, default 1000/s, for 5 s):
 //!   commit → arrival at the remote, p50 / p99 / max.
 //!
@@ -39,7 +42,9 @@ struct Running {
     _broker: Option<ferry_test_support::kafka::Broker>,
 }
 
-async fn start(mode: &str, stripe: &FakeStripe) -> Running {
+/// Starts ferry in `mode`; with `stripe`, the Stripe connector pushes to
+/// it, without, no connector takes part (the creates' own ceiling).
+async fn start(mode: &str, stripe: Option<&FakeStripe>) -> Running {
     let dir = tempfile::tempdir().expect("temp dir");
     let connectors = ferry_test_support::bench::stripe_connectors_dir(dir.path());
     let mut overrides = json!({
@@ -51,8 +56,10 @@ async fn start(mode: &str, stripe: &FakeStripe) -> Running {
         // The per-connector request limit protects real remotes (Stripe
         // allows 100/s); the fake needs none.
         "connector_requests_per_second": 0,
-        "connectors": {"stripe": {"settings": {"api_base": stripe.url()}, "secrets": {"api_key": "sk_test_bench"}}},
     });
+    if let Some(stripe) = stripe {
+        overrides["connectors"] = json!({"stripe": {"settings": {"api_base": stripe.url()}, "secrets": {"api_key": "sk_test_bench"}}});
+    }
     let mut broker = None;
     match mode {
         "embedded" => {
@@ -117,9 +124,9 @@ async fn commit(state: &ferry::app::AppState, n: usize, tag: &str) -> (String, I
     (customer.id.as_str().to_owned(), at)
 }
 
-async fn throughput(state: &ferry::app::AppState, stripe: &FakeStripe, changes: usize) -> f64 {
-    let before = stripe.counts().creates;
-    let started = Instant::now();
+/// Commits `changes` creates by 16 writers as fast as the store takes
+/// them; returns when the last is committed.
+async fn commit_all(state: &ferry::app::AppState, changes: usize) {
     let writers = 16;
     let tag = format!("tput{}", uuid::Uuid::new_v4().simple());
     let mut tasks = Vec::new();
@@ -135,6 +142,13 @@ async fn throughput(state: &ferry::app::AppState, stripe: &FakeStripe, changes: 
     for task in tasks {
         task.await.expect("writer");
     }
+}
+
+/// Changes/s from the first commit to the last create arriving at the remote.
+async fn throughput(state: &ferry::app::AppState, stripe: &FakeStripe, changes: usize) -> f64 {
+    let before = stripe.counts().creates;
+    let started = Instant::now();
+    commit_all(state, changes).await;
     let committed = started.elapsed();
     stripe
         .wait_for_creates(before + changes as u64, Duration::from_secs(300))
@@ -147,6 +161,19 @@ async fn throughput(state: &ferry::app::AppState, stripe: &FakeStripe, changes: 
         changes as f64 / committed.as_secs_f64()
     );
     changes as f64 / elapsed.as_secs_f64()
+}
+
+/// The ceiling of the sustained figure: the same creates committed with no
+/// connector taking part (a fresh database of the same mode), per second.
+async fn creates_alone(mode: &str, changes: usize) -> f64 {
+    let running = start(mode, None).await;
+    commit_all(&running.state, 500).await;
+    let started = Instant::now();
+    commit_all(&running.state, changes).await;
+    let per_second = changes as f64 / started.elapsed().as_secs_f64();
+    running.cancel.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    per_second
 }
 
 async fn latency(state: &ferry::app::AppState, stripe: &FakeStripe, rate: u64) -> Vec<Duration> {
@@ -250,7 +277,8 @@ fn main() {
     runtime.block_on(async {
         for mode in modes.split(',') {
             let stripe = FakeStripe::start().await.expect("fake Stripe");
-            let running = start(mode, &stripe).await;
+            let ceiling = creates_alone(mode, changes).await;
+            let running = start(mode, Some(&stripe)).await;
             println!("outbound sync, {mode} mode");
             // Warm up: compile caches, pools, connections.
             throughput(&running.state, &stripe, 500).await;
@@ -263,6 +291,10 @@ fn main() {
                 statements.print().await;
             }
             println!("  sustained: {per_second:.0} changes/s (commit → remote acknowledged)");
+            println!(
+                "  ceiling: {ceiling:.0} creates/s committed with no connector taking part; sustained is {:.0} % of it",
+                per_second / ceiling * 100.0
+            );
             let latencies = latency(&running.state, &stripe, rate).await;
             println!(
                 "  at {rate}/s: commit → remote p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples)",
