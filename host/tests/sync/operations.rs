@@ -629,6 +629,19 @@ async fn claim_plan(pool: &sqlx::PgPool) -> String {
     plan.to_string()
 }
 
+/// The tables the keeper analyses once the last writes' counts reached the
+/// statistics views (within a moment); empty if none within 10 s.
+async fn analysed_once_counted(store: &ferry::store::Store) -> Vec<String> {
+    for _ in 0..40 {
+        let analysed = store.analyze_grown_tables(1000).await.expect("analysed");
+        if !analysed.is_empty() {
+            return analysed;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Vec::new()
+}
+
 /// A table that filled faster than autovacuum looks (a new install under a
 /// burst) is analysed once it outgrew its statistics, and the scheduler's
 /// claim then reads the due index in order instead of sorting every due
@@ -669,16 +682,11 @@ async fn a_table_that_outgrew_its_statistics_is_analysed() {
         "planned as nearly empty, the claim sorts every due link: {before}"
     );
 
-    // The counts reach the statistics views within a moment.
-    let mut analysed = Vec::new();
-    for _ in 0..40 {
-        analysed = store.analyze_grown_tables(1000).await.expect("analysed");
-        if !analysed.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    assert_eq!(analysed, ["sync_links"], "only the table that grew");
+    assert_eq!(
+        analysed_once_counted(&store).await,
+        ["sync_links"],
+        "only the table that grew"
+    );
     let after = claim_plan(&raw).await;
     assert!(
         !after.contains("\"Sort\"") && after.contains("sync_links_due"),
@@ -740,13 +748,9 @@ async fn a_table_that_outgrew_its_statistics_is_analysed() {
     .await
     .expect("more links");
     raw.close().await;
-    let mut analysed = Vec::new();
-    for _ in 0..40 {
-        analysed = store.analyze_grown_tables(1000).await.expect("analysed");
-        if !analysed.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    assert_eq!(analysed, ["sync_links"], "doubled: analysed again");
+    assert_eq!(
+        analysed_once_counted(&store).await,
+        ["sync_links"],
+        "doubled: analysed again"
+    );
 }
