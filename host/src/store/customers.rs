@@ -167,6 +167,50 @@ impl From<CustomerRow> for Customer {
     }
 }
 
+/// A customer read beside a row of another table (a claimed link): the
+/// columns of [`joined_columns!`], all NULL when there is no customer.
+#[derive(sqlx::FromRow)]
+pub(super) struct JoinedCustomer {
+    c_id: Option<String>,
+    c_name: Option<String>,
+    c_email: Option<String>,
+    c_phone: Option<String>,
+    c_address: Option<Json<Address>>,
+    c_metadata: Option<Json<BTreeMap<String, String>>>,
+    c_version: Option<i64>,
+    c_created_at: Option<DateTime<Utc>>,
+    c_updated_at: Option<DateTime<Utc>>,
+    c_deleted_at: Option<DateTime<Utc>>,
+}
+
+impl JoinedCustomer {
+    /// The customer, if the join found one.
+    pub(super) fn into_customer(self) -> Option<Customer> {
+        Some(Customer {
+            id: CustomerId(self.c_id?),
+            name: self.c_name,
+            email: self.c_email?,
+            phone: self.c_phone,
+            address: self.c_address.map(|a| a.0),
+            metadata: self.c_metadata?.0,
+            version: self.c_version?,
+            created_at: self.c_created_at?,
+            updated_at: self.c_updated_at?,
+            deleted_at: self.c_deleted_at,
+        })
+    }
+}
+
+/// The columns of [`JoinedCustomer`], from `customers` joined as `c`.
+macro_rules! joined_columns {
+    () => {
+        "c.id AS c_id, c.name AS c_name, c.email AS c_email, c.phone AS c_phone, \
+         c.address AS c_address, c.metadata AS c_metadata, c.version AS c_version, \
+         c.created_at AS c_created_at, c.updated_at AS c_updated_at, c.deleted_at AS c_deleted_at"
+    };
+}
+pub(super) use joined_columns;
+
 /// A page request for [`Store::list_customers`].
 #[derive(Debug, Clone, Default)]
 pub struct ListCustomers {

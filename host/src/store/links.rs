@@ -15,9 +15,10 @@ use serde::Serialize;
 use sqlx::types::Json;
 use utoipa::ToSchema;
 
+use super::customers::{joined_columns, JoinedCustomer};
 use super::dead_letters::DeadLetterKind;
 use super::deliveries::INSERT_DELIVERY_SQL;
-use super::{dispatch, now, now_ms, Backend, Store, StoreError};
+use super::{dispatch, now, now_ms, Backend, Customer, Store, StoreError};
 
 /// Scheduling state of a link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
@@ -138,6 +139,49 @@ impl From<SyncLinkRow> for SyncLink {
             pushed_at_ms: row.pushed_at_ms,
             held_by: row.held_by,
             repairs: row.repairs,
+        }
+    }
+}
+
+/// A link claimed under a lease, for one push step.
+///
+/// On PostgreSQL the claim also read the link's customer, and marked the
+/// create the push is about to send when the link has no remote record, its
+/// customer is live and newer than the remote's version, and its connector
+/// is one of those the claimer said may push now (`pending_version` is then
+/// the customer's version): one statement for what took three. On SQLite
+/// (no round trips to save) the push reads its customer and marks its create
+/// itself.
+#[derive(Debug, Clone)]
+pub struct ClaimedLink {
+    /// The link, as the claim left it.
+    pub link: SyncLink,
+    /// Its customer, if the claim read it (`None`: read it).
+    pub customer: Option<Customer>,
+}
+
+impl ClaimedLink {
+    fn alone(row: SyncLinkRow) -> Self {
+        Self {
+            link: row.into(),
+            customer: None,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ClaimedRow {
+    #[sqlx(flatten)]
+    link: SyncLinkRow,
+    #[sqlx(flatten)]
+    customer: JoinedCustomer,
+}
+
+impl From<ClaimedRow> for ClaimedLink {
+    fn from(row: ClaimedRow) -> Self {
+        Self {
+            link: row.link.into(),
+            customer: row.customer.into_customer(),
         }
     }
 }
@@ -290,12 +334,41 @@ const INTAKE_BATCH_POSTGRES: &str = concat!(
     intake_on_conflict!()
 );
 
-const CLAIM_KEYS_POSTGRES: &str = concat!(
-    "UPDATE sync_links SET lease_until_ms = $3, lease_token = $4 ",
-    "WHERE (customer_id, connector) IN (SELECT * FROM UNNEST($1::text[], $2::text[])) ",
-    "AND state IN ('pending', 'retry') AND next_attempt_at_ms <= $5 AND lease_until_ms < $5 ",
-    "AND held_by IS NULL RETURNING ",
-    link_columns!()
+// PostgreSQL's claims mark the create a push is about to send (the
+// customer's current version, for a link with no remote record and no create
+// outstanding, to a connector in `$ready`: those that may push now) and
+// read the claimed links' customers, in the same statement: without it,
+// each create cost a read of the batch's customers and a marker write of
+// its own, a transaction each (docs/performance.md, round 13). A marked
+// create that is then not sent (the connector was disabled or its breaker
+// opened in between) is replayed later like one that timed out.
+macro_rules! claim_postgres {
+    ($lease:literal, $ready:literal, $claimable:literal) => {
+        concat!(
+            "WITH claimed AS (UPDATE sync_links l SET lease_until_ms = ",
+            $lease,
+            ", pending_version = CASE WHEN l.pending_version IS NULL AND l.remote_id IS NULL \
+             AND l.connector = ANY(",
+            $ready,
+            "::text[]) THEN (SELECT c.version FROM customers c WHERE c.id = l.customer_id \
+             AND c.deleted_at IS NULL AND c.version > l.synced_version) \
+             ELSE l.pending_version END WHERE ",
+            $claimable,
+            " RETURNING ",
+            link_columns!(),
+            ") SELECT claimed.*, ",
+            joined_columns!(),
+            " FROM claimed LEFT JOIN customers c ON c.id = claimed.customer_id"
+        )
+    };
+}
+
+const CLAIM_KEYS_POSTGRES: &str = claim_postgres!(
+    "$3, lease_token = $4",
+    "$6",
+    "(customer_id, connector) IN (SELECT * FROM UNNEST($1::text[], $2::text[])) \
+     AND state IN ('pending', 'retry') AND next_attempt_at_ms <= $5 AND lease_until_ms < $5 \
+     AND held_by IS NULL"
 );
 
 macro_rules! intake_on_conflict {
@@ -337,12 +410,12 @@ const CLAIM_DUE_SQLITE: &str = concat!(
 );
 
 // SKIP LOCKED: replicas polling at once take disjoint rows instead of queueing.
-const CLAIM_DUE_POSTGRES: &str = concat!(
-    "UPDATE sync_links SET lease_until_ms = $1, lease_token = $2 ",
-    "WHERE (customer_id, connector) IN (SELECT customer_id, connector FROM sync_links ",
-    "WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= $3 AND lease_until_ms < $3 AND held_by IS NULL ",
-    "ORDER BY next_attempt_at_ms LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING ",
-    link_columns!()
+const CLAIM_DUE_POSTGRES: &str = claim_postgres!(
+    "$1, lease_token = $2",
+    "$5",
+    "(customer_id, connector) IN (SELECT customer_id, connector FROM sync_links \
+     WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= $3 AND lease_until_ms < $3 \
+     AND held_by IS NULL ORDER BY next_attempt_at_ms LIMIT $4 FOR UPDATE SKIP LOCKED)"
 );
 
 /// Inside a dispatched transaction `$tx`: writes `$outcome` for `$link`
@@ -584,28 +657,31 @@ impl Store {
     }
 
     /// Claims each of `keys` that is due and free, in one transaction;
-    /// returns the claimed links.
+    /// returns the claimed links. `ready`: the connectors that may push
+    /// now (see [`ClaimedLink`]).
     pub async fn claim_links(
         &self,
         keys: &[LinkKey],
+        ready: &[String],
         lease_token: &str,
         lease_until_ms: i64,
-    ) -> Result<Vec<SyncLink>, StoreError> {
+    ) -> Result<Vec<ClaimedLink>, StoreError> {
         let now = now_ms();
         if let Backend::Postgres(pool) = &self.backend {
             let (customers, connectors): (Vec<&str>, Vec<&str>) = keys
                 .iter()
                 .map(|k| (k.customer_id.as_str(), k.connector.as_str()))
                 .unzip();
-            let rows: Vec<SyncLinkRow> = sqlx::query_as(CLAIM_KEYS_POSTGRES)
+            let rows: Vec<ClaimedRow> = sqlx::query_as(CLAIM_KEYS_POSTGRES)
                 .bind(customers)
                 .bind(connectors)
                 .bind(lease_until_ms)
                 .bind(lease_token)
                 .bind(now)
+                .bind(ready)
                 .fetch_all(pool)
                 .await?;
-            return Ok(rows.into_iter().map(SyncLink::from).collect());
+            return Ok(rows.into_iter().map(ClaimedLink::from).collect());
         }
         let mut claimed = Vec::new();
         dispatch!(self, write pool => {
@@ -619,42 +695,46 @@ impl Store {
                     .bind(now)
                     .fetch_optional(&mut *tx)
                     .await?;
-                claimed.extend(row.map(SyncLink::from));
+                claimed.extend(row.map(ClaimedLink::alone));
             }
             tx.commit().await?;
         });
         Ok(claimed)
     }
 
-    /// Claims up to `limit` due, free links, oldest due first.
+    /// Claims up to `limit` due, free links, oldest due first. `ready`: the
+    /// connectors that may push now (see [`ClaimedLink`]).
     pub async fn claim_due_links(
         &self,
+        ready: &[String],
         lease_token: &str,
         lease_until_ms: i64,
         limit: u32,
-    ) -> Result<Vec<SyncLink>, StoreError> {
+    ) -> Result<Vec<ClaimedLink>, StoreError> {
         let now = now_ms();
-        let rows: Vec<SyncLinkRow> = match &self.backend {
+        match &self.backend {
             Backend::Sqlite(pools) => {
-                sqlx::query_as(CLAIM_DUE_SQLITE)
+                let rows: Vec<SyncLinkRow> = sqlx::query_as(CLAIM_DUE_SQLITE)
                     .bind(lease_until_ms)
                     .bind(lease_token)
                     .bind(now)
                     .bind(i64::from(limit))
                     .fetch_all(&pools.writer)
-                    .await?
+                    .await?;
+                Ok(rows.into_iter().map(ClaimedLink::alone).collect())
             }
             Backend::Postgres(pool) => {
-                sqlx::query_as(CLAIM_DUE_POSTGRES)
+                let rows: Vec<ClaimedRow> = sqlx::query_as(CLAIM_DUE_POSTGRES)
                     .bind(lease_until_ms)
                     .bind(lease_token)
                     .bind(now)
                     .bind(i64::from(limit))
+                    .bind(ready)
                     .fetch_all(pool)
-                    .await?
+                    .await?;
+                Ok(rows.into_iter().map(ClaimedLink::from).collect())
             }
-        };
-        Ok(rows.into_iter().map(SyncLink::from).collect())
+        }
     }
 
     /// When the next link falls due (unix ms), if any is waiting.

@@ -59,7 +59,7 @@ pub use customers::{Address, Customer, CustomerFields, CustomerId, CustomerPage,
 pub use dead_letters::{DeadLetter, DeadLetterKind, ListDeadLetters};
 pub use deliveries::Delivery;
 pub use idempotency::{ClaimOutcome, IdempotencyRecord, StoredResponse};
-pub use links::{ChangeNotice, LinkKey, LinkState, RecordedOutcome, SyncLink};
+pub use links::{ChangeNotice, ClaimedLink, LinkKey, LinkState, RecordedOutcome, SyncLink};
 pub use outbox::{OutboxEvent, OutboxKind};
 
 /// Which database a [`Store`] runs on.

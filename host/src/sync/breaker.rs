@@ -102,6 +102,11 @@ impl Breakers {
         })
     }
 
+    /// Whether calls to `connector` go through without waiting (closed).
+    pub fn is_closed(&self, connector: &str) -> bool {
+        self.with(connector, |state| matches!(state, State::Closed { .. }))
+    }
+
     /// The remote answered (successfully, or with an error that says it is up).
     pub fn success(&self, connector: &str) {
         self.with(connector, |state| *state = State::Closed { failures: 0 });

@@ -15,7 +15,6 @@ pub mod outbound;
 pub mod reconcile;
 pub mod retry;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,11 +27,11 @@ use self::breaker::Breakers;
 use self::group_commit::{Committer, GroupCommit};
 pub use self::outbound::{Outcome, ENTITY};
 use self::retry::RetryPolicy;
-use crate::registry::Registry;
+use crate::registry::{Need, Registry};
 use crate::store::inbox::{Applied, InboundChange, NewInboxEvent};
 use crate::store::links::LinkWrite;
 use crate::store::now_ms;
-use crate::store::{ChangeNotice, Customer, LinkKey, Store, StoreError, StoreKind, SyncLink};
+use crate::store::{ChangeNotice, ClaimedLink, LinkKey, Store, StoreError, SyncLink};
 
 /// Longest the scheduler sleeps without being woken.
 const IDLE_POLL: Duration = Duration::from_millis(500);
@@ -237,7 +236,15 @@ impl SyncEngine {
     /// backoff, are left to their owner and the scheduler.
     pub async fn push_now(&self, keys: Vec<LinkKey>) -> Vec<Outcome> {
         let (token, until) = self.lease();
-        let claimed = match self.inner.store.claim_links(&keys, &token, until).await {
+        let connectors: std::collections::BTreeSet<&str> =
+            keys.iter().map(|k| k.connector.as_str()).collect();
+        let ready = self.ready_to_push(connectors);
+        let claimed = match self
+            .inner
+            .store
+            .claim_links(&keys, &ready, &token, until)
+            .await
+        {
             Ok(claimed) => claimed,
             Err(error) => {
                 tracing::warn!(
@@ -247,16 +254,14 @@ impl SyncEngine {
                 return Vec::new();
             }
         };
-        let customers = self.customers_of(&claimed).await;
         let tasks = TaskTracker::new();
         let (outcomes_tx, mut outcomes_rx) = mpsc::unbounded_channel();
-        for link in claimed {
+        for ClaimedLink { link, customer } in claimed {
             let Ok(permit) = self.inner.permits.clone().acquire_owned().await else {
                 break;
             };
             let engine = self.clone();
             let outcomes_tx = outcomes_tx.clone();
-            let customer = customers.get(&link.customer_id).cloned();
             tasks.spawn(async move {
                 let _permit = permit;
                 let _ = outcomes_tx.send(engine.push_link(link, customer).await);
@@ -272,28 +277,18 @@ impl SyncEngine {
         outcomes
     }
 
-    /// The customers of claimed links, read in one statement on PostgreSQL
-    /// instead of one per push (a round trip each; docs/performance.md,
-    /// round 10). A push whose customer this did not find reads it itself;
-    /// on SQLite every push does (in-process reads cost no round trip).
-    async fn customers_of(&self, links: &[SyncLink]) -> HashMap<String, Customer> {
-        if links.len() < 2 || self.inner.store.kind() != StoreKind::Postgres {
-            return HashMap::new();
-        }
-        let ids: Vec<&str> = links.iter().map(|l| l.customer_id.as_str()).collect();
-        match self.inner.store.customers_any(&ids).await {
-            Ok(customers) => customers
-                .into_iter()
-                .map(|c| (c.id.as_str().to_owned(), c))
-                .collect(),
-            Err(error) => {
-                tracing::debug!(
-                    error = format!("{:#}", anyhow::Error::from(error)),
-                    "reading a claimed batch's customers failed; each push reads its own"
-                );
-                HashMap::new()
-            }
-        }
+    /// Of `connectors`, those a claim may mark creates for
+    /// ([`ClaimedLink`]): loaded, enabled and with a closed breaker, so the
+    /// push follows the claim unless one of those changes in between.
+    fn ready_to_push<'a>(&self, connectors: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+        connectors
+            .into_iter()
+            .filter(|c| {
+                self.inner.registry.ready(c, Need::Entity(ENTITY)).is_ok()
+                    && self.inner.breakers.is_closed(c)
+            })
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Runs due links until cancelled: retries when their time comes, and
@@ -326,7 +321,14 @@ impl SyncEngine {
             }
             let (token, until) = self.lease();
             let limit = u32::try_from(capacity.num_permits()).unwrap_or(1);
-            let claimed = match self.inner.store.claim_due_links(&token, until, limit).await {
+            let participants = self.inner.registry.participants(ENTITY);
+            let ready = self.ready_to_push(participants.iter().map(String::as_str));
+            let claimed = match self
+                .inner
+                .store
+                .claim_due_links(&ready, &token, until, limit)
+                .await
+            {
                 Ok(claimed) => claimed,
                 Err(error) => {
                     tracing::warn!(
@@ -337,13 +339,11 @@ impl SyncEngine {
                 }
             };
             let busy = !claimed.is_empty();
-            let customers = self.customers_of(&claimed).await;
-            for link in claimed {
+            for ClaimedLink { link, customer } in claimed {
                 let Some(permit) = capacity.split(1) else {
                     break;
                 };
                 let engine = self.clone();
-                let customer = customers.get(&link.customer_id).cloned();
                 tasks.spawn(async move {
                     let _permit = permit;
                     engine.push_link(link, customer).await;

@@ -350,7 +350,13 @@ impl SyncEngine {
         link: &SyncLink,
         customer: &Customer,
     ) -> Result<Result<Plan, (String, bool)>, crate::store::StoreError> {
-        if let Some(pending) = link.pending_version {
+        // A create marked for the customer's current version (the claim
+        // marks the create it is about to send) sends that version: the
+        // same record as the outbox's, without reading it.
+        let current_create = customer.deleted_at.is_none()
+            && customer.version > link.synced_version
+            && link.pending_version == Some(customer.version);
+        if let Some(pending) = link.pending_version.filter(|_| !current_create) {
             if link.remote_id.is_none() {
                 if let Some(payload) = self
                     .inner

@@ -11,8 +11,8 @@ use ferry::store::inbox::{
 };
 use ferry::store::links::LinkWrite;
 use ferry::store::{
-    customers::WriteContext, ChangeNotice, CustomerFields, CustomerId, LinkState, RecordedOutcome,
-    Store, StoreError, StoreOptions, SyncLink,
+    customers::WriteContext, ChangeNotice, ClaimedLink, CustomerFields, CustomerId, LinkState,
+    RecordedOutcome, Store, StoreError, StoreOptions, SyncLink,
 };
 use ferry_test_support::postgres::PgCluster;
 use serde_json::json;
@@ -402,10 +402,14 @@ async fn claimed_links(store: &Store, n: usize) -> Vec<SyncLink> {
         .await
         .expect("intake");
     let until = chrono::Utc::now().timestamp_millis() + 60_000;
-    let mut links = store
-        .claim_links(&keys, "lease-a", until)
+    // No connector may push now: the claim marks no create, the writes do.
+    let mut links: Vec<SyncLink> = store
+        .claim_links(&keys, &[], "lease-a", until)
         .await
-        .expect("claimed");
+        .expect("claimed")
+        .into_iter()
+        .map(|claimed| claimed.link)
+        .collect();
     // In the order the customers were made.
     links.sort_by_key(|link| {
         changes
@@ -533,4 +537,208 @@ async fn postgres_each_link_write_gets_its_own_answer() {
 #[tokio::test]
 async fn sqlite_each_link_write_gets_its_own_answer() {
     each_link_write_gets_its_own_answer(false).await;
+}
+
+/// PostgreSQL's claim reads each claimed link's customer and marks the
+/// create its push is about to send, for the connectors the claimer says
+/// may push now only, and only where a create is what the push will send:
+/// no remote record yet, the customer live and newer than the remote's
+/// version, no earlier create outstanding. SQLite's claim does neither (the
+/// push does, with no round trip to save).
+async fn a_claim_marks_the_create_it_is_about_to_send(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let mut changes = Vec::new();
+    let mut customers = Vec::new();
+    for name in ["live", "deleted", "linked"] {
+        let customer = store
+            .create_customer(fields(&email(name), name), WriteContext::default())
+            .await
+            .expect("customer");
+        changes.push(ChangeNotice {
+            customer_id: customer.id.as_str().to_owned(),
+            version: customer.version,
+            correlation_id: None,
+            outbox_id: None,
+        });
+        customers.push(customer);
+    }
+    let deleted = store
+        .delete_customer(&customers[1].id, None, WriteContext::default())
+        .await
+        .expect("deleted");
+    let connectors = ["stripe".to_owned(), "paused".to_owned()];
+    let keys = store
+        .intake_changes(&changes, &connectors)
+        .await
+        .expect("intake");
+    // The third customer's stripe link already has its remote record.
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let linked = customers[2].id.as_str();
+    let linked_key = keys
+        .iter()
+        .find(|k| k.customer_id == linked && k.connector == "stripe")
+        .expect("key");
+    let first = store
+        .claim_links(std::slice::from_ref(linked_key), &[], "lease-0", until)
+        .await
+        .expect("claimed")
+        .remove(0)
+        .link;
+    let write = delivered(&first, "cus_linked");
+    assert_eq!(
+        store
+            .write_links(&[(&first, &write)])
+            .await
+            .expect("written"),
+        [true]
+    );
+    let updated = store
+        .update_customer::<StoreError, _>(&customers[2].id, None, WriteContext::default(), |c| {
+            Ok(CustomerFields {
+                name: Some("renamed".into()),
+                ..c.fields()
+            })
+        })
+        .await
+        .expect("updated");
+    store
+        .intake_changes(
+            &[ChangeNotice {
+                customer_id: linked.to_owned(),
+                version: updated.version,
+                correlation_id: None,
+                outbox_id: None,
+            }],
+            &connectors[..1],
+        )
+        .await
+        .expect("intake");
+
+    let claimed = store
+        .claim_links(&keys, &connectors[..1], "lease-a", until)
+        .await
+        .expect("claimed");
+    assert_eq!(claimed.len(), 6);
+    for ClaimedLink { link, customer } in &claimed {
+        let id = link.customer_id.as_str();
+        let current = [&customers[0], &deleted, &updated]
+            .into_iter()
+            .find(|c| c.id.as_str() == id)
+            .expect("one of ours");
+        let marked = postgres && link.connector == "stripe" && id == customers[0].id.as_str();
+        assert_eq!(
+            link.pending_version,
+            marked.then_some(current.version),
+            "{} to {}",
+            current.name.as_deref().unwrap_or(""),
+            link.connector
+        );
+        match customer {
+            Some(customer) => {
+                assert!(postgres, "SQLite's claim reads no customer");
+                assert_eq!(customer.version, current.version);
+                assert_eq!(customer.deleted_at, current.deleted_at);
+                assert_eq!(customer.email, current.email);
+            }
+            None => assert!(!postgres, "PostgreSQL's claim reads every customer"),
+        }
+    }
+
+    // The scheduler's claim marks the same way, and keeps a marker it
+    // finds: the live customer's create failed and the customer changed
+    // since; its retry replays the create it marked, not the new version.
+    let live = claimed
+        .iter()
+        .map(|c| &c.link)
+        .find(|l| l.customer_id == customers[0].id.as_str() && l.connector == "stripe")
+        .expect("live link");
+    let failed = LinkWrite::Outcome(RecordedOutcome::RetryScheduled {
+        version: live.wanted_version,
+        operation: "create",
+        attempt: 1,
+        at_ms: chrono::Utc::now().timestamp_millis() - 1,
+        error: "timed out".to_owned(),
+        pending_version: None,
+    });
+    assert_eq!(
+        store
+            .write_links(&[(live, &failed)])
+            .await
+            .expect("written"),
+        [true]
+    );
+    let changed = store
+        .update_customer::<StoreError, _>(&customers[0].id, None, WriteContext::default(), |c| {
+            Ok(CustomerFields {
+                name: Some("changed".into()),
+                ..c.fields()
+            })
+        })
+        .await
+        .expect("updated");
+    let fresh = store
+        .create_customer(fields(&email("fresh"), "fresh"), WriteContext::default())
+        .await
+        .expect("customer");
+    store
+        .intake_changes(
+            &[
+                ChangeNotice {
+                    customer_id: fresh.id.as_str().to_owned(),
+                    version: fresh.version,
+                    correlation_id: None,
+                    outbox_id: None,
+                },
+                ChangeNotice {
+                    customer_id: changed.id.as_str().to_owned(),
+                    version: changed.version,
+                    correlation_id: None,
+                    outbox_id: None,
+                },
+            ],
+            &connectors[..1],
+        )
+        .await
+        .expect("intake");
+    let mut due = store
+        .claim_due_links(&connectors[..1], "lease-b", until, 10)
+        .await
+        .expect("claimed");
+    due.sort_by_key(|c| c.link.customer_id != fresh.id.as_str());
+    let due: Vec<(&str, Option<i64>, Option<i64>)> = due
+        .iter()
+        .map(|c| {
+            (
+                c.link.customer_id.as_str(),
+                c.link.pending_version,
+                c.customer.as_ref().map(|c| c.version),
+            )
+        })
+        .collect();
+    assert_eq!(
+        due,
+        [
+            (
+                fresh.id.as_str(),
+                postgres.then_some(fresh.version),
+                postgres.then_some(fresh.version)
+            ),
+            (
+                changed.id.as_str(),
+                postgres.then_some(customers[0].version),
+                postgres.then_some(changed.version)
+            ),
+        ],
+        "the others are leased"
+    );
+}
+
+#[tokio::test]
+async fn postgres_a_claim_marks_the_create_it_is_about_to_send() {
+    a_claim_marks_the_create_it_is_about_to_send(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_claim_marks_no_create() {
+    a_claim_marks_the_create_it_is_about_to_send(false).await;
 }
