@@ -763,9 +763,7 @@ impl Store {
     ) -> Result<Vec<bool>, StoreError> {
         let at = now();
         if let Backend::Postgres(pool) = &self.backend {
-            if writes.len() > 1 {
-                return write_links_postgres(pool, writes, at).await;
-            }
+            return write_links_postgres(pool, writes, at).await;
         }
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
@@ -886,14 +884,15 @@ const DELIVERED_BATCH_POSTGRES: &str = "WITH w AS (SELECT * FROM UNNEST($1::int4
 /// [`Store::write_links`] on PostgreSQL: create markers and deliveries, the
 /// writes every push makes, go as one statement each for the whole batch
 /// (round trips, not rows, are what a batch costs there); the rarer
-/// outcomes as one statement per link, as on SQLite. One transaction.
+/// outcomes as one statement per link, as on SQLite. One transaction; a
+/// batch that is one statement (the usual: its pushes' deliveries) needs
+/// none of its own, so it costs one round trip instead of three.
 async fn write_links_postgres(
     pool: &sqlx::PgPool,
     writes: &[(&SyncLink, &LinkWrite)],
     at: DateTime<Utc>,
 ) -> Result<Vec<bool>, StoreError> {
-    let mut pending = PendingRows::default();
-    let mut delivered = DeliveredRows::default();
+    let mut batches = Batches::default();
     let mut others = Vec::new();
     let mut keys = std::collections::HashSet::with_capacity(writes.len());
     for (index, (link, write)) in writes.iter().enumerate() {
@@ -903,7 +902,7 @@ async fn write_links_postgres(
         let first = keys.insert((link.customer_id.as_str(), link.connector.as_str()));
         let i = i32::try_from(index).unwrap_or(i32::MAX);
         match write {
-            LinkWrite::CreatePending(version) if first => pending.push(i, link, *version),
+            LinkWrite::CreatePending(version) if first => batches.pending.push(i, link, *version),
             LinkWrite::Outcome(RecordedOutcome::Delivered {
                 operation,
                 version,
@@ -911,7 +910,7 @@ async fn write_links_postgres(
                 remote_deleted,
                 pushed_hash,
                 snapshot,
-            }) if first => delivered.push(
+            }) if first => batches.delivered.push(
                 i,
                 link,
                 Delivery {
@@ -927,37 +926,15 @@ async fn write_links_postgres(
         }
     }
     let mut applied = vec![false; writes.len()];
+    let single = others.is_empty()
+        && (batches.pending.links.i.is_empty() || batches.delivered.links.i.is_empty());
+    if single {
+        let mut conn = pool.acquire().await?;
+        batches.write(&mut conn, at, &mut applied).await?;
+        return Ok(applied);
+    }
     let mut tx = pool.begin().await?;
-    if !pending.links.i.is_empty() {
-        let held: Vec<i32> = pending
-            .links
-            .bind(sqlx::query_scalar(PENDING_BATCH_POSTGRES))
-            .bind(&pending.version)
-            .fetch_all(&mut *tx)
-            .await?;
-        mark(&mut applied, &held);
-    }
-    if !delivered.links.i.is_empty() {
-        let held: Vec<i32> = delivered
-            .links
-            .bind(sqlx::query_scalar(DELIVERED_BATCH_POSTGRES))
-            .bind(&delivered.remote_id)
-            .bind(&delivered.remote_deleted)
-            .bind(&delivered.synced_version)
-            .bind(&delivered.pushed_hash)
-            .bind(&delivered.snapshot)
-            .bind(&delivered.operation)
-            .bind(&delivered.version)
-            .bind(&delivered.attempt)
-            .bind(&delivered.correlation_id)
-            .bind(at)
-            .bind(at.timestamp_millis())
-            // A remote id taken fails the batch; the group commit then
-            // writes one by one, and that path names the culprit.
-            .fetch_all(&mut *tx)
-            .await?;
-        mark(&mut applied, &held);
-    }
+    batches.write(&mut tx, at, &mut applied).await?;
     for index in others {
         let (link, write) = writes[index];
         applied[index] = match write {
@@ -967,6 +944,65 @@ async fn write_links_postgres(
     }
     tx.commit().await?;
     Ok(applied)
+}
+
+/// The writes of a batch that go as one statement per kind.
+#[derive(Default)]
+struct Batches<'a> {
+    pending: PendingRows<'a>,
+    delivered: DeliveredRows<'a>,
+}
+
+impl Batches<'_> {
+    /// Runs the batch statements on `conn`, setting `applied` where a
+    /// lease held.
+    async fn write(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        at: DateTime<Utc>,
+        applied: &mut [bool],
+    ) -> Result<(), StoreError> {
+        let (pending, delivered) = (&self.pending, &self.delivered);
+        if !pending.links.i.is_empty() {
+            let held: Vec<i32> = pending
+                .links
+                .bind(sqlx::query_scalar(PENDING_BATCH_POSTGRES))
+                .bind(&pending.version)
+                .fetch_all(&mut *conn)
+                .await?;
+            mark(applied, &held);
+        }
+        if !delivered.links.i.is_empty() {
+            let held: Vec<i32> = delivered
+                .links
+                .bind(sqlx::query_scalar(DELIVERED_BATCH_POSTGRES))
+                .bind(&delivered.remote_id)
+                .bind(&delivered.remote_deleted)
+                .bind(&delivered.synced_version)
+                .bind(&delivered.pushed_hash)
+                .bind(&delivered.snapshot)
+                .bind(&delivered.operation)
+                .bind(&delivered.version)
+                .bind(&delivered.attempt)
+                .bind(&delivered.correlation_id)
+                .bind(at)
+                .bind(at.timestamp_millis())
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(|e| match &e {
+                    // A remote id taken fails the batch; the group commit
+                    // then writes one by one, and a write alone is named.
+                    sqlx::Error::Database(db)
+                        if db.is_unique_violation() && delivered.links.i.len() == 1 =>
+                    {
+                        StoreError::RemoteIdTaken
+                    }
+                    _ => StoreError::Database(e),
+                })?;
+            mark(applied, &held);
+        }
+        Ok(())
+    }
 }
 
 /// Sets `applied` at the positions a batch statement returned.
