@@ -1,8 +1,8 @@
 //! The bus between the outbox and the sync workers.
 //!
 //! Embedded mode ([`run_embedded_relay`]): the outbox table is the bus. The
-//! relay reads unpublished rows in id order and, in one transaction,
-//! schedules their pushes and marks them published; the sync scheduler then
+//! relay takes the oldest rows off the outbox queue and schedules their
+//! pushes, atomically (one statement on PostgreSQL); the sync scheduler then
 //! pushes them.
 //!
 //! Cluster mode: [`run_kafka_relay`] publishes the outbox to Kafka (key =
@@ -47,7 +47,7 @@ pub async fn run_embedded_relay(store: Store, engine: SyncEngine, cancel: Cancel
     let commits = Arc::clone(store.commits());
     loop {
         let started = tokio::time::Instant::now();
-        let (wait, on_commit) = match relay_round(&store, &engine).await {
+        let (wait, on_commit) = match relay_round(&engine).await {
             Ok(Round { moved: 0, .. }) => (RELAY_POLL, true),
             Ok(Round { moved, scheduled }) => {
                 tracing::debug!(moved, "outbox relayed");
@@ -82,21 +82,15 @@ struct Round {
     scheduled: bool,
 }
 
-async fn relay_round(store: &Store, engine: &SyncEngine) -> anyhow::Result<Round> {
-    let changes = store.unpublished_outbox(RELAY_BATCH).await?;
-    if changes.is_empty() {
-        return Ok(Round {
-            moved: 0,
-            scheduled: false,
-        });
-    }
+async fn relay_round(engine: &SyncEngine) -> anyhow::Result<Round> {
+    let intake = engine.accept_queued(RELAY_BATCH).await?;
     // No connector takes part: nothing was scheduled, nothing to wake for.
-    let scheduled = !engine.accept(&changes).await?.is_empty();
+    let scheduled = intake.scheduled > 0;
     if scheduled {
         engine.wake();
     }
     Ok(Round {
-        moved: changes.len(),
+        moved: intake.taken,
         scheduled,
     })
 }

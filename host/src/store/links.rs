@@ -143,6 +143,16 @@ impl From<SyncLinkRow> for SyncLink {
     }
 }
 
+/// What one [`Store::intake_queued`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Intake {
+    /// Changes taken off the queue.
+    pub taken: usize,
+    /// Links scheduled or moved to a newer version by them (on SQLite:
+    /// every link of the changes, whether it moved or not).
+    pub scheduled: usize,
+}
+
 /// A link claimed under a lease, for one push step.
 ///
 /// On PostgreSQL the claim also read the link's customer, and marked the
@@ -369,6 +379,27 @@ const CLAIM_KEYS_POSTGRES: &str = claim_postgres!(
     "(customer_id, connector) IN (SELECT * FROM UNNEST($1::text[], $2::text[])) \
      AND state IN ('pending', 'retry') AND next_attempt_at_ms <= $5 AND lease_until_ms < $5 \
      AND held_by IS NULL"
+);
+
+// PostgreSQL, the in-process bus: takes up to `$1` changes off the outbox
+// queue, oldest first, and schedules their pushes to the connectors `$2`, in
+// one statement (the relay read the queue in a statement of its own
+// before). Per link the newest version taken wins, as in
+// `intake_postgres`. SKIP LOCKED: relays of two replicas take disjoint rows.
+const INTAKE_QUEUED_POSTGRES: &str = concat!(
+    "WITH taken AS (DELETE FROM outbox_queue q USING outbox o \
+       WHERE o.id = q.outbox_id AND q.outbox_id IN (SELECT outbox_id FROM outbox_queue \
+         WHERE published_at IS NULL ORDER BY outbox_id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+       RETURNING o.id, o.aggregate_id, o.version, o.correlation_id), \
+     newest AS (SELECT DISTINCT ON (aggregate_id) aggregate_id, version, correlation_id \
+       FROM taken ORDER BY aggregate_id, version DESC, id DESC), \
+     scheduled AS (INSERT INTO sync_links \
+       (customer_id, connector, wanted_version, state, next_attempt_at_ms, correlation_id, updated_at) \
+       SELECT n.aggregate_id, k.connector, n.version, 'pending', $3, n.correlation_id, $4 \
+       FROM newest n CROSS JOIN UNNEST($2::text[]) AS k(connector) ",
+    intake_on_conflict!(),
+    " RETURNING 1) \
+     SELECT (SELECT count(*) FROM taken), (SELECT count(*) FROM scheduled)"
 );
 
 macro_rules! intake_on_conflict {
@@ -654,6 +685,43 @@ impl Store {
         keys.sort();
         keys.dedup();
         Ok(keys)
+    }
+
+    /// The in-process bus's round: takes up to `limit` changes off the
+    /// outbox queue, oldest first, and schedules their pushes to
+    /// `connectors`, atomically (one statement on PostgreSQL).
+    pub async fn intake_queued(
+        &self,
+        limit: u32,
+        connectors: &[String],
+    ) -> Result<Intake, StoreError> {
+        let Backend::Postgres(pool) = &self.backend else {
+            let changes = self.unpublished_outbox(limit).await?;
+            let scheduled = if changes.is_empty() {
+                0
+            } else {
+                self.intake_changes(&changes, connectors).await?.len()
+            };
+            return Ok(Intake {
+                taken: changes.len(),
+                scheduled,
+            });
+        };
+        let at = now();
+        let (taken, scheduled): (i64, i64) = sqlx::query_as(INTAKE_QUEUED_POSTGRES)
+            .bind(i64::from(limit))
+            .bind(connectors)
+            .bind(at.timestamp_millis())
+            .bind(at)
+            // Planned for each call (the store module's "Plans kept from an
+            // empty table"): the queue is empty when a connection starts.
+            .persistent(false)
+            .fetch_one(pool)
+            .await?;
+        Ok(Intake {
+            taken: usize::try_from(taken).unwrap_or_default(),
+            scheduled: usize::try_from(scheduled).unwrap_or_default(),
+        })
     }
 
     /// Claims each of `keys` that is due and free, in one transaction;

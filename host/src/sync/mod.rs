@@ -29,7 +29,7 @@ pub use self::outbound::{Outcome, ENTITY};
 use self::retry::RetryPolicy;
 use crate::registry::{Need, Registry};
 use crate::store::inbox::{Applied, InboundChange, NewInboxEvent};
-use crate::store::links::LinkWrite;
+use crate::store::links::{Intake, LinkWrite};
 use crate::store::now_ms;
 use crate::store::{ChangeNotice, ClaimedLink, LinkKey, Store, StoreError, SyncLink};
 
@@ -222,6 +222,14 @@ impl SyncEngine {
     pub async fn accept(&self, changes: &[ChangeNotice]) -> Result<Vec<LinkKey>, StoreError> {
         let connectors = self.inner.registry.participants(ENTITY);
         self.inner.store.intake_changes(changes, &connectors).await
+    }
+
+    /// The in-process bus's round: takes up to `limit` changes off the
+    /// outbox queue and schedules their pushes to every switched-on
+    /// connector, atomically (see [`Store::intake_queued`]).
+    pub async fn accept_queued(&self, limit: u32) -> Result<Intake, StoreError> {
+        let connectors = self.inner.registry.participants(ENTITY);
+        self.inner.store.intake_queued(limit, &connectors).await
     }
 
     fn lease(&self) -> (String, i64) {

@@ -1,8 +1,9 @@
-//! The group commits, driven at the store: on PostgreSQL a group is written
-//! as one statement per table, and it must answer each write exactly as the
-//! one-by-one path does (which SQLite runs): the inbound apply's changes,
-//! including the changes that raced and a lost lease, and the pushes' link
-//! writes.
+//! The sync path's batched store statements, driven at the store: on
+//! PostgreSQL a group is written as one statement per table, and it must
+//! answer each write exactly as the one-by-one path does (which SQLite
+//! runs): the inbound apply's changes, including the changes that raced and
+//! a lost lease, and the pushes' link writes; the claim that marks creates
+//! and the relay's intake of the outbox queue, one statement each there.
 
 use std::collections::BTreeMap;
 
@@ -741,4 +742,67 @@ async fn postgres_a_claim_marks_the_create_it_is_about_to_send() {
 #[tokio::test]
 async fn sqlite_a_claim_marks_no_create() {
     a_claim_marks_the_create_it_is_about_to_send(false).await;
+}
+
+/// The in-process bus's round takes the oldest changes off the outbox
+/// queue and schedules them, the newest version of each customer winning
+/// (PostgreSQL: one statement; SQLite: a read and the intake).
+async fn the_relay_takes_the_oldest_changes_and_schedules_the_newest(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let ctx = |id| WriteContext {
+        correlation_id: Some(id),
+        idempotency: None,
+    };
+    let ada = store
+        .create_customer(fields(&email("ada"), "Ada"), ctx("req_1"))
+        .await
+        .expect("customer");
+    let renamed = store
+        .update_customer::<StoreError, _>(&ada.id, None, ctx("req_2"), |c| {
+            Ok(CustomerFields {
+                name: Some("Ada L.".into()),
+                ..c.fields()
+            })
+        })
+        .await
+        .expect("updated");
+    let grace = store
+        .create_customer(fields(&email("grace"), "Grace"), ctx("req_3"))
+        .await
+        .expect("customer");
+    let stripe = ["stripe".to_owned()];
+
+    let first = store.intake_queued(2, &stripe).await.expect("intake");
+    assert_eq!((first.taken, first.scheduled), (2, 1));
+    let links = store.links_of(ada.id.as_str()).await.expect("links");
+    assert_eq!(links.len(), 1);
+    assert_eq!(links[0].wanted_version, renamed.version);
+    assert_eq!(links[0].correlation_id.as_deref(), Some("req_2"));
+    assert_eq!(links[0].state, LinkState::Pending);
+
+    // No connector takes part: the change only leaves the queue.
+    let second = store.intake_queued(10, &[]).await.expect("intake");
+    assert_eq!((second.taken, second.scheduled), (1, 0));
+    assert!(store
+        .links_of(grace.id.as_str())
+        .await
+        .expect("links")
+        .is_empty());
+    let empty = store.intake_queued(10, &stripe).await.expect("intake");
+    assert_eq!((empty.taken, empty.scheduled), (0, 0));
+    assert!(store
+        .unpublished_outbox(10)
+        .await
+        .expect("queue")
+        .is_empty());
+}
+
+#[tokio::test]
+async fn postgres_the_relay_takes_the_oldest_changes_and_schedules_the_newest() {
+    the_relay_takes_the_oldest_changes_and_schedules_the_newest(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_the_relay_takes_the_oldest_changes_and_schedules_the_newest() {
+    the_relay_takes_the_oldest_changes_and_schedules_the_newest(false).await;
 }
