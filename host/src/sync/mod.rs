@@ -106,13 +106,17 @@ pub struct SyncEngine {
 impl SyncEngine {
     /// An engine pushing through the connectors of `registry`.
     pub fn new(store: Store, registry: Registry, options: SyncOptions) -> Self {
-        // SQLite has one writer anyway; on PostgreSQL a batch's statements
-        // are round trips, so several committers keep the pushes fed.
+        // SQLite has one writer anyway; on PostgreSQL an inbound batch's
+        // statements are round trips, so several committers keep the
+        // applies fed. The pushes' link writes are one statement per group
+        // there (one round trip): one committer makes the largest groups,
+        // and of 1, 2 and 4 made the most pushes (docs/performance.md,
+        // round 13).
         let committers = match store.kind() {
             crate::store::StoreKind::Sqlite => 1,
             crate::store::StoreKind::Postgres => 4,
         };
-        let link_writes = GroupCommit::start(LinkWrites(store.clone()), committers);
+        let link_writes = GroupCommit::start(LinkWrites(store.clone()), 1);
         let inbox_writes = GroupCommit::start(InboxWrites(store.clone()), committers);
         let inbound_applies = GroupCommit::start(InboundApplies(store.clone()), committers);
         Self {
