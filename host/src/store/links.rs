@@ -155,13 +155,13 @@ pub struct Intake {
 
 /// A link claimed under a lease, for one push step.
 ///
-/// On PostgreSQL the claim also read the link's customer, and marked the
-/// create the push is about to send when the link has no remote record, its
-/// customer is live and newer than the remote's version, and its connector
-/// is one of those the claimer said may push now (`pending_version` is then
-/// the customer's version): one statement for what took three. On SQLite
-/// (no round trips to save) the push reads its customer and marks its create
-/// itself.
+/// The claim marked the create the push is about to send when the link has
+/// no remote record, its customer is live and newer than the remote's
+/// version, and its connector is one of those the claimer said may push now
+/// (`pending_version` is then the customer's version): the marker no longer
+/// costs a transaction of its own. On PostgreSQL the claim also read the
+/// link's customer (one statement for what took three); on SQLite, where a
+/// read is no round trip, the push reads it.
 #[derive(Debug, Clone)]
 pub struct ClaimedLink {
     /// The link, as the claim left it.
@@ -425,19 +425,39 @@ macro_rules! intake_on_conflict {
 }
 use intake_on_conflict;
 
-const CLAIM_ONE_SQL: &str = concat!(
-    "UPDATE sync_links SET lease_until_ms = $3, lease_token = $4 ",
-    "WHERE customer_id = $1 AND connector = $2 AND state IN ('pending', 'retry') ",
-    "AND next_attempt_at_ms <= $5 AND lease_until_ms < $5 AND held_by IS NULL RETURNING ",
-    link_columns!()
+// SQLite's claims mark creates the same way (each create's marker was a
+// transaction, and an fsync, of its own); `$ready` is a JSON array there.
+macro_rules! claim_sqlite {
+    ($lease:literal, $ready:literal, $claimable:literal) => {
+        concat!(
+            "UPDATE sync_links SET lease_until_ms = ",
+            $lease,
+            ", pending_version = CASE WHEN pending_version IS NULL AND remote_id IS NULL \
+             AND connector IN (SELECT value FROM json_each(",
+            $ready,
+            ")) THEN (SELECT c.version FROM customers c WHERE c.id = sync_links.customer_id \
+             AND c.deleted_at IS NULL AND c.version > sync_links.synced_version) \
+             ELSE pending_version END WHERE ",
+            $claimable,
+            " RETURNING ",
+            link_columns!()
+        )
+    };
+}
+
+const CLAIM_ONE_SQL: &str = claim_sqlite!(
+    "$3, lease_token = $4",
+    "$6",
+    "customer_id = $1 AND connector = $2 AND state IN ('pending', 'retry') \
+     AND next_attempt_at_ms <= $5 AND lease_until_ms < $5 AND held_by IS NULL"
 );
 
-const CLAIM_DUE_SQLITE: &str = concat!(
-    "UPDATE sync_links SET lease_until_ms = $1, lease_token = $2 ",
-    "WHERE (customer_id, connector) IN (SELECT customer_id, connector FROM sync_links ",
-    "WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= $3 AND lease_until_ms < $3 AND held_by IS NULL ",
-    "ORDER BY next_attempt_at_ms LIMIT $4) RETURNING ",
-    link_columns!()
+const CLAIM_DUE_SQLITE: &str = claim_sqlite!(
+    "$1, lease_token = $2",
+    "$5",
+    "(customer_id, connector) IN (SELECT customer_id, connector FROM sync_links \
+     WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= $3 AND lease_until_ms < $3 \
+     AND held_by IS NULL ORDER BY next_attempt_at_ms LIMIT $4)"
 );
 
 // SKIP LOCKED: replicas polling at once take disjoint rows instead of queueing.
@@ -752,6 +772,7 @@ impl Store {
             return Ok(rows.into_iter().map(ClaimedLink::from).collect());
         }
         let mut claimed = Vec::new();
+        let ready = json_array(ready);
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
             for key in keys {
@@ -761,6 +782,7 @@ impl Store {
                     .bind(lease_until_ms)
                     .bind(lease_token)
                     .bind(now)
+                    .bind(&ready)
                     .fetch_optional(&mut *tx)
                     .await?;
                 claimed.extend(row.map(ClaimedLink::alone));
@@ -787,6 +809,7 @@ impl Store {
                     .bind(lease_token)
                     .bind(now)
                     .bind(i64::from(limit))
+                    .bind(json_array(ready))
                     .fetch_all(&pools.writer)
                     .await?;
                 Ok(rows.into_iter().map(ClaimedLink::alone).collect())
@@ -1071,6 +1094,11 @@ impl Batches<'_> {
         }
         Ok(())
     }
+}
+
+/// `names` as a JSON array, for SQLite's `json_each`.
+fn json_array(names: &[String]) -> String {
+    serde_json::Value::from(names).to_string()
 }
 
 /// Sets `applied` at the positions a batch statement returned.

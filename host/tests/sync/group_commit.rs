@@ -540,12 +540,12 @@ async fn sqlite_each_link_write_gets_its_own_answer() {
     each_link_write_gets_its_own_answer(false).await;
 }
 
-/// PostgreSQL's claim reads each claimed link's customer and marks the
-/// create its push is about to send, for the connectors the claimer says
-/// may push now only, and only where a create is what the push will send:
-/// no remote record yet, the customer live and newer than the remote's
-/// version, no earlier create outstanding. SQLite's claim does neither (the
-/// push does, with no round trip to save).
+/// A claim marks the create its push is about to send, for the connectors
+/// the claimer says may push now only, and only where a create is what the
+/// push will send: no remote record yet, the customer live and newer than
+/// the remote's version, no earlier create outstanding. PostgreSQL's claim
+/// also reads each claimed link's customer (SQLite's push reads its own,
+/// with no round trip to save).
 async fn a_claim_marks_the_create_it_is_about_to_send(postgres: bool) {
     let (store, _dir) = store(postgres).await;
     let mut changes = Vec::new();
@@ -626,7 +626,7 @@ async fn a_claim_marks_the_create_it_is_about_to_send(postgres: bool) {
             .into_iter()
             .find(|c| c.id.as_str() == id)
             .expect("one of ours");
-        let marked = postgres && link.connector == "stripe" && id == customers[0].id.as_str();
+        let marked = link.connector == "stripe" && id == customers[0].id.as_str();
         assert_eq!(
             link.pending_version,
             marked.then_some(current.version),
@@ -721,12 +721,12 @@ async fn a_claim_marks_the_create_it_is_about_to_send(postgres: bool) {
         [
             (
                 fresh.id.as_str(),
-                postgres.then_some(fresh.version),
+                Some(fresh.version),
                 postgres.then_some(fresh.version)
             ),
             (
                 changed.id.as_str(),
-                postgres.then_some(customers[0].version),
+                Some(customers[0].version),
                 postgres.then_some(changed.version)
             ),
         ],
@@ -740,7 +740,7 @@ async fn postgres_a_claim_marks_the_create_it_is_about_to_send() {
 }
 
 #[tokio::test]
-async fn sqlite_a_claim_marks_no_create() {
+async fn sqlite_a_claim_marks_the_create_it_is_about_to_send() {
     a_claim_marks_the_create_it_is_about_to_send(false).await;
 }
 
