@@ -344,25 +344,46 @@ const INTAKE_BATCH_POSTGRES: &str = concat!(
     intake_on_conflict!()
 );
 
-// PostgreSQL's claims mark the create a push is about to send (the
-// customer's current version, for a link with no remote record and no create
-// outstanding, to a connector in `$ready`: those that may push now) and
-// read the claimed links' customers, in the same statement: without it,
-// each create cost a read of the batch's customers and a marker write of
-// its own, a transaction each (docs/performance.md, round 13). A marked
-// create that is then not sent (the connector was disabled or its breaker
-// opened in between) is replayed later like one that timed out.
+// A claim marks the create its push is about to send: `pending_version`
+// becomes the customer's current version for a link `$link` with no remote
+// record and no create outstanding, whose customer is live and newer than
+// the remote's version, to a connector that may push now (`$ready`, the
+// membership test in the backend's form). Without it each create cost a
+// marker write of its own, a transaction each (docs/performance.md, round
+// 13). A marked create that is then not sent (the connector was disabled or
+// its breaker opened in between) is replayed later like one that timed out.
+macro_rules! mark_create {
+    ($link:literal, $ready:literal) => {
+        concat!(
+            "pending_version = CASE WHEN ",
+            $link,
+            ".pending_version IS NULL AND ",
+            $link,
+            ".remote_id IS NULL AND ",
+            $link,
+            ".connector ",
+            $ready,
+            " THEN (SELECT c.version FROM customers c WHERE c.id = ",
+            $link,
+            ".customer_id AND c.deleted_at IS NULL AND c.version > ",
+            $link,
+            ".synced_version) ELSE ",
+            $link,
+            ".pending_version END"
+        )
+    };
+}
+
+// PostgreSQL's claims also read the claimed links' customers, in the same
+// statement (a read of the batch's customers was a round trip of its own).
 macro_rules! claim_postgres {
     ($lease:literal, $ready:literal, $claimable:literal) => {
         concat!(
             "WITH claimed AS (UPDATE sync_links l SET lease_until_ms = ",
             $lease,
-            ", pending_version = CASE WHEN l.pending_version IS NULL AND l.remote_id IS NULL \
-             AND l.connector = ANY(",
-            $ready,
-            "::text[]) THEN (SELECT c.version FROM customers c WHERE c.id = l.customer_id \
-             AND c.deleted_at IS NULL AND c.version > l.synced_version) \
-             ELSE l.pending_version END WHERE ",
+            ", ",
+            mark_create!("l", $ready),
+            " WHERE ",
             $claimable,
             " RETURNING ",
             link_columns!(),
@@ -375,7 +396,7 @@ macro_rules! claim_postgres {
 
 const CLAIM_KEYS_POSTGRES: &str = claim_postgres!(
     "$3, lease_token = $4",
-    "$6",
+    "= ANY($6::text[])",
     "(customer_id, connector) IN (SELECT * FROM UNNEST($1::text[], $2::text[])) \
      AND state IN ('pending', 'retry') AND next_attempt_at_ms <= $5 AND lease_until_ms < $5 \
      AND held_by IS NULL"
@@ -425,19 +446,15 @@ macro_rules! intake_on_conflict {
 }
 use intake_on_conflict;
 
-// SQLite's claims mark creates the same way (each create's marker was a
-// transaction, and an fsync, of its own); `$ready` is a JSON array there.
+// SQLite's claims: `$ready` is a JSON array there.
 macro_rules! claim_sqlite {
     ($lease:literal, $ready:literal, $claimable:literal) => {
         concat!(
             "UPDATE sync_links SET lease_until_ms = ",
             $lease,
-            ", pending_version = CASE WHEN pending_version IS NULL AND remote_id IS NULL \
-             AND connector IN (SELECT value FROM json_each(",
-            $ready,
-            ")) THEN (SELECT c.version FROM customers c WHERE c.id = sync_links.customer_id \
-             AND c.deleted_at IS NULL AND c.version > sync_links.synced_version) \
-             ELSE pending_version END WHERE ",
+            ", ",
+            mark_create!("sync_links", $ready),
+            " WHERE ",
             $claimable,
             " RETURNING ",
             link_columns!()
@@ -447,14 +464,14 @@ macro_rules! claim_sqlite {
 
 const CLAIM_ONE_SQL: &str = claim_sqlite!(
     "$3, lease_token = $4",
-    "$6",
+    "IN (SELECT value FROM json_each($6))",
     "customer_id = $1 AND connector = $2 AND state IN ('pending', 'retry') \
      AND next_attempt_at_ms <= $5 AND lease_until_ms < $5 AND held_by IS NULL"
 );
 
 const CLAIM_DUE_SQLITE: &str = claim_sqlite!(
     "$1, lease_token = $2",
-    "$5",
+    "IN (SELECT value FROM json_each($5))",
     "(customer_id, connector) IN (SELECT customer_id, connector FROM sync_links \
      WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= $3 AND lease_until_ms < $3 \
      AND held_by IS NULL ORDER BY next_attempt_at_ms LIMIT $4)"
@@ -463,7 +480,7 @@ const CLAIM_DUE_SQLITE: &str = claim_sqlite!(
 // SKIP LOCKED: replicas polling at once take disjoint rows instead of queueing.
 const CLAIM_DUE_POSTGRES: &str = claim_postgres!(
     "$1, lease_token = $2",
-    "$5",
+    "= ANY($5::text[])",
     "(customer_id, connector) IN (SELECT customer_id, connector FROM sync_links \
      WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= $3 AND lease_until_ms < $3 \
      AND held_by IS NULL ORDER BY next_attempt_at_ms LIMIT $4 FOR UPDATE SKIP LOCKED)"
