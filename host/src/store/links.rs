@@ -374,19 +374,32 @@ macro_rules! mark_create {
     };
 }
 
+// A claim: leases the claimable rows of `$table` (whose rows `$link` names)
+// and marks their creates.
+macro_rules! claim {
+    ($table:literal, $link:literal, $lease:literal, $ready:literal, $claimable:literal) => {
+        concat!(
+            "UPDATE ",
+            $table,
+            " SET lease_until_ms = ",
+            $lease,
+            ", ",
+            mark_create!($link, $ready),
+            " WHERE ",
+            $claimable,
+            " RETURNING ",
+            link_columns!()
+        )
+    };
+}
+
 // PostgreSQL's claims also read the claimed links' customers, in the same
 // statement (a read of the batch's customers was a round trip of its own).
 macro_rules! claim_postgres {
     ($lease:literal, $ready:literal, $claimable:literal) => {
         concat!(
-            "WITH claimed AS (UPDATE sync_links l SET lease_until_ms = ",
-            $lease,
-            ", ",
-            mark_create!("l", $ready),
-            " WHERE ",
-            $claimable,
-            " RETURNING ",
-            link_columns!(),
+            "WITH claimed AS (",
+            claim!("sync_links l", "l", $lease, $ready, $claimable),
             ") SELECT claimed.*, ",
             joined_columns!(),
             " FROM claimed LEFT JOIN customers c ON c.id = claimed.customer_id"
@@ -449,16 +462,7 @@ use intake_on_conflict;
 // SQLite's claims: `$ready` is a JSON array there.
 macro_rules! claim_sqlite {
     ($lease:literal, $ready:literal, $claimable:literal) => {
-        concat!(
-            "UPDATE sync_links SET lease_until_ms = ",
-            $lease,
-            ", ",
-            mark_create!("sync_links", $ready),
-            " WHERE ",
-            $claimable,
-            " RETURNING ",
-            link_columns!()
-        )
+        claim!("sync_links", "sync_links", $lease, $ready, $claimable)
     };
 }
 

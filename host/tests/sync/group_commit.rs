@@ -12,8 +12,8 @@ use ferry::store::inbox::{
 };
 use ferry::store::links::LinkWrite;
 use ferry::store::{
-    customers::WriteContext, ChangeNotice, ClaimedLink, CustomerFields, CustomerId, LinkState,
-    RecordedOutcome, Store, StoreError, StoreOptions, SyncLink,
+    customers::WriteContext, ChangeNotice, ClaimedLink, Customer, CustomerFields, CustomerId,
+    LinkState, RecordedOutcome, Store, StoreError, StoreOptions, SyncLink,
 };
 use ferry_test_support::postgres::PgCluster;
 use serde_json::json;
@@ -540,6 +540,29 @@ async fn sqlite_each_link_write_gets_its_own_answer() {
     each_link_write_gets_its_own_answer(false).await;
 }
 
+/// The bus's notice of `customer`'s current version.
+fn notice(customer: &Customer) -> ChangeNotice {
+    ChangeNotice {
+        customer_id: customer.id.as_str().to_owned(),
+        version: customer.version,
+        correlation_id: None,
+        outbox_id: None,
+    }
+}
+
+/// `id` with its name changed to `name`.
+async fn rename(store: &Store, id: &CustomerId, name: &str) -> Customer {
+    store
+        .update_customer::<StoreError, _>(id, None, WriteContext::default(), |c| {
+            Ok(CustomerFields {
+                name: Some(name.to_owned()),
+                ..c.fields()
+            })
+        })
+        .await
+        .expect("updated")
+}
+
 /// A claim marks the create its push is about to send, for the connectors
 /// the claimer says may push now only, and only where a create is what the
 /// push will send: no remote record yet, the customer live and newer than
@@ -555,12 +578,7 @@ async fn a_claim_marks_the_create_it_is_about_to_send(postgres: bool) {
             .create_customer(fields(&email(name), name), WriteContext::default())
             .await
             .expect("customer");
-        changes.push(ChangeNotice {
-            customer_id: customer.id.as_str().to_owned(),
-            version: customer.version,
-            correlation_id: None,
-            outbox_id: None,
-        });
+        changes.push(notice(&customer));
         customers.push(customer);
     }
     let deleted = store
@@ -593,25 +611,9 @@ async fn a_claim_marks_the_create_it_is_about_to_send(postgres: bool) {
             .expect("written"),
         [true]
     );
-    let updated = store
-        .update_customer::<StoreError, _>(&customers[2].id, None, WriteContext::default(), |c| {
-            Ok(CustomerFields {
-                name: Some("renamed".into()),
-                ..c.fields()
-            })
-        })
-        .await
-        .expect("updated");
+    let updated = rename(&store, &customers[2].id, "renamed").await;
     store
-        .intake_changes(
-            &[ChangeNotice {
-                customer_id: linked.to_owned(),
-                version: updated.version,
-                correlation_id: None,
-                outbox_id: None,
-            }],
-            &connectors[..1],
-        )
+        .intake_changes(&[notice(&updated)], &connectors[..1])
         .await
         .expect("intake");
 
@@ -668,37 +670,13 @@ async fn a_claim_marks_the_create_it_is_about_to_send(postgres: bool) {
             .expect("written"),
         [true]
     );
-    let changed = store
-        .update_customer::<StoreError, _>(&customers[0].id, None, WriteContext::default(), |c| {
-            Ok(CustomerFields {
-                name: Some("changed".into()),
-                ..c.fields()
-            })
-        })
-        .await
-        .expect("updated");
+    let changed = rename(&store, &customers[0].id, "changed").await;
     let fresh = store
         .create_customer(fields(&email("fresh"), "fresh"), WriteContext::default())
         .await
         .expect("customer");
     store
-        .intake_changes(
-            &[
-                ChangeNotice {
-                    customer_id: fresh.id.as_str().to_owned(),
-                    version: fresh.version,
-                    correlation_id: None,
-                    outbox_id: None,
-                },
-                ChangeNotice {
-                    customer_id: changed.id.as_str().to_owned(),
-                    version: changed.version,
-                    correlation_id: None,
-                    outbox_id: None,
-                },
-            ],
-            &connectors[..1],
-        )
+        .intake_changes(&[notice(&fresh), notice(&changed)], &connectors[..1])
         .await
         .expect("intake");
     let mut due = store
