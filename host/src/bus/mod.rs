@@ -85,13 +85,12 @@ struct Round {
 async fn relay_round(engine: &SyncEngine) -> anyhow::Result<Round> {
     let intake = engine.accept_queued(RELAY_BATCH).await?;
     // No connector takes part: nothing was scheduled, nothing to wake for.
-    let scheduled = intake.scheduled > 0;
-    if scheduled {
+    if intake.scheduled {
         engine.wake();
     }
     Ok(Round {
         moved: intake.taken,
-        scheduled,
+        scheduled: intake.scheduled,
     })
 }
 

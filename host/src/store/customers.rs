@@ -186,18 +186,19 @@ pub(super) struct JoinedCustomer {
 impl JoinedCustomer {
     /// The customer, if the join found one.
     pub(super) fn into_customer(self) -> Option<Customer> {
-        Some(Customer {
-            id: CustomerId(self.c_id?),
+        let row = CustomerRow {
+            id: self.c_id?,
             name: self.c_name,
             email: self.c_email?,
             phone: self.c_phone,
-            address: self.c_address.map(|a| a.0),
-            metadata: self.c_metadata?.0,
+            address: self.c_address,
+            metadata: self.c_metadata?,
             version: self.c_version?,
             created_at: self.c_created_at?,
             updated_at: self.c_updated_at?,
             deleted_at: self.c_deleted_at,
-        })
+        };
+        Some(row.into())
     }
 }
 

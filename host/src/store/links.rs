@@ -148,9 +148,8 @@ impl From<SyncLinkRow> for SyncLink {
 pub struct Intake {
     /// Changes taken off the queue.
     pub taken: usize,
-    /// Links scheduled or moved to a newer version by them (on SQLite:
-    /// every link of the changes, whether it moved or not).
-    pub scheduled: usize,
+    /// Whether they scheduled any push.
+    pub scheduled: bool,
 }
 
 /// A link claimed under a lease, for one push step.
@@ -738,11 +737,8 @@ impl Store {
     ) -> Result<Intake, StoreError> {
         let Backend::Postgres(pool) = &self.backend else {
             let changes = self.unpublished_outbox(limit).await?;
-            let scheduled = if changes.is_empty() {
-                0
-            } else {
-                self.intake_changes(&changes, connectors).await?.len()
-            };
+            let scheduled =
+                !changes.is_empty() && !self.intake_changes(&changes, connectors).await?.is_empty();
             return Ok(Intake {
                 taken: changes.len(),
                 scheduled,
@@ -761,7 +757,7 @@ impl Store {
             .await?;
         Ok(Intake {
             taken: usize::try_from(taken).unwrap_or_default(),
-            scheduled: usize::try_from(scheduled).unwrap_or_default(),
+            scheduled: scheduled > 0,
         })
     }
 

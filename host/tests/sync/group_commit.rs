@@ -751,7 +751,7 @@ async fn the_relay_takes_the_oldest_changes_and_schedules_the_newest(postgres: b
     let stripe = ["stripe".to_owned()];
 
     let first = store.intake_queued(2, &stripe).await.expect("intake");
-    assert_eq!((first.taken, first.scheduled), (2, 1));
+    assert_eq!((first.taken, first.scheduled), (2, true));
     let links = store.links_of(ada.id.as_str()).await.expect("links");
     assert_eq!(links.len(), 1);
     assert_eq!(links[0].wanted_version, renamed.version);
@@ -760,14 +760,14 @@ async fn the_relay_takes_the_oldest_changes_and_schedules_the_newest(postgres: b
 
     // No connector takes part: the change only leaves the queue.
     let second = store.intake_queued(10, &[]).await.expect("intake");
-    assert_eq!((second.taken, second.scheduled), (1, 0));
+    assert_eq!((second.taken, second.scheduled), (1, false));
     assert!(store
         .links_of(grace.id.as_str())
         .await
         .expect("links")
         .is_empty());
     let empty = store.intake_queued(10, &stripe).await.expect("intake");
-    assert_eq!((empty.taken, empty.scheduled), (0, 0));
+    assert_eq!((empty.taken, empty.scheduled), (0, false));
     assert!(store
         .unpublished_outbox(10)
         .await
