@@ -229,11 +229,16 @@ const STRIPE_VERSION: &str = "2024-06-20";
 
 /// Maps a non-2xx answer onto a typed error with Stripe's own message, and
 /// honours `Stripe-Should-Retry` when Stripe says more than the status does.
+/// A 409 is another request with the same idempotency key still in
+/// progress (a replay racing the request it replays): retried, whether or
+/// not the answer says so (localstripe does not).
 fn checked(resp: Response) -> Result<Response, ConnectorError> {
     let should_retry = resp.header("stripe-should-retry").map(str::to_owned);
+    let conflict = resp.status == 409;
     resp.error_for_status_with(stripe_error_message)
         .map_err(|err| match (err, should_retry.as_deref()) {
             (ConnectorError::Permanent(m), Some("true")) => ConnectorError::retryable(m),
+            (ConnectorError::Permanent(m), _) if conflict => ConnectorError::retryable(m),
             (err, _) => err,
         })
 }
