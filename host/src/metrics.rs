@@ -88,6 +88,10 @@ fn describe() {
         Unit::Count,
         "Writes committed together, by kind of write (creates, link_writes, inbox_writes, inbound_applies)"
     );
+    describe_counter!(
+        "ferry_group_commit_failures_total",
+        "Groups whose one transaction failed and whose writes were committed one by one, by kind of write"
+    );
     describe_histogram!(
         "ferry_connector_call_duration_seconds",
         Unit::Seconds,

@@ -92,7 +92,26 @@ async fn run<C: Committer>(
             }
             // One bad write fails the whole transaction: commit them one by
             // one so each gets its own answer.
-            Err(_) => {
+            Err(error) => {
+                // A write the data refuses (a taken email or remote id) is
+                // its writer's answer; anything else is the database's.
+                if matches!(error, StoreError::Database(_) | StoreError::Json(_)) {
+                    tracing::warn!(
+                        writes = C::NAME,
+                        group = writes.len(),
+                        error = ?error,
+                        "a group commit failed; committing its writes one by one"
+                    );
+                } else {
+                    tracing::debug!(
+                        writes = C::NAME,
+                        group = writes.len(),
+                        %error,
+                        "a group commit refused a write; committing its writes one by one"
+                    );
+                }
+                metrics::counter!("ferry_group_commit_failures_total", "writes" => C::NAME)
+                    .increment(1);
                 for (write, waiter) in writes.iter().zip(waiting) {
                     let result = committer
                         .commit(std::slice::from_ref(write))

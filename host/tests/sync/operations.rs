@@ -88,6 +88,16 @@ async fn metrics_move_with_syncs_refused_webhooks_retries_and_traps() {
         .create(json!({"email": email("metrics"), "name": "M"}))
         .await;
     app.wait_synced(customer["id"].as_str().unwrap(), 1).await;
+    // A create whose email is taken: its group fails and is committed
+    // again write by write, which answers it 409.
+    let (status, problem) = app
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/customers",
+            Some(json!({"email": customer["email"], "name": "Again"})),
+        )
+        .await;
+    assert_eq!(status, 409, "{problem}");
     // A webhook with a wrong signature.
     let body = event(
         "evt_metrics_bad",
@@ -145,6 +155,8 @@ async fn metrics_move_with_syncs_refused_webhooks_retries_and_traps() {
             "{writes}"
         );
     }
+    let creates = [("writes", "creates")];
+    assert!(moved(&before, &after, "ferry_group_commit_failures_total", &creates) >= 1.0);
     // Routes are templates, never raw paths.
     assert!(
         after
