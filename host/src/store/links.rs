@@ -323,10 +323,18 @@ pub(crate) const FORCE_PUSH_SQL: &str = "UPDATE sync_links SET pushed_hash = NUL
 // (the source connector's own link, written by the inbound apply) leaves
 // the row as it is: rewriting it would only move `updated_at`, at the cost
 // of a row version and its WAL (docs/performance.md, round 5).
-const INTAKE_SQL: &str = concat!(
+// SQLite: one statement for a whole batch too (each statement is a hand-off
+// to the connection's thread and back; docs/performance.md, round 14).
+// `$1` holds the changes as `[customer, version, correlation]` arrays in
+// queue order, `$2` the connectors; SQLite applies the rows one at a time,
+// in that order, so a customer's later change in the batch upserts over
+// its earlier one.
+const INTAKE_BATCH_SQLITE: &str = concat!(
     "INSERT INTO sync_links \
     (customer_id, connector, wanted_version, state, next_attempt_at_ms, correlation_id, updated_at) \
-    VALUES ($1, $2, $3, 'pending', $4, $5, $6) ",
+    SELECT json_extract(c.value, '$[0]'), k.value, json_extract(c.value, '$[1]'), 'pending', $3, \
+    json_extract(c.value, '$[2]'), $4 \
+    FROM json_each($1) AS c, json_each($2) AS k WHERE true ORDER BY c.key, k.key ",
     intake_on_conflict!()
 );
 
@@ -691,37 +699,49 @@ impl Store {
     ) -> Result<Vec<LinkKey>, StoreError> {
         let at = now();
         let due = at.timestamp_millis();
-        if let Backend::Postgres(pool) = &self.backend {
-            return intake_postgres(pool, changes, connectors, at).await;
+        let pools = match &self.backend {
+            Backend::Postgres(pool) => return intake_postgres(pool, changes, connectors, at).await,
+            Backend::Sqlite(pools) => pools,
+        };
+        let rows: Vec<(&str, i64, Option<&str>)> = changes
+            .iter()
+            .map(|c| {
+                (
+                    c.customer_id.as_str(),
+                    c.version,
+                    c.correlation_id.as_deref(),
+                )
+            })
+            .collect();
+        let consumed: Vec<i64> = changes.iter().filter_map(|c| c.outbox_id).collect();
+        let mut tx = pools.writer.begin().await?;
+        if !rows.is_empty() && !connectors.is_empty() {
+            sqlx::query(INTAKE_BATCH_SQLITE)
+                .bind(serde_json::to_string(&rows)?)
+                .bind(json_array(connectors))
+                .bind(due)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
         }
-        let mut keys = Vec::with_capacity(changes.len() * connectors.len());
-        dispatch!(self, write pool => {
-            let mut tx = pool.begin().await?;
-            for change in changes {
-                for connector in connectors {
-                    sqlx::query(INTAKE_SQL)
-                        .bind(&change.customer_id)
-                        .bind(connector)
-                        .bind(change.version)
-                        .bind(due)
-                        .bind(&change.correlation_id)
-                        .bind(at)
-                        .execute(&mut *tx)
-                        .await?;
-                    keys.push(LinkKey {
-                        customer_id: change.customer_id.clone(),
-                        connector: connector.clone(),
-                    });
-                }
-                if let Some(id) = change.outbox_id {
-                    sqlx::query("DELETE FROM outbox_queue WHERE outbox_id = $1")
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-            }
-            tx.commit().await?;
-        });
+        if !consumed.is_empty() {
+            sqlx::query(
+                "DELETE FROM outbox_queue WHERE outbox_id IN (SELECT value FROM json_each($1))",
+            )
+            .bind(serde_json::to_string(&consumed)?)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        let mut keys: Vec<LinkKey> = changes
+            .iter()
+            .flat_map(|change| {
+                connectors.iter().map(|connector| LinkKey {
+                    customer_id: change.customer_id.clone(),
+                    connector: connector.clone(),
+                })
+            })
+            .collect();
         keys.sort();
         keys.dedup();
         Ok(keys)

@@ -156,7 +156,14 @@ async fn metrics_move_with_syncs_refused_webhooks_retries_and_traps() {
         );
     }
     let creates = [("writes", "creates")];
-    assert!(moved(&before, &after, "ferry_group_commit_failures_total", &creates) >= 1.0);
+    assert!(
+        moved(
+            &before,
+            &after,
+            "ferry_group_commit_failures_total",
+            &creates
+        ) >= 1.0
+    );
     // Routes are templates, never raw paths.
     assert!(
         after
