@@ -890,22 +890,10 @@ impl Store {
         writes: &[(&SyncLink, &LinkWrite)],
     ) -> Result<Vec<bool>, StoreError> {
         let at = now();
-        if let Backend::Postgres(pool) = &self.backend {
-            return write_links_postgres(pool, writes, at).await;
+        match &self.backend {
+            Backend::Postgres(pool) => write_links_postgres(pool, writes, at).await,
+            Backend::Sqlite(pools) => write_links_sqlite(&pools.writer, writes, at).await,
         }
-        dispatch!(self, write pool => {
-            let mut tx = pool.begin().await?;
-            let mut applied = Vec::with_capacity(writes.len());
-            for (link, write) in writes {
-                let done = match write {
-                    LinkWrite::CreatePending(version) => pending_in!(tx, link, version)?,
-                    LinkWrite::Outcome(outcome) => record_in!(tx, link, outcome, at)?,
-                };
-                applied.push(done);
-            }
-            tx.commit().await?;
-            Ok(applied)
-        })
     }
 
     /// The links of one customer, by connector.
@@ -1063,6 +1051,124 @@ async fn write_links_postgres(
     }
     let mut tx = pool.begin().await?;
     batches.write(&mut tx, at, &mut applied).await?;
+    for index in others {
+        let (link, write) = writes[index];
+        applied[index] = match write {
+            LinkWrite::CreatePending(version) => pending_in!(tx, link, version)?,
+            LinkWrite::Outcome(outcome) => record_in!(tx, link, outcome, at)?,
+        };
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+// SQLite: a batch's deliveries as one update over `json_each` (`$1`: one
+// `[customer, connector, lease token, remote id, remote deleted, synced
+// version, pushed hash, snapshot, operation, version, attempt, correlation]`
+// array per push), returning the links whose lease held; their delivery
+// records follow as one insert (`$1`: the held rows).
+const DELIVERED_BATCH_SQLITE: &str = "UPDATE sync_links SET \
+       remote_id = json_extract(w.value, '$[3]'), remote_deleted = json_extract(w.value, '$[4]'), \
+       synced_version = json_extract(w.value, '$[5]'), pushed_hash = json_extract(w.value, '$[6]'), \
+       snapshot = json_extract(w.value, '$[7]'), pending_version = NULL, attempts = 0, \
+       last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $2, \
+       state = CASE WHEN sync_links.wanted_version > json_extract(w.value, '$[5]') \
+         THEN 'pending' ELSE 'synced' END, \
+       next_attempt_at_ms = $3, pushed_at_ms = $3 \
+     FROM json_each($1) AS w \
+     WHERE sync_links.customer_id = json_extract(w.value, '$[0]') \
+       AND sync_links.connector = json_extract(w.value, '$[1]') \
+       AND sync_links.lease_token = json_extract(w.value, '$[2]') \
+     RETURNING customer_id, connector";
+
+const DELIVERIES_BATCH_SQLITE: &str = "INSERT INTO deliveries (customer_id, connector, \
+       direction, version, operation, outcome, attempt, remote_id, correlation_id, created_at) \
+     SELECT json_extract(w.value, '$[0]'), json_extract(w.value, '$[1]'), 'outbound', \
+       json_extract(w.value, '$[9]'), json_extract(w.value, '$[8]'), 'delivered', \
+       json_extract(w.value, '$[10]'), json_extract(w.value, '$[3]'), \
+       json_extract(w.value, '$[11]'), $2 \
+     FROM json_each($1) AS w ORDER BY w.key";
+
+/// [`Store::write_links`] on SQLite: one transaction; the deliveries (the
+/// write nearly every push makes) as two statements for the whole batch,
+/// each statement being a hand-off to the writer's thread and back; the
+/// rarer writes one by one, after them.
+async fn write_links_sqlite(
+    pool: &sqlx::SqlitePool,
+    writes: &[(&SyncLink, &LinkWrite)],
+    at: DateTime<Utc>,
+) -> Result<Vec<bool>, StoreError> {
+    let mut delivered = Vec::new();
+    let mut others = Vec::new();
+    let mut keys = std::collections::HashSet::with_capacity(writes.len());
+    for (index, (link, write)) in writes.iter().enumerate() {
+        // One write per link, as on PostgreSQL: an `UPDATE … FROM` would
+        // apply only one of two.
+        let first = keys.insert((link.customer_id.as_str(), link.connector.as_str()));
+        match write {
+            LinkWrite::Outcome(RecordedOutcome::Delivered {
+                operation,
+                version,
+                remote_id,
+                remote_deleted,
+                pushed_hash,
+                snapshot,
+            }) if first => delivered.push((
+                index,
+                serde_json::json!([
+                    link.customer_id,
+                    link.connector,
+                    link.lease_token,
+                    remote_id,
+                    remote_deleted,
+                    link.synced_version.max(*version),
+                    pushed_hash,
+                    snapshot.as_ref().map(serde_json::Value::to_string),
+                    operation,
+                    version,
+                    link.attempts + 1,
+                    link.correlation_id,
+                ]),
+            )),
+            _ => others.push(index),
+        }
+    }
+    let mut applied = vec![false; writes.len()];
+    let mut tx = pool.begin().await?;
+    if !delivered.is_empty() {
+        let rows: Vec<&serde_json::Value> = delivered.iter().map(|(_, row)| row).collect();
+        let held: std::collections::HashSet<(String, String)> =
+            sqlx::query_as(DELIVERED_BATCH_SQLITE)
+                .bind(serde_json::to_string(&rows)?)
+                .bind(at)
+                .bind(at.timestamp_millis())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(|e| match &e {
+                    // As on PostgreSQL: a write alone is named.
+                    sqlx::Error::Database(db) if db.is_unique_violation() && rows.len() == 1 => {
+                        StoreError::RemoteIdTaken
+                    }
+                    _ => StoreError::Database(e),
+                })?
+                .into_iter()
+                .collect();
+        let mut recorded = Vec::with_capacity(held.len());
+        for (index, row) in &delivered {
+            let (link, _) = writes[*index];
+            if held.contains(&(link.customer_id.clone(), link.connector.clone())) {
+                applied[*index] = true;
+                recorded.push(row);
+            }
+        }
+        if !recorded.is_empty() {
+            sqlx::query(DELIVERIES_BATCH_SQLITE)
+                .bind(serde_json::to_string(&recorded)?)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
     for index in others {
         let (link, write) = writes[index];
         applied[index] = match write {
