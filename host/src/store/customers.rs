@@ -355,37 +355,74 @@ impl Committer for Creates {
     }
 }
 
-/// SQLite: the creates as one transaction of single-row statements (each is
-/// a hand-off to the connection's thread, not a round trip).
+// SQLite: a group's customers, then their `created` events, as one
+// statement each over `json_each` (each statement is a hand-off to the
+// writer connection's thread and back). `$1` holds one `[id, name, email,
+// phone, address, metadata, version, at, payload, correlation]` array per
+// create, in the group's order; the documents as their JSON text.
+const CREATE_BATCH_SQLITE: &str = concat!(
+    "INSERT INTO customers (",
+    columns!(),
+    ") SELECT json_extract(c.value, '$[0]'), json_extract(c.value, '$[1]'), ",
+    "json_extract(c.value, '$[2]'), json_extract(c.value, '$[3]'), json_extract(c.value, '$[4]'), ",
+    "json_extract(c.value, '$[5]'), json_extract(c.value, '$[6]'), json_extract(c.value, '$[7]'), ",
+    "json_extract(c.value, '$[7]'), NULL FROM json_each($1) AS c ORDER BY c.key"
+);
+
+const CREATED_EVENTS_SQLITE: &str = "INSERT INTO outbox \
+     (aggregate, aggregate_id, version, kind, payload, correlation_id, created_at) \
+     SELECT 'customer', json_extract(c.value, '$[0]'), json_extract(c.value, '$[6]'), 'created', \
+       json_extract(c.value, '$[8]'), json_extract(c.value, '$[9]'), json_extract(c.value, '$[7]') \
+     FROM json_each($1) AS c ORDER BY c.key";
+
+/// SQLite: the creates as one transaction of two statements for the group
+/// (see [`CREATE_BATCH_SQLITE`]) and an idempotency completion per create
+/// that has one.
 async fn create_each(pool: &sqlx::SqlitePool, writes: &[NewCustomer]) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut rows = Vec::with_capacity(writes.len());
     for write in writes {
         let customer = &write.customer;
-        sqlx::query(concat!(
-            "INSERT INTO customers (",
-            columns!(),
-            ") ",
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL)"
-        ))
-        .bind(customer.id.as_str())
-        .bind(&customer.name)
-        .bind(&customer.email)
-        .bind(&customer.phone)
-        .bind(customer.address.as_ref().map(Json))
-        .bind(Json(&customer.metadata))
-        .bind(customer.version)
-        .bind(customer.created_at)
-        .bind(customer.updated_at)
+        rows.push(serde_json::json!([
+            customer.id.as_str(),
+            customer.name,
+            customer.email,
+            customer.phone,
+            customer
+                .address
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()?,
+            serde_json::to_string(&customer.metadata)?,
+            customer.version,
+            // A new customer's created_at and updated_at are one instant,
+            // written as sqlx writes a timestamp to SQLite.
+            customer
+                .created_at
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false),
+            serde_json::to_string(customer)?,
+            write.correlation_id,
+        ]));
+    }
+    let rows = serde_json::to_string(&rows)?;
+    let mut tx = pool.begin().await?;
+    sqlx::query(CREATE_BATCH_SQLITE)
+        .bind(&rows)
         .execute(&mut *tx)
         .await
         .map_err(StoreError::from_customer_write)?;
-        finish_write!(
-            tx,
-            write.correlation_id.as_deref(),
-            write.completion.as_ref(),
-            customer,
-            OutboxKind::Created
-        );
+    sqlx::query(CREATED_EVENTS_SQLITE)
+        .bind(&rows)
+        .execute(&mut *tx)
+        .await?;
+    for completion in writes.iter().filter_map(|w| w.completion.as_ref()) {
+        sqlx::query(super::idempotency::COMPLETE_SQL)
+            .bind(&completion.scope)
+            .bind(&completion.key)
+            .bind(i32::from(completion.response.status))
+            .bind(Json(&completion.response.headers))
+            .bind(&completion.response.body)
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok(())
