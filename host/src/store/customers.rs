@@ -278,15 +278,24 @@ macro_rules! finish_write {
         .execute(&mut *$tx)
         .await?;
         if let Some(completion) = completion {
-            sqlx::query(super::idempotency::COMPLETE_SQL)
-                .bind(&completion.scope)
-                .bind(&completion.key)
-                .bind(i32::from(completion.response.status))
-                .bind(Json(&completion.response.headers))
-                .bind(&completion.response.body)
-                .execute(&mut *$tx)
-                .await?;
+            complete_in!($tx, completion);
         }
+    }};
+}
+
+/// Inside a dispatched transaction `$tx`: completes a write's idempotency
+/// key with the response rendered from what it wrote.
+macro_rules! complete_in {
+    ($tx:ident, $completion:expr) => {{
+        let completion: &Completion = $completion;
+        sqlx::query(super::idempotency::COMPLETE_SQL)
+            .bind(&completion.scope)
+            .bind(&completion.key)
+            .bind(i32::from(completion.response.status))
+            .bind(Json(&completion.response.headers))
+            .bind(&completion.response.body)
+            .execute(&mut *$tx)
+            .await?;
     }};
 }
 
@@ -415,14 +424,7 @@ async fn create_each(pool: &sqlx::SqlitePool, writes: &[NewCustomer]) -> Result<
         .execute(&mut *tx)
         .await?;
     for completion in writes.iter().filter_map(|w| w.completion.as_ref()) {
-        sqlx::query(super::idempotency::COMPLETE_SQL)
-            .bind(&completion.scope)
-            .bind(&completion.key)
-            .bind(i32::from(completion.response.status))
-            .bind(Json(&completion.response.headers))
-            .bind(&completion.response.body)
-            .execute(&mut *tx)
-            .await?;
+        complete_in!(tx, completion);
     }
     tx.commit().await?;
     Ok(())

@@ -687,6 +687,17 @@ macro_rules! pending_in {
     };
 }
 
+/// Inside a dispatched transaction `$tx`: one link write on its own;
+/// whether the lease still held.
+macro_rules! write_in {
+    ($tx:ident, $link:expr, $write:expr, $at:expr) => {
+        match $write {
+            LinkWrite::CreatePending(version) => pending_in!($tx, $link, version),
+            LinkWrite::Outcome(outcome) => record_in!($tx, $link, outcome, $at),
+        }
+    };
+}
+
 impl Store {
     /// Schedules a push of each change to each connector and takes the
     /// changes' outbox rows off the queue, in the same transaction, so a
@@ -997,6 +1008,18 @@ const DELIVERED_BATCH_POSTGRES: &str = "WITH w AS (SELECT * FROM UNNEST($1::int4
        FROM w JOIN updated ON updated.i = w.i) \
      SELECT i FROM updated";
 
+/// Per write, whether it is the first of its link in the group. One write
+/// per link is the rule (one lease, one step at a time), but a batch
+/// statement's `UPDATE … FROM` would apply only one of two, so a second
+/// goes one by one, after the batches.
+fn first_of_link(writes: &[(&SyncLink, &LinkWrite)]) -> Vec<bool> {
+    let mut seen = std::collections::HashSet::with_capacity(writes.len());
+    writes
+        .iter()
+        .map(|(link, _)| seen.insert((link.customer_id.as_str(), link.connector.as_str())))
+        .collect()
+}
+
 /// [`Store::write_links`] on PostgreSQL: create markers and deliveries, the
 /// writes every push makes, go as one statement each for the whole batch
 /// (round trips, not rows, are what a batch costs there); the rarer
@@ -1010,34 +1033,14 @@ async fn write_links_postgres(
 ) -> Result<Vec<bool>, StoreError> {
     let mut batches = Batches::default();
     let mut others = Vec::new();
-    let mut keys = std::collections::HashSet::with_capacity(writes.len());
-    for (index, (link, write)) in writes.iter().enumerate() {
-        // One write per link is the rule (one lease, one step at a time);
-        // an `UPDATE … FROM` would apply only one of two, so a second goes
-        // one by one, after the batches.
-        let first = keys.insert((link.customer_id.as_str(), link.connector.as_str()));
+    for (index, ((link, write), first)) in writes.iter().zip(first_of_link(writes)).enumerate() {
         let i = i32::try_from(index).unwrap_or(i32::MAX);
         match write {
             LinkWrite::CreatePending(version) if first => batches.pending.push(i, link, *version),
-            LinkWrite::Outcome(RecordedOutcome::Delivered {
-                operation,
-                version,
-                remote_id,
-                remote_deleted,
-                pushed_hash,
-                snapshot,
-            }) if first => batches.delivered.push(
-                i,
-                link,
-                Delivery {
-                    operation,
-                    version: *version,
-                    remote_id,
-                    remote_deleted: *remote_deleted,
-                    pushed_hash,
-                    snapshot: snapshot.as_ref().map(serde_json::Value::to_string),
-                },
-            ),
+            LinkWrite::Outcome(outcome) if first => match Delivery::of(outcome) {
+                Some(delivery) => batches.delivered.push(i, link, delivery),
+                None => others.push(index),
+            },
             _ => others.push(index),
         }
     }
@@ -1053,10 +1056,7 @@ async fn write_links_postgres(
     batches.write(&mut tx, at, &mut applied).await?;
     for index in others {
         let (link, write) = writes[index];
-        applied[index] = match write {
-            LinkWrite::CreatePending(version) => pending_in!(tx, link, version)?,
-            LinkWrite::Outcome(outcome) => record_in!(tx, link, outcome, at)?,
-        };
+        applied[index] = write_in!(tx, link, write, at)?;
     }
     tx.commit().await?;
     Ok(applied)
@@ -1100,38 +1100,33 @@ async fn write_links_sqlite(
 ) -> Result<Vec<bool>, StoreError> {
     let mut delivered = Vec::new();
     let mut others = Vec::new();
-    let mut keys = std::collections::HashSet::with_capacity(writes.len());
-    for (index, (link, write)) in writes.iter().enumerate() {
-        // One write per link, as on PostgreSQL: an `UPDATE … FROM` would
-        // apply only one of two.
-        let first = keys.insert((link.customer_id.as_str(), link.connector.as_str()));
-        match write {
-            LinkWrite::Outcome(RecordedOutcome::Delivered {
-                operation,
-                version,
-                remote_id,
-                remote_deleted,
-                pushed_hash,
-                snapshot,
-            }) if first => delivered.push((
-                index,
-                serde_json::json!([
-                    link.customer_id,
-                    link.connector,
-                    link.lease_token,
-                    remote_id,
-                    remote_deleted,
-                    link.synced_version.max(*version),
-                    pushed_hash,
-                    snapshot.as_ref().map(serde_json::Value::to_string),
-                    operation,
-                    version,
-                    link.attempts + 1,
-                    link.correlation_id,
-                ]),
-            )),
-            _ => others.push(index),
-        }
+    for (index, ((link, write), first)) in writes.iter().zip(first_of_link(writes)).enumerate() {
+        let delivery = match write {
+            LinkWrite::Outcome(outcome) if first => Delivery::of(outcome),
+            _ => None,
+        };
+        let Some(delivery) = delivery else {
+            others.push(index);
+            continue;
+        };
+        delivered.push((
+            index,
+            serde_json::json!([
+                link.customer_id,
+                link.connector,
+                link.lease_token,
+                delivery.remote_id,
+                delivery.remote_deleted,
+                // Only the lease holder moves synced_version (see `record_in!`).
+                link.synced_version.max(delivery.version),
+                delivery.pushed_hash,
+                delivery.snapshot,
+                delivery.operation,
+                delivery.version,
+                link.attempts + 1,
+                link.correlation_id,
+            ]),
+        ));
     }
     let mut applied = vec![false; writes.len()];
     let mut tx = pool.begin().await?;
@@ -1171,10 +1166,7 @@ async fn write_links_sqlite(
     }
     for index in others {
         let (link, write) = writes[index];
-        applied[index] = match write {
-            LinkWrite::CreatePending(version) => pending_in!(tx, link, version)?,
-            LinkWrite::Outcome(outcome) => record_in!(tx, link, outcome, at)?,
-        };
+        applied[index] = write_in!(tx, link, write, at)?;
     }
     tx.commit().await?;
     Ok(applied)
@@ -1297,7 +1289,7 @@ impl<'a> PendingRows<'a> {
     }
 }
 
-/// One delivered push, as [`DELIVERED_BATCH_POSTGRES`] takes it.
+/// One delivered push, as the batch statements take it.
 struct Delivery<'a> {
     operation: &'static str,
     version: i64,
@@ -1305,6 +1297,31 @@ struct Delivery<'a> {
     remote_deleted: bool,
     pushed_hash: &'a str,
     snapshot: Option<String>,
+}
+
+impl<'a> Delivery<'a> {
+    /// The delivery `outcome` records, if it is one.
+    fn of(outcome: &'a RecordedOutcome) -> Option<Self> {
+        let RecordedOutcome::Delivered {
+            operation,
+            version,
+            remote_id,
+            remote_deleted,
+            pushed_hash,
+            snapshot,
+        } = outcome
+        else {
+            return None;
+        };
+        Some(Self {
+            operation,
+            version: *version,
+            remote_id,
+            remote_deleted: *remote_deleted,
+            pushed_hash,
+            snapshot: snapshot.as_ref().map(serde_json::Value::to_string),
+        })
+    }
 }
 
 /// The columns of [`DELIVERED_BATCH_POSTGRES`].
