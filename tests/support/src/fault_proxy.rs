@@ -512,12 +512,45 @@ async fn handle(
         Some(Fault::ForwardThenDelay(delay)) => Some(delay),
         None => None,
     };
+    // Stripe runs a request to its end even when its client goes away (a
+    // ferry killed mid-request, in the crash tests). Were this future
+    // dropped with the client's connection, the key would stay
+    // "executing" and every retry would get a 409 for good; a task of its
+    // own runs the request to its end and saves the result.
+    let resp = tokio::spawn(execute(
+        upstream,
+        state,
+        parts,
+        query,
+        body,
+        index,
+        idempotency_key,
+    ))
+    .await
+    .unwrap_or_else(|_| made_up(502, &[], b"fault proxy: the request's task failed".to_vec()));
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+    Ok(resp)
+}
+
+/// Forwards one request upstream and, with an idempotency key, saves its
+/// result (or forgets the key if it never reached the upstream).
+async fn execute(
+    upstream: Arc<Upstream>,
+    state: Arc<State>,
+    parts: http::request::Parts,
+    query: Option<String>,
+    body: Bytes,
+    index: usize,
+    idempotency_key: Option<String>,
+) -> Response<Full<Bytes>> {
     if let Some(key) = &idempotency_key {
         state
             .saved()
             .insert(key.clone(), Saved::Executing(body.clone()));
     }
-    let resp = match forward(&upstream, &parts, query.as_deref(), body.clone()).await {
+    match forward(&upstream, &parts, query.as_deref(), body.clone()).await {
         Ok(resp) => {
             state.settle(index, true, Some(resp.status().as_u16()));
             if let Some(key) = &idempotency_key {
@@ -547,11 +580,7 @@ async fn handle(
             state.settle(index, false, Some(502));
             made_up(502, &[], format!("fault proxy: {err:#}").into_bytes())
         }
-    };
-    if let Some(delay) = delay {
-        tokio::time::sleep(delay).await;
     }
-    Ok(resp)
 }
 
 fn stripe_idempotency_error(status: u16, message: &str) -> Response<Full<Bytes>> {
@@ -626,4 +655,67 @@ async fn forward(
         resp.headers_mut().append(name.clone(), value.clone());
     }
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::FaultProxy;
+
+    /// An upstream that takes `delay` to answer every request with a
+    /// customer; returns its base URL.
+    async fn slow_upstream(delay: Duration) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let _ = socket.read(&mut buf).await;
+                    tokio::time::sleep(delay).await;
+                    let body = r#"{"id":"cus_slow","object":"customer"}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = socket.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    /// Stripe runs a request to its end when its client hangs up: a retry
+    /// with the same key afterwards gets the saved result, not a 409 for
+    /// a request that would otherwise stay "in progress" forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_whose_client_hung_up_still_saves_its_result() {
+        let upstream = slow_upstream(Duration::from_millis(600)).await;
+        let proxy = FaultProxy::start(&upstream).await.expect("proxy");
+        proxy.emulate_stripe_idempotency();
+        let post = |timeout: Duration| {
+            reqwest::Client::builder()
+                .timeout(timeout)
+                .build()
+                .unwrap()
+                .post(format!("{}/v1/customers", proxy.url()))
+                .header("idempotency-key", "k-hung-up")
+                .body("email=a%40example.com")
+                .send()
+        };
+        assert!(
+            post(Duration::from_millis(100)).await.is_err(),
+            "the first client hangs up"
+        );
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let retry = post(Duration::from_secs(5)).await.expect("answered");
+        assert_eq!(retry.status(), 200);
+        assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    }
 }
