@@ -576,13 +576,17 @@ impl Store {
                 .fetch_all(pool)
                 .await?
             }
-            // In-process reads: one indexed lookup each is as cheap.
-            Backend::Sqlite(_) => {
-                let mut customers = Vec::with_capacity(ids.len());
-                for id in ids {
-                    customers.extend(self.get_customer_any(id).await?);
-                }
-                return Ok(customers);
+            // One statement too: each is a hand-off to a reader
+            // connection's thread and back (docs/performance.md, round 14).
+            Backend::Sqlite(pools) => {
+                sqlx::query_as(concat!(
+                    "SELECT ",
+                    columns!(),
+                    " FROM customers WHERE id IN (SELECT value FROM json_each($1))"
+                ))
+                .bind(serde_json::to_string(ids)?)
+                .fetch_all(&pools.reader)
+                .await?
             }
         };
         Ok(rows.into_iter().map(Customer::from).collect())

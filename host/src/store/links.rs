@@ -159,23 +159,14 @@ pub struct Intake {
 /// version, and its connector is one of those the claimer said may push now
 /// (`pending_version` is then the customer's version): the marker no longer
 /// costs a transaction of its own. On PostgreSQL the claim also read the
-/// link's customer (one statement for what took three); on SQLite, where a
-/// read is no round trip, the push reads it.
+/// link's customer (one statement for what took three); on SQLite one
+/// read follows for the claimed batch.
 #[derive(Debug, Clone)]
 pub struct ClaimedLink {
     /// The link, as the claim left it.
     pub link: SyncLink,
     /// Its customer, if the claim read it (`None`: read it).
     pub customer: Option<Customer>,
-}
-
-impl ClaimedLink {
-    fn alone(row: SyncLinkRow) -> Self {
-        Self {
-            link: row.into(),
-            customer: None,
-        }
-    }
 }
 
 #[derive(sqlx::FromRow)]
@@ -819,7 +810,7 @@ impl Store {
                 .await?;
             return Ok(rows.into_iter().map(ClaimedLink::from).collect());
         }
-        let mut claimed = Vec::new();
+        let mut claimed: Vec<SyncLinkRow> = Vec::new();
         let ready = json_array(ready);
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
@@ -833,11 +824,35 @@ impl Store {
                     .bind(&ready)
                     .fetch_optional(&mut *tx)
                     .await?;
-                claimed.extend(row.map(ClaimedLink::alone));
+                claimed.extend(row);
             }
             tx.commit().await?;
         });
-        Ok(claimed)
+        self.with_customers(claimed).await
+    }
+
+    /// SQLite's claimed links with their customers, read in one statement
+    /// for the batch (a read per push was a hand-off to a reader's thread
+    /// each; docs/performance.md, round 14).
+    async fn with_customers(&self, rows: Vec<SyncLinkRow>) -> Result<Vec<ClaimedLink>, StoreError> {
+        let links: Vec<SyncLink> = rows.into_iter().map(SyncLink::from).collect();
+        let ids: Vec<&str> = links.iter().map(|l| l.customer_id.as_str()).collect();
+        let customers: std::collections::HashMap<String, Customer> = if ids.is_empty() {
+            Default::default()
+        } else {
+            self.customers_any(&ids)
+                .await?
+                .into_iter()
+                .map(|c| (c.id.as_str().to_owned(), c))
+                .collect()
+        };
+        Ok(links
+            .into_iter()
+            .map(|link| ClaimedLink {
+                customer: customers.get(&link.customer_id).cloned(),
+                link,
+            })
+            .collect())
     }
 
     /// Claims up to `limit` due, free links, oldest due first. `ready`: the
@@ -860,7 +875,7 @@ impl Store {
                     .bind(json_array(ready))
                     .fetch_all(&pools.writer)
                     .await?;
-                Ok(rows.into_iter().map(ClaimedLink::alone).collect())
+                self.with_customers(rows).await
             }
             Backend::Postgres(pool) => {
                 let rows: Vec<ClaimedRow> = sqlx::query_as(CLAIM_DUE_POSTGRES)
