@@ -562,6 +562,9 @@ impl Store {
     /// Several customers by id, deleted ones included (the inbound apply's
     /// read of a claimed batch).
     pub async fn customers_any(&self, ids: &[&str]) -> Result<Vec<Customer>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let rows: Vec<CustomerRow> = match &self.backend {
             Backend::Postgres(pool) => {
                 sqlx::query_as(concat!(

@@ -828,31 +828,36 @@ impl Store {
             }
             tx.commit().await?;
         });
-        self.with_customers(claimed).await
+        Ok(self.with_customers(claimed).await)
     }
 
     /// SQLite's claimed links with their customers, read in one statement
     /// for the batch (a read per push was a hand-off to a reader's thread
-    /// each; docs/performance.md, round 14).
-    async fn with_customers(&self, rows: Vec<SyncLinkRow>) -> Result<Vec<ClaimedLink>, StoreError> {
+    /// each; docs/performance.md, round 14). If that read fails the links
+    /// go without (`customer: None`): each push then reads its own, rather
+    /// than the claim failing with its leases already taken.
+    async fn with_customers(&self, rows: Vec<SyncLinkRow>) -> Vec<ClaimedLink> {
         let links: Vec<SyncLink> = rows.into_iter().map(SyncLink::from).collect();
         let ids: Vec<&str> = links.iter().map(|l| l.customer_id.as_str()).collect();
-        let customers: std::collections::HashMap<String, Customer> = if ids.is_empty() {
-            Default::default()
-        } else {
-            self.customers_any(&ids)
-                .await?
-                .into_iter()
-                .map(|c| (c.id.as_str().to_owned(), c))
-                .collect()
+        let customers = match self.customers_any(&ids).await {
+            Ok(customers) => customers,
+            Err(error) => {
+                tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::from(error)),
+                    "reading the claimed links' customers failed; each push reads its own"
+                );
+                Vec::new()
+            }
         };
-        Ok(links
+        let customers: std::collections::HashMap<&str, &Customer> =
+            customers.iter().map(|c| (c.id.as_str(), c)).collect();
+        links
             .into_iter()
             .map(|link| ClaimedLink {
-                customer: customers.get(&link.customer_id).cloned(),
+                customer: customers.get(link.customer_id.as_str()).map(|&c| c.clone()),
                 link,
             })
-            .collect())
+            .collect()
     }
 
     /// Claims up to `limit` due, free links, oldest due first. `ready`: the
@@ -875,7 +880,7 @@ impl Store {
                     .bind(json_array(ready))
                     .fetch_all(&pools.writer)
                     .await?;
-                self.with_customers(rows).await
+                Ok(self.with_customers(rows).await)
             }
             Backend::Postgres(pool) => {
                 let rows: Vec<ClaimedRow> = sqlx::query_as(CLAIM_DUE_POSTGRES)
