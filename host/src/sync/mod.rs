@@ -108,17 +108,17 @@ impl SyncEngine {
     pub fn new(store: Store, registry: Registry, options: SyncOptions) -> Self {
         // SQLite has one writer anyway; on PostgreSQL an inbound batch's
         // statements are round trips, so several committers keep the
-        // applies fed. The pushes' link writes are one statement per group
-        // there (one round trip): one committer makes the largest groups,
-        // and of 1, 2 and 4 made the most pushes (docs/performance.md,
-        // round 13).
-        let committers = match store.kind() {
+        // applies fed. The pushes' link writes and the webhooks' inbox
+        // writes are one statement per group there (one round trip): one
+        // committer makes the largest groups, which cost the database
+        // least per write (docs/performance.md, rounds 13 and 15).
+        let apply_committers = match store.kind() {
             crate::store::StoreKind::Sqlite => 1,
             crate::store::StoreKind::Postgres => 4,
         };
         let link_writes = GroupCommit::start(LinkWrites(store.clone()), 1);
-        let inbox_writes = GroupCommit::start(InboxWrites(store.clone()), committers);
-        let inbound_applies = GroupCommit::start(InboundApplies(store.clone()), committers);
+        let inbox_writes = GroupCommit::start(InboxWrites(store.clone()), 1);
+        let inbound_applies = GroupCommit::start(InboundApplies(store.clone()), apply_committers);
         Self {
             inner: Arc::new(Inner {
                 store,
