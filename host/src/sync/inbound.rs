@@ -84,8 +84,9 @@ fn hold_back(now: i64, stored_at: i64, oldest_claimed: i64, catch_up_after_ms: i
 const CLAIM_SWEEP_EVERY_MS: i64 = 1_000;
 
 /// How far below its last claim's oldest event a loop's next claim starts:
-/// webhooks are stored by several committers, and a group stamped earlier
-/// may commit after a later one was claimed.
+/// webhooks are stored by more than one writer (each replica commits its
+/// own), and a group stamped earlier may commit after a later one was
+/// claimed.
 const CLAIM_FLOOR_MARGIN_MS: i64 = 250;
 
 /// Where an inbox loop's next claim starts reading the due index:
