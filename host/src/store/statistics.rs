@@ -15,7 +15,11 @@
 //! link once per push, so counting changes analysed a table of steady size
 //! every few seconds under load (466 ms of a core each for a 34 MB inbox;
 //! docs/performance.md, round 12). A table of steady size is left to
-//! autovacuum.
+//! autovacuum, and so is one whose statistics were taken at
+//! [`SETTLED_ROWS`] rows or more: the planner scales a table's row count by
+//! its current size (pages times the rows per page it last saw), so a big
+//! table's plans keep their shape as it grows, and its next analyse reads a
+//! full sample (half a second of a core for the inbox above).
 
 use std::time::Duration;
 
@@ -27,10 +31,15 @@ use super::{Backend, Store, StoreError};
 /// are cheap whatever they are.
 const MIN_GROWTH: i64 = 1000;
 
+/// Rows at which a table's statistics are representative: past them, its
+/// analyses are autovacuum's.
+pub const SETTLED_ROWS: i64 = 10_000;
+
 impl Store {
     /// Analyses each table of ferry's schema that grew by more than
     /// `min_growth` rows, and to more than twice what it held at its last
-    /// analyse, since then. Returns the tables analysed; on SQLite, none.
+    /// analyse, since then, unless that analyse counted [`SETTLED_ROWS`]
+    /// or more. Returns the tables analysed; on SQLite, none.
     pub async fn analyze_grown_tables(&self, min_growth: i64) -> Result<Vec<String>, StoreError> {
         let Backend::Postgres(pool) = &self.backend else {
             return Ok(Vec::new());
@@ -43,9 +52,11 @@ impl Store {
              WHERE s.schemaname = current_schema() \
                AND s.n_live_tup - GREATEST(c.reltuples, 0) >= $1 \
                AND s.n_live_tup > 2 * GREATEST(c.reltuples, 0) \
+               AND c.reltuples < $2 \
              ORDER BY s.relname",
         )
         .bind(min_growth)
+        .bind(SETTLED_ROWS as f32)
         .fetch_all(pool)
         .await?;
         for table in &grown {

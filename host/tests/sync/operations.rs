@@ -772,4 +772,41 @@ async fn a_table_that_outgrew_its_statistics_is_analysed() {
         ["sync_links"],
         "doubled: analysed again"
     );
+
+    // Analysed at 11,000 rows, past `SETTLED_ROWS`: growth is autovacuum's.
+    let raw = sqlx::PgPool::connect(&url).await.expect("raw pool");
+    sqlx::query(
+        "INSERT INTO sync_links (customer_id, connector, wanted_version, state, \
+         next_attempt_at_ms, updated_at) \
+         SELECT 'cus_' || g, 'stripe', 1, 'synced', g, now() \
+         FROM generate_series(11001, 36000) g",
+    )
+    .execute(&raw)
+    .await
+    .expect("many more links");
+    raw.close().await;
+    let raw = sqlx::PgPool::connect(&url).await.expect("raw pool");
+    let mut live = 0_i64;
+    for _ in 0..40 {
+        live = sqlx::query_scalar(
+            "SELECT n_live_tup FROM pg_stat_user_tables WHERE relname = 'sync_links'",
+        )
+        .fetch_one(&raw)
+        .await
+        .expect("counts");
+        if live >= 36_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(live >= 36_000, "the inserts were counted: {live}");
+    assert!(
+        store
+            .analyze_grown_tables(1000)
+            .await
+            .expect("looked after the growth")
+            .is_empty(),
+        "statistics taken at {} rows or more are left to autovacuum",
+        ferry::store::statistics::SETTLED_ROWS
+    );
 }
