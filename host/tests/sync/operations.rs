@@ -650,6 +650,46 @@ async fn claim_plan(pool: &sqlx::PgPool) -> String {
 
 /// The tables the keeper analyses once the last writes' counts reached the
 /// statistics views (within a moment); empty if none within 10 s.
+/// Links `cus_<from>` to `cus_<to>`, synced, written on a connection that
+/// ends at once (an idle one reports its counts only after 10 s).
+async fn insert_synced_links(url: &str, from: i64, to: i64) {
+    let raw = sqlx::PgPool::connect(url).await.expect("raw pool");
+    sqlx::query(
+        "INSERT INTO sync_links (customer_id, connector, wanted_version, state, \
+         next_attempt_at_ms, updated_at) \
+         SELECT 'cus_' || g, 'stripe', 1, 'synced', g, now() \
+         FROM generate_series($1::int8, $2::int8) g",
+    )
+    .bind(from)
+    .bind(to)
+    .execute(&raw)
+    .await
+    .expect("links");
+    raw.close().await;
+}
+
+/// `sync_links`' counter `column` in `pg_stat_user_tables` once it reached
+/// `at_least` (the statistics collector reports a little later), or its
+/// last reading.
+async fn link_counter_reaching(url: &str, column: &str, at_least: i64) -> i64 {
+    let raw = sqlx::PgPool::connect(url).await.expect("raw pool");
+    let mut counted = 0_i64;
+    for _ in 0..40 {
+        counted = sqlx::query_scalar(&format!(
+            "SELECT {column} FROM pg_stat_user_tables WHERE relname = 'sync_links'"
+        ))
+        .fetch_one(&raw)
+        .await
+        .expect("counts");
+        if counted >= at_least {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    raw.close().await;
+    counted
+}
+
 async fn analysed_once_counted(store: &ferry::store::Store) -> Vec<String> {
     for _ in 0..40 {
         let analysed = store.analyze_grown_tables(1000).await.expect("analysed");
@@ -732,20 +772,7 @@ async fn a_table_that_outgrew_its_statistics_is_analysed() {
         .await
         .expect("second write");
     raw.close().await;
-    let raw = sqlx::PgPool::connect(&url).await.expect("raw pool");
-    let mut changed = 0_i64;
-    for _ in 0..40 {
-        changed = sqlx::query_scalar(
-            "SELECT n_mod_since_analyze FROM pg_stat_user_tables WHERE relname = 'sync_links'",
-        )
-        .fetch_one(&raw)
-        .await
-        .expect("counts");
-        if changed >= 10_000 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let changed = link_counter_reaching(&url, "n_mod_since_analyze", 10_000).await;
     assert!(changed >= 10_000, "the writes were counted: {changed}");
     assert!(
         store
@@ -757,16 +784,7 @@ async fn a_table_that_outgrew_its_statistics_is_analysed() {
     );
 
     // Past twice its size, it is analysed again.
-    sqlx::query(
-        "INSERT INTO sync_links (customer_id, connector, wanted_version, state, \
-         next_attempt_at_ms, updated_at) \
-         SELECT 'cus_' || g, 'stripe', 1, 'synced', g, now() \
-         FROM generate_series(5001, 11000) g",
-    )
-    .execute(&raw)
-    .await
-    .expect("more links");
-    raw.close().await;
+    insert_synced_links(&url, 5001, 11_000).await;
     assert_eq!(
         analysed_once_counted(&store).await,
         ["sync_links"],
@@ -774,31 +792,8 @@ async fn a_table_that_outgrew_its_statistics_is_analysed() {
     );
 
     // Analysed at 11,000 rows, past `SETTLED_ROWS`: growth is autovacuum's.
-    let raw = sqlx::PgPool::connect(&url).await.expect("raw pool");
-    sqlx::query(
-        "INSERT INTO sync_links (customer_id, connector, wanted_version, state, \
-         next_attempt_at_ms, updated_at) \
-         SELECT 'cus_' || g, 'stripe', 1, 'synced', g, now() \
-         FROM generate_series(11001, 36000) g",
-    )
-    .execute(&raw)
-    .await
-    .expect("many more links");
-    raw.close().await;
-    let raw = sqlx::PgPool::connect(&url).await.expect("raw pool");
-    let mut live = 0_i64;
-    for _ in 0..40 {
-        live = sqlx::query_scalar(
-            "SELECT n_live_tup FROM pg_stat_user_tables WHERE relname = 'sync_links'",
-        )
-        .fetch_one(&raw)
-        .await
-        .expect("counts");
-        if live >= 36_000 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    insert_synced_links(&url, 11_001, 36_000).await;
+    let live = link_counter_reaching(&url, "n_live_tup", 36_000).await;
     assert!(live >= 36_000, "the inserts were counted: {live}");
     assert!(
         store
