@@ -690,9 +690,14 @@ async fn link_counter_reaching(url: &str, column: &str, at_least: i64) -> i64 {
     counted
 }
 
+/// What one look of the keeper (at its default growth of 1,000) analyses.
+async fn analysed_now(store: &ferry::store::Store) -> Vec<String> {
+    store.analyze_grown_tables(1000).await.expect("looked")
+}
+
 async fn analysed_once_counted(store: &ferry::store::Store) -> Vec<String> {
     for _ in 0..40 {
-        let analysed = store.analyze_grown_tables(1000).await.expect("analysed");
+        let analysed = analysed_now(store).await;
         if !analysed.is_empty() {
             return analysed;
         }
@@ -752,11 +757,7 @@ async fn a_table_that_outgrew_its_statistics_is_analysed() {
         "the claim reads the due index in order: {after}"
     );
     assert!(
-        store
-            .analyze_grown_tables(1000)
-            .await
-            .expect("looked again")
-            .is_empty(),
+        analysed_now(&store).await.is_empty(),
         "just analysed, nothing to do"
     );
 
@@ -775,11 +776,7 @@ async fn a_table_that_outgrew_its_statistics_is_analysed() {
     let changed = link_counter_reaching(&url, "n_mod_since_analyze", 10_000).await;
     assert!(changed >= 10_000, "the writes were counted: {changed}");
     assert!(
-        store
-            .analyze_grown_tables(1000)
-            .await
-            .expect("looked after the writes")
-            .is_empty(),
+        analysed_now(&store).await.is_empty(),
         "rewritten, not grown: nothing to do"
     );
 
@@ -796,11 +793,7 @@ async fn a_table_that_outgrew_its_statistics_is_analysed() {
     let live = link_counter_reaching(&url, "n_live_tup", 36_000).await;
     assert!(live >= 36_000, "the inserts were counted: {live}");
     assert!(
-        store
-            .analyze_grown_tables(1000)
-            .await
-            .expect("looked after the growth")
-            .is_empty(),
+        analysed_now(&store).await.is_empty(),
         "statistics taken at {} rows or more are left to autovacuum",
         ferry::store::statistics::SETTLED_ROWS
     );
