@@ -347,6 +347,7 @@ impl Creates {
 
 impl Committer for Creates {
     const NAME: &'static str = "creates";
+    const GATHER: bool = true;
     type Write = NewCustomer;
     type Done = ();
 
