@@ -4,7 +4,8 @@
 //! committed. Nobody is answered before their write is durable.
 //!
 //! A committer whose writers come straight back with their next write (API
-//! clients) may also wait a little for them; see [`Committer::GATHER`].
+//! clients, webhook senders) may also wait a little for them; see
+//! [`Committer::GATHER`].
 
 use std::sync::Arc;
 use std::time::Duration;
