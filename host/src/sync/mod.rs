@@ -424,7 +424,7 @@ struct InboxWrites(Store);
 impl Committer for InboxWrites {
     const NAME: &'static str = "inbox_writes";
     // Senders hold their connection until acknowledged and send the next
-    // delivery at once: beside the peer, +8–10 % acknowledged/s at 32
+    // delivery at once: beside the peer, +5–10 % acknowledged/s at 32
     // connections (docs/performance.md, round 17).
     const GATHER: bool = true;
     type Write = (String, Vec<NewInboxEvent>, Option<String>);
