@@ -41,7 +41,7 @@ pub trait Committer: Send + Sync + 'static {
     /// rest, for at most as long as that commit took (and
     /// [`MOST_PATIENCE`]). A lone writer never waits, nor does a group
     /// whose writers all queued. API creates at 8 clients: groups 4.0 →
-    /// 8.0, +9–16 % requests/s on PostgreSQL, +33–56 % on SQLite
+    /// 8.0, +5–16 % requests/s on PostgreSQL, +33–56 % on SQLite
     /// (docs/performance.md, round 17).
     const GATHER: bool = false;
 
