@@ -150,12 +150,11 @@ impl Store {
             };
             let customer = Customer::from(row);
             sqlx::query(
-                "INSERT INTO outbox (aggregate, aggregate_id, version, kind, payload, correlation_id, created_at) \
-                 VALUES ('customer', $1, $2, 'updated', $3, $4, $5)",
+                "INSERT INTO outbox (aggregate, aggregate_id, version, kind, correlation_id, created_at) \
+                 VALUES ('customer', $1, $2, 'updated', $3, $4)",
             )
             .bind(customer.id.as_str())
             .bind(customer.version)
-            .bind(Json(&customer))
             .bind(correlation_id)
             .bind(at)
             .execute(&mut *tx)

@@ -266,13 +266,12 @@ macro_rules! finish_write {
         let correlation_id: Option<&str> = $correlation_id;
         let completion: Option<&Completion> = $completion;
         sqlx::query(
-            "INSERT INTO outbox (aggregate, aggregate_id, version, kind, payload, correlation_id, created_at) \
-             VALUES ('customer', $1, $2, $3, $4, $5, $6)",
+            "INSERT INTO outbox (aggregate, aggregate_id, version, kind, correlation_id, created_at) \
+             VALUES ('customer', $1, $2, $3, $4, $5)",
         )
         .bind(customer.id.as_str())
         .bind(customer.version)
         .bind($kind.as_str())
-        .bind(Json(customer))
         .bind(correlation_id)
         .bind(customer.updated_at)
         .execute(&mut *$tx)
@@ -368,7 +367,7 @@ impl Committer for Creates {
 // SQLite: a group's customers, then their `created` events, as one
 // statement each over `json_each` (each statement is a hand-off to the
 // writer connection's thread and back). `$1` holds one `[id, name, email,
-// phone, address, metadata, version, at, payload, correlation]` array per
+// phone, address, metadata, version, at, correlation]` array per
 // create, in the group's order; the documents as their JSON text.
 const CREATE_BATCH_SQLITE: &str = concat!(
     "INSERT INTO customers (",
@@ -380,9 +379,9 @@ const CREATE_BATCH_SQLITE: &str = concat!(
 );
 
 const CREATED_EVENTS_SQLITE: &str = "INSERT INTO outbox \
-     (aggregate, aggregate_id, version, kind, payload, correlation_id, created_at) \
+     (aggregate, aggregate_id, version, kind, correlation_id, created_at) \
      SELECT 'customer', json_extract(c.value, '$[0]'), json_extract(c.value, '$[6]'), 'created', \
-       json_extract(c.value, '$[8]'), json_extract(c.value, '$[9]'), json_extract(c.value, '$[7]') \
+       json_extract(c.value, '$[8]'), json_extract(c.value, '$[7]') \
      FROM json_each($1) AS c ORDER BY c.key";
 
 /// SQLite: the creates as one transaction of two statements for the group
@@ -409,7 +408,6 @@ async fn create_each(pool: &sqlx::SqlitePool, writes: &[NewCustomer]) -> Result<
             customer
                 .created_at
                 .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false),
-            serde_json::to_string(customer)?,
             write.correlation_id,
         ]));
     }
@@ -446,7 +444,6 @@ async fn create_in_one_statement(
     let mut metadata = Vec::with_capacity(writes.len());
     let mut versions = Vec::with_capacity(writes.len());
     let mut created = Vec::with_capacity(writes.len());
-    let mut payloads = Vec::with_capacity(writes.len());
     let mut correlation_ids = Vec::with_capacity(writes.len());
     let (mut scopes, mut keys, mut statuses, mut headers, mut bodies) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -461,7 +458,6 @@ async fn create_in_one_statement(
         versions.push(customer.version);
         // A new customer's created_at and updated_at are one instant.
         created.push(customer.created_at);
-        payloads.push(Json(customer));
         correlation_ids.push(write.correlation_id.as_deref());
         if let Some(completion) = &write.completion {
             scopes.push(completion.scope.as_str());
@@ -476,13 +472,13 @@ async fn create_in_one_statement(
         "SELECT u_id, u_name, u_email, u_phone, u_address, u_metadata, u_version, u_at, u_at, NULL ",
         "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::int8[], ",
         "$8::timestamptz[]) AS u(u_id, u_name, u_email, u_phone, u_address, u_metadata, u_version, u_at)), ",
-        "event AS (INSERT INTO outbox (aggregate, aggregate_id, version, kind, payload, correlation_id, created_at) ",
-        "SELECT 'customer', u_id, u_version, 'created', u_payload, u_correlation, u_at ",
-        "FROM unnest($1::text[], $7::int8[], $9::jsonb[], $10::text[], $8::timestamptz[]) WITH ORDINALITY ",
-        "AS u(u_id, u_version, u_payload, u_correlation, u_at, u_n) ORDER BY u_n), ",
+        "event AS (INSERT INTO outbox (aggregate, aggregate_id, version, kind, correlation_id, created_at) ",
+        "SELECT 'customer', u_id, u_version, 'created', u_correlation, u_at ",
+        "FROM unnest($1::text[], $7::int8[], $9::text[], $8::timestamptz[]) WITH ORDINALITY ",
+        "AS u(u_id, u_version, u_correlation, u_at, u_n) ORDER BY u_n), ",
         "idempotency AS (UPDATE idempotency_keys SET state = 'done', response_status = u_status, ",
         "response_headers = u_headers, response_body = u_body ",
-        "FROM unnest($11::text[], $12::text[], $13::int4[], $14::jsonb[], $15::bytea[]) ",
+        "FROM unnest($10::text[], $11::text[], $12::int4[], $13::jsonb[], $14::bytea[]) ",
         "AS u(u_scope, u_key, u_status, u_headers, u_body) WHERE scope = u_scope AND key = u_key) ",
         "SELECT 1"
     ))
@@ -494,7 +490,6 @@ async fn create_in_one_statement(
     .bind(metadata)
     .bind(versions)
     .bind(created)
-    .bind(payloads)
     .bind(correlation_ids)
     .bind(scopes)
     .bind(keys)

@@ -92,8 +92,8 @@ pub struct InboxFilter {
 /// The append-only tables retention trims.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trimmed {
-    /// Outbox events published and consumed, unless a pending create
-    /// still needs its payload.
+    /// Outbox events published and consumed (a create whose outcome is
+    /// unknown keeps its record on its link, not here).
     Outbox,
     /// Inbox events applied or skipped (dead ones stay until replayed).
     Inbox,
@@ -120,9 +120,7 @@ impl Trimmed {
             Trimmed::Outbox => (
                 "id",
                 "created_at",
-                "NOT EXISTS (SELECT 1 FROM outbox_queue q WHERE q.outbox_id = outbox.id) \
-                 AND NOT EXISTS (SELECT 1 FROM sync_links l WHERE l.customer_id = outbox.aggregate_id \
-                 AND l.pending_version = outbox.version)",
+                "NOT EXISTS (SELECT 1 FROM outbox_queue q WHERE q.outbox_id = outbox.id)",
             ),
             Trimmed::Inbox => ("seq", "received_at", "state IN ('applied', 'skipped')"),
             Trimmed::Deliveries => ("id", "created_at", "TRUE"),

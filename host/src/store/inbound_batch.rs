@@ -289,7 +289,7 @@ async fn write(
     let mut outbox = OutboxColumns::default();
     for (change, written) in changes.iter().zip(&written) {
         if let Some((customer, kind)) = written {
-            outbox.push(customer, kind, change)?;
+            outbox.push(customer, kind, change);
         }
     }
     if !outbox.ids.is_empty() {
@@ -499,17 +499,16 @@ impl<'c> Tx<'c> {
         match self {
             Self::Postgres(tx) => {
                 sqlx::query(
-                    "INSERT INTO outbox (aggregate, aggregate_id, version, kind, payload, correlation_id, \
+                    "INSERT INTO outbox (aggregate, aggregate_id, version, kind, correlation_id, \
                      created_at, source_connector) \
-                     SELECT 'customer', u_id, u_version, u_kind, u_payload::jsonb, u_correlation, $6, u_connector \
-                     FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $7::text[]) \
-                     WITH ORDINALITY AS u(u_id, u_version, u_kind, u_payload, u_correlation, u_connector, u_n) \
+                     SELECT 'customer', u_id, u_version, u_kind, u_correlation, $5, u_connector \
+                     FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $6::text[]) \
+                     WITH ORDINALITY AS u(u_id, u_version, u_kind, u_correlation, u_connector, u_n) \
                      ORDER BY u_n",
                 )
                 .bind(outbox.ids)
                 .bind(outbox.versions)
                 .bind(outbox.kinds)
-                .bind(outbox.payloads)
                 .bind(outbox.correlation_ids)
                 .bind(at)
                 .bind(outbox.connectors)
@@ -521,15 +520,14 @@ impl<'c> Tx<'c> {
                     json_column(outbox.ids),
                     json_column(outbox.versions),
                     json_column(outbox.kinds),
-                    json_column(outbox.payloads),
                     json_column(outbox.correlation_ids),
                     json_column(outbox.connectors),
                 ]);
                 sqlx::query(
-                    "INSERT INTO outbox (aggregate, aggregate_id, version, kind, payload, correlation_id, \
+                    "INSERT INTO outbox (aggregate, aggregate_id, version, kind, correlation_id, \
                      created_at, source_connector) \
-                     SELECT 'customer', value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, $2, \
-                     value ->> 5 FROM json_each($1) ORDER BY key",
+                     SELECT 'customer', value ->> 0, value ->> 1, value ->> 2, value ->> 3, $2, \
+                     value ->> 4 FROM json_each($1) ORDER BY key",
                 )
                 .bind(rows)
                 .bind(at)
@@ -705,27 +703,18 @@ struct OutboxColumns {
     ids: Vec<String>,
     versions: Vec<i64>,
     kinds: Vec<&'static str>,
-    payloads: Vec<String>,
     correlation_ids: Vec<Option<String>>,
     connectors: Vec<String>,
 }
 
 impl OutboxColumns {
-    fn push(
-        &mut self,
-        customer: &Customer,
-        kind: &'static str,
-        change: &InboundChange,
-    ) -> Result<(), sqlx::Error> {
+    fn push(&mut self, customer: &Customer, kind: &'static str, change: &InboundChange) {
         self.ids.push(customer.id.as_str().to_owned());
         self.versions.push(customer.version);
         self.kinds.push(kind);
-        self.payloads
-            .push(serde_json::to_string(customer).map_err(|e| sqlx::Error::Encode(e.into()))?);
         self.correlation_ids
             .push(change.event.correlation_id.clone());
         self.connectors.push(change.event.connector.clone());
-        Ok(())
     }
 }
 

@@ -564,13 +564,12 @@ impl Store {
             };
             if let (Some(customer), Some(kind)) = (&customer, kind) {
                 sqlx::query(
-                    "INSERT INTO outbox (aggregate, aggregate_id, version, kind, payload, correlation_id, \
-                     created_at, source_connector) VALUES ('customer', $1, $2, $3, $4, $5, $6, $7)",
+                    "INSERT INTO outbox (aggregate, aggregate_id, version, kind, correlation_id, \
+                     created_at, source_connector) VALUES ('customer', $1, $2, $3, $4, $5, $6)",
                 )
                 .bind(customer.id.as_str())
                 .bind(customer.version)
                 .bind(kind)
-                .bind(Json(customer))
                 .bind(&event.correlation_id)
                 .bind(customer.updated_at)
                 .bind(&event.connector)
@@ -584,7 +583,8 @@ impl Store {
             if let Some(old) = &change.unlink_customer {
                 sqlx::query(
                     "UPDATE sync_links SET remote_id = NULL, snapshot = NULL, pushed_hash = NULL, \
-                     pending_version = NULL, updated_at = $3 WHERE customer_id = $1 AND connector = $2",
+                     pending_version = NULL, pending_record = NULL, updated_at = $3 \
+                     WHERE customer_id = $1 AND connector = $2",
                 )
                 .bind(old.as_str())
                 .bind(&event.connector)

@@ -67,6 +67,10 @@ pub struct SyncLink {
     /// A create whose outcome is unknown (it timed out): the next attempt
     /// replays exactly that version's request with the same idempotency key.
     pub pending_version: Option<i64>,
+    /// The record that create sent (at least its canonical fields), kept
+    /// while it is unsettled: what the replay sends once the customer has
+    /// moved on.
+    pub pending_record: Option<serde_json::Value>,
     /// Scheduling state.
     pub state: LinkState,
     /// Failed attempts since the last success.
@@ -103,6 +107,7 @@ pub(super) struct SyncLinkRow {
     pushed_hash: Option<String>,
     snapshot: Option<Json<serde_json::Value>>,
     pending_version: Option<i64>,
+    pending_record: Option<Json<serde_json::Value>>,
     state: String,
     attempts: i32,
     next_attempt_at_ms: i64,
@@ -128,6 +133,7 @@ impl From<SyncLinkRow> for SyncLink {
             pushed_hash: row.pushed_hash,
             snapshot: row.snapshot.map(|s| s.0),
             pending_version: row.pending_version,
+            pending_record: row.pending_record.map(|r| r.0),
             state: LinkState::parse(&row.state),
             attempts: row.attempts,
             next_attempt_at_ms: row.next_attempt_at_ms,
@@ -189,9 +195,9 @@ impl From<ClaimedRow> for ClaimedLink {
 macro_rules! link_columns {
     () => {
         "customer_id, connector, remote_id, remote_deleted, wanted_version, synced_version, \
-         pushed_hash, snapshot, pending_version, state, attempts, next_attempt_at_ms, \
-         lease_token, last_error, correlation_id, updated_at, remote_seen_at_ms, pushed_at_ms, held_by, \
-         repairs"
+         pushed_hash, snapshot, pending_version, pending_record, state, attempts, \
+         next_attempt_at_ms, lease_token, last_error, correlation_id, updated_at, remote_seen_at_ms, \
+         pushed_at_ms, held_by, repairs"
     };
 }
 pub(super) use link_columns;
@@ -287,9 +293,14 @@ pub enum RecordedOutcome {
 /// A write to a claimed link, batched by the sync engine.
 #[derive(Debug, Clone)]
 pub enum LinkWrite {
-    /// A create of this version is about to be sent: if its outcome is
-    /// lost, the next attempt replays it exactly.
-    CreatePending(i64),
+    /// A create of `version` is about to send `record` (the canonical
+    /// record): if its outcome is lost, the next attempt replays it exactly.
+    CreatePending {
+        /// The customer's version the create sends.
+        version: i64,
+        /// What it sends.
+        record: serde_json::Value,
+    },
     /// An attempt's outcome.
     Outcome(RecordedOutcome),
 }
@@ -343,17 +354,27 @@ const INTAKE_BATCH_POSTGRES: &str = concat!(
 );
 
 // A claim marks the create its push is about to send: `pending_version`
-// becomes the customer's current version for a link `$link` with no remote
-// record and no create outstanding, whose customer is live and newer than
-// the remote's version, to a connector that may push now (`$ready`, the
-// membership test in the backend's form). Without it each create cost a
-// marker write of its own, a transaction each (docs/performance.md, round
-// 13). A marked create that is then not sent (the connector was disabled or
-// its breaker opened in between) is replayed later like one that timed out.
+// becomes the customer's current version, and `pending_record` that
+// version's record (`$record`, the canonical fields of customer `c` in the
+// backend's JSON), for a link `$link` with no remote record and no create
+// outstanding, whose customer is live and newer than the remote's version,
+// to a connector that may push now (`$ready`, the membership test in the
+// backend's form). Without it each create cost a marker write of its own, a
+// transaction each (docs/performance.md, round 13). A marked create that is
+// then not sent (the connector was disabled or its breaker opened in
+// between) is replayed later like one that timed out.
 macro_rules! mark_create {
-    ($link:literal, $ready:literal) => {
+    ($link:literal, $ready:literal, $record:literal) => {
         concat!(
-            "pending_version = CASE WHEN ",
+            mark_create!(@set "pending_version", $link, $ready, "c.version"),
+            ", ",
+            mark_create!(@set "pending_record", $link, $ready, $record)
+        )
+    };
+    (@set $column:literal, $link:literal, $ready:literal, $value:literal) => {
+        concat!(
+            $column,
+            " = CASE WHEN ",
             $link,
             ".pending_version IS NULL AND ",
             $link,
@@ -361,13 +382,17 @@ macro_rules! mark_create {
             $link,
             ".connector ",
             $ready,
-            " THEN (SELECT c.version FROM customers c WHERE c.id = ",
+            " THEN (SELECT ",
+            $value,
+            " FROM customers c WHERE c.id = ",
             $link,
             ".customer_id AND c.deleted_at IS NULL AND c.version > ",
             $link,
             ".synced_version) ELSE ",
             $link,
-            ".pending_version END"
+            ".",
+            $column,
+            " END"
         )
     };
 }
@@ -375,14 +400,21 @@ macro_rules! mark_create {
 // A claim: leases the claimable rows of `$table` (whose rows `$link` names)
 // and marks their creates.
 macro_rules! claim {
-    ($table:literal, $link:literal, $lease:literal, $ready:literal, $claimable:literal) => {
+    (
+        $table:literal,
+        $link:literal,
+        $lease:literal,
+        $ready:literal,
+        $record:literal,
+        $claimable:literal
+    ) => {
         concat!(
             "UPDATE ",
             $table,
             " SET lease_until_ms = ",
             $lease,
             ", ",
-            mark_create!($link, $ready),
+            mark_create!($link, $ready, $record),
             " WHERE ",
             $claimable,
             " RETURNING ",
@@ -397,7 +429,15 @@ macro_rules! claim_postgres {
     ($lease:literal, $ready:literal, $claimable:literal) => {
         concat!(
             "WITH claimed AS (",
-            claim!("sync_links l", "l", $lease, $ready, $claimable),
+            claim!(
+                "sync_links l",
+                "l",
+                $lease,
+                $ready,
+                "jsonb_build_object('id', c.id, 'name', c.name, 'email', c.email, \
+                 'phone', c.phone, 'address', c.address, 'metadata', c.metadata)",
+                $claimable
+            ),
             ") SELECT claimed.*, ",
             joined_columns!(),
             " FROM claimed LEFT JOIN customers c ON c.id = claimed.customer_id"
@@ -463,7 +503,15 @@ use intake_on_conflict;
 // SQLite's claims: `$ready` is a JSON array there.
 macro_rules! claim_sqlite {
     ($lease:literal, $ready:literal, $claimable:literal) => {
-        claim!("sync_links", "sync_links", $lease, $ready, $claimable)
+        claim!(
+            "sync_links",
+            "sync_links",
+            $lease,
+            $ready,
+            "json_object('id', c.id, 'name', c.name, 'email', c.email, 'phone', c.phone, \
+             'address', json(c.address), 'metadata', json(c.metadata))",
+            $claimable
+        )
     };
 }
 
@@ -504,8 +552,8 @@ macro_rules! record_in {
                     let synced = $link.synced_version.max(*version);
                     sqlx::query(
                         "UPDATE sync_links SET remote_id = $1, remote_deleted = $2, synced_version = $3, \
-                         pushed_hash = $4, snapshot = $5, pending_version = NULL, attempts = 0, \
-                         last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $6, \
+                         pushed_hash = $4, snapshot = $5, pending_version = NULL, \
+                         pending_record = NULL, attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $6, \
                          state = CASE WHEN wanted_version > $3 THEN 'pending' ELSE 'synced' END, \
                          next_attempt_at_ms = $7, pushed_at_ms = $7 \
                          WHERE customer_id = $8 AND connector = $9 AND lease_token = $10",
@@ -590,6 +638,7 @@ macro_rules! record_in {
                     sqlx::query(
                         "UPDATE sync_links SET state = 'dead', attempts = $1, last_error = $2, \
                          pending_version = CASE WHEN $7 THEN NULL ELSE pending_version END, \
+                         pending_record = CASE WHEN $7 THEN NULL ELSE pending_record END, \
                          lease_until_ms = 0, lease_token = NULL, updated_at = $3 \
                          WHERE customer_id = $4 AND connector = $5 AND lease_token = $6",
                     )
@@ -661,15 +710,16 @@ macro_rules! record_in {
 }
 
 /// Inside a dispatched transaction `$tx`: records that a create of
-/// `$version` is about to be sent for `$link`.
+/// `$version` is about to send `$record` for `$link`.
 macro_rules! pending_in {
-    ($tx:ident, $link:expr, $version:expr) => {
+    ($tx:ident, $link:expr, $version:expr, $record:expr) => {
         async {
             let updated = sqlx::query(
-                "UPDATE sync_links SET pending_version = $1 \
-                 WHERE customer_id = $2 AND connector = $3 AND lease_token = $4",
+                "UPDATE sync_links SET pending_version = $1, pending_record = $2 \
+                 WHERE customer_id = $3 AND connector = $4 AND lease_token = $5",
             )
             .bind($version)
+            .bind(Json($record))
             .bind(&$link.customer_id)
             .bind(&$link.connector)
             .bind(&$link.lease_token)
@@ -686,7 +736,9 @@ macro_rules! pending_in {
 macro_rules! write_in {
     ($tx:ident, $link:expr, $write:expr, $at:expr) => {
         match $write {
-            LinkWrite::CreatePending(version) => pending_in!($tx, $link, version),
+            LinkWrite::CreatePending { version, record } => {
+                pending_in!($tx, $link, version, record)
+            }
             LinkWrite::Outcome(outcome) => record_in!($tx, $link, outcome, $at),
         }
     };
@@ -999,9 +1051,10 @@ impl Store {
 
 /// Marks creates about to be sent, for a batch of links (`$1` the writes'
 /// positions in the batch); returns the positions whose lease held.
-const PENDING_BATCH_POSTGRES: &str = "UPDATE sync_links l SET pending_version = w.version \
-     FROM UNNEST($1::int4[], $2::text[], $3::text[], $4::text[], $5::int8[]) \
-       AS w(i, customer_id, connector, lease_token, version) \
+const PENDING_BATCH_POSTGRES: &str = "UPDATE sync_links l SET pending_version = w.version, \
+       pending_record = w.record \
+     FROM UNNEST($1::int4[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::jsonb[]) \
+       AS w(i, customer_id, connector, lease_token, version, record) \
      WHERE l.customer_id = w.customer_id AND l.connector = w.connector \
        AND l.lease_token = w.lease_token \
      RETURNING w.i";
@@ -1017,7 +1070,7 @@ const DELIVERED_BATCH_POSTGRES: &str = "WITH w AS (SELECT * FROM UNNEST($1::int4
      updated AS (UPDATE sync_links l SET remote_id = w.remote_id, \
        remote_deleted = w.remote_deleted, synced_version = w.synced_version, \
        pushed_hash = w.pushed_hash, snapshot = w.snapshot::jsonb, pending_version = NULL, \
-       attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, \
+       pending_record = NULL, attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, \
        updated_at = $14, \
        state = CASE WHEN l.wanted_version > w.synced_version THEN 'pending' ELSE 'synced' END, \
        next_attempt_at_ms = $15, pushed_at_ms = $15 \
@@ -1059,7 +1112,9 @@ async fn write_links_postgres(
     for (index, ((link, write), first)) in writes.iter().zip(first_of_link(writes)).enumerate() {
         let i = i32::try_from(index).unwrap_or(i32::MAX);
         match write {
-            LinkWrite::CreatePending(version) if first => batches.pending.push(i, link, *version),
+            LinkWrite::CreatePending { version, record } if first => {
+                batches.pending.push(i, link, *version, record)
+            }
             LinkWrite::Outcome(outcome) if first => match Delivery::of(outcome) {
                 Some(delivery) => batches.delivered.push(i, link, delivery),
                 None => others.push(index),
@@ -1093,8 +1148,8 @@ async fn write_links_postgres(
 const DELIVERED_BATCH_SQLITE: &str = "UPDATE sync_links SET \
        remote_id = json_extract(w.value, '$[3]'), remote_deleted = json_extract(w.value, '$[4]'), \
        synced_version = json_extract(w.value, '$[5]'), pushed_hash = json_extract(w.value, '$[6]'), \
-       snapshot = json_extract(w.value, '$[7]'), pending_version = NULL, attempts = 0, \
-       last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $2, \
+       snapshot = json_extract(w.value, '$[7]'), pending_version = NULL, pending_record = NULL, \
+       attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $2, \
        state = CASE WHEN sync_links.wanted_version > json_extract(w.value, '$[5]') \
          THEN 'pending' ELSE 'synced' END, \
        next_attempt_at_ms = $3, pushed_at_ms = $3 \
@@ -1217,6 +1272,7 @@ impl Batches<'_> {
                 .links
                 .bind(sqlx::query_scalar(PENDING_BATCH_POSTGRES))
                 .bind(&pending.version)
+                .bind(&pending.record)
                 .fetch_all(&mut *conn)
                 .await?;
             mark(applied, &held);
@@ -1303,12 +1359,14 @@ impl<'a> LinkRows<'a> {
 struct PendingRows<'a> {
     links: LinkRows<'a>,
     version: Vec<i64>,
+    record: Vec<Json<&'a serde_json::Value>>,
 }
 
 impl<'a> PendingRows<'a> {
-    fn push(&mut self, i: i32, link: &'a SyncLink, version: i64) {
+    fn push(&mut self, i: i32, link: &'a SyncLink, version: i64, record: &'a serde_json::Value) {
         self.links.push(i, link);
         self.version.push(version);
+        self.record.push(Json(record));
     }
 }
 

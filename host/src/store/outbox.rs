@@ -1,5 +1,7 @@
 //! The transactional outbox: one event per customer write, committed with the
-//! write itself, for the relay to move onto the bus in id order.
+//! write itself, for the relay to move onto the bus in id order. An event
+//! says which customer reached which version; the state is the customer's
+//! row (pushes read it there).
 //!
 //! The outbox is insert-only. What is still to move lives in
 //! `outbox_queue`, one narrow row per outbox row, which a trigger adds with
@@ -8,7 +10,6 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::types::Json;
 
 use super::{dispatch, now, Backend, ChangeNotice, Store, StoreError};
 
@@ -48,8 +49,6 @@ pub struct OutboxEvent {
     pub version: i64,
     /// `created`, `updated` or `deleted`.
     pub kind: String,
-    /// The aggregate as written.
-    pub payload: Json<serde_json::Value>,
     /// The request id of the API call that caused the write.
     pub correlation_id: Option<String>,
     /// When the write committed.
@@ -65,7 +64,7 @@ impl Store {
     pub async fn outbox_events(&self, aggregate_id: &str) -> Result<Vec<OutboxEvent>, StoreError> {
         let rows = dispatch!(self, read pool => {
             sqlx::query_as(
-                "SELECT id, aggregate, aggregate_id, version, kind, payload, correlation_id, \
+                "SELECT id, aggregate, aggregate_id, version, kind, correlation_id, \
                  created_at, EXISTS (SELECT 1 FROM outbox_queue q WHERE q.outbox_id = outbox.id) \
                  AS queued FROM outbox WHERE aggregate_id = $1 ORDER BY id",
             )
@@ -74,28 +73,6 @@ impl Store {
             .await?
         });
         Ok(rows)
-    }
-}
-
-impl Store {
-    /// The outbox payload of `customer_id` at `version` (what a pending
-    /// create sent).
-    pub async fn outbox_payload(
-        &self,
-        customer_id: &str,
-        version: i64,
-    ) -> Result<Option<serde_json::Value>, StoreError> {
-        let payload: Option<Json<serde_json::Value>> = dispatch!(self, read pool => {
-            sqlx::query_scalar(
-                "SELECT payload FROM outbox WHERE aggregate = 'customer' AND aggregate_id = $1 \
-                 AND version = $2 ORDER BY id LIMIT 1",
-            )
-            .bind(customer_id)
-            .bind(version)
-            .fetch_optional(pool)
-            .await?
-        });
-        Ok(payload.map(|p| p.0))
     }
 
     /// The changes the oldest unpublished outbox rows announce, in id

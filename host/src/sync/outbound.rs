@@ -8,9 +8,10 @@
 //! idempotency key first, so the remote can answer with the record it
 //! already created instead of making a second one.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::SyncEngine;
@@ -18,7 +19,7 @@ use crate::registry::{Need, NotReady};
 use crate::runtime::{CallError, ConnectorError, Operation, PushRequest};
 use crate::store::links::LinkWrite;
 use crate::store::{now_ms, DeadLetterKind};
-use crate::store::{Customer, RecordedOutcome, SyncLink};
+use crate::store::{Address, Customer, RecordedOutcome, SyncLink};
 
 /// The entity type ferry syncs today.
 pub const ENTITY: &str = "customer";
@@ -91,7 +92,8 @@ pub fn idempotency_key(connector: &str, customer_id: &str, version: i64, repairs
 }
 
 /// The canonical record ferry sends (docs/connector-contract.md), from a
-/// customer as serialised in the store or the outbox.
+/// customer as serialised. The claims that mark a create build the same
+/// fields in SQL (`mark_create!` in store/links.rs).
 pub fn canonical_record(customer: &serde_json::Value) -> serde_json::Value {
     let mut record = serde_json::Map::new();
     for field in ["id", "name", "email", "phone", "address", "metadata"] {
@@ -100,6 +102,26 @@ pub fn canonical_record(customer: &serde_json::Value) -> serde_json::Value {
         }
     }
     serde_json::Value::Object(record)
+}
+
+/// The canonical record's fields, typed, in the order
+/// [`canonical_record`] writes them.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    id: String,
+    name: Option<String>,
+    email: String,
+    phone: Option<String>,
+    address: Option<Address>,
+    metadata: BTreeMap<String, String>,
+}
+
+/// The text of a record kept on a link (a create's, see
+/// [`SyncLink::pending_record`]), exactly as the create sent it. Read
+/// through the typed fields: PostgreSQL's `jsonb` keeps an object's keys in
+/// an order of its own, and the replay must send the same bytes.
+pub fn kept_record(kept: &serde_json::Value) -> Result<String, serde_json::Error> {
+    serde_json::to_string(&Record::deserialize(kept)?)
 }
 
 fn hash(record: &str) -> String {
@@ -259,7 +281,7 @@ impl SyncEngine {
             Ok(None) => return skip(link.wanted_version, "customer does not exist", true),
             Err(error) => return self.retry_later(link, None, None, store_error(error)),
         };
-        let plan = match self.plan(link, &customer).await {
+        let plan = match self.plan(link, &customer) {
             Ok(Ok(plan)) => plan,
             Ok(Err((reason, mark_synced))) => return skip(customer.version, &reason, mark_synced),
             Err(error) => return self.retry_later(link, None, None, store_error(error)),
@@ -269,11 +291,17 @@ impl SyncEngine {
         }
         if plan.operation == Operation::Create && link.pending_version != Some(plan.version) {
             // Durable before the request leaves: if we crash or time out,
-            // the next attempt replays this create with the same key.
-            match self
-                .write_link(link, LinkWrite::CreatePending(plan.version))
-                .await
-            {
+            // the next attempt replays this create with the same key and
+            // the same record.
+            let marked = match serde_json::from_str(&plan.record) {
+                Ok(record) => {
+                    let version = plan.version;
+                    let write = LinkWrite::CreatePending { version, record };
+                    self.write_link(link, write).await
+                }
+                Err(error) => Err(error.into()),
+            };
+            match marked {
                 Ok(true) => {}
                 Ok(false) => {
                     return (
@@ -345,29 +373,25 @@ impl SyncEngine {
 
     /// What to push for `customer`, or why nothing is (reason, and whether
     /// that settles the version).
-    async fn plan(
+    fn plan(
         &self,
         link: &SyncLink,
         customer: &Customer,
     ) -> Result<Result<Plan, (String, bool)>, crate::store::StoreError> {
         // A create marked for the customer's current version (the claim
         // marks the create it is about to send) sends that version: the
-        // same record as the outbox's, without reading it.
+        // same record as the one kept on the link. One marked for an older
+        // version replays the record kept.
         let current_create = customer.deleted_at.is_none()
             && customer.version > link.synced_version
             && link.pending_version == Some(customer.version);
         if let Some(pending) = link.pending_version.filter(|_| !current_create) {
             if link.remote_id.is_none() {
-                if let Some(payload) = self
-                    .inner
-                    .store
-                    .outbox_payload(&link.customer_id, pending)
-                    .await?
-                {
+                if let Some(kept) = &link.pending_record {
                     return Ok(Ok(Plan {
                         operation: Operation::Create,
                         version: pending,
-                        record: canonical_record(&payload).to_string(),
+                        record: kept_record(kept)?,
                         key: idempotency_key(
                             &link.connector,
                             &link.customer_id,

@@ -45,7 +45,6 @@ async fn create_returns_201_with_location_etag_and_outbox_event(backend: Backend
     assert_eq!(events[0].kind, "created");
     assert_eq!(events[0].version, 1);
     assert_eq!(events[0].correlation_id.as_deref(), Some("req-create-1"));
-    assert_eq!(events[0].payload.0, created);
     // The relay takes it off the queue concurrently (tests/sync).
 }
 
@@ -102,7 +101,6 @@ async fn patch_merges_fields_and_bumps_version(backend: Backend) {
         .map(|e| (e.kind.as_str(), e.version))
         .collect();
     assert_eq!(kinds, [("created", 1), ("updated", 2)]);
-    assert_eq!(events[1].payload.0, patched);
 
     let response = app
         .request(Method::PATCH, &path)

@@ -20,11 +20,30 @@ const OLD_OUTBOX_ROWS: &str =
      ('customer', 'cus_published', 1, 'created', '{}', 'req-2', $1, $1, NULL), \
      ('customer', 'cus_consumed', 1, 'created', '{}', 'req-3', $1, $1, $1)";
 
-fn before_the_queue(mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
+/// The migration that moved a pending create's record from the outbox
+/// (whose rows carried every change's payload) onto its link.
+const PENDING_RECORDS: i64 = 20261203000011;
+
+/// What an older ferry left mid-create: the create of version 2 timed out
+/// and the customer has moved on to version 3 since; another link has no
+/// create outstanding.
+const OLD_PENDING_CREATE: [&str; 2] = [
+    "INSERT INTO outbox (aggregate, aggregate_id, version, kind, payload, correlation_id, \
+     created_at) VALUES \
+     ('customer', 'cus_pending', 1, 'created', '{\"id\":\"cus_pending\",\"name\":\"one\"}', NULL, $1), \
+     ('customer', 'cus_pending', 2, 'updated', '{\"id\":\"cus_pending\",\"name\":\"two\"}', NULL, $1), \
+     ('customer', 'cus_pending', 3, 'updated', '{\"id\":\"cus_pending\",\"name\":\"three\"}', NULL, $1)",
+    "INSERT INTO sync_links (customer_id, connector, wanted_version, pending_version, state, \
+     next_attempt_at_ms, updated_at) VALUES \
+     ('cus_pending', 'stripe', 3, 2, 'retry', 0, $1), \
+     ('cus_pending', 'salesforce', 3, NULL, 'pending', 0, $1)",
+];
+
+fn before(version: i64, mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
     let older: Vec<_> = migrator
         .migrations
         .iter()
-        .filter(|m| m.version < OUTBOX_QUEUE)
+        .filter(|m| m.version < version)
         .cloned()
         .collect();
     assert!(
@@ -35,27 +54,32 @@ fn before_the_queue(mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Mig
     migrator
 }
 
-/// Migrates `$pool` to just before the queue, writes the old rows at
-/// `$at` and closes it (a macro: `sqlx::migrate!` wants its path literal).
+/// Migrates `$pool` to just before `$version`, writes the `$rows` at `$at`
+/// and closes it (a macro: `sqlx::migrate!` wants its path literal).
 macro_rules! an_older_database {
-    ($pool:expr, $migrations:literal, $at:expr) => {{
+    ($pool:expr, $migrations:literal, $version:expr, $rows:expr, $at:expr) => {{
         let pool = $pool;
-        before_the_queue(sqlx::migrate!($migrations))
+        before($version, sqlx::migrate!($migrations))
             .run(&pool)
             .await
             .unwrap();
-        sqlx::query(OLD_OUTBOX_ROWS)
-            .bind($at)
-            .execute(&pool)
-            .await
-            .unwrap();
+        for rows in $rows {
+            sqlx::query(rows).bind($at).execute(&pool).await.unwrap();
+        }
         pool.close().await;
     }};
 }
 
-async fn an_outbox_waiting_at_upgrade_is_still_relayed(backend: Backend) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let at = Utc::now() - Duration::minutes(5);
+/// A store on a database an older ferry left: migrated to just before
+/// `version`, holding `rows` (each statement's `$1` is `at`), then
+/// migrated by this one.
+async fn upgraded(
+    backend: Backend,
+    dir: &tempfile::TempDir,
+    version: i64,
+    rows: &[&str],
+    at: chrono::DateTime<Utc>,
+) -> Store {
     let url = match backend {
         Backend::Sqlite => {
             let url = format!("sqlite://{}", dir.path().join("ferry.db").display());
@@ -63,19 +87,25 @@ async fn an_outbox_waiting_at_upgrade_is_still_relayed(backend: Backend) {
                 .unwrap()
                 .create_if_missing(true);
             let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-            an_older_database!(pool, "../migrations/sqlite", at);
+            an_older_database!(pool, "../migrations/sqlite", version, rows, at);
             url
         }
         Backend::Postgres => {
             let url = PgCluster::shared().create_database().await.unwrap();
             let pool = sqlx::PgPool::connect(&url).await.unwrap();
-            an_older_database!(pool, "../migrations/postgres", at);
+            an_older_database!(pool, "../migrations/postgres", version, rows, at);
             url
         }
     };
-
     let store = Store::connect(&url, &Default::default()).await.unwrap();
     store.migrate().await.unwrap();
+    store
+}
+
+async fn an_outbox_waiting_at_upgrade_is_still_relayed(backend: Backend) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let at = Utc::now() - Duration::minutes(5);
+    let store = upgraded(backend, &dir, OUTBOX_QUEUE, &[OLD_OUTBOX_ROWS], at).await;
 
     let unpublished = store.unpublished_outbox(10).await.unwrap();
     let customers: Vec<&str> = unpublished.iter().map(|c| c.customer_id.as_str()).collect();
@@ -99,4 +129,37 @@ async fn an_outbox_waiting_at_upgrade_is_still_relayed(backend: Backend) {
     store.close().await;
 }
 
-on_both_backends!(an_outbox_waiting_at_upgrade_is_still_relayed);
+/// A create whose outcome was unknown when ferry was upgraded still replays
+/// the record it sent: the upgrade copies it from the outbox onto the link
+/// before the outbox stops carrying payloads.
+async fn a_create_pending_at_upgrade_keeps_its_record(backend: Backend) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let at = Utc::now() - Duration::minutes(5);
+    let store = upgraded(backend, &dir, PENDING_RECORDS, &OLD_PENDING_CREATE, at).await;
+
+    let mut links = store.links_of("cus_pending").await.unwrap();
+    links.sort_by(|a, b| a.connector.cmp(&b.connector));
+    let kept: Vec<(&str, Option<i64>, Option<&serde_json::Value>)> = links
+        .iter()
+        .map(|l| {
+            (
+                l.connector.as_str(),
+                l.pending_version,
+                l.pending_record.as_ref(),
+            )
+        })
+        .collect();
+    let two = serde_json::json!({ "id": "cus_pending", "name": "two" });
+    assert_eq!(
+        kept,
+        [("salesforce", None, None), ("stripe", Some(2), Some(&two))]
+    );
+    let events = store.outbox_events("cus_pending").await.unwrap();
+    assert_eq!(events.len(), 3, "the events stay, without their payloads");
+    store.close().await;
+}
+
+on_both_backends!(
+    an_outbox_waiting_at_upgrade_is_still_relayed,
+    a_create_pending_at_upgrade_keeps_its_record
+);

@@ -17,10 +17,14 @@ struct Harness {
 }
 
 async fn harness(extra: Value) -> Harness {
+    harness_on(Backend::Sqlite, extra).await
+}
+
+async fn harness_on(backend: Backend, extra: Value) -> Harness {
     let stripe = LocalStripe::start().expect("localstripe");
     let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
     proxy.emulate_stripe_idempotency();
-    let mut setup = Setup::new(Backend::Sqlite, &proxy.url());
+    let mut setup = Setup::new(backend, &proxy.url());
     setup.extra = extra;
     let app = spawn_sync_app(setup).await;
     Harness { stripe, proxy, app }
@@ -74,6 +78,68 @@ async fn timeout_after_the_remote_applied_the_write_creates_no_duplicate() {
         outcomes(&h.app.sync_status(id).await),
         ["retry_scheduled", "delivered"]
     );
+}
+
+/// A create that timed out is replayed as it was sent even when the
+/// customer changed meanwhile (the same key with other parameters is a 400
+/// from Stripe), and the change follows as an update. With an address:
+/// PostgreSQL keeps a JSON object's keys in an order of its own.
+async fn a_timed_out_create_is_replayed_as_sent_after_the_customer_changed(backend: Backend) {
+    let h = harness_on(backend, json!({})).await;
+    h.proxy.push(
+        Match::request("POST", "/v1/customers"),
+        Fault::ForwardThenDelay(Duration::from_secs(4)),
+    );
+    let address = email("moved-on");
+    let customer = h
+        .app
+        .create(json!({
+            "email": address,
+            "name": "First",
+            "address": {"line1": "1 Main St", "city": "Springfield", "postal_code": "12345", "country": "US"},
+            "metadata": {"tier": "gold"},
+        }))
+        .await;
+    let id = customer["id"].as_str().unwrap();
+    h.proxy
+        .wait_for(Duration::from_secs(10), |log| {
+            log.iter()
+                .any(|r| r.is("POST", "/v1/customers") && r.forwarded)
+        })
+        .await
+        .expect("the create reached Stripe");
+    h.app.patch(id, json!({"name": "Second"})).await;
+    h.app.wait_synced(id, 2).await;
+
+    let creates = h.proxy.requests_to("POST", "/v1/customers");
+    assert_eq!(creates.len(), 2, "one timed-out attempt, one replay");
+    assert_eq!(
+        creates[0].header("idempotency-key"),
+        creates[1].header("idempotency-key")
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&creates[0].body),
+        String::from_utf8_lossy(&creates[1].body),
+        "the replay sends the first create's record"
+    );
+    assert!(!creates[1].forwarded, "answered from Stripe's saved result");
+    let remote = stripe_customers_by_email(&h.stripe.url(), &address).await;
+    assert_eq!(remote.len(), 1);
+    assert_eq!(remote[0]["name"], "Second", "then the change was pushed");
+    assert_eq!(
+        outcomes(&h.app.sync_status(id).await),
+        ["retry_scheduled", "delivered", "delivered"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_timed_out_create_is_replayed_as_sent_after_the_customer_changed() {
+    a_timed_out_create_is_replayed_as_sent_after_the_customer_changed(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_timed_out_create_is_replayed_as_sent_after_the_customer_changed() {
+    a_timed_out_create_is_replayed_as_sent_after_the_customer_changed(Backend::Postgres).await;
 }
 
 /// 429 with Retry-After: the next attempt waits at least that long.

@@ -12,9 +12,10 @@ use ferry::store::inbox::{
 };
 use ferry::store::links::LinkWrite;
 use ferry::store::{
-    customers::WriteContext, ChangeNotice, ClaimedLink, Customer, CustomerFields, CustomerId,
-    LinkState, RecordedOutcome, Store, StoreError, StoreOptions, SyncLink,
+    customers::WriteContext, Address, ChangeNotice, ClaimedLink, Customer, CustomerFields,
+    CustomerId, LinkState, RecordedOutcome, Store, StoreError, StoreOptions, SyncLink,
 };
+use ferry::sync::outbound::{canonical_record, kept_record};
 use ferry_test_support::postgres::PgCluster;
 use serde_json::json;
 
@@ -450,7 +451,13 @@ async fn each_link_write_gets_its_own_answer(postgres: bool) {
         pending_version: None,
     });
     let writes = [
-        (&links[0], LinkWrite::CreatePending(links[0].wanted_version)),
+        (
+            &links[0],
+            LinkWrite::CreatePending {
+                version: links[0].wanted_version,
+                record: json!({ "id": links[0].customer_id, "name": "zero" }),
+            },
+        ),
         (&links[1], delivered(&links[1], "cus_one")),
         (&stolen, delivered(&stolen, "cus_stolen")),
         (&links[3], retry),
@@ -475,6 +482,7 @@ async fn each_link_write_gets_its_own_answer(postgres: bool) {
             synced.pending_version, None,
             "the delivery clears the marker"
         );
+        assert_eq!(synced.pending_record, None, "and the record it kept");
         assert_eq!(synced.lease_token, None);
         assert_eq!(synced.snapshot, Some(json!({ "id": remote_id })));
         let deliveries = store
@@ -563,19 +571,40 @@ async fn rename(store: &Store, id: &CustomerId, name: &str) -> Customer {
         .expect("updated")
 }
 
+/// The record a push of `customer` sends, as text.
+fn record_of(customer: &Customer) -> String {
+    canonical_record(&serde_json::to_value(customer).expect("json")).to_string()
+}
+
 /// A claim marks the create its push is about to send, for the connectors
 /// the claimer says may push now only, and only where a create is what the
 /// push will send: no remote record yet, the customer live and newer than
-/// the remote's version, no earlier create outstanding. PostgreSQL's claim
-/// also reads each claimed link's customer (SQLite's push reads its own,
-/// with no round trip to save).
+/// the remote's version, no earlier create outstanding. The mark keeps the
+/// record the create sends, built in SQL exactly as the push builds it.
+/// PostgreSQL's claim also reads each claimed link's customer (SQLite's
+/// push reads its own, with no round trip to save).
 async fn a_claim_marks_the_create_it_is_about_to_send(postgres: bool) {
     let (store, _dir) = store(postgres).await;
     let mut changes = Vec::new();
     let mut customers = Vec::new();
     for name in ["live", "deleted", "linked"] {
+        let mut fields = fields(&email(name), name);
+        if name == "live" {
+            // Every field the record carries, and text that JSON escapes.
+            fields.phone = Some("+44 20 7946 0958".to_owned());
+            fields.address = Some(Address {
+                line1: Some("1 \"Quoted\" Street".to_owned()),
+                city: Some("Zürich".to_owned()),
+                country: Some("CH".to_owned()),
+                ..Address::default()
+            });
+            fields.metadata = BTreeMap::from([
+                ("tier".to_owned(), "gold".to_owned()),
+                ("note".to_owned(), "a\\b\n\u{1f600}".to_owned()),
+            ]);
+        }
         let customer = store
-            .create_customer(fields(&email(name), name), WriteContext::default())
+            .create_customer(fields, WriteContext::default())
             .await
             .expect("customer");
         changes.push(notice(&customer));
@@ -636,6 +665,13 @@ async fn a_claim_marks_the_create_it_is_about_to_send(postgres: bool) {
             current.name.as_deref().unwrap_or(""),
             link.connector
         );
+        assert_eq!(
+            link.pending_record
+                .as_ref()
+                .map(|kept| kept_record(kept).expect("a record")),
+            marked.then(|| record_of(current)),
+            "the record kept is the one the push sends"
+        );
         // Both backends read each claimed link's customer (PostgreSQL in
         // the claim, SQLite in one read after it).
         let customer = customer.as_ref().expect("the claim read the customer");
@@ -681,6 +717,20 @@ async fn a_claim_marks_the_create_it_is_about_to_send(postgres: bool) {
         .await
         .expect("claimed");
     due.sort_by_key(|c| c.link.customer_id != fresh.id.as_str());
+    let kept: Vec<Option<String>> = due
+        .iter()
+        .map(|c| {
+            c.link
+                .pending_record
+                .as_ref()
+                .map(|kept| kept_record(kept).expect("a record"))
+        })
+        .collect();
+    assert_eq!(
+        kept,
+        [Some(record_of(&fresh)), Some(record_of(&customers[0]))],
+        "the retry keeps the record its create sent, not the renamed one"
+    );
     let due: Vec<(&str, Option<i64>, Option<i64>)> = due
         .iter()
         .map(|c| {
