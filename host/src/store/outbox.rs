@@ -59,7 +59,9 @@ pub struct OutboxEvent {
 }
 
 impl Store {
-    /// The events of one aggregate, oldest first.
+    /// The events of one aggregate, oldest first. For tests and
+    /// inspection: the outbox has no index by aggregate (nothing on the
+    /// write path reads it that way), so this reads the whole table.
     #[tracing::instrument(skip_all, fields(aggregate_id))]
     pub async fn outbox_events(&self, aggregate_id: &str) -> Result<Vec<OutboxEvent>, StoreError> {
         let rows = dispatch!(self, read pool => {
