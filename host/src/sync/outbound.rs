@@ -135,6 +135,76 @@ struct Plan {
     key: String,
 }
 
+/// What to push for `customer`, or why nothing is (reason, and whether
+/// that settles the version).
+fn plan(
+    link: &SyncLink,
+    customer: &Customer,
+) -> Result<Result<Plan, (String, bool)>, crate::store::StoreError> {
+    // A create marked for the customer's current version (the claim
+    // marks the create it is about to send) sends that version: the
+    // same record as the one kept on the link. One marked for an older
+    // version replays the record kept.
+    let current_create = customer.deleted_at.is_none()
+        && customer.version > link.synced_version
+        && link.pending_version == Some(customer.version);
+    if let Some(pending) = link.pending_version.filter(|_| !current_create) {
+        if link.remote_id.is_none() {
+            if let Some(kept) = &link.pending_record {
+                return Ok(Ok(Plan {
+                    operation: Operation::Create,
+                    version: pending,
+                    record: kept_record(kept)?,
+                    key: idempotency_key(&link.connector, &link.customer_id, pending, link.repairs),
+                }));
+            }
+        }
+    }
+    let current = serde_json::to_value(customer)?;
+    let record = canonical_record(&current).to_string();
+    let key = idempotency_key(
+        &link.connector,
+        &link.customer_id,
+        customer.version,
+        link.repairs,
+    );
+    if customer.deleted_at.is_some() {
+        return Ok(match &link.remote_id {
+            Some(_) if !link.remote_deleted => Ok(Plan {
+                operation: Operation::Delete,
+                version: customer.version,
+                record,
+                key,
+            }),
+            Some(_) => Err(("remote record already deleted".into(), true)),
+            None => Err(("deleted before it was ever pushed".into(), true)),
+        });
+    }
+    if customer.version <= link.synced_version {
+        return Ok(Err((
+            format!("version {} already synced", customer.version),
+            false,
+        )));
+    }
+    if link.remote_id.is_none() {
+        return Ok(Ok(Plan {
+            operation: Operation::Create,
+            version: customer.version,
+            record,
+            key,
+        }));
+    }
+    if link.pushed_hash.as_deref() == Some(hash(&record).as_str()) {
+        return Ok(Err(("content unchanged since the last push".into(), true)));
+    }
+    Ok(Ok(Plan {
+        operation: Operation::Update,
+        version: customer.version,
+        record,
+        key,
+    }))
+}
+
 fn operation_name(operation: Operation) -> &'static str {
     match operation {
         Operation::Create => "create",
@@ -281,7 +351,7 @@ impl SyncEngine {
             Ok(None) => return skip(link.wanted_version, "customer does not exist", true),
             Err(error) => return self.retry_later(link, None, None, store_error(error)),
         };
-        let plan = match self.plan(link, &customer) {
+        let plan = match plan(link, &customer) {
             Ok(Ok(plan)) => plan,
             Ok(Err((reason, mark_synced))) => return skip(customer.version, &reason, mark_synced),
             Err(error) => return self.retry_later(link, None, None, store_error(error)),
@@ -369,82 +439,6 @@ impl SyncEngine {
             }
             Err(error) => self.failed(link, plan.version, operation, error),
         }
-    }
-
-    /// What to push for `customer`, or why nothing is (reason, and whether
-    /// that settles the version).
-    fn plan(
-        &self,
-        link: &SyncLink,
-        customer: &Customer,
-    ) -> Result<Result<Plan, (String, bool)>, crate::store::StoreError> {
-        // A create marked for the customer's current version (the claim
-        // marks the create it is about to send) sends that version: the
-        // same record as the one kept on the link. One marked for an older
-        // version replays the record kept.
-        let current_create = customer.deleted_at.is_none()
-            && customer.version > link.synced_version
-            && link.pending_version == Some(customer.version);
-        if let Some(pending) = link.pending_version.filter(|_| !current_create) {
-            if link.remote_id.is_none() {
-                if let Some(kept) = &link.pending_record {
-                    return Ok(Ok(Plan {
-                        operation: Operation::Create,
-                        version: pending,
-                        record: kept_record(kept)?,
-                        key: idempotency_key(
-                            &link.connector,
-                            &link.customer_id,
-                            pending,
-                            link.repairs,
-                        ),
-                    }));
-                }
-            }
-        }
-        let current = serde_json::to_value(customer)?;
-        let record = canonical_record(&current).to_string();
-        let key = idempotency_key(
-            &link.connector,
-            &link.customer_id,
-            customer.version,
-            link.repairs,
-        );
-        if customer.deleted_at.is_some() {
-            return Ok(match &link.remote_id {
-                Some(_) if !link.remote_deleted => Ok(Plan {
-                    operation: Operation::Delete,
-                    version: customer.version,
-                    record,
-                    key,
-                }),
-                Some(_) => Err(("remote record already deleted".into(), true)),
-                None => Err(("deleted before it was ever pushed".into(), true)),
-            });
-        }
-        if customer.version <= link.synced_version {
-            return Ok(Err((
-                format!("version {} already synced", customer.version),
-                false,
-            )));
-        }
-        if link.remote_id.is_none() {
-            return Ok(Ok(Plan {
-                operation: Operation::Create,
-                version: customer.version,
-                record,
-                key,
-            }));
-        }
-        if link.pushed_hash.as_deref() == Some(hash(&record).as_str()) {
-            return Ok(Err(("content unchanged since the last push".into(), true)));
-        }
-        Ok(Ok(Plan {
-            operation: Operation::Update,
-            version: customer.version,
-            record,
-            key,
-        }))
     }
 
     fn failed(
