@@ -1,0 +1,12 @@
+-- An inbox row is written three times: stored, claimed, finished. The
+-- finish changes `state` (in `inbox_due`'s predicate) and `customer_id`
+-- (`inbox_customer`'s key), so it is never a HOT update; but when the new
+-- version fits on the row's own page the log records only the bytes that
+-- changed, not the whole row. At a fill factor of 70 most finishes, and
+-- half the claims, found no room and were logged whole on another page
+-- (with new entries in every index, for the claims); at 50 they stay on
+-- their page: ≈ 260 bytes less write-ahead log per webhook event, with the
+-- table no larger, since versions moved away had left dead space behind
+-- (issue 15, docs/performance.md round 19). Only pages written from now on
+-- take the fill factor.
+ALTER TABLE inbox SET (fillfactor = 50);
