@@ -215,6 +215,12 @@ pub struct ChangeNotice {
     /// versions).
     #[serde(default)]
     pub outbox_id: Option<i64>,
+    /// The connector whose remote change it was (none: the API, a person,
+    /// or a message of an older version). That connector's link already
+    /// holds the change, written with it, so the intake leaves the link
+    /// alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_connector: Option<String>,
 }
 
 /// (customer, connector): the key of a link.
@@ -327,16 +333,18 @@ pub(crate) const FORCE_PUSH_SQL: &str = "UPDATE sync_links SET pushed_hash = NUL
 // of a row version and its WAL (docs/performance.md, round 5).
 // SQLite: one statement for a whole batch too (each statement is a hand-off
 // to the connection's thread and back; docs/performance.md, round 14).
-// `$1` holds the changes as `[customer, version, correlation]` arrays in
-// queue order, `$2` the connectors; SQLite applies the rows one at a time,
-// in that order, so a customer's later change in the batch upserts over
-// its earlier one.
+// `$1` holds the changes as `[customer, version, correlation, source]`
+// arrays in queue order, `$2` the connectors; SQLite applies the rows one
+// at a time, in that order, so a customer's later change in the batch
+// upserts over its earlier one. A change's source connector is left out:
+// the apply wrote that link with the change (see [`ChangeNotice`]).
 const INTAKE_BATCH_SQLITE: &str = concat!(
     "INSERT INTO sync_links \
     (customer_id, connector, wanted_version, state, next_attempt_at_ms, correlation_id, updated_at) \
     SELECT json_extract(c.value, '$[0]'), k.value, json_extract(c.value, '$[1]'), 'pending', $3, \
     json_extract(c.value, '$[2]'), $4 \
-    FROM json_each($1) AS c, json_each($2) AS k WHERE true ORDER BY c.key, k.key ",
+    FROM json_each($1) AS c, json_each($2) AS k \
+    WHERE k.value IS NOT json_extract(c.value, '$[3]') ORDER BY c.key, k.key ",
     intake_on_conflict!()
 );
 
@@ -457,7 +465,9 @@ const CLAIM_KEYS_POSTGRES: &str = claim_postgres!(
 // queue, oldest first, and schedules their pushes to the connectors `$2`, in
 // one statement (the relay read the queue in a statement of its own
 // before). Per link the newest version taken wins, as in
-// `intake_postgres`. SKIP LOCKED: relays of two replicas take disjoint rows.
+// `intake_postgres`, and the newest change's source connector is left out
+// (see [`ChangeNotice`]; its upsert changed nothing but wrote a row lock
+// to the log, docs/performance.md round 19). SKIP LOCKED: relays of two replicas take disjoint rows.
 // The ids taken are an array, so the delete finds them by the queue's key;
 // as an `IN (…)` join it read the whole queue, dead rows too, on every
 // round (docs/performance.md, round 15).
@@ -465,13 +475,14 @@ const INTAKE_QUEUED_POSTGRES: &str = concat!(
     "WITH taken AS (DELETE FROM outbox_queue q USING outbox o \
        WHERE o.id = q.outbox_id AND q.outbox_id = ANY(ARRAY(SELECT outbox_id FROM outbox_queue \
          WHERE published_at IS NULL ORDER BY outbox_id LIMIT $1 FOR UPDATE SKIP LOCKED)) \
-       RETURNING o.id, o.aggregate_id, o.version, o.correlation_id), \
-     newest AS (SELECT DISTINCT ON (aggregate_id) aggregate_id, version, correlation_id \
+       RETURNING o.id, o.aggregate_id, o.version, o.correlation_id, o.source_connector), \
+     newest AS (SELECT DISTINCT ON (aggregate_id) aggregate_id, version, correlation_id, source_connector \
        FROM taken ORDER BY aggregate_id, version DESC, id DESC), \
      scheduled AS (INSERT INTO sync_links \
        (customer_id, connector, wanted_version, state, next_attempt_at_ms, correlation_id, updated_at) \
        SELECT n.aggregate_id, k.connector, n.version, 'pending', $3, n.correlation_id, $4 \
-       FROM newest n CROSS JOIN UNNEST($2::text[]) AS k(connector) ",
+       FROM newest n CROSS JOIN UNNEST($2::text[]) AS k(connector) \
+       WHERE k.connector IS DISTINCT FROM n.source_connector ",
     intake_on_conflict!(),
     " RETURNING 1) \
      SELECT (SELECT count(*) FROM taken), (SELECT count(*) FROM scheduled)"
@@ -760,13 +771,14 @@ impl Store {
             Backend::Postgres(pool) => return intake_postgres(pool, changes, connectors, at).await,
             Backend::Sqlite(pools) => pools,
         };
-        let rows: Vec<(&str, i64, Option<&str>)> = changes
+        let rows: Vec<(&str, i64, Option<&str>, Option<&str>)> = changes
             .iter()
             .map(|c| {
                 (
                     c.customer_id.as_str(),
                     c.version,
                     c.correlation_id.as_deref(),
+                    c.source_connector.as_deref(),
                 )
             })
             .collect();
@@ -790,18 +802,7 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
-        let mut keys: Vec<LinkKey> = changes
-            .iter()
-            .flat_map(|change| {
-                connectors.iter().map(|connector| LinkKey {
-                    customer_id: change.customer_id.clone(),
-                    connector: connector.clone(),
-                })
-            })
-            .collect();
-        keys.sort();
-        keys.dedup();
-        Ok(keys)
+        Ok(newest_per_link(changes, connectors).into_keys().collect())
     }
 
     /// The in-process bus's round: takes up to `limit` changes off the
@@ -1437,6 +1438,31 @@ impl<'a> DeliveredRows<'a> {
     }
 }
 
+/// The links `changes` schedule a push on, each with the newest change of
+/// its customer, unless that change came from the link's own connector
+/// (see [`ChangeNotice`]).
+fn newest_per_link<'a>(
+    changes: &'a [ChangeNotice],
+    connectors: &[String],
+) -> std::collections::BTreeMap<LinkKey, &'a ChangeNotice> {
+    let mut newest: std::collections::BTreeMap<LinkKey, &ChangeNotice> =
+        std::collections::BTreeMap::new();
+    for change in changes {
+        for connector in connectors {
+            let key = LinkKey {
+                customer_id: change.customer_id.clone(),
+                connector: connector.clone(),
+            };
+            let entry = newest.entry(key).or_insert(change);
+            if change.version >= entry.version {
+                *entry = change;
+            }
+        }
+    }
+    newest.retain(|key, change| change.source_connector.as_ref() != Some(&key.connector));
+    newest
+}
+
 /// [`Store::intake_changes`] on PostgreSQL: one statement for the whole
 /// batch instead of one round trip per change and connector.
 async fn intake_postgres(
@@ -1445,31 +1471,18 @@ async fn intake_postgres(
     connectors: &[String],
     at: DateTime<Utc>,
 ) -> Result<Vec<LinkKey>, StoreError> {
-    // One row per link, with the newest version (ON CONFLICT may not touch
-    // a row twice in one statement).
-    let mut newest: std::collections::BTreeMap<LinkKey, (i64, Option<String>)> =
-        std::collections::BTreeMap::new();
-    for change in changes {
-        for connector in connectors {
-            let key = LinkKey {
-                customer_id: change.customer_id.clone(),
-                connector: connector.clone(),
-            };
-            let entry = newest.entry(key).or_insert((i64::MIN, None));
-            if change.version >= entry.0 {
-                *entry = (change.version, change.correlation_id.clone());
-            }
-        }
-    }
+    // One row per link (ON CONFLICT may not touch a row twice in one
+    // statement).
+    let newest = newest_per_link(changes, connectors);
     let mut customers = Vec::with_capacity(newest.len());
     let mut names = Vec::with_capacity(newest.len());
     let mut versions = Vec::with_capacity(newest.len());
     let mut correlations = Vec::with_capacity(newest.len());
-    for (key, (version, correlation)) in &newest {
+    for (key, change) in &newest {
         customers.push(key.customer_id.as_str());
         names.push(key.connector.as_str());
-        versions.push(*version);
-        correlations.push(correlation.as_deref());
+        versions.push(change.version);
+        correlations.push(change.correlation_id.as_deref());
     }
     let consumed: Vec<i64> = changes.iter().filter_map(|c| c.outbox_id).collect();
     if newest.is_empty() && consumed.is_empty() {

@@ -88,7 +88,8 @@ impl Store {
         let persistent = !matches!(self.backend, Backend::Postgres(_));
         let rows = dispatch!(self, write pool => {
             sqlx::query_as(
-                "SELECT o.id AS outbox_id, o.aggregate_id AS customer_id, o.version, o.correlation_id \
+                "SELECT o.id AS outbox_id, o.aggregate_id AS customer_id, o.version, o.correlation_id, \
+                 o.source_connector \
                  FROM outbox_queue q JOIN outbox o ON o.id = q.outbox_id \
                  WHERE q.published_at IS NULL ORDER BY q.outbox_id LIMIT $1",
             )
@@ -109,7 +110,8 @@ impl Store {
     ) -> Result<Vec<ChangeNotice>, StoreError> {
         let rows = dispatch!(self, read pool => {
             sqlx::query_as(
-                "SELECT o.id AS outbox_id, o.aggregate_id AS customer_id, o.version, o.correlation_id \
+                "SELECT o.id AS outbox_id, o.aggregate_id AS customer_id, o.version, o.correlation_id, \
+                 o.source_connector \
                  FROM outbox_queue q JOIN outbox o ON o.id = q.outbox_id \
                  WHERE q.published_at < $1 ORDER BY q.outbox_id LIMIT $2",
             )

@@ -397,6 +397,7 @@ async fn claimed_links(store: &Store, n: usize) -> Vec<SyncLink> {
             version: customer.version,
             correlation_id: Some(format!("req_{i}")),
             outbox_id: None,
+            source_connector: None,
         });
     }
     let keys = store
@@ -555,6 +556,7 @@ fn notice(customer: &Customer) -> ChangeNotice {
         version: customer.version,
         correlation_id: None,
         outbox_id: None,
+        source_connector: None,
     }
 }
 
@@ -816,6 +818,195 @@ async fn the_relay_takes_the_oldest_changes_and_schedules_the_newest(postgres: b
         .await
         .expect("queue")
         .is_empty());
+}
+
+/// A store with three changes queued: a customer typed in through the API,
+/// another created the same way, then renamed by a stripe webhook (applied
+/// with its stripe link). Returns the store, its URL, the two customers and
+/// the renamed one.
+async fn a_webhook_change_queued(
+    postgres: bool,
+    dir: &std::path::Path,
+) -> (Store, String, Customer, Customer, Customer) {
+    let url = if postgres {
+        PgCluster::shared()
+            .create_database()
+            .await
+            .expect("test database")
+    } else {
+        format!("sqlite://{}", dir.join("ferry.db").display())
+    };
+    let store = open(&url).await;
+    let typed = store
+        .create_customer(fields(&email("typed"), "Typed"), WriteContext::default())
+        .await
+        .expect("customer");
+    let remote = format!("cus_source_{postgres}");
+    let events = claimed(&store, std::slice::from_ref(&remote)).await;
+    let webhook = store
+        .create_customer(
+            fields(&email("webhook"), "Webhook"),
+            WriteContext::default(),
+        )
+        .await
+        .expect("customer");
+    let applied = store
+        .apply_inbound_many(&[change(
+            &events[0],
+            CustomerWrite::Update {
+                id: webhook.id.clone(),
+                expected_version: webhook.version,
+                fields: fields(&webhook.email, "Webhook, renamed"),
+            },
+            Some(&webhook.id),
+        )])
+        .await
+        .expect("applied");
+    let renamed = match &applied[0] {
+        Ok(Applied::Done(Some(customer))) => (**customer).clone(),
+        other => panic!("apply: {other:?}"),
+    };
+    (store, url, typed, webhook, renamed)
+}
+
+/// `customer`'s stripe link, and on PostgreSQL whether any transaction
+/// locked it since it was written: an upsert that changes nothing still
+/// locks the row it meets, and logs the lock (docs/performance.md, round
+/// 19).
+async fn stripe_link(store: &Store, url: &str, customer: &Customer) -> (SyncLink, bool) {
+    let link = store
+        .links_of(customer.id.as_str())
+        .await
+        .expect("links")
+        .into_iter()
+        .find(|l| l.connector == "stripe")
+        .expect("the link the apply wrote");
+    let mut locked = false;
+    if url.starts_with("postgres") {
+        let pool = sqlx::PgPool::connect(url).await.expect("pool");
+        let xmax: String = sqlx::query_scalar(
+            "SELECT xmax::text FROM sync_links WHERE customer_id = $1 AND connector = 'stripe'",
+        )
+        .bind(customer.id.as_str())
+        .fetch_one(&pool)
+        .await
+        .expect("link row");
+        locked = xmax != "0";
+    }
+    (link, locked)
+}
+
+/// A change a connector's webhook made is already held by that connector's
+/// link (the apply wrote it in the same transaction): the intake schedules
+/// it for the other connectors and leaves that link alone, on the
+/// in-process bus (PostgreSQL: one statement; SQLite: a read and the
+/// intake) and on the cluster's (the notices carry their source).
+async fn the_intake_leaves_the_source_connectors_link_alone(postgres: bool) {
+    let connectors = ["salesforce".to_owned(), "stripe".to_owned()];
+    let synced = |link: &SyncLink, renamed: &Customer| {
+        assert_eq!(
+            (link.state, link.wanted_version, link.synced_version),
+            (LinkState::Synced, renamed.version, renamed.version)
+        );
+    };
+
+    // The in-process bus.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (store, url, typed, webhook, renamed) = a_webhook_change_queued(postgres, dir.path()).await;
+    let queued = store.unpublished_outbox(10).await.expect("queue");
+    let sources: Vec<(&str, i64, Option<&str>)> = queued
+        .iter()
+        .map(|n| {
+            (
+                n.customer_id.as_str(),
+                n.version,
+                n.source_connector.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        sources,
+        [
+            (typed.id.as_str(), 1, None),
+            (webhook.id.as_str(), 1, None),
+            (webhook.id.as_str(), renamed.version, Some("stripe")),
+        ]
+    );
+    let (before, _) = stripe_link(&store, &url, &webhook).await;
+    synced(&before, &renamed);
+    let intake = store.intake_queued(10, &connectors).await.expect("intake");
+    assert_eq!((intake.taken, intake.scheduled), (3, true));
+    let (after, locked) = stripe_link(&store, &url, &webhook).await;
+    synced(&after, &renamed);
+    assert_eq!(after.updated_at, before.updated_at);
+    assert!(!locked, "the intake locked the source's link");
+    let links = store.links_of(webhook.id.as_str()).await.expect("links");
+    let salesforce = links.iter().find(|l| l.connector == "salesforce");
+    assert_eq!(
+        salesforce.map(|l| (l.state, l.wanted_version)),
+        Some((LinkState::Pending, renamed.version))
+    );
+    assert_eq!(
+        store
+            .links_of(typed.id.as_str())
+            .await
+            .expect("links")
+            .len(),
+        2
+    );
+
+    // The cluster's bus: the notices as its messages carry them.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (store, url, typed, webhook, renamed) = a_webhook_change_queued(postgres, dir.path()).await;
+    let queued = store.unpublished_outbox(10).await.expect("queue");
+    let messages: Vec<ChangeNotice> = queued
+        .iter()
+        .map(|n| serde_json::from_slice(&serde_json::to_vec(n).expect("message")).expect("notice"))
+        .collect();
+    assert_eq!(messages, queued);
+    let keys = store
+        .intake_changes(&messages, &connectors)
+        .await
+        .expect("intake");
+    let scheduled: Vec<(&str, &str)> = keys
+        .iter()
+        .map(|k| (k.customer_id.as_str(), k.connector.as_str()))
+        .collect();
+    let mut expected = vec![
+        (typed.id.as_str(), "salesforce"),
+        (typed.id.as_str(), "stripe"),
+        (webhook.id.as_str(), "salesforce"),
+    ];
+    expected.sort();
+    assert_eq!(scheduled, expected);
+    let (after, locked) = stripe_link(&store, &url, &webhook).await;
+    synced(&after, &renamed);
+    assert!(!locked, "the intake locked the source's link");
+    // A message of an older version names no source: the intake offers
+    // the change to every connector, and the link, which holds it, keeps it.
+    let old: ChangeNotice = serde_json::from_value(json!({
+        "customer_id": webhook.id.as_str(),
+        "version": renamed.version,
+        "correlation_id": null,
+    }))
+    .expect("an older message");
+    assert_eq!(old.source_connector, None);
+    store
+        .intake_changes(&[old], &connectors)
+        .await
+        .expect("intake");
+    let (after, _) = stripe_link(&store, &url, &webhook).await;
+    synced(&after, &renamed);
+}
+
+#[tokio::test]
+async fn postgres_the_intake_leaves_the_source_connectors_link_alone() {
+    the_intake_leaves_the_source_connectors_link_alone(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_the_intake_leaves_the_source_connectors_link_alone() {
+    the_intake_leaves_the_source_connectors_link_alone(false).await;
 }
 
 #[tokio::test]
