@@ -467,10 +467,10 @@ const CLAIM_KEYS_POSTGRES: &str = claim_postgres!(
 // before). Per link the newest version taken wins, as in
 // `intake_postgres`, and the newest change's source connector is left out
 // (see [`ChangeNotice`]; its upsert changed nothing but wrote a row lock
-// to the log, docs/performance.md round 19). SKIP LOCKED: relays of two replicas take disjoint rows.
-// The ids taken are an array, so the delete finds them by the queue's key;
-// as an `IN (…)` join it read the whole queue, dead rows too, on every
-// round (docs/performance.md, round 15).
+// to the log, docs/performance.md round 19). SKIP LOCKED: relays of two
+// replicas take disjoint rows. The ids taken are an array, so the delete
+// finds them by the queue's key; as an `IN (…)` join it read the whole
+// queue, dead rows too, on every round (docs/performance.md, round 15).
 const INTAKE_QUEUED_POSTGRES: &str = concat!(
     "WITH taken AS (DELETE FROM outbox_queue q USING outbox o \
        WHERE o.id = q.outbox_id AND q.outbox_id = ANY(ARRAY(SELECT outbox_id FROM outbox_queue \
