@@ -23,15 +23,21 @@ use crate::helpers::email;
 
 async fn store(postgres: bool) -> (Store, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let url = if postgres {
+    let url = database_url(postgres, dir.path()).await;
+    (open(&url).await, dir)
+}
+
+/// A fresh database: on the shared PostgreSQL cluster, or a SQLite file
+/// in `dir`.
+async fn database_url(postgres: bool, dir: &std::path::Path) -> String {
+    if postgres {
         PgCluster::shared()
             .create_database()
             .await
             .expect("test database")
     } else {
-        format!("sqlite://{}", dir.path().join("ferry.db").display())
-    };
-    (open(&url).await, dir)
+        format!("sqlite://{}", dir.join("ferry.db").display())
+    }
 }
 
 /// The store at `url`, migrated.
@@ -828,14 +834,7 @@ async fn a_webhook_change_queued(
     postgres: bool,
     dir: &std::path::Path,
 ) -> (Store, String, Customer, Customer, Customer) {
-    let url = if postgres {
-        PgCluster::shared()
-            .create_database()
-            .await
-            .expect("test database")
-    } else {
-        format!("sqlite://{}", dir.join("ferry.db").display())
-    };
+    let url = database_url(postgres, dir).await;
     let store = open(&url).await;
     let typed = store
         .create_customer(fields(&email("typed"), "Typed"), WriteContext::default())
