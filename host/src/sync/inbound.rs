@@ -1030,9 +1030,11 @@ impl SyncEngine {
             Ok(Applied::Raced) => Ok(None),
             Ok(Applied::LeaseLost) => Ok(Some(InboundOutcome::LeaseLost)),
             Err(StoreError::EmailTaken) => Ok(None),
-            Err(StoreError::RemoteIdTaken) => Err(Failure::Permanent(
-                "the local customer is already linked to another remote record".into(),
-            )),
+            // The decision found no link holding this remote record, and
+            // one holds it now: another loop linked it meanwhile (two
+            // events of one new record, in two claims). Deciding again
+            // finds that link.
+            Err(StoreError::RemoteIdTaken) => Ok(None),
             Err(error) => Err(error.into()),
         }
     }
