@@ -333,18 +333,14 @@ pub(crate) const FORCE_PUSH_SQL: &str = "UPDATE sync_links SET pushed_hash = NUL
 // of a row version and its WAL (docs/performance.md, round 5).
 // SQLite: one statement for a whole batch too (each statement is a hand-off
 // to the connection's thread and back; docs/performance.md, round 14).
-// `$1` holds the changes as `[customer, version, correlation, source]`
-// arrays in queue order, `$2` the connectors; SQLite applies the rows one
-// at a time, in that order, so a customer's later change in the batch
-// upserts over its earlier one. A change's source connector is left out:
-// the apply wrote that link with the change (see [`ChangeNotice`]).
+// `$1` holds one `[customer, connector, version, correlation]` row per
+// link, the link's newest change (see `newest_per_link`, which leaves a
+// change's source connector out).
 const INTAKE_BATCH_SQLITE: &str = concat!(
     "INSERT INTO sync_links \
     (customer_id, connector, wanted_version, state, next_attempt_at_ms, correlation_id, updated_at) \
-    SELECT json_extract(c.value, '$[0]'), k.value, json_extract(c.value, '$[1]'), 'pending', $3, \
-    json_extract(c.value, '$[2]'), $4 \
-    FROM json_each($1) AS c, json_each($2) AS k \
-    WHERE k.value IS NOT json_extract(c.value, '$[3]') ORDER BY c.key, k.key ",
+    SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), \
+    'pending', $2, json_extract(value, '$[3]'), $3 FROM json_each($1) WHERE true ",
     intake_on_conflict!()
 );
 
@@ -766,29 +762,31 @@ impl Store {
         connectors: &[String],
     ) -> Result<Vec<LinkKey>, StoreError> {
         let at = now();
-        let due = at.timestamp_millis();
+        let newest = newest_per_link(changes, connectors);
+        let consumed: Vec<i64> = changes.iter().filter_map(|c| c.outbox_id).collect();
         let pools = match &self.backend {
-            Backend::Postgres(pool) => return intake_postgres(pool, changes, connectors, at).await,
+            Backend::Postgres(pool) => {
+                intake_postgres(pool, &newest, &consumed, at).await?;
+                return Ok(newest.into_keys().collect());
+            }
             Backend::Sqlite(pools) => pools,
         };
-        let rows: Vec<(&str, i64, Option<&str>, Option<&str>)> = changes
+        let rows: Vec<(&str, &str, i64, Option<&str>)> = newest
             .iter()
-            .map(|c| {
+            .map(|(key, change)| {
                 (
-                    c.customer_id.as_str(),
-                    c.version,
-                    c.correlation_id.as_deref(),
-                    c.source_connector.as_deref(),
+                    key.customer_id.as_str(),
+                    key.connector.as_str(),
+                    change.version,
+                    change.correlation_id.as_deref(),
                 )
             })
             .collect();
-        let consumed: Vec<i64> = changes.iter().filter_map(|c| c.outbox_id).collect();
         let mut tx = pools.writer.begin().await?;
-        if !rows.is_empty() && !connectors.is_empty() {
+        if !rows.is_empty() {
             sqlx::query(INTAKE_BATCH_SQLITE)
                 .bind(serde_json::to_string(&rows)?)
-                .bind(json_array(connectors))
-                .bind(due)
+                .bind(at.timestamp_millis())
                 .bind(at)
                 .execute(&mut *tx)
                 .await?;
@@ -802,7 +800,7 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
-        Ok(newest_per_link(changes, connectors).into_keys().collect())
+        Ok(newest.into_keys().collect())
     }
 
     /// The in-process bus's round: takes up to `limit` changes off the
@@ -1464,29 +1462,26 @@ fn newest_per_link<'a>(
 }
 
 /// [`Store::intake_changes`] on PostgreSQL: one statement for the whole
-/// batch instead of one round trip per change and connector.
+/// batch (one row per link: ON CONFLICT may not touch a row twice in one
+/// statement) instead of one round trip per change and connector.
 async fn intake_postgres(
     pool: &sqlx::PgPool,
-    changes: &[ChangeNotice],
-    connectors: &[String],
+    newest: &std::collections::BTreeMap<LinkKey, &ChangeNotice>,
+    consumed: &[i64],
     at: DateTime<Utc>,
-) -> Result<Vec<LinkKey>, StoreError> {
-    // One row per link (ON CONFLICT may not touch a row twice in one
-    // statement).
-    let newest = newest_per_link(changes, connectors);
+) -> Result<(), StoreError> {
+    if newest.is_empty() && consumed.is_empty() {
+        return Ok(());
+    }
     let mut customers = Vec::with_capacity(newest.len());
     let mut names = Vec::with_capacity(newest.len());
     let mut versions = Vec::with_capacity(newest.len());
     let mut correlations = Vec::with_capacity(newest.len());
-    for (key, change) in &newest {
+    for (key, change) in newest {
         customers.push(key.customer_id.as_str());
         names.push(key.connector.as_str());
         versions.push(change.version);
         correlations.push(change.correlation_id.as_deref());
-    }
-    let consumed: Vec<i64> = changes.iter().filter_map(|c| c.outbox_id).collect();
-    if newest.is_empty() && consumed.is_empty() {
-        return Ok(Vec::new());
     }
     // With no connector taking part the insert has no rows and the
     // statement only takes the changes off the queue.
@@ -1497,8 +1492,8 @@ async fn intake_postgres(
         .bind(at.timestamp_millis())
         .bind(at)
         .bind(&correlations)
-        .bind(&consumed)
+        .bind(consumed)
         .execute(pool)
         .await?;
-    Ok(newest.into_keys().collect())
+    Ok(())
 }
