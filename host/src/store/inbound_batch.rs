@@ -23,7 +23,8 @@ use chrono::{DateTime, Utc};
 
 use super::customers::{columns, CustomerRow};
 use super::inbox::{
-    link_upsert_on_conflict, Applied, CustomerWrite, InboundChange, NewInboxEvent, RemoteChange,
+    link_upsert_on_conflict, Applied, CustomerWrite, InboundChange, LinkRead, NewInboxEvent,
+    RemoteChange,
 };
 use super::{Backend, Customer, CustomerId, Store, StoreError};
 
@@ -212,11 +213,17 @@ async fn write(
             CustomerWrite::None | CustomerWrite::Delete { .. } => None,
         })
         .collect();
-    // Two changes of one customer or of one link in a batch would meet in
-    // one row, which a single statement cannot order: one at a time.
+    // Two changes of one customer, of one link or of one remote record in
+    // a batch would meet in one row, which a single statement cannot
+    // order: one at a time.
     let mut rows = HashSet::new();
     let mut links = HashSet::new();
+    let mut records = HashSet::new();
     for (change, id) in changes.iter().zip(&ids) {
+        let event = &change.event;
+        if !records.insert((event.connector.as_str(), event.remote_id.as_str())) {
+            return Ok(None);
+        }
         if let Some(id) = id {
             if !rows.insert(id.as_str()) {
                 return Ok(None);
@@ -239,8 +246,17 @@ async fn write(
         .filter_map(|(i, id)| id.as_ref().map(|id| (id.as_str(), i)))
         .collect();
 
+    // A change whose remote record's link moved on since its decision read
+    // it (another loop applied an event of the same record) writes nothing
+    // and decides again. The links stay locked on PostgreSQL until the
+    // commit.
+    let links_now = tx.links_read(changes).await?;
+    for ((race, change), now) in raced.iter_mut().zip(changes).zip(links_now) {
+        *race = now != change.link_read;
+    }
+
     let creates: Vec<usize> = (0..changes.len())
-        .filter(|&i| matches!(changes[i].customer, CustomerWrite::Create(_)))
+        .filter(|&i| !raced[i] && matches!(changes[i].customer, CustomerWrite::Create(_)))
         .collect();
     if !creates.is_empty() {
         let mut columns = Columns::default();
@@ -259,7 +275,7 @@ async fn write(
     }
 
     let updates: Vec<usize> = (0..changes.len())
-        .filter(|&i| matches!(changes[i].customer, CustomerWrite::Update { .. }))
+        .filter(|&i| !raced[i] && matches!(changes[i].customer, CustomerWrite::Update { .. }))
         .collect();
     if !updates.is_empty() {
         let mut columns = Columns::default();
@@ -436,6 +452,66 @@ impl<'c> Tx<'c> {
                 .await
             }
         }
+    }
+
+    /// The link of each change's remote record as [`LinkRead`] compares
+    /// it, in the changes' order; locked on PostgreSQL, in key order (two
+    /// loops' batches lock the links they share in one order).
+    async fn links_read(
+        &mut self,
+        changes: &[InboundChange],
+    ) -> Result<Vec<Option<LinkRead>>, sqlx::Error> {
+        let (connectors, remote_ids): (Vec<&str>, Vec<&str>) = changes
+            .iter()
+            .map(|c| (c.event.connector.as_str(), c.event.remote_id.as_str()))
+            .unzip();
+        let rows: Vec<(String, String, i64, i64)> = match self {
+            Self::Postgres(tx) => {
+                sqlx::query_as(
+                    "SELECT connector, remote_id, remote_seen_at_ms, wanted_version FROM sync_links \
+                     WHERE (connector, remote_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
+                     ORDER BY connector, remote_id FOR NO KEY UPDATE",
+                )
+                .bind(&connectors)
+                .bind(&remote_ids)
+                // Planned for each call (the store module's "Plans kept
+                // from an empty table").
+                .persistent(false)
+                .fetch_all(&mut **tx)
+                .await?
+            }
+            Self::Sqlite(tx) => {
+                let rows = json_rows(vec![
+                    json_column(connectors.clone()),
+                    json_column(remote_ids.clone()),
+                ]);
+                sqlx::query_as(
+                    "SELECT connector, remote_id, remote_seen_at_ms, wanted_version \
+                     FROM json_each($1) JOIN sync_links \
+                     ON connector = value ->> 0 AND remote_id = value ->> 1",
+                )
+                .bind(rows)
+                .fetch_all(&mut **tx)
+                .await?
+            }
+        };
+        let mut links: HashMap<(String, String), LinkRead> = rows
+            .into_iter()
+            .map(
+                |(connector, remote_id, remote_seen_at_ms, wanted_version)| {
+                    let read = LinkRead {
+                        remote_seen_at_ms,
+                        wanted_version,
+                    };
+                    ((connector, remote_id), read)
+                },
+            )
+            .collect();
+        Ok(connectors
+            .into_iter()
+            .zip(remote_ids)
+            .map(|(c, r)| links.remove(&(c.to_owned(), r.to_owned())))
+            .collect())
     }
 
     async fn update_customers(

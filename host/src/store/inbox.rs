@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 use super::customers::{columns, CustomerRow};
 use super::DeadLetterKind;
 use super::{dispatch, now, stored_names, Customer, CustomerFields, CustomerId, Store, StoreError};
-use super::{now_ms, Backend};
+use super::{now_ms, Backend, SyncLink};
 
 /// What a remote event did to its record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
@@ -189,11 +189,46 @@ pub struct NewConflict {
     pub open: bool,
 }
 
+/// The remote record's link as a decision read it, for the write to find
+/// unchanged. Two inbox loops can hold events of one record: if the other
+/// applied one between this decision's read of the link and its read of
+/// the customer, the customer looks changed since the link's snapshot and
+/// the merge takes the other event's values for a local change. That
+/// write moved the link on (a later `remote_seen_at_ms`, or the customer
+/// version it wants), so the change decides again instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct LinkRead {
+    /// When the newest remote change applied to the link happened.
+    pub remote_seen_at_ms: i64,
+    /// The customer version the link wants the remote to hold.
+    pub wanted_version: i64,
+}
+
+impl From<&SyncLink> for LinkRead {
+    fn from(link: &SyncLink) -> Self {
+        Self {
+            remote_seen_at_ms: link.remote_seen_at_ms,
+            wanted_version: link.wanted_version,
+        }
+    }
+}
+
+/// The link of `(connector, remote id)` as [`LinkRead`] compares it,
+/// locked on PostgreSQL until the write's transaction ends (SQLite's one
+/// writer holds the database already).
+const LINK_READ_POSTGRES: &str = "SELECT remote_seen_at_ms, wanted_version FROM sync_links \
+     WHERE connector = $1 AND remote_id = $2 FOR NO KEY UPDATE";
+const LINK_READ_SQLITE: &str = "SELECT remote_seen_at_ms, wanted_version FROM sync_links \
+     WHERE connector = $1 AND remote_id = $2";
+
 /// Everything one applied remote change writes, in one transaction.
 #[derive(Debug, Clone)]
 pub struct InboundChange {
     /// The claimed inbox event.
     pub event: InboxEvent,
+    /// The link of the event's remote record the decision read (`None`:
+    /// no link held it), which the write checks (see [`LinkRead`]).
+    pub link_read: Option<LinkRead>,
     /// The customer write.
     pub customer: CustomerWrite,
     /// The local customer the link belongs to (for `None` and `Update` and
@@ -505,6 +540,18 @@ impl Store {
                 let event = &change.event;
                 let mut tx = sqlx::Acquire::begin(&mut *outer).await?;
                 let result: Result<Applied, StoreError> = async {
+            let link_read = match &self.backend {
+                Backend::Postgres(_) => LINK_READ_POSTGRES,
+                Backend::Sqlite(_) => LINK_READ_SQLITE,
+            };
+            let link_now: Option<LinkRead> = sqlx::query_as(link_read)
+                .bind(&event.connector)
+                .bind(&event.remote_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if link_now != change.link_read {
+                return Ok(Applied::Raced);
+            }
             let (customer, kind) = match &change.customer {
                 CustomerWrite::None => (None, None),
                 CustomerWrite::Create(fields) => {

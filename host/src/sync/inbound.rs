@@ -29,7 +29,8 @@ use super::outbound::canonical_record;
 use super::SyncEngine;
 use crate::runtime::{CallError, ConnectorError};
 use crate::store::inbox::{
-    Applied, CustomerWrite, InboundChange, InboxEvent, InboxFinish, NewConflict, RemoteChange,
+    Applied, CustomerWrite, InboundChange, InboxEvent, InboxFinish, LinkRead, NewConflict,
+    RemoteChange,
 };
 use crate::store::now_ms;
 use crate::store::DeadLetterKind;
@@ -616,6 +617,7 @@ impl SyncEngine {
             return self
                 .write(InboundChange {
                     event: event.clone(),
+                    link_read: None,
                     customer: CustomerWrite::Create(fields),
                     link_customer: None,
                     unlink_customer: None,
@@ -695,6 +697,7 @@ impl SyncEngine {
                         return self
                             .merge_first_sync(
                                 event,
+                                link.as_ref().map(LinkRead::from),
                                 remote,
                                 owner,
                                 Some(customer.id.clone()),
@@ -752,6 +755,7 @@ impl SyncEngine {
         };
         self.write(InboundChange {
             event: event.clone(),
+            link_read: link.as_ref().map(LinkRead::from),
             customer: change,
             link_customer: Some(customer.id.clone()),
             unlink_customer: None,
@@ -834,6 +838,7 @@ impl SyncEngine {
                 return self
                     .merge_first_sync(
                         event,
+                        None,
                         remote,
                         owner,
                         None,
@@ -853,6 +858,8 @@ impl SyncEngine {
         };
         self.write(InboundChange {
             event: event.clone(),
+            // Only a record no link holds is a duplicate.
+            link_read: None,
             customer,
             link_customer,
             unlink_customer: None,
@@ -867,10 +874,12 @@ impl SyncEngine {
     }
 
     /// Links `event`'s record to `customer` as a first sync (no snapshot:
-    /// the fields the remote sets differently follow the conflict policy).
+    /// the fields the remote sets differently follow the conflict policy);
+    /// `link_read` is the record's link as the decision read it.
     async fn merge_first_sync(
         &self,
         event: &InboxEvent,
+        link_read: Option<LinkRead>,
         remote: serde_json::Value,
         customer: Customer,
         unlink: Option<CustomerId>,
@@ -905,6 +914,7 @@ impl SyncEngine {
             .then_some(customer.version);
         self.write(InboundChange {
             event: event.clone(),
+            link_read,
             customer: change,
             link_customer: Some(customer.id.clone()),
             unlink_customer: unlink,
@@ -994,6 +1004,7 @@ impl SyncEngine {
         };
         self.write(InboundChange {
             event: event.clone(),
+            link_read: Some(LinkRead::from(&link)),
             customer,
             link_customer: Some(customer_id),
             unlink_customer: None,

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use ferry::store::inbox::{
-    Applied, CustomerWrite, InboundChange, InboxEvent, NewInboxEvent, RemoteChange,
+    Applied, CustomerWrite, InboundChange, InboxEvent, LinkRead, NewInboxEvent, RemoteChange,
 };
 use ferry::store::links::LinkWrite;
 use ferry::store::{
@@ -96,6 +96,7 @@ async fn claimed(store: &Store, remote_ids: &[String]) -> Vec<InboxEvent> {
 fn change(event: &InboxEvent, customer: CustomerWrite, link: Option<&CustomerId>) -> InboundChange {
     InboundChange {
         event: event.clone(),
+        link_read: None,
         customer,
         link_customer: link.cloned(),
         unlink_customer: None,
@@ -311,6 +312,148 @@ async fn postgres_each_change_gets_its_own_answer() {
 #[tokio::test]
 async fn sqlite_each_change_gets_its_own_answer() {
     each_change_gets_its_own_answer(false).await;
+}
+
+/// A change decided on a link that another loop's write has moved on
+/// since (an event of the same record applied between the decision's read
+/// of the link and its read of the customer) writes nothing and decides
+/// again, in a batch and alone; decided again on the link as it is, it
+/// applies.
+async fn a_change_whose_link_moved_on_decides_again(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let ctx = || WriteContext {
+        correlation_id: None,
+        idempotency: None,
+    };
+    let first = store
+        .create_customer(fields(&email("first"), "First"), ctx())
+        .await
+        .expect("first");
+    let second = store
+        .create_customer(fields(&email("second"), "Second"), ctx())
+        .await
+        .expect("second");
+    let remote: Vec<String> = (0..2)
+        .map(|i| format!("cus_moved_{i}_{postgres}"))
+        .collect();
+    let events = claimed(&store, &remote).await;
+    let linked = store
+        .apply_inbound_many(&[
+            change(&events[0], CustomerWrite::None, Some(&first.id)),
+            change(&events[1], CustomerWrite::None, Some(&second.id)),
+        ])
+        .await
+        .expect("linked");
+    assert!(
+        linked.iter().all(|r| matches!(r, Ok(Applied::Done(None)))),
+        "{linked:?}"
+    );
+    let link_read = async |remote_id: &str| {
+        let link = store
+            .link_by_remote_id("stripe", remote_id)
+            .await
+            .expect("link read")
+            .expect("linked");
+        LinkRead::from(&link)
+    };
+    let read = [link_read(&remote[0]).await, link_read(&remote[1]).await];
+    assert_eq!(
+        read[0],
+        LinkRead {
+            remote_seen_at_ms: 1_000,
+            wanted_version: 0
+        }
+    );
+
+    // Later events of both records.
+    let later: Vec<NewInboxEvent> = remote
+        .iter()
+        .map(|r| NewInboxEvent {
+            occurred_at_ms: 2_000,
+            ..event(&format!("evt_later_{r}"), r)
+        })
+        .collect();
+    store
+        .store_inbox_many(&[("stripe", &later, None)])
+        .await
+        .expect("stored");
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let events = store
+        .claim_due_inbox("lease-a", until, 100, 0, i64::MIN)
+        .await
+        .expect("claimed");
+    assert_eq!(events.len(), 2);
+    let rename = |event: &InboxEvent, customer: &Customer, name: &str, read: Option<LinkRead>| {
+        let write = CustomerWrite::Update {
+            id: customer.id.clone(),
+            expected_version: customer.version,
+            fields: fields(&customer.email, name),
+        };
+        InboundChange {
+            link_read: read,
+            ..change(event, write, Some(&customer.id))
+        }
+    };
+    // Decided on the link before another write moved it on: raced, in a
+    // batch (the other change applies) and alone, as is one decided on no
+    // link where one is now.
+    let stale = LinkRead {
+        remote_seen_at_ms: 500,
+        ..read[0]
+    };
+    let results = store
+        .apply_inbound_many(&[
+            rename(&events[0], &first, "Never", Some(stale)),
+            rename(&events[1], &second, "Second, renamed", Some(read[1])),
+        ])
+        .await
+        .expect("applied");
+    assert!(matches!(results[0], Ok(Applied::Raced)), "{results:?}");
+    match &results[1] {
+        Ok(Applied::Done(Some(customer))) => {
+            assert_eq!(customer.name.as_deref(), Some("Second, renamed"));
+        }
+        other => panic!("the other change: {other:?}"),
+    }
+    for read in [Some(stale), None] {
+        let results = store
+            .apply_inbound_many(&[rename(&events[0], &first, "Never", read)])
+            .await
+            .expect("applied");
+        assert!(matches!(results[0], Ok(Applied::Raced)), "{results:?}");
+    }
+    let unchanged = store.get_customer(&first.id).await.expect("first");
+    assert_eq!(
+        (unchanged.name.as_deref(), unchanged.version),
+        (Some("First"), 1)
+    );
+    assert_eq!(link_read(&remote[0]).await, read[0]);
+    let pending = store
+        .inbox_of_remote("stripe", &remote[0])
+        .await
+        .expect("inbox read");
+    assert_eq!(pending[0].state.as_str(), "pending", "left to decide again");
+
+    // Decided again on the link as it is: applied.
+    let results = store
+        .apply_inbound_many(&[rename(&events[0], &first, "First, renamed", Some(read[0]))])
+        .await
+        .expect("applied");
+    assert!(
+        matches!(results[0], Ok(Applied::Done(Some(_)))),
+        "{results:?}"
+    );
+    assert_eq!(link_read(&remote[0]).await.remote_seen_at_ms, 2_000);
+}
+
+#[tokio::test]
+async fn postgres_a_change_whose_link_moved_on_decides_again() {
+    a_change_whose_link_moved_on_decides_again(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_change_whose_link_moved_on_decides_again() {
+    a_change_whose_link_moved_on_decides_again(false).await;
 }
 
 /// The ingest's insert on PostgreSQL stores each event once: twice in one
