@@ -111,10 +111,12 @@ pub struct Config {
     pub workers: bool,
     /// Pushes that may run at once in this process.
     pub sync_concurrency: usize,
-    /// Inbox loops applying remote changes in this process on PostgreSQL
-    /// (SQLite runs one): fewer leave the webhook endpoint more of the
-    /// machine, more apply faster (docs/performance.md, round 7).
-    pub inbox_loops: usize,
+    /// Inbox loops applying remote changes in this process: fewer leave
+    /// the webhook endpoint more of the machine, more apply faster
+    /// (docs/performance.md, rounds 7 and 20). Unset: two on PostgreSQL,
+    /// one on SQLite, whose one writer the loops share with the endpoint.
+    #[serde(default)]
+    pub inbox_loops: Option<usize>,
     /// While webhooks keep arriving, the inbox loops after the first wait
     /// until the oldest event waiting to be applied has waited this long
     /// (a burst is acknowledged first and applied after); with the endpoint
@@ -316,7 +318,6 @@ struct Defaults {
     bus_redelivery_after: &'static str,
     workers: bool,
     sync_concurrency: usize,
-    inbox_loops: usize,
     inbox_catch_up_after: &'static str,
     sync_max_attempts: u32,
     sync_backoff_base: &'static str,
@@ -359,7 +360,6 @@ const DEFAULTS: Defaults = Defaults {
     bus_redelivery_after: "60s",
     workers: true,
     sync_concurrency: 64,
-    inbox_loops: 2,
     inbox_catch_up_after: "0s",
     sync_max_attempts: 10,
     sync_backoff_base: "1s",
@@ -544,7 +544,8 @@ impl Config {
                 "sync_lease must be longer than connector_call_timeout".into(),
             ));
         }
-        if self.sync_max_attempts == 0 || self.sync_concurrency == 0 || self.inbox_loops == 0 {
+        if self.sync_max_attempts == 0 || self.sync_concurrency == 0 || self.inbox_loops == Some(0)
+        {
             return Err(ConfigError::Invalid(
                 "sync_max_attempts, sync_concurrency and inbox_loops must be at least 1".into(),
             ));
@@ -789,7 +790,7 @@ mod tests {
             assert_eq!(salesforce["api_version"], "62.0");
             assert_eq!(salesforce["sandbox"], "true");
             assert_eq!(config.sync_concurrency, 12);
-            assert_eq!(config.inbox_loops, 1);
+            assert_eq!(config.inbox_loops, Some(1));
             assert_eq!(config.inbox_catch_up_after, Duration::from_millis(2_500));
             assert!(!config.workers);
             assert!((config.reconcile_max_delete_share - 0.25).abs() < f64::EPSILON);

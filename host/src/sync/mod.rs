@@ -54,8 +54,8 @@ pub struct SyncOptions {
     /// How long a fresh inbox event is left to the bus before the inbox
     /// loop takes it (zero when the inbox is drained in-process).
     pub inbox_grace: Duration,
-    /// Inbox loops on PostgreSQL (see [`SyncEngine::inbox_loops`]).
-    pub inbox_loops: usize,
+    /// Inbox loops, if set (see [`SyncEngine::inbox_loops`]).
+    pub inbox_loops: Option<usize>,
     /// How long events may wait while webhooks keep arriving before the
     /// loops after the first join in (see [`SyncEngine::run_inbox`]).
     pub inbox_catch_up_after: Duration,
@@ -78,7 +78,7 @@ struct Inner {
     duplicate_email: inbound::DuplicateEmail,
     duplicate_email_by_connector: std::collections::BTreeMap<String, inbound::DuplicateEmail>,
     inbox_grace: Duration,
-    inbox_loops: usize,
+    inbox_loops: Option<usize>,
     inbox_catch_up_after: Duration,
     /// When the oldest event of the latest claim arrived (unix ms): the
     /// inbox's lag, as the loops last saw it.
@@ -140,7 +140,7 @@ impl SyncEngine {
                 duplicate_email: options.inbound.duplicate_email,
                 duplicate_email_by_connector: options.inbound.duplicate_email_by_connector,
                 inbox_grace: options.inbox_grace,
-                inbox_loops: options.inbox_loops.max(1),
+                inbox_loops: options.inbox_loops.map(|n| n.max(1)),
                 inbox_catch_up_after: options.inbox_catch_up_after,
                 oldest_claimed_ms: std::sync::atomic::AtomicI64::new(0),
                 activity: std::sync::Mutex::default(),

@@ -490,6 +490,17 @@ mod sqlite {
     async fn email_match() {
         remote_customer_matches_local_email(Backend::Sqlite).await;
     }
+
+    // SQLite runs two loops when `inbox_loops` says so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_loops_creating_one_record() {
+        two_loops_on_the_events_of_new_records(Backend::Sqlite, 48, 2, true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_loops_on_a_burst_of_one_record() {
+        two_loops_on_the_events_of_new_records(Backend::Sqlite, 12, 10, false).await;
+    }
 }
 
 mod postgres {
