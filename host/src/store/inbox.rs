@@ -221,6 +221,15 @@ const LINK_READ_POSTGRES: &str = "SELECT remote_seen_at_ms, wanted_version FROM 
 const LINK_READ_SQLITE: &str = "SELECT remote_seen_at_ms, wanted_version FROM sync_links \
      WHERE connector = $1 AND remote_id = $2";
 
+/// Locks the links of a group's remote records (`$1`, a JSON array of
+/// `[connector, remote id]`) in key order, before any change of the group
+/// locks a link or a customer: every inbound write locks its links first
+/// and in one order (the batch does the same), so two loops' groups that
+/// share records wait for each other instead of deadlocking.
+const LOCK_LINKS_POSTGRES: &str = "SELECT 1 FROM sync_links \
+     WHERE (connector, remote_id) IN (SELECT value ->> 0, value ->> 1 FROM jsonb_array_elements($1::jsonb)) \
+     ORDER BY connector, remote_id FOR NO KEY UPDATE";
+
 /// Everything one applied remote change writes, in one transaction.
 #[derive(Debug, Clone)]
 pub struct InboundChange {
@@ -533,8 +542,28 @@ impl Store {
         if let Some(results) = super::inbound_batch::apply(self, changes, at).await {
             return Ok(results);
         }
+        let lock_links = match &self.backend {
+            Backend::Postgres(_) => Some(LOCK_LINKS_POSTGRES),
+            // One writer: nothing to wait for.
+            Backend::Sqlite(_) => None,
+        };
+        let records = serde_json::to_string(
+            &changes
+                .iter()
+                .map(|c| [c.event.connector.as_str(), c.event.remote_id.as_str()])
+                .collect::<Vec<_>>(),
+        )?;
         dispatch!(self, write pool => {
             let mut outer = pool.begin().await?;
+            if let Some(lock_links) = lock_links {
+                sqlx::query(lock_links)
+                    .bind(&records)
+                    // Planned for each call (the store module's "Plans
+                    // kept from an empty table").
+                    .persistent(false)
+                    .execute(&mut *outer)
+                    .await?;
+            }
             let mut results = Vec::with_capacity(changes.len());
             for change in changes {
                 let event = &change.event;

@@ -8,7 +8,8 @@
 use std::collections::BTreeMap;
 
 use ferry::store::inbox::{
-    Applied, CustomerWrite, InboundChange, InboxEvent, LinkRead, NewInboxEvent, RemoteChange,
+    Applied, CustomerWrite, InboundChange, InboxEvent, LinkRead, NewConflict, NewInboxEvent,
+    RemoteChange,
 };
 use ferry::store::links::LinkWrite;
 use ferry::store::{
@@ -454,6 +455,150 @@ async fn postgres_a_change_whose_link_moved_on_decides_again() {
 #[tokio::test]
 async fn sqlite_a_change_whose_link_moved_on_decides_again() {
     a_change_whose_link_moved_on_decides_again(false).await;
+}
+
+/// Two groups of the same two records, in opposite orders, written one
+/// change at a time (a conflict to record keeps them out of the batch),
+/// while a third transaction holds the first group's first customer: the
+/// first group waits there holding its first link, the second group writes
+/// its first change and reaches the first group's link. Had each change
+/// locked its own link as it came, releasing the customer would close a
+/// cycle (PostgreSQL aborts one side after `deadlock_timeout`); a group
+/// locks all its links first, in key order, so the second waits for the
+/// first and every change gets an answer, none an error.
+#[tokio::test]
+async fn postgres_two_groups_of_shared_records_wait_rather_than_deadlock() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(true, dir.path()).await;
+    let store = open(&url).await;
+    let ctx = || WriteContext {
+        correlation_id: None,
+        idempotency: None,
+    };
+    let mut customers = Vec::new();
+    for name in ["one", "two"] {
+        let customer = store
+            .create_customer(fields(&email(name), name), ctx())
+            .await
+            .expect("customer");
+        customers.push(customer);
+    }
+    let remote: Vec<String> = vec!["cus_shared_1".into(), "cus_shared_2".into()];
+    let events = claimed(&store, &remote).await;
+    let linked = store
+        .apply_inbound_many(&[
+            change(&events[0], CustomerWrite::None, Some(&customers[0].id)),
+            change(&events[1], CustomerWrite::None, Some(&customers[1].id)),
+        ])
+        .await
+        .expect("linked");
+    assert!(
+        linked.iter().all(|r| matches!(r, Ok(Applied::Done(None)))),
+        "{linked:?}"
+    );
+    let mut reads = Vec::new();
+    for remote_id in &remote {
+        let link = store
+            .link_by_remote_id("stripe", remote_id)
+            .await
+            .expect("link read")
+            .expect("linked");
+        reads.push(LinkRead::from(&link));
+    }
+
+    // Two later events of each record, claimed.
+    let later: Vec<NewInboxEvent> = ["a", "b"]
+        .iter()
+        .flat_map(|group| {
+            remote.iter().map(move |r| NewInboxEvent {
+                occurred_at_ms: 2_000,
+                ..event(&format!("evt_{group}_{r}"), r)
+            })
+        })
+        .collect();
+    store
+        .store_inbox_many(&[("stripe", &later, None)])
+        .await
+        .expect("stored");
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let events = store
+        .claim_due_inbox("lease-a", until, 100, 0, i64::MIN)
+        .await
+        .expect("claimed");
+    assert_eq!(events.len(), 4);
+    let of = |event_id: &str| {
+        events
+            .iter()
+            .find(|e| e.event_id == event_id)
+            .expect("claimed event")
+    };
+    let rename = |event: &InboxEvent, r: usize| {
+        let customer = &customers[r];
+        let write = CustomerWrite::Update {
+            id: customer.id.clone(),
+            expected_version: customer.version,
+            fields: fields(&customer.email, "renamed"),
+        };
+        InboundChange {
+            link_read: Some(reads[r]),
+            conflict: Some(NewConflict {
+                policy: "last_writer_wins".into(),
+                fields: json!([]),
+                open: false,
+            }),
+            ..change(event, write, Some(&customer.id))
+        }
+    };
+    let first = vec![
+        rename(of("evt_a_cus_shared_1"), 0),
+        rename(of("evt_a_cus_shared_2"), 1),
+    ];
+    let second = vec![
+        rename(of("evt_b_cus_shared_2"), 1),
+        rename(of("evt_b_cus_shared_1"), 0),
+    ];
+
+    let raw = sqlx::PgPool::connect(&url).await.expect("raw connection");
+    let mut holder = raw.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM customers WHERE id = $1 FOR UPDATE")
+        .bind(customers[0].id.as_str())
+        .execute(&mut *holder)
+        .await
+        .expect("customer one held");
+    let waiting = async |n: i64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let blocked: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&raw)
+            .await
+            .expect("activity");
+            if blocked >= n {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "never {n} waiting");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    let first_store = store.clone();
+    let first = tokio::spawn(async move { first_store.apply_inbound_many(&first).await });
+    waiting(1).await;
+    let second_store = store.clone();
+    let second = tokio::spawn(async move { second_store.apply_inbound_many(&second).await });
+    waiting(2).await;
+    holder.rollback().await.expect("customer one released");
+
+    for (group, results) in [("first", first.await), ("second", second.await)] {
+        let results = results.expect("joined").expect("group written");
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Ok(Applied::Done(_) | Applied::Raced))),
+            "{group} group: {results:?}"
+        );
+    }
 }
 
 /// The ingest's insert on PostgreSQL stores each event once: twice in one
