@@ -315,33 +315,38 @@ async fn sqlite_each_change_gets_its_own_answer() {
     each_change_gets_its_own_answer(false).await;
 }
 
-/// A change decided on a link that another loop's write has moved on
-/// since (an event of the same record applied between the decision's read
-/// of the link and its read of the customer) writes nothing and decides
-/// again, in a batch and alone; decided again on the link as it is, it
-/// applies.
-async fn a_change_whose_link_moved_on_decides_again(postgres: bool) {
-    let (store, _dir) = store(postgres).await;
-    let ctx = || WriteContext {
-        correlation_id: None,
-        idempotency: None,
-    };
-    let first = store
-        .create_customer(fields(&email("first"), "First"), ctx())
+/// The link of `remote_id` as a decision reads it.
+async fn link_read(store: &Store, remote_id: &str) -> LinkRead {
+    let link = store
+        .link_by_remote_id("stripe", remote_id)
         .await
-        .expect("first");
-    let second = store
-        .create_customer(fields(&email("second"), "Second"), ctx())
-        .await
-        .expect("second");
-    let remote: Vec<String> = (0..2)
-        .map(|i| format!("cus_moved_{i}_{postgres}"))
-        .collect();
-    let events = claimed(&store, &remote).await;
+        .expect("link read")
+        .expect("linked");
+    LinkRead::from(&link)
+}
+
+/// Two customers, each linked by an applied event (at 1,000 ms) to a
+/// remote record of its own (`cus_{tag}_0` and `_1`): the customers, the
+/// remote ids and the links as a decision reads them.
+async fn two_linked(store: &Store, tag: &str) -> (Vec<Customer>, Vec<String>, Vec<LinkRead>) {
+    let mut customers = Vec::new();
+    for name in ["First", "Second"] {
+        let context = WriteContext {
+            correlation_id: None,
+            idempotency: None,
+        };
+        let customer = store
+            .create_customer(fields(&email(name), name), context)
+            .await
+            .expect("customer");
+        customers.push(customer);
+    }
+    let remote: Vec<String> = (0..2).map(|i| format!("cus_{tag}_{i}")).collect();
+    let events = claimed(store, &remote).await;
     let linked = store
         .apply_inbound_many(&[
-            change(&events[0], CustomerWrite::None, Some(&first.id)),
-            change(&events[1], CustomerWrite::None, Some(&second.id)),
+            change(&events[0], CustomerWrite::None, Some(&customers[0].id)),
+            change(&events[1], CustomerWrite::None, Some(&customers[1].id)),
         ])
         .await
         .expect("linked");
@@ -349,15 +354,64 @@ async fn a_change_whose_link_moved_on_decides_again(postgres: bool) {
         linked.iter().all(|r| matches!(r, Ok(Applied::Done(None)))),
         "{linked:?}"
     );
-    let link_read = async |remote_id: &str| {
-        let link = store
-            .link_by_remote_id("stripe", remote_id)
-            .await
-            .expect("link read")
-            .expect("linked");
-        LinkRead::from(&link)
+    let mut reads = Vec::new();
+    for remote_id in &remote {
+        reads.push(link_read(store, remote_id).await);
+    }
+    (customers, remote, reads)
+}
+
+/// Stores a later event (at 2,000 ms) per `(event id, remote id)` and
+/// claims every due event.
+async fn claim_later(store: &Store, later: &[(String, &String)]) -> Vec<InboxEvent> {
+    let events: Vec<NewInboxEvent> = later
+        .iter()
+        .map(|(event_id, remote_id)| NewInboxEvent {
+            occurred_at_ms: 2_000,
+            ..event(event_id, remote_id)
+        })
+        .collect();
+    store
+        .store_inbox_many(&[("stripe", &events, None)])
+        .await
+        .expect("stored");
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let claimed = store
+        .claim_due_inbox("lease-a", until, 100, 0, i64::MIN)
+        .await
+        .expect("claimed");
+    assert_eq!(claimed.len(), later.len());
+    claimed
+}
+
+/// A remote change renaming `customer` to `name`, decided on the link
+/// `read`.
+fn renamed_from_remote(
+    event: &InboxEvent,
+    customer: &Customer,
+    name: &str,
+    read: Option<LinkRead>,
+) -> InboundChange {
+    let write = CustomerWrite::Update {
+        id: customer.id.clone(),
+        expected_version: customer.version,
+        fields: fields(&customer.email, name),
     };
-    let read = [link_read(&remote[0]).await, link_read(&remote[1]).await];
+    InboundChange {
+        link_read: read,
+        ..change(event, write, Some(&customer.id))
+    }
+}
+
+/// A change decided on a link that another loop's write has moved on
+/// since (an event of the same record applied between the decision's read
+/// of the link and its read of the customer) writes nothing and decides
+/// again, in a batch and alone; decided again on the link as it is, it
+/// applies.
+async fn a_change_whose_link_moved_on_decides_again(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let (customers, remote, read) = two_linked(&store, &format!("moved_{postgres}")).await;
+    let (first, second) = (&customers[0], &customers[1]);
     assert_eq!(
         read[0],
         LinkRead {
@@ -365,36 +419,11 @@ async fn a_change_whose_link_moved_on_decides_again(postgres: bool) {
             wanted_version: 0
         }
     );
-
-    // Later events of both records.
-    let later: Vec<NewInboxEvent> = remote
+    let later: Vec<(String, &String)> = remote
         .iter()
-        .map(|r| NewInboxEvent {
-            occurred_at_ms: 2_000,
-            ..event(&format!("evt_later_{r}"), r)
-        })
+        .map(|r| (format!("evt_later_{r}"), r))
         .collect();
-    store
-        .store_inbox_many(&[("stripe", &later, None)])
-        .await
-        .expect("stored");
-    let until = chrono::Utc::now().timestamp_millis() + 60_000;
-    let events = store
-        .claim_due_inbox("lease-a", until, 100, 0, i64::MIN)
-        .await
-        .expect("claimed");
-    assert_eq!(events.len(), 2);
-    let rename = |event: &InboxEvent, customer: &Customer, name: &str, read: Option<LinkRead>| {
-        let write = CustomerWrite::Update {
-            id: customer.id.clone(),
-            expected_version: customer.version,
-            fields: fields(&customer.email, name),
-        };
-        InboundChange {
-            link_read: read,
-            ..change(event, write, Some(&customer.id))
-        }
-    };
+    let events = claim_later(&store, &later).await;
     // Decided on the link before another write moved it on: raced, in a
     // batch (the other change applies) and alone, as is one decided on no
     // link where one is now.
@@ -404,8 +433,8 @@ async fn a_change_whose_link_moved_on_decides_again(postgres: bool) {
     };
     let results = store
         .apply_inbound_many(&[
-            rename(&events[0], &first, "Never", Some(stale)),
-            rename(&events[1], &second, "Second, renamed", Some(read[1])),
+            renamed_from_remote(&events[0], first, "Never", Some(stale)),
+            renamed_from_remote(&events[1], second, "Second, renamed", Some(read[1])),
         ])
         .await
         .expect("applied");
@@ -418,7 +447,7 @@ async fn a_change_whose_link_moved_on_decides_again(postgres: bool) {
     }
     for read in [Some(stale), None] {
         let results = store
-            .apply_inbound_many(&[rename(&events[0], &first, "Never", read)])
+            .apply_inbound_many(&[renamed_from_remote(&events[0], first, "Never", read)])
             .await
             .expect("applied");
         assert!(matches!(results[0], Ok(Applied::Raced)), "{results:?}");
@@ -428,7 +457,7 @@ async fn a_change_whose_link_moved_on_decides_again(postgres: bool) {
         (unchanged.name.as_deref(), unchanged.version),
         (Some("First"), 1)
     );
-    assert_eq!(link_read(&remote[0]).await, read[0]);
+    assert_eq!(link_read(&store, &remote[0]).await, read[0]);
     let pending = store
         .inbox_of_remote("stripe", &remote[0])
         .await
@@ -437,14 +466,19 @@ async fn a_change_whose_link_moved_on_decides_again(postgres: bool) {
 
     // Decided again on the link as it is: applied.
     let results = store
-        .apply_inbound_many(&[rename(&events[0], &first, "First, renamed", Some(read[0]))])
+        .apply_inbound_many(&[renamed_from_remote(
+            &events[0],
+            first,
+            "First, renamed",
+            Some(read[0]),
+        )])
         .await
         .expect("applied");
     assert!(
         matches!(results[0], Ok(Applied::Done(Some(_)))),
         "{results:?}"
     );
-    assert_eq!(link_read(&remote[0]).await.remote_seen_at_ms, 2_000);
+    assert_eq!(link_read(&store, &remote[0]).await.remote_seen_at_ms, 2_000);
 }
 
 #[tokio::test]
@@ -471,91 +505,35 @@ async fn postgres_two_groups_of_shared_records_wait_rather_than_deadlock() {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = database_url(true, dir.path()).await;
     let store = open(&url).await;
-    let ctx = || WriteContext {
-        correlation_id: None,
-        idempotency: None,
-    };
-    let mut customers = Vec::new();
-    for name in ["one", "two"] {
-        let customer = store
-            .create_customer(fields(&email(name), name), ctx())
-            .await
-            .expect("customer");
-        customers.push(customer);
-    }
-    let remote: Vec<String> = vec!["cus_shared_1".into(), "cus_shared_2".into()];
-    let events = claimed(&store, &remote).await;
-    let linked = store
-        .apply_inbound_many(&[
-            change(&events[0], CustomerWrite::None, Some(&customers[0].id)),
-            change(&events[1], CustomerWrite::None, Some(&customers[1].id)),
-        ])
-        .await
-        .expect("linked");
-    assert!(
-        linked.iter().all(|r| matches!(r, Ok(Applied::Done(None)))),
-        "{linked:?}"
-    );
-    let mut reads = Vec::new();
-    for remote_id in &remote {
-        let link = store
-            .link_by_remote_id("stripe", remote_id)
-            .await
-            .expect("link read")
-            .expect("linked");
-        reads.push(LinkRead::from(&link));
-    }
-
-    // Two later events of each record, claimed.
-    let later: Vec<NewInboxEvent> = ["a", "b"]
+    let (customers, remote, reads) = two_linked(&store, "shared").await;
+    // Two later events of each record, one for each group.
+    let later: Vec<(String, &String)> = ["a", "b"]
         .iter()
-        .flat_map(|group| {
-            remote.iter().map(move |r| NewInboxEvent {
-                occurred_at_ms: 2_000,
-                ..event(&format!("evt_{group}_{r}"), r)
-            })
-        })
+        .flat_map(|group| remote.iter().map(move |r| (format!("evt_{group}_{r}"), r)))
         .collect();
-    store
-        .store_inbox_many(&[("stripe", &later, None)])
-        .await
-        .expect("stored");
-    let until = chrono::Utc::now().timestamp_millis() + 60_000;
-    let events = store
-        .claim_due_inbox("lease-a", until, 100, 0, i64::MIN)
-        .await
-        .expect("claimed");
-    assert_eq!(events.len(), 4);
+    let events = claim_later(&store, &later).await;
     let of = |event_id: &str| {
         events
             .iter()
             .find(|e| e.event_id == event_id)
             .expect("claimed event")
     };
-    let rename = |event: &InboxEvent, r: usize| {
-        let customer = &customers[r];
-        let write = CustomerWrite::Update {
-            id: customer.id.clone(),
-            expected_version: customer.version,
-            fields: fields(&customer.email, "renamed"),
-        };
-        InboundChange {
-            link_read: Some(reads[r]),
-            conflict: Some(NewConflict {
-                policy: "last_writer_wins".into(),
-                fields: json!([]),
-                open: false,
-            }),
-            ..change(event, write, Some(&customer.id))
-        }
+    // Kept out of the batch by a conflict to record.
+    let one_at_a_time = |event_id: &str, r: usize| InboundChange {
+        conflict: Some(NewConflict {
+            policy: "last_writer_wins".into(),
+            fields: json!([]),
+            open: false,
+        }),
+        ..renamed_from_remote(of(event_id), &customers[r], "renamed", Some(reads[r]))
     };
     let first = vec![
-        rename(of("evt_a_cus_shared_1"), 0),
-        rename(of("evt_a_cus_shared_2"), 1),
+        one_at_a_time("evt_a_cus_shared_0", 0),
+        one_at_a_time("evt_a_cus_shared_1", 1),
     ];
     let second = vec![
-        rename(of("evt_b_cus_shared_2"), 1),
-        rename(of("evt_b_cus_shared_1"), 0),
+        one_at_a_time("evt_b_cus_shared_1", 1),
+        one_at_a_time("evt_b_cus_shared_0", 0),
     ];
 
     let raw = sqlx::PgPool::connect(&url).await.expect("raw connection");
