@@ -23,8 +23,8 @@ use chrono::{DateTime, Utc};
 
 use super::customers::{columns, CustomerRow};
 use super::inbox::{
-    link_upsert_on_conflict, Applied, CustomerWrite, InboundChange, LinkRead, NewInboxEvent,
-    RemoteChange,
+    group_records, link_upsert_on_conflict, Applied, CustomerWrite, InboundChange, LinkRead,
+    NewInboxEvent, RemoteChange, GROUP_LINKS_POSTGRES, GROUP_LINKS_SQLITE,
 };
 use super::{Backend, Customer, CustomerId, Store, StoreError};
 
@@ -455,44 +455,28 @@ impl<'c> Tx<'c> {
     }
 
     /// The link of each change's remote record as [`LinkRead`] compares
-    /// it, in the changes' order; locked on PostgreSQL, in key order (two
-    /// loops' batches lock the links they share in one order).
+    /// it, in the changes' order; locked on PostgreSQL (see
+    /// [`GROUP_LINKS_POSTGRES`]).
     async fn links_read(
         &mut self,
         changes: &[InboundChange],
     ) -> Result<Vec<Option<LinkRead>>, sqlx::Error> {
-        let (connectors, remote_ids): (Vec<&str>, Vec<&str>) = changes
-            .iter()
-            .map(|c| (c.event.connector.as_str(), c.event.remote_id.as_str()))
-            .unzip();
+        let records = group_records(changes).map_err(|e| sqlx::Error::Encode(e.into()))?;
         let rows: Vec<(String, String, i64, i64)> = match self {
             Self::Postgres(tx) => {
-                sqlx::query_as(
-                    "SELECT connector, remote_id, remote_seen_at_ms, wanted_version FROM sync_links \
-                     WHERE (connector, remote_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
-                     ORDER BY connector, remote_id FOR NO KEY UPDATE",
-                )
-                .bind(&connectors)
-                .bind(&remote_ids)
-                // Planned for each call (the store module's "Plans kept
-                // from an empty table").
-                .persistent(false)
-                .fetch_all(&mut **tx)
-                .await?
+                sqlx::query_as(GROUP_LINKS_POSTGRES)
+                    .bind(records)
+                    // Planned for each call (the store module's "Plans
+                    // kept from an empty table").
+                    .persistent(false)
+                    .fetch_all(&mut **tx)
+                    .await?
             }
             Self::Sqlite(tx) => {
-                let rows = json_rows(vec![
-                    json_column(connectors.clone()),
-                    json_column(remote_ids.clone()),
-                ]);
-                sqlx::query_as(
-                    "SELECT connector, remote_id, remote_seen_at_ms, wanted_version \
-                     FROM json_each($1) JOIN sync_links \
-                     ON connector = value ->> 0 AND remote_id = value ->> 1",
-                )
-                .bind(rows)
-                .fetch_all(&mut **tx)
-                .await?
+                sqlx::query_as(GROUP_LINKS_SQLITE)
+                    .bind(records)
+                    .fetch_all(&mut **tx)
+                    .await?
             }
         };
         let mut links: HashMap<(String, String), LinkRead> = rows
@@ -507,10 +491,9 @@ impl<'c> Tx<'c> {
                 },
             )
             .collect();
-        Ok(connectors
-            .into_iter()
-            .zip(remote_ids)
-            .map(|(c, r)| links.remove(&(c.to_owned(), r.to_owned())))
+        Ok(changes
+            .iter()
+            .map(|c| links.remove(&(c.event.connector.clone(), c.event.remote_id.clone())))
             .collect())
     }
 

@@ -213,22 +213,36 @@ impl From<&SyncLink> for LinkRead {
     }
 }
 
-/// The link of `(connector, remote id)` as [`LinkRead`] compares it,
-/// locked on PostgreSQL until the write's transaction ends (SQLite's one
-/// writer holds the database already).
-const LINK_READ_POSTGRES: &str = "SELECT remote_seen_at_ms, wanted_version FROM sync_links \
-     WHERE connector = $1 AND remote_id = $2 FOR NO KEY UPDATE";
-const LINK_READ_SQLITE: &str = "SELECT remote_seen_at_ms, wanted_version FROM sync_links \
+/// The link of `(connector, remote id)` as [`LinkRead`] compares it. The
+/// group's links are locked already ([`GROUP_LINKS_POSTGRES`]).
+const LINK_READ: &str = "SELECT remote_seen_at_ms, wanted_version FROM sync_links \
      WHERE connector = $1 AND remote_id = $2";
 
-/// Locks the links of a group's remote records (`$1`, a JSON array of
-/// `[connector, remote id]`) in key order, before any change of the group
-/// locks a link or a customer: every inbound write locks its links first
-/// and in one order (the batch does the same), so two loops' groups that
-/// share records wait for each other instead of deadlocking.
-const LOCK_LINKS_POSTGRES: &str = "SELECT 1 FROM sync_links \
-     WHERE (connector, remote_id) IN (SELECT value ->> 0, value ->> 1 FROM jsonb_array_elements($1::jsonb)) \
+/// The links of a group of changes' remote records (`$1`:
+/// [`group_records`]) as [`LinkRead`] compares them. On PostgreSQL they
+/// are locked until the transaction ends, in key order, before any change
+/// of the group locks a link or a customer: every inbound write locks its
+/// links first and in one order, so two loops' groups that share records
+/// wait for each other instead of deadlocking. SQLite's one writer holds
+/// the database already.
+pub(super) const GROUP_LINKS_POSTGRES: &str =
+    "SELECT connector, remote_id, remote_seen_at_ms, wanted_version FROM sync_links \
+     WHERE (connector, remote_id) IN \
+     (SELECT value ->> 0, value ->> 1 FROM jsonb_array_elements($1::jsonb)) \
      ORDER BY connector, remote_id FOR NO KEY UPDATE";
+pub(super) const GROUP_LINKS_SQLITE: &str =
+    "SELECT connector, remote_id, remote_seen_at_ms, wanted_version \
+     FROM json_each($1) JOIN sync_links ON connector = value ->> 0 AND remote_id = value ->> 1";
+
+/// The changes' remote records as a JSON array of `[connector, remote id]`.
+pub(super) fn group_records(changes: &[InboundChange]) -> Result<String, serde_json::Error> {
+    serde_json::to_string(
+        &changes
+            .iter()
+            .map(|c| [c.event.connector.as_str(), c.event.remote_id.as_str()])
+            .collect::<Vec<_>>(),
+    )
+}
 
 /// Everything one applied remote change writes, in one transaction.
 #[derive(Debug, Clone)]
@@ -543,16 +557,11 @@ impl Store {
             return Ok(results);
         }
         let lock_links = match &self.backend {
-            Backend::Postgres(_) => Some(LOCK_LINKS_POSTGRES),
+            Backend::Postgres(_) => Some(GROUP_LINKS_POSTGRES),
             // One writer: nothing to wait for.
             Backend::Sqlite(_) => None,
         };
-        let records = serde_json::to_string(
-            &changes
-                .iter()
-                .map(|c| [c.event.connector.as_str(), c.event.remote_id.as_str()])
-                .collect::<Vec<_>>(),
-        )?;
+        let records = group_records(changes)?;
         dispatch!(self, write pool => {
             let mut outer = pool.begin().await?;
             if let Some(lock_links) = lock_links {
@@ -569,11 +578,7 @@ impl Store {
                 let event = &change.event;
                 let mut tx = sqlx::Acquire::begin(&mut *outer).await?;
                 let result: Result<Applied, StoreError> = async {
-            let link_read = match &self.backend {
-                Backend::Postgres(_) => LINK_READ_POSTGRES,
-                Backend::Sqlite(_) => LINK_READ_SQLITE,
-            };
-            let link_now: Option<LinkRead> = sqlx::query_as(link_read)
+            let link_now: Option<LinkRead> = sqlx::query_as(LINK_READ)
                 .bind(&event.connector)
                 .bind(&event.remote_id)
                 .fetch_optional(&mut *tx)
