@@ -219,13 +219,15 @@ const LINK_READ: &str = "SELECT remote_seen_at_ms, wanted_version FROM sync_link
      WHERE connector = $1 AND remote_id = $2";
 
 /// The links of a group of changes' remote records (`$1`:
-/// [`group_records`]) as [`LinkRead`] compares them. On PostgreSQL they
-/// are locked until the transaction ends, in key order, before any change
-/// of the group locks a link or a customer: every inbound write locks its
-/// links first and in one order, so two loops' groups that share records
-/// wait for each other instead of deadlocking. SQLite's one writer holds
-/// the database already.
-pub(super) const GROUP_LINKS_POSTGRES: &str =
+/// [`group_records`], one text for both backends, which the savepoint
+/// path's generic body needs) as [`LinkRead`] compares them. On
+/// PostgreSQL they are locked until the transaction ends, in key order,
+/// before any change of the group locks a link or a customer: every
+/// inbound write locks its links first and in one order (the batch takes
+/// the same lock with arrays, faster on its hot path), so two loops'
+/// groups that share records wait for each other instead of deadlocking.
+/// SQLite's one writer holds the database already.
+const GROUP_LINKS_POSTGRES: &str =
     "SELECT connector, remote_id, remote_seen_at_ms, wanted_version FROM sync_links \
      WHERE (connector, remote_id) IN \
      (SELECT value ->> 0, value ->> 1 FROM jsonb_array_elements($1::jsonb)) \

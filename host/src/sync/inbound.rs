@@ -526,6 +526,9 @@ impl SyncEngine {
                 None,
             ),
         };
+        // The link as this decision read it: the write finds it unchanged
+        // or the change decides again (see [`LinkRead`]).
+        let link_read = link.as_ref().map(LinkRead::from);
         if let Some(key) = &event.origin_key {
             if key.starts_with(&format!("ferry-{}-", event.connector)) {
                 // The push it echoes carries the change's correlation id:
@@ -622,7 +625,7 @@ impl SyncEngine {
             return self
                 .write(InboundChange {
                     event: event.clone(),
-                    link_read: None,
+                    link_read,
                     customer: CustomerWrite::Create(fields),
                     link_customer: None,
                     unlink_customer: None,
@@ -702,7 +705,7 @@ impl SyncEngine {
                         return self
                             .merge_first_sync(
                                 event,
-                                link.as_ref().map(LinkRead::from),
+                                link_read,
                                 remote,
                                 owner,
                                 Some(customer.id.clone()),
@@ -760,7 +763,7 @@ impl SyncEngine {
         };
         self.write(InboundChange {
             event: event.clone(),
-            link_read: link.as_ref().map(LinkRead::from),
+            link_read,
             customer: change,
             link_customer: Some(customer.id.clone()),
             unlink_customer: None,
