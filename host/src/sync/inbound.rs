@@ -427,14 +427,19 @@ impl SyncEngine {
             .into_iter()
             .filter_map(|l| Some(((l.connector.clone(), l.remote_id.clone()?), l)))
             .collect();
-        let mut customers: HashMap<String, Customer> = customers
+        let customers: HashMap<String, Customer> = customers
             .into_iter()
             .map(|c| (c.id.as_str().to_owned(), c))
             .collect();
         keys.iter()
             .map(|(connector, remote_id)| {
                 let link = links.remove(&((*connector).to_owned(), (*remote_id).to_owned()));
-                let customer = link.as_ref().and_then(|l| customers.remove(&l.customer_id));
+                // Records of two connectors may be linked to one customer:
+                // each group gets it (the second write finds its version
+                // moved on and decides again), not only the first.
+                let customer = link
+                    .as_ref()
+                    .and_then(|l| customers.get(&l.customer_id).cloned());
                 Some(Known { link, customer })
             })
             .collect()

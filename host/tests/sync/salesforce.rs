@@ -9,8 +9,11 @@
 
 use std::time::Duration;
 
+use ferry::store::inbox::{NewInboxEvent, RemoteChange};
+use ferry::store::{Store, StoreOptions};
 use ferry_test_support::fake_salesforce::{FakeSalesforce, FakeSalesforceConfig, RecordedRequest};
 use ferry_test_support::localstripe::LocalStripe;
+use ferry_test_support::postgres::PgCluster;
 use serde_json::{json, Value};
 
 use crate::helpers::{
@@ -71,28 +74,20 @@ impl Rig {
 }
 
 async fn rig(backend: Backend, config: FakeSalesforceConfig) -> Rig {
+    rig_on(backend, config, None).await
+}
+
+/// The rig on database `database_url` (default: a new one of `backend`).
+async fn rig_on(
+    backend: Backend,
+    config: FakeSalesforceConfig,
+    database_url: Option<String>,
+) -> Rig {
     let stripe = LocalStripe::start().expect("localstripe");
     let salesforce = FakeSalesforce::start(config)
         .await
         .expect("fake salesforce");
-    let mut setup = Setup::new(backend, &stripe.url());
-    setup.extra_connectors.push(ExtraConnector {
-        name: "salesforce".to_owned(),
-        component: salesforce_component(),
-        config: json!({
-            "settings": {
-                "login_url": salesforce.url(),
-                "organization_id": salesforce.org_id(),
-                "client_name": CLIENT_NAME,
-                "api_version": "62.0",
-            },
-            "secrets": {
-                "client_id": salesforce.config().client_id,
-                "client_secret": salesforce.config().client_secret,
-            },
-        }),
-    });
-    let app = spawn_sync_app(setup).await;
+    let app = spawn_sync_app(setup(backend, &stripe, &salesforce, database_url)).await;
     let (status, connector) = app
         .send(reqwest::Method::GET, "/api/v1/connectors/salesforce", None)
         .await;
@@ -115,6 +110,34 @@ async fn rig(backend: Backend, config: FakeSalesforceConfig) -> Rig {
         salesforce,
         app,
     }
+}
+
+/// ferry with Stripe at `stripe` and Salesforce at `salesforce`.
+fn setup(
+    backend: Backend,
+    stripe: &LocalStripe,
+    salesforce: &FakeSalesforce,
+    database_url: Option<String>,
+) -> Setup {
+    let mut setup = Setup::new(backend, &stripe.url());
+    setup.database_url = database_url;
+    setup.extra_connectors.push(ExtraConnector {
+        name: "salesforce".to_owned(),
+        component: salesforce_component(),
+        config: json!({
+            "settings": {
+                "login_url": salesforce.url(),
+                "organization_id": salesforce.org_id(),
+                "client_name": CLIENT_NAME,
+                "api_version": "62.0",
+            },
+            "secrets": {
+                "client_id": salesforce.config().client_id,
+                "client_secret": salesforce.config().client_secret,
+            },
+        }),
+    });
+    setup
 }
 
 /// Both links of customer `id` settled at `version` or later.
@@ -449,4 +472,122 @@ async fn changes_cross_between_stripe_and_salesforce() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(rig.salesforce_writes(), writes_before, "no write back");
     assert_eq!(rig.app.sync_status(&id).await["version"], 2);
+}
+
+/// Stripe and Salesforce both changed one customer while ferry was down
+/// (Stripe the phone, Salesforce the name), so when it starts again one
+/// claim of the inbox takes both events, and the claim's single read of
+/// links and customers meets that customer twice. Both apply: the second
+/// decides again on the customer the first wrote. (That read once handed
+/// the customer to the first event only, and the second was skipped as
+/// "the linked customer does not exist".)
+async fn two_connectors_changes_of_one_customer_claimed_together(backend: Backend) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database_url = match backend {
+        Backend::Sqlite => format!("sqlite://{}", dir.path().join("ferry.db").display()),
+        Backend::Postgres => PgCluster::shared()
+            .create_database()
+            .await
+            .expect("test database"),
+    };
+    let rig = rig_on(
+        backend,
+        FakeSalesforceConfig::default(),
+        Some(database_url.clone()),
+    )
+    .await;
+    let address = email("sf-both");
+    let customer = rig
+        .app
+        .create(json!({"email": address, "name": "Ada Lovelace", "phone": "+100"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let (stripe_link, sf_link) = wait_both_synced(&rig.app, &id, 1).await;
+    let (cus, contact) = (remote_id(&stripe_link), remote_id(&sf_link));
+    let Rig {
+        stripe,
+        salesforce,
+        app,
+    } = rig;
+    app.stop().await;
+    let store = Store::connect(&database_url, &StoreOptions::default())
+        .await
+        .expect("store");
+
+    // What each connector's webhook would have stored: the remote record
+    // as ferry last synced it, with that remote's change.
+    let snapshot = |connector: &str| {
+        let store = store.clone();
+        let (id, connector) = (id.clone(), connector.to_owned());
+        async move {
+            store
+                .links_of(&id)
+                .await
+                .expect("links")
+                .into_iter()
+                .find(|l| l.connector == connector)
+                .and_then(|l| l.snapshot)
+                .expect("a snapshot")
+        }
+    };
+    let later = chrono::Utc::now().timestamp_millis() + 10_000;
+    let changed = |remote_id: &str, remote_type: &str, record: Value| NewInboxEvent {
+        event_id: format!("evt_down_{remote_id}"),
+        entity: "customer".into(),
+        kind: RemoteChange::Upsert,
+        remote_id: remote_id.to_owned(),
+        occurred_at_ms: later,
+        record: Some(record),
+        origin_key: None,
+        remote_type: remote_type.to_owned(),
+        policy: None,
+    };
+    let mut in_stripe = snapshot("stripe").await;
+    in_stripe["phone"] = json!("+200");
+    let mut in_salesforce = snapshot("salesforce").await;
+    in_salesforce["name"] = json!("Ada King");
+    let stored = store
+        .store_inbox_many(&[
+            (
+                "stripe",
+                &[changed(&cus, "customer.updated", in_stripe)],
+                None,
+            ),
+            (
+                "salesforce",
+                &[changed(&contact, "Contact", in_salesforce)],
+                None,
+            ),
+        ])
+        .await
+        .expect("stored");
+    assert_eq!(stored, [1, 1]);
+
+    let app = spawn_sync_app(setup(backend, &stripe, &salesforce, Some(database_url))).await;
+    for (connector, remote) in [("stripe", &cus), ("salesforce", &contact)] {
+        let events = app.wait_inbox_settled(connector, remote, 1).await;
+        let last = events
+            .iter()
+            .find(|e| e.event_id == format!("evt_down_{remote}"));
+        assert_eq!(
+            last.map(|e| e.state.as_str()),
+            Some("applied"),
+            "{connector}: {events:?}"
+        );
+    }
+    let now = app.store.get_customer_any(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (now.name.as_deref(), now.phone.as_deref()),
+        (Some("Ada King"), Some("+200"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_connectors_changes_of_one_customer_claimed_together_sqlite() {
+    two_connectors_changes_of_one_customer_claimed_together(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_connectors_changes_of_one_customer_claimed_together_postgres() {
+    two_connectors_changes_of_one_customer_claimed_together(Backend::Postgres).await;
 }
