@@ -620,7 +620,7 @@ impl<'c> Tx<'c> {
                     "INSERT INTO sync_links (customer_id, connector, remote_id, remote_deleted, wanted_version, ",
                     "synced_version, snapshot, state, next_attempt_at_ms, remote_seen_at_ms, correlation_id, updated_at) ",
                     "SELECT u_customer, u_connector, u_remote, u_deleted, u_version, u_synced, u_snapshot::jsonb, ",
-                    "'synced', $9, u_seen, u_correlation, $10 ",
+                    "CASE WHEN u_synced < u_version THEN 'pending' ELSE 'synced' END, $9, u_seen, u_correlation, $10 ",
                     "FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::int8[], $6::int8[], $7::text[], ",
                     "$8::int8[], $11::text[]) ",
                     "AS u(u_customer, u_connector, u_remote, u_deleted, u_version, u_synced, u_snapshot, u_seen, u_correlation) ",
@@ -656,7 +656,8 @@ impl<'c> Tx<'c> {
                     "INSERT INTO sync_links (customer_id, connector, remote_id, remote_deleted, wanted_version, ",
                     "synced_version, snapshot, state, next_attempt_at_ms, remote_seen_at_ms, correlation_id, updated_at) ",
                     "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, ",
-                    "'synced', $2, value ->> 7, value ->> 8, $3 FROM json_each($1) WHERE true ",
+                    "CASE WHEN value ->> 5 < value ->> 4 THEN 'pending' ELSE 'synced' END, ",
+                    "$2, value ->> 7, value ->> 8, $3 FROM json_each($1) WHERE true ",
                     link_upsert_on_conflict!()
                 ))
                 .bind(rows)

@@ -295,11 +295,26 @@ pub enum Applied {
 /// snapshot, and the synced version, the wanted version and the remote
 /// time only forward. Moving `wanted_version` here, as an inserted link
 /// already has it, leaves the relay's intake of the same change nothing to
-/// write on this link (one row version fewer per inbound event).
+/// write on this link (one row version fewer per inbound event), and the
+/// intake leaves the source connector's link to the apply (see
+/// [`super::links::ChangeNotice`]). So a version the remote lacks (a local
+/// value survived the merge) re-opens a synced or dead-lettered link here,
+/// as the intake would; a link inserted at a version it has not synced
+/// starts pending.
 macro_rules! link_upsert_on_conflict {
     () => {
         "ON CONFLICT (customer_id, connector) DO UPDATE SET remote_id = excluded.remote_id, \
          remote_deleted = excluded.remote_deleted, \
+         state = CASE WHEN excluded.wanted_version > excluded.synced_version \
+            AND excluded.wanted_version > sync_links.synced_version \
+            AND sync_links.state IN ('synced', 'dead') THEN 'pending' ELSE sync_links.state END, \
+         attempts = CASE WHEN excluded.wanted_version > excluded.synced_version \
+            AND excluded.wanted_version > sync_links.synced_version \
+            AND sync_links.state IN ('synced', 'dead') THEN 0 ELSE sync_links.attempts END, \
+         next_attempt_at_ms = CASE WHEN excluded.wanted_version > excluded.synced_version \
+            AND excluded.wanted_version > sync_links.synced_version \
+            AND sync_links.state IN ('synced', 'dead') THEN excluded.next_attempt_at_ms \
+            ELSE sync_links.next_attempt_at_ms END, \
          snapshot = COALESCE(excluded.snapshot, sync_links.snapshot), \
          synced_version = CASE WHEN excluded.synced_version > sync_links.synced_version \
             THEN excluded.synced_version ELSE sync_links.synced_version END, \
@@ -679,12 +694,14 @@ impl Store {
                 let version = customer.as_ref().map(|c| c.version).unwrap_or(0);
                 let remote_deleted = event.kind == RemoteChange::Delete;
                 // A change the remote already holds is synced at its new
-                // version: the relay's intake then sees nothing to push back.
+                // version; one it lacks leaves the link pending, for the
+                // push: the relay's intake leaves this link alone.
                 let synced = if change.remote_has_result { version } else { 0 };
                 sqlx::query(concat!(
                     "INSERT INTO sync_links (customer_id, connector, remote_id, remote_deleted, wanted_version, \
                      synced_version, snapshot, state, next_attempt_at_ms, remote_seen_at_ms, correlation_id, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, 'synced', $8, $9, $10, $11) ",
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, \
+                     CASE WHEN $6 < $5 THEN 'pending' ELSE 'synced' END, $8, $9, $10, $11) ",
                     link_upsert_on_conflict!()
                 ))
                 .bind(link_customer.as_str())

@@ -217,7 +217,8 @@ pub struct ChangeNotice {
     pub outbox_id: Option<i64>,
     /// The connector whose remote change it was (none: the API, a person,
     /// or a message of an older version). That connector's link already
-    /// holds the change, written with it, so the intake leaves the link
+    /// holds the change, written with it (synced, or pending when the
+    /// remote lacks part of the result), so the intake leaves the link
     /// alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_connector: Option<String>,

@@ -17,7 +17,7 @@ use ferry_test_support::localstripe::LocalStripe;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    email, spawn_sync_app, stripe_customers_by_email, Backend, Setup, SyncApp, STRIPE_KEY,
+    email, spawn_sync_app, stripe_customers_by_email, stripe_write, Backend, Setup, SyncApp,
     WEBHOOK_SECRET,
 };
 use crate::recorder_remote::{RecorderRemote, RECORDER_KEY, SETTLE};
@@ -61,20 +61,6 @@ async fn rig(backend: Backend) -> Rig {
         remote,
         app,
     }
-}
-
-/// A write made directly in localstripe (not through the proxy: ferry did
-/// not send it), as the dashboard would.
-async fn stripe_write(stripe_url: &str, path: &str, form: &[(&str, &str)]) -> Value {
-    let response = reqwest::Client::new()
-        .post(format!("{stripe_url}{path}"))
-        .bearer_auth(STRIPE_KEY)
-        .form(form)
-        .send()
-        .await
-        .expect("localstripe answers");
-    assert!(response.status().is_success(), "{}", response.status());
-    response.json().await.expect("json")
 }
 
 /// Requests ferry sent Stripe that could change something (anything but a

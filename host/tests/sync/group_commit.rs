@@ -491,6 +491,118 @@ async fn sqlite_a_change_whose_link_moved_on_decides_again() {
     a_change_whose_link_moved_on_decides_again(false).await;
 }
 
+/// A remote change the remote does not hold whole once merged (an owned
+/// field kept, a conflict resolved for ferry's value, a local change not
+/// pushed yet) leaves its customer at a version the remote lacks. The
+/// relay's intake leaves the source connector's link to the apply, so the
+/// apply's own write must leave it pending: an existing synced link and a
+/// link it inserts, in a batch and one at a time. Without it the version
+/// was never pushed back (the link stayed synced below its wanted version).
+async fn a_result_the_remote_lacks_is_pushed_back(postgres: bool, batched: bool) {
+    let (store, _dir) = store(postgres).await;
+    let tag = format!("lacks_{postgres}_{batched}");
+    let (customers, remote, read) = two_linked(&store, &tag).await;
+    let third = store
+        .create_customer(fields(&email("third"), "Third"), WriteContext::default())
+        .await
+        .expect("customer");
+    let unlinked = format!("cus_{tag}_new");
+    let later = [
+        (format!("evt_{tag}_0"), &remote[0]),
+        (format!("evt_{tag}_new"), &unlinked),
+    ];
+    let events = claim_later(&store, &later).await;
+    let lacking = |change: InboundChange| InboundChange {
+        remote_has_result: false,
+        ..change
+    };
+    let changes = [
+        lacking(renamed_from_remote(
+            &events[0],
+            &customers[0],
+            "Kept",
+            Some(read[0]),
+        )),
+        lacking(renamed_from_remote(&events[1], &third, "Kept too", None)),
+    ];
+    let results = if batched {
+        store.apply_inbound_many(&changes).await.expect("applied")
+    } else {
+        let mut results = Vec::new();
+        for change in changes {
+            results.extend(store.apply_inbound_many(&[change]).await.expect("applied"));
+        }
+        results
+    };
+    let written: Vec<Customer> = results
+        .into_iter()
+        .map(|result| match result {
+            Ok(Applied::Done(Some(customer))) => *customer,
+            other => panic!("apply: {other:?}"),
+        })
+        .collect();
+    for customer in &written {
+        let link = store
+            .links_of(customer.id.as_str())
+            .await
+            .expect("links")
+            .into_iter()
+            .find(|l| l.connector == "stripe")
+            .expect("the link the apply wrote");
+        assert_eq!(
+            (link.state, link.wanted_version, link.synced_version),
+            (LinkState::Pending, customer.version, 0),
+            "{}",
+            customer.id.as_str()
+        );
+    }
+
+    // The intake schedules the other connector (and Stripe for the second
+    // linked customer's own create) and leaves these links as the apply
+    // wrote them; a push claims them.
+    let connectors = ["salesforce".to_owned(), "stripe".to_owned()];
+    store.intake_queued(10, &connectors).await.expect("intake");
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let mut claimed: Vec<(String, i64)> = store
+        .claim_due_links(&connectors, "lease-push", until, 20)
+        .await
+        .expect("claimed")
+        .into_iter()
+        .filter(|c| {
+            c.link.connector == "stripe"
+                && written.iter().any(|w| w.id.as_str() == c.link.customer_id)
+        })
+        .map(|c| (c.link.customer_id, c.link.wanted_version))
+        .collect();
+    let mut expected: Vec<(String, i64)> = written
+        .iter()
+        .map(|c| (c.id.as_str().to_owned(), c.version))
+        .collect();
+    expected.sort();
+    claimed.sort();
+    assert_eq!(claimed, expected);
+}
+
+#[tokio::test]
+async fn postgres_a_result_the_remote_lacks_is_pushed_back_from_a_batch() {
+    a_result_the_remote_lacks_is_pushed_back(true, true).await;
+}
+
+#[tokio::test]
+async fn postgres_a_result_the_remote_lacks_is_pushed_back_alone() {
+    a_result_the_remote_lacks_is_pushed_back(true, false).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_result_the_remote_lacks_is_pushed_back_from_a_batch() {
+    a_result_the_remote_lacks_is_pushed_back(false, true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_result_the_remote_lacks_is_pushed_back_alone() {
+    a_result_the_remote_lacks_is_pushed_back(false, false).await;
+}
+
 /// Two groups of the same two records, in opposite orders, written one
 /// change at a time (a conflict to record keeps them out of the batch),
 /// while a third transaction holds the first group's first customer: the

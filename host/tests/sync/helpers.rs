@@ -398,6 +398,21 @@ pub async fn stripe_customer(stripe_url: &str, remote_id: &str) -> Option<Value>
     Some(body)
 }
 
+/// A write made directly in localstripe (not through a proxy in front of
+/// it: ferry did not send it), as the dashboard would; localstripe then
+/// sends its signed webhook to the endpoints registered.
+pub async fn stripe_write(stripe_url: &str, path: &str, form: &[(&str, &str)]) -> Value {
+    let response = reqwest::Client::new()
+        .post(format!("{stripe_url}{path}"))
+        .bearer_auth(STRIPE_KEY)
+        .form(form)
+        .send()
+        .await
+        .expect("localstripe answers");
+    assert!(response.status().is_success(), "{}", response.status());
+    response.json().await.expect("json")
+}
+
 /// Stripe customers with this email.
 pub async fn stripe_customers_by_email(stripe_url: &str, email: &str) -> Vec<Value> {
     let body: Value = reqwest::Client::new()

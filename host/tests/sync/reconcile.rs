@@ -14,7 +14,8 @@ use serde_json::{json, Value};
 
 use crate::helpers::{
     email, salesforce_component, spawn_sync_app, stripe_component, stripe_customer,
-    stripe_customers_by_email, Backend, ExtraConnector, Setup, SyncApp, STRIPE_KEY, WEBHOOK_SECRET,
+    stripe_customers_by_email, stripe_write, Backend, ExtraConnector, Setup, SyncApp, STRIPE_KEY,
+    WEBHOOK_SECRET,
 };
 use crate::inbound::{deliver, event, stripe_signature};
 use crate::process::FerryProcess;
@@ -977,6 +978,59 @@ async fn field_owners_decide_before_the_conflict_policy(backend: Backend) {
     .await;
 }
 
+/// Ferry owns the name of a customer in sync; Stripe's dashboard changes
+/// its name and phone. Through localstripe's own signed webhook ferry takes
+/// the phone, keeps its name, and pushes that version back. The link was
+/// synced when the webhook came and nothing local was pending, so only the
+/// apply's own write can schedule the push (the relay's intake leaves the
+/// source connector's link to it).
+async fn an_owned_field_changed_remotely_is_pushed_back(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let mut setup = Setup::new(backend, &stripe.url());
+    setup.extra = json!({"field_owners": {"name": "ferry"}});
+    let app = spawn_sync_app(setup).await;
+    stripe
+        .register_webhook(
+            "ferry",
+            &format!("{}/webhooks/stripe", app.base),
+            WEBHOOK_SECRET,
+            None,
+        )
+        .await
+        .expect("webhook registered");
+    let address = email("owned");
+    let customer = app
+        .create(json!({"email": address, "name": "Ann", "phone": "+100"}))
+        .await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    let link = app.wait_synced(&id, 1).await;
+    let s1 = link["remote_id"].as_str().unwrap().to_owned();
+
+    stripe_write(
+        &stripe.url(),
+        &format!("/v1/customers/{s1}"),
+        &[("name", "Ann Remote"), ("phone", "+200")],
+    )
+    .await;
+    eventually("ferry takes Stripe's phone", || async {
+        let now = app.store.get_customer_any(&id).await.unwrap().unwrap();
+        now.phone.as_deref() == Some("+200")
+    })
+    .await;
+    let now = app.store.get_customer_any(&id).await.unwrap().unwrap();
+    assert_eq!((now.name.as_deref(), now.version), (Some("Ann"), 2));
+    eventually(
+        "Stripe has ferry's name back and keeps its phone",
+        || async {
+            stripe_customer(&stripe.url(), &s1)
+                .await
+                .is_some_and(|c| c["name"] == "Ann" && c["phone"] == "+200")
+        },
+    )
+    .await;
+    app.wait_synced(&id, 2).await;
+}
+
 /// Starting a run: unknown and unready connectors, a bad body.
 async fn starting_a_run_checks_its_request(backend: Backend) {
     let stripe = LocalStripe::start().expect("localstripe");
@@ -1062,6 +1116,11 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn owned_field_pushed_back() {
+        an_owned_field_changed_remotely_is_pushed_back(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_requests() {
         starting_a_run_checks_its_request(Backend::Sqlite).await;
     }
@@ -1093,5 +1152,10 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn field_owners() {
         field_owners_decide_before_the_conflict_policy(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn owned_field_pushed_back() {
+        an_owned_field_changed_remotely_is_pushed_back(Backend::Postgres).await;
     }
 }
