@@ -300,7 +300,9 @@ pub enum Applied {
 /// [`super::links::ChangeNotice`]). So a version the remote lacks (a local
 /// value survived the merge) re-opens a synced or dead-lettered link here,
 /// as the intake would; a link inserted at a version it has not synced
-/// starts pending.
+/// starts pending. A new snapshot forgets the hash of ferry's last push:
+/// the remote may hold other values now, so a later version with that
+/// push's content is pushed, not skipped as unchanged.
 macro_rules! link_upsert_on_conflict {
     () => {
         "ON CONFLICT (customer_id, connector) DO UPDATE SET remote_id = excluded.remote_id, \
@@ -316,6 +318,7 @@ macro_rules! link_upsert_on_conflict {
             AND sync_links.state IN ('synced', 'dead') THEN excluded.next_attempt_at_ms \
             ELSE sync_links.next_attempt_at_ms END, \
          snapshot = COALESCE(excluded.snapshot, sync_links.snapshot), \
+         pushed_hash = CASE WHEN excluded.snapshot IS NULL THEN sync_links.pushed_hash END, \
          synced_version = CASE WHEN excluded.synced_version > sync_links.synced_version \
             THEN excluded.synced_version ELSE sync_links.synced_version END, \
          remote_seen_at_ms = CASE WHEN excluded.remote_seen_at_ms > sync_links.remote_seen_at_ms \

@@ -978,16 +978,12 @@ async fn field_owners_decide_before_the_conflict_policy(backend: Backend) {
     .await;
 }
 
-/// Ferry owns the name of a customer in sync; Stripe's dashboard changes
-/// its name and phone. Through localstripe's own signed webhook ferry takes
-/// the phone, keeps its name, and pushes that version back. The link was
-/// synced when the webhook came and nothing local was pending, so only the
-/// apply's own write can schedule the push (the relay's intake leaves the
-/// source connector's link to it).
-async fn an_owned_field_changed_remotely_is_pushed_back(backend: Backend) {
+/// ferry (with `extra` configuration) and a localstripe that sends it its
+/// signed webhooks.
+async fn with_stripe_webhooks(backend: Backend, extra: Value) -> (LocalStripe, SyncApp) {
     let stripe = LocalStripe::start().expect("localstripe");
     let mut setup = Setup::new(backend, &stripe.url());
-    setup.extra = json!({"field_owners": {"name": "ferry"}});
+    setup.extra = extra;
     let app = spawn_sync_app(setup).await;
     stripe
         .register_webhook(
@@ -998,13 +994,61 @@ async fn an_owned_field_changed_remotely_is_pushed_back(backend: Backend) {
         )
         .await
         .expect("webhook registered");
-    let address = email("owned");
+    (stripe, app)
+}
+
+/// A customer Ann (phone +100) created through the API and pushed to
+/// Stripe: her id and her Stripe id.
+async fn ann_in_sync(app: &SyncApp) -> (String, String) {
     let customer = app
-        .create(json!({"email": address, "name": "Ann", "phone": "+100"}))
+        .create(json!({"email": email("ann"), "name": "Ann", "phone": "+100"}))
         .await;
     let id = customer["id"].as_str().unwrap().to_owned();
     let link = app.wait_synced(&id, 1).await;
-    let s1 = link["remote_id"].as_str().unwrap().to_owned();
+    (id, link["remote_id"].as_str().unwrap().to_owned())
+}
+
+/// A customer in sync is renamed in Stripe's dashboard, then renamed back
+/// through ferry's API to the name ferry pushed first. That version's
+/// record is the one ferry last pushed, but Stripe holds the dashboard's
+/// name since: it is pushed, not skipped as "content unchanged since the
+/// last push" (the webhook's apply forgets the last push's hash).
+async fn a_change_back_to_the_last_push_is_pushed(backend: Backend) {
+    let (stripe, app) = with_stripe_webhooks(backend, json!({})).await;
+    let (id, s1) = ann_in_sync(&app).await;
+    stripe_write(
+        &stripe.url(),
+        &format!("/v1/customers/{s1}"),
+        &[("name", "Ann Remote")],
+    )
+    .await;
+    eventually("ferry takes Stripe's name", || async {
+        let now = app.store.get_customer_any(&id).await.unwrap().unwrap();
+        now.name.as_deref() == Some("Ann Remote")
+    })
+    .await;
+    app.wait_synced(&id, 2).await;
+
+    app.patch(&id, json!({"name": "Ann"})).await;
+    app.wait_synced(&id, 3).await;
+    eventually("Stripe has the name back", || async {
+        stripe_customer(&stripe.url(), &s1)
+            .await
+            .is_some_and(|c| c["name"] == "Ann")
+    })
+    .await;
+}
+
+/// Ferry owns the name of a customer in sync; Stripe's dashboard changes
+/// its name and phone. Through localstripe's own signed webhook ferry takes
+/// the phone, keeps its name, and pushes that version back. The link was
+/// synced when the webhook came and nothing local was pending, so only the
+/// apply's own write can schedule the push (the relay's intake leaves the
+/// source connector's link to it).
+async fn an_owned_field_changed_remotely_is_pushed_back(backend: Backend) {
+    let (stripe, app) =
+        with_stripe_webhooks(backend, json!({"field_owners": {"name": "ferry"}})).await;
+    let (id, s1) = ann_in_sync(&app).await;
 
     stripe_write(
         &stripe.url(),
@@ -1121,6 +1165,11 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn change_back_to_the_last_push() {
+        a_change_back_to_the_last_push_is_pushed(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_requests() {
         starting_a_run_checks_its_request(Backend::Sqlite).await;
     }
@@ -1157,5 +1206,10 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn owned_field_pushed_back() {
         an_owned_field_changed_remotely_is_pushed_back(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn change_back_to_the_last_push() {
+        a_change_back_to_the_last_push_is_pushed(Backend::Postgres).await;
     }
 }
