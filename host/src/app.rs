@@ -201,6 +201,7 @@ impl App {
                     max_delay: config.sync_backoff_max,
                 },
                 lease: config.sync_lease,
+                call_timeout: config.connector_call_timeout,
                 concurrency: config.sync_concurrency,
                 breaker_failure_threshold: config.breaker_failure_threshold,
                 breaker_cooldown: config.breaker_cooldown,

@@ -539,9 +539,11 @@ impl Config {
                 "database_max_connections must be at least 1".into(),
             ));
         }
-        if self.sync_lease <= self.connector_call_timeout {
+        // A push starts only while its lease outlasts a call (the sync
+        // engine's `try_push`): a fresh claim must leave room for one.
+        if self.sync_lease < self.connector_call_timeout + Duration::from_secs(1) {
             return Err(ConfigError::Invalid(
-                "sync_lease must be longer than connector_call_timeout".into(),
+                "sync_lease must exceed connector_call_timeout by at least 1s".into(),
             ));
         }
         if self.sync_max_attempts == 0 || self.sync_concurrency == 0 || self.inbox_loops == Some(0)

@@ -43,6 +43,9 @@ pub struct SyncOptions {
     pub policy: RetryPolicy,
     /// How long a claim on a link lasts.
     pub lease: Duration,
+    /// The longest one connector call may take: a push starts only while
+    /// its claim's lease outlasts it.
+    pub call_timeout: Duration,
     /// Pushes in flight at once in this process.
     pub concurrency: usize,
     /// Breaker threshold.
@@ -67,6 +70,7 @@ struct Inner {
     breakers: Breakers,
     policy: RetryPolicy,
     lease: Duration,
+    call_timeout: Duration,
     permits: Arc<Semaphore>,
     concurrency: usize,
     link_writes: GroupCommit<LinkWrites>,
@@ -129,6 +133,7 @@ impl SyncEngine {
                 ),
                 policy: options.policy,
                 lease: options.lease,
+                call_timeout: options.call_timeout,
                 permits: Arc::new(Semaphore::new(options.concurrency)),
                 concurrency: options.concurrency,
                 link_writes,
@@ -276,7 +281,7 @@ impl SyncEngine {
             let outcomes_tx = outcomes_tx.clone();
             tasks.spawn(async move {
                 let _permit = permit;
-                let _ = outcomes_tx.send(engine.push_link(link, customer).await);
+                let _ = outcomes_tx.send(engine.push_link(link, customer, until).await);
             });
         }
         drop(outcomes_tx);
@@ -358,7 +363,7 @@ impl SyncEngine {
                 let engine = self.clone();
                 tasks.spawn(async move {
                     let _permit = permit;
-                    engine.push_link(link, customer).await;
+                    engine.push_link(link, customer, until).await;
                 });
             }
             drop(capacity);

@@ -65,7 +65,8 @@ pub enum Outcome {
         /// When the next one is due, unix ms.
         at_ms: i64,
     },
-    /// The breaker is open; the link waits without spending an attempt.
+    /// The breaker is open, or the claim's lease could not outlast a call;
+    /// the link waits without spending an attempt.
     Deferred,
     /// The connector is disabled; the link waits, without spending an
     /// attempt, until it is enabled.
@@ -216,14 +217,20 @@ fn operation_name(operation: Operation) -> &'static str {
 impl SyncEngine {
     /// Runs one step for a claimed link and records its outcome. `customer`
     /// is the linked customer if a read of the claimed batch found it; if
-    /// not, the step reads it.
+    /// not, the step reads it. `lease_until_ms`: when the claim's lease
+    /// ends (no push starts that could outlive it).
     #[tracing::instrument(skip_all, fields(
         customer_id = %link.customer_id,
         connector = %link.connector,
         correlation_id = link.correlation_id.as_deref().unwrap_or(""),
     ))]
-    pub async fn push_link(&self, link: SyncLink, customer: Option<Customer>) -> Outcome {
-        let (recorded, outcome) = self.try_push(&link, customer).await;
+    pub async fn push_link(
+        &self,
+        link: SyncLink,
+        customer: Option<Customer>,
+        lease_until_ms: i64,
+    ) -> Outcome {
+        let (recorded, outcome) = self.try_push(&link, customer, lease_until_ms).await;
         let connector = &link.connector;
         match (&outcome, &recorded) {
             (Outcome::Delivered { .. }, _) => {
@@ -315,6 +322,7 @@ impl SyncEngine {
         &self,
         link: &SyncLink,
         customer: Option<Customer>,
+        lease_until_ms: i64,
     ) -> (RecordedOutcome, Outcome) {
         let inner = &self.inner;
         let skip = |version: i64, reason: &str, mark_synced: bool| {
@@ -358,6 +366,15 @@ impl SyncEngine {
         };
         if let Err(wait) = inner.breakers.allow(&link.connector) {
             return deferred(wait.0);
+        }
+        // The claim may have waited for a push slot (a bus batch larger
+        // than the permits, a slow remote). A push that could outlive the
+        // lease might land after another worker, once the lease ended,
+        // pushed a newer version over which it would write this older one:
+        // hand the link back for a fresh claim instead.
+        let call_ms = i64::try_from(inner.call_timeout.as_millis()).unwrap_or(i64::MAX);
+        if lease_until_ms.saturating_sub(now_ms()) <= call_ms {
+            return deferred(Duration::ZERO);
         }
         if plan.operation == Operation::Create && link.pending_version != Some(plan.version) {
             // Durable before the request leaves: if we crash or time out,

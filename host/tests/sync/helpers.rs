@@ -68,6 +68,8 @@ pub struct SyncApp {
     pub base: String,
     pub client: reqwest::Client,
     pub store: Store,
+    /// The app's sync engine.
+    pub sync: ferry::sync::SyncEngine,
     pub database_url: String,
     /// The admin token, when the setup configured one.
     pub token: Option<String>,
@@ -178,12 +180,14 @@ pub async fn spawn_sync_app(setup: Setup) -> SyncApp {
     let app = App::build(config).await.expect("app builds");
     let base = format!("http://{}", app.address());
     let store = app.state().store.clone();
+    let sync = app.state().sync.clone();
     let cancel = app.cancellation_token();
     let server = tokio::spawn(app.run_until_stopped());
     SyncApp {
         base,
         client: reqwest::Client::new(),
         store,
+        sync,
         database_url,
         token,
         cancel,

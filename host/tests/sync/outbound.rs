@@ -1,5 +1,6 @@
 //! Local change → Stripe, on both backends with the in-process bus.
 
+use ferry::sync::outbound::Outcome;
 use ferry_test_support::localstripe::LocalStripe;
 use serde_json::json;
 
@@ -216,6 +217,63 @@ async fn settings_through_the_api(backend: Backend) {
     assert_eq!(problem["code"], "connector_not_found");
 }
 
+/// A claim that waited for a push slot until its lease ended (a bus batch
+/// larger than the permits, a slow remote): meanwhile another worker took
+/// the link over and pushed a newer version. The waiting push, of the
+/// customer as its claim read it, must not send that older version over
+/// the newer one.
+async fn a_push_whose_lease_ran_out_sends_nothing(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(backend, &stripe.url())).await;
+    let customer = app
+        .create(json!({"email": email("lease"), "name": "One"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let remote_id = app.wait_synced(&id, 1).await["remote_id"]
+        .as_str()
+        .expect("linked")
+        .to_owned();
+    // The waiting claim: the link and version 2 as it read them, under a
+    // lease that has ended by the time it gets a slot.
+    let mut claimed = app
+        .store
+        .links_of(&id)
+        .await
+        .expect("links")
+        .into_iter()
+        .find(|l| l.connector == "stripe")
+        .expect("the link");
+    claimed.lease_token = Some("a-claim-that-waited".into());
+    app.patch(&id, json!({"name": "Two"})).await;
+    let read = app
+        .store
+        .get_customer_any(&id)
+        .await
+        .expect("read")
+        .expect("the customer");
+    assert_eq!(read.version, 2);
+    let lease_ended = ferry::store::now_ms();
+
+    // Another worker pushes version 3.
+    app.patch(&id, json!({"name": "Three"})).await;
+    app.wait_synced(&id, 3).await;
+    let name = |c: Option<serde_json::Value>| c.map(|c| c["name"].clone());
+    assert_eq!(
+        name(stripe_customer(&stripe.url(), &remote_id).await),
+        Some(json!("Three"))
+    );
+
+    let outcome = app.sync.push_link(claimed, Some(read), lease_ended).await;
+    // Its lease is gone: nothing of it is recorded either.
+    assert_eq!(outcome, Outcome::LeaseLost);
+    assert_eq!(
+        name(stripe_customer(&stripe.url(), &remote_id).await),
+        Some(json!("Three")),
+        "the older version went out over the newer one"
+    );
+    assert_eq!(app.sync_status(&id).await["version"], 3);
+}
+
 mod sqlite {
     use super::*;
 
@@ -232,6 +290,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn settings_api() {
         settings_through_the_api(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lease_ran_out() {
+        a_push_whose_lease_ran_out_sends_nothing(Backend::Sqlite).await;
     }
 }
 
@@ -251,5 +314,10 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn settings_api() {
         settings_through_the_api(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lease_ran_out() {
+        a_push_whose_lease_ran_out_sends_nothing(Backend::Postgres).await;
     }
 }
