@@ -9,9 +9,7 @@ use ferry_test_support::fault_proxy::FaultProxy;
 use ferry_test_support::localstripe::{venv_python, LocalStripe};
 use serde_json::{json, Value};
 
-use crate::helpers::{
-    email, spawn_sync_app, stripe_customer, Backend, Setup, SyncApp, STRIPE_KEY, WEBHOOK_SECRET,
-};
+use crate::helpers::{email, spawn_sync_app, stripe_customer, Backend, Setup, SyncApp, STRIPE_KEY};
 
 struct Harness {
     stripe: LocalStripe,
@@ -30,15 +28,7 @@ async fn synced_customer(policy: &str) -> Harness {
     let mut setup = Setup::new(Backend::Sqlite, &proxy.url());
     setup.extra = json!({"conflict_policy": policy, "sync_max_attempts": 100});
     let app = spawn_sync_app(setup).await;
-    stripe
-        .register_webhook(
-            "ferry",
-            &format!("{}/webhooks/stripe", app.base),
-            WEBHOOK_SECRET,
-            None,
-        )
-        .await
-        .expect("webhook");
+    app.receive_stripe_webhooks(&stripe).await;
     let customer = app
         .create(json!({"email": email("conflict"), "name": "Original", "phone": "+15550000001"}))
         .await;

@@ -201,15 +201,7 @@ async fn the_operator_console_in_a_real_browser() {
         "sync_max_attempts": 3,
     });
     let app = spawn_sync_app(setup).await;
-    stripe
-        .register_webhook(
-            "ferry",
-            &format!("{}/webhooks/stripe", app.base),
-            WEBHOOK_SECRET,
-            None,
-        )
-        .await
-        .expect("webhook");
+    app.receive_stripe_webhooks(&stripe).await;
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .parent()
         .expect("target dir")

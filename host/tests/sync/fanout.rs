@@ -18,7 +18,6 @@ use serde_json::{json, Value};
 
 use crate::helpers::{
     email, spawn_sync_app, stripe_customers_by_email, stripe_write, Backend, Setup, SyncApp,
-    WEBHOOK_SECRET,
 };
 use crate::recorder_remote::{RecorderRemote, RECORDER_KEY, SETTLE};
 
@@ -46,15 +45,7 @@ async fn rig(backend: Backend) -> Rig {
         (200, &json!(true)),
         "{connector}"
     );
-    stripe
-        .register_webhook(
-            "ferry",
-            &format!("{}/webhooks/stripe", app.base),
-            WEBHOOK_SECRET,
-            None,
-        )
-        .await
-        .expect("webhook registered");
+    app.receive_stripe_webhooks(&stripe).await;
     Rig {
         stripe,
         proxy,

@@ -8,6 +8,7 @@ use std::time::Duration;
 use ferry::app::App;
 use ferry::config::{Config, LogFormat};
 use ferry::store::Store;
+use ferry_test_support::localstripe::LocalStripe;
 use ferry_test_support::postgres::PgCluster;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -373,6 +374,19 @@ impl SyncApp {
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+    }
+
+    /// Has `stripe` send this app its signed webhooks.
+    pub async fn receive_stripe_webhooks(&self, stripe: &LocalStripe) {
+        stripe
+            .register_webhook(
+                "ferry",
+                &format!("{}/webhooks/stripe", self.base),
+                WEBHOOK_SECRET,
+                None,
+            )
+            .await
+            .expect("webhook registered");
     }
 
     /// Waits until version `version` of the customer is synced to Stripe.

@@ -84,15 +84,7 @@ async fn wait_for(
 async fn dashboard_changes_reach_ferry(backend: Backend) {
     let stripe = LocalStripe::start().expect("localstripe");
     let app = spawn_sync_app(Setup::new(backend, &stripe.url())).await;
-    stripe
-        .register_webhook(
-            "ferry",
-            &format!("{}/webhooks/stripe", app.base),
-            WEBHOOK_SECRET,
-            None,
-        )
-        .await
-        .expect("webhook registered");
+    app.receive_stripe_webhooks(&stripe).await;
     let address = email("dashboard");
 
     let created = stripe_py(
@@ -157,15 +149,7 @@ async fn round_trip_is_not_applied_twice(backend: Backend) {
     // The second loop on PostgreSQL holds back while webhooks arrive.
     setup.extra = json!({"inbox_catch_up_after": "10s"});
     let app = spawn_sync_app(setup).await;
-    stripe
-        .register_webhook(
-            "ferry",
-            &format!("{}/webhooks/stripe", app.base),
-            WEBHOOK_SECRET,
-            None,
-        )
-        .await
-        .expect("webhook registered");
+    app.receive_stripe_webhooks(&stripe).await;
     let customer = app
         .create(json!({"email": email("roundtrip"), "name": "Round Trip"}))
         .await;

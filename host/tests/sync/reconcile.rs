@@ -985,15 +985,7 @@ async fn with_stripe_webhooks(backend: Backend, extra: Value) -> (LocalStripe, S
     let mut setup = Setup::new(backend, &stripe.url());
     setup.extra = extra;
     let app = spawn_sync_app(setup).await;
-    stripe
-        .register_webhook(
-            "ferry",
-            &format!("{}/webhooks/stripe", app.base),
-            WEBHOOK_SECRET,
-            None,
-        )
-        .await
-        .expect("webhook registered");
+    app.receive_stripe_webhooks(&stripe).await;
     (stripe, app)
 }
 

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::helpers::{
     email, salesforce_component, spawn_sync_app, stripe_customer, Backend, ExtraConnector, Setup,
-    SyncApp, STRIPE_KEY, WEBHOOK_SECRET,
+    SyncApp, STRIPE_KEY,
 };
 
 /// How long any one step may take to settle.
@@ -96,15 +96,7 @@ async fn rig_on(
         (200, &json!(true)),
         "{connector}"
     );
-    stripe
-        .register_webhook(
-            "ferry",
-            &format!("{}/webhooks/stripe", app.base),
-            WEBHOOK_SECRET,
-            None,
-        )
-        .await
-        .expect("webhook registered");
+    app.receive_stripe_webhooks(&stripe).await;
     Rig {
         stripe,
         salesforce,
