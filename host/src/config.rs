@@ -808,6 +808,24 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_leaves_room_for_a_call() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("FERRY_CONNECTOR_CALL_TIMEOUT", "10s");
+            jail.set_env("FERRY_SYNC_LEASE", "10500ms");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let refused = config
+                .validate()
+                .expect_err("a lease without room for a call");
+            assert!(refused.to_string().contains("sync_lease"), "{refused}");
+            jail.set_env("FERRY_SYNC_LEASE", "11s");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            config.validate().map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
+    #[test]
     fn open_api_only_on_loopback() {
         figment::Jail::expect_with(|jail| {
             jail.clear_env();
