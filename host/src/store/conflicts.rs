@@ -69,6 +69,18 @@ pub enum Resolved {
     Raced,
 }
 
+/// A deleted customer's open conflicts have nothing left to decide (and
+/// their resolve answers 404): they close as `customer_deleted`, in the
+/// delete's transaction. `$1` the customer, `$2` the time.
+pub(super) const CLOSE_FOR_DELETED_SQL: &str = "UPDATE conflicts SET state = 'resolved', \
+    resolution = 'customer_deleted', resolved_at = $2 WHERE customer_id = $1 AND state = 'open'";
+
+/// ...and release the links they held, so the delete reaches every
+/// connector (a held link is never claimed). `$1` the customer, `$2` the
+/// time.
+pub(super) const RELEASE_FOR_DELETED_SQL: &str = "UPDATE sync_links SET held_by = NULL, \
+    updated_at = $2 WHERE customer_id = $1 AND held_by IS NOT NULL";
+
 impl Store {
     /// A page of conflicts, oldest first.
     pub async fn conflicts(&self, request: &ListConflicts) -> Result<Vec<Conflict>, StoreError> {

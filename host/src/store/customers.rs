@@ -767,6 +767,12 @@ impl Store {
                 return Err(StoreError::VersionMismatch { current: current.version });
             };
             let deleted = Customer::from(row);
+            for sql in [
+                super::conflicts::CLOSE_FOR_DELETED_SQL,
+                super::conflicts::RELEASE_FOR_DELETED_SQL,
+            ] {
+                sqlx::query(sql).bind(id.as_str()).bind(at).execute(&mut *tx).await?;
+            }
             let completion = ctx.completion(&deleted);
             finish_write!(
                 tx,

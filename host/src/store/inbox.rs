@@ -657,10 +657,16 @@ impl Store {
                     .bind(expected_version)
                     .fetch_optional(&mut *tx)
                     .await?;
-                    match row {
-                        Some(row) => (Some(Customer::from(row)), Some("deleted")),
-                        None => return Ok(Applied::Raced),
+                    let Some(row) = row else {
+                        return Ok(Applied::Raced);
+                    };
+                    for sql in [
+                        super::conflicts::CLOSE_FOR_DELETED_SQL,
+                        super::conflicts::RELEASE_FOR_DELETED_SQL,
+                    ] {
+                        sqlx::query(sql).bind(id.as_str()).bind(at).execute(&mut *tx).await?;
                     }
+                    (Some(Customer::from(row)), Some("deleted"))
                 }
             };
             if let (Some(customer), Some(kind)) = (&customer, kind) {

@@ -102,6 +102,54 @@ async fn conflicts(app: &SyncApp, query: &str) -> Vec<Value> {
     page["data"].as_array().cloned().unwrap_or_default()
 }
 
+/// Waits for the first open conflict.
+async fn open_conflict(app: &SyncApp) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(c) = conflicts(app, "?state=open").await.into_iter().next() {
+            return c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no conflict recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A customer deleted while a conflict holds its Stripe link: the conflict
+/// has nothing left to decide and closes with the delete, which reaches
+/// Stripe. (A held link is never pushed, and a deleted customer's conflict
+/// cannot be resolved, so the link stayed held and Stripe kept the record.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_customer_closes_its_conflicts() {
+    let h = synced_customer("flag").await;
+    h.proxy.set_down(true);
+    h.app.patch(&h.id, json!({"name": "Local Name"})).await;
+    edit_in_stripe(&h.stripe.url(), &h.remote_id, "name", "Remote Name");
+    let conflict = open_conflict(&h.app).await;
+    h.proxy.set_down(false);
+
+    h.app.delete(&h.id).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while stripe_customer(&h.stripe.url(), &h.remote_id)
+        .await
+        .is_some()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the delete never reached Stripe"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(conflicts(&h.app, "?state=open").await.is_empty());
+    let closed = conflicts(&h.app, "?state=resolved").await;
+    assert_eq!(
+        (closed[0]["id"].clone(), closed[0]["resolution"].clone()),
+        (conflict["id"].clone(), json!("customer_deleted"))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn different_fields_changed_on_both_sides_merge() {
     let h = synced_customer("flag").await;
@@ -138,17 +186,7 @@ async fn flagged_conflicts_hold_the_link_until_resolved() {
     h.app.patch(&h.id, json!({"name": "Local Name"})).await;
     edit_in_stripe(&h.stripe.url(), &h.remote_id, "name", "Remote Name");
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let conflict = loop {
-        if let Some(c) = conflicts(&h.app, "?state=open").await.into_iter().next() {
-            break c;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no conflict recorded"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let conflict = open_conflict(&h.app).await;
     assert_eq!(conflict["customer_id"], h.id.as_str());
     assert_eq!(conflict["fields"][0]["field"], "name");
     assert_eq!(conflict["fields"][0]["local"], "Local Name");
