@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use ferry::store::conflicts::ListConflicts;
 use ferry::store::inbox::{
     Applied, CustomerWrite, InboundChange, InboxEvent, LinkRead, NewConflict, NewInboxEvent,
     RemoteChange,
@@ -489,6 +490,84 @@ async fn postgres_a_change_whose_link_moved_on_decides_again() {
 #[tokio::test]
 async fn sqlite_a_change_whose_link_moved_on_decides_again() {
     a_change_whose_link_moved_on_decides_again(false).await;
+}
+
+/// A remote delete of a customer whose link an open conflict holds: the
+/// delete closes the conflict (`customer_deleted`) and releases the link in
+/// its own transaction, so that the delete can be pushed (the API's delete
+/// does the same: `conflicts::deleting_a_customer_closes_its_conflicts`).
+async fn a_remote_delete_closes_the_customers_conflicts(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let (customers, remote, reads) = two_linked(&store, &format!("held_{postgres}")).await;
+    let later = [
+        (format!("evt_held_{postgres}"), &remote[0]),
+        (format!("evt_gone_{postgres}"), &remote[0]),
+    ];
+    let events = claim_later(&store, &later).await;
+    let first = &customers[0];
+    let flagged = InboundChange {
+        conflict: Some(NewConflict {
+            policy: "flag".into(),
+            fields: json!([]),
+            open: true,
+        }),
+        link_read: Some(reads[0]),
+        ..change(&events[0], CustomerWrite::None, Some(&first.id))
+    };
+    let held = store.apply_inbound_many(&[flagged]).await.expect("applied");
+    assert!(matches!(held[0], Ok(Applied::Done(None))), "{held:?}");
+    let held_by = || async {
+        store
+            .link_by_remote_id("stripe", &remote[0])
+            .await
+            .expect("link read")
+            .expect("linked")
+            .held_by
+    };
+    assert!(held_by().await.is_some());
+
+    let delete = CustomerWrite::Delete {
+        id: first.id.clone(),
+        expected_version: first.version,
+    };
+    let deleting = InboundChange {
+        link_read: Some(link_read(&store, &remote[0]).await),
+        ..change(&events[1], delete, Some(&first.id))
+    };
+    let deleted = store
+        .apply_inbound_many(&[deleting])
+        .await
+        .expect("applied");
+    assert!(
+        matches!(deleted[0], Ok(Applied::Done(Some(_)))),
+        "{deleted:?}"
+    );
+    assert_eq!(held_by().await, None);
+    let closed: Vec<(String, Option<String>)> = store
+        .conflicts(&ListConflicts {
+            customer_id: Some(first.id.as_str().to_owned()),
+            limit: 10,
+            ..ListConflicts::default()
+        })
+        .await
+        .expect("conflicts")
+        .into_iter()
+        .map(|c| (c.state, c.resolution))
+        .collect();
+    assert_eq!(
+        closed,
+        [("resolved".to_owned(), Some("customer_deleted".to_owned()))]
+    );
+}
+
+#[tokio::test]
+async fn postgres_a_remote_delete_closes_the_customers_conflicts() {
+    a_remote_delete_closes_the_customers_conflicts(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_remote_delete_closes_the_customers_conflicts() {
+    a_remote_delete_closes_the_customers_conflicts(false).await;
 }
 
 /// A remote change the remote does not hold whole once merged (an owned
