@@ -37,14 +37,7 @@ async fn rig(backend: Backend) -> Rig {
     let mut setup = Setup::new(backend, &proxy.url());
     setup.extra_connectors.push(remote.connector());
     let app = spawn_sync_app(setup).await;
-    let (status, connector) = app
-        .send(reqwest::Method::GET, "/api/v1/connectors/recorder", None)
-        .await;
-    assert_eq!(
-        (status, &connector["enabled"]),
-        (200, &json!(true)),
-        "{connector}"
-    );
+    app.assert_enabled("recorder").await;
     app.receive_stripe_webhooks(&stripe).await;
     Rig {
         stripe,

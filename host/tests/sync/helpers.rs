@@ -121,6 +121,18 @@ pub fn recorder_component() -> PathBuf {
     ferry_test_support::wasm::component_path("ferry_test_recorder")
 }
 
+/// A fresh database of `backend`: a SQLite file in `dir`, or a database on
+/// the shared PostgreSQL cluster.
+pub async fn new_database(backend: Backend, dir: &std::path::Path) -> String {
+    match backend {
+        Backend::Sqlite => format!("sqlite://{}", dir.join("ferry.db").display()),
+        Backend::Postgres => PgCluster::shared()
+            .create_database()
+            .await
+            .expect("test database"),
+    }
+}
+
 pub async fn spawn_sync_app(setup: Setup) -> SyncApp {
     init_logs();
     let dir = tempfile::tempdir().expect("temp dir");
@@ -134,13 +146,9 @@ pub async fn spawn_sync_app(setup: Setup) -> SyncApp {
         )
         .expect("copy an extra connector");
     }
-    let database_url = match (setup.database_url, setup.backend) {
-        (Some(url), _) => url,
-        (None, Backend::Sqlite) => format!("sqlite://{}", dir.path().join("ferry.db").display()),
-        (None, Backend::Postgres) => PgCluster::shared()
-            .create_database()
-            .await
-            .expect("test database"),
+    let database_url = match setup.database_url {
+        Some(url) => url,
+        None => new_database(setup.backend, dir.path()).await,
     };
     let mut overrides = json!({
         "listen": "127.0.0.1:0",
@@ -374,6 +382,22 @@ impl SyncApp {
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+    }
+
+    /// Asserts that connector `name` is loaded and enabled.
+    pub async fn assert_enabled(&self, name: &str) {
+        let (status, connector) = self
+            .send(
+                reqwest::Method::GET,
+                &format!("/api/v1/connectors/{name}"),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (status, &connector["enabled"]),
+            (200, &json!(true)),
+            "{connector}"
+        );
     }
 
     /// Has `stripe` send this app its signed webhooks.

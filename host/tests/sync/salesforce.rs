@@ -13,12 +13,11 @@ use ferry::store::inbox::{NewInboxEvent, RemoteChange};
 use ferry::store::{Store, StoreOptions};
 use ferry_test_support::fake_salesforce::{FakeSalesforce, FakeSalesforceConfig, RecordedRequest};
 use ferry_test_support::localstripe::LocalStripe;
-use ferry_test_support::postgres::PgCluster;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    email, salesforce_component, spawn_sync_app, stripe_customer, Backend, ExtraConnector, Setup,
-    SyncApp, STRIPE_KEY,
+    email, new_database, salesforce_component, spawn_sync_app, stripe_customer, Backend,
+    ExtraConnector, Setup, SyncApp, STRIPE_KEY,
 };
 
 /// How long any one step may take to settle.
@@ -88,14 +87,7 @@ async fn rig_on(
         .await
         .expect("fake salesforce");
     let app = spawn_sync_app(setup(backend, &stripe, &salesforce, database_url)).await;
-    let (status, connector) = app
-        .send(reqwest::Method::GET, "/api/v1/connectors/salesforce", None)
-        .await;
-    assert_eq!(
-        (status, &connector["enabled"]),
-        (200, &json!(true)),
-        "{connector}"
-    );
+    app.assert_enabled("salesforce").await;
     app.receive_stripe_webhooks(&stripe).await;
     Rig {
         stripe,
@@ -475,13 +467,7 @@ async fn changes_cross_between_stripe_and_salesforce() {
 /// "the linked customer does not exist".)
 async fn two_connectors_changes_of_one_customer_claimed_together(backend: Backend) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let database_url = match backend {
-        Backend::Sqlite => format!("sqlite://{}", dir.path().join("ferry.db").display()),
-        Backend::Postgres => PgCluster::shared()
-            .create_database()
-            .await
-            .expect("test database"),
-    };
+    let database_url = new_database(backend, dir.path()).await;
     let rig = rig_on(
         backend,
         FakeSalesforceConfig::default(),
