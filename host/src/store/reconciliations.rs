@@ -86,10 +86,12 @@ pub struct MismatchRow {
     pub created_at: DateTime<Utc>,
     /// When a person resolved it.
     pub resolved_at: Option<DateTime<Utc>>,
+    /// When `record` was read from the remote (unix ms).
+    pub listed_at_ms: Option<i64>,
 }
 
 const MISMATCH_COLUMNS: &str = "id, run_id, kind, remote_id, customer_id, fields, record, \
-     detail, state, repair, created_at, resolved_at";
+     detail, state, repair, created_at, resolved_at, listed_at_ms";
 
 /// A finding to record.
 #[derive(Debug, Clone)]
@@ -106,6 +108,8 @@ pub struct NewMismatch {
     pub record: Option<serde_json::Value>,
     /// More about it.
     pub detail: Option<String>,
+    /// When `record` was read from the remote (unix ms).
+    pub listed_at_ms: Option<i64>,
 }
 
 /// A listed remote record that no link names.
@@ -126,6 +130,8 @@ pub struct UnlinkedRecord {
 /// What one listed page adds to a run, committed with its cursor.
 #[derive(Debug, Default)]
 pub struct PageFindings {
+    /// When the page was requested (unix ms).
+    pub listed_at_ms: i64,
     /// Linked remote ids seen.
     pub seen: Vec<String>,
     /// Unlinked records.
@@ -144,7 +150,8 @@ macro_rules! insert_mismatches {
             for mismatch in $mismatches {
                 sqlx::query(
                     "INSERT INTO reconciliation_mismatches (id, run_id, kind, remote_id, customer_id, \
-                     fields, record, detail, state, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'open', $9)",
+                     fields, record, detail, state, created_at, listed_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'open', $9, $10)",
                 )
                 .bind(format!("mm_{}", uuid::Uuid::now_v7().simple()))
                 .bind($run)
@@ -155,6 +162,7 @@ macro_rules! insert_mismatches {
                 .bind(mismatch.record.as_ref().map(Json))
                 .bind(&mismatch.detail)
                 .bind($at)
+                .bind(mismatch.listed_at_ms)
                 .execute(&mut *$tx)
                 .await?;
             }
@@ -321,7 +329,6 @@ impl Store {
         listed: i64,
     ) -> Result<bool, StoreError> {
         let at = now();
-        let listed_at = at.timestamp_millis();
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
             for remote_id in &findings.seen {
@@ -343,7 +350,7 @@ impl Store {
                 .bind(remote_id)
                 .bind(email)
                 .bind(Json(record))
-                .bind(listed_at)
+                .bind(findings.listed_at_ms)
                 .execute(&mut *tx)
                 .await?;
             }

@@ -416,14 +416,20 @@ impl SyncEngine {
                 .await?;
                 continue;
             }
-            let listed = {
+            let (listed, listed_at_ms) = {
                 let _permit = inner.permits.acquire().await;
-                ready
+                // Before the request: the page holds no edit made later.
+                let at = now_ms();
+                let listed = ready
                     .connector
                     .list(&ready.config, ENTITY, cursor.clone(), PAGE_SIZE)
-                    .await
+                    .await;
+                (listed, at)
             };
-            let mut findings = PageFindings::default();
+            let mut findings = PageFindings {
+                listed_at_ms,
+                ..PageFindings::default()
+            };
             let page = match listed {
                 Ok(page) => {
                     inner.breakers.success(&run.connector);
@@ -532,6 +538,7 @@ impl SyncEngine {
                             "the customer was deleted in ferry; the remote still has the record"
                                 .into(),
                         ),
+                        listed_at_ms: Some(findings.listed_at_ms),
                     });
                 }
                 continue;
@@ -555,6 +562,7 @@ impl SyncEngine {
                     fields: serde_json::to_value(&differences).unwrap_or_default(),
                     record: Some(remote),
                     detail: None,
+                    listed_at_ms: Some(findings.listed_at_ms),
                 });
             }
         }
@@ -587,6 +595,7 @@ impl SyncEngine {
                             fields: serde_json::json!([]),
                             record: None,
                             detail: None,
+                            listed_at_ms: None,
                         })
                         .collect();
                     (found, last)
@@ -606,6 +615,7 @@ impl SyncEngine {
                                 "linked, but a complete listing did not return the remote record"
                                     .into(),
                             ),
+                            listed_at_ms: None,
                         })
                         .collect();
                     (found, last)
@@ -691,6 +701,7 @@ impl SyncEngine {
                 fields,
                 record: Some(remote.clone()),
                 detail,
+                listed_at_ms: Some(record.listed_at_ms),
             });
         }
         Ok((found, batch.last().map(|r| r.remote_id.clone())))
@@ -882,7 +893,7 @@ fn plan_repair(run: &RunRow, mode: Mode, repair: Repair, mismatch: &MismatchRow)
             entity: ENTITY.to_owned(),
             kind,
             remote_id: mismatch.remote_id.clone()?,
-            occurred_at_ms: mismatch.created_at.timestamp_millis(),
+            occurred_at_ms: repair_stamp(mismatch),
             record: mismatch.record.as_ref().map(|r| r.0.clone()),
             origin_key: None,
             remote_type: super::inbound::RECONCILIATION.to_owned(),
@@ -917,6 +928,21 @@ fn plan_repair(run: &RunRow, mode: Mode, repair: Repair, mismatch: &MismatchRow)
         (Kind::Orphan, PushLocal) => customer.map(Action::Recreate),
         // The delete policy decides, as for a remote delete.
         (Kind::Orphan, PullRemote | Merge) => event(RemoteChange::Delete, None),
+    }
+}
+
+/// When a repair event from `mismatch` happened, for the inbound stale
+/// check: when its record was read, in whole seconds (a remote's clock,
+/// Stripe's among them, may have no finer ones) and one second earlier (for
+/// the two clocks' drift). An edit the listing missed is then never older
+/// than the repair: a later second applies over it, the same second is
+/// fetched afresh. A webhook applied since the listing is newer than the
+/// repair, which is skipped instead of putting the older listed copy back.
+/// Findings without a listed record keep the time they were found.
+fn repair_stamp(mismatch: &MismatchRow) -> i64 {
+    match mismatch.listed_at_ms {
+        Some(listed) => listed.div_euclid(1_000) * 1_000 - 1_000,
+        None => mismatch.created_at.timestamp_millis(),
     }
 }
 

@@ -1067,6 +1067,129 @@ async fn an_owned_field_changed_remotely_is_pushed_back(backend: Backend) {
     app.wait_synced(&id, 2).await;
 }
 
+/// The second a finding was written, as Stripe stamps an event: an edit
+/// made then came after the listing the finding was read from.
+fn found_second(finding: &Value) -> i64 {
+    let at = finding["created_at"].as_str().expect("created_at");
+    chrono::DateTime::parse_from_rfc3339(at)
+        .expect("RFC 3339")
+        .timestamp()
+}
+
+/// Delivers a signed `customer.updated` of `remote` at second `created`;
+/// waits until it is applied or skipped and returns its detail.
+async fn webhook_at(
+    app: &SyncApp,
+    id: &str,
+    created: i64,
+    remote: &str,
+    customer: Value,
+) -> String {
+    let body = event(id, "customer.updated", created, customer);
+    let (status, answer) = deliver(app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200, "{answer}");
+    let settled = app.wait_inbox_settled("stripe", remote, 1).await;
+    let delivered = settled.iter().find(|e| e.event_id == id).expect("stored");
+    delivered.detail.clone().unwrap_or_default()
+}
+
+/// Resolves finding `finding` of run `run` with `action`; waits until the
+/// repair's inbox event for `remote` is applied or skipped.
+async fn resolve_and_settle(app: &SyncApp, run: &str, finding: &Value, action: &str, remote: &str) {
+    let before = app
+        .store
+        .inbox_of_remote("stripe", remote)
+        .await
+        .expect("inbox")
+        .len();
+    let path = format!(
+        "/api/v1/reconciliations/{run}/mismatches/{}/resolve",
+        finding["id"].as_str().unwrap()
+    );
+    let (status, resolved) = app
+        .send(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"action": action})),
+        )
+        .await;
+    assert_eq!(
+        (status, resolved["state"].as_str()),
+        (200, Some("resolved")),
+        "{resolved}"
+    );
+    app.wait_inbox_settled("stripe", remote, before + 1).await;
+}
+
+/// A repair carries the record as its listing read it, and is stamped
+/// with the time of that read, not with the (later) time its finding was
+/// written. Two edits made in Stripe after the listing, in the second the
+/// findings were written, reach ferry by webhook:
+/// - Ann's webhook applies before a person pulls the listed record:
+///   the older listed name does not come back over it.
+/// - Bob, imported from the listing, is renamed after it: the webhook
+///   that follows the import is newer than the import and applies.
+async fn a_repair_keeps_edits_made_after_its_listing(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let app = spawn_sync_app(Setup::new(backend, &url)).await;
+    let (ann, s_ann) = ann_in_sync(&app).await;
+    // Past the echo window of ferry's push: no event is re-fetched for it.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    stripe_update(&url, &s_ann, &[("name", "Ann Listed")]).await;
+    let bob = email("bob");
+    let s_bob = stripe_create(&url, &[("email", &bob), ("name", "Bob Listed")]).await;
+
+    let report = run_to_end(&app, json!({"connector": "stripe"})).await;
+    expect_counts(&report, &[("different", 1), ("missing_local", 1)]);
+    let run = report["id"].as_str().unwrap();
+    let ann_finding = findings(&app.base, run, Some("different")).await.remove(0);
+    let bob_finding = findings(&app.base, run, Some("missing_local"))
+        .await
+        .remove(0);
+
+    stripe_update(&url, &s_ann, &[("name", "Ann Newer")]).await;
+    let ann_remote = json!({"id": s_ann, "object": "customer", "email": email("ann"),
+        "name": "Ann Newer", "phone": "+100", "metadata": {}});
+    let detail = webhook_at(
+        &app,
+        "evt_ann_newer",
+        found_second(&ann_finding),
+        &s_ann,
+        ann_remote,
+    )
+    .await;
+    let now = app.store.get_customer_any(&ann).await.unwrap().unwrap();
+    assert_eq!(now.name.as_deref(), Some("Ann Newer"), "{detail}");
+    resolve_and_settle(&app, run, &ann_finding, "pull_remote", &s_ann).await;
+    let now = app.store.get_customer_any(&ann).await.unwrap().unwrap();
+    assert_eq!(
+        now.name.as_deref(),
+        Some("Ann Newer"),
+        "the listed name came back over a newer webhook"
+    );
+
+    resolve_and_settle(&app, run, &bob_finding, "merge", &s_bob).await;
+    let imported = app.wait_customer_by_email(&bob).await;
+    assert_eq!(imported["name"], "Bob Listed");
+    stripe_update(&url, &s_bob, &[("name", "Bob Newer")]).await;
+    let bob_remote = json!({"id": s_bob, "object": "customer", "email": bob,
+        "name": "Bob Newer", "metadata": {}});
+    let detail = webhook_at(
+        &app,
+        "evt_bob_newer",
+        found_second(&bob_finding),
+        &s_bob,
+        bob_remote,
+    )
+    .await;
+    let now = app.customer_by_email(&bob).await.expect("bob");
+    assert_eq!(
+        now["name"], "Bob Newer",
+        "the webhook after the import: {detail}"
+    );
+}
+
 /// Starting a run: unknown and unready connectors, a bad body.
 async fn starting_a_run_checks_its_request(backend: Backend) {
     let stripe = LocalStripe::start().expect("localstripe");
@@ -1162,6 +1285,11 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn repair_keeps_later_edits() {
+        a_repair_keeps_edits_made_after_its_listing(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_requests() {
         starting_a_run_checks_its_request(Backend::Sqlite).await;
     }
@@ -1203,5 +1331,10 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn change_back_to_the_last_push() {
         a_change_back_to_the_last_push_is_pushed(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn repair_keeps_later_edits() {
+        a_repair_keeps_edits_made_after_its_listing(Backend::Postgres).await;
     }
 }
