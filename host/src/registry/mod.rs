@@ -43,6 +43,11 @@ use crate::store::{Store, StoreError};
 /// How often a replica looks for changes made by another.
 pub const POLL: Duration = Duration::from_secs(1);
 
+/// The first wait before a version that failed to load here is tried
+/// again; it doubles with each failure, up to [`LOAD_RETRY_MAX`].
+const LOAD_RETRY: Duration = Duration::from_secs(2);
+const LOAD_RETRY_MAX: Duration = Duration::from_secs(300);
+
 /// What a caller needs a connector for.
 #[derive(Debug, Clone, Copy)]
 pub enum Need<'a> {
@@ -103,6 +108,12 @@ pub struct Entry {
     pub problem: Option<String>,
     /// Switch and configuration.
     pub effective: EffectiveConfig,
+    /// The entities of the version the store says is active (its stored
+    /// manifest, loaded or not); `None` while that could not be read.
+    entities: Option<Vec<String>>,
+    /// Set while the active version is not the one loaded here: when to
+    /// load it again, and how many loads failed in a row.
+    retry: Option<(tokio::time::Instant, u32)>,
     revision: i64,
 }
 
@@ -207,6 +218,15 @@ pub struct NewSettings {
     pub secrets: Option<BTreeMap<String, Option<SecretString>>>,
 }
 
+/// What [`Registry::resolve_active`] found.
+struct Resolved {
+    active: Option<Active>,
+    problem: Option<String>,
+    entities: Option<Vec<String>>,
+    /// The active version could not be loaded: try again later.
+    failed: bool,
+}
+
 #[derive(Default)]
 struct View {
     entries: BTreeMap<String, Arc<Entry>>,
@@ -299,17 +319,21 @@ impl Registry {
         self.view().entries.values().cloned().collect()
     }
 
-    /// The connectors a change to `entity` is queued for: loaded, handling
-    /// it, and switched on (enabled, or disabled so the change waits).
+    /// The connectors a change to `entity` is queued for: switched on
+    /// (enabled, or disabled so the change waits) and handling it, by the
+    /// manifest of the version the store says is active. A version this
+    /// replica failed to load still takes its changes: their pushes wait
+    /// until it loads, here or on another replica, rather than never being
+    /// queued. So does a connector whose manifest could not be read.
     pub fn participants(&self, entity: &str) -> Vec<String> {
         self.view()
             .entries
             .values()
             .filter(|e| e.effective.switch != Switch::Unconfigured)
             .filter(|e| {
-                e.active
+                e.entities
                     .as_ref()
-                    .is_some_and(|a| a.connector.manifest().entities.iter().any(|x| x == entity))
+                    .is_none_or(|entities| entities.iter().any(|x| x == entity))
             })
             .map(|e| e.name.clone())
             .collect()
@@ -348,13 +372,17 @@ impl Registry {
             .filter(|r| r.deleted_at.is_none())
             .collect();
         let current = self.view();
-        let unchanged = rows.len() == current.entries.len()
-            && rows.iter().all(|r| {
-                current
-                    .entries
-                    .get(&r.name)
-                    .is_some_and(|e| e.revision == r.revision)
-            });
+        let now = tokio::time::Instant::now();
+        // An entry is current when its revision is, and no failed load of
+        // its active version is due to be tried again.
+        let current_for = |row: &ConnectorRow| {
+            current
+                .entries
+                .get(&row.name)
+                .filter(|e| e.revision == row.revision && e.retry.is_none_or(|(at, _)| at > now))
+        };
+        let unchanged =
+            rows.len() == current.entries.len() && rows.iter().all(|r| current_for(r).is_some());
         if unchanged {
             return Ok(());
         }
@@ -368,14 +396,28 @@ impl Registry {
             .collect();
         let mut entries = BTreeMap::new();
         for row in rows {
-            let previous = current.entries.get(&row.name);
-            if let Some(previous) = previous.filter(|p| p.revision == row.revision) {
+            if let Some(previous) = current_for(&row) {
                 entries.insert(row.name.clone(), previous.clone());
                 continue;
             }
-            let (active, problem) = self
+            let previous = current.entries.get(&row.name);
+            let resolved = self
                 .resolve_active(&row, previous.and_then(|p| p.active.as_ref()))
                 .await;
+            // A load that failed is tried again, later each time: the
+            // read of the bytes may have failed for a moment, and no other
+            // change to the connector may come to trigger a reload.
+            let retry = resolved.failed.then(|| {
+                let failures = previous
+                    .filter(|p| p.revision == row.revision)
+                    .and_then(|p| p.retry)
+                    .map_or(0, |(_, n)| n)
+                    + 1;
+                let wait = LOAD_RETRY
+                    .saturating_mul(1 << (failures - 1).min(8))
+                    .min(LOAD_RETRY_MAX);
+                (now + wait, failures)
+            });
             let effective = config::effective(
                 &row.name,
                 row.enabled,
@@ -385,9 +427,11 @@ impl Registry {
             );
             let entry = Entry {
                 name: row.name.clone(),
-                active,
-                problem,
+                active: resolved.active,
+                problem: resolved.problem,
                 effective,
+                entities: resolved.entities,
+                retry,
                 revision: row.revision,
             };
             entries.insert(row.name, Arc::new(entry));
@@ -405,10 +449,12 @@ impl Registry {
         // released push sees it enabled), and so a push parked by a replica
         // whose view was still stale does not wait out its recheck.
         for (name, entry) in &view.entries {
+            // New here counts as off: pushes another replica queued for
+            // a connector this one did not know yet wait for it.
             let was_off = current
                 .entries
                 .get(name)
-                .is_some_and(|e| e.effective.switch != Switch::Enabled);
+                .is_none_or(|e| e.effective.switch != Switch::Enabled);
             if was_off && entry.effective.switch == Switch::Enabled {
                 match self.inner.store.resume_connector_links(name).await {
                     Ok(resumed) => {
@@ -426,34 +472,44 @@ impl Registry {
 
     /// The version `row` says is active, loaded; the previous one (and the
     /// reason) if it cannot be.
-    async fn resolve_active(
-        &self,
-        row: &ConnectorRow,
-        previous: Option<&Active>,
-    ) -> (Option<Active>, Option<String>) {
+    async fn resolve_active(&self, row: &ConnectorRow, previous: Option<&Active>) -> Resolved {
         let Some(version) = &row.active_version else {
-            return (None, Some("no version is active".to_owned()));
+            return Resolved {
+                active: None,
+                problem: Some("no version is active".to_owned()),
+                entities: Some(Vec::new()),
+                failed: false,
+            };
         };
-        let keep = |reason: String| {
+        let keep = |reason: String, entities: Option<Vec<String>>| {
             let reason = match previous {
                 Some(p) => format!("{reason}; still running {}", p.meta.version),
                 None => reason,
             };
-            (previous.cloned(), Some(reason))
+            Resolved {
+                active: previous.cloned(),
+                problem: Some(reason),
+                entities: entities
+                    .or_else(|| previous.map(|p| manifest_entities(&p.meta.manifest))),
+                failed: true,
+            }
         };
         let meta = match self.inner.store.connector_version(&row.name, version).await {
             Ok(Some(meta)) => meta,
-            Ok(None) => return keep(format!("version {version} is not stored")),
-            Err(error) => return keep(format!("reading version {version} failed: {error}")),
+            Ok(None) => return keep(format!("version {version} is not stored"), None),
+            Err(error) => return keep(format!("reading version {version} failed: {error}"), None),
         };
+        let entities = Some(manifest_entities(&meta.manifest));
         if let Some(previous) = previous.filter(|p| p.meta.sha256 == meta.sha256) {
-            return (
-                Some(Active {
+            return Resolved {
+                active: Some(Active {
                     connector: previous.connector.clone(),
                     meta,
                 }),
-                None,
-            );
+                problem: None,
+                entities,
+                failed: false,
+            };
         }
         let staged = self
             .inner
@@ -467,12 +523,18 @@ impl Registry {
                 Ok(connector) => connector,
                 Err(reason) => {
                     tracing::error!(connector = %row.name, version = %version, %reason, "connector version not loaded");
-                    return keep(format!("version {version} failed to load: {reason}"));
+                    return keep(
+                        format!("version {version} failed to load: {reason}"),
+                        entities,
+                    );
                 }
             },
         };
         if connector.sha256() != meta.sha256 {
-            return keep(format!("version {version}'s bytes do not match its sha256"));
+            return keep(
+                format!("version {version}'s bytes do not match its sha256"),
+                entities,
+            );
         }
         tracing::info!(
             connector = %row.name,
@@ -483,7 +545,12 @@ impl Registry {
             from = %meta.uploaded_by,
             "connector version active"
         );
-        (Some(Active { connector, meta }), None)
+        Resolved {
+            active: Some(Active { connector, meta }),
+            problem: None,
+            entities,
+            failed: false,
+        }
     }
 
     async fn load_stored(&self, name: &str, version: &str) -> Result<Arc<Connector>, String> {
@@ -898,6 +965,19 @@ fn keep_secrets_in_effect(
     } else {
         Err(RegistryError::Settings(problems))
     }
+}
+
+/// The entity types a stored manifest lists.
+fn manifest_entities(manifest: &serde_json::Value) -> Vec<String> {
+    manifest["entities"]
+        .as_array()
+        .map(|entities| {
+            entities
+                .iter()
+                .filter_map(|e| e.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn manifest_json(manifest: &Manifest) -> serde_json::Value {
