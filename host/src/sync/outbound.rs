@@ -68,8 +68,8 @@ pub enum Outcome {
     /// The breaker is open, or the claim's lease could not outlast a call;
     /// the link waits without spending an attempt.
     Deferred,
-    /// The connector is disabled; the link waits, without spending an
-    /// attempt, until it is enabled.
+    /// The connector is disabled (or not configured on this replica); the
+    /// link waits, without spending an attempt, until it is enabled.
     Paused,
     /// Given up: see the dead letter.
     DeadLettered {
@@ -337,15 +337,28 @@ impl SyncEngine {
                 },
             )
         };
-        let ready = match inner.registry.ready(&link.connector, Need::Entity(ENTITY)) {
+        let mut ready = inner.registry.ready(&link.connector, Need::Entity(ENTITY));
+        if matches!(ready, Err(NotReady::Unknown | NotReady::Unconfigured)) {
+            // Another replica queued the change: this one's view may not
+            // have caught up with the upload or the enable yet.
+            if let Err(error) = inner.registry.refresh().await {
+                return self.retry_later(link, None, None, store_error(error));
+            }
+            ready = inner.registry.ready(&link.connector, Need::Entity(ENTITY));
+        }
+        let ready = match ready {
             Ok(ready) => ready,
-            // Paused: wait, spending no attempt; enabling it resumes the
-            // link at once, this is only the fallback.
-            Err(NotReady::Disabled) => return (wait(PAUSED_RECHECK), Outcome::Paused),
+            // Paused, or never switched on here (its settings may live in
+            // another replica's environment): wait, spending no attempt;
+            // enabling it resumes the link at once, this is the fallback.
+            Err(NotReady::Disabled | NotReady::Unconfigured) => {
+                return (wait(PAUSED_RECHECK), Outcome::Paused)
+            }
             // This replica could not load the active version (yet): another
             // replica, or a later refresh, will.
             Err(NotReady::NotLoaded(_)) => return deferred(NOT_LOADED_RECHECK),
-            Err(why @ (NotReady::Unknown | NotReady::Unconfigured | NotReady::Unsupported(_))) => {
+            // Deleted, or it does not sync customers: nothing to push to.
+            Err(why @ (NotReady::Unknown | NotReady::Unsupported(_))) => {
                 return skip(link.wanted_version, &why.to_string(), false)
             }
         };
