@@ -58,6 +58,9 @@ const HOLD_BACK_POLL: Duration = Duration::from_millis(20);
 const ECHO_WINDOW_MS: i64 = 2_000;
 /// How often an event waiting behind an open conflict is looked at again.
 const HELD_RECHECK_MS: i64 = 5_000;
+
+/// How long an event waits for its connector to be loaded here.
+const NOT_LOADED_RECHECK_MS: i64 = 5_000;
 /// How often a decision is retaken when the customer changed under it.
 const RACE_RETRIES: usize = 5;
 
@@ -1085,11 +1088,15 @@ impl SyncEngine {
     async fn fetch_current(&self, event: &InboxEvent) -> Result<serde_json::Value, Failure> {
         // Accepted while the connector was enabled: finish it even if the
         // connector was disabled since.
+        // Not loaded on this replica (yet): wait without spending an
+        // attempt; another replica, or this one's next load, fetches it.
         let ready = self
             .inner
             .registry
             .loaded(&event.connector)
-            .ok_or_else(|| Failure::Retry("connector not loaded".into()))?;
+            .ok_or_else(|| {
+                Failure::Wait("waiting: no version of the connector is loaded here".into())
+            })?;
         let (connector, config) = (ready.connector, ready.config);
         match connector
             .fetch(&config, super::ENTITY, &event.remote_id)
@@ -1111,6 +1118,24 @@ impl SyncEngine {
     async fn inbound_failed(&self, event: &InboxEvent, failure: Failure) -> InboundOutcome {
         let attempt = u32::try_from(event.attempts + 1).unwrap_or(u32::MAX);
         let (detail, retry_at, dead) = match failure {
+            Failure::Wait(detail) => {
+                let at_ms = now_ms() + NOT_LOADED_RECHECK_MS;
+                let finish = InboxFinish::Deferred {
+                    detail: &detail,
+                    at_ms,
+                };
+                return match self.inner.store.finish_inbox(event, finish).await {
+                    Ok(true) => InboundOutcome::Deferred,
+                    Ok(false) => InboundOutcome::LeaseLost,
+                    Err(error) => {
+                        tracing::error!(
+                            error = format!("{:#}", anyhow::Error::from(error)),
+                            "could not defer an inbound event; retried when the lease expires"
+                        );
+                        InboundOutcome::LeaseLost
+                    }
+                };
+            }
             Failure::Permanent(message) => (message, None, Some(DeadLetterKind::Permanent)),
             Failure::Retry(message) if self.inner.policy.exhausted(attempt) => (
                 format!("gave up after {attempt} attempts: {message}"),
@@ -1161,6 +1186,9 @@ impl SyncEngine {
 enum Failure {
     /// Try again later (store or remote unavailable).
     Retry(String),
+    /// Try again later, spending no attempt: the connector is not loaded
+    /// on this replica.
+    Wait(String),
     /// Will never work as it is: dead letter.
     Permanent(String),
 }
