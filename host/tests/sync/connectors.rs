@@ -15,9 +15,14 @@ use ferry_test_support::postgres::PgCluster;
 use ferry_test_support::wasm::{component_path, variant_path};
 use serde_json::{json, Value};
 
-use crate::helpers::{spawn_sync_app, stripe_component, Backend, Setup, SyncApp};
+use ferry::store::inbox::{NewInboxEvent, RemoteChange};
+use ferry::store::links::ChangeNotice;
+
+use crate::helpers::{
+    email, new_database, spawn_sync_app, stripe_component, Backend, Setup, SyncApp,
+};
 use crate::process::FerryProcess;
-use crate::recorder_remote::RecorderRemote;
+use crate::recorder_remote::{RecorderRemote, SETTLE};
 
 /// The admin token of the tests that need one.
 const TOKEN: &str = "connector-plane-admin-token-0123";
@@ -714,6 +719,198 @@ async fn a_change_on_one_replica_reaches_the_other() {
     );
 }
 
+/// Runs `sql`, with `bytes` bound as `$1`, on a database behind ferry's back.
+async fn execute_raw(database_url: &str, sql: &str, bytes: &[u8]) {
+    if database_url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(database_url)
+            .await
+            .expect("sqlite");
+        sqlx::query(sql)
+            .bind(bytes)
+            .execute(&pool)
+            .await
+            .expect(sql);
+    } else {
+        let pool = sqlx::PgPool::connect(database_url).await.expect("postgres");
+        sqlx::query(sql)
+            .bind(bytes)
+            .execute(&pool)
+            .await
+            .expect(sql);
+    }
+}
+
+/// While the recorder is not loaded here: an event whose payload cannot be
+/// trusted (the same remote tick as the last one applied) must be fetched
+/// afresh, and waits for the connector without spending an attempt. A
+/// second customer's link is given a remote record behind ferry's back.
+async fn an_event_to_fetch_waits_for_the_load(app: &SyncApp, database_url: &str) {
+    let other = app
+        .create(json!({"email": email("to-fetch"), "name": "To Fetch"}))
+        .await;
+    let other = other["id"].as_str().unwrap();
+    app.wait_link_of("recorder", other, SETTLE, |l| l["state"] == "pending")
+        .await;
+    let sql = format!(
+        "UPDATE sync_links SET remote_id = 'rec_to_fetch', remote_seen_at_ms = 5000 \
+         WHERE connector = 'recorder' AND customer_id = '{other}' AND $1 IS NOT NULL"
+    );
+    execute_raw(database_url, &sql, b"").await;
+    let event = NewInboxEvent {
+        event_id: "evt_to_fetch".into(),
+        entity: "customer".into(),
+        kind: RemoteChange::Upsert,
+        remote_id: "rec_to_fetch".into(),
+        occurred_at_ms: 5000,
+        record: Some(json!({"email": email("to-fetch"), "name": "Elsewhere"})),
+        origin_key: None,
+        remote_type: "record.updated".into(),
+        policy: None,
+    };
+    app.store
+        .store_inbox_many(&[("recorder", std::slice::from_ref(&event), None)])
+        .await
+        .expect("stored");
+    app.sync.wake();
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let events = app
+            .store
+            .inbox_of_remote("recorder", "rec_to_fetch")
+            .await
+            .expect("inbox");
+        let waiting = events.iter().find(|e| {
+            e.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("no version of the connector is loaded"))
+        });
+        if let Some(waiting) = waiting {
+            assert_eq!(
+                (waiting.state.as_str(), waiting.attempts),
+                ("pending", 0),
+                "{waiting:?}"
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the event never waited: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The recorder is enabled, but the replica that starts next cannot load
+/// its active version (its stored bytes are damaged). A customer created
+/// there is still queued for the recorder, and its push waits; once the
+/// bytes are whole again (with no change to the connector that would tell
+/// a replica to reload) the replica loads the version by itself and the
+/// push goes out.
+async fn a_version_that_fails_to_load_keeps_its_changes(backend: Backend) {
+    let dir = tempfile::tempdir().expect("dir");
+    let database_url = new_database(backend, dir.path()).await;
+    let remote = RecorderRemote::start().await;
+    let mut first = setup(backend);
+    first.database_url = Some(database_url.clone());
+    let app = spawn_sync_app(first).await;
+    install_recorder(&app, &remote).await;
+    app.stop().await;
+
+    let damage = "UPDATE connector_versions SET component = $1 WHERE name = 'recorder'";
+    execute_raw(&database_url, damage, b"not a component").await;
+    let mut again = setup(backend);
+    again.database_url = Some(database_url.clone());
+    let app = spawn_sync_app(again).await;
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert!(
+        connector["load_problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("failed to load")),
+        "{connector:#}"
+    );
+    let address = email("unloaded");
+    let customer = app
+        .create(json!({"email": address, "name": "Unloaded"}))
+        .await;
+    let id = customer["id"].as_str().unwrap();
+    app.wait_link_of("recorder", id, SETTLE, |l| {
+        l["state"] == "pending" && l["wanted_version"] == 1
+    })
+    .await;
+    assert!(remote.requests_to("POST", "/records").is_empty());
+    an_event_to_fetch_waits_for_the_load(&app, &database_url).await;
+
+    execute_raw(&database_url, damage, &recorder()).await;
+    remote
+        .wait_for("the create", |log| {
+            log.iter()
+                .any(|r| r.method == "POST" && r.body["record"]["email"] == address.as_str())
+        })
+        .await;
+    app.wait_link_of("recorder", id, SETTLE, |l| {
+        l["state"] == "synced" && l["synced_version"] == 1
+    })
+    .await;
+}
+
+/// Another replica queued a push for the recorder before this one saw it
+/// configured (its settings came from that replica's environment, or this
+/// replica's view lags an enable). The push waits for the connector to be
+/// switched on here, instead of being marked done without going out.
+async fn a_push_queued_before_the_enable_waits_for_it(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    let (status, version) = upload(&app, recorder(), "").await;
+    assert_eq!(status, 201, "{version}");
+    let address = email("early");
+    let customer = app.create(json!({"email": address, "name": "Early"})).await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    // The other replica's intake: a link for the recorder at version 1.
+    let notice = ChangeNotice {
+        customer_id: id.clone(),
+        version: 1,
+        correlation_id: None,
+        outbox_id: None,
+        source_connector: None,
+    };
+    app.store
+        .intake_changes(&[notice], &["recorder".to_owned()])
+        .await
+        .expect("intake");
+    app.sync.wake();
+    // Claimed and looked at: put back to wait, or (before) marked done.
+    let later = chrono::Utc::now().timestamp_millis() + 10_000;
+    let link = app
+        .wait_link_of("recorder", &id, SETTLE, |l| {
+            l["state"] != "pending" || l["next_attempt_at_ms"].as_i64() > Some(later)
+        })
+        .await;
+    assert_eq!(
+        (link["state"].as_str(), link["attempts"].as_i64()),
+        (Some("pending"), Some(0)),
+        "{link:#}"
+    );
+
+    let (status, connector) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/recorder/settings",
+            Some(json!({"settings": {"api_base": remote.url}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{connector}");
+    remote
+        .wait_for("the create", |log| {
+            log.iter()
+                .any(|r| r.method == "POST" && r.body["record"]["email"] == address.as_str())
+        })
+        .await;
+    app.wait_link_of("recorder", &id, SETTLE, |l| {
+        l["state"] == "synced" && l["synced_version"] == 1
+    })
+    .await;
+}
+
 /// Waits until `base` answers recorder webhooks with `expected`; how long
 /// that took.
 async fn wait_served(client: &reqwest::Client, base: &str, expected: &str) -> Duration {
@@ -745,6 +942,16 @@ mod sqlite {
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_load_keeps_changes() {
+        a_version_that_fails_to_load_keeps_its_changes(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn push_waits_for_enable() {
+        a_push_queued_before_the_enable_waits_for_it(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn upload_and_upload_again() {
         super::upload_and_upload_again(Backend::Sqlite).await;
     }
@@ -772,6 +979,16 @@ mod sqlite {
 
 mod postgres {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_load_keeps_changes() {
+        a_version_that_fails_to_load_keeps_its_changes(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn push_waits_for_enable() {
+        a_push_queued_before_the_enable_waits_for_it(Backend::Postgres).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn upload_and_upload_again() {
