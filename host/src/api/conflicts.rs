@@ -262,6 +262,12 @@ pub async fn resolve_conflict(
                 }
             }
         }
+        // What the remote changed while the conflict held the link is part
+        // of the result, not pushed over.
+        let (record, folded) = match state.sync.fold_waiting(&conflict, &record).await? {
+            Some((merged, folded)) => (merged, Some(folded)),
+            None => (record, None),
+        };
         // The resolved record goes through the API's own validation.
         let fields = fields_of(&record).map_err(|message| ApiError::field("fields", message))?;
         let choice = match request.resolution {
@@ -278,6 +284,7 @@ pub async fn resolve_conflict(
                 customer.version,
                 &fields,
                 Some(&correlation_id),
+                folded.as_ref(),
             )
             .await?
         {

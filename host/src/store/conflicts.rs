@@ -69,6 +69,18 @@ pub enum Resolved {
     Raced,
 }
 
+/// Remote changes that waited behind a conflict, taken into its
+/// resolution (see [`crate::sync::SyncEngine::fold_waiting`]).
+#[derive(Debug, Clone)]
+pub struct Folded {
+    /// The newest remote state among them: the link's snapshot from now on.
+    pub snapshot: serde_json::Value,
+    /// When the remote wrote it (unix ms).
+    pub seen_at_ms: i64,
+    /// The inbox events it stands for.
+    pub seqs: Vec<i64>,
+}
+
 /// A deleted customer's open conflicts have nothing left to decide (and
 /// their resolve answers 404): they close as `customer_deleted`, in the
 /// delete's transaction. `$1` the customer, `$2` the time.
@@ -114,8 +126,11 @@ impl Store {
     /// Resolves an open conflict: writes `fields` to the customer (a new
     /// version, pushed to every connector, the source one included), marks
     /// the conflict resolved and releases the link it held, in one
-    /// transaction.
+    /// transaction. With `folded`, the remote changes that waited behind
+    /// the conflict are in `fields`: their inbox events end there, and the
+    /// link's snapshot becomes the newest remote state.
     #[tracing::instrument(skip_all, fields(conflict_id = %conflict.id))]
+    #[allow(clippy::too_many_arguments)]
     pub async fn resolve_conflict(
         &self,
         conflict: &Conflict,
@@ -124,8 +139,11 @@ impl Store {
         expected_version: i64,
         fields: &CustomerFields,
         correlation_id: Option<&str>,
+        folded: Option<&Folded>,
     ) -> Result<Resolved, StoreError> {
         let at = now();
+        let at_ms = at.timestamp_millis();
+        let detail = format!("folded into the resolution of conflict {}", conflict.id);
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
             let closed = sqlx::query(
@@ -171,6 +189,38 @@ impl Store {
             .bind(at)
             .execute(&mut *tx)
             .await?;
+            if let Some(folded) = folded {
+                for seq in &folded.seqs {
+                    // A worker took it since it was read: decide again.
+                    let ended = sqlx::query(
+                        "UPDATE inbox SET state = 'skipped', detail = $1, customer_id = $2 \
+                         WHERE seq = $3 AND state IN ('pending', 'retry') AND lease_until_ms < $4",
+                    )
+                    .bind(&detail)
+                    .bind(&conflict.customer_id)
+                    .bind(seq)
+                    .bind(at_ms)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if ended != 1 {
+                        return Ok(Resolved::Raced);
+                    }
+                }
+                sqlx::query(
+                    "UPDATE sync_links SET snapshot = $1, pushed_hash = NULL, \
+                     remote_seen_at_ms = CASE WHEN $2 > remote_seen_at_ms THEN $2 \
+                        ELSE remote_seen_at_ms END \
+                     WHERE customer_id = $3 AND connector = $4 AND held_by = $5",
+                )
+                .bind(Json(&folded.snapshot))
+                .bind(folded.seen_at_ms)
+                .bind(&conflict.customer_id)
+                .bind(&conflict.connector)
+                .bind(&conflict.id)
+                .execute(&mut *tx)
+                .await?;
+            }
             sqlx::query(
                 "UPDATE sync_links SET held_by = NULL, updated_at = $1 \
                  WHERE customer_id = $2 AND connector = $3 AND held_by = $4",

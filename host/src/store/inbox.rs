@@ -814,6 +814,33 @@ impl Store {
     }
 
     /// The inbox events of one remote record, newest first.
+    /// The events of a remote record that wait to be applied (no worker
+    /// holds them) and happened after `after_ms`, oldest first: what the
+    /// remote changed while a conflict held its link.
+    pub async fn inbox_waiting(
+        &self,
+        connector: &str,
+        remote_id: &str,
+        after_ms: i64,
+    ) -> Result<Vec<InboxEvent>, StoreError> {
+        let sql = format!(
+            "SELECT {INBOX_COLUMNS} FROM inbox WHERE connector = $1 AND remote_id = $2 \
+             AND state IN ('pending', 'retry') AND lease_until_ms < $3 AND occurred_at_ms > $4 \
+             ORDER BY seq"
+        );
+        let rows = dispatch!(self, read pool => {
+            sqlx::query_as(&sql)
+                .bind(connector)
+                .bind(remote_id)
+                .bind(now_ms())
+                .bind(after_ms)
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(rows)
+    }
+
+    /// Every event of a remote record, newest first.
     pub async fn inbox_of_remote(
         &self,
         connector: &str,

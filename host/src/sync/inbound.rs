@@ -28,6 +28,7 @@ use super::merge::{merge_owned, ConflictPolicy, FieldOwners, Resolution, Sides};
 use super::outbound::canonical_record;
 use super::SyncEngine;
 use crate::runtime::{CallError, ConnectorError};
+use crate::store::conflicts::{Conflict, Folded};
 use crate::store::inbox::{
     Applied, CustomerWrite, InboundChange, InboxEvent, InboxFinish, LinkRead, NewConflict,
     RemoteChange,
@@ -252,6 +253,73 @@ pub(crate) fn local_record(customer: &Customer) -> Result<serde_json::Value, Sto
 }
 
 impl SyncEngine {
+    /// The remote changes that waited behind open conflict `conflict`
+    /// (events of its remote record made after the state it recorded),
+    /// folded into `resolved`, the record a person chose: the merged record
+    /// to write instead, and what it stands for. `None` when nothing waits,
+    /// or when a remote delete waits (it applies after the resolution, by
+    /// the delete policy).
+    ///
+    /// Applied after the resolution instead, such an edit came too late:
+    /// the resolution had pushed every field over it, and the event, now
+    /// close to that push, was fetched afresh and taken for its echo. The
+    /// base is the link's snapshot, the remote state the person saw; the
+    /// person's choice is the newest word on every field it sets, the
+    /// remote's edits are taken on the others (field owners first).
+    pub async fn fold_waiting(
+        &self,
+        conflict: &Conflict,
+        resolved: &serde_json::Value,
+    ) -> Result<Option<(serde_json::Value, Folded)>, StoreError> {
+        let store = &self.inner.store;
+        let links = store.links_of(&conflict.customer_id).await?;
+        let Some(link) = links
+            .into_iter()
+            .find(|l| l.connector == conflict.connector)
+        else {
+            return Ok(None);
+        };
+        let Some(remote_id) = link.remote_id.as_deref() else {
+            return Ok(None);
+        };
+        let waiting = store
+            .inbox_waiting(&conflict.connector, remote_id, link.remote_seen_at_ms)
+            .await?;
+        if waiting
+            .iter()
+            .any(|e| e.kind != RemoteChange::Upsert || e.record.is_none())
+        {
+            return Ok(None);
+        }
+        let Some(newest) = waiting
+            .iter()
+            .filter_map(|e| Some((e, e.record.as_ref()?)))
+            .max_by_key(|(e, _)| (e.occurred_at_ms, e.seq))
+        else {
+            return Ok(None);
+        };
+        let (newest, record) = newest;
+        let remote = canonical_record(&record.0);
+        let merged = merge_owned(
+            Sides {
+                base: link.snapshot.as_ref(),
+                local: resolved,
+                remote: &remote,
+                local_changed_at_ms: now_ms(),
+                remote_changed_at_ms: newest.occurred_at_ms,
+            },
+            ConflictPolicy::PreferLocal,
+            &self.inner.field_owners,
+            &conflict.connector,
+        );
+        let folded = Folded {
+            snapshot: remote,
+            seen_at_ms: newest.occurred_at_ms,
+            seqs: waiting.iter().map(|e| e.seq).collect(),
+        };
+        Ok(Some((merged.merged, folded)))
+    }
+
     /// How many inbox loops a process runs. One loop alternates between
     /// claiming (the database works, ferry waits) and deciding (ferry
     /// works, the database waits); a second loop fills those gaps, as a
