@@ -23,9 +23,14 @@ struct Harness {
 /// ferry's pushes going through a proxy that can be taken down, and enough
 /// time passed that the next remote event is not mistaken for an echo.
 async fn synced_customer(policy: &str) -> Harness {
+    synced_customer_on(Backend::Sqlite, policy).await
+}
+
+/// [`synced_customer`] on `backend`.
+async fn synced_customer_on(backend: Backend, policy: &str) -> Harness {
     let stripe = LocalStripe::start().expect("localstripe");
     let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
-    let mut setup = Setup::new(Backend::Sqlite, &proxy.url());
+    let mut setup = Setup::new(backend, &proxy.url());
     setup.extra = json!({"conflict_policy": policy, "sync_max_attempts": 100});
     let app = spawn_sync_app(setup).await;
     app.receive_stripe_webhooks(&stripe).await;
@@ -147,6 +152,81 @@ async fn deleting_a_customer_closes_its_conflicts() {
     assert_eq!(
         (closed[0]["id"].clone(), closed[0]["resolution"].clone()),
         (conflict["id"].clone(), json!("customer_deleted"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_edit_made_while_held_survives_the_resolution_sqlite() {
+    a_remote_edit_made_while_held_survives_the_resolution(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_edit_made_while_held_survives_the_resolution_postgres() {
+    a_remote_edit_made_while_held_survives_the_resolution(Backend::Postgres).await;
+}
+
+/// Stripe's dashboard changes the phone while a conflict over the name
+/// holds the link: the edit waits. The person then keeps ferry's name. The
+/// waiting edit is part of the result: ferry takes the phone, and Stripe
+/// ends with ferry's name and its own phone. (The resolution used to push
+/// first, over the waiting edit, which then looked like an echo of that
+/// push and was dropped.)
+async fn a_remote_edit_made_while_held_survives_the_resolution(backend: Backend) {
+    let h = synced_customer_on(backend, "flag").await;
+    h.proxy.set_down(true);
+    h.app.patch(&h.id, json!({"name": "Local Name"})).await;
+    edit_in_stripe(&h.stripe.url(), &h.remote_id, "name", "Remote Name");
+    let conflict = open_conflict(&h.app).await;
+    h.proxy.set_down(false);
+
+    edit_in_stripe(&h.stripe.url(), &h.remote_id, "phone", "+15550000009");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let inbox = h
+            .app
+            .store
+            .inbox_of_remote("stripe", &h.remote_id)
+            .await
+            .unwrap();
+        let held = inbox.iter().any(|e| {
+            e.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("held by open conflict"))
+        });
+        if held {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the phone's event never waited: {inbox:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let path = format!(
+        "/api/v1/conflicts/{}/resolve",
+        conflict["id"].as_str().unwrap()
+    );
+    let (status, resolved) = h
+        .app
+        .send(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"resolution": "local"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{resolved}");
+    let settled = wait_customer(&h.app, &h.id, |c| c["phone"] == "+15550000009").await;
+    assert_eq!(settled["name"], "Local Name", "{settled}");
+    let version = settled["version"].as_i64().unwrap();
+    h.app.wait_synced(&h.id, version).await;
+    let remote = stripe_customer(&h.stripe.url(), &h.remote_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        (remote["name"].as_str(), remote["phone"].as_str()),
+        (Some("Local Name"), Some("+15550000009")),
+        "{remote}"
     );
 }
 
