@@ -332,6 +332,8 @@ impl From<StoreError> for ApiError {
             StoreError::CustomerNotFound => Self::CustomerNotFound,
             StoreError::EmailTaken => Self::EmailTaken,
             StoreError::VersionMismatch { current } => Self::PreconditionFailed { current },
+            // Another request holds the key now (a retry took it over).
+            StoreError::IdempotencyClaimLost => Self::IdempotencyKeyInFlight,
             other => Self::Internal(other.into()),
         }
     }

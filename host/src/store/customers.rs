@@ -287,14 +287,19 @@ macro_rules! finish_write {
 macro_rules! complete_in {
     ($tx:ident, $completion:expr) => {{
         let completion: &Completion = $completion;
-        sqlx::query(super::idempotency::COMPLETE_SQL)
+        let completed = sqlx::query(super::idempotency::COMPLETE_SQL)
             .bind(&completion.scope)
             .bind(&completion.key)
             .bind(i32::from(completion.response.status))
             .bind(Json(&completion.response.headers))
             .bind(&completion.response.body)
+            .bind(&completion.claim)
             .execute(&mut *$tx)
-            .await?;
+            .await?
+            .rows_affected();
+        if completed != 1 {
+            return Err(StoreError::IdempotencyClaimLost);
+        }
     }};
 }
 
@@ -303,6 +308,7 @@ macro_rules! complete_in {
 pub(crate) struct Completion {
     scope: String,
     key: String,
+    claim: String,
     response: StoredResponse,
 }
 
@@ -311,6 +317,7 @@ impl WriteContext<'_> {
         self.idempotency.as_ref().map(|c| Completion {
             scope: c.scope.to_owned(),
             key: c.key.to_owned(),
+            claim: c.claim.to_owned(),
             response: (c.render)(customer),
         })
     }
@@ -445,8 +452,14 @@ async fn create_in_one_statement(
     let mut versions = Vec::with_capacity(writes.len());
     let mut created = Vec::with_capacity(writes.len());
     let mut correlation_ids = Vec::with_capacity(writes.len());
-    let (mut scopes, mut keys, mut statuses, mut headers, mut bodies) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut scopes, mut keys, mut claims, mut statuses, mut headers, mut bodies) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     for write in writes {
         let customer = &write.customer;
         ids.push(customer.id.as_str());
@@ -462,6 +475,7 @@ async fn create_in_one_statement(
         if let Some(completion) = &write.completion {
             scopes.push(completion.scope.as_str());
             keys.push(completion.key.as_str());
+            claims.push(completion.claim.as_str());
             statuses.push(i32::from(completion.response.status));
             headers.push(Json(&completion.response.headers));
             bodies.push(completion.response.body.as_slice());
@@ -478,9 +492,13 @@ async fn create_in_one_statement(
         "AS u(u_id, u_version, u_correlation, u_at, u_n) ORDER BY u_n), ",
         "idempotency AS (UPDATE idempotency_keys SET state = 'done', response_status = u_status, ",
         "response_headers = u_headers, response_body = u_body ",
-        "FROM unnest($10::text[], $11::text[], $12::int4[], $13::jsonb[], $14::bytea[]) ",
-        "AS u(u_scope, u_key, u_status, u_headers, u_body) WHERE scope = u_scope AND key = u_key) ",
-        "SELECT 1"
+        "FROM unnest($10::text[], $11::text[], $12::int4[], $13::jsonb[], $14::bytea[], $15::text[]) ",
+        "AS u(u_scope, u_key, u_status, u_headers, u_body, u_claim) WHERE scope = u_scope AND key = u_key ",
+        "AND claim = u_claim AND state = 'in_flight' RETURNING 1) ",
+        // A key its claim no longer holds: the whole statement fails (see
+        // COMPLETE_SQL), and the group is committed one by one.
+        "SELECT CASE WHEN (SELECT count(*) FROM idempotency) = cardinality($10::text[]) THEN 1 ",
+        "ELSE ferry_refuse('idempotency claim lost') END"
     ))
     .bind(ids)
     .bind(names)
@@ -496,6 +514,7 @@ async fn create_in_one_statement(
     .bind(statuses)
     .bind(headers)
     .bind(bodies)
+    .bind(claims)
     .execute(pool)
     .await
     .map_err(StoreError::from_customer_write)?;

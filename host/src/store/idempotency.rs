@@ -46,6 +46,9 @@ pub struct IdempotencyCompletion<'a> {
     pub scope: &'a str,
     /// The key.
     pub key: &'a str,
+    /// The claim of the request that runs the write: the key is completed
+    /// only while that claim holds it, else the write is refused.
+    pub claim: &'a str,
     /// Renders the response the write will answer, from the written record.
     pub render: &'a (dyn Fn(&Customer) -> StoredResponse + Send + Sync),
 }
@@ -63,9 +66,14 @@ pub enum ClaimOutcome {
     Done(StoredResponse),
 }
 
+/// Completes a key still held by the write's own claim. A claim released
+/// (its client went away while the write was queued) or taken over (a
+/// retry after the lease) leaves nothing to complete: the write is rolled
+/// back, so the retry that holds the key now runs it once, or the client's
+/// next retry does.
 pub(super) const COMPLETE_SQL: &str = "UPDATE idempotency_keys SET state = 'done', \
      response_status = $3, response_headers = $4, response_body = $5 \
-     WHERE scope = $1 AND key = $2";
+     WHERE scope = $1 AND key = $2 AND claim = $6 AND state = 'in_flight'";
 
 #[derive(sqlx::FromRow)]
 struct KeyRow {

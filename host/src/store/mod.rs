@@ -138,6 +138,10 @@ pub enum StoreError {
     /// The remote record is already linked to another customer.
     #[error("the remote record is already linked to another customer")]
     RemoteIdTaken,
+    /// The write's idempotency key is no longer held by its request (it
+    /// was released or taken over meanwhile): nothing was written.
+    #[error("the idempotency key is no longer held by this request")]
+    IdempotencyClaimLost,
     /// A migration failed.
     #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -149,12 +153,20 @@ pub enum StoreError {
     Json(#[from] serde_json::Error),
 }
 
+/// The message PostgreSQL's `ferry_refuse` raises when a create's
+/// idempotency key is no longer held by its request (the group create's
+/// statement in customers.rs spells it out).
+const IDEMPOTENCY_CLAIM_LOST: &str = "idempotency claim lost";
+
 impl StoreError {
     /// Maps a unique violation (the only one a customer write can hit is the
     /// live-email index) to [`StoreError::EmailTaken`].
     fn from_customer_write(error: sqlx::Error) -> Self {
         match &error {
             sqlx::Error::Database(db) if db.is_unique_violation() => Self::EmailTaken,
+            sqlx::Error::Database(db) if db.message().contains(IDEMPOTENCY_CLAIM_LOST) => {
+                Self::IdempotencyClaimLost
+            }
             _ => Self::Database(error),
         }
     }

@@ -417,6 +417,7 @@ fn context<'a>(
         idempotency: record.map(|r| IdempotencyCompletion {
             scope: &r.scope,
             key: &r.key,
+            claim: &r.claim,
             render,
         }),
     }
