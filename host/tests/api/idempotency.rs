@@ -209,10 +209,144 @@ async fn a_cancelled_request_releases_its_key() {
     }
 }
 
+/// PostgreSQL: a create waits in the group-commit queue (a lock holds the
+/// customers table) while its client gives up, and the key's claim is
+/// released. The queued create must not commit afterwards without its key:
+/// the client's retry with the same key would then be refused as a second
+/// customer with that email, forever. It is rolled back instead, and the
+/// retry creates the customer, once.
+#[tokio::test]
+async fn a_create_queued_past_its_cancel_is_rolled_back() {
+    use sqlx::Connection;
+    let app = spawn_app(Backend::Postgres).await;
+    let mut blocker = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .expect("a second connection");
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("LOCK TABLE customers IN SHARE MODE")
+        .execute(&mut blocker)
+        .await
+        .expect("lock");
+    let address = email("queued");
+    let body = json!({"email": address, "name": "Queued"});
+    let send = |timeout_ms: u64| {
+        app.request(Method::POST, "/api/v1/customers")
+            .header("idempotency-key", "queued-1")
+            .timeout(std::time::Duration::from_millis(timeout_ms))
+            .json(&body)
+            .send()
+    };
+    assert!(send(300).await.is_err(), "the client gave up");
+    // The release does not wait for the customers table.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let held: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM idempotency_keys WHERE key = 'queued-1'")
+                .fetch_one(&mut blocker)
+                .await
+                .unwrap();
+        if held == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never released");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    // The queued create runs now.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    let retry = send(10_000).await.expect("answered");
+    let status = retry.status().as_u16();
+    let created: Value = retry.json().await.unwrap();
+    assert_eq!(status, 201, "{created}");
+    let (_, page) = app
+        .get_json(&format!("/api/v1/customers?email={address}"))
+        .await;
+    let found = page["data"].as_array().unwrap();
+    assert_eq!(found.len(), 1, "{page}");
+    assert_eq!(found[0]["id"], created["id"]);
+}
+
+/// A claim taken over after its lease (a retry of a request that ran
+/// longer) leaves the first request nothing to complete: its write is
+/// refused and rolled back, and only the request that holds the key now
+/// writes.
+async fn a_write_whose_claim_was_taken_over_is_refused(backend: Backend) {
+    use ferry::store::customers::WriteContext;
+    use ferry::store::idempotency::{IdempotencyCompletion, StoredResponse};
+    use ferry::store::{CustomerFields, StoreError};
+
+    let app = spawn_app(backend).await;
+    let created = app
+        .create_ok(&json!({"email": email("lease"), "name": "Lease"}))
+        .await;
+    let id = ferry::store::CustomerId::parse(created["id"].as_str().unwrap()).unwrap();
+    let record = |claim: &str| IdempotencyRecord {
+        scope: "open".into(),
+        key: "lease-key".into(),
+        fingerprint: "same-request".into(),
+        claim: claim.into(),
+    };
+    let (first, retry) = (record("first"), record("retry"));
+    let claimed = app.store.claim_idempotency_key(&first, 3_600_000, LEASE_MS);
+    assert_eq!(claimed.await.unwrap(), ClaimOutcome::Claimed);
+    // The retry finds the lease over (0 here) and takes the key.
+    let taken = app.store.claim_idempotency_key(&retry, 3_600_000, 0);
+    assert_eq!(taken.await.unwrap(), ClaimOutcome::Claimed);
+
+    async fn rename(
+        store: &ferry::store::Store,
+        id: &ferry::store::CustomerId,
+        record: &IdempotencyRecord,
+        name: &str,
+    ) -> Result<ferry::store::Customer, StoreError> {
+        let render = |_: &ferry::store::Customer| StoredResponse {
+            status: 200,
+            headers: Vec::new(),
+            body: b"{}".to_vec(),
+        };
+        let ctx = WriteContext {
+            correlation_id: None,
+            idempotency: Some(IdempotencyCompletion {
+                scope: &record.scope,
+                key: &record.key,
+                claim: &record.claim,
+                render: &render,
+            }),
+        };
+        store
+            .update_customer(id, None, ctx, |current| {
+                Ok::<_, StoreError>(CustomerFields {
+                    name: Some(name.to_owned()),
+                    email: current.email.clone(),
+                    phone: current.phone.clone(),
+                    address: current.address.clone(),
+                    metadata: current.metadata.clone(),
+                })
+            })
+            .await
+    }
+    let refused = rename(&app.store, &id, &first, "First").await;
+    assert!(
+        matches!(refused, Err(StoreError::IdempotencyClaimLost)),
+        "{refused:?}"
+    );
+    let written = rename(&app.store, &id, &retry, "Retry")
+        .await
+        .expect("the retry writes");
+    assert_eq!(
+        (written.name.as_deref(), written.version),
+        (Some("Retry"), 2)
+    );
+    let events = app.store.outbox_events(id.as_str()).await.unwrap();
+    assert_eq!(events.len(), 2, "one create and one update: {events:?}");
+}
+
 on_both_backends!(
     same_key_same_request_replays_the_first_response,
     same_key_other_request_is_refused,
     key_in_flight_is_409,
     concurrent_requests_with_one_key_write_once,
     failed_request_releases_its_key,
+    a_write_whose_claim_was_taken_over_is_refused,
 );
