@@ -101,6 +101,15 @@ pub async fn receive(
     };
     let mut events = Vec::with_capacity(parsed.events.len());
     for event in parsed.events {
+        // An event ferry cannot key (its id deduplicates deliveries, its
+        // remote id finds the link) would be dropped as a duplicate of the
+        // first one, or applied to nothing: the connector is broken, and the
+        // sender keeps the event until it is fixed.
+        if let Some(problem) = unkeyable(&event.id, &event.remote_id) {
+            crate::metrics::webhook_verification(&name, "failed");
+            tracing::warn!(connector = %name, problem, "the connector produced an event ferry cannot key; the sender will retry");
+            return Err(ApiError::ConnectorFailed);
+        }
         let record = match event.record.as_deref().map(serde_json::from_str) {
             Some(Ok(mut value)) => {
                 replace_nul(&mut value);
@@ -231,4 +240,19 @@ fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 's
 /// Routes under `/webhooks`.
 pub fn router() -> Router<AppState> {
     Router::new().route("/webhooks/{connector}", post(receive))
+}
+
+/// The longest event or remote id ferry keeps.
+const MAX_ID_BYTES: usize = 255;
+
+/// Why a parsed event cannot be stored, if it cannot.
+fn unkeyable(event_id: &str, remote_id: &str) -> Option<&'static str> {
+    match (event_id, remote_id) {
+        ("", _) => Some("an event without an id"),
+        (_, "") => Some("an event without a remote id"),
+        (id, remote) if id.len() > MAX_ID_BYTES || remote.len() > MAX_ID_BYTES => {
+            Some("an event or remote id longer than 255 bytes")
+        }
+        _ => None,
+    }
 }

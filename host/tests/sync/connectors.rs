@@ -911,6 +911,26 @@ async fn a_push_queued_before_the_enable_waits_for_it(backend: Backend) {
     .await;
 }
 
+/// A connector that parses an event without an id: ferry cannot tell one
+/// such event from the next, so it refuses the delivery (503, the sender
+/// retries) instead of storing the first and acknowledging every later
+/// one as a duplicate.
+async fn an_event_without_an_id_is_refused(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let client = reqwest::Client::new();
+    for _ in 0..2 {
+        let (status, body) = recorder_webhook(&client, &app.base, "").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("connector_failed"), "{body}");
+    }
+    let (status, body) = recorder_webhook(&client, &app.base, "evt_with_an_id").await;
+    assert_eq!((status, body.as_str()), (200, "recorder 0.1.0"));
+    let stored = app.store.inbox_of_remote("recorder", "rec_").await.unwrap();
+    assert!(stored.is_empty(), "{stored:?}");
+}
+
 /// Waits until `base` answers recorder webhooks with `expected`; how long
 /// that took.
 async fn wait_served(client: &reqwest::Client, base: &str, expected: &str) -> Duration {
@@ -940,6 +960,11 @@ fn uuid() -> String {
 
 mod sqlite {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn event_without_an_id() {
+        an_event_without_an_id_is_refused(Backend::Sqlite).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn failed_load_keeps_changes() {
