@@ -326,8 +326,9 @@ pub(crate) const FORCE_PUSH_SQL: &str = "UPDATE sync_links SET pushed_hash = NUL
     updated_at = $5 \
     WHERE customer_id = $1 AND connector = $2 AND remote_id IS NOT NULL AND NOT remote_deleted";
 
-// Upserts a link for a change. A newer version re-opens a synced or
-// dead-lettered link; a link waiting in backoff keeps its schedule (its next
+// Upserts a link for a change. A newer version re-opens a synced link, and
+// a dead-lettered one when it is newer than the version that died (see
+// `intake_reopens`); a link waiting in backoff keeps its schedule (its next
 // attempt pushes the current state anyway). A change the link already holds
 // (the source connector's own link, written by the inbound apply) leaves
 // the row as it is: rewriting it would only move `updated_at`, at the cost
@@ -485,25 +486,46 @@ const INTAKE_QUEUED_POSTGRES: &str = concat!(
      SELECT (SELECT count(*) FROM taken), (SELECT count(*) FROM scheduled)"
 );
 
+/// Whether an intake of `excluded` re-opens the link: a synced link below
+/// the change's version, or a dead-lettered one for a newer change than the
+/// one that died (a bus message delivered again, which cluster mode does
+/// at least once, must not push a dead version again and dead-letter it a
+/// second time).
+macro_rules! intake_reopens {
+    () => {
+        "((sync_links.state = 'synced' AND excluded.wanted_version > sync_links.synced_version) \
+          OR (sync_links.state = 'dead' AND excluded.wanted_version > sync_links.wanted_version))"
+    };
+}
+
+use intake_reopens;
+
 macro_rules! intake_on_conflict {
     () => {
-        "ON CONFLICT (customer_id, connector) DO UPDATE SET \
-      state = CASE WHEN excluded.wanted_version > sync_links.synced_version \
-                    AND sync_links.state IN ('synced', 'dead') THEN 'pending' ELSE sync_links.state END, \
-      attempts = CASE WHEN excluded.wanted_version > sync_links.synced_version \
-                    AND sync_links.state IN ('synced', 'dead') THEN 0 ELSE sync_links.attempts END, \
-      next_attempt_at_ms = CASE WHEN excluded.wanted_version > sync_links.synced_version \
-                    AND sync_links.state IN ('synced', 'dead') THEN excluded.next_attempt_at_ms \
+        concat!(
+            "ON CONFLICT (customer_id, connector) DO UPDATE SET \
+      state = CASE WHEN ",
+            intake_reopens!(),
+            " THEN 'pending' ELSE sync_links.state END, \
+      attempts = CASE WHEN ",
+            intake_reopens!(),
+            " THEN 0 ELSE sync_links.attempts END, \
+      next_attempt_at_ms = CASE WHEN ",
+            intake_reopens!(),
+            " THEN excluded.next_attempt_at_ms \
                     ELSE sync_links.next_attempt_at_ms END, \
       wanted_version = CASE WHEN excluded.wanted_version > sync_links.wanted_version \
                     THEN excluded.wanted_version ELSE sync_links.wanted_version END, \
       correlation_id = CASE WHEN excluded.wanted_version >= sync_links.wanted_version \
                     THEN excluded.correlation_id ELSE sync_links.correlation_id END, \
       updated_at = excluded.updated_at \
-      WHERE (excluded.wanted_version > sync_links.synced_version AND sync_links.state IN ('synced', 'dead')) \
+      WHERE ",
+            intake_reopens!(),
+            " \
          OR excluded.wanted_version > sync_links.wanted_version \
          OR (excluded.wanted_version = sync_links.wanted_version \
              AND excluded.correlation_id IS DISTINCT FROM sync_links.correlation_id)"
+        )
     };
 }
 use intake_on_conflict;

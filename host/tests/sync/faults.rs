@@ -195,6 +195,62 @@ async fn server_errors_are_retried_until_delivered() {
     );
 }
 
+/// The bus delivers a change at least once (a publish retried after a lost
+/// acknowledgement, a consumer group that rewinds). A change delivered
+/// again after its push was dead-lettered leaves the link dead: the same
+/// version is not pushed again (nor dead-lettered twice). A person replays
+/// it, or a newer change re-opens the link.
+async fn a_change_delivered_again_leaves_its_dead_letter_alone(backend: Backend) {
+    let h = harness_on(backend, json!({})).await;
+    h.proxy.push(
+        Match::request("POST", "/v1/customers"),
+        Fault::stripe_error(400, "invalid_request_error", "Invalid email address"),
+    );
+    let customer = h.app.create(json!({"email": email("again")})).await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    h.app
+        .wait_link(&id, Duration::from_secs(10), |l| l["state"] == "dead")
+        .await;
+    let notice = ferry::store::ChangeNotice {
+        customer_id: id.clone(),
+        version: 1,
+        correlation_id: None,
+        outbox_id: None,
+        source_connector: None,
+    };
+    h.app
+        .store
+        .intake_changes(&[notice], &["stripe".to_owned()])
+        .await
+        .expect("intake");
+    h.app.sync.wake();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let link = h
+        .app
+        .wait_link(&id, Duration::from_secs(1), |l| !l.is_null())
+        .await;
+    assert_eq!(
+        (link["state"].as_str(), link["attempts"].as_i64()),
+        (Some("dead"), Some(1)),
+        "{link:#}"
+    );
+    assert_eq!(h.proxy.requests_to("POST", "/v1/customers").len(), 1);
+
+    // A newer change re-opens it.
+    h.app.patch(&id, json!({"name": "Newer"})).await;
+    h.app.wait_synced(&id, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_change_delivered_again_leaves_its_dead_letter_alone() {
+    a_change_delivered_again_leaves_its_dead_letter_alone(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_change_delivered_again_leaves_its_dead_letter_alone() {
+    a_change_delivered_again_leaves_its_dead_letter_alone(Backend::Postgres).await;
+}
+
 /// A permanent 400 dead-letters at once; replaying it after the cause is
 /// fixed delivers it. Exhausted retries dead-letter too, and a bulk replay
 /// by connector brings them back.
