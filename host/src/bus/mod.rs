@@ -96,8 +96,10 @@ async fn relay_round(engine: &SyncEngine) -> anyhow::Result<Round> {
 
 /// Cluster mode's safety net: a change the bus acknowledged but no consumer
 /// took within `after` (a broker that lost it, a consumer group stuck
-/// without partitions) is scheduled from the outbox directly. Normally this
-/// finds nothing; when it does, it says so.
+/// without partitions), or that the relay could not publish within `after`
+/// (the bus unreachable from the relaying replica, a topic gone), is
+/// scheduled from the outbox directly, a batch at a time until none is
+/// left. Normally this finds nothing; when it does, it says so.
 pub async fn run_redelivery(
     store: Store,
     engine: SyncEngine,
@@ -112,26 +114,34 @@ pub async fn run_redelivery(
         }
         let older_than =
             chrono::Utc::now() - chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
-        match store.unconsumed_outbox(older_than, RELAY_BATCH).await {
-            Ok(changes) if changes.is_empty() => {}
-            Ok(changes) => {
-                tracing::warn!(
-                    changes = changes.len(),
-                    after_ms = after.as_millis() as u64,
-                    "the bus did not deliver these changes in time; scheduling them from the outbox"
-                );
-                match engine.accept(&changes).await {
-                    Ok(_) => engine.wake(),
-                    Err(error) => tracing::warn!(
-                        error = format!("{:#}", anyhow::Error::from(error)),
-                        "redelivery failed"
-                    ),
+        // A full batch: more may wait behind it (a stuck group under load).
+        let mut full = true;
+        while full && !cancel.is_cancelled() {
+            full = false;
+            match store.unconsumed_outbox(older_than, RELAY_BATCH).await {
+                Ok(changes) if changes.is_empty() => {}
+                Ok(changes) => {
+                    tracing::warn!(
+                        changes = changes.len(),
+                        after_ms = after.as_millis() as u64,
+                        "the bus did not deliver these changes in time; scheduling them from the outbox"
+                    );
+                    match engine.accept(&changes).await {
+                        Ok(_) => {
+                            engine.wake();
+                            full = changes.len() >= RELAY_BATCH as usize;
+                        }
+                        Err(error) => tracing::warn!(
+                            error = format!("{:#}", anyhow::Error::from(error)),
+                            "redelivery failed"
+                        ),
+                    }
                 }
+                Err(error) => tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::from(error)),
+                    "looking for undelivered changes failed"
+                ),
             }
-            Err(error) => tracing::warn!(
-                error = format!("{:#}", anyhow::Error::from(error)),
-                "looking for undelivered changes failed"
-            ),
         }
     }
 }

@@ -101,8 +101,10 @@ impl Store {
         Ok(rows)
     }
 
-    /// The changes of outbox rows the bus published more than `older_than`
-    /// ago that no consumer has taken yet, oldest first.
+    /// The changes of outbox rows still queued that the bus published more
+    /// than `older_than` ago (no consumer took them), or that were written
+    /// that long ago and never published (the relay cannot reach the bus),
+    /// oldest first.
     pub async fn unconsumed_outbox(
         &self,
         older_than: chrono::DateTime<Utc>,
@@ -113,7 +115,7 @@ impl Store {
                 "SELECT o.id AS outbox_id, o.aggregate_id AS customer_id, o.version, o.correlation_id, \
                  o.source_connector \
                  FROM outbox_queue q JOIN outbox o ON o.id = q.outbox_id \
-                 WHERE q.published_at < $1 ORDER BY q.outbox_id LIMIT $2",
+                 WHERE COALESCE(q.published_at, o.created_at) < $1 ORDER BY q.outbox_id LIMIT $2",
             )
             .bind(older_than)
             .bind(i64::from(limit))

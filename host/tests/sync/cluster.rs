@@ -177,3 +177,43 @@ async fn webhook_events_go_through_kafka_in_order() {
     );
     app.stop().await;
 }
+
+/// The relay cannot reach the bus (here: the broker is down): changes
+/// written meanwhile are not stranded on the outbox queue. Once they are
+/// older than `bus_redelivery_after`, the safety net schedules them from
+/// the outbox directly, and they reach Stripe with no broker at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_the_relay_cannot_publish_are_scheduled_from_the_outbox() {
+    let mut broker = Broker::start().expect("broker");
+    let stripe = LocalStripe::start().expect("localstripe");
+    let mut setup = Setup::new(Backend::Postgres, &stripe.url());
+    setup.kafka = Some(broker.bootstrap());
+    setup.extra = json!({"bus_redelivery_after": "2s"});
+    let app = spawn_sync_app(setup).await;
+    // Through the broker first: the relay and its topics are up.
+    let first = app
+        .create(json!({"name": "Online", "email": email("online")}))
+        .await;
+    app.wait_synced(first["id"].as_str().expect("id"), 1).await;
+    broker.stop();
+
+    let customer = app
+        .create(json!({"name": "Offline", "email": email("offline")}))
+        .await;
+    let id = customer["id"].as_str().expect("id");
+    let link = app
+        .wait_link(id, Duration::from_secs(30), |l| l["state"] == "synced")
+        .await;
+    let remote_id = link["remote_id"].as_str().expect("linked");
+    assert_eq!(
+        stripe_customer(&stripe.url(), remote_id)
+            .await
+            .expect("created")["name"],
+        "Offline"
+    );
+    let events = app.store.outbox_events(id).await.expect("outbox");
+    assert!(events.iter().all(|e| !e.queued), "{events:?}");
+
+    broker.start_again().expect("broker back");
+    app.stop().await;
+}
