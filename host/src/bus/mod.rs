@@ -251,6 +251,7 @@ pub async fn run_kafka_relay(
             inbox = topics.inbox,
             "this replica relays the outbox and the inbox to Kafka"
         );
+        let mut checked = tokio::time::Instant::now();
         loop {
             let rounds = async {
                 let changes = publish_round(&store, &producer, &topics.changes).await?;
@@ -259,10 +260,15 @@ pub async fn run_kafka_relay(
             };
             let wait = match rounds.await {
                 Ok(0) => RELAY_POLL,
-                Ok(moved) => {
+                // Busy: publish again at once, but still look at the
+                // leadership every LEADER_POLL, or a leader whose lock
+                // session died would relay beside the new one for as
+                // long as the writes keep coming.
+                Ok(moved) if checked.elapsed() < LEADER_POLL => {
                     tracing::debug!(moved, "outbox published");
                     continue;
                 }
+                Ok(_) => Duration::ZERO,
                 Err(error) => {
                     tracing::warn!(error = format!("{error:#}"), "publishing the outbox failed");
                     RELAY_BACKOFF
@@ -273,6 +279,7 @@ pub async fn run_kafka_relay(
                 () = commits.outbox.notified() => {}
                 () = tokio::time::sleep(wait) => {}
             }
+            checked = tokio::time::Instant::now();
             if !leadership.still_held().await {
                 tracing::warn!("lost the relay leadership (database session ended)");
                 break;
