@@ -522,8 +522,13 @@ async fn two_connectors_changes_of_one_customer_claimed_together(backend: Backen
     };
     let mut in_stripe = snapshot("stripe").await;
     in_stripe["phone"] = json!("+200");
+    // Salesforce's edit came after ferry's fan-out of Stripe's phone had
+    // reached it (its event time is the later one): its record has both.
+    // Were its phone still the old one, the apply's order would decide
+    // the phone (a remote change back, once the fan-out is its snapshot).
     let mut in_salesforce = snapshot("salesforce").await;
     in_salesforce["name"] = json!("Ada King");
+    in_salesforce["phone"] = json!("+200");
     let stored = store
         .store_inbox_many(&[
             (
