@@ -107,6 +107,15 @@ async fn conflicts(app: &SyncApp, query: &str) -> Vec<Value> {
     page["data"].as_array().cloned().unwrap_or_default()
 }
 
+/// `POST /api/v1/conflicts/{id}/resolve` with `body`: the status and answer.
+async fn resolve(app: &SyncApp, conflict: &Value, body: Value) -> (u16, Value) {
+    let path = format!(
+        "/api/v1/conflicts/{}/resolve",
+        conflict["id"].as_str().unwrap()
+    );
+    app.send(reqwest::Method::POST, &path, Some(body)).await
+}
+
 /// Waits for the first open conflict.
 async fn open_conflict(app: &SyncApp) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -203,18 +212,7 @@ async fn a_remote_edit_made_while_held_survives_the_resolution(backend: Backend)
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let path = format!(
-        "/api/v1/conflicts/{}/resolve",
-        conflict["id"].as_str().unwrap()
-    );
-    let (status, resolved) = h
-        .app
-        .send(
-            reqwest::Method::POST,
-            &path,
-            Some(json!({"resolution": "local"})),
-        )
-        .await;
+    let (status, resolved) = resolve(&h.app, &conflict, json!({"resolution": "local"})).await;
     assert_eq!(status, 200, "{resolved}");
     let settled = wait_customer(&h.app, &h.id, |c| c["phone"] == "+15550000009").await;
     assert_eq!(settled["name"], "Local Name", "{settled}");
@@ -288,31 +286,23 @@ async fn flagged_conflicts_hold_the_link_until_resolved() {
         "Remote Name"
     );
 
-    let path = format!(
-        "/api/v1/conflicts/{}/resolve",
-        conflict["id"].as_str().unwrap()
-    );
-    let (status, problem) = h
-        .app
-        .send(
-            reqwest::Method::POST,
-            &path,
-            Some(json!({"resolution": "fields", "fields": {"phone": "x"}})),
-        )
-        .await;
+    let (status, problem) = resolve(
+        &h.app,
+        &conflict,
+        json!({"resolution": "fields", "fields": {"phone": "x"}}),
+    )
+    .await;
     assert_eq!(
         (status, problem["code"].as_str()),
         (422, Some("validation_failed")),
         "{problem}"
     );
-    let (status, resolved) = h
-        .app
-        .send(
-            reqwest::Method::POST,
-            &path,
-            Some(json!({"resolution": "fields", "fields": {"name": "Agreed Name"}})),
-        )
-        .await;
+    let (status, resolved) = resolve(
+        &h.app,
+        &conflict,
+        json!({"resolution": "fields", "fields": {"name": "Agreed Name"}}),
+    )
+    .await;
     assert_eq!(status, 200, "{resolved}");
     assert_eq!(resolved["conflict"]["state"], "resolved");
     assert_eq!(resolved["customer"]["name"], "Agreed Name");
@@ -325,14 +315,7 @@ async fn flagged_conflicts_hold_the_link_until_resolved() {
         "Agreed Name",
         "sync resumed"
     );
-    let (status, problem) = h
-        .app
-        .send(
-            reqwest::Method::POST,
-            &path,
-            Some(json!({"resolution": "local"})),
-        )
-        .await;
+    let (status, problem) = resolve(&h.app, &conflict, json!({"resolution": "local"})).await;
     assert_eq!(
         (status, problem["code"].as_str()),
         (409, Some("conflict_not_open"))

@@ -93,6 +93,11 @@ async fn recorder_webhook(client: &reqwest::Client, base: &str, id: &str) -> (u1
 async fn install_recorder(app: &SyncApp, remote: &RecorderRemote) {
     let (status, version) = upload(app, recorder(), "").await;
     assert_eq!(status, 201, "{version}");
+    configure_recorder(app, remote).await;
+}
+
+/// Points the uploaded recorder at `remote`, which enables it.
+async fn configure_recorder(app: &SyncApp, remote: &RecorderRemote) {
     let (status, connector) = app
         .send(
             reqwest::Method::PUT,
@@ -891,14 +896,7 @@ async fn a_push_queued_before_the_enable_waits_for_it(backend: Backend) {
         "{link:#}"
     );
 
-    let (status, connector) = app
-        .send(
-            reqwest::Method::PUT,
-            "/api/v1/connectors/recorder/settings",
-            Some(json!({"settings": {"api_base": remote.url}})),
-        )
-        .await;
-    assert_eq!(status, 200, "{connector}");
+    configure_recorder(&app, &remote).await;
     remote
         .wait_for("the create", |log| {
             log.iter()
