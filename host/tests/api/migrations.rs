@@ -113,9 +113,22 @@ async fn an_outbox_waiting_at_upgrade_is_still_relayed(backend: Backend) {
     assert_eq!(unpublished[0].correlation_id.as_deref(), Some("req-1"));
     assert_eq!(unpublished[0].version, 1);
 
+    // The redelivery net's view: both rows still queued, the one published
+    // and not consumed, and the one never published (the relay could not
+    // reach the bus), each written five minutes ago.
     let unconsumed = store.unconsumed_outbox(Utc::now(), 10).await.unwrap();
     let customers: Vec<&str> = unconsumed.iter().map(|c| c.customer_id.as_str()).collect();
-    assert_eq!(customers, ["cus_published"], "{unconsumed:?}");
+    assert_eq!(
+        customers,
+        ["cus_waiting", "cus_published"],
+        "{unconsumed:?}"
+    );
+    let recent = Utc::now() - Duration::minutes(10);
+    assert!(store
+        .unconsumed_outbox(recent, 10)
+        .await
+        .unwrap()
+        .is_empty());
 
     for (customer, queued) in [
         ("cus_waiting", true),
