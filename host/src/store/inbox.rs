@@ -356,9 +356,12 @@ impl Store {
     }
 
     /// Claims up to `limit` due, free inbox events, oldest due first,
-    /// returned in arrival order. A `pending` event is only taken once it
-    /// has waited `grace_ms` (cluster mode: Kafka delivers fresh events in
-    /// order; this loop takes retries and what the bus did not deliver).
+    /// returned in arrival order. A fresh `pending` event is only taken once
+    /// it has waited `grace_ms` (cluster mode: Kafka delivers fresh events
+    /// in order; this loop takes retries and what the bus did not deliver).
+    /// One that was looked at already (`detail` says why it waits: a
+    /// conflict's hold, a connector not loaded; or a replayed dead letter)
+    /// is not on the bus again, and is taken as soon as it is due.
     ///
     /// The order is the `inbox_due` index's, `(next_attempt_at_ms, seq)`,
     /// so a claim reads its `limit` rows and stops; ordered by `seq` alone
@@ -387,7 +390,8 @@ impl Store {
             "UPDATE inbox SET lease_until_ms = $1, lease_token = $2 WHERE seq IN \
              (SELECT seq FROM inbox WHERE state IN ('pending', 'retry') \
              AND next_attempt_at_ms BETWEEN $6 AND $3 \
-             AND next_attempt_at_ms <= (CASE WHEN state = 'pending' THEN $3 - $5 ELSE $3 END) \
+             AND next_attempt_at_ms <= (CASE WHEN state = 'pending' AND detail IS NULL \
+                THEN $3 - $5 ELSE $3 END) \
              AND lease_until_ms < $3 ORDER BY next_attempt_at_ms, seq LIMIT $4{}) RETURNING {INBOX_COLUMNS}",
             if matches!(self.backend, Backend::Postgres(_)) {
                 " FOR UPDATE SKIP LOCKED"

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use ferry::store::conflicts::ListConflicts;
 use ferry::store::inbox::{
-    Applied, CustomerWrite, InboundChange, InboxEvent, LinkRead, NewConflict, NewInboxEvent,
-    RemoteChange,
+    Applied, CustomerWrite, InboundChange, InboxEvent, InboxFinish, LinkRead, NewConflict,
+    NewInboxEvent, RemoteChange,
 };
 use ferry::store::links::LinkWrite;
 use ferry::store::{
@@ -314,6 +314,47 @@ async fn postgres_each_change_gets_its_own_answer() {
 #[tokio::test]
 async fn sqlite_each_change_gets_its_own_answer() {
     each_change_gets_its_own_answer(false).await;
+}
+
+/// Cluster mode's grace: the inbox loop leaves a fresh event to the Kafka
+/// consumer for `grace_ms`, but takes at once one that was looked at
+/// already (deferred with a reason: a conflict's hold, a connector not
+/// loaded), which is not on the bus again. It used to wait the grace too,
+/// a minute by default, after every deferral.
+async fn a_deferred_event_skips_the_grace(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let deferred = claimed(&store, &["cus_deferred".to_owned()]).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let finish = InboxFinish::Deferred {
+        detail: "waiting: the link is held by open conflict cf_x",
+        at_ms: now - 1,
+    };
+    assert!(store
+        .finish_inbox(&deferred[0], finish)
+        .await
+        .expect("deferred"));
+    store
+        .store_inbox_many(&[("stripe", &[event("evt_fresh", "cus_fresh")], None)])
+        .await
+        .expect("stored");
+
+    let until = now + 60_000;
+    let taken = store
+        .claim_due_inbox("lease-b", until, 100, 60_000, i64::MIN)
+        .await
+        .expect("claimed");
+    let taken: Vec<&str> = taken.iter().map(|e| e.remote_id.as_str()).collect();
+    assert_eq!(taken, ["cus_deferred"], "the fresh one waits its grace");
+}
+
+#[tokio::test]
+async fn postgres_a_deferred_event_skips_the_grace() {
+    a_deferred_event_skips_the_grace(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_deferred_event_skips_the_grace() {
+    a_deferred_event_skips_the_grace(false).await;
 }
 
 /// The link of `remote_id` as a decision reads it.
