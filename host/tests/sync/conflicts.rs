@@ -116,6 +116,20 @@ async fn resolve(app: &SyncApp, conflict: &Value, body: Value) -> (u16, Value) {
     app.send(reqwest::Method::POST, &path, Some(body)).await
 }
 
+/// Waits until the customer is synced at `version`; asserts Stripe's name
+/// and phone then.
+async fn assert_stripe_has(h: &Harness, version: i64, name: &str, phone: &str) {
+    h.app.wait_synced(&h.id, version).await;
+    let remote = stripe_customer(&h.stripe.url(), &h.remote_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        (remote["name"].as_str(), remote["phone"].as_str()),
+        (Some(name), Some(phone)),
+        "{remote}"
+    );
+}
+
 /// Waits for the first open conflict.
 async fn open_conflict(app: &SyncApp) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -217,15 +231,7 @@ async fn a_remote_edit_made_while_held_survives_the_resolution(backend: Backend)
     let settled = wait_customer(&h.app, &h.id, |c| c["phone"] == "+15550000009").await;
     assert_eq!(settled["name"], "Local Name", "{settled}");
     let version = settled["version"].as_i64().unwrap();
-    h.app.wait_synced(&h.id, version).await;
-    let remote = stripe_customer(&h.stripe.url(), &h.remote_id)
-        .await
-        .unwrap();
-    assert_eq!(
-        (remote["name"].as_str(), remote["phone"].as_str()),
-        (Some("Local Name"), Some("+15550000009")),
-        "{remote}"
-    );
+    assert_stripe_has(&h, version, "Local Name", "+15550000009").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,14 +253,7 @@ async fn different_fields_changed_on_both_sides_merge() {
     // Back up: Stripe gets the merged record.
     h.proxy.set_down(false);
     let version = merged["version"].as_i64().unwrap();
-    h.app.wait_synced(&h.id, version).await;
-    let remote = stripe_customer(&h.stripe.url(), &h.remote_id)
-        .await
-        .unwrap();
-    assert_eq!(
-        (remote["name"].as_str(), remote["phone"].as_str()),
-        (Some("Remote Name"), Some("+15550000002"))
-    );
+    assert_stripe_has(&h, version, "Remote Name", "+15550000002").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
