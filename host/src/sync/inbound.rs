@@ -291,14 +291,12 @@ impl SyncEngine {
         {
             return Ok(None);
         }
-        let Some(newest) = waiting
-            .iter()
-            .filter_map(|e| Some((e, e.record.as_ref()?)))
-            .max_by_key(|(e, _)| (e.occurred_at_ms, e.seq))
-        else {
+        let Some(newest) = waiting.iter().max_by_key(|e| (e.occurred_at_ms, e.seq)) else {
             return Ok(None);
         };
-        let (newest, record) = newest;
+        let Some(record) = &newest.record else {
+            return Ok(None);
+        };
         let remote = canonical_record(&record.0);
         let merged = merge_owned(
             Sides {

@@ -130,6 +130,14 @@ async fn assert_stripe_has(h: &Harness, version: i64, name: &str, phone: &str) {
     );
 }
 
+/// With Stripe unreachable for pushes, the name is changed in ferry
+/// ("Local Name") and in Stripe's dashboard ("Remote Name"): a conflict.
+async fn name_edited_on_both_sides(h: &Harness) {
+    h.proxy.set_down(true);
+    h.app.patch(&h.id, json!({"name": "Local Name"})).await;
+    edit_in_stripe(&h.stripe.url(), &h.remote_id, "name", "Remote Name");
+}
+
 /// Waits for the first open conflict.
 async fn open_conflict(app: &SyncApp) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -152,9 +160,7 @@ async fn open_conflict(app: &SyncApp) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_customer_closes_its_conflicts() {
     let h = synced_customer("flag").await;
-    h.proxy.set_down(true);
-    h.app.patch(&h.id, json!({"name": "Local Name"})).await;
-    edit_in_stripe(&h.stripe.url(), &h.remote_id, "name", "Remote Name");
+    name_edited_on_both_sides(&h).await;
     let conflict = open_conflict(&h.app).await;
     h.proxy.set_down(false);
 
@@ -196,9 +202,7 @@ async fn a_remote_edit_made_while_held_survives_the_resolution_postgres() {
 /// push and was dropped.)
 async fn a_remote_edit_made_while_held_survives_the_resolution(backend: Backend) {
     let h = synced_customer_on(backend, "flag").await;
-    h.proxy.set_down(true);
-    h.app.patch(&h.id, json!({"name": "Local Name"})).await;
-    edit_in_stripe(&h.stripe.url(), &h.remote_id, "name", "Remote Name");
+    name_edited_on_both_sides(&h).await;
     let conflict = open_conflict(&h.app).await;
     h.proxy.set_down(false);
 
@@ -259,9 +263,7 @@ async fn different_fields_changed_on_both_sides_merge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flagged_conflicts_hold_the_link_until_resolved() {
     let h = synced_customer("flag").await;
-    h.proxy.set_down(true);
-    h.app.patch(&h.id, json!({"name": "Local Name"})).await;
-    edit_in_stripe(&h.stripe.url(), &h.remote_id, "name", "Remote Name");
+    name_edited_on_both_sides(&h).await;
 
     let conflict = open_conflict(&h.app).await;
     assert_eq!(conflict["customer_id"], h.id.as_str());
