@@ -144,6 +144,10 @@ fn describe() {
         "ferry_kafka_producer_errors_total",
         "Kafka publishes that failed"
     );
+    describe_counter!(
+        "ferry_kafka_consumer_restarts_total",
+        "Kafka consumers made again after a fatal error, by topic"
+    );
     describe_gauge!(
         "ferry_kafka_consumer_lag_messages",
         "Messages between this consumer's position and the partition's end"
@@ -195,6 +199,11 @@ pub fn webhook_verification(connector: &str, result: &'static str) {
 /// A Kafka publish failed.
 pub fn kafka_producer_error() {
     counter!("ferry_kafka_producer_errors_total").increment(1);
+}
+
+/// A Kafka consumer of `topic` stopped on a fatal error and is made again.
+pub fn kafka_consumer_restart(topic: &str) {
+    counter!("ferry_kafka_consumer_restarts_total", "topic" => topic.to_owned()).increment(1);
 }
 
 /// Kafka consumer lag of one partition, from librdkafka's statistics.

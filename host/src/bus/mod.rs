@@ -151,9 +151,21 @@ const LEADER_POLL: Duration = Duration::from_secs(2);
 /// Changes a consumer hands the sync engine at once.
 const CONSUME_BATCH: usize = 256;
 
-/// Cluster mode: creates the topics if missing (`{prefix}.changes` for the
-/// outbox, `{prefix}.inbox` for webhook events), then starts the relay, the
-/// two consumers and the redelivery safety net under `tasks`.
+/// Pause between two attempts to create the topics while the broker is
+/// away, and before a consumer that stopped on a fatal error is made again.
+const BUS_RETRY: Duration = Duration::from_secs(2);
+
+/// Cluster mode: starts the redelivery safety net at once, then, as soon as
+/// the topics exist (`{prefix}.changes` for the outbox, `{prefix}.inbox`
+/// for webhook events; created if missing), the relay and the two
+/// consumers, all under `tasks`.
+///
+/// A broker that cannot be reached does not keep the replica from serving:
+/// the topics are asked for again every [`BUS_RETRY`] until they exist,
+/// and meanwhile the outbox's changes reach their connectors through the
+/// redelivery net and the inbox's events through the inbox loops' grace
+/// (docs/deployment.md). `/readyz` says the bus is down. Only settings the
+/// clients refuse fail the start.
 pub async fn start_kafka(
     tasks: &tokio_util::task::TaskTracker,
     settings: &kafka::KafkaSettings,
@@ -167,33 +179,52 @@ pub async fn start_kafka(
         inbox: format!("{prefix}.inbox"),
     };
     let producer = kafka::KafkaProducer::new(settings)?;
-    producer
-        .ensure_topics(&[&topics.changes, &topics.inbox])
-        .await?;
-    let changes = kafka::KafkaConsumer::new(settings, &topics.changes)?;
-    let inbox = kafka::KafkaConsumer::new(settings, &topics.inbox)?;
-    tasks.spawn(run_kafka_relay(
-        state.store.clone(),
-        producer,
-        topics,
-        cancel.clone(),
-    ));
-    tasks.spawn(run_kafka_consumer(
-        changes,
-        state.sync.clone(),
-        cancel.clone(),
-    ));
-    tasks.spawn(run_inbox_consumer(
-        inbox,
-        state.sync.clone(),
-        cancel.clone(),
-    ));
     tasks.spawn(run_redelivery(
         state.store.clone(),
         state.sync.clone(),
         redelivery_after,
-        cancel,
+        cancel.clone(),
     ));
+    let store = state.store.clone();
+    let sync = state.sync.clone();
+    let settings = settings.clone();
+    let tracker = tasks.clone();
+    tasks.spawn(async move {
+        let names = [topics.changes.as_str(), topics.inbox.as_str()];
+        loop {
+            let created = tokio::select! {
+                () = cancel.cancelled() => return,
+                created = producer.ensure_topics(&names) => created,
+            };
+            match created {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::from(error)),
+                        retry_in_ms = BUS_RETRY.as_millis() as u64,
+                        "cannot create the bus's topics yet; changes go through the redelivery net meanwhile"
+                    );
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(BUS_RETRY) => {}
+                    }
+                }
+            }
+        }
+        tracker.spawn(run_kafka_consumer(
+            settings.clone(),
+            topics.changes.clone(),
+            sync.clone(),
+            cancel.clone(),
+        ));
+        tracker.spawn(run_inbox_consumer(
+            settings,
+            topics.inbox.clone(),
+            sync,
+            cancel.clone(),
+        ));
+        tracker.spawn(run_kafka_relay(store, producer, topics, cancel));
+    });
     Ok(())
 }
 
@@ -340,7 +371,8 @@ async fn publish_inbox_round(
 /// Cluster mode: applies the inbox events the bus delivers, in order per
 /// remote record; offsets are committed after they are applied.
 pub async fn run_inbox_consumer(
-    consumer: kafka::KafkaConsumer,
+    settings: kafka::KafkaSettings,
+    topic: String,
     engine: SyncEngine,
     cancel: CancellationToken,
 ) {
@@ -355,14 +387,13 @@ pub async fn run_inbox_consumer(
             Ok(())
         }
     };
-    if let Err(error) = consumer.run(cancel, CONSUME_BATCH, handler).await {
-        tracing::error!(error = format!("{error:#}"), "Kafka inbox consumer stopped");
-    }
+    consume(&settings, &topic, handler, &cancel).await;
 }
 
 /// Cluster mode: consumes changes in the replicas' group and pushes them.
 pub async fn run_kafka_consumer(
-    consumer: kafka::KafkaConsumer,
+    settings: kafka::KafkaSettings,
+    topic: String,
     engine: SyncEngine,
     cancel: CancellationToken,
 ) {
@@ -385,7 +416,44 @@ pub async fn run_kafka_consumer(
             Ok(())
         }
     };
-    if let Err(error) = consumer.run(cancel, CONSUME_BATCH, handler).await {
-        tracing::error!(error = format!("{error:#}"), "Kafka consumer stopped");
+    consume(&settings, &topic, handler, &cancel).await;
+}
+
+/// Runs a consumer of `topic` with `handler` until `cancel` fires. A
+/// consumer that stops on an error librdkafka cannot recover from is
+/// closed and made again after [`BUS_RETRY`]: it rejoins the group and
+/// reads on from the last committed offsets, so nothing is skipped.
+async fn consume<F, Fut>(
+    settings: &kafka::KafkaSettings,
+    topic: &str,
+    mut handler: F,
+    cancel: &CancellationToken,
+) where
+    F: FnMut(Vec<kafka::Message>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    while !cancel.is_cancelled() {
+        let stopped = match kafka::KafkaConsumer::new(settings, topic) {
+            Ok(consumer) => {
+                let result = consumer
+                    .run(cancel.clone(), CONSUME_BATCH, &mut handler)
+                    .await;
+                consumer.close().await;
+                result
+            }
+            Err(error) => Err(error),
+        };
+        let Err(error) = stopped else { return };
+        crate::metrics::kafka_consumer_restart(topic);
+        tracing::error!(
+            error = format!("{:#}", anyhow::Error::from(error)),
+            topic,
+            retry_in_ms = BUS_RETRY.as_millis() as u64,
+            "Kafka consumer stopped; starting a new one"
+        );
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(BUS_RETRY) => {}
+        }
     }
 }

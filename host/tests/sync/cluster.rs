@@ -217,3 +217,102 @@ async fn changes_the_relay_cannot_publish_are_scheduled_from_the_outbox() {
     broker.start_again().expect("broker back");
     app.stop().await;
 }
+
+/// A replica started while the broker is away serves at once: its changes
+/// reach Stripe through the redelivery net, and once the broker is back the
+/// topics are made and the relay publishes on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_while_the_broker_is_away_serves_and_joins_it_later() {
+    let mut broker = Broker::start().expect("broker");
+    broker.stop();
+    let stripe = LocalStripe::start().expect("localstripe");
+    let mut setup = Setup::new(Backend::Postgres, &stripe.url());
+    setup.kafka = Some(broker.bootstrap());
+    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+    setup.extra = json!({"bus_redelivery_after": "2s", "kafka_topic_prefix": prefix});
+    let app = spawn_sync_app(setup).await;
+
+    let offline = app
+        .create(json!({"name": "Offline", "email": email("away")}))
+        .await;
+    let id = offline["id"].as_str().expect("id");
+    let link = app
+        .wait_link(id, Duration::from_secs(30), |l| l["state"] == "synced")
+        .await;
+    let remote_id = link["remote_id"].as_str().expect("linked");
+    assert_eq!(
+        stripe_customer(&stripe.url(), remote_id)
+            .await
+            .expect("created")["name"],
+        "Offline"
+    );
+
+    broker.start_again().expect("broker back");
+    // The replica makes the topics once the broker answers; a change
+    // written after that goes through the relay.
+    wait_for_topic(&broker, &format!("{prefix}.changes")).await;
+    let online = app
+        .create(json!({"name": "Online", "email": email("back")}))
+        .await;
+    let online_id = online["id"].as_str().expect("id").to_owned();
+    app.wait_synced(&online_id, 1).await;
+    let keys = published_keys(&broker, &format!("{prefix}.changes"), &online_id).await;
+    assert!(keys.contains(&online_id), "{keys:?}");
+    app.stop().await;
+}
+
+/// Waits until `topic` exists on the broker, asking for its metadata only
+/// (never creating it).
+async fn wait_for_topic(broker: &Broker, topic: &str) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .expect("metadata client");
+    let topic = topic.to_owned();
+    let found =
+        tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while std::time::Instant::now() < deadline {
+                if let Ok(metadata) = client.fetch_metadata(Some(&topic), Duration::from_secs(2)) {
+                    if metadata.topics().iter().any(|t| {
+                        t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
+                    }) {
+                        return true;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            false
+        })
+        .await
+        .expect("metadata task");
+    assert!(found, "the replica never made its topics");
+}
+
+/// The keys on `topic` read from its start until `wanted` is among them
+/// (or 30 s have passed).
+async fn published_keys(broker: &Broker, topic: &str, wanted: &str) -> Vec<String> {
+    let settings = ferry::bus::kafka::KafkaSettings {
+        brokers: broker.bootstrap(),
+        group_id: format!("reader-{}", uuid::Uuid::new_v4().simple()),
+        client_id: "ferry-test-reader".to_owned(),
+        partitions: 3,
+        replication_factor: 1,
+    };
+    let consumer = ferry::bus::kafka::KafkaConsumer::new(&settings, topic).expect("reader");
+    let keys = std::sync::Mutex::new(Vec::new());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let run = consumer.run(cancel.clone(), 100, |batch| {
+        let mut keys = keys.lock().expect("keys");
+        keys.extend(batch.into_iter().map(|m| m.key));
+        if keys.iter().any(|k| k == wanted) {
+            cancel.cancel();
+        }
+        async { Ok(()) }
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(30), run).await;
+    consumer.close().await;
+    keys.into_inner().expect("keys")
+}
