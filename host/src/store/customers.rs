@@ -362,9 +362,21 @@ impl Committer for Creates {
         writes: &'a [NewCustomer],
     ) -> BoxFuture<'a, Result<Vec<()>, StoreError>> {
         Box::pin(async move {
-            match &self.0 {
-                Backend::Sqlite(pools) => create_each(&pools.writer, writes).await?,
-                Backend::Postgres(pool) => create_in_one_statement(pool, writes).await?,
+            let written = match &self.0 {
+                Backend::Sqlite(pools) => create_each(&pools.writer, writes).await,
+                Backend::Postgres(pool) => create_in_one_statement(pool, writes).await,
+            };
+            match written {
+                // Committed again alone after its group failed: the group's
+                // commit landed although its answer was lost, and wrote this
+                // create whole (customer, event, key) in its transaction.
+                Err(StoreError::CustomerIdExists) if writes.len() == 1 => {
+                    tracing::warn!(
+                        customer_id = writes[0].customer.id.as_str(),
+                        "a create's commit landed although its answer was lost"
+                    );
+                }
+                written => written?,
             }
             Ok(vec![(); writes.len()])
         })

@@ -138,6 +138,11 @@ pub enum StoreError {
     /// The remote record is already linked to another customer.
     #[error("the remote record is already linked to another customer")]
     RemoteIdTaken,
+    /// A new customer's id is taken. Ids are drawn at random for each
+    /// create, so only the same create committed before can hold it: a
+    /// commit that landed although its answer was lost.
+    #[error("a customer with this id exists already")]
+    CustomerIdExists,
     /// The write's idempotency key is no longer held by its request (it
     /// was released or taken over meanwhile): nothing was written.
     #[error("the idempotency key is no longer held by this request")]
@@ -159,10 +164,19 @@ pub enum StoreError {
 const IDEMPOTENCY_CLAIM_LOST: &str = "idempotency claim lost";
 
 impl StoreError {
-    /// Maps a unique violation (the only one a customer write can hit is the
-    /// live-email index) to [`StoreError::EmailTaken`].
+    /// Maps a unique violation to [`StoreError::CustomerIdExists`] when it
+    /// is the customers' key, and to [`StoreError::EmailTaken`] otherwise
+    /// (the only other one a customer write can hit is the live-email
+    /// index).
     fn from_customer_write(error: sqlx::Error) -> Self {
         match &error {
+            sqlx::Error::Database(db)
+                if db.is_unique_violation()
+                    && (db.constraint() == Some("customers_pkey")
+                        || db.message().contains("customers.id")) =>
+            {
+                Self::CustomerIdExists
+            }
             sqlx::Error::Database(db) if db.is_unique_violation() => Self::EmailTaken,
             sqlx::Error::Database(db) if db.message().contains(IDEMPOTENCY_CLAIM_LOST) => {
                 Self::IdempotencyClaimLost

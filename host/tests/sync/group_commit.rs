@@ -1515,3 +1515,44 @@ async fn postgres_the_relay_takes_the_oldest_changes_and_schedules_the_newest() 
 async fn sqlite_the_relay_takes_the_oldest_changes_and_schedules_the_newest() {
     the_relay_takes_the_oldest_changes_and_schedules_the_newest(false).await;
 }
+
+/// A group of creates whose statement commits but whose answer is lost
+/// (the connection drops after the commit) is committed again one create
+/// at a time; each create then finds its own row and is answered as
+/// written, once: one customer, one `created` event. Before, the id clash
+/// was taken for a taken email and the client told 409 `email_taken` about
+/// the customer it had just made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_answer_was_lost_is_answered_as_written() {
+    use ferry_test_support::pg_proxy::PgProxy;
+    let cluster = PgCluster::shared();
+    let proxy = PgProxy::start(cluster.port()).await.expect("proxy");
+    let url = cluster.create_database().await.expect("test database");
+    let store = open(&proxy.url(&url)).await;
+
+    let address = email("lost-answer");
+    proxy.lose_next_answer_to("INSERT INTO customers");
+    let customer = store
+        .create_customer(
+            fields(&address, "Lost"),
+            WriteContext {
+                correlation_id: None,
+                idempotency: None,
+            },
+        )
+        .await
+        .expect("answered as written");
+    assert_eq!(proxy.answers_lost(), 1, "the commit's answer was lost");
+
+    let direct = open(&url).await;
+    let stored = direct
+        .get_customer(&customer.id)
+        .await
+        .expect("the customer exists");
+    assert_eq!(stored.email, address);
+    let events = direct
+        .outbox_events(customer.id.as_str())
+        .await
+        .expect("outbox");
+    assert_eq!(events.len(), 1, "{events:?}");
+}

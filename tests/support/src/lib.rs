@@ -7,6 +7,7 @@ pub mod fake_salesforce;
 pub mod fault_proxy;
 pub mod kafka;
 pub mod localstripe;
+pub mod pg_proxy;
 pub mod postgres;
 pub mod wasm;
 
