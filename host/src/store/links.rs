@@ -661,12 +661,26 @@ macro_rules! record_in {
                     .await?
                 }
                 RecordedOutcome::DeadLettered { attempt, error, error_kind, .. } => {
-                    // A refused create was not applied: forget it, so a fixed
-                    // record is sent fresh. Exhausted retries may have been
-                    // applied (timeouts): keep replaying that create.
-                    let forget_pending = *error_kind != DeadLetterKind::RetriesExhausted;
+                    // A create the remote refused was not applied: forget
+                    // it, so a fixed record is sent fresh. Exhausted retries
+                    // may have been applied (timeouts), and refused
+                    // credentials say nothing about an earlier attempt that
+                    // timed out: keep replaying that create.
+                    let forget_pending = !matches!(
+                        error_kind,
+                        DeadLetterKind::RetriesExhausted | DeadLetterKind::Unauthorized
+                    );
+                    // A newer change that came in during the push is not
+                    // this failure's: the link stays open for it (intake
+                    // only re-opens a dead link for a version above its
+                    // wanted one, which this change already raised).
                     sqlx::query(
-                        "UPDATE sync_links SET state = 'dead', attempts = $1, last_error = $2, \
+                        "UPDATE sync_links SET \
+                         state = CASE WHEN wanted_version > $8 THEN 'pending' ELSE 'dead' END, \
+                         attempts = CASE WHEN wanted_version > $8 THEN 0 ELSE $1 END, \
+                         next_attempt_at_ms = CASE WHEN wanted_version > $8 THEN $9 \
+                           ELSE next_attempt_at_ms END, \
+                         last_error = $2, \
                          pending_version = CASE WHEN $7 THEN NULL ELSE pending_version END, \
                          pending_record = CASE WHEN $7 THEN NULL ELSE pending_record END, \
                          lease_until_ms = 0, lease_token = NULL, updated_at = $3 \
@@ -679,6 +693,8 @@ macro_rules! record_in {
                     .bind(&$link.connector)
                     .bind(&$link.lease_token)
                     .bind(forget_pending)
+                    .bind($link.wanted_version)
+                    .bind($at.timestamp_millis())
                     .execute(&mut *$tx)
                     .await?
                 }

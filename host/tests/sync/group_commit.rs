@@ -1556,3 +1556,74 @@ async fn a_create_whose_answer_was_lost_is_answered_as_written() {
         .expect("outbox");
     assert_eq!(events.len(), 1, "{events:?}");
 }
+
+/// A push given up while a newer change came in leaves the link open for
+/// that change: intake only raised the leased link's wanted version, and a
+/// dead link re-opens only above it, so a dead state would strand the
+/// newer version. A refusal of credentials on the replay of a create whose
+/// first attempt timed out keeps that create to replay: it says nothing
+/// about whether the first one was applied.
+async fn a_give_up_leaves_a_newer_change_to_push(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let links = claimed_links(&store, 2).await;
+    // Both pushes sent a create that timed out, and are being retried.
+    let marks: Vec<LinkWrite> = links
+        .iter()
+        .map(|link| LinkWrite::CreatePending {
+            version: link.wanted_version,
+            record: json!({ "id": link.customer_id }),
+        })
+        .collect();
+    let refs: Vec<(&SyncLink, &LinkWrite)> = links.iter().zip(&marks).collect();
+    assert_eq!(store.write_links(&refs).await.expect("marks"), [true, true]);
+    // The first customer is edited while its push is out.
+    let id = CustomerId::parse(&links[0].customer_id).expect("id");
+    let edited = rename(&store, &id, "Fixed").await;
+    store
+        .intake_changes(&[notice(&edited)], &["stripe".to_owned()])
+        .await
+        .expect("intake");
+
+    let give_up = |link: &SyncLink, error_kind| {
+        LinkWrite::Outcome(RecordedOutcome::DeadLettered {
+            version: link.wanted_version,
+            operation: Some("create"),
+            attempt: 2,
+            error_kind,
+            error: "remote answered 401".to_owned(),
+        })
+    };
+    let writes = [
+        give_up(&links[0], ferry::store::DeadLetterKind::Permanent),
+        give_up(&links[1], ferry::store::DeadLetterKind::Unauthorized),
+    ];
+    let refs: Vec<(&SyncLink, &LinkWrite)> = links.iter().zip(&writes).collect();
+    assert_eq!(
+        store.write_links(&refs).await.expect("written"),
+        [true, true]
+    );
+
+    let newer = store.links_of(&links[0].customer_id).await.expect("links")[0].clone();
+    assert_eq!(newer.state, LinkState::Pending, "v2 still to push");
+    assert_eq!(newer.wanted_version, edited.version);
+    assert_eq!(newer.attempts, 0);
+    assert_eq!(newer.pending_version, None, "a refused create is forgotten");
+    let refused = store.links_of(&links[1].customer_id).await.expect("links")[0].clone();
+    assert_eq!(refused.state, LinkState::Dead);
+    assert_eq!(
+        refused.pending_version,
+        Some(links[1].wanted_version),
+        "the create that timed out is still the one to replay"
+    );
+    assert!(refused.pending_record.is_some());
+}
+
+#[tokio::test]
+async fn postgres_a_give_up_leaves_a_newer_change_to_push() {
+    a_give_up_leaves_a_newer_change_to_push(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_give_up_leaves_a_newer_change_to_push() {
+    a_give_up_leaves_a_newer_change_to_push(false).await;
+}
