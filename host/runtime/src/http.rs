@@ -20,6 +20,7 @@ impl From<PolicyError> for HttpError {
         match e {
             PolicyError::Denied(m) => HttpError::Denied(m),
             PolicyError::Invalid(m) => HttpError::InvalidRequest(m),
+            PolicyError::Busy(m) => HttpError::Timeout(m),
         }
     }
 }
@@ -163,7 +164,7 @@ impl CallState {
 }
 
 fn budget_exhausted() -> PolicyError {
-    PolicyError::Denied(
+    PolicyError::Busy(
         "the connector's outbound request rate limit is exhausted before the call's deadline"
             .into(),
     )

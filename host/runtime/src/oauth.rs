@@ -106,7 +106,7 @@ impl CallState {
     /// the client's credentials filled in host-side.
     fn token_request(&self, grant: &ClientCredentials) -> Result<WireRequest, ConnectorError> {
         let url = self.check_url(&grant.token_url).map_err(|e| {
-            let (PolicyError::Denied(m) | PolicyError::Invalid(m)) = e;
+            let (PolicyError::Denied(m) | PolicyError::Invalid(m) | PolicyError::Busy(m)) = e;
             ConnectorError::Permanent(format!("token endpoint refused: {m}"))
         })?;
         let client_id = self.grant_secret(&grant.client_id_secret)?;
@@ -122,7 +122,7 @@ impl CallState {
         let body = serde_urlencoded::to_string(&form)
             .map_err(|e| ConnectorError::Permanent(format!("token request: {e}")))?;
         self.take_request_budget().map_err(|e| {
-            let (PolicyError::Denied(m) | PolicyError::Invalid(m)) = e;
+            let (PolicyError::Denied(m) | PolicyError::Invalid(m) | PolicyError::Busy(m)) = e;
             ConnectorError::RateLimited(RateLimit {
                 retry_after_ms: Some(1000),
                 message: m,

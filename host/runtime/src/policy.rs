@@ -18,6 +18,12 @@ pub(crate) enum PolicyError {
     Denied(String),
     /// `http-error.invalid-request`: the URL or a header is malformed.
     Invalid(String),
+    /// `http-error.timeout`: the connector's request rate limit has no
+    /// token left before the call's deadline. Passing: the same request
+    /// goes through later, so the guest must see it as retryable (an SDK
+    /// maps `denied` to a permanent failure, which would dead-letter a
+    /// change over ferry's own pacing).
+    Busy(String),
 }
 
 /// A host a connector may call: from the manifest's `hosts` (port `None`

@@ -498,3 +498,33 @@ async fn a_retry_for_one_customer_does_not_block_others() {
         })
         .await;
 }
+
+/// ferry's own pacing of a connector's requests is passing: a push whose
+/// next token comes after its call's deadline is retried, not dead-lettered
+/// as a refusal (the SDK takes `denied` for a request that will never be
+/// allowed). Twelve creates at once against 3 requests a second and a 2 s
+/// call timeout: some calls run out of budget, and every change still
+/// reaches Stripe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_over_ferrys_own_rate_limit_wait_their_turn() {
+    let h = harness(json!({"connector_requests_per_second": 3, "sync_max_attempts": 8})).await;
+    let creates = (0..12).map(|n| {
+        h.app
+            .create(json!({"email": email(&format!("paced{n}")), "name": "Paced"}))
+    });
+    let customers = futures::future::join_all(creates).await;
+    for customer in &customers {
+        h.app.wait_synced(customer["id"].as_str().unwrap(), 1).await;
+    }
+    let (status, letters) = h
+        .app
+        .send(
+            reqwest::Method::GET,
+            "/api/v1/dead-letters?connector=stripe",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(letters["data"], json!([]), "{letters}");
+    assert_eq!(h.proxy.requests_to("POST", "/v1/customers").len(), 12);
+}
