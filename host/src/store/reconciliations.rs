@@ -707,12 +707,18 @@ impl Store {
     /// Schedules a create of `customer_id`'s current `version` in
     /// `connector` under a new idempotency key: the customer has no live
     /// record there (never pushed, or the one its link names is gone, which
-    /// the link then forgets). A link another worker holds is left alone.
+    /// the link then forgets). A link another worker holds is left alone,
+    /// and so is one that has since got a live record other than `seen`
+    /// (the one the finding saw missing; `None` for none), or a create
+    /// whose outcome is unknown: recreating then would make a second
+    /// remote record for the customer (a push after an edit made since
+    /// the listing, a repair scheduled again after a crash).
     pub async fn recreate_remote(
         &self,
         customer_id: &str,
         connector: &str,
         version: i64,
+        seen: Option<&str>,
     ) -> Result<bool, StoreError> {
         let at = now();
         let updated = dispatch!(self, write pool => {
@@ -725,13 +731,16 @@ impl Store {
                  synced_version = 0, \
                  wanted_version = CASE WHEN sync_links.wanted_version < $3 THEN $3 ELSE sync_links.wanted_version END, \
                  state = 'pending', attempts = 0, next_attempt_at_ms = $4, updated_at = $5 \
-                 WHERE sync_links.lease_until_ms < $4",
+                 WHERE sync_links.lease_until_ms < $4 AND sync_links.pending_version IS NULL \
+                 AND (sync_links.remote_id IS NULL OR sync_links.remote_deleted \
+                      OR sync_links.remote_id = $6)",
             )
             .bind(customer_id)
             .bind(connector)
             .bind(version)
             .bind(at.timestamp_millis())
             .bind(at)
+            .bind(seen)
             .execute(pool)
             .await?
             .rows_affected()

@@ -177,8 +177,13 @@ enum Action {
     Event(Box<NewInboxEvent>),
     /// Push the customer's current version again (a new idempotency key).
     ForcePush(String),
-    /// Create the customer's record anew.
-    Recreate(String),
+    /// Create the customer's record anew, provided its link still names
+    /// no live record but the one the finding saw missing (`seen`: `None`
+    /// for a customer never linked).
+    Recreate {
+        customer: String,
+        seen: Option<String>,
+    },
 }
 
 impl SyncEngine {
@@ -807,15 +812,15 @@ impl SyncEngine {
         let store = &self.inner.store;
         let (customer, recreate) = match action {
             Action::Event(_) => return Ok(None),
-            Action::ForcePush(customer) => (customer, false),
-            Action::Recreate(customer) => (customer, true),
+            Action::ForcePush(customer) => (customer, None),
+            Action::Recreate { customer, seen } => (customer, Some(seen)),
         };
         let Some(current) = store.get_customer_any(&customer).await? else {
             return Ok(None);
         };
-        let scheduled = if recreate {
+        let scheduled = if let Some(seen) = &recreate {
             store
-                .recreate_remote(&customer, connector, current.version)
+                .recreate_remote(&customer, connector, current.version, seen.as_deref())
                 .await?
         } else {
             store
@@ -823,7 +828,7 @@ impl SyncEngine {
                 .await?
         };
         Ok(scheduled.then(|| {
-            let what = if recreate { "create" } else { "push" };
+            let what = if recreate.is_some() { "create" } else { "push" };
             format!("{what} of version {} scheduled", current.version)
         }))
     }
@@ -901,6 +906,10 @@ fn plan_repair(run: &RunRow, mode: Mode, repair: Repair, mismatch: &MismatchRow)
         })))
     };
     let customer = mismatch.customer_id.clone();
+    let recreate = |customer| Action::Recreate {
+        customer,
+        seen: mismatch.remote_id.clone(),
+    };
     match (kind, repair) {
         (_, Report) => None,
         (Kind::Different, PushLocal) => customer.map(Action::ForcePush),
@@ -921,11 +930,11 @@ fn plan_repair(run: &RunRow, mode: Mode, repair: Repair, mismatch: &MismatchRow)
         // The duplicate-email policy decides, as for a webhook.
         (Kind::Duplicate, PullRemote | Merge) => event(RemoteChange::Upsert, None),
         (Kind::Duplicate, PushLocal) => None,
-        (Kind::MissingRemote, PushLocal | Merge) => customer.map(Action::Recreate),
+        (Kind::MissingRemote, PushLocal | Merge) => customer.map(recreate),
         // pull_remote never deletes a customer the remote lacks.
         (Kind::MissingRemote, PullRemote) => None,
         (Kind::Orphan, _) if mode == Mode::Backfill => None,
-        (Kind::Orphan, PushLocal) => customer.map(Action::Recreate),
+        (Kind::Orphan, PushLocal) => customer.map(recreate),
         // The delete policy decides, as for a remote delete.
         (Kind::Orphan, PullRemote | Merge) => event(RemoteChange::Delete, None),
     }

@@ -1241,6 +1241,57 @@ async fn starting_a_run_checks_its_request(backend: Backend) {
     assert_eq!((status, &list["data"]), (200, &json!([])));
 }
 
+/// A customer missing in Stripe when it was listed, and pushed there since
+/// (an edit after the connector's enable): resolving the finding with
+/// `push_local` leaves the link's live record alone instead of making a
+/// second Stripe customer beside it.
+async fn a_repair_does_not_recreate_a_record_pushed_since(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let mut setup = Setup::new(backend, &url);
+    setup.stripe_url = None;
+    let app = spawn_sync_app(setup).await;
+    let address = email("since");
+    let customer = app.create(json!({"email": address, "name": "Early"})).await;
+    let id = customer["id"].as_str().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.store.outbox_events(id).await.unwrap()[0].queued {
+        assert!(tokio::time::Instant::now() < deadline, "never relayed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    configure_stripe(&app, &url).await;
+
+    let report = run_to_end(&app, json!({"connector": "stripe"})).await;
+    let run = report["id"].as_str().unwrap();
+    let missing = &findings(&app.base, run, Some("missing_remote")).await[0];
+    assert_eq!(missing["customer_id"], id, "{missing}");
+
+    // Edited after the enable: pushed, so Stripe now has the customer.
+    app.patch(id, json!({"name": "Edited"})).await;
+    app.wait_synced(id, 2).await;
+    assert_eq!(stripe_customers_by_email(&url, &address).await.len(), 1);
+
+    let path = format!(
+        "/api/v1/reconciliations/{run}/mismatches/{}/resolve",
+        missing["id"].as_str().unwrap()
+    );
+    let (status, resolved) = app
+        .send(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"action": "push_local"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{resolved}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.wait_synced(id, 2).await;
+    assert_eq!(
+        stripe_customers_by_email(&url, &address).await.len(),
+        1,
+        "one Stripe customer for one ferry customer"
+    );
+}
+
 mod sqlite {
     use super::*;
 
@@ -1293,6 +1344,11 @@ mod sqlite {
     async fn bad_requests() {
         starting_a_run_checks_its_request(Backend::Sqlite).await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_second_record() {
+        a_repair_does_not_recreate_a_record_pushed_since(Backend::Sqlite).await;
+    }
 }
 
 mod postgres {
@@ -1306,6 +1362,11 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn drift() {
         drift_is_found_reported_and_repaired(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_second_record() {
+        a_repair_does_not_recreate_a_record_pushed_since(Backend::Postgres).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
