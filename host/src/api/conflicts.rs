@@ -139,6 +139,22 @@ pub async fn get_conflict(
     Ok(Json(conflict))
 }
 
+/// A dotted field (`name`, `address.city`, `metadata.tier`) of
+/// `customer`'s canonical record, as the text a resolution's `fields` takes
+/// (`None` when empty).
+pub(crate) fn current_value(customer: &Customer, field: &str) -> Result<Option<String>, ApiError> {
+    let record = local_record(customer)?;
+    let value = match field.split_once('.') {
+        None => record.get(field),
+        Some((parent, child)) => record.get(parent).and_then(|p| p.get(child)),
+    };
+    Ok(match value {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(text)) => Some(text.clone()),
+        Some(other) => Some(other.to_string()),
+    })
+}
+
 /// Sets a dotted field (`name`, `address.city`, `metadata.tier`) of a
 /// canonical record.
 fn set_field(record: &mut serde_json::Value, field: &str, value: serde_json::Value) {

@@ -71,8 +71,12 @@ pub async fn sign_out(_form: CsrfForm) -> Response {
 
 /// `POST /console/conflicts/{id}/resolve`: `resolution` (`local`, `remote`
 /// or `fields`); for `fields`, `pick.FIELD` (`local`, `remote` or `value`)
-/// and `value.FIELD` per conflicting field. `local.FIELD`/`remote.FIELD`
-/// carry the values the page showed, so a pick means what was seen.
+/// and `value.FIELD` per conflicting field. `remote.FIELD` carries the
+/// value the page showed, so picking the remote means what was seen. A
+/// local pick keeps ferry's value as it is when the form is sent, as "Keep
+/// all of ferry's" does: the page's copy (`local.FIELD`) is what the
+/// conflict recorded, and a write made since the page was drawn must not
+/// be undone by it.
 pub async fn resolve_conflict(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -81,19 +85,29 @@ pub async fn resolve_conflict(
     let resolution = form.get("resolution").unwrap_or("fields");
     let mut request = json!({ "resolution": resolution });
     if resolution == "fields" {
+        let current = match current_customer(&state, &id, &form).await {
+            Ok(customer) => customer,
+            Err(error) => return problem(&form.session, error),
+        };
         let mut fields = BTreeMap::new();
         for (name, pick) in form
             .fields
             .iter()
             .filter_map(|(n, v)| Some((n.strip_prefix("pick.")?, v)))
         {
-            let source = match pick.as_str() {
-                "local" | "remote" | "value" => format!("{pick}.{name}"),
+            let value = match (pick.as_str(), &current) {
+                ("local", Some(customer)) => match conflicts::current_value(customer, name) {
+                    Ok(value) => value,
+                    Err(error) => return problem(&form.session, error),
+                },
+                ("local" | "remote" | "value", _) => form
+                    .get(&format!("{pick}.{name}"))
+                    // An empty value clears the field (null).
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_owned),
                 _ => continue,
             };
-            // An empty value clears the field (null).
-            let value = form.get(&source).filter(|v| !v.is_empty());
-            fields.insert(name.to_owned(), value.map(str::to_owned));
+            fields.insert(name.to_owned(), value);
         }
         request["fields"] = json!(fields);
     }
@@ -111,6 +125,34 @@ pub async fn resolve_conflict(
             "Conflict resolved; the merged record is being pushed.",
         ),
         Err(error) => problem(&form.session, error),
+    }
+}
+
+/// The customer of conflict `id` as it is now, when a local pick needs
+/// it; `None` when nothing is picked local or the conflict is not found
+/// (the API then answers for it).
+async fn current_customer(
+    state: &AppState,
+    id: &str,
+    form: &CsrfForm,
+) -> Result<Option<crate::store::Customer>, ApiError> {
+    let picks_local = form
+        .fields
+        .iter()
+        .any(|(name, pick)| name.starts_with("pick.") && pick == "local");
+    if !picks_local || !id.starts_with("cf_") {
+        return Ok(None);
+    }
+    let Some(conflict) = state.store.conflict(id).await? else {
+        return Ok(None);
+    };
+    let Some(customer_id) = crate::store::CustomerId::parse(&conflict.customer_id) else {
+        return Ok(None);
+    };
+    match state.store.get_customer(&customer_id).await {
+        Ok(customer) => Ok(Some(customer)),
+        Err(crate::store::StoreError::CustomerNotFound) => Ok(None),
+        Err(error) => Err(error.into()),
     }
 }
 

@@ -365,3 +365,77 @@ async fn policies_decide_same_field_conflicts_and_record_them() {
         );
     }
 }
+
+/// The console's "Resolve with these values" with ferry's side picked keeps
+/// ferry's value as it is when the form is sent: a local edit made while
+/// the page was open (a held link still takes local writes) is not undone
+/// by the copy the conflict recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_keeps_a_local_edit_made_while_the_conflict_was_open() {
+    let h = synced_customer("flag").await;
+    name_edited_on_both_sides(&h).await;
+    let conflict = open_conflict(&h.app).await;
+    h.proxy.set_down(false);
+    let fields = conflict["fields"].as_array().unwrap();
+    assert_eq!(fields[0]["local"], "Local Name", "{conflict}");
+    // The page is drawn now; the name changes in ferry before it is sent.
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let url = |path: &str| format!("{}{path}", h.app.base);
+    let signed_in = client
+        .post(url("/console/sign-in"))
+        .form(&[("next", "/console")])
+        .send()
+        .await
+        .unwrap();
+    let cookie = signed_in.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let id = conflict["id"].as_str().unwrap();
+    let page = client
+        .get(url(&format!("/console/conflicts/{id}")))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a csrf field")
+        .to_owned();
+    let newer = h.app.patch(&h.id, json!({"name": "Newer Local"})).await;
+
+    let sent = client
+        .post(url(&format!("/console/conflicts/{id}/resolve")))
+        .header("cookie", &cookie)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("resolution", "fields"),
+            ("pick.name", "local"),
+            ("local.name", "Local Name"),
+            ("remote.name", "Remote Name"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 303);
+    let location = sent.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.contains("notice="), "{location}");
+    let resolved = wait_customer(&h.app, &h.id, |c| {
+        c["version"].as_i64() > newer["version"].as_i64()
+    })
+    .await;
+    assert_eq!(resolved["name"], "Newer Local", "{resolved}");
+    let version = resolved["version"].as_i64().unwrap();
+    assert_stripe_has(&h, version, "Newer Local", "+15550000001").await;
+}
