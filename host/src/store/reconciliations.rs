@@ -893,21 +893,42 @@ impl Store {
         Ok(true)
     }
 
-    /// Links waiting to be pushed (for a run's back-pressure).
-    pub async fn push_backlog(&self) -> Result<i64, StoreError> {
+    /// Pushes due now to `connectors` (the ones that can push: a disabled
+    /// or unloaded connector's links wait however many there are, and
+    /// would hold a run's back-pressure for as long), for a run's
+    /// back-pressure.
+    pub async fn push_backlog(&self, connectors: &[String]) -> Result<i64, StoreError> {
+        if connectors.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!(
+            "SELECT COUNT(*) FROM sync_links WHERE state IN ('pending', 'retry') \
+             AND next_attempt_at_ms <= $1 AND connector IN ({})",
+            placeholders(2, connectors.len())
+        );
+        let due = now().timestamp_millis();
         Ok(dispatch!(self, read pool => {
-            sqlx::query_scalar("SELECT COUNT(*) FROM sync_links WHERE state IN ('pending', 'retry')")
-                .fetch_one(pool)
-                .await?
+            let mut query = sqlx::query_scalar(&sql).bind(due);
+            for connector in connectors {
+                query = query.bind(connector);
+            }
+            query.fetch_one(pool).await?
         }))
     }
 
-    /// Inbox events not yet applied (for a run's back-pressure).
+    /// Inbox events due now and not yet applied (for a run's
+    /// back-pressure; events held by a conflict or deferred for a
+    /// connector's load wait however many there are).
     pub async fn inbox_backlog(&self) -> Result<i64, StoreError> {
+        let due = now().timestamp_millis();
         Ok(dispatch!(self, read pool => {
-            sqlx::query_scalar("SELECT COUNT(*) FROM inbox WHERE state IN ('pending', 'retry')")
-                .fetch_one(pool)
-                .await?
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM inbox WHERE state IN ('pending', 'retry') \
+                 AND next_attempt_at_ms <= $1",
+            )
+            .bind(due)
+            .fetch_one(pool)
+            .await?
         }))
     }
 }

@@ -869,13 +869,29 @@ impl SyncEngine {
         Ok(Some(what))
     }
 
-    /// Waits while the inbox or the push queue holds more than [`BACKLOG`].
+    /// Waits while the inbox or the push queue holds more than [`BACKLOG`]
+    /// due now. Work that waits by itself (a disabled connector's pushes,
+    /// links in backoff, events held by a conflict) is not counted: the
+    /// run would wait on it for as long.
     async fn wait_for_backlog(&self, run: &RunRow, cancel: &CancellationToken) -> Result<(), Stop> {
         let mut renewed = Instant::now();
         loop {
             let store = &self.inner.store;
             let room = BACKLOG - i64::from(STEP);
-            if store.inbox_backlog().await? <= room && store.push_backlog().await? <= room {
+            let pushing: Vec<String> = self
+                .inner
+                .registry
+                .entries()
+                .iter()
+                .map(|entry| entry.name.clone())
+                .filter(|name| {
+                    self.inner
+                        .registry
+                        .ready(name, Need::Entity(ENTITY))
+                        .is_ok()
+                })
+                .collect();
+            if store.inbox_backlog().await? <= room && store.push_backlog(&pushing).await? <= room {
                 return Ok(());
             }
             pause(cancel, BACKLOG_POLL).await?;

@@ -1292,6 +1292,59 @@ async fn a_repair_does_not_recreate_a_record_pushed_since(backend: Backend) {
     );
 }
 
+/// A repairing run waits for the pushes that are due, not for work that
+/// waits by itself: 600 changes queued for Salesforce while it is
+/// switched off do not hold a Stripe run in its repair phase.
+async fn a_run_does_not_wait_for_another_connectors_paused_work(backend: Backend) {
+    use ferry::store::customers::WriteContext;
+    use ferry::store::CustomerFields;
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let mut setup = Setup::new(backend, &url);
+    setup.stripe_url = None;
+    setup.extra_connectors.push(ExtraConnector {
+        name: "salesforce".to_owned(),
+        component: salesforce_component(),
+        config: json!({
+            "enabled": false,
+            "settings": {"login_url": "http://127.0.0.1:9", "organization_id": "00D000000000001"},
+        }),
+    });
+    let app = spawn_sync_app(setup).await;
+    let mut last = String::new();
+    for n in 0..600 {
+        let fields = CustomerFields {
+            name: Some("Waiting".to_owned()),
+            email: email(&format!("paused{n}")),
+            phone: None,
+            address: None,
+            metadata: BTreeMap::new(),
+        };
+        let customer = app
+            .store
+            .create_customer(fields, WriteContext::default())
+            .await
+            .expect("customer");
+        last = customer.id.as_str().to_owned();
+    }
+    // Every change is queued for the switched-off Salesforce, and waits.
+    app.wait_link_of("salesforce", &last, Duration::from_secs(30), |l| {
+        l["state"] == "pending"
+    })
+    .await;
+    configure_stripe(&app, &url).await;
+
+    // pull_remote acts on none of the 600 `missing_remote` findings, but
+    // its repair phase still runs, behind the back-pressure.
+    let run = run_to_end(
+        &app,
+        json!({"connector": "stripe", "repair": "pull_remote"}),
+    )
+    .await;
+    assert_eq!(run["status"], "completed", "{run:#}");
+    expect_counts(&run, &[("missing_remote", 600)]);
+}
+
 mod sqlite {
     use super::*;
 
@@ -1349,6 +1402,11 @@ mod sqlite {
     async fn no_second_record() {
         a_repair_does_not_recreate_a_record_pushed_since(Backend::Sqlite).await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn paused_work_elsewhere() {
+        a_run_does_not_wait_for_another_connectors_paused_work(Backend::Sqlite).await;
+    }
 }
 
 mod postgres {
@@ -1367,6 +1425,11 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_second_record() {
         a_repair_does_not_recreate_a_record_pushed_since(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn paused_work_elsewhere() {
+        a_run_does_not_wait_for_another_connectors_paused_work(Backend::Postgres).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
