@@ -140,9 +140,12 @@ impl Breakers {
         }
     }
 
-    /// The remote asked for a pause (rate limited): stop calling until then.
+    /// The remote asked for a pause (rate limited): stop calling until then,
+    /// for at most the longest Retry-After honoured (24 h): a remote (or a
+    /// connector's arithmetic) asking for years neither stops the
+    /// connector for good nor overflows the clock.
     pub fn pause(&self, connector: &str, pause: Duration) {
-        let until = Instant::now() + pause;
+        let until = Instant::now() + pause.min(super::retry::MAX_RETRY_AFTER);
         self.with(connector, |state| {
             let failures = match *state {
                 State::Closed { failures }
@@ -211,6 +214,16 @@ mod tests {
         breakers.success("stripe");
         assert!(breakers.allow("stripe").is_ok());
         assert_eq!(breakers.view("stripe").state, "closed");
+    }
+
+    #[test]
+    fn a_pause_is_capped_at_a_day() {
+        let breakers = Breakers::new(5, Duration::from_secs(30));
+        breakers.pause("stripe", Duration::from_millis(u64::MAX));
+        let Err(Deferred(wait)) = breakers.allow("stripe") else {
+            panic!("paused")
+        };
+        assert!(wait <= Duration::from_secs(24 * 60 * 60), "{wait:?}");
     }
 
     #[test]

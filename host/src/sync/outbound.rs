@@ -38,7 +38,7 @@ fn deferred(after: Duration) -> (RecordedOutcome, Outcome) {
 }
 
 fn wait(after: Duration) -> RecordedOutcome {
-    let at_ms = now_ms() + i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+    let at_ms = now_ms().saturating_add(i64::try_from(after.as_millis()).unwrap_or(i64::MAX));
     RecordedOutcome::Deferred { at_ms }
 }
 
@@ -566,7 +566,7 @@ impl SyncEngine {
             );
         }
         let delay = policy.delay(u32::try_from(attempt).unwrap_or(u32::MAX), retry_after);
-        let at_ms = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        let at_ms = now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
         tracing::info!(
             attempt,
             delay_ms = delay.as_millis() as u64,

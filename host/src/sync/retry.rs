@@ -7,7 +7,7 @@ use rand::Rng;
 
 /// Longest Retry-After honoured; a remote asking for more is treated as if
 /// it asked for this (an operator will see the retries in the log).
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The retry schedule of failed pushes.
 #[derive(Debug, Clone, Copy)]

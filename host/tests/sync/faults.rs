@@ -171,6 +171,41 @@ async fn rate_limits_honour_retry_after() {
     );
 }
 
+/// A remote asking to be left alone for ever (a Retry-After of 584
+/// billion years) pauses the connector for a day at most, and ferry goes
+/// on serving: the push is scheduled a day later, and the breaker says
+/// when it opens again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_retry_after_is_capped_at_a_day() {
+    let h = harness(json!({})).await;
+    h.proxy.push(
+        Match::request("POST", "/v1/customers"),
+        Fault::rate_limited(u64::MAX / 1000),
+    );
+    let customer = h.app.create(json!({"email": email("forever")})).await;
+    let id = customer["id"].as_str().unwrap();
+    let link = h
+        .app
+        .wait_link(id, Duration::from_secs(15), |l| l["state"] == "retry")
+        .await;
+    let day = 24 * 60 * 60 * 1000;
+    let due_in =
+        link["next_attempt_at_ms"].as_i64().unwrap() - chrono::Utc::now().timestamp_millis();
+    assert!(
+        due_in > day - 60_000 && due_in <= day,
+        "due in {due_in} ms: {link}"
+    );
+    let (status, connector) = h
+        .app
+        .send(reqwest::Method::GET, "/api/v1/connectors/stripe", None)
+        .await;
+    assert_eq!(status, 200);
+    let retry_in = connector["breaker"]["retry_in_ms"].as_i64().unwrap();
+    assert!(retry_in > day - 60_000 && retry_in <= day, "{connector}");
+    // Still serving.
+    h.app.create(json!({"email": email("after-forever")})).await;
+}
+
 /// 500s then success: retried with backoff until delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_are_retried_until_delivered() {
