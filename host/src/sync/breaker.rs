@@ -107,6 +107,23 @@ impl Breakers {
         self.with(connector, |state| matches!(state, State::Closed { .. }))
     }
 
+    /// A call [`Breakers::allow`] let through was not made after all (its
+    /// lease ran short, its marker could not be written), or ended in an
+    /// answer that says nothing about the remote (the guest refused the
+    /// operation or the data; a 429 without a Retry-After). A probe it
+    /// carried is handed back at once, rather than holding every other
+    /// call until the probe's own cool-down.
+    pub fn unused(&self, connector: &str) {
+        self.with(connector, |state| {
+            if let State::HalfOpen { failures, .. } = *state {
+                *state = State::Open {
+                    until: Instant::now(),
+                    failures,
+                };
+            }
+        });
+    }
+
     /// The remote answered (successfully, or with an error that says it is up).
     pub fn success(&self, connector: &str) {
         self.with(connector, |state| *state = State::Closed { failures: 0 });
@@ -213,6 +230,21 @@ mod tests {
         assert!(breakers.allow("stripe").is_ok());
         breakers.success("stripe");
         assert!(breakers.allow("stripe").is_ok());
+        assert_eq!(breakers.view("stripe").state, "closed");
+    }
+
+    #[test]
+    fn a_probe_not_used_is_handed_back() {
+        let breakers = Breakers::new(1, Duration::from_millis(20));
+        breakers.failure("stripe");
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(breakers.allow("stripe").is_ok(), "the probe");
+        assert!(breakers.allow("stripe").is_err(), "one probe at a time");
+        breakers.unused("stripe");
+        assert!(breakers.allow("stripe").is_ok(), "the next call probes");
+        breakers.unused("stripe");
+        breakers.success("stripe");
+        breakers.unused("stripe");
         assert_eq!(breakers.view("stripe").state, "closed");
     }
 

@@ -377,17 +377,18 @@ impl SyncEngine {
             Ok(Err((reason, mark_synced))) => return skip(customer.version, &reason, mark_synced),
             Err(error) => return self.retry_later(link, None, None, store_error(error)),
         };
-        if let Err(wait) = inner.breakers.allow(&link.connector) {
-            return deferred(wait.0);
-        }
         // The claim may have waited for a push slot (a bus batch larger
         // than the permits, a slow remote). A push that could outlive the
         // lease might land after another worker, once the lease ended,
         // pushed a newer version over which it would write this older one:
-        // hand the link back for a fresh claim instead.
+        // hand the link back for a fresh claim instead. Before the breaker
+        // is asked, so a stale claim never takes the probe.
         let call_ms = i64::try_from(inner.call_timeout.as_millis()).unwrap_or(i64::MAX);
         if lease_until_ms.saturating_sub(now_ms()) <= call_ms {
             return deferred(Duration::ZERO);
+        }
+        if let Err(wait) = inner.breakers.allow(&link.connector) {
+            return deferred(wait.0);
         }
         if plan.operation == Operation::Create && link.pending_version != Some(plan.version) {
             // Durable before the request leaves: if we crash or time out,
@@ -404,12 +405,16 @@ impl SyncEngine {
             match marked {
                 Ok(true) => {}
                 Ok(false) => {
+                    inner.breakers.unused(&link.connector);
                     return (
                         RecordedOutcome::Deferred { at_ms: now_ms() },
                         Outcome::LeaseLost,
-                    )
+                    );
                 }
-                Err(error) => return self.retry_later(link, None, None, store_error(error)),
+                Err(error) => {
+                    inner.breakers.unused(&link.connector);
+                    return self.retry_later(link, None, None, store_error(error));
+                }
             }
         }
         let pushed_hash = hash(&plan.record);
@@ -494,8 +499,9 @@ impl SyncEngine {
         match error {
             CallError::Connector(ConnectorError::RateLimited(limit)) => {
                 let after = limit.retry_after_ms.map(Duration::from_millis);
-                if let Some(after) = after {
-                    breakers.pause(&link.connector, after);
+                match after {
+                    Some(after) => breakers.pause(&link.connector, after),
+                    None => breakers.unused(&link.connector),
                 }
                 self.retry_later(
                     link,
@@ -522,11 +528,15 @@ impl SyncEngine {
                     format!("unauthorized: {message}"),
                 )
             }
-            CallError::Connector(ConnectorError::Unsupported(message)) => dead(
-                DeadLetterKind::Unsupported,
-                format!("unsupported: {message}"),
-            ),
+            CallError::Connector(ConnectorError::Unsupported(message)) => {
+                breakers.unused(&link.connector);
+                dead(
+                    DeadLetterKind::Unsupported,
+                    format!("unsupported: {message}"),
+                )
+            }
             CallError::Connector(ConnectorError::InvalidSignature(message)) => {
+                breakers.unused(&link.connector);
                 dead(DeadLetterKind::Permanent, message)
             }
             CallError::Connector(ConnectorError::Retryable(message)) => {
