@@ -146,19 +146,6 @@ impl Store {
         let detail = format!("folded into the resolution of conflict {}", conflict.id);
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
-            let closed = sqlx::query(
-                "UPDATE conflicts SET state = 'resolved', resolution = $1, resolved_at = $2 \
-                 WHERE id = $3 AND state = 'open'",
-            )
-            .bind(resolution)
-            .bind(at)
-            .bind(&conflict.id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if closed != 1 {
-                return Ok(Resolved::NotOpen);
-            }
             let row: Option<CustomerRow> = sqlx::query_as(concat!(
                 "UPDATE customers SET name = $1, email = $2, phone = $3, address = $4, metadata = $5, ",
                 "version = version + 1, updated_at = $6 ",
@@ -175,6 +162,22 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await
             .map_err(StoreError::from_customer_write)?;
+            // The customer's row first, then its conflict's: the order a
+            // delete takes them in (customers.rs), so the two never wait
+            // on each other (a deadlock on PostgreSQL).
+            let closed = sqlx::query(
+                "UPDATE conflicts SET state = 'resolved', resolution = $1, resolved_at = $2 \
+                 WHERE id = $3 AND state = 'open'",
+            )
+            .bind(resolution)
+            .bind(at)
+            .bind(&conflict.id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if closed != 1 {
+                return Ok(Resolved::NotOpen);
+            }
             let Some(row) = row else {
                 return Ok(Resolved::Raced);
             };

@@ -1627,3 +1627,110 @@ async fn postgres_a_give_up_leaves_a_newer_change_to_push() {
 async fn sqlite_a_give_up_leaves_a_newer_change_to_push() {
     a_give_up_leaves_a_newer_change_to_push(false).await;
 }
+
+/// A conflict's resolution and the customer's delete, at the same moment on
+/// PostgreSQL: the resolution waits for the conflict's row (held here by a
+/// third transaction) before the delete comes and takes the customer's
+/// row and waits for the conflict's too. Had the resolution locked the
+/// conflict first and the customer second (the delete's order reversed),
+/// releasing the conflict would close a cycle and PostgreSQL would abort
+/// one side; both take the customer first, so the delete waits for the
+/// resolution and each gets its own answer.
+#[tokio::test]
+async fn postgres_a_resolution_and_a_delete_wait_rather_than_deadlock() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(true, dir.path()).await;
+    let store = open(&url).await;
+    let (customers, remote, reads) = two_linked(&store, "resolve_delete").await;
+    let events = claim_later(&store, &[("evt_flag".to_owned(), &remote[0])]).await;
+    let first = customers[0].clone();
+    let flagged = InboundChange {
+        conflict: Some(NewConflict {
+            policy: "flag".into(),
+            fields: json!([{"field": "name", "local": "First", "remote": "Other", "base": "First"}]),
+            open: true,
+        }),
+        link_read: Some(reads[0]),
+        ..change(&events[0], CustomerWrite::None, Some(&first.id))
+    };
+    let held = store.apply_inbound_many(&[flagged]).await.expect("applied");
+    assert!(matches!(held[0], Ok(Applied::Done(None))), "{held:?}");
+    let conflict = store
+        .conflicts(&ListConflicts {
+            customer_id: Some(first.id.as_str().to_owned()),
+            limit: 10,
+            ..ListConflicts::default()
+        })
+        .await
+        .expect("conflicts")
+        .remove(0);
+
+    let raw = sqlx::PgPool::connect(&url).await.expect("raw connection");
+    let mut holder = raw.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM conflicts WHERE id = $1 FOR UPDATE")
+        .bind(&conflict.id)
+        .execute(&mut *holder)
+        .await
+        .expect("conflict held");
+    let waiting = async |n: i64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let blocked: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&raw)
+            .await
+            .expect("activity");
+            if blocked >= n {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "never {n} waiting");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    let resolving = {
+        let (store, conflict, first) = (store.clone(), conflict.clone(), first.clone());
+        tokio::spawn(async move {
+            store
+                .resolve_conflict(
+                    &conflict,
+                    "local",
+                    &first.id,
+                    first.version,
+                    &first.fields(),
+                    None,
+                    None,
+                )
+                .await
+        })
+    };
+    waiting(1).await;
+    let deleting = {
+        let (store, id) = (store.clone(), first.id.clone());
+        tokio::spawn(async move {
+            store
+                .delete_customer(&id, None, WriteContext::default())
+                .await
+        })
+    };
+    waiting(2).await;
+    holder.rollback().await.expect("conflict released");
+
+    let resolved = resolving
+        .await
+        .expect("joined")
+        .expect("resolution answered");
+    assert!(
+        matches!(resolved, ferry::store::conflicts::Resolved::Done(_)),
+        "{resolved:?}"
+    );
+    let deleted = deleting.await.expect("joined").expect("delete answered");
+    assert_eq!(deleted.id, first.id);
+    let after = store
+        .conflict(&conflict.id)
+        .await
+        .expect("read")
+        .expect("kept");
+    assert_eq!(after.resolution.as_deref(), Some("local"));
+}
