@@ -170,6 +170,11 @@ pub enum ApiError {
     /// Missing or wrong bearer token.
     #[error("a valid bearer token is required")]
     Unauthorized,
+    /// Open mode (no admin token): a request named a host other than
+    /// loopback (DNS rebinding), or a browser sent a write from another
+    /// origin (cross-site request forgery).
+    #[error("{0}")]
+    CrossSiteRequest(String),
     /// No such route.
     #[error("no such resource")]
     NotFound,
@@ -220,6 +225,7 @@ impl ApiError {
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::IdempotencyKeyInFlight => StatusCode::CONFLICT,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::CrossSiteRequest(_) => StatusCode::FORBIDDEN,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -258,6 +264,7 @@ impl ApiError {
             Self::InvalidWebhook(_) => "invalid_webhook",
             Self::ConnectorFailed => "connector_failed",
             Self::Unauthorized => "unauthorized",
+            Self::CrossSiteRequest(_) => "cross_site_request",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Internal(_) => "internal",
@@ -296,6 +303,7 @@ impl ApiError {
             Self::InvalidWebhook(_) => "Invalid webhook",
             Self::ConnectorFailed => "Connector failed",
             Self::Unauthorized => "Unauthorized",
+            Self::CrossSiteRequest(_) => "Cross-site request refused",
             Self::NotFound => "Not found",
             Self::MethodNotAllowed => "Method not allowed",
             Self::Internal(_) => "Internal error",

@@ -109,6 +109,81 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
+/// Open mode (no admin token, loopback only): nothing but the address
+/// keeps a web page the operator visits from using the API, so a request
+/// must name a loopback host (a page on a rebound DNS name cannot read or
+/// write), and a write a browser sends must come from ferry's own origin
+/// (a page elsewhere cannot post a form to it). Webhooks are left alone:
+/// their signatures authenticate them, and a tunnel forwards them under
+/// its public host name.
+async fn same_origin_only(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::header;
+    use axum::response::IntoResponse;
+    if request.uri().path().starts_with("/webhooks/") {
+        return next.run(request).await;
+    }
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| request.uri().authority().map(|a| a.as_str().to_owned()));
+    if let Some(host) = &host {
+        if !is_loopback_host(host) {
+            return ApiError::CrossSiteRequest(format!(
+                "this ferry runs without an admin token and answers only requests to a loopback host, not `{host}`"
+            ))
+            .into_response();
+        }
+    }
+    let safe = matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    if !safe {
+        let origin = request
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok());
+        let fetch_site = request
+            .headers()
+            .get("sec-fetch-site")
+            .and_then(|s| s.to_str().ok());
+        let same_origin = match (origin, &host) {
+            (Some(origin), Some(host)) => origin
+                .split_once("://")
+                .is_some_and(|(_, authority)| authority.eq_ignore_ascii_case(host)),
+            (Some(_), None) => false,
+            // No Origin: not a browser's cross-origin write, unless the
+            // browser says so.
+            (None, _) => !matches!(fetch_site, Some("cross-site" | "same-site")),
+        };
+        if !same_origin {
+            return ApiError::CrossSiteRequest(
+                "a write from another origin is refused while this ferry runs without an admin token"
+                    .to_owned(),
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// `localhost`, `127.x.x.x` or `[::1]`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The whole HTTP surface with its middleware.
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.max_body_bytes;
@@ -134,6 +209,9 @@ pub fn router(state: AppState) -> Router {
         // Counted by route template; unmatched paths are not counted (a
         // client could otherwise mint a series per path).
         routes = routes.route_layer(axum::middleware::from_fn(crate::metrics::track_http));
+    }
+    if state.settings.admin_token.is_none() {
+        routes = routes.layer(axum::middleware::from_fn(same_origin_only));
     }
     routes
         .fallback(not_found)

@@ -192,7 +192,84 @@ async fn token_is_required_when_configured(backend: Backend) {
     assert_eq!(response.status(), 200);
 }
 
+/// Open mode (no admin token) answers only requests to a loopback host,
+/// and writes from its own origin: a page on a rebound DNS name cannot read
+/// the catalog, and a page elsewhere cannot post a form to the API. Tools
+/// (no Origin), ferry's own pages and webhooks go through.
+async fn open_mode_refuses_other_hosts_and_origins(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let port = app.base.rsplit(':').next().unwrap().to_owned();
+    let url = format!("{}/api/v1/customers", app.base);
+    let rebound = app
+        .client
+        .get(&url)
+        .header("host", format!("evil.example:{port}"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(rebound, 403, "cross_site_request").await;
+    let forged = app
+        .client
+        .post(&url)
+        .header("origin", "https://evil.example")
+        .json(&json!({"email": email("forged")}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(forged, 403, "cross_site_request").await;
+    let form = app
+        .client
+        .post(format!("{}/api/v1/dead-letters/replay", app.base))
+        .header("sec-fetch-site", "cross-site")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("connector=stripe")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(form, 403, "cross_site_request").await;
+    let other_port = app
+        .client
+        .post(&url)
+        .header("origin", "http://localhost:3000")
+        .json(&json!({"email": email("other-port")}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(other_port, 403, "cross_site_request").await;
+
+    let own = app
+        .client
+        .post(&url)
+        .header("origin", app.base.as_str())
+        .json(&json!({"email": email("own")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 201);
+    let local_name = app
+        .client
+        .get(&url)
+        .header("host", format!("localhost:{port}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(local_name.status(), 200);
+    app.create_ok(&json!({"email": email("tool")})).await;
+    // Webhooks come through tunnels under public names; their signatures
+    // decide (here: no such connector).
+    let webhook = app
+        .client
+        .post(format!("{}/webhooks/stripe", app.base))
+        .header("host", "abc.tunnel.example")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(webhook.status(), 403);
+}
+
 on_both_backends!(
+    open_mode_refuses_other_hosts_and_origins,
     malformed_json_is_400,
     wrong_shapes_are_422_naming_the_field,
     oversized_body_is_413,

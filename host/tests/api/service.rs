@@ -58,7 +58,7 @@ async fn shutdown_lets_an_in_flight_request_finish(backend: Backend) {
         .await
         .unwrap();
     let head = format!(
-        "POST /api/v1/customers HTTP/1.1\r\nhost: ferry\r\ncontent-type: application/json\r\n\
+        "POST /api/v1/customers HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n\
          content-length: {}\r\n\r\n",
         body.len()
     );
