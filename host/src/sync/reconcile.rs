@@ -758,6 +758,17 @@ impl SyncEngine {
         let mut after = run.cursor.clone();
         loop {
             self.renew(run).await?;
+            // Switched off by an operator: no repair is scheduled (an
+            // import, a merge or an orphan's delete would change customers
+            // while the connector is paused); the run waits with it.
+            if let Err(NotReady::Disabled) = self
+                .inner
+                .registry
+                .ready(&run.connector, Need::Entity(ENTITY))
+            {
+                self.wait(run, cancel, POLL).await?;
+                continue;
+            }
             self.wait_for_backlog(run, cancel).await?;
             let batch = store
                 .mismatches(&run.id, None, Some("open"), after.as_deref(), STEP)

@@ -1345,6 +1345,60 @@ async fn a_run_does_not_wait_for_another_connectors_paused_work(backend: Backend
     expect_counts(&run, &[("missing_remote", 600)]);
 }
 
+/// A connector switched off while its run lists waits with the run: the
+/// page in flight is still read and classified, but no repair is
+/// scheduled (no Stripe-only record imported) until it is switched on.
+async fn a_run_switched_off_mid_listing_repairs_nothing_until_on(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let address = email("paused-import");
+    stripe_create(&url, &[("email", &address), ("name", "Only In Stripe")]).await;
+    let proxy = FaultProxy::start(&url).await.expect("proxy");
+    proxy.push(
+        Match::request("GET", "/v1/customers"),
+        Fault::ForwardThenDelay(Duration::from_millis(1_200)),
+    );
+    let app = spawn_sync_app(Setup::new(backend, &proxy.url())).await;
+    let run = start_run(&app, json!({"connector": "stripe", "repair": "merge"})).await;
+    let id = run["id"].as_str().unwrap();
+    // The listing is on the wire; the operator switches Stripe off.
+    eventually("the listing started", || async {
+        !proxy.requests_to("GET", "/v1/customers").is_empty()
+    })
+    .await;
+    let (status, _) = app
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/connectors/stripe/disable",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    eventually("the run reached its repairs", || async {
+        let run = get_run(&app.base, id).await;
+        run["progress"]["phase"] == "repairing" || run["status"] != "running"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(get_run(&app.base, id).await["status"], "running");
+    assert!(
+        app.customer_by_email(&address).await.is_none(),
+        "imported while switched off"
+    );
+
+    let (status, _) = app
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/connectors/stripe/enable",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let run = wait_run(&app.base, id).await;
+    assert_eq!(run["status"], "completed", "{run:#}");
+    app.wait_customer_by_email(&address).await;
+}
+
 mod sqlite {
     use super::*;
 
@@ -1404,6 +1458,11 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn switched_off_mid_listing() {
+        a_run_switched_off_mid_listing_repairs_nothing_until_on(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn paused_work_elsewhere() {
         a_run_does_not_wait_for_another_connectors_paused_work(Backend::Sqlite).await;
     }
@@ -1425,6 +1484,11 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_second_record() {
         a_repair_does_not_recreate_a_record_pushed_since(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn switched_off_mid_listing() {
+        a_run_switched_off_mid_listing_repairs_nothing_until_on(Backend::Postgres).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
