@@ -469,10 +469,13 @@ const CLAIM_KEYS_POSTGRES: &str = claim_postgres!(
 // replicas take disjoint rows. The ids taken are an array, so the delete
 // finds them by the queue's key; as an `IN (…)` join it read the whole
 // queue, dead rows too, on every round (docs/performance.md, round 15).
+// Rows a Kafka relay already published are taken too: nothing publishes in
+// this mode, and a deployment that left the broker while its consumers
+// lagged would otherwise strand them.
 const INTAKE_QUEUED_POSTGRES: &str = concat!(
     "WITH taken AS (DELETE FROM outbox_queue q USING outbox o \
        WHERE o.id = q.outbox_id AND q.outbox_id = ANY(ARRAY(SELECT outbox_id FROM outbox_queue \
-         WHERE published_at IS NULL ORDER BY outbox_id LIMIT $1 FOR UPDATE SKIP LOCKED)) \
+         ORDER BY outbox_id LIMIT $1 FOR UPDATE SKIP LOCKED)) \
        RETURNING o.id, o.aggregate_id, o.version, o.correlation_id, o.source_connector), \
      newest AS (SELECT DISTINCT ON (aggregate_id) aggregate_id, version, correlation_id, source_connector \
        FROM taken ORDER BY aggregate_id, version DESC, id DESC), \

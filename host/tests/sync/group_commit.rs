@@ -1734,3 +1734,29 @@ async fn postgres_a_resolution_and_a_delete_wait_rather_than_deadlock() {
         .expect("kept");
     assert_eq!(after.resolution.as_deref(), Some("local"));
 }
+
+/// A deployment that leaves Kafka while its consumers lag: the outbox rows
+/// its relay published but no consumer took stay on the queue, marked
+/// published. The in-process bus takes them in all the same (nothing
+/// publishes in that mode); before, it skipped them for good.
+#[tokio::test]
+async fn postgres_changes_published_before_leaving_kafka_are_taken_in() {
+    let (store, _dir) = store(true).await;
+    let customer = store
+        .create_customer(fields(&email("left-kafka"), "Ada"), WriteContext::default())
+        .await
+        .expect("customer");
+    let queued = store.unpublished_outbox(10).await.expect("queue");
+    let ids: Vec<i64> = queued.iter().filter_map(|c| c.outbox_id).collect();
+    assert_eq!(ids.len(), 1);
+    store.mark_published(&ids).await.expect("published");
+
+    let intake = store
+        .intake_queued(10, &["stripe".to_owned()])
+        .await
+        .expect("intake");
+    assert_eq!((intake.taken, intake.scheduled), (1, true));
+    let links = store.links_of(customer.id.as_str()).await.expect("links");
+    assert_eq!(links.len(), 1);
+    assert_eq!(links[0].state, LinkState::Pending);
+}
