@@ -446,25 +446,35 @@ impl Store {
         Ok(())
     }
 
-    /// Ends a run: `completed`, `failed` or `aborted` (with the reason).
+    /// Ends a run: `completed`, `failed` or `aborted` (with the reason);
+    /// `false` when `run`'s lease no longer holds it.
     pub async fn finish_run(
         &self,
         run: &RunRow,
         status: &str,
         error: Option<&str>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let at = now();
         dispatch!(self, write pool => {
-            sqlx::query(
+            // Only under the lease that drove it: a driver that lost the
+            // run to another (its lease ran out while it waited) must not
+            // end it, nor delete what the new driver works from.
+            let ended = sqlx::query(
                 "UPDATE reconciliation_runs SET status = $2, phase = 'done', error = $3, \
-                 finished_at = $4, updated_at = $4, lease_until_ms = 0 WHERE id = $1 AND status = 'running'",
+                 finished_at = $4, updated_at = $4, lease_until_ms = 0 \
+                 WHERE id = $1 AND status = 'running' AND lease_token = $5",
             )
             .bind(&run.id)
             .bind(status)
             .bind(error)
             .bind(at)
+            .bind(&run.lease_token)
             .execute(pool)
-            .await?;
+            .await?
+            .rows_affected();
+            if ended != 1 {
+                return Ok(false);
+            }
             // What only a running run needs.
             sqlx::query("DELETE FROM reconciliation_seen WHERE run_id = $1")
                 .bind(&run.id)
@@ -475,7 +485,7 @@ impl Store {
                 .execute(pool)
                 .await?;
         });
-        Ok(())
+        Ok(true)
     }
 
     /// Unlinked records of a run with their email's count among them, in

@@ -283,7 +283,14 @@ impl SyncEngine {
             Ok(()) => Ok(()),
             Err(Stop::Failed(reason)) => {
                 tracing::warn!(reason, "reconciliation failed");
-                store.finish_run(&run, "failed", Some(&reason)).await
+                match store.finish_run(&run, "failed", Some(&reason)).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => {
+                        tracing::info!("reconciliation taken over before its failure was written");
+                        Ok(())
+                    }
+                    Err(error) => Err(error),
+                }
             }
             Err(Stop::LeaseLost) => {
                 tracing::info!("reconciliation taken over or ended elsewhere");
@@ -319,7 +326,9 @@ impl SyncEngine {
             let run = self.reload(&run).await?;
             if let Some(reason) = self.brake(&run, mode, repair, max_delete_share).await? {
                 tracing::warn!(reason, "reconciliation aborted by the mass-delete brake");
-                store.finish_run(&run, "aborted", Some(&reason)).await?;
+                if !store.finish_run(&run, "aborted", Some(&reason)).await? {
+                    return Err(Stop::LeaseLost);
+                }
                 return Ok(());
             }
             let next = if repair == Repair::Report {
@@ -336,7 +345,9 @@ impl SyncEngine {
             self.repair(&run, mode, repair, cancel).await?;
         }
         store.recount(&run.id).await?;
-        store.finish_run(&run, "completed", None).await?;
+        if !store.finish_run(&run, "completed", None).await? {
+            return Err(Stop::LeaseLost);
+        }
         tracing::info!("reconciliation completed");
         Ok(())
     }

@@ -1760,3 +1760,47 @@ async fn postgres_changes_published_before_leaving_kafka_are_taken_in() {
     assert_eq!(links.len(), 1);
     assert_eq!(links[0].state, LinkState::Pending);
 }
+
+/// A reconciliation driver that lost its run to another (its lease ran out
+/// while it waited) cannot end it: its late failure is refused, and the
+/// run stays with the driver that holds it.
+async fn only_the_lease_holder_ends_a_run(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let started = store
+        .start_run("stripe", "reconcile", "report", "api")
+        .await
+        .expect("started")
+        .expect("a run");
+    let now = chrono::Utc::now().timestamp_millis();
+    let first = store.claim_run("lease-a", now - 1).await.expect("claim");
+    let first = first.expect("claimed by a");
+    let second = store
+        .claim_run("lease-b", now + 60_000)
+        .await
+        .expect("claim")
+        .expect("taken over by b");
+    assert_eq!(second.id, started.id);
+
+    let late = store
+        .finish_run(&first, "failed", Some("a timed out"))
+        .await;
+    assert!(!late.expect("answered"), "the old driver's end is refused");
+    let run = store.run(&started.id).await.expect("read").expect("run");
+    assert_eq!(run.status, "running");
+    assert!(store
+        .finish_run(&second, "completed", None)
+        .await
+        .expect("answered"));
+    let run = store.run(&started.id).await.expect("read").expect("run");
+    assert_eq!(run.status, "completed");
+}
+
+#[tokio::test]
+async fn postgres_only_the_lease_holder_ends_a_run() {
+    only_the_lease_holder_ends_a_run(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_only_the_lease_holder_ends_a_run() {
+    only_the_lease_holder_ends_a_run(false).await;
+}
