@@ -62,6 +62,9 @@ pub struct DeadLetter {
     pub replayed_at: Option<DateTime<Utc>>,
 }
 
+/// Dead letters replayed in one transaction.
+const REPLAY_BATCH: u32 = 500;
+
 const DEAD_LETTER_COLUMNS: &str = "id, customer_id, connector, direction, version, error_kind, \
      error, attempts, correlation_id, created_at, replayed_at";
 
@@ -116,44 +119,103 @@ impl Store {
     }
 
     /// Replays open dead letters: marks them replayed and schedules their
-    /// links again with a fresh attempt budget. `ids` selects specific ones;
-    /// `connector` all of a connector's. Returns the replayed letters.
+    /// work again with a fresh attempt budget (an inbound letter's inbox
+    /// event, an outbound letter's link). `ids` selects specific ones;
+    /// `connector` all of a connector's, [`REPLAY_BATCH`] letters to a
+    /// transaction, so a replay after an outage does not hold the writer
+    /// (SQLite's one connection, PostgreSQL's row locks) for the whole
+    /// backlog. Returns the replayed letters.
     #[tracing::instrument(skip_all)]
     pub async fn replay_dead_letters(
         &self,
         ids: Option<&[String]>,
         connector: Option<&str>,
     ) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut replayed = Vec::new();
+        match ids {
+            Some(ids) => {
+                for chunk in ids.chunks(REPLAY_BATCH as usize) {
+                    let sql = format!(
+                        "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE replayed_at IS NULL \
+                         AND (CAST($1 AS TEXT) IS NULL OR connector = $1) AND id IN ({}) ORDER BY id",
+                        (2..chunk.len() + 2)
+                            .map(|i| format!("${i}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    replayed.extend(self.replay_batch(&sql, connector, chunk, None).await?);
+                }
+            }
+            None => {
+                let sql = format!(
+                    "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE replayed_at IS NULL \
+                     AND (CAST($1 AS TEXT) IS NULL OR connector = $1) \
+                     AND (CAST($2 AS TEXT) IS NULL OR id > $2) ORDER BY id LIMIT {REPLAY_BATCH}"
+                );
+                let mut after: Option<String> = None;
+                loop {
+                    let batch = self
+                        .replay_batch(&sql, connector, &[], Some(after.as_deref()))
+                        .await?;
+                    let Some(last) = batch.last() else { break };
+                    after = Some(last.id.clone());
+                    let full = batch.len() == REPLAY_BATCH as usize;
+                    replayed.extend(batch);
+                    if !full {
+                        break;
+                    }
+                }
+            }
+        }
+        if !replayed.is_empty() {
+            // Outbound letters are links due again, inbound ones inbox
+            // events due again.
+            self.committed_links();
+            self.committed_inbox();
+        }
+        Ok(replayed)
+    }
+
+    /// One transaction of [`Store::replay_dead_letters`]: the open letters
+    /// `select` finds (bound to `connector`, then `after` or `ids`).
+    async fn replay_batch(
+        &self,
+        select: &str,
+        connector: Option<&str>,
+        ids: &[String],
+        after: Option<Option<&str>>,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
         let at = now();
-        let select = format!(
-            "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE replayed_at IS NULL \
-             AND (CAST($1 AS TEXT) IS NULL OR connector = $1) ORDER BY id"
-        );
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
-            let open: Vec<DeadLetter> = sqlx::query_as(&select)
-                .bind(connector)
-                .fetch_all(&mut *tx)
-                .await?;
-            let chosen: Vec<DeadLetter> = open
-                .into_iter()
-                .filter(|letter| ids.is_none_or(|ids| ids.contains(&letter.id)))
-                .collect();
+            let mut query = sqlx::query_as(select).bind(connector);
+            if let Some(after) = after {
+                query = query.bind(after);
+            }
+            for id in ids {
+                query = query.bind(id);
+            }
+            let chosen: Vec<DeadLetter> = query.fetch_all(&mut *tx).await?;
             for letter in &chosen {
                 sqlx::query("UPDATE dead_letters SET replayed_at = $1 WHERE id = $2")
                     .bind(at)
                     .bind(&letter.id)
                     .execute(&mut *tx)
                     .await?;
-                // An inbound dead letter re-opens its inbox event.
-                sqlx::query(
-                    "UPDATE inbox SET state = 'pending', attempts = 0, next_attempt_at_ms = $1 \
-                     WHERE state = 'dead' AND seq = (SELECT inbox_seq FROM dead_letters WHERE id = $2)",
-                )
-                .bind(at.timestamp_millis())
-                .bind(&letter.id)
-                .execute(&mut *tx)
-                .await?;
+                if letter.direction == "inbound" {
+                    // An inbound dead letter re-opens its inbox event.
+                    sqlx::query(
+                        "UPDATE inbox SET state = 'pending', attempts = 0, next_attempt_at_ms = $1 \
+                         WHERE state = 'dead' AND seq = (SELECT inbox_seq FROM dead_letters WHERE id = $2)",
+                    )
+                    .bind(at.timestamp_millis())
+                    .bind(&letter.id)
+                    .execute(&mut *tx)
+                    .await?;
+                    continue;
+                }
+                // An outbound one re-opens its link (an inbound letter of
+                // the same customer says nothing about its pushes).
                 sqlx::query(
                     "UPDATE sync_links SET state = 'pending', attempts = 0, next_attempt_at_ms = $1, \
                      updated_at = $2 WHERE customer_id = $3 AND connector = $4 AND state = 'dead'",
@@ -166,12 +228,6 @@ impl Store {
                 .await?;
             }
             tx.commit().await?;
-            if !chosen.is_empty() {
-                // Outbound letters are links due again, inbound ones inbox
-                // events due again.
-                self.committed_links();
-                self.committed_inbox();
-            }
             Ok(chosen)
         })
     }

@@ -1804,3 +1804,106 @@ async fn postgres_only_the_lease_holder_ends_a_run() {
 async fn sqlite_only_the_lease_holder_ends_a_run() {
     only_the_lease_holder_ends_a_run(false).await;
 }
+
+/// Replaying an inbound dead letter re-opens its inbox event and leaves the
+/// customer's dead push alone (that letter is still open, its cause maybe
+/// not fixed); a connector's replay takes every open letter, in batches.
+async fn a_replay_reopens_only_its_own_work(postgres: bool) {
+    use ferry::store::{DeadLetterKind, ListDeadLetters};
+    let (store, _dir) = store(postgres).await;
+    let (customers, remote, _reads) = two_linked(&store, &format!("replay_{postgres}")).await;
+    let first = &customers[0];
+    // An inbound event of the first customer's record is given up...
+    let events = claim_later(&store, &[(format!("evt_dead_{postgres}"), &remote[0])]).await;
+    let finish = InboxFinish::Dead {
+        error: "the record does not validate",
+        kind: DeadLetterKind::Permanent,
+    };
+    assert!(store.finish_inbox(&events[0], finish).await.expect("dead"));
+    // ...and so is a push of its next version.
+    let renamed = rename(&store, &first.id, "Renamed").await;
+    let keys = store
+        .intake_changes(&[notice(&renamed)], &["stripe".to_owned()])
+        .await
+        .expect("intake");
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let claimed = store
+        .claim_links(&keys, &[], "lease-dead", until)
+        .await
+        .expect("claimed");
+    let link = &claimed[0].link;
+    let give_up = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
+        version: link.wanted_version,
+        operation: Some("update"),
+        attempt: 1,
+        error_kind: DeadLetterKind::Permanent,
+        error: "remote answered 400".to_owned(),
+    });
+    assert_eq!(
+        store
+            .write_links(&[(link, &give_up)])
+            .await
+            .expect("written"),
+        [true]
+    );
+    let letters = store
+        .dead_letters(&ListDeadLetters {
+            limit: 10,
+            ..ListDeadLetters::default()
+        })
+        .await
+        .expect("letters");
+    let inbound = letters
+        .iter()
+        .find(|l| l.direction == "inbound")
+        .expect("inbound");
+    assert_eq!(inbound.customer_id, first.id.as_str());
+
+    let replayed = store
+        .replay_dead_letters(Some(std::slice::from_ref(&inbound.id)), None)
+        .await
+        .expect("replayed");
+    assert_eq!(replayed.len(), 1);
+    let link = store.links_of(first.id.as_str()).await.expect("links")[0].clone();
+    assert_eq!(
+        link.state,
+        LinkState::Dead,
+        "the push's letter is not replayed"
+    );
+
+    // A connector's replay: the outbound letter and 500 more, two batches.
+    let many = claimed_links(&store, 500).await;
+    let writes: Vec<LinkWrite> = many
+        .iter()
+        .map(|link| {
+            LinkWrite::Outcome(RecordedOutcome::DeadLettered {
+                version: link.wanted_version,
+                operation: Some("create"),
+                attempt: 1,
+                error_kind: DeadLetterKind::Permanent,
+                error: "remote answered 400".to_owned(),
+            })
+        })
+        .collect();
+    let refs: Vec<(&SyncLink, &LinkWrite)> = many.iter().zip(&writes).collect();
+    store.write_links(&refs).await.expect("written");
+    let all = store
+        .replay_dead_letters(None, Some("stripe"))
+        .await
+        .expect("replayed");
+    assert_eq!(all.len(), 501);
+    let link = store.links_of(first.id.as_str()).await.expect("links")[0].clone();
+    assert_eq!(link.state, LinkState::Pending);
+    let last = store.links_of(&many[499].customer_id).await.expect("links")[0].clone();
+    assert_eq!(last.state, LinkState::Pending);
+}
+
+#[tokio::test]
+async fn postgres_a_replay_reopens_only_its_own_work() {
+    a_replay_reopens_only_its_own_work(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_replay_reopens_only_its_own_work() {
+    a_replay_reopens_only_its_own_work(false).await;
+}
