@@ -68,6 +68,9 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Cluster mode: a Kafka client `/readyz` asks for the cluster's metadata.
     pub bus_probe: Option<Arc<crate::bus::kafka::KafkaProducer>>,
+    /// Cluster mode with workers: why the bus's topics are not there yet
+    /// (so its relay and consumers have not started); `None` once they are.
+    pub bus_topics: crate::bus::TopicsState,
 }
 
 /// A built, bound, not yet running ferry.
@@ -262,9 +265,14 @@ impl App {
             )),
             None => None,
         };
+        let bus_topics = crate::bus::TopicsState::default();
+        if kafka.is_some() && config.workers {
+            bus_topics.waiting("the bus's topics are not created yet");
+        }
         let state = AppState {
             metrics,
             bus_probe,
+            bus_topics,
             store,
             registry,
             settings: Arc::new(ApiSettings {
@@ -412,6 +420,7 @@ impl App {
                     crate::bus::KafkaParts {
                         store: &state.store,
                         sync: &state.sync,
+                        topics: &state.bus_topics,
                     },
                     self.redelivery_after,
                     self.cancel.clone(),

@@ -87,6 +87,13 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             },
         });
     }
+    if let Some(why) = state.bus_topics.missing() {
+        checks.push(Check {
+            name: "bus_topics".into(),
+            ok: false,
+            detail: why,
+        });
+    }
     for entry in state.registry.entries() {
         let switched_on = entry.effective.switch == Switch::Enabled;
         // A replica still serving an older version (the new one failed to

@@ -187,6 +187,7 @@ pub async fn start_kafka(
     ));
     let store = state.store.clone();
     let sync = state.sync.clone();
+    let topics_state = state.topics.clone();
     let settings = settings.clone();
     let tracker = tasks.clone();
     tasks.spawn(async move {
@@ -199,11 +200,13 @@ pub async fn start_kafka(
             match created {
                 Ok(()) => break,
                 Err(error) => {
+                    let error = format!("{:#}", anyhow::Error::from(error));
                     tracing::warn!(
-                        error = format!("{:#}", anyhow::Error::from(error)),
+                        error,
                         retry_in_ms = BUS_RETRY.as_millis() as u64,
                         "cannot create the bus's topics yet; changes go through the redelivery net meanwhile"
                     );
+                    topics_state.waiting(&format!("creating the bus's topics failed: {error}"));
                     tokio::select! {
                         () = cancel.cancelled() => return,
                         () = tokio::time::sleep(BUS_RETRY) => {}
@@ -211,6 +214,7 @@ pub async fn start_kafka(
                 }
             }
         }
+        topics_state.created();
         tracker.spawn(run_kafka_consumer(
             settings.clone(),
             topics.changes.clone(),
@@ -234,6 +238,33 @@ pub struct KafkaParts<'a> {
     pub store: &'a Store,
     /// What consumed changes and events go to.
     pub sync: &'a SyncEngine,
+    /// Where `/readyz` learns whether the topics exist yet.
+    pub topics: &'a TopicsState,
+}
+
+/// Why the bus's topics are not there yet (`None`: they are, or this
+/// replica runs no bus workers), for `/readyz`: until they exist the relay
+/// and the consumers have not started, and a broker that refuses them for
+/// good (a replication factor above its broker count, an ACL) would
+/// otherwise leave the replica ready on the redelivery net alone.
+#[derive(Debug, Clone, Default)]
+pub struct TopicsState(Arc<std::sync::Mutex<Option<String>>>);
+
+impl TopicsState {
+    /// The topics are not there yet, because of `why`.
+    pub fn waiting(&self, why: &str) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_owned());
+    }
+
+    /// The topics exist.
+    fn created(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Why the topics are not there yet, if they are not.
+    pub fn missing(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// The topics of one deployment.

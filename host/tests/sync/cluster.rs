@@ -247,6 +247,11 @@ async fn a_replica_started_while_the_broker_is_away_serves_and_joins_it_later() 
         "Offline"
     );
 
+    // Not ready while its bus is away, and says why.
+    let (status, ready) = app.send(reqwest::Method::GET, "/readyz", None).await;
+    assert_eq!(status, 503, "{ready}");
+    assert!(ready.to_string().contains("bus_topics"), "{ready}");
+
     broker.start_again().expect("broker back");
     // The replica makes the topics once the broker answers; a change
     // written after that goes through the relay.
@@ -258,6 +263,9 @@ async fn a_replica_started_while_the_broker_is_away_serves_and_joins_it_later() 
     app.wait_synced(&online_id, 1).await;
     let keys = published_keys(&broker, &format!("{prefix}.changes"), &online_id).await;
     assert!(keys.contains(&online_id), "{keys:?}");
+    let (status, ready) = app.send(reqwest::Method::GET, "/readyz", None).await;
+    assert!(!ready.to_string().contains("bus_topics"), "{ready}");
+    assert_eq!(status, 200, "{ready}");
     app.stop().await;
 }
 
