@@ -376,10 +376,43 @@ impl Committer for Creates {
                         "a create's commit landed although its answer was lost"
                     );
                 }
+                // The same, for a create with an `Idempotency-Key` on
+                // PostgreSQL: its statement checks the key before it
+                // inserts, and the landed commit completed the key. Only
+                // that commit can have written the create's own id.
+                Err(StoreError::IdempotencyClaimLost)
+                    if writes.len() == 1 && self.exists(&writes[0].customer.id).await? =>
+                {
+                    tracing::warn!(
+                        customer_id = writes[0].customer.id.as_str(),
+                        "a create's commit landed although its answer was lost"
+                    );
+                }
                 written => written?,
             }
             Ok(vec![(); writes.len()])
         })
+    }
+}
+
+impl Creates {
+    /// Whether a customer with `id` was written (live or not).
+    async fn exists(&self, id: &CustomerId) -> Result<bool, StoreError> {
+        let found: Option<i32> = match &self.0 {
+            Backend::Sqlite(pools) => {
+                sqlx::query_scalar("SELECT 1 FROM customers WHERE id = $1")
+                    .bind(id.as_str())
+                    .fetch_optional(&pools.writer)
+                    .await?
+            }
+            Backend::Postgres(pool) => {
+                sqlx::query_scalar("SELECT 1 FROM customers WHERE id = $1")
+                    .bind(id.as_str())
+                    .fetch_optional(pool)
+                    .await?
+            }
+        };
+        Ok(found.is_some())
     }
 }
 

@@ -147,15 +147,36 @@ impl Store {
                 }
             }
             None => {
+                // The letters open now, not those a replayed push that
+                // fails again writes while the later batches run (ids grow
+                // with time).
+                let newest: Option<String> = dispatch!(self, read pool => {
+                    sqlx::query_scalar(
+                        "SELECT MAX(id) FROM dead_letters WHERE replayed_at IS NULL \
+                         AND (CAST($1 AS TEXT) IS NULL OR connector = $1)",
+                    )
+                    .bind(connector)
+                    .fetch_one(pool)
+                    .await?
+                });
+                let Some(newest) = newest else {
+                    return Ok(replayed);
+                };
                 let sql = format!(
                     "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE replayed_at IS NULL \
                      AND (CAST($1 AS TEXT) IS NULL OR connector = $1) \
-                     AND (CAST($2 AS TEXT) IS NULL OR id > $2) ORDER BY id LIMIT {REPLAY_BATCH}"
+                     AND (CAST($2 AS TEXT) IS NULL OR id > $2) AND id <= $3 \
+                     ORDER BY id LIMIT {REPLAY_BATCH}"
                 );
                 let mut after: Option<String> = None;
                 loop {
                     let batch = self
-                        .replay_batch(&sql, connector, &[], Some(after.as_deref()))
+                        .replay_batch(
+                            &sql,
+                            connector,
+                            std::slice::from_ref(&newest),
+                            Some(after.as_deref()),
+                        )
                         .await?;
                     let Some(last) = batch.last() else { break };
                     after = Some(last.id.clone());
@@ -167,17 +188,11 @@ impl Store {
                 }
             }
         }
-        if !replayed.is_empty() {
-            // Outbound letters are links due again, inbound ones inbox
-            // events due again.
-            self.committed_links();
-            self.committed_inbox();
-        }
         Ok(replayed)
     }
 
     /// One transaction of [`Store::replay_dead_letters`]: the open letters
-    /// `select` finds (bound to `connector`, then `after` or `ids`).
+    /// `select` finds (bound to `connector`, then `after`, then `ids`).
     async fn replay_batch(
         &self,
         select: &str,
@@ -228,6 +243,12 @@ impl Store {
                 .await?;
             }
             tx.commit().await?;
+            if !chosen.is_empty() {
+                // Outbound letters are links due again, inbound ones inbox
+                // events due again.
+                self.committed_links();
+                self.committed_inbox();
+            }
             Ok(chosen)
         })
     }

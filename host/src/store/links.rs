@@ -663,7 +663,7 @@ macro_rules! record_in {
                     .execute(&mut *$tx)
                     .await?
                 }
-                RecordedOutcome::DeadLettered { attempt, error, error_kind, .. } => {
+                RecordedOutcome::DeadLettered { version, attempt, error, error_kind, .. } => {
                     // A create the remote refused was not applied: forget
                     // it, so a fixed record is sent fresh. Exhausted retries
                     // may have been applied (timeouts), and refused
@@ -677,6 +677,10 @@ macro_rules! record_in {
                     // this failure's: the link stays open for it (intake
                     // only re-opens a dead link for a version above its
                     // wanted one, which this change already raised).
+                    // Newer than what was pushed, too: the push sends the
+                    // customer as the claim read it, which may already be
+                    // past the wanted version the claim saw.
+                    let failed = (*version).max($link.wanted_version);
                     sqlx::query(
                         "UPDATE sync_links SET \
                          state = CASE WHEN wanted_version > $8 THEN 'pending' ELSE 'dead' END, \
@@ -696,7 +700,7 @@ macro_rules! record_in {
                     .bind(&$link.connector)
                     .bind(&$link.lease_token)
                     .bind(forget_pending)
-                    .bind($link.wanted_version)
+                    .bind(failed)
                     .bind($at.timestamp_millis())
                     .execute(&mut *$tx)
                     .await?
@@ -854,7 +858,7 @@ impl Store {
         connectors: &[String],
     ) -> Result<Intake, StoreError> {
         let Backend::Postgres(pool) = &self.backend else {
-            let changes = self.unpublished_outbox(limit).await?;
+            let changes = self.queued_outbox(limit, true).await?;
             let scheduled =
                 !changes.is_empty() && !self.intake_changes(&changes, connectors).await?.is_empty();
             return Ok(Intake {

@@ -82,6 +82,18 @@ impl Store {
     /// reached which version, not the payload (consumers act on the
     /// customer's current state), so the payload is not read.
     pub async fn unpublished_outbox(&self, limit: u32) -> Result<Vec<ChangeNotice>, StoreError> {
+        self.queued_outbox(limit, false).await
+    }
+
+    /// The changes the oldest outbox rows still on the queue announce,
+    /// published or not (the in-process bus: nothing publishes in that
+    /// mode, and rows a Kafka relay published before the deployment left
+    /// its broker would otherwise stay on the queue).
+    pub(crate) async fn queued_outbox(
+        &self,
+        limit: u32,
+        published_too: bool,
+    ) -> Result<Vec<ChangeNotice>, StoreError> {
         // Planned for each call on PostgreSQL: the plan a connection kept
         // from an empty outbox scanned all of it (the store module's "Plans
         // kept from an empty table").
@@ -91,9 +103,10 @@ impl Store {
                 "SELECT o.id AS outbox_id, o.aggregate_id AS customer_id, o.version, o.correlation_id, \
                  o.source_connector \
                  FROM outbox_queue q JOIN outbox o ON o.id = q.outbox_id \
-                 WHERE q.published_at IS NULL ORDER BY q.outbox_id LIMIT $1",
+                 WHERE ($2 OR q.published_at IS NULL) ORDER BY q.outbox_id LIMIT $1",
             )
             .bind(i64::from(limit))
+            .bind(published_too)
             .persistent(persistent)
             .fetch_all(pool)
             .await?

@@ -455,7 +455,8 @@ impl SyncEngine {
                 Err(CallError::Connector(ConnectorError::RateLimited(limit))) => {
                     let wait = limit
                         .retry_after_ms
-                        .map_or(Duration::from_secs(1), Duration::from_millis);
+                        .map_or(Duration::from_secs(1), Duration::from_millis)
+                        .min(super::retry::MAX_RETRY_AFTER);
                     inner.breakers.pause(&run.connector, wait);
                     tracing::info!(
                         wait_ms = wait.as_millis() as u64,

@@ -1555,6 +1555,49 @@ async fn a_create_whose_answer_was_lost_is_answered_as_written() {
         .await
         .expect("outbox");
     assert_eq!(events.len(), 1, "{events:?}");
+
+    // The same with an `Idempotency-Key`: PostgreSQL's statement checks the
+    // key before it inserts, and finds it completed by the landed commit.
+    // (A new store: its connections prepare the statement afresh, so the
+    // proxy sees its text.)
+    let store = open(&proxy.url(&url)).await;
+    use ferry::store::idempotency::{
+        ClaimOutcome, IdempotencyCompletion, IdempotencyRecord, StoredResponse,
+    };
+    let record = IdempotencyRecord {
+        scope: "open".into(),
+        key: "lost-answer-key".into(),
+        fingerprint: "the-create".into(),
+        claim: "the-request".into(),
+    };
+    let claimed = store.claim_idempotency_key(&record, 3_600_000, 60_000);
+    assert_eq!(claimed.await.expect("claimed"), ClaimOutcome::Claimed);
+    let render = |_: &ferry::store::Customer| StoredResponse {
+        status: 201,
+        headers: Vec::new(),
+        body: b"{}".to_vec(),
+    };
+    proxy.lose_next_answer_to("INSERT INTO customers");
+    let keyed = store
+        .create_customer(
+            fields(&email("lost-keyed"), "Keyed"),
+            WriteContext {
+                correlation_id: None,
+                idempotency: Some(IdempotencyCompletion {
+                    scope: &record.scope,
+                    key: &record.key,
+                    claim: &record.claim,
+                    render: &render,
+                }),
+            },
+        )
+        .await
+        .expect("answered as written");
+    assert_eq!(proxy.answers_lost(), 2);
+    direct
+        .get_customer(&keyed.id)
+        .await
+        .expect("the keyed customer exists");
 }
 
 /// A push given up while a newer change came in leaves the link open for
@@ -1565,8 +1608,8 @@ async fn a_create_whose_answer_was_lost_is_answered_as_written() {
 /// about whether the first one was applied.
 async fn a_give_up_leaves_a_newer_change_to_push(postgres: bool) {
     let (store, _dir) = store(postgres).await;
-    let links = claimed_links(&store, 2).await;
-    // Both pushes sent a create that timed out, and are being retried.
+    let links = claimed_links(&store, 3).await;
+    // The pushes sent a create that timed out, and are being retried.
     let marks: Vec<LinkWrite> = links
         .iter()
         .map(|link| LinkWrite::CreatePending {
@@ -1575,7 +1618,10 @@ async fn a_give_up_leaves_a_newer_change_to_push(postgres: bool) {
         })
         .collect();
     let refs: Vec<(&SyncLink, &LinkWrite)> = links.iter().zip(&marks).collect();
-    assert_eq!(store.write_links(&refs).await.expect("marks"), [true, true]);
+    assert_eq!(
+        store.write_links(&refs).await.expect("marks"),
+        [true, true, true]
+    );
     // The first customer is edited while its push is out.
     let id = CustomerId::parse(&links[0].customer_id).expect("id");
     let edited = rename(&store, &id, "Fixed").await;
@@ -1593,14 +1639,37 @@ async fn a_give_up_leaves_a_newer_change_to_push(postgres: bool) {
             error: "remote answered 401".to_owned(),
         })
     };
+    // The third push already sent the edit (the claim read the customer
+    // after it), and the edit's intake came in during the push: the
+    // failure is the newest version's, and the link is dead.
+    let third = CustomerId::parse(&links[2].customer_id).expect("id");
+    let sent = rename(&store, &third, "Sent").await;
+    store
+        .intake_changes(&[notice(&sent)], &["stripe".to_owned()])
+        .await
+        .expect("intake");
+    let sent_failed = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
+        version: sent.version,
+        operation: Some("create"),
+        attempt: 2,
+        error_kind: ferry::store::DeadLetterKind::Permanent,
+        error: "remote answered 400".to_owned(),
+    });
     let writes = [
         give_up(&links[0], ferry::store::DeadLetterKind::Permanent),
         give_up(&links[1], ferry::store::DeadLetterKind::Unauthorized),
+        sent_failed,
     ];
     let refs: Vec<(&SyncLink, &LinkWrite)> = links.iter().zip(&writes).collect();
     assert_eq!(
         store.write_links(&refs).await.expect("written"),
-        [true, true]
+        [true, true, true]
+    );
+    let sent_link = store.links_of(&links[2].customer_id).await.expect("links")[0].clone();
+    assert_eq!(
+        sent_link.state,
+        LinkState::Dead,
+        "the newest version failed"
     );
 
     let newer = store.links_of(&links[0].customer_id).await.expect("links")[0].clone();
@@ -1739,9 +1808,8 @@ async fn postgres_a_resolution_and_a_delete_wait_rather_than_deadlock() {
 /// its relay published but no consumer took stay on the queue, marked
 /// published. The in-process bus takes them in all the same (nothing
 /// publishes in that mode); before, it skipped them for good.
-#[tokio::test]
-async fn postgres_changes_published_before_leaving_kafka_are_taken_in() {
-    let (store, _dir) = store(true).await;
+async fn changes_published_before_leaving_kafka_are_taken_in(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
     let customer = store
         .create_customer(fields(&email("left-kafka"), "Ada"), WriteContext::default())
         .await
@@ -1759,6 +1827,16 @@ async fn postgres_changes_published_before_leaving_kafka_are_taken_in() {
     let links = store.links_of(customer.id.as_str()).await.expect("links");
     assert_eq!(links.len(), 1);
     assert_eq!(links[0].state, LinkState::Pending);
+}
+
+#[tokio::test]
+async fn postgres_changes_published_before_leaving_kafka_are_taken_in() {
+    changes_published_before_leaving_kafka_are_taken_in(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_changes_published_before_leaving_kafka_are_taken_in() {
+    changes_published_before_leaving_kafka_are_taken_in(false).await;
 }
 
 /// A reconciliation driver that lost its run to another (its lease ran out
