@@ -30,6 +30,19 @@ async fn harness_on(backend: Backend, extra: Value) -> Harness {
     Harness { stripe, proxy, app }
 }
 
+/// `GET /api/v1/dead-letters?connector=stripe`, answered 200.
+async fn stripe_dead_letters(app: &SyncApp) -> Value {
+    let (status, letters) = app
+        .send(
+            reqwest::Method::GET,
+            "/api/v1/dead-letters?connector=stripe",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{letters}");
+    letters
+}
+
 fn outcomes(status: &Value) -> Vec<String> {
     status["history"]
         .as_array()
@@ -315,15 +328,7 @@ async fn permanent_errors_dead_letter_and_replay_delivers() {
         "no retry of a permanent error"
     );
 
-    let (status, letters) = h
-        .app
-        .send(
-            reqwest::Method::GET,
-            "/api/v1/dead-letters?connector=stripe",
-            None,
-        )
-        .await;
-    assert_eq!(status, 200);
+    let letters = stripe_dead_letters(&h.app).await;
     let letter = letters["data"]
         .as_array()
         .unwrap()
@@ -551,15 +556,7 @@ async fn pushes_over_ferrys_own_rate_limit_wait_their_turn() {
     for customer in &customers {
         h.app.wait_synced(customer["id"].as_str().unwrap(), 1).await;
     }
-    let (status, letters) = h
-        .app
-        .send(
-            reqwest::Method::GET,
-            "/api/v1/dead-letters?connector=stripe",
-            None,
-        )
-        .await;
-    assert_eq!(status, 200);
+    let letters = stripe_dead_letters(&h.app).await;
     assert_eq!(letters["data"], json!([]), "{letters}");
     assert_eq!(h.proxy.requests_to("POST", "/v1/customers").len(), 12);
 }

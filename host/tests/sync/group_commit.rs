@@ -775,23 +775,7 @@ async fn postgres_two_groups_of_shared_records_wait_rather_than_deadlock() {
         .execute(&mut *holder)
         .await
         .expect("customer one held");
-    let waiting = async |n: i64| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let blocked: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&raw)
-            .await
-            .expect("activity");
-            if blocked >= n {
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "never {n} waiting");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    };
+    let waiting = |n: i64| sessions_waiting_on_locks(&raw, n);
     let first_store = store.clone();
     let first = tokio::spawn(async move { first_store.apply_inbound_many(&first).await });
     waiting(1).await;
@@ -1741,23 +1725,7 @@ async fn postgres_a_resolution_and_a_delete_wait_rather_than_deadlock() {
         .execute(&mut *holder)
         .await
         .expect("conflict held");
-    let waiting = async |n: i64| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let blocked: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&raw)
-            .await
-            .expect("activity");
-            if blocked >= n {
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "never {n} waiting");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    };
+    let waiting = |n: i64| sessions_waiting_on_locks(&raw, n);
     let resolving = {
         let (store, conflict, first) = (store.clone(), conflict.clone(), first.clone());
         tokio::spawn(async move {
@@ -1984,4 +1952,23 @@ async fn postgres_a_replay_reopens_only_its_own_work() {
 #[tokio::test]
 async fn sqlite_a_replay_reopens_only_its_own_work() {
     a_replay_reopens_only_its_own_work(false).await;
+}
+
+/// Waits until `n` sessions of the database wait on a lock (10 s at most).
+async fn sessions_waiting_on_locks(raw: &sqlx::PgPool, n: i64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let blocked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(raw)
+        .await
+        .expect("activity");
+        if blocked >= n {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "never {n} waiting");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

@@ -450,14 +450,7 @@ async fn drift_is_found_reported_and_repaired(backend: Backend) {
         "/api/v1/reconciliations/{id}/mismatches/{}/resolve",
         renamed["id"].as_str().unwrap()
     );
-    let (status, resolved) = app
-        .send(
-            reqwest::Method::POST,
-            &path,
-            Some(json!({"action": "push_local"})),
-        )
-        .await;
-    assert_eq!(status, 200, "{resolved}");
+    let resolved = resolve_by_hand(&app, &id, renamed, "push_local").await;
     assert_eq!(resolved["state"], "resolved", "{resolved}");
     let (status, twice) = app
         .send(
@@ -1093,6 +1086,24 @@ async fn webhook_at(
     delivered.detail.clone().unwrap_or_default()
 }
 
+/// `POST …/mismatches/{id}/resolve` with `action`; asserts 200 and returns
+/// the finding as resolved.
+async fn resolve_by_hand(app: &SyncApp, run: &str, finding: &Value, action: &str) -> Value {
+    let path = format!(
+        "/api/v1/reconciliations/{run}/mismatches/{}/resolve",
+        finding["id"].as_str().unwrap()
+    );
+    let (status, resolved) = app
+        .send(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"action": action})),
+        )
+        .await;
+    assert_eq!(status, 200, "{resolved}");
+    resolved
+}
+
 /// Resolves finding `finding` of run `run` with `action`; waits until the
 /// repair's inbox event for `remote` is applied or skipped.
 async fn resolve_and_settle(app: &SyncApp, run: &str, finding: &Value, action: &str, remote: &str) {
@@ -1271,18 +1282,7 @@ async fn a_repair_does_not_recreate_a_record_pushed_since(backend: Backend) {
     app.wait_synced(id, 2).await;
     assert_eq!(stripe_customers_by_email(&url, &address).await.len(), 1);
 
-    let path = format!(
-        "/api/v1/reconciliations/{run}/mismatches/{}/resolve",
-        missing["id"].as_str().unwrap()
-    );
-    let (status, resolved) = app
-        .send(
-            reqwest::Method::POST,
-            &path,
-            Some(json!({"action": "push_local"})),
-        )
-        .await;
-    assert_eq!(status, 200, "{resolved}");
+    resolve_by_hand(&app, run, missing, "push_local").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     app.wait_synced(id, 2).await;
     assert_eq!(
