@@ -130,7 +130,7 @@ pub async fn receive(
                 ChangeKind::Delete => RemoteChange::Delete,
             },
             remote_id: event.remote_id,
-            occurred_at_ms: event.occurred_at_ms,
+            occurred_at_ms: not_after_now(event.occurred_at_ms),
             record,
             origin_key: event.origin_key,
             remote_type: event.remote_type,
@@ -255,4 +255,18 @@ fn unkeyable(event_id: &str, remote_id: &str) -> Option<&'static str> {
         }
         _ => None,
     }
+}
+
+/// How far ahead of ferry's clock an event's own time may be (the remote's
+/// clock may run a little ahead of this replica's). Small: until then the
+/// record's later events are taken for stale.
+const FUTURE_SKEW_MS: i64 = 1_000;
+
+/// An event's time, no later than now plus [`FUTURE_SKEW_MS`]. A record's
+/// newest applied change decides which later events are stale, so one
+/// event dated in the future (a remote's broken clock, or a sender whose
+/// messages carry their own time, like Salesforce's Outbound Messages)
+/// would freeze the record's inbound sync until that date.
+fn not_after_now(occurred_at_ms: i64) -> i64 {
+    occurred_at_ms.min(chrono::Utc::now().timestamp_millis() + FUTURE_SKEW_MS)
 }

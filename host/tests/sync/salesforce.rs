@@ -303,6 +303,66 @@ async fn outbound_message_is_acknowledged_applied_once_and_reaches_stripe() {
     }
 }
 
+/// An Outbound Message dated in the future (Salesforce's messages carry
+/// their own `LastModifiedDate`, which a forged or mangled message can set
+/// to anything) is taken as happening now, at most a second ahead: the
+/// record's next real change still applies, instead of being skipped as
+/// older than that date until it comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_dated_in_the_future_does_not_freeze_its_record() {
+    let rig = rig(Backend::Sqlite, FakeSalesforceConfig::default()).await;
+    let address = email("sf-future");
+    let contact_id = rig.salesforce.insert_record(
+        "Contact",
+        json!({"FirstName": "Ada", "LastName": "Early", "Email": address}),
+    );
+    let xml = rig.salesforce.outbound_message_xml(
+        rig.salesforce.org_id(),
+        "Contact",
+        &[("04l00000000FUTURE".to_owned(), contact_id.clone())],
+    );
+    let start = xml.find("<sf:LastModifiedDate>").expect("dated") + "<sf:LastModifiedDate>".len();
+    let end = start + xml[start..].find('<').expect("closed");
+    let future = format!("{}2099-01-01T00:00:00.000Z{}", &xml[..start], &xml[end..]);
+    let delivery = rig
+        .salesforce
+        .send_raw(&rig.webhook_url(), future)
+        .await
+        .expect("delivery");
+    assert!(delivery.acked, "{delivery:?}");
+    let customer = rig.app.wait_customer_by_email(&address).await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+
+    // A real change, two seconds later.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    rig.salesforce
+        .update_record("Contact", &contact_id, json!({"LastName": "Later"}));
+    rig.salesforce
+        .send_outbound_message(&rig.webhook_url(), "Contact", &[&contact_id])
+        .await
+        .expect("delivery");
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let now = rig.app.sync_status(&id).await;
+        let (_, current) = rig
+            .app
+            .send(
+                reqwest::Method::GET,
+                &format!("/api/v1/customers/{id}"),
+                None,
+            )
+            .await;
+        if current["name"] == "Ada Later" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the later change never applied: {current} {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A message from another org, or one that is not a SOAP notification, is
 /// refused with 400 and nothing is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,7 +375,7 @@ async fn foreign_or_malformed_outbound_messages_are_refused() {
     let foreign = rig.salesforce.outbound_message_xml(
         "00D000000000999EAA",
         "Contact",
-        &[("04l000000000001AAA".to_owned(), contact_id.clone())],
+        &[("04l00000000FUTURE".to_owned(), contact_id.clone())],
     );
     let refused = rig
         .salesforce
