@@ -150,7 +150,7 @@ fn plan(
         && customer.version > link.synced_version
         && link.pending_version == Some(customer.version);
     if let Some(pending) = link.pending_version.filter(|_| !current_create) {
-        if link.remote_id.is_none() {
+        if link.remote_id.is_none() || (link.remote_deleted && customer.deleted_at.is_none()) {
             if let Some(kept) = &link.pending_record {
                 return Ok(Ok(Plan {
                     operation: Operation::Create,
@@ -187,7 +187,9 @@ fn plan(
             false,
         )));
     }
-    if link.remote_id.is_none() {
+    // No record there, or the one the link names was deleted remotely and
+    // unlinked by the delete policy while the customer stays: create one.
+    if link.remote_id.is_none() || link.remote_deleted {
         return Ok(Ok(Plan {
             operation: Operation::Create,
             version: customer.version,

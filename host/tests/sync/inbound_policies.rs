@@ -100,6 +100,23 @@ async fn remote_deletes_follow_the_unlink_and_ignore_policies() {
             "{policy}: {link}"
         );
         assert_eq!(status["version"], 1, "{policy}: no local change");
+        if policy == "unlink" {
+            // The next local change creates a new Stripe record, as the
+            // policy promises (it used to update the deleted one: 404, a
+            // dead letter, every time).
+            app.patch(&id, json!({"name": "Back In Stripe"})).await;
+            let relinked = app
+                .wait_link(&id, Duration::from_secs(30), |l| {
+                    l["state"] == "synced" && l["remote_id"] != remote_id.as_str()
+                })
+                .await;
+            assert_eq!(relinked["remote_deleted"], false, "{relinked}");
+            let fresh = relinked["remote_id"].as_str().expect("a new record");
+            let in_stripe = crate::helpers::stripe_customer(&stripe.url(), fresh)
+                .await
+                .expect("created in Stripe");
+            assert_eq!(in_stripe["name"], "Back In Stripe", "{in_stripe}");
+        }
     }
 }
 
