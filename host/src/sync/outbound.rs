@@ -427,17 +427,25 @@ impl SyncEngine {
             remote_id: link.remote_id.clone(),
             version: u64::try_from(plan.version).unwrap_or_default(),
             idempotency_key: plan.key.clone(),
-            record: plan.record,
+            record: plan.record.clone(),
         };
         let operation = operation_name(plan.operation);
         tracing::debug!(operation, version = plan.version, "pushing");
         match connector.push(&config, request).await {
             Ok(result) => {
                 inner.breakers.success(&link.connector);
-                let snapshot = result
-                    .record
-                    .as_deref()
-                    .and_then(|r| serde_json::from_str(r).ok());
+                // The remote's state after the push is the next merge's
+                // base. A connector may leave the record out of its result
+                // (the contract allows it); what was pushed is then what the
+                // remote holds, and without a base the next remote event
+                // would take every differing field, local edits included.
+                let snapshot = match result.record.as_deref() {
+                    Some(record) => serde_json::from_str(record).ok(),
+                    None if plan.operation != Operation::Delete => {
+                        serde_json::from_str(&plan.record).ok()
+                    }
+                    None => None,
+                };
                 (
                     RecordedOutcome::Delivered {
                         operation,

@@ -956,8 +956,39 @@ fn uuid() -> String {
     )
 }
 
+/// A connector that leaves the record out of its push result (the recorder
+/// does; the contract allows it) still leaves the link a base for the next
+/// merge: what was pushed. Without one, the next remote event would take
+/// every field that differs, a local edit not yet pushed included.
+async fn a_push_without_a_returned_record_keeps_a_base(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let customer = app
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Based", "phone": "+15550000001"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    app.wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
+        l["state"] == "synced"
+    })
+    .await;
+    let links = app.store.links_of(&id).await.expect("links");
+    let link = links
+        .iter()
+        .find(|l| l.connector == "recorder")
+        .expect("recorder link");
+    let base = link.snapshot.as_ref().expect("a base for the next merge");
+    assert_eq!(base["name"], "Based", "{base}");
+    assert_eq!(base["phone"], "+15550000001", "{base}");
+}
+
 mod sqlite {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn push_keeps_a_base() {
+        a_push_without_a_returned_record_keeps_a_base(Backend::Sqlite).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn event_without_an_id() {
@@ -1002,6 +1033,11 @@ mod sqlite {
 
 mod postgres {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn push_keeps_a_base() {
+        a_push_without_a_returned_record_keeps_a_base(Backend::Postgres).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn failed_load_keeps_changes() {
