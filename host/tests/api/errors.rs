@@ -268,7 +268,32 @@ async fn open_mode_refuses_other_hosts_and_origins(backend: Backend) {
     assert_ne!(webhook.status(), 403);
 }
 
+/// Metadata fits Stripe with the key its connector adds: 49 keys at most,
+/// and `ferry_id` is the connector's.
+async fn metadata_leaves_room_for_the_connectors_key(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let keys = |n: usize| -> serde_json::Map<String, serde_json::Value> {
+        (0..n).map(|i| (format!("k{i}"), json!("v"))).collect()
+    };
+    let response = app
+        .create(&json!({"email": email("meta50"), "metadata": keys(50)}))
+        .await;
+    let problem = assert_problem(response, 422, "validation_failed").await;
+    assert_eq!(problem["errors"][0]["field"], "metadata", "{problem}");
+    let response = app
+        .create(&json!({"email": email("metaid"), "metadata": {"ferry_id": "mine"}}))
+        .await;
+    let problem = assert_problem(response, 422, "validation_failed").await;
+    assert_eq!(
+        problem["errors"][0]["field"], "metadata.ferry_id",
+        "{problem}"
+    );
+    app.create_ok(&json!({"email": email("meta49"), "metadata": keys(49)}))
+        .await;
+}
+
 on_both_backends!(
+    metadata_leaves_room_for_the_connectors_key,
     open_mode_refuses_other_hosts_and_origins,
     malformed_json_is_400,
     wrong_shapes_are_422_naming_the_field,

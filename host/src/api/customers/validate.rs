@@ -13,8 +13,13 @@ pub const MAX_EMAIL: usize = 254;
 pub const MAX_PHONE: usize = 40;
 /// Longest address line, in characters.
 pub const MAX_ADDRESS_LINE: usize = 200;
-/// Most metadata keys (Stripe's limits).
-pub const MAX_METADATA_KEYS: usize = 50;
+/// Most metadata keys: Stripe allows 50, and the Stripe connector adds
+/// [`RESERVED_METADATA_KEY`] to every customer it writes.
+pub const MAX_METADATA_KEYS: usize = 49;
+/// The metadata key the Stripe connector writes ferry's customer id under
+/// (and strips from what it reads back): a customer's own value there would
+/// be overwritten remotely and dropped on the way back.
+pub const RESERVED_METADATA_KEY: &str = "ferry_id";
 /// Longest metadata key, in characters.
 pub const MAX_METADATA_KEY: usize = 40;
 /// Longest metadata value, in characters.
@@ -133,6 +138,12 @@ pub fn validate(input: CustomerInput) -> Result<CustomerFields, ApiError> {
         errors.push(FieldError::new(
             "metadata",
             format!("at most {MAX_METADATA_KEYS} keys"),
+        ));
+    }
+    if metadata.contains_key(RESERVED_METADATA_KEY) {
+        errors.push(FieldError::new(
+            format!("metadata.{RESERVED_METADATA_KEY}"),
+            "reserved: connectors write ferry's customer id under this key",
         ));
     }
     for (key, value) in &metadata {
