@@ -257,10 +257,11 @@ fn unkeyable(event_id: &str, remote_id: &str) -> Option<&'static str> {
     }
 }
 
-/// How far ahead of ferry's clock an event's own time may be (the remote's
-/// clock may run a little ahead of this replica's). Small: until then the
-/// record's later events are taken for stale.
-const FUTURE_SKEW_MS: i64 = 1_000;
+/// How far ahead of ferry's clock an event's own time may be: the
+/// remote's clock may run ahead of this replica's, and clamping a true
+/// time would reorder the record's events. A date beyond it holds the
+/// record's later events (as stale) for this long at most.
+const FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
 
 /// An event's time, no later than now plus [`FUTURE_SKEW_MS`]. A record's
 /// newest applied change decides which later events are stale, so one
