@@ -138,12 +138,12 @@ impl Store {
                     let sql = format!(
                         "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE replayed_at IS NULL \
                          AND (CAST($1 AS TEXT) IS NULL OR connector = $1) AND id IN ({}) ORDER BY id",
-                        (2..chunk.len() + 2)
-                            .map(|i| format!("${i}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        super::placeholders(2, chunk.len())
                     );
-                    replayed.extend(self.replay_batch(&sql, connector, chunk, None).await?);
+                    let binds: Vec<Option<&str>> = std::iter::once(connector)
+                        .chain(chunk.iter().map(|id| Some(id.as_str())))
+                        .collect();
+                    replayed.extend(self.replay_batch(&sql, &binds).await?);
                 }
             }
             None => {
@@ -170,14 +170,8 @@ impl Store {
                 );
                 let mut after: Option<String> = None;
                 loop {
-                    let batch = self
-                        .replay_batch(
-                            &sql,
-                            connector,
-                            std::slice::from_ref(&newest),
-                            Some(after.as_deref()),
-                        )
-                        .await?;
+                    let binds = [connector, after.as_deref(), Some(newest.as_str())];
+                    let batch = self.replay_batch(&sql, &binds).await?;
                     let Some(last) = batch.last() else { break };
                     after = Some(last.id.clone());
                     let full = batch.len() == REPLAY_BATCH as usize;
@@ -192,23 +186,18 @@ impl Store {
     }
 
     /// One transaction of [`Store::replay_dead_letters`]: the open letters
-    /// `select` finds (bound to `connector`, then `after`, then `ids`).
+    /// `select` finds with `binds` as its parameters, in order.
     async fn replay_batch(
         &self,
         select: &str,
-        connector: Option<&str>,
-        ids: &[String],
-        after: Option<Option<&str>>,
+        binds: &[Option<&str>],
     ) -> Result<Vec<DeadLetter>, StoreError> {
         let at = now();
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
-            let mut query = sqlx::query_as(select).bind(connector);
-            if let Some(after) = after {
-                query = query.bind(after);
-            }
-            for id in ids {
-                query = query.bind(id);
+            let mut query = sqlx::query_as(select);
+            for bind in binds {
+                query = query.bind(*bind);
             }
             let chosen: Vec<DeadLetter> = query.fetch_all(&mut *tx).await?;
             for letter in &chosen {

@@ -10,7 +10,7 @@ use sqlx::types::Json;
 use super::customers::{columns, CustomerRow};
 use super::links::{link_columns, SyncLinkRow};
 use super::now_ms;
-use super::{dispatch, now, Customer, Store, StoreError, SyncLink};
+use super::{dispatch, now, placeholders, Customer, Store, StoreError, SyncLink};
 
 /// One `reconciliation_runs` row. The enumerations are stored as their
 /// `snake_case` names and typed by `crate::sync::reconcile`.
@@ -941,12 +941,4 @@ impl Store {
             .await?
         }))
     }
-}
-
-/// `$first, $first+1, ...`: `n` numbered placeholders.
-fn placeholders(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }

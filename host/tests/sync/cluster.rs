@@ -197,21 +197,8 @@ async fn changes_the_relay_cannot_publish_are_scheduled_from_the_outbox() {
     app.wait_synced(first["id"].as_str().expect("id"), 1).await;
     broker.stop();
 
-    let customer = app
-        .create(json!({"name": "Offline", "email": email("offline")}))
-        .await;
-    let id = customer["id"].as_str().expect("id");
-    let link = app
-        .wait_link(id, Duration::from_secs(30), |l| l["state"] == "synced")
-        .await;
-    let remote_id = link["remote_id"].as_str().expect("linked");
-    assert_eq!(
-        stripe_customer(&stripe.url(), remote_id)
-            .await
-            .expect("created")["name"],
-        "Offline"
-    );
-    let events = app.store.outbox_events(id).await.expect("outbox");
+    let id = reaches_stripe_without_the_bus(&app, &stripe, "offline").await;
+    let events = app.store.outbox_events(&id).await.expect("outbox");
     assert!(events.iter().all(|e| !e.queued), "{events:?}");
 
     broker.start_again().expect("broker back");
@@ -232,20 +219,7 @@ async fn a_replica_started_while_the_broker_is_away_serves_and_joins_it_later() 
     setup.extra = json!({"bus_redelivery_after": "2s", "kafka_topic_prefix": prefix});
     let app = spawn_sync_app(setup).await;
 
-    let offline = app
-        .create(json!({"name": "Offline", "email": email("away")}))
-        .await;
-    let id = offline["id"].as_str().expect("id");
-    let link = app
-        .wait_link(id, Duration::from_secs(30), |l| l["state"] == "synced")
-        .await;
-    let remote_id = link["remote_id"].as_str().expect("linked");
-    assert_eq!(
-        stripe_customer(&stripe.url(), remote_id)
-            .await
-            .expect("created")["name"],
-        "Offline"
-    );
+    reaches_stripe_without_the_bus(&app, &stripe, "away").await;
 
     // Not ready while its bus is away, and says why.
     let (status, ready) = app.send(reqwest::Method::GET, "/readyz", None).await;
@@ -267,6 +241,30 @@ async fn a_replica_started_while_the_broker_is_away_serves_and_joins_it_later() 
     assert!(!ready.to_string().contains("bus_topics"), "{ready}");
     assert_eq!(status, 200, "{ready}");
     app.stop().await;
+}
+
+/// Creates a customer named "Offline" while the broker is away; waits
+/// until the redelivery net has brought it to Stripe. Its id.
+async fn reaches_stripe_without_the_bus(
+    app: &crate::helpers::SyncApp,
+    stripe: &LocalStripe,
+    tag: &str,
+) -> String {
+    let customer = app
+        .create(json!({"name": "Offline", "email": email(tag)}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let link = app
+        .wait_link(&id, Duration::from_secs(30), |l| l["state"] == "synced")
+        .await;
+    let remote_id = link["remote_id"].as_str().expect("linked");
+    assert_eq!(
+        stripe_customer(&stripe.url(), remote_id)
+            .await
+            .expect("created")["name"],
+        "Offline"
+    );
+    id
 }
 
 /// Waits until `topic` exists on the broker, asking for its metadata only

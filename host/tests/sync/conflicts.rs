@@ -407,12 +407,7 @@ async fn the_console_keeps_a_local_edit_made_while_the_conflict_was_open() {
         .text()
         .await
         .unwrap();
-    let csrf = page
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .expect("a csrf field")
-        .to_owned();
+    let csrf = crate::helpers::csrf_field(&page);
     let newer = h.app.patch(&h.id, json!({"name": "Newer Local"})).await;
 
     let sent = client

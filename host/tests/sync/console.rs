@@ -642,12 +642,7 @@ async fn open_mode_signs_in_without_a_token_and_still_checks_csrf() {
         .unwrap()
         .starts_with("default-src 'none'"));
     let html = page.text().await.unwrap();
-    let csrf = html
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .expect("a csrf field")
-        .to_owned();
+    let csrf = crate::helpers::csrf_field(&html);
 
     let disable = url("/console/connectors/stripe/disable");
     let refused = client

@@ -474,3 +474,12 @@ pub async fn stripe_customers_by_email(stripe_url: &str, email: &str) -> Vec<Val
 pub fn email(tag: &str) -> String {
     format!("{tag}-{}@example.com", uuid::Uuid::new_v4().simple())
 }
+
+/// The CSRF token a console page's forms carry.
+pub fn csrf_field(html: &str) -> String {
+    html.split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a csrf field")
+        .to_owned()
+}
