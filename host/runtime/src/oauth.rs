@@ -33,6 +33,8 @@ use super::wit::latest::{ConnectorError, RateLimit};
 /// A token is treated as expired this long before the server says it is, so
 /// a request started just before the expiry does not carry a dead token.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+/// The longest a token is kept, whatever its `expires_in` says.
+const MAX_TOKEN_TTL_SECS: u64 = 24 * 60 * 60;
 
 /// Token response fields that are credentials and stay in the host.
 const SECRET_FIELDS: &[&str] = &["access_token", "refresh_token", "id_token"];
@@ -213,7 +215,10 @@ fn parse_token(body: &[u8], generation: u64, grant: [u8; 32]) -> Result<Cached, 
         .get("expires_in")
         .and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()))
         .map(|secs| {
-            let ttl = Duration::from_secs(secs);
+            // The remote's number, trusted only up to a day: a token that
+            // lives longer is fetched again daily, and an absurd one (2^64
+            // seconds) cannot overflow the clock.
+            let ttl = Duration::from_secs(secs.min(MAX_TOKEN_TTL_SECS));
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2))
@@ -331,6 +336,27 @@ mod tests {
             parse_token(br#"{"access_token":"t","expires_in":"3600"}"#, 1, [0; 32]).unwrap();
         assert!(later.is_fresh(&[0; 32]));
         assert!(later.info().expires_at_ms.is_some());
+    }
+
+    #[test]
+    fn an_endless_expiry_is_capped_at_a_day() {
+        let endless = parse_token(
+            br#"{"access_token":"t","expires_in":18446744073709551615}"#,
+            1,
+            [0; 32],
+        )
+        .unwrap();
+        assert!(endless.is_fresh(&[0; 32]));
+        let day_ms = i64::try_from(MAX_TOKEN_TTL_SECS * 1000).unwrap();
+        let now_ms = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap();
+        let at = endless.info().expires_at_ms.unwrap();
+        assert!(at > now_ms && at <= now_ms + day_ms, "{at}");
     }
 
     #[test]
