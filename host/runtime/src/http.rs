@@ -113,8 +113,13 @@ impl CallState {
             .collect();
         let mut headers = Vec::with_capacity(req.headers.len());
         for (name, value) in req.headers {
-            http::HeaderName::from_bytes(name.as_bytes())
+            let parsed = http::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| HttpError::InvalidRequest(format!("bad header name `{name}`")))?;
+            if is_host_owned(&parsed) {
+                return Err(HttpError::InvalidRequest(format!(
+                    "header `{name}` is set by the host"
+                )));
+            }
             let value = if policy::has_placeholder(value.as_bytes()) {
                 let bytes =
                     policy::substitute_secrets(value.as_bytes(), &secret_names, self.secrets())?;
@@ -290,3 +295,24 @@ impl Dispatcher {
         result
     }
 }
+
+/// Headers the host's HTTP client owns: `Host` (a guest's own would send a
+/// request for another site, secrets and all, through a front end that
+/// routes by it to a declared host's address) and the framing of the
+/// message.
+fn is_host_owned(name: &http::HeaderName) -> bool {
+    use http::header;
+    [
+        header::HOST,
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::CONNECTION,
+        header::TE,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+    ]
+    .contains(name)
+        || name.as_str().starts_with("proxy-")
+        || name.as_str() == "keep-alive"
+}
+

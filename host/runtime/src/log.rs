@@ -5,8 +5,11 @@
 //! guest cannot forge log lines or the host's fields in them.
 //!
 //! Limits: each line is cut at [`MAX_LINE_BYTES`] and a call writes at most
-//! [`MAX_LINES_PER_CALL`] lines (one notice says the rest was dropped), so a
-//! chatty or hostile guest cannot flood the log.
+//! [`MAX_LINES_PER_CALL`] lines, counting its writes to stdout and stderr
+//! (one notice says the rest was dropped), so a chatty or hostile guest
+//! cannot flood the log.
+
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::state::CallState;
 use super::wit::latest::ferry::connector::log::{Host, Level};
@@ -16,14 +19,25 @@ pub const MAX_LINE_BYTES: usize = 8 * 1024;
 /// Lines kept per call.
 pub const MAX_LINES_PER_CALL: u32 = 1000;
 
+/// Counts one line against the call's budget of `lines`: whether it may be
+/// logged. The first line over says, once, that the rest is dropped.
+pub(crate) fn take_line(lines: &AtomicU32, connector: &str) -> bool {
+    let taken = lines
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            Some(n.saturating_add(1))
+        })
+        .unwrap_or(u32::MAX)
+        .saturating_add(1);
+    if taken == MAX_LINES_PER_CALL + 1 {
+        tracing::warn!(target: "ferry::connector", connector, "log line limit reached; dropping the rest of this call's lines");
+    }
+    taken <= MAX_LINES_PER_CALL
+}
+
 impl Host for CallState {
     fn write(&mut self, level: Level, message: String) {
-        self.log_lines = self.log_lines.saturating_add(1);
         let connector = &*self.connector.name;
-        if self.log_lines > MAX_LINES_PER_CALL {
-            if self.log_lines == MAX_LINES_PER_CALL + 1 {
-                tracing::warn!(target: "ferry::connector", connector, "log line limit reached; dropping the rest of this call's lines");
-            }
+        if !take_line(&self.log_lines, connector) {
             return;
         }
         let mut message = message;
@@ -49,7 +63,7 @@ impl Host for CallState {
 /// A guest's text as one field's value: line breaks and other control
 /// characters are escaped, so it can never start a log line of its own or
 /// pose as the host's fields (the JSON output escapes them anyway).
-fn one_line(message: String) -> String {
+pub(crate) fn one_line(message: String) -> String {
     if !message.chars().any(char::is_control) {
         return message;
     }

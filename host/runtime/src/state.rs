@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -105,8 +106,9 @@ pub(crate) struct CallState {
     /// Wall-clock end of the call, checked on every epoch tick.
     pub(crate) deadline: Instant,
     pub(crate) limiter: MemoryLimiter,
-    /// Log lines written so far in this call (see [`super::log`]).
-    pub(crate) log_lines: u32,
+    /// Log lines written so far in this call, through `log.write` and to
+    /// stdout or stderr alike (see [`super::log`]).
+    pub(crate) log_lines: Arc<AtomicU32>,
     /// OAuth tokens this call obtained, for `{{token:NAME}}` substitution.
     pub(crate) tokens: CallTokens,
     /// Built on first use: most calls never touch WASI, and building a
@@ -129,7 +131,7 @@ impl CallState {
             config,
             deadline,
             limiter,
-            log_lines: 0,
+            log_lines: Arc::default(),
             tokens: CallTokens::new(),
             wasi: None,
             table: ResourceTable::new(),
@@ -148,7 +150,8 @@ impl super::wit::latest::ferry::connector::types::Host for CallState {}
 impl WasiView for CallState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         let name = self.connector.name.clone();
-        let ctx = self.wasi.get_or_insert_with(|| deny_all_wasi(name));
+        let lines = self.log_lines.clone();
+        let ctx = self.wasi.get_or_insert_with(|| deny_all_wasi(name, lines));
         WasiCtxView {
             ctx,
             table: &mut self.table,
@@ -160,15 +163,17 @@ impl WasiView for CallState {
 /// never uses it, so the interfaces must be linked, but they grant nothing:
 /// no preopened directories, no environment, no arguments, no stdin, no
 /// sockets and no name lookup. stdout and stderr go to the host log.
-fn deny_all_wasi(connector: Arc<str>) -> WasiCtx {
+fn deny_all_wasi(connector: Arc<str>, lines: Arc<AtomicU32>) -> WasiCtx {
     WasiCtx::builder()
         .stdout(GuestOutput {
             connector: connector.clone(),
             stream: "stdout",
+            lines: lines.clone(),
         })
         .stderr(GuestOutput {
             connector,
             stream: "stderr",
+            lines,
         })
         .allow_tcp(false)
         .allow_udp(false)
@@ -221,10 +226,12 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
     }
 }
 
-/// A guest's stdout or stderr, written to the host log line by line.
+/// A guest's stdout or stderr, written to the host log a write at a time,
+/// within the call's line budget (shared with `log.write`).
 struct GuestOutput {
     connector: Arc<str>,
     stream: &'static str,
+    lines: Arc<AtomicU32>,
 }
 
 impl IsTerminal for GuestOutput {
@@ -238,6 +245,7 @@ impl StdoutStream for GuestOutput {
         Box::new(LogWriter {
             connector: self.connector.clone(),
             stream: self.stream,
+            lines: self.lines.clone(),
         })
     }
 }
@@ -245,6 +253,7 @@ impl StdoutStream for GuestOutput {
 struct LogWriter {
     connector: Arc<str>,
     stream: &'static str,
+    lines: Arc<AtomicU32>,
 }
 
 /// Longest single write copied into the log; the rest is dropped so a guest
@@ -260,7 +269,8 @@ impl tokio::io::AsyncWrite for LogWriter {
         let shown = &buf[..buf.len().min(MAX_OUTPUT_LOGGED)];
         let text = String::from_utf8_lossy(shown);
         let text = text.trim_end();
-        if !text.is_empty() {
+        if !text.is_empty() && super::log::take_line(&self.lines, &self.connector) {
+            let text = super::log::one_line(text.to_owned());
             tracing::info!(target: "ferry::connector", connector = %self.connector, stream = self.stream, "{text}");
         }
         Poll::Ready(Ok(buf.len()))

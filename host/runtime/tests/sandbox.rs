@@ -348,6 +348,40 @@ async fn a_request_to_an_undeclared_host_is_refused_before_the_wire() {
     );
 }
 
+/// The guest cannot set the headers the host's client owns: a `Host` of its
+/// own would carry the secret to another site behind a declared host's
+/// front end.
+#[tokio::test]
+async fn a_guest_cannot_set_the_host_header() {
+    let transport = Arc::new(RecordingTransport::default());
+    let runtime = Runtime::with_transport(config(), transport.clone()).unwrap();
+    let connector = load(&runtime).await;
+    let cfg = connector_config(&[]);
+    for name in ["Host", "content-length", "Transfer-Encoding", "proxy-authorization"] {
+        let report = push_report(
+            &connector,
+            &cfg,
+            json!({"do": "http", "url": "https://api.example.com/v1/x",
+                "headers": {name: "evil.example"}}),
+        )
+        .await;
+        let error = report["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("InvalidRequest") && error.contains("set by the host"),
+            "{name}: {report}"
+        );
+    }
+    assert!(transport.requests.lock().unwrap().is_empty());
+    let report = push_report(
+        &connector,
+        &cfg,
+        json!({"do": "http", "url": "https://api.example.com/v1/x",
+            "headers": {"x-request-id": "r1"}}),
+    )
+    .await;
+    assert_eq!(report["status"], 200, "{report}");
+}
+
 #[tokio::test]
 async fn private_addresses_are_refused_even_when_declared_by_a_host_setting() {
     let server = EchoServer::start().await;
@@ -666,4 +700,46 @@ async fn declared_hosts_the_operator_forbids_are_refused_at_load() {
     })
     .unwrap();
     allowed.load(&hostile_bytes()).await.expect("allowed");
+}
+
+/// Counts the log lines the test binary's subscriber writes that came from
+/// a guest's stdout.
+#[derive(Clone)]
+struct StdoutLines(Arc<AtomicUsize>);
+
+impl std::io::Write for StdoutLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let from_stdout = text.lines().filter(|l| l.contains("stdout")).count();
+        self.0.fetch_add(from_stdout, Ordering::SeqCst);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// stdout counts against the call's log line budget, as `log.write` does:
+/// a guest printing in a loop cannot flood the host's log.
+#[tokio::test]
+async fn stdout_shares_the_log_line_budget() {
+    let lines = Arc::new(AtomicUsize::new(0));
+    let writer = StdoutLines(lines.clone());
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // The only test in this binary that installs one.
+    tracing::subscriber::set_global_default(subscriber).expect("one subscriber");
+    let runtime = Runtime::new(config()).unwrap();
+    let connector = load(&runtime).await;
+    let cfg = connector_config(&[]);
+    let report = push_report(&connector, &cfg, json!({"do": "print", "count": 5000})).await;
+    assert_eq!(report["printed"], 5000);
+    let logged = lines.load(Ordering::SeqCst);
+    assert!(
+        (1..=1000).contains(&logged),
+        "{logged} stdout lines logged"
+    );
 }

@@ -9,9 +9,11 @@
 //! - `trap`: hit `unreachable`;
 //! - `http` with `url`: send a request carrying `{{secret:api_key}}` in a
 //!   header and the body, and report what came back (status, body, headers,
-//!   or the error), so a test sees exactly what the guest saw;
+//!   or the error), so a test sees exactly what the guest saw; `headers`
+//!   (an object) adds headers of its own;
 //! - `hmac` with `secret`: HMAC `"message"` with that secret name;
-//! - `setting` with `name`: read a setting.
+//! - `setting` with `name`: read a setting;
+//! - `print` with `count`: write that many lines to stdout.
 //!
 //! It declares host `api.example.com`, host setting `api_base` and secret
 //! `api_key`.
@@ -106,10 +108,16 @@ impl Guest for Hostile {
             // compiles for the native clippy/test builds of the workspace).
             "trap" => std::process::abort(),
             "http" => {
+                let mut headers = vec![("authorization".into(), "Bearer {{secret:api_key}}".into())];
+                if let Some(extra) = instruction["headers"].as_object() {
+                    for (name, value) in extra {
+                        headers.push((name.clone(), value.as_str().unwrap_or_default().into()));
+                    }
+                }
                 let request = http::Request {
                     method: http::Method::Post,
                     url: text("url"),
-                    headers: vec![("authorization".into(), "Bearer {{secret:api_key}}".into())],
+                    headers,
                     body: Some(b"key={{secret:api_key}}".to_vec()),
                     timeout_ms: None,
                 };
@@ -127,6 +135,13 @@ impl Guest for Hostile {
                 Err(e) => report(json!({ "error": e })),
             },
             "setting" => report(json!({ "value": settings::get(&text("name")) })),
+            "print" => {
+                let lines = instruction["count"].as_u64().unwrap_or(1);
+                for n in 0..lines {
+                    println!("line {n}");
+                }
+                report(json!({ "printed": lines }))
+            }
             other => Err(ConnectorError::Unsupported(format!(
                 "unknown instruction `{other}`"
             ))),
