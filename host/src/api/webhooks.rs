@@ -105,14 +105,16 @@ pub async fn receive(
         // remote id finds the link) would be dropped as a duplicate of the
         // first one, or applied to nothing: the connector is broken, and the
         // sender keeps the event until it is fixed.
-        if let Some(problem) = unkeyable(&event.id, &event.remote_id) {
+        let unkeyable = crate::store::unkeyable("event id", &event.id)
+            .or_else(|| crate::store::unkeyable("remote id", &event.remote_id));
+        if let Some(problem) = unkeyable {
             crate::metrics::webhook_verification(&name, "failed");
-            tracing::warn!(connector = %name, problem, "the connector produced an event ferry cannot key; the sender will retry");
+            tracing::warn!(connector = %name, %problem, "the connector produced an event ferry cannot key; the sender will retry");
             return Err(ApiError::ConnectorFailed);
         }
         let record = match event.record.as_deref().map(serde_json::from_str) {
             Some(Ok(mut value)) => {
-                replace_nul(&mut value);
+                crate::store::replace_nul(&mut value);
                 Some(value)
             }
             Some(Err(error)) => {
@@ -124,7 +126,7 @@ pub async fn receive(
         };
         events.push(NewInboxEvent {
             event_id: event.id,
-            entity: event.entity,
+            entity: event.entity.replace('\0', "\u{fffd}"),
             kind: match event.kind {
                 ChangeKind::Upsert => RemoteChange::Upsert,
                 ChangeKind::Delete => RemoteChange::Delete,
@@ -132,8 +134,8 @@ pub async fn receive(
             remote_id: event.remote_id,
             occurred_at_ms: not_after_now(event.occurred_at_ms),
             record,
-            origin_key: event.origin_key,
-            remote_type: event.remote_type,
+            origin_key: event.origin_key.map(|key| key.replace('\0', "\u{fffd}")),
+            remote_type: event.remote_type.replace('\0', "\u{fffd}"),
             policy: None,
         });
     }
@@ -158,28 +160,6 @@ pub async fn receive(
         })
         .into_response(),
     })
-}
-
-/// Replaces NUL characters in a record's strings (and keys) with U+FFFD:
-/// PostgreSQL cannot store them, and the event must reach the inbox to be
-/// applied or dead-lettered with its reason like any other (the catalog's
-/// validation then refuses control characters where the API does).
-fn replace_nul(value: &mut serde_json::Value) {
-    match value {
-        serde_json::Value::String(text) if text.contains('\0') => {
-            *text = text.replace('\0', "\u{fffd}");
-        }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(replace_nul),
-        serde_json::Value::Object(map) if map.keys().any(|k| k.contains('\0')) => {
-            let entries = std::mem::take(map);
-            for (key, mut item) in entries {
-                replace_nul(&mut item);
-                map.insert(key.replace('\0', "\u{fffd}"), item);
-            }
-        }
-        serde_json::Value::Object(map) => map.values_mut().for_each(replace_nul),
-        _ => {}
-    }
 }
 
 /// Reads a webhook body: refused at once when its declared length is over
@@ -240,21 +220,6 @@ fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 's
 /// Routes under `/webhooks`.
 pub fn router() -> Router<AppState> {
     Router::new().route("/webhooks/{connector}", post(receive))
-}
-
-/// The longest event or remote id ferry keeps.
-const MAX_ID_BYTES: usize = 255;
-
-/// Why a parsed event cannot be stored, if it cannot.
-fn unkeyable(event_id: &str, remote_id: &str) -> Option<&'static str> {
-    match (event_id, remote_id) {
-        ("", _) => Some("an event without an id"),
-        (_, "") => Some("an event without a remote id"),
-        (id, remote) if id.len() > MAX_ID_BYTES || remote.len() > MAX_ID_BYTES => {
-            Some("an event or remote id longer than 255 bytes")
-        }
-        _ => None,
-    }
 }
 
 /// How far ahead of ferry's clock an event's own time may be: the

@@ -470,3 +470,44 @@ pub(crate) fn placeholders(first: usize, n: usize) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+/// The longest event or remote id ferry keeps.
+const MAX_ID_BYTES: usize = 255;
+
+/// Why an id a connector produced (`what`: "event id", "remote id") cannot
+/// key a row, if it cannot: empty, longer than 255 bytes, or holding a NUL
+/// (which PostgreSQL cannot store, so the write would fail on every try).
+pub fn unkeyable(what: &str, id: &str) -> Option<String> {
+    if id.is_empty() {
+        Some(format!("an empty {what}"))
+    } else if id.len() > MAX_ID_BYTES {
+        Some(format!("a {what} longer than {MAX_ID_BYTES} bytes"))
+    } else if id.contains('\0') {
+        Some(format!("a {what} with a NUL character"))
+    } else {
+        None
+    }
+}
+
+/// Replaces NUL characters in a record's strings (and keys) with U+FFFD:
+/// PostgreSQL cannot store them, and a record a connector returns must be
+/// stored to be applied, compared or dead-lettered with its reason like any
+/// other (the catalog's validation then refuses control characters where
+/// the API does).
+pub fn replace_nul(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::String(text) if text.contains('\0') => {
+            *text = text.replace('\0', "\u{fffd}");
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(replace_nul),
+        serde_json::Value::Object(map) if map.keys().any(|k| k.contains('\0')) => {
+            let entries = std::mem::take(map);
+            for (key, mut item) in entries {
+                replace_nul(&mut item);
+                map.insert(key.replace('\0', "\u{fffd}"), item);
+            }
+        }
+        serde_json::Value::Object(map) => map.values_mut().for_each(replace_nul),
+        _ => {}
+    }
+}

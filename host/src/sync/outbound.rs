@@ -431,7 +431,19 @@ impl SyncEngine {
         };
         let operation = operation_name(plan.operation);
         tracing::debug!(operation, version = plan.version, "pushing");
-        match connector.push(&config, request).await {
+        // A remote id ferry cannot store (empty, too long, a NUL) would
+        // fail the write of a push that did reach the remote, and the push
+        // would run again at every lease expiry: the connector is broken,
+        // and the change goes to a dead letter with the reason.
+        let pushed = connector.push(&config, request).await.and_then(|result| {
+            match crate::store::unkeyable("remote id", &result.remote_id) {
+                Some(problem) => Err(CallError::Connector(ConnectorError::Permanent(format!(
+                    "the connector returned {problem}"
+                )))),
+                None => Ok(result),
+            }
+        });
+        match pushed {
             Ok(result) => {
                 inner.breakers.success(&link.connector);
                 // The remote's state after the push is the next merge's
@@ -439,13 +451,16 @@ impl SyncEngine {
                 // (the contract allows it); what was pushed is then what the
                 // remote holds, and without a base the next remote event
                 // would take every differing field, local edits included.
-                let snapshot = match result.record.as_deref() {
+                let mut snapshot: Option<serde_json::Value> = match result.record.as_deref() {
                     Some(record) => serde_json::from_str(record).ok(),
                     None if plan.operation != Operation::Delete => {
                         serde_json::from_str(&plan.record).ok()
                     }
                     None => None,
                 };
+                if let Some(snapshot) = &mut snapshot {
+                    crate::store::replace_nul(snapshot);
+                }
                 (
                     RecordedOutcome::Delivered {
                         operation,

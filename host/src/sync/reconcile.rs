@@ -512,15 +512,28 @@ impl SyncEngine {
         page: &Page,
         findings: &mut PageFindings,
     ) -> Result<(), Stop> {
-        let ids: Vec<String> = page.records.iter().map(|r| r.remote_id.clone()).collect();
+        let ids: Vec<String> = page
+            .records
+            .iter()
+            .map(|r| r.remote_id.clone())
+            .filter(|id| crate::store::unkeyable("remote id", id).is_none())
+            .collect();
         let linked = self
             .inner
             .store
             .linked_records(&run.connector, &ids)
             .await?;
         for record in &page.records {
+            if let Some(problem) = crate::store::unkeyable("remote id", &record.remote_id) {
+                tracing::warn!(%problem, "listed record has an id ferry cannot keep; skipped");
+                *findings.counts.entry("invalid").or_default() += 1;
+                continue;
+            }
             let remote = match serde_json::from_str::<serde_json::Value>(&record.record) {
-                Ok(remote) => canonical_record(&remote),
+                Ok(mut remote) => {
+                    crate::store::replace_nul(&mut remote);
+                    canonical_record(&remote)
+                }
                 Err(error) => {
                     tracing::warn!(remote_id = record.remote_id, %error, "listed record is not JSON; skipped");
                     *findings.counts.entry("invalid").or_default() += 1;

@@ -982,8 +982,39 @@ async fn a_push_without_a_returned_record_keeps_a_base(backend: Backend) {
     assert_eq!(base["phone"], "+15550000001", "{base}");
 }
 
+/// A push whose connector answers with a remote id ferry cannot keep (a
+/// NUL, which PostgreSQL refuses) dead-letters with the reason, once,
+/// rather than failing its write and running again at every lease expiry.
+async fn a_remote_id_ferry_cannot_keep_is_dead_lettered(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    remote.answer_ids_with("rec\u{0}");
+    let customer = app
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Nul"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let link = app
+        .wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
+            l["state"] == "dead"
+        })
+        .await;
+    assert!(
+        link["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("NUL")),
+        "{link}"
+    );
+    assert_eq!(remote.requests_to("POST", "/records").len(), 1);
+}
+
 mod sqlite {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_remote_id_with_a_nul() {
+        a_remote_id_ferry_cannot_keep_is_dead_lettered(Backend::Sqlite).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn push_keeps_a_base() {
@@ -1033,6 +1064,11 @@ mod sqlite {
 
 mod postgres {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_remote_id_with_a_nul() {
+        a_remote_id_ferry_cannot_keep_is_dead_lettered(Backend::Postgres).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn push_keeps_a_base() {

@@ -37,6 +37,8 @@ struct RemoteState {
     log: Mutex<Vec<Recorded>>,
     records: Mutex<BTreeMap<String, Value>>,
     next_id: AtomicU64,
+    /// What a create's id starts with (`rec_` unless a test says).
+    id_prefix: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -77,6 +79,12 @@ impl RecorderRemote {
             .into_iter()
             .filter(|r| r.method == method && r.path == path)
             .collect()
+    }
+
+    /// Creates answer ids starting with `prefix` from now on (a remote, or
+    /// a broken one, whose ids ferry cannot keep).
+    pub fn answer_ids_with(&self, prefix: &str) {
+        *lock(&self.state.id_prefix) = Some(prefix.to_owned());
     }
 
     pub fn record(&self, id: &str) -> Option<Value> {
@@ -143,7 +151,9 @@ async fn record_request(
     let mut records = lock(&state.records);
     match (method, path.strip_prefix("/records")) {
         (Method::POST, Some("")) => {
-            let id = format!("rec_{}", state.next_id.fetch_add(1, Ordering::SeqCst) + 1);
+            let prefix = lock(&state.id_prefix).clone();
+            let prefix = prefix.as_deref().unwrap_or("rec_");
+            let id = format!("{prefix}{}", state.next_id.fetch_add(1, Ordering::SeqCst) + 1);
             records.insert(id.clone(), body["record"].clone());
             (StatusCode::CREATED, Json(json!({ "id": id }))).into_response()
         }
