@@ -151,7 +151,9 @@ impl PushResult {
 }
 
 impl Event {
-    /// A created-or-updated event carrying the record's new state.
+    /// A created-or-updated event carrying the record's new state, or
+    /// `None` for a thin event: ferry then calls `fetch` for the record as
+    /// the remote holds it when the event is applied.
     pub fn upsert(
         id: impl Into<String>,
         entity: impl Into<String>,

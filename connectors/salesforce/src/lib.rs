@@ -83,6 +83,12 @@ impl Connector for Salesforce {
                 None,
                 false,
             )
+            .setting(
+                "fetch_records",
+                "`true`: an Outbound Message only names the records that changed, and ferry reads each one from the API (a call per record), so a forged message cannot write a record's content",
+                Some("false"),
+                false,
+            )
             .secret("client_id", "Consumer key of the connected app", true)
             .secret("client_secret", "Consumer secret of the connected app", true)
             .webhooks()
@@ -124,6 +130,13 @@ impl Connector for Salesforce {
             .into_iter()
             .filter(|n| n.object.eq_ignore_ascii_case(&config.object))
             .map(|n| {
+                if config.fetch_records {
+                    // A trigger: ferry fetches what the org holds now, so the
+                    // message's own date and fields are not used, and the
+                    // triggers are ordered as they arrive.
+                    return Event::upsert(n.id, ENTITY, n.record_id, clock::now_ms(), None)
+                        .with_remote_type(remote_type.clone());
+                }
                 let when = ["LastModifiedDate", "SystemModstamp"]
                     .iter()
                     .find_map(|f| n.fields.get(*f).and_then(Value::as_str))
@@ -287,6 +300,7 @@ struct Config {
     object: String,
     client_name: String,
     external_id_field: Option<String>,
+    fetch_records: bool,
     fields: FieldMap,
 }
 
@@ -322,7 +336,17 @@ impl Config {
         if let Some(field) = &external_id_field {
             checked_name("external_id_field", field)?;
         }
+        let fetch_records = match setting_or("fetch_records", "false").as_str() {
+            "true" => true,
+            "false" => false,
+            other => {
+                return Err(ConnectorError::permanent(format!(
+                    "setting `fetch_records`: `{other}` is neither true nor false"
+                )))
+            }
+        };
         Ok(Self {
+            fetch_records,
             login_url,
             instance_url,
             api_version,

@@ -470,6 +470,37 @@ async fn an_outbound_message_becomes_events_and_an_ack() {
     assert!(kit.http().requests().is_empty(), "no API call needed");
 }
 
+/// `fetch_records`: the events only name their records, dated on arrival,
+/// and nothing is read until ferry applies them (it calls `fetch`).
+#[tokio::test]
+async fn fetch_records_turns_a_message_into_triggers() {
+    let kit = kit().await.setting("fetch_records", "true");
+    let body = outbound_message(ORG_ID, &[("04l01", "Contact", "003A")]);
+    let parsed = kit
+        .receive_webhook(testkit::webhook_request(
+            &[("content-type", "text/xml; charset=utf-8")],
+            body.clone(),
+        ))
+        .await
+        .expect("verified and parsed");
+    let event = &parsed.events[0];
+    assert_eq!((event.id.as_str(), event.remote_id.as_str()), ("04l01", "003A"));
+    assert_eq!(event.kind, ChangeKind::Upsert);
+    assert_eq!(event.record, None);
+    assert_ne!(event.occurred_at_ms, 1_795_939_200_000, "not the message's date");
+    assert!(parsed.reply.is_some());
+    assert!(kit.http().requests().is_empty(), "ferry fetches later");
+
+    let kit = kit.setting("fetch_records", "yes");
+    let refused = kit
+        .receive_webhook(testkit::webhook_request(&[], body))
+        .await;
+    assert!(matches!(
+        connector_error(refused),
+        ConnectorError::Permanent(m) if m.contains("fetch_records")
+    ));
+}
+
 #[tokio::test]
 async fn outbound_messages_from_another_org_or_malformed_are_refused() {
     let kit = kit().await;

@@ -639,23 +639,23 @@ impl SyncEngine {
                     .await;
             }
         }
-        let mut record = event.record.as_ref().map(|r| r.0.clone());
+        if event.kind == RemoteChange::Delete {
+            return self.apply_delete(event, link).await;
+        }
         // The payload may not be the newest state: the same remote tick as
         // the last applied event (Stripe's clock has one-second resolution,
         // so their order is unknown), or no later than ferry's own last push
-        // (a late echo of an older push). Ask the remote what holds now.
+        // (a late echo of an older push). Ask the remote what holds now, as
+        // for an event that carries no record at all (a thin event: the
+        // remote, or a connector that does not trust the payload, says only
+        // which record changed).
         let doubtful = link.as_ref().is_some_and(|l| {
             event.occurred_at_ms == l.remote_seen_at_ms
                 || (l.pushed_at_ms > 0 && event.occurred_at_ms <= l.pushed_at_ms + ECHO_WINDOW_MS)
         });
-        if doubtful && event.kind == RemoteChange::Upsert {
-            record = Some(self.fetch_current(event).await?);
-        }
-        if event.kind == RemoteChange::Delete {
-            return self.apply_delete(event, link).await;
-        }
-        let Some(remote) = record.map(|r| canonical_record(&r)) else {
-            return self.skip(event, "the event carries no record").await;
+        let remote = match &event.record {
+            Some(record) if !doubtful => canonical_record(&record.0),
+            _ => canonical_record(&self.fetch_current(event).await?),
         };
 
         let (customer, base) = match &link {
@@ -1168,9 +1168,13 @@ impl SyncEngine {
             .fetch(&config, super::ENTITY, &event.remote_id)
             .await
         {
-            Ok(remote) => serde_json::from_str(&remote.record).map_err(|e| {
-                Failure::Permanent(format!("the connector returned invalid JSON: {e}"))
-            }),
+            Ok(remote) => {
+                let mut record = serde_json::from_str(&remote.record).map_err(|e| {
+                    Failure::Permanent(format!("the connector returned invalid JSON: {e}"))
+                })?;
+                crate::store::replace_nul(&mut record);
+                Ok(record)
+            }
             Err(CallError::Connector(ConnectorError::NotFound(_))) => Err(Failure::Permanent(
                 "the remote record no longer exists".into(),
             )),

@@ -347,6 +347,92 @@ async fn an_event_dated_in_the_future_does_not_freeze_its_record() {
     );
 }
 
+/// With `fetch_records`, an Outbound Message is only a trigger: a forged
+/// one (the org id is not secret) with made-up fields and a far-future date
+/// makes ferry read the Contact from the API, and the customer holds what
+/// the org holds, dated when the message arrived. A forged message naming a
+/// record the org does not have creates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetched_records_make_a_forged_message_harmless() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let salesforce = FakeSalesforce::start(FakeSalesforceConfig::default())
+        .await
+        .expect("fake salesforce");
+    let mut setup = setup(Backend::Sqlite, &stripe, &salesforce, None);
+    setup.extra_connectors[0].config["settings"]["fetch_records"] = json!("true");
+    let app = spawn_sync_app(setup).await;
+    app.assert_enabled("salesforce").await;
+    let rig = Rig {
+        stripe,
+        salesforce,
+        app,
+    };
+
+    let address = email("sf-fetched");
+    let contact_id = rig.salesforce.insert_record(
+        "Contact",
+        json!({"FirstName": "Ada", "LastName": "Real", "Email": address}),
+    );
+    let genuine = rig.salesforce.outbound_message_xml(
+        rig.salesforce.org_id(),
+        "Contact",
+        &[("04l00000000FORGE".to_owned(), contact_id.clone())],
+    );
+    let forged = genuine
+        .replace(">Real<", ">Forged<")
+        .replace(&address, "mallory@example.com");
+    let start = forged.find("<sf:LastModifiedDate>").expect("dated") + "<sf:LastModifiedDate>".len();
+    let end = start + forged[start..].find('<').expect("closed");
+    let forged = format!("{}2099-01-01T00:00:00.000Z{}", &forged[..start], &forged[end..]);
+    assert!(forged.contains(">Forged<") && forged.contains("mallory@"), "{forged}");
+    let missing = rig.salesforce.outbound_message_xml(
+        rig.salesforce.org_id(),
+        "Contact",
+        &[("04l00000000GHOST".to_owned(), contact_id.clone())],
+    )
+    .replace(&contact_id, "003000000000NOP");
+
+    let sent_at = chrono::Utc::now().timestamp_millis();
+    for xml in [missing, forged] {
+        let delivery = rig
+            .salesforce
+            .send_raw(&rig.webhook_url(), xml)
+            .await
+            .expect("delivery");
+        assert!(delivery.acked, "{delivery:?}");
+    }
+    let customer = rig.app.wait_customer_by_email(&address).await;
+    assert_eq!(customer["name"], "Ada Real", "{customer}");
+    assert!(rig.app.customer_by_email("mallory@example.com").await.is_none());
+    let fetched = rig.data_requests().into_iter().any(|r| {
+        r.method == "GET" && r.path.ends_with(&format!("/sobjects/Contact/{contact_id}"))
+    });
+    assert!(fetched, "{:?}", rig.data_requests());
+    let stored = rig.app.wait_inbox_settled("salesforce", &contact_id, 1).await;
+    let received_by = chrono::Utc::now().timestamp_millis();
+    let at = stored[0].occurred_at_ms;
+    assert!(
+        at >= sent_at && at <= received_by,
+        "stored as {at}, sent at {sent_at}"
+    );
+    assert!(stored[0].record.is_none(), "{:?}", stored[0].record);
+
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let ghost = rig
+            .app
+            .store
+            .inbox_of_remote("salesforce", "003000000000NOP")
+            .await
+            .expect("inbox");
+        if ghost.first().is_some_and(|e| e.state.as_str() == "dead") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{ghost:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// A message from another org, or one that is not a SOAP notification, is
 /// refused with 400 and nothing is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
