@@ -418,6 +418,14 @@ fn build_engine(config: &RuntimeConfig) -> Result<Engine, RuntimeError> {
     let mut pool = PoolingAllocationConfig::default();
     let n = config.max_instances.max(1);
     let memory_limit = config.memory_limit_bytes.max(64 * 1024);
+    // The per-component caps are what bound one call: without them a
+    // component of a thousand core instances, each with a memory of its
+    // own (the memory limit counts per memory), would take the whole pool
+    // and the memory limit times a thousand. A component over them fails
+    // to compile, so an upload is refused before it is stored.
+    pool.max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+        .max_memories_per_component(MEMORIES_PER_COMPONENT)
+        .max_tables_per_component(TABLES_PER_COMPONENT);
     pool.total_component_instances(n)
         .total_core_instances(n.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
         .total_memories(n.saturating_mul(MEMORIES_PER_COMPONENT))

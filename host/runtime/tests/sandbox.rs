@@ -631,6 +631,36 @@ async fn garbage_and_core_modules_are_refused_with_clear_errors() {
     assert!(matches!(err, LoadError::Compile(_)), "{err:?}");
 }
 
+/// A component whose core instances each bring a memory of their own is
+/// refused when it is compiled: the memory limit counts per memory, so
+/// enough of them would take the whole instance pool and many times the
+/// limit in one call.
+#[tokio::test]
+async fn a_component_of_many_memories_is_refused() {
+    let runtime = Runtime::new(config()).unwrap();
+    let many = wat::parse_str(
+        r#"(component
+            (core module $m (memory 1))
+            (core instance (instantiate $m))
+            (core instance (instantiate $m)))"#,
+    )
+    .unwrap();
+    let err = runtime.load(&many).await.unwrap_err();
+    assert!(matches!(err, LoadError::Compile(_)), "{err:?}");
+    assert!(err.to_string().contains("linear memories"), "{err}");
+    let one = wat::parse_str(
+        r#"(component
+            (core module $m (memory 1))
+            (core instance (instantiate $m)))"#,
+    )
+    .unwrap();
+    let err = runtime.load(&one).await.unwrap_err();
+    assert!(
+        matches!(err, LoadError::World(WorldMismatch::NotAConnector)),
+        "one memory compiles: {err:?}"
+    );
+}
+
 /// A component exporting only `handler@VERSION` (no functions): enough to
 /// tell which world it claims.
 fn claims_world(version: &str) -> Vec<u8> {
