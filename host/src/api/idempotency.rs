@@ -66,15 +66,23 @@ where
     // releases this request's claim (if it landed), so the retry is not
     // refused for the whole lease.
     let mut guard = ReleaseOnCancel(record.clone().map(|r| (state.store.clone(), r)));
+    let claim = record.clone();
     let record = match begin(state, record).await {
         Ok(Begin::Run(record)) => record,
         Ok(Begin::Replay(response)) => {
             guard.0 = None;
             return Ok(response);
         }
-        Err(error) => {
+        Err(error @ (ApiError::IdempotencyKeyInFlight | ApiError::IdempotencyKeyReused)) => {
             guard.0 = None;
             return Err(error);
+        }
+        // The claim failed, or only its answer was lost and the key is
+        // ours: release it, so the client's retry is not refused for the
+        // whole lease (releasing deletes only this request's claim).
+        Err(error) => {
+            guard.0 = None;
+            return finish(state, claim, Err(error)).await;
         }
     };
     let result = write(record.clone()).await;

@@ -84,6 +84,7 @@ struct KeyRow {
     response_body: Option<Vec<u8>>,
     locked_at_ms: i64,
     expires_at_ms: i64,
+    claim: Option<String>,
 }
 
 impl Store {
@@ -117,7 +118,8 @@ impl Store {
             }
             let row: Option<KeyRow> = sqlx::query_as(
                 "SELECT fingerprint, state, response_status, response_headers, response_body, \
-                 locked_at_ms, expires_at_ms FROM idempotency_keys WHERE scope = $1 AND key = $2",
+                 locked_at_ms, expires_at_ms, claim FROM idempotency_keys \
+                 WHERE scope = $1 AND key = $2",
             )
             .bind(&record.scope)
             .bind(&record.key)
@@ -130,13 +132,18 @@ impl Store {
             let expired = row.expires_at_ms <= now_ms;
             let abandoned = row.state == "in_flight" && row.locked_at_ms + lease_ms <= now_ms;
             if expired || (abandoned && row.fingerprint == record.fingerprint) {
-                // Take the key over; the guard on the old lock time makes sure
-                // only one of several racing requests wins it.
+                // Take the key over, only as it was read: the guard on the
+                // old lock time makes sure only one of several racing
+                // requests wins it, and the one on its state and claim that
+                // a write completing it meanwhile (its commit waited for
+                // nothing this read could see) keeps its answer, rather than
+                // having it wiped and its write run a second time.
                 let taken = sqlx::query(
                     "UPDATE idempotency_keys SET fingerprint = $3, state = 'in_flight', \
                      response_status = NULL, response_headers = NULL, response_body = NULL, \
                      created_at = $4, locked_at_ms = $5, expires_at_ms = $6, claim = $9 \
-                     WHERE scope = $1 AND key = $2 AND locked_at_ms = $7 AND expires_at_ms = $8",
+                     WHERE scope = $1 AND key = $2 AND locked_at_ms = $7 AND expires_at_ms = $8 \
+                     AND state = $10 AND COALESCE(claim, '') = $11",
                 )
                 .bind(&record.scope)
                 .bind(&record.key)
@@ -147,6 +154,8 @@ impl Store {
                 .bind(row.locked_at_ms)
                 .bind(row.expires_at_ms)
                 .bind(&record.claim)
+                .bind(&row.state)
+                .bind(row.claim.as_deref().unwrap_or_default())
                 .execute(pool)
                 .await?;
                 return Ok(if taken.rows_affected() == 1 {

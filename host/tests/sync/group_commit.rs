@@ -1972,3 +1972,96 @@ async fn sessions_waiting_on_locks(raw: &sqlx::PgPool, n: i64) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// An `Idempotency-Key` claim whose answer was lost (the connection dropped
+/// after PostgreSQL stored it) is released before the client is answered,
+/// so its retry with the same key runs at once. Before, the claim stayed
+/// `in_flight` and every retry got 409 `idempotency_key_in_flight` for the
+/// whole 60 s lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_answer_was_lost_is_released() {
+    use crate::helpers::{spawn_sync_app, Backend, Setup};
+    use ferry_test_support::pg_proxy::PgProxy;
+    let cluster = PgCluster::shared();
+    let proxy = PgProxy::start(cluster.port()).await.expect("proxy");
+    let url = cluster.create_database().await.expect("test database");
+    // No Stripe is needed: the create is what is looked at.
+    let mut setup = Setup::new(Backend::Postgres, "http://127.0.0.1:9");
+    setup.database_url = Some(proxy.url(&url));
+    let app = spawn_sync_app(setup).await;
+    let body = json!({"email": email("lost-claim"), "name": "Lost"});
+    let create = || {
+        app.client
+            .post(format!("{}/api/v1/customers", app.base))
+            .header("idempotency-key", "lost-claim")
+            .json(&body)
+            .send()
+    };
+    proxy.lose_next_answer_to("INSERT INTO idempotency_keys");
+    let first = create().await.expect("answered");
+    assert_eq!(proxy.answers_lost(), 1, "the claim's answer was lost");
+    assert!(first.status().is_server_error(), "{}", first.status());
+    let retry = create().await.expect("answered");
+    let status = retry.status().as_u16();
+    assert_eq!(status, 201, "{}", retry.text().await.unwrap_or_default());
+}
+
+/// A retry that finds its key's claim abandoned and takes it over does not
+/// take a key the first request completes between the retry's read and its
+/// takeover: the takeover finds the key done and leaves it, with its stored
+/// answer. Before, the takeover's guard (the lock and expiry times, which
+/// completing does not change) still matched: the answer was wiped and the
+/// write ran a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_leaves_a_key_completed_meanwhile() {
+    use ferry::store::idempotency::{ClaimOutcome, IdempotencyRecord};
+    use ferry_test_support::pg_proxy::PgProxy;
+    let cluster = PgCluster::shared();
+    let proxy = PgProxy::start(cluster.port()).await.expect("proxy");
+    let url = cluster.create_database().await.expect("test database");
+    let store = open(&proxy.url(&url)).await;
+    let first = IdempotencyRecord {
+        scope: "open".into(),
+        key: "taken-over".into(),
+        fingerprint: "the-write".into(),
+        claim: "first".into(),
+    };
+    let claimed = store.claim_idempotency_key(&first, 3_600_000, 0).await;
+    assert_eq!(claimed.expect("claim"), ClaimOutcome::Claimed);
+
+    // The retry (lease 0: the claim looks abandoned) has read the key, and
+    // its takeover is held on the way to the server...
+    let hold = proxy.hold_next("UPDATE idempotency_keys SET fingerprint");
+    let retry = {
+        let store = store.clone();
+        let record = IdempotencyRecord {
+            claim: "retry".into(),
+            ..first.clone()
+        };
+        tokio::spawn(async move { store.claim_idempotency_key(&record, 3_600_000, 0).await })
+    };
+    hold.reached().await;
+    // ...while the first request's write completes the key.
+    let raw = sqlx::PgPool::connect(&url).await.expect("raw connection");
+    sqlx::query(
+        "UPDATE idempotency_keys SET state = 'done', response_status = 201, \
+         response_headers = '[]', response_body = '\\x7b7d' \
+         WHERE key = 'taken-over' AND claim = 'first'",
+    )
+    .execute(&raw)
+    .await
+    .expect("completed");
+    hold.release();
+    let outcome = retry.await.expect("task").expect("claim");
+    assert_ne!(
+        outcome,
+        ClaimOutcome::Claimed,
+        "the completed key was taken over"
+    );
+    let (state, claim): (String, String) =
+        sqlx::query_as("SELECT state, claim FROM idempotency_keys WHERE key = 'taken-over'")
+            .fetch_one(&raw)
+            .await
+            .expect("key");
+    assert_eq!((state.as_str(), claim.as_str()), ("done", "first"));
+}

@@ -12,6 +12,11 @@
 //! until its `ReadyForQuery` (`Z`), by which point the implicit transaction
 //! has committed; then both sockets close. A reply cycle without a
 //! `CommandComplete` (a `Describe` while preparing) is passed on.
+//!
+//! [`PgProxy::hold_next`] holds the next message containing a fragment of
+//! SQL before the server sees it, until the test releases it: a statement
+//! made to run after something else the test does, at a point the code
+//! under test offers no hook for.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -19,6 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 /// The proxy; it stops when dropped.
@@ -32,6 +38,26 @@ pub struct PgProxy {
 struct Shared {
     armed: Mutex<Option<Vec<u8>>>,
     lost: AtomicUsize,
+    hold: Mutex<Option<(Vec<u8>, Hold)>>,
+}
+
+/// A statement held by [`PgProxy::hold_next`].
+#[derive(Clone, Default)]
+pub struct Hold {
+    reached: Arc<Notify>,
+    go: Arc<Notify>,
+}
+
+impl Hold {
+    /// Waits until the statement has reached the proxy (and is held).
+    pub async fn reached(&self) {
+        self.reached.notified().await;
+    }
+
+    /// Lets the statement go on to the server.
+    pub fn release(&self) {
+        self.go.notify_one();
+    }
 }
 
 impl PgProxy {
@@ -76,6 +102,16 @@ impl PgProxy {
         *self.shared.armed.lock().expect("armed") = Some(fragment.as_bytes().to_vec());
     }
 
+    /// Holds the next message whose text contains `fragment` before it
+    /// reaches the server, until [`Hold::release`] (use it on a statement
+    /// the connection has not prepared yet, as for a lost answer).
+    pub fn hold_next(&self, fragment: &str) -> Hold {
+        let hold = Hold::default();
+        *self.shared.hold.lock().expect("hold") =
+            Some((fragment.as_bytes().to_vec(), hold.clone()));
+        hold
+    }
+
     /// How many answers were lost so far.
     pub fn answers_lost(&self) -> usize {
         self.shared.lost.load(Ordering::SeqCst)
@@ -100,6 +136,21 @@ async fn relay(client: TcpStream, server: TcpStream, shared: Arc<Shared>) {
                 Ok(n) => n,
             };
             let chunk = &buf[..n];
+            let held = {
+                let mut hold = shared.hold.lock().expect("hold");
+                let hit = hold
+                    .as_ref()
+                    .is_some_and(|(fragment, _)| contains(chunk, fragment));
+                if hit {
+                    hold.take().map(|(_, hold)| hold)
+                } else {
+                    None
+                }
+            };
+            if let Some(hold) = held {
+                hold.reached.notify_one();
+                hold.go.notified().await;
+            }
             {
                 let mut armed = shared.armed.lock().expect("armed");
                 let hit = armed
