@@ -484,10 +484,16 @@ async fn fetch_records_turns_a_message_into_triggers() {
         .await
         .expect("verified and parsed");
     let event = &parsed.events[0];
-    assert_eq!((event.id.as_str(), event.remote_id.as_str()), ("04l01", "003A"));
+    assert_eq!(
+        (event.id.as_str(), event.remote_id.as_str()),
+        ("04l01", "003A")
+    );
     assert_eq!(event.kind, ChangeKind::Upsert);
     assert_eq!(event.record, None);
-    assert_ne!(event.occurred_at_ms, 1_795_939_200_000, "not the message's date");
+    assert_ne!(
+        event.occurred_at_ms, 1_795_939_200_000,
+        "not the message's date"
+    );
     assert!(parsed.reply.is_some());
     assert!(kit.http().requests().is_empty(), "ferry fetches later");
 

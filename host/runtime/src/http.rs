@@ -315,4 +315,3 @@ fn is_host_owned(name: &http::HeaderName) -> bool {
         || name.as_str().starts_with("proxy-")
         || name.as_str() == "keep-alive"
 }
-

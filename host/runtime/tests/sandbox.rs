@@ -357,7 +357,12 @@ async fn a_guest_cannot_set_the_host_header() {
     let runtime = Runtime::with_transport(config(), transport.clone()).unwrap();
     let connector = load(&runtime).await;
     let cfg = connector_config(&[]);
-    for name in ["Host", "content-length", "Transfer-Encoding", "proxy-authorization"] {
+    for name in [
+        "Host",
+        "content-length",
+        "Transfer-Encoding",
+        "proxy-authorization",
+    ] {
         let report = push_report(
             &connector,
             &cfg,
@@ -768,8 +773,5 @@ async fn stdout_shares_the_log_line_budget() {
     let report = push_report(&connector, &cfg, json!({"do": "print", "count": 5000})).await;
     assert_eq!(report["printed"], 5000);
     let logged = lines.load(Ordering::SeqCst);
-    assert!(
-        (1..=1000).contains(&logged),
-        "{logged} stdout lines logged"
-    );
+    assert!((1..=1000).contains(&logged), "{logged} stdout lines logged");
 }

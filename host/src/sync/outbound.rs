@@ -435,14 +435,15 @@ impl SyncEngine {
         // fail the write of a push that did reach the remote, and the push
         // would run again at every lease expiry: the connector is broken,
         // and the change goes to a dead letter with the reason.
-        let pushed = connector.push(&config, request).await.and_then(|result| {
-            match crate::store::unkeyable("remote id", &result.remote_id) {
-                Some(problem) => Err(CallError::Connector(ConnectorError::Permanent(format!(
-                    "the connector returned {problem}"
-                )))),
-                None => Ok(result),
-            }
-        });
+        let pushed =
+            connector.push(&config, request).await.and_then(
+                |result| match crate::store::unkeyable("remote id", &result.remote_id) {
+                    Some(problem) => Err(CallError::Connector(ConnectorError::Permanent(format!(
+                        "the connector returned {problem}"
+                    )))),
+                    None => Ok(result),
+                },
+            );
         match pushed {
             Ok(result) => {
                 inner.breakers.success(&link.connector);

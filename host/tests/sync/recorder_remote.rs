@@ -153,7 +153,10 @@ async fn record_request(
         (Method::POST, Some("")) => {
             let prefix = lock(&state.id_prefix).clone();
             let prefix = prefix.as_deref().unwrap_or("rec_");
-            let id = format!("{prefix}{}", state.next_id.fetch_add(1, Ordering::SeqCst) + 1);
+            let id = format!(
+                "{prefix}{}",
+                state.next_id.fetch_add(1, Ordering::SeqCst) + 1
+            );
             records.insert(id.clone(), body["record"].clone());
             (StatusCode::CREATED, Json(json!({ "id": id }))).into_response()
         }

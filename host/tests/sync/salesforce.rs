@@ -381,16 +381,26 @@ async fn fetched_records_make_a_forged_message_harmless() {
     let forged = genuine
         .replace(">Real<", ">Forged<")
         .replace(&address, "mallory@example.com");
-    let start = forged.find("<sf:LastModifiedDate>").expect("dated") + "<sf:LastModifiedDate>".len();
+    let start =
+        forged.find("<sf:LastModifiedDate>").expect("dated") + "<sf:LastModifiedDate>".len();
     let end = start + forged[start..].find('<').expect("closed");
-    let forged = format!("{}2099-01-01T00:00:00.000Z{}", &forged[..start], &forged[end..]);
-    assert!(forged.contains(">Forged<") && forged.contains("mallory@"), "{forged}");
-    let missing = rig.salesforce.outbound_message_xml(
-        rig.salesforce.org_id(),
-        "Contact",
-        &[("04l00000000GHOST".to_owned(), contact_id.clone())],
-    )
-    .replace(&contact_id, "003000000000NOP");
+    let forged = format!(
+        "{}2099-01-01T00:00:00.000Z{}",
+        &forged[..start],
+        &forged[end..]
+    );
+    assert!(
+        forged.contains(">Forged<") && forged.contains("mallory@"),
+        "{forged}"
+    );
+    let missing = rig
+        .salesforce
+        .outbound_message_xml(
+            rig.salesforce.org_id(),
+            "Contact",
+            &[("04l00000000GHOST".to_owned(), contact_id.clone())],
+        )
+        .replace(&contact_id, "003000000000NOP");
 
     let sent_at = chrono::Utc::now().timestamp_millis();
     for xml in [missing, forged] {
@@ -403,12 +413,20 @@ async fn fetched_records_make_a_forged_message_harmless() {
     }
     let customer = rig.app.wait_customer_by_email(&address).await;
     assert_eq!(customer["name"], "Ada Real", "{customer}");
-    assert!(rig.app.customer_by_email("mallory@example.com").await.is_none());
-    let fetched = rig.data_requests().into_iter().any(|r| {
-        r.method == "GET" && r.path.ends_with(&format!("/sobjects/Contact/{contact_id}"))
-    });
+    assert!(rig
+        .app
+        .customer_by_email("mallory@example.com")
+        .await
+        .is_none());
+    let fetched = rig
+        .data_requests()
+        .into_iter()
+        .any(|r| r.method == "GET" && r.path.ends_with(&format!("/sobjects/Contact/{contact_id}")));
     assert!(fetched, "{:?}", rig.data_requests());
-    let stored = rig.app.wait_inbox_settled("salesforce", &contact_id, 1).await;
+    let stored = rig
+        .app
+        .wait_inbox_settled("salesforce", &contact_id, 1)
+        .await;
     let received_by = chrono::Utc::now().timestamp_millis();
     let at = stored[0].occurred_at_ms;
     assert!(

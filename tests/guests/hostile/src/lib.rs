@@ -108,7 +108,8 @@ impl Guest for Hostile {
             // compiles for the native clippy/test builds of the workspace).
             "trap" => std::process::abort(),
             "http" => {
-                let mut headers = vec![("authorization".into(), "Bearer {{secret:api_key}}".into())];
+                let mut headers =
+                    vec![("authorization".into(), "Bearer {{secret:api_key}}".into())];
                 if let Some(extra) = instruction["headers"].as_object() {
                     for (name, value) in extra {
                         headers.push((name.clone(), value.as_str().unwrap_or_default().into()));
