@@ -53,7 +53,9 @@ pub struct ConnectorSummary {
     pub settings: BTreeMap<String, String>,
     /// The names of the secrets that have a value (never the values).
     pub secrets: Vec<String>,
-    /// A configuration problem, e.g. secrets that cannot be decrypted.
+    /// A configuration problem: secrets that cannot be decrypted, or
+    /// required settings or secrets of the active version the connector
+    /// lacks (its work waits until they are given).
     pub problem: Option<String>,
     /// This replica's circuit breaker for it.
     pub breaker: BreakerView,
@@ -165,7 +167,7 @@ async fn summary(state: &AppState, entry: &Entry) -> Result<ConnectorSummary, Ap
         config_source: effective.source,
         settings: effective.config.settings.clone(),
         secrets: effective.secret_names.clone(),
-        problem: effective.problem.clone(),
+        problem: effective.problem.clone().or_else(|| entry.incomplete()),
         breaker: state.sync.breakers().view(&entry.name),
         backfill_offered: last.is_none(),
         last_reconciliation: last.map(|run| LastReconciliation {

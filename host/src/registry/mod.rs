@@ -83,6 +83,11 @@ pub enum NotReady {
     /// Never switched on (its required settings were never given).
     #[error("the connector is not configured")]
     Unconfigured,
+    /// Switched on, but the active version needs settings or secrets the
+    /// connector does not have (a new version declared them): work waits,
+    /// as for a disabled connector, until they are given.
+    #[error("the active version needs {0}")]
+    Incomplete(String),
     /// The connector does not handle what was asked (an entity, webhooks).
     #[error("the connector does not handle {0}")]
     Unsupported(String),
@@ -118,6 +123,34 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The required settings and secrets of `manifest` the connector's
+    /// configuration lacks, if any (`settings.a, secrets.b`).
+    fn missing_settings(&self, manifest: &Manifest) -> Option<String> {
+        let config = &self.effective;
+        let missing: Vec<String> = config::check_against_manifest(
+            manifest,
+            config.config.settings.keys(),
+            config.secret_names.iter(),
+            true,
+        )
+        .into_iter()
+        .filter(|p| p.message == config::REQUIRED)
+        .map(|p| p.field)
+        .collect();
+        (!missing.is_empty()).then(|| missing.join(", "))
+    }
+
+    /// Why the switched-on connector cannot run its active version, if it
+    /// cannot: required settings or secrets it lacks.
+    pub fn incomplete(&self) -> Option<String> {
+        let active = self.active.as_ref()?;
+        if self.effective.switch != Switch::Enabled {
+            return None;
+        }
+        self.missing_settings(active.connector.manifest())
+            .map(|missing| NotReady::Incomplete(missing).to_string())
+    }
+
     fn ready(&self, need: Need<'_>) -> Result<Ready, NotReady> {
         let active = self.active.as_ref().ok_or_else(|| {
             NotReady::NotLoaded(
@@ -132,6 +165,9 @@ impl Entry {
             Switch::Unconfigured => return Err(NotReady::Unconfigured),
         }
         let manifest = active.connector.manifest();
+        if let Some(missing) = self.missing_settings(manifest) {
+            return Err(NotReady::Incomplete(missing));
+        }
         match need {
             Need::Entity(entity) if !manifest.entities.iter().any(|e| e == entity) => {
                 return Err(NotReady::Unsupported(format!("entity `{entity}`")));

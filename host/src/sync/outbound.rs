@@ -353,7 +353,7 @@ impl SyncEngine {
             // Paused, or never switched on here (its settings may live in
             // another replica's environment): wait, spending no attempt;
             // enabling it resumes the link at once, this is the fallback.
-            Err(NotReady::Disabled | NotReady::Unconfigured) => {
+            Err(NotReady::Disabled | NotReady::Unconfigured | NotReady::Incomplete(_)) => {
                 return (wait(PAUSED_RECHECK), Outcome::Paused)
             }
             // This replica could not load the active version (yet): another

@@ -414,8 +414,9 @@ impl SyncEngine {
             self.renew(run).await?;
             let ready = match inner.registry.ready(&run.connector, Need::Entity(ENTITY)) {
                 Ok(ready) => ready,
-                // Paused by an operator: the run waits with it.
-                Err(NotReady::Disabled) => {
+                // Paused by an operator, or waiting for the settings its
+                // active version needs: the run waits with it.
+                Err(NotReady::Disabled | NotReady::Incomplete(_)) => {
                     self.wait(run, cancel, POLL).await?;
                     continue;
                 }
@@ -786,7 +787,7 @@ impl SyncEngine {
             // Switched off by an operator: no repair is scheduled (an
             // import, a merge or an orphan's delete would change customers
             // while the connector is paused); the run waits with it.
-            if let Err(NotReady::Disabled) = self
+            if let Err(NotReady::Disabled | NotReady::Incomplete(_)) = self
                 .inner
                 .registry
                 .ready(&run.connector, Need::Entity(ENTITY))

@@ -2,7 +2,8 @@
 //! activation (rollback), enable and disable, delete, a version swap under
 //! webhook load, and two `ferry serve` processes on one PostgreSQL following
 //! each other's changes. The uploaded connector is the recorder test guest
-//! (tests/guests/recorder) and its variants: `version-2` (0.2.0), `rebuilt`
+//! (tests/guests/recorder) and its variants: `version-2` (0.2.0),
+//! `version-3` (0.3.0, a new required setting), `rebuilt`
 //! (0.1.0 with other bytes) and `invalid-manifest`. Its webhook answers
 //! `recorder VERSION`, so a test sees which version served a delivery.
 
@@ -982,6 +983,54 @@ async fn a_push_without_a_returned_record_keeps_a_base(backend: Backend) {
     assert_eq!(base["phone"], "+15550000001", "{base}");
 }
 
+/// A new version that needs a setting the connector does not have is
+/// activated, and its work waits as for a disabled connector: changes
+/// stay pending without spending attempts, the connector says what is
+/// missing, and giving the setting pushes them. Before, every push ran
+/// against the incomplete configuration and failed.
+async fn a_version_that_needs_a_new_setting_waits_for_it(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let (status, version) = upload(&app, recorder_variant("version-3"), "").await;
+    assert_eq!(status, 201, "{version}");
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(connector["active_version"], "0.3.0", "{connector}");
+    assert!(
+        connector["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("settings.account")),
+        "{connector}"
+    );
+    let customer = app
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Waiting"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    // Looked at and put back to wait: its next attempt is in the future.
+    let link = app
+        .wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
+            l["next_attempt_at_ms"].as_i64() > Some(chrono::Utc::now().timestamp_millis())
+        })
+        .await;
+    assert_eq!(link["state"], "pending", "{link}");
+    assert_eq!(link["attempts"], 0, "{link}");
+    assert!(remote.requests_to("POST", "/records").is_empty());
+
+    let (status, configured) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/recorder/settings",
+            Some(json!({"settings": {"api_base": remote.url, "account": "acme"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{configured}");
+    app.wait_link_of("recorder", &id, Duration::from_secs(20), |l| {
+        l["state"] == "synced"
+    })
+    .await;
+    assert_eq!(remote.requests_to("POST", "/records").len(), 1);
+}
+
 /// A push whose connector answers with a remote id ferry cannot keep (a
 /// NUL, which PostgreSQL refuses) dead-letters with the reason, once,
 /// rather than failing its write and running again at every lease expiry.
@@ -1010,6 +1059,11 @@ async fn a_remote_id_ferry_cannot_keep_is_dead_lettered(backend: Backend) {
 
 mod sqlite {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_that_needs_a_new_setting() {
+        a_version_that_needs_a_new_setting_waits_for_it(Backend::Sqlite).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_remote_id_with_a_nul() {

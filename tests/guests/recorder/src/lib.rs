@@ -28,7 +28,8 @@
 //!
 //! Features build variants of it for the connector-plane tests (each is one
 //! more file beside the default build, see `scripts/build-connectors.sh`):
-//! `version-2` is version 0.2.0, `rebuilt` is the default version with other
+//! `version-2` is version 0.2.0, `version-3` is version 0.3.0 with a new
+//! required setting `account`, `rebuilt` is the default version with other
 //! bytes, `invalid-manifest` declares a name and version ferry refuses.
 
 use ferry_sdk::http::{Request, Response};
@@ -54,6 +55,8 @@ const VERSION: &str = if cfg!(feature = "invalid-manifest") {
     "latest"
 } else if cfg!(feature = "version-2") {
     "0.2.0"
+} else if cfg!(feature = "version-3") {
+    "0.3.0"
 } else {
     env!("CARGO_PKG_VERSION")
 };
@@ -76,7 +79,18 @@ struct Delivery {
 
 impl Connector for Recorder {
     fn manifest() -> Manifest {
-        Manifest::builder(NAME, VERSION)
+        let builder = Manifest::builder(NAME, VERSION);
+        let builder = if cfg!(feature = "version-3") {
+            builder.setting(
+                "account",
+                "The recording service's account (new in 0.3.0, required)",
+                None,
+                true,
+            )
+        } else {
+            builder
+        };
+        builder
             .description(DESCRIPTION)
             .entity(ENTITY)
             .base_url_setting(
