@@ -325,7 +325,28 @@ impl Store {
             if let Some(other) = other {
                 return Ok(AddedVersion::Conflict(other.into()));
             }
-            insert_version!(tx, new, at)?;
+            if let Err(error) = insert_version!(tx, new, at) {
+                // Another upload of the same bytes, or of the same version,
+                // committed between the reads and the insert (two replicas
+                // taking a client's retry): answered as if it came first.
+                if matches!(&error, sqlx::Error::Database(db) if db.is_unique_violation()) {
+                    drop(tx);
+                    let same: Option<VersionDbRow> =
+                        sqlx::query_as(&by_sha).bind(new.sha256).fetch_optional(pool).await?;
+                    if let Some(same) = same {
+                        return Ok(AddedVersion::Exists(same.into()));
+                    }
+                    let other: Option<VersionDbRow> = sqlx::query_as(&by_version)
+                        .bind(new.name)
+                        .bind(new.version)
+                        .fetch_optional(pool)
+                        .await?;
+                    if let Some(other) = other {
+                        return Ok(AddedVersion::Conflict(other.into()));
+                    }
+                }
+                return Err(error.into());
+            }
             sqlx::query(
                 "INSERT INTO connectors (name, active_version, activated_by, enabled, deleted_at, revision, updated_at) \
                  VALUES ($1, CASE WHEN $3 THEN $2 END, 'api', NULL, NULL, 1, $4) \

@@ -983,6 +983,38 @@ async fn a_push_without_a_returned_record_keeps_a_base(backend: Backend) {
     assert_eq!(base["phone"], "+15550000001", "{base}");
 }
 
+/// Two uploads of the same bytes at once (a client's retry that reached
+/// another replica): the one whose insert comes second finds the first's
+/// row and is answered 200 with it. Before, its unique violation was
+/// answered 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_the_same_upload_twice_at_once() {
+    use ferry_test_support::pg_proxy::PgProxy;
+    let cluster = PgCluster::shared();
+    let proxy = PgProxy::start(cluster.port()).await.expect("proxy");
+    let url = cluster.create_database().await.expect("test database");
+    let mut setup = setup(Backend::Postgres);
+    // No statement cache: every statement's text goes over the wire, so
+    // the proxy sees the upload's insert even on a connection that stored
+    // the bundled connectors at start.
+    setup.database_url = Some(format!("{}&statement-cache-capacity=0", proxy.url(&url)));
+    let app = Arc::new(spawn_sync_app(setup).await);
+    // The first upload's insert waits on its way to the server...
+    let hold = proxy.hold_next("INSERT INTO connector_versions");
+    let first = {
+        let app = Arc::clone(&app);
+        tokio::spawn(async move { upload(&app, recorder(), "").await })
+    };
+    hold.reached().await;
+    // ...while the second one is stored.
+    let (status, second) = upload(&app, recorder(), "").await;
+    assert_eq!(status, 201, "{second}");
+    hold.release();
+    let (status, first) = first.await.expect("task");
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["sha256"], second["sha256"]);
+}
+
 /// A new version that needs a setting the connector does not have is
 /// activated, and its work waits as for a disabled connector: changes
 /// stay pending without spending attempts, the connector says what is
