@@ -65,12 +65,20 @@ async fn two_replicas_share_the_work_without_double_pushes() {
     let mut setup = Setup::new(Backend::Postgres, &proxy.url());
     setup.kafka = Some(broker.bootstrap());
     let topic_prefix = format!("t{}", uuid::Uuid::new_v4().simple());
-    setup.extra = json!({"kafka_topic_prefix": topic_prefix});
+    // Calls long enough that no create times out after it was sent on a
+    // busy machine (its replay would be a second request, and localstripe
+    // keeps no idempotency keys): every request counted is a push.
+    let extra = json!({
+        "kafka_topic_prefix": topic_prefix,
+        "connector_call_timeout": "10s",
+        "sync_lease": "15s",
+    });
+    setup.extra = extra.clone();
     let first = spawn_sync_app(setup).await;
     let mut setup = Setup::new(Backend::Postgres, &proxy.url());
     setup.kafka = Some(broker.bootstrap());
     setup.database_url = Some(first.database_url.clone());
-    setup.extra = json!({"kafka_topic_prefix": topic_prefix});
+    setup.extra = extra;
     let second = spawn_sync_app(setup).await;
 
     let mut ids = Vec::new();

@@ -1356,9 +1356,13 @@ async fn a_run_switched_off_mid_listing_repairs_nothing_until_on(backend: Backen
     let proxy = FaultProxy::start(&url).await.expect("proxy");
     proxy.push(
         Match::request("GET", "/v1/customers"),
-        Fault::ForwardThenDelay(Duration::from_millis(1_200)),
+        Fault::ForwardThenDelay(Duration::from_secs(8)),
     );
-    let app = spawn_sync_app(Setup::new(backend, &proxy.url())).await;
+    // The page is held long enough for the switch to land first on a busy
+    // machine, within a call timeout that outlasts it.
+    let mut setup = Setup::new(backend, &proxy.url());
+    setup.extra = json!({"connector_call_timeout": "15s", "sync_lease": "20s"});
+    let app = spawn_sync_app(setup).await;
     let run = start_run(&app, json!({"connector": "stripe", "repair": "merge"})).await;
     let id = run["id"].as_str().unwrap();
     // The listing is on the wire; the operator switches Stripe off.
