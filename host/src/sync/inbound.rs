@@ -748,16 +748,28 @@ impl SyncEngine {
                         )))
                     }
                     DuplicateEmail::Flag => {
+                        // The merge's own conflicts stay in it: a field
+                        // flagged, or decided by the policy, is recorded
+                        // with the email for the person who resolves it.
+                        let mut entries = match conflict.take() {
+                            Some(merged) => match merged.fields {
+                                serde_json::Value::Array(entries) => entries,
+                                _ => Vec::new(),
+                            },
+                            None => Vec::new(),
+                        };
+                        entries.retain(|e| e["field"] != "email");
+                        entries.push(serde_json::json!({
+                            "field": "email",
+                            "base": base.as_ref().and_then(|b| b.get("email")).cloned(),
+                            "local": customer.email,
+                            "remote": fields.email,
+                            "resolution": Resolution::Pending,
+                            "detail": format!("the remote email belongs to customer {}", owner.id.as_str()),
+                        }));
                         conflict = Some(NewConflict {
                             policy: "duplicate_email".to_owned(),
-                            fields: serde_json::json!([{
-                                "field": "email",
-                                "base": base.as_ref().and_then(|b| b.get("email")).cloned(),
-                                "local": customer.email,
-                                "remote": fields.email,
-                                "resolution": Resolution::Pending,
-                                "detail": format!("the remote email belongs to customer {}", owner.id.as_str()),
-                            }]),
+                            fields: serde_json::Value::Array(entries),
                             open: true,
                         });
                         fields.email = customer.email.clone();
@@ -994,6 +1006,14 @@ impl SyncEngine {
         };
         let push_back = (matches!(change, CustomerWrite::None) && merged.remote_needs_push())
             .then_some(customer.version);
+        // The fields both sides set differently are recorded as on any
+        // merge; under the `flag` policy they wait for a person (before,
+        // the local values were kept silently and pushed over the remote's).
+        let conflict = (!merged.conflicts.is_empty()).then(|| NewConflict {
+            policy: policy_name(policy),
+            fields: serde_json::to_value(&merged.conflicts).unwrap_or_default(),
+            open: merged.has_pending_conflicts(),
+        });
         self.write(InboundChange {
             event: event.clone(),
             link_read,
@@ -1002,10 +1022,10 @@ impl SyncEngine {
             unlink_customer: unlink,
             link_remote: true,
             snapshot: Some(remote),
-            remote_has_result: !merged.remote_needs_push(),
+            remote_has_result: !merged.remote_needs_push() && !merged.has_pending_conflicts(),
             push_back,
             detail: Some(detail.to_owned()),
-            conflict: None,
+            conflict,
         })
         .await
     }

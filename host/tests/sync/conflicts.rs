@@ -54,9 +54,19 @@ async fn synced_customer_on(backend: Backend, policy: &str) -> Harness {
 
 /// Edits the customer in Stripe as a dashboard user would.
 pub(crate) fn edit_in_stripe(stripe_url: &str, remote_id: &str, field: &str, value: &str) {
+    edit_fields_in_stripe(stripe_url, remote_id, &[(field, value)]);
+}
+
+/// Edits several fields of the customer in Stripe at once (one event).
+pub(crate) fn edit_fields_in_stripe(stripe_url: &str, remote_id: &str, fields: &[(&str, &str)]) {
+    let fields: Vec<String> = fields
+        .iter()
+        .map(|(field, value)| format!("{field}='{value}'"))
+        .collect();
     let script = format!(
         "import stripe\nstripe.api_key = '{STRIPE_KEY}'\nstripe.api_base = '{stripe_url}'\n\
-         stripe.Customer.modify('{remote_id}', {field}='{value}')"
+         stripe.Customer.modify('{remote_id}', {})",
+        fields.join(", ")
     );
     let out = Command::new(venv_python().unwrap())
         .arg("-c")
@@ -433,4 +443,56 @@ async fn the_console_keeps_a_local_edit_made_while_the_conflict_was_open() {
     assert_eq!(resolved["name"], "Newer Local", "{resolved}");
     let version = resolved["version"].as_i64().unwrap();
     assert_stripe_has(&h, version, "Newer Local", "+15550000001").await;
+}
+
+/// A remote edit that changes a linked record's email to another
+/// customer's (duplicate-email policy `flag`) and its name, which ferry also
+/// changed: the conflict that waits for a person holds both fields. Before,
+/// it held the email only, and the name's conflict was dropped: ferry's
+/// name was kept and later pushed over the remote's without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_email_keeps_the_merge_conflicts_with_it() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let mut setup = Setup::new(Backend::Sqlite, &proxy.url());
+    setup.extra = json!({
+        "conflict_policy": "flag",
+        "duplicate_email_policy": "flag",
+        "sync_max_attempts": 100,
+    });
+    let app = spawn_sync_app(setup).await;
+    app.receive_stripe_webhooks(&stripe).await;
+    let other = email("taken");
+    app.create(json!({"email": other, "name": "Other"})).await;
+    let created = app
+        .create(json!({"email": email("dup-conflict"), "name": "Original"}))
+        .await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let link = app.wait_synced(&id, 1).await;
+    let remote_id = link["remote_id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+
+    proxy.set_down(true);
+    app.patch(&id, json!({"name": "Local Name"})).await;
+    edit_fields_in_stripe(
+        &stripe.url(),
+        &remote_id,
+        &[("name", "Remote Name"), ("email", &other)],
+    );
+    let conflict = open_conflict(&app).await;
+    assert_eq!(conflict["policy"], "duplicate_email", "{conflict:#}");
+    let fields = conflict["fields"].as_array().cloned().unwrap_or_default();
+    let field = |name: &str| fields.iter().find(|f| f["field"] == name).cloned();
+    let name = field("name").unwrap_or_else(|| panic!("the name waits too: {conflict:#}"));
+    assert_eq!(
+        (&name["local"], &name["remote"], &name["resolution"]),
+        (
+            &json!("Local Name"),
+            &json!("Remote Name"),
+            &json!("pending")
+        ),
+        "{conflict:#}"
+    );
+    assert!(field("email").is_some(), "{conflict:#}");
+    assert_eq!(customer(&app, &id).await["name"], "Local Name");
 }

@@ -804,8 +804,21 @@ async fn duplicate_email_delivery(
     backend: Backend,
     strategy: &str,
 ) -> (SyncApp, String, String, String) {
+    duplicate_email_delivery_under(stripe, backend, strategy, "last_writer_wins").await
+}
+
+/// [`duplicate_email_delivery`] under conflict policy `policy`.
+async fn duplicate_email_delivery_under(
+    stripe: &LocalStripe,
+    backend: Backend,
+    strategy: &str,
+    policy: &str,
+) -> (SyncApp, String, String, String) {
     let mut setup = Setup::new(backend, &stripe.url());
-    setup.extra = json!({"connectors": {"stripe": {"duplicate_email": strategy}}});
+    setup.extra = json!({
+        "connectors": {"stripe": {"duplicate_email": strategy}},
+        "conflict_policy": policy,
+    });
     let app = spawn_sync_app(setup).await;
     let address = email(&format!("dup-{strategy}"));
     let customer = app.create(json!({"email": address, "name": "First"})).await;
@@ -885,6 +898,29 @@ async fn duplicate_email_strategies(backend: Backend) {
         .unwrap()
         .expect("linked");
     assert_eq!(link.customer_id, id);
+    drop(app);
+
+    // Merged under the `flag` policy, the name both records set differently
+    // waits for a person rather than keeping ferry's silently.
+    let (app, id, _s2, outcome) =
+        duplicate_email_delivery_under(&stripe, backend, "merge", "flag").await;
+    assert!(outcome.starts_with("applied: relinked"), "{outcome}");
+    let (_, conflicts) = app
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/v1/conflicts?customer_id={id}&state=open"),
+            None,
+        )
+        .await;
+    let fields = &conflicts["data"][0]["fields"];
+    let name = fields
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["field"] == "name"))
+        .unwrap_or_else(|| panic!("the name is flagged: {conflicts:#}"));
+    assert_eq!(
+        (&name["local"], &name["remote"]),
+        (&json!("First"), &json!("Second"))
+    );
     drop(app);
 
     let (app, id, s2, outcome) = duplicate_email_delivery(&stripe, backend, "auto_rename").await;
