@@ -438,20 +438,34 @@ impl Store {
             .bind(at)
             .execute(&mut *tx)
             .await?;
-            let activated = sqlx::query(
-                "UPDATE connectors SET active_version = $2, activated_by = 'bundle', \
-                 revision = revision + 1, updated_at = $4 \
-                 WHERE name = $1 AND (active_version IS NULL \
-                 OR (activated_by = 'bundle' AND (active_version <> $2 OR $3)))",
+            // The bundle moves its own choice forward only: a replica of an
+            // older ferry (a rolling deploy, a restart mid-upgrade) must not
+            // take every replica back to its older bundled version.
+            let current: Option<(Option<String>, String)> = sqlx::query_as(
+                "SELECT active_version, activated_by FROM connectors WHERE name = $1",
             )
             .bind(new.name)
-            .bind(new.version)
-            .bind(replaced)
-            .bind(at)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
+            .fetch_optional(&mut *tx)
+            .await?;
+            let take = match &current {
+                None | Some((None, _)) => true,
+                Some((Some(active), by)) if by == "bundle" => {
+                    (active == new.version && replaced) || newer_version(new.version, active)
+                }
+                Some(_) => false,
+            };
+            let activated = take
+                && sqlx::query(
+                    "UPDATE connectors SET active_version = $2, activated_by = 'bundle', \
+                     revision = revision + 1, updated_at = $3 WHERE name = $1",
+                )
+                .bind(new.name)
+                .bind(new.version)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    == 1;
             tx.commit().await?;
             Ok(Seeded::Stored { activated })
         })
@@ -567,5 +581,18 @@ impl Store {
             .await?
         });
         Ok(count)
+    }
+}
+
+/// Whether version `candidate` comes after `active` in semantic-version
+/// order (versions a manifest accepted are semantic; one that does not
+/// parse is taken as different, and so as a move).
+fn newer_version(candidate: &str, active: &str) -> bool {
+    match (
+        semver::Version::parse(candidate),
+        semver::Version::parse(active),
+    ) {
+        (Ok(candidate), Ok(active)) => candidate > active,
+        _ => candidate != active,
     }
 }

@@ -1015,6 +1015,44 @@ async fn postgres_the_same_upload_twice_at_once() {
     assert_eq!(first["sha256"], second["sha256"]);
 }
 
+/// A replica of an older ferry, started beside a newer one (a rolling
+/// deploy), stores its older bundled connector but does not make it active:
+/// the bundle only moves its own choice forward. Before, every restart of
+/// the older replica took every replica back to its version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_older_bundle_does_not_take_a_newer_one_back() {
+    let bundle = |variant: Option<&str>| {
+        let dir = tempfile::tempdir().expect("bundle dir");
+        let bytes = variant.map_or_else(recorder, recorder_variant);
+        std::fs::write(dir.path().join("recorder.wasm"), bytes).expect("bundled");
+        dir
+    };
+    let (newer, older) = (bundle(Some("version-2")), bundle(None));
+    let mut first = setup(Backend::Postgres);
+    first.extra = json!({"connectors_dir": newer.path()});
+    let app = spawn_sync_app(first).await;
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(connector["active_version"], "0.2.0", "{connector}");
+
+    let mut second = setup(Backend::Postgres);
+    second.database_url = Some(app.database_url.clone());
+    second.extra = json!({"connectors_dir": older.path()});
+    let old = spawn_sync_app(second).await;
+    for replica in [&app, &old] {
+        let (_, connector) = get(replica, "/api/v1/connectors/recorder").await;
+        assert_eq!(connector["active_version"], "0.2.0", "{connector}");
+    }
+    let (_, versions) = get(&old, "/api/v1/connectors/recorder/versions").await;
+    let stored: Vec<&str> = versions["data"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|v| v["version"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        stored.contains(&"0.1.0"),
+        "the older bundle is stored: {versions}"
+    );
+}
+
 /// A new version that needs a setting the connector does not have is
 /// activated, and its work waits as for a disabled connector: changes
 /// stay pending without spending attempts, the connector says what is
