@@ -46,12 +46,15 @@ impl ConnectorError {
     }
 
     /// Maps a remote HTTP status onto the error the host's retry policy
-    /// expects, or `None` for a 1xx–3xx answer.
+    /// expects, or `None` for a 1xx, 2xx or 304 answer.
     ///
     /// 429 → rate-limited (with `Retry-After` in delta-seconds, if given),
     /// 5xx and 408 → retryable, 401/403 → unauthorized, 404/410 → not-found,
-    /// any other 4xx → permanent. `detail` (usually the remote's error
-    /// message) is appended for the operator.
+    /// any other 4xx → permanent, and a redirect (3xx but 304) → permanent:
+    /// the host never follows one, so the request did not reach what it was
+    /// meant for (a wrong base URL, an API that moved). `detail` (usually
+    /// the remote's error message, or a redirect's `Location`) is appended
+    /// for the operator.
     pub fn from_status(status: u16, retry_after: Option<&str>, detail: &str) -> Option<Self> {
         let message = if detail.is_empty() {
             format!("remote answered HTTP {status}")
@@ -59,7 +62,10 @@ impl ConnectorError {
             format!("remote answered HTTP {status}: {detail}")
         };
         Some(match status {
-            100..=399 => return None,
+            100..=299 | 304 => return None,
+            300..=399 => Self::permanent(format!(
+                "{message} (a redirect: ferry does not follow them; check the URL)"
+            )),
             429 => Self::rate_limited(retry_after.and_then(parse_retry_after_ms), message),
             401 | 403 => Self::unauthorized(message),
             404 | 410 => Self::not_found(message),
@@ -172,6 +178,17 @@ mod tests {
             ConnectorError::from_status(409, None, ""),
             Some(ConnectorError::Permanent(_))
         ));
+        // A redirect is not done: the host does not follow it.
+        for redirect in [301, 302, 307, 308] {
+            assert!(
+                matches!(
+                    ConnectorError::from_status(redirect, None, "https://elsewhere/"),
+                    Some(ConnectorError::Permanent(m)) if m.contains("redirect") && m.contains("elsewhere")
+                ),
+                "{redirect}"
+            );
+        }
+        assert_eq!(ConnectorError::from_status(304, None, ""), None);
     }
 
     #[test]

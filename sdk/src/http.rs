@@ -213,9 +213,9 @@ impl Response {
         })
     }
 
-    /// `Ok(self)` for 1xx–3xx; otherwise the error
+    /// `Ok(self)` for 1xx, 2xx and 304; otherwise the error
     /// [`ConnectorError::from_status`] maps the status to, with the start of
-    /// the body as detail.
+    /// the body (for a redirect, its `Location`) as detail.
     pub fn error_for_status(self) -> Result<Self, ConnectorError> {
         self.error_for_status_with(|r| truncate(&r.text(), 500))
     }
@@ -226,10 +226,13 @@ impl Response {
         self,
         detail: impl FnOnce(&Self) -> String,
     ) -> Result<Self, ConnectorError> {
-        if (100..400).contains(&self.status) {
+        if (100..300).contains(&self.status) || self.status == 304 {
             return Ok(self);
         }
-        let detail = detail(&self);
+        let detail = match self.header("location") {
+            Some(location) if (300..400).contains(&self.status) => format!("to {location}"),
+            _ => detail(&self),
+        };
         match ConnectorError::from_status(self.status, self.header("retry-after"), &detail) {
             Some(err) => Err(err),
             None => Ok(self),

@@ -123,7 +123,7 @@ pub fn verify_timestamped_with(
         header_value.ok_or_else(|| ConnectorError::invalid_signature("no signature header"))?;
     let parsed = TimestampedSignature::parse(value)?;
     // Reject both old and far-future timestamps: either is a replay window.
-    if (now_secs - parsed.timestamp).abs() > tolerance_secs {
+    if now_secs.abs_diff(parsed.timestamp) > tolerance_secs.unsigned_abs() {
         return Err(ConnectorError::invalid_signature(format!(
             "signature timestamp is outside the {tolerance_secs} s tolerance"
         )));
@@ -308,6 +308,15 @@ mod tests {
             300,
             1000,
             |_| Err("no such secret".into()),
+        ));
+        // A timestamp at the end of the range is refused, not an overflow.
+        let extreme = header_for("k", i64::MIN, body);
+        refused(verify_timestamped_with(
+            Some(&extreme),
+            body,
+            300,
+            1000,
+            fake_mac("k"),
         ));
     }
 
