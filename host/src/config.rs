@@ -185,8 +185,40 @@ pub struct Config {
     /// Per-connector settings and secrets from the file or environment
     /// (`FERRY_CONNECTORS__STRIPE__SECRETS__API_KEY=sk_test_...`). Settings
     /// stored through the API take precedence.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "connector_names")]
     pub connectors: BTreeMap<String, ConnectorSettingsConfig>,
+}
+
+/// The `connectors` table with its names as the registry knows them.
+/// Connector names are `[a-z0-9-]+`, and an environment variable's name
+/// cannot hold a `-`: `FERRY_CONNECTORS__ACME_CRM__…` configures connector
+/// `acme-crm`. Given both ways (the file's `acme-crm`, the environment's
+/// `ACME_CRM`), the two are merged, the environment's values winning.
+fn connector_names<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, ConnectorSettingsConfig>, D::Error> {
+    let given = BTreeMap::<String, ConnectorSettingsConfig>::deserialize(deserializer)?;
+    let mut connectors: BTreeMap<String, ConnectorSettingsConfig> = BTreeMap::new();
+    // Hyphenated keys (a file's) first, so the environment's are laid over.
+    let (hyphenated, underscored): (Vec<_>, Vec<_>) =
+        given.into_iter().partition(|(name, _)| !name.contains('_'));
+    for (name, config) in hyphenated.into_iter().chain(underscored) {
+        let name = name.replace('_', "-");
+        match connectors.get_mut(&name) {
+            None => {
+                connectors.insert(name, config);
+            }
+            Some(merged) => {
+                merged.enabled = config.enabled.or(merged.enabled);
+                merged.settings.extend(config.settings);
+                merged.secrets.extend(config.secrets);
+                merged.duplicate_email = config.duplicate_email.or(merged.duplicate_email);
+                merged.reconcile_every = config.reconcile_every.or(merged.reconcile_every);
+                merged.reconcile_repair = config.reconcile_repair.or(merged.reconcile_repair);
+            }
+        }
+    }
+    Ok(connectors)
 }
 
 /// One connector's configuration from the file or environment.
@@ -752,6 +784,28 @@ mod tests {
 
             jail.set_env("FERRY_ADMN_TOKEN", "typo");
             assert!(Config::load(None).is_err());
+            Ok(())
+        });
+    }
+
+    /// An environment variable cannot name `acme-crm`: `ACME_CRM` does, and
+    /// is merged with the file's `acme-crm` table.
+    #[test]
+    fn a_hyphenated_connector_is_configured_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file(
+                "ferry.toml",
+                "[connectors.acme-crm.settings]\napi_base = \"https://crm.example\"\nregion = \"eu\"\n",
+            )?;
+            jail.set_env("FERRY_CONNECTORS__ACME_CRM__SECRETS__API_KEY", "k");
+            jail.set_env("FERRY_CONNECTORS__ACME_CRM__SETTINGS__REGION", "us");
+            let config = Config::load(Some(Path::new("ferry.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(config.connectors.keys().collect::<Vec<_>>(), ["acme-crm"]);
+            let crm = &config.connectors["acme-crm"];
+            assert_eq!(crm.settings["api_base"], "https://crm.example");
+            assert_eq!(crm.settings["region"], "us", "the environment wins");
+            assert_eq!(crm.secrets["api_key"].expose_secret(), "k");
             Ok(())
         });
     }
