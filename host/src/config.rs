@@ -594,8 +594,60 @@ impl Config {
                 "kafka_partitions and kafka_replication_factor must be at least 1".into(),
             ));
         }
-        crate::store::StoreKind::from_url(self.database_url_exposed())
+        self.validate_limits()?;
+        let kind = crate::store::StoreKind::from_url(self.database_url_exposed())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        // In cluster mode on PostgreSQL, the replica leading the relay holds
+        // a connection of the pool for its lock as long as it leads: with a
+        // pool of one, nothing else ever gets a connection.
+        let leads_relay = self.workers && self.kafka_brokers.is_some();
+        if kind == crate::store::StoreKind::Postgres
+            && leads_relay
+            && self.database_max_connections < 2
+        {
+            return Err(ConfigError::Invalid(
+                "database_max_connections must be at least 2 with kafka_brokers and workers on PostgreSQL (8 or more is what ferry is measured with)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Values serde takes that would leave ferry running but stuck: a zero
+    /// timeout answers every request or call with a timeout, a zero period
+    /// spins or stops its loop.
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("request_timeout", self.request_timeout),
+            ("header_read_timeout", self.header_read_timeout),
+            ("body_read_timeout", self.body_read_timeout),
+            ("connector_call_timeout", self.connector_call_timeout),
+            ("retention_every", self.retention_every),
+            ("bus_redelivery_after", self.bus_redelivery_after),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, value)| value.is_zero()) {
+            return Err(ConfigError::Invalid(format!("{name} must be positive")));
+        }
+        if self.webhook_max_body_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "webhook_max_body_bytes must be at least 1024".into(),
+            ));
+        }
+        if self.max_connections == 0 || self.retention_batch == 0 {
+            return Err(ConfigError::Invalid(
+                "max_connections and retention_batch must be at least 1".into(),
+            ));
+        }
+        let every = self
+            .connectors
+            .iter()
+            .filter_map(|(name, c)| Some((name.as_str(), c.reconcile_every?)));
+        for (name, every) in every {
+            if every < Duration::from_secs(60) {
+                return Err(ConfigError::Invalid(format!(
+                    "reconcile_every ({name}) must be at least 1m: a run lists the whole remote"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -875,6 +927,56 @@ mod tests {
             jail.set_env("FERRY_SYNC_LEASE", "11s");
             let config = Config::load(None).map_err(|e| e.to_string())?;
             config.validate().map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
+    /// Values that would start a ferry stuck or spinning are refused, each
+    /// by name.
+    #[test]
+    fn zero_timeouts_and_periods_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            let refused = [
+                ("FERRY_REQUEST_TIMEOUT", "0s", "request_timeout"),
+                ("FERRY_HEADER_READ_TIMEOUT", "0s", "header_read_timeout"),
+                ("FERRY_BODY_READ_TIMEOUT", "0s", "body_read_timeout"),
+                (
+                    "FERRY_CONNECTOR_CALL_TIMEOUT",
+                    "0s",
+                    "connector_call_timeout",
+                ),
+                ("FERRY_RETENTION_EVERY", "0s", "retention_every"),
+                ("FERRY_BUS_REDELIVERY_AFTER", "0s", "bus_redelivery_after"),
+                (
+                    "FERRY_WEBHOOK_MAX_BODY_BYTES",
+                    "0",
+                    "webhook_max_body_bytes",
+                ),
+                ("FERRY_MAX_CONNECTIONS", "0", "max_connections"),
+                ("FERRY_RETENTION_BATCH", "0", "retention_batch"),
+                (
+                    "FERRY_CONNECTORS__STRIPE__RECONCILE_EVERY",
+                    "1s",
+                    "reconcile_every",
+                ),
+            ];
+            for (variable, value, name) in refused {
+                jail.clear_env();
+                jail.set_env(variable, value);
+                let config = Config::load(None).map_err(|e| e.to_string())?;
+                let error = config.validate().expect_err(variable);
+                assert!(error.to_string().contains(name), "{variable}: {error}");
+            }
+            jail.clear_env();
+            jail.set_env("FERRY_DATABASE_URL", "postgres://ferry@127.0.0.1/ferry");
+            jail.set_env("FERRY_KAFKA_BROKERS", "127.0.0.1:9092");
+            jail.set_env("FERRY_DATABASE_MAX_CONNECTIONS", "1");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let error = config.validate().expect_err("a pool of one");
+            assert!(
+                error.to_string().contains("database_max_connections"),
+                "{error}"
+            );
             Ok(())
         });
     }
