@@ -6,7 +6,9 @@
 //! replaced by its `{{secret:NAME}}` placeholder, and every OAuth token the
 //! recorded session obtained (`access_token`, `refresh_token` and
 //! `id_token` in a JSON answer) by `{{token}}`, wherever it appears: URLs,
-//! headers and bodies, both ways. Replay matches a request to the first
+//! headers and bodies, both ways, as is, form- or percent-encoded (a token
+//! request's client secret) and JSON-escaped. A tape that would still hold
+//! one is not written. Replay matches a request to the first
 //! unused exchange with the same method and URL (after the same scrubbing),
 //! so a replayed run may use different secret values than the recording.
 
@@ -97,6 +99,73 @@ fn scrub(text: &str, values: &[(String, String)]) -> String {
     out
 }
 
+/// `recorded` with every form of every secret value and token replaced by
+/// its placeholder; also the (value, placeholder) pairs it used.
+fn scrubbed(
+    recorded: &[Exchange],
+    secrets: &BTreeMap<String, String>,
+) -> (Tape, Vec<(String, String)>) {
+    let mut values: Vec<(String, String)> = Vec::new();
+    for (name, value) in secrets {
+        for form in encodings(value) {
+            values.push((form, format!("{{{{secret:{name}}}}}")));
+        }
+    }
+    for exchange in recorded {
+        for token in tokens_in(&body_bytes(&exchange.response_body)) {
+            for form in encodings(&token) {
+                values.push((form, "{{token}}".to_owned()));
+            }
+        }
+    }
+    // A longer value may contain a shorter one: replace it first.
+    values.sort_by_key(|(value, _)| std::cmp::Reverse(value.len()));
+    values.dedup();
+    let scrub_pairs = |pairs: &[(String, String)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.clone(), scrub(v, &values)))
+            .collect()
+    };
+    let exchanges = recorded
+        .iter()
+        .map(|e| Exchange {
+            method: e.method.clone(),
+            url: scrub(&e.url, &values),
+            request_headers: scrub_pairs(&e.request_headers),
+            request_body: e.request_body.as_deref().map(|b| scrub(b, &values)),
+            status: e.status,
+            response_headers: scrub_pairs(&e.response_headers),
+            response_body: scrub(&e.response_body, &values),
+            error: e.error.as_deref().map(|m| scrub(m, &values)),
+        })
+        .collect();
+    let tape = Tape {
+        version: 1,
+        exchanges,
+    };
+    (tape, values)
+}
+
+/// The forms a value takes on the wire and in the tape: as is, form- and
+/// percent-encoded (a token request's body sends the client secret
+/// form-encoded: `~` becomes `%7E`, `+` `%2B`), and JSON-escaped.
+fn encodings(value: &str) -> Vec<String> {
+    let mut forms = vec![value.to_owned()];
+    if let Ok(form) = serde_urlencoded::to_string([("v", value)]) {
+        forms.push(form["v=".len()..].to_owned());
+        // The same with spaces as `%20` (a URL's query or path).
+        forms.push(form["v=".len()..].replace('+', "%20"));
+    }
+    if let Ok(json) = serde_json::to_string(value) {
+        forms.push(json[1..json.len() - 1].to_owned());
+    }
+    forms.retain(|form| !form.is_empty());
+    forms.sort();
+    forms.dedup();
+    forms
+}
+
 /// Token fields of an OAuth token answer; their values are scrubbed
 /// everywhere.
 const TOKEN_FIELDS: [&str; 3] = ["access_token", "refresh_token", "id_token"];
@@ -172,42 +241,20 @@ impl TapeTransport {
             ));
         };
         let recorded = recorded.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut values: Vec<(String, String)> = secrets
-            .iter()
-            .map(|(name, value)| (value.clone(), format!("{{{{secret:{name}}}}}")))
-            .collect();
-        for exchange in &recorded {
-            for token in tokens_in(&body_bytes(&exchange.response_body)) {
-                values.push((token, "{{token}}".to_owned()));
-            }
-        }
-        // A longer value may contain a shorter one: replace it first.
-        values.sort_by_key(|(value, _)| std::cmp::Reverse(value.len()));
-        let scrub_pairs = |pairs: &[(String, String)]| -> Vec<(String, String)> {
-            pairs
-                .iter()
-                .map(|(k, v)| (k.clone(), scrub(v, &values)))
-                .collect()
-        };
-        let exchanges = recorded
-            .iter()
-            .map(|e| Exchange {
-                method: e.method.clone(),
-                url: scrub(&e.url, &values),
-                request_headers: scrub_pairs(&e.request_headers),
-                request_body: e.request_body.as_deref().map(|b| scrub(b, &values)),
-                status: e.status,
-                response_headers: scrub_pairs(&e.response_headers),
-                response_body: scrub(&e.response_body, &values),
-                error: e.error.as_deref().map(|m| scrub(m, &values)),
-            })
-            .collect();
-        let tape = Tape {
-            version: 1,
-            exchanges,
-        };
+        let (tape, values) = scrubbed(&recorded, secrets);
         let text =
             serde_json::to_string_pretty(&tape).map_err(|e| TestKitError::Tape(e.to_string()))?;
+        // The tape is meant to be committed: one that still holds a secret
+        // in any form is not written.
+        if values
+            .iter()
+            .any(|(value, _)| !value.is_empty() && text.contains(value.as_str()))
+        {
+            return Err(TestKitError::Tape(
+                "a secret or token is still in the recording after scrubbing; nothing was saved"
+                    .into(),
+            ));
+        }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| TestKitError::Io {
                 path: dir.to_owned(),
@@ -371,5 +418,43 @@ mod tests {
             ["t0k"]
         );
         assert_eq!(body_bytes(&body_text(&[0xff, 0x00])), vec![0xff, 0x00]);
+    }
+
+    /// A client secret sent form-encoded in a token request (`~` as `%7E`,
+    /// `+` as `%2B`, `/` as `%2F`, `=` as `%3D`) is scrubbed in that form
+    /// too; before, the tape kept it, in a file meant to be committed.
+    #[test]
+    fn an_encoded_secret_is_scrubbed() {
+        let secret = "a~b+c/d=e f\"g";
+        let body = serde_urlencoded::to_string([
+            ("grant_type", "client_credentials"),
+            ("client_secret", secret),
+        ])
+        .unwrap();
+        let json = serde_json::json!({"echo": secret}).to_string();
+        let recorded = vec![Exchange {
+            method: "POST".into(),
+            url: "https://login.example/token".into(),
+            request_headers: Vec::new(),
+            request_body: Some(body),
+            status: Some(200),
+            response_headers: Vec::new(),
+            response_body: json,
+            error: None,
+        }];
+        let secrets = BTreeMap::from([("client_secret".to_owned(), secret.to_owned())]);
+        let (tape, values) = scrubbed(&recorded, &secrets);
+        let text = serde_json::to_string(&tape).unwrap();
+        for (form, _) in &values {
+            assert!(!text.contains(form.as_str()), "{form} left in {text}");
+        }
+        assert!(!text.contains("%7E") && !text.contains("b%2Bc"), "{text}");
+        assert!(
+            tape.exchanges[0]
+                .request_body
+                .as_deref()
+                .is_some_and(|b| b.contains("client_secret={{secret:client_secret}}")),
+            "{text}"
+        );
     }
 }
