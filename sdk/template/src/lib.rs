@@ -126,14 +126,16 @@ impl Connector for Example {
         let kind = match event.kind.as_str() {
             "contact.created" | "contact.updated" => ChangeKind::Upsert,
             "contact.deleted" => ChangeKind::Delete,
-            // Other event types are acknowledged and ignored, never an error.
+            // Other event types are acknowledged and ignored, never an error
+            // (their `data` is not a contact: it is read only after this).
             _ => return Ok(ParsedWebhook::ignored()),
         };
-        let remote_id = event.data.id.clone();
+        let contact: Contact = serde_json::from_value(event.data)?;
+        let remote_id = contact.id.clone();
         // The event's own time lets ferry drop a delivery that arrives after
         // a newer one; its id lets ferry store a redelivery only once.
         let occurred_at_ms = event.created_at.saturating_mul(1000);
-        let record = Some(to_customer(event.data).to_json());
+        let record = Some(to_customer(contact).to_json());
         let base = match kind {
             ChangeKind::Upsert => {
                 Event::upsert(event.id, ENTITY, remote_id, occurred_at_ms, record)
@@ -180,14 +182,15 @@ struct ContactList {
     has_more: bool,
 }
 
-/// A webhook delivery: `{"id", "type", "created_at", "data": {contact}}`.
+/// A webhook delivery: `{"id", "type", "created_at", "data": {…}}`, whose
+/// `data` is a contact for the `contact.*` types.
 #[derive(Debug, Deserialize)]
 struct WebhookEvent {
     id: String,
     #[serde(rename = "type")]
     kind: String,
     created_at: i64,
-    data: Contact,
+    data: serde_json::Value,
 }
 
 /// ferry's canonical customer as the API's contact body.
