@@ -50,6 +50,26 @@ pub use self::wit::latest::{
     PushResult, RateLimit, RemoteRecord, SecretSpec, SettingSpec, WebhookReply, WebhookRequest,
 };
 
+/// The longest event or remote id ferry keeps.
+pub const MAX_ID_BYTES: usize = 255;
+
+/// Why an id a connector produced (`what`: "event id", "remote id") cannot
+/// key ferry's rows, if it cannot: empty, longer than [`MAX_ID_BYTES`], or
+/// holding a NUL (which PostgreSQL cannot store). ferry dead-letters a push
+/// that returns one and refuses a webhook event that carries one; the
+/// SDK's test kit fails the same calls.
+pub fn unkeyable(what: &str, id: &str) -> Option<String> {
+    if id.is_empty() {
+        Some(format!("an empty {what}"))
+    } else if id.len() > MAX_ID_BYTES {
+        Some(format!("a {what} longer than {MAX_ID_BYTES} bytes"))
+    } else if id.contains('\0') {
+        Some(format!("a {what} with a NUL character"))
+    } else {
+        None
+    }
+}
+
 /// Whether `name` is a valid connector name (what a manifest's `name` must
 /// be): 1-64 characters of `[a-z0-9-]`, not starting or ending with `-`.
 pub fn valid_connector_name(name: &str) -> bool {

@@ -471,23 +471,7 @@ pub(crate) fn placeholders(first: usize, n: usize) -> String {
         .join(", ")
 }
 
-/// The longest event or remote id ferry keeps.
-const MAX_ID_BYTES: usize = 255;
-
-/// Why an id a connector produced (`what`: "event id", "remote id") cannot
-/// key a row, if it cannot: empty, longer than 255 bytes, or holding a NUL
-/// (which PostgreSQL cannot store, so the write would fail on every try).
-pub fn unkeyable(what: &str, id: &str) -> Option<String> {
-    if id.is_empty() {
-        Some(format!("an empty {what}"))
-    } else if id.len() > MAX_ID_BYTES {
-        Some(format!("a {what} longer than {MAX_ID_BYTES} bytes"))
-    } else if id.contains('\0') {
-        Some(format!("a {what} with a NUL character"))
-    } else {
-        None
-    }
-}
+pub use crate::runtime::unkeyable;
 
 /// Replaces NUL characters in a record's strings (and keys) with U+FFFD:
 /// PostgreSQL cannot store them, and a record a connector returns must be

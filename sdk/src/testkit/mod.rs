@@ -335,22 +335,33 @@ impl TestKit {
 
     /// Handles a delivery the way ferry's webhook endpoint does:
     /// `verify-webhook`, then `parse-webhook` only if it passed, on one
-    /// instance.
+    /// instance; and, as ferry does, refuses events whose id or remote id it
+    /// could not keep (empty, over 255 bytes, a NUL).
     pub async fn receive_webhook(&self, req: WebhookRequest) -> Result<ParsedWebhook, CallError> {
-        self.connector
+        let parsed = self
+            .connector
             .receive_webhook(&self.config(), convert::webhook_request(req))
             .await
             .map(convert::parsed_webhook)
-            .map_err(convert::call_error)
+            .map_err(convert::call_error)?;
+        for event in &parsed.events {
+            keyable("event id", &event.id)?;
+            keyable("remote id", &event.remote_id)?;
+        }
+        Ok(parsed)
     }
 
-    /// Calls `push`.
+    /// Calls `push`; a remote id ferry could not keep (empty, over 255
+    /// bytes, a NUL) fails the call, as it dead-letters the change in ferry.
     pub async fn push(&self, req: PushRequest) -> Result<PushResult, CallError> {
-        self.connector
+        let result = self
+            .connector
             .push(&self.config(), convert::push_request(req))
             .await
             .map(convert::push_result)
-            .map_err(convert::call_error)
+            .map_err(convert::call_error)?;
+        keyable("remote id", &result.remote_id)?;
+        Ok(result)
     }
 
     /// Calls `fetch`.
@@ -462,4 +473,14 @@ pub fn build_component(manifest_dir: impl AsRef<Path>) -> Result<PathBuf, TestKi
     slot.get_or_init(|| ferry_runtime::build::component(&dir, true))
         .clone()
         .map_err(TestKitError::Build)
+}
+
+/// A permanent error, as ferry reports it, for an id it could not keep.
+fn keyable(what: &str, id: &str) -> Result<(), CallError> {
+    match ferry_runtime::unkeyable(what, id) {
+        Some(problem) => Err(CallError::Connector(ConnectorError::permanent(format!(
+            "ferry refuses what the connector returned: {problem}"
+        )))),
+        None => Ok(()),
+    }
 }

@@ -70,6 +70,22 @@ async fn a_create_sends_the_key_and_the_idempotency_key() {
     assert_eq!(body["external_id"], "c1");
 }
 
+/// An id ferry could not keep (here an empty one) fails the push in the
+/// kit, as it would dead-letter the change in ferry after the contact was
+/// made: better found here.
+#[tokio::test]
+async fn an_id_ferry_cannot_keep_fails_the_push() {
+    let kit = kit().await;
+    kit.http()
+        .on("POST", API)
+        .respond_json(201, &contact("", "Ada Lovelace"));
+    let error = connector_error(kit.push(create_request()).await);
+    assert!(
+        matches!(&error, ConnectorError::Permanent(m) if m.contains("empty remote id")),
+        "{error:?}"
+    );
+}
+
 #[tokio::test]
 async fn updates_and_deletes_go_to_the_linked_contact() {
     let kit = kit().await;
