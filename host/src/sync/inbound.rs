@@ -655,7 +655,24 @@ impl SyncEngine {
         });
         let remote = match &event.record {
             Some(record) if !doubtful => canonical_record(&record.0),
-            _ => canonical_record(&self.fetch_current(event).await?),
+            record => match self.fetch_current(event).await? {
+                Some(fetched) => canonical_record(&fetched),
+                // Thin events from a connector without `fetch` say nothing
+                // ferry can apply (as before thin events were fetched).
+                None if record.is_none() => {
+                    return self
+                        .skip(
+                            event,
+                            "the event carries no record, and the connector cannot fetch one",
+                        )
+                        .await
+                }
+                None => {
+                    return Err(Failure::Retry(
+                        "the connector cannot fetch the record".into(),
+                    ))
+                }
+            },
         };
 
         let (customer, base) = match &link {
@@ -1171,7 +1188,12 @@ impl SyncEngine {
         Ok(page.data.into_iter().next())
     }
 
-    async fn fetch_current(&self, event: &InboxEvent) -> Result<serde_json::Value, Failure> {
+    /// The record as the remote holds it now; `None` if the connector does
+    /// not implement `fetch`.
+    async fn fetch_current(
+        &self,
+        event: &InboxEvent,
+    ) -> Result<Option<serde_json::Value>, Failure> {
         // Accepted while the connector was enabled: finish it even if the
         // connector was disabled since.
         // Not loaded on this replica (yet): wait without spending an
@@ -1193,8 +1215,9 @@ impl SyncEngine {
                     Failure::Permanent(format!("the connector returned invalid JSON: {e}"))
                 })?;
                 crate::store::replace_nul(&mut record);
-                Ok(record)
+                Ok(Some(record))
             }
+            Err(CallError::Connector(ConnectorError::Unsupported(_))) => Ok(None),
             Err(CallError::Connector(ConnectorError::NotFound(_))) => Err(Failure::Permanent(
                 "the remote record no longer exists".into(),
             )),

@@ -1053,6 +1053,33 @@ async fn postgres_an_older_bundle_does_not_take_a_newer_one_back() {
     );
 }
 
+/// A thin event (an upsert without a record) from a connector that cannot
+/// fetch is skipped with the reason, as before thin events were fetched,
+/// not retried into a dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thin_event_from_a_connector_without_fetch_is_skipped() {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(Backend::Sqlite)).await;
+    install_recorder(&app, &remote).await;
+    let response = app
+        .client
+        .post(format!("{}/webhooks/recorder", app.base))
+        .json(&json!({"id": "evt_thin", "remote_id": "rec_thin"}))
+        .send()
+        .await
+        .expect("delivered");
+    assert_eq!(response.status().as_u16(), 200);
+    let events = app.wait_inbox_settled("recorder", "rec_thin", 1).await;
+    assert_eq!(events[0].state.as_str(), "skipped", "{events:?}");
+    assert!(
+        events[0]
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("cannot fetch")),
+        "{events:?}"
+    );
+}
+
 /// A new version that needs a setting the connector does not have is
 /// activated, and its work waits as for a disabled connector: changes
 /// stay pending without spending attempts, the connector says what is
