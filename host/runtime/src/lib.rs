@@ -53,16 +53,24 @@ pub use self::wit::latest::{
 /// The longest event or remote id ferry keeps.
 pub const MAX_ID_BYTES: usize = 255;
 
-/// Why an id a connector produced (`what`: "event id", "remote id") cannot
-/// key ferry's rows, if it cannot: empty, longer than [`MAX_ID_BYTES`], or
-/// holding a NUL (which PostgreSQL cannot store). ferry dead-letters a push
-/// that returns one and refuses a webhook event that carries one; the
-/// SDK's test kit fails the same calls.
+/// Why an id a connector produced in a webhook event (`what`: "event id",
+/// "remote id") cannot key ferry's inbox, if it cannot: [`unstorable`], or
+/// longer than [`MAX_ID_BYTES`]. ferry refuses such an event (503, so the
+/// sender keeps it); the SDK's test kit fails the call.
 pub fn unkeyable(what: &str, id: &str) -> Option<String> {
+    unstorable(what, id).or_else(|| {
+        (id.len() > MAX_ID_BYTES).then(|| format!("a {what} longer than {MAX_ID_BYTES} bytes"))
+    })
+}
+
+/// Why a remote id a connector returned (from a push or a listing) cannot
+/// be stored on a link, if it cannot: empty, or holding a NUL (which
+/// PostgreSQL cannot store). ferry dead-letters a push that returns one,
+/// and a listing skips the record; the SDK's test kit fails the push. (No
+/// length cap: links made before one existed may hold longer ids.)
+pub fn unstorable(what: &str, id: &str) -> Option<String> {
     if id.is_empty() {
         Some(format!("an empty {what}"))
-    } else if id.len() > MAX_ID_BYTES {
-        Some(format!("a {what} longer than {MAX_ID_BYTES} bytes"))
     } else if id.contains('\0') {
         Some(format!("a {what} with a NUL character"))
     } else {

@@ -471,7 +471,7 @@ pub(crate) fn placeholders(first: usize, n: usize) -> String {
         .join(", ")
 }
 
-pub use crate::runtime::unkeyable;
+pub use crate::runtime::{unkeyable, unstorable};
 
 /// Replaces NUL characters in a record's strings (and keys) with U+FFFD:
 /// PostgreSQL cannot store them, and a record a connector returns must be

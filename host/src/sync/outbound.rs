@@ -437,7 +437,7 @@ impl SyncEngine {
         // and the change goes to a dead letter with the reason.
         let pushed =
             connector.push(&config, request).await.and_then(
-                |result| match crate::store::unkeyable("remote id", &result.remote_id) {
+                |result| match crate::store::unstorable("remote id", &result.remote_id) {
                     Some(problem) => Err(CallError::Connector(ConnectorError::Permanent(format!(
                         "the connector returned {problem}"
                     )))),

@@ -517,7 +517,7 @@ impl SyncEngine {
             .records
             .iter()
             .map(|r| r.remote_id.clone())
-            .filter(|id| crate::store::unkeyable("remote id", id).is_none())
+            .filter(|id| crate::store::unstorable("remote id", id).is_none())
             .collect();
         let linked = self
             .inner
@@ -525,7 +525,7 @@ impl SyncEngine {
             .linked_records(&run.connector, &ids)
             .await?;
         for record in &page.records {
-            if let Some(problem) = crate::store::unkeyable("remote id", &record.remote_id) {
+            if let Some(problem) = crate::store::unstorable("remote id", &record.remote_id) {
                 tracing::warn!(%problem, "listed record has an id ferry cannot keep; skipped");
                 *findings.counts.entry("invalid").or_default() += 1;
                 continue;

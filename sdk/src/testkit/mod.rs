@@ -351,8 +351,8 @@ impl TestKit {
         Ok(parsed)
     }
 
-    /// Calls `push`; a remote id ferry could not keep (empty, over 255
-    /// bytes, a NUL) fails the call, as it dead-letters the change in ferry.
+    /// Calls `push`; a remote id ferry could not store (empty, a NUL) fails
+    /// the call, as it dead-letters the change in ferry.
     pub async fn push(&self, req: PushRequest) -> Result<PushResult, CallError> {
         let result = self
             .connector
@@ -360,7 +360,7 @@ impl TestKit {
             .await
             .map(convert::push_result)
             .map_err(convert::call_error)?;
-        keyable("remote id", &result.remote_id)?;
+        storable("remote id", &result.remote_id)?;
         Ok(result)
     }
 
@@ -475,9 +475,20 @@ pub fn build_component(manifest_dir: impl AsRef<Path>) -> Result<PathBuf, TestKi
         .map_err(TestKitError::Build)
 }
 
-/// A permanent error, as ferry reports it, for an id it could not keep.
+/// A permanent error, as ferry reports it, for an event id it could not
+/// keep.
 fn keyable(what: &str, id: &str) -> Result<(), CallError> {
-    match ferry_runtime::unkeyable(what, id) {
+    refused(ferry_runtime::unkeyable(what, id))
+}
+
+/// A permanent error, as ferry reports it, for a remote id it could not
+/// store on a link.
+fn storable(what: &str, id: &str) -> Result<(), CallError> {
+    refused(ferry_runtime::unstorable(what, id))
+}
+
+fn refused(problem: Option<String>) -> Result<(), CallError> {
+    match problem {
         Some(problem) => Err(CallError::Connector(ConnectorError::permanent(format!(
             "ferry refuses what the connector returned: {problem}"
         )))),
