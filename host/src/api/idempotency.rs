@@ -80,14 +80,18 @@ where
         // The claim failed, or only its answer was lost and the key is
         // ours: release it, so the client's retry is not refused for the
         // whole lease (releasing deletes only this request's claim).
+        // (The guard stays armed until the release has run: a client that
+        // goes away meanwhile still has it released.)
         Err(error) => {
+            let answer = finish(state, claim, Err(error)).await;
             guard.0 = None;
-            return finish(state, claim, Err(error)).await;
+            return answer;
         }
     };
     let result = write(record.clone()).await;
+    let answer = finish(state, record, result).await;
     guard.0 = None;
-    finish(state, record, result).await
+    answer
 }
 
 /// Releases a claimed key if the request is cancelled before its write

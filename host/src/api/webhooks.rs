@@ -126,7 +126,7 @@ pub async fn receive(
         };
         events.push(NewInboxEvent {
             event_id: event.id,
-            entity: event.entity.replace('\0', "\u{fffd}"),
+            entity: without_nul(event.entity),
             kind: match event.kind {
                 ChangeKind::Upsert => RemoteChange::Upsert,
                 ChangeKind::Delete => RemoteChange::Delete,
@@ -134,8 +134,8 @@ pub async fn receive(
             remote_id: event.remote_id,
             occurred_at_ms: not_after_now(event.occurred_at_ms),
             record,
-            origin_key: event.origin_key.map(|key| key.replace('\0', "\u{fffd}")),
-            remote_type: event.remote_type.replace('\0', "\u{fffd}"),
+            origin_key: event.origin_key.map(without_nul),
+            remote_type: without_nul(event.remote_type),
             policy: None,
         });
     }
@@ -215,6 +215,16 @@ fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 's
         cause = current.source();
     }
     false
+}
+
+/// `text` with its NULs (which PostgreSQL cannot store) replaced by U+FFFD;
+/// as it is, without a copy, when it has none.
+fn without_nul(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{fffd}")
+    } else {
+        text
+    }
 }
 
 /// Routes under `/webhooks`.

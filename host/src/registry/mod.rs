@@ -119,14 +119,16 @@ pub struct Entry {
     /// Set while the active version is not the one loaded here: when to
     /// load it again, and how many loads failed in a row.
     retry: Option<(tokio::time::Instant, u32)>,
+    /// The required settings and secrets the active version needs and the
+    /// configuration lacks (`settings.a, secrets.b`), found at refresh.
+    missing: Option<String>,
     revision: i64,
 }
 
 impl Entry {
-    /// The required settings and secrets of `manifest` the connector's
-    /// configuration lacks, if any (`settings.a, secrets.b`).
-    fn missing_settings(&self, manifest: &Manifest) -> Option<String> {
-        let config = &self.effective;
+    /// The required settings and secrets of `manifest` that `config` lacks,
+    /// if any (`settings.a, secrets.b`).
+    fn missing_settings(config: &EffectiveConfig, manifest: &Manifest) -> Option<String> {
         let missing: Vec<String> = config::check_against_manifest(
             manifest,
             config.config.settings.keys(),
@@ -143,12 +145,18 @@ impl Entry {
     /// Why the switched-on connector cannot run its active version, if it
     /// cannot: required settings or secrets it lacks.
     pub fn incomplete(&self) -> Option<String> {
-        let active = self.active.as_ref()?;
-        if self.effective.switch != Switch::Enabled {
+        if self.active.is_none() || self.effective.switch != Switch::Enabled {
             return None;
         }
-        self.missing_settings(active.connector.manifest())
+        self.missing
+            .clone()
             .map(|missing| NotReady::Incomplete(missing).to_string())
+    }
+
+    /// Whether the connector's work runs: switched on, and the active
+    /// version has every setting it requires.
+    fn runs(&self) -> bool {
+        self.effective.switch == Switch::Enabled && self.missing.is_none()
     }
 
     fn ready(&self, need: Need<'_>) -> Result<Ready, NotReady> {
@@ -165,8 +173,8 @@ impl Entry {
             Switch::Unconfigured => return Err(NotReady::Unconfigured),
         }
         let manifest = active.connector.manifest();
-        if let Some(missing) = self.missing_settings(manifest) {
-            return Err(NotReady::Incomplete(missing));
+        if let Some(missing) = &self.missing {
+            return Err(NotReady::Incomplete(missing.clone()));
         }
         match need {
             Need::Entity(entity) if !manifest.entities.iter().any(|e| e == entity) => {
@@ -461,6 +469,9 @@ impl Registry {
                 self.inner.options.environment.get(&row.name),
                 self.inner.options.secret_box.as_ref(),
             );
+            let missing = resolved.active.as_ref().and_then(|active| {
+                Entry::missing_settings(&effective, active.connector.manifest())
+            });
             let entry = Entry {
                 name: row.name.clone(),
                 active: resolved.active,
@@ -468,6 +479,7 @@ impl Registry {
                 effective,
                 entities: resolved.entities,
                 retry,
+                missing,
                 revision: row.revision,
             };
             entries.insert(row.name, Arc::new(entry));
@@ -486,12 +498,10 @@ impl Registry {
         // whose view was still stale does not wait out its recheck.
         for (name, entry) in &view.entries {
             // New here counts as off: pushes another replica queued for
-            // a connector this one did not know yet wait for it.
-            let was_off = current
-                .entries
-                .get(name)
-                .is_none_or(|e| e.effective.switch != Switch::Enabled);
-            if was_off && entry.effective.switch == Switch::Enabled {
+            // a connector this one did not know yet wait for it. So do the
+            // settings a new version required, once given.
+            let was_off = current.entries.get(name).is_none_or(|e| !e.runs());
+            if was_off && entry.runs() {
                 match self.inner.store.resume_connector_links(name).await {
                     Ok(resumed) => {
                         tracing::info!(connector = %name, resumed, "connector enabled; waiting pushes released")
@@ -928,15 +938,17 @@ impl Registry {
                 new.enabled,
             )
             .await?;
-        if new.enabled {
-            self.inner.store.resume_connector_links(name).await?;
-        }
         tracing::info!(
             connector = name,
             enabled = new.enabled,
             "connector configured"
         );
+        // Released once this replica's view has the new settings, so a
+        // released push finds them.
         self.refresh().await?;
+        if new.enabled {
+            self.inner.store.resume_connector_links(name).await?;
+        }
         Ok(())
     }
 

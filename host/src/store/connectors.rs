@@ -403,7 +403,14 @@ impl Store {
             .await?;
             let replaced = match stored {
                 None => {
-                    insert_version!(tx, new, at)?;
+                    if let Err(error) = insert_version!(tx, new, at) {
+                        // Another replica seeding the same bundle at once
+                        // stored it first: nothing left to store.
+                        if matches!(&error, sqlx::Error::Database(db) if db.is_unique_violation()) {
+                            return Ok(Seeded::Stored { activated: false });
+                        }
+                        return Err(error.into());
+                    }
                     false
                 }
                 Some((sha256, _)) if sha256 == new.sha256 => false,
@@ -454,14 +461,20 @@ impl Store {
                 }
                 Some(_) => false,
             };
+            // Only over the choice as read: an operator's activation, or
+            // another replica's seeding, that committed since wins.
+            let (read_version, read_by) = current.unwrap_or_default();
             let activated = take
                 && sqlx::query(
                     "UPDATE connectors SET active_version = $2, activated_by = 'bundle', \
-                     revision = revision + 1, updated_at = $3 WHERE name = $1",
+                     revision = revision + 1, updated_at = $3 WHERE name = $1 \
+                     AND COALESCE(active_version, '') = $4 AND activated_by = $5",
                 )
                 .bind(new.name)
                 .bind(new.version)
                 .bind(at)
+                .bind(read_version.unwrap_or_default())
+                .bind(read_by)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected()
