@@ -848,6 +848,17 @@ async fn duplicate_email_delivery_under(
     }
 }
 
+/// The customer's open conflicts, as the API lists them.
+async fn open_conflicts_of(app: &SyncApp, id: &str) -> Value {
+    app.send(
+        reqwest::Method::GET,
+        &format!("/api/v1/conflicts?customer_id={id}&state=open"),
+        None,
+    )
+    .await
+    .1
+}
+
 /// Each duplicate-email strategy, for a Stripe record whose email belongs
 /// to a customer already linked to another record.
 async fn duplicate_email_strategies(backend: Backend) {
@@ -863,13 +874,7 @@ async fn duplicate_email_strategies(backend: Backend) {
 
     let (app, id, s2, outcome) = duplicate_email_delivery(&stripe, backend, "flag").await;
     assert!(outcome.starts_with("applied: flagged"), "{outcome}");
-    let (_, conflicts) = app
-        .send(
-            reqwest::Method::GET,
-            &format!("/api/v1/conflicts?customer_id={id}&state=open"),
-            None,
-        )
-        .await;
+    let conflicts = open_conflicts_of(&app, &id).await;
     let conflict = &conflicts["data"][0];
     assert_eq!(conflict["policy"], "duplicate_email", "{conflicts:#}");
     assert!(
@@ -905,13 +910,7 @@ async fn duplicate_email_strategies(backend: Backend) {
     let (app, id, _s2, outcome) =
         duplicate_email_delivery_under(&stripe, backend, "merge", "flag").await;
     assert!(outcome.starts_with("applied: relinked"), "{outcome}");
-    let (_, conflicts) = app
-        .send(
-            reqwest::Method::GET,
-            &format!("/api/v1/conflicts?customer_id={id}&state=open"),
-            None,
-        )
-        .await;
+    let conflicts = open_conflicts_of(&app, &id).await;
     let fields = &conflicts["data"][0]["fields"];
     let name = fields
         .as_array()
