@@ -205,6 +205,19 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi_json))
         .merge(docs::router())
         .merge(crate::console::router(max_component_bytes));
+    // A whole request fails after `request_timeout` (408 request_timeout).
+    // Inside the metrics layer, so that a request cut off is counted too.
+    routes = routes.route_layer(
+        ServiceBuilder::new()
+            .layer(axum::error_handling::HandleErrorLayer::new(
+                move |_: tower::BoxError| async move {
+                    ApiError::RequestTimeout {
+                        seconds: request_timeout.as_secs(),
+                    }
+                },
+            ))
+            .layer(tower::timeout::TimeoutLayer::new(request_timeout)),
+    );
     if state.metrics.is_some() {
         // Counted by route template; unmatched paths are not counted (a
         // client could otherwise mint a series per path).
@@ -217,22 +230,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
-        // A stalled body fails after `body_read_timeout`; a whole request
-        // after `request_timeout` (408 request_timeout).
+        // A stalled body fails after `body_read_timeout`.
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
             state.settings.body_read_timeout,
         ))
-        .layer(
-            ServiceBuilder::new()
-                .layer(axum::error_handling::HandleErrorLayer::new(
-                    move |_: tower::BoxError| async move {
-                        ApiError::RequestTimeout {
-                            seconds: request_timeout.as_secs(),
-                        }
-                    },
-                ))
-                .layer(tower::timeout::TimeoutLayer::new(request_timeout)),
-        )
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))

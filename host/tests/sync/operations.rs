@@ -78,6 +78,50 @@ fn moved(before: &Scrape, after: &Scrape, name: &str, labels: &[(&str, &str)]) -
 }
 
 #[tokio::test]
+async fn a_request_cut_off_by_the_request_timeout_is_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut setup = Setup::new(Backend::Sqlite, "http://127.0.0.1:9");
+    setup.extra = json!({"request_timeout": "500ms", "body_read_timeout": "30s"});
+    let app = spawn_sync_app(setup).await;
+    let before = scrape(&app.base).await;
+
+    // A create whose body never ends: the whole request times out.
+    let address = app.base.trim_start_matches("http://");
+    let mut stalled = tokio::net::TcpStream::connect(address).await.unwrap();
+    stalled
+        .write_all(b"POST /api/v1/customers HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"email\":")
+        .await
+        .unwrap();
+    let mut reply = vec![0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), stalled.read(&mut reply))
+        .await
+        .expect("answered")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply[..read]);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+
+    let after = scrape(&app.base).await;
+    let timed_out = [
+        ("method", "POST"),
+        ("route", "/api/v1/customers"),
+        ("status", "408"),
+    ];
+    assert!(
+        moved(&before, &after, "ferry_http_requests_total", &timed_out) >= 1.0,
+        "the 408 is counted"
+    );
+    assert!(
+        moved(
+            &before,
+            &after,
+            "ferry_http_request_duration_seconds",
+            &timed_out
+        ) >= 1.0
+    );
+}
+
+#[tokio::test]
 async fn metrics_move_with_syncs_refused_webhooks_retries_and_traps() {
     let stripe = LocalStripe::start().expect("localstripe");
     let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
