@@ -1,8 +1,9 @@
 //! `ferry connector dev [DIR]`: the author's loop. Builds the connector
 //! crate, checks the component, and serves a local ferry (embedded mode,
 //! SQLite under `DIR/target/ferry-dev/`, private addresses allowed so the
-//! connector can call a local fake) with it registered next to the bundled
-//! connectors, through the same door they use. With `--watch` it rebuilds
+//! connector can call a local fake, a master key of its own under the same
+//! folder so that its secrets can be stored) with it registered next to the
+//! bundled connectors, through the same door they use. With `--watch` it rebuilds
 //! and reloads the connector when the crate's sources change.
 
 use std::path::{Path, PathBuf};
@@ -43,6 +44,7 @@ pub async fn run(options: DevOptions, cancel: CancellationToken) -> anyhow::Resu
         json!({
             "database_url": format!("sqlite://{}", state_dir.join("ferry.db").display()),
             "allow_private_hosts": true,
+            "master_key": dev_master_key(&state_dir)?,
         }),
     )
     .context("loading configuration")?;
@@ -64,6 +66,36 @@ pub async fn run(options: DevOptions, cancel: CancellationToken) -> anyhow::Resu
         watching.abort();
     }
     server.await.context("the server task failed")?
+}
+
+/// The local loop's master key, so that the connector's secrets can be
+/// stored: made once (32 random bytes, hex, owner-only) and kept beside
+/// the dev database, whose secrets it opens. Only for this loop: `ferry
+/// serve` has no such default.
+fn dev_master_key(state_dir: &Path) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let path = state_dir.join("master.key");
+    match std::fs::read_to_string(&path) {
+        Ok(key) if !key.trim().is_empty() => return Ok(key.trim().to_owned()),
+        Ok(_) => anyhow::bail!("{} is empty: remove it to make a new key", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let mut bytes = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+    let key = hex::encode(bytes);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(key.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(key)
 }
 
 async fn build(dir: &Path) -> anyhow::Result<PathBuf> {

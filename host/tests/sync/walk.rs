@@ -152,6 +152,20 @@ async fn from_ferry_connector_new_to_a_live_webhook() {
     let connector = dev.wait_connector("0.1.0").await;
     times.insert("dev: serving", started.elapsed());
     assert_eq!(connector["source"], "bundled", "{connector}");
+    // The printed way to configure it works: secrets are stored under the
+    // loop's own master key.
+    let configured = reqwest::Client::new()
+        .put(format!("{}/api/v1/connectors/walkthrough/settings", dev.base))
+        .json(&json!({"settings": {"api_base": "http://127.0.0.1:9"}, "secrets": {"api_key": API_KEY}}))
+        .send()
+        .await
+        .expect("configure");
+    let status = configured.status();
+    assert!(
+        status.is_success(),
+        "{status}: {}",
+        configured.text().await.unwrap_or_default()
+    );
     let manifest = crate_dir.join("Cargo.toml");
     let toml = std::fs::read_to_string(&manifest).expect("Cargo.toml");
     std::fs::write(
