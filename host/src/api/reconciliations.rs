@@ -498,29 +498,46 @@ pub async fn resolve_mismatch(
         ResolveAction::PullRemote => Some(Repair::PullRemote),
         ResolveAction::Merge => Some(Repair::Merge),
     };
-    let what = match repair {
+    // The finding is claimed before its repair is scheduled, so that two
+    // resolutions at once (two operators, a double click) schedule one
+    // repair, never two that contradict each other. A repair that cannot
+    // be scheduled opens it again.
+    let claim = match repair {
         None => "dismissed".to_owned(),
-        Some(repair) => state
-            .sync
-            .resolve_mismatch(&run, &mismatch, repair)
-            .await?
-            .ok_or_else(|| {
-                ApiError::field(
-                    "action",
-                    format!(
-                        "{} does nothing for a {} finding",
-                        repair.as_str(),
-                        mismatch.kind
-                    ),
-                )
-            })?,
+        Some(repair) => format!("{}: being scheduled", repair.as_str()),
     };
     if !state
         .store
-        .settle_mismatch(&mismatch.id, "resolved", &what)
+        .settle_mismatch(&mismatch.id, "resolved", &claim)
         .await?
     {
         return Err(ApiError::MismatchNotOpen);
+    }
+    if let Some(repair) = repair {
+        let scheduled = match state.sync.resolve_mismatch(&run, &mismatch, repair).await {
+            Ok(Some(what)) => Ok(what),
+            Ok(None) => Err(ApiError::field(
+                "action",
+                format!(
+                    "{} does nothing for a {} finding",
+                    repair.as_str(),
+                    mismatch.kind
+                ),
+            )),
+            Err(error) => Err(error.into()),
+        };
+        match scheduled {
+            Ok(what) => {
+                state
+                    .store
+                    .describe_resolution(&mismatch.id, &claim, &what)
+                    .await?;
+            }
+            Err(error) => {
+                state.store.reopen_mismatch(&mismatch.id, &claim).await?;
+                return Err(error);
+            }
+        }
     }
     let resolved = state
         .store

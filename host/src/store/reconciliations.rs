@@ -645,6 +645,45 @@ impl Store {
         Ok(updated == 1)
     }
 
+    /// Rewrites what a person's resolution did, once its repair is
+    /// scheduled: only while the finding still holds `claim`, the text
+    /// [`Self::settle_mismatch`] marked it with.
+    pub async fn describe_resolution(
+        &self,
+        id: &str,
+        claim: &str,
+        repair: &str,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, write pool => {
+            sqlx::query(
+                "UPDATE reconciliation_mismatches SET repair = $3 \
+                 WHERE id = $1 AND state = 'resolved' AND repair = $2",
+            )
+            .bind(id)
+            .bind(claim)
+            .bind(repair)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Opens a finding again whose resolution (marked `claim`) failed
+    /// before its repair was scheduled.
+    pub async fn reopen_mismatch(&self, id: &str, claim: &str) -> Result<(), StoreError> {
+        dispatch!(self, write pool => {
+            sqlx::query(
+                "UPDATE reconciliation_mismatches SET state = 'open', repair = NULL, \
+                 resolved_at = NULL WHERE id = $1 AND state = 'resolved' AND repair = $2",
+            )
+            .bind(id)
+            .bind(claim)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
     /// Records a repair step in one transaction under the run's lease:
     /// each finding in `repaired` is marked `repaired` with what was done,
     /// the run counts them, and its position moves to `cursor`.

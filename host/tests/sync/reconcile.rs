@@ -1207,7 +1207,42 @@ async fn a_repair_keeps_edits_made_after_its_listing(backend: Backend) {
     .await;
     let now = app.store.get_customer_any(&ann).await.unwrap().unwrap();
     assert_eq!(now.name.as_deref(), Some("Ann Newer"), "{detail}");
-    resolve_and_settle(&app, run, &ann_finding, "pull_remote", &s_ann).await;
+    // Two people pull it at once: one repair is scheduled, the other is
+    // told the finding is no longer open.
+    let before = app.store.inbox_of_remote("stripe", &s_ann).await.unwrap();
+    let path = format!(
+        "/api/v1/reconciliations/{run}/mismatches/{}/resolve",
+        ann_finding["id"].as_str().unwrap()
+    );
+    let pull = || {
+        app.send(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"action": "pull_remote"})),
+        )
+    };
+    let (first, second) = tokio::join!(pull(), pull());
+    let mut answers = [
+        (first.0, first.1["code"].as_str().map(str::to_owned)),
+        (second.0, second.1["code"].as_str().map(str::to_owned)),
+    ];
+    answers.sort();
+    assert_eq!(
+        answers,
+        [(200, None), (409, Some("mismatch_not_open".to_owned()))],
+        "{first:?} {second:?}"
+    );
+    let events = app
+        .wait_inbox_settled("stripe", &s_ann, before.len() + 1)
+        .await;
+    assert_eq!(events.len(), before.len() + 1, "one repair scheduled");
+    let resolved = if first.0 == 200 { &first.1 } else { &second.1 };
+    assert!(
+        resolved["repair"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("inbox event")),
+        "{resolved}"
+    );
     let now = app.store.get_customer_any(&ann).await.unwrap().unwrap();
     assert_eq!(
         now.name.as_deref(),
