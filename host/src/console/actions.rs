@@ -18,6 +18,7 @@ use crate::api::error::ApiError;
 use crate::api::extract::{JsonBody, QueryPairs};
 use crate::api::{conflicts, connectors, dead_letters, reconciliations};
 use crate::app::AppState;
+use crate::registry::Switch;
 
 fn body(value: &Value) -> JsonBody {
     JsonBody(Bytes::from(value.to_string()))
@@ -303,7 +304,8 @@ pub async fn disable(
     }
 }
 
-/// `POST /console/connectors/{name}/settings`: `enabled` (checkbox),
+/// `POST /console/connectors/{name}/settings`: `enabled` (checkbox) and
+/// `enabled_was` (how the page drew it),
 /// `setting.NAME` per setting, `secret.NAME` per declared secret (empty:
 /// keep the value in effect), `clear.NAME` (checkbox: remove it).
 pub async fn put_settings(
@@ -335,8 +337,19 @@ pub async fn put_settings(
             }
         }
     }
+    // The switch as the page drew it: unless the operator ticked or
+    // unticked the box, the switch stays as it is now (someone may have
+    // disabled the connector since the page was drawn).
+    let ticked = form.get("enabled").is_some();
+    let enabled = match form.get("enabled_was") {
+        Some(drawn) if (drawn == "true") == ticked => state
+            .registry
+            .entry(&name)
+            .map_or(ticked, |e| e.effective.switch == Switch::Enabled),
+        _ => ticked,
+    };
     let request = json!({
-        "enabled": form.get("enabled").is_some(),
+        "enabled": enabled,
         "settings": settings,
         "secrets": secrets,
     });

@@ -365,6 +365,16 @@ async fn the_operator_console_in_a_real_browser() {
     assert!(console.text().await.contains(&letter));
     console.shot("dead-letters").await;
     console.open("/console/connectors/stripe").await;
+    // Someone else disables it while the page is open: saving the
+    // secret does not switch it back on.
+    let (status, body) = app
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/connectors/stripe/disable",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
     console
         .find("#secret-api_key")
         .await
@@ -373,6 +383,19 @@ async fn the_operator_console_in_a_real_browser() {
         .unwrap();
     console.follow("main form.card button[type=submit]").await;
     console.wait_text("Settings saved").await;
+    let (_, connector) = app
+        .send(reqwest::Method::GET, "/api/v1/connectors/stripe", None)
+        .await;
+    assert_eq!(connector["state"], "disabled", "{connector}");
+    let (status, body) = app
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/connectors/stripe/enable",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    console.open("/console/connectors/stripe").await;
     console.shot("connector-stripe").await;
     console.open("/console/dead-letters?connector=stripe").await;
     console
