@@ -415,7 +415,11 @@ impl Store {
     }
 
     /// Claims the given inbox events if they are due and free, in `seq`
-    /// order (cluster mode: the ones a Kafka batch announced).
+    /// order (cluster mode: the ones a Kafka batch announced). A fresh
+    /// event is due however this replica's clock compares with the one
+    /// that received it: its `next_attempt_at_ms` is that replica's
+    /// arrival time, and a consumer whose clock runs behind would
+    /// otherwise leave it to the inbox loops' grace.
     pub async fn claim_inbox_seqs(
         &self,
         seqs: &[i64],
@@ -425,7 +429,8 @@ impl Store {
         let now = now_ms();
         let sql = format!(
             "UPDATE inbox SET lease_until_ms = $1, lease_token = $2 WHERE seq = $3 \
-             AND state IN ('pending', 'retry') AND next_attempt_at_ms <= $4 AND lease_until_ms < $4 \
+             AND state IN ('pending', 'retry') AND lease_until_ms < $4 \
+             AND (next_attempt_at_ms <= $4 OR (state = 'pending' AND detail IS NULL)) \
              RETURNING {INBOX_COLUMNS}"
         );
         let mut claimed = Vec::with_capacity(seqs.len());

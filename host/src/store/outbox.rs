@@ -179,6 +179,13 @@ pub enum RelayLeadership {
     Postgres(sqlx::pool::PoolConnection<sqlx::Postgres>),
 }
 
+/// The relay leader's session: probed after 10 s of silence, every 5 s,
+/// dropped after 3 unanswered probes or 30 s of unacknowledged data.
+const LEADER_KEEPALIVE: &str = "SELECT set_config('tcp_keepalives_idle', '10', false), \
+     set_config('tcp_keepalives_interval', '5', false), \
+     set_config('tcp_keepalives_count', '3', false), \
+     set_config('tcp_user_timeout', '30000', false)";
+
 impl RelayLeadership {
     /// Whether the lock is still held (its connection still answers).
     pub async fn still_held(&mut self) -> bool {
@@ -196,6 +203,14 @@ impl Store {
             Backend::Sqlite(_) => Ok(Some(RelayLeadership::Sole)),
             Backend::Postgres(pool) => {
                 let mut conn = pool.acquire().await?;
+                // The lock lives as long as this session: if this
+                // replica's host dies or is cut off, PostgreSQL must
+                // notice within seconds, not after the system's TCP
+                // keepalive of two hours, for another to take over.
+                // (Ignored on a Unix socket, where a dead peer is seen at
+                // once.) Set before the lock, so that a failure here never
+                // hands a locked session back to the pool.
+                sqlx::query(LEADER_KEEPALIVE).execute(&mut *conn).await?;
                 let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
                     .bind(RELAY_LOCK_KEY)
                     .fetch_one(&mut *conn)

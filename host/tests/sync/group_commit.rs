@@ -2065,3 +2065,55 @@ async fn a_takeover_leaves_a_key_completed_meanwhile() {
             .expect("key");
     assert_eq!((state.as_str(), claim.as_str()), ("done", "first"));
 }
+
+/// Cluster mode's bus claim: a fresh event is taken although the replica
+/// that received it stamped it with a clock running 30 s ahead of this
+/// one; before, it waited for the inbox loops' grace.
+#[tokio::test]
+async fn postgres_a_fresh_event_stamped_by_a_clock_ahead_is_claimed_from_the_bus() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(true, dir.path()).await;
+    let store = open(&url).await;
+    store
+        .store_inbox_many(&[("stripe", &[event("evt_ahead", "cus_ahead")], None)])
+        .await
+        .expect("stored");
+    let raw = sqlx::PgPool::connect(&url).await.expect("raw pool");
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM inbox")
+        .fetch_all(&raw)
+        .await
+        .expect("seqs");
+    assert_eq!(seqs.len(), 1);
+    sqlx::query("UPDATE inbox SET next_attempt_at_ms = next_attempt_at_ms + 30000")
+        .execute(&raw)
+        .await
+        .expect("stamped ahead");
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let claimed = store
+        .claim_inbox_seqs(&seqs, "lease-bus", until)
+        .await
+        .expect("claimed");
+    assert_eq!(claimed.len(), 1, "the announced event is claimed");
+}
+
+/// The relay leader's session is watched by TCP keepalives of seconds,
+/// so that a leader whose host dies frees the lock for another replica.
+#[tokio::test]
+async fn postgres_the_relay_leaders_session_is_kept_alive_in_seconds() {
+    let (store, _dir) = store(true).await;
+    let Some(ferry::store::outbox::RelayLeadership::Postgres(mut conn)) =
+        store.try_lead_relay().await.expect("lead")
+    else {
+        panic!("a fresh database has no leader");
+    };
+    let idle: String = sqlx::query_scalar("SHOW tcp_keepalives_idle")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("shown");
+    assert_eq!(idle, "10");
+    let user_timeout: String = sqlx::query_scalar("SHOW tcp_user_timeout")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("shown");
+    assert_eq!(user_timeout, "30000");
+}
