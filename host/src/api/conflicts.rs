@@ -200,7 +200,7 @@ fn set_field(record: &mut serde_json::Value, field: &str, value: serde_json::Val
         (status = 200, description = "Resolved", body = ConflictResolution),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such conflict, or its customer is gone", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Already resolved", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already resolved (`conflict_not_open`), or the customer changed under the resolution three times in a row (`conflict_customer_busy`)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid resolution", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
@@ -320,9 +320,7 @@ pub async fn resolve_conflict(
             Resolved::Raced => continue,
         }
     }
-    Err(ApiError::Internal(anyhow::anyhow!(
-        "the customer kept changing while the conflict was resolved"
-    )))
+    Err(ApiError::ConflictCustomerBusy)
 }
 
 /// Routes under `/api/v1/conflicts`.

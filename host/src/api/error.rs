@@ -140,6 +140,11 @@ pub enum ApiError {
     /// The conflict was already resolved.
     #[error("the conflict is not open")]
     ConflictNotOpen,
+    /// The conflict's customer kept changing while it was resolved.
+    #[error(
+        "the customer kept changing while the conflict was resolved; send the resolution again"
+    )]
+    ConflictCustomerBusy,
     /// A reconciliation of the connector is going (its id).
     #[error("reconciliation {0} of this connector is still running")]
     ReconciliationRunning(String),
@@ -206,6 +211,7 @@ impl ApiError {
             | Self::ReconciliationNotFound
             | Self::MismatchNotFound => StatusCode::NOT_FOUND,
             Self::ConflictNotOpen
+            | Self::ConflictCustomerBusy
             | Self::MismatchNotOpen
             | Self::ReconciliationRunning(_)
             | Self::ConnectorNotReady(_) => StatusCode::CONFLICT,
@@ -254,6 +260,7 @@ impl ApiError {
             Self::DeadLetterNotFound => "dead_letter_not_found",
             Self::ConflictNotFound => "conflict_not_found",
             Self::ConflictNotOpen => "conflict_not_open",
+            Self::ConflictCustomerBusy => "conflict_customer_busy",
             Self::ReconciliationRunning(_) => "reconciliation_running",
             Self::ReconciliationNotFound => "reconciliation_not_found",
             Self::MismatchNotFound => "mismatch_not_found",
@@ -293,6 +300,7 @@ impl ApiError {
             Self::DeadLetterNotFound => "Dead letter not found",
             Self::ConflictNotFound => "Conflict not found",
             Self::ConflictNotOpen => "Conflict not open",
+            Self::ConflictCustomerBusy => "Customer busy",
             Self::ReconciliationRunning(_) => "Reconciliation running",
             Self::ReconciliationNotFound => "Reconciliation not found",
             Self::MismatchNotFound => "Finding not found",

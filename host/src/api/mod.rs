@@ -105,6 +105,22 @@ async fn not_found() -> ApiError {
     ApiError::NotFound
 }
 
+/// A path that does not decode to UTF-8 names nothing here: 404 as
+/// problem+json, not the text/plain 400 a path parameter's extraction
+/// would answer.
+async fn utf8_paths_only(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if percent_encoding::percent_decode_str(request.uri().path())
+        .decode_utf8()
+        .is_err()
+    {
+        return axum::response::IntoResponse::into_response(ApiError::NotFound);
+    }
+    next.run(request).await
+}
+
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
@@ -227,6 +243,7 @@ pub fn router(state: AppState) -> Router {
         routes = routes.layer(axum::middleware::from_fn(same_origin_only));
     }
     routes
+        .layer(axum::middleware::from_fn(utf8_paths_only))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

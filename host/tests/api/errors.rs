@@ -97,6 +97,37 @@ async fn wrong_shapes_are_422_naming_the_field(backend: Backend) {
         .await
         .unwrap();
     assert_problem(response, 422, "validation_failed").await;
+
+    // A `+` sent unencoded reads as a space: said, not an empty page.
+    let response = app
+        .request(
+            Method::GET,
+            "/api/v1/customers?email=ada+billing@example.com",
+        )
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(response, 422, "validation_failed").await;
+    assert_eq!(problem["errors"][0]["field"], "email", "{problem}");
+    let response = app
+        .request(
+            Method::GET,
+            "/api/v1/customers?email=ada%2Bbilling@example.com",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    // A path that is not UTF-8 once decoded: 404 as problem+json.
+    for (method, path) in [
+        (Method::GET, "/api/v1/customers/%FF"),
+        (Method::GET, "/api/v1/conflicts/%C3%28"),
+        (Method::POST, "/webhooks/%FF"),
+    ] {
+        let response = app.request(method, path).send().await.unwrap();
+        assert_problem(response, 404, "not_found").await;
+    }
 }
 
 async fn oversized_body_is_413(backend: Backend) {

@@ -185,7 +185,18 @@ pub async fn list_customers(
             "email" if value.contains('\0') => {
                 return Err(ApiError::field("email", "must not contain NUL"));
             }
-            "email" => request.email = Some(normalise_email(&value)),
+            "email" => {
+                let email = normalise_email(&value);
+                // A filter that cannot match says so: most often a `+`
+                // sent unencoded, which a query string reads as a space.
+                if !is_valid_email(&email) {
+                    return Err(ApiError::field(
+                        "email",
+                        "must be an email address (send `+` as `%2B`)",
+                    ));
+                }
+                request.email = Some(email);
+            }
             // Unknown parameters are ignored, as proxies and caches add their own.
             _ => {}
         }
