@@ -81,6 +81,7 @@ pub async fn sign_out(_form: CsrfForm) -> Response {
 pub async fn resolve_conflict(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
     form: CsrfForm,
 ) -> Response {
     let resolution = form.get("resolution").unwrap_or("fields");
@@ -116,7 +117,9 @@ pub async fn resolve_conflict(
         State(state),
         form.session.principal,
         Path(id.clone()),
-        axum::http::HeaderMap::new(),
+        // The request's own id, so the resolution's log lines and push
+        // carry it as they do through the API.
+        headers,
         body(&request),
     )
     .await

@@ -130,6 +130,9 @@ pub fn safe_next(next: Option<&str>) -> &str {
     match next {
         Some(next)
             if next.starts_with("/console")
+                // Printable ASCII only: a control character would make
+                // the redirect's Location header unsendable (a 500).
+                && next.bytes().all(|b| (0x21..=0x7e).contains(&b))
                 && !next.contains("//")
                 && !next.contains('\\')
                 && !next.starts_with("/console/sign-") =>
@@ -302,6 +305,10 @@ mod tests {
             "/api/v1/customers",
             "/console//evil",
             "/console/sign-in",
+            "/console\n",
+            "/console/conflicts\r\nset-cookie: x=1",
+            "/console/\u{7f}",
+            "/console/caf\u{e9}",
         ] {
             assert_eq!(safe_next(Some(bad)), "/console", "{bad}");
         }
