@@ -315,12 +315,19 @@ pub async fn run_kafka_relay(
         );
         let mut checked = tokio::time::Instant::now();
         loop {
-            let rounds = async {
-                let changes = publish_round(&store, &producer, &topics.changes).await?;
-                let events = publish_inbox_round(&store, &producer, &topics.inbox).await?;
-                anyhow::Ok(changes + events)
+            // Each topic on its own: a topic the broker refuses for good
+            // (an ACL, a deleted topic) does not hold the other's rows
+            // back to the redelivery net.
+            let (changes, events) = tokio::join!(
+                publish_round(&store, &producer, &topics.changes),
+                publish_inbox_round(&store, &producer, &topics.inbox),
+            );
+            let rounds = match (changes, events) {
+                (Ok(changes), Ok(events)) => Ok(changes + events),
+                (Err(error), Ok(_)) | (Ok(_), Err(error)) => Err(error),
+                (Err(changes), Err(events)) => Err(changes.context(format!("{events:#}"))),
             };
-            let wait = match rounds.await {
+            let wait = match rounds {
                 Ok(0) => RELAY_POLL,
                 // Busy: publish again at once, but still look at the
                 // leadership every LEADER_POLL, or a leader whose lock
@@ -412,7 +419,19 @@ pub async fn run_inbox_consumer(
         async move {
             let seqs: Vec<i64> = batch
                 .iter()
-                .filter_map(|m| std::str::from_utf8(&m.payload).ok()?.parse().ok())
+                .filter_map(|m| {
+                    let seq = std::str::from_utf8(&m.payload).ok()?.parse().ok();
+                    if seq.is_none() {
+                        // Not ours: the event it may stand for is still
+                        // taken by the inbox loops after their grace.
+                        tracing::error!(
+                            key = m.key,
+                            bytes = m.payload.len(),
+                            "unreadable inbox message skipped"
+                        );
+                    }
+                    seq
+                })
                 .collect();
             engine.apply_inbox_seqs(&seqs).await?;
             Ok(())
