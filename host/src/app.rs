@@ -345,6 +345,7 @@ impl App {
         let tasks = TaskTracker::new();
         tasks.spawn(purge_idempotency_keys(
             self.state.store.clone(),
+            self.retention.batch,
             self.cancel.clone(),
         ));
         // Every replica, workers or not, follows the registry: an API-only
@@ -435,12 +436,16 @@ impl App {
 
 /// Purges expired idempotency keys now and then; expired keys are also
 /// ignored (and overwritten) when claimed, so this only bounds table size.
-async fn purge_idempotency_keys(store: Store, cancel: CancellationToken) {
+async fn purge_idempotency_keys(store: Store, batch: u32, cancel: CancellationToken) {
     let mut every = tokio::time::interval(PURGE_INTERVAL);
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
-            _ = every.tick() => match store.purge_expired_idempotency_keys().await {
+            _ = every.tick() => match crate::retention::in_batches(&cancel, || {
+                store.purge_expired_idempotency_keys(batch)
+            })
+            .await
+            {
                 Ok(0) => {}
                 Ok(purged) => tracing::debug!(purged, "expired idempotency keys purged"),
                 Err(error) => tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)), "purging idempotency keys failed"),

@@ -48,6 +48,24 @@ pub async fn run(store: Store, retention: Retention, cancel: CancellationToken) 
     }
 }
 
+/// Runs `step` (one bounded delete) until it deletes nothing or `cancel`,
+/// pausing between two; returns the rows deleted.
+pub async fn in_batches<F, Fut>(cancel: &CancellationToken, mut step: F) -> Result<u64, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, StoreError>>,
+{
+    let mut deleted = 0;
+    loop {
+        let now = step().await?;
+        deleted += now;
+        if now == 0 || cancel.is_cancelled() {
+            return Ok(deleted);
+        }
+        tokio::time::sleep(BETWEEN_BATCHES).await;
+    }
+}
+
 /// One pass over every trimmed table; returns the rows deleted.
 pub async fn pass(
     store: &Store,

@@ -201,13 +201,20 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes expired keys; returns how many.
+    /// Deletes up to `batch` expired keys, those that expired first first;
+    /// returns how many. Callers loop: one statement over every expired
+    /// key (each with its stored answer) would hold the writer for as long
+    /// as it takes.
     #[tracing::instrument(skip_all)]
-    pub async fn purge_expired_idempotency_keys(&self) -> Result<u64, StoreError> {
+    pub async fn purge_expired_idempotency_keys(&self, batch: u32) -> Result<u64, StoreError> {
         let now_ms = Utc::now().timestamp_millis();
         let done = dispatch!(self, write pool => {
-            sqlx::query("DELETE FROM idempotency_keys WHERE expires_at_ms <= $1")
+            sqlx::query(
+                "DELETE FROM idempotency_keys WHERE (scope, key) IN (SELECT scope, key \
+                 FROM idempotency_keys WHERE expires_at_ms <= $1 ORDER BY expires_at_ms LIMIT $2)",
+            )
                 .bind(now_ms)
+                .bind(i64::from(batch))
                 .execute(pool)
                 .await?
                 .rows_affected()

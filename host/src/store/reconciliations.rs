@@ -475,17 +475,37 @@ impl Store {
             if ended != 1 {
                 return Ok(false);
             }
-            // What only a running run needs.
-            sqlx::query("DELETE FROM reconciliation_seen WHERE run_id = $1")
-                .bind(&run.id)
-                .execute(pool)
-                .await?;
-            sqlx::query("DELETE FROM reconciliation_unlinked WHERE run_id = $1")
-                .bind(&run.id)
-                .execute(pool)
-                .await?;
         });
+        // What only a running run needs (its listing's scratch rows) goes
+        // with [`Self::clear_ended_scratch`], in small batches.
         Ok(true)
+    }
+
+    /// Deletes up to `batch` rows of each scratch table
+    /// (`reconciliation_seen`, `reconciliation_unlinked`) whose run has
+    /// ended; returns how many. A statement at a time, so that a run that
+    /// listed a million records does not hold the writer (SQLite has one)
+    /// for the seconds one delete of them all would take.
+    pub async fn clear_ended_scratch(&self, batch: u32) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        for (table, key) in [
+            ("reconciliation_seen", "remote_id"),
+            ("reconciliation_unlinked", "remote_id"),
+        ] {
+            let sql = format!(
+                "DELETE FROM {table} WHERE (run_id, {key}) IN (SELECT s.run_id, s.{key} \
+                 FROM {table} s JOIN reconciliation_runs r ON r.id = s.run_id \
+                 WHERE r.status <> 'running' LIMIT $1)"
+            );
+            deleted += dispatch!(self, write pool => {
+                sqlx::query(&sql)
+                    .bind(i64::from(batch))
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            });
+        }
+        Ok(deleted)
     }
 
     /// Unlinked records of a run with their email's count among them, in

@@ -56,6 +56,8 @@ const BACKLOG: i64 = 1000;
 const BACKLOG_POLL: Duration = Duration::from_millis(20);
 /// Runs one process drives at once.
 const MAX_RUNS: usize = 4;
+/// Scratch rows of ended runs one delete takes, per table.
+const SCRATCH_BATCH: u32 = 1000;
 
 /// What a run is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -192,6 +194,11 @@ impl SyncEngine {
     /// left by a replica that died), and starts scheduled runs when due.
     pub async fn run_reconciler(self, options: ReconcileOptions, cancel: CancellationToken) {
         let tracker = TaskTracker::new();
+        {
+            let engine = self.clone();
+            let cancel = cancel.clone();
+            tracker.spawn(async move { engine.clear_scratch(&cancel).await });
+        }
         loop {
             if let Err(error) = self.start_scheduled(&options).await {
                 tracing::warn!(
@@ -304,6 +311,24 @@ impl SyncEngine {
                 error = format!("{:#}", anyhow::Error::from(error)),
                 "reconciliation interrupted by the store; resumed when its lease expires"
             );
+        }
+        self.clear_scratch(cancel).await;
+    }
+
+    /// Deletes what ended runs listed into the scratch tables, in small
+    /// batches: after each run, and once at start for what a process that
+    /// died after ending a run left behind.
+    async fn clear_scratch(&self, cancel: &CancellationToken) {
+        let store = &self.inner.store;
+        let cleared =
+            crate::retention::in_batches(cancel, || store.clear_ended_scratch(SCRATCH_BATCH)).await;
+        match cleared {
+            Ok(0) => {}
+            Ok(deleted) => tracing::debug!(deleted, "ended runs' scratch rows deleted"),
+            Err(error) => tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "deleting ended runs' scratch rows failed; the next run's end tries again"
+            ),
         }
     }
 

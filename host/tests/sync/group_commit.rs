@@ -2117,3 +2117,113 @@ async fn postgres_the_relay_leaders_session_is_kept_alive_in_seconds() {
         .expect("shown");
     assert_eq!(user_timeout, "30000");
 }
+
+/// What a run listed into the scratch tables goes when it ends, a bounded
+/// delete at a time, and only an ended run's: a running run keeps its own.
+/// Before, one unbounded delete per table held SQLite's only writer.
+async fn an_ended_runs_scratch_goes_in_batches(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut runs = Vec::new();
+    for (connector, seen, unlinked) in [("stripe", 3, 2), ("salesforce", 2, 1)] {
+        store
+            .start_run(connector, "reconcile", "report", "api")
+            .await
+            .expect("started")
+            .expect("a run");
+        let run = store
+            .claim_run(&format!("lease-{connector}"), now + 60_000)
+            .await
+            .expect("claim")
+            .expect("claimed");
+        let findings = ferry::store::reconciliations::PageFindings {
+            listed_at_ms: now,
+            seen: (0..seen).map(|i| format!("{connector}_seen_{i}")).collect(),
+            unlinked: (0..unlinked)
+                .map(|i| (format!("{connector}_new_{i}"), None, json!({"id": i})))
+                .collect(),
+            ..Default::default()
+        };
+        assert!(store
+            .commit_page(&run, &findings, None, 5)
+            .await
+            .expect("page"));
+        runs.push(run);
+    }
+    let (ended, running) = (&runs[0], &runs[1]);
+    assert!(store
+        .finish_run(ended, "completed", None)
+        .await
+        .expect("ended"));
+
+    let mut steps = Vec::new();
+    loop {
+        let deleted = store.clear_ended_scratch(2).await.expect("cleared");
+        steps.push(deleted);
+        if deleted == 0 {
+            break;
+        }
+    }
+    // Two of each table, then the last seen row: the ended run's five.
+    assert_eq!(steps, [4, 1, 0]);
+    assert!(store
+        .unlinked_records(&ended.id, None, 100)
+        .await
+        .expect("read")
+        .is_empty());
+    assert_eq!(
+        store
+            .unlinked_records(&running.id, None, 100)
+            .await
+            .expect("read")
+            .len(),
+        1,
+        "the running run keeps its scratch"
+    );
+}
+
+#[tokio::test]
+async fn postgres_an_ended_runs_scratch_goes_in_batches() {
+    an_ended_runs_scratch_goes_in_batches(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_an_ended_runs_scratch_goes_in_batches() {
+    an_ended_runs_scratch_goes_in_batches(false).await;
+}
+
+/// Expired idempotency keys go a bounded delete at a time, those that
+/// expired first first; a key still remembered stays.
+#[tokio::test]
+async fn sqlite_expired_idempotency_keys_go_in_batches() {
+    let (store, _dir) = store(false).await;
+    for (key, ttl_ms) in [
+        ("a", -3_000),
+        ("b", -2_000),
+        ("c", -1_000),
+        ("kept", 3_600_000),
+    ] {
+        let record = ferry::store::idempotency::IdempotencyRecord {
+            scope: "open".into(),
+            key: key.into(),
+            fingerprint: "f".into(),
+            claim: key.into(),
+        };
+        store
+            .claim_idempotency_key(&record, ttl_ms, 60_000)
+            .await
+            .expect("claimed");
+    }
+    let mut steps = Vec::new();
+    loop {
+        let purged = store
+            .purge_expired_idempotency_keys(2)
+            .await
+            .expect("purged");
+        steps.push(purged);
+        if purged == 0 {
+            break;
+        }
+    }
+    assert_eq!(steps, [2, 1, 0]);
+}
