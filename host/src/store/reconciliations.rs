@@ -196,6 +196,9 @@ macro_rules! add_counts {
     };
 }
 
+/// Ids one `IN (…)` list binds at most.
+const IN_LIST_CHUNK: usize = 1000;
+
 impl Store {
     /// Starts a run; `None` if one is already running for the connector.
     pub async fn start_run(
@@ -827,53 +830,59 @@ impl Store {
         connector: &str,
         remote_ids: &[String],
     ) -> Result<Vec<(SyncLink, Option<Customer>)>, StoreError> {
-        if remote_ids.is_empty() {
-            return Ok(Vec::new());
+        // A page is as long as the connector made it, which may be more
+        // than it was asked for: in chunks, under SQLite's 32,766 bound
+        // variables.
+        let mut links: Vec<SyncLink> = Vec::with_capacity(remote_ids.len());
+        for chunk in remote_ids.chunks(IN_LIST_CHUNK) {
+            let links_sql = format!(
+                "SELECT {} FROM sync_links WHERE connector = $1 AND remote_id IN ({})",
+                link_columns!(),
+                placeholders(2, chunk.len())
+            );
+            let rows: Vec<SyncLinkRow> = dispatch!(self, read pool => {
+                let mut query = sqlx::query_as(&links_sql).bind(connector);
+                for id in chunk {
+                    query = query.bind(id);
+                }
+                query.fetch_all(pool).await?
+            });
+            links.extend(rows.into_iter().map(SyncLink::from));
         }
-        let links_sql = format!(
-            "SELECT {} FROM sync_links WHERE connector = $1 AND remote_id IN ({})",
-            link_columns!(),
-            placeholders(2, remote_ids.len())
-        );
-        let links: Vec<SyncLinkRow> = dispatch!(self, read pool => {
-            let mut query = sqlx::query_as(&links_sql).bind(connector);
-            for id in remote_ids {
-                query = query.bind(id);
-            }
-            query.fetch_all(pool).await?
-        });
-        let links: Vec<SyncLink> = links.into_iter().map(SyncLink::from).collect();
         let ids: Vec<&str> = links.iter().map(|l| l.customer_id.as_str()).collect();
-        let customers = self.customers_by_ids(&ids).await?;
+        let customers: std::collections::HashMap<String, Customer> = self
+            .customers_by_ids(&ids)
+            .await?
+            .into_iter()
+            .map(|c| (c.id.as_str().to_owned(), c))
+            .collect();
         Ok(links
             .into_iter()
             .map(|link| {
-                let customer = customers
-                    .iter()
-                    .find(|c| c.id.as_str() == link.customer_id)
-                    .cloned();
+                let customer = customers.get(&link.customer_id).cloned();
                 (link, customer)
             })
             .collect())
     }
 
     async fn customers_by_ids(&self, ids: &[&str]) -> Result<Vec<Customer>, StoreError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
+        let mut customers = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(IN_LIST_CHUNK) {
+            let sql = format!(
+                "SELECT {} FROM customers c WHERE c.id IN ({})",
+                columns!(),
+                placeholders(1, chunk.len())
+            );
+            let rows: Vec<CustomerRow> = dispatch!(self, read pool => {
+                let mut query = sqlx::query_as(&sql);
+                for id in chunk {
+                    query = query.bind(*id);
+                }
+                query.fetch_all(pool).await?
+            });
+            customers.extend(rows.into_iter().map(Customer::from));
         }
-        let sql = format!(
-            "SELECT {} FROM customers c WHERE c.id IN ({})",
-            columns!(),
-            placeholders(1, ids.len())
-        );
-        let rows: Vec<CustomerRow> = dispatch!(self, read pool => {
-            let mut query = sqlx::query_as(&sql);
-            for id in ids {
-                query = query.bind(*id);
-            }
-            query.fetch_all(pool).await?
-        });
-        Ok(rows.into_iter().map(Customer::from).collect())
+        Ok(customers)
     }
 
     /// Live customers with any of `emails` (lower-cased), each with the

@@ -2227,3 +2227,17 @@ async fn sqlite_expired_idempotency_keys_go_in_batches() {
     }
     assert_eq!(steps, [2, 1, 0]);
 }
+
+/// A listed page longer than SQLite binds in one statement (a connector
+/// may return more than it was asked for) is read in chunks; before, the
+/// run failed with "too many SQL variables".
+#[tokio::test]
+async fn sqlite_a_page_of_forty_thousand_records_is_read() {
+    let (store, _dir) = store(false).await;
+    let remote_ids: Vec<String> = (0..40_000).map(|i| format!("rec_{i}")).collect();
+    let linked = store
+        .linked_records("stripe", &remote_ids)
+        .await
+        .expect("read in chunks");
+    assert!(linked.is_empty());
+}
