@@ -138,6 +138,7 @@ async fn serve(config_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         std::io::stderr,
         config.otlp_endpoint.as_deref(),
     )?;
+    let _sole = ferry::store::lock_sqlite_file(config.database_url_exposed())?;
     let app = App::build(config).await?;
     stop_on_signal(app.cancellation_token());
     app.run_until_stopped().await?;

@@ -48,6 +48,7 @@ pub async fn run(options: DevOptions, cancel: CancellationToken) -> anyhow::Resu
         }),
     )
     .context("loading configuration")?;
+    let _sole = crate::store::lock_sqlite_file(config.database_url_exposed())?;
     let app = App::build(config).await?;
     let registry = app.state().registry.clone();
     let name = register(&registry, &wasm).await?;

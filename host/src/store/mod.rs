@@ -300,6 +300,50 @@ macro_rules! stored_names {
 }
 pub(crate) use stored_names;
 
+/// Holds a SQLite database for this process: an exclusive lock on
+/// `PATH.lock` beside the file, kept until the returned file is dropped
+/// (or the process ends, however it ends). The embedded mode's guarantees
+/// (one writer, one relay, serialised claims) hold for one process per
+/// file; a second one, such as a restart that overlaps the old process, is
+/// refused at start instead of answering writes with `database is locked`.
+/// `None` for PostgreSQL and in-memory databases.
+pub fn lock_sqlite_file(url: &str) -> anyhow::Result<Option<std::fs::File>> {
+    use anyhow::Context;
+
+    if StoreKind::from_url(url)? != StoreKind::Sqlite {
+        return Ok(None);
+    }
+    let options = SqliteConnectOptions::from_str(url)?;
+    let path = options.get_filename();
+    if path.as_os_str().is_empty() || path == std::path::Path::new(":memory:") {
+        return Ok(None);
+    }
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = std::path::PathBuf::from(lock_path);
+    if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another ferry process is serving {} (it holds {}): one process per SQLite file; \
+             run several replicas on PostgreSQL",
+            path.display(),
+            lock_path.display()
+        ),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("locking {}", lock_path.display()))
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()

@@ -141,7 +141,32 @@ async fn sigterm_ends_the_process_within_the_grace_time_despite_a_stalled_client
             "whsec_x".to_owned(),
         ),
     ]);
-    let mut ferry = FerryProcess::start(env, dir.path()).await;
+    let mut ferry = FerryProcess::start(env.clone(), dir.path()).await;
+
+    // A second process on the same SQLite file is refused at start.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(&env)
+        .env("FERRY_LISTEN", format!("127.0.0.1:{port}"))
+        .output();
+    let second = tokio::time::timeout(Duration::from_secs(30), second)
+        .await
+        .expect("the second process exits")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another ferry process is serving"),
+        "{stderr}"
+    );
+
     // A request whose body never comes (the body timeout is 10 s).
     let mut stalled = TcpStream::connect(ferry.base.trim_start_matches("http://"))
         .await
@@ -162,6 +187,8 @@ async fn sigterm_ends_the_process_within_the_grace_time_despite_a_stalled_client
         "{}",
         ferry.log_text()
     );
+    // The lock went with the process: a new one starts on the file.
+    ferry.restart().await;
 }
 
 /// A signed webhook with data the API would refuse is dead-lettered with the
