@@ -263,3 +263,56 @@ pub fn router(max_component_bytes: usize) -> Router<AppState> {
         )
         .layer(axum::middleware::map_response(security_headers))
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::TEMPLATES;
+
+    fn render(name: &str, context: serde_json::Value) -> String {
+        TEMPLATES
+            .get_template(name)
+            .and_then(|t| t.render(context))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    /// The link to a list's next page keeps the filters the page shows.
+    #[test]
+    fn next_pages_keep_their_filters() {
+        let letters = render(
+            "dead_letters.html",
+            json!({"list": {"data": [], "next_cursor": "dl_1"}, "connector": "stripe",
+                "direction": "outbound", "include_replayed": true}),
+        );
+        assert!(
+            letters.contains("starting_after=dl_1&amp;connector=stripe&amp;direction=outbound&amp;include_replayed=true"),
+            "{letters}"
+        );
+        let findings = render(
+            "reconciliation.html",
+            json!({"run": {"id": "rc_1", "status": "completed", "progress": {}, "counts": {}},
+                "findings": {"data": [], "next_cursor": "mm_1"}, "kind": "orphan", "state": "open"}),
+        );
+        assert!(
+            findings.contains("starting_after=mm_1&amp;kind=orphan&amp;state=open"),
+            "{findings}"
+        );
+        let runs = render(
+            "reconciliations.html",
+            json!({"list": {"data": [], "next_cursor": "rc_9"}, "connector": "stripe"}),
+        );
+        assert!(
+            runs.contains("/console/reconciliations?starting_after=rc_9&amp;connector=stripe"),
+            "{runs}"
+        );
+        let conflicts = render(
+            "conflicts.html",
+            json!({"list": {"data": [], "next_cursor": "cf_1"}, "shown": "all", "customer_id": "cus_1"}),
+        );
+        assert!(
+            conflicts.contains("state=all&amp;starting_after=cf_1&amp;customer_id=cus_1"),
+            "{conflicts}"
+        );
+    }
+}

@@ -152,7 +152,12 @@ pub async fn customer(
         conflicts::list_conflicts(
             State(state),
             session.principal,
-            QueryPairs(vec![("customer_id".to_owned(), id)]),
+            // The open ones, all of them; the rest are a link away.
+            QueryPairs(vec![
+                ("customer_id".to_owned(), id),
+                ("state".to_owned(), "open".to_owned()),
+                ("limit".to_owned(), "500".to_owned()),
+            ]),
         )
     );
     page(
@@ -180,7 +185,13 @@ pub async fn conflicts(
     page(
         &session,
         "conflicts.html",
-        json!({ "section": "conflicts", "shown": shown, "list": list, "notice": param(&pairs, "notice") }),
+        json!({
+            "section": "conflicts",
+            "shown": shown,
+            "list": list,
+            "customer_id": param(&pairs, "customer_id"),
+            "notice": param(&pairs, "notice"),
+        }),
     )
 }
 
@@ -292,7 +303,14 @@ pub async fn reconciliations(
     page(
         &session,
         "reconciliations.html",
-        json!({ "section": "reconciliations", "list": list, "connectors": connector_names(&state), "running": running, "notice": param(&pairs, "notice") }),
+        json!({
+            "section": "reconciliations",
+            "list": list,
+            "connectors": connector_names(&state),
+            "connector": param(&pairs, "connector"),
+            "running": running,
+            "notice": param(&pairs, "notice"),
+        }),
     )
 }
 
@@ -320,6 +338,13 @@ pub async fn reconciliation(
     page(
         &session,
         "reconciliation.html",
-        json!({ "section": "reconciliations", "run": run, "findings": findings, "notice": param(&pairs, "notice") }),
+        json!({
+            "section": "reconciliations",
+            "run": run,
+            "findings": findings,
+            "kind": param(&pairs, "kind"),
+            "state": param(&pairs, "state"),
+            "notice": param(&pairs, "notice"),
+        }),
     )
 }
