@@ -288,6 +288,16 @@ impl KafkaProducer {
         Ok(())
     }
 
+    /// The fatal error librdkafka raised on this producer, if it did: it
+    /// cannot publish again (an idempotent producer whose sequence broke,
+    /// or that the cluster refused for good), and must be replaced.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.producer
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| format!("{code}: {reason}"))
+    }
+
     /// Asks the cluster for its metadata (`/readyz` in cluster mode).
     pub async fn probe(self: &std::sync::Arc<Self>, timeout: Duration) -> Result<(), BusError> {
         let this = self.clone();

@@ -30,6 +30,14 @@ const RELAY_BATCH: u32 = 500;
 const RELAY_POLL: Duration = Duration::from_millis(250);
 /// Pause after a failed round.
 const RELAY_BACKOFF: Duration = Duration::from_secs(1);
+/// A leader whose rounds have failed for this long gives the leadership
+/// up (a replica that reaches the broker may take it) and, if its producer
+/// hit a fatal error, makes a new one. Longer than one round may take to
+/// fail (`message.timeout.ms`, 30 s), so one slow failure is not enough.
+const STEP_DOWN_AFTER: Duration = Duration::from_secs(30);
+/// How long a leader that stepped down waits before it tries to lead
+/// again: longer than the others' [`LEADER_POLL`], so one of them leads.
+const STEP_DOWN_PAUSE: Duration = Duration::from_secs(6);
 /// Shortest time between the starts of two relay rounds. Commits signal the
 /// relay one by one; under load a round per commit costs two statements
 /// (read the queue, take the rows off it with their pushes) per few rows.
@@ -189,6 +197,7 @@ pub async fn start_kafka(
     let sync = state.sync.clone();
     let topics_state = state.topics.clone();
     let settings = settings.clone();
+    let settings_for_relay = settings.clone();
     let tracker = tasks.clone();
     tasks.spawn(async move {
         let names = [topics.changes.as_str(), topics.inbox.as_str()];
@@ -227,7 +236,7 @@ pub async fn start_kafka(
             sync,
             cancel.clone(),
         ));
-        tracker.spawn(run_kafka_relay(store, producer, topics, cancel));
+        tracker.spawn(run_kafka_relay(store, producer, settings_for_relay, topics, cancel));
     });
     Ok(())
 }
@@ -279,7 +288,8 @@ pub struct Topics {
 /// leads.
 pub async fn run_kafka_relay(
     store: Store,
-    producer: kafka::KafkaProducer,
+    mut producer: kafka::KafkaProducer,
+    settings: kafka::KafkaSettings,
     topics: Topics,
     cancel: CancellationToken,
 ) {
@@ -314,7 +324,10 @@ pub async fn run_kafka_relay(
             "this replica relays the outbox and the inbox to Kafka"
         );
         let mut checked = tokio::time::Instant::now();
+        // When the rounds started failing, if the last one failed.
+        let mut failing_since: Option<tokio::time::Instant> = None;
         loop {
+            let round_started = tokio::time::Instant::now();
             // Each topic on its own: a topic the broker refuses for good
             // (an ACL, a deleted topic) does not hold the other's rows
             // back to the redelivery net.
@@ -327,6 +340,16 @@ pub async fn run_kafka_relay(
                 (Err(error), Ok(_)) | (Ok(_), Err(error)) => Err(error),
                 (Err(changes), Err(events)) => Err(changes.context(format!("{events:#}"))),
             };
+            if rounds.is_ok() {
+                failing_since = None;
+            } else if failing_since.get_or_insert(round_started).elapsed() >= STEP_DOWN_AFTER {
+                step_down(leadership, &mut producer, &settings).await;
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(STEP_DOWN_PAUSE) => {}
+                }
+                break;
+            }
             let wait = match rounds {
                 Ok(0) => RELAY_POLL,
                 // Busy: publish again at once, but still look at the
@@ -353,6 +376,35 @@ pub async fn run_kafka_relay(
                 tracing::warn!("lost the relay leadership (database session ended)");
                 break;
             }
+        }
+    }
+}
+
+/// Gives the relay leadership up after its rounds failed for
+/// [`STEP_DOWN_AFTER`], and replaces a producer librdkafka declared
+/// fatally broken (every later publish of it would fail too).
+async fn step_down(
+    leadership: crate::store::outbox::RelayLeadership,
+    producer: &mut kafka::KafkaProducer,
+    settings: &kafka::KafkaSettings,
+) {
+    tracing::warn!(
+        failing_for_s = STEP_DOWN_AFTER.as_secs(),
+        "publishing keeps failing: gave up the relay leadership for a while; \
+         meanwhile changes reach their connectors through the redelivery net"
+    );
+    leadership.resign().await;
+    if let Some(fatal) = producer.fatal_error() {
+        match kafka::KafkaProducer::new(settings) {
+            Ok(fresh) => {
+                tracing::warn!(fatal, "the Kafka producer failed for good; made a new one");
+                *producer = fresh;
+            }
+            Err(error) => tracing::warn!(
+                fatal,
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "the Kafka producer failed for good and a new one cannot be made"
+            ),
         }
     }
 }

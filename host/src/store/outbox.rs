@@ -187,6 +187,14 @@ const LEADER_KEEPALIVE: &str = "SELECT set_config('tcp_keepalives_idle', '10', f
      set_config('tcp_user_timeout', '30000', false)";
 
 impl RelayLeadership {
+    /// Gives the leadership up: ends the lock's session, so that another
+    /// replica's next try takes it.
+    pub async fn resign(self) {
+        if let Self::Postgres(conn) = self {
+            let _ = sqlx::Connection::close(conn.detach()).await;
+        }
+    }
+
     /// Whether the lock is still held (its connection still answers).
     pub async fn still_held(&mut self) -> bool {
         match self {

@@ -278,3 +278,59 @@ async fn two_processes_broker_restart_and_sigkill_cluster() {
     .await;
     assert_exactly_once(&stripe.url(), &ledger).await;
 }
+
+/// A relay leader whose publishes keep failing (its broker gone) gives the
+/// leadership up after 30 s, so that a replica that reaches the broker
+/// could take it, and leads again after a pause when no other does.
+/// Before, it held the lock for as long as it lived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_leader_that_cannot_publish_steps_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let stripe = LocalStripe::start().expect("localstripe");
+    let mut broker = Broker::start().expect("broker");
+    let database_url = PgCluster::shared()
+        .create_database()
+        .await
+        .expect("database");
+    let mut env = base_env(dir.path(), &database_url, &stripe.url());
+    env.insert("FERRY_KAFKA_BROKERS".into(), broker.bootstrap());
+    let ferry = FerryProcess::start(env, dir.path()).await;
+    let leads = |ferry: &FerryProcess| {
+        ferry
+            .log_text()
+            .matches("this replica relays the outbox")
+            .count()
+    };
+    wait_log(&ferry, Duration::from_secs(30), |_| leads(&ferry) >= 1).await;
+
+    broker.stop();
+    let created = reqwest::Client::new()
+        .post(format!("{}/api/v1/customers", ferry.base))
+        .json(&json!({"email": format!("relay-{}@example.com", uuid::Uuid::new_v4().simple())}))
+        .send()
+        .await
+        .expect("created");
+    assert_eq!(created.status(), 201);
+    wait_log(&ferry, Duration::from_secs(120), |log| {
+        log.contains("gave up the relay leadership")
+    })
+    .await;
+    broker.start_again().expect("broker back");
+    wait_log(&ferry, Duration::from_secs(60), |_| leads(&ferry) >= 2).await;
+}
+
+/// Waits until `ferry`'s log satisfies `check`.
+async fn wait_log(ferry: &FerryProcess, limit: Duration, check: impl Fn(&str) -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let log = ferry.log_text();
+        if check(&log) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not in the log after {limit:?}: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
