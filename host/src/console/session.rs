@@ -3,8 +3,11 @@
 //! CSRF token bound to the session.
 //!
 //! Sessions are stateless: `{id}.{expires}.{mac}`, the MAC an HMAC-SHA256
-//! under a key derived (HKDF) from the admin token, so they survive a
-//! restart, work on every replica, and all end when the token is rotated.
+//! under a key derived (PBKDF2-HMAC-SHA256, [`KDF_ROUNDS`] rounds) from the
+//! admin token, so they survive a restart, work on every replica, and all
+//! end when the token is rotated. The rounds are there because a cookie is
+//! a test of the token: whoever holds one can try guesses of it offline,
+//! each costing that many HMACs.
 //! With no admin token (open mode, loopback only) the key is random per
 //! process. The CSRF token is an HMAC of the session id under the same key.
 
@@ -13,11 +16,10 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
-use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::api::extract::Principal;
@@ -27,8 +29,11 @@ use crate::app::AppState;
 pub const COOKIE: &str = "ferry_console";
 /// How long a session lasts.
 const LIFETIME_SECONDS: i64 = 12 * 60 * 60;
-/// Binds the derived key to this use.
-const KDF_INFO: &[u8] = b"ferry console sessions v1";
+/// Binds the derived key to this use (the salt of the derivation).
+const KDF_SALT: &[u8] = b"ferry console sessions v2";
+/// PBKDF2 rounds from the admin token to the session key: about 50 ms
+/// once per process here, and as much per guess to whoever holds a cookie.
+const KDF_ROUNDS: u32 = 100_000;
 
 /// The key sessions and CSRF tokens are signed with.
 pub struct SessionKey([u8; 32]);
@@ -39,16 +44,27 @@ impl std::fmt::Debug for SessionKey {
     }
 }
 
+/// The session key of `token`, derived once per process (an `App` is
+/// built more than once in tests, and in `ferry connector dev`).
+fn derived(token: &[u8]) -> [u8; 32] {
+    static DERIVED: std::sync::LazyLock<
+        std::sync::Mutex<std::collections::HashMap<[u8; 32], [u8; 32]>>,
+    > = std::sync::LazyLock::new(Default::default);
+    let id: [u8; 32] = Sha256::digest(token).into();
+    let mut known = DERIVED.lock().unwrap_or_else(|p| p.into_inner());
+    *known.entry(id).or_insert_with(|| {
+        let mut key = [0u8; 32];
+        pbkdf2::pbkdf2_hmac::<Sha256>(token, KDF_SALT, KDF_ROUNDS, &mut key);
+        key
+    })
+}
+
 impl SessionKey {
     /// Derived from the admin token, or random when there is none.
     pub fn new(admin_token: Option<&SecretString>) -> Self {
         let mut key = [0u8; 32];
         match admin_token {
-            Some(token) => {
-                let hkdf = Hkdf::<Sha256>::new(Some(b"ferry"), token.expose_secret().as_bytes());
-                hkdf.expand(KDF_INFO, &mut key)
-                    .unwrap_or_else(|_| unreachable!("32 bytes is a valid HKDF-SHA256 length"));
-            }
+            Some(token) => key = derived(token.expose_secret().as_bytes()),
             None => rand::thread_rng().fill_bytes(&mut key),
         }
         Self(key)
@@ -291,6 +307,20 @@ mod tests {
         let forged = value.replace(&id, &"0".repeat(32));
         assert_eq!(key.verify(&forged, 1_001), None, "another id, same mac");
         assert_ne!(key.csrf(&id), other.csrf(&id));
+    }
+
+    /// A cookie is a test of the admin token; each guess must cost the
+    /// derivation's rounds, not one HMAC.
+    #[test]
+    fn the_session_key_is_stretched_from_the_token() {
+        assert!(KDF_ROUNDS >= 100_000);
+        let key = SessionKey::new(Some(&SecretString::from("a-weak-token-1234")));
+        let mut stretched = [0u8; 32];
+        pbkdf2::pbkdf2_hmac::<Sha256>(b"a-weak-token-1234", KDF_SALT, KDF_ROUNDS, &mut stretched);
+        assert_eq!(key.0, stretched);
+        let mut once = [0u8; 32];
+        pbkdf2::pbkdf2_hmac::<Sha256>(b"a-weak-token-1234", KDF_SALT, 1, &mut once);
+        assert_ne!(key.0, once);
     }
 
     #[test]
