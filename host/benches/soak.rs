@@ -107,7 +107,7 @@ async fn soak(length: Duration, rate: u64) {
                 let (client, base, failures, sent) =
                     (client.clone(), base.clone(), failures.clone(), sent.clone());
                 tokio::spawn(async move {
-                    let ok = if i % 5 == 0 {
+                    let ok = if i.is_multiple_of(5) {
                         let (signature, body) = signed_event(i);
                         client
                             .post(format!("{base}/webhooks/stripe"))
