@@ -225,6 +225,7 @@ pub async fn run_gauges(
     let mut every = tokio::time::interval(GAUGE_INTERVAL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut previous = Vec::new();
+    let mut breakers: Vec<String> = Vec::new();
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
@@ -238,15 +239,21 @@ pub async fn run_gauges(
                 "refreshing the backlog gauges failed"
             ),
         }
-        for entry in registry.entries() {
-            let view = sync.breakers().view(&entry.name);
+        let names: Vec<String> = registry.entries().iter().map(|e| e.name.clone()).collect();
+        for name in &names {
+            let view = sync.breakers().view(name);
             let state = match view.state {
                 "open" => 2.0,
                 "half_open" => 1.0,
                 _ => 0.0,
             };
-            gauge!("ferry_breaker_state", "connector" => entry.name.clone()).set(state);
+            gauge!("ferry_breaker_state", "connector" => name.clone()).set(state);
         }
+        // A connector deleted since reads closed, not the state it had.
+        for gone in breakers.iter().filter(|n| !names.contains(n)) {
+            gauge!("ferry_breaker_state", "connector" => gone.clone()).set(0.0);
+        }
+        breakers = names;
     }
 }
 

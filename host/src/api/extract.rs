@@ -198,13 +198,41 @@ impl<S: Send + Sync> FromRequestParts<S> for CorrelationId {
 }
 
 /// The request id of a request, or a fresh one if missing or unusable.
+/// The router replaces an unusable one before anything reads it
+/// ([`keep_usable_request_id`]), so every reader of one request sees the
+/// same id.
 pub fn request_id(headers: &HeaderMap) -> String {
     headers
         .get(REQUEST_ID)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID)
+        .filter(|v| usable_request_id(v))
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// 1 to [`MAX_REQUEST_ID`] characters of `A-Z a-z 0-9 . _ : / + = @ -`:
+/// what trace and request ids are made of, and nothing that could end or
+/// fake a field of a log line (spaces, quotes, backslashes, newlines).
+fn usable_request_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:/+=@-".contains(&b))
+}
+
+/// Drops a client's `X-Request-Id` that [`request_id`] would not keep, so
+/// that the id made in its place is one, shared by the log span, what the
+/// request stores and the answer.
+pub fn keep_usable_request_id<B>(mut request: axum::http::Request<B>) -> axum::http::Request<B> {
+    let unusable = request
+        .headers()
+        .get(REQUEST_ID)
+        .is_some_and(|v| !v.to_str().is_ok_and(usable_request_id));
+    if unusable {
+        request.headers_mut().remove(REQUEST_ID);
+    }
+    request
 }
 
 /// Who is calling. Idempotency keys are scoped by principal.

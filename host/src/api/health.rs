@@ -30,9 +30,10 @@ const BUS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// One dependency's readiness.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Check {
-    /// `store`, `bus` or `connector:NAME`.
+    /// `store`, `bus`, `bus_topics` or `connector:NAME`.
     pub name: String,
-    /// Whether it is ready.
+    /// Whether it is ready. A connector's check is reported but never
+    /// makes the replica unready.
     pub ok: bool,
     /// What is wrong, or what it is.
     pub detail: String,
@@ -43,7 +44,8 @@ pub struct Check {
 pub struct Readiness {
     /// `ready` or `not_ready`.
     pub status: &'static str,
-    /// The names of the checks that failed.
+    /// The names of the failed checks that make the replica unready (the
+    /// store's and the bus's).
     pub not_ready: Vec<String>,
     /// Every check.
     pub checks: Vec<Check>,
@@ -52,8 +54,11 @@ pub struct Readiness {
 /// Readiness of each dependency.
 ///
 /// The store answers; in cluster mode the Kafka cluster returns its
-/// metadata; every switched-on connector has a loaded active version. 503
-/// names what is not ready.
+/// metadata and the bus's topics exist. 503 names what is not ready. Each
+/// connector's load state is reported too (`ok` false for a switched-on
+/// connector with no loaded version) but does not make the replica
+/// unready: a connector that no replica can load would otherwise take the
+/// API and every other connector out of the load balancer with it.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses(
         (status = 200, description = "Ready to serve", body = Readiness),
@@ -119,7 +124,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     }
     let not_ready: Vec<String> = checks
         .iter()
-        .filter(|c| !c.ok)
+        .filter(|c| !c.ok && !c.name.starts_with("connector:"))
         .map(|c| c.name.clone())
         .collect();
     let status = if not_ready.is_empty() {

@@ -186,16 +186,15 @@ impl KafkaProducer {
             // The Java client's key hashing, so a key lands on the same
             // partition whichever client produced it.
             .set("partitioner", "murmur2_random");
-        let producer =
-            config
-                .create_with_context(BusContext)
-                .map_err(|source| BusError::Client {
-                    role: "producer",
-                    source: Box::new(source),
-                })?;
+        let producer = config
+            .create_with_context(BusContext::default())
+            .map_err(|source| BusError::Client {
+                role: "producer",
+                source: Box::new(source),
+            })?;
         let admin = settings
             .client_config()
-            .create_with_context(BusContext)
+            .create_with_context(BusContext::default())
             .map_err(|source| BusError::Client {
                 role: "admin client",
                 source: Box::new(source),
@@ -401,13 +400,12 @@ impl KafkaConsumer {
             .set("heartbeat.interval.ms", "1000")
             // Per-partition consumer lag for the metrics (see `stats`).
             .set("statistics.interval.ms", "5000");
-        let consumer: StreamConsumer<BusContext> =
-            config
-                .create_with_context(BusContext)
-                .map_err(|source| BusError::Client {
-                    role: "consumer",
-                    source: Box::new(source),
-                })?;
+        let consumer: StreamConsumer<BusContext> = config
+            .create_with_context(BusContext::default())
+            .map_err(|source| BusError::Client {
+                role: "consumer",
+                source: Box::new(source),
+            })?;
         consumer
             .subscribe(&[topic])
             .map_err(|source| BusError::Subscribe {
@@ -674,18 +672,30 @@ impl KafkaConsumer {
 
 /// librdkafka's callbacks: its log lines and errors go to `tracing`, and
 /// rebalances are logged.
-struct BusContext;
+#[derive(Default)]
+struct BusContext {
+    /// The partitions whose lag this client last reported: one it no
+    /// longer consumes (moved to another member) reads 0, not its last lag.
+    lagging: std::sync::Mutex<std::collections::HashSet<(String, i32)>>,
+}
 
 impl ClientContext for BusContext {
     fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut now = std::collections::HashSet::new();
         for (name, topic) in &statistics.topics {
             for (id, partition) in &topic.partitions {
-                // -1: not consumed here (or a producer's statistics).
+                // A lag of -1: not consumed here.
                 if *id >= 0 && partition.consumer_lag >= 0 {
                     crate::metrics::kafka_consumer_lag(name, *id, partition.consumer_lag);
+                    now.insert((name.clone(), *id));
                 }
             }
         }
+        let mut lagging = self.lagging.lock().unwrap_or_else(|p| p.into_inner());
+        for (topic, partition) in lagging.difference(&now) {
+            crate::metrics::kafka_consumer_lag(topic, *partition, 0);
+        }
+        *lagging = now;
     }
 
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {

@@ -210,8 +210,11 @@ impl Store {
         let now_ms = Utc::now().timestamp_millis();
         let done = dispatch!(self, write pool => {
             sqlx::query(
-                "DELETE FROM idempotency_keys WHERE (scope, key) IN (SELECT scope, key \
-                 FROM idempotency_keys WHERE expires_at_ms <= $1 ORDER BY expires_at_ms LIMIT $2)",
+                // Expiry checked again on the row deleted: a key taken
+                // over since the subquery read it is kept.
+                "DELETE FROM idempotency_keys WHERE expires_at_ms <= $1 AND (scope, key) IN \
+                 (SELECT scope, key FROM idempotency_keys WHERE expires_at_ms <= $1 \
+                 ORDER BY expires_at_ms LIMIT $2)",
             )
                 .bind(now_ms)
                 .bind(i64::from(batch))

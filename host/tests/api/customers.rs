@@ -46,6 +46,32 @@ async fn create_returns_201_with_location_etag_and_outbox_event(backend: Backend
     assert_eq!(events[0].version, 1);
     assert_eq!(events[0].correlation_id.as_deref(), Some("req-create-1"));
     // The relay takes it off the queue concurrently (tests/sync).
+
+    // A request id ferry will not keep (too long, or text that could fake
+    // a log field) is replaced by one id, which the answer and the stored
+    // change share.
+    for unusable in ["x".repeat(200), "a b=c".to_owned()] {
+        let response = app
+            .request(Method::POST, "/api/v1/customers")
+            .header("x-request-id", &unusable)
+            .json(&json!({"email": email("rid")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        let echoed = response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_ne!(echoed, unusable);
+        let created: Value = response.json().await.unwrap();
+        let events = app
+            .store
+            .outbox_events(created["id"].as_str().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(events[0].correlation_id.as_deref(), Some(echoed.as_str()));
+    }
 }
 
 async fn unknown_customer_is_404(backend: Backend) {

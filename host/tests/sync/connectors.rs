@@ -1154,8 +1154,43 @@ async fn a_remote_id_ferry_cannot_keep_is_dead_lettered(backend: Backend) {
     assert_eq!(remote.requests_to("POST", "/records").len(), 1);
 }
 
+/// A switched-on connector with no version any replica can run (here:
+/// configured in the environment, its first upload not activated) is
+/// reported by `/readyz` but leaves the replica ready; before, every
+/// replica answered 503 and the API went with it.
+async fn a_connector_without_a_version_leaves_the_replica_ready(backend: Backend) {
+    let mut setup = setup(backend);
+    setup.extra =
+        json!({"connectors": {"recorder": {"settings": {"api_base": "http://127.0.0.1:9"}}}});
+    let app = spawn_sync_app(setup).await;
+    let (status, version) = upload(&app, recorder(), "?activate=false").await;
+    assert_eq!(status, 201, "{version}");
+    let (status, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(status, 200, "{connector}");
+    assert_eq!(connector["active_version"], Value::Null, "{connector}");
+    let (status, ready) = get(&app, "/readyz").await;
+    assert_eq!(
+        (status, ready["status"].as_str()),
+        (200, Some("ready")),
+        "{ready:#}"
+    );
+    let check = ready["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "connector:recorder")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(check["ok"], false, "reported: {ready:#}");
+}
+
 mod sqlite {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connector_without_a_version_leaves_ready() {
+        a_connector_without_a_version_leaves_the_replica_ready(Backend::Sqlite).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_version_that_needs_a_new_setting() {
