@@ -228,7 +228,9 @@ fn call(req: Request) -> Result<Response, ConnectorError> {
 const STRIPE_VERSION: &str = "2024-06-20";
 
 /// Maps a non-2xx answer onto a typed error with Stripe's own message, and
-/// honours `Stripe-Should-Retry` when Stripe says more than the status does.
+/// honours `Stripe-Should-Retry` when Stripe says more than the status does:
+/// `false` on a 5xx means Stripe stored that answer for the request's
+/// idempotency key, so every retry with the key would get it again.
 /// A 409 is another request with the same idempotency key still in
 /// progress (a replay racing the request it replays): retried, whether or
 /// not the answer says so (localstripe does not).
@@ -239,6 +241,9 @@ fn checked(resp: Response) -> Result<Response, ConnectorError> {
         .map_err(|err| match (err, should_retry.as_deref()) {
             (ConnectorError::Permanent(m), Some("true")) => ConnectorError::retryable(m),
             (ConnectorError::Permanent(m), _) if conflict => ConnectorError::retryable(m),
+            (ConnectorError::Retryable(m), Some("false")) if !conflict => {
+                ConnectorError::permanent(m)
+            }
             (err, _) => err,
         })
 }

@@ -243,6 +243,25 @@ async fn server_errors_are_retried_until_delivered() {
     );
 }
 
+/// A 5xx Stripe marks `Stripe-Should-Retry: false` was stored for the
+/// request's idempotency key: retrying with the key would get it again, so
+/// the push is dead-lettered at once, not after ten identical answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_error_stripe_says_not_to_retry_is_dead_lettered_at_once() {
+    let h = harness(json!({})).await;
+    h.proxy.push(
+        Match::request("POST", "/v1/customers"),
+        Fault::stripe_error(500, "api_error", "stored for this key")
+            .with_header("stripe-should-retry", "false"),
+    );
+    let customer = h.app.create(json!({"email": email("no-retry")})).await;
+    let id = customer["id"].as_str().unwrap();
+    h.app
+        .wait_link(id, Duration::from_secs(20), |l| l["state"] == "dead")
+        .await;
+    assert_eq!(outcomes(&h.app.sync_status(id).await), ["dead_lettered"]);
+}
+
 /// The bus delivers a change at least once (a publish retried after a lost
 /// acknowledgement, a consumer group that rewinds). A change delivered
 /// again after its push was dead-lettered leaves the link dead: the same
