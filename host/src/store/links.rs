@@ -680,10 +680,15 @@ macro_rules! record_in {
                     // Newer than what was pushed, too: the push sends the
                     // customer as the claim read it, which may already be
                     // past the wanted version the claim saw.
+                    // The version that died is the wanted one from now on:
+                    // the change that brings it later (the relay takes it
+                    // in after the push read it) must not re-open the
+                    // dead link and push it again.
                     let failed = (*version).max($link.wanted_version);
                     sqlx::query(
                         "UPDATE sync_links SET \
                          state = CASE WHEN wanted_version > $8 THEN 'pending' ELSE 'dead' END, \
+                         wanted_version = CASE WHEN wanted_version > $8 THEN wanted_version ELSE $8 END, \
                          attempts = CASE WHEN wanted_version > $8 THEN 0 ELSE $1 END, \
                          next_attempt_at_ms = CASE WHEN wanted_version > $8 THEN $9 \
                            ELSE next_attempt_at_ms END, \

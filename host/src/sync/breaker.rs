@@ -53,6 +53,11 @@ pub struct Breakers {
     threshold: u32,
     cooldown: Duration,
     states: Mutex<HashMap<String, State>>,
+    /// Until when a connector is paused because its remote said so (a
+    /// rate limit's Retry-After): kept apart from the breaker's state, so
+    /// that a call already in flight that succeeds (or fails) does not
+    /// cut the pause short.
+    paused: Mutex<HashMap<String, Instant>>,
 }
 
 impl Breakers {
@@ -62,6 +67,20 @@ impl Breakers {
             threshold: threshold.max(1),
             cooldown,
             states: Mutex::default(),
+            paused: Mutex::default(),
+        }
+    }
+
+    /// How long `connector` stays paused by a remote's Retry-After.
+    fn paused_for(&self, connector: &str, now: Instant) -> Option<Duration> {
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        match paused.get(connector) {
+            Some(until) if *until > now => Some(*until - now),
+            Some(_) => {
+                paused.remove(connector);
+                None
+            }
+            None => None,
         }
     }
 
@@ -76,6 +95,9 @@ impl Breakers {
     /// May `connector` be called now?
     pub fn allow(&self, connector: &str) -> Result<(), Deferred> {
         let now = Instant::now();
+        if let Some(wait) = self.paused_for(connector, now) {
+            return Err(Deferred(wait));
+        }
         self.with(connector, |state| match *state {
             State::Closed { .. } => Ok(()),
             State::Open { until, failures } if now >= until => {
@@ -104,7 +126,8 @@ impl Breakers {
 
     /// Whether calls to `connector` go through without waiting (closed).
     pub fn is_closed(&self, connector: &str) -> bool {
-        self.with(connector, |state| matches!(state, State::Closed { .. }))
+        self.paused_for(connector, Instant::now()).is_none()
+            && self.with(connector, |state| matches!(state, State::Closed { .. }))
     }
 
     /// A call [`Breakers::allow`] let through was not made after all (its
@@ -163,27 +186,16 @@ impl Breakers {
     /// connector for good nor overflows the clock.
     pub fn pause(&self, connector: &str, pause: Duration) {
         let until = Instant::now() + pause.min(super::retry::MAX_RETRY_AFTER);
-        self.with(connector, |state| {
-            let failures = match *state {
-                State::Closed { failures }
-                | State::Open { failures, .. }
-                | State::HalfOpen { failures, .. } => failures,
-            };
-            let later = match *state {
-                State::Open { until: current, .. } => current.max(until),
-                _ => until,
-            };
-            *state = State::Open {
-                until: later,
-                failures,
-            };
-        });
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        let at = paused.entry(connector.to_owned()).or_insert(until);
+        *at = (*at).max(until);
     }
 
     /// `connector`'s breaker, for the API.
     pub fn view(&self, connector: &str) -> BreakerView {
         let now = Instant::now();
-        self.with(connector, |state| match *state {
+        let paused = self.paused_for(connector, now);
+        let view = self.with(connector, |state| match *state {
             State::Closed { failures } => BreakerView {
                 state: "closed",
                 consecutive_failures: failures,
@@ -199,7 +211,16 @@ impl Breakers {
                 consecutive_failures: failures,
                 retry_in_ms: None,
             },
-        })
+        });
+        match paused {
+            // Paused by the remote: open until then, whatever else holds.
+            Some(wait) => BreakerView {
+                state: "open",
+                retry_in_ms: Some(wait.as_millis() as u64).max(view.retry_in_ms),
+                ..view
+            },
+            None => view,
+        }
     }
 }
 
@@ -256,6 +277,29 @@ mod tests {
             panic!("paused")
         };
         assert!(wait <= Duration::from_secs(24 * 60 * 60), "{wait:?}");
+    }
+
+    /// A call that was in flight when the remote asked for a pause, and
+    /// then succeeded or failed, does not end the pause.
+    #[test]
+    fn a_pause_outlasts_the_calls_in_flight() {
+        let breakers = Breakers::new(5, Duration::from_millis(10));
+        breakers.pause("stripe", Duration::from_secs(60));
+        breakers.success("stripe");
+        assert!(
+            breakers.allow("stripe").is_err(),
+            "a success does not end it"
+        );
+        for _ in 0..5 {
+            breakers.failure("stripe");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let Err(Deferred(wait)) = breakers.allow("stripe") else {
+            panic!("still paused after the breaker's own cool-down")
+        };
+        assert!(wait > Duration::from_secs(50), "{wait:?}");
+        assert_eq!(breakers.view("stripe").state, "open");
+        assert!(!breakers.is_closed("stripe"));
     }
 
     #[test]

@@ -525,10 +525,13 @@ impl SyncEngine {
         match error {
             CallError::Connector(ConnectorError::RateLimited(limit)) => {
                 let after = limit.retry_after_ms.map(Duration::from_millis);
-                match after {
-                    Some(after) => breakers.pause(&link.connector, after),
-                    None => breakers.unused(&link.connector),
-                }
+                // Without a Retry-After (a daily API limit, an HTTP-date),
+                // the connector waits out this push's own backoff: every
+                // other push would otherwise meet the same limit and spend
+                // an attempt on it.
+                let attempt = u32::try_from(link.attempts + 1).unwrap_or(u32::MAX);
+                let pause = after.unwrap_or_else(|| self.inner.policy.delay(attempt, None));
+                breakers.pause(&link.connector, pause);
                 self.retry_later(
                     link,
                     Some((version, operation)),

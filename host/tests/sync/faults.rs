@@ -184,6 +184,33 @@ async fn rate_limits_honour_retry_after() {
     );
 }
 
+/// A 429 without a Retry-After pauses the connector for the push's own
+/// backoff, so that the other pushes do not meet the limit too; before,
+/// nothing paused and every push spent attempts on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_without_retry_after_pauses_the_connector() {
+    let h = harness(json!({"sync_backoff_base": "4s", "sync_backoff_max": "4s"})).await;
+    h.proxy.push(
+        Match::request("POST", "/v1/customers"),
+        Fault::stripe_error(429, "rate_limit_error", "Too many requests"),
+    );
+    let customer = h.app.create(json!({"email": email("limited-plain")})).await;
+    let id = customer["id"].as_str().unwrap();
+    h.app
+        .wait_link(id, Duration::from_secs(10), |l| l["attempts"] == 1)
+        .await;
+    let (_, connector) = h
+        .app
+        .send(reqwest::Method::GET, "/api/v1/connectors/stripe", None)
+        .await;
+    assert_eq!(connector["breaker"]["state"], "open", "{connector}");
+    h.app.wait_synced(id, 1).await;
+    assert_eq!(
+        outcomes(&h.app.sync_status(id).await),
+        ["retry_scheduled", "delivered"]
+    );
+}
+
 /// A remote asking to be left alone for ever (a Retry-After of 584
 /// billion years) pauses the connector for a day at most, and ferry goes
 /// on serving: the push is scheduled a day later, and the breaker says

@@ -1592,7 +1592,7 @@ async fn a_create_whose_answer_was_lost_is_answered_as_written() {
 /// about whether the first one was applied.
 async fn a_give_up_leaves_a_newer_change_to_push(postgres: bool) {
     let (store, _dir) = store(postgres).await;
-    let links = claimed_links(&store, 3).await;
+    let links = claimed_links(&store, 4).await;
     // The pushes sent a create that timed out, and are being retried.
     let marks: Vec<LinkWrite> = links
         .iter()
@@ -1604,7 +1604,7 @@ async fn a_give_up_leaves_a_newer_change_to_push(postgres: bool) {
     let refs: Vec<(&SyncLink, &LinkWrite)> = links.iter().zip(&marks).collect();
     assert_eq!(
         store.write_links(&refs).await.expect("marks"),
-        [true, true, true]
+        [true, true, true, true]
     );
     // The first customer is edited while its push is out.
     let id = CustomerId::parse(&links[0].customer_id).expect("id");
@@ -1639,15 +1639,37 @@ async fn a_give_up_leaves_a_newer_change_to_push(postgres: bool) {
         error_kind: ferry::store::DeadLetterKind::Permanent,
         error: "remote answered 400".to_owned(),
     });
+    // The fourth push also sent an edit the claim read, but the edit's
+    // intake comes in only after the push died.
+    let fourth = CustomerId::parse(&links[3].customer_id).expect("id");
+    let later = rename(&store, &fourth, "Later").await;
+    let later_failed = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
+        version: later.version,
+        operation: Some("create"),
+        attempt: 2,
+        error_kind: ferry::store::DeadLetterKind::Permanent,
+        error: "remote answered 400".to_owned(),
+    });
     let writes = [
         give_up(&links[0], ferry::store::DeadLetterKind::Permanent),
         give_up(&links[1], ferry::store::DeadLetterKind::Unauthorized),
         sent_failed,
+        later_failed,
     ];
     let refs: Vec<(&SyncLink, &LinkWrite)> = links.iter().zip(&writes).collect();
     assert_eq!(
         store.write_links(&refs).await.expect("written"),
-        [true, true, true]
+        [true, true, true, true]
+    );
+    store
+        .intake_changes(&[notice(&later)], &["stripe".to_owned()])
+        .await
+        .expect("intake");
+    let later_link = store.links_of(&links[3].customer_id).await.expect("links")[0].clone();
+    assert_eq!(
+        (later_link.state, later_link.wanted_version),
+        (LinkState::Dead, later.version),
+        "the version that died is not pushed again when its change comes in"
     );
     let sent_link = store.links_of(&links[2].customer_id).await.expect("links")[0].clone();
     assert_eq!(
