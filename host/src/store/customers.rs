@@ -254,8 +254,19 @@ const SELECT_LIVE: &str = concat!(
     " FROM customers WHERE id = $1 AND deleted_at IS NULL"
 );
 
+/// [`SELECT_LIVE`] taking the row's lock (PostgreSQL): concurrent writers
+/// of one customer queue on it and each reads the one before's result,
+/// rather than all reading one version and all but one losing the race.
+const SELECT_LIVE_FOR_UPDATE: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM customers WHERE id = $1 AND deleted_at IS NULL FOR UPDATE"
+);
+
 /// How often an update retries after losing a race to a concurrent writer
-/// (PostgreSQL only; SQLite writers are serialised).
+/// (PostgreSQL only; SQLite writers are serialised, and on PostgreSQL the
+/// read takes the row's lock, so a race is left only to a write that does
+/// not take it).
 const UPDATE_ATTEMPTS: usize = 5;
 
 /// Inside a dispatched transaction `$tx`: writes the outbox event for
@@ -716,10 +727,14 @@ impl Store {
         E: From<StoreError>,
         F: FnMut(&Customer) -> Result<CustomerFields, E>,
     {
+        let select = match self.backend {
+            Backend::Postgres(_) => SELECT_LIVE_FOR_UPDATE,
+            Backend::Sqlite(_) => SELECT_LIVE,
+        };
         for _ in 0..UPDATE_ATTEMPTS {
             let written: Option<Customer> = dispatch!(self, write pool => {
                 let mut tx = pool.begin().await.map_err(StoreError::from)?;
-                let current: Customer = sqlx::query_as::<_, CustomerRow>(SELECT_LIVE)
+                let current: Customer = sqlx::query_as::<_, CustomerRow>(select)
                     .bind(id.as_str())
                     .fetch_optional(&mut *tx)
                     .await
