@@ -39,11 +39,19 @@
 //! never writes `phone`), so the local value is kept and nothing conflicts;
 //! likewise a field only the remote sets fills the local gap without a
 //! conflict, even under `Flag`. Only two set, different values conflict.
-//! Once a snapshot exists, an unset field that was set in it is a deletion.
+//! Once a snapshot exists, an unset field that was set in it is a deletion,
+//! unless the snapshot is *assumed* ([`ASSUMED_BASE`]): what ferry pushed to
+//! a connector that returned no record, which may hold fields the remote
+//! does not keep. There a field the remote leaves unset is not known, as
+//! without a base; the fields it sets are compared with what was pushed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Map, Value};
+
+/// Marks a snapshot that is what ferry pushed, not what the remote said it
+/// holds (its push result carried no record): `"ferry:assumed": true`.
+pub const ASSUMED_BASE: &str = "ferry:assumed";
 
 /// The address subfields, in canonical order (Stripe's names).
 const ADDRESS_FIELDS: [&str; 6] = ["line1", "line2", "city", "state", "postal_code", "country"];
@@ -289,6 +297,9 @@ pub fn merge_owned(
     let local = Fields::of(sides.local);
     let remote = Fields::of(sides.remote);
     let base = sides.base.map(Fields::of);
+    let assumed = sides
+        .base
+        .is_some_and(|b| b.get(ASSUMED_BASE) == Some(&Value::Bool(true)));
 
     let mut merged = BTreeMap::new();
     let mut local_changed = Vec::new();
@@ -307,7 +318,9 @@ pub fn merge_owned(
         let (local_moved, remote_moved) = match &base {
             Some(base) => {
                 let b = base.get(&field);
-                (!same(&field, l, b), !same(&field, r, b))
+                // An assumed base may hold what the remote never keeps.
+                let remote_moved = !(assumed && r.is_none()) && !same(&field, r, b);
+                (!same(&field, l, b), remote_moved)
             }
             // Never synced: a differing field is the remote's news, unless
             // the remote simply does not know it (see the module docs).
@@ -568,6 +581,29 @@ mod tests {
             assert!(!merge.changes_local(&base));
             assert!(!merge.has_pending_conflicts());
         }
+    }
+
+    /// A base that is what ferry pushed to a connector that returned no
+    /// record: a remote that keeps only names and emails renames the
+    /// customer, and the phone, address and metadata it never kept stay.
+    /// With a base the remote reported, the same record clears them.
+    #[test]
+    fn an_assumed_base_does_not_clear_what_the_remote_never_kept() {
+        let local = customer();
+        let mut assumed = customer();
+        assumed[ASSUMED_BASE] = json!(true);
+        let remote = json!({"id": "r_1", "name": "Augusta Ada King", "email": "ada@example.com"});
+        for policy in ALL {
+            let merge = run(Some(&assumed), &local, &remote, policy);
+            assert_eq!(merge.merged["name"], "Augusta Ada King", "{policy:?}");
+            assert_eq!(merge.merged["phone"], local["phone"], "{policy:?}");
+            assert_eq!(merge.merged["metadata"], local["metadata"], "{policy:?}");
+            assert_eq!(merge.merged["address"], local["address"], "{policy:?}");
+            assert_eq!(merge.remote_changed, ["name"], "{policy:?}");
+            assert!(merge.conflicts.is_empty(), "{policy:?}");
+        }
+        let reported = run(Some(&local), &local, &remote, ConflictPolicy::Flag);
+        assert_eq!(reported.merged["phone"], Value::Null);
     }
 
     #[test]

@@ -452,10 +452,23 @@ impl SyncEngine {
                 // (the contract allows it); what was pushed is then what the
                 // remote holds, and without a base the next remote event
                 // would take every differing field, local edits included.
+                // It is marked assumed: the remote may not keep every field
+                // pushed, and one its next record leaves out is not known,
+                // not cleared (merge.rs).
                 let mut snapshot: Option<serde_json::Value> = match result.record.as_deref() {
                     Some(record) => serde_json::from_str(record).ok(),
                     None if plan.operation != Operation::Delete => {
-                        serde_json::from_str(&plan.record).ok()
+                        serde_json::from_str::<serde_json::Value>(&plan.record)
+                            .ok()
+                            .map(|mut pushed| {
+                                if let Some(fields) = pushed.as_object_mut() {
+                                    fields.insert(
+                                        super::merge::ASSUMED_BASE.to_owned(),
+                                        serde_json::Value::Bool(true),
+                                    );
+                                }
+                                pushed
+                            })
                     }
                     None => None,
                 };
