@@ -655,22 +655,22 @@ impl SyncEngine {
         });
         let remote = match &event.record {
             Some(record) if !doubtful => canonical_record(&record.0),
-            record => match self.fetch_current(event).await? {
-                Some(fetched) => canonical_record(&fetched),
+            record => match (self.fetch_current(event).await?, record) {
+                (Some(fetched), _) => canonical_record(&fetched),
+                // A doubtful payload from a connector without `fetch` is
+                // the best there is: applied (the base still tells an echo
+                // from an edit). Retrying it would only fail the same way
+                // until it was dead-lettered.
+                (None, Some(record)) => canonical_record(&record.0),
                 // Thin events from a connector without `fetch` say nothing
                 // ferry can apply (as before thin events were fetched).
-                None if record.is_none() => {
+                (None, None) => {
                     return self
                         .skip(
                             event,
                             "the event carries no record, and the connector cannot fetch one",
                         )
                         .await
-                }
-                None => {
-                    return Err(Failure::Retry(
-                        "the connector cannot fetch the record".into(),
-                    ))
                 }
             },
         };

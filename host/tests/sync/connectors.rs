@@ -1053,6 +1053,41 @@ async fn postgres_an_older_bundle_does_not_take_a_newer_one_back() {
     );
 }
 
+/// A webhook right after ferry's push (inside the echo window, where the
+/// payload may be an older state) from a connector without `fetch` is
+/// applied as it came: the base tells an echo from an edit. Before, it was
+/// retried until dead-lettered, and the edit was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_doubtful_payload_from_a_connector_without_fetch_is_applied() {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(Backend::Sqlite)).await;
+    install_recorder(&app, &remote).await;
+    let address = format!("{}@example.com", uuid());
+    let customer = app
+        .create(json!({"email": address, "name": "Pushed"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let link = app
+        .wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
+            l["state"] == "synced"
+        })
+        .await;
+    let remote_id = link["remote_id"].as_str().expect("remote id").to_owned();
+    let response = app
+        .client
+        .post(format!("{}/webhooks/recorder", app.base))
+        .json(&json!({"id": "evt_right_after", "remote_id": remote_id,
+            "record": {"id": remote_id, "email": address, "name": "Edited There"}}))
+        .send()
+        .await
+        .expect("delivered");
+    assert_eq!(response.status().as_u16(), 200);
+    let events = app.wait_inbox_settled("recorder", &remote_id, 1).await;
+    assert_eq!(events[0].state.as_str(), "applied", "{events:?}");
+    let now = app.store.get_customer_any(&id).await.unwrap().unwrap();
+    assert_eq!(now.name.as_deref(), Some("Edited There"));
+}
+
 /// A thin event (an upsert without a record) from a connector that cannot
 /// fetch is skipped with the reason, as before thin events were fetched,
 /// not retried into a dead letter.
