@@ -132,7 +132,7 @@ pub async fn receive(
                 ChangeKind::Delete => RemoteChange::Delete,
             },
             remote_id: event.remote_id,
-            occurred_at_ms: not_after_now(event.occurred_at_ms),
+            occurred_at_ms: dated(event.occurred_at_ms),
             record,
             origin_key: event.origin_key.map(without_nul),
             remote_type: without_nul(event.remote_type),
@@ -242,7 +242,13 @@ const FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
 /// newest applied change decides which later events are stale, so one
 /// event dated in the future (a remote's broken clock, or a sender whose
 /// messages carry their own time, like Salesforce's Outbound Messages)
-/// would freeze the record's inbound sync until that date.
-fn not_after_now(occurred_at_ms: i64) -> i64 {
-    occurred_at_ms.min(chrono::Utc::now().timestamp_millis() + FUTURE_SKEW_MS)
+/// would freeze the record's inbound sync until that date. An event
+/// without a time (zero or less: a connector that had none to give) is
+/// dated on arrival; at zero it was stale behind every dated one.
+fn dated(occurred_at_ms: i64) -> i64 {
+    let now = chrono::Utc::now().timestamp_millis();
+    if occurred_at_ms <= 0 {
+        return now;
+    }
+    occurred_at_ms.min(now + FUTURE_SKEW_MS)
 }

@@ -452,6 +452,39 @@ async fn remote_customer_matches_local_email(backend: Backend) {
     );
 }
 
+/// An event without a time (`created` 0) after a dated one is dated on
+/// arrival and applied; at time zero it was skipped as stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undated_event_is_dated_on_arrival() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
+    let address = email("undated");
+    let dated = event(
+        "evt_dated",
+        "customer.created",
+        chrono::Utc::now().timestamp() - 60,
+        stripe_customer_json("cus_undated", &address, "Dated"),
+    );
+    let undated = event(
+        "evt_undated",
+        "customer.updated",
+        0,
+        stripe_customer_json("cus_undated", &address, "Undated"),
+    );
+    let (status, _) = deliver(&app, &dated, &stripe_signature(&dated, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200);
+    app.wait_inbox_settled("stripe", "cus_undated", 1).await;
+    let (status, _) = deliver(&app, &undated, &stripe_signature(&undated, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200);
+    let events = app.wait_inbox_settled("stripe", "cus_undated", 2).await;
+    assert!(
+        events.iter().all(|e| e.state.as_str() == "applied"),
+        "{events:?}"
+    );
+    let customer = app.customer_by_email(&address).await.expect("customer");
+    assert_eq!(customer["name"], "Undated");
+}
+
 mod sqlite {
     use super::*;
 
