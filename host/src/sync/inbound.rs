@@ -1356,8 +1356,36 @@ fn policy_name(policy: ConflictPolicy) -> String {
 /// The rewrite [`DuplicateEmail::AutoRename`] gives `email` for the record
 /// `remote_id` of `connector`: a plus-address on the same domain, so it
 /// stays deliverable on most mail servers and says where it came from.
+/// It stays an address the API accepts (a local part of 64 characters at
+/// most), or a later PATCH of the customer would be refused for an email
+/// its client never sent: a tag too long becomes a short hash of it, and
+/// a local part too long for even that is cut.
 pub fn renamed_email(email: &str, connector: &str, remote_id: &str) -> String {
-    let tag: String = format!("dup-{connector}-{remote_id}")
+    const MAX_LOCAL: usize = 64;
+    let (local, domain) = match email.rsplit_once('@') {
+        Some((local, domain)) => (local, Some(domain)),
+        None => (email, None),
+    };
+    let mut tag = email_tag(connector, remote_id);
+    if local.len() + 1 + tag.len() > MAX_LOCAL {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(format!("{connector}\0{remote_id}"));
+        tag = format!("dup-{}", &hex::encode(digest)[..12]);
+    }
+    let mut keep = MAX_LOCAL.saturating_sub(1 + tag.len()).min(local.len());
+    while !local.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    let local = local[..keep].trim_end_matches('.');
+    match domain {
+        Some(domain) => format!("{local}+{tag}@{domain}"),
+        None => format!("{local}+{tag}"),
+    }
+}
+
+/// `dup-{connector}-{remote_id}`, in the characters a local part takes.
+fn email_tag(connector: &str, remote_id: &str) -> String {
+    format!("dup-{connector}-{remote_id}")
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
@@ -1366,16 +1394,41 @@ pub fn renamed_email(email: &str, connector: &str, remote_id: &str) -> String {
                 '-'
             }
         })
-        .collect();
-    match email.rsplit_once('@') {
-        Some((local, domain)) => format!("{local}+{tag}@{domain}"),
-        None => format!("{email}+{tag}"),
-    }
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A renamed address stays one the API accepts, however long the
+    /// remote's local part or id.
+    #[test]
+    fn a_renamed_email_stays_valid() {
+        assert_eq!(
+            renamed_email("ada@example.com", "stripe", "cus_1"),
+            "ada+dup-stripe-cus_1@example.com"
+        );
+        let long_local = format!("{}@example.com", "a".repeat(50));
+        let long_id = "cus_".to_owned() + &"x".repeat(60);
+        for (email, id) in [
+            (long_local.as_str(), "cus_1"),
+            ("ada@example.com", long_id.as_str()),
+            (
+                &*format!("{}@example.com", "b".repeat(64)),
+                long_id.as_str(),
+            ),
+        ] {
+            let renamed = renamed_email(email, "stripe", id);
+            assert!(crate::api::customers::is_valid_email(&renamed), "{renamed}");
+            assert_ne!(renamed, email);
+        }
+        assert_ne!(
+            renamed_email(&long_local, "stripe", "cus_1"),
+            renamed_email(&long_local, "stripe", "cus_2"),
+            "still one address per record"
+        );
+    }
 
     #[test]
     fn a_claim_starts_where_the_last_one_did_and_sweeps_once_a_second() {
