@@ -318,8 +318,10 @@ pub fn merge_owned(
         let (local_moved, remote_moved) = match &base {
             Some(base) => {
                 let b = base.get(&field);
-                // An assumed base may hold what the remote never keeps.
-                let remote_moved = !(assumed && r.is_none()) && !same(&field, r, b);
+                // An assumed base may hold what the remote never keeps: a
+                // field the remote leaves unset is not known, not cleared.
+                let remote_unknown = assumed && r.is_none();
+                let remote_moved = !(remote_unknown || same(&field, r, b));
                 (!same(&field, l, b), remote_moved)
             }
             // Never synced: a differing field is the remote's news, unless
