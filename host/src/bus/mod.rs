@@ -472,7 +472,9 @@ pub async fn run_inbox_consumer(
             let seqs: Vec<i64> = batch
                 .iter()
                 .filter_map(|m| {
-                    let seq = std::str::from_utf8(&m.payload).ok()?.parse().ok();
+                    let seq = std::str::from_utf8(&m.payload)
+                        .ok()
+                        .and_then(|text| text.parse().ok());
                     if seq.is_none() {
                         // Not ours: the event it may stand for is still
                         // taken by the inbox loops after their grace.

@@ -542,8 +542,11 @@ impl SyncEngine {
                 // the connector waits out this push's own backoff: every
                 // other push would otherwise meet the same limit and spend
                 // an attempt on it.
+                // A probe this push carried is handed back: the pause, not
+                // the probe's cool-down, says when the next call goes.
                 let attempt = u32::try_from(link.attempts + 1).unwrap_or(u32::MAX);
                 let pause = after.unwrap_or_else(|| self.inner.policy.delay(attempt, None));
+                breakers.unused(&link.connector);
                 breakers.pause(&link.connector, pause);
                 self.retry_later(
                     link,
