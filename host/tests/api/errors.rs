@@ -49,6 +49,11 @@ async fn wrong_shapes_are_422_naming_the_field(backend: Backend) {
         (json!({"email": "not-an-email"}), "email"),
         (json!({"email": "a@b"}), "email"),
         (json!({"email": "a b@example.com"}), "email"),
+        // Invisible format characters (a byte-order mark, a zero-width
+        // space) would make a second customer of an address that looks
+        // like one already there.
+        (json!({"email": "\u{feff}ada@example.com"}), "email"),
+        (json!({"email": "a\u{200b}da@example.com"}), "email"),
         (json!({"email": email("t"), "name": "  "}), "name"),
         (
             json!({"email": email("t"), "name": "n".repeat(257)}),

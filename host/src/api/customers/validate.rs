@@ -4,6 +4,7 @@
 use super::CustomerInput;
 use crate::api::error::{ApiError, FieldError};
 use crate::store::{Address, CustomerFields};
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
 /// Longest name, in characters.
 pub const MAX_NAME: usize = 256;
@@ -30,7 +31,10 @@ pub fn normalise_email(email: &str) -> String {
 }
 
 /// A pragmatic email check, not RFC 5322: one `@`, a local part of 1-64
-/// visible characters, and a domain of dot-separated labels (letters, digits,
+/// visible characters (no spaces, controls or format characters such as a
+/// zero-width space or a byte-order mark, which would make a second
+/// customer of one address that looks the same), and a domain of
+/// dot-separated labels (letters, digits,
 /// hyphens; no leading or trailing hyphen) with at least two labels. It
 /// refuses what is certainly not deliverable and accepts what mail systems
 /// accept; the only real check is sending a message.
@@ -46,9 +50,12 @@ pub fn is_valid_email(email: &str) -> bool {
         && !local.starts_with('.')
         && !local.ends_with('.')
         && !local.contains("..")
-        && local
-            .chars()
-            .all(|c| !c.is_whitespace() && !c.is_control() && !"@<>()[]\\,;:\"".contains(c));
+        && local.chars().all(|c| {
+            !c.is_whitespace()
+                && !c.is_control()
+                && c.general_category() != GeneralCategory::Format
+                && !"@<>()[]\\,;:\"".contains(c)
+        });
     let labels: Vec<&str> = domain.split('.').collect();
     let domain_ok = labels.len() >= 2
         && domain.len() <= 253
