@@ -146,10 +146,12 @@ impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
             return Ok(Self(None));
         }
         // An entity tag we never issued cannot match; version 0 never exists,
-        // so the write fails with 412 like any other stale tag.
+        // so the write fails with 412 like any other stale tag. Tags compare
+        // byte for byte (strong comparison): `"+2"` or `"02"` is not `"2"`.
         let version = text
             .strip_prefix('"')
             .and_then(|t| t.strip_suffix('"'))
+            .filter(|t| t.bytes().all(|b| b.is_ascii_digit()) && !t.starts_with('0'))
             .and_then(|t| t.parse::<i64>().ok())
             .filter(|v| *v >= 1)
             .unwrap_or(0);
