@@ -99,6 +99,13 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             detail: why,
         });
     }
+    // What gates readiness is known here; the connectors below are
+    // reported only.
+    let not_ready: Vec<String> = checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.name.clone())
+        .collect();
     for entry in state.registry.entries() {
         let switched_on = entry.effective.switch == Switch::Enabled;
         // A replica still serving an older version (the new one failed to
@@ -122,11 +129,6 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             detail,
         });
     }
-    let not_ready: Vec<String> = checks
-        .iter()
-        .filter(|c| !c.ok && !c.name.starts_with("connector:"))
-        .map(|c| c.name.clone())
-        .collect();
     let status = if not_ready.is_empty() {
         StatusCode::OK
     } else {
