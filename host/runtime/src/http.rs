@@ -193,23 +193,30 @@ impl CallState {
 
     /// Waits for one request of the connector's budget (the rate limit
     /// paces calls), as long as the call's deadline allows; refuses when
-    /// the next token comes too late.
+    /// the next slot comes too late, saying how far away it is. A request
+    /// leaves with a quarter of the call's time at least: one sent at the
+    /// last moment would time out after the remote may have acted on it,
+    /// leaving a write in doubt where a refusal leaves none.
     pub(crate) fn wait_for_request_budget(
         &self,
-    ) -> impl std::future::Future<Output = Result<(), PolicyError>> + Send + 'static {
-        let (connector, deadline) = (self.connector.clone(), self.deadline);
+    ) -> impl std::future::Future<Output = Result<(), Duration>> + Send + 'static {
+        let connector = self.connector.clone();
+        let deadline = self
+            .deadline
+            .checked_sub(self.runtime.config.call_timeout / 4)
+            .unwrap_or(self.deadline);
         async move {
             loop {
                 let wait = match connector.bucket.lock() {
                     Ok(mut bucket) => bucket.take(),
-                    Err(_) => return Err(budget_exhausted()),
+                    Err(_) => return Err(Duration::from_secs(1)),
                 };
                 match wait {
                     Ok(()) => return Ok(()),
                     Err(wait) if std::time::Instant::now() + wait < deadline => {
                         tokio::time::sleep(wait).await;
                     }
-                    Err(_) => return Err(budget_exhausted()),
+                    Err(wait) => return Err(wait),
                 }
             }
         }
@@ -233,8 +240,13 @@ impl CallState {
 
 impl Host for CallState {
     async fn send(&mut self, req: Request) -> Result<Response, HttpError> {
-        self.wait_for_request_budget().await?;
+        if let Err(wait) = self.wait_for_request_budget().await {
+            // Noted, so a call that fails for it is not blamed on the remote.
+            self.throttled = Some(wait);
+            return Err(budget_exhausted().into());
+        }
         let wire = self.prepare(req)?;
+        self.requests_sent += 1;
         let response = self.dispatcher().send(wire).await?;
         let mut body = response.body;
         // A remote that echoes a credential must not hand it to the connector.

@@ -244,6 +244,43 @@ pub enum CallError {
     /// The host could not create an instance (e.g. the pool is exhausted).
     #[error("cannot instantiate the connector: {0}")]
     Instantiate(String),
+    /// ferry's own outbound rate limit for the connector refused one of the
+    /// call's requests (its next slot came after the call's deadline), and
+    /// the call then failed as transient: the remote is not at fault.
+    #[error(
+        "ferry's outbound rate limit for the connector refused a request; the next slot is due in {} ms",
+        wait.as_millis()
+    )]
+    Throttled {
+        /// How long until the connector's next request slot.
+        wait: Duration,
+        /// Whether an earlier request of the call went out, so the remote
+        /// may have seen one of its writes.
+        reached_remote: bool,
+    },
+}
+
+/// A call's outcome, and whether ferry's own rate limit refused one of its
+/// requests on the way (see [`CallError::Throttled`]).
+struct Ran<R> {
+    result: Result<R, CallError>,
+    throttled: Option<CallError>,
+}
+
+impl<T> Ran<Result<T, ConnectorError>> {
+    /// The connector's answer. A transient failure after ferry's own rate
+    /// limit refused a request is that refusal: the guest saw a timeout and
+    /// gave up, but it is ferry's pacing, not the remote, that said no.
+    fn answer(self) -> Result<T, CallError> {
+        match (self.result, self.throttled) {
+            (Ok(Ok(value)), _) => Ok(value),
+            (Ok(Err(ConnectorError::Retryable(_))) | Err(CallError::DeadlineExceeded), Some(t)) => {
+                Err(t)
+            }
+            (Ok(Err(error)), _) => Err(CallError::Connector(error)),
+            (Err(error), _) => Err(error),
+        }
+    }
 }
 
 /// State shared by the runtime and all calls.
@@ -647,8 +684,8 @@ impl Connector {
             &self.exports.verify_webhook,
             (&req,),
         )
-        .await?
-        .map_err(CallError::Connector)
+        .await
+        .answer()
     }
 
     /// Turns a verified webhook into events.
@@ -664,8 +701,8 @@ impl Connector {
             &self.exports.parse_webhook,
             (&req,),
         )
-        .await?
-        .map_err(CallError::Connector)
+        .await
+        .answer()
     }
 
     /// Handles one webhook delivery: `verify-webhook` and then
@@ -689,8 +726,8 @@ impl Connector {
             }
             call_typed(store, &instance, &self.exports.parse_webhook, (&req,)).await
         })
-        .await?
-        .map_err(CallError::Connector)
+        .await
+        .answer()
     }
 
     /// Creates, updates or deletes one remote record.
@@ -706,8 +743,8 @@ impl Connector {
             &self.exports.push,
             (&req,),
         )
-        .await?
-        .map_err(CallError::Connector)
+        .await
+        .answer()
     }
 
     /// Reads one remote record.
@@ -724,8 +761,8 @@ impl Connector {
             &self.exports.fetch,
             (entity, remote_id),
         )
-        .await?
-        .map_err(CallError::Connector)
+        .await
+        .answer()
     }
 
     /// Reads a page of remote records after `cursor`, `limit` at most.
@@ -743,8 +780,8 @@ impl Connector {
             &self.exports.list,
             (entity, cursor.as_deref(), limit),
         )
-        .await?
-        .map_err(CallError::Connector)
+        .await
+        .answer()
     }
 
     /// Reads the manifest on a fresh instance, checking on the way that every
@@ -775,7 +812,8 @@ impl Connector {
                     Ok(manifest)
                 },
             )
-            .await;
+            .await
+            .result;
         match (result, type_error) {
             (_, Some(e)) => Err(LoadError::WrongWorld(e)),
             (Ok(manifest), None) => Ok(manifest),
@@ -790,7 +828,7 @@ impl Connector {
         cfg: &ConnectorConfig,
         export: &ComponentExportIndex,
         params: P,
-    ) -> Result<R, CallError>
+    ) -> Ran<R>
     where
         P: ComponentNamedList + Lower + Send + Sync,
         R: ComponentType + Lift + Send + Sync + 'static,
@@ -811,15 +849,16 @@ impl Connector {
         function: &'static str,
         cfg: &ConnectorConfig,
         body: impl AsyncFnOnce(&mut Store<CallState>, Instance) -> Result<R, Failure>,
-    ) -> Result<R, CallError> {
+    ) -> Ran<R> {
         let runtime = &self.runtime;
         let timeout = runtime.shared.config.call_timeout;
         let deadline = Instant::now() + timeout;
-        let _slot = runtime
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| CallError::Instantiate("the runtime is shutting down".into()))?;
+        let Ok(_slot) = runtime.slots.acquire().await else {
+            return Ran {
+                result: Err(CallError::Instantiate("the runtime is shutting down".into())),
+                throttled: None,
+            };
+        };
         let state = CallState::new(
             runtime.shared.clone(),
             self.shared.clone(),
@@ -864,7 +903,12 @@ impl Connector {
             Ok(Err(Failure::Call(e))) => Err(self.classify_trap(&e, memory_hit)),
         };
         self.observe(function, started.elapsed(), result.as_ref().err());
-        result
+        let state = store.data();
+        let throttled = state.throttled.map(|wait| CallError::Throttled {
+            wait,
+            reached_remote: state.requests_sent > 0,
+        });
+        Ran { result, throttled }
     }
 
     /// Records one call in the process's metrics (a no-op unless the

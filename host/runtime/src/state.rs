@@ -111,6 +111,12 @@ pub(crate) struct CallState {
     pub(crate) log_lines: Arc<AtomicU32>,
     /// OAuth tokens this call obtained, for `{{token:NAME}}` substitution.
     pub(crate) tokens: CallTokens,
+    /// Set when ferry's own rate limit refused one of the call's requests:
+    /// how long until the connector's next slot.
+    pub(crate) throttled: Option<Duration>,
+    /// Requests handed to the transport: whether the remote may have seen
+    /// any of the call's writes.
+    pub(crate) requests_sent: u32,
     /// Built on first use: most calls never touch WASI, and building a
     /// context seeds random number generators.
     wasi: Option<WasiCtx>,
@@ -133,6 +139,8 @@ impl CallState {
             limiter,
             log_lines: Arc::default(),
             tokens: CallTokens::new(),
+            throttled: None,
+            requests_sent: 0,
             wasi: None,
             table: ResourceTable::new(),
         }

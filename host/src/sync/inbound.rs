@@ -61,7 +61,7 @@ const ECHO_WINDOW_MS: i64 = 2_000;
 const HELD_RECHECK_MS: i64 = 5_000;
 
 /// How long an event waits for its connector to be loaded here.
-const NOT_LOADED_RECHECK_MS: i64 = 5_000;
+const NOT_LOADED_RECHECK: Duration = Duration::from_secs(5);
 /// How often a decision is retaken when the customer changed under it.
 const RACE_RETRIES: usize = 5;
 
@@ -1203,7 +1203,10 @@ impl SyncEngine {
             .registry
             .loaded(&event.connector)
             .ok_or_else(|| {
-                Failure::Wait("waiting: no version of the connector is loaded here".into())
+                Failure::Wait(
+                    "waiting: no version of the connector is loaded here".into(),
+                    NOT_LOADED_RECHECK,
+                )
             })?;
         let (connector, config) = (ready.connector, ready.config);
         match connector
@@ -1218,6 +1221,11 @@ impl SyncEngine {
                 Ok(Some(record))
             }
             Err(CallError::Connector(ConnectorError::Unsupported(_))) => Ok(None),
+            // ferry's own pacing, not the remote: a read waits for the next
+            // slot without spending an attempt.
+            Err(error @ CallError::Throttled { wait, .. }) => {
+                Err(Failure::Wait(error.to_string(), wait))
+            }
             Err(CallError::Connector(ConnectorError::NotFound(_))) => Err(Failure::Permanent(
                 "the remote record no longer exists".into(),
             )),
@@ -1231,8 +1239,9 @@ impl SyncEngine {
     async fn inbound_failed(&self, event: &InboxEvent, failure: Failure) -> InboundOutcome {
         let attempt = u32::try_from(event.attempts + 1).unwrap_or(u32::MAX);
         let (detail, retry_at, dead) = match failure {
-            Failure::Wait(detail) => {
-                let at_ms = now_ms() + NOT_LOADED_RECHECK_MS;
+            Failure::Wait(detail, after) => {
+                let at_ms =
+                    now_ms().saturating_add(i64::try_from(after.as_millis()).unwrap_or(i64::MAX));
                 let finish = InboxFinish::Deferred {
                     detail: &detail,
                     at_ms,
@@ -1299,9 +1308,9 @@ impl SyncEngine {
 enum Failure {
     /// Try again later (store or remote unavailable).
     Retry(String),
-    /// Try again later, spending no attempt: the connector is not loaded
-    /// on this replica.
-    Wait(String),
+    /// Try again after the wait, spending no attempt: the connector is not
+    /// loaded on this replica, or ferry's own rate limit refused a request.
+    Wait(String, Duration),
     /// Will never work as it is: dead letter.
     Permanent(String),
 }

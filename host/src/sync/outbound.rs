@@ -555,6 +555,26 @@ impl SyncEngine {
                     format!("rate limited: {}", limit.message),
                 )
             }
+            // ferry's own pacing said no, not the remote: no breaker
+            // failure. Nothing went out, so the push waits for the next
+            // slot without spending an attempt; if an earlier request of
+            // the call went out, the attempt counts like a remote's 429.
+            CallError::Throttled {
+                wait,
+                reached_remote: false,
+            } => {
+                breakers.unused(&link.connector);
+                deferred(wait)
+            }
+            error @ CallError::Throttled { wait, .. } => {
+                breakers.unused(&link.connector);
+                self.retry_later(
+                    link,
+                    Some((version, operation)),
+                    Some(wait),
+                    error.to_string(),
+                )
+            }
             CallError::Connector(ConnectorError::Permanent(message)) => {
                 breakers.success(&link.connector);
                 dead(DeadLetterKind::Permanent, message)

@@ -495,6 +495,12 @@ impl SyncEngine {
                     self.wait(run, cancel, wait).await?;
                     continue;
                 }
+                // ferry's own pacing, not the remote: wait for the next
+                // slot, counting no failure.
+                Err(CallError::Throttled { wait, .. }) => {
+                    self.wait(run, cancel, wait).await?;
+                    continue;
+                }
                 Err(CallError::Connector(
                     ConnectorError::Permanent(m)
                     | ConnectorError::Unauthorized(m)

@@ -603,11 +603,11 @@ async fn a_retry_for_one_customer_does_not_block_others() {
 }
 
 /// ferry's own pacing of a connector's requests is passing: a push whose
-/// next token comes after its call's deadline is retried, not dead-lettered
-/// as a refusal (the SDK takes `denied` for a request that will never be
-/// allowed). Twelve creates at once against 3 requests a second and a 2 s
-/// call timeout: some calls run out of budget, and every change still
-/// reaches Stripe, once.
+/// next token comes after its call's deadline waits for it, neither
+/// dead-lettered as a refusal (the SDK takes `denied` for a request that
+/// will never be allowed) nor counted against the remote. Twelve creates at
+/// once against 3 requests a second and a 2 s call timeout: some calls run
+/// out of budget, and every change still reaches Stripe, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_over_ferrys_own_rate_limit_wait_their_turn() {
     let h = harness(json!({"connector_requests_per_second": 3, "sync_max_attempts": 8})).await;
@@ -621,6 +621,23 @@ async fn pushes_over_ferrys_own_rate_limit_wait_their_turn() {
     }
     let letters = stripe_dead_letters(&h.app).await;
     assert_eq!(letters["data"], json!([]), "{letters}");
+    // A refusal by ferry's own pacing waits for the next slot: it spends
+    // no attempt and leaves no failed delivery, and the breaker, which
+    // judges the remote, never hears of it.
+    for customer in &customers {
+        let status = h.app.sync_status(customer["id"].as_str().unwrap()).await;
+        let paced = status["history"].as_array().expect("history").iter().any(|d| {
+            d["detail"]
+                .as_str()
+                .is_some_and(|detail| detail.contains("rate limit"))
+        });
+        assert!(!paced, "a refusal by ferry's own pacing was recorded: {status}");
+    }
+    let (_, connector) = h
+        .app
+        .send(reqwest::Method::GET, "/api/v1/connectors/stripe", None)
+        .await;
+    assert_eq!(connector["breaker"]["state"], "closed", "{connector}");
     // A create whose call ran out of time after it was sent goes again
     // under the same key (Stripe answers it from the first), so count the
     // creates that reached Stripe and their keys, not the requests.

@@ -121,6 +121,11 @@ pub(super) fn call_error(e: rt::CallError) -> CallError {
         rt::CallError::ResourceExhausted(m) => CallError::ResourceExhausted(m),
         rt::CallError::Trap(m) => CallError::Trap(m),
         rt::CallError::Instantiate(m) => CallError::Instantiate(m),
+        // The sandbox's pacing refused a request and the guest gave up on
+        // it as transient: what the connector answered, as it answered it.
+        e @ rt::CallError::Throttled { .. } => {
+            CallError::Connector(ConnectorError::Retryable(e.to_string()))
+        }
     }
 }
 
