@@ -165,9 +165,11 @@ impl FieldMap {
         let mut out = Map::new();
         for (path, field) in &self.entries {
             let value = match path {
-                Path::Name => c.name.clone(),
+                // Required whole (an Account's `Name`) or in part (a
+                // Contact's `LastName`): never empty.
+                Path::Name => Some(c.name.clone().unwrap_or_else(|| fallback_name(c))),
                 Path::FirstName => first.clone(),
-                Path::LastName => Some(last.clone().unwrap_or_else(|| fallback_last_name(c))),
+                Path::LastName => Some(last.clone().unwrap_or_else(|| fallback_name(c))),
                 Path::Email => c.email.clone(),
                 Path::Phone => c.phone.clone(),
                 Path::Street => street(&address),
@@ -190,6 +192,47 @@ impl FieldMap {
             }
         }
         out
+    }
+
+    /// The fields the mapping splits the name into (a Contact's
+    /// `FirstName` and `LastName`); empty when it maps the name whole.
+    pub(crate) fn name_part_fields(&self) -> Vec<&str> {
+        self.entries
+            .iter()
+            .filter(|(path, _)| matches!(path, Path::FirstName | Path::LastName))
+            .map(|(_, field)| field.as_str())
+            .collect()
+    }
+
+    /// The name's parts as the record holds them, when they already make up
+    /// `name` (compared word by word): an update then leaves them alone.
+    /// ferry's split is a guess (the last word is the last name), and must
+    /// not turn "Ludwig" "van Beethoven" into "Ludwig van" "Beethoven".
+    pub(crate) fn name_parts_to_keep(
+        &self,
+        current: &Map<String, Value>,
+        name: Option<&str>,
+    ) -> Option<Map<String, Value>> {
+        let held = self.customer_from("", current).name?;
+        if !held.split_whitespace().eq(name?.split_whitespace()) {
+            return None;
+        }
+        let by_lower: BTreeMap<String, &Value> = current
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        let kept = self
+            .name_part_fields()
+            .into_iter()
+            .map(|field| {
+                let value = by_lower
+                    .get(&field.to_ascii_lowercase())
+                    .and_then(|v| text(v))
+                    .map_or(Value::Null, Value::String);
+                (field.to_owned(), value)
+            })
+            .collect();
+        Some(kept)
     }
 
     /// The canonical customer held by a record's fields (REST JSON, or an
@@ -270,9 +313,10 @@ fn split_name(name: Option<&str>) -> (Option<String>, Option<String>) {
     }
 }
 
-/// `LastName` is required: without a name, the e-mail's local part stands
-/// in, else `Unknown`.
-fn fallback_last_name(c: &Customer) -> String {
+/// `LastName` (a Contact's) and `Name` (an Account's, a custom object's)
+/// are required: without a name, the e-mail's local part stands in, else
+/// `Unknown`.
+fn fallback_name(c: &Customer) -> String {
     c.email
         .as_deref()
         .and_then(|e| e.split('@').next())
@@ -405,6 +449,38 @@ mod tests {
         assert_eq!(body["FirstName"], Value::Null);
         let body = map.to_sobject(&customer(None, None), true);
         assert_eq!(body["LastName"], "Unknown");
+    }
+
+    #[test]
+    fn a_whole_name_is_never_empty_either() {
+        let map = FieldMap::with_overrides(Some(r#"{"name": "Name"}"#)).expect("map");
+        let body = map.to_sobject(&customer(None, Some("ada@example.com")), true);
+        assert_eq!(body["Name"], "ada");
+        let body = map.to_sobject(&customer(None, None), false);
+        assert_eq!(body["Name"], "Unknown");
+        assert!(map.name_part_fields().is_empty());
+    }
+
+    #[test]
+    fn name_parts_that_make_up_the_name_are_kept() {
+        let map = FieldMap::default();
+        let held = json!({"FirstName": "Ludwig", "lastname": "van Beethoven"});
+        let held = held.as_object().unwrap();
+        let kept = map
+            .name_parts_to_keep(held, Some("Ludwig  van Beethoven"))
+            .expect("the parts make up the name");
+        assert_eq!(
+            Value::Object(kept),
+            json!({"FirstName": "Ludwig", "LastName": "van Beethoven"})
+        );
+        // A new name is split again; no name keeps nothing.
+        assert_eq!(map.name_parts_to_keep(held, Some("Ludwig Beethoven")), None);
+        assert_eq!(map.name_parts_to_keep(held, None), None);
+        let only_last = json!({"FirstName": null, "LastName": "Cher"});
+        let kept = map
+            .name_parts_to_keep(only_last.as_object().unwrap(), Some("Cher"))
+            .expect("kept");
+        assert_eq!(kept["FirstName"], Value::Null);
     }
 
     #[test]

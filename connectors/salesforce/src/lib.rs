@@ -26,6 +26,9 @@ const DEFAULT_CLIENT_NAME: &str = "ferry";
 /// Salesforce clamps `batchSize` to this range; a page holds at most
 /// `MAX_BATCH` records.
 const MIN_BATCH: u32 = 200;
+/// How long the org's daily API allowance (`TotalRequests`) is waited out
+/// between probes.
+const DAILY_LIMIT_WAIT_MS: u64 = 60 * 60 * 1000;
 const MAX_BATCH: u32 = 2000;
 
 struct Salesforce;
@@ -177,7 +180,14 @@ impl Connector for Salesforce {
                 if let Some(field) = &config.external_id_field {
                     fields.insert(field.clone(), Value::String(req.local_id.clone()));
                 }
-                let body = Value::Object(fields.clone());
+                let mut body = fields.clone();
+                if let Some(kept) = config.name_parts_to_keep(id, customer.name.as_deref())? {
+                    for (field, value) in kept {
+                        body.remove(&field);
+                        fields.insert(field, value);
+                    }
+                }
+                let body = Value::Object(body);
                 config.call(|base, token| {
                     Request::patch(config.record_url(base, id))
                         .bearer_token(token)
@@ -385,6 +395,29 @@ impl Config {
         format!("{base}/services/data/v{}", self.api_version)
     }
 
+    /// Reads the record's name parts before an update, and returns them
+    /// when they already make up `name` (see
+    /// [`FieldMap::name_parts_to_keep`]); one more request, made only when
+    /// the mapping splits the name and the customer has one.
+    fn name_parts_to_keep(
+        &self,
+        id: &str,
+        name: Option<&str>,
+    ) -> Result<Option<Map<String, Value>>, ConnectorError> {
+        let parts = self.fields.name_part_fields();
+        if parts.is_empty() || name.is_none() {
+            return Ok(None);
+        }
+        let selected = parts.join(",");
+        let resp = self.call(|base, token| {
+            Ok(Request::get(self.record_url(base, id))
+                .query(&[("fields", selected.as_str())])?
+                .bearer_token(token))
+        })?;
+        let current: Map<String, Value> = resp.json()?;
+        Ok(self.fields.name_parts_to_keep(&current, name))
+    }
+
     fn record_url(&self, base: &str, id: &str) -> String {
         format!(
             "{}/sobjects/{}/{}",
@@ -550,12 +583,25 @@ fn api_error(resp: &Response) -> ConnectorError {
             let retry_after = resp
                 .header("retry-after")
                 .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(|secs| secs.saturating_mul(1000));
+                .map(|secs| secs.saturating_mul(1000))
+                // The org's rolling 24-hour allowance: it comes back as old
+                // requests age out, not after a push's backoff of seconds,
+                // so the connector waits an hour between probes.
+                .or_else(|| {
+                    message
+                        .contains("TotalRequests")
+                        .then_some(DAILY_LIMIT_WAIT_MS)
+                });
             return ConnectorError::rate_limited(retry_after, message);
         }
         "INVALID_SESSION_ID" => return ConnectorError::unauthorized(message),
         "ENTITY_IS_DELETED" | "NOT_FOUND" => return ConnectorError::not_found(message),
         "SERVER_UNAVAILABLE" | "UNABLE_TO_LOCK_ROW" => return ConnectorError::retryable(message),
+        // A trigger's or a workflow's row lock, reported under the error
+        // of the operation it broke: transient too.
+        _ if message.contains("UNABLE_TO_LOCK_ROW") => {
+            return ConnectorError::retryable(message);
+        }
         _ => {}
     }
     match resp.status {

@@ -131,6 +131,9 @@ async fn an_expired_session_refreshes_the_token_once() {
     let kit = kit().await;
     script_tokens(&kit, &["tok-old", "tok-new"]);
     kit.http()
+        .on("GET", &format!("{CONTACTS}/003A"))
+        .respond_json(200, &json!({"FirstName": "Ada", "LastName": "Lovelace"}));
+    kit.http()
         .on("PATCH", &format!("{CONTACTS}/003A"))
         .respond_json(
             401,
@@ -190,6 +193,9 @@ async fn salesforce_error_codes_map_to_their_kinds() {
         ),
     );
     kit.http()
+        .on("GET", &format!("{CONTACTS}/003A"))
+        .respond_json(200, &json!({"FirstName": "Ada", "LastName": "Lovelace"}));
+    kit.http()
         .on("PATCH", &format!("{CONTACTS}/003A"))
         .respond_json(
             400,
@@ -209,9 +215,12 @@ async fn salesforce_error_codes_map_to_their_kinds() {
         .on("GET", &format!("{CONTACTS}/003B"))
         .respond_json(503, &sf_error("SERVER_UNAVAILABLE", "try later", &[]));
 
+    // The org's daily allowance comes back as old requests age out: an
+    // hour between probes, not a push's backoff of seconds (which spent a
+    // change's attempts and dead-lettered it within minutes).
     assert!(matches!(
         connector_error(kit.push(create_request()).await),
-        ConnectorError::RateLimited(r) if r.retry_after_ms.is_none()
+        ConnectorError::RateLimited(r) if r.retry_after_ms == Some(3_600_000)
             && r.message.contains("REQUEST_LIMIT_EXCEEDED")
     ));
     match connector_error(kit.push(linked(Operation::Update, "003A")).await) {
@@ -235,6 +244,98 @@ async fn salesforce_error_codes_map_to_their_kinds() {
         ConnectorError::Unsupported(_)
     ));
     assert_eq!(token_requests(&kit), 1, "none of these refreshes the token");
+}
+
+/// An update reads the name's parts first and leaves them alone when they
+/// already make up the name: ferry's split (the last word is the last name)
+/// is a guess, and "van Beethoven" stays a last name. A new name is split.
+#[tokio::test]
+async fn an_update_keeps_name_parts_that_make_up_the_name() {
+    let kit = kit().await;
+    script_tokens(&kit, &["tok-1"]);
+    kit.http()
+        .on("GET", &format!("{CONTACTS}/003A"))
+        .respond_json(
+            200,
+            &json!({"attributes": {"type": "Contact"}, "Id": "003A",
+                "FirstName": "Ada", "LastName": "King Lovelace"}),
+        );
+    kit.http()
+        .on("PATCH", &format!("{CONTACTS}/003A"))
+        .respond(204, &[], "");
+    let result = kit
+        .push(linked(Operation::Update, "003A"))
+        .await
+        .expect("update");
+    let read = &kit.http().requests()[1];
+    assert_eq!(read.method, "GET");
+    assert_eq!(
+        read.query(),
+        [("fields".to_owned(), "FirstName,LastName".to_owned())]
+    );
+    let patch = kit.http().last_request().expect("patch");
+    let body: Value = serde_json::from_str(&patch.body_text()).unwrap();
+    assert!(
+        body.get("FirstName").is_none() && body.get("LastName").is_none(),
+        "{body}"
+    );
+    assert_eq!(body["Email"], "ada@example.com");
+    // What the record holds after the write is the kept split.
+    let record: Value = serde_json::from_str(result.record.as_deref().expect("record")).unwrap();
+    assert_eq!(record["name"], "Ada King Lovelace");
+
+    let mut renamed = linked(Operation::Update, "003A");
+    renamed.record = renamed.record.replace("Ada King Lovelace", "Ada Byron");
+    kit.push(renamed).await.expect("rename");
+    let patch = kit.http().last_request().expect("patch");
+    let body: Value = serde_json::from_str(&patch.body_text()).unwrap();
+    assert_eq!(
+        (&body["FirstName"], &body["LastName"]),
+        (&json!("Ada"), &json!("Byron"))
+    );
+}
+
+/// The org's concurrent-request limit clears in seconds (the push's own
+/// backoff), and a row lock met inside a trigger is transient however it is
+/// wrapped.
+#[tokio::test]
+async fn a_concurrency_limit_and_a_wrapped_row_lock_are_transient() {
+    let kit = kit().await;
+    script_tokens(&kit, &["tok-1"]);
+    kit.http().on("POST", &format!("{CONTACTS}/")).respond_json(
+        403,
+        &sf_error(
+            "REQUEST_LIMIT_EXCEEDED",
+            "ConcurrentPerOrgLongTxn Limit exceeded.",
+            &[],
+        ),
+    );
+    kit.http()
+        .on("GET", &format!("{CONTACTS}/003C"))
+        .respond_json(
+            200,
+            &json!({"FirstName": "Ada King", "LastName": "Lovelace"}),
+        );
+    kit.http()
+        .on("PATCH", &format!("{CONTACTS}/003C"))
+        .respond_json(
+            400,
+            &sf_error(
+                "CANNOT_INSERT_UPDATE_ACTIVATE_ENTITY",
+                "ContactTrigger: execution of AfterUpdate caused by: System.DmlException: \
+                 Update failed. First exception on row 0; first error: UNABLE_TO_LOCK_ROW, \
+                 unable to obtain exclusive access to this record: []",
+                &[],
+            ),
+        );
+    assert!(matches!(
+        connector_error(kit.push(create_request()).await),
+        ConnectorError::RateLimited(r) if r.retry_after_ms.is_none()
+    ));
+    assert!(matches!(
+        connector_error(kit.push(linked(Operation::Update, "003C")).await),
+        ConnectorError::Retryable(m) if m.contains("UNABLE_TO_LOCK_ROW")
+    ));
 }
 
 #[tokio::test]

@@ -855,7 +855,9 @@ impl Connector {
         let deadline = Instant::now() + timeout;
         let Ok(_slot) = runtime.slots.acquire().await else {
             return Ran {
-                result: Err(CallError::Instantiate("the runtime is shutting down".into())),
+                result: Err(CallError::Instantiate(
+                    "the runtime is shutting down".into(),
+                )),
                 throttled: None,
             };
         };

@@ -626,12 +626,19 @@ async fn pushes_over_ferrys_own_rate_limit_wait_their_turn() {
     // judges the remote, never hears of it.
     for customer in &customers {
         let status = h.app.sync_status(customer["id"].as_str().unwrap()).await;
-        let paced = status["history"].as_array().expect("history").iter().any(|d| {
-            d["detail"]
-                .as_str()
-                .is_some_and(|detail| detail.contains("rate limit"))
-        });
-        assert!(!paced, "a refusal by ferry's own pacing was recorded: {status}");
+        let paced = status["history"]
+            .as_array()
+            .expect("history")
+            .iter()
+            .any(|d| {
+                d["detail"]
+                    .as_str()
+                    .is_some_and(|detail| detail.contains("rate limit"))
+            });
+        assert!(
+            !paced,
+            "a refusal by ferry's own pacing was recorded: {status}"
+        );
     }
     let (_, connector) = h
         .app

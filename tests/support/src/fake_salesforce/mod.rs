@@ -373,7 +373,9 @@ impl FakeSalesforce {
     }
 
     /// Makes the next `n` authenticated data-API calls answer 403
-    /// `REQUEST_LIMIT_EXCEEDED` (replacing any failures still pending).
+    /// `REQUEST_LIMIT_EXCEEDED` for the org's concurrent long-running
+    /// requests (`ConcurrentPerOrgLongTxn`, a limit that clears in seconds;
+    /// replacing any failures still pending).
     /// Calls without a live session answer 401 and do not use one up.
     pub fn fail_with_request_limit(&self, n: u64) {
         self.shared.data().limit_failures = n;
@@ -807,6 +809,16 @@ fn apply_fields(
             merged.insert(name, value.clone());
         }
     }
+    // Standard objects with a required Name field (a custom object's text
+    // Name is required too, but the fake serves standard objects only).
+    if object == "Account" && is_blank(merged.get("Name")) {
+        return Err(SfError::new(
+            StatusCode::BAD_REQUEST,
+            "REQUIRED_FIELD_MISSING",
+            "Required fields are missing: [Name]",
+        )
+        .with_fields(&["Name"]));
+    }
     if object == "Contact" {
         if is_blank(merged.get("LastName")) {
             return Err(SfError::new(
@@ -1021,7 +1033,7 @@ fn check_session(shared: &Shared, headers: &HeaderMap) -> Result<(), SfError> {
         return Err(SfError::new(
             StatusCode::FORBIDDEN,
             "REQUEST_LIMIT_EXCEEDED",
-            "TotalRequests Limit exceeded.",
+            "ConcurrentPerOrgLongTxn Limit exceeded.",
         ));
     }
     Ok(())

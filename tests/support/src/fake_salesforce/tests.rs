@@ -167,6 +167,19 @@ async fn fake_salesforce_contact_lifecycle() {
     let (status, body) = api
         .call(
             Method::POST,
+            "sobjects/Account",
+            Some(json!({"Phone": "1"})),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        body[0]["fields"],
+        json!(["Name"]),
+        "an Account's Name is required"
+    );
+    let (status, body) = api
+        .call(
+            Method::POST,
             "sobjects/Contact",
             Some(json!({"FirstName": "No"})),
         )
@@ -303,7 +316,7 @@ async fn fake_salesforce_sessions_expire_and_limits_run_out() {
         assert_eq!(status, 403);
         assert_eq!(
             body,
-            json!([{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}])
+            json!([{"message": "ConcurrentPerOrgLongTxn Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}])
         );
     }
     assert_eq!(api.call(Method::GET, &path, None).await.0, 200);
