@@ -469,8 +469,15 @@ impl Registry {
                 self.inner.options.environment.get(&row.name),
                 self.inner.options.secret_box.as_ref(),
             );
+            // Stored secrets this replica cannot open (another master key,
+            // or none) are missing here, whatever their names say: run
+            // without them, a push is refused as permanent and dead-lettered.
             let missing = resolved.active.as_ref().and_then(|active| {
-                Entry::missing_settings(&effective, active.connector.manifest())
+                let sealed = effective
+                    .problem
+                    .as_ref()
+                    .map(|problem| format!("its stored secrets, unreadable here: {problem}"));
+                sealed.or_else(|| Entry::missing_settings(&effective, active.connector.manifest()))
             });
             let entry = Entry {
                 name: row.name.clone(),

@@ -1163,6 +1163,54 @@ async fn a_version_that_needs_a_new_setting_waits_for_it(backend: Backend) {
     assert_eq!(remote.requests_to("POST", "/records").len(), 1);
 }
 
+/// A replica that cannot open the stored secrets (another master key, a
+/// rotation half done) leaves the connector's pushes waiting, as for a
+/// missing setting. Before, it ran the connector without them: the push
+/// was refused as permanent ("secret has no value") and dead-lettered.
+async fn secrets_a_replica_cannot_open_leave_pushes_waiting(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let first = spawn_sync_app(setup(backend)).await;
+    let (status, version) = upload(&first, recorder(), "").await;
+    assert_eq!(status, 201, "{version}");
+    let (status, connector) = first
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/recorder/settings",
+            Some(
+                json!({"settings": {"api_base": remote.url, "send_api_key": "true"},
+                "secrets": {"api_key": "key-1"}}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 200, "{connector}");
+    let database_url = first.database_url.clone();
+    first.stop().await;
+
+    let mut other = setup(backend);
+    other.database_url = Some(database_url);
+    other.extra = json!({"master_key": "another-master-key-0123456789abcdef"});
+    let app = spawn_sync_app(other).await;
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert!(
+        connector["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("secrets")),
+        "{connector}"
+    );
+    let customer = app
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Sealed"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let link = app
+        .wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
+            l["next_attempt_at_ms"].as_i64() > Some(chrono::Utc::now().timestamp_millis())
+        })
+        .await;
+    assert_eq!(link["state"], "pending", "{link}");
+    assert_eq!(link["attempts"], 0, "{link}");
+    assert!(remote.requests_to("POST", "/records").is_empty());
+}
+
 /// A push whose connector answers with a remote id ferry cannot keep (a
 /// NUL, which PostgreSQL refuses) dead-letters with the reason, once,
 /// rather than failing its write and running again at every lease expiry.
@@ -1285,6 +1333,11 @@ mod sqlite {
 
 mod postgres {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn secrets_a_replica_cannot_open() {
+        secrets_a_replica_cannot_open_leave_pushes_waiting(Backend::Postgres).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_remote_id_with_a_nul() {
