@@ -29,6 +29,11 @@ impl Host for CallState {
         let Some(value) = self.secrets().get(&secret) else {
             return Err(format!("secret `{secret}` has no value configured"));
         };
+        // An empty key is one anyone knows: every signature made with it
+        // would verify (an unset variable read as "", say).
+        if value.expose_secret().trim().is_empty() {
+            return Err(format!("secret `{secret}` is empty"));
+        }
         if message.len() > MAX_MESSAGE_BYTES {
             return Err(format!("message exceeds {MAX_MESSAGE_BYTES} bytes"));
         }

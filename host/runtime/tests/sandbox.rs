@@ -579,6 +579,22 @@ async fn hmac_uses_declared_secrets_only() {
         report["error"].as_str().unwrap().contains("not declared"),
         "{report}"
     );
+
+    // An empty key is one anyone knows: nothing is signed with it.
+    let mut blank = connector_config(&[]);
+    blank.secrets = BTreeMap::from([("api_key".to_owned(), SecretString::from(" "))]);
+    let report = push_report(
+        &connector,
+        &blank,
+        json!({"do": "hmac", "secret": "api_key"}),
+    )
+    .await;
+    assert!(
+        report["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("empty")),
+        "{report}"
+    );
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -104,16 +105,28 @@ pub(crate) fn effective(
                 problem,
             }
         }
-        (None, Some(env)) => EffectiveConfig {
-            switch,
-            config: Arc::new(ConnectorConfig {
-                settings: env.settings.clone(),
-                secrets: env.secrets.clone(),
-            }),
-            source: ConfigSource::Environment,
-            secret_names: env.secrets.keys().cloned().collect(),
-            problem: None,
-        },
+        (None, Some(env)) => {
+            // A blank secret (a variable left unset in a compose file, read
+            // as "") is no secret: a required one is missing, so the
+            // connector waits and says so, rather than sign with a key
+            // anyone knows.
+            let secrets: BTreeMap<String, SecretString> = env
+                .secrets
+                .iter()
+                .filter(|(_, value)| !value.expose_secret().trim().is_empty())
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect();
+            EffectiveConfig {
+                switch,
+                secret_names: secrets.keys().cloned().collect(),
+                config: Arc::new(ConnectorConfig {
+                    settings: env.settings.clone(),
+                    secrets,
+                }),
+                source: ConfigSource::Environment,
+                problem: None,
+            }
+        }
         (None, None) => EffectiveConfig {
             switch,
             config: Arc::default(),
@@ -142,6 +155,9 @@ impl SettingsProblem {
 
 /// The message of a required setting or secret without a value.
 pub(crate) const REQUIRED: &str = "required by this connector";
+
+/// The message of a secret given an empty value.
+pub(crate) const BLANK_SECRET: &str = "a secret cannot be empty";
 
 /// Checks names against `manifest`: settings and secrets it does not
 /// declare, and (if the connector is to run) required ones without a value.

@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -898,6 +898,20 @@ impl Registry {
     pub async fn put_settings(&self, name: &str, new: NewSettings) -> Result<(), RegistryError> {
         let entry = self.entry(name).ok_or(RegistryError::NotFound)?;
         let manifest = active_manifest(&entry)?;
+        let blank: Vec<SettingsProblem> = new
+            .secrets
+            .iter()
+            .flatten()
+            .filter(|(_, value)| {
+                value
+                    .as_ref()
+                    .is_some_and(|v| v.expose_secret().trim().is_empty())
+            })
+            .map(|(name, _)| SettingsProblem::new(format!("secrets.{name}"), config::BLANK_SECRET))
+            .collect();
+        if !blank.is_empty() {
+            return Err(RegistryError::Settings(blank));
+        }
         let secrets = new
             .secrets
             .map(|given| keep_secrets_in_effect(&entry, given))

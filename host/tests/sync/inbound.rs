@@ -485,6 +485,52 @@ async fn an_undated_event_is_dated_on_arrival() {
     assert_eq!(customer["name"], "Undated");
 }
 
+/// A blank webhook secret (a compose variable left unset, read as "") is no
+/// secret: a delivery signed with the empty key is refused and stores
+/// nothing, and the API refuses to store a blank secret. Before, HMAC took
+/// the empty key, and anyone could sign customer events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blank_webhook_secret_verifies_nothing() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let mut setup = Setup::new(Backend::Sqlite, &stripe.url());
+    setup.extra = json!({"connectors": {"stripe": {"secrets": {"webhook_secret": ""}}}});
+    let app = spawn_sync_app(setup).await;
+    let now = chrono::Utc::now().timestamp();
+    let forged = event(
+        "evt_forged",
+        "customer.created",
+        now,
+        stripe_customer_json("cus_forged", &email("forged"), "Forged"),
+    );
+    let (status, problem) = deliver(&app, &forged, &stripe_signature(&forged, "")).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (400, Some("invalid_signature")),
+        "{problem}"
+    );
+    assert!(
+        app.store
+            .inbox_of_remote("stripe", "cus_forged")
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing stored"
+    );
+    let (status, problem) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/stripe/settings",
+            Some(json!({"settings": {"api_base": stripe.url()},
+                "secrets": {"api_key": STRIPE_KEY, "webhook_secret": " "}})),
+        )
+        .await;
+    assert_eq!(status, 422, "{problem}");
+    assert!(
+        problem.to_string().contains("secrets.webhook_secret"),
+        "{problem}"
+    );
+}
+
 mod sqlite {
     use super::*;
 
