@@ -454,6 +454,33 @@ async fn purge_idempotency_keys(store: Store, batch: u32, cancel: CancellationTo
     }
 }
 
+/// Requests one HTTP/2 connection may have in flight at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+
+/// HTTP/2's connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Waits, for at most `limit`, until the client has sent enough to tell
+/// HTTP/2's preface from an HTTP/1 request. hyper-util reads the version
+/// with no timer of its own (the head's timer starts after it), so a client
+/// that sends nothing, or part of the preface, would hold its connection
+/// slot for ever. False if it said too little in time or went away.
+async fn spoke_in_time(stream: &tokio::net::TcpStream, limit: Duration) -> bool {
+    let sniff = async {
+        let mut buf = [0u8; H2_PREFACE.len()];
+        loop {
+            match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) if n == buf.len() || buf[..n] != H2_PREFACE[..n] => return true,
+                // Part of the preface: `peek` answers at once with what is
+                // there, so give the rest a moment.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    };
+    tokio::time::timeout(limit, sniff).await.unwrap_or(false)
+}
+
 /// Serves HTTP/1.1 and HTTP/2 on `listener` until `cancel`: at most
 /// `max_connections` at once (the rest wait in the kernel's backlog), each
 /// given `header_read_timeout` to send a request's head. On cancellation,
@@ -497,12 +524,23 @@ async fn serve(
         let (cancel, force) = (cancel.clone(), force.clone());
         connections.spawn(async move {
             let _permit = permit;
+            if !spoke_in_time(&stream, limits.header_read_timeout).await {
+                return;
+            }
             let mut builder = Builder::new(TokioExecutor::new());
             builder
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout);
-            builder.http2().timer(TokioTimer::new());
+            // A connection's streams share its slot: hyper's default of
+            // 200 would let one slot hold 200 webhook bodies in flight;
+            // a dead peer's connection is found by its unanswered pings.
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+                .keep_alive_interval(Some(limits.header_read_timeout))
+                .keep_alive_timeout(limits.header_read_timeout);
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             let mut connection = std::pin::pin!(connection);
             tokio::select! {

@@ -116,6 +116,59 @@ async fn slow_and_oversized_requests_are_cut_off() {
     assert_eq!(health["status"], "ready", "{health}");
 }
 
+/// Reads until the server closes the connection; how long that took.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(
+            limit.saturating_sub(started.elapsed()),
+            stream.read(&mut buf),
+        )
+        .await
+        {
+            Ok(Ok(0) | Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("the connection was still open after {limit:?}"),
+        }
+    }
+}
+
+/// A connection that sends nothing, or only part of HTTP/2's preface, or
+/// goes quiet after a request, is closed after `header_read_timeout`: with
+/// `max_connections` such clients would otherwise hold every slot, and
+/// ferry would accept nothing more (webhooks, the API, `/readyz`).
+#[tokio::test]
+async fn silent_and_idle_connections_give_their_slot_back() {
+    let mut setup = Setup::new(Backend::Sqlite, "http://127.0.0.1:9");
+    setup.extra = json!({"header_read_timeout": "500ms", "max_connections": 2});
+    let app = spawn_sync_app(setup).await;
+    let address = app.base.trim_start_matches("http://").to_owned();
+    let connect = || TcpStream::connect(address.clone());
+    let limit = Duration::from_secs(5);
+
+    let mut silent = connect().await.unwrap();
+    let mut preface = connect().await.unwrap();
+    preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    // Both slots are taken: the next client waits for one of them.
+    let ready = tokio::spawn(reqwest::get(format!("{}/readyz", app.base)));
+    closed_within(&mut silent, limit).await;
+    closed_within(&mut preface, limit).await;
+    let ready = tokio::time::timeout(limit, ready)
+        .await
+        .expect("a slot came free")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+
+    // Quiet after an answered request on a kept-alive connection.
+    let mut idle = connect().await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    closed_within(&mut idle, limit).await;
+}
+
 #[tokio::test]
 async fn sigterm_ends_the_process_within_the_grace_time_despite_a_stalled_client() {
     let dir = tempfile::tempdir().unwrap();
