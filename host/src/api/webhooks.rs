@@ -99,7 +99,8 @@ pub async fn receive(
             return Err(ApiError::ConnectorFailed);
         }
     };
-    let mut events = Vec::with_capacity(parsed.events.len());
+    let mut events: Vec<NewInboxEvent> = Vec::with_capacity(parsed.events.len());
+    let mut by_id = std::collections::HashMap::new();
     for event in parsed.events {
         // An event ferry cannot key (its id deduplicates deliveries, its
         // remote id finds the link) would be dropped as a duplicate of the
@@ -124,13 +125,28 @@ pub async fn receive(
             }
             None => None,
         };
+        // One id twice in a delivery: the store keeps the first and drops
+        // the second as a redelivery. The same event twice is just that;
+        // two different changes under one id would lose one while the
+        // sender hears 200, so the connector is broken, as above.
+        if let Some(&first) = by_id.get(&event.id) {
+            let earlier: &NewInboxEvent = &events[first];
+            let same = earlier.remote_id == event.remote_id
+                && earlier.entity == without_nul(event.entity.clone())
+                && earlier.kind == kind_of(event.kind)
+                && earlier.record == record;
+            if same {
+                continue;
+            }
+            crate::metrics::webhook_verification(&name, "failed");
+            tracing::warn!(connector = %name, event_id = %event.id, "the connector gave one id to two different events of a delivery; the sender will retry");
+            return Err(ApiError::ConnectorFailed);
+        }
+        by_id.insert(event.id.clone(), events.len());
         events.push(NewInboxEvent {
             event_id: event.id,
             entity: without_nul(event.entity),
-            kind: match event.kind {
-                ChangeKind::Upsert => RemoteChange::Upsert,
-                ChangeKind::Delete => RemoteChange::Delete,
-            },
+            kind: kind_of(event.kind),
             remote_id: event.remote_id,
             occurred_at_ms: dated(event.occurred_at_ms),
             record,
@@ -160,6 +176,13 @@ pub async fn receive(
         })
         .into_response(),
     })
+}
+
+fn kind_of(kind: ChangeKind) -> RemoteChange {
+    match kind {
+        ChangeKind::Upsert => RemoteChange::Upsert,
+        ChangeKind::Delete => RemoteChange::Delete,
+    }
 }
 
 /// Reads a webhook body: refused at once when its declared length is over

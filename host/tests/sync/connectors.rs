@@ -930,6 +930,43 @@ async fn an_event_without_an_id_is_refused(backend: Backend) {
     assert!(stored.is_empty(), "{stored:?}");
 }
 
+/// A delivery whose connector gives one id to two different events would
+/// lose the second (the store takes it for a redelivery) while the sender
+/// hears 200: refused as the connector's fault (503), so the sender keeps
+/// it. The same event twice in one delivery is stored once.
+async fn one_id_for_two_events_of_a_delivery_is_refused(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let id = uuid();
+    let event = |remote_id: &str| {
+        json!({"id": id, "remote_id": remote_id,
+            "record": {"email": format!("{remote_id}@example.com"), "name": remote_id}})
+    };
+    let post = |body: Value| {
+        app.client
+            .post(format!("{}/webhooks/recorder", app.base))
+            .json(&body)
+            .send()
+    };
+    let (first, second) = (format!("{id}_a"), format!("{id}_b"));
+    let response = post(json!([event(&first), event(&second)])).await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.text().await.unwrap().contains("connector_failed"));
+    for remote_id in [&first, &second] {
+        let stored = app
+            .store
+            .inbox_of_remote("recorder", remote_id)
+            .await
+            .unwrap();
+        assert!(stored.is_empty(), "{stored:?}");
+    }
+    let response = post(json!([event(&first), event(&first)])).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let stored = app.store.inbox_of_remote("recorder", &first).await.unwrap();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+}
+
 /// Waits until `base` answers recorder webhooks with `expected`; how long
 /// that took.
 async fn wait_served(client: &reqwest::Client, base: &str, expected: &str) -> Duration {
@@ -1269,6 +1306,11 @@ async fn a_connector_without_a_version_leaves_the_replica_ready(backend: Backend
 
 mod sqlite {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_id_for_two_events() {
+        one_id_for_two_events_of_a_delivery_is_refused(Backend::Sqlite).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_connector_without_a_version_leaves_ready() {

@@ -120,16 +120,24 @@ impl Connector for Recorder {
     }
 
     fn parse_webhook(req: WebhookRequest) -> Result<ParsedWebhook, ConnectorError> {
-        let events = match serde_json::from_slice::<Delivery>(&req.body) {
-            Ok(delivery) => vec![Event::upsert(
-                delivery.id,
-                ENTITY,
-                delivery.remote_id,
-                clock::now_ms(),
-                delivery.record.map(|r| r.to_string()),
-            )],
-            Err(_) => Vec::new(),
-        };
+        // One delivery, or a batch of them in an array.
+        let deliveries = serde_json::from_slice::<Delivery>(&req.body)
+            .map(|delivery| vec![delivery])
+            .or_else(|_| serde_json::from_slice::<Vec<Delivery>>(&req.body))
+            .unwrap_or_default();
+        let now = clock::now_ms();
+        let events = deliveries
+            .into_iter()
+            .map(|delivery| {
+                Event::upsert(
+                    delivery.id,
+                    ENTITY,
+                    delivery.remote_id,
+                    now,
+                    delivery.record.map(|r| r.to_string()),
+                )
+            })
+            .collect();
         Ok(ParsedWebhook::events(events).with_reply("text/plain", format!("recorder {VERSION}")))
     }
 
