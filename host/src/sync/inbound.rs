@@ -632,7 +632,11 @@ impl SyncEngine {
                 .await?;
             return Ok(Some(InboundOutcome::Deferred));
         }
-        if let Some(link) = &link {
+        // A thin upsert says only "look again": applying it fetches what
+        // holds now, so it is never stale, however the sender (or the
+        // replica that dated it on arrival, with its own clock) dated it.
+        let thin_upsert = event.kind == RemoteChange::Upsert && event.record.is_none();
+        if let Some(link) = link.as_ref().filter(|_| !thin_upsert) {
             if event.occurred_at_ms < link.remote_seen_at_ms {
                 return self
                     .skip(event, "stale: older than a change already applied")

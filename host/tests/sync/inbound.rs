@@ -485,6 +485,75 @@ async fn an_undated_event_is_dated_on_arrival() {
     assert_eq!(customer["name"], "Undated");
 }
 
+/// A thin event (no record: "look again") is applied by fetching what
+/// holds now, so it is never stale, whatever its date. One dated ahead (a
+/// replica's fast clock dated it on arrival) no longer makes the next one,
+/// dated by a correct clock, look older than what was applied: that later
+/// change was skipped as stale, and lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thin_event_dated_behind_the_last_one_is_still_applied() {
+    use ferry::store::inbox::{NewInboxEvent, RemoteChange};
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
+    let address = email("thin");
+    let created = stripe_py(
+        &stripe.url(),
+        &format!("c = stripe.Customer.create(email='{address}', name='First')\nprint(json.dumps({{'id': c.id}}))"),
+    );
+    let remote_id = created["id"].as_str().unwrap().to_owned();
+    let now = chrono::Utc::now().timestamp_millis();
+    let thin = |id: &str, at: i64| NewInboxEvent {
+        event_id: id.into(),
+        entity: "customer".into(),
+        kind: RemoteChange::Upsert,
+        remote_id: remote_id.clone(),
+        occurred_at_ms: at,
+        record: None,
+        origin_key: None,
+        remote_type: "customer.updated".into(),
+        policy: None,
+    };
+    let store = |event: NewInboxEvent| {
+        let app = &app;
+        async move {
+            app.store
+                .store_inbox_many(&[("stripe", std::slice::from_ref(&event), None)])
+                .await
+                .expect("stored");
+            app.sync.wake();
+        }
+    };
+    let applied = |id: &'static str| {
+        let (app, remote_id) = (&app, remote_id.clone());
+        async move {
+            wait_for(app, id, async |app| {
+                let events = app
+                    .store
+                    .inbox_of_remote("stripe", &remote_id)
+                    .await
+                    .unwrap();
+                events
+                    .into_iter()
+                    .find(|e| e.event_id == id && e.state.as_str() != "pending")
+                    .map(|e| json!({"state": e.state.as_str(), "detail": e.detail}))
+            })
+            .await
+        }
+    };
+    store(thin("evt_thin_ahead", now + 2_000)).await;
+    let first = applied("evt_thin_ahead").await;
+    assert_eq!(first["state"], "applied", "{first}");
+    stripe_py(
+        &stripe.url(),
+        &format!("stripe.Customer.modify('{remote_id}', name='Second')\nprint('{{}}')"),
+    );
+    store(thin("evt_thin_behind", now)).await;
+    let second = applied("evt_thin_behind").await;
+    assert_eq!(second["state"], "applied", "{second}");
+    let customer = app.customer_by_email(&address).await.expect("customer");
+    assert_eq!(customer["name"], "Second", "{customer}");
+}
+
 /// A blank webhook secret (a compose variable left unset, read as "") is no
 /// secret: a delivery signed with the empty key is refused and stores
 /// nothing, and the API refuses to store a blank secret. Before, HMAC took
