@@ -449,6 +449,9 @@ fn same(field: &str, a: Option<&str>, b: Option<&str>) -> bool {
         // Emails are stored lowercased (api::customers::normalise_email) and
         // most remotes keep whatever case was typed.
         (Some(a), Some(b)) if field == "email" => a.to_lowercase() == b.to_lowercase(),
+        // Country codes are stored upper-case (`gb` is kept as `GB`), and
+        // a remote may keep what was typed: its `gb` is no edit.
+        (Some(a), Some(b)) if field == "address.country" => a.eq_ignore_ascii_case(b),
         _ => a == b,
     }
 }
@@ -890,6 +893,26 @@ mod tests {
         let merge = run(Some(&base), &base, &remote, ConflictPolicy::Flag);
         assert_eq!(merge.remote_changed, ["email"]);
         assert_eq!(merge.merged["email"], "lovelace@example.com");
+    }
+
+    /// A remote that keeps `gb` as typed, against ferry's `GB`: neither
+    /// side changed it, and the remote's real change is taken without a
+    /// conflict. Before, `gb`/`GB` counted as a local edit: every remote
+    /// change of the country was a conflict, held or overwritten.
+    #[test]
+    fn country_codes_compare_without_case() {
+        let local = customer();
+        let base = with(&local, "address.country", json!("gb"));
+        let merge = run(Some(&base), &local, &base, ConflictPolicy::Flag);
+        assert!(merge.local_changed.is_empty(), "{:?}", merge.local_changed);
+        assert!(!merge.changes_local(&local));
+        let remote = with(&base, "address.country", json!("fr"));
+        let merge = run(Some(&base), &local, &remote, ConflictPolicy::Flag);
+        assert!(merge.conflicts.is_empty(), "{:?}", merge.conflicts);
+        assert_eq!(merge.remote_changed, ["address.country"]);
+        // Linked by email, with no base: no conflict over case alone.
+        let merge = run(None, &local, &base, ConflictPolicy::Flag);
+        assert!(merge.conflicts.is_empty(), "{:?}", merge.conflicts);
     }
 
     #[test]
