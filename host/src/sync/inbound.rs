@@ -1202,16 +1202,21 @@ impl SyncEngine {
         // connector was disabled since.
         // Not loaded on this replica (yet): wait without spending an
         // attempt; another replica, or this one's next load, fetches it.
-        let ready = self
-            .inner
-            .registry
-            .loaded(&event.connector)
-            .ok_or_else(|| {
-                Failure::Wait(
-                    "waiting: no version of the connector is loaded here".into(),
-                    NOT_LOADED_RECHECK,
-                )
-            })?;
+        let registry = &self.inner.registry;
+        let Some(ready) = registry.loaded(&event.connector) else {
+            // Deleted, not just unknown here yet (read again to tell): no
+            // version will ever fetch it, and waiting would go on for ever.
+            if registry.entry(&event.connector).is_none() {
+                let _ = registry.refresh().await;
+                if registry.entry(&event.connector).is_none() {
+                    return Err(Failure::Skip("the connector was deleted".into()));
+                }
+            }
+            return Err(Failure::Wait(
+                "waiting: no version of the connector is loaded here".into(),
+                NOT_LOADED_RECHECK,
+            ));
+        };
         let (connector, config) = (ready.connector, ready.config);
         match connector
             .fetch(&config, super::ENTITY, &event.remote_id)
@@ -1260,6 +1265,12 @@ impl SyncEngine {
                         );
                         InboundOutcome::LeaseLost
                     }
+                };
+            }
+            Failure::Skip(reason) => {
+                return match self.skip(event, &reason).await {
+                    Ok(Some(outcome)) => outcome,
+                    Ok(None) | Err(_) => InboundOutcome::LeaseLost,
                 };
             }
             Failure::Permanent(message) => (message, None, Some(DeadLetterKind::Permanent)),
@@ -1317,6 +1328,9 @@ enum Failure {
     Wait(String, Duration),
     /// Will never work as it is: dead letter.
     Permanent(String),
+    /// Nothing left to apply it with (its connector was deleted): skipped
+    /// with the reason.
+    Skip(String),
 }
 
 impl From<StoreError> for Failure {

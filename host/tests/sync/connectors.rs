@@ -930,6 +930,61 @@ async fn an_event_without_an_id_is_refused(backend: Backend) {
     assert!(stored.is_empty(), "{stored:?}");
 }
 
+/// An event that must be fetched, of a connector deleted since it was
+/// stored, is skipped with the reason: no version will ever fetch it. It
+/// used to wait for a load that never came, looked at every 5 s for ever.
+async fn an_event_of_a_deleted_connector_to_fetch_is_skipped(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let (status, _) = app
+        .send(
+            reqwest::Method::DELETE,
+            "/api/v1/connectors/recorder?force=true",
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let event = NewInboxEvent {
+        event_id: "evt_orphan".into(),
+        entity: "customer".into(),
+        kind: RemoteChange::Upsert,
+        remote_id: "rec_orphan".into(),
+        occurred_at_ms: chrono::Utc::now().timestamp_millis(),
+        record: None,
+        origin_key: None,
+        remote_type: "record.updated".into(),
+        policy: None,
+    };
+    app.store
+        .store_inbox_many(&[("recorder", std::slice::from_ref(&event), None)])
+        .await
+        .expect("stored");
+    app.sync.wake();
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let events = app
+            .store
+            .inbox_of_remote("recorder", "rec_orphan")
+            .await
+            .unwrap();
+        let event = events.first().expect("stored");
+        if event.state.as_str() != "pending" {
+            assert_eq!(event.state.as_str(), "skipped", "{event:?}");
+            assert!(
+                event
+                    .detail
+                    .as_deref()
+                    .is_some_and(|d| d.contains("deleted")),
+                "{event:?}"
+            );
+            return;
+        }
+        assert!(Instant::now() < deadline, "still waiting: {event:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A delivery whose connector gives one id to two different events would
 /// lose the second (the store takes it for a redelivery) while the sender
 /// hears 200: refused as the connector's fault (503), so the sender keeps
@@ -1306,6 +1361,11 @@ async fn a_connector_without_a_version_leaves_the_replica_ready(backend: Backend
 
 mod sqlite {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_of_a_deleted_connector() {
+        an_event_of_a_deleted_connector_to_fetch_is_skipped(Backend::Sqlite).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_id_for_two_events() {
