@@ -958,7 +958,8 @@ impl Registry {
                 },
                 new.enabled,
             )
-            .await?;
+            .await?
+            .ok_or(RegistryError::NotFound)?;
         tracing::info!(
             connector = name,
             enabled = new.enabled,

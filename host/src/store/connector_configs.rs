@@ -48,16 +48,33 @@ impl From<Row> for StoredConnectorConfig {
 impl Store {
     /// Replaces a connector's stored configuration and sets its enabled
     /// switch, in one transaction that bumps the connector's revision (so
-    /// every replica reloads it).
+    /// every replica reloads it). `None` if the connector is deleted.
     #[tracing::instrument(skip_all, fields(connector = %config.connector))]
     pub async fn put_connector_config(
         &self,
         config: &StoredConnectorConfig,
         enabled: bool,
-    ) -> Result<StoredConnectorConfig, StoreError> {
+    ) -> Result<Option<StoredConnectorConfig>, StoreError> {
         let at = now();
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
+            // First, and only for a live connector: a delete that committed
+            // meanwhile would otherwise get its settings, its secrets and
+            // its switch back, for the next upload of the name to start
+            // with. Dropping the transaction rolls it back.
+            let live = sqlx::query(
+                "UPDATE connectors SET enabled = $2, revision = revision + 1, updated_at = $3 \
+                 WHERE name = $1 AND deleted_at IS NULL",
+            )
+            .bind(&config.connector)
+            .bind(enabled)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if live != 1 {
+                return Ok(None);
+            }
             sqlx::query(
                 "INSERT INTO connector_configs (connector, settings, secrets, secret_names, updated_at) \
                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (connector) DO UPDATE SET \
@@ -71,21 +88,12 @@ impl Store {
             .bind(at)
             .execute(&mut *tx)
             .await?;
-            sqlx::query(
-                "UPDATE connectors SET enabled = $2, revision = revision + 1, updated_at = $3 \
-                 WHERE name = $1",
-            )
-            .bind(&config.connector)
-            .bind(enabled)
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
             tx.commit().await?;
         });
-        Ok(StoredConnectorConfig {
+        Ok(Some(StoredConnectorConfig {
             updated_at: at,
             ..config.clone()
-        })
+        }))
     }
 
     /// Every stored connector configuration.

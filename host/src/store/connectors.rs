@@ -351,6 +351,7 @@ impl Store {
                 "INSERT INTO connectors (name, active_version, activated_by, enabled, deleted_at, revision, updated_at) \
                  VALUES ($1, CASE WHEN $3 THEN $2 END, 'api', NULL, NULL, 1, $4) \
                  ON CONFLICT (name) DO UPDATE SET deleted_at = NULL, \
+                 enabled = CASE WHEN connectors.deleted_at IS NULL THEN connectors.enabled END, \
                  active_version = CASE WHEN $3 THEN $2 ELSE connectors.active_version END, \
                  activated_by = CASE WHEN $3 THEN 'api' ELSE connectors.activated_by END, \
                  revision = connectors.revision + 1, updated_at = $4",

@@ -985,6 +985,36 @@ async fn an_event_of_a_deleted_connector_to_fetch_is_skipped(backend: Backend) {
     }
 }
 
+/// Settings written as the connector is deleted (a replica whose view had
+/// not caught up) are refused, not stored: the next upload of the name
+/// starts unconfigured, as after any delete, not enabled with the old
+/// settings and secrets.
+async fn settings_put_as_the_connector_is_deleted_are_not_kept(backend: Backend) {
+    use ferry::store::connector_configs::StoredConnectorConfig;
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    assert!(app.store.delete_connector("recorder").await.unwrap());
+    let late = StoredConnectorConfig {
+        connector: "recorder".into(),
+        settings: [("api_base".to_owned(), remote.url.clone())].into(),
+        sealed_secrets: None,
+        secret_names: Vec::new(),
+        updated_at: chrono::Utc::now(),
+    };
+    let put = app.store.put_connector_config(&late, true).await.unwrap();
+    assert!(put.is_none(), "{put:?}");
+    let configs = app.store.connector_configs().await.unwrap();
+    assert!(
+        configs.iter().all(|c| c.connector != "recorder"),
+        "{configs:?}"
+    );
+    let (status, version) = upload(&app, recorder(), "").await;
+    assert_eq!(status, 201, "{version}");
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_ne!(connector["state"], "enabled", "{connector}");
+}
+
 /// A delivery whose connector gives one id to two different events would
 /// lose the second (the store takes it for a redelivery) while the sender
 /// hears 200: refused as the connector's fault (503), so the sender keeps
@@ -1361,6 +1391,11 @@ async fn a_connector_without_a_version_leaves_the_replica_ready(backend: Backend
 
 mod sqlite {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn settings_put_as_the_connector_is_deleted() {
+        settings_put_as_the_connector_is_deleted_are_not_kept(Backend::Sqlite).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_event_of_a_deleted_connector() {
