@@ -590,6 +590,14 @@ impl Store {
             // One writer: nothing to wait for.
             Backend::Sqlite(_) => None,
         };
+        // On PostgreSQL the customer's row is held until the commit: a
+        // delete waits for the conflict, and then closes it.
+        let customer_live = match &self.backend {
+            Backend::Postgres(_) => {
+                "SELECT 1 FROM customers WHERE id = $1 AND deleted_at IS NULL FOR SHARE"
+            }
+            Backend::Sqlite(_) => "SELECT 1 FROM customers WHERE id = $1 AND deleted_at IS NULL",
+        };
         let records = group_records(changes)?;
         dispatch!(self, write pool => {
             let mut outer = pool.begin().await?;
@@ -751,6 +759,22 @@ impl Store {
                     .await?;
             }
             if let Some(conflict) = &change.conflict {
+                // An open conflict holds the link until a person resolves
+                // it, and a deleted customer's conflict cannot be resolved:
+                // a delete that committed since the decision read the
+                // customer (its own closing of open conflicts found none
+                // yet) means deciding again, which skips the event.
+                if conflict.open {
+                    let customer_id =
+                        link_customer.as_ref().map(|c| c.as_str()).unwrap_or_default();
+                    let live: Option<(i32,)> = sqlx::query_as(customer_live)
+                        .bind(customer_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if live.is_none() {
+                        return Ok(Applied::Raced);
+                    }
+                }
                 let conflict_id = format!("cf_{}", uuid::Uuid::now_v7().simple());
                 sqlx::query(
                     "INSERT INTO conflicts (id, customer_id, connector, event_id, policy, fields, remote_record, \

@@ -611,6 +611,63 @@ async fn sqlite_a_remote_delete_closes_the_customers_conflicts() {
     a_remote_delete_closes_the_customers_conflicts(false).await;
 }
 
+/// A flagged conflict decided on a customer that a delete removed before
+/// the write (the delete's own closing of open conflicts found none yet):
+/// decided again, not written. Before, the conflict was opened on the
+/// deleted customer and held its link for good: the delete never reached
+/// the remote, and the conflict could not be resolved (its customer is
+/// gone).
+async fn a_conflict_on_a_customer_deleted_meanwhile_decides_again(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let (customers, remote, reads) = two_linked(&store, &format!("gone_{postgres}")).await;
+    let events = claim_later(&store, &[(format!("evt_gone_held_{postgres}"), &remote[0])]).await;
+    let first = &customers[0];
+    let ctx = WriteContext {
+        correlation_id: None,
+        idempotency: None,
+    };
+    store
+        .delete_customer(&first.id, None, ctx)
+        .await
+        .expect("deleted");
+    let flagged = InboundChange {
+        conflict: Some(NewConflict {
+            policy: "flag".into(),
+            fields: json!([]),
+            open: true,
+        }),
+        link_read: Some(reads[0]),
+        ..change(&events[0], CustomerWrite::None, Some(&first.id))
+    };
+    let results = store.apply_inbound_many(&[flagged]).await.expect("applied");
+    assert!(matches!(results[0], Ok(Applied::Raced)), "{results:?}");
+    let link = store
+        .link_by_remote_id("stripe", &remote[0])
+        .await
+        .expect("link read")
+        .expect("linked");
+    assert_eq!(link.held_by, None);
+    let open = store
+        .conflicts(&ListConflicts {
+            customer_id: Some(first.id.as_str().to_owned()),
+            limit: 10,
+            ..ListConflicts::default()
+        })
+        .await
+        .expect("conflicts");
+    assert!(open.is_empty(), "{open:?}");
+}
+
+#[tokio::test]
+async fn postgres_a_conflict_on_a_customer_deleted_meanwhile_decides_again() {
+    a_conflict_on_a_customer_deleted_meanwhile_decides_again(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_conflict_on_a_customer_deleted_meanwhile_decides_again() {
+    a_conflict_on_a_customer_deleted_meanwhile_decides_again(false).await;
+}
+
 /// A remote change the remote does not hold whole once merged (an owned
 /// field kept, a conflict resolved for ferry's value, a local change not
 /// pushed yet) leaves its customer at a version the remote lacks. The
