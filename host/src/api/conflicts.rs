@@ -17,7 +17,7 @@ use super::extract::{
 };
 use crate::app::AppState;
 use crate::store::conflicts::{Conflict, ListConflicts, Resolved};
-use crate::store::{Customer, CustomerId};
+use crate::store::{Customer, CustomerId, StoreError};
 use crate::sync::inbound::{fields_of, local_record};
 
 const DEFAULT_LIMIT: u32 = 50;
@@ -261,6 +261,8 @@ pub async fn resolve_conflict(
     }
     let customer_id = CustomerId::parse(&conflict.customer_id).ok_or(ApiError::CustomerNotFound)?;
     let correlation_id = request_id(&headers);
+    // Whether waiting remote edits are folded in (see below).
+    let mut fold = true;
     for _ in 0..RACE_RETRIES {
         let customer = state.store.get_customer(&customer_id).await?;
         let mut record = local_record(&customer)?;
@@ -279,10 +281,20 @@ pub async fn resolve_conflict(
             }
         }
         // What the remote changed while the conflict held the link is part
-        // of the result, not pushed over.
-        let (record, folded) = match state.sync.fold_waiting(&conflict, &record).await? {
-            Some((merged, folded)) => (merged, Some(folded)),
-            None => (record, None),
+        // of the result, not pushed over. Unless ferry would refuse it (a
+        // phone it cannot read, an email another customer has): then the
+        // resolution stands alone, and the waiting edits are applied after
+        // it as any other event (dead-lettered with the reason, or through
+        // the duplicate-email policy). Folded, they made every resolution
+        // fail, and the link stayed held for good.
+        let folding = if fold {
+            state.sync.fold_waiting(&conflict, &record).await?
+        } else {
+            None
+        };
+        let (record, folded) = match folding {
+            Some((merged, folded)) if fields_of(&merged).is_ok() => (merged, Some(folded)),
+            _ => (record, None),
         };
         // The resolved record goes through the API's own validation.
         let fields = fields_of(&record).map_err(|message| ApiError::field("fields", message))?;
@@ -291,7 +303,7 @@ pub async fn resolve_conflict(
             Choice::Remote => "remote",
             Choice::Fields => "fields",
         };
-        match state
+        let resolved = state
             .store
             .resolve_conflict(
                 &conflict,
@@ -302,8 +314,15 @@ pub async fn resolve_conflict(
                 Some(&correlation_id),
                 folded.as_ref(),
             )
-            .await?
-        {
+            .await;
+        let resolved = match resolved {
+            Err(StoreError::EmailTaken) if folded.is_some() => {
+                fold = false;
+                continue;
+            }
+            other => other?,
+        };
+        match resolved {
             Resolved::Done(customer) => {
                 let conflict = state
                     .store

@@ -248,6 +248,52 @@ async fn a_remote_edit_made_while_held_survives_the_resolution(backend: Backend)
     assert_stripe_has(&h, version, "Local Name", "+15550000009").await;
 }
 
+/// A remote edit ferry refuses (a phone it cannot read) waits behind the
+/// hold like any other. The resolution no longer folds it in: it used to
+/// fail every resolution with 422 (the folded record failed validation),
+/// and the link stayed held for good. Resolved alone, the resolution is
+/// pushed over the edit ferry cannot hold: Stripe ends with ferry's record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_edit_ferry_refuses_does_not_block_the_resolution() {
+    let h = synced_customer_on(Backend::Sqlite, "flag").await;
+    name_edited_on_both_sides(&h).await;
+    let conflict = open_conflict(&h.app).await;
+    h.proxy.set_down(false);
+
+    edit_in_stripe(&h.stripe.url(), &h.remote_id, "phone", "call me, maybe");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let inbox = h
+            .app
+            .store
+            .inbox_of_remote("stripe", &h.remote_id)
+            .await
+            .unwrap();
+        let held = inbox.iter().any(|e| {
+            e.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("held by open conflict"))
+        });
+        if held {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the phone's event never waited: {inbox:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (status, resolved) = resolve(&h.app, &conflict, json!({"resolution": "local"})).await;
+    assert_eq!(status, 200, "{resolved}");
+    let settled = customer(&h.app, &h.id).await;
+    assert_eq!(settled["name"], "Local Name", "{settled}");
+    let phone = settled["phone"].as_str().unwrap_or_default().to_owned();
+    assert_ne!(phone, "call me, maybe", "{settled}");
+    let version = settled["version"].as_i64().unwrap();
+    assert_stripe_has(&h, version, "Local Name", &phone).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn different_fields_changed_on_both_sides_merge() {
     let h = synced_customer("flag").await;
