@@ -289,13 +289,56 @@ pub(crate) struct RuntimeShared {
     pub(crate) transport: Arc<dyn HttpTransport>,
 }
 
+/// How many compiled components a runtime keeps for reuse.
+const CACHED_COMPONENTS: usize = 16;
+
+/// The most recently used [`CACHED_COMPONENTS`] compiled components, by
+/// sha256 of their bytes. A loaded connector holds its own component, so
+/// one that leaves the cache is compiled again (or read from the disk
+/// cache) only if it is loaded again; without a bound, every refused
+/// upload, replaced version and `connector dev` rebuild stayed in memory
+/// for the life of the process.
+#[derive(Default)]
+struct ComponentCache {
+    entries: HashMap<String, (Component, u64)>,
+    uses: u64,
+}
+
+impl ComponentCache {
+    fn get(&mut self, sha256: &str) -> Option<Component> {
+        self.uses += 1;
+        let now = self.uses;
+        self.entries.get_mut(sha256).map(|(component, used)| {
+            *used = now;
+            component.clone()
+        })
+    }
+
+    fn insert(&mut self, sha256: &str, component: Component) {
+        self.uses += 1;
+        while self.entries.len() >= CACHED_COMPONENTS && !self.entries.contains_key(sha256) {
+            let oldest = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(sha, _)| sha.clone());
+            match oldest {
+                Some(sha) => self.entries.remove(&sha),
+                None => break,
+            };
+        }
+        self.entries
+            .insert(sha256.to_owned(), (component, self.uses));
+    }
+}
+
 struct RuntimeInner {
     shared: Arc<RuntimeShared>,
     engine: Engine,
     linker: Linker<CallState>,
     /// Compiled components by sha256 of their bytes (shared with runtimes
     /// made by [`Runtime::with_other_transport`]).
-    components: Arc<Mutex<HashMap<String, Component>>>,
+    components: Arc<Mutex<ComponentCache>>,
     /// One permit per pool slot, so calls beyond the pool wait instead of failing.
     slots: Arc<tokio::sync::Semaphore>,
     /// Stops the epoch thread when the last runtime sharing it goes.
@@ -461,7 +504,7 @@ impl Runtime {
             .components
             .lock()
             .ok()
-            .and_then(|m| m.get(sha256).cloned())
+            .and_then(|mut m| m.get(sha256))
         {
             return Ok(c);
         }
@@ -473,9 +516,15 @@ impl Runtime {
             .map_err(|e| LoadError::Compile(format!("compiler task failed: {e}")))?
             .map_err(|e| LoadError::Compile(chain(&e)))?;
         if let Ok(mut map) = self.inner.components.lock() {
-            map.insert(sha256.to_owned(), component.clone());
+            map.insert(sha256, component.clone());
         }
         Ok(component)
+    }
+
+    /// How many compiled components this runtime keeps for reuse (at most
+    /// 16; the ones loaded connectors hold are kept by them).
+    pub fn cached_components(&self) -> usize {
+        self.inner.components.lock().map_or(0, |m| m.entries.len())
     }
 }
 

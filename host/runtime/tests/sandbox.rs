@@ -558,6 +558,34 @@ async fn outbound_requests_beyond_the_burst_are_paced() {
     );
 }
 
+/// The component with a custom section appended: other bytes, the same
+/// component.
+fn with_custom_section(wasm: &[u8], n: u8) -> Vec<u8> {
+    let mut bytes = wasm.to_vec();
+    // Section id 0 (custom), size 3: a name of length 1, and one byte.
+    bytes.extend_from_slice(&[0, 3, 1, b'n', n]);
+    bytes
+}
+
+/// Compiled components are kept for reuse up to a bound: components
+/// loaded once each (uploads refused, versions replaced, a dev loop's
+/// rebuilds) no longer stay in memory for the life of the process.
+#[tokio::test]
+async fn compiled_components_are_kept_up_to_a_bound() {
+    let runtime = Runtime::new(config()).unwrap();
+    let wasm = hostile_bytes();
+    let connector = runtime.load(&wasm).await.expect("loads");
+    for n in 0..20u8 {
+        runtime
+            .load(&with_custom_section(&wasm, n))
+            .await
+            .expect("a rebuild loads");
+    }
+    assert_eq!(runtime.cached_components(), 16);
+    // A connector whose component left the cache still runs.
+    assert_healthy(&connector, &connector_config(&[])).await;
+}
+
 #[tokio::test]
 async fn hmac_uses_declared_secrets_only() {
     let runtime = Runtime::new(config()).unwrap();
