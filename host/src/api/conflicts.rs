@@ -155,6 +155,15 @@ pub(crate) fn current_value(customer: &Customer, field: &str) -> Result<Option<S
     })
 }
 
+/// A conflict field's value as the text `current_value` gives.
+fn text(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(text) => Some(text.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
 /// Sets a dotted field (`name`, `address.city`, `metadata.tier`) of a
 /// canonical record.
 fn set_field(record: &mut serde_json::Value, field: &str, value: serde_json::Value) {
@@ -200,7 +209,7 @@ fn set_field(record: &mut serde_json::Value, field: &str, value: serde_json::Val
         (status = 200, description = "Resolved", body = ConflictResolution),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such conflict, or its customer is gone", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Already resolved (`conflict_not_open`), or the customer changed under the resolution three times in a row (`conflict_customer_busy`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already resolved (`conflict_not_open`), the customer changed under the resolution three times in a row (`conflict_customer_busy`), or ferry changed a conflicting field since the conflict was recorded and the resolution would overwrite it (`conflict_stale`)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid resolution", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
@@ -235,6 +244,18 @@ pub async fn resolve_conflict(
                 .collect()
         })
         .unwrap_or_default();
+    // ferry's side of each field as the conflict recorded it.
+    let recorded_local: BTreeMap<String, Option<String>> = conflict
+        .fields
+        .0
+        .as_array()
+        .map(|fields| {
+            fields
+                .iter()
+                .filter_map(|f| Some((f["field"].as_str()?.to_owned(), text(&f["local"]))))
+                .collect()
+        })
+        .unwrap_or_default();
     if request.resolution == Choice::Fields {
         let mut errors = Vec::new();
         for name in request.fields.keys() {
@@ -265,6 +286,27 @@ pub async fn resolve_conflict(
     let mut fold = true;
     for _ in 0..RACE_RETRIES {
         let customer = state.store.get_customer(&customer_id).await?;
+        // A field ferry changed since the conflict was recorded, which
+        // the resolution would overwrite with another value: the choice was
+        // made on what the conflict showed, not on that edit, so it is
+        // refused rather than undo the edit (`local` keeps it, and a
+        // resolution that sets the current value is no overwrite).
+        let mut stale = Vec::new();
+        for (field, remote) in &conflicting {
+            let chosen = match request.resolution {
+                Choice::Local => continue,
+                Choice::Remote => text(remote),
+                Choice::Fields => request.fields.get(field).cloned().flatten(),
+            };
+            let now = current_value(&customer, field)?;
+            let recorded = recorded_local.get(field).cloned().flatten();
+            if now != recorded && chosen != now {
+                stale.push(field.clone());
+            }
+        }
+        if !stale.is_empty() {
+            return Err(ApiError::ConflictStale(stale.join(", ")));
+        }
         let mut record = local_record(&customer)?;
         for (field, remote) in &conflicting {
             match request.resolution {

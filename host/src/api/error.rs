@@ -145,6 +145,12 @@ pub enum ApiError {
         "the customer kept changing while the conflict was resolved; send the resolution again"
     )]
     ConflictCustomerBusy,
+    /// ferry changed these conflicting fields since the conflict was
+    /// recorded, and the resolution would overwrite them.
+    #[error(
+        "ferry changed {0} since the conflict was recorded; read the customer and resolve again"
+    )]
+    ConflictStale(String),
     /// A reconciliation of the connector is going (its id).
     #[error("reconciliation {0} of this connector is still running")]
     ReconciliationRunning(String),
@@ -212,6 +218,7 @@ impl ApiError {
             | Self::MismatchNotFound => StatusCode::NOT_FOUND,
             Self::ConflictNotOpen
             | Self::ConflictCustomerBusy
+            | Self::ConflictStale(_)
             | Self::MismatchNotOpen
             | Self::ReconciliationRunning(_)
             | Self::ConnectorNotReady(_) => StatusCode::CONFLICT,
@@ -261,6 +268,7 @@ impl ApiError {
             Self::ConflictNotFound => "conflict_not_found",
             Self::ConflictNotOpen => "conflict_not_open",
             Self::ConflictCustomerBusy => "conflict_customer_busy",
+            Self::ConflictStale(_) => "conflict_stale",
             Self::ReconciliationRunning(_) => "reconciliation_running",
             Self::ReconciliationNotFound => "reconciliation_not_found",
             Self::MismatchNotFound => "mismatch_not_found",
@@ -301,6 +309,7 @@ impl ApiError {
             Self::ConflictNotFound => "Conflict not found",
             Self::ConflictNotOpen => "Conflict not open",
             Self::ConflictCustomerBusy => "Customer busy",
+            Self::ConflictStale(_) => "Conflict stale",
             Self::ReconciliationRunning(_) => "Reconciliation running",
             Self::ReconciliationNotFound => "Reconciliation not found",
             Self::MismatchNotFound => "Finding not found",

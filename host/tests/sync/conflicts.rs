@@ -294,6 +294,35 @@ async fn a_waiting_edit_ferry_refuses_does_not_block_the_resolution() {
     assert_stripe_has(&h, version, "Local Name", &phone).await;
 }
 
+/// ferry's name changes while the conflict over it is open: resolving for
+/// the remote's name would undo that edit, which the choice was not made
+/// on. Refused (409 `conflict_stale`, nothing written); `local` keeps the
+/// edit, and a resolution that sets the current value is no overwrite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolution_over_a_later_local_edit_is_refused() {
+    let h = synced_customer_on(Backend::Sqlite, "flag").await;
+    name_edited_on_both_sides(&h).await;
+    let conflict = open_conflict(&h.app).await;
+    h.proxy.set_down(false);
+    let newer = h.app.patch(&h.id, json!({"name": "Newer Local"})).await;
+    let (status, problem) = resolve(&h.app, &conflict, json!({"resolution": "remote"})).await;
+    assert_eq!(status, 409, "{problem}");
+    assert_eq!(problem["code"], "conflict_stale", "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("name"),
+        "{problem}"
+    );
+    assert_eq!(customer(&h.app, &h.id).await["version"], newer["version"]);
+    let (status, resolved) = resolve(
+        &h.app,
+        &conflict,
+        json!({"resolution": "fields", "fields": {"name": "Newer Local"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{resolved}");
+    assert_eq!(resolved["customer"]["name"], "Newer Local", "{resolved}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn different_fields_changed_on_both_sides_merge() {
     let h = synced_customer("flag").await;
