@@ -848,8 +848,9 @@ impl Store {
 
     /// The inbox events of one remote record, newest first.
     /// The events of a remote record that wait to be applied (no worker
-    /// holds them) and happened after `after_ms`, oldest first: what the
-    /// remote changed while a conflict held its link.
+    /// holds them) and happened at or after `after_ms` (a remote tick may
+    /// hold more than one change), oldest first: what the remote changed
+    /// while a conflict held its link.
     pub async fn inbox_waiting(
         &self,
         connector: &str,
@@ -858,7 +859,7 @@ impl Store {
     ) -> Result<Vec<InboxEvent>, StoreError> {
         let sql = format!(
             "SELECT {INBOX_COLUMNS} FROM inbox WHERE connector = $1 AND remote_id = $2 \
-             AND state IN ('pending', 'retry') AND lease_until_ms < $3 AND occurred_at_ms > $4 \
+             AND state IN ('pending', 'retry') AND lease_until_ms < $3 AND occurred_at_ms >= $4 \
              ORDER BY seq"
         );
         let rows = dispatch!(self, read pool => {

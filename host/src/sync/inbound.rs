@@ -297,7 +297,22 @@ impl SyncEngine {
         let Some(record) = &newest.record else {
             return Ok(None);
         };
-        let remote = canonical_record(&record.0);
+        // Events of one remote tick (Stripe's `created` is in seconds), with
+        // each other or with the change that opened the conflict, cannot be
+        // ordered: what the remote holds now says, as for any event in
+        // doubt; its payload only if the connector cannot be asked.
+        let tied = newest.occurred_at_ms == link.remote_seen_at_ms
+            || waiting
+                .iter()
+                .filter(|e| e.occurred_at_ms == newest.occurred_at_ms)
+                .count()
+                > 1;
+        let fetched = if tied {
+            self.fetch_current(newest).await.ok().flatten()
+        } else {
+            None
+        };
+        let remote = canonical_record(fetched.as_ref().unwrap_or(&record.0));
         let merged = merge_owned(
             Sides {
                 base: link.snapshot.as_ref(),
