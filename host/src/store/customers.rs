@@ -26,6 +26,8 @@ pub struct CustomerId(String);
 
 impl CustomerId {
     const PREFIX: &'static str = "cus_";
+    /// Characters in an id: the prefix and 32 hex digits.
+    pub const LEN: usize = 36;
 
     /// A new, time-ordered id.
     pub fn generate() -> Self {

@@ -619,7 +619,7 @@ impl SyncEngine {
         // or the change decides again (see [`LinkRead`]).
         let link_read = link.as_ref().map(LinkRead::from);
         if let Some(key) = &event.origin_key {
-            if key.starts_with(&format!("ferry-{}-", event.connector)) {
+            if super::outbound::is_own_key(&event.connector, key) {
                 // The push it echoes carries the change's correlation id:
                 // name it, so one id leads from the change to its echo.
                 let push = link.as_ref().and_then(|l| l.correlation_id.as_deref());

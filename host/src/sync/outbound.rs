@@ -92,6 +92,20 @@ pub fn idempotency_key(connector: &str, customer_id: &str, version: i64, repairs
     }
 }
 
+/// Whether `key` is one [`idempotency_key`] made for `connector`. The
+/// customer id after the name tells `stripe` from `stripe-eu`: connector
+/// names have no `_`, customer ids start with `cus_`.
+pub fn is_own_key(connector: &str, key: &str) -> bool {
+    key.strip_prefix("ferry-")
+        .and_then(|rest| rest.strip_prefix(connector))
+        .and_then(|rest| rest.strip_prefix('-'))
+        .is_some_and(|rest| {
+            rest.get(..crate::store::CustomerId::LEN)
+                .and_then(crate::store::CustomerId::parse)
+                .is_some()
+        })
+}
+
 /// The canonical record ferry sends (docs/connector-contract.md), from a
 /// customer as serialised. The claims that mark a create build the same
 /// fields in SQL (`mark_create!` in store/links.rs).
@@ -664,4 +678,20 @@ impl SyncEngine {
 
 fn store_error(error: impl Into<anyhow::Error>) -> String {
     format!("store unavailable: {:#}", error.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_told_apart_from_another_connectors() {
+        let id = "cus_0193a5c4a1b27c3d8e9f0a1b2c3d4e5f";
+        let eu = idempotency_key("stripe-eu", id, 3, 0);
+        assert!(is_own_key("stripe-eu", &eu));
+        assert!(!is_own_key("stripe", &eu), "{eu}");
+        assert!(is_own_key("stripe", &idempotency_key("stripe", id, 3, 2)));
+        assert!(!is_own_key("stripe", "ferry-stripe-something-else"));
+        assert!(!is_own_key("stripe", "user-key"));
+    }
 }
