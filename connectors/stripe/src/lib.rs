@@ -139,6 +139,10 @@ struct StripeEvent<'a> {
     data: StripeEventData<'a>,
     #[serde(default, borrow)]
     request: Option<&'a RawValue>,
+    /// Set on a Connect endpoint's events of a connected account: another
+    /// Stripe account's customers, signed with the same secret.
+    #[serde(default)]
+    account: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -157,6 +161,11 @@ struct EventRequest {
 
 fn parse_event(body: &[u8]) -> Result<ParsedWebhook, ConnectorError> {
     let event: StripeEvent<'_> = serde_json::from_slice(body)?;
+    // A connected account's customer is not this account's: matched by
+    // email, it would overwrite a customer of ferry's with a stranger's.
+    if event.account.is_some() {
+        return Ok(ParsedWebhook::ignored());
+    }
     let kind = match event.kind.as_str() {
         "customer.created" | "customer.updated" => ferry_sdk::ChangeKind::Upsert,
         "customer.deleted" => ferry_sdk::ChangeKind::Delete,

@@ -355,6 +355,17 @@ async fn customer_events_become_ferry_events() {
     assert_eq!(legacy.events[0].remote_id, "cus_2");
     assert_eq!(legacy.events[0].origin_key, None);
 
+    // A Connect endpoint's event of a connected account: another account's
+    // customer, ignored (matched by email, it would overwrite ours).
+    let connected = json!({"id": "evt_3", "object": "event", "type": "customer.updated",
+        "account": "acct_1Connected", "created": 1_700_000_123,
+        "data": {"object": stripe_customer("cus_3")}});
+    let connected = kit
+        .parse_webhook(testkit::webhook_request(&[], connected.to_string()))
+        .await
+        .unwrap();
+    assert!(connected.events.is_empty(), "{:?}", connected.events);
+
     let ignored = kit
         .parse_webhook(testkit::webhook_request(&[], event_body("invoice.paid")))
         .await

@@ -324,6 +324,16 @@ async fn metadata_leaves_room_for_the_connectors_key(backend: Backend) {
         problem["errors"][0]["field"], "metadata.ferry_id",
         "{problem}"
     );
+    // Square brackets nest Stripe's form fields: Stripe refuses them in
+    // keys, and every push of the customer was dead-lettered.
+    let response = app
+        .create(&json!({"email": email("metabr"), "metadata": {"tier[gold]": "1"}}))
+        .await;
+    let problem = assert_problem(response, 422, "validation_failed").await;
+    assert_eq!(
+        problem["errors"][0]["field"], "metadata.tier[gold]",
+        "{problem}"
+    );
     app.create_ok(&json!({"email": email("meta49"), "metadata": keys(49)}))
         .await;
 }

@@ -162,6 +162,14 @@ pub fn validate(input: CustomerInput) -> Result<CustomerFields, ApiError> {
                 "keys must not contain control characters, values no NUL",
             ));
         }
+        // Stripe refuses `[` and `]` in keys (they nest form fields), and
+        // every push of such a customer would be dead-lettered.
+        if key.contains(['[', ']']) {
+            errors.push(FieldError::new(
+                format!("metadata.{key}"),
+                "keys must not contain square brackets",
+            ));
+        }
         if key.is_empty() || key.chars().count() > MAX_METADATA_KEY {
             errors.push(FieldError::new(
                 format!("metadata.{key}"),
