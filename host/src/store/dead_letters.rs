@@ -219,9 +219,14 @@ impl Store {
                     continue;
                 }
                 // An outbound one re-opens its link (an inbound letter of
-                // the same customer says nothing about its pushes).
+                // the same customer says nothing about its pushes), under a
+                // new idempotency key: a remote that saved the failed
+                // answer under the old one (Stripe does, for a day) would
+                // give it back to the replay. A create whose outcome is
+                // unknown keeps its key, or a second record could be made.
                 sqlx::query(
                     "UPDATE sync_links SET state = 'pending', attempts = 0, next_attempt_at_ms = $1, \
+                     repairs = CASE WHEN pending_version IS NULL THEN repairs + 1 ELSE repairs END, \
                      updated_at = $2 WHERE customer_id = $3 AND connector = $4 AND state = 'dead'",
                 )
                 .bind(at.timestamp_millis())

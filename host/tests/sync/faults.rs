@@ -602,6 +602,53 @@ async fn a_retry_for_one_customer_does_not_block_others() {
         .await;
 }
 
+/// A replayed dead letter goes out under a new idempotency key. Stripe
+/// saves the answer to a request that began executing, errors included,
+/// under its key for a day: a replay under the old key got the saved error
+/// back and was dead-lettered again, whatever had been fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_dead_letter_goes_under_a_new_key() {
+    let h = harness(json!({})).await;
+    let customer = h
+        .app
+        .create(json!({"email": email("replay-key"), "name": "First"}))
+        .await;
+    let id = customer["id"].as_str().unwrap();
+    let link = h.app.wait_synced(id, 1).await;
+    let remote_id = link["remote_id"].as_str().unwrap().to_owned();
+    let update = format!("/v1/customers/{remote_id}");
+    h.proxy.push(
+        Match::request("POST", &update),
+        Fault::stripe_error(400, "invalid_request_error", "Refused for now").saved(),
+    );
+    h.app.patch(id, json!({"name": "Second"})).await;
+    h.app
+        .wait_link(id, Duration::from_secs(10), |l| l["state"] == "dead")
+        .await;
+    let letters = stripe_dead_letters(&h.app).await;
+    let letter = letters["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["customer_id"] == id)
+        .expect("dead letter")
+        .clone();
+    let path = format!(
+        "/api/v1/dead-letters/{}/replay",
+        letter["id"].as_str().unwrap()
+    );
+    let (status, replayed) = h.app.send(reqwest::Method::POST, &path, None).await;
+    assert_eq!(status, 200, "{replayed}");
+    h.app.wait_synced(id, 2).await;
+    let updates = h.proxy.requests_to("POST", &update);
+    let keys: Vec<_> = updates
+        .iter()
+        .map(|r| r.header("idempotency-key").expect("a key"))
+        .collect();
+    assert_eq!(keys.len(), 2, "{updates:?}");
+    assert_ne!(keys[0], keys[1], "{updates:?}");
+}
+
 /// ferry's own pacing of a connector's requests is passing: a push whose
 /// next token comes after its call's deadline waits for it, neither
 /// dead-lettered as a refusal (the SDK takes `denied` for a request that

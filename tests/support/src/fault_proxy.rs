@@ -47,6 +47,16 @@ pub enum Fault {
     ForwardThenDelay(Duration),
     /// Never answer (the connection stays open until the client gives up).
     Hang,
+    /// Answer with this error as Stripe does for a request that began
+    /// executing and failed: with an idempotency key (and
+    /// [`FaultProxy::emulate_stripe_idempotency`]), the answer is saved, and
+    /// every retry with that key gets it back (Stripe saves a result,
+    /// errors included, once the method began executing).
+    RespondSaved {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
 }
 
 impl Fault {
@@ -77,6 +87,23 @@ impl Fault {
             status,
             headers: vec![("content-type".to_owned(), "application/json".to_owned())],
             body: body.to_string().into_bytes(),
+        }
+    }
+
+    /// This [`Fault::Respond`] as one Stripe saves under the request's
+    /// idempotency key ([`Fault::RespondSaved`]).
+    pub fn saved(self) -> Self {
+        match self {
+            Self::Respond {
+                status,
+                headers,
+                body,
+            } => Self::RespondSaved {
+                status,
+                headers,
+                body,
+            },
+            other => other,
         }
     }
 
@@ -507,6 +534,18 @@ async fn handle(
         }) => {
             state.settle(index, false, Some(status));
             return Ok(made_up(status, &headers, body));
+        }
+        Some(Fault::RespondSaved {
+            status,
+            headers,
+            body: answer,
+        }) => {
+            if let Some(key) = &idempotency_key {
+                let saved = Saved::Done(body, status, headers.clone(), Bytes::from(answer.clone()));
+                state.saved().insert(key.clone(), saved);
+            }
+            state.settle(index, false, Some(status));
+            return Ok(made_up(status, &headers, answer));
         }
         Some(Fault::Hang) => std::future::pending().await,
         Some(Fault::ForwardThenDelay(delay)) => Some(delay),
