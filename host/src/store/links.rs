@@ -803,6 +803,43 @@ macro_rules! write_in {
 }
 
 impl Store {
+    /// Links `customer`'s record at `connector` to `remote_id`, if the
+    /// link has no remote record and keeps a create of `version` whose
+    /// answer was lost (its echo names the record it made). The kept
+    /// create is dropped: the next push is an update. False if the link
+    /// moved on (a remote id, another pending create), or `remote_id` is
+    /// another link's.
+    pub async fn adopt_created_remote(
+        &self,
+        connector: &str,
+        customer: &super::CustomerId,
+        version: i64,
+        remote_id: &str,
+    ) -> Result<bool, StoreError> {
+        let at = now();
+        let adopted = dispatch!(self, write pool => {
+            sqlx::query(
+                "UPDATE sync_links SET remote_id = $4, remote_deleted = FALSE, \
+                 pending_version = NULL, pending_record = NULL, updated_at = $5 \
+                 WHERE connector = $1 AND customer_id = $2 AND remote_id IS NULL \
+                 AND pending_version = $3",
+            )
+            .bind(connector)
+            .bind(customer.as_str())
+            .bind(version)
+            .bind(remote_id)
+            .bind(at)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected())
+        });
+        match adopted {
+            Ok(rows) => Ok(rows == 1),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Schedules a push of each change to each connector and takes the
     /// changes' outbox rows off the queue, in the same transaction, so a
     /// change is never consumed twice nor lost.

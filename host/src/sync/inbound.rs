@@ -619,7 +619,28 @@ impl SyncEngine {
         // or the change decides again (see [`LinkRead`]).
         let link_read = link.as_ref().map(LinkRead::from);
         if let Some(key) = &event.origin_key {
-            if super::outbound::is_own_key(&event.connector, key) {
+            if let Some((customer, version)) = super::outbound::key_parts(&event.connector, key) {
+                // The echo of a create whose answer ferry never got (no
+                // link has this record yet): it names the record made, so
+                // the link takes it, and the next push is an update. A
+                // replay of the create instead relied on the remote still
+                // knowing the key (Stripe forgets it after a day), or made
+                // a second record.
+                if link.is_none() && event.kind == RemoteChange::Upsert {
+                    let adopted = inner
+                        .store
+                        .adopt_created_remote(
+                            &event.connector,
+                            &customer,
+                            version,
+                            &event.remote_id,
+                        )
+                        .await?;
+                    if adopted {
+                        tracing::info!(customer_id = %customer, version, remote_id = %event.remote_id,
+                            "a create whose answer was lost is linked from its echo");
+                    }
+                }
                 // The push it echoes carries the change's correlation id:
                 // name it, so one id leads from the change to its echo.
                 let push = link.as_ref().and_then(|l| l.correlation_id.as_deref());

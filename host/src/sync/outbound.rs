@@ -96,14 +96,20 @@ pub fn idempotency_key(connector: &str, customer_id: &str, version: i64, repairs
 /// customer id after the name tells `stripe` from `stripe-eu`: connector
 /// names have no `_`, customer ids start with `cus_`.
 pub fn is_own_key(connector: &str, key: &str) -> bool {
-    key.strip_prefix("ferry-")
-        .and_then(|rest| rest.strip_prefix(connector))
-        .and_then(|rest| rest.strip_prefix('-'))
-        .is_some_and(|rest| {
-            rest.get(..crate::store::CustomerId::LEN)
-                .and_then(crate::store::CustomerId::parse)
-                .is_some()
-        })
+    key_parts(connector, key).is_some()
+}
+
+/// The customer and version of a key [`idempotency_key`] made for
+/// `connector`.
+pub fn key_parts(connector: &str, key: &str) -> Option<(crate::store::CustomerId, i64)> {
+    let rest = key
+        .strip_prefix("ferry-")?
+        .strip_prefix(connector)?
+        .strip_prefix('-')?;
+    let customer = crate::store::CustomerId::parse(rest.get(..crate::store::CustomerId::LEN)?)?;
+    let version = rest[crate::store::CustomerId::LEN..].strip_prefix("-v")?;
+    let version = version.split_once("-r").map_or(version, |(v, _)| v);
+    Some((customer, version.parse().ok()?))
 }
 
 /// The canonical record ferry sends (docs/connector-contract.md), from a
@@ -693,5 +699,9 @@ mod tests {
         assert!(is_own_key("stripe", &idempotency_key("stripe", id, 3, 2)));
         assert!(!is_own_key("stripe", "ferry-stripe-something-else"));
         assert!(!is_own_key("stripe", "user-key"));
+        let (customer, version) =
+            key_parts("stripe", &idempotency_key("stripe", id, 7, 2)).unwrap();
+        assert_eq!((customer.as_str(), version), (id, 7));
+        assert_eq!(key_parts("stripe-eu", &eu).map(|(_, v)| v), Some(3));
     }
 }

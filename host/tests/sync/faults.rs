@@ -93,6 +93,85 @@ async fn timeout_after_the_remote_applied_the_write_creates_no_duplicate() {
     );
 }
 
+/// A create whose answer was lost, then given up on (the remote went down
+/// for good): its echo, which carries ferry's idempotency key and the
+/// record made, links the customer to that record. Before, the echo was
+/// skipped and only a replay of the create under its key could find the
+/// record, which Stripe forgets after a day: a second customer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_echo_of_a_create_whose_answer_was_lost_links_its_record() {
+    use crate::helpers::WEBHOOK_SECRET;
+    use crate::inbound::{deliver, stripe_signature};
+    let h = harness(json!({})).await;
+    h.proxy.push(
+        Match::request("POST", "/v1/customers"),
+        Fault::ForwardThenDelay(Duration::from_secs(4)),
+    );
+    let address = email("lost-answer");
+    let customer = h
+        .app
+        .create(json!({"email": address, "name": "Lost"}))
+        .await;
+    let id = customer["id"].as_str().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !h
+        .proxy
+        .requests_to("POST", "/v1/customers")
+        .iter()
+        .any(|r| r.forwarded)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the create never went out"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h.proxy.set_down(true);
+    h.app
+        .wait_link(id, Duration::from_secs(20), |l| l["state"] == "dead")
+        .await;
+    let made = stripe_customers_by_email(&h.stripe.url(), &address).await;
+    assert_eq!(made.len(), 1, "{made:?}");
+    let remote_id = made[0]["id"].as_str().unwrap().to_owned();
+
+    let echo = json!({"id": "evt_lost_answer", "object": "event", "type": "customer.created",
+        "created": chrono::Utc::now().timestamp(),
+        "request": {"id": "req_1", "idempotency_key": format!("ferry-stripe-{id}-v1")},
+        "data": {"object": made[0]}})
+    .to_string();
+    let (status, _) = deliver(&h.app, &echo, &stripe_signature(&echo, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200);
+    let link = h
+        .app
+        .wait_link(id, Duration::from_secs(10), |l| {
+            l["remote_id"] == remote_id.as_str()
+        })
+        .await;
+    assert_eq!(link["state"], "dead", "{link}");
+
+    // Replayed: an update of the record made, not a create.
+    h.proxy.set_down(false);
+    let letters = stripe_dead_letters(&h.app).await;
+    let letter = &letters["data"][0];
+    let path = format!(
+        "/api/v1/dead-letters/{}/replay",
+        letter["id"].as_str().unwrap()
+    );
+    let (status, _) = h.app.send(reqwest::Method::POST, &path, None).await;
+    assert_eq!(status, 200);
+    h.app.wait_synced(id, 1).await;
+    assert!(!h
+        .proxy
+        .requests_to("POST", &format!("/v1/customers/{remote_id}"))
+        .is_empty());
+    assert_eq!(
+        stripe_customers_by_email(&h.stripe.url(), &address)
+            .await
+            .len(),
+        1
+    );
+}
+
 /// A create that timed out is replayed as it was sent even when the
 /// customer changed meanwhile (the same key with other parameters is a 400
 /// from Stripe), and the change follows as an update. With an address:
