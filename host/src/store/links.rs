@@ -684,7 +684,17 @@ macro_rules! record_in {
                     // the change that brings it later (the relay takes it
                     // in after the push read it) must not re-open the
                     // dead link and push it again.
-                    let failed = (*version).max($link.wanted_version);
+                    // Not when the push was older than the claim's wanted
+                    // version (the replay of a create the remote then
+                    // refused, made before a fix came in): that version was
+                    // never tried, and stays to push. A create kept for
+                    // replay would only be replayed again, so there the
+                    // wanted version dies with it.
+                    let failed = if forget_pending {
+                        *version
+                    } else {
+                        (*version).max($link.wanted_version)
+                    };
                     sqlx::query(
                         "UPDATE sync_links SET \
                          state = CASE WHEN wanted_version > $8 THEN 'pending' ELSE 'dead' END, \

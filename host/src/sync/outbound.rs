@@ -267,6 +267,12 @@ impl SyncEngine {
             }
             _ => {}
         }
+        // The version the push sent (the claim may have read a customer
+        // past its wanted version): the one a dead letter names.
+        let pushed = match &recorded {
+            RecordedOutcome::Delivered { version, .. } => *version,
+            _ => link.wanted_version,
+        };
         match self.write_link(&link, LinkWrite::Outcome(recorded)).await {
             Ok(true) => {
                 match &outcome {
@@ -294,7 +300,7 @@ impl SyncEngine {
             Err(crate::store::StoreError::RemoteIdTaken) => {
                 let reason = "the remote record is already linked to another customer".to_owned();
                 let dead = RecordedOutcome::DeadLettered {
-                    version: link.wanted_version,
+                    version: pushed,
                     operation: None,
                     attempt: link.attempts + 1,
                     error_kind: DeadLetterKind::RemoteIdTaken,

@@ -1359,6 +1359,45 @@ async fn a_remote_id_ferry_cannot_keep_is_dead_lettered(backend: Backend) {
     assert_eq!(remote.requests_to("POST", "/records").len(), 1);
 }
 
+/// A create the remote answers with a record another customer is linked to
+/// is dead-lettered once, at the version it sent, and not pushed again.
+async fn a_remote_record_linked_elsewhere_is_dead_lettered_once(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    remote.answer_every_create_with("rec_shared");
+    let first = app
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": "First"}))
+        .await;
+    let first = first["id"].as_str().expect("id").to_owned();
+    app.wait_link_of("recorder", &first, Duration::from_secs(10), |l| {
+        l["state"] == "synced"
+    })
+    .await;
+    let second = app
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Second"}))
+        .await;
+    let second = second["id"].as_str().expect("id").to_owned();
+    let link = app
+        .wait_link_of("recorder", &second, Duration::from_secs(10), |l| {
+            l["state"] == "dead"
+        })
+        .await;
+    assert_eq!(link["wanted_version"], 1, "{link}");
+    // Time for a push the dead letter failed to stop.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(remote.requests_to("POST", "/records").len(), 2);
+    let (_, letters) = get(&app, "/api/v1/dead-letters?connector=recorder").await;
+    let theirs: Vec<&Value> = letters["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["customer_id"] == second.as_str())
+        .collect();
+    assert_eq!(theirs.len(), 1, "{letters}");
+    assert_eq!(theirs[0]["error_kind"], "remote_id_taken", "{letters}");
+}
+
 /// A switched-on connector with no version any replica can run (here:
 /// configured in the environment, its first upload not activated) is
 /// reported by `/readyz` but leaves the replica ready; before, every
@@ -1391,6 +1430,11 @@ async fn a_connector_without_a_version_leaves_the_replica_ready(backend: Backend
 
 mod sqlite {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_remote_record_linked_elsewhere() {
+        a_remote_record_linked_elsewhere_is_dead_lettered_once(Backend::Sqlite).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn settings_put_as_the_connector_is_deleted() {

@@ -1750,6 +1750,86 @@ async fn a_give_up_leaves_a_newer_change_to_push(postgres: bool) {
     assert!(refused.pending_record.is_some());
 }
 
+/// The replay of a create whose answer was lost (v1, kept) is refused by
+/// the remote after the customer was fixed (v2): v2 was never tried, and
+/// stays to push as a fresh create. It used to die with v1.
+async fn a_refused_replay_leaves_the_fixed_version_to_push(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let links = claimed_links(&store, 1).await;
+    let mark = LinkWrite::CreatePending {
+        version: links[0].wanted_version,
+        record: json!({ "id": links[0].customer_id }),
+    };
+    assert_eq!(
+        store.write_links(&[(&links[0], &mark)]).await.unwrap(),
+        [true]
+    );
+    let timed_out = LinkWrite::Outcome(RecordedOutcome::RetryScheduled {
+        version: links[0].wanted_version,
+        operation: "create",
+        attempt: 1,
+        at_ms: chrono::Utc::now().timestamp_millis() - 1,
+        error: "timed out".to_owned(),
+        pending_version: Some(links[0].wanted_version),
+    });
+    assert_eq!(
+        store.write_links(&[(&links[0], &timed_out)]).await.unwrap(),
+        [true]
+    );
+    let id = CustomerId::parse(&links[0].customer_id).expect("id");
+    let fixed = rename(&store, &id, "Fixed").await;
+    store
+        .intake_changes(&[notice(&fixed)], &["stripe".to_owned()])
+        .await
+        .expect("intake");
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let claimed = store
+        .claim_due_links(&["stripe".to_owned()], "lease-replay", until, 10)
+        .await
+        .expect("claimed");
+    let link = claimed
+        .into_iter()
+        .map(|c| c.link)
+        .find(|l| l.customer_id == links[0].customer_id)
+        .expect("due again");
+    assert_eq!(
+        (link.wanted_version, link.pending_version),
+        (fixed.version, Some(links[0].wanted_version))
+    );
+    let refused = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
+        version: links[0].wanted_version,
+        operation: Some("create"),
+        attempt: 2,
+        error_kind: ferry::store::DeadLetterKind::Permanent,
+        error: "remote answered 400".to_owned(),
+    });
+    assert_eq!(
+        store.write_links(&[(&link, &refused)]).await.unwrap(),
+        [true]
+    );
+    let after = store.links_of(&links[0].customer_id).await.expect("links")[0].clone();
+    assert_eq!(
+        (
+            after.state,
+            after.wanted_version,
+            after.attempts,
+            after.pending_version
+        ),
+        (LinkState::Pending, fixed.version, 0, None),
+        "the fixed version is still to push, as a fresh create"
+    );
+}
+
+#[tokio::test]
+async fn postgres_a_refused_replay_leaves_the_fixed_version_to_push() {
+    a_refused_replay_leaves_the_fixed_version_to_push(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_refused_replay_leaves_the_fixed_version_to_push() {
+    a_refused_replay_leaves_the_fixed_version_to_push(false).await;
+}
+
 #[tokio::test]
 async fn postgres_a_give_up_leaves_a_newer_change_to_push() {
     a_give_up_leaves_a_newer_change_to_push(true).await;

@@ -39,6 +39,9 @@ struct RemoteState {
     next_id: AtomicU64,
     /// What a create's id starts with (`rec_` unless a test says).
     id_prefix: Mutex<Option<String>>,
+    /// The one id every create answers, when a test says (a remote that
+    /// hands out a record ferry has linked already).
+    fixed_id: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -85,6 +88,11 @@ impl RecorderRemote {
     /// a broken one, whose ids ferry cannot keep).
     pub fn answer_ids_with(&self, prefix: &str) {
         *lock(&self.state.id_prefix) = Some(prefix.to_owned());
+    }
+
+    /// Answers every create with `id`.
+    pub fn answer_every_create_with(&self, id: &str) {
+        *lock(&self.state.fixed_id) = Some(id.to_owned());
     }
 
     pub fn record(&self, id: &str) -> Option<Value> {
@@ -153,10 +161,13 @@ async fn record_request(
         (Method::POST, Some("")) => {
             let prefix = lock(&state.id_prefix).clone();
             let prefix = prefix.as_deref().unwrap_or("rec_");
-            let id = format!(
-                "{prefix}{}",
-                state.next_id.fetch_add(1, Ordering::SeqCst) + 1
-            );
+            let id = match lock(&state.fixed_id).clone() {
+                Some(id) => id,
+                None => format!(
+                    "{prefix}{}",
+                    state.next_id.fetch_add(1, Ordering::SeqCst) + 1
+                ),
+            };
             records.insert(id.clone(), body["record"].clone());
             (StatusCode::CREATED, Json(json!({ "id": id }))).into_response()
         }
