@@ -28,6 +28,11 @@ pub const ENTITY: &str = "customer";
 /// the connector resumes its pushes at once; this is the fallback).
 const PAUSED_RECHECK: Duration = Duration::from_secs(60);
 
+/// What a claim's lease must have left beyond a call's timeout for a push
+/// to start (clocks of replicas apart, the create marker's write); the
+/// configuration keeps leases a second longer than a call at least.
+const LEASE_MARGIN_MS: i64 = 500;
+
 /// How soon a push looks again when this replica has no loaded version of
 /// its connector.
 const NOT_LOADED_RECHECK: Duration = Duration::from_secs(5);
@@ -410,9 +415,11 @@ impl SyncEngine {
         // lease might land after another worker, once the lease ended,
         // pushed a newer version over which it would write this older one:
         // hand the link back for a fresh claim instead. Before the breaker
-        // is asked, so a stale claim never takes the probe.
+        // is asked, so a stale claim never takes the probe. With a margin:
+        // another replica judges the lease by its own clock, and a create
+        // writes its marker before it goes.
         let call_ms = i64::try_from(inner.call_timeout.as_millis()).unwrap_or(i64::MAX);
-        if lease_until_ms.saturating_sub(now_ms()) <= call_ms {
+        if lease_until_ms.saturating_sub(now_ms()) <= call_ms.saturating_add(LEASE_MARGIN_MS) {
             return deferred(Duration::ZERO);
         }
         if let Err(wait) = inner.breakers.allow(&link.connector) {

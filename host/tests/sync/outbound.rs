@@ -263,6 +263,18 @@ async fn a_push_whose_lease_ran_out_sends_nothing(backend: Backend) {
         Some(json!("Three"))
     );
 
+    // A lease that outlasts a call (2 s here) by a hair is not enough
+    // either: another replica's clock may be that far ahead, and a create
+    // first writes its marker. It used to push version 2 over version 3.
+    let barely = ferry::store::now_ms() + 2_000 + 100;
+    app.sync
+        .push_link(claimed.clone(), Some(read.clone()), barely)
+        .await;
+    assert_eq!(
+        name(stripe_customer(&stripe.url(), &remote_id).await),
+        Some(json!("Three")),
+        "an older version went out under a lease too short for its call"
+    );
     let outcome = app.sync.push_link(claimed, Some(read), lease_ended).await;
     // Its lease is gone: nothing of it is recorded either.
     assert_eq!(outcome, Outcome::LeaseLost);
