@@ -117,6 +117,33 @@ async fn conflicts(app: &SyncApp, query: &str) -> Vec<Value> {
     page["data"].as_array().cloned().unwrap_or_default()
 }
 
+/// Waits until a remote event of `h`'s record waits behind the open
+/// conflict's hold.
+async fn wait_until_an_edit_waits(h: &Harness) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let inbox = h
+            .app
+            .store
+            .inbox_of_remote("stripe", &h.remote_id)
+            .await
+            .unwrap();
+        let held = inbox.iter().any(|e| {
+            e.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("held by open conflict"))
+        });
+        if held {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the remote edit never waited: {inbox:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `POST /api/v1/conflicts/{id}/resolve` with `body`: the status and answer.
 async fn resolve(app: &SyncApp, conflict: &Value, body: Value) -> (u16, Value) {
     let path = format!(
@@ -217,28 +244,7 @@ async fn a_remote_edit_made_while_held_survives_the_resolution(backend: Backend)
     h.proxy.set_down(false);
 
     edit_in_stripe(&h.stripe.url(), &h.remote_id, "phone", "+15550000009");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let inbox = h
-            .app
-            .store
-            .inbox_of_remote("stripe", &h.remote_id)
-            .await
-            .unwrap();
-        let held = inbox.iter().any(|e| {
-            e.detail
-                .as_deref()
-                .is_some_and(|d| d.contains("held by open conflict"))
-        });
-        if held {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the phone's event never waited: {inbox:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_an_edit_waits(&h).await;
 
     let (status, resolved) = resolve(&h.app, &conflict, json!({"resolution": "local"})).await;
     assert_eq!(status, 200, "{resolved}");
@@ -261,28 +267,7 @@ async fn a_waiting_edit_ferry_refuses_does_not_block_the_resolution() {
     h.proxy.set_down(false);
 
     edit_in_stripe(&h.stripe.url(), &h.remote_id, "phone", "call me, maybe");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let inbox = h
-            .app
-            .store
-            .inbox_of_remote("stripe", &h.remote_id)
-            .await
-            .unwrap();
-        let held = inbox.iter().any(|e| {
-            e.detail
-                .as_deref()
-                .is_some_and(|d| d.contains("held by open conflict"))
-        });
-        if held {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the phone's event never waited: {inbox:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_an_edit_waits(&h).await;
 
     let (status, resolved) = resolve(&h.app, &conflict, json!({"resolution": "local"})).await;
     assert_eq!(status, 200, "{resolved}");
@@ -384,29 +369,7 @@ async fn an_edit_in_the_conflicts_own_second_survives_the_resolution() {
     );
     let (status, _) = deliver(&h.app, &phone, &stripe_signature(&phone, WEBHOOK_SECRET)).await;
     assert_eq!(status, 200);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let inbox = h
-            .app
-            .store
-            .inbox_of_remote("stripe", &h.remote_id)
-            .await
-            .unwrap();
-        let held = inbox.iter().any(|e| {
-            e.event_id == "evt_tick_phone"
-                && e.detail
-                    .as_deref()
-                    .is_some_and(|d| d.contains("held by open conflict"))
-        });
-        if held {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the phone's event never waited: {inbox:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_an_edit_waits(&h).await;
     h.proxy.set_down(false);
 
     let (status, resolved) = resolve(&h.app, &conflict, json!({"resolution": "local"})).await;
