@@ -118,10 +118,12 @@ pub async fn receive(
                 crate::store::replace_nul(&mut value);
                 Some(value)
             }
+            // The connector's bug, not the sender's: a 4xx would make
+            // many senders drop the event for good.
             Some(Err(error)) => {
-                return Err(ApiError::InvalidWebhook(format!(
-                    "the connector produced an invalid record: {error}"
-                )))
+                crate::metrics::webhook_verification(&name, "failed");
+                tracing::warn!(connector = %name, %error, "the connector produced a record that is not JSON; the sender will retry");
+                return Err(ApiError::ConnectorFailed);
             }
             None => None,
         };

@@ -75,6 +75,10 @@ struct Delivery {
     remote_id: String,
     #[serde(default)]
     record: Option<Value>,
+    /// The record's text as the connector hands it to ferry, as is (a
+    /// broken connector's, for the tests).
+    #[serde(default)]
+    raw_record: Option<String>,
 }
 
 impl Connector for Recorder {
@@ -134,7 +138,9 @@ impl Connector for Recorder {
                     ENTITY,
                     delivery.remote_id,
                     now,
-                    delivery.record.map(|r| r.to_string()),
+                    delivery
+                        .raw_record
+                        .or_else(|| delivery.record.map(|r| r.to_string())),
                 )
             })
             .collect();
