@@ -242,14 +242,19 @@ const STRIPE_VERSION: &str = "2024-06-20";
 /// idempotency key, so every retry with the key would get it again.
 /// A 409 is another request with the same idempotency key still in
 /// progress (a replay racing the request it replays): retried, whether or
-/// not the answer says so (localstripe does not).
+/// not the answer says so (localstripe does not). A 424 is a dependency
+/// outside Stripe that failed: retried unless Stripe says otherwise.
 fn checked(resp: Response) -> Result<Response, ConnectorError> {
     let should_retry = resp.header("stripe-should-retry").map(str::to_owned);
     let conflict = resp.status == 409;
+    // "External dependency failed": a failure outside Stripe, transient by
+    // nature, unless Stripe says not to retry.
+    let dependency = resp.status == 424;
     resp.error_for_status_with(stripe_error_message)
         .map_err(|err| match (err, should_retry.as_deref()) {
             (ConnectorError::Permanent(m), Some("true")) => ConnectorError::retryable(m),
             (ConnectorError::Permanent(m), _) if conflict => ConnectorError::retryable(m),
+            (ConnectorError::Permanent(m), None) if dependency => ConnectorError::retryable(m),
             (ConnectorError::Retryable(m), Some("false")) if !conflict => {
                 ConnectorError::permanent(m)
             }

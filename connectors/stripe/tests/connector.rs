@@ -158,9 +158,14 @@ async fn server_errors_and_network_failures_are_retryable() {
             &[],
             r#"{"error":{"type":"api_error","message":"boom"}}"#,
         )
+        .respond(
+            424,
+            &[],
+            r#"{"error":{"type":"api_error","message":"an external dependency failed"}}"#,
+        )
         .fail(WireError::Timeout("too slow".into()))
         .fail(WireError::Connect("refused".into()));
-    for _ in 0..3 {
+    for _ in 0..4 {
         assert!(matches!(
             connector_error(kit.push(create_request()).await),
             ConnectorError::Retryable(_)
