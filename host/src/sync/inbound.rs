@@ -671,8 +671,9 @@ impl SyncEngine {
         // A thin upsert says only "look again": applying it fetches what
         // holds now, so it is never stale, however the sender (or the
         // replica that dated it on arrival, with its own clock) dated it.
+        // Unless the record is gone: then it is as late as it looks.
         let thin_upsert = event.kind == RemoteChange::Upsert && event.record.is_none();
-        if let Some(link) = link.as_ref().filter(|_| !thin_upsert) {
+        if let Some(link) = link.as_ref().filter(|l| !thin_upsert || l.remote_deleted) {
             if event.occurred_at_ms < link.remote_seen_at_ms {
                 return self
                     .skip(event, "stale: older than a change already applied")
