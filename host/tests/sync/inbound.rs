@@ -554,6 +554,75 @@ async fn a_thin_event_dated_behind_the_last_one_is_still_applied() {
     assert_eq!(customer["name"], "Second", "{customer}");
 }
 
+/// A thin event older than its record's delete is still stale: the fetch
+/// would find nothing, and the late trigger would be dead-lettered where it
+/// belongs skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thin_event_older_than_the_records_delete_is_skipped() {
+    use ferry::store::inbox::{NewInboxEvent, RemoteChange};
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
+    let address = email("thin-gone");
+    let created = stripe_py(
+        &stripe.url(),
+        &format!("c = stripe.Customer.create(email='{address}', name='Gone')\nprint(json.dumps({{'id': c.id}}))"),
+    );
+    let remote_id = created["id"].as_str().unwrap().to_owned();
+    let now = chrono::Utc::now().timestamp_millis();
+    let event = |id: &str, kind: RemoteChange, at: i64| NewInboxEvent {
+        event_id: id.into(),
+        entity: "customer".into(),
+        kind,
+        remote_id: remote_id.clone(),
+        occurred_at_ms: at,
+        record: None,
+        origin_key: None,
+        remote_type: "customer.updated".into(),
+        policy: None,
+    };
+    let finished = |id: &'static str| {
+        let (app, remote_id) = (&app, remote_id.clone());
+        async move {
+            wait_for(app, id, async |app| {
+                let events = app
+                    .store
+                    .inbox_of_remote("stripe", &remote_id)
+                    .await
+                    .unwrap();
+                events
+                    .into_iter()
+                    .find(|e| e.event_id == id && e.state.as_str() != "pending")
+                    .map(|e| json!({"state": e.state.as_str(), "detail": e.detail}))
+            })
+            .await
+        }
+    };
+    for (id, kind, at) in [
+        ("evt_gone_first", RemoteChange::Upsert, now),
+        ("evt_gone_deleted", RemoteChange::Delete, now + 2_000),
+        ("evt_gone_late", RemoteChange::Upsert, now + 1_000),
+    ] {
+        if kind == RemoteChange::Delete {
+            stripe_py(
+                &stripe.url(),
+                &format!("stripe.Customer.delete('{remote_id}')\nprint('{{}}')"),
+            );
+        }
+        app.store
+            .store_inbox_many(&[("stripe", std::slice::from_ref(&event(id, kind, at)), None)])
+            .await
+            .expect("stored");
+        app.sync.wake();
+        let done = finished(id).await;
+        let expected = if id == "evt_gone_late" {
+            "skipped"
+        } else {
+            "applied"
+        };
+        assert_eq!(done["state"], expected, "{id}: {done}");
+    }
+}
+
 /// A blank webhook secret (a compose variable left unset, read as "") is no
 /// secret: a delivery signed with the empty key is refused and stores
 /// nothing, and the API refuses to store a blank secret. Before, HMAC took
