@@ -112,6 +112,10 @@ pub enum ApiError {
         /// How many.
         linked: i64,
     },
+    /// The version drops the `customer` entity while customers are linked
+    /// through the connector.
+    #[error("{0}")]
+    CustomersLinked(String),
     /// An uploaded component was refused; `code` says why.
     #[error("{detail}")]
     ComponentRefused {
@@ -223,9 +227,10 @@ impl ApiError {
             | Self::ReconciliationRunning(_)
             | Self::ConnectorNotReady(_) => StatusCode::CONFLICT,
             Self::MasterKeyRequired => StatusCode::CONFLICT,
-            Self::ConnectorNotLoaded(_) | Self::ConnectorInUse { .. } | Self::VersionExists(_) => {
-                StatusCode::CONFLICT
-            }
+            Self::ConnectorNotLoaded(_)
+            | Self::ConnectorInUse { .. }
+            | Self::CustomersLinked(_)
+            | Self::VersionExists(_) => StatusCode::CONFLICT,
             Self::ComponentRefused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::ComponentTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidSignature(_) | Self::InvalidWebhook(_) => StatusCode::BAD_REQUEST,
@@ -261,6 +266,7 @@ impl ApiError {
             Self::ConnectorVersionNotFound(_) => "connector_version_not_found",
             Self::ConnectorNotLoaded(_) => "connector_not_loaded",
             Self::ConnectorInUse { .. } => "connector_in_use",
+            Self::CustomersLinked(_) => "customers_linked",
             Self::ComponentRefused { code, .. } => code,
             Self::ComponentTooLarge { .. } => "component_too_large",
             Self::VersionExists(_) => "version_exists",
@@ -302,6 +308,7 @@ impl ApiError {
             Self::ConnectorVersionNotFound(_) => "Connector version not found",
             Self::ConnectorNotLoaded(_) => "Connector not loaded",
             Self::ConnectorInUse { .. } => "Connector in use",
+            Self::CustomersLinked(_) => "Customers linked",
             Self::ComponentRefused { .. } => "Component refused",
             Self::ComponentTooLarge { .. } => "Component too large",
             Self::VersionExists(_) => "Version exists",
@@ -371,6 +378,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::VersionNotFound(v) => Self::ConnectorVersionNotFound(v),
             RegistryError::NotLoaded(why) => Self::ConnectorNotLoaded(why),
             RegistryError::Linked(linked) => Self::ConnectorInUse { linked },
+            RegistryError::DropsCustomers { .. } => Self::CustomersLinked(error.to_string()),
             RegistryError::Settings(problems) => Self::Validation(
                 problems
                     .into_iter()

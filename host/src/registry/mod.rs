@@ -39,6 +39,7 @@ use crate::store::connectors::{
     AddedVersion, ConnectorRow, NewVersion, Seeded, VersionMeta, VersionSource,
 };
 use crate::store::{Store, StoreError};
+use crate::sync::outbound::ENTITY;
 
 /// How often a replica looks for changes made by another.
 pub const POLL: Duration = Duration::from_secs(1);
@@ -207,6 +208,15 @@ pub enum RegistryError {
     /// Customers are linked to it (delete without `force`).
     #[error("{0} customers are linked to this connector's records; pass force=true to delete it anyway (the links are kept)")]
     Linked(i64),
+    /// The version does not sync customers, and customers are linked
+    /// through the connector or have changes waiting for it.
+    #[error("version {version} does not sync `customer`, and {linked} customers are linked through this connector or have changes waiting for it: making it active would drop their changes. Keep `customer` in the new version, or delete the connector first")]
+    DropsCustomers {
+        /// The version refused.
+        version: String,
+        /// How many links it would strand.
+        linked: i64,
+    },
     /// Settings or secrets do not fit the active manifest.
     #[error("the settings do not fit the connector's manifest")]
     Settings(Vec<SettingsProblem>),
@@ -720,6 +730,9 @@ impl Registry {
             .load(bytes)
             .await
             .map_err(RegistryError::Invalid)?;
+        if activate {
+            self.check_keeps_customers(&connector).await?;
+        }
         let manifest = manifest_json(connector.manifest());
         let world = connector.world().to_string();
         let new = NewVersion {
@@ -763,6 +776,35 @@ impl Registry {
         Ok(uploaded)
     }
 
+    /// Refuses to make `connector` active over a version that syncs
+    /// customers while customers are linked through it: their pushes would
+    /// be skipped as settled, and a rollback would not bring them back.
+    async fn check_keeps_customers(&self, connector: &Connector) -> Result<(), RegistryError> {
+        let manifest = connector.manifest();
+        if manifest.entities.iter().any(|e| e == ENTITY) {
+            return Ok(());
+        }
+        let Some(entry) = self.entry(connector.name()) else {
+            return Ok(());
+        };
+        // A manifest the store could not read is taken to sync customers.
+        if entry
+            .entities
+            .as_ref()
+            .is_some_and(|entities| !entities.iter().any(|e| e == ENTITY))
+        {
+            return Ok(());
+        }
+        let linked = self.inner.store.customer_links(connector.name()).await?;
+        if linked > 0 {
+            return Err(RegistryError::DropsCustomers {
+                version: manifest.version.clone(),
+                linked,
+            });
+        }
+        Ok(())
+    }
+
     /// The stored versions of `name`, oldest first.
     pub async fn versions(&self, name: &str) -> Result<Vec<VersionMeta>, RegistryError> {
         if self.entry(name).is_none() {
@@ -790,6 +832,7 @@ impl Registry {
             .load(&bytes)
             .await
             .map_err(RegistryError::Invalid)?;
+        self.check_keeps_customers(&connector).await?;
         self.stage(&connector);
         if !self
             .inner

@@ -596,6 +596,21 @@ impl Store {
         });
         Ok(count)
     }
+
+    /// How many of `name`'s links a version without the `customer` entity
+    /// would strand: linked to a live remote record, or with a push to make.
+    pub async fn customer_links(&self, name: &str) -> Result<i64, StoreError> {
+        let count = dispatch!(self, read pool => {
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM sync_links WHERE connector = $1 \
+                 AND ((remote_id IS NOT NULL AND NOT remote_deleted) OR state IN ('pending', 'retry'))",
+            )
+            .bind(name)
+            .fetch_one(pool)
+            .await?
+        });
+        Ok(count)
+    }
 }
 
 /// Whether version `candidate` comes after `active` in semantic-version

@@ -4,7 +4,8 @@
 //! each other's changes. The uploaded connector is the recorder test guest
 //! (tests/guests/recorder) and its variants: `version-2` (0.2.0),
 //! `version-3` (0.3.0, a new required setting), `rebuilt`
-//! (0.1.0 with other bytes) and `invalid-manifest`. Its webhook answers
+//! (0.1.0 with other bytes), `invalid-manifest` and `no-customer` (0.4.0,
+//! syncing `invoice` only). Its webhook answers
 //! `recorder VERSION`, so a test sees which version served a delivery.
 
 use std::collections::BTreeMap;
@@ -496,6 +497,75 @@ async fn delete_refused_while_linked_then_forced(backend: Backend) {
     let (status, connector) = get(&app, "/api/v1/connectors/stripe").await;
     assert_eq!(status, 200);
     assert_eq!(connector["source"], "upload");
+}
+
+/// A version that does not sync `customer` is not made active, by an upload
+/// or an activation, while customers are linked through the connector: its
+/// pending pushes would be settled as skipped. Stored without activating it
+/// is fine; once the connector is deleted (links kept), it can be uploaded
+/// and made active.
+async fn a_version_without_customers_is_refused_while_linked(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let customer = app
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Linked"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    app.wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
+        l["state"] == "synced"
+    })
+    .await;
+
+    let (status, problem) = upload(&app, recorder_variant("no-customer"), "").await;
+    assert_eq!(status, 409, "{problem}");
+    assert_eq!(problem["code"], "customers_linked");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("1 customers"),
+        "{problem}"
+    );
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(connector["active_version"], "0.1.0", "{connector}");
+
+    let (status, version) = upload(&app, recorder_variant("no-customer"), "?activate=false").await;
+    assert_eq!(status, 201, "{version}");
+    assert_eq!(version["active"], false);
+    let (status, problem) = post(
+        &app,
+        "/api/v1/connectors/recorder/activate",
+        Some(json!({"version": "0.4.0"})),
+    )
+    .await;
+    assert_eq!(status, 409, "{problem}");
+    assert_eq!(problem["code"], "customers_linked");
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(connector["active_version"], "0.1.0", "{connector}");
+
+    // The version that stayed still pushes.
+    let (status, _) = app
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/api/v1/customers/{id}"),
+            Some(json!({"name": "Still synced"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    app.wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
+        l["state"] == "synced" && l["synced_version"] == 2
+    })
+    .await;
+
+    let (status, _) = app
+        .send(
+            reqwest::Method::DELETE,
+            "/api/v1/connectors/recorder?force=true",
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (status, version) = upload(&app, recorder_variant("no-customer"), "").await;
+    assert_eq!(status, 201, "{version}");
+    assert_eq!(version["active"], true, "{version}");
 }
 
 /// A new version goes live while 16 clients post webhooks as fast as they
@@ -1450,6 +1520,11 @@ mod sqlite {
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_without_customers_while_linked() {
+        a_version_without_customers_is_refused_while_linked(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_remote_record_linked_elsewhere() {
         a_remote_record_linked_elsewhere_is_dead_lettered_once(Backend::Sqlite).await;
     }
@@ -1532,6 +1607,11 @@ mod sqlite {
 
 mod postgres {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_without_customers_while_linked() {
+        a_version_without_customers_is_refused_while_linked(Backend::Postgres).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn secrets_a_replica_cannot_open() {

@@ -30,7 +30,8 @@
 //! more file beside the default build, see `scripts/build-connectors.sh`):
 //! `version-2` is version 0.2.0, `version-3` is version 0.3.0 with a new
 //! required setting `account`, `rebuilt` is the default version with other
-//! bytes, `invalid-manifest` declares a name and version ferry refuses.
+//! bytes, `invalid-manifest` declares a name and version ferry refuses,
+//! `no-customer` is version 0.4.0 syncing `invoice` instead of `customer`.
 
 use ferry_sdk::http::{Request, Response};
 use ferry_sdk::{
@@ -57,6 +58,8 @@ const VERSION: &str = if cfg!(feature = "invalid-manifest") {
     "0.2.0"
 } else if cfg!(feature = "version-3") {
     "0.3.0"
+} else if cfg!(feature = "no-customer") {
+    "0.4.0"
 } else {
     env!("CARGO_PKG_VERSION")
 };
@@ -94,9 +97,13 @@ impl Connector for Recorder {
         } else {
             builder
         };
+        let builder = builder.description(DESCRIPTION);
+        let builder = if cfg!(feature = "no-customer") {
+            builder.entity("invoice")
+        } else {
+            builder.entity(ENTITY)
+        };
         builder
-            .description(DESCRIPTION)
-            .entity(ENTITY)
             .base_url_setting(
                 "api_base",
                 "Base URL of the recording service",
