@@ -8,7 +8,7 @@
 //! connection's thread on SQLite, and those, not the work, bounded both
 //! pipelines (docs/performance.md). A group of the common changes (a
 //! create, an update or nothing, with the link and the inbox row, and no
-//! conflict, push-back or relink) is written in five statements whatever
+//! conflict, push-back, relink or takeover) is written in five statements whatever
 //! its size. A change that raced (its customer moved on, or its email was
 //! taken meanwhile) is left out of the later statements and gets its own
 //! answer, as the savepoint path gives it. Anything else the batch cannot
@@ -174,6 +174,7 @@ impl EventColumns {
 /// their own: relinks, push-backs, conflicts and deletes are rare).
 fn batchable(change: &InboundChange) -> bool {
     change.unlink_customer.is_none()
+        && change.releases.is_none()
         && change.push_back.is_none()
         && change.conflict.is_none()
         && !matches!(change.customer, CustomerWrite::Delete { .. })
@@ -329,7 +330,13 @@ async fn write(
         inbox.push(link_customer.as_ref(), change);
     }
     if !link.customers.is_empty() {
-        tx.upsert_links(link, at).await?;
+        let expected = link.customers.len() as u64;
+        if tx.upsert_links(link, at).await? != expected {
+            // A customer's link holds another live record of the
+            // connector now (two records of one email, applied at once):
+            // the savepoint path tells which change decides again.
+            return Ok(None);
+        }
     }
     if !inbox.seqs.is_empty() {
         let expected = inbox.seqs.len();
@@ -609,12 +616,15 @@ impl<'c> Tx<'c> {
         Ok(())
     }
 
+    /// Inserts or updates the links; how many were written (a link that
+    /// holds another live record is left alone, see
+    /// [`link_upsert_on_conflict`]).
     async fn upsert_links(
         &mut self,
         link: LinkColumns,
         at: DateTime<Utc>,
-    ) -> Result<(), sqlx::Error> {
-        match self {
+    ) -> Result<u64, sqlx::Error> {
+        let written = match self {
             Self::Postgres(tx) => {
                 sqlx::query(concat!(
                     "INSERT INTO sync_links (customer_id, connector, remote_id, remote_deleted, wanted_version, ",
@@ -638,7 +648,8 @@ impl<'c> Tx<'c> {
                 .bind(at)
                 .bind(link.correlation_ids)
                 .execute(&mut **tx)
-                .await?;
+                .await?
+                .rows_affected()
             }
             Self::Sqlite(tx) => {
                 let rows = json_rows(vec![
@@ -664,10 +675,11 @@ impl<'c> Tx<'c> {
                 .bind(at.timestamp_millis())
                 .bind(at)
                 .execute(&mut **tx)
-                .await?;
+                .await?
+                .rows_affected()
             }
-        }
-        Ok(())
+        };
+        Ok(written)
     }
 
     /// Marks the inbox rows applied; how many were still held by the batch's

@@ -262,6 +262,13 @@ pub struct InboundChange {
     /// A customer whose link to this remote record moves to
     /// `link_customer` (a duplicate email merged into its owner).
     pub unlink_customer: Option<CustomerId>,
+    /// A live record of the same connector that `link_customer`'s link
+    /// holds and this change means to replace (the duplicate-email policy
+    /// `merge`: the event's record now stands for the customer). Any other
+    /// live record found there when the change is written means deciding
+    /// again: two records of one email applied at once must not take the
+    /// link from each other.
+    pub releases: Option<String>,
     /// Whether the remote record is linked to `link_customer` (false: a
     /// flagged duplicate, recorded as a conflict on the customer that has
     /// its email and left unlinked).
@@ -302,7 +309,9 @@ pub enum Applied {
 /// as the intake would; a link inserted at a version it has not synced
 /// starts pending. A new snapshot forgets the hash of ferry's last push:
 /// the remote may hold other values now, so a later version with that
-/// push's content is pushed, not skipped as unchanged.
+/// push's content is pushed, not skipped as unchanged. A link that holds
+/// another live record of the connector is left alone (no row written):
+/// the change decides again (see [`InboundChange::releases`]).
 macro_rules! link_upsert_on_conflict {
     () => {
         "ON CONFLICT (customer_id, connector) DO UPDATE SET remote_id = excluded.remote_id, \
@@ -327,7 +336,9 @@ macro_rules! link_upsert_on_conflict {
             THEN excluded.wanted_version ELSE sync_links.wanted_version END, \
          correlation_id = CASE WHEN excluded.wanted_version > sync_links.wanted_version \
             THEN excluded.correlation_id ELSE sync_links.correlation_id END, \
-         updated_at = excluded.updated_at"
+         updated_at = excluded.updated_at \
+         WHERE sync_links.remote_id IS NULL OR sync_links.remote_deleted \
+            OR sync_links.remote_id = excluded.remote_id"
     };
 }
 pub(super) use link_upsert_on_conflict;
@@ -716,6 +727,17 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             }
+            if let (Some(old), Some(link_customer)) = (&change.releases, &link_customer) {
+                sqlx::query(
+                    "UPDATE sync_links SET remote_id = NULL WHERE customer_id = $1 \
+                     AND connector = $2 AND remote_id = $3",
+                )
+                .bind(link_customer.as_str())
+                .bind(&event.connector)
+                .bind(old)
+                .execute(&mut *tx)
+                .await?;
+            }
             if let Some(link_customer) = link_customer.as_ref().filter(|_| change.link_remote) {
                 let version = customer.as_ref().map(|c| c.version).unwrap_or(0);
                 let remote_deleted = event.kind == RemoteChange::Delete;
@@ -723,7 +745,7 @@ impl Store {
                 // version; one it lacks leaves the link pending, for the
                 // push: the relay's intake leaves this link alone.
                 let synced = if change.remote_has_result { version } else { 0 };
-                sqlx::query(concat!(
+                let linked = sqlx::query(concat!(
                     "INSERT INTO sync_links (customer_id, connector, remote_id, remote_deleted, wanted_version, \
                      synced_version, snapshot, state, next_attempt_at_ms, remote_seen_at_ms, correlation_id, updated_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, \
@@ -747,6 +769,11 @@ impl Store {
                     sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::RemoteIdTaken,
                     _ => StoreError::Database(e),
                 })?;
+                // The customer's link holds another live record of the
+                // connector: linked since the decision read it free.
+                if linked.rows_affected() == 0 {
+                    return Ok(Applied::Raced);
+                }
             }
             if let (Some(version), Some(link_customer)) = (change.push_back, &link_customer) {
                 sqlx::query(super::links::FORCE_PUSH_SQL)

@@ -173,6 +173,16 @@ pub enum InboundOutcome {
     LeaseLost,
 }
 
+/// What a duplicate-email `merge` moves when it links a record to the
+/// customer that has its email.
+struct Relink {
+    /// The customer the record was linked to until now.
+    from: Option<CustomerId>,
+    /// The customer's own live record of the connector, which the record
+    /// replaces.
+    replaces: Option<String>,
+}
+
 /// The record's email, normalised as the catalog stores it (for matching).
 pub(crate) fn email_of(record: &serde_json::Value) -> Option<String> {
     record
@@ -761,6 +771,7 @@ impl SyncEngine {
                     customer: CustomerWrite::Create(fields),
                     link_customer: None,
                     unlink_customer: None,
+                    releases: None,
                     link_remote: true,
                     snapshot: Some(remote),
                     remote_has_result: true,
@@ -846,13 +857,20 @@ impl SyncEngine {
                             customer.id.as_str(),
                             owner.id.as_str()
                         );
+                        // The owner's own record of this connector, if it
+                        // has one, is replaced: as when an unlinked record
+                        // with its email is merged into it.
+                        let releases = self.live_remote_of(&owner.id, event).await?;
                         return self
                             .merge_first_sync(
                                 event,
                                 link_read,
                                 remote,
                                 owner,
-                                Some(customer.id.clone()),
+                                Relink {
+                                    from: Some(customer.id.clone()),
+                                    replaces: releases,
+                                },
                                 &detail,
                             )
                             .await;
@@ -911,6 +929,7 @@ impl SyncEngine {
             customer: change,
             link_customer: Some(customer.id.clone()),
             unlink_customer: None,
+            releases: None,
             link_remote: true,
             snapshot: Some(remote),
             remote_has_result,
@@ -993,7 +1012,10 @@ impl SyncEngine {
                         None,
                         remote,
                         owner,
-                        None,
+                        Relink {
+                            from: None,
+                            replaces: Some(other.clone()),
+                        },
                         &format!("relinked from {} record {other}: {what}", event.connector),
                     )
                     .await;
@@ -1015,6 +1037,7 @@ impl SyncEngine {
             customer,
             link_customer,
             unlink_customer: None,
+            releases: None,
             link_remote,
             snapshot: Some(remote),
             remote_has_result: true,
@@ -1034,7 +1057,7 @@ impl SyncEngine {
         link_read: Option<LinkRead>,
         remote: serde_json::Value,
         customer: Customer,
-        unlink: Option<CustomerId>,
+        relink: Relink,
         detail: &str,
     ) -> Result<Option<InboundOutcome>, Failure> {
         let inner = &self.inner;
@@ -1077,7 +1100,8 @@ impl SyncEngine {
             link_read,
             customer: change,
             link_customer: Some(customer.id.clone()),
-            unlink_customer: unlink,
+            unlink_customer: relink.from,
+            releases: relink.replaces,
             link_remote: true,
             snapshot: Some(remote),
             remote_has_result: !merged.remote_needs_push() && !merged.has_pending_conflicts(),
@@ -1168,6 +1192,7 @@ impl SyncEngine {
             customer,
             link_customer: Some(customer_id),
             unlink_customer: None,
+            releases: None,
             link_remote: true,
             snapshot: None,
             remote_has_result: true,
@@ -1208,6 +1233,24 @@ impl SyncEngine {
             Err(StoreError::RemoteIdTaken) => Ok(None),
             Err(error) => Err(error.into()),
         }
+    }
+
+    /// The live record of `event`'s connector other than `event`'s that
+    /// `customer`'s link holds, if any.
+    async fn live_remote_of(
+        &self,
+        customer: &CustomerId,
+        event: &InboxEvent,
+    ) -> Result<Option<String>, Failure> {
+        Ok(self
+            .inner
+            .store
+            .links_of(customer.as_str())
+            .await?
+            .into_iter()
+            .find(|l| l.connector == event.connector && !l.remote_deleted)
+            .and_then(|l| l.remote_id)
+            .filter(|r| *r != event.remote_id))
     }
 
     async fn customer_by_email(

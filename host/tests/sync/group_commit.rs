@@ -102,6 +102,7 @@ fn change(event: &InboxEvent, customer: CustomerWrite, link: Option<&CustomerId>
         customer,
         link_customer: link.cloned(),
         unlink_customer: None,
+        releases: None,
         link_remote: true,
         snapshot: Some(json!({ "name": "from the remote" })),
         remote_has_result: true,
@@ -521,6 +522,88 @@ async fn a_change_whose_link_moved_on_decides_again(postgres: bool) {
         "{results:?}"
     );
     assert_eq!(link_read(&store, &remote[0]).await.remote_seen_at_ms, 2_000);
+}
+
+/// A record linked by email to a customer whose link another record of
+/// the connector took since the decision read it free (two records of one
+/// email, applied at once) writes nothing and decides again, in a batch
+/// and alone; the link stays with the first record. A change that means
+/// to replace that record (the duplicate-email policy `merge`) takes it.
+async fn a_second_record_does_not_take_a_link_over(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let tag = format!("takeover_{postgres}");
+    let (customers, remote, _) = two_linked(&store, &tag).await;
+    let first = &customers[0];
+    let (second, third) = (format!("cus_{tag}_second"), format!("cus_{tag}_third"));
+    let later = [
+        (format!("evt_{second}"), &second),
+        (format!("evt_{third}"), &third),
+    ];
+    let events = claim_later(&store, &later).await;
+    let of = |remote_id: &str| {
+        events
+            .iter()
+            .find(|e| e.remote_id == remote_id)
+            .expect("claimed event")
+    };
+    let created = CustomerWrite::Create(fields(&email("Third"), "Third"));
+    let results = store
+        .apply_inbound_many(&[
+            change(of(&second), CustomerWrite::None, Some(&first.id)),
+            change(of(&third), created, None),
+        ])
+        .await
+        .expect("applied");
+    assert!(matches!(results[0], Ok(Applied::Raced)), "{results:?}");
+    assert!(
+        matches!(results[1], Ok(Applied::Done(Some(_)))),
+        "{results:?}"
+    );
+    let alone = store
+        .apply_inbound_many(&[change(of(&second), CustomerWrite::None, Some(&first.id))])
+        .await
+        .expect("applied");
+    assert!(matches!(alone[0], Ok(Applied::Raced)), "{alone:?}");
+    let held = store
+        .link_by_remote_id("stripe", &remote[0])
+        .await
+        .expect("link read")
+        .expect("the first record keeps its link");
+    assert_eq!(held.customer_id, first.id.as_str());
+    assert!(store
+        .link_by_remote_id("stripe", &second)
+        .await
+        .expect("link read")
+        .is_none());
+
+    // Meant to replace it: taken.
+    let merged = InboundChange {
+        releases: Some(remote[0].clone()),
+        ..change(of(&second), CustomerWrite::None, Some(&first.id))
+    };
+    let results = store.apply_inbound_many(&[merged]).await.expect("applied");
+    assert!(matches!(results[0], Ok(Applied::Done(None))), "{results:?}");
+    let moved = store
+        .link_by_remote_id("stripe", &second)
+        .await
+        .expect("link read")
+        .expect("relinked");
+    assert_eq!(moved.customer_id, first.id.as_str());
+    assert!(store
+        .link_by_remote_id("stripe", &remote[0])
+        .await
+        .expect("link read")
+        .is_none());
+}
+
+#[tokio::test]
+async fn postgres_a_second_record_does_not_take_a_link_over() {
+    a_second_record_does_not_take_a_link_over(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_second_record_does_not_take_a_link_over() {
+    a_second_record_does_not_take_a_link_over(false).await;
 }
 
 #[tokio::test]
