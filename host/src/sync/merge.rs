@@ -49,6 +49,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Map, Value};
 
+use crate::api::customers::normalise_email;
+
 /// Marks a snapshot that is what ferry pushed, not what the remote said it
 /// holds (its push result carried no record): `"ferry:assumed": true`.
 pub const ASSUMED_BASE: &str = "ferry:assumed";
@@ -446,9 +448,9 @@ fn field_names<const N: usize>(records: [&Fields; N]) -> BTreeSet<String> {
 /// Whether two values of `field` are the same (both already trimmed).
 fn same(field: &str, a: Option<&str>, b: Option<&str>) -> bool {
     match (a, b) {
-        // Emails are stored lowercased (api::customers::normalise_email) and
-        // most remotes keep whatever case was typed.
-        (Some(a), Some(b)) if field == "email" => a.to_lowercase() == b.to_lowercase(),
+        // Emails are stored normalised (lowercased, NFC, ASCII domain) and
+        // most remotes keep whatever was typed.
+        (Some(a), Some(b)) if field == "email" => normalise_email(a) == normalise_email(b),
         // Country codes are stored upper-case (`gb` is kept as `GB`), and
         // a remote may keep what was typed: its `gb` is no edit.
         (Some(a), Some(b)) if field == "address.country" => a.eq_ignore_ascii_case(b),
@@ -475,7 +477,7 @@ fn record(id: Option<&str>, fields: &BTreeMap<String, String>) -> Value {
     for name in SCALAR_FIELDS {
         let value = fields.get(name).map(String::as_str);
         let value = match value {
-            Some(email) if name == "email" => Value::from(email.to_lowercase()),
+            Some(email) if name == "email" => Value::from(normalise_email(email)),
             other => json(other),
         };
         record.insert(name.into(), value);

@@ -321,6 +321,21 @@ async fn duplicate_email_is_409(backend: Backend) {
     let response = app.create(&json!({"email": address.to_uppercase()})).await;
     assert_problem(response, 409, "email_taken").await;
 
+    // One address written two ways: `é` composed and decomposed, the
+    // domain in Unicode and in its ASCII (punycode) form.
+    let (local, _) = address.split_once('@').unwrap();
+    let composed = app
+        .create_ok(&json!({"email": format!("{local}-ren\u{e9}@b\u{fc}cher.example")}))
+        .await;
+    assert_eq!(
+        composed["email"],
+        format!("{local}-ren\u{e9}@xn--bcher-kva.example")
+    );
+    let response = app
+        .create(&json!({"email": format!("{local}-RENE\u{301}@xn--bcher-kva.example")}))
+        .await;
+    assert_problem(response, 409, "email_taken").await;
+
     let other = app.create_ok(&json!({"email": email("other")})).await;
     let path = format!("/api/v1/customers/{}", other["id"].as_str().unwrap());
     let response = app

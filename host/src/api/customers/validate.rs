@@ -4,6 +4,7 @@
 use super::CustomerInput;
 use crate::api::error::{ApiError, FieldError};
 use crate::store::{Address, CustomerFields};
+use unicode_normalization::UnicodeNormalization;
 use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
 /// Longest name, in characters.
@@ -25,9 +26,21 @@ pub const RESERVED_METADATA_KEY: &str = "ferry_id";
 pub const MAX_METADATA_KEY: usize = 40;
 /// Longest metadata value, in characters.
 pub const MAX_METADATA_VALUE: usize = 500;
-/// Trimmed and lowercased: how emails are stored and compared.
+/// How emails are stored and compared: trimmed, lowercased, in Unicode
+/// normal form C (an `é` typed as `e` and a combining accent is the same
+/// address as one typed as one character), and with an internationalised
+/// domain in its ASCII form (`bücher.de` and `xn--bcher-kva.de` are one
+/// domain; the ASCII form is what every mail system and remote accepts). A
+/// domain IDNA refuses is kept as given, for validation to judge.
 pub fn normalise_email(email: &str) -> String {
-    email.trim().to_lowercase()
+    let email: String = email.trim().to_lowercase().nfc().collect();
+    let Some((local, domain)) = email.rsplit_once('@') else {
+        return email;
+    };
+    match idna::domain_to_ascii(domain) {
+        Ok(ascii) if !ascii.is_empty() => format!("{local}@{ascii}"),
+        _ => email,
+    }
 }
 
 /// A pragmatic email check, not RFC 5322: one `@`, a local part of 1-64
@@ -198,6 +211,30 @@ pub fn validate(input: CustomerInput) -> Result<CustomerFields, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_address_written_two_ways_is_one_email() {
+        for (a, b) in [
+            ("Ada@Example.com ", "ada@example.com"),
+            // `é` as one character, and as `e` with a combining accent.
+            ("ren\u{e9}@example.com", "rene\u{301}@example.com"),
+            ("ada@B\u{dc}CHER.de", "ada@xn--bcher-kva.de"),
+            ("ada@b\u{fc}cher.de", "ada@xn--bcher-kva.de"),
+        ] {
+            assert_eq!(normalise_email(a), normalise_email(b), "{a} / {b}");
+        }
+        assert_eq!(
+            normalise_email("ada@b\u{fc}cher.de"),
+            "ada@xn--bcher-kva.de"
+        );
+        assert_eq!(
+            normalise_email("ren\u{e9}@example.com"),
+            "ren\u{e9}@example.com"
+        );
+        // Not an email: left for validation to refuse.
+        assert_eq!(normalise_email("plain"), "plain");
+        assert!(!is_valid_email(&normalise_email("a@-b.com")));
+    }
 
     #[test]
     fn emails_that_mail_systems_accept_pass() {
