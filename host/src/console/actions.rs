@@ -125,6 +125,7 @@ pub async fn resolve_conflict(
     .await
     {
         Ok(_) => done(
+            &form.session,
             &format!("/console/conflicts/{id}"),
             "Conflict resolved; the merged record is being pushed.",
         ),
@@ -168,6 +169,7 @@ pub async fn replay_dead_letter(
 ) -> Response {
     match dead_letters::replay_dead_letter(State(state), form.session.principal, Path(id)).await {
         Ok(axum::Json(result)) => done(
+            &form.session,
             "/console/dead-letters",
             &format!("Replayed {} dead letter(s).", result.replayed),
         ),
@@ -182,6 +184,7 @@ pub async fn replay_dead_letters(State(state): State<AppState>, form: CsrfForm) 
         .await
     {
         Ok(axum::Json(result)) => done(
+            &form.session,
             "/console/dead-letters",
             &format!("Replayed {} dead letter(s).", result.replayed),
         ),
@@ -242,7 +245,7 @@ pub async fn upload_connector(
             } else {
                 "These bytes were already stored; nothing changed."
             };
-            done(&location, notice)
+            done(&session, &location, notice)
         }
         Err(error) => problem(&session, error),
     }
@@ -264,6 +267,7 @@ pub async fn activate(
     .await
     {
         Ok(axum::Json(summary)) => done(
+            &form.session,
             &format!("/console/connectors/{name}"),
             &format!(
                 "Version {} is active.",
@@ -290,7 +294,11 @@ pub async fn enable(
     )
     .await
     {
-        Ok(_) => done(&format!("/console/connectors/{name}"), "Enabled."),
+        Ok(_) => done(
+            &form.session,
+            &format!("/console/connectors/{name}"),
+            "Enabled.",
+        ),
         Err(error) => problem(&form.session, error),
     }
 }
@@ -302,7 +310,11 @@ pub async fn disable(
     form: CsrfForm,
 ) -> Response {
     match connectors::disable(State(state), form.session.principal, Path(name.clone())).await {
-        Ok(_) => done(&format!("/console/connectors/{name}"), "Disabled."),
+        Ok(_) => done(
+            &form.session,
+            &format!("/console/connectors/{name}"),
+            "Disabled.",
+        ),
         Err(error) => problem(&form.session, error),
     }
 }
@@ -364,7 +376,11 @@ pub async fn put_settings(
     )
     .await
     {
-        Ok(_) => done(&format!("/console/connectors/{name}"), "Settings saved."),
+        Ok(_) => done(
+            &form.session,
+            &format!("/console/connectors/{name}"),
+            "Settings saved.",
+        ),
         Err(error) => problem(&form.session, error),
     }
 }
@@ -386,7 +402,7 @@ pub async fn start_reconciliation(State(state): State<AppState>, form: CsrfForm)
     {
         Ok(response) => {
             let location = console_page_of(&response, "/console/reconciliations");
-            done(&location, "Run started.")
+            done(&form.session, &location, "Run started.")
         }
         Err(error) => problem(&form.session, error),
     }
@@ -409,6 +425,7 @@ pub async fn resolve_mismatch(
     .await
     {
         Ok(_) => done(
+            &form.session,
             &format!("/console/reconciliations/{id}"),
             "Finding resolved.",
         ),

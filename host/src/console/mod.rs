@@ -162,10 +162,13 @@ fn problem(session: &Session, error: ApiError) -> Response {
 }
 
 /// After a change: back to a page (303, so a reload does not post again),
-/// with a notice it shows once.
-fn done(to: &str, notice: &str) -> Response {
+/// with a notice for `session` (tagged: a page shows a notice only with
+/// this session's tag, so a link cannot put words on ferry's pages).
+fn done(session: &Session, to: &str, notice: &str) -> Response {
     let separator = if to.contains('?') { '&' } else { '?' };
-    let query = serde_urlencoded::to_string([("notice", notice)]).unwrap_or_default();
+    let tag = session.notice_tag(notice);
+    let query = serde_urlencoded::to_string([("notice", notice), ("tag", tag.as_str())])
+        .unwrap_or_default();
     Redirect::to(&format!("{to}{separator}{query}")).into_response()
 }
 

@@ -86,7 +86,7 @@ pub async fn overview(
     page(
         &session,
         "overview.html",
-        json!({ "section": "overview", "health": health, "connectors": connectors.data, "notice": param(&pairs, "notice") }),
+        json!({ "section": "overview", "health": health, "connectors": connectors.data, "notice": session.notice(&pairs) }),
     )
 }
 
@@ -190,7 +190,7 @@ pub async fn conflicts(
             "shown": shown,
             "list": list,
             "customer_id": param(&pairs, "customer_id"),
-            "notice": param(&pairs, "notice"),
+            "notice": session.notice(&pairs),
         }),
     )
 }
@@ -209,7 +209,7 @@ pub async fn conflict(
     page(
         &session,
         "conflict.html",
-        json!({ "section": "conflicts", "conflict": conflict, "notice": param(&pairs, "notice") }),
+        json!({ "section": "conflicts", "conflict": conflict, "notice": session.notice(&pairs) }),
     )
 }
 
@@ -242,7 +242,7 @@ pub async fn dead_letters(
             "connector": param(&pairs, "connector"),
             "direction": param(&pairs, "direction"),
             "include_replayed": param(&pairs, "include_replayed") == Some("true"),
-            "notice": param(&pairs, "notice"),
+            "notice": session.notice(&pairs),
         }),
     )
 }
@@ -260,7 +260,7 @@ pub async fn connectors(
     page(
         &session,
         "connectors.html",
-        json!({ "section": "connectors", "connectors": list.data, "notice": param(&pairs, "notice") }),
+        json!({ "section": "connectors", "connectors": list.data, "notice": session.notice(&pairs) }),
     )
 }
 
@@ -283,7 +283,7 @@ pub async fn connector(
     page(
         &session,
         "connector.html",
-        json!({ "section": "connectors", "connector": summary, "versions": versions.data, "notice": param(&pairs, "notice") }),
+        json!({ "section": "connectors", "connector": summary, "versions": versions.data, "notice": session.notice(&pairs) }),
     )
 }
 
@@ -309,7 +309,7 @@ pub async fn reconciliations(
             "connectors": connector_names(&state),
             "connector": param(&pairs, "connector"),
             "running": running,
-            "notice": param(&pairs, "notice"),
+            "notice": session.notice(&pairs),
         }),
     )
 }
@@ -344,7 +344,7 @@ pub async fn reconciliation(
             "findings": findings,
             "kind": param(&pairs, "kind"),
             "state": param(&pairs, "state"),
-            "notice": param(&pairs, "notice"),
+            "notice": session.notice(&pairs),
         }),
     )
 }

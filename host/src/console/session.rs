@@ -119,6 +119,28 @@ impl Session {
     fn check_csrf(&self, given: Option<&str>) -> bool {
         given.is_some_and(|given| bool::from(given.as_bytes().ct_eq(self.csrf.as_bytes())))
     }
+
+    /// The tag a notice carries in the query string of a redirect to this
+    /// session: an HMAC of it under the session's CSRF token, so only a
+    /// change this session made shows one, not a link someone sent.
+    pub(super) fn notice_tag(&self, notice: &str) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.csrf.as_bytes())
+            .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
+        mac.update(b"notice\n");
+        mac.update(notice.as_bytes());
+        hex::encode(&mac.finalize().into_bytes()[..16])
+    }
+
+    /// The query string's `notice`, if its `tag` is this session's.
+    pub(super) fn notice<'a>(&self, pairs: &'a [(String, String)]) -> Option<&'a str> {
+        let param = |name: &str| pairs.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+        let notice = param("notice")?;
+        let tag = param("tag")?;
+        let expected = self.notice_tag(notice);
+        bool::from(tag.as_bytes().ct_eq(expected.as_bytes()))
+            .then_some(notice.trim())
+            .filter(|n| !n.is_empty())
+    }
 }
 
 fn principal(state: &AppState) -> Principal {

@@ -705,10 +705,39 @@ async fn open_mode_signs_in_without_a_token_and_still_checks_csrf() {
         .await
         .unwrap();
     assert_eq!(done.status(), 303);
-    assert_eq!(
-        done.headers()["location"].to_str().unwrap(),
-        "/console/connectors/stripe?notice=Disabled."
+    let location = done.headers()["location"].to_str().unwrap().to_owned();
+    assert!(
+        location.starts_with("/console/connectors/stripe?notice=Disabled.&tag="),
+        "{location}"
     );
+    // The notice shows with this session's tag, and not from a link
+    // someone wrote (no tag, another tag, or another text under the tag).
+    let tag = location.rsplit_once("tag=").unwrap().1.to_owned();
+    let notice_shown = |path: String| {
+        let client = client.clone();
+        let cookie = cookie.clone();
+        async move {
+            let html = client
+                .get(url(&path))
+                .header("cookie", &cookie)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            html.contains(r#"class="notice""#)
+        }
+    };
+    assert!(notice_shown(location.clone()).await);
+    for forged in [
+        "/console/connectors/stripe?notice=Call+555-0100".to_owned(),
+        format!("/console/connectors/stripe?notice=Call+555-0100&tag={tag}"),
+        "/console/connectors/stripe?notice=Disabled.&tag=00000000000000000000000000000000"
+            .to_owned(),
+    ] {
+        assert!(!notice_shown(forged.clone()).await, "{forged}");
+    }
     assert_eq!(
         api_get(&app, "/api/v1/connectors/stripe").await["state"],
         "disabled"
