@@ -176,7 +176,34 @@ pub enum RelayLeadership {
     /// SQLite has one process: it always leads.
     Sole,
     /// The connection holding the advisory lock.
-    Postgres(sqlx::pool::PoolConnection<sqlx::Postgres>),
+    Postgres(LockSession),
+}
+
+/// A pooled connection that may hold the relay lock. Dropped (a shutdown,
+/// a future cancelled while it asked for the lock) it is closed, never
+/// handed back to the pool: there, the lock would outlive the leadership
+/// until the process exits, and no other replica could relay meanwhile.
+pub struct LockSession(Option<sqlx::pool::PoolConnection<sqlx::Postgres>>);
+
+impl LockSession {
+    /// The connection, while it is open.
+    pub fn conn(&mut self) -> Option<&mut sqlx::PgConnection> {
+        self.0.as_deref_mut()
+    }
+
+    /// Hands a connection that holds no lock back to the pool.
+    fn release(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for LockSession {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            // Closing the socket ends the session, and its lock with it.
+            drop(conn.detach());
+        }
+    }
 }
 
 /// The relay leader's session: probed after 10 s of silence, every 5 s,
@@ -190,8 +217,10 @@ impl RelayLeadership {
     /// Gives the leadership up: ends the lock's session, so that another
     /// replica's next try takes it.
     pub async fn resign(self) {
-        if let Self::Postgres(conn) = self {
-            let _ = sqlx::Connection::close(conn.detach()).await;
+        if let Self::Postgres(mut session) = self {
+            if let Some(conn) = session.0.take() {
+                let _ = sqlx::Connection::close(conn.detach()).await;
+            }
         }
     }
 
@@ -199,7 +228,10 @@ impl RelayLeadership {
     pub async fn still_held(&mut self) -> bool {
         match self {
             Self::Sole => true,
-            Self::Postgres(conn) => sqlx::query("SELECT 1").execute(&mut **conn).await.is_ok(),
+            Self::Postgres(session) => match session.conn() {
+                Some(conn) => sqlx::query("SELECT 1").execute(conn).await.is_ok(),
+                None => false,
+            },
         }
     }
 }
@@ -210,7 +242,10 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(_) => Ok(Some(RelayLeadership::Sole)),
             Backend::Postgres(pool) => {
-                let mut conn = pool.acquire().await?;
+                let mut session = LockSession(Some(pool.acquire().await?));
+                let Some(conn) = session.conn() else {
+                    return Ok(None);
+                };
                 // The lock lives as long as this session: if this
                 // replica's host dies or is cut off, PostgreSQL must
                 // notice within seconds, not after the system's TCP
@@ -226,8 +261,9 @@ impl Store {
                 if locked {
                     // Never hand a connection holding the lock back to the
                     // pool, where another task could unlock it by accident.
-                    Ok(Some(RelayLeadership::Postgres(conn)))
+                    Ok(Some(RelayLeadership::Postgres(session)))
                 } else {
+                    session.release();
                     Ok(None)
                 }
             }

@@ -378,6 +378,15 @@ impl SyncEngine {
         let mut held = false;
         let mut floor = ClaimFloor::default();
         loop {
+            // Before every claim, not only when idle: a backlog (thin
+            // events fetched at the connector's pace) would otherwise hold
+            // shutdown until it drained, the endpoint already closed.
+            if cancel.is_cancelled() {
+                if held {
+                    holding_back.decrement(1.0);
+                }
+                return;
+            }
             let hold = role == InboxLoop::CatchUp
                 && hold_back(
                     now_ms(),

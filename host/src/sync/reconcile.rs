@@ -346,7 +346,7 @@ impl SyncEngine {
         }
         let run = self.reload(run).await?;
         if run.phase == "classifying" {
-            self.classify(&run).await?;
+            self.classify(&run, cancel).await?;
             store.recount(&run.id).await?;
             let run = self.reload(&run).await?;
             if let Some(reason) = self.brake(&run, mode, repair, max_delete_share).await? {
@@ -634,12 +634,17 @@ impl SyncEngine {
     /// Phase 2, from the stored position: `u:` unlinked records, `m:`
     /// customers missing remotely, `o:` orphaned links (each followed by
     /// the last key handled).
-    async fn classify(&self, run: &RunRow) -> Result<(), Stop> {
+    async fn classify(&self, run: &RunRow, cancel: &CancellationToken) -> Result<(), Stop> {
         let store = &self.inner.store;
         let position = run.cursor.clone().unwrap_or_else(|| "u:".to_owned());
         let (mut step, after) = position.split_once(':').unwrap_or(("u", ""));
         let mut after = (!after.is_empty()).then(|| after.to_owned());
         loop {
+            // A large run's classification does not hold shutdown: the
+            // run resumes from its stored position.
+            if cancel.is_cancelled() {
+                return Err(Stop::Cancelled);
+            }
             self.renew(run).await?;
             let (found, last) = match step {
                 "u" => self.classify_unlinked(run, after.as_deref()).await?,

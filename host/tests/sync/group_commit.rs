@@ -2343,11 +2343,12 @@ async fn postgres_a_fresh_event_stamped_by_a_clock_ahead_is_claimed_from_the_bus
 #[tokio::test]
 async fn postgres_the_relay_leaders_session_is_kept_alive_in_seconds() {
     let (store, _dir) = store(true).await;
-    let Some(ferry::store::outbox::RelayLeadership::Postgres(mut conn)) =
+    let Some(ferry::store::outbox::RelayLeadership::Postgres(mut session)) =
         store.try_lead_relay().await.expect("lead")
     else {
         panic!("a fresh database has no leader");
     };
+    let conn = session.conn().expect("open");
     let idle: String = sqlx::query_scalar("SHOW tcp_keepalives_idle")
         .fetch_one(&mut *conn)
         .await
@@ -2358,6 +2359,37 @@ async fn postgres_the_relay_leaders_session_is_kept_alive_in_seconds() {
         .await
         .expect("shown");
     assert_eq!(user_timeout, "30000");
+}
+
+/// A leader that stops without resigning (its relay task cancelled at
+/// shutdown) frees the lock at once: its session is closed, not handed
+/// back to its pool, where the lock would stay held until the process
+/// exits and no other replica could relay meanwhile.
+#[tokio::test]
+async fn postgres_a_leader_dropped_at_shutdown_frees_the_lock() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(true, dir.path()).await;
+    let (first, second) = (open(&url).await, open(&url).await);
+    let leadership = first.try_lead_relay().await.expect("lead");
+    assert!(leadership.is_some(), "a fresh database has no leader");
+    assert!(
+        second.try_lead_relay().await.expect("asked").is_none(),
+        "one leader at a time"
+    );
+    drop(leadership);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let _held = loop {
+        if let Some(held) = second.try_lead_relay().await.expect("asked") {
+            break held;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lock outlived the dropped leadership"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    // The first store still asks: it stands by now.
+    assert!(first.try_lead_relay().await.expect("asked").is_none());
 }
 
 /// What a run listed into the scratch tables goes when it ends, a bounded
