@@ -70,16 +70,20 @@ enum ConnectorCommand {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
-        /// The largest component accepted, in bytes.
-        #[arg(long, default_value_t = 16 * 1024 * 1024)]
-        max_bytes: usize,
-        /// Hosts connectors may declare (comma-separated, `*.suffix` allowed).
+        /// The largest component accepted, in bytes (default: the
+        /// `--config` file's `connector_max_bytes`, else 16 MiB).
+        #[arg(long)]
+        max_bytes: Option<usize>,
+        /// Hosts connectors may declare (comma-separated, `*.suffix`
+        /// allowed; default: the `--config` file's).
         #[arg(long, value_delimiter = ',')]
         allowed_hosts: Vec<String>,
-        /// Hosts connectors may not declare.
+        /// Hosts connectors may not declare (default: the `--config`
+        /// file's).
         #[arg(long, value_delimiter = ',')]
         denied_hosts: Vec<String>,
-        /// Accept private and loopback hosts (as `FERRY_ALLOW_PRIVATE_HOSTS`).
+        /// Accept private and loopback hosts (as `FERRY_ALLOW_PRIVATE_HOSTS`,
+        /// or the `--config` file's `allow_private_hosts`).
         #[arg(long)]
         allow_private_hosts: bool,
     },
@@ -117,7 +121,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(cli.config).await,
-            Command::Status { url, json } => status(url, json).await,
+            Command::Status { url, json } => status(url, json, cli.config).await,
             Command::Connector { command } => connector(command, cli.config).await,
         }
     });
@@ -145,14 +149,31 @@ async fn serve(config_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn status(url: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
+/// `ferry status`: the instance at `--url`, else the one the `--config`
+/// file (and `FERRY_*` variables) describe, else `FERRY_LISTEN`'s.
+async fn status(
+    url: Option<String>,
+    json: bool,
+    config_file: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let (listen, token) = match config_file {
+        Some(file) => {
+            let config = Config::load(Some(&file)).context("loading configuration")?;
+            (
+                Some(config.listen.to_string()),
+                config
+                    .admin_token
+                    .map(|t| secrecy::ExposeSecret::expose_secret(&t).to_owned()),
+            )
+        }
+        None => (
+            std::env::var("FERRY_LISTEN").ok(),
+            std::env::var("FERRY_ADMIN_TOKEN").ok(),
+        ),
+    };
     let options = ferry::cli::status::StatusOptions {
-        url: url.unwrap_or_else(|| {
-            ferry::cli::status::default_url(std::env::var("FERRY_LISTEN").ok().as_deref())
-        }),
-        token: std::env::var("FERRY_ADMIN_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty()),
+        url: url.unwrap_or_else(|| ferry::cli::status::default_url(listen.as_deref())),
+        token: token.filter(|t| !t.is_empty()),
         json,
     };
     print!("{}", ferry::cli::status::status(&options).await?);
@@ -191,16 +212,28 @@ async fn connector(
             allow_private_hosts,
         } => {
             ferry::telemetry::init(LogFormat::Text, "warn", std::io::stderr)?;
-            let report = ferry::cli::check::check(
-                &file,
-                &CheckOptions {
-                    max_bytes,
-                    allowed_hosts,
-                    denied_hosts,
-                    allow_private_hosts,
-                },
-            )
-            .await?;
+            // The server's rules, from its configuration file; a flag
+            // given wins over the file.
+            let server = match &config_file {
+                Some(file) => Some(Config::load(Some(file)).context("loading configuration")?),
+                None => None,
+            };
+            let from_server = |hosts: Vec<String>, rule: fn(&Config) -> &Vec<String>| {
+                match &server {
+                    Some(config) if hosts.is_empty() => rule(config).clone(),
+                    _ => hosts,
+                }
+            };
+            let options = CheckOptions {
+                max_bytes: max_bytes
+                    .or(server.as_ref().map(|c| c.connector_max_bytes))
+                    .unwrap_or(16 * 1024 * 1024),
+                allowed_hosts: from_server(allowed_hosts, |c| &c.connector_allowed_hosts),
+                denied_hosts: from_server(denied_hosts, |c| &c.connector_denied_hosts),
+                allow_private_hosts: allow_private_hosts
+                    || server.as_ref().is_some_and(|c| c.allow_private_hosts),
+            };
+            let report = ferry::cli::check::check(&file, &options).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

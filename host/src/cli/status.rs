@@ -42,17 +42,25 @@ pub async fn status(options: &StatusOptions) -> anyhow::Result<String> {
         .await
         .with_context(|| format!("asking {url}"))?;
     let status = response.status();
-    let body: Value = response
-        .json()
+    let text = response
+        .text()
         .await
         .with_context(|| format!("reading the answer of {url}"))?;
+    let body: Result<Value, _> = serde_json::from_str(&text);
     if !status.is_success() {
-        let detail = body["detail"]
-            .as_str()
-            .or(body["title"].as_str())
-            .unwrap_or("");
+        // A problem's detail, or the start of whatever else answered (a
+        // proxy's error page).
+        let detail = match &body {
+            Ok(problem) => problem["detail"]
+                .as_str()
+                .or(problem["title"].as_str())
+                .unwrap_or("")
+                .to_owned(),
+            Err(_) => text.chars().take(200).collect(),
+        };
         bail!("{url} answered {status}: {detail}");
     }
+    let body = body.with_context(|| format!("reading the answer of {url}"))?;
     if options.json {
         return Ok(serde_json::to_string_pretty(&body)? + "\n");
     }

@@ -306,6 +306,32 @@ async fn metrics_move_with_syncs_refused_webhooks_retries_and_traps() {
     assert_eq!(stripe_health["dead_letters"], 1, "{parsed:#}");
     assert_eq!(stripe_health["links"]["dead"], 1, "{parsed:#}");
     assert!(stripe_health["last_error"].as_str().is_some(), "{parsed:#}");
+    // Told by the configuration file where the instance listens and with
+    // which token, as `ferry serve --config` would be.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("ferry.toml");
+    let listen = down.base.trim_start_matches("http://");
+    std::fs::write(
+        &file,
+        format!("listen = \"{listen}\"\nadmin_token = \"{TOKEN}\"\n"),
+    )
+    .expect("config written");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .arg("--config")
+        .arg(&file)
+        .args(["status", "--json"])
+        .env_remove("FERRY_ADMIN_TOKEN")
+        .env_remove("FERRY_LISTEN")
+        .output()
+        .await
+        .expect("ferry status runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let from_file: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(from_file["connectors"].is_array(), "{from_file:#}");
     let table = status(false).await;
     let mut lines = table.lines().skip_while(|l| !l.starts_with("CONNECTOR"));
     let header = split_columns(lines.next().expect("a header"));

@@ -522,6 +522,42 @@ fn check_reports_what_an_upload_would_refuse() {
         report["manifest"]["name"], "hostile",
         "the manifest is shown anyway"
     );
+    // The server's rules from its configuration file; a flag wins.
+    let rules = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(
+        rules.path(),
+        "connector_denied_hosts = [\"*.example.com\"]\nconnector_max_bytes = 2000\n",
+    )
+    .expect("write");
+    let config = path(rules.path());
+    let (ok, report) = json(&["--config", &config, "connector", "check", "--json", &path(&hostile)]);
+    assert!(!ok);
+    let codes: Vec<&Value> = report["refusals"]
+        .as_array()
+        .expect("refusals")
+        .iter()
+        .map(|r| &r["code"])
+        .collect();
+    assert!(codes.contains(&&Value::from("forbidden_host")), "{report}");
+    assert!(codes.contains(&&Value::from("component_too_large")), "{report}");
+    let (_, report) = json(&[
+        "--config",
+        &config,
+        "connector",
+        "check",
+        "--json",
+        "--max-bytes",
+        "100000000",
+        &path(&hostile),
+    ]);
+    assert!(
+        !report["refusals"]
+            .as_array()
+            .expect("refusals")
+            .iter()
+            .any(|r| r["code"] == "component_too_large"),
+        "the flag wins: {report}"
+    );
     let (ok, report) = json(&[
         "connector",
         "check",
