@@ -109,6 +109,24 @@ impl App {
             .await
             .with_context(|| format!("connecting to {}", config.database_url_redacted()))?;
         store.migrate().await.context("running migrations")?;
+        let emails = store
+            .renormalise_emails(crate::api::customers::normalise_email)
+            .await
+            .context("rewriting stored emails in today's form")?;
+        if emails.changed > 0 {
+            tracing::info!(
+                changed = emails.changed,
+                "stored emails rewritten in today's form (NFC, ASCII domain)"
+            );
+        }
+        for (customer, email, today) in &emails.kept {
+            tracing::warn!(
+                customer,
+                email,
+                today,
+                "TWO CUSTOMERS OF ONE ADDRESS: this customer's email, written as ferry writes emails today, is another live customer's; it is left as it was for a person to merge"
+            );
+        }
 
         let runtime_config = RuntimeConfig {
             allow_private_hosts: config.allow_private_hosts,

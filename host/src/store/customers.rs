@@ -579,7 +579,80 @@ async fn create_in_one_statement(
     Ok(())
 }
 
+/// What [`Store::renormalise_emails`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Renormalised {
+    /// Customers whose email was rewritten in today's form.
+    pub changed: u64,
+    /// Live customers left as they were because another live customer
+    /// holds the email in today's form: (customer id, its email, the form).
+    pub kept: Vec<(String, String, String)>,
+}
+
+/// The data step that rewrites stored emails in today's form.
+const EMAILS_STEP: &str = "emails_nfc_idna";
+
 impl Store {
+    /// Once per database (the `data_steps` table remembers it): rewrites
+    /// the stored emails `normalise` changes (emails an earlier release
+    /// stored before they were kept in NFC with an ASCII domain), so that
+    /// lookups by today's form find them. Only emails with a byte outside
+    /// ASCII can change. A live customer whose email in today's form is
+    /// another live customer's keeps its own, and is returned: two
+    /// customers of one address, for a person to merge. The version is not
+    /// bumped: the address is the same.
+    pub async fn renormalise_emails(
+        &self,
+        normalise: fn(&str) -> String,
+    ) -> Result<Renormalised, StoreError> {
+        let mut done = Renormalised::default();
+        let non_ascii = match &self.backend {
+            Backend::Postgres(_) => {
+                "SELECT id, email, deleted_at IS NULL FROM customers \
+                 WHERE octet_length(email) <> char_length(email) ORDER BY id"
+            }
+            Backend::Sqlite(_) => {
+                "SELECT id, email, deleted_at IS NULL FROM customers \
+                 WHERE length(CAST(email AS BLOB)) <> length(email) ORDER BY id"
+            }
+        };
+        dispatch!(self, write pool => {
+            let step: Option<(String,)> = sqlx::query_as("SELECT name FROM data_steps WHERE name = $1")
+                .bind(EMAILS_STEP)
+                .fetch_optional(pool)
+                .await?;
+            if step.is_some() {
+                return Ok(done);
+            }
+            let rows: Vec<(String, String, bool)> = sqlx::query_as(non_ascii).fetch_all(pool).await?;
+            for (id, email, live) in rows {
+                let today = normalise(&email);
+                if today == email {
+                    continue;
+                }
+                let updated = sqlx::query("UPDATE customers SET email = $1 WHERE id = $2 AND email = $3")
+                    .bind(&today)
+                    .bind(&id)
+                    .bind(&email)
+                    .execute(pool)
+                    .await;
+                match updated {
+                    Ok(result) => done.changed += result.rows_affected(),
+                    Err(sqlx::Error::Database(db)) if db.is_unique_violation() && live => {
+                        done.kept.push((id, email, today));
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            sqlx::query("INSERT INTO data_steps (name, done_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+                .bind(EMAILS_STEP)
+                .bind(now())
+                .execute(pool)
+                .await?;
+        });
+        Ok(done)
+    }
+
     /// Creates a customer (version 1) and its `created` outbox event.
     #[tracing::instrument(skip_all, fields(customer_id, correlation_id = ctx.correlation_id))]
     pub async fn create_customer(

@@ -39,6 +39,23 @@ const OLD_PENDING_CREATE: [&str; 2] = [
      ('cus_pending', 'salesforce', 3, NULL, 'pending', 0, $1)",
 ];
 
+/// The migration that added the data steps ferry runs in Rust at start
+/// (the first: stored emails in today's form).
+const DATA_STEPS: i64 = 20261204000016;
+
+/// Customers an older ferry stored with emails it kept as typed (trimmed
+/// and lowercased only): `é` decomposed, a Unicode domain; two live ones
+/// that are one address (the second already in today's form); a deleted
+/// one; an ASCII one.
+const OLD_EMAILS: &str =
+    "INSERT INTO customers (id, email, version, created_at, updated_at, deleted_at) VALUES \
+     ('cus_00000000000000000000000000000001', 'rene\u{301}@example.com', 1, $1, $1, NULL), \
+     ('cus_00000000000000000000000000000002', 'ada@b\u{fc}cher.de', 1, $1, $1, NULL), \
+     ('cus_00000000000000000000000000000003', 'zoe@b\u{fc}cher.de', 1, $1, $1, NULL), \
+     ('cus_00000000000000000000000000000004', 'zoe@xn--bcher-kva.de', 1, $1, $1, NULL), \
+     ('cus_00000000000000000000000000000005', 'zoe@b\u{fc}cher.de ', 2, $1, $1, $1), \
+     ('cus_00000000000000000000000000000006', 'plain@example.com', 1, $1, $1, NULL)";
+
 fn before(version: i64, mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
     let older: Vec<_> = migrator
         .migrations
@@ -172,7 +189,67 @@ async fn a_create_pending_at_upgrade_keeps_its_record(backend: Backend) {
     store.close().await;
 }
 
+/// Emails an older ferry stored as typed are rewritten in today's form at
+/// the first start (lookups by today's form find them), once; a live
+/// customer whose address another live one holds keeps its own and is
+/// reported.
+async fn emails_stored_at_upgrade_are_written_in_todays_form(backend: Backend) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let at = Utc::now() - Duration::minutes(5);
+    let store = upgraded(backend, &dir, DATA_STEPS, &[OLD_EMAILS], at).await;
+    let normalise = ferry::api::customers::normalise_email;
+
+    let done = store.renormalise_emails(normalise).await.unwrap();
+    assert_eq!(done.changed, 3, "{done:?}");
+    assert_eq!(
+        done.kept,
+        [(
+            "cus_00000000000000000000000000000003".to_owned(),
+            "zoe@b\u{fc}cher.de".to_owned(),
+            "zoe@xn--bcher-kva.de".to_owned()
+        )]
+    );
+    for (id, email) in [
+        (
+            "cus_00000000000000000000000000000001",
+            "ren\u{e9}@example.com",
+        ),
+        (
+            "cus_00000000000000000000000000000002",
+            "ada@xn--bcher-kva.de",
+        ),
+        ("cus_00000000000000000000000000000003", "zoe@b\u{fc}cher.de"),
+        (
+            "cus_00000000000000000000000000000004",
+            "zoe@xn--bcher-kva.de",
+        ),
+        ("cus_00000000000000000000000000000006", "plain@example.com"),
+    ] {
+        let id = ferry::store::CustomerId::parse(id).unwrap_or_else(|| panic!("{id}"));
+        let customer = store.get_customer(&id).await.unwrap();
+        assert_eq!(customer.email, email);
+        assert_eq!(customer.version, 1, "the address is the same");
+    }
+    let found = store
+        .list_customers(&ferry::store::ListCustomers {
+            limit: 10,
+            starting_after: None,
+            email: Some(normalise("ADA@B\u{dc}CHER.DE")),
+        })
+        .await
+        .unwrap();
+    assert_eq!(found.data.len(), 1, "found by today's form");
+
+    // Once: a second start does nothing.
+    assert_eq!(
+        store.renormalise_emails(normalise).await.unwrap(),
+        Default::default()
+    );
+    store.close().await;
+}
+
 on_both_backends!(
     an_outbox_waiting_at_upgrade_is_still_relayed,
-    a_create_pending_at_upgrade_keeps_its_record
+    a_create_pending_at_upgrade_keeps_its_record,
+    emails_stored_at_upgrade_are_written_in_todays_form
 );

@@ -31,12 +31,22 @@ pub const MAX_METADATA_VALUE: usize = 500;
 /// address as one typed as one character), and with an internationalised
 /// domain in its ASCII form (`bücher.de` and `xn--bcher-kva.de` are one
 /// domain; the ASCII form is what every mail system and remote accepts). A
-/// domain IDNA refuses is kept as given, for validation to judge.
+/// domain of anything but letters, digits, hyphens and dots, or one IDNA
+/// refuses, is kept as given, for validation to refuse: IDNA's mapping
+/// would otherwise accept a symbol (`☃.com`) or drop an invisible
+/// character the check exists to catch.
 pub fn normalise_email(email: &str) -> String {
     let email: String = email.trim().to_lowercase().nfc().collect();
     let Some((local, domain)) = email.rsplit_once('@') else {
         return email;
     };
+    if domain.is_ascii()
+        || !domain
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '-' || c == '.')
+    {
+        return email;
+    }
     match idna::domain_to_ascii(domain) {
         Ok(ascii) if !ascii.is_empty() => format!("{local}@{ascii}"),
         _ => email,
@@ -231,8 +241,16 @@ mod tests {
             normalise_email("ren\u{e9}@example.com"),
             "ren\u{e9}@example.com"
         );
-        // Not an email: left for validation to refuse.
+        // Not an email: left for validation to refuse, also when IDNA
+        // would map it to something valid.
         assert_eq!(normalise_email("plain"), "plain");
+        for symbol in [
+            "ada@\u{2603}.com",
+            "ada@exa\u{ad}mple.com",
+            "ada@exa\u{200b}mple.com",
+        ] {
+            assert!(!is_valid_email(&normalise_email(symbol)), "{symbol}");
+        }
         assert!(!is_valid_email(&normalise_email("a@-b.com")));
     }
 
