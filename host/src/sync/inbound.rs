@@ -440,7 +440,7 @@ impl SyncEngine {
                 .oldest_claimed_ms
                 .store(oldest.unwrap_or_else(now_ms), Ordering::Relaxed);
             let busy = !claimed.is_empty();
-            self.apply_in_record_order(claimed).await;
+            self.apply_in_record_order(claimed, Some(&cancel)).await;
             if busy {
                 continue;
             }
@@ -462,7 +462,7 @@ impl SyncEngine {
             .store
             .claim_inbox_seqs(seqs, &token, until)
             .await?;
-        self.apply_in_record_order(claimed).await;
+        self.apply_in_record_order(claimed, None).await;
         Ok(())
     }
 
@@ -471,8 +471,13 @@ impl SyncEngine {
     /// up to `concurrency`. Records that meet in one customer (the same
     /// email, or linked to it from two connectors) are safe to run together:
     /// the customer write checks its version and the live-email index, and a
-    /// loser decides again.
-    async fn apply_in_record_order(&self, claimed: Vec<InboxEvent>) {
+    /// loser decides again. `cancel`: stop between events at shutdown (those left keep their
+    /// lease until it ends, then any loop takes them).
+    async fn apply_in_record_order(
+        &self,
+        claimed: Vec<InboxEvent>,
+        cancel: Option<&CancellationToken>,
+    ) {
         let mut groups: Vec<Vec<InboxEvent>> = Vec::new();
         let mut index: HashMap<(String, String), usize> = HashMap::new();
         for event in claimed {
@@ -494,6 +499,9 @@ impl SyncEngine {
                 let mut known = known.next().flatten();
                 async move {
                     for event in group {
+                        if cancel.is_some_and(CancellationToken::is_cancelled) {
+                            return;
+                        }
                         self.apply_inbox_event(event, known.take()).await;
                     }
                 }
