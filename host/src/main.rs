@@ -219,10 +219,8 @@ async fn connector(
                 None => None,
             };
             let from_server = |hosts: Vec<String>, rule: fn(&Config) -> &Vec<String>| {
-                match &server {
-                    Some(config) if hosts.is_empty() => rule(config).clone(),
-                    _ => hosts,
-                }
+                let file = server.as_ref().filter(|_| hosts.is_empty());
+                file.map_or(hosts, |config| rule(config).clone())
             };
             let options = CheckOptions {
                 max_bytes: max_bytes

@@ -530,7 +530,14 @@ fn check_reports_what_an_upload_would_refuse() {
     )
     .expect("write");
     let config = path(rules.path());
-    let (ok, report) = json(&["--config", &config, "connector", "check", "--json", &path(&hostile)]);
+    let (ok, report) = json(&[
+        "--config",
+        &config,
+        "connector",
+        "check",
+        "--json",
+        &path(&hostile),
+    ]);
     assert!(!ok);
     let codes: Vec<&Value> = report["refusals"]
         .as_array()
@@ -539,7 +546,10 @@ fn check_reports_what_an_upload_would_refuse() {
         .map(|r| &r["code"])
         .collect();
     assert!(codes.contains(&&Value::from("forbidden_host")), "{report}");
-    assert!(codes.contains(&&Value::from("component_too_large")), "{report}");
+    assert!(
+        codes.contains(&&Value::from("component_too_large")),
+        "{report}"
+    );
     let (_, report) = json(&[
         "--config",
         &config,
