@@ -123,6 +123,19 @@ async fn configure_recorder(app: &SyncApp, remote: &RecorderRemote) {
     assert_eq!(connector["state"], "enabled");
 }
 
+/// Creates a customer and waits until the recorder holds it: its id.
+async fn linked_customer(app: &SyncApp) -> String {
+    let customer = app
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Linked"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    app.wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
+        l["state"] == "synced"
+    })
+    .await;
+    id
+}
+
 /// An upload is stored and active at once; the same bytes again change
 /// nothing; a second version can be stored without activating it; the
 /// same version number with other bytes is refused.
@@ -437,14 +450,7 @@ async fn delete_refused_while_linked_then_forced(backend: Backend) {
     }
     let app = spawn_sync_app(first).await;
     install_recorder(&app, &remote).await;
-    let customer = app
-        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Linked"}))
-        .await;
-    let id = customer["id"].as_str().expect("id").to_owned();
-    app.wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
-        l["state"] == "synced"
-    })
-    .await;
+    let id = linked_customer(&app).await;
 
     let (status, problem) = app
         .send(reqwest::Method::DELETE, "/api/v1/connectors/recorder", None)
@@ -508,14 +514,7 @@ async fn a_version_without_customers_is_refused_while_linked(backend: Backend) {
     let remote = RecorderRemote::start().await;
     let app = spawn_sync_app(setup(backend)).await;
     install_recorder(&app, &remote).await;
-    let customer = app
-        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Linked"}))
-        .await;
-    let id = customer["id"].as_str().expect("id").to_owned();
-    app.wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
-        l["state"] == "synced"
-    })
-    .await;
+    let id = linked_customer(&app).await;
 
     let (status, problem) = upload(&app, recorder_variant("no-customer"), "").await;
     assert_eq!(status, 409, "{problem}");
