@@ -123,10 +123,11 @@ async fn configure_recorder(app: &SyncApp, remote: &RecorderRemote) {
     assert_eq!(connector["state"], "enabled");
 }
 
-/// Creates a customer and waits until the recorder holds it: its id.
-async fn linked_customer(app: &SyncApp) -> String {
+/// Creates a customer named `name` and waits until the recorder holds it:
+/// its id.
+async fn linked_customer(app: &SyncApp, name: &str) -> String {
     let customer = app
-        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Linked"}))
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": name}))
         .await;
     let id = customer["id"].as_str().expect("id").to_owned();
     app.wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
@@ -450,7 +451,7 @@ async fn delete_refused_while_linked_then_forced(backend: Backend) {
     }
     let app = spawn_sync_app(first).await;
     install_recorder(&app, &remote).await;
-    let id = linked_customer(&app).await;
+    let id = linked_customer(&app, "Linked").await;
 
     let (status, problem) = app
         .send(reqwest::Method::DELETE, "/api/v1/connectors/recorder", None)
@@ -514,7 +515,7 @@ async fn a_version_without_customers_is_refused_while_linked(backend: Backend) {
     let remote = RecorderRemote::start().await;
     let app = spawn_sync_app(setup(backend)).await;
     install_recorder(&app, &remote).await;
-    let id = linked_customer(&app).await;
+    let id = linked_customer(&app, "Linked").await;
 
     let (status, problem) = upload(&app, recorder_variant("no-customer"), "").await;
     assert_eq!(status, 409, "{problem}");
@@ -1453,14 +1454,7 @@ async fn a_remote_record_linked_elsewhere_is_dead_lettered_once(backend: Backend
     let app = spawn_sync_app(setup(backend)).await;
     install_recorder(&app, &remote).await;
     remote.answer_every_create_with("rec_shared");
-    let first = app
-        .create(json!({"email": format!("{}@example.com", uuid()), "name": "First"}))
-        .await;
-    let first = first["id"].as_str().expect("id").to_owned();
-    app.wait_link_of("recorder", &first, Duration::from_secs(10), |l| {
-        l["state"] == "synced"
-    })
-    .await;
+    linked_customer(&app, "First").await;
     let second = app
         .create(json!({"email": format!("{}@example.com", uuid()), "name": "Second"}))
         .await;

@@ -79,6 +79,23 @@ async fn wait_for(
     }
 }
 
+/// Waits until stripe's inbox event `id` of `remote_id` is no longer
+/// pending: its state and detail.
+async fn outcome_of(app: &SyncApp, remote_id: String, id: &str) -> Value {
+    wait_for(app, id, async |app| {
+        let events = app
+            .store
+            .inbox_of_remote("stripe", &remote_id)
+            .await
+            .unwrap();
+        events
+            .into_iter()
+            .find(|e| e.event_id == id && e.state.as_str() != "pending")
+            .map(|e| json!({"state": e.state.as_str(), "detail": e.detail}))
+    })
+    .await
+}
+
 /// Created, updated and deleted in Stripe by its own library: the same
 /// happens in ferry, through localstripe's signed webhooks.
 async fn dashboard_changes_reach_ferry(backend: Backend) {
@@ -523,23 +540,7 @@ async fn a_thin_event_dated_behind_the_last_one_is_still_applied() {
             app.sync.wake();
         }
     };
-    let applied = |id: &'static str| {
-        let (app, remote_id) = (&app, remote_id.clone());
-        async move {
-            wait_for(app, id, async |app| {
-                let events = app
-                    .store
-                    .inbox_of_remote("stripe", &remote_id)
-                    .await
-                    .unwrap();
-                events
-                    .into_iter()
-                    .find(|e| e.event_id == id && e.state.as_str() != "pending")
-                    .map(|e| json!({"state": e.state.as_str(), "detail": e.detail}))
-            })
-            .await
-        }
-    };
+    let applied = |id: &'static str| outcome_of(&app, remote_id.clone(), id);
     store(thin("evt_thin_ahead", now + 2_000)).await;
     let first = applied("evt_thin_ahead").await;
     assert_eq!(first["state"], "applied", "{first}");
@@ -580,23 +581,7 @@ async fn a_thin_event_older_than_the_records_delete_is_skipped() {
         remote_type: "customer.updated".into(),
         policy: None,
     };
-    let finished = |id: &'static str| {
-        let (app, remote_id) = (&app, remote_id.clone());
-        async move {
-            wait_for(app, id, async |app| {
-                let events = app
-                    .store
-                    .inbox_of_remote("stripe", &remote_id)
-                    .await
-                    .unwrap();
-                events
-                    .into_iter()
-                    .find(|e| e.event_id == id && e.state.as_str() != "pending")
-                    .map(|e| json!({"state": e.state.as_str(), "detail": e.detail}))
-            })
-            .await
-        }
-    };
+    let finished = |id: &'static str| outcome_of(&app, remote_id.clone(), id);
     for (id, kind, at) in [
         ("evt_gone_first", RemoteChange::Upsert, now),
         ("evt_gone_deleted", RemoteChange::Delete, now + 2_000),
