@@ -169,6 +169,10 @@ pub struct LoggedRequest {
     pub body: Vec<u8>,
     /// Whether it was sent upstream (and the upstream answered).
     pub forwarded: bool,
+    /// Whether a [`Fault::ForwardThenDelay`] took it: its answer is held.
+    /// Which request takes a fault is decided when its handling starts,
+    /// not when the fault is pushed: one already arriving can take it.
+    pub held: bool,
     /// The status the client got (or will get after a delay); `None` while
     /// in flight, for a hung request, or when the connection was dropped.
     pub answered_status: Option<u16>,
@@ -468,6 +472,7 @@ async fn handle(
                 .collect(),
             body: body.to_vec(),
             forwarded: false,
+            held: false,
             answered_status: None,
         });
         log.len() - 1
@@ -548,7 +553,12 @@ async fn handle(
             return Ok(made_up(status, &headers, answer));
         }
         Some(Fault::Hang) => std::future::pending().await,
-        Some(Fault::ForwardThenDelay(delay)) => Some(delay),
+        Some(Fault::ForwardThenDelay(delay)) => {
+            if let Some(entry) = state.log().get_mut(index) {
+                entry.held = true;
+            }
+            Some(delay)
+        }
         None => None,
     };
     // Stripe runs a request to its end even when its client goes away (a
