@@ -572,25 +572,74 @@ const CLAIM_DUE_POSTGRES: &str = claim_postgres!(
      AND held_by IS NULL ORDER BY next_attempt_at_ms LIMIT $4 FOR UPDATE SKIP LOCKED)"
 );
 
+/// Whether a delivered push may write its remote id over the link in
+/// `$table` (the `WHERE` condition, for `$remote_id` the id the push
+/// answered with): the link has no live record, or it is that one. A
+/// create's answer can come after another record with the customer's email
+/// was linked by an inbound event (which takes a link without a remote id
+/// as free: the echo of ferry's own create can come before its answer);
+/// the record linked, and merged, stays (see [`KEEP_LINKED_SQL`]).
+macro_rules! delivered_may_write {
+    ($table:literal, $remote_id:literal) => {
+        concat!(
+            "(",
+            $table,
+            ".remote_id IS NULL OR ",
+            $table,
+            ".remote_deleted OR ",
+            $table,
+            ".remote_id = ",
+            $remote_id,
+            ")"
+        )
+    };
+}
+
+/// A delivered push whose link took another live record meanwhile (see
+/// [`delivered_may_write!`]): the push is settled (a create is not replayed:
+/// its record exists) and the lease freed; the remote id, snapshot and
+/// synced version stay those of the record linked. Returns that record's id.
+const KEEP_LINKED_SQL: &str = "UPDATE sync_links SET pending_version = NULL, \
+       pending_record = NULL, attempts = 0, last_error = NULL, lease_until_ms = 0, \
+       lease_token = NULL, updated_at = $1, \
+       state = CASE WHEN wanted_version > synced_version THEN 'pending' ELSE 'synced' END, \
+       next_attempt_at_ms = $2, pushed_at_ms = $2 \
+     WHERE customer_id = $3 AND connector = $4 AND lease_token = $5 \
+     RETURNING remote_id";
+
+/// The delivery record's detail for a push whose link kept `linked` (see
+/// [`KEEP_LINKED_SQL`]).
+fn kept_detail(created: &str, linked: &str) -> String {
+    format!(
+        "the remote answered with record {created}, but record {linked}, with this customer's \
+         email, was linked meanwhile and stays linked: the remote holds both, and \
+         reconciliation reports {created}"
+    )
+}
+
 /// Inside a dispatched transaction `$tx`: writes `$outcome` for `$link`
 /// under its lease. Evaluates to `Result<bool, StoreError>`: false if the
 /// lease was lost.
 macro_rules! record_in {
     ($tx:ident, $link:expr, $outcome:expr, $at:expr) => {
         async {
+            // Set when a delivered create found the link holding another
+            // live record (see `KEEP_LINKED_SQL`): that record's id.
+            let mut kept: Option<String> = None;
             let updated = match $outcome {
                 RecordedOutcome::Delivered { version, remote_id, remote_deleted, pushed_hash, snapshot, .. } => {
                     // Only the lease holder moves synced_version, so it can be
                     // computed here; wanted_version may grow concurrently.
                     let synced = $link.synced_version.max(*version);
-                    sqlx::query(
+                    let done = sqlx::query(concat!(
                         "UPDATE sync_links SET remote_id = $1, remote_deleted = $2, synced_version = $3, \
                          pushed_hash = $4, snapshot = $5, pending_version = NULL, \
                          pending_record = NULL, attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $6, \
                          state = CASE WHEN wanted_version > $3 THEN 'pending' ELSE 'synced' END, \
                          next_attempt_at_ms = $7, pushed_at_ms = $7 \
-                         WHERE customer_id = $8 AND connector = $9 AND lease_token = $10",
-                    )
+                         WHERE customer_id = $8 AND connector = $9 AND lease_token = $10 AND ",
+                        delivered_may_write!("sync_links", "$1")
+                    ))
                     .bind(remote_id)
                     .bind(remote_deleted)
                     .bind(synced)
@@ -607,6 +656,26 @@ macro_rules! record_in {
                         sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::RemoteIdTaken,
                         _ => StoreError::Database(e),
                     })?
+                    .rows_affected();
+                    if done == 1 {
+                        1
+                    } else {
+                        kept = sqlx::query_scalar(KEEP_LINKED_SQL)
+                            .bind($at)
+                            .bind($at.timestamp_millis())
+                            .bind(&$link.customer_id)
+                            .bind(&$link.connector)
+                            .bind(&$link.lease_token)
+                            .fetch_optional(&mut *$tx)
+                            .await?
+                            .flatten();
+                        if let Some(linked) = &kept {
+                            tracing::warn!(customer_id = %$link.customer_id, connector = %$link.connector,
+                                created = %remote_id, linked = %linked,
+                                "a create's answer came after another record was linked: the remote holds both");
+                        }
+                        u64::from(kept.is_some())
+                    }
                 }
                 RecordedOutcome::Skipped { version, mark_synced, .. } => {
                     let synced = if *mark_synced {
@@ -632,6 +701,7 @@ macro_rules! record_in {
                     .bind(&$link.lease_token)
                     .execute(&mut *$tx)
                     .await?
+                    .rows_affected()
                 }
                 RecordedOutcome::RetryScheduled { attempt, at_ms, error, pending_version, .. } => {
                     sqlx::query(
@@ -650,6 +720,7 @@ macro_rules! record_in {
                     .bind(&$link.lease_token)
                     .execute(&mut *$tx)
                     .await?
+                    .rows_affected()
                 }
                 RecordedOutcome::Deferred { at_ms } => {
                     sqlx::query(
@@ -662,6 +733,7 @@ macro_rules! record_in {
                     .bind(&$link.lease_token)
                     .execute(&mut *$tx)
                     .await?
+                    .rows_affected()
                 }
                 RecordedOutcome::DeadLettered { version, attempt, error, error_kind, .. } => {
                     // A create the remote refused was not applied: forget
@@ -719,14 +791,16 @@ macro_rules! record_in {
                     .bind($at.timestamp_millis())
                     .execute(&mut *$tx)
                     .await?
+                    .rows_affected()
                 }
             };
-            if updated.rows_affected() != 1 {
+            if updated != 1 {
                 return Ok(false);
             }
             let (version, operation, outcome_name, attempt, detail, next_at, remote_id) = match $outcome {
                 RecordedOutcome::Delivered { operation, version, remote_id, .. } => {
-                    (*version, Some(*operation), "delivered", $link.attempts + 1, None, None, Some(remote_id.clone()))
+                    let detail = kept.as_deref().map(|linked| kept_detail(remote_id, linked));
+                    (*version, Some(*operation), "delivered", $link.attempts + 1, detail, None, Some(remote_id.clone()))
                 }
                 RecordedOutcome::Skipped { version, reason, .. } => {
                     (*version, None, "skipped", $link.attempts + 1, Some(reason.clone()), None, $link.remote_id.clone())
@@ -1159,7 +1233,9 @@ const PENDING_BATCH_POSTGRES: &str = "UPDATE sync_links l SET pending_version = 
 /// Records delivered pushes for a batch of links, with their delivery
 /// records: the multi-row form of `record_in!`'s `Delivered` arm. Returns
 /// the positions whose lease held.
-const DELIVERED_BATCH_POSTGRES: &str = "WITH w AS (SELECT * FROM UNNEST($1::int4[], \
+/// A row whose link took another live record meanwhile is not written
+/// here: it returns no position, and goes one by one (`record_in!`).
+const DELIVERED_BATCH_POSTGRES: &str = concat!("WITH w AS (SELECT * FROM UNNEST($1::int4[], \
        $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::int8[], $8::text[], \
        $9::text[], $10::text[], $11::int8[], $12::int4[], $13::text[]) \
        AS w(i, customer_id, connector, lease_token, remote_id, remote_deleted, synced_version, \
@@ -1172,14 +1248,15 @@ const DELIVERED_BATCH_POSTGRES: &str = "WITH w AS (SELECT * FROM UNNEST($1::int4
        state = CASE WHEN l.wanted_version > w.synced_version THEN 'pending' ELSE 'synced' END, \
        next_attempt_at_ms = $15, pushed_at_ms = $15 \
        FROM w WHERE l.customer_id = w.customer_id AND l.connector = w.connector \
-         AND l.lease_token = w.lease_token \
+         AND l.lease_token = w.lease_token AND \
+       ", delivered_may_write!("l", "w.remote_id"), " \
        RETURNING w.i), \
      recorded AS (INSERT INTO deliveries (customer_id, connector, direction, version, \
        operation, outcome, attempt, remote_id, correlation_id, created_at) \
        SELECT w.customer_id, w.connector, 'outbound', w.version, w.operation, 'delivered', \
          w.attempt, w.remote_id, w.correlation_id, $14 \
        FROM w JOIN updated ON updated.i = w.i) \
-     SELECT i FROM updated";
+     SELECT i FROM updated");
 
 /// Per write, whether it is the first of its link in the group. One write
 /// per link is the rule (one lease, one step at a time), but a batch
@@ -1225,10 +1302,24 @@ async fn write_links_postgres(
     if single {
         let mut conn = pool.acquire().await?;
         batches.write(&mut conn, at, &mut applied).await?;
+        let missed = batches.delivered_missed(&applied);
+        if missed.is_empty() {
+            return Ok(applied);
+        }
+        others = missed;
+        let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
+        for index in others {
+            let (link, write) = writes[index];
+            applied[index] = write_in!(tx, link, write, at)?;
+        }
+        tx.commit().await?;
         return Ok(applied);
     }
     let mut tx = pool.begin().await?;
     batches.write(&mut tx, at, &mut applied).await?;
+    // The lease lost, or the link took another record: the write alone
+    // tells which.
+    others.extend(batches.delivered_missed(&applied));
     for index in others {
         let (link, write) = writes[index];
         applied[index] = write_in!(tx, link, write, at)?;
@@ -1241,8 +1332,10 @@ async fn write_links_postgres(
 // `[customer, connector, lease token, remote id, remote deleted, synced
 // version, pushed hash, snapshot, operation, version, attempt, correlation]`
 // array per push), returning the links whose lease held; their delivery
-// records follow as one insert (`$1`: the held rows).
-const DELIVERED_BATCH_SQLITE: &str = "UPDATE sync_links SET \
+// records follow as one insert (`$1`: the held rows). A row whose link took
+// another live record meanwhile is not written here, and goes one by one
+// (`record_in!`).
+const DELIVERED_BATCH_SQLITE: &str = concat!("UPDATE sync_links SET \
        remote_id = json_extract(w.value, '$[3]'), remote_deleted = json_extract(w.value, '$[4]'), \
        synced_version = json_extract(w.value, '$[5]'), pushed_hash = json_extract(w.value, '$[6]'), \
        snapshot = json_extract(w.value, '$[7]'), pending_version = NULL, pending_record = NULL, \
@@ -1253,8 +1346,10 @@ const DELIVERED_BATCH_SQLITE: &str = "UPDATE sync_links SET \
      FROM json_each($1) AS w \
      WHERE sync_links.customer_id = json_extract(w.value, '$[0]') \
        AND sync_links.connector = json_extract(w.value, '$[1]') \
-       AND sync_links.lease_token = json_extract(w.value, '$[2]') \
-     RETURNING customer_id, connector";
+       AND sync_links.lease_token = json_extract(w.value, '$[2]') AND ",
+    delivered_may_write!("sync_links", "json_extract(w.value, '$[3]')"),
+    " RETURNING customer_id, connector"
+);
 
 const DELIVERIES_BATCH_SQLITE: &str = "INSERT INTO deliveries (customer_id, connector, \
        direction, version, operation, outcome, attempt, remote_id, correlation_id, created_at) \
@@ -1329,6 +1424,10 @@ async fn write_links_sqlite(
             if held.contains(&(link.customer_id.clone(), link.connector.clone())) {
                 applied[*index] = true;
                 recorded.push(row);
+            } else {
+                // The lease lost, or the link took another record: the
+                // write alone tells which.
+                others.push(*index);
             }
         }
         if !recorded.is_empty() {
@@ -1404,6 +1503,19 @@ impl Batches<'_> {
             mark(applied, &held);
         }
         Ok(())
+    }
+}
+
+impl Batches<'_> {
+    /// The positions of the deliveries the batch did not write.
+    fn delivered_missed(&self, applied: &[bool]) -> Vec<usize> {
+        self.delivered
+            .links
+            .i
+            .iter()
+            .filter_map(|i| usize::try_from(*i).ok())
+            .filter(|i| !applied.get(*i).copied().unwrap_or(true))
+            .collect()
     }
 }
 

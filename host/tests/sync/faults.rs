@@ -234,6 +234,94 @@ async fn postgres_a_timed_out_create_is_replayed_as_sent_after_the_customer_chan
     a_timed_out_create_is_replayed_as_sent_after_the_customer_changed(Backend::Postgres).await;
 }
 
+/// A create whose answer comes after an inbound event linked another
+/// record with the customer's email (made in Stripe by a person while the
+/// create was on the wire): the record linked, whose fields the inbound
+/// merge took in, stays linked; the create is settled, not replayed, and
+/// its delivery names the second record the remote now holds. Before, the
+/// answer wrote its own id over the link and orphaned the first record.
+async fn a_create_answered_after_another_record_was_linked_keeps_it(backend: Backend) {
+    use crate::helpers::{stripe_create, WEBHOOK_SECRET};
+    use crate::inbound::{deliver, stripe_signature};
+    let h = harness_on(
+        backend,
+        json!({"connector_call_timeout": "15s", "sync_lease": "30s"}),
+    )
+    .await;
+    h.proxy.push(
+        Match::request("POST", "/v1/customers"),
+        Fault::ForwardThenDelay(Duration::from_secs(3)),
+    );
+    let address = email("linked-meanwhile");
+    let customer = h
+        .app
+        .create(json!({"email": address, "name": "Ours"}))
+        .await;
+    let id = customer["id"].as_str().unwrap();
+    h.proxy
+        .wait_for(Duration::from_secs(10), |log| {
+            log.iter().any(|r| r.held && r.forwarded)
+        })
+        .await
+        .expect("the create reached Stripe");
+
+    let theirs = stripe_create(&h.stripe.url(), &[("email", &address), ("name", "Theirs")]).await;
+    let made = stripe_customers_by_email(&h.stripe.url(), &address).await;
+    let record = made.iter().find(|c| c["id"] == theirs.as_str()).unwrap();
+    let event = json!({"id": "evt_linked_meanwhile", "object": "event", "type": "customer.created",
+        "created": chrono::Utc::now().timestamp(),
+        "request": {"id": null, "idempotency_key": null},
+        "data": {"object": record}})
+    .to_string();
+    let (status, _) = deliver(&h.app, &event, &stripe_signature(&event, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200);
+
+    let status = loop {
+        let status = h.app.sync_status(id).await;
+        if outcomes(&status).iter().any(|o| o == "delivered") {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let link = &status["connectors"][0];
+    assert_eq!(link["remote_id"], theirs.as_str(), "{status:#}");
+    let ours = made
+        .iter()
+        .find(|c| c["id"] != theirs.as_str())
+        .expect("the create made a record")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let delivered = &status["history"][0];
+    assert_eq!(delivered["outcome"], "delivered", "{status:#}");
+    assert_eq!(delivered["remote_id"], ours.as_str(), "{status:#}");
+    let detail = delivered["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains(&ours) && detail.contains(&theirs),
+        "{detail}"
+    );
+    h.app
+        .wait_link(id, Duration::from_secs(10), |l| l["state"] == "synced")
+        .await;
+    let link = h.app.sync_status(id).await["connectors"][0].clone();
+    assert_eq!(link["remote_id"], theirs.as_str(), "{link}");
+    // Nothing more went to the record the create made.
+    assert!(h
+        .proxy
+        .requests_to("POST", &format!("/v1/customers/{ours}"))
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_create_answered_after_another_record_was_linked_keeps_it() {
+    a_create_answered_after_another_record_was_linked_keeps_it(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_create_answered_after_another_record_was_linked_keeps_it() {
+    a_create_answered_after_another_record_was_linked_keeps_it(Backend::Postgres).await;
+}
+
 /// 429 with Retry-After: the next attempt waits at least that long.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_honour_retry_after() {

@@ -455,6 +455,22 @@ pub async fn stripe_write(stripe_url: &str, path: &str, form: &[(&str, &str)]) -
     response.json().await.expect("json")
 }
 
+/// Creates a Stripe customer directly in localstripe (as a person in the
+/// dashboard would; no webhook reaches ferry); returns its id.
+pub async fn stripe_create(stripe_url: &str, form: &[(&str, &str)]) -> String {
+    let body: Value = reqwest::Client::new()
+        .post(format!("{stripe_url}/v1/customers"))
+        .bearer_auth(STRIPE_KEY)
+        .form(form)
+        .send()
+        .await
+        .expect("localstripe answers")
+        .json()
+        .await
+        .expect("json");
+    body["id"].as_str().expect("an id").to_owned()
+}
+
 /// Stripe customers with this email.
 pub async fn stripe_customers_by_email(stripe_url: &str, email: &str) -> Vec<Value> {
     let body: Value = reqwest::Client::new()

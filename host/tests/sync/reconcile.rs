@@ -13,7 +13,7 @@ use ferry_test_support::localstripe::LocalStripe;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    email, salesforce_component, spawn_sync_app, stripe_component, stripe_customer,
+    email, salesforce_component, spawn_sync_app, stripe_component, stripe_create, stripe_customer,
     stripe_customers_by_email, stripe_write, Backend, ExtraConnector, Setup, SyncApp, STRIPE_KEY,
     WEBHOOK_SECRET,
 };
@@ -22,22 +22,6 @@ use crate::process::FerryProcess;
 
 /// How long a run or its repairs may take to settle.
 const SETTLE: Duration = Duration::from_secs(60);
-
-/// Creates a Stripe customer directly in localstripe (as a person in the
-/// dashboard would; no webhook reaches ferry); returns its id.
-async fn stripe_create(stripe_url: &str, form: &[(&str, &str)]) -> String {
-    let body: Value = reqwest::Client::new()
-        .post(format!("{stripe_url}/v1/customers"))
-        .bearer_auth(STRIPE_KEY)
-        .form(form)
-        .send()
-        .await
-        .expect("localstripe answers")
-        .json()
-        .await
-        .expect("json");
-    body["id"].as_str().expect("an id").to_owned()
-}
 
 async fn stripe_update(stripe_url: &str, id: &str, form: &[(&str, &str)]) {
     let response = reqwest::Client::new()
