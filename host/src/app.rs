@@ -454,6 +454,7 @@ impl App {
 
 /// Purges expired idempotency keys now and then; expired keys are also
 /// ignored (and overwritten) when claimed, so this only bounds table size.
+/// The console's sign-outs of sessions expired since go with them.
 async fn purge_idempotency_keys(store: Store, batch: u32, cancel: CancellationToken) {
     let mut every = tokio::time::interval(PURGE_INTERVAL);
     loop {
@@ -468,6 +469,13 @@ async fn purge_idempotency_keys(store: Store, batch: u32, cancel: CancellationTo
                 Ok(purged) => tracing::debug!(purged, "expired idempotency keys purged"),
                 Err(error) => tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)), "purging idempotency keys failed"),
             },
+        }
+        // The console's sign-outs of expired sessions: a few rows a day.
+        if let Err(error) = store.purge_expired_sign_outs().await {
+            tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "purging console sign-outs failed"
+            );
         }
     }
 }

@@ -61,12 +61,14 @@ pub async fn sign_in(State(state): State<AppState>, body: Bytes) -> Response {
     response
 }
 
-/// `POST /console/sign-out`.
-pub async fn sign_out(_form: CsrfForm) -> Response {
+/// `POST /console/sign-out`: the session ends everywhere.
+pub async fn sign_out(State(state): State<AppState>, form: CsrfForm) -> Response {
+    let cleared = match session::end(&state, &form.session).await {
+        Ok(cleared) => cleared,
+        Err(refused) => return refused,
+    };
     let mut response = Redirect::to("/console/sign-in").into_response();
-    response
-        .headers_mut()
-        .insert(header::SET_COOKIE, session::end());
+    response.headers_mut().insert(header::SET_COOKIE, cleared);
     response
 }
 

@@ -10,6 +10,9 @@
 //! each costing that many HMACs.
 //! With no admin token (open mode, loopback only) the key is random per
 //! process. The CSRF token is an HMAC of the session id under the same key.
+//! Signing out ends the session everywhere, not only in the browser: its
+//! id is stored until it would have expired, and a cookie kept (copied,
+//! stolen) no longer verifies.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -90,8 +93,9 @@ impl SessionKey {
         format!("{id}.{expires}.{mac}")
     }
 
-    /// The session id of a valid, unexpired cookie value.
-    fn verify(&self, value: &str, now: i64) -> Option<String> {
+    /// The session id and expiry (unix seconds) of a valid, unexpired
+    /// cookie value.
+    fn verify(&self, value: &str, now: i64) -> Option<(String, i64)> {
         let mut parts = value.split('.');
         let (id, expires, mac) = (parts.next()?, parts.next()?, parts.next()?);
         if parts.next().is_some() {
@@ -99,7 +103,8 @@ impl SessionKey {
         }
         let expected = self.mac(&[b"session", id.as_bytes(), expires.as_bytes()]);
         let valid: bool = expected.as_bytes().ct_eq(mac.as_bytes()).into();
-        (valid && expires.parse::<i64>().ok()? > now).then(|| id.to_owned())
+        let expires = expires.parse::<i64>().ok()?;
+        (valid && expires > now).then(|| (id.to_owned(), expires))
     }
 
     fn csrf(&self, session_id: &str) -> String {
@@ -109,6 +114,9 @@ impl SessionKey {
 
 /// A signed-in operator.
 pub struct Session {
+    /// The session's id, and when it expires (unix seconds).
+    id: String,
+    expires: i64,
     /// The token every form must carry back.
     pub csrf: String,
     /// Who the API handlers see.
@@ -191,9 +199,32 @@ impl FromRequestParts<AppState> for Session {
     ) -> Result<Self, Self::Rejection> {
         let now = chrono::Utc::now().timestamp();
         let key = &state.settings.console_key;
-        match cookie_value(parts).and_then(|value| key.verify(value, now)) {
-            Some(id) => Ok(Self {
+        let verified = cookie_value(parts).and_then(|value| key.verify(value, now));
+        let live = match verified {
+            Some((id, expires)) => match state.store.session_signed_out(&id).await {
+                Ok(false) => Some((id, expires)),
+                Ok(true) => None,
+                Err(error) => {
+                    tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::from(error)),
+                        "reading the console's sign-outs failed"
+                    );
+                    return Err(super::render_problem(
+                        None,
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "The store did not answer",
+                        "ferry could not check this session. Try again in a moment.",
+                    ));
+                }
+            },
+            None => None,
+        };
+        match live {
+            Some((id, expires)) => Ok(Self {
                 csrf: key.csrf(&id),
+                id,
+                expires,
                 principal: principal(state),
             }),
             None => {
@@ -289,9 +320,28 @@ pub fn start(state: &AppState) -> HeaderValue {
     cookie(&value, LIFETIME_SECONDS)
 }
 
-/// Ends the session in this browser.
-pub fn end() -> HeaderValue {
-    cookie("", 0)
+/// Ends `session` everywhere (its cookie no longer verifies, wherever a
+/// copy is kept); returns the `Set-Cookie` header value that clears it in
+/// this browser.
+pub async fn end(state: &AppState, session: &Session) -> Result<HeaderValue, Response> {
+    if let Err(error) = state
+        .store
+        .sign_out_session(&session.id, session.expires)
+        .await
+    {
+        tracing::warn!(
+            error = format!("{:#}", anyhow::Error::from(error)),
+            "signing out failed"
+        );
+        return Err(super::render_problem(
+            None,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Not signed out",
+            "ferry could not record the sign-out, and the session stays valid. Try again in a moment.",
+        ));
+    }
+    Ok(cookie("", 0))
 }
 
 fn cookie(value: &str, max_age: i64) -> HeaderValue {
@@ -318,7 +368,7 @@ mod tests {
     fn sessions_verify_until_they_expire_and_only_under_their_key() {
         let key = SessionKey::new(Some(&SecretString::from("token-a")));
         let value = key.issue(1_000);
-        let id = key.verify(&value, 1_001).expect("valid");
+        let (id, _) = key.verify(&value, 1_001).expect("valid");
         assert_eq!(
             key.verify(&value, 1_000 + LIFETIME_SECONDS),
             None,

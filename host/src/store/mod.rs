@@ -45,6 +45,7 @@ pub mod inbox;
 pub mod links;
 pub mod outbox;
 pub mod reconciliations;
+mod sign_outs;
 pub mod statistics;
 
 use std::str::FromStr;

@@ -755,4 +755,47 @@ async fn open_mode_signs_in_without_a_token_and_still_checks_csrf() {
     let html = refused.text().await.unwrap();
     assert_eq!(status, 404, "{html}");
     assert!(html.contains("version_not_found"), "{html}");
+
+    // Signing out ends the session everywhere: a copy of the cookie kept
+    // (another tab, a stolen one) is sent to sign in again, as is a form
+    // it posts.
+    let sign_out = client
+        .post(url("/console/sign-out"))
+        .header("cookie", &cookie)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sign_out.status(), 303);
+    assert!(sign_out.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    let kept = client
+        .get(url("/console"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        kept.status(),
+        303,
+        "a signed-out session still opened a page"
+    );
+    let enable = client
+        .post(url("/console/connectors/stripe/enable"))
+        .header("cookie", &cookie)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(enable.status(), 303);
+    assert!(enable.headers()["location"]
+        .to_str()
+        .unwrap()
+        .starts_with("/console/sign-in"));
+    assert_eq!(
+        api_get(&app, "/api/v1/connectors/stripe").await["state"],
+        "disabled"
+    );
 }
