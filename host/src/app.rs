@@ -102,6 +102,8 @@ impl App {
         };
         let options = StoreOptions {
             max_connections: config.database_max_connections,
+            statement_timeout: config.database_statement_timeout,
+            lock_timeout: config.database_lock_timeout,
             inbox_bus: config.kafka_brokers.is_some(),
             ..StoreOptions::default()
         };

@@ -39,6 +39,15 @@ pub struct Config {
     database_url: SecretString,
     /// Connections to PostgreSQL, or SQLite readers.
     pub database_max_connections: u32,
+    /// PostgreSQL: longest a statement may run before the server cancels
+    /// it (`statement_timeout`); 0 turns it off. Migrations run without.
+    #[serde(deserialize_with = "duration")]
+    pub database_statement_timeout: Duration,
+    /// PostgreSQL: longest a statement waits for a lock (a row another
+    /// session holds, an `ALTER` in progress) before it fails
+    /// (`lock_timeout`); 0 turns it off. Migrations run without.
+    #[serde(deserialize_with = "duration")]
+    pub database_lock_timeout: Duration,
     /// Bearer token for `/api/v1`.
     #[serde(default)]
     pub admin_token: Option<SecretString>,
@@ -267,6 +276,11 @@ impl std::fmt::Debug for Config {
             .field("database_url", &self.database_url_redacted())
             .field("database_max_connections", &self.database_max_connections)
             .field(
+                "database_statement_timeout",
+                &self.database_statement_timeout,
+            )
+            .field("database_lock_timeout", &self.database_lock_timeout)
+            .field(
                 "admin_token",
                 &self.admin_token.as_ref().map(|_| "[REDACTED]"),
             )
@@ -338,6 +352,8 @@ struct Defaults {
     listen: &'static str,
     database_url: &'static str,
     database_max_connections: u32,
+    database_statement_timeout: &'static str,
+    database_lock_timeout: &'static str,
     idempotency_ttl: u64,
     allow_private_hosts: bool,
     connector_max_bytes: usize,
@@ -380,6 +396,8 @@ const DEFAULTS: Defaults = Defaults {
     listen: "127.0.0.1:8080",
     database_url: "sqlite://ferry.db",
     database_max_connections: 16,
+    database_statement_timeout: "60s",
+    database_lock_timeout: "10s",
     idempotency_ttl: 24 * 60 * 60,
     allow_private_hosts: false,
     connector_max_bytes: 16 * 1024 * 1024,
@@ -801,6 +819,20 @@ mod tests {
             assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
             assert_eq!(config.database_url_exposed(), "sqlite://ferry.db");
             assert_eq!(config.idempotency_ttl, Duration::from_secs(86_400));
+            assert_eq!(
+                (
+                    config.database_statement_timeout,
+                    config.database_lock_timeout
+                ),
+                (Duration::from_secs(60), Duration::from_secs(10))
+            );
+            jail.set_env("FERRY_DATABASE_LOCK_TIMEOUT", "0");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                config.database_lock_timeout,
+                Duration::ZERO,
+                "0 turns it off"
+            );
             config.validate().map_err(|e| e.to_string())?;
             Ok(())
         });

@@ -179,6 +179,11 @@ pub enum ApiError {
     /// The connector trapped, timed out or failed; the sender should retry.
     #[error("the connector could not process this delivery; retry later")]
     ConnectorFailed,
+    /// The store did not answer in time (no connection free, a lock held
+    /// by another session, a statement past its timeout); nothing was
+    /// written, and the same request may be sent again.
+    #[error("the store is busy; nothing was written, send the request again")]
+    StoreBusy,
     /// Secrets cannot be stored without a master key.
     #[error("secrets can only be stored when FERRY_MASTER_KEY is set; or give them through FERRY_CONNECTORS__<NAME>__SECRETS__<SECRET>")]
     MasterKeyRequired,
@@ -234,7 +239,7 @@ impl ApiError {
             Self::ComponentRefused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::ComponentTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidSignature(_) | Self::InvalidWebhook(_) => StatusCode::BAD_REQUEST,
-            Self::ConnectorFailed => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ConnectorFailed | Self::StoreBusy => StatusCode::SERVICE_UNAVAILABLE,
             Self::EmailTaken => StatusCode::CONFLICT,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -284,6 +289,7 @@ impl ApiError {
             Self::InvalidSignature(_) => "invalid_signature",
             Self::InvalidWebhook(_) => "invalid_webhook",
             Self::ConnectorFailed => "connector_failed",
+            Self::StoreBusy => "store_busy",
             Self::Unauthorized => "unauthorized",
             Self::CrossSiteRequest(_) => "cross_site_request",
             Self::NotFound => "not_found",
@@ -326,6 +332,7 @@ impl ApiError {
             Self::InvalidSignature(_) => "Invalid signature",
             Self::InvalidWebhook(_) => "Invalid webhook",
             Self::ConnectorFailed => "Connector failed",
+            Self::StoreBusy => "Store busy",
             Self::Unauthorized => "Unauthorized",
             Self::CrossSiteRequest(_) => "Cross-site request refused",
             Self::NotFound => "Not found",
@@ -366,6 +373,13 @@ impl From<StoreError> for ApiError {
             StoreError::VersionMismatch { current } => Self::PreconditionFailed { current },
             // Another request holds the key now (a retry took it over).
             StoreError::IdempotencyClaimLost => Self::IdempotencyKeyInFlight,
+            busy if busy.is_busy() => {
+                tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::from(busy)),
+                    "the store was busy"
+                );
+                Self::StoreBusy
+            }
             other => Self::Internal(other.into()),
         }
     }
@@ -411,6 +425,9 @@ impl IntoResponse for ApiError {
             if let Ok(etag) = HeaderValue::from_str(&format!("\"{current}\"")) {
                 headers.insert(header::ETAG, etag);
             }
+        }
+        if matches!(self, Self::StoreBusy) {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if matches!(self, Self::Unauthorized) {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

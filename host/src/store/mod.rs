@@ -100,6 +100,11 @@ pub struct StoreOptions {
     pub max_connections: u32,
     /// How long to wait for a connection or a SQLite lock before failing.
     pub acquire_timeout: Duration,
+    /// PostgreSQL's `statement_timeout` on every pooled connection (zero:
+    /// none).
+    pub statement_timeout: Duration,
+    /// PostgreSQL's `lock_timeout` on every pooled connection (zero: none).
+    pub lock_timeout: Duration,
     /// Whether a bus (Kafka) publishes inbox events. Without one they are
     /// stored as already handed over (`published_at_ms` = arrival): the
     /// inbox loop applies them either way, the `inbox_unpublished` index
@@ -112,6 +117,8 @@ impl Default for StoreOptions {
         Self {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(10),
+            statement_timeout: Duration::from_secs(60),
+            lock_timeout: Duration::from_secs(10),
             inbox_bus: false,
         }
     }
@@ -165,6 +172,27 @@ pub enum StoreError {
 const IDEMPOTENCY_CLAIM_LOST: &str = "idempotency claim lost";
 
 impl StoreError {
+    /// Whether the store was too busy to answer in time, and the same
+    /// request is worth sending again: no pooled connection came free, a
+    /// lock was held past `lock_timeout` (PostgreSQL 55P03) or SQLite's
+    /// busy timeout, or a statement ran past `statement_timeout` (57014).
+    /// Nothing was written.
+    pub fn is_busy(&self) -> bool {
+        match self {
+            Self::Database(sqlx::Error::PoolTimedOut) => true,
+            Self::Database(sqlx::Error::Database(db)) => {
+                match db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
+                    // SQLITE_BUSY or SQLITE_LOCKED, extended codes included.
+                    Some(sqlite) => sqlx::error::DatabaseError::code(sqlite)
+                        .and_then(|code| code.parse::<i32>().ok())
+                        .is_some_and(|code| matches!(code & 0xff, 5 | 6)),
+                    None => matches!(db.code().as_deref(), Some("55P03" | "57014")),
+                }
+            }
+            _ => false,
+        }
+    }
+
     /// Maps a unique violation to [`StoreError::CustomerIdExists`] when it
     /// is the customers' key, and to [`StoreError::EmailTaken`] otherwise
     /// (the only other one a customer write can hit is the live-email
@@ -396,7 +424,15 @@ impl Store {
                 ))
             }
             StoreKind::Postgres => {
-                let connect = PgConnectOptions::from_str(url)?;
+                // Set at connection start (the startup packet): a statement
+                // that hangs on a lock another session holds, or runs away,
+                // fails and is retried instead of holding a pooled
+                // connection, and the work behind it, for good.
+                let timeout_ms = |d: Duration| d.as_millis().to_string();
+                let connect = PgConnectOptions::from_str(url)?.options([
+                    ("statement_timeout", timeout_ms(options.statement_timeout)),
+                    ("lock_timeout", timeout_ms(options.lock_timeout)),
+                ]);
                 let pool = PgPoolOptions::new()
                     .max_connections(options.max_connections.max(1))
                     .acquire_timeout(options.acquire_timeout)
@@ -474,7 +510,24 @@ impl Store {
                     .run(&pools.writer)
                     .await?
             }
-            Backend::Postgres(pool) => sqlx::migrate!("../migrations/postgres").run(pool).await?,
+            Backend::Postgres(pool) => {
+                // Without the pool's timeouts: a migration may rewrite a
+                // large table, and waits for another replica's migration
+                // (sqlx's advisory lock). The connection is closed after,
+                // not returned with them off.
+                let mut conn = pool.acquire().await?;
+                sqlx::query("SET statement_timeout = 0")
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query("SET lock_timeout = 0")
+                    .execute(&mut *conn)
+                    .await?;
+                let ran = sqlx::migrate!("../migrations/postgres")
+                    .run(&mut *conn)
+                    .await;
+                conn.close().await?;
+                ran?
+            }
         }
         Ok(())
     }

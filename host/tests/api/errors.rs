@@ -5,7 +5,8 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::helpers::{
-    assert_problem, email, on_both_backends, spawn_app, spawn_app_with_token, Backend, TOKEN,
+    assert_problem, email, on_both_backends, spawn_app, spawn_app_with, spawn_app_with_token,
+    Backend, TOKEN,
 };
 
 async fn malformed_json_is_400(backend: Backend) {
@@ -348,3 +349,55 @@ on_both_backends!(
     unknown_routes_and_methods_are_problems,
     token_is_required_when_configured,
 );
+
+/// A customer's row locked by another session (an operator's transaction
+/// left open, a stuck process): a write to it fails after
+/// `database_lock_timeout` with 503 `store_busy` and `Retry-After`, instead
+/// of holding the request and its pooled connection for as long as the
+/// lock stays; nothing was written, and the same request succeeds once the
+/// lock is gone.
+#[tokio::test]
+async fn postgres_a_row_locked_elsewhere_is_503_store_busy() {
+    use sqlx::Connection;
+    let app = spawn_app_with(Backend::Postgres, json!({"database_lock_timeout": "300ms"})).await;
+    let customer = app
+        .create_ok(&json!({"email": email("locked"), "name": "Before"}))
+        .await;
+    let id = customer["id"].as_str().unwrap();
+    let mut other = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .expect("a second session");
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("SELECT 1 FROM customers WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut other)
+        .await
+        .unwrap();
+
+    let path = format!("/api/v1/customers/{id}");
+    let patch = || {
+        app.request(Method::PATCH, &path)
+            .json(&json!({"name": "After"}))
+            .send()
+    };
+    let response = patch().await.unwrap();
+    assert_eq!(
+        response.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    assert_problem(response, 503, "store_busy").await;
+    let (_, unchanged) = app.get_json(&path).await;
+    assert_eq!(
+        (unchanged["name"].as_str(), unchanged["version"].as_i64()),
+        (Some("Before"), Some(1))
+    );
+
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    let response = patch().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let (_, changed) = app.get_json(&path).await;
+    assert_eq!(
+        (changed["name"].as_str(), changed["version"].as_i64()),
+        (Some("After"), Some(2))
+    );
+}

@@ -57,7 +57,16 @@ pub async fn spawn_app_with_token(backend: Backend) -> TestApp {
     spawn(backend, Some(TOKEN)).await
 }
 
+/// A ferry without an admin token, with `extra` settings over the tests'.
+pub async fn spawn_app_with(backend: Backend, extra: Value) -> TestApp {
+    spawn_configured(backend, None, extra).await
+}
+
 async fn spawn(backend: Backend, token: Option<&str>) -> TestApp {
+    spawn_configured(backend, token, json!({})).await
+}
+
+async fn spawn_configured(backend: Backend, token: Option<&str>, extra: Value) -> TestApp {
     init_logs();
     let dir = tempfile::tempdir().expect("temp dir");
     let database_url = match backend {
@@ -76,6 +85,9 @@ async fn spawn(backend: Backend, token: Option<&str>) -> TestApp {
     });
     if let Some(token) = token {
         overrides["admin_token"] = json!(token);
+    }
+    if let (Some(overrides), Value::Object(extra)) = (overrides.as_object_mut(), extra) {
+        overrides.extend(extra);
     }
     let config = Config::from_overrides(overrides).expect("test config");
     let app = App::build(config).await.expect("app builds");
