@@ -596,15 +596,19 @@ macro_rules! delivered_may_write {
 }
 
 /// A delivered push whose link took another live record meanwhile (see
-/// [`delivered_may_write!`]): the push is settled (a create is not replayed:
-/// its record exists) and the lease freed; the remote id, snapshot and
-/// synced version stay those of the record linked. Returns that record's id.
+/// [`delivered_may_write!`]; `$6` the id the push answered with): the push
+/// is settled (a create is not replayed: its record exists) and the lease
+/// freed; the remote id, snapshot and synced version stay those of the
+/// record linked. Returns that record's id; no row if the lease was lost,
+/// or if the link moved again since the guarded write, which then runs
+/// again.
 const KEEP_LINKED_SQL: &str = "UPDATE sync_links SET pending_version = NULL, \
        pending_record = NULL, attempts = 0, last_error = NULL, lease_until_ms = 0, \
        lease_token = NULL, updated_at = $1, \
        state = CASE WHEN wanted_version > synced_version THEN 'pending' ELSE 'synced' END, \
        next_attempt_at_ms = $2, pushed_at_ms = $2 \
      WHERE customer_id = $3 AND connector = $4 AND lease_token = $5 \
+       AND remote_id IS NOT NULL AND NOT remote_deleted AND remote_id <> $6 \
      RETURNING remote_id";
 
 /// The delivery record's detail for a push whose link kept `linked` (see
@@ -631,51 +635,71 @@ macro_rules! record_in {
                     // Only the lease holder moves synced_version, so it can be
                     // computed here; wanted_version may grow concurrently.
                     let synced = $link.synced_version.max(*version);
-                    let done = sqlx::query(concat!(
-                        "UPDATE sync_links SET remote_id = $1, remote_deleted = $2, synced_version = $3, \
-                         pushed_hash = $4, snapshot = $5, pending_version = NULL, \
-                         pending_record = NULL, attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $6, \
-                         state = CASE WHEN wanted_version > $3 THEN 'pending' ELSE 'synced' END, \
-                         next_attempt_at_ms = $7, pushed_at_ms = $7 \
-                         WHERE customer_id = $8 AND connector = $9 AND lease_token = $10 AND ",
-                        delivered_may_write!("sync_links", "$1")
-                    ))
-                    .bind(remote_id)
-                    .bind(remote_deleted)
-                    .bind(synced)
-                    .bind(pushed_hash)
-                    .bind(snapshot.as_ref().map(Json))
-                    .bind($at)
-                    .bind($at.timestamp_millis())
-                    .bind(&$link.customer_id)
-                    .bind(&$link.connector)
-                    .bind(&$link.lease_token)
-                    .execute(&mut *$tx)
-                    .await
-                    .map_err(|e| match &e {
-                        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::RemoteIdTaken,
-                        _ => StoreError::Database(e),
-                    })?
-                    .rows_affected();
-                    if done == 1 {
-                        1
-                    } else {
+                    // The guarded write, or the one that keeps the record
+                    // linked; an inbound write committed between the two
+                    // (the link unlinked again) sends it round once more.
+                    let mut written = 0;
+                    for _ in 0..3 {
+                        let done = sqlx::query(concat!(
+                            "UPDATE sync_links SET remote_id = $1, remote_deleted = $2, synced_version = $3, \
+                             pushed_hash = $4, snapshot = $5, pending_version = NULL, \
+                             pending_record = NULL, attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $6, \
+                             state = CASE WHEN wanted_version > $3 THEN 'pending' ELSE 'synced' END, \
+                             next_attempt_at_ms = $7, pushed_at_ms = $7 \
+                             WHERE customer_id = $8 AND connector = $9 AND lease_token = $10 AND ",
+                            delivered_may_write!("sync_links", "$1")
+                        ))
+                        .bind(remote_id)
+                        .bind(remote_deleted)
+                        .bind(synced)
+                        .bind(pushed_hash)
+                        .bind(snapshot.as_ref().map(Json))
+                        .bind($at)
+                        .bind($at.timestamp_millis())
+                        .bind(&$link.customer_id)
+                        .bind(&$link.connector)
+                        .bind(&$link.lease_token)
+                        .execute(&mut *$tx)
+                        .await
+                        .map_err(|e| match &e {
+                            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::RemoteIdTaken,
+                            _ => StoreError::Database(e),
+                        })?
+                        .rows_affected();
+                        if done == 1 {
+                            written = 1;
+                            break;
+                        }
                         kept = sqlx::query_scalar(KEEP_LINKED_SQL)
                             .bind($at)
                             .bind($at.timestamp_millis())
                             .bind(&$link.customer_id)
                             .bind(&$link.connector)
                             .bind(&$link.lease_token)
+                            .bind(remote_id)
                             .fetch_optional(&mut *$tx)
-                            .await?
-                            .flatten();
+                            .await?;
                         if let Some(linked) = &kept {
                             tracing::warn!(customer_id = %$link.customer_id, connector = %$link.connector,
                                 created = %remote_id, linked = %linked,
                                 "a create's answer came after another record was linked: the remote holds both");
+                            written = 1;
+                            break;
                         }
-                        u64::from(kept.is_some())
+                        let held: Option<i64> = sqlx::query_scalar(
+                            "SELECT 1 FROM sync_links WHERE customer_id = $1 AND connector = $2 \
+                             AND lease_token = $3",
+                        )
+                        .bind(&$link.customer_id)
+                        .bind(&$link.connector)
+                        .bind(&$link.lease_token)
+                        .fetch_optional(&mut *$tx)
+                        .await?;
+                        if held.is_none() {
+                            break;
+                        }
                     }
+                    written
                 }
                 RecordedOutcome::Skipped { version, mark_synced, .. } => {
                     let synced = if *mark_synced {
@@ -1306,13 +1330,30 @@ async fn write_links_postgres(
         if missed.is_empty() {
             return Ok(applied);
         }
-        others = missed;
-        let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
-        for index in others {
-            let (link, write) = writes[index];
-            applied[index] = write_in!(tx, link, write, at)?;
+        // The batch has committed: a failure here leaves these writes
+        // undone (as a lost lease would: the link is claimed again when it
+        // expires), not the batch's reported as failed.
+        let rest = async {
+            let mut done = Vec::with_capacity(missed.len());
+            let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
+            for &index in &missed {
+                let (link, write) = writes[index];
+                done.push((index, write_in!(tx, link, write, at)?));
+            }
+            tx.commit().await?;
+            Ok::<_, StoreError>(done)
+        };
+        match rest.await {
+            Ok(done) => {
+                for (index, held) in done {
+                    applied[index] = held;
+                }
+            }
+            Err(error) => tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "writing pushes the batch left failed; their links are claimed again"
+            ),
         }
-        tx.commit().await?;
         return Ok(applied);
     }
     let mut tx = pool.begin().await?;
@@ -1320,6 +1361,8 @@ async fn write_links_postgres(
     // The lease lost, or the link took another record: the write alone
     // tells which.
     others.extend(batches.delivered_missed(&applied));
+    // In the order of the writes: a link's first write before its second.
+    others.sort_unstable();
     for index in others {
         let (link, write) = writes[index];
         applied[index] = write_in!(tx, link, write, at)?;
@@ -1438,6 +1481,8 @@ async fn write_links_sqlite(
                 .await?;
         }
     }
+    // In the order of the writes: a link's first write before its second.
+    others.sort_unstable();
     for index in others {
         let (link, write) = writes[index];
         applied[index] = write_in!(tx, link, write, at)?;
