@@ -205,14 +205,12 @@ impl FromRequestParts<AppState> for Session {
                 Ok(false) => Some((id, expires)),
                 Ok(true) => None,
                 Err(error) => {
-                    tracing::warn!(
-                        error = format!("{:#}", anyhow::Error::from(error)),
-                        "reading the console's sign-outs failed"
-                    );
+                    let error = crate::api::error::ApiError::from(error);
+                    tracing::warn!(error = %error, "reading the console's sign-outs failed");
                     return Err(super::render_problem(
                         None,
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal",
+                        error.status(),
+                        error.code(),
                         "The store did not answer",
                         "ferry could not check this session. Try again in a moment.",
                     ));
@@ -329,14 +327,12 @@ pub async fn end(state: &AppState, session: &Session) -> Result<HeaderValue, Res
         .sign_out_session(&session.id, session.expires)
         .await
     {
-        tracing::warn!(
-            error = format!("{:#}", anyhow::Error::from(error)),
-            "signing out failed"
-        );
+        let error = crate::api::error::ApiError::from(error);
+        tracing::warn!(error = %error, "signing out failed");
         return Err(super::render_problem(
             None,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            error.status(),
+            error.code(),
             "Not signed out",
             "ferry could not record the sign-out, and the session stays valid. Try again in a moment.",
         ));

@@ -36,9 +36,10 @@ impl Store {
     }
 
     /// Forgets the sign-outs of sessions that have expired since (their
-    /// cookies no longer verify); returns how many.
+    /// cookies no longer verify), an hour after, for replicas whose clocks
+    /// run behind; returns how many.
     pub async fn purge_expired_sign_outs(&self) -> Result<u64, StoreError> {
-        let now = Utc::now().timestamp();
+        let now = Utc::now().timestamp() - 60 * 60;
         let done = dispatch!(self, write pool => {
             sqlx::query("DELETE FROM console_sign_outs WHERE expires_at <= $1")
                 .bind(now)
