@@ -645,6 +645,21 @@ impl Config {
         if let Some((name, _)) = positive.iter().find(|(_, value)| value.is_zero()) {
             return Err(ConfigError::Invalid(format!("{name} must be positive")));
         }
+        // PostgreSQL takes milliseconds in a 32-bit integer, and refuses
+        // every connection given more.
+        let server_limits = [
+            (
+                "database_statement_timeout",
+                self.database_statement_timeout,
+            ),
+            ("database_lock_timeout", self.database_lock_timeout),
+        ];
+        let most = Duration::from_millis(i32::MAX as u64);
+        if let Some((name, _)) = server_limits.iter().find(|(_, value)| *value > most) {
+            return Err(ConfigError::Invalid(format!(
+                "{name} must be at most 24 days (0 sets none)"
+            )));
+        }
         if self.webhook_max_body_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "webhook_max_body_bytes must be at least 1024".into(),

@@ -428,11 +428,15 @@ impl Store {
                 // that hangs on a lock another session holds, or runs away,
                 // fails and is retried instead of holding a pooled
                 // connection, and the work behind it, for good.
-                let timeout_ms = |d: Duration| d.as_millis().to_string();
-                let connect = PgConnectOptions::from_str(url)?.options([
-                    ("statement_timeout", timeout_ms(options.statement_timeout)),
-                    ("lock_timeout", timeout_ms(options.lock_timeout)),
-                ]);
+                // Zero sets none: the server's, or the URL's `options`, apply.
+                let timeouts = [
+                    ("statement_timeout", options.statement_timeout),
+                    ("lock_timeout", options.lock_timeout),
+                ]
+                .into_iter()
+                .filter(|(_, limit)| !limit.is_zero())
+                .map(|(name, limit)| (name, limit.as_millis().max(1).to_string()));
+                let connect = PgConnectOptions::from_str(url)?.options(timeouts);
                 let pool = PgPoolOptions::new()
                     .max_connections(options.max_connections.max(1))
                     .acquire_timeout(options.acquire_timeout)
@@ -513,19 +517,20 @@ impl Store {
             Backend::Postgres(pool) => {
                 // Without the pool's timeouts: a migration may rewrite a
                 // large table, and waits for another replica's migration
-                // (sqlx's advisory lock). The connection is closed after,
-                // not returned with them off.
-                let mut conn = pool.acquire().await?;
+                // (sqlx's advisory lock). The connection leaves the pool
+                // and is closed after, never returned with them off.
+                let mut conn = pool.acquire().await?.detach();
                 sqlx::query("SET statement_timeout = 0")
-                    .execute(&mut *conn)
+                    .execute(&mut conn)
                     .await?;
                 sqlx::query("SET lock_timeout = 0")
-                    .execute(&mut *conn)
+                    .execute(&mut conn)
                     .await?;
                 let ran = sqlx::migrate!("../migrations/postgres")
-                    .run(&mut *conn)
+                    .run(&mut conn)
                     .await;
-                conn.close().await?;
+                // Closed whatever the migrations did: it is not the pool's.
+                let _ = sqlx::Connection::close(conn).await;
                 ran?
             }
         }
