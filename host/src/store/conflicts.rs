@@ -79,6 +79,13 @@ pub struct Folded {
     pub seen_at_ms: i64,
     /// The inbox events it stands for.
     pub seqs: Vec<i64>,
+    /// Fields the remote changed again while the link was held, to values
+    /// other than the conflict showed, that the resolution's value
+    /// overrides (JSON array of `FieldConflict`, decided `local`): a
+    /// conflict of their own, recorded as decided. Empty: none.
+    pub overridden: serde_json::Value,
+    /// The newest waiting event, which those values came with.
+    pub event_id: String,
 }
 
 /// A deleted customer's open conflicts have nothing left to decide (and
@@ -209,6 +216,25 @@ impl Store {
                     if ended != 1 {
                         return Ok(Resolved::Raced);
                     }
+                }
+                if folded.overridden.as_array().is_some_and(|fields| !fields.is_empty()) {
+                    sqlx::query(
+                        "INSERT INTO conflicts (id, customer_id, connector, event_id, policy, \
+                         fields, remote_record, state, resolution, created_at, resolved_at, \
+                         correlation_id) \
+                         VALUES ($1, $2, $3, $4, 'prefer_local', $5, $6, 'resolved', \
+                         'prefer_local', $7, $7, $8)",
+                    )
+                    .bind(format!("cf_{}", uuid::Uuid::now_v7().simple()))
+                    .bind(&conflict.customer_id)
+                    .bind(&conflict.connector)
+                    .bind(&folded.event_id)
+                    .bind(Json(&folded.overridden))
+                    .bind(Json(&folded.snapshot))
+                    .bind(at)
+                    .bind(correlation_id)
+                    .execute(&mut *tx)
+                    .await?;
                 }
                 sqlx::query(
                     "UPDATE sync_links SET snapshot = $1, pushed_hash = NULL, \

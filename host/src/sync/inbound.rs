@@ -335,10 +335,27 @@ impl SyncEngine {
             &self.inner.field_owners,
             &conflict.connector,
         );
+        // A field both sides changed while the link was held keeps the
+        // resolution's value: recorded, unless it is the one the person
+        // just decided (the remote value the conflict showed).
+        let decided = conflict.fields.0.as_array();
+        let overridden: Vec<_> = merged
+            .conflicts
+            .iter()
+            .filter(|c| {
+                !decided.is_some_and(|decided| {
+                    decided
+                        .iter()
+                        .any(|d| d["field"] == c.field.as_str() && d["remote"] == c.remote)
+                })
+            })
+            .collect();
         let folded = Folded {
             snapshot: remote,
             seen_at_ms: newest.occurred_at_ms,
             seqs: waiting.iter().map(|e| e.seq).collect(),
+            overridden: serde_json::to_value(overridden)?,
+            event_id: newest.event_id.clone(),
         };
         Ok(Some((merged.merged, folded)))
     }

@@ -252,6 +252,51 @@ async fn a_remote_edit_made_while_held_survives_the_resolution(backend: Backend)
     assert_eq!(settled["name"], "Local Name", "{settled}");
     let version = settled["version"].as_i64().unwrap();
     assert_stripe_has(&h, version, "Local Name", "+15550000009").await;
+    // The name the person decided is not a conflict again.
+    assert_eq!(conflicts(&h.app, "").await.len(), 1);
+}
+
+/// Stripe's dashboard changes the name again while a conflict over it
+/// holds the link, to a value the person never saw. The resolution's name
+/// stands (the fold prefers it), and that is recorded: a second conflict,
+/// decided `prefer_local`, shows the remote value it overrode. Before, the
+/// value was dropped without a trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_edit_the_resolution_overrides_is_recorded() {
+    let h = synced_customer("flag").await;
+    name_edited_on_both_sides(&h).await;
+    let conflict = open_conflict(&h.app).await;
+    h.proxy.set_down(false);
+
+    edit_in_stripe(&h.stripe.url(), &h.remote_id, "name", "Remote Again");
+    wait_until_an_edit_waits(&h).await;
+
+    let (status, resolved) = resolve(&h.app, &conflict, json!({"resolution": "local"})).await;
+    assert_eq!(status, 200, "{resolved}");
+    assert_eq!(resolved["customer"]["name"], "Local Name", "{resolved}");
+    let all = conflicts(&h.app, "?state=resolved").await;
+    let overridden = all
+        .iter()
+        .find(|c| c["id"] != conflict["id"])
+        .unwrap_or_else(|| panic!("no conflict recorded for the override: {all:#?}"));
+    assert_eq!(
+        (&overridden["policy"], &overridden["resolution"]),
+        (&json!("prefer_local"), &json!("prefer_local")),
+        "{overridden:#}"
+    );
+    let fields = overridden["fields"].as_array().unwrap();
+    assert_eq!(fields.len(), 1, "{overridden:#}");
+    assert_eq!(
+        (
+            &fields[0]["field"],
+            &fields[0]["local"],
+            &fields[0]["remote"]
+        ),
+        (&json!("name"), &json!("Local Name"), &json!("Remote Again")),
+        "{overridden:#}"
+    );
+    let version = resolved["customer"]["version"].as_i64().unwrap();
+    assert_stripe_has(&h, version, "Local Name", "+15550000001").await;
 }
 
 /// A remote edit ferry refuses (a phone it cannot read) waits behind the
