@@ -27,9 +27,22 @@ enum State {
         failures: u32,
     },
     HalfOpen {
+        /// Which pass carries the probe (see [`Pass`]).
+        probe: u64,
         probe_started: Instant,
         failures: u32,
     },
+}
+
+/// What [`Breakers::allow`] hands a call it lets through: whether it
+/// carries the half-open breaker's probe, and which. Handed back with
+/// [`Breakers::unused`], it releases that probe only: a call let through
+/// while the breaker was closed, and handed back after it opened and
+/// sent a probe, leaves that probe alone (before, it released it, and a
+/// second probe went out while the first was on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    probe: Option<u64>,
 }
 
 /// What an open breaker says: try again no sooner than this.
@@ -58,6 +71,8 @@ pub struct Breakers {
     /// that a call already in flight that succeeds (or fails) does not
     /// cut the pause short.
     paused: Mutex<HashMap<String, Instant>>,
+    /// The last probe's number.
+    probes: std::sync::atomic::AtomicU64,
 }
 
 impl Breakers {
@@ -68,6 +83,7 @@ impl Breakers {
             cooldown,
             states: Mutex::default(),
             paused: Mutex::default(),
+            probes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -93,19 +109,26 @@ impl Breakers {
     }
 
     /// May `connector` be called now?
-    pub fn allow(&self, connector: &str) -> Result<(), Deferred> {
+    pub fn allow(&self, connector: &str) -> Result<Pass, Deferred> {
         let now = Instant::now();
         if let Some(wait) = self.paused_for(connector, now) {
             return Err(Deferred(wait));
         }
+        let next = || {
+            self.probes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1
+        };
         self.with(connector, |state| match *state {
-            State::Closed { .. } => Ok(()),
+            State::Closed { .. } => Ok(Pass { probe: None }),
             State::Open { until, failures } if now >= until => {
+                let probe = next();
                 *state = State::HalfOpen {
+                    probe,
                     probe_started: now,
                     failures,
                 };
-                Ok(())
+                Ok(Pass { probe: Some(probe) })
             }
             State::Open { until, .. } => Err(Deferred(until - now)),
             // A probe that never reported back (its call was skipped, or
@@ -113,12 +136,15 @@ impl Breakers {
             State::HalfOpen {
                 probe_started,
                 failures,
+                ..
             } if now.duration_since(probe_started) >= self.cooldown => {
+                let probe = next();
                 *state = State::HalfOpen {
+                    probe,
                     probe_started: now,
                     failures,
                 };
-                Ok(())
+                Ok(Pass { probe: Some(probe) })
             }
             State::HalfOpen { .. } => Err(Deferred(PROBE_WAIT)),
         })
@@ -135,15 +161,22 @@ impl Breakers {
     /// answer that says nothing about the remote (the guest refused the
     /// operation or the data; a 429 without a Retry-After). A probe it
     /// carried is handed back at once, rather than holding every other
-    /// call until the probe's own cool-down.
-    pub fn unused(&self, connector: &str) {
-        self.with(connector, |state| {
-            if let State::HalfOpen { failures, .. } = *state {
+    /// call until the probe's own cool-down; a pass without the probe
+    /// changes nothing.
+    pub fn unused(&self, connector: &str, pass: Pass) {
+        self.with(connector, |state| match (*state, pass.probe) {
+            (
+                State::HalfOpen {
+                    probe, failures, ..
+                },
+                Some(mine),
+            ) if probe == mine => {
                 *state = State::Open {
                     until: Instant::now(),
                     failures,
                 };
             }
+            _ => {}
         });
     }
 
@@ -259,14 +292,37 @@ mod tests {
         let breakers = Breakers::new(1, Duration::from_millis(20));
         breakers.failure("stripe");
         std::thread::sleep(Duration::from_millis(30));
-        assert!(breakers.allow("stripe").is_ok(), "the probe");
+        let probe = breakers.allow("stripe").expect("the probe");
         assert!(breakers.allow("stripe").is_err(), "one probe at a time");
-        breakers.unused("stripe");
-        assert!(breakers.allow("stripe").is_ok(), "the next call probes");
-        breakers.unused("stripe");
+        breakers.unused("stripe", probe);
+        let probe = breakers.allow("stripe").expect("the next call probes");
+        breakers.unused("stripe", probe);
+        let probe = breakers.allow("stripe").expect("and the next");
         breakers.success("stripe");
-        breakers.unused("stripe");
+        breakers.unused("stripe", probe);
         assert_eq!(breakers.view("stripe").state, "closed");
+    }
+
+    /// A call let through while the breaker was closed, handed back after
+    /// it opened and sent its probe, leaves the probe alone: only one is
+    /// out at a time.
+    #[test]
+    fn a_pass_without_the_probe_does_not_release_it() {
+        let breakers = Breakers::new(1, Duration::from_millis(20));
+        let early = breakers.allow("stripe").expect("closed");
+        breakers.failure("stripe");
+        std::thread::sleep(Duration::from_millis(30));
+        let probe = breakers.allow("stripe").expect("the probe");
+        breakers.unused("stripe", early);
+        assert!(
+            breakers.allow("stripe").is_err(),
+            "a second probe went out while the first was on the wire"
+        );
+        breakers.unused("stripe", probe);
+        assert!(
+            breakers.allow("stripe").is_ok(),
+            "handed back by its own pass"
+        );
     }
 
     #[test]

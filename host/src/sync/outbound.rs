@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::breaker::Pass;
 use super::SyncEngine;
 use crate::registry::{Need, NotReady};
 use crate::runtime::{CallError, ConnectorError, Operation, PushRequest};
@@ -422,9 +423,10 @@ impl SyncEngine {
         if lease_until_ms.saturating_sub(now_ms()) <= call_ms.saturating_add(LEASE_MARGIN_MS) {
             return deferred(Duration::ZERO);
         }
-        if let Err(wait) = inner.breakers.allow(&link.connector) {
-            return deferred(wait.0);
-        }
+        let pass = match inner.breakers.allow(&link.connector) {
+            Ok(pass) => pass,
+            Err(wait) => return deferred(wait.0),
+        };
         if plan.operation == Operation::Create && link.pending_version != Some(plan.version) {
             // Durable before the request leaves: if we crash or time out,
             // the next attempt replays this create with the same key and
@@ -440,14 +442,14 @@ impl SyncEngine {
             match marked {
                 Ok(true) => {}
                 Ok(false) => {
-                    inner.breakers.unused(&link.connector);
+                    inner.breakers.unused(&link.connector, pass);
                     return (
                         RecordedOutcome::Deferred { at_ms: now_ms() },
                         Outcome::LeaseLost,
                     );
                 }
                 Err(error) => {
-                    inner.breakers.unused(&link.connector);
+                    inner.breakers.unused(&link.connector, pass);
                     return self.retry_later(link, None, None, store_error(error));
                 }
             }
@@ -544,7 +546,7 @@ impl SyncEngine {
                     },
                 )
             }
-            Err(error) => self.failed(link, plan.version, operation, error),
+            Err(error) => self.failed(link, plan.version, operation, error, pass),
         }
     }
 
@@ -554,6 +556,7 @@ impl SyncEngine {
         version: i64,
         operation: &'static str,
         error: CallError,
+        pass: Pass,
     ) -> (RecordedOutcome, Outcome) {
         let breakers = &self.inner.breakers;
         let dead = |kind: DeadLetterKind, message: String| {
@@ -579,7 +582,7 @@ impl SyncEngine {
                 // the probe's cool-down, says when the next call goes.
                 let attempt = u32::try_from(link.attempts + 1).unwrap_or(u32::MAX);
                 let pause = after.unwrap_or_else(|| self.inner.policy.delay(attempt, None));
-                breakers.unused(&link.connector);
+                breakers.unused(&link.connector, pass);
                 breakers.pause(&link.connector, pause);
                 self.retry_later(
                     link,
@@ -596,11 +599,11 @@ impl SyncEngine {
                 wait,
                 reached_remote: false,
             } => {
-                breakers.unused(&link.connector);
+                breakers.unused(&link.connector, pass);
                 deferred(wait)
             }
             error @ CallError::Throttled { wait, .. } => {
-                breakers.unused(&link.connector);
+                breakers.unused(&link.connector, pass);
                 self.retry_later(
                     link,
                     Some((version, operation)),
@@ -627,14 +630,14 @@ impl SyncEngine {
                 )
             }
             CallError::Connector(ConnectorError::Unsupported(message)) => {
-                breakers.unused(&link.connector);
+                breakers.unused(&link.connector, pass);
                 dead(
                     DeadLetterKind::Unsupported,
                     format!("unsupported: {message}"),
                 )
             }
             CallError::Connector(ConnectorError::InvalidSignature(message)) => {
-                breakers.unused(&link.connector);
+                breakers.unused(&link.connector, pass);
                 dead(DeadLetterKind::Permanent, message)
             }
             CallError::Connector(ConnectorError::Retryable(message)) => {
