@@ -686,8 +686,21 @@ impl Registry {
                 source: VersionSource::Bundled,
                 uploaded_by: &path,
             };
-            match self.inner.store.seed_connector_version(&new).await? {
+            let syncs_customers = connector.manifest().entities.iter().any(|e| e == ENTITY);
+            match self
+                .inner
+                .store
+                .seed_connector_version(&new, syncs_customers)
+                .await?
+            {
                 Seeded::Stored { .. } => self.stage(&connector),
+                Seeded::HeldBack { linked } => tracing::warn!(
+                    connector = %connector.name(),
+                    version = %connector.manifest().version,
+                    path,
+                    linked,
+                    "bundled connector version stored but NOT made active: it does not sync customers, and customers are linked through the connector (their pushes would be skipped)"
+                ),
                 Seeded::Deleted => tracing::info!(
                     connector = %connector.name(),
                     path,

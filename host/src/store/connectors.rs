@@ -205,7 +205,19 @@ pub enum Seeded {
     Deleted,
     /// An upload of the same version with other bytes exists and wins.
     UploadDiffers,
+    /// Stored, but not made active: the version does not sync customers,
+    /// and this many links through the connector would be stranded (see
+    /// [`Store::customer_links`]).
+    HeldBack {
+        /// The links counted.
+        linked: i64,
+    },
 }
+
+/// The links a version without the `customer` entity would strand: linked
+/// to a live remote record, or with a push to make. `$1` the connector.
+const CUSTOMER_LINKS_SQL: &str = "SELECT COUNT(*) FROM sync_links WHERE connector = $1 \
+     AND ((remote_id IS NOT NULL AND NOT remote_deleted) OR state IN ('pending', 'retry'))";
 
 /// Inside a dispatched transaction `$tx`: inserts the version `$new`.
 macro_rules! insert_version {
@@ -383,7 +395,11 @@ impl Store {
     /// replaces the stored one (a developer's rebuild); an upload of that
     /// version is never replaced. Safe when replicas seed at once.
     #[tracing::instrument(skip_all, fields(connector = new.name, version = new.version))]
-    pub async fn seed_connector_version(&self, new: &NewVersion<'_>) -> Result<Seeded, StoreError> {
+    pub async fn seed_connector_version(
+        &self,
+        new: &NewVersion<'_>,
+        syncs_customers: bool,
+    ) -> Result<Seeded, StoreError> {
         let at = now();
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
@@ -462,6 +478,19 @@ impl Store {
                 }
                 Some(_) => false,
             };
+            // A version that does not sync customers is not made active
+            // over links it would strand, as an upload or activation is not
+            // (409 `customers_linked`): their pushes would be skipped as
+            // settled.
+            let linked: i64 = if take && !syncs_customers {
+                sqlx::query_scalar(CUSTOMER_LINKS_SQL)
+                    .bind(new.name)
+                    .fetch_one(&mut *tx)
+                    .await?
+            } else {
+                0
+            };
+            let take = take && linked == 0;
             // Only over the choice as read: an operator's activation, or
             // another replica's seeding, that committed since wins.
             let (read_version, read_by) = current.unwrap_or_default();
@@ -481,7 +510,11 @@ impl Store {
                 .rows_affected()
                     == 1;
             tx.commit().await?;
-            Ok(Seeded::Stored { activated })
+            Ok(if linked > 0 {
+                Seeded::HeldBack { linked }
+            } else {
+                Seeded::Stored { activated }
+            })
         })
     }
 
@@ -601,10 +634,7 @@ impl Store {
     /// would strand: linked to a live remote record, or with a push to make.
     pub async fn customer_links(&self, name: &str) -> Result<i64, StoreError> {
         let count = dispatch!(self, read pool => {
-            sqlx::query_scalar(
-                "SELECT COUNT(*) FROM sync_links WHERE connector = $1 \
-                 AND ((remote_id IS NOT NULL AND NOT remote_deleted) OR state IN ('pending', 'retry'))",
-            )
+            sqlx::query_scalar(CUSTOMER_LINKS_SQL)
             .bind(name)
             .fetch_one(pool)
             .await?

@@ -1263,6 +1263,45 @@ async fn postgres_an_older_bundle_does_not_take_a_newer_one_back() {
     );
 }
 
+/// A bundled version that does not sync customers is stored at start but
+/// not made active while customers are linked through the connector, as
+/// an upload or an activation is refused (409 `customers_linked`): their
+/// pushes would be skipped as settled. Before, the bundle's newer version
+/// was made active over them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_bundle_without_customers_is_not_made_active_over_links() {
+    let bundle = |bytes: Vec<u8>| {
+        let dir = tempfile::tempdir().expect("bundle dir");
+        std::fs::write(dir.path().join("recorder.wasm"), bytes).expect("bundled");
+        dir
+    };
+    let (first, next) = (bundle(recorder()), bundle(recorder_variant("no-customer")));
+    let remote = RecorderRemote::start().await;
+    let mut started = setup(Backend::Postgres);
+    started.extra = json!({"connectors_dir": first.path()});
+    let app = spawn_sync_app(started).await;
+    configure_recorder(&app, &remote).await;
+    linked_customer(&app, "Linked").await;
+
+    let mut restarted = setup(Backend::Postgres);
+    restarted.database_url = Some(app.database_url.clone());
+    restarted.extra = json!({"connectors_dir": next.path()});
+    let replica = spawn_sync_app(restarted).await;
+    for one in [&app, &replica] {
+        let (_, connector) = get(one, "/api/v1/connectors/recorder").await;
+        assert_eq!(connector["active_version"], "0.1.0", "{connector}");
+    }
+    let (_, versions) = get(&replica, "/api/v1/connectors/recorder/versions").await;
+    let stored: Vec<&str> = versions["data"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|v| v["version"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        stored.contains(&"0.4.0"),
+        "the bundle is stored: {versions}"
+    );
+}
+
 /// A webhook right after ferry's push (inside the echo window, where the
 /// payload may be an older state) from a connector without `fetch` is
 /// applied as it came: the base tells an echo from an edit. Before, it was
