@@ -974,14 +974,15 @@ impl Store {
     /// Pushes due now to `connectors` (the ones that can push: a disabled
     /// or unloaded connector's links wait however many there are, and
     /// would hold a run's back-pressure for as long), for a run's
-    /// back-pressure.
+    /// back-pressure. Not those held by an open conflict: they wait for a
+    /// person, and a run would wait with them for good.
     pub async fn push_backlog(&self, connectors: &[String]) -> Result<i64, StoreError> {
         if connectors.is_empty() {
             return Ok(0);
         }
         let sql = format!(
             "SELECT COUNT(*) FROM sync_links WHERE state IN ('pending', 'retry') \
-             AND next_attempt_at_ms <= $1 AND connector IN ({})",
+             AND next_attempt_at_ms <= $1 AND held_by IS NULL AND connector IN ({})",
             placeholders(2, connectors.len())
         );
         let due = now().timestamp_millis();

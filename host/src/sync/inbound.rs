@@ -1157,7 +1157,7 @@ impl SyncEngine {
     }
 
     /// The duplicate-email policy for records from `connector`.
-    fn duplicate_email_policy(&self, connector: &str) -> DuplicateEmail {
+    pub(super) fn duplicate_email_policy(&self, connector: &str) -> DuplicateEmail {
         self.inner
             .duplicate_email_by_connector
             .get(connector)

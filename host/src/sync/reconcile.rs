@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 use utoipa::ToSchema;
 
 use super::breaker::Deferred;
-use super::inbound::{email_of, local_record};
+use super::inbound::{email_of, local_record, DuplicateEmail};
 use super::merge::field_differences;
 use super::outbound::canonical_record;
 use super::{SyncEngine, ENTITY};
@@ -47,6 +47,9 @@ pub const PAGE_SIZE: u32 = 100;
 const STEP: u32 = 500;
 /// How often the worker looks for runs to drive and schedules to start.
 const POLL: Duration = Duration::from_secs(1);
+/// How long a run's listing waits for a connector this replica has not
+/// loaded (or does not know yet) before it fails.
+const NOT_READY_GRACE: Duration = Duration::from_secs(30);
 /// A repair step waits until fewer than this many inbox events, and as
 /// many pushes, are waiting (and adds at most [`STEP`]): the queues never
 /// run dry during a backfill, and a live webhook or push waits behind at
@@ -432,6 +435,7 @@ impl SyncEngine {
         let inner = &self.inner;
         let mut cursor = run.cursor.clone();
         let mut failures = 0u32;
+        let mut not_ready_since: Option<Instant> = None;
         loop {
             if cancel.is_cancelled() {
                 return Err(Stop::Cancelled);
@@ -445,10 +449,23 @@ impl SyncEngine {
                     self.wait(run, cancel, POLL).await?;
                     continue;
                 }
+                // Not loaded here yet (a connector uploaded a moment ago,
+                // its compile still running on this replica, whose view
+                // refreshes every second): wait a while before failing.
+                Err(
+                    other @ (NotReady::Unknown | NotReady::NotLoaded(_) | NotReady::Unconfigured),
+                ) if not_ready_since.get_or_insert_with(Instant::now).elapsed()
+                    < NOT_READY_GRACE =>
+                {
+                    tracing::debug!(%other, "the connector is not ready here yet; waiting");
+                    self.wait(run, cancel, POLL).await?;
+                    continue;
+                }
                 Err(other) => {
                     return Err(Stop::Failed(format!("the connector is not ready: {other}")))
                 }
             };
+            not_ready_since = None;
             if let Err(Deferred(wait)) = inner.breakers.allow(&run.connector) {
                 self.wait(
                     run,
@@ -588,6 +605,13 @@ impl SyncEngine {
                 *findings.counts.entry("invalid").or_default() += 1;
                 continue;
             };
+            // A push on its way or a person's decision pending: the
+            // difference is being settled already (a delete too).
+            if link.held_by.is_some() || matches!(link.state, LinkState::Pending | LinkState::Retry)
+            {
+                *findings.counts.entry("in_flight").or_default() += 1;
+                continue;
+            }
             if customer.deleted_at.is_some() {
                 if !link.remote_deleted {
                     findings.mismatches.push(NewMismatch {
@@ -603,13 +627,6 @@ impl SyncEngine {
                         listed_at_ms: Some(findings.listed_at_ms),
                     });
                 }
-                continue;
-            }
-            // A push on its way or a person's decision pending: the
-            // difference is being settled already.
-            if link.held_by.is_some() || matches!(link.state, LinkState::Pending | LinkState::Retry)
-            {
-                *findings.counts.entry("in_flight").or_default() += 1;
                 continue;
             }
             let differences =
@@ -841,6 +858,12 @@ impl SyncEngine {
             let mut events = Vec::new();
             let mut done = Vec::new();
             for mismatch in &batch {
+                // Under `reject`, the import of a record whose email's
+                // customer is linked to another record would only be
+                // dead-lettered again by every run: it stays for a person.
+                if self.rejected_as_duplicate(run, mismatch).await? {
+                    continue;
+                }
                 let Some(action) = plan_repair(run, mode, repair, mismatch) else {
                     continue;
                 };
@@ -976,6 +999,33 @@ impl SyncEngine {
     }
 }
 
+impl SyncEngine {
+    /// Whether `mismatch` is a duplicate the connector's `reject` strategy
+    /// would refuse: its email's customer is linked to another live record
+    /// of the connector.
+    async fn rejected_as_duplicate(
+        &self,
+        run: &RunRow,
+        mismatch: &MismatchRow,
+    ) -> Result<bool, StoreError> {
+        if action_kind(mismatch) != Kind::Duplicate
+            || self.duplicate_email_policy(&run.connector) != DuplicateEmail::Reject
+        {
+            return Ok(false);
+        }
+        let Some(customer) = &mismatch.customer_id else {
+            return Ok(false);
+        };
+        let links = self.inner.store.links_of(customer).await?;
+        Ok(links.iter().any(|l| {
+            l.connector == run.connector
+                && !l.remote_deleted
+                && l.remote_id.is_some()
+                && l.remote_id != mismatch.remote_id
+        }))
+    }
+}
+
 /// What repairing `mismatch` under `repair` does; `None`: it stays open
 /// for a person.
 fn plan_repair(run: &RunRow, mode: Mode, repair: Repair, mismatch: &MismatchRow) -> Option<Action> {
@@ -1005,11 +1055,25 @@ fn plan_repair(run: &RunRow, mode: Mode, repair: Repair, mismatch: &MismatchRow)
         (Kind::Different, PullRemote) => event(RemoteChange::Upsert, Some("prefer_remote")),
         (Kind::Different, Merge) => event(RemoteChange::Upsert, None),
         // The customer was deleted in ferry: the delete is pushed; ferry
-        // never brings a deleted customer back.
+        // never brings a deleted customer back. Not by a backfill, which
+        // never deletes (a delete the remote refused stays dead-lettered
+        // for a person).
+        (Kind::MissingLocal, _) if customer.is_some() && mode == Mode::Backfill => None,
         (Kind::MissingLocal, PushLocal | Merge) if customer.is_some() => {
             customer.map(Action::ForcePush)
         }
         (Kind::MissingLocal, _) if customer.is_some() => None,
+        // A record without an email cannot become a customer: imported, it
+        // would be dead-lettered by every run again.
+        (Kind::MissingLocal, _)
+            if mismatch
+                .record
+                .as_ref()
+                .and_then(|r| email_of(&r.0))
+                .is_none() =>
+        {
+            None
+        }
         (Kind::MissingLocal, PullRemote | Merge) => event(RemoteChange::Upsert, None),
         // push_local never deletes a record ferry does not know.
         (Kind::MissingLocal, PushLocal) => None,

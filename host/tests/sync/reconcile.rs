@@ -196,6 +196,7 @@ async fn backfill_links_imports_and_pushes(backend: Backend) {
     let s_r = stripe_create(&url, &[("email", &remote_only), ("name", "Only Remote")]).await;
     let s_d1 = stripe_create(&url, &[("email", &dup), ("name", "Dup One")]).await;
     let s_d2 = stripe_create(&url, &[("email", &dup), ("name", "Dup Two")]).await;
+    let s_none = stripe_create(&url, &[("name", "No Email")]).await;
 
     // The relay has moved both creates while no connector was configured
     // (a create it had not moved yet would be pushed to a connector
@@ -243,14 +244,14 @@ async fn backfill_links_imports_and_pushes(backend: Backend) {
         &run,
         &[
             ("unlinked", 1),
-            ("missing_local", 1),
+            ("missing_local", 2),
             ("duplicate", 2),
             ("missing_remote", 1),
             ("repairs", 5),
         ],
     );
     assert_eq!(run["progress"]["listing_complete"], true, "{run}");
-    assert_eq!(run["progress"]["records"], 4, "{run}");
+    assert_eq!(run["progress"]["records"], 5, "{run}");
     let unlinked = findings(&app.base, run["id"].as_str().unwrap(), Some("unlinked")).await;
     assert_eq!(unlinked[0]["remote_id"], s_b.as_str(), "{unlinked:?}");
     assert_eq!(unlinked[0]["customer_id"], b["id"], "{unlinked:?}");
@@ -323,7 +324,22 @@ async fn backfill_links_imports_and_pushes(backend: Backend) {
     app.wait_synced(b_id, 1).await;
     let second = run_to_end(&app, json!({"connector": "stripe", "mode": "backfill"})).await;
     assert_eq!(second["status"], "completed", "{second:#}");
-    expect_counts(&second, &[("equal", 4), ("duplicate", 1), ("repairs", 1)]);
+    expect_counts(
+        &second,
+        &[("equal", 4), ("duplicate", 1), ("missing_local", 1)],
+    );
+    // What can never be imported is not sent to be refused again by each
+    // run: the record without an email, and the second duplicate under
+    // `reject` (dead-lettered once, by the first run). Their findings stay
+    // open for a person.
+    assert!(app
+        .store
+        .inbox_of_remote("stripe", &s_none)
+        .await
+        .unwrap()
+        .is_empty());
+    let dead = app.store.inbox_of_remote("stripe", other).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
     for address in [&local_only, &matched, &remote_only] {
         assert_eq!(
             stripe_customers_by_email(&url, address).await.len(),
