@@ -1131,6 +1131,72 @@ async fn pause(cancel: &CancellationToken, wait: Duration) -> Result<(), Stop> {
 mod tests {
     use super::*;
 
+    fn run(mode: &str) -> RunRow {
+        let at = chrono::Utc::now();
+        RunRow {
+            id: "rec_1".into(),
+            connector: "stripe".into(),
+            mode: mode.into(),
+            repair: "merge".into(),
+            trigger: "api".into(),
+            status: "running".into(),
+            phase: "repairing".into(),
+            cursor: None,
+            listing_complete: true,
+            pages: 1,
+            records: 1,
+            counts: sqlx::types::Json(serde_json::Map::new()),
+            repairs: 0,
+            error: None,
+            lease_token: None,
+            started_at: at,
+            updated_at: at,
+            finished_at: None,
+        }
+    }
+
+    fn missing_local(customer: Option<&str>, record: serde_json::Value) -> MismatchRow {
+        MismatchRow {
+            id: "mm_1".into(),
+            run_id: "rec_1".into(),
+            kind: Kind::MissingLocal.as_str().into(),
+            remote_id: Some("cus_remote".into()),
+            customer_id: customer.map(str::to_owned),
+            fields: sqlx::types::Json(serde_json::json!([])),
+            record: Some(sqlx::types::Json(record)),
+            detail: None,
+            state: "open".into(),
+            repair: None,
+            created_at: chrono::Utc::now(),
+            resolved_at: None,
+            listed_at_ms: None,
+        }
+    }
+
+    /// A backfill never pushes a delete (one the remote refused stays
+    /// dead-lettered for a person); a reconciliation does. A record
+    /// without an email is never imported: it could only be dead-lettered.
+    #[test]
+    fn a_backfill_never_deletes_and_no_email_is_never_imported() {
+        let deleted = missing_local(Some("cus_local"), serde_json::json!({"email": "a@b.c"}));
+        let backfill = run("backfill");
+        assert!(plan_repair(&backfill, Mode::Backfill, Repair::Merge, &deleted).is_none());
+        let reconcile = run("reconcile");
+        assert!(matches!(
+            plan_repair(&reconcile, Mode::Reconcile, Repair::Merge, &deleted),
+            Some(Action::ForcePush(_))
+        ));
+        let no_email = missing_local(None, serde_json::json!({"name": "No Email"}));
+        for repair in [Repair::Merge, Repair::PullRemote] {
+            assert!(plan_repair(&reconcile, Mode::Reconcile, repair, &no_email).is_none());
+        }
+        let importable = missing_local(None, serde_json::json!({"email": "a@b.c"}));
+        assert!(matches!(
+            plan_repair(&reconcile, Mode::Reconcile, Repair::Merge, &importable),
+            Some(Action::Event(_))
+        ));
+    }
+
     #[test]
     fn the_brake_allows_a_share_and_at_least_one() {
         assert_eq!(allowed_deletes(0, 0.1), 1);
