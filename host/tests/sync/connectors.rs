@@ -1225,42 +1225,53 @@ async fn postgres_the_same_upload_twice_at_once() {
     assert_eq!(first["sha256"], second["sha256"]);
 }
 
+/// A folder holding `bytes` as the bundled recorder.
+fn recorder_bundle(bytes: Vec<u8>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("bundle dir");
+    std::fs::write(dir.path().join("recorder.wasm"), bytes).expect("bundled");
+    dir
+}
+
+/// A ferry on PostgreSQL whose connectors folder is `bundle`; on `app`'s
+/// database, if given.
+async fn with_bundle(bundle: &tempfile::TempDir, app: Option<&SyncApp>) -> SyncApp {
+    let mut started = setup(Backend::Postgres);
+    started.database_url = app.map(|app| app.database_url.clone());
+    started.extra = json!({"connectors_dir": bundle.path()});
+    spawn_sync_app(started).await
+}
+
+/// Every replica has `active` as the recorder's active version, and
+/// `stored` among its versions.
+async fn assert_active_and_stored(replicas: &[&SyncApp], active: &str, stored: &str) {
+    for replica in replicas {
+        let (_, connector) = get(replica, "/api/v1/connectors/recorder").await;
+        assert_eq!(connector["active_version"], active, "{connector}");
+        let (_, versions) = get(replica, "/api/v1/connectors/recorder/versions").await;
+        let all: Vec<&str> = versions["data"]
+            .as_array()
+            .map(|v| v.iter().filter_map(|v| v["version"].as_str()).collect())
+            .unwrap_or_default();
+        assert!(all.contains(&stored), "{stored} is stored: {versions}");
+    }
+}
+
 /// A replica of an older ferry, started beside a newer one (a rolling
 /// deploy), stores its older bundled connector but does not make it active:
 /// the bundle only moves its own choice forward. Before, every restart of
 /// the older replica took every replica back to its version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_an_older_bundle_does_not_take_a_newer_one_back() {
-    let bundle = |variant: Option<&str>| {
-        let dir = tempfile::tempdir().expect("bundle dir");
-        let bytes = variant.map_or_else(recorder, recorder_variant);
-        std::fs::write(dir.path().join("recorder.wasm"), bytes).expect("bundled");
-        dir
-    };
-    let (newer, older) = (bundle(Some("version-2")), bundle(None));
-    let mut first = setup(Backend::Postgres);
-    first.extra = json!({"connectors_dir": newer.path()});
-    let app = spawn_sync_app(first).await;
+    let (newer, older) = (
+        recorder_bundle(recorder_variant("version-2")),
+        recorder_bundle(recorder()),
+    );
+    let app = with_bundle(&newer, None).await;
     let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
     assert_eq!(connector["active_version"], "0.2.0", "{connector}");
 
-    let mut second = setup(Backend::Postgres);
-    second.database_url = Some(app.database_url.clone());
-    second.extra = json!({"connectors_dir": older.path()});
-    let old = spawn_sync_app(second).await;
-    for replica in [&app, &old] {
-        let (_, connector) = get(replica, "/api/v1/connectors/recorder").await;
-        assert_eq!(connector["active_version"], "0.2.0", "{connector}");
-    }
-    let (_, versions) = get(&old, "/api/v1/connectors/recorder/versions").await;
-    let stored: Vec<&str> = versions["data"]
-        .as_array()
-        .map(|v| v.iter().filter_map(|v| v["version"].as_str()).collect())
-        .unwrap_or_default();
-    assert!(
-        stored.contains(&"0.1.0"),
-        "the older bundle is stored: {versions}"
-    );
+    let old = with_bundle(&older, Some(&app)).await;
+    assert_active_and_stored(&[&app, &old], "0.2.0", "0.1.0").await;
 }
 
 /// A bundled version that does not sync customers is stored at start but
@@ -1270,36 +1281,17 @@ async fn postgres_an_older_bundle_does_not_take_a_newer_one_back() {
 /// was made active over them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_bundle_without_customers_is_not_made_active_over_links() {
-    let bundle = |bytes: Vec<u8>| {
-        let dir = tempfile::tempdir().expect("bundle dir");
-        std::fs::write(dir.path().join("recorder.wasm"), bytes).expect("bundled");
-        dir
-    };
-    let (first, next) = (bundle(recorder()), bundle(recorder_variant("no-customer")));
+    let (first, next) = (
+        recorder_bundle(recorder()),
+        recorder_bundle(recorder_variant("no-customer")),
+    );
     let remote = RecorderRemote::start().await;
-    let mut started = setup(Backend::Postgres);
-    started.extra = json!({"connectors_dir": first.path()});
-    let app = spawn_sync_app(started).await;
+    let app = with_bundle(&first, None).await;
     configure_recorder(&app, &remote).await;
     linked_customer(&app, "Linked").await;
 
-    let mut restarted = setup(Backend::Postgres);
-    restarted.database_url = Some(app.database_url.clone());
-    restarted.extra = json!({"connectors_dir": next.path()});
-    let replica = spawn_sync_app(restarted).await;
-    for one in [&app, &replica] {
-        let (_, connector) = get(one, "/api/v1/connectors/recorder").await;
-        assert_eq!(connector["active_version"], "0.1.0", "{connector}");
-    }
-    let (_, versions) = get(&replica, "/api/v1/connectors/recorder/versions").await;
-    let stored: Vec<&str> = versions["data"]
-        .as_array()
-        .map(|v| v.iter().filter_map(|v| v["version"].as_str()).collect())
-        .unwrap_or_default();
-    assert!(
-        stored.contains(&"0.4.0"),
-        "the bundle is stored: {versions}"
-    );
+    let replica = with_bundle(&next, Some(&app)).await;
+    assert_active_and_stored(&[&app, &replica], "0.1.0", "0.4.0").await;
 }
 
 /// A webhook right after ferry's push (inside the echo window, where the
