@@ -686,7 +686,9 @@ macro_rules! record_in {
                             written = 1;
                             break;
                         }
-                        let held: Option<i64> = sqlx::query_scalar(
+                        // Read as a row, not a value: `1` is an `int4`
+                        // on PostgreSQL and an integer on SQLite.
+                        let held = sqlx::query(
                             "SELECT 1 FROM sync_links WHERE customer_id = $1 AND connector = $2 \
                              AND lease_token = $3",
                         )
