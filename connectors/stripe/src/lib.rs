@@ -57,6 +57,9 @@ impl Connector for Stripe {
     fn push(req: PushRequest) -> Result<PushResult, ConnectorError> {
         ferry_sdk::ensure_entity(&req.entity, ENTITY, "stripe")?;
         let customer = Customer::from_json(&req.record)?;
+        if req.operation != Operation::Delete {
+            check_phone(&customer)?;
+        }
         let response = match req.operation {
             Operation::Create => {
                 let form = customer_form(&customer, &req.local_id, false);
@@ -194,6 +197,23 @@ fn parse_event(body: &[u8]) -> Result<ParsedWebhook, ConnectorError> {
     Ok(ParsedWebhook::events(vec![base
         .with_remote_type(event.kind)
         .with_origin_key(origin_key)]))
+}
+
+/// Longest phone Stripe stores, in characters.
+const MAX_PHONE: usize = 20;
+
+/// Refuses, before any call, a phone Stripe would refuse: ferry accepts up
+/// to 40 characters (Salesforce's limit), Stripe 20, and its refusal names
+/// neither the field's limit nor the value's length.
+fn check_phone(customer: &Customer) -> Result<(), ConnectorError> {
+    let length = customer.phone.as_deref().map_or(0, |p| p.chars().count());
+    if length > MAX_PHONE {
+        return Err(ConnectorError::permanent(format!(
+            "Stripe stores phones of at most {MAX_PHONE} characters; this customer's has {length}: \
+             shorten it in ferry, and the push goes again"
+        )));
+    }
+    Ok(())
 }
 
 fn remote_record(stripe: StripeCustomer) -> RemoteRecord {

@@ -173,6 +173,32 @@ async fn server_errors_and_network_failures_are_retryable() {
     }
 }
 
+/// A phone longer than Stripe stores is refused before any call, with
+/// the limit and the length (Stripe's own refusal names neither).
+#[tokio::test]
+async fn a_phone_stripe_cannot_store_is_refused_before_the_call() {
+    let kit = kit().await;
+    let record = json!({"id": "c1", "email": "ada@example.com",
+        "phone": "+44 20 7946 0958 ext. 1234", "metadata": {}});
+    let request = testkit::push_request(
+        "customer",
+        Operation::Create,
+        "c1",
+        None,
+        record.to_string(),
+    );
+    match connector_error(kit.push(request).await) {
+        ConnectorError::Permanent(m) => {
+            assert!(
+                m.contains("at most 20 characters") && m.contains("has 26"),
+                "{m}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(kit.http().requests().is_empty(), "no call was made");
+}
+
 #[tokio::test]
 async fn client_errors_map_to_their_kinds() {
     let kit = kit().await;
