@@ -129,7 +129,7 @@ fn describe() {
     );
     describe_gauge!(
         "ferry_sync_links",
-        "Outbound links waiting to be pushed, retrying or dead, by connector and state"
+        "Outbound links waiting to be pushed or retrying, by connector and state"
     );
     describe_gauge!(
         "ferry_dead_letters_unreplayed",

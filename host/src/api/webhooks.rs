@@ -76,10 +76,9 @@ pub async fn receive(
         .receive_webhook(&ready.config, request)
         .await
     {
-        Ok(parsed) => {
-            crate::metrics::webhook_verification(&name, "verified");
-            parsed
-        }
+        // Counted `verified` once its events are taken, below: a delivery
+        // the connector then botches counts `failed` only.
+        Ok(parsed) => parsed,
         Err(CallError::Connector(ConnectorError::InvalidSignature(message))) => {
             crate::metrics::webhook_verification(&name, "invalid_signature");
             tracing::info!(connector = %name, message, "webhook refused: signature");
@@ -157,6 +156,7 @@ pub async fn receive(
             policy: None,
         });
     }
+    crate::metrics::webhook_verification(&name, "verified");
     let correlation_id = request_id(&headers);
     let count = events.len();
     let stored = state

@@ -260,19 +260,27 @@ impl SyncEngine {
     ) -> Outcome {
         let (recorded, outcome) = self.try_push(&link, customer, lease_until_ms).await;
         let connector = &link.connector;
-        match (&outcome, &recorded) {
-            (Outcome::Delivered { .. }, _) => {
-                self.observe(connector, "outbound", "delivered", None)
+        // Counted once written: a write that loses its lease runs again.
+        let retry_error = match &recorded {
+            RecordedOutcome::RetryScheduled { error, .. } => Some(error.clone()),
+            _ => None,
+        };
+        let observe = |outcome: &Outcome| match outcome {
+            Outcome::Delivered { .. } => self.observe(connector, "outbound", "delivered", None),
+            Outcome::Skipped { .. } => self.observe(connector, "outbound", "skipped", None),
+            Outcome::RetryScheduled { .. } => {
+                self.observe(
+                    connector,
+                    "outbound",
+                    "retry_scheduled",
+                    retry_error.as_deref(),
+                );
             }
-            (Outcome::Skipped { .. }, _) => self.observe(connector, "outbound", "skipped", None),
-            (Outcome::RetryScheduled { .. }, RecordedOutcome::RetryScheduled { error, .. }) => {
-                self.observe(connector, "outbound", "retry_scheduled", Some(error));
-            }
-            (Outcome::DeadLettered { reason }, _) => {
+            Outcome::DeadLettered { reason } => {
                 self.observe(connector, "outbound", "dead_lettered", Some(reason));
             }
             _ => {}
-        }
+        };
         // The version the push sent (the claim may have read a customer
         // past its wanted version): the one a dead letter names.
         let pushed = match &recorded {
@@ -281,6 +289,7 @@ impl SyncEngine {
         };
         match self.write_link(&link, LinkWrite::Outcome(recorded)).await {
             Ok(true) => {
+                observe(&outcome);
                 match &outcome {
                     Outcome::Delivered {
                         operation,
@@ -313,7 +322,13 @@ impl SyncEngine {
                     error: reason.clone(),
                 };
                 match self.write_link(&link, LinkWrite::Outcome(dead)).await {
-                    Ok(_) => Outcome::DeadLettered { reason },
+                    Ok(written) => {
+                        let outcome = Outcome::DeadLettered { reason };
+                        if written {
+                            observe(&outcome);
+                        }
+                        outcome
+                    }
                     Err(error) => self.unrecorded(error),
                 }
             }
