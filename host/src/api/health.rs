@@ -270,6 +270,9 @@ pub async fn health(
         .collect();
     names.extend(links.keys().map(|(c, _)| c.clone()));
     names.extend(backlog.inbox_unapplied.keys().cloned());
+    // A removed connector left with only dead letters or open conflicts.
+    names.extend(backlog.dead_letters.keys().map(|(c, _)| c.clone()));
+    names.extend(backlog.conflicts_open.keys().cloned());
     names.sort();
     names.dedup();
     let switches: BTreeMap<String, Switch> = state

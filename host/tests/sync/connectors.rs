@@ -1060,9 +1060,38 @@ async fn an_event_of_a_deleted_connector_to_fetch_is_skipped(backend: Backend) {
                     .is_some_and(|d| d.contains("deleted")),
                 "{event:?}"
             );
-            return;
+            break;
         }
         assert!(Instant::now() < deadline, "still waiting: {event:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // One that carries its record is applied; without an email it is a
+    // dead letter, and the health summary still lists the connector for
+    // it (it listed registered connectors, links and the inbox backlog).
+    let no_email = NewInboxEvent {
+        event_id: "evt_no_email".into(),
+        remote_id: "rec_no_email".into(),
+        record: Some(json!({"id": "rec_no_email", "name": "No Email"})),
+        ..event
+    };
+    app.store
+        .store_inbox_many(&[("recorder", std::slice::from_ref(&no_email), None)])
+        .await
+        .expect("stored");
+    app.sync.wake();
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let (_, health) = get(&app, "/api/v1/health").await;
+        let listed = health["connectors"]
+            .as_array()
+            .and_then(|all| all.iter().find(|c| c["connector"] == "recorder"))
+            .cloned();
+        if let Some(recorder) = listed.filter(|c| c["dead_letters"] == 1) {
+            assert_eq!(recorder["connector"], "recorder");
+            return;
+        }
+        assert!(Instant::now() < deadline, "not listed: {health:#}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
