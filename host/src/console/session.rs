@@ -205,15 +205,11 @@ impl FromRequestParts<AppState> for Session {
                 Ok(false) => Some((id, expires)),
                 Ok(true) => None,
                 Err(error) => {
-                    let error = crate::api::error::ApiError::from(error);
-                    tracing::warn!(error = %error, "reading the console's sign-outs failed");
-                    return Err(super::render_problem(
-                        None,
-                        error.status(),
-                        error.code(),
+                    return Err(store_failed(
+                        error,
                         "The store did not answer",
                         "ferry could not check this session. Try again in a moment.",
-                    ));
+                    ))
                 }
             },
             None => None,
@@ -327,17 +323,24 @@ pub async fn end(state: &AppState, session: &Session) -> Result<HeaderValue, Res
         .sign_out_session(&session.id, session.expires)
         .await
     {
-        let error = crate::api::error::ApiError::from(error);
-        tracing::warn!(error = %error, "signing out failed");
-        return Err(super::render_problem(
-            None,
-            error.status(),
-            error.code(),
+        return Err(store_failed(
+            error,
             "Not signed out",
             "ferry could not record the sign-out, and the session stays valid. Try again in a moment.",
         ));
     }
     Ok(cookie("", 0))
+}
+
+/// The page for a session read or write the store failed: 503
+/// `store_busy` or 500 `internal`, as the API answers it; the cause is
+/// logged.
+fn store_failed(error: crate::store::StoreError, title: &str, detail: &str) -> Response {
+    let error = crate::api::error::ApiError::from(error);
+    if let crate::api::error::ApiError::Internal(cause) = &error {
+        tracing::warn!(error = format!("{cause:#}"), "{title}");
+    }
+    super::render_problem(None, error.status(), error.code(), title, detail)
 }
 
 fn cookie(value: &str, max_age: i64) -> HeaderValue {
