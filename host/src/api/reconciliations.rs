@@ -28,7 +28,7 @@ const DEFAULT_LIMIT: u32 = 50;
 const MAX_LIMIT: u32 = 500;
 
 /// The counts every report has, zero when nothing was found.
-const COUNTED: [&str; 11] = [
+const COUNTED: [&str; 12] = [
     "equal",
     "different",
     "missing_local",
@@ -39,6 +39,7 @@ const COUNTED: [&str; 11] = [
     "in_flight",
     "invalid",
     "rate_limited",
+    "listing_restarted",
     "repairs",
 ];
 
@@ -92,8 +93,9 @@ pub struct Reconciliation {
     /// `missing_local`, `missing_remote`, `orphan`, `duplicate`,
     /// `unlinked`), linked records not judged because a push or a person's
     /// decision is pending (`in_flight`), listed records that were not valid
-    /// JSON (`invalid`), rate-limited waits (`rate_limited`), and repairs
-    /// scheduled (`repairs`).
+    /// JSON (`invalid`), rate-limited waits (`rate_limited`), listings
+    /// started again because another connector version became active
+    /// (`listing_restarted`), and repairs scheduled (`repairs`).
     pub counts: BTreeMap<String, i64>,
     /// Where it is.
     pub progress: Progress,

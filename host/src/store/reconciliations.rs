@@ -32,6 +32,8 @@ pub struct RunRow {
     pub phase: String,
     /// The next page to list.
     pub cursor: Option<String>,
+    /// The sha256 of the connector code `cursor` came from.
+    pub listed_with: Option<String>,
     /// Whether every page was listed.
     pub listing_complete: bool,
     /// Pages listed.
@@ -55,7 +57,7 @@ pub struct RunRow {
 }
 
 const RUN_COLUMNS: &str = "id, connector, mode, repair, trigger, status, phase, cursor, \
-     listing_complete, pages, records, counts, repairs, error, lease_token, started_at, \
+     listed_with, listing_complete, pages, records, counts, repairs, error, lease_token, started_at, \
      updated_at, finished_at";
 
 /// One `reconciliation_mismatches` row.
@@ -329,6 +331,7 @@ impl Store {
         run: &RunRow,
         findings: &PageFindings,
         next_cursor: Option<&str>,
+        listed_with: &str,
         listed: i64,
     ) -> Result<bool, StoreError> {
         let at = now();
@@ -361,7 +364,8 @@ impl Store {
             let updated = sqlx::query(
                 "UPDATE reconciliation_runs SET cursor = $3, listing_complete = $4, \
                  phase = CASE WHEN $4 THEN 'classifying' ELSE phase END, pages = pages + 1, \
-                 records = records + $5, updated_at = $6 WHERE id = $1 AND lease_token = $2",
+                 records = records + $5, updated_at = $6, listed_with = $7 \
+                 WHERE id = $1 AND lease_token = $2",
             )
             .bind(&run.id)
             .bind(&run.lease_token)
@@ -369,6 +373,7 @@ impl Store {
             .bind(next_cursor.is_none())
             .bind(listed)
             .bind(at)
+            .bind(listed_with)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -378,6 +383,61 @@ impl Store {
             for (kind, n) in &findings.counts {
                 add_counts!(tx, &run.id, *kind, *n)?;
             }
+            tx.commit().await?;
+        });
+        Ok(true)
+    }
+
+    /// Forgets what the run's listing found so far, for a listing that
+    /// starts again from the first page (the cursor came from a version no
+    /// longer active, whose cursor format may not be the active one's).
+    /// Findings a person already resolved stay; the counts keep only the
+    /// rate-limited waits and how often the listing started again. `false` if the lease was lost.
+    pub async fn restart_listing(&self, run: &RunRow) -> Result<bool, StoreError> {
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            let counts: Option<Json<serde_json::Map<String, serde_json::Value>>> =
+                sqlx::query_scalar(
+                    "SELECT counts FROM reconciliation_runs WHERE id = $1 AND lease_token = $2 \
+                     AND status = 'running' AND phase = 'listing'",
+                )
+                .bind(&run.id)
+                .bind(&run.lease_token)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(counts) = counts else {
+                return Ok(false);
+            };
+            let count = |kind: &str| {
+                counts.0.get(kind).and_then(serde_json::Value::as_i64).unwrap_or(0)
+            };
+            let mut kept = serde_json::Map::new();
+            kept.insert("rate_limited".to_owned(), count("rate_limited").into());
+            kept.insert(
+                "listing_restarted".to_owned(),
+                (count("listing_restarted") + 1).into(),
+            );
+            sqlx::query(
+                "UPDATE reconciliation_runs SET cursor = NULL, listed_with = NULL, pages = 0, \
+                 records = 0, counts = $2, updated_at = $3 WHERE id = $1",
+            )
+            .bind(&run.id)
+            .bind(Json(kept))
+            .bind(now())
+            .execute(&mut *tx)
+            .await?;
+            for table in ["reconciliation_seen", "reconciliation_unlinked"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE run_id = $1"))
+                    .bind(&run.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query(
+                "DELETE FROM reconciliation_mismatches WHERE run_id = $1 AND state = 'open'",
+            )
+            .bind(&run.id)
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
         });
         Ok(true)

@@ -434,6 +434,7 @@ impl SyncEngine {
     async fn list_remote(&self, run: &RunRow, cancel: &CancellationToken) -> Result<(), Stop> {
         let inner = &self.inner;
         let mut cursor = run.cursor.clone();
+        let mut listed_with = run.listed_with.clone();
         let mut failures = 0u32;
         let mut not_ready_since: Option<Instant> = None;
         loop {
@@ -466,6 +467,22 @@ impl SyncEngine {
                 }
             };
             not_ready_since = None;
+            let code = ready.connector.sha256();
+            if cursor.is_some() && listed_with.as_deref() != Some(code) {
+                // Another version made the cursor (activated or rolled
+                // back since the last page): its format is that version's
+                // own, so the listing starts again with the active one.
+                tracing::info!(
+                    run = %run.id,
+                    "another version of the connector is active; listing again from the first page"
+                );
+                if !inner.store.restart_listing(run).await? {
+                    return Err(Stop::LeaseLost);
+                }
+                cursor = None;
+                listed_with = None;
+                continue;
+            }
             if let Err(Deferred(wait)) = inner.breakers.allow(&run.connector) {
                 self.wait(
                     run,
@@ -541,11 +558,12 @@ impl SyncEngine {
             self.compare_page(run, &page, &mut findings).await?;
             if !inner
                 .store
-                .commit_page(run, &findings, page.next_cursor.as_deref(), listed)
+                .commit_page(run, &findings, page.next_cursor.as_deref(), code, listed)
                 .await?
             {
                 return Err(Stop::LeaseLost);
             }
+            listed_with = Some(code.to_owned());
             match page.next_cursor {
                 Some(next) => cursor = Some(next),
                 None => return Ok(()),
@@ -1142,6 +1160,7 @@ mod tests {
             status: "running".into(),
             phase: "repairing".into(),
             cursor: None,
+            listed_with: None,
             listing_complete: true,
             pages: 1,
             records: 1,

@@ -24,7 +24,7 @@ use crate::helpers::{
     email, new_database, spawn_sync_app, stripe_component, Backend, Setup, SyncApp,
 };
 use crate::process::FerryProcess;
-use crate::recorder_remote::{RecorderRemote, SETTLE};
+use crate::recorder_remote::{Recorded, RecorderRemote, SETTLE};
 
 /// The admin token of the tests that need one.
 const TOKEN: &str = "connector-plane-admin-token-0123";
@@ -1569,6 +1569,93 @@ async fn a_connector_without_a_version_leaves_the_replica_ready(backend: Backend
     assert_eq!(check["ok"], false, "reported: {ready:#}");
 }
 
+/// A reconciliation run's listing cursor is its connector version's own: a
+/// version made active between two pages lists again from the first page,
+/// instead of being handed a cursor it cannot read (the recorder's
+/// versions refuse each other's, as a connector whose cursor format
+/// changed would) or mixing two versions' listings in one report.
+async fn a_version_activated_mid_listing_lists_again(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    for i in 0..250 {
+        remote.insert(
+            &format!("rec_{i:03}"),
+            json!({"email": format!("listed-{i}@example.com"), "name": format!("Listed {i}")}),
+        );
+    }
+    // Three pages; the second is held long enough for the upload to land
+    // first on a busy machine, within a call timeout that outlasts it, so
+    // the third is the first the new version lists.
+    remote.delay_next_later_page(Duration::from_secs(8));
+    let mut setup = setup(backend);
+    setup.extra = json!({"connector_call_timeout": "20s", "sync_lease": "30s"});
+    let app = spawn_sync_app(setup).await;
+    install_recorder(&app, &remote).await;
+    let (status, run) = post(
+        &app,
+        "/api/v1/reconciliations",
+        Some(json!({"connector": "recorder", "repair": "report"})),
+    )
+    .await;
+    assert_eq!(status, 202, "{run}");
+    let id = run["id"].as_str().expect("a run id").to_owned();
+    let later_page = |r: &Recorded| {
+        r.method == "GET" && r.query.as_deref().is_some_and(|q| q.contains("after="))
+    };
+    remote
+        .wait_for("the second page asked for", |log| {
+            log.iter().any(later_page)
+        })
+        .await;
+    let (status, version) = upload(&app, recorder_variant("version-2"), "").await;
+    assert_eq!(status, 201, "{version}");
+    assert_eq!(version["active"], true, "{version}");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let run = loop {
+        let (_, run) = get(&app, &format!("/api/v1/reconciliations/{id}")).await;
+        if run["status"] != "running" {
+            break run;
+        }
+        assert!(Instant::now() < deadline, "the run did not end: {run:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(run["status"], "completed", "{run:#}");
+    assert_eq!(run["counts"]["listing_restarted"], 1, "{run:#}");
+    assert_eq!(
+        run["counts"]["missing_local"], 250,
+        "every record once: {run:#}"
+    );
+    assert_eq!(
+        (
+            run["progress"]["pages"].as_i64(),
+            run["progress"]["records"].as_i64()
+        ),
+        (Some(3), Some(250)),
+        "the second listing's pages only: {run:#}"
+    );
+    let (status, findings) = get(
+        &app,
+        &format!("/api/v1/reconciliations/{id}/mismatches?limit=500"),
+    )
+    .await;
+    assert_eq!(status, 200, "{findings}");
+    let mut remote_ids: Vec<&str> = findings["data"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .map(|m| m["remote_id"].as_str().expect("a remote id"))
+        .collect();
+    remote_ids.sort_unstable();
+    remote_ids.dedup();
+    assert_eq!(remote_ids.len(), 250, "{findings:#}");
+    let from_start = remote
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == "/records" && !later_page(r))
+        .count();
+    assert_eq!(from_start, 2, "the listing started again once");
+}
+
 mod sqlite {
     use super::*;
 
@@ -1635,6 +1722,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn upload_and_upload_again() {
         super::upload_and_upload_again(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_activated_mid_listing() {
+        a_version_activated_mid_listing_lists_again(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1709,5 +1801,10 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn swap_under_webhook_load() {
         super::swap_under_webhook_load(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_activated_mid_listing() {
+        a_version_activated_mid_listing_lists_again(Backend::Postgres).await;
     }
 }

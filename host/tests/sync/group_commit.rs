@@ -2419,7 +2419,7 @@ async fn an_ended_runs_scratch_goes_in_batches(postgres: bool) {
             ..Default::default()
         };
         assert!(store
-            .commit_page(&run, &findings, None, 5)
+            .commit_page(&run, &findings, None, "sha256-of-the-code", 5)
             .await
             .expect("page"));
         runs.push(run);

@@ -26,6 +26,7 @@ pub const SETTLE: Duration = Duration::from_secs(20);
 pub struct Recorded {
     pub method: String,
     pub path: String,
+    pub query: Option<String>,
     /// The JSON body (`Null` when there is none or it is not JSON).
     pub body: Value,
     pub authorization: Option<String>,
@@ -42,6 +43,9 @@ struct RemoteState {
     /// The one id every create answers, when a test says (a remote that
     /// hands out a record ferry has linked already).
     fixed_id: Mutex<Option<String>>,
+    /// How long the next page of a listing after its first waits before
+    /// its answer.
+    later_page_delay: Mutex<Option<Duration>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -49,7 +53,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The remote the recorder connector talks to: `POST /records` creates,
-/// `PUT`/`DELETE /records/{id}` update and delete (404 for an unknown id).
+/// `PUT`/`DELETE /records/{id}` update and delete (404 for an unknown id),
+/// `GET /records?after=ID&limit=N` lists in id order.
 pub struct RecorderRemote {
     pub url: String,
     state: Arc<RemoteState>,
@@ -93,6 +98,16 @@ impl RecorderRemote {
     /// Answers every create with `id`.
     pub fn answer_every_create_with(&self, id: &str) {
         *lock(&self.state.fixed_id) = Some(id.to_owned());
+    }
+
+    /// Keeps `record` as `id`, as if made at the remote by someone else.
+    pub fn insert(&self, id: &str, record: Value) {
+        lock(&self.state.records).insert(id.to_owned(), record);
+    }
+
+    /// Holds the next page asked for after a listing's first for `delay`.
+    pub fn delay_next_later_page(&self, delay: Duration) {
+        *lock(&self.state.later_page_delay) = Some(delay);
     }
 
     pub fn record(&self, id: &str) -> Option<Value> {
@@ -152,10 +167,14 @@ async fn record_request(
     lock(&state.log).push(Recorded {
         method: method.to_string(),
         path: path.clone(),
+        query: uri.query().map(str::to_owned),
         body: body.clone(),
         authorization: header("authorization"),
         idempotency_key: header("idempotency-key"),
     });
+    if method == Method::GET && path == "/records" {
+        return list(&state, uri.query().unwrap_or("")).await;
+    }
     let mut records = lock(&state.records);
     match (method, path.strip_prefix("/records")) {
         (Method::POST, Some("")) => {
@@ -184,4 +203,36 @@ async fn record_request(
         },
         _ => StatusCode::METHOD_NOT_ALLOWED.into_response(),
     }
+}
+
+/// `GET /records?after=ID&limit=N`: the records after `ID`, in id order.
+async fn list(state: &RemoteState, query: &str) -> Response {
+    let params: BTreeMap<String, String> = url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let after = params.get("after").cloned();
+    let limit = params
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(100)
+        .max(1);
+    if after.is_some() {
+        let delay = lock(&state.later_page_delay).take();
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+    }
+    let records = lock(&state.records);
+    let from = match &after {
+        Some(after) => std::ops::Bound::Excluded(after.clone()),
+        None => std::ops::Bound::Unbounded,
+    };
+    let page: Vec<Value> = records
+        .range((from, std::ops::Bound::Unbounded))
+        .take(limit + 1)
+        .map(|(id, record)| json!({"id": id, "record": record}))
+        .collect();
+    let next = (page.len() > limit).then(|| page[limit - 1]["id"].clone());
+    let page: Vec<Value> = page.into_iter().take(limit).collect();
+    Json(json!({"records": page, "next": next})).into_response()
 }

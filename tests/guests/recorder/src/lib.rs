@@ -17,7 +17,11 @@
 //! same key as an `Idempotency-Key` header. HTTP 429,
 //! 5xx and 4xx answers become the typed errors the host's retry policy
 //! expects. With setting `send_api_key` = `true`, secret `api_key` goes out
-//! as a bearer token. No fetch or list.
+//! as a bearer token. `list` reads `GET {api_base}/records?after=…&limit=…`
+//! (`{"records": [{"id", "record"}], "next": id or null}`); its cursor
+//! names the version that made it (`v0.1.0:rec_…`), and a version refuses
+//! another's cursor, as a connector whose cursor format changed would. No
+//! fetch.
 //!
 //! Its webhook endpoint misbehaves on demand, for the host's bad-path tests:
 //! a body of `trap` traps, `loop` spins until the host's deadline stops it.
@@ -35,8 +39,8 @@
 
 use ferry_sdk::http::{Request, Response};
 use ferry_sdk::{
-    clock, settings, Connector, ConnectorError, Event, Manifest, Operation, ParsedWebhook,
-    PushRequest, PushResult, WebhookRequest,
+    clock, settings, Connector, ConnectorError, Event, Manifest, Operation, Page, ParsedWebhook,
+    PushRequest, PushResult, RemoteRecord, WebhookRequest,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -193,6 +197,35 @@ impl Connector for Recorder {
             }
         }
     }
+
+    fn list(entity: String, cursor: Option<String>, limit: u32) -> Result<Page, ConnectorError> {
+        ferry_sdk::ensure_entity(&entity, ENTITY, "recorder")?;
+        let prefix = format!("v{VERSION}:");
+        let after = match cursor.as_deref() {
+            None => None,
+            Some(cursor) => Some(cursor.strip_prefix(&prefix).ok_or_else(|| {
+                ConnectorError::permanent(format!(
+                    "cursor `{cursor}` is not one of version {VERSION}'s"
+                ))
+            })?),
+        };
+        let limit = limit.to_string();
+        let mut query = vec![("limit", limit.as_str())];
+        if let Some(after) = after {
+            query.push(("after", after));
+        }
+        let req = Request::get(format!("{}/records", api_base())).query(&query)?;
+        let listed: Listed = send(req)?.json()?;
+        let records = listed
+            .records
+            .into_iter()
+            .map(|listed| RemoteRecord::new(listed.id, listed.record.to_string()))
+            .collect();
+        Ok(Page::new(
+            records,
+            listed.next.map(|next| format!("{prefix}{next}")),
+        ))
+    }
 }
 
 ferry_sdk::export_connector!(Recorder);
@@ -222,6 +255,19 @@ impl<'a> Body<'a> {
 #[derive(Deserialize)]
 struct Created {
     id: String,
+}
+
+/// A page of `GET /records`.
+#[derive(Deserialize)]
+struct Listed {
+    records: Vec<ListedRecord>,
+    next: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ListedRecord {
+    id: String,
+    record: Value,
 }
 
 fn linked_id(req: &PushRequest) -> Result<&str, ConnectorError> {
