@@ -94,6 +94,18 @@ impl App {
     /// Validates `config`, connects and migrates the store, loads the
     /// connectors and binds the listen address (port 0 picks a free port).
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        Ok(Self::build_serving(config, None).await?.0)
+    }
+
+    /// [`App::build`], also registering the component built at `built`
+    /// (`ferry connector dev`) and making it active before the
+    /// configuration is checked against the connectors' manifests, so the
+    /// settings given for it are checked against what was just built: its
+    /// connector name.
+    pub async fn build_serving(
+        config: Config,
+        built: Option<&std::path::Path>,
+    ) -> anyhow::Result<(Self, Option<String>)> {
         config.validate()?;
         let kind = StoreKind::from_url(config.database_url_exposed())?;
         let mode = match kind {
@@ -170,6 +182,10 @@ impl App {
                     .context("reading the connector registry")?;
             }
         }
+        let built = match built {
+            Some(built) => Some(crate::cli::dev::register(&registry, built).await?),
+            None => None,
+        };
         for entry in registry.entries() {
             match &entry.active {
                 Some(active) => tracing::info!(
@@ -307,7 +323,7 @@ impl App {
             }),
             sync,
         };
-        Ok(Self {
+        let app = Self {
             listener,
             address,
             state,
@@ -341,7 +357,8 @@ impl App {
                     })
                     .collect(),
             },
-        })
+        };
+        Ok((app, built))
     }
 
     /// The bound address.

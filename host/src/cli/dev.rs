@@ -49,9 +49,9 @@ pub async fn run(options: DevOptions, cancel: CancellationToken) -> anyhow::Resu
     )
     .context("loading configuration")?;
     let _sole = crate::store::lock_sqlite_file(config.database_url_exposed())?;
-    let app = App::build(config).await?;
+    let (app, name) = App::build_serving(config, Some(&wasm)).await?;
+    let name = name.context("the built connector was not registered")?;
     let registry = app.state().registry.clone();
-    let name = register(&registry, &wasm).await?;
     let base = format!("http://{}", app.address());
     print_next_steps(&name, &base, &wasm);
     let stop = app.cancellation_token();
@@ -109,8 +109,9 @@ async fn build(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Registers the built component as a bundled one (so a rebuild with the
-/// same version replaces it) and returns its connector name.
-async fn register(registry: &Registry, wasm: &Path) -> anyhow::Result<String> {
+/// same version replaces it), makes it the active version, and returns its
+/// connector name.
+pub(crate) async fn register(registry: &Registry, wasm: &Path) -> anyhow::Result<String> {
     let bytes = tokio::fs::read(wasm)
         .await
         .with_context(|| format!("reading {}", wasm.display()))?;
@@ -122,14 +123,33 @@ async fn register(registry: &Registry, wasm: &Path) -> anyhow::Result<String> {
         }])
         .await
         .context("registering the connector")?;
-    registry
-        .entries()
-        .into_iter()
+    let entries = registry.entries();
+    if let Some(active) = entries
+        .iter()
         .find(|e| e.active.as_ref().is_some_and(|a| a.meta.sha256 == sha256))
-        .map(|e| e.name.clone())
-        .context(
-            "the component was refused (see the log above; `ferry connector check FILE` says why)",
-        )
+    {
+        return Ok(active.name.clone());
+    }
+    // Stored but not made active: the seed only moves a connector forward,
+    // and never over a version chosen through the API. An author going
+    // back (a reverted bump, another branch) or past an activation made
+    // against this loop wants what they just built.
+    for entry in &entries {
+        let versions = registry
+            .versions(&entry.name)
+            .await
+            .with_context(|| format!("reading the versions of `{}`", entry.name))?;
+        if let Some(built) = versions.iter().find(|v| v.sha256 == sha256) {
+            registry
+                .activate(&entry.name, &built.version)
+                .await
+                .with_context(|| format!("activating {} {}", entry.name, built.version))?;
+            return Ok(entry.name.clone());
+        }
+    }
+    anyhow::bail!(
+        "the component was refused (see the log above; `ferry connector check FILE` says why)"
+    )
 }
 
 fn print_next_steps(name: &str, base: &str, wasm: &Path) {

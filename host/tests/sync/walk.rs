@@ -176,6 +176,24 @@ async fn from_ferry_connector_new_to_a_live_webhook() {
     let started = Instant::now();
     dev.wait_connector("0.1.1").await;
     times.insert("dev: reload after an edit", started.elapsed());
+    // A rollback made against the loop does not stop it: the next edit
+    // serves what was just built again, not the version chosen before.
+    let rolled_back = reqwest::Client::new()
+        .post(format!(
+            "{}/api/v1/connectors/walkthrough/activate",
+            dev.base
+        ))
+        .json(&json!({"version": "0.1.0"}))
+        .send()
+        .await
+        .expect("roll back");
+    assert_eq!(rolled_back.status(), 200);
+    dev.wait_connector("0.1.0").await;
+    let lib_rs = crate_dir.join("src/lib.rs");
+    let mut source = std::fs::read_to_string(&lib_rs).expect("src/lib.rs");
+    source.push_str("\n// An edit after the rollback.\n");
+    std::fs::write(&lib_rs, source).expect("edit src/lib.rs");
+    dev.wait_connector("0.1.1").await;
     dev.stop();
     std::fs::write(&manifest, toml).expect("restore the version");
     cargo(
