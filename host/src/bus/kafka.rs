@@ -93,6 +93,18 @@ impl KafkaSettings {
     }
 }
 
+/// A publish the broker did not acknowledge in full: the indexes of the
+/// messages it did acknowledge, and the first failure.
+#[derive(Debug, thiserror::Error)]
+#[error("publishing failed ({} messages of the batch acknowledged)", acknowledged.len())]
+pub struct Unacknowledged {
+    /// Indexes into the published slice, in order.
+    pub acknowledged: Vec<usize>,
+    /// Why the first of the others was not.
+    #[source]
+    pub error: BusError,
+}
+
 /// What went wrong talking to Kafka. The broker's (or librdkafka's) own
 /// error text is in the source.
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +140,7 @@ pub enum BusError {
         code: RDKafkaErrorCode,
     },
     /// A message was not acknowledged by the broker (or could not even be
-    /// queued); the caller should publish the whole batch again.
+    /// queued); the caller should publish it again.
     #[error("publishing to topic {topic} (key {key})")]
     Publish {
         topic: String,
@@ -249,11 +261,12 @@ impl KafkaProducer {
 
     /// Sends every message to `topic` and returns once the broker
     /// acknowledged all of them. Messages are queued in slice order, so
-    /// messages with the same key keep their order. On error some messages
-    /// may still have been delivered: publish the whole slice again (the
-    /// consumers are idempotent).
+    /// messages with the same key keep their order. On error every
+    /// delivery has still been waited for, and the error says which
+    /// messages were acknowledged: publish the others again (a partition
+    /// the broker cannot reach fails its own messages, not the batch's).
     #[tracing::instrument(skip_all, fields(topic = %topic, messages = messages.len()))]
-    pub async fn publish(&self, topic: &str, messages: &[Message]) -> Result<(), BusError> {
+    pub async fn publish(&self, topic: &str, messages: &[Message]) -> Result<(), Unacknowledged> {
         let published = self.publish_all(topic, messages).await;
         if published.is_err() {
             crate::metrics::kafka_producer_error();
@@ -261,30 +274,45 @@ impl KafkaProducer {
         published
     }
 
-    async fn publish_all(&self, topic: &str, messages: &[Message]) -> Result<(), BusError> {
+    async fn publish_all(&self, topic: &str, messages: &[Message]) -> Result<(), Unacknowledged> {
         let mut deliveries = Vec::with_capacity(messages.len());
+        let mut first_error = None;
         for message in messages {
-            deliveries.push(self.enqueue(topic, message).await?);
-        }
-        for (delivery, message) in deliveries.into_iter().zip(messages) {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((source, _))) => {
-                    return Err(BusError::Publish {
-                        topic: topic.to_owned(),
-                        key: message.key.clone(),
-                        source: Box::new(source),
-                    })
-                }
-                Err(_canceled) => {
-                    return Err(BusError::ProducerGone {
-                        topic: topic.to_owned(),
-                        key: message.key.clone(),
-                    })
+            match self.enqueue(topic, message).await {
+                Ok(delivery) => deliveries.push(delivery),
+                // The rest stay unsent; those queued are waited for.
+                Err(error) => {
+                    first_error = Some(error);
+                    break;
                 }
             }
         }
-        Ok(())
+        let mut acknowledged = Vec::with_capacity(deliveries.len());
+        for (index, (delivery, message)) in deliveries.into_iter().zip(messages).enumerate() {
+            match delivery.await {
+                Ok(Ok(_)) => acknowledged.push(index),
+                Ok(Err((source, _))) => {
+                    first_error.get_or_insert_with(|| BusError::Publish {
+                        topic: topic.to_owned(),
+                        key: message.key.clone(),
+                        source: Box::new(source),
+                    });
+                }
+                Err(_canceled) => {
+                    first_error.get_or_insert_with(|| BusError::ProducerGone {
+                        topic: topic.to_owned(),
+                        key: message.key.clone(),
+                    });
+                }
+            }
+        }
+        match first_error {
+            None => Ok(()),
+            Some(error) => Err(Unacknowledged {
+                acknowledged,
+                error,
+            }),
+        }
     }
 
     /// The fatal error librdkafka raised on this producer, if it did: it

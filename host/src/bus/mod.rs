@@ -33,8 +33,9 @@ const RELAY_BACKOFF: Duration = Duration::from_secs(1);
 /// A leader whose rounds have failed for this long gives the leadership
 /// up (a replica that reaches the broker may take it) and, if its producer
 /// hit a fatal error, makes a new one. Longer than one round may take to
-/// fail (`message.timeout.ms`, 30 s), so one slow failure is not enough.
-const STEP_DOWN_AFTER: Duration = Duration::from_secs(30);
+/// fail (`message.timeout.ms`, 30 s), so one slow failure is not enough:
+/// the second is.
+const STEP_DOWN_AFTER: Duration = Duration::from_secs(45);
 /// How long a leader that stepped down waits before it tries to lead
 /// again: longer than the others' [`LEADER_POLL`], so one of them leads.
 const STEP_DOWN_PAUSE: Duration = Duration::from_secs(6);
@@ -69,9 +70,11 @@ pub async fn run_embedded_relay(store: Store, engine: SyncEngine, cancel: Cancel
                 }
                 (RELAY_POLL, scheduled)
             }
+            // The pause holds whatever commits meanwhile: a store that
+            // fails at once would otherwise be asked again on every commit.
             Err(error) => {
                 tracing::warn!(error = format!("{error:#}"), "outbox relay round failed");
-                (RELAY_BACKOFF, true)
+                (RELAY_BACKOFF, false)
             }
         };
         tokio::select! {
@@ -366,9 +369,12 @@ pub async fn run_kafka_relay(
                     RELAY_BACKOFF
                 }
             };
+            // After a failed round the pause holds whatever commits
+            // meanwhile: a broker that refuses at once (an ACL, a fatal
+            // producer) would otherwise be asked again on every commit.
             tokio::select! {
                 () = cancel.cancelled() => return,
-                () = commits.outbox.notified() => {}
+                () = commits.outbox.notified(), if failing_since.is_none() => {}
                 () = tokio::time::sleep(wait) => {}
             }
             checked = tokio::time::Instant::now();
@@ -427,12 +433,39 @@ async fn publish_round(
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    producer.publish(topic, &messages).await?;
+    let acknowledged = acknowledged(producer.publish(topic, &messages).await, changes.len())?;
     // After the acknowledgement: a crash in between publishes these rows
     // again, which consumers absorb.
-    let ids: Vec<i64> = changes.iter().filter_map(|c| c.outbox_id).collect();
+    let ids: Vec<i64> = acknowledged
+        .iter()
+        .filter_map(|&i| changes[i].outbox_id)
+        .collect();
     store.mark_published(&ids).await?;
-    Ok(changes.len())
+    Ok(ids.len())
+}
+
+/// The indexes of a published batch of `len` the broker acknowledged. A
+/// batch partly acknowledged (a partition whose leader is away fails its
+/// own messages) counts as progress: its acknowledged rows are marked, the
+/// others stay for the next round. Nothing acknowledged is the round's
+/// failure.
+fn acknowledged(
+    published: Result<(), kafka::Unacknowledged>,
+    len: usize,
+) -> anyhow::Result<Vec<usize>> {
+    match published {
+        Ok(()) => Ok((0..len).collect()),
+        Err(unacked) if unacked.acknowledged.is_empty() => Err(unacked.into()),
+        Err(unacked) => {
+            tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(unacked.error)),
+                acknowledged = unacked.acknowledged.len(),
+                of = len,
+                "part of a batch was not acknowledged; the rest is published again next round"
+            );
+            Ok(unacked.acknowledged)
+        }
+    }
 }
 
 async fn publish_inbox_round(
@@ -452,10 +485,10 @@ async fn publish_inbox_round(
             payload: e.seq.to_string().into_bytes(),
         })
         .collect();
-    producer.publish(topic, &messages).await?;
-    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    let acknowledged = acknowledged(producer.publish(topic, &messages).await, events.len())?;
+    let seqs: Vec<i64> = acknowledged.iter().map(|&i| events[i].seq).collect();
     store.mark_inbox_published(&seqs).await?;
-    Ok(events.len())
+    Ok(seqs.len())
 }
 
 /// Cluster mode: applies the inbox events the bus delivers, in order per
