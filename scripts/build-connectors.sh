@@ -6,6 +6,8 @@
 # A file is only replaced when its bytes changed.
 source "$(dirname "$0")/lib.sh"
 cd "$FERRY_ROOT"
+# The wasm32-wasip2 target, if missing (idempotent, quick).
+"$FERRY_ROOT/scripts/setup.sh"
 step "building connectors (wasm32-wasip2 components)"
 built="$CARGO_TARGET_DIR/wasm32-wasip2/release"
 # The recorder test guest's variants first (the connector-plane tests upload

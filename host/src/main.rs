@@ -55,7 +55,8 @@ enum ConnectorCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Build against this checkout's `sdk/` until ferry-sdk is published
-        /// (writes a [patch.crates-io] table).
+        /// (writes a [patch.crates-io] table); default: the `sdk/` of the
+        /// checkout this ferry was built from, if it is still there.
         #[arg(long)]
         sdk_path: Option<PathBuf>,
         /// Where ferry-runtime is (default SDK_PATH/../host/runtime).
@@ -191,12 +192,21 @@ async fn connector(
             sdk_path,
             runtime_path,
         } => {
+            let sdk_path = sdk_path.or_else(ferry::cli::new::checkout_sdk);
             let dir = ferry::cli::new::scaffold(&NewConnector {
                 name,
                 dir,
-                sdk_path,
+                sdk_path: sdk_path.clone(),
                 runtime_path,
             })?;
+            match &sdk_path {
+                Some(sdk) => println!("building against the SDK at {}", sdk.display()),
+                None => eprintln!(
+                    "warning: ferry-sdk is not on crates.io yet, and this ferry was not built from a checkout it can find:\n  \
+                     the crate builds once the [patch.crates-io] table at the end of its Cargo.toml points at a checkout of ferry\n  \
+                     (or run `ferry connector new NAME --sdk-path PATH/TO/ferry/sdk`)"
+                ),
+            }
             println!(
                 "created {dir}\n\nnext:\n  cd {dir}\n  cargo test                       # builds the component and runs its tests\n  ferry connector dev              # serves a local ferry with it loaded\n\nREADME.md has the rest: check, upload, and the API it is written against.",
                 dir = dir.display()
@@ -212,24 +222,22 @@ async fn connector(
             allow_private_hosts,
         } => {
             ferry::telemetry::init(LogFormat::Text, "warn", std::io::stderr)?;
-            // The server's rules, from its configuration file; a flag
-            // given wins over the file.
-            let server = match &config_file {
-                Some(file) => Some(Config::load(Some(file)).context("loading configuration")?),
-                None => None,
-            };
+            // The server's rules, as `ferry serve` reads them (its
+            // configuration file, if given, and FERRY_* variables); a flag
+            // given wins over them.
+            let server = Config::load(config_file.as_deref()).context("loading configuration")?;
             let from_server = |hosts: Vec<String>, rule: fn(&Config) -> &Vec<String>| {
-                let file = server.as_ref().filter(|_| hosts.is_empty());
-                file.map_or(hosts, |config| rule(config).clone())
+                if hosts.is_empty() {
+                    rule(&server).clone()
+                } else {
+                    hosts
+                }
             };
             let options = CheckOptions {
-                max_bytes: max_bytes
-                    .or(server.as_ref().map(|c| c.connector_max_bytes))
-                    .unwrap_or(16 * 1024 * 1024),
+                max_bytes: max_bytes.unwrap_or(server.connector_max_bytes),
                 allowed_hosts: from_server(allowed_hosts, |c| &c.connector_allowed_hosts),
                 denied_hosts: from_server(denied_hosts, |c| &c.connector_denied_hosts),
-                allow_private_hosts: allow_private_hosts
-                    || server.as_ref().is_some_and(|c| c.allow_private_hosts),
+                allow_private_hosts: allow_private_hosts || server.allow_private_hosts,
             };
             let report = ferry::cli::check::check(&file, &options).await?;
             if json {

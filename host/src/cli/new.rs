@@ -32,12 +32,31 @@ pub struct NewConnector {
     pub runtime_path: Option<PathBuf>,
 }
 
+/// The `sdk/` of the checkout this ferry was built from, if it is still
+/// there: what a scaffold builds against when no `--sdk-path` is given,
+/// until ferry-sdk is published.
+pub fn checkout_sdk() -> Option<PathBuf> {
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk");
+    sdk.join("Cargo.toml")
+        .is_file()
+        .then(|| sdk.canonicalize().ok())
+        .flatten()
+}
+
 /// Writes the crate and returns its directory.
 pub fn scaffold(new: &NewConnector) -> anyhow::Result<PathBuf> {
     let name = new.name.as_str();
     if !crate::runtime::valid_connector_name(name) {
         bail!(
             "`{name}` is not a connector name: use 1-64 characters of a-z, 0-9 and `-`, not starting or ending with `-`"
+        );
+    }
+    // Valid in a manifest, but its settings could not be given in the
+    // environment: FERRY_CONNECTORS__ACME__CRM__… splits at `__`.
+    if name.contains("--") {
+        bail!(
+            "`{name}` has `--`, which FERRY_CONNECTORS__{}__… cannot name: use single hyphens",
+            name.replace('-', "_").to_ascii_uppercase()
         );
     }
     let crate_name = format!("ferry-connector-{name}");
@@ -183,6 +202,13 @@ mod tests {
         let toml = std::fs::read_to_string(out.join("Cargo.toml")).unwrap();
         assert!(toml.contains("name = \"ferry-connector-acme-crm\""));
         assert!(scaffold(&NewConnector {
+            name: "acme--crm".into(),
+            dir: Some(dir.path().join("e")),
+            sdk_path: None,
+            runtime_path: None,
+        })
+        .is_err());
+        assert!(scaffold(&NewConnector {
             name: "Bad Name".into(),
             dir: Some(dir.path().join("d")),
             sdk_path: None,
@@ -199,5 +225,12 @@ mod tests {
             .is_err(),
             "a non-empty directory is left alone"
         );
+    }
+
+    #[test]
+    fn a_build_from_a_checkout_finds_its_sdk() {
+        let sdk = checkout_sdk().expect("this test runs in the checkout");
+        assert!(sdk.ends_with("sdk"), "{}", sdk.display());
+        assert!(sdk.join("src/lib.rs").is_file());
     }
 }
