@@ -63,6 +63,50 @@ pub fn unkeyable(what: &str, id: &str) -> Option<String> {
     })
 }
 
+/// Why ferry's webhook endpoint would refuse the events a connector parsed
+/// from one delivery, if it would (503, so the sender keeps them; the
+/// connector is what is broken): an event it cannot key ([`unkeyable`]), a
+/// record that is not JSON, or one event id given to two different events
+/// (the inbox would keep the first and drop the other as a redelivery).
+/// The same event twice is fine. The endpoint applies these rules as it
+/// stores the events; the SDK's test kit fails the call with this text.
+pub fn delivery_problem(events: &[Event]) -> Option<String> {
+    let mut first_of: std::collections::HashMap<&str, (&Event, Option<serde_json::Value>)> =
+        std::collections::HashMap::new();
+    for event in events {
+        if let Some(problem) =
+            unkeyable("event id", &event.id).or_else(|| unkeyable("remote id", &event.remote_id))
+        {
+            return Some(problem);
+        }
+        let record = match event.record.as_deref().map(serde_json::from_str) {
+            Some(Ok(record)) => Some(record),
+            Some(Err(error)) => {
+                return Some(format!("event {}'s record is not JSON: {error}", event.id))
+            }
+            None => None,
+        };
+        match first_of.get(event.id.as_str()) {
+            Some((first, first_record)) => {
+                let same = first.remote_id == event.remote_id
+                    && first.entity == event.entity
+                    && first.kind == event.kind
+                    && *first_record == record;
+                if !same {
+                    return Some(format!(
+                        "event id {} given to two different events of one delivery",
+                        event.id
+                    ));
+                }
+            }
+            None => {
+                first_of.insert(&event.id, (event, record));
+            }
+        }
+    }
+    None
+}
+
 /// Why a remote id a connector returned (from a push or a listing) cannot
 /// be stored on a link, if it cannot: empty, or holding a NUL (which
 /// PostgreSQL cannot store). ferry dead-letters a push that returns one,
@@ -1023,6 +1067,37 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(id: &str, remote_id: &str, record: Option<&str>) -> Event {
+        Event {
+            id: id.to_owned(),
+            entity: "customer".to_owned(),
+            kind: ChangeKind::Upsert,
+            remote_id: remote_id.to_owned(),
+            occurred_at_ms: 1,
+            record: record.map(str::to_owned),
+            origin_key: None,
+            remote_type: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_delivery_ferry_would_refuse_says_why() {
+        let ok = event("evt_1", "cus_1", Some(r#"{"name": "Ada"}"#));
+        // The same event twice (a batch that repeats itself) is stored once.
+        let same_again = event("evt_1", "cus_1", Some(r#"{ "name":"Ada" }"#));
+        assert_eq!(delivery_problem(&[ok.clone(), same_again]), None);
+        let other = event("evt_1", "cus_2", Some(r#"{"name": "Ada"}"#));
+        assert!(delivery_problem(&[ok.clone(), other])
+            .is_some_and(|p| p.contains("two different events")));
+        let changed = event("evt_1", "cus_1", Some(r#"{"name": "Grace"}"#));
+        assert!(delivery_problem(&[ok.clone(), changed]).is_some());
+        let broken = event("evt_2", "cus_1", Some("{name: Ada"));
+        assert!(delivery_problem(&[ok.clone(), broken]).is_some_and(|p| p.contains("not JSON")));
+        assert!(delivery_problem(&[event("", "cus_1", None)]).is_some());
+        assert!(delivery_problem(&[event("evt_3", "a\0b", None)]).is_some());
+        assert_eq!(delivery_problem(&[ok, event("evt_4", "cus_1", None)]), None);
+    }
 
     #[test]
     fn header_check_tells_kinds_apart() {

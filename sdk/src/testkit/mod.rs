@@ -335,20 +335,24 @@ impl TestKit {
 
     /// Handles a delivery the way ferry's webhook endpoint does:
     /// `verify-webhook`, then `parse-webhook` only if it passed, on one
-    /// instance; and, as ferry does, refuses events whose id or remote id it
-    /// could not keep (empty, over 255 bytes, a NUL).
+    /// instance; and, as ferry does, refuses a connector whose manifest
+    /// does not declare webhooks (ferry answers 404), and events ferry
+    /// would not store: an id or remote id it could not keep (empty, over
+    /// 255 bytes, a NUL), a record that is not JSON, or one id given to two
+    /// different events.
     pub async fn receive_webhook(&self, req: WebhookRequest) -> Result<ParsedWebhook, CallError> {
+        if !self.connector.manifest().webhooks {
+            return Err(refusal(
+                "no webhooks: the manifest does not declare them (`.webhooks()`), so ferry answers 404 to every delivery",
+            ));
+        }
         let parsed = self
             .connector
             .receive_webhook(&self.config(), convert::webhook_request(req))
             .await
-            .map(convert::parsed_webhook)
             .map_err(convert::call_error)?;
-        for event in &parsed.events {
-            keyable("event id", &event.id)?;
-            keyable("remote id", &event.remote_id)?;
-        }
-        Ok(parsed)
+        refused(ferry_runtime::delivery_problem(&parsed.events))?;
+        Ok(convert::parsed_webhook(parsed))
     }
 
     /// Calls `push`; a remote id ferry could not store (empty, a NUL) fails
@@ -475,12 +479,6 @@ pub fn build_component(manifest_dir: impl AsRef<Path>) -> Result<PathBuf, TestKi
         .map_err(TestKitError::Build)
 }
 
-/// A permanent error, as ferry reports it, for an event id it could not
-/// keep.
-fn keyable(what: &str, id: &str) -> Result<(), CallError> {
-    refused(ferry_runtime::unkeyable(what, id))
-}
-
 /// A permanent error, as ferry reports it, for a remote id it could not
 /// store on a link.
 fn storable(what: &str, id: &str) -> Result<(), CallError> {
@@ -488,10 +486,12 @@ fn storable(what: &str, id: &str) -> Result<(), CallError> {
 }
 
 fn refused(problem: Option<String>) -> Result<(), CallError> {
-    match problem {
-        Some(problem) => Err(CallError::Connector(ConnectorError::permanent(format!(
-            "ferry refuses what the connector returned: {problem}"
-        )))),
-        None => Ok(()),
-    }
+    problem.map_or(Ok(()), |problem| Err(refusal(&problem)))
+}
+
+/// A permanent error, as ferry reports what it refuses of a connector.
+fn refusal(problem: &str) -> CallError {
+    CallError::Connector(ConnectorError::permanent(format!(
+        "ferry refuses what the connector returned: {problem}"
+    )))
 }
