@@ -452,6 +452,21 @@ impl KafkaConsumer {
     /// consumer does the same but blocks the calling thread until the broker
     /// answered.
     pub async fn close(self) {
+        // The lag it reported reads 0 from now on, as it would on a
+        // partition moved away: the next consumer (or member) reports its
+        // own, and one never reported again would read its last lag for
+        // good.
+        let reported = std::mem::take(
+            &mut *self
+                .consumer
+                .context()
+                .lagging
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for (topic, partition) in reported {
+            crate::metrics::kafka_consumer_lag(&topic, partition, 0);
+        }
         let consumer = self.consumer;
         if let Err(join_error) = tokio::task::spawn_blocking(move || drop(consumer)).await {
             tracing::error!(%join_error, "closing the consumer failed");

@@ -539,10 +539,18 @@ pub async fn run_kafka_consumer(
         async move {
             let mut changes = Vec::with_capacity(batch.len());
             for message in batch {
+                // Only ferry writes this topic; a message it cannot read, or
+                // one the store would refuse (an id PostgreSQL cannot
+                // key), would block the partition forever if retried.
                 match serde_json::from_slice::<ChangeNotice>(&message.payload) {
-                    Ok(change) => changes.push(change),
-                    // Only ferry writes this topic; a message it cannot read
-                    // would block the partition forever if retried.
+                    Ok(change) => match usable(change) {
+                        Ok(change) => changes.push(change),
+                        Err(problem) => tracing::error!(
+                            key = message.key,
+                            problem,
+                            "change message ferry cannot use skipped"
+                        ),
+                    },
                     Err(error) => {
                         tracing::error!(key = message.key, %error, "unreadable change message skipped")
                     }
@@ -554,6 +562,33 @@ pub async fn run_kafka_consumer(
         }
     };
     consume(&settings, &topic, handler, &cancel).await;
+}
+
+/// A readable change message, if it is one ferry can use: a customer or
+/// connector id the store could not key is not ferry's, and may stand for
+/// nothing (a change that is ferry's reaches its connectors through the
+/// redelivery net anyway); a correlation id it could not keep is dropped.
+fn usable(mut change: ChangeNotice) -> Result<ChangeNotice, String> {
+    if let Some(problem) = crate::store::unkeyable("customer id", &change.customer_id) {
+        return Err(problem);
+    }
+    if let Some(name) = change
+        .source_connector
+        .as_deref()
+        .filter(|name| !crate::runtime::valid_connector_name(name))
+    {
+        return Err(format!(
+            "a source connector ferry does not name so: {name:?}"
+        ));
+    }
+    if change
+        .correlation_id
+        .as_deref()
+        .is_some_and(|id| crate::store::unkeyable("correlation id", id).is_some())
+    {
+        change.correlation_id = None;
+    }
+    Ok(change)
 }
 
 /// Runs a consumer of `topic` with `handler` until `cancel` fires. A
@@ -592,5 +627,39 @@ async fn consume<F, Fut>(
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(BUS_RETRY) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(customer_id: &str) -> ChangeNotice {
+        ChangeNotice {
+            customer_id: customer_id.to_owned(),
+            version: 2,
+            correlation_id: Some("req-1".to_owned()),
+            outbox_id: Some(7),
+            source_connector: Some("stripe".to_owned()),
+        }
+    }
+
+    #[test]
+    fn a_change_message_the_store_would_refuse_is_not_used() {
+        assert!(usable(change("cus_1")).is_ok());
+        // Each would fail the intake on every retry, holding the
+        // partition for good.
+        assert!(usable(change("cus\u{0}1")).is_err());
+        assert!(usable(change(&"c".repeat(300))).is_err());
+        assert!(usable(change("")).is_err());
+        let mut foreign = change("cus_1");
+        foreign.source_connector = Some("Not A Name".to_owned());
+        assert!(usable(foreign).is_err());
+        // Only for the logs: dropped, the change kept.
+        let mut traced = change("cus_1");
+        traced.correlation_id = Some("req\u{0}1".to_owned());
+        let kept = usable(traced).expect("kept");
+        assert_eq!(kept.correlation_id, None);
+        assert_eq!(kept.customer_id, "cus_1");
     }
 }
