@@ -32,10 +32,12 @@ const RELAY_POLL: Duration = Duration::from_millis(250);
 const RELAY_BACKOFF: Duration = Duration::from_secs(1);
 /// A leader whose rounds have failed for this long gives the leadership
 /// up (a replica that reaches the broker may take it) and, if its producer
-/// hit a fatal error, makes a new one. Longer than one round may take to
-/// fail (`message.timeout.ms`, 30 s), so one slow failure is not enough:
-/// the second is.
-const STEP_DOWN_AFTER: Duration = Duration::from_secs(45);
+/// hit a fatal error, makes a new one. A round fails only when the broker
+/// acknowledged none of its batch: one that timed out whole
+/// (`message.timeout.ms`, 30 s) is enough, as the broker is then away from
+/// this replica, while a partition away on its own fails only its share
+/// and does not count.
+const STEP_DOWN_AFTER: Duration = Duration::from_secs(30);
 /// How long a leader that stepped down waits before it tries to lead
 /// again: longer than the others' [`LEADER_POLL`], so one of them leads.
 const STEP_DOWN_PAUSE: Duration = Duration::from_secs(6);
