@@ -239,7 +239,8 @@ impl FromRequest<AppState> for WasmBody {
                     limit: state.settings.max_component_bytes,
                 })
             }
-            Err(rejection) => Err(ApiError::field("body", rejection.body_text())),
+            Err(rejection) => Err(super::extract::body_stalled(&rejection, state)
+                .unwrap_or_else(|| ApiError::field("body", rejection.body_text()))),
         }
     }
 }

@@ -47,9 +47,35 @@ impl FromRequest<AppState> for JsonBody {
                     limit: state.settings.max_body_bytes,
                 })
             }
-            Err(rejection) => Err(ApiError::MalformedJson(rejection.body_text())),
+            Err(rejection) => Err(body_stalled(&rejection, state)
+                .unwrap_or_else(|| ApiError::MalformedJson(rejection.body_text()))),
         }
     }
+}
+
+/// `408 request_timeout` if reading a body failed because it stalled for
+/// `body_read_timeout` (the client's pace, not its bytes).
+pub fn body_stalled(
+    error: &(dyn std::error::Error + 'static),
+    state: &AppState,
+) -> Option<ApiError> {
+    caused_by::<tower_http::timeout::TimeoutError>(error).then(|| ApiError::RequestTimeout {
+        seconds: state.settings.body_read_timeout.as_secs(),
+    })
+}
+
+/// Whether `error` or one of its sources is an `E`.
+pub fn caused_by<E: std::error::Error + 'static>(
+    error: &(dyn std::error::Error + 'static),
+) -> bool {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if current.is::<E>() {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
 }
 
 /// Parses a JSON object, naming the offending field on a data error: syntax

@@ -214,13 +214,9 @@ async fn read_body(
     let mut frames = body.into_data_stream();
     while let Some(frame) = futures::StreamExt::next(&mut frames).await {
         let frame = frame.map_err(|error| {
-            if caused_by::<tower_http::timeout::TimeoutError>(&error) {
-                ApiError::RequestTimeout {
-                    seconds: state.settings.body_read_timeout.as_secs(),
-                }
-            } else {
+            super::extract::body_stalled(&error, state).unwrap_or_else(|| {
                 ApiError::InvalidWebhook(format!("the body could not be read: {error}"))
-            }
+            })
         })?;
         if buffer.len() + frame.len() > limit {
             return Err(ApiError::PayloadTooLarge { limit });
@@ -228,18 +224,6 @@ async fn read_body(
         buffer.extend_from_slice(&frame);
     }
     Ok(buffer.freeze())
-}
-
-/// Whether `error` or one of its sources is an `E`.
-fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(current) = cause {
-        if current.is::<E>() {
-            return true;
-        }
-        cause = current.source();
-    }
-    false
 }
 
 /// `text` with its NULs (which PostgreSQL cannot store) replaced by U+FFFD;

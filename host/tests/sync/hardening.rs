@@ -81,6 +81,26 @@ async fn slow_and_oversized_requests_are_cut_off() {
     let (reply, _) = answer(&mut slow_body, Duration::from_secs(5)).await;
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     assert!(reply.contains("request_timeout"), "{reply}");
+    // The same on an API write and an upload (they were 400 and 422, as if
+    // the bytes were wrong, not their pace).
+    for (path, content_type) in [
+        ("/api/v1/customers", "application/json"),
+        ("/api/v1/connectors", "application/wasm"),
+    ] {
+        let mut slow_write = connect().await.unwrap();
+        slow_write
+            .write_all(
+                format!(
+                    "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: {content_type}\r\ncontent-length: 1000\r\n\r\n{{\"email\":"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let (reply, _) = answer(&mut slow_write, Duration::from_secs(5)).await;
+        assert!(reply.starts_with("HTTP/1.1 408"), "{path}: {reply}");
+        assert!(reply.contains("request_timeout"), "{path}: {reply}");
+    }
 
     // A declared length over the webhook limit: 413 before any body byte.
     let mut large = connect().await.unwrap();
