@@ -56,6 +56,15 @@ pub struct RunRow {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+impl RunRow {
+    /// A listing whose restart did not finish (the process died after the
+    /// cursor was forgotten): it has no cursor, yet pages still count
+    /// what the old listing found, which must go before the first page.
+    pub fn restart_unfinished(&self) -> bool {
+        self.phase == "listing" && self.cursor.is_none() && self.pages > 0
+    }
+}
+
 const RUN_COLUMNS: &str = "id, connector, mode, repair, trigger, status, phase, cursor, \
      listed_with, listing_complete, pages, records, counts, repairs, error, lease_token, started_at, \
      updated_at, finished_at";
@@ -392,15 +401,69 @@ impl Store {
     /// starts again from the first page (the cursor came from a version no
     /// longer active, whose cursor format may not be the active one's).
     /// Findings a person already resolved stay; the counts keep only the
-    /// rate-limited waits and how often the listing started again. `false` if the lease was lost.
-    pub async fn restart_listing(&self, run: &RunRow) -> Result<bool, StoreError> {
+    /// rate-limited waits and how often the listing started again. `false`
+    /// if the lease was lost.
+    ///
+    /// In steps, each under the lease: the cursor goes first (a process
+    /// that dies after it lists from the first page, and finds the leftovers
+    /// by `pages` still counting: [`RunRow::restart_unfinished`]), then the
+    /// scratch rows `batch` at a time (a listing of a million records does
+    /// not hold the writer, or meet the statement timeout, in one delete),
+    /// then the counts.
+    pub async fn restart_listing(&self, run: &RunRow, batch: u32) -> Result<bool, StoreError> {
+        const HELD: &str = "EXISTS (SELECT 1 FROM reconciliation_runs r WHERE r.id = $1 \
+             AND r.lease_token = $2 AND r.status = 'running' AND r.phase = 'listing')";
+        let forgot = dispatch!(self, write pool => {
+            sqlx::query(&format!(
+                "UPDATE reconciliation_runs SET cursor = NULL, listed_with = NULL, updated_at = $3 \
+                 WHERE id = $1 AND {HELD}"
+            ))
+            .bind(&run.id)
+            .bind(&run.lease_token)
+            .bind(now())
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        if forgot != 1 {
+            return Ok(false);
+        }
+        let deletes = [
+            format!(
+                "DELETE FROM reconciliation_seen WHERE (run_id, remote_id) IN (SELECT run_id, remote_id \
+                 FROM reconciliation_seen WHERE run_id = $1 LIMIT $3) AND {HELD}"
+            ),
+            format!(
+                "DELETE FROM reconciliation_unlinked WHERE (run_id, remote_id) IN (SELECT run_id, remote_id \
+                 FROM reconciliation_unlinked WHERE run_id = $1 LIMIT $3) AND {HELD}"
+            ),
+            format!(
+                "DELETE FROM reconciliation_mismatches WHERE id IN (SELECT id FROM reconciliation_mismatches \
+                 WHERE run_id = $1 AND state = 'open' LIMIT $3) AND {HELD}"
+            ),
+        ];
+        for sql in &deletes {
+            loop {
+                let deleted = dispatch!(self, write pool => {
+                    sqlx::query(sql)
+                        .bind(&run.id)
+                        .bind(&run.lease_token)
+                        .bind(i64::from(batch.max(1)))
+                        .execute(pool)
+                        .await?
+                        .rows_affected()
+                });
+                if deleted == 0 {
+                    break;
+                }
+            }
+        }
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
             let counts: Option<Json<serde_json::Map<String, serde_json::Value>>> =
-                sqlx::query_scalar(
-                    "SELECT counts FROM reconciliation_runs WHERE id = $1 AND lease_token = $2 \
-                     AND status = 'running' AND phase = 'listing'",
-                )
+                sqlx::query_scalar(&format!(
+                    "SELECT counts FROM reconciliation_runs WHERE id = $1 AND {HELD}"
+                ))
                 .bind(&run.id)
                 .bind(&run.lease_token)
                 .fetch_optional(&mut *tx)
@@ -417,27 +480,20 @@ impl Store {
                 "listing_restarted".to_owned(),
                 (count("listing_restarted") + 1).into(),
             );
-            sqlx::query(
-                "UPDATE reconciliation_runs SET cursor = NULL, listed_with = NULL, pages = 0, \
-                 records = 0, counts = $2, updated_at = $3 WHERE id = $1",
-            )
+            let updated = sqlx::query(&format!(
+                "UPDATE reconciliation_runs SET pages = 0, records = 0, counts = $3, updated_at = $4 \
+                 WHERE id = $1 AND {HELD}"
+            ))
             .bind(&run.id)
+            .bind(&run.lease_token)
             .bind(Json(kept))
             .bind(now())
             .execute(&mut *tx)
-            .await?;
-            for table in ["reconciliation_seen", "reconciliation_unlinked"] {
-                sqlx::query(&format!("DELETE FROM {table} WHERE run_id = $1"))
-                    .bind(&run.id)
-                    .execute(&mut *tx)
-                    .await?;
+            .await?
+            .rows_affected();
+            if updated != 1 {
+                return Ok(false);
             }
-            sqlx::query(
-                "DELETE FROM reconciliation_mismatches WHERE run_id = $1 AND state = 'open'",
-            )
-            .bind(&run.id)
-            .execute(&mut *tx)
-            .await?;
             tx.commit().await?;
         });
         Ok(true)

@@ -435,6 +435,7 @@ impl SyncEngine {
         let inner = &self.inner;
         let mut cursor = run.cursor.clone();
         let mut listed_with = run.listed_with.clone();
+        let mut unfinished_restart = run.restart_unfinished();
         let mut failures = 0u32;
         let mut not_ready_since: Option<Instant> = None;
         loop {
@@ -468,7 +469,7 @@ impl SyncEngine {
             };
             not_ready_since = None;
             let code = ready.connector.sha256();
-            if cursor.is_some() && listed_with.as_deref() != Some(code) {
+            if (cursor.is_some() && listed_with.as_deref() != Some(code)) || unfinished_restart {
                 // Another version made the cursor (activated or rolled
                 // back since the last page): its format is that version's
                 // own, so the listing starts again with the active one.
@@ -476,11 +477,12 @@ impl SyncEngine {
                     run = %run.id,
                     "another version of the connector is active; listing again from the first page"
                 );
-                if !inner.store.restart_listing(run).await? {
+                if !inner.store.restart_listing(run, SCRATCH_BATCH).await? {
                     return Err(Stop::LeaseLost);
                 }
                 cursor = None;
                 listed_with = None;
+                unfinished_restart = false;
                 continue;
             }
             if let Err(Deferred(wait)) = inner.breakers.allow(&run.connector) {

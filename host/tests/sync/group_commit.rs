@@ -2456,6 +2456,72 @@ async fn an_ended_runs_scratch_goes_in_batches(postgres: bool) {
     );
 }
 
+/// A listing started again (another connector version active) forgets
+/// what it found a bounded delete at a time, and only under its lease: a
+/// replica whose lease ran out (another took the run) deletes nothing.
+async fn a_restarted_listing_forgets_under_its_lease(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    store
+        .start_run("stripe", "reconcile", "report", "api")
+        .await
+        .expect("started")
+        .expect("a run");
+    let run = store
+        .claim_run("lease-now", now + 60_000)
+        .await
+        .expect("claim")
+        .expect("claimed");
+    let findings = ferry::store::reconciliations::PageFindings {
+        listed_at_ms: now,
+        seen: (0..5).map(|i| format!("seen_{i}")).collect(),
+        unlinked: (0..3)
+            .map(|i| (format!("new_{i}"), None, json!({"id": i})))
+            .collect(),
+        ..Default::default()
+    };
+    assert!(store
+        .commit_page(&run, &findings, Some("page-2"), "code-1", 8)
+        .await
+        .expect("page"));
+    let mut stale = run.clone();
+    stale.lease_token = Some("lease-before".to_owned());
+    assert!(!store.restart_listing(&stale, 2).await.expect("asked"));
+    assert_eq!(
+        store
+            .unlinked_records(&run.id, None, 100)
+            .await
+            .expect("read")
+            .len(),
+        3,
+        "a lease that ran out deletes nothing"
+    );
+    let read = store.run(&run.id).await.expect("read").expect("the run");
+    assert_eq!(read.cursor.as_deref(), Some("page-2"));
+
+    assert!(store.restart_listing(&run, 2).await.expect("restarted"));
+    assert!(store
+        .unlinked_records(&run.id, None, 100)
+        .await
+        .expect("read")
+        .is_empty());
+    let read = store.run(&run.id).await.expect("read").expect("the run");
+    assert_eq!((&read.cursor, &read.listed_with), (&None, &None));
+    assert_eq!((read.pages, read.records), (0, 0));
+    assert_eq!(read.counts.0.get("listing_restarted"), Some(&json!(1)));
+    assert!(!read.restart_unfinished());
+}
+
+#[tokio::test]
+async fn postgres_a_restarted_listing_forgets_under_its_lease() {
+    a_restarted_listing_forgets_under_its_lease(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_restarted_listing_forgets_under_its_lease() {
+    a_restarted_listing_forgets_under_its_lease(false).await;
+}
+
 #[tokio::test]
 async fn postgres_an_ended_runs_scratch_goes_in_batches() {
     an_ended_runs_scratch_goes_in_batches(true).await;
