@@ -9,7 +9,11 @@ source "$(dirname "$0")/lib.sh"
 want_test=false
 [ "${1:-}" = "--test" ] && want_test=true
 
-if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+if ! command -v rustup >/dev/null; then
+  # A toolchain from the distribution or Nix: its wasm32-wasip2 standard
+  # library is its own to provide.
+  echo "note: no rustup; the wasm32-wasip2 target must come with this toolchain" >&2
+elif ! rustup target list --installed | grep -qx wasm32-wasip2; then
   step "adding the wasm32-wasip2 target"
   rustup target add wasm32-wasip2
 fi

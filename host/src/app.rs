@@ -104,7 +104,7 @@ impl App {
     /// connector name.
     pub async fn build_serving(
         config: Config,
-        built: Option<&std::path::Path>,
+        built: Option<crate::cli::dev::Built<'_>>,
     ) -> anyhow::Result<(Self, Option<String>)> {
         config.validate()?;
         let kind = StoreKind::from_url(config.database_url_exposed())?;
@@ -183,7 +183,7 @@ impl App {
             }
         }
         let built = match built {
-            Some(built) => Some(crate::cli::dev::register(&registry, built).await?),
+            Some(built) => Some(crate::cli::dev::register(&registry, &built).await?),
             None => None,
         };
         for entry in registry.entries() {

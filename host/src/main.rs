@@ -60,7 +60,7 @@ enum ConnectorCommand {
         #[arg(long)]
         sdk_path: Option<PathBuf>,
         /// Where ferry-runtime is (default SDK_PATH/../host/runtime).
-        #[arg(long, requires = "sdk_path")]
+        #[arg(long)]
         runtime_path: Option<PathBuf>,
     },
     /// Report what ferry sees in a component and whether an upload would be
@@ -72,19 +72,18 @@ enum ConnectorCommand {
         #[arg(long)]
         json: bool,
         /// The largest component accepted, in bytes (default: the
-        /// `--config` file's `connector_max_bytes`, else 16 MiB).
+        /// server's `connector_max_bytes`, from `--config` and FERRY_*).
         #[arg(long)]
         max_bytes: Option<usize>,
         /// Hosts connectors may declare (comma-separated, `*.suffix`
-        /// allowed; default: the `--config` file's).
+        /// allowed; default: the server's, from `--config` and FERRY_*).
         #[arg(long, value_delimiter = ',')]
         allowed_hosts: Vec<String>,
-        /// Hosts connectors may not declare (default: the `--config`
-        /// file's).
+        /// Hosts connectors may not declare (default: the server's).
         #[arg(long, value_delimiter = ',')]
         denied_hosts: Vec<String>,
-        /// Accept private and loopback hosts (as `FERRY_ALLOW_PRIVATE_HOSTS`,
-        /// or the `--config` file's `allow_private_hosts`).
+        /// Accept private and loopback hosts (also when the server's
+        /// `allow_private_hosts` is on).
         #[arg(long)]
         allow_private_hosts: bool,
     },
@@ -225,7 +224,20 @@ async fn connector(
             // The server's rules, as `ferry serve` reads them (its
             // configuration file, if given, and FERRY_* variables); a flag
             // given wins over them.
-            let server = Config::load(config_file.as_deref()).context("loading configuration")?;
+            let server = match Config::load(config_file.as_deref()) {
+                Ok(server) => server,
+                // An author's shell may hold FERRY_* variables that are not
+                // the server's: without a file named, check with the
+                // defaults rather than refuse to check.
+                Err(error) if config_file.is_none() => {
+                    eprintln!(
+                        "warning: the FERRY_* environment is not a configuration ferry would start with ({error}); checking against the default rules"
+                    );
+                    Config::from_overrides(serde_json::json!({}))
+                        .context("the default configuration")?
+                }
+                Err(error) => return Err(error).context("loading configuration"),
+            };
             let from_server = |hosts: Vec<String>, rule: fn(&Config) -> &Vec<String>| {
                 if hosts.is_empty() {
                     rule(&server).clone()

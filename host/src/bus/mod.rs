@@ -36,7 +36,9 @@ const RELAY_BACKOFF: Duration = Duration::from_secs(1);
 /// acknowledged none of its batch: one that timed out whole
 /// (`message.timeout.ms`, 30 s) is enough, as the broker is then away from
 /// this replica, while a partition away on its own fails only its share
-/// and does not count.
+/// and does not count, until its rows fill whole batches (the oldest are
+/// read first): then the relay steps down too, and the redelivery net
+/// carries every change until the partition is back.
 const STEP_DOWN_AFTER: Duration = Duration::from_secs(30);
 /// How long a leader that stepped down waits before it tries to lead
 /// again: longer than the others' [`LEADER_POLL`], so one of them leads.

@@ -42,14 +42,22 @@ pub async fn run(options: DevOptions, cancel: CancellationToken) -> anyhow::Resu
     let config = Config::load_with(
         options.config_file.as_deref(),
         json!({
-            "database_url": format!("sqlite://{}", state_dir.join("ferry.db").display()),
+            "database_url": own_database_url(&state_dir),
             "allow_private_hosts": true,
             "master_key": dev_master_key(&state_dir)?,
         }),
     )
     .context("loading configuration")?;
     let _sole = crate::store::lock_sqlite_file(config.database_url_exposed())?;
-    let (app, name) = App::build_serving(config, Some(&wasm)).await?;
+    // Only on its own database does the loop activate what it built over a
+    // version chosen through the API: a shared one (FERRY_DATABASE_URL) keeps
+    // its operators' choice.
+    let take_over = config.database_url_exposed() == own_database_url(&state_dir);
+    let built = Built {
+        wasm: &wasm,
+        take_over,
+    };
+    let (app, name) = App::build_serving(config, Some(built)).await?;
     let name = name.context("the built connector was not registered")?;
     let registry = app.state().registry.clone();
     let base = format!("http://{}", app.address());
@@ -58,7 +66,7 @@ pub async fn run(options: DevOptions, cancel: CancellationToken) -> anyhow::Resu
     let server = tokio::spawn(app.run_until_stopped());
     let watching = options
         .watch
-        .then(|| tokio::spawn(watch(dir.clone(), registry, stop.clone())));
+        .then(|| tokio::spawn(watch(dir.clone(), registry, take_over, stop.clone())));
     tokio::select! {
         () = cancel.cancelled() => stop.cancel(),
         () = stop.cancelled() => {}
@@ -67,6 +75,20 @@ pub async fn run(options: DevOptions, cancel: CancellationToken) -> anyhow::Resu
         watching.abort();
     }
     server.await.context("the server task failed")?
+}
+
+/// A component `ferry connector dev` built, to register as ferry starts.
+pub struct Built<'a> {
+    /// The component.
+    pub wasm: &'a Path,
+    /// Make it active even over a version chosen through the API (the
+    /// loop's own database only).
+    pub take_over: bool,
+}
+
+/// The loop's own database, under the crate's `target/ferry-dev/`.
+fn own_database_url(state_dir: &Path) -> String {
+    format!("sqlite://{}", state_dir.join("ferry.db").display())
 }
 
 /// The local loop's master key, so that the connector's secrets can be
@@ -109,9 +131,11 @@ async fn build(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Registers the built component as a bundled one (so a rebuild with the
-/// same version replaces it), makes it the active version, and returns its
+/// same version replaces it), makes it the active version (over a version
+/// chosen through the API only if `built.take_over`), and returns its
 /// connector name.
-pub(crate) async fn register(registry: &Registry, wasm: &Path) -> anyhow::Result<String> {
+pub(crate) async fn register(registry: &Registry, built: &Built<'_>) -> anyhow::Result<String> {
+    let wasm = built.wasm;
     let bytes = tokio::fs::read(wasm)
         .await
         .with_context(|| format!("reading {}", wasm.display()))?;
@@ -139,11 +163,19 @@ pub(crate) async fn register(registry: &Registry, wasm: &Path) -> anyhow::Result
             .versions(&entry.name)
             .await
             .with_context(|| format!("reading the versions of `{}`", entry.name))?;
-        if let Some(built) = versions.iter().find(|v| v.sha256 == sha256) {
+        if let Some(stored) = versions.iter().find(|v| v.sha256 == sha256) {
+            if !built.take_over {
+                anyhow::bail!(
+                    "{} {} is stored but not active: this database is not the loop's own, so the version chosen there stays (activate it with POST /api/v1/connectors/{}/activate)",
+                    entry.name,
+                    stored.version,
+                    entry.name
+                );
+            }
             registry
-                .activate(&entry.name, &built.version)
+                .activate(&entry.name, &stored.version)
                 .await
-                .with_context(|| format!("activating {} {}", entry.name, built.version))?;
+                .with_context(|| format!("activating {} {}", entry.name, stored.version))?;
             return Ok(entry.name.clone());
         }
     }
@@ -163,7 +195,7 @@ fn print_next_steps(name: &str, base: &str, wasm: &Path) {
 
 /// Rebuilds and re-registers when a file under `src/` or `Cargo.toml`
 /// changes.
-async fn watch(dir: PathBuf, registry: Registry, stop: CancellationToken) {
+async fn watch(dir: PathBuf, registry: Registry, take_over: bool, stop: CancellationToken) {
     let mut seen = newest_change(&dir);
     let mut every = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -177,7 +209,15 @@ async fn watch(dir: PathBuf, registry: Registry, stop: CancellationToken) {
         }
         seen = now;
         match build(&dir).await {
-            Ok(wasm) => match register(&registry, &wasm).await {
+            Ok(wasm) => match register(
+                &registry,
+                &Built {
+                    wasm: &wasm,
+                    take_over,
+                },
+            )
+            .await
+            {
                 Ok(name) => eprintln!("reloaded `{name}` from {}", wasm.display()),
                 Err(error) => eprintln!("not reloaded: {error:#}"),
             },
