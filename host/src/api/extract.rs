@@ -157,32 +157,64 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryPairs {
     }
 }
 
-/// `If-Match`: the version the client last saw, if it sent one.
-pub struct IfMatch(pub Option<i64>);
+/// `If-Match`: the versions the client's change is based on, if it sent
+/// any. RFC 9110: `*`, or a list of entity tags (in one header or several)
+/// of which one must be the current version, compared strongly.
+pub struct IfMatch(Option<Vec<i64>>);
+
+impl IfMatch {
+    /// The version a write must find, if any. One tag is that version; a
+    /// list is resolved against the customer's current version (the write
+    /// still checks it atomically, so a change in between is a 412).
+    pub async fn expected(
+        &self,
+        store: &crate::store::Store,
+        id: &crate::store::CustomerId,
+    ) -> Result<Option<i64>, ApiError> {
+        match self.0.as_deref() {
+            None => Ok(None),
+            Some([version]) => Ok(Some(*version)),
+            Some(versions) => match store.get_customer(id).await {
+                Ok(current) if versions.contains(&current.version) => Ok(Some(current.version)),
+                // None of them, or no such customer: the write says which.
+                Ok(_) | Err(crate::store::StoreError::CustomerNotFound) => Ok(Some(0)),
+                Err(error) => Err(error.into()),
+            },
+        }
+    }
+}
 
 impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let Some(value) = parts.headers.get(header::IF_MATCH) else {
-            return Ok(Self(None));
-        };
-        let text = value.to_str().unwrap_or("").trim();
-        if text == "*" {
-            return Ok(Self(None));
+        let mut versions = Vec::new();
+        for value in parts.headers.get_all(header::IF_MATCH) {
+            for tag in value.to_str().unwrap_or("").split(',') {
+                let tag = tag.trim();
+                match tag {
+                    // Any current version: no condition.
+                    "*" => return Ok(Self(None)),
+                    "" => {}
+                    tag => versions.push(version_of(tag)),
+                }
+            }
         }
-        // An entity tag we never issued cannot match; version 0 never exists,
-        // so the write fails with 412 like any other stale tag. Tags compare
-        // byte for byte (strong comparison): `"+2"` or `"02"` is not `"2"`.
-        let version = text
-            .strip_prefix('"')
-            .and_then(|t| t.strip_suffix('"'))
-            .filter(|t| t.bytes().all(|b| b.is_ascii_digit()) && !t.starts_with('0'))
-            .and_then(|t| t.parse::<i64>().ok())
-            .filter(|v| *v >= 1)
-            .unwrap_or(0);
-        Ok(Self(Some(version)))
+        Ok(Self((!versions.is_empty()).then_some(versions)))
     }
+}
+
+/// The version an entity tag names. A tag we never issued cannot match;
+/// version 0 never exists, so the write fails with 412 like any other
+/// stale tag. Tags compare byte for byte (strong comparison): `"+2"` or
+/// `"02"` is not `"2"`, and a weak tag (`W/"2"`) never matches.
+fn version_of(tag: &str) -> i64 {
+    tag.strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .filter(|t| t.bytes().all(|b| b.is_ascii_digit()) && !t.starts_with('0'))
+        .and_then(|t| t.parse::<i64>().ok())
+        .filter(|v| *v >= 1)
+        .unwrap_or(0)
 }
 
 /// `Idempotency-Key`, if the client sent one.

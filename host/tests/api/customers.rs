@@ -228,8 +228,9 @@ async fn stale_if_match_is_412(backend: Backend) {
         );
         assert_problem(response, 412, "precondition_failed").await;
     }
-    // Tags compare byte for byte: ones ferry never issued match nothing.
-    for tag in ["\"+2\"", "\"02\"", "\" 2\""] {
+    // Tags compare byte for byte: ones ferry never issued match nothing,
+    // and If-Match compares strongly, so a weak tag matches nothing either.
+    for tag in ["\"+2\"", "\"02\"", "\" 2\"", "W/\"2\"", "\"1\", \"3\""] {
         let response = app
             .request(Method::PATCH, &path)
             .header("if-match", tag)
@@ -248,6 +249,25 @@ async fn stale_if_match_is_412(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(events.len(), 2, "refused writes leave no event");
+
+    // A list (RFC 9110), in one header or several: one tag must be current.
+    let response = app
+        .request(Method::PATCH, &path)
+        .header("if-match", "\"1\", \"2\"")
+        .json(&json!({"name": "listed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["etag"], "\"3\"");
+    let response = app
+        .request(Method::DELETE, &path)
+        .header("if-match", "\"1\"")
+        .header("if-match", "\"3\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "the second header's tag is current");
 }
 
 async fn list_paginates_in_creation_order(backend: Backend) {

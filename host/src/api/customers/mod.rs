@@ -249,7 +249,7 @@ pub async fn get_customer(
     request_body(content = CustomerPatch, content_type = "application/json"),
     params(
         ("id" = String, Path, description = "Customer id", pattern = "^cus_[0-9a-f]{32}$"),
-        ("If-Match" = Option<String>, Header, description = "ETag the change is based on, e.g. \"3\"", pattern = "^(\\*|\"[0-9]+\")$"),
+        ("If-Match" = Option<String>, Header, description = "ETag the change is based on, e.g. \"3\"; or a list of them, one of which must be current; or *", pattern = "^(\\*|\"[0-9]+\"( *, *\"[0-9]+\")*)$"),
         ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the first response is replayed", pattern = "^[!-~]{1,255}$"),
     ),
     responses(
@@ -270,7 +270,7 @@ pub async fn patch_customer(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
-    IfMatch(expected): IfMatch,
+    if_match: IfMatch,
     IdempotencyKey(key): IdempotencyKey,
     CorrelationId(correlation_id): CorrelationId,
     JsonBody(body): JsonBody,
@@ -287,6 +287,7 @@ pub async fn patch_customer(
         body,
         |record| async move {
             let id = CustomerId::parse(&id).ok_or(ApiError::CustomerNotFound)?;
+            let expected = if_match.expected(&state.store, &id).await?;
             let patch: serde_json::Value = parse_json(body)?;
             if !patch.is_object() {
                 return Err(ApiError::field(
@@ -318,7 +319,7 @@ pub async fn patch_customer(
     request_body(content = CustomerInput, content_type = "application/json"),
     params(
         ("id" = String, Path, description = "Customer id", pattern = "^cus_[0-9a-f]{32}$"),
-        ("If-Match" = Option<String>, Header, description = "ETag the change is based on, e.g. \"3\"", pattern = "^(\\*|\"[0-9]+\")$"),
+        ("If-Match" = Option<String>, Header, description = "ETag the change is based on, e.g. \"3\"; or a list of them, one of which must be current; or *", pattern = "^(\\*|\"[0-9]+\"( *, *\"[0-9]+\")*)$"),
         ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the first response is replayed", pattern = "^[!-~]{1,255}$"),
     ),
     responses(
@@ -339,7 +340,7 @@ pub async fn replace_customer(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
-    IfMatch(expected): IfMatch,
+    if_match: IfMatch,
     IdempotencyKey(key): IdempotencyKey,
     CorrelationId(correlation_id): CorrelationId,
     JsonBody(body): JsonBody,
@@ -356,6 +357,7 @@ pub async fn replace_customer(
         body,
         |record| async move {
             let id = CustomerId::parse(&id).ok_or(ApiError::CustomerNotFound)?;
+            let expected = if_match.expected(&state.store, &id).await?;
             let fields = validate(parse_json::<CustomerInput>(body)?)?;
             let ctx = context(correlation_id, record.as_ref(), &render);
             let customer = state
@@ -377,7 +379,7 @@ pub async fn replace_customer(
     delete, path = "/api/v1/customers/{id}", tag = "customers",
     params(
         ("id" = String, Path, description = "Customer id", pattern = "^cus_[0-9a-f]{32}$"),
-        ("If-Match" = Option<String>, Header, description = "ETag the change is based on, e.g. \"3\"", pattern = "^(\\*|\"[0-9]+\")$"),
+        ("If-Match" = Option<String>, Header, description = "ETag the change is based on, e.g. \"3\"; or a list of them, one of which must be current; or *", pattern = "^(\\*|\"[0-9]+\"( *, *\"[0-9]+\")*)$"),
         ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the first response is replayed", pattern = "^[!-~]{1,255}$"),
     ),
     responses(
@@ -394,7 +396,7 @@ pub async fn delete_customer(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
-    IfMatch(expected): IfMatch,
+    if_match: IfMatch,
     IdempotencyKey(key): IdempotencyKey,
     CorrelationId(correlation_id): CorrelationId,
 ) -> Result<Response, ApiError> {
@@ -410,6 +412,7 @@ pub async fn delete_customer(
         b"",
         |record| async move {
             let id = CustomerId::parse(&id).ok_or(ApiError::CustomerNotFound)?;
+            let expected = if_match.expected(&state.store, &id).await?;
             let ctx = context(correlation_id, record.as_ref(), &render);
             let customer = state.store.delete_customer(&id, expected, ctx).await?;
             Ok(render(&customer))
