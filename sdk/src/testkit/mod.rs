@@ -305,6 +305,16 @@ impl TestKit {
         }
     }
 
+    /// With [`Http::Replay`]: the recorded exchanges the connector has not
+    /// asked for (`METHOD URL`), in the recording's order. A session that
+    /// replays with some left over no longer makes the calls recorded:
+    /// assert it is empty after the session.
+    pub fn unreplayed(&self) -> Vec<String> {
+        self.tape
+            .as_ref()
+            .map_or_else(Vec::new, |tape| tape.unreplayed())
+    }
+
     fn config(&self) -> ConnectorConfig {
         ConnectorConfig {
             settings: self.settings.clone(),

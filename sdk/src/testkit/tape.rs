@@ -9,8 +9,10 @@
 //! headers and bodies, both ways, as is, form- or percent-encoded (a token
 //! request's client secret) and JSON-escaped. A tape that would still hold
 //! one is not written. Replay matches a request to the first
-//! unused exchange with the same method and URL (after the same scrubbing),
-//! so a replayed run may use different secret values than the recording.
+//! unused exchange with the same method, URL and body (after the same
+//! scrubbing; a JSON body in any key order), so a replayed run may use
+//! different secret values than the recording, and a connector that now
+//! sends another body is told so.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -233,6 +235,21 @@ impl TapeTransport {
         })
     }
 
+    /// The recorded exchanges a replay has not used yet (`METHOD URL`), in
+    /// the recording's order; none when recording.
+    pub(super) fn unreplayed(&self) -> Vec<String> {
+        let Mode::Replay { exchanges, used } = &self.mode else {
+            return Vec::new();
+        };
+        let used = used.lock().unwrap_or_else(|e| e.into_inner());
+        exchanges
+            .iter()
+            .zip(used.iter())
+            .filter(|(_, used)| !**used)
+            .map(|(e, _)| format!("{} {}", e.method, e.url))
+            .collect()
+    }
+
     /// Writes the recording, scrubbed of `secrets` and of every token.
     pub(super) fn save(&self, secrets: &BTreeMap<String, String>) -> Result<PathBuf, TestKitError> {
         let Mode::Record { path, recorded, .. } = &self.mode else {
@@ -327,14 +344,31 @@ fn replay(
 ) -> Result<WireResponse, WireError> {
     let method = req.method.as_str();
     let url = req.url.as_str();
+    let body = req.body.as_deref().map(body_text);
     let mut used = used.lock().unwrap_or_else(|e| e.into_inner());
-    let found = exchanges.iter().enumerate().position(|(i, e)| {
+    let same_call = |i: usize, e: &Exchange| {
         !used[i] && e.method.eq_ignore_ascii_case(method) && urls_match(&e.url, url)
+    };
+    let found = exchanges.iter().enumerate().position(|(i, e)| {
+        same_call(i, e) && bodies_match(e.request_body.as_deref(), body.as_deref())
     });
     let Some(index) = found else {
-        return Err(WireError::Connect(format!(
-            "the recording has no unused exchange for {method} {url}: record it again"
-        )));
+        // The same call with another body: the connector now sends
+        // something the recorded API never answered (a changed mapping).
+        let sent_before = exchanges
+            .iter()
+            .enumerate()
+            .find(|(i, e)| same_call(*i, e))
+            .map(|(_, e)| e.request_body.as_deref().unwrap_or(""));
+        return Err(WireError::Connect(match sent_before {
+            Some(recorded) => format!(
+                "the recording's {method} {url} was sent another body: recorded {recorded}, now {}: record it again",
+                body.as_deref().unwrap_or("")
+            ),
+            None => format!(
+                "the recording has no unused exchange for {method} {url}: record it again"
+            ),
+        }));
     };
     used[index] = true;
     let exchange = &exchanges[index];
@@ -369,6 +403,23 @@ fn urls_match(recorded: &str, live: &str) -> bool {
     true
 }
 
+/// A recorded request body (scrubbed) against a live one: the same text
+/// but for placeholders, or the same JSON however its keys are ordered or
+/// spaced.
+fn bodies_match(recorded: Option<&str>, live: Option<&str>) -> bool {
+    let (recorded, live) = (recorded.unwrap_or(""), live.unwrap_or(""));
+    if urls_match(recorded, live) {
+        return true;
+    }
+    match (
+        serde_json::from_str::<serde_json::Value>(recorded),
+        serde_json::from_str::<serde_json::Value>(live),
+    ) {
+        (Ok(recorded), Ok(live)) => recorded == live,
+        _ => false,
+    }
+}
+
 /// The text between `{{…}}` placeholders.
 fn literal_pieces(text: &str) -> Vec<&str> {
     let mut pieces = Vec::new();
@@ -387,6 +438,91 @@ fn literal_pieces(text: &str) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn exchange(method: &str, url: &str, body: Option<&str>) -> Exchange {
+        Exchange {
+            method: method.to_owned(),
+            url: url.to_owned(),
+            request_headers: Vec::new(),
+            request_body: body.map(str::to_owned),
+            status: Some(200),
+            response_headers: Vec::new(),
+            response_body: "{}".to_owned(),
+            error: None,
+        }
+    }
+
+    fn request(method: &str, url: &str, body: Option<&str>) -> WireRequest {
+        WireRequest {
+            method: method.parse().unwrap(),
+            url: url.parse().unwrap(),
+            headers: Vec::new(),
+            body: body.map(|b| b.as_bytes().to_vec()),
+            timeout: Duration::from_secs(1),
+            max_response_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn a_replayed_request_must_send_the_recorded_body() {
+        let exchanges = [
+            exchange(
+                "POST",
+                "https://a.example/v1/c",
+                Some(r#"{"name":"Ada","key":"{{secret:api_key}}"}"#),
+            ),
+            exchange("GET", "https://a.example/v1/c/1", None),
+        ];
+        let used = Mutex::new(vec![false; exchanges.len()]);
+        // Another body: refused, naming both.
+        let changed = request(
+            "POST",
+            "https://a.example/v1/c",
+            Some(r#"{"name":"Grace","key":"k"}"#),
+        );
+        let Err(WireError::Connect(message)) = replay(&exchanges, &used, &changed) else {
+            panic!("replayed another body");
+        };
+        assert!(
+            message.contains("another body") && message.contains("Grace"),
+            "{message}"
+        );
+        // The same JSON in another key order, a secret in its placeholder's
+        // place: answered.
+        let same = request(
+            "POST",
+            "https://a.example/v1/c",
+            Some(r#"{"key":"k2","name":"Ada"}"#),
+        );
+        assert!(
+            replay(&exchanges, &used, &same).is_err(),
+            "placeholders match as text only"
+        );
+        let same = request(
+            "POST",
+            "https://a.example/v1/c",
+            Some(r#"{"name":"Ada","key":"k2"}"#),
+        );
+        assert!(replay(&exchanges, &used, &same).is_ok());
+        assert!(replay(
+            &exchanges,
+            &used,
+            &request("GET", "https://a.example/v1/c/1", None)
+        )
+        .is_ok());
+        let reordered = [exchange(
+            "PUT",
+            "https://a.example/v1/c/1",
+            Some(r#"{"a":1,"b":[2,3]}"#),
+        )];
+        let used = Mutex::new(vec![false]);
+        let put = request(
+            "PUT",
+            "https://a.example/v1/c/1",
+            Some(r#"{ "b": [2, 3], "a": 1 }"#),
+        );
+        assert!(replay(&reordered, &used, &put).is_ok());
+    }
 
     #[test]
     fn scrubbed_urls_match_any_value_in_place_of_a_secret() {

@@ -336,6 +336,9 @@ async fn a_recorded_session_replays_offline() {
     let seen = session(&kit).await;
     assert!(seen[0].starts_with("ct_"), "{seen:?}");
     assert!(seen[2].contains("Ada King"), "{seen:?}");
+    // Every recorded call was made again, with the body recorded: a
+    // changed mapping sends another body, which the recording refuses.
+    assert_eq!(kit.unreplayed(), Vec::<String>::new());
 }
 
 /// The base URL the session was recorded against.
