@@ -63,48 +63,66 @@ pub fn unkeyable(what: &str, id: &str) -> Option<String> {
     })
 }
 
-/// Why ferry's webhook endpoint would refuse the events a connector parsed
-/// from one delivery, if it would (503, so the sender keeps them; the
+/// One event of a delivery that [`checked_delivery`] passed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedEvent {
+    /// Its record, parsed.
+    pub record: Option<serde_json::Value>,
+    /// The same event again, earlier in the delivery: stored once.
+    pub repeat: bool,
+}
+
+/// The events a connector parsed from one delivery, checked as ferry's
+/// webhook endpoint stores them, with their records parsed once; or why
+/// the endpoint refuses the delivery (503, so the sender keeps it; the
 /// connector is what is broken): an event it cannot key ([`unkeyable`]), a
 /// record that is not JSON, or one event id given to two different events
 /// (the inbox would keep the first and drop the other as a redelivery).
-/// The same event twice is fine. The endpoint applies these rules as it
-/// stores the events; the SDK's test kit fails the call with this text.
-pub fn delivery_problem(events: &[Event]) -> Option<String> {
-    let mut first_of: std::collections::HashMap<&str, (&Event, Option<serde_json::Value>)> =
-        std::collections::HashMap::new();
-    for event in events {
+/// The SDK's test kit fails the call with the same text.
+pub fn checked_delivery(events: &[Event]) -> Result<Vec<CheckedEvent>, String> {
+    let mut checked: Vec<CheckedEvent> = Vec::with_capacity(events.len());
+    let mut first_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (index, event) in events.iter().enumerate() {
         if let Some(problem) =
             unkeyable("event id", &event.id).or_else(|| unkeyable("remote id", &event.remote_id))
         {
-            return Some(problem);
+            return Err(problem);
         }
         let record = match event.record.as_deref().map(serde_json::from_str) {
             Some(Ok(record)) => Some(record),
             Some(Err(error)) => {
-                return Some(format!("event {}'s record is not JSON: {error}", event.id))
+                return Err(format!("event {}'s record is not JSON: {error}", event.id))
             }
             None => None,
         };
-        match first_of.get(event.id.as_str()) {
-            Some((first, first_record)) => {
-                let same = first.remote_id == event.remote_id
-                    && first.entity == event.entity
-                    && first.kind == event.kind
-                    && *first_record == record;
+        let repeat = match first_of.get(event.id.as_str()) {
+            Some(&first) => {
+                let earlier = &events[first];
+                let same = earlier.remote_id == event.remote_id
+                    && earlier.entity == event.entity
+                    && earlier.kind == event.kind
+                    && checked[first].record == record;
                 if !same {
-                    return Some(format!(
+                    return Err(format!(
                         "event id {} given to two different events of one delivery",
                         event.id
                     ));
                 }
+                true
             }
             None => {
-                first_of.insert(&event.id, (event, record));
+                first_of.insert(&event.id, index);
+                false
             }
-        }
+        };
+        checked.push(CheckedEvent { record, repeat });
     }
-    None
+    Ok(checked)
+}
+
+/// Why [`checked_delivery`] refuses `events`, if it does.
+pub fn delivery_problem(events: &[Event]) -> Option<String> {
+    checked_delivery(events).err()
 }
 
 /// Why a remote id a connector returned (from a push or a listing) cannot

@@ -98,52 +98,29 @@ pub async fn receive(
             return Err(ApiError::ConnectorFailed);
         }
     };
+    // An event ferry cannot key (its id deduplicates deliveries, its remote
+    // id finds the link), a record that is not JSON, or one id given to two
+    // different events (the store would keep the first and drop the other
+    // while the sender hears 200): the connector is broken, and the sender
+    // keeps the events until it is fixed (a 4xx would make many senders
+    // drop them for good). The same event twice is stored once.
+    let checked = match crate::runtime::checked_delivery(&parsed.events) {
+        Ok(checked) => checked,
+        Err(problem) => {
+            crate::metrics::webhook_verification(&name, "failed");
+            tracing::warn!(connector = %name, %problem, "the connector produced events ferry cannot store; the sender will retry");
+            return Err(ApiError::ConnectorFailed);
+        }
+    };
     let mut events: Vec<NewInboxEvent> = Vec::with_capacity(parsed.events.len());
-    let mut by_id = std::collections::HashMap::new();
-    for event in parsed.events {
-        // An event ferry cannot key (its id deduplicates deliveries, its
-        // remote id finds the link) would be dropped as a duplicate of the
-        // first one, or applied to nothing: the connector is broken, and the
-        // sender keeps the event until it is fixed.
-        let unkeyable = crate::store::unkeyable("event id", &event.id)
-            .or_else(|| crate::store::unkeyable("remote id", &event.remote_id));
-        if let Some(problem) = unkeyable {
-            crate::metrics::webhook_verification(&name, "failed");
-            tracing::warn!(connector = %name, %problem, "the connector produced an event ferry cannot key; the sender will retry");
-            return Err(ApiError::ConnectorFailed);
+    for (event, checked) in parsed.events.into_iter().zip(checked) {
+        if checked.repeat {
+            continue;
         }
-        let record = match event.record.as_deref().map(serde_json::from_str) {
-            Some(Ok(mut value)) => {
-                crate::store::replace_nul(&mut value);
-                Some(value)
-            }
-            // The connector's bug, not the sender's: a 4xx would make
-            // many senders drop the event for good.
-            Some(Err(error)) => {
-                crate::metrics::webhook_verification(&name, "failed");
-                tracing::warn!(connector = %name, %error, "the connector produced a record that is not JSON; the sender will retry");
-                return Err(ApiError::ConnectorFailed);
-            }
-            None => None,
-        };
-        // One id twice in a delivery: the store keeps the first and drops
-        // the second as a redelivery. The same event twice is just that;
-        // two different changes under one id would lose one while the
-        // sender hears 200, so the connector is broken, as above.
-        if let Some(&first) = by_id.get(&event.id) {
-            let earlier: &NewInboxEvent = &events[first];
-            let same = earlier.remote_id == event.remote_id
-                && earlier.entity == without_nul(event.entity.clone())
-                && earlier.kind == kind_of(event.kind)
-                && earlier.record == record;
-            if same {
-                continue;
-            }
-            crate::metrics::webhook_verification(&name, "failed");
-            tracing::warn!(connector = %name, event_id = %event.id, "the connector gave one id to two different events of a delivery; the sender will retry");
-            return Err(ApiError::ConnectorFailed);
+        let mut record = checked.record;
+        if let Some(value) = &mut record {
+            crate::store::replace_nul(value);
         }
-        by_id.insert(event.id.clone(), events.len());
         events.push(NewInboxEvent {
             event_id: event.id,
             entity: without_nul(event.entity),
