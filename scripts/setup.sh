@@ -12,7 +12,10 @@ want_test=false
 if ! command -v rustup >/dev/null; then
   # A toolchain from the distribution or Nix: its wasm32-wasip2 standard
   # library is its own to provide.
-  echo "note: no rustup; the wasm32-wasip2 target must come with this toolchain" >&2
+  if [ ! -d "$(rustc --print sysroot)/lib/rustlib/wasm32-wasip2" ]; then
+    echo "error: this Rust toolchain has no wasm32-wasip2 target, and there is no rustup to add it" >&2
+    exit 1
+  fi
 elif ! rustup target list --installed | grep -qx wasm32-wasip2; then
   step "adding the wasm32-wasip2 target"
   rustup target add wasm32-wasip2

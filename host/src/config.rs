@@ -525,6 +525,16 @@ impl Config {
         figment.merge(RawEnv(env.ignore(NOT_SETTINGS).split("__")))
     }
 
+    /// The upload rules `ferry connector check` judges by, read as
+    /// [`Config::load`] reads them (defaults, `file`, `FERRY_*`) but
+    /// without refusing the keys it does not need: an author's shell may
+    /// hold variables that are not a whole server's configuration.
+    pub fn upload_rules(file: Option<&Path>) -> Result<UploadRules, ConfigError> {
+        Self::figment(file, Env::prefixed("FERRY_"))
+            .extract_lossy()
+            .map_err(|e| ConfigError::Load(Box::new(e)))
+    }
+
     /// Defaults plus `overrides` (used by tests).
     pub fn from_overrides(overrides: impl Serialize) -> Result<Self, ConfigError> {
         Figment::from(Serialized::defaults(DEFAULTS))
@@ -738,6 +748,21 @@ pub fn redact_url(raw: &str) -> String {
         }
         Err(_) => "[unparsable database URL]".to_owned(),
     }
+}
+
+/// What an upload is checked against (see [`Config::upload_rules`]).
+#[derive(Debug, Clone, Deserialize)]
+pub struct UploadRules {
+    /// `connector_max_bytes`.
+    pub connector_max_bytes: usize,
+    /// `connector_allowed_hosts`.
+    #[serde(default, deserialize_with = "host_list")]
+    pub connector_allowed_hosts: Vec<String>,
+    /// `connector_denied_hosts`.
+    #[serde(default, deserialize_with = "host_list")]
+    pub connector_denied_hosts: Vec<String>,
+    /// `allow_private_hosts`.
+    pub allow_private_hosts: bool,
 }
 
 /// A list of hosts: a TOML array, or one comma-separated string (what an

@@ -10,7 +10,7 @@ use ferry::app::App;
 use ferry::cli::check::CheckOptions;
 use ferry::cli::dev::DevOptions;
 use ferry::cli::new::NewConnector;
-use ferry::config::{Config, LogFormat};
+use ferry::config::{Config, LogFormat, UploadRules};
 use tokio_util::sync::CancellationToken;
 
 /// Keeps a customer catalog in two-way sync with external systems.
@@ -192,6 +192,11 @@ async fn connector(
             runtime_path,
         } => {
             let sdk_path = sdk_path.or_else(ferry::cli::new::checkout_sdk);
+            if sdk_path.is_none() && runtime_path.is_some() {
+                anyhow::bail!(
+                    "--runtime-path patches ferry-runtime beside an SDK checkout: name the SDK with --sdk-path too"
+                );
+            }
             let dir = ferry::cli::new::scaffold(&NewConnector {
                 name,
                 dir,
@@ -224,21 +229,9 @@ async fn connector(
             // The server's rules, as `ferry serve` reads them (its
             // configuration file, if given, and FERRY_* variables); a flag
             // given wins over them.
-            let server = match Config::load(config_file.as_deref()) {
-                Ok(server) => server,
-                // An author's shell may hold FERRY_* variables that are not
-                // the server's: without a file named, check with the
-                // defaults rather than refuse to check.
-                Err(error) if config_file.is_none() => {
-                    eprintln!(
-                        "warning: the FERRY_* environment is not a configuration ferry would start with ({error}); checking against the default rules"
-                    );
-                    Config::from_overrides(serde_json::json!({}))
-                        .context("the default configuration")?
-                }
-                Err(error) => return Err(error).context("loading configuration"),
-            };
-            let from_server = |hosts: Vec<String>, rule: fn(&Config) -> &Vec<String>| {
+            let server =
+                Config::upload_rules(config_file.as_deref()).context("loading configuration")?;
+            let from_server = |hosts: Vec<String>, rule: fn(&UploadRules) -> &Vec<String>| {
                 if hosts.is_empty() {
                     rule(&server).clone()
                 } else {

@@ -5,7 +5,7 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use secrecy::ExposeSecret;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
@@ -188,19 +188,36 @@ impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let mut versions = Vec::new();
-        for value in parts.headers.get_all(header::IF_MATCH) {
-            for tag in value.to_str().unwrap_or("").split(',') {
-                let tag = tag.trim();
-                match tag {
-                    // Any current version: no condition.
-                    "*" => return Ok(Self(None)),
-                    "" => {}
-                    tag => versions.push(version_of(tag)),
-                }
+        let values: Vec<&HeaderValue> = parts.headers.get_all(header::IF_MATCH).iter().collect();
+        if values.is_empty() {
+            return Ok(Self(None));
+        }
+        // `*` alone: any current version, no condition. Anywhere else it
+        // is no tag ferry issued.
+        if let [only] = values.as_slice() {
+            if only.to_str().is_ok_and(|v| v.trim() == "*") {
+                return Ok(Self(None));
             }
         }
-        Ok(Self((!versions.is_empty()).then_some(versions)))
+        let mut versions = Vec::new();
+        for value in values {
+            match value.to_str() {
+                Ok(text) => versions.extend(
+                    text.split(',')
+                        .map(str::trim)
+                        .filter(|tag| !tag.is_empty())
+                        .map(version_of),
+                ),
+                // Not text: a tag ferry never issued.
+                Err(_) => versions.push(0),
+            }
+        }
+        // A condition sent empty still conditions the write: it matches
+        // nothing.
+        if versions.is_empty() {
+            versions.push(0);
+        }
+        Ok(Self(Some(versions)))
     }
 }
 

@@ -207,6 +207,11 @@ macro_rules! add_counts {
     };
 }
 
+/// Inside a statement whose `$1` is a run id and `$2` its lease token:
+/// that run is still listing under that lease.
+const LISTING_HELD: &str = "EXISTS (SELECT 1 FROM reconciliation_runs r WHERE r.id = $1 \
+     AND r.lease_token = $2 AND r.status = 'running' AND r.phase = 'listing')";
+
 /// Ids one `IN (…)` list binds at most.
 const IN_LIST_CHUNK: usize = 1000;
 
@@ -397,26 +402,20 @@ impl Store {
         Ok(true)
     }
 
-    /// Forgets what the run's listing found so far, for a listing that
-    /// starts again from the first page (the cursor came from a version no
-    /// longer active, whose cursor format may not be the active one's).
-    /// Findings a person already resolved stay; the counts keep only the
-    /// rate-limited waits and how often the listing started again. `false`
-    /// if the lease was lost.
-    ///
-    /// In steps, each under the lease: the cursor goes first (a process
-    /// that dies after it lists from the first page, and finds the leftovers
-    /// by `pages` still counting: [`RunRow::restart_unfinished`]), then the
-    /// scratch rows `batch` at a time (a listing of a million records does
-    /// not hold the writer, or meet the statement timeout, in one delete),
-    /// then the counts.
-    pub async fn restart_listing(&self, run: &RunRow, batch: u32) -> Result<bool, StoreError> {
-        const HELD: &str = "EXISTS (SELECT 1 FROM reconciliation_runs r WHERE r.id = $1 \
-             AND r.lease_token = $2 AND r.status = 'running' AND r.phase = 'listing')";
+    /// The first step of a listing that starts again from the first page
+    /// (the cursor came from a version no longer active, whose cursor
+    /// format may not be the active one's): forgets the cursor, under the
+    /// lease. Then [`Store::forget_listing_batch`] until it deletes
+    /// nothing, then [`Store::end_listing_restart`]. A process that dies
+    /// between the steps leaves a run without a cursor whose `pages` still
+    /// count the old listing ([`RunRow::restart_unfinished`]): the next
+    /// holder finishes the restart before its first page. `false` if the
+    /// lease was lost.
+    pub async fn begin_listing_restart(&self, run: &RunRow) -> Result<bool, StoreError> {
         let forgot = dispatch!(self, write pool => {
             sqlx::query(&format!(
                 "UPDATE reconciliation_runs SET cursor = NULL, listed_with = NULL, updated_at = $3 \
-                 WHERE id = $1 AND {HELD}"
+                 WHERE id = $1 AND {LISTING_HELD}"
             ))
             .bind(&run.id)
             .bind(&run.lease_token)
@@ -425,44 +424,53 @@ impl Store {
             .await?
             .rows_affected()
         });
-        if forgot != 1 {
-            return Ok(false);
-        }
+        Ok(forgot == 1)
+    }
+
+    /// Deletes up to `batch` rows of each of the run's listing findings
+    /// (the linked ids seen, the unlinked records, the open findings; ones
+    /// a person resolved stay), under the lease; how many. A statement at
+    /// a time, so that a listing of a million records neither holds the
+    /// writer nor meets the statement timeout in one delete.
+    pub async fn forget_listing_batch(&self, run: &RunRow, batch: u32) -> Result<u64, StoreError> {
         let deletes = [
             format!(
                 "DELETE FROM reconciliation_seen WHERE (run_id, remote_id) IN (SELECT run_id, remote_id \
-                 FROM reconciliation_seen WHERE run_id = $1 LIMIT $3) AND {HELD}"
+                 FROM reconciliation_seen WHERE run_id = $1 LIMIT $3) AND {LISTING_HELD}"
             ),
             format!(
                 "DELETE FROM reconciliation_unlinked WHERE (run_id, remote_id) IN (SELECT run_id, remote_id \
-                 FROM reconciliation_unlinked WHERE run_id = $1 LIMIT $3) AND {HELD}"
+                 FROM reconciliation_unlinked WHERE run_id = $1 LIMIT $3) AND {LISTING_HELD}"
             ),
             format!(
                 "DELETE FROM reconciliation_mismatches WHERE id IN (SELECT id FROM reconciliation_mismatches \
-                 WHERE run_id = $1 AND state = 'open' LIMIT $3) AND {HELD}"
+                 WHERE run_id = $1 AND state = 'open' LIMIT $3) AND {LISTING_HELD}"
             ),
         ];
+        let mut deleted = 0;
         for sql in &deletes {
-            loop {
-                let deleted = dispatch!(self, write pool => {
-                    sqlx::query(sql)
-                        .bind(&run.id)
-                        .bind(&run.lease_token)
-                        .bind(i64::from(batch.max(1)))
-                        .execute(pool)
-                        .await?
-                        .rows_affected()
-                });
-                if deleted == 0 {
-                    break;
-                }
-            }
+            deleted += dispatch!(self, write pool => {
+                sqlx::query(sql)
+                    .bind(&run.id)
+                    .bind(&run.lease_token)
+                    .bind(i64::from(batch.max(1)))
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            });
         }
+        Ok(deleted)
+    }
+
+    /// The last step of a listing's restart: its counts start again,
+    /// keeping the rate-limited waits and counting the restart. `false` if
+    /// the lease was lost.
+    pub async fn end_listing_restart(&self, run: &RunRow) -> Result<bool, StoreError> {
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
             let counts: Option<Json<serde_json::Map<String, serde_json::Value>>> =
                 sqlx::query_scalar(&format!(
-                    "SELECT counts FROM reconciliation_runs WHERE id = $1 AND {HELD}"
+                    "SELECT counts FROM reconciliation_runs WHERE id = $1 AND {LISTING_HELD}"
                 ))
                 .bind(&run.id)
                 .bind(&run.lease_token)
@@ -482,7 +490,7 @@ impl Store {
             );
             let updated = sqlx::query(&format!(
                 "UPDATE reconciliation_runs SET pages = 0, records = 0, counts = $3, updated_at = $4 \
-                 WHERE id = $1 AND {HELD}"
+                 WHERE id = $1 AND {LISTING_HELD}"
             ))
             .bind(&run.id)
             .bind(&run.lease_token)

@@ -402,6 +402,22 @@ impl SyncEngine {
         }
     }
 
+    /// Forgets the run's listing so far, in steps under its lease, renewing
+    /// it between batches (a large listing's scratch takes many).
+    async fn restart_listing(&self, run: &RunRow) -> Result<(), Stop> {
+        let store = &self.inner.store;
+        if !store.begin_listing_restart(run).await? {
+            return Err(Stop::LeaseLost);
+        }
+        while store.forget_listing_batch(run, SCRATCH_BATCH).await? > 0 {
+            self.renew(run).await?;
+        }
+        if !store.end_listing_restart(run).await? {
+            return Err(Stop::LeaseLost);
+        }
+        Ok(())
+    }
+
     /// A run's lease lasts as long as a push's (`sync_lease`).
     fn lease_ms(&self) -> i64 {
         i64::try_from(self.inner.lease.as_millis()).unwrap_or(i64::MAX)
@@ -469,17 +485,20 @@ impl SyncEngine {
             };
             not_ready_since = None;
             let code = ready.connector.sha256();
-            if (cursor.is_some() && listed_with.as_deref() != Some(code)) || unfinished_restart {
+            let other_version = cursor.is_some() && listed_with.as_deref() != Some(code);
+            if other_version || unfinished_restart {
                 // Another version made the cursor (activated or rolled
                 // back since the last page): its format is that version's
                 // own, so the listing starts again with the active one.
-                tracing::info!(
-                    run = %run.id,
-                    "another version of the connector is active; listing again from the first page"
-                );
-                if !inner.store.restart_listing(run, SCRATCH_BATCH).await? {
-                    return Err(Stop::LeaseLost);
+                if other_version {
+                    tracing::info!(
+                        run = %run.id,
+                        "another version of the connector is active; listing again from the first page"
+                    );
+                } else {
+                    tracing::info!(run = %run.id, "finishing a listing's restart left half done");
                 }
+                self.restart_listing(run).await?;
                 cursor = None;
                 listed_with = None;
                 unfinished_restart = false;

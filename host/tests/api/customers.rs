@@ -230,7 +230,18 @@ async fn stale_if_match_is_412(backend: Backend) {
     }
     // Tags compare byte for byte: ones ferry never issued match nothing,
     // and If-Match compares strongly, so a weak tag matches nothing either.
-    for tag in ["\"+2\"", "\"02\"", "\" 2\"", "W/\"2\"", "\"1\", \"3\""] {
+    // A condition sent empty, `*` inside a list, or bytes that are not
+    // text still condition the write: they match nothing.
+    for tag in [
+        "\"+2\"",
+        "\"02\"",
+        "\" 2\"",
+        "W/\"2\"",
+        "\"1\", \"3\"",
+        "",
+        ",",
+        "\"1\", *",
+    ] {
         let response = app
             .request(Method::PATCH, &path)
             .header("if-match", tag)
@@ -240,6 +251,17 @@ async fn stale_if_match_is_412(backend: Backend) {
             .unwrap();
         assert_problem(response, 412, "precondition_failed").await;
     }
+    let response = app
+        .request(Method::PATCH, &path)
+        .header(
+            "if-match",
+            reqwest::header::HeaderValue::from_bytes(b"\"\xe9\"").unwrap(),
+        )
+        .json(&json!({"name": "second"}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 412, "precondition_failed").await;
     let (_, current) = app.get_json(&path).await;
     assert_eq!(current["name"], "first");
     assert_eq!(current["version"], 2);

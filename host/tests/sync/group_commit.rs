@@ -2458,7 +2458,8 @@ async fn an_ended_runs_scratch_goes_in_batches(postgres: bool) {
 
 /// A listing started again (another connector version active) forgets
 /// what it found a bounded delete at a time, and only under its lease: a
-/// replica whose lease ran out (another took the run) deletes nothing.
+/// replica whose lease ran out (another took the run) deletes nothing, and
+/// a restart left half done is told by its run.
 async fn a_restarted_listing_forgets_under_its_lease(postgres: bool) {
     let (store, _dir) = store(postgres).await;
     let now = chrono::Utc::now().timestamp_millis();
@@ -2486,7 +2487,12 @@ async fn a_restarted_listing_forgets_under_its_lease(postgres: bool) {
         .expect("page"));
     let mut stale = run.clone();
     stale.lease_token = Some("lease-before".to_owned());
-    assert!(!store.restart_listing(&stale, 2).await.expect("asked"));
+    assert!(!store.begin_listing_restart(&stale).await.expect("asked"));
+    assert_eq!(
+        store.forget_listing_batch(&stale, 2).await.expect("asked"),
+        0
+    );
+    assert!(!store.end_listing_restart(&stale).await.expect("asked"));
     assert_eq!(
         store
             .unlinked_records(&run.id, None, 100)
@@ -2499,7 +2505,24 @@ async fn a_restarted_listing_forgets_under_its_lease(postgres: bool) {
     let read = store.run(&run.id).await.expect("read").expect("the run");
     assert_eq!(read.cursor.as_deref(), Some("page-2"));
 
-    assert!(store.restart_listing(&run, 2).await.expect("restarted"));
+    assert!(store.begin_listing_restart(&run).await.expect("begun"));
+    let half_done = store.run(&run.id).await.expect("read").expect("the run");
+    assert!(
+        half_done.restart_unfinished(),
+        "a holder dying here is followed"
+    );
+    let mut steps = Vec::new();
+    loop {
+        let deleted = store.forget_listing_batch(&run, 2).await.expect("forgot");
+        steps.push(deleted);
+        if deleted == 0 {
+            break;
+        }
+    }
+    // Two seen and two unlinked, then two seen and the last unlinked,
+    // then the last seen.
+    assert_eq!(steps, [4, 3, 1, 0]);
+    assert!(store.end_listing_restart(&run).await.expect("ended"));
     assert!(store
         .unlinked_records(&run.id, None, 100)
         .await
