@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use axum::body::Bytes;
 use axum::extract::{Multipart, Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use minijinja::context;
 use serde_json::{json, Value};
@@ -36,7 +36,7 @@ fn console_page_of(response: &Response, fallback: &str) -> String {
 }
 
 /// `POST /console/sign-in`: `token` (unless open), `next`.
-pub async fn sign_in(State(state): State<AppState>, body: Bytes) -> Response {
+pub async fn sign_in(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
     let field = |name: &str| {
         fields
@@ -57,7 +57,7 @@ pub async fn sign_in(State(state): State<AppState>, body: Bytes) -> Response {
     let mut response = Redirect::to(&next).into_response();
     response
         .headers_mut()
-        .insert(header::SET_COOKIE, session::start(&state));
+        .insert(header::SET_COOKIE, session::start(&state, &headers));
     response
 }
 

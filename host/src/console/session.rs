@@ -305,13 +305,48 @@ pub fn multipart_csrf_ok(session: &Session, given: Option<&str>) -> bool {
     session.check_csrf(given)
 }
 
-/// Starts a session: the `Set-Cookie` header value.
-pub fn start(state: &AppState) -> HeaderValue {
+/// Starts a session: the `Set-Cookie` header value. Signed in over
+/// HTTPS (as a proxy in front says: `X-Forwarded-Proto` or `Forwarded`),
+/// the cookie is `Secure`, so the browser never sends it over plain HTTP
+/// (a typed `http://` address to a proxy that also listens on port 80).
+pub fn start(state: &AppState, headers: &axum::http::HeaderMap) -> HeaderValue {
     let value = state
         .settings
         .console_key
         .issue(chrono::Utc::now().timestamp());
-    cookie(&value, LIFETIME_SECONDS)
+    let mut cookie = cookie(&value, LIFETIME_SECONDS);
+    if over_https(headers) {
+        if let Ok(secure) =
+            HeaderValue::from_str(&format!("{}; Secure", cookie.to_str().unwrap_or("")))
+        {
+            cookie = secure;
+        }
+    }
+    cookie
+}
+
+/// Whether the proxy in front says the request came over HTTPS (ferry
+/// itself serves plain HTTP). A client could claim it falsely only to make
+/// its own cookie stricter.
+fn over_https(headers: &axum::http::HeaderMap) -> bool {
+    let forwarded_proto = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"));
+    let forwarded = headers
+        .get("forwarded")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .is_some_and(|first| {
+            first.split(';').any(|pair| {
+                pair.trim().split_once('=').is_some_and(|(k, v)| {
+                    k.trim().eq_ignore_ascii_case("proto")
+                        && v.trim().trim_matches('"').eq_ignore_ascii_case("https")
+                })
+            })
+        });
+    forwarded_proto || forwarded
 }
 
 /// Ends `session` everywhere (its cookie no longer verifies, wherever a

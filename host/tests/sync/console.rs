@@ -652,6 +652,23 @@ async fn open_mode_signs_in_without_a_token_and_still_checks_csrf() {
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/console"] {
         assert!(set_cookie.contains(attribute), "{set_cookie}");
     }
+    assert!(!set_cookie.contains("Secure"), "plain HTTP: {set_cookie}");
+    // Signed in through a TLS proxy: the cookie never travels over plain
+    // HTTP.
+    for (name, value) in [
+        ("x-forwarded-proto", "https"),
+        ("forwarded", "for=192.0.2.1;proto=https;host=ferry.example"),
+    ] {
+        let behind_tls = client
+            .post(url("/console/sign-in"))
+            .header(name, value)
+            .form(&[("next", "/console")])
+            .send()
+            .await
+            .unwrap();
+        let set_cookie = behind_tls.headers()["set-cookie"].to_str().unwrap();
+        assert!(set_cookie.ends_with("; Secure"), "{name}: {set_cookie}");
+    }
     let cookie = set_cookie.split(';').next().unwrap().to_owned();
     let page = client
         .get(url("/console"))
