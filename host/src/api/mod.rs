@@ -105,6 +105,23 @@ async fn not_found() -> ApiError {
     ApiError::NotFound
 }
 
+/// Every answer under `/console` carries the console's security headers
+/// (no framing, nothing loaded from elsewhere, no caching), the ones made
+/// outside its routes too: a 404, a 405, a timeout, an open-mode refusal.
+async fn console_headers(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let path = request.uri().path();
+    let console = path == "/console" || path.starts_with("/console/");
+    let response = next.run(request).await;
+    if console {
+        crate::console::security_headers(response)
+    } else {
+        response
+    }
+}
+
 /// A path that does not decode to UTF-8 names nothing here: 404 as
 /// problem+json, not the text/plain 400 a path parameter's extraction
 /// would answer.
@@ -246,6 +263,7 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(utf8_paths_only))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(console_headers))
         .layer(DefaultBodyLimit::max(max_body))
         // A stalled body fails after `body_read_timeout`.
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(

@@ -184,8 +184,10 @@ async fn stylesheet() -> Response {
 }
 
 /// Headers on every console response: nothing loads from elsewhere, no
-/// framing, no caching of pages that show customer data.
-async fn security_headers(mut response: Response) -> Response {
+/// framing, no caching of pages that show customer data. Put on every
+/// answer under `/console` by the API's router (`api::console_headers`),
+/// the ones made outside the console's routes too (a 404, a timeout).
+pub fn security_headers(mut response: Response) -> Response {
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
@@ -264,7 +266,6 @@ pub fn router(max_component_bytes: usize) -> Router<AppState> {
             "/console/reconciliations/{id}/mismatches/{mismatch_id}/resolve",
             post(actions::resolve_mismatch),
         )
-        .layer(axum::middleware::map_response(security_headers))
 }
 
 #[cfg(test)]

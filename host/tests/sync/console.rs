@@ -653,6 +653,14 @@ async fn open_mode_signs_in_without_a_token_and_still_checks_csrf() {
         assert!(set_cookie.contains(attribute), "{set_cookie}");
     }
     assert!(!set_cookie.contains("Secure"), "plain HTTP: {set_cookie}");
+    // An answer made outside the console's routes carries its headers too.
+    let missing = client.get(url("/console/nope")).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(missing.headers()["x-frame-options"], "DENY");
+    assert!(missing.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("frame-ancestors 'none'"));
     // Signed in through a TLS proxy: the cookie never travels over plain
     // HTTP.
     for (name, value) in [
