@@ -314,15 +314,7 @@ pub fn start(state: &AppState, headers: &axum::http::HeaderMap) -> HeaderValue {
         .settings
         .console_key
         .issue(chrono::Utc::now().timestamp());
-    let mut cookie = cookie(&value, LIFETIME_SECONDS);
-    if over_https(headers) {
-        if let Ok(secure) =
-            HeaderValue::from_str(&format!("{}; Secure", cookie.to_str().unwrap_or("")))
-        {
-            cookie = secure;
-        }
-    }
-    cookie
+    cookie(&value, LIFETIME_SECONDS, over_https(headers))
 }
 
 /// Whether the proxy in front says the request came over HTTPS (ferry
@@ -334,17 +326,17 @@ fn over_https(headers: &axum::http::HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(',').next())
         .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"));
+    // RFC 7239: the first element is the proxy nearest the client.
     let forwarded = headers
         .get("forwarded")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(',').next())
-        .is_some_and(|first| {
-            first.split(';').any(|pair| {
-                pair.trim().split_once('=').is_some_and(|(k, v)| {
-                    k.trim().eq_ignore_ascii_case("proto")
-                        && v.trim().trim_matches('"').eq_ignore_ascii_case("https")
-                })
-            })
+        .into_iter()
+        .flat_map(|first| first.split(';'))
+        .filter_map(|pair| pair.split_once('='))
+        .any(|(key, value)| {
+            key.trim().eq_ignore_ascii_case("proto")
+                && value.trim().trim_matches('"').eq_ignore_ascii_case("https")
         });
     forwarded_proto || forwarded
 }
@@ -364,7 +356,7 @@ pub async fn end(state: &AppState, session: &Session) -> Result<HeaderValue, Res
             "ferry could not record the sign-out, and the session stays valid. Try again in a moment.",
         ));
     }
-    Ok(cookie("", 0))
+    Ok(cookie("", 0, false))
 }
 
 /// The page for a session read or write the store failed: 503
@@ -378,10 +370,11 @@ fn store_failed(error: crate::store::StoreError, title: &str, detail: &str) -> R
     super::render_problem(None, error.status(), error.code(), title, detail)
 }
 
-fn cookie(value: &str, max_age: i64) -> HeaderValue {
+fn cookie(value: &str, max_age: i64, secure: bool) -> HeaderValue {
     // Path=/console: the cookie never travels with API or webhook calls.
+    let secure = if secure { "; Secure" } else { "" };
     HeaderValue::from_str(&format!(
-        "{COOKIE}={value}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={max_age}"
+        "{COOKIE}={value}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
     ))
     .unwrap_or_else(|_| HeaderValue::from_static("ferry_console=; Path=/console; Max-Age=0"))
 }

@@ -347,7 +347,7 @@ fn replay(
     let body = req.body.as_deref().map(body_text);
     let mut used = used.lock().unwrap_or_else(|e| e.into_inner());
     let same_call = |i: usize, e: &Exchange| {
-        !used[i] && e.method.eq_ignore_ascii_case(method) && urls_match(&e.url, url)
+        !used[i] && e.method.eq_ignore_ascii_case(method) && scrubbed_match(&e.url, url)
     };
     let found = exchanges.iter().enumerate().position(|(i, e)| {
         same_call(i, e) && bodies_match(e.request_body.as_deref(), body.as_deref())
@@ -385,9 +385,9 @@ fn replay(
     }
 }
 
-/// A recorded URL (scrubbed: `{{secret:NAME}}` stands for any value)
-/// against a live one.
-fn urls_match(recorded: &str, live: &str) -> bool {
+/// A recorded URL or body (scrubbed: `{{secret:NAME}}` stands for any
+/// value) against a live one, as text.
+fn scrubbed_match(recorded: &str, live: &str) -> bool {
     let pieces = literal_pieces(recorded);
     let [first, middle @ .., last] = pieces.as_slice() else {
         return recorded == live;
@@ -410,7 +410,7 @@ fn urls_match(recorded: &str, live: &str) -> bool {
 /// spaced.
 fn bodies_match(recorded: Option<&str>, live: Option<&str>) -> bool {
     let (recorded, live) = (recorded.unwrap_or(""), live.unwrap_or(""));
-    if urls_match(recorded, live) {
+    if scrubbed_match(recorded, live) {
         return true;
     }
     match (
@@ -433,7 +433,7 @@ fn body_difference(recorded: &str, live: &str) -> String {
             .chain(live.keys())
             .filter(|key| match (recorded.get(*key), live.get(*key)) {
                 (Some(serde_json::Value::String(r)), Some(serde_json::Value::String(l))) => {
-                    !urls_match(r, l)
+                    !scrubbed_match(r, l)
                 }
                 (r, l) => r != l,
             })
@@ -549,18 +549,24 @@ mod tests {
     }
 
     #[test]
-    fn scrubbed_urls_match_any_value_in_place_of_a_secret() {
-        assert!(urls_match(
+    fn scrubbed_text_matches_any_value_in_place_of_a_secret() {
+        assert!(scrubbed_match(
             "https://a.example/v1/x",
             "https://a.example/v1/x"
         ));
-        assert!(!urls_match(
+        assert!(!scrubbed_match(
             "https://a.example/v1/x",
             "https://a.example/v1/y"
         ));
         let recorded = "https://a.example/v1/x?key={{secret:api_key}}&n=1";
-        assert!(urls_match(recorded, "https://a.example/v1/x?key=abc&n=1"));
-        assert!(!urls_match(recorded, "https://a.example/v1/x?key=abc&n=2"));
+        assert!(scrubbed_match(
+            recorded,
+            "https://a.example/v1/x?key=abc&n=1"
+        ));
+        assert!(!scrubbed_match(
+            recorded,
+            "https://a.example/v1/x?key=abc&n=2"
+        ));
     }
 
     #[test]
