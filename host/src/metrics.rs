@@ -121,7 +121,11 @@ fn describe() {
     describe_gauge!(
         "ferry_inbox_oldest_unapplied_age_seconds",
         Unit::Seconds,
-        "Age of the oldest pending or retrying inbox event (0 when none)"
+        "Age of the oldest pending or retrying inbox event not held by an open conflict (0 when none)"
+    );
+    describe_gauge!(
+        "ferry_inbox_held",
+        "Inbox events waiting for a person to resolve the open conflict holding their link, by connector"
     );
     describe_gauge!(
         "ferry_inbox_loops_holding_back",
@@ -275,6 +279,12 @@ fn set_backlog(backlog: &crate::store::health::Backlog, previous: &mut Vec<Serie
                 "ferry_inbox_unapplied",
                 vec![("connector", connector.clone())],
             ),
+            *count,
+        ));
+    }
+    for (connector, count) in backlog.inbox_held.iter().filter(|(_, n)| **n > 0) {
+        now.push((
+            ("ferry_inbox_held", vec![("connector", connector.clone())]),
             *count,
         ));
     }

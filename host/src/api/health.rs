@@ -207,7 +207,10 @@ pub struct LinkCounts {
 pub struct InboxCounts {
     /// Pending or retrying.
     pub unapplied: i64,
-    /// Age of the oldest of them, in seconds.
+    /// How many of them wait for a person to resolve the open conflict
+    /// holding their link (see `conflicts_open`).
+    pub held: i64,
+    /// Age of the oldest of them not held, in seconds.
     pub oldest_age_seconds: f64,
 }
 
@@ -307,6 +310,7 @@ pub async fn health(
                 },
                 inbox: InboxCounts {
                     unapplied: backlog.inbox_unapplied.get(&name).copied().unwrap_or(0),
+                    held: backlog.inbox_held.get(&name).copied().unwrap_or(0),
                     oldest_age_seconds: backlog
                         .inbox_oldest_age_by_connector
                         .get(&name)

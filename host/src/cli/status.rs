@@ -86,6 +86,7 @@ pub fn table(url: &str, health: &Value) -> String {
         "DEAD LETTERS",
         "CONFLICTS",
         "INBOX",
+        "HELD",
         "INBOX AGE",
         "BREAKER",
         "LAST SUCCESS",
@@ -104,6 +105,7 @@ pub fn table(url: &str, health: &Value) -> String {
             n(&c["dead_letters"]),
             n(&c["conflicts_open"]),
             n(&c["inbox"]["unapplied"]),
+            n(&c["inbox"]["held"]),
             format!(
                 "{:.0} s",
                 c["inbox"]["oldest_age_seconds"].as_f64().unwrap_or(0.0)
@@ -159,7 +161,7 @@ mod tests {
             "connectors": [{
                 "connector": "stripe", "switch": "enabled",
                 "links": {"synced": 3, "pending": 0, "retrying": 1, "dead": 1},
-                "inbox": {"unapplied": 0, "oldest_age_seconds": 0.0},
+                "inbox": {"unapplied": 2, "held": 1, "oldest_age_seconds": 0.0},
                 "dead_letters": 1, "conflicts_open": 0,
                 "breaker": {"state": "closed"},
                 "last_error_at": "2026-11-30T00:00:00Z", "last_error": "HTTP 500\nboom",

@@ -22,9 +22,12 @@ pub struct Backlog {
     pub outbox_oldest_age: Duration,
     /// Inbox events pending or retrying, per connector.
     pub inbox_unapplied: BTreeMap<String, i64>,
-    /// Age of the oldest of them, per connector.
+    /// How many of them wait behind an open conflict, per connector.
+    pub inbox_held: BTreeMap<String, i64>,
+    /// Age of the oldest of them not waiting behind an open conflict (those
+    /// wait on a person, whom `conflicts_open` calls), per connector.
     pub inbox_oldest_age_by_connector: BTreeMap<String, Duration>,
-    /// Age of the oldest of them, all connectors.
+    /// The same, all connectors.
     pub inbox_oldest_age: Duration,
     /// Links pending or retrying, per (connector, state).
     pub links: BTreeMap<(String, String), i64>,
@@ -148,8 +151,9 @@ impl Store {
             )
             .fetch_one(pool)
             .await?;
-            let inbox: Vec<(String, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
-                "SELECT connector, COUNT(*), MIN(received_at) FROM inbox \
+            let inbox: Vec<(String, i64, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
+                "SELECT connector, COUNT(*), COUNT(held_by), \
+                 MIN(CASE WHEN held_by IS NULL THEN received_at END) FROM inbox \
                  WHERE state IN ('pending', 'retry') GROUP BY connector",
             )
             .fetch_all(pool)
@@ -178,12 +182,13 @@ impl Store {
             outbox_oldest_age: age(outbox.1),
             ..Backlog::default()
         };
-        for (connector, count, oldest) in inbox {
+        for (connector, count, held, oldest) in inbox {
             let oldest = age(oldest);
             backlog.inbox_oldest_age = backlog.inbox_oldest_age.max(oldest);
             backlog
                 .inbox_oldest_age_by_connector
                 .insert(connector.clone(), oldest);
+            backlog.inbox_held.insert(connector.clone(), held);
             backlog.inbox_unapplied.insert(connector, count);
         }
         for (connector, state, count) in links {

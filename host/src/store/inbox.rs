@@ -54,11 +54,20 @@ stored_names!(InboxState {
 pub enum InboxFinish<'a> {
     /// Nothing to apply; why.
     Skipped(&'a str),
-    /// Waits, without using an attempt, until `at_ms` (behind an open
-    /// conflict); why.
+    /// Waits, without using an attempt, until `at_ms` (a connector not
+    /// loaded, the remote asking to wait); why.
     Deferred {
         /// Why it waits.
         detail: &'a str,
+        /// When it is looked at again, unix ms.
+        at_ms: i64,
+    },
+    /// Waits, without using an attempt, until a person resolves the open
+    /// conflict that holds its link; looked at again at `at_ms`. The
+    /// backlog's age leaves it out: it waits on a person, not on ferry.
+    Held {
+        /// The conflict.
+        conflict: &'a str,
         /// When it is looked at again, unix ms.
         at_ms: i64,
     },
@@ -499,11 +508,23 @@ impl Store {
         finish: InboxFinish<'_>,
     ) -> Result<bool, StoreError> {
         let at = now();
-        let (state, detail, next_attempt_at_ms) = match finish {
-            InboxFinish::Skipped(reason) => (InboxState::Skipped, reason, None),
-            InboxFinish::Deferred { detail, at_ms } => (InboxState::Pending, detail, Some(at_ms)),
-            InboxFinish::Retry { error, at_ms } => (InboxState::Retry, error, Some(at_ms)),
-            InboxFinish::Dead { error, .. } => (InboxState::Dead, error, None),
+        let held;
+        let (state, detail, next_attempt_at_ms, held_by) = match finish {
+            InboxFinish::Skipped(reason) => (InboxState::Skipped, reason, None, None),
+            InboxFinish::Deferred { detail, at_ms } => {
+                (InboxState::Pending, detail, Some(at_ms), None)
+            }
+            InboxFinish::Held { conflict, at_ms } => {
+                held = format!("waiting: the link is held by open conflict {conflict}");
+                (
+                    InboxState::Pending,
+                    held.as_str(),
+                    Some(at_ms),
+                    Some(conflict),
+                )
+            }
+            InboxFinish::Retry { error, at_ms } => (InboxState::Retry, error, Some(at_ms), None),
+            InboxFinish::Dead { error, .. } => (InboxState::Dead, error, None, None),
         };
         let attempts = if matches!(state, InboxState::Retry | InboxState::Dead) {
             event.attempts + 1
@@ -514,7 +535,7 @@ impl Store {
             let mut tx = pool.begin().await?;
             let updated = sqlx::query(
                 "UPDATE inbox SET state = $1, detail = $2, attempts = $3, \
-                 next_attempt_at_ms = COALESCE($4, next_attempt_at_ms), \
+                 next_attempt_at_ms = COALESCE($4, next_attempt_at_ms), held_by = $7, \
                  lease_until_ms = 0, lease_token = NULL WHERE seq = $5 AND lease_token = $6",
             )
             .bind(state.as_str())
@@ -523,6 +544,7 @@ impl Store {
             .bind(next_attempt_at_ms)
             .bind(event.seq)
             .bind(&event.lease_token)
+            .bind(held_by)
             .execute(&mut *tx)
             .await?
             .rows_affected();

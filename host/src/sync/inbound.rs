@@ -698,19 +698,7 @@ impl SyncEngine {
         }
         if let Some(held_by) = link.as_ref().and_then(|l| l.held_by.as_deref()) {
             // A person resolves the conflict first; then the event applies.
-            let detail = format!("waiting: the link is held by open conflict {held_by}");
-            let at = now_ms() + HELD_RECHECK_MS;
-            self.inner
-                .store
-                .finish_inbox(
-                    event,
-                    InboxFinish::Deferred {
-                        detail: &detail,
-                        at_ms: at,
-                    },
-                )
-                .await?;
-            return Ok(Some(InboundOutcome::Deferred));
+            return self.held(event, held_by).await;
         }
         // A thin upsert says only "look again": applying it fetches what
         // holds now, so it is never stale, however the sender (or the
@@ -1000,20 +988,8 @@ impl SyncEngine {
                 )))
             }
             DuplicateEmail::Flag => {
-                if let Some(held_by) = taken.held_by {
-                    let detail = format!("waiting: the link is held by open conflict {held_by}");
-                    let at = now_ms() + HELD_RECHECK_MS;
-                    self.inner
-                        .store
-                        .finish_inbox(
-                            event,
-                            InboxFinish::Deferred {
-                                detail: &detail,
-                                at_ms: at,
-                            },
-                        )
-                        .await?;
-                    return Ok(Some(InboundOutcome::Deferred));
+                if let Some(held_by) = taken.held_by.as_deref() {
+                    return self.held(event, held_by).await;
                 }
                 let conflict = NewConflict {
                     policy: "duplicate_email".to_owned(),
@@ -1357,6 +1333,20 @@ impl SyncEngine {
             )) => Err(Failure::Permanent(m)),
             Err(error) => Err(Failure::Retry(error.to_string())),
         }
+    }
+
+    /// Parks an event behind the open conflict holding its link: looked at
+    /// again every few seconds, without spending an attempt, until a
+    /// person resolves the conflict.
+    async fn held(
+        &self,
+        event: &InboxEvent,
+        conflict: &str,
+    ) -> Result<Option<InboundOutcome>, Failure> {
+        let at_ms = now_ms() + HELD_RECHECK_MS;
+        let finish = InboxFinish::Held { conflict, at_ms };
+        self.inner.store.finish_inbox(event, finish).await?;
+        Ok(Some(InboundOutcome::Deferred))
     }
 
     async fn inbound_failed(&self, event: &InboxEvent, failure: Failure) -> InboundOutcome {

@@ -245,6 +245,20 @@ async fn a_remote_edit_made_while_held_survives_the_resolution(backend: Backend)
 
     edit_in_stripe(&h.stripe.url(), &h.remote_id, "phone", "+15550000009");
     wait_until_an_edit_waits(&h).await;
+    // The edit waits on a person, not on ferry: counted as held, and left
+    // out of the inbox's age (an alert on it would fire for every conflict
+    // left open a while).
+    let (_, health) = h
+        .app
+        .send(reqwest::Method::GET, "/api/v1/health", None)
+        .await;
+    let stripe = health["connectors"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["connector"] == "stripe"))
+        .expect("stripe in health");
+    assert_eq!(stripe["inbox"]["held"], 1, "{health:#}");
+    assert_eq!(stripe["inbox"]["unapplied"], 1, "{health:#}");
+    assert_eq!(stripe["inbox"]["oldest_age_seconds"], 0.0, "{health:#}");
 
     let (status, resolved) = resolve(&h.app, &conflict, json!({"resolution": "local"})).await;
     assert_eq!(status, 200, "{resolved}");

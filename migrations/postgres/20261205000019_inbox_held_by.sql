@@ -1,0 +1,6 @@
+-- The open conflict an inbox event waits on (its link is held until a
+-- person resolves it), set each time the event is parked behind it and
+-- cleared when it waits or fails for another reason; read only while the
+-- event is pending. The backlog's age leaves such events out: they wait
+-- on a person, not on ferry.
+ALTER TABLE inbox ADD COLUMN held_by TEXT;
