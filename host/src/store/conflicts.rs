@@ -100,6 +100,11 @@ pub(super) const CLOSE_FOR_DELETED_SQL: &str = "UPDATE conflicts SET state = 're
 pub(super) const RELEASE_FOR_DELETED_SQL: &str = "UPDATE sync_links SET held_by = NULL, \
     updated_at = $2 WHERE customer_id = $1 AND held_by IS NOT NULL";
 
+/// ...and wake the inbox events they held, due now. `$1` the customer.
+pub(super) const WAKE_FOR_DELETED_SQL: &str = "UPDATE inbox SET held_by = NULL, \
+    next_attempt_at_ms = 0 WHERE held_by IN (SELECT id FROM conflicts WHERE customer_id = $1) \
+    AND state IN ('pending', 'retry')";
+
 impl Store {
     /// A page of conflicts, oldest first.
     pub async fn conflicts(&self, request: &ListConflicts) -> Result<Vec<Conflict>, StoreError> {
@@ -260,9 +265,17 @@ impl Store {
             .bind(&conflict.id)
             .execute(&mut *tx)
             .await?;
+            sqlx::query(
+                "UPDATE inbox SET held_by = NULL, next_attempt_at_ms = $1 \
+                 WHERE held_by = $2 AND state IN ('pending', 'retry')",
+            )
+            .bind(at_ms)
+            .bind(&conflict.id)
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
             // The new version goes out, and the inbox events the conflict
-            // held for this link may go on.
+            // held for this link go on now.
             self.committed_outbox();
             self.committed_inbox();
             Ok(Resolved::Done(Box::new(customer)))

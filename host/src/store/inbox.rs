@@ -716,6 +716,10 @@ impl Store {
                     ] {
                         sqlx::query(sql).bind(id.as_str()).bind(at).execute(&mut *tx).await?;
                     }
+                    sqlx::query(super::conflicts::WAKE_FOR_DELETED_SQL)
+                        .bind(id.as_str())
+                        .execute(&mut *tx)
+                        .await?;
                     (Some(Customer::from(row)), Some("deleted"))
                 }
             };

@@ -175,6 +175,17 @@ async fn name_edited_on_both_sides(h: &Harness) {
     edit_in_stripe(&h.stripe.url(), &h.remote_id, "name", "Remote Name");
 }
 
+/// The Stripe connector's inbox counts in `GET /api/v1/health`.
+async fn stripe_inbox(app: &SyncApp) -> Value {
+    let (status, health) = app.send(reqwest::Method::GET, "/api/v1/health", None).await;
+    assert_eq!(status, 200, "{health}");
+    health["connectors"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["connector"] == "stripe"))
+        .map(|c| c["inbox"].clone())
+        .expect("stripe in health")
+}
+
 /// Waits for the first open conflict.
 async fn open_conflict(app: &SyncApp) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -200,8 +211,13 @@ async fn deleting_a_customer_closes_its_conflicts() {
     name_edited_on_both_sides(&h).await;
     let conflict = open_conflict(&h.app).await;
     h.proxy.set_down(false);
+    edit_in_stripe(&h.stripe.url(), &h.remote_id, "phone", "+15550000009");
+    wait_until_an_edit_waits(&h).await;
 
     h.app.delete(&h.id).await;
+    // The edit the conflict held is woken with the delete, not at its
+    // next look.
+    assert_eq!(stripe_inbox(&h.app).await["held"], 0);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while stripe_customer(&h.stripe.url(), &h.remote_id)
         .await
@@ -248,17 +264,10 @@ async fn a_remote_edit_made_while_held_survives_the_resolution(backend: Backend)
     // The edit waits on a person, not on ferry: counted as held, and left
     // out of the inbox's age (an alert on it would fire for every conflict
     // left open a while).
-    let (_, health) = h
-        .app
-        .send(reqwest::Method::GET, "/api/v1/health", None)
-        .await;
-    let stripe = health["connectors"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["connector"] == "stripe"))
-        .expect("stripe in health");
-    assert_eq!(stripe["inbox"]["held"], 1, "{health:#}");
-    assert_eq!(stripe["inbox"]["unapplied"], 1, "{health:#}");
-    assert_eq!(stripe["inbox"]["oldest_age_seconds"], 0.0, "{health:#}");
+    let inbox = stripe_inbox(&h.app).await;
+    assert_eq!(inbox["held"], 1, "{inbox}");
+    assert_eq!(inbox["unapplied"], 1, "{inbox}");
+    assert_eq!(inbox["oldest_age_seconds"], 0.0, "{inbox}");
 
     let (status, resolved) = resolve(&h.app, &conflict, json!({"resolution": "local"})).await;
     assert_eq!(status, 200, "{resolved}");
