@@ -632,8 +632,10 @@ macro_rules! record_in {
             let mut kept: Option<String> = None;
             let updated = match $outcome {
                 RecordedOutcome::Delivered { version, remote_id, remote_deleted, pushed_hash, snapshot, .. } => {
-                    // Only the lease holder moves synced_version, so it can be
-                    // computed here; wanted_version may grow concurrently.
+                    // Only the lease holder moves synced_version past a
+                    // version it pushed (an adopted create raises it to the
+                    // create's, below this one), so it can be computed here;
+                    // wanted_version may grow concurrently.
                     let synced = $link.synced_version.max(*version);
                     // The guarded write, or the one that keeps the record
                     // linked; an inbound write committed between the two
@@ -711,8 +713,11 @@ macro_rules! record_in {
                     };
                     // A skip settles every version up to the one considered.
                     let settled = synced.max(*version);
+                    // Never lowered: an adopted create raises it outside
+                    // the lease (`adopt_created_remote`).
                     sqlx::query(
-                        "UPDATE sync_links SET synced_version = $1, \
+                        "UPDATE sync_links SET \
+                         synced_version = CASE WHEN synced_version > $1 THEN synced_version ELSE $1 END, \
                          state = CASE WHEN wanted_version > $2 THEN 'pending' ELSE 'synced' END, \
                          attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, \
                          next_attempt_at_ms = $3, updated_at = $4 \
@@ -730,10 +735,14 @@ macro_rules! record_in {
                     .rows_affected()
                 }
                 RecordedOutcome::RetryScheduled { attempt, at_ms, error, pending_version, .. } => {
+                    // A failed push may have been applied (a timeout): what
+                    // the remote holds is unknown until the next delivery,
+                    // so no later version is skipped as unchanged (here and
+                    // on a dead letter).
                     sqlx::query(
                         "UPDATE sync_links SET state = 'retry', attempts = $1, next_attempt_at_ms = $2, \
                          last_error = $3, pending_version = COALESCE($4, pending_version), \
-                         lease_until_ms = 0, lease_token = NULL, updated_at = $5 \
+                         pushed_hash = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $5 \
                          WHERE customer_id = $6 AND connector = $7 AND lease_token = $8",
                     )
                     .bind(attempt)
@@ -803,7 +812,7 @@ macro_rules! record_in {
                          last_error = $2, \
                          pending_version = CASE WHEN $7 THEN NULL ELSE pending_version END, \
                          pending_record = CASE WHEN $7 THEN NULL ELSE pending_record END, \
-                         lease_until_ms = 0, lease_token = NULL, updated_at = $3 \
+                         pushed_hash = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $3 \
                          WHERE customer_id = $4 AND connector = $5 AND lease_token = $6",
                     )
                     .bind(attempt)
@@ -916,7 +925,10 @@ impl Store {
     /// Links `customer`'s record at `connector` to `remote_id`, if the
     /// link has no remote record and keeps a create of `version` whose
     /// answer was lost (its echo names the record it made). The kept
-    /// create is dropped: the next push is an update. False if the link
+    /// create is dropped, and its version counts as synced: the record
+    /// holds it, and an update of that version would reuse the create's
+    /// idempotency key on another endpoint (Stripe refuses that: 400
+    /// `idempotency_error`). A later version is pushed as an update. False if the link
     /// moved on (a remote id, another pending create), or `remote_id` is
     /// another link's.
     pub async fn adopt_created_remote(
@@ -930,7 +942,8 @@ impl Store {
         let adopted = dispatch!(self, write pool => {
             sqlx::query(
                 "UPDATE sync_links SET remote_id = $4, remote_deleted = FALSE, \
-                 pending_version = NULL, pending_record = NULL, updated_at = $5 \
+                 pending_version = NULL, pending_record = NULL, updated_at = $5, \
+                 synced_version = CASE WHEN synced_version < $3 THEN $3 ELSE synced_version END \
                  WHERE connector = $1 AND customer_id = $2 AND remote_id IS NULL \
                  AND pending_version = $3",
             )

@@ -93,6 +93,48 @@ async fn timeout_after_the_remote_applied_the_write_creates_no_duplicate() {
     );
 }
 
+/// An update that timed out may have been applied: the remote's content is
+/// then unknown. Changed back meanwhile to what was pushed before, the
+/// customer is pushed again, not skipped as "unchanged since the last
+/// push": Stripe held the timed-out update's name while ferry said synced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_undone_while_its_update_timed_out_is_pushed() {
+    let h = harness(json!({})).await;
+    let customer = h
+        .app
+        .create(json!({"email": email("undone"), "name": "Before"}))
+        .await;
+    let id = customer["id"].as_str().unwrap();
+    let link = h.app.wait_synced(id, 1).await;
+    let remote_id = link["remote_id"].as_str().unwrap().to_owned();
+    let update = format!("/v1/customers/{remote_id}");
+    h.proxy.push(
+        Match::request("POST", &update),
+        Fault::ForwardThenDelay(Duration::from_secs(4)),
+    );
+    h.app.patch(id, json!({"name": "Changed"})).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !h
+        .proxy
+        .requests_to("POST", &update)
+        .iter()
+        .any(|r| r.forwarded)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the update never went out"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Stripe holds "Changed"; its answer is late, so the push times out.
+    h.app.patch(id, json!({"name": "Before"})).await;
+    h.app.wait_synced(id, 3).await;
+    let held = crate::helpers::stripe_customer(&h.stripe.url(), &remote_id)
+        .await
+        .expect("the record");
+    assert_eq!(held["name"], "Before", "{held:#}");
+}
+
 /// A create whose answer was lost, then given up on (the remote went down
 /// for good): its echo, which carries ferry's idempotency key and the
 /// record made, links the customer to that record. Before, the echo was
@@ -149,7 +191,9 @@ async fn the_echo_of_a_create_whose_answer_was_lost_links_its_record() {
         .await;
     assert_eq!(link["state"], "dead", "{link}");
 
-    // Replayed: an update of the record made, not a create.
+    // Replayed: nothing to send. The record made holds version 1, and an
+    // update of it would reuse the create's key on another endpoint, which
+    // Stripe refuses (400 `idempotency_error`).
     h.proxy.set_down(false);
     let letters = stripe_dead_letters(&h.app).await;
     let letter = &letters["data"][0];
@@ -160,10 +204,28 @@ async fn the_echo_of_a_create_whose_answer_was_lost_links_its_record() {
     let (status, _) = h.app.send(reqwest::Method::POST, &path, None).await;
     assert_eq!(status, 200);
     h.app.wait_synced(id, 1).await;
-    assert!(!h
+    assert!(h
         .proxy
         .requests_to("POST", &format!("/v1/customers/{remote_id}"))
         .is_empty());
+    let creates = h.proxy.requests_to("POST", "/v1/customers");
+    assert_eq!(creates.iter().filter(|r| r.forwarded).count(), 1);
+
+    // The next change is an update of the record made, under its own key.
+    h.app.patch(id, json!({"name": "Found"})).await;
+    h.app.wait_synced(id, 2).await;
+    let updates = h
+        .proxy
+        .requests_to("POST", &format!("/v1/customers/{remote_id}"));
+    assert_eq!(updates.len(), 1);
+    let key = updates[0]
+        .headers
+        .iter()
+        .find(|(name, _)| name == "idempotency-key")
+        .map(|(_, value)| value.as_str())
+        .unwrap_or_default();
+    // (`-r1`: the replay's repair.)
+    assert!(key.starts_with(&format!("ferry-stripe-{id}-v2")), "{key}");
     assert_eq!(
         stripe_customers_by_email(&h.stripe.url(), &address)
             .await
