@@ -298,9 +298,15 @@ pub async fn resolve_conflict(
                 Choice::Remote => text(remote),
                 Choice::Fields => request.fields.get(field).cloned().flatten(),
             };
+            // Compared as the merge compared them when it recorded the
+            // conflict (trimmed, empty as unset, an email's case), or a
+            // stored `"silver "` never matched its recorded `"silver"`.
             let now = current_value(&customer, field)?;
             let recorded = recorded_local.get(field).cloned().flatten();
-            if now != recorded && chosen != now {
+            let same = |a: &Option<String>, b: &Option<String>| {
+                crate::sync::merge::same_text(field, a.as_deref(), b.as_deref())
+            };
+            if !same(&now, &recorded) && !same(&chosen, &now) {
                 stale.push(field.clone());
             }
         }

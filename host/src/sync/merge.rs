@@ -458,6 +458,16 @@ fn same(field: &str, a: Option<&str>, b: Option<&str>) -> bool {
     }
 }
 
+/// Whether two values of `field`, as text a resolution or the API holds,
+/// are the same as a merge compares them: trimmed, empty as unset, emails
+/// and country codes as [`same`] compares them.
+pub fn same_text(field: &str, a: Option<&str>, b: Option<&str>) -> bool {
+    fn set(value: Option<&str>) -> Option<&str> {
+        value.map(str::trim).filter(|s| !s.is_empty())
+    }
+    same(field, set(a), set(b))
+}
+
 fn json(value: Option<&str>) -> Value {
     value.map_or(Value::Null, Value::from)
 }

@@ -63,10 +63,14 @@ pub(crate) fn edit_fields_in_stripe(stripe_url: &str, remote_id: &str, fields: &
         .iter()
         .map(|(field, value)| format!("{field}='{value}'"))
         .collect();
+    modify_in_stripe(stripe_url, remote_id, &fields.join(", "));
+}
+
+/// `stripe.Customer.modify(remote_id, ARGUMENTS)`, `arguments` as Python.
+fn modify_in_stripe(stripe_url: &str, remote_id: &str, arguments: &str) {
     let script = format!(
         "import stripe\nstripe.api_key = '{STRIPE_KEY}'\nstripe.api_base = '{stripe_url}'\n\
-         stripe.Customer.modify('{remote_id}', {})",
-        fields.join(", ")
+         stripe.Customer.modify('{remote_id}', {arguments})"
     );
     let out = Command::new(venv_python().unwrap())
         .arg("-c")
@@ -532,6 +536,34 @@ async fn flagged_conflicts_hold_the_link_until_resolved() {
     );
 }
 
+/// The API keeps a metadata value as sent (`"silver "`); the merge compares
+/// and records it trimmed. Every resolution but `local` was refused as
+/// stale (409) until someone edited the customer: the stale check compared
+/// the stored text with the recorded one byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_over_an_untrimmed_value_resolves() {
+    let h = synced_customer("flag").await;
+    h.proxy.set_down(true);
+    h.app
+        .patch(&h.id, json!({"metadata": {"tier": "silver "}}))
+        .await;
+    modify_in_stripe(
+        &h.stripe.url(),
+        &h.remote_id,
+        "metadata={'tier': 'platinum'}",
+    );
+    let conflict = open_conflict(&h.app).await;
+    assert_eq!(
+        conflict["fields"][0]["field"], "metadata.tier",
+        "{conflict}"
+    );
+    assert_eq!(conflict["fields"][0]["local"], "silver", "{conflict}");
+    h.proxy.set_down(false);
+    let (status, resolved) = resolve(&h.app, &conflict, json!({"resolution": "remote"})).await;
+    assert_eq!(status, 200, "{resolved}");
+    assert_eq!(resolved["customer"]["metadata"]["tier"], "platinum");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_decide_same_field_conflicts_and_record_them() {
     for (policy, expected) in [
@@ -572,6 +604,16 @@ async fn policies_decide_same_field_conflicts_and_record_them() {
             expected,
             "{policy}: both sides agree"
         );
+        // Stripe already holds a name it won: nothing is pushed back to it.
+        let updates = h
+            .proxy
+            .requests_to("POST", &format!("/v1/customers/{}", h.remote_id));
+        let sent = updates.iter().filter(|r| r.forwarded).count();
+        if expected == "Local Name" {
+            assert!(sent >= 1, "{policy}: ferry's name pushed");
+        } else {
+            assert_eq!(sent, 0, "{policy}: pushed back what Stripe holds");
+        }
     }
 }
 
