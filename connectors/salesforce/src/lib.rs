@@ -133,7 +133,13 @@ impl Connector for Salesforce {
             .into_iter()
             .filter(|n| n.object.eq_ignore_ascii_case(&config.object))
             .map(|n| {
-                if config.fetch_records {
+                // A record deleted before the message went out comes with
+                // no data (Salesforce Help, "Considerations for Outbound
+                // Messages"): read as a record whose every field was cleared,
+                // it wiped the customer. A trigger instead: ferry fetches
+                // the record, and finds it gone.
+                let no_data = n.fields.keys().all(|k| k.eq_ignore_ascii_case("Id"));
+                if config.fetch_records || no_data {
                     // A trigger: ferry fetches what the org holds now, so the
                     // message's own date and fields are not used, and the
                     // triggers are ordered as they arrive.
@@ -250,11 +256,19 @@ impl Connector for Salesforce {
             for row in &result.records {
                 records.push(config.remote_record(row)?);
             }
+            if result.done {
+                break;
+            }
+            // Salesforce names the next batch whenever it is not done: an
+            // answer without one ended the page short, and a listing that
+            // ends early reports every record after it as missing.
             match result.next_records_url {
-                Some(path) if !result.done && path.starts_with("/services/data/") => {
-                    next = Some(path)
+                Some(path) if path.starts_with("/services/data/") => next = Some(path),
+                other => {
+                    return Err(ConnectorError::retryable(format!(
+                        "query answer not done, with no usable nextRecordsUrl ({other:?})"
+                    )))
                 }
-                _ => break,
             }
         }
         records.truncate(limit as usize);

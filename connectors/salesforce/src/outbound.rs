@@ -88,16 +88,20 @@ pub(crate) fn parse(body: &[u8]) -> Result<OutboundMessage, ConnectorError> {
         ))
     })?;
     let mut parsed = Vec::new();
+    let mut skipped = 0;
     for node in notifications
         .children()
         .filter(|c| is(c, OUTBOUND_NS, "Notification"))
     {
-        if parsed.len() == MAX_NOTIFICATIONS {
+        if parsed.len() + skipped == MAX_NOTIFICATIONS {
             return Err(malformed(format!(
                 "more than {MAX_NOTIFICATIONS} notifications"
             )));
         }
-        parsed.push(notification(node)?);
+        match notification(node)? {
+            Some(n) => parsed.push(n),
+            None => skipped += 1,
+        }
     }
     Ok(OutboundMessage {
         organization_id: child_text(notifications, OUTBOUND_NS, "OrganizationId"),
@@ -105,11 +109,18 @@ pub(crate) fn parse(body: &[u8]) -> Result<OutboundMessage, ConnectorError> {
     })
 }
 
-fn notification(node: Node<'_, '_>) -> Result<Notification, ConnectorError> {
+/// One notification; `None` for one that names no record: a record
+/// deleted before the message went out comes with no data (Salesforce
+/// Help, "Considerations for Outbound Messages"). It is acknowledged with
+/// the rest, not applied: refusing the message would refuse every other
+/// notification in it until Salesforce gives up a day later, and the
+/// deletion it stands for is reconciliation's to find.
+fn notification(node: Node<'_, '_>) -> Result<Option<Notification>, ConnectorError> {
     let id =
         child_text(node, OUTBOUND_NS, "Id").ok_or_else(|| malformed("a Notification has no Id"))?;
-    let sobject = child(node, OUTBOUND_NS, "sObject")
-        .ok_or_else(|| malformed(format!("notification {id} has no sObject")))?;
+    let Some(sobject) = child(node, OUTBOUND_NS, "sObject") else {
+        return Ok(None);
+    };
     // `xsi:type="sf:Contact"`: the prefix is whatever the sender bound.
     let object = sobject
         .attribute((XSI_NS, "type"))
@@ -131,14 +142,13 @@ fn notification(node: Node<'_, '_>) -> Result<Notification, ConnectorError> {
         .and_then(Value::as_str)
         .map(str::trim)
         .filter(|v| !v.is_empty())
-        .map(str::to_owned)
-        .ok_or_else(|| malformed(format!("the sObject of notification {id} has no Id")))?;
-    Ok(Notification {
+        .map(str::to_owned);
+    Ok(record_id.map(|record_id| Notification {
         id,
         object,
         record_id,
         fields,
-    })
+    }))
 }
 
 /// Whether two organization ids name the same org: the first 15 characters
@@ -185,6 +195,30 @@ mod tests {
         assert_eq!(n.object, "Contact");
         assert_eq!(n.record_id, "003000000000001AAA");
         assert_eq!(n.fields["LastName"], "Lovelace & co");
+    }
+
+    #[test]
+    fn a_notification_naming_no_record_is_left_out_not_the_message() {
+        let deleted = MESSAGE.replace(
+            "<sf:Email>ada@example.com</sf:Email><sf:LastName>Lovelace &amp; co</sf:LastName>",
+            "",
+        );
+        let no_record = MESSAGE.replace("<sf:Id>003000000000001AAA</sf:Id>", "");
+        let no_sobject = MESSAGE
+            .split("<sObject")
+            .next()
+            .map(|head| {
+                format!("{head}</Notification></notifications></soapenv:Body></soapenv:Envelope>")
+            })
+            .unwrap();
+        let msg = parse(deleted.as_bytes()).unwrap();
+        assert_eq!(msg.notifications.len(), 1);
+        assert_eq!(msg.notifications[0].fields.len(), 1, "only the Id");
+        for body in [no_record, no_sobject] {
+            let msg = parse(body.as_bytes()).unwrap();
+            assert!(msg.notifications.is_empty(), "{body}");
+            assert_eq!(msg.organization_id.as_deref(), Some("00D000000000001EAA"));
+        }
     }
 
     #[test]

@@ -458,8 +458,9 @@ impl FakeSalesforce {
 
     /// Builds the SOAP envelope of one outbound message from org `org_id`
     /// about `object`, one `Notification` per `(notification id, record
-    /// id)` pair, with each record's current (or last, if deleted) fields;
-    /// an unknown record id gets only `sf:Id`. Does not enforce the
+    /// id)` pair, with each record's current fields; a deleted or unknown
+    /// record gets only `sf:Id` ("if the record is deleted before the
+    /// notification is delivered, the notification contains no data"). Does not enforce the
     /// 100-notification limit, so a test can build a message Salesforce
     /// never would.
     pub fn outbound_message_xml(
@@ -507,7 +508,10 @@ impl FakeSalesforce {
                 ty = xml_escape(&object_type),
                 rid = xml_escape(record_id),
             ));
-            if let Ok((id, rec)) = find(&data, object, record_id) {
+            if let Some((id, rec)) = find(&data, object, record_id)
+                .ok()
+                .filter(|(_, rec)| !rec.deleted)
+            {
                 // Salesforce lists the fields alphabetically and leaves
                 // null ones out.
                 let mut fields: Vec<(String, Value)> = rec
