@@ -426,7 +426,7 @@ impl IntoResponse for ApiError {
                 headers.insert(header::ETAG, etag);
             }
         }
-        if matches!(self, Self::StoreBusy) {
+        if matches!(self, Self::StoreBusy | Self::IdempotencyKeyInFlight) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if matches!(self, Self::Unauthorized) {

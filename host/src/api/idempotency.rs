@@ -109,17 +109,47 @@ impl Drop for ReleaseOnCancel {
             return;
         };
         runtime.spawn(async move {
-            match store.release_idempotency_key(&record).await {
-                Ok(()) => tracing::info!(
+            if store.release_idempotency_key(&record).await.is_ok() {
+                tracing::info!(
                     idempotency_key = %record.key,
                     "request cancelled by the client; its idempotency key is released"
-                ),
-                Err(error) => tracing::warn!(
-                    error = format!("{:#}", anyhow::Error::from(error)),
-                    "could not release the idempotency key of a cancelled request"
-                ),
+                );
+                // The claim's own statement, dropped with the request, may
+                // still be on its way (PostgreSQL finishes it when the
+                // connection goes back to the pool) and land after this
+                // release: release once more behind it.
+                tokio::time::sleep(RELEASE_RETRY_EVERY).await;
             }
+            release_until_the_lease_ends(&store, &record).await;
         });
+    }
+}
+
+/// How often a release that failed is tried again.
+const RELEASE_RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Releases `record`'s claim, trying again every second while it could
+/// still block the client's retry (its lease; after that a retry takes it
+/// over): a release fails when the store is busy or unreachable, the very
+/// moments a request fails, and the client would otherwise get 409 for
+/// the rest of the lease. Releasing deletes only this claim, and only
+/// while it is `in_flight`, so trying again is harmless.
+async fn release_until_the_lease_ends(store: &Store, record: &IdempotencyRecord) {
+    let lease = std::time::Duration::from_millis(LEASE_MS.unsigned_abs());
+    let deadline = tokio::time::Instant::now() + lease;
+    loop {
+        match store.release_idempotency_key(record).await {
+            Ok(()) => return,
+            Err(error) if tokio::time::Instant::now() >= deadline => {
+                tracing::warn!(
+                    idempotency_key = %record.key,
+                    error = format!("{:#}", anyhow::Error::from(error)),
+                    "could not release an idempotency key; a retry takes it over after its lease"
+                );
+                return;
+            }
+            Err(_) => tokio::time::sleep(RELEASE_RETRY_EVERY).await,
+        }
     }
 }
 
@@ -156,10 +186,16 @@ async fn finish(
         Err(error) => {
             if let Some(record) = record {
                 if let Err(release) = state.store.release_idempotency_key(&record).await {
-                    tracing::error!(
+                    tracing::warn!(
+                        idempotency_key = %record.key,
                         error = format!("{:#}", anyhow::Error::from(release)),
-                        "could not release idempotency key"
+                        "could not release an idempotency key; trying again in the background"
                     );
+                    let store = state.store.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(RELEASE_RETRY_EVERY).await;
+                        release_until_the_lease_ends(&store, &record).await;
+                    });
                 }
             }
             Err(error)

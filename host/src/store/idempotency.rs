@@ -131,7 +131,12 @@ impl Store {
             };
             let expired = row.expires_at_ms <= now_ms;
             let abandoned = row.state == "in_flight" && row.locked_at_ms + lease_ms <= now_ms;
-            if expired || (abandoned && row.fingerprint == record.fingerprint) {
+            // An abandoned claim is taken over whatever the request: no
+            // write completed under it (a write completes its key in its
+            // own transaction), so there is no answer a changed request
+            // could contradict, and a client that fixed its request after
+            // an error need not wait for the key to expire.
+            if expired || abandoned {
                 // Take the key over, only as it was read: the guard on the
                 // old lock time makes sure only one of several racing
                 // requests wins it, and the one on its state and claim that

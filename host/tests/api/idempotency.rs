@@ -104,7 +104,11 @@ async fn key_in_flight_is_409(backend: Backend) {
             .body(bytes.clone())
             .send()
     };
-    assert_problem(send().await.unwrap(), 409, "idempotency_key_in_flight").await;
+    let busy = send().await.unwrap();
+    // Says when to look again, as a 503 does.
+    let after = busy.headers().get("retry-after").cloned();
+    assert_eq!(after.as_ref().and_then(|v| v.to_str().ok()), Some("1"));
+    assert_problem(busy, 409, "idempotency_key_in_flight").await;
 
     // Once the holder gives up, the key is free.
     app.store.release_idempotency_key(&record).await.unwrap();
@@ -342,7 +346,34 @@ async fn a_write_whose_claim_was_taken_over_is_refused(backend: Backend) {
     assert_eq!(events.len(), 2, "one create and one update: {events:?}");
 }
 
+/// A claim abandoned without a write (a request that failed and could not
+/// release its key: the pool ran dry, the connection dropped) is taken
+/// over once its lease is over by a request with another body: nothing was
+/// answered under the key that the new body could contradict. Before, a
+/// client that fixed its request after the error got 422
+/// `idempotency_key_reused` until the key expired, a day later.
+async fn an_abandoned_claim_is_taken_over_by_a_changed_request(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let record = |fingerprint: &str, claim: &str| IdempotencyRecord {
+        scope: "open".into(),
+        key: "abandoned-key".into(),
+        fingerprint: fingerprint.into(),
+        claim: claim.into(),
+    };
+    let first = record("the-first-body", "first");
+    let claimed = app.store.claim_idempotency_key(&first, 3_600_000, LEASE_MS);
+    assert_eq!(claimed.await.unwrap(), ClaimOutcome::Claimed);
+    // Within the lease the first request may still be running: refused.
+    let fixed = record("the-fixed-body", "fixed");
+    let early = app.store.claim_idempotency_key(&fixed, 3_600_000, LEASE_MS);
+    assert_eq!(early.await.unwrap(), ClaimOutcome::Mismatch);
+    // The lease over (0 here), the fixed request takes the key.
+    let late = app.store.claim_idempotency_key(&fixed, 3_600_000, 0);
+    assert_eq!(late.await.unwrap(), ClaimOutcome::Claimed);
+}
+
 on_both_backends!(
+    an_abandoned_claim_is_taken_over_by_a_changed_request,
     same_key_same_request_replays_the_first_response,
     same_key_other_request_is_refused,
     key_in_flight_is_409,

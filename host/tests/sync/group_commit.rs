@@ -2248,6 +2248,52 @@ async fn a_claim_whose_answer_was_lost_is_released() {
     assert_eq!(status, 201, "{}", retry.text().await.unwrap_or_default());
 }
 
+/// A request that failed, and whose key's release failed too (its
+/// connection cut: the store busy or away, the moments requests fail), has
+/// the release tried again in the background: the client's retry runs
+/// within a second or two. Before, every retry got 409
+/// `idempotency_key_in_flight` for the rest of the 60 s lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_failed_is_tried_again() {
+    use crate::helpers::{spawn_sync_app, Backend, Setup};
+    use ferry_test_support::pg_proxy::PgProxy;
+    let cluster = PgCluster::shared();
+    let proxy = PgProxy::start(cluster.port()).await.expect("proxy");
+    let url = cluster.create_database().await.expect("test database");
+    let mut setup = Setup::new(Backend::Postgres, "http://127.0.0.1:9");
+    setup.database_url = Some(proxy.url(&url));
+    let app = spawn_sync_app(setup).await;
+    let delete = || {
+        app.client
+            .delete(format!(
+                "{}/api/v1/customers/cus_0123456789abcdef0123456789abcdef",
+                app.base
+            ))
+            .header("idempotency-key", "release-again")
+            .send()
+    };
+    // The release's own statement (`… AND claim = $3`) is cut.
+    proxy.drop_next("AND claim = $3");
+    let first = delete().await.expect("answered");
+    assert_eq!(first.status().as_u16(), 404);
+    assert_eq!(proxy.connections_cut(), 1, "the release was cut");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let retry = delete().await.expect("answered");
+        match retry.status().as_u16() {
+            409 => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the key stayed claimed"
+            ),
+            status => {
+                assert_eq!(status, 404, "{}", retry.text().await.unwrap_or_default());
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// A retry that finds its key's claim abandoned and takes it over does not
 /// take a key the first request completes between the retry's read and its
 /// takeover: the takeover finds the key done and leaves it, with its stored

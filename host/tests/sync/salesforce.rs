@@ -451,6 +451,86 @@ async fn fetched_records_make_a_forged_message_harmless() {
     }
 }
 
+/// A Contact deleted before its notification went out: Salesforce sends the
+/// notification with no data. Read as fields all cleared, it wiped the
+/// customer (or dead-lettered as "no email"); now it is a trigger, ferry
+/// fetches the Contact and records that it no longer exists. The customer
+/// keeps its values, and a notification naming no record at all is
+/// acknowledged with its message, not a reason to refuse the others in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_for_a_deleted_contact_leaves_the_customer_alone() {
+    let rig = rig(Backend::Sqlite, FakeSalesforceConfig::default()).await;
+    let address = email("sf-gone");
+    let contact_id = rig.salesforce.insert_record(
+        "Contact",
+        json!({"FirstName": "Gone", "LastName": "Soon", "Email": address, "Phone": "+15550000042"}),
+    );
+    let delivery = rig
+        .salesforce
+        .send_outbound_message(&rig.webhook_url(), "Contact", &[&contact_id])
+        .await
+        .expect("delivery");
+    assert!(delivery.acked, "{delivery:?}");
+    let customer = rig.app.wait_customer_by_email(&address).await;
+    rig.app
+        .wait_inbox_settled("salesforce", &contact_id, 1)
+        .await;
+
+    rig.salesforce.delete_record("Contact", &contact_id);
+    let late = rig.salesforce.outbound_message_xml(
+        rig.salesforce.org_id(),
+        "Contact",
+        &[("04l00000000LATE1".to_owned(), contact_id.clone())],
+    );
+    assert!(!late.contains("sf:Email"), "no data: {late}");
+    let nameless = late
+        .replace("04l00000000LATE1", "04l00000000LATE2")
+        .replace(&format!("<sf:Id>{contact_id}</sf:Id>"), "");
+    let both = late.replace(
+        "</Notification>",
+        &format!(
+            "</Notification>{}",
+            &nameless[nameless.find("<Notification>").unwrap()
+                ..nameless.find("</notifications>").unwrap()]
+        ),
+    );
+    let delivery = rig
+        .salesforce
+        .send_raw(&rig.webhook_url(), both)
+        .await
+        .expect("delivery");
+    assert!(delivery.acked, "{delivery:?}");
+
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    let late_event = loop {
+        let events = rig
+            .app
+            .store
+            .inbox_of_remote("salesforce", &contact_id)
+            .await
+            .expect("inbox");
+        if let Some(e) = events.iter().find(|e| e.event_id == "04l00000000LATE1") {
+            if e.state.as_str() == "dead" {
+                break e.clone();
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{events:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert!(late_event.record.is_none(), "{late_event:?}");
+    assert!(
+        late_event
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("no longer exists")),
+        "{late_event:?}"
+    );
+    let now = rig.app.customer_by_email(&address).await.expect("kept");
+    assert_eq!(now["version"], customer["version"], "{now}");
+    assert_eq!(now["name"], "Gone Soon", "{now}");
+    assert_eq!(now["phone"], "+15550000042", "{now}");
+}
+
 /// A message from another org, or one that is not a SOAP notification, is
 /// refused with 400 and nothing is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,11 @@
 //! has committed; then both sockets close. A reply cycle without a
 //! `CommandComplete` (a `Describe` while preparing) is passed on.
 //!
+//! [`PgProxy::drop_next`] cuts the connection that sends the next message
+//! containing a fragment of SQL, before the server sees it: the statement
+//! never runs, and the client sees its connection drop (a network cut, a
+//! proxy restarting).
+//!
 //! [`PgProxy::hold_next`] holds the next message containing a fragment of
 //! SQL before the server sees it, until the test releases it: a statement
 //! made to run after something else the test does, at a point the code
@@ -39,6 +44,8 @@ struct Shared {
     armed: Mutex<Option<Vec<u8>>>,
     lost: AtomicUsize,
     hold: Mutex<Option<(Vec<u8>, Hold)>>,
+    cut: Mutex<Option<Vec<u8>>>,
+    dropped: AtomicUsize,
 }
 
 /// A statement held by [`PgProxy::hold_next`].
@@ -112,6 +119,17 @@ impl PgProxy {
         hold
     }
 
+    /// Cuts the connection that sends the next statement whose text
+    /// contains `fragment`, before the server sees it (see the module docs).
+    pub fn drop_next(&self, fragment: &str) {
+        *self.shared.cut.lock().expect("cut") = Some(fragment.as_bytes().to_vec());
+    }
+
+    /// How many connections [`PgProxy::drop_next`] cut so far.
+    pub fn connections_cut(&self) -> usize {
+        self.shared.dropped.load(Ordering::SeqCst)
+    }
+
     /// How many answers were lost so far.
     pub fn answers_lost(&self) -> usize {
         self.shared.lost.load(Ordering::SeqCst)
@@ -136,6 +154,17 @@ async fn relay(client: TcpStream, server: TcpStream, shared: Arc<Shared>) {
                 Ok(n) => n,
             };
             let chunk = &buf[..n];
+            {
+                let mut cut = shared.cut.lock().expect("cut");
+                if cut
+                    .as_deref()
+                    .is_some_and(|fragment| contains(chunk, fragment))
+                {
+                    *cut = None;
+                    shared.dropped.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+            }
             let held = {
                 let mut hold = shared.hold.lock().expect("hold");
                 let hit = hold
