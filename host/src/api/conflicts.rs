@@ -155,6 +155,31 @@ pub(crate) fn current_value(customer: &Customer, field: &str) -> Result<Option<S
     })
 }
 
+/// The conflict's fields as a person decided them, for the record: each
+/// field still `pending` takes the resolution's choice, and every field
+/// the value the resolution wrote (`value`, null when it cleared it).
+fn decided_fields(
+    fields: &serde_json::Value,
+    choice: &str,
+    record: &serde_json::Value,
+) -> serde_json::Value {
+    let mut fields = fields.clone();
+    for entry in fields.as_array_mut().into_iter().flatten() {
+        let Some(field) = entry["field"].as_str().map(str::to_owned) else {
+            continue;
+        };
+        let written = match field.split_once('.') {
+            None => record.get(&field),
+            Some((parent, child)) => record.get(parent).and_then(|p| p.get(child)),
+        };
+        if entry["resolution"] == "pending" {
+            entry["resolution"] = choice.into();
+        }
+        entry["value"] = written.cloned().unwrap_or(serde_json::Value::Null);
+    }
+    fields
+}
+
 /// A conflict field's value as the text `current_value` gives.
 fn text(value: &serde_json::Value) -> Option<String> {
     match value {
@@ -351,11 +376,13 @@ pub async fn resolve_conflict(
             Choice::Remote => "remote",
             Choice::Fields => "fields",
         };
+        let decided = decided_fields(&conflict.fields.0, choice, &record);
         let resolved = state
             .store
             .resolve_conflict(
                 &conflict,
                 choice,
+                &decided,
                 &customer_id,
                 customer.version,
                 &fields,

@@ -137,7 +137,8 @@ impl Store {
 
     /// Resolves an open conflict: writes `fields` to the customer (a new
     /// version, pushed to every connector, the source one included), marks
-    /// the conflict resolved and releases the link it held, in one
+    /// the conflict resolved with its fields as `decided`, and releases the
+    /// link it held, in one
     /// transaction. With `folded`, the remote changes that waited behind
     /// the conflict are in `fields`: their inbox events end there, and the
     /// link's snapshot becomes the newest remote state.
@@ -147,6 +148,7 @@ impl Store {
         &self,
         conflict: &Conflict,
         resolution: &str,
+        decided: &serde_json::Value,
         customer_id: &CustomerId,
         expected_version: i64,
         fields: &CustomerFields,
@@ -178,12 +180,13 @@ impl Store {
             // delete takes them in (customers.rs), so the two never wait
             // on each other (a deadlock on PostgreSQL).
             let closed = sqlx::query(
-                "UPDATE conflicts SET state = 'resolved', resolution = $1, resolved_at = $2 \
-                 WHERE id = $3 AND state = 'open'",
+                "UPDATE conflicts SET state = 'resolved', resolution = $1, resolved_at = $2, \
+                 fields = $4 WHERE id = $3 AND state = 'open'",
             )
             .bind(resolution)
             .bind(at)
             .bind(&conflict.id)
+            .bind(Json(decided))
             .execute(&mut *tx)
             .await?
             .rows_affected();

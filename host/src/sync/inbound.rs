@@ -882,7 +882,14 @@ impl SyncEngine {
                         // The owner's own record of this connector, if it
                         // has one, is replaced: as when an unlinked record
                         // with its email is merged into it.
-                        let releases = self.live_remote_of(&owner.id, event).await?;
+                        let owners = self.live_link_of(&owner.id, event).await?;
+                        // The owner's link waits for a person: so does
+                        // this event (relinking now would move the held
+                        // link and leave its conflict pointing at nothing).
+                        if let Some(held_by) = owners.as_ref().and_then(|l| l.held_by.as_deref()) {
+                            return self.held(event, held_by).await;
+                        }
+                        let releases = owners.and_then(|l| l.remote_id);
                         return self
                             .merge_first_sync(
                                 event,
@@ -985,18 +992,22 @@ impl SyncEngine {
             owner.id.as_str(),
             event.connector
         );
-        let (customer, link_customer, link_remote, detail, conflict) = match self
-            .duplicate_email_policy(&event.connector)
-        {
+        let policy = self.duplicate_email_policy(&event.connector);
+        // Flagging or merging touches the owner's link: while a conflict
+        // holds it, the event waits for the person too (a merge moved the
+        // held link to this record, and a second conflict took its hold).
+        if matches!(policy, DuplicateEmail::Flag | DuplicateEmail::Merge) {
+            if let Some(held_by) = taken.held_by.as_deref() {
+                return self.held(event, held_by).await;
+            }
+        }
+        let (customer, link_customer, link_remote, detail, conflict) = match policy {
             DuplicateEmail::Reject => {
                 return Err(Failure::Permanent(format!(
                     "{what}; duplicate_email policy is reject"
                 )))
             }
             DuplicateEmail::Flag => {
-                if let Some(held_by) = taken.held_by.as_deref() {
-                    return self.held(event, held_by).await;
-                }
                 let conflict = NewConflict {
                     policy: "duplicate_email".to_owned(),
                     fields: serde_json::json!([{
@@ -1253,20 +1264,22 @@ impl SyncEngine {
 
     /// The live record of `event`'s connector other than `event`'s that
     /// `customer`'s link holds, if any.
-    async fn live_remote_of(
+    async fn live_link_of(
         &self,
         customer: &CustomerId,
         event: &InboxEvent,
-    ) -> Result<Option<String>, Failure> {
+    ) -> Result<Option<crate::store::SyncLink>, Failure> {
         Ok(self
             .inner
             .store
             .links_of(customer.as_str())
             .await?
             .into_iter()
-            .find(|l| l.connector == event.connector && !l.remote_deleted)
-            .and_then(|l| l.remote_id)
-            .filter(|r| *r != event.remote_id))
+            .find(|l| {
+                l.connector == event.connector
+                    && !l.remote_deleted
+                    && l.remote_id.as_deref().is_some_and(|r| r != event.remote_id)
+            }))
     }
 
     async fn customer_by_email(

@@ -520,6 +520,11 @@ async fn flagged_conflicts_hold_the_link_until_resolved() {
     assert_eq!(status, 200, "{resolved}");
     assert_eq!(resolved["conflict"]["state"], "resolved");
     assert_eq!(resolved["customer"]["name"], "Agreed Name");
+    // The record says what the person decided, field by field.
+    let decided = &resolved["conflict"]["fields"][0];
+    assert_eq!(decided["resolution"], "fields", "{decided}");
+    assert_eq!(decided["value"], "Agreed Name", "{decided}");
+    assert_eq!(decided["local"], "Local Name", "{decided}");
     let version = resolved["customer"]["version"].as_i64().unwrap();
     h.app.wait_synced(&h.id, version).await;
     assert_eq!(
@@ -684,6 +689,91 @@ async fn the_console_keeps_a_local_edit_made_while_the_conflict_was_open() {
     assert_eq!(resolved["name"], "Newer Local", "{resolved}");
     let version = resolved["version"].as_i64().unwrap();
     assert_stripe_has(&h, version, "Newer Local", "+15550000001").await;
+}
+
+/// Under duplicate-email policy `merge`, a new Stripe record with the
+/// email of a customer whose link an open conflict holds waits for the
+/// person too. Before, the merge moved the held link to the new record
+/// (the conflict then pointed at nothing it could release) and a second
+/// conflict could take the hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_merged_into_a_held_link_waits() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let mut setup = Setup::new(Backend::Sqlite, &proxy.url());
+    setup.extra = json!({
+        "conflict_policy": "flag",
+        "duplicate_email_policy": "merge",
+        "sync_max_attempts": 100,
+    });
+    let app = spawn_sync_app(setup).await;
+    app.receive_stripe_webhooks(&stripe).await;
+    let address = email("held-merge");
+    let created = app
+        .create(json!({"email": address, "name": "Original"}))
+        .await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let link = app.wait_synced(&id, 1).await;
+    let remote_id = link["remote_id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    let h = Harness {
+        stripe,
+        proxy,
+        app,
+        id,
+        remote_id,
+    };
+    name_edited_on_both_sides(&h).await;
+    let conflict = open_conflict(&h.app).await;
+
+    let script = format!(
+        "import stripe\nstripe.api_key = '{STRIPE_KEY}'\nstripe.api_base = '{}'\n\
+         print(stripe.Customer.create(email='{address}', name='Second').id)",
+        h.stripe.url()
+    );
+    let out = Command::new(venv_python().unwrap())
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let inbox = h
+            .app
+            .store
+            .inbox_of_remote("stripe", &second)
+            .await
+            .unwrap();
+        let waits = inbox.iter().any(|e| {
+            e.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("held by open conflict"))
+        });
+        if waits {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second record never waited: {inbox:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let links = h.app.sync_status(&h.id).await;
+    let stripe_link = links["connectors"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["connector"] == "stripe"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(stripe_link["remote_id"], h.remote_id.as_str(), "{links:#}");
+    let open = conflicts(&h.app, "?state=open").await;
+    assert_eq!(open.len(), 1, "{open:#?}");
+    assert_eq!(open[0]["id"], conflict["id"]);
 }
 
 /// A remote edit that changes a linked record's email to another

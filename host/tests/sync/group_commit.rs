@@ -1975,6 +1975,7 @@ async fn postgres_a_resolution_and_a_delete_wait_rather_than_deadlock() {
                 .resolve_conflict(
                     &conflict,
                     "local",
+                    &conflict.fields.0,
                     &first.id,
                     first.version,
                     &first.fields(),
