@@ -609,6 +609,10 @@ fn api_error(resp: &Response) -> ConnectorError {
             return ConnectorError::rate_limited(retry_after, message);
         }
         "INVALID_SESSION_ID" => return ConnectorError::unauthorized(message),
+        // Salesforce's 403 is a refusal on permissions (REST API, "Status
+        // Codes and Error Responses"), not a token to refresh: one
+        // record's sharing, an object's access, the API off for the org.
+        _ if resp.status == 403 => return ConnectorError::permanent(message),
         "ENTITY_IS_DELETED" | "NOT_FOUND" => return ConnectorError::not_found(message),
         "SERVER_UNAVAILABLE" | "UNABLE_TO_LOCK_ROW" => return ConnectorError::retryable(message),
         // A trigger's or a workflow's row lock, reported under the error

@@ -243,6 +243,23 @@ async fn salesforce_error_codes_map_to_their_kinds() {
         connector_error(kit.fetch("invoice", "003B").await),
         ConnectorError::Unsupported(_)
     ));
+    // A permission the integration user lacks (one record's sharing, or an
+    // object's access) is no expired token: refreshing would not help, and
+    // "unauthorized" reads as "fix the secret".
+    kit.http()
+        .on("DELETE", &format!("{CONTACTS}/003D"))
+        .respond_json(
+            403,
+            &sf_error(
+                "INSUFFICIENT_ACCESS_OR_READONLY",
+                "insufficient access rights on object id",
+                &[],
+            ),
+        );
+    match connector_error(kit.push(linked(Operation::Delete, "003D")).await) {
+        ConnectorError::Permanent(m) => assert!(m.contains("INSUFFICIENT_ACCESS"), "{m}"),
+        other => panic!("{other:?}"),
+    }
     assert_eq!(token_requests(&kit), 1, "none of these refreshes the token");
 }
 
