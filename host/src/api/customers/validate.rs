@@ -58,7 +58,10 @@ pub fn normalise_email(email: &str) -> String {
 /// zero-width space or a byte-order mark, which would make a second
 /// customer of one address that looks the same), and a domain of
 /// dot-separated labels (letters, digits,
-/// hyphens; no leading or trailing hyphen) with at least two labels. It
+/// hyphens; no leading or trailing hyphen) with at least two labels, and,
+/// when it is not ASCII, an ASCII form (IDNA refuses a label that starts
+/// with a combining mark, or mixes directions: no mail system could reach
+/// it, and a remote refuses it on every push). It
 /// refuses what is certainly not deliverable and accepts what mail systems
 /// accept; the only real check is sending a message.
 pub fn is_valid_email(email: &str) -> bool {
@@ -88,7 +91,8 @@ pub fn is_valid_email(email: &str) -> bool {
                 && !label.starts_with('-')
                 && !label.ends_with('-')
                 && label.chars().all(|c| c.is_alphanumeric() || c == '-')
-        });
+        })
+        && (domain.is_ascii() || idna::domain_to_ascii(domain).is_ok());
     local_ok && domain_ok
 }
 
@@ -281,6 +285,11 @@ mod tests {
             "a..b@c.com",
             "a@b..com",
             "<a>@b.com",
+            // Letters to `char`, but no domain IDNA can write in ASCII:
+            // a label starting with a combining mark, one mixing
+            // directions.
+            "a@\u{93f}b.com",
+            "a@a\u{5d0}.com",
         ] {
             assert!(!is_valid_email(email), "{email}");
         }
