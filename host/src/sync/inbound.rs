@@ -912,10 +912,12 @@ impl SyncEngine {
         // sides made), and nothing waits for a person or an owner's value.
         // (A remote-won conflict was pushed back to its source, identical:
         // an update racing the remote's next edit, for nothing.)
-        let differing = super::merge::differing_fields(&merged.merged, &remote);
         let remote_has_result = merged.overridden.is_empty()
             && conflict.as_ref().is_none_or(|c| !c.open)
-            && merged.local_changed.iter().all(|f| !differing.contains(f));
+            && (merged.local_changed.is_empty() || {
+                let differing = super::merge::differing_fields(&merged.merged, &remote);
+                merged.local_changed.iter().all(|f| !differing.contains(f))
+            });
         let changes_local = merged.changes_local(&local) || fields.email != customer.email;
         let change = if changes_local {
             CustomerWrite::Update {
