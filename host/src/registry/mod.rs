@@ -353,11 +353,24 @@ impl Registry {
     }
 
     /// The active version of `name` and its configuration, whether or not
-    /// the connector is enabled (to finish work it already accepted).
-    pub fn loaded(&self, name: &str) -> Option<Ready> {
-        let entry = self.view().entries.get(name).cloned()?;
-        let active = entry.active.as_ref()?;
-        Some(Ready {
+    /// the connector is enabled (to finish work it already accepted); not
+    /// while it lacks settings or secrets here (a master key that cannot
+    /// open them): a call without its secrets would only fail.
+    pub fn loaded(&self, name: &str) -> Result<Ready, NotReady> {
+        let entry = self
+            .view()
+            .entries
+            .get(name)
+            .cloned()
+            .ok_or(NotReady::Unknown)?;
+        let active = entry
+            .active
+            .as_ref()
+            .ok_or_else(|| NotReady::NotLoaded("no version is active".to_owned()))?;
+        if let Some(missing) = &entry.missing {
+            return Err(NotReady::Incomplete(missing.clone()));
+        }
+        Ok(Ready {
             connector: active.connector.clone(),
             config: entry.effective.config.clone(),
         })

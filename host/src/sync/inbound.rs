@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::merge::{merge_owned, ConflictPolicy, FieldOwners, Resolution, Sides};
 use super::outbound::canonical_record;
 use super::SyncEngine;
+use crate::registry::NotReady;
 use crate::runtime::{CallError, ConnectorError};
 use crate::store::conflicts::{Conflict, Folded};
 use crate::store::inbox::{
@@ -1314,7 +1315,16 @@ impl SyncEngine {
         // Not loaded on this replica (yet): wait without spending an
         // attempt; another replica, or this one's next load, fetches it.
         let registry = &self.inner.registry;
-        let Some(ready) = registry.loaded(&event.connector) else {
+        let ready = match registry.loaded(&event.connector) {
+            Ok(ready) => Some(ready),
+            // Its settings or secrets are missing here: wait for them,
+            // rather than call without them and dead-letter the event.
+            Err(why @ NotReady::Incomplete(_)) => {
+                return Err(Failure::Wait(format!("waiting: {why}"), NOT_LOADED_RECHECK))
+            }
+            Err(_) => None,
+        };
+        let Some(ready) = ready else {
             // Deleted, not just unknown here yet (read again to tell): no
             // version will ever fetch it, and waiting would go on for ever.
             if registry.entry(&event.connector).is_none() {

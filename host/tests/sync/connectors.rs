@@ -1479,6 +1479,51 @@ async fn secrets_a_replica_cannot_open_leave_pushes_waiting(backend: Backend) {
     assert_eq!(link["state"], "pending", "{link}");
     assert_eq!(link["attempts"], 0, "{link}");
     assert!(remote.requests_to("POST", "/records").is_empty());
+
+    // An inbound event to fetch (another replica accepted it) waits too,
+    // rather than be read without the secrets and dead-lettered.
+    let thin = NewInboxEvent {
+        event_id: "evt_sealed".into(),
+        entity: "customer".into(),
+        kind: RemoteChange::Upsert,
+        remote_id: "rec_sealed".into(),
+        occurred_at_ms: chrono::Utc::now().timestamp_millis(),
+        record: None,
+        origin_key: None,
+        remote_type: "record.updated".into(),
+        policy: None,
+    };
+    app.store
+        .store_inbox_many(&[("recorder", std::slice::from_ref(&thin), None)])
+        .await
+        .expect("stored");
+    app.sync.wake();
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let events = app
+            .store
+            .inbox_of_remote("recorder", "rec_sealed")
+            .await
+            .expect("inbox");
+        let event = events.first().cloned();
+        if let Some(event) = event.filter(|e| e.detail.is_some()) {
+            assert_eq!(
+                (event.state.as_str(), event.attempts),
+                ("pending", 0),
+                "{event:?}"
+            );
+            assert!(
+                event
+                    .detail
+                    .as_deref()
+                    .is_some_and(|d| d.contains("waiting: the active version needs")),
+                "{event:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{events:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
 
 /// A push whose connector answers with a remote id ferry cannot keep (a
