@@ -404,7 +404,11 @@ macro_rules! mark_create {
 }
 
 // A claim: leases the claimable rows of `$table` (whose rows `$link` names)
-// and marks their creates.
+// and marks their creates. A row still holding a lease token had its last
+// claim end without an outcome written (a crash, a lost lease, a store
+// error after the call): that push may have landed, so what the remote
+// holds is unknown and the pushed content is forgotten, as after a failed
+// push (every outcome written clears the token).
 macro_rules! claim {
     (
         $table:literal,
@@ -421,6 +425,11 @@ macro_rules! claim {
             $lease,
             ", ",
             mark_create!($link, $ready, $record),
+            ", pushed_hash = CASE WHEN ",
+            $link,
+            ".lease_token IS NOT NULL THEN NULL ELSE ",
+            $link,
+            ".pushed_hash END",
             " WHERE ",
             $claimable,
             " RETURNING ",
@@ -928,7 +937,10 @@ impl Store {
     /// create is dropped, and its version counts as synced: the record
     /// holds it, and an update of that version would reuse the create's
     /// idempotency key on another endpoint (Stripe refuses that: 400
-    /// `idempotency_error`). A later version is pushed as an update. False if the link
+    /// `idempotency_error`). The echo's `record` is the link's snapshot, as
+    /// a delivered create's answer would be (without one, the next remote
+    /// edit merged with no base, and under `flag` every field differing was
+    /// a conflict). A later version is pushed as an update. False if the link
     /// moved on (a remote id, another pending create), or `remote_id` is
     /// another link's.
     pub async fn adopt_created_remote(
@@ -937,13 +949,15 @@ impl Store {
         customer: &super::CustomerId,
         version: i64,
         remote_id: &str,
+        record: Option<&serde_json::Value>,
     ) -> Result<bool, StoreError> {
         let at = now();
         let adopted = dispatch!(self, write pool => {
             sqlx::query(
                 "UPDATE sync_links SET remote_id = $4, remote_deleted = FALSE, \
                  pending_version = NULL, pending_record = NULL, updated_at = $5, \
-                 synced_version = CASE WHEN synced_version < $3 THEN $3 ELSE synced_version END \
+                 synced_version = CASE WHEN synced_version < $3 THEN $3 ELSE synced_version END, \
+                 snapshot = COALESCE(snapshot, $6) \
                  WHERE connector = $1 AND customer_id = $2 AND remote_id IS NULL \
                  AND pending_version = $3",
             )
@@ -952,6 +966,7 @@ impl Store {
             .bind(version)
             .bind(remote_id)
             .bind(at)
+            .bind(record.map(Json))
             .execute(pool)
             .await
             .map(|done| done.rows_affected())

@@ -679,6 +679,7 @@ impl SyncEngine {
                             &customer,
                             version,
                             &event.remote_id,
+                            event.record.as_ref().map(|r| &r.0),
                         )
                         .await?;
                     if adopted {

@@ -190,6 +190,19 @@ async fn the_echo_of_a_create_whose_answer_was_lost_links_its_record() {
         })
         .await;
     assert_eq!(link["state"], "dead", "{link}");
+    // The echo's record is the link's base for the next merge, as a
+    // delivered create's answer would have been.
+    let stored = h
+        .app
+        .store
+        .links_of(id)
+        .await
+        .expect("links")
+        .into_iter()
+        .find(|l| l.connector == "stripe")
+        .expect("the link");
+    let snapshot = stored.snapshot.expect("a snapshot");
+    assert_eq!(snapshot["email"], address.as_str(), "{snapshot}");
 
     // Replayed: nothing to send. The record made holds version 1, and an
     // update of it would reuse the create's key on another endpoint, which

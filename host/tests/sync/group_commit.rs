@@ -1062,6 +1062,76 @@ fn delivered(link: &SyncLink, remote_id: &str) -> LinkWrite {
     })
 }
 
+/// A claim whose outcome was never written (a crash, a lost lease, a store
+/// error after the call) may have pushed: the next claim forgets the
+/// content pushed before, so a later version equal to it is pushed, not
+/// skipped as unchanged while the remote holds the lost push's values. A
+/// claim after a written outcome keeps it.
+async fn a_claim_after_an_unrecorded_push_forgets_the_pushed_content(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let customer = store
+        .create_customer(
+            fields(&email("unrecorded"), "Before"),
+            WriteContext::default(),
+        )
+        .await
+        .expect("customer");
+    let connectors = ["stripe".to_owned()];
+    store
+        .intake_changes(&[notice(&customer)], &connectors)
+        .await
+        .expect("intake");
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let first = store
+        .claim_due_links(&connectors, "lease-1", until, 10)
+        .await
+        .expect("claimed")
+        .remove(0)
+        .link;
+    let write = delivered(&first, "cus_unrecorded");
+    assert_eq!(
+        store
+            .write_links(&[(&first, &write)])
+            .await
+            .expect("written"),
+        [true]
+    );
+
+    let renamed = rename(&store, &customer.id, "Changed").await;
+    store
+        .intake_changes(&[notice(&renamed)], &connectors)
+        .await
+        .expect("intake");
+    // Claimed after a written outcome: the pushed content stands. This
+    // claim's lease ends with nothing written.
+    let soon = chrono::Utc::now().timestamp_millis() + 20;
+    let second = store
+        .claim_due_links(&connectors, "lease-2", soon, 10)
+        .await
+        .expect("claimed")
+        .remove(0)
+        .link;
+    assert_eq!(second.pushed_hash.as_deref(), Some("hash"));
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let third = store
+        .claim_due_links(&connectors, "lease-3", until, 10)
+        .await
+        .expect("claimed")
+        .remove(0)
+        .link;
+    assert_eq!(third.pushed_hash, None, "{third:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_claim_after_an_unrecorded_push_forgets_the_pushed_content() {
+    a_claim_after_an_unrecorded_push_forgets_the_pushed_content(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_claim_after_an_unrecorded_push_forgets_the_pushed_content() {
+    a_claim_after_an_unrecorded_push_forgets_the_pushed_content(false).await;
+}
+
 /// A group of link writes (PostgreSQL writes create markers and deliveries
 /// one statement per group, the other outcomes one per link) answers each
 /// write as one-by-one writes would: a lost lease is refused and leaves no
