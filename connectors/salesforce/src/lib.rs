@@ -127,6 +127,13 @@ impl Connector for Salesforce {
     fn parse_webhook(req: WebhookRequest) -> Result<ParsedWebhook, ConnectorError> {
         let config = Config::load()?;
         let message = outbound::parse(&req.body)?;
+        if message.skipped > 0 {
+            ferry_sdk::log::warn(&format!(
+                "{} notification(s) named no record (deleted before delivery): \
+                 acknowledged without an event",
+                message.skipped
+            ));
+        }
         let remote_type = format!("outbound_message.{}", config.object);
         let events = message
             .notifications

@@ -34,6 +34,8 @@ pub(crate) struct OutboundMessage {
     /// `OrganizationId`, if present.
     pub(crate) organization_id: Option<String>,
     pub(crate) notifications: Vec<Notification>,
+    /// Notifications that named no record (see [`notification`]).
+    pub(crate) skipped: usize,
 }
 
 /// One `Notification`: a record's current state.
@@ -106,6 +108,7 @@ pub(crate) fn parse(body: &[u8]) -> Result<OutboundMessage, ConnectorError> {
     Ok(OutboundMessage {
         organization_id: child_text(notifications, OUTBOUND_NS, "OrganizationId"),
         notifications: parsed,
+        skipped,
     })
 }
 
@@ -217,6 +220,7 @@ mod tests {
         for body in [no_record, no_sobject] {
             let msg = parse(body.as_bytes()).unwrap();
             assert!(msg.notifications.is_empty(), "{body}");
+            assert_eq!(msg.skipped, 1);
             assert_eq!(msg.organization_id.as_deref(), Some("00D000000000001EAA"));
         }
     }

@@ -155,9 +155,11 @@ pub(crate) fn current_value(customer: &Customer, field: &str) -> Result<Option<S
     })
 }
 
-/// The conflict's fields as a person decided them, for the record: each
-/// field still `pending` takes the resolution's choice, and every field
-/// the value the resolution wrote (`value`, null when it cleared it).
+/// The conflict's fields as a person decided them, for the record: every
+/// field the resolution wrote takes its choice (`remote` and `fields`
+/// write them all; `local` keeps what stands, so a field a policy already
+/// decided keeps that label and only the `pending` ones become `local`),
+/// and every field the value now written (`value`, null when cleared).
 fn decided_fields(
     fields: &serde_json::Value,
     choice: &str,
@@ -172,7 +174,7 @@ fn decided_fields(
             None => record.get(&field),
             Some((parent, child)) => record.get(parent).and_then(|p| p.get(child)),
         };
-        if entry["resolution"] == "pending" {
+        if choice != "local" || entry["resolution"] == "pending" {
             entry["resolution"] = choice.into();
         }
         entry["value"] = written.cloned().unwrap_or(serde_json::Value::Null);

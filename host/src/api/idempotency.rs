@@ -125,22 +125,25 @@ impl Drop for ReleaseOnCancel {
     }
 }
 
-/// How often a release that failed is tried again.
+/// The first wait before a release that failed is tried again.
 const RELEASE_RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Releases `record`'s claim, trying again every second while it could
-/// still block the client's retry (its lease; after that a retry takes it
-/// over): a release fails when the store is busy or unreachable, the very
-/// moments a request fails, and the client would otherwise get 409 for
-/// the rest of the lease. Releasing deletes only this claim, and only
-/// while it is `in_flight`, so trying again is harmless.
+/// Releases `record`'s claim, trying again while it could still block the
+/// client's retry (its lease; after that a retry takes it over): a release
+/// fails when the store is busy or unreachable, the very moments a request
+/// fails, and the client would otherwise get 409 for the rest of the
+/// lease. The waits double from a second, so a store that is struggling
+/// gets a handful of deletes per failed request, not one a second.
+/// Releasing deletes only this claim, and only while it is `in_flight`, so
+/// trying again is harmless.
 async fn release_until_the_lease_ends(store: &Store, record: &IdempotencyRecord) {
     let lease = std::time::Duration::from_millis(LEASE_MS.unsigned_abs());
     let deadline = tokio::time::Instant::now() + lease;
+    let mut wait = RELEASE_RETRY_EVERY;
     loop {
         match store.release_idempotency_key(record).await {
             Ok(()) => return,
-            Err(error) if tokio::time::Instant::now() >= deadline => {
+            Err(error) if tokio::time::Instant::now() + wait >= deadline => {
                 tracing::warn!(
                     idempotency_key = %record.key,
                     error = format!("{:#}", anyhow::Error::from(error)),
@@ -148,7 +151,10 @@ async fn release_until_the_lease_ends(store: &Store, record: &IdempotencyRecord)
                 );
                 return;
             }
-            Err(_) => tokio::time::sleep(RELEASE_RETRY_EVERY).await,
+            Err(_) => {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
         }
     }
 }

@@ -929,6 +929,7 @@ impl Store {
             }
             sqlx::query(super::conflicts::WAKE_FOR_DELETED_SQL)
                 .bind(id.as_str())
+                .bind(at.timestamp_millis())
                 .execute(&mut *tx)
                 .await?;
             let completion = ctx.completion(&deleted);
@@ -941,6 +942,8 @@ impl Store {
             );
             tx.commit().await?;
             self.committed_outbox();
+            // Events its conflicts held are due now.
+            self.committed_inbox();
             Ok(deleted)
         })
     }

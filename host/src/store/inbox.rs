@@ -551,6 +551,23 @@ impl Store {
             if updated != 1 {
                 return Ok(false);
             }
+            if let InboxFinish::Held { conflict, .. } = finish {
+                // The link was read held, but its conflict may have closed
+                // since, its wake run before this park: not held, and due
+                // now. (On PostgreSQL a resolution committing between this
+                // check and this commit can still miss the event: it is
+                // then looked at again at its next look, 5 s on.)
+                sqlx::query(
+                    "UPDATE inbox SET held_by = NULL, next_attempt_at_ms = $1 \
+                     WHERE seq = $2 AND held_by = $3 AND NOT EXISTS \
+                     (SELECT 1 FROM conflicts WHERE id = $3 AND state = 'open')",
+                )
+                .bind(at.timestamp_millis())
+                .bind(event.seq)
+                .bind(conflict)
+                .execute(&mut *tx)
+                .await?;
+            }
             if let InboxFinish::Dead { kind, .. } = finish {
                 sqlx::query(
                     // The customer: the one the event named, else the one
@@ -718,6 +735,7 @@ impl Store {
                     }
                     sqlx::query(super::conflicts::WAKE_FOR_DELETED_SQL)
                         .bind(id.as_str())
+                        .bind(at.timestamp_millis())
                         .execute(&mut *tx)
                         .await?;
                     (Some(Customer::from(row)), Some("deleted"))
