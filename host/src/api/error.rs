@@ -406,6 +406,8 @@ impl From<RegistryError> for ApiError {
                 code: load.code(),
                 detail: load.to_string(),
             },
+            // As for a busy store: nothing written, send it again.
+            RegistryError::Changed => Self::StoreBusy,
             RegistryError::Store(store) => store.into(),
         }
     }

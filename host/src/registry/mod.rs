@@ -235,10 +235,18 @@ pub enum RegistryError {
     /// This version of the connector exists with other bytes.
     #[error("{} {} already exists with other bytes (sha256 {}); give the new build a new version", .0.name, .0.version, .0.sha256)]
     VersionExists(Box<VersionMeta>),
+    /// The connector changed under a settings write, again and again
+    /// (other replicas writing it at once); nothing was written.
+    #[error("the connector changed while its settings were written; send them again")]
+    Changed,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
+
+/// How many times a settings write is built again over a connector that
+/// changed under it (see [`Registry::put_settings`]).
+const SETTINGS_RACES: usize = 5;
 
 /// What an upload did.
 #[derive(Debug, Clone)]
@@ -261,7 +269,7 @@ pub struct RegistryOptions {
 }
 
 /// A connector's configuration as written through the API.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct NewSettings {
     /// Whether ferry syncs through it.
     pub enabled: bool,
@@ -964,7 +972,30 @@ impl Registry {
 
     /// Writes `name`'s settings, secrets and switch after checking them
     /// against the active manifest.
+    ///
+    /// The write is built from this replica's view of the connector (a
+    /// secret sent as null keeps the one in effect there, as the console
+    /// sends every secret already set), and lands only over the revision
+    /// that view holds: a change another replica committed since (a key
+    /// rotated) is read, and the write built again, instead of being
+    /// silently undone by an older copy.
     pub async fn put_settings(&self, name: &str, new: NewSettings) -> Result<(), RegistryError> {
+        for _ in 0..SETTINGS_RACES {
+            if self.put_settings_over_view(name, new.clone()).await? {
+                return Ok(());
+            }
+            self.refresh().await?;
+        }
+        Err(RegistryError::Changed)
+    }
+
+    /// One try of [`Registry::put_settings`]: false if the connector moved
+    /// past this replica's view of it.
+    async fn put_settings_over_view(
+        &self,
+        name: &str,
+        new: NewSettings,
+    ) -> Result<bool, RegistryError> {
         let entry = self.entry(name).ok_or(RegistryError::NotFound)?;
         let manifest = active_manifest(&entry)?;
         let blank: Vec<SettingsProblem> = new
@@ -1015,7 +1046,8 @@ impl Registry {
             ),
             None => previous.and_then(|p| p.sealed_secrets),
         };
-        self.inner
+        let written = self
+            .inner
             .store
             .put_connector_config(
                 &StoredConnectorConfig {
@@ -1026,9 +1058,12 @@ impl Registry {
                     updated_at: chrono::Utc::now(),
                 },
                 new.enabled,
+                Some(entry.revision),
             )
-            .await?
-            .ok_or(RegistryError::NotFound)?;
+            .await?;
+        if written.is_none() {
+            return Ok(false);
+        }
         tracing::info!(
             connector = name,
             enabled = new.enabled,
@@ -1040,7 +1075,7 @@ impl Registry {
         if new.enabled {
             self.inner.store.resume_connector_links(name).await?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Deletes `name`: its versions and stored settings. Refused while

@@ -48,12 +48,17 @@ impl From<Row> for StoredConnectorConfig {
 impl Store {
     /// Replaces a connector's stored configuration and sets its enabled
     /// switch, in one transaction that bumps the connector's revision (so
-    /// every replica reloads it). `None` if the connector is deleted.
+    /// every replica reloads it). With `revision`, only over that revision:
+    /// the caller built `config` from what it held then (a secret kept from
+    /// the view of that revision), and a change committed since must not be
+    /// written over. `None` if the connector is deleted, or moved past
+    /// `revision`.
     #[tracing::instrument(skip_all, fields(connector = %config.connector))]
     pub async fn put_connector_config(
         &self,
         config: &StoredConnectorConfig,
         enabled: bool,
+        revision: Option<i64>,
     ) -> Result<Option<StoredConnectorConfig>, StoreError> {
         let at = now();
         dispatch!(self, write pool => {
@@ -64,11 +69,13 @@ impl Store {
             // with. Dropping the transaction rolls it back.
             let live = sqlx::query(
                 "UPDATE connectors SET enabled = $2, revision = revision + 1, updated_at = $3 \
-                 WHERE name = $1 AND deleted_at IS NULL",
+                 WHERE name = $1 AND deleted_at IS NULL \
+                 AND (CAST($4 AS BIGINT) IS NULL OR revision = $4)",
             )
             .bind(&config.connector)
             .bind(enabled)
             .bind(at)
+            .bind(revision)
             .execute(&mut *tx)
             .await?
             .rows_affected();

@@ -1113,7 +1113,11 @@ async fn settings_put_as_the_connector_is_deleted_are_not_kept(backend: Backend)
         secret_names: Vec::new(),
         updated_at: chrono::Utc::now(),
     };
-    let put = app.store.put_connector_config(&late, true).await.unwrap();
+    let put = app
+        .store
+        .put_connector_config(&late, true, None)
+        .await
+        .unwrap();
     assert!(put.is_none(), "{put:?}");
     let configs = app.store.connector_configs().await.unwrap();
     assert!(
@@ -1526,6 +1530,66 @@ async fn secrets_a_replica_cannot_open_leave_pushes_waiting(backend: Backend) {
     }
 }
 
+/// Two replicas: one rotates the connector's key, the other saves a setting
+/// a moment later, keeping the secrets "as they are" (null, as the console
+/// sends every secret already set). The second write was built from its
+/// replica's view, which still held the old key: it sealed that key back,
+/// and the rotation was undone without a word. It now lands only over the
+/// revision its view holds, and is built again over the rotation.
+async fn a_settings_write_from_a_stale_view_keeps_a_rotated_key(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let first = spawn_sync_app(setup(backend)).await;
+    let (status, version) = upload(&first, recorder(), "").await;
+    assert_eq!(status, 201, "{version}");
+    async fn put(app: &SyncApp, body: Value) -> (u16, Value) {
+        app.send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/recorder/settings",
+            Some(body),
+        )
+        .await
+    }
+    let settings = json!({"api_base": remote.url, "send_api_key": "true"});
+    let (status, answer) = put(
+        &first,
+        json!({"settings": settings, "secrets": {"api_key": "key-1"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let mut other = setup(backend);
+    other.database_url = Some(first.database_url.clone());
+    let second = spawn_sync_app(other).await;
+
+    let (status, answer) = put(
+        &first,
+        json!({"settings": settings, "secrets": {"api_key": "key-2"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = put(
+        &second,
+        json!({"settings": settings, "secrets": {"api_key": null}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    // Both replicas' views take the last write (each polls every second).
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+
+    let customer = first
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Rotated"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    first
+        .wait_link_of("recorder", &id, SETTLE, |l| l["state"] == "synced")
+        .await;
+    let creates = remote.requests_to("POST", "/records");
+    let sent: Vec<Option<String>> = creates.iter().map(|r| r.authorization.clone()).collect();
+    assert!(
+        sent.iter().all(|a| a.as_deref() == Some("Bearer key-2")),
+        "{sent:?}"
+    );
+}
+
 /// A push whose connector answers with a remote id ferry cannot keep (a
 /// NUL, which PostgreSQL refuses) dead-letters with the reason, once,
 /// rather than failing its write and running again at every lease expiry.
@@ -1806,6 +1870,11 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn secrets_a_replica_cannot_open() {
         secrets_a_replica_cannot_open_leave_pushes_waiting(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rotated_key_survives_a_stale_write() {
+        a_settings_write_from_a_stale_view_keeps_a_rotated_key(Backend::Postgres).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
