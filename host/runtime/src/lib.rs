@@ -306,11 +306,13 @@ pub enum CallError {
     /// The host could not create an instance (e.g. the pool is exhausted).
     #[error("cannot instantiate the connector: {0}")]
     Instantiate(String),
-    /// ferry's own outbound rate limit for the connector refused one of the
-    /// call's requests (its next slot came after the call's deadline), and
-    /// the call then failed as transient: the remote is not at fault.
+    /// ferry's own pacing held the call back, not the remote: its outbound
+    /// rate limit for the connector refused one of the call's requests (its
+    /// next slot came after the call's deadline) and the call then failed
+    /// as transient, or every sandbox instance stayed busy for most of the
+    /// call's deadline and the call did not start.
     #[error(
-        "ferry's outbound rate limit for the connector refused a request; the next slot is due in {} ms",
+        "ferry's own pacing held the call back (the connector's outbound rate limit, or every sandbox instance busy); the next try is due in {} ms",
         wait.as_millis()
     )]
     Throttled {
@@ -321,6 +323,9 @@ pub enum CallError {
         reached_remote: bool,
     },
 }
+
+/// How soon a call that found every instance busy is tried again.
+const SLOT_RETRY: Duration = Duration::from_millis(200);
 
 /// A call's outcome, and whether ferry's own rate limit refused one of its
 /// requests on the way (see [`CallError::Throttled`]).
@@ -964,13 +969,30 @@ impl Connector {
         let runtime = &self.runtime;
         let timeout = runtime.shared.config.call_timeout;
         let deadline = Instant::now() + timeout;
-        let Ok(_slot) = runtime.slots.acquire().await else {
-            return Ran {
-                result: Err(CallError::Instantiate(
-                    "the runtime is shutting down".into(),
-                )),
-                throttled: None,
-            };
+        // Every instance busy (a burst of webhooks, slow remotes): the wait
+        // counts against the call's deadline, so a call that got a slot
+        // with less than half its time left would be cut short and blamed
+        // on the remote (an attempt spent, a breaker failure). It does not
+        // start: ferry's own pacing, retried without spending an attempt.
+        let busy = || Ran {
+            result: Err(CallError::Throttled {
+                wait: SLOT_RETRY,
+                reached_remote: false,
+            }),
+            throttled: None,
+        };
+        let started_by = tokio::time::Instant::from_std(deadline - timeout / 2);
+        let _slot = match tokio::time::timeout_at(started_by, runtime.slots.acquire()).await {
+            Err(_busy) => return busy(),
+            Ok(Err(_closed)) => {
+                return Ran {
+                    result: Err(CallError::Instantiate(
+                        "the runtime is shutting down".into(),
+                    )),
+                    throttled: None,
+                }
+            }
+            Ok(Ok(slot)) => slot,
         };
         let state = CallState::new(
             runtime.shared.clone(),

@@ -222,6 +222,49 @@ async fn an_infinite_loop_is_stopped_at_the_deadline_and_the_next_call_works() {
     assert_healthy(&connector, &cfg).await;
 }
 
+/// Every instance busy (one slot here, a looping guest in it): a call
+/// waiting for a slot does not start with what is left of its deadline, to
+/// be cut short and blamed on the remote as a timeout (an attempt spent, a
+/// breaker failure); it is ferry's own pacing, retried without either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_finds_every_instance_busy_is_held_back_not_timed_out() {
+    let runtime = Runtime::new(RuntimeConfig {
+        call_timeout: Duration::from_secs(1),
+        max_instances: 1,
+        ..config()
+    })
+    .unwrap();
+    let connector = load(&runtime).await;
+    let cfg = connector_config(&[]);
+    let looping = {
+        let (connector, cfg) = (connector.clone(), cfg.clone());
+        tokio::spawn(async move {
+            connector
+                .push(&cfg, instruction(json!({"do": "loop"})))
+                .await
+        })
+    };
+    // The loop holds the one slot until its deadline (1 s); the call
+    // below gives up waiting at half its own.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let held = connector
+        .push(&cfg, instruction(json!({"do": "ok"})))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        held,
+        CallError::Throttled {
+            wait: Duration::from_millis(200),
+            reached_remote: false
+        }
+    );
+    assert_eq!(
+        looping.await.unwrap().unwrap_err(),
+        CallError::DeadlineExceeded
+    );
+    assert_healthy(&connector, &cfg).await;
+}
+
 #[tokio::test]
 async fn a_guest_waiting_on_the_host_is_stopped_at_the_deadline() {
     let runtime = Runtime::with_transport(
