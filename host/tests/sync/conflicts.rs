@@ -124,12 +124,17 @@ async fn conflicts(app: &SyncApp, query: &str) -> Vec<Value> {
 /// Waits until a remote event of `h`'s record waits behind the open
 /// conflict's hold.
 async fn wait_until_an_edit_waits(h: &Harness) {
+    wait_until_held(&h.app, &h.remote_id).await;
+}
+
+/// Waits until an event of Stripe record `remote_id` waits behind an open
+/// conflict's hold.
+async fn wait_until_held(app: &SyncApp, remote_id: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let inbox = h
-            .app
+        let inbox = app
             .store
-            .inbox_of_remote("stripe", &h.remote_id)
+            .inbox_of_remote("stripe", remote_id)
             .await
             .unwrap();
         let held = inbox.iter().any(|e| {
@@ -742,28 +747,7 @@ async fn a_duplicate_merged_into_a_held_link_waits() {
         String::from_utf8_lossy(&out.stderr)
     );
     let second = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let inbox = h
-            .app
-            .store
-            .inbox_of_remote("stripe", &second)
-            .await
-            .unwrap();
-        let waits = inbox.iter().any(|e| {
-            e.detail
-                .as_deref()
-                .is_some_and(|d| d.contains("held by open conflict"))
-        });
-        if waits {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the second record never waited: {inbox:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_held(&h.app, &second).await;
     let links = h.app.sync_status(&h.id).await;
     let stripe_link = links["connectors"]
         .as_array()

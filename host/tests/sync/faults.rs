@@ -43,6 +43,18 @@ async fn stripe_dead_letters(app: &SyncApp) -> Value {
     letters
 }
 
+/// Waits until a `POST` to `path` has gone through the proxy to Stripe.
+async fn wait_forwarded(proxy: &FaultProxy, path: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !proxy.requests_to("POST", path).iter().any(|r| r.forwarded) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "POST {path} never went out"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn outcomes(status: &Value) -> Vec<String> {
     status["history"]
         .as_array()
@@ -113,19 +125,7 @@ async fn a_change_undone_while_its_update_timed_out_is_pushed() {
         Fault::ForwardThenDelay(Duration::from_secs(4)),
     );
     h.app.patch(id, json!({"name": "Changed"})).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !h
-        .proxy
-        .requests_to("POST", &update)
-        .iter()
-        .any(|r| r.forwarded)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the update never went out"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_forwarded(&h.proxy, &update).await;
     // Stripe holds "Changed"; its answer is late, so the push times out.
     h.app.patch(id, json!({"name": "Before"})).await;
     h.app.wait_synced(id, 3).await;
@@ -155,19 +155,7 @@ async fn the_echo_of_a_create_whose_answer_was_lost_links_its_record() {
         .create(json!({"email": address, "name": "Lost"}))
         .await;
     let id = customer["id"].as_str().unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !h
-        .proxy
-        .requests_to("POST", "/v1/customers")
-        .iter()
-        .any(|r| r.forwarded)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the create never went out"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_forwarded(&h.proxy, "/v1/customers").await;
     h.proxy.set_down(true);
     h.app
         .wait_link(id, Duration::from_secs(20), |l| l["state"] == "dead")

@@ -1081,13 +1081,19 @@ async fn a_claim_after_an_unrecorded_push_forgets_the_pushed_content(postgres: b
         .intake_changes(&[notice(&customer)], &connectors)
         .await
         .expect("intake");
+    let claim = |token: &'static str, until: i64| {
+        let (store, connectors) = (&store, &connectors);
+        async move {
+            store
+                .claim_due_links(connectors, token, until, 10)
+                .await
+                .expect("claimed")
+                .remove(0)
+                .link
+        }
+    };
     let until = chrono::Utc::now().timestamp_millis() + 60_000;
-    let first = store
-        .claim_due_links(&connectors, "lease-1", until, 10)
-        .await
-        .expect("claimed")
-        .remove(0)
-        .link;
+    let first = claim("lease-1", until).await;
     let write = delivered(&first, "cus_unrecorded");
     assert_eq!(
         store
@@ -1105,20 +1111,10 @@ async fn a_claim_after_an_unrecorded_push_forgets_the_pushed_content(postgres: b
     // Claimed after a written outcome: the pushed content stands. This
     // claim's lease ends with nothing written.
     let soon = chrono::Utc::now().timestamp_millis() + 20;
-    let second = store
-        .claim_due_links(&connectors, "lease-2", soon, 10)
-        .await
-        .expect("claimed")
-        .remove(0)
-        .link;
+    let second = claim("lease-2", soon).await;
     assert_eq!(second.pushed_hash.as_deref(), Some("hash"));
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    let third = store
-        .claim_due_links(&connectors, "lease-3", until, 10)
-        .await
-        .expect("claimed")
-        .remove(0)
-        .link;
+    let third = claim("lease-3", until).await;
     assert_eq!(third.pushed_hash, None, "{third:?}");
 }
 
