@@ -471,6 +471,10 @@ impl Store {
             .bind(new.name)
             .fetch_optional(&mut *tx)
             .await?;
+            // New bytes under the version that is active, whoever chose
+            // it: every replica must load them (see below).
+            let replaced_active = replaced
+                && current.as_ref().and_then(|(active, _)| active.as_deref()) == Some(new.version);
             let take = match &current {
                 None | Some((None, _)) => true,
                 Some((Some(active), by)) if by == "bundle" => {
@@ -509,6 +513,21 @@ impl Store {
                 .await?
                 .rows_affected()
                     == 1;
+            // A rebuild of the version an operator made active (the bundle
+            // does not take it over): without a revision of its own, only
+            // the replicas that restart loaded the new bytes, and the
+            // others ran the old ones until some other change.
+            if replaced_active && !activated {
+                sqlx::query(
+                    "UPDATE connectors SET revision = revision + 1, updated_at = $2 \
+                     WHERE name = $1 AND active_version = $3",
+                )
+                .bind(new.name)
+                .bind(at)
+                .bind(new.version)
+                .execute(&mut *tx)
+                .await?;
+            }
             tx.commit().await?;
             Ok(if linked > 0 {
                 Seeded::HeldBack { linked }

@@ -1307,6 +1307,41 @@ async fn postgres_an_older_bundle_does_not_take_a_newer_one_back() {
     assert_active_and_stored(&[&app, &old], "0.2.0", "0.1.0").await;
 }
 
+/// The bundled version an operator made active is rebuilt under the same
+/// number (another toolchain, other bytes), and a replica starts with it:
+/// the bytes are replaced, and every replica loads them. Before, only the
+/// replicas that restarted did; the others ran the old bytes, showing the
+/// old sha256, until some other change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_rebuilt_bundle_reaches_every_replica() {
+    let (first, rebuilt) = (
+        recorder_bundle(recorder()),
+        recorder_bundle(recorder_variant("rebuilt")),
+    );
+    let app = with_bundle(&first, None).await;
+    let (status, connector) = post(
+        &app,
+        "/api/v1/connectors/recorder/activate",
+        Some(json!({"version": "0.1.0"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{connector}");
+    let before = connector["sha256"].clone();
+
+    let replica = with_bundle(&rebuilt, Some(&app)).await;
+    let (_, theirs) = get(&replica, "/api/v1/connectors/recorder").await;
+    assert_ne!(theirs["sha256"], before, "{theirs}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, ours) = get(&app, "/api/v1/connectors/recorder").await;
+        if ours["sha256"] == theirs["sha256"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{ours} still runs the old bytes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A bundled version that does not sync customers is stored at start but
 /// not made active while customers are linked through the connector, as
 /// an upload or an activation is refused (409 `customers_linked`): their
