@@ -144,15 +144,20 @@ pub async fn get_conflict(
 /// (`None` when empty).
 pub(crate) fn current_value(customer: &Customer, field: &str) -> Result<Option<String>, ApiError> {
     let record = local_record(customer)?;
-    let value = match field.split_once('.') {
-        None => record.get(field),
-        Some((parent, child)) => record.get(parent).and_then(|p| p.get(child)),
-    };
-    Ok(match value {
+    Ok(match field_of(&record, field) {
         None | Some(serde_json::Value::Null) => None,
         Some(serde_json::Value::String(text)) => Some(text.clone()),
         Some(other) => Some(other.to_string()),
     })
+}
+
+/// A dotted field (`name`, `address.city`, `metadata.tier`) of a canonical
+/// record.
+fn field_of<'a>(record: &'a serde_json::Value, field: &str) -> Option<&'a serde_json::Value> {
+    match field.split_once('.') {
+        None => record.get(field),
+        Some((parent, child)) => record.get(parent).and_then(|p| p.get(child)),
+    }
 }
 
 /// The conflict's fields as a person decided them, for the record: every
@@ -170,10 +175,7 @@ fn decided_fields(
         let Some(field) = entry["field"].as_str().map(str::to_owned) else {
             continue;
         };
-        let written = match field.split_once('.') {
-            None => record.get(&field),
-            Some((parent, child)) => record.get(parent).and_then(|p| p.get(child)),
-        };
+        let written = field_of(record, &field);
         if choice != "local" || entry["resolution"] == "pending" {
             entry["resolution"] = choice.into();
         }

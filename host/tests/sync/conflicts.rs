@@ -28,10 +28,19 @@ async fn synced_customer(policy: &str) -> Harness {
 
 /// [`synced_customer`] on `backend`.
 async fn synced_customer_on(backend: Backend, policy: &str) -> Harness {
+    synced_customer_with(
+        backend,
+        json!({"conflict_policy": policy, "sync_max_attempts": 100}),
+    )
+    .await
+}
+
+/// [`synced_customer`] on `backend`, with the configuration `extra`.
+async fn synced_customer_with(backend: Backend, extra: Value) -> Harness {
     let stripe = LocalStripe::start().expect("localstripe");
     let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
     let mut setup = Setup::new(backend, &proxy.url());
-    setup.extra = json!({"conflict_policy": policy, "sync_max_attempts": 100});
+    setup.extra = extra;
     let app = spawn_sync_app(setup).await;
     app.receive_stripe_webhooks(&stripe).await;
     let customer = app
@@ -703,31 +712,19 @@ async fn the_console_keeps_a_local_edit_made_while_the_conflict_was_open() {
 /// conflict could take the hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_merged_into_a_held_link_waits() {
-    let stripe = LocalStripe::start().expect("localstripe");
-    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
-    let mut setup = Setup::new(Backend::Sqlite, &proxy.url());
-    setup.extra = json!({
-        "conflict_policy": "flag",
-        "duplicate_email_policy": "merge",
-        "sync_max_attempts": 100,
-    });
-    let app = spawn_sync_app(setup).await;
-    app.receive_stripe_webhooks(&stripe).await;
-    let address = email("held-merge");
-    let created = app
-        .create(json!({"email": address, "name": "Original"}))
-        .await;
-    let id = created["id"].as_str().unwrap().to_owned();
-    let link = app.wait_synced(&id, 1).await;
-    let remote_id = link["remote_id"].as_str().unwrap().to_owned();
-    tokio::time::sleep(Duration::from_millis(3_200)).await;
-    let h = Harness {
-        stripe,
-        proxy,
-        app,
-        id,
-        remote_id,
-    };
+    let h = synced_customer_with(
+        Backend::Sqlite,
+        json!({
+            "conflict_policy": "flag",
+            "duplicate_email_policy": "merge",
+            "sync_max_attempts": 100,
+        }),
+    )
+    .await;
+    let address = customer(&h.app, &h.id).await["email"]
+        .as_str()
+        .expect("an email")
+        .to_owned();
     name_edited_on_both_sides(&h).await;
     let conflict = open_conflict(&h.app).await;
 

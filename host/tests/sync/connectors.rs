@@ -82,6 +82,28 @@ async fn post(app: &SyncApp, path: &str, body: Option<Value>) -> (u16, Value) {
     app.send(reqwest::Method::POST, path, body).await
 }
 
+/// Stores a recorder event that carries no record (another replica took
+/// it in), wakes the inbox, and returns the event.
+async fn store_thin_event(app: &SyncApp, event_id: &str, remote_id: &str) -> NewInboxEvent {
+    let event = NewInboxEvent {
+        event_id: event_id.into(),
+        entity: "customer".into(),
+        kind: RemoteChange::Upsert,
+        remote_id: remote_id.into(),
+        occurred_at_ms: chrono::Utc::now().timestamp_millis(),
+        record: None,
+        origin_key: None,
+        remote_type: "record.updated".into(),
+        policy: None,
+    };
+    app.store
+        .store_inbox_many(&[("recorder", std::slice::from_ref(&event), None)])
+        .await
+        .expect("stored");
+    app.sync.wake();
+    event
+}
+
 /// Posts a recorder webhook carrying one event; the status and the body.
 async fn recorder_webhook(client: &reqwest::Client, base: &str, id: &str) -> (u16, String) {
     let body = json!({
@@ -1027,22 +1049,7 @@ async fn an_event_of_a_deleted_connector_to_fetch_is_skipped(backend: Backend) {
         )
         .await;
     assert_eq!(status, 204);
-    let event = NewInboxEvent {
-        event_id: "evt_orphan".into(),
-        entity: "customer".into(),
-        kind: RemoteChange::Upsert,
-        remote_id: "rec_orphan".into(),
-        occurred_at_ms: chrono::Utc::now().timestamp_millis(),
-        record: None,
-        origin_key: None,
-        remote_type: "record.updated".into(),
-        policy: None,
-    };
-    app.store
-        .store_inbox_many(&[("recorder", std::slice::from_ref(&event), None)])
-        .await
-        .expect("stored");
-    app.sync.wake();
+    let event = store_thin_event(&app, "evt_orphan", "rec_orphan").await;
     let deadline = Instant::now() + SETTLE;
     loop {
         let events = app
@@ -1521,22 +1528,7 @@ async fn secrets_a_replica_cannot_open_leave_pushes_waiting(backend: Backend) {
 
     // An inbound event to fetch (another replica accepted it) waits too,
     // rather than be read without the secrets and dead-lettered.
-    let thin = NewInboxEvent {
-        event_id: "evt_sealed".into(),
-        entity: "customer".into(),
-        kind: RemoteChange::Upsert,
-        remote_id: "rec_sealed".into(),
-        occurred_at_ms: chrono::Utc::now().timestamp_millis(),
-        record: None,
-        origin_key: None,
-        remote_type: "record.updated".into(),
-        policy: None,
-    };
-    app.store
-        .store_inbox_many(&[("recorder", std::slice::from_ref(&thin), None)])
-        .await
-        .expect("stored");
-    app.sync.wake();
+    store_thin_event(&app, "evt_sealed", "rec_sealed").await;
     let deadline = Instant::now() + SETTLE;
     loop {
         let events = app

@@ -43,6 +43,18 @@ async fn stripe_dead_letters(app: &SyncApp) -> Value {
     letters
 }
 
+/// A customer named `name` (its email tagged `tag`), synced to Stripe: its
+/// id and its Stripe record's.
+async fn synced_customer(h: &Harness, tag: &str, name: &str) -> (String, String) {
+    let customer = h
+        .app
+        .create(json!({"email": email(tag), "name": name}))
+        .await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    let link = h.app.wait_synced(&id, 1).await;
+    (id, link["remote_id"].as_str().unwrap().to_owned())
+}
+
 /// Waits until a `POST` to `path` has gone through the proxy to Stripe.
 async fn wait_forwarded(proxy: &FaultProxy, path: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -112,14 +124,8 @@ async fn timeout_after_the_remote_applied_the_write_creates_no_duplicate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_undone_while_its_update_timed_out_is_pushed() {
     let h = harness(json!({})).await;
-    let customer = h
-        .app
-        .create(json!({"email": email("undone"), "name": "Before"}))
-        .await;
-    let id = customer["id"].as_str().unwrap();
-    let link = h.app.wait_synced(id, 1).await;
-    let remote_id = link["remote_id"].as_str().unwrap().to_owned();
-    let update = format!("/v1/customers/{remote_id}");
+    let (id, remote_id) = synced_customer(&h, "undone", "Before").await;
+    let (id, update) = (id.as_str(), format!("/v1/customers/{remote_id}"));
     h.proxy.push(
         Match::request("POST", &update),
         Fault::ForwardThenDelay(Duration::from_secs(4)),
@@ -839,14 +845,8 @@ async fn a_retry_for_one_customer_does_not_block_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_dead_letter_goes_under_a_new_key() {
     let h = harness(json!({})).await;
-    let customer = h
-        .app
-        .create(json!({"email": email("replay-key"), "name": "First"}))
-        .await;
-    let id = customer["id"].as_str().unwrap();
-    let link = h.app.wait_synced(id, 1).await;
-    let remote_id = link["remote_id"].as_str().unwrap().to_owned();
-    let update = format!("/v1/customers/{remote_id}");
+    let (id, remote_id) = synced_customer(&h, "replay-key", "First").await;
+    let (id, update) = (id.as_str(), format!("/v1/customers/{remote_id}"));
     h.proxy.push(
         Match::request("POST", &update),
         Fault::stripe_error(400, "invalid_request_error", "Refused for now").saved(),

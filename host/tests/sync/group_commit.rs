@@ -2282,6 +2282,23 @@ async fn sessions_waiting_on_locks(raw: &sqlx::PgPool, n: i64) {
     }
 }
 
+/// A ferry on a fresh PostgreSQL database reached through a [`PgProxy`],
+/// with no Stripe (the API's writes are what is looked at).
+async fn app_through_proxy() -> (
+    ferry_test_support::pg_proxy::PgProxy,
+    crate::helpers::SyncApp,
+) {
+    use crate::helpers::{spawn_sync_app, Backend, Setup};
+    let cluster = PgCluster::shared();
+    let proxy = ferry_test_support::pg_proxy::PgProxy::start(cluster.port())
+        .await
+        .expect("proxy");
+    let url = cluster.create_database().await.expect("test database");
+    let mut setup = Setup::new(Backend::Postgres, "http://127.0.0.1:9");
+    setup.database_url = Some(proxy.url(&url));
+    (proxy, spawn_sync_app(setup).await)
+}
+
 /// An `Idempotency-Key` claim whose answer was lost (the connection dropped
 /// after PostgreSQL stored it) is released before the client is answered,
 /// so its retry with the same key runs at once. Before, the claim stayed
@@ -2289,15 +2306,7 @@ async fn sessions_waiting_on_locks(raw: &sqlx::PgPool, n: i64) {
 /// whole 60 s lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_whose_answer_was_lost_is_released() {
-    use crate::helpers::{spawn_sync_app, Backend, Setup};
-    use ferry_test_support::pg_proxy::PgProxy;
-    let cluster = PgCluster::shared();
-    let proxy = PgProxy::start(cluster.port()).await.expect("proxy");
-    let url = cluster.create_database().await.expect("test database");
-    // No Stripe is needed: the create is what is looked at.
-    let mut setup = Setup::new(Backend::Postgres, "http://127.0.0.1:9");
-    setup.database_url = Some(proxy.url(&url));
-    let app = spawn_sync_app(setup).await;
+    let (proxy, app) = app_through_proxy().await;
     let body = json!({"email": email("lost-claim"), "name": "Lost"});
     let create = || {
         app.client
@@ -2322,14 +2331,7 @@ async fn a_claim_whose_answer_was_lost_is_released() {
 /// `idempotency_key_in_flight` for the rest of the 60 s lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_that_failed_is_tried_again() {
-    use crate::helpers::{spawn_sync_app, Backend, Setup};
-    use ferry_test_support::pg_proxy::PgProxy;
-    let cluster = PgCluster::shared();
-    let proxy = PgProxy::start(cluster.port()).await.expect("proxy");
-    let url = cluster.create_database().await.expect("test database");
-    let mut setup = Setup::new(Backend::Postgres, "http://127.0.0.1:9");
-    setup.database_url = Some(proxy.url(&url));
-    let app = spawn_sync_app(setup).await;
+    let (proxy, app) = app_through_proxy().await;
     let delete = || {
         app.client
             .delete(format!(
