@@ -917,7 +917,32 @@ impl Store {
         Ok(u64::try_from(count).unwrap_or(0))
     }
 
-    /// The inbox events of one remote record, newest first.
+    /// Whether the inbox holds a delete of a remote record dated at or
+    /// after `at_ms`, in any state (a delete that found no link is
+    /// skipped, and still happened). A record's delete is its last change
+    /// (Stripe's, and a Salesforce undelete comes later): an upsert dated
+    /// no later, delivered after it (a `created` the remote retried, out
+    /// of order), must not make the record ferry's again.
+    pub async fn remote_deleted_since(
+        &self,
+        connector: &str,
+        remote_id: &str,
+        at_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let found: i64 = dispatch!(self, read pool => {
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM inbox WHERE connector = $1 AND remote_id = $2 \
+                 AND kind = 'delete' AND occurred_at_ms >= $3 LIMIT 1) AS deletes",
+            )
+            .bind(connector)
+            .bind(remote_id)
+            .bind(at_ms)
+            .fetch_one(pool)
+            .await?
+        });
+        Ok(found > 0)
+    }
+
     /// The events of a remote record that wait to be applied (no worker
     /// holds them) and happened at or after `after_ms` (a remote tick may
     /// hold more than one change), oldest first: what the remote changed

@@ -663,6 +663,15 @@ impl SyncEngine {
         // The link as this decision read it: the write finds it unchanged
         // or the change decides again (see [`LinkRead`]).
         let link_read = link.as_ref().map(LinkRead::from);
+        // An upsert of a record nothing links, delivered after the
+        // record's delete (a `created` the remote retried): the record is
+        // gone, and neither made a customer nor adopted.
+        let deleted_since = link.is_none()
+            && event.kind == RemoteChange::Upsert
+            && inner
+                .store
+                .remote_deleted_since(&event.connector, &event.remote_id, event.occurred_at_ms)
+                .await?;
         if let Some(key) = &event.origin_key {
             if let Some((customer, version)) = super::outbound::key_parts(&event.connector, key) {
                 // The echo of a create whose answer ferry never got (no
@@ -671,7 +680,7 @@ impl SyncEngine {
                 // replay of the create instead relied on the remote still
                 // knowing the key (Stripe forgets it after a day), or made
                 // a second record.
-                if link.is_none() && event.kind == RemoteChange::Upsert {
+                if link.is_none() && event.kind == RemoteChange::Upsert && !deleted_since {
                     let adopted = inner
                         .store
                         .adopt_created_remote(
@@ -701,6 +710,14 @@ impl SyncEngine {
         if let Some(held_by) = link.as_ref().and_then(|l| l.held_by.as_deref()) {
             // A person resolves the conflict first; then the event applies.
             return self.held(event, held_by).await;
+        }
+        if deleted_since {
+            return self
+                .skip(
+                    event,
+                    "the remote record was deleted: its delete came first",
+                )
+                .await;
         }
         // A thin upsert says only "look again": applying it fetches what
         // holds now, so it is never stale, however the sender (or the
@@ -1356,6 +1373,18 @@ impl SyncEngine {
             // slot without spending an attempt.
             Err(error @ CallError::Throttled { wait, .. }) => {
                 Err(Failure::Wait(error.to_string(), wait))
+            }
+            // Gone since the event was sent: an event that carried the
+            // record was looked up again only because its order was in
+            // doubt, and the record's delete (which the remote sends) is
+            // the change that decides; nothing is left to apply or retry.
+            // A thin event says only "look again", and a connector that
+            // sends no deletes has nothing else to say it: a dead letter
+            // for a person.
+            Err(CallError::Connector(ConnectorError::NotFound(_))) if event.record.is_some() => {
+                Err(Failure::Skip(
+                    "the remote record no longer exists: its delete decides".into(),
+                ))
             }
             Err(CallError::Connector(ConnectorError::NotFound(_))) => Err(Failure::Permanent(
                 "the remote record no longer exists".into(),

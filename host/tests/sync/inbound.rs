@@ -608,6 +608,93 @@ async fn a_thin_event_older_than_the_records_delete_is_skipped() {
     }
 }
 
+/// Stripe does not promise order. A `customer.created` it retried (ferry
+/// answered 503 the first time) can come after the `customer.deleted` that
+/// followed it: the record is gone, and is not made a customer. And an
+/// update dated the deleted record's last second, delivered after its
+/// delete, is looked up again (its order is in doubt), found gone, and
+/// left to the delete: skipped, not a dead letter no replay could mend.
+async fn events_delivered_after_their_records_delete(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(backend, &stripe.url())).await;
+    let create_in_stripe = |address: &str| {
+        let created = stripe_py(
+            &stripe.url(),
+            &format!("c = stripe.Customer.create(email='{address}', name='Short Lived')\nprint(json.dumps({{'id': c.id}}))"),
+        );
+        created["id"].as_str().unwrap().to_owned()
+    };
+    let delete_in_stripe = |remote_id: &str| {
+        stripe_py(
+            &stripe.url(),
+            &format!("stripe.Customer.delete('{remote_id}')\nprint('{{}}')"),
+        );
+    };
+    let send = async |id: &str, kind: &str, at: i64, record: Value| {
+        let body = event(id, kind, at, record);
+        let (status, problem) =
+            deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+        assert_eq!(status, 200, "{id}: {problem}");
+    };
+    let now = chrono::Utc::now().timestamp();
+
+    // The delete first, then the create it followed.
+    let address = email("deleted-first");
+    let remote_id = create_in_stripe(&address);
+    delete_in_stripe(&remote_id);
+    let record = stripe_customer_json(&remote_id, &address, "Short Lived");
+    send("evt_gone_deleted", "customer.deleted", now, record.clone()).await;
+    let deleted = outcome_of(&app, remote_id.clone(), "evt_gone_deleted").await;
+    assert_eq!(deleted["state"], "skipped", "{deleted}");
+    send("evt_gone_created", "customer.created", now - 1, record).await;
+    let created = outcome_of(&app, remote_id.clone(), "evt_gone_created").await;
+    assert_eq!(created["state"], "skipped", "{created}");
+    assert!(
+        created["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("delete came first"),
+        "{created}"
+    );
+    assert_eq!(
+        app.customer_by_email(&address).await,
+        None,
+        "not brought back"
+    );
+
+    // Linked, deleted, then an update of the delete's second.
+    let address = email("updated-last-second");
+    let remote_id = create_in_stripe(&address);
+    let record = stripe_customer_json(&remote_id, &address, "Short Lived");
+    send(
+        "evt_last_created",
+        "customer.created",
+        now - 5,
+        record.clone(),
+    )
+    .await;
+    let created = outcome_of(&app, remote_id.clone(), "evt_last_created").await;
+    assert_eq!(created["state"], "applied", "{created}");
+    delete_in_stripe(&remote_id);
+    send("evt_last_deleted", "customer.deleted", now, record).await;
+    let deleted = outcome_of(&app, remote_id.clone(), "evt_last_deleted").await;
+    assert_eq!(deleted["state"], "applied", "{deleted}");
+    let renamed = stripe_customer_json(&remote_id, &address, "Renamed Before The Delete");
+    send("evt_last_updated", "customer.updated", now, renamed).await;
+    let updated = outcome_of(&app, remote_id.clone(), "evt_last_updated").await;
+    assert_eq!(updated["state"], "skipped", "not a dead letter: {updated}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_delivered_after_their_records_delete_sqlite() {
+    events_delivered_after_their_records_delete(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_delivered_after_their_records_delete_postgres() {
+    events_delivered_after_their_records_delete(Backend::Postgres).await;
+}
+
 /// A blank webhook secret (a compose variable left unset, read as "") is no
 /// secret: a delivery signed with the empty key is refused and stores
 /// nothing, and the API refuses to store a blank secret. Before, HMAC took

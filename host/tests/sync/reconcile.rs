@@ -1481,6 +1481,41 @@ async fn a_run_switched_off_mid_listing_repairs_nothing_until_on(backend: Backen
     app.wait_customer_by_email(&address).await;
 }
 
+/// An import carries the record as listed. The record deleted since (its
+/// `customer.deleted` delivered, and skipped: nothing linked it) is not
+/// brought back by a person pulling the finding afterwards.
+async fn an_import_does_not_bring_back_a_record_deleted_since_its_listing(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let app = spawn_sync_app(Setup::new(backend, &url)).await;
+    let cy = email("cy");
+    let s_cy = stripe_create(&url, &[("email", &cy), ("name", "Cy Listed")]).await;
+    let report = run_to_end(&app, json!({"connector": "stripe"})).await;
+    expect_counts(&report, &[("missing_local", 1)]);
+    let run = report["id"].as_str().unwrap();
+    let finding = findings(&app.base, run, Some("missing_local"))
+        .await
+        .remove(0);
+    stripe_delete(&url, &s_cy).await;
+    let listed = json!({"id": s_cy, "object": "customer", "email": cy, "name": "Cy Listed",
+        "metadata": {}});
+    let body = event(
+        "evt_cy_deleted",
+        "customer.deleted",
+        found_second(&finding) + 1,
+        listed,
+    );
+    let (status, answer) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200, "{answer}");
+    app.wait_inbox_settled("stripe", &s_cy, 1).await;
+    resolve_and_settle(&app, run, &finding, "merge", &s_cy).await;
+    assert_eq!(
+        app.customer_by_email(&cy).await,
+        None,
+        "the deleted record came back"
+    );
+}
+
 mod sqlite {
     use super::*;
 
@@ -1527,6 +1562,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn repair_keeps_later_edits() {
         a_repair_keeps_edits_made_after_its_listing(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn import_after_a_delete() {
+        an_import_does_not_bring_back_a_record_deleted_since_its_listing(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
