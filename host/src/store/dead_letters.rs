@@ -200,12 +200,23 @@ impl Store {
                 query = query.bind(*bind);
             }
             let chosen: Vec<DeadLetter> = query.fetch_all(&mut *tx).await?;
-            for letter in &chosen {
-                sqlx::query("UPDATE dead_letters SET replayed_at = $1 WHERE id = $2")
-                    .bind(at)
-                    .bind(&letter.id)
-                    .execute(&mut *tx)
-                    .await?;
+            let mut replayed = Vec::with_capacity(chosen.len());
+            for letter in chosen {
+                // A replay running at once (a second click, another
+                // operator) read the same letters and took them first: on
+                // PostgreSQL this one waited for its row locks, and finds
+                // them replayed. Reopening again would push a second time
+                // what the first replay's push just dead-lettered anew.
+                let taken = sqlx::query(
+                    "UPDATE dead_letters SET replayed_at = $1 WHERE id = $2 AND replayed_at IS NULL",
+                )
+                .bind(at)
+                .bind(&letter.id)
+                .execute(&mut *tx)
+                .await?;
+                if taken.rows_affected() == 0 {
+                    continue;
+                }
                 if letter.direction == "inbound" {
                     // An inbound dead letter re-opens its inbox event.
                     sqlx::query(
@@ -216,6 +227,7 @@ impl Store {
                     .bind(&letter.id)
                     .execute(&mut *tx)
                     .await?;
+                    replayed.push(letter);
                     continue;
                 }
                 // An outbound one re-opens its link (an inbound letter of
@@ -235,15 +247,16 @@ impl Store {
                 .bind(&letter.connector)
                 .execute(&mut *tx)
                 .await?;
+                replayed.push(letter);
             }
             tx.commit().await?;
-            if !chosen.is_empty() {
+            if !replayed.is_empty() {
                 // Outbound letters are links due again, inbound ones inbox
                 // events due again.
                 self.committed_links();
                 self.committed_inbox();
             }
-            Ok(chosen)
+            Ok(replayed)
         })
     }
 }

@@ -2263,6 +2263,62 @@ async fn sqlite_a_replay_reopens_only_its_own_work() {
     a_replay_reopens_only_its_own_work(false).await;
 }
 
+/// Two replays of one letter at once (a second click, another operator):
+/// on PostgreSQL both read it open, the second waits for the first's row
+/// lock. The letter is replayed once, by one of them, and its link
+/// re-opened once: the second reopened it again (another push, under
+/// another key, of what the first replay's push may have dead-lettered
+/// anew) and reported the letter replayed too.
+#[tokio::test]
+async fn postgres_two_replays_at_once_replay_a_letter_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(true, dir.path()).await;
+    let store = open(&url).await;
+    let link = claimed_links(&store, 1).await.remove(0);
+    let give_up = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
+        version: link.wanted_version,
+        operation: Some("create"),
+        attempt: 1,
+        error_kind: ferry::store::DeadLetterKind::Permanent,
+        error: "remote answered 400".to_owned(),
+    });
+    store
+        .write_links(&[(&link, &give_up)])
+        .await
+        .expect("written");
+    let raw = sqlx::PgPool::connect(&url).await.expect("raw connection");
+    let letter: String = sqlx::query_scalar("SELECT id FROM dead_letters")
+        .fetch_one(&raw)
+        .await
+        .expect("the letter");
+    let mut holder = raw.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM dead_letters WHERE id = $1 FOR UPDATE")
+        .bind(&letter)
+        .execute(&mut *holder)
+        .await
+        .expect("letter held");
+    let replay = || {
+        let (store, letter) = (store.clone(), letter.clone());
+        tokio::spawn(async move {
+            store
+                .replay_dead_letters(Some(std::slice::from_ref(&letter)), None)
+                .await
+        })
+    };
+    let (first, second) = (replay(), replay());
+    sessions_waiting_on_locks(&raw, 2).await;
+    holder.rollback().await.expect("letter released");
+    let first = first.await.expect("joined").expect("replayed");
+    let second = second.await.expect("joined").expect("replayed");
+    assert_eq!(first.len() + second.len(), 1, "{first:?} {second:?}");
+    let repairs: i32 = sqlx::query_scalar("SELECT repairs FROM sync_links WHERE customer_id = $1")
+        .bind(&link.customer_id)
+        .fetch_one(&raw)
+        .await
+        .expect("the link");
+    assert_eq!(repairs, 1, "the link re-opened once");
+}
+
 /// Waits until `n` sessions of the database wait on a lock (10 s at most).
 async fn sessions_waiting_on_locks(raw: &sqlx::PgPool, n: i64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
