@@ -453,10 +453,18 @@ impl Store {
              AND (next_attempt_at_ms <= $4 OR (state = 'pending' AND detail IS NULL)) \
              RETURNING {INBOX_COLUMNS}"
         );
-        let mut claimed = Vec::with_capacity(seqs.len());
+        // Row locks in rising seq order, the relay's marks' order: a
+        // batch spanning partitions comes in partition order (14, then
+        // 11), and a claim locking 14 while the relay's mark held 11 and
+        // wanted 14 was a deadlock PostgreSQL broke after a second by
+        // aborting one of them.
+        let mut ordered = seqs.to_vec();
+        ordered.sort_unstable();
+        ordered.dedup();
+        let mut claimed = Vec::with_capacity(ordered.len());
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
-            for seq in seqs {
+            for seq in &ordered {
                 let row: Option<InboxEvent> = sqlx::query_as(&sql)
                     .bind(lease_until_ms)
                     .bind(lease_token)
@@ -468,7 +476,6 @@ impl Store {
             }
             tx.commit().await?;
         });
-        claimed.sort_by_key(|e| e.seq);
         Ok(claimed)
     }
 
@@ -486,9 +493,13 @@ impl Store {
     /// Marks inbox events published (after the broker acknowledged them).
     pub async fn mark_inbox_published(&self, seqs: &[i64]) -> Result<(), StoreError> {
         let at = now_ms();
+        // In rising seq order, as claims lock (see
+        // [`Store::claim_inbox_seqs`]).
+        let mut ordered = seqs.to_vec();
+        ordered.sort_unstable();
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
-            for seq in seqs {
+            for seq in &ordered {
                 sqlx::query("UPDATE inbox SET published_at_ms = $1 WHERE seq = $2")
                     .bind(at)
                     .bind(seq)

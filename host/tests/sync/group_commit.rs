@@ -2319,6 +2319,57 @@ async fn postgres_two_replays_at_once_replay_a_letter_once() {
     assert_eq!(repairs, 1, "the link re-opened once");
 }
 
+/// A bus consumer's claim of a batch spanning partitions (its seqs out of
+/// order) beside the relay marking the same events published, which locks
+/// in rising seq order: the claim locked the later event, then waited for
+/// the earlier one the mark held while the mark waited for the later one,
+/// a deadlock PostgreSQL broke by aborting one side. Claims lock in seq
+/// order too.
+#[tokio::test]
+async fn postgres_a_claim_out_of_seq_order_waits_for_the_relays_mark() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(true, dir.path()).await;
+    let store = open(&url).await;
+    let events = [
+        event("evt_order_1", "cus_order_1"),
+        event("evt_order_2", "cus_order_2"),
+    ];
+    store
+        .store_inbox_many(&[("stripe", &events, None)])
+        .await
+        .expect("stored");
+    let raw = sqlx::PgPool::connect(&url).await.expect("raw connection");
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM inbox ORDER BY seq")
+        .fetch_all(&raw)
+        .await
+        .expect("seqs");
+    let mut marking = raw.begin().await.expect("begin");
+    let mark = "UPDATE inbox SET published_at_ms = 1 WHERE seq = $1";
+    sqlx::query(mark)
+        .bind(seqs[0])
+        .execute(&mut *marking)
+        .await
+        .expect("first marked");
+    let claiming = {
+        let (store, batch) = (store.clone(), vec![seqs[1], seqs[0]]);
+        let until = chrono::Utc::now().timestamp_millis() + 60_000;
+        tokio::spawn(async move { store.claim_inbox_seqs(&batch, "consumer", until).await })
+    };
+    sessions_waiting_on_locks(&raw, 1).await;
+    sqlx::query(mark)
+        .bind(seqs[1])
+        .execute(&mut *marking)
+        .await
+        .expect("second marked, not a deadlock");
+    marking.commit().await.expect("marks committed");
+    let claimed = claiming
+        .await
+        .expect("joined")
+        .expect("claimed, not a deadlock");
+    let claimed: Vec<i64> = claimed.iter().map(|e| e.seq).collect();
+    assert_eq!(claimed, seqs);
+}
+
 /// Waits until `n` sessions of the database wait on a lock (10 s at most).
 async fn sessions_waiting_on_locks(raw: &sqlx::PgPool, n: i64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
