@@ -255,9 +255,8 @@ impl SyncEngine {
             }
             let due = match self.inner.store.latest_run(&schedule.connector).await? {
                 Some(last) => {
-                    let every =
-                        chrono::Duration::from_std(schedule.every).unwrap_or(chrono::Duration::MAX);
-                    last.status != "running" && last.started_at + every <= chrono::Utc::now()
+                    last.status != "running"
+                        && next_run_due(last.started_at, schedule.every, chrono::Utc::now())
                 }
                 None => true,
             };
@@ -1166,9 +1165,42 @@ async fn pause(cancel: &CancellationToken, wait: Duration) -> Result<(), Stop> {
     }
 }
 
+/// Whether a scheduled run `every` after one started at `last` is due at
+/// `now`. A period past what a date can hold (a `reconcile_every` of a
+/// million years) is never due: adding it panicked the reconciler's task,
+/// and no run was driven again, API-started ones included.
+fn next_run_due(
+    last: chrono::DateTime<chrono::Utc>,
+    every: Duration,
+    now: chrono::DateTime<chrono::Utc>,
+) -> bool {
+    chrono::Duration::from_std(every)
+        .ok()
+        .and_then(|every| last.checked_add_signed(every))
+        .is_some_and(|next| next <= now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_schedule_beyond_what_a_date_holds_is_never_due() {
+        let now = chrono::Utc::now();
+        let hour = Duration::from_secs(3_600);
+        assert!(next_run_due(now - chrono::Duration::hours(2), hour, now));
+        assert!(!next_run_due(
+            now - chrono::Duration::minutes(30),
+            hour,
+            now
+        ));
+        assert!(!next_run_due(now, Duration::from_secs(u64::MAX), now));
+        assert!(!next_run_due(
+            now,
+            Duration::from_secs(10_000_000_000_000),
+            now
+        ));
+    }
 
     fn run(mode: &str) -> RunRow {
         let at = chrono::Utc::now();
