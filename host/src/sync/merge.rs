@@ -33,7 +33,9 @@
 //! With no base (never synced, e.g. a remote record just matched to a local
 //! customer by email) nothing says who changed what, so a field whose values
 //! differ counts as changed remotely: the remote's value is taken, and under
-//! [`ConflictPolicy::Flag`] it is a conflict instead. One refinement: without
+//! [`ConflictPolicy::Flag`] and [`ConflictPolicy::PreferLocal`] it is a
+//! conflict instead (a person decides; ferry's value stands, as a
+//! reconciliation's `push_local` asks). One refinement: without
 //! a base, a field the remote does not set is taken as *not known* there
 //! rather than as *cleared* (a connector whose system has no phone numbers
 //! never writes `phone`), so the local value is kept and nothing conflicts;
@@ -331,7 +333,12 @@ pub fn merge_owned(
             None if r.is_none() || same(&field, l, r) => (false, false),
             // Nothing to disagree with: the remote fills a gap.
             None if l.is_none() => (false, true),
-            None if policy == ConflictPolicy::Flag => (true, true),
+            // Under `flag` a person decides, and under `prefer_local`
+            // ferry's value stands (a reconciliation's `push_local`: make
+            // the remote match ferry); both are told by a conflict.
+            None if matches!(policy, ConflictPolicy::Flag | ConflictPolicy::PreferLocal) => {
+                (true, true)
+            }
             None => (false, true),
         };
 
@@ -945,11 +952,7 @@ mod tests {
         let remote = with(&local, "name", json!("Ada King"));
         let remote = with(&remote, "address.city", json!("Cambridge"));
         let remote = with(&remote, "metadata.plan", json!("pro"));
-        for policy in [
-            ConflictPolicy::LastWriterWins,
-            ConflictPolicy::PreferLocal,
-            ConflictPolicy::PreferRemote,
-        ] {
+        for policy in [ConflictPolicy::LastWriterWins, ConflictPolicy::PreferRemote] {
             let merge = run(None, &local, &remote, policy);
             assert_eq!(
                 merge.merged,
@@ -963,6 +966,32 @@ mod tests {
             assert!(merge.local_changed.is_empty());
             assert!(merge.conflicts.is_empty());
         }
+    }
+
+    /// A reconciliation's `push_local` (make the remote match ferry) of a
+    /// record matched by email: ferry's values stand, the remote's news
+    /// fills only gaps. Before, it took the remote's values, as under
+    /// every policy but `flag`.
+    #[test]
+    fn with_no_base_prefer_local_keeps_ferrys_values() {
+        let local = customer();
+        let remote = with(&local, "name", json!("Ada King"));
+        let remote = with(&remote, "metadata.plan", json!("pro"));
+        let merge = run(None, &local, &remote, ConflictPolicy::PreferLocal);
+        assert_eq!(merge.merged["name"], "Ada Lovelace");
+        assert_eq!(merge.merged["metadata"]["plan"], "pro");
+        assert_eq!(
+            merge.conflicts,
+            [FieldConflict {
+                field: "name".into(),
+                base: Value::Null,
+                local: json!("Ada Lovelace"),
+                remote: json!("Ada King"),
+                resolution: Resolution::Local,
+            }]
+        );
+        assert!(!merge.has_pending_conflicts());
+        assert!(merge.remote_needs_push(), "ferry's name goes to the remote");
     }
 
     #[test]
@@ -998,7 +1027,7 @@ mod tests {
             assert_eq!(merge.merged["phone"], "+442079460000", "{policy:?}");
             assert_eq!(merge.merged["address"], local["address"]);
             assert_eq!(merge.merged["metadata"], local["metadata"]);
-            let taken = policy != ConflictPolicy::Flag;
+            let taken = !matches!(policy, ConflictPolicy::Flag | ConflictPolicy::PreferLocal);
             assert_eq!(
                 merge.merged["name"],
                 if taken { "Ada" } else { "Ada Lovelace" }

@@ -1516,6 +1516,53 @@ async fn an_import_does_not_bring_back_a_record_deleted_since_its_listing(backen
     );
 }
 
+/// `push_local` on a record matched by email (`unlinked`): make the
+/// remote match ferry. The link is made, ferry's name stands and reaches
+/// Stripe; Stripe's phone, which ferry lacked, fills the gap. Before, the
+/// first sync took every differing remote value, so ferry's customer took
+/// Stripe's name and Stripe kept it.
+async fn push_local_links_an_unlinked_record_keeping_ferrys_values(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let mut setup = Setup::new(backend, &url);
+    setup.stripe_url = None;
+    let app = spawn_sync_app(setup).await;
+    let ann = email("ann-local");
+    let local = app
+        .create(json!({"email": ann, "name": "Ann Lovelace"}))
+        .await;
+    let id = local["id"].as_str().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.store.outbox_events(id).await.unwrap()[0].queued {
+        assert!(tokio::time::Instant::now() < deadline, "never relayed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s_ann = stripe_create(
+        &url,
+        &[("email", &ann), ("name", "Ann"), ("phone", "+15550002")],
+    )
+    .await;
+    configure_stripe(&app, &url).await;
+    let report = run_to_end(&app, json!({"connector": "stripe"})).await;
+    expect_counts(&report, &[("unlinked", 1)]);
+    let run = report["id"].as_str().unwrap();
+    let finding = findings(&app.base, run, Some("unlinked")).await.remove(0);
+    resolve_by_hand(&app, run, &finding, "push_local").await;
+    app.wait_link(id, SETTLE, |l| {
+        l["remote_id"] == s_ann.as_str() && l["state"] == "synced"
+    })
+    .await;
+    eventually("Stripe took ferry's name", || async {
+        stripe_customer(&url, &s_ann)
+            .await
+            .is_some_and(|c| c["name"] == "Ann Lovelace")
+    })
+    .await;
+    let now = app.customer_by_email(&ann).await.expect("ann");
+    assert_eq!(now["name"], "Ann Lovelace", "{now}");
+    assert_eq!(now["phone"], "+15550002", "{now}");
+}
+
 mod sqlite {
     use super::*;
 
@@ -1567,6 +1614,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn import_after_a_delete() {
         an_import_does_not_bring_back_a_record_deleted_since_its_listing(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn push_local_on_unlinked() {
+        push_local_links_an_unlinked_record_keeping_ferrys_values(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
