@@ -109,10 +109,17 @@ impl Connector for Stripe {
         }
         let req = Request::get(format!("{}/v1/customers", api_base())).query(&query)?;
         let list: StripeList = checked(call(req)?)?.json()?;
-        let next_cursor = if list.has_more {
-            list.data.last().map(|c| c.id.clone())
-        } else {
-            None
+        let next_cursor = match (list.has_more, list.data.last()) {
+            (false, _) => None,
+            (true, Some(last)) => Some(last.id.clone()),
+            // More to come and nothing to start after: ended here, the
+            // listing would count every record after as missing, and a
+            // backfill would create them again.
+            (true, None) => {
+                return Err(ConnectorError::retryable(
+                    "Stripe answered an empty page with has_more; listing it again",
+                ))
+            }
         };
         let records = list.data.into_iter().map(remote_record).collect();
         Ok(Page::new(records, next_cursor))

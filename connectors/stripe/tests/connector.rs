@@ -276,6 +276,24 @@ async fn list_pages_with_starting_after() {
     assert!(kit.http().unmatched().is_empty());
 }
 
+/// An empty page that says more follow names no record to start after:
+/// a retryable error, not the listing's end (which would count every
+/// record after it missing).
+#[tokio::test]
+async fn an_empty_page_with_more_to_come_is_retried() {
+    let kit = kit().await;
+    kit.http()
+        .on("GET", &format!("{API}?limit=2"))
+        .respond_json(
+            200,
+            &json!({"object": "list", "has_more": true, "data": []}),
+        );
+    assert!(matches!(
+        connector_error(kit.list("customer", None, 2).await),
+        ConnectorError::Retryable(_)
+    ));
+}
+
 fn now_secs() -> i64 {
     sign::now_secs()
 }

@@ -574,6 +574,15 @@ impl SyncEngine {
                     continue;
                 }
             };
+            // A cursor that leads back to the page it came from would
+            // list that page for ever.
+            if page.next_cursor.is_some() && page.next_cursor == cursor {
+                return Err(Stop::Failed(
+                    "listing failed: the connector answered a page with the cursor that \
+                     asked for it; its listing would never end"
+                        .into(),
+                ));
+            }
             let listed = i64::try_from(page.records.len()).unwrap_or(i64::MAX);
             self.compare_page(run, &page, &mut findings).await?;
             if !inner

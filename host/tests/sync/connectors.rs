@@ -1705,6 +1705,46 @@ async fn a_connector_without_a_version_leaves_the_replica_ready(backend: Backend
     assert_eq!(check["ok"], false, "reported: {ready:#}");
 }
 
+/// A listing whose connector answers a page with the cursor that asked
+/// for it would list that page for ever (the run's page count growing,
+/// the connector's one run slot taken): the run fails and says why.
+async fn a_listing_that_repeats_its_cursor_fails(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    for i in 0..150 {
+        remote.insert(
+            &format!("rec_{i:03}"),
+            json!({"email": format!("looped-{i}@example.com"), "name": format!("Looped {i}")}),
+        );
+    }
+    remote.repeat_later_cursors();
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let (status, run) = post(
+        &app,
+        "/api/v1/reconciliations",
+        Some(json!({"connector": "recorder", "repair": "report"})),
+    )
+    .await;
+    assert_eq!(status, 202, "{run}");
+    let id = run["id"].as_str().expect("a run id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let run = loop {
+        let (_, run) = get(&app, &format!("/api/v1/reconciliations/{id}")).await;
+        if run["status"] != "running" {
+            break run;
+        }
+        assert!(Instant::now() < deadline, "the run did not end: {run:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert!(
+        run["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("never end")),
+        "{run:#}"
+    );
+}
+
 /// A reconciliation run's listing cursor is its connector version's own: a
 /// version made active between two pages lists again from the first page,
 /// instead of being handed a cursor it cannot read (the recorder's
@@ -1863,6 +1903,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_version_activated_mid_listing() {
         a_version_activated_mid_listing_lists_again(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listing_that_repeats_its_cursor() {
+        a_listing_that_repeats_its_cursor_fails(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,7 @@
 //! to: an in-process fake that keeps what it is sent and logs every request.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -46,6 +46,9 @@ struct RemoteState {
     /// How long the next page of a listing after its first waits before
     /// its answer.
     later_page_delay: Mutex<Option<Duration>>,
+    /// Whether a page after a listing's first names the cursor that asked
+    /// for it as the next one (a broken remote).
+    repeat_later_cursors: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -103,6 +106,14 @@ impl RecorderRemote {
     /// Keeps `record` as `id`, as if made at the remote by someone else.
     pub fn insert(&self, id: &str, record: Value) {
         lock(&self.state.records).insert(id.to_owned(), record);
+    }
+
+    /// Answers every page after a listing's first with the cursor that
+    /// asked for it as the next one.
+    pub fn repeat_later_cursors(&self) {
+        self.state
+            .repeat_later_cursors
+            .store(true, Ordering::SeqCst);
     }
 
     /// Holds the next page asked for after a listing's first for `delay`.
@@ -232,7 +243,10 @@ async fn list(state: &RemoteState, query: &str) -> Response {
         .take(limit + 1)
         .map(|(id, record)| json!({"id": id, "record": record}))
         .collect();
-    let next = (page.len() > limit).then(|| page[limit - 1]["id"].clone());
+    let next = match &after {
+        Some(after) if state.repeat_later_cursors.load(Ordering::SeqCst) => Some(json!(after)),
+        _ => (page.len() > limit).then(|| page[limit - 1]["id"].clone()),
+    };
     let page: Vec<Value> = page.into_iter().take(limit).collect();
     Json(json!({"records": page, "next": next})).into_response()
 }
