@@ -259,7 +259,9 @@ pub struct FieldDifference {
 /// The fields on which `local` and `remote` disagree, as [`merge`] compares
 /// them. A field the remote does not set, and did not set in `base` either,
 /// is one its system does not know (a connector without phone numbers): it
-/// is not a difference. One it set in `base` and no longer does is.
+/// is not a difference. One it set in `base` and no longer does is, unless
+/// `base` is only assumed ([`ASSUMED_BASE`]: what ferry pushed, not what
+/// the remote answered it keeps), as [`merge_owned`] reads it.
 pub fn field_differences(
     local: &Value,
     remote: &Value,
@@ -267,11 +269,13 @@ pub fn field_differences(
 ) -> Vec<FieldDifference> {
     let (l, r) = (Fields::of(local), Fields::of(remote));
     let b = base.map(Fields::of);
+    let assumed = base.is_some_and(|b| b.get(ASSUMED_BASE) == Some(&Value::Bool(true)));
     field_names([&l, &r])
         .into_iter()
         .filter(|field| !same(field, l.get(field), r.get(field)))
         .filter(|field| {
-            r.get(field).is_some() || b.as_ref().is_some_and(|b| b.get(field).is_some())
+            r.get(field).is_some()
+                || (!assumed && b.as_ref().is_some_and(|b| b.get(field).is_some()))
         })
         .map(|field| FieldDifference {
             local: json(l.get(&field)),
@@ -628,6 +632,24 @@ mod tests {
         }
         let reported = run(Some(&local), &local, &remote, ConflictPolicy::Flag);
         assert_eq!(reported.merged["phone"], Value::Null);
+    }
+
+    /// A connector whose push answers no record (its snapshot assumed)
+    /// and whose system keeps no phone: a reconciliation found every such
+    /// customer `different` on every run, and `merge` pushed it again each
+    /// time (the answer again assumed).
+    #[test]
+    fn field_differences_ignore_what_an_assumed_base_holds() {
+        let local = customer();
+        let mut assumed = customer();
+        assumed[ASSUMED_BASE] = json!(true);
+        let remote = json!({"id": "r_1", "name": "Ada Lovelace", "email": "ada@example.com"});
+        assert!(field_differences(&local, &remote, Some(&assumed)).is_empty());
+        let cleared = field_differences(&local, &remote, Some(&local));
+        assert!(
+            cleared.iter().any(|d| d.field == "phone"),
+            "a base the remote answered: cleared"
+        );
     }
 
     #[test]
