@@ -795,6 +795,13 @@ impl SyncEngine {
                 .email
                 .as_ref()
                 .and_then(|email| owners.iter().find(|(c, _)| &c.email == email));
+            // Linked to this very record since it was listed (a webhook,
+            // an import of another run): in sync as far as this run can
+            // tell, not a duplicate of itself.
+            if owner.is_some_and(|(_, linked)| linked.as_deref() == Some(record.remote_id.as_str()))
+            {
+                continue;
+            }
             let (kind, customer_id, fields, detail) = match (&record.email, owner) {
                 (None, _) => (
                     Kind::MissingLocal,

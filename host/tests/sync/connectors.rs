@@ -1745,6 +1745,58 @@ async fn a_listing_that_repeats_its_cursor_fails(backend: Backend) {
     );
 }
 
+/// A record listed unlinked, then linked before the run classifies it
+/// (here ferry's own create, answered with that record's id; as well a
+/// webhook or another run's import): in sync, not reported as a duplicate
+/// of itself ("linked to remote record" its own id).
+async fn a_record_linked_during_the_listing_is_no_duplicate(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    for i in 0..150 {
+        remote.insert(
+            &format!("rec_{i:03}"),
+            json!({"email": format!("linked-{i}@example.com"), "name": format!("Linked {i}")}),
+        );
+    }
+    remote.delay_next_later_page(Duration::from_secs(5));
+    remote.answer_every_create_with("rec_005");
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let (status, run) = post(
+        &app,
+        "/api/v1/reconciliations",
+        Some(json!({"connector": "recorder", "repair": "report"})),
+    )
+    .await;
+    assert_eq!(status, 202, "{run}");
+    let id = run["id"].as_str().expect("a run id").to_owned();
+    remote
+        .wait_for("the second page asked for", |log| {
+            log.iter().any(|r| {
+                r.method == "GET" && r.query.as_deref().is_some_and(|q| q.contains("after="))
+            })
+        })
+        .await;
+    let customer = app
+        .create(json!({"email": "linked-5@example.com", "name": "Linked 5"}))
+        .await;
+    let linked = |l: &Value| l["remote_id"] == "rec_005";
+    let customer_id = customer["id"].as_str().unwrap();
+    app.wait_link_of("recorder", customer_id, Duration::from_secs(10), linked)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let run = loop {
+        let (_, run) = get(&app, &format!("/api/v1/reconciliations/{id}")).await;
+        if run["status"] != "running" {
+            break run;
+        }
+        assert!(Instant::now() < deadline, "the run did not end: {run:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(run["status"], "completed", "{run:#}");
+    assert_eq!(run["counts"]["duplicate"], 0, "{run:#}");
+    assert_eq!(run["counts"]["missing_local"], 149, "{run:#}");
+}
+
 /// A reconciliation run's listing cursor is its connector version's own: a
 /// version made active between two pages lists again from the first page,
 /// instead of being handed a cursor it cannot read (the recorder's
@@ -1908,6 +1960,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_listing_that_repeats_its_cursor() {
         a_listing_that_repeats_its_cursor_fails(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_linked_during_the_listing() {
+        a_record_linked_during_the_listing_is_no_duplicate(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
