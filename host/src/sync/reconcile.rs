@@ -612,7 +612,7 @@ impl SyncEngine {
             .records
             .iter()
             .map(|r| r.remote_id.clone())
-            .filter(|id| crate::store::unstorable("remote id", id).is_none())
+            .filter(|id| crate::store::unkeyable("remote id", id).is_none())
             .collect();
         let linked = self
             .inner
@@ -620,7 +620,10 @@ impl SyncEngine {
             .linked_records(&run.connector, &ids)
             .await?;
         for record in &page.records {
-            if let Some(problem) = crate::store::unstorable("remote id", &record.remote_id) {
+            // Not an id a key can hold (as the webhook endpoint judges
+            // them): on PostgreSQL a few kB of id failed the page's
+            // commit, and the run retried that page for ever.
+            if let Some(problem) = crate::store::unkeyable("remote id", &record.remote_id) {
                 tracing::warn!(%problem, "listed record has an id ferry cannot keep; skipped");
                 *findings.counts.entry("invalid").or_default() += 1;
                 continue;
@@ -641,7 +644,11 @@ impl SyncEngine {
                 .iter()
                 .find(|(l, _)| l.remote_id.as_deref() == Some(record.remote_id.as_str()));
             let Some((link, customer)) = link else {
-                let email = email_of(&remote);
+                // An email no customer can have (longer than the API
+                // takes) is none: it could only be dead-lettered, and kept
+                // as a key it failed the page's commit on PostgreSQL.
+                let email = email_of(&remote)
+                    .filter(|e| e.len() <= crate::api::customers::validate::MAX_EMAIL);
                 findings
                     .unlinked
                     .push((record.remote_id.clone(), email, remote));

@@ -1797,6 +1797,53 @@ async fn a_record_linked_during_the_listing_is_no_duplicate(backend: Backend) {
     assert_eq!(run["counts"]["missing_local"], 149, "{run:#}");
 }
 
+/// A listed record whose id no key can hold, and one whose email is
+/// longer than any customer's: on PostgreSQL their page's commit failed
+/// ("index row size exceeds btree maximum") and the run retried it for
+/// ever. The id is `invalid`, the email none (`missing_local`, as a
+/// record without one), and the run completes.
+async fn records_too_long_to_key_are_invalid(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    // Incompressible (PostgreSQL compresses a long key before it refuses
+    // it): a linear congruential walk over the letters.
+    let long: String = std::iter::successors(Some(12_345_u64), |x| {
+        Some(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1))
+    })
+    .take(4_000)
+    .map(|x| char::from(b'a' + ((x >> 33) % 26) as u8))
+    .collect();
+    remote.insert(
+        &format!("rec_{long}"),
+        json!({"email": "long-id@example.com", "name": "Long Id"}),
+    );
+    remote.insert(
+        "rec_long_email",
+        json!({"email": format!("{long}@example.com"), "name": "Long Email"}),
+    );
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let (status, run) = post(
+        &app,
+        "/api/v1/reconciliations",
+        Some(json!({"connector": "recorder", "repair": "report"})),
+    )
+    .await;
+    assert_eq!(status, 202, "{run}");
+    let id = run["id"].as_str().expect("a run id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let run = loop {
+        let (_, run) = get(&app, &format!("/api/v1/reconciliations/{id}")).await;
+        if run["status"] != "running" {
+            break run;
+        }
+        assert!(Instant::now() < deadline, "the run did not end: {run:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(run["status"], "completed", "{run:#}");
+    assert_eq!(run["counts"]["invalid"], 1, "{run:#}");
+    assert_eq!(run["counts"]["missing_local"], 1, "{run:#}");
+}
+
 /// A reconciliation run's listing cursor is its connector version's own: a
 /// version made active between two pages lists again from the first page,
 /// instead of being handed a cursor it cannot read (the recorder's
@@ -2049,5 +2096,10 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_version_activated_mid_listing() {
         a_version_activated_mid_listing_lists_again(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_too_long_to_key() {
+        records_too_long_to_key_are_invalid(Backend::Postgres).await;
     }
 }
