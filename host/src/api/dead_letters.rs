@@ -31,6 +31,11 @@ pub struct DeadLetterList {
 pub struct BulkReplay {
     /// Replay every open dead letter of this connector.
     pub connector: String,
+    /// Only those of this direction (`outbound` or `inbound`): the cause
+    /// fixed may be one side's only (a mapping that refused inbound
+    /// records), and a replay pushes the other side's again too.
+    #[serde(default)]
+    pub direction: Option<String>,
 }
 
 /// The dead letters a replay re-opened.
@@ -151,7 +156,7 @@ pub async fn replay_dead_letter(
     }
     let replayed = state
         .store
-        .replay_dead_letters(Some(std::slice::from_ref(&id)), None)
+        .replay_dead_letters(Some(std::slice::from_ref(&id)), None, None)
         .await?;
     Ok(Json(done(replayed)))
 }
@@ -177,9 +182,13 @@ pub async fn replay_dead_letters(
 ) -> Result<Json<ReplayResult>, ApiError> {
     let request: BulkReplay = parse_json(&body)?;
     let connector = text_param("connector", request.connector)?;
+    let direction = match request.direction.as_deref() {
+        None | Some("outbound" | "inbound") => request.direction.as_deref(),
+        Some(_) => return Err(ApiError::field("direction", "must be outbound or inbound")),
+    };
     let replayed = state
         .store
-        .replay_dead_letters(None, Some(&connector))
+        .replay_dead_letters(None, Some(&connector), direction)
         .await?;
     Ok(Json(done(replayed)))
 }

@@ -179,9 +179,13 @@ pub async fn replay_dead_letter(
     }
 }
 
-/// `POST /console/dead-letters/replay`: `connector`.
+/// `POST /console/dead-letters/replay`: `connector`, and `direction` when
+/// the list was filtered to one.
 pub async fn replay_dead_letters(State(state): State<AppState>, form: CsrfForm) -> Response {
-    let request = json!({ "connector": form.get("connector").unwrap_or("") });
+    let mut request = json!({ "connector": form.get("connector").unwrap_or("") });
+    if let Some(direction) = form.get("direction").filter(|d| !d.is_empty()) {
+        request["direction"] = json!(direction);
+    }
     match dead_letters::replay_dead_letters(State(state), form.session.principal, body(&request))
         .await
     {

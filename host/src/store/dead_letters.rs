@@ -89,17 +89,23 @@ impl Store {
         &self,
         request: &ListDeadLetters,
     ) -> Result<Vec<DeadLetter>, StoreError> {
+        // The open ones only, written out: a statement prepared with
+        // `($n OR replayed_at IS NULL)` cannot be planned on the partial
+        // index `dead_letters_open`, and read every replayed letter.
+        let open_only = if request.include_replayed {
+            ""
+        } else {
+            "AND replayed_at IS NULL "
+        };
         let sql = format!(
             "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters \
-             WHERE (CAST($1 AS TEXT) IS NULL OR connector = $1) \
-             AND ($2 OR replayed_at IS NULL) \
-             AND (CAST($3 AS TEXT) IS NULL OR id > $3) \
-             AND (CAST($5 AS TEXT) IS NULL OR direction = $5) ORDER BY id LIMIT $4"
+             WHERE (CAST($1 AS TEXT) IS NULL OR connector = $1) {open_only}\
+             AND (CAST($2 AS TEXT) IS NULL OR id > $2) \
+             AND (CAST($4 AS TEXT) IS NULL OR direction = $4) ORDER BY id LIMIT $3"
         );
         let rows = dispatch!(self, read pool => {
             sqlx::query_as(&sql)
                 .bind(&request.connector)
-                .bind(request.include_replayed)
                 .bind(&request.starting_after)
                 .bind(i64::from(request.limit))
                 .bind(&request.direction)
@@ -124,12 +130,14 @@ impl Store {
     /// `connector` all of a connector's, [`REPLAY_BATCH`] letters to a
     /// transaction, so a replay after an outage does not hold the writer
     /// (SQLite's one connection, PostgreSQL's row locks) for the whole
-    /// backlog. Returns the replayed letters.
+    /// backlog; `direction` (with `connector`) only those of one
+    /// direction. Returns the replayed letters.
     #[tracing::instrument(skip_all)]
     pub async fn replay_dead_letters(
         &self,
         ids: Option<&[String]>,
         connector: Option<&str>,
+        direction: Option<&str>,
     ) -> Result<Vec<DeadLetter>, StoreError> {
         let mut replayed = Vec::new();
         match ids {
@@ -153,9 +161,11 @@ impl Store {
                 let newest: Option<String> = dispatch!(self, read pool => {
                     sqlx::query_scalar(
                         "SELECT MAX(id) FROM dead_letters WHERE replayed_at IS NULL \
-                         AND (CAST($1 AS TEXT) IS NULL OR connector = $1)",
+                         AND (CAST($1 AS TEXT) IS NULL OR connector = $1) \
+                         AND (CAST($2 AS TEXT) IS NULL OR direction = $2)",
                     )
                     .bind(connector)
+                    .bind(direction)
                     .fetch_one(pool)
                     .await?
                 });
@@ -166,11 +176,17 @@ impl Store {
                     "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE replayed_at IS NULL \
                      AND (CAST($1 AS TEXT) IS NULL OR connector = $1) \
                      AND (CAST($2 AS TEXT) IS NULL OR id > $2) AND id <= $3 \
+                     AND (CAST($4 AS TEXT) IS NULL OR direction = $4) \
                      ORDER BY id LIMIT {REPLAY_BATCH}"
                 );
                 let mut after: Option<String> = None;
                 loop {
-                    let binds = [connector, after.as_deref(), Some(newest.as_str())];
+                    let binds = [
+                        connector,
+                        after.as_deref(),
+                        Some(newest.as_str()),
+                        direction,
+                    ];
                     let batch = self.replay_batch(&sql, &binds).await?;
                     let Some(last) = batch.last() else { break };
                     after = Some(last.id.clone());

@@ -125,6 +125,16 @@ async fn wrong_shapes_are_422_naming_the_field(backend: Backend) {
         .unwrap();
     assert_eq!(response.status(), 200);
 
+    // A bulk replay's direction is one of the two.
+    let response = app
+        .request(Method::POST, "/api/v1/dead-letters/replay")
+        .json(&json!({"connector": "stripe", "direction": "sideways"}))
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(response, 422, "validation_failed").await;
+    assert_eq!(problem["errors"][0]["field"], "direction", "{problem}");
+
     // A path that is not UTF-8 once decoded: 404 as problem+json.
     for (method, path) in [
         (Method::GET, "/api/v1/customers/%FF"),

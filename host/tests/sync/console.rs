@@ -362,7 +362,10 @@ async fn the_operator_console_in_a_real_browser() {
     console
         .open("/console/dead-letters?connector=stripe&direction=outbound")
         .await;
-    assert!(console.text().await.contains(&letter));
+    let page = console.text().await;
+    assert!(page.contains(&letter));
+    // Filtered to a direction, the bulk replay keeps to it.
+    assert!(page.contains("Replay all of stripe's outbound"), "{page}");
     console.shot("dead-letters").await;
     console.open("/console/connectors/stripe").await;
     // Someone else disables it while the page is open: saving the

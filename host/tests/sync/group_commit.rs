@@ -2215,7 +2215,7 @@ async fn a_replay_reopens_only_its_own_work(postgres: bool) {
     assert_eq!(inbound.customer_id, first.id.as_str());
 
     let replayed = store
-        .replay_dead_letters(Some(std::slice::from_ref(&inbound.id)), None)
+        .replay_dead_letters(Some(std::slice::from_ref(&inbound.id)), None, None)
         .await
         .expect("replayed");
     assert_eq!(replayed.len(), 1);
@@ -2242,8 +2242,17 @@ async fn a_replay_reopens_only_its_own_work(postgres: bool) {
         .collect();
     let refs: Vec<(&SyncLink, &LinkWrite)> = many.iter().zip(&writes).collect();
     store.write_links(&refs).await.expect("written");
+    // The inbound ones only (their cause fixed, not the pushes'): none
+    // open, and the pushes' letters stay.
+    let inbound_only = store
+        .replay_dead_letters(None, Some("stripe"), Some("inbound"))
+        .await
+        .expect("replayed");
+    assert!(inbound_only.is_empty(), "{inbound_only:?}");
+    let link = store.links_of(first.id.as_str()).await.expect("links")[0].clone();
+    assert_eq!(link.state, LinkState::Dead, "an outbound letter replayed");
     let all = store
-        .replay_dead_letters(None, Some("stripe"))
+        .replay_dead_letters(None, Some("stripe"), Some("outbound"))
         .await
         .expect("replayed");
     assert_eq!(all.len(), 501);
@@ -2301,7 +2310,7 @@ async fn postgres_two_replays_at_once_replay_a_letter_once() {
         let (store, letter) = (store.clone(), letter.clone());
         tokio::spawn(async move {
             store
-                .replay_dead_letters(Some(std::slice::from_ref(&letter)), None)
+                .replay_dead_letters(Some(std::slice::from_ref(&letter)), None, None)
                 .await
         })
     };
@@ -2368,6 +2377,53 @@ async fn postgres_a_claim_out_of_seq_order_waits_for_the_relays_mark() {
         .expect("claimed, not a deadlock");
     let claimed: Vec<i64> = claimed.iter().map(|e| e.seq).collect();
     assert_eq!(claimed, seqs);
+}
+
+/// Replayed dead letters stay as history and may outnumber the open ones
+/// by far after an outage: the backlog's count (every few seconds), the
+/// default list and a connector's replay read the open ones through
+/// `dead_letters_open` instead of every letter (the statements' shapes,
+/// planned over 20,000 replayed letters and two open).
+#[tokio::test]
+async fn postgres_open_dead_letters_are_read_through_their_index() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(true, dir.path()).await;
+    let _store = open(&url).await;
+    let raw = sqlx::PgPool::connect(&url).await.expect("raw connection");
+    sqlx::query(
+        "INSERT INTO dead_letters (id, customer_id, connector, direction, version, error_kind, \
+         error, attempts, created_at, replayed_at) \
+         SELECT 'dl_' || lpad(g::text, 8, '0'), 'cus_' || g, 'stripe', 'outbound', 1, 'permanent', \
+         'remote answered 400', 1, now(), CASE WHEN g > 20000 THEN NULL ELSE now() END \
+         FROM generate_series(1, 20002) g",
+    )
+    .execute(&raw)
+    .await
+    .expect("letters");
+    sqlx::query("ANALYZE dead_letters")
+        .execute(&raw)
+        .await
+        .expect("analysed");
+    for statement in [
+        "SELECT connector, direction, COUNT(*) FROM dead_letters \
+         WHERE replayed_at IS NULL GROUP BY connector, direction",
+        "SELECT id FROM dead_letters WHERE (CAST(NULL AS TEXT) IS NULL OR connector = NULL) \
+         AND replayed_at IS NULL AND (CAST(NULL AS TEXT) IS NULL OR id > NULL) \
+         AND (CAST(NULL AS TEXT) IS NULL OR direction = NULL) ORDER BY id LIMIT 51",
+        "SELECT MAX(id) FROM dead_letters WHERE replayed_at IS NULL \
+         AND (CAST('stripe' AS TEXT) IS NULL OR connector = 'stripe') \
+         AND (CAST(NULL AS TEXT) IS NULL OR direction = NULL)",
+    ] {
+        let plan: serde_json::Value =
+            sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) {statement}"))
+                .fetch_one(&raw)
+                .await
+                .expect("plan");
+        assert!(
+            plan.to_string().contains("dead_letters_open"),
+            "{statement}: {plan}"
+        );
+    }
 }
 
 /// Waits until `n` sessions of the database wait on a lock (10 s at most).
