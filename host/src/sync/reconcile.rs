@@ -683,8 +683,16 @@ impl SyncEngine {
                 }
                 continue;
             }
-            let differences =
+            let mut differences =
                 field_differences(&local_record(customer)?, &remote, link.snapshot.as_ref());
+            // A customer `auto_rename` kept apart holds its record's email
+            // rewritten, and the remote keeps its own: not a difference
+            // (it was one on every run, and `merge` pushed the rewrite).
+            if let Some(remote_email) = email_of(&remote) {
+                let renamed =
+                    super::inbound::renamed_email(&remote_email, &run.connector, &record.remote_id);
+                differences.retain(|d| d.field != "email" || customer.email != renamed);
+            }
             if differences.is_empty() {
                 *findings.counts.entry("equal").or_default() += 1;
             } else {
@@ -919,9 +927,10 @@ impl SyncEngine {
             let mut events = Vec::new();
             let mut done = Vec::new();
             for mismatch in &batch {
-                // Under `reject`, the import of a record whose email's
-                // customer is linked to another record would only be
-                // dead-lettered again by every run: it stays for a person.
+                // Under `reject` and `merge`, the import of a record whose
+                // email's customer is linked to another record would be
+                // dead-lettered, or take the link from that record, again
+                // by every run: it stays for a person.
                 if self.rejected_as_duplicate(run, mismatch).await? {
                     continue;
                 }
@@ -1061,16 +1070,22 @@ impl SyncEngine {
 }
 
 impl SyncEngine {
-    /// Whether `mismatch` is a duplicate the connector's `reject` strategy
-    /// would refuse: its email's customer is linked to another live record
-    /// of the connector.
+    /// Whether `mismatch` is a duplicate a run leaves to a person: its
+    /// email's customer is linked to another live record of the connector,
+    /// and the strategy would only refuse it (`reject`: a dead letter each
+    /// run) or move the link to it (`merge`: the next run finds the record
+    /// it left unlinked a duplicate, and moves the link back, each move a
+    /// merge fanned out).
     async fn rejected_as_duplicate(
         &self,
         run: &RunRow,
         mismatch: &MismatchRow,
     ) -> Result<bool, StoreError> {
         if action_kind(mismatch) != Kind::Duplicate
-            || self.duplicate_email_policy(&run.connector) != DuplicateEmail::Reject
+            || !matches!(
+                self.duplicate_email_policy(&run.connector),
+                DuplicateEmail::Reject | DuplicateEmail::Merge
+            )
         {
             return Ok(false);
         }

@@ -1563,6 +1563,46 @@ async fn push_local_links_an_unlinked_record_keeping_ferrys_values(backend: Back
     assert_eq!(now["phone"], "+15550002", "{now}");
 }
 
+/// Two Stripe records with one email, under the `merge` strategy: the
+/// first run links the customer to one of them. The next finds the other
+/// a duplicate of a customer linked to a live record, and leaves it open
+/// for a person; before, it moved the link to it, the run after moved it
+/// back, each move a merge fanned out.
+async fn a_merged_duplicate_does_not_move_the_link_on_every_run(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let mut setup = Setup::new(backend, &url);
+    setup.stripe_url = None;
+    setup.extra = json!({"connectors": {"stripe": {"duplicate_email": "merge"}}});
+    let app = spawn_sync_app(setup).await;
+    let cee = email("cee");
+    let one = stripe_create(&url, &[("email", &cee), ("name", "Cee One")]).await;
+    let two = stripe_create(&url, &[("email", &cee), ("name", "Cee Two")]).await;
+    configure_stripe(&app, &url).await;
+    let first = run_to_end(&app, json!({"connector": "stripe", "repair": "merge"})).await;
+    expect_counts(&first, &[("duplicate", 2), ("repairs", 2)]);
+    app.wait_inbox_settled("stripe", &one, 1).await;
+    app.wait_inbox_settled("stripe", &two, 1).await;
+    let customer = app.wait_customer_by_email(&cee).await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    let linked = app
+        .wait_link(&id, SETTLE, |l| {
+            l["state"] == "synced" && !l["remote_id"].is_null()
+        })
+        .await;
+    let before = app.store.get_customer_any(&id).await.unwrap().unwrap();
+
+    let second = run_to_end(&app, json!({"connector": "stripe", "repair": "merge"})).await;
+    expect_counts(&second, &[("duplicate", 1), ("equal", 1)]);
+    let open = findings(&app.base, second["id"].as_str().unwrap(), Some("duplicate")).await;
+    assert_eq!(open[0]["state"], "open", "{open:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = app.store.get_customer_any(&id).await.unwrap().unwrap();
+    let link = app.wait_link(&id, SETTLE, |_| true).await;
+    assert_eq!(link["remote_id"], linked["remote_id"], "the link moved");
+    assert_eq!(after.version, before.version, "merged again");
+}
+
 mod sqlite {
     use super::*;
 
@@ -1619,6 +1659,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn push_local_on_unlinked() {
         push_local_links_an_unlinked_record_keeping_ferrys_values(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn merged_duplicate_stays() {
+        a_merged_duplicate_does_not_move_the_link_on_every_run(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
