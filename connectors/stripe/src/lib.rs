@@ -169,8 +169,69 @@ struct EventRequest {
     idempotency_key: Option<String>,
 }
 
+/// A thin event (an event destination set to Stripe's thin payload style):
+/// `"object": "v2.core.event"`, the changed object named in
+/// `related_object`, no snapshot, `created` an RFC 3339 string.
+#[derive(Deserialize)]
+struct ThinEvent {
+    id: String,
+    object: String,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    related_object: Option<RelatedObject>,
+    /// Set for an event of another account (a connected one).
+    #[serde(default)]
+    context: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RelatedObject {
+    id: String,
+}
+
+/// A thin event's webhook, or `None` if `body` is not one. Customer
+/// events become thin ferry events: the host fetches the customer (so the
+/// event carries no date of its own and is dated on arrival; a thin
+/// upsert is never stale). Other types (the destination's ping among
+/// them) and another account's events are acknowledged and ignored.
+fn parse_thin_event(body: &[u8]) -> Result<Option<ParsedWebhook>, ConnectorError> {
+    let Ok(event) = serde_json::from_slice::<ThinEvent>(body) else {
+        return Ok(None);
+    };
+    if event.object != "v2.core.event" {
+        return Ok(None);
+    }
+    if event.context.is_some() {
+        return Ok(Some(ParsedWebhook::ignored()));
+    }
+    let kind = match event.kind.as_str() {
+        "v1.customer.created" | "v1.customer.updated" => ferry_sdk::ChangeKind::Upsert,
+        "v1.customer.deleted" => ferry_sdk::ChangeKind::Delete,
+        _ => return Ok(Some(ParsedWebhook::ignored())),
+    };
+    let Some(related) = event.related_object else {
+        return Err(ConnectorError::permanent(format!(
+            "thin event {} ({}) names no related object",
+            event.id, event.kind
+        )));
+    };
+    let base = match kind {
+        ferry_sdk::ChangeKind::Upsert => Event::upsert(event.id, ENTITY, related.id, 0, None),
+        ferry_sdk::ChangeKind::Delete => Event::delete(event.id, ENTITY, related.id, 0),
+    };
+    Ok(Some(ParsedWebhook::events(vec![
+        base.with_remote_type(event.kind)
+    ])))
+}
+
 fn parse_event(body: &[u8]) -> Result<ParsedWebhook, ConnectorError> {
-    let event: StripeEvent<'_> = serde_json::from_slice(body)?;
+    // A snapshot event first (what a classic webhook endpoint sends, and
+    // the hot path); a thin one only when the body is not that.
+    let event: StripeEvent<'_> = match serde_json::from_slice(body) {
+        Ok(event) => event,
+        Err(error) => return parse_thin_event(body)?.ok_or_else(|| error.into()),
+    };
     // A connected account's customer is not this account's: matched by
     // email, it would overwrite a customer of ferry's with a stranger's.
     if event.account.is_some() {

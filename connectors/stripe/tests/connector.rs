@@ -430,6 +430,56 @@ async fn customer_events_become_ferry_events() {
     ));
 }
 
+/// Thin events (an event destination with Stripe's thin payload style):
+/// a customer's become thin ferry events (the host fetches the record),
+/// dated on arrival; the destination's ping and another account's events
+/// are acknowledged with nothing to apply.
+#[tokio::test]
+async fn thin_customer_events_become_thin_ferry_events() {
+    let kit = kit().await;
+    let thin = |id: &str, kind: &str, related: &str| {
+        json!({"id": id, "object": "v2.core.event", "type": kind,
+            "created": "2026-12-05T02:40:00.123Z", "livemode": false, "context": null,
+            "related_object": {"id": related, "type": "customer", "url": format!("/v1/customers/{related}")}})
+        .to_string()
+    };
+    let parse = |body: String| kit.parse_webhook(testkit::webhook_request(&[], body));
+    let updated = parse(thin("evt_thin_1", "v1.customer.updated", "cus_9"))
+        .await
+        .unwrap();
+    assert_eq!(updated.events.len(), 1);
+    let event = &updated.events[0];
+    assert_eq!(
+        (
+            event.kind,
+            event.remote_id.as_str(),
+            event.record.as_deref()
+        ),
+        (ChangeKind::Upsert, "cus_9", None)
+    );
+    assert_eq!(event.occurred_at_ms, 0, "dated on arrival");
+    assert_eq!(event.remote_type, "v1.customer.updated");
+    let deleted = parse(thin("evt_thin_2", "v1.customer.deleted", "cus_9"))
+        .await
+        .unwrap();
+    assert_eq!(deleted.events[0].kind, ChangeKind::Delete);
+    let ping = parse(thin("evt_ping", "v2.core.event_destination.ping", "ed_1"))
+        .await
+        .unwrap();
+    assert!(ping.events.is_empty());
+    let mut other: serde_json::Value =
+        serde_json::from_str(&thin("evt_thin_3", "v1.customer.updated", "cus_8")).unwrap();
+    other["context"] = json!("acct_1Connected");
+    let other = parse(other.to_string()).await.unwrap();
+    assert!(other.events.is_empty(), "another account's");
+    let nameless = json!({"id": "evt_thin_4", "object": "v2.core.event",
+        "type": "v1.customer.updated", "created": "2026-12-05T02:40:00Z"});
+    assert!(matches!(
+        connector_error(parse(nameless.to_string()).await),
+        ConnectorError::Permanent(_)
+    ));
+}
+
 #[tokio::test]
 async fn a_delivery_is_verified_then_parsed_in_one_call() {
     let kit = kit().await;

@@ -695,6 +695,45 @@ async fn events_delivered_after_their_records_delete_postgres() {
     events_delivered_after_their_records_delete(Backend::Postgres).await;
 }
 
+/// Thin events from an event destination (Stripe's thin payload style):
+/// signed as any delivery, naming the customer without a snapshot. The
+/// update is applied from what Stripe holds (fetched), the delete deletes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripe_thin_events_are_fetched_and_applied() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
+    let address = email("thin-destination");
+    let created = stripe_py(
+        &stripe.url(),
+        &format!("c = stripe.Customer.create(email='{address}', name='Thin Ada')\nprint(json.dumps({{'id': c.id}}))"),
+    );
+    let remote_id = created["id"].as_str().unwrap().to_owned();
+    let thin = |id: &str, kind: &str| {
+        json!({"id": id, "object": "v2.core.event", "type": kind,
+            "created": chrono::Utc::now().to_rfc3339(), "livemode": false, "context": null,
+            "related_object": {"id": remote_id, "type": "customer",
+                "url": format!("/v1/customers/{remote_id}")}})
+        .to_string()
+    };
+    let body = thin("evt_thin_updated", "v1.customer.updated");
+    let (status, problem) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200, "{problem}");
+    let applied = outcome_of(&app, remote_id.clone(), "evt_thin_updated").await;
+    assert_eq!(applied["state"], "applied", "{applied}");
+    let customer = app
+        .customer_by_email(&address)
+        .await
+        .expect("fetched and created");
+    assert_eq!(customer["name"], "Thin Ada");
+
+    let body = thin("evt_thin_deleted", "v1.customer.deleted");
+    let (status, problem) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200, "{problem}");
+    let deleted = outcome_of(&app, remote_id.clone(), "evt_thin_deleted").await;
+    assert_eq!(deleted["state"], "applied", "{deleted}");
+    assert_eq!(app.customer_by_email(&address).await, None, "deleted");
+}
+
 /// A blank webhook secret (a compose variable left unset, read as "") is no
 /// secret: a delivery signed with the empty key is refused and stores
 /// nothing, and the API refuses to store a blank secret. Before, HMAC took
