@@ -344,9 +344,37 @@ impl<T> Ran<Result<T, ConnectorError>> {
             (Ok(Err(ConnectorError::Retryable(_))) | Err(CallError::DeadlineExceeded), Some(t)) => {
                 Err(t)
             }
-            (Ok(Err(error)), _) => Err(CallError::Connector(error)),
+            (Ok(Err(error)), _) => Err(CallError::Connector(printable(error))),
             (Err(error), _) => Err(error),
         }
+    }
+}
+
+/// `error` with every NUL in its text replaced (U+FFFD). PostgreSQL
+/// refuses NUL in text: the write that recorded the error (a dead letter,
+/// a retry's last error, an inbox event's detail, a run's reason) failed,
+/// and the work ran again at every lease, for ever, never counting an
+/// attempt. A remote's binary error body (a gzipped error page) carries
+/// NULs into the SDK's messages; no connector need be hostile.
+fn printable(error: ConnectorError) -> ConnectorError {
+    fn clean(text: String) -> String {
+        if text.contains('\0') {
+            text.replace('\0', "\u{fffd}")
+        } else {
+            text
+        }
+    }
+    match error {
+        ConnectorError::Retryable(m) => ConnectorError::Retryable(clean(m)),
+        ConnectorError::RateLimited(mut limit) => {
+            limit.message = clean(limit.message);
+            ConnectorError::RateLimited(limit)
+        }
+        ConnectorError::Permanent(m) => ConnectorError::Permanent(clean(m)),
+        ConnectorError::NotFound(m) => ConnectorError::NotFound(clean(m)),
+        ConnectorError::Unauthorized(m) => ConnectorError::Unauthorized(clean(m)),
+        ConnectorError::InvalidSignature(m) => ConnectorError::InvalidSignature(clean(m)),
+        ConnectorError::Unsupported(m) => ConnectorError::Unsupported(clean(m)),
     }
 }
 
@@ -1021,9 +1049,13 @@ impl Connector {
             body(&mut store, instance).await
         };
         // The epoch stops a computing guest; this timer stops one waiting on
-        // the host (an HTTP request). Dropping the future abandons the store.
+        // the host (an HTTP request, a WASI clock's sleep, another call's
+        // token refresh). Dropping the future abandons the store. It ends
+        // at the call's deadline, which the wait for a slot counted
+        // against: started from here, a call that waited for its slot ran
+        // up to half a timeout past it.
         let started = Instant::now();
-        let outcome = tokio::time::timeout(timeout, run).await;
+        let outcome = tokio::time::timeout_at(deadline.into(), run).await;
         let memory_hit = store.data().limiter.hit;
         let result = match outcome {
             Err(_elapsed) => Err(CallError::DeadlineExceeded),
@@ -1106,6 +1138,23 @@ where
 
 #[cfg(test)]
 mod tests {
+
+    /// A remote's binary error body (a gzipped error page) put NULs in a
+    /// connector's message; PostgreSQL refused the write that recorded it,
+    /// and the work ran again at every lease for ever.
+    #[test]
+    fn a_connector_error_reaches_the_host_without_nul() {
+        let cleaned = printable(ConnectorError::Permanent("bad\0gzip\0".into()));
+        assert!(matches!(&cleaned, ConnectorError::Permanent(m) if m == "bad\u{fffd}gzip\u{fffd}"));
+        let limited = printable(ConnectorError::RateLimited(RateLimit {
+            retry_after_ms: Some(5),
+            message: "slow\0".into(),
+        }));
+        assert!(
+            matches!(&limited, ConnectorError::RateLimited(r) if r.message == "slow\u{fffd}" && r.retry_after_ms == Some(5))
+        );
+    }
+
     use super::*;
 
     fn event(id: &str, remote_id: &str, record: Option<&str>) -> Event {

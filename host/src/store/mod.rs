@@ -382,16 +382,20 @@ pub fn now_ms() -> i64 {
 /// inbox event, in bytes: a remote's error body can be arbitrarily large.
 pub const MAX_ERROR_BYTES: usize = 4096;
 
-/// `text` cut to [`MAX_ERROR_BYTES`] at a character boundary.
-pub(crate) fn capped(text: &str) -> &str {
-    if text.len() <= MAX_ERROR_BYTES {
-        return text;
-    }
-    let mut cut = MAX_ERROR_BYTES;
+/// `text` cut to [`MAX_ERROR_BYTES`] at a character boundary, any NUL in
+/// it replaced (PostgreSQL refuses NUL in text, and the write recording
+/// the error would fail: see `ferry_runtime`'s errors, cleaned likewise).
+pub(crate) fn capped(text: &str) -> std::borrow::Cow<'_, str> {
+    let mut cut = text.len().min(MAX_ERROR_BYTES);
     while !text.is_char_boundary(cut) {
         cut -= 1;
     }
-    &text[..cut]
+    let text = &text[..cut];
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\u{fffd}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
 }
 
 impl Store {

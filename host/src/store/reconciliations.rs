@@ -593,7 +593,7 @@ impl Store {
             )
             .bind(&run.id)
             .bind(status)
-            .bind(error)
+            .bind(error.map(super::capped))
             .bind(at)
             .bind(&run.lease_token)
             .execute(pool)

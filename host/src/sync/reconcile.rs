@@ -574,6 +574,17 @@ impl SyncEngine {
                     continue;
                 }
             };
+            // A cursor the store cannot keep (a NUL) failed the page's
+            // commit on PostgreSQL, and the run retried it every lease.
+            if let Some(problem) = page
+                .next_cursor
+                .as_deref()
+                .and_then(|next| crate::store::unstorable("cursor", next))
+            {
+                return Err(Stop::Failed(format!(
+                    "listing failed: the connector answered {problem}"
+                )));
+            }
             // A cursor that leads back to the page it came from would
             // list that page for ever.
             if page.next_cursor.is_some() && page.next_cursor == cursor {
