@@ -46,10 +46,33 @@ pub(crate) struct TokenCache {
     generations: AtomicU64,
 }
 
+/// How many named tokens one loaded connector may keep. The cache lives as
+/// long as the connector, across calls: without a bound a guest naming a
+/// new token on every call made the host keep each name for ever.
+const MAX_TOKENS: usize = 16;
+
+/// The longest token name, in bytes.
+const MAX_TOKEN_NAME: usize = 64;
+
 impl TokenCache {
-    fn slot(&self, name: &str) -> Arc<tokio::sync::Mutex<Option<Cached>>> {
+    /// `name`'s slot, made if new and the cache has room.
+    fn slot(&self, name: &str) -> Result<Arc<tokio::sync::Mutex<Option<Cached>>>, ConnectorError> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.entry(name.to_owned()).or_default().clone()
+        if let Some(slot) = slots.get(name) {
+            return Ok(slot.clone());
+        }
+        if slots.len() >= MAX_TOKENS {
+            return Err(ConnectorError::Permanent(format!(
+                "a connector keeps at most {MAX_TOKENS} named tokens; `{name}` would be one more"
+            )));
+        }
+        Ok(slots.entry(name.to_owned()).or_default().clone())
+    }
+
+    /// `name`'s slot, if it has one (nothing is made to invalidate).
+    fn existing(&self, name: &str) -> Option<Arc<tokio::sync::Mutex<Option<Cached>>>> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.get(name).cloned()
     }
 
     fn next_generation(&self) -> u64 {
@@ -236,11 +259,12 @@ fn parse_token(body: &[u8], generation: u64, grant: [u8; 32]) -> Result<Cached, 
 }
 
 fn check_name(name: &str) -> Result<(), ConnectorError> {
-    if policy::is_placeholder_name(name.as_bytes()) {
+    if name.len() <= MAX_TOKEN_NAME && policy::is_placeholder_name(name.as_bytes()) {
         Ok(())
     } else {
         Err(ConnectorError::Permanent(format!(
-            "token name `{name}` must match [a-z0-9_]+"
+            "token name `{}` must match [a-z0-9_]+ and be at most {MAX_TOKEN_NAME} bytes",
+            name.chars().take(MAX_TOKEN_NAME).collect::<String>()
         )))
     }
 }
@@ -266,7 +290,7 @@ impl Host for CallState {
             }
             <[u8; 32]>::from(hash.finalize())
         };
-        let slot = self.connector.tokens.slot(&name);
+        let slot = self.connector.tokens.slot(&name)?;
         // Holding the slot while the request runs makes concurrent calls wait
         // for this token instead of each asking for their own.
         let mut cached = slot.lock().await;
@@ -288,12 +312,13 @@ impl Host for CallState {
     }
 
     async fn invalidate(&mut self, name: String, generation: u64) {
-        let slot = self.connector.tokens.slot(&name);
-        let mut cached = slot.lock().await;
-        if cached.as_ref().is_some_and(|t| t.generation == generation) {
-            tracing::info!(connector = %self.connector.name, token = %name, generation,
-                "OAuth token refused by the remote; dropping it");
-            *cached = None;
+        if let Some(slot) = self.connector.tokens.existing(&name) {
+            let mut cached = slot.lock().await;
+            if cached.as_ref().is_some_and(|t| t.generation == generation) {
+                tracing::info!(connector = %self.connector.name, token = %name, generation,
+                    "OAuth token refused by the remote; dropping it");
+                *cached = None;
+            }
         }
         self.tokens.remove(&name);
     }
@@ -326,6 +351,26 @@ mod tests {
         }
         assert!(cached.is_fresh(&[0; 32]));
         assert!(!cached.is_fresh(&[1; 32]), "another grant is another token");
+    }
+
+    /// A guest naming a new token on every call (or invalidating names it
+    /// never used) made the host keep each name for the connector's life.
+    #[test]
+    fn a_connector_keeps_a_bounded_set_of_token_names() {
+        let cache = TokenCache::default();
+        for i in 0..MAX_TOKENS {
+            assert!(cache.slot(&format!("t{i}")).is_ok());
+        }
+        assert!(cache.slot("t0").is_ok(), "a known name");
+        assert!(matches!(
+            cache.slot("one_more"),
+            Err(ConnectorError::Permanent(_))
+        ));
+        assert!(cache.existing("never_used").is_none());
+        let slots = cache.slots.lock().unwrap().len();
+        assert_eq!(slots, MAX_TOKENS, "invalidating makes no slot");
+        assert!(check_name(&"a".repeat(MAX_TOKEN_NAME)).is_ok());
+        assert!(check_name(&"a".repeat(MAX_TOKEN_NAME + 1)).is_err());
     }
 
     #[test]

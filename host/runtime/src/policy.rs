@@ -307,6 +307,12 @@ pub(crate) fn substitute_tokens(
     })
 }
 
+/// How many placeholders one header value or body may hold. A request
+/// names a key or a token once or twice; without a bound, a body of
+/// millions of 12-byte placeholders grew on the host into copies of the
+/// secret, outside the guest's memory cap.
+const MAX_PLACEHOLDERS: usize = 64;
+
 fn substitute<'v>(
     input: &[u8],
     open: &[u8],
@@ -314,6 +320,7 @@ fn substitute<'v>(
 ) -> Result<Vec<u8>, PolicyError> {
     let mut out = Vec::with_capacity(input.len());
     let mut rest = input;
+    let mut substituted = 0;
     while let Some(start) = find(rest, open) {
         let after_open = &rest[start + open.len()..];
         let Some(end) = find(after_open, PLACEHOLDER_CLOSE) else {
@@ -324,6 +331,12 @@ fn substitute<'v>(
             out.extend_from_slice(&rest[..start + open.len()]);
             rest = after_open;
             continue;
+        }
+        substituted += 1;
+        if substituted > MAX_PLACEHOLDERS {
+            return Err(PolicyError::Invalid(format!(
+                "more than {MAX_PLACEHOLDERS} placeholders in one header or body"
+            )));
         }
         // Checked above: ASCII only.
         let value = value_of(&String::from_utf8_lossy(name))?;
@@ -623,6 +636,20 @@ mod tests {
         let out =
             substitute_secrets(b"{{secret:Bad Name}} {{secret:", &declared, &secrets()).unwrap();
         assert_eq!(out, b"{{secret:Bad Name}} {{secret:");
+    }
+
+    /// A body of placeholders grew on the host into copies of the secret,
+    /// outside the guest's memory cap: a bounded number is substituted.
+    #[test]
+    fn a_request_holds_a_bounded_number_of_placeholders() {
+        let declared = vec!["api_key".to_owned()];
+        let many = "{{secret:api_key}}".repeat(MAX_PLACEHOLDERS);
+        assert!(substitute_secrets(many.as_bytes(), &declared, &secrets()).is_ok());
+        let more = "{{secret:api_key}}".repeat(100_000);
+        assert!(matches!(
+            substitute_secrets(more.as_bytes(), &declared, &secrets()),
+            Err(PolicyError::Invalid(_))
+        ));
     }
 
     #[test]
