@@ -294,12 +294,15 @@ impl App {
         } else {
             None
         };
+        // Readiness asks the broker only where the broker is used: an
+        // API-only replica (workers off) serves without it, and went out
+        // of the load balancer with every other when Kafka restarted.
         let bus_probe = match &kafka {
-            Some(settings) => Some(Arc::new(
+            Some(settings) if config.workers => Some(Arc::new(
                 crate::bus::kafka::KafkaProducer::new(settings)
                     .context("creating the Kafka readiness client")?,
             )),
-            None => None,
+            _ => None,
         };
         let bus_topics = crate::bus::TopicsState::default();
         if kafka.is_some() && config.workers {

@@ -505,7 +505,7 @@ impl Config {
         let mut figment =
             Figment::from(Serialized::defaults(DEFAULTS)).merge(Serialized::defaults(overrides));
         if let Some(file) = file {
-            figment = figment.merge(Toml::file_exact(file));
+            figment = figment.merge(TomlFile(file.to_owned()));
         }
         figment
             .merge(RawEnv(
@@ -519,7 +519,7 @@ impl Config {
     pub fn figment(file: Option<&Path>, env: Env) -> Figment {
         let mut figment = Figment::from(Serialized::defaults(DEFAULTS));
         if let Some(file) = file {
-            figment = figment.merge(Toml::file_exact(file));
+            figment = figment.merge(TomlFile(file.to_owned()));
         }
         // `__` nests: FERRY_CONNECTORS__STRIPE__SETTINGS__API_BASE.
         figment.merge(RawEnv(env.ignore(NOT_SETTINGS).split("__")))
@@ -628,6 +628,14 @@ impl Config {
         // In cluster mode on PostgreSQL, the replica leading the relay holds
         // a connection of the pool for its lock as long as it leads: with a
         // pool of one, nothing else ever gets a connection.
+        // SQLite is one process's file (its lock keeps any other out): an
+        // API-only replica of it stores webhooks and writes that nothing
+        // would ever sync, while saying it is ready.
+        if kind == crate::store::StoreKind::Sqlite && !self.workers {
+            return Err(ConfigError::Invalid(
+                "workers = false needs PostgreSQL: on SQLite no other process can do the sync work, and nothing would ever sync".into(),
+            ));
+        }
         let leads_relay = self.workers && self.kafka_brokers.is_some();
         if kind == crate::store::StoreKind::Postgres
             && leads_relay
@@ -746,7 +754,7 @@ pub fn redact_url(raw: &str) -> String {
             }
             url.to_string()
         }
-        Err(_) => "[unparsable database URL]".to_owned(),
+        Err(_) => "[unparsable URL]".to_owned(),
     }
 }
 
@@ -825,6 +833,40 @@ fn parse_duration(text: &str) -> Option<Duration> {
         _ => return None,
     };
     number.checked_mul(millis).map(Duration::from_millis)
+}
+
+/// A configuration file, read as `Toml::file_exact` reads it, whose syntax
+/// errors name the line and column but never quote the line: figment's
+/// TOML error prints it whole, and a line may be a secret left unquoted
+/// (`database_url = postgres://ferry:password@db/ferry`), printed to
+/// stderr and the container's log.
+struct TomlFile(PathBuf);
+
+impl figment::Provider for TomlFile {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("TOML file").source(figment::Source::File(self.0.clone()))
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        let path = self.0.display();
+        let text = std::fs::read_to_string(&self.0)
+            .map_err(|e| figment::Error::from(format!("{path}: {e}")))?;
+        if let Err(error) = text.parse::<toml::Table>() {
+            let at = error.span().map_or_else(String::new, |span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                format!(" at line {line}, column {column}")
+            });
+            return Err(figment::Error::from(format!(
+                "{path} is not valid TOML{at}: {}",
+                error.message()
+            )));
+        }
+        Toml::string(&text).data()
+    }
 }
 
 #[cfg(test)]
@@ -978,9 +1020,29 @@ mod tests {
             jail.set_env("FERRY_SYNC_CONCURRENCY", "many");
             assert!(Config::load(None).is_err());
             jail.set_env("FERRY_SYNC_CONCURRENCY", "12");
+            jail.set_env("FERRY_WORKERS", "true");
             jail.set_env("FERRY_INBOX_LOOPS", "0");
             let config = Config::load(None).map_err(|e| e.to_string())?;
             assert!(config.validate().is_err(), "no inbox loop");
+            Ok(())
+        });
+    }
+
+    /// A file whose line is not valid TOML (a secret left unquoted): the
+    /// error says where, and does not quote the line.
+    #[test]
+    fn a_file_that_is_not_toml_is_refused_without_its_line() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file(
+                "ferry.toml",
+                "listen = \"127.0.0.1:8080\"\ndatabase_url = postgres://ferry:hunter2@db/ferry\n",
+            )?;
+            let error = Config::load(Some(Path::new("ferry.toml")))
+                .expect_err("not TOML")
+                .to_string();
+            assert!(!error.contains("hunter2"), "{error}");
+            assert!(error.contains("line 2"), "{error}");
             Ok(())
         });
     }
@@ -1026,6 +1088,8 @@ mod tests {
                 ),
                 ("FERRY_MAX_CONNECTIONS", "0", "max_connections"),
                 ("FERRY_RETENTION_BATCH", "0", "retention_batch"),
+                // The default database is SQLite: nothing would sync.
+                ("FERRY_WORKERS", "false", "workers"),
                 (
                     "FERRY_CONNECTORS__STRIPE__RECONCILE_EVERY",
                     "1s",
