@@ -572,7 +572,14 @@ async fn serve(
         let (cancel, force) = (cancel.clone(), force.clone());
         connections.spawn(async move {
             let _permit = permit;
-            if !spoke_in_time(&stream, limits.header_read_timeout).await {
+            // Shutting down, a connection that has not sent a request has
+            // nothing in flight to finish: it held the shutdown until its
+            // head's timeout, past the grace.
+            let spoke = tokio::select! {
+                spoke = spoke_in_time(&stream, limits.header_read_timeout) => spoke,
+                () = cancel.cancelled() => false,
+            };
+            if !spoke {
                 return;
             }
             let mut builder = Builder::new(TokioExecutor::new());

@@ -205,6 +205,9 @@ async fn sigterm_ends_the_process_within_the_grace_time_despite_a_stalled_client
             connectors.display().to_string(),
         ),
         ("FERRY_SHUTDOWN_GRACE".to_owned(), "1s".to_owned()),
+        // Longer than the grace: a silent connection must not hold the
+        // shutdown for it.
+        ("FERRY_HEADER_READ_TIMEOUT".to_owned(), "20s".to_owned()),
         (
             "FERRY_CONNECTORS__STRIPE__SECRETS__API_KEY".to_owned(),
             "sk_test_x".to_owned(),
@@ -246,6 +249,11 @@ async fn sigterm_ends_the_process_within_the_grace_time_despite_a_stalled_client
         .unwrap();
     stalled
         .write_all(b"POST /webhooks/stripe HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
+        .await
+        .unwrap();
+    // And a connection that never says anything (a TCP health check, a
+    // slowloris): it held the shutdown until its head's timeout.
+    let _silent = TcpStream::connect(ferry.base.trim_start_matches("http://"))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
