@@ -1047,6 +1047,22 @@ mod tests {
         });
     }
 
+    /// An OTLP endpoint without a scheme is refused as ferry's setting
+    /// (before `serve` builds the exporter from it), and the message does
+    /// not call it a database URL.
+    #[test]
+    fn an_otlp_endpoint_without_a_scheme_is_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("FERRY_OTLP_ENDPOINT", "otel-collector");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let error = config.validate().expect_err("no scheme").to_string();
+            assert!(error.contains("otlp_endpoint"), "{error}");
+            assert!(!error.contains("database"), "{error}");
+            Ok(())
+        });
+    }
+
     #[test]
     fn a_lease_leaves_room_for_a_call() {
         figment::Jail::expect_with(|jail| {

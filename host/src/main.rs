@@ -136,6 +136,9 @@ fn main() -> ExitCode {
 
 async fn serve(config_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_file.as_deref()).context("loading configuration")?;
+    // Checked before the exporter is built from it: a bad `otlp_endpoint`
+    // is reported as ferry's setting, not as the exporter's error.
+    config.validate().context("checking configuration")?;
     let _telemetry = ferry::telemetry::init_with_export(
         config.log_format,
         "info",
