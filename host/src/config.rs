@@ -1047,6 +1047,26 @@ mod tests {
         });
     }
 
+    /// Field owners from the environment: `__` nests, so an address line's
+    /// or a metadata key's owner arrives as a nested map (it was refused).
+    #[test]
+    fn field_owners_nest_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("FERRY_FIELD_OWNERS__ADDRESS__CITY", "stripe");
+            jail.set_env("FERRY_FIELD_OWNERS__METADATA__TIER", "salesforce");
+            jail.set_env("FERRY_FIELD_OWNERS__PHONE", "ferry");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            config.validate().map_err(|e| e.to_string())?;
+            let owners = &config.field_owners;
+            assert_eq!(owners.owner("address.city"), Some("stripe"));
+            assert_eq!(owners.owner("address.line1"), None);
+            assert_eq!(owners.owner("metadata.tier"), Some("salesforce"));
+            assert_eq!(owners.owner("phone"), Some("ferry"));
+            Ok(())
+        });
+    }
+
     /// An OTLP endpoint without a scheme is refused as ferry's setting
     /// (before `serve` builds the exporter from it), and the message does
     /// not call it a database URL.

@@ -134,9 +134,48 @@ pub struct Sides<'a> {
 /// `address.city`, `metadata.tier`) or a whole group (`address`,
 /// `metadata`); values are a connector's name, or `ferry` for the catalog
 /// itself (then no remote's edit to the field is taken).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(transparent)]
 pub struct FieldOwners(BTreeMap<String, String>);
+
+/// Read flat (`"address.city" = "stripe"`) or nested: the environment's
+/// `FERRY_FIELD_OWNERS__ADDRESS__CITY` and a TOML file's unquoted dotted
+/// key both arrive as `{address: {city: …}}`, which a flat map refused,
+/// so no owner of a single address line or metadata key could be set
+/// from the environment.
+impl<'de> serde::Deserialize<'de> for FieldOwners {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Owner {
+            One(String),
+            Group(BTreeMap<String, Owner>),
+        }
+        fn flatten(
+            prefix: &str,
+            owners: BTreeMap<String, Owner>,
+            into: &mut BTreeMap<String, String>,
+        ) {
+            for (key, owner) in owners {
+                let field = if prefix.is_empty() {
+                    key
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                match owner {
+                    Owner::One(name) => {
+                        into.insert(field, name);
+                    }
+                    Owner::Group(inner) => flatten(&field, inner, into),
+                }
+            }
+        }
+        let nested = BTreeMap::<String, Owner>::deserialize(deserializer)?;
+        let mut flat = BTreeMap::new();
+        flatten("", nested, &mut flat);
+        Ok(Self(flat))
+    }
+}
 
 /// The owner name of fields only ferry's own API may change.
 pub const LOCAL_OWNER: &str = "ferry";
