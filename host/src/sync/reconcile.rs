@@ -699,7 +699,12 @@ impl SyncEngine {
             // A customer `auto_rename` kept apart holds its record's email
             // rewritten, and the remote keeps its own: not a difference
             // (it was one on every run, and `merge` pushed the rewrite).
-            if let Some(remote_email) = email_of(&remote) {
+            if let Some(remote_email) = differences
+                .iter()
+                .any(|d| d.field == "email")
+                .then(|| email_of(&remote))
+                .flatten()
+            {
                 let renamed =
                     super::inbound::renamed_email(&remote_email, &run.connector, &record.remote_id);
                 differences.retain(|d| d.field != "email" || customer.email != renamed);
@@ -942,7 +947,7 @@ impl SyncEngine {
                 // email's customer is linked to another record would be
                 // dead-lettered, or take the link from that record, again
                 // by every run: it stays for a person.
-                if self.rejected_as_duplicate(run, mismatch).await? {
+                if self.duplicate_left_to_a_person(run, mismatch).await? {
                     continue;
                 }
                 let Some(action) = plan_repair(run, mode, repair, mismatch) else {
@@ -1087,7 +1092,7 @@ impl SyncEngine {
     /// run) or move the link to it (`merge`: the next run finds the record
     /// it left unlinked a duplicate, and moves the link back, each move a
     /// merge fanned out).
-    async fn rejected_as_duplicate(
+    async fn duplicate_left_to_a_person(
         &self,
         run: &RunRow,
         mismatch: &MismatchRow,

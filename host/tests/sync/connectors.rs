@@ -24,6 +24,7 @@ use crate::helpers::{
     email, new_database, spawn_sync_app, stripe_component, Backend, Setup, SyncApp,
 };
 use crate::process::FerryProcess;
+use crate::reconcile::{run_to_end, start_run, wait_run};
 use crate::recorder_remote::{Recorded, RecorderRemote, SETTLE};
 
 /// The admin token of the tests that need one.
@@ -1705,31 +1706,6 @@ async fn a_connector_without_a_version_leaves_the_replica_ready(backend: Backend
     assert_eq!(check["ok"], false, "reported: {ready:#}");
 }
 
-/// Starts a `report` run of the recorder; its id.
-async fn start_recorder_report(app: &SyncApp) -> String {
-    let (status, run) = post(
-        app,
-        "/api/v1/reconciliations",
-        Some(json!({"connector": "recorder", "repair": "report"})),
-    )
-    .await;
-    assert_eq!(status, 202, "{run}");
-    run["id"].as_str().expect("a run id").to_owned()
-}
-
-/// Run `id` once it is no longer running (`within` at most).
-async fn run_ended(app: &SyncApp, id: &str, within: Duration) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let (_, run) = get(app, &format!("/api/v1/reconciliations/{id}")).await;
-        if run["status"] != "running" {
-            return run;
-        }
-        assert!(Instant::now() < deadline, "the run did not end: {run:#}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A listing whose connector answers a page with the cursor that asked
 /// for it would list that page for ever (the run's page count growing,
 /// the connector's one run slot taken): the run fails and says why.
@@ -1744,8 +1720,7 @@ async fn a_listing_that_repeats_its_cursor_fails(backend: Backend) {
     remote.repeat_later_cursors();
     let app = spawn_sync_app(setup(backend)).await;
     install_recorder(&app, &remote).await;
-    let id = start_recorder_report(&app).await;
-    let run = run_ended(&app, &id, Duration::from_secs(30)).await;
+    let run = run_to_end(&app, json!({"connector": "recorder", "repair": "report"})).await;
     assert_eq!(run["status"], "failed", "{run:#}");
     assert!(
         run["error"]
@@ -1771,7 +1746,8 @@ async fn a_record_linked_during_the_listing_is_no_duplicate(backend: Backend) {
     remote.answer_every_create_with("rec_005");
     let app = spawn_sync_app(setup(backend)).await;
     install_recorder(&app, &remote).await;
-    let id = start_recorder_report(&app).await;
+    let run = start_run(&app, json!({"connector": "recorder", "repair": "report"})).await;
+    let id = run["id"].as_str().expect("a run id").to_owned();
     remote
         .wait_for("the second page asked for", |log| {
             log.iter().any(|r| {
@@ -1786,7 +1762,7 @@ async fn a_record_linked_during_the_listing_is_no_duplicate(backend: Backend) {
     let customer_id = customer["id"].as_str().unwrap();
     app.wait_link_of("recorder", customer_id, Duration::from_secs(10), linked)
         .await;
-    let run = run_ended(&app, &id, Duration::from_secs(30)).await;
+    let run = wait_run(&app.base, &id).await;
     assert_eq!(run["status"], "completed", "{run:#}");
     assert_eq!(run["counts"]["duplicate"], 0, "{run:#}");
     assert_eq!(run["counts"]["missing_local"], 149, "{run:#}");
@@ -1817,8 +1793,7 @@ async fn records_too_long_to_key_are_invalid(backend: Backend) {
     );
     let app = spawn_sync_app(setup(backend)).await;
     install_recorder(&app, &remote).await;
-    let id = start_recorder_report(&app).await;
-    let run = run_ended(&app, &id, Duration::from_secs(30)).await;
+    let run = run_to_end(&app, json!({"connector": "recorder", "repair": "report"})).await;
     assert_eq!(run["status"], "completed", "{run:#}");
     assert_eq!(run["counts"]["invalid"], 1, "{run:#}");
     assert_eq!(run["counts"]["missing_local"], 1, "{run:#}");
@@ -1845,7 +1820,8 @@ async fn a_version_activated_mid_listing_lists_again(backend: Backend) {
     setup.extra = json!({"connector_call_timeout": "20s", "sync_lease": "30s"});
     let app = spawn_sync_app(setup).await;
     install_recorder(&app, &remote).await;
-    let id = start_recorder_report(&app).await;
+    let run = start_run(&app, json!({"connector": "recorder", "repair": "report"})).await;
+    let id = run["id"].as_str().expect("a run id").to_owned();
     let later_page = |r: &Recorded| {
         r.method == "GET" && r.query.as_deref().is_some_and(|q| q.contains("after="))
     };
@@ -1858,7 +1834,7 @@ async fn a_version_activated_mid_listing_lists_again(backend: Backend) {
     assert_eq!(status, 201, "{version}");
     assert_eq!(version["active"], true, "{version}");
 
-    let run = run_ended(&app, &id, Duration::from_secs(60)).await;
+    let run = wait_run(&app.base, &id).await;
     assert_eq!(run["status"], "completed", "{run:#}");
     assert_eq!(run["counts"]["listing_restarted"], 1, "{run:#}");
     assert_eq!(

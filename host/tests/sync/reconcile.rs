@@ -53,7 +53,7 @@ async fn stripe_delete(stripe_url: &str, id: &str) {
 }
 
 /// `POST /api/v1/reconciliations`; returns the run (202).
-async fn start_run(app: &SyncApp, body: Value) -> Value {
+pub(crate) async fn start_run(app: &SyncApp, body: Value) -> Value {
     let (status, run) = app
         .send(reqwest::Method::POST, "/api/v1/reconciliations", Some(body))
         .await;
@@ -72,7 +72,7 @@ async fn get_run(base: &str, id: &str) -> Value {
 }
 
 /// Waits until run `id` has ended; returns it.
-async fn wait_run(base: &str, id: &str) -> Value {
+pub(crate) async fn wait_run(base: &str, id: &str) -> Value {
     let deadline = tokio::time::Instant::now() + SETTLE;
     loop {
         let run = get_run(base, id).await;
@@ -88,7 +88,7 @@ async fn wait_run(base: &str, id: &str) -> Value {
 }
 
 /// Starts a run and waits for its end.
-async fn run_to_end(app: &SyncApp, body: Value) -> Value {
+pub(crate) async fn run_to_end(app: &SyncApp, body: Value) -> Value {
     let run = start_run(app, body).await;
     wait_run(&app.base, run["id"].as_str().expect("id")).await
 }
