@@ -499,13 +499,24 @@ async fn one_correlation_id_follows_a_change_to_stripe_and_its_echo() {
         })
     })
     .await;
-    // Stored with the delivery, and named in the echo's inbound outcome.
-    let sync: Value = reqwest::get(format!("{}/api/v1/customers/{id}/sync", ferry.base))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    // Stored with the delivery, and named in the echo's inbound outcome
+    // (logged as it is decided, and written a moment after: read once it
+    // is there, within the wait's bound).
+    let sync_view = || async {
+        reqwest::get(format!("{}/api/v1/customers/{id}/sync", ferry.base))
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    wait_until("the echo's outcome to be written", || async {
+        sync_view().await["inbound"]
+            .as_array()
+            .is_some_and(|events| !events.is_empty())
+    })
+    .await;
+    let sync = sync_view().await;
     assert_eq!(
         sync["history"][0]["correlation_id"],
         correlation.as_str(),
