@@ -174,6 +174,7 @@ impl CallState {
 async fn request_token(
     wire: WireRequest,
     dispatcher: Dispatcher,
+    name: &str,
     secrets: &BTreeMap<String, SecretString>,
     generation: u64,
     fingerprint: [u8; 32],
@@ -187,7 +188,12 @@ async fn request_token(
         policy::redact_secrets(&mut body, secrets);
         return Err(token_error(response.status, &body, &response.headers));
     }
-    parse_token(&response.body, generation, fingerprint)
+    parse_token(
+        &response.body,
+        &Issued { name, secrets },
+        generation,
+        fingerprint,
+    )
 }
 
 /// Maps a refused token request onto the connector's error cases.
@@ -219,7 +225,20 @@ fn token_error(status: u16, body: &[u8], headers: &[(String, String)]) -> Connec
     }
 }
 
-fn parse_token(body: &[u8], generation: u64, grant: [u8; 32]) -> Result<Cached, ConnectorError> {
+/// What a token answer is read against: the token's name and the
+/// connector's secret values, which the fields handed to the guest must not
+/// carry.
+struct Issued<'a> {
+    name: &'a str,
+    secrets: &'a BTreeMap<String, SecretString>,
+}
+
+fn parse_token(
+    body: &[u8],
+    issued: &Issued<'_>,
+    generation: u64,
+    grant: [u8; 32],
+) -> Result<Cached, ConnectorError> {
     let mut fields: Map<String, Value> = serde_json::from_slice(body).map_err(|e| {
         ConnectorError::Permanent(format!("token response is not a JSON object: {e}"))
     })?;
@@ -249,13 +268,47 @@ fn parse_token(body: &[u8], generation: u64, grant: [u8; 32]) -> Result<Cached, 
             let wall = now_ms + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
             (Instant::now() + ttl, wall)
         });
+    // What is left goes to the guest: an endpoint that echoes the client's
+    // credentials (or the token under another name) must not hand them over.
+    let token = BTreeMap::from([(issued.name.to_owned(), value.clone())]);
+    let scrub = |text: &mut String| {
+        let mut bytes = std::mem::take(text).into_bytes();
+        policy::redact_secrets(&mut bytes, issued.secrets);
+        policy::redact_tokens(&mut bytes, &token);
+        *text = String::from_utf8_lossy(&bytes).into_owned();
+    };
+    let fields = scrubbed(Value::Object(fields), &scrub);
     Ok(Cached {
         value,
         generation,
-        fields: Value::Object(fields).to_string(),
+        fields: fields.to_string(),
         expires_at,
         grant,
     })
+}
+
+/// `value` with every string in it, object keys included, passed through
+/// `scrub`.
+fn scrubbed(value: Value, scrub: &impl Fn(&mut String)) -> Value {
+    match value {
+        Value::String(mut text) => {
+            scrub(&mut text);
+            Value::String(text)
+        }
+        Value::Array(items) => {
+            Value::Array(items.into_iter().map(|v| scrubbed(v, scrub)).collect())
+        }
+        Value::Object(entries) => Value::Object(
+            entries
+                .into_iter()
+                .map(|(mut key, v)| {
+                    scrub(&mut key);
+                    (key, scrubbed(v, scrub))
+                })
+                .collect(),
+        ),
+        other => other,
+    }
 }
 
 fn check_name(name: &str) -> Result<(), ConnectorError> {
@@ -301,8 +354,15 @@ impl Host for CallState {
         let generation = self.connector.tokens.next_generation();
         let wire = self.token_request(&grant)?;
         let secrets = self.secrets().clone();
-        let token =
-            request_token(wire, self.dispatcher(), &secrets, generation, fingerprint).await?;
+        let token = request_token(
+            wire,
+            self.dispatcher(),
+            &name,
+            &secrets,
+            generation,
+            fingerprint,
+        )
+        .await?;
         tracing::info!(connector = %self.connector.name, token = %name, generation,
             "obtained an OAuth token");
         let info = token.info();
@@ -331,12 +391,20 @@ pub(crate) type CallTokens = BTreeMap<String, SecretString>;
 mod tests {
     use super::*;
 
+    fn issued() -> Issued<'static> {
+        static NONE: BTreeMap<String, SecretString> = BTreeMap::new();
+        Issued {
+            name: "api",
+            secrets: &NONE,
+        }
+    }
+
     #[test]
     fn token_response_keeps_its_value_in_the_host() {
         let body =
             br#"{"access_token":"00Dx!AQ.secret","instance_url":"https://acme.my.salesforce.com",
             "token_type":"Bearer","issued_at":"1700000000000","refresh_token":"r","id_token":"i"}"#;
-        let cached = parse_token(body, 7, [0; 32]).unwrap();
+        let cached = parse_token(body, &issued(), 7, [0; 32]).unwrap();
         assert_eq!(cached.value.expose_secret(), "00Dx!AQ.secret");
         let info = cached.info();
         assert_eq!(info.generation, 7);
@@ -351,6 +419,38 @@ mod tests {
         }
         assert!(cached.is_fresh(&[0; 32]));
         assert!(!cached.is_fresh(&[1; 32]), "another grant is another token");
+    }
+
+    /// An endpoint that echoes the client's credentials, or the token under
+    /// another field's name, handed them to the guest with the fields.
+    #[test]
+    fn echoed_credentials_are_not_handed_to_the_guest() {
+        let secrets = BTreeMap::from([
+            ("client_id".to_owned(), SecretString::from("3MVG9client")),
+            (
+                "client_secret".to_owned(),
+                SecretString::from("s3cr3t\"quoted"),
+            ),
+        ]);
+        let body = br#"{"access_token":"00Dx!AQ.token","client_id":"3MVG9client",
+            "echo":{"form":["s3cr3t\"quoted"],"3MVG9client":"key"},
+            "signature":"Bearer 00Dx!AQ.token","instance_url":"https://acme.my.salesforce.com"}"#;
+        let issued = Issued {
+            name: "sf",
+            secrets: &secrets,
+        };
+        let cached = parse_token(body, &issued, 1, [0; 32]).unwrap();
+        let info = cached.info();
+        for leaked in ["3MVG9client", "s3cr3t", "00Dx!AQ"] {
+            assert!(!info.fields.contains(leaked), "{leaked}: {}", info.fields);
+        }
+        let fields: Value = serde_json::from_str(&info.fields).unwrap();
+        assert_eq!(fields["client_id"], "{{secret:client_id}}");
+        assert_eq!(fields["echo"]["form"][0], "{{secret:client_secret}}");
+        assert_eq!(fields["echo"]["{{secret:client_id}}"], "key");
+        assert_eq!(fields["signature"], "Bearer {{token:sf}}");
+        assert_eq!(fields["instance_url"], "https://acme.my.salesforce.com");
+        assert_eq!(cached.value.expose_secret(), "00Dx!AQ.token");
     }
 
     /// A guest naming a new token on every call (or invalidating names it
@@ -375,10 +475,21 @@ mod tests {
 
     #[test]
     fn expiry_counts_with_a_margin() {
-        let soon = parse_token(br#"{"access_token":"t","expires_in":10}"#, 1, [0; 32]).unwrap();
+        let soon = parse_token(
+            br#"{"access_token":"t","expires_in":10}"#,
+            &issued(),
+            1,
+            [0; 32],
+        )
+        .unwrap();
         assert!(!soon.is_fresh(&[0; 32]), "within the margin");
-        let later =
-            parse_token(br#"{"access_token":"t","expires_in":"3600"}"#, 1, [0; 32]).unwrap();
+        let later = parse_token(
+            br#"{"access_token":"t","expires_in":"3600"}"#,
+            &issued(),
+            1,
+            [0; 32],
+        )
+        .unwrap();
         assert!(later.is_fresh(&[0; 32]));
         assert!(later.info().expires_at_ms.is_some());
     }
@@ -387,6 +498,7 @@ mod tests {
     fn an_endless_expiry_is_capped_at_a_day() {
         let endless = parse_token(
             br#"{"access_token":"t","expires_in":18446744073709551615}"#,
+            &issued(),
             1,
             [0; 32],
         )
@@ -427,7 +539,7 @@ mod tests {
             ConnectorError::Retryable(_)
         ));
         assert!(matches!(
-            parse_token(b"{}", 1, [0; 32]),
+            parse_token(b"{}", &issued(), 1, [0; 32]),
             Err(ConnectorError::Permanent(_))
         ));
     }
