@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{
     Component, ComponentExportIndex, ComponentNamedList, ComponentType, Instance, InstancePre,
-    Lift, Linker, Lower,
+    Lift, Linker, Lower, ResourceTableError,
 };
 use wasmtime::{
     Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline,
@@ -1105,6 +1105,12 @@ impl Connector {
             // fails; the limiter saw the refused growth, so say what happened.
             _ if memory_hit => {
                 CallError::ResourceExhausted(format!("memory limit of {limit} bytes reached"))
+            }
+            _ if e.downcast_ref::<ResourceTableError>().is_some() => {
+                CallError::ResourceExhausted(format!(
+                    "limit of {} WASI handles held at once reached",
+                    state::MAX_WASI_HANDLES
+                ))
             }
             _ => CallError::Trap(chain(e)),
         };

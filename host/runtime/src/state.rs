@@ -123,6 +123,11 @@ pub(crate) struct CallState {
     table: ResourceTable,
 }
 
+/// How many WASI handles (streams, timers) one call may hold at once. They
+/// live in the host's memory, outside the guest's cap; wasmtime's default
+/// (a million) let one call keep ≈ 60 MB there. A connector holds a few.
+pub(crate) const MAX_WASI_HANDLES: usize = 4096;
+
 impl CallState {
     pub(crate) fn new(
         runtime: Arc<RuntimeShared>,
@@ -142,7 +147,11 @@ impl CallState {
             throttled: None,
             requests_sent: 0,
             wasi: None,
-            table: ResourceTable::new(),
+            table: {
+                let mut table = ResourceTable::new();
+                table.set_max_capacity(MAX_WASI_HANDLES);
+                table
+            },
         }
     }
 

@@ -310,6 +310,32 @@ async fn unbounded_allocation_fails_that_call_only() {
     assert_healthy(&connector, &cfg).await;
 }
 
+/// Handles a guest takes from WASI live in the host's memory, outside the
+/// guest's cap: a guest taking them without end is stopped at the table's
+/// bound, not when the deadline comes (wasmtime's default is a million).
+#[tokio::test]
+async fn endless_wasi_handles_fail_that_call_only() {
+    let runtime = Runtime::new(config()).unwrap();
+    let connector = load(&runtime).await;
+    let cfg = connector_config(&[]);
+    let report = push_report(&connector, &cfg, json!({"do": "handles", "count": 200})).await;
+    assert_eq!(report["held"], 200, "a guest's ordinary use fits");
+    let started = Instant::now();
+    let err = connector
+        .push(
+            &cfg,
+            instruction(json!({"do": "handles", "count": u64::MAX})),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CallError::ResourceExhausted(m) if m.contains("handles")),
+        "{err:?} after {:?}",
+        started.elapsed()
+    );
+    assert_healthy(&connector, &cfg).await;
+}
+
 #[tokio::test]
 async fn a_trap_fails_that_call_only() {
     let runtime = Runtime::new(config()).unwrap();

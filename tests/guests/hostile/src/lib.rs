@@ -13,7 +13,9 @@
 //!   (an object) adds headers of its own;
 //! - `hmac` with `secret`: HMAC `"message"` with that secret name;
 //! - `setting` with `name`: read a setting;
-//! - `print` with `count`: write that many lines to stdout.
+//! - `print` with `count`: write that many lines to stdout;
+//! - `handles` with `count`: ask WASI for that many timers and never drop
+//!   them (each a handle in the host's resource table).
 //!
 //! It declares host `api.example.com`, host setting `api_base` and secret
 //! `api_key`.
@@ -143,6 +145,13 @@ impl Guest for Hostile {
                 }
                 report(json!({ "printed": lines }))
             }
+            "handles" => {
+                let count = instruction["count"].as_u64().unwrap_or(1);
+                for _ in 0..count {
+                    black_box(subscribe_duration(1));
+                }
+                report(json!({ "held": count }))
+            }
             other => Err(ConnectorError::Unsupported(format!(
                 "unknown instruction `{other}`"
             ))),
@@ -156,6 +165,26 @@ impl Guest for Hostile {
     fn list(entity: String, _cursor: Option<String>, _limit: u32) -> Result<Page, ConnectorError> {
         Err(ConnectorError::Unsupported(format!("list {entity}")))
     }
+}
+
+// WASI's timer, imported by hand: the sandbox must bound what a guest keeps
+// in the host's resource table, whatever bindings it was built with.
+#[cfg(target_arch = "wasm32")]
+fn subscribe_duration(nanos: u64) -> i32 {
+    #[link(wasm_import_module = "wasi:clocks/monotonic-clock@0.2.0")]
+    extern "C" {
+        #[link_name = "subscribe-duration"]
+        fn subscribe_duration(nanos: u64) -> i32;
+    }
+    // SAFETY: a WASI import taking and returning plain integers; the handle
+    // it returns is deliberately never dropped.
+    unsafe { subscribe_duration(nanos) }
+}
+
+// The workspace's native clippy and test builds link no WASI.
+#[cfg(not(target_arch = "wasm32"))]
+fn subscribe_duration(_nanos: u64) -> i32 {
+    0
 }
 
 /// Recurses until the stack runs out; the result is never reached.
