@@ -559,6 +559,14 @@ impl Config {
                 ));
             }
         }
+        if let Some(key) = &self.master_key {
+            if key.expose_secret().len() < crate::secrets::MIN_MASTER_KEY_BYTES {
+                return Err(ConfigError::Invalid(format!(
+                    "master_key must be at least {} bytes (`openssl rand -hex 32` makes one)",
+                    crate::secrets::MIN_MASTER_KEY_BYTES
+                )));
+            }
+        }
         if self.connector_max_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "connector_max_bytes must be at least 1024".into(),
@@ -1124,6 +1132,8 @@ mod tests {
                 ),
                 ("FERRY_MAX_CONNECTIONS", "0", "max_connections"),
                 ("FERRY_RETENTION_BATCH", "0", "retention_batch"),
+                // A key an operator typed, not one generated.
+                ("FERRY_MASTER_KEY", "hunter2", "master_key"),
                 // The default database is SQLite: nothing would sync.
                 ("FERRY_WORKERS", "false", "workers"),
                 (

@@ -82,7 +82,7 @@ pub(crate) fn effective(
         (Some(row), _) => {
             let (secrets, problem) = match (&row.sealed_secrets, secret_box) {
                 (None, _) => (BTreeMap::new(), None),
-                (Some(sealed), Some(secret_box)) => match secret_box.open(sealed) {
+                (Some(sealed), Some(secret_box)) => match secret_box.open(name, sealed) {
                     Ok(secrets) => (secrets, None),
                     Err(error) => (BTreeMap::new(), Some(error.to_string())),
                 },

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 pub use self::config::{ConfigSource, EffectiveConfig, SettingsProblem, Switch};
 use crate::config::ConnectorSettingsConfig;
 use crate::runtime::{Connector, ConnectorConfig, LoadError, Manifest, Runtime};
-use crate::secrets::SecretBox;
+use crate::secrets::{self, SecretBox};
 use crate::store::connector_configs::StoredConnectorConfig;
 use crate::store::connectors::{
     AddedVersion, ConnectorRow, NewVersion, Seeded, VersionMeta, VersionSource,
@@ -1042,9 +1042,18 @@ impl Registry {
             Some(secrets) => Some(
                 self.secret_box()
                     .ok_or(RegistryError::MasterKeyRequired)?
-                    .seal(secrets),
+                    .seal(name, secrets),
             ),
-            None => previous.and_then(|p| p.sealed_secrets),
+            // Kept as stored; a blob sealed before blobs named their
+            // connector is sealed again, bound, on the way.
+            None => previous
+                .and_then(|p| p.sealed_secrets)
+                .map(|sealed| match self.secret_box() {
+                    Some(secret_box) if secrets::is_unbound(&sealed) => secret_box
+                        .open(name, &sealed)
+                        .map_or(sealed, |opened| secret_box.seal(name, &opened)),
+                    _ => sealed,
+                }),
         };
         let written = self
             .inner

@@ -179,9 +179,12 @@ async fn settings_through_the_api(backend: Backend) {
     let configs = app.store.connector_configs().await.expect("configs");
     let box_ =
         ferry::secrets::SecretBox::new(&"test-master-key-0123456789abcdef".to_owned().into());
-    let opened = box_
-        .open(configs[0].sealed_secrets.as_ref().expect("sealed"))
-        .expect("opens");
+    let sealed = configs[0].sealed_secrets.as_ref().expect("sealed");
+    let opened = box_.open("stripe", sealed).expect("opens");
+    assert!(
+        box_.open("salesforce", sealed).is_err(),
+        "bound to its connector"
+    );
     use secrecy::ExposeSecret;
     assert_eq!(
         opened["api_key"].expose_secret(),
@@ -192,6 +195,47 @@ async fn settings_through_the_api(backend: Backend) {
     let customer = app.create(json!({"email": email("api-kept")})).await;
     app.wait_synced(customer["id"].as_str().expect("id"), 1)
         .await;
+    // A blob sealed before blobs named their connector (version 1, no
+    // associated data) still opens, and the next settings write seals it
+    // again, bound to the connector.
+    let unbound = {
+        use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng};
+        let hkdf =
+            hkdf::Hkdf::<sha2::Sha256>::new(Some(b"ferry"), b"test-master-key-0123456789abcdef");
+        let mut key = [0u8; 32];
+        hkdf.expand(b"ferry connector secrets v1", &mut key)
+            .unwrap();
+        let cipher = chacha20poly1305::XChaCha20Poly1305::new(&key.into());
+        let nonce = chacha20poly1305::XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let clear = br#"{"api_key":"sk_test_from_api","webhook_secret":"whsec_added"}"#;
+        let ciphertext = cipher.encrypt(&nonce, clear.as_slice()).unwrap();
+        [[1u8].as_slice(), &nonce, &ciphertext].concat()
+    };
+    let mut stored = configs[0].clone();
+    stored.sealed_secrets = Some(unbound);
+    app.store
+        .put_connector_config(&stored, true, None)
+        .await
+        .expect("stored")
+        .expect("live");
+    let (status, connector) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/stripe/settings",
+            Some(json!({"settings": {"api_base": stripe.url()}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{connector}");
+    let configs = app.store.connector_configs().await.expect("configs");
+    let sealed = configs[0].sealed_secrets.as_ref().expect("sealed");
+    assert_eq!(sealed[0], 2, "sealed again, bound");
+    let opened = box_.open("stripe", sealed).expect("opens");
+    assert_eq!(opened["api_key"].expose_secret(), "sk_test_from_api");
+    assert_eq!(opened["webhook_secret"].expose_secret(), "whsec_added");
+    let customer = app.create(json!({"email": email("api-rebound")})).await;
+    app.wait_synced(customer["id"].as_str().expect("id"), 1)
+        .await;
+
     // A secret with no value in effect cannot be kept.
     let (status, problem) = app
         .send(
