@@ -19,9 +19,10 @@ use utoipa::ToSchema;
 use super::error::{ApiError, Problem};
 use super::extract::{parse_json, JsonBody, Principal, QueryPairs};
 use crate::app::AppState;
-use crate::registry::{ConfigSource, Entry, NewSettings, Switch};
+use crate::registry::{ConfigSource, Entry, NewSettings, NotReady, Switch};
 use crate::store::connectors::VersionMeta;
 use crate::sync::breaker::BreakerView;
+use crate::sync::ENTITY;
 
 /// A connector: its active version, switch, configuration and breaker.
 #[derive(Debug, Serialize, ToSchema)]
@@ -440,6 +441,11 @@ pub async fn enable(
     QueryPairs(pairs): QueryPairs,
 ) -> Result<Json<ConnectorSummary>, ApiError> {
     let backfill = bool_param(&pairs, "backfill", false)?;
+    if backfill {
+        // What would refuse the run is checked before the switch: an
+        // error must not leave the connector enabled without its run.
+        backfill_possible(&state, &name).await?;
+    }
     state.registry.set_enabled(&name, true).await?;
     if backfill {
         super::reconciliations::start(
@@ -451,6 +457,33 @@ pub async fn enable(
         .await?;
     }
     current(&state, &name).await
+}
+
+/// Why a backfill of `name` could not start, whatever its switch: its
+/// active version does not handle customers, or a run is going.
+async fn backfill_possible(state: &AppState, name: &str) -> Result<(), ApiError> {
+    let ready = match state.registry.loaded(name) {
+        Ok(ready) => ready,
+        Err(NotReady::Unknown) => return Err(ApiError::ConnectorNotFound),
+        // Missing settings: the switch answers 422 for them.
+        Err(NotReady::Incomplete(_)) => return Ok(()),
+        Err(other) => return Err(ApiError::ConnectorNotReady(other.to_string())),
+    };
+    if !ready
+        .connector
+        .manifest()
+        .entities
+        .iter()
+        .any(|e| e == ENTITY)
+    {
+        return Err(ApiError::ConnectorNotReady(
+            NotReady::Unsupported(format!("entity `{ENTITY}`")).to_string(),
+        ));
+    }
+    match state.store.latest_run(name).await? {
+        Some(run) if run.status == "running" => Err(ApiError::ReconciliationRunning(run.id)),
+        _ => Ok(()),
+    }
 }
 
 /// Disable a connector.

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use axum::body::Bytes;
+use axum::extract::multipart::MultipartError;
 use axum::extract::{Multipart, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -147,7 +148,7 @@ async fn current_customer(
         .fields
         .iter()
         .any(|(name, pick)| name.starts_with("pick.") && pick == "local");
-    if !picks_local || !id.starts_with("cf_") {
+    if !picks_local || !crate::api::extract::is_id(id, "cf_") {
         return Ok(None);
     }
     let Some(conflict) = state.store.conflict(id).await? else {
@@ -198,6 +199,19 @@ pub async fn replay_dead_letters(State(state): State<AppState>, form: CsrfForm) 
     }
 }
 
+/// Why an upload's body could not be read, as the API's upload says it:
+/// over the limit, stalled past `body_read_timeout`, or malformed.
+fn upload_failed(state: &AppState, error: &MultipartError) -> ApiError {
+    if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::ComponentTooLarge {
+            limit: state.settings.max_component_bytes,
+        }
+    } else {
+        crate::api::extract::body_stalled(error, state)
+            .unwrap_or_else(|| ApiError::field("component", error.body_text()))
+    }
+}
+
 /// `POST /console/connectors` (multipart): `csrf`, `component` (the
 /// `.wasm`), `activate` (checkbox).
 pub async fn upload_connector(
@@ -210,13 +224,9 @@ pub async fn upload_connector(
         match multipart.next_field().await {
             Ok(Some(field)) => {
                 let name = field.name().unwrap_or("").to_owned();
-                let Ok(bytes) = field.bytes().await else {
-                    return problem(
-                        &session,
-                        ApiError::ComponentTooLarge {
-                            limit: state.settings.max_component_bytes,
-                        },
-                    );
+                let bytes = match field.bytes().await {
+                    Ok(bytes) => bytes,
+                    Err(error) => return problem(&session, upload_failed(&state, &error)),
                 };
                 match name.as_str() {
                     "csrf" => csrf = Some(String::from_utf8_lossy(&bytes).into_owned()),
@@ -226,9 +236,7 @@ pub async fn upload_connector(
                 }
             }
             Ok(None) => break,
-            Err(error) => {
-                return problem(&session, ApiError::field("component", error.body_text()))
-            }
+            Err(error) => return problem(&session, upload_failed(&state, &error)),
         }
     }
     if !session::multipart_csrf_ok(&session, csrf.as_deref()) {

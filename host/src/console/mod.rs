@@ -150,7 +150,14 @@ fn render_problem(
 fn problem(session: &Session, error: ApiError) -> Response {
     let status = error.status();
     if status.is_server_error() {
-        tracing::error!(error = %error, "console action failed");
+        // An internal error's text is the same for every cause; the cause
+        // goes to the log, as the API's answer writes it.
+        match &error {
+            ApiError::Internal(cause) => {
+                tracing::error!(error = format!("{cause:#}"), "console action failed");
+            }
+            other => tracing::error!(error = %other, "console action failed"),
+        }
     }
     let problem = error.problem();
     render(

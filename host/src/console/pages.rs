@@ -152,7 +152,8 @@ pub async fn customer(
         conflicts::list_conflicts(
             State(state),
             session.principal,
-            // The open ones, all of them; the rest are a link away.
+            // The first 500 open ones; the page links to the rest (and to
+            // the resolved ones).
             QueryPairs(vec![
                 ("customer_id".to_owned(), id),
                 ("state".to_owned(), "open".to_owned()),
@@ -163,7 +164,14 @@ pub async fn customer(
     page(
         &session,
         "customer.html",
-        json!({ "section": "customers", "customer": record, "sync": sync, "conflicts": conflicts.data, "history": history }),
+        json!({
+            "section": "customers",
+            "customer": record,
+            "sync": sync,
+            "conflicts": conflicts.data,
+            "more_conflicts": conflicts.next_cursor.is_some(),
+            "history": history,
+        }),
     )
 }
 

@@ -25,6 +25,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::api::error::ApiError;
 use crate::api::extract::Principal;
 use crate::app::AppState;
 
@@ -286,7 +287,17 @@ impl FromRequest<AppState> for CsrfForm {
         let request = Request::from_parts(parts, body);
         let bytes = Bytes::from_request(request, state)
             .await
-            .map_err(IntoResponse::into_response)?;
+            .map_err(|rejection| {
+                let error = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge {
+                        limit: state.settings.max_body_bytes,
+                    }
+                } else {
+                    crate::api::extract::body_stalled(&rejection, state)
+                        .unwrap_or_else(|| ApiError::field("body", rejection.body_text()))
+                };
+                super::problem(&session, error)
+            })?;
         let fields: Vec<(String, String)> =
             serde_urlencoded::from_bytes(&bytes).map_err(|_| csrf_refused())?;
         let given = fields

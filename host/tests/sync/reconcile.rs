@@ -1468,6 +1468,25 @@ async fn a_run_switched_off_mid_listing_repairs_nothing_until_on(backend: Backen
         "imported while switched off"
     );
 
+    // Switching on with a backfill while this run goes: refused before the
+    // switch, which stays off (it was switched on and answered 409).
+    let (status, problem) = app
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/connectors/stripe/enable?backfill=true",
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (409, Some("reconciliation_running")),
+        "{problem}"
+    );
+    let (_, connector) = app
+        .send(reqwest::Method::GET, "/api/v1/connectors/stripe", None)
+        .await;
+    assert_eq!(connector["enabled"], false, "{connector}");
+
     let (status, _) = app
         .send(
             reqwest::Method::POST,
