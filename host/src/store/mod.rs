@@ -193,6 +193,20 @@ impl StoreError {
         }
     }
 
+    /// Whether the whole store is busy, not one row: no connection came
+    /// within the pool's timeout, or SQLite's one writer stayed locked past
+    /// its busy timeout. (A PostgreSQL lock or statement timeout is one
+    /// row's or one statement's.)
+    pub fn is_store_busy(&self) -> bool {
+        match self {
+            Self::Database(sqlx::Error::PoolTimedOut) => true,
+            Self::Database(sqlx::Error::Database(db)) => db
+                .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+                .is_some_and(|_| self.is_busy()),
+            _ => false,
+        }
+    }
+
     /// Maps a unique violation to [`StoreError::CustomerIdExists`] when it
     /// is the customers' key, and to [`StoreError::EmailTaken`] otherwise
     /// (the only other one a customer write can hit is the live-email

@@ -130,6 +130,26 @@ async fn run<C: Committer>(
                     let _ = waiter.send(Ok(done));
                 }
             }
+            // A busy store (no connection from the pool, SQLite's writer
+            // locked) says nothing about any one write: committed one by
+            // one, each would wait out the same timeout again, and a stall
+            // of the single SQLite writer would hold every webhook for
+            // minutes. Everyone is told at once (503 `store_busy`: nothing
+            // was written). A row's lock timeout is still found write by
+            // write: the others commit.
+            Err(error) if error.is_store_busy() => {
+                tracing::warn!(
+                    writes = C::NAME,
+                    group = writes.len(),
+                    error = ?error,
+                    "a group commit found the store busy; its writers are told so"
+                );
+                metrics::counter!("ferry_group_commit_failures_total", "writes" => C::NAME)
+                    .increment(1);
+                for waiter in waiting {
+                    let _ = waiter.send(Err(StoreError::Database(sqlx::Error::PoolTimedOut)));
+                }
+            }
             // One bad write fails the whole transaction: commit them one by
             // one so each gets its own answer.
             Err(error) => {
@@ -153,6 +173,11 @@ async fn run<C: Committer>(
                 metrics::counter!("ferry_group_commit_failures_total", "writes" => C::NAME)
                     .increment(1);
                 for (write, waiter) in writes.iter().zip(waiting) {
+                    if waiter.is_closed() {
+                        // Its writer stopped waiting (a request timed out):
+                        // it was told nothing was written.
+                        continue;
+                    }
                     let result = committer
                         .commit(std::slice::from_ref(write))
                         .await
@@ -210,6 +235,63 @@ mod tests {
                 Ok(vec![(); writes.len()])
             })
         }
+    }
+
+    /// Fails every group of more than one write as busy, or refuses the
+    /// write numbered 0; records each group.
+    struct Failing {
+        groups: Groups,
+        busy: bool,
+    }
+
+    impl Committer for Failing {
+        type Write = usize;
+        type Done = ();
+        const NAME: &'static str = "test";
+
+        fn commit<'a>(&'a self, writes: &'a [usize]) -> BoxFuture<'a, Result<Vec<()>, StoreError>> {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                self.groups.lock().unwrap().push(writes.to_vec());
+                if self.busy {
+                    Err(StoreError::Database(sqlx::Error::PoolTimedOut))
+                } else if writes.contains(&0) {
+                    Err(StoreError::EmailTaken)
+                } else {
+                    Ok(vec![(); writes.len()])
+                }
+            })
+        }
+    }
+
+    /// Submits writes 0..10 at once; returns each answer and the groups.
+    async fn ten_at_once(busy: bool) -> (Vec<Result<(), StoreError>>, Vec<Vec<usize>>) {
+        let groups = Groups::default();
+        let committer = Failing {
+            groups: groups.clone(),
+            busy,
+        };
+        let queue = GroupCommit::start(committer, 1);
+        let answers = futures::future::join_all((0..10).map(|n| queue.submit(n))).await;
+        let groups = groups.lock().unwrap().clone();
+        (answers, groups)
+    }
+
+    /// A busy store was retried write by write, each waiting out the
+    /// pool's timeout again: 256 writes behind a stalled SQLite writer
+    /// took 256 timeouts to answer.
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_store_is_everyones_answer_at_once() {
+        let (answers, groups) = ten_at_once(true).await;
+        assert!(answers
+            .iter()
+            .all(|a| a.as_ref().is_err_and(StoreError::is_store_busy)));
+        assert_eq!(groups.len(), 1, "no write retried alone: {groups:?}");
+        // A refused write still gets its own answer, the others theirs.
+        let (answers, groups) = ten_at_once(false).await;
+        assert!(matches!(answers[0], Err(StoreError::EmailTaken)));
+        assert!(answers[1..].iter().all(Result::is_ok));
+        assert_eq!(groups.len(), 11, "the group, then each alone: {groups:?}");
     }
 
     /// Four writers that submit six writes each, the next as soon as the

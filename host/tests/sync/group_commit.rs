@@ -2882,3 +2882,80 @@ async fn sqlite_a_page_of_forty_thousand_records_is_read() {
         .expect("read in chunks");
     assert!(linked.is_empty());
 }
+
+/// Webhook deliveries grouped behind SQLite's one writer while another
+/// process holds the database's write lock: the group found the store busy
+/// after one timeout, and each of its deliveries then waited out its own
+/// timeout, one after the other (256 deliveries, 256 timeouts) before any
+/// sender heard back. All are answered busy together now, and once the
+/// lock is gone the next delivery is stored.
+#[tokio::test]
+async fn sqlite_a_locked_writer_answers_a_group_busy_at_once() {
+    use ferry::sync::group_commit::{Committer, GroupCommit};
+    use futures::future::BoxFuture;
+    use sqlx::Connection;
+
+    struct Deliveries(Store);
+    impl Committer for Deliveries {
+        const NAME: &'static str = "test_deliveries";
+        type Write = Vec<NewInboxEvent>;
+        type Done = usize;
+        fn commit<'a>(
+            &'a self,
+            writes: &'a [Self::Write],
+        ) -> BoxFuture<'a, Result<Vec<usize>, StoreError>> {
+            Box::pin(async move {
+                let deliveries: Vec<(&str, &[NewInboxEvent], Option<&str>)> = writes
+                    .iter()
+                    .map(|events| ("stripe", events.as_slice(), None))
+                    .collect();
+                self.0.store_inbox_many(&deliveries).await
+            })
+        }
+    }
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(false, dir.path()).await;
+    let timeout = std::time::Duration::from_millis(300);
+    let options = StoreOptions {
+        acquire_timeout: timeout,
+        ..StoreOptions::default()
+    };
+    let store = Store::connect(&url, &options).await.expect("store");
+    store.migrate().await.expect("migrations");
+    let queue = GroupCommit::start(Deliveries(store.clone()), 1);
+
+    // Another process's write transaction.
+    let mut other = sqlx::SqliteConnection::connect(&url)
+        .await
+        .expect("second connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .expect("write lock");
+    let started = std::time::Instant::now();
+    let answers = futures::future::join_all(
+        (0..20).map(|n| queue.submit(vec![event(&format!("evt_busy_{n}"), &format!("cus_{n}"))])),
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.as_ref().is_err_and(StoreError::is_store_busy)),
+        "{answers:?}"
+    );
+    // A first group of one, then the other nineteen: two timeouts, not
+    // twenty. (A bound far above two, below twenty, for a loaded machine.)
+    assert!(took < timeout * 10, "answered after {took:?}");
+
+    sqlx::query("ROLLBACK")
+        .execute(&mut other)
+        .await
+        .expect("lock released");
+    let stored = queue
+        .submit(vec![event("evt_after", "cus_after")])
+        .await
+        .expect("stored once the lock is gone");
+    assert_eq!(stored, 1);
+}
