@@ -102,6 +102,9 @@ impl From<ConnectorDbRow> for ConnectorRow {
     }
 }
 
+/// Links a connector's enable releases per statement.
+pub const RESUME_BATCH: i64 = 1000;
+
 const CONNECTOR_COLUMNS: &str = "name, active_version, activated_by, enabled, deleted_at, revision";
 
 /// A stored version, without its bytes.
@@ -618,21 +621,36 @@ impl Store {
     }
 
     /// Makes the pushes that waited while `name` was disabled due now
-    /// (retries in backoff keep their time).
+    /// (retries in backoff keep their time), [`RESUME_BATCH`] links per
+    /// statement: one statement over a long backlog held SQLite's only
+    /// writer (every webhook behind it) for as long as it took.
     pub async fn resume_connector_links(&self, name: &str) -> Result<u64, StoreError> {
         let now_ms = super::now_ms();
-        let resumed = dispatch!(self, write pool => {
-            sqlx::query(
-                "UPDATE sync_links SET next_attempt_at_ms = $2 WHERE connector = $1 \
-                 AND state = 'pending' AND next_attempt_at_ms > $2",
-            )
-            .bind(name)
-            .bind(now_ms)
-            .execute(pool)
-            .await?
-            .rows_affected()
-        });
-        Ok(resumed)
+        let mut resumed = 0;
+        loop {
+            // `state IN (…)` as well: the due links' partial index, which
+            // SQLite uses only for its own condition.
+            let step = dispatch!(self, write pool => {
+                sqlx::query(
+                    "UPDATE sync_links SET next_attempt_at_ms = $2 \
+                     WHERE (customer_id, connector) IN (SELECT customer_id, connector \
+                       FROM sync_links WHERE state IN ('pending', 'retry') \
+                       AND state = 'pending' AND next_attempt_at_ms > $2 AND connector = $1 \
+                       LIMIT $3)",
+                )
+                .bind(name)
+                .bind(now_ms)
+                .bind(RESUME_BATCH)
+                .execute(pool)
+                .await?
+                .rows_affected()
+            });
+            resumed += step;
+            if step < u64::try_from(RESUME_BATCH).unwrap_or(0) {
+                return Ok(resumed);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// Customers linked to a live record of `name`.

@@ -2959,3 +2959,112 @@ async fn sqlite_a_locked_writer_answers_a_group_busy_at_once() {
         .expect("stored once the lock is gone");
     assert_eq!(stored, 1);
 }
+
+/// Enabling a connector releases the pushes that waited for it, a batch
+/// per statement (one statement over the whole backlog held SQLite's only
+/// writer): every waiting push of that connector, and nothing else.
+async fn enabling_releases_a_long_backlog_in_batches(postgres: bool) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(postgres, dir.path()).await;
+    let store = open(&url).await;
+    let n = usize::try_from(ferry::store::connectors::RESUME_BATCH).unwrap() + 50;
+    let mut changes = Vec::new();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
+        let created = futures::future::join_all(chunk.iter().map(|i| {
+            store.create_customer(
+                fields(&email(&format!("paused{i}")), "Ada"),
+                WriteContext::default(),
+            )
+        }))
+        .await;
+        for customer in created {
+            let customer = customer.expect("customer");
+            changes.push(ChangeNotice {
+                customer_id: customer.id.as_str().to_owned(),
+                version: customer.version,
+                correlation_id: None,
+                outbox_id: None,
+                source_connector: None,
+            });
+        }
+    }
+    store
+        .intake_changes(&changes, &["stripe".to_owned(), "salesforce".to_owned()])
+        .await
+        .expect("intake");
+    // Both connectors' pushes wait a minute (as a paused push does); a few
+    // of Stripe's are retries in backoff.
+    let later = chrono::Utc::now().timestamp_millis() + 60_000;
+    raw_count(
+        &url,
+        &format!("UPDATE sync_links SET next_attempt_at_ms = {later}"),
+    )
+    .await;
+    raw_count(
+        &url,
+        "UPDATE sync_links SET state = 'retry' WHERE connector = 'stripe' AND customer_id IN \
+         (SELECT customer_id FROM sync_links WHERE connector = 'stripe' ORDER BY customer_id LIMIT 7)",
+    )
+    .await;
+
+    let resumed = store
+        .resume_connector_links("stripe")
+        .await
+        .expect("resumed");
+    assert_eq!(resumed, u64::try_from(n - 7).unwrap());
+    let waiting = |connector: &'static str, state: &'static str| {
+        let (url, sql) = (
+            url.clone(),
+            format!(
+                "SELECT COUNT(*) FROM sync_links WHERE connector = '{connector}' \
+                 AND state = '{state}' AND next_attempt_at_ms = {later}"
+            ),
+        );
+        async move { raw_count(&url, &sql).await }
+    };
+    assert_eq!(waiting("stripe", "pending").await, 0, "all released");
+    assert_eq!(waiting("stripe", "retry").await, 7, "backoff kept");
+    assert_eq!(
+        waiting("salesforce", "pending").await,
+        i64::try_from(n).unwrap(),
+        "another connector's left alone"
+    );
+}
+
+/// Runs `sql` on its own connection to `url`: a count's answer, or the
+/// rows a write touched.
+async fn raw_count(url: &str, sql: &str) -> i64 {
+    if url.starts_with("postgres") {
+        let pool = sqlx::PgPool::connect(url).await.expect("raw pool");
+        if sql.starts_with("SELECT") {
+            sqlx::query_scalar(sql)
+                .fetch_one(&pool)
+                .await
+                .expect("count")
+        } else {
+            let done = sqlx::query(sql).execute(&pool).await.expect("write");
+            i64::try_from(done.rows_affected()).unwrap()
+        }
+    } else {
+        let pool = sqlx::SqlitePool::connect(url).await.expect("raw pool");
+        if sql.starts_with("SELECT") {
+            sqlx::query_scalar(sql)
+                .fetch_one(&pool)
+                .await
+                .expect("count")
+        } else {
+            let done = sqlx::query(sql).execute(&pool).await.expect("write");
+            i64::try_from(done.rows_affected()).unwrap()
+        }
+    }
+}
+
+#[tokio::test]
+async fn postgres_enabling_releases_a_long_backlog_in_batches() {
+    enabling_releases_a_long_backlog_in_batches(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_enabling_releases_a_long_backlog_in_batches() {
+    enabling_releases_a_long_backlog_in_batches(false).await;
+}
