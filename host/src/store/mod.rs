@@ -358,7 +358,13 @@ pub fn lock_sqlite_file(url: &str) -> anyhow::Result<Option<std::fs::File>> {
     }
     let options = SqliteConnectOptions::from_str(url)?;
     let path = options.get_filename();
-    if path.as_os_str().is_empty() || path == std::path::Path::new(":memory:") {
+    // sqlx names `sqlite::memory:` `file:sqlx-in-memory-N`; `mode=memory`
+    // keeps the file name given. Neither touches the disk.
+    let in_memory = path.to_string_lossy().starts_with("file:sqlx-in-memory-")
+        || url
+            .split_once('?')
+            .is_some_and(|(_, query)| query.split('&').any(|p| p == "mode=memory"));
+    if path.as_os_str().is_empty() || in_memory {
         return Ok(None);
     }
     let mut lock_path = path.as_os_str().to_owned();
@@ -614,5 +620,28 @@ pub fn replace_nul(value: &mut serde_json::Value) {
         }
         serde_json::Value::Object(map) => map.values_mut().for_each(replace_nul),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An in-memory database left a `file:sqlx-in-memory-0.lock` in the
+    /// working directory, and refused a second in-memory ferry started
+    /// there, though the two share nothing.
+    #[test]
+    fn in_memory_databases_take_no_lock() {
+        for url in ["sqlite::memory:", "sqlite://ferry.db?mode=memory"] {
+            assert!(lock_sqlite_file(url).unwrap().is_none(), "{url}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("ferry.db").display());
+        let held = lock_sqlite_file(&url).unwrap();
+        assert!(held.is_some());
+        assert!(lock_sqlite_file(&url).is_err(), "one process per file");
+        assert!(lock_sqlite_file("postgres://ferry@localhost/ferry")
+            .unwrap()
+            .is_none());
     }
 }
