@@ -435,7 +435,10 @@ impl SyncEngine {
         // another replica judges the lease by its own clock, and a create
         // writes its marker before it goes.
         let call_ms = i64::try_from(inner.call_timeout.as_millis()).unwrap_or(i64::MAX);
-        if lease_until_ms.saturating_sub(now_ms()) <= call_ms.saturating_add(LEASE_MARGIN_MS) {
+        let outlives_lease = || {
+            lease_until_ms.saturating_sub(now_ms()) <= call_ms.saturating_add(LEASE_MARGIN_MS)
+        };
+        if outlives_lease() {
             return deferred(Duration::ZERO);
         }
         let pass = match inner.breakers.allow(&link.connector) {
@@ -455,6 +458,15 @@ impl SyncEngine {
                 Err(error) => Err(error.into()),
             };
             match marked {
+                // The marker's write may have waited (a busy store, a
+                // group behind a lock): the lease is judged again, or the
+                // call could outlive it and another worker replay the
+                // create while this one is still in flight. Marked, the
+                // create is replayed with its key at the next claim.
+                Ok(true) if outlives_lease() => {
+                    inner.breakers.unused(&link.connector, pass);
+                    return deferred(Duration::ZERO);
+                }
                 Ok(true) => {}
                 Ok(false) => {
                     inner.breakers.unused(&link.connector, pass);
