@@ -435,9 +435,8 @@ impl SyncEngine {
         // another replica judges the lease by its own clock, and a create
         // writes its marker before it goes.
         let call_ms = i64::try_from(inner.call_timeout.as_millis()).unwrap_or(i64::MAX);
-        let outlives_lease = || {
-            lease_until_ms.saturating_sub(now_ms()) <= call_ms.saturating_add(LEASE_MARGIN_MS)
-        };
+        let outlives_lease =
+            || lease_until_ms.saturating_sub(now_ms()) <= call_ms.saturating_add(LEASE_MARGIN_MS);
         if outlives_lease() {
             return deferred(Duration::ZERO);
         }

@@ -255,6 +255,26 @@ async fn open_mode_refuses_other_hosts_and_origins(backend: Backend) {
         .await
         .unwrap();
     assert_problem(rebound, 403, "cross_site_request").await;
+    // The console too: its pages and its sign-in (any token signs in in
+    // open mode) under a rebound name, and a form posted from elsewhere.
+    let console_page = app
+        .client
+        .get(format!("{}/console", app.base))
+        .header("host", format!("evil.example:{port}"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(console_page, 403, "cross_site_request").await;
+    let console_sign_in = app
+        .client
+        .post(format!("{}/console/sign-in", app.base))
+        .header("origin", "https://evil.example")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("token=anything")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(console_sign_in, 403, "cross_site_request").await;
     let forged = app
         .client
         .post(&url)

@@ -441,3 +441,76 @@ async fn connections_beyond_the_limit_wait() {
     assert_eq!(served.status(), 200);
     drop(second);
 }
+
+/// The console answers as the API does: an upload that stalls is 408 (it
+/// was 413 `component_too_large`, whatever went wrong), a conflict id with
+/// a NUL is 404 (PostgreSQL refused it: a 500 without its cause logged).
+#[tokio::test]
+async fn the_console_answers_stalls_and_odd_ids_as_the_api_does() {
+    let mut setup = Setup::new(Backend::Postgres, "http://127.0.0.1:9");
+    setup.extra = json!({ "body_read_timeout": "500ms" });
+    let app = spawn_sync_app(setup).await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let signed_in = client
+        .post(format!("{}/console/sign-in", app.base))
+        .form(&[("next", "/console")])
+        .send()
+        .await
+        .unwrap();
+    let cookie = signed_in.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let page = client
+        .get(format!("{}/console", app.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = crate::helpers::csrf_field(&page);
+
+    let odd = client
+        .post(format!("{}/console/conflicts/cf_%00/resolve", app.base))
+        .header("cookie", &cookie)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("resolution", "fields"),
+            ("pick.name", "local"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(odd.status(), 404, "{}", odd.text().await.unwrap());
+
+    let mut stalled = TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /console/connectors HTTP/1.1\r\nhost: 127.0.0.1\r\ncookie: {cookie}\r\n\
+         content-type: multipart/form-data; boundary=XX\r\ncontent-length: 100000\r\n\r\n\
+         --XX\r\ncontent-disposition: form-data; name=\"component\"; filename=\"c.wasm\"\r\n\r\n\0asm"
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let started = Instant::now();
+    while !String::from_utf8_lossy(&got).contains("</html>") {
+        match tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    let reply = String::from_utf8_lossy(&got);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("request_timeout"), "{reply}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
