@@ -423,7 +423,7 @@ const DEFAULTS: Defaults = Defaults {
     conflict_policy: "last_writer_wins",
     duplicate_email_policy: "reject",
     reconcile_max_delete_share: 0.1,
-    webhook_max_body_bytes: 256 * 1024,
+    webhook_max_body_bytes: ferry_runtime::DEFAULT_WEBHOOK_MAX_BODY_BYTES,
     max_connections: 1024,
     header_read_timeout: "10s",
     body_read_timeout: "10s",

@@ -76,7 +76,7 @@ async fn create_sends_a_form_with_the_key_and_idempotency_key() {
     assert_eq!((req.method.as_str(), req.url.as_str()), ("POST", API));
     // The host substituted the placeholder: the component never saw the key.
     assert_eq!(req.header("authorization"), Some("Bearer sk_test_kit"));
-    assert_eq!(req.header("idempotency-key"), Some("c1-v1"));
+    assert_eq!(req.header("idempotency-key"), Some("ferry-example-c1-v1"));
     assert_eq!(
         req.header("content-type"),
         Some("application/x-www-form-urlencoded")

@@ -140,6 +140,38 @@ pub fn unstorable(what: &str, id: &str) -> Option<String> {
     }
 }
 
+/// Why a listing's `next_cursor` cannot be followed, if it cannot: one
+/// ferry cannot store (see [`unstorable`]), or the cursor that asked for
+/// the page (the listing would never end). A reconciliation run fails on
+/// either; the SDK's test kit fails the `list` call.
+pub fn cursor_problem(asked: Option<&str>, next: Option<&str>) -> Option<String> {
+    let next = next?;
+    if let Some(problem) = unstorable("cursor", next) {
+        return Some(format!("the connector answered {problem}"));
+    }
+    (asked == Some(next)).then(|| {
+        "the connector answered a page with the cursor that asked for it; its listing \
+         would never end"
+            .to_owned()
+    })
+}
+
+/// The largest webhook delivery ferry reads by default (its
+/// `webhook_max_body_bytes`); a larger one is answered 413.
+pub const DEFAULT_WEBHOOK_MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// The idempotency key ferry sends with a push of `customer_id` at
+/// `version` to `connector` (`-r{repairs}` once a dead letter's replay
+/// asked for a fresh one). A remote's key length limit must allow it: the
+/// customer ids are 36 bytes, connector names up to 64.
+pub fn idempotency_key(connector: &str, customer_id: &str, version: i64, repairs: i32) -> String {
+    if repairs > 0 {
+        format!("ferry-{connector}-{customer_id}-v{version}-r{repairs}")
+    } else {
+        format!("ferry-{connector}-{customer_id}-v{version}")
+    }
+}
+
 /// Whether `name` is a valid connector name (what a manifest's `name` must
 /// be): 1-64 characters of `[a-z0-9-]`, not starting or ending with `-`.
 pub fn valid_connector_name(name: &str) -> bool {

@@ -34,6 +34,9 @@ pub struct DevOptions {
 pub async fn run(options: DevOptions, cancel: CancellationToken) -> anyhow::Result<()> {
     let dir = std::path::absolute(&options.dir)
         .with_context(|| format!("resolving {}", options.dir.display()))?;
+    // Before the first build, which can take minutes: a file saved while
+    // it runs is a change the loop must build.
+    let built_from = newest_change(&dir);
     let wasm = build(&dir).await?;
     let state_dir = dir.join("target/ferry-dev");
     std::fs::create_dir_all(&state_dir)
@@ -64,9 +67,15 @@ pub async fn run(options: DevOptions, cancel: CancellationToken) -> anyhow::Resu
     print_next_steps(&name, &base, &wasm);
     let stop = app.cancellation_token();
     let server = tokio::spawn(app.run_until_stopped());
-    let watching = options
-        .watch
-        .then(|| tokio::spawn(watch(dir.clone(), registry, take_over, stop.clone())));
+    let watching = options.watch.then(|| {
+        tokio::spawn(watch(
+            dir.clone(),
+            built_from,
+            registry,
+            take_over,
+            stop.clone(),
+        ))
+    });
     tokio::select! {
         () = cancel.cancelled() => stop.cancel(),
         () = stop.cancelled() => {}
@@ -193,10 +202,19 @@ fn print_next_steps(name: &str, base: &str, wasm: &Path) {
     );
 }
 
+/// How long the sources must stay unchanged before a rebuild: an editor
+/// saving as one types would otherwise rebuild every second.
+const QUIET: Duration = Duration::from_millis(700);
+
 /// Rebuilds and re-registers when a file under `src/` or `Cargo.toml`
-/// changes.
-async fn watch(dir: PathBuf, registry: Registry, take_over: bool, stop: CancellationToken) {
-    let mut seen = newest_change(&dir);
+/// changes after `seen` (and then stays unchanged for [`QUIET`]).
+async fn watch(
+    dir: PathBuf,
+    mut seen: SystemTime,
+    registry: Registry,
+    take_over: bool,
+    stop: CancellationToken,
+) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -204,7 +222,7 @@ async fn watch(dir: PathBuf, registry: Registry, take_over: bool, stop: Cancella
             _ = every.tick() => {}
         }
         let now = newest_change(&dir);
-        if now <= seen {
+        if now <= seen || now.elapsed().is_ok_and(|age| age < QUIET) {
             continue;
         }
         seen = now;

@@ -91,11 +91,7 @@ pub enum Outcome {
 /// it was already pushed) gets a key of its own, or the remote would answer
 /// it with its saved answer to the earlier push and change nothing.
 pub fn idempotency_key(connector: &str, customer_id: &str, version: i64, repairs: i32) -> String {
-    if repairs > 0 {
-        format!("ferry-{connector}-{customer_id}-v{version}-r{repairs}")
-    } else {
-        format!("ferry-{connector}-{customer_id}-v{version}")
-    }
+    ferry_runtime::idempotency_key(connector, customer_id, version, repairs)
 }
 
 /// Whether `key` is one [`idempotency_key`] made for `connector`. The

@@ -575,24 +575,13 @@ impl SyncEngine {
                 }
             };
             // A cursor the store cannot keep (a NUL) failed the page's
-            // commit on PostgreSQL, and the run retried it every lease.
-            if let Some(problem) = page
-                .next_cursor
-                .as_deref()
-                .and_then(|next| crate::store::unstorable("cursor", next))
+            // commit on PostgreSQL, and the run retried it every lease; one
+            // that leads back to the page it came from would list that
+            // page for ever.
+            if let Some(problem) =
+                ferry_runtime::cursor_problem(cursor.as_deref(), page.next_cursor.as_deref())
             {
-                return Err(Stop::Failed(format!(
-                    "listing failed: the connector answered {problem}"
-                )));
-            }
-            // A cursor that leads back to the page it came from would
-            // list that page for ever.
-            if page.next_cursor.is_some() && page.next_cursor == cursor {
-                return Err(Stop::Failed(
-                    "listing failed: the connector answered a page with the cursor that \
-                     asked for it; its listing would never end"
-                        .into(),
-                ));
+                return Err(Stop::Failed(format!("listing failed: {problem}")));
             }
             let listed = i64::try_from(page.records.len()).unwrap_or(i64::MAX);
             self.compare_page(run, &page, &mut findings).await?;

@@ -349,8 +349,17 @@ impl TestKit {
     /// does not declare webhooks (ferry answers 404), and events ferry
     /// would not store: an id or remote id it could not keep (empty, over
     /// 255 bytes, a NUL), a record that is not JSON, or one id given to two
-    /// different events.
+    /// different events; and a delivery larger than ferry reads by default
+    /// (ferry answers 413 without calling the connector).
     pub async fn receive_webhook(&self, req: WebhookRequest) -> Result<ParsedWebhook, CallError> {
+        if req.body.len() > ferry_runtime::DEFAULT_WEBHOOK_MAX_BODY_BYTES {
+            return Err(refusal(&format!(
+                "a delivery of {} bytes: ferry answers 413 to one over webhook_max_body_bytes \
+                 ({} by default) without reading it",
+                req.body.len(),
+                ferry_runtime::DEFAULT_WEBHOOK_MAX_BODY_BYTES
+            )));
+        }
         if !self.connector.manifest().webhooks {
             return Err(refusal(
                 "no webhooks: the manifest does not declare them (`.webhooks()`), so ferry answers 404 to every delivery",
@@ -387,18 +396,26 @@ impl TestKit {
             .map_err(convert::call_error)
     }
 
-    /// Calls `list`.
+    /// Calls `list`; a `next_cursor` ferry could not follow (empty, a NUL,
+    /// or the cursor that asked for the page) fails the call, as it fails a
+    /// reconciliation run.
     pub async fn list(
         &self,
         entity: &str,
         cursor: Option<String>,
         limit: u32,
     ) -> Result<Page, CallError> {
-        self.connector
-            .list(&self.config(), entity, cursor, limit)
+        let page = self
+            .connector
+            .list(&self.config(), entity, cursor.clone(), limit)
             .await
             .map(convert::page)
-            .map_err(convert::call_error)
+            .map_err(convert::call_error)?;
+        refused(ferry_runtime::cursor_problem(
+            cursor.as_deref(),
+            page.next_cursor.as_deref(),
+        ))?;
+        Ok(page)
     }
 }
 
@@ -436,8 +453,10 @@ fn transport_for(http: &Http) -> Result<Transports, TestKitError> {
     Ok((transport, scripted, tape))
 }
 
-/// A push request with version 1 and idempotency key `"{local_id}-v1"`;
-/// change the public fields for anything else.
+/// A push request with version 1 and the idempotency key ferry would send
+/// for it from a connector named `example` (`"ferry-example-{local_id}-v1"`;
+/// ferry's are as long as that with a 36-byte customer id and the
+/// connector's name); change the public fields for anything else.
 pub fn push_request(
     entity: &str,
     operation: Operation,
@@ -451,7 +470,7 @@ pub fn push_request(
         local_id: local_id.to_owned(),
         remote_id: remote_id.map(str::to_owned),
         version: 1,
-        idempotency_key: format!("{local_id}-v1"),
+        idempotency_key: ferry_runtime::idempotency_key("example", local_id, 1, 0),
         record: record.into(),
     }
 }

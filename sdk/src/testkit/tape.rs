@@ -101,6 +101,55 @@ fn scrub(text: &str, values: &[(String, String)]) -> String {
     out
 }
 
+/// A recorded body (text, or `base64:` for bytes that are not UTF-8) with
+/// every value replaced: a binary body is scrubbed as bytes, then encoded
+/// again.
+fn scrub_body(text: &str, values: &[(String, String)]) -> String {
+    if !text.starts_with("base64:") {
+        return scrub(text, values);
+    }
+    let mut bytes = body_bytes(text);
+    for (value, placeholder) in values {
+        bytes = replace_bytes(&bytes, value.as_bytes(), placeholder.as_bytes());
+    }
+    body_text(&bytes)
+}
+
+fn replace_bytes(haystack: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
+    if needle.is_empty() {
+        return haystack.to_vec();
+    }
+    let mut out = Vec::with_capacity(haystack.len());
+    let mut rest = haystack;
+    while let Some(at) = rest.windows(needle.len()).position(|w| w == needle) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(with);
+        rest = &rest[at + needle.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+/// Whether `tape` still holds one of `values`, in its text or inside a
+/// binary body.
+fn still_holds(tape: &Tape, text: &str, values: &[(String, String)]) -> bool {
+    let bodies: Vec<Vec<u8>> = tape
+        .exchanges
+        .iter()
+        .flat_map(|e| [e.request_body.as_deref(), Some(e.response_body.as_str())])
+        .flatten()
+        .filter(|b| b.starts_with("base64:"))
+        .map(body_bytes)
+        .collect();
+    values.iter().any(|(value, _)| {
+        !value.is_empty()
+            && (text.contains(value.as_str())
+                || bodies
+                    .iter()
+                    .any(|b| b.windows(value.len()).any(|w| w == value.as_bytes())))
+    })
+}
+
 /// `recorded` with every form of every secret value and token replaced by
 /// its placeholder; also the (value, placeholder) pairs it used.
 fn scrubbed(
@@ -135,10 +184,10 @@ fn scrubbed(
             method: e.method.clone(),
             url: scrub(&e.url, &values),
             request_headers: scrub_pairs(&e.request_headers),
-            request_body: e.request_body.as_deref().map(|b| scrub(b, &values)),
+            request_body: e.request_body.as_deref().map(|b| scrub_body(b, &values)),
             status: e.status,
             response_headers: scrub_pairs(&e.response_headers),
-            response_body: scrub(&e.response_body, &values),
+            response_body: scrub_body(&e.response_body, &values),
             error: e.error.as_deref().map(|m| scrub(m, &values)),
         })
         .collect();
@@ -160,7 +209,10 @@ fn encodings(value: &str) -> Vec<String> {
         forms.push(form["v=".len()..].replace('+', "%20"));
     }
     if let Ok(json) = serde_json::to_string(value) {
-        forms.push(json[1..json.len() - 1].to_owned());
+        let escaped = &json[1..json.len() - 1];
+        forms.push(escaped.to_owned());
+        // Some servers escape `/` in JSON strings (PHP's default).
+        forms.push(escaped.replace('/', "\\/"));
     }
     forms.retain(|form| !form.is_empty());
     forms.sort();
@@ -263,10 +315,7 @@ impl TapeTransport {
             serde_json::to_string_pretty(&tape).map_err(|e| TestKitError::Tape(e.to_string()))?;
         // The tape is meant to be committed: one that still holds a secret
         // in any form is not written.
-        if values
-            .iter()
-            .any(|(value, _)| !value.is_empty() && text.contains(value.as_str()))
-        {
+        if still_holds(&tape, &text, &values) {
             return Err(TestKitError::Tape(
                 "a secret or token is still in the recording after scrubbing; nothing was saved"
                     .into(),
@@ -622,5 +671,52 @@ mod tests {
                 .is_some_and(|b| b.contains("client_secret={{secret:client_secret}}")),
             "{text}"
         );
+    }
+
+    /// A token a server sends with `/` escaped (`ab\/cd`, PHP's default),
+    /// and a secret inside a body that is not UTF-8, stayed in the tape, and
+    /// the guard before writing looked for neither.
+    #[test]
+    fn escaped_tokens_and_binary_bodies_are_scrubbed() {
+        let secrets = BTreeMap::from([("api_key".to_owned(), "sk_live_0123".to_owned())]);
+        let mut binary = vec![0xff, 0x00];
+        binary.extend_from_slice(b"key=sk_live_0123");
+        let recorded = vec![
+            Exchange {
+                method: "POST".into(),
+                url: "https://login.example/token".into(),
+                request_headers: Vec::new(),
+                request_body: None,
+                status: Some(200),
+                response_headers: Vec::new(),
+                response_body: r#"{"access_token":"ab\/cd_tok3n"}"#.into(),
+                error: None,
+            },
+            Exchange {
+                method: "POST".into(),
+                url: "https://api.example/upload".into(),
+                request_headers: Vec::new(),
+                request_body: Some(body_text(&binary)),
+                status: Some(200),
+                response_headers: Vec::new(),
+                response_body: body_text(&binary),
+                error: None,
+            },
+        ];
+        let (tape, values) = scrubbed(&recorded, &secrets);
+        let text = serde_json::to_string(&tape).unwrap();
+        assert!(!still_holds(&tape, &text, &values), "{text}");
+        assert!(
+            tape.exchanges[0].response_body.contains("{{token}}"),
+            "{text}"
+        );
+        let sent = body_bytes(tape.exchanges[1].request_body.as_deref().unwrap());
+        assert!(
+            sent.windows(18).any(|w| w == b"{{secret:api_key}}"),
+            "{sent:?}"
+        );
+        // The guard sees inside binary bodies.
+        let (raw, _) = scrubbed(&recorded, &BTreeMap::new());
+        assert!(still_holds(&raw, "", &values));
     }
 }

@@ -97,10 +97,18 @@ impl Connector for Example {
         }
         let req = Request::get(format!("{}/v1/contacts", api_base())).query(&query)?;
         let list: ContactList = send(req)?.json()?;
-        let next_cursor = if list.has_more {
-            list.data.last().map(|c| c.id.clone())
-        } else {
-            None
+        let next_cursor = match (list.has_more, list.data.last()) {
+            (true, Some(last)) => Some(last.id.clone()),
+            // "More" with nothing to continue from: ending here would tell
+            // ferry the listing is complete, and a reconciliation would take
+            // every record after it for missing (a backfill would create
+            // them again). Ask again later instead.
+            (true, None) => {
+                return Err(ConnectorError::retryable(
+                    "the API answered an empty page with has_more",
+                ))
+            }
+            (false, _) => None,
         };
         Ok(Page::new(
             list.data.into_iter().map(remote_record).collect(),

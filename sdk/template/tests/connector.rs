@@ -64,7 +64,7 @@ async fn a_create_sends_the_key_and_the_idempotency_key() {
     let sent = kit.http().last_request().expect("one request");
     // The component named the secret; the host put its value in.
     assert_eq!(sent.header("authorization"), Some("Bearer sk_test_kit"));
-    assert_eq!(sent.header("idempotency-key"), Some("c1-v1"));
+    assert_eq!(sent.header("idempotency-key"), Some("ferry-example-c1-v1"));
     let body: serde_json::Value = serde_json::from_str(&sent.body_text()).expect("JSON");
     assert_eq!(body["name"], "Ada Lovelace");
     assert_eq!(body["external_id"], "c1");
@@ -181,6 +181,26 @@ async fn fetch_and_list_read_contacts_as_customers() {
     let second = kit.list("customer", first.next_cursor, 2).await.unwrap();
     assert_eq!(second.records[0].remote_id, "ct_3");
     assert_eq!(second.next_cursor, None);
+    // An empty page that says there is more is no end of the listing.
+    kit.http()
+        .on("GET", &format!("{API}?limit=2&starting_after=ct_3"))
+        .respond_json(200, &json!({"data": [], "has_more": true}));
+    assert!(matches!(
+        connector_error(kit.list("customer", Some("ct_3".to_owned()), 2).await),
+        ConnectorError::Retryable(_)
+    ));
+    // A page that leads back to itself would list for ever: ferry fails
+    // the run, and the kit the call.
+    kit.http()
+        .on("GET", &format!("{API}?limit=2&starting_after=ct_9"))
+        .respond_json(
+            200,
+            &json!({"data": [contact("ct_9", "I")], "has_more": true}),
+        );
+    assert!(matches!(
+        connector_error(kit.list("customer", Some("ct_9".to_owned()), 2).await),
+        ConnectorError::Permanent(m) if m.contains("never end")
+    ));
 }
 
 fn event(id: &str, kind: &str, created_at: i64, name: &str) -> Vec<u8> {
@@ -192,6 +212,20 @@ fn event(id: &str, kind: &str, created_at: i64, name: &str) -> Vec<u8> {
 fn signed(body: Vec<u8>) -> ferry_sdk::WebhookRequest {
     let header = sign::timestamped(WEBHOOK_SECRET, sign::now_secs(), &body);
     testkit::webhook_request(&[("Example-Signature", &header)], body)
+}
+
+/// ferry answers 413 to a delivery over its default limit without calling
+/// the connector; the kit refuses it too.
+#[tokio::test]
+async fn a_delivery_over_ferrys_limit_is_refused() {
+    let kit = kit().await;
+    let mut body = event("evt_big", "contact.updated", 1_700_000_000, "Big");
+    body.resize(300 * 1024, b' ');
+    let refused = connector_error(kit.receive_webhook(signed(body)).await);
+    assert!(
+        matches!(&refused, ConnectorError::Permanent(m) if m.contains("413")),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test]
