@@ -292,7 +292,9 @@ pub struct Topics {
 }
 
 /// Cluster mode: publishes the outbox and the inbox while this replica
-/// leads.
+/// leads, one loop per topic: a topic that is slow to acknowledge or
+/// refused (an ACL, a deleted topic) holds neither the other's rows nor
+/// its pace back.
 pub async fn run_kafka_relay(
     store: Store,
     mut producer: kafka::KafkaProducer,
@@ -330,62 +332,153 @@ pub async fn run_kafka_relay(
             inbox = topics.inbox,
             "this replica relays the outbox and the inbox to Kafka"
         );
-        let mut checked = tokio::time::Instant::now();
-        // When the rounds started failing, if the last one failed.
-        let mut failing_since: Option<tokio::time::Instant> = None;
-        loop {
-            let round_started = tokio::time::Instant::now();
-            // Each topic on its own: a topic the broker refuses for good
-            // (an ACL, a deleted topic) does not hold the other's rows
-            // back to the redelivery net.
-            let (changes, events) = tokio::join!(
-                publish_round(&store, &producer, &topics.changes),
-                publish_inbox_round(&store, &producer, &topics.inbox),
+        let stop = cancel.child_token();
+        let (changes, inbox) = (TopicState::default(), TopicState::default());
+        let end = {
+            let changes_loop = topic_loop(
+                &changes,
+                || publish_round(&store, &producer, &topics.changes),
+                &commits.outbox,
+                &stop,
             );
-            let rounds = match (changes, events) {
-                (Ok(changes), Ok(events)) => Ok(changes + events),
-                (Err(error), Ok(_)) | (Ok(_), Err(error)) => Err(error),
-                (Err(changes), Err(events)) => Err(changes.context(format!("{events:#}"))),
+            let inbox_loop = topic_loop(
+                &inbox,
+                || publish_inbox_round(&store, &producer, &topics.inbox),
+                &commits.inbox_stored,
+                &stop,
+            );
+            let watch = async {
+                loop {
+                    tokio::time::sleep(LEADER_POLL).await;
+                    if step_down_due(&changes, &inbox) {
+                        return Lead::StepDown;
+                    }
+                    if !leadership.still_held().await {
+                        return Lead::Lost;
+                    }
+                }
             };
-            if rounds.is_ok() {
-                failing_since = None;
-            } else if failing_since.get_or_insert(round_started).elapsed() >= STEP_DOWN_AFTER {
+            let (end, (), ()) = tokio::join!(
+                async {
+                    let end = tokio::select! {
+                        () = cancel.cancelled() => Lead::Cancelled,
+                        end = watch => end,
+                    };
+                    stop.cancel();
+                    end
+                },
+                changes_loop,
+                inbox_loop,
+            );
+            end
+        };
+        match end {
+            Lead::Cancelled => return,
+            Lead::Lost => {
+                tracing::warn!("lost the relay leadership (database session ended)");
+            }
+            Lead::StepDown => {
                 step_down(leadership, &mut producer, &settings).await;
                 tokio::select! {
                     () = cancel.cancelled() => return,
                     () = tokio::time::sleep(STEP_DOWN_PAUSE) => {}
                 }
-                break;
             }
-            let wait = match rounds {
-                Ok(0) => RELAY_POLL,
-                // Busy: publish again at once, but still look at the
-                // leadership every LEADER_POLL, or a leader whose lock
-                // session died would relay beside the new one for as
-                // long as the writes keep coming.
-                Ok(moved) if checked.elapsed() < LEADER_POLL => {
-                    tracing::debug!(moved, "outbox published");
+        }
+    }
+}
+
+/// Why a replica's leadership of the relay ended.
+enum Lead {
+    Cancelled,
+    Lost,
+    StepDown,
+}
+
+/// One topic loop's health, as the leadership's watch reads it.
+#[derive(Default)]
+struct TopicState {
+    /// When its rounds started failing, if the last one failed.
+    failing_since: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// When a round last published something.
+    published_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl TopicState {
+    fn failing_for(&self) -> Option<Duration> {
+        let since = *self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
+        since.map(|since| since.elapsed())
+    }
+
+    fn published_within(&self, within: Duration) -> bool {
+        let at = *self.published_at.lock().unwrap_or_else(|e| e.into_inner());
+        at.is_some_and(|at| at.elapsed() < within)
+    }
+}
+
+/// Whether the leader should give the relay up: a topic's rounds have
+/// failed for [`STEP_DOWN_AFTER`] and the other topic published nothing
+/// meanwhile (which would show the broker reachable from here: a topic
+/// refused for good is no better relayed by another replica).
+fn step_down_due(changes: &TopicState, inbox: &TopicState) -> bool {
+    let stuck = |failing: &TopicState, other: &TopicState| {
+        failing
+            .failing_for()
+            .is_some_and(|f| f >= STEP_DOWN_AFTER && !other.published_within(f))
+    };
+    stuck(changes, inbox) || stuck(inbox, changes)
+}
+
+/// Publishes one topic's rows, round after round, until `stop`: at once
+/// while rounds find rows, after a commit signals `wake` (or
+/// [`RELAY_POLL`]) when idle, after [`RELAY_BACKOFF`] when a round failed.
+/// A round cut short by `stop` leaves its rows unmarked: published again
+/// by the next leader, which consumers take idempotently.
+async fn topic_loop<F, Fut>(
+    state: &TopicState,
+    mut publish: F,
+    wake: &tokio::sync::Notify,
+    stop: &CancellationToken,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<usize>>,
+{
+    loop {
+        let started = tokio::time::Instant::now();
+        let round = tokio::select! {
+            () = stop.cancelled() => return,
+            round = publish() => round,
+        };
+        let wait = match round {
+            Ok(moved) => {
+                *state.failing_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                if moved > 0 {
+                    *state.published_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(tokio::time::Instant::now());
+                    tracing::debug!(moved, "published");
+                    tokio::task::yield_now().await;
                     continue;
                 }
-                Ok(_) => Duration::ZERO,
-                Err(error) => {
-                    tracing::warn!(error = format!("{error:#}"), "publishing the outbox failed");
-                    RELAY_BACKOFF
-                }
-            };
-            // After a failed round the pause holds whatever commits
-            // meanwhile: a broker that refuses at once (an ACL, a fatal
-            // producer) would otherwise be asked again on every commit.
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = commits.outbox.notified(), if failing_since.is_none() => {}
-                () = tokio::time::sleep(wait) => {}
+                RELAY_POLL
             }
-            checked = tokio::time::Instant::now();
-            if !leadership.still_held().await {
-                tracing::warn!("lost the relay leadership (database session ended)");
-                break;
+            Err(error) => {
+                state
+                    .failing_since
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(started);
+                tracing::warn!(error = format!("{error:#}"), "publishing to Kafka failed");
+                RELAY_BACKOFF
             }
+        };
+        // After a failed round the pause holds whatever commits meanwhile:
+        // a broker that refuses at once (an ACL, a fatal producer) would
+        // otherwise be asked again on every commit.
+        let failing = state.failing_for().is_some();
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = wake.notified(), if !failing => {}
+            () = tokio::time::sleep(wait) => {}
         }
     }
 }
@@ -637,6 +730,55 @@ async fn consume<F, Fut>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The two topics were published in one round: a topic whose messages
+    /// wait out the broker's 30 s timeout (a missing one) let the other
+    /// publish one batch per 30 s. Each has its own loop now.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_topic_does_not_hold_the_other_back() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (changes, inbox) = (TopicState::default(), TopicState::default());
+        let stop = CancellationToken::new();
+        let (wake_changes, wake_inbox) = (tokio::sync::Notify::new(), tokio::sync::Notify::new());
+        let (published, timed_out) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let changes_loop = topic_loop(
+            &changes,
+            || async {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                published.fetch_add(1, Ordering::SeqCst);
+                Ok(500)
+            },
+            &wake_changes,
+            &stop,
+        );
+        let inbox_loop = topic_loop(
+            &inbox,
+            || async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                timed_out.fetch_add(1, Ordering::SeqCst);
+                Err(anyhow::anyhow!("message timed out"))
+            },
+            &wake_inbox,
+            &stop,
+        );
+        let watch = async {
+            tokio::time::sleep(Duration::from_secs(65)).await;
+            // The inbox has failed for half a minute, but the changes
+            // publish: the broker is there, the leader stays.
+            assert!(inbox.failing_for().unwrap() >= STEP_DOWN_AFTER);
+            assert!(!step_down_due(&changes, &inbox));
+            stop.cancel();
+        };
+        tokio::join!(changes_loop, inbox_loop, watch);
+        assert_eq!(timed_out.load(Ordering::SeqCst), 2);
+        let rounds = published.load(Ordering::SeqCst);
+        assert!(rounds > 6_000, "{rounds} rounds of changes in 65 s");
+        // Nothing published anywhere while one fails: step down.
+        let idle = TopicState::default();
+        assert!(step_down_due(&idle, &inbox));
+        assert!(step_down_due(&inbox, &idle));
+        assert!(!step_down_due(&idle, &TopicState::default()));
+    }
 
     fn change(customer_id: &str) -> ChangeNotice {
         ChangeNotice {

@@ -274,6 +274,9 @@ pub struct Commits {
     pub links: tokio::sync::Notify,
     /// A reconciliation run was started: the reconciler has work.
     pub runs: tokio::sync::Notify,
+    /// New webhook events were stored: the Kafka relay has events to
+    /// publish.
+    pub inbox_stored: tokio::sync::Notify,
     /// When webhook events were last stored (unix ms): the inbox loops
     /// after the first hold back while the endpoint is busy.
     inbox_stored_at_ms: std::sync::atomic::AtomicI64,
@@ -514,6 +517,7 @@ impl Store {
         self.commits
             .inbox_stored_at_ms
             .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+        self.commits.inbox_stored.notify_one();
     }
 
     /// When webhook events were last stored in this process (unix ms; 0
