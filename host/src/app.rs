@@ -275,6 +275,9 @@ impl App {
                 client_id: format!("ferry-{}", address.port()),
                 partitions: config.kafka_partitions,
                 replication_factor: config.kafka_replication_factor,
+                // A batch's pushes end within their lease; a call started
+                // just before may run its whole timeout.
+                batch_handling: config.sync_lease + config.connector_call_timeout,
             });
         tracing::info!(
             bus = if kafka.is_some() {

@@ -29,6 +29,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// The longest period the configuration takes (every duration setting).
+const MOST_PERIOD: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
 /// ferry's settings. See docs/configuration.md.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -671,6 +674,30 @@ impl Config {
         if let Some((name, _)) = positive.iter().find(|(_, value)| value.is_zero()) {
             return Err(ConfigError::Invalid(format!("{name} must be positive")));
         }
+        // A period past what dates and millisecond clocks hold (a typo of
+        // `100000000d`) panicked the task that added it to the clock.
+        let periods = [
+            ("idempotency_ttl", self.idempotency_ttl),
+            ("header_read_timeout", self.header_read_timeout),
+            ("body_read_timeout", self.body_read_timeout),
+            ("request_timeout", self.request_timeout),
+            ("shutdown_grace", self.shutdown_grace),
+            ("bus_redelivery_after", self.bus_redelivery_after),
+            ("inbox_catch_up_after", self.inbox_catch_up_after),
+            ("sync_backoff_base", self.sync_backoff_base),
+            ("sync_backoff_max", self.sync_backoff_max),
+            ("sync_lease", self.sync_lease),
+            ("connector_call_timeout", self.connector_call_timeout),
+            ("breaker_cooldown", self.breaker_cooldown),
+            ("retention", self.retention),
+            ("retention_every", self.retention_every),
+            ("analyze_every", self.analyze_every),
+        ];
+        if let Some((name, _)) = periods.iter().find(|(_, value)| *value > MOST_PERIOD) {
+            return Err(ConfigError::Invalid(format!(
+                "{name} must be at most 100 years"
+            )));
+        }
         // PostgreSQL takes milliseconds in a 32-bit integer, and refuses
         // every connection given more.
         let server_limits = [
@@ -1134,6 +1161,12 @@ mod tests {
                 ("FERRY_RETENTION_BATCH", "0", "retention_batch"),
                 // A key an operator typed, not one generated.
                 ("FERRY_MASTER_KEY", "hunter2", "master_key"),
+                (
+                    "FERRY_BUS_REDELIVERY_AFTER",
+                    "100000000d",
+                    "bus_redelivery_after",
+                ),
+                ("FERRY_SYNC_LEASE", "100000000d", "sync_lease"),
                 // The default database is SQLite: nothing would sync.
                 ("FERRY_WORKERS", "false", "workers"),
                 (

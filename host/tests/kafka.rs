@@ -48,6 +48,7 @@ fn settings(partitions: i32) -> KafkaSettings {
         client_id: "ferry-test".to_owned(),
         partitions,
         replication_factor: 1,
+        batch_handling: std::time::Duration::from_secs(60),
     }
 }
 

@@ -64,6 +64,11 @@ pub struct KafkaSettings {
     pub partitions: i32,
     /// Replication factor of a topic [`KafkaProducer::ensure_topics`] creates.
     pub replication_factor: i32,
+    /// The longest a consumer may take over one batch (pushes run up to
+    /// their lease): librdkafka's `max.poll.interval.ms` is set past it, or
+    /// a member busy with a slow batch is put out of the group and its
+    /// batch handled again elsewhere.
+    pub batch_handling: std::time::Duration,
 }
 
 impl KafkaSettings {
@@ -397,6 +402,14 @@ impl BatchPositions {
     }
 }
 
+/// librdkafka's `max.poll.interval.ms` for batches handled within
+/// `handling`: a minute past it, at least librdkafka's default of five
+/// minutes, at most its own bound of a day.
+fn max_poll_interval_ms(handling: std::time::Duration) -> u64 {
+    let ms = u64::try_from(handling.as_millis()).unwrap_or(u64::MAX);
+    ms.saturating_add(60_000).clamp(300_000, 86_400_000)
+}
+
 impl KafkaConsumer {
     /// Joins `settings.group_id` and subscribes to `topic` (which should
     /// exist: see [`KafkaProducer::ensure_topics`]). Must be called inside a
@@ -426,6 +439,10 @@ impl KafkaConsumer {
             // heartbeat lets members notice a rebalance quickly.
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
+            .set(
+                "max.poll.interval.ms",
+                max_poll_interval_ms(settings.batch_handling).to_string(),
+            )
             // Per-partition consumer lag for the metrics (see `stats`).
             .set("statistics.interval.ms", "5000");
         let consumer: StreamConsumer<BusContext> = config
@@ -802,5 +819,26 @@ fn rdkafka_log_level() -> RDKafkaLogLevel {
         LevelFilter::INFO => RDKafkaLogLevel::Info,
         LevelFilter::WARN => RDKafkaLogLevel::Warning,
         _ => RDKafkaLogLevel::Error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// librdkafka's default (five minutes) put a member handling a batch
+    /// for longer out of the group: a `sync_lease` over it made every slow
+    /// batch a rebalance and a second handling elsewhere.
+    #[test]
+    fn a_batch_may_take_its_leases_before_the_group_gives_up_on_its_member() {
+        assert_eq!(
+            super::max_poll_interval_ms(Duration::from_secs(70)),
+            300_000
+        );
+        assert_eq!(
+            super::max_poll_interval_ms(Duration::from_secs(600)),
+            660_000
+        );
+        assert_eq!(super::max_poll_interval_ms(Duration::MAX), 86_400_000);
     }
 }

@@ -127,8 +127,12 @@ pub async fn run_redelivery(
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        let older_than =
-            chrono::Utc::now() - chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
+        // The configuration bounds `after`; a cutoff before what a date
+        // holds is the earliest one.
+        let older_than = chrono::Duration::from_std(after)
+            .ok()
+            .and_then(|after| chrono::Utc::now().checked_sub_signed(after))
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
         // A full batch: more may wait behind it (a stuck group under load).
         let mut full = true;
         while full && !cancel.is_cancelled() {
@@ -451,7 +455,10 @@ async fn topic_loop<F, Fut>(
         };
         let wait = match round {
             Ok(moved) => {
-                *state.failing_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *state
+                    .failing_since
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
                 if moved > 0 {
                     *state.published_at.lock().unwrap_or_else(|e| e.into_inner()) =
                         Some(tokio::time::Instant::now());

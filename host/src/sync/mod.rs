@@ -243,7 +243,8 @@ impl SyncEngine {
 
     fn lease(&self) -> (String, i64) {
         let token = uuid::Uuid::new_v4().simple().to_string();
-        let until = now_ms() + i64::try_from(self.inner.lease.as_millis()).unwrap_or(i64::MAX);
+        let until = now_ms()
+            .saturating_add(i64::try_from(self.inner.lease.as_millis()).unwrap_or(i64::MAX));
         (token, until)
     }
 
