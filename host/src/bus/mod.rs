@@ -604,7 +604,7 @@ pub async fn run_inbox_consumer(
     cancel: CancellationToken,
 ) {
     let handler = |batch: Vec<kafka::Message>| {
-        let engine = engine.clone();
+        let (engine, cancel) = (engine.clone(), cancel.clone());
         async move {
             let seqs: Vec<i64> = batch
                 .iter()
@@ -624,7 +624,7 @@ pub async fn run_inbox_consumer(
                     seq
                 })
                 .collect();
-            engine.apply_inbox_seqs(&seqs).await?;
+            engine.apply_inbox_seqs(&seqs, &cancel).await?;
             Ok(())
         }
     };
@@ -639,7 +639,7 @@ pub async fn run_kafka_consumer(
     cancel: CancellationToken,
 ) {
     let handler = |batch: Vec<kafka::Message>| {
-        let engine = engine.clone();
+        let (engine, cancel) = (engine.clone(), cancel.clone());
         async move {
             let mut changes = Vec::with_capacity(batch.len());
             for message in batch {
@@ -661,7 +661,9 @@ pub async fn run_kafka_consumer(
                 }
             }
             let keys = engine.accept(&changes).await?;
-            engine.push_now(keys).await;
+            // Taken in (durable): at shutdown, pushes not started are left
+            // to the scheduler of whichever replica runs next.
+            engine.push_now(keys, &cancel).await;
             Ok(())
         }
     };

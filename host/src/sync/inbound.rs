@@ -472,15 +472,20 @@ impl SyncEngine {
 
     /// Applies the inbox events a bus batch announced, in order (cluster
     /// mode); events not due or held elsewhere are left to their owner and
-    /// the inbox loop.
-    pub async fn apply_inbox_seqs(&self, seqs: &[i64]) -> Result<(), StoreError> {
+    /// the inbox loop, and at shutdown (`cancel`) the events not started
+    /// are too, once their lease ends.
+    pub async fn apply_inbox_seqs(
+        &self,
+        seqs: &[i64],
+        cancel: &CancellationToken,
+    ) -> Result<(), StoreError> {
         let (token, until) = self.lease();
         let claimed = self
             .inner
             .store
             .claim_inbox_seqs(seqs, &token, until)
             .await?;
-        self.apply_in_record_order(claimed, None).await;
+        self.apply_in_record_order(claimed, Some(cancel)).await;
         Ok(())
     }
 

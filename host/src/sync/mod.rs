@@ -251,8 +251,11 @@ impl SyncEngine {
     /// Claims each of `keys` that is due and free (in one transaction),
     /// pushes them, at most `concurrency` at a time, and waits until every
     /// outcome is recorded. Links another worker holds, or that wait in
-    /// backoff, are left to their owner and the scheduler.
-    pub async fn push_now(&self, keys: Vec<LinkKey>) -> Vec<Outcome> {
+    /// backoff, are left to their owner and the scheduler. Once `cancel`
+    /// fires (shutdown) no push starts: the claims not started are handed
+    /// back, due at once, for any replica's scheduler, instead of holding
+    /// their lease until it runs out.
+    pub async fn push_now(&self, keys: Vec<LinkKey>, cancel: &CancellationToken) -> Vec<Outcome> {
         let (token, until) = self.lease();
         let connectors: std::collections::BTreeSet<&str> =
             keys.iter().map(|k| k.connector.as_str()).collect();
@@ -274,9 +277,16 @@ impl SyncEngine {
         };
         let tasks = TaskTracker::new();
         let (outcomes_tx, mut outcomes_rx) = mpsc::unbounded_channel();
+        let mut unstarted = Vec::new();
         for ClaimedLink { link, customer } in claimed {
-            let Ok(permit) = self.inner.permits.clone().acquire_owned().await else {
-                break;
+            let permit = tokio::select! {
+                biased;
+                () = cancel.cancelled() => None,
+                permit = self.inner.permits.clone().acquire_owned() => permit.ok(),
+            };
+            let Some(permit) = permit else {
+                unstarted.push(link);
+                continue;
             };
             let engine = self.clone();
             let outcomes_tx = outcomes_tx.clone();
@@ -286,8 +296,20 @@ impl SyncEngine {
             });
         }
         drop(outcomes_tx);
+        let give_back = async {
+            for link in &unstarted {
+                let due =
+                    LinkWrite::Outcome(crate::store::RecordedOutcome::Deferred { at_ms: now_ms() });
+                if let Err(error) = self.write_link(link, due).await {
+                    tracing::debug!(
+                        error = format!("{:#}", anyhow::Error::from(error)),
+                        "handing a claim back at shutdown failed; its lease ends it"
+                    );
+                }
+            }
+        };
         tasks.close();
-        tasks.wait().await;
+        tokio::join!(give_back, tasks.wait());
         let mut outcomes = Vec::new();
         while let Some(outcome) = outcomes_rx.recv().await {
             outcomes.push(outcome);

@@ -330,6 +330,55 @@ async fn a_push_whose_lease_ran_out_sends_nothing(backend: Backend) {
     assert_eq!(app.sync_status(&id).await["version"], 3);
 }
 
+/// A consumer's batch at shutdown: the pushes it claimed and had not
+/// started kept going (up to a lease's worth after SIGTERM, past the
+/// deployment's grace) or, cut off, held their lease until it ran out. Once
+/// cancelled none starts, and each claim is handed back, due at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_cut_short_by_shutdown_starts_nothing_and_hands_its_claims_back() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let mut setup = Setup::new(Backend::Postgres, &stripe.url());
+    // No scheduler or relay of its own: only this test's batch pushes.
+    setup.extra = json!({"workers": false});
+    let app = spawn_sync_app(setup).await;
+    let address = email("shutdown");
+    let customer = app.create(json!({"email": address, "name": "Late"})).await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let notice = ferry::store::ChangeNotice {
+        customer_id: id.clone(),
+        version: 1,
+        correlation_id: None,
+        outbox_id: None,
+        source_connector: None,
+    };
+    let keys = app.sync.accept(&[notice]).await.expect("taken in");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let stopping = tokio_util::sync::CancellationToken::new();
+    stopping.cancel();
+    let outcomes = app.sync.push_now(keys, &stopping).await;
+    assert!(outcomes.is_empty(), "{outcomes:?}");
+    let link = app
+        .store
+        .links_of(&id)
+        .await
+        .expect("links")
+        .into_iter()
+        .find(|l| l.connector == "stripe")
+        .expect("the link");
+    assert_eq!(link.lease_token, None, "handed back: {link:?}");
+    assert!(
+        link.next_attempt_at_ms <= ferry::store::now_ms(),
+        "{link:?}"
+    );
+    assert!(link.remote_id.is_none(), "{link:?}");
+    assert!(
+        crate::helpers::stripe_customers_by_email(&stripe.url(), &address)
+            .await
+            .is_empty(),
+        "a push started after the shutdown"
+    );
+}
+
 mod sqlite {
     use super::*;
 
