@@ -404,31 +404,51 @@ enum Lead {
 struct TopicState {
     /// When its rounds started failing, if the last one failed.
     failing_since: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Set by a round that failed [`STEP_DOWN_AFTER`] after the first of
+    /// its failing run started (that start); cleared only by a round that
+    /// publishes. A round with nothing to publish says nothing of the
+    /// broker: the redelivery net may have taken the rows it failed on.
+    stuck_since: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// When a round last published something.
     published_at: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
+fn locked<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl TopicState {
-    fn failing_for(&self) -> Option<Duration> {
-        let since = *self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
-        since.map(|since| since.elapsed())
+    fn failed(&self, started: tokio::time::Instant) {
+        let since = *locked(&self.failing_since).get_or_insert(started);
+        if since.elapsed() >= STEP_DOWN_AFTER {
+            locked(&self.stuck_since).get_or_insert(since);
+        }
     }
 
-    fn published_within(&self, within: Duration) -> bool {
-        let at = *self.published_at.lock().unwrap_or_else(|e| e.into_inner());
-        at.is_some_and(|at| at.elapsed() < within)
+    fn succeeded(&self, moved: usize) {
+        *locked(&self.failing_since) = None;
+        if moved > 0 {
+            *locked(&self.stuck_since) = None;
+            *locked(&self.published_at) = Some(tokio::time::Instant::now());
+        }
+    }
+
+    fn failing(&self) -> bool {
+        locked(&self.failing_since).is_some()
     }
 }
 
 /// Whether the leader should give the relay up: a topic's rounds have
 /// failed for [`STEP_DOWN_AFTER`] and the other topic published nothing
-/// meanwhile (which would show the broker reachable from here: a topic
-/// refused for good is no better relayed by another replica).
+/// since they started failing (which would show the broker reachable from
+/// here: a topic refused for good is no better relayed by another
+/// replica).
 fn step_down_due(changes: &TopicState, inbox: &TopicState) -> bool {
     let stuck = |failing: &TopicState, other: &TopicState| {
-        failing
-            .failing_for()
-            .is_some_and(|f| f >= STEP_DOWN_AFTER && !other.published_within(f))
+        let since = *locked(&failing.stuck_since);
+        since.is_some_and(|since| locked(&other.published_at).is_none_or(|at| at < since))
     };
     stuck(changes, inbox) || stuck(inbox, changes)
 }
@@ -455,13 +475,8 @@ async fn topic_loop<F, Fut>(
         };
         let wait = match round {
             Ok(moved) => {
-                *state
-                    .failing_since
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = None;
+                state.succeeded(moved);
                 if moved > 0 {
-                    *state.published_at.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some(tokio::time::Instant::now());
                     tracing::debug!(moved, "published");
                     tokio::task::yield_now().await;
                     continue;
@@ -469,11 +484,7 @@ async fn topic_loop<F, Fut>(
                 RELAY_POLL
             }
             Err(error) => {
-                state
-                    .failing_since
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_or_insert(started);
+                state.failed(started);
                 tracing::warn!(error = format!("{error:#}"), "publishing to Kafka failed");
                 RELAY_BACKOFF
             }
@@ -481,7 +492,7 @@ async fn topic_loop<F, Fut>(
         // After a failed round the pause holds whatever commits meanwhile:
         // a broker that refuses at once (an ACL, a fatal producer) would
         // otherwise be asked again on every commit.
-        let failing = state.failing_for().is_some();
+        let failing = state.failing();
         tokio::select! {
             () = stop.cancelled() => return,
             () = wake.notified(), if !failing => {}
@@ -774,7 +785,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(65)).await;
             // The inbox has failed for half a minute, but the changes
             // publish: the broker is there, the leader stays.
-            assert!(inbox.failing_for().unwrap() >= STEP_DOWN_AFTER);
+            assert!(locked(&inbox.stuck_since).is_some());
             assert!(!step_down_due(&changes, &inbox));
             stop.cancel();
         };
@@ -782,10 +793,16 @@ mod tests {
         assert_eq!(timed_out.load(Ordering::SeqCst), 2);
         let rounds = published.load(Ordering::SeqCst);
         assert!(rounds > 6_000, "{rounds} rounds of changes in 65 s");
-        // Nothing published anywhere while one fails: step down.
+        // Nothing published anywhere while one fails: step down, also
+        // once a round finds nothing more to publish (the redelivery net
+        // took the rows it failed on), until a round publishes.
         let idle = TopicState::default();
         assert!(step_down_due(&idle, &inbox));
         assert!(step_down_due(&inbox, &idle));
+        inbox.succeeded(0);
+        assert!(step_down_due(&idle, &inbox));
+        inbox.succeeded(1);
+        assert!(!step_down_due(&idle, &inbox));
         assert!(!step_down_due(&idle, &TopicState::default()));
     }
 
