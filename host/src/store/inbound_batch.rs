@@ -480,7 +480,7 @@ impl<'c> Tx<'c> {
                 sqlx::query_as(
                     "SELECT connector, remote_id, remote_seen_at_ms, wanted_version FROM sync_links \
                      WHERE (connector, remote_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
-                     ORDER BY connector, remote_id FOR NO KEY UPDATE",
+                     ORDER BY customer_id, connector FOR NO KEY UPDATE",
                 )
                 .bind(connectors)
                 .bind(remote_ids)

@@ -230,7 +230,9 @@ const LINK_READ: &str = "SELECT remote_seen_at_ms, wanted_version FROM sync_link
 /// The links of a group of changes' remote records (`$1`:
 /// [`group_records`], one text for both backends, which the savepoint
 /// path's generic body needs) as [`LinkRead`] compares them. On
-/// PostgreSQL they are locked until the transaction ends, in key order,
+/// PostgreSQL they are locked until the transaction ends, in (customer,
+/// connector) order, the order the relay's intake and the push outcomes
+/// lock links in too,
 /// before any change of the group locks a link or a customer: every
 /// inbound write locks its links first and in one order (the batch takes
 /// the same lock with arrays, faster on its hot path), so two loops'
@@ -240,7 +242,7 @@ const GROUP_LINKS_POSTGRES: &str =
     "SELECT connector, remote_id, remote_seen_at_ms, wanted_version FROM sync_links \
      WHERE (connector, remote_id) IN \
      (SELECT value ->> 0, value ->> 1 FROM jsonb_array_elements($1::jsonb)) \
-     ORDER BY connector, remote_id FOR NO KEY UPDATE";
+     ORDER BY customer_id, connector FOR NO KEY UPDATE";
 pub(super) const GROUP_LINKS_SQLITE: &str =
     "SELECT connector, remote_id, remote_seen_at_ms, wanted_version \
      FROM json_each($1) JOIN sync_links ON connector = value ->> 0 AND remote_id = value ->> 1";

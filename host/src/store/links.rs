@@ -492,7 +492,8 @@ const INTAKE_QUEUED_POSTGRES: &str = concat!(
        (customer_id, connector, wanted_version, state, next_attempt_at_ms, correlation_id, updated_at) \
        SELECT n.aggregate_id, k.connector, n.version, 'pending', $3, n.correlation_id, $4 \
        FROM newest n CROSS JOIN UNNEST($2::text[]) AS k(connector) \
-       WHERE k.connector IS DISTINCT FROM n.source_connector ",
+       WHERE k.connector IS DISTINCT FROM n.source_connector \
+       ORDER BY n.aggregate_id, k.connector ",
     intake_on_conflict!(),
     " RETURNING 1) \
      SELECT (SELECT count(*) FROM taken), (SELECT count(*) FROM scheduled)"
@@ -1337,7 +1338,18 @@ async fn write_links_postgres(
 ) -> Result<Vec<bool>, StoreError> {
     let mut batches = Batches::default();
     let mut others = Vec::new();
-    for (index, ((link, write), first)) in writes.iter().zip(first_of_link(writes)).enumerate() {
+    let firsts = first_of_link(writes);
+    // Links are locked in (customer, connector) order, as the relay's
+    // intake locks them: in the order the pushes ended, a group and an
+    // intake could each hold a link the other waits for (40P01).
+    let in_key_order = |a: &usize, b: &usize| {
+        let key = |i: usize| (&writes[i].0.customer_id, &writes[i].0.connector);
+        key(*a).cmp(&key(*b)).then(a.cmp(b))
+    };
+    let mut order: Vec<usize> = (0..writes.len()).collect();
+    order.sort_by(in_key_order);
+    for index in order {
+        let ((link, write), first) = (&writes[index], firsts[index]);
         let i = i32::try_from(index).unwrap_or(i32::MAX);
         match write {
             LinkWrite::CreatePending { version, record } if first => {
@@ -1356,7 +1368,8 @@ async fn write_links_postgres(
     if single {
         let mut conn = pool.acquire().await?;
         batches.write(&mut conn, at, &mut applied).await?;
-        let missed = batches.delivered_missed(&applied);
+        let mut missed = batches.delivered_missed(&applied);
+        missed.sort_by(in_key_order);
         if missed.is_empty() {
             return Ok(applied);
         }
@@ -1391,8 +1404,9 @@ async fn write_links_postgres(
     // The lease lost, or the link took another record: the write alone
     // tells which.
     others.extend(batches.delivered_missed(&applied));
-    // In the order of the writes: a link's first write before its second.
-    others.sort_unstable();
+    // In key order, and for one link in the order of its writes: its
+    // first write before its second.
+    others.sort_by(in_key_order);
     for index in others {
         let (link, write) = writes[index];
         applied[index] = write_in!(tx, link, write, at)?;

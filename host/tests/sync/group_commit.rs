@@ -3068,3 +3068,77 @@ async fn postgres_enabling_releases_a_long_backlog_in_batches() {
 async fn sqlite_enabling_releases_a_long_backlog_in_batches() {
     enabling_releases_a_long_backlog_in_batches(false).await;
 }
+
+/// Push outcomes written one by one in a group's transaction locked their
+/// links in the order the pushes ended, while the relay's intake locks the
+/// same links in customer order: a group ending Y's push before X's, and an
+/// intake of changes to X and Y, each held one link the other wanted, and
+/// PostgreSQL aborted one after a second (40P01). Both take links in
+/// (customer, connector) order now: the second waits for the first.
+#[tokio::test]
+async fn postgres_link_writes_and_the_intake_lock_links_in_one_order() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(true, dir.path()).await;
+    let store = open(&url).await;
+    let mut links = claimed_links(&store, 2).await;
+    links.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
+    let (x, y) = (links[0].clone(), links[1].clone());
+    let retry = |link: &SyncLink| {
+        LinkWrite::Outcome(RecordedOutcome::RetryScheduled {
+            version: link.wanted_version,
+            operation: "create",
+            attempt: 1,
+            at_ms: chrono::Utc::now().timestamp_millis() + 60_000,
+            error: "timed out".into(),
+            pending_version: None,
+        })
+    };
+    let changes: Vec<ChangeNotice> = [&x, &y]
+        .iter()
+        .map(|link| ChangeNotice {
+            customer_id: link.customer_id.clone(),
+            version: link.wanted_version + 1,
+            correlation_id: None,
+            outbox_id: None,
+            source_connector: None,
+        })
+        .collect();
+
+    let raw = sqlx::PgPool::connect(&url).await.expect("raw connection");
+    let mut holder = raw.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM sync_links WHERE customer_id = $1 FOR UPDATE")
+        .bind(&x.customer_id)
+        .execute(&mut *holder)
+        .await
+        .expect("X's link held");
+    let waiting = |n: i64| sessions_waiting_on_locks(&raw, n);
+    // The intake: X first (waits for the holder), then Y.
+    let intake_store = store.clone();
+    let intake = tokio::spawn(async move {
+        intake_store
+            .intake_changes(&changes, &["stripe".to_owned()])
+            .await
+    });
+    waiting(1).await;
+    // The outcomes, Y's push having ended first.
+    let writes_store = store.clone();
+    let (y_write, x_write) = (retry(&y), retry(&x));
+    let (y2, x2) = (y.clone(), x.clone());
+    let writes = tokio::spawn(async move {
+        writes_store
+            .write_links(&[(&y2, &y_write), (&x2, &x_write)])
+            .await
+    });
+    waiting(2).await;
+    holder.rollback().await.expect("X's link released");
+
+    intake
+        .await
+        .expect("joined")
+        .expect("the intake, not a deadlock");
+    let held = writes
+        .await
+        .expect("joined")
+        .expect("the outcomes, not a deadlock");
+    assert_eq!(held, [true, true], "answers in the order written");
+}
