@@ -649,24 +649,8 @@ async fn the_console_keeps_a_local_edit_made_while_the_conflict_was_open() {
     let fields = conflict["fields"].as_array().unwrap();
     assert_eq!(fields[0]["local"], "Local Name", "{conflict}");
     // The page is drawn now; the name changes in ferry before it is sent.
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let (client, cookie) = crate::helpers::console_session(&h.app.base).await;
     let url = |path: &str| format!("{}{path}", h.app.base);
-    let signed_in = client
-        .post(url("/console/sign-in"))
-        .form(&[("next", "/console")])
-        .send()
-        .await
-        .unwrap();
-    let cookie = signed_in.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
     let id = conflict["id"].as_str().unwrap();
     let page = client
         .get(url(&format!("/console/conflicts/{id}")))

@@ -450,23 +450,7 @@ async fn the_console_answers_stalls_and_odd_ids_as_the_api_does() {
     let mut setup = Setup::new(Backend::Postgres, "http://127.0.0.1:9");
     setup.extra = json!({ "body_read_timeout": "500ms" });
     let app = spawn_sync_app(setup).await;
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let signed_in = client
-        .post(format!("{}/console/sign-in", app.base))
-        .form(&[("next", "/console")])
-        .send()
-        .await
-        .unwrap();
-    let cookie = signed_in.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
+    let (client, cookie) = crate::helpers::console_session(&app.base).await;
     let page = client
         .get(format!("{}/console", app.base))
         .header("cookie", &cookie)

@@ -491,6 +491,29 @@ pub fn email(tag: &str) -> String {
     format!("{tag}-{}@example.com", uuid::Uuid::new_v4().simple())
 }
 
+/// Signs in to the console of the ferry at `base` (open mode: any token):
+/// a client that does not follow redirects, and the session's cookie.
+pub async fn console_session(base: &str) -> (reqwest::Client, String) {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let signed_in = client
+        .post(format!("{base}/console/sign-in"))
+        .form(&[("next", "/console")])
+        .send()
+        .await
+        .expect("signed in");
+    let cookie = signed_in.headers()["set-cookie"]
+        .to_str()
+        .expect("a cookie")
+        .split(';')
+        .next()
+        .expect("its value")
+        .to_owned();
+    (client, cookie)
+}
+
 /// The CSRF token a console page's forms carry.
 pub fn csrf_field(html: &str) -> String {
     html.split("name=\"csrf\" value=\"")
