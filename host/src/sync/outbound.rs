@@ -666,6 +666,18 @@ impl SyncEngine {
                 breakers.failure(&link.connector);
                 self.retry_later(link, Some((version, operation)), None, message)
             }
+            // The remote may still be working on an update or delete the
+            // call gave up on: a retry at once (a newer version under a new
+            // key) could land before it, and the late one would leave the
+            // remote with the older values. The next attempt waits a call
+            // timeout more, the time the first had. (A create keeps its
+            // marker and replays the same version and key instead.)
+            CallError::DeadlineExceeded if operation != "create" => {
+                breakers.failure(&link.connector);
+                let settle = Some(self.inner.call_timeout);
+                let error = CallError::DeadlineExceeded.to_string();
+                self.retry_later(link, Some((version, operation)), settle, error)
+            }
             // The guest misbehaved or ran out of time: retry, since a
             // timeout may be the remote's, and let the attempt budget end it.
             other => {

@@ -141,6 +141,47 @@ async fn a_change_undone_while_its_update_timed_out_is_pushed() {
     assert_eq!(held["name"], "Before", "{held:#}");
 }
 
+/// An update the call gave up on may still land at the remote. Retried at
+/// once (jitter under the 400 ms backoff here), a newer version could go
+/// out under a new key and land first, and the late one leave the older
+/// values in Stripe while ferry counts the newer as synced. The retry after
+/// a timed-out update waits a call timeout (2 s here) more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_update_is_retried_only_after_the_call_timeout_again() {
+    let h = harness(json!({})).await;
+    let (id, remote_id) = synced_customer(&h, "settle", "Before").await;
+    let (id, update) = (id.as_str(), format!("/v1/customers/{remote_id}"));
+    h.proxy.push(
+        Match::request("POST", &update),
+        Fault::ForwardThenDelay(Duration::from_secs(4)),
+    );
+    h.app.patch(id, json!({"name": "Slow"})).await;
+    wait_forwarded(&h.proxy, &update).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let link = loop {
+        let timed_out = h
+            .app
+            .store
+            .links_of(id)
+            .await
+            .expect("links")
+            .into_iter()
+            .find(|l| l.connector == "stripe" && l.attempts > 0);
+        if let Some(link) = timed_out {
+            break link;
+        }
+        assert!(std::time::Instant::now() < deadline, "no timeout recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let recorded_at = ferry::store::now_ms();
+    assert!(
+        link.next_attempt_at_ms >= recorded_at + 1_500,
+        "retried {} ms after the timeout was recorded",
+        link.next_attempt_at_ms - recorded_at
+    );
+    h.app.wait_synced(id, 2).await;
+}
+
 /// A create whose answer was lost, then given up on (the remote went down
 /// for good): its echo, which carries ferry's idempotency key and the
 /// record made, links the customer to that record. Before, the echo was
