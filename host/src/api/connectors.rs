@@ -233,16 +233,21 @@ impl FromRequest<AppState> for WasmBody {
                 expected: "application/wasm",
             });
         }
-        match Bytes::from_request(request, state).await {
-            Ok(bytes) => Ok(Self(bytes)),
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ApiError::ComponentTooLarge {
-                    limit: state.settings.max_component_bytes,
-                })
-            }
-            Err(rejection) => Err(super::extract::body_stalled(&rejection, state)
-                .unwrap_or_else(|| ApiError::field("body", rejection.body_text()))),
-        }
+        Bytes::from_request(request, state)
+            .await
+            .map(Self)
+            .map_err(|rejection| {
+                super::extract::unreadable_body(
+                    rejection.status(),
+                    &rejection,
+                    rejection.body_text(),
+                    state,
+                    ApiError::ComponentTooLarge {
+                        limit: state.settings.max_component_bytes,
+                    },
+                    |text| ApiError::field("body", text),
+                )
+            })
     }
 }
 

@@ -40,16 +40,39 @@ impl FromRequest<AppState> for JsonBody {
                 expected: "application/json",
             });
         }
-        match Bytes::from_request(request, state).await {
-            Ok(bytes) => Ok(Self(bytes)),
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ApiError::PayloadTooLarge {
-                    limit: state.settings.max_body_bytes,
-                })
-            }
-            Err(rejection) => Err(body_stalled(&rejection, state)
-                .unwrap_or_else(|| ApiError::MalformedJson(rejection.body_text()))),
-        }
+        Bytes::from_request(request, state)
+            .await
+            .map(Self)
+            .map_err(|rejection| {
+                unreadable_body(
+                    rejection.status(),
+                    &rejection,
+                    rejection.body_text(),
+                    state,
+                    ApiError::PayloadTooLarge {
+                        limit: state.settings.max_body_bytes,
+                    },
+                    ApiError::MalformedJson,
+                )
+            })
+    }
+}
+
+/// Why a body could not be read, as every reader answers it: over the
+/// limit (`too_large`, `status` 413), stalled past `body_read_timeout`
+/// (408), or else `otherwise` with the reader's text.
+pub fn unreadable_body<E: std::error::Error + 'static>(
+    status: StatusCode,
+    error: &E,
+    text: String,
+    state: &AppState,
+    too_large: ApiError,
+    otherwise: impl FnOnce(String) -> ApiError,
+) -> ApiError {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        too_large
+    } else {
+        body_stalled(error, state).unwrap_or_else(|| otherwise(text))
     }
 }
 

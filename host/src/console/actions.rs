@@ -202,14 +202,16 @@ pub async fn replay_dead_letters(State(state): State<AppState>, form: CsrfForm) 
 /// Why an upload's body could not be read, as the API's upload says it:
 /// over the limit, stalled past `body_read_timeout`, or malformed.
 fn upload_failed(state: &AppState, error: &MultipartError) -> ApiError {
-    if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
+    crate::api::extract::unreadable_body(
+        error.status(),
+        error,
+        error.body_text(),
+        state,
         ApiError::ComponentTooLarge {
             limit: state.settings.max_component_bytes,
-        }
-    } else {
-        crate::api::extract::body_stalled(error, state)
-            .unwrap_or_else(|| ApiError::field("component", error.body_text()))
-    }
+        },
+        |text| ApiError::field("component", text),
+    )
 }
 
 /// `POST /console/connectors` (multipart): `csrf`, `component` (the

@@ -288,14 +288,16 @@ impl FromRequest<AppState> for CsrfForm {
         let bytes = Bytes::from_request(request, state)
             .await
             .map_err(|rejection| {
-                let error = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                let error = crate::api::extract::unreadable_body(
+                    rejection.status(),
+                    &rejection,
+                    rejection.body_text(),
+                    state,
                     ApiError::PayloadTooLarge {
                         limit: state.settings.max_body_bytes,
-                    }
-                } else {
-                    crate::api::extract::body_stalled(&rejection, state)
-                        .unwrap_or_else(|| ApiError::field("body", rejection.body_text()))
-                };
+                    },
+                    |text| ApiError::field("body", text),
+                );
                 super::problem(&session, error)
             })?;
         let fields: Vec<(String, String)> =

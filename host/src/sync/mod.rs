@@ -447,7 +447,7 @@ impl Committer for InboundApplies {
 }
 
 /// Verified webhook deliveries: (connector, events, correlation id).
-struct InboxWrites(Store);
+pub struct InboxWrites(pub Store);
 
 impl Committer for InboxWrites {
     const NAME: &'static str = "inbox_writes";

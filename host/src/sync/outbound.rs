@@ -86,13 +86,12 @@ pub enum Outcome {
     LeaseLost,
 }
 
-/// The idempotency key of pushing `customer_id` at `version` to `connector`.
-/// A push a repair forced (`repairs` > 0: the remote drifted from a version
-/// it was already pushed) gets a key of its own, or the remote would answer
-/// it with its saved answer to the earlier push and change nothing.
-pub fn idempotency_key(connector: &str, customer_id: &str, version: i64, repairs: i32) -> String {
-    ferry_runtime::idempotency_key(connector, customer_id, version, repairs)
-}
+/// The idempotency key of pushing `customer_id` at `version` to `connector`
+/// (the runtime's, which the SDK's test kit sends too). A push a repair
+/// forced (`repairs` > 0: the remote drifted from a version it was already
+/// pushed) gets a key of its own, or the remote would answer it with its
+/// saved answer to the earlier push and change nothing.
+pub use ferry_runtime::idempotency_key;
 
 /// Whether `key` is one [`idempotency_key`] made for `connector`. The
 /// customer id after the name tells `stripe` from `stripe-eu`: connector

@@ -652,15 +652,9 @@ async fn the_console_keeps_a_local_edit_made_while_the_conflict_was_open() {
     let (client, cookie) = crate::helpers::console_session(&h.app.base).await;
     let url = |path: &str| format!("{}{path}", h.app.base);
     let id = conflict["id"].as_str().unwrap();
-    let page = client
-        .get(url(&format!("/console/conflicts/{id}")))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page =
+        crate::helpers::console_page(&client, &cookie, &url(&format!("/console/conflicts/{id}")))
+            .await;
     let csrf = crate::helpers::csrf_field(&page);
     let newer = h.app.patch(&h.id, json!({"name": "Newer Local"})).await;
 

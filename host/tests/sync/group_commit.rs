@@ -2891,28 +2891,9 @@ async fn sqlite_a_page_of_forty_thousand_records_is_read() {
 /// lock is gone the next delivery is stored.
 #[tokio::test]
 async fn sqlite_a_locked_writer_answers_a_group_busy_at_once() {
-    use ferry::sync::group_commit::{Committer, GroupCommit};
-    use futures::future::BoxFuture;
+    use ferry::sync::group_commit::GroupCommit;
+    use ferry::sync::InboxWrites;
     use sqlx::Connection;
-
-    struct Deliveries(Store);
-    impl Committer for Deliveries {
-        const NAME: &'static str = "test_deliveries";
-        type Write = Vec<NewInboxEvent>;
-        type Done = usize;
-        fn commit<'a>(
-            &'a self,
-            writes: &'a [Self::Write],
-        ) -> BoxFuture<'a, Result<Vec<usize>, StoreError>> {
-            Box::pin(async move {
-                let deliveries: Vec<(&str, &[NewInboxEvent], Option<&str>)> = writes
-                    .iter()
-                    .map(|events| ("stripe", events.as_slice(), None))
-                    .collect();
-                self.0.store_inbox_many(&deliveries).await
-            })
-        }
-    }
 
     let dir = tempfile::tempdir().expect("temp dir");
     let url = database_url(false, dir.path()).await;
@@ -2923,7 +2904,8 @@ async fn sqlite_a_locked_writer_answers_a_group_busy_at_once() {
     };
     let store = Store::connect(&url, &options).await.expect("store");
     store.migrate().await.expect("migrations");
-    let queue = GroupCommit::start(Deliveries(store.clone()), 1);
+    let queue = GroupCommit::start(InboxWrites(store.clone()), 1);
+    let delivery = |event: NewInboxEvent| ("stripe".to_owned(), vec![event], None);
 
     // Another process's write transaction.
     let mut other = sqlx::SqliteConnection::connect(&url)
@@ -2934,9 +2916,12 @@ async fn sqlite_a_locked_writer_answers_a_group_busy_at_once() {
         .await
         .expect("write lock");
     let started = std::time::Instant::now();
-    let answers = futures::future::join_all(
-        (0..20).map(|n| queue.submit(vec![event(&format!("evt_busy_{n}"), &format!("cus_{n}"))])),
-    )
+    let answers = futures::future::join_all((0..20).map(|n| {
+        queue.submit(delivery(event(
+            &format!("evt_busy_{n}"),
+            &format!("cus_{n}"),
+        )))
+    }))
     .await;
     let took = started.elapsed();
     assert!(
@@ -2954,7 +2939,7 @@ async fn sqlite_a_locked_writer_answers_a_group_busy_at_once() {
         .await
         .expect("lock released");
     let stored = queue
-        .submit(vec![event("evt_after", "cus_after")])
+        .submit(delivery(event("evt_after", "cus_after")))
         .await
         .expect("stored once the lock is gone");
     assert_eq!(stored, 1);

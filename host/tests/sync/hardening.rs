@@ -451,15 +451,8 @@ async fn the_console_answers_stalls_and_odd_ids_as_the_api_does() {
     setup.extra = json!({ "body_read_timeout": "500ms" });
     let app = spawn_sync_app(setup).await;
     let (client, cookie) = crate::helpers::console_session(&app.base).await;
-    let page = client
-        .get(format!("{}/console", app.base))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page =
+        crate::helpers::console_page(&client, &cookie, &format!("{}/console", app.base)).await;
     let csrf = crate::helpers::csrf_field(&page);
 
     let odd = client

@@ -514,6 +514,19 @@ pub async fn console_session(base: &str) -> (reqwest::Client, String) {
     (client, cookie)
 }
 
+/// A console page's HTML, read with a session's `cookie`.
+pub async fn console_page(client: &reqwest::Client, cookie: &str, url: &str) -> String {
+    client
+        .get(url)
+        .header("cookie", cookie)
+        .send()
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("its HTML")
+}
+
 /// The CSRF token a console page's forms carry.
 pub fn csrf_field(html: &str) -> String {
     html.split("name=\"csrf\" value=\"")
