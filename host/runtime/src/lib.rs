@@ -382,19 +382,23 @@ impl<T> Ran<Result<T, ConnectorError>> {
     }
 }
 
-/// `error` with every NUL in its text replaced (U+FFFD). PostgreSQL
-/// refuses NUL in text: the write that recorded the error (a dead letter,
-/// a retry's last error, an inbox event's detail, a run's reason) failed,
-/// and the work ran again at every lease, for ever, never counting an
-/// attempt. A remote's binary error body (a gzipped error page) carries
-/// NULs into the SDK's messages; no connector need be hostile.
+/// `error` with every NUL in its text replaced (U+FFFD) and its other
+/// control characters escaped. PostgreSQL refuses NUL in text: the write
+/// that recorded the error (a dead letter, a retry's last error, an inbox
+/// event's detail, a run's reason) failed, and the work ran again at every
+/// lease, for ever, never counting an attempt. A remote's binary error body
+/// (a gzipped error page) carries NULs into the SDK's messages; no
+/// connector need be hostile. A line break is the other danger: the host
+/// logs these texts, and one taken from a request (Salesforce's refusal
+/// names the organization the body claims) started a forged log line.
 fn printable(error: ConnectorError) -> ConnectorError {
     fn clean(text: String) -> String {
-        if text.contains('\0') {
+        let text = if text.contains('\0') {
             text.replace('\0', "\u{fffd}")
         } else {
             text
-        }
+        };
+        log::one_line(text)
     }
     match error {
         ConnectorError::Retryable(m) => ConnectorError::Retryable(clean(m)),

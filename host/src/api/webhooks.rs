@@ -81,7 +81,7 @@ pub async fn receive(
         Ok(parsed) => parsed,
         Err(CallError::Connector(ConnectorError::InvalidSignature(message))) => {
             crate::metrics::webhook_verification(&name, "invalid_signature");
-            tracing::info!(connector = %name, message, "webhook refused: signature");
+            tracing::info!(connector = %name, reason = ?message, "webhook refused: signature");
             return Err(ApiError::InvalidSignature(message));
         }
         Err(CallError::Connector(

@@ -582,8 +582,10 @@ impl SyncEngine {
     /// Runs one inbound step and records its outcome.
     #[tracing::instrument(skip_all, fields(
         connector = %event.connector,
-        event_id = %event.event_id,
-        remote_id = %event.remote_id,
+        // Debug-quoted: ids come from a delivery's body, and a line break
+        // in one must not start a log line of its own.
+        event_id = ?event.event_id,
+        remote_id = ?event.remote_id,
         correlation_id = event.correlation_id.as_deref().unwrap_or(""),
     ))]
     pub async fn apply_inbox_event(
@@ -697,7 +699,7 @@ impl SyncEngine {
                         )
                         .await?;
                     if adopted {
-                        tracing::info!(customer_id = %customer, version, remote_id = %event.remote_id,
+                        tracing::info!(customer_id = %customer, version, remote_id = ?event.remote_id,
                             "a create whose answer was lost is linked from its echo");
                     }
                 }

@@ -147,13 +147,15 @@ async fn configure_recorder(app: &SyncApp, remote: &RecorderRemote) {
 }
 
 /// Creates a customer named `name` and waits until the recorder holds it:
-/// its id.
+/// its id. The wait is generous: a push takes milliseconds, but the test
+/// cluster fsyncs, and a shared disk has stalled a CI run's commits for
+/// seconds (a CI run failed a test built on this step, some 10 s in).
 async fn linked_customer(app: &SyncApp, name: &str) -> String {
     let customer = app
         .create(json!({"email": format!("{}@example.com", uuid()), "name": name}))
         .await;
     let id = customer["id"].as_str().expect("id").to_owned();
-    app.wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
+    app.wait_link_of("recorder", &id, Duration::from_secs(30), |l| {
         l["state"] == "synced"
     })
     .await;

@@ -14,7 +14,8 @@ use serde_json::{json, Value};
 use tokio::process::Command;
 
 use crate::helpers::{
-    email, spawn_sync_app, stripe_component, Backend, Setup, SyncApp, STRIPE_KEY, WEBHOOK_SECRET,
+    email, salesforce_component, spawn_sync_app, stripe_component, Backend, Setup, SyncApp,
+    STRIPE_KEY, WEBHOOK_SECRET,
 };
 use crate::inbound::{deliver, event, stripe_customer_json, stripe_signature};
 use crate::process::FerryProcess;
@@ -531,6 +532,84 @@ async fn one_correlation_id_follows_a_change_to_stripe_and_its_echo() {
                 .as_str()
                 .is_some_and(|d| d.contains(&correlation))),
         "the echo names the change: {sync:#}"
+    );
+}
+
+/// The real binary's text log, under a refused Salesforce Outbound
+/// Message whose organization id holds line breaks (no signature is
+/// needed to be refused): the connector's refusal names that id, and the
+/// forged "line" stays inside the refusal's own. Before, the host logged
+/// the connector's text as it came, and anyone could write lines of
+/// their choosing into the log.
+#[tokio::test]
+async fn a_refused_webhook_cannot_forge_a_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let connectors = dir.path().join("connectors");
+    std::fs::create_dir_all(&connectors).unwrap();
+    std::fs::copy(salesforce_component(), connectors.join("salesforce.wasm")).unwrap();
+    let env = BTreeMap::from([
+        (
+            "FERRY_DATABASE_URL".to_owned(),
+            format!("sqlite://{}", dir.path().join("f.db").display()),
+        ),
+        (
+            "FERRY_CONNECTORS_DIR".to_owned(),
+            connectors.display().to_string(),
+        ),
+        (
+            "FERRY_CONNECTORS__SALESFORCE__SETTINGS__LOGIN_URL".to_owned(),
+            "http://127.0.0.1:9".to_owned(),
+        ),
+        (
+            "FERRY_CONNECTORS__SALESFORCE__SETTINGS__ORGANIZATION_ID".to_owned(),
+            "00D000000000001AAA".to_owned(),
+        ),
+        (
+            "FERRY_CONNECTORS__SALESFORCE__SECRETS__CLIENT_ID".to_owned(),
+            "client".to_owned(),
+        ),
+        (
+            "FERRY_CONNECTORS__SALESFORCE__SECRETS__CLIENT_SECRET".to_owned(),
+            "secret".to_owned(),
+        ),
+    ]);
+    let ferry = FerryProcess::start(env, dir.path()).await;
+    let forged = "2026-12-05T10:00:00.000000Z  INFO ferry::api: FORGED admin token rotated";
+    let body = format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"><soapenv:Body><notifications xmlns="http://soap.sforce.com/2005/09/outbound"><OrganizationId>00Dx&#10;{forged}&#13;&#10;{forged}</OrganizationId><Notification><Id>04l000000000001AAA</Id><sObject xsi:type="sf:Contact" xmlns:sf="urn:sobject.enterprise.soap.sforce.com" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><sf:Id>003000000000001AAA</sf:Id></sObject></Notification></notifications></soapenv:Body></soapenv:Envelope>"#
+    );
+    let response = reqwest::Client::new()
+        .post(format!("{}/webhooks/salesforce", ferry.base))
+        .header("content-type", "text/xml; charset=utf-8")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400, "refused as unsigned");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = ferry.log_text();
+        if log.contains("webhook refused: signature") {
+            break log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refusal is logged: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let refusal = log
+        .lines()
+        .find(|l| l.contains("webhook refused: signature"))
+        .unwrap();
+    assert!(
+        refusal.contains("FORGED"),
+        "the id is in the refusal: {refusal}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with("2026-12-05T10:00:00.000000Z")),
+        "a forged line: {log}"
     );
 }
 
