@@ -194,6 +194,17 @@ impl FieldMap {
         out
     }
 
+    /// The first mapped field `fields` does not carry (compared
+    /// case-insensitively), if any. An Outbound Message leaves out both the
+    /// fields that are empty and those it was not set up to send, so such
+    /// a field may hold a value the message cannot tell.
+    pub(crate) fn missing_from<'a>(&'a self, fields: &Map<String, Value>) -> Option<&'a str> {
+        self.entries
+            .iter()
+            .map(|(_, field)| field.as_str())
+            .find(|field| !fields.keys().any(|k| k.eq_ignore_ascii_case(field)))
+    }
+
     /// The fields the mapping splits the name into (a Contact's
     /// `FirstName` and `LastName`); empty when it maps the name whole.
     pub(crate) fn name_part_fields(&self) -> Vec<&str> {

@@ -88,8 +88,8 @@ impl Connector for Salesforce {
             )
             .setting(
                 "fetch_records",
-                "`true`: an Outbound Message only names the records that changed, and ferry reads each one from the API (a call per record), so a forged message cannot write a record's content",
-                Some("false"),
+                "When ferry reads a record from the API instead of taking an Outbound Message's fields: `always` (or `true`: a message only names the records that changed, so a forged one cannot write a record's content), `incomplete` (or `false`: when the message lacks a mapped field, which may be empty or not sent, and cannot be told apart), `never` (a missing field is read as cleared: only for a message set up to send every mapped field)",
+                Some("incomplete"),
                 false,
             )
             .secret("client_id", "Consumer key of the connected app", true)
@@ -146,7 +146,14 @@ impl Connector for Salesforce {
                 // it wiped the customer. A trigger instead: ferry fetches
                 // the record, and finds it gone.
                 let no_data = n.fields.keys().all(|k| k.eq_ignore_ascii_case("Id"));
-                if config.fetch_records || no_data {
+                // A message leaves out empty fields and those it is not set
+                // up to send alike: read as cleared, a mapped field the
+                // message was never set to carry wiped the customer's value
+                // (and every other connector's). Unless the operator says
+                // the message sends every mapped field, the org is asked.
+                let incomplete = config.fetch_records == Fetch::Incomplete
+                    && config.fields.missing_from(&n.fields).is_some();
+                if config.fetch_records == Fetch::Always || no_data || incomplete {
                     // A trigger: ferry fetches what the org holds now, so the
                     // message's own date and fields are not used, and the
                     // triggers are ordered as they arrive.
@@ -331,8 +338,20 @@ struct Config {
     object: String,
     client_name: String,
     external_id_field: Option<String>,
-    fetch_records: bool,
+    fetch_records: Fetch,
     fields: FieldMap,
+}
+
+/// When an Outbound Message's record is read from the API instead of taken
+/// from the message (setting `fetch_records`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fetch {
+    /// Every message is a trigger.
+    Always,
+    /// A message that lacks a mapped field is a trigger.
+    Incomplete,
+    /// The message's fields are the record; a missing one was cleared.
+    Never,
 }
 
 impl Config {
@@ -367,12 +386,13 @@ impl Config {
         if let Some(field) = &external_id_field {
             checked_name("external_id_field", field)?;
         }
-        let fetch_records = match setting_or("fetch_records", "false").as_str() {
-            "true" => true,
-            "false" => false,
+        let fetch_records = match setting_or("fetch_records", "incomplete").as_str() {
+            "always" | "true" => Fetch::Always,
+            "incomplete" | "false" => Fetch::Incomplete,
+            "never" => Fetch::Never,
             other => {
                 return Err(ConnectorError::permanent(format!(
-                    "setting `fetch_records`: `{other}` is neither true nor false"
+                    "setting `fetch_records`: `{other}` is none of always, incomplete, never"
                 )))
             }
         };

@@ -537,9 +537,12 @@ fn outbound_message(org_id: &str, records: &[(&str, &str, &str)]) -> String {
     xml
 }
 
+/// A message taken as it is (`fetch_records` = `never`: the operator set
+/// the message up to send every mapped field, so a missing one was
+/// cleared).
 #[tokio::test]
 async fn an_outbound_message_becomes_events_and_an_ack() {
-    let kit = kit().await;
+    let kit = kit().await.setting("fetch_records", "never");
     let body = outbound_message(
         ORG_ID,
         &[
@@ -585,6 +588,45 @@ async fn an_outbound_message_becomes_events_and_an_ack() {
         ),
         "{reply}"
     );
+    assert!(kit.http().requests().is_empty(), "no API call needed");
+}
+
+/// By default a message that lacks a mapped field (here `Phone` and the
+/// mailing address but the city) is a trigger: Salesforce leaves out empty
+/// fields and fields the message is not set up to send alike, and read as
+/// cleared, one never sent wiped the customer's value. A message carrying
+/// every mapped field is taken as it is, without an API call.
+#[tokio::test]
+async fn a_message_without_every_mapped_field_is_a_trigger() {
+    let kit = kit().await;
+    let body = outbound_message(ORG_ID, &[("04l01", "Contact", "003A")]);
+    let parsed = kit
+        .receive_webhook(testkit::webhook_request(&[], body.clone()))
+        .await
+        .expect("verified and parsed");
+    let event = &parsed.events[0];
+    assert_eq!(event.remote_id, "003A");
+    assert_eq!(event.record, None, "ferry reads the record when it applies");
+
+    let complete = body.replace(
+        "<sf:MailingCity>London</sf:MailingCity>",
+        concat!(
+            "<sf:MailingCity>London</sf:MailingCity>",
+            "<sf:MailingCountry>United Kingdom</sf:MailingCountry>",
+            "<sf:MailingPostalCode>N1 9GU</sf:MailingPostalCode>",
+            "<sf:MailingState>London</sf:MailingState>",
+            "<sf:MailingStreet>1 Road</sf:MailingStreet>",
+            "<sf:Phone>+44 20 7946 0000</sf:Phone>",
+        ),
+    );
+    let parsed = kit
+        .receive_webhook(testkit::webhook_request(&[], complete))
+        .await
+        .expect("verified and parsed");
+    let record: Value =
+        serde_json::from_str(parsed.events[0].record.as_deref().expect("a record")).unwrap();
+    assert_eq!(record["phone"], "+44 20 7946 0000", "{record}");
+    assert_eq!(parsed.events[0].occurred_at_ms, 1_795_939_200_000);
     assert!(kit.http().requests().is_empty(), "no API call needed");
 }
 

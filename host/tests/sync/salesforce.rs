@@ -347,6 +347,58 @@ async fn an_event_dated_in_the_future_does_not_freeze_its_record() {
     );
 }
 
+/// An Outbound Message that does not send a mapped field (`Phone`, left
+/// off the message's field list in Salesforce's setup) does not clear it:
+/// Salesforce leaves out empty fields and unsent ones alike, so a message
+/// lacking a mapped field makes ferry read the Contact from the API.
+/// Before, the customer lost its phone on the next edit in Salesforce, and
+/// Stripe with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_field_the_message_does_not_send_is_not_cleared() {
+    let rig = rig(Backend::Sqlite, FakeSalesforceConfig::default()).await;
+    let address = email("sf-partial");
+    let customer = rig
+        .app
+        .create(json!({"email": address, "name": "Ada Partial", "phone": "+14155550100"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let (_, link) = wait_both_synced(&rig.app, &id, 1).await;
+    let contact_id = link["remote_id"].as_str().expect("linked").to_owned();
+
+    rig.salesforce
+        .update_record("Contact", &contact_id, json!({"LastName": "Edited"}));
+    let xml = rig.salesforce.outbound_message_xml(
+        rig.salesforce.org_id(),
+        "Contact",
+        &[("04l00000000PARTL".to_owned(), contact_id.clone())],
+    );
+    let phone = "<sf:Phone>+14155550100</sf:Phone>";
+    assert!(xml.contains(phone), "{xml}");
+    // Dated past the echo window of ferry's push (an event inside it is
+    // read again from the API anyway).
+    let start = xml.find("<sf:LastModifiedDate>").expect("dated") + "<sf:LastModifiedDate>".len();
+    let end = start + xml[start..].find('<').expect("closed");
+    let later =
+        (chrono::Utc::now() + chrono::Duration::seconds(10)).format("%Y-%m-%dT%H:%M:%S%.3fZ");
+    let xml = format!("{}{later}{}", &xml[..start], &xml[end..]);
+    let delivery = rig
+        .salesforce
+        .send_raw(&rig.webhook_url(), xml.replace(phone, ""))
+        .await
+        .expect("delivery");
+    assert!(delivery.acked, "{delivery:?}");
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    let customer = loop {
+        let customer = rig.app.customer_by_email(&address).await.expect("live");
+        if customer["name"] == "Ada Edited" {
+            break customer;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{customer}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(customer["phone"], "+14155550100", "{customer}");
+}
+
 /// With `fetch_records`, an Outbound Message is only a trigger: a forged
 /// one (the org id is not secret) with made-up fields and a far-future date
 /// makes ferry read the Contact from the API, and the customer holds what
