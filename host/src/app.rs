@@ -71,6 +71,9 @@ pub struct AppState {
     /// Cluster mode with workers: why the bus's topics are not there yet
     /// (so its relay and consumers have not started); `None` once they are.
     pub bus_topics: crate::bus::TopicsState,
+    /// `/readyz`'s last probe of the store and the bus, shared (see
+    /// [`crate::api::health::Probes`]).
+    pub probes: Arc<crate::api::health::Probes>,
 }
 
 /// A built, bound, not yet running ferry.
@@ -315,6 +318,7 @@ impl App {
             metrics,
             bus_probe,
             bus_topics,
+            probes: Arc::default(),
             store,
             registry,
             settings: Arc::new(ApiSettings {

@@ -29,8 +29,33 @@ const BUS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long `/readyz` waits for the store's answer.
 const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long one probe of the store and the bus answers every `/readyz`.
+const PROBE_FRESH: Duration = Duration::from_secs(1);
+
+/// `/readyz`'s probes of the store and the bus, made by one request at a
+/// time and kept for [`PROBE_FRESH`]. The route is open: unshared, every
+/// request took a pooled connection, and (in cluster mode) a blocking
+/// thread for up to two seconds asking the whole cluster for its
+/// metadata, so a flood of probes while Kafka was slow filled the
+/// blocking pool the pushes' DNS lookups and the consumers' commits need,
+/// and starved the store's pool. Now the requests that arrive while a
+/// probe runs wait for it and share its answer.
+#[derive(Debug, Default)]
+pub struct Probes {
+    last: tokio::sync::Mutex<Option<(std::time::Instant, Vec<Check>)>>,
+    /// Probes made (not answers shared), for the tests.
+    made: std::sync::atomic::AtomicU64,
+}
+
+impl Probes {
+    /// How many probes were made, answers shared not counted.
+    pub fn made(&self) -> u64 {
+        self.made.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// One dependency's readiness.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Check {
     /// `store`, `bus`, `bus_topics` or `connector:NAME`.
     pub name: String,
@@ -67,58 +92,21 @@ pub struct Readiness {
         (status = 503, description = "Something is not ready; `not_ready` names it", body = Readiness),
     ))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let mut checks = Vec::new();
-    // Bounded like the bus's: a store that does not answer (or a pool
-    // busy under load) would otherwise hold the probe for the pool's
-    // acquire timeout. The error's text stays in the log: this route is
-    // open, and a driver's error names hosts, users and databases.
-    let store = tokio::time::timeout(STORE_PROBE_TIMEOUT, state.store.ping()).await;
-    checks.push(match store {
-        Ok(Ok(())) => Check {
-            name: "store".into(),
-            ok: true,
-            detail: state.store.kind().as_str().into(),
-        },
-        Ok(Err(error)) => {
-            tracing::warn!(
-                error = format!("{:#}", anyhow::Error::from(error)),
-                "readiness: the store failed"
-            );
-            Check {
-                name: "store".into(),
-                ok: false,
-                detail: "the store failed (the log says why)".into(),
+    let mut checks = {
+        let mut last = state.probes.last.lock().await;
+        match &*last {
+            Some((at, checks)) if at.elapsed() < PROBE_FRESH => checks.clone(),
+            _ => {
+                let checks = probe(&state).await;
+                state
+                    .probes
+                    .made
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                *last = Some((std::time::Instant::now(), checks.clone()));
+                checks
             }
         }
-        Err(_) => Check {
-            name: "store".into(),
-            ok: false,
-            detail: format!(
-                "the store did not answer within {} s",
-                STORE_PROBE_TIMEOUT.as_secs()
-            ),
-        },
-    });
-    if let Some(bus) = &state.bus_probe {
-        checks.push(match bus.probe(BUS_PROBE_TIMEOUT).await {
-            Ok(()) => Check {
-                name: "bus".into(),
-                ok: true,
-                detail: "kafka".into(),
-            },
-            Err(error) => {
-                tracing::warn!(
-                    error = format!("{:#}", anyhow::Error::from(error)),
-                    "readiness: the bus failed"
-                );
-                Check {
-                    name: "bus".into(),
-                    ok: false,
-                    detail: "the Kafka cluster did not answer (the log says why)".into(),
-                }
-            }
-        });
-    }
+    };
     if let Some(why) = state.bus_topics.missing() {
         checks.push(Check {
             name: "bus_topics".into(),
@@ -172,6 +160,71 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         checks,
     };
     (status, Json(body)).into_response()
+}
+
+/// The store's and the bus's checks (the probes [`Probes`] shares).
+async fn probe(state: &AppState) -> Vec<Check> {
+    let mut checks = Vec::new();
+    // Bounded like the bus's: a store that does not answer (or a pool
+    // busy under load) would otherwise hold the probe for the pool's
+    // acquire timeout. The error's text stays in the log: this route is
+    // open, and a driver's error names hosts, users and databases.
+    let store = tokio::time::timeout(STORE_PROBE_TIMEOUT, state.store.ping()).await;
+    checks.push(match store {
+        Ok(Ok(())) => Check {
+            name: "store".into(),
+            ok: true,
+            detail: state.store.kind().as_str().into(),
+        },
+        Ok(Err(crate::store::StoreError::ReadOnly)) => {
+            tracing::warn!("readiness: the database takes no writes");
+            Check {
+                name: "store".into(),
+                ok: false,
+                detail: crate::store::StoreError::ReadOnly.to_string(),
+            }
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "readiness: the store failed"
+            );
+            Check {
+                name: "store".into(),
+                ok: false,
+                detail: "the store failed (the log says why)".into(),
+            }
+        }
+        Err(_) => Check {
+            name: "store".into(),
+            ok: false,
+            detail: format!(
+                "the store did not answer within {} s",
+                STORE_PROBE_TIMEOUT.as_secs()
+            ),
+        },
+    });
+    if let Some(bus) = &state.bus_probe {
+        checks.push(match bus.probe(BUS_PROBE_TIMEOUT).await {
+            Ok(()) => Check {
+                name: "bus".into(),
+                ok: true,
+                detail: "kafka".into(),
+            },
+            Err(error) => {
+                tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::from(error)),
+                    "readiness: the bus failed"
+                );
+                Check {
+                    name: "bus".into(),
+                    ok: false,
+                    detail: "the Kafka cluster did not answer (the log says why)".into(),
+                }
+            }
+        });
+    }
+    checks
 }
 
 /// Metrics in Prometheus text format (404 when `FERRY_METRICS=false`).

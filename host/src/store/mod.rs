@@ -164,6 +164,11 @@ pub enum StoreError {
     /// A stored JSON document could not be encoded or decoded.
     #[error("stored JSON is invalid")]
     Json(#[from] serde_json::Error),
+    /// The database answers but takes no writes: a standby (after a
+    /// failover that left ferry on the old primary's replica) or a
+    /// database set read-only (`default_transaction_read_only`).
+    #[error("the database takes no writes (a standby, or set read-only)")]
+    ReadOnly,
 }
 
 /// The message PostgreSQL's `ferry_refuse` raises when a create's
@@ -565,11 +570,25 @@ impl Store {
         Ok(())
     }
 
-    /// Checks that the database answers (for `/readyz`).
+    /// Checks that the database answers, and on PostgreSQL that it takes
+    /// writes (for `/readyz`): a replica that can read but not write would
+    /// otherwise stay in the load balancer, answering every write 5xx.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        dispatch!(self, read pool => {
-            sqlx::query("SELECT 1").execute(pool).await?;
-        });
+        match &self.backend {
+            Backend::Sqlite(pools) => {
+                sqlx::query("SELECT 1").execute(&pools.reader).await?;
+            }
+            Backend::Postgres(pool) => {
+                // `on` on a hot standby as well as under the setting.
+                let read_only: String =
+                    sqlx::query_scalar("SELECT current_setting('transaction_read_only')")
+                        .fetch_one(pool)
+                        .await?;
+                if read_only == "on" {
+                    return Err(StoreError::ReadOnly);
+                }
+            }
+        }
         Ok(())
     }
 

@@ -74,6 +74,8 @@ pub struct SyncApp {
     pub database_url: String,
     /// The admin token, when the setup configured one.
     pub token: Option<String>,
+    /// `/readyz`'s shared probes.
+    pub probes: std::sync::Arc<ferry::api::health::Probes>,
     cancel: CancellationToken,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
     _dir: tempfile::TempDir,
@@ -190,6 +192,7 @@ pub async fn spawn_sync_app(setup: Setup) -> SyncApp {
     let base = format!("http://{}", app.address());
     let store = app.state().store.clone();
     let sync = app.state().sync.clone();
+    let probes = app.state().probes.clone();
     let cancel = app.cancellation_token();
     let server = tokio::spawn(app.run_until_stopped());
     SyncApp {
@@ -199,6 +202,7 @@ pub async fn spawn_sync_app(setup: Setup) -> SyncApp {
         sync,
         database_url,
         token,
+        probes,
         cancel,
         server,
         _dir: dir,

@@ -673,6 +673,77 @@ async fn readyz_follows_postgres_going_away_and_coming_back() {
         .await;
 }
 
+/// `/readyz` on a database that takes no writes (set read-only, as a hot
+/// standby is) says so, and is ready again once it takes them; before, a
+/// replica left on a standby stayed in the load balancer answering every
+/// write 5xx. And a burst of probes (the route is open) shares one probe
+/// of the store instead of taking a pooled connection each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_when_the_database_takes_no_writes_and_shares_its_probes() {
+    let mut setup = Setup::new(Backend::Postgres, "http://127.0.0.1:9");
+    setup.stripe_url = None;
+    let app = spawn_sync_app(setup).await;
+    let readyz = |app: &SyncApp| {
+        let url = format!("{}/readyz", app.base);
+        async move {
+            let response = reqwest::get(url).await.expect("answered");
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    let before = app.probes.made();
+    let burst = futures::future::join_all((0..64).map(|_| readyz(&app))).await;
+    assert!(burst.iter().all(|(status, _)| *status == 200), "{burst:?}");
+    let made = app.probes.made() - before;
+    assert!(made <= 2, "{made} probes for 64 requests");
+
+    // One connection, made before the setting: it stays writable.
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&app.database_url)
+        .await
+        .unwrap();
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    set_read_only(&mut admin, &database, true).await;
+    wait_until("/readyz to say the store takes no writes", || async {
+        let (status, body) = readyz(&app).await;
+        status == 503
+            && body["not_ready"] == json!(["store"])
+            && body["checks"][0]["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("takes no writes"))
+    })
+    .await;
+    set_read_only(&mut admin, &database, false).await;
+    wait_until("/readyz to say 200 again", || async {
+        readyz(&app).await.0 == 200
+    })
+    .await;
+    app.create(json!({"email": email("writable"), "name": "Writable"}))
+        .await;
+}
+
+/// Sets `database` read-only (or back) from `admin`, and makes every other
+/// connection to it again under the setting.
+async fn set_read_only(admin: &mut sqlx::PgConnection, database: &str, on: bool) {
+    let set = if on {
+        format!("ALTER DATABASE \"{database}\" SET default_transaction_read_only = on")
+    } else {
+        format!("ALTER DATABASE \"{database}\" RESET default_transaction_read_only")
+    };
+    sqlx::query(&set).execute(&mut *admin).await.unwrap();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .execute(&mut *admin)
+    .await
+    .unwrap();
+}
+
 /// Retention deletes finished outbox events, applied inbox events and old
 /// deliveries, and keeps dead letters and the inbox events they point at.
 async fn retention_trims_what_is_finished(backend: Backend) {
