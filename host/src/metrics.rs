@@ -156,6 +156,45 @@ fn describe() {
         "ferry_kafka_consumer_lag_messages",
         "Messages between this consumer's position and the partition's end"
     );
+    describe_counter!(
+        "ferry_retention_deleted_total",
+        "Rows retention deleted, by table"
+    );
+    describe_counter!(
+        "ferry_retention_failures_total",
+        "Retention passes that failed (the next one continues)"
+    );
+    describe_gauge!(
+        "ferry_retention_last_success_timestamp_seconds",
+        Unit::Seconds,
+        "When a retention pass last finished (Unix time); alert when it falls behind"
+    );
+    describe_gauge!(
+        "ferry_backlog_refreshed_timestamp_seconds",
+        Unit::Seconds,
+        "When the backlog gauges were last read from the store (Unix time); they keep their last values while the store fails"
+    );
+}
+
+/// Now, in Unix seconds, for the timestamp gauges.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Retention deleted `rows` of `table`.
+pub fn retention_deleted(table: &'static str, rows: u64) {
+    counter!("ferry_retention_deleted_total", "table" => table).increment(rows);
+}
+
+/// A retention pass finished (`ok`) or failed.
+pub fn retention_pass(ok: bool) {
+    if ok {
+        gauge!("ferry_retention_last_success_timestamp_seconds").set(unix_now());
+    } else {
+        counter!("ferry_retention_failures_total").increment(1);
+    }
 }
 
 /// Axum middleware: counts and times every routed request by its route
@@ -237,7 +276,10 @@ pub async fn run_gauges(
         }
         handle.run_upkeep();
         match store.backlog().await {
-            Ok(backlog) => set_backlog(&backlog, &mut previous),
+            Ok(backlog) => {
+                set_backlog(&backlog, &mut previous);
+                gauge!("ferry_backlog_refreshed_timestamp_seconds").set(unix_now());
+            }
             Err(error) => tracing::warn!(
                 error = format!("{:#}", anyhow::Error::from(error)),
                 "refreshing the backlog gauges failed"

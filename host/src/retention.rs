@@ -66,8 +66,21 @@ where
     }
 }
 
-/// One pass over every trimmed table; returns the rows deleted.
+/// One pass over every trimmed table; returns the rows deleted. Counted
+/// in `/metrics` either way: a pass failing every time (a lock or
+/// statement timeout, a privilege taken away) only warned in the log,
+/// and went unseen until the disk filled.
 pub async fn pass(
+    store: &Store,
+    retention: Retention,
+    cancel: &CancellationToken,
+) -> Result<u64, StoreError> {
+    let result = trim_all(store, retention, cancel).await;
+    crate::metrics::retention_pass(result.is_ok());
+    result
+}
+
+async fn trim_all(
     store: &Store,
     retention: Retention,
     cancel: &CancellationToken,
@@ -82,6 +95,7 @@ pub async fn pass(
         loop {
             let step = store.trim(table, after, cutoff, retention.batch).await?;
             deleted += step.deleted;
+            crate::metrics::retention_deleted(table.table(), step.deleted);
             match step.next {
                 Some(next) if !cancel.is_cancelled() => after = next,
                 _ => break,

@@ -14,8 +14,8 @@ use serde_json::{json, Value};
 use tokio::process::Command;
 
 use crate::helpers::{
-    email, salesforce_component, spawn_sync_app, stripe_component, Backend, Setup, SyncApp,
-    STRIPE_KEY, WEBHOOK_SECRET,
+    email, new_database, salesforce_component, spawn_sync_app, stripe_component, Backend, Setup,
+    SyncApp, STRIPE_KEY, WEBHOOK_SECRET,
 };
 use crate::inbound::{deliver, event, stripe_customer_json, stripe_signature};
 use crate::process::FerryProcess;
@@ -805,10 +805,30 @@ async fn retention_trims_what_is_finished(backend: Backend) {
         // Small batches: several steps per table.
         batch: 2,
     };
+    let scraped = scrape(&app.base).await;
     let deleted = ferry::retention::pass(&app.store, retention, &Default::default())
         .await
         .unwrap();
     let after = app.store.table_rows().await.unwrap();
+    // Counted (other tests share the process's recorder: at least ours).
+    let now = scrape(&app.base).await;
+    assert!(
+        moved(&scraped, &now, "ferry_retention_deleted_total", &[]) >= deleted as f64,
+        "{deleted}"
+    );
+    assert!(
+        moved(
+            &scraped,
+            &now,
+            "ferry_retention_deleted_total",
+            &[("table", "deliveries")]
+        ) >= 3.0
+    );
+    let finished = value(&now, "ferry_retention_last_success_timestamp_seconds", &[]);
+    assert!(
+        finished >= (chrono::Utc::now().timestamp() - 60) as f64,
+        "{finished}"
+    );
     assert_eq!(after["deliveries"], 0, "{after:?}");
     assert_eq!(after["outbox"], 0, "published and consumed: {after:?}");
     assert_eq!(after["inbox"], 1, "the dead event stays: {after:?}");
@@ -837,6 +857,25 @@ async fn retention_trims_what_is_finished(backend: Backend) {
             .unwrap(),
         0
     );
+    // A pass that fails is counted too.
+    let dir = tempfile::tempdir().unwrap();
+    let failing = ferry::store::Store::connect(
+        &new_database(backend, dir.path()).await,
+        &ferry::store::StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    failing.close().await;
+    let scraped = scrape(&app.base).await;
+    assert!(
+        ferry::retention::pass(&failing, retention, &Default::default())
+            .await
+            .is_err()
+    );
+    let now = scrape(&app.base).await;
+    assert!(moved(&scraped, &now, "ferry_retention_failures_total", &[]) >= 1.0);
+    // The backlog gauges say when they were last read.
+    assert!(value(&now, "ferry_backlog_refreshed_timestamp_seconds", &[]) > 0.0);
 }
 
 /// How many items `GET path` lists (one page).
