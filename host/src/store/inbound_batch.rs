@@ -471,14 +471,15 @@ impl<'c> Tx<'c> {
         &mut self,
         changes: &[InboundChange],
     ) -> Result<Vec<Option<LinkRead>>, sqlx::Error> {
-        let rows: Vec<(String, String, i64, i64)> = match self {
+        let rows: Vec<(String, String, i64, i64, bool)> = match self {
             Self::Postgres(tx) => {
                 let (connectors, remote_ids): (Vec<&str>, Vec<&str>) = changes
                     .iter()
                     .map(|c| (c.event.connector.as_str(), c.event.remote_id.as_str()))
                     .unzip();
                 sqlx::query_as(
-                    "SELECT connector, remote_id, remote_seen_at_ms, wanted_version FROM sync_links \
+                    "SELECT connector, remote_id, remote_seen_at_ms, wanted_version, \
+                     held_by IS NOT NULL FROM sync_links \
                      WHERE (connector, remote_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
                      ORDER BY customer_id, connector FOR NO KEY UPDATE",
                 )
@@ -501,10 +502,11 @@ impl<'c> Tx<'c> {
         let mut links: HashMap<(String, String), LinkRead> = rows
             .into_iter()
             .map(
-                |(connector, remote_id, remote_seen_at_ms, wanted_version)| {
+                |(connector, remote_id, remote_seen_at_ms, wanted_version, held)| {
                     let read = LinkRead {
                         remote_seen_at_ms,
                         wanted_version,
+                        held,
                     };
                     ((connector, remote_id), read)
                 },

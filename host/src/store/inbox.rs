@@ -204,13 +204,19 @@ pub struct NewConflict {
 /// the customer, the customer looks changed since the link's snapshot and
 /// the merge takes the other event's values for a local change. That
 /// write moved the link on (a later `remote_seen_at_ms`, or the customer
-/// version it wants), so the change decides again instead.
+/// version it wants), so the change decides again instead. A write that
+/// only opened a conflict, of an event in the same remote tick, moves
+/// neither: whether the link is held is compared too, or the second
+/// event was applied on a held link, replaced its snapshot and took the
+/// hold over, leaving the first conflict holding nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
 pub struct LinkRead {
     /// When the newest remote change applied to the link happened.
     pub remote_seen_at_ms: i64,
     /// The customer version the link wants the remote to hold.
     pub wanted_version: i64,
+    /// Whether an open conflict holds the link.
+    pub held: bool,
 }
 
 impl From<&SyncLink> for LinkRead {
@@ -218,14 +224,15 @@ impl From<&SyncLink> for LinkRead {
         Self {
             remote_seen_at_ms: link.remote_seen_at_ms,
             wanted_version: link.wanted_version,
+            held: link.held_by.is_some(),
         }
     }
 }
 
 /// The link of `(connector, remote id)` as [`LinkRead`] compares it. The
 /// group's links are locked already ([`GROUP_LINKS_POSTGRES`]).
-const LINK_READ: &str = "SELECT remote_seen_at_ms, wanted_version FROM sync_links \
-     WHERE connector = $1 AND remote_id = $2";
+const LINK_READ: &str = "SELECT remote_seen_at_ms, wanted_version, held_by IS NOT NULL AS held \
+     FROM sync_links WHERE connector = $1 AND remote_id = $2";
 
 /// The links of a group of changes' remote records (`$1`:
 /// [`group_records`], one text for both backends, which the savepoint
@@ -239,12 +246,12 @@ const LINK_READ: &str = "SELECT remote_seen_at_ms, wanted_version FROM sync_link
 /// groups that share records wait for each other instead of deadlocking.
 /// SQLite's one writer holds the database already.
 const GROUP_LINKS_POSTGRES: &str =
-    "SELECT connector, remote_id, remote_seen_at_ms, wanted_version FROM sync_links \
-     WHERE (connector, remote_id) IN \
+    "SELECT connector, remote_id, remote_seen_at_ms, wanted_version, held_by IS NOT NULL \
+     FROM sync_links WHERE (connector, remote_id) IN \
      (SELECT value ->> 0, value ->> 1 FROM jsonb_array_elements($1::jsonb)) \
      ORDER BY customer_id, connector FOR NO KEY UPDATE";
 pub(super) const GROUP_LINKS_SQLITE: &str =
-    "SELECT connector, remote_id, remote_seen_at_ms, wanted_version \
+    "SELECT connector, remote_id, remote_seen_at_ms, wanted_version, held_by IS NOT NULL \
      FROM json_each($1) JOIN sync_links ON connector = value ->> 0 AND remote_id = value ->> 1";
 
 /// The changes' remote records as a JSON array of `[connector, remote id]`.

@@ -407,10 +407,19 @@ async fn two_linked(store: &Store, tag: &str) -> (Vec<Customer>, Vec<String>, Ve
 /// Stores a later event (at 2,000 ms) per `(event id, remote id)` and
 /// claims every due event.
 async fn claim_later(store: &Store, later: &[(String, &String)]) -> Vec<InboxEvent> {
+    claim_dated(store, later, 2_000).await
+}
+
+/// Stores and claims events (id, remote id), dated `occurred_at_ms`.
+async fn claim_dated(
+    store: &Store,
+    later: &[(String, &String)],
+    occurred_at_ms: i64,
+) -> Vec<InboxEvent> {
     let events: Vec<NewInboxEvent> = later
         .iter()
         .map(|(event_id, remote_id)| NewInboxEvent {
-            occurred_at_ms: 2_000,
+            occurred_at_ms,
             ..event(event_id, remote_id)
         })
         .collect();
@@ -459,7 +468,8 @@ async fn a_change_whose_link_moved_on_decides_again(postgres: bool) {
         read[0],
         LinkRead {
             remote_seen_at_ms: 1_000,
-            wanted_version: 0
+            wanted_version: 0,
+            held: false,
         }
     );
     let later: Vec<(String, &String)> = remote
@@ -604,6 +614,64 @@ async fn postgres_a_second_record_does_not_take_a_link_over() {
 #[tokio::test]
 async fn sqlite_a_second_record_does_not_take_a_link_over() {
     a_second_record_does_not_take_a_link_over(false).await;
+}
+
+/// Two events of one record in the same remote tick, decided on the same
+/// read of the link by two loops: the first only opens a flagged conflict
+/// (it writes no customer, and its date is the link's already), so the
+/// link moves on in nothing but its hold. The second decides again.
+/// Before, it was applied on the held link, replaced its snapshot and
+/// took the hold over: the first conflict stayed open holding nothing.
+async fn a_change_decided_before_a_hold_decides_again(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let (customers, remote, read) = two_linked(&store, &format!("tick_{postgres}")).await;
+    let first = &customers[0];
+    let same_tick = [
+        (format!("evt_tick_a_{postgres}"), &remote[0]),
+        (format!("evt_tick_b_{postgres}"), &remote[0]),
+    ];
+    let events = claim_dated(&store, &same_tick, read[0].remote_seen_at_ms).await;
+    let flagged = InboundChange {
+        conflict: Some(NewConflict {
+            policy: "flag".into(),
+            fields: json!([]),
+            open: true,
+        }),
+        link_read: Some(read[0]),
+        ..change(&events[0], CustomerWrite::None, Some(&first.id))
+    };
+    let held = store.apply_inbound_many(&[flagged]).await.expect("applied");
+    assert!(matches!(held[0], Ok(Applied::Done(None))), "{held:?}");
+    let now = link_read(&store, &remote[0]).await;
+    assert_eq!(
+        now,
+        LinkRead {
+            held: true,
+            ..read[0]
+        }
+    );
+    let results = store
+        .apply_inbound_many(&[renamed_from_remote(
+            &events[1],
+            first,
+            "Over the hold",
+            Some(read[0]),
+        )])
+        .await
+        .expect("applied");
+    assert!(matches!(results[0], Ok(Applied::Raced)), "{results:?}");
+    let unchanged = store.get_customer(&first.id).await.expect("first");
+    assert_eq!(unchanged.name.as_deref(), Some("First"));
+}
+
+#[tokio::test]
+async fn postgres_a_change_decided_before_a_hold_decides_again() {
+    a_change_decided_before_a_hold_decides_again(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_change_decided_before_a_hold_decides_again() {
+    a_change_decided_before_a_hold_decides_again(false).await;
 }
 
 #[tokio::test]
