@@ -312,16 +312,15 @@ ferry_sdk::export_connector!(Salesforce);
 /// A SOQL query's answer (one page).
 #[derive(Deserialize)]
 struct QueryResult {
-    #[serde(default = "yes")]
+    // Always in a query's answer: one without it (a proxy's `{}`, a
+    // misrouted host) is not taken for a complete, empty listing, which
+    // would make every link look orphaned.
+    #[serde(default)]
     done: bool,
     #[serde(default, rename = "nextRecordsUrl")]
     next_records_url: Option<String>,
     #[serde(default)]
     records: Vec<Map<String, Value>>,
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// The answer to a create or an upsert.
@@ -640,8 +639,25 @@ fn api_error(resp: &Response) -> ConnectorError {
         // Codes and Error Responses"), not a token to refresh: one
         // record's sharing, an object's access, the API off for the org.
         _ if resp.status == 403 => return ConnectorError::permanent(message),
+        // The same 404 answers a record id sent under another object (an
+        // `object` setting changed while links point at Contacts) or an
+        // external id field that does not exist: the record is not gone,
+        // the request is wrong. Read as gone, a delete counted as done and
+        // left the record in Salesforce, with no dead letter.
+        "NOT_FOUND"
+            if errors
+                .first()
+                .is_some_and(|e| e.message.starts_with("Provided external ID field")) =>
+        {
+            return ConnectorError::permanent(message)
+        }
         "ENTITY_IS_DELETED" | "NOT_FOUND" => return ConnectorError::not_found(message),
-        "SERVER_UNAVAILABLE" | "UNABLE_TO_LOCK_ROW" => return ConnectorError::retryable(message),
+        // The org is read-only for a planned maintenance (it can last
+        // hours), or a query ran out of time: both pass.
+        "SERVER_UNAVAILABLE"
+        | "UNABLE_TO_LOCK_ROW"
+        | "INSERT_UPDATE_DELETE_NOT_ALLOWED_DURING_MAINTENANCE"
+        | "QUERY_TIMEOUT" => return ConnectorError::retryable(message),
         // A trigger's or a workflow's row lock, reported under the error
         // of the operation it broke: transient too.
         _ if message.contains("UNABLE_TO_LOCK_ROW") => {

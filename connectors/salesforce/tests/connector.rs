@@ -355,6 +355,67 @@ async fn a_concurrency_limit_and_a_wrapped_row_lock_are_transient() {
     ));
 }
 
+/// Salesforce's errors that are not what their status says: a 404
+/// `NOT_FOUND` for an id sent under another object (or a missing external
+/// id field) is a wrong request, not a record gone (read as gone, a delete
+/// counted as done and left the record there); the org's maintenance
+/// window and a query's timeout pass; and a query answer without `done`
+/// is not a complete listing.
+#[tokio::test]
+async fn salesforce_errors_are_read_for_what_they_mean() {
+    let kit = kit().await;
+    script_tokens(&kit, &["tok-1"]);
+    kit.http()
+        .on("DELETE", &format!("{CONTACTS}/001A"))
+        .respond_json(
+            404,
+            &sf_error(
+                "NOT_FOUND",
+                "Provided external ID field does not exist or is not accessible: 001A",
+                &[],
+            ),
+        );
+    kit.http()
+        .on("DELETE", &format!("{CONTACTS}/003G"))
+        .respond_json(
+            404,
+            &sf_error("ENTITY_IS_DELETED", "entity is deleted", &[]),
+        );
+    kit.http()
+        .on("PATCH", &format!("{CONTACTS}/003M"))
+        .respond_json(
+            400,
+            &sf_error(
+                "INSERT_UPDATE_DELETE_NOT_ALLOWED_DURING_MAINTENANCE",
+                "Updates can't be made during maintenance.",
+                &[],
+            ),
+        );
+    kit.http()
+        .on("GET", &format!("{CONTACTS}/003M"))
+        .respond_json(200, &json!({"FirstName": "Ada", "LastName": "King"}));
+    assert!(matches!(
+        connector_error(kit.push(linked(Operation::Delete, "001A")).await),
+        ConnectorError::Permanent(m) if m.contains("external ID field")
+    ));
+    assert!(matches!(
+        connector_error(kit.push(linked(Operation::Delete, "003G")).await),
+        ConnectorError::NotFound(_)
+    ));
+    assert!(matches!(
+        connector_error(kit.push(linked(Operation::Update, "003M")).await),
+        ConnectorError::Retryable(m) if m.contains("MAINTENANCE")
+    ));
+
+    kit.http()
+        .on("GET", &format!("{DATA}/query?q="))
+        .respond_json(200, &json!({"records": []}));
+    assert!(matches!(
+        connector_error(kit.list("customer", None, 10).await),
+        ConnectorError::Retryable(_)
+    ));
+}
+
 #[tokio::test]
 async fn fetch_maps_the_record_back() {
     let kit = kit().await;
