@@ -237,7 +237,7 @@ fn set_field(record: &mut serde_json::Value, field: &str, value: serde_json::Val
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 200, description = "Resolved", body = ConflictResolution),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such conflict, or its customer is gone", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such conflict (a deleted customer's conflicts are closed with it: 409 `conflict_not_open`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Already resolved (`conflict_not_open`), the customer changed under the resolution three times in a row (`conflict_customer_busy`), or ferry changed a conflicting field since the conflict was recorded and the resolution would overwrite it (`conflict_stale`)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid resolution", body = Problem, content_type = "application/problem+json"),
     ),
@@ -273,15 +273,23 @@ pub async fn resolve_conflict(
                 .collect()
         })
         .unwrap_or_default();
-    // ferry's side of each field as the conflict recorded it.
-    let recorded_local: BTreeMap<String, Option<String>> = conflict
+    // What the customer held for each field once the conflict was
+    // recorded: ferry's side, or the remote's where the policy already
+    // took it (a duplicate-email conflict keeps the merge's other
+    // conflicts, decided, and their remote values were written with it:
+    // compared with ferry's side only, they read as edits made since, and
+    // every `fields` resolution choosing another value was refused stale).
+    let recorded: BTreeMap<String, (Option<String>, Option<Option<String>>)> = conflict
         .fields
         .0
         .as_array()
         .map(|fields| {
             fields
                 .iter()
-                .filter_map(|f| Some((f["field"].as_str()?.to_owned(), text(&f["local"]))))
+                .filter_map(|f| {
+                    let taken = (f["resolution"] == "remote").then(|| text(&f["remote"]));
+                    Some((f["field"].as_str()?.to_owned(), (text(&f["local"]), taken)))
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -331,11 +339,13 @@ pub async fn resolve_conflict(
             // conflict (trimmed, empty as unset, an email's case), or a
             // stored `"silver "` never matched its recorded `"silver"`.
             let now = current_value(&customer, field)?;
-            let recorded = recorded_local.get(field).cloned().flatten();
+            let (local, taken) = recorded.get(field).cloned().unwrap_or_default();
             let same = |a: &Option<String>, b: &Option<String>| {
                 crate::sync::merge::same_text(field, a.as_deref(), b.as_deref())
             };
-            if !same(&now, &recorded) && !same(&chosen, &now) {
+            let as_recorded =
+                same(&now, &local) || taken.as_ref().is_some_and(|taken| same(&now, taken));
+            if !as_recorded && !same(&chosen, &now) {
                 stale.push(field.clone());
             }
         }

@@ -89,8 +89,8 @@ pub struct Folded {
 }
 
 /// A deleted customer's open conflicts have nothing left to decide (and
-/// their resolve answers 404): they close as `customer_deleted`, in the
-/// delete's transaction. `$1` the customer, `$2` the time.
+/// their resolve answers 409 `conflict_not_open`): they close as
+/// `customer_deleted`, in the delete's transaction. `$1` the customer, `$2` the time.
 pub(super) const CLOSE_FOR_DELETED_SQL: &str = "UPDATE conflicts SET state = 'resolved', \
     resolution = 'customer_deleted', resolved_at = $2 WHERE customer_id = $1 AND state = 'open'";
 

@@ -735,6 +735,66 @@ async fn a_duplicate_merged_into_a_held_link_waits() {
     assert_eq!(open[0]["id"], conflict["id"]);
 }
 
+/// The same duplicate email under `prefer_remote`: the name's conflict is
+/// decided (the remote's name is written with the conflict), and a person
+/// resolving the email with `fields` may still give the name ferry's
+/// value. Before, the name the conflict itself wrote read as an edit made
+/// since, and the resolution was refused as stale (409).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_email_resolved_by_fields_over_a_decided_conflict() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let mut setup = Setup::new(Backend::Sqlite, &proxy.url());
+    setup.extra = json!({
+        "conflict_policy": "prefer_remote",
+        "duplicate_email_policy": "flag",
+        "sync_max_attempts": 100,
+    });
+    let app = spawn_sync_app(setup).await;
+    app.receive_stripe_webhooks(&stripe).await;
+    let other = email("taken-too");
+    app.create(json!({"email": other, "name": "Other"})).await;
+    let own = email("dup-decided");
+    let created = app.create(json!({"email": own, "name": "Original"})).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let link = app.wait_synced(&id, 1).await;
+    let remote_id = link["remote_id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+
+    proxy.set_down(true);
+    app.patch(&id, json!({"name": "Local Name"})).await;
+    edit_fields_in_stripe(
+        &stripe.url(),
+        &remote_id,
+        &[("name", "Remote Name"), ("email", &other)],
+    );
+    let conflict = open_conflict(&app).await;
+    assert_eq!(conflict["policy"], "duplicate_email", "{conflict:#}");
+    let decided = conflict["fields"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["field"] == "name").cloned())
+        .unwrap_or_else(|| panic!("the name is kept with it: {conflict:#}"));
+    assert_eq!(decided["resolution"], "remote", "{conflict:#}");
+    let (status, resolved) = app
+        .send(
+            reqwest::Method::POST,
+            &format!(
+                "/api/v1/conflicts/{}/resolve",
+                conflict["id"].as_str().unwrap()
+            ),
+            Some(json!({"resolution": "fields",
+                "fields": {"email": own, "name": "Local Name"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{resolved:#}");
+    let now = customer(&app, &id).await;
+    assert_eq!(
+        (&now["name"], &now["email"]),
+        (&json!("Local Name"), &json!(own)),
+        "{now:#}"
+    );
+}
+
 /// A remote edit that changes a linked record's email to another
 /// customer's (duplicate-email policy `flag`) and its name, which ferry also
 /// changed: the conflict that waits for a person holds both fields. Before,
