@@ -319,7 +319,7 @@ impl SyncEngine {
                 .count()
                 > 1;
         let fetched = if tied {
-            self.fetch_current(newest).await.ok().flatten()
+            self.fetch_current(newest, false).await.ok().flatten()
         } else {
             None
         };
@@ -754,7 +754,11 @@ impl SyncEngine {
         });
         let remote = match &event.record {
             Some(record) if !doubtful => canonical_record(&record.0),
-            record => match (self.fetch_current(event).await?, record) {
+            record => match (
+                self.fetch_current(event, link.as_ref().is_some_and(|l| l.remote_deleted))
+                    .await?,
+                record,
+            ) {
                 (Some(fetched), _) => canonical_record(&fetched),
                 // A doubtful payload from a connector without `fetch` is
                 // the best there is: applied (the base still tells an echo
@@ -1331,9 +1335,12 @@ impl SyncEngine {
 
     /// The record as the remote holds it now; `None` if the connector does
     /// not implement `fetch`.
+    /// `link_deleted`: the record's link says its remote delete was
+    /// applied already.
     async fn fetch_current(
         &self,
         event: &InboxEvent,
+        link_deleted: bool,
     ) -> Result<Option<serde_json::Value>, Failure> {
         // Accepted while the connector was enabled: finish it even if the
         // connector was disabled since.
@@ -1385,16 +1392,26 @@ impl SyncEngine {
             // record was looked up again only because its order was in
             // doubt, and the record's delete (which the remote sends) is
             // the change that decides; nothing is left to apply or retry.
-            // A thin event says only "look again", and a connector that
-            // sends no deletes has nothing else to say it: a dead letter
-            // for a person.
-            Err(CallError::Connector(ConnectorError::NotFound(_))) if event.record.is_some() => {
+            // So is a thin event of a record whose delete was applied,
+            // however it was dated (thin events are dated on arrival, so
+            // one delivered after the delete looks newer than it).
+            Err(CallError::Connector(ConnectorError::NotFound(_)))
+                if event.record.is_some() || link_deleted =>
+            {
                 Err(Failure::Skip(
                     "the remote record no longer exists: its delete decides".into(),
                 ))
             }
-            Err(CallError::Connector(ConnectorError::NotFound(_))) => Err(Failure::Permanent(
-                "the remote record no longer exists".into(),
+            // A thin event says only "look again". A remote that sends
+            // deletes (Stripe) may not have delivered this one's yet: the
+            // event is retried, and skipped once the delete is applied.
+            // A connector that sends none (Salesforce's Outbound Messages)
+            // has nothing else to say it: a dead letter for a person once
+            // the attempts are spent.
+            Err(CallError::Connector(ConnectorError::NotFound(_))) => Err(Failure::Retry(
+                "the remote record no longer exists (its delete, if the remote sends one, \
+                 may not be here yet)"
+                    .into(),
             )),
             Err(CallError::Connector(
                 ConnectorError::Permanent(m) | ConnectorError::Unauthorized(m),

@@ -557,7 +557,11 @@ async fn a_thin_event_dated_behind_the_last_one_is_still_applied() {
 
 /// A thin event older than its record's delete is still stale: the fetch
 /// would find nothing, and the late trigger would be dead-lettered where it
-/// belongs skipped.
+/// belongs skipped. So is one delivered after the delete (thin events are
+/// dated on arrival: it looks newer than the delete), and one that comes
+/// before its record's delete event although the record is gone already
+/// (retried, not dead-lettered at once, until the delete is applied).
+/// Before, both ended as dead letters no replay could mend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thin_event_older_than_the_records_delete_is_skipped() {
     use ferry::store::inbox::{NewInboxEvent, RemoteChange};
@@ -586,6 +590,7 @@ async fn a_thin_event_older_than_the_records_delete_is_skipped() {
         ("evt_gone_first", RemoteChange::Upsert, now),
         ("evt_gone_deleted", RemoteChange::Delete, now + 2_000),
         ("evt_gone_late", RemoteChange::Upsert, now + 1_000),
+        ("evt_gone_after", RemoteChange::Upsert, now + 3_000),
     ] {
         if kind == RemoteChange::Delete {
             stripe_py(
@@ -599,13 +604,95 @@ async fn a_thin_event_older_than_the_records_delete_is_skipped() {
             .expect("stored");
         app.sync.wake();
         let done = finished(id).await;
-        let expected = if id == "evt_gone_late" {
+        let expected = if id.ends_with("_late") || id.ends_with("_after") {
             "skipped"
         } else {
             "applied"
         };
         assert_eq!(done["state"], expected, "{id}: {done}");
     }
+
+    // Another record: deleted in Stripe, its thin update stored before the
+    // delete event.
+    let created = stripe_py(
+        &stripe.url(),
+        &format!("c = stripe.Customer.create(email='{}', name='Gone Too')\nprint(json.dumps({{'id': c.id}}))", email("thin-gone-too")),
+    );
+    let other = created["id"].as_str().unwrap().to_owned();
+    let other_event = |id: &str, kind: RemoteChange, at: i64| NewInboxEvent {
+        remote_id: other.clone(),
+        ..event(id, kind, at)
+    };
+    app.store
+        .store_inbox_many(&[(
+            "stripe",
+            &[other_event("evt_too_first", RemoteChange::Upsert, now)],
+            None,
+        )])
+        .await
+        .expect("stored");
+    app.sync.wake();
+    let done = outcome_of(&app, other.clone(), "evt_too_first").await;
+    assert_eq!(done["state"], "applied", "{done}");
+    stripe_py(
+        &stripe.url(),
+        &format!("stripe.Customer.delete('{other}')\nprint('{{}}')"),
+    );
+    app.store
+        .store_inbox_many(&[(
+            "stripe",
+            &[other_event(
+                "evt_too_thin",
+                RemoteChange::Upsert,
+                now + 1_000,
+            )],
+            None,
+        )])
+        .await
+        .expect("stored");
+    app.sync.wake();
+    // Looked at, found gone, and put back to wait for the delete.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = app.store.inbox_of_remote("stripe", &other).await.unwrap();
+        let thin = events
+            .iter()
+            .find(|e| e.event_id == "evt_too_thin")
+            .unwrap();
+        if thin.attempts > 0 {
+            assert_eq!(thin.state.as_str(), "retry", "{thin:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{thin:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    app.store
+        .store_inbox_many(&[(
+            "stripe",
+            &[other_event(
+                "evt_too_deleted",
+                RemoteChange::Delete,
+                now + 2_000,
+            )],
+            None,
+        )])
+        .await
+        .expect("stored");
+    app.sync.wake();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let thin = loop {
+        let events = app.store.inbox_of_remote("stripe", &other).await.unwrap();
+        let thin = events
+            .into_iter()
+            .find(|e| e.event_id == "evt_too_thin")
+            .unwrap();
+        if ["applied", "skipped", "dead"].contains(&thin.state.as_str()) {
+            break thin;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{thin:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(thin.state.as_str(), "skipped", "{thin:?}");
 }
 
 /// Stripe does not promise order. A `customer.created` it retried (ferry
