@@ -183,11 +183,22 @@ struct ThinEvent {
     /// Set for an event of another account (a connected one).
     #[serde(default)]
     context: Option<String>,
+    /// What caused it: an API request carries its idempotency key, which
+    /// tells ferry's own pushes (their echoes) and a create whose answer
+    /// was lost (adopted by its key), as a snapshot event's `request` does.
+    #[serde(default)]
+    reason: Option<ThinReason>,
 }
 
 #[derive(Deserialize)]
 struct RelatedObject {
     id: String,
+}
+
+#[derive(Deserialize)]
+struct ThinReason {
+    #[serde(default)]
+    request: Option<EventRequest>,
 }
 
 /// A thin event's webhook, or `None` if `body` is not one. Customer
@@ -220,9 +231,13 @@ fn parse_thin_event(body: &[u8]) -> Result<Option<ParsedWebhook>, ConnectorError
         ferry_sdk::ChangeKind::Upsert => Event::upsert(event.id, ENTITY, related.id, 0, None),
         ferry_sdk::ChangeKind::Delete => Event::delete(event.id, ENTITY, related.id, 0),
     };
-    Ok(Some(ParsedWebhook::events(vec![
-        base.with_remote_type(event.kind)
-    ])))
+    let origin_key = event
+        .reason
+        .and_then(|r| r.request)
+        .and_then(|r| r.idempotency_key);
+    Ok(Some(ParsedWebhook::events(vec![base
+        .with_remote_type(event.kind)
+        .with_origin_key(origin_key)])))
 }
 
 fn parse_event(body: &[u8]) -> Result<ParsedWebhook, ConnectorError> {
@@ -346,8 +361,20 @@ fn checked(resp: Response) -> Result<Response, ConnectorError> {
             (ConnectorError::Retryable(m), Some("false")) if !conflict => {
                 ConnectorError::permanent(m)
             }
+            // A 404 for the request, not the record: a path Stripe does not
+            // know (an `api_base` ending in `/v1` made `/v1/v1/…`), or a key
+            // of the other mode. Read as "gone", every delete counted as
+            // done and marked its link deleted, and creates were
+            // dead-lettered as "not found".
+            (ConnectorError::NotFound(m), _) if misaddressed(&m) => ConnectorError::permanent(m),
             (err, _) => err,
         })
+}
+
+/// Whether a 404's message (as [`stripe_error_message`] made it) says the
+/// request was wrong rather than the record gone.
+fn misaddressed(message: &str) -> bool {
+    message.contains("Unrecognized request URL") || message.contains("a similar object exists in")
 }
 
 fn stripe_error_message(resp: &Response) -> String {

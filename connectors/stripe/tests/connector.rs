@@ -224,9 +224,31 @@ async fn client_errors_map_to_their_kinds() {
         r#"{"error":{"type":"invalid_request_error","message":"Invalid email address"}}"#,
     );
 
+    // A 404 for the request, not the record: a path Stripe does not know,
+    // a key of the other mode. Permanent, not "gone".
+    kit.http().on("GET", &format!("{API}/cus_path")).respond(
+        404,
+        &[],
+        r#"{"error":{"type":"invalid_request_error","message":"Unrecognized request URL (GET: /v1/v1/customers/cus_path). Please see https://stripe.com/docs"}}"#,
+    );
+    kit.http().on("GET", &format!("{API}/cus_live")).respond(
+        404,
+        &[],
+        r#"{"error":{"code":"resource_missing","param":"id","type":"invalid_request_error","message":"No such customer: 'cus_live'; a similar object exists in live mode, but a test mode key was used to make this request."}}"#,
+    );
+
     match connector_error(kit.fetch("customer", "cus_gone").await) {
         ConnectorError::NotFound(m) => assert!(m.contains("No such customer"), "{m}"),
         other => panic!("{other:?}"),
+    }
+    for misaddressed in ["cus_path", "cus_live"] {
+        assert!(
+            matches!(
+                connector_error(kit.fetch("customer", misaddressed).await),
+                ConnectorError::Permanent(_)
+            ),
+            "{misaddressed}"
+        );
     }
     assert!(matches!(
         connector_error(kit.fetch("customer", "cus_deleted").await),
@@ -459,6 +481,18 @@ async fn thin_customer_events_become_thin_ferry_events() {
     );
     assert_eq!(event.occurred_at_ms, 0, "dated on arrival");
     assert_eq!(event.remote_type, "v1.customer.updated");
+    assert_eq!(event.origin_key, None, "no request caused it");
+    // One an API request caused names its idempotency key: ferry's own
+    // push is told by it (its echo), as with a snapshot event.
+    let mut caused: serde_json::Value =
+        serde_json::from_str(&thin("evt_thin_5", "v1.customer.updated", "cus_9")).unwrap();
+    caused["reason"] = json!({"type": "request",
+        "request": {"id": "req_1", "idempotency_key": "ferry-stripe-cus_1-v3"}});
+    let caused = parse(caused.to_string()).await.unwrap();
+    assert_eq!(
+        caused.events[0].origin_key.as_deref(),
+        Some("ferry-stripe-cus_1-v3")
+    );
     let deleted = parse(thin("evt_thin_2", "v1.customer.deleted", "cus_9"))
         .await
         .unwrap();
