@@ -113,7 +113,7 @@ impl Store {
             "SELECT {CONFLICT_COLUMNS} FROM conflicts \
              WHERE (CAST($1 AS TEXT) IS NULL OR state = $1) \
              AND (CAST($2 AS TEXT) IS NULL OR customer_id = $2) \
-             AND (CAST($3 AS TEXT) IS NULL OR id > $3) ORDER BY id LIMIT $4"
+             AND id > COALESCE(CAST($3 AS TEXT), '') ORDER BY id LIMIT $4"
         );
         let rows = dispatch!(self, read pool => {
             sqlx::query_as(&sql)

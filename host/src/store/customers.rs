@@ -265,6 +265,17 @@ const SELECT_LIVE_FOR_UPDATE: &str = concat!(
     " FROM customers WHERE id = $1 AND deleted_at IS NULL FOR UPDATE"
 );
 
+/// A page of live customers after the cursor `$1` (none: from the start),
+/// `$2` unused (the email's own statement binds it), at most `$3`.
+pub(super) const LIST_CUSTOMERS_SQL: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM customers WHERE deleted_at IS NULL ",
+    "AND id > COALESCE(CAST($1 AS TEXT), '') ",
+    "AND CAST($2 AS TEXT) IS NULL ",
+    "ORDER BY id LIMIT $3"
+);
+
 /// How often an update retries after losing a race to a concurrent writer
 /// (PostgreSQL only; SQLite writers are serialised, and on PostgreSQL the
 /// read takes the row's lock, so a race is left only to a write that does
@@ -750,25 +761,21 @@ impl Store {
         let fetch = i64::from(request.limit) + 1;
         // With an email, its own statement: `(? IS NULL OR email = ?)` keeps
         // both planners off the live-email index, and a scan of every
-        // customer per inbound record made imports quadratic.
+        // customer per inbound record made imports quadratic. The cursor
+        // is one range for the same reason (every id sorts after ''):
+        // `(? IS NULL OR id > ?)` kept SQLite from seeking the id index,
+        // and each page read it from the start (20 ms 290,000 rows in).
         let sql = if request.email.is_some() {
             concat!(
                 "SELECT ",
                 columns!(),
                 " FROM customers WHERE email = CAST($2 AS TEXT) ",
                 "AND deleted_at IS NULL ",
-                "AND (CAST($1 AS TEXT) IS NULL OR id > CAST($1 AS TEXT)) ",
+                "AND id > COALESCE(CAST($1 AS TEXT), '') ",
                 "ORDER BY id LIMIT $3"
             )
         } else {
-            concat!(
-                "SELECT ",
-                columns!(),
-                " FROM customers WHERE deleted_at IS NULL ",
-                "AND (CAST($1 AS TEXT) IS NULL OR id > CAST($1 AS TEXT)) ",
-                "AND CAST($2 AS TEXT) IS NULL ",
-                "ORDER BY id LIMIT $3"
-            )
+            LIST_CUSTOMERS_SQL
         };
         let rows: Vec<CustomerRow> = dispatch!(self, read pool => {
             sqlx::query_as(sql)

@@ -667,4 +667,37 @@ mod tests {
             .unwrap()
             .is_none());
     }
+
+    /// A page of customers after a cursor seeks the id index: with
+    /// `(? IS NULL OR id > ?)` SQLite scanned it from the start on every
+    /// page, and reading the catalogue page by page grew with its square.
+    #[tokio::test]
+    async fn a_page_after_a_cursor_seeks_the_index() {
+        let store = Store::connect("sqlite::memory:", &StoreOptions::default())
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let Backend::Sqlite(pools) = &store.backend else {
+            unreachable!()
+        };
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&format!(
+            "EXPLAIN QUERY PLAN {}",
+            customers::LIST_CUSTOMERS_SQL
+        ))
+        .bind("cus_0123")
+        .bind(None::<String>)
+        .bind(10_i64)
+        .fetch_all(&pools.writer)
+        .await
+        .unwrap();
+        let plan: Vec<&str> = plan
+            .iter()
+            .map(|(_, _, _, detail)| detail.as_str())
+            .collect();
+        assert!(
+            plan.iter()
+                .any(|d| d.starts_with("SEARCH") && d.contains("id>")),
+            "{plan:?}"
+        );
+    }
 }

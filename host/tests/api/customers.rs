@@ -136,6 +136,38 @@ async fn patch_merges_fields_and_bumps_version(backend: Backend) {
         .unwrap();
     let problem = assert_problem(response, 422, "validation_failed").await;
     assert_eq!(problem["errors"][0]["field"], "email");
+
+    // A null under a misspelled name is refused like any unknown field
+    // (before: 200, nothing cleared, a new version sent everywhere).
+    for (typo, field) in [
+        (json!({"phnoe": null}), "phnoe"),
+        (json!({"address": {"citty": null}}), "address.citty"),
+    ] {
+        let response = app
+            .request(Method::PATCH, &path)
+            .json(&typo)
+            .send()
+            .await
+            .unwrap();
+        let problem = assert_problem(response, 422, "validation_failed").await;
+        assert_eq!(problem["errors"][0]["field"], field, "{problem}");
+    }
+    // An address whose last line is cleared is no address (before: an
+    // object of nulls, where an inbound record's reads null).
+    let response = app
+        .request(Method::PATCH, &path)
+        .json(&json!({"address": {"line1": null, "city": null, "country": null}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let cleared: Value = response.json().await.unwrap();
+    assert_eq!(cleared["address"], Value::Null, "{cleared}");
+    assert_eq!(cleared["version"], 3, "the typos wrote nothing");
+    let empty = app
+        .create_ok(&json!({"email": email("no-address"), "address": {}}))
+        .await;
+    assert_eq!(empty["address"], Value::Null, "{empty}");
 }
 
 async fn put_replaces_every_field(backend: Backend) {

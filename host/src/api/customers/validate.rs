@@ -159,6 +159,11 @@ pub fn validate(input: CustomerInput) -> Result<CustomerFields, ApiError> {
         state: optional_text(&mut errors, "address.state", a.state, MAX_ADDRESS_LINE),
         country: a.country.map(|c| c.trim().to_ascii_uppercase()),
     });
+    // An address with no line set is no address, as an inbound record's
+    // is: `{}` (or a patch clearing its last line) was stored as an
+    // object of nulls, and the same customer read differently by the door
+    // it came in by.
+    let address = address.filter(|a| *a != Address::default());
     if let Some(country) = address.as_ref().and_then(|a| a.country.as_ref()) {
         if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
             errors.push(FieldError::new(
