@@ -353,6 +353,10 @@ fn checked(resp: Response) -> Result<Response, ConnectorError> {
     // "External dependency failed": a failure outside Stripe, transient by
     // nature, unless Stripe says not to retry.
     let dependency = resp.status == 424;
+    // A 429 `lock_timeout` is one object busy (another request on the
+    // same customer), not the account's rate: retried alone, without
+    // pausing every push to Stripe for the pause a rate limit takes.
+    let locked = resp.status == 429 && error_code(&resp).as_deref() == Some("lock_timeout");
     resp.error_for_status_with(stripe_error_message)
         .map_err(|err| match (err, should_retry.as_deref()) {
             (ConnectorError::Permanent(m), Some("true")) => ConnectorError::retryable(m),
@@ -367,8 +371,23 @@ fn checked(resp: Response) -> Result<Response, ConnectorError> {
             // done and marked its link deleted, and creates were
             // dead-lettered as "not found".
             (ConnectorError::NotFound(m), _) if misaddressed(&m) => ConnectorError::permanent(m),
+            (ConnectorError::RateLimited(r), _) if locked => ConnectorError::retryable(r.message),
             (err, _) => err,
         })
+}
+
+/// The `error.code` of a Stripe error answer, if it has one.
+fn error_code(resp: &Response) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Body {
+        error: Code,
+    }
+    #[derive(Deserialize)]
+    struct Code {
+        #[serde(default)]
+        code: Option<String>,
+    }
+    serde_json::from_slice::<Body>(&resp.body).ok()?.error.code
 }
 
 /// Whether a 404's message (as [`stripe_error_message`] made it) says the

@@ -241,6 +241,19 @@ async fn client_errors_map_to_their_kinds() {
         ConnectorError::NotFound(m) => assert!(m.contains("No such customer"), "{m}"),
         other => panic!("{other:?}"),
     }
+    // One object busy, not the account's rate: retried alone.
+    kit.http().on("POST", &format!("{API}/cus_busy")).respond(
+        429,
+        &[],
+        r#"{"error":{"code":"lock_timeout","type":"invalid_request_error","message":"This object cannot be accessed right now because another API request or Stripe process is currently accessing it."}}"#,
+    );
+    let mut busy = create_request();
+    busy.operation = Operation::Update;
+    busy.remote_id = Some("cus_busy".into());
+    assert!(matches!(
+        connector_error(kit.push(busy).await),
+        ConnectorError::Retryable(m) if m.contains("cannot be accessed right now")
+    ));
     for misaddressed in ["cus_path", "cus_live"] {
         assert!(
             matches!(
