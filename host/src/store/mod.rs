@@ -426,6 +426,9 @@ pub(crate) fn capped(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// What SQLite's WAL file is cut back to once a checkpoint has emptied it.
+pub const SQLITE_WAL_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
+
 impl Store {
     /// Connects to the database `url` names, creating a SQLite file if missing.
     #[tracing::instrument(skip_all, fields(kind))]
@@ -437,6 +440,10 @@ impl Store {
                 let connect = SqliteConnectOptions::from_str(url)?
                     .create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)
+                    // Once a checkpoint has emptied the WAL, it is cut back
+                    // to this size: after a burst (an import, a backfill)
+                    // it kept its peak size on disk for good.
+                    .pragma("journal_size_limit", SQLITE_WAL_LIMIT_BYTES.to_string())
                     .synchronous(SqliteSynchronous::Full)
                     .foreign_keys(true)
                     .busy_timeout(options.acquire_timeout);
@@ -666,6 +673,27 @@ mod tests {
         assert!(lock_sqlite_file("postgres://ferry@localhost/ferry")
             .unwrap()
             .is_none());
+    }
+
+    /// Every SQLite connection cuts the WAL back to its limit after a
+    /// checkpoint (SQLite's default keeps it at its peak size).
+    #[tokio::test]
+    async fn every_connection_limits_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("ferry.db").display());
+        let store = Store::connect(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        let Backend::Sqlite(pools) = &store.backend else {
+            unreachable!()
+        };
+        for pool in [&pools.writer, &pools.reader] {
+            let limit: i64 = sqlx::query_scalar("PRAGMA journal_size_limit")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            assert_eq!(limit as u64, SQLITE_WAL_LIMIT_BYTES);
+        }
     }
 
     /// A page of customers after a cursor seeks the id index: with
