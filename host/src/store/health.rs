@@ -141,6 +141,18 @@ pub struct TrimStep {
     pub next: Option<i64>,
 }
 
+/// A page of links after the cursor (`$3`, `$4`: customer id and
+/// connector; none: from the start), by connector `$1` and state `$2` if
+/// given, at most `$5`. The cursor is one row-value range, which both
+/// planners seek the primary key with: `(? IS NULL OR …)` kept SQLite
+/// reading it from the start on every page.
+pub(super) const LIST_LINKS_SQL: &str = "SELECT customer_id, connector, remote_id, state, \
+     attempts, next_attempt_at_ms, last_error, correlation_id, updated_at FROM sync_links \
+     WHERE (CAST($1 AS TEXT) IS NULL OR connector = $1) \
+     AND (CAST($2 AS TEXT) IS NULL OR state = $2) \
+     AND (customer_id, connector) > (COALESCE(CAST($3 AS TEXT), ''), CAST($4 AS TEXT)) \
+     ORDER BY customer_id, connector LIMIT $5";
+
 impl Store {
     /// The backlogs, from partial indexes only.
     pub async fn backlog(&self) -> Result<Backlog, StoreError> {
@@ -215,15 +227,7 @@ impl Store {
     /// A page of links, by customer id.
     pub async fn list_links(&self, filter: &LinkFilter) -> Result<Vec<LinkSummary>, StoreError> {
         let rows = dispatch!(self, read pool => {
-            sqlx::query_as(
-                "SELECT customer_id, connector, remote_id, state, attempts, next_attempt_at_ms, \
-                 last_error, correlation_id, updated_at FROM sync_links \
-                 WHERE (CAST($1 AS TEXT) IS NULL OR connector = $1) \
-                 AND (CAST($2 AS TEXT) IS NULL OR state = $2) \
-                 AND (CAST($3 AS TEXT) IS NULL OR customer_id > $3 \
-                      OR (customer_id = $3 AND connector > $4)) \
-                 ORDER BY customer_id, connector LIMIT $5",
-            )
+            sqlx::query_as(LIST_LINKS_SQL)
             .bind(filter.connector.as_deref())
             .bind(filter.state.as_deref())
             .bind(filter.starting_after.as_ref().map(|(c, _)| c.as_str()))

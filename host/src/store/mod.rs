@@ -727,5 +727,18 @@ mod tests {
                 .any(|d| d.starts_with("SEARCH") && d.contains("id>")),
             "{plan:?}"
         );
+        // The links' listing likewise.
+        let plan: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {}", health::LIST_LINKS_SQL))
+                .bind(None::<String>)
+                .bind(None::<String>)
+                .bind("cus_0123")
+                .bind("stripe")
+                .bind(10_i64)
+                .fetch_all(&pools.writer)
+                .await
+                .unwrap();
+        let plan: Vec<&str> = plan.iter().map(|(_, _, _, d)| d.as_str()).collect();
+        assert!(plan.iter().any(|d| d.starts_with("SEARCH")), "{plan:?}");
     }
 }
