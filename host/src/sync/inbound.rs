@@ -296,16 +296,10 @@ impl SyncEngine {
         let waiting = store
             .inbox_waiting(&conflict.connector, remote_id, link.remote_seen_at_ms)
             .await?;
-        if waiting
-            .iter()
-            .any(|e| e.kind != RemoteChange::Upsert || e.record.is_none())
-        {
+        if waiting.iter().any(|e| e.kind != RemoteChange::Upsert) {
             return Ok(None);
         }
         let Some(newest) = waiting.iter().max_by_key(|e| (e.occurred_at_ms, e.seq)) else {
-            return Ok(None);
-        };
-        let Some(record) = &newest.record else {
             return Ok(None);
         };
         // Events of one remote tick (Stripe's `created` is in seconds), with
@@ -318,12 +312,20 @@ impl SyncEngine {
                 .filter(|e| e.occurred_at_ms == newest.occurred_at_ms)
                 .count()
                 > 1;
-        let fetched = if tied {
+        // A thin event (Salesforce's Outbound Message lacking a field, an
+        // event destination's) is asked about likewise. Left out, its edit
+        // was pushed over by the resolution, then fetched and taken for
+        // that push's echo.
+        let fetched = if tied || newest.record.is_none() {
             self.fetch_current(newest, false).await.ok().flatten()
         } else {
             None
         };
-        let remote = canonical_record(fetched.as_ref().unwrap_or(&record.0));
+        let remote = match (&fetched, &newest.record) {
+            (Some(fetched), _) => canonical_record(fetched),
+            (None, Some(record)) => canonical_record(&record.0),
+            (None, None) => return Ok(None),
+        };
         let merged = merge_owned(
             Sides {
                 base: link.snapshot.as_ref(),
@@ -688,6 +690,13 @@ impl SyncEngine {
                 // knowing the key (Stripe forgets it after a day), or made
                 // a second record.
                 if link.is_none() && event.kind == RemoteChange::Upsert && !deleted_since {
+                    // A thin echo carries no record: the remote is asked,
+                    // or the link would start without a snapshot, and the
+                    // next remote change be merged with no base.
+                    let fetched = match &event.record {
+                        Some(_) => None,
+                        None => self.fetch_current(event, false).await.ok().flatten(),
+                    };
                     let adopted = inner
                         .store
                         .adopt_created_remote(
@@ -695,7 +704,7 @@ impl SyncEngine {
                             &customer,
                             version,
                             &event.remote_id,
-                            event.record.as_ref().map(|r| &r.0),
+                            event.record.as_ref().map(|r| &r.0).or(fetched.as_ref()),
                         )
                         .await?;
                     if adopted {
@@ -1395,24 +1404,33 @@ impl SyncEngine {
             // So is a thin event of a record whose delete was applied,
             // however it was dated (thin events are dated on arrival, so
             // one delivered after the delete looks newer than it).
-            Err(CallError::Connector(ConnectorError::NotFound(_)))
-                if event.record.is_some() || link_deleted =>
-            {
-                Err(Failure::Skip(
-                    "the remote record no longer exists: its delete decides".into(),
-                ))
+            Err(CallError::Connector(ConnectorError::NotFound(_))) => {
+                // A thin event says only "look again". Its record's delete
+                // decides, if the remote sent one: applied on the link, or
+                // in the inbox at all (a record never linked, a delete the
+                // policy ignores; thin events are dated on arrival, so a
+                // date tells nothing). One the remote may not have
+                // delivered yet (Stripe's) is waited for: the event is
+                // retried. A connector that sends none (Salesforce's
+                // Outbound Messages) has nothing else to say it: a dead
+                // letter for a person once the attempts are spent.
+                let deleted = event.record.is_some()
+                    || link_deleted
+                    || self
+                        .inner
+                        .store
+                        .remote_deleted_since(&event.connector, &event.remote_id, i64::MIN)
+                        .await?;
+                Err(if deleted {
+                    Failure::Skip("the remote record no longer exists: its delete decides".into())
+                } else {
+                    Failure::Retry(
+                        "the remote record no longer exists (its delete, if the remote sends \
+                         one, may not be here yet)"
+                            .into(),
+                    )
+                })
             }
-            // A thin event says only "look again". A remote that sends
-            // deletes (Stripe) may not have delivered this one's yet: the
-            // event is retried, and skipped once the delete is applied.
-            // A connector that sends none (Salesforce's Outbound Messages)
-            // has nothing else to say it: a dead letter for a person once
-            // the attempts are spent.
-            Err(CallError::Connector(ConnectorError::NotFound(_))) => Err(Failure::Retry(
-                "the remote record no longer exists (its delete, if the remote sends one, \
-                 may not be here yet)"
-                    .into(),
-            )),
             Err(CallError::Connector(
                 ConnectorError::Permanent(m) | ConnectorError::Unauthorized(m),
             )) => Err(Failure::Permanent(m)),

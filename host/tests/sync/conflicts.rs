@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use ferry_test_support::fault_proxy::FaultProxy;
+use ferry_test_support::fault_proxy::{Fault, FaultProxy, Match};
 use ferry_test_support::localstripe::{venv_python, LocalStripe};
 use serde_json::{json, Value};
 
@@ -295,6 +295,97 @@ async fn a_remote_edit_made_while_held_survives_the_resolution(backend: Backend)
     assert_stripe_has(&h, version, "Local Name", "+15550000009").await;
     // The name the person decided is not a conflict again.
     assert_eq!(conflicts(&h.app, "").await.len(), 1);
+}
+
+/// The same with thin events (an event destination's, or a Salesforce
+/// Outbound Message lacking a field): the edit that waits carries no
+/// record, so the resolution asks the remote for it and folds it in.
+/// Before, a thin event was left out of the fold: the resolution pushed
+/// over the remote's phone, and the event, fetched after that push, was
+/// taken for its echo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thin_remote_edit_made_while_held_survives_the_resolution() {
+    use ferry::store::inbox::{NewInboxEvent, RemoteChange};
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let mut setup = Setup::new(Backend::Sqlite, &proxy.url());
+    setup.extra = json!({"conflict_policy": "flag", "sync_max_attempts": 100});
+    // No webhooks from localstripe: each remote edit reaches ferry as a
+    // thin event, below.
+    let app = spawn_sync_app(setup).await;
+    let customer = app
+        .create(json!({"email": email("thin-held"), "name": "Original", "phone": "+15550000001"}))
+        .await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    let link = app.wait_synced(&id, 1).await;
+    let remote_id = link["remote_id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    let h = Harness {
+        stripe,
+        proxy,
+        app,
+        id,
+        remote_id,
+    };
+    let thin = |event_id: &str| NewInboxEvent {
+        event_id: event_id.into(),
+        entity: "customer".into(),
+        kind: RemoteChange::Upsert,
+        remote_id: h.remote_id.clone(),
+        occurred_at_ms: chrono::Utc::now().timestamp_millis(),
+        record: None,
+        origin_key: None,
+        remote_type: "v1.customer.updated".into(),
+        policy: None,
+    };
+    let deliver = async |event: NewInboxEvent| {
+        h.app
+            .store
+            .store_inbox_many(&[("stripe", std::slice::from_ref(&event), None)])
+            .await
+            .expect("stored");
+        h.app.sync.wake();
+    };
+
+    // Pushes fail (reads pass: a thin event is applied by reading the
+    // customer).
+    for _ in 0..400 {
+        h.proxy
+            .push(Match::request("POST", "/v1/customers"), Fault::status(503));
+    }
+    h.app.patch(&h.id, json!({"name": "Local Name"})).await;
+    modify_in_stripe(&h.stripe.url(), &h.remote_id, "name='Remote Name'");
+    deliver(thin("evt_thin_name")).await;
+    let conflict = open_conflict(&h.app).await;
+    h.proxy.clear_faults();
+    modify_in_stripe(&h.stripe.url(), &h.remote_id, "phone='+15550000009'");
+    deliver(thin("evt_thin_phone")).await;
+    wait_until_an_edit_waits(&h).await;
+
+    let (status, resolved) = resolve(&h.app, &conflict, json!({"resolution": "local"})).await;
+    assert_eq!(status, 200, "{resolved}");
+    let settled = wait_customer(&h.app, &h.id, |c| c["phone"] == "+15550000009").await;
+    assert_eq!(settled["name"], "Local Name", "{settled}");
+    let version = settled["version"].as_i64().unwrap();
+    assert_stripe_has(&h, version, "Local Name", "+15550000009").await;
+    // Part of the resolution, not applied after it by luck.
+    let events = h
+        .app
+        .store
+        .inbox_of_remote("stripe", &h.remote_id)
+        .await
+        .unwrap();
+    let phone = events
+        .iter()
+        .find(|e| e.event_id == "evt_thin_phone")
+        .unwrap();
+    assert!(
+        phone
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("folded into the resolution")),
+        "{phone:?}"
+    );
 }
 
 /// Stripe's dashboard changes the name again while a conflict over it

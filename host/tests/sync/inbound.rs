@@ -693,6 +693,35 @@ async fn a_thin_event_older_than_the_records_delete_is_skipped() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
     assert_eq!(thin.state.as_str(), "skipped", "{thin:?}");
+
+    // A record nothing links: its delete came (and was skipped: nothing to
+    // delete), then its thin `created`, dated later on arrival. Gone, and
+    // the delete in the inbox says so.
+    let created = stripe_py(
+        &stripe.url(),
+        &format!("c = stripe.Customer.create(email='{}', name='Never Linked')\nprint(json.dumps({{'id': c.id}}))", email("thin-never")),
+    );
+    let never = created["id"].as_str().unwrap().to_owned();
+    stripe_py(
+        &stripe.url(),
+        &format!("stripe.Customer.delete('{never}')\nprint('{{}}')"),
+    );
+    let never_event = |id: &str, kind: RemoteChange, at: i64| NewInboxEvent {
+        remote_id: never.clone(),
+        ..event(id, kind, at)
+    };
+    for (id, kind, at) in [
+        ("evt_never_deleted", RemoteChange::Delete, now + 1_000),
+        ("evt_never_created", RemoteChange::Upsert, now + 2_000),
+    ] {
+        app.store
+            .store_inbox_many(&[("stripe", &[never_event(id, kind, at)], None)])
+            .await
+            .expect("stored");
+        app.sync.wake();
+        let done = outcome_of(&app, never.clone(), id).await;
+        assert_eq!(done["state"], "skipped", "{id}: {done}");
+    }
 }
 
 /// Stripe does not promise order. A `customer.created` it retried (ferry
