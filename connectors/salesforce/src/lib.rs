@@ -153,7 +153,7 @@ impl Connector for Salesforce {
                 // the message sends every mapped field, the org is asked.
                 let incomplete = config.fetch_records == Fetch::Incomplete
                     && config.fields.missing_from(&n.fields).is_some();
-                if config.fetch_records == Fetch::Always || no_data || incomplete {
+                if config.fetch_records == Fetch::Always || no_data {
                     // A trigger: ferry fetches what the org holds now, so the
                     // message's own date and fields are not used, and the
                     // triggers are ordered as they arrive.
@@ -165,6 +165,15 @@ impl Connector for Salesforce {
                     .find_map(|f| n.fields.get(*f).and_then(Value::as_str))
                     .and_then(parse_datetime_ms)
                     .unwrap_or_else(clock::now_ms);
+                if incomplete {
+                    // A trigger dated as the message is, as the complete
+                    // messages of the same record are: dated on arrival
+                    // instead, a later edit's complete message (its date in
+                    // whole seconds, earlier than the arrival of the one
+                    // before) was skipped as stale.
+                    return Event::upsert(n.id, ENTITY, n.record_id, when, None)
+                        .with_remote_type(remote_type.clone());
+                }
                 let record = config
                     .fields
                     .customer_from(&n.record_id, &n.fields)

@@ -668,6 +668,10 @@ async fn a_message_without_every_mapped_field_is_a_trigger() {
     let event = &parsed.events[0];
     assert_eq!(event.remote_id, "003A");
     assert_eq!(event.record, None, "ferry reads the record when it applies");
+    assert_eq!(
+        event.occurred_at_ms, 1_795_939_200_000,
+        "dated as the message, as the complete ones are"
+    );
 
     let complete = body.replace(
         "<sf:MailingCity>London</sf:MailingCity>",
