@@ -92,13 +92,16 @@ pub struct Readiness {
         (status = 503, description = "Something is not ready; `not_ready` names it", body = Readiness),
     ))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let mut checks = {
-        let mut last = state.probes.last.lock().await;
+    // In a task of its own: a caller that gives up (a probe's own 1 s
+    // timeout) does not cancel the probe the others wait for.
+    let shared = state.clone();
+    let mut checks = tokio::spawn(async move {
+        let mut last = shared.probes.last.lock().await;
         match &*last {
             Some((at, checks)) if at.elapsed() < PROBE_FRESH => checks.clone(),
             _ => {
-                let checks = probe(&state).await;
-                state
+                let checks = probe(&shared).await;
+                shared
                     .probes
                     .made
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -106,7 +109,15 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
                 checks
             }
         }
-    };
+    })
+    .await
+    .unwrap_or_else(|_| {
+        vec![Check {
+            name: "store".into(),
+            ok: false,
+            detail: "the readiness probe failed (the log says why)".into(),
+        }]
+    });
     if let Some(why) = state.bus_topics.missing() {
         checks.push(Check {
             name: "bus_topics".into(),

@@ -100,7 +100,7 @@ impl Store {
         let sql = format!(
             "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters \
              WHERE (CAST($1 AS TEXT) IS NULL OR connector = $1) {open_only}\
-             AND (CAST($2 AS TEXT) IS NULL OR id > $2) \
+             AND id > COALESCE(CAST($2 AS TEXT), '') \
              AND (CAST($4 AS TEXT) IS NULL OR direction = $4) ORDER BY id LIMIT $3"
         );
         let rows = dispatch!(self, read pool => {
@@ -175,7 +175,7 @@ impl Store {
                 let sql = format!(
                     "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE replayed_at IS NULL \
                      AND (CAST($1 AS TEXT) IS NULL OR connector = $1) \
-                     AND (CAST($2 AS TEXT) IS NULL OR id > $2) AND id <= $3 \
+                     AND id > COALESCE(CAST($2 AS TEXT), '') AND id <= $3 \
                      AND (CAST($4 AS TEXT) IS NULL OR direction = $4) \
                      ORDER BY id LIMIT {REPLAY_BATCH}"
                 );

@@ -738,7 +738,7 @@ impl Store {
         let sql = format!(
             "SELECT {MISMATCH_COLUMNS} FROM reconciliation_mismatches WHERE run_id = $1 \
              AND (CAST($2 AS TEXT) IS NULL OR kind = $2) AND (CAST($3 AS TEXT) IS NULL OR state = $3) \
-             AND (CAST($4 AS TEXT) IS NULL OR id > $4) ORDER BY id LIMIT $5"
+             AND id > COALESCE(CAST($4 AS TEXT), '') ORDER BY id LIMIT $5"
         );
         Ok(dispatch!(self, read pool => {
             sqlx::query_as(&sql)
