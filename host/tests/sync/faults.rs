@@ -182,6 +182,64 @@ async fn a_timed_out_update_is_retried_only_after_the_call_timeout_again() {
     h.app.wait_synced(id, 2).await;
 }
 
+/// The same echo as a thin event (an event destination's `v2.core.event`
+/// naming the create's idempotency key): the link takes the record, and
+/// its base is what the remote holds, read for it. Before, thin events
+/// carried no key; with it, the link was adopted without a snapshot, and
+/// the next remote change was merged with no base.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thin_echo_of_a_create_whose_answer_was_lost_links_its_record() {
+    use crate::helpers::WEBHOOK_SECRET;
+    use crate::inbound::{deliver, stripe_signature};
+    let h = harness(json!({})).await;
+    h.proxy.push(
+        Match::request("POST", "/v1/customers"),
+        Fault::ForwardThenDelay(Duration::from_secs(4)),
+    );
+    let address = email("lost-answer-thin");
+    let customer = h
+        .app
+        .create(json!({"email": address, "name": "Lost"}))
+        .await;
+    let id = customer["id"].as_str().unwrap();
+    wait_forwarded(&h.proxy, "/v1/customers").await;
+    h.proxy.set_down(true);
+    h.app
+        .wait_link(id, Duration::from_secs(20), |l| l["state"] == "dead")
+        .await;
+    h.proxy.set_down(false);
+    let made = stripe_customers_by_email(&h.stripe.url(), &address).await;
+    assert_eq!(made.len(), 1, "{made:?}");
+    let remote_id = made[0]["id"].as_str().unwrap().to_owned();
+
+    let echo = json!({"id": "evt_lost_answer_thin", "object": "v2.core.event",
+        "type": "v1.customer.created", "created": chrono::Utc::now().to_rfc3339(),
+        "livemode": false, "context": null,
+        "related_object": {"id": remote_id, "type": "customer",
+            "url": format!("/v1/customers/{remote_id}")},
+        "reason": {"type": "request",
+            "request": {"id": "req_1", "idempotency_key": format!("ferry-stripe-{id}-v1")}}})
+    .to_string();
+    let (status, _) = deliver(&h.app, &echo, &stripe_signature(&echo, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200);
+    h.app
+        .wait_link(id, Duration::from_secs(10), |l| {
+            l["remote_id"] == remote_id.as_str()
+        })
+        .await;
+    let stored = h
+        .app
+        .store
+        .links_of(id)
+        .await
+        .expect("links")
+        .into_iter()
+        .find(|l| l.connector == "stripe")
+        .expect("the link");
+    let snapshot = stored.snapshot.expect("a snapshot");
+    assert_eq!(snapshot["email"], address.as_str(), "{snapshot}");
+}
+
 /// A create whose answer was lost, then given up on (the remote went down
 /// for good): its echo, which carries ferry's idempotency key and the
 /// record made, links the customer to that record. Before, the echo was
