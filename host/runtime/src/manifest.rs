@@ -10,9 +10,72 @@ use super::wit::latest::Manifest;
 /// Longest connector, setting, secret or entity name.
 const MAX_NAME_LEN: usize = 64;
 
+/// Most entries of each list a manifest declares (entities, hosts, host
+/// settings, settings, secrets).
+pub const MAX_MANIFEST_ENTRIES: usize = 256;
+
+/// Longest free text in a manifest (a description, a setting's default).
+pub const MAX_MANIFEST_TEXT: usize = 4096;
+
 /// Returns the parsed `hosts`, or every problem found, joined.
+///
+/// Bounded before anything else: a guest can return a manifest as large
+/// as its memory, and checking half a million settings against four
+/// million host settings, name by name, held a worker (and every replica's
+/// refresh, and every restart) for minutes, after the call's deadline had
+/// stopped counting.
 pub(crate) fn validate(m: &Manifest) -> Result<Vec<DeclaredHost>, String> {
+    let lists = [
+        ("entities", m.entities.len()),
+        ("hosts", m.hosts.len()),
+        ("host_settings", m.host_settings.len()),
+        ("settings", m.settings.len()),
+        ("secrets", m.secrets.len()),
+    ];
+    let too_many: Vec<String> = lists
+        .iter()
+        .filter(|(_, n)| *n > MAX_MANIFEST_ENTRIES)
+        .map(|(list, n)| format!("{list} has {n} entries (at most {MAX_MANIFEST_ENTRIES})"))
+        .collect();
+    if !too_many.is_empty() {
+        return Err(too_many.join("; "));
+    }
     let mut problems = Vec::new();
+    let texts = [
+        ("name", m.name.as_str()),
+        ("version", &m.version),
+        ("description", &m.description),
+    ]
+    .into_iter()
+    .chain(m.entities.iter().map(|e| ("entity", e.as_str())))
+    .chain(m.hosts.iter().map(|h| ("host", h.as_str())))
+    .chain(m.host_settings.iter().map(|h| ("host setting", h.as_str())))
+    .chain(m.settings.iter().flat_map(|s| {
+        [
+            ("setting", s.name.as_str()),
+            ("setting description", &s.description),
+        ]
+        .into_iter()
+        .chain(s.default.iter().map(|d| ("setting default", d.as_str())))
+    }))
+    .chain(m.secrets.iter().flat_map(|s| {
+        [
+            ("secret", s.name.as_str()),
+            ("secret description", &s.description),
+        ]
+    }));
+    for (what, text) in texts {
+        // PostgreSQL stores the manifest as JSONB, which refuses a NUL: the
+        // upload failed with a 500.
+        if text.len() > MAX_MANIFEST_TEXT {
+            problems.push(format!("a {what} is longer than {MAX_MANIFEST_TEXT} bytes"));
+        } else if text.contains('\0') {
+            problems.push(format!("a {what} holds a NUL character"));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems.join("; "));
+    }
     if !is_connector_name(&m.name) {
         problems.push(format!(
             "name `{}` must be 1-{MAX_NAME_LEN} characters of [a-z0-9-], not starting or ending with `-`",
@@ -43,9 +106,14 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<DeclaredHost>, String> {
         m.secrets.iter().map(|s| s.name.as_str()),
         &mut problems,
     );
+    let settings: BTreeSet<&str> = m.settings.iter().map(|s| s.name.as_str()).collect();
+    let mut host_settings = BTreeSet::new();
     for name in &m.host_settings {
-        if !m.settings.iter().any(|s| &s.name == name) {
+        if !settings.contains(name.as_str()) {
             problems.push(format!("host setting `{name}` is not declared in settings"));
+        }
+        if !host_settings.insert(name.as_str()) {
+            problems.push(format!("host setting `{name}` is declared twice"));
         }
     }
     let mut hosts = Vec::new();
@@ -131,6 +199,40 @@ mod tests {
             }],
             webhooks: true,
         }
+    }
+
+    /// A manifest as large as a guest's memory is refused by its size,
+    /// before any entry is looked at; NUL and overlong texts are refused
+    /// (PostgreSQL's JSONB refused a NUL with a 500).
+    #[test]
+    fn refuses_a_manifest_too_large_to_check() {
+        let mut huge = manifest();
+        huge.settings = (0..20_000)
+            .map(|i| SettingSpec {
+                name: format!("s{i}"),
+                description: String::new(),
+                default: None,
+                required: false,
+            })
+            .collect();
+        huge.host_settings = vec!["s19999".into(); 200_000];
+        let refused = validate(&huge).unwrap_err();
+        assert!(
+            refused.contains("settings has 20000 entries")
+                && refused.contains("host_settings has 200000 entries"),
+            "{refused}"
+        );
+
+        let mut twice = manifest();
+        twice.host_settings = vec!["api_base".into(), "api_base".into()];
+        assert!(validate(&twice).unwrap_err().contains("declared twice"));
+
+        let mut nul = manifest();
+        nul.settings[0].default = Some("https://api.stripe.com\0".into());
+        assert!(validate(&nul).unwrap_err().contains("NUL"));
+        let mut long = manifest();
+        long.description = "x".repeat(MAX_MANIFEST_TEXT + 1);
+        assert!(validate(&long).unwrap_err().contains("longer than"));
     }
 
     #[test]
