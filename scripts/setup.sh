@@ -9,6 +9,21 @@ source "$(dirname "$0")/lib.sh"
 want_test=false
 [ "${1:-}" = "--test" ] && want_test=true
 
+# The oldest Rust the locked dependencies build with (wasmtime 48; the
+# workspace's `rust-version`): an older toolchain would stop at the first
+# build with a message about a crate, not about this.
+min_rust=1.95
+have_rust=$(rustc --version | awk '{print $2}')
+if [ "$(printf '%s\n%s\n' "$min_rust" "$have_rust" | sort -V | head -n1)" != "$min_rust" ]; then
+  if command -v rustup >/dev/null; then
+    step "updating Rust $have_rust to stable (ferry needs $min_rust or newer)"
+    rustup update stable
+  else
+    echo "error: Rust $have_rust is older than $min_rust, which ferry's dependencies need" >&2
+    exit 1
+  fi
+fi
+
 if ! command -v rustup >/dev/null; then
   # A toolchain from the distribution or Nix: its wasm32-wasip2 standard
   # library is its own to provide.

@@ -12,11 +12,38 @@ use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize};
 
-/// `FERRY_` variables that are not settings: the config file path and the
-/// cache directory the scripts use. Any other unknown `FERRY_` variable is
-/// an error, so a typo such as `FERRY_ADMN_TOKEN` cannot silently leave the
-/// API open.
-const NOT_SETTINGS: &[&str] = &["config", "cache_dir"];
+/// `FERRY_` variables that are not settings: the config file path, and
+/// what the scripts, the test harness and the benchmarks read (the cache
+/// directory, the repository, a prebuilt broker or PostgreSQL, a ferry
+/// binary to measure). Any other unknown `FERRY_` variable is an error, so
+/// a typo such as `FERRY_ADMN_TOKEN` cannot silently leave the API open;
+/// a harness variable left exported (`FERRY_TANSU`, which the suite's own
+/// message suggests setting) refused every ferry started in that shell.
+const NOT_SETTINGS: &[&str] = &[
+    "config",
+    "cache_dir",
+    "root",
+    "bin",
+    "env",
+    "pg_bin",
+    "pg_options",
+    "tansu",
+];
+
+/// Prefixes of `FERRY_` variables that are not settings (the benchmarks'
+/// and the soak test's knobs).
+const NOT_SETTING_PREFIXES: &[&str] = &["bench_", "soak_"];
+
+/// An optional text where blank means unset.
+fn blank_as_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.filter(|v| !v.trim().is_empty()))
+}
+
+/// Whether the `FERRY_` variable `key` (prefix stripped) is not a setting.
+fn not_a_setting(key: &figment::value::UncasedStr) -> bool {
+    let key = key.as_str().to_ascii_lowercase();
+    NOT_SETTINGS.contains(&key.as_str()) || NOT_SETTING_PREFIXES.iter().any(|p| key.starts_with(p))
+}
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -103,8 +130,10 @@ pub struct Config {
     /// `text` or `json`.
     pub log_format: LogFormat,
     /// Kafka bootstrap servers (`host:port,...`); set, ferry runs the
-    /// cluster bus. Unset, the outbox is drained in-process.
-    #[serde(default)]
+    /// cluster bus. Unset, the outbox is drained in-process. Blank is
+    /// unset: `FERRY_KAFKA_BROKERS=` (compose's `${KAFKA:-}`) switched to
+    /// the cluster bus with no broker, and waited for one for good.
+    #[serde(default, deserialize_with = "blank_as_none")]
     pub kafka_brokers: Option<String>,
     /// Prefix of the topic names (`{prefix}.changes`, `{prefix}.inbox`).
     pub kafka_topic_prefix: String,
@@ -512,7 +541,9 @@ impl Config {
         }
         figment
             .merge(RawEnv(
-                Env::prefixed("FERRY_").ignore(NOT_SETTINGS).split("__"),
+                Env::prefixed("FERRY_")
+                    .filter(|k| !not_a_setting(k))
+                    .split("__"),
             ))
             .extract_lossy()
             .map_err(|e| ConfigError::Load(Box::new(e)))
@@ -525,7 +556,7 @@ impl Config {
             figment = figment.merge(TomlFile(file.to_owned()));
         }
         // `__` nests: FERRY_CONNECTORS__STRIPE__SETTINGS__API_BASE.
-        figment.merge(RawEnv(env.ignore(NOT_SETTINGS).split("__")))
+        figment.merge(RawEnv(env.filter(|k| !not_a_setting(k)).split("__")))
     }
 
     /// The upload rules `ferry connector check` judges by, read as
@@ -982,6 +1013,22 @@ mod tests {
             let stripe = &config.connectors["stripe"];
             assert_eq!(stripe.settings["api_base"], "http://127.0.0.1:8420");
             assert!(!format!("{config:?}").contains("sk_test_secret"));
+
+            // The harness's and the benchmarks' variables are not settings.
+            for (name, value) in [
+                ("FERRY_TANSU", "/usr/local/bin/tansu"),
+                ("FERRY_PG_BIN", "/usr/lib/postgresql/15/bin"),
+                ("FERRY_BIN", "target/release/ferry"),
+                ("FERRY_BENCH_SECONDS", "15"),
+                ("FERRY_SOAK_RATE", "100"),
+            ] {
+                jail.set_env(name, value);
+            }
+            Config::load(None).map_err(|e| e.to_string())?;
+            // A blank broker list is none: the embedded bus.
+            jail.set_env("FERRY_KAFKA_BROKERS", "");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.kafka_brokers, None);
 
             jail.set_env("FERRY_ADMN_TOKEN", "typo");
             assert!(Config::load(None).is_err());
