@@ -16,7 +16,7 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::error::{ApiError, Problem};
+use super::error::{ApiError, FieldError, Problem};
 use super::extract::{parse_json, JsonBody, Principal, QueryPairs};
 use crate::app::AppState;
 use crate::registry::{ConfigSource, Entry, NewSettings, NotReady, Switch};
@@ -582,6 +582,21 @@ pub async fn put_settings(
         return Err(ApiError::ConnectorNotFound);
     }
     let request: PutSettings = parse_json(&body)?;
+    // PostgreSQL's JSONB refuses a NUL (a 500); SQLite stored it.
+    let with_nul: Vec<FieldError> = request
+        .settings
+        .iter()
+        .filter(|(name, value)| name.contains('\0') || value.contains('\0'))
+        .map(|(name, _)| {
+            FieldError::new(
+                format!("settings.{}", name.replace('\0', "\u{fffd}")),
+                "must not contain a NUL character",
+            )
+        })
+        .collect();
+    if !with_nul.is_empty() {
+        return Err(ApiError::Validation(with_nul));
+    }
     state
         .registry
         .put_settings(

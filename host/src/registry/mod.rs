@@ -853,6 +853,13 @@ impl Registry {
         if self.entry(name).is_none() {
             return Err(RegistryError::NotFound);
         }
+        // No version holds one (manifests refuse it), and PostgreSQL
+        // refuses a NUL in a query's text: a 500 for a 404.
+        if version.contains('\0') {
+            return Err(RegistryError::VersionNotFound(
+                version.replace('\0', "\u{fffd}"),
+            ));
+        }
         let (_, bytes) = self
             .inner
             .store

@@ -1299,6 +1299,47 @@ async fn assert_active_and_stored(replicas: &[&SyncApp], active: &str, stored: &
     }
 }
 
+/// A NUL in a setting's value or in the version asked for is refused as
+/// the customers API refuses one (422, and 404 for a version no manifest
+/// can name), on both backends. Before, PostgreSQL refused the write and
+/// the request answered 500.
+async fn nul_in_settings_or_a_version_is_refused(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let (status, problem) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/recorder/settings",
+            Some(json!({"settings": {"api_base": format!("{}\u{0}", remote.url)}})),
+        )
+        .await;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(
+        problem["errors"][0]["field"], "settings.api_base",
+        "{problem}"
+    );
+    let (status, problem) = app
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/connectors/recorder/activate",
+            Some(json!({"version": "0.1.0\u{0}"})),
+        )
+        .await;
+    assert_eq!(status, 404, "{problem}");
+    assert_eq!(problem["code"], "connector_version_not_found", "{problem}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_nul_in_settings_or_a_version_is_refused() {
+    nul_in_settings_or_a_version_is_refused(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_nul_in_settings_or_a_version_is_refused() {
+    nul_in_settings_or_a_version_is_refused(Backend::Sqlite).await;
+}
+
 /// A replica of an older ferry, started beside a newer one (a rolling
 /// deploy), stores its older bundled connector but does not make it active:
 /// the bundle only moves its own choice forward. Before, every restart of
