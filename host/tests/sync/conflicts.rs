@@ -37,12 +37,30 @@ async fn synced_customer_on(backend: Backend, policy: &str) -> Harness {
 
 /// [`synced_customer`] on `backend`, with the configuration `extra`.
 async fn synced_customer_with(backend: Backend, extra: Value) -> Harness {
+    synced_customer_watched(backend, extra, true).await
+}
+
+/// [`synced_customer`] under `flag`, with no webhooks from localstripe: a
+/// test sends the remote's events itself.
+async fn synced_customer_unwatched() -> Harness {
+    synced_customer_watched(
+        Backend::Sqlite,
+        json!({"conflict_policy": "flag", "sync_max_attempts": 100}),
+        false,
+    )
+    .await
+}
+
+/// [`synced_customer_with`], receiving localstripe's webhooks if `webhooks`.
+async fn synced_customer_watched(backend: Backend, extra: Value, webhooks: bool) -> Harness {
     let stripe = LocalStripe::start().expect("localstripe");
     let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
     let mut setup = Setup::new(backend, &proxy.url());
     setup.extra = extra;
     let app = spawn_sync_app(setup).await;
-    app.receive_stripe_webhooks(&stripe).await;
+    if webhooks {
+        app.receive_stripe_webhooks(&stripe).await;
+    }
     let customer = app
         .create(json!({"email": email("conflict"), "name": "Original", "phone": "+15550000001"}))
         .await;
@@ -306,27 +324,9 @@ async fn a_remote_edit_made_while_held_survives_the_resolution(backend: Backend)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thin_remote_edit_made_while_held_survives_the_resolution() {
     use ferry::store::inbox::{NewInboxEvent, RemoteChange};
-    let stripe = LocalStripe::start().expect("localstripe");
-    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
-    let mut setup = Setup::new(Backend::Sqlite, &proxy.url());
-    setup.extra = json!({"conflict_policy": "flag", "sync_max_attempts": 100});
     // No webhooks from localstripe: each remote edit reaches ferry as a
     // thin event, below.
-    let app = spawn_sync_app(setup).await;
-    let customer = app
-        .create(json!({"email": email("thin-held"), "name": "Original", "phone": "+15550000001"}))
-        .await;
-    let id = customer["id"].as_str().unwrap().to_owned();
-    let link = app.wait_synced(&id, 1).await;
-    let remote_id = link["remote_id"].as_str().unwrap().to_owned();
-    tokio::time::sleep(Duration::from_millis(3_200)).await;
-    let h = Harness {
-        stripe,
-        proxy,
-        app,
-        id,
-        remote_id,
-    };
+    let h = synced_customer_unwatched().await;
     let thin = |event_id: &str| NewInboxEvent {
         event_id: event_id.into(),
         entity: "customer".into(),
@@ -497,26 +497,8 @@ async fn an_edit_in_the_conflicts_own_second_survives_the_resolution() {
     use crate::inbound::{deliver, event, stripe_signature};
     // Webhooks are sent by hand here (localstripe's own are not wanted):
     // two events of one second.
-    let stripe = LocalStripe::start().expect("localstripe");
-    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
-    let mut setup = Setup::new(Backend::Sqlite, &proxy.url());
-    setup.extra = json!({"conflict_policy": "flag", "sync_max_attempts": 100});
-    let app = spawn_sync_app(setup).await;
-    let address = email("conflict-tick");
-    let created = app
-        .create(json!({"email": address, "name": "Original", "phone": "+15550000001"}))
-        .await;
-    let id = created["id"].as_str().unwrap().to_owned();
-    let link = app.wait_synced(&id, 1).await;
-    let remote_id = link["remote_id"].as_str().unwrap().to_owned();
-    tokio::time::sleep(Duration::from_millis(3_200)).await;
-    let h = Harness {
-        stripe,
-        proxy,
-        app,
-        id,
-        remote_id,
-    };
+    let h = synced_customer_unwatched().await;
+    let address = customer(&h.app, &h.id).await["email"].clone();
     h.proxy.set_down(true);
     h.app.patch(&h.id, json!({"name": "Local Name"})).await;
     edit_fields_in_stripe(
@@ -826,6 +808,33 @@ async fn a_duplicate_merged_into_a_held_link_waits() {
     assert_eq!(open[0]["id"], conflict["id"]);
 }
 
+/// A customer synced under `conflict_policy` (duplicate emails flagged),
+/// renamed "Local Name" in ferry while Stripe's dashboard renames it and
+/// gives it another customer's email: the duplicate-email conflict.
+async fn a_duplicate_email_named_on_both_sides(conflict_policy: &str) -> (Harness, Value) {
+    let h = synced_customer_with(
+        Backend::Sqlite,
+        json!({
+            "conflict_policy": conflict_policy,
+            "duplicate_email_policy": "flag",
+            "sync_max_attempts": 100,
+        }),
+    )
+    .await;
+    let other = email("taken");
+    h.app.create(json!({"email": other, "name": "Other"})).await;
+    h.proxy.set_down(true);
+    h.app.patch(&h.id, json!({"name": "Local Name"})).await;
+    edit_fields_in_stripe(
+        &h.stripe.url(),
+        &h.remote_id,
+        &[("name", "Remote Name"), ("email", &other)],
+    );
+    let conflict = open_conflict(&h.app).await;
+    assert_eq!(conflict["policy"], "duplicate_email", "{conflict:#}");
+    (h, conflict)
+}
+
 /// The same duplicate email under `prefer_remote`: the name's conflict is
 /// decided (the remote's name is written with the conflict), and a person
 /// resolving the email with `fields` may still give the name ferry's
@@ -833,52 +842,21 @@ async fn a_duplicate_merged_into_a_held_link_waits() {
 /// since, and the resolution was refused as stale (409).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_email_resolved_by_fields_over_a_decided_conflict() {
-    let stripe = LocalStripe::start().expect("localstripe");
-    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
-    let mut setup = Setup::new(Backend::Sqlite, &proxy.url());
-    setup.extra = json!({
-        "conflict_policy": "prefer_remote",
-        "duplicate_email_policy": "flag",
-        "sync_max_attempts": 100,
-    });
-    let app = spawn_sync_app(setup).await;
-    app.receive_stripe_webhooks(&stripe).await;
-    let other = email("taken-too");
-    app.create(json!({"email": other, "name": "Other"})).await;
-    let own = email("dup-decided");
-    let created = app.create(json!({"email": own, "name": "Original"})).await;
-    let id = created["id"].as_str().unwrap().to_owned();
-    let link = app.wait_synced(&id, 1).await;
-    let remote_id = link["remote_id"].as_str().unwrap().to_owned();
-    tokio::time::sleep(Duration::from_millis(3_200)).await;
-
-    proxy.set_down(true);
-    app.patch(&id, json!({"name": "Local Name"})).await;
-    edit_fields_in_stripe(
-        &stripe.url(),
-        &remote_id,
-        &[("name", "Remote Name"), ("email", &other)],
-    );
-    let conflict = open_conflict(&app).await;
-    assert_eq!(conflict["policy"], "duplicate_email", "{conflict:#}");
+    let (h, conflict) = a_duplicate_email_named_on_both_sides("prefer_remote").await;
+    let own = customer(&h.app, &h.id).await["email"].clone();
     let decided = conflict["fields"]
         .as_array()
         .and_then(|f| f.iter().find(|f| f["field"] == "name").cloned())
         .unwrap_or_else(|| panic!("the name is kept with it: {conflict:#}"));
     assert_eq!(decided["resolution"], "remote", "{conflict:#}");
-    let (status, resolved) = app
-        .send(
-            reqwest::Method::POST,
-            &format!(
-                "/api/v1/conflicts/{}/resolve",
-                conflict["id"].as_str().unwrap()
-            ),
-            Some(json!({"resolution": "fields",
-                "fields": {"email": own, "name": "Local Name"}})),
-        )
-        .await;
+    let (status, resolved) = resolve(
+        &h.app,
+        &conflict,
+        json!({"resolution": "fields", "fields": {"email": own, "name": "Local Name"}}),
+    )
+    .await;
     assert_eq!(status, 200, "{resolved:#}");
-    let now = customer(&app, &id).await;
+    let now = customer(&h.app, &h.id).await;
     assert_eq!(
         (&now["name"], &now["email"]),
         (&json!("Local Name"), &json!(own)),
@@ -893,35 +871,7 @@ async fn a_duplicate_email_resolved_by_fields_over_a_decided_conflict() {
 /// name was kept and later pushed over the remote's without a word.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_email_keeps_the_merge_conflicts_with_it() {
-    let stripe = LocalStripe::start().expect("localstripe");
-    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
-    let mut setup = Setup::new(Backend::Sqlite, &proxy.url());
-    setup.extra = json!({
-        "conflict_policy": "flag",
-        "duplicate_email_policy": "flag",
-        "sync_max_attempts": 100,
-    });
-    let app = spawn_sync_app(setup).await;
-    app.receive_stripe_webhooks(&stripe).await;
-    let other = email("taken");
-    app.create(json!({"email": other, "name": "Other"})).await;
-    let created = app
-        .create(json!({"email": email("dup-conflict"), "name": "Original"}))
-        .await;
-    let id = created["id"].as_str().unwrap().to_owned();
-    let link = app.wait_synced(&id, 1).await;
-    let remote_id = link["remote_id"].as_str().unwrap().to_owned();
-    tokio::time::sleep(Duration::from_millis(3_200)).await;
-
-    proxy.set_down(true);
-    app.patch(&id, json!({"name": "Local Name"})).await;
-    edit_fields_in_stripe(
-        &stripe.url(),
-        &remote_id,
-        &[("name", "Remote Name"), ("email", &other)],
-    );
-    let conflict = open_conflict(&app).await;
-    assert_eq!(conflict["policy"], "duplicate_email", "{conflict:#}");
+    let (h, conflict) = a_duplicate_email_named_on_both_sides("flag").await;
     let fields = conflict["fields"].as_array().cloned().unwrap_or_default();
     let field = |name: &str| fields.iter().find(|f| f["field"] == name).cloned();
     let name = field("name").unwrap_or_else(|| panic!("the name waits too: {conflict:#}"));
@@ -935,5 +885,5 @@ async fn a_duplicate_email_keeps_the_merge_conflicts_with_it() {
         "{conflict:#}"
     );
     assert!(field("email").is_some(), "{conflict:#}");
-    assert_eq!(customer(&app, &id).await["name"], "Local Name");
+    assert_eq!(customer(&h.app, &h.id).await["name"], "Local Name");
 }

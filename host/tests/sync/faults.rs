@@ -182,6 +182,43 @@ async fn a_timed_out_update_is_retried_only_after_the_call_timeout_again() {
     h.app.wait_synced(id, 2).await;
 }
 
+/// A create whose answer is lost (the remote made the record; ferry's call
+/// timed out), then given up on with the remote down: the customer's id,
+/// its email and the record the remote made. The proxy stays down.
+async fn a_create_whose_answer_was_lost(h: &Harness, tag: &str) -> (String, String, Value) {
+    h.proxy.push(
+        Match::request("POST", "/v1/customers"),
+        Fault::ForwardThenDelay(Duration::from_secs(4)),
+    );
+    let address = email(tag);
+    let customer = h
+        .app
+        .create(json!({"email": address, "name": "Lost"}))
+        .await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    wait_forwarded(&h.proxy, "/v1/customers").await;
+    h.proxy.set_down(true);
+    h.app
+        .wait_link(&id, Duration::from_secs(20), |l| l["state"] == "dead")
+        .await;
+    let mut made = stripe_customers_by_email(&h.stripe.url(), &address).await;
+    assert_eq!(made.len(), 1, "{made:?}");
+    (id, address, made.remove(0))
+}
+
+/// The snapshot of customer `id`'s Stripe link (the next merge's base).
+async fn stripe_snapshot(h: &Harness, id: &str) -> Option<Value> {
+    h.app
+        .store
+        .links_of(id)
+        .await
+        .expect("links")
+        .into_iter()
+        .find(|l| l.connector == "stripe")
+        .expect("the link")
+        .snapshot
+}
+
 /// The same echo as a thin event (an event destination's `v2.core.event`
 /// naming the create's idempotency key): the link takes the record, and
 /// its base is what the remote holds, read for it. Before, thin events
@@ -192,25 +229,10 @@ async fn a_thin_echo_of_a_create_whose_answer_was_lost_links_its_record() {
     use crate::helpers::WEBHOOK_SECRET;
     use crate::inbound::{deliver, stripe_signature};
     let h = harness(json!({})).await;
-    h.proxy.push(
-        Match::request("POST", "/v1/customers"),
-        Fault::ForwardThenDelay(Duration::from_secs(4)),
-    );
-    let address = email("lost-answer-thin");
-    let customer = h
-        .app
-        .create(json!({"email": address, "name": "Lost"}))
-        .await;
-    let id = customer["id"].as_str().unwrap();
-    wait_forwarded(&h.proxy, "/v1/customers").await;
-    h.proxy.set_down(true);
-    h.app
-        .wait_link(id, Duration::from_secs(20), |l| l["state"] == "dead")
-        .await;
+    let (id, address, made) = a_create_whose_answer_was_lost(&h, "lost-answer-thin").await;
+    let id = id.as_str();
     h.proxy.set_down(false);
-    let made = stripe_customers_by_email(&h.stripe.url(), &address).await;
-    assert_eq!(made.len(), 1, "{made:?}");
-    let remote_id = made[0]["id"].as_str().unwrap().to_owned();
+    let remote_id = made["id"].as_str().unwrap().to_owned();
 
     let echo = json!({"id": "evt_lost_answer_thin", "object": "v2.core.event",
         "type": "v1.customer.created", "created": chrono::Utc::now().to_rfc3339(),
@@ -227,16 +249,7 @@ async fn a_thin_echo_of_a_create_whose_answer_was_lost_links_its_record() {
             l["remote_id"] == remote_id.as_str()
         })
         .await;
-    let stored = h
-        .app
-        .store
-        .links_of(id)
-        .await
-        .expect("links")
-        .into_iter()
-        .find(|l| l.connector == "stripe")
-        .expect("the link");
-    let snapshot = stored.snapshot.expect("a snapshot");
+    let snapshot = stripe_snapshot(&h, id).await.expect("a snapshot");
     assert_eq!(snapshot["email"], address.as_str(), "{snapshot}");
 }
 
@@ -250,29 +263,14 @@ async fn the_echo_of_a_create_whose_answer_was_lost_links_its_record() {
     use crate::helpers::WEBHOOK_SECRET;
     use crate::inbound::{deliver, stripe_signature};
     let h = harness(json!({})).await;
-    h.proxy.push(
-        Match::request("POST", "/v1/customers"),
-        Fault::ForwardThenDelay(Duration::from_secs(4)),
-    );
-    let address = email("lost-answer");
-    let customer = h
-        .app
-        .create(json!({"email": address, "name": "Lost"}))
-        .await;
-    let id = customer["id"].as_str().unwrap();
-    wait_forwarded(&h.proxy, "/v1/customers").await;
-    h.proxy.set_down(true);
-    h.app
-        .wait_link(id, Duration::from_secs(20), |l| l["state"] == "dead")
-        .await;
-    let made = stripe_customers_by_email(&h.stripe.url(), &address).await;
-    assert_eq!(made.len(), 1, "{made:?}");
-    let remote_id = made[0]["id"].as_str().unwrap().to_owned();
+    let (id, address, made) = a_create_whose_answer_was_lost(&h, "lost-answer").await;
+    let id = id.as_str();
+    let remote_id = made["id"].as_str().unwrap().to_owned();
 
     let echo = json!({"id": "evt_lost_answer", "object": "event", "type": "customer.created",
         "created": chrono::Utc::now().timestamp(),
         "request": {"id": "req_1", "idempotency_key": format!("ferry-stripe-{id}-v1")},
-        "data": {"object": made[0]}})
+        "data": {"object": made}})
     .to_string();
     let (status, _) = deliver(&h.app, &echo, &stripe_signature(&echo, WEBHOOK_SECRET)).await;
     assert_eq!(status, 200);
@@ -285,16 +283,7 @@ async fn the_echo_of_a_create_whose_answer_was_lost_links_its_record() {
     assert_eq!(link["state"], "dead", "{link}");
     // The echo's record is the link's base for the next merge, as a
     // delivered create's answer would have been.
-    let stored = h
-        .app
-        .store
-        .links_of(id)
-        .await
-        .expect("links")
-        .into_iter()
-        .find(|l| l.connector == "stripe")
-        .expect("the link");
-    let snapshot = stored.snapshot.expect("a snapshot");
+    let snapshot = stripe_snapshot(&h, id).await.expect("a snapshot");
     assert_eq!(snapshot["email"], address.as_str(), "{snapshot}");
 
     // Replayed: nothing to send. The record made holds version 1, and an
