@@ -1344,6 +1344,7 @@ impl SyncEngine {
 
     /// The record as the remote holds it now; `None` if the connector does
     /// not implement `fetch`.
+    ///
     /// `link_deleted`: the record's link says its remote delete was
     /// applied already.
     async fn fetch_current(
@@ -1401,9 +1402,6 @@ impl SyncEngine {
             // record was looked up again only because its order was in
             // doubt, and the record's delete (which the remote sends) is
             // the change that decides; nothing is left to apply or retry.
-            // So is a thin event of a record whose delete was applied,
-            // however it was dated (thin events are dated on arrival, so
-            // one delivered after the delete looks newer than it).
             Err(CallError::Connector(ConnectorError::NotFound(_))) => {
                 // A thin event says only "look again". Its record's delete
                 // decides, if the remote sent one: applied on the link, or
