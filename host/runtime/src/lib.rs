@@ -502,6 +502,29 @@ impl std::fmt::Debug for Runtime {
 }
 
 impl Runtime {
+    /// Why a host setting's `value` (a base URL such as Stripe's
+    /// `api_base`) could never be reached under the operator's rules, if it
+    /// could not: not an absolute http(s) URL, plain `http://` without
+    /// `allow_private_hosts`, or a host the deny-list, the allow-list or
+    /// the private-address rule refuses. The registry asks where the value
+    /// is given (`PUT /settings`): accepted, every push made with it was
+    /// refused by the policy and dead-lettered.
+    pub fn host_setting_problem(&self, value: &str) -> Option<String> {
+        let config = &self.inner.shared.config;
+        let Some(host) = policy::DeclaredHost::from_setting_url(value) else {
+            return Some("must be an absolute http(s) URL".to_owned());
+        };
+        if !config.allow_private_hosts && !value.trim().to_ascii_lowercase().starts_with("https:") {
+            return Some("plain http:// is not allowed; use https://".to_owned());
+        }
+        policy::OperatorHosts {
+            allowed: &config.allowed_hosts,
+            denied: &config.denied_hosts,
+            allow_private: config.allow_private_hosts,
+        }
+        .refusal(&host.host, host.host.parse::<std::net::IpAddr>().ok())
+    }
+
     /// A runtime whose connectors reach the network through [`ReqwestTransport`].
     #[cfg(feature = "network")]
     pub fn new(config: RuntimeConfig) -> Result<Runtime, RuntimeError> {

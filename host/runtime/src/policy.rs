@@ -95,7 +95,7 @@ pub(crate) struct OperatorHosts<'a> {
 impl OperatorHosts<'_> {
     /// Why the operator forbids `host`, if they do. A domain name that
     /// resolves to a private address is caught later, by the transport.
-    fn refusal(&self, host: &str, ip: Option<IpAddr>) -> Option<String> {
+    pub(crate) fn refusal(&self, host: &str, ip: Option<IpAddr>) -> Option<String> {
         if self.denied.iter().any(|d| list_matches(d, host)) {
             return Some(format!("host `{host}` is on the operator's deny-list"));
         }

@@ -144,12 +144,15 @@ pub struct SettingsProblem {
     /// `settings.NAME` or `secrets.NAME`.
     pub field: String,
     /// What is wrong.
-    pub message: &'static str,
+    pub message: std::borrow::Cow<'static, str>,
 }
 
 impl SettingsProblem {
-    pub(crate) fn new(field: String, message: &'static str) -> Self {
-        Self { field, message }
+    pub(crate) fn new(field: String, message: impl Into<std::borrow::Cow<'static, str>>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
     }
 }
 

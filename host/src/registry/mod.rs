@@ -1044,6 +1044,18 @@ impl Registry {
         if !problems.is_empty() {
             return Err(RegistryError::Settings(problems));
         }
+        let unreachable: Vec<SettingsProblem> = manifest
+            .host_settings
+            .iter()
+            .filter_map(|name| {
+                let value = new.settings.get(name)?;
+                let why = self.inner.runtime.host_setting_problem(value)?;
+                Some(SettingsProblem::new(format!("settings.{name}"), why))
+            })
+            .collect();
+        if !unreachable.is_empty() {
+            return Err(RegistryError::Settings(unreachable));
+        }
         let sealed_secrets = match &secrets {
             Some(secrets) if secrets.is_empty() => None,
             Some(secrets) => Some(

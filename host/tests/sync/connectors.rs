@@ -1330,6 +1330,49 @@ async fn nul_in_settings_or_a_version_is_refused(backend: Backend) {
     assert_eq!(problem["code"], "connector_version_not_found", "{problem}");
 }
 
+/// A host setting's value the HTTP policy would refuse (a denied host, a
+/// value that is no URL) is refused where it is given, 422 naming the
+/// setting. Before, it was stored, and every push made with it was refused
+/// by the policy and dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_setting_the_policy_refuses_is_refused_when_given() {
+    let remote = RecorderRemote::start().await;
+    let mut setup = setup(Backend::Sqlite);
+    setup.extra = json!({"connector_denied_hosts": "*.evil.example"});
+    let app = spawn_sync_app(setup).await;
+    install_recorder(&app, &remote).await;
+    for (value, says) in [
+        ("https://api.evil.example", "deny-list"),
+        ("not a url", "absolute http(s) URL"),
+    ] {
+        let (status, problem) = app
+            .send(
+                reqwest::Method::PUT,
+                "/api/v1/connectors/recorder/settings",
+                Some(json!({"settings": {"api_base": value}})),
+            )
+            .await;
+        assert_eq!(status, 422, "{value}: {problem}");
+        assert_eq!(
+            problem["errors"][0]["field"], "settings.api_base",
+            "{problem}"
+        );
+        assert!(
+            problem["errors"][0]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(says)),
+            "{value}: {problem}"
+        );
+    }
+    // The settings in effect are untouched.
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(
+        connector["settings"]["api_base"],
+        remote.url.as_str(),
+        "{connector}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_nul_in_settings_or_a_version_is_refused() {
     nul_in_settings_or_a_version_is_refused(Backend::Postgres).await;
