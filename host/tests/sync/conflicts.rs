@@ -203,6 +203,18 @@ async fn assert_stripe_has(h: &Harness, version: i64, name: &str, phone: &str) {
     );
 }
 
+/// Resolves `conflict` keeping ferry's name ("Local Name"); waits until the
+/// customer also holds the phone the remote changed meanwhile
+/// (+15550000009), and Stripe both.
+async fn keeps_the_local_name_and_the_remote_phone(h: &Harness, conflict: &Value) {
+    let (status, resolved) = resolve(&h.app, conflict, json!({"resolution": "local"})).await;
+    assert_eq!(status, 200, "{resolved}");
+    let settled = wait_customer(&h.app, &h.id, |c| c["phone"] == "+15550000009").await;
+    assert_eq!(settled["name"], "Local Name", "{settled}");
+    let version = settled["version"].as_i64().unwrap();
+    assert_stripe_has(h, version, "Local Name", "+15550000009").await;
+}
+
 /// With Stripe unreachable for pushes, the name is changed in ferry
 /// ("Local Name") and in Stripe's dashboard ("Remote Name"): a conflict.
 async fn name_edited_on_both_sides(h: &Harness) {
@@ -305,12 +317,7 @@ async fn a_remote_edit_made_while_held_survives_the_resolution(backend: Backend)
     assert_eq!(inbox["unapplied"], 1, "{inbox}");
     assert_eq!(inbox["oldest_age_seconds"], 0.0, "{inbox}");
 
-    let (status, resolved) = resolve(&h.app, &conflict, json!({"resolution": "local"})).await;
-    assert_eq!(status, 200, "{resolved}");
-    let settled = wait_customer(&h.app, &h.id, |c| c["phone"] == "+15550000009").await;
-    assert_eq!(settled["name"], "Local Name", "{settled}");
-    let version = settled["version"].as_i64().unwrap();
-    assert_stripe_has(&h, version, "Local Name", "+15550000009").await;
+    keeps_the_local_name_and_the_remote_phone(&h, &conflict).await;
     // The name the person decided is not a conflict again.
     assert_eq!(conflicts(&h.app, "").await.len(), 1);
 }
@@ -362,12 +369,7 @@ async fn a_thin_remote_edit_made_while_held_survives_the_resolution() {
     deliver(thin("evt_thin_phone")).await;
     wait_until_an_edit_waits(&h).await;
 
-    let (status, resolved) = resolve(&h.app, &conflict, json!({"resolution": "local"})).await;
-    assert_eq!(status, 200, "{resolved}");
-    let settled = wait_customer(&h.app, &h.id, |c| c["phone"] == "+15550000009").await;
-    assert_eq!(settled["name"], "Local Name", "{settled}");
-    let version = settled["version"].as_i64().unwrap();
-    assert_stripe_has(&h, version, "Local Name", "+15550000009").await;
+    keeps_the_local_name_and_the_remote_phone(&h, &conflict).await;
     // Part of the resolution, not applied after it by luck.
     let events = h
         .app
