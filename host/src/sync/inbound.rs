@@ -1369,8 +1369,15 @@ impl SyncEngine {
         let Some(ready) = ready else {
             // Deleted, not just unknown here yet (read again to tell): no
             // version will ever fetch it, and waiting would go on for ever.
+            // A refresh that failed tells nothing: wait, as for any store
+            // error, rather than skip an event of a connector that exists.
             if registry.entry(&event.connector).is_none() {
-                let _ = registry.refresh().await;
+                if let Err(error) = registry.refresh().await {
+                    return Err(Failure::Wait(
+                        format!("waiting: the connectors could not be read: {error}"),
+                        NOT_LOADED_RECHECK,
+                    ));
+                }
                 if registry.entry(&event.connector).is_none() {
                     return Err(Failure::Skip("the connector was deleted".into()));
                 }

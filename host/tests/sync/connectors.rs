@@ -832,24 +832,22 @@ async fn a_change_on_one_replica_reaches_the_other() {
     );
 }
 
-/// Runs `sql`, with `bytes` bound as `$1`, on a database behind ferry's back.
+/// Runs `sql`, with `bytes` bound as `$1` if it names it, on a database
+/// behind ferry's back.
 async fn execute_raw(database_url: &str, sql: &str, bytes: &[u8]) {
+    let bind = sql.contains("$1");
     if database_url.starts_with("sqlite:") {
         let pool = sqlx::SqlitePool::connect(database_url)
             .await
             .expect("sqlite");
-        sqlx::query(sql)
-            .bind(bytes)
-            .execute(&pool)
-            .await
-            .expect(sql);
+        let query = sqlx::query(sql);
+        let query = if bind { query.bind(bytes) } else { query };
+        query.execute(&pool).await.expect(sql);
     } else {
         let pool = sqlx::PgPool::connect(database_url).await.expect("postgres");
-        sqlx::query(sql)
-            .bind(bytes)
-            .execute(&pool)
-            .await
-            .expect(sql);
+        let query = sqlx::query(sql);
+        let query = if bind { query.bind(bytes) } else { query };
+        query.execute(&pool).await.expect(sql);
     }
 }
 
@@ -1040,6 +1038,8 @@ async fn an_event_without_an_id_is_refused(backend: Backend) {
 /// An event that must be fetched, of a connector deleted since it was
 /// stored, is skipped with the reason: no version will ever fetch it. It
 /// used to wait for a load that never came, looked at every 5 s for ever.
+/// While the connectors cannot be read, nothing says it was deleted: the
+/// event waits (it was skipped on any failed read).
 async fn an_event_of_a_deleted_connector_to_fetch_is_skipped(backend: Backend) {
     let remote = RecorderRemote::start().await;
     let app = spawn_sync_app(setup(backend)).await;
@@ -1052,7 +1052,32 @@ async fn an_event_of_a_deleted_connector_to_fetch_is_skipped(backend: Backend) {
         )
         .await;
     assert_eq!(status, 204);
+    let away = "ALTER TABLE connectors RENAME TO connectors_away";
+    execute_raw(&app.database_url, away, b"").await;
     let event = store_thin_event(&app, "evt_orphan", "rec_orphan").await;
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let events = app
+            .store
+            .inbox_of_remote("recorder", "rec_orphan")
+            .await
+            .unwrap();
+        let event = events.first().expect("stored");
+        assert_eq!(event.state.as_str(), "pending", "{event:?}");
+        if event
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("could not be read"))
+        {
+            assert_eq!(event.attempts, 0, "{event:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not waiting: {event:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let back = "ALTER TABLE connectors_away RENAME TO connectors";
+    execute_raw(&app.database_url, back, b"").await;
+    app.sync.wake();
     let deadline = Instant::now() + SETTLE;
     loop {
         let events = app
