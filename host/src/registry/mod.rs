@@ -123,6 +123,9 @@ pub struct Entry {
     /// The required settings and secrets the active version needs and the
     /// configuration lacks (`settings.a, secrets.b`), found at refresh.
     missing: Option<String>,
+    /// Some replica has had it switched on: its changes are queued here
+    /// too, even where this replica's configuration leaves it off.
+    switched_on: bool,
     revision: i64,
 }
 
@@ -395,16 +398,18 @@ impl Registry {
     }
 
     /// The connectors a change to `entity` is queued for: switched on
-    /// (enabled, or disabled so the change waits) and handling it, by the
-    /// manifest of the version the store says is active. A version this
-    /// replica failed to load still takes its changes: their pushes wait
-    /// until it loads, here or on another replica, rather than never being
-    /// queued. So does a connector whose manifest could not be read.
+    /// (enabled, or disabled so the change waits), here or on any replica,
+    /// and handling it, by the manifest of the version the store says is
+    /// active. A version this replica failed to load still takes its
+    /// changes: their pushes wait until it loads, here or on another
+    /// replica, rather than never being queued. So does a connector whose
+    /// manifest could not be read, and one whose settings only another
+    /// replica's environment gives (its pushes wait here for that one).
     pub fn participants(&self, entity: &str) -> Vec<String> {
         self.view()
             .entries
             .values()
-            .filter(|e| e.effective.switch != Switch::Unconfigured)
+            .filter(|e| e.switched_on || e.effective.switch != Switch::Unconfigured)
             .filter(|e| {
                 e.entities
                     .as_ref()
@@ -448,13 +453,15 @@ impl Registry {
             .collect();
         let current = self.view();
         let now = tokio::time::Instant::now();
-        // An entry is current when its revision is, and no failed load of
-        // its active version is due to be tried again.
+        // An entry is current when its revision is, no failed load of its
+        // active version is due to be tried again, and no record that it
+        // is switched on here is still to be written.
         let current_for = |row: &ConnectorRow| {
-            current
-                .entries
-                .get(&row.name)
-                .filter(|e| e.revision == row.revision && e.retry.is_none_or(|(at, _)| at > now))
+            current.entries.get(&row.name).filter(|e| {
+                e.revision == row.revision
+                    && e.retry.is_none_or(|(at, _)| at > now)
+                    && (e.switched_on || e.effective.switch == Switch::Unconfigured)
+            })
         };
         let unchanged =
             rows.len() == current.entries.len() && rows.iter().all(|r| current_for(r).is_some());
@@ -518,8 +525,17 @@ impl Registry {
                 entities: resolved.entities,
                 retry,
                 missing,
+                switched_on: row.switched_on,
                 revision: row.revision,
             };
+            // Switched on here and not yet in the store: say so, for every
+            // replica to queue its changes (the revision moves, so they
+            // read it within a second, and so does this one).
+            if !row.switched_on && entry.effective.switch != Switch::Unconfigured {
+                if let Err(error) = self.inner.store.mark_switched_on(&row.name).await {
+                    tracing::warn!(connector = %row.name, error = format!("{:#}", anyhow::Error::from(error)), "could not record the connector as switched on; tried again at the next refresh");
+                }
+            }
             entries.insert(row.name, Arc::new(entry));
         }
         for gone in current.entries.keys().filter(|n| !entries.contains_key(*n)) {

@@ -72,6 +72,10 @@ pub struct ConnectorRow {
     pub activated_by: ActivatedBy,
     /// The operator's switch; `None` follows the file or environment.
     pub enabled: Option<bool>,
+    /// Some replica has had it switched on (by the API or by its own file
+    /// or environment) since it was uploaded: every replica queues changes
+    /// for it.
+    pub switched_on: bool,
     /// Deleted: not loaded, not seeded again from the bundle.
     pub deleted_at: Option<DateTime<Utc>>,
     /// Bumped by every change to this connector (versions, activation,
@@ -85,6 +89,7 @@ struct ConnectorDbRow {
     active_version: Option<String>,
     activated_by: String,
     enabled: Option<bool>,
+    switched_on: bool,
     deleted_at: Option<DateTime<Utc>>,
     revision: i64,
 }
@@ -96,6 +101,7 @@ impl From<ConnectorDbRow> for ConnectorRow {
             active_version: row.active_version,
             activated_by: ActivatedBy::parse(&row.activated_by),
             enabled: row.enabled,
+            switched_on: row.switched_on,
             deleted_at: row.deleted_at,
             revision: row.revision,
         }
@@ -105,7 +111,8 @@ impl From<ConnectorDbRow> for ConnectorRow {
 /// Links a connector's enable releases per statement.
 pub const RESUME_BATCH: i64 = 1000;
 
-const CONNECTOR_COLUMNS: &str = "name, active_version, activated_by, enabled, deleted_at, revision";
+const CONNECTOR_COLUMNS: &str =
+    "name, active_version, activated_by, enabled, switched_on, deleted_at, revision";
 
 /// A stored version, without its bytes.
 #[derive(Debug, Clone, PartialEq)]
@@ -255,6 +262,24 @@ impl Store {
         Ok(rows.into_iter().map(ConnectorRow::from).collect())
     }
 
+    /// Records that this replica has `name` switched on, so every replica
+    /// queues its changes (see [`ConnectorRow::switched_on`]). Bumps the
+    /// revision, once, for the others to see it.
+    pub async fn mark_switched_on(&self, name: &str) -> Result<(), StoreError> {
+        let at = now();
+        dispatch!(self, write pool => {
+            sqlx::query(
+                "UPDATE connectors SET switched_on = TRUE, revision = revision + 1, updated_at = $2 \
+                 WHERE name = $1 AND NOT switched_on AND deleted_at IS NULL",
+            )
+            .bind(name)
+            .bind(at)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
     /// The stored versions of `name`, oldest first.
     pub async fn connector_versions(&self, name: &str) -> Result<Vec<VersionMeta>, StoreError> {
         let sql = format!(
@@ -367,6 +392,7 @@ impl Store {
                  VALUES ($1, CASE WHEN $3 THEN $2 END, 'api', NULL, NULL, 1, $4) \
                  ON CONFLICT (name) DO UPDATE SET deleted_at = NULL, \
                  enabled = CASE WHEN connectors.deleted_at IS NULL THEN connectors.enabled END, \
+                 switched_on = connectors.switched_on AND connectors.deleted_at IS NULL, \
                  active_version = CASE WHEN $3 THEN $2 ELSE connectors.active_version END, \
                  activated_by = CASE WHEN $3 THEN 'api' ELSE connectors.activated_by END, \
                  revision = connectors.revision + 1, updated_at = $4",
@@ -596,7 +622,7 @@ impl Store {
             let mut tx = pool.begin().await?;
             let updated = sqlx::query(
                 "UPDATE connectors SET deleted_at = $2, active_version = NULL, enabled = NULL, \
-                 activated_by = 'bundle', revision = revision + 1, updated_at = $2 \
+                 switched_on = FALSE, activated_by = 'bundle', revision = revision + 1, updated_at = $2 \
                  WHERE name = $1 AND deleted_at IS NULL",
             )
             .bind(name)

@@ -1669,6 +1669,50 @@ async fn secrets_a_replica_cannot_open_leave_pushes_waiting(backend: Backend) {
     }
 }
 
+/// Two replicas, and only the first configures the recorder (in its file or
+/// environment): a change made on the second while the first is away is
+/// queued for the recorder there, waits, and is pushed once the first is
+/// back. The second used to take such a change off the queue for no
+/// connector at all: lost, with no link, retry or dead letter to show it.
+async fn a_connector_configured_on_another_replica_takes_this_ones_changes(backend: Backend) {
+    let dir = tempfile::tempdir().expect("dir");
+    let database_url = new_database(backend, dir.path()).await;
+    let remote = RecorderRemote::start().await;
+    let mut first = setup(backend);
+    first.database_url = Some(database_url.clone());
+    first.extra_connectors.push(remote.connector());
+    spawn_sync_app(first).await.stop().await;
+
+    let mut other = setup(backend);
+    other.database_url = Some(database_url.clone());
+    let mut unconfigured = remote.connector();
+    unconfigured.config = json!({});
+    other.extra_connectors.push(unconfigured);
+    let second = spawn_sync_app(other).await;
+    let (_, connector) = get(&second, "/api/v1/connectors/recorder").await;
+    assert_eq!(connector["state"], "unconfigured", "{connector}");
+    let address = format!("{}@example.com", uuid());
+    let customer = second
+        .create(json!({"email": address, "name": "Made Elsewhere"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let link = second
+        .wait_link_of("recorder", &id, SETTLE, |l| l["state"] == "pending")
+        .await;
+    assert_eq!(link["attempts"], 0, "{link}");
+
+    let mut again = setup(backend);
+    again.database_url = Some(database_url);
+    again.extra_connectors.push(remote.connector());
+    let _first = spawn_sync_app(again).await;
+    remote
+        .wait_for("the create", |log| {
+            log.iter()
+                .any(|r| r.method == "POST" && r.body["record"]["email"] == address.as_str())
+        })
+        .await;
+}
+
 /// Two replicas: one rotates the connector's key, the other saves a setting
 /// a moment later, keeping the secrets "as they are" (null, as the console
 /// sends every secret already set). The second write was built from its
@@ -1987,6 +2031,11 @@ mod sqlite {
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connector_configured_on_another_replica() {
+        a_connector_configured_on_another_replica_takes_this_ones_changes(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_version_without_customers_while_linked() {
         a_version_without_customers_is_refused_while_linked(Backend::Sqlite).await;
     }
@@ -2089,6 +2138,11 @@ mod sqlite {
 
 mod postgres {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connector_configured_on_another_replica() {
+        a_connector_configured_on_another_replica_takes_this_ones_changes(Backend::Postgres).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_version_without_customers_while_linked() {
