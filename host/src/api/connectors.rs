@@ -132,9 +132,10 @@ pub struct Activate {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PutSettings {
-    /// Whether ferry syncs through the connector (default true).
+    /// Whether ferry syncs through the connector (default true); `null`
+    /// keeps the switch as it is (a connector never switched on stays so).
     #[serde(default = "yes")]
-    pub enabled: bool,
+    pub enabled: Option<bool>,
     /// Non-secret settings by name, as the manifest declares them.
     #[serde(default)]
     pub settings: BTreeMap<String, String>,
@@ -147,8 +148,8 @@ pub struct PutSettings {
     pub secrets: Option<BTreeMap<String, Option<SecretString>>>,
 }
 
-fn yes() -> bool {
-    true
+fn yes() -> Option<bool> {
+    Some(true)
 }
 
 async fn summary(state: &AppState, entry: &Entry) -> Result<ConnectorSummary, ApiError> {

@@ -19,7 +19,6 @@ use crate::api::error::ApiError;
 use crate::api::extract::{JsonBody, QueryPairs};
 use crate::api::{conflicts, connectors, dead_letters, reconciliations};
 use crate::app::AppState;
-use crate::registry::Switch;
 
 fn body(value: &Value) -> JsonBody {
     JsonBody(Bytes::from(value.to_string()))
@@ -369,15 +368,14 @@ pub async fn put_settings(
         }
     }
     // The switch as the page drew it: unless the operator ticked or
-    // unticked the box, the switch stays as it is now (someone may have
-    // disabled the connector since the page was drawn).
+    // unticked the box, the switch stays as it is (`null`): someone may
+    // have disabled the connector since the page was drawn, and one never
+    // switched on stays so (sent as off, it was paused, and took changes
+    // for a later enable to push as creates).
     let ticked = form.get("enabled").is_some();
     let enabled = match form.get("enabled_was") {
-        Some(drawn) if (drawn == "true") == ticked => state
-            .registry
-            .entry(&name)
-            .map_or(ticked, |e| e.effective.switch == Switch::Enabled),
-        _ => ticked,
+        Some(drawn) if (drawn == "true") == ticked => None,
+        _ => Some(ticked),
     };
     let request = json!({
         "enabled": enabled,

@@ -274,8 +274,8 @@ pub struct RegistryOptions {
 /// A connector's configuration as written through the API.
 #[derive(Debug, Default, Clone)]
 pub struct NewSettings {
-    /// Whether ferry syncs through it.
-    pub enabled: bool,
+    /// Whether ferry syncs through it; `None` keeps the switch as it is.
+    pub enabled: Option<bool>,
     /// Non-secret settings by name.
     pub settings: BTreeMap<String, String>,
     /// Secrets by name; `None` keeps the stored ones, empty removes them.
@@ -1051,11 +1051,14 @@ impl Registry {
             (None, Some(previous)) => previous.secret_names.clone(),
             (None, None) => Vec::new(),
         };
+        let enabled = new
+            .enabled
+            .unwrap_or(entry.effective.switch == Switch::Enabled);
         let problems = config::check_against_manifest(
             manifest,
             new.settings.keys(),
             secret_names.iter(),
-            new.enabled,
+            enabled,
         );
         if !problems.is_empty() {
             return Err(RegistryError::Settings(problems));
@@ -1108,15 +1111,11 @@ impl Registry {
         if written.is_none() {
             return Ok(false);
         }
-        tracing::info!(
-            connector = name,
-            enabled = new.enabled,
-            "connector configured"
-        );
+        tracing::info!(connector = name, enabled, "connector configured");
         // Released once this replica's view has the new settings, so a
         // released push finds them.
         self.refresh().await?;
-        if new.enabled {
+        if enabled {
             self.inner.store.resume_connector_links(name).await?;
         }
         Ok(true)

@@ -57,7 +57,7 @@ impl Store {
     pub async fn put_connector_config(
         &self,
         config: &StoredConnectorConfig,
-        enabled: bool,
+        enabled: Option<bool>,
         revision: Option<i64>,
     ) -> Result<Option<StoredConnectorConfig>, StoreError> {
         let at = now();
@@ -68,7 +68,7 @@ impl Store {
             // its switch back, for the next upload of the name to start
             // with. Dropping the transaction rolls it back.
             let live = sqlx::query(
-                "UPDATE connectors SET enabled = $2, revision = revision + 1, updated_at = $3 \
+                "UPDATE connectors SET enabled = COALESCE($2, enabled), revision = revision + 1, updated_at = $3 \
                  WHERE name = $1 AND deleted_at IS NULL \
                  AND (CAST($4 AS BIGINT) IS NULL OR revision = $4)",
             )

@@ -1150,7 +1150,7 @@ async fn settings_put_as_the_connector_is_deleted_are_not_kept(backend: Backend)
     };
     let put = app
         .store
-        .put_connector_config(&late, true, None)
+        .put_connector_config(&late, Some(true), None)
         .await
         .unwrap();
     assert!(put.is_none(), "{put:?}");

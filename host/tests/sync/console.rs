@@ -695,6 +695,30 @@ async fn open_mode_signs_in_without_a_token_and_still_checks_csrf() {
     let html = page.text().await.unwrap();
     let csrf = crate::helpers::csrf_field(&html);
 
+    // Settings saved with the switch left as drawn leave a connector never
+    // switched on as it is: sent as off, it was paused, and queued every
+    // change for a later enable to push as a create.
+    let saved = client
+        .post(url("/console/connectors/stripe/settings"))
+        .header("cookie", &cookie)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("enabled_was", "false"),
+            ("setting.api_base", "http://127.0.0.1:9"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(saved.status(), 303);
+    let location = saved.headers()["location"].to_str().unwrap();
+    assert!(location.contains("notice=Settings"), "{location}");
+    let stripe = api_get(&app, "/api/v1/connectors/stripe").await;
+    assert_eq!(
+        (stripe["state"].as_str(), stripe["config_source"].as_str()),
+        (Some("unconfigured"), Some("api")),
+        "{stripe}"
+    );
+
     let disable = url("/console/connectors/stripe/disable");
     let refused = client
         .post(&disable)

@@ -214,7 +214,7 @@ async fn settings_through_the_api(backend: Backend) {
     let mut stored = configs[0].clone();
     stored.sealed_secrets = Some(unbound);
     app.store
-        .put_connector_config(&stored, true, None)
+        .put_connector_config(&stored, Some(true), None)
         .await
         .expect("stored")
         .expect("live");
