@@ -37,7 +37,7 @@ use crate::store::inbox::{
 use crate::store::now_ms;
 use crate::store::DeadLetterKind;
 use crate::store::{
-    Address, Customer, CustomerFields, CustomerId, ListCustomers, StoreError, SyncLink,
+    Address, Customer, CustomerFields, CustomerId, LinkState, ListCustomers, StoreError, SyncLink,
 };
 
 /// The `remote_type` of the inbox events a reconciliation's repairs store.
@@ -972,8 +972,18 @@ impl SyncEngine {
         // field the remote changed. Push the current version to it again.
         // A reconciliation's repair also brings the remote up to the merged
         // record where it lags (a local change whose push gave up).
+        // A version whose push gave up never reached the remote: a field
+        // it added is one the remote lacks, not one it does not know.
+        let unpushed = link
+            .as_ref()
+            .is_some_and(|l| l.state == LinkState::Dead && l.wanted_version > l.synced_version);
+        let compare = if unpushed {
+            super::merge::unpushed_differences
+        } else {
+            super::merge::field_differences
+        };
         let lags = event.remote_type == RECONCILIATION
-            && !super::merge::field_differences(&merged.merged, &remote, base.as_ref()).is_empty();
+            && !compare(&merged.merged, &remote, base.as_ref()).is_empty();
         let push_back = (matches!(change, CustomerWrite::None)
             && (merged.remote_needs_push() || lags))
             .then_some(customer.version);

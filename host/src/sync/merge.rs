@@ -306,6 +306,26 @@ pub fn field_differences(
     remote: &Value,
     base: Option<&Value>,
 ) -> Vec<FieldDifference> {
+    differences(local, remote, base, false)
+}
+
+/// [`field_differences`] for a local version the remote never took (its
+/// push gave up): a field set locally and not remotely is one the push
+/// would have set, a difference too.
+pub fn unpushed_differences(
+    local: &Value,
+    remote: &Value,
+    base: Option<&Value>,
+) -> Vec<FieldDifference> {
+    differences(local, remote, base, true)
+}
+
+fn differences(
+    local: &Value,
+    remote: &Value,
+    base: Option<&Value>,
+    unpushed: bool,
+) -> Vec<FieldDifference> {
     let (l, r) = (Fields::of(local), Fields::of(remote));
     let b = base.map(Fields::of);
     let assumed = base.is_some_and(|b| b.get(ASSUMED_BASE) == Some(&Value::Bool(true)));
@@ -314,6 +334,7 @@ pub fn field_differences(
         .filter(|field| !same(field, l.get(field), r.get(field)))
         .filter(|field| {
             r.get(field).is_some()
+                || (unpushed && l.get(field).is_some())
                 || (!assumed && b.as_ref().is_some_and(|b| b.get(field).is_some()))
         })
         .map(|field| FieldDifference {

@@ -29,8 +29,8 @@ use tokio_util::task::TaskTracker;
 use utoipa::ToSchema;
 
 use super::breaker::Deferred;
-use super::inbound::{email_of, local_record, DuplicateEmail};
-use super::merge::field_differences;
+use super::inbound::{email_of, local_record, DeletePolicy, DuplicateEmail};
+use super::merge::{field_differences, unpushed_differences};
 use super::outbound::canonical_record;
 use super::{SyncEngine, ENTITY};
 use crate::registry::{Need, NotReady};
@@ -683,8 +683,16 @@ impl SyncEngine {
                 }
                 continue;
             }
+            // A version whose push gave up (a dead letter) never reached
+            // the remote: a field it added is missing there, not unknown.
+            let compare =
+                if link.state == LinkState::Dead && link.wanted_version > link.synced_version {
+                    unpushed_differences
+                } else {
+                    field_differences
+                };
             let mut differences =
-                field_differences(&local_record(customer)?, &remote, link.snapshot.as_ref());
+                compare(&local_record(customer)?, &remote, link.snapshot.as_ref());
             // A customer `auto_rename` kept apart holds its record's email
             // rewritten, and the remote keeps its own: not a difference
             // (it was one on every run, and `merge` pushed the rewrite).
@@ -875,7 +883,10 @@ impl SyncEngine {
         repair: Repair,
         max_delete_share: f64,
     ) -> Result<Option<String>, StoreError> {
-        if mode == Mode::Backfill || repair == Repair::Report {
+        // Orphans the run leaves as they are: nothing to brake.
+        let ignored = self.inner.delete_policy == DeletePolicy::Ignore
+            && matches!(repair, Repair::PullRemote | Repair::Merge);
+        if mode == Mode::Backfill || repair == Repair::Report || ignored {
             return Ok(None);
         }
         let orphans = run
@@ -939,7 +950,9 @@ impl SyncEngine {
                 if self.duplicate_left_to_a_person(run, mismatch).await? {
                     continue;
                 }
-                let Some(action) = plan_repair(run, mode, repair, mismatch) else {
+                let Some(action) =
+                    plan_repair(run, mode, repair, self.inner.delete_policy, mismatch)
+                else {
                     continue;
                 };
                 let what = match action {
@@ -1015,7 +1028,13 @@ impl SyncEngine {
         action: Repair,
     ) -> Result<Option<String>, StoreError> {
         let store = &self.inner.store;
-        let Some(planned) = plan_repair(run, Mode::Reconcile, action, mismatch) else {
+        let Some(planned) = plan_repair(
+            run,
+            Mode::Reconcile,
+            action,
+            self.inner.delete_policy,
+            mismatch,
+        ) else {
             return Ok(None);
         };
         let what = match planned {
@@ -1109,7 +1128,17 @@ impl SyncEngine {
 
 /// What repairing `mismatch` under `repair` does; `None`: it stays open
 /// for a person.
-fn plan_repair(run: &RunRow, mode: Mode, repair: Repair, mismatch: &MismatchRow) -> Option<Action> {
+///
+/// `deletes`: the inbound delete policy. Under `ignore`, an orphan's
+/// delete would be skipped and its link left as it is, for every run to
+/// find again: the finding stays open (and the brake does not count it).
+fn plan_repair(
+    run: &RunRow,
+    mode: Mode,
+    repair: Repair,
+    deletes: DeletePolicy,
+    mismatch: &MismatchRow,
+) -> Option<Action> {
     use Repair::{Merge, PullRemote, PushLocal, Report};
     let kind = action_kind(mismatch);
     let event = |kind: RemoteChange, policy: Option<&str>| {
@@ -1169,6 +1198,7 @@ fn plan_repair(run: &RunRow, mode: Mode, repair: Repair, mismatch: &MismatchRow)
         (Kind::MissingRemote, PullRemote) => None,
         (Kind::Orphan, _) if mode == Mode::Backfill => None,
         (Kind::Orphan, PushLocal) => customer.map(recreate),
+        (Kind::Orphan, PullRemote | Merge) if deletes == DeletePolicy::Ignore => None,
         // The delete policy decides, as for a remote delete.
         (Kind::Orphan, PullRemote | Merge) => event(RemoteChange::Delete, None),
     }
@@ -1226,6 +1256,8 @@ fn next_run_due(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SOFT: DeletePolicy = DeletePolicy::SoftDelete;
 
     #[test]
     fn a_schedule_beyond_what_a_date_holds_is_never_due() {
@@ -1295,19 +1327,25 @@ mod tests {
     fn a_backfill_never_deletes_and_no_email_is_never_imported() {
         let deleted = missing_local(Some("cus_local"), serde_json::json!({"email": "a@b.c"}));
         let backfill = run("backfill");
-        assert!(plan_repair(&backfill, Mode::Backfill, Repair::Merge, &deleted).is_none());
+        assert!(plan_repair(&backfill, Mode::Backfill, Repair::Merge, SOFT, &deleted).is_none());
         let reconcile = run("reconcile");
         assert!(matches!(
-            plan_repair(&reconcile, Mode::Reconcile, Repair::Merge, &deleted),
+            plan_repair(&reconcile, Mode::Reconcile, Repair::Merge, SOFT, &deleted),
             Some(Action::ForcePush(_))
         ));
         let no_email = missing_local(None, serde_json::json!({"name": "No Email"}));
         for repair in [Repair::Merge, Repair::PullRemote] {
-            assert!(plan_repair(&reconcile, Mode::Reconcile, repair, &no_email).is_none());
+            assert!(plan_repair(&reconcile, Mode::Reconcile, repair, SOFT, &no_email).is_none());
         }
         let importable = missing_local(None, serde_json::json!({"email": "a@b.c"}));
         assert!(matches!(
-            plan_repair(&reconcile, Mode::Reconcile, Repair::Merge, &importable),
+            plan_repair(
+                &reconcile,
+                Mode::Reconcile,
+                Repair::Merge,
+                SOFT,
+                &importable
+            ),
             Some(Action::Event(_))
         ));
     }

@@ -626,6 +626,32 @@ async fn salesforce_delete_is_an_orphan(backend: Backend) {
     }
 }
 
+/// Under the `ignore` delete policy a remote delete changes nothing, and
+/// neither does a run: its orphans stay open for a person, every run, and
+/// the brake does not count them. A run planned their deletes, which
+/// inbound skipped, and marked them repaired; the next run found them
+/// again, and two of them set off the brake for good, stopping every other
+/// repair.
+async fn orphans_the_delete_policy_ignores_stay_open(backend: Backend) {
+    let extra = json!({"inbound_delete_policy": "ignore", "reconcile_max_delete_share": 0.25});
+    let (_stripe, salesforce, app) = salesforce_app(backend, extra).await;
+    let pairs = customers_with_contacts(&app, 4, "sf-ignored").await;
+    for (_, contact) in &pairs[..2] {
+        salesforce.delete_record("Contact", contact);
+    }
+    for _ in 0..2 {
+        let run = run_to_end(&app, json!({"connector": "salesforce", "repair": "merge"})).await;
+        assert_eq!(run["status"], "completed", "{run:#}");
+        expect_counts(&run, &[("equal", 2), ("orphan", 2)]);
+        let orphans = findings(&app.base, run["id"].as_str().unwrap(), Some("orphan")).await;
+        assert!(orphans.iter().all(|o| o["state"] == "open"), "{orphans:?}");
+    }
+    for (id, _) in &pairs {
+        let customer = app.store.get_customer_any(id).await.unwrap().unwrap();
+        assert!(customer.deleted_at.is_none(), "{id} kept");
+    }
+}
+
 /// A listing that silently returns only part of the records (the fake
 /// truncates its queries, as a changed sharing rule would) looks like many
 /// deletes: the brake aborts the run before any repair, says so, and
@@ -1010,6 +1036,44 @@ async fn field_owners_decide_before_the_conflict_policy(backend: Backend) {
         stripe_customer(&stripe.url(), &s1)
             .await
             .is_some_and(|c| c["name"] == "Ann Local" && c["phone"] == "+200")
+    })
+    .await;
+}
+
+/// A phone added in ferry whose push gave up (Stripe unreachable until
+/// its attempts ran out) is a difference: the remote lacks a value the
+/// local version set. It was reported `equal` (a field the remote does not
+/// set read as one its system does not know), and no repair ever sent it.
+/// `merge` pushes it.
+async fn a_field_added_by_a_push_that_gave_up_is_a_difference(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let mut setup = Setup::new(backend, &proxy.url());
+    setup.extra = json!({"sync_max_attempts": 2});
+    let app = spawn_sync_app(setup).await;
+    let customer = app
+        .create(json!({"email": email("gave-up"), "name": "Gave Up"}))
+        .await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    let link = app.wait_synced(&id, 1).await;
+    let remote_id = link["remote_id"].as_str().unwrap().to_owned();
+
+    proxy.set_down(true);
+    app.patch(&id, json!({"phone": "+4930123"})).await;
+    app.wait_link(&id, SETTLE, |l| l["state"] == "dead").await;
+    proxy.set_down(false);
+
+    let report = run_to_end(&app, json!({"connector": "stripe"})).await;
+    expect_counts(&report, &[("different", 1)]);
+    let different = findings(&app.base, report["id"].as_str().unwrap(), None).await;
+    assert_eq!(different[0]["fields"][0]["field"], "phone", "{different:?}");
+
+    let repaired = run_to_end(&app, json!({"connector": "stripe", "repair": "merge"})).await;
+    expect_counts(&repaired, &[("different", 1), ("repairs", 1)]);
+    eventually("Stripe has the phone", || async {
+        stripe_customer(&stripe.url(), &remote_id)
+            .await
+            .is_some_and(|c| c["phone"] == "+4930123")
     })
     .await;
 }
@@ -1643,6 +1707,16 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mass_delete_brake() {
         mass_delete_brake_stops_a_partial_listing(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ignored_orphans_stay_open() {
+        orphans_the_delete_policy_ignores_stay_open(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_field_added_by_a_push_that_gave_up() {
+        a_field_added_by_a_push_that_gave_up_is_a_difference(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
