@@ -32,9 +32,26 @@ pub struct Customer {
     /// Postal address.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub address: Option<Address>,
-    /// Free-form string pairs, synced as a whole.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    /// Free-form string pairs, synced as a whole. `null`, for the whole
+    /// map or a value, is "not known": an empty map, a value left out.
+    #[serde(
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "metadata_or_null"
+    )]
     pub metadata: BTreeMap<String, String>,
+}
+
+/// `metadata` as it is read: `null` is no map, and a `null` value no value.
+fn metadata_or_null<'de, D>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let map: Option<BTreeMap<String, Option<String>>> = Option::deserialize(deserializer)?;
+    Ok(map
+        .into_iter()
+        .flatten()
+        .filter_map(|(key, value)| Some((key, value?)))
+        .collect())
 }
 
 /// A postal address, field names as Stripe's.
@@ -98,6 +115,15 @@ mod tests {
             r#"{"id":"c1","name":"Ada","email":"ada@example.com","address":{"city":"London","country":"GB"},"metadata":{"tier":"gold"}}"#
         );
         assert_eq!(Customer::from_json("{}").unwrap(), Customer::default());
+        // `null` is "not known", for the map and for a value (it was an
+        // error: a connector reading such a record refused it).
+        assert_eq!(
+            Customer::from_json(r#"{"metadata":null}"#).unwrap(),
+            Customer::default()
+        );
+        let c = Customer::from_json(r#"{"metadata":{"tier":"gold","gone":null}}"#).unwrap();
+        assert_eq!(c.metadata.len(), 1, "{c:?}");
+        assert_eq!(c.metadata["tier"], "gold");
         assert!(Customer::from_json("[").is_err());
     }
 }
