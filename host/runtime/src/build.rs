@@ -43,7 +43,7 @@ pub fn component(manifest_dir: &Path, quiet: bool) -> Result<PathBuf, String> {
         .filter(|msg| {
             msg["manifest_path"]
                 .as_str()
-                .is_some_and(|p| Path::new(p) == manifest)
+                .is_some_and(|p| same_file(Path::new(p), &manifest))
         })
         .find_map(|msg| {
             msg["filenames"].as_array().and_then(|files| {
@@ -60,4 +60,32 @@ pub fn component(manifest_dir: &Path, quiet: bool) -> Result<PathBuf, String> {
                 manifest.display()
             )
         })
+}
+
+/// Whether `reported` (cargo's manifest path, which keeps the symlinks of
+/// the path it was given) names `canonical`: a crate reached through a
+/// symlinked directory (`~/code` linked elsewhere, macOS's `/tmp`) was
+/// reported as producing no component.
+fn same_file(reported: &Path, canonical: &Path) -> bool {
+    reported == canonical || reported.canonicalize().is_ok_and(|p| p == canonical)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_manifest_reached_through_a_symlink_is_the_same_crate() {
+        let dir = tempfile::tempdir().expect("dir");
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).expect("dir");
+        std::fs::write(real.join("Cargo.toml"), "").expect("manifest");
+        let linked = dir.path().join("linked");
+        std::os::unix::fs::symlink(&real, &linked).expect("symlink");
+        let canonical = real.join("Cargo.toml").canonicalize().expect("canonical");
+        assert!(same_file(&linked.join("Cargo.toml"), &canonical));
+        assert!(same_file(&canonical, &canonical));
+        assert!(!same_file(&dir.path().join("other/Cargo.toml"), &canonical));
+    }
 }
