@@ -1,5 +1,7 @@
-//! Wall-clock time from the host (the component has no clock of its own that
-//! the host controls, and tests pin this one).
+//! Wall-clock time from the host: the component has no clock of its own.
+//! The host's is the system clock, in tests too (the kit does not pin it):
+//! a webhook fixture with a signed timestamp is checked against now, so
+//! tests sign their deliveries as they send them (`testkit::sign`).
 
 use crate::bindings::ferry::connector::clock as raw;
 
