@@ -19,6 +19,7 @@ use crate::api::error::ApiError;
 use crate::api::extract::{JsonBody, QueryPairs};
 use crate::api::{conflicts, connectors, dead_letters, reconciliations};
 use crate::app::AppState;
+use crate::store::conflicts::Conflict;
 
 fn body(value: &Value) -> JsonBody {
     JsonBody(Bytes::from(value.to_string()))
@@ -74,12 +75,14 @@ pub async fn sign_out(State(state): State<AppState>, form: CsrfForm) -> Response
 
 /// `POST /console/conflicts/{id}/resolve`: `resolution` (`local`, `remote`
 /// or `fields`); for `fields`, `pick.FIELD` (`local`, `remote` or `value`)
-/// and `value.FIELD` per conflicting field. `remote.FIELD` carries the
-/// value the page showed, so picking the remote means what was seen. A
-/// local pick keeps ferry's value as it is when the form is sent, as "Keep
-/// all of ferry's" does: the page's copy (`local.FIELD`) is what the
-/// conflict recorded, and a write made since the page was drawn must not
-/// be undone by it.
+/// and `value.FIELD` per conflicting field. A remote pick takes the value
+/// the conflict recorded (what the page showed), read here: the page's
+/// copy (`remote.FIELD`) comes back as the browser encodes it, with every
+/// line break made CRLF, and a value with a line break was written, and
+/// pushed over the remote's, changed. A local pick keeps ferry's value as
+/// it is when the form is sent, as "Keep all of ferry's" does: the page's
+/// copy (`local.FIELD`) is what the conflict recorded, and a write made
+/// since the page was drawn must not be undone by it.
 pub async fn resolve_conflict(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -89,8 +92,8 @@ pub async fn resolve_conflict(
     let resolution = form.get("resolution").unwrap_or("fields");
     let mut request = json!({ "resolution": resolution });
     if resolution == "fields" {
-        let current = match current_customer(&state, &id, &form).await {
-            Ok(customer) => customer,
+        let (recorded, current) = match picked_sides(&state, &id, &form).await {
+            Ok(sides) => sides,
             Err(error) => return problem(&form.session, error),
         };
         let mut fields = BTreeMap::new();
@@ -99,12 +102,21 @@ pub async fn resolve_conflict(
             .iter()
             .filter_map(|(n, v)| Some((n.strip_prefix("pick.")?, v)))
         {
-            let value = match (pick.as_str(), &current) {
-                ("local", Some(customer)) => match conflicts::current_value(customer, name) {
+            let remote = recorded.as_ref().and_then(|c| {
+                c.fields
+                    .0
+                    .as_array()?
+                    .iter()
+                    .find(|f| f["field"] == *name)
+                    .map(|f| f["remote"].as_str().map(str::to_owned))
+            });
+            let value = match (pick.as_str(), &current, remote) {
+                ("local", Some(customer), _) => match conflicts::current_value(customer, name) {
                     Ok(value) => value,
                     Err(error) => return problem(&form.session, error),
                 },
-                ("local" | "remote" | "value", _) => form
+                ("remote", _, Some(remote)) => remote,
+                ("local" | "remote" | "value", _, _) => form
                     .get(&format!("{pick}.{name}"))
                     // An empty value clears the field (null).
                     .filter(|v| !v.is_empty())
@@ -135,30 +147,33 @@ pub async fn resolve_conflict(
     }
 }
 
-/// The customer of conflict `id` as it is now, when a local pick needs
-/// it; `None` when nothing is picked local or the conflict is not found
-/// (the API then answers for it).
-async fn current_customer(
+/// Conflict `id` as recorded, when a pick needs it, and its customer as
+/// it is now, when a local pick does; `None` when nothing is picked so or
+/// the conflict is not found (the API then answers for it).
+async fn picked_sides(
     state: &AppState,
     id: &str,
     form: &CsrfForm,
-) -> Result<Option<crate::store::Customer>, ApiError> {
-    let picks_local = form
-        .fields
-        .iter()
-        .any(|(name, pick)| name.starts_with("pick.") && pick == "local");
-    if !picks_local || !crate::api::extract::is_id(id, "cf_") {
-        return Ok(None);
+) -> Result<(Option<Conflict>, Option<crate::store::Customer>), ApiError> {
+    let picks = |side: &str| {
+        form.fields
+            .iter()
+            .any(|(name, pick)| name.starts_with("pick.") && pick == side)
+    };
+    let (local, remote) = (picks("local"), picks("remote"));
+    if !(local || remote) || !crate::api::extract::is_id(id, "cf_") {
+        return Ok((None, None));
     }
     let Some(conflict) = state.store.conflict(id).await? else {
-        return Ok(None);
+        return Ok((None, None));
     };
-    let Some(customer_id) = crate::store::CustomerId::parse(&conflict.customer_id) else {
-        return Ok(None);
+    let customer_id = crate::store::CustomerId::parse(&conflict.customer_id).filter(|_| local);
+    let Some(customer_id) = customer_id else {
+        return Ok((Some(conflict), None));
     };
     match state.store.get_customer(&customer_id).await {
-        Ok(customer) => Ok(Some(customer)),
-        Err(crate::store::StoreError::CustomerNotFound) => Ok(None),
+        Ok(customer) => Ok((Some(conflict), Some(customer))),
+        Err(crate::store::StoreError::CustomerNotFound) => Ok((Some(conflict), None)),
         Err(error) => Err(error.into()),
     }
 }

@@ -94,7 +94,7 @@ pub(crate) fn edit_fields_in_stripe(stripe_url: &str, remote_id: &str, fields: &
 }
 
 /// `stripe.Customer.modify(remote_id, ARGUMENTS)`, `arguments` as Python.
-fn modify_in_stripe(stripe_url: &str, remote_id: &str, arguments: &str) {
+pub(crate) fn modify_in_stripe(stripe_url: &str, remote_id: &str, arguments: &str) {
     let script = format!(
         "import stripe\nstripe.api_key = '{STRIPE_KEY}'\nstripe.api_base = '{stripe_url}'\n\
          stripe.Customer.modify('{remote_id}', {arguments})"

@@ -16,7 +16,7 @@ use ferry_test_support::localstripe::LocalStripe;
 use ferry_test_support::wasm::{component_path, variant_path};
 use serde_json::{json, Value};
 
-use crate::conflicts::edit_in_stripe;
+use crate::conflicts::modify_in_stripe;
 use crate::helpers::{
     email, spawn_sync_app, stripe_customer, Backend, Setup, SyncApp, STRIPE_KEY, WEBHOOK_SECRET,
 };
@@ -286,12 +286,21 @@ async fn the_operator_console_in_a_real_browser() {
     assert!(text.contains("synced"), "{text}");
     console.shot("customer").await;
 
-    // 3. A flagged conflict, resolved by picking a side per field.
+    // 3. A flagged conflict, resolved by picking a side per field. The
+    // remote's note has a line break, which a browser sends back as CRLF:
+    // the pick takes the value the conflict recorded, not the form's copy.
     tokio::time::sleep(Duration::from_millis(3_200)).await; // past the echo window
     proxy.set_down(true);
-    app.patch(&id, json!({"name": "Local Name", "phone": "+15550000002"}))
-        .await;
-    edit_in_stripe(&stripe.url(), &remote_id, "name", "Remote Name");
+    app.patch(
+        &id,
+        json!({"name": "Local Name", "phone": "+15550000002", "metadata": {"note": "local"}}),
+    )
+    .await;
+    modify_in_stripe(
+        &stripe.url(),
+        &remote_id,
+        "name='Remote Name', metadata={'note': 'line 1\\nline 2'}",
+    );
     let conflicts = wait_api(&app, "/api/v1/conflicts?state=open", |b| {
         b["data"].as_array().is_some_and(|d| !d.is_empty())
     })
@@ -310,6 +319,9 @@ async fn the_operator_console_in_a_real_browser() {
     );
     console.shot("conflict").await;
     console.click("input[name='pick.name'][value=remote]").await;
+    console
+        .click("input[name='pick.metadata.note'][value=remote]")
+        .await;
     console.follow("main form button[type=submit]").await;
     console.wait_text("Conflict resolved").await;
     let resolved = api_get(&app, &format!("/api/v1/conflicts/{conflict_id}")).await;
@@ -319,6 +331,7 @@ async fn the_operator_console_in_a_real_browser() {
         (merged["name"].as_str(), merged["phone"].as_str()),
         (Some("Remote Name"), Some("+15550000002"))
     );
+    assert_eq!(merged["metadata"]["note"], "line 1\nline 2", "{merged}");
     app.wait_synced(&id, merged["version"].as_i64().unwrap())
         .await;
     let in_stripe = stripe_customer(&stripe.url(), &remote_id)
