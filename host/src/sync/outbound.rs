@@ -605,11 +605,17 @@ impl SyncEngine {
                 let pause = after.unwrap_or_else(|| self.inner.policy.delay(attempt, None));
                 breakers.unused(&link.connector, pass);
                 breakers.pause(&link.connector, pause);
-                self.retry_later(
+                // The remote is up and says "later", not "no": the push
+                // never gives up on a rate limit. Its attempts still count,
+                // so the backoff grows to its ceiling (a slower pace for a
+                // limit that lasts). A rate-limited bulk import, several
+                // replicas sending at once, dead-lettered healthy changes.
+                self.schedule_retry(
                     link,
                     Some((version, operation)),
                     after,
                     format!("rate limited: {}", limit.message),
+                    false,
                 )
             }
             // ferry's own pacing said no, not the remote: no breaker
@@ -693,10 +699,23 @@ impl SyncEngine {
         retry_after: Option<Duration>,
         error: String,
     ) -> (RecordedOutcome, Outcome) {
+        self.schedule_retry(link, attempted, retry_after, error, true)
+    }
+
+    /// The next attempt; a dead letter instead once the attempts are
+    /// spent, if `may_give_up`.
+    fn schedule_retry(
+        &self,
+        link: &SyncLink,
+        attempted: Option<(i64, &'static str)>,
+        retry_after: Option<Duration>,
+        error: String,
+        may_give_up: bool,
+    ) -> (RecordedOutcome, Outcome) {
         let policy = &self.inner.policy;
         let attempt = link.attempts + 1;
         let (version, operation) = attempted.unwrap_or((link.wanted_version, "none"));
-        if policy.exhausted(u32::try_from(attempt).unwrap_or(u32::MAX)) {
+        if may_give_up && policy.exhausted(u32::try_from(attempt).unwrap_or(u32::MAX)) {
             let message = format!("gave up after {attempt} attempts: {error}");
             return (
                 RecordedOutcome::DeadLettered {

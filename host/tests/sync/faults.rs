@@ -535,6 +535,40 @@ async fn a_rate_limit_without_retry_after_pauses_the_connector() {
     );
 }
 
+/// Rate limits never dead-letter a push: the remote is up and says
+/// "later". Three 429s against two attempts: the push waits them out and
+/// is delivered (it was dead-lettered as `retries_exhausted`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_never_spends_the_last_attempt() {
+    let h = harness(json!({
+        "sync_max_attempts": 2,
+        "sync_backoff_base": "50ms",
+        "sync_backoff_max": "100ms",
+    }))
+    .await;
+    for _ in 0..3 {
+        h.proxy.push(
+            Match::request("POST", "/v1/customers"),
+            Fault::stripe_error(429, "rate_limit_error", "Too many requests"),
+        );
+    }
+    let customer = h
+        .app
+        .create(json!({"email": email("limited-thrice")}))
+        .await;
+    let id = customer["id"].as_str().unwrap();
+    h.app.wait_synced(id, 1).await;
+    assert_eq!(
+        outcomes(&h.app.sync_status(id).await),
+        [
+            "retry_scheduled",
+            "retry_scheduled",
+            "retry_scheduled",
+            "delivered"
+        ]
+    );
+}
+
 /// A remote asking to be left alone for ever (a Retry-After of 584
 /// billion years) pauses the connector for a day at most, and ferry goes
 /// on serving: the push is scheduled a day later, and the breaker says
