@@ -933,7 +933,8 @@ macro_rules! write_in {
 
 impl Store {
     /// Links `customer`'s record at `connector` to `remote_id`, if the
-    /// link has no remote record and keeps a create of `version` whose
+    /// link has no live remote record (none, or one deleted remotely that
+    /// the create replaces) and keeps a create of `version` whose
     /// answer was lost (its echo names the record it made). The kept
     /// create is dropped, and its version counts as synced: the record
     /// holds it, and an update of that version would reuse the create's
@@ -941,7 +942,7 @@ impl Store {
     /// `idempotency_error`). The echo's `record` is the link's snapshot, as
     /// a delivered create's answer would be (without one, the next remote
     /// edit merged with no base, and under `flag` every field differing was
-    /// a conflict). A later version is pushed as an update. False if the link
+    /// a conflict); over a deleted record it replaces that one's. A later version is pushed as an update. False if the link
     /// moved on (a remote id, another pending create), or `remote_id` is
     /// another link's.
     pub async fn adopt_created_remote(
@@ -958,9 +959,9 @@ impl Store {
                 "UPDATE sync_links SET remote_id = $4, remote_deleted = FALSE, \
                  pending_version = NULL, pending_record = NULL, updated_at = $5, \
                  synced_version = CASE WHEN synced_version < $3 THEN $3 ELSE synced_version END, \
-                 snapshot = COALESCE(snapshot, $6) \
-                 WHERE connector = $1 AND customer_id = $2 AND remote_id IS NULL \
-                 AND pending_version = $3",
+                 snapshot = CASE WHEN remote_deleted THEN $6 ELSE COALESCE(snapshot, $6) END \
+                 WHERE connector = $1 AND customer_id = $2 \
+                 AND (remote_id IS NULL OR remote_deleted) AND pending_version = $3",
             )
             .bind(connector)
             .bind(customer.as_str())

@@ -170,8 +170,13 @@ fn plan(
     let current_create = customer.deleted_at.is_none()
         && customer.version > link.synced_version
         && link.pending_version == Some(customer.version);
+    // Replayed whether or not the customer was deleted since: the create
+    // may have made a record (its answer was lost), which the delete that
+    // follows then removes. A link whose record was deleted remotely
+    // (`unlink`) is no different: its kept create was dropped, and a
+    // record it made stayed at the remote for a deleted customer.
     if let Some(pending) = link.pending_version.filter(|_| !current_create) {
-        if link.remote_id.is_none() || (link.remote_deleted && customer.deleted_at.is_none()) {
+        if link.remote_id.is_none() || link.remote_deleted {
             if let Some(kept) = &link.pending_record {
                 return Ok(Ok(Plan {
                     operation: Operation::Create,
@@ -771,5 +776,57 @@ mod tests {
             key_parts("stripe", &idempotency_key("stripe", id, 7, 2)).unwrap();
         assert_eq!((customer.as_str(), version), (id, 7));
         assert_eq!(key_parts("stripe-eu", &eu).map(|(_, v)| v), Some(3));
+    }
+
+    /// A create kept for replay, on a link whose record was deleted
+    /// remotely (`unlink`), of a customer deleted since: the create is
+    /// replayed (its lost answer may have made a record), and the delete
+    /// follows. It was settled as "remote record already deleted", and a
+    /// record the create made stayed for a deleted customer.
+    #[test]
+    fn a_kept_create_over_a_deleted_record_is_replayed_for_a_deleted_customer() {
+        let id = "cus_0193a5c4a1b27c3d8e9f0a1b2c3d4e5f";
+        let now = chrono::Utc::now();
+        let customer = Customer {
+            id: crate::store::CustomerId::parse(id).expect("id"),
+            name: None,
+            email: "a@example.com".to_owned(),
+            phone: None,
+            address: None,
+            metadata: std::collections::BTreeMap::new(),
+            version: 5,
+            created_at: now,
+            updated_at: now,
+            deleted_at: Some(now),
+        };
+        let link = SyncLink {
+            customer_id: id.to_owned(),
+            connector: "stripe".to_owned(),
+            remote_id: Some("cus_gone".to_owned()),
+            remote_deleted: true,
+            wanted_version: 5,
+            synced_version: 3,
+            pushed_hash: None,
+            snapshot: None,
+            pending_version: Some(4),
+            pending_record: Some(canonical_record(
+                &serde_json::to_value(&customer).expect("json"),
+            )),
+            state: crate::store::LinkState::Pending,
+            attempts: 0,
+            next_attempt_at_ms: 0,
+            lease_token: None,
+            last_error: None,
+            correlation_id: None,
+            updated_at: now,
+            remote_seen_at_ms: 0,
+            pushed_at_ms: 0,
+            held_by: None,
+            repairs: 0,
+        };
+        let plan = plan(&link, &customer).expect("plan").expect("a push");
+        assert!(matches!(plan.operation, Operation::Create));
+        assert_eq!(plan.version, 4);
+        assert_eq!(plan.key, idempotency_key("stripe", id, 4, 0));
     }
 }

@@ -253,6 +253,50 @@ async fn a_thin_echo_of_a_create_whose_answer_was_lost_links_its_record() {
     assert_eq!(snapshot["email"], address.as_str(), "{snapshot}");
 }
 
+/// The same over a record deleted remotely (the `unlink` policy keeps the
+/// link naming it, marked deleted, and the next change creates anew): the
+/// echo links the record the create made, and its record replaces the
+/// deleted one's as the base. Adoption took only links without a remote
+/// id: the echo was skipped, and a replay after Stripe forgot the key
+/// made a second record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_echo_of_a_create_over_a_deleted_record_links_its_record() {
+    use crate::helpers::WEBHOOK_SECRET;
+    use crate::inbound::{deliver, stripe_signature};
+    let h = harness(json!({})).await;
+    let (id, address, made) = a_create_whose_answer_was_lost(&h, "lost-over-deleted").await;
+    let id = id.as_str();
+    let remote_id = made["id"].as_str().unwrap().to_owned();
+    let pool = sqlx::SqlitePool::connect(&h.app.database_url)
+        .await
+        .expect("sqlite");
+    sqlx::query(
+        "UPDATE sync_links SET remote_id = 'cus_deleted_before', remote_deleted = TRUE, \
+         snapshot = '{\"email\": \"before@example.com\"}' WHERE customer_id = $1",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .expect("the link names a deleted record");
+
+    let echo = json!({"id": "evt_lost_over_deleted", "object": "event", "type": "customer.created",
+        "created": chrono::Utc::now().timestamp(),
+        "request": {"id": "req_1", "idempotency_key": format!("ferry-stripe-{id}-v1")},
+        "data": {"object": made}})
+    .to_string();
+    let (status, _) = deliver(&h.app, &echo, &stripe_signature(&echo, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200);
+    let link = h
+        .app
+        .wait_link(id, Duration::from_secs(10), |l| {
+            l["remote_id"] == remote_id.as_str()
+        })
+        .await;
+    assert_eq!(link["remote_deleted"], false, "{link}");
+    let snapshot = stripe_snapshot(&h, id).await.expect("a snapshot");
+    assert_eq!(snapshot["email"], address.as_str(), "{snapshot}");
+}
+
 /// A create whose answer was lost, then given up on (the remote went down
 /// for good): its echo, which carries ferry's idempotency key and the
 /// record made, links the customer to that record. Before, the echo was
