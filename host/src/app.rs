@@ -169,6 +169,7 @@ impl App {
             Ok(dir) => {
                 tracing::info!(dir = %dir.display(), "registering the bundled connectors");
                 let files = bundled::read(&dir).await;
+                // Each file's outcome is logged as it is seeded.
                 registry
                     .seed_bundled(&files)
                     .await

@@ -18,6 +18,7 @@ use crate::app::App;
 use crate::config::Config;
 use crate::registry::bundled::BundledFile;
 use crate::registry::Registry;
+use crate::store::connectors::Seeded;
 
 /// How `dev` runs.
 #[derive(Debug, Clone)]
@@ -149,13 +150,31 @@ pub(crate) async fn register(registry: &Registry, built: &Built<'_>) -> anyhow::
         .await
         .with_context(|| format!("reading {}", wasm.display()))?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
-    registry
+    let seeded = registry
         .seed_bundled(&[BundledFile {
             path: wasm.to_owned(),
-            bytes,
+            bytes: bytes.clone(),
         }])
         .await
         .context("registering the connector")?;
+    match seeded.first() {
+        // Deleted through the API (an author resetting the loop's
+        // database): the loop's own database takes it back, as an upload
+        // would; it stopped every later start with a wrong hint.
+        Some((name, Seeded::Deleted)) if built.take_over => {
+            registry
+                .upload(&bytes, true, &wasm.display().to_string())
+                .await
+                .with_context(|| format!("bringing back `{name}`, deleted through the API"))?;
+        }
+        Some((name, Seeded::Deleted)) => anyhow::bail!(
+            "`{name}` was deleted through the API in this database, and the bundle does not bring it back: upload it (POST /api/v1/connectors) to serve it again"
+        ),
+        Some((name, Seeded::UploadDiffers)) => anyhow::bail!(
+            "an uploaded `{name}` has this version with other bytes, and wins: bump the version in Cargo.toml"
+        ),
+        _ => {}
+    }
     let entries = registry.entries();
     if let Some(active) = entries
         .iter()

@@ -700,8 +700,13 @@ impl Registry {
     }
 
     /// Enters the bundled components into the store (see
-    /// [`Store::seed_connector_version`]) and loads what is active.
-    pub async fn seed_bundled(&self, files: &[bundled::BundledFile]) -> Result<(), StoreError> {
+    /// [`Store::seed_connector_version`]) and loads what is active; what
+    /// each file that loaded became, by connector name.
+    pub async fn seed_bundled(
+        &self,
+        files: &[bundled::BundledFile],
+    ) -> Result<Vec<(String, Seeded)>, StoreError> {
+        let mut seeded = Vec::new();
         for file in files {
             let path = file.path.display().to_string();
             let connector = match self.inner.runtime.load(&file.bytes).await {
@@ -724,12 +729,13 @@ impl Registry {
                 uploaded_by: &path,
             };
             let syncs_customers = connector.manifest().entities.iter().any(|e| e == ENTITY);
-            match self
+            let outcome = self
                 .inner
                 .store
                 .seed_connector_version(&new, syncs_customers)
-                .await?
-            {
+                .await?;
+            seeded.push((connector.name().to_owned(), outcome));
+            match outcome {
                 Seeded::Stored { .. } => self.stage(&connector),
                 Seeded::HeldBack { linked } => tracing::warn!(
                     connector = %connector.name(),
@@ -751,7 +757,8 @@ impl Registry {
                 ),
             }
         }
-        self.refresh().await
+        self.refresh().await?;
+        Ok(seeded)
     }
 
     /// Validates and stores an uploaded component, and (if `activate`)

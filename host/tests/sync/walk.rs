@@ -194,6 +194,21 @@ async fn from_ferry_connector_new_to_a_live_webhook() {
     source.push_str("\n// An edit after the rollback.\n");
     std::fs::write(&lib_rs, source).expect("edit src/lib.rs");
     dev.wait_connector("0.1.1").await;
+    // The author resets the loop's database by deleting the connector: the
+    // next start serves it again (every later start failed, saying the
+    // component was refused).
+    let deleted = reqwest::Client::new()
+        .delete(format!(
+            "{}/api/v1/connectors/walkthrough?force=true",
+            dev.base
+        ))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(deleted.status(), 204);
+    dev.stop();
+    let mut dev = DevProcess::start(&crate_dir);
+    dev.wait_connector("0.1.1").await;
     dev.stop();
     std::fs::write(&manifest, toml).expect("restore the version");
     cargo(
