@@ -580,8 +580,22 @@ async fn redelivered_reordered_and_tampered_deliveries() {
         )],
         body,
     );
-    let report = testkit::webhooks::check_delivery(&kit, signed)
+    let report = testkit::webhooks::check_delivery(&kit, signed.clone())
         .await
         .unwrap_or_else(|problem| panic!("{problem}"));
     assert_eq!(report.event_ids, ["evt_1"]);
+    // The header named, as for a remote whose header says nothing of a
+    // signature (the guess found none, skipped the forged case and called
+    // a correct connector open to anyone).
+    let named =
+        testkit::webhooks::check_delivery_signed_by(&kit, signed.clone(), &["stripe-signature"])
+            .await
+            .unwrap_or_else(|problem| panic!("{problem}"));
+    assert_eq!(named, report);
+    let mut renamed = signed;
+    renamed.headers[0].0 = "X-Acme-Token".to_owned();
+    let unnamed = testkit::webhooks::check_delivery(&kit, renamed)
+        .await
+        .expect_err("no header named like a signature");
+    assert!(unnamed.contains("check_delivery_signed_by"), "{unnamed}");
 }

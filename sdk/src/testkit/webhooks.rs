@@ -40,11 +40,47 @@ pub struct DeliveryReport {
 ///   one character changed, and no signature header at all are each
 ///   refused with `invalid-signature`, so the host stores nothing.
 ///
+/// The signature header is the one whose name has `signature` or `hmac`
+/// in it; a remote that signs in another (`X-Gitlab-Token`) is checked
+/// with [`check_delivery_signed_by`]. A delivery with no such header is
+/// an error that says so.
+///
 /// Returns what it saw, or what failed, in words.
 pub async fn check_delivery(
     kit: &TestKit,
     signed: WebhookRequest,
 ) -> Result<DeliveryReport, String> {
+    let named: Vec<String> = signed
+        .headers
+        .iter()
+        .map(|(name, _)| name.to_ascii_lowercase())
+        .filter(|name| name.contains("signature") || name.contains("hmac"))
+        .collect();
+    if named.is_empty() {
+        return Err("no header of the delivery is named like a signature (`signature` or `hmac` in its name): name the header yours is in with `check_delivery_signed_by`".into());
+    }
+    let named: Vec<&str> = named.iter().map(String::as_str).collect();
+    check_delivery_signed_by(kit, signed, &named).await
+}
+
+/// [`check_delivery`], with the signature in the headers named `headers`
+/// (any case): the first is changed for the forged delivery, and all are
+/// left out of the unsigned one.
+pub async fn check_delivery_signed_by(
+    kit: &TestKit,
+    signed: WebhookRequest,
+    headers: &[&str],
+) -> Result<DeliveryReport, String> {
+    let is_signature = |name: &str| {
+        headers
+            .iter()
+            .any(|header| header.eq_ignore_ascii_case(name))
+    };
+    if !signed.headers.iter().any(|(name, _)| is_signature(name)) {
+        return Err(format!(
+            "the delivery has none of the signature headers named ({headers:?})"
+        ));
+    }
     let first = receive(kit, signed.clone(), "the signed delivery").await?;
     if first.events.is_empty() {
         return Err("the signed delivery parsed to no events: use a delivery of an event type the connector handles".into());
@@ -79,27 +115,18 @@ pub async fn check_delivery(
     }
     refused(kit, tampered_body, "a body changed on the way").await?;
 
-    let signature_headers: Vec<usize> = signed
+    if let Some(index) = signed
         .headers
         .iter()
-        .enumerate()
-        .filter(|(_, (name, _))| {
-            let name = name.to_ascii_lowercase();
-            name.contains("signature") || name.contains("hmac")
-        })
-        .map(|(i, _)| i)
-        .collect();
-    if let Some(&index) = signature_headers.first() {
+        .position(|(name, _)| is_signature(name))
+    {
         let mut forged = signed.clone();
         let value = &mut forged.headers[index].1;
         *value = flip_last_hex(value);
         refused(kit, forged, "a signature header changed on the way").await?;
     }
     let mut unsigned = signed;
-    unsigned.headers.retain(|(name, _)| {
-        let name = name.to_ascii_lowercase();
-        !(name.contains("signature") || name.contains("hmac"))
-    });
+    unsigned.headers.retain(|(name, _)| !is_signature(name));
     refused(kit, unsigned, "a delivery without its signature header").await?;
 
     Ok(DeliveryReport {
