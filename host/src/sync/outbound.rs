@@ -39,6 +39,16 @@ const LEASE_MARGIN_MS: i64 = 500;
 const NOT_LOADED_RECHECK: Duration = Duration::from_secs(5);
 
 /// Waits `after` without spending an attempt or writing a delivery.
+/// What a failed push spends of its attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spend {
+    /// One attempt: the remote failed.
+    Attempt,
+    /// None: the remote (or ferry's pacing, after part of the call went
+    /// out) said "later" with a rate limit.
+    Nothing,
+}
+
 fn deferred(after: Duration) -> (RecordedOutcome, Outcome) {
     (wait(after), Outcome::Deferred)
 }
@@ -610,23 +620,22 @@ impl SyncEngine {
                 let pause = after.unwrap_or_else(|| self.inner.policy.delay(attempt, None));
                 breakers.unused(&link.connector, pass);
                 breakers.pause(&link.connector, pause);
-                // The remote is up and says "later", not "no": the push
-                // never gives up on a rate limit. Its attempts still count,
-                // so the backoff grows to its ceiling (a slower pace for a
-                // limit that lasts). A rate-limited bulk import, several
-                // replicas sending at once, dead-lettered healthy changes.
+                // The remote is up and says "later", not "no": a rate
+                // limit spends no attempt (the pause above paces the
+                // connector). A rate-limited bulk import, several replicas
+                // sending at once, dead-lettered healthy changes.
                 self.schedule_retry(
                     link,
                     Some((version, operation)),
                     after,
                     format!("rate limited: {}", limit.message),
-                    false,
+                    Spend::Nothing,
                 )
             }
             // ferry's own pacing said no, not the remote: no breaker
             // failure. Nothing went out, so the push waits for the next
-            // slot without spending an attempt; if an earlier request of
-            // the call went out, the attempt counts like a remote's 429.
+            // slot; if an earlier request of the call went out, it is
+            // retried like a remote's 429. Neither spends an attempt.
             CallError::Throttled {
                 wait,
                 reached_remote: false,
@@ -636,11 +645,12 @@ impl SyncEngine {
             }
             error @ CallError::Throttled { wait, .. } => {
                 breakers.unused(&link.connector, pass);
-                self.retry_later(
+                self.schedule_retry(
                     link,
                     Some((version, operation)),
                     Some(wait),
                     error.to_string(),
+                    Spend::Nothing,
                 )
             }
             CallError::Connector(ConnectorError::Permanent(message)) => {
@@ -704,23 +714,28 @@ impl SyncEngine {
         retry_after: Option<Duration>,
         error: String,
     ) -> (RecordedOutcome, Outcome) {
-        self.schedule_retry(link, attempted, retry_after, error, true)
+        self.schedule_retry(link, attempted, retry_after, error, Spend::Attempt)
     }
 
-    /// The next attempt; a dead letter instead once the attempts are
-    /// spent, if `may_give_up`.
+    /// The next attempt, or a dead letter once the attempts are spent. A
+    /// failure that spends [`Spend::Nothing`] keeps the link's count (and
+    /// so never gives up, nor brings a later failure nearer its end).
     fn schedule_retry(
         &self,
         link: &SyncLink,
         attempted: Option<(i64, &'static str)>,
         retry_after: Option<Duration>,
         error: String,
-        may_give_up: bool,
+        spend: Spend,
     ) -> (RecordedOutcome, Outcome) {
         let policy = &self.inner.policy;
-        let attempt = link.attempts + 1;
+        let next = link.attempts + 1;
+        let attempt = match spend {
+            Spend::Attempt => next,
+            Spend::Nothing => link.attempts,
+        };
         let (version, operation) = attempted.unwrap_or((link.wanted_version, "none"));
-        if may_give_up && policy.exhausted(u32::try_from(attempt).unwrap_or(u32::MAX)) {
+        if spend == Spend::Attempt && policy.exhausted(u32::try_from(attempt).unwrap_or(u32::MAX)) {
             let message = format!("gave up after {attempt} attempts: {error}");
             return (
                 RecordedOutcome::DeadLettered {
@@ -733,7 +748,7 @@ impl SyncEngine {
                 Outcome::DeadLettered { reason: message },
             );
         }
-        let delay = policy.delay(u32::try_from(attempt).unwrap_or(u32::MAX), retry_after);
+        let delay = policy.delay(u32::try_from(next).unwrap_or(u32::MAX), retry_after);
         let at_ms = now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
         tracing::info!(
             attempt,
@@ -780,8 +795,8 @@ mod tests {
 
     /// A create kept for replay, on a link whose record was deleted
     /// remotely (`unlink`), of a customer deleted since: the create is
-    /// replayed (its lost answer may have made a record), and the delete
-    /// follows. It was settled as "remote record already deleted", and a
+    /// replayed (its lost answer may have made a record; the customer's
+    /// newer version, its delete, is pushed after it). It was settled as "remote record already deleted", and a
     /// record the create made stayed for a deleted customer.
     #[test]
     fn a_kept_create_over_a_deleted_record_is_replayed_for_a_deleted_customer() {

@@ -565,7 +565,7 @@ async fn a_rate_limit_without_retry_after_pauses_the_connector() {
     let customer = h.app.create(json!({"email": email("limited-plain")})).await;
     let id = customer["id"].as_str().unwrap();
     h.app
-        .wait_link(id, Duration::from_secs(10), |l| l["attempts"] == 1)
+        .wait_link(id, Duration::from_secs(10), |l| l["state"] == "retry")
         .await;
     let (_, connector) = h
         .app
@@ -579,11 +579,12 @@ async fn a_rate_limit_without_retry_after_pauses_the_connector() {
     );
 }
 
-/// Rate limits never dead-letter a push: the remote is up and says
-/// "later". Three 429s against two attempts: the push waits them out and
-/// is delivered (it was dead-lettered as `retries_exhausted`).
+/// Rate limits spend no attempt: the remote is up and says "later".
+/// Three 429s, then a 500, against two attempts: the push waits the
+/// limits out, has its attempts for the failure, and is delivered (it was
+/// dead-lettered as `retries_exhausted` at the second 429).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rate_limit_never_spends_the_last_attempt() {
+async fn a_rate_limit_spends_no_attempt() {
     let h = harness(json!({
         "sync_max_attempts": 2,
         "sync_backoff_base": "50ms",
@@ -596,6 +597,8 @@ async fn a_rate_limit_never_spends_the_last_attempt() {
             Fault::stripe_error(429, "rate_limit_error", "Too many requests"),
         );
     }
+    h.proxy
+        .push(Match::request("POST", "/v1/customers"), Fault::status(500));
     let customer = h
         .app
         .create(json!({"email": email("limited-thrice")}))
@@ -605,6 +608,7 @@ async fn a_rate_limit_never_spends_the_last_attempt() {
     assert_eq!(
         outcomes(&h.app.sync_status(id).await),
         [
+            "retry_scheduled",
             "retry_scheduled",
             "retry_scheduled",
             "retry_scheduled",
