@@ -150,22 +150,28 @@ pub(crate) async fn register(registry: &Registry, built: &Built<'_>) -> anyhow::
         .await
         .with_context(|| format!("reading {}", wasm.display()))?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
+    let file = [BundledFile {
+        path: wasm.to_owned(),
+        bytes,
+    }];
     let seeded = registry
-        .seed_bundled(&[BundledFile {
-            path: wasm.to_owned(),
-            bytes: bytes.clone(),
-        }])
+        .seed_bundled(&file)
         .await
         .context("registering the connector")?;
     match seeded.first() {
         // Deleted through the API (an author resetting the loop's
-        // database): the loop's own database takes it back, as an upload
-        // would; it stopped every later start with a wrong hint.
+        // database): the loop's own database takes it back, as bundled,
+        // so the next edit under the same version replaces it again (it
+        // stopped every later start with a wrong hint).
         Some((name, Seeded::Deleted)) if built.take_over => {
             registry
-                .upload(&bytes, true, &wasm.display().to_string())
+                .undelete(name)
                 .await
                 .with_context(|| format!("bringing back `{name}`, deleted through the API"))?;
+            registry
+                .seed_bundled(&file)
+                .await
+                .context("registering the connector")?;
         }
         Some((name, Seeded::Deleted)) => anyhow::bail!(
             "`{name}` was deleted through the API in this database, and the bundle does not bring it back: upload it (POST /api/v1/connectors) to serve it again"

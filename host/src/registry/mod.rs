@@ -146,6 +146,12 @@ impl Entry {
         (!missing.is_empty()).then(|| missing.join(", "))
     }
 
+    /// Whether changes are queued for it: switched on here, or on any
+    /// replica (its settings may be another replica's environment's).
+    pub fn takes_changes(&self) -> bool {
+        self.switched_on || self.effective.switch != Switch::Unconfigured
+    }
+
     /// Why the switched-on connector cannot run its active version, if it
     /// cannot: required settings or secrets it lacks.
     pub fn incomplete(&self) -> Option<String> {
@@ -409,7 +415,7 @@ impl Registry {
         self.view()
             .entries
             .values()
-            .filter(|e| e.switched_on || e.effective.switch != Switch::Unconfigured)
+            .filter(|e| e.takes_changes())
             .filter(|e| {
                 e.entities
                     .as_ref()
@@ -532,7 +538,12 @@ impl Registry {
             // replica to queue its changes (the revision moves, so they
             // read it within a second, and so does this one).
             if !row.switched_on && entry.effective.switch != Switch::Unconfigured {
-                if let Err(error) = self.inner.store.mark_switched_on(&row.name).await {
+                if let Err(error) = self
+                    .inner
+                    .store
+                    .mark_switched_on(&row.name, row.revision)
+                    .await
+                {
                     tracing::warn!(connector = %row.name, error = format!("{:#}", anyhow::Error::from(error)), "could not record the connector as switched on; tried again at the next refresh");
                 }
             }
@@ -759,6 +770,13 @@ impl Registry {
         }
         self.refresh().await?;
         Ok(seeded)
+    }
+
+    /// Brings back `name`, deleted through the API, for the next seed of
+    /// its bundled component to store and activate; false if it is not
+    /// deleted.
+    pub async fn undelete(&self, name: &str) -> Result<bool, StoreError> {
+        self.inner.store.undelete_connector(name).await
     }
 
     /// Validates and stores an uploaded component, and (if `activate`)
@@ -1058,9 +1076,14 @@ impl Registry {
             (None, Some(previous)) => previous.secret_names.clone(),
             (None, None) => Vec::new(),
         };
-        let enabled = new
-            .enabled
-            .unwrap_or(entry.effective.switch == Switch::Enabled);
+        // Kept as it is: checked as switched on where any replica has it
+        // so (its settings may be another replica's environment's, which
+        // the stored configuration will replace), unless paused here.
+        let enabled = new.enabled.unwrap_or(match entry.effective.switch {
+            Switch::Enabled => true,
+            Switch::Disabled => false,
+            Switch::Unconfigured => entry.switched_on,
+        });
         let problems = config::check_against_manifest(
             manifest,
             new.settings.keys(),

@@ -262,18 +262,40 @@ impl Store {
         Ok(rows.into_iter().map(ConnectorRow::from).collect())
     }
 
+    /// Brings back `name`, deleted through the API, as a connector with no
+    /// version: the next seed of its bundled component stores and
+    /// activates it as bundled. False if it is not deleted.
+    pub async fn undelete_connector(&self, name: &str) -> Result<bool, StoreError> {
+        let at = now();
+        let undeleted = dispatch!(self, write pool => {
+            sqlx::query(
+                "UPDATE connectors SET deleted_at = NULL, revision = revision + 1, updated_at = $2 \
+                 WHERE name = $1 AND deleted_at IS NOT NULL",
+            )
+            .bind(name)
+            .bind(at)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(undeleted == 1)
+    }
+
     /// Records that this replica has `name` switched on, so every replica
     /// queues its changes (see [`ConnectorRow::switched_on`]). Bumps the
     /// revision, once, for the others to see it.
-    pub async fn mark_switched_on(&self, name: &str) -> Result<(), StoreError> {
+    /// Only over `revision`, the row the decision was made on (a
+    /// connector deleted and uploaded again since starts unmarked).
+    pub async fn mark_switched_on(&self, name: &str, revision: i64) -> Result<(), StoreError> {
         let at = now();
         dispatch!(self, write pool => {
             sqlx::query(
                 "UPDATE connectors SET switched_on = TRUE, revision = revision + 1, updated_at = $2 \
-                 WHERE name = $1 AND NOT switched_on AND deleted_at IS NULL",
+                 WHERE name = $1 AND NOT switched_on AND deleted_at IS NULL AND revision = $3",
             )
             .bind(name)
             .bind(at)
+            .bind(revision)
             .execute(pool)
             .await?;
         });

@@ -196,7 +196,8 @@ async fn from_ferry_connector_new_to_a_live_webhook() {
     dev.wait_connector("0.1.1").await;
     // The author resets the loop's database by deleting the connector: the
     // next start serves it again (every later start failed, saying the
-    // component was refused).
+    // component was refused), as bundled: an edit under the same version
+    // still replaces it.
     let deleted = reqwest::Client::new()
         .delete(format!(
             "{}/api/v1/connectors/walkthrough?force=true",
@@ -208,8 +209,42 @@ async fn from_ferry_connector_new_to_a_live_webhook() {
     assert_eq!(deleted.status(), 204);
     dev.stop();
     let mut dev = DevProcess::start(&crate_dir);
-    dev.wait_connector("0.1.1").await;
+    let served = dev.wait_connector("0.1.1").await;
+    assert_eq!(served["source"], "bundled", "{served}");
+    let source = std::fs::read_to_string(&lib_rs).expect("src/lib.rs");
+    let described = ".description(\"Example CRM contacts";
+    assert!(source.contains(described), "{source}");
+    std::fs::write(
+        &lib_rs,
+        source.replacen(described, ".description(\"Edited: Example CRM contacts", 1),
+    )
+    .expect("edit the description");
+    let client = reqwest::Client::new();
+    let url = format!("{}/api/v1/connectors/walkthrough", dev.base);
+    let last = std::sync::Mutex::new(Value::Null);
+    let edited = wait_for(Duration::from_secs(120), || async {
+        let connector: Value = client.get(&url).send().await.ok()?.json().await.ok()?;
+        *last.lock().unwrap() = connector.clone();
+        let description = connector["manifest"]["description"].as_str()?;
+        description.starts_with("Edited: ").then_some(())
+    })
+    .await;
+    let versions: Value = client
+        .get(format!("{url}/versions"))
+        .send()
+        .await
+        .expect("versions")
+        .json()
+        .await
+        .expect("versions json");
+    assert!(
+        edited.is_some(),
+        "the edit was not served: {:#}\n{versions:#}\n{}",
+        last.lock().unwrap(),
+        std::fs::read_to_string(&dev.log).unwrap_or_default()
+    );
     dev.stop();
+    std::fs::write(&lib_rs, source).expect("restore src/lib.rs");
     std::fs::write(&manifest, toml).expect("restore the version");
     cargo(
         &crate_dir,
