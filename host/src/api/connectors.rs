@@ -34,6 +34,12 @@ pub struct ConnectorSummary {
     pub state: Switch,
     /// Whether ferry syncs through it now (`state` is `enabled`).
     pub enabled: bool,
+    /// Whether changes are queued for it: switched on here or on any
+    /// replica. One configured only in another replica's environment is
+    /// `unconfigured` here and still takes them (they wait for a replica
+    /// that can push them); so does one whose configuration was removed
+    /// after it was switched on, until it is deleted.
+    pub takes_changes: bool,
     /// The version calls run on, if one is loaded.
     pub active_version: Option<String>,
     /// sha256 of the active component, hex.
@@ -139,8 +145,9 @@ pub struct PutSettings {
     /// Non-secret settings by name, as the manifest declares them.
     #[serde(default)]
     pub settings: BTreeMap<String, String>,
-    /// Secret values by name, replacing the set. Omitted: the secrets in
-    /// effect are kept. `{}`: they are removed. A name given `null` keeps
+    /// Secret values by name, replacing the set. Omitted: the stored
+    /// secrets are kept (none, if only the environment gives them: name
+    /// each as `null` to store those). `{}`: they are removed. A name given `null` keeps
     /// the value in effect for it (so one secret can be changed without
     /// sending the others). Stored encrypted; never returned.
     #[serde(default)]
@@ -160,6 +167,7 @@ async fn summary(state: &AppState, entry: &Entry) -> Result<ConnectorSummary, Ap
         name: entry.name.clone(),
         state: effective.switch,
         enabled: effective.switch == Switch::Enabled,
+        takes_changes: entry.takes_changes(),
         active_version: active.map(|a| a.meta.version.clone()),
         sha256: active.map(|a| a.meta.sha256.clone()),
         world: active.map(|a| a.connector.world().to_string()),

@@ -1690,7 +1690,14 @@ async fn a_connector_configured_on_another_replica_takes_this_ones_changes(backe
     other.extra_connectors.push(unconfigured);
     let second = spawn_sync_app(other).await;
     let (_, connector) = get(&second, "/api/v1/connectors/recorder").await;
-    assert_eq!(connector["state"], "unconfigured", "{connector}");
+    assert_eq!(
+        (
+            connector["state"].as_str(),
+            connector["takes_changes"].as_bool()
+        ),
+        (Some("unconfigured"), Some(true)),
+        "{connector}"
+    );
     let address = format!("{}@example.com", uuid());
     let customer = second
         .create(json!({"email": address, "name": "Made Elsewhere"}))

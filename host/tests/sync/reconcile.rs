@@ -1814,6 +1814,16 @@ mod postgres {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ignored_orphans_stay_open() {
+        orphans_the_delete_policy_ignores_stay_open(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_field_added_by_a_push_that_gave_up() {
+        a_field_added_by_a_push_that_gave_up_is_a_difference(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn duplicate_emails() {
         duplicate_email_strategies(Backend::Postgres).await;
     }
