@@ -206,6 +206,26 @@ async fn a_create_whose_answer_was_lost(h: &Harness, tag: &str) -> (String, Stri
     (id, address, made.remove(0))
 }
 
+/// Delivers the echo (`customer.created`, carrying the create's key) of
+/// the record `made` for customer `id`'s lost create, and waits until the
+/// link names that record: the link.
+async fn echo_links(h: &Harness, event_id: &str, id: &str, made: &Value) -> Value {
+    use crate::helpers::WEBHOOK_SECRET;
+    use crate::inbound::{deliver, stripe_signature};
+    let echo = json!({"id": event_id, "object": "event", "type": "customer.created",
+        "created": chrono::Utc::now().timestamp(),
+        "request": {"id": "req_1", "idempotency_key": format!("ferry-stripe-{id}-v1")},
+        "data": {"object": made}})
+    .to_string();
+    let (status, _) = deliver(&h.app, &echo, &stripe_signature(&echo, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200);
+    h.app
+        .wait_link(id, Duration::from_secs(10), |l| {
+            l["remote_id"] == made["id"]
+        })
+        .await
+}
+
 /// The snapshot of customer `id`'s Stripe link (the next merge's base).
 async fn stripe_snapshot(h: &Harness, id: &str) -> Option<Value> {
     h.app
@@ -261,12 +281,9 @@ async fn a_thin_echo_of_a_create_whose_answer_was_lost_links_its_record() {
 /// made a second record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_echo_of_a_create_over_a_deleted_record_links_its_record() {
-    use crate::helpers::WEBHOOK_SECRET;
-    use crate::inbound::{deliver, stripe_signature};
     let h = harness(json!({})).await;
     let (id, address, made) = a_create_whose_answer_was_lost(&h, "lost-over-deleted").await;
     let id = id.as_str();
-    let remote_id = made["id"].as_str().unwrap().to_owned();
     let pool = sqlx::SqlitePool::connect(&h.app.database_url)
         .await
         .expect("sqlite");
@@ -279,19 +296,7 @@ async fn the_echo_of_a_create_over_a_deleted_record_links_its_record() {
     .await
     .expect("the link names a deleted record");
 
-    let echo = json!({"id": "evt_lost_over_deleted", "object": "event", "type": "customer.created",
-        "created": chrono::Utc::now().timestamp(),
-        "request": {"id": "req_1", "idempotency_key": format!("ferry-stripe-{id}-v1")},
-        "data": {"object": made}})
-    .to_string();
-    let (status, _) = deliver(&h.app, &echo, &stripe_signature(&echo, WEBHOOK_SECRET)).await;
-    assert_eq!(status, 200);
-    let link = h
-        .app
-        .wait_link(id, Duration::from_secs(10), |l| {
-            l["remote_id"] == remote_id.as_str()
-        })
-        .await;
+    let link = echo_links(&h, "evt_lost_over_deleted", id, &made).await;
     assert_eq!(link["remote_deleted"], false, "{link}");
     let snapshot = stripe_snapshot(&h, id).await.expect("a snapshot");
     assert_eq!(snapshot["email"], address.as_str(), "{snapshot}");
@@ -304,26 +309,12 @@ async fn the_echo_of_a_create_over_a_deleted_record_links_its_record() {
 /// record, which Stripe forgets after a day: a second customer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_echo_of_a_create_whose_answer_was_lost_links_its_record() {
-    use crate::helpers::WEBHOOK_SECRET;
-    use crate::inbound::{deliver, stripe_signature};
     let h = harness(json!({})).await;
     let (id, address, made) = a_create_whose_answer_was_lost(&h, "lost-answer").await;
     let id = id.as_str();
     let remote_id = made["id"].as_str().unwrap().to_owned();
 
-    let echo = json!({"id": "evt_lost_answer", "object": "event", "type": "customer.created",
-        "created": chrono::Utc::now().timestamp(),
-        "request": {"id": "req_1", "idempotency_key": format!("ferry-stripe-{id}-v1")},
-        "data": {"object": made}})
-    .to_string();
-    let (status, _) = deliver(&h.app, &echo, &stripe_signature(&echo, WEBHOOK_SECRET)).await;
-    assert_eq!(status, 200);
-    let link = h
-        .app
-        .wait_link(id, Duration::from_secs(10), |l| {
-            l["remote_id"] == remote_id.as_str()
-        })
-        .await;
+    let link = echo_links(&h, "evt_lost_answer", id, &made).await;
     assert_eq!(link["state"], "dead", "{link}");
     // The echo's record is the link's base for the next merge, as a
     // delivered create's answer would have been.
