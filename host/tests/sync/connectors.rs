@@ -17,7 +17,7 @@ use ferry_test_support::postgres::PgCluster;
 use ferry_test_support::wasm::{component_path, variant_path};
 use serde_json::{json, Value};
 
-use ferry::store::inbox::{NewInboxEvent, RemoteChange};
+use ferry::store::inbox::{InboxEvent, NewInboxEvent, RemoteChange};
 use ferry::store::links::ChangeNotice;
 
 use crate::helpers::{
@@ -883,32 +883,42 @@ async fn an_event_to_fetch_waits_for_the_load(app: &SyncApp, database_url: &str)
         .await
         .expect("stored");
     app.sync.wake();
+    let waiting = recorder_event(app, "rec_to_fetch", |e| {
+        detail_has(e, "no version of the connector is loaded")
+    })
+    .await;
+    assert_eq!(
+        (waiting.state.as_str(), waiting.attempts),
+        ("pending", 0),
+        "{waiting:?}"
+    );
+}
+
+/// Polls the recorder's inbox events of `remote_id` until one meets
+/// `done`: that event. Fails with what it saw after [`SETTLE`].
+async fn recorder_event(
+    app: &SyncApp,
+    remote_id: &str,
+    done: impl Fn(&InboxEvent) -> bool,
+) -> InboxEvent {
     let deadline = Instant::now() + SETTLE;
     loop {
         let events = app
             .store
-            .inbox_of_remote("recorder", "rec_to_fetch")
+            .inbox_of_remote("recorder", remote_id)
             .await
             .expect("inbox");
-        let waiting = events.iter().find(|e| {
-            e.detail
-                .as_deref()
-                .is_some_and(|d| d.contains("no version of the connector is loaded"))
-        });
-        if let Some(waiting) = waiting {
-            assert_eq!(
-                (waiting.state.as_str(), waiting.attempts),
-                ("pending", 0),
-                "{waiting:?}"
-            );
-            return;
+        if let Some(event) = events.iter().find(|e| done(e)) {
+            return event.clone();
         }
-        assert!(
-            Instant::now() < deadline,
-            "the event never waited: {events:?}"
-        );
+        assert!(Instant::now() < deadline, "never came: {events:?}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Whether `event`'s detail says `text`.
+fn detail_has(event: &InboxEvent, text: &str) -> bool {
+    event.detail.as_deref().is_some_and(|d| d.contains(text))
 }
 
 /// The recorder is enabled, but the replica that starts next cannot load
@@ -1055,51 +1065,21 @@ async fn an_event_of_a_deleted_connector_to_fetch_is_skipped(backend: Backend) {
     let away = "ALTER TABLE connectors RENAME TO connectors_away";
     execute_raw(&app.database_url, away, b"").await;
     let event = store_thin_event(&app, "evt_orphan", "rec_orphan").await;
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let events = app
-            .store
-            .inbox_of_remote("recorder", "rec_orphan")
-            .await
-            .unwrap();
-        let event = events.first().expect("stored");
-        assert_eq!(event.state.as_str(), "pending", "{event:?}");
-        if event
-            .detail
-            .as_deref()
-            .is_some_and(|d| d.contains("could not be read"))
-        {
-            assert_eq!(event.attempts, 0, "{event:?}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "not waiting: {event:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let waiting = recorder_event(&app, "rec_orphan", |e| {
+        e.state.as_str() != "pending" || detail_has(e, "could not be read")
+    })
+    .await;
+    assert_eq!(
+        (waiting.state.as_str(), waiting.attempts),
+        ("pending", 0),
+        "{waiting:?}"
+    );
     let back = "ALTER TABLE connectors_away RENAME TO connectors";
     execute_raw(&app.database_url, back, b"").await;
     app.sync.wake();
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let events = app
-            .store
-            .inbox_of_remote("recorder", "rec_orphan")
-            .await
-            .unwrap();
-        let event = events.first().expect("stored");
-        if event.state.as_str() != "pending" {
-            assert_eq!(event.state.as_str(), "skipped", "{event:?}");
-            assert!(
-                event
-                    .detail
-                    .as_deref()
-                    .is_some_and(|d| d.contains("deleted")),
-                "{event:?}"
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "still waiting: {event:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let skipped = recorder_event(&app, "rec_orphan", |e| e.state.as_str() != "pending").await;
+    assert_eq!(skipped.state.as_str(), "skipped", "{skipped:?}");
+    assert!(detail_has(&skipped, "deleted"), "{skipped:?}");
 
     // One that carries its record is applied; without an email it is a
     // dead letter, and the health summary still lists the connector for
@@ -1641,32 +1621,16 @@ async fn secrets_a_replica_cannot_open_leave_pushes_waiting(backend: Backend) {
     // An inbound event to fetch (another replica accepted it) waits too,
     // rather than be read without the secrets and dead-lettered.
     store_thin_event(&app, "evt_sealed", "rec_sealed").await;
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let events = app
-            .store
-            .inbox_of_remote("recorder", "rec_sealed")
-            .await
-            .expect("inbox");
-        let event = events.first().cloned();
-        if let Some(event) = event.filter(|e| e.detail.is_some()) {
-            assert_eq!(
-                (event.state.as_str(), event.attempts),
-                ("pending", 0),
-                "{event:?}"
-            );
-            assert!(
-                event
-                    .detail
-                    .as_deref()
-                    .is_some_and(|d| d.contains("waiting: the active version needs")),
-                "{event:?}"
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "{events:?}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let event = recorder_event(&app, "rec_sealed", |e| e.detail.is_some()).await;
+    assert_eq!(
+        (event.state.as_str(), event.attempts),
+        ("pending", 0),
+        "{event:?}"
+    );
+    assert!(
+        detail_has(&event, "waiting: the active version needs"),
+        "{event:?}"
+    );
 }
 
 /// Two replicas, and only the first configures the recorder (in its file or
