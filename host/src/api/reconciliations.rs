@@ -19,7 +19,7 @@ use super::extract::{
 };
 use crate::app::AppState;
 use crate::registry::{Need, NotReady};
-use crate::store::reconciliations::{MismatchRow, RunRow};
+use crate::store::reconciliations::{scheduling_claim, MismatchRow, RunRow};
 use crate::sync::merge::FieldDifference;
 use crate::sync::reconcile::{Kind, Mode, Repair};
 use crate::sync::ENTITY;
@@ -500,13 +500,43 @@ pub async fn resolve_mismatch(
         ResolveAction::PullRemote => Some(Repair::PullRemote),
         ResolveAction::Merge => Some(Repair::Merge),
     };
-    // The finding is claimed before its repair is scheduled, so that two
-    // resolutions at once (two operators, a double click) schedule one
-    // repair, never two that contradict each other. A repair that cannot
-    // be scheduled opens it again.
+    // Claimed, scheduled and described in a task of its own: a client
+    // that goes away (a closed tab, a timeout) drops this handler, not the
+    // task, so a claimed finding never stays "being scheduled" with
+    // nothing scheduled.
+    let settled = {
+        let state = state.clone();
+        let run = run.clone();
+        let mismatch = mismatch.clone();
+        tokio::spawn(async move { settle(&state, &run, &mismatch, repair).await })
+    };
+    settled.await.map_err(|error| {
+        ApiError::Internal(anyhow::anyhow!("resolving a finding stopped: {error}"))
+    })??;
+    let resolved = state
+        .store
+        .mismatch(&run.id, &mismatch.id)
+        .await?
+        .ok_or(ApiError::MismatchNotFound)?;
+    Ok(Json(Mismatch::from(resolved)))
+}
+
+/// Resolves `mismatch` with `repair` (`None`: dismissed). The finding is
+/// claimed before its repair is scheduled, so that two resolutions at once
+/// (two operators, a double click) schedule one repair, never two that
+/// contradict each other. A repair that cannot be scheduled opens it again;
+/// a process that dies between the two leaves the claim to the reconciler,
+/// which opens it again when it starts
+/// ([`crate::store::Store::reopen_stalled_resolutions`]).
+async fn settle(
+    state: &AppState,
+    run: &RunRow,
+    mismatch: &MismatchRow,
+    repair: Option<Repair>,
+) -> Result<(), ApiError> {
     let claim = match repair {
         None => "dismissed".to_owned(),
-        Some(repair) => format!("{}: being scheduled", repair.as_str()),
+        Some(repair) => scheduling_claim(repair.as_str()),
     };
     if !state
         .store
@@ -515,38 +545,34 @@ pub async fn resolve_mismatch(
     {
         return Err(ApiError::MismatchNotOpen);
     }
-    if let Some(repair) = repair {
-        let scheduled = match state.sync.resolve_mismatch(&run, &mismatch, repair).await {
-            Ok(Some(what)) => Ok(what),
-            Ok(None) => Err(ApiError::field(
-                "action",
-                format!(
-                    "{} does nothing for a {} finding",
-                    repair.as_str(),
-                    mismatch.kind
-                ),
-            )),
-            Err(error) => Err(error.into()),
-        };
-        match scheduled {
-            Ok(what) => {
-                state
-                    .store
-                    .describe_resolution(&mismatch.id, &claim, &what)
-                    .await?;
-            }
-            Err(error) => {
-                state.store.reopen_mismatch(&mismatch.id, &claim).await?;
-                return Err(error);
-            }
+    let Some(repair) = repair else {
+        return Ok(());
+    };
+    let scheduled = match state.sync.resolve_mismatch(run, mismatch, repair).await {
+        Ok(Some(what)) => Ok(what),
+        Ok(None) => Err(ApiError::field(
+            "action",
+            format!(
+                "{} does nothing for a {} finding",
+                repair.as_str(),
+                mismatch.kind
+            ),
+        )),
+        Err(error) => Err(error.into()),
+    };
+    match scheduled {
+        Ok(what) => {
+            state
+                .store
+                .describe_resolution(&mismatch.id, &claim, &what)
+                .await?;
+            Ok(())
+        }
+        Err(error) => {
+            state.store.reopen_mismatch(&mismatch.id, &claim).await?;
+            Err(error)
         }
     }
-    let resolved = state
-        .store
-        .mismatch(&run.id, &mismatch.id)
-        .await?
-        .ok_or(ApiError::MismatchNotFound)?;
-    Ok(Json(Mismatch::from(resolved)))
 }
 
 /// Routes under `/api/v1/reconciliations`.

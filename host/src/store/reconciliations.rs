@@ -12,6 +12,16 @@ use super::links::{link_columns, SyncLinkRow};
 use super::now_ms;
 use super::{dispatch, now, placeholders, Customer, Store, StoreError, SyncLink};
 
+/// What a finding claimed by a person's resolution says until its repair is
+/// scheduled: `<repair>: being scheduled`.
+const SCHEDULING: &str = ": being scheduled";
+
+/// The claim [`Store::settle_mismatch`] marks a finding with while
+/// `repair` is scheduled for it.
+pub fn scheduling_claim(repair: &str) -> String {
+    format!("{repair}{SCHEDULING}")
+}
+
 /// One `reconciliation_runs` row. The enumerations are stored as their
 /// `snake_case` names and typed by `crate::sync::reconcile`.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -813,6 +823,27 @@ impl Store {
             .await?;
         });
         Ok(())
+    }
+
+    /// Opens again every finding a person's resolution claimed before
+    /// `before` whose repair was never scheduled: the process died between
+    /// the claim and the schedule ([`scheduling_claim`]). How many.
+    pub async fn reopen_stalled_resolutions(
+        &self,
+        before: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let pattern = format!("%{SCHEDULING}");
+        Ok(dispatch!(self, write pool => {
+            sqlx::query(
+                "UPDATE reconciliation_mismatches SET state = 'open', repair = NULL, \
+                 resolved_at = NULL WHERE state = 'resolved' AND repair LIKE $1 AND resolved_at < $2",
+            )
+            .bind(&pattern)
+            .bind(before)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        }))
     }
 
     /// Opens a finding again whose resolution (marked `claim`) failed

@@ -57,6 +57,9 @@ const NOT_READY_GRACE: Duration = Duration::from_secs(30);
 const BACKLOG: i64 = 1000;
 /// How often a waiting repair step looks at the backlog again.
 const BACKLOG_POLL: Duration = Duration::from_millis(20);
+/// How long a person's resolution may hold a finding before its repair is
+/// scheduled; older claims were left by a process that died.
+const STALLED: Duration = Duration::from_secs(300);
 /// Runs one process drives at once.
 const MAX_RUNS: usize = 4;
 /// Scratch rows of ended runs one delete takes, per table.
@@ -200,7 +203,10 @@ impl SyncEngine {
         {
             let engine = self.clone();
             let cancel = cancel.clone();
-            tracker.spawn(async move { engine.clear_scratch(&cancel).await });
+            tracker.spawn(async move {
+                engine.reopen_stalled_resolutions().await;
+                engine.clear_scratch(&cancel).await;
+            });
         }
         loop {
             if let Err(error) = self.start_scheduled(&options).await {
@@ -315,6 +321,24 @@ impl SyncEngine {
             );
         }
         self.clear_scratch(cancel).await;
+    }
+
+    /// Opens again the findings a person resolved whose repair a process
+    /// that died never scheduled (claimed more than [`STALLED`] ago: a
+    /// resolution under way on another replica takes well under that).
+    async fn reopen_stalled_resolutions(&self) {
+        let before = chrono::Utc::now() - STALLED;
+        match self.inner.store.reopen_stalled_resolutions(before).await {
+            Ok(0) => {}
+            Ok(reopened) => tracing::warn!(
+                reopened,
+                "findings whose resolution was never scheduled are open again"
+            ),
+            Err(error) => tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "opening stalled resolutions again failed; the next start tries again"
+            ),
+        }
     }
 
     /// Deletes what ended runs listed into the scratch tables, in small

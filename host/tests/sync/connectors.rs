@@ -21,7 +21,7 @@ use ferry::store::inbox::{InboxEvent, NewInboxEvent, RemoteChange};
 use ferry::store::links::ChangeNotice;
 
 use crate::helpers::{
-    email, new_database, spawn_sync_app, stripe_component, Backend, Setup, SyncApp,
+    email, execute_raw, new_database, spawn_sync_app, stripe_component, Backend, Setup, SyncApp,
 };
 use crate::process::FerryProcess;
 use crate::reconcile::{run_to_end, start_run, wait_run};
@@ -830,25 +830,6 @@ async fn a_change_on_one_replica_reaches_the_other() {
         a.log_text().contains("connector uploaded"),
         "A logs the upload"
     );
-}
-
-/// Runs `sql`, with `bytes` bound as `$1` if it names it, on a database
-/// behind ferry's back.
-async fn execute_raw(database_url: &str, sql: &str, bytes: &[u8]) {
-    let bind = sql.contains("$1");
-    if database_url.starts_with("sqlite:") {
-        let pool = sqlx::SqlitePool::connect(database_url)
-            .await
-            .expect("sqlite");
-        let query = sqlx::query(sql);
-        let query = if bind { query.bind(bytes) } else { query };
-        query.execute(&pool).await.expect(sql);
-    } else {
-        let pool = sqlx::PgPool::connect(database_url).await.expect("postgres");
-        let query = sqlx::query(sql);
-        let query = if bind { query.bind(bytes) } else { query };
-        query.execute(&pool).await.expect(sql);
-    }
 }
 
 /// While the recorder is not loaded here: an event whose payload cannot be

@@ -539,3 +539,22 @@ pub fn csrf_field(html: &str) -> String {
         .expect("a csrf field")
         .to_owned()
 }
+
+/// Runs `sql`, with `bytes` bound as `$1` if it names it, on a database
+/// behind ferry's back.
+pub async fn execute_raw(database_url: &str, sql: &str, bytes: &[u8]) {
+    let bind = sql.contains("$1");
+    if database_url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(database_url)
+            .await
+            .expect("sqlite");
+        let query = sqlx::query(sql);
+        let query = if bind { query.bind(bytes) } else { query };
+        query.execute(&pool).await.expect(sql);
+    } else {
+        let pool = sqlx::PgPool::connect(database_url).await.expect("postgres");
+        let query = sqlx::query(sql);
+        let query = if bind { query.bind(bytes) } else { query };
+        query.execute(&pool).await.expect(sql);
+    }
+}

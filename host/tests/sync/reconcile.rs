@@ -13,9 +13,9 @@ use ferry_test_support::localstripe::LocalStripe;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    email, salesforce_component, spawn_sync_app, stripe_component, stripe_create, stripe_customer,
-    stripe_customers_by_email, stripe_write, Backend, ExtraConnector, Setup, SyncApp, STRIPE_KEY,
-    WEBHOOK_SECRET,
+    email, execute_raw, salesforce_component, spawn_sync_app, stripe_component, stripe_create,
+    stripe_customer, stripe_customers_by_email, stripe_write, Backend, ExtraConnector, Setup,
+    SyncApp, STRIPE_KEY, WEBHOOK_SECRET,
 };
 use crate::inbound::{deliver, event, stripe_signature};
 use crate::process::FerryProcess;
@@ -435,15 +435,42 @@ async fn drift_is_found_reported_and_repaired(backend: Backend) {
         remote[0].as_str()
     );
 
-    // The report survives a restart.
+    // The report survives a restart. A resolution whose process died
+    // after claiming the finding and before scheduling its repair (long
+    // ago) is undone by the restart; one claimed a moment ago on another
+    // replica is left to it.
     let database_url = app.database_url.clone();
     drop(app);
+    let stalled = format!(
+        "UPDATE reconciliation_mismatches SET state = 'resolved', \
+         repair = 'pull_remote: being scheduled', resolved_at = '2020-01-01T00:00:00Z' \
+         WHERE id = '{}'",
+        missing["id"].as_str().unwrap()
+    );
+    execute_raw(&database_url, &stalled, b"").await;
+    let under_way = format!(
+        "UPDATE reconciliation_mismatches SET state = 'resolved', \
+         repair = 'push_local: being scheduled', resolved_at = '2999-01-01T00:00:00Z' \
+         WHERE id = '{}'",
+        orphan["id"].as_str().unwrap()
+    );
+    execute_raw(&database_url, &under_way, b"").await;
     let mut setup = Setup::new(backend, &url);
     setup.database_url = Some(database_url);
     let app = spawn_sync_app(setup).await;
     let after = get_run(&app.base, &id).await;
     assert_eq!(counts(&after), counts(&report), "{after:#}");
     assert_eq!(findings(&app.base, &id, None).await.len(), 4);
+    eventually("the stalled resolution is undone", || async {
+        findings(&app.base, &id, Some("missing_local")).await[0]["state"] == "open"
+    })
+    .await;
+    let orphan = &findings(&app.base, &id, Some("orphan")).await[0];
+    assert_eq!(
+        (orphan["state"].as_str(), orphan["repair"].as_str()),
+        (Some("resolved"), Some("push_local: being scheduled")),
+        "{orphan}"
+    );
 
     // By hand: make Stripe match ferry for the renamed one.
     let path = format!(
