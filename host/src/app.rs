@@ -356,6 +356,7 @@ impl App {
             analyze_every: config.analyze_every,
             reconcile: crate::sync::reconcile::ReconcileOptions {
                 max_delete_share: config.reconcile_max_delete_share,
+                max_runs: config.reconcile_max_runs,
                 schedules: config
                     .connectors
                     .iter()

@@ -203,6 +203,9 @@ pub struct Config {
     /// A reconciliation aborts, repairing nothing, when it would delete or
     /// unlink more than this share of a connector's links.
     pub reconcile_max_delete_share: f64,
+    /// Reconciliation runs one process drives at once (a run waiting on a
+    /// paused connector gives its place up).
+    pub reconcile_max_runs: usize,
     /// Serve `/metrics` and record metrics (`false` records nothing).
     pub metrics: bool,
     /// Export trace spans over OTLP/HTTP to this collector
@@ -358,6 +361,7 @@ impl std::fmt::Debug for Config {
                 "reconcile_max_delete_share",
                 &self.reconcile_max_delete_share,
             )
+            .field("reconcile_max_runs", &self.reconcile_max_runs)
             .field("webhook_max_body_bytes", &self.webhook_max_body_bytes)
             .field("max_connections", &self.max_connections)
             .field("header_read_timeout", &self.header_read_timeout)
@@ -411,6 +415,7 @@ struct Defaults {
     conflict_policy: &'static str,
     duplicate_email_policy: &'static str,
     reconcile_max_delete_share: f64,
+    reconcile_max_runs: usize,
     webhook_max_body_bytes: usize,
     max_connections: usize,
     header_read_timeout: &'static str,
@@ -455,6 +460,7 @@ const DEFAULTS: Defaults = Defaults {
     conflict_policy: "last_writer_wins",
     duplicate_email_policy: "reject",
     reconcile_max_delete_share: 0.1,
+    reconcile_max_runs: 4,
     webhook_max_body_bytes: ferry_runtime::DEFAULT_WEBHOOK_MAX_BODY_BYTES,
     max_connections: 1024,
     header_read_timeout: "10s",
@@ -624,6 +630,11 @@ impl Config {
         if !(0.0..=1.0).contains(&self.reconcile_max_delete_share) {
             return Err(ConfigError::Invalid(
                 "reconcile_max_delete_share must be between 0 and 1".into(),
+            ));
+        }
+        if !(1..=64).contains(&self.reconcile_max_runs) {
+            return Err(ConfigError::Invalid(
+                "reconcile_max_runs must be between 1 and 64".into(),
             ));
         }
         if self.max_body_bytes < 1024 {
@@ -1106,6 +1117,10 @@ mod tests {
             jail.set_env("FERRY_INBOX_LOOPS", "0");
             let config = Config::load(None).map_err(|e| e.to_string())?;
             assert!(config.validate().is_err(), "no inbox loop");
+            jail.set_env("FERRY_INBOX_LOOPS", "1");
+            jail.set_env("FERRY_RECONCILE_MAX_RUNS", "0");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert!(config.validate().is_err(), "no reconciliation run");
             Ok(())
         });
     }

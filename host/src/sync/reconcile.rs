@@ -60,8 +60,9 @@ const BACKLOG_POLL: Duration = Duration::from_millis(20);
 /// How long a person's resolution may hold a finding before its repair is
 /// scheduled; older claims were left by a process that died.
 const STALLED: Duration = Duration::from_secs(300);
-/// Runs one process drives at once.
-const MAX_RUNS: usize = 4;
+/// How long a run waiting on a paused connector leaves its place to
+/// others before it looks again.
+const PARKED: Duration = Duration::from_secs(5);
 /// Scratch rows of ended runs one delete takes, per table.
 const SCRATCH_BATCH: u32 = 1000;
 
@@ -156,6 +157,8 @@ pub struct ReconcileOptions {
     /// A run aborts, repairing nothing, when it finds more orphans than this
     /// share of the connector's live links (at least one is always allowed).
     pub max_delete_share: f64,
+    /// Runs this process drives at once (`reconcile_max_runs`).
+    pub max_runs: usize,
     /// Scheduled runs.
     pub schedules: Vec<Schedule>,
 }
@@ -167,6 +170,9 @@ enum Stop {
     /// The process is shutting down: the lease runs out and a replica (or
     /// this one, restarted) resumes it.
     Cancelled,
+    /// Its connector is paused (or waits for settings): the run gives its
+    /// place up for [`PARKED`] and is taken again, here or elsewhere.
+    Parked,
     /// It cannot go on: `failed`, with the reason.
     Failed(String),
     /// The store failed: left to the lease, retried.
@@ -215,7 +221,8 @@ impl SyncEngine {
                     "starting scheduled reconciliations failed"
                 );
             }
-            while tracker.len() < MAX_RUNS {
+            // The task at start counts as a run while it lasts.
+            while tracker.len() < options.max_runs {
                 let token = uuid::Uuid::new_v4().simple().to_string();
                 match self
                     .inner
@@ -312,6 +319,12 @@ impl SyncEngine {
                 Ok(())
             }
             Err(Stop::Cancelled) => Ok(()),
+            Err(Stop::Parked) => {
+                tracing::debug!("reconciliation waits for its connector, its place given up");
+                let token = run.lease_token.as_deref().unwrap_or_default();
+                let until = now_ms() + i64::try_from(PARKED.as_millis()).unwrap_or(i64::MAX);
+                store.renew_run(&run.id, token, until).await.map(drop)
+            }
             Err(Stop::Store(error)) => Err(error),
         };
         if let Err(error) = ended {
@@ -485,11 +498,9 @@ impl SyncEngine {
             let ready = match inner.registry.ready(&run.connector, Need::Entity(ENTITY)) {
                 Ok(ready) => ready,
                 // Paused by an operator, or waiting for the settings its
-                // active version needs: the run waits with it.
-                Err(NotReady::Disabled | NotReady::Incomplete(_)) => {
-                    self.wait(run, cancel, POLL).await?;
-                    continue;
-                }
+                // active version needs: the run waits with it, without
+                // holding a place runs of other connectors need.
+                Err(NotReady::Disabled | NotReady::Incomplete(_)) => return Err(Stop::Parked),
                 // Not loaded here yet (a connector uploaded a moment ago,
                 // its compile still running on this replica, whose view
                 // refreshes every second): wait a while before failing.
@@ -948,14 +959,14 @@ impl SyncEngine {
             self.renew(run).await?;
             // Switched off by an operator: no repair is scheduled (an
             // import, a merge or an orphan's delete would change customers
-            // while the connector is paused); the run waits with it.
+            // while the connector is paused); the run waits with it,
+            // without holding a place runs of other connectors need.
             if let Err(NotReady::Disabled | NotReady::Incomplete(_)) = self
                 .inner
                 .registry
                 .ready(&run.connector, Need::Entity(ENTITY))
             {
-                self.wait(run, cancel, POLL).await?;
-                continue;
+                return Err(Stop::Parked);
             }
             self.wait_for_backlog(run, cancel).await?;
             let batch = store

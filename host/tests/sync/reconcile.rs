@@ -1517,6 +1517,8 @@ async fn a_run_does_not_wait_for_another_connectors_paused_work(backend: Backend
 /// A connector switched off while its run lists waits with the run: the
 /// page in flight is still read and classified, but no repair is
 /// scheduled (no Stripe-only record imported) until it is switched on.
+/// Meanwhile the waiting run holds no place: with one run at a time, a
+/// Salesforce run goes to its end.
 async fn a_run_switched_off_mid_listing_repairs_nothing_until_on(backend: Backend) {
     let stripe = LocalStripe::start().expect("localstripe");
     let url = stripe.url();
@@ -1530,7 +1532,25 @@ async fn a_run_switched_off_mid_listing_repairs_nothing_until_on(backend: Backen
     // The page is held long enough for the switch to land first on a busy
     // machine, within a call timeout that outlasts it.
     let mut setup = Setup::new(backend, &proxy.url());
-    setup.extra = json!({"connector_call_timeout": "15s", "sync_lease": "20s"});
+    setup.extra = json!({
+        "connector_call_timeout": "15s",
+        "sync_lease": "20s",
+        "reconcile_max_runs": 1,
+    });
+    let salesforce = FakeSalesforce::start(FakeSalesforceConfig::default())
+        .await
+        .expect("fake salesforce");
+    setup.extra_connectors.push(ExtraConnector {
+        name: "salesforce".to_owned(),
+        component: salesforce_component(),
+        config: json!({
+            "settings": {"login_url": salesforce.url(), "organization_id": salesforce.org_id()},
+            "secrets": {
+                "client_id": salesforce.config().client_id,
+                "client_secret": salesforce.config().client_secret,
+            },
+        }),
+    });
     let app = spawn_sync_app(setup).await;
     let run = start_run(&app, json!({"connector": "stripe", "repair": "merge"})).await;
     let id = run["id"].as_str().unwrap();
@@ -1558,6 +1578,9 @@ async fn a_run_switched_off_mid_listing_repairs_nothing_until_on(backend: Backen
         app.customer_by_email(&address).await.is_none(),
         "imported while switched off"
     );
+    let other = run_to_end(&app, json!({"connector": "salesforce"})).await;
+    assert_eq!(other["status"], "completed", "{other:#}");
+    assert_eq!(get_run(&app.base, id).await["status"], "running");
 
     // Switching on with a backfill while this run goes: refused before the
     // switch, which stays off (it was switched on and answered 409).
