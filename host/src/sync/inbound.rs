@@ -193,6 +193,29 @@ pub(crate) fn email_of(record: &serde_json::Value) -> Option<String> {
         .filter(|e| !e.is_empty())
 }
 
+/// Whether `email`, a customer's, is the rewrite [`DuplicateEmail::AutoRename`]
+/// gave the email of `record` (the remote record `remote_id` of
+/// `connector`, or its snapshot): the customer was kept apart from the
+/// customer with that email, and the remote keeps its own.
+pub(crate) fn kept_apart(
+    email: &str,
+    record: &serde_json::Value,
+    connector: &str,
+    remote_id: &str,
+) -> bool {
+    email.contains("+dup-")
+        && email_of(record).is_some_and(|own| renamed_email(&own, connector, remote_id) == email)
+}
+
+/// `record` with `email` in place of its own.
+fn with_email(record: &serde_json::Value, email: &str) -> serde_json::Value {
+    let mut record = record.clone();
+    if let Some(fields) = record.as_object_mut() {
+        fields.insert("email".to_owned(), email.into());
+    }
+    record
+}
+
 /// Canonical record → the fields a customer write takes, through the same
 /// validation and normalisation as the API (trimmed text, lower-cased
 /// email, the same limits), so a remote can never store what the API would
@@ -844,12 +867,28 @@ impl SyncEngine {
         };
 
         let local = local_record(&customer)?;
+        // A customer `auto_rename` kept apart holds its record's email
+        // rewritten, and the remote keeps its own: seen through the
+        // rewrite, neither side changed it (it was a local change, and the
+        // next remote edit pushed the rewrite over the remote's email).
+        // The snapshot stays the remote's record as it is.
+        let apart = |record: &serde_json::Value| {
+            kept_apart(&customer.email, record, &event.connector, &event.remote_id)
+        };
+        let base = base.map(|base| match apart(&base) {
+            true => with_email(&base, &customer.email),
+            false => base,
+        });
+        let remote_seen = match apart(&remote) {
+            true => std::borrow::Cow::Owned(with_email(&remote, &customer.email)),
+            false => std::borrow::Cow::Borrowed(&remote),
+        };
         let policy = self.event_policy(event);
         let merged = merge_owned(
             Sides {
                 base: base.as_ref(),
                 local: &local,
-                remote: &remote,
+                remote: &remote_seen,
                 local_changed_at_ms: customer.updated_at.timestamp_millis(),
                 remote_changed_at_ms: event.occurred_at_ms,
             },
@@ -954,7 +993,7 @@ impl SyncEngine {
         let remote_has_result = merged.overridden.is_empty()
             && conflict.as_ref().is_none_or(|c| !c.open)
             && (merged.local_changed.is_empty() || {
-                let differing = super::merge::differing_fields(&merged.merged, &remote);
+                let differing = super::merge::differing_fields(&merged.merged, &remote_seen);
                 merged.local_changed.iter().all(|f| !differing.contains(f))
             });
         let changes_local = merged.changes_local(&local) || fields.email != customer.email;
@@ -983,7 +1022,7 @@ impl SyncEngine {
             super::merge::field_differences
         };
         let lags = event.remote_type == RECONCILIATION
-            && !compare(&merged.merged, &remote, base.as_ref()).is_empty();
+            && !compare(&merged.merged, &remote_seen, base.as_ref()).is_empty();
         let push_back = (matches!(change, CustomerWrite::None)
             && (merged.remote_needs_push() || lags))
             .then_some(customer.version);

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::breaker::Pass;
+use super::inbound::kept_apart;
 use super::SyncEngine;
 use crate::registry::{Need, NotReady};
 use crate::runtime::{CallError, ConnectorError, Operation, PushRequest};
@@ -233,6 +234,18 @@ fn plan(
             key,
         }));
     }
+    // A customer `auto_rename` kept apart from another with its record's
+    // email holds that email rewritten; the remote keeps its own.
+    let record = match (&link.remote_id, &link.snapshot) {
+        (Some(remote_id), Some(snapshot))
+            if kept_apart(&customer.email, snapshot, &link.connector, remote_id) =>
+        {
+            let mut current = current;
+            current["email"] = snapshot["email"].clone();
+            canonical_record(&current).to_string()
+        }
+        _ => record,
+    };
     if link.pushed_hash.as_deref() == Some(hash(&record).as_str()) {
         return Ok(Err(("content unchanged since the last push".into(), true)));
     }

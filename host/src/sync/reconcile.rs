@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 use utoipa::ToSchema;
 
 use super::breaker::Deferred;
-use super::inbound::{email_of, local_record, DeletePolicy, DuplicateEmail};
+use super::inbound::{email_of, kept_apart, local_record, DeletePolicy, DuplicateEmail};
 use super::merge::{field_differences, unpushed_differences};
 use super::outbound::canonical_record;
 use super::{SyncEngine, ENTITY};
@@ -731,15 +731,8 @@ impl SyncEngine {
             // A customer `auto_rename` kept apart holds its record's email
             // rewritten, and the remote keeps its own: not a difference
             // (it was one on every run, and `merge` pushed the rewrite).
-            if let Some(remote_email) = differences
-                .iter()
-                .any(|d| d.field == "email")
-                .then(|| email_of(&remote))
-                .flatten()
-            {
-                let renamed =
-                    super::inbound::renamed_email(&remote_email, &run.connector, &record.remote_id);
-                differences.retain(|d| d.field != "email" || customer.email != renamed);
+            if kept_apart(&customer.email, &remote, &run.connector, &record.remote_id) {
+                differences.retain(|d| d.field != "email");
             }
             if differences.is_empty() {
                 *findings.counts.entry("equal").or_default() += 1;

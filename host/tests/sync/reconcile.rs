@@ -1010,6 +1010,69 @@ async fn duplicate_email_strategies(backend: Backend) {
     assert_eq!(renamed.name.as_deref(), Some("Second"));
 }
 
+/// `auto_rename` keeps the remote's email. The rewrite was taken for a
+/// local change: the next edit of the record in Stripe pushed it over
+/// Stripe's email, and so did every local edit of the customer kept apart.
+async fn auto_rename_keeps_the_remote_email(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let mut setup = Setup::new(backend, &url);
+    setup.extra = json!({"connectors": {"stripe": {"duplicate_email": "auto_rename"}}});
+    let app = spawn_sync_app(setup).await;
+    let address = email("kept-apart");
+    let first = app.create(json!({"email": address, "name": "First"})).await;
+    app.wait_synced(first["id"].as_str().unwrap(), 1).await;
+    let s2 = stripe_create(&url, &[("email", &address), ("name", "Second")]).await;
+    let now = chrono::Utc::now().timestamp();
+    for (kind, at, name) in [
+        ("customer.created", now, "Second"),
+        ("customer.updated", now + 2, "Second Renamed"),
+    ] {
+        if kind == "customer.updated" {
+            stripe_update(&url, &s2, &[("name", name)]).await;
+        }
+        let body = event(
+            &format!("evt_{kind}_{s2}"),
+            kind,
+            at,
+            json!({"id": s2, "object": "customer", "email": address, "name": name, "metadata": {}}),
+        );
+        let (status, reply) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+        assert_eq!(status, 200, "{reply}");
+        app.wait_inbox_settled("stripe", &s2, 1).await;
+    }
+    let kept = app
+        .store
+        .link_by_remote_id("stripe", &s2)
+        .await
+        .unwrap()
+        .expect("linked")
+        .customer_id;
+    eventually("the edit in Stripe is applied", || async {
+        app.store
+            .get_customer_any(&kept)
+            .await
+            .unwrap()
+            .is_some_and(|c| c.name.as_deref() == Some("Second Renamed"))
+    })
+    .await;
+    app.wait_synced(&kept, 2).await;
+    let remote = stripe_customer(&url, &s2).await.expect("in Stripe");
+    assert_eq!(remote["email"], address.as_str(), "{remote:#}");
+
+    // A local edit is pushed with Stripe's own email.
+    app.patch(&kept, json!({"name": "Edited Here"})).await;
+    app.wait_synced(&kept, 3).await;
+    let remote = stripe_customer(&url, &s2).await.expect("in Stripe");
+    assert_eq!(
+        (remote["email"].as_str(), remote["name"].as_str()),
+        (Some(address.as_str()), Some("Edited Here")),
+        "{remote:#}"
+    );
+    let customer = app.store.get_customer_any(&kept).await.unwrap().unwrap();
+    assert!(customer.email.contains("+dup-"), "{}", customer.email);
+}
+
 /// Field ownership under the `flag` policy: both sides changed name and
 /// phone. Stripe owns the phone (its value is taken), ferry owns the name
 /// (its value is kept and pushed back over Stripe's); neither is a conflict.
@@ -1775,6 +1838,11 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn auto_rename_keeps_the_remote_email() {
+        super::auto_rename_keeps_the_remote_email(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn field_owners() {
         field_owners_decide_before_the_conflict_policy(Backend::Sqlite).await;
     }
@@ -1876,6 +1944,11 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn duplicate_emails() {
         duplicate_email_strategies(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn auto_rename_keeps_the_remote_email() {
+        super::auto_rename_keeps_the_remote_email(Backend::Postgres).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
