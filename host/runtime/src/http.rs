@@ -176,21 +176,6 @@ fn budget_exhausted() -> PolicyError {
 }
 
 impl CallState {
-    /// Takes one request from the connector's budget now, or refuses.
-    pub(crate) fn take_request_budget(&self) -> Result<(), PolicyError> {
-        let taken = self
-            .connector
-            .bucket
-            .lock()
-            .map(|mut b| b.try_take())
-            .unwrap_or(false);
-        if taken {
-            Ok(())
-        } else {
-            Err(budget_exhausted())
-        }
-    }
-
     /// Waits for one request of the connector's budget (the rate limit
     /// paces calls), as long as the call's deadline allows; refuses when
     /// the next slot comes too late, saying how far away it is. A request

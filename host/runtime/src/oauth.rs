@@ -146,13 +146,6 @@ impl CallState {
         }
         let body = serde_urlencoded::to_string(&form)
             .map_err(|e| ConnectorError::Permanent(format!("token request: {e}")))?;
-        self.take_request_budget().map_err(|e| {
-            let (PolicyError::Denied(m) | PolicyError::Invalid(m) | PolicyError::Busy(m)) = e;
-            ConnectorError::RateLimited(RateLimit {
-                retry_after_ms: Some(1000),
-                message: m,
-            })
-        })?;
         Ok(WireRequest {
             method: http::Method::POST,
             url,
@@ -353,6 +346,16 @@ impl Host for CallState {
         }
         let generation = self.connector.tokens.next_generation();
         let wire = self.token_request(&grant)?;
+        // Paced like every request of the connector: waited for, and a
+        // refusal is ferry's own pacing, not the remote's limit (a 429
+        // would pause every push of the connector).
+        if let Err(wait) = self.wait_for_request_budget().await {
+            self.throttled = Some(wait);
+            return Err(ConnectorError::Retryable(
+                "ferry's request rate for this connector is used up; the token request waits"
+                    .into(),
+            ));
+        }
         let secrets = self.secrets().clone();
         let token = request_token(
             wire,

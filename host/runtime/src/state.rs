@@ -75,11 +75,6 @@ impl TokenBucket {
         }
     }
 
-    /// Takes one token if available.
-    pub(crate) fn try_take(&mut self) -> bool {
-        self.take().is_ok()
-    }
-
     /// Takes one token, or says how long until one is there.
     pub(crate) fn take(&mut self) -> Result<(), Duration> {
         if self.rate == 0.0 {
@@ -309,15 +304,15 @@ mod tests {
     #[test]
     fn bucket_refuses_after_burst() {
         let mut bucket = TokenBucket::new(2);
-        assert!(bucket.try_take());
-        assert!(bucket.try_take());
-        assert!(!bucket.try_take());
+        assert!(bucket.take().is_ok());
+        assert!(bucket.take().is_ok());
+        assert!(!bucket.take().is_ok());
         let wait = bucket.take().expect_err("empty");
         assert!(
             wait > Duration::ZERO && wait <= Duration::from_millis(500),
             "{wait:?}"
         );
         let mut unlimited = TokenBucket::new(0);
-        assert!((0..1000).all(|_| unlimited.try_take()));
+        assert!((0..1000).all(|_| unlimited.take().is_ok()));
     }
 }

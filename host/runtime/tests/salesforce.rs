@@ -33,16 +33,23 @@ struct Harness {
 
 impl Harness {
     async fn start(config: FakeSalesforceConfig) -> Self {
-        let salesforce = FakeSalesforce::start(config)
-            .await
-            .expect("fake salesforce");
-        let runtime = Runtime::new(RuntimeConfig {
+        Self::start_with(config, Self::runtime_config()).await
+    }
+
+    fn runtime_config() -> RuntimeConfig {
+        RuntimeConfig {
             // The fake listens on 127.0.0.1 over plain HTTP.
             allow_private_hosts: true,
             max_instances: 16,
             ..RuntimeConfig::default()
-        })
-        .expect("runtime");
+        }
+    }
+
+    async fn start_with(config: FakeSalesforceConfig, runtime: RuntimeConfig) -> Self {
+        let salesforce = FakeSalesforce::start(config)
+            .await
+            .expect("fake salesforce");
+        let runtime = Runtime::new(runtime).expect("runtime");
         let connector = runtime.load(component()).await.expect("load");
         Self {
             salesforce,
@@ -220,6 +227,32 @@ async fn an_expired_session_is_refreshed_once_for_many_calls() {
         assert_eq!(stored["FirstName"], "Renamed", "{stored}");
         assert_eq!(stored["LastName"], n.to_string(), "{stored}");
     }
+}
+
+/// A token request is paced like every other request: with the rate used
+/// up, a session refreshed mid-call waits for its turn. It was refused as
+/// if Salesforce had answered 429, which paused every push of the
+/// connector.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_refresh_waits_for_the_request_rate() {
+    let h = Harness::start_with(
+        FakeSalesforceConfig::default(),
+        RuntimeConfig {
+            http_requests_per_second: 1,
+            ..Harness::runtime_config()
+        },
+    )
+    .await;
+    // The token and the create: the rate is used up.
+    let id = h.create("paced", "Paced").await;
+    h.salesforce.expire_sessions();
+    let record = json!({"id": "paced", "name": "Paced Again", "email": "paced@example.com"});
+    h.push(Operation::Update, "paced", Some(&id), record)
+        .await
+        .expect("the update after the refresh");
+    assert_eq!(h.salesforce.counts().token_requests, 2);
+    let stored = h.salesforce.record("Contact", &id).expect("stored");
+    assert_eq!(stored["LastName"], "Again", "{stored}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
