@@ -306,7 +306,7 @@ mod tests {
         let mut bucket = TokenBucket::new(2);
         assert!(bucket.take().is_ok());
         assert!(bucket.take().is_ok());
-        assert!(!bucket.take().is_ok());
+        assert!(bucket.take().is_err());
         let wait = bucket.take().expect_err("empty");
         assert!(
             wait > Duration::ZERO && wait <= Duration::from_millis(500),
