@@ -551,8 +551,21 @@ impl Store {
         } else {
             event.attempts
         };
+        let postgres = matches!(self.backend, Backend::Postgres(_));
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
+            if let (InboxFinish::Held { conflict, .. }, true) = (&finish, postgres) {
+                // A resolution of the conflict under way either commits
+                // before the check below reads the conflict (it is then
+                // closed there), or waits for this park to commit (its
+                // wake then sees the event held). Without the lock, a
+                // resolution committing in between missed it: held until
+                // its next look. (SQLite runs one writer at a time.)
+                sqlx::query("SELECT 1 FROM conflicts WHERE id = $1 FOR SHARE")
+                    .bind(*conflict)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             let updated = sqlx::query(
                 "UPDATE inbox SET state = $1, detail = $2, attempts = $3, \
                  next_attempt_at_ms = COALESCE($4, next_attempt_at_ms), held_by = $7, \
@@ -574,9 +587,7 @@ impl Store {
             if let InboxFinish::Held { conflict, .. } = finish {
                 // The link was read held, but its conflict may have closed
                 // since, its wake run before this park: not held, and due
-                // now. (On PostgreSQL a resolution committing between this
-                // check and this commit can still miss the event: it is
-                // then looked at again at its next look, 5 s on.)
+                // now.
                 sqlx::query(
                     "UPDATE inbox SET held_by = NULL, next_attempt_at_ms = $1 \
                      WHERE seq = $2 AND held_by = $3 AND NOT EXISTS \

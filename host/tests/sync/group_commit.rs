@@ -2149,6 +2149,101 @@ async fn postgres_a_resolution_and_a_delete_wait_rather_than_deadlock() {
     assert_eq!(after.resolution.as_deref(), Some("local"));
 }
 
+/// An edit that comes while a person resolves the conflict that holds its
+/// link, on PostgreSQL: the resolution has closed the conflict and woken
+/// what it held (not yet this event), and has not committed when the event
+/// is parked behind the conflict. The park waits for the resolution, then
+/// sees it closed: the event is due now, not held until its next look (by
+/// then the resolution's push may have made its payload look like an echo,
+/// and its field was lost).
+#[tokio::test]
+async fn postgres_an_event_parked_during_a_resolution_is_not_held() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(true, dir.path()).await;
+    let store = open(&url).await;
+    let (customers, remote, reads) = two_linked(&store, "park_resolve").await;
+    let events = claim_later(&store, &[("evt_hold".to_owned(), &remote[0])]).await;
+    let first = customers[0].clone();
+    let flagged = InboundChange {
+        conflict: Some(NewConflict {
+            policy: "flag".into(),
+            fields: json!([{"field": "name", "local": "First", "remote": "Other", "base": "First"}]),
+            open: true,
+        }),
+        link_read: Some(reads[0]),
+        ..change(&events[0], CustomerWrite::None, Some(&first.id))
+    };
+    let held = store.apply_inbound_many(&[flagged]).await.expect("applied");
+    assert!(matches!(held[0], Ok(Applied::Done(None))), "{held:?}");
+    let conflict = store
+        .conflicts(&ListConflicts {
+            customer_id: Some(first.id.as_str().to_owned()),
+            limit: 10,
+            ..ListConflicts::default()
+        })
+        .await
+        .expect("conflicts")
+        .remove(0)
+        .id;
+    let edit = claim_later(&store, &[("evt_edit".to_owned(), &remote[0])])
+        .await
+        .remove(0);
+
+    // The resolution, as far as its wake, uncommitted.
+    let raw = sqlx::PgPool::connect(&url).await.expect("raw connection");
+    let mut resolution = raw.begin().await.expect("begin");
+    sqlx::query("UPDATE conflicts SET state = 'resolved', resolution = 'local' WHERE id = $1")
+        .bind(&conflict)
+        .execute(&mut *resolution)
+        .await
+        .expect("closed");
+    sqlx::query("UPDATE inbox SET held_by = NULL WHERE held_by = $1")
+        .bind(&conflict)
+        .execute(&mut *resolution)
+        .await
+        .expect("woken");
+    let parking = {
+        let (store, edit, conflict) = (store.clone(), edit.clone(), conflict.clone());
+        tokio::spawn(async move {
+            let at_ms = chrono::Utc::now().timestamp_millis() + 60_000;
+            let finish = InboxFinish::Held {
+                conflict: &conflict,
+                at_ms,
+            };
+            store.finish_inbox(&edit, finish).await
+        })
+    };
+    // The park either waits for the resolution or is done before it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let blocked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&raw)
+        .await
+        .expect("activity");
+        if blocked >= 1 || parking.is_finished() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the park neither waited nor ended"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    resolution.commit().await.expect("resolved");
+    assert!(parking.await.expect("joined").expect("parked"));
+    let (held_by, due): (Option<String>, i64) =
+        sqlx::query_as("SELECT held_by, next_attempt_at_ms FROM inbox WHERE seq = $1")
+            .bind(edit.seq)
+            .fetch_one(&raw)
+            .await
+            .expect("the edit");
+    assert_eq!(held_by, None, "held by a closed conflict");
+    assert!(due <= chrono::Utc::now().timestamp_millis(), "not due now");
+}
+
 /// A deployment that leaves Kafka while its consumers lag: the outbox rows
 /// its relay published but no consumer took stay on the queue, marked
 /// published. The in-process bus takes them in all the same (nothing
