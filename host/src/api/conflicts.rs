@@ -322,7 +322,12 @@ pub async fn resolve_conflict(
     // Whether waiting remote edits are folded in (see below).
     let mut fold = true;
     for _ in 0..RACE_RETRIES {
-        let customer = state.store.get_customer(&customer_id).await?;
+        let customer = match state.store.get_customer(&customer_id).await {
+            Ok(customer) => customer,
+            // Deleted since the conflict was read: the delete closed it.
+            Err(StoreError::CustomerNotFound) => return Err(ApiError::ConflictNotOpen),
+            Err(error) => return Err(error.into()),
+        };
         // A field ferry changed since the conflict was recorded, which
         // the resolution would overwrite with another value: the choice was
         // made on what the conflict showed, not on that edit, so it is
