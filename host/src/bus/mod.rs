@@ -64,7 +64,9 @@ pub async fn run_embedded_relay(store: Store, engine: SyncEngine, cancel: Cancel
             Ok(Round { moved: 0, .. }) => (RELAY_POLL, true),
             Ok(Round { moved, scheduled }) => {
                 tracing::debug!(moved, "outbox relayed");
-                if moved == RELAY_BATCH as usize {
+                // A full batch: more waits, taken at once (unless the
+                // process stops: its tasks stop at their next step).
+                if moved == RELAY_BATCH as usize && !cancel.is_cancelled() {
                     continue;
                 }
                 if scheduled {
