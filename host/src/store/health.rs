@@ -125,11 +125,23 @@ impl Trimmed {
                 "created_at",
                 "NOT EXISTS (SELECT 1 FROM outbox_queue q WHERE q.outbox_id = outbox.id)",
             ),
-            Trimmed::Inbox => ("seq", "received_at", "state IN ('applied', 'skipped')"),
+            // A delete also stays for [`DELETES_KEPT`] whatever the
+            // retention: it is what tells a late redelivery of the
+            // record's create (Stripe retries for 3 days) that the record
+            // is gone, not one to import.
+            Trimmed::Inbox => (
+                "seq",
+                "received_at",
+                "state IN ('applied', 'skipped') AND (kind <> 'delete' OR received_at < $3)",
+            ),
             Trimmed::Deliveries => ("id", "created_at", "TRUE"),
         }
     }
 }
+
+/// How long an applied or skipped inbound delete is kept at least, whatever
+/// the retention: longer than Stripe's redelivery window (3 days).
+pub const DELETES_KEPT: chrono::TimeDelta = chrono::TimeDelta::days(4);
 
 /// Where a retention pass over one table stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,13 +324,14 @@ impl Store {
         };
         let delete_sql =
             format!("DELETE FROM {name} WHERE {key} > $1 AND {key} <= $2 AND {finished}");
+        let deletes_cutoff = cutoff.min(Utc::now() - DELETES_KEPT);
         let deleted = dispatch!(self, write pool => {
-            sqlx::query(&delete_sql)
-                .bind(after)
-                .bind(upto)
-                .execute(pool)
-                .await?
-                .rows_affected()
+            let query = sqlx::query(&delete_sql).bind(after).bind(upto);
+            let query = match table {
+                Trimmed::Inbox => query.bind(deletes_cutoff),
+                Trimmed::Outbox | Trimmed::Deliveries => query,
+            };
+            query.execute(pool).await?.rows_affected()
         });
         let whole_window = old == window.len() && window.len() == batch as usize;
         Ok(TrimStep {
