@@ -131,9 +131,18 @@ pub struct Entry {
 
 impl Entry {
     /// The required settings and secrets of `manifest` that `config` lacks,
-    /// if any (`settings.a, secrets.b`).
-    fn missing_settings(config: &EffectiveConfig, manifest: &Manifest) -> Option<String> {
-        let missing: Vec<String> = config::check_against_manifest(
+    /// and its host settings whose value in effect (given, else the
+    /// manifest's default) the egress policy refuses, if any
+    /// (`settings.a, secrets.b, settings.api_base (why)`). A value given
+    /// through the API is checked when given; one from the environment, or
+    /// a default, only here: every push made with it would be refused and
+    /// dead-lettered, so the connector's work waits instead.
+    fn missing_settings(
+        config: &EffectiveConfig,
+        manifest: &Manifest,
+        runtime: &Runtime,
+    ) -> Option<String> {
+        let mut missing: Vec<String> = config::check_against_manifest(
             manifest,
             config.config.settings.keys(),
             config.secret_names.iter(),
@@ -143,6 +152,18 @@ impl Entry {
         .filter(|p| p.message == config::REQUIRED)
         .map(|p| p.field)
         .collect();
+        for name in &manifest.host_settings {
+            let default = || {
+                let setting = manifest.settings.iter().find(|s| &s.name == name)?;
+                setting.default.as_ref()
+            };
+            let Some(value) = config.config.settings.get(name).or_else(default) else {
+                continue;
+            };
+            if let Some(why) = runtime.host_setting_problem(value) {
+                missing.push(format!("settings.{name} ({value}: {why})"));
+            }
+        }
         (!missing.is_empty()).then(|| missing.join(", "))
     }
 
@@ -521,7 +542,13 @@ impl Registry {
                     .problem
                     .as_ref()
                     .map(|problem| format!("its stored secrets, unreadable here: {problem}"));
-                sealed.or_else(|| Entry::missing_settings(&effective, active.connector.manifest()))
+                sealed.or_else(|| {
+                    Entry::missing_settings(
+                        &effective,
+                        active.connector.manifest(),
+                        &self.inner.runtime,
+                    )
+                })
             });
             let entry = Entry {
                 name: row.name.clone(),

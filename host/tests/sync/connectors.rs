@@ -1359,6 +1359,51 @@ async fn a_host_setting_the_policy_refuses_is_refused_when_given() {
     );
 }
 
+/// A host setting the egress policy refuses where it is in effect (the
+/// operator's deny-list changed since it was given, or it came from the
+/// environment or the manifest's default, which no API call checks): the
+/// connector waits for settings, naming it, and its pushes wait rather
+/// than each be refused by the policy and dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_setting_the_policy_refuses_in_effect_leaves_pushes_waiting() {
+    let dir = tempfile::tempdir().expect("dir");
+    let database_url = new_database(Backend::Sqlite, dir.path()).await;
+    let remote = RecorderRemote::start().await;
+    let mut allowed = setup(Backend::Sqlite);
+    allowed.database_url = Some(database_url.clone());
+    let first = spawn_sync_app(allowed).await;
+    install_recorder(&first, &remote).await;
+    first.stop().await;
+
+    let mut denied = setup(Backend::Sqlite);
+    denied.database_url = Some(database_url);
+    denied.extra = json!({"connector_denied_hosts": "127.0.0.1"});
+    let app = spawn_sync_app(denied).await;
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert!(
+        connector["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("settings.api_base") && p.contains("deny-list")),
+        "{connector}"
+    );
+    let customer = app
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Denied"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let link = app
+        .wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
+            l["next_attempt_at_ms"].as_i64() > Some(chrono::Utc::now().timestamp_millis())
+        })
+        .await;
+    assert_eq!(
+        (&link["state"], &link["attempts"]),
+        (&json!("pending"), &json!(0)),
+        "{link}"
+    );
+    let (_, dead) = get(&app, "/api/v1/dead-letters").await;
+    assert_eq!(dead["data"], json!([]), "{dead}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_nul_in_settings_or_a_version_is_refused() {
     nul_in_settings_or_a_version_is_refused(Backend::Postgres).await;
