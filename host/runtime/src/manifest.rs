@@ -14,6 +14,10 @@ const MAX_NAME_LEN: usize = 64;
 /// settings, settings, secrets).
 pub const MAX_MANIFEST_ENTRIES: usize = 256;
 
+/// Longest version: it is part of a primary key (PostgreSQL's B-tree rows
+/// stop at about 2.7 KB; a longer one failed the insert with a 500).
+const MAX_VERSION_LEN: usize = 128;
+
 /// Longest free text in a manifest (a description, a setting's default).
 pub const MAX_MANIFEST_TEXT: usize = 4096;
 
@@ -84,7 +88,7 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<DeclaredHost>, String> {
     }
     if !is_semver(&m.version) {
         problems.push(format!(
-            "version `{}` is not a semantic version (MAJOR.MINOR.PATCH)",
+            "version `{}` is not a semantic version (MAJOR.MINOR.PATCH, at most {MAX_VERSION_LEN} bytes)",
             m.version
         ));
     }
@@ -161,16 +165,11 @@ fn check_names<'a>(kind: &str, names: impl Iterator<Item = &'a str>, problems: &
     }
 }
 
+/// A semantic version the `semver` crate reads (the registry orders
+/// versions with it: one it cannot read moved every replica to whichever
+/// version a replica bundled), short enough to key a row on PostgreSQL.
 fn is_semver(v: &str) -> bool {
-    let core = v.split(['-', '+']).next().unwrap_or_default();
-    let parts: Vec<&str> = core.split('.').collect();
-    parts.len() == 3
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit()))
-        && v[core.len()..]
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"-+.".contains(&c))
+    v.len() <= MAX_VERSION_LEN && semver::Version::parse(v).is_ok()
 }
 
 #[cfg(test)]
@@ -272,7 +271,19 @@ mod tests {
         for ok in ["0.1.0", "1.2.3-beta.1", "1.0.0+build.5"] {
             assert!(is_semver(ok), "{ok}");
         }
-        for bad in ["1.0", "v1.0.0", "1.0.x", "", "1.0.0 "] {
+        let long = format!("1.0.0-{}", "a".repeat(200));
+        for bad in [
+            "1.0",
+            "v1.0.0",
+            "1.0.x",
+            "",
+            "1.0.0 ",
+            "01.0.0",
+            "1.0.0-",
+            "1.0.0-a..b",
+            "1.0.0-01",
+            &long,
+        ] {
             assert!(!is_semver(bad), "{bad}");
         }
     }

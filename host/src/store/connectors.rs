@@ -729,14 +729,31 @@ impl Store {
 }
 
 /// Whether version `candidate` comes after `active` in semantic-version
-/// order (versions a manifest accepted are semantic; one that does not
-/// parse is taken as different, and so as a move).
+/// precedence, build metadata ignored as SemVer says (`1.0.0+b` is no
+/// newer than `1.0.0+a`: two replicas bundling them took each other's
+/// place at every start). A manifest's version parses; one stored before
+/// that was checked and does not is taken as different, so as a move.
 fn newer_version(candidate: &str, active: &str) -> bool {
     match (
         semver::Version::parse(candidate),
         semver::Version::parse(active),
     ) {
-        (Ok(candidate), Ok(active)) => candidate > active,
+        (Ok(candidate), Ok(active)) => candidate.cmp_precedence(&active).is_gt(),
         _ => candidate != active,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::newer_version;
+
+    #[test]
+    fn versions_are_ordered_by_precedence() {
+        assert!(newer_version("1.1.0", "1.0.9"));
+        assert!(newer_version("1.0.0", "1.0.0-rc.1"));
+        assert!(!newer_version("1.0.0-rc.1", "1.0.0"));
+        assert!(!newer_version("1.0.0+b", "1.0.0+a"));
+        assert!(!newer_version("1.0.0+a", "1.0.0+b"));
+        assert!(!newer_version("1.0.0", "1.0.0"));
     }
 }
