@@ -365,8 +365,25 @@ async fn metadata_leaves_room_for_the_connectors_key(backend: Backend) {
         problem["errors"][0]["field"], "metadata.tier[gold]",
         "{problem}"
     );
-    app.create_ok(&json!({"email": email("meta49"), "metadata": keys(49)}))
+    let full = app
+        .create_ok(&json!({"email": email("meta49"), "metadata": keys(49)}))
         .await;
+    // A patch: refused when it sets more keys than a customer may have
+    // (before its merge), or when its merge would; one removing a key to
+    // add another fits.
+    let path = format!("/api/v1/customers/{}", full["id"].as_str().unwrap());
+    let patch = |body: serde_json::Value| app.request(Method::PATCH, &path).json(&body).send();
+    for body in [
+        json!({"metadata": keys(50)}),
+        json!({"metadata": {"k49": "v"}}),
+    ] {
+        let problem = assert_problem(patch(body).await.unwrap(), 422, "validation_failed").await;
+        assert_eq!(problem["errors"][0]["field"], "metadata", "{problem}");
+    }
+    let swapped = patch(json!({"metadata": {"k0": null, "k49": "v"}}))
+        .await
+        .unwrap();
+    assert_eq!(swapped.status(), 200);
 }
 
 on_both_backends!(

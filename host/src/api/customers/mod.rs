@@ -295,7 +295,7 @@ pub async fn patch_customer(
                     "a merge patch must be a JSON object",
                 ));
             }
-            unknown_in_patch(&patch)?;
+            refused_in_patch(&patch)?;
             let ctx = context(correlation_id, record.as_ref(), &render);
             let customer = state
                 .store
@@ -479,8 +479,9 @@ fn input_of(customer: &Customer) -> CustomerInput {
 /// record's would be. A `null` under a misspelled name (`{"phnoe": null}`)
 /// never reaches the merged record, where unknown fields are refused: it
 /// answered 200, cleared nothing, and still made a version every
-/// connector was sent.
-fn unknown_in_patch(patch: &serde_json::Value) -> Result<(), ApiError> {
+/// connector was sent. A patch setting more metadata keys than a customer
+/// may have is refused here too.
+fn refused_in_patch(patch: &serde_json::Value) -> Result<(), ApiError> {
     const FIELDS: [&str; 5] = ["name", "email", "phone", "address", "metadata"];
     const ADDRESS: [&str; 6] = ["line1", "line2", "city", "postal_code", "state", "country"];
     let mut errors = Vec::new();
@@ -494,6 +495,18 @@ fn unknown_in_patch(patch: &serde_json::Value) -> Result<(), ApiError> {
                 }
             }
         }
+    }
+    // Every key set (not null) is in the merged record: one over the limit
+    // is refused here, before the merge and its validation hold the
+    // customer's row (and on SQLite the only writer) for nothing.
+    let set = patch["metadata"]
+        .as_object()
+        .map_or(0, |m| m.values().filter(|v| !v.is_null()).count());
+    if set > validate::MAX_METADATA_KEYS {
+        errors.push(FieldError::new(
+            "metadata",
+            format!("at most {} keys", validate::MAX_METADATA_KEYS),
+        ));
     }
     if errors.is_empty() {
         Ok(())
