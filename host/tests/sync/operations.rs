@@ -556,9 +556,12 @@ async fn a_refused_webhook_cannot_forge_a_log_line() {
             "FERRY_CONNECTORS_DIR".to_owned(),
             connectors.display().to_string(),
         ),
+        // Never reached; a value the egress policy allows (a private
+        // address would leave the connector waiting for its settings, and
+        // its webhooks answered 404).
         (
             "FERRY_CONNECTORS__SALESFORCE__SETTINGS__LOGIN_URL".to_owned(),
-            "http://127.0.0.1:9".to_owned(),
+            "https://login.example.com".to_owned(),
         ),
         (
             "FERRY_CONNECTORS__SALESFORCE__SETTINGS__ORGANIZATION_ID".to_owned(),
