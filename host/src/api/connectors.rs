@@ -289,6 +289,7 @@ impl FromRequest<AppState> for WasmBody {
         (status = 413, description = "Larger than the component limit (`component_too_large`)", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not sent as application/wasm or application/octet-stream", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Refused: `not_wasm`, `core_module`, `invalid_component`, `not_a_connector`, `world_unsupported`, `world_too_new`, `world_mismatch`, `manifest_failed`, `invalid_manifest` or `forbidden_host`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Every connector instance was busy (`runtime_busy`), or the store was (`store_busy`): nothing was written, send it again", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
@@ -412,6 +413,7 @@ pub async fn list_versions(
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid body, or the version no longer loads under this ferry's rules", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Every connector instance was busy (`runtime_busy`), or the store was (`store_busy`): nothing was written, send it again", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]

@@ -8,6 +8,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::registry::RegistryError;
+use crate::runtime::{CallError, LoadError};
 use crate::store::StoreError;
 
 /// The media type of every error body.
@@ -179,6 +180,10 @@ pub enum ApiError {
     /// The connector trapped, timed out or failed; the sender should retry.
     #[error("the connector could not process this delivery; retry later")]
     ConnectorFailed,
+    /// Every connector instance is busy: an upload or activation could not
+    /// read the manifest in time. Nothing was written; send it again.
+    #[error("every connector instance is busy; nothing was written, send the request again")]
+    RuntimeBusy,
     /// The store did not answer in time (no connection free, a lock held
     /// by another session, a statement past its timeout); nothing was
     /// written, and the same request may be sent again.
@@ -239,7 +244,9 @@ impl ApiError {
             Self::ComponentRefused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::ComponentTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidSignature(_) | Self::InvalidWebhook(_) => StatusCode::BAD_REQUEST,
-            Self::ConnectorFailed | Self::StoreBusy => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ConnectorFailed | Self::StoreBusy | Self::RuntimeBusy => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::EmailTaken => StatusCode::CONFLICT,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -289,6 +296,7 @@ impl ApiError {
             Self::InvalidSignature(_) => "invalid_signature",
             Self::InvalidWebhook(_) => "invalid_webhook",
             Self::ConnectorFailed => "connector_failed",
+            Self::RuntimeBusy => "runtime_busy",
             Self::StoreBusy => "store_busy",
             Self::Unauthorized => "unauthorized",
             Self::CrossSiteRequest(_) => "cross_site_request",
@@ -332,6 +340,7 @@ impl ApiError {
             Self::InvalidSignature(_) => "Invalid signature",
             Self::InvalidWebhook(_) => "Invalid webhook",
             Self::ConnectorFailed => "Connector failed",
+            Self::RuntimeBusy => "Runtime busy",
             Self::StoreBusy => "Store busy",
             Self::Unauthorized => "Unauthorized",
             Self::CrossSiteRequest(_) => "Cross-site request refused",
@@ -402,6 +411,11 @@ impl From<RegistryError> for ApiError {
             RegistryError::MasterKeyRequired => Self::MasterKeyRequired,
             RegistryError::TooLarge { limit } => Self::ComponentTooLarge { limit },
             RegistryError::VersionExists(_) => Self::VersionExists(error.to_string()),
+            // Ferry's own pacing (every instance busy), not the component:
+            // a refusal would tell its author to change what is fine.
+            RegistryError::Invalid(LoadError::ManifestCall(CallError::Throttled { .. })) => {
+                Self::RuntimeBusy
+            }
             RegistryError::Invalid(load) => Self::ComponentRefused {
                 code: load.code(),
                 detail: load.to_string(),
@@ -428,12 +442,43 @@ impl IntoResponse for ApiError {
                 headers.insert(header::ETAG, etag);
             }
         }
-        if matches!(self, Self::StoreBusy | Self::IdempotencyKeyInFlight) {
+        if matches!(
+            self,
+            Self::StoreBusy | Self::IdempotencyKeyInFlight | Self::RuntimeBusy
+        ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if matches!(self, Self::Unauthorized) {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest read held back by ferry's own pacing is a 503 to send
+    /// again, not the component's refusal.
+    #[test]
+    fn a_busy_runtime_is_no_refusal() {
+        let busy = ApiError::from(RegistryError::Invalid(LoadError::ManifestCall(
+            CallError::Throttled {
+                wait: std::time::Duration::from_millis(200),
+                reached_remote: false,
+            },
+        )));
+        assert_eq!(
+            (busy.status(), busy.code()),
+            (StatusCode::SERVICE_UNAVAILABLE, "runtime_busy")
+        );
+        let trapped = ApiError::from(RegistryError::Invalid(LoadError::ManifestCall(
+            CallError::DeadlineExceeded,
+        )));
+        assert_eq!(
+            (trapped.status(), trapped.code()),
+            (StatusCode::UNPROCESSABLE_ENTITY, "manifest_failed")
+        );
     }
 }
