@@ -63,6 +63,8 @@ const HELD_RECHECK_MS: i64 = 5_000;
 
 /// How long an event waits for its connector to be loaded here.
 const NOT_LOADED_RECHECK: Duration = Duration::from_secs(5);
+/// How long a fetch the remote rate-limited without a Retry-After waits.
+const RATE_LIMITED_FETCH: Duration = Duration::from_secs(1);
 /// How often a decision is retaken when the customer changed under it.
 const RACE_RETRIES: usize = 5;
 
@@ -718,7 +720,17 @@ impl SyncEngine {
                     // next remote change be merged with no base.
                     let fetched = match &event.record {
                         Some(_) => None,
-                        None => self.fetch_current(event, false).await.ok().flatten(),
+                        None => match self.fetch_current(event, false).await {
+                            Ok(record) => record,
+                            // Asked again later (a 429, a 5xx, a timeout,
+                            // ferry's own pacing): adopted without a base
+                            // and finished, it stayed so for good.
+                            Err(failure @ (Failure::Retry(_) | Failure::Wait(..))) => {
+                                return Err(failure)
+                            }
+                            // It cannot be read at all: linked without one.
+                            Err(Failure::Permanent(_) | Failure::Skip(_)) => None,
+                        },
                     };
                     let adopted = inner
                         .store
@@ -1484,6 +1496,20 @@ impl SyncEngine {
                             .into(),
                     )
                 })
+            }
+            // The remote is up and says "later": no attempt spent (a bulk
+            // edit's thin events, read back one by one, were dead-lettered
+            // healthy), and the connector's pushes pause with them.
+            Err(CallError::Connector(ConnectorError::RateLimited(limit))) => {
+                let wait = limit
+                    .retry_after_ms
+                    .map_or(RATE_LIMITED_FETCH, Duration::from_millis)
+                    .min(super::retry::MAX_RETRY_AFTER);
+                self.inner.breakers.pause(&event.connector, wait);
+                Err(Failure::Wait(
+                    format!("rate limited: {}", limit.message),
+                    wait,
+                ))
             }
             Err(CallError::Connector(
                 ConnectorError::Permanent(m) | ConnectorError::Unauthorized(m),

@@ -243,7 +243,9 @@ async fn stripe_snapshot(h: &Harness, id: &str) -> Option<Value> {
 /// naming the create's idempotency key): the link takes the record, and
 /// its base is what the remote holds, read for it. Before, thin events
 /// carried no key; with it, the link was adopted without a snapshot, and
-/// the next remote change was merged with no base.
+/// the next remote change was merged with no base. A read that fails for
+/// a moment (a 503 here) is made again, not given up for a link without
+/// a base.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thin_echo_of_a_create_whose_answer_was_lost_links_its_record() {
     use crate::helpers::WEBHOOK_SECRET;
@@ -253,6 +255,10 @@ async fn a_thin_echo_of_a_create_whose_answer_was_lost_links_its_record() {
     let id = id.as_str();
     h.proxy.set_down(false);
     let remote_id = made["id"].as_str().unwrap().to_owned();
+    h.proxy.push(
+        Match::request("GET", &format!("/v1/customers/{remote_id}")),
+        Fault::status(503),
+    );
 
     let echo = json!({"id": "evt_lost_answer_thin", "object": "v2.core.event",
         "type": "v1.customer.created", "created": chrono::Utc::now().to_rfc3339(),
@@ -605,6 +611,58 @@ async fn a_rate_limit_spends_no_attempt() {
             "retry_scheduled",
             "delivered"
         ]
+    );
+}
+
+/// The same for a read: a thin event's record fetched while Stripe answers
+/// 429 waits the Retry-After and spends no attempt. Each 429 spent one,
+/// and a bulk edit's events were dead-lettered while Stripe was healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_fetch_spends_no_attempt() {
+    use crate::helpers::WEBHOOK_SECRET;
+    use crate::inbound::{deliver, stripe_signature};
+    let h = harness(json!({
+        "sync_max_attempts": 2,
+        "sync_backoff_base": "50ms",
+        "sync_backoff_max": "100ms",
+    }))
+    .await;
+    let (_, remote_id) = synced_customer(&h, "limited-read", "Read").await;
+    for _ in 0..3 {
+        h.proxy.push(
+            Match::request("GET", &format!("/v1/customers/{remote_id}")),
+            Fault::rate_limited(1),
+        );
+    }
+    let thin = json!({"id": "evt_limited_read", "object": "v2.core.event",
+        "type": "v1.customer.updated", "created": chrono::Utc::now().to_rfc3339(),
+        "livemode": false, "context": null,
+        "related_object": {"id": remote_id, "type": "customer",
+            "url": format!("/v1/customers/{remote_id}")}})
+    .to_string();
+    let (status, _) = deliver(&h.app, &thin, &stripe_signature(&thin, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let event = loop {
+        let events = h
+            .app
+            .store
+            .inbox_of_remote("stripe", &remote_id)
+            .await
+            .unwrap();
+        let done = events.into_iter().find(|e| {
+            e.event_id == "evt_limited_read" && !matches!(e.state.as_str(), "pending" | "retry")
+        });
+        if let Some(event) = done {
+            break event;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (event.state.as_str(), event.attempts),
+        ("applied", 0),
+        "{event:?}"
     );
 }
 
