@@ -344,8 +344,9 @@ const STRIPE_VERSION: &str = "2024-06-20";
 /// `false` on a 5xx means Stripe stored that answer for the request's
 /// idempotency key, so every retry with the key would get it again.
 /// A 409 is another request with the same idempotency key still in
-/// progress (a replay racing the request it replays): retried, whether or
-/// not the answer says so (localstripe does not). A 424 is a dependency
+/// progress (a replay racing the request it replays): retried when the
+/// answer says nothing (localstripe says nothing), not when Stripe says
+/// `false` (a conflict no retry resolves). A 424 is a dependency
 /// outside Stripe that failed: retried unless Stripe says otherwise.
 fn checked(resp: Response) -> Result<Response, ConnectorError> {
     let should_retry = resp.header("stripe-should-retry").map(str::to_owned);
@@ -360,7 +361,8 @@ fn checked(resp: Response) -> Result<Response, ConnectorError> {
     resp.error_for_status_with(stripe_error_message)
         .map_err(|err| match (err, should_retry.as_deref()) {
             (ConnectorError::Permanent(m), Some("true")) => ConnectorError::retryable(m),
-            (ConnectorError::Permanent(m), _) if conflict => ConnectorError::retryable(m),
+            (ConnectorError::Permanent(m), Some("false")) => ConnectorError::permanent(m),
+            (ConnectorError::Permanent(m), None) if conflict => ConnectorError::retryable(m),
             (ConnectorError::Permanent(m), None) if dependency => ConnectorError::retryable(m),
             (ConnectorError::Retryable(m), Some("false")) if !conflict => {
                 ConnectorError::permanent(m)

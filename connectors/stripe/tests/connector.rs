@@ -254,6 +254,29 @@ async fn client_errors_map_to_their_kinds() {
         connector_error(kit.push(busy).await),
         ConnectorError::Retryable(m) if m.contains("cannot be accessed right now")
     ));
+    // A request with the same key still in progress: retried; a conflict
+    // Stripe says no retry resolves: not.
+    kit.http().on("POST", &format!("{API}/cus_racing")).respond(
+        409,
+        &[],
+        r#"{"error":{"type":"idempotency_error","message":"There is currently another in-progress request using this Idempotent Key."}}"#,
+    );
+    kit.http().on("POST", &format!("{API}/cus_final")).respond(
+        409,
+        &[("stripe-should-retry", "false")],
+        r#"{"error":{"type":"invalid_request_error","message":"Conflict that no retry resolves"}}"#,
+    );
+    for (remote_id, retried) in [("cus_racing", true), ("cus_final", false)] {
+        let mut push = create_request();
+        push.operation = Operation::Update;
+        push.remote_id = Some(remote_id.into());
+        let error = connector_error(kit.push(push).await);
+        assert_eq!(
+            matches!(error, ConnectorError::Retryable(_)),
+            retried,
+            "{remote_id}: {error:?}"
+        );
+    }
     for misaddressed in ["cus_path", "cus_live"] {
         assert!(
             matches!(
