@@ -291,11 +291,18 @@ impl FieldMap {
                 }
             }
         }
+        let only_last = first.is_none();
         if c.name.is_none() {
             let joined = [first, last].into_iter().flatten().collect::<Vec<_>>();
             if !joined.is_empty() {
                 c.name = Some(joined.join(" "));
             }
+        }
+        // The stand-in `to_sobject` writes for a nameless customer is no
+        // name: read back as one, it became the sync's base, and a person
+        // naming the Contact was taken for an edit on both sides.
+        if only_last && c.name.as_deref() == Some(fallback_name(&c).as_str()) {
+            c.name = None;
         }
         if !address.is_empty() {
             c.address = Some(address);
@@ -345,19 +352,23 @@ fn street(a: &Address) -> Option<String> {
     }
 }
 
-/// A street field back into `line1` and `line2`, split on the first newline.
+/// A street field back into `line1` and `line2`: the first line, and the
+/// others joined with `", "` (a textarea a person typed three lines into,
+/// `\r\n` apart, as the UI stores them). Line breaks inside `line2` were
+/// refused by ferry's validation as control characters: every event of the
+/// Contact was dead-lettered for as long as its street stayed so.
 fn split_street(street: Option<String>) -> (Option<String>, Option<String>) {
     let Some(street) = street else {
         return (None, None);
     };
-    let non_empty = |s: &str| {
-        let s = s.trim_end_matches('\r');
-        (!s.is_empty()).then(|| s.to_owned())
-    };
-    match street.split_once('\n') {
-        Some((l1, l2)) => (non_empty(l1), non_empty(l2)),
-        None => (non_empty(&street), None),
-    }
+    let mut lines = street
+        .split('\n')
+        .map(|line| line.trim_end_matches('\r'))
+        .filter(|line| !line.is_empty());
+    let line1 = lines.next().map(str::to_owned);
+    let rest: Vec<&str> = lines.collect();
+    let line2 = (!rest.is_empty()).then(|| rest.join(", "));
+    (line1, line2)
 }
 
 /// Milliseconds since the epoch of a Salesforce datetime:
@@ -444,6 +455,51 @@ mod tests {
             email: email.map(str::to_owned),
             ..Customer::default()
         }
+    }
+
+    #[test]
+    fn the_last_name_stand_in_reads_as_no_name() {
+        let map = FieldMap::default();
+        for customer in [
+            customer(None, Some("ada@example.com")),
+            customer(None, None),
+        ] {
+            let written = map.to_sobject(&customer, false);
+            let read = map.customer_from("003A", &written);
+            assert_eq!(read.name, None, "{written:?}");
+        }
+        // A name with a first name is a name, whatever its last word.
+        let named = customer(Some("Countess ada"), Some("ada@example.com"));
+        let read = map.customer_from("003A", &map.to_sobject(&named, false));
+        assert_eq!(read.name.as_deref(), Some("Countess ada"));
+    }
+
+    #[test]
+    fn a_street_of_several_lines_reads_as_two() {
+        let split = |s: &str| split_street(Some(s.to_owned()));
+        assert_eq!(
+            split("c/o Acme\r\n1 Road\r\nFlat 2"),
+            (
+                Some("c/o Acme".to_owned()),
+                Some("1 Road, Flat 2".to_owned())
+            )
+        );
+        assert_eq!(
+            split("1 Road\n\nFlat 2\n"),
+            (Some("1 Road".to_owned()), Some("Flat 2".to_owned()))
+        );
+        assert_eq!(split("1 Road\r"), (Some("1 Road".to_owned()), None));
+        assert_eq!(split(""), (None, None));
+        // What ferry writes reads back as it was.
+        let address = Address {
+            line1: Some("1 Road".into()),
+            line2: Some("Flat 2, Floor 3".into()),
+            ..Address::default()
+        };
+        assert_eq!(
+            split_street(street(&address)),
+            (address.line1.clone(), address.line2.clone())
+        );
     }
 
     #[test]
