@@ -135,6 +135,19 @@ impl Connector for Salesforce {
             ));
         }
         let remote_type = format!("outbound_message.{}", config.object);
+        let other = message
+            .notifications
+            .iter()
+            .filter(|n| !n.object.eq_ignore_ascii_case(&config.object))
+            .count();
+        if other > 0 {
+            ferry_sdk::log::warn(&format!(
+                "{other} notification(s) of another object than `{}` (the outbound \
+                 message's object, or the `object` setting, is wrong): acknowledged \
+                 without an event",
+                config.object
+            ));
+        }
         let events = message
             .notifications
             .into_iter()
@@ -666,7 +679,11 @@ fn api_error(resp: &Response) -> ConnectorError {
         "SERVER_UNAVAILABLE"
         | "UNABLE_TO_LOCK_ROW"
         | "INSERT_UPDATE_DELETE_NOT_ALLOWED_DURING_MAINTENANCE"
-        | "QUERY_TIMEOUT" => return ConnectorError::retryable(message),
+        | "QUERY_TIMEOUT"
+        // A query locator released before its next batch was asked for (a
+        // user holds 10 open at most; opening another drops the oldest):
+        // the listing asks again from its own keyset cursor.
+        | "INVALID_QUERY_LOCATOR" => return ConnectorError::retryable(message),
         // A trigger's or a workflow's row lock, reported under the error
         // of the operation it broke: transient too.
         _ if message.contains("UNABLE_TO_LOCK_ROW") => {

@@ -416,6 +416,33 @@ async fn salesforce_errors_are_read_for_what_they_mean() {
     ));
 }
 
+/// A query locator Salesforce released before its next batch was asked for
+/// (a user holds 10 open at most): the listing asks again, not fails.
+#[tokio::test]
+async fn a_released_query_locator_is_asked_again() {
+    let kit = kit().await;
+    script_tokens(&kit, &["tok-1"]);
+    let locator = "/services/data/v62.0/query/01gB-1";
+    kit.http()
+        .on("GET", &format!("{DATA}/query?q="))
+        .respond_json(
+            200,
+            &json!({"totalSize": 2, "done": false, "nextRecordsUrl": locator,
+            "records": [{"attributes": {"type": "Contact"}, "Id": "003000000000001AAA",
+                "LastName": "L1", "LastModifiedDate": "2026-11-29T08:00:00Z"}]}),
+        );
+    kit.http()
+        .on("GET", &format!("{ORG}{locator}"))
+        .respond_json(
+            400,
+            &json!([{"errorCode": "INVALID_QUERY_LOCATOR", "message": "invalid query locator"}]),
+        );
+    assert!(matches!(
+        connector_error(kit.list("customer", None, 2).await),
+        ConnectorError::Retryable(m) if m.contains("INVALID_QUERY_LOCATOR")
+    ));
+}
+
 #[tokio::test]
 async fn fetch_maps_the_record_back() {
     let kit = kit().await;
