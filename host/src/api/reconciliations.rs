@@ -502,7 +502,7 @@ pub async fn resolve_mismatch(
     };
     // Claimed, scheduled and described in a task of its own: a client
     // that goes away (a closed tab, a timeout) drops this handler, not the
-    // task, so a claimed finding never stays "being scheduled" with
+    // task, and cannot leave a claimed finding "being scheduled" with
     // nothing scheduled.
     let settled = {
         let state = state.clone();
@@ -525,8 +525,8 @@ pub async fn resolve_mismatch(
 /// claimed before its repair is scheduled, so that two resolutions at once
 /// (two operators, a double click) schedule one repair, never two that
 /// contradict each other. A repair that cannot be scheduled opens it again;
-/// a process that dies between the two leaves the claim to the reconciler,
-/// which opens it again when it starts
+/// a claim left by a process that died, or by a store that could not
+/// reopen it, is opened again by the reconciler once stalled
 /// ([`crate::store::Store::reopen_stalled_resolutions`]).
 async fn settle(
     state: &AppState,

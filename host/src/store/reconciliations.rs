@@ -832,13 +832,14 @@ impl Store {
         &self,
         before: DateTime<Utc>,
     ) -> Result<u64, StoreError> {
-        let pattern = format!("%{SCHEDULING}");
+        // [`SCHEDULING`] written out, as the partial index that serves
+        // this reads it (migration 23): a bound pattern would not match it.
         Ok(dispatch!(self, write pool => {
             sqlx::query(
                 "UPDATE reconciliation_mismatches SET state = 'open', repair = NULL, \
-                 resolved_at = NULL WHERE state = 'resolved' AND repair LIKE $1 AND resolved_at < $2",
+                 resolved_at = NULL WHERE state = 'resolved' AND repair LIKE '%: being scheduled' \
+                 AND resolved_at < $1",
             )
-            .bind(&pattern)
             .bind(before)
             .execute(pool)
             .await?

@@ -60,6 +60,8 @@ const BACKLOG_POLL: Duration = Duration::from_millis(20);
 /// How long a person's resolution may hold a finding before its repair is
 /// scheduled; older claims were left by a process that died.
 const STALLED: Duration = Duration::from_secs(300);
+/// How often claims older than [`STALLED`] are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// How long a run waiting on a paused connector leaves its place to
 /// others before it looks again.
 const PARKED: Duration = Duration::from_secs(5);
@@ -206,14 +208,13 @@ impl SyncEngine {
     /// left by a replica that died), and starts scheduled runs when due.
     pub async fn run_reconciler(self, options: ReconcileOptions, cancel: CancellationToken) {
         let tracker = TaskTracker::new();
-        {
+        // Not a run: it holds no place.
+        let housekeeping = {
             let engine = self.clone();
             let cancel = cancel.clone();
-            tracker.spawn(async move {
-                engine.reopen_stalled_resolutions().await;
-                engine.clear_scratch(&cancel).await;
-            });
-        }
+            tokio::spawn(async move { engine.clear_scratch(&cancel).await })
+        };
+        let mut swept: Option<Instant> = None;
         loop {
             if let Err(error) = self.start_scheduled(&options).await {
                 tracing::warn!(
@@ -221,7 +222,10 @@ impl SyncEngine {
                     "starting scheduled reconciliations failed"
                 );
             }
-            // The task at start counts as a run while it lasts.
+            if swept.is_none_or(|at| at.elapsed() >= SWEEP_EVERY) {
+                self.reopen_stalled_resolutions().await;
+                swept = Some(Instant::now());
+            }
             while tracker.len() < options.max_runs {
                 let token = uuid::Uuid::new_v4().simple().to_string();
                 match self
@@ -254,6 +258,7 @@ impl SyncEngine {
         }
         tracker.close();
         tracker.wait().await;
+        let _ = housekeeping.await;
     }
 
     async fn start_scheduled(&self, options: &ReconcileOptions) -> Result<(), StoreError> {
@@ -323,7 +328,15 @@ impl SyncEngine {
                 tracing::debug!("reconciliation waits for its connector, its place given up");
                 let token = run.lease_token.as_deref().unwrap_or_default();
                 let until = now_ms() + i64::try_from(PARKED.as_millis()).unwrap_or(i64::MAX);
-                store.renew_run(&run.id, token, until).await.map(drop)
+                if let Err(error) = store.renew_run(&run.id, token, until).await {
+                    tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::from(error)),
+                        "parking a reconciliation failed; resumed when its lease expires"
+                    );
+                }
+                // Nothing of it ended: no scratch to clear, and its place
+                // is free at once.
+                return;
             }
             Err(Stop::Store(error)) => Err(error),
         };
@@ -338,7 +351,8 @@ impl SyncEngine {
 
     /// Opens again the findings a person resolved whose repair a process
     /// that died never scheduled (claimed more than [`STALLED`] ago: a
-    /// resolution under way on another replica takes well under that).
+    /// resolution under way on another replica takes well under that), at
+    /// start and every [`SWEEP_EVERY`].
     async fn reopen_stalled_resolutions(&self) {
         let before = chrono::Utc::now() - STALLED;
         match self.inner.store.reopen_stalled_resolutions(before).await {
@@ -349,7 +363,7 @@ impl SyncEngine {
             ),
             Err(error) => tracing::warn!(
                 error = format!("{:#}", anyhow::Error::from(error)),
-                "opening stalled resolutions again failed; the next start tries again"
+                "opening stalled resolutions again failed; tried again in a minute"
             ),
         }
     }
