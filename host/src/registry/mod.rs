@@ -129,6 +129,32 @@ pub struct Entry {
     revision: i64,
 }
 
+/// The host settings of `manifest` whose value in effect (given in
+/// `settings`, else the manifest's default) the egress policy refuses, each
+/// with its value and why.
+fn refused_host_settings(
+    manifest: &Manifest,
+    settings: &BTreeMap<String, String>,
+    runtime: &Runtime,
+) -> Vec<SettingsProblem> {
+    manifest
+        .host_settings
+        .iter()
+        .filter_map(|name| {
+            let default = || {
+                let setting = manifest.settings.iter().find(|s| &s.name == name)?;
+                setting.default.as_ref()
+            };
+            let value = settings.get(name).or_else(default)?;
+            let why = runtime.host_setting_problem(value)?;
+            Some(SettingsProblem::new(
+                format!("settings.{name}"),
+                format!("{value}: {why}"),
+            ))
+        })
+        .collect()
+}
+
 impl Entry {
     /// The required settings and secrets of `manifest` that `config` lacks,
     /// and its host settings whose value in effect (given, else the
@@ -152,18 +178,11 @@ impl Entry {
         .filter(|p| p.message == config::REQUIRED)
         .map(|p| p.field)
         .collect();
-        for name in &manifest.host_settings {
-            let default = || {
-                let setting = manifest.settings.iter().find(|s| &s.name == name)?;
-                setting.default.as_ref()
-            };
-            let Some(value) = config.config.settings.get(name).or_else(default) else {
-                continue;
-            };
-            if let Some(why) = runtime.host_setting_problem(value) {
-                missing.push(format!("settings.{name} ({value}: {why})"));
-            }
-        }
+        missing.extend(
+            refused_host_settings(manifest, &config.config.settings, runtime)
+                .into_iter()
+                .map(|p| format!("{} ({})", p.field, p.message)),
+        );
         (!missing.is_empty()).then(|| missing.join(", "))
     }
 
@@ -1027,6 +1046,11 @@ impl Registry {
             )
             .into_iter()
             .filter(|p| p.message == config::REQUIRED)
+            .chain(refused_host_settings(
+                manifest,
+                &entry.effective.config.settings,
+                &self.inner.runtime,
+            ))
             .collect();
             if !problems.is_empty() {
                 return Err(RegistryError::Settings(problems));

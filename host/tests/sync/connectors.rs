@@ -1402,6 +1402,21 @@ async fn a_host_setting_the_policy_refuses_in_effect_leaves_pushes_waiting() {
     );
     let (_, dead) = get(&app, "/api/v1/dead-letters").await;
     assert_eq!(dead["data"], json!([]), "{dead}");
+    // Switched off, it is not switched on again (with a backfill that
+    // would wait for good) until the setting is one the policy allows.
+    for (path, status) in [("disable", 200), ("enable?backfill=true", 422)] {
+        let (got, body) = app
+            .send(
+                reqwest::Method::POST,
+                &format!("/api/v1/connectors/recorder/{path}"),
+                None,
+            )
+            .await;
+        assert_eq!(got, status, "{path}: {body}");
+        if status == 422 {
+            assert_eq!(body["errors"][0]["field"], "settings.api_base", "{body}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
