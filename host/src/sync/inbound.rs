@@ -722,6 +722,18 @@ impl SyncEngine {
                         Some(_) => None,
                         None => match self.fetch_current(event, false).await {
                             Ok(record) => record,
+                            // On its last attempt, linked without a base
+                            // rather than dead-lettered: a link the echo
+                            // never made leaves the create to a replay,
+                            // which makes a second record once the remote
+                            // forgot its key.
+                            Err(Failure::Retry(_))
+                                if self.inner.policy.exhausted(
+                                    u32::try_from(event.attempts + 1).unwrap_or(u32::MAX),
+                                ) =>
+                            {
+                                None
+                            }
                             // Asked again later (a 429, a 5xx, a timeout,
                             // ferry's own pacing): adopted without a base
                             // and finished, it stayed so for good.
@@ -887,13 +899,17 @@ impl SyncEngine {
         let apart = |record: &serde_json::Value| {
             kept_apart(&customer.email, record, &event.connector, &event.remote_id)
         };
-        let base = base.map(|base| match apart(&base) {
-            true => with_email(&base, &customer.email),
-            false => base,
+        let base = base.map(|base| {
+            if apart(&base) {
+                with_email(&base, &customer.email)
+            } else {
+                base
+            }
         });
-        let remote_seen = match apart(&remote) {
-            true => std::borrow::Cow::Owned(with_email(&remote, &customer.email)),
-            false => std::borrow::Cow::Borrowed(&remote),
+        let remote_seen = if apart(&remote) {
+            std::borrow::Cow::Owned(with_email(&remote, &customer.email))
+        } else {
+            std::borrow::Cow::Borrowed(&remote)
         };
         let policy = self.event_policy(event);
         let merged = merge_owned(
