@@ -373,9 +373,12 @@ async fn metadata_leaves_room_for_the_connectors_key(backend: Backend) {
     // add another fits.
     let path = format!("/api/v1/customers/{}", full["id"].as_str().unwrap());
     let patch = |body: serde_json::Value| app.request(Method::PATCH, &path).json(&body).send();
+    let nulls: serde_json::Map<String, serde_json::Value> =
+        (0..99).map(|i| (format!("n{i}"), json!(null))).collect();
     for body in [
         json!({"metadata": keys(50)}),
         json!({"metadata": {"k49": "v"}}),
+        json!({"metadata": nulls}),
     ] {
         let problem = assert_problem(patch(body).await.unwrap(), 422, "validation_failed").await;
         assert_eq!(problem["errors"][0]["field"], "metadata", "{problem}");

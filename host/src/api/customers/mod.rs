@@ -496,13 +496,14 @@ fn refused_in_patch(patch: &serde_json::Value) -> Result<(), ApiError> {
             }
         }
     }
-    // Every key set (not null) is in the merged record: one over the limit
-    // is refused here, before the merge and its validation hold the
+    // Every key set (not null) is in the merged record, and a patch that
+    // replaces every key names each twice at most: one beyond either is
+    // refused here, before the merge and its validation hold the
     // customer's row (and on SQLite the only writer) for nothing.
-    let set = patch["metadata"]
-        .as_object()
-        .map_or(0, |m| m.values().filter(|v| !v.is_null()).count());
-    if set > validate::MAX_METADATA_KEYS {
+    let metadata = patch["metadata"].as_object();
+    let set = metadata.map_or(0, |m| m.values().filter(|v| !v.is_null()).count());
+    let named = metadata.map_or(0, serde_json::Map::len);
+    if set > validate::MAX_METADATA_KEYS || named > 2 * validate::MAX_METADATA_KEYS {
         errors.push(FieldError::new(
             "metadata",
             format!("at most {} keys", validate::MAX_METADATA_KEYS),
