@@ -135,11 +135,11 @@ impl Connector for Salesforce {
             ));
         }
         let remote_type = format!("outbound_message.{}", config.object);
-        let other = message
+        let (notifications, other): (Vec<_>, Vec<_>) = message
             .notifications
-            .iter()
-            .filter(|n| !n.object.eq_ignore_ascii_case(&config.object))
-            .count();
+            .into_iter()
+            .partition(|n| n.object.eq_ignore_ascii_case(&config.object));
+        let other = other.len();
         if other > 0 {
             ferry_sdk::log::warn(&format!(
                 "{other} notification(s) of another object than `{}` (the outbound \
@@ -148,10 +148,8 @@ impl Connector for Salesforce {
                 config.object
             ));
         }
-        let events = message
-            .notifications
+        let events = notifications
             .into_iter()
-            .filter(|n| n.object.eq_ignore_ascii_case(&config.object))
             .map(|n| {
                 // A record deleted before the message went out comes with
                 // no data (Salesforce Help, "Considerations for Outbound
