@@ -137,6 +137,17 @@ impl Trimmed {
             Trimmed::Deliveries => ("id", "created_at", "TRUE"),
         }
     }
+
+    /// What a row must satisfy to be looked at at all: a delete kept
+    /// longer than the retention is passed over, or every pass would walk
+    /// again over all of them (after a remote's mass delete, hundreds of
+    /// steps a minute for days).
+    fn looked_at(self) -> &'static str {
+        match self {
+            Trimmed::Inbox => "(kind <> 'delete' OR received_at < $3)",
+            Trimmed::Outbox | Trimmed::Deliveries => "TRUE",
+        }
+    }
 }
 
 /// How long an applied or skipped inbound delete is kept at least, whatever
@@ -306,14 +317,18 @@ impl Store {
     ) -> Result<TrimStep, StoreError> {
         let (key, time, finished) = table.columns();
         let name = table.table();
-        let window_sql =
-            format!("SELECT {key}, {time} FROM {name} WHERE {key} > $1 ORDER BY {key} LIMIT $2");
+        let looked_at = table.looked_at();
+        let window_sql = format!(
+            "SELECT {key}, {time} FROM {name} WHERE {key} > $1 AND {looked_at} ORDER BY {key} LIMIT $2"
+        );
+        let deletes_cutoff = cutoff.min(Utc::now() - DELETES_KEPT);
         let window: Vec<(i64, DateTime<Utc>)> = dispatch!(self, read pool => {
-            sqlx::query_as(&window_sql)
-                .bind(after)
-                .bind(i64::from(batch))
-                .fetch_all(pool)
-                .await?
+            let query = sqlx::query_as(&window_sql).bind(after).bind(i64::from(batch));
+            let query = match table {
+                Trimmed::Inbox => query.bind(deletes_cutoff),
+                Trimmed::Outbox | Trimmed::Deliveries => query,
+            };
+            query.fetch_all(pool).await?
         });
         let old = window.iter().take_while(|(_, at)| *at < cutoff).count();
         let Some(&(upto, _)) = window[..old].last() else {
@@ -324,7 +339,6 @@ impl Store {
         };
         let delete_sql =
             format!("DELETE FROM {name} WHERE {key} > $1 AND {key} <= $2 AND {finished}");
-        let deletes_cutoff = cutoff.min(Utc::now() - DELETES_KEPT);
         let deleted = dispatch!(self, write pool => {
             let query = sqlx::query(&delete_sql).bind(after).bind(upto);
             let query = match table {
