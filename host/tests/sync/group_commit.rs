@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use ferry::store::conflicts::ListConflicts;
+use ferry::store::conflicts::{Conflict, ListConflicts};
 use ferry::store::inbox::{
     Applied, CustomerWrite, InboundChange, InboxEvent, InboxFinish, LinkRead, NewConflict,
     NewInboxEvent, RemoteChange,
@@ -2057,21 +2057,12 @@ async fn sqlite_a_give_up_leaves_a_newer_change_to_push() {
     a_give_up_leaves_a_newer_change_to_push(false).await;
 }
 
-/// A conflict's resolution and the customer's delete, at the same moment on
-/// PostgreSQL: the resolution waits for the conflict's row (held here by a
-/// third transaction) before the delete comes and takes the customer's
-/// row and waits for the conflict's too. Had the resolution locked the
-/// conflict first and the customer second (the delete's order reversed),
-/// releasing the conflict would close a cycle and PostgreSQL would abort
-/// one side; both take the customer first, so the delete waits for the
-/// resolution and each gets its own answer.
-#[tokio::test]
-async fn postgres_a_resolution_and_a_delete_wait_rather_than_deadlock() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let url = database_url(true, dir.path()).await;
-    let store = open(&url).await;
-    let (customers, remote, reads) = two_linked(&store, "resolve_delete").await;
-    let events = claim_later(&store, &[("evt_flag".to_owned(), &remote[0])]).await;
+/// Two customers linked (see [`two_linked`], tagged `tag`), and a remote
+/// edit of the first one's name flagged as an open conflict that holds its
+/// link: the first customer, its remote id, and the conflict.
+async fn a_flagged_name(store: &Store, tag: &str) -> (Customer, String, Conflict) {
+    let (customers, remote, reads) = two_linked(store, tag).await;
+    let events = claim_later(store, &[(format!("evt_flag_{tag}"), &remote[0])]).await;
     let first = customers[0].clone();
     let flagged = InboundChange {
         conflict: Some(NewConflict {
@@ -2093,6 +2084,23 @@ async fn postgres_a_resolution_and_a_delete_wait_rather_than_deadlock() {
         .await
         .expect("conflicts")
         .remove(0);
+    (first, remote[0].clone(), conflict)
+}
+
+/// A conflict's resolution and the customer's delete, at the same moment on
+/// PostgreSQL: the resolution waits for the conflict's row (held here by a
+/// third transaction) before the delete comes and takes the customer's
+/// row and waits for the conflict's too. Had the resolution locked the
+/// conflict first and the customer second (the delete's order reversed),
+/// releasing the conflict would close a cycle and PostgreSQL would abort
+/// one side; both take the customer first, so the delete waits for the
+/// resolution and each gets its own answer.
+#[tokio::test]
+async fn postgres_a_resolution_and_a_delete_wait_rather_than_deadlock() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(true, dir.path()).await;
+    let store = open(&url).await;
+    let (first, _, conflict) = a_flagged_name(&store, "resolve_delete").await;
 
     let raw = sqlx::PgPool::connect(&url).await.expect("raw connection");
     let mut holder = raw.begin().await.expect("begin");
@@ -2161,31 +2169,9 @@ async fn postgres_an_event_parked_during_a_resolution_is_not_held() {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = database_url(true, dir.path()).await;
     let store = open(&url).await;
-    let (customers, remote, reads) = two_linked(&store, "park_resolve").await;
-    let events = claim_later(&store, &[("evt_hold".to_owned(), &remote[0])]).await;
-    let first = customers[0].clone();
-    let flagged = InboundChange {
-        conflict: Some(NewConflict {
-            policy: "flag".into(),
-            fields: json!([{"field": "name", "local": "First", "remote": "Other", "base": "First"}]),
-            open: true,
-        }),
-        link_read: Some(reads[0]),
-        ..change(&events[0], CustomerWrite::None, Some(&first.id))
-    };
-    let held = store.apply_inbound_many(&[flagged]).await.expect("applied");
-    assert!(matches!(held[0], Ok(Applied::Done(None))), "{held:?}");
-    let conflict = store
-        .conflicts(&ListConflicts {
-            customer_id: Some(first.id.as_str().to_owned()),
-            limit: 10,
-            ..ListConflicts::default()
-        })
-        .await
-        .expect("conflicts")
-        .remove(0)
-        .id;
-    let edit = claim_later(&store, &[("evt_edit".to_owned(), &remote[0])])
+    let (_, remote, conflict) = a_flagged_name(&store, "park_resolve").await;
+    let conflict = conflict.id;
+    let edit = claim_later(&store, &[("evt_edit".to_owned(), &remote)])
         .await
         .remove(0);
 

@@ -550,15 +550,9 @@ async fn drift_is_found_reported_and_repaired(backend: Backend) {
     expect_counts(&clean, &[("equal", 4)]);
 }
 
-/// The Salesforce connector beside Stripe, against the fake Salesforce.
-async fn salesforce_app(backend: Backend, extra: Value) -> (LocalStripe, FakeSalesforce, SyncApp) {
-    let stripe = LocalStripe::start().expect("localstripe");
-    let salesforce = FakeSalesforce::start(FakeSalesforceConfig::default())
-        .await
-        .expect("fake salesforce");
-    let mut setup = Setup::new(backend, &stripe.url());
-    setup.extra = extra;
-    setup.extra_connectors.push(ExtraConnector {
+/// The Salesforce connector, configured against `salesforce`.
+fn salesforce_against(salesforce: &FakeSalesforce) -> ExtraConnector {
+    ExtraConnector {
         name: "salesforce".to_owned(),
         component: salesforce_component(),
         config: json!({
@@ -568,7 +562,18 @@ async fn salesforce_app(backend: Backend, extra: Value) -> (LocalStripe, FakeSal
                 "client_secret": salesforce.config().client_secret,
             },
         }),
-    });
+    }
+}
+
+/// The Salesforce connector beside Stripe, against the fake Salesforce.
+async fn salesforce_app(backend: Backend, extra: Value) -> (LocalStripe, FakeSalesforce, SyncApp) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let salesforce = FakeSalesforce::start(FakeSalesforceConfig::default())
+        .await
+        .expect("fake salesforce");
+    let mut setup = Setup::new(backend, &stripe.url());
+    setup.extra = extra;
+    setup.extra_connectors.push(salesforce_against(&salesforce));
     let app = spawn_sync_app(setup).await;
     (stripe, salesforce, app)
 }
@@ -1603,17 +1608,7 @@ async fn a_run_switched_off_mid_listing_repairs_nothing_until_on(backend: Backen
     let salesforce = FakeSalesforce::start(FakeSalesforceConfig::default())
         .await
         .expect("fake salesforce");
-    setup.extra_connectors.push(ExtraConnector {
-        name: "salesforce".to_owned(),
-        component: salesforce_component(),
-        config: json!({
-            "settings": {"login_url": salesforce.url(), "organization_id": salesforce.org_id()},
-            "secrets": {
-                "client_id": salesforce.config().client_id,
-                "client_secret": salesforce.config().client_secret,
-            },
-        }),
-    });
+    setup.extra_connectors.push(salesforce_against(&salesforce));
     let app = spawn_sync_app(setup).await;
     let run = start_run(&app, json!({"connector": "stripe", "repair": "merge"})).await;
     let id = run["id"].as_str().unwrap();
