@@ -788,7 +788,7 @@ impl SyncEngine {
         // Unless the record is gone: then it is as late as it looks.
         let thin_upsert = event.kind == RemoteChange::Upsert && event.record.is_none();
         if let Some(link) = link.as_ref().filter(|l| !thin_upsert || l.remote_deleted) {
-            if event.occurred_at_ms < link.remote_seen_at_ms {
+            if event.occurred_at_ms < link.remote_seen_at_ms && !self.gone_after_all(event).await? {
                 return self
                     .skip(event, "stale: older than a change already applied")
                     .await;
@@ -1531,6 +1531,26 @@ impl SyncEngine {
                 ConnectorError::Permanent(m) | ConnectorError::Unauthorized(m),
             )) => Err(Failure::Permanent(m)),
             Err(error) => Err(Failure::Retry(error.to_string())),
+        }
+    }
+
+    /// Whether `event`, a thin delete that looks older than what was
+    /// applied, is the delete all the same: the remote no longer has its
+    /// record. Thin events are dated on arrival, by the clock of the
+    /// replica that took them in: one a second behind another's took the
+    /// delete for stale, and the link stayed live (every later push a
+    /// `not_found` dead letter). A delete with its record, or an upsert,
+    /// is dated by the remote, and is as old as it looks.
+    async fn gone_after_all(&self, event: &InboxEvent) -> Result<bool, Failure> {
+        if event.kind != RemoteChange::Delete || event.record.is_some() {
+            return Ok(false);
+        }
+        match self.fetch_current(event, false).await {
+            Ok(_) => Ok(false),
+            // Not found, and a delete of it is in the inbox (this one):
+            // "its delete decides".
+            Err(Failure::Skip(_)) => Ok(true),
+            Err(failure) => Err(failure),
         }
     }
 

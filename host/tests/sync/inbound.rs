@@ -506,7 +506,8 @@ async fn an_undated_event_is_dated_on_arrival() {
 /// holds now, so it is never stale, whatever its date. One dated ahead (a
 /// replica's fast clock dated it on arrival) no longer makes the next one,
 /// dated by a correct clock, look older than what was applied: that later
-/// change was skipped as stale, and lost.
+/// change was skipped as stale, and lost. A thin delete dated behind is
+/// applied when the record is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thin_event_dated_behind_the_last_one_is_still_applied() {
     use ferry::store::inbox::{NewInboxEvent, RemoteChange};
@@ -553,6 +554,22 @@ async fn a_thin_event_dated_behind_the_last_one_is_still_applied() {
     assert_eq!(second["state"], "applied", "{second}");
     let customer = app.customer_by_email(&address).await.expect("customer");
     assert_eq!(customer["name"], "Second", "{customer}");
+
+    // So is a thin delete dated behind, once the remote says the record
+    // is gone: it was skipped as stale, and the link stayed live.
+    stripe_py(
+        &stripe.url(),
+        &format!("stripe.Customer.delete('{remote_id}')\nprint('{{}}')"),
+    );
+    store(NewInboxEvent {
+        kind: RemoteChange::Delete,
+        remote_type: "customer.deleted".into(),
+        ..thin("evt_thin_delete_behind", now + 1_000)
+    })
+    .await;
+    let deleted = applied("evt_thin_delete_behind").await;
+    assert_eq!(deleted["state"], "applied", "{deleted}");
+    assert!(app.customer_by_email(&address).await.is_none());
 }
 
 /// A thin event older than its record's delete is still stale: the fetch
