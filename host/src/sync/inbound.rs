@@ -736,10 +736,14 @@ impl SyncEngine {
                             }
                             // Asked again later (a 429, a 5xx, a timeout,
                             // ferry's own pacing): adopted without a base
-                            // and finished, it stayed so for good.
-                            Err(failure @ (Failure::Retry(_) | Failure::Wait(..))) => {
-                                return Err(failure)
-                            }
+                            // and finished, it stayed so for good. Not a
+                            // record the remote no longer has: linked, every
+                            // push to it would be a `not_found`.
+                            Err(
+                                failure @ (Failure::Retry(_)
+                                | Failure::Wait(..)
+                                | Failure::Missing(_)),
+                            ) => return Err(failure),
                             // It cannot be read at all: linked without one.
                             Err(Failure::Permanent(_) | Failure::Skip(_)) => None,
                         },
@@ -788,7 +792,8 @@ impl SyncEngine {
         // Unless the record is gone: then it is as late as it looks.
         let thin_upsert = event.kind == RemoteChange::Upsert && event.record.is_none();
         if let Some(link) = link.as_ref().filter(|l| !thin_upsert || l.remote_deleted) {
-            if event.occurred_at_ms < link.remote_seen_at_ms && !self.gone_after_all(event).await? {
+            let stale = event.occurred_at_ms < link.remote_seen_at_ms;
+            if stale && (link.remote_deleted || !self.gone_after_all(event).await) {
                 return self
                     .skip(event, "stale: older than a change already applied")
                     .await;
@@ -1506,7 +1511,7 @@ impl SyncEngine {
                 Err(if deleted {
                     Failure::Skip("the remote record no longer exists: its delete decides".into())
                 } else {
-                    Failure::Retry(
+                    Failure::Missing(
                         "the remote record no longer exists (its delete, if the remote sends \
                          one, may not be here yet)"
                             .into(),
@@ -1541,17 +1546,23 @@ impl SyncEngine {
     /// delete for stale, and the link stayed live (every later push a
     /// `not_found` dead letter). A delete with its record, or an upsert,
     /// is dated by the remote, and is as old as it looks.
-    async fn gone_after_all(&self, event: &InboxEvent) -> Result<bool, Failure> {
+    /// Anything but the remote's "not found" (the record there, a
+    /// connector without `fetch` or not loaded here, a failure) leaves it
+    /// as stale as it looks, as before.
+    async fn gone_after_all(&self, event: &InboxEvent) -> bool {
         if event.kind != RemoteChange::Delete || event.record.is_some() {
-            return Ok(false);
+            return false;
         }
-        match self.fetch_current(event, false).await {
-            Ok(_) => Ok(false),
-            // Not found, and a delete of it is in the inbox (this one):
-            // "its delete decides".
-            Err(Failure::Skip(_)) => Ok(true),
-            Err(failure) => Err(failure),
-        }
+        let Ok(ready) = self.inner.registry.loaded(&event.connector) else {
+            return false;
+        };
+        matches!(
+            ready
+                .connector
+                .fetch(&ready.config, super::ENTITY, &event.remote_id)
+                .await,
+            Err(CallError::Connector(ConnectorError::NotFound(_)))
+        )
     }
 
     /// Parks an event behind the open conflict holding its link: looked at
@@ -1597,12 +1608,16 @@ impl SyncEngine {
                 };
             }
             Failure::Permanent(message) => (message, None, Some(DeadLetterKind::Permanent)),
-            Failure::Retry(message) if self.inner.policy.exhausted(attempt) => (
-                format!("gave up after {attempt} attempts: {message}"),
-                None,
-                Some(DeadLetterKind::RetriesExhausted),
-            ),
-            Failure::Retry(message) => {
+            Failure::Retry(message) | Failure::Missing(message)
+                if self.inner.policy.exhausted(attempt) =>
+            {
+                (
+                    format!("gave up after {attempt} attempts: {message}"),
+                    None,
+                    Some(DeadLetterKind::RetriesExhausted),
+                )
+            }
+            Failure::Retry(message) | Failure::Missing(message) => {
                 let delay = self.inner.policy.delay(attempt, None);
                 let at = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
                 (message, Some(at), None)
@@ -1646,6 +1661,9 @@ impl SyncEngine {
 enum Failure {
     /// Try again later (store or remote unavailable).
     Retry(String),
+    /// The remote no longer has the record, and no delete of it is here
+    /// (yet): tried again later, as [`Failure::Retry`] is.
+    Missing(String),
     /// Try again after the wait, spending no attempt: the connector is not
     /// loaded on this replica, or ferry's own rate limit refused a request.
     Wait(String, Duration),
