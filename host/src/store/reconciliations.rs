@@ -16,6 +16,13 @@ use super::{dispatch, now, placeholders, Customer, Store, StoreError, SyncLink};
 /// scheduled: `<repair>: being scheduled`.
 const SCHEDULING: &str = ": being scheduled";
 
+/// Opens again the claims older than `$1`. [`SCHEDULING`] is written out,
+/// as the partial index that serves this reads it (migration 23): a bound
+/// pattern would not match it.
+const REOPEN_STALLED_SQL: &str = "UPDATE reconciliation_mismatches SET state = 'open', \
+     repair = NULL, resolved_at = NULL WHERE state = 'resolved' \
+     AND repair LIKE '%: being scheduled' AND resolved_at < $1";
+
 /// The claim [`Store::settle_mismatch`] marks a finding with while
 /// `repair` is scheduled for it.
 pub fn scheduling_claim(repair: &str) -> String {
@@ -832,14 +839,8 @@ impl Store {
         &self,
         before: DateTime<Utc>,
     ) -> Result<u64, StoreError> {
-        // [`SCHEDULING`] written out, as the partial index that serves
-        // this reads it (migration 23): a bound pattern would not match it.
         Ok(dispatch!(self, write pool => {
-            sqlx::query(
-                "UPDATE reconciliation_mismatches SET state = 'open', repair = NULL, \
-                 resolved_at = NULL WHERE state = 'resolved' AND repair LIKE '%: being scheduled' \
-                 AND resolved_at < $1",
-            )
+            sqlx::query(REOPEN_STALLED_SQL)
             .bind(before)
             .execute(pool)
             .await?
@@ -1165,5 +1166,16 @@ impl Store {
             .fetch_one(pool)
             .await?
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stalled claims' statement looks for the claims as written.
+    #[test]
+    fn the_stalled_claims_statement_names_the_claim() {
+        assert!(REOPEN_STALLED_SQL.contains(&format!("LIKE '%{SCHEDULING}'")));
     }
 }
