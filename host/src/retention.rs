@@ -18,7 +18,8 @@ pub struct Retention {
     pub keep: Duration,
     /// How often a pass runs.
     pub every: Duration,
-    /// Rows one statement looks at (and deletes at most).
+    /// Rows one statement looks at (and deletes at most); the inbound
+    /// deletes kept longer than the rest are passed over, not counted.
     pub batch: u32,
 }
 

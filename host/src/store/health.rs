@@ -306,8 +306,9 @@ impl Store {
     /// One retention step over `table`: looks at up to `batch` rows after
     /// `after` in key order, and deletes those older than `cutoff` that
     /// are finished. Keys grow with time, so the old rows are a prefix; the
-    /// step stops at the first row newer than `cutoff`. One short
-    /// statement each, so writers never wait long.
+    /// step stops at the first row newer than `cutoff`. One short delete
+    /// each, so writers never wait long (the window's read passes over
+    /// the inbound deletes kept longer, a read that holds no lock).
     pub async fn trim(
         &self,
         table: Trimmed,

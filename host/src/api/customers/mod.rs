@@ -503,10 +503,18 @@ fn refused_in_patch(patch: &serde_json::Value) -> Result<(), ApiError> {
     let metadata = patch["metadata"].as_object();
     let set = metadata.map_or(0, |m| m.values().filter(|v| !v.is_null()).count());
     let named = metadata.map_or(0, serde_json::Map::len);
-    if set > validate::MAX_METADATA_KEYS || named > 2 * validate::MAX_METADATA_KEYS {
+    if set > validate::MAX_METADATA_KEYS {
         errors.push(FieldError::new(
             "metadata",
             format!("at most {} keys", validate::MAX_METADATA_KEYS),
+        ));
+    } else if named > 2 * validate::MAX_METADATA_KEYS {
+        errors.push(FieldError::new(
+            "metadata",
+            format!(
+                "a patch names at most {} keys (each key removed and another set)",
+                2 * validate::MAX_METADATA_KEYS
+            ),
         ));
     }
     if errors.is_empty() {
