@@ -63,8 +63,6 @@ const HELD_RECHECK_MS: i64 = 5_000;
 
 /// How long an event waits for its connector to be loaded here.
 const NOT_LOADED_RECHECK: Duration = Duration::from_secs(5);
-/// How long a fetch the remote rate-limited without a Retry-After waits.
-const RATE_LIMITED_FETCH: Duration = Duration::from_secs(1);
 /// How often a decision is retaken when the customer changed under it.
 const RACE_RETRIES: usize = 5;
 
@@ -1522,10 +1520,7 @@ impl SyncEngine {
             // edit's thin events, read back one by one, were dead-lettered
             // healthy), and the connector's pushes pause with them.
             Err(CallError::Connector(ConnectorError::RateLimited(limit))) => {
-                let wait = limit
-                    .retry_after_ms
-                    .map_or(RATE_LIMITED_FETCH, Duration::from_millis)
-                    .min(super::retry::MAX_RETRY_AFTER);
+                let wait = super::retry::rate_limited_read_wait(limit.retry_after_ms);
                 self.inner.breakers.pause(&event.connector, wait);
                 Err(Failure::Wait(
                     format!("rate limited: {}", limit.message),

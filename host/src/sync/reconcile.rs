@@ -582,10 +582,7 @@ impl SyncEngine {
                     page
                 }
                 Err(CallError::Connector(ConnectorError::RateLimited(limit))) => {
-                    let wait = limit
-                        .retry_after_ms
-                        .map_or(Duration::from_secs(1), Duration::from_millis)
-                        .min(super::retry::MAX_RETRY_AFTER);
+                    let wait = super::retry::rate_limited_read_wait(limit.retry_after_ms);
                     inner.breakers.pause(&run.connector, wait);
                     tracing::info!(
                         wait_ms = wait.as_millis() as u64,

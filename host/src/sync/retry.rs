@@ -9,6 +9,15 @@ use rand::Rng;
 /// it asked for this (an operator will see the retries in the log).
 pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// How long a read the remote rate-limited waits: its Retry-After (capped
+/// at [`MAX_RETRY_AFTER`]), else a second. Pushes wait their own backoff
+/// instead (see `outbound`).
+pub(crate) fn rate_limited_read_wait(retry_after_ms: Option<u64>) -> Duration {
+    retry_after_ms
+        .map_or(Duration::from_secs(1), Duration::from_millis)
+        .min(MAX_RETRY_AFTER)
+}
+
 /// The retry schedule of failed pushes.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {

@@ -832,6 +832,22 @@ async fn a_change_on_one_replica_reaches_the_other() {
     );
 }
 
+/// Creates a customer named `name` and waits until its recorder link was
+/// looked at and put back to wait (its next attempt in the future): its id
+/// and the link.
+async fn a_change_put_back_to_wait(app: &SyncApp, name: &str) -> (String, Value) {
+    let customer = app
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": name}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let link = app
+        .wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
+            l["next_attempt_at_ms"].as_i64() > Some(chrono::Utc::now().timestamp_millis())
+        })
+        .await;
+    (id, link)
+}
+
 /// While the recorder is not loaded here: an event whose payload cannot be
 /// trusted (the same remote tick as the last one applied) must be fetched
 /// afresh, and waits for the connector without spending an attempt. A
@@ -1386,15 +1402,7 @@ async fn a_host_setting_the_policy_refuses_in_effect_leaves_pushes_waiting() {
             .is_some_and(|p| p.contains("settings.api_base") && p.contains("deny-list")),
         "{connector}"
     );
-    let customer = app
-        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Denied"}))
-        .await;
-    let id = customer["id"].as_str().expect("id").to_owned();
-    let link = app
-        .wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
-            l["next_attempt_at_ms"].as_i64() > Some(chrono::Utc::now().timestamp_millis())
-        })
-        .await;
+    let (_, link) = a_change_put_back_to_wait(&app, "Denied").await;
     assert_eq!(
         (&link["state"], &link["attempts"]),
         (&json!("pending"), &json!(0)),
@@ -1583,16 +1591,7 @@ async fn a_version_that_needs_a_new_setting_waits_for_it(backend: Backend) {
             .is_some_and(|p| p.contains("settings.account")),
         "{connector}"
     );
-    let customer = app
-        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Waiting"}))
-        .await;
-    let id = customer["id"].as_str().expect("id").to_owned();
-    // Looked at and put back to wait: its next attempt is in the future.
-    let link = app
-        .wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
-            l["next_attempt_at_ms"].as_i64() > Some(chrono::Utc::now().timestamp_millis())
-        })
-        .await;
+    let (id, link) = a_change_put_back_to_wait(&app, "Waiting").await;
     assert_eq!(link["state"], "pending", "{link}");
     assert_eq!(link["attempts"], 0, "{link}");
     assert!(remote.requests_to("POST", "/records").is_empty());
@@ -1646,15 +1645,7 @@ async fn secrets_a_replica_cannot_open_leave_pushes_waiting(backend: Backend) {
             .is_some_and(|p| p.contains("secrets")),
         "{connector}"
     );
-    let customer = app
-        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Sealed"}))
-        .await;
-    let id = customer["id"].as_str().expect("id").to_owned();
-    let link = app
-        .wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
-            l["next_attempt_at_ms"].as_i64() > Some(chrono::Utc::now().timestamp_millis())
-        })
-        .await;
+    let (_, link) = a_change_put_back_to_wait(&app, "Sealed").await;
     assert_eq!(link["state"], "pending", "{link}");
     assert_eq!(link["attempts"], 0, "{link}");
     assert!(remote.requests_to("POST", "/records").is_empty());

@@ -226,6 +226,15 @@ async fn echo_links(h: &Harness, event_id: &str, id: &str, made: &Value) -> Valu
         .await
 }
 
+/// A thin Stripe event (an event destination's `v2.core.event`) of type
+/// `kind` naming customer `remote_id`.
+fn thin_event(event_id: &str, kind: &str, remote_id: &str) -> Value {
+    json!({"id": event_id, "object": "v2.core.event", "type": kind,
+        "created": chrono::Utc::now().to_rfc3339(), "livemode": false, "context": null,
+        "related_object": {"id": remote_id, "type": "customer",
+            "url": format!("/v1/customers/{remote_id}")}})
+}
+
 /// The snapshot of customer `id`'s Stripe link (the next merge's base).
 async fn stripe_snapshot(h: &Harness, id: &str) -> Option<Value> {
     h.app
@@ -260,14 +269,10 @@ async fn a_thin_echo_of_a_create_whose_answer_was_lost_links_its_record() {
         Fault::status(503),
     );
 
-    let echo = json!({"id": "evt_lost_answer_thin", "object": "v2.core.event",
-        "type": "v1.customer.created", "created": chrono::Utc::now().to_rfc3339(),
-        "livemode": false, "context": null,
-        "related_object": {"id": remote_id, "type": "customer",
-            "url": format!("/v1/customers/{remote_id}")},
-        "reason": {"type": "request",
-            "request": {"id": "req_1", "idempotency_key": format!("ferry-stripe-{id}-v1")}}})
-    .to_string();
+    let mut echo = thin_event("evt_lost_answer_thin", "v1.customer.created", &remote_id);
+    echo["reason"] = json!({"type": "request",
+        "request": {"id": "req_1", "idempotency_key": format!("ferry-stripe-{id}-v1")}});
+    let echo = echo.to_string();
     let (status, _) = deliver(&h.app, &echo, &stripe_signature(&echo, WEBHOOK_SECRET)).await;
     assert_eq!(status, 200);
     h.app
@@ -634,31 +639,14 @@ async fn a_rate_limited_fetch_spends_no_attempt() {
             Fault::rate_limited(1),
         );
     }
-    let thin = json!({"id": "evt_limited_read", "object": "v2.core.event",
-        "type": "v1.customer.updated", "created": chrono::Utc::now().to_rfc3339(),
-        "livemode": false, "context": null,
-        "related_object": {"id": remote_id, "type": "customer",
-            "url": format!("/v1/customers/{remote_id}")}})
-    .to_string();
+    let thin = thin_event("evt_limited_read", "v1.customer.updated", &remote_id).to_string();
     let (status, _) = deliver(&h.app, &thin, &stripe_signature(&thin, WEBHOOK_SECRET)).await;
     assert_eq!(status, 200);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let event = loop {
-        let events = h
-            .app
-            .store
-            .inbox_of_remote("stripe", &remote_id)
-            .await
-            .unwrap();
-        let done = events.into_iter().find(|e| {
-            e.event_id == "evt_limited_read" && !matches!(e.state.as_str(), "pending" | "retry")
-        });
-        if let Some(event) = done {
-            break event;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never finished");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let event = h
+        .app
+        .wait_inbox_settled("stripe", &remote_id, 1)
+        .await
+        .remove(0);
     assert_eq!(
         (event.state.as_str(), event.attempts),
         ("applied", 0),

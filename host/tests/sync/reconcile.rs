@@ -441,20 +441,17 @@ async fn drift_is_found_reported_and_repaired(backend: Backend) {
     // replica is left to it.
     let database_url = app.database_url.clone();
     drop(app);
-    let stalled = format!(
-        "UPDATE reconciliation_mismatches SET state = 'resolved', \
-         repair = 'pull_remote: being scheduled', resolved_at = '2020-01-01T00:00:00Z' \
-         WHERE id = '{}'",
-        missing["id"].as_str().unwrap()
-    );
-    execute_raw(&database_url, &stalled, b"").await;
-    let under_way = format!(
-        "UPDATE reconciliation_mismatches SET state = 'resolved', \
-         repair = 'push_local: being scheduled', resolved_at = '2999-01-01T00:00:00Z' \
-         WHERE id = '{}'",
-        orphan["id"].as_str().unwrap()
-    );
-    execute_raw(&database_url, &under_way, b"").await;
+    for (finding, repair, at) in [
+        (missing, "pull_remote", "2020-01-01T00:00:00Z"),
+        (orphan, "push_local", "2999-01-01T00:00:00Z"),
+    ] {
+        let claimed = format!(
+            "UPDATE reconciliation_mismatches SET state = 'resolved', \
+             repair = '{repair}: being scheduled', resolved_at = '{at}' WHERE id = '{}'",
+            finding["id"].as_str().unwrap()
+        );
+        execute_raw(&database_url, &claimed, b"").await;
+    }
     let mut setup = Setup::new(backend, &url);
     setup.database_url = Some(database_url);
     let app = spawn_sync_app(setup).await;
