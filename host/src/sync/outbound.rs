@@ -39,7 +39,6 @@ const LEASE_MARGIN_MS: i64 = 500;
 /// its connector.
 const NOT_LOADED_RECHECK: Duration = Duration::from_secs(5);
 
-/// Waits `after` without spending an attempt or writing a delivery.
 /// What a failed push spends of its attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Spend {
@@ -50,6 +49,7 @@ enum Spend {
     Nothing,
 }
 
+/// Waits `after` without spending an attempt or writing a delivery.
 fn deferred(after: Duration) -> (RecordedOutcome, Outcome) {
     (wait(after), Outcome::Deferred)
 }
