@@ -29,6 +29,9 @@ const MIN_BATCH: u32 = 200;
 /// How long the org's daily API allowance (`TotalRequests`) is waited out
 /// between probes.
 const DAILY_LIMIT_WAIT_MS: u64 = 60 * 60 * 1000;
+/// How long a connector waits between probes of an org read-only for a
+/// planned maintenance, when Salesforce gives no `Retry-After`.
+const MAINTENANCE_WAIT_MS: u64 = 60 * 1000;
 const MAX_BATCH: u32 = 2000;
 
 struct Salesforce;
@@ -638,12 +641,13 @@ fn api_error(resp: &Response) -> ConnectorError {
     };
     let message = format!("Salesforce answered HTTP {}: {detail}", resp.status);
     let code = errors.first().map(|e| e.error_code.as_str()).unwrap_or("");
+    let retry_after = resp
+        .header("retry-after")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|secs| secs.saturating_mul(1000));
     match code {
         "REQUEST_LIMIT_EXCEEDED" => {
-            let retry_after = resp
-                .header("retry-after")
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(|secs| secs.saturating_mul(1000))
+            let retry_after = retry_after
                 // The org's rolling 24-hour allowance: it comes back as old
                 // requests age out, not after a push's backoff of seconds,
                 // so the connector waits an hour between probes.
@@ -673,10 +677,24 @@ fn api_error(resp: &Response) -> ConnectorError {
         }
         "ENTITY_IS_DELETED" | "NOT_FOUND" => return ConnectorError::not_found(message),
         // The org is read-only for a planned maintenance (it can last
-        // hours), or a query ran out of time: both pass.
+        // hours), or Salesforce says when to come back: the remote says
+        // "later", not "no". Read as a passing failure, each change's
+        // attempts ran out within the window and it was dead-lettered;
+        // read as a rate limit, the connector pauses and no change spends
+        // an attempt.
+        "INSERT_UPDATE_DELETE_NOT_ALLOWED_DURING_MAINTENANCE" => {
+            return ConnectorError::rate_limited(
+                Some(retry_after.unwrap_or(MAINTENANCE_WAIT_MS)),
+                message,
+            );
+        }
+        "SERVER_UNAVAILABLE" if retry_after.is_some() => {
+            return ConnectorError::rate_limited(retry_after, message);
+        }
+        // Unavailable without a date, or a query that ran out of time:
+        // both pass.
         "SERVER_UNAVAILABLE"
         | "UNABLE_TO_LOCK_ROW"
-        | "INSERT_UPDATE_DELETE_NOT_ALLOWED_DURING_MAINTENANCE"
         | "QUERY_TIMEOUT"
         // A query locator released before its next batch was asked for (a
         // user holds 10 open at most; opening another drops the oldest):

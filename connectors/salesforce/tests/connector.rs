@@ -402,9 +402,26 @@ async fn salesforce_errors_are_read_for_what_they_mean() {
         connector_error(kit.push(linked(Operation::Delete, "003G")).await),
         ConnectorError::NotFound(_)
     ));
+    // A maintenance lasts hours: the connector pauses, no change spends
+    // an attempt on it (each one's ran out within the window).
     assert!(matches!(
         connector_error(kit.push(linked(Operation::Update, "003M")).await),
-        ConnectorError::Retryable(m) if m.contains("MAINTENANCE")
+        ConnectorError::RateLimited(r) if r.message.contains("MAINTENANCE")
+            && r.retry_after_ms == Some(60_000)
+    ));
+    kit.http()
+        .on("PATCH", &format!("{CONTACTS}/003U"))
+        .respond(
+            503,
+            &[("Content-Type", "application/json"), ("Retry-After", "120")],
+            sf_error("SERVER_UNAVAILABLE", "Server is unavailable.", &[]).to_string(),
+        );
+    kit.http()
+        .on("GET", &format!("{CONTACTS}/003U"))
+        .respond_json(200, &json!({"FirstName": "Ada", "LastName": "King"}));
+    assert!(matches!(
+        connector_error(kit.push(linked(Operation::Update, "003U")).await),
+        ConnectorError::RateLimited(r) if r.retry_after_ms == Some(120_000)
     ));
 
     kit.http()
