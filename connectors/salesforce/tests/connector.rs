@@ -409,13 +409,11 @@ async fn salesforce_errors_are_read_for_what_they_mean() {
         ConnectorError::RateLimited(r) if r.message.contains("MAINTENANCE")
             && r.retry_after_ms == Some(60_000)
     ));
-    kit.http()
-        .on("PATCH", &format!("{CONTACTS}/003U"))
-        .respond(
-            503,
-            &[("Content-Type", "application/json"), ("Retry-After", "120")],
-            sf_error("SERVER_UNAVAILABLE", "Server is unavailable.", &[]).to_string(),
-        );
+    kit.http().on("PATCH", &format!("{CONTACTS}/003U")).respond(
+        503,
+        &[("Content-Type", "application/json"), ("Retry-After", "120")],
+        sf_error("SERVER_UNAVAILABLE", "Server is unavailable.", &[]).to_string(),
+    );
     kit.http()
         .on("GET", &format!("{CONTACTS}/003U"))
         .respond_json(200, &json!({"FirstName": "Ada", "LastName": "King"}));

@@ -21,6 +21,7 @@
 //! A run holds a lease in the store: one replica drives it, and another
 //! takes it over from its last step when the lease runs out (a crash).
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -215,8 +216,9 @@ impl SyncEngine {
             tokio::spawn(async move { engine.clear_scratch(&cancel).await })
         };
         let mut swept: Option<Instant> = None;
+        let mut told = HashSet::new();
         loop {
-            if let Err(error) = self.start_scheduled(&options).await {
+            if let Err(error) = self.start_scheduled(&options, &mut told).await {
                 tracing::warn!(
                     error = format!("{:#}", anyhow::Error::from(error)),
                     "starting scheduled reconciliations failed"
@@ -261,7 +263,17 @@ impl SyncEngine {
         let _ = housekeeping.await;
     }
 
-    async fn start_scheduled(&self, options: &ReconcileOptions) -> Result<(), StoreError> {
+    /// Starts the runs `options`' schedules make due. A connector's first
+    /// run is a person's (its backfill, offered until then): a schedule
+    /// waits for it, and says so once in `told`. Started by itself, a
+    /// scheduled run took the backfill's place (`enable?backfill=true`
+    /// answered 409 once it had enabled the connector) and reported every
+    /// record of the remote as a finding.
+    async fn start_scheduled(
+        &self,
+        options: &ReconcileOptions,
+        told: &mut HashSet<String>,
+    ) -> Result<(), StoreError> {
         for schedule in &options.schedules {
             if self
                 .inner
@@ -276,7 +288,15 @@ impl SyncEngine {
                     last.status != "running"
                         && next_run_due(last.started_at, schedule.every, chrono::Utc::now())
                 }
-                None => true,
+                None => {
+                    if told.insert(schedule.connector.clone()) {
+                        tracing::info!(
+                            connector = schedule.connector,
+                            "scheduled reconciliations wait for the connector's first run (its backfill)"
+                        );
+                    }
+                    false
+                }
             };
             if due {
                 let started = self

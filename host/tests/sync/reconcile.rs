@@ -176,6 +176,8 @@ async fn backfill_links_imports_and_pushes(backend: Backend) {
     let url = stripe.url();
     let mut setup = Setup::new(backend, &url);
     setup.stripe_url = None;
+    // A schedule waits for the backfill: it does not take its place.
+    setup.extra = json!({"connectors": {"stripe": {"reconcile_every": "1m"}}});
     let app = spawn_sync_app(setup).await;
 
     let (local_only, matched, remote_only, dup) = (
@@ -212,11 +214,17 @@ async fn backfill_links_imports_and_pushes(backend: Backend) {
     let connector = configure_stripe(&app, &url).await;
     assert_eq!(connector["enabled"], true, "{connector}");
     assert_eq!(connector["backfill_offered"], true, "{connector}");
-    // Nothing flows by itself: the existing data waits for the backfill.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nothing flows by itself, nor does the schedule start a run (the
+    // reconciler looks every second): the existing data waits for the
+    // backfill.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(stripe_customers_by_email(&url, &local_only)
         .await
         .is_empty());
+    let (_, connector) = app
+        .send(reqwest::Method::GET, "/api/v1/connectors/stripe", None)
+        .await;
+    assert_eq!(connector["backfill_offered"], true, "{connector}");
 
     let run = start_run(&app, json!({"connector": "stripe", "mode": "backfill"})).await;
     assert_eq!(
