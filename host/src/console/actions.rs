@@ -143,6 +143,13 @@ pub async fn resolve_conflict(
             &format!("/console/conflicts/{id}"),
             "Conflict resolved; the merged record is being pushed.",
         ),
+        // A double click's second post, or another operator's: the page
+        // says how it was resolved, not an error over a resolution made.
+        Err(ApiError::ConflictNotOpen) => done(
+            &form.session,
+            &format!("/console/conflicts/{id}"),
+            "This conflict is no longer open: this click changed nothing.",
+        ),
         Err(error) => problem(&form.session, error),
     }
 }
@@ -178,6 +185,15 @@ async fn picked_sides(
     }
 }
 
+/// The page a form came from (its `back` field: the list as filtered and
+/// paged), when it is `page` or one of its views; else `page`.
+fn back<'a>(form: &'a CsrfForm, page: &'a str) -> &'a str {
+    form.get("back")
+        .filter(|back| session::safe_next(Some(back)) == *back)
+        .filter(|back| *back == page || back.strip_prefix(page).is_some_and(|q| q.starts_with('?')))
+        .unwrap_or(page)
+}
+
 /// `POST /console/dead-letters/{id}/replay`.
 pub async fn replay_dead_letter(
     State(state): State<AppState>,
@@ -187,7 +203,7 @@ pub async fn replay_dead_letter(
     match dead_letters::replay_dead_letter(State(state), form.session.principal, Path(id)).await {
         Ok(axum::Json(result)) => done(
             &form.session,
-            "/console/dead-letters",
+            back(&form, "/console/dead-letters"),
             &format!("Replayed {} dead letter(s).", result.replayed),
         ),
         Err(error) => problem(&form.session, error),
@@ -206,7 +222,7 @@ pub async fn replay_dead_letters(State(state): State<AppState>, form: CsrfForm) 
     {
         Ok(axum::Json(result)) => done(
             &form.session,
-            "/console/dead-letters",
+            back(&form, "/console/dead-letters"),
             &format!("Replayed {} dead letter(s).", result.replayed),
         ),
         Err(error) => problem(&form.session, error),
@@ -329,6 +345,13 @@ pub async fn enable(
             &format!("/console/connectors/{name}"),
             "Enabled.",
         ),
+        // Refused before the switch: a double click's second post finds
+        // the first one's backfill going.
+        Err(ApiError::ReconciliationRunning(run)) => done(
+            &form.session,
+            &format!("/console/connectors/{name}"),
+            &format!("A run of {name} is going ({run}): this click changed nothing."),
+        ),
         Err(error) => problem(&form.session, error),
     }
 }
@@ -433,6 +456,11 @@ pub async fn start_reconciliation(State(state): State<AppState>, form: CsrfForm)
             let location = console_page_of(&response, "/console/reconciliations");
             done(&form.session, &location, "Run started.")
         }
+        Err(ApiError::ReconciliationRunning(run)) => done(
+            &form.session,
+            &format!("/console/reconciliations/{run}"),
+            "A run of this connector is already going (this one): no other was started.",
+        ),
         Err(error) => problem(&form.session, error),
     }
 }
@@ -445,6 +473,8 @@ pub async fn resolve_mismatch(
     form: CsrfForm,
 ) -> Response {
     let request = json!({ "action": form.get("action").unwrap_or("") });
+    let page = format!("/console/reconciliations/{id}");
+    let back_to = back(&form, &page).to_owned();
     match reconciliations::resolve_mismatch(
         State(state),
         form.session.principal,
@@ -453,10 +483,11 @@ pub async fn resolve_mismatch(
     )
     .await
     {
-        Ok(_) => done(
+        Ok(_) => done(&form.session, &back_to, "Finding resolved."),
+        Err(ApiError::MismatchNotOpen) => done(
             &form.session,
-            &format!("/console/reconciliations/{id}"),
-            "Finding resolved.",
+            &back_to,
+            "This finding is no longer open: this click changed nothing.",
         ),
         Err(error) => problem(&form.session, error),
     }

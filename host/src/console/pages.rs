@@ -44,6 +44,19 @@ fn pass(pairs: &[(String, String)], names: &[&str]) -> QueryPairs {
     )
 }
 
+/// `path` with `query`: the page as filtered and paged, for a form to
+/// come back to and a page to refresh to (without the notice it was
+/// reached with).
+fn here(path: &str, query: &QueryPairs) -> String {
+    if query.0.is_empty() {
+        return path.to_owned();
+    }
+    format!(
+        "{path}?{}",
+        serde_urlencoded::to_string(&query.0).unwrap_or_default()
+    )
+}
+
 /// The connectors' names, for filters and forms.
 fn connector_names(state: &AppState) -> Vec<String> {
     state
@@ -236,6 +249,7 @@ pub async fn dead_letters(
             "starting_after",
         ],
     );
+    let back = here("/console/dead-letters", &query);
     let list = answer!(
         session,
         dead_letters::list_dead_letters(State(state.clone()), session.principal, query)
@@ -250,6 +264,7 @@ pub async fn dead_letters(
             "connector": param(&pairs, "connector"),
             "direction": param(&pairs, "direction"),
             "include_replayed": param(&pairs, "include_replayed") == Some("true"),
+            "here": back,
             "notice": session.notice(&pairs),
         }),
     )
@@ -339,6 +354,7 @@ pub async fn reconciliation(
         )
     );
     let query = pass(&pairs, &["kind", "state", "starting_after"]);
+    let back = here(&format!("/console/reconciliations/{id}"), &query);
     let findings = answer!(
         session,
         reconciliations::list_mismatches(State(state), session.principal, Path(id), query)
@@ -352,6 +368,7 @@ pub async fn reconciliation(
             "findings": findings,
             "kind": param(&pairs, "kind"),
             "state": param(&pairs, "state"),
+            "here": back,
             "notice": session.notice(&pairs),
         }),
     )

@@ -176,7 +176,7 @@ fn cookie_value(parts: &Parts) -> Option<&str> {
 pub fn safe_next(next: Option<&str>) -> &str {
     match next {
         Some(next)
-            if next.starts_with("/console")
+            if in_console(next)
                 // Printable ASCII only: a control character would make
                 // the redirect's Location header unsendable (a 500).
                 && next.bytes().all(|b| (0x21..=0x7e).contains(&b))
@@ -188,6 +188,18 @@ pub fn safe_next(next: Option<&str>) -> &str {
         }
         _ => "/console",
     }
+}
+
+/// Whether `next`'s path is `/console` or under it, once a browser has
+/// resolved its dot segments: `/console/../metrics` (or `%2e%2e`) leads
+/// out of it.
+fn in_console(next: &str) -> bool {
+    let path = next.split(['?', '#']).next().unwrap_or_default();
+    let dots = |segment: &str| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    };
+    (path == "/console" || path.starts_with("/console/")) && !path.split('/').any(dots)
 }
 
 impl FromRequestParts<AppState> for Session {
@@ -437,10 +449,14 @@ mod tests {
 
     #[test]
     fn next_stays_in_the_console() {
-        assert_eq!(
-            safe_next(Some("/console/conflicts?state=open")),
-            "/console/conflicts?state=open"
-        );
+        for good in [
+            "/console",
+            "/console/conflicts?state=open",
+            "/console?q=a/../b",
+            "/console/customers/cus_1..2",
+        ] {
+            assert_eq!(safe_next(Some(good)), good);
+        }
         for bad in [
             "https://evil.example/",
             "//evil.example",
@@ -451,6 +467,10 @@ mod tests {
             "/console/conflicts\r\nset-cookie: x=1",
             "/console/\u{7f}",
             "/console/caf\u{e9}",
+            "/console/../metrics",
+            "/console/%2e%2E/api/v1/customers",
+            "/console/./../api",
+            "/consoles",
         ] {
             assert_eq!(safe_next(Some(bad)), "/console", "{bad}");
         }

@@ -18,7 +18,8 @@ use serde_json::{json, Value};
 
 use crate::conflicts::modify_in_stripe;
 use crate::helpers::{
-    email, spawn_sync_app, stripe_customer, Backend, Setup, SyncApp, STRIPE_KEY, WEBHOOK_SECRET,
+    csrf_field, email, spawn_sync_app, stripe_customer, Backend, Setup, SyncApp, STRIPE_KEY,
+    WEBHOOK_SECRET,
 };
 
 const TOKEN: &str = "console-admin-token-0123456789";
@@ -418,6 +419,12 @@ async fn the_operator_console_in_a_real_browser() {
         .follow(&format!("button[aria-label='Replay {letter}']"))
         .await;
     console.wait_text("Replayed 1 dead letter").await;
+    // Back to the list as it was filtered, not the first page of all.
+    let back = console.browser.driver.current_url().await.unwrap();
+    assert!(
+        back.query().is_some_and(|q| q.contains("connector=stripe")),
+        "{back}"
+    );
     app.wait_synced(&stuck_id, 1).await;
     let config = api_get(&app, "/api/v1/connectors/stripe").await;
     assert_eq!(
@@ -587,6 +594,28 @@ async fn the_operator_console_in_a_real_browser() {
         assert_eq!(response.status(), 403, "{form}");
         assert!(response.text().await.unwrap().contains("csrf_failed"));
     }
+    // A second post of a resolution (a double click): the conflict's page
+    // says it is no longer open, not an error over the first one's work.
+    let csrf = csrf_field(&console.seen().await);
+    let again = client
+        .post(format!(
+            "{}/console/conflicts/{conflict_id}/resolve",
+            app.base
+        ))
+        .header("cookie", format!("ferry_console={}", cookie.value))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={csrf}&resolution=local"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 303);
+    let location = again.headers()["location"].to_str().unwrap().to_owned();
+    assert!(
+        location.starts_with(&format!(
+            "/console/conflicts/{conflict_id}?notice=This+conflict+is+no+longer+open"
+        )),
+        "{location}"
+    );
     let response = client
         .post(&replay)
         .header("content-type", "application/x-www-form-urlencoded")
