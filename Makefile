@@ -3,7 +3,7 @@
 #   make test   install what the suite needs, then run all of it
 # Everything they need is installed by scripts/setup.sh, idempotently.
 
-.PHONY: run test connectors bench check
+.PHONY: run test connectors check
 
 run:
 	@scripts/run.sh

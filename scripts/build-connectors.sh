@@ -6,6 +6,7 @@
 # A file is only replaced when its bytes changed.
 source "$(dirname "$0")/lib.sh"
 cd "$FERRY_ROOT"
+hold_target_dir
 # The wasm32-wasip2 target, if missing (idempotent, quick).
 "$FERRY_ROOT/scripts/setup.sh"
 step "building connectors (wasm32-wasip2 components)"

@@ -11,7 +11,7 @@ if ! command -v docker-compose >/dev/null; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
   # Without recommends: those would pull in the Docker engine itself.
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends docker-compose
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose
 fi
 
 fail() { printf 'check-compose: %s\n' "$*" >&2; exit 1; }

@@ -15,6 +15,21 @@ fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$FERRY_ROOT/target}"
 step() { printf '\n==> %s\n' "$*"; }
 
+# Under CI, runs of several clones share the cached target dir. Cargo's lock
+# covers a build, not the tests run from it: a second run relinked binaries
+# (and swapped the recorder's variants) under the first. One run at a time
+# holds it; the scripts a run calls see it held and do not wait on it.
+hold_target_dir() {
+  [ "${CI:-}" = "true" ] && [ -z "${CI_TARGET_DIR_HELD:-}" ] || return 0
+  mkdir -p "$(dirname "$CARGO_TARGET_DIR")"
+  exec 8>"$CARGO_TARGET_DIR.lock"
+  if ! flock -n 8; then
+    step "waiting for another run using $CARGO_TARGET_DIR"
+    flock 8
+  fi
+  export CI_TARGET_DIR_HELD=1
+}
+
 # A free TCP port on 127.0.0.1.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

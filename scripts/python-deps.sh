@@ -10,14 +10,17 @@ CACHE_DIR="${FERRY_CACHE_DIR:-$HOME/.cache/ferry}"
 VENV="$CACHE_DIR/venv"
 PYTHON="${PYTHON:-python3}"
 
-# Pinned: versions checked to install and run together on Python 3.11.
+# Pinned: versions checked to install and run together on Python 3.11. What
+# they pull in is pinned too (python-constraints.txt), and the stamp names
+# that file's hash: a change to either builds the venv again.
 REQUIREMENTS=(
   "localstripe==1.15.10"
   "stripe==16.1.0"
   "schemathesis==4.32.5"
 )
+CONSTRAINTS="$(cd "$(dirname "$0")" && pwd)/python-constraints.txt"
 STAMP="$VENV/.ferry-requirements"
-WANT="$(printf '%s\n' "${REQUIREMENTS[@]}")"
+WANT="$(printf '%s\n' "${REQUIREMENTS[@]}" "$(sha256sum "$CONSTRAINTS" | cut -d' ' -f1)")"
 
 up_to_date() { [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; }
 
@@ -34,7 +37,8 @@ if ! up_to_date; then
   # The stamp is written last, so an interrupted install is redone from scratch.
   rm -rf "$VENV"
   "$PYTHON" -m venv "$VENV" >&2
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${REQUIREMENTS[@]}" >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+    --constraint "$CONSTRAINTS" "${REQUIREMENTS[@]}" >&2
   printf '%s' "$WANT" >"$STAMP"
 fi
 echo "$VENV/bin/python"

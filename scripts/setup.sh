@@ -18,6 +18,12 @@ if [ "$(printf '%s\n%s\n' "$min_rust" "$have_rust" | sort -V | head -n1)" != "$m
   if command -v rustup >/dev/null; then
     step "updating Rust $have_rust to stable (ferry needs $min_rust or newer)"
     rustup update stable
+    # A default pinned to an older toolchain stays as it was.
+    have_rust=$(rustc --version | awk '{print $2}')
+    if [ "$(printf '%s\n%s\n' "$min_rust" "$have_rust" | sort -V | head -n1)" != "$min_rust" ]; then
+      echo "error: Rust $have_rust is still older than $min_rust (a pinned default or rust-toolchain file?): run 'rustup default stable'" >&2
+      exit 1
+    fi
   else
     echo "error: Rust $have_rust is older than $min_rust, which ferry's dependencies need" >&2
     exit 1
@@ -31,7 +37,9 @@ if ! command -v rustup >/dev/null; then
     echo "error: this Rust toolchain has no wasm32-wasip2 target, and there is no rustup to add it" >&2
     exit 1
   fi
-elif ! rustup target list --installed | grep -qx wasm32-wasip2; then
+# grep reads the whole list: `-q` stops at the first match, and rustup
+# writing into the closed pipe would fail the pipeline under pipefail.
+elif ! rustup target list --installed | grep -x wasm32-wasip2 >/dev/null; then
   step "adding the wasm32-wasip2 target"
   rustup target add wasm32-wasip2
 fi
@@ -43,11 +51,14 @@ if $want_test; then
   # The console's browser tests: a real headless chromium over WebDriver.
   [ -x /usr/bin/chromium ] || missing+=(chromium)
   [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+  # schemathesis.sh waits for ferry with it.
+  command -v curl >/dev/null || missing+=(curl)
   if [ ${#missing[@]} -gt 0 ]; then
     step "installing Debian packages: ${missing[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+    # Through env: sudo resets the environment a prefix would set.
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
   fi
   "$FERRY_ROOT/scripts/python-deps.sh"
   # The Kafka-protocol broker the cluster-mode tests start (built once per

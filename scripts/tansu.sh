@@ -21,8 +21,8 @@ up_to_date() { [[ -x "$BIN" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; }
 
 if ! up_to_date; then
   mkdir -p "$ROOT"
-  # Parallel callers (setup, test binaries) must not build twice: one builds,
-  # the others wait and then find the binary.
+  # Parallel callers (two setups on one machine) must not build twice: one
+  # builds, the others wait and then find the binary.
   exec 9>"$ROOT.lock"
   flock 9
   if ! up_to_date; then

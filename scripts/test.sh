@@ -6,6 +6,7 @@
 # (no Docker engine runs here).
 source "$(dirname "$0")/lib.sh"
 cd "$FERRY_ROOT"
+hold_target_dir
 "$FERRY_ROOT/scripts/setup.sh" --test
 "$FERRY_ROOT/scripts/check-compose.sh"
 "$FERRY_ROOT/scripts/build-connectors.sh"

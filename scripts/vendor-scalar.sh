@@ -9,6 +9,9 @@ trap 'rm -rf "$work"' EXIT
 (cd "$work" && npm pack --silent "@scalar/api-reference@$version" >/dev/null && tar xzf ./*.tgz)
 grep -q '"license": "MIT"' "$work/package/package.json"
 dest="$FERRY_ROOT/host/assets/scalar"
-rm -f "$dest"/scalar-*.js
-cp "$work/package/dist/browser/standalone.js" "$dest/scalar-$version.js"
+# The old file goes only once the new one is in place: docs.rs includes it,
+# and a package that moved its bundle would leave the tree not building.
+cp "$work/package/dist/browser/standalone.js" "$work/scalar-$version.js"
+find "$dest" -name 'scalar-*.js' ! -name "scalar-$version.js" -delete
+mv "$work/scalar-$version.js" "$dest/scalar-$version.js"
 sha256sum "$dest/scalar-$version.js"
