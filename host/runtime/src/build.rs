@@ -10,12 +10,25 @@ use std::process::{Command, Stdio};
 /// Cargo's own output (errors, and progress unless `quiet`) goes to this
 /// process's stderr.
 pub fn component(manifest_dir: &Path, quiet: bool) -> Result<PathBuf, String> {
+    component_in(manifest_dir, quiet, None)
+}
+
+/// [`component`], built into `target_dir` when given (else where cargo
+/// would put it: `CARGO_TARGET_DIR`, or the crate's workspace's `target`).
+pub fn component_in(
+    manifest_dir: &Path,
+    quiet: bool,
+    target_dir: Option<&Path>,
+) -> Result<PathBuf, String> {
     let manifest = manifest_dir.join("Cargo.toml");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
     command.args(["build", "--release", "--target", "wasm32-wasip2"]);
     if quiet {
         command.arg("--quiet");
+    }
+    if let Some(dir) = target_dir {
+        command.arg("--target-dir").arg(dir);
     }
     let output = command
         .arg("--message-format=json-render-diagnostics")
@@ -62,6 +75,16 @@ pub fn component(manifest_dir: &Path, quiet: bool) -> Result<PathBuf, String> {
         })
 }
 
+/// The target dir a binary cargo built lives in: the nearest folder above
+/// it holding the `CACHEDIR.TAG` cargo writes at a target dir's root.
+pub fn target_dir_of(binary: &Path) -> Option<PathBuf> {
+    binary
+        .ancestors()
+        .skip(1)
+        .find(|dir| dir.join("CACHEDIR.TAG").is_file())
+        .map(Path::to_owned)
+}
+
 /// Whether `reported` (cargo's manifest path, which keeps the symlinks of
 /// the path it was given) names `canonical`: a crate reached through a
 /// symlinked directory (`~/code` linked elsewhere, macOS's `/tmp`) was
@@ -73,6 +96,21 @@ fn same_file(reported: &Path, canonical: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_binary_s_target_dir_is_the_folder_cargo_tagged() {
+        let dir = tempfile::tempdir().expect("dir");
+        let target = dir.path().join("elsewhere");
+        let deps = target.join("debug/deps");
+        std::fs::create_dir_all(&deps).expect("dirs");
+        std::fs::write(
+            target.join("CACHEDIR.TAG"),
+            "Signature: 8a477f597d28d172789f06886806bc55",
+        )
+        .expect("tag");
+        assert_eq!(target_dir_of(&deps.join("connector-0123")), Some(target));
+        assert_eq!(target_dir_of(&dir.path().join("bin/tool")), None);
+    }
 
     #[cfg(unix)]
     #[test]

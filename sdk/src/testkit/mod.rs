@@ -491,6 +491,11 @@ pub fn webhook_request(headers: &[(&str, &str)], body: impl Into<Vec<u8>>) -> We
 /// --target wasm32-wasip2` and returns the component's path. Within one
 /// process (a test binary) each crate is built once: concurrent tests wait
 /// for that one build instead of running cargo side by side.
+///
+/// The build goes to the target dir the test binary was built in (`cargo
+/// test --target-dir DIR` included, which a nested cargo does not see), or
+/// `CARGO_TARGET_DIR`. It has the crate's default features: for a component
+/// built otherwise, build it and use [`TestKit::load_file`].
 pub fn build_component(manifest_dir: impl AsRef<Path>) -> Result<PathBuf, TestKitError> {
     /// One build per crate: the first caller runs it, the others wait.
     type Build = Arc<OnceLock<Result<PathBuf, String>>>;
@@ -503,9 +508,16 @@ pub fn build_component(manifest_dir: impl AsRef<Path>) -> Result<PathBuf, TestKi
             .unwrap_or_else(|e| e.into_inner());
         builds.entry(dir.clone()).or_default().clone()
     };
-    slot.get_or_init(|| ferry_runtime::build::component(&dir, true))
-        .clone()
-        .map_err(TestKitError::Build)
+    slot.get_or_init(|| {
+        let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+            .is_none()
+            .then(|| std::env::current_exe().ok())
+            .flatten()
+            .and_then(|exe| ferry_runtime::build::target_dir_of(&exe));
+        ferry_runtime::build::component_in(&dir, true, target_dir.as_deref())
+    })
+    .clone()
+    .map_err(TestKitError::Build)
 }
 
 /// A permanent error, as ferry reports it, for a remote id it could not
