@@ -18,14 +18,16 @@ step() { printf '\n==> %s\n' "$*"; }
 # Under CI, runs of several clones share the cached target dir. Cargo's lock
 # covers a build, not the tests run from it: a second run relinked binaries
 # (and swapped the recorder's variants) under the first. One run at a time
-# holds it; the scripts a run calls see it held and do not wait on it.
+# holds it; the scripts a run calls see it held and do not wait on it. The
+# lock is fd 7: steps that start peers (PostgreSQL, brokers) run with it
+# closed (`7>&-`), so a peer left running cannot keep it past the run.
 hold_target_dir() {
   [ "${CI:-}" = "true" ] && [ -z "${CI_TARGET_DIR_HELD:-}" ] || return 0
   mkdir -p "$(dirname "$CARGO_TARGET_DIR")"
-  exec 8>"$CARGO_TARGET_DIR.lock"
-  if ! flock -n 8; then
+  exec 7>"$CARGO_TARGET_DIR.lock"
+  if ! flock -n 7; then
     step "waiting for another run using $CARGO_TARGET_DIR"
-    flock 8
+    flock 7
   fi
   export CI_TARGET_DIR_HELD=1
 }
