@@ -392,6 +392,19 @@ impl App {
     /// requests finish and stops the background tasks.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let tasks = TaskTracker::new();
+        // Before any lease is taken: replicas compare their lease ends by
+        // the database's clock.
+        match self.state.store.follow_database_clock().await {
+            Ok(offset) => crate::store::clock::warn_if_off(offset, &mut false),
+            Err(error) => tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "reading the database's clock failed; this machine's is used"
+            ),
+        }
+        tasks.spawn(crate::store::clock::follow(
+            self.state.store.clone(),
+            self.cancel.clone(),
+        ));
         tasks.spawn(purge_idempotency_keys(
             self.state.store.clone(),
             self.retention.batch,

@@ -32,6 +32,7 @@
 //! [`statistics`]: it analyses a table that outgrew them, and the plans
 //! kept are then made again.
 
+pub mod clock;
 pub mod conflicts;
 pub mod connector_configs;
 pub mod connectors;
@@ -401,9 +402,11 @@ pub fn lock_sqlite_file(url: &str) -> anyhow::Result<Option<std::fs::File>> {
     }
 }
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch, by the database's clock on
+/// PostgreSQL (leases and due times are compared across replicas:
+/// [`clock`]).
 pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+    chrono::Utc::now().timestamp_millis() + clock::offset_ms()
 }
 
 /// Longest error text stored on a link, a delivery, a dead letter or an

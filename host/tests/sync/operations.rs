@@ -686,6 +686,9 @@ async fn readyz_says_when_the_database_takes_no_writes_and_shares_its_probes() {
     let mut setup = Setup::new(Backend::Postgres, "http://127.0.0.1:9");
     setup.stripe_url = None;
     let app = spawn_sync_app(setup).await;
+    // Leases follow the database's clock: on one machine, the same.
+    let offset = app.store.follow_database_clock().await.unwrap();
+    assert!(offset.abs() < 1_000, "{offset} ms");
     let readyz = |app: &SyncApp| {
         let url = format!("{}/readyz", app.base);
         async move {
