@@ -791,7 +791,7 @@ impl SyncEngine {
         let thin_upsert = event.kind == RemoteChange::Upsert && event.record.is_none();
         if let Some(link) = link.as_ref().filter(|l| !thin_upsert || l.remote_deleted) {
             let stale = event.occurred_at_ms < link.remote_seen_at_ms;
-            if stale && (link.remote_deleted || !self.gone_after_all(event).await) {
+            if stale && (link.remote_deleted || !self.gone_after_all(event).await?) {
                 return self
                     .skip(event, "stale: older than a change already applied")
                     .await;
@@ -1480,11 +1480,6 @@ impl SyncEngine {
                 Ok(Some(record))
             }
             Err(CallError::Connector(ConnectorError::Unsupported(_))) => Ok(None),
-            // ferry's own pacing, not the remote: a read waits for the next
-            // slot without spending an attempt.
-            Err(error @ CallError::Throttled { wait, .. }) => {
-                Err(Failure::Wait(error.to_string(), wait))
-            }
             // Gone since the event was sent: an event that carried the
             // record was looked up again only because its order was in
             // doubt, and the record's delete (which the remote sends) is
@@ -1516,21 +1511,29 @@ impl SyncEngine {
                     )
                 })
             }
+            Err(error) => Err(self.read_failed(event, error)),
+        }
+    }
+
+    /// What a failed read of `event`'s record (but a "not found" or a
+    /// `fetch` the connector lacks) makes of the event.
+    fn read_failed(&self, event: &InboxEvent, error: CallError) -> Failure {
+        match error {
+            // ferry's own pacing, not the remote: a read waits for the next
+            // slot without spending an attempt.
+            error @ CallError::Throttled { wait, .. } => Failure::Wait(error.to_string(), wait),
             // The remote is up and says "later": no attempt spent (a bulk
             // edit's thin events, read back one by one, were dead-lettered
             // healthy), and the connector's pushes pause with them.
-            Err(CallError::Connector(ConnectorError::RateLimited(limit))) => {
+            CallError::Connector(ConnectorError::RateLimited(limit)) => {
                 let wait = super::retry::rate_limited_read_wait(limit.retry_after_ms);
                 self.inner.breakers.pause(&event.connector, wait);
-                Err(Failure::Wait(
-                    format!("rate limited: {}", limit.message),
-                    wait,
-                ))
+                Failure::Wait(format!("rate limited: {}", limit.message), wait)
             }
-            Err(CallError::Connector(
+            CallError::Connector(
                 ConnectorError::Permanent(m) | ConnectorError::Unauthorized(m),
-            )) => Err(Failure::Permanent(m)),
-            Err(error) => Err(Failure::Retry(error.to_string())),
+            ) => Failure::Permanent(m),
+            error => Failure::Retry(error.to_string()),
         }
     }
 
@@ -1541,23 +1544,26 @@ impl SyncEngine {
     /// delete for stale, and the link stayed live (every later push a
     /// `not_found` dead letter). A delete with its record, or an upsert,
     /// is dated by the remote, and is as old as it looks.
-    /// Anything but the remote's "not found" (the record there, a
-    /// connector without `fetch` or not loaded here, a failure) leaves it
-    /// as stale as it looks, as before.
-    async fn gone_after_all(&self, event: &InboxEvent) -> bool {
+    /// The record there, or a connector without `fetch` or not loaded
+    /// here, leave it as stale as it looks; a read that failed is the
+    /// event's failure (retried, or a dead letter), not a skip: a delete
+    /// skipped for a timeout was lost.
+    async fn gone_after_all(&self, event: &InboxEvent) -> Result<bool, Failure> {
         if event.kind != RemoteChange::Delete || event.record.is_some() {
-            return false;
+            return Ok(false);
         }
         let Ok(ready) = self.inner.registry.loaded(&event.connector) else {
-            return false;
+            return Ok(false);
         };
-        matches!(
-            ready
-                .connector
-                .fetch(&ready.config, super::ENTITY, &event.remote_id)
-                .await,
-            Err(CallError::Connector(ConnectorError::NotFound(_)))
-        )
+        match ready
+            .connector
+            .fetch(&ready.config, super::ENTITY, &event.remote_id)
+            .await
+        {
+            Err(CallError::Connector(ConnectorError::NotFound(_))) => Ok(true),
+            Ok(_) | Err(CallError::Connector(ConnectorError::Unsupported(_))) => Ok(false),
+            Err(error) => Err(self.read_failed(event, error)),
+        }
     }
 
     /// Parks an event behind the open conflict holding its link: looked at

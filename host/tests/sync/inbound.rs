@@ -507,12 +507,14 @@ async fn an_undated_event_is_dated_on_arrival() {
 /// replica's fast clock dated it on arrival) no longer makes the next one,
 /// dated by a correct clock, look older than what was applied: that later
 /// change was skipped as stale, and lost. A thin delete dated behind is
-/// applied when the record is gone.
+/// applied when the record is gone, and retried when asking failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thin_event_dated_behind_the_last_one_is_still_applied() {
     use ferry::store::inbox::{NewInboxEvent, RemoteChange};
+    use ferry_test_support::fault_proxy::{Fault, FaultProxy, Match};
     let stripe = LocalStripe::start().expect("localstripe");
-    let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let app = spawn_sync_app(Setup::new(Backend::Sqlite, &proxy.url())).await;
     let address = email("thin");
     let created = stripe_py(
         &stripe.url(),
@@ -556,10 +558,15 @@ async fn a_thin_event_dated_behind_the_last_one_is_still_applied() {
     assert_eq!(customer["name"], "Second", "{customer}");
 
     // So is a thin delete dated behind, once the remote says the record
-    // is gone: it was skipped as stale, and the link stayed live.
+    // is gone: it was skipped as stale, and the link stayed live. Asking
+    // fails first (a 503): the delete is retried, not skipped.
     stripe_py(
         &stripe.url(),
         &format!("stripe.Customer.delete('{remote_id}')\nprint('{{}}')"),
+    );
+    proxy.push(
+        Match::request("GET", &format!("/v1/customers/{remote_id}")),
+        Fault::status(503),
     );
     store(NewInboxEvent {
         kind: RemoteChange::Delete,
@@ -567,8 +574,25 @@ async fn a_thin_event_dated_behind_the_last_one_is_still_applied() {
         ..thin("evt_thin_delete_behind", now + 1_000)
     })
     .await;
-    let deleted = applied("evt_thin_delete_behind").await;
+    let mut deleted = applied("evt_thin_delete_behind").await;
+    if deleted["state"] == "retry" {
+        // Looked at again after its backoff.
+        let id = "evt_thin_delete_behind";
+        deleted = wait_for(&app, id, async |app| {
+            let events = app
+                .store
+                .inbox_of_remote("stripe", &remote_id)
+                .await
+                .unwrap();
+            events
+                .into_iter()
+                .find(|e| e.event_id == id && !matches!(e.state.as_str(), "pending" | "retry"))
+                .map(|e| json!({"state": e.state.as_str(), "detail": e.detail}))
+        })
+        .await;
+    }
     assert_eq!(deleted["state"], "applied", "{deleted}");
+    assert_eq!(proxy.pending_faults(), 0, "the failed read was made");
     assert!(app.customer_by_email(&address).await.is_none());
 }
 
