@@ -471,7 +471,7 @@ impl<'c> Tx<'c> {
         &mut self,
         changes: &[InboundChange],
     ) -> Result<Vec<Option<LinkRead>>, sqlx::Error> {
-        let rows: Vec<(String, String, i64, i64, bool)> = match self {
+        let rows: Vec<(String, String, i64, i64, bool, bool)> = match self {
             Self::Postgres(tx) => {
                 let (connectors, remote_ids): (Vec<&str>, Vec<&str>) = changes
                     .iter()
@@ -479,7 +479,7 @@ impl<'c> Tx<'c> {
                     .unzip();
                 sqlx::query_as(
                     "SELECT connector, remote_id, remote_seen_at_ms, wanted_version, \
-                     held_by IS NOT NULL FROM sync_links \
+                     held_by IS NOT NULL, remote_deleted FROM sync_links \
                      WHERE (connector, remote_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
                      ORDER BY customer_id, connector FOR NO KEY UPDATE",
                 )
@@ -502,11 +502,19 @@ impl<'c> Tx<'c> {
         let mut links: HashMap<(String, String), LinkRead> = rows
             .into_iter()
             .map(
-                |(connector, remote_id, remote_seen_at_ms, wanted_version, held)| {
+                |(
+                    connector,
+                    remote_id,
+                    remote_seen_at_ms,
+                    wanted_version,
+                    held,
+                    remote_deleted,
+                )| {
                     let read = LinkRead {
                         remote_seen_at_ms,
                         wanted_version,
                         held,
+                        remote_deleted,
                     };
                     ((connector, remote_id), read)
                 },

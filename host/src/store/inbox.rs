@@ -208,7 +208,10 @@ pub struct NewConflict {
 /// only opened a conflict, of an event in the same remote tick, moves
 /// neither: whether the link is held is compared too, or the second
 /// event was applied on a held link, replaced its snapshot and took the
-/// hold over, leaving the first conflict holding nothing.
+/// hold over, leaving the first conflict holding nothing. Nor does a
+/// delete under `unlink` (it only marks the record deleted): an upsert of
+/// the same tick decided on the live link wrote it live again, and the
+/// next local change was pushed as an update of a record that is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
 pub struct LinkRead {
     /// When the newest remote change applied to the link happened.
@@ -217,6 +220,8 @@ pub struct LinkRead {
     pub wanted_version: i64,
     /// Whether an open conflict holds the link.
     pub held: bool,
+    /// Whether the remote record's delete was applied.
+    pub remote_deleted: bool,
 }
 
 impl From<&SyncLink> for LinkRead {
@@ -225,13 +230,15 @@ impl From<&SyncLink> for LinkRead {
             remote_seen_at_ms: link.remote_seen_at_ms,
             wanted_version: link.wanted_version,
             held: link.held_by.is_some(),
+            remote_deleted: link.remote_deleted,
         }
     }
 }
 
 /// The link of `(connector, remote id)` as [`LinkRead`] compares it. The
 /// group's links are locked already ([`GROUP_LINKS_POSTGRES`]).
-const LINK_READ: &str = "SELECT remote_seen_at_ms, wanted_version, held_by IS NOT NULL AS held \
+const LINK_READ: &str =
+    "SELECT remote_seen_at_ms, wanted_version, held_by IS NOT NULL AS held, remote_deleted \
      FROM sync_links WHERE connector = $1 AND remote_id = $2";
 
 /// The links of a group of changes' remote records (`$1`:
@@ -246,13 +253,13 @@ const LINK_READ: &str = "SELECT remote_seen_at_ms, wanted_version, held_by IS NO
 /// groups that share records wait for each other instead of deadlocking.
 /// SQLite's one writer holds the database already.
 const GROUP_LINKS_POSTGRES: &str =
-    "SELECT connector, remote_id, remote_seen_at_ms, wanted_version, held_by IS NOT NULL \
-     FROM sync_links WHERE (connector, remote_id) IN \
+    "SELECT connector, remote_id, remote_seen_at_ms, wanted_version, held_by IS NOT NULL, \
+     remote_deleted FROM sync_links WHERE (connector, remote_id) IN \
      (SELECT value ->> 0, value ->> 1 FROM jsonb_array_elements($1::jsonb)) \
      ORDER BY customer_id, connector FOR NO KEY UPDATE";
 pub(super) const GROUP_LINKS_SQLITE: &str =
-    "SELECT connector, remote_id, remote_seen_at_ms, wanted_version, held_by IS NOT NULL \
-     FROM json_each($1) JOIN sync_links ON connector = value ->> 0 AND remote_id = value ->> 1";
+    "SELECT connector, remote_id, remote_seen_at_ms, wanted_version, held_by IS NOT NULL, \
+     remote_deleted FROM json_each($1) JOIN sync_links ON connector = value ->> 0 AND remote_id = value ->> 1";
 
 /// The changes' remote records as a JSON array of `[connector, remote id]`.
 pub(super) fn group_records(changes: &[InboundChange]) -> Result<String, serde_json::Error> {

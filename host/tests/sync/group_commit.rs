@@ -470,6 +470,7 @@ async fn a_change_whose_link_moved_on_decides_again(postgres: bool) {
             remote_seen_at_ms: 1_000,
             wanted_version: 0,
             held: false,
+            remote_deleted: false,
         }
     );
     let later: Vec<(String, &String)> = remote
@@ -498,7 +499,13 @@ async fn a_change_whose_link_moved_on_decides_again(postgres: bool) {
         }
         other => panic!("the other change: {other:?}"),
     }
-    for read in [Some(stale), None] {
+    // Decided before the record's delete was applied under `unlink`
+    // (which moves nothing else): it wrote the link live again.
+    let before_a_delete = LinkRead {
+        remote_deleted: !read[0].remote_deleted,
+        ..read[0]
+    };
+    for read in [Some(stale), Some(before_a_delete), None] {
         let results = store
             .apply_inbound_many(&[renamed_from_remote(&events[0], first, "Never", read)])
             .await
