@@ -336,7 +336,9 @@ pub enum Applied {
 /// the remote may hold other values now, so a later version with that
 /// push's content is pushed, not skipped as unchanged. A link that holds
 /// another live record of the connector is left alone (no row written):
-/// the change decides again (see [`InboundChange::releases`]).
+/// the change decides again (see [`InboundChange::releases`]). A link
+/// that moves to another record takes that record's date: kept, the old
+/// record's newest date made the new one's changes dated before it stale.
 macro_rules! link_upsert_on_conflict {
     () => {
         "ON CONFLICT (customer_id, connector) DO UPDATE SET remote_id = excluded.remote_id, \
@@ -356,6 +358,7 @@ macro_rules! link_upsert_on_conflict {
          synced_version = CASE WHEN excluded.synced_version > sync_links.synced_version \
             THEN excluded.synced_version ELSE sync_links.synced_version END, \
          remote_seen_at_ms = CASE WHEN excluded.remote_seen_at_ms > sync_links.remote_seen_at_ms \
+            OR sync_links.remote_id IS NULL OR sync_links.remote_id <> excluded.remote_id \
             THEN excluded.remote_seen_at_ms ELSE sync_links.remote_seen_at_ms END, \
          wanted_version = CASE WHEN excluded.wanted_version > sync_links.wanted_version \
             THEN excluded.wanted_version ELSE sync_links.wanted_version END, \

@@ -958,6 +958,7 @@ impl Store {
             sqlx::query(
                 "UPDATE sync_links SET remote_id = $4, remote_deleted = FALSE, \
                  pending_version = NULL, pending_record = NULL, updated_at = $5, \
+                 remote_seen_at_ms = CASE WHEN remote_id = $4 THEN remote_seen_at_ms ELSE 0 END, \
                  synced_version = CASE WHEN synced_version < $3 THEN $3 ELSE synced_version END, \
                  snapshot = CASE WHEN remote_deleted THEN $6 ELSE COALESCE(snapshot, $6) END \
                  WHERE connector = $1 AND customer_id = $2 \

@@ -593,6 +593,26 @@ async fn a_second_record_does_not_take_a_link_over(postgres: bool) {
         .expect("link read")
         .is_none());
 
+    // The first record's newest change is dated after the second's: the
+    // link moving to the second record does not keep that date (the
+    // second's changes dated in between were skipped as stale).
+    let newer = claim_dated(&store, &[(format!("evt_{tag}_newer"), &remote[0])], 9_000).await;
+    let read_first = link_read(&store, &remote[0]).await;
+    let renamed = store
+        .apply_inbound_many(&[renamed_from_remote(
+            &newer[0],
+            first,
+            "First, newer",
+            Some(read_first),
+        )])
+        .await
+        .expect("applied");
+    assert!(
+        matches!(renamed[0], Ok(Applied::Done(Some(_)))),
+        "{renamed:?}"
+    );
+    assert_eq!(link_read(&store, &remote[0]).await.remote_seen_at_ms, 9_000);
+
     // Meant to replace it: taken.
     let merged = InboundChange {
         releases: Some(remote[0].clone()),
@@ -606,6 +626,7 @@ async fn a_second_record_does_not_take_a_link_over(postgres: bool) {
         .expect("link read")
         .expect("relinked");
     assert_eq!(moved.customer_id, first.id.as_str());
+    assert_eq!(moved.remote_seen_at_ms, 2_000, "the second record's date");
     assert!(store
         .link_by_remote_id("stripe", &remote[0])
         .await
