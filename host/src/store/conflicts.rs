@@ -210,15 +210,20 @@ impl Store {
             .await?;
             if let Some(folded) = folded {
                 for seq in &folded.seqs {
-                    // A worker took it since it was read: decide again.
+                    // Taken from a worker that holds it under a lease (a
+                    // parked event looked at again, which would park it
+                    // once more): its finish then finds the lease gone.
+                    // Left to the workers, a record with events always
+                    // under a lease could not be resolved at all. One
+                    // finished since it was read: decide again.
                     let ended = sqlx::query(
-                        "UPDATE inbox SET state = 'skipped', detail = $1, customer_id = $2 \
-                         WHERE seq = $3 AND state IN ('pending', 'retry') AND lease_until_ms < $4",
+                        "UPDATE inbox SET state = 'skipped', detail = $1, customer_id = $2, \
+                         lease_until_ms = 0, lease_token = NULL \
+                         WHERE seq = $3 AND state IN ('pending', 'retry')",
                     )
                     .bind(&detail)
                     .bind(&conflict.customer_id)
                     .bind(seq)
-                    .bind(at_ms)
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();

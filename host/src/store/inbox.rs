@@ -984,10 +984,11 @@ impl Store {
         Ok(found > 0)
     }
 
-    /// The events of a remote record that wait to be applied (no worker
-    /// holds them) and happened at or after `after_ms` (a remote tick may
-    /// hold more than one change), oldest first: what the remote changed
-    /// while a conflict held its link.
+    /// The events of a remote record that wait to be applied (a worker
+    /// looking at one again included: the resolution takes it over) and
+    /// happened at or after `after_ms` (a remote tick may hold more than
+    /// one change), oldest first: what the remote changed while a conflict
+    /// held its link.
     pub async fn inbox_waiting(
         &self,
         connector: &str,
@@ -996,14 +997,13 @@ impl Store {
     ) -> Result<Vec<InboxEvent>, StoreError> {
         let sql = format!(
             "SELECT {INBOX_COLUMNS} FROM inbox WHERE connector = $1 AND remote_id = $2 \
-             AND state IN ('pending', 'retry') AND lease_until_ms < $3 AND occurred_at_ms >= $4 \
+             AND state IN ('pending', 'retry') AND occurred_at_ms >= $3 \
              ORDER BY seq"
         );
         let rows = dispatch!(self, read pool => {
             sqlx::query_as(&sql)
                 .bind(connector)
                 .bind(remote_id)
-                .bind(now_ms())
                 .bind(after_ms)
                 .fetch_all(pool)
                 .await?

@@ -58,8 +58,12 @@ const HOLD_BACK_POLL: Duration = Duration::from_millis(20);
 /// the late echo of an older push: its payload is not trusted, the record
 /// is re-fetched.
 const ECHO_WINDOW_MS: i64 = 2_000;
-/// How often an event waiting behind an open conflict is looked at again.
-const HELD_RECHECK_MS: i64 = 5_000;
+/// How often an event waiting behind an open conflict is looked at again:
+/// a safety net, since the conflict's resolution (or its customer's
+/// delete) wakes the events it held. Every 5 s, a record busy over a
+/// weekend (thousands of events parked) cost a write per event every 5 s,
+/// ahead of fresh events.
+const HELD_RECHECK_MS: i64 = 60_000;
 
 /// How long an event waits for its connector to be loaded here.
 const NOT_LOADED_RECHECK: Duration = Duration::from_secs(5);

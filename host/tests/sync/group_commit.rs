@@ -2258,6 +2258,82 @@ async fn postgres_an_event_parked_during_a_resolution_is_not_held() {
     assert!(due <= chrono::Utc::now().timestamp_millis(), "not due now");
 }
 
+/// A resolution takes in a waiting event a worker holds under a lease
+/// (a parked event looked at again): the event ends folded, and the
+/// worker's park finds its lease gone. Left out while leased, a record
+/// whose events were always under a lease could not be resolved (each
+/// attempt raced), and one leased at the wrong moment was applied after
+/// the resolution's push, where it looked like its echo.
+async fn a_resolution_takes_a_leased_waiting_event(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let (first, remote, conflict) = a_flagged_name(&store, &format!("leased_{postgres}")).await;
+    let edit = claim_later(&store, &[(format!("evt_leased_{postgres}"), &remote)])
+        .await
+        .remove(0);
+    let waiting = store
+        .inbox_waiting("stripe", &remote, 0)
+        .await
+        .expect("waiting");
+    assert_eq!(
+        waiting.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![edit.seq],
+        "the leased event waits too"
+    );
+    let folded = ferry::store::conflicts::Folded {
+        snapshot: json!({"email": first.email, "name": "Other"}),
+        seen_at_ms: edit.occurred_at_ms,
+        seqs: vec![edit.seq],
+        overridden: json!([]),
+        event_id: edit.event_id.clone(),
+    };
+    let resolved = store
+        .resolve_conflict(
+            &conflict,
+            "local",
+            &conflict.fields.0,
+            &first.id,
+            first.version,
+            &first.fields(),
+            None,
+            Some(&folded),
+        )
+        .await
+        .expect("resolved");
+    assert!(
+        matches!(resolved, ferry::store::conflicts::Resolved::Done(_)),
+        "{resolved:?}"
+    );
+    let parked = store
+        .finish_inbox(
+            &edit,
+            InboxFinish::Held {
+                conflict: &conflict.id,
+                at_ms: chrono::Utc::now().timestamp_millis() + 60_000,
+            },
+        )
+        .await
+        .expect("finish");
+    assert!(!parked, "the worker's lease was taken over");
+    let ended = store
+        .inbox_of_remote("stripe", &remote)
+        .await
+        .expect("inbox")
+        .into_iter()
+        .find(|e| e.seq == edit.seq)
+        .expect("the event");
+    assert_eq!(ended.state.as_str(), "skipped", "{ended:?}");
+}
+
+#[tokio::test]
+async fn postgres_a_resolution_takes_a_leased_waiting_event() {
+    a_resolution_takes_a_leased_waiting_event(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_resolution_takes_a_leased_waiting_event() {
+    a_resolution_takes_a_leased_waiting_event(false).await;
+}
+
 /// A deployment that leaves Kafka while its consumers lag: the outbox rows
 /// its relay published but no consumer took stay on the queue, marked
 /// published. The in-process bus takes them in all the same (nothing
