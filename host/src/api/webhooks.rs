@@ -87,7 +87,17 @@ pub async fn receive(
         Err(CallError::Connector(
             ConnectorError::Permanent(message) | ConnectorError::Unsupported(message),
         )) => {
+            // Signed by the remote, so a change ferry does not take in
+            // (an API version the connector does not read, say): the
+            // sender keeps it and retries (Stripe for 3 days, Salesforce
+            // for 24 hours), and an operator must hear of it in time.
             crate::metrics::webhook_verification(&name, "invalid");
+            tracing::warn!(
+                connector = %name,
+                reason = %message,
+                bytes = body.len(),
+                "verified webhook refused: the connector cannot parse it; the sender will retry"
+            );
             return Err(ApiError::InvalidWebhook(message));
         }
         // The connector broke (trap, deadline, a retryable error of its
