@@ -810,9 +810,14 @@ impl SyncEngine {
         // (a late echo of an older push). Ask the remote what holds now, as
         // for an event that carries no record at all (a thin event: the
         // remote, or a connector that does not trust the payload, says only
-        // which record changed).
+        // which record changed). So may a reconciliation's repair of a
+        // linked record: it is dated by ferry's clock (the listing's second,
+        // less one), and with that clock ahead of the remote's by more, an
+        // edit made after the listing looked older than the repair, whose
+        // listed copy then came back over it.
         let doubtful = link.as_ref().is_some_and(|l| {
-            event.occurred_at_ms == l.remote_seen_at_ms
+            event.remote_type == RECONCILIATION
+                || event.occurred_at_ms == l.remote_seen_at_ms
                 || (l.pushed_at_ms > 0 && event.occurred_at_ms <= l.pushed_at_ms + ECHO_WINDOW_MS)
         });
         let remote = match &event.record {

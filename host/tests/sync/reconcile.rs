@@ -1339,6 +1339,47 @@ async fn resolve_and_settle(app: &SyncApp, run: &str, finding: &Value, action: &
     app.wait_inbox_settled("stripe", remote, before + 1).await;
 }
 
+/// A repair of a linked record reads it again before it applies: with
+/// ferry's clock ahead of the remote's by more than the repair's second of
+/// margin, an edit made after the listing was dated before the repair (its
+/// webhook here dated two seconds before the finding), and the older
+/// listed copy, applied over it, stayed on both sides.
+async fn a_repair_reads_a_linked_record_again(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let app = spawn_sync_app(Setup::new(backend, &url)).await;
+    let (ann, s_ann) = ann_in_sync(&app).await;
+    // Past the echo window of ferry's push, the repair's second of margin
+    // included: nothing is read again for being near it.
+    tokio::time::sleep(Duration::from_millis(4_200)).await;
+    stripe_update(&url, &s_ann, &[("name", "Ann Listed")]).await;
+    let report = run_to_end(&app, json!({"connector": "stripe"})).await;
+    expect_counts(&report, &[("different", 1)]);
+    let run = report["id"].as_str().unwrap();
+    let finding = findings(&app.base, run, Some("different")).await.remove(0);
+
+    stripe_update(&url, &s_ann, &[("name", "Ann Skewed")]).await;
+    let remote = json!({"id": s_ann, "object": "customer", "email": email("ann"),
+        "name": "Ann Skewed", "phone": "+100", "metadata": {}});
+    let detail = webhook_at(
+        &app,
+        "evt_ann_skewed",
+        found_second(&finding) - 2,
+        &s_ann,
+        remote,
+    )
+    .await;
+    let now = app.store.get_customer_any(&ann).await.unwrap().unwrap();
+    assert_eq!(now.name.as_deref(), Some("Ann Skewed"), "{detail}");
+    resolve_and_settle(&app, run, &finding, "pull_remote", &s_ann).await;
+    let now = app.store.get_customer_any(&ann).await.unwrap().unwrap();
+    assert_eq!(
+        now.name.as_deref(),
+        Some("Ann Skewed"),
+        "the listed copy came back over a later edit"
+    );
+}
+
 /// A repair carries the record as its listing read it, and is stamped
 /// with the time of that read, not with the (later) time its finding was
 /// written. Two edits made in Stripe after the listing, in the second the
@@ -1860,6 +1901,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn repair_keeps_later_edits() {
         a_repair_keeps_edits_made_after_its_listing(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn repair_reads_again() {
+        a_repair_reads_a_linked_record_again(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
