@@ -181,8 +181,11 @@ impl StoreError {
     /// Whether the store was too busy to answer in time, and the same
     /// request is worth sending again: no pooled connection came free, a
     /// lock was held past `lock_timeout` (PostgreSQL 55P03) or SQLite's
-    /// busy timeout, or a statement ran past `statement_timeout` (57014).
-    /// Nothing was written.
+    /// busy timeout, a statement ran past `statement_timeout` (57014), or
+    /// PostgreSQL rolled the transaction back as a deadlock's victim
+    /// (40P01; two inbound groups reaching one customer through two
+    /// connectors lock it in their events' order) or for serialization
+    /// (40001). Nothing was written.
     pub fn is_busy(&self) -> bool {
         match self {
             Self::Database(sqlx::Error::PoolTimedOut) => true,
@@ -192,11 +195,25 @@ impl StoreError {
                     Some(sqlite) => sqlx::error::DatabaseError::code(sqlite)
                         .and_then(|code| code.parse::<i32>().ok())
                         .is_some_and(|code| matches!(code & 0xff, 5 | 6)),
-                    None => matches!(db.code().as_deref(), Some("55P03" | "57014")),
+                    None => matches!(
+                        db.code().as_deref(),
+                        Some("55P03" | "57014" | "40P01" | "40001")
+                    ),
                 }
             }
             _ => false,
         }
+    }
+
+    /// [`Self::is_busy`], but for a statement that ran past its timeout,
+    /// which the same statement may do every time: a write that met other
+    /// writers (their locks, a deadlock) goes through once they are done.
+    pub fn is_contended(&self) -> bool {
+        let statement_timeout = matches!(
+            self,
+            Self::Database(sqlx::Error::Database(db)) if db.code().as_deref() == Some("57014")
+        );
+        self.is_busy() && !statement_timeout
     }
 
     /// Whether the whole store is busy, not one row: no connection came

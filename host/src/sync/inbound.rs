@@ -65,6 +65,9 @@ const ECHO_WINDOW_MS: i64 = 2_000;
 /// ahead of fresh events.
 const HELD_RECHECK_MS: i64 = 60_000;
 
+/// How long an event waits when the store was too busy to take its write.
+const STORE_BUSY_WAIT: Duration = Duration::from_secs(1);
+
 /// How long an event waits for its connector to be loaded here.
 const NOT_LOADED_RECHECK: Duration = Duration::from_secs(5);
 /// How often a decision is retaken when the customer changed under it.
@@ -1685,8 +1688,19 @@ enum Failure {
 }
 
 impl From<StoreError> for Failure {
+    /// A write that met other writers (a lock timeout, a deadlock's
+    /// victim, no connection free) wrote nothing and says "later": no
+    /// attempt is spent, as for a remote's 429. Deadlocks between two
+    /// groups came back each time, and their events were dead-lettered
+    /// healthy. A statement timeout may come every time: it spends one.
     fn from(error: StoreError) -> Self {
-        Self::Retry(format!("store: {:#}", anyhow::Error::from(error)))
+        let busy = error.is_contended();
+        let message = format!("store: {:#}", anyhow::Error::from(error));
+        if busy {
+            Self::Wait(message, STORE_BUSY_WAIT)
+        } else {
+            Self::Retry(message)
+        }
     }
 }
 

@@ -3380,3 +3380,56 @@ async fn postgres_link_writes_and_the_intake_lock_links_in_one_order() {
         .expect("the outcomes, not a deadlock");
     assert_eq!(held, [true, true], "answers in the order written");
 }
+
+/// What PostgreSQL answers a write that met other writers, as the store
+/// reads it: a deadlock's victim (two inbound groups reaching one customer
+/// through two connectors) is busy and contended, retried without spending
+/// an attempt; a statement timeout is busy (503) but may come every time,
+/// so it is not contended.
+#[tokio::test]
+async fn postgres_a_deadlock_is_contention_and_a_statement_timeout_is_not() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(true, dir.path()).await;
+    let pool = sqlx::PgPool::connect(&url).await.expect("pool");
+    sqlx::query("CREATE TABLE rows_apart (id INT PRIMARY KEY)")
+        .execute(&pool)
+        .await
+        .expect("table");
+    sqlx::query("INSERT INTO rows_apart VALUES (1), (2)")
+        .execute(&pool)
+        .await
+        .expect("rows");
+    let lock = |id: i32| format!("UPDATE rows_apart SET id = id WHERE id = {id}");
+    let (mut a, mut b) = (pool.begin().await.unwrap(), pool.begin().await.unwrap());
+    sqlx::query(&lock(1))
+        .execute(&mut *a)
+        .await
+        .expect("a holds 1");
+    sqlx::query(&lock(2))
+        .execute(&mut *b)
+        .await
+        .expect("b holds 2");
+    let (two, one) = (lock(2), lock(1));
+    let (first, second) = tokio::join!(
+        sqlx::query(&two).execute(&mut *a),
+        sqlx::query(&one).execute(&mut *b),
+    );
+    let victim = first.err().or(second.err()).expect("one is the victim");
+    let victim = StoreError::from(victim);
+    assert!(victim.is_busy() && victim.is_contended(), "{victim:?}");
+
+    let mut slow = pool.acquire().await.unwrap();
+    sqlx::query("SET statement_timeout = 10")
+        .execute(&mut *slow)
+        .await
+        .unwrap();
+    let timed_out = sqlx::query("SELECT pg_sleep(1)")
+        .execute(&mut *slow)
+        .await
+        .expect_err("timed out");
+    let timed_out = StoreError::from(timed_out);
+    assert!(
+        timed_out.is_busy() && !timed_out.is_contended(),
+        "{timed_out:?}"
+    );
+}
