@@ -193,11 +193,11 @@ pub async fn replay_dead_letters(
     Ok(Json(done(replayed)))
 }
 
-fn done(replayed: Vec<DeadLetter>) -> ReplayResult {
+fn done(replayed: Vec<String>) -> ReplayResult {
     tracing::info!(replayed = replayed.len(), "dead letters replayed");
     ReplayResult {
         replayed: replayed.len(),
-        ids: replayed.into_iter().map(|d| d.id).collect(),
+        ids: replayed,
     }
 }
 

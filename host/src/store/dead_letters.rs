@@ -131,14 +131,15 @@ impl Store {
     /// transaction, so a replay after an outage does not hold the writer
     /// (SQLite's one connection, PostgreSQL's row locks) for the whole
     /// backlog; `direction` (with `connector`) only those of one
-    /// direction. Returns the replayed letters.
+    /// direction. Returns the replayed letters' ids (not the letters: a
+    /// replay after a long outage held every one, error text included).
     #[tracing::instrument(skip_all)]
     pub async fn replay_dead_letters(
         &self,
         ids: Option<&[String]>,
         connector: Option<&str>,
         direction: Option<&str>,
-    ) -> Result<Vec<DeadLetter>, StoreError> {
+    ) -> Result<Vec<String>, StoreError> {
         let mut replayed = Vec::new();
         match ids {
             Some(ids) => {
@@ -151,7 +152,8 @@ impl Store {
                     let binds: Vec<Option<&str>> = std::iter::once(connector)
                         .chain(chunk.iter().map(|id| Some(id.as_str())))
                         .collect();
-                    replayed.extend(self.replay_batch(&sql, &binds).await?);
+                    let batch = self.replay_batch(&sql, &binds).await?;
+                    replayed.extend(batch.into_iter().map(|letter| letter.id));
                 }
             }
             None => {
@@ -191,7 +193,7 @@ impl Store {
                     let Some(last) = batch.last() else { break };
                     after = Some(last.id.clone());
                     let full = batch.len() == REPLAY_BATCH as usize;
-                    replayed.extend(batch);
+                    replayed.extend(batch.into_iter().map(|letter| letter.id));
                     if !full {
                         break;
                     }

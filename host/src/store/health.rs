@@ -338,15 +338,23 @@ impl Store {
                 next: None,
             });
         };
-        let delete_sql =
-            format!("DELETE FROM {name} WHERE {key} > $1 AND {key} <= $2 AND {finished}");
+        // The cutoff again: on PostgreSQL a key taken before the window
+        // was read may commit after it, inside the range, and young.
+        let cutoff_param = match table {
+            Trimmed::Inbox => "$4",
+            Trimmed::Outbox | Trimmed::Deliveries => "$3",
+        };
+        let delete_sql = format!(
+            "DELETE FROM {name} WHERE {key} > $1 AND {key} <= $2 AND {finished} \
+             AND {time} < {cutoff_param}"
+        );
         let deleted = dispatch!(self, write pool => {
             let query = sqlx::query(&delete_sql).bind(after).bind(upto);
             let query = match table {
                 Trimmed::Inbox => query.bind(deletes_cutoff),
                 Trimmed::Outbox | Trimmed::Deliveries => query,
             };
-            query.execute(pool).await?.rows_affected()
+            query.bind(cutoff).execute(pool).await?.rows_affected()
         });
         let whole_window = old == window.len() && window.len() == batch as usize;
         Ok(TrimStep {

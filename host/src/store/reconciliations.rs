@@ -554,40 +554,58 @@ impl Store {
         Ok(true)
     }
 
-    /// Recounts the findings by kind into the run's counts (`equal` kept).
-    pub async fn recount(&self, run_id: &str) -> Result<(), StoreError> {
-        let rows: Vec<(String, i64)> = dispatch!(self, read pool => {
-            sqlx::query_as(
+    /// Recounts the findings by kind into the run's counts (`equal` kept),
+    /// while `run`'s lease holds it: read and written in one transaction
+    /// under the run's row lock, so a driver that lost its lease cannot
+    /// write its counts over the new driver's increments. False when the
+    /// lease no longer holds it.
+    pub async fn recount(&self, run: &RunRow) -> Result<bool, StoreError> {
+        let lock = match &self.backend {
+            super::Backend::Postgres(_) => {
+                "SELECT counts FROM reconciliation_runs WHERE id = $1 AND lease_token = $2 \
+                 AND status = 'running' FOR UPDATE"
+            }
+            super::Backend::Sqlite(_) => {
+                "SELECT counts FROM reconciliation_runs WHERE id = $1 AND lease_token = $2 \
+                 AND status = 'running'"
+            }
+        };
+        dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            let held: Option<Json<serde_json::Map<String, serde_json::Value>>> = sqlx::query_scalar(lock)
+                .bind(&run.id)
+                .bind(&run.lease_token)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(Json(mut counts)) = held else {
+                return Ok(false);
+            };
+            let rows: Vec<(String, i64)> = sqlx::query_as(
                 "SELECT kind, COUNT(*) FROM reconciliation_mismatches WHERE run_id = $1 GROUP BY kind",
             )
-            .bind(run_id)
-            .fetch_all(pool)
-            .await?
-        });
-        let Some(run) = self.run(run_id).await? else {
-            return Ok(());
-        };
-        let mut counts = run.counts.0;
-        for kind in [
-            "different",
-            "missing_local",
-            "missing_remote",
-            "orphan",
-            "duplicate",
-            "unlinked",
-        ] {
-            let n = rows.iter().find(|(k, _)| k == kind).map_or(0, |(_, n)| *n);
-            counts.insert(kind.to_owned(), n.into());
-        }
-        dispatch!(self, write pool => {
+            .bind(&run.id)
+            .fetch_all(&mut *tx)
+            .await?;
+            for kind in [
+                "different",
+                "missing_local",
+                "missing_remote",
+                "orphan",
+                "duplicate",
+                "unlinked",
+            ] {
+                let n = rows.iter().find(|(k, _)| k == kind).map_or(0, |(_, n)| *n);
+                counts.insert(kind.to_owned(), n.into());
+            }
             sqlx::query("UPDATE reconciliation_runs SET counts = $2, updated_at = $3 WHERE id = $1")
-                .bind(run_id)
+                .bind(&run.id)
                 .bind(Json(counts))
                 .bind(now())
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
+            tx.commit().await?;
         });
-        Ok(())
+        Ok(true)
     }
 
     /// Ends a run: `completed`, `failed` or `aborted` (with the reason);

@@ -420,7 +420,9 @@ impl SyncEngine {
         let run = self.reload(run).await?;
         if run.phase == "classifying" {
             self.classify(&run, cancel).await?;
-            store.recount(&run.id).await?;
+            if !store.recount(&run).await? {
+                return Err(Stop::LeaseLost);
+            }
             let run = self.reload(&run).await?;
             if let Some(reason) = self.brake(&run, mode, repair, max_delete_share).await? {
                 tracing::warn!(reason, "reconciliation aborted by the mass-delete brake");
@@ -442,7 +444,9 @@ impl SyncEngine {
         if run.phase == "repairing" {
             self.repair(&run, mode, repair, cancel).await?;
         }
-        store.recount(&run.id).await?;
+        if !store.recount(&run).await? {
+            return Err(Stop::LeaseLost);
+        }
         if !store.finish_run(&run, "completed", None).await? {
             return Err(Stop::LeaseLost);
         }
