@@ -3,6 +3,7 @@
 //! cancellation token until it is cancelled.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +51,9 @@ pub struct ApiSettings {
 struct ServeLimits {
     max_connections: usize,
     header_read_timeout: Duration,
+    /// How long a client may leave an answer unread (no byte taken) before
+    /// its connection is closed: a stall in either direction is bounded.
+    body_read_timeout: Duration,
     shutdown_grace: Duration,
 }
 
@@ -346,6 +350,7 @@ impl App {
             limits: ServeLimits {
                 max_connections: config.max_connections.max(1),
                 header_read_timeout: config.header_read_timeout,
+                body_read_timeout: config.body_read_timeout,
                 shutdown_grace: config.shutdown_grace,
             },
             retention: crate::retention::Retention {
@@ -538,22 +543,73 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 async fn spoke_in_time(stream: &tokio::net::TcpStream, limit: Duration) -> bool {
     let sniff = async {
         let mut buf = [0u8; H2_PREFACE.len()];
+        let mut pause = Duration::from_millis(5);
         loop {
             match stream.peek(&mut buf).await {
                 Ok(0) | Err(_) => return false,
                 Ok(n) if n == buf.len() || buf[..n] != H2_PREFACE[..n] => return true,
                 // Part of the preface: `peek` answers at once with what is
-                // there, so give the rest a moment.
-                Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                // there, so give the rest a moment, longer each time (a
+                // client holding one byte back kept this loop waking every
+                // 5 ms until the timeout: on every slot, 200k wakeups a
+                // second).
+                Ok(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(250));
+                }
             }
         }
     };
     tokio::time::timeout(limit, sniff).await.unwrap_or(false)
 }
 
+/// Requests on one connection: how many are in flight, and how many began.
+#[derive(Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    begun: AtomicU64,
+}
+
+/// One request of a connection's [`Activity`], in flight until dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn begin(activity: &Arc<Activity>) -> Self {
+        activity.begun.fetch_add(1, Ordering::Relaxed);
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Activity {
+    /// Returns once no request has been in flight, nor begun, for `limit`
+    /// (measured in steps of `limit`: within twice it). HTTP/2 has no idle
+    /// timeout of its own: a client answering pings held its connection
+    /// slot with no stream open, for ever.
+    async fn idle_for(&self, limit: Duration) {
+        let mut seen = self.begun.load(Ordering::Relaxed);
+        loop {
+            tokio::time::sleep(limit).await;
+            let begun = self.begun.load(Ordering::Relaxed);
+            if begun == seen && self.in_flight.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            seen = begun;
+        }
+    }
+}
+
 /// Serves HTTP/1.1 and HTTP/2 on `listener` until `cancel`: at most
 /// `max_connections` at once (the rest wait in the kernel's backlog), each
-/// given `header_read_timeout` to send a request's head. On cancellation,
+/// given `header_read_timeout` to send a request's head, closed once it has
+/// had nothing in flight for as long, and when it leaves an answer unread
+/// (takes no byte of it) for `body_read_timeout`. On cancellation,
 /// connections finish their requests in flight for up to `shutdown_grace`
 /// and are then closed, so a slow client cannot hold the process up.
 async fn serve(
@@ -590,7 +646,21 @@ async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let activity = Arc::new(Activity::default());
+        let service = {
+            let (router, activity) = (router.clone(), activity.clone());
+            TowerToHyperService::new(tower::service_fn(
+                move |request: axum::http::Request<hyper::body::Incoming>| {
+                    let in_flight = InFlight::begin(&activity);
+                    let call = tower::ServiceExt::oneshot(router.clone(), request);
+                    async move {
+                        let response = call.await;
+                        drop(in_flight);
+                        response
+                    }
+                },
+            ))
+        };
         let (cancel, force) = (cancel.clone(), force.clone());
         connections.spawn(async move {
             let _permit = permit;
@@ -618,7 +688,13 @@ async fn serve(
                 .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
                 .keep_alive_interval(Some(limits.header_read_timeout))
                 .keep_alive_timeout(limits.header_read_timeout);
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            // A client that stops reading an answer (4.8 MB of `/docs`
+            // asked with `Connection: close`, say) left hyper flushing it
+            // with no timer: its slot was held for ever.
+            let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+            stream.set_write_timeout(Some(limits.body_read_timeout));
+            let io = TokioIo::new(Box::pin(stream));
+            let connection = builder.serve_connection_with_upgrades(io, service);
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
                 result = connection.as_mut() => {
@@ -627,8 +703,10 @@ async fn serve(
                     }
                     return;
                 }
-                () = cancel.cancelled() => connection.as_mut().graceful_shutdown(),
+                () = cancel.cancelled() => {}
+                () = activity.idle_for(limits.header_read_timeout) => {}
             }
+            connection.as_mut().graceful_shutdown();
             tokio::select! {
                 _ = connection.as_mut() => {}
                 () = force.cancelled() => {}

@@ -161,7 +161,8 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
 #[tokio::test]
 async fn silent_and_idle_connections_give_their_slot_back() {
     let mut setup = Setup::new(Backend::Sqlite, "http://127.0.0.1:9");
-    setup.extra = json!({"header_read_timeout": "500ms", "max_connections": 2});
+    setup.extra =
+        json!({"header_read_timeout": "500ms", "body_read_timeout": "500ms", "max_connections": 2});
     let app = spawn_sync_app(setup).await;
     let address = app.base.trim_start_matches("http://").to_owned();
     let connect = || TcpStream::connect(address.clone());
@@ -187,6 +188,40 @@ async fn silent_and_idle_connections_give_their_slot_back() {
         .await
         .unwrap();
     closed_within(&mut idle, limit).await;
+
+    // HTTP/2 that answers the server's pings and opens no stream: it had no
+    // idle timeout, and held its slot for ever.
+    let (_send, h2) = hyper::client::conn::http2::handshake::<_, _, String>(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(connect().await.unwrap()),
+    )
+    .await
+    .expect("an HTTP/2 connection");
+    tokio::time::timeout(limit, h2)
+        .await
+        .expect("the idle HTTP/2 connection was closed")
+        .expect("closed cleanly");
+
+    // Two clients that ask for /docs's 4.8 MB script and read none of it
+    // (a small receive window, `Connection: close`): hyper flushed the
+    // answer with no timer, and both slots were held for ever.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(address.parse().unwrap()).await.unwrap();
+        let request = format!(
+            "GET /docs/scalar-1.76.0.js HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        stalled.push(stream);
+    }
+    let ready = tokio::time::timeout(limit, reqwest::get(format!("{}/readyz", app.base)))
+        .await
+        .expect("a slot came free")
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    drop(stalled);
 }
 
 #[tokio::test]
