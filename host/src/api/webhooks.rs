@@ -64,12 +64,14 @@ pub async fn receive(
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
     let body = read_body(&state, &headers, body).await?;
+    let body_len = body.len();
     let request = WebhookRequest {
         headers: headers
             .iter()
             .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .collect(),
-        body: body.to_vec(),
+        // Moved, not copied, when the buffer is this request's alone.
+        body: Vec::from(body),
     };
     let parsed = match ready
         .connector
@@ -95,7 +97,7 @@ pub async fn receive(
             tracing::warn!(
                 connector = %name,
                 reason = %message,
-                bytes = body.len(),
+                bytes = body_len,
                 "verified webhook refused: the connector cannot parse it; the sender will retry"
             );
             return Err(ApiError::InvalidWebhook(message));

@@ -36,8 +36,39 @@ fn console_page_of(response: &Response, fallback: &str) -> String {
         .map_or_else(|| fallback.to_owned(), |l| format!("/console{l}"))
 }
 
+/// The most a sign-in form may send: a token and a console path, not the
+/// 1 MiB other routes take (read before anyone is known, on every stream
+/// of every connection).
+pub const SIGN_IN_MAX_BYTES: usize = 8 * 1024;
+
 /// `POST /console/sign-in`: `token` (unless open), `next`.
-pub async fn sign_in(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn sign_in(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            let error = crate::api::extract::unreadable_body(
+                rejection.status(),
+                &rejection,
+                rejection.body_text(),
+                &state,
+                ApiError::PayloadTooLarge {
+                    limit: SIGN_IN_MAX_BYTES,
+                },
+                |text| ApiError::field("body", text),
+            );
+            let problem = error.problem();
+            return render(
+                None,
+                error.status(),
+                "problem.html",
+                minijinja::Value::from_serialize(&problem),
+            );
+        }
+    };
     let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
     let field = |name: &str| {
         fields

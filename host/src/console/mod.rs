@@ -223,7 +223,9 @@ pub fn router(max_component_bytes: usize) -> Router<AppState> {
         .route("/console", get(pages::overview))
         .route(
             "/console/sign-in",
-            get(pages::sign_in).post(actions::sign_in),
+            get(pages::sign_in)
+                .post(actions::sign_in)
+                .layer(DefaultBodyLimit::max(actions::SIGN_IN_MAX_BYTES)),
         )
         .route("/console/sign-out", post(actions::sign_out))
         .route("/console/console.css", get(stylesheet))

@@ -503,6 +503,21 @@ async fn the_console_answers_stalls_and_odd_ids_as_the_api_does() {
         .unwrap();
     assert_eq!(odd.status(), 404, "{}", odd.text().await.unwrap());
 
+    // A sign-in holds a token and a path: 1 MiB read before anyone is known,
+    // on each of an HTTP/2 connection's streams, was memory for the taking.
+    let large = client
+        .post(format!("{}/console/sign-in", app.base))
+        .form(&[("token", "x".repeat(9 * 1024))])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(large.status(), 413);
+    let page = large.text().await.unwrap();
+    assert!(
+        page.contains("payload_too_large") && page.contains("</html>"),
+        "{page}"
+    );
+
     let mut stalled = TcpStream::connect(app.base.trim_start_matches("http://"))
         .await
         .unwrap();
