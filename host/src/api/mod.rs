@@ -15,7 +15,7 @@ pub mod webhooks;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -97,8 +97,21 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+/// `/openapi.json`, built and written once: it is open to anyone, and was
+/// built anew (every path, every schema) for each request.
+async fn openapi_json() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use bytes::Bytes;
+    static DOCUMENT: std::sync::LazyLock<Bytes> = std::sync::LazyLock::new(|| {
+        serde_json::to_vec(&ApiDoc::openapi())
+            .map(Bytes::from)
+            .unwrap_or_default()
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        DOCUMENT.clone(),
+    )
+        .into_response()
 }
 
 async fn not_found() -> ApiError {

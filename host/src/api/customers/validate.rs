@@ -80,6 +80,7 @@ pub fn is_valid_email(email: &str) -> bool {
             !c.is_whitespace()
                 && !c.is_control()
                 && c.general_category() != GeneralCategory::Format
+                && !is_default_ignorable(c)
                 && !"@<>()[]\\,;:\"".contains(c)
         });
     let labels: Vec<&str> = domain.split('.').collect();
@@ -94,6 +95,29 @@ pub fn is_valid_email(email: &str) -> bool {
         })
         && (domain.is_ascii() || idna::domain_to_ascii(domain).is_ok());
     local_ok && domain_ok
+}
+
+/// Unicode's `Default_Ignorable_Code_Point` characters outside the format
+/// category (DerivedCoreProperties.txt, Unicode 15): drawn as nothing, and
+/// untouched by NFC, so `ada\u{34f}@example.com` (a combining grapheme
+/// joiner), a variation selector or a Hangul filler made a second customer
+/// of an address that looks the same.
+fn is_default_ignorable(c: char) -> bool {
+    matches!(
+        c,
+        '\u{034F}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFF8}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
 }
 
 fn optional_text(
@@ -185,12 +209,22 @@ pub fn validate(input: CustomerInput) -> Result<CustomerFields, ApiError> {
             "reserved: connectors write ferry's customer id under this key",
         ));
     }
-    for (key, value) in &metadata {
+    // Each key is looked at only when there are few enough of them: a
+    // body of many bad keys answered several errors per key, each naming
+    // it (an answer larger than the request).
+    let keys = if metadata.len() > MAX_METADATA_KEYS {
+        None
+    } else {
+        Some(&metadata)
+    };
+    for (key, value) in keys.into_iter().flatten() {
+        // Named in an error as written, but no longer than a key may be.
+        let named: String = key.chars().take(MAX_METADATA_KEY + 1).collect();
         // NUL cannot be stored by PostgreSQL (text or jsonb); refusing it
         // everywhere keeps both backends identical.
         if key.chars().any(char::is_control) || value.contains('\0') {
             errors.push(FieldError::new(
-                format!("metadata.{}", key.escape_debug()),
+                format!("metadata.{}", named.escape_debug()),
                 "keys must not contain control characters, values no NUL",
             ));
         }
@@ -198,19 +232,19 @@ pub fn validate(input: CustomerInput) -> Result<CustomerFields, ApiError> {
         // every push of such a customer would be dead-lettered.
         if key.contains(['[', ']']) {
             errors.push(FieldError::new(
-                format!("metadata.{key}"),
+                format!("metadata.{named}"),
                 "keys must not contain square brackets",
             ));
         }
         if key.is_empty() || key.chars().count() > MAX_METADATA_KEY {
             errors.push(FieldError::new(
-                format!("metadata.{key}"),
+                format!("metadata.{named}"),
                 format!("keys must be 1 to {MAX_METADATA_KEY} characters"),
             ));
         }
         if value.chars().count() > MAX_METADATA_VALUE {
             errors.push(FieldError::new(
-                format!("metadata.{key}"),
+                format!("metadata.{named}"),
                 format!("values must be at most {MAX_METADATA_VALUE} characters"),
             ));
         }
@@ -295,6 +329,11 @@ mod tests {
             // directions.
             "a@\u{93f}b.com",
             "a@a\u{5d0}.com",
+            // Drawn as nothing: the same address to the eye.
+            "ada\u{34f}@example.com",
+            "ada\u{fe0f}@example.com",
+            "\u{3164}ada@example.com",
+            "ada\u{e0041}@example.com",
         ] {
             assert!(!is_valid_email(email), "{email}");
         }
