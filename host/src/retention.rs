@@ -89,7 +89,7 @@ async fn trim_all(
     let Ok(keep) = chrono::Duration::from_std(retention.keep) else {
         return Ok(0);
     };
-    let cutoff = chrono::Utc::now() - keep;
+    let cutoff = crate::store::now() - keep;
     let mut deleted = 0;
     for table in Trimmed::ALL {
         let mut after = 0;

@@ -244,7 +244,8 @@ const FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
 /// without a time (zero or less: a connector that had none to give) is
 /// dated on arrival; at zero it was stale behind every dated one.
 fn dated(occurred_at_ms: i64) -> i64 {
-    let now = chrono::Utc::now().timestamp_millis();
+    // The database's clock on PostgreSQL: the same on every replica.
+    let now = crate::store::now_ms();
     if occurred_at_ms <= 0 {
         return now;
     }

@@ -133,7 +133,7 @@ pub async fn run_redelivery(
         // holds is the earliest one.
         let older_than = chrono::Duration::from_std(after)
             .ok()
-            .and_then(|after| chrono::Utc::now().checked_sub_signed(after))
+            .and_then(|after| crate::store::now().checked_sub_signed(after))
             .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
         // A full batch: more may wait behind it (a stuck group under load).
         let mut full = true;

@@ -4,7 +4,9 @@
 //! link whose push was still in flight elsewhere (two pushes of one link
 //! at once, the older one possibly landing last). Each process follows the
 //! database's clock instead: [`follow`] reads it, and [`super::now_ms`]
-//! adds the offset. SQLite has one process: its offset stays 0.
+//! adds the offset, as does [`super::now`]. SQLite has one process: a
+//! process on SQLite alone keeps an offset of 0 (in a test binary that
+//! also runs PostgreSQL, the offset is that database's: the same clock).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;

@@ -39,7 +39,7 @@ pub struct Backlog {
 
 fn age(oldest: Option<DateTime<Utc>>) -> Duration {
     oldest
-        .and_then(|at| (Utc::now() - at).to_std().ok())
+        .and_then(|at| (super::now() - at).to_std().ok())
         .unwrap_or_default()
 }
 
@@ -322,7 +322,7 @@ impl Store {
         let window_sql = format!(
             "SELECT {key}, {time} FROM {name} WHERE {key} > $1 AND {looked_at} ORDER BY {key} LIMIT $2"
         );
-        let deletes_cutoff = cutoff.min(Utc::now() - DELETES_KEPT);
+        let deletes_cutoff = cutoff.min(super::now() - DELETES_KEPT);
         let window: Vec<(i64, DateTime<Utc>)> = dispatch!(self, read pool => {
             let query = sqlx::query_as(&window_sql).bind(after).bind(i64::from(batch));
             let query = match table {

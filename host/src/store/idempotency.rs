@@ -8,7 +8,6 @@
 //! releases its claim; a claim left behind by a crashed process is taken over
 //! once its lease expires.
 
-use chrono::Utc;
 use sqlx::types::Json;
 
 use super::customers::Customer;
@@ -97,7 +96,7 @@ impl Store {
         ttl_ms: i64,
         lease_ms: i64,
     ) -> Result<ClaimOutcome, StoreError> {
-        let now_ms = Utc::now().timestamp_millis();
+        let now_ms = super::now_ms();
         dispatch!(self, write pool => {
             let inserted = sqlx::query(
                 "INSERT INTO idempotency_keys \
@@ -212,7 +211,7 @@ impl Store {
     /// as it takes.
     #[tracing::instrument(skip_all)]
     pub async fn purge_expired_idempotency_keys(&self, batch: u32) -> Result<u64, StoreError> {
-        let now_ms = Utc::now().timestamp_millis();
+        let now_ms = super::now_ms();
         let done = dispatch!(self, write pool => {
             sqlx::query(
                 // Expiry checked again on the row deleted: a key taken

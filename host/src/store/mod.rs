@@ -205,15 +205,18 @@ impl StoreError {
         }
     }
 
-    /// [`Self::is_busy`], but for a statement that ran past its timeout,
-    /// which the same statement may do every time: a write that met other
-    /// writers (their locks, a deadlock) goes through once they are done.
+    /// [`Self::is_busy`] in a way that ends by itself: a deadlock's victim
+    /// or a serialization failure (the other side went on), no pooled
+    /// connection, SQLite's writer busy. Not a lock or statement timeout,
+    /// which the same write may meet every time (a session left idle in a
+    /// transaction holding the row, a statement too slow for its limit).
     pub fn is_contended(&self) -> bool {
-        let statement_timeout = matches!(
+        let timed_out = matches!(
             self,
-            Self::Database(sqlx::Error::Database(db)) if db.code().as_deref() == Some("57014")
+            Self::Database(sqlx::Error::Database(db))
+                if matches!(db.code().as_deref(), Some("55P03" | "57014"))
         );
-        self.is_busy() && !statement_timeout
+        self.is_busy() && !timed_out
     }
 
     /// Whether the whole store is busy, not one row: no connection came
@@ -632,10 +635,12 @@ impl Store {
 }
 
 /// Timestamps are kept at microsecond precision: PostgreSQL stores no more,
-/// and both backends must return the same values.
+/// and both backends must return the same values. By the database's clock
+/// on PostgreSQL, as [`now_ms`]: due times written from one are compared
+/// with the other, and with other replicas' ([`clock`]).
 pub(crate) fn now() -> chrono::DateTime<chrono::Utc> {
     use chrono::{DurationRound, TimeDelta};
-    let now = chrono::Utc::now();
+    let now = chrono::Utc::now() + TimeDelta::milliseconds(clock::offset_ms());
     now.duration_trunc(TimeDelta::microseconds(1))
         .unwrap_or(now)
 }

@@ -286,13 +286,16 @@ impl SyncEngine {
             let due = match self.inner.store.latest_run(&schedule.connector).await? {
                 Some(last) => {
                     last.status != "running"
-                        && next_run_due(last.started_at, schedule.every, chrono::Utc::now())
+                        && next_run_due(last.started_at, schedule.every, crate::store::now())
                 }
                 None => {
                     if told.insert(schedule.connector.clone()) {
-                        tracing::info!(
+                        // A warning: a schedule that never starts is a trap
+                        // (a deployment with nothing to backfill, old runs
+                        // deleted by hand).
+                        tracing::warn!(
                             connector = schedule.connector,
-                            "scheduled reconciliations wait for the connector's first run (its backfill)"
+                            "scheduled reconciliations wait for the connector's first run: start a backfill, or any run, through the API or the console"
                         );
                     }
                     false
@@ -374,7 +377,7 @@ impl SyncEngine {
     /// resolution under way on another replica takes well under that), at
     /// start and every [`SWEEP_EVERY`].
     async fn reopen_stalled_resolutions(&self) {
-        let before = chrono::Utc::now() - STALLED;
+        let before = crate::store::now() - STALLED;
         match self.inner.store.reopen_stalled_resolutions(before).await {
             Ok(0) => {}
             Ok(reopened) => tracing::warn!(
