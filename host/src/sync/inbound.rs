@@ -1556,16 +1556,25 @@ impl SyncEngine {
     /// delete for stale, and the link stayed live (every later push a
     /// `not_found` dead letter). A delete with its record, or an upsert,
     /// is dated by the remote, and is as old as it looks.
-    /// The record there, or a connector without `fetch` or not loaded
-    /// here, leave it as stale as it looks; a read that failed is the
-    /// event's failure (retried, or a dead letter), not a skip: a delete
-    /// skipped for a timeout was lost.
+    /// The record there, a connector without `fetch`, or one deleted,
+    /// leave it as stale as it looks; a read that failed is the event's
+    /// failure (retried, or a dead letter), and a connector not loaded
+    /// here (its settings missing, a version loading) is waited for, as a
+    /// fetch waits: not a skip, which lost the delete.
     async fn gone_after_all(&self, event: &InboxEvent) -> Result<bool, Failure> {
         if event.kind != RemoteChange::Delete || event.record.is_some() {
             return Ok(false);
         }
-        let Ok(ready) = self.inner.registry.loaded(&event.connector) else {
-            return Ok(false);
+        let registry = &self.inner.registry;
+        let ready = match registry.loaded(&event.connector) {
+            Ok(ready) => ready,
+            Err(_) if registry.entry(&event.connector).is_none() => return Ok(false),
+            Err(why) => {
+                return Err(Failure::Wait(
+                    format!("waiting to ask whether the record is gone: {why}"),
+                    NOT_LOADED_RECHECK,
+                ))
+            }
         };
         match ready
             .connector
@@ -1578,9 +1587,9 @@ impl SyncEngine {
         }
     }
 
-    /// Parks an event behind the open conflict holding its link: looked at
-    /// again every few seconds, without spending an attempt, until a
-    /// person resolves the conflict.
+    /// Parks an event behind the open conflict holding its link, without
+    /// spending an attempt, until a person resolves the conflict (which
+    /// wakes it); looked at again every minute meanwhile.
     async fn held(
         &self,
         event: &InboxEvent,
@@ -1688,11 +1697,11 @@ enum Failure {
 }
 
 impl From<StoreError> for Failure {
-    /// A write that met other writers (a lock timeout, a deadlock's
-    /// victim, no connection free) wrote nothing and says "later": no
-    /// attempt is spent, as for a remote's 429. Deadlocks between two
-    /// groups came back each time, and their events were dead-lettered
-    /// healthy. A statement timeout may come every time: it spends one.
+    /// A write that met other writers (a deadlock's victim, no connection
+    /// free) wrote nothing and says "later": no attempt is spent, as for a
+    /// remote's 429. Deadlocks between two groups came back each time, and
+    /// their events were dead-lettered healthy. A lock or statement
+    /// timeout may come every time: it spends one.
     fn from(error: StoreError) -> Self {
         let busy = error.is_contended();
         let message = format!("store: {:#}", anyhow::Error::from(error));

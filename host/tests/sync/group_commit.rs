@@ -3384,8 +3384,8 @@ async fn postgres_link_writes_and_the_intake_lock_links_in_one_order() {
 /// What PostgreSQL answers a write that met other writers, as the store
 /// reads it: a deadlock's victim (two inbound groups reaching one customer
 /// through two connectors) is busy and contended, retried without spending
-/// an attempt; a statement timeout is busy (503) but may come every time,
-/// so it is not contended.
+/// an attempt; a lock or statement timeout is busy (503) but may come every
+/// time (a session idle in a transaction), so it is not contended.
 #[tokio::test]
 async fn postgres_a_deadlock_is_contention_and_a_statement_timeout_is_not() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -3432,4 +3432,25 @@ async fn postgres_a_deadlock_is_contention_and_a_statement_timeout_is_not() {
         timed_out.is_busy() && !timed_out.is_contended(),
         "{timed_out:?}"
     );
+
+    drop((a, b));
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query(&lock(1))
+        .execute(&mut *holder)
+        .await
+        .expect("held");
+    sqlx::query("SET statement_timeout = 0")
+        .execute(&mut *slow)
+        .await
+        .unwrap();
+    sqlx::query("SET lock_timeout = 10")
+        .execute(&mut *slow)
+        .await
+        .unwrap();
+    let waited = sqlx::query(&lock(1))
+        .execute(&mut *slow)
+        .await
+        .expect_err("a lock timeout");
+    let waited = StoreError::from(waited);
+    assert!(waited.is_busy() && !waited.is_contended(), "{waited:?}");
 }
