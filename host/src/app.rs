@@ -54,6 +54,9 @@ struct ServeLimits {
     /// How long a client may leave an answer unread (no byte taken) before
     /// its connection is closed: a stall in either direction is bounded.
     body_read_timeout: Duration,
+    /// How long an idle connection's answers still being sent may take
+    /// before it is closed anyway.
+    request_timeout: Duration,
     shutdown_grace: Duration,
 }
 
@@ -351,6 +354,7 @@ impl App {
                 max_connections: config.max_connections.max(1),
                 header_read_timeout: config.header_read_timeout,
                 body_read_timeout: config.body_read_timeout,
+                request_timeout: config.request_timeout,
                 shutdown_grace: config.shutdown_grace,
             },
             retention: crate::retention::Retention {
@@ -696,20 +700,32 @@ async fn serve(
             let io = TokioIo::new(Box::pin(stream));
             let connection = builder.serve_connection_with_upgrades(io, service);
             let mut connection = std::pin::pin!(connection);
-            tokio::select! {
+            let idled = tokio::select! {
                 result = connection.as_mut() => {
                     if let Err(error) = result {
                         tracing::debug!(error = %error, "connection ended with an error");
                     }
                     return;
                 }
-                () = cancel.cancelled() => {}
-                () = activity.idle_for(limits.header_read_timeout) => {}
-            }
+                () = cancel.cancelled() => false,
+                () = activity.idle_for(limits.header_read_timeout) => true,
+            };
             connection.as_mut().graceful_shutdown();
+            // Closed for idling, what is left is answers still being sent:
+            // they get the time a request gets. An HTTP/2 stream whose
+            // client never opens its window stalls no write (the write
+            // timeout never starts), and held the slot for ever.
+            let drained = async {
+                if idled {
+                    tokio::time::sleep(limits.request_timeout).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 _ = connection.as_mut() => {}
                 () = force.cancelled() => {}
+                () = drained => {}
             }
         });
     }

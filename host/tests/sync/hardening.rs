@@ -161,8 +161,12 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
 #[tokio::test]
 async fn silent_and_idle_connections_give_their_slot_back() {
     let mut setup = Setup::new(Backend::Sqlite, "http://127.0.0.1:9");
-    setup.extra =
-        json!({"header_read_timeout": "500ms", "body_read_timeout": "500ms", "max_connections": 2});
+    setup.extra = json!({
+        "header_read_timeout": "500ms",
+        "body_read_timeout": "500ms",
+        "request_timeout": "1s",
+        "max_connections": 2,
+    });
     let app = spawn_sync_app(setup).await;
     let address = app.base.trim_start_matches("http://").to_owned();
     let connect = || TcpStream::connect(address.clone());
@@ -201,6 +205,26 @@ async fn silent_and_idle_connections_give_their_slot_back() {
         .await
         .expect("the idle HTTP/2 connection was closed")
         .expect("closed cleanly");
+
+    // HTTP/2 asking for the script with a window of 0: no write of the
+    // answer is ever pending (the write timeout never starts), and once
+    // idle its drain waited for ever.
+    let (mut send, h2) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake::<_, String>(hyper_util::rt::TokioIo::new(connect().await.unwrap()))
+            .await
+            .expect("an HTTP/2 connection");
+    let driver = tokio::spawn(h2);
+    let request = hyper::Request::get(format!("http://{address}/docs/scalar-1.76.0.js"))
+        .body(String::new())
+        .unwrap();
+    let unread = send.send_request(request).await.expect("the answer's head");
+    assert_eq!(unread.status(), 200);
+    let _ = tokio::time::timeout(limit, driver)
+        .await
+        .expect("the stalled HTTP/2 connection was closed");
+    drop(unread);
 
     // Two clients that ask for /docs's 4.8 MB script and read none of it
     // (a small receive window, `Connection: close`): hyper flushed the
