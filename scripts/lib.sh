@@ -27,7 +27,8 @@ hold_target_dir() {
   exec 7>"$CARGO_TARGET_DIR.lock"
   if ! flock -n 7; then
     step "waiting for another run using $CARGO_TARGET_DIR"
-    flock 7
+    # Bounded: a process left holding it fails this run, not hangs it.
+    flock -w 7200 7 || { echo "error: $CARGO_TARGET_DIR.lock still held after 2 hours" >&2; exit 1; }
   fi
   export CI_TARGET_DIR_HELD=1
 }

@@ -6,9 +6,11 @@
 # (no Docker engine runs here).
 source "$(dirname "$0")/lib.sh"
 cd "$FERRY_ROOT"
-hold_target_dir
 "$FERRY_ROOT/scripts/setup.sh" --test
 "$FERRY_ROOT/scripts/check-compose.sh"
+# After setup: an installer's daemon (a packaged PostgreSQL started by its
+# postinst) must not inherit the lock.
+hold_target_dir
 "$FERRY_ROOT/scripts/build-connectors.sh"
 
 step "cargo fmt --check"

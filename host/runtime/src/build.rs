@@ -76,13 +76,19 @@ pub fn component_in(
 }
 
 /// The target dir a binary cargo built lives in: the nearest folder above
-/// it holding the `CACHEDIR.TAG` cargo writes at a target dir's root.
+/// it holding the `CACHEDIR.TAG` cargo writes at a target dir's root, or
+/// that folder's parent when it holds one too (cargo tags a `--target`
+/// triple's folder as well: `target/<triple>/debug/deps/…`).
 pub fn target_dir_of(binary: &Path) -> Option<PathBuf> {
-    binary
-        .ancestors()
-        .skip(1)
-        .find(|dir| dir.join("CACHEDIR.TAG").is_file())
-        .map(Path::to_owned)
+    let tagged = |dir: &Path| dir.join("CACHEDIR.TAG").is_file();
+    let nearest = binary.ancestors().skip(1).find(|dir| tagged(dir))?;
+    Some(
+        nearest
+            .parent()
+            .filter(|parent| tagged(parent))
+            .unwrap_or(nearest)
+            .to_owned(),
+    )
 }
 
 /// Whether `reported` (cargo's manifest path, which keeps the symlinks of
@@ -108,7 +114,22 @@ mod tests {
             "Signature: 8a477f597d28d172789f06886806bc55",
         )
         .expect("tag");
-        assert_eq!(target_dir_of(&deps.join("connector-0123")), Some(target));
+        assert_eq!(
+            target_dir_of(&deps.join("connector-0123")),
+            Some(target.clone())
+        );
+        // Built for a `--target` triple: cargo tags its folder too.
+        let triple = target.join("x86_64-unknown-linux-gnu");
+        std::fs::create_dir_all(triple.join("debug/deps")).expect("dirs");
+        std::fs::write(
+            triple.join("CACHEDIR.TAG"),
+            "Signature: 8a477f597d28d172789f06886806bc55",
+        )
+        .expect("tag");
+        assert_eq!(
+            target_dir_of(&triple.join("debug/deps/connector-0123")),
+            Some(target)
+        );
         assert_eq!(target_dir_of(&dir.path().join("bin/tool")), None);
     }
 
