@@ -2,9 +2,11 @@
 //! [`Config`], binds the listener, and runs every task under one
 //! cancellation token until it is cancelled.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -400,7 +402,7 @@ impl App {
     /// Serves until the cancellation token is cancelled, then lets in-flight
     /// requests finish and stops the background tasks.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let tasks = TaskTracker::new();
+        let tasks = Supervised::new(self.cancel.clone());
         // Before any lease is taken: replicas compare their lease ends by
         // the database's clock.
         match self.state.store.follow_database_clock().await {
@@ -410,48 +412,66 @@ impl App {
                 "reading the database's clock failed; this machine's is used"
             ),
         }
-        tasks.spawn(crate::store::clock::follow(
-            self.state.store.clone(),
-            self.cancel.clone(),
-        ));
-        tasks.spawn(purge_idempotency_keys(
-            self.state.store.clone(),
-            self.retention.batch,
-            self.cancel.clone(),
-        ));
+        tasks.spawn(
+            "clock",
+            crate::store::clock::follow(self.state.store.clone(), self.cancel.clone()),
+        );
+        tasks.spawn(
+            "idempotency purge",
+            purge_idempotency_keys(
+                self.state.store.clone(),
+                self.retention.batch,
+                self.cancel.clone(),
+            ),
+        );
         // Every replica, workers or not, follows the registry: an API-only
         // replica serves webhooks with the active version too.
-        tasks.spawn(self.state.registry.clone().run(self.cancel.clone()));
+        tasks.spawn(
+            "registry",
+            self.state.registry.clone().run(self.cancel.clone()),
+        );
         if let Some(handle) = &self.state.metrics {
-            tasks.spawn(crate::metrics::run_gauges(
-                handle.clone(),
-                self.state.store.clone(),
-                self.state.registry.clone(),
-                self.state.sync.clone(),
-                self.cancel.clone(),
-            ));
+            tasks.spawn(
+                "metrics",
+                crate::metrics::run_gauges(
+                    handle.clone(),
+                    self.state.store.clone(),
+                    self.state.registry.clone(),
+                    self.state.sync.clone(),
+                    self.cancel.clone(),
+                ),
+            );
         }
         if self.workers {
-            tasks.spawn(crate::retention::run(
-                self.state.store.clone(),
-                self.retention,
-                self.cancel.clone(),
-            ));
-            tasks.spawn(crate::store::statistics::run(
-                self.state.store.clone(),
-                self.analyze_every,
-                self.cancel.clone(),
-            ));
+            tasks.spawn(
+                "retention",
+                crate::retention::run(
+                    self.state.store.clone(),
+                    self.retention,
+                    self.cancel.clone(),
+                ),
+            );
+            tasks.spawn(
+                "statistics",
+                crate::store::statistics::run(
+                    self.state.store.clone(),
+                    self.analyze_every,
+                    self.cancel.clone(),
+                ),
+            );
             self.spawn_sync(&tasks).await?;
         }
-        tasks.close();
+        tasks.tracker.close();
 
         let router = crate::api::router(self.state.clone());
         serve(self.listener, router, self.limits, self.cancel.clone()).await;
         // Whatever ended the server ends the background tasks too.
         self.cancel.cancel();
-        tasks.wait().await;
+        tasks.tracker.wait().await;
         self.state.store.close().await;
+        if let Some(task) = tasks.failed.get() {
+            anyhow::bail!("ferry stopped: its background task `{task}` panicked");
+        }
         tracing::info!("ferry stopped");
         Ok(())
     }
@@ -459,18 +479,25 @@ impl App {
 
 impl App {
     /// Starts the relay, the bus consumer and the sync scheduler.
-    async fn spawn_sync(&self, tasks: &TaskTracker) -> anyhow::Result<()> {
+    async fn spawn_sync(&self, tasks: &Supervised) -> anyhow::Result<()> {
         let state = &self.state;
-        tasks.spawn(state.sync.clone().run_scheduler(self.cancel.clone()));
+        tasks.spawn(
+            "scheduler",
+            state.sync.clone().run_scheduler(self.cancel.clone()),
+        );
         for n in 0..state.sync.inbox_loops() {
             let role = if n == 0 {
                 InboxLoop::First
             } else {
                 InboxLoop::CatchUp
             };
-            tasks.spawn(state.sync.clone().run_inbox(role, self.cancel.clone()));
+            tasks.spawn(
+                "inbox",
+                state.sync.clone().run_inbox(role, self.cancel.clone()),
+            );
         }
         tasks.spawn(
+            "reconciler",
             state
                 .sync
                 .clone()
@@ -478,11 +505,14 @@ impl App {
         );
         match &self.kafka {
             None => {
-                tasks.spawn(crate::bus::run_embedded_relay(
-                    state.store.clone(),
-                    state.sync.clone(),
-                    self.cancel.clone(),
-                ));
+                tasks.spawn(
+                    "relay",
+                    crate::bus::run_embedded_relay(
+                        state.store.clone(),
+                        state.sync.clone(),
+                        self.cancel.clone(),
+                    ),
+                );
             }
             Some(kafka) => {
                 crate::bus::start_kafka(
@@ -502,6 +532,49 @@ impl App {
             }
         }
         Ok(())
+    }
+}
+
+/// The background tasks. One that panics stops the process (logged, the
+/// app cancelled, [`App::run_until_stopped`] an error for the supervisor
+/// to restart it) rather than leave it running without that task: with an
+/// inbox loop gone, webhooks went on being acknowledged and were never
+/// applied.
+#[derive(Clone)]
+pub struct Supervised {
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+    failed: Arc<OnceLock<&'static str>>,
+}
+
+impl Supervised {
+    fn new(cancel: CancellationToken) -> Self {
+        Self {
+            tracker: TaskTracker::new(),
+            cancel,
+            failed: Arc::default(),
+        }
+    }
+
+    /// Runs `task` (called `name` in the log) until it ends.
+    pub fn spawn(&self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        let (cancel, failed) = (self.cancel.clone(), self.failed.clone());
+        self.tracker.spawn(async move {
+            if let Err(panic) = futures::FutureExt::catch_unwind(AssertUnwindSafe(task)).await {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|m| (*m).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(
+                    task = name,
+                    panic = message,
+                    "a background task panicked; ferry stops"
+                );
+                let _ = failed.set(name);
+                cancel.cancel();
+            }
+        });
     }
 }
 
@@ -741,5 +814,27 @@ async fn serve(
         );
         force.cancel();
         connections.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A background task that panics cancels the app and is named for
+    /// `run_until_stopped` to report; the others are stopped with it.
+    #[tokio::test]
+    async fn a_panicking_task_stops_the_app() {
+        let cancel = CancellationToken::new();
+        let tasks = Supervised::new(cancel.clone());
+        let steady = cancel.clone();
+        tasks.spawn("steady", async move { steady.cancelled().await });
+        tasks.spawn("broken", async { panic!("broken on purpose") });
+        tokio::time::timeout(Duration::from_secs(5), cancel.cancelled())
+            .await
+            .expect("the app was cancelled");
+        tasks.tracker.close();
+        tasks.tracker.wait().await;
+        assert_eq!(tasks.failed.get(), Some(&"broken"));
     }
 }

@@ -188,7 +188,7 @@ const BUS_RETRY: Duration = Duration::from_secs(2);
 /// (docs/deployment.md). `/readyz` says the bus is down. Only settings the
 /// clients refuse fail the start.
 pub async fn start_kafka(
-    tasks: &tokio_util::task::TaskTracker,
+    tasks: &crate::app::Supervised,
     settings: &kafka::KafkaSettings,
     prefix: &str,
     state: KafkaParts<'_>,
@@ -200,19 +200,22 @@ pub async fn start_kafka(
         inbox: format!("{prefix}.inbox"),
     };
     let producer = kafka::KafkaProducer::new(settings)?;
-    tasks.spawn(run_redelivery(
-        state.store.clone(),
-        state.sync.clone(),
-        redelivery_after,
-        cancel.clone(),
-    ));
+    tasks.spawn(
+        "redelivery",
+        run_redelivery(
+            state.store.clone(),
+            state.sync.clone(),
+            redelivery_after,
+            cancel.clone(),
+        ),
+    );
     let store = state.store.clone();
     let sync = state.sync.clone();
     let topics_state = state.topics.clone();
     let settings = settings.clone();
     let settings_for_relay = settings.clone();
     let tracker = tasks.clone();
-    tasks.spawn(async move {
+    tasks.spawn("kafka topics", async move {
         let names = [topics.changes.as_str(), topics.inbox.as_str()];
         loop {
             let created = tokio::select! {
@@ -237,19 +240,22 @@ pub async fn start_kafka(
             }
         }
         topics_state.created();
-        tracker.spawn(run_kafka_consumer(
+        tracker.spawn("kafka consumer", run_kafka_consumer(
             settings.clone(),
             topics.changes.clone(),
             sync.clone(),
             cancel.clone(),
         ));
-        tracker.spawn(run_inbox_consumer(
+        tracker.spawn("kafka inbox consumer", run_inbox_consumer(
             settings,
             topics.inbox.clone(),
             sync,
             cancel.clone(),
         ));
-        tracker.spawn(run_kafka_relay(store, producer, settings_for_relay, topics, cancel));
+        tracker.spawn(
+            "kafka relay",
+            run_kafka_relay(store, producer, settings_for_relay, topics, cancel),
+        );
     });
     Ok(())
 }
