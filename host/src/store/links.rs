@@ -655,6 +655,8 @@ macro_rules! record_in {
                         let done = sqlx::query(concat!(
                             "UPDATE sync_links SET remote_id = $1, remote_deleted = $2, synced_version = $3, \
                              pushed_hash = $4, snapshot = $5, pending_version = NULL, \
+                             remote_seen_at_ms = CASE WHEN remote_id IS NULL OR remote_id <> $1 \
+                                THEN 0 ELSE remote_seen_at_ms END, \
                              pending_record = NULL, attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $6, \
                              state = CASE WHEN wanted_version > $3 THEN 'pending' ELSE 'synced' END, \
                              next_attempt_at_ms = $7, pushed_at_ms = $7 \
