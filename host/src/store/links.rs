@@ -1304,6 +1304,8 @@ const DELIVERED_BATCH_POSTGRES: &str = concat!("WITH w AS (SELECT * FROM UNNEST(
        pushed_hash = w.pushed_hash, snapshot = w.snapshot::jsonb, pending_version = NULL, \
        pending_record = NULL, attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, \
        updated_at = $14, \
+       remote_seen_at_ms = CASE WHEN l.remote_id IS NULL OR l.remote_id <> w.remote_id \
+         THEN 0 ELSE l.remote_seen_at_ms END, \
        state = CASE WHEN l.wanted_version > w.synced_version THEN 'pending' ELSE 'synced' END, \
        next_attempt_at_ms = $15, pushed_at_ms = $15 \
        FROM w WHERE l.customer_id = w.customer_id AND l.connector = w.connector \
@@ -1431,6 +1433,9 @@ const DELIVERED_BATCH_SQLITE: &str = concat!("UPDATE sync_links SET \
        synced_version = json_extract(w.value, '$[5]'), pushed_hash = json_extract(w.value, '$[6]'), \
        snapshot = json_extract(w.value, '$[7]'), pending_version = NULL, pending_record = NULL, \
        attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $2, \
+       remote_seen_at_ms = CASE WHEN sync_links.remote_id IS NULL \
+         OR sync_links.remote_id <> json_extract(w.value, '$[3]') \
+         THEN 0 ELSE sync_links.remote_seen_at_ms END, \
        state = CASE WHEN sync_links.wanted_version > json_extract(w.value, '$[5]') \
          THEN 'pending' ELSE 'synced' END, \
        next_attempt_at_ms = $3, pushed_at_ms = $3 \

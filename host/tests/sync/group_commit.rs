@@ -1158,6 +1158,46 @@ fn delivered(link: &SyncLink, remote_id: &str) -> LinkWrite {
     })
 }
 
+/// A delivered create of a new record, over a link that held a deleted one
+/// last seen at a later date, starts the link's remote date afresh (in a
+/// group's batch, the path most outcomes take): it kept the old record's
+/// date, and the new record's events dated before it were skipped as stale.
+async fn a_new_record_starts_its_links_date_afresh(postgres: bool) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(postgres, dir.path()).await;
+    let store = open(&url).await;
+    let links = claimed_links(&store, 2).await;
+    for (i, link) in links.iter().enumerate() {
+        let sql = format!(
+            "UPDATE sync_links SET remote_id = 'cus_gone_{i}', remote_deleted = TRUE, \
+             remote_seen_at_ms = 9000 WHERE customer_id = '{}'",
+            link.customer_id
+        );
+        crate::helpers::execute_raw(&url, &sql, &[]).await;
+    }
+    let writes = [
+        delivered(&links[0], "cus_new_0"),
+        delivered(&links[1], "cus_new_1"),
+    ];
+    let refs: Vec<(&SyncLink, &LinkWrite)> = links.iter().zip(&writes).collect();
+    store.write_links(&refs).await.expect("written");
+    for (i, link) in links.iter().enumerate() {
+        let now = store.links_of(&link.customer_id).await.expect("links")[0].clone();
+        assert_eq!(now.remote_id.as_deref(), Some(&*format!("cus_new_{i}")));
+        assert_eq!(now.remote_seen_at_ms, 0, "the deleted record's date kept");
+    }
+}
+
+#[tokio::test]
+async fn postgres_a_new_record_starts_its_links_date_afresh() {
+    a_new_record_starts_its_links_date_afresh(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_new_record_starts_its_links_date_afresh() {
+    a_new_record_starts_its_links_date_afresh(false).await;
+}
+
 /// A claim whose outcome was never written (a crash, a lost lease, a store
 /// error after the call) may have pushed: the next claim forgets the
 /// content pushed before, so a later version equal to it is pushed, not
