@@ -117,7 +117,7 @@ async fn run<C: Committer>(
             .record(batch.len() as f64);
         let (writes, waiting): (Vec<C::Write>, Vec<_>) = batch.drain(..).unzip();
         let started = Instant::now();
-        let committed = committer.commit(&writes).await;
+        let committed = caught(committer.commit(&writes)).await;
         if C::GATHER {
             // Counted before anyone is answered: an answered writer may
             // queue again at once, and would be counted twice.
@@ -178,8 +178,7 @@ async fn run<C: Committer>(
                         // it was told nothing was written.
                         continue;
                     }
-                    let result = committer
-                        .commit(std::slice::from_ref(write))
+                    let result = caught(committer.commit(std::slice::from_ref(write)))
                         .await
                         .and_then(|mut done| {
                             done.pop()
@@ -188,6 +187,31 @@ async fn run<C: Committer>(
                     let _ = waiter.send(result);
                 }
             }
+        }
+    }
+}
+
+/// `commit`, with a panic in it made the group's error (the writes are
+/// then committed one by one, each its own answer, the panicking one an
+/// error): a committer task that panicked was gone, its queue closed
+/// behind it, and every later write of its kind failed (webhooks
+/// unanswered, pushes never recorded) while the process went on as if well.
+async fn caught<T>(commit: BoxFuture<'_, Result<T, StoreError>>) -> Result<T, StoreError> {
+    match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(commit)).await {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|m| (*m).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(
+                panic = message,
+                "a group commit panicked; its writers are told it failed"
+            );
+            Err(StoreError::Database(sqlx::Error::Protocol(format!(
+                "the commit panicked: {message}"
+            ))))
         }
     }
 }
@@ -292,6 +316,38 @@ mod tests {
         assert!(matches!(answers[0], Err(StoreError::EmailTaken)));
         assert!(answers[1..].iter().all(Result::is_ok));
         assert_eq!(groups.len(), 11, "the group, then each alone: {groups:?}");
+    }
+
+    /// Panics on any group holding the write numbered 0.
+    struct Panicking;
+
+    impl Committer for Panicking {
+        type Write = usize;
+        type Done = ();
+        const NAME: &'static str = "test";
+
+        fn commit<'a>(&'a self, writes: &'a [usize]) -> BoxFuture<'a, Result<Vec<()>, StoreError>> {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                assert!(!writes.contains(&0), "write 0 breaks the committer");
+                Ok(vec![(); writes.len()])
+            })
+        }
+    }
+
+    /// A commit that panics answers its writers (the panicking write an
+    /// error, the others committed alone), and the committer goes on: its
+    /// task was gone, and every later write of its kind failed.
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_commit_answers_its_writers_and_goes_on() {
+        let queue = GroupCommit::start(Panicking, 1);
+        let answers = futures::future::join_all((0..10).map(|n| queue.submit(n))).await;
+        assert!(answers[0].is_err(), "{answers:?}");
+        assert!(answers[1..].iter().all(Result::is_ok), "{answers:?}");
+        assert!(
+            queue.submit(11).await.is_ok(),
+            "the committer is still there"
+        );
     }
 
     /// Four writers that submit six writes each, the next as soon as the
