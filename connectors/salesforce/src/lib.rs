@@ -10,8 +10,8 @@ use ferry_sdk::http::{Request, Response};
 use ferry_sdk::json::{Map, Value};
 use ferry_sdk::oauth::{self, ClientCredentials, Token};
 use ferry_sdk::{
-    clock, settings, Connector, ConnectorError, Customer, Event, Manifest, Operation, Page,
-    ParsedWebhook, PushRequest, PushResult, RemoteRecord, WebhookRequest,
+    settings, Connector, ConnectorError, Customer, Event, Manifest, Operation, Page, ParsedWebhook,
+    PushRequest, PushResult, RemoteRecord, WebhookRequest,
 };
 use serde::Deserialize;
 
@@ -170,15 +170,18 @@ impl Connector for Salesforce {
                 if config.fetch_records == Fetch::Always || no_data {
                     // A trigger: ferry fetches what the org holds now, so the
                     // message's own date and fields are not used, and the
-                    // triggers are ordered as they arrive.
-                    return Event::upsert(n.id, ENTITY, n.record_id, clock::now_ms(), None)
+                    // triggers are ordered as they arrive: undated (0), so
+                    // ferry dates it on arrival by the one clock its
+                    // replicas share (a replica's own clock, ahead, made
+                    // the next complete message look stale).
+                    return Event::upsert(n.id, ENTITY, n.record_id, 0, None)
                         .with_remote_type(remote_type.clone());
                 }
                 let when = ["LastModifiedDate", "SystemModstamp"]
                     .iter()
                     .find_map(|f| n.fields.get(*f).and_then(Value::as_str))
                     .and_then(parse_datetime_ms)
-                    .unwrap_or_else(clock::now_ms);
+                    .unwrap_or(0);
                 if incomplete {
                     // A trigger dated as the message is, as the complete
                     // messages of the same record are: dated on arrival
