@@ -135,6 +135,15 @@ impl App {
             .await
             .with_context(|| format!("connecting to {}", config.database_url_redacted()))?;
         store.migrate().await.context("running migrations")?;
+        // Before anything is written with a time: replicas compare leases,
+        // due times and dates by the database's clock.
+        match store.follow_database_clock().await {
+            Ok(offset) => crate::store::clock::warn_if_off(offset, &mut false),
+            Err(error) => tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "reading the database's clock failed; this machine's is used until it is read"
+            ),
+        }
         let emails = store
             .renormalise_emails(crate::api::customers::normalise_email)
             .await
@@ -403,15 +412,6 @@ impl App {
     /// requests finish and stops the background tasks.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let tasks = Supervised::new(self.cancel.clone());
-        // Before any lease is taken: replicas compare their lease ends by
-        // the database's clock.
-        match self.state.store.follow_database_clock().await {
-            Ok(offset) => crate::store::clock::warn_if_off(offset, &mut false),
-            Err(error) => tracing::warn!(
-                error = format!("{:#}", anyhow::Error::from(error)),
-                "reading the database's clock failed; this machine's is used"
-            ),
-        }
         tasks.spawn(
             "clock",
             crate::store::clock::follow(self.state.store.clone(), self.cancel.clone()),

@@ -77,15 +77,20 @@ pub fn component_in(
 
 /// The target dir a binary cargo built lives in: the nearest folder above
 /// it holding the `CACHEDIR.TAG` cargo writes at a target dir's root, or
-/// that folder's parent when it holds one too (cargo tags a `--target`
-/// triple's folder as well: `target/<triple>/debug/deps/…`).
+/// that folder's parent when it is a `--target` triple's (cargo tags it as
+/// well: `target/x86_64-unknown-linux-gnu/debug/deps/…`). A target dir
+/// inside another (`--target-dir target/other`) is its own.
 pub fn target_dir_of(binary: &Path) -> Option<PathBuf> {
     let tagged = |dir: &Path| dir.join("CACHEDIR.TAG").is_file();
     let nearest = binary.ancestors().skip(1).find(|dir| tagged(dir))?;
+    let triple = nearest
+        .file_name()
+        .and_then(|name| name.to_str())
+        .is_some_and(|name| name.contains('-'));
     Some(
         nearest
             .parent()
-            .filter(|parent| tagged(parent))
+            .filter(|parent| triple && tagged(parent))
             .unwrap_or(nearest)
             .to_owned(),
     )
@@ -128,7 +133,19 @@ mod tests {
         .expect("tag");
         assert_eq!(
             target_dir_of(&triple.join("debug/deps/connector-0123")),
-            Some(target)
+            Some(target.clone())
+        );
+        // A target dir of its own inside another.
+        let inner = target.join("other");
+        std::fs::create_dir_all(inner.join("debug/deps")).expect("dirs");
+        std::fs::write(
+            inner.join("CACHEDIR.TAG"),
+            "Signature: 8a477f597d28d172789f06886806bc55",
+        )
+        .expect("tag");
+        assert_eq!(
+            target_dir_of(&inner.join("debug/deps/connector-0123")),
+            Some(inner)
         );
         assert_eq!(target_dir_of(&dir.path().join("bin/tool")), None);
     }

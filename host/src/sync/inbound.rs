@@ -1568,7 +1568,18 @@ impl SyncEngine {
         let registry = &self.inner.registry;
         let ready = match registry.loaded(&event.connector) {
             Ok(ready) => ready,
-            Err(_) if registry.entry(&event.connector).is_none() => return Ok(false),
+            // Deleted, not just unknown here yet: read again to tell, as a
+            // fetch does.
+            Err(_) if registry.entry(&event.connector).is_none() => {
+                if registry.refresh().await.is_ok() && registry.entry(&event.connector).is_none() {
+                    return Ok(false);
+                }
+                return Err(Failure::Wait(
+                    "waiting to ask whether the record is gone: the connector is not known here yet"
+                        .into(),
+                    NOT_LOADED_RECHECK,
+                ));
+            }
             Err(why) => {
                 return Err(Failure::Wait(
                     format!("waiting to ask whether the record is gone: {why}"),
