@@ -21,10 +21,13 @@ const EVERY: Duration = Duration::from_secs(60);
 /// An offset past which the log says this machine's clock is off.
 const WORTH_A_WARNING_MS: i64 = 1_000;
 
-/// An offset within a reading's own error (half a round trip, and the
-/// millisecond both clocks round to): kept at 0, so the processes of one
-/// machine, and test binaries running both backends, keep their own clock
-/// exactly, and leases' margins (500 ms at least) are far away.
+/// A change of the offset within a reading's own error (half a round
+/// trip, and the millisecond both clocks round to): the offset stays as it
+/// was, so the processes of one machine (and test binaries running both
+/// backends) keep their own clock exactly, and an offset near a bound
+/// does not step back and forth every minute (a backward step dated a
+/// trigger before the one ahead of it). Leases' margins (500 ms at least)
+/// are far away.
 const NEGLIGIBLE_MS: i64 = 50;
 
 /// The database's clock minus this process's, in milliseconds.
@@ -57,8 +60,8 @@ impl Store {
                 .fetch_one(&mut *connection)
                 .await?;
         let offset = offset_from(before, database, local());
-        let offset = if offset.abs() < NEGLIGIBLE_MS {
-            0
+        let offset = if (offset - offset_ms()).abs() < NEGLIGIBLE_MS {
+            offset_ms()
         } else {
             offset
         };
