@@ -76,24 +76,16 @@ pub fn component_in(
 }
 
 /// The target dir a binary cargo built lives in: the nearest folder above
-/// it holding the `CACHEDIR.TAG` cargo writes at a target dir's root, or
-/// that folder's parent when it is a `--target` triple's (cargo tags it as
-/// well: `target/x86_64-unknown-linux-gnu/debug/deps/…`). A target dir
-/// inside another (`--target-dir target/other`) is its own.
+/// it holding the `.rustc_info.json` cargo keeps at a target dir's root
+/// (not `CACHEDIR.TAG`, which a `--target` triple's folder holds too:
+/// `target/x86_64-unknown-linux-gnu/debug/deps/…`). A target dir inside
+/// another (`--target-dir target/other`) is its own.
 pub fn target_dir_of(binary: &Path) -> Option<PathBuf> {
-    let tagged = |dir: &Path| dir.join("CACHEDIR.TAG").is_file();
-    let nearest = binary.ancestors().skip(1).find(|dir| tagged(dir))?;
-    let triple = nearest
-        .file_name()
-        .and_then(|name| name.to_str())
-        .is_some_and(|name| name.contains('-'));
-    Some(
-        nearest
-            .parent()
-            .filter(|parent| triple && tagged(parent))
-            .unwrap_or(nearest)
-            .to_owned(),
-    )
+    binary
+        .ancestors()
+        .skip(1)
+        .find(|dir| dir.join(".rustc_info.json").is_file())
+        .map(Path::to_owned)
 }
 
 /// Whether `reported` (cargo's manifest path, which keeps the symlinks of
@@ -109,44 +101,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_binary_s_target_dir_is_the_folder_cargo_tagged() {
+    fn a_binary_s_target_dir_is_where_cargo_keeps_its_rustc_info() {
         let dir = tempfile::tempdir().expect("dir");
+        let cargo_made = |folder: &Path, root: bool| {
+            std::fs::create_dir_all(folder.join("debug/deps")).expect("dirs");
+            std::fs::write(
+                folder.join("CACHEDIR.TAG"),
+                "Signature: 8a477f597d28d172789f06886806bc55",
+            )
+            .expect("tag");
+            if root {
+                std::fs::write(folder.join(".rustc_info.json"), "{}").expect("info");
+            }
+        };
         let target = dir.path().join("elsewhere");
-        let deps = target.join("debug/deps");
-        std::fs::create_dir_all(&deps).expect("dirs");
-        std::fs::write(
-            target.join("CACHEDIR.TAG"),
-            "Signature: 8a477f597d28d172789f06886806bc55",
-        )
-        .expect("tag");
-        assert_eq!(
-            target_dir_of(&deps.join("connector-0123")),
-            Some(target.clone())
-        );
+        cargo_made(&target, true);
+        let binary = |folder: &Path| folder.join("debug/deps/connector-0123");
+        assert_eq!(target_dir_of(&binary(&target)), Some(target.clone()));
         // Built for a `--target` triple: cargo tags its folder too.
         let triple = target.join("x86_64-unknown-linux-gnu");
-        std::fs::create_dir_all(triple.join("debug/deps")).expect("dirs");
-        std::fs::write(
-            triple.join("CACHEDIR.TAG"),
-            "Signature: 8a477f597d28d172789f06886806bc55",
-        )
-        .expect("tag");
-        assert_eq!(
-            target_dir_of(&triple.join("debug/deps/connector-0123")),
-            Some(target.clone())
-        );
-        // A target dir of its own inside another.
-        let inner = target.join("other");
-        std::fs::create_dir_all(inner.join("debug/deps")).expect("dirs");
-        std::fs::write(
-            inner.join("CACHEDIR.TAG"),
-            "Signature: 8a477f597d28d172789f06886806bc55",
-        )
-        .expect("tag");
-        assert_eq!(
-            target_dir_of(&inner.join("debug/deps/connector-0123")),
-            Some(inner)
-        );
+        cargo_made(&triple, false);
+        assert_eq!(target_dir_of(&binary(&triple)), Some(target.clone()));
+        // A target dir of its own inside another, a hyphen in its name.
+        let inner = target.join("llvm-cov-target");
+        cargo_made(&inner, true);
+        assert_eq!(target_dir_of(&binary(&inner)), Some(inner));
         assert_eq!(target_dir_of(&dir.path().join("bin/tool")), None);
     }
 
