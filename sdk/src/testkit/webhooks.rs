@@ -100,9 +100,15 @@ pub async fn check_delivery_signed_by(
             ids(&again)
         ));
     }
-    if let Some(event) = first.events.iter().find(|e| e.occurred_at_ms <= 0) {
+    // A trigger (no record) may leave its time to the host, which dates
+    // it on arrival; a record needs the remote's.
+    if let Some(event) = first
+        .events
+        .iter()
+        .find(|e| e.occurred_at_ms <= 0 && e.record.is_some())
+    {
         return Err(format!(
-            "event {} has no occurred_at_ms: the host cannot tell an older state arriving late from a newer one",
+            "event {} carries a record but no occurred_at_ms: the host cannot tell an older state arriving late from a newer one",
             event.id
         ));
     }
