@@ -1551,11 +1551,12 @@ impl SyncEngine {
 
     /// Whether `event`, a thin delete that looks older than what was
     /// applied, is the delete all the same: the remote no longer has its
-    /// record. Thin events are dated on arrival, by the clock of the
-    /// replica that took them in: one a second behind another's took the
-    /// delete for stale, and the link stayed live (every later push a
-    /// `not_found` dead letter). A delete with its record, or an upsert,
-    /// is dated by the remote, and is as old as it looks.
+    /// record. Thin events are dated on arrival (by the database's clock
+    /// now, and before that by the replica's own: one a second behind
+    /// another's took the delete for stale, and the link stayed live, every
+    /// later push a `not_found` dead letter); events dated by a remote's
+    /// clock are compared with them too. A delete with its record, or an
+    /// upsert, is dated by the remote, and is as old as it looks.
     /// The record there, a connector without `fetch`, or one deleted,
     /// leave it as stale as it looks; a read that failed is the event's
     /// failure (retried, or a dead letter), and a connector not loaded
@@ -1571,11 +1572,17 @@ impl SyncEngine {
             // Deleted, not just unknown here yet: read again to tell, as a
             // fetch does.
             Err(_) if registry.entry(&event.connector).is_none() => {
-                if registry.refresh().await.is_ok() && registry.entry(&event.connector).is_none() {
+                if let Err(error) = registry.refresh().await {
+                    return Err(Failure::Wait(
+                        format!("waiting: the connectors could not be read: {error}"),
+                        NOT_LOADED_RECHECK,
+                    ));
+                }
+                if registry.entry(&event.connector).is_none() {
                     return Ok(false);
                 }
                 return Err(Failure::Wait(
-                    "waiting to ask whether the record is gone: the connector is not known here yet"
+                    "waiting to ask whether the record is gone: no version of the connector is loaded here"
                         .into(),
                     NOT_LOADED_RECHECK,
                 ));
