@@ -561,14 +561,9 @@ impl Supervised {
         let (cancel, failed) = (self.cancel.clone(), self.failed.clone());
         self.tracker.spawn(async move {
             if let Err(panic) = futures::FutureExt::catch_unwind(AssertUnwindSafe(task)).await {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|m| (*m).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
                 tracing::error!(
                     task = name,
-                    panic = message,
+                    panic = panic_text(&*panic),
                     "a background task panicked; ferry stops"
                 );
                 let _ = failed.set(name);
@@ -576,6 +571,15 @@ impl Supervised {
             }
         });
     }
+}
+
+/// What a caught panic said (its `&str` or `String` payload).
+pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|m| (*m).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }
 
 /// Purges expired idempotency keys now and then; expired keys are also

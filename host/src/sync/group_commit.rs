@@ -200,11 +200,7 @@ async fn caught<T>(commit: BoxFuture<'_, Result<T, StoreError>>) -> Result<T, St
     match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(commit)).await {
         Ok(result) => result,
         Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|m| (*m).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let message = crate::app::panic_text(&*panic);
             tracing::error!(
                 panic = message,
                 "a group commit panicked; its writers are told it failed"

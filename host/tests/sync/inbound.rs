@@ -82,15 +82,21 @@ async fn wait_for(
 /// Waits until stripe's inbox event `id` of `remote_id` is no longer
 /// pending: its state and detail.
 async fn outcome_of(app: &SyncApp, remote_id: String, id: &str) -> Value {
+    outcome_past(app, &remote_id, id, &["pending"]).await
+}
+
+/// Waits until stripe's inbox event `id` of `remote_id` is in none of the
+/// states `waiting`: its state and detail.
+async fn outcome_past(app: &SyncApp, remote_id: &str, id: &str, waiting: &[&str]) -> Value {
     wait_for(app, id, async |app| {
         let events = app
             .store
-            .inbox_of_remote("stripe", &remote_id)
+            .inbox_of_remote("stripe", remote_id)
             .await
             .unwrap();
         events
             .into_iter()
-            .find(|e| e.event_id == id && e.state.as_str() != "pending")
+            .find(|e| e.event_id == id && !waiting.contains(&e.state.as_str()))
             .map(|e| json!({"state": e.state.as_str(), "detail": e.detail}))
     })
     .await
@@ -577,18 +583,12 @@ async fn a_thin_event_dated_behind_the_last_one_is_still_applied() {
     let mut deleted = applied("evt_thin_delete_behind").await;
     if deleted["state"] == "retry" {
         // Looked at again after its backoff.
-        let id = "evt_thin_delete_behind";
-        deleted = wait_for(&app, id, async |app| {
-            let events = app
-                .store
-                .inbox_of_remote("stripe", &remote_id)
-                .await
-                .unwrap();
-            events
-                .into_iter()
-                .find(|e| e.event_id == id && !matches!(e.state.as_str(), "pending" | "retry"))
-                .map(|e| json!({"state": e.state.as_str(), "detail": e.detail}))
-        })
+        deleted = outcome_past(
+            &app,
+            &remote_id,
+            "evt_thin_delete_behind",
+            &["pending", "retry"],
+        )
         .await;
     }
     assert_eq!(deleted["state"], "applied", "{deleted}");
