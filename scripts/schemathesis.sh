@@ -32,13 +32,20 @@ trap cleanup EXIT
 
 free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
+# The bundled connectors when built (make test builds them first), so the
+# connector routes are exercised past their 404: `stripe` is the schema's
+# example name. Secrets need a master key.
+CONNECTORS="$CARGO_TARGET_DIR/debug/connectors"
+[ -f "$CONNECTORS/stripe.wasm" ] || CONNECTORS="$WORK/no-connectors"
+
 # run_backend NAME DATABASE_URL
 run_backend() {
   local name="$1" url="$2" port log
   port="$(free_port)"
   log="$WORK/ferry-$name.log"
   FERRY_LISTEN="127.0.0.1:$port" FERRY_DATABASE_URL="$url" FERRY_ADMIN_TOKEN="$TOKEN" \
-    FERRY_CONNECTORS_DIR="$WORK/no-connectors" RUST_LOG=warn \
+    FERRY_MASTER_KEY=schemathesis-master-key-0123456789abcdef \
+    FERRY_CONNECTORS_DIR="$CONNECTORS" RUST_LOG=warn \
     "$FERRY_BIN" serve >"$log" 2>&1 &
   local pid=$!
   PIDS+=("$pid")

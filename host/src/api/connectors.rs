@@ -351,7 +351,7 @@ pub async fn list_connectors(
 /// Get one connector.
 #[utoipa::path(
     get, path = "/api/v1/connectors/{name}", tag = "connectors",
-    params(("name" = String, Path, description = "Connector name")),
+    params(("name" = String, Path, description = "Connector name", example = "stripe")),
     responses(
         (status = 200, description = "The connector", body = ConnectorSummary),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
@@ -370,7 +370,7 @@ pub async fn get_connector(
 /// List a connector's versions.
 #[utoipa::path(
     get, path = "/api/v1/connectors/{name}/versions", tag = "connectors",
-    params(("name" = String, Path, description = "Connector name")),
+    params(("name" = String, Path, description = "Connector name", example = "stripe")),
     responses(
         (status = 200, description = "Its stored versions, oldest first", body = ConnectorVersionList),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
@@ -402,7 +402,7 @@ pub async fn list_versions(
 /// on.
 #[utoipa::path(
     post, path = "/api/v1/connectors/{name}/activate", tag = "connectors",
-    params(("name" = String, Path, description = "Connector name")),
+    params(("name" = String, Path, description = "Connector name", example = "stripe")),
     request_body = Activate,
     responses(
         (status = 200, description = "The connector, now on that version", body = ConnectorSummary),
@@ -439,7 +439,7 @@ pub async fn activate(
 #[utoipa::path(
     post, path = "/api/v1/connectors/{name}/enable", tag = "connectors",
     params(
-        ("name" = String, Path, description = "Connector name"),
+        ("name" = String, Path, description = "Connector name", example = "stripe"),
         ("backfill" = Option<bool>, Query, description = "Also start a backfill run"),
     ),
     responses(
@@ -509,7 +509,7 @@ async fn backfill_possible(state: &AppState, name: &str) -> Result<(), ApiError>
 /// with a system for good, delete the connector.
 #[utoipa::path(
     post, path = "/api/v1/connectors/{name}/disable", tag = "connectors",
-    params(("name" = String, Path, description = "Connector name")),
+    params(("name" = String, Path, description = "Connector name", example = "stripe")),
     responses(
         (status = 200, description = "The connector", body = ConnectorSummary),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
@@ -535,7 +535,7 @@ pub async fn disable(
 #[utoipa::path(
     delete, path = "/api/v1/connectors/{name}", tag = "connectors",
     params(
-        ("name" = String, Path, description = "Connector name"),
+        ("name" = String, Path, description = "Connector name", example = "stripe"),
         ("force" = Option<bool>, Query, description = "Delete even while customers are linked"),
     ),
     responses(
@@ -569,7 +569,7 @@ pub async fn delete_connector(
 /// `FERRY_CONNECTORS__*` variables.
 #[utoipa::path(
     put, path = "/api/v1/connectors/{name}/settings", tag = "connectors",
-    params(("name" = String, Path, description = "Connector name")),
+    params(("name" = String, Path, description = "Connector name", example = "stripe")),
     request_body = PutSettings,
     responses(
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
