@@ -257,11 +257,21 @@ mod tests {
         }
     }
 
-    /// Fails every group of more than one write as busy, or refuses the
-    /// write numbered 0; records each group.
+    /// How a [`Failing`] committer fails.
+    #[derive(Clone, Copy)]
+    enum Fails {
+        /// Every group, as a busy store.
+        Busy,
+        /// Any group holding the write numbered 0, refused.
+        Refusing,
+        /// Any group holding the write numbered 0, by panicking.
+        Panicking,
+    }
+
+    /// Fails as `fails` says; records each group.
     struct Failing {
         groups: Groups,
-        busy: bool,
+        fails: Fails,
     }
 
     impl Committer for Failing {
@@ -273,28 +283,37 @@ mod tests {
             Box::pin(async move {
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 self.groups.lock().unwrap().push(writes.to_vec());
-                if self.busy {
-                    Err(StoreError::Database(sqlx::Error::PoolTimedOut))
-                } else if writes.contains(&0) {
-                    Err(StoreError::EmailTaken)
-                } else {
-                    Ok(vec![(); writes.len()])
+                match self.fails {
+                    Fails::Busy => Err(StoreError::Database(sqlx::Error::PoolTimedOut)),
+                    Fails::Refusing if writes.contains(&0) => Err(StoreError::EmailTaken),
+                    Fails::Panicking => {
+                        assert!(!writes.contains(&0), "write 0 breaks the committer");
+                        Ok(vec![(); writes.len()])
+                    }
+                    Fails::Refusing => Ok(vec![(); writes.len()]),
                 }
             })
         }
     }
 
-    /// Submits writes 0..10 at once; returns each answer and the groups.
-    async fn ten_at_once(busy: bool) -> (Vec<Result<(), StoreError>>, Vec<Vec<usize>>) {
+    /// Submits writes 0..10 at once; returns each answer, the groups and
+    /// the queue.
+    async fn ten_at_once(
+        fails: Fails,
+    ) -> (
+        Vec<Result<(), StoreError>>,
+        Vec<Vec<usize>>,
+        GroupCommit<Failing>,
+    ) {
         let groups = Groups::default();
         let committer = Failing {
             groups: groups.clone(),
-            busy,
+            fails,
         };
         let queue = GroupCommit::start(committer, 1);
         let answers = futures::future::join_all((0..10).map(|n| queue.submit(n))).await;
         let groups = groups.lock().unwrap().clone();
-        (answers, groups)
+        (answers, groups, queue)
     }
 
     /// A busy store was retried write by write, each waiting out the
@@ -302,33 +321,16 @@ mod tests {
     /// took 256 timeouts to answer.
     #[tokio::test(start_paused = true)]
     async fn a_busy_store_is_everyones_answer_at_once() {
-        let (answers, groups) = ten_at_once(true).await;
+        let (answers, groups, _) = ten_at_once(Fails::Busy).await;
         assert!(answers
             .iter()
             .all(|a| a.as_ref().is_err_and(StoreError::is_store_busy)));
         assert_eq!(groups.len(), 1, "no write retried alone: {groups:?}");
         // A refused write still gets its own answer, the others theirs.
-        let (answers, groups) = ten_at_once(false).await;
+        let (answers, groups, _) = ten_at_once(Fails::Refusing).await;
         assert!(matches!(answers[0], Err(StoreError::EmailTaken)));
         assert!(answers[1..].iter().all(Result::is_ok));
         assert_eq!(groups.len(), 11, "the group, then each alone: {groups:?}");
-    }
-
-    /// Panics on any group holding the write numbered 0.
-    struct Panicking;
-
-    impl Committer for Panicking {
-        type Write = usize;
-        type Done = ();
-        const NAME: &'static str = "test";
-
-        fn commit<'a>(&'a self, writes: &'a [usize]) -> BoxFuture<'a, Result<Vec<()>, StoreError>> {
-            Box::pin(async move {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                assert!(!writes.contains(&0), "write 0 breaks the committer");
-                Ok(vec![(); writes.len()])
-            })
-        }
     }
 
     /// A commit that panics answers its writers (the panicking write an
@@ -336,8 +338,7 @@ mod tests {
     /// task was gone, and every later write of its kind failed.
     #[tokio::test(start_paused = true)]
     async fn a_panicking_commit_answers_its_writers_and_goes_on() {
-        let queue = GroupCommit::start(Panicking, 1);
-        let answers = futures::future::join_all((0..10).map(|n| queue.submit(n))).await;
+        let (answers, _, queue) = ten_at_once(Fails::Panicking).await;
         assert!(answers[0].is_err(), "{answers:?}");
         assert!(answers[1..].iter().all(Result::is_ok), "{answers:?}");
         assert!(

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::merge::{merge_owned, ConflictPolicy, FieldOwners, Resolution, Sides};
 use super::outbound::canonical_record;
 use super::SyncEngine;
-use crate::registry::NotReady;
+use crate::registry::{NotReady, Ready};
 use crate::runtime::{CallError, ConnectorError};
 use crate::store::conflicts::{Conflict, Folded};
 use crate::store::inbox::{
@@ -1434,6 +1434,37 @@ impl SyncEngine {
         Ok(page.data.into_iter().next())
     }
 
+    /// `event`'s connector as loaded here, to read its record with. Accepted
+    /// while the connector was enabled, the event is finished even if the
+    /// connector was disabled since. Not loaded on this replica (yet), or
+    /// its settings missing here: a wait without spending an attempt
+    /// (another replica, or this one's next load, reads it). Deleted (read
+    /// again to tell, a failed read telling nothing): a skip, since no
+    /// version will ever read it.
+    async fn readable(&self, event: &InboxEvent) -> Result<Ready, Failure> {
+        let registry = &self.inner.registry;
+        let why = match registry.loaded(&event.connector) {
+            Ok(ready) => return Ok(ready),
+            Err(why) => why,
+        };
+        if !matches!(why, NotReady::Incomplete(_)) && registry.entry(&event.connector).is_none() {
+            if let Err(error) = registry.refresh().await {
+                return Err(Failure::Wait(
+                    format!("waiting: the connectors could not be read: {error}"),
+                    NOT_LOADED_RECHECK,
+                ));
+            }
+            if registry.entry(&event.connector).is_none() {
+                return Err(Failure::Skip("the connector was deleted".into()));
+            }
+        }
+        let why = match why {
+            NotReady::Incomplete(_) => why.to_string(),
+            _ => "no version of the connector is loaded here".to_owned(),
+        };
+        Err(Failure::Wait(format!("waiting: {why}"), NOT_LOADED_RECHECK))
+    }
+
     /// The record as the remote holds it now; `None` if the connector does
     /// not implement `fetch`.
     ///
@@ -1444,41 +1475,7 @@ impl SyncEngine {
         event: &InboxEvent,
         link_deleted: bool,
     ) -> Result<Option<serde_json::Value>, Failure> {
-        // Accepted while the connector was enabled: finish it even if the
-        // connector was disabled since.
-        // Not loaded on this replica (yet): wait without spending an
-        // attempt; another replica, or this one's next load, fetches it.
-        let registry = &self.inner.registry;
-        let ready = match registry.loaded(&event.connector) {
-            Ok(ready) => Some(ready),
-            // Its settings or secrets are missing here: wait for them,
-            // rather than call without them and dead-letter the event.
-            Err(why @ NotReady::Incomplete(_)) => {
-                return Err(Failure::Wait(format!("waiting: {why}"), NOT_LOADED_RECHECK))
-            }
-            Err(_) => None,
-        };
-        let Some(ready) = ready else {
-            // Deleted, not just unknown here yet (read again to tell): no
-            // version will ever fetch it, and waiting would go on for ever.
-            // A refresh that failed tells nothing: wait, as for any store
-            // error, rather than skip an event of a connector that exists.
-            if registry.entry(&event.connector).is_none() {
-                if let Err(error) = registry.refresh().await {
-                    return Err(Failure::Wait(
-                        format!("waiting: the connectors could not be read: {error}"),
-                        NOT_LOADED_RECHECK,
-                    ));
-                }
-                if registry.entry(&event.connector).is_none() {
-                    return Err(Failure::Skip("the connector was deleted".into()));
-                }
-            }
-            return Err(Failure::Wait(
-                "waiting: no version of the connector is loaded here".into(),
-                NOT_LOADED_RECHECK,
-            ));
-        };
+        let ready = self.readable(event).await?;
         let (connector, config) = (ready.connector, ready.config);
         match connector
             .fetch(&config, super::ENTITY, &event.remote_id)
@@ -1558,41 +1555,18 @@ impl SyncEngine {
     /// clock are compared with them too. A delete with its record, or an
     /// upsert, is dated by the remote, and is as old as it looks.
     /// The record there, a connector without `fetch`, or one deleted,
-    /// leave it as stale as it looks; a read that failed is the event's
-    /// failure (retried, or a dead letter), and a connector not loaded
-    /// here (its settings missing, a version loading) is waited for, as a
-    /// fetch waits: not a skip, which lost the delete.
+    /// leave it as stale as it looks; a read that failed, or a connector
+    /// not loaded here ([`Self::readable`]), is the event's failure or
+    /// wait: not a skip, which lost the delete.
     async fn gone_after_all(&self, event: &InboxEvent) -> Result<bool, Failure> {
         if event.kind != RemoteChange::Delete || event.record.is_some() {
             return Ok(false);
         }
-        let registry = &self.inner.registry;
-        let ready = match registry.loaded(&event.connector) {
+        let ready = match self.readable(event).await {
             Ok(ready) => ready,
-            // Deleted, not just unknown here yet: read again to tell, as a
-            // fetch does.
-            Err(_) if registry.entry(&event.connector).is_none() => {
-                if let Err(error) = registry.refresh().await {
-                    return Err(Failure::Wait(
-                        format!("waiting: the connectors could not be read: {error}"),
-                        NOT_LOADED_RECHECK,
-                    ));
-                }
-                if registry.entry(&event.connector).is_none() {
-                    return Ok(false);
-                }
-                return Err(Failure::Wait(
-                    "waiting to ask whether the record is gone: no version of the connector is loaded here"
-                        .into(),
-                    NOT_LOADED_RECHECK,
-                ));
-            }
-            Err(why) => {
-                return Err(Failure::Wait(
-                    format!("waiting to ask whether the record is gone: {why}"),
-                    NOT_LOADED_RECHECK,
-                ))
-            }
+            // Deleted: nothing will ever say; as stale as it looks.
+            Err(Failure::Skip(_)) => return Ok(false),
+            Err(failure) => return Err(failure),
         };
         match ready
             .connector

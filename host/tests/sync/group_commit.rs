@@ -2155,6 +2155,28 @@ async fn a_flagged_name(store: &Store, tag: &str) -> (Customer, String, Conflict
     (first, remote[0].clone(), conflict)
 }
 
+/// Resolves `conflict` keeping `customer` as it is (`local`), with the
+/// events `folded` in.
+async fn keep_local(
+    store: &Store,
+    conflict: &Conflict,
+    customer: &Customer,
+    folded: Option<&ferry::store::conflicts::Folded>,
+) -> Result<ferry::store::conflicts::Resolved, StoreError> {
+    store
+        .resolve_conflict(
+            conflict,
+            "local",
+            &conflict.fields.0,
+            &customer.id,
+            customer.version,
+            &customer.fields(),
+            None,
+            folded,
+        )
+        .await
+}
+
 /// A conflict's resolution and the customer's delete, at the same moment on
 /// PostgreSQL: the resolution waits for the conflict's row (held here by a
 /// third transaction) before the delete comes and takes the customer's
@@ -2180,20 +2202,7 @@ async fn postgres_a_resolution_and_a_delete_wait_rather_than_deadlock() {
     let waiting = |n: i64| sessions_waiting_on_locks(&raw, n);
     let resolving = {
         let (store, conflict, first) = (store.clone(), conflict.clone(), first.clone());
-        tokio::spawn(async move {
-            store
-                .resolve_conflict(
-                    &conflict,
-                    "local",
-                    &conflict.fields.0,
-                    &first.id,
-                    first.version,
-                    &first.fields(),
-                    None,
-                    None,
-                )
-                .await
-        })
+        tokio::spawn(async move { keep_local(&store, &conflict, &first, None).await })
     };
     waiting(1).await;
     let deleting = {
@@ -2326,17 +2335,7 @@ async fn a_resolution_takes_a_leased_waiting_event(postgres: bool) {
         overridden: json!([]),
         event_id: edit.event_id.clone(),
     };
-    let resolved = store
-        .resolve_conflict(
-            &conflict,
-            "local",
-            &conflict.fields.0,
-            &first.id,
-            first.version,
-            &first.fields(),
-            None,
-            Some(&folded),
-        )
+    let resolved = keep_local(&store, &conflict, &first, Some(&folded))
         .await
         .expect("resolved");
     assert!(
