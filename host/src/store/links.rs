@@ -281,6 +281,11 @@ pub enum RecordedOutcome {
     Deferred {
         /// When to look again, unix ms.
         at_ms: i64,
+        /// What it waits for, kept as the link's `last_error` while it
+        /// waits for long (a paused connector, a backfill), so the
+        /// customer's sync status says why nothing went; `None` leaves the
+        /// last error as it is.
+        waits_for: Option<&'static str>,
     },
     /// Given up: a dead letter waits for a person.
     DeadLettered {
@@ -769,15 +774,17 @@ macro_rules! record_in {
                     .await?
                     .rows_affected()
                 }
-                RecordedOutcome::Deferred { at_ms } => {
+                RecordedOutcome::Deferred { at_ms, waits_for } => {
                     sqlx::query(
                         "UPDATE sync_links SET next_attempt_at_ms = $1, lease_until_ms = 0, \
-                         lease_token = NULL WHERE customer_id = $2 AND connector = $3 AND lease_token = $4",
+                         lease_token = NULL, last_error = COALESCE($5, last_error) \
+                         WHERE customer_id = $2 AND connector = $3 AND lease_token = $4",
                     )
                     .bind(at_ms)
                     .bind(&$link.customer_id)
                     .bind(&$link.connector)
                     .bind(&$link.lease_token)
+                    .bind(waits_for)
                     .execute(&mut *$tx)
                     .await?
                     .rows_affected()

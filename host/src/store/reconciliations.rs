@@ -308,6 +308,46 @@ impl Store {
             .next())
     }
 
+    /// Whether a backfill of `connector` holds back a create of a customer
+    /// with `email`: while it lists and classifies, every create (the
+    /// listing may hold a record with that email, which the backfill
+    /// links); while it repairs, one whose email a listed record has (its
+    /// link is on the way). A create now would make a second record of a
+    /// customer the backfill links to the remote's.
+    pub async fn backfill_holds_create(
+        &self,
+        connector: &str,
+        email: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(dispatch!(self, read pool => {
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM reconciliation_runs r \
+                 WHERE r.connector = $1 AND r.status = 'running' AND r.mode = 'backfill' \
+                 AND (r.phase <> 'repairing' OR EXISTS (SELECT 1 FROM reconciliation_unlinked u \
+                   WHERE u.run_id = r.id AND u.email = $2)))",
+            )
+            .bind(connector)
+            .bind(email)
+            .fetch_one(pool)
+            .await?
+        }))
+    }
+
+    /// Whether events a run stored (its imports and links, correlated by
+    /// its id) wait in the inbox, not yet applied.
+    pub async fn run_events_pending(&self, run: &RunRow) -> Result<bool, StoreError> {
+        Ok(dispatch!(self, read pool => {
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM inbox WHERE state IN ('pending', 'retry') \
+                 AND connector = $1 AND correlation_id = $2)",
+            )
+            .bind(&run.connector)
+            .bind(&run.id)
+            .fetch_one(pool)
+            .await?
+        }))
+    }
+
     /// Claims a running run whose lease expired (none yet, or its replica
     /// died): this replica drives it from where it stopped.
     pub async fn claim_run(
@@ -735,7 +775,10 @@ impl Store {
 
     /// Live customers created before the run started with no live link to
     /// its connector, no push to it on the way, and no unlinked remote
-    /// record of the run with their email, in id order after `after`.
+    /// record of the run with their email, in id order after `after`. A
+    /// link whose record was deleted remotely (`unlink`) is live again
+    /// when the listing returned the record (an undelete): a recreate would
+    /// make a second one.
     pub async fn customers_missing_remotely(
         &self,
         run: &RunRow,
@@ -746,7 +789,9 @@ impl Store {
             sqlx::query_as(concat!(
                 "SELECT ", columns!(), " FROM customers c WHERE c.deleted_at IS NULL AND c.created_at < $2 ",
                 "AND NOT EXISTS (SELECT 1 FROM sync_links l WHERE l.customer_id = c.id AND l.connector = $1 ",
-                "AND ((l.remote_id IS NOT NULL AND NOT l.remote_deleted) OR l.state IN ('pending', 'retry'))) ",
+                "AND ((l.remote_id IS NOT NULL AND (NOT l.remote_deleted OR EXISTS (SELECT 1 ",
+                "FROM reconciliation_seen s WHERE s.run_id = $3 AND s.remote_id = l.remote_id))) ",
+                "OR l.state IN ('pending', 'retry'))) ",
                 "AND NOT EXISTS (SELECT 1 FROM reconciliation_unlinked u WHERE u.run_id = $3 AND u.email = c.email) ",
                 "AND (CAST($4 AS TEXT) IS NULL OR c.id > $4) ORDER BY c.id LIMIT $5"
             ))

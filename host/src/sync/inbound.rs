@@ -805,6 +805,22 @@ impl SyncEngine {
             }
         }
         if event.kind == RemoteChange::Delete {
+            // A reconciliation's orphan: a link whose record a complete
+            // listing did not return. A listing can miss records (a
+            // sharing rule, a narrowed key, an undelete since): the
+            // remote is asked first, and only a record it no longer has
+            // is deleted here (and fanned out).
+            if event.remote_type == RECONCILIATION
+                && event.record.is_none()
+                && self.record_there(event).await? == Some(true)
+            {
+                return self
+                    .skip(
+                        event,
+                        "the remote has the record: the listing that found it missing missed it",
+                    )
+                    .await;
+            }
             return self.apply_delete(event, link).await;
         }
         // The payload may not be the newest state: the same remote tick as
@@ -1562,19 +1578,28 @@ impl SyncEngine {
         if event.kind != RemoteChange::Delete || event.record.is_some() {
             return Ok(false);
         }
-        let ready = match self.readable(event).await {
-            Ok(ready) => ready,
+        match self.record_there(event).await {
+            Ok(there) => Ok(there == Some(false)),
             // Deleted: nothing will ever say; as stale as it looks.
-            Err(Failure::Skip(_)) => return Ok(false),
-            Err(failure) => return Err(failure),
-        };
+            Err(Failure::Skip(_)) => Ok(false),
+            Err(failure) => Err(failure),
+        }
+    }
+
+    /// Whether the remote has `event`'s record now, read with `fetch`;
+    /// `None` for a connector without it. A connector deleted or not
+    /// loaded here, or a read that failed, is the event's skip, wait or
+    /// failure ([`Self::readable`], [`Self::read_failed`]).
+    async fn record_there(&self, event: &InboxEvent) -> Result<Option<bool>, Failure> {
+        let ready = self.readable(event).await?;
         match ready
             .connector
             .fetch(&ready.config, super::ENTITY, &event.remote_id)
             .await
         {
-            Err(CallError::Connector(ConnectorError::NotFound(_))) => Ok(true),
-            Ok(_) | Err(CallError::Connector(ConnectorError::Unsupported(_))) => Ok(false),
+            Ok(_) => Ok(Some(true)),
+            Err(CallError::Connector(ConnectorError::NotFound(_))) => Ok(Some(false)),
+            Err(CallError::Connector(ConnectorError::Unsupported(_))) => Ok(None),
             Err(error) => Err(self.read_failed(event, error)),
         }
     }

@@ -298,8 +298,10 @@ impl SyncEngine {
         drop(outcomes_tx);
         let give_back = async {
             for link in &unstarted {
-                let due =
-                    LinkWrite::Outcome(crate::store::RecordedOutcome::Deferred { at_ms: now_ms() });
+                let due = LinkWrite::Outcome(crate::store::RecordedOutcome::Deferred {
+                    at_ms: now_ms(),
+                    waits_for: None,
+                });
                 if let Err(error) = self.write_link(link, due).await {
                     tracing::debug!(
                         error = format!("{:#}", anyhow::Error::from(error)),

@@ -39,6 +39,11 @@ const LEASE_MARGIN_MS: i64 = 500;
 /// its connector.
 const NOT_LOADED_RECHECK: Duration = Duration::from_secs(5);
 
+/// How soon a create held back by a backfill of its connector looks again
+/// (the run resumes it when it has classified and when it ends; this is the
+/// fallback). Not due meanwhile, so the run's back-pressure does not count it.
+const BACKFILL_RECHECK: Duration = Duration::from_secs(60);
+
 /// What a failed push spends of its attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Spend {
@@ -51,12 +56,14 @@ enum Spend {
 
 /// Waits `after` without spending an attempt or writing a delivery.
 fn deferred(after: Duration) -> (RecordedOutcome, Outcome) {
-    (wait(after), Outcome::Deferred)
+    (wait(after, None), Outcome::Deferred)
 }
 
-fn wait(after: Duration) -> RecordedOutcome {
+/// Waits `after` for what `waits_for` says (kept on the link, so the
+/// customer's sync status shows it), spending no attempt.
+fn wait(after: Duration, waits_for: Option<&'static str>) -> RecordedOutcome {
     let at_ms = now_ms().saturating_add(i64::try_from(after.as_millis()).unwrap_or(i64::MAX));
-    RecordedOutcome::Deferred { at_ms }
+    RecordedOutcome::Deferred { at_ms, waits_for }
 }
 
 /// The typed outcome of one step, as a test or a log sees it.
@@ -424,7 +431,13 @@ impl SyncEngine {
             // another replica's environment): wait, spending no attempt;
             // enabling it resumes the link at once, this is the fallback.
             Err(NotReady::Disabled | NotReady::Unconfigured | NotReady::Incomplete(_)) => {
-                return (wait(PAUSED_RECHECK), Outcome::Paused)
+                return (
+                    wait(
+                        PAUSED_RECHECK,
+                        Some("waiting: the connector is paused or not configured here"),
+                    ),
+                    Outcome::Paused,
+                )
             }
             // This replica could not load the active version (yet): another
             // replica, or a later refresh, will.
@@ -449,6 +462,33 @@ impl SyncEngine {
             Ok(Err((reason, mark_synced))) => return skip(customer.version, &reason, mark_synced),
             Err(error) => return self.retry_later(link, None, None, store_error(error)),
         };
+        // A backfill of the connector links customers to the remote
+        // records with their emails: a create now would make a second
+        // record of one it is about to link (a customer edited while a
+        // listing of hours goes on). The create waits, spending no
+        // attempt, until the run has classified (creates of customers no
+        // listed record matches go then: its own among them) or, for a
+        // match, until the run and the link it stored are done; the run
+        // resumes it at each, and it goes as an update where the backfill
+        // linked (a create's marker, which the claim wrote, is not
+        // replayed over a link). One whose answer was lost waits too: the
+        // record it may have made is listed and classified with the
+        // other, as it would have been had it come back.
+        if plan.operation == Operation::Create {
+            match inner
+                .store
+                .backfill_holds_create(&link.connector, &customer.email)
+                .await
+            {
+                Ok(false) => {}
+                Ok(true) => {
+                    let why = "waiting: a backfill of the connector links records by email; \
+                               the create goes when it is done";
+                    return (wait(BACKFILL_RECHECK, Some(why)), Outcome::Deferred);
+                }
+                Err(error) => return self.retry_later(link, None, None, store_error(error)),
+            }
+        }
         // The claim may have waited for a push slot (a bus batch larger
         // than the permits, a slow remote). A push that could outlive the
         // lease might land after another worker, once the lease ended,
@@ -493,7 +533,10 @@ impl SyncEngine {
                 Ok(false) => {
                     inner.breakers.unused(&link.connector, pass);
                     return (
-                        RecordedOutcome::Deferred { at_ms: now_ms() },
+                        RecordedOutcome::Deferred {
+                            at_ms: now_ms(),
+                            waits_for: None,
+                        },
                         Outcome::LeaseLost,
                     );
                 }

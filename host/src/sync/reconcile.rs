@@ -58,6 +58,11 @@ const NOT_READY_GRACE: Duration = Duration::from_secs(30);
 const BACKLOG: i64 = 1000;
 /// How often a waiting repair step looks at the backlog again.
 const BACKLOG_POLL: Duration = Duration::from_millis(20);
+/// How long a backfill waits, before it ends, for the imports and links it
+/// stored to be applied (the creates it held wait with it), and how often
+/// it looks.
+const OWN_EVENTS_WAIT: Duration = Duration::from_secs(120);
+const OWN_EVENTS_POLL: Duration = Duration::from_millis(100);
 /// How long a person's resolution may hold a finding before its repair is
 /// scheduled; older claims were left by a process that died.
 const STALLED: Duration = Duration::from_secs(300);
@@ -329,6 +334,7 @@ impl SyncEngine {
     async fn drive(&self, run: RunRow, max_delete_share: f64, cancel: &CancellationToken) {
         let result = self.drive_phases(&run, max_delete_share, cancel).await;
         let store = &self.inner.store;
+        let ends = matches!(result, Ok(()) | Err(Stop::Failed(_)));
         let ended = match result {
             Ok(()) => Ok(()),
             Err(Stop::Failed(reason)) => {
@@ -368,6 +374,11 @@ impl SyncEngine {
                 error = format!("{:#}", anyhow::Error::from(error)),
                 "reconciliation interrupted by the store; resumed when its lease expires"
             );
+        }
+        // The creates a backfill held back go now (on any replica: they
+        // wait in the store), as updates where it linked.
+        if ends && run.mode == Mode::Backfill.as_str() {
+            self.resume_held_creates(&run.connector).await;
         }
         self.clear_scratch(cancel).await;
     }
@@ -442,10 +453,20 @@ impl SyncEngine {
             if !store.commit_step(&run, &[], None, next).await? {
                 return Err(Stop::LeaseLost);
             }
+            // Classified: a backfill's held creates of customers no listed
+            // record matches go (outbound's `backfill_holds_create`).
+            if mode == Mode::Backfill {
+                self.resume_held_creates(&run.connector).await;
+            }
         }
         let run = self.reload(&run).await?;
         if run.phase == "repairing" {
             self.repair(&run, mode, repair, cancel).await?;
+            // A create a backfill held for a customer it links waits for
+            // the link, not only for the event that makes it.
+            if mode == Mode::Backfill {
+                self.wait_for_own_events(&run, cancel).await?;
+            }
         }
         if !store.recount(&run).await? {
             return Err(Stop::LeaseLost);
@@ -988,18 +1009,11 @@ impl SyncEngine {
         let mut after = run.cursor.clone();
         loop {
             self.renew(run).await?;
-            // Switched off by an operator: no repair is scheduled (an
-            // import, a merge or an orphan's delete would change customers
-            // while the connector is paused); the run waits with it,
-            // without holding a place runs of other connectors need.
-            if let Err(NotReady::Disabled | NotReady::Incomplete(_)) = self
-                .inner
-                .registry
-                .ready(&run.connector, Need::Entity(ENTITY))
-            {
-                return Err(Stop::Parked);
-            }
+            self.may_repair(run)?;
             self.wait_for_backlog(run, cancel).await?;
+            // The wait may have been long: switched off meanwhile, nothing
+            // more is scheduled.
+            self.may_repair(run)?;
             let batch = store
                 .mismatches(&run.id, None, Some("open"), after.as_deref(), STEP)
                 .await?;
@@ -1049,6 +1063,24 @@ impl SyncEngine {
                 return Err(Stop::LeaseLost);
             }
             after = Some(last);
+        }
+    }
+
+    /// Whether a run's repairs may be scheduled now. Switched off by an
+    /// operator: none is (an import, a merge or an orphan's delete would
+    /// change customers while the connector is paused); the run waits with
+    /// it, without holding a place runs of other connectors need. Deleted:
+    /// the run fails (its imports and deletes would be applied for a
+    /// connector that is gone).
+    fn may_repair(&self, run: &RunRow) -> Result<(), Stop> {
+        match self
+            .inner
+            .registry
+            .ready(&run.connector, Need::Entity(ENTITY))
+        {
+            Err(NotReady::Disabled | NotReady::Incomplete(_)) => Err(Stop::Parked),
+            Err(NotReady::Unknown) => Err(Stop::Failed("the connector was deleted".into())),
+            _ => Ok(()),
         }
     }
 
@@ -1123,6 +1155,46 @@ impl SyncEngine {
             },
         };
         Ok(Some(what))
+    }
+
+    /// Lets the pushes a backfill held back go (they wait in the store, on
+    /// any replica): at once, not at their next look.
+    async fn resume_held_creates(&self, connector: &str) {
+        let store = &self.inner.store;
+        match store.resume_connector_links(connector).await {
+            Ok(_) => store.committed_links(),
+            Err(error) => tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "resuming the creates a backfill held failed; they look again within a minute"
+            ),
+        }
+    }
+
+    /// Waits until the events `run` stored are applied, for up to
+    /// [`OWN_EVENTS_WAIT`] (an event that waits for a person, or retries
+    /// for long, does not hold the run for ever; a create it held then
+    /// goes, and may meet the record the event links as a duplicate).
+    async fn wait_for_own_events(
+        &self,
+        run: &RunRow,
+        cancel: &CancellationToken,
+    ) -> Result<(), Stop> {
+        let started = Instant::now();
+        let mut renewed = Instant::now();
+        while self.inner.store.run_events_pending(run).await? {
+            if started.elapsed() > OWN_EVENTS_WAIT {
+                tracing::warn!(
+                    "a backfill's imports and links are still not applied; the creates it held go"
+                );
+                return Ok(());
+            }
+            pause(cancel, OWN_EVENTS_POLL).await?;
+            if renewed.elapsed() > self.inner.lease / 3 {
+                self.renew(run).await?;
+                renewed = Instant::now();
+            }
+        }
+        Ok(())
     }
 
     /// Waits while the inbox or the push queue holds more than [`BACKLOG`]

@@ -1628,6 +1628,73 @@ async fn a_run_does_not_wait_for_another_connectors_paused_work(backend: Backend
     expect_counts(&run, &[("missing_remote", 600)]);
 }
 
+/// A customer edited while a backfill lists is not created in Stripe beside
+/// the record with its email that the backfill links it to: its create
+/// waits for the run's end, and goes as what the link makes it (here
+/// nothing more: the merge took the edit).
+async fn an_edit_during_a_backfill_does_not_create_a_second_record(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let address = email("bf-edited");
+    let remote = stripe_create(&url, &[("email", &address), ("name", "Remote Name")]).await;
+    let proxy = FaultProxy::start(&url).await.expect("proxy");
+    let mut setup = Setup::new(backend, &proxy.url());
+    setup.stripe_url = None;
+    setup.extra = json!({"connector_call_timeout": "15s", "sync_lease": "20s"});
+    let app = spawn_sync_app(setup).await;
+    let customer = app.create(json!({"email": address})).await;
+    let id = customer["id"].as_str().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.store.outbox_events(id).await.unwrap()[0].queued {
+        assert!(tokio::time::Instant::now() < deadline, "{id} never relayed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    configure_stripe(&app, &proxy.url()).await;
+    // The listing's page is held while the customer is edited.
+    proxy.push(
+        Match::request("GET", "/v1/customers"),
+        Fault::ForwardThenDelay(Duration::from_secs(3)),
+    );
+    let run = start_run(&app, json!({"connector": "stripe", "mode": "backfill"})).await;
+    eventually("the listing started", || async {
+        !proxy.requests_to("GET", "/v1/customers").is_empty()
+    })
+    .await;
+    let edited = app.patch(id, json!({"name": "Edited Meanwhile"})).await;
+    // Its sync status says why nothing went.
+    app.wait_link(id, SETTLE, |l| {
+        l["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("backfill"))
+    })
+    .await;
+    let run = wait_run(&app.base, run["id"].as_str().unwrap()).await;
+    assert_eq!(run["status"], "completed", "{run:#}");
+    expect_counts(&run, &[("unlinked", 1), ("repairs", 1)]);
+    let link = app
+        .wait_link(id, SETTLE, |l| {
+            l["remote_id"] == remote.as_str() && l["state"] == "synced"
+        })
+        .await;
+    assert!(
+        link["synced_version"].as_i64() > edited["version"].as_i64(),
+        "{link}"
+    );
+    // Linked as a first sync: the remote's name is the news
+    // (`last_writer_wins` with no snapshot), and no second record exists.
+    let customer = app.customer_by_email(&address).await.expect("customer");
+    assert_eq!(customer["name"], "Remote Name", "{customer}");
+    let records = stripe_customers_by_email(&url, &address).await;
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert!(
+        proxy
+            .requests_to("POST", "/v1/customers")
+            .iter()
+            .all(|r| r.path != "/v1/customers"),
+        "a create was sent"
+    );
+}
+
 /// A connector switched off while its run lists waits with the run: the
 /// page in flight is still read and classified, but no repair is
 /// scheduled (no Stripe-only record imported) until it is switched on.
@@ -1939,6 +2006,11 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn edited_during_a_backfill() {
+        an_edit_during_a_backfill_does_not_create_a_second_record(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn paused_work_elsewhere() {
         a_run_does_not_wait_for_another_connectors_paused_work(Backend::Sqlite).await;
     }
@@ -1965,6 +2037,11 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn switched_off_mid_listing() {
         a_run_switched_off_mid_listing_repairs_nothing_until_on(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn edited_during_a_backfill() {
+        an_edit_during_a_backfill_does_not_create_a_second_record(Backend::Postgres).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
