@@ -636,6 +636,68 @@ fn kept_detail(created: &str, linked: &str) -> String {
     )
 }
 
+/// A delivered push's `synced_version`, `pushed_hash`, `snapshot` and
+/// `state` assignments, for the link `$t` whose `repairs` the claim read as
+/// `$repairs`, the push of `$synced` (the version it settles), `$hash` and
+/// `$snapshot`. When `repairs` moved on while the push was out, a push was
+/// forced over it (`FORCE_PUSH_SQL`: an inbound merge kept a value the
+/// remote lacks, a repair): its result would mark that push done, and its
+/// snapshot put back what the remote held before the change that forced it.
+/// The link then keeps what the force wrote, and stays pending for it.
+/// A version an inbound apply raised meanwhile is never lowered.
+macro_rules! fenced_by_repairs {
+    ($t:literal, $repairs:literal, $synced:literal, $hash:literal, $snapshot:literal) => {
+        concat!(
+            "synced_version = CASE WHEN ",
+            $t,
+            ".repairs <> ",
+            $repairs,
+            " THEN ",
+            $t,
+            ".synced_version \
+               WHEN ",
+            $t,
+            ".synced_version > ",
+            $synced,
+            " THEN ",
+            $t,
+            ".synced_version ELSE ",
+            $synced,
+            " END, \
+             pushed_hash = CASE WHEN ",
+            $t,
+            ".repairs = ",
+            $repairs,
+            " THEN ",
+            $hash,
+            " END, \
+             snapshot = CASE WHEN ",
+            $t,
+            ".repairs = ",
+            $repairs,
+            " THEN ",
+            $snapshot,
+            " ELSE ",
+            $t,
+            ".snapshot END, \
+             state = CASE WHEN ",
+            $t,
+            ".repairs <> ",
+            $repairs,
+            " OR (",
+            $t,
+            ".wanted_version > ",
+            $synced,
+            " \
+               AND ",
+            $t,
+            ".wanted_version > ",
+            $t,
+            ".synced_version) THEN 'pending' ELSE 'synced' END"
+        )
+    };
+}
+
 /// Inside a dispatched transaction `$tx`: writes `$outcome` for `$link`
 /// under its lease. Evaluates to `Result<bool, StoreError>`: false if the
 /// lease was lost.
@@ -647,10 +709,13 @@ macro_rules! record_in {
             let mut kept: Option<String> = None;
             let updated = match $outcome {
                 RecordedOutcome::Delivered { version, remote_id, remote_deleted, pushed_hash, snapshot, .. } => {
-                    // Only the lease holder moves synced_version past a
-                    // version it pushed (an adopted create raises it to the
-                    // create's, below this one), so it can be computed here;
-                    // wanted_version may grow concurrently.
+                    // The version pushed, or what the link holds if more
+                    // (an inbound apply raises it too); wanted_version may
+                    // grow concurrently. A push forced meanwhile (`repairs`
+                    // moved on: an inbound merge kept a value the remote
+                    // then lacked, a repair) is still to go: the link stays
+                    // pending with its version, hash and snapshot as the
+                    // force left them (see `fenced_by_repairs!`).
                     let synced = $link.synced_version.max(*version);
                     // The guarded write, or the one that keeps the record
                     // linked; an inbound write committed between the two
@@ -658,12 +723,12 @@ macro_rules! record_in {
                     let mut written = 0;
                     for _ in 0..3 {
                         let done = sqlx::query(concat!(
-                            "UPDATE sync_links SET remote_id = $1, remote_deleted = $2, synced_version = $3, \
-                             pushed_hash = $4, snapshot = $5, pending_version = NULL, \
+                            "UPDATE sync_links SET remote_id = $1, remote_deleted = $2, ",
+                            fenced_by_repairs!("sync_links", "$11", "$3", "$4", "$5"),
+                            ", pending_version = NULL, \
                              remote_seen_at_ms = CASE WHEN remote_id IS NULL OR remote_id <> $1 \
                                 THEN 0 ELSE remote_seen_at_ms END, \
                              pending_record = NULL, attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $6, \
-                             state = CASE WHEN wanted_version > $3 THEN 'pending' ELSE 'synced' END, \
                              next_attempt_at_ms = $7, pushed_at_ms = $7 \
                              WHERE customer_id = $8 AND connector = $9 AND lease_token = $10 AND ",
                             delivered_may_write!("sync_links", "$1")
@@ -678,6 +743,7 @@ macro_rules! record_in {
                         .bind(&$link.customer_id)
                         .bind(&$link.connector)
                         .bind(&$link.lease_token)
+                        .bind($link.repairs)
                         .execute(&mut *$tx)
                         .await
                         .map_err(|e| match &e {
@@ -1303,17 +1369,17 @@ const PENDING_BATCH_POSTGRES: &str = "UPDATE sync_links l SET pending_version = 
 /// here: it returns no position, and goes one by one (`record_in!`).
 const DELIVERED_BATCH_POSTGRES: &str = concat!("WITH w AS (SELECT * FROM UNNEST($1::int4[], \
        $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::int8[], $8::text[], \
-       $9::text[], $10::text[], $11::int8[], $12::int4[], $13::text[]) \
+       $9::text[], $10::text[], $11::int8[], $12::int4[], $13::text[], $16::int4[]) \
        AS w(i, customer_id, connector, lease_token, remote_id, remote_deleted, synced_version, \
-            pushed_hash, snapshot, operation, version, attempt, correlation_id)), \
+            pushed_hash, snapshot, operation, version, attempt, correlation_id, repairs)), \
      updated AS (UPDATE sync_links l SET remote_id = w.remote_id, \
-       remote_deleted = w.remote_deleted, synced_version = w.synced_version, \
-       pushed_hash = w.pushed_hash, snapshot = w.snapshot::jsonb, pending_version = NULL, \
+       remote_deleted = w.remote_deleted, ",
+    fenced_by_repairs!("l", "w.repairs", "w.synced_version", "w.pushed_hash", "w.snapshot::jsonb"),
+    ", pending_version = NULL, \
        pending_record = NULL, attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, \
        updated_at = $14, \
        remote_seen_at_ms = CASE WHEN l.remote_id IS NULL OR l.remote_id <> w.remote_id \
          THEN 0 ELSE l.remote_seen_at_ms END, \
-       state = CASE WHEN l.wanted_version > w.synced_version THEN 'pending' ELSE 'synced' END, \
        next_attempt_at_ms = $15, pushed_at_ms = $15 \
        FROM w WHERE l.customer_id = w.customer_id AND l.connector = w.connector \
          AND l.lease_token = w.lease_token AND \
@@ -1435,16 +1501,21 @@ async fn write_links_postgres(
 // records follow as one insert (`$1`: the held rows). A row whose link took
 // another live record meanwhile is not written here, and goes one by one
 // (`record_in!`).
-const DELIVERED_BATCH_SQLITE: &str = concat!("UPDATE sync_links SET \
-       remote_id = json_extract(w.value, '$[3]'), remote_deleted = json_extract(w.value, '$[4]'), \
-       synced_version = json_extract(w.value, '$[5]'), pushed_hash = json_extract(w.value, '$[6]'), \
-       snapshot = json_extract(w.value, '$[7]'), pending_version = NULL, pending_record = NULL, \
+const DELIVERED_BATCH_SQLITE: &str = concat!(
+    "UPDATE sync_links SET \
+       remote_id = json_extract(w.value, '$[3]'), remote_deleted = json_extract(w.value, '$[4]'), ",
+    fenced_by_repairs!(
+        "sync_links",
+        "json_extract(w.value, '$[12]')",
+        "json_extract(w.value, '$[5]')",
+        "json_extract(w.value, '$[6]')",
+        "json_extract(w.value, '$[7]')"
+    ),
+    ", pending_version = NULL, pending_record = NULL, \
        attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $2, \
        remote_seen_at_ms = CASE WHEN sync_links.remote_id IS NULL \
          OR sync_links.remote_id <> json_extract(w.value, '$[3]') \
          THEN 0 ELSE sync_links.remote_seen_at_ms END, \
-       state = CASE WHEN sync_links.wanted_version > json_extract(w.value, '$[5]') \
-         THEN 'pending' ELSE 'synced' END, \
        next_attempt_at_ms = $3, pushed_at_ms = $3 \
      FROM json_each($1) AS w \
      WHERE sync_links.customer_id = json_extract(w.value, '$[0]') \
@@ -1490,7 +1561,7 @@ async fn write_links_sqlite(
                 link.lease_token,
                 delivery.remote_id,
                 delivery.remote_deleted,
-                // Only the lease holder moves synced_version (see `record_in!`).
+                // The statement keeps a higher one (see `record_in!`).
                 link.synced_version.max(delivery.version),
                 delivery.pushed_hash,
                 delivery.snapshot,
@@ -1498,6 +1569,7 @@ async fn write_links_sqlite(
                 delivery.version,
                 link.attempts + 1,
                 link.correlation_id,
+                link.repairs,
             ]),
         ));
     }
@@ -1593,6 +1665,7 @@ impl Batches<'_> {
                 .bind(&delivered.correlation_id)
                 .bind(at)
                 .bind(at.timestamp_millis())
+                .bind(&delivered.repairs)
                 .fetch_all(&mut *conn)
                 .await
                 .map_err(|e| match &e {
@@ -1732,6 +1805,7 @@ struct DeliveredRows<'a> {
     version: Vec<i64>,
     attempt: Vec<i32>,
     correlation_id: Vec<Option<&'a str>>,
+    repairs: Vec<i32>,
 }
 
 impl<'a> DeliveredRows<'a> {
@@ -1739,7 +1813,7 @@ impl<'a> DeliveredRows<'a> {
         self.links.push(i, link);
         self.remote_id.push(delivery.remote_id);
         self.remote_deleted.push(delivery.remote_deleted);
-        // Only the lease holder moves synced_version (see `record_in!`).
+        // The statement keeps a higher one (see `record_in!`).
         self.synced_version
             .push(link.synced_version.max(delivery.version));
         self.pushed_hash.push(delivery.pushed_hash);
@@ -1748,6 +1822,7 @@ impl<'a> DeliveredRows<'a> {
         self.version.push(delivery.version);
         self.attempt.push(link.attempts + 1);
         self.correlation_id.push(link.correlation_id.as_deref());
+        self.repairs.push(link.repairs);
     }
 }
 

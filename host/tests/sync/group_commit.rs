@@ -959,6 +959,99 @@ async fn sqlite_a_result_the_remote_lacks_is_pushed_back_alone() {
     a_result_the_remote_lacks_is_pushed_back(false, false).await;
 }
 
+/// A push forced while another push of the link is out (an inbound merge
+/// kept a value the remote lacks, a repair) is still to go when that push's
+/// result is written: the link stays pending, with no pushed hash and the
+/// snapshot the force left; a version raised meanwhile is never lowered.
+/// In a batch and alone (a second write of the link in its group). Before,
+/// the result marked the link synced with its own hash and snapshot, and
+/// the forced push never went.
+async fn a_push_forced_meanwhile_still_goes(postgres: bool, batched: bool) {
+    let (store, _dir) = store(postgres).await;
+    let tag = format!("forced_{postgres}_{batched}");
+    let (customers, remote, _) = two_linked(&store, &tag).await;
+    let customer = &customers[0];
+    let id = customer.id.as_str();
+    let stripe = ["stripe".to_owned()];
+    assert!(store
+        .force_push(id, "stripe", customer.version)
+        .await
+        .expect("forced"));
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let claimed = store
+        .claim_due_links(&stripe, "lease-forced", until, 20)
+        .await
+        .expect("claimed")
+        .into_iter()
+        .find(|c| c.link.customer_id == id)
+        .expect("the forced link is due");
+    let link = claimed.link;
+    let before = store.links_of(id).await.expect("links")[0].snapshot.clone();
+    // Forced again while the first push is out.
+    assert!(store
+        .force_push(id, "stripe", customer.version)
+        .await
+        .expect("forced"));
+    let delivered = LinkWrite::Outcome(RecordedOutcome::Delivered {
+        operation: "update",
+        version: customer.version,
+        remote_id: remote[0].clone(),
+        remote_deleted: false,
+        pushed_hash: "hash-of-the-first-push".to_owned(),
+        snapshot: Some(json!({"id": remote[0], "name": "as the first push left it"})),
+    });
+    let marker = LinkWrite::CreatePending {
+        version: customer.version,
+        record: json!({}),
+    };
+    let writes: Vec<(&SyncLink, &LinkWrite)> = if batched {
+        vec![(&link, &delivered)]
+    } else {
+        // The first write of the link goes in the batch; the result, its
+        // second, one by one.
+        vec![(&link, &marker), (&link, &delivered)]
+    };
+    let applied = store.write_links(&writes).await.expect("written");
+    assert!(applied.iter().all(|a| *a), "{applied:?}");
+    let after = store.links_of(id).await.expect("links").remove(0);
+    assert_eq!(
+        (after.state, after.pushed_hash.as_deref()),
+        (LinkState::Pending, None),
+        "{after:?}"
+    );
+    assert!(after.synced_version < customer.version, "{after:?}");
+    assert_eq!(after.snapshot, before, "{after:?}");
+    assert_eq!(after.repairs, link.repairs + 1, "{after:?}");
+    let again = store
+        .claim_due_links(&stripe, "lease-again", until, 20)
+        .await
+        .expect("claimed");
+    assert!(
+        again.iter().any(|c| c.link.customer_id == id),
+        "the forced push is due"
+    );
+}
+
+#[tokio::test]
+async fn postgres_a_push_forced_meanwhile_still_goes_from_a_batch() {
+    a_push_forced_meanwhile_still_goes(true, true).await;
+}
+
+#[tokio::test]
+async fn postgres_a_push_forced_meanwhile_still_goes_alone() {
+    a_push_forced_meanwhile_still_goes(true, false).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_push_forced_meanwhile_still_goes_from_a_batch() {
+    a_push_forced_meanwhile_still_goes(false, true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_push_forced_meanwhile_still_goes_alone() {
+    a_push_forced_meanwhile_still_goes(false, false).await;
+}
+
 /// Two groups of the same two records, in opposite orders, written one
 /// change at a time (a conflict to record keeps them out of the batch),
 /// while a third transaction holds the first group's first customer: the
