@@ -663,6 +663,78 @@ async fn salesforce_delete_is_an_orphan(backend: Backend) {
     }
 }
 
+/// An orphan the remote still has (the listing missed it: a sharing rule,
+/// a narrowed key) is not deleted: its repair reads the record first and
+/// is skipped, saying why. Before, the customer was soft-deleted and the
+/// delete fanned out.
+async fn an_orphan_the_remote_still_has_is_not_deleted(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let app = spawn_sync_app(Setup::new(backend, &proxy.url())).await;
+    let customer = app
+        .create(json!({"email": email("missed"), "name": "Missed"}))
+        .await;
+    let id = customer["id"].as_str().unwrap();
+    let link = app.wait_link(id, SETTLE, |l| l["state"] == "synced").await;
+    let remote_id = link["remote_id"].as_str().unwrap().to_owned();
+    // The listing's one page comes back empty.
+    proxy.push(
+        Match::request("GET", "/v1/customers"),
+        Fault::Respond {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: br#"{"object":"list","data":[],"has_more":false,"url":"/v1/customers"}"#.to_vec(),
+        },
+    );
+    let run = run_to_end(&app, json!({"connector": "stripe", "repair": "merge"})).await;
+    assert_eq!(run["status"], "completed", "{run:#}");
+    expect_counts(&run, &[("orphan", 1), ("repairs", 1)]);
+    let events = app.wait_inbox_settled("stripe", &remote_id, 1).await;
+    let repair = events
+        .iter()
+        .find(|e| e.remote_type == "reconciliation")
+        .expect("the orphan's repair");
+    assert_eq!(repair.state.as_str(), "skipped", "{repair:?}");
+    assert!(
+        repair
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("the remote has the record")),
+        "{repair:?}"
+    );
+    let kept = app.store.get_customer_any(id).await.unwrap().unwrap();
+    assert!(kept.deleted_at.is_none(), "{kept:?}");
+    assert!(stripe_customer(&stripe.url(), &remote_id).await.is_some());
+}
+
+/// Under `unlink`, a link whose record the remote deleted names a record
+/// the listing returns again (an undelete): its customer is not missing
+/// remotely, and no second record is created beside it. Before, the run's
+/// `merge` recreated it.
+async fn a_record_listed_again_is_not_recreated_beside_itself(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let mut setup = Setup::new(backend, &url);
+    setup.extra = json!({"inbound_delete_policy": "unlink"});
+    let app = spawn_sync_app(setup).await;
+    let address = email("undeleted");
+    let customer = app.create(json!({"email": address, "name": "Back"})).await;
+    let id = customer["id"].as_str().unwrap();
+    app.wait_link(id, SETTLE, |l| l["state"] == "synced").await;
+    // The remote's delete was applied (unlinked); the record came back.
+    let sql = format!(
+        "UPDATE sync_links SET remote_deleted = TRUE \
+         WHERE connector = 'stripe' AND customer_id = '{id}' AND $1 IS NOT NULL"
+    );
+    execute_raw(&app.database_url, &sql, b"").await;
+    let run = run_to_end(&app, json!({"connector": "stripe", "repair": "merge"})).await;
+    assert_eq!(run["status"], "completed", "{run:#}");
+    assert!(counts(&run).get("missing_remote").is_none(), "{run:#}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let records = stripe_customers_by_email(&url, &address).await;
+    assert_eq!(records.len(), 1, "{records:#?}");
+}
+
 /// Under the `ignore` delete policy a remote delete changes nothing, and
 /// neither does a run: its orphans stay open for a person, every run, and
 /// the brake does not count them. A run planned their deletes, which
@@ -2011,6 +2083,16 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn orphan_still_there() {
+        an_orphan_the_remote_still_has_is_not_deleted(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn listed_again() {
+        a_record_listed_again_is_not_recreated_beside_itself(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn paused_work_elsewhere() {
         a_run_does_not_wait_for_another_connectors_paused_work(Backend::Sqlite).await;
     }
@@ -2042,6 +2124,16 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn edited_during_a_backfill() {
         an_edit_during_a_backfill_does_not_create_a_second_record(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn orphan_still_there() {
+        an_orphan_the_remote_still_has_is_not_deleted(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn listed_again() {
+        a_record_listed_again_is_not_recreated_beside_itself(Backend::Postgres).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
