@@ -232,7 +232,14 @@ impl Host for CallState {
         }
         let wire = self.prepare(req)?;
         self.requests_sent += 1;
-        let response = self.dispatcher().send(wire).await?;
+        // Unsettled until its answer comes (a deadline that drops the call
+        // here leaves it so); a timeout leaves it so for good.
+        self.requests_unsettled += 1;
+        let response = self.dispatcher().send(wire).await;
+        if !matches!(response, Err(WireError::Timeout(_))) {
+            self.requests_unsettled -= 1;
+        }
+        let response = response?;
         let mut body = response.body;
         // A remote that echoes a credential must not hand it to the connector.
         self.redact(&mut body);

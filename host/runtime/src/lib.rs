@@ -364,20 +364,37 @@ const SLOT_RETRY: Duration = Duration::from_millis(200);
 struct Ran<R> {
     result: Result<R, CallError>,
     throttled: Option<CallError>,
+    /// Whether one of its requests timed out or was cut by the deadline:
+    /// the remote may still apply it.
+    unsettled: bool,
 }
 
 impl<T> Ran<Result<T, ConnectorError>> {
     /// The connector's answer. A transient failure after ferry's own rate
     /// limit refused a request is that refusal: the guest saw a timeout and
     /// gave up, but it is ferry's pacing, not the remote, that said no.
+    ///
+    /// A transient failure after one of the call's requests timed out (the
+    /// request's own timeout, shorter than the call's, or the deadline
+    /// with it on the wire) is that timeout: the remote may still apply
+    /// the request, so the caller waits before it sends a newer one (as
+    /// for [`CallError::DeadlineExceeded`]), whatever ferry's pacing did
+    /// before.
     fn answer(self) -> Result<T, CallError> {
-        match (self.result, self.throttled) {
-            (Ok(Ok(value)), _) => Ok(value),
-            (Ok(Err(ConnectorError::Retryable(_))) | Err(CallError::DeadlineExceeded), Some(t)) => {
-                Err(t)
+        match (self.result, self.throttled, self.unsettled) {
+            (Ok(Ok(value)), _, _) => Ok(value),
+            (Ok(Err(ConnectorError::Retryable(message))), _, true) => {
+                tracing::debug!(%message, "a request of the call timed out; its outcome is unknown");
+                Err(CallError::DeadlineExceeded)
             }
-            (Ok(Err(error)), _) => Err(CallError::Connector(printable(error))),
-            (Err(error), _) => Err(error),
+            (Err(CallError::DeadlineExceeded), _, true) => Err(CallError::DeadlineExceeded),
+            (
+                Ok(Err(ConnectorError::Retryable(_))) | Err(CallError::DeadlineExceeded),
+                Some(t),
+                _,
+            ) => Err(t),
+            (Ok(Err(error)), _, _) => Err(CallError::Connector(printable(error))),
+            (Err(error), _, _) => Err(error),
         }
     }
 }
@@ -1067,6 +1084,7 @@ impl Connector {
                 reached_remote: false,
             }),
             throttled: None,
+            unsettled: false,
         };
         let started_by = tokio::time::Instant::from_std(deadline - timeout / 2);
         let _slot = match tokio::time::timeout_at(started_by, runtime.slots.acquire()).await {
@@ -1077,6 +1095,7 @@ impl Connector {
                         "the runtime is shutting down".into(),
                     )),
                     throttled: None,
+                    unsettled: false,
                 }
             }
             Ok(Ok(slot)) => slot,
@@ -1134,7 +1153,11 @@ impl Connector {
             wait,
             reached_remote: state.requests_sent > 0,
         });
-        Ran { result, throttled }
+        Ran {
+            result,
+            throttled,
+            unsettled: state.requests_unsettled > 0,
+        }
     }
 
     /// Records one call in the process's metrics (a no-op unless the

@@ -112,6 +112,10 @@ pub(crate) struct CallState {
     /// Requests handed to the transport: whether the remote may have seen
     /// any of the call's writes.
     pub(crate) requests_sent: u32,
+    /// Requests whose outcome the call never learnt: timed out, or still on
+    /// the wire when the call's deadline cut it. The remote may apply one
+    /// after the call has ended.
+    pub(crate) requests_unsettled: u32,
     /// Built on first use: most calls never touch WASI, and building a
     /// context seeds random number generators.
     wasi: Option<WasiCtx>,
@@ -141,6 +145,7 @@ impl CallState {
             tokens: CallTokens::new(),
             throttled: None,
             requests_sent: 0,
+            requests_unsettled: 0,
             wasi: None,
             table: {
                 let mut table = ResourceTable::new();

@@ -294,6 +294,35 @@ async fn a_guest_waiting_on_the_host_is_stopped_at_the_deadline() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
+/// A request that times out before the call's deadline (the operator's
+/// HTTP timeout is the shorter), after which the guest gives up as
+/// transient, is a call whose outcome is unknown: the remote may still
+/// apply the request, and the caller must wait before sending a newer
+/// version. It was a plain transient error, retried at once.
+#[tokio::test]
+async fn a_request_timed_out_is_an_unknown_outcome_not_a_plain_retry() {
+    let runtime = Runtime::with_transport(
+        RuntimeConfig {
+            call_timeout: Duration::from_secs(5),
+            http_total_timeout: Duration::from_millis(100),
+            ..config()
+        },
+        Arc::new(HangingTransport),
+    )
+    .unwrap();
+    let connector = load(&runtime).await;
+    let cfg = connector_config(&[]);
+    let outcome = connector
+        .push(
+            &cfg,
+            instruction(
+                json!({"do": "http", "url": "https://api.example.com/slow", "give_up": true}),
+            ),
+        )
+        .await;
+    assert_eq!(outcome.unwrap_err(), CallError::DeadlineExceeded);
+}
+
 #[tokio::test]
 async fn unbounded_allocation_fails_that_call_only() {
     let runtime = Runtime::new(config()).unwrap();

@@ -130,6 +130,11 @@ impl Guest for Hostile {
                         "body": String::from_utf8_lossy(&r.body),
                         "headers": r.headers,
                     })),
+                    // Given up as transient, as a connector does when its
+                    // request times out.
+                    Err(e) if instruction["give_up"] == true => {
+                        Err(ConnectorError::Retryable(format!("{e:?}")))
+                    }
                     Err(e) => report(json!({ "error": format!("{e:?}") })),
                 }
             }
