@@ -71,6 +71,9 @@ pub struct Breakers {
     /// that a call already in flight that succeeds (or fails) does not
     /// cut the pause short.
     paused: Mutex<HashMap<String, Instant>>,
+    /// Rate limits in a row per connector (any other answer of the remote
+    /// ends the streak): how long a pause without a Retry-After lasts.
+    limited: Mutex<HashMap<String, u32>>,
     /// The last probe's number.
     probes: std::sync::atomic::AtomicU64,
 }
@@ -83,6 +86,7 @@ impl Breakers {
             cooldown,
             states: Mutex::default(),
             paused: Mutex::default(),
+            limited: Mutex::default(),
             probes: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -183,6 +187,18 @@ impl Breakers {
     /// The remote answered (successfully, or with an error that says it is up).
     pub fn success(&self, connector: &str) {
         self.with(connector, |state| *state = State::Closed { failures: 0 });
+        let mut limited = self.limited.lock().unwrap_or_else(|p| p.into_inner());
+        if !limited.is_empty() {
+            limited.remove(connector);
+        }
+    }
+
+    /// The remote rate-limited a call: how many times in a row now.
+    pub fn rate_limited(&self, connector: &str) -> u32 {
+        let mut limited = self.limited.lock().unwrap_or_else(|p| p.into_inner());
+        let streak = limited.entry(connector.to_owned()).or_insert(0);
+        *streak = streak.saturating_add(1);
+        *streak
     }
 
     /// A retryable failure (timeout, 5xx, connection refused).
@@ -260,6 +276,17 @@ impl Breakers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_limits_in_a_row_are_counted_until_the_remote_answers() {
+        let breakers = Breakers::new(3, Duration::from_millis(50));
+        assert_eq!(breakers.rate_limited("stripe"), 1);
+        assert_eq!(breakers.rate_limited("stripe"), 2);
+        assert_eq!(breakers.rate_limited("salesforce"), 1);
+        breakers.success("stripe");
+        assert_eq!(breakers.rate_limited("stripe"), 1);
+        assert_eq!(breakers.rate_limited("salesforce"), 2);
+    }
 
     #[test]
     fn opens_after_threshold_then_lets_one_probe_through() {

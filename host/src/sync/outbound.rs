@@ -667,13 +667,15 @@ impl SyncEngine {
             CallError::Connector(ConnectorError::RateLimited(limit)) => {
                 let after = limit.retry_after_ms.map(Duration::from_millis);
                 // Without a Retry-After (a daily API limit, an HTTP-date),
-                // the connector waits out this push's own backoff: every
-                // other push would otherwise meet the same limit and spend
-                // an attempt on it.
+                // the connector rests for a backoff that grows with the
+                // rate limits in a row (any other answer ends the
+                // streak), and so does this push: every other push would
+                // otherwise meet the same limit, and a rate limit spends
+                // no attempt, so the link's own backoff never grew.
                 // A probe this push carried is handed back: the pause, not
                 // the probe's cool-down, says when the next call goes.
-                let attempt = u32::try_from(link.attempts + 1).unwrap_or(u32::MAX);
-                let pause = after.unwrap_or_else(|| self.inner.policy.delay(attempt, None));
+                let streak = breakers.rate_limited(&link.connector);
+                let pause = after.unwrap_or_else(|| self.inner.policy.rate_limit_pause(streak));
                 breakers.unused(&link.connector, pass);
                 breakers.pause(&link.connector, pause);
                 // The remote is up and says "later", not "no": a rate
@@ -683,7 +685,7 @@ impl SyncEngine {
                 self.schedule_retry(
                     link,
                     Some((version, operation)),
-                    after,
+                    Some(pause),
                     format!("rate limited: {}", limit.message),
                     Spend::Nothing,
                 )

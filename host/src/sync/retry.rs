@@ -40,20 +40,38 @@ impl RetryPolicy {
     /// spreads the retries of many records failing together), but never
     /// sooner than `retry_after`.
     pub fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
-        let exponent = attempt.saturating_sub(1).min(30);
-        let ceiling = self
-            .base
-            .saturating_mul(1u32 << exponent)
-            .min(self.max_delay);
-        let jittered = Duration::from_millis(
-            rand::thread_rng()
-                .gen_range(0..=u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX)),
-        );
+        let jittered = jitter(self.ceiling(attempt));
         match retry_after {
             Some(after) => jittered.max(after.min(MAX_RETRY_AFTER)),
             None => jittered,
         }
     }
+
+    /// How long a connector rests after the `streak`th rate limit in a row
+    /// that named no Retry-After: between half and all of the backoff's
+    /// ceiling for that many attempts, so it grows with the streak (a
+    /// rate limit spends no attempt, and the link's own count stays where
+    /// it was: a remote throttling ferry was asked again within a second,
+    /// for ever).
+    pub fn rate_limit_pause(&self, streak: u32) -> Duration {
+        let ceiling = self.ceiling(streak);
+        ceiling / 2 + jitter(ceiling / 2)
+    }
+
+    /// `min(max_delay, base * 2^(attempt-1))`.
+    fn ceiling(&self, attempt: u32) -> Duration {
+        let exponent = attempt.saturating_sub(1).min(30);
+        self.base
+            .saturating_mul(1u32 << exponent)
+            .min(self.max_delay)
+    }
+}
+
+/// Uniform in `[0, ceiling]`.
+fn jitter(ceiling: Duration) -> Duration {
+    Duration::from_millis(
+        rand::thread_rng().gen_range(0..=u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX)),
+    )
 }
 
 #[cfg(test)]
@@ -90,6 +108,18 @@ mod tests {
             POLICY.delay(1, Some(Duration::from_secs(10 * 86_400))),
             MAX_RETRY_AFTER
         );
+    }
+
+    #[test]
+    fn rate_limits_in_a_row_rest_longer() {
+        for _ in 0..100 {
+            let first = POLICY.rate_limit_pause(1);
+            assert!(first >= Duration::from_millis(500) && first <= Duration::from_secs(1));
+            let fifth = POLICY.rate_limit_pause(5);
+            assert!(fifth >= Duration::from_secs(8) && fifth <= Duration::from_secs(16));
+            let many = POLICY.rate_limit_pause(40);
+            assert!(many >= Duration::from_secs(30) && many <= Duration::from_secs(60));
+        }
     }
 
     #[test]
