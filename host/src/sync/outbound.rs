@@ -20,7 +20,7 @@ use super::SyncEngine;
 use crate::registry::{Need, NotReady};
 use crate::runtime::{CallError, ConnectorError, Operation, PushRequest};
 use crate::store::links::LinkWrite;
-use crate::store::{now_ms, DeadLetterKind};
+use crate::store::{now_ms, DeadLetterKind, StoreError};
 use crate::store::{Address, Customer, RecordedOutcome, SyncLink};
 
 /// The entity type ferry syncs today.
@@ -43,6 +43,9 @@ const NOT_LOADED_RECHECK: Duration = Duration::from_secs(5);
 /// (the run resumes it when it has classified and when it ends; this is the
 /// fallback). Not due meanwhile, so the run's back-pressure does not count it.
 const BACKFILL_RECHECK: Duration = Duration::from_secs(60);
+
+/// How long a push waits when ferry's own store was too busy to prepare it.
+const STORE_BUSY_WAIT: Duration = Duration::from_secs(1);
 
 /// What a failed push spends of its attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -455,12 +458,12 @@ impl SyncEngine {
         let customer = match customer {
             Ok(Some(customer)) => customer,
             Ok(None) => return skip(link.wanted_version, "customer does not exist", true),
-            Err(error) => return self.retry_later(link, None, None, store_error(error)),
+            Err(error) => return self.store_failed(link, error),
         };
         let plan = match plan(link, &customer) {
             Ok(Ok(plan)) => plan,
             Ok(Err((reason, mark_synced))) => return skip(customer.version, &reason, mark_synced),
-            Err(error) => return self.retry_later(link, None, None, store_error(error)),
+            Err(error) => return self.store_failed(link, error),
         };
         // A backfill of the connector links customers to the remote
         // records with their emails: a create now would make a second
@@ -486,7 +489,7 @@ impl SyncEngine {
                                the create goes when it is done";
                     return (wait(BACKFILL_RECHECK, Some(why)), Outcome::Deferred);
                 }
-                Err(error) => return self.retry_later(link, None, None, store_error(error)),
+                Err(error) => return self.store_failed(link, error),
             }
         }
         // The claim may have waited for a push slot (a bus batch larger
@@ -542,7 +545,7 @@ impl SyncEngine {
                 }
                 Err(error) => {
                     inner.breakers.unused(&link.connector, pass);
-                    return self.retry_later(link, None, None, store_error(error));
+                    return self.store_failed(link, error);
                 }
             }
         }
@@ -765,6 +768,18 @@ impl SyncEngine {
         }
     }
 
+    /// A failure of ferry's own store before anything went out.
+    /// Contention that ends by itself (no pooled connection, SQLite's
+    /// writer busy, a deadlock's victim, a lost connection) waits a moment
+    /// without spending an attempt: a busy store dead-lettered healthy
+    /// changes as `retries_exhausted`. Any other error (a record that does
+    /// not decode) is an attempt, and gives up in the end.
+    fn store_failed(&self, link: &SyncLink, error: StoreError) -> (RecordedOutcome, Outcome) {
+        let spend = store_spend(&error);
+        let wait = (spend == Spend::Nothing).then_some(STORE_BUSY_WAIT);
+        self.schedule_retry(link, None, wait, store_error(error), spend)
+    }
+
     fn retry_later(
         &self,
         link: &SyncLink,
@@ -828,6 +843,21 @@ impl SyncEngine {
     }
 }
 
+/// What a store failure before a push spends (see
+/// [`SyncEngine::store_failed`]).
+fn store_spend(error: &StoreError) -> Spend {
+    let transient = error.is_contended()
+        || matches!(
+            error,
+            StoreError::Database(sqlx::Error::Io(_) | sqlx::Error::PoolClosed)
+        );
+    if transient {
+        Spend::Nothing
+    } else {
+        Spend::Attempt
+    }
+}
+
 fn store_error(error: impl Into<anyhow::Error>) -> String {
     format!("store unavailable: {:#}", error.into())
 }
@@ -835,6 +865,16 @@ fn store_error(error: impl Into<anyhow::Error>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_store_spends_no_attempt_and_a_broken_record_does() {
+        let busy = StoreError::Database(sqlx::Error::PoolTimedOut);
+        assert_eq!(store_spend(&busy), Spend::Nothing);
+        let gone = StoreError::Database(sqlx::Error::Io(std::io::Error::other("reset")));
+        assert_eq!(store_spend(&gone), Spend::Nothing);
+        let broken = StoreError::from(serde_json::from_str::<i32>("{").unwrap_err());
+        assert_eq!(store_spend(&broken), Spend::Attempt);
+    }
 
     #[test]
     fn a_key_is_told_apart_from_another_connectors() {
