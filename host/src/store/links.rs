@@ -527,7 +527,8 @@ macro_rules! intake_on_conflict {
             " THEN 'pending' ELSE sync_links.state END, \
       attempts = CASE WHEN ",
             intake_reopens!(),
-            " THEN 0 ELSE sync_links.attempts END, \
+            " OR excluded.wanted_version > sync_links.wanted_version \
+                    THEN 0 ELSE sync_links.attempts END, \
       next_attempt_at_ms = CASE WHEN ",
             intake_reopens!(),
             " THEN excluded.next_attempt_at_ms \

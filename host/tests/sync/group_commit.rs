@@ -1052,6 +1052,74 @@ async fn sqlite_a_push_forced_meanwhile_still_goes_alone() {
     a_push_forced_meanwhile_still_goes(false, false).await;
 }
 
+/// A newer version of a link in backoff starts its own count of attempts
+/// (by the relay's intake, on the bus and off the queue alike): it
+/// inherited the older one's, and one transient failure of a version the
+/// user had just fixed could dead-letter it ("gave up after 10 attempts").
+async fn a_newer_version_starts_its_own_attempts(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let tag = format!("attempts_{postgres}");
+    let (customers, _, _) = two_linked(&store, &tag).await;
+    let stripe = ["stripe".to_owned()];
+    let second = rename(&store, &customers[0].id, "Second").await;
+    store
+        .intake_changes(&[notice(&second)], &stripe)
+        .await
+        .expect("intake");
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let link = store
+        .claim_due_links(&stripe, "lease-attempts", until, 20)
+        .await
+        .expect("claimed")
+        .into_iter()
+        .find(|c| c.link.customer_id == second.id.as_str())
+        .expect("due")
+        .link;
+    let failed = LinkWrite::Outcome(RecordedOutcome::RetryScheduled {
+        version: second.version,
+        operation: "update",
+        attempt: 9,
+        at_ms: until,
+        error: "503".into(),
+        pending_version: None,
+    });
+    assert_eq!(
+        store
+            .write_links(&[(&link, &failed)])
+            .await
+            .expect("written"),
+        vec![true]
+    );
+    let attempts = |store: &Store| {
+        let id = second.id.as_str().to_owned();
+        let store = store.clone();
+        async move { store.links_of(&id).await.expect("links")[0].attempts }
+    };
+    assert_eq!(attempts(&store).await, 9);
+    // The same version again (a bus delivering twice) keeps the count.
+    store
+        .intake_changes(&[notice(&second)], &stripe)
+        .await
+        .expect("intake");
+    assert_eq!(attempts(&store).await, 9);
+    let third = rename(&store, &second.id, "Third").await;
+    store
+        .intake_changes(&[notice(&third)], &stripe)
+        .await
+        .expect("intake");
+    assert_eq!(attempts(&store).await, 0);
+}
+
+#[tokio::test]
+async fn postgres_a_newer_version_starts_its_own_attempts() {
+    a_newer_version_starts_its_own_attempts(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_newer_version_starts_its_own_attempts() {
+    a_newer_version_starts_its_own_attempts(false).await;
+}
+
 /// Two groups of the same two records, in opposite orders, written one
 /// change at a time (a conflict to record keeps them out of the batch),
 /// while a third transaction holds the first group's first customer: the
