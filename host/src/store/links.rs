@@ -302,6 +302,11 @@ pub enum RecordedOutcome {
     },
 }
 
+/// What a push waiting for its connector to be switched on (or configured
+/// here) keeps as its last error: the switch's resume finds it by it,
+/// retries included.
+pub const PAUSED_WAIT: &str = "waiting: the connector is paused or not configured here";
+
 /// A write to a claimed link, batched by the sync engine.
 #[derive(Debug, Clone)]
 pub enum LinkWrite {

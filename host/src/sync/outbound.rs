@@ -435,10 +435,7 @@ impl SyncEngine {
             // enabling it resumes the link at once, this is the fallback.
             Err(NotReady::Disabled | NotReady::Unconfigured | NotReady::Incomplete(_)) => {
                 return (
-                    wait(
-                        PAUSED_RECHECK,
-                        Some("waiting: the connector is paused or not configured here"),
-                    ),
+                    wait(PAUSED_RECHECK, Some(crate::store::links::PAUSED_WAIT)),
                     Outcome::Paused,
                 )
             }

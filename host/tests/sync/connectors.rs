@@ -440,6 +440,48 @@ async fn rollback_disable_and_enable(backend: Backend) {
     assert_eq!(served_by().await.0, 200);
 }
 
+/// A retry (its backoff over) that meets its connector switched off waits
+/// with the pending pushes, and goes at the enable with them: it waited
+/// out its minute's recheck, and its wait says why meanwhile.
+async fn a_retry_parked_by_the_switch_goes_at_the_enable(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let (status, _) = post(&app, "/api/v1/connectors/recorder/disable", None).await;
+    assert_eq!(status, 200);
+    let customer = app
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Retried"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let now = || chrono::Utc::now().timestamp_millis();
+    app.wait_link_of("recorder", &id, Duration::from_secs(20), |l| {
+        l["next_attempt_at_ms"].as_i64() > Some(now())
+    })
+    .await;
+    // A retry whose backoff is over (as a failed attempt before the switch
+    // left it) meets the switch too.
+    let sql = format!(
+        "UPDATE sync_links SET state = 'retry', attempts = 1, next_attempt_at_ms = 0 \
+         WHERE connector = 'recorder' AND customer_id = '{id}' AND $1 IS NOT NULL"
+    );
+    execute_raw(&app.database_url, &sql, b"").await;
+    let parked = app
+        .wait_link_of("recorder", &id, Duration::from_secs(20), |l| {
+            l["state"] == "retry" && l["next_attempt_at_ms"].as_i64() > Some(now())
+        })
+        .await;
+    assert_eq!(
+        parked["last_error"], "waiting: the connector is paused or not configured here",
+        "{parked}"
+    );
+    let (status, _) = post(&app, "/api/v1/connectors/recorder/enable", None).await;
+    assert_eq!(status, 200);
+    app.wait_link_of("recorder", &id, Duration::from_secs(15), |l| {
+        l["state"] == "synced"
+    })
+    .await;
+}
+
 /// Enabling needs the manifest's required settings and secrets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enabling_names_what_is_missing() {
@@ -2129,6 +2171,11 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_parked_by_the_switch_goes_at_the_enable() {
+        super::a_retry_parked_by_the_switch_goes_at_the_enable(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn delete_refused_while_linked_then_forced() {
         super::delete_refused_while_linked_then_forced(Backend::Sqlite).await;
     }
@@ -2190,6 +2237,11 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn rollback_disable_and_enable() {
         super::rollback_disable_and_enable(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_parked_by_the_switch_goes_at_the_enable() {
+        super::a_retry_parked_by_the_switch_goes_at_the_enable(Backend::Postgres).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
