@@ -23,6 +23,10 @@ pub enum DeadLetterKind {
     RetriesExhausted,
     /// The remote record ferry created is linked to another customer.
     RemoteIdTaken,
+    /// The remote applied the push, but the connector answered with what
+    /// ferry cannot keep (a remote id empty, too long, with a NUL): a
+    /// create is kept to replay under its key once the connector is fixed.
+    UnusableAnswer,
 }
 
 stored_names!(DeadLetterKind {
@@ -32,6 +36,7 @@ stored_names!(DeadLetterKind {
     Unsupported => "unsupported",
     RetriesExhausted => "retries_exhausted",
     RemoteIdTaken => "remote_id_taken",
+    UnusableAnswer => "unusable_answer",
 });
 
 /// A dead letter.

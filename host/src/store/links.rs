@@ -864,12 +864,15 @@ macro_rules! record_in {
                 RecordedOutcome::DeadLettered { version, attempt, error, error_kind, .. } => {
                     // A create the remote refused was not applied: forget
                     // it, so a fixed record is sent fresh. Exhausted retries
-                    // may have been applied (timeouts), and refused
-                    // credentials say nothing about an earlier attempt that
-                    // timed out: keep replaying that create.
+                    // may have been applied (timeouts), refused credentials
+                    // say nothing about an earlier attempt that timed out,
+                    // and an answer ferry could not keep came from a create
+                    // that was applied: keep replaying that create.
                     let forget_pending = !matches!(
                         error_kind,
-                        DeadLetterKind::RetriesExhausted | DeadLetterKind::Unauthorized
+                        DeadLetterKind::RetriesExhausted
+                            | DeadLetterKind::Unauthorized
+                            | DeadLetterKind::UnusableAnswer
                     );
                     // A newer change that came in during the push is not
                     // this failure's: the link stays open for it (intake

@@ -558,19 +558,32 @@ impl SyncEngine {
         };
         let operation = operation_name(plan.operation);
         tracing::debug!(operation, version = plan.version, "pushing");
+        let pushed = connector.push(&config, request).await;
         // A remote id ferry cannot store (empty, too long, a NUL) would
         // fail the write of a push that did reach the remote, and the push
         // would run again at every lease expiry: the connector is broken,
-        // and the change goes to a dead letter with the reason.
-        let pushed =
-            connector.push(&config, request).await.and_then(
-                |result| match crate::store::unstorable("remote id", &result.remote_id) {
-                    Some(problem) => Err(CallError::Connector(ConnectorError::Permanent(format!(
-                        "the connector returned {problem}"
-                    )))),
-                    None => Ok(result),
+        // and the change goes to a dead letter with the reason. The remote
+        // applied it: a create keeps its marker, so the dead letter's
+        // replay, once the connector is fixed, sends it under its key (the
+        // remote answers with the record it made) instead of a second one.
+        if let Some(problem) = pushed
+            .as_ref()
+            .ok()
+            .and_then(|result| crate::store::unstorable("remote id", &result.remote_id))
+        {
+            inner.breakers.success(&link.connector);
+            let message = format!("the connector returned {problem}");
+            return (
+                RecordedOutcome::DeadLettered {
+                    version: plan.version,
+                    operation: Some(operation),
+                    attempt: link.attempts + 1,
+                    error_kind: DeadLetterKind::UnusableAnswer,
+                    error: message.clone(),
                 },
+                Outcome::DeadLettered { reason: message },
             );
+        }
         match pushed {
             Ok(result) => {
                 inner.breakers.success(&link.connector);

@@ -1821,6 +1821,9 @@ async fn a_settings_write_from_a_stale_view_keeps_a_rotated_key(backend: Backend
 /// A push whose connector answers with a remote id ferry cannot keep (a
 /// NUL, which PostgreSQL refuses) dead-letters with the reason, once,
 /// rather than failing its write and running again at every lease expiry.
+/// The remote made the record: the letter's replay, once the connector is
+/// fixed, sends the create under its first key (the remote answers with
+/// the record it made), not a new one that made a second record.
 async fn a_remote_id_ferry_cannot_keep_is_dead_lettered(backend: Backend) {
     let remote = RecorderRemote::start().await;
     let app = spawn_sync_app(setup(backend)).await;
@@ -1842,6 +1845,37 @@ async fn a_remote_id_ferry_cannot_keep_is_dead_lettered(backend: Backend) {
         "{link}"
     );
     assert_eq!(remote.requests_to("POST", "/records").len(), 1);
+
+    remote.answer_ids_with("rec_fixed_");
+    let (status, letters) = app
+        .send(
+            reqwest::Method::GET,
+            "/api/v1/dead-letters?connector=recorder",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{letters}");
+    let letter = &letters["data"][0];
+    assert_eq!(letter["error_kind"], "unusable_answer", "{letters}");
+    let (status, replayed) = post(
+        &app,
+        &format!(
+            "/api/v1/dead-letters/{}/replay",
+            letter["id"].as_str().expect("id")
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{replayed}");
+    app.wait_link_of("recorder", &id, SETTLE, |l| l["state"] == "synced")
+        .await;
+    let keys: Vec<Option<String>> = remote
+        .requests_to("POST", "/records")
+        .into_iter()
+        .map(|r| r.idempotency_key)
+        .collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert_eq!(keys[0], keys[1], "the replay's key");
 }
 
 /// A create the remote answers with a record another customer is linked to
