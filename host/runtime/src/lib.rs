@@ -13,6 +13,7 @@
 pub mod build;
 mod clock;
 mod crypto;
+pub mod customer;
 mod http;
 mod log;
 mod manifest;

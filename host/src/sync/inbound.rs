@@ -37,7 +37,7 @@ use crate::store::inbox::{
 use crate::store::now_ms;
 use crate::store::DeadLetterKind;
 use crate::store::{
-    Address, Customer, CustomerFields, CustomerId, LinkState, ListCustomers, StoreError, SyncLink,
+    Customer, CustomerFields, CustomerId, LinkState, ListCustomers, StoreError, SyncLink,
 };
 
 /// The `remote_type` of the inbox events a reconciliation's repairs store.
@@ -227,66 +227,10 @@ fn with_email(record: &serde_json::Value, email: &str) -> serde_json::Value {
 /// validation and normalisation as the API (trimmed text, lower-cased
 /// email, the same limits), so a remote can never store what the API would
 /// refuse and leave a customer nobody can edit. The error says which fields
-/// fail and why; the event is dead-lettered with it.
+/// fail and why; the event is dead-lettered with it. The rules are
+/// `ferry_runtime::customer`'s, which the connector test kit applies too.
 pub(crate) fn fields_of(record: &serde_json::Value) -> Result<CustomerFields, String> {
-    let text = |key: &str| {
-        record
-            .get(key)
-            .and_then(|v| v.as_str())
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-    };
-    let Some(email) = text("email") else {
-        return Err("the remote record has no email; a customer needs one".into());
-    };
-    let address = record
-        .get("address")
-        .filter(|a| a.is_object())
-        .and_then(|a| serde_json::from_value::<Address>(strip_empty(a)).ok())
-        .filter(|a| *a != Address::default());
-    let metadata = record
-        .get("metadata")
-        .and_then(|m| m.as_object())
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
-                .collect()
-        })
-        .unwrap_or_default();
-    let input = crate::api::customers::CustomerInput {
-        name: text("name"),
-        email,
-        phone: text("phone"),
-        address,
-        metadata: Some(metadata),
-    };
-    crate::api::customers::validate::validate(input).map_err(|error| match error {
-        crate::api::error::ApiError::Validation(errors) => format!(
-            "the remote record fails the catalog's validation: {}",
-            errors
-                .iter()
-                .map(|e| format!("{}: {}", e.field, e.message))
-                .collect::<Vec<_>>()
-                .join("; ")
-        ),
-        other => other.to_string(),
-    })
-}
-
-/// Drops empty strings and unknown keys from an address object.
-fn strip_empty(address: &serde_json::Value) -> serde_json::Value {
-    let mut clean = serde_json::Map::new();
-    for key in ["line1", "line2", "city", "state", "postal_code", "country"] {
-        if let Some(value) = address
-            .get(key)
-            .and_then(|v| v.as_str())
-            .filter(|v| !v.is_empty())
-        {
-            clean.insert(key.to_owned(), value.into());
-        }
-    }
-    serde_json::Value::Object(clean)
+    crate::runtime::customer::fields_of(record).map(Into::into)
 }
 
 pub(crate) fn local_record(customer: &Customer) -> Result<serde_json::Value, StoreError> {

@@ -522,6 +522,21 @@ pub fn build_component(manifest_dir: impl AsRef<Path>) -> Result<PathBuf, TestKi
 
 /// A permanent error, as ferry reports it, for a remote id it could not
 /// store on a link.
+/// Whether ferry can make a customer of `record` (a connector's record, as
+/// an event, `fetch` or `list` gives it): JSON with an email, and a name,
+/// phone, address and metadata the catalog takes (the API's own rules and
+/// limits: docs/connector-contract.md). ferry dead-letters an event whose
+/// record fails, and a reconciliation cannot import it; a linked
+/// customer's update needs no email, but the other rules hold for it too.
+/// Returns ferry's reason.
+pub fn check_record(record: &str) -> Result<(), String> {
+    let value: serde_json::Value =
+        serde_json::from_str(record).map_err(|e| format!("the record is not JSON: {e}"))?;
+    ferry_runtime::customer::fields_of(&value)
+        .map(|_| ())
+        .map_err(|problem| format!("ferry would dead-letter it: {problem}"))
+}
+
 fn storable(what: &str, id: &str) -> Result<(), CallError> {
     refused(ferry_runtime::unstorable(what, id))
 }

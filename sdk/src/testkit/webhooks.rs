@@ -29,7 +29,8 @@ pub struct DeliveryReport {
 /// Runs `signed` (a correctly signed delivery) and its mishaps through the
 /// connector the way ferry's webhook endpoint does, and checks:
 ///
-/// - it verifies and parses;
+/// - it verifies and parses, into `customer` events whose records ferry
+///   can make a customer of ([`super::check_record`]);
 /// - **duplicated**: the same delivery again gives the same event ids, so
 ///   the host stores it once (an id built from the time of receipt, or a
 ///   random one, would apply a redelivery twice);
@@ -111,6 +112,22 @@ pub async fn check_delivery_signed_by(
             "event {} carries a record but no occurred_at_ms: the host cannot tell an older state arriving late from a newer one",
             event.id
         ));
+    }
+
+    // ferry syncs customers: another entity's event is skipped, and a
+    // customer record ferry cannot make a customer of (no email, a phone
+    // or metadata key the catalog refuses) is dead-lettered when applied.
+    for event in &first.events {
+        if event.entity != "customer" {
+            return Err(format!(
+                "event {} is of entity `{}`: ferry syncs `customer` only, and skips it",
+                event.id, event.entity
+            ));
+        }
+        if let Some(record) = &event.record {
+            super::check_record(record)
+                .map_err(|problem| format!("event {}: {problem}", event.id))?;
+        }
     }
 
     let mut tampered_body = signed.clone();

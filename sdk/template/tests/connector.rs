@@ -42,6 +42,19 @@ fn connector_error<T: std::fmt::Debug>(result: Result<T, CallError>) -> Connecto
     }
 }
 
+/// A record ferry cannot make a customer of is dead-lettered when it
+/// arrives: `check_record` runs ferry's own rules on it here, first.
+#[test]
+fn records_ferry_refuses_are_caught_here() {
+    assert!(testkit::check_record(r#"{"email":"ada@example.com","name":"Ada"}"#).is_ok());
+    let no_email = testkit::check_record(r#"{"name":"Ada"}"#).unwrap_err();
+    assert!(no_email.contains("no email"), "{no_email}");
+    let phone =
+        testkit::check_record(r#"{"email":"ada@example.com","phone":"+1 555 0100 ext. 7"}"#)
+            .unwrap_err();
+    assert!(phone.contains("phone"), "{phone}");
+}
+
 #[tokio::test]
 async fn the_manifest_declares_what_the_connector_needs() {
     let kit = kit().await;

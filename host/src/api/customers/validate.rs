@@ -1,347 +1,72 @@
-//! Validation and normalisation of customer input: what ferry accepts as a
-//! name, email, phone, address and metadata, and the limits on each.
+//! The catalog's validation in the API's types: the rules are
+//! `ferry_runtime::customer`'s, which the connector test kit applies to a
+//! connector's records too.
 
 use super::CustomerInput;
 use crate::api::error::{ApiError, FieldError};
+use crate::runtime::customer::{self, FieldProblem};
 use crate::store::{Address, CustomerFields};
-use unicode_normalization::UnicodeNormalization;
-use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
-/// Longest name, in characters.
-pub const MAX_NAME: usize = 256;
-/// Longest email, in bytes (RFC 5321 path limit).
-pub const MAX_EMAIL: usize = 254;
-/// Longest phone number, in characters.
-pub const MAX_PHONE: usize = 40;
-/// Longest address line, in characters.
-pub const MAX_ADDRESS_LINE: usize = 200;
-/// Most metadata keys: Stripe allows 50, and the Stripe connector adds
-/// [`RESERVED_METADATA_KEY`] to every customer it writes.
-pub const MAX_METADATA_KEYS: usize = 49;
-/// The metadata key the Stripe connector writes ferry's customer id under
-/// (and strips from what it reads back): a customer's own value there would
-/// be overwritten remotely and dropped on the way back.
-pub const RESERVED_METADATA_KEY: &str = "ferry_id";
-/// Longest metadata key, in characters.
-pub const MAX_METADATA_KEY: usize = 40;
-/// Longest metadata value, in characters.
-pub const MAX_METADATA_VALUE: usize = 500;
-/// How emails are stored and compared: trimmed, lowercased, in Unicode
-/// normal form C (an `é` typed as `e` and a combining accent is the same
-/// address as one typed as one character), and with an internationalised
-/// domain in its ASCII form (`bücher.de` and `xn--bcher-kva.de` are one
-/// domain; the ASCII form is what every mail system and remote accepts). A
-/// domain of anything but letters, digits, hyphens and dots, or one IDNA
-/// refuses, is kept as given, for validation to refuse: IDNA's mapping
-/// would otherwise accept a symbol (`☃.com`) or drop an invisible
-/// character the check exists to catch.
-pub fn normalise_email(email: &str) -> String {
-    let email: String = email.trim().to_lowercase().nfc().collect();
-    let Some((local, domain)) = email.rsplit_once('@') else {
-        return email;
-    };
-    if domain.is_ascii()
-        || !domain
-            .chars()
-            .all(|c| c.is_alphanumeric() || c == '-' || c == '.')
-    {
-        return email;
-    }
-    match idna::domain_to_ascii(domain) {
-        Ok(ascii) if !ascii.is_empty() => format!("{local}@{ascii}"),
-        _ => email,
-    }
-}
-
-/// A pragmatic email check, not RFC 5322: one `@`, a local part of 1-64
-/// visible characters (no spaces, controls or format characters such as a
-/// zero-width space or a byte-order mark, which would make a second
-/// customer of one address that looks the same), and a domain of
-/// dot-separated labels (letters, digits,
-/// hyphens; no leading or trailing hyphen) with at least two labels, and,
-/// when it is not ASCII, an ASCII form (IDNA refuses a label that starts
-/// with a combining mark, or mixes directions: no mail system could reach
-/// it, and a remote refuses it on every push). It
-/// refuses what is certainly not deliverable and accepts what mail systems
-/// accept; the only real check is sending a message.
-pub fn is_valid_email(email: &str) -> bool {
-    if email.len() > MAX_EMAIL {
-        return false;
-    }
-    let Some((local, domain)) = email.split_once('@') else {
-        return false;
-    };
-    let local_ok = !local.is_empty()
-        && local.len() <= 64
-        && !local.starts_with('.')
-        && !local.ends_with('.')
-        && !local.contains("..")
-        && local.chars().all(|c| {
-            !c.is_whitespace()
-                && !c.is_control()
-                && c.general_category() != GeneralCategory::Format
-                && !is_default_ignorable(c)
-                && !"@<>()[]\\,;:\"".contains(c)
-        });
-    let labels: Vec<&str> = domain.split('.').collect();
-    let domain_ok = labels.len() >= 2
-        && domain.len() <= 253
-        && labels.iter().all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.chars().all(|c| c.is_alphanumeric() || c == '-')
-        })
-        && (domain.is_ascii() || idna::domain_to_ascii(domain).is_ok());
-    local_ok && domain_ok
-}
-
-/// Unicode's `Default_Ignorable_Code_Point` characters outside the format
-/// category (DerivedCoreProperties.txt, Unicode 15): drawn as nothing, and
-/// untouched by NFC, so `ada\u{34f}@example.com` (a combining grapheme
-/// joiner), a variation selector or a Hangul filler made a second customer
-/// of an address that looks the same.
-fn is_default_ignorable(c: char) -> bool {
-    matches!(
-        c,
-        '\u{034F}'
-            | '\u{115F}'..='\u{1160}'
-            | '\u{17B4}'..='\u{17B5}'
-            | '\u{180B}'..='\u{180F}'
-            | '\u{2060}'..='\u{206F}'
-            | '\u{3164}'
-            | '\u{FE00}'..='\u{FE0F}'
-            | '\u{FFA0}'
-            | '\u{FFF0}'..='\u{FFF8}'
-            | '\u{1BCA0}'..='\u{1BCA3}'
-            | '\u{1D173}'..='\u{1D17A}'
-            | '\u{E0000}'..='\u{E0FFF}'
-    )
-}
-
-fn optional_text(
-    errors: &mut Vec<FieldError>,
-    field: &str,
-    value: Option<String>,
-    max: usize,
-) -> Option<String> {
-    let value = value?.trim().to_owned();
-    if value.chars().any(char::is_control) {
-        errors.push(FieldError::new(
-            field,
-            "must not contain control characters",
-        ));
-    } else if value.is_empty() {
-        errors.push(FieldError::new(
-            field,
-            "must not be blank; send null to clear it",
-        ));
-    } else if value.chars().count() > max {
-        errors.push(FieldError::new(
-            field,
-            format!("must be at most {max} characters"),
-        ));
-    }
-    Some(value)
-}
+pub use crate::runtime::customer::{is_valid_email, normalise_email, MAX_EMAIL, MAX_METADATA_KEYS};
 
 /// Validates and normalises a request into the stored fields, reporting
 /// every invalid field at once.
 pub fn validate(input: CustomerInput) -> Result<CustomerFields, ApiError> {
-    let mut errors = Vec::new();
-    let name = optional_text(&mut errors, "name", input.name, MAX_NAME);
-    let email = normalise_email(&input.email);
-    if !is_valid_email(&email) {
-        errors.push(FieldError::new(
-            "email",
-            "must be an email address like name@example.com",
-        ));
-    }
-    let phone = optional_text(&mut errors, "phone", input.phone, MAX_PHONE);
-    if let Some(phone) = &phone {
-        let allowed = phone
-            .chars()
-            .all(|c| c.is_ascii_digit() || " +-().".contains(c));
-        if !allowed || !phone.chars().any(|c| c.is_ascii_digit()) {
-            errors.push(FieldError::new(
-                "phone",
-                "may contain only digits, spaces and +-().",
-            ));
-        }
-    }
-    let address = input.address.map(|a| Address {
-        line1: optional_text(&mut errors, "address.line1", a.line1, MAX_ADDRESS_LINE),
-        line2: optional_text(&mut errors, "address.line2", a.line2, MAX_ADDRESS_LINE),
-        city: optional_text(&mut errors, "address.city", a.city, MAX_ADDRESS_LINE),
-        postal_code: optional_text(
-            &mut errors,
-            "address.postal_code",
-            a.postal_code,
-            MAX_ADDRESS_LINE,
-        ),
-        state: optional_text(&mut errors, "address.state", a.state, MAX_ADDRESS_LINE),
-        country: a.country.map(|c| c.trim().to_ascii_uppercase()),
-    });
-    // An address with no line set is no address, as an inbound record's
-    // is: `{}` (or a patch clearing its last line) was stored as an
-    // object of nulls, and the same customer read differently by the door
-    // it came in by.
-    let address = address.filter(|a| *a != Address::default());
-    if let Some(country) = address.as_ref().and_then(|a| a.country.as_ref()) {
-        if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
-            errors.push(FieldError::new(
-                "address.country",
-                "must be a two-letter country code",
-            ));
-        }
-    }
-    let metadata = input.metadata.unwrap_or_default();
-    if metadata.len() > MAX_METADATA_KEYS {
-        errors.push(FieldError::new(
-            "metadata",
-            format!("at most {MAX_METADATA_KEYS} keys"),
-        ));
-    }
-    if metadata.contains_key(RESERVED_METADATA_KEY) {
-        errors.push(FieldError::new(
-            format!("metadata.{RESERVED_METADATA_KEY}"),
-            "reserved: connectors write ferry's customer id under this key",
-        ));
-    }
-    // Each key is looked at only when there are few enough of them: a
-    // body of many bad keys answered several errors per key, each naming
-    // it (an answer larger than the request).
-    let keys = if metadata.len() > MAX_METADATA_KEYS {
-        None
-    } else {
-        Some(&metadata)
-    };
-    for (key, value) in keys.into_iter().flatten() {
-        // Named in an error as written, but no longer than a key may be.
-        let named: String = key.chars().take(MAX_METADATA_KEY + 1).collect();
-        // NUL cannot be stored by PostgreSQL (text or jsonb); refusing it
-        // everywhere keeps both backends identical.
-        if key.chars().any(char::is_control) || value.contains('\0') {
-            errors.push(FieldError::new(
-                format!("metadata.{}", named.escape_debug()),
-                "keys must not contain control characters, values no NUL",
-            ));
-        }
-        // Stripe refuses `[` and `]` in keys (they nest form fields), and
-        // every push of such a customer would be dead-lettered.
-        if key.contains(['[', ']']) {
-            errors.push(FieldError::new(
-                format!("metadata.{named}"),
-                "keys must not contain square brackets",
-            ));
-        }
-        if key.is_empty() || key.chars().count() > MAX_METADATA_KEY {
-            errors.push(FieldError::new(
-                format!("metadata.{named}"),
-                format!("keys must be 1 to {MAX_METADATA_KEY} characters"),
-            ));
-        }
-        if value.chars().count() > MAX_METADATA_VALUE {
-            errors.push(FieldError::new(
-                format!("metadata.{named}"),
-                format!("values must be at most {MAX_METADATA_VALUE} characters"),
-            ));
-        }
-    }
-    if !errors.is_empty() {
-        return Err(ApiError::Validation(errors));
-    }
-    Ok(CustomerFields {
-        name,
-        email,
-        phone,
-        address,
-        metadata,
+    customer::validate(customer::CustomerInput {
+        name: input.name,
+        email: input.email,
+        phone: input.phone,
+        address: input.address.map(Into::into),
+        metadata: input.metadata,
     })
+    .map(Into::into)
+    .map_err(problems)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The catalog's problems as the API's 422.
+fn problems(problems: Vec<FieldProblem>) -> ApiError {
+    ApiError::Validation(
+        problems
+            .into_iter()
+            .map(|p| FieldError::new(p.field, p.message))
+            .collect(),
+    )
+}
 
-    #[test]
-    fn one_address_written_two_ways_is_one_email() {
-        for (a, b) in [
-            ("Ada@Example.com ", "ada@example.com"),
-            // `é` as one character, and as `e` with a combining accent.
-            ("ren\u{e9}@example.com", "rene\u{301}@example.com"),
-            ("ada@B\u{dc}CHER.de", "ada@xn--bcher-kva.de"),
-            ("ada@b\u{fc}cher.de", "ada@xn--bcher-kva.de"),
-        ] {
-            assert_eq!(normalise_email(a), normalise_email(b), "{a} / {b}");
-        }
-        assert_eq!(
-            normalise_email("ada@b\u{fc}cher.de"),
-            "ada@xn--bcher-kva.de"
-        );
-        assert_eq!(
-            normalise_email("ren\u{e9}@example.com"),
-            "ren\u{e9}@example.com"
-        );
-        // Not an email: left for validation to refuse, also when IDNA
-        // would map it to something valid.
-        assert_eq!(normalise_email("plain"), "plain");
-        for symbol in [
-            "ada@\u{2603}.com",
-            "ada@exa\u{ad}mple.com",
-            "ada@exa\u{200b}mple.com",
-        ] {
-            assert!(!is_valid_email(&normalise_email(symbol)), "{symbol}");
-        }
-        assert!(!is_valid_email(&normalise_email("a@-b.com")));
-    }
-
-    #[test]
-    fn emails_that_mail_systems_accept_pass() {
-        for email in [
-            "ada@example.com",
-            "a.b+tag@sub.example.co.uk",
-            "o'brien@example.ie",
-            "x@xn--80ak6aa92e.com",
-            "ü@exämple.de",
-        ] {
-            assert!(is_valid_email(email), "{email}");
+impl From<Address> for customer::Address {
+    fn from(a: Address) -> Self {
+        Self {
+            line1: a.line1,
+            line2: a.line2,
+            city: a.city,
+            postal_code: a.postal_code,
+            state: a.state,
+            country: a.country,
         }
     }
+}
 
-    #[test]
-    fn what_is_not_an_email_fails() {
-        for email in [
-            "",
-            "plain",
-            "a@b",
-            "a@@b.com",
-            "a b@c.com",
-            "a@-b.com",
-            "a@b-.com",
-            ".a@b.com",
-            "a..b@c.com",
-            "a@b..com",
-            "<a>@b.com",
-            // Letters to `char`, but no domain IDNA can write in ASCII:
-            // a label starting with a combining mark, one mixing
-            // directions.
-            "a@\u{93f}b.com",
-            "a@a\u{5d0}.com",
-            // Drawn as nothing: the same address to the eye.
-            "ada\u{34f}@example.com",
-            "ada\u{fe0f}@example.com",
-            "\u{3164}ada@example.com",
-            "ada\u{e0041}@example.com",
-        ] {
-            assert!(!is_valid_email(email), "{email}");
+impl From<customer::Address> for Address {
+    fn from(a: customer::Address) -> Self {
+        Self {
+            line1: a.line1,
+            line2: a.line2,
+            city: a.city,
+            postal_code: a.postal_code,
+            state: a.state,
+            country: a.country,
         }
-        assert!(!is_valid_email(&format!("{}@example.com", "a".repeat(65))));
     }
+}
 
-    #[test]
-    fn normalisation_trims_and_lowercases() {
-        assert_eq!(normalise_email("  Ada@Example.COM "), "ada@example.com");
+impl From<customer::CustomerFields> for CustomerFields {
+    fn from(f: customer::CustomerFields) -> Self {
+        Self {
+            name: f.name,
+            email: f.email,
+            phone: f.phone,
+            address: f.address.map(Into::into),
+            metadata: f.metadata,
+        }
     }
 }
