@@ -267,6 +267,23 @@ fn plan(
     }))
 }
 
+/// What the connector is asked to do for `plan`. A create names no remote
+/// record (the contract's promise): one the remote deleted (`unlink`) is
+/// not the connector's to update.
+fn push_request(link: &SyncLink, plan: &Plan) -> PushRequest {
+    PushRequest {
+        entity: ENTITY.to_owned(),
+        operation: plan.operation,
+        local_id: link.customer_id.clone(),
+        remote_id: (plan.operation != Operation::Create)
+            .then(|| link.remote_id.clone())
+            .flatten(),
+        version: u64::try_from(plan.version).unwrap_or_default(),
+        idempotency_key: plan.key.clone(),
+        record: plan.record.clone(),
+    }
+}
+
 fn operation_name(operation: Operation) -> &'static str {
     match operation {
         Operation::Create => "create",
@@ -547,15 +564,7 @@ impl SyncEngine {
             }
         }
         let pushed_hash = hash(&plan.record);
-        let request = PushRequest {
-            entity: ENTITY.to_owned(),
-            operation: plan.operation,
-            local_id: link.customer_id.clone(),
-            remote_id: link.remote_id.clone(),
-            version: u64::try_from(plan.version).unwrap_or_default(),
-            idempotency_key: plan.key.clone(),
-            record: plan.record.clone(),
-        };
+        let request = push_request(link, &plan);
         let operation = operation_name(plan.operation);
         tracing::debug!(operation, version = plan.version, "pushing");
         let pushed = connector.push(&config, request).await;
@@ -951,5 +960,9 @@ mod tests {
         assert!(matches!(plan.operation, Operation::Create));
         assert_eq!(plan.version, 4);
         assert_eq!(plan.key, idempotency_key("stripe", id, 4, 0));
+        // The record the remote deleted is not named to the connector: a
+        // create has no remote id (one that branched on it updated the
+        // deleted record, a `not_found` dead letter).
+        assert_eq!(push_request(&link, &plan).remote_id, None);
     }
 }
