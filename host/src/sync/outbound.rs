@@ -267,6 +267,44 @@ fn plan(
     }))
 }
 
+/// The remote's state after a push of `plan` that answered `returned`: the
+/// next merge's base. A connector may leave the record out of its result
+/// (the contract allows it); what was pushed is then what the remote holds,
+/// and without a base the next remote event would take every differing
+/// field, local edits included. It is marked assumed: the remote may not
+/// keep every field pushed, and one its next record leaves out is not
+/// known, not cleared (merge.rs). A record that is not a JSON object (a
+/// connector's bug) is no record: it was dropped, and the next remote
+/// event merged with no base at all.
+fn snapshot_after(returned: Option<&str>, plan: &Plan) -> Option<serde_json::Value> {
+    let record = returned
+        .and_then(|record| serde_json::from_str::<serde_json::Value>(record).ok())
+        .filter(serde_json::Value::is_object);
+    if record.is_none() && returned.is_some() {
+        tracing::warn!(
+            "the connector's push result holds a record that is not a JSON object; \
+             what was pushed is taken as the remote's state"
+        );
+    }
+    match record {
+        Some(record) => Some(record),
+        None if plan.operation != Operation::Delete => {
+            serde_json::from_str::<serde_json::Value>(&plan.record)
+                .ok()
+                .map(|mut pushed| {
+                    if let Some(fields) = pushed.as_object_mut() {
+                        fields.insert(
+                            super::merge::ASSUMED_BASE.to_owned(),
+                            serde_json::Value::Bool(true),
+                        );
+                    }
+                    pushed
+                })
+        }
+        None => None,
+    }
+}
+
 /// What the connector is asked to do for `plan`. A create names no remote
 /// record (the contract's promise): one the remote deleted (`unlink`) is
 /// not the connector's to update.
@@ -596,31 +634,7 @@ impl SyncEngine {
         match pushed {
             Ok(result) => {
                 inner.breakers.success(&link.connector);
-                // The remote's state after the push is the next merge's
-                // base. A connector may leave the record out of its result
-                // (the contract allows it); what was pushed is then what the
-                // remote holds, and without a base the next remote event
-                // would take every differing field, local edits included.
-                // It is marked assumed: the remote may not keep every field
-                // pushed, and one its next record leaves out is not known,
-                // not cleared (merge.rs).
-                let mut snapshot: Option<serde_json::Value> = match result.record.as_deref() {
-                    Some(record) => serde_json::from_str(record).ok(),
-                    None if plan.operation != Operation::Delete => {
-                        serde_json::from_str::<serde_json::Value>(&plan.record)
-                            .ok()
-                            .map(|mut pushed| {
-                                if let Some(fields) = pushed.as_object_mut() {
-                                    fields.insert(
-                                        super::merge::ASSUMED_BASE.to_owned(),
-                                        serde_json::Value::Bool(true),
-                                    );
-                                }
-                                pushed
-                            })
-                    }
-                    None => None,
-                };
+                let mut snapshot = snapshot_after(result.record.as_deref(), &plan);
                 if let Some(snapshot) = &mut snapshot {
                     crate::store::replace_nul(snapshot);
                 }
@@ -964,5 +978,28 @@ mod tests {
         // create has no remote id (one that branched on it updated the
         // deleted record, a `not_found` dead letter).
         assert_eq!(push_request(&link, &plan).remote_id, None);
+    }
+
+    #[test]
+    fn a_result_record_that_is_not_an_object_is_taken_as_what_was_pushed() {
+        let plan = Plan {
+            operation: Operation::Update,
+            version: 2,
+            record: r#"{"name":"Ada"}"#.to_owned(),
+            key: "k".to_owned(),
+        };
+        let assumed = serde_json::json!({"name": "Ada", super::super::merge::ASSUMED_BASE: true});
+        for broken in ["not json", "[1]", "\"text\""] {
+            assert_eq!(
+                snapshot_after(Some(broken), &plan),
+                Some(assumed.clone()),
+                "{broken}"
+            );
+        }
+        assert_eq!(snapshot_after(None, &plan), Some(assumed));
+        assert_eq!(
+            snapshot_after(Some(r#"{"name":"Ada L."}"#), &plan),
+            Some(serde_json::json!({"name": "Ada L."}))
+        );
     }
 }

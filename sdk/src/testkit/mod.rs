@@ -375,7 +375,9 @@ impl TestKit {
     }
 
     /// Calls `push`; a remote id ferry could not store (empty, a NUL) fails
-    /// the call, as it dead-letters the change in ferry.
+    /// the call, as it dead-letters the change in ferry; so does a result
+    /// record that is not a JSON object (ferry ignores it, and takes what it
+    /// pushed as the remote's state).
     pub async fn push(&self, req: PushRequest) -> Result<PushResult, CallError> {
         let result = self
             .connector
@@ -384,6 +386,15 @@ impl TestKit {
             .map(convert::push_result)
             .map_err(convert::call_error)?;
         storable("remote id", &result.remote_id)?;
+        if let Some(record) = &result.record {
+            let object = serde_json::from_str::<serde_json::Value>(record)
+                .is_ok_and(|value| value.is_object());
+            if !object {
+                return Err(refusal(
+                    "the result's record is not a JSON object: ferry ignores it and takes what it pushed as the remote's state",
+                ));
+            }
+        }
         Ok(result)
     }
 
