@@ -77,6 +77,9 @@ async fn create_sends_a_form_with_the_key_and_idempotency_key() {
     // The host substituted the placeholder: the component never saw the key.
     assert_eq!(req.header("authorization"), Some("Bearer sk_test_kit"));
     assert_eq!(req.header("idempotency-key"), Some("ferry-example-c1-v1"));
+    // A key of the length ferry sends goes as it is (Stripe takes 255).
+    let long = testkit::idempotency_key_as_sent("stripe");
+    assert_eq!(long.len(), "ferry-stripe-".len() + 36 + "-v1".len());
     assert_eq!(
         req.header("content-type"),
         Some("application/x-www-form-urlencoded")

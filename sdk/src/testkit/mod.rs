@@ -465,9 +465,10 @@ fn transport_for(http: &Http) -> Result<Transports, TestKitError> {
 }
 
 /// A push request with version 1 and the idempotency key ferry would send
-/// for it from a connector named `example` (`"ferry-example-{local_id}-v1"`;
-/// ferry's are as long as that with a 36-byte customer id and the
-/// connector's name); change the public fields for anything else.
+/// for it from a connector named `example` (`"ferry-example-{local_id}-v1"`:
+/// ferry's form, but shorter than ferry's own keys, whose customer ids are
+/// 36 bytes; see [`idempotency_key_as_sent`]); change the public fields for
+/// anything else.
 pub fn push_request(
     entity: &str,
     operation: Operation,
@@ -484,6 +485,14 @@ pub fn push_request(
         idempotency_key: ferry_runtime::idempotency_key("example", local_id, 1, 0),
         record: record.into(),
     }
+}
+
+/// An idempotency key of the length ferry sends from `connector` for a
+/// customer's first push (`ferry-{connector}-cus_…-v1`, a 36-byte customer
+/// id; a forced push adds `-r{n}`): to test that the API takes keys that
+/// long, as `push_request`'s short one does not show.
+pub fn idempotency_key_as_sent(connector: &str) -> String {
+    ferry_runtime::idempotency_key(connector, &format!("cus_{}", "0".repeat(32)), 1, 0)
 }
 
 /// A webhook delivery as the host passes it: header names lower-cased, the
