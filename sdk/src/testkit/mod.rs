@@ -264,17 +264,51 @@ impl TestKit {
     }
 
     /// Sets a (non-secret) setting.
+    ///
+    /// # Panics
+    ///
+    /// If the manifest declares no setting `name`: ferry refuses one (422
+    /// from the API, an error at start), and in the kit the value would go
+    /// nowhere (a typo's requests went to the default host).
     #[must_use]
     pub fn setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.settings.insert(name.into(), value.into());
+        let name = name.into();
+        let declared: Vec<&str> = self
+            .connector
+            .manifest()
+            .settings
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert!(
+            declared.contains(&name.as_str()),
+            "the manifest declares no setting `{name}` (it declares {declared:?}): ferry refuses it"
+        );
+        self.settings.insert(name, value.into());
         self
     }
 
     /// Sets a secret's value. The component never sees it; recorded requests
     /// show it where the connector placed a `{{secret:NAME}}` placeholder.
+    ///
+    /// # Panics
+    ///
+    /// If the manifest declares no secret `name` (ferry refuses one).
     #[must_use]
     pub fn secret(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.secrets.insert(name.into(), value.into());
+        let name = name.into();
+        let declared: Vec<&str> = self
+            .connector
+            .manifest()
+            .secrets
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert!(
+            declared.contains(&name.as_str()),
+            "the manifest declares no secret `{name}` (it declares {declared:?}): ferry refuses it"
+        );
+        self.secrets.insert(name, value.into());
         self
     }
 
