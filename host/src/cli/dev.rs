@@ -65,7 +65,22 @@ pub async fn run(options: DevOptions, cancel: CancellationToken) -> anyhow::Resu
     let name = name.context("the built connector was not registered")?;
     let registry = app.state().registry.clone();
     let base = format!("http://{}", app.address());
-    print_next_steps(&name, &base, &wasm);
+    let secrets: Vec<String> = registry
+        .entry(&name)
+        .and_then(|entry| {
+            let active = entry.active.as_ref()?;
+            Some(
+                active
+                    .connector
+                    .manifest()
+                    .secrets
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .collect(),
+            )
+        })
+        .unwrap_or_default();
+    print_next_steps(&name, &base, &wasm, &secrets);
     let stop = app.cancellation_token();
     let server = tokio::spawn(app.run_until_stopped());
     let watching = options.watch.then(|| {
@@ -218,11 +233,20 @@ pub(crate) async fn register(registry: &Registry, built: &Built<'_>) -> anyhow::
     )
 }
 
-fn print_next_steps(name: &str, base: &str, wasm: &Path) {
+/// What the loop prints once it serves: the calls that configure the
+/// connector (every secret its manifest declares, `null` keeping the
+/// environment's value: stored settings replace the environment's whole)
+/// and show its state.
+fn print_next_steps(name: &str, base: &str, wasm: &Path, secrets: &[String]) {
     let env = name.replace('-', "_").to_ascii_uppercase();
+    let secrets = secrets
+        .iter()
+        .map(|s| format!("\"{s}\": null"))
+        .collect::<Vec<_>>()
+        .join(", ");
     eprintln!(
         "\nferry is serving {base} with connector `{name}` from {wasm}\n\
-         \n  configure it   curl -X PUT {base}/api/v1/connectors/{name}/settings -H 'content-type: application/json' \\\n                   -d '{{\"settings\": {{\"api_base\": \"http://127.0.0.1:PORT\"}}, \"secrets\": {{\"api_key\": \"...\"}}}}'\n                 (or start with FERRY_CONNECTORS__{env}__SETTINGS__…, …__SECRETS__…)\n  its state      curl {base}/api/v1/connectors/{name}\n  push a change  curl -X POST {base}/api/v1/customers -H 'content-type: application/json' -d '{{\"email\": \"ada@example.com\"}}'\n  its webhooks   POST {base}/webhooks/{name}\n  a sync status  curl {base}/api/v1/customers/CUSTOMER_ID/sync\n\nCtrl-C stops it.\n",
+         \n  configure it   curl -X PUT {base}/api/v1/connectors/{name}/settings -H 'content-type: application/json' \\\n                   -d '{{\"settings\": {{\"api_base\": \"http://127.0.0.1:PORT\"}}, \"secrets\": {{{secrets}}}}}'\n                 (a secret's null keeps the value FERRY_CONNECTORS__{env}__SECRETS__… gave; put \"...\" to set one:\n                 stored settings replace the environment's whole)\n  its state      curl {base}/api/v1/connectors/{name}\n  push a change  curl -X POST {base}/api/v1/customers -H 'content-type: application/json' -d '{{\"email\": \"ada@example.com\"}}'\n  its webhooks   POST {base}/webhooks/{name}\n  a sync status  curl {base}/api/v1/customers/CUSTOMER_ID/sync\n\nCtrl-C stops it.\n",
         wasm = wasm.display()
     );
 }

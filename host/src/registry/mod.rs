@@ -553,6 +553,18 @@ impl Registry {
                 self.inner.options.environment.get(&row.name),
                 self.inner.options.secret_box.as_ref(),
             );
+            // Settings stored through the API replace the environment's
+            // whole (secrets too): said once, when it starts to hold, since
+            // the `FERRY_CONNECTORS__…` variables then do nothing at all.
+            let shadows = effective.source == ConfigSource::Api
+                && self.inner.options.environment.contains_key(&row.name);
+            if shadows && previous.is_none_or(|p| p.effective.source != ConfigSource::Api) {
+                tracing::warn!(
+                    connector = %row.name,
+                    "the connector's settings stored through the API replace its FERRY_CONNECTORS__ environment settings and secrets entirely \
+                     (a secret given as null in PUT /api/v1/connectors/NAME/settings keeps the environment's value)"
+                );
+            }
             // Stored secrets this replica cannot open (another master key,
             // or none) are missing here, whatever their names say: run
             // without them, a push is refused as permanent and dead-lettered.
