@@ -164,6 +164,15 @@ pub(crate) async fn register(registry: &Registry, built: &Built<'_>) -> anyhow::
     let bytes = tokio::fs::read(wasm)
         .await
         .with_context(|| format!("reading {}", wasm.display()))?;
+    // As the upload would: a component the platform's ferry refuses with
+    // 413 does not serve here either (registered as bundled, it skipped
+    // the check, and the loop said nothing).
+    let limit = registry.max_component_bytes();
+    anyhow::ensure!(
+        bytes.len() <= limit,
+        "the component is {} bytes, more than an upload takes ({limit}, connector_max_bytes): ferry would answer 413",
+        bytes.len()
+    );
     let sha256 = hex::encode(Sha256::digest(&bytes));
     let file = [BundledFile {
         path: wasm.to_owned(),
@@ -255,7 +264,7 @@ fn print_next_steps(name: &str, base: &str, wasm: &Path, secrets: &[String]) {
 /// saving as one types would otherwise rebuild every second.
 const QUIET: Duration = Duration::from_millis(700);
 
-/// Rebuilds and re-registers when a file under `src/` or `Cargo.toml`
+/// Rebuilds and re-registers when a file [`WATCHED`] (`src/`, `Cargo.toml`…)
 /// changes after `seen` (and then stays unchanged for [`QUIET`]).
 async fn watch(
     dir: PathBuf,
@@ -309,7 +318,24 @@ fn newest_change(dir: &Path) -> SystemTime {
         }
     }
     let mut newest = SystemTime::UNIX_EPOCH;
-    walk(&dir.join("src"), &mut newest);
-    walk(&dir.join("Cargo.toml"), &mut newest);
+    for watched in WATCHED {
+        walk(&dir.join(watched), &mut newest);
+    }
     newest
 }
+
+/// What a build of the crate reads besides its dependencies: its sources
+/// and manifest, a build script and what it reads (`build/`, `wit/`), the
+/// lock file, files a source includes (`assets/`, `fixtures/`). A path
+/// dependency elsewhere is not watched (save a file of the crate to
+/// rebuild).
+const WATCHED: [&str; 8] = [
+    "src",
+    "Cargo.toml",
+    "Cargo.lock",
+    "build.rs",
+    "build",
+    "wit",
+    "assets",
+    "fixtures",
+];

@@ -837,6 +837,11 @@ impl Registry {
         self.inner.store.undelete_connector(name).await
     }
 
+    /// The largest component an upload takes (`connector_max_bytes`).
+    pub fn max_component_bytes(&self) -> usize {
+        self.inner.options.max_component_bytes
+    }
+
     /// Validates and stores an uploaded component, and (if `activate`)
     /// makes it active everywhere. The same bytes again change nothing.
     #[tracing::instrument(skip_all, fields(bytes = bytes.len(), activate))]
