@@ -131,14 +131,15 @@ pub fn fields_of(record: &serde_json::Value) -> Result<CustomerFields, String> {
     })
 }
 
-/// Drops empty strings and unknown keys from an address object.
+/// Drops blank strings (an unset line, as the contract says) and unknown
+/// keys from an address object.
 fn strip_empty(address: &serde_json::Value) -> serde_json::Value {
     let mut clean = serde_json::Map::new();
     for key in ["line1", "line2", "city", "state", "postal_code", "country"] {
         if let Some(value) = address
             .get(key)
             .and_then(|v| v.as_str())
-            .filter(|v| !v.is_empty())
+            .filter(|v| !v.trim().is_empty())
         {
             clean.insert(key.to_owned(), value.into());
         }

@@ -39,6 +39,7 @@ pub async fn run(options: DevOptions, cancel: CancellationToken) -> anyhow::Resu
     // it runs is a change the loop must build.
     let built_from = newest_change(&dir);
     let wasm = build(&dir).await?;
+    let built_from = past_the_lock_file(&dir, built_from);
     let state_dir = dir.join("target/ferry-dev");
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
@@ -65,22 +66,11 @@ pub async fn run(options: DevOptions, cancel: CancellationToken) -> anyhow::Resu
     let name = name.context("the built connector was not registered")?;
     let registry = app.state().registry.clone();
     let base = format!("http://{}", app.address());
-    let secrets: Vec<String> = registry
+    let body = registry
         .entry(&name)
-        .and_then(|entry| {
-            let active = entry.active.as_ref()?;
-            Some(
-                active
-                    .connector
-                    .manifest()
-                    .secrets
-                    .iter()
-                    .map(|s| s.name.clone())
-                    .collect(),
-            )
-        })
+        .map(|entry| settings_body(&entry))
         .unwrap_or_default();
-    print_next_steps(&name, &base, &wasm, &secrets);
+    print_next_steps(&name, &base, &wasm, &body);
     let stop = app.cancellation_token();
     let server = tokio::spawn(app.run_until_stopped());
     let watching = options.watch.then(|| {
@@ -242,20 +232,42 @@ pub(crate) async fn register(registry: &Registry, built: &Built<'_>) -> anyhow::
     )
 }
 
-/// What the loop prints once it serves: the calls that configure the
-/// connector (every secret its manifest declares, `null` keeping the
-/// environment's value: stored settings replace the environment's whole)
-/// and show its state.
-fn print_next_steps(name: &str, base: &str, wasm: &Path, secrets: &[String]) {
-    let env = name.replace('-', "_").to_ascii_uppercase();
-    let secrets = secrets
+/// The body of the `PUT …/settings` the loop prints for `entry`: its first
+/// host setting pointed at a local port, and each secret its manifest
+/// declares: `null` where the environment gives it (kept: stored settings
+/// replace the environment's whole), `"..."` to fill in where a required
+/// one has no value, an optional one without a value left out.
+fn settings_body(entry: &crate::registry::Entry) -> String {
+    let Some(active) = &entry.active else {
+        return String::new();
+    };
+    let manifest = active.connector.manifest();
+    let settings = manifest
+        .host_settings
+        .first()
+        .map(|name| format!("\"{name}\": \"http://127.0.0.1:PORT\""))
+        .unwrap_or_default();
+    let given = &entry.effective.config.secrets;
+    let secrets = manifest
+        .secrets
         .iter()
-        .map(|s| format!("\"{s}\": null"))
+        .filter_map(|s| match (given.contains_key(&s.name), s.required) {
+            (true, _) => Some(format!("\"{}\": null", s.name)),
+            (false, true) => Some(format!("\"{}\": \"...\"", s.name)),
+            (false, false) => None,
+        })
         .collect::<Vec<_>>()
         .join(", ");
+    format!("{{\"settings\": {{{settings}}}, \"secrets\": {{{secrets}}}}}")
+}
+
+/// What the loop prints once it serves: the calls that configure the
+/// connector ([`settings_body`]) and show its state.
+fn print_next_steps(name: &str, base: &str, wasm: &Path, body: &str) {
+    let env = name.replace('-', "_").to_ascii_uppercase();
     eprintln!(
         "\nferry is serving {base} with connector `{name}` from {wasm}\n\
-         \n  configure it   curl -X PUT {base}/api/v1/connectors/{name}/settings -H 'content-type: application/json' \\\n                   -d '{{\"settings\": {{\"api_base\": \"http://127.0.0.1:PORT\"}}, \"secrets\": {{{secrets}}}}}'\n                 (a secret's null keeps the value FERRY_CONNECTORS__{env}__SECRETS__… gave; put \"...\" to set one:\n                 stored settings replace the environment's whole)\n  its state      curl {base}/api/v1/connectors/{name}\n  push a change  curl -X POST {base}/api/v1/customers -H 'content-type: application/json' -d '{{\"email\": \"ada@example.com\"}}'\n  its webhooks   POST {base}/webhooks/{name}\n  a sync status  curl {base}/api/v1/customers/CUSTOMER_ID/sync\n\nCtrl-C stops it.\n",
+         \n  configure it   curl -X PUT {base}/api/v1/connectors/{name}/settings -H 'content-type: application/json' \\\n                   -d '{body}'\n                 (a secret's null keeps the value FERRY_CONNECTORS__{env}__SECRETS__… gave; \"...\" is yours to fill in:\n                 stored settings replace the environment's whole)\n  its state      curl {base}/api/v1/connectors/{name}\n  push a change  curl -X POST {base}/api/v1/customers -H 'content-type: application/json' -d '{{\"email\": \"ada@example.com\"}}'\n  its webhooks   POST {base}/webhooks/{name}\n  a sync status  curl {base}/api/v1/customers/CUSTOMER_ID/sync\n\nCtrl-C stops it.\n",
         wasm = wasm.display()
     );
 }
@@ -284,7 +296,9 @@ async fn watch(
             continue;
         }
         seen = now;
-        match build(&dir).await {
+        let built = build(&dir).await;
+        seen = past_the_lock_file(&dir, seen);
+        match built {
             Ok(wasm) => match register(
                 &registry,
                 &Built {
@@ -324,11 +338,19 @@ fn newest_change(dir: &Path) -> SystemTime {
     newest
 }
 
+/// `seen`, or the lock file's time if the build just wrote it (a new
+/// crate's first build, a dependency added): not an edit to rebuild for.
+fn past_the_lock_file(dir: &Path, seen: SystemTime) -> SystemTime {
+    std::fs::metadata(dir.join("Cargo.lock"))
+        .and_then(|meta| meta.modified())
+        .map_or(seen, |written| seen.max(written))
+}
+
 /// What a build of the crate reads besides its dependencies: its sources
 /// and manifest, a build script and what it reads (`build/`, `wit/`), the
 /// lock file, files a source includes (`assets/`, `fixtures/`). A path
-/// dependency elsewhere is not watched (save a file of the crate to
-/// rebuild).
+/// dependency elsewhere, or a workspace's lock file above the crate, is
+/// not watched (save a file of the crate to rebuild).
 const WATCHED: [&str; 8] = [
     "src",
     "Cargo.toml",

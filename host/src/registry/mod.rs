@@ -557,7 +557,12 @@ impl Registry {
             // whole (secrets too): said once, when it starts to hold, since
             // the `FERRY_CONNECTORS__…` variables then do nothing at all.
             let shadows = effective.source == ConfigSource::Api
-                && self.inner.options.environment.contains_key(&row.name);
+                && self
+                    .inner
+                    .options
+                    .environment
+                    .get(&row.name)
+                    .is_some_and(|env| !env.settings.is_empty() || !env.secrets.is_empty());
             if shadows && previous.is_none_or(|p| p.effective.source != ConfigSource::Api) {
                 tracing::warn!(
                     connector = %row.name,

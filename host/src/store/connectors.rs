@@ -671,7 +671,8 @@ impl Store {
     /// Makes the pushes that waited while `name` was disabled due now
     /// (retries in backoff keep their time; a retry that met the switch
     /// off, its backoff over, waits no more: its wait says so,
-    /// [`super::links::PAUSED_WAIT`]), [`RESUME_BATCH`] links per
+    /// [`super::links::PAUSED_WAIT`]; and so do creates a backfill held,
+    /// [`super::links::BACKFILL_WAIT`]), [`RESUME_BATCH`] links per
     /// statement: one statement over a long backlog held SQLite's only
     /// writer (every webhook behind it) for as long as it took.
     pub async fn resume_connector_links(&self, name: &str) -> Result<u64, StoreError> {
@@ -685,7 +686,7 @@ impl Store {
                     "UPDATE sync_links SET next_attempt_at_ms = $2 \
                      WHERE (customer_id, connector) IN (SELECT customer_id, connector \
                        FROM sync_links WHERE state IN ('pending', 'retry') \
-                       AND (state = 'pending' OR last_error = $4) \
+                       AND (state = 'pending' OR last_error IN ($4, $5)) \
                        AND next_attempt_at_ms > $2 AND connector = $1 \
                        LIMIT $3)",
                 )
@@ -693,6 +694,7 @@ impl Store {
                 .bind(now_ms)
                 .bind(RESUME_BATCH)
                 .bind(super::links::PAUSED_WAIT)
+                .bind(super::links::BACKFILL_WAIT)
                 .execute(pool)
                 .await?
                 .rows_affected()

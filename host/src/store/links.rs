@@ -307,6 +307,11 @@ pub enum RecordedOutcome {
 /// retries included.
 pub const PAUSED_WAIT: &str = "waiting: the connector is paused or not configured here";
 
+/// What a create a backfill holds back keeps as its last error (the run's
+/// resume finds it by it, retries included).
+pub const BACKFILL_WAIT: &str =
+    "waiting: a backfill of the connector links records by email; the create goes when it is done";
+
 /// A write to a claimed link, batched by the sync engine.
 #[derive(Debug, Clone)]
 pub enum LinkWrite {
@@ -804,10 +809,13 @@ macro_rules! record_in {
                     let settled = synced.max(*version);
                     // Never lowered: an adopted create raises it outside
                     // the lease (`adopt_created_remote`).
+                    // A push forced meanwhile (`repairs` moved on, as in
+                    // `fenced_by_repairs!`) is not this skip's to settle.
                     sqlx::query(
                         "UPDATE sync_links SET \
-                         synced_version = CASE WHEN synced_version > $1 THEN synced_version ELSE $1 END, \
-                         state = CASE WHEN wanted_version > $2 THEN 'pending' ELSE 'synced' END, \
+                         synced_version = CASE WHEN repairs <> $8 OR synced_version > $1 \
+                           THEN synced_version ELSE $1 END, \
+                         state = CASE WHEN repairs <> $8 OR wanted_version > $2 THEN 'pending' ELSE 'synced' END, \
                          attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, \
                          next_attempt_at_ms = $3, updated_at = $4 \
                          WHERE customer_id = $5 AND connector = $6 AND lease_token = $7",
@@ -819,6 +827,7 @@ macro_rules! record_in {
                     .bind(&$link.customer_id)
                     .bind(&$link.connector)
                     .bind(&$link.lease_token)
+                    .bind($link.repairs)
                     .execute(&mut *$tx)
                     .await?
                     .rows_affected()
@@ -828,8 +837,13 @@ macro_rules! record_in {
                     // the remote holds is unknown until the next delivery,
                     // so no later version is skipped as unchanged (here and
                     // on a dead letter).
+                    // A newer version taken in while the push was out
+                    // started its own count (the intake reset it): this
+                    // failure is its first, not the older one's next.
                     sqlx::query(
-                        "UPDATE sync_links SET state = 'retry', attempts = $1, next_attempt_at_ms = $2, \
+                        "UPDATE sync_links SET state = 'retry', \
+                         attempts = CASE WHEN wanted_version > $9 THEN 1 ELSE $1 END, \
+                         next_attempt_at_ms = $2, \
                          last_error = $3, pending_version = COALESCE($4, pending_version), \
                          pushed_hash = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $5 \
                          WHERE customer_id = $6 AND connector = $7 AND lease_token = $8",
@@ -842,6 +856,7 @@ macro_rules! record_in {
                     .bind(&$link.customer_id)
                     .bind(&$link.connector)
                     .bind(&$link.lease_token)
+                    .bind($link.wanted_version)
                     .execute(&mut *$tx)
                     .await?
                     .rows_affected()

@@ -187,22 +187,34 @@ impl Breakers {
     /// The remote answered (successfully, or with an error that says it is up).
     pub fn success(&self, connector: &str) {
         self.with(connector, |state| *state = State::Closed { failures: 0 });
+        self.end_streak(connector);
+    }
+
+    /// The remote rate-limited a call: how many times in a row now. Calls
+    /// that were out together and come back limited while the connector
+    /// rests count once (a burst of 20 was a streak of 20, a pause of
+    /// minutes).
+    pub fn rate_limited(&self, connector: &str) -> u32 {
+        let resting = self.paused_for(connector, Instant::now()).is_some();
+        let mut limited = self.limited.lock().unwrap_or_else(|p| p.into_inner());
+        let streak = limited.entry(connector.to_owned()).or_insert(0);
+        if !resting || *streak == 0 {
+            *streak = streak.saturating_add(1);
+        }
+        *streak
+    }
+
+    /// Any answer but a rate limit ends a connector's streak of them.
+    fn end_streak(&self, connector: &str) {
         let mut limited = self.limited.lock().unwrap_or_else(|p| p.into_inner());
         if !limited.is_empty() {
             limited.remove(connector);
         }
     }
 
-    /// The remote rate-limited a call: how many times in a row now.
-    pub fn rate_limited(&self, connector: &str) -> u32 {
-        let mut limited = self.limited.lock().unwrap_or_else(|p| p.into_inner());
-        let streak = limited.entry(connector.to_owned()).or_insert(0);
-        *streak = streak.saturating_add(1);
-        *streak
-    }
-
     /// A retryable failure (timeout, 5xx, connection refused).
     pub fn failure(&self, connector: &str) {
+        self.end_streak(connector);
         let now = Instant::now();
         let (threshold, cooldown) = (self.threshold, self.cooldown);
         self.with(connector, |state| {
@@ -286,6 +298,12 @@ mod tests {
         breakers.success("stripe");
         assert_eq!(breakers.rate_limited("stripe"), 1);
         assert_eq!(breakers.rate_limited("salesforce"), 2);
+        breakers.failure("salesforce");
+        assert_eq!(breakers.rate_limited("salesforce"), 1);
+        // Calls out together, limited while the connector rests: once.
+        breakers.pause("stripe", Duration::from_secs(60));
+        assert_eq!(breakers.rate_limited("stripe"), 1);
+        assert_eq!(breakers.rate_limited("stripe"), 1);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use super::breaker::Pass;
 use super::inbound::kept_apart;
 use super::SyncEngine;
+use crate::api::customers::normalise_email;
 use crate::registry::{Need, NotReady};
 use crate::runtime::{CallError, ConnectorError, Operation, PushRequest};
 use crate::store::links::LinkWrite;
@@ -44,7 +45,8 @@ const NOT_LOADED_RECHECK: Duration = Duration::from_secs(5);
 /// fallback). Not due meanwhile, so the run's back-pressure does not count it.
 const BACKFILL_RECHECK: Duration = Duration::from_secs(60);
 
-/// How long a push waits when ferry's own store was too busy to prepare it.
+/// How long a push waits, at least, when ferry's own store was too busy to
+/// prepare it (up to five times as long, at random).
 const STORE_BUSY_WAIT: Duration = Duration::from_secs(1);
 
 /// What a failed push spends of its attempts.
@@ -529,19 +531,26 @@ impl SyncEngine {
         // replayed over a link). One whose answer was lost waits too: the
         // record it may have made is listed and classified with the
         // other, as it would have been had it come back.
+        // Asked for the customer's email and, when it differs, the one the
+        // create sends (a kept record's, from before an edit).
         if plan.operation == Operation::Create {
-            match inner
-                .store
-                .backfill_holds_create(&link.connector, &customer.email)
-                .await
-            {
-                Ok(false) => {}
-                Ok(true) => {
-                    let why = "waiting: a backfill of the connector links records by email; \
-                               the create goes when it is done";
-                    return (wait(BACKFILL_RECHECK, Some(why)), Outcome::Deferred);
+            let sent = serde_json::from_str::<serde_json::Value>(&plan.record)
+                .ok()
+                .and_then(|record| record["email"].as_str().map(normalise_email))
+                .filter(|sent| *sent != customer.email);
+            for email in std::iter::once(customer.email.as_str()).chain(sent.as_deref()) {
+                match inner
+                    .store
+                    .backfill_holds_create(&link.connector, email)
+                    .await
+                {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        let why = crate::store::links::BACKFILL_WAIT;
+                        return (wait(BACKFILL_RECHECK, Some(why)), Outcome::Deferred);
+                    }
+                    Err(error) => return self.store_failed(link, error),
                 }
-                Err(error) => return self.store_failed(link, error),
             }
         }
         // The claim may have waited for a push slot (a bus batch larger
@@ -808,9 +817,23 @@ impl SyncEngine {
     /// changes as `retries_exhausted`. Any other error (a record that does
     /// not decode) is an attempt, and gives up in the end.
     fn store_failed(&self, link: &SyncLink, error: StoreError) -> (RecordedOutcome, Outcome) {
-        let spend = store_spend(&error);
-        let wait = (spend == Spend::Nothing).then_some(STORE_BUSY_WAIT);
-        self.schedule_retry(link, None, wait, store_error(error), spend)
+        match store_spend(&error) {
+            // Deferred, not a retry: no delivery row, no state written to
+            // a store already busy; spread over a few seconds.
+            Spend::Nothing => {
+                tracing::debug!(
+                    error = store_error(error),
+                    "the store was busy; the push waits"
+                );
+                let after =
+                    STORE_BUSY_WAIT + STORE_BUSY_WAIT * 4 / 1000 * (rand::random::<u32>() % 1000);
+                (
+                    wait(after, Some("waiting: ferry's store was busy")),
+                    Outcome::Deferred,
+                )
+            }
+            Spend::Attempt => self.retry_later(link, None, None, store_error(error)),
+        }
     }
 
     fn retry_later(

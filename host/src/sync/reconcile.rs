@@ -1009,11 +1009,11 @@ impl SyncEngine {
         let mut after = run.cursor.clone();
         loop {
             self.renew(run).await?;
-            self.may_repair(run)?;
+            self.may_repair(run).await?;
             self.wait_for_backlog(run, cancel).await?;
             // The wait may have been long: switched off meanwhile, nothing
             // more is scheduled.
-            self.may_repair(run)?;
+            self.may_repair(run).await?;
             let batch = store
                 .mismatches(&run.id, None, Some("open"), after.as_deref(), STEP)
                 .await?;
@@ -1072,14 +1072,17 @@ impl SyncEngine {
     /// it, without holding a place runs of other connectors need. Deleted:
     /// the run fails (its imports and deletes would be applied for a
     /// connector that is gone).
-    fn may_repair(&self, run: &RunRow) -> Result<(), Stop> {
-        match self
-            .inner
-            .registry
-            .ready(&run.connector, Need::Entity(ENTITY))
-        {
+    async fn may_repair(&self, run: &RunRow) -> Result<(), Stop> {
+        let registry = &self.inner.registry;
+        match registry.ready(&run.connector, Need::Entity(ENTITY)) {
             Err(NotReady::Disabled | NotReady::Incomplete(_)) => Err(Stop::Parked),
-            Err(NotReady::Unknown) => Err(Stop::Failed("the connector was deleted".into())),
+            // This replica's view may lag: only a fresh read tells.
+            Err(NotReady::Unknown) => {
+                if registry.refresh().await.is_err() || registry.entry(&run.connector).is_some() {
+                    return Ok(());
+                }
+                Err(Stop::Failed("the connector was deleted".into()))
+            }
             _ => Ok(()),
         }
     }
@@ -1182,6 +1185,9 @@ impl SyncEngine {
         let started = Instant::now();
         let mut renewed = Instant::now();
         while self.inner.store.run_events_pending(run).await? {
+            // Switched off meanwhile: the run waits with it (its events wait
+            // too, and the creates it holds must not go before them).
+            self.may_repair(run).await?;
             if started.elapsed() > OWN_EVENTS_WAIT {
                 tracing::warn!(
                     "a backfill's imports and links are still not applied; the creates it held go"

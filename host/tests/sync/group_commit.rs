@@ -967,8 +967,19 @@ async fn sqlite_a_result_the_remote_lacks_is_pushed_back_alone() {
 /// the result marked the link synced with its own hash and snapshot, and
 /// the forced push never went.
 async fn a_push_forced_meanwhile_still_goes(postgres: bool, batched: bool) {
+    forced_meanwhile(postgres, batched, false).await;
+}
+
+/// [`a_push_forced_meanwhile_still_goes`], for a push that found nothing
+/// to send (its plan read the link before the force): the skip does not
+/// settle the forced push either.
+async fn a_skip_does_not_settle_a_push_forced_meanwhile(postgres: bool) {
+    forced_meanwhile(postgres, true, true).await;
+}
+
+async fn forced_meanwhile(postgres: bool, batched: bool, skipped: bool) {
     let (store, _dir) = store(postgres).await;
-    let tag = format!("forced_{postgres}_{batched}");
+    let tag = format!("forced_{postgres}_{batched}_{skipped}");
     let (customers, remote, _) = two_linked(&store, &tag).await;
     let customer = &customers[0];
     let id = customer.id.as_str();
@@ -992,13 +1003,21 @@ async fn a_push_forced_meanwhile_still_goes(postgres: bool, batched: bool) {
         .force_push(id, "stripe", customer.version)
         .await
         .expect("forced"));
-    let delivered = LinkWrite::Outcome(RecordedOutcome::Delivered {
-        operation: "update",
-        version: customer.version,
-        remote_id: remote[0].clone(),
-        remote_deleted: false,
-        pushed_hash: "hash-of-the-first-push".to_owned(),
-        snapshot: Some(json!({"id": remote[0], "name": "as the first push left it"})),
+    let delivered = LinkWrite::Outcome(if skipped {
+        RecordedOutcome::Skipped {
+            version: customer.version,
+            reason: "content unchanged since the last push".to_owned(),
+            mark_synced: true,
+        }
+    } else {
+        RecordedOutcome::Delivered {
+            operation: "update",
+            version: customer.version,
+            remote_id: remote[0].clone(),
+            remote_deleted: false,
+            pushed_hash: "hash-of-the-first-push".to_owned(),
+            snapshot: Some(json!({"id": remote[0], "name": "as the first push left it"})),
+        }
     });
     let marker = LinkWrite::CreatePending {
         version: customer.version,
@@ -1052,6 +1071,16 @@ async fn sqlite_a_push_forced_meanwhile_still_goes_alone() {
     a_push_forced_meanwhile_still_goes(false, false).await;
 }
 
+#[tokio::test]
+async fn postgres_a_skip_does_not_settle_a_push_forced_meanwhile() {
+    a_skip_does_not_settle_a_push_forced_meanwhile(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_skip_does_not_settle_a_push_forced_meanwhile() {
+    a_skip_does_not_settle_a_push_forced_meanwhile(false).await;
+}
+
 /// A newer version of a link in backoff starts its own count of attempts
 /// (by the relay's intake, on the bus and off the queue alike): it
 /// inherited the older one's, and one transient failure of a version the
@@ -1075,17 +1104,19 @@ async fn a_newer_version_starts_its_own_attempts(postgres: bool) {
         .find(|c| c.link.customer_id == second.id.as_str())
         .expect("due")
         .link;
-    let failed = LinkWrite::Outcome(RecordedOutcome::RetryScheduled {
-        version: second.version,
-        operation: "update",
-        attempt: 9,
-        at_ms: until,
-        error: "503".into(),
-        pending_version: None,
-    });
+    let failed = |attempt: i32| {
+        LinkWrite::Outcome(RecordedOutcome::RetryScheduled {
+            version: second.version,
+            operation: "update",
+            attempt,
+            at_ms: 0,
+            error: "503".into(),
+            pending_version: None,
+        })
+    };
     assert_eq!(
         store
-            .write_links(&[(&link, &failed)])
+            .write_links(&[(&link, &failed(9))])
             .await
             .expect("written"),
         vec![true]
@@ -1102,12 +1133,31 @@ async fn a_newer_version_starts_its_own_attempts(postgres: bool) {
         .await
         .expect("intake");
     assert_eq!(attempts(&store).await, 9);
+    // The next attempt goes out; a newer version is taken in meanwhile,
+    // and the attempt fails: the newer version's first failure, not the
+    // older one's tenth.
+    let out = store
+        .claim_due_links(&stripe, "lease-attempts-2", until, 20)
+        .await
+        .expect("claimed")
+        .into_iter()
+        .find(|c| c.link.customer_id == second.id.as_str())
+        .expect("due again")
+        .link;
     let third = rename(&store, &second.id, "Third").await;
     store
         .intake_changes(&[notice(&third)], &stripe)
         .await
         .expect("intake");
     assert_eq!(attempts(&store).await, 0);
+    assert_eq!(
+        store
+            .write_links(&[(&out, &failed(10))])
+            .await
+            .expect("written"),
+        vec![true]
+    );
+    assert_eq!(attempts(&store).await, 1);
 }
 
 #[tokio::test]

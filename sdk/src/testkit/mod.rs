@@ -424,9 +424,10 @@ impl TestKit {
             let object = serde_json::from_str::<serde_json::Value>(record)
                 .is_ok_and(|value| value.is_object());
             if !object {
-                return Err(refusal(
-                    "the result's record is not a JSON object: ferry ignores it and takes what it pushed as the remote's state",
-                ));
+                return Err(CallError::Connector(ConnectorError::permanent(
+                    "the push result's record is not a JSON object: ferry ignores it (and logs a warning), \
+                     taking what it pushed as the remote's state",
+                )));
             }
         }
         Ok(result)
@@ -574,14 +575,14 @@ pub fn build_component(manifest_dir: impl AsRef<Path>) -> Result<PathBuf, TestKi
     .map_err(TestKitError::Build)
 }
 
-/// A permanent error, as ferry reports it, for a remote id it could not
-/// store on a link.
 /// Whether ferry can make a customer of `record` (a connector's record, as
-/// an event, `fetch` or `list` gives it): JSON with an email, and a name,
-/// phone, address and metadata the catalog takes (the API's own rules and
-/// limits: docs/connector-contract.md). ferry dead-letters an event whose
-/// record fails, and a reconciliation cannot import it; a linked
-/// customer's update needs no email, but the other rules hold for it too.
+/// an upsert event, `fetch` or `list` gives it): JSON with an email, and a
+/// name, phone, address and metadata the catalog takes (the API's own
+/// rules and limits: docs/connector-contract.md). ferry dead-letters an
+/// event whose record fails, and a reconciliation cannot import it. An
+/// update of a linked customer needs the email too: a field a record
+/// leaves out is cleared once the link holds the remote's record (only a
+/// link with none, or with what ferry pushed assumed, keeps ferry's).
 /// Returns ferry's reason.
 pub fn check_record(record: &str) -> Result<(), String> {
     let value: serde_json::Value =
@@ -591,6 +592,8 @@ pub fn check_record(record: &str) -> Result<(), String> {
         .map_err(|problem| format!("ferry would dead-letter it: {problem}"))
 }
 
+/// A permanent error, as ferry reports it, for a remote id it could not
+/// store on a link.
 fn storable(what: &str, id: &str) -> Result<(), CallError> {
     refused(ferry_runtime::unstorable(what, id))
 }

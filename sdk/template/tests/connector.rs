@@ -45,12 +45,12 @@ fn connector_error<T: std::fmt::Debug>(result: Result<T, CallError>) -> Connecto
 /// A setting the manifest does not declare is a typo ferry would refuse:
 /// the kit says so rather than sending requests to the default host.
 #[tokio::test]
-#[should_panic(expected = "declares no setting `api_url`")]
+#[should_panic(expected = "declares no setting `no_such_setting`")]
 async fn a_setting_the_manifest_does_not_declare_is_refused() {
     let _ = TestKit::this_crate()
         .await
         .expect("the component loads")
-        .setting("api_url", "http://127.0.0.1:9");
+        .setting("no_such_setting", "http://127.0.0.1:9");
 }
 
 /// A record ferry cannot make a customer of is dead-lettered when it
