@@ -299,6 +299,10 @@ pub enum RecordedOutcome {
         error_kind: DeadLetterKind,
         /// The error.
         error: String,
+        /// How long a newer version waits before it goes (the link reopens
+        /// for it): the last attempt's own wait, as when an update that
+        /// timed out may still be applied; 0 for none.
+        settle_ms: i64,
     },
 }
 
@@ -876,7 +880,7 @@ macro_rules! record_in {
                     .await?
                     .rows_affected()
                 }
-                RecordedOutcome::DeadLettered { version, attempt, error, error_kind, .. } => {
+                RecordedOutcome::DeadLettered { version, attempt, error, error_kind, settle_ms, .. } => {
                     // A create the remote refused was not applied: forget
                     // it, so a fixed record is sent fresh. Exhausted retries
                     // may have been applied (timeouts), refused credentials
@@ -932,7 +936,7 @@ macro_rules! record_in {
                     .bind(&$link.lease_token)
                     .bind(forget_pending)
                     .bind(failed)
-                    .bind($at.timestamp_millis())
+                    .bind($at.timestamp_millis().saturating_add(*settle_ms))
                     .execute(&mut *$tx)
                     .await?
                     .rows_affected()

@@ -410,6 +410,7 @@ impl SyncEngine {
                     attempt: link.attempts + 1,
                     error_kind: DeadLetterKind::RemoteIdTaken,
                     error: reason.clone(),
+                    settle_ms: 0,
                 };
                 match self.write_link(&link, LinkWrite::Outcome(dead)).await {
                     Ok(written) => {
@@ -636,6 +637,7 @@ impl SyncEngine {
                     attempt: link.attempts + 1,
                     error_kind: DeadLetterKind::UnusableAnswer,
                     error: message.clone(),
+                    settle_ms: 0,
                 },
                 Outcome::DeadLettered { reason: message },
             );
@@ -704,6 +706,7 @@ impl SyncEngine {
                     attempt: link.attempts + 1,
                     error_kind: kind,
                     error: message.clone(),
+                    settle_ms: 0,
                 },
                 Outcome::DeadLettered { reason: message },
             )
@@ -866,6 +869,13 @@ impl SyncEngine {
         let (version, operation) = attempted.unwrap_or((link.wanted_version, "none"));
         if spend == Spend::Attempt && policy.exhausted(u32::try_from(attempt).unwrap_or(u32::MAX)) {
             let message = format!("gave up after {attempt} attempts: {error}");
+            // The wait this failure asked for (an update that timed out may
+            // still be at work in the remote) holds for the newer version
+            // the link reopens for.
+            let settle = retry_after.map_or(0, |after| {
+                i64::try_from(after.min(super::retry::MAX_RETRY_AFTER).as_millis())
+                    .unwrap_or(i64::MAX)
+            });
             return (
                 RecordedOutcome::DeadLettered {
                     version,
@@ -873,6 +883,7 @@ impl SyncEngine {
                     attempt,
                     error_kind: DeadLetterKind::RetriesExhausted,
                     error: message.clone(),
+                    settle_ms: settle,
                 },
                 Outcome::DeadLettered { reason: message },
             );

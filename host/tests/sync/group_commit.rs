@@ -1160,6 +1160,70 @@ async fn a_newer_version_starts_its_own_attempts(postgres: bool) {
     assert_eq!(attempts(&store).await, 1);
 }
 
+/// An update whose last attempt timed out may still be at work in the
+/// remote: the newer version the dead letter reopens the link for waits
+/// the same settle time before it goes (it went at once, and could land
+/// before the older one).
+async fn a_newer_version_waits_out_a_timed_out_last_attempt(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let tag = format!("settle_{postgres}");
+    let (customers, _, _) = two_linked(&store, &tag).await;
+    let stripe = ["stripe".to_owned()];
+    let second = rename(&store, &customers[0].id, "Second").await;
+    store
+        .intake_changes(&[notice(&second)], &stripe)
+        .await
+        .expect("intake");
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let link = store
+        .claim_due_links(&stripe, "lease-settle", until, 20)
+        .await
+        .expect("claimed")
+        .into_iter()
+        .find(|c| c.link.customer_id == second.id.as_str())
+        .expect("due")
+        .link;
+    let third = rename(&store, &second.id, "Third").await;
+    store
+        .intake_changes(&[notice(&third)], &stripe)
+        .await
+        .expect("intake");
+    let gave_up = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
+        version: second.version,
+        operation: Some("update"),
+        attempt: 10,
+        error_kind: ferry::store::DeadLetterKind::RetriesExhausted,
+        error: "gave up after 10 attempts: the call exceeded its deadline".into(),
+        settle_ms: 30_000,
+    });
+    let before = chrono::Utc::now().timestamp_millis();
+    assert_eq!(
+        store
+            .write_links(&[(&link, &gave_up)])
+            .await
+            .expect("written"),
+        vec![true]
+    );
+    let after = store
+        .links_of(second.id.as_str())
+        .await
+        .expect("links")
+        .remove(0);
+    assert_eq!(after.state, LinkState::Pending, "{after:?}");
+    assert_eq!(after.wanted_version, third.version, "{after:?}");
+    assert!(after.next_attempt_at_ms >= before + 29_000, "{after:?}");
+}
+
+#[tokio::test]
+async fn postgres_a_newer_version_waits_out_a_timed_out_last_attempt() {
+    a_newer_version_waits_out_a_timed_out_last_attempt(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_newer_version_waits_out_a_timed_out_last_attempt() {
+    a_newer_version_waits_out_a_timed_out_last_attempt(false).await;
+}
+
 #[tokio::test]
 async fn postgres_a_newer_version_starts_its_own_attempts() {
     a_newer_version_starts_its_own_attempts(true).await;
@@ -2174,6 +2238,7 @@ async fn a_give_up_leaves_a_newer_change_to_push(postgres: bool) {
             attempt: 2,
             error_kind,
             error: "remote answered 401".to_owned(),
+            settle_ms: 0,
         })
     };
     // The third push already sent the edit (the claim read the customer
@@ -2191,6 +2256,7 @@ async fn a_give_up_leaves_a_newer_change_to_push(postgres: bool) {
         attempt: 2,
         error_kind: ferry::store::DeadLetterKind::Permanent,
         error: "remote answered 400".to_owned(),
+        settle_ms: 0,
     });
     // The fourth push also sent an edit the claim read, but the edit's
     // intake comes in only after the push died.
@@ -2202,6 +2268,7 @@ async fn a_give_up_leaves_a_newer_change_to_push(postgres: bool) {
         attempt: 2,
         error_kind: ferry::store::DeadLetterKind::Permanent,
         error: "remote answered 400".to_owned(),
+        settle_ms: 0,
     });
     let writes = [
         give_up(&links[0], ferry::store::DeadLetterKind::Permanent),
@@ -2298,6 +2365,7 @@ async fn a_refused_replay_leaves_the_fixed_version_to_push(postgres: bool) {
         attempt: 2,
         error_kind: ferry::store::DeadLetterKind::Permanent,
         error: "remote answered 400".to_owned(),
+        settle_ms: 0,
     });
     assert_eq!(
         store.write_links(&[(&link, &refused)]).await.unwrap(),
@@ -2696,6 +2764,7 @@ async fn a_replay_reopens_only_its_own_work(postgres: bool) {
         attempt: 1,
         error_kind: DeadLetterKind::Permanent,
         error: "remote answered 400".to_owned(),
+        settle_ms: 0,
     });
     assert_eq!(
         store
@@ -2740,6 +2809,7 @@ async fn a_replay_reopens_only_its_own_work(postgres: bool) {
                 attempt: 1,
                 error_kind: DeadLetterKind::Permanent,
                 error: "remote answered 400".to_owned(),
+                settle_ms: 0,
             })
         })
         .collect();
@@ -2793,6 +2863,7 @@ async fn postgres_two_replays_at_once_replay_a_letter_once() {
         attempt: 1,
         error_kind: ferry::store::DeadLetterKind::Permanent,
         error: "remote answered 400".to_owned(),
+        settle_ms: 0,
     });
     store
         .write_links(&[(&link, &give_up)])
