@@ -40,6 +40,10 @@ pub struct ApiSettings {
     pub max_component_bytes: usize,
     /// Largest webhook body.
     pub webhook_max_body_bytes: usize,
+    /// Webhook bodies held at once, in KiB permits (`webhook_buffer_bytes`):
+    /// a webhook takes what it declares (its limit when it declares
+    /// nothing) before a byte of its body is read, until it is answered.
+    pub webhook_buffer: Arc<tokio::sync::Semaphore>,
     /// Longest a request body may stall.
     pub body_read_timeout: Duration,
     /// Longest a whole request may take.
@@ -347,6 +351,9 @@ impl App {
                 max_body_bytes: config.max_body_bytes,
                 max_component_bytes: config.connector_max_bytes,
                 webhook_max_body_bytes: config.webhook_max_body_bytes,
+                webhook_buffer: Arc::new(tokio::sync::Semaphore::new(
+                    (config.webhook_buffer_bytes / 1024).min(tokio::sync::Semaphore::MAX_PERMITS),
+                )),
                 body_read_timeout: config.body_read_timeout,
                 request_timeout: config.request_timeout,
             }),

@@ -112,6 +112,10 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Largest webhook body in bytes (checked before the body is read).
     pub webhook_max_body_bytes: usize,
+    /// Bytes of webhook bodies held at once across every connection, read
+    /// before a connector's signature check says who sent them; a webhook
+    /// beyond it is answered 503 before its body is read.
+    pub webhook_buffer_bytes: usize,
     /// Connections served at once; more wait in the kernel's backlog.
     pub max_connections: usize,
     /// Longest a client may take to send a request's head.
@@ -363,6 +367,7 @@ impl std::fmt::Debug for Config {
             )
             .field("reconcile_max_runs", &self.reconcile_max_runs)
             .field("webhook_max_body_bytes", &self.webhook_max_body_bytes)
+            .field("webhook_buffer_bytes", &self.webhook_buffer_bytes)
             .field("max_connections", &self.max_connections)
             .field("header_read_timeout", &self.header_read_timeout)
             .field("body_read_timeout", &self.body_read_timeout)
@@ -417,6 +422,7 @@ struct Defaults {
     reconcile_max_delete_share: f64,
     reconcile_max_runs: usize,
     webhook_max_body_bytes: usize,
+    webhook_buffer_bytes: usize,
     max_connections: usize,
     header_read_timeout: &'static str,
     body_read_timeout: &'static str,
@@ -462,6 +468,7 @@ const DEFAULTS: Defaults = Defaults {
     reconcile_max_delete_share: 0.1,
     reconcile_max_runs: 4,
     webhook_max_body_bytes: ferry_runtime::DEFAULT_WEBHOOK_MAX_BODY_BYTES,
+    webhook_buffer_bytes: 64 * 1024 * 1024,
     max_connections: 1024,
     header_read_timeout: "10s",
     body_read_timeout: "10s",
@@ -758,6 +765,11 @@ impl Config {
         if self.webhook_max_body_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "webhook_max_body_bytes must be at least 1024".into(),
+            ));
+        }
+        if self.webhook_buffer_bytes < self.webhook_max_body_bytes {
+            return Err(ConfigError::Invalid(
+                "webhook_buffer_bytes must be at least webhook_max_body_bytes".into(),
             ));
         }
         if self.max_connections == 0 || self.retention_batch == 0 {

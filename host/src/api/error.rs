@@ -180,6 +180,11 @@ pub enum ApiError {
     /// The connector trapped, timed out or failed; the sender should retry.
     #[error("the connector could not process this delivery; retry later")]
     ConnectorFailed,
+    /// ferry holds as many webhook bodies not yet verified as
+    /// `webhook_buffer_bytes` allows: nothing was read or written; the
+    /// sender retries.
+    #[error("ferry is holding as many webhook bodies as it may; send it again shortly")]
+    WebhooksBusy,
     /// Every connector instance is busy: an upload or activation could not
     /// read the manifest in time. Nothing was written; send it again.
     #[error("every connector instance is busy; nothing was written, send the request again")]
@@ -244,7 +249,7 @@ impl ApiError {
             Self::ComponentRefused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::ComponentTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidSignature(_) | Self::InvalidWebhook(_) => StatusCode::BAD_REQUEST,
-            Self::ConnectorFailed | Self::StoreBusy | Self::RuntimeBusy => {
+            Self::ConnectorFailed | Self::StoreBusy | Self::RuntimeBusy | Self::WebhooksBusy => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::EmailTaken => StatusCode::CONFLICT,
@@ -297,6 +302,7 @@ impl ApiError {
             Self::InvalidWebhook(_) => "invalid_webhook",
             Self::ConnectorFailed => "connector_failed",
             Self::RuntimeBusy => "runtime_busy",
+            Self::WebhooksBusy => "webhooks_busy",
             Self::StoreBusy => "store_busy",
             Self::Unauthorized => "unauthorized",
             Self::CrossSiteRequest(_) => "cross_site_request",
@@ -341,6 +347,7 @@ impl ApiError {
             Self::InvalidWebhook(_) => "Invalid webhook",
             Self::ConnectorFailed => "Connector failed",
             Self::RuntimeBusy => "Runtime busy",
+            Self::WebhooksBusy => "Webhooks busy",
             Self::StoreBusy => "Store busy",
             Self::Unauthorized => "Unauthorized",
             Self::CrossSiteRequest(_) => "Cross-site request refused",
@@ -444,7 +451,7 @@ impl IntoResponse for ApiError {
         }
         if matches!(
             self,
-            Self::StoreBusy | Self::IdempotencyKeyInFlight | Self::RuntimeBusy
+            Self::StoreBusy | Self::IdempotencyKeyInFlight | Self::RuntimeBusy | Self::WebhooksBusy
         ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

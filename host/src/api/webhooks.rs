@@ -47,7 +47,7 @@ pub struct WebhookReceipt {
         (status = 400, description = "Signature or payload refused", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown or disabled connector", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The connector failed; retry", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The connector failed, or ferry holds as many webhook bodies as it may; retry", body = Problem, content_type = "application/problem+json"),
     ),
 )]
 pub async fn receive(
@@ -63,6 +63,10 @@ pub async fn receive(
         .map_err(|_| ApiError::ConnectorNotFound)?;
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
+    // Held until the answer: the body, its copy in the sandbox and the
+    // events it parses to are this request's while it is verified and
+    // stored.
+    let _held = hold_buffer(&state, &headers)?;
     let body = read_body(&state, &headers, body).await?;
     let body_len = body.len();
     let request = WebhookRequest {
@@ -174,6 +178,40 @@ fn kind_of(kind: ChangeKind) -> RemoteChange {
         ChangeKind::Upsert => RemoteChange::Upsert,
         ChangeKind::Delete => RemoteChange::Delete,
     }
+}
+
+/// Takes the webhook buffer's share for a body of the length `headers`
+/// declare (the limit when they declare none, or more than it, which
+/// `read_body` refuses), before a byte of it is read: a body is held
+/// before anyone is known to have sent it (the signature is checked after),
+/// and every connection's webhooks at their limit were gigabytes. None
+/// left: 503 `webhooks_busy` with `Retry-After`, nothing read; senders
+/// retry.
+fn hold_buffer(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    let limit = state.settings.webhook_max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(limit, |length| {
+            usize::try_from(length).unwrap_or(limit).min(limit)
+        });
+    let kib = u32::try_from(declared.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    state
+        .settings
+        .webhook_buffer
+        .clone()
+        .try_acquire_many_owned(kib)
+        .map_err(|_| {
+            tracing::warn!(
+                kib,
+                "webhook refused: the webhook buffer (webhook_buffer_bytes) is full"
+            );
+            ApiError::WebhooksBusy
+        })
 }
 
 /// Reads a webhook body: refused at once when its declared length is over

@@ -136,6 +136,61 @@ async fn slow_and_oversized_requests_are_cut_off() {
     assert_eq!(health["status"], "ready", "{health}");
 }
 
+/// Webhook bodies held before anyone is known to have sent them have a
+/// budget across every connection (`webhook_buffer_bytes`): beyond it, a
+/// webhook is answered 503 `webhooks_busy` with `Retry-After`, before a
+/// byte of its body is read; the budget comes back as bodies are answered.
+/// Before, every connection's webhooks at their limit could be held at
+/// once (about 4 GiB at the defaults).
+#[tokio::test]
+async fn webhook_bodies_held_at_once_have_a_budget() {
+    let mut setup = Setup::new(Backend::Sqlite, "http://127.0.0.1:9");
+    setup.extra = json!({
+        "body_read_timeout": "1s",
+        "webhook_max_body_bytes": 1024,
+        "webhook_buffer_bytes": 2048,
+    });
+    let app = spawn_sync_app(setup).await;
+    let address = app.base.trim_start_matches("http://").to_owned();
+    let stalled = || async {
+        let mut stream = TcpStream::connect(address.clone()).await.unwrap();
+        stream
+            .write_all(b"POST /webhooks/stripe HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{")
+            .await
+            .unwrap();
+        stream
+    };
+    // Two bodies of 1,000 bytes declared, stalled: the budget is taken.
+    let mut first = stalled().await;
+    let mut second = stalled().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = stalled().await;
+    let (reply, took) = answer(&mut third, Duration::from_secs(5)).await;
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    assert!(reply.contains("webhooks_busy"), "{reply}");
+    assert!(
+        reply.to_ascii_lowercase().contains("retry-after: 1"),
+        "{reply}"
+    );
+    assert!(
+        took < Duration::from_millis(800),
+        "answered before the body: {took:?}"
+    );
+    // The stalled ones are cut off (408), and give the budget back.
+    for stream in [&mut first, &mut second] {
+        let (reply, _) = answer(stream, Duration::from_secs(5)).await;
+        assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    }
+    let refused = reqwest::Client::new()
+        .post(format!("{}/webhooks/stripe", app.base))
+        .header("stripe-signature", "t=1,v1=00")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400, "read and checked again");
+}
+
 /// Reads until the server closes the connection; how long that took.
 async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
     let started = Instant::now();
