@@ -41,8 +41,8 @@ pub struct ApiSettings {
     /// Largest webhook body.
     pub webhook_max_body_bytes: usize,
     /// Webhook bodies held at once, in KiB permits (`webhook_buffer_bytes`):
-    /// a webhook takes what it declares (its limit when it declares
-    /// nothing) before a byte of its body is read, until it is answered.
+    /// a webhook takes 1 KiB before its body and more as its bytes arrive,
+    /// until it is answered.
     pub webhook_buffer: Arc<tokio::sync::Semaphore>,
     /// Longest a request body may stall.
     pub body_read_timeout: Duration,
@@ -352,7 +352,10 @@ impl App {
                 max_component_bytes: config.connector_max_bytes,
                 webhook_max_body_bytes: config.webhook_max_body_bytes,
                 webhook_buffer: Arc::new(tokio::sync::Semaphore::new(
-                    (config.webhook_buffer_bytes / 1024).min(tokio::sync::Semaphore::MAX_PERMITS),
+                    config
+                        .webhook_buffer_bytes
+                        .div_ceil(1024)
+                        .min(tokio::sync::Semaphore::MAX_PERMITS),
                 )),
                 body_read_timeout: config.body_read_timeout,
                 request_timeout: config.request_timeout,

@@ -66,8 +66,7 @@ pub async fn receive(
     // Held until the answer: the body, its copy in the sandbox and the
     // events it parses to are this request's while it is verified and
     // stored.
-    let _held = hold_buffer(&state, &headers)?;
-    let body = read_body(&state, &headers, body).await?;
+    let (body, _held) = read_body(&state, &headers, body).await?;
     let body_len = body.len();
     let request = WebhookRequest {
         headers: headers
@@ -180,47 +179,54 @@ fn kind_of(kind: ChangeKind) -> RemoteChange {
     }
 }
 
-/// Takes the webhook buffer's share for a body of the length `headers`
-/// declare (the limit when they declare none, or more than it, which
-/// `read_body` refuses), before a byte of it is read: a body is held
-/// before anyone is known to have sent it (the signature is checked after),
-/// and every connection's webhooks at their limit were gigabytes. None
-/// left: 503 `webhooks_busy` with `Retry-After`, nothing read; senders
-/// retry.
-fn hold_buffer(
+/// Takes `kib` more of the webhook buffer (`webhook_buffer_bytes`) for a
+/// body being read, before anyone is known to have sent it (the signature
+/// is checked after): every connection's webhooks at their limit were
+/// gigabytes. Taken as bytes arrive, not as lengths are declared (a
+/// declaration costs nothing to send), and a request takes 1 KiB before
+/// its first byte (16 streams on each of `max_connections` connections
+/// take 16 MiB). None left: 503 `webhooks_busy` with `Retry-After`;
+/// senders retry.
+fn take_buffer(
     state: &AppState,
-    headers: &HeaderMap,
-) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-    let limit = state.settings.webhook_max_body_bytes;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .map_or(limit, |length| {
-            usize::try_from(length).unwrap_or(limit).min(limit)
-        });
-    let kib = u32::try_from(declared.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-    state
-        .settings
-        .webhook_buffer
-        .clone()
-        .try_acquire_many_owned(kib)
-        .map_err(|_| {
+    held: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    kib: usize,
+) -> Result<(), ApiError> {
+    if kib == 0 {
+        return Ok(());
+    }
+    let more = u32::try_from(kib)
+        .ok()
+        .and_then(|kib| {
+            state
+                .settings
+                .webhook_buffer
+                .clone()
+                .try_acquire_many_owned(kib)
+                .ok()
+        })
+        .ok_or_else(|| {
             tracing::warn!(
                 kib,
                 "webhook refused: the webhook buffer (webhook_buffer_bytes) is full"
             );
             ApiError::WebhooksBusy
-        })
+        })?;
+    match held {
+        Some(held) => held.merge(more),
+        None => *held = Some(more),
+    }
+    Ok(())
 }
 
 /// Reads a webhook body: refused at once when its declared length is over
-/// the limit, and cut off when it grows past it or stalls.
+/// the limit, and cut off when it grows past it or stalls; with the share
+/// of the webhook buffer it holds ([`take_buffer`]).
 async fn read_body(
     state: &AppState,
     headers: &HeaderMap,
     body: axum::body::Body,
-) -> Result<Bytes, ApiError> {
+) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
     let limit = state.settings.webhook_max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -229,15 +235,16 @@ async fn read_body(
     if declared.is_some_and(|length| length > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
+    let mut held = None;
+    take_buffer(state, &mut held, 1)?;
+    let mut taken_kib = 1;
     // Each frame is copied into one buffer and dropped: a frame is a slice
     // of the connection's read buffer, and keeping a slow client's many
     // small frames would pin a read buffer each (about 1 MiB for a 200 KiB
-    // body sent 1 KiB at a time).
-    let mut buffer = bytes::BytesMut::with_capacity(
-        declared
-            .map_or(8 * 1024, |length| length as usize)
-            .min(limit),
-    );
+    // body sent 1 KiB at a time). Sized by the declared length up to what
+    // the first KiB covers: a declaration alone reserves nothing.
+    let mut buffer =
+        bytes::BytesMut::with_capacity(declared.map_or(1024, |length| length as usize).min(1024));
     let mut frames = body.into_data_stream();
     while let Some(frame) = futures::StreamExt::next(&mut frames).await {
         let frame = frame.map_err(|error| {
@@ -245,12 +252,16 @@ async fn read_body(
                 ApiError::InvalidWebhook(format!("the body could not be read: {error}"))
             })
         })?;
-        if buffer.len() + frame.len() > limit {
+        let length = buffer.len() + frame.len();
+        if length > limit {
             return Err(ApiError::PayloadTooLarge { limit });
         }
+        let needed = length.div_ceil(1024).max(1);
+        take_buffer(state, &mut held, needed.saturating_sub(taken_kib))?;
+        taken_kib = taken_kib.max(needed);
         buffer.extend_from_slice(&frame);
     }
-    Ok(buffer.freeze())
+    Ok((buffer.freeze(), held))
 }
 
 /// `text` with its NULs (which PostgreSQL cannot store) replaced by U+FFFD;

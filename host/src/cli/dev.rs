@@ -232,21 +232,43 @@ pub(crate) async fn register(registry: &Registry, built: &Built<'_>) -> anyhow::
     )
 }
 
-/// The body of the `PUT …/settings` the loop prints for `entry`: its first
-/// host setting pointed at a local port, and each secret its manifest
-/// declares: `null` where the environment gives it (kept: stored settings
-/// replace the environment's whole), `"..."` to fill in where a required
-/// one has no value, an optional one without a value left out.
+/// The body of the `PUT …/settings` the loop prints for `entry` (stored
+/// settings replace the environment's whole): every setting in effect
+/// with its value, its first host setting pointed at a local port; each
+/// secret its manifest declares as `null` where the environment gives it
+/// (kept); a required setting or secret without a value as `"..."` to fill
+/// in; an optional one without a value left out.
 fn settings_body(entry: &crate::registry::Entry) -> String {
     let Some(active) = &entry.active else {
         return String::new();
     };
     let manifest = active.connector.manifest();
+    // Settings have no `null` to keep: each one in effect goes with its
+    // value (the first host setting pointed at a local port), each
+    // required one without a value as "...".
+    let in_effect = &entry.effective.config.settings;
+    let local = manifest.host_settings.first();
     let settings = manifest
-        .host_settings
-        .first()
-        .map(|name| format!("\"{name}\": \"http://127.0.0.1:PORT\""))
-        .unwrap_or_default();
+        .settings
+        .iter()
+        .filter_map(|s| {
+            let value = if Some(&s.name) == local {
+                "http://127.0.0.1:PORT".to_owned()
+            } else if let Some(value) = in_effect.get(&s.name) {
+                value.clone()
+            } else if s.required && s.default.is_none() {
+                "...".to_owned()
+            } else {
+                return None;
+            };
+            Some(format!(
+                "{}: {}",
+                serde_json::json!(s.name),
+                serde_json::json!(value)
+            ))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
     let given = &entry.effective.config.secrets;
     let secrets = manifest
         .secrets

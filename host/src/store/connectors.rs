@@ -668,11 +668,13 @@ impl Store {
         Ok(true)
     }
 
-    /// Makes the pushes that waited while `name` was disabled due now
-    /// (retries in backoff keep their time; a retry that met the switch
-    /// off, its backoff over, waits no more: its wait says so,
-    /// [`super::links::PAUSED_WAIT`]; and so do creates a backfill held,
-    /// [`super::links::BACKFILL_WAIT`]), [`RESUME_BATCH`] links per
+    /// Makes the pushes that waited while `name` was disabled due now, and
+    /// the creates a backfill held: those whose wait says so
+    /// ([`super::links::PAUSED_WAIT`], [`super::links::BACKFILL_WAIT`]),
+    /// pending or retrying (a retry meets the switch only once its backoff
+    /// is over). Other waits keep their time: a retry's backoff, and the
+    /// settle time a version waits after an update that timed out (made
+    /// due at once, it could land before the older one). [`RESUME_BATCH`] links per
     /// statement: one statement over a long backlog held SQLite's only
     /// writer (every webhook behind it) for as long as it took.
     pub async fn resume_connector_links(&self, name: &str) -> Result<u64, StoreError> {
@@ -686,7 +688,7 @@ impl Store {
                     "UPDATE sync_links SET next_attempt_at_ms = $2 \
                      WHERE (customer_id, connector) IN (SELECT customer_id, connector \
                        FROM sync_links WHERE state IN ('pending', 'retry') \
-                       AND (state = 'pending' OR last_error IN ($4, $5)) \
+                       AND last_error IN ($4, $5) \
                        AND next_attempt_at_ms > $2 AND connector = $1 \
                        LIMIT $3)",
                 )

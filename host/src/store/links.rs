@@ -300,8 +300,9 @@ pub enum RecordedOutcome {
         /// The error.
         error: String,
         /// How long a newer version waits before it goes (the link reopens
-        /// for it): the last attempt's own wait, as when an update that
-        /// timed out may still be applied; 0 for none.
+        /// for it now, or when the intake takes one in later: a dead link
+        /// keeps this time for it): the last attempt's own wait, as when an
+        /// update that timed out may still be applied; 0 for none.
         settle_ms: i64,
     },
 }
@@ -545,7 +546,9 @@ macro_rules! intake_on_conflict {
                     THEN 0 ELSE sync_links.attempts END, \
       next_attempt_at_ms = CASE WHEN ",
             intake_reopens!(),
-            " THEN excluded.next_attempt_at_ms \
+            " THEN (CASE WHEN sync_links.state = 'dead' \
+                      AND sync_links.next_attempt_at_ms > excluded.next_attempt_at_ms \
+                    THEN sync_links.next_attempt_at_ms ELSE excluded.next_attempt_at_ms END) \
                     ELSE sync_links.next_attempt_at_ms END, \
       wanted_version = CASE WHEN excluded.wanted_version > sync_links.wanted_version \
                     THEN excluded.wanted_version ELSE sync_links.wanted_version END, \
@@ -920,8 +923,7 @@ macro_rules! record_in {
                          state = CASE WHEN wanted_version > $8 THEN 'pending' ELSE 'dead' END, \
                          wanted_version = CASE WHEN wanted_version > $8 THEN wanted_version ELSE $8 END, \
                          attempts = CASE WHEN wanted_version > $8 THEN 0 ELSE $1 END, \
-                         next_attempt_at_ms = CASE WHEN wanted_version > $8 THEN $9 \
-                           ELSE next_attempt_at_ms END, \
+                         next_attempt_at_ms = $9, \
                          last_error = $2, \
                          pending_version = CASE WHEN $7 THEN NULL ELSE pending_version END, \
                          pending_record = CASE WHEN $7 THEN NULL ELSE pending_record END, \

@@ -71,8 +71,9 @@ pub struct Breakers {
     /// that a call already in flight that succeeds (or fails) does not
     /// cut the pause short.
     paused: Mutex<HashMap<String, Instant>>,
-    /// Rate limits in a row per connector (any other answer of the remote
-    /// ends the streak): how long a pause without a Retry-After lasts.
+    /// Rate limits in a row per connector (until a call succeeds, or the
+    /// remote answers it is up): how long a pause without a Retry-After
+    /// lasts.
     limited: Mutex<HashMap<String, u32>>,
     /// The last probe's number.
     probes: std::sync::atomic::AtomicU64,
@@ -204,7 +205,8 @@ impl Breakers {
         *streak
     }
 
-    /// Any answer but a rate limit ends a connector's streak of them.
+    /// A call the remote answered (not a rate limit, not a failure) ends a
+    /// connector's streak of rate limits.
     fn end_streak(&self, connector: &str) {
         let mut limited = self.limited.lock().unwrap_or_else(|p| p.into_inner());
         if !limited.is_empty() {
@@ -212,9 +214,10 @@ impl Breakers {
         }
     }
 
-    /// A retryable failure (timeout, 5xx, connection refused).
+    /// A retryable failure (timeout, 5xx, connection refused). It does not
+    /// end a streak of rate limits: an overloaded remote answering some
+    /// calls 429 and others 503 kept the shortest pause for ever.
     pub fn failure(&self, connector: &str) {
-        self.end_streak(connector);
         let now = Instant::now();
         let (threshold, cooldown) = (self.threshold, self.cooldown);
         self.with(connector, |state| {
@@ -298,8 +301,9 @@ mod tests {
         breakers.success("stripe");
         assert_eq!(breakers.rate_limited("stripe"), 1);
         assert_eq!(breakers.rate_limited("salesforce"), 2);
+        // A 5xx between rate limits does not end the streak.
         breakers.failure("salesforce");
-        assert_eq!(breakers.rate_limited("salesforce"), 1);
+        assert_eq!(breakers.rate_limited("salesforce"), 3);
         // Calls out together, limited while the connector rests: once.
         breakers.pause("stripe", Duration::from_secs(60));
         assert_eq!(breakers.rate_limited("stripe"), 1);

@@ -716,8 +716,8 @@ impl SyncEngine {
                 let after = limit.retry_after_ms.map(Duration::from_millis);
                 // Without a Retry-After (a daily API limit, an HTTP-date),
                 // the connector rests for a backoff that grows with the
-                // rate limits in a row (any other answer ends the
-                // streak), and so does this push: every other push would
+                // rate limits in a row (until a call succeeds), and so
+                // does this push: every other push would
                 // otherwise meet the same limit, and a rate limit spends
                 // no attempt, so the link's own backoff never grew.
                 // A probe this push carried is handed back: the pause, not

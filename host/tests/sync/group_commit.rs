@@ -1212,6 +1212,53 @@ async fn a_newer_version_waits_out_a_timed_out_last_attempt(postgres: bool) {
     assert_eq!(after.state, LinkState::Pending, "{after:?}");
     assert_eq!(after.wanted_version, third.version, "{after:?}");
     assert!(after.next_attempt_at_ms >= before + 29_000, "{after:?}");
+
+    // A version taken in after the link died waits it out too.
+    let other = rename(&store, &customers[1].id, "Other").await;
+    store
+        .intake_changes(&[notice(&other)], &stripe)
+        .await
+        .expect("intake");
+    let link = store
+        .claim_due_links(&stripe, "lease-settle-2", until, 20)
+        .await
+        .expect("claimed")
+        .into_iter()
+        .find(|c| c.link.customer_id == other.id.as_str())
+        .expect("due")
+        .link;
+    let gave_up = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
+        version: other.version,
+        operation: Some("update"),
+        attempt: 10,
+        error_kind: ferry::store::DeadLetterKind::RetriesExhausted,
+        error: "gave up after 10 attempts: the call exceeded its deadline".into(),
+        settle_ms: 30_000,
+    });
+    let before = chrono::Utc::now().timestamp_millis();
+    assert_eq!(
+        store
+            .write_links(&[(&link, &gave_up)])
+            .await
+            .expect("written"),
+        vec![true]
+    );
+    let later = rename(&store, &other.id, "Later").await;
+    store
+        .intake_changes(&[notice(&later)], &stripe)
+        .await
+        .expect("intake");
+    let after = store
+        .links_of(other.id.as_str())
+        .await
+        .expect("links")
+        .remove(0);
+    assert_eq!(
+        (after.state, after.wanted_version),
+        (LinkState::Pending, later.version),
+        "{after:?}"
+    );
+    assert!(after.next_attempt_at_ms >= before + 29_000, "{after:?}");
 }
 
 #[tokio::test]
@@ -3551,17 +3598,22 @@ async fn enabling_releases_a_long_backlog_in_batches(postgres: bool) {
         .intake_changes(&changes, &["stripe".to_owned(), "salesforce".to_owned()])
         .await
         .expect("intake");
-    // Both connectors' pushes wait a minute (as a paused push does); a few
-    // of Stripe's are retries in backoff.
+    // Both connectors' pushes wait a minute, saying why (as a paused push
+    // does); a few of Stripe's are retries in backoff, which say another
+    // thing.
     let later = chrono::Utc::now().timestamp_millis() + 60_000;
     raw_count(
         &url,
-        &format!("UPDATE sync_links SET next_attempt_at_ms = {later}"),
+        &format!(
+            "UPDATE sync_links SET next_attempt_at_ms = {later}, last_error = '{}'",
+            ferry::store::links::PAUSED_WAIT
+        ),
     )
     .await;
     raw_count(
         &url,
-        "UPDATE sync_links SET state = 'retry' WHERE connector = 'stripe' AND customer_id IN \
+        "UPDATE sync_links SET state = 'retry', last_error = 'HTTP 503' WHERE connector = 'stripe' \
+         AND customer_id IN \
          (SELECT customer_id FROM sync_links WHERE connector = 'stripe' ORDER BY customer_id LIMIT 7)",
     )
     .await;
