@@ -959,6 +959,20 @@ async fn sqlite_a_result_the_remote_lacks_is_pushed_back_alone() {
     a_result_the_remote_lacks_is_pushed_back(false, false).await;
 }
 
+/// Claims due Stripe links under `lease` (a minute's); the one of customer
+/// `id`, which must be among them.
+async fn stripe_link_claimed(store: &Store, lease: &str, id: &str) -> SyncLink {
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    store
+        .claim_due_links(&["stripe".to_owned()], lease, until, 20)
+        .await
+        .expect("claimed")
+        .into_iter()
+        .find(|c| c.link.customer_id == id)
+        .unwrap_or_else(|| panic!("{id}'s link is due"))
+        .link
+}
+
 /// A push forced while another push of the link is out (an inbound merge
 /// kept a value the remote lacks, a repair) is still to go when that push's
 /// result is written: the link stays pending, with no pushed hash and the
@@ -989,14 +1003,7 @@ async fn forced_meanwhile(postgres: bool, batched: bool, skipped: bool) {
         .await
         .expect("forced"));
     let until = chrono::Utc::now().timestamp_millis() + 60_000;
-    let claimed = store
-        .claim_due_links(&stripe, "lease-forced", until, 20)
-        .await
-        .expect("claimed")
-        .into_iter()
-        .find(|c| c.link.customer_id == id)
-        .expect("the forced link is due");
-    let link = claimed.link;
+    let link = stripe_link_claimed(&store, "lease-forced", id).await;
     let before = store.links_of(id).await.expect("links")[0].snapshot.clone();
     // Forced again while the first push is out.
     assert!(store
@@ -1095,15 +1102,7 @@ async fn a_newer_version_starts_its_own_attempts(postgres: bool) {
         .intake_changes(&[notice(&second)], &stripe)
         .await
         .expect("intake");
-    let until = chrono::Utc::now().timestamp_millis() + 60_000;
-    let link = store
-        .claim_due_links(&stripe, "lease-attempts", until, 20)
-        .await
-        .expect("claimed")
-        .into_iter()
-        .find(|c| c.link.customer_id == second.id.as_str())
-        .expect("due")
-        .link;
+    let link = stripe_link_claimed(&store, "lease-attempts", second.id.as_str()).await;
     let failed = |attempt: i32| {
         LinkWrite::Outcome(RecordedOutcome::RetryScheduled {
             version: second.version,
@@ -1136,14 +1135,7 @@ async fn a_newer_version_starts_its_own_attempts(postgres: bool) {
     // The next attempt goes out; a newer version is taken in meanwhile,
     // and the attempt fails: the newer version's first failure, not the
     // older one's tenth.
-    let out = store
-        .claim_due_links(&stripe, "lease-attempts-2", until, 20)
-        .await
-        .expect("claimed")
-        .into_iter()
-        .find(|c| c.link.customer_id == second.id.as_str())
-        .expect("due again")
-        .link;
+    let out = stripe_link_claimed(&store, "lease-attempts-2", second.id.as_str()).await;
     let third = rename(&store, &second.id, "Third").await;
     store
         .intake_changes(&[notice(&third)], &stripe)
@@ -1174,15 +1166,7 @@ async fn a_newer_version_waits_out_a_timed_out_last_attempt(postgres: bool) {
         .intake_changes(&[notice(&second)], &stripe)
         .await
         .expect("intake");
-    let until = chrono::Utc::now().timestamp_millis() + 60_000;
-    let link = store
-        .claim_due_links(&stripe, "lease-settle", until, 20)
-        .await
-        .expect("claimed")
-        .into_iter()
-        .find(|c| c.link.customer_id == second.id.as_str())
-        .expect("due")
-        .link;
+    let link = stripe_link_claimed(&store, "lease-settle", second.id.as_str()).await;
     let third = rename(&store, &second.id, "Third").await;
     store
         .intake_changes(&[notice(&third)], &stripe)
@@ -1219,14 +1203,7 @@ async fn a_newer_version_waits_out_a_timed_out_last_attempt(postgres: bool) {
         .intake_changes(&[notice(&other)], &stripe)
         .await
         .expect("intake");
-    let link = store
-        .claim_due_links(&stripe, "lease-settle-2", until, 20)
-        .await
-        .expect("claimed")
-        .into_iter()
-        .find(|c| c.link.customer_id == other.id.as_str())
-        .expect("due")
-        .link;
+    let link = stripe_link_claimed(&store, "lease-settle-2", other.id.as_str()).await;
     let gave_up = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
         version: other.version,
         operation: Some("update"),

@@ -273,16 +273,11 @@ impl TestKit {
     #[must_use]
     pub fn setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         let name = name.into();
-        let declared: Vec<&str> = self
-            .connector
-            .manifest()
-            .settings
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect();
-        assert!(
-            declared.contains(&name.as_str()),
-            "the manifest declares no setting `{name}` (it declares {declared:?}): ferry refuses it"
+        let manifest = self.connector.manifest();
+        declared(
+            "setting",
+            manifest.settings.iter().map(|s| s.name.as_str()),
+            &name,
         );
         self.settings.insert(name, value.into());
         self
@@ -297,16 +292,11 @@ impl TestKit {
     #[must_use]
     pub fn secret(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         let name = name.into();
-        let declared: Vec<&str> = self
-            .connector
-            .manifest()
-            .secrets
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect();
-        assert!(
-            declared.contains(&name.as_str()),
-            "the manifest declares no secret `{name}` (it declares {declared:?}): ferry refuses it"
+        let manifest = self.connector.manifest();
+        declared(
+            "secret",
+            manifest.secrets.iter().map(|s| s.name.as_str()),
+            &name,
         );
         self.secrets.insert(name, value.into());
         self
@@ -573,6 +563,16 @@ pub fn build_component(manifest_dir: impl AsRef<Path>) -> Result<PathBuf, TestKi
     })
     .clone()
     .map_err(TestKitError::Build)
+}
+
+/// Panics unless the manifest declares the `kind` (setting or secret)
+/// `name` among `names`: ferry refuses an undeclared one.
+fn declared<'a>(kind: &str, names: impl Iterator<Item = &'a str>, name: &str) {
+    let names: Vec<&str> = names.collect();
+    assert!(
+        names.contains(&name),
+        "the manifest declares no {kind} `{name}` (it declares {names:?}): ferry refuses it"
+    );
 }
 
 /// Whether ferry can make a customer of `record` (a connector's record, as
