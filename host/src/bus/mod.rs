@@ -231,7 +231,11 @@ pub async fn start_kafka(
                         retry_in_ms = BUS_RETRY.as_millis() as u64,
                         "cannot create the bus's topics yet; changes go through the redelivery net meanwhile"
                     );
-                    topics_state.waiting(&format!("creating the bus's topics failed: {error}"));
+                    // The reason is the log's: `/readyz` answers anyone,
+                    // and librdkafka's text names brokers and SASL users.
+                    topics_state.waiting(
+                        "creating the bus's topics failed; the reason is in the log (warn)",
+                    );
                     tokio::select! {
                         () = cancel.cancelled() => return,
                         () = tokio::time::sleep(BUS_RETRY) => {}

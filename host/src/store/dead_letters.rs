@@ -157,7 +157,7 @@ impl Store {
                     let binds: Vec<Option<&str>> = std::iter::once(connector)
                         .chain(chunk.iter().map(|id| Some(id.as_str())))
                         .collect();
-                    let batch = self.replay_batch(&sql, &binds).await?;
+                    let (batch, _) = self.replay_batch(&sql, &binds).await?;
                     replayed.extend(batch.into_iter().map(|letter| letter.id));
                 }
             }
@@ -194,12 +194,15 @@ impl Store {
                         Some(newest.as_str()),
                         direction,
                     ];
-                    let batch = self.replay_batch(&sql, &binds).await?;
-                    let Some(last) = batch.last() else { break };
-                    after = Some(last.id.clone());
-                    let full = batch.len() == REPLAY_BATCH as usize;
+                    // Paged by what the batch chose, not by what it took:
+                    // letters a replay running at once took first (a
+                    // console click) made a short batch, and the rest of
+                    // the backlog was left open under a 200.
+                    let (batch, chosen) = self.replay_batch(&sql, &binds).await?;
                     replayed.extend(batch.into_iter().map(|letter| letter.id));
-                    if !full {
+                    let Some(last) = chosen.last() else { break };
+                    after = Some(last.clone());
+                    if chosen.len() < REPLAY_BATCH as usize {
                         break;
                     }
                 }
@@ -209,12 +212,14 @@ impl Store {
     }
 
     /// One transaction of [`Store::replay_dead_letters`]: the open letters
-    /// `select` finds with `binds` as its parameters, in order.
+    /// `select` finds with `binds` as its parameters, in order; those it
+    /// replayed, and the ids of all it chose (a replay running at once may
+    /// have taken some first).
     async fn replay_batch(
         &self,
         select: &str,
         binds: &[Option<&str>],
-    ) -> Result<Vec<DeadLetter>, StoreError> {
+    ) -> Result<(Vec<DeadLetter>, Vec<String>), StoreError> {
         let at = now();
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
@@ -223,6 +228,7 @@ impl Store {
                 query = query.bind(*bind);
             }
             let chosen: Vec<DeadLetter> = query.fetch_all(&mut *tx).await?;
+            let chosen_ids: Vec<String> = chosen.iter().map(|l| l.id.clone()).collect();
             let mut replayed = Vec::with_capacity(chosen.len());
             for letter in chosen {
                 // A replay running at once (a second click, another
@@ -279,7 +285,7 @@ impl Store {
                 self.committed_links();
                 self.committed_inbox();
             }
-            Ok(replayed)
+            Ok((replayed, chosen_ids))
         })
     }
 }

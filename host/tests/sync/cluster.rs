@@ -233,6 +233,20 @@ async fn a_replica_started_while_the_broker_is_away_serves_and_joins_it_later() 
     let (status, ready) = app.send(reqwest::Method::GET, "/readyz", None).await;
     assert_eq!(status, 503, "{ready}");
     assert!(ready.to_string().contains("bus_topics"), "{ready}");
+    // Once creating the topics has failed, the reason stays in the log:
+    // `/readyz` answers anyone, and the client's error names brokers.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, ready) = app.send(reqwest::Method::GET, "/readyz", None).await;
+        let text = ready.to_string();
+        assert!(!text.contains(&broker.bootstrap()), "{ready}");
+        if text.contains("creating the bus's topics failed") {
+            assert!(text.contains("the reason is in the log"), "{ready}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{ready}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     broker.start_again().expect("broker back");
     // The replica makes the topics once the broker answers; a change
