@@ -28,7 +28,7 @@ impl From<PolicyError> for HttpError {
 impl From<WireError> for HttpError {
     fn from(e: WireError) -> Self {
         match e {
-            WireError::Connect(m) => HttpError::Connect(m),
+            WireError::Connect(m) | WireError::Interrupted(m) => HttpError::Connect(m),
             WireError::Timeout(m) => HttpError::Timeout(m),
             WireError::TooLarge(m) => HttpError::TooLarge(m),
             WireError::Denied(m) => HttpError::Denied(m),
@@ -233,10 +233,14 @@ impl Host for CallState {
         let wire = self.prepare(req)?;
         self.requests_sent += 1;
         // Unsettled until its answer comes (a deadline that drops the call
-        // here leaves it so); a timeout leaves it so for good.
+        // here leaves it so); a timeout, or a connection lost after the
+        // request went out, leaves it so for good.
         self.requests_unsettled += 1;
         let response = self.dispatcher().send(wire).await;
-        if !matches!(response, Err(WireError::Timeout(_))) {
+        if !matches!(
+            response,
+            Err(WireError::Timeout(_) | WireError::Interrupted(_))
+        ) {
             self.requests_unsettled -= 1;
         }
         let response = response?;

@@ -102,16 +102,22 @@ fn map_reqwest_error(e: reqwest::Error) -> WireError {
         source = err.source();
     }
     if e.is_timeout() {
-        WireError::Timeout(e.to_string())
-    } else {
-        let mut msg = e.to_string();
-        let mut source = e.source();
-        while let Some(err) = source {
-            msg.push_str(": ");
-            msg.push_str(&err.to_string());
-            source = err.source();
-        }
+        return WireError::Timeout(e.to_string());
+    }
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(err) = source {
+        msg.push_str(": ");
+        msg.push_str(&err.to_string());
+        source = err.source();
+    }
+    // Before the request went out (no connection, a request that could
+    // not be built), or after (a reset mid-request, an answer cut short):
+    // only the first says the remote never saw it.
+    if e.is_connect() || e.is_builder() {
         WireError::Connect(msg)
+    } else {
+        WireError::Interrupted(msg)
     }
 }
 

@@ -56,12 +56,17 @@ pub struct WireResponse {
 }
 
 /// Why the wire produced no response. Each case becomes the `http-error`
-/// case of the same name for the connector.
+/// case of the same name for the connector (`Interrupted` its `connect`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
-    /// DNS, TCP, TLS or protocol failure.
+    /// DNS, TCP, TLS or protocol failure before the request went out.
     #[error("connect: {0}")]
     Connect(String),
+    /// The connection failed after the request was sent (reset, closed
+    /// before the answer was whole): the remote may have applied it, and
+    /// the call's outcome is unknown, as after a timeout.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
     /// The connect or total timeout passed.
     #[error("timeout: {0}")]
     Timeout(String),

@@ -124,6 +124,18 @@ impl HttpTransport for HangingTransport {
     }
 }
 
+/// A transport whose connection always fails after the request went out.
+struct InterruptedTransport;
+
+impl HttpTransport for InterruptedTransport {
+    fn send(&self, _req: WireRequest) -> BoxFuture<'static, Result<WireResponse, WireError>> {
+        futures::future::ready(Err(WireError::Interrupted(
+            "connection reset after the request was written".into(),
+        )))
+        .boxed()
+    }
+}
+
 /// A minimal HTTP/1.1 server on 127.0.0.1 that counts connections, records
 /// each raw request and echoes its body back.
 struct EchoServer {
@@ -317,6 +329,24 @@ async fn a_request_timed_out_is_an_unknown_outcome_not_a_plain_retry() {
             &cfg,
             instruction(
                 json!({"do": "http", "url": "https://api.example.com/slow", "give_up": true}),
+            ),
+        )
+        .await;
+    assert_eq!(outcome.unwrap_err(), CallError::DeadlineExceeded);
+}
+
+/// A connection lost after the request went out is an unknown outcome
+/// too (the remote may have applied it): it was a plain transient error,
+/// retried at once.
+#[tokio::test]
+async fn a_request_lost_after_it_went_out_is_an_unknown_outcome() {
+    let runtime = Runtime::with_transport(config(), Arc::new(InterruptedTransport)).unwrap();
+    let connector = load(&runtime).await;
+    let outcome = connector
+        .push(
+            &connector_config(&[]),
+            instruction(
+                json!({"do": "http", "url": "https://api.example.com/reset", "give_up": true}),
             ),
         )
         .await;
