@@ -53,44 +53,9 @@ impl fmt::Display for CustomerId {
     }
 }
 
-/// A postal address. Every line is optional; unknown fields are rejected.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Address {
-    /// Street, PO box or company name.
-    #[serde(default)]
-    pub line1: Option<String>,
-    /// Apartment, suite, unit or building.
-    #[serde(default)]
-    pub line2: Option<String>,
-    /// City, district, suburb, town or village.
-    #[serde(default)]
-    pub city: Option<String>,
-    /// ZIP or postal code.
-    #[serde(default)]
-    pub postal_code: Option<String>,
-    /// State, county, province or region.
-    #[serde(default)]
-    pub state: Option<String>,
-    /// Two-letter country code (ISO 3166-1 alpha-2).
-    #[serde(default)]
-    pub country: Option<String>,
-}
-
-/// The fields a client controls, already validated and normalised.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CustomerFields {
-    /// Full name or business name.
-    pub name: Option<String>,
-    /// Trimmed, lowercased email.
-    pub email: String,
-    /// Phone number as given (trimmed).
-    pub phone: Option<String>,
-    /// Postal address.
-    pub address: Option<Address>,
-    /// Free-form string key/value pairs.
-    pub metadata: BTreeMap<String, String>,
-}
+// The catalog's address and validated fields are the runtime's (the
+// connector test kit checks records by the same code).
+pub use crate::runtime::customer::{Address, CustomerFields};
 
 /// A customer as stored and as the API returns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]

@@ -230,7 +230,7 @@ fn with_email(record: &serde_json::Value, email: &str) -> serde_json::Value {
 /// fail and why; the event is dead-lettered with it. The rules are
 /// `ferry_runtime::customer`'s, which the connector test kit applies too.
 pub(crate) fn fields_of(record: &serde_json::Value) -> Result<CustomerFields, String> {
-    crate::runtime::customer::fields_of(record).map(Into::into)
+    crate::runtime::customer::fields_of(record)
 }
 
 pub(crate) fn local_record(customer: &Customer) -> Result<serde_json::Value, StoreError> {

@@ -5,7 +5,7 @@
 use super::CustomerInput;
 use crate::api::error::{ApiError, FieldError};
 use crate::runtime::customer::{self, FieldProblem};
-use crate::store::{Address, CustomerFields};
+use crate::store::CustomerFields;
 
 pub use crate::runtime::customer::{is_valid_email, normalise_email, MAX_EMAIL, MAX_METADATA_KEYS};
 
@@ -16,10 +16,9 @@ pub fn validate(input: CustomerInput) -> Result<CustomerFields, ApiError> {
         name: input.name,
         email: input.email,
         phone: input.phone,
-        address: input.address.map(Into::into),
+        address: input.address,
         metadata: input.metadata,
     })
-    .map(Into::into)
     .map_err(problems)
 }
 
@@ -31,42 +30,4 @@ fn problems(problems: Vec<FieldProblem>) -> ApiError {
             .map(|p| FieldError::new(p.field, p.message))
             .collect(),
     )
-}
-
-impl From<Address> for customer::Address {
-    fn from(a: Address) -> Self {
-        Self {
-            line1: a.line1,
-            line2: a.line2,
-            city: a.city,
-            postal_code: a.postal_code,
-            state: a.state,
-            country: a.country,
-        }
-    }
-}
-
-impl From<customer::Address> for Address {
-    fn from(a: customer::Address) -> Self {
-        Self {
-            line1: a.line1,
-            line2: a.line2,
-            city: a.city,
-            postal_code: a.postal_code,
-            state: a.state,
-            country: a.country,
-        }
-    }
-}
-
-impl From<customer::CustomerFields> for CustomerFields {
-    fn from(f: customer::CustomerFields) -> Self {
-        Self {
-            name: f.name,
-            email: f.email,
-            phone: f.phone,
-            address: f.address.map(Into::into),
-            metadata: f.metadata,
-        }
-    }
 }
