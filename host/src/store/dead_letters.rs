@@ -52,9 +52,12 @@ pub struct DeadLetter {
     pub direction: String,
     /// The local version that failed.
     pub version: i64,
-    /// Why it was given up.
-    #[sqlx(try_from = "String")]
-    pub error_kind: DeadLetterKind,
+    /// Why it was given up: one of [`DeadLetterKind`]'s names as this
+    /// release writes them, kept as text when read, so a letter a later
+    /// release wrote (a kind this one does not know, after a rollback) is
+    /// still listed and replayed instead of failing the page that holds it.
+    #[schema(example = "retries_exhausted")]
+    pub error_kind: String,
     /// The last error.
     pub error: String,
     /// Attempts made.

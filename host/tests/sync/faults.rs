@@ -8,7 +8,10 @@ use ferry_test_support::fault_proxy::{Fault, FaultProxy, Match};
 use ferry_test_support::localstripe::LocalStripe;
 use serde_json::{json, Value};
 
-use crate::helpers::{email, spawn_sync_app, stripe_customers_by_email, Backend, Setup, SyncApp};
+use crate::helpers::{
+    console_page, console_session, email, execute_raw, spawn_sync_app, stripe_customers_by_email,
+    Backend, Setup, SyncApp,
+};
 
 struct Harness {
     stripe: LocalStripe,
@@ -786,6 +789,74 @@ async fn sqlite_a_change_delivered_again_leaves_its_dead_letter_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_change_delivered_again_leaves_its_dead_letter_alone() {
     a_change_delivered_again_leaves_its_dead_letter_alone(Backend::Postgres).await;
+}
+
+/// A release rolled back to reads the dead letters a later one wrote: a
+/// kind it does not know is listed as stored (the API's list and one
+/// letter, the console's page) and replayed, not a 500 for every page
+/// that holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_of_a_kind_from_a_later_release_is_listed_and_replayed() {
+    let h = harness(json!({})).await;
+    h.proxy.push(
+        Match::request("POST", "/v1/customers"),
+        Fault::stripe_error(400, "invalid_request_error", "Invalid email address"),
+    );
+    let customer = h.app.create(json!({"email": email("later-kind")})).await;
+    let id = customer["id"].as_str().unwrap();
+    h.app
+        .wait_link(id, Duration::from_secs(10), |l| l["state"] == "dead")
+        .await;
+    execute_raw(
+        &h.app.database_url,
+        "UPDATE dead_letters SET error_kind = 'a_kind_from_a_later_release'",
+        &[],
+    )
+    .await;
+
+    let letters = stripe_dead_letters(&h.app).await;
+    let letter = &letters["data"][0];
+    assert_eq!(
+        letter["error_kind"], "a_kind_from_a_later_release",
+        "{letters}"
+    );
+    let letter_id = letter["id"].as_str().unwrap();
+    let (status, one) = h
+        .app
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/v1/dead-letters/{letter_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, one["error_kind"].as_str()),
+        (200, Some("a_kind_from_a_later_release")),
+        "{one}"
+    );
+    let (client, cookie) = console_session(&h.app.base).await;
+    let page = console_page(
+        &client,
+        &cookie,
+        &format!("{}/console/dead-letters", h.app.base),
+    )
+    .await;
+    assert!(page.contains("a_kind_from_a_later_release"), "{page}");
+
+    let (status, replayed) = h
+        .app
+        .send(
+            reqwest::Method::POST,
+            &format!("/api/v1/dead-letters/{letter_id}/replay"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, replayed["replayed"].as_u64()),
+        (200, Some(1)),
+        "{replayed}"
+    );
+    h.app.wait_synced(id, 1).await;
 }
 
 /// A permanent 400 dead-letters at once; replaying it after the cause is
