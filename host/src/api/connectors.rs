@@ -530,19 +530,20 @@ pub async fn disable(
 ///
 /// Removes its versions and stored settings on every replica; a bundled
 /// connector is not registered again at the next start. Refused with 409
-/// `connector_in_use` while customers are linked to its records, unless
+/// `connector_in_use` while customers are linked to its records or changes
+/// wait for it (pushes to make, inbound events to apply), unless
 /// `force=true`; the links are kept either way, for audit.
 #[utoipa::path(
     delete, path = "/api/v1/connectors/{name}", tag = "connectors",
     params(
         ("name" = String, Path, description = "Connector name", example = "stripe"),
-        ("force" = Option<bool>, Query, description = "Delete even while customers are linked"),
+        ("force" = Option<bool>, Query, description = "Delete even while customers are linked or changes wait"),
     ),
     responses(
         (status = 204, description = "Deleted"),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such connector", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Customers are linked (`connector_in_use`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Customers are linked or changes wait (`connector_in_use`)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid `force`", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))

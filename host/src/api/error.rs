@@ -107,10 +107,11 @@ pub enum ApiError {
     /// The connector has no loaded version to work with.
     #[error("no version of the connector is loaded: {0}")]
     ConnectorNotLoaded(String),
-    /// Customers are linked to the connector's records.
-    #[error("{linked} customers are linked to this connector's records; add ?force=true to delete it anyway (the links are kept for audit)")]
+    /// Customers are linked to the connector's records, or changes wait
+    /// for it.
+    #[error("{linked} customers are linked to this connector's records or have changes waiting for it (pushes to make, inbound events to apply); add ?force=true to delete it anyway (the links are kept for audit, the waiting changes skipped)")]
     ConnectorInUse {
-        /// How many.
+        /// How many links and inbound events.
         linked: i64,
     },
     /// The version drops the `customer` entity while customers are linked

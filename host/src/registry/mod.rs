@@ -254,8 +254,9 @@ pub enum RegistryError {
     /// The connector has no loaded version to check settings against.
     #[error("no version of the connector is loaded: {0}")]
     NotLoaded(String),
-    /// Customers are linked to it (delete without `force`).
-    #[error("{0} customers are linked to this connector's records; pass force=true to delete it anyway (the links are kept)")]
+    /// Customers are linked to it, or changes wait for it (delete
+    /// without `force`).
+    #[error("{0} customers are linked to this connector's records or have changes waiting for it; pass force=true to delete it anyway (the links are kept, the waiting changes skipped)")]
     Linked(i64),
     /// The version does not sync customers, and customers are linked
     /// through the connector or have changes waiting for it.
@@ -1225,13 +1226,14 @@ impl Registry {
     }
 
     /// Deletes `name`: its versions and stored settings. Refused while
-    /// customers are linked to its records, unless `force`; the links are
-    /// kept either way, for audit.
+    /// customers are linked to its records or changes wait for it (a
+    /// push to make, an inbound event to apply), unless `force`; the links
+    /// are kept either way, for audit.
     pub async fn delete(&self, name: &str, force: bool) -> Result<(), RegistryError> {
         if self.entry(name).is_none() {
             return Err(RegistryError::NotFound);
         }
-        let linked = self.inner.store.linked_customers(name).await?;
+        let linked = self.inner.store.connector_in_use(name).await?;
         if linked > 0 && !force {
             return Err(RegistryError::Linked(linked));
         }

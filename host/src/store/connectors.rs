@@ -709,16 +709,17 @@ impl Store {
         }
     }
 
-    /// Customers linked to a live record of `name`.
-    pub async fn linked_customers(&self, name: &str) -> Result<i64, StoreError> {
+    /// What deleting `name` would strand: customers linked to its live
+    /// records or with a push to make (see [`Store::customer_links`]), and
+    /// inbound events stored but not yet applied (the remote had its 2xx
+    /// and will not send them again).
+    pub async fn connector_in_use(&self, name: &str) -> Result<i64, StoreError> {
+        let sql = format!(
+            "SELECT ({CUSTOMER_LINKS_SQL}) + (SELECT COUNT(*) FROM inbox \
+             WHERE state IN ('pending', 'retry') AND connector = $1)"
+        );
         let count = dispatch!(self, read pool => {
-            sqlx::query_scalar(
-                "SELECT COUNT(*) FROM sync_links WHERE connector = $1 \
-                 AND remote_id IS NOT NULL AND NOT remote_deleted",
-            )
-            .bind(name)
-            .fetch_one(pool)
-            .await?
+            sqlx::query_scalar(&sql).bind(name).fetch_one(pool).await?
         });
         Ok(count)
     }

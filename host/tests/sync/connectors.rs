@@ -482,6 +482,47 @@ async fn a_retry_parked_by_the_switch_goes_at_the_enable(backend: Backend) {
     .await;
 }
 
+/// A change waiting for a paused connector holds a delete as a linked
+/// customer does: the create has no remote record yet, and deleting the
+/// connector without `force` skipped it for good.
+async fn delete_refused_while_changes_wait(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let (status, _) = post(&app, "/api/v1/connectors/recorder/disable", None).await;
+    assert_eq!(status, 200);
+    let customer = app
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Waiting"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let now = || chrono::Utc::now().timestamp_millis();
+    app.wait_link_of("recorder", &id, Duration::from_secs(20), |l| {
+        l["next_attempt_at_ms"].as_i64() > Some(now())
+    })
+    .await;
+
+    let (status, problem) = app
+        .send(reqwest::Method::DELETE, "/api/v1/connectors/recorder", None)
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (409, Some("connector_in_use")),
+        "{problem}"
+    );
+    assert!(
+        problem["detail"].as_str().unwrap().starts_with("1 "),
+        "{problem}"
+    );
+    let (status, _) = app
+        .send(
+            reqwest::Method::DELETE,
+            "/api/v1/connectors/recorder?force=true",
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+}
+
 /// Enabling needs the manifest's required settings and secrets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enabling_names_what_is_missing() {
@@ -2215,6 +2256,11 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delete_refused_while_changes_wait() {
+        super::delete_refused_while_changes_wait(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn swap_under_webhook_load() {
         super::swap_under_webhook_load(Backend::Sqlite).await;
     }
@@ -2281,6 +2327,11 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn delete_refused_while_linked_then_forced() {
         super::delete_refused_while_linked_then_forced(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delete_refused_while_changes_wait() {
+        super::delete_refused_while_changes_wait(Backend::Postgres).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
