@@ -368,16 +368,30 @@ const INTAKE_BATCH_SQLITE: &str = concat!(
 
 // PostgreSQL: one statement for a whole batch (one round trip, not one
 // per change, and no transaction of its own to open and commit): the batch
-// holds each (customer, connector) once, and its outbox rows ($7) leave the
-// queue with it.
+// holds each (customer, connector) once, and its outbox rows ($7, with the
+// customer $8 and version $9 each message named) leave the queue with it,
+// those that announced that change only (see `CONSUMED_SQLITE`).
 const INTAKE_BATCH_POSTGRES: &str = concat!(
-    "WITH consumed AS (DELETE FROM outbox_queue WHERE outbox_id = ANY($7)) \
+    "WITH consumed AS (DELETE FROM outbox_queue q USING outbox o, \
+    UNNEST($7::bigint[], $8::text[], $9::bigint[]) AS m(id, c, v) \
+    WHERE q.outbox_id = m.id AND o.id = m.id AND o.aggregate_id = m.c AND o.version = m.v) \
     INSERT INTO sync_links \
     (customer_id, connector, wanted_version, state, next_attempt_at_ms, correlation_id, updated_at) \
     SELECT c, k, v, 'pending', $4, r, $5 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $6::text[]) \
     AS batch(c, k, v, r) ",
     intake_on_conflict!()
 );
+
+// SQLite: takes off the queue the outbox rows of `$1` (`[id, customer,
+// version]` each) that announced that change: a message's outbox id alone
+// may name another change's row (two deployments sharing a topic and a
+// consumer group, both counting ids from 1; a database restored to a point
+// behind its consumers), and deleting that row lost its change for good
+// (its safety net reads the queue).
+const CONSUMED_SQLITE: &str = "DELETE FROM outbox_queue WHERE outbox_id IN \
+     (SELECT o.id FROM json_each($1) m JOIN outbox o ON o.id = json_extract(m.value, '$[0]') \
+     AND o.aggregate_id = json_extract(m.value, '$[1]') \
+     AND o.version = json_extract(m.value, '$[2]'))";
 
 // A claim marks the create its push is about to send: `pending_version`
 // becomes the customer's current version, and `pending_record` that
@@ -1097,7 +1111,10 @@ impl Store {
     ) -> Result<Vec<LinkKey>, StoreError> {
         let at = now();
         let newest = newest_per_link(changes, connectors);
-        let consumed: Vec<i64> = changes.iter().filter_map(|c| c.outbox_id).collect();
+        let consumed: Vec<(i64, &str, i64)> = changes
+            .iter()
+            .filter_map(|c| Some((c.outbox_id?, c.customer_id.as_str(), c.version)))
+            .collect();
         let pools = match &self.backend {
             Backend::Postgres(pool) => {
                 intake_postgres(pool, &newest, &consumed, at).await?;
@@ -1126,12 +1143,10 @@ impl Store {
                 .await?;
         }
         if !consumed.is_empty() {
-            sqlx::query(
-                "DELETE FROM outbox_queue WHERE outbox_id IN (SELECT value FROM json_each($1))",
-            )
-            .bind(serde_json::to_string(&consumed)?)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(CONSUMED_SQLITE)
+                .bind(serde_json::to_string(&consumed)?)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(newest.into_keys().collect())
@@ -1887,7 +1902,7 @@ fn newest_per_link<'a>(
 async fn intake_postgres(
     pool: &sqlx::PgPool,
     newest: &std::collections::BTreeMap<LinkKey, &ChangeNotice>,
-    consumed: &[i64],
+    consumed: &[(i64, &str, i64)],
     at: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     if newest.is_empty() && consumed.is_empty() {
@@ -1912,7 +1927,9 @@ async fn intake_postgres(
         .bind(at.timestamp_millis())
         .bind(at)
         .bind(&correlations)
-        .bind(consumed)
+        .bind(consumed.iter().map(|c| c.0).collect::<Vec<_>>())
+        .bind(consumed.iter().map(|c| c.1).collect::<Vec<_>>())
+        .bind(consumed.iter().map(|c| c.2).collect::<Vec<_>>())
         .execute(pool)
         .await?;
     Ok(())

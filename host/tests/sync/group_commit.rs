@@ -1088,6 +1088,60 @@ async fn sqlite_a_skip_does_not_settle_a_push_forced_meanwhile() {
     a_skip_does_not_settle_a_push_forced_meanwhile(false).await;
 }
 
+/// A message takes off the queue only the outbox row that announced its
+/// change: one whose id names another change's row (two deployments
+/// sharing a topic and a consumer group, both counting outbox ids from 1;
+/// a database restored behind its consumers) left that change with no
+/// message and no queue row for the safety net to find.
+async fn a_message_consumes_only_the_row_of_its_own_change(postgres: bool) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(postgres, dir.path()).await;
+    let store = open(&url).await;
+    let ours = store
+        .create_customer(fields(&email("ours"), "Ours"), WriteContext::default())
+        .await
+        .expect("created");
+    let row: i64 = raw_count(&url, "SELECT MAX(outbox_id) FROM outbox_queue").await;
+    let stripe = ["stripe".to_owned()];
+    let foreign = |customer_id: &str, version: i64| ChangeNotice {
+        customer_id: customer_id.to_owned(),
+        version,
+        correlation_id: None,
+        outbox_id: Some(row),
+        source_connector: None,
+    };
+    for (customer_id, version) in [("cus_of_another_deployment", 1), (ours.id.as_str(), 7)] {
+        store
+            .intake_changes(&[foreign(customer_id, version)], &stripe)
+            .await
+            .expect("intake");
+        assert_eq!(
+            raw_count(&url, "SELECT COUNT(*) FROM outbox_queue").await,
+            1,
+            "{customer_id} v{version} left our change queued"
+        );
+    }
+    store
+        .intake_changes(&[foreign(ours.id.as_str(), ours.version)], &stripe)
+        .await
+        .expect("intake");
+    assert_eq!(
+        raw_count(&url, "SELECT COUNT(*) FROM outbox_queue").await,
+        0,
+        "its own message consumes it"
+    );
+}
+
+#[tokio::test]
+async fn postgres_a_message_consumes_only_the_row_of_its_own_change() {
+    a_message_consumes_only_the_row_of_its_own_change(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_message_consumes_only_the_row_of_its_own_change() {
+    a_message_consumes_only_the_row_of_its_own_change(false).await;
+}
+
 /// A newer version of a link in backoff starts its own count of attempts
 /// (by the relay's intake, on the bus and off the queue alike): it
 /// inherited the older one's, and one transient failure of a version the
