@@ -211,7 +211,13 @@ impl Connector for Salesforce {
         match req.operation {
             Operation::Create => {
                 let customer = Customer::from_json(&req.record)?;
-                let fields = config.fields.to_sobject(&customer, false);
+                // An upsert may update a record its external id already
+                // names (one restored from the Recycle Bin, one a lost
+                // answer made): it sends each field, unset ones as null, as
+                // an update does, so the record ferry keeps as the base is
+                // the one in Salesforce.
+                let upsert = config.external_id_field.is_some();
+                let fields = config.fields.to_sobject(&customer, upsert);
                 let body = Value::Object(fields.clone());
                 let id = match &config.external_id_field {
                     Some(field) => config.upsert(field, &req.local_id, &body)?,
@@ -327,6 +333,23 @@ fn written(config: &Config, id: String, fields: &Map<String, Value>) -> PushResu
     PushResult::new(id).with_record(record)
 }
 
+/// Setting `name`'s URL, which must name a host only: a path pasted with
+/// it (`…/services/data/v62.0`) doubled every request's, and Salesforce
+/// answers a wrong path with the 404 `NOT_FOUND` of a missing record, so
+/// every delete counted as done.
+fn origin(name: &str, url: &str) -> Result<String, ConnectorError> {
+    let url = url.trim().trim_end_matches('/');
+    let host = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    match host {
+        Some(host) if !host.is_empty() && !host.contains(['/', '?', '#']) => Ok(url.to_owned()),
+        _ => Err(ConnectorError::permanent(format!(
+            "setting `{name}`: `{url}` is not a URL of a host only, such as https://acme.my.salesforce.com"
+        ))),
+    }
+}
+
 /// Whether `id` looks like a Salesforce record id (15 or 18 alphanumerics),
 /// so it can go into SOQL as is.
 fn is_record_id(id: &str) -> bool {
@@ -381,13 +404,11 @@ enum Fetch {
 
 impl Config {
     fn load() -> Result<Self, ConnectorError> {
-        let login_url = settings::require("login_url")?
-            .trim()
-            .trim_end_matches('/')
-            .to_owned();
-        let instance_url = settings::get("instance_url")
-            .map(|u| u.trim().trim_end_matches('/').to_owned())
-            .filter(|u| !u.is_empty());
+        let login_url = origin("login_url", &settings::require("login_url")?)?;
+        let instance_url = match settings::get("instance_url") {
+            Some(url) if !url.trim().is_empty() => Some(origin("instance_url", &url)?),
+            _ => None,
+        };
         let api_version = setting_or("api_version", DEFAULT_API_VERSION);
         let api_version = api_version
             .strip_prefix(['v', 'V'])
@@ -711,8 +732,11 @@ fn api_error(resp: &Response) -> ConnectorError {
         _ => {}
     }
     match resp.status {
-        // An upsert whose external id matches several records.
-        300 => ConnectorError::permanent(message),
+        // An upsert whose external id matches several records; an API
+        // version Salesforce has retired (410 GONE is never a record's
+        // answer: a deleted one is 404 `ENTITY_IS_DELETED`). Read as
+        // gone, every delete counted as done and left the record there.
+        300 | 410 => ConnectorError::permanent(message),
         _ => ConnectorError::from_status(resp.status, resp.header("retry-after"), "")
             .map(|err| with_message(err, message.clone()))
             .unwrap_or_else(|| ConnectorError::permanent(message)),

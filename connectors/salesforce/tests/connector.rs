@@ -382,6 +382,9 @@ async fn salesforce_errors_are_read_for_what_they_mean() {
             &sf_error("ENTITY_IS_DELETED", "entity is deleted", &[]),
         );
     kit.http()
+        .on("DELETE", &format!("{CONTACTS}/003V"))
+        .respond(410, &[], "");
+    kit.http()
         .on("PATCH", &format!("{CONTACTS}/003M"))
         .respond_json(
             400,
@@ -401,6 +404,11 @@ async fn salesforce_errors_are_read_for_what_they_mean() {
     assert!(matches!(
         connector_error(kit.push(linked(Operation::Delete, "003G")).await),
         ConnectorError::NotFound(_)
+    ));
+    // A retired API version is not a record gone.
+    assert!(matches!(
+        connector_error(kit.push(linked(Operation::Delete, "003V")).await),
+        ConnectorError::Permanent(_)
     ));
     // A maintenance lasts hours: the connector pauses, no change spends
     // an attempt on it (each one's ran out within the window).
@@ -588,9 +596,52 @@ async fn an_external_id_makes_create_an_upsert() {
         ("PATCH", upsert.as_str())
     );
     assert_eq!(sent.header("sforce-call-options"), Some("client=acme-sync"));
+    // The record its external id names may exist already: fields ferry
+    // does not hold are cleared there, as an update clears them.
+    let body: Value = serde_json::from_str(&sent.body_text()).unwrap();
+    assert_eq!(body["Phone"], Value::Null, "{body}");
+    assert!(body.as_object().unwrap().contains_key("Phone"), "{body}");
     // An older API version answers 204: the id is read back.
     assert_eq!(kit.push(create_request()).await.unwrap().remote_id, "003N");
     assert_eq!(kit.http().last_request().unwrap().method, "GET");
+}
+
+/// A URL setting with a path (an API URL pasted whole) is refused before
+/// any call: requests under it went to paths Salesforce answers with a
+/// record's 404, and deletes counted as done.
+#[tokio::test]
+async fn a_url_setting_with_a_path_is_refused() {
+    for (name, url) in [
+        (
+            "instance_url",
+            "https://acme.my.salesforce.com/services/data/v62.0",
+        ),
+        (
+            "login_url",
+            "https://login.salesforce.com/services/oauth2/token",
+        ),
+        ("login_url", "login.salesforce.com"),
+    ] {
+        let kit = kit().await.setting(name, url);
+        assert!(
+            matches!(
+                connector_error(kit.push(linked(Operation::Delete, "003A")).await),
+                ConnectorError::Permanent(m) if m.contains(name) && m.contains("host only")
+            ),
+            "{name} = {url}"
+        );
+        assert!(kit.http().requests().is_empty(), "{name}: no call made");
+    }
+    let kit = kit()
+        .await
+        .setting("instance_url", "https://acme.my.salesforce.com/");
+    script_tokens(&kit, &["tok-1"]);
+    kit.http()
+        .on("DELETE", &format!("{CONTACTS}/003A"))
+        .respond(204, &[], "");
+    kit.push(linked(Operation::Delete, "003A"))
+        .await
+        .expect("a trailing slash is kept off");
 }
 
 /// An outbound message as the fake Salesforce (tests/support) writes one.
