@@ -18,7 +18,7 @@ use super::extract::{
 use crate::app::AppState;
 use crate::store::conflicts::{Conflict, ListConflicts, Resolved};
 use crate::store::{Customer, CustomerId, StoreError};
-use crate::sync::inbound::{fields_of, local_record};
+use crate::sync::inbound::{fields_of, local_record, FoldError};
 
 const DEFAULT_LIMIT: u32 = 50;
 const MAX_LIMIT: u32 = 500;
@@ -240,6 +240,7 @@ fn set_field(record: &mut serde_json::Value, field: &str, value: serde_json::Val
         (status = 404, description = "No such conflict (a deleted customer's conflicts are closed with it: 409 `conflict_not_open`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Already resolved (`conflict_not_open`), the customer changed under the resolution three times in a row (`conflict_customer_busy`), or ferry changed a conflicting field since the conflict was recorded and the resolution would overwrite it (`conflict_stale`)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid resolution", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "A remote edit made while the conflict was open waits, and the remote could not be read for it (`remote_unavailable`): nothing was written, resolve again shortly", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
@@ -380,7 +381,13 @@ pub async fn resolve_conflict(
         // the duplicate-email policy). Folded, they made every resolution
         // fail, and the link stayed held for good.
         let folding = if fold {
-            state.sync.fold_waiting(&conflict, &record).await?
+            match state.sync.fold_waiting(&conflict, &record).await {
+                Ok(folding) => folding,
+                Err(FoldError::Store(error)) => return Err(error.into()),
+                Err(FoldError::RemoteUnreadable(why)) => {
+                    return Err(ApiError::RemoteUnavailable(why))
+                }
+            }
         } else {
             None
         };

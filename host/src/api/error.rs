@@ -181,6 +181,10 @@ pub enum ApiError {
     /// The connector trapped, timed out or failed; the sender should retry.
     #[error("the connector could not process this delivery; retry later")]
     ConnectorFailed,
+    /// A remote edit waits behind the conflict, and the remote could not be
+    /// read for it: nothing was written; resolve again shortly.
+    #[error("a remote edit made while the conflict was open could not be read from the remote ({0}); nothing was written, resolve again shortly")]
+    RemoteUnavailable(String),
     /// ferry holds as many webhook bodies not yet verified as
     /// `webhook_buffer_bytes` allows: nothing was read or written; the
     /// sender retries.
@@ -250,9 +254,11 @@ impl ApiError {
             Self::ComponentRefused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::ComponentTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidSignature(_) | Self::InvalidWebhook(_) => StatusCode::BAD_REQUEST,
-            Self::ConnectorFailed | Self::StoreBusy | Self::RuntimeBusy | Self::WebhooksBusy => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::ConnectorFailed
+            | Self::StoreBusy
+            | Self::RuntimeBusy
+            | Self::WebhooksBusy
+            | Self::RemoteUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::EmailTaken => StatusCode::CONFLICT,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -302,6 +308,7 @@ impl ApiError {
             Self::InvalidSignature(_) => "invalid_signature",
             Self::InvalidWebhook(_) => "invalid_webhook",
             Self::ConnectorFailed => "connector_failed",
+            Self::RemoteUnavailable(_) => "remote_unavailable",
             Self::RuntimeBusy => "runtime_busy",
             Self::WebhooksBusy => "webhooks_busy",
             Self::StoreBusy => "store_busy",
@@ -347,6 +354,7 @@ impl ApiError {
             Self::InvalidSignature(_) => "Invalid signature",
             Self::InvalidWebhook(_) => "Invalid webhook",
             Self::ConnectorFailed => "Connector failed",
+            Self::RemoteUnavailable(_) => "Remote unavailable",
             Self::RuntimeBusy => "Runtime busy",
             Self::WebhooksBusy => "Webhooks busy",
             Self::StoreBusy => "Store busy",

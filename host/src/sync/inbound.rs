@@ -40,6 +40,19 @@ use crate::store::{
     Customer, CustomerFields, CustomerId, LinkState, ListCustomers, StoreError, SyncLink,
 };
 
+/// Why a resolution could not take in the remote edits waiting behind its
+/// conflict (see [`SyncEngine::fold_waiting`]).
+#[derive(Debug, thiserror::Error)]
+pub enum FoldError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The newest waiting edit carries no record, and the remote could not
+    /// be read for it now (the reason): nothing was written.
+    #[error("{0}")]
+    RemoteUnreadable(String),
+}
+
 /// The `remote_type` of the inbox events a reconciliation's repairs store.
 pub const RECONCILIATION: &str = "reconciliation";
 
@@ -255,7 +268,7 @@ impl SyncEngine {
         &self,
         conflict: &Conflict,
         resolved: &serde_json::Value,
-    ) -> Result<Option<(serde_json::Value, Folded)>, StoreError> {
+    ) -> Result<Option<(serde_json::Value, Folded)>, FoldError> {
         let store = &self.inner.store;
         let links = store.links_of(&conflict.customer_id).await?;
         let Some(link) = links
@@ -291,7 +304,20 @@ impl SyncEngine {
         // was pushed over by the resolution, then fetched and taken for
         // that push's echo.
         let fetched = if tied || newest.record.is_none() {
-            self.fetch_current(newest, false).await.ok().flatten()
+            match self.fetch_current(newest, false).await {
+                Ok(fetched) => fetched,
+                // A thin edit the remote cannot be asked about now: the
+                // resolution waits for it. Made without it, the resolution
+                // was pushed over the edit, and the edit, read after that
+                // push, was taken for its echo: lost on both sides.
+                Err(Failure::Retry(why) | Failure::Wait(why, _)) if newest.record.is_none() => {
+                    return Err(FoldError::RemoteUnreadable(why));
+                }
+                // Gone, or never to be read: the resolution stands alone
+                // (the record's delete, or the dead letter, follows it);
+                // an event asked about for its order only has its payload.
+                Err(_) => None,
+            }
         } else {
             None
         };
@@ -331,7 +357,7 @@ impl SyncEngine {
             snapshot: remote,
             seen_at_ms: newest.occurred_at_ms,
             seqs: waiting.iter().map(|e| e.seq).collect(),
-            overridden: serde_json::to_value(overridden)?,
+            overridden: serde_json::to_value(overridden).map_err(StoreError::from)?,
             event_id: newest.event_id.clone(),
         };
         Ok(Some((merged.merged, folded)))

@@ -369,6 +369,23 @@ async fn a_thin_remote_edit_made_while_held_survives_the_resolution() {
     deliver(thin("evt_thin_phone")).await;
     wait_until_an_edit_waits(&h).await;
 
+    // The remote cannot be read for the waiting edit: the resolution
+    // waits for it, nothing written (made without it, it was pushed over
+    // the phone, and the phone read after that push taken for its echo).
+    let read = format!("/v1/customers/{}", h.remote_id);
+    for _ in 0..20 {
+        h.proxy
+            .push(Match::request("GET", &read), Fault::status(503));
+    }
+    let (status, problem) = resolve(&h.app, &conflict, json!({"resolution": "local"})).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (503, Some("remote_unavailable")),
+        "{problem}"
+    );
+    assert_eq!(open_conflict(&h.app).await["id"], conflict["id"]);
+    h.proxy.clear_faults();
+
     keeps_the_local_name_and_the_remote_phone(&h, &conflict).await;
     // Part of the resolution, not applied after it by luck.
     let events = h
