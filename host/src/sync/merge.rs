@@ -408,7 +408,14 @@ pub fn merge_owned(
 
         let owner = owners.owner(&field);
         let take_remote = match (owner, local_moved, remote_moved) {
-            (Some(owner), _, _) if owner == source => !same(&field, l, r),
+            // The owner's record: its value when it changed it (or, with
+            // no base, when it holds one ferry's differs from). Not when
+            // only ferry moved: an API write not yet pushed was reverted
+            // by the owner's next event about anything else, and the
+            // write's own push then skipped as synced.
+            (Some(owner), _, remote_moved) if owner == source => {
+                remote_moved && !same(&field, l, r)
+            }
             (Some(_), _, _) => {
                 if !same(&field, l, r) && remote_moved {
                     overridden.push(field.clone());
@@ -1205,6 +1212,25 @@ mod tests {
             other.overridden,
             vec!["name".to_owned(), "phone".to_owned()]
         );
+    }
+
+    #[test]
+    fn an_owner_leaves_alone_what_only_ferry_changed() {
+        let base = customer();
+        let local = with(&base, "phone", json!("+1 written by the API"));
+        let remote = with(&base, "name", json!("Renamed at the owner"));
+        let owned = owners(&[("phone", "stripe")]);
+        let merged = run_owned(Some(&base), &local, &remote, &owned, "stripe");
+        assert_eq!(merged.merged["phone"], "+1 written by the API");
+        assert_eq!(merged.merged["name"], "Renamed at the owner");
+        assert_eq!(
+            merged.local_changed,
+            vec!["phone".to_owned()],
+            "the owner gets ferry's phone"
+        );
+        // With no base, the owner's value decides where the two differ.
+        let first = run_owned(None, &local, &base, &owned, "stripe");
+        assert_eq!(first.merged["phone"], base["phone"]);
     }
 
     #[test]

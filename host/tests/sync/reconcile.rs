@@ -1212,6 +1212,56 @@ async fn field_owners_decide_before_the_conflict_policy(backend: Backend) {
     .await;
 }
 
+/// The owner's event about another field does not revert an API write
+/// of an owned one not yet pushed: Stripe owns the phone, ferry's API
+/// changes it while Stripe is unreachable, and Stripe's dashboard renames
+/// the customer (its event still holds the old phone). The phone was taken
+/// back from the event, the link marked synced at the new version, and the
+/// API's write skipped as synced: lost everywhere under a 200.
+async fn an_owner_event_about_another_field_keeps_an_api_write(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let mut setup = Setup::new(backend, &proxy.url());
+    setup.extra = json!({
+        "field_owners": {"phone": "stripe"},
+        "sync_max_attempts": 100,
+    });
+    let app = spawn_sync_app(setup).await;
+    let address = email("owner-api");
+    let customer = app
+        .create(json!({"email": address, "name": "Ann", "phone": "+100"}))
+        .await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    let link = app.wait_synced(&id, 1).await;
+    let s1 = link["remote_id"].as_str().unwrap().to_owned();
+
+    proxy.set_down(true);
+    app.patch(&id, json!({"phone": "+101"})).await;
+    let body = event(
+        "evt_owner_rename",
+        "customer.updated",
+        chrono::Utc::now().timestamp() + 3,
+        json!({"id": s1, "object": "customer", "email": address, "name": "Ann Renamed", "phone": "+100", "metadata": {}}),
+    );
+    let (status, reply) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200, "{reply}");
+    let events = app.wait_inbox_settled("stripe", &s1, 1).await;
+    assert_eq!(events[0].state.as_str(), "applied", "{events:?}");
+    let now = app.store.get_customer_any(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (now.name.as_deref(), now.phone.as_deref()),
+        (Some("Ann Renamed"), Some("+101"))
+    );
+
+    proxy.set_down(false);
+    eventually("Stripe has its own name and ferry's phone", || async {
+        stripe_customer(&stripe.url(), &s1)
+            .await
+            .is_some_and(|c| c["name"] == "Ann Renamed" && c["phone"] == "+101")
+    })
+    .await;
+}
+
 /// A phone added in ferry whose push gave up (Stripe unreachable until
 /// its attempts ran out) is a difference: the remote lacks a value the
 /// local version set. It was reported `equal` (a field the remote does not
@@ -2025,6 +2075,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn field_owners() {
         field_owners_decide_before_the_conflict_policy(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_owner_event_about_another_field_keeps_an_api_write() {
+        super::an_owner_event_about_another_field_keeps_an_api_write(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
