@@ -182,7 +182,14 @@ impl Connector for Salesforce {
                     .find_map(|f| n.fields.get(*f).and_then(Value::as_str))
                     .and_then(parse_datetime_ms)
                     .unwrap_or(0);
-                if incomplete {
+                // A message without its date (the Outbound Message not set
+                // to send `LastModifiedDate`) cannot be ordered: Salesforce
+                // redelivers a message it got no Ack for, later, so an
+                // older edit dated on arrival came back over a newer one.
+                // A trigger: what the org holds now is applied. Under
+                // `fetch_records=never` the message is all there is.
+                let undated = when == 0 && config.fetch_records != Fetch::Never;
+                if incomplete || undated {
                     // A trigger dated as the message is, as the complete
                     // messages of the same record are: dated on arrival
                     // instead, a later edit's complete message (its date in

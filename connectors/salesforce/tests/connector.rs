@@ -778,7 +778,7 @@ async fn a_message_without_every_mapped_field_is_a_trigger() {
         ),
     );
     let parsed = kit
-        .receive_webhook(testkit::webhook_request(&[], complete))
+        .receive_webhook(testkit::webhook_request(&[], complete.clone()))
         .await
         .expect("verified and parsed");
     let record: Value =
@@ -786,6 +786,37 @@ async fn a_message_without_every_mapped_field_is_a_trigger() {
     assert_eq!(record["phone"], "+44 20 7946 0000", "{record}");
     assert_eq!(parsed.events[0].occurred_at_ms, 1_795_939_200_000);
     assert!(kit.http().requests().is_empty(), "no API call needed");
+
+    // The same message not set up to send its date cannot be ordered
+    // against the record's other messages (Salesforce redelivers one it
+    // had no Ack for, later): a trigger.
+    let undated = complete
+        .replace(
+            "<sf:LastModifiedDate>2026-11-29T08:00:00.000Z</sf:LastModifiedDate>",
+            "",
+        )
+        .replace(
+            "<sf:SystemModstamp>2026-11-29T08:00:00.000Z</sf:SystemModstamp>",
+            "",
+        );
+    let parsed = kit
+        .receive_webhook(testkit::webhook_request(&[], undated.clone()))
+        .await
+        .expect("verified and parsed");
+    assert_eq!(
+        (
+            parsed.events[0].record.as_deref(),
+            parsed.events[0].occurred_at_ms
+        ),
+        (None, 0)
+    );
+    // Unless the message is all the operator lets ferry have.
+    let parsed = kit
+        .setting("fetch_records", "never")
+        .receive_webhook(testkit::webhook_request(&[], undated))
+        .await
+        .expect("verified and parsed");
+    assert!(parsed.events[0].record.is_some());
 }
 
 /// `fetch_records`: the events only name their records, undated (ferry
