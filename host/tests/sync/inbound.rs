@@ -596,6 +596,59 @@ async fn a_thin_event_dated_behind_the_last_one_is_still_applied() {
     assert!(app.customer_by_email(&address).await.is_none());
 }
 
+/// A dated event less than a remote tick behind a thin one is read again,
+/// not skipped as stale: the thin event was dated on arrival in
+/// milliseconds, Stripe dates its events in whole seconds, and an edit made
+/// after the thin event's read in the same second looked older than it
+/// (Stripe's snapshot endpoint beside an event destination).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dated_event_a_tick_behind_a_thin_one_is_read_again() {
+    use ferry::store::inbox::{NewInboxEvent, RemoteChange};
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
+    let address = email("tick");
+    let created = stripe_py(
+        &stripe.url(),
+        &format!("c = stripe.Customer.create(email='{address}', name='First')\nprint(json.dumps({{'id': c.id}}))"),
+    );
+    let remote_id = created["id"].as_str().unwrap().to_owned();
+    let second = chrono::Utc::now().timestamp() * 1_000;
+    let event = |id: &str, at: i64, record: Option<Value>| NewInboxEvent {
+        event_id: id.into(),
+        entity: "customer".into(),
+        kind: RemoteChange::Upsert,
+        remote_id: remote_id.clone(),
+        occurred_at_ms: at,
+        record,
+        origin_key: None,
+        remote_type: "customer.updated".into(),
+        policy: None,
+    };
+    let store = |event: NewInboxEvent| {
+        let app = &app;
+        async move {
+            app.store
+                .store_inbox_many(&[("stripe", std::slice::from_ref(&event), None)])
+                .await
+                .expect("stored");
+            app.sync.wake();
+        }
+    };
+    store(event("evt_tick_thin", second + 600, None)).await;
+    let thin = outcome_of(&app, remote_id.clone(), "evt_tick_thin").await;
+    assert_eq!(thin["state"], "applied", "{thin}");
+    stripe_py(
+        &stripe.url(),
+        &format!("stripe.Customer.modify('{remote_id}', name='Second')\nprint('{{}}')"),
+    );
+    let record = json!({"id": remote_id, "email": address, "name": "Second"});
+    store(event("evt_tick_dated", second, Some(record))).await;
+    let dated = outcome_of(&app, remote_id.clone(), "evt_tick_dated").await;
+    assert_eq!(dated["state"], "applied", "{dated}");
+    let customer = app.customer_by_email(&address).await.expect("customer");
+    assert_eq!(customer["name"], "Second", "{customer}");
+}
+
 /// A thin event older than its record's delete is still stale: the fetch
 /// would find nothing, and the late trigger would be dead-lettered where it
 /// belongs skipped. So is one delivered after the delete (thin events are
