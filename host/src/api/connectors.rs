@@ -460,6 +460,9 @@ pub async fn enable(
     if backfill {
         // What would refuse the run is checked before the switch: an
         // error must not leave the connector enabled without its run.
+        // Against the store's connectors as they are now (a replica a poll
+        // behind another's upload answered 404).
+        state.registry.refresh().await?;
         backfill_possible(&state, &name).await?;
     }
     state.registry.set_enabled(&name, true).await?;
@@ -590,6 +593,9 @@ pub async fn put_settings(
     Path(name): Path<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<ConnectorSummary>, ApiError> {
+    // The store's connectors as they are now: a replica a poll behind
+    // another's upload answered 404 for the new connector.
+    state.registry.refresh().await?;
     if state.registry.entry(&name).is_none() {
         return Err(ApiError::ConnectorNotFound);
     }

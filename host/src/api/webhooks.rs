@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, Problem};
 use super::extract::request_id;
 use crate::app::AppState;
-use crate::registry::Need;
+use crate::registry::{Need, NotReady};
 use crate::runtime::{CallError, ChangeKind, ConnectorError, WebhookRequest};
 use crate::store::inbox::{NewInboxEvent, RemoteChange};
 
@@ -57,10 +57,19 @@ pub async fn receive(
 ) -> Result<Response, ApiError> {
     // Unknown, disabled, unconfigured or without webhooks: all look the
     // same from outside, and are answered before a byte of the body is read.
+    // A connector whose version this replica could not load (yet) is a
+    // passing failure: the sender retries (a 404 invites it to drop the
+    // delivery, or the endpoint).
     let ready = state
         .registry
         .ready(&name, Need::Webhooks)
-        .map_err(|_| ApiError::ConnectorNotFound)?;
+        .map_err(|not_ready| match not_ready {
+            NotReady::NotLoaded(why) => {
+                tracing::debug!(connector = %name, why, "webhook refused: no version is loaded here");
+                ApiError::ConnectorFailed
+            }
+            _ => ApiError::ConnectorNotFound,
+        })?;
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
     // Held until the answer: the body, its copy in the sandbox and the

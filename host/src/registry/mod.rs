@@ -477,19 +477,54 @@ impl Registry {
         self.inner.options.secret_box.as_ref()
     }
 
+    /// `name`'s entry as the store holds it now, for an operator's call:
+    /// the view is refreshed first. A replica a poll behind another's
+    /// upload (or new version) answered 404 for the new connector, or
+    /// checked its settings against the old version's manifest (422 for a
+    /// setting the new one declares).
+    async fn current_entry(&self, name: &str) -> Result<Arc<Entry>, RegistryError> {
+        self.refresh().await?;
+        self.entry(name).ok_or(RegistryError::NotFound)
+    }
+
     /// Re-reads what changed in the store since the last refresh and loads
     /// newly active versions. A version that fails to load leaves the
     /// previous one running and says why in [`Entry::problem`].
     pub async fn refresh(&self) -> Result<(), StoreError> {
-        let _one = self.inner.refreshing.lock().await;
-        let result = self.refresh_locked().await;
-        if let Ok(mut staged) = self.inner.staged.lock() {
-            staged.clear();
+        let switched_on = {
+            let _one = self.inner.refreshing.lock().await;
+            let result = self.refresh_locked().await;
+            if let Ok(mut staged) = self.inner.staged.lock() {
+                staged.clear();
+            }
+            result?
+        };
+        // Every replica that sees a connector switched on releases the
+        // pushes that waited for it (once the new view is in place, so a
+        // released push sees it enabled), and so a push parked by a replica
+        // whose view was still stale does not wait out its recheck. Not
+        // under the refresh's lock: over a long backlog (batches of
+        // `RESUME_BATCH`) it held every refresh here, an operator's
+        // rollback and the poll that loads it among them.
+        for name in switched_on {
+            match self.inner.store.resume_connector_links(&name).await {
+                Ok(resumed) => {
+                    tracing::info!(connector = %name, resumed, "connector enabled; waiting pushes released")
+                }
+                Err(error) => {
+                    tracing::warn!(connector = %name, error = format!("{:#}", anyhow::Error::from(error)), "releasing waiting pushes failed; they retry within a minute")
+                }
+            }
         }
-        result
+        // The scheduler claims what the new view (and the release) made
+        // due.
+        self.inner.changes.send_modify(|n| *n += 1);
+        Ok(())
     }
 
-    async fn refresh_locked(&self) -> Result<(), StoreError> {
+    /// Reads the store's connectors into a new view; the names of those
+    /// this view switches on (see [`Registry::refresh`]).
+    async fn refresh_locked(&self) -> Result<Vec<String>, StoreError> {
         let rows: Vec<ConnectorRow> = self
             .inner
             .store
@@ -513,7 +548,7 @@ impl Registry {
         let unchanged =
             rows.len() == current.entries.len() && rows.iter().all(|r| current_for(r).is_some());
         if unchanged {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let configs: BTreeMap<String, StoredConnectorConfig> = self
             .inner
@@ -621,28 +656,18 @@ impl Registry {
             Ok(mut slot) => *slot = view.clone(),
             Err(poisoned) => *poisoned.into_inner() = view.clone(),
         }
-        // Every replica that sees a connector switched on releases the
-        // pushes that waited for it (once the new view is in place, so a
-        // released push sees it enabled), and so a push parked by a replica
-        // whose view was still stale does not wait out its recheck.
-        for (name, entry) in &view.entries {
-            // New here counts as off: pushes another replica queued for
-            // a connector this one did not know yet wait for it. So do the
-            // settings a new version required, once given.
-            let was_off = current.entries.get(name).is_none_or(|e| !e.runs());
-            if was_off && entry.runs() {
-                match self.inner.store.resume_connector_links(name).await {
-                    Ok(resumed) => {
-                        tracing::info!(connector = %name, resumed, "connector enabled; waiting pushes released")
-                    }
-                    Err(error) => {
-                        tracing::warn!(connector = %name, error = format!("{:#}", anyhow::Error::from(error)), "releasing waiting pushes failed; they retry within a minute")
-                    }
-                }
-            }
-        }
-        self.inner.changes.send_modify(|n| *n += 1);
-        Ok(())
+        // New here counts as off: pushes another replica queued for a
+        // connector this one did not know yet wait for it. So do the
+        // settings a new version required, once given.
+        let switched_on = view
+            .entries
+            .iter()
+            .filter(|(name, entry)| {
+                entry.runs() && current.entries.get(*name).is_none_or(|e| !e.runs())
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        Ok(switched_on)
     }
 
     /// The version `row` says is active, loaded; the previous one (and the
@@ -951,18 +976,14 @@ impl Registry {
 
     /// The stored versions of `name`, oldest first.
     pub async fn versions(&self, name: &str) -> Result<Vec<VersionMeta>, RegistryError> {
-        if self.entry(name).is_none() {
-            return Err(RegistryError::NotFound);
-        }
+        self.current_entry(name).await?;
         Ok(self.inner.store.connector_versions(name).await?)
     }
 
     /// Makes `version` of `name` the active one (rollback or roll
     /// forward), after loading it here to be sure it still loads.
     pub async fn activate(&self, name: &str, version: &str) -> Result<(), RegistryError> {
-        if self.entry(name).is_none() {
-            return Err(RegistryError::NotFound);
-        }
+        self.current_entry(name).await?;
         // No version holds one (manifests refuse it), and PostgreSQL
         // refuses a NUL in a query's text: a 500 for a 404.
         if version.contains('\0') {
@@ -1058,7 +1079,7 @@ impl Registry {
     /// required settings and secrets; the refresh that follows releases the
     /// pushes that waited.
     pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), RegistryError> {
-        let entry = self.entry(name).ok_or(RegistryError::NotFound)?;
+        let entry = self.current_entry(name).await?;
         if enabled {
             let manifest = active_manifest(&entry)?;
             let problems: Vec<SettingsProblem> = config::check_against_manifest(
@@ -1102,6 +1123,7 @@ impl Registry {
     /// rotated) is read, and the write built again, instead of being
     /// silently undone by an older copy.
     pub async fn put_settings(&self, name: &str, new: NewSettings) -> Result<(), RegistryError> {
+        self.current_entry(name).await?;
         for _ in 0..SETTINGS_RACES {
             if self.put_settings_over_view(name, new.clone()).await? {
                 return Ok(());
@@ -1230,9 +1252,7 @@ impl Registry {
     /// push to make, an inbound event to apply), unless `force`; the links
     /// are kept either way, for audit.
     pub async fn delete(&self, name: &str, force: bool) -> Result<(), RegistryError> {
-        if self.entry(name).is_none() {
-            return Err(RegistryError::NotFound);
-        }
+        self.current_entry(name).await?;
         let linked = self.inner.store.connector_in_use(name).await?;
         if linked > 0 && !force {
             return Err(RegistryError::Linked(linked));

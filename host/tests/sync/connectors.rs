@@ -756,7 +756,8 @@ async fn swap_under_webhook_load(backend: Backend) {
 /// Two `ferry serve` processes on one PostgreSQL, started outside the
 /// repository with no FERRY_CONNECTORS_DIR (they find the bundled
 /// connectors beside the executable). An upload, an activation and a
-/// disable made through one are in force on the other within seconds; no
+/// disable made through one are in force on the other within seconds (and
+/// the other configures an upload at once); no
 /// secret value appears in any answer or log line along the way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_on_one_replica_reaches_the_other() {
@@ -838,7 +839,9 @@ async fn a_change_on_one_replica_reaches_the_other() {
             (response.status().as_u16(), response.text().await.unwrap())
         }
     };
-    let (status, body) = answer(&a).await;
+    // Configured at once through the other replica: it reads the store's
+    // connectors first (a poll behind, it answered 404).
+    let (status, body) = answer(&b).await;
     assert_eq!(status, 200, "{body}");
     seen.push(body);
     let first = wait_served(&client, &b.base, "recorder 0.1.0").await;
@@ -1028,6 +1031,13 @@ async fn a_version_that_fails_to_load_keeps_its_changes(backend: Backend) {
             .as_str()
             .is_some_and(|p| p.contains("failed to load")),
         "{connector:#}"
+    );
+    // A webhook meanwhile is a passing failure, which its sender retries
+    // (a 404 invited it to drop the delivery).
+    let (status, problem) = recorder_webhook(&app.client, &app.base, &uuid()).await;
+    assert!(
+        status == 503 && problem.contains("connector_failed"),
+        "{status} {problem}"
     );
     let address = email("unloaded");
     let customer = app
