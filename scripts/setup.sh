@@ -44,8 +44,25 @@ elif ! rustup target list --installed | grep -x wasm32-wasip2 >/dev/null; then
   rustup target add wasm32-wasip2
 fi
 
+# Debian packages missing, installed at once.
+missing=()
+apt_install() {
+  if [ ${#missing[@]} -gt 0 ]; then
+    step "installing Debian packages: ${missing[*]}"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    # Through env: sudo resets the environment a prefix would set.
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    missing=()
+  fi
+}
+
+# librdkafka and SQLite are built from source with the crates that bind
+# them: a C compiler and make.
+{ command -v cc >/dev/null && command -v make >/dev/null; } || missing+=(build-essential)
+apt_install
+
 if $want_test; then
-  missing=()
   [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql-15)
   command -v runuser >/dev/null || missing+=(util-linux)
   # The console's browser tests: a real headless chromium over WebDriver.
@@ -53,13 +70,10 @@ if $want_test; then
   [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
   # schemathesis.sh waits for ferry with it.
   command -v curl >/dev/null || missing+=(curl)
-  if [ ${#missing[@]} -gt 0 ]; then
-    step "installing Debian packages: ${missing[*]}"
-    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -qq
-    # Through env: sudo resets the environment a prefix would set.
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
-  fi
+  # The test venv (python-deps.sh): Debian's python3 leaves ensurepip,
+  # which `python3 -m venv` needs, to this package.
+  python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
+  apt_install
   "$FERRY_ROOT/scripts/python-deps.sh"
   # The Kafka-protocol broker the cluster-mode tests start (built once per
   # machine, cached under $FERRY_CACHE_DIR/tools).
