@@ -96,11 +96,44 @@ impl Customer {
         // Serializing plain strings and maps cannot fail.
         serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned())
     }
+
+    /// The metadata keys an update's record (canonical JSON) sets to
+    /// `null`: keys the remote held at the last sync that ferry has removed
+    /// since. A remote that merges metadata, deleting a key only when told
+    /// to (Stripe's: posted empty), unsets each; one that replaces the map
+    /// whole has nothing to do. `null` otherwise reads as "not known"
+    /// ([`Customer::metadata`]), so connectors that ignore this keep
+    /// working as before.
+    pub fn cleared_metadata(json: &str) -> Vec<String> {
+        #[derive(Deserialize)]
+        struct Cleared {
+            #[serde(default)]
+            metadata: Option<BTreeMap<String, Option<serde_json::Value>>>,
+        }
+        serde_json::from_str::<Cleared>(json)
+            .ok()
+            .and_then(|c| c.metadata)
+            .into_iter()
+            .flatten()
+            .filter(|(_, value)| value.is_none())
+            .map(|(key, _)| key)
+            .collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cleared_metadata_keys_are_those_sent_as_null() {
+        let json = r#"{"name":"Ada","metadata":{"tier":null,"plan":"pro","old":null}}"#;
+        assert_eq!(Customer::cleared_metadata(json), ["old", "tier"]);
+        let c = Customer::from_json(json).unwrap();
+        assert_eq!(c.metadata.len(), 1, "a null value is no value");
+        assert!(Customer::cleared_metadata(r#"{"metadata":null}"#).is_empty());
+        assert!(Customer::cleared_metadata("not json").is_empty());
+    }
 
     #[test]
     fn round_trips_and_skips_unknown_fields() {

@@ -85,12 +85,20 @@ pub(crate) fn from_stripe(c: StripeCustomer) -> Customer {
     }
 }
 
-/// Form pairs for `POST /v1/customers[/{id}]`. On update an unset field is
-/// sent empty, which Stripe documents as "unset", so the remote ends up equal
-/// to ferry's record rather than keeping stale values. Metadata keys absent
-/// locally are left alone: Stripe merges metadata, and other integrations
-/// may own keys ferry does not know.
-pub(crate) fn customer_form(c: &Customer, local_id: &str, update: bool) -> Vec<(String, String)> {
+/// Form pairs for `POST /v1/customers[/{id}]`: a create's (`cleared`
+/// `None`), or an update's. On update an unset field is sent empty, which
+/// Stripe documents as "unset", so the remote ends up equal to ferry's
+/// record rather than keeping stale values. Stripe merges metadata: a key
+/// is unset only when posted empty, which an update does for the keys
+/// ferry removed since the last sync (`cleared`, [`Customer::cleared_metadata`]);
+/// other keys absent locally are left alone (another integration's, not
+/// yet seen by ferry).
+pub(crate) fn customer_form(
+    c: &Customer,
+    local_id: &str,
+    cleared: Option<&[String]>,
+) -> Vec<(String, String)> {
+    let update = cleared.is_some();
     let mut form = Vec::new();
     let mut field = |name: &str, value: &Option<String>| match value {
         Some(v) => form.push((name.to_owned(), v.clone())),
@@ -125,6 +133,11 @@ pub(crate) fn customer_form(c: &Customer, local_id: &str, update: bool) -> Vec<(
     for (k, v) in &c.metadata {
         if k != FERRY_ID_KEY {
             form.push((format!("metadata[{k}]"), v.clone()));
+        }
+    }
+    for k in cleared.into_iter().flatten() {
+        if k != FERRY_ID_KEY && !c.metadata.contains_key(k) {
+            form.push((format!("metadata[{k}]"), String::new()));
         }
     }
     form.push((format!("metadata[{FERRY_ID_KEY}]"), local_id.to_owned()));
@@ -163,7 +176,7 @@ mod tests {
             name: Some("Ada".into()),
             ..Customer::default()
         };
-        let create = customer_form(&c, "f1", false);
+        let create = customer_form(&c, "f1", None);
         assert_eq!(
             create,
             vec![
@@ -171,9 +184,10 @@ mod tests {
                 ("metadata[ferry_id]".to_owned(), "f1".to_owned())
             ]
         );
-        let update = customer_form(&c, "f1", true);
+        let update = customer_form(&c, "f1", Some(&["gone".to_owned()]));
         assert!(update.contains(&("email".to_owned(), String::new())));
         assert!(update.contains(&("address".to_owned(), String::new())));
+        assert!(update.contains(&("metadata[gone]".to_owned(), String::new())));
 
         let with_city = Customer {
             address: Some(Address {
@@ -182,10 +196,10 @@ mod tests {
             }),
             ..Customer::default()
         };
-        let create = customer_form(&with_city, "f1", false);
+        let create = customer_form(&with_city, "f1", None);
         assert!(create.contains(&("address[city]".to_owned(), "Paris".to_owned())));
         assert!(!create.iter().any(|(k, _)| k == "address[line1]"));
-        let update = customer_form(&with_city, "f1", true);
+        let update = customer_form(&with_city, "f1", Some(&[]));
         assert!(update.contains(&("address[line1]".to_owned(), String::new())));
     }
 }

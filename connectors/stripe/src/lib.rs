@@ -62,7 +62,7 @@ impl Connector for Stripe {
         }
         let response = match req.operation {
             Operation::Create => {
-                let form = customer_form(&customer, &req.local_id, false);
+                let form = customer_form(&customer, &req.local_id, None);
                 post(
                     format!("{}/v1/customers", api_base()),
                     &form,
@@ -71,7 +71,10 @@ impl Connector for Stripe {
             }
             Operation::Update => {
                 let id = req.linked_remote_id("Stripe")?;
-                let form = customer_form(&customer, &req.local_id, true);
+                // Stripe merges metadata: a key ferry removed is unset by
+                // posting it empty, or it stayed there for good.
+                let cleared = Customer::cleared_metadata(&req.record);
+                let form = customer_form(&customer, &req.local_id, Some(&cleared));
                 post(customer_url(id), &form, &req.idempotency_key)?
             }
             Operation::Delete => {

@@ -258,6 +258,7 @@ fn plan(
         }
         _ => record,
     };
+    let record = clearing_metadata(record, link.snapshot.as_ref());
     if link.pushed_hash.as_deref() == Some(hash(&record).as_str()) {
         return Ok(Err(("content unchanged since the last push".into(), true)));
     }
@@ -289,7 +290,10 @@ fn snapshot_after(returned: Option<&str>, plan: &Plan) -> Option<serde_json::Val
         );
     }
     match record {
-        Some(record) => Some(record),
+        Some(mut record) => {
+            agreed_metadata(&mut record, &plan.record);
+            Some(record)
+        }
         None if plan.operation != Operation::Delete => {
             serde_json::from_str::<serde_json::Value>(&plan.record)
                 .ok()
@@ -305,6 +309,69 @@ fn snapshot_after(returned: Option<&str>, plan: &Plan) -> Option<serde_json::Val
         }
         None => None,
     }
+}
+
+/// An update's `record` with each metadata key the remote held at the last
+/// sync (the link's `snapshot`), and the customer no longer does, set to
+/// `null`: removed in ferry, so to be removed there. A remote that merges
+/// metadata (Stripe's) kept such a key for good, and the snapshot taken
+/// from its answer held it again, so the key came back at the next event
+/// (`Customer::cleared_metadata` in the SDK reads them).
+fn clearing_metadata(record: String, snapshot: Option<&serde_json::Value>) -> String {
+    let Some(held) = snapshot
+        .and_then(|s| s.get("metadata"))
+        .and_then(serde_json::Value::as_object)
+    else {
+        return record;
+    };
+    let Ok(mut value) = serde_json::from_str::<serde_json::Value>(&record) else {
+        return record;
+    };
+    let Some(fields) = value.as_object_mut() else {
+        return record;
+    };
+    let metadata = fields
+        .entry("metadata")
+        .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+    let Some(metadata) = metadata.as_object_mut() else {
+        return record;
+    };
+    let mut cleared = false;
+    for (key, was) in held {
+        let there = was.as_str().is_some_and(|v| !v.is_empty());
+        if there && metadata.get(key).is_none_or(serde_json::Value::is_null) {
+            metadata.insert(key.clone(), serde_json::Value::Null);
+            cleared = true;
+        }
+    }
+    if cleared {
+        value.to_string()
+    } else {
+        record
+    }
+}
+
+/// `returned`'s metadata less the keys the push did not send: a remote
+/// that merges metadata answers with keys another system set there, which
+/// ferry has not taken in yet. Kept in the snapshot, they read as agreed,
+/// so the event that brings one (often just behind the push) read as ferry
+/// having removed it: never taken in, and removed there by ferry's next
+/// update. Left out, that event adds it.
+fn agreed_metadata(returned: &mut serde_json::Value, pushed: &str) {
+    let Some(metadata) = returned
+        .get_mut("metadata")
+        .and_then(serde_json::Value::as_object_mut)
+    else {
+        return;
+    };
+    let pushed: serde_json::Value = serde_json::from_str(pushed).unwrap_or_default();
+    let sent = |key: &str| {
+        pushed
+            .get("metadata")
+            .and_then(|m| m.get(key))
+            .is_some_and(|v| !v.is_null())
+    };
+    metadata.retain(|key, _| sent(key));
 }
 
 /// What the connector is asked to do for `plan`. A create names no remote
@@ -1034,6 +1101,40 @@ mod tests {
         assert_eq!(
             snapshot_after(Some(r#"{"name":"Ada L."}"#), &plan),
             Some(serde_json::json!({"name": "Ada L."}))
+        );
+    }
+
+    #[test]
+    fn metadata_ferry_removed_is_cleared_and_keys_it_did_not_send_are_not_agreed() {
+        let snapshot = serde_json::json!({"metadata": {"tier": "gold", "plan": "pro", "gone": ""}});
+        let record = r#"{"name":"Ada","metadata":{"plan":"pro"}}"#.to_owned();
+        let cleared: serde_json::Value =
+            serde_json::from_str(&clearing_metadata(record.clone(), Some(&snapshot))).unwrap();
+        assert_eq!(
+            cleared["metadata"],
+            serde_json::json!({"plan": "pro", "tier": null}),
+            "a key held there as empty is not there"
+        );
+        let no_metadata = r#"{"name":"Ada"}"#.to_owned();
+        let cleared: serde_json::Value =
+            serde_json::from_str(&clearing_metadata(no_metadata, Some(&snapshot))).unwrap();
+        assert_eq!(
+            cleared["metadata"],
+            serde_json::json!({"plan": null, "tier": null})
+        );
+        assert_eq!(clearing_metadata(record.clone(), None), record);
+
+        let plan = Plan {
+            operation: Operation::Update,
+            version: 2,
+            record: r#"{"name":"Ada","metadata":{"plan":"pro","tier":null}}"#.to_owned(),
+            key: "k".to_owned(),
+        };
+        let returned = r#"{"name":"Ada","metadata":{"plan":"pro","tier":"","vip":"yes"}}"#;
+        assert_eq!(
+            snapshot_after(Some(returned), &plan),
+            Some(serde_json::json!({"name": "Ada", "metadata": {"plan": "pro"}})),
+            "another system's key is news to take in, not agreed"
         );
     }
 }

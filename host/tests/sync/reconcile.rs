@@ -1262,6 +1262,58 @@ async fn an_owner_event_about_another_field_keeps_an_api_write(backend: Backend)
     .await;
 }
 
+/// Metadata removed in ferry is removed in Stripe (which merges metadata:
+/// a key goes only when posted empty; it stayed there for good), and a key
+/// another system set in Stripe just before ferry's push is taken in when
+/// its event comes (the push's answer held it, the snapshot counted it as
+/// agreed, and its event read as ferry having removed it: never taken in).
+async fn metadata_removed_in_ferry_and_added_in_stripe_both_arrive(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(backend, &stripe.url())).await;
+    let address = email("metadata");
+    let customer = app
+        .create(json!({"email": address, "name": "Ann", "metadata": {"tier": "gold"}}))
+        .await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    let link = app.wait_synced(&id, 1).await;
+    let s1 = link["remote_id"].as_str().unwrap().to_owned();
+
+    // Another system sets a key in Stripe; its event has not reached ferry.
+    let vip_at = chrono::Utc::now().timestamp();
+    stripe_write(
+        &stripe.url(),
+        &format!("/v1/customers/{s1}"),
+        &[("metadata[vip]", "yes")],
+    )
+    .await;
+    app.patch(&id, json!({"metadata": {"tier": null}})).await;
+    app.wait_synced(&id, 2).await;
+    let there = stripe_customer(&stripe.url(), &s1).await.expect("there");
+    assert!(
+        there["metadata"]["tier"].as_str().is_none_or(str::is_empty),
+        "removed in Stripe: {there}"
+    );
+    assert_eq!(there["metadata"]["vip"], "yes", "{there}");
+
+    let body = event(
+        "evt_vip",
+        "customer.updated",
+        vip_at,
+        json!({"id": s1, "object": "customer", "email": address, "name": "Ann",
+            "metadata": {"vip": "yes", "ferry_id": id}}),
+    );
+    let (status, reply) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200, "{reply}");
+    let events = app.wait_inbox_settled("stripe", &s1, 1).await;
+    assert_eq!(events[0].state.as_str(), "applied", "{events:?}");
+    let now = app.store.get_customer_any(&id).await.unwrap().unwrap();
+    assert_eq!(
+        serde_json::to_value(&now.metadata).unwrap(),
+        json!({"vip": "yes"}),
+        "{now:?}"
+    );
+}
+
 /// A phone added in ferry whose push gave up (Stripe unreachable until
 /// its attempts ran out) is a difference: the remote lacks a value the
 /// local version set. It was reported `equal` (a field the remote does not
@@ -2075,6 +2127,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn field_owners() {
         field_owners_decide_before_the_conflict_policy(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn metadata_removed_in_ferry_and_added_in_stripe_both_arrive() {
+        super::metadata_removed_in_ferry_and_added_in_stripe_both_arrive(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
