@@ -80,12 +80,16 @@ pub struct Readiness {
 
 /// Readiness of each dependency.
 ///
-/// The store answers; in cluster mode the Kafka cluster returns its
-/// metadata and the bus's topics exist. 503 names what is not ready. Each
-/// connector's load state is reported too (`ok` false for a switched-on
-/// connector with no loaded version) but does not make the replica
-/// unready: a connector that no replica can load would otherwise take the
-/// API and every other connector out of the load balancer with it.
+/// The store answers and, in cluster mode, the bus's topics exist (made
+/// once, at start: a broker that refuses them stays visible); 503 names
+/// what is not ready. The Kafka cluster's metadata is reported too, and so
+/// is each connector's load state (`ok` false for a switched-on connector
+/// with no loaded version), but neither makes the replica unready: a
+/// broker away (every replica's at once) took every running replica out
+/// of the load balancer, the API and webhooks with them, while the
+/// outbox's redelivery net and the inbox's grace carry sync on without
+/// the bus; a connector no replica can load would take the API and every
+/// other connector with it.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses(
         (status = 200, description = "Ready to serve", body = Readiness),
@@ -125,11 +129,11 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             detail: why,
         });
     }
-    // What gates readiness is known here; the connectors below are
-    // reported only.
+    // What gates readiness: the store and the bus's topics. The broker's
+    // answer and the connectors below are reported only.
     let not_ready: Vec<String> = checks
         .iter()
-        .filter(|c| !c.ok)
+        .filter(|c| !c.ok && c.name != "bus")
         .map(|c| c.name.clone())
         .collect();
     for entry in state.registry.entries() {

@@ -208,6 +208,19 @@ async fn changes_the_relay_cannot_publish_are_scheduled_from_the_outbox() {
     let id = reaches_stripe_without_the_bus(&app, &stripe, "offline").await;
     let events = app.store.outbox_events(&id).await.expect("outbox");
     assert!(events.iter().all(|e| !e.queued), "{events:?}");
+    // Ready all along, saying the broker is away: unready, every running
+    // replica left the load balancer at once (the API and webhooks with
+    // them) while sync went on without the bus.
+    let (status, ready) = app.send(reqwest::Method::GET, "/readyz", None).await;
+    assert_eq!(status, 200, "{ready}");
+    assert!(
+        ready["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "bus" && c["ok"] == false),
+        "{ready}"
+    );
 
     broker.start_again().expect("broker back");
     app.stop().await;
