@@ -97,27 +97,23 @@ impl Customer {
         serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned())
     }
 
-    /// The metadata keys an update's record (canonical JSON) sets to
-    /// `null`: keys the remote held at the last sync that ferry has removed
-    /// since. A remote that merges metadata, deleting a key only when told
-    /// to (Stripe's: posted empty), unsets each; one that replaces the map
-    /// whole has nothing to do. `null` otherwise reads as "not known"
-    /// ([`Customer::metadata`]), so connectors that ignore this keep
-    /// working as before.
-    pub fn cleared_metadata(json: &str) -> Vec<String> {
+    /// The metadata keys an update's record (canonical JSON) names in its
+    /// `metadata_removed` field: keys the remote held at the last sync that
+    /// ferry has removed since. A remote that merges metadata, deleting a
+    /// key only when told to (Stripe's: posted empty), unsets each; one
+    /// that replaces the map whole has nothing to do. A field of its own,
+    /// which [`Customer::from_json`] ignores as any unknown field: a
+    /// connector that does not read it keeps working as before.
+    pub fn removed_metadata(json: &str) -> Vec<String> {
         #[derive(Deserialize)]
-        struct Cleared {
+        struct Removed {
             #[serde(default)]
-            metadata: Option<BTreeMap<String, Option<serde_json::Value>>>,
+            metadata_removed: Option<Vec<String>>,
         }
-        serde_json::from_str::<Cleared>(json)
+        serde_json::from_str::<Removed>(json)
             .ok()
-            .and_then(|c| c.metadata)
-            .into_iter()
-            .flatten()
-            .filter(|(_, value)| value.is_none())
-            .map(|(key, _)| key)
-            .collect()
+            .and_then(|r| r.metadata_removed)
+            .unwrap_or_default()
     }
 }
 
@@ -126,13 +122,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cleared_metadata_keys_are_those_sent_as_null() {
-        let json = r#"{"name":"Ada","metadata":{"tier":null,"plan":"pro","old":null}}"#;
-        assert_eq!(Customer::cleared_metadata(json), ["old", "tier"]);
+    fn removed_metadata_keys_are_named_beside_the_record() {
+        let json = r#"{"name":"Ada","metadata":{"plan":"pro"},"metadata_removed":["old","tier"]}"#;
+        assert_eq!(Customer::removed_metadata(json), ["old", "tier"]);
         let c = Customer::from_json(json).unwrap();
-        assert_eq!(c.metadata.len(), 1, "a null value is no value");
-        assert!(Customer::cleared_metadata(r#"{"metadata":null}"#).is_empty());
-        assert!(Customer::cleared_metadata("not json").is_empty());
+        assert_eq!(c.metadata.len(), 1, "the record reads as before");
+        assert!(Customer::removed_metadata(r#"{"metadata_removed":null}"#).is_empty());
+        assert!(Customer::removed_metadata(r#"{"name":"Ada"}"#).is_empty());
+        assert!(Customer::removed_metadata("not json").is_empty());
     }
 
     #[test]

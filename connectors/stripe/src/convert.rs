@@ -90,7 +90,7 @@ pub(crate) fn from_stripe(c: StripeCustomer) -> Customer {
 /// Stripe documents as "unset", so the remote ends up equal to ferry's
 /// record rather than keeping stale values. Stripe merges metadata: a key
 /// is unset only when posted empty, which an update does for the keys
-/// ferry removed since the last sync (`cleared`, [`Customer::cleared_metadata`]);
+/// ferry removed since the last sync (`cleared`, [`Customer::removed_metadata`]);
 /// other keys absent locally are left alone (another integration's, not
 /// yet seen by ferry).
 pub(crate) fn customer_form(

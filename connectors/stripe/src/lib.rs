@@ -73,7 +73,7 @@ impl Connector for Stripe {
                 let id = req.linked_remote_id("Stripe")?;
                 // Stripe merges metadata: a key ferry removed is unset by
                 // posting it empty, or it stayed there for good.
-                let cleared = Customer::cleared_metadata(&req.record);
+                let cleared = Customer::removed_metadata(&req.record);
                 let form = customer_form(&customer, &req.local_id, Some(&cleared));
                 post(customer_url(id), &form, &req.idempotency_key)?
             }

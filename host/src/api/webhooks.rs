@@ -64,7 +64,7 @@ pub async fn receive(
         .registry
         .ready(&name, Need::Webhooks)
         .map_err(|not_ready| match not_ready {
-            NotReady::NotLoaded(why) => {
+            NotReady::NotLoaded(why) if switched_on(&state, &name) => {
                 tracing::debug!(connector = %name, why, "webhook refused: no version is loaded here");
                 ApiError::ConnectorFailed
             }
@@ -293,6 +293,15 @@ pub fn router() -> Router<AppState> {
 /// time would reorder the record's events. A date beyond it holds the
 /// record's later events (as stale) for this long at most.
 const FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
+
+/// Whether connector `name` is enabled here (whatever its load state):
+/// one disabled or never configured is a 404 to a sender, loaded or not.
+fn switched_on(state: &AppState, name: &str) -> bool {
+    state
+        .registry
+        .entry(name)
+        .is_some_and(|entry| entry.effective.switch == crate::registry::Switch::Enabled)
+}
 
 /// An event's time, no later than now plus [`FUTURE_SKEW_MS`]. A record's
 /// newest applied change decides which later events are stale, so one

@@ -499,6 +499,9 @@ impl Registry {
             }
             result?
         };
+        let Some(switched_on) = switched_on else {
+            return Ok(());
+        };
         // Every replica that sees a connector switched on releases the
         // pushes that waited for it (once the new view is in place, so a
         // released push sees it enabled), and so a push parked by a replica
@@ -523,8 +526,9 @@ impl Registry {
     }
 
     /// Reads the store's connectors into a new view; the names of those
-    /// this view switches on (see [`Registry::refresh`]).
-    async fn refresh_locked(&self) -> Result<Vec<String>, StoreError> {
+    /// this view switches on (see [`Registry::refresh`]), or `None` when
+    /// nothing changed (no view is made, nobody is told).
+    async fn refresh_locked(&self) -> Result<Option<Vec<String>>, StoreError> {
         let rows: Vec<ConnectorRow> = self
             .inner
             .store
@@ -548,7 +552,7 @@ impl Registry {
         let unchanged =
             rows.len() == current.entries.len() && rows.iter().all(|r| current_for(r).is_some());
         if unchanged {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let configs: BTreeMap<String, StoredConnectorConfig> = self
             .inner
@@ -667,7 +671,7 @@ impl Registry {
             })
             .map(|(name, _)| name.clone())
             .collect();
-        Ok(switched_on)
+        Ok(Some(switched_on))
     }
 
     /// The version `row` says is active, loaded; the previous one (and the
@@ -842,7 +846,7 @@ impl Registry {
                     version = %connector.manifest().version,
                     path,
                     linked,
-                    "bundled connector version stored but NOT made active: it does not sync customers, and customers are linked through the connector (their pushes would be skipped)"
+                    "bundled connector version NOT made active (and, as new bytes under the active version, not stored): it does not sync customers, and customers are linked through the connector (their pushes would be skipped)"
                 ),
                 Seeded::Deleted => tracing::info!(
                     connector = %connector.name(),

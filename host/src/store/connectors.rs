@@ -215,9 +215,10 @@ pub enum Seeded {
     Deleted,
     /// An upload of the same version with other bytes exists and wins.
     UploadDiffers,
-    /// Stored, but not made active: the version does not sync customers,
-    /// and this many links through the connector would be stranded (see
-    /// [`Store::customer_links`]).
+    /// Not made active: the version does not sync customers, and this
+    /// many links through the connector would be stranded (see
+    /// [`Store::customer_links`]). Stored, unless it is new bytes under
+    /// the active version: those are not stored, the active ones stay.
     HeldBack {
         /// The links counted.
         linked: i64,
@@ -454,14 +455,6 @@ impl Store {
         let at = now();
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
-            let deleted: Option<Option<DateTime<Utc>>> =
-                sqlx::query_scalar("SELECT deleted_at FROM connectors WHERE name = $1")
-                    .bind(new.name)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if matches!(deleted, Some(Some(_))) {
-                return Ok(Seeded::Deleted);
-            }
             let stored: Option<(String, String)> = sqlx::query_as(
                 "SELECT sha256, source FROM connector_versions WHERE name = $1 AND version = $2",
             )
@@ -486,6 +479,27 @@ impl Store {
                     return Ok(Seeded::UploadDiffers);
                 }
                 Some(_) => {
+                    // New bytes under the active version that no longer sync
+                    // customers are what an activation would refuse over
+                    // the links they strand: kept out, or every replica
+                    // loaded them and skipped those links' pushes.
+                    if !syncs_customers {
+                        let active: Option<Option<String>> = sqlx::query_scalar(
+                            "SELECT active_version FROM connectors WHERE name = $1",
+                        )
+                        .bind(new.name)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                        if active.flatten().as_deref() == Some(new.version) {
+                            let linked: i64 = sqlx::query_scalar(CUSTOMER_LINKS_SQL)
+                                .bind(new.name)
+                                .fetch_one(&mut *tx)
+                                .await?;
+                            if linked > 0 {
+                                return Ok(Seeded::HeldBack { linked });
+                            }
+                        }
+                    }
                     sqlx::query(
                         "UPDATE connector_versions SET sha256 = $3, world = $4, manifest = $5, \
                          component = $6, size_bytes = $7, uploaded_by = $8, uploaded_at = $9 \
@@ -505,6 +519,22 @@ impl Store {
                     true
                 }
             };
+            // Deleted through the API? Asked with a write to the row, after
+            // the version's (the order an upload takes them in: the other
+            // would deadlock with one), not a read: on PostgreSQL it waits
+            // for a delete committing meanwhile and sees it, where a read
+            // left this seed's version on the deleted connector (listed
+            // nowhere, yet an upload of the same bytes answered
+            // "unchanged"). The version written above is rolled back.
+            let deleted: Option<Option<DateTime<Utc>>> = sqlx::query_scalar(
+                "UPDATE connectors SET revision = revision WHERE name = $1 RETURNING deleted_at",
+            )
+            .bind(new.name)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if matches!(deleted, Some(Some(_))) {
+                return Ok(Seeded::Deleted);
+            }
             sqlx::query(
                 "INSERT INTO connectors (name, active_version, activated_by, enabled, deleted_at, revision, updated_at) \
                  VALUES ($1, NULL, 'bundle', NULL, NULL, 1, $2) ON CONFLICT (name) DO NOTHING",

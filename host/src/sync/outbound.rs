@@ -258,7 +258,7 @@ fn plan(
         }
         _ => record,
     };
-    let record = clearing_metadata(record, link.snapshot.as_ref());
+    let record = removing_metadata(record, link.snapshot.as_ref());
     if link.pushed_hash.as_deref() == Some(hash(&record).as_str()) {
         return Ok(Err(("content unchanged since the last push".into(), true)));
     }
@@ -299,6 +299,7 @@ fn snapshot_after(returned: Option<&str>, plan: &Plan) -> Option<serde_json::Val
                 .ok()
                 .map(|mut pushed| {
                     if let Some(fields) = pushed.as_object_mut() {
+                        fields.remove(METADATA_REMOVED);
                         fields.insert(
                             super::merge::ASSUMED_BASE.to_owned(),
                             serde_json::Value::Bool(true),
@@ -311,13 +312,20 @@ fn snapshot_after(returned: Option<&str>, plan: &Plan) -> Option<serde_json::Val
     }
 }
 
-/// An update's `record` with each metadata key the remote held at the last
-/// sync (the link's `snapshot`), and the customer no longer does, set to
-/// `null`: removed in ferry, so to be removed there. A remote that merges
-/// metadata (Stripe's) kept such a key for good, and the snapshot taken
-/// from its answer held it again, so the key came back at the next event
-/// (`Customer::cleared_metadata` in the SDK reads them).
-fn clearing_metadata(record: String, snapshot: Option<&serde_json::Value>) -> String {
+/// The top-level field of an update's record naming the metadata keys
+/// ferry removed since the last sync (see [`removing_metadata`]).
+pub const METADATA_REMOVED: &str = "metadata_removed";
+
+/// An update's `record` with [`METADATA_REMOVED`] listing each metadata key
+/// the remote held at the last sync (the link's `snapshot`) that the
+/// customer no longer does: removed in ferry, so to be removed there. A
+/// remote that merges metadata (Stripe's) kept such a key for good, and the
+/// snapshot taken from its answer held it again. A field of its own, not a
+/// `null` value in `metadata`: a connector built with an SDK before `null`
+/// values were read as absent failed the whole record, and an unknown
+/// field is ignored by every one (`Customer::removed_metadata` in the SDK
+/// reads it).
+fn removing_metadata(record: String, snapshot: Option<&serde_json::Value>) -> String {
     let Some(held) = snapshot
         .and_then(|s| s.get("metadata"))
         .and_then(serde_json::Value::as_object)
@@ -327,36 +335,41 @@ fn clearing_metadata(record: String, snapshot: Option<&serde_json::Value>) -> St
     let Ok(mut value) = serde_json::from_str::<serde_json::Value>(&record) else {
         return record;
     };
-    let Some(fields) = value.as_object_mut() else {
-        return record;
-    };
-    let metadata = fields
-        .entry("metadata")
-        .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
-    let Some(metadata) = metadata.as_object_mut() else {
-        return record;
-    };
-    let mut cleared = false;
-    for (key, was) in held {
-        let there = was.as_str().is_some_and(|v| !v.is_empty());
-        if there && metadata.get(key).is_none_or(serde_json::Value::is_null) {
-            metadata.insert(key.clone(), serde_json::Value::Null);
-            cleared = true;
+    let kept = value.get("metadata").and_then(serde_json::Value::as_object);
+    // Sorted: PostgreSQL's `jsonb` keeps keys in an order of its own, and
+    // a retry must send the same request under its idempotency key.
+    let removed: std::collections::BTreeSet<&String> = held
+        .iter()
+        .filter(|(key, was)| {
+            was.as_str().is_some_and(|v| !v.is_empty())
+                && kept
+                    .and_then(|m| m.get(*key))
+                    .is_none_or(serde_json::Value::is_null)
+        })
+        .map(|(key, _)| key)
+        .collect();
+    let removed: Vec<serde_json::Value> = removed
+        .into_iter()
+        .map(|key| serde_json::Value::String(key.clone()))
+        .collect();
+    match value.as_object_mut() {
+        Some(fields) if !removed.is_empty() => {
+            fields.insert(METADATA_REMOVED.to_owned(), removed.into());
+            value.to_string()
         }
-    }
-    if cleared {
-        value.to_string()
-    } else {
-        record
+        _ => record,
     }
 }
 
-/// `returned`'s metadata less the keys the push did not send: a remote
+/// `returned`'s metadata less the keys the push did not name: a remote
 /// that merges metadata answers with keys another system set there, which
 /// ferry has not taken in yet. Kept in the snapshot, they read as agreed,
 /// so the event that brings one (often just behind the push) read as ferry
 /// having removed it: never taken in, and removed there by ferry's next
-/// update. Left out, that event adds it.
+/// update. Left out, that event adds it. A key the push named as removed
+/// and the remote still holds (a connector that does not remove keys)
+/// stays: its next event then reads, as before, as ferry having removed
+/// it, not as the remote adding it back.
 fn agreed_metadata(returned: &mut serde_json::Value, pushed: &str) {
     let Some(metadata) = returned
         .get_mut("metadata")
@@ -365,13 +378,17 @@ fn agreed_metadata(returned: &mut serde_json::Value, pushed: &str) {
         return;
     };
     let pushed: serde_json::Value = serde_json::from_str(pushed).unwrap_or_default();
-    let sent = |key: &str| {
+    let named = |key: &str| {
         pushed
             .get("metadata")
             .and_then(|m| m.get(key))
             .is_some_and(|v| !v.is_null())
+            || pushed
+                .get(METADATA_REMOVED)
+                .and_then(serde_json::Value::as_array)
+                .is_some_and(|removed| removed.iter().any(|k| k == key))
     };
-    metadata.retain(|key, _| sent(key));
+    metadata.retain(|key, _| named(key));
 }
 
 /// What the connector is asked to do for `plan`. A create names no remote
@@ -1105,36 +1122,39 @@ mod tests {
     }
 
     #[test]
-    fn metadata_ferry_removed_is_cleared_and_keys_it_did_not_send_are_not_agreed() {
+    fn metadata_ferry_removed_is_named_and_keys_it_did_not_send_are_not_agreed() {
         let snapshot = serde_json::json!({"metadata": {"tier": "gold", "plan": "pro", "gone": ""}});
         let record = r#"{"name":"Ada","metadata":{"plan":"pro"}}"#.to_owned();
-        let cleared: serde_json::Value =
-            serde_json::from_str(&clearing_metadata(record.clone(), Some(&snapshot))).unwrap();
+        let removing: serde_json::Value =
+            serde_json::from_str(&removing_metadata(record.clone(), Some(&snapshot))).unwrap();
         assert_eq!(
-            cleared["metadata"],
-            serde_json::json!({"plan": "pro", "tier": null}),
+            removing,
+            serde_json::json!({"name": "Ada", "metadata": {"plan": "pro"}, "metadata_removed": ["tier"]}),
             "a key held there as empty is not there"
         );
         let no_metadata = r#"{"name":"Ada"}"#.to_owned();
-        let cleared: serde_json::Value =
-            serde_json::from_str(&clearing_metadata(no_metadata, Some(&snapshot))).unwrap();
+        let removing: serde_json::Value =
+            serde_json::from_str(&removing_metadata(no_metadata, Some(&snapshot))).unwrap();
         assert_eq!(
-            cleared["metadata"],
-            serde_json::json!({"plan": null, "tier": null})
+            removing["metadata_removed"],
+            serde_json::json!(["plan", "tier"])
         );
-        assert_eq!(clearing_metadata(record.clone(), None), record);
+        assert_eq!(removing_metadata(record.clone(), None), record);
 
         let plan = Plan {
             operation: Operation::Update,
             version: 2,
-            record: r#"{"name":"Ada","metadata":{"plan":"pro","tier":null}}"#.to_owned(),
+            record: r#"{"name":"Ada","metadata":{"plan":"pro"},"metadata_removed":["tier"]}"#
+                .to_owned(),
             key: "k".to_owned(),
         };
-        let returned = r#"{"name":"Ada","metadata":{"plan":"pro","tier":"","vip":"yes"}}"#;
+        let returned = r#"{"name":"Ada","metadata":{"plan":"pro","tier":"gold","vip":"yes"}}"#;
         assert_eq!(
             snapshot_after(Some(returned), &plan),
-            Some(serde_json::json!({"name": "Ada", "metadata": {"plan": "pro"}})),
-            "another system's key is news to take in, not agreed"
+            Some(serde_json::json!({"name": "Ada", "metadata": {"plan": "pro", "tier": "gold"}})),
+            "another system's key is news to take in; one the remote kept is not"
         );
+        let assumed = snapshot_after(None, &plan).unwrap();
+        assert!(assumed.get("metadata_removed").is_none(), "{assumed}");
     }
 }

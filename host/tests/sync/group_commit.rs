@@ -1142,6 +1142,160 @@ async fn sqlite_a_message_consumes_only_the_row_of_its_own_change() {
     a_message_consumes_only_the_row_of_its_own_change(false).await;
 }
 
+/// A bundled version rebuilt under the same number without the `customer`
+/// entity, while it is active and links go through it, is held back as a
+/// newer such version is: its bytes replaced the active ones (and every
+/// replica loaded them), and those links' pushes were skipped as settled.
+async fn a_rebuild_that_drops_customers_keeps_the_active_bytes(postgres: bool) {
+    use ferry::store::connectors::{NewVersion, Seeded, VersionSource};
+    let (store, _dir) = store(postgres).await;
+    let seed = |sha256: &'static str, entities: serde_json::Value| {
+        let store = &store;
+        async move {
+            let manifest =
+                serde_json::json!({"name": "bundled", "version": "0.1.0", "entities": entities});
+            store
+                .seed_connector_version(
+                    &NewVersion {
+                        name: "bundled",
+                        version: "0.1.0",
+                        sha256,
+                        world: "0.2.0",
+                        manifest: &manifest,
+                        component: sha256.as_bytes(),
+                        source: VersionSource::Bundled,
+                        uploaded_by: "test",
+                    },
+                    entities.as_array().is_some_and(|e| !e.is_empty()),
+                )
+                .await
+                .expect("seeded")
+        }
+    };
+    assert_eq!(
+        seed("aaaa", serde_json::json!(["customer"])).await,
+        Seeded::Stored { activated: true }
+    );
+    let customer = store
+        .create_customer(
+            fields(&email("bundled"), "Bundled"),
+            WriteContext::default(),
+        )
+        .await
+        .expect("created");
+    store
+        .intake_changes(&[notice(&customer)], &["bundled".to_owned()])
+        .await
+        .expect("queued");
+    assert_eq!(
+        seed("bbbb", serde_json::json!([])).await,
+        Seeded::HeldBack { linked: 1 }
+    );
+    let kept = store
+        .connector_version("bundled", "0.1.0")
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(kept.sha256, "aaaa");
+}
+
+#[tokio::test]
+async fn postgres_a_rebuild_that_drops_customers_keeps_the_active_bytes() {
+    a_rebuild_that_drops_customers_keeps_the_active_bytes(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_rebuild_that_drops_customers_keeps_the_active_bytes() {
+    a_rebuild_that_drops_customers_keeps_the_active_bytes(false).await;
+}
+
+/// Round 38's migration: a snapshot's metadata keys the customer does not
+/// hold (another system's, from a push's answer) leave the snapshot, so an
+/// update does not name them as removed; the others, and the rest of the
+/// snapshot, stay.
+async fn snapshots_keep_only_metadata_ferry_holds(postgres: bool) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(postgres, dir.path()).await;
+    let store = open(&url).await;
+    let customer = store
+        .create_customer(fields(&email("agreed"), "Agreed"), WriteContext::default())
+        .await
+        .expect("created");
+    store
+        .intake_changes(&[notice(&customer)], &["stripe".to_owned()])
+        .await
+        .expect("linked");
+    let id = customer.id.as_str();
+    let cast = if postgres { "::jsonb" } else { "" };
+    let has = |key: &str| {
+        if postgres {
+            format!("snapshot -> 'metadata' ? '{key}'")
+        } else {
+            format!("json_type(snapshot, '$.metadata.{key}') IS NOT NULL")
+        }
+    };
+    raw_count(
+        &url,
+        &format!("UPDATE customers SET metadata = '{{\"tier\":\"gold\"}}'{cast} WHERE id = '{id}'"),
+    )
+    .await;
+    raw_count(
+        &url,
+        &format!(
+            "UPDATE sync_links SET snapshot = \
+             '{{\"name\":\"Agreed\",\"metadata\":{{\"tier\":\"gold\",\"vip\":\"yes\"}}}}'{cast} \
+             WHERE customer_id = '{id}'"
+        ),
+    )
+    .await;
+    let migration = if postgres {
+        include_str!("../../../migrations/postgres/20261205000024_snapshot_metadata_agreed.sql")
+    } else {
+        include_str!("../../../migrations/sqlite/20261205000024_snapshot_metadata_agreed.sql")
+    };
+    let sql: String = migration
+        .lines()
+        .filter(|line| !line.starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(raw_count(&url, sql.trim()).await, 1, "one snapshot changed");
+    let count = |condition: String| {
+        let url = url.clone();
+        async move {
+            raw_count(
+                &url,
+                &format!(
+                    "SELECT COUNT(*) FROM sync_links WHERE customer_id = '{id}' AND {condition}"
+                ),
+            )
+            .await
+        }
+    };
+    assert_eq!(count(has("tier")).await, 1, "ferry's key stays");
+    assert_eq!(count(has("vip")).await, 0, "another system's key leaves");
+    let name = if postgres {
+        "snapshot ->> 'name' = 'Agreed'"
+    } else {
+        "json_extract(snapshot, '$.name') = 'Agreed'"
+    };
+    assert_eq!(count(name.to_owned()).await, 1, "the rest stays");
+    assert_eq!(
+        raw_count(&url, sql.trim()).await,
+        0,
+        "run again: nothing to do"
+    );
+}
+
+#[tokio::test]
+async fn postgres_snapshots_keep_only_metadata_ferry_holds() {
+    snapshots_keep_only_metadata_ferry_holds(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_snapshots_keep_only_metadata_ferry_holds() {
+    snapshots_keep_only_metadata_ferry_holds(false).await;
+}
+
 /// A newer version of a link in backoff starts its own count of attempts
 /// (by the relay's intake, on the bus and off the queue alike): it
 /// inherited the older one's, and one transient failure of a version the
