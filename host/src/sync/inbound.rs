@@ -71,12 +71,22 @@ const HOLD_BACK_POLL: Duration = Duration::from_millis(20);
 /// the late echo of an older push: its payload is not trusted, the record
 /// is re-fetched.
 const ECHO_WINDOW_MS: i64 = 2_000;
-/// An upsert dated behind the record's last applied change by less than
-/// this is read again, not skipped as stale: remotes date events in whole
-/// seconds (Stripe's `created`), while a thin event applied before it was
-/// dated on arrival, in milliseconds. An edit made after that thin event's
-/// read, in the same second, looked older than it and was lost.
+/// An upsert dated in whole seconds (Stripe's `created`) behind the
+/// record's last applied change by less than this is read again, not
+/// skipped as stale: a thin event applied before it was dated on arrival,
+/// in milliseconds, and an edit made after that thin event's read, in the
+/// same second, looked older than it and was lost. An event dated to the
+/// millisecond is as old as it looks (a connector without `fetch` applies
+/// what it carries: an older one would roll the record back).
 const REMOTE_TICK_MS: i64 = 1_000;
+
+/// Whether `event` is dated in whole seconds behind `seen_at_ms` by less
+/// than a remote's tick (see [`REMOTE_TICK_MS`]).
+fn within_a_tick(event: &InboxEvent, seen_at_ms: i64) -> bool {
+    event.occurred_at_ms % REMOTE_TICK_MS == 0
+        && event.occurred_at_ms <= seen_at_ms
+        && seen_at_ms - event.occurred_at_ms < REMOTE_TICK_MS
+}
 /// How often an event waiting behind an open conflict is looked at again:
 /// a safety net, since the conflict's resolution (or its customer's
 /// delete) wakes the events it held. Every 5 s, a record busy over a
@@ -774,10 +784,11 @@ impl SyncEngine {
         let thin_upsert = event.kind == RemoteChange::Upsert && event.record.is_none();
         if let Some(link) = link.as_ref().filter(|l| !thin_upsert || l.remote_deleted) {
             let stale = event.occurred_at_ms < link.remote_seen_at_ms;
-            let within_a_tick = event.kind == RemoteChange::Upsert
-                && link.remote_seen_at_ms - event.occurred_at_ms < REMOTE_TICK_MS;
+            let in_the_same_tick =
+                event.kind == RemoteChange::Upsert && within_a_tick(event, link.remote_seen_at_ms);
             if stale
-                && (link.remote_deleted || (!within_a_tick && !self.gone_after_all(event).await?))
+                && (link.remote_deleted
+                    || (!in_the_same_tick && !self.gone_after_all(event).await?))
             {
                 return self
                     .skip(event, "stale: older than a change already applied")
@@ -816,8 +827,8 @@ impl SyncEngine {
         // listed copy then came back over it.
         let doubtful = link.as_ref().is_some_and(|l| {
             event.remote_type == RECONCILIATION
-                || (event.occurred_at_ms <= l.remote_seen_at_ms
-                    && l.remote_seen_at_ms - event.occurred_at_ms < REMOTE_TICK_MS)
+                || event.occurred_at_ms == l.remote_seen_at_ms
+                || within_a_tick(event, l.remote_seen_at_ms)
                 || (l.pushed_at_ms > 0 && event.occurred_at_ms <= l.pushed_at_ms + ECHO_WINDOW_MS)
         });
         let remote = match &event.record {

@@ -1638,6 +1638,59 @@ async fn a_doubtful_payload_from_a_connector_without_fetch_is_applied() {
     assert_eq!(now.name.as_deref(), Some("Edited There"));
 }
 
+/// An event dated to the millisecond a little behind the last applied one
+/// is as old as it looks: skipped as stale. Read again as one dated in
+/// whole seconds is (the remote's tick), a connector without `fetch`
+/// applied its older payload, and the record rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_event_dated_to_the_millisecond_is_stale() {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(Backend::Sqlite)).await;
+    install_recorder(&app, &remote).await;
+    let address = format!("{}@example.com", uuid());
+    let second = chrono::Utc::now().timestamp() * 1_000;
+    let event = |id: &str, at: i64, name: &str| NewInboxEvent {
+        event_id: id.into(),
+        entity: "customer".into(),
+        kind: RemoteChange::Upsert,
+        remote_id: "rec_ms".into(),
+        occurred_at_ms: at,
+        record: Some(json!({"id": "rec_ms", "email": address, "name": name})),
+        origin_key: None,
+        remote_type: "record.updated".into(),
+        policy: None,
+    };
+    for (id, at, name) in [
+        ("evt_ms_newer", second + 500, "Newer"),
+        ("evt_ms_older", second + 200, "Older"),
+    ] {
+        app.store
+            .store_inbox_many(&[("recorder", &[event(id, at, name)], None)])
+            .await
+            .expect("stored");
+        app.sync.wake();
+        let settled = app
+            .wait_inbox_settled(
+                "recorder",
+                "rec_ms",
+                if id == "evt_ms_newer" { 1 } else { 2 },
+            )
+            .await;
+        assert!(
+            settled.iter().all(|e| e.state.as_str() != "dead"),
+            "{settled:?}"
+        );
+    }
+    let events = app.wait_inbox_settled("recorder", "rec_ms", 2).await;
+    let older = events
+        .iter()
+        .find(|e| e.event_id == "evt_ms_older")
+        .unwrap();
+    assert_eq!(older.state.as_str(), "skipped", "{events:?}");
+    let customer = app.customer_by_email(&address).await.expect("customer");
+    assert_eq!(customer["name"], "Newer");
+}
+
 /// A thin event (an upsert without a record) from a connector that cannot
 /// fetch is skipped with the reason, as before thin events were fetched,
 /// not retried into a dead letter.
