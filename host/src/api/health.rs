@@ -59,8 +59,8 @@ impl Probes {
 pub struct Check {
     /// `store`, `bus`, `bus_topics` or `connector:NAME`.
     pub name: String,
-    /// Whether it is ready. A connector's check is reported but never
-    /// makes the replica unready.
+    /// Whether it is ready. The `bus` check (the broker's answer) and a
+    /// connector's are reported but never make the replica unready.
     pub ok: bool,
     /// What is wrong, or what it is.
     pub detail: String,
@@ -72,7 +72,7 @@ pub struct Readiness {
     /// `ready` or `not_ready`.
     pub status: &'static str,
     /// The names of the failed checks that make the replica unready (the
-    /// store's and the bus's).
+    /// store's, and `bus_topics` in cluster mode).
     pub not_ready: Vec<String>,
     /// Every check.
     pub checks: Vec<Check>,

@@ -846,7 +846,7 @@ impl Registry {
                     version = %connector.manifest().version,
                     path,
                     linked,
-                    "bundled connector version NOT made active (and, as new bytes under the active version, not stored): it does not sync customers, and customers are linked through the connector (their pushes would be skipped)"
+                    "bundled connector version NOT made active (stored, unless it is new bytes under the active version: those are not): it does not sync customers, and customers are linked through the connector (their pushes would be skipped)"
                 ),
                 Seeded::Deleted => tracing::info!(
                     connector = %connector.name(),

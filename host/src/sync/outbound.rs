@@ -278,8 +278,16 @@ fn plan(
 /// keep every field pushed, and one its next record leaves out is not
 /// known, not cleared (merge.rs). A record that is not a JSON object (a
 /// connector's bug) is no record: it was dropped, and the next remote
-/// event merged with no base at all.
-fn snapshot_after(returned: Option<&str>, plan: &Plan) -> Option<serde_json::Value> {
+/// event merged with no base at all. The metadata keys the push named as
+/// removed keep their `previous` values there: whether the remote removed
+/// them is not known, and a remote that kept them (a connector that does
+/// not read the list) would otherwise seem to add them back at its next
+/// event.
+fn snapshot_after(
+    returned: Option<&str>,
+    plan: &Plan,
+    previous: Option<&serde_json::Value>,
+) -> Option<serde_json::Value> {
     let record = returned
         .and_then(|record| serde_json::from_str::<serde_json::Value>(record).ok())
         .filter(serde_json::Value::is_object);
@@ -299,7 +307,23 @@ fn snapshot_after(returned: Option<&str>, plan: &Plan) -> Option<serde_json::Val
                 .ok()
                 .map(|mut pushed| {
                     if let Some(fields) = pushed.as_object_mut() {
-                        fields.remove(METADATA_REMOVED);
+                        let named = fields.remove(METADATA_REMOVED);
+                        let held = previous
+                            .and_then(|p| p.get("metadata"))
+                            .and_then(serde_json::Value::as_object);
+                        let names = named.as_ref().and_then(serde_json::Value::as_array);
+                        if let (Some(held), Some(names)) = (held, names) {
+                            let metadata = fields.entry("metadata").or_insert_with(|| {
+                                serde_json::Value::Object(serde_json::Map::new())
+                            });
+                            if let Some(metadata) = metadata.as_object_mut() {
+                                for name in names.iter().filter_map(serde_json::Value::as_str) {
+                                    if let Some(was) = held.get(name) {
+                                        metadata.insert(name.to_owned(), was.clone());
+                                    }
+                                }
+                            }
+                        }
                         fields.insert(
                             super::merge::ASSUMED_BASE.to_owned(),
                             serde_json::Value::Bool(true),
@@ -729,7 +753,8 @@ impl SyncEngine {
         match pushed {
             Ok(result) => {
                 inner.breakers.success(&link.connector);
-                let mut snapshot = snapshot_after(result.record.as_deref(), &plan);
+                let mut snapshot =
+                    snapshot_after(result.record.as_deref(), &plan, link.snapshot.as_ref());
                 if let Some(snapshot) = &mut snapshot {
                     crate::store::replace_nul(snapshot);
                 }
@@ -1109,14 +1134,14 @@ mod tests {
         let assumed = serde_json::json!({"name": "Ada", super::super::merge::ASSUMED_BASE: true});
         for broken in ["not json", "[1]", "\"text\""] {
             assert_eq!(
-                snapshot_after(Some(broken), &plan),
+                snapshot_after(Some(broken), &plan, None),
                 Some(assumed.clone()),
                 "{broken}"
             );
         }
-        assert_eq!(snapshot_after(None, &plan), Some(assumed));
+        assert_eq!(snapshot_after(None, &plan, None), Some(assumed));
         assert_eq!(
-            snapshot_after(Some(r#"{"name":"Ada L."}"#), &plan),
+            snapshot_after(Some(r#"{"name":"Ada L."}"#), &plan, None),
             Some(serde_json::json!({"name": "Ada L."}))
         );
     }
@@ -1150,11 +1175,16 @@ mod tests {
         };
         let returned = r#"{"name":"Ada","metadata":{"plan":"pro","tier":"gold","vip":"yes"}}"#;
         assert_eq!(
-            snapshot_after(Some(returned), &plan),
+            snapshot_after(Some(returned), &plan, Some(&snapshot)),
             Some(serde_json::json!({"name": "Ada", "metadata": {"plan": "pro", "tier": "gold"}})),
             "another system's key is news to take in; one the remote kept is not"
         );
-        let assumed = snapshot_after(None, &plan).unwrap();
+        let assumed = snapshot_after(None, &plan, Some(&snapshot)).unwrap();
         assert!(assumed.get("metadata_removed").is_none(), "{assumed}");
+        assert_eq!(
+            assumed["metadata"],
+            serde_json::json!({"plan": "pro", "tier": "gold"}),
+            "whether the remote removed it is not known"
+        );
     }
 }
