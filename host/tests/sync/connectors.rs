@@ -440,17 +440,18 @@ async fn rollback_disable_and_enable(backend: Backend) {
     assert_eq!(served_by().await.0, 200);
 }
 
-/// A retry (its backoff over) that meets its connector switched off waits
-/// with the pending pushes, and goes at the enable with them: it waited
-/// out its minute's recheck, and its wait says why meanwhile.
-async fn a_retry_parked_by_the_switch_goes_at_the_enable(backend: Backend) {
-    let remote = RecorderRemote::start().await;
-    let app = spawn_sync_app(setup(backend)).await;
-    install_recorder(&app, &remote).await;
-    let (status, _) = post(&app, "/api/v1/connectors/recorder/disable", None).await;
+/// Installs the recorder against `remote`, switches it off, and creates a
+/// customer named `name`: its id, once its create waits for the switch.
+async fn a_create_parked_by_the_switch(
+    app: &SyncApp,
+    remote: &RecorderRemote,
+    name: &str,
+) -> String {
+    install_recorder(app, remote).await;
+    let (status, _) = post(app, "/api/v1/connectors/recorder/disable", None).await;
     assert_eq!(status, 200);
     let customer = app
-        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Retried"}))
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": name}))
         .await;
     let id = customer["id"].as_str().expect("id").to_owned();
     let now = || chrono::Utc::now().timestamp_millis();
@@ -458,6 +459,17 @@ async fn a_retry_parked_by_the_switch_goes_at_the_enable(backend: Backend) {
         l["next_attempt_at_ms"].as_i64() > Some(now())
     })
     .await;
+    id
+}
+
+/// A retry (its backoff over) that meets its connector switched off waits
+/// with the pending pushes, and goes at the enable with them: it waited
+/// out its minute's recheck, and its wait says why meanwhile.
+async fn a_retry_parked_by_the_switch_goes_at_the_enable(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    let id = a_create_parked_by_the_switch(&app, &remote, "Retried").await;
+    let now = || chrono::Utc::now().timestamp_millis();
     // A retry whose backoff is over (as a failed attempt before the switch
     // left it) meets the switch too.
     let sql = format!(
@@ -488,18 +500,7 @@ async fn a_retry_parked_by_the_switch_goes_at_the_enable(backend: Backend) {
 async fn delete_refused_while_changes_wait(backend: Backend) {
     let remote = RecorderRemote::start().await;
     let app = spawn_sync_app(setup(backend)).await;
-    install_recorder(&app, &remote).await;
-    let (status, _) = post(&app, "/api/v1/connectors/recorder/disable", None).await;
-    assert_eq!(status, 200);
-    let customer = app
-        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Waiting"}))
-        .await;
-    let id = customer["id"].as_str().expect("id").to_owned();
-    let now = || chrono::Utc::now().timestamp_millis();
-    app.wait_link_of("recorder", &id, Duration::from_secs(20), |l| {
-        l["next_attempt_at_ms"].as_i64() > Some(now())
-    })
-    .await;
+    a_create_parked_by_the_switch(&app, &remote, "Waiting").await;
 
     let (status, problem) = app
         .send(reqwest::Method::DELETE, "/api/v1/connectors/recorder", None)

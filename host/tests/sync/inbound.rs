@@ -508,6 +508,36 @@ async fn an_undated_event_is_dated_on_arrival() {
     assert_eq!(customer["name"], "Undated");
 }
 
+/// A Stripe `customer.updated` of `remote_id` dated `at_ms`, as a replica
+/// stores one it took in: `record` its payload, none for a thin event.
+fn stripe_upsert(
+    event_id: &str,
+    remote_id: &str,
+    at_ms: i64,
+    record: Option<Value>,
+) -> ferry::store::inbox::NewInboxEvent {
+    ferry::store::inbox::NewInboxEvent {
+        event_id: event_id.into(),
+        entity: "customer".into(),
+        kind: ferry::store::inbox::RemoteChange::Upsert,
+        remote_id: remote_id.into(),
+        occurred_at_ms: at_ms,
+        record,
+        origin_key: None,
+        remote_type: "customer.updated".into(),
+        policy: None,
+    }
+}
+
+/// Stores `event` for Stripe and wakes the inbox.
+async fn store_stripe_event(app: &SyncApp, event: ferry::store::inbox::NewInboxEvent) {
+    app.store
+        .store_inbox_many(&[("stripe", std::slice::from_ref(&event), None)])
+        .await
+        .expect("stored");
+    app.sync.wake();
+}
+
 /// A thin event (no record: "look again") is applied by fetching what
 /// holds now, so it is never stale, whatever its date. One dated ahead (a
 /// replica's fast clock dated it on arrival) no longer makes the next one,
@@ -528,27 +558,8 @@ async fn a_thin_event_dated_behind_the_last_one_is_still_applied() {
     );
     let remote_id = created["id"].as_str().unwrap().to_owned();
     let now = chrono::Utc::now().timestamp_millis();
-    let thin = |id: &str, at: i64| NewInboxEvent {
-        event_id: id.into(),
-        entity: "customer".into(),
-        kind: RemoteChange::Upsert,
-        remote_id: remote_id.clone(),
-        occurred_at_ms: at,
-        record: None,
-        origin_key: None,
-        remote_type: "customer.updated".into(),
-        policy: None,
-    };
-    let store = |event: NewInboxEvent| {
-        let app = &app;
-        async move {
-            app.store
-                .store_inbox_many(&[("stripe", std::slice::from_ref(&event), None)])
-                .await
-                .expect("stored");
-            app.sync.wake();
-        }
-    };
+    let thin = |id: &str, at: i64| stripe_upsert(id, &remote_id, at, None);
+    let store = |event: NewInboxEvent| store_stripe_event(&app, event);
     let applied = |id: &'static str| outcome_of(&app, remote_id.clone(), id);
     store(thin("evt_thin_ahead", now + 2_000)).await;
     let first = applied("evt_thin_ahead").await;
@@ -603,7 +614,6 @@ async fn a_thin_event_dated_behind_the_last_one_is_still_applied() {
 /// (Stripe's snapshot endpoint beside an event destination).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dated_event_a_tick_behind_a_thin_one_is_read_again() {
-    use ferry::store::inbox::{NewInboxEvent, RemoteChange};
     let stripe = LocalStripe::start().expect("localstripe");
     let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
     let address = email("tick");
@@ -613,27 +623,8 @@ async fn a_dated_event_a_tick_behind_a_thin_one_is_read_again() {
     );
     let remote_id = created["id"].as_str().unwrap().to_owned();
     let second = chrono::Utc::now().timestamp() * 1_000;
-    let event = |id: &str, at: i64, record: Option<Value>| NewInboxEvent {
-        event_id: id.into(),
-        entity: "customer".into(),
-        kind: RemoteChange::Upsert,
-        remote_id: remote_id.clone(),
-        occurred_at_ms: at,
-        record,
-        origin_key: None,
-        remote_type: "customer.updated".into(),
-        policy: None,
-    };
-    let store = |event: NewInboxEvent| {
-        let app = &app;
-        async move {
-            app.store
-                .store_inbox_many(&[("stripe", std::slice::from_ref(&event), None)])
-                .await
-                .expect("stored");
-            app.sync.wake();
-        }
-    };
+    let event = |id: &str, at: i64, record| stripe_upsert(id, &remote_id, at, record);
+    let store = |event| store_stripe_event(&app, event);
     store(event("evt_tick_thin", second + 600, None)).await;
     let thin = outcome_of(&app, remote_id.clone(), "evt_tick_thin").await;
     assert_eq!(thin["state"], "applied", "{thin}");
