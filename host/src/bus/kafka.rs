@@ -228,6 +228,17 @@ impl KafkaProducer {
     /// partition count included), so every replica may call this at start.
     #[tracing::instrument(skip_all, fields(topics = ?topics))]
     pub async fn ensure_topics(&self, topics: &[&str]) -> Result<(), BusError> {
+        // Those that exist are not asked for: a cluster whose ACLs refuse
+        // CreateTopics (a managed Kafka's usual setup, topics made by its
+        // operator) answers the ask with an authorization error even for a
+        // topic that exists, and the replica stayed unready for good,
+        // asking again every 2 s. A metadata read that fails asks for all.
+        let existing = self.existing_topics().await.unwrap_or_default();
+        let topics: Vec<&str> = topics
+            .iter()
+            .copied()
+            .filter(|topic| !existing.iter().any(|e| e == topic))
+            .collect();
         if topics.is_empty() {
             return Ok(());
         }
@@ -262,6 +273,26 @@ impl KafkaProducer {
             }
         }
         Ok(())
+    }
+
+    /// The cluster's topics that exist with partitions; `None` if its
+    /// metadata could not be read.
+    async fn existing_topics(&self) -> Option<Vec<String>> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            let metadata = producer.client().fetch_metadata(None, CALL_TIMEOUT).ok()?;
+            Some(
+                metadata
+                    .topics()
+                    .iter()
+                    .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+                    .map(|t| t.name().to_owned())
+                    .collect(),
+            )
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// Sends every message to `topic` and returns once the broker

@@ -288,6 +288,47 @@ async fn a_replica_started_while_the_broker_is_away_serves_and_joins_it_later() 
     app.stop().await;
 }
 
+/// A replica whose topics exist uses them without asking to create them:
+/// a cluster that refuses the ask (ACLs on a managed Kafka, or here a
+/// replication factor the one broker cannot hold) kept it unready for
+/// good, asking again every 2 s, its relay and consumers never started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_uses_topics_that_exist_without_creating_them() {
+    let broker = Broker::start().expect("broker");
+    let stripe = LocalStripe::start().expect("localstripe");
+    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+    let mut setup = Setup::new(Backend::Postgres, &stripe.url());
+    setup.kafka = Some(broker.bootstrap());
+    setup.extra = json!({"kafka_topic_prefix": prefix});
+    let first = spawn_sync_app(setup).await;
+    wait_for_topic(&broker, &format!("{prefix}.changes")).await;
+    wait_for_topic(&broker, &format!("{prefix}.inbox")).await;
+
+    let mut setup = Setup::new(Backend::Postgres, &stripe.url());
+    setup.kafka = Some(broker.bootstrap());
+    setup.database_url = Some(first.database_url.clone());
+    setup.extra = json!({"kafka_topic_prefix": prefix, "kafka_replication_factor": 3});
+    let second = spawn_sync_app(setup).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, ready) = second.send(reqwest::Method::GET, "/readyz", None).await;
+        if status == 200 && !ready.to_string().contains("bus_topics") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{ready}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // And its relay publishes on them.
+    let customer = second
+        .create(json!({"name": "Existing topics", "email": email("existing")}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let keys = published_keys(&broker, &format!("{prefix}.changes"), &id).await;
+    assert!(keys.contains(&id), "{keys:?}");
+    first.stop().await;
+    second.stop().await;
+}
+
 /// Creates a customer named "Offline" while the broker is away; waits
 /// until the redelivery net has brought it to Stripe. Its id.
 async fn reaches_stripe_without_the_bus(
