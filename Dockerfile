@@ -9,10 +9,11 @@ FROM rust:1.95-bookworm AS build
 
 # librdkafka is compiled from source by the rdkafka crate (mklove
 # `./configure` + `make`, no CMake). gcc, make and binutils come with the
-# base image; its configure runs python3 for the linker script, so install
-# it rather than rely on what the base image happens to carry.
+# base image; its configure runs python3 for the linker script, and links
+# OpenSSL (TLS, SASL/SCRAM) found through pkg-config, so install those
+# rather than rely on what the base image happens to carry.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 \
+    && apt-get install -y --no-install-recommends python3 pkg-config libssl-dev \
     && rm -rf /var/lib/apt/lists/*
 RUN rustup target add wasm32-wasip2
 
@@ -44,7 +45,7 @@ FROM debian:bookworm-slim
 # time limit in one readable command, where a bash /dev/tcp request would
 # need hand-written HTTP and status parsing.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates curl \
+    && apt-get install -y --no-install-recommends ca-certificates curl libssl3 \
     && rm -rf /var/lib/apt/lists/*
 
 # A fixed numeric id, so orchestrators that require a non-root user

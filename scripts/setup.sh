@@ -58,8 +58,11 @@ apt_install() {
 }
 
 # librdkafka and SQLite are built from source with the crates that bind
-# them: a C compiler and make.
+# them: a C compiler and make, and OpenSSL's headers found through
+# pkg-config (librdkafka's TLS and SASL/SCRAM for a secured Kafka).
 { command -v cc >/dev/null && command -v make >/dev/null; } || missing+=(build-essential)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+[ -e /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
 apt_install
 
 if $want_test; then

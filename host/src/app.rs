@@ -304,6 +304,7 @@ impl App {
                 // A batch's pushes end within their lease; a call started
                 // just before may run its whole timeout.
                 batch_handling: config.sync_lease + config.connector_call_timeout,
+                properties: crate::bus::kafka::KafkaProperties(config.kafka_property_list()),
             });
         tracing::info!(
             bus = if kafka.is_some() {

@@ -59,6 +59,20 @@ pub enum LogFormat {
 /// The longest period the configuration takes (every duration setting).
 const MOST_PERIOD: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
+/// The librdkafka properties `kafka_properties` may set: how to reach and
+/// authenticate to the cluster, not how ferry uses it.
+pub const KAFKA_PROPERTY_PREFIXES: &[&str] = &[
+    "security.protocol",
+    "ssl.",
+    "sasl.",
+    "socket.",
+    "reconnect.backoff",
+    "client.rack",
+    "client.dns.lookup",
+    "broker.address.family",
+    "connections.max.idle.ms",
+];
+
 /// ferry's settings. See docs/configuration.md.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -147,6 +161,14 @@ pub struct Config {
     pub kafka_replication_factor: i32,
     /// Consumer group shared by every replica.
     pub kafka_group_id: String,
+    /// librdkafka properties for every Kafka client (producer, admin,
+    /// consumers): security (`security.protocol`, `ssl.*`, `sasl.*`) and
+    /// connection (`socket.*`, `reconnect.backoff*`, …) only, see
+    /// [`KAFKA_PROPERTY_PREFIXES`]; ferry's own (idempotence, acks,
+    /// offsets) cannot be changed. In the environment `_` stands for `.`:
+    /// `FERRY_KAFKA_PROPERTIES__SASL_PASSWORD`. Values never print.
+    #[serde(default)]
+    pub kafka_properties: BTreeMap<String, SecretString>,
     /// Cluster mode: a change the bus acknowledged but no consumer took
     /// within this long is scheduled from the outbox directly.
     #[serde(deserialize_with = "duration")]
@@ -341,6 +363,10 @@ impl std::fmt::Debug for Config {
             .field("kafka_partitions", &self.kafka_partitions)
             .field("kafka_replication_factor", &self.kafka_replication_factor)
             .field("kafka_group_id", &self.kafka_group_id)
+            .field(
+                "kafka_properties",
+                &self.kafka_properties.keys().collect::<Vec<_>>(),
+            )
             .field("bus_redelivery_after", &self.bus_redelivery_after)
             .field("workers", &self.workers)
             .field("sync_concurrency", &self.sync_concurrency)
@@ -682,6 +708,19 @@ impl Config {
                 "kafka_partitions and kafka_replication_factor must be at least 1".into(),
             ));
         }
+        let refused: Vec<String> = self
+            .kafka_property_list()
+            .into_iter()
+            .map(|(name, _)| name)
+            .filter(|name| !KAFKA_PROPERTY_PREFIXES.iter().any(|p| name.starts_with(p)))
+            .collect();
+        if !refused.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "kafka_properties: {} not taken (security and connection properties only: names starting with {}; ferry sets the others itself)",
+                refused.join(", "),
+                KAFKA_PROPERTY_PREFIXES.join(", ")
+            )));
+        }
         self.validate_limits()?;
         let kind = crate::store::StoreKind::from_url(self.database_url_exposed())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -803,6 +842,15 @@ impl Config {
                 .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
                 .map(|d| d.join("ferry/compiled")),
         }
+    }
+
+    /// [`Config::kafka_properties`] under librdkafka's names (`_` read as
+    /// `.`, lower case: the environment's form).
+    pub fn kafka_property_list(&self) -> Vec<(String, SecretString)> {
+        self.kafka_properties
+            .iter()
+            .map(|(name, value)| (name.to_ascii_lowercase().replace('_', "."), value.clone()))
+            .collect()
     }
 
     /// The database URL, password included: only for connecting.
@@ -1077,6 +1125,43 @@ mod tests {
             assert_eq!(crm.settings["api_base"], "https://crm.example");
             assert_eq!(crm.settings["region"], "us", "the environment wins");
             assert_eq!(crm.secrets["api_key"].expose_secret(), "k");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn kafka_properties_take_librdkafka_names_and_only_connection_ones() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file(
+                "ferry.toml",
+                "[kafka_properties]\n\"ssl.ca.location\" = \"/etc/ca.pem\"\n",
+            )?;
+            jail.set_env("FERRY_KAFKA_PROPERTIES__SECURITY_PROTOCOL", "SASL_SSL");
+            jail.set_env(
+                "FERRY_KAFKA_PROPERTIES__SASL_PASSWORD",
+                "hunter2-not-logged",
+            );
+            let config = Config::load(Some(Path::new("ferry.toml"))).map_err(|e| e.to_string())?;
+            config.validate().map_err(|e| e.to_string())?;
+            let names: Vec<String> = config
+                .kafka_property_list()
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect();
+            assert_eq!(
+                names,
+                ["sasl.password", "security.protocol", "ssl.ca.location"]
+            );
+            let shown = format!("{config:?}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+            jail.set_env("FERRY_KAFKA_PROPERTIES__ENABLE_IDEMPOTENCE", "false");
+            let config = Config::load(Some(Path::new("ferry.toml"))).map_err(|e| e.to_string())?;
+            let refused = config
+                .validate()
+                .expect_err("ferry's own property")
+                .to_string();
+            assert!(refused.contains("enable.idempotence"), "{refused}");
             Ok(())
         });
     }

@@ -49,6 +49,7 @@ fn settings(partitions: i32) -> KafkaSettings {
         partitions,
         replication_factor: 1,
         batch_handling: std::time::Duration::from_secs(60),
+        properties: Default::default(),
     }
 }
 
@@ -137,6 +138,36 @@ fn partition_count(brokers: &str, topic: &str) -> usize {
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .expect("topic metadata");
     metadata.topics()[0].partitions().len()
+}
+
+/// The operator's librdkafka properties (`kafka_properties`) reach the
+/// clients: TLS spoken to the plaintext test broker fails (the property is
+/// in force, where the same client without it answers), and a property
+/// librdkafka does not know refuses the client, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_properties_reach_the_clients() {
+    use ferry::bus::kafka::KafkaProperties;
+    let with = |name: &str, value: &str| KafkaSettings {
+        properties: KafkaProperties(vec![(name.to_owned(), value.into())]),
+        ..settings(1)
+    };
+    let plain = Arc::new(KafkaProducer::new(&settings(1)).expect("client"));
+    plain
+        .probe(Duration::from_secs(5))
+        .await
+        .expect("the broker answers");
+    let tls =
+        Arc::new(KafkaProducer::new(&with("security.protocol", "ssl")).expect("a TLS client"));
+    assert!(tls.probe(Duration::from_secs(2)).await.is_err());
+    let refused = KafkaProducer::new(&with("ssl.no.such.property", "x"))
+        .err()
+        .expect("refused");
+    let refused = format!("{:#}", anyhow::Error::from(refused));
+    assert!(refused.contains("ssl.no.such.property"), "{refused}");
+    assert!(
+        KafkaConsumer::new(&with("ssl.no.such.property", "x"), &unique("t")).is_err(),
+        "the consumers too"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

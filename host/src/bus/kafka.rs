@@ -69,7 +69,36 @@ pub struct KafkaSettings {
     /// a member busy with a slow batch is put out of the group and its
     /// batch handled again elsewhere.
     pub batch_handling: std::time::Duration,
+    /// librdkafka properties every client is given (security and
+    /// connection: `kafka_properties`).
+    pub properties: KafkaProperties,
 }
+
+/// librdkafka properties by name; values (a SASL password) never print.
+#[derive(Clone, Default)]
+pub struct KafkaProperties(pub Vec<(String, secrecy::SecretString)>);
+
+impl std::fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| name))
+            .finish()
+    }
+}
+
+impl PartialEq for KafkaProperties {
+    fn eq(&self, other: &Self) -> bool {
+        use secrecy::ExposeSecret;
+        self.0.len() == other.0.len()
+            && self
+                .0
+                .iter()
+                .zip(&other.0)
+                .all(|((a, x), (b, y))| a == b && x.expose_secret() == y.expose_secret())
+    }
+}
+
+impl Eq for KafkaProperties {}
 
 impl KafkaSettings {
     fn validate(&self) -> Result<(), BusError> {
@@ -94,6 +123,10 @@ impl KafkaSettings {
             .set("bootstrap.servers", &self.brokers)
             .set("client.id", &self.client_id)
             .set_log_level(rdkafka_log_level());
+        for (name, value) in &self.properties.0 {
+            use secrecy::ExposeSecret;
+            config.set(name, value.expose_secret());
+        }
         config
     }
 }

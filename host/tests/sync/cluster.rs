@@ -393,6 +393,7 @@ async fn published_keys(broker: &Broker, topic: &str, wanted: &str) -> Vec<Strin
         partitions: 3,
         replication_factor: 1,
         batch_handling: std::time::Duration::from_secs(60),
+        properties: Default::default(),
     };
     let consumer = ferry::bus::kafka::KafkaConsumer::new(&settings, topic).expect("reader");
     let keys = std::sync::Mutex::new(Vec::new());
