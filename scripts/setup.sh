@@ -62,7 +62,7 @@ apt_install() {
 # pkg-config (librdkafka's TLS and SASL/SCRAM for a secured Kafka).
 { command -v cc >/dev/null && command -v make >/dev/null; } || missing+=(build-essential)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
-[ -e /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
 apt_install
 
 if $want_test; then

@@ -74,6 +74,18 @@ pub struct KafkaSettings {
     pub properties: KafkaProperties,
 }
 
+/// `error` without the value librdkafka refused: rdkafka's message holds
+/// it, and it may be a secret (a misspelled `sasl.password`, an OIDC
+/// client secret this build cannot use), which the start's error printed.
+fn without_values(error: KafkaError) -> KafkaError {
+    match error {
+        KafkaError::ClientConfig(code, description, key, _) => {
+            KafkaError::ClientConfig(code, description, key, "(value not shown)".to_owned())
+        }
+        other => other,
+    }
+}
+
 /// librdkafka properties by name; values (a SASL password) never print.
 #[derive(Clone, Default)]
 pub struct KafkaProperties(pub Vec<(String, secrecy::SecretString)>);
@@ -240,14 +252,14 @@ impl KafkaProducer {
             .create_with_context(BusContext::default())
             .map_err(|source| BusError::Client {
                 role: "producer",
-                source: Box::new(source),
+                source: Box::new(without_values(source)),
             })?;
         let admin = settings
             .client_config()
             .create_with_context(BusContext::default())
             .map_err(|source| BusError::Client {
                 role: "admin client",
-                source: Box::new(source),
+                source: Box::new(without_values(source)),
             })?;
         Ok(Self {
             producer,
@@ -266,7 +278,13 @@ impl KafkaProducer {
         // operator) answers the ask with an authorization error even for a
         // topic that exists, and the replica stayed unready for good,
         // asking again every 2 s. A metadata read that fails asks for all.
-        let existing = self.existing_topics().await.unwrap_or_default();
+        let existing = match self.existing_topics().await {
+            Some(existing) => existing,
+            None => {
+                tracing::debug!("the cluster's metadata could not be read; asking for every topic");
+                Vec::new()
+            }
+        };
         let topics: Vec<&str> = topics
             .iter()
             .copied()
@@ -513,7 +531,7 @@ impl KafkaConsumer {
             .create_with_context(BusContext::default())
             .map_err(|source| BusError::Client {
                 role: "consumer",
-                source: Box::new(source),
+                source: Box::new(without_values(source)),
             })?;
         consumer
             .subscribe(&[topic])
