@@ -204,6 +204,52 @@ async fn api_changes_reach_salesforce(backend: Backend) {
     }
 }
 
+/// An org pinned to an API version Salesforce has since retired: its
+/// requests are answered 410, which is not a record gone. Read as one, a
+/// customer's delete counted as done and the Contact stayed; now the
+/// delete is dead-lettered for a person, and the Contact is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_api_version_is_not_a_record_gone() {
+    let rig = rig(Backend::Sqlite, FakeSalesforceConfig::default()).await;
+    let created = rig
+        .app
+        .create(json!({"name": "Ada Lovelace", "email": email("sf-retired")}))
+        .await;
+    let id = created["id"].as_str().expect("id").to_owned();
+    let (_, link) = wait_both_synced(&rig.app, &id, 1).await;
+    let contact_id = remote_id(&link);
+
+    let (status, body) = rig
+        .app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/salesforce/settings",
+            Some(json!({
+                "settings": {
+                    "login_url": rig.salesforce.url(),
+                    "organization_id": rig.salesforce.org_id(),
+                    "client_name": CLIENT_NAME,
+                    "api_version": "30.0",
+                },
+                "secrets": {"client_id": null, "client_secret": null},
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    rig.app.delete(&id).await;
+    let link = rig
+        .app
+        .wait_link_of("salesforce", &id, SETTLE, |l| l["state"] == "dead")
+        .await;
+    assert!(
+        link["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("410")),
+        "{link}"
+    );
+    assert!(rig.salesforce.record("Contact", &contact_id).is_some());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_changes_reach_salesforce_sqlite() {
     api_changes_reach_salesforce(Backend::Sqlite).await;

@@ -944,6 +944,11 @@ async fn handle(
     if !is_api_version(version) {
         return SfError::not_found().into_response();
     }
+    // Versions 21.0 to 30.0 were retired in Summer '25: Salesforce answers
+    // a request under one with 410 GONE (its API end-of-life notice).
+    if retired(version) {
+        return StatusCode::GONE.into_response();
+    }
     match data_api(
         &shared,
         &method,
@@ -956,6 +961,14 @@ async fn handle(
         Ok(resp) => resp,
         Err(err) => err.into_response(),
     }
+}
+
+/// Whether API version `v` (`vNN.N`) is one Salesforce has retired.
+fn retired(v: &str) -> bool {
+    v.strip_prefix('v')
+        .and_then(|n| n.split_once('.'))
+        .and_then(|(major, _)| major.parse::<u32>().ok())
+        .is_some_and(|major| major <= 30)
 }
 
 fn is_api_version(v: &str) -> bool {
