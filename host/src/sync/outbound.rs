@@ -246,19 +246,16 @@ fn plan(
             key,
         }));
     }
+    let mut update = canonical_record(&current);
     // A customer `auto_rename` kept apart from another with its record's
     // email holds that email rewritten; the remote keeps its own.
-    let record = match (&link.remote_id, &link.snapshot) {
-        (Some(remote_id), Some(snapshot))
-            if kept_apart(&customer.email, snapshot, &link.connector, remote_id) =>
-        {
-            let mut current = current;
-            current["email"] = snapshot["email"].clone();
-            canonical_record(&current).to_string()
+    if let (Some(remote_id), Some(snapshot)) = (&link.remote_id, &link.snapshot) {
+        if kept_apart(&customer.email, snapshot, &link.connector, remote_id) {
+            update["email"] = snapshot["email"].clone();
         }
-        _ => record,
-    };
-    let record = removing_metadata(record, link.snapshot.as_ref());
+    }
+    name_removed_metadata(&mut update, link.snapshot.as_ref());
+    let record = update.to_string();
     if link.pushed_hash.as_deref() == Some(hash(&record).as_str()) {
         return Ok(Err(("content unchanged since the last push".into(), true)));
     }
@@ -307,23 +304,7 @@ fn snapshot_after(
                 .ok()
                 .map(|mut pushed| {
                     if let Some(fields) = pushed.as_object_mut() {
-                        let named = fields.remove(METADATA_REMOVED);
-                        let held = previous
-                            .and_then(|p| p.get("metadata"))
-                            .and_then(serde_json::Value::as_object);
-                        let names = named.as_ref().and_then(serde_json::Value::as_array);
-                        if let (Some(held), Some(names)) = (held, names) {
-                            let metadata = fields.entry("metadata").or_insert_with(|| {
-                                serde_json::Value::Object(serde_json::Map::new())
-                            });
-                            if let Some(metadata) = metadata.as_object_mut() {
-                                for name in names.iter().filter_map(serde_json::Value::as_str) {
-                                    if let Some(was) = held.get(name) {
-                                        metadata.insert(name.to_owned(), was.clone());
-                                    }
-                                }
-                            }
-                        }
+                        keep_named_metadata(fields, previous);
                         fields.insert(
                             super::merge::ASSUMED_BASE.to_owned(),
                             serde_json::Value::Bool(true),
@@ -336,30 +317,58 @@ fn snapshot_after(
     }
 }
 
+/// A pushed record's `fields`, to be assumed as the remote's state, without
+/// [`METADATA_REMOVED`] and with each key it named holding its `previous`
+/// snapshot's value: whether the remote removed it is not known.
+fn keep_named_metadata(
+    fields: &mut serde_json::Map<String, serde_json::Value>,
+    previous: Option<&serde_json::Value>,
+) {
+    let named = fields.remove(METADATA_REMOVED);
+    let names = named.as_ref().and_then(serde_json::Value::as_array);
+    let held = previous
+        .and_then(|p| p.get("metadata"))
+        .and_then(serde_json::Value::as_object);
+    let (Some(names), Some(held)) = (names, held) else {
+        return;
+    };
+    let kept: Vec<(String, serde_json::Value)> = names
+        .iter()
+        .filter_map(serde_json::Value::as_str)
+        .filter_map(|name| Some((name.to_owned(), held.get(name)?.clone())))
+        .collect();
+    if let Some(metadata) = fields
+        .entry("metadata")
+        .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()))
+        .as_object_mut()
+    {
+        metadata.extend(kept);
+    }
+}
+
 /// The top-level field of an update's record naming the metadata keys
-/// ferry removed since the last sync (see [`removing_metadata`]).
+/// ferry removed since the last sync (see [`name_removed_metadata`]).
 pub const METADATA_REMOVED: &str = "metadata_removed";
 
-/// An update's `record` with [`METADATA_REMOVED`] listing each metadata key
-/// the remote held at the last sync (the link's `snapshot`) that the
-/// customer no longer does: removed in ferry, so to be removed there. A
-/// remote that merges metadata (Stripe's) kept such a key for good, and the
-/// snapshot taken from its answer held it again. A field of its own, not a
-/// `null` value in `metadata`: a connector built with an SDK before `null`
-/// values were read as absent failed the whole record, and an unknown
-/// field is ignored by every one (`Customer::removed_metadata` in the SDK
-/// reads it).
-fn removing_metadata(record: String, snapshot: Option<&serde_json::Value>) -> String {
+/// Adds to an update's `record` [`METADATA_REMOVED`], listing each
+/// metadata key the remote held at the last sync (the link's `snapshot`)
+/// that the customer no longer does: removed in ferry, so to be removed
+/// there. A remote that merges metadata (Stripe's) kept such a key for
+/// good, and the snapshot taken from its answer held it again. A field of
+/// its own, not a `null` value in `metadata`: a connector built with an
+/// SDK before `null` values were read as absent failed the whole record,
+/// and an unknown field is ignored by every one
+/// (`Customer::removed_metadata` in the SDK reads it).
+fn name_removed_metadata(record: &mut serde_json::Value, snapshot: Option<&serde_json::Value>) {
     let Some(held) = snapshot
         .and_then(|s| s.get("metadata"))
         .and_then(serde_json::Value::as_object)
     else {
-        return record;
+        return;
     };
-    let Ok(mut value) = serde_json::from_str::<serde_json::Value>(&record) else {
-        return record;
-    };
-    let kept = value.get("metadata").and_then(serde_json::Value::as_object);
+    let kept = record
+        .get("metadata")
+        .and_then(serde_json::Value::as_object);
     // Sorted: PostgreSQL's `jsonb` keeps keys in an order of its own, and
     // a retry must send the same request under its idempotency key.
     let removed: std::collections::BTreeSet<&String> = held
@@ -372,16 +381,15 @@ fn removing_metadata(record: String, snapshot: Option<&serde_json::Value>) -> St
         })
         .map(|(key, _)| key)
         .collect();
+    if removed.is_empty() {
+        return;
+    }
     let removed: Vec<serde_json::Value> = removed
         .into_iter()
         .map(|key| serde_json::Value::String(key.clone()))
         .collect();
-    match value.as_object_mut() {
-        Some(fields) if !removed.is_empty() => {
-            fields.insert(METADATA_REMOVED.to_owned(), removed.into());
-            value.to_string()
-        }
-        _ => record,
+    if let Some(fields) = record.as_object_mut() {
+        fields.insert(METADATA_REMOVED.to_owned(), removed.into());
     }
 }
 
@@ -1149,22 +1157,23 @@ mod tests {
     #[test]
     fn metadata_ferry_removed_is_named_and_keys_it_did_not_send_are_not_agreed() {
         let snapshot = serde_json::json!({"metadata": {"tier": "gold", "plan": "pro", "gone": ""}});
-        let record = r#"{"name":"Ada","metadata":{"plan":"pro"}}"#.to_owned();
-        let removing: serde_json::Value =
-            serde_json::from_str(&removing_metadata(record.clone(), Some(&snapshot))).unwrap();
+        let record = serde_json::json!({"name": "Ada", "metadata": {"plan": "pro"}});
+        let mut removing = record.clone();
+        name_removed_metadata(&mut removing, Some(&snapshot));
         assert_eq!(
             removing,
             serde_json::json!({"name": "Ada", "metadata": {"plan": "pro"}, "metadata_removed": ["tier"]}),
             "a key held there as empty is not there"
         );
-        let no_metadata = r#"{"name":"Ada"}"#.to_owned();
-        let removing: serde_json::Value =
-            serde_json::from_str(&removing_metadata(no_metadata, Some(&snapshot))).unwrap();
+        let mut removing = serde_json::json!({"name": "Ada"});
+        name_removed_metadata(&mut removing, Some(&snapshot));
         assert_eq!(
             removing["metadata_removed"],
             serde_json::json!(["plan", "tier"])
         );
-        assert_eq!(removing_metadata(record.clone(), None), record);
+        let mut unchanged = record.clone();
+        name_removed_metadata(&mut unchanged, None);
+        assert_eq!(unchanged, record);
 
         let plan = Plan {
             operation: Operation::Update,

@@ -502,6 +502,12 @@ async fn delete_refused_while_changes_wait(backend: Backend) {
     let app = spawn_sync_app(setup(backend)).await;
     a_create_parked_by_the_switch(&app, &remote, "Waiting").await;
 
+    deleted_only_with_force(&app).await;
+}
+
+/// A `DELETE` of the recorder is refused (409 `connector_in_use`, one
+/// holding it), then goes with `force=true`.
+async fn deleted_only_with_force(app: &SyncApp) {
     let (status, problem) = app
         .send(reqwest::Method::DELETE, "/api/v1/connectors/recorder", None)
         .await;
@@ -562,23 +568,7 @@ async fn delete_refused_while_linked_then_forced(backend: Backend) {
     install_recorder(&app, &remote).await;
     let id = linked_customer(&app, "Linked").await;
 
-    let (status, problem) = app
-        .send(reqwest::Method::DELETE, "/api/v1/connectors/recorder", None)
-        .await;
-    assert_eq!(status, 409, "{problem}");
-    assert_eq!(problem["code"], "connector_in_use");
-    assert!(
-        problem["detail"].as_str().unwrap().starts_with("1 "),
-        "{problem}"
-    );
-    let (status, _) = app
-        .send(
-            reqwest::Method::DELETE,
-            "/api/v1/connectors/recorder?force=true",
-            None,
-        )
-        .await;
-    assert_eq!(status, 204);
+    deleted_only_with_force(&app).await;
     let (status, _) = get(&app, "/api/v1/connectors/recorder").await;
     assert_eq!(status, 404);
     assert_eq!(

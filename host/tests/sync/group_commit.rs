@@ -1287,28 +1287,34 @@ async fn a_newer_version_waits_out_a_timed_out_last_attempt(postgres: bool) {
         .intake_changes(&[notice(&second)], &stripe)
         .await
         .expect("intake");
+    // Gives `link` up at `version`, its last attempt timed out: the time
+    // before the write.
+    let give_up_timed_out = async |link: &SyncLink, version: i64| {
+        let gave_up = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
+            version,
+            operation: Some("update"),
+            attempt: 10,
+            error_kind: ferry::store::DeadLetterKind::RetriesExhausted,
+            error: "gave up after 10 attempts: the call exceeded its deadline".into(),
+            settle_ms: 30_000,
+        });
+        let before = chrono::Utc::now().timestamp_millis();
+        assert_eq!(
+            store
+                .write_links(&[(link, &gave_up)])
+                .await
+                .expect("written"),
+            vec![true]
+        );
+        before
+    };
     let link = stripe_link_claimed(&store, "lease-settle", second.id.as_str()).await;
     let third = rename(&store, &second.id, "Third").await;
     store
         .intake_changes(&[notice(&third)], &stripe)
         .await
         .expect("intake");
-    let gave_up = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
-        version: second.version,
-        operation: Some("update"),
-        attempt: 10,
-        error_kind: ferry::store::DeadLetterKind::RetriesExhausted,
-        error: "gave up after 10 attempts: the call exceeded its deadline".into(),
-        settle_ms: 30_000,
-    });
-    let before = chrono::Utc::now().timestamp_millis();
-    assert_eq!(
-        store
-            .write_links(&[(&link, &gave_up)])
-            .await
-            .expect("written"),
-        vec![true]
-    );
+    let before = give_up_timed_out(&link, second.version).await;
     let after = store
         .links_of(second.id.as_str())
         .await
@@ -1325,22 +1331,7 @@ async fn a_newer_version_waits_out_a_timed_out_last_attempt(postgres: bool) {
         .await
         .expect("intake");
     let link = stripe_link_claimed(&store, "lease-settle-2", other.id.as_str()).await;
-    let gave_up = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
-        version: other.version,
-        operation: Some("update"),
-        attempt: 10,
-        error_kind: ferry::store::DeadLetterKind::RetriesExhausted,
-        error: "gave up after 10 attempts: the call exceeded its deadline".into(),
-        settle_ms: 30_000,
-    });
-    let before = chrono::Utc::now().timestamp_millis();
-    assert_eq!(
-        store
-            .write_links(&[(&link, &gave_up)])
-            .await
-            .expect("written"),
-        vec![true]
-    );
+    let before = give_up_timed_out(&link, other.version).await;
     let later = rename(&store, &other.id, "Later").await;
     store
         .intake_changes(&[notice(&later)], &stripe)

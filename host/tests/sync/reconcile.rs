@@ -1155,6 +1155,24 @@ async fn auto_rename_keeps_the_remote_email(backend: Backend) {
     assert!(customer.email.contains("+dup-"), "{}", customer.email);
 }
 
+/// A customer made through the API from `fields`, once synced to Stripe:
+/// its id and its Stripe record's.
+async fn synced(app: &SyncApp, fields: Value) -> (String, String) {
+    let customer = app.create(fields).await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    let link = app.wait_synced(&id, 1).await;
+    (id, link["remote_id"].as_str().unwrap().to_owned())
+}
+
+/// Delivers the signed Stripe event `body` and waits until it, the only
+/// event of record `remote_id`, is applied.
+async fn delivered_and_applied(app: &SyncApp, body: &str, remote_id: &str) {
+    let (status, reply) = deliver(app, body, &stripe_signature(body, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200, "{reply}");
+    let events = app.wait_inbox_settled("stripe", remote_id, 1).await;
+    assert_eq!(events[0].state.as_str(), "applied", "{events:?}");
+}
+
 /// Field ownership under the `flag` policy: both sides changed name and
 /// phone. Stripe owns the phone (its value is taken), ferry owns the name
 /// (its value is kept and pushed back over Stripe's); neither is a conflict.
@@ -1169,12 +1187,11 @@ async fn field_owners_decide_before_the_conflict_policy(backend: Backend) {
     });
     let app = spawn_sync_app(setup).await;
     let address = email("owners");
-    let customer = app
-        .create(json!({"email": address, "name": "Ann", "phone": "+100"}))
-        .await;
-    let id = customer["id"].as_str().unwrap().to_owned();
-    let link = app.wait_synced(&id, 1).await;
-    let s1 = link["remote_id"].as_str().unwrap().to_owned();
+    let (id, s1) = synced(
+        &app,
+        json!({"email": address, "name": "Ann", "phone": "+100"}),
+    )
+    .await;
 
     proxy.set_down(true);
     app.patch(&id, json!({"name": "Ann Local", "phone": "+101"}))
@@ -1185,10 +1202,7 @@ async fn field_owners_decide_before_the_conflict_policy(backend: Backend) {
         chrono::Utc::now().timestamp() + 3,
         json!({"id": s1, "object": "customer", "email": address, "name": "Ann Remote", "phone": "+200", "metadata": {}}),
     );
-    let (status, reply) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
-    assert_eq!(status, 200, "{reply}");
-    let events = app.wait_inbox_settled("stripe", &s1, 1).await;
-    assert_eq!(events[0].state.as_str(), "applied", "{events:?}");
+    delivered_and_applied(&app, &body, &s1).await;
     let now = app.store.get_customer_any(&id).await.unwrap().unwrap();
     assert_eq!(
         (now.name.as_deref(), now.phone.as_deref()),
@@ -1228,12 +1242,11 @@ async fn an_owner_event_about_another_field_keeps_an_api_write(backend: Backend)
     });
     let app = spawn_sync_app(setup).await;
     let address = email("owner-api");
-    let customer = app
-        .create(json!({"email": address, "name": "Ann", "phone": "+100"}))
-        .await;
-    let id = customer["id"].as_str().unwrap().to_owned();
-    let link = app.wait_synced(&id, 1).await;
-    let s1 = link["remote_id"].as_str().unwrap().to_owned();
+    let (id, s1) = synced(
+        &app,
+        json!({"email": address, "name": "Ann", "phone": "+100"}),
+    )
+    .await;
 
     proxy.set_down(true);
     app.patch(&id, json!({"phone": "+101"})).await;
@@ -1243,10 +1256,7 @@ async fn an_owner_event_about_another_field_keeps_an_api_write(backend: Backend)
         chrono::Utc::now().timestamp() + 3,
         json!({"id": s1, "object": "customer", "email": address, "name": "Ann Renamed", "phone": "+100", "metadata": {}}),
     );
-    let (status, reply) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
-    assert_eq!(status, 200, "{reply}");
-    let events = app.wait_inbox_settled("stripe", &s1, 1).await;
-    assert_eq!(events[0].state.as_str(), "applied", "{events:?}");
+    delivered_and_applied(&app, &body, &s1).await;
     let now = app.store.get_customer_any(&id).await.unwrap().unwrap();
     assert_eq!(
         (now.name.as_deref(), now.phone.as_deref()),
@@ -1271,12 +1281,11 @@ async fn metadata_removed_in_ferry_and_added_in_stripe_both_arrive(backend: Back
     let stripe = LocalStripe::start().expect("localstripe");
     let app = spawn_sync_app(Setup::new(backend, &stripe.url())).await;
     let address = email("metadata");
-    let customer = app
-        .create(json!({"email": address, "name": "Ann", "metadata": {"tier": "gold"}}))
-        .await;
-    let id = customer["id"].as_str().unwrap().to_owned();
-    let link = app.wait_synced(&id, 1).await;
-    let s1 = link["remote_id"].as_str().unwrap().to_owned();
+    let (id, s1) = synced(
+        &app,
+        json!({"email": address, "name": "Ann", "metadata": {"tier": "gold"}}),
+    )
+    .await;
 
     // Another system sets a key in Stripe; its event has not reached ferry.
     let vip_at = chrono::Utc::now().timestamp();
@@ -1302,10 +1311,7 @@ async fn metadata_removed_in_ferry_and_added_in_stripe_both_arrive(backend: Back
         json!({"id": s1, "object": "customer", "email": address, "name": "Ann",
             "metadata": {"vip": "yes", "ferry_id": id}}),
     );
-    let (status, reply) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
-    assert_eq!(status, 200, "{reply}");
-    let events = app.wait_inbox_settled("stripe", &s1, 1).await;
-    assert_eq!(events[0].state.as_str(), "applied", "{events:?}");
+    delivered_and_applied(&app, &body, &s1).await;
     let now = app.store.get_customer_any(&id).await.unwrap().unwrap();
     assert_eq!(
         serde_json::to_value(&now.metadata).unwrap(),
