@@ -2,7 +2,7 @@
 //! `push-request.record` and writes into events and remote records
 //! (documented in `docs/connector-contract.md`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -115,6 +115,56 @@ impl Customer {
             .and_then(|r| r.metadata_removed)
             .unwrap_or_default()
     }
+
+    /// The fields an update's record (canonical JSON) names in its
+    /// `changed_fields` list: those whose values differ from the remote's
+    /// state at the last sync. A connector that sends only these leaves
+    /// alone a field someone changed at the remote just before the push
+    /// (its event then reaches ferry as an edit rather than being pushed
+    /// over). A record without the list (a create, an update with no
+    /// last synced state) names every field.
+    pub fn changed_fields(json: &str) -> ChangedFields {
+        #[derive(Deserialize)]
+        struct Changed {
+            #[serde(default)]
+            changed_fields: Option<BTreeSet<String>>,
+        }
+        ChangedFields(
+            serde_json::from_str::<Changed>(json)
+                .ok()
+                .and_then(|c| c.changed_fields),
+        )
+    }
+}
+
+/// The fields an update changes ([`Customer::changed_fields`]), named as
+/// ferry's merge names them: `name`, `email`, `phone`, `address.city`
+/// (each address part), `metadata.tier` (each metadata key, a key with
+/// dots as is). With no list, every field counts as changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangedFields(Option<BTreeSet<String>>);
+
+impl ChangedFields {
+    /// Whether `field` (`name`, `address.city`, `metadata.tier`) is to be
+    /// sent.
+    pub fn field(&self, field: &str) -> bool {
+        self.0.as_ref().is_none_or(|names| names.contains(field))
+    }
+
+    /// Whether any part of the address is to be sent (a remote that
+    /// replaces the address whole sends all of it).
+    pub fn address(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n.starts_with("address.")))
+    }
+
+    /// Whether metadata key `key` is to be sent.
+    pub fn metadata(&self, key: &str) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|names| names.contains(&format!("metadata.{key}")))
+    }
 }
 
 #[cfg(test)]
@@ -130,6 +180,32 @@ mod tests {
         assert!(Customer::removed_metadata(r#"{"metadata_removed":null}"#).is_empty());
         assert!(Customer::removed_metadata(r#"{"name":"Ada"}"#).is_empty());
         assert!(Customer::removed_metadata("not json").is_empty());
+    }
+
+    #[test]
+    fn changed_fields_are_named_beside_the_record() {
+        let json = r#"{"name":"Ada","changed_fields":["email","address.city","metadata.a.b"]}"#;
+        let changed = Customer::changed_fields(json);
+        assert!(changed.field("email") && !changed.field("name"));
+        assert!(changed.address() && changed.field("address.city"));
+        assert!(changed.metadata("a.b") && !changed.metadata("a"));
+        let none = Customer::changed_fields(r#"{"changed_fields":[]}"#);
+        assert!(!none.field("name") && !none.address() && !none.metadata("a"));
+        for every in [
+            r#"{"name":"Ada"}"#,
+            r#"{"changed_fields":null}"#,
+            "not json",
+        ] {
+            let all = Customer::changed_fields(every);
+            assert!(
+                all.field("name") && all.address() && all.metadata("a"),
+                "{every}"
+            );
+        }
+        assert_eq!(
+            Customer::from_json(json).unwrap().name.as_deref(),
+            Some("Ada")
+        );
     }
 
     #[test]

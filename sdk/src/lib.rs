@@ -70,7 +70,7 @@ pub mod bindings {
     });
 }
 
-pub use customer::{Address, Customer};
+pub use customer::{Address, ChangedFields, Customer};
 pub use errors::HttpError;
 pub use records::{ensure_entity, ManifestBuilder};
 

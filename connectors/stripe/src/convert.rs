@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use ferry_sdk::{Address, Customer};
+use ferry_sdk::{Address, ChangedFields, Customer};
 use serde::Deserialize;
 
 /// The metadata key holding ferry's id of the customer. Kept out of the
@@ -85,30 +85,54 @@ pub(crate) fn from_stripe(c: StripeCustomer) -> Customer {
     }
 }
 
-/// Form pairs for `POST /v1/customers[/{id}]`: a create's (`cleared`
-/// `None`), or an update's. On update an unset field is sent empty, which
-/// Stripe documents as "unset", so the remote ends up equal to ferry's
-/// record rather than keeping stale values. Stripe merges metadata: a key
-/// is unset only when posted empty, which an update does for the keys
-/// ferry removed since the last sync (`cleared`, [`Customer::removed_metadata`]);
-/// other keys absent locally are left alone (another integration's, not
-/// yet seen by ferry).
+/// What an update changes: the metadata keys ferry removed since the last
+/// sync ([`Customer::removed_metadata`]) and the fields that differ from
+/// the remote's state then ([`Customer::changed_fields`]).
+pub(crate) struct Update {
+    pub(crate) cleared: Vec<String>,
+    pub(crate) changed: ChangedFields,
+}
+
+impl Update {
+    /// The update `record` (canonical JSON, as pushed) asks for.
+    pub(crate) fn of(record: &str) -> Self {
+        Self {
+            cleared: Customer::removed_metadata(record),
+            changed: Customer::changed_fields(record),
+        }
+    }
+}
+
+/// Form pairs for `POST /v1/customers[/{id}]`: a create's (`update`
+/// `None`), or an update's. An update sends only the fields ferry changed
+/// since the last sync: one someone changed in the dashboard just before
+/// the push stays, and its event reaches ferry as an edit (sent whole, it
+/// was pushed over, and the event read as the push's echo). The address
+/// is sent whole when any part changed (Stripe's `address` is one value).
+/// On update an unset field is sent empty, which Stripe documents as
+/// "unset", so the remote ends up equal to ferry's record rather than
+/// keeping stale values. Stripe merges metadata: a key is unset only when
+/// posted empty, which an update does for the keys ferry removed since the
+/// last sync; other keys absent locally are left alone (another
+/// integration's, not yet seen by ferry).
 pub(crate) fn customer_form(
     c: &Customer,
     local_id: &str,
-    cleared: Option<&[String]>,
+    update: Option<&Update>,
 ) -> Vec<(String, String)> {
-    let update = cleared.is_some();
+    let sends = |field: &str| update.is_none_or(|u| u.changed.field(field));
     let mut form = Vec::new();
     let mut field = |name: &str, value: &Option<String>| match value {
+        _ if !sends(name) => {}
         Some(v) => form.push((name.to_owned(), v.clone())),
-        None if update => form.push((name.to_owned(), String::new())),
+        None if update.is_some() => form.push((name.to_owned(), String::new())),
         None => {}
     };
     field("name", &c.name);
     field("email", &c.email);
     field("phone", &c.phone);
     match &c.address {
+        _ if update.is_some_and(|u| !u.changed.address()) => {}
         Some(a) => {
             let parts = [
                 ("line1", &a.line1),
@@ -122,20 +146,22 @@ pub(crate) fn customer_form(
                 match value {
                     Some(v) => form.push((format!("address[{key}]"), v.clone())),
                     // Unset a line ferry no longer has, as for top-level fields.
-                    None if update => form.push((format!("address[{key}]"), String::new())),
+                    None if update.is_some() => {
+                        form.push((format!("address[{key}]"), String::new()));
+                    }
                     None => {}
                 }
             }
         }
-        None if update => form.push(("address".to_owned(), String::new())),
+        None if update.is_some() => form.push(("address".to_owned(), String::new())),
         None => {}
     }
     for (k, v) in &c.metadata {
-        if k != FERRY_ID_KEY {
+        if k != FERRY_ID_KEY && update.is_none_or(|u| u.changed.metadata(k)) {
             form.push((format!("metadata[{k}]"), v.clone()));
         }
     }
-    for k in cleared.into_iter().flatten() {
+    for k in update.iter().flat_map(|u| &u.cleared) {
         if k != FERRY_ID_KEY && !c.metadata.contains_key(k) {
             form.push((format!("metadata[{k}]"), String::new()));
         }
@@ -184,7 +210,11 @@ mod tests {
                 ("metadata[ferry_id]".to_owned(), "f1".to_owned())
             ]
         );
-        let update = customer_form(&c, "f1", Some(&["gone".to_owned()]));
+        let update = customer_form(
+            &c,
+            "f1",
+            Some(&Update::of(r#"{"metadata_removed":["gone"]}"#)),
+        );
         assert!(update.contains(&("email".to_owned(), String::new())));
         assert!(update.contains(&("address".to_owned(), String::new())));
         assert!(update.contains(&("metadata[gone]".to_owned(), String::new())));
@@ -199,7 +229,45 @@ mod tests {
         let create = customer_form(&with_city, "f1", None);
         assert!(create.contains(&("address[city]".to_owned(), "Paris".to_owned())));
         assert!(!create.iter().any(|(k, _)| k == "address[line1]"));
-        let update = customer_form(&with_city, "f1", Some(&[]));
+        let update = customer_form(&with_city, "f1", Some(&Update::of("{}")));
         assert!(update.contains(&("address[line1]".to_owned(), String::new())));
+    }
+
+    #[test]
+    fn update_form_sends_only_what_changed() {
+        let c = Customer {
+            name: Some("Ada".into()),
+            email: None,
+            phone: Some("+4930123".into()),
+            address: Some(Address {
+                city: Some("Paris".into()),
+                ..Address::default()
+            }),
+            metadata: [("plan", "pro"), ("tier", "gold")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into(),
+            ..Customer::default()
+        };
+        let record = r#"{"changed_fields":["email","metadata.plan","metadata.old"],
+            "metadata_removed":["old"]}"#;
+        let update = customer_form(&c, "f1", Some(&Update::of(record)));
+        assert_eq!(
+            update,
+            [
+                ("email", ""),
+                ("metadata[plan]", "pro"),
+                ("metadata[old]", ""),
+                ("metadata[ferry_id]", "f1")
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+        let moved = customer_form(
+            &c,
+            "f1",
+            Some(&Update::of(r#"{"changed_fields":["address.line1"]}"#)),
+        );
+        assert!(moved.contains(&("address[city]".to_owned(), "Paris".to_owned())));
+        assert!(moved.contains(&("address[line1]".to_owned(), String::new())));
+        assert!(!moved.iter().any(|(k, _)| k == "name" || k == "phone"));
     }
 }

@@ -12,7 +12,7 @@ use ferry_sdk::{
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::convert::{customer_form, from_stripe, StripeCustomer};
+use crate::convert::{customer_form, from_stripe, StripeCustomer, Update};
 
 const ENTITY: &str = "customer";
 const DEFAULT_API_BASE: &str = "https://api.stripe.com";
@@ -71,10 +71,11 @@ impl Connector for Stripe {
             }
             Operation::Update => {
                 let id = req.linked_remote_id("Stripe")?;
-                // Stripe merges metadata: a key ferry removed is unset by
-                // posting it empty, or it stayed there for good.
-                let cleared = Customer::removed_metadata(&req.record);
-                let form = customer_form(&customer, &req.local_id, Some(&cleared));
+                // Only the fields ferry changed; Stripe merges metadata: a
+                // key ferry removed is unset by posting it empty, or it
+                // stayed there for good.
+                let update = Update::of(&req.record);
+                let form = customer_form(&customer, &req.local_id, Some(&update));
                 post(customer_url(id), &form, &req.idempotency_key)?
             }
             Operation::Delete => {

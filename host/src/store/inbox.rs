@@ -334,7 +334,11 @@ pub enum Applied {
 /// as the intake would; a link inserted at a version it has not synced
 /// starts pending. A new snapshot forgets the hash of ferry's last push:
 /// the remote may hold other values now, so a later version with that
-/// push's content is pushed, not skipped as unchanged. A link that holds
+/// push's content is pushed, not skipped as unchanged. It leaves `remote`
+/// in its place (no hash matches it), which still says the last push was
+/// delivered: the snapshot is the remote's state, and the next update may
+/// name only the fields it changes. A hash already forgotten (a push whose
+/// outcome is unknown, a timeout's) stays so: that push may land yet. A link that holds
 /// another live record of the connector is left alone (no row written):
 /// the change decides again (see [`InboundChange::releases`]). A link
 /// that moves to another record takes that record's date: kept, the old
@@ -354,7 +358,8 @@ macro_rules! link_upsert_on_conflict {
             AND sync_links.state IN ('synced', 'dead') THEN excluded.next_attempt_at_ms \
             ELSE sync_links.next_attempt_at_ms END, \
          snapshot = COALESCE(excluded.snapshot, sync_links.snapshot), \
-         pushed_hash = CASE WHEN excluded.snapshot IS NULL THEN sync_links.pushed_hash END, \
+         pushed_hash = CASE WHEN excluded.snapshot IS NULL OR sync_links.pushed_hash IS NULL \
+            THEN sync_links.pushed_hash ELSE 'remote' END, \
          synced_version = CASE WHEN excluded.synced_version > sync_links.synced_version \
             THEN excluded.synced_version ELSE sync_links.synced_version END, \
          remote_seen_at_ms = CASE WHEN excluded.remote_seen_at_ms > sync_links.remote_seen_at_ms \

@@ -278,6 +278,73 @@ pub fn differing_fields(a: &Value, b: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Whether `snapshot` is only assumed ([`ASSUMED_BASE`]): what ferry
+/// pushed, not what the remote answered.
+pub fn is_assumed(snapshot: &Value) -> bool {
+    snapshot.get(ASSUMED_BASE) == Some(&Value::Bool(true))
+}
+
+/// `taken` (a canonical record) with every field not named in `changed`
+/// (names as [`differing_fields`] gives them) as `kept` holds it: set to
+/// its value, or left out where `kept` does not set it. Other keys of
+/// `taken` (its `id`) stay.
+pub fn overlay(taken: &Value, kept: &Value, changed: &[&str]) -> Value {
+    let mut out = taken.clone();
+    let Some(fields) = out.as_object_mut() else {
+        return out;
+    };
+    let keeps = |name: &str| !changed.contains(&name);
+    let copy = |into: &mut Map<String, Value>, key: &str, from: Option<&Value>| match from {
+        Some(value) => {
+            into.insert(key.to_owned(), value.clone());
+        }
+        None => {
+            into.remove(key);
+        }
+    };
+    for name in SCALAR_FIELDS.into_iter().filter(|n| keeps(n)) {
+        copy(fields, name, kept.get(name));
+    }
+    let kept_address = kept.get("address").and_then(Value::as_object);
+    let mut address = fields
+        .get("address")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    for part in ADDRESS_FIELDS {
+        if keeps(&format!("address.{part}")) {
+            copy(&mut address, part, kept_address.and_then(|a| a.get(part)));
+        }
+    }
+    let address_set = address.values().any(|v| !v.is_null());
+    fields.insert(
+        "address".into(),
+        if address_set {
+            Value::Object(address)
+        } else {
+            Value::Null
+        },
+    );
+    let kept_metadata = kept.get("metadata").and_then(Value::as_object);
+    let mut metadata = fields
+        .get("metadata")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let keys: BTreeSet<String> = metadata
+        .keys()
+        .chain(kept_metadata.into_iter().flat_map(Map::keys))
+        .cloned()
+        .collect();
+    for key in keys {
+        if keeps(&format!("metadata.{key}")) {
+            copy(&mut metadata, &key, kept_metadata.and_then(|m| m.get(&key)));
+        }
+    }
+    fields.insert("metadata".into(), Value::Object(metadata));
+    out
+}
+
 /// One field whose local and remote values differ (a reconciliation's
 /// finding), with the last synced snapshot's value.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -328,7 +395,7 @@ fn differences(
 ) -> Vec<FieldDifference> {
     let (l, r) = (Fields::of(local), Fields::of(remote));
     let b = base.map(Fields::of);
-    let assumed = base.is_some_and(|b| b.get(ASSUMED_BASE) == Some(&Value::Bool(true)));
+    let assumed = base.is_some_and(is_assumed);
     field_names([&l, &r])
         .into_iter()
         .filter(|field| !same(field, l.get(field), r.get(field)))
@@ -365,9 +432,7 @@ pub fn merge_owned(
     let local = Fields::of(sides.local);
     let remote = Fields::of(sides.remote);
     let base = sides.base.map(Fields::of);
-    let assumed = sides
-        .base
-        .is_some_and(|b| b.get(ASSUMED_BASE) == Some(&Value::Bool(true)));
+    let assumed = sides.base.is_some_and(is_assumed);
 
     let mut merged = BTreeMap::new();
     let mut local_changed = Vec::new();

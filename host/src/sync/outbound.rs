@@ -132,7 +132,8 @@ pub fn key_parts(connector: &str, key: &str) -> Option<(crate::store::CustomerId
         .strip_prefix('-')?;
     let customer = crate::store::CustomerId::parse(rest.get(..crate::store::CustomerId::LEN)?)?;
     let version = rest[crate::store::CustomerId::LEN..].strip_prefix("-v")?;
-    let version = version.split_once("-r").map_or(version, |(v, _)| v);
+    // `-r{n}` (a forced push), `-u{hash}` (an update) follow.
+    let version = version.split('-').next()?;
     Some((customer, version.parse().ok()?))
 }
 
@@ -178,6 +179,22 @@ struct Plan {
     version: i64,
     record: String,
     key: String,
+    /// What the link keeps as `pushed_hash` once delivered: the record's
+    /// hash, an update's without its [`CHANGED_FIELDS`] (which follow the
+    /// snapshot, not the content).
+    content_hash: String,
+}
+
+impl Plan {
+    fn new(operation: Operation, version: i64, record: String, key: String) -> Self {
+        Self {
+            content_hash: hash(&record),
+            operation,
+            version,
+            record,
+            key,
+        }
+    }
 }
 
 /// What to push for `customer`, or why nothing is (reason, and whether
@@ -201,12 +218,12 @@ fn plan(
     if let Some(pending) = link.pending_version.filter(|_| !current_create) {
         if link.remote_id.is_none() || link.remote_deleted {
             if let Some(kept) = &link.pending_record {
-                return Ok(Ok(Plan {
-                    operation: Operation::Create,
-                    version: pending,
-                    record: kept_record(kept)?,
-                    key: idempotency_key(&link.connector, &link.customer_id, pending, link.repairs),
-                }));
+                return Ok(Ok(Plan::new(
+                    Operation::Create,
+                    pending,
+                    kept_record(kept)?,
+                    idempotency_key(&link.connector, &link.customer_id, pending, link.repairs),
+                )));
             }
         }
     }
@@ -220,12 +237,9 @@ fn plan(
     );
     if customer.deleted_at.is_some() {
         return Ok(match &link.remote_id {
-            Some(_) if !link.remote_deleted => Ok(Plan {
-                operation: Operation::Delete,
-                version: customer.version,
-                record,
-                key,
-            }),
+            Some(_) if !link.remote_deleted => {
+                Ok(Plan::new(Operation::Delete, customer.version, record, key))
+            }
             Some(_) => Err(("remote record already deleted".into(), true)),
             None => Err(("deleted before it was ever pushed".into(), true)),
         });
@@ -239,12 +253,12 @@ fn plan(
     // No record there, or the one the link names was deleted remotely and
     // unlinked by the delete policy while the customer stays: create one.
     if link.remote_id.is_none() || link.remote_deleted {
-        return Ok(Ok(Plan {
-            operation: Operation::Create,
-            version: customer.version,
+        return Ok(Ok(Plan::new(
+            Operation::Create,
+            customer.version,
             record,
             key,
-        }));
+        )));
     }
     let mut update = canonical_record(&current);
     // A customer `auto_rename` kept apart from another with its record's
@@ -255,15 +269,33 @@ fn plan(
         }
     }
     name_removed_metadata(&mut update, link.snapshot.as_ref());
-    let record = update.to_string();
-    if link.pushed_hash.as_deref() == Some(hash(&record).as_str()) {
+    let content_hash = hash(&update.to_string());
+    if link.pushed_hash.as_deref() == Some(content_hash.as_str()) {
         return Ok(Err(("content unchanged since the last push".into(), true)));
     }
+    // Only over a last push that was delivered (`pushed_hash` kept, or
+    // `remote` since an event wrote the snapshot): after one whose outcome
+    // is unknown (a timeout, a lease lost mid-call) the remote may hold
+    // what it sent, not the snapshot, and a field changed back to the
+    // snapshot's value would not be sent. Nor after a forced push, which
+    // makes the remote equal to ferry's record, or a resolution.
+    if link.pushed_hash.is_some() {
+        name_changed_fields(&mut update, link.snapshot.as_ref());
+    }
+    let record = update.to_string();
+    // The request differs with the snapshot it was planned against (its
+    // changed fields), not only with the version: a retry after the
+    // snapshot moved (an event taken in between) sends another body, which
+    // under the same key Stripe refuses (400 `idempotency_error`), and the
+    // change was dead-lettered. Two bodies of one version each set fields
+    // to the version's values: either may run.
+    let key = format!("{key}-u{}", &hash(&record)[..16]);
     Ok(Ok(Plan {
         operation: Operation::Update,
         version: customer.version,
         record,
         key,
+        content_hash,
     }))
 }
 
@@ -295,10 +327,7 @@ fn snapshot_after(
         );
     }
     match record {
-        Some(mut record) => {
-            agreed_metadata(&mut record, &plan.record);
-            Some(record)
-        }
+        Some(record) => Some(agreed_state(record, &plan.record, previous)),
         None if plan.operation != Operation::Delete => {
             serde_json::from_str::<serde_json::Value>(&plan.record)
                 .ok()
@@ -324,6 +353,7 @@ fn keep_named_metadata(
     fields: &mut serde_json::Map<String, serde_json::Value>,
     previous: Option<&serde_json::Value>,
 ) {
+    fields.remove(CHANGED_FIELDS);
     let named = fields.remove(METADATA_REMOVED);
     let names = named.as_ref().and_then(serde_json::Value::as_array);
     let held = previous
@@ -390,6 +420,65 @@ fn name_removed_metadata(record: &mut serde_json::Value, snapshot: Option<&serde
         .collect();
     if let Some(fields) = record.as_object_mut() {
         fields.insert(METADATA_REMOVED.to_owned(), removed.into());
+    }
+}
+
+/// The top-level field of an update's record naming the fields whose
+/// values differ from the link's snapshot (see [`name_changed_fields`]).
+pub const CHANGED_FIELDS: &str = "changed_fields";
+
+/// Adds to an update's `record` [`CHANGED_FIELDS`]: the fields (as the
+/// merge names them: `name`, `address.city`, `metadata.tier`) whose values
+/// differ from the remote's state at the last sync (the link's
+/// `snapshot`), the ones the push changes. A connector that sends only
+/// these (`Customer::changed_fields` in the SDK; Stripe's does) leaves
+/// alone a field someone changed at the remote just before the push: sent
+/// whole, the record pushed over it, and the edit's event, read again
+/// after the push, was taken for its echo (lost on both sides). Named only
+/// against a snapshot the remote answered: an assumed one holds what ferry
+/// pushed, which the remote may not keep.
+fn name_changed_fields(record: &mut serde_json::Value, snapshot: Option<&serde_json::Value>) {
+    let Some(snapshot) = snapshot.filter(|s| !super::merge::is_assumed(s)) else {
+        return;
+    };
+    let changed = super::merge::differing_fields(record, snapshot);
+    if let Some(fields) = record.as_object_mut() {
+        fields.insert(CHANGED_FIELDS.to_owned(), changed.into());
+    }
+}
+
+/// The remote's state after a push of `pushed` that answered `returned`:
+/// the fields the push named as changed as the remote answered them, the
+/// others as the `previous` snapshot held them. A field the push left
+/// alone that the answer holds otherwise is another system's edit (made
+/// just before the push) that ferry has not taken in: kept in the snapshot,
+/// it read as agreed, and its event as no change, or as ferry having
+/// changed it back (pushed over at the next update). Without a list (no
+/// snapshot, or an assumed one), the answer stands, less the metadata the
+/// push did not name ([`agreed_metadata`]).
+fn agreed_state(
+    mut returned: serde_json::Value,
+    pushed: &str,
+    previous: Option<&serde_json::Value>,
+) -> serde_json::Value {
+    let changed = serde_json::from_str::<serde_json::Value>(pushed)
+        .ok()
+        .and_then(|p| p.get(CHANGED_FIELDS).cloned());
+    match (
+        changed.as_ref().and_then(serde_json::Value::as_array),
+        previous,
+    ) {
+        (Some(changed), Some(previous)) => {
+            let changed: Vec<&str> = changed
+                .iter()
+                .filter_map(serde_json::Value::as_str)
+                .collect();
+            super::merge::overlay(&returned, previous, &changed)
+        }
+        _ => {
+            agreed_metadata(&mut returned, pushed);
+            returned
+        }
     }
 }
 
@@ -727,7 +816,7 @@ impl SyncEngine {
                 }
             }
         }
-        let pushed_hash = hash(&plan.record);
+        let pushed_hash = plan.content_hash.clone();
         let request = push_request(link, &plan);
         let operation = operation_name(plan.operation);
         tracing::debug!(operation, version = plan.version, "pushing");
@@ -1080,46 +1169,65 @@ mod tests {
     /// replayed (its lost answer may have made a record; the customer's
     /// newer version, its delete, is pushed after it). It was settled as "remote record already deleted", and a
     /// record the create made stayed for a deleted customer.
-    #[test]
-    fn a_kept_create_over_a_deleted_record_is_replayed_for_a_deleted_customer() {
-        let id = "cus_0193a5c4a1b27c3d8e9f0a1b2c3d4e5f";
+    /// Customer `id` at `version`, named Ada.
+    fn customer(id: &str, version: i64) -> Customer {
         let now = chrono::Utc::now();
-        let customer = Customer {
+        Customer {
             id: crate::store::CustomerId::parse(id).expect("id"),
-            name: None,
-            email: "a@example.com".to_owned(),
+            name: Some("Ada".to_owned()),
+            email: "ada@example.com".to_owned(),
             phone: None,
             address: None,
             metadata: std::collections::BTreeMap::new(),
-            version: 5,
+            version,
             created_at: now,
             updated_at: now,
-            deleted_at: Some(now),
-        };
-        let link = SyncLink {
-            customer_id: id.to_owned(),
+            deleted_at: None,
+        }
+    }
+
+    /// `customer`'s link to a Stripe record, synced at version 1, its
+    /// current version wanted.
+    fn linked(customer: &Customer) -> SyncLink {
+        SyncLink {
+            customer_id: customer.id.as_str().to_owned(),
             connector: "stripe".to_owned(),
-            remote_id: Some("cus_gone".to_owned()),
-            remote_deleted: true,
-            wanted_version: 5,
-            synced_version: 3,
+            remote_id: Some("cus_remote".to_owned()),
+            remote_deleted: false,
+            wanted_version: customer.version,
+            synced_version: 1,
             pushed_hash: None,
             snapshot: None,
-            pending_version: Some(4),
-            pending_record: Some(canonical_record(
-                &serde_json::to_value(&customer).expect("json"),
-            )),
+            pending_version: None,
+            pending_record: None,
             state: crate::store::LinkState::Pending,
             attempts: 0,
             next_attempt_at_ms: 0,
             lease_token: None,
             last_error: None,
             correlation_id: None,
-            updated_at: now,
+            updated_at: customer.updated_at,
             remote_seen_at_ms: 0,
             pushed_at_ms: 0,
             held_by: None,
             repairs: 0,
+        }
+    }
+
+    #[test]
+    fn a_kept_create_over_a_deleted_record_is_replayed_for_a_deleted_customer() {
+        let id = "cus_0193a5c4a1b27c3d8e9f0a1b2c3d4e5f";
+        let mut customer = customer(id, 5);
+        customer.deleted_at = Some(customer.updated_at);
+        let link = SyncLink {
+            remote_id: Some("cus_gone".to_owned()),
+            remote_deleted: true,
+            synced_version: 3,
+            pending_version: Some(4),
+            pending_record: Some(canonical_record(
+                &serde_json::to_value(&customer).expect("json"),
+            )),
+            ..linked(&customer)
         };
         let plan = plan(&link, &customer).expect("plan").expect("a push");
         assert!(matches!(plan.operation, Operation::Create));
@@ -1133,12 +1241,12 @@ mod tests {
 
     #[test]
     fn a_result_record_that_is_not_an_object_is_taken_as_what_was_pushed() {
-        let plan = Plan {
-            operation: Operation::Update,
-            version: 2,
-            record: r#"{"name":"Ada"}"#.to_owned(),
-            key: "k".to_owned(),
-        };
+        let plan = Plan::new(
+            Operation::Update,
+            2,
+            r#"{"name":"Ada"}"#.to_owned(),
+            "k".to_owned(),
+        );
         let assumed = serde_json::json!({"name": "Ada", super::super::merge::ASSUMED_BASE: true});
         for broken in ["not json", "[1]", "\"text\""] {
             assert_eq!(
@@ -1175,13 +1283,12 @@ mod tests {
         name_removed_metadata(&mut unchanged, None);
         assert_eq!(unchanged, record);
 
-        let plan = Plan {
-            operation: Operation::Update,
-            version: 2,
-            record: r#"{"name":"Ada","metadata":{"plan":"pro"},"metadata_removed":["tier"]}"#
-                .to_owned(),
-            key: "k".to_owned(),
-        };
+        let plan = Plan::new(
+            Operation::Update,
+            2,
+            r#"{"name":"Ada","metadata":{"plan":"pro"},"metadata_removed":["tier"]}"#.to_owned(),
+            "k".to_owned(),
+        );
         let returned = r#"{"name":"Ada","metadata":{"plan":"pro","tier":"gold","vip":"yes"}}"#;
         assert_eq!(
             snapshot_after(Some(returned), &plan, Some(&snapshot)),
@@ -1195,5 +1302,75 @@ mod tests {
             serde_json::json!({"plan": "pro", "tier": "gold"}),
             "whether the remote removed it is not known"
         );
+    }
+
+    #[test]
+    fn an_update_names_what_it_changes_and_keeps_what_it_left_alone() {
+        let snapshot = serde_json::json!({"id": "cus_1", "name": "Ada", "email": "ada@example.com",
+            "phone": null, "address": {"city": "Paris", "line1": "1 Rue"},
+            "metadata": {"plan": "pro", "tier": "gold"}});
+        let mut update = serde_json::json!({"id": "f1", "name": "Ada", "email": "ADA@example.com",
+            "phone": "+4930123", "address": {"city": "Lyon", "line1": "1 Rue"},
+            "metadata": {"plan": "pro"}});
+        name_changed_fields(&mut update, Some(&snapshot));
+        assert_eq!(
+            update[CHANGED_FIELDS],
+            serde_json::json!(["address.city", "metadata.tier", "phone"]),
+            "an email differing in case only is the same"
+        );
+        for none in [
+            None,
+            Some(serde_json::json!({"name": "Ada", super::super::merge::ASSUMED_BASE: true})),
+        ] {
+            let mut update = serde_json::json!({"name": "Ann"});
+            name_changed_fields(&mut update, none.as_ref());
+            assert!(update.get(CHANGED_FIELDS).is_none(), "{none:?}");
+        }
+
+        // The answer holds a name and a metadata key someone set there
+        // just before the push, and an address line: not ferry's changes.
+        let plan = Plan::new(Operation::Update, 2, update.to_string(), "k".to_owned());
+        let returned = r#"{"id":"cus_1","name":"Ann","email":"ada@example.com","phone":"+4930123",
+            "address":{"city":"Lyon","line1":"2 Rue"},"metadata":{"plan":"pro","vip":"yes"}}"#;
+        assert_eq!(
+            snapshot_after(Some(returned), &plan, Some(&snapshot)),
+            Some(
+                serde_json::json!({"id": "cus_1", "name": "Ada", "email": "ada@example.com",
+                "phone": "+4930123", "address": {"city": "Lyon", "line1": "1 Rue"},
+                "metadata": {"plan": "pro"}})
+            ),
+        );
+        let assumed = snapshot_after(None, &plan, Some(&snapshot)).unwrap();
+        assert!(assumed.get(CHANGED_FIELDS).is_none(), "{assumed}");
+    }
+
+    #[test]
+    fn an_updates_key_follows_its_body_and_still_names_its_version() {
+        let id = "cus_0123456789abcdef0123456789abcdef";
+        let customer = customer(id, 3);
+        let mut link = linked(&customer);
+        link.snapshot = Some(serde_json::json!({"name": "Ann", "email": "ada@example.com"}));
+        link.pushed_hash = Some("remote".to_owned());
+        let whole = SyncLink {
+            pushed_hash: None,
+            ..link.clone()
+        };
+        let unsettled = plan(&whole, &customer).unwrap().unwrap();
+        assert!(
+            !unsettled.record.contains(CHANGED_FIELDS),
+            "{}",
+            unsettled.record
+        );
+        let first = plan(&link, &customer).unwrap().unwrap();
+        assert!(first.record.contains(CHANGED_FIELDS), "{}", first.record);
+        assert_eq!(first.key, plan(&link, &customer).unwrap().unwrap().key);
+        assert!(first.key.starts_with(&idempotency_key("stripe", id, 3, 0)));
+        assert_eq!(key_parts("stripe", &first.key).map(|(_, v)| v), Some(3));
+        // An event taken in between: the same version, another body.
+        link.snapshot = Some(serde_json::json!({"name": "Ada", "email": "ann@example.com"}));
+        let second = plan(&link, &customer).unwrap().unwrap();
+        assert_ne!(first.record, second.record);
+        assert_ne!(first.key, second.key);
+        assert_eq!(first.content_hash, second.content_hash);
     }
 }

@@ -1320,6 +1320,53 @@ async fn metadata_removed_in_ferry_and_added_in_stripe_both_arrive(backend: Back
     );
 }
 
+/// A phone someone sets in the Stripe dashboard just before ferry pushes a
+/// new name: the push sends the name only, the phone stays at Stripe, and
+/// its event (read again after the push, as any event so close to one)
+/// brings it to ferry. The push sent the whole record: the phone was
+/// unset at Stripe, and the event, read again, was taken for the push's
+/// echo; lost on both sides.
+async fn a_field_changed_in_stripe_just_before_a_push_stays(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(backend, &stripe.url())).await;
+    let address = email("before-push");
+    let (id, s1) = synced(&app, json!({"email": address, "name": "Ann"})).await;
+
+    let phone_at = chrono::Utc::now().timestamp();
+    stripe_write(
+        &stripe.url(),
+        &format!("/v1/customers/{s1}"),
+        &[("phone", "+4930123")],
+    )
+    .await;
+    app.patch(&id, json!({"name": "Ann Lee"})).await;
+    app.wait_synced(&id, 2).await;
+    let there = stripe_customer(&stripe.url(), &s1).await.expect("there");
+    assert_eq!(
+        (&there["name"], &there["phone"]),
+        (&json!("Ann Lee"), &json!("+4930123")),
+        "{there}"
+    );
+
+    let body = event(
+        "evt_phone",
+        "customer.updated",
+        phone_at,
+        json!({"id": s1, "object": "customer", "email": address, "name": "Ann",
+            "phone": "+4930123", "metadata": {"ferry_id": id}}),
+    );
+    delivered_and_applied(&app, &body, &s1).await;
+    let now = app.store.get_customer_any(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (now.name.as_deref(), now.phone.as_deref()),
+        (Some("Ann Lee"), Some("+4930123")),
+        "{now:?}"
+    );
+    let link = app.wait_link(&id, SETTLE, |l| l["state"] == "synced").await;
+    let there = stripe_customer(&stripe.url(), &s1).await.expect("there");
+    assert_eq!(there["phone"], "+4930123", "{there} {link}");
+}
+
 /// A phone added in ferry whose push gave up (Stripe unreachable until
 /// its attempts ran out) is a difference: the remote lacks a value the
 /// local version set. It was reported `equal` (a field the remote does not
@@ -2260,6 +2307,11 @@ mod postgres {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_field_changed_in_stripe_just_before_a_push_stays() {
+        super::a_field_changed_in_stripe_just_before_a_push_stays(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mass_delete_brake() {
         mass_delete_brake_stops_a_partial_listing(Backend::Postgres).await;
     }
@@ -2297,6 +2349,11 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn change_back_to_the_last_push() {
         a_change_back_to_the_last_push_is_pushed(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_field_changed_in_stripe_just_before_a_push_stays() {
+        super::a_field_changed_in_stripe_just_before_a_push_stays(Backend::Postgres).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
