@@ -241,7 +241,10 @@ impl Response {
 }
 
 /// Percent-encodes an id for use as one URL path segment, so an id from a
-/// webhook or an operator can never change the path it is put in.
+/// webhook or an operator can never change the path it is put in. An id
+/// of `.` or `..` cannot be one segment: URL parsers resolve it as a path
+/// step, `%2E%2E` too, and the host refuses a request whose path holds
+/// one (`invalid-request`).
 ///
 /// ```
 /// use ferry_sdk::http::path_segment;

@@ -111,7 +111,14 @@ impl CallState {
             .iter()
             .map(|s| s.name.clone())
             .collect();
+        if req.headers.len() > MAX_REQUEST_HEADERS {
+            return Err(HttpError::InvalidRequest(format!(
+                "{} headers; a request carries at most {MAX_REQUEST_HEADERS}",
+                req.headers.len()
+            )));
+        }
         let mut headers = Vec::with_capacity(req.headers.len());
+        let mut header_bytes = 0usize;
         for (name, value) in req.headers {
             let parsed = http::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| HttpError::InvalidRequest(format!("bad header name `{name}`")))?;
@@ -143,6 +150,12 @@ impl CallState {
             if http::HeaderValue::from_str(&value).is_err() {
                 return Err(HttpError::InvalidRequest(format!(
                     "header `{name}` has an invalid value"
+                )));
+            }
+            header_bytes += name.len() + value.len();
+            if header_bytes > MAX_REQUEST_HEADER_BYTES {
+                return Err(HttpError::InvalidRequest(format!(
+                    "the headers hold more than {MAX_REQUEST_HEADER_BYTES} bytes"
                 )));
             }
             headers.push((name, value));
@@ -308,6 +321,17 @@ impl Dispatcher {
 /// request for another site, secrets and all, through a front end that
 /// routes by it to a declared host's address) and the framing of the
 /// message.
+/// Most headers one request carries. The HTTP client's header map holds
+/// at most 24,576 names and panics past that: a guest that sent more
+/// stopped ferry (a panicking host call ends the task that called it; the
+/// inbox loop's is supervised, and the event fetched again at each start).
+const MAX_REQUEST_HEADERS: usize = 100;
+
+/// Most bytes a request's header names and values hold, secrets put in:
+/// each value's placeholders are bounded, their sum over many headers was
+/// not (copies of a secret outside the guest's memory cap).
+const MAX_REQUEST_HEADER_BYTES: usize = 64 * 1024;
+
 fn is_host_owned(name: &http::HeaderName) -> bool {
     use http::header;
     [

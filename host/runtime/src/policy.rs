@@ -144,6 +144,12 @@ pub(crate) fn check_declared_hosts(
 /// Checks `raw` against the rules and returns the parsed URL.
 pub(crate) fn check_url(raw: &str, rules: &HostRules<'_>) -> Result<Url, PolicyError> {
     let url = Url::parse(raw).map_err(|e| PolicyError::Invalid(format!("bad URL: {e}")))?;
+    if has_dot_segment(raw) {
+        return Err(PolicyError::Invalid(
+            "a URL path with a `.` or `..` segment (an id put into the path must not be one)"
+                .into(),
+        ));
+    }
     match url.scheme() {
         "https" => {}
         // Plain HTTP is for local fakes in tests and development; in
@@ -184,6 +190,22 @@ pub(crate) fn check_url(raw: &str, rules: &HostRules<'_>) -> Result<Url, PolicyE
         return Err(PolicyError::Denied(refusal));
     }
     Ok(url)
+}
+
+/// Whether `raw`'s path holds a `.` or `..` segment, percent-encoded or
+/// not: the URL parser resolves them away, so a remote id of `..` put into
+/// `/v1/contacts/{id}` as one segment (encoded or not, `%2E%2E` is still a
+/// dot segment to it) sent the request, the key with it, to `/v1/`.
+fn has_dot_segment(raw: &str) -> bool {
+    let rest = raw.split_once("://").map_or(raw, |(_, rest)| rest);
+    let Some(start) = rest.find(['/', '\\']) else {
+        return false;
+    };
+    let path = rest[start..].split(['?', '#']).next().unwrap_or_default();
+    path.split(['/', '\\']).any(|segment| {
+        let segment = segment.to_ascii_lowercase().replace("%2e", ".");
+        segment == "." || segment == ".."
+    })
 }
 
 /// An operator allow- or deny-list entry: an exact host or `*.suffix`.
@@ -528,6 +550,32 @@ mod tests {
         // A subdomain or another port is another host.
         assert!(check_url("https://x.api.example.com/", &rules(&d, &[], false)).is_err());
         assert!(check_url("https://api.example.com:8443/", &rules(&d, &[], false)).is_err());
+    }
+
+    #[test]
+    fn a_dot_segment_in_the_path_is_refused() {
+        let d = declared(&["api.example.com"]);
+        for url in [
+            "https://api.example.com/v1/contacts/..",
+            "https://api.example.com/v1/contacts/%2E%2E?x=1",
+            "https://api.example.com/v1/contacts/.%2e/",
+            "https://api.example.com/v1/contacts/%2e",
+            "https://api.example.com/v1\\..\\x",
+        ] {
+            let refused = check_url(url, &rules(&d, &[], false));
+            assert!(
+                matches!(refused, Err(PolicyError::Invalid(_))),
+                "{url}: {refused:?}"
+            );
+        }
+        for url in [
+            "https://api.example.com/v1/contacts/...",
+            "https://api.example.com/v1/contacts/a.b?next=../x",
+            "https://api.example.com/v1/contacts/..%2Fx",
+            "https://api.example.com",
+        ] {
+            assert!(check_url(url, &rules(&d, &[], false)).is_ok(), "{url}");
+        }
     }
 
     #[test]

@@ -515,6 +515,37 @@ async fn a_guest_cannot_set_the_host_header() {
     assert_eq!(report["status"], 200, "{report}");
 }
 
+/// A guest cannot send more headers, or more header bytes, than a request
+/// holds: past 24,576 names the HTTP client's header map panicked, and the
+/// panic stopped ferry (the inbox loop is supervised) at every start.
+#[tokio::test]
+async fn a_request_carries_a_bounded_number_of_headers() {
+    let transport = Arc::new(RecordingTransport::default());
+    let runtime = Runtime::with_transport(config(), transport.clone()).unwrap();
+    let connector = load(&runtime).await;
+    let cfg = connector_config(&[]);
+    let many: serde_json::Map<String, Value> = (0..30_000)
+        .map(|n| (format!("x-{n}"), json!("v")))
+        .collect();
+    let long: serde_json::Map<String, Value> = (0..60)
+        .map(|n| (format!("x-{n}"), json!("{{secret:api_key}}".repeat(64))))
+        .collect();
+    for (headers, why) in [(many, "headers; a request"), (long, "bytes")] {
+        let report = push_report(
+            &connector,
+            &cfg,
+            json!({"do": "http", "url": "https://api.example.com/v1/x", "headers": headers}),
+        )
+        .await;
+        let error = report["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("InvalidRequest") && error.contains(why),
+            "{report}"
+        );
+    }
+    assert!(transport.requests.lock().unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn private_addresses_are_refused_even_when_declared_by_a_host_setting() {
     let server = EchoServer::start().await;
