@@ -457,23 +457,30 @@ pub async fn enable(
     QueryPairs(pairs): QueryPairs,
 ) -> Result<Json<ConnectorSummary>, ApiError> {
     let backfill = bool_param(&pairs, "backfill", false)?;
-    if backfill {
-        // What would refuse the run is checked before the switch: an
-        // error must not leave the connector enabled without its run.
-        // Against the store's connectors as they are now (a replica a poll
-        // behind another's upload answered 404).
-        state.registry.refresh().await?;
-        backfill_possible(&state, &name).await?;
+    if !backfill {
+        state.registry.set_enabled(&name, true).await?;
+        return current(&state, &name).await;
     }
-    state.registry.set_enabled(&name, true).await?;
-    if backfill {
-        super::reconciliations::start(
-            &state,
-            &name,
-            crate::sync::reconcile::Mode::Backfill,
-            crate::sync::reconcile::Repair::Merge,
-        )
-        .await?;
+    // What would refuse the run is checked before the switch: an error
+    // must not leave the connector enabled without its run. Against the
+    // store's connectors as they are now (a replica a poll behind
+    // another's upload answered 404).
+    state.registry.refresh().await?;
+    backfill_possible(&state, &name).await?;
+    // The run exists before the switch: the switch releases the pushes
+    // that waited while the connector was off, and a create released
+    // before the run was stored went out (no backfill held it), a second
+    // record of a customer the backfill would have linked by email.
+    let run = super::reconciliations::begin(
+        &state,
+        &name,
+        crate::sync::reconcile::Mode::Backfill,
+        crate::sync::reconcile::Repair::Merge,
+    )
+    .await?;
+    if let Err(error) = state.registry.set_enabled(&name, true).await {
+        state.store.forget_unstarted_run(&run.id).await?;
+        return Err(error.into());
     }
     current(&state, &name).await
 }

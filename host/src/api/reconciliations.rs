@@ -288,6 +288,17 @@ pub async fn start(
         Err(NotReady::Unknown) => return Err(ApiError::ConnectorNotFound),
         Err(other) => return Err(ApiError::ConnectorNotReady(other.to_string())),
     }
+    begin(state, connector, mode, repair).await
+}
+
+/// Stores a running run of `connector`, ready or not (one switched off
+/// waits, parked, until it is on); 409 while another runs.
+pub async fn begin(
+    state: &AppState,
+    connector: &str,
+    mode: Mode,
+    repair: Repair,
+) -> Result<RunRow, ApiError> {
     let started = state
         .store
         .start_run(connector, mode.as_str(), repair.as_str(), "api")

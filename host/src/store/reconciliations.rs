@@ -683,6 +683,22 @@ impl Store {
         Ok(true)
     }
 
+    /// Forgets run `id`, stored for a switch that was then refused: it
+    /// never started (parked while its connector was off, it listed
+    /// nothing), and kept it would end the connector's backfill offer.
+    pub async fn forget_unstarted_run(&self, id: &str) -> Result<(), StoreError> {
+        dispatch!(self, write pool => {
+            sqlx::query(
+                "DELETE FROM reconciliation_runs WHERE id = $1 AND status = 'running' \
+                 AND phase = 'listing' AND pages = 0",
+            )
+            .bind(id)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
     /// Deletes up to `batch` rows of each scratch table
     /// (`reconciliation_seen`, `reconciliation_unlinked`) whose run has
     /// ended; returns how many. A statement at a time, so that a run that

@@ -71,6 +71,11 @@ const HOLD_BACK_POLL: Duration = Duration::from_millis(20);
 /// the late echo of an older push: its payload is not trusted, the record
 /// is re-fetched.
 const ECHO_WINDOW_MS: i64 = 2_000;
+/// How old a reconciliation's listed copy of a record no customer links
+/// may be and still be applied as listed; an older one is read again.
+/// Younger, a run's imports cost no read each (a backfill of a million
+/// records would make a million).
+const LISTED_COPY_FRESH_MS: i64 = 10 * 60 * 1_000;
 /// An upsert dated in whole seconds (Stripe's `created`) behind the
 /// record's last applied change by less than this is read again, not
 /// skipped as stale: a thin event applied before it was dated on arrival,
@@ -825,12 +830,22 @@ impl SyncEngine {
         // less one), and with that clock ahead of the remote's by more, an
         // edit made after the listing looked older than the repair, whose
         // listed copy then came back over it.
-        let doubtful = link.as_ref().is_some_and(|l| {
-            event.remote_type == RECONCILIATION
-                || event.occurred_at_ms == l.remote_seen_at_ms
-                || within_a_tick(event, l.remote_seen_at_ms)
-                || (l.pushed_at_ms > 0 && event.occurred_at_ms <= l.pushed_at_ms + ECHO_WINDOW_MS)
-        });
+        // So is a reconciliation's import or link by email whose listed
+        // copy is old (a finding resolved by hand, days later; a long
+        // run's repairs): the record may have been deleted since, and a
+        // remote that sends no deletes (Salesforce) never says. Applied as
+        // listed, it came back, and was pushed to every other system.
+        let listed_long_ago = link.is_none()
+            && event.remote_type == RECONCILIATION
+            && now_ms().saturating_sub(event.occurred_at_ms) > LISTED_COPY_FRESH_MS;
+        let doubtful = listed_long_ago
+            || link.as_ref().is_some_and(|l| {
+                event.remote_type == RECONCILIATION
+                    || event.occurred_at_ms == l.remote_seen_at_ms
+                    || within_a_tick(event, l.remote_seen_at_ms)
+                    || (l.pushed_at_ms > 0
+                        && event.occurred_at_ms <= l.pushed_at_ms + ECHO_WINDOW_MS)
+            });
         let remote = match &event.record {
             Some(record) if !doubtful => canonical_record(&record.0),
             record => match (

@@ -1103,6 +1103,11 @@ impl SyncEngine {
         let Some(current) = store.get_customer_any(&customer).await? else {
             return Ok(None);
         };
+        if let Some(Some(seen)) = &recreate {
+            if let Some(kept) = self.still_there(connector, seen).await {
+                return Ok(Some(kept));
+            }
+        }
         let scheduled = if let Some(seen) = &recreate {
             store
                 .recreate_remote(&customer, connector, current.version, seen.as_deref())
@@ -1116,6 +1121,40 @@ impl SyncEngine {
             let what = if recreate.is_some() { "create" } else { "push" };
             format!("{what} of version {} scheduled", current.version)
         }))
+    }
+
+    /// Why record `remote_id`, which a finding saw missing, is not created
+    /// anew: the remote has it (a listing can miss records: a sharing
+    /// rule, a narrowed key, a page dropped), or whether it does cannot be
+    /// read now. Recreated unasked, it stood at the remote twice, the old
+    /// one unlinked. `None` when the remote says it is gone, or the
+    /// connector cannot say (no `fetch`).
+    async fn still_there(&self, connector: &str, remote_id: &str) -> Option<String> {
+        let ready = match self.inner.registry.ready(connector, Need::Entity(ENTITY)) {
+            Ok(ready) => ready,
+            Err(not_ready) => {
+                return Some(format!(
+                    "nothing: whether the remote still has record {remote_id} cannot be read \
+                     ({not_ready})"
+                ))
+            }
+        };
+        match ready
+            .connector
+            .fetch(&ready.config, ENTITY, remote_id)
+            .await
+        {
+            Ok(_) => Some(format!(
+                "nothing: the remote has record {remote_id} (the listing missed it)"
+            )),
+            Err(CallError::Connector(
+                ConnectorError::NotFound(_) | ConnectorError::Unsupported(_),
+            )) => None,
+            Err(error) => Some(format!(
+                "nothing: whether the remote still has record {remote_id} cannot be read \
+                 ({error})"
+            )),
+        }
     }
 
     /// Resolves one open finding by hand with `action`, the way a run with

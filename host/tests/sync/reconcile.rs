@@ -164,6 +164,56 @@ async fn configure_stripe(app: &SyncApp, stripe_url: &str) -> Value {
     connector
 }
 
+/// Customers made while a connector is switched off, before its first
+/// backfill, whose emails Stripe has: switched on with a backfill, their
+/// creates wait for it, which links each to Stripe's record. The switch
+/// released them before the run was stored, and each went out as a second
+/// record of its customer.
+async fn creates_that_waited_for_the_switch_wait_for_its_backfill(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let mut setup = Setup::new(backend, &url);
+    setup.stripe_url = None;
+    let app = spawn_sync_app(setup).await;
+    configure_stripe(&app, &url).await;
+    let (status, _) = app
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/connectors/stripe/disable",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let emails: Vec<String> = (0..8).map(|n| email(&format!("switch-{n}"))).collect();
+    for address in &emails {
+        stripe_create(&url, &[("email", address), ("name", "There")]).await;
+        let customer = app.create(json!({"email": address, "name": "Here"})).await;
+        let id = customer["id"].as_str().unwrap().to_owned();
+        eventually("its push waits", || async {
+            let links = app.store.links_of(&id).await.unwrap();
+            links.iter().any(|l| l.connector == "stripe")
+        })
+        .await;
+    }
+
+    let (status, connector) = app
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/connectors/stripe/enable?backfill=true",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{connector}");
+    let run = connector["last_reconciliation"]["id"].as_str().unwrap();
+    assert_eq!(wait_run(&app.base, run).await["status"], "completed");
+    for address in &emails {
+        let customer = app.wait_customer_by_email(address).await;
+        app.wait_synced(customer["id"].as_str().unwrap(), 1).await;
+        let there = stripe_customers_by_email(&url, address).await;
+        assert_eq!(there.len(), 1, "{address}: {there:?}");
+    }
+}
+
 /// Backfill on a connector's first enable: a catalog and a Stripe account
 /// that grew apart before ferry connected them. Matches by email are
 /// linked (the merge takes Stripe's values where ferry had none), Stripe-only
@@ -668,11 +718,23 @@ async fn salesforce_delete_is_an_orphan(backend: Backend) {
 /// is skipped, saying why. Before, the customer was soft-deleted and the
 /// delete fanned out.
 async fn an_orphan_the_remote_still_has_is_not_deleted(backend: Backend) {
+    an_orphan_the_remote_still_has_is_kept(backend, "merge").await;
+}
+
+/// An orphan the listing missed, repaired with `push_local`: no second
+/// record is created beside the one the remote still has (the create went
+/// out, the old record stayed at Stripe unlinked).
+async fn an_orphan_the_remote_still_has_is_not_recreated(backend: Backend) {
+    an_orphan_the_remote_still_has_is_kept(backend, "push_local").await;
+}
+
+async fn an_orphan_the_remote_still_has_is_kept(backend: Backend, repair: &str) {
     let stripe = LocalStripe::start().expect("localstripe");
     let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
     let app = spawn_sync_app(Setup::new(backend, &proxy.url())).await;
+    let address = email("missed");
     let customer = app
-        .create(json!({"email": email("missed"), "name": "Missed"}))
+        .create(json!({"email": address, "name": "Missed"}))
         .await;
     let id = customer["id"].as_str().unwrap();
     let link = app.wait_link(id, SETTLE, |l| l["state"] == "synced").await;
@@ -686,25 +748,44 @@ async fn an_orphan_the_remote_still_has_is_not_deleted(backend: Backend) {
             body: br#"{"object":"list","data":[],"has_more":false,"url":"/v1/customers"}"#.to_vec(),
         },
     );
-    let run = run_to_end(&app, json!({"connector": "stripe", "repair": "merge"})).await;
+    let run = run_to_end(&app, json!({"connector": "stripe", "repair": repair})).await;
     assert_eq!(run["status"], "completed", "{run:#}");
     expect_counts(&run, &[("orphan", 1), ("repairs", 1)]);
-    let events = app.wait_inbox_settled("stripe", &remote_id, 1).await;
-    let repair = events
-        .iter()
-        .find(|e| e.remote_type == "reconciliation")
-        .expect("the orphan's repair");
-    assert_eq!(repair.state.as_str(), "skipped", "{repair:?}");
-    assert!(
-        repair
-            .detail
-            .as_deref()
-            .is_some_and(|d| d.contains("the remote has the record")),
-        "{repair:?}"
-    );
+    if repair == "merge" {
+        let events = app.wait_inbox_settled("stripe", &remote_id, 1).await;
+        let repair = events
+            .iter()
+            .find(|e| e.remote_type == "reconciliation")
+            .expect("the orphan's repair");
+        assert_eq!(repair.state.as_str(), "skipped", "{repair:?}");
+        assert!(
+            repair
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.contains("the remote has the record")),
+            "{repair:?}"
+        );
+    } else {
+        let orphan = findings(&app.base, run["id"].as_str().unwrap(), Some("orphan")).await;
+        assert!(
+            orphan[0]["repair"]
+                .as_str()
+                .is_some_and(|r| r.contains("the listing missed it")),
+            "{orphan:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let kept = app.store.get_customer_any(id).await.unwrap().unwrap();
     assert!(kept.deleted_at.is_none(), "{kept:?}");
     assert!(stripe_customer(&stripe.url(), &remote_id).await.is_some());
+    let link = app.wait_link(id, SETTLE, |l| l["state"] == "synced").await;
+    assert_eq!(link["remote_id"], remote_id.as_str(), "{link}");
+    assert_eq!(
+        stripe_customers_by_email(&stripe.url(), &address)
+            .await
+            .len(),
+        1
+    );
 }
 
 /// Under `unlink`, a link whose record the remote deleted names a record
@@ -2047,6 +2128,40 @@ async fn an_import_does_not_bring_back_a_record_deleted_since_its_listing(backen
     );
 }
 
+/// A record deleted since an old listing, and no delete ever sent (as
+/// Salesforce sends none): a person pulling the finding days later does
+/// not bring it back. The listed copy was applied as is: a customer made
+/// of a record gone, then pushed to every other system.
+async fn an_old_listing_is_read_again_before_an_import(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let app = spawn_sync_app(Setup::new(backend, &url)).await;
+    let dee = email("dee");
+    let s_dee = stripe_create(&url, &[("email", &dee), ("name", "Dee Listed")]).await;
+    let report = run_to_end(&app, json!({"connector": "stripe"})).await;
+    expect_counts(&report, &[("missing_local", 1)]);
+    let run = report["id"].as_str().unwrap();
+    let finding = findings(&app.base, run, Some("missing_local"))
+        .await
+        .remove(0);
+    stripe_delete(&url, &s_dee).await;
+    // Listed an hour ago.
+    let sql = format!(
+        "UPDATE reconciliation_mismatches SET listed_at_ms = listed_at_ms - 3600000 \
+         WHERE id = '{}' AND $1 IS NOT NULL",
+        finding["id"].as_str().unwrap()
+    );
+    execute_raw(&app.database_url, &sql, b"").await;
+    resolve_and_settle(&app, run, &finding, "merge", &s_dee).await;
+    assert_eq!(
+        app.customer_by_email(&dee).await,
+        None,
+        "the deleted record came back"
+    );
+    let events = app.store.inbox_of_remote("stripe", &s_dee).await.unwrap();
+    assert_eq!(events[0].state.as_str(), "skipped", "{events:?}");
+}
+
 /// `push_local` on a record matched by email (`unlinked`): make the
 /// remote match ferry. The link is made, ferry's name stands and reaches
 /// Stripe; Stripe's phone, which ferry lacked, fills the gap. Before, the
@@ -2143,6 +2258,11 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn creates_that_waited_for_the_switch_wait_for_its_backfill() {
+        super::creates_that_waited_for_the_switch_wait_for_its_backfill(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn drift() {
         drift_is_found_reported_and_repaired(Backend::Sqlite).await;
     }
@@ -2185,6 +2305,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn metadata_removed_in_ferry_and_added_in_stripe_both_arrive() {
         super::metadata_removed_in_ferry_and_added_in_stripe_both_arrive(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_field_changed_in_stripe_just_before_a_push_stays() {
+        super::a_field_changed_in_stripe_just_before_a_push_stays(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2253,6 +2378,16 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_orphan_the_remote_still_has_is_not_recreated() {
+        super::an_orphan_the_remote_still_has_is_not_recreated(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_old_listing_is_read_again_before_an_import() {
+        super::an_old_listing_is_read_again_before_an_import(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn listed_again() {
         a_record_listed_again_is_not_recreated_beside_itself(Backend::Sqlite).await;
     }
@@ -2265,6 +2400,11 @@ mod sqlite {
 
 mod postgres {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_field_changed_in_stripe_just_before_a_push_stays() {
+        super::a_field_changed_in_stripe_just_before_a_push_stays(Backend::Postgres).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn backfill() {
@@ -2297,6 +2437,11 @@ mod postgres {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_orphan_the_remote_still_has_is_not_recreated() {
+        super::an_orphan_the_remote_still_has_is_not_recreated(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn listed_again() {
         a_record_listed_again_is_not_recreated_beside_itself(Backend::Postgres).await;
     }
@@ -2304,11 +2449,6 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn paused_work_elsewhere() {
         a_run_does_not_wait_for_another_connectors_paused_work(Backend::Postgres).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_field_changed_in_stripe_just_before_a_push_stays() {
-        super::a_field_changed_in_stripe_just_before_a_push_stays(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2349,11 +2489,6 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn change_back_to_the_last_push() {
         a_change_back_to_the_last_push_is_pushed(Backend::Postgres).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_field_changed_in_stripe_just_before_a_push_stays() {
-        super::a_field_changed_in_stripe_just_before_a_push_stays(Backend::Postgres).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
