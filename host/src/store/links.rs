@@ -860,10 +860,11 @@ macro_rules! record_in {
                     // on a dead letter).
                     // A newer version taken in while the push was out
                     // started its own count (the intake reset it): this
-                    // failure is its first, not the older one's next.
+                    // failure is its first, not the older one's next; one
+                    // that spends no attempt (a rate limit) leaves it at 0.
                     sqlx::query(
                         "UPDATE sync_links SET state = 'retry', \
-                         attempts = CASE WHEN wanted_version > $9 THEN 1 ELSE $1 END, \
+                         attempts = CASE WHEN wanted_version > $9 THEN $1 - $10 ELSE $1 END, \
                          next_attempt_at_ms = $2, \
                          last_error = $3, pending_version = COALESCE($4, pending_version), \
                          pushed_hash = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $5 \
@@ -878,6 +879,7 @@ macro_rules! record_in {
                     .bind(&$link.connector)
                     .bind(&$link.lease_token)
                     .bind($link.wanted_version)
+                    .bind($link.attempts)
                     .execute(&mut *$tx)
                     .await?
                     .rows_affected()

@@ -686,8 +686,9 @@ impl SyncEngine {
         if matches!(ready, Err(NotReady::Unknown | NotReady::Unconfigured)) {
             // Another replica queued the change: this one's view may not
             // have caught up with the upload or the enable yet.
+            // A busy store spends no attempt, as everywhere else.
             if let Err(error) = inner.registry.refresh().await {
-                return self.retry_later(link, None, None, store_error(error));
+                return self.store_failed(link, error);
             }
             ready = inner.registry.ready(&link.connector, Need::Entity(ENTITY));
         }

@@ -2449,6 +2449,38 @@ async fn a_give_up_leaves_a_newer_change_to_push(postgres: bool) {
     assert!(refused.pending_record.is_some());
 }
 
+/// A rate limit spends no attempt, also when a newer version came in while
+/// the push was out: it started at attempt 1 (the count the intake reset
+/// was taken as spent), one attempt short of its budget. A failure that
+/// spends one is the newer version's first.
+async fn a_rate_limit_over_a_newer_version_spends_no_attempt(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let links = claimed_links(&store, 2).await;
+    for (link, attempt) in [(&links[0], 0), (&links[1], 1)] {
+        let id = CustomerId::parse(&link.customer_id).expect("id");
+        let newer = rename(&store, &id, "Newer").await;
+        store
+            .intake_changes(&[notice(&newer)], &["stripe".to_owned()])
+            .await
+            .expect("intake");
+        let failed = LinkWrite::Outcome(RecordedOutcome::RetryScheduled {
+            version: link.wanted_version,
+            operation: "create",
+            attempt,
+            at_ms: chrono::Utc::now().timestamp_millis() - 1,
+            error: "rate limited".to_owned(),
+            pending_version: None,
+        });
+        assert_eq!(store.write_links(&[(link, &failed)]).await.unwrap(), [true]);
+        let after = store.links_of(&link.customer_id).await.expect("links")[0].clone();
+        assert_eq!(
+            (after.wanted_version, after.attempts),
+            (newer.version, attempt),
+            "spent: {attempt}"
+        );
+    }
+}
+
 /// The replay of a create whose answer was lost (v1, kept) is refused by
 /// the remote after the customer was fixed (v2): v2 was never tried, and
 /// stays to push as a fresh create. It used to die with v1.
@@ -2528,6 +2560,16 @@ async fn postgres_a_refused_replay_leaves_the_fixed_version_to_push() {
 #[tokio::test]
 async fn sqlite_a_refused_replay_leaves_the_fixed_version_to_push() {
     a_refused_replay_leaves_the_fixed_version_to_push(false).await;
+}
+
+#[tokio::test]
+async fn postgres_a_rate_limit_over_a_newer_version_spends_no_attempt() {
+    a_rate_limit_over_a_newer_version_spends_no_attempt(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_rate_limit_over_a_newer_version_spends_no_attempt() {
+    a_rate_limit_over_a_newer_version_spends_no_attempt(false).await;
 }
 
 #[tokio::test]
