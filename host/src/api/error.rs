@@ -199,6 +199,10 @@ pub enum ApiError {
     /// written, and the same request may be sent again.
     #[error("the store is busy; nothing was written, send the request again")]
     StoreBusy,
+    /// The store takes no writes now (a standby after a failover, a
+    /// read-only database, a full disk); nothing was written.
+    #[error("the store takes no writes now (read-only or full); nothing was written, send the request again later")]
+    StoreReadOnly,
     /// Secrets cannot be stored without a master key.
     #[error("secrets can only be stored when FERRY_MASTER_KEY is set; or give them through FERRY_CONNECTORS__<NAME>__SECRETS__<SECRET>")]
     MasterKeyRequired,
@@ -256,6 +260,7 @@ impl ApiError {
             Self::InvalidSignature(_) | Self::InvalidWebhook(_) => StatusCode::BAD_REQUEST,
             Self::ConnectorFailed
             | Self::StoreBusy
+            | Self::StoreReadOnly
             | Self::RuntimeBusy
             | Self::WebhooksBusy
             | Self::RemoteUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -312,6 +317,7 @@ impl ApiError {
             Self::RuntimeBusy => "runtime_busy",
             Self::WebhooksBusy => "webhooks_busy",
             Self::StoreBusy => "store_busy",
+            Self::StoreReadOnly => "store_read_only",
             Self::Unauthorized => "unauthorized",
             Self::CrossSiteRequest(_) => "cross_site_request",
             Self::NotFound => "not_found",
@@ -358,6 +364,7 @@ impl ApiError {
             Self::RuntimeBusy => "Runtime busy",
             Self::WebhooksBusy => "Webhooks busy",
             Self::StoreBusy => "Store busy",
+            Self::StoreReadOnly => "Store takes no writes",
             Self::Unauthorized => "Unauthorized",
             Self::CrossSiteRequest(_) => "Cross-site request refused",
             Self::NotFound => "Not found",
@@ -404,6 +411,13 @@ impl From<StoreError> for ApiError {
                     "the store was busy"
                 );
                 Self::StoreBusy
+            }
+            read_only if read_only.takes_no_writes() => {
+                tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::from(read_only)),
+                    "the store takes no writes"
+                );
+                Self::StoreReadOnly
             }
             other => Self::Internal(other.into()),
         }
@@ -463,6 +477,9 @@ impl IntoResponse for ApiError {
             Self::StoreBusy | Self::IdempotencyKeyInFlight | Self::RuntimeBusy | Self::WebhooksBusy
         ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, Self::StoreReadOnly) {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
         if matches!(self, Self::Unauthorized) {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -205,6 +205,35 @@ impl StoreError {
         }
     }
 
+    /// Whether the store takes no writes: PostgreSQL in a read-only
+    /// transaction (25006: a standby after a failover,
+    /// `default_transaction_read_only`), SQLite's database read-only
+    /// (SQLITE_READONLY) or its disk full (SQLITE_FULL), or the probe's
+    /// [`Self::ReadOnly`]. Nothing was written; the same write may succeed
+    /// once the store takes writes again.
+    pub fn takes_no_writes(&self) -> bool {
+        match self {
+            Self::ReadOnly => true,
+            Self::Database(sqlx::Error::Database(db)) => {
+                match db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
+                    Some(sqlite) => sqlx::error::DatabaseError::code(sqlite)
+                        .and_then(|code| code.parse::<i32>().ok())
+                        .is_some_and(|code| matches!(code & 0xff, 8 | 13)),
+                    None => db.code().as_deref() == Some("25006"),
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// What a background write met that a later try may not: contention
+    /// ([`Self::is_contended`]) or a store that takes no writes now
+    /// ([`Self::takes_no_writes`]). A sync loop waits on it rather than
+    /// spend an attempt: a failover's minutes dead-lettered healthy changes.
+    pub fn passes(&self) -> bool {
+        self.is_contended() || self.takes_no_writes()
+    }
+
     /// [`Self::is_busy`] in a way that ends by itself: a deadlock's victim
     /// or a serialization failure (the other side went on), no pooled
     /// connection, SQLite's writer busy. Not a lock or statement timeout,

@@ -1727,7 +1727,7 @@ impl From<StoreError> for Failure {
     /// their events were dead-lettered healthy. A lock or statement
     /// timeout may come every time: it spends one.
     fn from(error: StoreError) -> Self {
-        let busy = error.is_contended();
+        let busy = error.passes();
         let message = format!("store: {:#}", anyhow::Error::from(error));
         if busy {
             Self::Wait(message, STORE_BUSY_WAIT)

@@ -1120,7 +1120,7 @@ impl SyncEngine {
 /// What a store failure before a push spends (see
 /// [`SyncEngine::store_failed`]).
 fn store_spend(error: &StoreError) -> Spend {
-    let transient = error.is_contended()
+    let transient = error.passes()
         || matches!(
             error,
             StoreError::Database(sqlx::Error::Io(_) | sqlx::Error::PoolClosed)

@@ -725,6 +725,25 @@ async fn readyz_says_when_the_database_takes_no_writes_and_shares_its_probes() {
                 .is_some_and(|d| d.contains("takes no writes"))
     })
     .await;
+    // Writes meanwhile are a 503 to send again, not a 500.
+    let mut request = reqwest::Client::new()
+        .post(format!("{}/api/v1/customers", app.base))
+        .json(&json!({"email": email("read-only"), "name": "Read Only"}));
+    if let Some(token) = &app.token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("answered");
+    let retry_after = response.headers().get("retry-after").cloned();
+    let (status, problem) = (
+        response.status().as_u16(),
+        response.json::<Value>().await.unwrap(),
+    );
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (503, Some("store_read_only")),
+        "{problem}"
+    );
+    assert_eq!(retry_after.as_ref().map(|v| v.as_bytes()), Some(&b"5"[..]));
     set_read_only(&mut admin, &database, false).await;
     wait_until("/readyz to say 200 again", || async {
         readyz(&app).await.0 == 200
