@@ -231,8 +231,10 @@ pub fn delivery(connector: &str, direction: &'static str, outcome: &'static str)
     }
 }
 
-/// One webhook delivery's verification: `verified`, `invalid_signature`,
-/// `invalid` (refused after verification) or `failed` (the connector broke).
+/// One webhook delivery's verification: `verified` (and its events
+/// stored), `invalid_signature`, `invalid` (refused after verification),
+/// `failed` (the connector broke) or `unstored` (verified, and refused by
+/// a busy or read-only store: the sender retries).
 pub fn webhook_verification(connector: &str, result: &'static str) {
     counter!("ferry_webhook_verifications_total",
         "connector" => connector.to_owned(), "result" => result)

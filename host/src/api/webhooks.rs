@@ -157,13 +157,22 @@ pub async fn receive(
             policy: None,
         });
     }
-    crate::metrics::webhook_verification(&name, "verified");
     let correlation_id = request_id(&headers);
     let count = events.len();
-    let stored = state
+    // Counted once taken: a delivery the store refused (busy, read-only)
+    // is sent again, and each try counted `verified`.
+    let stored = match state
         .sync
         .store_webhook(&name, events, Some(correlation_id))
-        .await?;
+        .await
+    {
+        Ok(stored) => stored,
+        Err(error) => {
+            crate::metrics::webhook_verification(&name, "unstored");
+            return Err(error.into());
+        }
+    };
+    crate::metrics::webhook_verification(&name, "verified");
     tracing::info!(connector = %name, events = count, stored, "webhook received");
     Ok(match parsed.reply {
         Some(reply) => {

@@ -683,9 +683,7 @@ async fn readyz_follows_postgres_going_away_and_coming_back() {
 /// of the store instead of taking a pooled connection each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_says_when_the_database_takes_no_writes_and_shares_its_probes() {
-    let mut setup = Setup::new(Backend::Postgres, "http://127.0.0.1:9");
-    setup.stripe_url = None;
-    let app = spawn_sync_app(setup).await;
+    let app = spawn_sync_app(Setup::new(Backend::Postgres, "http://127.0.0.1:9")).await;
     // Leases follow the database's clock: on one machine, the same.
     let offset = app.store.follow_database_clock().await.unwrap();
     assert!(offset.abs() < 1_000, "{offset} ms");
@@ -744,6 +742,30 @@ async fn readyz_says_when_the_database_takes_no_writes_and_shares_its_probes() {
         "{problem}"
     );
     assert_eq!(retry_after.as_ref().map(|v| v.as_bytes()), Some(&b"5"[..]));
+    // A signed webhook is refused alike, and not counted as taken.
+    let before = scrape(&app.base).await;
+    let body = event(
+        "evt_read_only",
+        "customer.updated",
+        chrono::Utc::now().timestamp(),
+        stripe_customer_json("cus_ro", "ro@example.com", "Read Only"),
+    );
+    let (status, problem) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (503, Some("store_read_only"))
+    );
+    let after = scrape(&app.base).await;
+    let counted = |result| {
+        let labels = [("connector", "stripe"), ("result", result)];
+        moved(
+            &before,
+            &after,
+            "ferry_webhook_verifications_total",
+            &labels,
+        )
+    };
+    assert_eq!((counted("unstored"), counted("verified")), (1.0, 0.0));
     set_read_only(&mut admin, &database, false).await;
     wait_until("/readyz to say 200 again", || async {
         readyz(&app).await.0 == 200
