@@ -209,8 +209,23 @@ fn has_dot_segment(raw: &str) -> bool {
 }
 
 /// An operator allow- or deny-list entry: an exact host or `*.suffix`.
+/// The entry is written as hosts are ([`normalize_host`]): an entry
+/// `bücher.example` or `[2606:4700::1111]` matched no host (they are
+/// `xn--bcher-kva.example` and `2606:4700::1111` by then), and a deny-list
+/// holding one denied nothing.
 fn list_matches(entry: &str, host: &str) -> bool {
-    let entry = entry.trim().trim_end_matches('.').to_ascii_lowercase();
+    let entry = entry.trim().trim_end_matches('.');
+    let (wildcard, name) = match entry.strip_prefix("*.") {
+        Some(suffix) => ("*.", suffix),
+        None => ("", entry),
+    };
+    let name = match Host::parse(name) {
+        Ok(Host::Domain(domain)) => normalize_host(Host::Domain(&domain)),
+        Ok(Host::Ipv4(ip)) => normalize_host(Host::Ipv4(ip)),
+        Ok(Host::Ipv6(ip)) => normalize_host(Host::Ipv6(ip)),
+        Err(_) => name.to_ascii_lowercase(),
+    };
+    let entry = format!("{wildcard}{name}");
     match entry.strip_prefix("*.") {
         Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(&format!(".{suffix}")),
         None => entry == host,
@@ -421,7 +436,10 @@ fn redact(data: &mut Vec<u8>, values: &BTreeMap<String, SecretString>, kind: &st
 const MIN_FRAGMENT_LEN: usize = 8;
 
 /// How a secret may come back from a remote: as is, percent-encoded
-/// (upper- or lower-case hex, `+` for spaces as forms do), and in base64
+/// (upper- or lower-case hex, `+` for spaces as forms do), as a JSON
+/// string escapes it (`\"`, `\\`, and `\/` as PHP's encoder writes a
+/// slash: an OAuth error body echoing the client secret so reached the
+/// connector, its errors and the logs), and in base64
 /// (standard or URL-safe), where it may sit at any byte offset of a longer
 /// encoded text such as `user:secret` in a Basic credential. For base64 the
 /// fragment that does not depend on the neighbouring bytes is matched, for
@@ -439,6 +457,12 @@ fn encoded_forms(value: &[u8]) -> Vec<Vec<u8>> {
         .collect::<String>()
         .into_bytes();
     forms.push(form);
+    if let Ok(text) = std::str::from_utf8(value) {
+        let json = serde_json::Value::from(text).to_string();
+        let json = json[1..json.len() - 1].to_owned();
+        forms.push(json.replace('/', "\\/").into_bytes());
+        forms.push(json.into_bytes());
+    }
     for engine in [
         &base64::engine::general_purpose::STANDARD,
         &base64::engine::general_purpose::URL_SAFE,
@@ -624,6 +648,21 @@ mod tests {
         assert!(check_url("https://files.example.com/", &rules(&d, &allowed, false)).is_err());
     }
 
+    /// Operator entries are read as hosts are written: an IDN entry or a
+    /// bracketed IPv6 one matched nothing, and denied nothing.
+    #[test]
+    fn list_entries_are_written_as_hosts_are() {
+        assert!(list_matches("Bücher.Example.", "xn--bcher-kva.example"));
+        assert!(list_matches(
+            "*.bücher.example",
+            "api.xn--bcher-kva.example"
+        ));
+        assert!(list_matches("[2606:4700::1111]", "2606:4700::1111"));
+        assert!(list_matches("[2606:4700:0::1111]", "2606:4700::1111"));
+        assert!(list_matches(" API.example.com ", "api.example.com"));
+        assert!(!list_matches("*.example.com", "example.com"));
+    }
+
     #[test]
     fn forbidden_ranges() {
         for ip in [
@@ -725,7 +764,7 @@ mod tests {
     #[test]
     fn redacts_encoded_echoes_of_a_secret() {
         use base64::Engine as _;
-        let secret = "sk_live_51H+abc/DEF=ghi 42";
+        let secret = "sk_live_51H+abc/DEF=ghi \"42\"";
         let values = BTreeMap::from([("api_key".to_owned(), SecretString::from(secret))]);
         let b64 = &base64::engine::general_purpose::STANDARD;
         let url_safe = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -736,9 +775,11 @@ mod tests {
             format!("Basic {}", b64.encode(format!("u:{secret}"))),
             format!("Basic {}", b64.encode(format!("us:{secret}"))),
             format!("token={}", url_safe.encode(format!("x{secret}"))),
-            "key=sk_live_51H%2Babc%2FDEF%3Dghi%2042".to_owned(),
-            "key=sk_live_51H%2babc%2fDEF%3dghi%2042".to_owned(),
-            "key=sk_live_51H%2Babc%2FDEF%3Dghi+42".to_owned(),
+            "key=sk_live_51H%2Babc%2FDEF%3Dghi%20%2242%22".to_owned(),
+            "key=sk_live_51H%2babc%2fDEF%3dghi%20%2242%22".to_owned(),
+            "key=sk_live_51H%2Babc%2FDEF%3Dghi+%2242%22".to_owned(),
+            r#"{"error_description":"bad client sk_live_51H+abc\/DEF=ghi \"42\""}"#.to_owned(),
+            r#"{"error_description":"bad client sk_live_51H+abc/DEF=ghi \"42\""}"#.to_owned(),
         ];
         for echo in echoes {
             let mut body = echo.clone().into_bytes();

@@ -239,6 +239,52 @@ impl Report {
                 let _ = writeln!(out, "    - {}: {}", refusal.code, refusal.detail);
             }
         }
-        out
+        printable(&out)
+    }
+}
+
+/// `text` with every control character but the line breaks written as an
+/// escape: the description, setting names and defaults are the component's
+/// own text, and an escape sequence in them could clear the terminal or
+/// rewrite the lines above, the "would be REFUSED" among them, for the
+/// operator vetting a third party's component.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\n' => c.to_string(),
+            c if c.is_control() => c.escape_unicode().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_components_text_cannot_drive_the_terminal() {
+        let report = Report {
+            file: PathBuf::from("c.wasm"),
+            size_bytes: 1,
+            sha256: None,
+            world: None,
+            compile_ms: None,
+            imports: Vec::new(),
+            manifest: Some(serde_json::json!({"name": "evil", "version": "1.0.0",
+                "description": "fine\u{1b}[2J\u{1b}[1A\rwould be accepted"})),
+            accepted: false,
+            refusals: vec![Refusal {
+                code: "component_refused",
+                detail: "no".to_owned(),
+            }],
+        };
+        let human = report.human();
+        assert!(
+            !human.contains('\u{1b}') && !human.contains('\r'),
+            "{human}"
+        );
+        assert!(human.contains("\\u{1b}[2J"), "{human}");
+        assert!(human.contains("would be REFUSED"), "{human}");
     }
 }

@@ -37,9 +37,9 @@ pub async fn run(options: DevOptions, cancel: CancellationToken) -> anyhow::Resu
         .with_context(|| format!("resolving {}", options.dir.display()))?;
     // Before the first build, which can take minutes: a file saved while
     // it runs is a change the loop must build.
-    let built_from = newest_change(&dir);
+    let built_from = Sources::of(&dir);
     let wasm = build(&dir).await?;
-    let built_from = past_the_lock_file(&dir, built_from);
+    let built_from = built_from.after_build(&dir);
     let state_dir = dir.join("target/ferry-dev");
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
@@ -302,7 +302,7 @@ const QUIET: Duration = Duration::from_millis(700);
 /// changes after `seen` (and then stays unchanged for [`QUIET`]).
 async fn watch(
     dir: PathBuf,
-    mut seen: SystemTime,
+    mut seen: Sources,
     registry: Registry,
     take_over: bool,
     stop: CancellationToken,
@@ -313,13 +313,12 @@ async fn watch(
             () = stop.cancelled() => return,
             _ = every.tick() => {}
         }
-        let now = newest_change(&dir);
-        if now <= seen || now.elapsed().is_ok_and(|age| age < QUIET) {
+        let now = Sources::of(&dir);
+        if now == seen || now.newest.elapsed().is_ok_and(|age| age < QUIET) {
             continue;
         }
-        seen = now;
         let built = build(&dir).await;
-        seen = past_the_lock_file(&dir, seen);
+        seen = now.after_build(&dir);
         match built {
             Ok(wasm) => match register(
                 &registry,
@@ -338,34 +337,73 @@ async fn watch(
     }
 }
 
-/// The newest modification time of the crate's sources.
-fn newest_change(dir: &Path) -> SystemTime {
-    fn walk(path: &Path, newest: &mut SystemTime) {
-        let Ok(meta) = std::fs::metadata(path) else {
-            return;
-        };
-        if let Ok(modified) = meta.modified() {
-            *newest = (*newest).max(modified);
-        }
-        if meta.is_dir() {
-            for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
-                walk(&entry.path(), newest);
-            }
-        }
-    }
-    let mut newest = SystemTime::UNIX_EPOCH;
-    for watched in WATCHED {
-        walk(&dir.join(watched), &mut newest);
-    }
-    newest
+/// What [`WATCHED`] holds, as far as a rebuild cares: a fingerprint of
+/// every file's path, size and time (the lock file's apart: a build
+/// writes it), and the newest time. Compared whole, not by the newest
+/// time: a file dated in the future (an unpacked archive, a clock set
+/// right since) made every later edit look older, and nothing rebuilt
+/// until the clock caught up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sources {
+    files: u64,
+    lock: u64,
+    newest: SystemTime,
 }
 
-/// `seen`, or the lock file's time if the build just wrote it (a new
-/// crate's first build, a dependency added): not an edit to rebuild for.
-fn past_the_lock_file(dir: &Path, seen: SystemTime) -> SystemTime {
-    std::fs::metadata(dir.join("Cargo.lock"))
-        .and_then(|meta| meta.modified())
-        .map_or(seen, |written| seen.max(written))
+impl Sources {
+    fn of(dir: &Path) -> Self {
+        use std::hash::{Hash, Hasher};
+        fn walk(path: &Path, found: &mut Vec<(PathBuf, u64, SystemTime)>) {
+            let Ok(meta) = std::fs::metadata(path) else {
+                return;
+            };
+            if meta.is_dir() {
+                for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+                    walk(&entry.path(), found);
+                }
+            } else {
+                let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                found.push((path.to_owned(), meta.len(), modified));
+            }
+        }
+        let mut found = Vec::new();
+        for watched in WATCHED {
+            walk(&dir.join(watched), &mut found);
+        }
+        found.sort();
+        let lock = dir.join("Cargo.lock");
+        let (mut files, mut locks) = (
+            std::collections::hash_map::DefaultHasher::new(),
+            std::collections::hash_map::DefaultHasher::new(),
+        );
+        for file in &found {
+            if file.0 == lock {
+                file.hash(&mut locks);
+            } else {
+                file.hash(&mut files);
+            }
+        }
+        Self {
+            files: files.finish(),
+            lock: locks.finish(),
+            newest: found
+                .iter()
+                .map(|f| f.2)
+                .max()
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+        }
+    }
+
+    /// What a build that started from `self` has seen: the lock file as
+    /// the build left it (a new crate's first build, a dependency added
+    /// write it: not an edit to rebuild for), the other files as they
+    /// were when it started (one saved while it ran is built next).
+    fn after_build(self, dir: &Path) -> Self {
+        Self {
+            lock: Self::of(dir).lock,
+            ..self
+        }
+    }
 }
 
 /// What a build of the crate reads besides its dependencies: its sources
@@ -383,3 +421,47 @@ const WATCHED: [&str; 8] = [
     "assets",
     "fixtures",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, text: &str, at: SystemTime) {
+        std::fs::write(path, text).unwrap();
+        let file = std::fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(at).unwrap();
+    }
+
+    /// A file dated in the future does not hide the edits after it; the
+    /// lock file a build writes is not an edit.
+    #[test]
+    fn an_edit_after_a_file_from_the_future_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("src")).unwrap();
+        let now = SystemTime::now();
+        let future = now + Duration::from_secs(3_600);
+        write(&dir.path().join("src/lib.rs"), "// lib", now);
+        write(
+            &dir.path().join("src/unpacked.rs"),
+            "// from an archive",
+            future,
+        );
+        let seen = Sources::of(dir.path());
+        assert_eq!(Sources::of(dir.path()), seen, "nothing changed");
+
+        write(
+            &dir.path().join("Cargo.lock"),
+            "# written by the build",
+            now,
+        );
+        let built = seen.after_build(dir.path());
+        assert_eq!(Sources::of(dir.path()), built, "the build's lock file");
+
+        write(&dir.path().join("src/lib.rs"), "// lib, edited", now);
+        assert_ne!(
+            Sources::of(dir.path()),
+            built,
+            "an edit older than the future file"
+        );
+    }
+}
