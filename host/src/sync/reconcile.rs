@@ -777,6 +777,27 @@ impl SyncEngine {
                 }
                 continue;
             }
+            // Deleted at the remote (applied under `unlink`) and listed
+            // again: restored there (Salesforce's undelete). Counted equal,
+            // the link still said deleted, and the customer's next edit
+            // went out as a create, a second record beside it. Linked
+            // again by its repair, as a record matching by email is.
+            if link.remote_deleted {
+                findings.mismatches.push(NewMismatch {
+                    kind: Kind::Unlinked.as_str(),
+                    remote_id: Some(record.remote_id.clone()),
+                    customer_id: Some(customer.id.as_str().to_owned()),
+                    fields: serde_json::json!([]),
+                    record: Some(remote),
+                    detail: Some(
+                        "the remote deleted the record, and has it again (restored); \
+                         its link still says deleted"
+                            .into(),
+                    ),
+                    listed_at_ms: Some(findings.listed_at_ms),
+                });
+                continue;
+            }
             // A version whose push gave up (a dead letter) never reached
             // the remote: a field it added is missing there, not unknown.
             let compare =

@@ -811,9 +811,15 @@ async fn a_record_listed_again_is_not_recreated_beside_itself(backend: Backend) 
     let run = run_to_end(&app, json!({"connector": "stripe", "repair": "merge"})).await;
     assert_eq!(run["status"], "completed", "{run:#}");
     assert!(!counts(&run).contains_key("missing_remote"), "{run:#}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    expect_counts(&run, &[("unlinked", 1), ("repairs", 1)]);
+    // Linked again: the next edit updates the record, not a second one.
+    app.wait_link(id, SETTLE, |l| l["remote_deleted"] == false)
+        .await;
+    app.patch(id, json!({"name": "Back Again"})).await;
+    let link = app.wait_synced(id, 2).await;
     let records = stripe_customers_by_email(&url, &address).await;
     assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(records[0]["name"], "Back Again", "{link}");
 }
 
 /// Under the `ignore` delete policy a remote delete changes nothing, and
