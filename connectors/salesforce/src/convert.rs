@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use ferry_sdk::json::{Map, Value};
-use ferry_sdk::{Address, ConnectorError, Customer};
+use ferry_sdk::{Address, ChangedFields, ConnectorError, Customer};
 
 /// A place in the canonical customer a Salesforce field can hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +60,26 @@ impl Path {
                 }
             },
         })
+    }
+
+    /// Whether an update that changes `changed` writes this path's field
+    /// (a name part whenever the name changed, the street whenever either
+    /// line did).
+    fn changed_by(&self, changed: &ChangedFields) -> bool {
+        use Path::*;
+        match self {
+            Name | FirstName | LastName => changed.field("name"),
+            Email => changed.field("email"),
+            Phone => changed.field("phone"),
+            Street => changed.field("address.line1") || changed.field("address.line2"),
+            Line1 => changed.field("address.line1"),
+            Line2 => changed.field("address.line2"),
+            City => changed.field("address.city"),
+            State => changed.field("address.state"),
+            PostalCode => changed.field("address.postal_code"),
+            Country => changed.field("address.country"),
+            Metadata(key) => changed.metadata(key),
+        }
     }
 
     /// Paths that hold the same data as this one: mapping one replaces the
@@ -149,6 +169,16 @@ impl FieldMap {
             }
         }
         Ok(map)
+    }
+
+    /// The mapped Salesforce fields an update that changes `changed`
+    /// writes ([`Customer::changed_fields`]).
+    pub(crate) fn changed(&self, changed: &ChangedFields) -> Vec<&str> {
+        self.entries
+            .iter()
+            .filter(|(path, _)| path.changed_by(changed))
+            .map(|(_, field)| field.as_str())
+            .collect()
     }
 
     /// The mapped Salesforce fields, in mapping order.

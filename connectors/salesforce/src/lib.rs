@@ -236,15 +236,24 @@ impl Connector for Salesforce {
                 let id = req.linked_remote_id("Salesforce")?;
                 let customer = Customer::from_json(&req.record)?;
                 let mut fields = config.fields.to_sobject(&customer, true);
+                // Only the fields ferry changed since the last sync: one
+                // someone edited in Salesforce just before the push stays,
+                // and its Outbound Message reaches ferry as an edit.
+                let changed = Customer::changed_fields(&req.record);
+                let sent = config.fields.changed(&changed);
+                let mut body = fields.clone();
+                body.retain(|field, _| sent.contains(&field.as_str()));
                 if let Some(field) = &config.external_id_field {
                     fields.insert(field.clone(), Value::String(req.local_id.clone()));
+                    body.insert(field.clone(), Value::String(req.local_id.clone()));
                 }
-                let mut body = fields.clone();
-                if let Some(kept) = config.name_parts_to_keep(id, customer.name.as_deref())? {
-                    for (field, value) in kept {
-                        body.remove(&field);
-                        fields.insert(field, value);
-                    }
+                let kept = match changed.field("name") {
+                    true => config.name_parts_to_keep(id, customer.name.as_deref())?,
+                    false => None,
+                };
+                for (field, value) in kept.into_iter().flatten() {
+                    body.remove(&field);
+                    fields.insert(field, value);
                 }
                 let body = Value::Object(body);
                 config.call(|base, token| {

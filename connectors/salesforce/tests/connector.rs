@@ -312,6 +312,31 @@ async fn an_update_keeps_name_parts_that_make_up_the_name() {
     );
 }
 
+/// An update writes only the fields ferry changed since the last sync
+/// (`changed_fields`): a phone someone set in Salesforce just before the
+/// push stays. The name unchanged, its parts are not read either.
+#[tokio::test]
+async fn an_update_writes_only_what_changed() {
+    let kit = kit().await;
+    script_tokens(&kit, &["tok-1"]);
+    kit.http()
+        .on("PATCH", &format!("{CONTACTS}/003A"))
+        .respond(204, &[], "");
+    let mut update = linked(Operation::Update, "003A");
+    let mut record: Value = serde_json::from_str(&update.record).unwrap();
+    record["changed_fields"] = json!(["email", "address.line2"]);
+    update.record = record.to_string();
+    let result = kit.push(update).await.expect("update");
+    assert_eq!(kit.http().requests().len(), 2, "a token and the write");
+    let patch = kit.http().last_request().expect("patch");
+    let body: Value = serde_json::from_str(&patch.body_text()).unwrap();
+    let written: Vec<&String> = body.as_object().unwrap().keys().collect();
+    assert_eq!(written, ["Email", "MailingStreet"], "{body}");
+    // The result still names every mapped field, as ferry sent them.
+    let record: Value = serde_json::from_str(result.record.as_deref().expect("record")).unwrap();
+    assert_eq!(record["name"], "Ada King Lovelace", "{record}");
+}
+
 /// The org's concurrent-request limit clears in seconds (the push's own
 /// backoff), and a row lock met inside a trigger is transient however it is
 /// wrapped.

@@ -167,6 +167,10 @@ async fn api_changes_reach_salesforce(backend: Backend) {
     assert_eq!(contact["MailingCity"], "London", "{contact}");
     assert_eq!(contact["MailingCountry"], "GB", "{contact}");
 
+    // Someone moves the Contact to Cambridge just before ferry's push of
+    // a new name: the push writes the name and phone only.
+    rig.salesforce
+        .update_record("Contact", &contact_id, json!({"MailingCity": "Cambridge"}));
     rig.app
         .patch(&id, json!({"name": "Ada Byron", "phone": null}))
         .await;
@@ -176,9 +180,15 @@ async fn api_changes_reach_salesforce(backend: Backend) {
         (
             &contact["FirstName"],
             &contact["LastName"],
-            &contact["Phone"]
+            &contact["Phone"],
+            &contact["MailingCity"]
         ),
-        (&json!("Ada"), &json!("Byron"), &Value::Null),
+        (
+            &json!("Ada"),
+            &json!("Byron"),
+            &Value::Null,
+            &json!("Cambridge")
+        ),
         "{contact}"
     );
 
