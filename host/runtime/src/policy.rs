@@ -198,10 +198,11 @@ pub(crate) fn check_url(raw: &str, rules: &HostRules<'_>) -> Result<Url, PolicyE
 /// dot segment to it) sent the request, the key with it, to `/v1/`.
 fn has_dot_segment(raw: &str) -> bool {
     let rest = raw.split_once("://").map_or(raw, |(_, rest)| rest);
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
     let Some(start) = rest.find(['/', '\\']) else {
         return false;
     };
-    let path = rest[start..].split(['?', '#']).next().unwrap_or_default();
+    let path = &rest[start..];
     path.split(['/', '\\']).any(|segment| {
         let segment = segment.to_ascii_lowercase().replace("%2e", ".");
         segment == "." || segment == ".."
@@ -597,6 +598,7 @@ mod tests {
             "https://api.example.com/v1/contacts/a.b?next=../x",
             "https://api.example.com/v1/contacts/..%2Fx",
             "https://api.example.com",
+            "https://api.example.com?next=/../x",
         ] {
             assert!(check_url(url, &rules(&d, &[], false)).is_ok(), "{url}");
         }

@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, FieldError, Problem};
 use super::extract::{parse_json, JsonBody, Principal, QueryPairs};
 use crate::app::AppState;
-use crate::registry::{ConfigSource, Entry, NewSettings, NotReady, Switch};
+use crate::registry::{ConfigSource, Entry, NewSettings, NotReady, RegistryError, Switch};
 use crate::store::connectors::VersionMeta;
 use crate::sync::breaker::BreakerView;
 use crate::sync::ENTITY;
@@ -479,7 +479,23 @@ pub async fn enable(
     )
     .await?;
     if let Err(error) = state.registry.set_enabled(&name, true).await {
-        state.store.forget_unstarted_run(&run.id).await?;
+        // Refused before the switch was written: the run goes with it. A
+        // store failure may come after the write (the refresh that
+        // follows it): the run stays, parked while the switch is off, and
+        // holding the creates if it is on.
+        let refused = matches!(
+            error,
+            RegistryError::Settings(_) | RegistryError::NotFound | RegistryError::NotLoaded(_)
+        );
+        if refused {
+            if let Err(forgotten) = state.store.forget_unstarted_run(&run.id).await {
+                tracing::warn!(
+                    run = %run.id,
+                    error = format!("{:#}", anyhow::Error::from(forgotten)),
+                    "the backfill of a switch refused stays, parked; delete it or switch on"
+                );
+            }
+        }
         return Err(error.into());
     }
     current(&state, &name).await

@@ -569,7 +569,10 @@ async fn settle(
                 mismatch.kind
             ),
         )),
-        Err(error) => Err(error.into()),
+        Err(crate::sync::inbound::FoldError::Store(error)) => Err(error.into()),
+        Err(crate::sync::inbound::FoldError::RemoteUnreadable(why)) => {
+            Err(ApiError::RemoteUnavailable(why))
+        }
     };
     match scheduled {
         Ok(what) => {

@@ -250,6 +250,14 @@ pub enum RecordedOutcome {
         pushed_hash: String,
         /// The remote's state after the push, if it returned one.
         snapshot: Option<serde_json::Value>,
+        /// The link's snapshot the push named its changed fields against,
+        /// when it did (the new `snapshot` holds its values for the others):
+        /// `snapshot` and `pushed_hash` are written only over it. An event
+        /// that wrote the snapshot while the push was out (its record read
+        /// after the push landed) decides then, and the hash is forgotten:
+        /// written over it, the snapshot put back a field's older value,
+        /// and the remote's next edit of that field read as ferry's.
+        snapshot_base: Option<serde_json::Value>,
     },
     /// Nothing to push.
     Skipped {
@@ -676,9 +684,12 @@ fn kept_detail(created: &str, linked: &str) -> String {
 /// remote lacks, a repair): its result would mark that push done, and its
 /// snapshot put back what the remote held before the change that forced it.
 /// The link then keeps what the force wrote, and stays pending for it.
-/// A version an inbound apply raised meanwhile is never lowered.
+/// A version an inbound apply raised meanwhile is never lowered. With a
+/// `$base` (not NULL: the snapshot the push's changed fields were named
+/// against), the hash and snapshot are written only over that snapshot
+/// (see [`RecordedOutcome::Delivered`]'s `snapshot_base`).
 macro_rules! fenced_by_repairs {
-    ($t:literal, $repairs:literal, $synced:literal, $hash:literal, $snapshot:literal) => {
+    ($t:literal, $repairs:literal, $synced:literal, $hash:literal, $snapshot:literal, $base:literal) => {
         concat!(
             "synced_version = CASE WHEN ",
             $t,
@@ -700,14 +711,26 @@ macro_rules! fenced_by_repairs {
             $t,
             ".repairs = ",
             $repairs,
-            " THEN ",
+            " AND (",
+            $base,
+            " IS NULL OR ",
+            $t,
+            ".snapshot = ",
+            $base,
+            ") THEN ",
             $hash,
             " END, \
              snapshot = CASE WHEN ",
             $t,
             ".repairs = ",
             $repairs,
-            " THEN ",
+            " AND (",
+            $base,
+            " IS NULL OR ",
+            $t,
+            ".snapshot = ",
+            $base,
+            ") THEN ",
             $snapshot,
             " ELSE ",
             $t,
@@ -740,7 +763,7 @@ macro_rules! record_in {
             // live record (see `KEEP_LINKED_SQL`): that record's id.
             let mut kept: Option<String> = None;
             let updated = match $outcome {
-                RecordedOutcome::Delivered { version, remote_id, remote_deleted, pushed_hash, snapshot, .. } => {
+                RecordedOutcome::Delivered { version, remote_id, remote_deleted, pushed_hash, snapshot, snapshot_base, .. } => {
                     // The version pushed, or what the link holds if more
                     // (an inbound apply raises it too); wanted_version may
                     // grow concurrently. A push forced meanwhile (`repairs`
@@ -756,7 +779,7 @@ macro_rules! record_in {
                     for _ in 0..3 {
                         let done = sqlx::query(concat!(
                             "UPDATE sync_links SET remote_id = $1, remote_deleted = $2, ",
-                            fenced_by_repairs!("sync_links", "$11", "$3", "$4", "$5"),
+                            fenced_by_repairs!("sync_links", "$11", "$3", "$4", "$5", "$12"),
                             ", pending_version = NULL, \
                              remote_seen_at_ms = CASE WHEN remote_id IS NULL OR remote_id <> $1 \
                                 THEN 0 ELSE remote_seen_at_ms END, \
@@ -776,6 +799,7 @@ macro_rules! record_in {
                         .bind(&$link.connector)
                         .bind(&$link.lease_token)
                         .bind($link.repairs)
+                        .bind(snapshot_base.as_ref().map(Json))
                         .execute(&mut *$tx)
                         .await
                         .map_err(|e| match &e {
@@ -864,7 +888,7 @@ macro_rules! record_in {
                     // that spends no attempt (a rate limit) leaves it at 0.
                     sqlx::query(
                         "UPDATE sync_links SET state = 'retry', \
-                         attempts = CASE WHEN wanted_version > $9 THEN $1 - $10 ELSE $1 END, \
+                         attempts = CASE WHEN wanted_version > $9 THEN attempts + $1 - $10 ELSE $1 END, \
                          next_attempt_at_ms = $2, \
                          last_error = $3, pending_version = COALESCE($4, pending_version), \
                          pushed_hash = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $5 \
@@ -1416,12 +1440,20 @@ const PENDING_BATCH_POSTGRES: &str = "UPDATE sync_links l SET pending_version = 
 /// here: it returns no position, and goes one by one (`record_in!`).
 const DELIVERED_BATCH_POSTGRES: &str = concat!("WITH w AS (SELECT * FROM UNNEST($1::int4[], \
        $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::int8[], $8::text[], \
-       $9::text[], $10::text[], $11::int8[], $12::int4[], $13::text[], $16::int4[]) \
+       $9::text[], $10::text[], $11::int8[], $12::int4[], $13::text[], $16::int4[], $17::text[]) \
        AS w(i, customer_id, connector, lease_token, remote_id, remote_deleted, synced_version, \
-            pushed_hash, snapshot, operation, version, attempt, correlation_id, repairs)), \
+            pushed_hash, snapshot, operation, version, attempt, correlation_id, repairs, \
+            snapshot_base)), \
      updated AS (UPDATE sync_links l SET remote_id = w.remote_id, \
        remote_deleted = w.remote_deleted, ",
-    fenced_by_repairs!("l", "w.repairs", "w.synced_version", "w.pushed_hash", "w.snapshot::jsonb"),
+    fenced_by_repairs!(
+        "l",
+        "w.repairs",
+        "w.synced_version",
+        "w.pushed_hash",
+        "w.snapshot::jsonb",
+        "w.snapshot_base::jsonb"
+    ),
     ", pending_version = NULL, \
        pending_record = NULL, attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, \
        updated_at = $14, \
@@ -1556,7 +1588,8 @@ const DELIVERED_BATCH_SQLITE: &str = concat!(
         "json_extract(w.value, '$[12]')",
         "json_extract(w.value, '$[5]')",
         "json_extract(w.value, '$[6]')",
-        "json_extract(w.value, '$[7]')"
+        "json_extract(w.value, '$[7]')",
+        "json_extract(w.value, '$[13]')"
     ),
     ", pending_version = NULL, pending_record = NULL, \
        attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $2, \
@@ -1617,6 +1650,7 @@ async fn write_links_sqlite(
                 link.attempts + 1,
                 link.correlation_id,
                 link.repairs,
+                delivery.snapshot_base,
             ]),
         ));
     }
@@ -1713,6 +1747,7 @@ impl Batches<'_> {
                 .bind(at)
                 .bind(at.timestamp_millis())
                 .bind(&delivered.repairs)
+                .bind(&delivered.snapshot_base)
                 .fetch_all(&mut *conn)
                 .await
                 .map_err(|e| match &e {
@@ -1812,6 +1847,7 @@ struct Delivery<'a> {
     remote_deleted: bool,
     pushed_hash: &'a str,
     snapshot: Option<String>,
+    snapshot_base: Option<String>,
 }
 
 impl<'a> Delivery<'a> {
@@ -1824,6 +1860,7 @@ impl<'a> Delivery<'a> {
             remote_deleted,
             pushed_hash,
             snapshot,
+            snapshot_base,
         } = outcome
         else {
             return None;
@@ -1835,6 +1872,7 @@ impl<'a> Delivery<'a> {
             remote_deleted: *remote_deleted,
             pushed_hash,
             snapshot: snapshot.as_ref().map(serde_json::Value::to_string),
+            snapshot_base: snapshot_base.as_ref().map(serde_json::Value::to_string),
         })
     }
 }
@@ -1853,6 +1891,7 @@ struct DeliveredRows<'a> {
     attempt: Vec<i32>,
     correlation_id: Vec<Option<&'a str>>,
     repairs: Vec<i32>,
+    snapshot_base: Vec<Option<String>>,
 }
 
 impl<'a> DeliveredRows<'a> {
@@ -1870,6 +1909,7 @@ impl<'a> DeliveredRows<'a> {
         self.attempt.push(link.attempts + 1);
         self.correlation_id.push(link.correlation_id.as_deref());
         self.repairs.push(link.repairs);
+        self.snapshot_base.push(delivery.snapshot_base);
     }
 }
 

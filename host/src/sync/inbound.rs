@@ -40,15 +40,18 @@ use crate::store::{
     Customer, CustomerFields, CustomerId, LinkState, ListCustomers, StoreError, SyncLink,
 };
 
-/// Why a resolution could not take in the remote edits waiting behind its
-/// conflict (see [`SyncEngine::fold_waiting`]).
+/// Why a person's decision could not be carried out now: a conflict's
+/// resolution that could not take in the remote edits waiting behind it
+/// ([`SyncEngine::fold_waiting`]), or a finding's repair that needed the
+/// remote's word first ([`SyncEngine::resolve_mismatch`]).
 #[derive(Debug, thiserror::Error)]
 pub enum FoldError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The newest waiting edit carries no record, and the remote could not
-    /// be read for it now (the reason): nothing was written.
+    /// The remote could not be read now for what the operation needs (the
+    /// reason): a conflict's newest waiting edit that carries no record,
+    /// an orphan's record before it is created anew. Nothing was written.
     #[error("{0}")]
     RemoteUnreadable(String),
 }

@@ -183,12 +183,16 @@ struct Plan {
     /// hash, an update's without its [`CHANGED_FIELDS`] (which follow the
     /// snapshot, not the content).
     content_hash: String,
+    /// Whether the record names its [`CHANGED_FIELDS`] (against the
+    /// link's snapshot as the claim read it).
+    names_changes: bool,
 }
 
 impl Plan {
     fn new(operation: Operation, version: i64, record: String, key: String) -> Self {
         Self {
             content_hash: hash(&record),
+            names_changes: false,
             operation,
             version,
             record,
@@ -279,9 +283,8 @@ fn plan(
     // what it sent, not the snapshot, and a field changed back to the
     // snapshot's value would not be sent. Nor after a forced push, which
     // makes the remote equal to ferry's record, or a resolution.
-    if link.pushed_hash.is_some() {
-        name_changed_fields(&mut update, link.snapshot.as_ref());
-    }
+    let names_changes =
+        link.pushed_hash.is_some() && name_changed_fields(&mut update, link.snapshot.as_ref());
     let record = update.to_string();
     // The request differs with the snapshot it was planned against (its
     // changed fields), not only with the version: a retry after the
@@ -296,6 +299,7 @@ fn plan(
         record,
         key,
         content_hash,
+        names_changes,
     }))
 }
 
@@ -437,14 +441,19 @@ pub const CHANGED_FIELDS: &str = "changed_fields";
 /// after the push, was taken for its echo (lost on both sides). Named only
 /// against a snapshot the remote answered: an assumed one holds what ferry
 /// pushed, which the remote may not keep.
-fn name_changed_fields(record: &mut serde_json::Value, snapshot: Option<&serde_json::Value>) {
+fn name_changed_fields(
+    record: &mut serde_json::Value,
+    snapshot: Option<&serde_json::Value>,
+) -> bool {
     let Some(snapshot) = snapshot.filter(|s| !super::merge::is_assumed(s)) else {
-        return;
+        return false;
     };
     let changed = super::merge::differing_fields(record, snapshot);
-    if let Some(fields) = record.as_object_mut() {
-        fields.insert(CHANGED_FIELDS.to_owned(), changed.into());
-    }
+    let Some(fields) = record.as_object_mut() else {
+        return false;
+    };
+    fields.insert(CHANGED_FIELDS.to_owned(), changed.into());
+    true
 }
 
 /// The remote's state after a push of `pushed` that answered `returned`:
@@ -864,6 +873,7 @@ impl SyncEngine {
                         remote_deleted: plan.operation == Operation::Delete,
                         pushed_hash,
                         snapshot,
+                        snapshot_base: link.snapshot.clone().filter(|_| plan.names_changes),
                     },
                     Outcome::Delivered {
                         operation: operation.to_owned(),
@@ -885,6 +895,7 @@ impl SyncEngine {
                         remote_deleted: true,
                         pushed_hash,
                         snapshot: None,
+                        snapshot_base: None,
                     },
                     Outcome::Delivered {
                         operation: operation.to_owned(),

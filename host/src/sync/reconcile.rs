@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 use utoipa::ToSchema;
 
 use super::breaker::Deferred;
-use super::inbound::{email_of, kept_apart, local_record, DeletePolicy, DuplicateEmail};
+use super::inbound::{email_of, kept_apart, local_record, DeletePolicy, DuplicateEmail, FoldError};
 use super::merge::{field_differences, unpushed_differences};
 use super::outbound::canonical_record;
 use super::{SyncEngine, ENTITY};
@@ -98,6 +98,18 @@ pub enum Repair {
     PullRemote,
     /// Both ways, by the normal three-way rules and the conflict policy.
     Merge,
+}
+
+/// What a repair's push came to ([`SyncEngine::schedule_push`]).
+enum Scheduled {
+    /// Scheduled, or nothing to do: what, for the finding's resolution.
+    Done(String),
+    /// Not now: its link is busy (a push in flight carries the customer's
+    /// state), or the customer is gone.
+    Busy,
+    /// Not now: whether the remote still has the record cannot be read
+    /// (why).
+    Unreadable(String),
 }
 
 /// A kind of finding.
@@ -1063,10 +1075,16 @@ impl SyncEngine {
                         what
                     }
                     push => match self.schedule_push(&run.connector, push).await? {
-                        Some(what) => what,
+                        Scheduled::Done(what) => what,
                         // Its link is busy: the push in flight carries the
                         // current state anyway; the finding stays open.
-                        None => continue,
+                        Scheduled::Busy => continue,
+                        // Open for the next run or a person: closed, the
+                        // customer stayed linked to a record gone.
+                        Scheduled::Unreadable(why) => {
+                            tracing::warn!(finding = %mismatch.id, why, "repair not scheduled");
+                            continue;
+                        }
                     },
                 };
                 done.push((mismatch.id.clone(), what));
@@ -1108,25 +1126,24 @@ impl SyncEngine {
         }
     }
 
-    /// Schedules a push `action` (not an event); what was scheduled, or
-    /// `None` if the link is busy or the customer gone.
+    /// Schedules a push `action` (not an event).
     async fn schedule_push(
         &self,
         connector: &str,
         action: Action,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Scheduled, StoreError> {
         let store = &self.inner.store;
         let (customer, recreate) = match action {
-            Action::Event(_) => return Ok(None),
+            Action::Event(_) => return Ok(Scheduled::Busy),
             Action::ForcePush(customer) => (customer, None),
             Action::Recreate { customer, seen } => (customer, Some(seen)),
         };
         let Some(current) = store.get_customer_any(&customer).await? else {
-            return Ok(None);
+            return Ok(Scheduled::Busy);
         };
         if let Some(Some(seen)) = &recreate {
-            if let Some(kept) = self.still_there(connector, seen).await {
-                return Ok(Some(kept));
+            if let Some(known) = self.still_there(connector, seen).await {
+                return Ok(known);
             }
         }
         let scheduled = if let Some(seen) = &recreate {
@@ -1138,43 +1155,44 @@ impl SyncEngine {
                 .force_push(&customer, connector, current.version)
                 .await?
         };
-        Ok(scheduled.then(|| {
-            let what = if recreate.is_some() { "create" } else { "push" };
-            format!("{what} of version {} scheduled", current.version)
-        }))
+        if !scheduled {
+            return Ok(Scheduled::Busy);
+        }
+        let what = if recreate.is_some() { "create" } else { "push" };
+        Ok(Scheduled::Done(format!(
+            "{what} of version {} scheduled",
+            current.version
+        )))
     }
 
-    /// Why record `remote_id`, which a finding saw missing, is not created
-    /// anew: the remote has it (a listing can miss records: a sharing
-    /// rule, a narrowed key, a page dropped), or whether it does cannot be
-    /// read now. Recreated unasked, it stood at the remote twice, the old
-    /// one unlinked. `None` when the remote says it is gone, or the
-    /// connector cannot say (no `fetch`).
-    async fn still_there(&self, connector: &str, remote_id: &str) -> Option<String> {
+    /// Whether record `remote_id`, which a finding saw missing, may be
+    /// created anew: the remote says it is gone (or the connector cannot
+    /// say: no `fetch`). A listing can miss records (a sharing rule, a
+    /// narrowed key, a page dropped): recreated unasked, it stood at the
+    /// remote twice, the old one unlinked.
+    /// `None` when it may; otherwise what the repair came to.
+    async fn still_there(&self, connector: &str, remote_id: &str) -> Option<Scheduled> {
+        let unreadable = |why: String| {
+            Some(Scheduled::Unreadable(format!(
+                "whether the remote still has record {remote_id} cannot be read now ({why})"
+            )))
+        };
         let ready = match self.inner.registry.ready(connector, Need::Entity(ENTITY)) {
             Ok(ready) => ready,
-            Err(not_ready) => {
-                return Some(format!(
-                    "nothing: whether the remote still has record {remote_id} cannot be read \
-                     ({not_ready})"
-                ))
-            }
+            Err(not_ready) => return unreadable(not_ready.to_string()),
         };
         match ready
             .connector
             .fetch(&ready.config, ENTITY, remote_id)
             .await
         {
-            Ok(_) => Some(format!(
+            Ok(_) => Some(Scheduled::Done(format!(
                 "nothing: the remote has record {remote_id} (the listing missed it)"
-            )),
+            ))),
             Err(CallError::Connector(
                 ConnectorError::NotFound(_) | ConnectorError::Unsupported(_),
             )) => None,
-            Err(error) => Some(format!(
-                "nothing: whether the remote still has record {remote_id} cannot be read \
-                 ({error})"
-            )),
+            Err(error) => unreadable(error.to_string()),
         }
     }
 
@@ -1182,12 +1200,14 @@ impl SyncEngine {
     /// that repair policy would (orphans included, whatever the run's
     /// mode); what was scheduled, or `None` when the action does nothing
     /// for this kind of finding.
+    /// An orphan's recreate whose record the remote cannot be asked about
+    /// now is [`FoldError::RemoteUnreadable`] (the finding stays open).
     pub async fn resolve_mismatch(
         &self,
         run: &RunRow,
         mismatch: &MismatchRow,
         action: Repair,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<String>, FoldError> {
         let store = &self.inner.store;
         let Some(planned) = plan_repair(
             run,
@@ -1213,8 +1233,11 @@ impl SyncEngine {
                 what
             }
             push => match self.schedule_push(&run.connector, push).await? {
-                Some(what) => what,
-                None => "nothing: a push of the customer is already on its way".to_owned(),
+                Scheduled::Done(what) => what,
+                Scheduled::Busy => {
+                    "nothing: a push of the customer is already on its way".to_owned()
+                }
+                Scheduled::Unreadable(why) => return Err(FoldError::RemoteUnreadable(why)),
             },
         };
         Ok(Some(what))

@@ -1024,6 +1024,7 @@ async fn forced_meanwhile(postgres: bool, batched: bool, skipped: bool) {
             remote_deleted: false,
             pushed_hash: "hash-of-the-first-push".to_owned(),
             snapshot: Some(json!({"id": remote[0], "name": "as the first push left it"})),
+            snapshot_base: None,
         }
     });
     let marker = LinkWrite::CreatePending {
@@ -1566,6 +1567,7 @@ fn delivered(link: &SyncLink, remote_id: &str) -> LinkWrite {
         remote_deleted: false,
         pushed_hash: "hash".to_owned(),
         snapshot: Some(json!({ "id": remote_id })),
+        snapshot_base: None,
     })
 }
 
@@ -1607,6 +1609,129 @@ async fn postgres_a_new_record_starts_its_links_date_afresh() {
 #[tokio::test]
 async fn sqlite_a_new_record_starts_its_links_date_afresh() {
     a_new_record_starts_its_links_date_afresh(false).await;
+}
+
+/// An update that named its changed fields against the snapshot its claim
+/// read writes its own snapshot only over that one: an event that wrote
+/// the link's snapshot while the push was out (read after the push
+/// landed) decides, and the pushed hash is forgotten (the next update is
+/// sent whole). Written over it, the snapshot put back a field's older
+/// value, and the remote's next edit of that field read as ferry's. A
+/// snapshot nothing moved takes the push's, in a batch and one by one.
+async fn a_push_keeps_a_snapshot_an_event_wrote_meanwhile(postgres: bool, batched: bool) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(postgres, dir.path()).await;
+    let store = open(&url).await;
+    let links = claimed_links(&store, 2).await;
+    let created: Vec<LinkWrite> = links
+        .iter()
+        .enumerate()
+        .map(|(i, link)| {
+            LinkWrite::Outcome(RecordedOutcome::Delivered {
+                operation: "create",
+                version: link.wanted_version,
+                remote_id: format!("cus_{i}"),
+                remote_deleted: false,
+                pushed_hash: "h1".to_owned(),
+                snapshot: Some(json!({"id": format!("cus_{i}"), "name": "Ada",
+                    "email": "ada@example.com", "phone": null, "metadata": {"tier": "gold"}})),
+                snapshot_base: None,
+            })
+        })
+        .collect();
+    let refs: Vec<(&SyncLink, &LinkWrite)> = links.iter().zip(&created).collect();
+    assert_eq!(store.write_links(&refs).await.unwrap(), [true, true]);
+    for link in &links {
+        let id = CustomerId::parse(&link.customer_id).expect("id");
+        let renamed = rename(&store, &id, "Ann").await;
+        store
+            .intake_changes(&[notice(&renamed)], &["stripe".to_owned()])
+            .await
+            .expect("intake");
+    }
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let mut claimed: Vec<SyncLink> = store
+        .claim_due_links(&["stripe".to_owned()], "lease-b", until, 10)
+        .await
+        .expect("claimed")
+        .into_iter()
+        .map(|c| c.link)
+        .collect();
+    claimed.sort_by_key(|l| l.remote_id.clone());
+    assert_eq!(claimed.len(), 2);
+    // The first link's event, applied while its push was out.
+    let moved = json!({"id": "cus_0", "name": "Ada", "phone": "+4930123"});
+    let sql = format!(
+        "UPDATE sync_links SET snapshot = '{moved}', pushed_hash = 'remote' \
+         WHERE customer_id = '{}'",
+        claimed[0].customer_id
+    );
+    crate::helpers::execute_raw(&url, &sql, &[]).await;
+    let pushed: Vec<LinkWrite> = claimed
+        .iter()
+        .map(|link| {
+            LinkWrite::Outcome(RecordedOutcome::Delivered {
+                operation: "update",
+                version: link.wanted_version,
+                remote_id: link.remote_id.clone().unwrap(),
+                remote_deleted: false,
+                pushed_hash: "h2".to_owned(),
+                snapshot: Some(json!({"id": link.remote_id, "name": "Ann"})),
+                snapshot_base: link.snapshot.clone(),
+            })
+        })
+        .collect();
+    let marker = LinkWrite::CreatePending {
+        version: claimed[0].wanted_version,
+        record: json!({}),
+    };
+    let writes: Vec<(&SyncLink, &LinkWrite)> = if batched {
+        claimed.iter().zip(&pushed).collect()
+    } else {
+        // A link's second write in a group goes alone.
+        claimed
+            .iter()
+            .zip(&pushed)
+            .flat_map(|(link, push)| [(link, &marker), (link, push)])
+            .collect()
+    };
+    let applied = store.write_links(&writes).await.expect("written");
+    assert!(applied.iter().all(|a| *a), "{applied:?}");
+    let mut after = Vec::new();
+    for link in &claimed {
+        after.push(
+            store
+                .links_of(&link.customer_id)
+                .await
+                .expect("links")
+                .remove(0),
+        );
+    }
+    assert_eq!(
+        (after[0].snapshot.as_ref(), after[0].pushed_hash.as_deref()),
+        (Some(&moved), None),
+        "the event's snapshot stays"
+    );
+    assert_eq!(
+        (after[1].snapshot.as_ref(), after[1].pushed_hash.as_deref()),
+        (Some(&json!({"id": "cus_1", "name": "Ann"})), Some("h2")),
+        "nothing moved it: the push's"
+    );
+    for link in &after {
+        assert_eq!(link.synced_version, link.wanted_version, "{link:?}");
+    }
+}
+
+#[tokio::test]
+async fn postgres_a_push_keeps_a_snapshot_an_event_wrote_meanwhile() {
+    a_push_keeps_a_snapshot_an_event_wrote_meanwhile(true, true).await;
+    a_push_keeps_a_snapshot_an_event_wrote_meanwhile(true, false).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_push_keeps_a_snapshot_an_event_wrote_meanwhile() {
+    a_push_keeps_a_snapshot_an_event_wrote_meanwhile(false, true).await;
+    a_push_keeps_a_snapshot_an_event_wrote_meanwhile(false, false).await;
 }
 
 /// A claim whose outcome was never written (a crash, a lost lease, a store
