@@ -63,12 +63,12 @@ impl Path {
     }
 
     /// Whether an update that changes `changed` writes this path's field
-    /// (a name part whenever the name changed, the street whenever either
+    /// (a name part whenever `name_changed`, the street whenever either
     /// line did).
-    fn changed_by(&self, changed: &ChangedFields) -> bool {
+    fn changed_by(&self, changed: &ChangedFields, name_changed: bool) -> bool {
         use Path::*;
         match self {
-            Name | FirstName | LastName => changed.field("name"),
+            Name | FirstName | LastName => name_changed,
             Email => changed.field("email"),
             Phone => changed.field("phone"),
             Street => changed.field("address.line1") || changed.field("address.line2"),
@@ -171,12 +171,17 @@ impl FieldMap {
         Ok(map)
     }
 
-    /// The mapped Salesforce fields an update that changes `changed`
-    /// writes ([`Customer::changed_fields`]).
-    pub(crate) fn changed(&self, changed: &ChangedFields) -> Vec<&str> {
+    /// The mapped Salesforce fields an update of `c` that changes
+    /// `changed` writes ([`Customer::changed_fields`]). The name's fields
+    /// whenever the name changed, or the stand-in a nameless customer's
+    /// required name holds (made from the email, [`fallback_name`]): left
+    /// as the old email's, it read back as a name ferry never had, taken
+    /// in and pushed to every other system.
+    pub(crate) fn changed(&self, c: &Customer, changed: &ChangedFields) -> Vec<&str> {
+        let name_changed = changed.field("name") || (c.name.is_none() && changed.field("email"));
         self.entries
             .iter()
-            .filter(|(path, _)| path.changed_by(changed))
+            .filter(|(path, _)| path.changed_by(changed, name_changed))
             .map(|(_, field)| field.as_str())
             .collect()
     }

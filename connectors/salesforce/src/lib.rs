@@ -240,7 +240,7 @@ impl Connector for Salesforce {
                 // someone edited in Salesforce just before the push stays,
                 // and its Outbound Message reaches ferry as an edit.
                 let changed = Customer::changed_fields(&req.record);
-                let sent = config.fields.changed(&changed);
+                let sent = config.fields.changed(&customer, &changed);
                 let mut body = fields.clone();
                 body.retain(|field, _| sent.contains(&field.as_str()));
                 if let Some(field) = &config.external_id_field {
@@ -254,6 +254,12 @@ impl Connector for Salesforce {
                 for (field, value) in kept.into_iter().flatten() {
                     body.remove(&field);
                     fields.insert(field, value);
+                }
+                // Only fields the mapping does not hold changed: nothing
+                // to write (an empty PATCH would still fire the org's
+                // triggers and Outbound Messages).
+                if body.is_empty() {
+                    return Ok(written(&config, id.to_owned(), &fields));
                 }
                 let body = Value::Object(body);
                 config.call(|base, token| {

@@ -335,6 +335,30 @@ async fn an_update_writes_only_what_changed() {
     // The result still names every mapped field, as ferry sent them.
     let record: Value = serde_json::from_str(result.record.as_deref().expect("record")).unwrap();
     assert_eq!(record["name"], "Ada King Lovelace", "{record}");
+
+    // A nameless customer's new email moves the stand-in its required
+    // last name holds: left as the old email's, it read back as a name.
+    let mut nameless = linked(Operation::Update, "003A");
+    nameless.record = json!({"id": "c1", "email": "bob@example.com",
+        "changed_fields": ["email"]})
+    .to_string();
+    kit.push(nameless).await.expect("update");
+    let patch = kit.http().last_request().expect("patch");
+    let body: Value = serde_json::from_str(&patch.body_text()).unwrap();
+    assert_eq!(
+        (&body["Email"], &body["LastName"]),
+        (&json!("bob@example.com"), &json!("bob")),
+        "{body}"
+    );
+
+    // Only a field the mapping does not hold changed: no write at all.
+    let before = kit.http().requests().len();
+    let mut unmapped = linked(Operation::Update, "003A");
+    let mut record: Value = serde_json::from_str(&unmapped.record).unwrap();
+    record["changed_fields"] = json!(["metadata.plan"]);
+    unmapped.record = record.to_string();
+    kit.push(unmapped).await.expect("update");
+    assert_eq!(kit.http().requests().len(), before, "nothing to write");
 }
 
 /// The org's concurrent-request limit clears in seconds (the push's own
