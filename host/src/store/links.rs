@@ -676,6 +676,27 @@ fn kept_detail(created: &str, linked: &str) -> String {
     )
 }
 
+/// Whether link `$t` takes a delivered push's hash and snapshot: no push
+/// was forced over it since its claim read `$repairs`, and its snapshot is
+/// still `$base`, the one the push named its changed fields against (any,
+/// when `$base` is NULL).
+macro_rules! takes_the_push {
+    ($t:literal, $repairs:literal, $base:literal) => {
+        concat!(
+            $t,
+            ".repairs = ",
+            $repairs,
+            " AND (",
+            $base,
+            " IS NULL OR ",
+            $t,
+            ".snapshot = ",
+            $base,
+            ")"
+        )
+    };
+}
+
 /// A delivered push's `synced_version`, `pushed_hash`, `snapshot` and
 /// `state` assignments, for the link `$t` whose `repairs` the claim read as
 /// `$repairs`, the push of `$synced` (the version it settles), `$hash` and
@@ -708,29 +729,13 @@ macro_rules! fenced_by_repairs {
             $synced,
             " END, \
              pushed_hash = CASE WHEN ",
-            $t,
-            ".repairs = ",
-            $repairs,
-            " AND (",
-            $base,
-            " IS NULL OR ",
-            $t,
-            ".snapshot = ",
-            $base,
-            ") THEN ",
+            takes_the_push!($t, $repairs, $base),
+            " THEN ",
             $hash,
             " END, \
              snapshot = CASE WHEN ",
-            $t,
-            ".repairs = ",
-            $repairs,
-            " AND (",
-            $base,
-            " IS NULL OR ",
-            $t,
-            ".snapshot = ",
-            $base,
-            ") THEN ",
+            takes_the_push!($t, $repairs, $base),
+            " THEN ",
             $snapshot,
             " ELSE ",
             $t,

@@ -2114,35 +2114,62 @@ async fn a_run_switched_off_mid_listing_repairs_nothing_until_on(backend: Backen
 /// `customer.deleted` delivered, and skipped: nothing linked it) is not
 /// brought back by a person pulling the finding afterwards.
 async fn an_import_does_not_bring_back_a_record_deleted_since_its_listing(backend: Backend) {
-    let stripe = LocalStripe::start().expect("localstripe");
-    let url = stripe.url();
-    let app = spawn_sync_app(Setup::new(backend, &url)).await;
-    let cy = email("cy");
-    let s_cy = stripe_create(&url, &[("email", &cy), ("name", "Cy Listed")]).await;
-    let report = run_to_end(&app, json!({"connector": "stripe"})).await;
-    expect_counts(&report, &[("missing_local", 1)]);
-    let run = report["id"].as_str().unwrap();
-    let finding = findings(&app.base, run, Some("missing_local"))
-        .await
-        .remove(0);
-    stripe_delete(&url, &s_cy).await;
+    let gone = ListedThenDeleted::new(backend, "cy", "Cy Listed").await;
+    let (app, run, finding) = (&gone.app, gone.run.as_str(), &gone.finding);
+    let (cy, s_cy) = (&gone.email, &gone.remote_id);
     let listed = json!({"id": s_cy, "object": "customer", "email": cy, "name": "Cy Listed",
         "metadata": {}});
     let body = event(
         "evt_cy_deleted",
         "customer.deleted",
-        found_second(&finding) + 1,
+        found_second(finding) + 1,
         listed,
     );
-    let (status, answer) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+    let (status, answer) = deliver(app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
     assert_eq!(status, 200, "{answer}");
-    app.wait_inbox_settled("stripe", &s_cy, 1).await;
-    resolve_and_settle(&app, run, &finding, "merge", &s_cy).await;
+    app.wait_inbox_settled("stripe", s_cy, 1).await;
+    resolve_and_settle(app, run, finding, "merge", s_cy).await;
     assert_eq!(
-        app.customer_by_email(&cy).await,
+        app.customer_by_email(cy).await,
         None,
         "the deleted record came back"
     );
+}
+
+/// A Stripe record a report run found `missing_local` (`finding`), then
+/// deleted at Stripe without a webhook.
+struct ListedThenDeleted {
+    _stripe: LocalStripe,
+    app: SyncApp,
+    email: String,
+    remote_id: String,
+    run: String,
+    finding: Value,
+}
+
+impl ListedThenDeleted {
+    async fn new(backend: Backend, who: &str, name: &str) -> Self {
+        let stripe = LocalStripe::start().expect("localstripe");
+        let url = stripe.url();
+        let app = spawn_sync_app(Setup::new(backend, &url)).await;
+        let address = email(who);
+        let remote_id = stripe_create(&url, &[("email", &address), ("name", name)]).await;
+        let report = run_to_end(&app, json!({"connector": "stripe"})).await;
+        expect_counts(&report, &[("missing_local", 1)]);
+        let run = report["id"].as_str().unwrap().to_owned();
+        let finding = findings(&app.base, &run, Some("missing_local"))
+            .await
+            .remove(0);
+        stripe_delete(&url, &remote_id).await;
+        Self {
+            _stripe: stripe,
+            app,
+            email: address,
+            remote_id,
+            run,
+            finding,
+        }
+    }
 }
 
 /// A record deleted since an old listing, and no delete ever sent (as
@@ -2150,18 +2177,9 @@ async fn an_import_does_not_bring_back_a_record_deleted_since_its_listing(backen
 /// not bring it back. The listed copy was applied as is: a customer made
 /// of a record gone, then pushed to every other system.
 async fn an_old_listing_is_read_again_before_an_import(backend: Backend) {
-    let stripe = LocalStripe::start().expect("localstripe");
-    let url = stripe.url();
-    let app = spawn_sync_app(Setup::new(backend, &url)).await;
-    let dee = email("dee");
-    let s_dee = stripe_create(&url, &[("email", &dee), ("name", "Dee Listed")]).await;
-    let report = run_to_end(&app, json!({"connector": "stripe"})).await;
-    expect_counts(&report, &[("missing_local", 1)]);
-    let run = report["id"].as_str().unwrap();
-    let finding = findings(&app.base, run, Some("missing_local"))
-        .await
-        .remove(0);
-    stripe_delete(&url, &s_dee).await;
+    let gone = ListedThenDeleted::new(backend, "dee", "Dee Listed").await;
+    let (app, run, finding) = (&gone.app, gone.run.as_str(), &gone.finding);
+    let (dee, s_dee) = (&gone.email, &gone.remote_id);
     // Listed an hour ago.
     let sql = format!(
         "UPDATE reconciliation_mismatches SET listed_at_ms = listed_at_ms - 3600000 \
@@ -2169,13 +2187,13 @@ async fn an_old_listing_is_read_again_before_an_import(backend: Backend) {
         finding["id"].as_str().unwrap()
     );
     execute_raw(&app.database_url, &sql, b"").await;
-    resolve_and_settle(&app, run, &finding, "merge", &s_dee).await;
+    resolve_and_settle(app, run, finding, "merge", s_dee).await;
     assert_eq!(
-        app.customer_by_email(&dee).await,
+        app.customer_by_email(dee).await,
         None,
         "the deleted record came back"
     );
-    let events = app.store.inbox_of_remote("stripe", &s_dee).await.unwrap();
+    let events = app.store.inbox_of_remote("stripe", s_dee).await.unwrap();
     assert_eq!(events[0].state.as_str(), "skipped", "{events:?}");
 }
 
