@@ -1176,11 +1176,6 @@ mod tests {
         assert_eq!(key_parts("stripe-eu", &eu).map(|(_, v)| v), Some(3));
     }
 
-    /// A create kept for replay, on a link whose record was deleted
-    /// remotely (`unlink`), of a customer deleted since: the create is
-    /// replayed (its lost answer may have made a record; the customer's
-    /// newer version, its delete, is pushed after it). It was settled as "remote record already deleted", and a
-    /// record the create made stayed for a deleted customer.
     /// Customer `id` at `version`, named Ada.
     fn customer(id: &str, version: i64) -> Customer {
         let now = chrono::Utc::now();
@@ -1226,6 +1221,11 @@ mod tests {
         }
     }
 
+    /// A create kept for replay, on a link whose record was deleted
+    /// remotely (`unlink`), of a customer deleted since: the create is
+    /// replayed (its lost answer may have made a record; the customer's
+    /// newer version, its delete, is pushed after it). It was settled as "remote record already deleted", and a
+    /// record the create made stayed for a deleted customer.
     #[test]
     fn a_kept_create_over_a_deleted_record_is_replayed_for_a_deleted_customer() {
         let id = "cus_0193a5c4a1b27c3d8e9f0a1b2c3d4e5f";
