@@ -638,9 +638,11 @@ impl<'c> Tx<'c> {
             Self::Postgres(tx) => {
                 sqlx::query(concat!(
                     "INSERT INTO sync_links (customer_id, connector, remote_id, remote_deleted, wanted_version, ",
-                    "synced_version, snapshot, state, next_attempt_at_ms, remote_seen_at_ms, correlation_id, updated_at) ",
+                    "synced_version, snapshot, state, next_attempt_at_ms, remote_seen_at_ms, correlation_id, updated_at, ",
+                    "pushed_hash) ",
                     "SELECT u_customer, u_connector, u_remote, u_deleted, u_version, u_synced, u_snapshot::jsonb, ",
-                    "CASE WHEN u_synced < u_version THEN 'pending' ELSE 'synced' END, $9, u_seen, u_correlation, $10 ",
+                    "CASE WHEN u_synced < u_version THEN 'pending' ELSE 'synced' END, $9, u_seen, u_correlation, $10, ",
+                    "CASE WHEN u_snapshot IS NULL THEN NULL ELSE 'remote' END ",
                     "FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::int8[], $6::int8[], $7::text[], ",
                     "$8::int8[], $11::text[]) ",
                     "AS u(u_customer, u_connector, u_remote, u_deleted, u_version, u_synced, u_snapshot, u_seen, u_correlation) ",
@@ -675,10 +677,12 @@ impl<'c> Tx<'c> {
                 ]);
                 sqlx::query(concat!(
                     "INSERT INTO sync_links (customer_id, connector, remote_id, remote_deleted, wanted_version, ",
-                    "synced_version, snapshot, state, next_attempt_at_ms, remote_seen_at_ms, correlation_id, updated_at) ",
+                    "synced_version, snapshot, state, next_attempt_at_ms, remote_seen_at_ms, correlation_id, updated_at, ",
+                    "pushed_hash) ",
                     "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, ",
                     "CASE WHEN value ->> 5 < value ->> 4 THEN 'pending' ELSE 'synced' END, ",
-                    "$2, value ->> 7, value ->> 8, $3 FROM json_each($1) WHERE true ",
+                    "$2, value ->> 7, value ->> 8, $3, ",
+                    "CASE WHEN value ->> 6 IS NULL THEN NULL ELSE 'remote' END FROM json_each($1) WHERE true ",
                     link_upsert_on_conflict!()
                 ))
                 .bind(rows)

@@ -337,7 +337,9 @@ pub enum Applied {
 /// push's content is pushed, not skipped as unchanged. It leaves `remote`
 /// in its place (no hash matches it), which still says the last push was
 /// delivered: the snapshot is the remote's state, and the next update may
-/// name only the fields it changes. A hash already forgotten (a push whose
+/// name only the fields it changes. A link an event inserts with a
+/// snapshot starts so too (no push of ferry's is out on a link that did
+/// not exist). A hash already forgotten (a push whose
 /// outcome is unknown, a timeout's) stays so: that push may land yet. A link that holds
 /// another live record of the connector is left alone (no row written):
 /// the change decides again (see [`InboundChange::releases`]). A link
@@ -837,9 +839,11 @@ impl Store {
                 let synced = if change.remote_has_result { version } else { 0 };
                 let linked = sqlx::query(concat!(
                     "INSERT INTO sync_links (customer_id, connector, remote_id, remote_deleted, wanted_version, \
-                     synced_version, snapshot, state, next_attempt_at_ms, remote_seen_at_ms, correlation_id, updated_at) \
+                     synced_version, snapshot, state, next_attempt_at_ms, remote_seen_at_ms, correlation_id, updated_at, \
+                     pushed_hash) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, \
-                     CASE WHEN $6 < $5 THEN 'pending' ELSE 'synced' END, $8, $9, $10, $11) ",
+                     CASE WHEN $6 < $5 THEN 'pending' ELSE 'synced' END, $8, $9, $10, $11, \
+                     CASE WHEN $7 IS NULL THEN NULL ELSE 'remote' END) ",
                     link_upsert_on_conflict!()
                 ))
                 .bind(link_customer.as_str())

@@ -1424,11 +1424,27 @@ async fn metadata_removed_in_ferry_and_added_in_stripe_both_arrive(backend: Back
 /// brings it to ferry. The push sent the whole record: the phone was
 /// unset at Stripe, and the event, read again, was taken for the push's
 /// echo; lost on both sides.
-async fn a_field_changed_in_stripe_just_before_a_push_stays(backend: Backend) {
+/// `imported`: the customer came from Stripe (its link made by the
+/// event), not from ferry: its first update names what it changes too.
+async fn a_field_changed_in_stripe_just_before_a_push_stays(backend: Backend, imported: bool) {
     let stripe = LocalStripe::start().expect("localstripe");
     let app = spawn_sync_app(Setup::new(backend, &stripe.url())).await;
     let address = email("before-push");
-    let (id, s1) = synced(&app, json!({"email": address, "name": "Ann"})).await;
+    let (id, s1) = if imported {
+        let s1 = stripe_create(&stripe.url(), &[("email", &address), ("name", "Ann")]).await;
+        let body = event(
+            "evt_imported",
+            "customer.created",
+            chrono::Utc::now().timestamp() - 5,
+            json!({"id": s1, "object": "customer", "email": address, "name": "Ann",
+                "metadata": {}}),
+        );
+        delivered_and_applied(&app, &body, &s1).await;
+        let customer = app.wait_customer_by_email(&address).await;
+        (customer["id"].as_str().unwrap().to_owned(), s1)
+    } else {
+        synced(&app, json!({"email": address, "name": "Ann"})).await
+    };
 
     let phone_at = chrono::Utc::now().timestamp();
     stripe_write(
@@ -2344,7 +2360,12 @@ mod sqlite {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_field_changed_in_stripe_just_before_a_push_stays() {
-        super::a_field_changed_in_stripe_just_before_a_push_stays(Backend::Sqlite).await;
+        super::a_field_changed_in_stripe_just_before_a_push_stays(Backend::Sqlite, false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_field_changed_in_stripe_just_before_a_first_push_stays() {
+        super::a_field_changed_in_stripe_just_before_a_push_stays(Backend::Sqlite, true).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2438,7 +2459,12 @@ mod postgres {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_field_changed_in_stripe_just_before_a_push_stays() {
-        super::a_field_changed_in_stripe_just_before_a_push_stays(Backend::Postgres).await;
+        super::a_field_changed_in_stripe_just_before_a_push_stays(Backend::Postgres, false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_field_changed_in_stripe_just_before_a_first_push_stays() {
+        super::a_field_changed_in_stripe_just_before_a_push_stays(Backend::Postgres, true).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
