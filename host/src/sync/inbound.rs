@@ -76,9 +76,11 @@ const HOLD_BACK_POLL: Duration = Duration::from_millis(20);
 const ECHO_WINDOW_MS: i64 = 2_000;
 /// How old a reconciliation's listed copy of a record no customer links
 /// may be and still be applied as listed; an older one is read again.
-/// Younger, a run's imports cost no read each (a backfill of a million
-/// records would make a million).
-const LISTED_COPY_FRESH_MS: i64 = 10 * 60 * 1_000;
+/// Younger, a run's imports cost no read each: a backfill of a million
+/// records would make a million, and one lists, classifies and repairs
+/// within the hour (a finding pulled by hand days later is what this is
+/// for).
+const LISTED_COPY_FRESH_MS: i64 = 60 * 60 * 1_000;
 /// An upsert dated in whole seconds (Stripe's `created`) behind the
 /// record's last applied change by less than this is read again, not
 /// skipped as stale: a thin event applied before it was dated on arrival,
