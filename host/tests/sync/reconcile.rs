@@ -2196,9 +2196,9 @@ async fn an_old_listing_is_read_again_before_an_import(backend: Backend) {
     let gone = ListedThenDeleted::new(backend, "dee", "Dee Listed").await;
     let (app, run, finding) = (&gone.app, gone.run.as_str(), &gone.finding);
     let (dee, s_dee) = (&gone.email, &gone.remote_id);
-    // Listed an hour ago.
+    // Listed two hours ago.
     let sql = format!(
-        "UPDATE reconciliation_mismatches SET listed_at_ms = listed_at_ms - 3600000 \
+        "UPDATE reconciliation_mismatches SET listed_at_ms = listed_at_ms - 7200000 \
          WHERE id = '{}' AND $1 IS NOT NULL",
         finding["id"].as_str().unwrap()
     );
