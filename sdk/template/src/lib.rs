@@ -9,8 +9,9 @@
 
 use ferry_sdk::http::{path_segment, Request, Response};
 use ferry_sdk::{
-    settings, webhook, ChangeKind, Connector, ConnectorError, Customer, Event, Manifest, Operation,
-    Page, ParsedWebhook, PushRequest, PushResult, RemoteRecord, WebhookRequest,
+    settings, webhook, ChangeKind, ChangedFields, Connector, ConnectorError, Customer, Event,
+    Manifest, Operation, Page, ParsedWebhook, PushRequest, PushResult, RemoteRecord,
+    WebhookRequest,
 };
 use serde::{Deserialize, Serialize};
 
@@ -60,15 +61,23 @@ impl Connector for Example {
             Operation::Create => send(
                 Request::post(format!("{}/v1/contacts", api_base()))
                     .header("idempotency-key", &req.idempotency_key)
-                    .json(&contact_body(&customer, &req.local_id))?,
+                    .json(&contact_body(
+                        &customer,
+                        &req.local_id,
+                        &ChangedFields::default(),
+                    ))?,
             )?
             .json()?,
+            // Only what ferry changed since the last sync: a field someone
+            // just edited in the CRM is not written over.
             Operation::Update => {
                 let id = req.linked_remote_id("Example CRM")?;
-                send(
-                    Request::patch(contact_url(id))
-                        .json(&contact_body(&customer, &req.local_id))?,
-                )?
+                let changed = Customer::changed_fields(&req.record);
+                send(Request::patch(contact_url(id)).json(&contact_body(
+                    &customer,
+                    &req.local_id,
+                    &changed,
+                ))?)?
                 .json()?
             }
             Operation::Delete => {
@@ -173,12 +182,16 @@ struct Contact {
     phone: Option<String>,
 }
 
-/// What a create or update sends.
+/// What a create or update sends: each field left out when not to be
+/// written, `null` to clear it.
 #[derive(Debug, Serialize)]
 struct ContactBody<'a> {
-    name: Option<&'a str>,
-    email: Option<&'a str>,
-    phone: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<Option<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<Option<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    phone: Option<Option<&'a str>>,
     /// ferry's id of the customer, so the contact can be traced back.
     external_id: &'a str,
 }
@@ -202,11 +215,18 @@ struct WebhookEvent {
 }
 
 /// ferry's canonical customer as the API's contact body.
-fn contact_body<'a>(customer: &'a Customer, local_id: &'a str) -> ContactBody<'a> {
+/// The fields `changed` names (every one for a create).
+fn contact_body<'a>(
+    customer: &'a Customer,
+    local_id: &'a str,
+    changed: &ChangedFields,
+) -> ContactBody<'a> {
+    let field =
+        |name: &str, value: &'a Option<String>| changed.field(name).then_some(value.as_deref());
     ContactBody {
-        name: customer.name.as_deref(),
-        email: customer.email.as_deref(),
-        phone: customer.phone.as_deref(),
+        name: field("name", &customer.name),
+        email: field("email", &customer.email),
+        phone: field("phone", &customer.phone),
         external_id: local_id,
     }
 }

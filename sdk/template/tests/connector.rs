@@ -123,6 +123,20 @@ async fn updates_and_deletes_go_to_the_linked_contact() {
     update.operation = Operation::Update;
     update.remote_id = Some("ct_1".into());
     assert_eq!(kit.push(update.clone()).await.unwrap().remote_id, "ct_1");
+    // An update that names what changed since the last sync sends only
+    // that: a name someone just edited in the CRM is not written over.
+    let mut changed = update.clone();
+    let mut record: serde_json::Value = serde_json::from_str(&changed.record).unwrap();
+    record["changed_fields"] = json!(["phone"]);
+    changed.record = record.to_string();
+    kit.push(changed).await.unwrap();
+    let patch = kit.http().last_request().expect("patch");
+    let body: serde_json::Value = serde_json::from_str(&patch.body_text()).unwrap();
+    assert!(
+        body.get("name").is_none() && body.get("email").is_none(),
+        "{body}"
+    );
+    assert!(body.get("phone").is_some(), "{body}");
     update.operation = Operation::Delete;
     assert_eq!(kit.push(update).await.unwrap().remote_id, "ct_1");
     let methods: Vec<String> = kit
@@ -131,7 +145,7 @@ async fn updates_and_deletes_go_to_the_linked_contact() {
         .into_iter()
         .map(|r| r.method)
         .collect();
-    assert_eq!(methods, ["PATCH", "DELETE"]);
+    assert_eq!(methods, ["PATCH", "PATCH", "DELETE"]);
 }
 
 #[tokio::test]
