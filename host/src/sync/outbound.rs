@@ -183,16 +183,16 @@ struct Plan {
     /// hash, an update's without its [`CHANGED_FIELDS`] (which follow the
     /// snapshot, not the content).
     content_hash: String,
-    /// Whether the record names its [`CHANGED_FIELDS`] (against the
-    /// link's snapshot as the claim read it).
-    names_changes: bool,
+    /// The [`CHANGED_FIELDS`] the record names, when it names them
+    /// (against the link's snapshot as the claim read it).
+    changed: Option<Vec<String>>,
 }
 
 impl Plan {
     fn new(operation: Operation, version: i64, record: String, key: String) -> Self {
         Self {
             content_hash: hash(&record),
-            names_changes: false,
+            changed: None,
             operation,
             version,
             record,
@@ -283,8 +283,10 @@ fn plan(
     // what it sent, not the snapshot, and a field changed back to the
     // snapshot's value would not be sent. Nor after a forced push, which
     // makes the remote equal to ferry's record, or a resolution.
-    let names_changes =
-        link.pushed_hash.is_some() && name_changed_fields(&mut update, link.snapshot.as_ref());
+    let changed = link
+        .pushed_hash
+        .as_ref()
+        .and_then(|_| name_changed_fields(&mut update, link.snapshot.as_ref()));
     let record = update.to_string();
     // The request differs with the snapshot it was planned against (its
     // changed fields), not only with the version: a retry after the
@@ -299,7 +301,7 @@ fn plan(
         record,
         key,
         content_hash,
-        names_changes,
+        changed,
     }))
 }
 
@@ -331,7 +333,7 @@ fn snapshot_after(
         );
     }
     match record {
-        Some(record) => Some(agreed_state(record, &plan.record, previous)),
+        Some(record) => Some(agreed_state(record, plan, previous)),
         None if plan.operation != Operation::Delete => {
             serde_json::from_str::<serde_json::Value>(&plan.record)
                 .ok()
@@ -441,22 +443,20 @@ pub const CHANGED_FIELDS: &str = "changed_fields";
 /// after the push, was taken for its echo (lost on both sides). Named only
 /// against a snapshot the remote answered: an assumed one holds what ferry
 /// pushed, which the remote may not keep.
+/// The names added, if they were.
 fn name_changed_fields(
     record: &mut serde_json::Value,
     snapshot: Option<&serde_json::Value>,
-) -> bool {
-    let Some(snapshot) = snapshot.filter(|s| !super::merge::is_assumed(s)) else {
-        return false;
-    };
+) -> Option<Vec<String>> {
+    let snapshot = snapshot.filter(|s| !super::merge::is_assumed(s))?;
     let changed = super::merge::differing_fields(record, snapshot);
-    let Some(fields) = record.as_object_mut() else {
-        return false;
-    };
-    fields.insert(CHANGED_FIELDS.to_owned(), changed.into());
-    true
+    record
+        .as_object_mut()?
+        .insert(CHANGED_FIELDS.to_owned(), changed.clone().into());
+    Some(changed)
 }
 
-/// The remote's state after a push of `pushed` that answered `returned`:
+/// The remote's state after a push of `plan` that answered `returned`:
 /// the fields the push named as changed as the remote answered them, the
 /// others as the `previous` snapshot held them. A field the push left
 /// alone that the answer holds otherwise is another system's edit (made
@@ -467,25 +467,16 @@ fn name_changed_fields(
 /// push did not name ([`agreed_metadata`]).
 fn agreed_state(
     mut returned: serde_json::Value,
-    pushed: &str,
+    plan: &Plan,
     previous: Option<&serde_json::Value>,
 ) -> serde_json::Value {
-    let changed = serde_json::from_str::<serde_json::Value>(pushed)
-        .ok()
-        .and_then(|p| p.get(CHANGED_FIELDS).cloned());
-    match (
-        changed.as_ref().and_then(serde_json::Value::as_array),
-        previous,
-    ) {
+    match (&plan.changed, previous) {
         (Some(changed), Some(previous)) => {
-            let changed: Vec<&str> = changed
-                .iter()
-                .filter_map(serde_json::Value::as_str)
-                .collect();
+            let changed: Vec<&str> = changed.iter().map(String::as_str).collect();
             super::merge::overlay(&returned, previous, &changed)
         }
         _ => {
-            agreed_metadata(&mut returned, pushed);
+            agreed_metadata(&mut returned, &plan.record);
             returned
         }
     }
@@ -873,7 +864,7 @@ impl SyncEngine {
                         remote_deleted: plan.operation == Operation::Delete,
                         pushed_hash,
                         snapshot,
-                        snapshot_base: link.snapshot.clone().filter(|_| plan.names_changes),
+                        snapshot_base: link.snapshot.clone().filter(|_| plan.changed.is_some()),
                     },
                     Outcome::Delivered {
                         operation: operation.to_owned(),
@@ -1341,7 +1332,10 @@ mod tests {
 
         // The answer holds a name and a metadata key someone set there
         // just before the push, and an address line: not ferry's changes.
-        let plan = Plan::new(Operation::Update, 2, update.to_string(), "k".to_owned());
+        let plan = Plan {
+            changed: name_changed_fields(&mut update, Some(&snapshot)),
+            ..Plan::new(Operation::Update, 2, update.to_string(), "k".to_owned())
+        };
         let returned = r#"{"id":"cus_1","name":"Ann","email":"ada@example.com","phone":"+4930123",
             "address":{"city":"Lyon","line1":"2 Rue"},"metadata":{"plan":"pro","vip":"yes"}}"#;
         assert_eq!(

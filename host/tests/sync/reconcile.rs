@@ -150,6 +150,13 @@ where
     }
 }
 
+/// `POST /api/v1/connectors/stripe/{action}` (`disable`, `enable`,
+/// `enable?backfill=true`): its status and body.
+async fn switch_stripe(app: &SyncApp, action: &str) -> (u16, Value) {
+    let path = format!("/api/v1/connectors/stripe/{action}");
+    app.send(reqwest::Method::POST, &path, None).await
+}
+
 /// Stripe configured through the API (its first enable), for a ferry that
 /// ran without it.
 async fn configure_stripe(app: &SyncApp, stripe_url: &str) -> Value {
@@ -176,13 +183,7 @@ async fn creates_that_waited_for_the_switch_wait_for_its_backfill(backend: Backe
     setup.stripe_url = None;
     let app = spawn_sync_app(setup).await;
     configure_stripe(&app, &url).await;
-    let (status, _) = app
-        .send(
-            reqwest::Method::POST,
-            "/api/v1/connectors/stripe/disable",
-            None,
-        )
-        .await;
+    let (status, _) = switch_stripe(&app, "disable").await;
     assert_eq!(status, 200);
     let emails: Vec<String> = (0..8).map(|n| email(&format!("switch-{n}"))).collect();
     for address in &emails {
@@ -196,13 +197,7 @@ async fn creates_that_waited_for_the_switch_wait_for_its_backfill(backend: Backe
         .await;
     }
 
-    let (status, connector) = app
-        .send(
-            reqwest::Method::POST,
-            "/api/v1/connectors/stripe/enable?backfill=true",
-            None,
-        )
-        .await;
+    let (status, connector) = switch_stripe(&app, "enable?backfill=true").await;
     assert_eq!(status, 200, "{connector}");
     let run = connector["last_reconciliation"]["id"].as_str().unwrap();
     assert_eq!(wait_run(&app.base, run).await["status"], "completed");
@@ -2071,13 +2066,7 @@ async fn a_run_switched_off_mid_listing_repairs_nothing_until_on(backend: Backen
         !proxy.requests_to("GET", "/v1/customers").is_empty()
     })
     .await;
-    let (status, _) = app
-        .send(
-            reqwest::Method::POST,
-            "/api/v1/connectors/stripe/disable",
-            None,
-        )
-        .await;
+    let (status, _) = switch_stripe(&app, "disable").await;
     assert_eq!(status, 200);
     eventually("the run reached its repairs", || async {
         let run = get_run(&app.base, id).await;
@@ -2096,13 +2085,7 @@ async fn a_run_switched_off_mid_listing_repairs_nothing_until_on(backend: Backen
 
     // Switching on with a backfill while this run goes: refused before the
     // switch, which stays off (it was switched on and answered 409).
-    let (status, problem) = app
-        .send(
-            reqwest::Method::POST,
-            "/api/v1/connectors/stripe/enable?backfill=true",
-            None,
-        )
-        .await;
+    let (status, problem) = switch_stripe(&app, "enable?backfill=true").await;
     assert_eq!(
         (status, problem["code"].as_str()),
         (409, Some("reconciliation_running")),
@@ -2113,13 +2096,7 @@ async fn a_run_switched_off_mid_listing_repairs_nothing_until_on(backend: Backen
         .await;
     assert_eq!(connector["enabled"], false, "{connector}");
 
-    let (status, _) = app
-        .send(
-            reqwest::Method::POST,
-            "/api/v1/connectors/stripe/enable",
-            None,
-        )
-        .await;
+    let (status, _) = switch_stripe(&app, "enable").await;
     assert_eq!(status, 200);
     let run = wait_run(&app.base, id).await;
     assert_eq!(run["status"], "completed", "{run:#}");
