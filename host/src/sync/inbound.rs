@@ -1061,7 +1061,11 @@ impl SyncEngine {
         // sides made), and nothing waits for a person or an owner's value.
         // (A remote-won conflict was pushed back to its source, identical:
         // an update racing the remote's next edit, for nothing.)
-        let remote_has_result = merged.overridden.is_empty()
+        // A first sync keeps ferry's values of the fields the remote left
+        // empty; the remote gets them by a push of those fields.
+        let fills_gaps = base.is_none() && fills_gaps(event, &merged, &remote_seen);
+        let remote_has_result = !fills_gaps
+            && merged.overridden.is_empty()
             && conflict.as_ref().is_none_or(|c| !c.open)
             && (merged.local_changed.is_empty() || {
                 let differing = super::merge::differing_fields(&merged.merged, &remote_seen);
@@ -1095,13 +1099,16 @@ impl SyncEngine {
         let lags = event.remote_type == RECONCILIATION
             && !compare(&merged.merged, &remote_seen, base.as_ref()).is_empty();
         let push_back = (matches!(change, CustomerWrite::None)
-            && (merged.remote_needs_push() || lags))
+            && (merged.remote_needs_push() || lags || fills_gaps))
             .then_some(customer.version);
         let detail = match (&change, base.is_none(), &conflict) {
             (_, _, Some(_)) => format!(
                 "merged with {} conflicting field(s)",
                 merged.conflicts.len().max(1)
             ),
+            (CustomerWrite::None, true, None) if fills_gaps => {
+                "linked to the customer with the same email; pushing the values it lacks".to_owned()
+            }
             (CustomerWrite::None, true, None) => {
                 "linked to the customer with the same email".to_owned()
             }
@@ -1273,7 +1280,9 @@ impl SyncEngine {
         } else {
             CustomerWrite::None
         };
-        let push_back = (matches!(change, CustomerWrite::None) && merged.remote_needs_push())
+        let fills_gaps = fills_gaps(event, &merged, &remote);
+        let push_back = (matches!(change, CustomerWrite::None)
+            && (merged.remote_needs_push() || fills_gaps))
             .then_some(customer.version);
         // The fields both sides set differently are recorded as on any
         // merge; under the `flag` policy they wait for a person (before,
@@ -1292,7 +1301,9 @@ impl SyncEngine {
             releases: relink.replaces,
             link_remote: true,
             snapshot: Some(remote),
-            remote_has_result: !merged.remote_needs_push() && !merged.has_pending_conflicts(),
+            remote_has_result: !merged.remote_needs_push()
+                && !merged.has_pending_conflicts()
+                && !fills_gaps,
             push_back,
             detail: Some(detail.to_owned()),
             conflict,
@@ -1773,6 +1784,20 @@ pub enum DuplicateEmail {
     /// Keep both: the incoming email is rewritten to
     /// `local+dup-CONNECTOR-REMOTEID@domain` locally.
     AutoRename,
+}
+
+/// Whether a first sync of `event` (no snapshot) pushes ferry's values of
+/// the fields `remote` leaves empty, which the merge kept: both sides then
+/// hold the union. Not for a `pull_remote` repair's event, which makes ferry
+/// match the remote and writes nothing there.
+fn fills_gaps(
+    event: &InboxEvent,
+    merged: &super::merge::Merge,
+    remote: &serde_json::Value,
+) -> bool {
+    let pulls =
+        event.remote_type == RECONCILIATION && event.policy.as_deref() == Some("prefer_remote");
+    !pulls && merged.fills_remote_gaps(remote)
 }
 
 /// A policy's name as stored with a conflict.

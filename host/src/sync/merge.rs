@@ -260,6 +260,17 @@ impl Merge {
                 .any(|c| c.resolution == Resolution::Local)
     }
 
+    /// Whether the merged record sets a field `remote` does not: on a first
+    /// sync (no base), ferry's value of a field the remote left empty,
+    /// which the merge keeps and only a push brings there.
+    pub fn fills_remote_gaps(&self, remote: &Value) -> bool {
+        let remote = Fields::of(remote);
+        Fields::of(&self.merged)
+            .0
+            .keys()
+            .any(|field| remote.get(field).is_none())
+    }
+
     /// Whether a flagged conflict waits for a person.
     pub fn has_pending_conflicts(&self) -> bool {
         self.conflicts
@@ -740,6 +751,30 @@ mod tests {
             assert!(merge.conflicts.is_empty());
             assert!(!merge.changes_local(&base));
             assert!(!merge.has_pending_conflicts());
+        }
+    }
+
+    /// A first sync keeps ferry's phone where the remote has none, and
+    /// takes the remote's city where ferry has none: the remote still lacks
+    /// the phone (a push must bring it), not the city.
+    #[test]
+    fn a_first_sync_fills_gaps_both_ways() {
+        let local = with(
+            &with(&customer(), "address.city", Value::Null),
+            "id",
+            json!("cus_local"),
+        );
+        let remote = with(
+            &with(&customer(), "phone", Value::Null),
+            "id",
+            json!("cus_remote"),
+        );
+        for policy in ALL {
+            let merge = run(None, &local, &remote, policy);
+            assert_eq!(merge.merged, customer(), "{policy:?}");
+            assert!(merge.conflicts.is_empty());
+            assert!(merge.fills_remote_gaps(&remote), "{policy:?}");
+            assert!(!merge.fills_remote_gaps(&merge.merged));
         }
     }
 

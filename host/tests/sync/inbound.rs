@@ -408,7 +408,9 @@ async fn two_loops_on_the_events_of_new_records(
 }
 
 /// A Stripe customer whose email a local customer already has is linked
-/// to it, not duplicated.
+/// to it, not duplicated; the city only Stripe had reaches ferry, and the
+/// phone only ferry had reaches Stripe (a first sync's union goes both
+/// ways), alone: nothing else is written there.
 async fn remote_customer_matches_local_email(backend: Backend) {
     let stripe = LocalStripe::start().expect("localstripe");
     let mut setup = Setup::new(backend, &stripe.url());
@@ -446,21 +448,35 @@ async fn remote_customer_matches_local_email(backend: Backend) {
         )
         .await;
     assert_eq!(status, 200);
+    let upper = address.to_uppercase();
+    let created = stripe_py(
+        &stripe.url(),
+        &format!("c = stripe.Customer.create(email='{upper}', name='Local Name', address={{'city': 'Leeds'}})\nprint(str(c))"),
+    );
+    let remote_id = created["id"].as_str().unwrap().to_owned();
     let body = event(
         "evt_match",
         "customer.created",
         chrono::Utc::now().timestamp(),
-        stripe_customer_json("cus_match", &address.to_uppercase(), "Remote Name"),
+        created,
     );
     let (status, _) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
     assert_eq!(status, 200);
     let id = local["id"].as_str().unwrap();
     let link = app
         .wait_link(id, Duration::from_secs(10), |l| {
-            l["remote_id"] == "cus_match"
+            l["remote_id"] == remote_id.as_str() && l["state"] == "synced"
         })
         .await;
-    assert_eq!(link["remote_id"], "cus_match");
+    assert_eq!(link["remote_id"], remote_id.as_str());
+    let read = format!("print(str(stripe.Customer.retrieve('{remote_id}')))");
+    let at_stripe = stripe_py(&stripe.url(), &read);
+    assert_eq!(at_stripe["phone"], "+15550001111", "ferry's phone pushed");
+    assert_eq!(at_stripe["address"]["city"], "Leeds");
+    assert_eq!(at_stripe["email"], upper, "only the phone was sent");
+    let customer = app.customer_by_email(&address).await.expect("customer");
+    assert_eq!(customer["address"]["city"], "Leeds");
+    assert_eq!(customer["phone"], "+15550001111");
     let (_, page) = app
         .send(
             reqwest::Method::GET,
@@ -1032,6 +1048,11 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn verified_deduplicated_ordered() {
         deliveries_are_verified_deduplicated_and_ordered(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn email_match() {
+        remote_customer_matches_local_email(Backend::Postgres).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
