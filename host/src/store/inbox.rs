@@ -917,14 +917,23 @@ impl Store {
                 .await?;
                 if conflict.open {
                     // Held until a person resolves it: no push, no apply.
-                    sqlx::query(
-                        "UPDATE sync_links SET held_by = $1 WHERE customer_id = $2 AND connector = $3",
+                    // A link another conflict took since the decision read
+                    // it free (a duplicate email flagged on the owner's
+                    // link, which the change read no further) keeps that
+                    // hold: its resolution would otherwise release this
+                    // one's. The change is decided again, and waits.
+                    let held = sqlx::query(
+                        "UPDATE sync_links SET held_by = $1 WHERE customer_id = $2 AND connector = $3 \
+                         AND held_by IS NULL",
                     )
                     .bind(&conflict_id)
                     .bind(link_customer.as_ref().map(|c| c.as_str()).unwrap_or_default())
                     .bind(&event.connector)
                     .execute(&mut *tx)
                     .await?;
+                    if held.rows_affected() == 0 {
+                        return Ok(Applied::Raced);
+                    }
                 }
             }
             let updated = sqlx::query(

@@ -690,6 +690,33 @@ async fn a_change_decided_before_a_hold_decides_again(postgres: bool) {
     assert!(matches!(results[0], Ok(Applied::Raced)), "{results:?}");
     let unchanged = store.get_customer(&first.id).await.expect("first");
     assert_eq!(unchanged.name.as_deref(), Some("First"));
+
+    // A second record with the customer's email, flagged on the owner's
+    // link by a decision that read it free: it would take the first
+    // conflict's hold (whose resolution then released the link while this
+    // one waited). It decides again instead, and the first hold stays.
+    let holder = store.links_of(first.id.as_str()).await.expect("links")[0]
+        .held_by
+        .clone();
+    let other = format!("cus_tick_other_{postgres}");
+    let dup = claim_later(&store, &[(format!("evt_dup_{postgres}"), &other)]).await;
+    let duplicate = InboundChange {
+        conflict: Some(NewConflict {
+            policy: "duplicate_email".into(),
+            fields: json!([]),
+            open: true,
+        }),
+        link_remote: false,
+        ..change(&dup[0], CustomerWrite::None, Some(&first.id))
+    };
+    let results = store
+        .apply_inbound_many(&[duplicate])
+        .await
+        .expect("applied");
+    assert!(matches!(results[0], Ok(Applied::Raced)), "{results:?}");
+    let links = store.links_of(first.id.as_str()).await.expect("links");
+    assert!(holder.is_some());
+    assert_eq!(links[0].held_by, holder, "the first conflict's hold");
 }
 
 #[tokio::test]
