@@ -740,6 +740,13 @@ impl Registry {
                 entities,
             );
         }
+        if let Err(reason) = same_manifest(connector.manifest(), &meta.manifest) {
+            tracing::error!(connector = %row.name, version = %version, %reason, "connector version not loaded");
+            return keep(
+                format!("version {version} failed to load: {reason}"),
+                entities,
+            );
+        }
         tracing::info!(
             connector = %row.name,
             version = %meta.version,
@@ -1008,6 +1015,10 @@ impl Registry {
             .load(&bytes)
             .await
             .map_err(RegistryError::Invalid)?;
+        if let Some(meta) = self.inner.store.connector_version(name, version).await? {
+            same_manifest(connector.manifest(), &meta.manifest)
+                .map_err(|reason| RegistryError::Invalid(LoadError::InvalidManifest(reason)))?;
+        }
         self.check_keeps_customers(&connector).await?;
         self.stage(&connector);
         if !self
@@ -1324,6 +1335,30 @@ fn manifest_entities(manifest: &serde_json::Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Whether `loaded`, the manifest a component gave when loaded again, is
+/// the one stored with its bytes (what the upload showed, and what the
+/// operator saw): every field stored holds the same value (a field a later
+/// ferry adds is not compared). A guest whose manifest changes by itself
+/// would otherwise reach hosts, and name secrets, nobody was shown.
+fn same_manifest(loaded: &Manifest, stored: &serde_json::Value) -> Result<(), String> {
+    let loaded = manifest_json(loaded);
+    let Some(stored) = stored.as_object() else {
+        return Ok(());
+    };
+    let differ: Vec<&str> = stored
+        .iter()
+        .filter(|(field, value)| loaded.get(field.as_str()) != Some(*value))
+        .map(|(field, _)| field.as_str())
+        .collect();
+    match differ.is_empty() {
+        true => Ok(()),
+        false => Err(format!(
+            "its manifest is not the one stored with it ({} differ)",
+            differ.join(", ")
+        )),
+    }
 }
 
 fn manifest_json(manifest: &Manifest) -> serde_json::Value {

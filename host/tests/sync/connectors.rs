@@ -1055,6 +1055,59 @@ async fn a_version_that_fails_to_load_keeps_its_changes(backend: Backend) {
     .await;
 }
 
+/// A component whose manifest, read again at a later load, is not the one
+/// stored with it (what the upload showed the operator: here its hosts)
+/// is not loaded, at a start or by an activation: it would reach hosts
+/// nobody was shown.
+async fn a_manifest_unlike_the_stored_one_is_not_loaded(backend: Backend) {
+    let dir = tempfile::tempdir().expect("dir");
+    let database_url = new_database(backend, dir.path()).await;
+    let remote = RecorderRemote::start().await;
+    let mut first = setup(backend);
+    first.database_url = Some(database_url.clone());
+    let app = spawn_sync_app(first).await;
+    install_recorder(&app, &remote).await;
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    let version = connector["active_version"]
+        .as_str()
+        .expect("version")
+        .to_owned();
+    app.stop().await;
+
+    let other_hosts = match backend {
+        Backend::Sqlite => {
+            "UPDATE connector_versions SET manifest = json_set(manifest, '$.hosts', \
+             json('[\"stored.example\"]')) WHERE name = 'recorder'"
+        }
+        Backend::Postgres => {
+            "UPDATE connector_versions SET manifest = jsonb_set(manifest, '{hosts}', \
+             '[\"stored.example\"]'::jsonb) WHERE name = 'recorder'"
+        }
+    };
+    execute_raw(&database_url, other_hosts, b"").await;
+    let mut again = setup(backend);
+    again.database_url = Some(database_url.clone());
+    let app = spawn_sync_app(again).await;
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert!(
+        connector["load_problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("not the one stored with it (hosts differ)")),
+        "{connector:#}"
+    );
+    let (status, problem) = post(
+        &app,
+        "/api/v1/connectors/recorder/activate",
+        Some(json!({"version": version})),
+    )
+    .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (422, Some("invalid_manifest")),
+        "{problem:#}"
+    );
+}
+
 /// Another replica queued a push for the recorder before this one saw it
 /// configured (its settings came from that replica's environment, or this
 /// replica's view lags an enable). The push waits for the connector to be
@@ -2265,6 +2318,11 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_changed_manifest_is_not_loaded() {
+        a_manifest_unlike_the_stored_one_is_not_loaded(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn push_waits_for_enable() {
         a_push_queued_before_the_enable_waits_for_it(Backend::Sqlite).await;
     }
@@ -2356,6 +2414,11 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn failed_load_keeps_changes() {
         a_version_that_fails_to_load_keeps_its_changes(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_changed_manifest_is_not_loaded() {
+        a_manifest_unlike_the_stored_one_is_not_loaded(Backend::Postgres).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
