@@ -7,6 +7,7 @@
 //! total), the response size cap, the call's own deadline, and a per-connector
 //! token bucket.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -129,7 +130,14 @@ impl CallState {
             }
             let value = if policy::has_placeholder(value.as_bytes()) {
                 let bytes =
-                    policy::substitute_secrets(value.as_bytes(), &secret_names, self.secrets())?;
+                    // Always replaced: a connector puts no record data in
+                    // a header (its credentials go there).
+                    policy::substitute_secrets(
+                        value.as_bytes(),
+                        &secret_names,
+                        self.secrets(),
+                        &BTreeSet::new(),
+                    )?;
                 // Secret values are ASCII tokens in practice; anything else
                 // cannot go into a header and is refused without echoing it.
                 String::from_utf8(bytes).map_err(|_| {
@@ -165,6 +173,7 @@ impl CallState {
                 &body,
                 &secret_names,
                 self.secrets(),
+                &self.data_placeholders,
             )?),
             other => other,
         };
@@ -260,18 +269,19 @@ impl Host for CallState {
         let mut body = response.body;
         // A remote that echoes a credential must not hand it to the connector.
         self.redact(&mut body);
-        let headers = response
-            .headers
-            .into_iter()
-            .map(|(name, value)| {
-                let mut value = value.into_bytes();
-                self.redact(&mut value);
-                (
-                    name.to_ascii_lowercase(),
-                    String::from_utf8_lossy(&value).into_owned(),
-                )
-            })
-            .collect();
+        // What it answered (a credential it echoed included) is data: sent
+        // on, it goes as written.
+        self.note_data(&body);
+        let mut headers = Vec::with_capacity(response.headers.len());
+        for (name, value) in response.headers {
+            let mut value = value.into_bytes();
+            self.redact(&mut value);
+            self.note_data(&value);
+            headers.push((
+                name.to_ascii_lowercase(),
+                String::from_utf8_lossy(&value).into_owned(),
+            ));
+        }
         Ok(Response {
             status: response.status,
             headers,

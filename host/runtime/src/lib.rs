@@ -400,6 +400,14 @@ impl<T> Ran<Result<T, ConnectorError>> {
     }
 }
 
+/// What a webhook delivery gives a call that came from outside: its body
+/// and header values (see [`Connector::run`]'s `data`).
+fn webhook_data(req: &WebhookRequest) -> Vec<&[u8]> {
+    std::iter::once(req.body.as_slice())
+        .chain(req.headers.iter().map(|(_, value)| value.as_bytes()))
+        .collect()
+}
+
 /// `error` with every NUL in its text replaced (U+FFFD) and its other
 /// control characters escaped. PostgreSQL refuses NUL in text: the write
 /// that recorded the error (a dead letter, a retry's last error, an inbox
@@ -902,6 +910,7 @@ impl Connector {
         self.call_export::<(&WebhookRequest,), Result<(), ConnectorError>>(
             "verify-webhook",
             cfg,
+            &webhook_data(&req),
             &self.exports.verify_webhook,
             (&req,),
         )
@@ -919,6 +928,7 @@ impl Connector {
         self.call_export::<(&WebhookRequest,), Result<ParsedWebhook, ConnectorError>>(
             "parse-webhook",
             cfg,
+            &webhook_data(&req),
             &self.exports.parse_webhook,
             (&req,),
         )
@@ -939,14 +949,19 @@ impl Connector {
         cfg: &ConnectorConfig,
         req: WebhookRequest,
     ) -> Result<ParsedWebhook, CallError> {
-        self.run("receive-webhook", cfg, async |store, instance| {
-            let verdict: Result<(), ConnectorError> =
-                call_typed(store, &instance, &self.exports.verify_webhook, (&req,)).await?;
-            if let Err(e) = verdict {
-                return Ok(Err(e));
-            }
-            call_typed(store, &instance, &self.exports.parse_webhook, (&req,)).await
-        })
+        self.run(
+            "receive-webhook",
+            cfg,
+            &webhook_data(&req),
+            async |store, instance| {
+                let verdict: Result<(), ConnectorError> =
+                    call_typed(store, &instance, &self.exports.verify_webhook, (&req,)).await?;
+                if let Err(e) = verdict {
+                    return Ok(Err(e));
+                }
+                call_typed(store, &instance, &self.exports.parse_webhook, (&req,)).await
+            },
+        )
         .await
         .answer()
     }
@@ -958,9 +973,15 @@ impl Connector {
         cfg: &ConnectorConfig,
         req: PushRequest,
     ) -> Result<PushResult, CallError> {
+        let data = [
+            req.record.as_bytes(),
+            req.local_id.as_bytes(),
+            req.remote_id.as_deref().unwrap_or_default().as_bytes(),
+        ];
         self.call_export::<(&PushRequest,), Result<PushResult, ConnectorError>>(
             "push",
             cfg,
+            &data,
             &self.exports.push,
             (&req,),
         )
@@ -979,6 +1000,7 @@ impl Connector {
         self.call_export::<(&str, &str), Result<RemoteRecord, ConnectorError>>(
             "fetch",
             cfg,
+            &[remote_id.as_bytes()],
             &self.exports.fetch,
             (entity, remote_id),
         )
@@ -998,6 +1020,7 @@ impl Connector {
         self.call_export::<(&str, Option<&str>, u32), Result<Page, ConnectorError>>(
             "list",
             cfg,
+            &[cursor.as_deref().unwrap_or_default().as_bytes()],
             &self.exports.list,
             (entity, cursor.as_deref(), limit),
         )
@@ -1013,6 +1036,7 @@ impl Connector {
             .run(
                 "get-manifest",
                 &ConnectorConfig::default(),
+                &[],
                 async |store, instance| {
                     let typed = match self.exports.world {
                         wit::WorldVersion::V0_1_0 => {
@@ -1047,6 +1071,7 @@ impl Connector {
         &self,
         function: &'static str,
         cfg: &ConnectorConfig,
+        data: &[&[u8]],
         export: &ComponentExportIndex,
         params: P,
     ) -> Ran<R>
@@ -1055,7 +1080,7 @@ impl Connector {
         R: ComponentType + Lift + Send + Sync + 'static,
         (R,): ComponentNamedList + Lift + Send + Sync,
     {
-        self.run(function, cfg, async |store, instance| {
+        self.run(function, cfg, data, async |store, instance| {
             call_typed(store, &instance, export, params).await
         })
         .await
@@ -1065,10 +1090,14 @@ impl Connector {
     /// deadline and limits, and turns whatever went wrong into a [`CallError`].
     /// `body` may call several exports (see [`call_typed`]); they share the
     /// instance, the store and the one deadline.
+    /// `data` is what the call is given that came from records and remotes
+    /// (not ferry's own ids and settings): placeholder text in it stays text
+    /// in request bodies.
     async fn run<R>(
         &self,
         function: &'static str,
         cfg: &ConnectorConfig,
+        data: &[&[u8]],
         body: impl AsyncFnOnce(&mut Store<CallState>, Instance) -> Result<R, Failure>,
     ) -> Ran<R> {
         let runtime = &self.runtime;
@@ -1101,12 +1130,15 @@ impl Connector {
             }
             Ok(Ok(slot)) => slot,
         };
-        let state = CallState::new(
+        let mut state = CallState::new(
             runtime.shared.clone(),
             self.shared.clone(),
             cfg.clone(),
             deadline,
         );
+        for data in data {
+            state.note_data(data);
+        }
         let mut store = Store::new(&runtime.engine, state);
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(1);

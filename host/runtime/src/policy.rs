@@ -5,7 +5,7 @@
 //! Pure functions over the manifest, the operator's settings and the request,
 //! so every rule is unit-tested without a network.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use secrecy::{ExposeSecret, SecretString};
@@ -307,7 +307,9 @@ const SECRET_OPEN: &[u8] = b"{{secret:";
 const TOKEN_OPEN: &[u8] = b"{{token:";
 const PLACEHOLDER_CLOSE: &[u8] = b"}}";
 
-/// Replaces every `{{secret:NAME}}` in `input` with the secret's value.
+/// Replaces every `{{secret:NAME}}` in `input` with the secret's value,
+/// except the placeholders in `literal`: text the call's data holds (see
+/// [`placeholders_in`]), which goes out as written.
 ///
 /// A name the manifest does not declare, or one without a configured value,
 /// denies the whole request: silently sending the literal placeholder would
@@ -317,8 +319,9 @@ pub(crate) fn substitute_secrets(
     input: &[u8],
     declared: &[String],
     values: &BTreeMap<String, SecretString>,
+    literal: &BTreeSet<Vec<u8>>,
 ) -> Result<Vec<u8>, PolicyError> {
-    substitute(input, SECRET_OPEN, |name| {
+    substitute(input, SECRET_OPEN, literal, |name| {
         if !declared.iter().any(|d| d == name) {
             return Err(PolicyError::Denied(format!(
                 "secret `{name}` is not declared in the manifest"
@@ -336,7 +339,7 @@ pub(crate) fn substitute_tokens(
     input: &[u8],
     tokens: &BTreeMap<String, SecretString>,
 ) -> Result<Vec<u8>, PolicyError> {
-    substitute(input, TOKEN_OPEN, |name| {
+    substitute(input, TOKEN_OPEN, &BTreeSet::new(), |name| {
         tokens.get(name).ok_or_else(|| {
             PolicyError::Denied(format!(
                 "token `{name}` was not obtained in this call (call oauth.client-credentials-token first)"
@@ -351,9 +354,37 @@ pub(crate) fn substitute_tokens(
 /// secret, outside the guest's memory cap.
 const MAX_PLACEHOLDERS: usize = 64;
 
+/// The placeholders (`{{secret:NAME}}`, `{{token:NAME}}`) that `data`
+/// holds as text. A customer's name, a remote's answer, a webhook's body:
+/// data a connector copies into a request body must reach the remote as
+/// written, never as the secret it names (a customer named
+/// `{{secret:client_secret}}` would otherwise carry the connector's
+/// credential into the remote's record, for anyone who reads it there).
+pub(crate) fn placeholders_in(data: &[u8]) -> Vec<Vec<u8>> {
+    let mut found = Vec::new();
+    for open in [SECRET_OPEN, TOKEN_OPEN] {
+        let mut rest = data;
+        while let Some(start) = find(rest, open) {
+            let after_open = &rest[start + open.len()..];
+            let Some(end) = find(after_open, PLACEHOLDER_CLOSE) else {
+                break;
+            };
+            if is_placeholder_name(&after_open[..end]) {
+                let close = start + open.len() + end + PLACEHOLDER_CLOSE.len();
+                found.push(rest[start..close].to_vec());
+                rest = &rest[close..];
+            } else {
+                rest = after_open;
+            }
+        }
+    }
+    found
+}
+
 fn substitute<'v>(
     input: &[u8],
     open: &[u8],
+    literal: &BTreeSet<Vec<u8>>,
     value_of: impl Fn(&str) -> Result<&'v SecretString, PolicyError>,
 ) -> Result<Vec<u8>, PolicyError> {
     let mut out = Vec::with_capacity(input.len());
@@ -368,6 +399,12 @@ fn substitute<'v>(
         if !is_placeholder_name(name) {
             out.extend_from_slice(&rest[..start + open.len()]);
             rest = after_open;
+            continue;
+        }
+        let close = start + open.len() + end + PLACEHOLDER_CLOSE.len();
+        if literal.contains(&rest[start..close]) {
+            out.extend_from_slice(&rest[..close]);
+            rest = &rest[close..];
             continue;
         }
         substituted += 1;
@@ -715,16 +752,54 @@ mod tests {
     #[test]
     fn substitutes_declared_secrets_only() {
         let declared = vec!["api_key".to_owned()];
-        let out = substitute_secrets(b"Bearer {{secret:api_key}}!", &declared, &secrets()).unwrap();
+        let out = substitute_secrets(
+            b"Bearer {{secret:api_key}}!",
+            &declared,
+            &secrets(),
+            &BTreeSet::new(),
+        )
+        .unwrap();
         assert_eq!(out, b"Bearer sk_test_123456!");
-        let undeclared = substitute_secrets(b"{{secret:other}}", &declared, &secrets());
+        let undeclared =
+            substitute_secrets(b"{{secret:other}}", &declared, &secrets(), &BTreeSet::new());
         assert!(matches!(undeclared, Err(PolicyError::Denied(_))));
-        let unset = substitute_secrets(b"{{secret:api_key}}", &declared, &BTreeMap::new());
+        let unset = substitute_secrets(
+            b"{{secret:api_key}}",
+            &declared,
+            &BTreeMap::new(),
+            &BTreeSet::new(),
+        );
         assert!(matches!(unset, Err(PolicyError::Denied(_))));
         // Not a placeholder: left alone.
-        let out =
-            substitute_secrets(b"{{secret:Bad Name}} {{secret:", &declared, &secrets()).unwrap();
+        let out = substitute_secrets(
+            b"{{secret:Bad Name}} {{secret:",
+            &declared,
+            &secrets(),
+            &BTreeSet::new(),
+        )
+        .unwrap();
         assert_eq!(out, b"{{secret:Bad Name}} {{secret:");
+    }
+
+    /// A placeholder the call's data holds (a customer named after one)
+    /// goes out as written; the connector's own, of another name, is
+    /// replaced.
+    #[test]
+    fn placeholders_the_data_holds_stay_text() {
+        let declared = vec!["api_key".to_owned(), "other".to_owned()];
+        let data = br#"{"name":"{{secret:api_key}}","x":"{{secret:Bad}} {{token:t}} {{secret:"}"#;
+        let literal: BTreeSet<Vec<u8>> = placeholders_in(data).into_iter().collect();
+        assert_eq!(
+            literal,
+            BTreeSet::from([b"{{secret:api_key}}".to_vec(), b"{{token:t}}".to_vec()])
+        );
+        let body = br#"{"name":"{{secret:api_key}}","key":"{{secret:other}}"}"#;
+        let values = BTreeMap::from([
+            ("api_key".to_owned(), SecretString::from("sk_test_123456")),
+            ("other".to_owned(), SecretString::from("other_value")),
+        ]);
+        let out = substitute_secrets(body, &declared, &values, &literal).unwrap();
+        assert_eq!(out, br#"{"name":"{{secret:api_key}}","key":"other_value"}"#);
     }
 
     /// A body of placeholders grew on the host into copies of the secret,
@@ -733,10 +808,12 @@ mod tests {
     fn a_request_holds_a_bounded_number_of_placeholders() {
         let declared = vec!["api_key".to_owned()];
         let many = "{{secret:api_key}}".repeat(MAX_PLACEHOLDERS);
-        assert!(substitute_secrets(many.as_bytes(), &declared, &secrets()).is_ok());
+        assert!(
+            substitute_secrets(many.as_bytes(), &declared, &secrets(), &BTreeSet::new()).is_ok()
+        );
         let more = "{{secret:api_key}}".repeat(100_000);
         assert!(matches!(
-            substitute_secrets(more.as_bytes(), &declared, &secrets()),
+            substitute_secrets(more.as_bytes(), &declared, &secrets(), &BTreeSet::new()),
             Err(PolicyError::Invalid(_))
         ));
     }

@@ -4,7 +4,7 @@
 //! A fresh [`CallState`] lives in a fresh `Store` for every call and is
 //! dropped with it, so nothing a guest does survives into the next call.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
@@ -109,6 +109,9 @@ pub(crate) struct CallState {
     /// Set when ferry's own rate limit refused one of the call's requests:
     /// how long until the connector's next slot.
     pub(crate) throttled: Option<Duration>,
+    /// Placeholder text the call's data holds (its arguments, its answers):
+    /// left as written in request bodies ([`super::policy::placeholders_in`]).
+    pub(crate) data_placeholders: BTreeSet<Vec<u8>>,
     /// Requests handed to the transport: whether the remote may have seen
     /// any of the call's writes.
     pub(crate) requests_sent: u32,
@@ -144,6 +147,7 @@ impl CallState {
             log_lines: Arc::default(),
             tokens: CallTokens::new(),
             throttled: None,
+            data_placeholders: BTreeSet::new(),
             requests_sent: 0,
             requests_unsettled: 0,
             wasi: None,
@@ -153,6 +157,13 @@ impl CallState {
                 table
             },
         }
+    }
+
+    /// Notes the placeholder text `data` holds: data the call was given or
+    /// read, which a request body must carry as written.
+    pub(crate) fn note_data(&mut self, data: &[u8]) {
+        self.data_placeholders
+            .extend(super::policy::placeholders_in(data));
     }
 
     /// The connector's secret values, for substitution and redaction.

@@ -192,6 +192,35 @@ async fn create_update_fetch_delete_and_list() {
     assert_eq!(h.salesforce.counts().token_requests, 1, "one token for all");
 }
 
+/// A customer named after the connector's secret (`Request::json` leaves
+/// braces as they are): Salesforce gets the text, not the client secret
+/// and id, on a create and on an update.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_customer_named_after_a_secret_reaches_salesforce_as_written() {
+    let h = Harness::start(FakeSalesforceConfig::default()).await;
+    let record = json!({"id": "c1", "name": "Ada {{secret:client_secret}}",
+        "email": "ada@example.com", "address": {"line1": "{{secret:client_id}}"}});
+    let id = h
+        .push(Operation::Create, "c1", None, record)
+        .await
+        .expect("create");
+    let stored = h.salesforce.record("Contact", &id).expect("stored");
+    assert_eq!(stored["LastName"], "{{secret:client_secret}}", "{stored}");
+    assert_eq!(stored["MailingStreet"], "{{secret:client_id}}", "{stored}");
+    let secret = &h.salesforce.config().client_secret;
+    assert!(!stored.to_string().contains(secret.as_str()), "{stored}");
+
+    let renamed = json!({"id": "c1", "name": "Grace {{secret:client_id}}",
+        "email": "ada@example.com", "changed_fields": ["name"]});
+    h.push(Operation::Update, "c1", Some(&id), renamed)
+        .await
+        .expect("update");
+    let stored = h.salesforce.record("Contact", &id).expect("stored");
+    assert_eq!(stored["LastName"], "{{secret:client_id}}", "{stored}");
+    let client_id = &h.salesforce.config().client_id;
+    assert!(!stored.to_string().contains(client_id.as_str()), "{stored}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_expired_session_is_refreshed_once_for_many_calls() {
     let h = Harness::start(FakeSalesforceConfig::default()).await;
