@@ -107,8 +107,13 @@ impl Connector for Salesforce {
 
     fn verify_webhook(req: WebhookRequest) -> Result<(), ConnectorError> {
         // Outbound Messages are not signed: the org id is the check (see the
-        // README for what else protects the endpoint).
-        let message = outbound::parse(&req.body)?;
+        // README for what else protects the endpoint). A body that is no
+        // message names no org: unverified, not a message ferry failed to
+        // read (which an operator is told to look into).
+        let message = outbound::parse(&req.body).map_err(|e| match e {
+            ConnectorError::Permanent(why) => ConnectorError::invalid_signature(why),
+            other => other,
+        })?;
         let expected = settings::get("organization_id")
             .filter(|v| !v.trim().is_empty())
             .ok_or_else(|| {
@@ -154,6 +159,12 @@ impl Connector for Salesforce {
         let events = notifications
             .into_iter()
             .map(|n| {
+                // The event's id pairs the notification's with its record's:
+                // Salesforce counts notification ids up, so one forged
+                // ahead with a guessed id took a real notification's
+                // place in the inbox (the real one was then acknowledged
+                // as already received, and dropped).
+                let id = format!("{}:{}", n.id, n.record_id);
                 // A record deleted before the message went out comes with
                 // no data (Salesforce Help, "Considerations for Outbound
                 // Messages"): read as a record whose every field was cleared,
@@ -174,7 +185,7 @@ impl Connector for Salesforce {
                     // ferry dates it on arrival by the one clock its
                     // replicas share (a replica's own clock, ahead, made
                     // the next complete message look stale).
-                    return Event::upsert(n.id, ENTITY, n.record_id, 0, None)
+                    return Event::upsert(id, ENTITY, n.record_id, 0, None)
                         .with_remote_type(remote_type.clone());
                 }
                 let when = ["LastModifiedDate", "SystemModstamp"]
@@ -195,14 +206,14 @@ impl Connector for Salesforce {
                     // instead, a later edit's complete message (its date in
                     // whole seconds, earlier than the arrival of the one
                     // before) was skipped as stale.
-                    return Event::upsert(n.id, ENTITY, n.record_id, when, None)
+                    return Event::upsert(id, ENTITY, n.record_id, when, None)
                         .with_remote_type(remote_type.clone());
                 }
                 let record = config
                     .fields
                     .customer_from(&n.record_id, &n.fields)
                     .to_json();
-                Event::upsert(n.id, ENTITY, n.record_id, when, Some(record))
+                Event::upsert(id, ENTITY, n.record_id, when, Some(record))
                     .with_remote_type(remote_type.clone())
             })
             .collect();

@@ -557,6 +557,55 @@ async fn fetched_records_make_a_forged_message_harmless() {
         assert!(tokio::time::Instant::now() < deadline, "{ghost:?}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+
+    // Notification ids count up: a forged message with the next one,
+    // guessed, about another record took the real notification's place in
+    // the inbox, and the real one (an edit at Salesforce) was acknowledged
+    // as a redelivery and dropped. The real one is applied.
+    let guessed = rig
+        .salesforce
+        .outbound_message_xml(
+            rig.salesforce.org_id(),
+            "Contact",
+            &[("04l00000000NEXT1".to_owned(), contact_id.clone())],
+        )
+        .replace(&contact_id, "003000000000NOQ");
+    let delivery = rig
+        .salesforce
+        .send_raw(&rig.webhook_url(), guessed)
+        .await
+        .expect("delivery");
+    assert!(delivery.acked, "{delivery:?}");
+    rig.salesforce
+        .update_record("Contact", &contact_id, json!({"LastName": "Renamed"}));
+    let real = rig.salesforce.outbound_message_xml(
+        rig.salesforce.org_id(),
+        "Contact",
+        &[("04l00000000NEXT1".to_owned(), contact_id.clone())],
+    );
+    let delivery = rig
+        .salesforce
+        .send_raw(&rig.webhook_url(), real)
+        .await
+        .expect("delivery");
+    assert!(delivery.acked, "{delivery:?}");
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let (_, now) = rig
+            .app
+            .send(
+                reqwest::Method::GET,
+                &format!("/api/v1/customers/{id}"),
+                None,
+            )
+            .await;
+        if now["name"] == "Ada Renamed" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{now}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
 
 /// A Contact deleted before its notification went out: Salesforce sends the
@@ -617,7 +666,10 @@ async fn a_notification_for_a_deleted_contact_leaves_the_customer_alone() {
             .inbox_of_remote("salesforce", &contact_id)
             .await
             .expect("inbox");
-        if let Some(e) = events.iter().find(|e| e.event_id == "04l00000000LATE1") {
+        if let Some(e) = events
+            .iter()
+            .find(|e| e.event_id.starts_with("04l00000000LATE1:"))
+        {
             if e.state.as_str() == "dead" {
                 break e.clone();
             }
