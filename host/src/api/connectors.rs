@@ -21,6 +21,7 @@ use super::extract::{parse_json, JsonBody, Principal, QueryPairs};
 use crate::app::AppState;
 use crate::registry::{ConfigSource, Entry, NewSettings, NotReady, RegistryError, Switch};
 use crate::store::connectors::VersionMeta;
+use crate::store::reconciliations::RunRow;
 use crate::sync::breaker::BreakerView;
 use crate::sync::ENTITY;
 
@@ -466,7 +467,14 @@ pub async fn enable(
     // store's connectors as they are now (a replica a poll behind
     // another's upload answered 404).
     state.registry.refresh().await?;
-    backfill_possible(&state, &name).await?;
+    // A backfill an earlier request stored and never switched on (its
+    // switch met a store failure) is this one's: asked again, the same
+    // request finishes what the first began instead of answering 409.
+    if let Some(parked) = backfill_possible(&state, &name).await? {
+        state.registry.set_enabled(&name, true).await?;
+        tracing::info!(run = %parked, connector = %name, "a parked backfill goes with the switch");
+        return current(&state, &name).await;
+    }
     // The run exists before the switch: the switch releases the pushes
     // that waited while the connector was off, and a create released
     // before the run was stored went out (no backfill held it), a second
@@ -502,13 +510,14 @@ pub async fn enable(
 }
 
 /// Why a backfill of `name` could not start, whatever its switch: its
-/// active version does not handle customers, or a run is going.
-async fn backfill_possible(state: &AppState, name: &str) -> Result<(), ApiError> {
+/// active version does not handle customers, or a run is going; or the
+/// id of a backfill waiting for this switch (see [`parked_backfill`]).
+async fn backfill_possible(state: &AppState, name: &str) -> Result<Option<String>, ApiError> {
     let ready = match state.registry.loaded(name) {
         Ok(ready) => ready,
         Err(NotReady::Unknown) => return Err(ApiError::ConnectorNotFound),
         // Missing settings: the switch answers 422 for them.
-        Err(NotReady::Incomplete(_)) => return Ok(()),
+        Err(NotReady::Incomplete(_)) => return Ok(None),
         Err(other) => return Err(ApiError::ConnectorNotReady(other.to_string())),
     };
     if !ready
@@ -523,9 +532,25 @@ async fn backfill_possible(state: &AppState, name: &str) -> Result<(), ApiError>
         ));
     }
     match state.store.latest_run(name).await? {
+        Some(run) if parked_backfill(state, name, &run) => Ok(Some(run.id)),
         Some(run) if run.status == "running" => Err(ApiError::ReconciliationRunning(run.id)),
-        _ => Ok(()),
+        _ => Ok(None),
     }
+}
+
+/// Whether `run` is the backfill of an `enable?backfill=true` whose switch
+/// failed after the run was stored: running, merging, nothing listed, and
+/// parked because `name` is still off.
+fn parked_backfill(state: &AppState, name: &str, run: &RunRow) -> bool {
+    let off = state
+        .registry
+        .entry(name)
+        .is_some_and(|entry| entry.effective.switch != Switch::Enabled);
+    off && run.status == "running"
+        && run.mode == "backfill"
+        && run.repair == "merge"
+        && run.phase == "listing"
+        && run.pages == 0
 }
 
 /// Disable a connector.

@@ -209,6 +209,39 @@ async fn creates_that_waited_for_the_switch_wait_for_its_backfill(backend: Backe
     }
 }
 
+/// A backfill stored while the connector is off waits for its switch (an
+/// `enable?backfill=true` whose switch met a store failure leaves one):
+/// asked again, `enable?backfill=true` switches on and runs it, instead of
+/// answering 409 while the connector stays off.
+async fn a_parked_backfill_goes_with_the_switch(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let mut setup = Setup::new(backend, &url);
+    setup.stripe_url = None;
+    let app = spawn_sync_app(setup).await;
+    configure_stripe(&app, &url).await;
+    let (status, _) = switch_stripe(&app, "disable").await;
+    assert_eq!(status, 200);
+    let address = email("parked");
+    stripe_create(&url, &[("email", &address), ("name", "Parked")]).await;
+    // What an `enable?backfill=true` leaves when the store fails after
+    // the run was stored, before the switch (the API starts no run on a
+    // connector that is off).
+    let parked = app
+        .store
+        .start_run("stripe", "backfill", "merge", "api")
+        .await
+        .expect("stored")
+        .expect("no run going");
+    let (status, connector) = switch_stripe(&app, "enable?backfill=true").await;
+    assert_eq!(status, 200, "{connector}");
+    assert_eq!(connector["enabled"], true, "{connector}");
+    assert_eq!(connector["last_reconciliation"]["id"], parked.id.as_str());
+    let run = parked.id.as_str();
+    assert_eq!(wait_run(&app.base, run).await["status"], "completed");
+    app.wait_customer_by_email(&address).await;
+}
+
 /// Backfill on a connector's first enable: a catalog and a Stripe account
 /// that grew apart before ferry connected them. Matches by email are
 /// linked (the merge takes Stripe's values where ferry had none), Stripe-only
@@ -2288,6 +2321,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn creates_that_waited_for_the_switch_wait_for_its_backfill() {
         super::creates_that_waited_for_the_switch_wait_for_its_backfill(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_parked_backfill_goes_with_the_switch() {
+        super::a_parked_backfill_goes_with_the_switch(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
