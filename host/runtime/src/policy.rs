@@ -143,6 +143,13 @@ pub(crate) fn check_declared_hosts(
 
 /// Checks `raw` against the rules and returns the parsed URL.
 pub(crate) fn check_url(raw: &str, rules: &HostRules<'_>) -> Result<Url, PolicyError> {
+    // The parser drops tabs and line breaks wherever they are, so
+    // `/contacts/.\t.` is a `..` segment to it and not to the check below.
+    if raw.bytes().any(|b| b.is_ascii_control()) {
+        return Err(PolicyError::Invalid(
+            "a URL with a control character (a tab, a line break)".into(),
+        ));
+    }
     let url = Url::parse(raw).map_err(|e| PolicyError::Invalid(format!("bad URL: {e}")))?;
     if has_dot_segment(raw) {
         return Err(PolicyError::Invalid(
@@ -623,6 +630,9 @@ mod tests {
             "https://api.example.com/v1/contacts/.%2e/",
             "https://api.example.com/v1/contacts/%2e",
             "https://api.example.com/v1\\..\\x",
+            "https://api.example.com/v1/contacts/.\t.",
+            "https://api.example.com/v1/contacts/%2\ne",
+            "https://api.example.com/v1/contacts/.\r",
         ] {
             let refused = check_url(url, &rules(&d, &[], false));
             assert!(
