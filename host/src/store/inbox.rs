@@ -870,7 +870,7 @@ impl Store {
                 }
             }
             if let (Some(version), Some(link_customer)) = (change.push_back, &link_customer) {
-                sqlx::query(super::links::FORCE_PUSH_SQL)
+                sqlx::query(super::links::PUSH_BACK_SQL)
                     .bind(link_customer.as_str())
                     .bind(&event.connector)
                     .bind(version)

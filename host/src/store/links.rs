@@ -340,19 +340,36 @@ pub enum LinkWrite {
     Outcome(RecordedOutcome),
 }
 
-/// Makes a link push `$3` (the customer's current version) again under a
-/// new idempotency key: the remote drifted from what ferry pushed, or lacks
-/// a value a merge kept. `$1` customer, `$2` connector, `$4` now (ms), `$5`
-/// now. A link in backoff keeps its schedule (its attempt pushes anyway).
-pub(crate) const FORCE_PUSH_SQL: &str = "UPDATE sync_links SET pushed_hash = NULL, \
-    repairs = repairs + 1, \
+/// The assignments and condition that make a link push the customer's
+/// current version again (see [`FORCE_PUSH_SQL`]).
+macro_rules! push_again {
+    () => {
+        "repairs = repairs + 1, \
     synced_version = CASE WHEN synced_version >= $3 THEN $3 - 1 ELSE synced_version END, \
     wanted_version = CASE WHEN wanted_version < $3 THEN $3 ELSE wanted_version END, \
     attempts = CASE WHEN state IN ('synced', 'dead') THEN 0 ELSE attempts END, \
     next_attempt_at_ms = CASE WHEN state IN ('synced', 'dead') THEN $4 ELSE next_attempt_at_ms END, \
     state = CASE WHEN state IN ('synced', 'dead') THEN 'pending' ELSE state END, \
     updated_at = $5 \
-    WHERE customer_id = $1 AND connector = $2 AND remote_id IS NOT NULL AND NOT remote_deleted";
+    WHERE customer_id = $1 AND connector = $2 AND remote_id IS NOT NULL AND NOT remote_deleted"
+    };
+}
+
+/// Makes a link push `$3` (the customer's current version) again under a
+/// new idempotency key: the remote drifted from what ferry pushed (a
+/// reconciliation's repair). `$1` customer, `$2` connector, `$4` now (ms),
+/// `$5` now. A link in backoff keeps its schedule (its attempt pushes
+/// anyway). The push sends the whole record: what the remote holds is not
+/// known field by field.
+pub(crate) const FORCE_PUSH_SQL: &str =
+    concat!("UPDATE sync_links SET pushed_hash = NULL, ", push_again!());
+
+/// [`FORCE_PUSH_SQL`] for an inbound merge that kept values the remote
+/// lacks (a conflict kept locally, an owned field, a first sync's gaps):
+/// the snapshot was just written from the remote's record, so the update
+/// names the fields that differ from it and sends those alone (a dashboard
+/// edit of another field, made meanwhile, stays).
+pub(crate) const PUSH_BACK_SQL: &str = concat!("UPDATE sync_links SET ", push_again!());
 
 // Upserts a link for a change. A newer version re-opens a synced link, and
 // a dead-lettered one when it is newer than the version that died (see

@@ -410,8 +410,11 @@ async fn two_loops_on_the_events_of_new_records(
 /// A Stripe customer whose email a local customer already has is linked
 /// to it, not duplicated; the city only Stripe had reaches ferry, and the
 /// phone only ferry had reaches Stripe (a first sync's union goes both
-/// ways), alone: nothing else is written there.
-async fn remote_customer_matches_local_email(backend: Backend) {
+/// ways), alone: nothing else is written there (Stripe's email keeps its
+/// case). Without the city the customer does not change, and the push
+/// goes as a push-back of the version ferry has (`remote_city` false): it
+/// sent the whole record.
+async fn remote_customer_matches_local_email(backend: Backend, remote_city: bool) {
     let stripe = LocalStripe::start().expect("localstripe");
     let mut setup = Setup::new(backend, &stripe.url());
     // Stripe starts unconfigured, so nothing is queued for it: the local
@@ -451,7 +454,10 @@ async fn remote_customer_matches_local_email(backend: Backend) {
     let upper = address.to_uppercase();
     let created = stripe_py(
         &stripe.url(),
-        &format!("c = stripe.Customer.create(email='{upper}', name='Local Name', address={{'city': 'Leeds'}})\nprint(str(c))"),
+        &match remote_city {
+            true => format!("c = stripe.Customer.create(email='{upper}', name='Local Name', address={{'city': 'Leeds'}})\nprint(str(c))"),
+            false => format!("c = stripe.Customer.create(email='{upper}', name='Local Name')\nprint(str(c))"),
+        },
     );
     let remote_id = created["id"].as_str().unwrap().to_owned();
     let body = event(
@@ -472,11 +478,15 @@ async fn remote_customer_matches_local_email(backend: Backend) {
     let read = format!("print(str(stripe.Customer.retrieve('{remote_id}')))");
     let at_stripe = stripe_py(&stripe.url(), &read);
     assert_eq!(at_stripe["phone"], "+15550001111", "ferry's phone pushed");
-    assert_eq!(at_stripe["address"]["city"], "Leeds");
     assert_eq!(at_stripe["email"], upper, "only the phone was sent");
     let customer = app.customer_by_email(&address).await.expect("customer");
-    assert_eq!(customer["address"]["city"], "Leeds");
     assert_eq!(customer["phone"], "+15550001111");
+    if remote_city {
+        assert_eq!(at_stripe["address"]["city"], "Leeds");
+        assert_eq!(customer["address"]["city"], "Leeds");
+    } else {
+        assert_eq!(customer["version"], 1, "{customer}");
+    }
     let (_, page) = app
         .send(
             reqwest::Method::GET,
@@ -1017,7 +1027,12 @@ mod sqlite {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn email_match() {
-        remote_customer_matches_local_email(Backend::Sqlite).await;
+        remote_customer_matches_local_email(Backend::Sqlite, true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn email_match_pushed_back() {
+        remote_customer_matches_local_email(Backend::Sqlite, false).await;
     }
 
     // SQLite runs two loops when `inbox_loops` says so.
@@ -1052,7 +1067,12 @@ mod postgres {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn email_match() {
-        remote_customer_matches_local_email(Backend::Postgres).await;
+        remote_customer_matches_local_email(Backend::Postgres, true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn email_match_pushed_back() {
+        remote_customer_matches_local_email(Backend::Postgres, false).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
