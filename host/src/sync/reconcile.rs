@@ -1411,14 +1411,19 @@ fn plan_repair(
         {
             None
         }
-        (Kind::MissingLocal, PullRemote | Merge) => event(RemoteChange::Upsert, None),
+        // Under `pull_remote` an import that meets a customer with its
+        // email (one that has it since the listing) merges as the repair
+        // says, and writes nothing back (see `inbound::fills_gaps`).
+        (Kind::MissingLocal, PullRemote) => event(RemoteChange::Upsert, Some("prefer_remote")),
+        (Kind::MissingLocal, Merge) => event(RemoteChange::Upsert, None),
         // push_local never deletes a record ferry does not know.
         (Kind::MissingLocal, PushLocal) => None,
         (Kind::Unlinked, PushLocal) => event(RemoteChange::Upsert, Some("prefer_local")),
         (Kind::Unlinked, PullRemote) => event(RemoteChange::Upsert, Some("prefer_remote")),
         (Kind::Unlinked, Merge) => event(RemoteChange::Upsert, None),
         // The duplicate-email policy decides, as for a webhook.
-        (Kind::Duplicate, PullRemote | Merge) => event(RemoteChange::Upsert, None),
+        (Kind::Duplicate, PullRemote) => event(RemoteChange::Upsert, Some("prefer_remote")),
+        (Kind::Duplicate, Merge) => event(RemoteChange::Upsert, None),
         (Kind::Duplicate, PushLocal) => None,
         (Kind::MissingRemote, PushLocal | Merge) => customer.map(recreate),
         // pull_remote never deletes a customer the remote lacks.
@@ -1575,6 +1580,38 @@ mod tests {
             ),
             Some(Action::Event(_))
         ));
+    }
+
+    /// Every event a `pull_remote` repair applies says so: a first sync it
+    /// makes writes nothing back to the remote (`inbound::fills_gaps`).
+    #[test]
+    fn every_pull_remote_event_carries_its_policy() {
+        let reconcile = run("reconcile");
+        for kind in [
+            Kind::Different,
+            Kind::MissingLocal,
+            Kind::Unlinked,
+            Kind::Duplicate,
+        ] {
+            let mismatch = MismatchRow {
+                kind: kind.as_str().into(),
+                customer_id: (kind != Kind::MissingLocal && kind != Kind::Duplicate)
+                    .then(|| "cus_local".to_owned()),
+                ..missing_local(None, serde_json::json!({"email": "a@b.c"}))
+            };
+            match plan_repair(
+                &reconcile,
+                Mode::Reconcile,
+                Repair::PullRemote,
+                SOFT,
+                &mismatch,
+            ) {
+                Some(Action::Event(event)) => {
+                    assert_eq!(event.policy.as_deref(), Some("prefer_remote"), "{kind:?}")
+                }
+                _ => panic!("{kind:?}: no event"),
+            }
+        }
     }
 
     #[test]
