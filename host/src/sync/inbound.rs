@@ -330,7 +330,7 @@ impl SyncEngine {
         // was pushed over by the resolution, then fetched and taken for
         // that push's echo.
         let fetched = if tied || newest.record.is_none() {
-            match self.fetch_current(newest, false).await {
+            match self.fetch_current(newest, false, true).await {
                 Ok(fetched) => fetched,
                 // A thin edit the remote cannot be asked about now: the
                 // resolution waits for it. Made without it, the resolution
@@ -721,7 +721,7 @@ impl SyncEngine {
                     // next remote change be merged with no base.
                     let fetched = match &event.record {
                         Some(_) => None,
-                        None => match self.fetch_current(event, false).await {
+                        None => match self.fetch_current(event, false, true).await {
                             Ok(record) => record,
                             // On its last attempt, linked without a base
                             // rather than dead-lettered: a link the echo
@@ -854,8 +854,12 @@ impl SyncEngine {
         let remote = match &event.record {
             Some(record) if !doubtful => canonical_record(&record.0),
             record => match (
-                self.fetch_current(event, link.as_ref().is_some_and(|l| l.remote_deleted))
-                    .await?,
+                self.fetch_current(
+                    event,
+                    link.as_ref().is_some_and(|l| l.remote_deleted),
+                    link.is_some(),
+                )
+                .await?,
                 record,
             ) {
                 (Some(fetched), _) => canonical_record(&fetched),
@@ -893,21 +897,23 @@ impl SyncEngine {
             }
             None => match self.customer_by_email(&remote).await? {
                 Some(owner) => {
-                    let taken = inner
-                        .store
-                        .links_of(owner.id.as_str())
-                        .await?
-                        .into_iter()
-                        .find(|l| {
-                            l.connector == event.connector
-                                && !l.remote_deleted
-                                && l.remote_id.as_deref().is_some_and(|r| r != event.remote_id)
-                        });
-                    match taken {
-                        Some(taken) => {
+                    let links = inner.store.links_of(owner.id.as_str()).await?;
+                    let own = links.into_iter().find(|l| l.connector == event.connector);
+                    let taken = own.clone().filter(|l| {
+                        !l.remote_deleted
+                            && l.remote_id.as_deref().is_some_and(|r| r != event.remote_id)
+                    });
+                    match (taken, own.and_then(|l| l.held_by)) {
+                        (Some(taken), _) => {
                             return self.apply_duplicate(event, remote, owner, taken).await
                         }
-                        None => (Some(owner), None),
+                        // The link this record would take waits for a
+                        // person (its record was recreated or released
+                        // while a conflict held it): so does the record,
+                        // which would otherwise meet that hold at its
+                        // write again and again.
+                        (None, Some(held_by)) => return self.held(event, &held_by).await,
+                        (None, None) => (Some(owner), None),
                     }
                 }
                 None => (None, None),
@@ -1508,11 +1514,12 @@ impl SyncEngine {
     /// not implement `fetch`.
     ///
     /// `link_deleted`: the record's link says its remote delete was
-    /// applied already.
+    /// applied already. `known`: ferry links the record, or made it.
     async fn fetch_current(
         &self,
         event: &InboxEvent,
         link_deleted: bool,
+        known: bool,
     ) -> Result<Option<serde_json::Value>, Failure> {
         let ready = self.readable(event).await?;
         let (connector, config) = (ready.connector, ready.config);
@@ -1542,6 +1549,15 @@ impl SyncEngine {
                 // retried. A connector that sends none (Salesforce's
                 // Outbound Messages) has nothing else to say it: a dead
                 // letter for a person once the attempts are spent.
+                // A record ferry never knew that is gone leaves nothing to
+                // do, delete or not: waiting for its delete only read it
+                // again and again (a forged Outbound Message naming records
+                // at random cost the org's API that many reads each).
+                if !known {
+                    return Err(Failure::Skip(
+                        "the remote record no longer exists, and nothing here links it".into(),
+                    ));
+                }
                 let deleted = event.record.is_some()
                     || link_deleted
                     || self

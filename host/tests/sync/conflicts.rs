@@ -9,7 +9,9 @@ use ferry_test_support::fault_proxy::{Fault, FaultProxy, Match};
 use ferry_test_support::localstripe::{venv_python, LocalStripe};
 use serde_json::{json, Value};
 
-use crate::helpers::{email, spawn_sync_app, stripe_customer, Backend, Setup, SyncApp, STRIPE_KEY};
+use crate::helpers::{
+    email, execute_raw, spawn_sync_app, stripe_customer, Backend, Setup, SyncApp, STRIPE_KEY,
+};
 
 struct Harness {
     stripe: LocalStripe,
@@ -247,6 +249,43 @@ async fn open_conflict(app: &SyncApp) -> Value {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A link a conflict holds whose record was let go (a reconciliation's
+/// recreate clears it): another Stripe record with the customer's email
+/// waits for the person too. Its first sync met the hold at its write and
+/// was decided again and again, then retried until dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_for_a_held_link_it_would_take_waits() {
+    let h = synced_customer("flag").await;
+    name_edited_on_both_sides(&h).await;
+    open_conflict(&h.app).await;
+    let release = format!(
+        "UPDATE sync_links SET remote_id = NULL WHERE customer_id = '{}' AND connector = 'stripe'",
+        h.id
+    );
+    execute_raw(&h.app.database_url, &release, b"").await;
+    let email = customer(&h.app, &h.id).await["email"]
+        .as_str()
+        .expect("email")
+        .to_owned();
+    let script = format!(
+        "import stripe\nstripe.api_key = '{STRIPE_KEY}'\nstripe.api_base = '{}'\n\
+         print(stripe.Customer.create(email='{email}', name='Another Record').id)",
+        h.stripe.url()
+    );
+    let out = Command::new(venv_python().unwrap())
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let other = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    wait_until_held(&h.app, &other).await;
 }
 
 /// A customer deleted while a conflict holds its Stripe link: the conflict
