@@ -10,7 +10,8 @@ use ferry_test_support::localstripe::{venv_python, LocalStripe};
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    email, execute_raw, spawn_sync_app, stripe_customer, Backend, Setup, SyncApp, STRIPE_KEY,
+    email, execute_raw, spawn_sync_app, stripe_create, stripe_customer, Backend, Setup, SyncApp,
+    STRIPE_KEY,
 };
 
 struct Harness {
@@ -269,22 +270,11 @@ async fn a_record_for_a_held_link_it_would_take_waits() {
         .as_str()
         .expect("email")
         .to_owned();
-    let script = format!(
-        "import stripe\nstripe.api_key = '{STRIPE_KEY}'\nstripe.api_base = '{}'\n\
-         print(stripe.Customer.create(email='{email}', name='Another Record').id)",
-        h.stripe.url()
-    );
-    let out = Command::new(venv_python().unwrap())
-        .arg("-c")
-        .arg(script)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let other = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let other = stripe_create(
+        &h.stripe.url(),
+        &[("email", &email), ("name", "Another Record")],
+    )
+    .await;
     wait_until_held(&h.app, &other).await;
 }
 
@@ -837,22 +827,7 @@ async fn a_duplicate_merged_into_a_held_link_waits() {
     name_edited_on_both_sides(&h).await;
     let conflict = open_conflict(&h.app).await;
 
-    let script = format!(
-        "import stripe\nstripe.api_key = '{STRIPE_KEY}'\nstripe.api_base = '{}'\n\
-         print(stripe.Customer.create(email='{address}', name='Second').id)",
-        h.stripe.url()
-    );
-    let out = Command::new(venv_python().unwrap())
-        .arg("-c")
-        .arg(script)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let second = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let second = stripe_create(&h.stripe.url(), &[("email", &address), ("name", "Second")]).await;
     wait_until_held(&h.app, &second).await;
     let links = h.app.sync_status(&h.id).await;
     let stripe_link = links["connectors"]

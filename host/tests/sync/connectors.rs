@@ -995,6 +995,34 @@ fn detail_has(event: &InboxEvent, text: &str) -> bool {
     event.detail.as_deref().is_some_and(|d| d.contains(text))
 }
 
+/// A ferry on a database of its own (in `dir`) that stored the recorder
+/// (pointed at `remote`), stopped, had `change` run on that database (`$1`
+/// bound to `bytes`), and started again: the app, the database's URL, and
+/// the recorder's active version before the change.
+async fn restarted_after_a_change(
+    backend: Backend,
+    dir: &std::path::Path,
+    remote: &RecorderRemote,
+    change: &str,
+    bytes: &[u8],
+) -> (SyncApp, String, String) {
+    let database_url = new_database(backend, dir).await;
+    let mut first = setup(backend);
+    first.database_url = Some(database_url.clone());
+    let app = spawn_sync_app(first).await;
+    install_recorder(&app, remote).await;
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    let version = connector["active_version"]
+        .as_str()
+        .expect("version")
+        .to_owned();
+    app.stop().await;
+    execute_raw(&database_url, change, bytes).await;
+    let mut again = setup(backend);
+    again.database_url = Some(database_url.clone());
+    (spawn_sync_app(again).await, database_url, version)
+}
+
 /// The recorder is enabled, but the replica that starts next cannot load
 /// its active version (its stored bytes are damaged). A customer created
 /// there is still queued for the recorder, and its push waits; once the
@@ -1003,19 +1031,10 @@ fn detail_has(event: &InboxEvent, text: &str) -> bool {
 /// push goes out.
 async fn a_version_that_fails_to_load_keeps_its_changes(backend: Backend) {
     let dir = tempfile::tempdir().expect("dir");
-    let database_url = new_database(backend, dir.path()).await;
     let remote = RecorderRemote::start().await;
-    let mut first = setup(backend);
-    first.database_url = Some(database_url.clone());
-    let app = spawn_sync_app(first).await;
-    install_recorder(&app, &remote).await;
-    app.stop().await;
-
     let damage = "UPDATE connector_versions SET component = $1 WHERE name = 'recorder'";
-    execute_raw(&database_url, damage, b"not a component").await;
-    let mut again = setup(backend);
-    again.database_url = Some(database_url.clone());
-    let app = spawn_sync_app(again).await;
+    let (app, database_url, _) =
+        restarted_after_a_change(backend, dir.path(), &remote, damage, b"not a component").await;
     let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
     assert!(
         connector["load_problem"]
@@ -1061,19 +1080,7 @@ async fn a_version_that_fails_to_load_keeps_its_changes(backend: Backend) {
 /// nobody was shown.
 async fn a_manifest_unlike_the_stored_one_is_not_loaded(backend: Backend) {
     let dir = tempfile::tempdir().expect("dir");
-    let database_url = new_database(backend, dir.path()).await;
     let remote = RecorderRemote::start().await;
-    let mut first = setup(backend);
-    first.database_url = Some(database_url.clone());
-    let app = spawn_sync_app(first).await;
-    install_recorder(&app, &remote).await;
-    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
-    let version = connector["active_version"]
-        .as_str()
-        .expect("version")
-        .to_owned();
-    app.stop().await;
-
     let other_hosts = match backend {
         Backend::Sqlite => {
             "UPDATE connector_versions SET manifest = json_set(manifest, '$.hosts', \
@@ -1084,10 +1091,8 @@ async fn a_manifest_unlike_the_stored_one_is_not_loaded(backend: Backend) {
              '[\"stored.example\"]'::jsonb) WHERE name = 'recorder'"
         }
     };
-    execute_raw(&database_url, other_hosts, b"").await;
-    let mut again = setup(backend);
-    again.database_url = Some(database_url.clone());
-    let app = spawn_sync_app(again).await;
+    let (app, _, version) =
+        restarted_after_a_change(backend, dir.path(), &remote, other_hosts, b"").await;
     let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
     assert!(
         connector["load_problem"]

@@ -171,20 +171,27 @@ async fn configure_stripe(app: &SyncApp, stripe_url: &str) -> Value {
     connector
 }
 
+/// A ferry whose Stripe connector was configured through the API, then
+/// switched off (its first backfill not run).
+async fn stripe_configured_then_off(backend: Backend) -> (LocalStripe, SyncApp) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let mut setup = Setup::new(backend, &stripe.url());
+    setup.stripe_url = None;
+    let app = spawn_sync_app(setup).await;
+    configure_stripe(&app, &stripe.url()).await;
+    let (status, _) = switch_stripe(&app, "disable").await;
+    assert_eq!(status, 200);
+    (stripe, app)
+}
+
 /// Customers made while a connector is switched off, before its first
 /// backfill, whose emails Stripe has: switched on with a backfill, their
 /// creates wait for it, which links each to Stripe's record. The switch
 /// released them before the run was stored, and each went out as a second
 /// record of its customer.
 async fn creates_that_waited_for_the_switch_wait_for_its_backfill(backend: Backend) {
-    let stripe = LocalStripe::start().expect("localstripe");
+    let (stripe, app) = stripe_configured_then_off(backend).await;
     let url = stripe.url();
-    let mut setup = Setup::new(backend, &url);
-    setup.stripe_url = None;
-    let app = spawn_sync_app(setup).await;
-    configure_stripe(&app, &url).await;
-    let (status, _) = switch_stripe(&app, "disable").await;
-    assert_eq!(status, 200);
     let emails: Vec<String> = (0..8).map(|n| email(&format!("switch-{n}"))).collect();
     for address in &emails {
         stripe_create(&url, &[("email", address), ("name", "There")]).await;
@@ -214,14 +221,8 @@ async fn creates_that_waited_for_the_switch_wait_for_its_backfill(backend: Backe
 /// asked again, `enable?backfill=true` switches on and runs it, instead of
 /// answering 409 while the connector stays off.
 async fn a_parked_backfill_goes_with_the_switch(backend: Backend) {
-    let stripe = LocalStripe::start().expect("localstripe");
+    let (stripe, app) = stripe_configured_then_off(backend).await;
     let url = stripe.url();
-    let mut setup = Setup::new(backend, &url);
-    setup.stripe_url = None;
-    let app = spawn_sync_app(setup).await;
-    configure_stripe(&app, &url).await;
-    let (status, _) = switch_stripe(&app, "disable").await;
-    assert_eq!(status, 200);
     let address = email("parked");
     stripe_create(&url, &[("email", &address), ("name", "Parked")]).await;
     // What an `enable?backfill=true` leaves when the store fails after
