@@ -985,6 +985,58 @@ impl Store {
         Ok(true)
     }
 
+    /// [`Store::force_push`] for finding `finding` of `run`, in one
+    /// transaction with the finding marked repaired (`what`), and only while
+    /// the finding is open and `run` holds its lease: `None` when it is not
+    /// (a run claimed again after a crash, or by another replica after its
+    /// lease ran out, found the finding still open and forced the push
+    /// again, under a new key, the whole record over an edit made between).
+    pub async fn force_push_for(
+        &self,
+        run: &RunRow,
+        finding: &str,
+        what: &str,
+        customer_id: &str,
+        version: i64,
+    ) -> Result<Option<bool>, StoreError> {
+        let at = now();
+        let forced = dispatch!(self, write pool => {
+            let mut tx = pool.begin().await?;
+            let claimed = sqlx::query(
+                "UPDATE reconciliation_mismatches SET state = 'repaired', repair = $2 \
+                 WHERE id = $1 AND state = 'open' AND EXISTS (SELECT 1 FROM reconciliation_runs \
+                 WHERE id = $3 AND lease_token = $4 AND status = 'running')",
+            )
+            .bind(finding)
+            .bind(what)
+            .bind(&run.id)
+            .bind(&run.lease_token)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if claimed != 1 {
+                return Ok(None);
+            }
+            let updated = sqlx::query(super::links::FORCE_PUSH_SQL)
+                .bind(customer_id)
+                .bind(&run.connector)
+                .bind(version)
+                .bind(at.timestamp_millis())
+                .bind(at)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if updated != 1 {
+                tx.rollback().await?;
+                return Ok(Some(false));
+            }
+            tx.commit().await?;
+            true
+        });
+        self.committed_links();
+        Ok(Some(forced))
+    }
+
     /// Forces a push of `customer_id`'s current `version` to `connector`
     /// under a new idempotency key (the remote drifted from what ferry
     /// pushed): see `FORCE_PUSH_SQL`.

@@ -110,6 +110,9 @@ enum Scheduled {
     /// Not now: whether the remote still has the record cannot be read
     /// (why).
     Unreadable(String),
+    /// Not this driver's: its run lost its lease, or the finding was
+    /// repaired by another.
+    NotOurs,
 }
 
 /// A kind of finding.
@@ -1074,11 +1077,15 @@ impl SyncEngine {
                         events.push(*event);
                         what
                     }
-                    push => match self.schedule_push(&run.connector, push).await? {
+                    push => match self
+                        .schedule_push(&run.connector, push, Some((run, &mismatch.id)))
+                        .await?
+                    {
                         Scheduled::Done(what) => what,
                         // Its link is busy: the push in flight carries the
                         // current state anyway; the finding stays open.
                         Scheduled::Busy => continue,
+                        Scheduled::NotOurs => return Err(Stop::LeaseLost),
                         // Open for the next run or a person: closed, the
                         // customer stayed linked to a record gone.
                         Scheduled::Unreadable(why) => {
@@ -1126,11 +1133,14 @@ impl SyncEngine {
         }
     }
 
-    /// Schedules a push `action` (not an event).
+    /// Schedules a push `action` (not an event). A run's `finding` is
+    /// marked repaired with a forced push, in its transaction (see
+    /// [`crate::store::Store::force_push_for`]).
     async fn schedule_push(
         &self,
         connector: &str,
         action: Action,
+        finding: Option<(&RunRow, &str)>,
     ) -> Result<Scheduled, StoreError> {
         let store = &self.inner.store;
         let (customer, recreate) = match action {
@@ -1146,23 +1156,33 @@ impl SyncEngine {
                 return Ok(known);
             }
         }
-        let scheduled = if let Some(seen) = &recreate {
-            store
-                .recreate_remote(&customer, connector, current.version, seen.as_deref())
-                .await?
-        } else {
-            store
-                .force_push(&customer, connector, current.version)
-                .await?
+        let what = if recreate.is_some() { "create" } else { "push" };
+        let what = format!("{what} of version {} scheduled", current.version);
+        let scheduled = match (&recreate, finding) {
+            (Some(seen), _) => {
+                store
+                    .recreate_remote(&customer, connector, current.version, seen.as_deref())
+                    .await?
+            }
+            (None, Some((run, finding))) => {
+                match store
+                    .force_push_for(run, finding, &what, &customer, current.version)
+                    .await?
+                {
+                    Some(forced) => forced,
+                    None => return Ok(Scheduled::NotOurs),
+                }
+            }
+            (None, None) => {
+                store
+                    .force_push(&customer, connector, current.version)
+                    .await?
+            }
         };
         if !scheduled {
             return Ok(Scheduled::Busy);
         }
-        let what = if recreate.is_some() { "create" } else { "push" };
-        Ok(Scheduled::Done(format!(
-            "{what} of version {} scheduled",
-            current.version
-        )))
+        Ok(Scheduled::Done(what))
     }
 
     /// Whether record `remote_id`, which a finding saw missing, may be
@@ -1232,9 +1252,9 @@ impl SyncEngine {
                     .await?;
                 what
             }
-            push => match self.schedule_push(&run.connector, push).await? {
+            push => match self.schedule_push(&run.connector, push, None).await? {
                 Scheduled::Done(what) => what,
-                Scheduled::Busy => {
+                Scheduled::Busy | Scheduled::NotOurs => {
                     "nothing: a push of the customer is already on its way".to_owned()
                 }
                 Scheduled::Unreadable(why) => return Err(FoldError::RemoteUnreadable(why)),

@@ -719,6 +719,72 @@ async fn a_change_decided_before_a_hold_decides_again(postgres: bool) {
     assert_eq!(links[0].held_by, holder, "the first conflict's hold");
 }
 
+/// A reconciliation's forced push marks its finding repaired in the same
+/// transaction, and only while the run holds its lease: a run claimed
+/// again after a crash between the push and the batch's commit (or by
+/// another replica once its lease ran out) found the finding still open
+/// and forced the push again, under a new key, the whole record.
+async fn a_finding_is_forced_once(postgres: bool) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(postgres, dir.path()).await;
+    let store = open(&url).await;
+    let (customers, _, _) = two_linked(&store, &format!("forced_{postgres}")).await;
+    let first = &customers[0];
+    store
+        .start_run("stripe", "reconcile", "push_local", "api")
+        .await
+        .expect("stored")
+        .expect("no run going");
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let run = store
+        .claim_run("driver-a", until)
+        .await
+        .expect("claimed")
+        .expect("a run");
+    let finding = format!("mm_forced_{postgres}");
+    let insert = format!(
+        "INSERT INTO reconciliation_mismatches (id, run_id, kind, customer_id, fields, state, \
+         created_at) VALUES ('{finding}', '{}', 'different', '{}', '[]', 'open', CURRENT_TIMESTAMP)",
+        run.id,
+        first.id.as_str()
+    );
+    crate::helpers::execute_raw(&url, &insert, b"").await;
+    let repairs = |links: Vec<SyncLink>| links[0].repairs;
+    let before = repairs(store.links_of(first.id.as_str()).await.expect("links"));
+
+    // Another driver's token (the lease ran out, the run was claimed
+    // again): nothing forced.
+    let stale = ferry::store::reconciliations::RunRow {
+        lease_token: Some("driver-gone".into()),
+        ..run.clone()
+    };
+    let what = "push of version 1 scheduled";
+    let forced = store.force_push_for(&stale, &finding, what, first.id.as_str(), 1);
+    assert_eq!(forced.await.expect("ran"), None);
+    let forced = store.force_push_for(&run, &finding, what, first.id.as_str(), 1);
+    assert_eq!(forced.await.expect("ran"), Some(true));
+    // The run again after a crash: the finding is repaired already.
+    let again = store.force_push_for(&run, &finding, what, first.id.as_str(), 1);
+    assert_eq!(again.await.expect("ran"), None);
+    let after = repairs(store.links_of(first.id.as_str()).await.expect("links"));
+    assert_eq!(after, before + 1, "forced once");
+    let open = store
+        .mismatches(&run.id, None, Some("open"), None, 10)
+        .await
+        .expect("findings");
+    assert!(open.is_empty(), "{open:?}");
+}
+
+#[tokio::test]
+async fn postgres_a_finding_is_forced_once() {
+    a_finding_is_forced_once(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_finding_is_forced_once() {
+    a_finding_is_forced_once(false).await;
+}
+
 #[tokio::test]
 async fn postgres_a_change_decided_before_a_hold_decides_again() {
     a_change_decided_before_a_hold_decides_again(true).await;
