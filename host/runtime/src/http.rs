@@ -169,12 +169,17 @@ impl CallState {
             headers.push((name, value));
         }
         let body = match req.body {
-            Some(body) if policy::has_placeholder(&body) => Some(policy::substitute_secrets(
-                &body,
-                &secret_names,
-                self.secrets(),
-                &self.data_placeholders,
-            )?),
+            Some(body) if policy::has_placeholder(&body) => {
+                match self.data_placeholders.literal() {
+                    Some(literal) => Some(policy::substitute_secrets(
+                        &body,
+                        &secret_names,
+                        self.secrets(),
+                        literal,
+                    )?),
+                    None => Some(body),
+                }
+            }
             other => other,
         };
 

@@ -388,6 +388,39 @@ pub(crate) fn placeholders_in(data: &[u8]) -> Vec<Vec<u8>> {
     found
 }
 
+/// How many distinct placeholders of a call's data are kept: a remote
+/// answering with a million of them would otherwise grow the set on the
+/// host, outside the guest's memory cap.
+const MAX_DATA_PLACEHOLDERS: usize = 1024;
+
+/// The placeholder text a call's data held ([`placeholders_in`]), which
+/// its request bodies send as written.
+#[derive(Debug, Default)]
+pub(crate) struct DataPlaceholders {
+    seen: BTreeSet<Vec<u8>>,
+    /// More than [`MAX_DATA_PLACEHOLDERS`]: no body of the call is
+    /// substituted (the connector's own placeholders go as written too).
+    overflow: bool,
+}
+
+impl DataPlaceholders {
+    /// Notes the placeholders `data` holds.
+    pub(crate) fn note(&mut self, data: &[u8]) {
+        for placeholder in placeholders_in(data) {
+            if self.seen.len() == MAX_DATA_PLACEHOLDERS {
+                self.overflow = true;
+                return;
+            }
+            self.seen.insert(placeholder);
+        }
+    }
+
+    /// The placeholders a body sends as written; `None`: every one.
+    pub(crate) fn literal(&self) -> Option<&BTreeSet<Vec<u8>>> {
+        (!self.overflow).then_some(&self.seen)
+    }
+}
+
 fn substitute<'v>(
     input: &[u8],
     open: &[u8],
@@ -810,6 +843,21 @@ mod tests {
         ]);
         let out = substitute_secrets(body, &declared, &values, &literal).unwrap();
         assert_eq!(out, br#"{"name":"{{secret:api_key}}","key":"other_value"}"#);
+    }
+
+    /// A remote answering with more distinct placeholders than are kept:
+    /// the set stops growing, and no body of the call is substituted.
+    #[test]
+    fn data_placeholders_are_bounded() {
+        let mut data = DataPlaceholders::default();
+        data.note(b"{{secret:a}} {{token:b}}");
+        assert_eq!(data.literal().map(BTreeSet::len), Some(2));
+        let flood: String = (0..2 * MAX_DATA_PLACEHOLDERS)
+            .map(|n| format!("{{{{secret:k{n}}}}}"))
+            .collect();
+        data.note(flood.as_bytes());
+        assert!(data.literal().is_none());
+        assert_eq!(data.seen.len(), MAX_DATA_PLACEHOLDERS);
     }
 
     /// A body of placeholders grew on the host into copies of the secret,

@@ -4,7 +4,7 @@
 //! A fresh [`CallState`] lives in a fresh `Store` for every call and is
 //! dropped with it, so nothing a guest does survives into the next call.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
@@ -111,7 +111,7 @@ pub(crate) struct CallState {
     pub(crate) throttled: Option<Duration>,
     /// Placeholder text the call's data holds (its arguments, its answers):
     /// left as written in request bodies ([`super::policy::placeholders_in`]).
-    pub(crate) data_placeholders: BTreeSet<Vec<u8>>,
+    pub(crate) data_placeholders: super::policy::DataPlaceholders,
     /// Requests handed to the transport: whether the remote may have seen
     /// any of the call's writes.
     pub(crate) requests_sent: u32,
@@ -147,7 +147,7 @@ impl CallState {
             log_lines: Arc::default(),
             tokens: CallTokens::new(),
             throttled: None,
-            data_placeholders: BTreeSet::new(),
+            data_placeholders: super::policy::DataPlaceholders::default(),
             requests_sent: 0,
             requests_unsettled: 0,
             wasi: None,
@@ -162,8 +162,7 @@ impl CallState {
     /// Notes the placeholder text `data` holds: data the call was given or
     /// read, which a request body must carry as written.
     pub(crate) fn note_data(&mut self, data: &[u8]) {
-        self.data_placeholders
-            .extend(super::policy::placeholders_in(data));
+        self.data_placeholders.note(data);
     }
 
     /// The connector's secret values, for substitution and redaction.
