@@ -559,7 +559,11 @@ async fn settle(
     let Some(repair) = repair else {
         return Ok(());
     };
-    let scheduled = match state.sync.resolve_mismatch(run, mismatch, repair).await {
+    let scheduled = match state
+        .sync
+        .resolve_mismatch(run, mismatch, repair, &claim)
+        .await
+    {
         Ok(Some(what)) => Ok(what),
         Ok(None) => Err(ApiError::field(
             "action",

@@ -23,6 +23,16 @@ const REOPEN_STALLED_SQL: &str = "UPDATE reconciliation_mismatches SET state = '
      repair = NULL, resolved_at = NULL WHERE state = 'resolved' \
      AND repair LIKE '%: being scheduled' AND resolved_at < $1";
 
+/// Who forces a finding's push ([`Store::force_push_for`]).
+#[derive(Debug, Clone, Copy)]
+pub enum ForcedBy<'a> {
+    /// The run's repair step, under its lease.
+    Run,
+    /// A person's resolution, under its claim
+    /// ([`Store::settle_mismatch`]'s `repair` text).
+    Claim(&'a str),
+}
+
 /// The claim [`Store::settle_mismatch`] marks a finding with while
 /// `repair` is scheduled for it.
 pub fn scheduling_claim(repair: &str) -> String {
@@ -986,15 +996,21 @@ impl Store {
     }
 
     /// [`Store::force_push`] for finding `finding` of `run`, in one
-    /// transaction with the finding marked repaired (`what`), and only while
-    /// the finding is open and `run` holds its lease: `None` when it is not
-    /// (a run claimed again after a crash, or by another replica after its
-    /// lease ran out, found the finding still open and forced the push
-    /// again, under a new key, the whole record over an edit made between).
+    /// transaction with what the finding records (`what`), and only while
+    /// `by` still holds it: `None` when it does not. A run's finding is
+    /// marked repaired while it is open and the run holds its lease (a run
+    /// claimed again after a crash, or by another replica after its lease
+    /// ran out, found the finding still open and forced the push again,
+    /// under a new key, the whole record over an edit made between). A
+    /// person's resolution is described while the finding holds its claim
+    /// (a process that died between the push and the description left the
+    /// claim, which is opened again once stalled, and resolved again it
+    /// forced a second push).
     pub async fn force_push_for(
         &self,
         run: &RunRow,
         finding: &str,
+        by: ForcedBy<'_>,
         what: &str,
         customer_id: &str,
         version: i64,
@@ -1002,15 +1018,24 @@ impl Store {
         let at = now();
         let forced = dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
-            let claimed = sqlx::query(
-                "UPDATE reconciliation_mismatches SET state = 'repaired', repair = $2 \
-                 WHERE id = $1 AND state = 'open' AND EXISTS (SELECT 1 FROM reconciliation_runs \
-                 WHERE id = $3 AND lease_token = $4 AND status = 'running')",
-            )
-            .bind(finding)
-            .bind(what)
-            .bind(&run.id)
-            .bind(&run.lease_token)
+            let claimed = match by {
+                ForcedBy::Run => sqlx::query(
+                    "UPDATE reconciliation_mismatches SET state = 'repaired', repair = $2 \
+                     WHERE id = $1 AND state = 'open' AND EXISTS (SELECT 1 FROM \
+                     reconciliation_runs WHERE id = $3 AND lease_token = $4 AND status = 'running')",
+                )
+                .bind(finding)
+                .bind(what)
+                .bind(&run.id)
+                .bind(&run.lease_token),
+                ForcedBy::Claim(claim) => sqlx::query(
+                    "UPDATE reconciliation_mismatches SET repair = $2 \
+                     WHERE id = $1 AND state = 'resolved' AND repair = $3",
+                )
+                .bind(finding)
+                .bind(what)
+                .bind(claim),
+            }
             .execute(&mut *tx)
             .await?
             .rows_affected();

@@ -38,7 +38,7 @@ use crate::registry::{Need, NotReady};
 use crate::runtime::{CallError, ConnectorError, Page};
 use crate::store::inbox::{NewInboxEvent, RemoteChange};
 use crate::store::now_ms;
-use crate::store::reconciliations::{MismatchRow, NewMismatch, PageFindings, RunRow};
+use crate::store::reconciliations::{ForcedBy, MismatchRow, NewMismatch, PageFindings, RunRow};
 use crate::store::LinkState;
 use crate::store::StoreError;
 
@@ -1078,7 +1078,11 @@ impl SyncEngine {
                         what
                     }
                     push => match self
-                        .schedule_push(&run.connector, push, Some((run, &mismatch.id)))
+                        .schedule_push(
+                            &run.connector,
+                            push,
+                            Some((run, &mismatch.id, ForcedBy::Run)),
+                        )
                         .await?
                     {
                         Scheduled::Done(what) => what,
@@ -1133,14 +1137,14 @@ impl SyncEngine {
         }
     }
 
-    /// Schedules a push `action` (not an event). A run's `finding` is
-    /// marked repaired with a forced push, in its transaction (see
+    /// Schedules a push `action` (not an event). A forced push records
+    /// what it did in its `finding`, in its transaction (see
     /// [`crate::store::Store::force_push_for`]).
     async fn schedule_push(
         &self,
         connector: &str,
         action: Action,
-        finding: Option<(&RunRow, &str)>,
+        finding: Option<(&RunRow, &str, ForcedBy<'_>)>,
     ) -> Result<Scheduled, StoreError> {
         let store = &self.inner.store;
         let (customer, recreate) = match action {
@@ -1164,9 +1168,9 @@ impl SyncEngine {
                     .recreate_remote(&customer, connector, current.version, seen.as_deref())
                     .await?
             }
-            (None, Some((run, finding))) => {
+            (None, Some((run, finding, by))) => {
                 match store
-                    .force_push_for(run, finding, &what, &customer, current.version)
+                    .force_push_for(run, finding, by, &what, &customer, current.version)
                     .await?
                 {
                     Some(forced) => forced,
@@ -1221,12 +1225,15 @@ impl SyncEngine {
     /// mode); what was scheduled, or `None` when the action does nothing
     /// for this kind of finding.
     /// An orphan's recreate whose record the remote cannot be asked about
-    /// now is [`FoldError::RemoteUnreadable`] (the finding stays open).
+    /// now is [`FoldError::RemoteUnreadable`] (the finding stays open). A
+    /// forced push records what it did in the finding while it holds
+    /// `claim`, in the push's transaction.
     pub async fn resolve_mismatch(
         &self,
         run: &RunRow,
         mismatch: &MismatchRow,
         action: Repair,
+        claim: &str,
     ) -> Result<Option<String>, FoldError> {
         let store = &self.inner.store;
         let Some(planned) = plan_repair(
@@ -1252,7 +1259,14 @@ impl SyncEngine {
                     .await?;
                 what
             }
-            push => match self.schedule_push(&run.connector, push, None).await? {
+            push => match self
+                .schedule_push(
+                    &run.connector,
+                    push,
+                    Some((run, &mismatch.id, ForcedBy::Claim(claim))),
+                )
+                .await?
+            {
                 Scheduled::Done(what) => what,
                 Scheduled::Busy | Scheduled::NotOurs => {
                     "nothing: a push of the customer is already on its way".to_owned()

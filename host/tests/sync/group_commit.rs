@@ -13,6 +13,7 @@ use ferry::store::inbox::{
     NewInboxEvent, RemoteChange,
 };
 use ferry::store::links::LinkWrite;
+use ferry::store::reconciliations::ForcedBy;
 use ferry::store::{
     customers::WriteContext, Address, ChangeNotice, ClaimedLink, Customer, CustomerFields,
     CustomerId, LinkState, RecordedOutcome, Store, StoreError, StoreOptions, SyncLink,
@@ -759,12 +760,12 @@ async fn a_finding_is_forced_once(postgres: bool) {
         ..run.clone()
     };
     let what = "push of version 1 scheduled";
-    let forced = store.force_push_for(&stale, &finding, what, first.id.as_str(), 1);
+    let forced = store.force_push_for(&stale, &finding, ForcedBy::Run, what, first.id.as_str(), 1);
     assert_eq!(forced.await.expect("ran"), None);
-    let forced = store.force_push_for(&run, &finding, what, first.id.as_str(), 1);
+    let forced = store.force_push_for(&run, &finding, ForcedBy::Run, what, first.id.as_str(), 1);
     assert_eq!(forced.await.expect("ran"), Some(true));
     // The run again after a crash: the finding is repaired already.
-    let again = store.force_push_for(&run, &finding, what, first.id.as_str(), 1);
+    let again = store.force_push_for(&run, &finding, ForcedBy::Run, what, first.id.as_str(), 1);
     assert_eq!(again.await.expect("ran"), None);
     let after = repairs(store.links_of(first.id.as_str()).await.expect("links"));
     assert_eq!(after, before + 1, "forced once");
@@ -773,6 +774,44 @@ async fn a_finding_is_forced_once(postgres: bool) {
         .await
         .expect("findings");
     assert!(open.is_empty(), "{open:?}");
+
+    // A person's resolution: the push and its description go together,
+    // while the finding holds the resolution's claim. A process that died
+    // between them left the claim, opened again once stalled, and
+    // resolved again forced a second push.
+    let by_hand = format!("mm_by_hand_{postgres}");
+    let insert = insert.replace(&finding, &by_hand);
+    crate::helpers::execute_raw(&url, &insert, b"").await;
+    let claim = ferry::store::reconciliations::scheduling_claim("push_local");
+    assert!(store
+        .settle_mismatch(&by_hand, "resolved", &claim)
+        .await
+        .expect("claimed"));
+    let forced = store.force_push_for(
+        &run,
+        &by_hand,
+        ForcedBy::Claim(&claim),
+        what,
+        first.id.as_str(),
+        1,
+    );
+    assert_eq!(forced.await.expect("ran"), Some(true));
+    let again = store.force_push_for(
+        &run,
+        &by_hand,
+        ForcedBy::Claim(&claim),
+        what,
+        first.id.as_str(),
+        1,
+    );
+    assert_eq!(again.await.expect("ran"), None);
+    let stalled = store
+        .reopen_stalled_resolutions(chrono::Utc::now() + chrono::Duration::hours(1))
+        .await
+        .expect("swept");
+    assert_eq!(stalled, 0, "described with its push: not stalled");
+    let after_hand = repairs(store.links_of(first.id.as_str()).await.expect("links"));
+    assert_eq!(after_hand, before + 2, "forced once more");
 }
 
 #[tokio::test]
