@@ -1247,8 +1247,12 @@ impl SyncEngine {
         };
         let what = match planned {
             Action::Event(mut event) => {
-                // A second resolution of the same finding is a new event.
-                event.event_id = format!("{}:{}", event.event_id, uuid::Uuid::now_v7().simple());
+                // Not the run's own event of the finding; one per action:
+                // a finding is resolved again only once it was opened
+                // again, which a process that died after storing the event
+                // and before describing it also leaves (its claim stalled),
+                // and the same resolution then stores nothing twice.
+                event.event_id = format!("{}:{}", event.event_id, action.as_str());
                 let what = format!("inbox event {} ({})", event.event_id, event.kind);
                 store
                     .store_inbox_many(&[(

@@ -1663,6 +1663,47 @@ async fn webhook_at(
     delivered.detail.clone().unwrap_or_default()
 }
 
+/// A resolution by hand whose process died after storing its event and
+/// before describing it left its claim, opened again once stalled;
+/// resolved again the same way, it stored a second event (the record
+/// applied once more, over local edits made between). Once per action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finding_resolved_again_stores_its_event_once() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let app = spawn_sync_app(Setup::new(Backend::Sqlite, &url)).await;
+    let address = email("resolved-again");
+    let remote = stripe_create(&url, &[("email", &address), ("name", "Only There")]).await;
+    let run = run_to_end(&app, json!({"connector": "stripe", "repair": "report"})).await;
+    let id = run["id"].as_str().expect("id").to_owned();
+    let missing = findings(&app.base, &id, Some("missing_local")).await;
+    let finding = missing
+        .iter()
+        .find(|f| f["remote_id"] == remote.as_str())
+        .expect("the Stripe-only record")
+        .clone();
+    resolve_by_hand(&app, &id, &finding, "pull_remote").await;
+    // What the stall sweep makes of a claim whose description never came.
+    let reopen = format!(
+        "UPDATE reconciliation_mismatches SET state = 'open', repair = NULL, \
+         resolved_at = NULL WHERE id = '{}'",
+        finding["id"].as_str().unwrap()
+    );
+    execute_raw(&app.database_url, &reopen, b"").await;
+    resolve_by_hand(&app, &id, &finding, "pull_remote").await;
+    app.wait_customer_by_email(&address).await;
+    let events = app
+        .store
+        .inbox_of_remote("stripe", &remote)
+        .await
+        .expect("inbox");
+    let by_hand: Vec<_> = events
+        .iter()
+        .filter(|e| e.event_id.starts_with(&format!("reconcile:{id}:")))
+        .collect();
+    assert_eq!(by_hand.len(), 1, "{events:?}");
+}
+
 /// `POST …/mismatches/{id}/resolve` with `action`; asserts 200 and returns
 /// the finding as resolved.
 async fn resolve_by_hand(app: &SyncApp, run: &str, finding: &Value, action: &str) -> Value {
