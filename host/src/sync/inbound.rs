@@ -899,11 +899,12 @@ impl SyncEngine {
                 Some(owner) => {
                     let links = inner.store.links_of(owner.id.as_str()).await?;
                     let own = links.into_iter().find(|l| l.connector == event.connector);
-                    let taken = own.clone().filter(|l| {
+                    let held_by = own.as_ref().and_then(|l| l.held_by.clone());
+                    let taken = own.filter(|l| {
                         !l.remote_deleted
                             && l.remote_id.as_deref().is_some_and(|r| r != event.remote_id)
                     });
-                    match (taken, own.and_then(|l| l.held_by)) {
+                    match (taken, held_by) {
                         (Some(taken), _) => {
                             return self.apply_duplicate(event, remote, owner, taken).await
                         }

@@ -1078,11 +1078,7 @@ impl SyncEngine {
                         what
                     }
                     push => match self
-                        .schedule_push(
-                            &run.connector,
-                            push,
-                            Some((run, &mismatch.id, ForcedBy::Run)),
-                        )
+                        .schedule_push(run, &mismatch.id, ForcedBy::Run, push)
                         .await?
                     {
                         Scheduled::Done(what) => what,
@@ -1137,16 +1133,18 @@ impl SyncEngine {
         }
     }
 
-    /// Schedules a push `action` (not an event). A forced push records
-    /// what it did in its `finding`, in its transaction (see
-    /// [`crate::store::Store::force_push_for`]).
+    /// Schedules a push `action` (not an event) for `finding` of `run`. A
+    /// forced push records what it did in the finding, in its transaction,
+    /// while `by` holds it (see [`crate::store::Store::force_push_for`]).
     async fn schedule_push(
         &self,
-        connector: &str,
+        run: &RunRow,
+        finding: &str,
+        by: ForcedBy<'_>,
         action: Action,
-        finding: Option<(&RunRow, &str, ForcedBy<'_>)>,
     ) -> Result<Scheduled, StoreError> {
         let store = &self.inner.store;
+        let connector = run.connector.as_str();
         let (customer, recreate) = match action {
             Action::Event(_) => return Ok(Scheduled::Busy),
             Action::ForcePush(customer) => (customer, None),
@@ -1162,26 +1160,19 @@ impl SyncEngine {
         }
         let what = if recreate.is_some() { "create" } else { "push" };
         let what = format!("{what} of version {} scheduled", current.version);
-        let scheduled = match (&recreate, finding) {
-            (Some(seen), _) => {
+        let scheduled = match &recreate {
+            Some(seen) => {
                 store
                     .recreate_remote(&customer, connector, current.version, seen.as_deref())
                     .await?
             }
-            (None, Some((run, finding, by))) => {
-                match store
-                    .force_push_for(run, finding, by, &what, &customer, current.version)
-                    .await?
-                {
-                    Some(forced) => forced,
-                    None => return Ok(Scheduled::NotOurs),
-                }
-            }
-            (None, None) => {
-                store
-                    .force_push(&customer, connector, current.version)
-                    .await?
-            }
+            None => match store
+                .force_push_for(run, finding, by, &what, &customer, current.version)
+                .await?
+            {
+                Some(forced) => forced,
+                None => return Ok(Scheduled::NotOurs),
+            },
         };
         if !scheduled {
             return Ok(Scheduled::Busy);
@@ -1264,11 +1255,7 @@ impl SyncEngine {
                 what
             }
             push => match self
-                .schedule_push(
-                    &run.connector,
-                    push,
-                    Some((run, &mismatch.id, ForcedBy::Claim(claim))),
-                )
+                .schedule_push(run, &mismatch.id, ForcedBy::Claim(claim), push)
                 .await?
             {
                 Scheduled::Done(what) => what,
