@@ -71,6 +71,12 @@ pub struct SyncLink {
     /// while it is unsettled: what the replay sends once the customer has
     /// moved on.
     pub pending_record: Option<serde_json::Value>,
+    /// The version of the last push whose outcome is unknown (it failed
+    /// after it may have been applied: a timeout, a 5xx), until a delivery:
+    /// `pushed_hash` is the base for a retry of that version alone, which
+    /// then sends the same request under the same key (see
+    /// [`SyncLink::delivered_base`]).
+    pub unsure_version: Option<i64>,
     /// Scheduling state.
     pub state: LinkState,
     /// Failed attempts since the last success.
@@ -96,6 +102,18 @@ pub struct SyncLink {
     pub repairs: i32,
 }
 
+impl SyncLink {
+    /// The hash of the last push the remote is known to hold, the base a
+    /// push of `version` may name its changed fields against: none after a
+    /// push whose outcome is unknown, unless `version` is that push's own
+    /// (its retry sends the same request again).
+    pub fn delivered_base(&self, version: i64) -> Option<&str> {
+        self.pushed_hash
+            .as_deref()
+            .filter(|_| self.unsure_version.is_none_or(|unsure| unsure == version))
+    }
+}
+
 #[derive(sqlx::FromRow)]
 pub(super) struct SyncLinkRow {
     customer_id: String,
@@ -108,6 +126,7 @@ pub(super) struct SyncLinkRow {
     snapshot: Option<Json<serde_json::Value>>,
     pending_version: Option<i64>,
     pending_record: Option<Json<serde_json::Value>>,
+    unsure_version: Option<i64>,
     state: String,
     attempts: i32,
     next_attempt_at_ms: i64,
@@ -134,6 +153,7 @@ impl From<SyncLinkRow> for SyncLink {
             snapshot: row.snapshot.map(|s| s.0),
             pending_version: row.pending_version,
             pending_record: row.pending_record.map(|r| r.0),
+            unsure_version: row.unsure_version,
             state: LinkState::parse(&row.state),
             attempts: row.attempts,
             next_attempt_at_ms: row.next_attempt_at_ms,
@@ -195,7 +215,7 @@ impl From<ClaimedRow> for ClaimedLink {
 macro_rules! link_columns {
     () => {
         "customer_id, connector, remote_id, remote_deleted, wanted_version, synced_version, \
-         pushed_hash, snapshot, pending_version, pending_record, state, attempts, \
+         pushed_hash, snapshot, pending_version, pending_record, unsure_version, state, attempts, \
          next_attempt_at_ms, lease_token, last_error, correlation_id, updated_at, remote_seen_at_ms, \
          pushed_at_ms, held_by, repairs"
     };
@@ -802,7 +822,7 @@ macro_rules! record_in {
                         let done = sqlx::query(concat!(
                             "UPDATE sync_links SET remote_id = $1, remote_deleted = $2, ",
                             fenced_by_repairs!("sync_links", "$11", "$3", "$4", "$5", "$12"),
-                            ", pending_version = NULL, \
+                            ", pending_version = NULL, unsure_version = NULL, \
                              remote_seen_at_ms = CASE WHEN remote_id IS NULL OR remote_id <> $1 \
                                 THEN 0 ELSE remote_seen_at_ms END, \
                              pending_record = NULL, attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $6, \
@@ -899,11 +919,18 @@ macro_rules! record_in {
                     .await?
                     .rows_affected()
                 }
-                RecordedOutcome::RetryScheduled { attempt, at_ms, error, pending_version, .. } => {
+                RecordedOutcome::RetryScheduled { version, attempt, at_ms, error, pending_version, .. } => {
                     // A failed push may have been applied (a timeout): what
                     // the remote holds is unknown until the next delivery,
-                    // so no later version is skipped as unchanged (here and
-                    // on a dead letter).
+                    // so no later version is skipped as unchanged or sent
+                    // as its changed fields alone (here and on a dead
+                    // letter). The retry of this version sends the same
+                    // request under the same key, planned over the same
+                    // base (`unsure_version`): sent whole under another
+                    // key, the remote applied both, the second over an edit
+                    // made there between. A second version failing so
+                    // leaves no base at all: its request was the whole
+                    // record already.
                     // A newer version taken in while the push was out
                     // started its own count (the intake reset it): this
                     // failure is its first, not the older one's next; one
@@ -913,7 +940,10 @@ macro_rules! record_in {
                          attempts = CASE WHEN wanted_version > $9 THEN attempts + $1 - $10 ELSE $1 END, \
                          next_attempt_at_ms = $2, \
                          last_error = $3, pending_version = COALESCE($4, pending_version), \
-                         pushed_hash = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $5 \
+                         pushed_hash = CASE WHEN unsure_version IS NULL OR unsure_version = $11 \
+                           THEN pushed_hash END, \
+                         unsure_version = $11, \
+                         lease_until_ms = 0, lease_token = NULL, updated_at = $5 \
                          WHERE customer_id = $6 AND connector = $7 AND lease_token = $8",
                     )
                     .bind(attempt)
@@ -926,6 +956,7 @@ macro_rules! record_in {
                     .bind(&$link.lease_token)
                     .bind($link.wanted_version)
                     .bind($link.attempts)
+                    .bind(version)
                     .execute(&mut *$tx)
                     .await?
                     .rows_affected()
@@ -989,7 +1020,7 @@ macro_rules! record_in {
                          last_error = $2, \
                          pending_version = CASE WHEN $7 THEN NULL ELSE pending_version END, \
                          pending_record = CASE WHEN $7 THEN NULL ELSE pending_record END, \
-                         pushed_hash = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $3 \
+                         pushed_hash = NULL, unsure_version = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $3 \
                          WHERE customer_id = $4 AND connector = $5 AND lease_token = $6",
                     )
                     .bind(attempt)
@@ -1476,7 +1507,7 @@ const DELIVERED_BATCH_POSTGRES: &str = concat!("WITH w AS (SELECT * FROM UNNEST(
         "w.snapshot::jsonb",
         "w.snapshot_base::jsonb"
     ),
-    ", pending_version = NULL, \
+    ", pending_version = NULL, unsure_version = NULL, \
        pending_record = NULL, attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, \
        updated_at = $14, \
        remote_seen_at_ms = CASE WHEN l.remote_id IS NULL OR l.remote_id <> w.remote_id \
@@ -1613,7 +1644,7 @@ const DELIVERED_BATCH_SQLITE: &str = concat!(
         "json_extract(w.value, '$[7]')",
         "json_extract(w.value, '$[13]')"
     ),
-    ", pending_version = NULL, pending_record = NULL, \
+    ", pending_version = NULL, pending_record = NULL, unsure_version = NULL, \
        attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $2, \
        remote_seen_at_ms = CASE WHEN sync_links.remote_id IS NULL \
          OR sync_links.remote_id <> json_extract(w.value, '$[3]') \

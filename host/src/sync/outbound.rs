@@ -274,19 +274,18 @@ fn plan(
     }
     name_removed_metadata(&mut update, link.snapshot.as_ref());
     let content_hash = hash(&update.to_string());
-    if link.pushed_hash.as_deref() == Some(content_hash.as_str()) {
+    let delivered = link.delivered_base(customer.version);
+    if delivered == Some(content_hash.as_str()) {
         return Ok(Err(("content unchanged since the last push".into(), true)));
     }
     // Only over a last push that was delivered (`pushed_hash` kept, or
-    // `remote` since an event wrote the snapshot): after one whose outcome
-    // is unknown (a timeout, a lease lost mid-call) the remote may hold
-    // what it sent, not the snapshot, and a field changed back to the
+    // `remote` since an event wrote the snapshot), or for the retry of one
+    // whose outcome is unknown (the same request again): after such a push
+    // (a timeout, a lease lost mid-call) the remote may hold what it sent,
+    // not the snapshot, and a later version's field changed back to the
     // snapshot's value would not be sent. Nor after a forced push, which
     // makes the remote equal to ferry's record, or a resolution.
-    let changed = link
-        .pushed_hash
-        .as_ref()
-        .and_then(|_| name_changed_fields(&mut update, link.snapshot.as_ref()));
+    let changed = delivered.and_then(|_| name_changed_fields(&mut update, link.snapshot.as_ref()));
     let record = update.to_string();
     // The request differs with the snapshot it was planned against (its
     // changed fields), not only with the version: a retry after the
@@ -1198,6 +1197,7 @@ mod tests {
             snapshot: None,
             pending_version: None,
             pending_record: None,
+            unsure_version: None,
             state: crate::store::LinkState::Pending,
             attempts: 0,
             next_attempt_at_ms: 0,
@@ -1378,5 +1378,27 @@ mod tests {
         assert_ne!(first.record, second.record);
         assert_ne!(first.key, second.key);
         assert_eq!(first.content_hash, second.content_hash);
+    }
+
+    /// After a push of version 3 whose outcome is unknown, its retry is
+    /// the same request (its changed fields, its key); version 4 goes
+    /// whole, and is not skipped as unchanged: the remote may hold 3.
+    #[test]
+    fn only_the_retry_of_an_unsure_push_keeps_its_base() {
+        let id = "cus_0123456789abcdef0123456789abcdef";
+        let third = customer(id, 3);
+        let mut link = linked(&third);
+        link.snapshot = Some(serde_json::json!({"name": "Ann", "email": "ada@example.com"}));
+        link.pushed_hash = Some("remote".to_owned());
+        let first = plan(&link, &third).unwrap().unwrap();
+        link.unsure_version = Some(3);
+        let retry = plan(&link, &third).unwrap().unwrap();
+        assert_eq!((&retry.record, &retry.key), (&first.record, &first.key));
+        let later = customer(id, 4);
+        link.pushed_hash = Some(hash(
+            &canonical_record(&serde_json::to_value(&later).expect("json")).to_string(),
+        ));
+        let whole = plan(&link, &later).unwrap().unwrap();
+        assert!(!whole.record.contains(CHANGED_FIELDS), "{}", whole.record);
     }
 }

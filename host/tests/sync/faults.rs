@@ -144,6 +144,62 @@ async fn a_change_undone_while_its_update_timed_out_is_pushed() {
     assert_eq!(held["name"], "Before", "{held:#}");
 }
 
+/// An update whose answer came too late may have been applied: its retry
+/// is the same request under the same key, answered from the result
+/// Stripe saved. It went whole, under another key: Stripe applied it as
+/// well, over an edit made there between (the phone below, set back to
+/// ferry's).
+async fn a_timed_out_update_is_retried_as_the_same_request(backend: Backend) {
+    let h = harness_on(backend, json!({})).await;
+    let customer = h
+        .app
+        .create(json!({"email": email("same-request"), "name": "Before", "phone": "+15550100"}))
+        .await;
+    let id = customer["id"].as_str().unwrap();
+    let remote_id = h.app.wait_synced(id, 1).await["remote_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let update = format!("/v1/customers/{remote_id}");
+    h.proxy.push(
+        Match::request("POST", &update),
+        Fault::ForwardThenDelay(Duration::from_secs(4)),
+    );
+    h.app.patch(id, json!({"name": "Changed"})).await;
+    wait_forwarded(&h.proxy, &update).await;
+    // Stripe holds "Changed"; while its answer is late, someone changes
+    // the phone in the dashboard.
+    crate::helpers::stripe_write(&h.stripe.url(), &update, &[("phone", "+15550199")]).await;
+    h.app.wait_synced(id, 2).await;
+
+    let updates = h.proxy.requests_to("POST", &update);
+    assert_eq!(updates.len(), 2, "one timed-out attempt, one retry");
+    assert_eq!(
+        updates[0].header("idempotency-key"),
+        updates[1].header("idempotency-key")
+    );
+    assert_eq!(updates[0].body, updates[1].body);
+    assert!(
+        !updates[1].forwarded,
+        "the retry was answered from Stripe's saved result"
+    );
+    let held = crate::helpers::stripe_customer(&h.stripe.url(), &remote_id)
+        .await
+        .expect("the record");
+    assert_eq!(held["name"], "Changed", "{held:#}");
+    assert_eq!(held["phone"], "+15550199", "{held:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_timed_out_update_is_retried_as_the_same_request() {
+    a_timed_out_update_is_retried_as_the_same_request(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_timed_out_update_is_retried_as_the_same_request() {
+    a_timed_out_update_is_retried_as_the_same_request(Backend::Postgres).await;
+}
+
 /// An update the call gave up on may still land at the remote. Retried at
 /// once (jitter under the 400 ms backoff here), a newer version could go
 /// out under a new key and land first, and the late one leave the older
