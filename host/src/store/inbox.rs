@@ -809,7 +809,7 @@ impl Store {
                 .or_else(|| change.link_customer.clone());
             if let Some(old) = &change.unlink_customer {
                 sqlx::query(
-                    "UPDATE sync_links SET remote_id = NULL, snapshot = NULL, pushed_hash = NULL, \
+                    "UPDATE sync_links SET remote_id = NULL, snapshot = NULL, pushed_hash = NULL, unsure_base = NULL, \
                      pending_version = NULL, pending_record = NULL, updated_at = $3 \
                      WHERE customer_id = $1 AND connector = $2",
                 )

@@ -72,11 +72,12 @@ pub struct SyncLink {
     /// moved on.
     pub pending_record: Option<serde_json::Value>,
     /// The version of the last push whose outcome is unknown (it failed
-    /// after it may have been applied: a timeout, a 5xx), until a delivery:
-    /// `pushed_hash` is the base for a retry of that version alone, which
-    /// then sends the same request under the same key (see
-    /// [`SyncLink::delivered_base`]).
+    /// after it may have been applied: a timeout, a 5xx), until a delivery.
     pub unsure_version: Option<i64>,
+    /// The `pushed_hash` that push was planned over: the base of a retry
+    /// of that version alone, which then sends the same request under the
+    /// same key (see [`SyncLink::delivered_base`]).
+    pub unsure_base: Option<String>,
     /// Scheduling state.
     pub state: LinkState,
     /// Failed attempts since the last success.
@@ -108,9 +109,10 @@ impl SyncLink {
     /// push whose outcome is unknown, unless `version` is that push's own
     /// (its retry sends the same request again).
     pub fn delivered_base(&self, version: i64) -> Option<&str> {
-        self.pushed_hash
+        self.pushed_hash.as_deref().or(self
+            .unsure_base
             .as_deref()
-            .filter(|_| self.unsure_version.is_none_or(|unsure| unsure == version))
+            .filter(|_| self.unsure_version == Some(version)))
     }
 }
 
@@ -127,6 +129,7 @@ pub(super) struct SyncLinkRow {
     pending_version: Option<i64>,
     pending_record: Option<Json<serde_json::Value>>,
     unsure_version: Option<i64>,
+    unsure_base: Option<String>,
     state: String,
     attempts: i32,
     next_attempt_at_ms: i64,
@@ -154,6 +157,7 @@ impl From<SyncLinkRow> for SyncLink {
             pending_version: row.pending_version,
             pending_record: row.pending_record.map(|r| r.0),
             unsure_version: row.unsure_version,
+            unsure_base: row.unsure_base,
             state: LinkState::parse(&row.state),
             attempts: row.attempts,
             next_attempt_at_ms: row.next_attempt_at_ms,
@@ -215,7 +219,7 @@ impl From<ClaimedRow> for ClaimedLink {
 macro_rules! link_columns {
     () => {
         "customer_id, connector, remote_id, remote_deleted, wanted_version, synced_version, \
-         pushed_hash, snapshot, pending_version, pending_record, unsure_version, state, attempts, \
+         pushed_hash, snapshot, pending_version, pending_record, unsure_version, unsure_base, state, attempts, \
          next_attempt_at_ms, lease_token, last_error, correlation_id, updated_at, remote_seen_at_ms, \
          pushed_at_ms, held_by, repairs"
     };
@@ -381,8 +385,10 @@ macro_rules! push_again {
 /// `$5` now. A link in backoff keeps its schedule (its attempt pushes
 /// anyway). The push sends the whole record: what the remote holds is not
 /// known field by field.
-pub(crate) const FORCE_PUSH_SQL: &str =
-    concat!("UPDATE sync_links SET pushed_hash = NULL, ", push_again!());
+pub(crate) const FORCE_PUSH_SQL: &str = concat!(
+    "UPDATE sync_links SET pushed_hash = NULL, unsure_base = NULL, ",
+    push_again!()
+);
 
 /// [`FORCE_PUSH_SQL`] for an inbound merge that kept values the remote
 /// lacks (a conflict kept locally, an owned field, a first sync's gaps):
@@ -822,7 +828,7 @@ macro_rules! record_in {
                         let done = sqlx::query(concat!(
                             "UPDATE sync_links SET remote_id = $1, remote_deleted = $2, ",
                             fenced_by_repairs!("sync_links", "$11", "$3", "$4", "$5", "$12"),
-                            ", pending_version = NULL, unsure_version = NULL, \
+                            ", pending_version = NULL, unsure_version = NULL, unsure_base = NULL, \
                              remote_seen_at_ms = CASE WHEN remote_id IS NULL OR remote_id <> $1 \
                                 THEN 0 ELSE remote_seen_at_ms END, \
                              pending_record = NULL, attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $6, \
@@ -926,11 +932,12 @@ macro_rules! record_in {
                     // as its changed fields alone (here and on a dead
                     // letter). The retry of this version sends the same
                     // request under the same key, planned over the same
-                    // base (`unsure_version`): sent whole under another
-                    // key, the remote applied both, the second over an edit
-                    // made there between. A second version failing so
-                    // leaves no base at all: its request was the whole
-                    // record already.
+                    // base (`unsure_base`): sent whole under another key,
+                    // the remote applied both, the second over an edit made
+                    // there between. A second version failing so leaves no
+                    // base at all: its request was the whole record
+                    // already. `pushed_hash` is NULL meanwhile, as a replica
+                    // of an older release reads it.
                     // A newer version taken in while the push was out
                     // started its own count (the intake reset it): this
                     // failure is its first, not the older one's next; one
@@ -940,9 +947,9 @@ macro_rules! record_in {
                          attempts = CASE WHEN wanted_version > $9 THEN attempts + $1 - $10 ELSE $1 END, \
                          next_attempt_at_ms = $2, \
                          last_error = $3, pending_version = COALESCE($4, pending_version), \
-                         pushed_hash = CASE WHEN unsure_version IS NULL OR unsure_version = $11 \
-                           THEN pushed_hash END, \
-                         unsure_version = $11, \
+                         unsure_base = CASE WHEN pushed_hash IS NOT NULL THEN pushed_hash \
+                           WHEN unsure_version = $11 THEN unsure_base END, \
+                         unsure_version = $11, pushed_hash = NULL, \
                          lease_until_ms = 0, lease_token = NULL, updated_at = $5 \
                          WHERE customer_id = $6 AND connector = $7 AND lease_token = $8",
                     )
@@ -1020,7 +1027,7 @@ macro_rules! record_in {
                          last_error = $2, \
                          pending_version = CASE WHEN $7 THEN NULL ELSE pending_version END, \
                          pending_record = CASE WHEN $7 THEN NULL ELSE pending_record END, \
-                         pushed_hash = NULL, unsure_version = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $3 \
+                         pushed_hash = NULL, unsure_version = NULL, unsure_base = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $3 \
                          WHERE customer_id = $4 AND connector = $5 AND lease_token = $6",
                     )
                     .bind(attempt)
@@ -1507,7 +1514,7 @@ const DELIVERED_BATCH_POSTGRES: &str = concat!("WITH w AS (SELECT * FROM UNNEST(
         "w.snapshot::jsonb",
         "w.snapshot_base::jsonb"
     ),
-    ", pending_version = NULL, unsure_version = NULL, \
+    ", pending_version = NULL, unsure_version = NULL, unsure_base = NULL, \
        pending_record = NULL, attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, \
        updated_at = $14, \
        remote_seen_at_ms = CASE WHEN l.remote_id IS NULL OR l.remote_id <> w.remote_id \
@@ -1644,7 +1651,7 @@ const DELIVERED_BATCH_SQLITE: &str = concat!(
         "json_extract(w.value, '$[7]')",
         "json_extract(w.value, '$[13]')"
     ),
-    ", pending_version = NULL, pending_record = NULL, unsure_version = NULL, \
+    ", pending_version = NULL, pending_record = NULL, unsure_version = NULL, unsure_base = NULL, \
        attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $2, \
        remote_seen_at_ms = CASE WHEN sync_links.remote_id IS NULL \
          OR sync_links.remote_id <> json_extract(w.value, '$[3]') \

@@ -1111,7 +1111,7 @@ impl Store {
                 "INSERT INTO sync_links (customer_id, connector, wanted_version, synced_version, state, \
                  next_attempt_at_ms, updated_at) VALUES ($1, $2, $3, 0, 'pending', $4, $5) \
                  ON CONFLICT (customer_id, connector) DO UPDATE SET remote_id = NULL, remote_deleted = FALSE, \
-                 snapshot = NULL, pushed_hash = NULL, pending_version = NULL, pending_record = NULL, \
+                 snapshot = NULL, pushed_hash = NULL, unsure_base = NULL, pending_version = NULL, pending_record = NULL, \
                  repairs = sync_links.repairs + 1, \
                  synced_version = 0, \
                  wanted_version = CASE WHEN sync_links.wanted_version < $3 THEN $3 ELSE sync_links.wanted_version END, \

@@ -1198,6 +1198,7 @@ mod tests {
             pending_version: None,
             pending_record: None,
             unsure_version: None,
+            unsure_base: None,
             state: crate::store::LinkState::Pending,
             attempts: 0,
             next_attempt_at_ms: 0,
@@ -1386,18 +1387,26 @@ mod tests {
     #[test]
     fn only_the_retry_of_an_unsure_push_keeps_its_base() {
         let id = "cus_0123456789abcdef0123456789abcdef";
-        let third = customer(id, 3);
+        // Version 3 renames her; version 4 names her as before.
+        let third = Customer {
+            name: Some("Ada Lovelace".to_owned()),
+            ..customer(id, 3)
+        };
+        let later = customer(id, 4);
         let mut link = linked(&third);
         link.snapshot = Some(serde_json::json!({"name": "Ann", "email": "ada@example.com"}));
-        link.pushed_hash = Some("remote".to_owned());
+        // Delivered last: the content version 4 has again.
+        let delivered =
+            hash(&canonical_record(&serde_json::to_value(&later).expect("json")).to_string());
+        link.pushed_hash = Some(delivered.clone());
         let first = plan(&link, &third).unwrap().unwrap();
+        assert!(first.record.contains(CHANGED_FIELDS), "{}", first.record);
+        // Version 3's push timed out (what the store then writes).
+        link.pushed_hash = None;
         link.unsure_version = Some(3);
+        link.unsure_base = Some(delivered);
         let retry = plan(&link, &third).unwrap().unwrap();
         assert_eq!((&retry.record, &retry.key), (&first.record, &first.key));
-        let later = customer(id, 4);
-        link.pushed_hash = Some(hash(
-            &canonical_record(&serde_json::to_value(&later).expect("json")).to_string(),
-        ));
         let whole = plan(&link, &later).unwrap().unwrap();
         assert!(!whole.record.contains(CHANGED_FIELDS), "{}", whole.record);
     }
