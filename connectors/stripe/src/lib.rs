@@ -346,14 +346,22 @@ const STRIPE_VERSION: &str = "2024-06-20";
 /// Maps a non-2xx answer onto a typed error with Stripe's own message, and
 /// honours `Stripe-Should-Retry` when Stripe says more than the status does:
 /// `false` on a 5xx means Stripe stored that answer for the request's
-/// idempotency key, so every retry with the key would get it again.
+/// idempotency key, so every retry with the key would get it again; a 5xx
+/// marked `Idempotent-Replayed: true` is that stored answer itself, given
+/// back (Stripe saves a request's first answer, 500s included, once its
+/// endpoint began), and is not retried either.
 /// A 409 is another request with the same idempotency key still in
 /// progress (a replay racing the request it replays): retried when the
 /// answer says nothing (localstripe says nothing), not when Stripe says
 /// `false` (a conflict no retry resolves). A 424 is a dependency
 /// outside Stripe that failed: retried unless Stripe says otherwise.
 fn checked(resp: Response) -> Result<Response, ConnectorError> {
-    let should_retry = resp.header("stripe-should-retry").map(str::to_owned);
+    let replayed_failure = resp.status >= 500 && resp.header("idempotent-replayed") == Some("true");
+    let should_retry = if replayed_failure {
+        Some("false".to_owned())
+    } else {
+        resp.header("stripe-should-retry").map(str::to_owned)
+    };
     let conflict = resp.status == 409;
     // "External dependency failed": a failure outside Stripe, transient by
     // nature, unless Stripe says not to retry.

@@ -279,7 +279,18 @@ async fn client_errors_map_to_their_kinds() {
         &[("stripe-should-retry", "false")],
         r#"{"error":{"type":"invalid_request_error","message":"Conflict that no retry resolves"}}"#,
     );
-    for (remote_id, retried) in [("cus_racing", true), ("cus_final", false)] {
+    // A 500 Stripe saved for the key, given back: every retry under the
+    // key would get it again.
+    kit.http().on("POST", &format!("{API}/cus_saved")).respond(
+        500,
+        &[("idempotent-replayed", "true")],
+        r#"{"error":{"type":"api_error","message":"An unknown error occurred"}}"#,
+    );
+    for (remote_id, retried) in [
+        ("cus_racing", true),
+        ("cus_final", false),
+        ("cus_saved", false),
+    ] {
         let mut push = create_request();
         push.operation = Operation::Update;
         push.remote_id = Some(remote_id.into());
