@@ -38,8 +38,8 @@ if [ -z "${BENCH_NO_BUILD:-}" ]; then
   step "building ferry and ferry-pg (release)"
   cargo build --quiet --release -p ferry --bin ferry -p ferry-test-support --bin ferry-pg
 fi
-FERRY_BIN="${BENCH_FERRY_BIN:-$CARGO_TARGET_DIR/release/ferry}"
-FERRY_PG_BIN="$CARGO_TARGET_DIR/release/ferry-pg"
+ferry_bin="${BENCH_FERRY_BIN:-$CARGO_TARGET_DIR/release/ferry}"
+pg_helper="$CARGO_TARGET_DIR/release/ferry-pg"
 
 WORK="$(mktemp -d)"
 PIDS=()
@@ -54,7 +54,7 @@ threads_for() { if [ "$1" -lt 2 ]; then echo 1; else echo 2; fi; }
 
 # A throw-away cluster (fsync on) for both pgbench and ferry's cluster mode.
 mkfifo "$WORK/pg-stdin"
-"$FERRY_PG_BIN" <"$WORK/pg-stdin" >"$WORK/pg-url" &
+"$pg_helper" <"$WORK/pg-stdin" >"$WORK/pg-url" &
 PIDS+=("$!")
 exec 8>"$WORK/pg-stdin"
 for _ in $(seq 1 300); do [ -s "$WORK/pg-url" ] && break; sleep 0.1; done
@@ -81,7 +81,7 @@ bench_ferry() {
   port="$(free_port)"
   FERRY_LISTEN="127.0.0.1:$port" FERRY_DATABASE_URL="$url" FERRY_DATABASE_MAX_CONNECTIONS=32 \
     FERRY_CONNECTORS_DIR="$WORK/no-connectors" RUST_LOG=warn \
-    "$FERRY_BIN" serve >"$WORK/ferry-$name.log" 2>&1 &
+    "$ferry_bin" serve >"$WORK/ferry-$name.log" 2>&1 &
   local pid=$!
   PIDS+=("$pid")
   for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done

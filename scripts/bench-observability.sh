@@ -31,8 +31,8 @@ if [ -z "${BENCH_NO_BUILD:-}" ]; then
   step "building ferry and ferry-pg (release)"
   cargo build --quiet --release -p ferry --bin ferry -p ferry-test-support --bin ferry-pg
 fi
-FERRY_BIN="$CARGO_TARGET_DIR/release/ferry"
-FERRY_PG_BIN="$CARGO_TARGET_DIR/release/ferry-pg"
+ferry_bin="$CARGO_TARGET_DIR/release/ferry"
+pg_helper="$CARGO_TARGET_DIR/release/ferry-pg"
 
 WORK="$(mktemp -d)"
 PIDS=()
@@ -44,7 +44,7 @@ cleanup() {
 trap cleanup EXIT
 
 mkfifo "$WORK/pg-stdin"
-"$FERRY_PG_BIN" <"$WORK/pg-stdin" >"$WORK/pg-url" &
+"$pg_helper" <"$WORK/pg-stdin" >"$WORK/pg-url" &
 PIDS+=("$!")
 exec 8>"$WORK/pg-stdin"
 for _ in $(seq 1 300); do [ -s "$WORK/pg-url" ] && break; sleep 0.1; done
@@ -62,15 +62,15 @@ window() {
   if [ "$mode" = on ]; then
     FERRY_LISTEN="127.0.0.1:$port" FERRY_DATABASE_URL="$url" FERRY_DATABASE_MAX_CONNECTIONS=32 \
       FERRY_CONNECTORS_DIR="$WORK/no-connectors" FERRY_METRICS=true FERRY_LOG_FORMAT=json RUST_LOG=info \
-      "$FERRY_BIN" serve >"$WORK/ferry-$db.log" 2>&1 &
+      "$ferry_bin" serve >"$WORK/ferry-$db.log" 2>&1 &
   elif [ "$mode" = metrics ]; then
     FERRY_LISTEN="127.0.0.1:$port" FERRY_DATABASE_URL="$url" FERRY_DATABASE_MAX_CONNECTIONS=32 \
       FERRY_CONNECTORS_DIR="$WORK/no-connectors" FERRY_METRICS=true RUST_LOG=warn \
-      "$FERRY_BIN" serve >"$WORK/ferry-$db.log" 2>&1 &
+      "$ferry_bin" serve >"$WORK/ferry-$db.log" 2>&1 &
   else
     FERRY_LISTEN="127.0.0.1:$port" FERRY_DATABASE_URL="$url" FERRY_DATABASE_MAX_CONNECTIONS=32 \
       FERRY_CONNECTORS_DIR="$WORK/no-connectors" FERRY_METRICS=false RUST_LOG=warn \
-      "$FERRY_BIN" serve >"$WORK/ferry-$db.log" 2>&1 &
+      "$ferry_bin" serve >"$WORK/ferry-$db.log" 2>&1 &
   fi
   pid=$!
   PIDS+=("$pid")

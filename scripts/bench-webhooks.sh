@@ -32,7 +32,7 @@ if [ -z "${BENCH_NO_BUILD:-}" ]; then
   step "building ferry and ferry-pg (release)"
   cargo build --quiet --release -p ferry --bin ferry -p ferry-test-support --bin ferry-pg
 fi
-FERRY_BIN="$CARGO_TARGET_DIR/release/ferry"
+ferry_bin="$CARGO_TARGET_DIR/release/ferry"
 FERRY_PG_BIN="$CARGO_TARGET_DIR/release/ferry-pg"
 
 WORK="$(mktemp -d)"
@@ -81,7 +81,7 @@ bench() {
     FERRY_CONNECTORS__STRIPE__SECRETS__API_KEY=sk_test_bench \
     FERRY_CONNECTORS__STRIPE__SECRETS__WEBHOOK_SECRET="$SECRET" \
     FERRY_CONNECTORS__STRIPE__SETTINGS__API_BASE=http://127.0.0.1:9 \
-    "$FERRY_BIN" serve >"$WORK/ferry-$name.log" 2>&1 &
+    "$ferry_bin" serve >"$WORK/ferry-$name.log" 2>&1 &
   local pid=$!
   PIDS+=("$pid")
   for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done

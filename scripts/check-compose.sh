@@ -8,10 +8,8 @@ cd "$FERRY_ROOT"
 
 if ! command -v docker-compose >/dev/null; then
   step "installing Debian's docker-compose"
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq
   # Without recommends: those would pull in the Docker engine itself.
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose
+  apt_get_install --no-install-recommends docker-compose
 fi
 
 fail() { printf 'check-compose: %s\n' "$*" >&2; exit 1; }

@@ -33,6 +33,20 @@ hold_target_dir() {
   export CI_TARGET_DIR_HELD=1
 }
 
+# Installs Debian packages `$@` (through sudo unless root). A run killed
+# while dpkg worked leaves it "interrupted", which every install after
+# refuses until `dpkg --configure -a`; another install running holds dpkg's
+# lock, which apt then waits for rather than failing.
+apt_get_install() {
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  # Through env: sudo resets the environment a prefix would set.
+  $sudo env DEBIAN_FRONTEND=noninteractive dpkg --configure -a
+  $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive \
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq "$@"
+}
+
 # A free TCP port on 127.0.0.1.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

@@ -7,7 +7,6 @@
 set -euo pipefail
 
 CACHE_DIR="${FERRY_CACHE_DIR:-$HOME/.cache/ferry}"
-VENV="$CACHE_DIR/venv"
 PYTHON="${PYTHON:-python3}"
 
 # Pinned: versions checked to install and run together on Python 3.11. What
@@ -19,8 +18,12 @@ REQUIREMENTS=(
   "schemathesis==4.32.5"
 )
 CONSTRAINTS="$(cd "$(dirname "$0")" && pwd)/python-constraints.txt"
-STAMP="$VENV/.ferry-requirements"
 WANT="$(printf '%s\n' "${REQUIREMENTS[@]}" "$(sha256sum "$CONSTRAINTS" | cut -d' ' -f1)")"
+# One venv per pinned set: a run whose pins changed builds its own beside
+# the one another run (CI runs of several clones share the cache) is using,
+# rather than deleting that one under it.
+VENV="$CACHE_DIR/venv-$(printf '%s' "$WANT" | sha256sum | cut -c1-12)"
+STAMP="$VENV/.ferry-requirements"
 
 up_to_date() { [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; }
 
@@ -31,10 +34,11 @@ fi
 
 mkdir -p "$CACHE_DIR"
 # Parallel test binaries may call this at once: one installs, the others wait.
-exec 9>"$CACHE_DIR/venv.lock"
+exec 9>"$VENV.lock"
 flock 9
 if ! up_to_date; then
-  # The stamp is written last, so an interrupted install is redone from scratch.
+  # The stamp is written last, so an interrupted install is redone from
+  # scratch (no run uses a venv without it).
   rm -rf "$VENV"
   "$PYTHON" -m venv "$VENV" >&2
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \

@@ -16,8 +16,8 @@ TOKEN="schemathesis-admin-token-0123456789"
 
 step "building ferry and ferry-pg (debug)"
 cargo build --quiet -p ferry --bin ferry -p ferry-test-support --bin ferry-pg
-FERRY_BIN="$CARGO_TARGET_DIR/debug/ferry"
-FERRY_PG_BIN="$CARGO_TARGET_DIR/debug/ferry-pg"
+ferry_bin="$CARGO_TARGET_DIR/debug/ferry"
+pg_helper="$CARGO_TARGET_DIR/debug/ferry-pg"
 PYTHON="$("$FERRY_ROOT/scripts/python-deps.sh")"
 ST="$(dirname "$PYTHON")/schemathesis"
 
@@ -46,7 +46,7 @@ run_backend() {
   FERRY_LISTEN="127.0.0.1:$port" FERRY_DATABASE_URL="$url" FERRY_ADMIN_TOKEN="$TOKEN" \
     FERRY_MASTER_KEY=schemathesis-master-key-0123456789abcdef \
     FERRY_CONNECTORS_DIR="$CONNECTORS" RUST_LOG=warn \
-    "$FERRY_BIN" serve >"$log" 2>&1 &
+    "$ferry_bin" serve >"$log" 2>&1 &
   local pid=$!
   PIDS+=("$pid")
   for _ in $(seq 1 100); do
@@ -74,7 +74,7 @@ run_backend sqlite "sqlite://$WORK/ferry.db"
 
 # ferry-pg prints a database URL and keeps its cluster until stdin closes.
 mkfifo "$WORK/pg-stdin"
-"$FERRY_PG_BIN" <"$WORK/pg-stdin" >"$WORK/pg-url" &
+"$pg_helper" <"$WORK/pg-stdin" >"$WORK/pg-url" &
 PIDS+=("$!")
 exec 8>"$WORK/pg-stdin"
 for _ in $(seq 1 300); do

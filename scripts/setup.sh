@@ -49,10 +49,7 @@ missing=()
 apt_install() {
   if [ ${#missing[@]} -gt 0 ]; then
     step "installing Debian packages: ${missing[*]}"
-    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -qq
-    # Through env: sudo resets the environment a prefix would set.
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    apt_get_install "${missing[@]}"
     missing=()
   fi
 }
@@ -67,7 +64,11 @@ apt_install
 
 if $want_test; then
   [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql-15)
-  command -v runuser >/dev/null || missing+=(util-linux)
+  # Root starts PostgreSQL as its user with runuser (in /sbin, off other
+  # users' PATH: only root needs it).
+  if [ "$(id -u)" = 0 ]; then
+    command -v runuser >/dev/null || [ -x /sbin/runuser ] || missing+=(util-linux)
+  fi
   # The console's browser tests: a real headless chromium over WebDriver.
   [ -x /usr/bin/chromium ] || missing+=(chromium)
   [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)

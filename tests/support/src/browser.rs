@@ -7,6 +7,7 @@
 //! asked, so a test can assert a page loaded nothing from elsewhere.
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -86,7 +87,10 @@ impl Browser {
             let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
             probe.local_addr()?.port()
         };
+        // A group of its own, which chromium joins: a test that fails
+        // before `quit` leaves no browser behind (see `Drop`).
         let child = Command::new(&chromedriver)
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -155,15 +159,20 @@ impl Browser {
     }
 
     /// Ends the session and stops chromedriver.
-    pub async fn quit(mut self) {
+    pub async fn quit(self) {
         let _ = self.driver.clone().quit().await;
-        let _ = self.chromedriver.kill();
-        let _ = self.chromedriver.wait();
     }
 }
 
 impl Drop for Browser {
+    /// Kills chromedriver's process group: chromedriver and the chromium
+    /// it started, whose session a failed test never ended (killing
+    /// chromedriver alone left chromium running).
     fn drop(&mut self) {
-        let _ = self.chromedriver.kill();
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.chromedriver.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.chromedriver.wait();
     }
 }

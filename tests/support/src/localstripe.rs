@@ -3,7 +3,7 @@
 //! on drop, plus the official `stripe` Python library's webhook signing.
 //!
 //! Python comes from the venv `scripts/python-deps.sh` creates (cached under
-//! `${FERRY_CACHE_DIR:-$HOME/.cache/ferry}/venv`).
+//! `${FERRY_CACHE_DIR:-$HOME/.cache/ferry}/venv-*`, one per pinned set).
 //!
 //! localstripe sends signed webhooks itself: `POST /_config/webhooks/{id}`
 //! with `url`, `secret` and optionally `events[]` registers an endpoint, and
