@@ -250,8 +250,16 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 }
+                // The waiting edits' record is the remote's state, as an
+                // applied event's is: the hash of ferry's last push goes
+                // (a later version with its content is pushed, not skipped),
+                // and `remote` in its place lets the push name the fields it
+                // changes, as after an event (`link_upsert_on_conflict!`).
+                // Sent whole, it went over an edit made there after the
+                // fold. A hash already forgotten stays so.
                 sqlx::query(
-                    "UPDATE sync_links SET snapshot = $1, pushed_hash = NULL, \
+                    "UPDATE sync_links SET snapshot = $1, \
+                     pushed_hash = CASE WHEN pushed_hash IS NULL THEN NULL ELSE 'remote' END, \
                      remote_seen_at_ms = CASE WHEN $2 > remote_seen_at_ms THEN $2 \
                         ELSE remote_seen_at_ms END \
                      WHERE customer_id = $3 AND connector = $4 AND held_by = $5",

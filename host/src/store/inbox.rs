@@ -339,8 +339,11 @@ pub enum Applied {
 /// delivered: the snapshot is the remote's state, and the next update may
 /// name only the fields it changes. A link an event inserts with a
 /// snapshot starts so too (no push of ferry's is out on a link that did
-/// not exist). A hash already forgotten (a push whose
-/// outcome is unknown, a timeout's) stays so: that push may land yet. A link that holds
+/// not exist), and so does one the event moves to another record, or
+/// gives its first (a link that waited with no record, a customer made
+/// while the connector was off): no push of ferry's went to that record.
+/// A hash already forgotten on the same record (a push whose outcome is
+/// unknown, a timeout's) stays so: that push may land yet. A link that holds
 /// another live record of the connector is left alone (no row written):
 /// the change decides again (see [`InboundChange::releases`]). A link
 /// that moves to another record takes that record's date: kept, the old
@@ -360,8 +363,10 @@ macro_rules! link_upsert_on_conflict {
             AND sync_links.state IN ('synced', 'dead') THEN excluded.next_attempt_at_ms \
             ELSE sync_links.next_attempt_at_ms END, \
          snapshot = COALESCE(excluded.snapshot, sync_links.snapshot), \
-         pushed_hash = CASE WHEN excluded.snapshot IS NULL OR sync_links.pushed_hash IS NULL \
-            THEN sync_links.pushed_hash ELSE 'remote' END, \
+         pushed_hash = CASE WHEN excluded.snapshot IS NULL THEN sync_links.pushed_hash \
+            WHEN sync_links.remote_id IS NULL OR sync_links.remote_id <> excluded.remote_id \
+              THEN 'remote' \
+            WHEN sync_links.pushed_hash IS NULL THEN NULL ELSE 'remote' END, \
          synced_version = CASE WHEN excluded.synced_version > sync_links.synced_version \
             THEN excluded.synced_version ELSE sync_links.synced_version END, \
          remote_seen_at_ms = CASE WHEN excluded.remote_seen_at_ms > sync_links.remote_seen_at_ms \

@@ -897,14 +897,7 @@ impl SyncEngine {
             }
             None => match self.customer_by_email(&remote).await? {
                 Some(owner) => {
-                    let links = inner.store.links_of(owner.id.as_str()).await?;
-                    let own = links.into_iter().find(|l| l.connector == event.connector);
-                    let held_by = own.as_ref().and_then(|l| l.held_by.clone());
-                    let taken = own.filter(|l| {
-                        !l.remote_deleted
-                            && l.remote_id.as_deref().is_some_and(|r| r != event.remote_id)
-                    });
-                    match (taken, held_by) {
+                    match self.owners_link(&owner.id, event).await? {
                         (Some(taken), _) => {
                             return self.apply_duplicate(event, remote, owner, taken).await
                         }
@@ -1038,12 +1031,15 @@ impl SyncEngine {
                         // The owner's own record of this connector, if it
                         // has one, is replaced: as when an unlinked record
                         // with its email is merged into it.
-                        let owners = self.live_link_of(&owner.id, event).await?;
-                        // The owner's link waits for a person: so does
-                        // this event (relinking now would move the held
-                        // link and leave its conflict pointing at nothing).
-                        if let Some(held_by) = owners.as_ref().and_then(|l| l.held_by.as_deref()) {
-                            return self.held(event, held_by).await;
+                        let (owners, held_by) = self.owners_link(&owner.id, event).await?;
+                        // The owner's link waits for a person, whatever
+                        // its record (one a reconciliation let go keeps
+                        // its hold): so does this event (relinking now
+                        // would move the held link and leave its conflict
+                        // pointing at nothing, or meet the hold at its
+                        // write again and again).
+                        if let Some(held_by) = held_by {
+                            return self.held(event, &held_by).await;
                         }
                         let releases = owners.and_then(|l| l.remote_id);
                         return self
@@ -1441,24 +1437,21 @@ impl SyncEngine {
         }
     }
 
-    /// The live record of `event`'s connector other than `event`'s that
-    /// `customer`'s link holds, if any.
-    async fn live_link_of(
+    /// `customer`'s link of `event`'s connector if it holds a live record
+    /// other than `event`'s, and the open conflict holding that link,
+    /// whatever its record.
+    async fn owners_link(
         &self,
         customer: &CustomerId,
         event: &InboxEvent,
-    ) -> Result<Option<crate::store::SyncLink>, Failure> {
-        Ok(self
-            .inner
-            .store
-            .links_of(customer.as_str())
-            .await?
-            .into_iter()
-            .find(|l| {
-                l.connector == event.connector
-                    && !l.remote_deleted
-                    && l.remote_id.as_deref().is_some_and(|r| r != event.remote_id)
-            }))
+    ) -> Result<(Option<crate::store::SyncLink>, Option<String>), Failure> {
+        let links = self.inner.store.links_of(customer.as_str()).await?;
+        let own = links.into_iter().find(|l| l.connector == event.connector);
+        let held_by = own.as_ref().and_then(|l| l.held_by.clone());
+        let taken = own.filter(|l| {
+            !l.remote_deleted && l.remote_id.as_deref().is_some_and(|r| r != event.remote_id)
+        });
+        Ok((taken, held_by))
     }
 
     async fn customer_by_email(

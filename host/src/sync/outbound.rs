@@ -284,7 +284,7 @@ fn plan(
     // (a timeout, a lease lost mid-call) the remote may hold what it sent,
     // not the snapshot, and a later version's field changed back to the
     // snapshot's value would not be sent. Nor after a forced push, which
-    // makes the remote equal to ferry's record, or a resolution.
+    // makes the remote equal to ferry's record.
     let changed = delivered.and_then(|_| name_changed_fields(&mut update, link.snapshot.as_ref()));
     let record = update.to_string();
     // The request differs with the snapshot it was planned against (its

@@ -278,6 +278,45 @@ async fn a_record_for_a_held_link_it_would_take_waits() {
     wait_until_held(&h.app, &other).await;
 }
 
+/// The same for a linked record whose email changes to the held
+/// customer's, under `merge`: it waits too. The merge looked for a hold on
+/// a link with a live record only, so it met the hold at its write again
+/// and again (or, with no conflict of its own, moved the held link).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_merged_into_a_held_link_waits() {
+    let h = synced_customer_with(
+        Backend::Sqlite,
+        json!({"conflict_policy": "flag", "duplicate_email_policy": "merge",
+               "sync_max_attempts": 100}),
+    )
+    .await;
+    let other = h
+        .app
+        .create(json!({"email": email("merged-away"), "name": "Another Name"}))
+        .await;
+    let other_id = other["id"].as_str().expect("id");
+    let other_remote = h.app.wait_synced(other_id, 1).await["remote_id"]
+        .as_str()
+        .expect("linked")
+        .to_owned();
+    name_edited_on_both_sides(&h).await;
+    open_conflict(&h.app).await;
+    // The edit below is read again from Stripe (its record was pushed a
+    // moment ago: it may be that push's echo).
+    h.proxy.set_down(false);
+    let release = format!(
+        "UPDATE sync_links SET remote_id = NULL WHERE customer_id = '{}' AND connector = 'stripe'",
+        h.id
+    );
+    execute_raw(&h.app.database_url, &release, b"").await;
+    let email = customer(&h.app, &h.id).await["email"]
+        .as_str()
+        .expect("email")
+        .to_owned();
+    edit_in_stripe(&h.stripe.url(), &other_remote, "email", &email);
+    wait_until_held(&h.app, &other_remote).await;
+}
+
 /// A customer deleted while a conflict holds its Stripe link: the conflict
 /// has nothing left to decide and closes with the delete, which reaches
 /// Stripe. (A held link is never pushed, and a deleted customer's conflict
@@ -316,12 +355,17 @@ async fn deleting_a_customer_closes_its_conflicts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_edit_made_while_held_survives_the_resolution_sqlite() {
-    a_remote_edit_made_while_held_survives_the_resolution(Backend::Sqlite).await;
+    a_remote_edit_made_while_held_survives_the_resolution(Backend::Sqlite, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolution_over_a_known_remote_state_names_its_fields() {
+    a_remote_edit_made_while_held_survives_the_resolution(Backend::Sqlite, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_edit_made_while_held_survives_the_resolution_postgres() {
-    a_remote_edit_made_while_held_survives_the_resolution(Backend::Postgres).await;
+    a_remote_edit_made_while_held_survives_the_resolution(Backend::Postgres, false).await;
 }
 
 /// Stripe's dashboard changes the phone while a conflict over the name
@@ -329,8 +373,13 @@ async fn a_remote_edit_made_while_held_survives_the_resolution_postgres() {
 /// waiting edit is part of the result: ferry takes the phone, and Stripe
 /// ends with ferry's name and its own phone. (The resolution used to push
 /// first, over the waiting edit, which then looked like an echo of that
-/// push and was dropped.)
-async fn a_remote_edit_made_while_held_survives_the_resolution(backend: Backend) {
+/// push and was dropped.) The push after a push of unknown outcome (the
+/// one the proxy failed) goes whole; over a known remote state
+/// (`known_base`: that push counted as never sent) it names the name
+/// alone: the waiting edit's record is the remote's state, as an applied
+/// event's is (it went whole, over any edit made at Stripe after the
+/// fold).
+async fn a_remote_edit_made_while_held_survives_the_resolution(backend: Backend, known_base: bool) {
     let h = synced_customer_on(backend, "flag").await;
     name_edited_on_both_sides(&h).await;
     let conflict = open_conflict(&h.app).await;
@@ -345,10 +394,25 @@ async fn a_remote_edit_made_while_held_survives_the_resolution(backend: Backend)
     assert_eq!(inbox["held"], 1, "{inbox}");
     assert_eq!(inbox["unapplied"], 1, "{inbox}");
     assert_eq!(inbox["oldest_age_seconds"], 0.0, "{inbox}");
+    if known_base {
+        let delivered = format!(
+            "UPDATE sync_links SET pushed_hash = unsure_base, unsure_version = NULL, \
+             unsure_base = NULL WHERE connector = 'stripe' AND remote_id = '{}'",
+            h.remote_id
+        );
+        execute_raw(&h.app.database_url, &delivered, b"").await;
+    }
 
     keeps_the_local_name_and_the_remote_phone(&h, &conflict).await;
     // The name the person decided is not a conflict again.
     assert_eq!(conflicts(&h.app, "").await.len(), 1);
+    let pushes = h
+        .proxy
+        .requests_to("POST", &format!("/v1/customers/{}", h.remote_id));
+    let last =
+        String::from_utf8_lossy(&pushes.last().expect("the resolution's push").body).into_owned();
+    assert!(last.contains("name=Local"), "{last}");
+    assert_eq!(!last.contains("email="), known_base, "{last}");
 }
 
 /// The same with thin events (an event destination's, or a Salesforce

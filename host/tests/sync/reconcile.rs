@@ -216,6 +216,41 @@ async fn creates_that_waited_for_the_switch_wait_for_its_backfill(backend: Backe
     }
 }
 
+/// A customer made while the connector is off (its link waits, with no
+/// record) whose email Stripe has: the backfill links Stripe's record onto
+/// that link, and the push of the phone Stripe lacked names the fields it
+/// changes, the phone alone. The waiting link kept its empty hash, read as
+/// a push of unknown outcome, and the push went whole: Stripe's email was
+/// rewritten in ferry's form (an edit made there meanwhile pushed over).
+async fn a_waiting_link_a_backfill_fills_sends_its_changes_alone(backend: Backend) {
+    let (stripe, app) = stripe_configured_then_off(backend).await;
+    let url = stripe.url();
+    let address = email("waiting-link");
+    let upper = address.to_uppercase();
+    let remote_id = stripe_create(&url, &[("email", &upper), ("name", "Same Name")]).await;
+    let customer = app
+        .create(json!({"email": address, "name": "Same Name", "phone": "+15550001111"}))
+        .await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    eventually("its push waits", || async {
+        let links = app.store.links_of(&id).await.unwrap();
+        links.iter().any(|l| l.connector == "stripe")
+    })
+    .await;
+
+    let (status, connector) = switch_stripe(&app, "enable?backfill=true").await;
+    assert_eq!(status, 200, "{connector}");
+    let run = connector["last_reconciliation"]["id"].as_str().unwrap();
+    assert_eq!(wait_run(&app.base, run).await["status"], "completed");
+    app.wait_link(&id, Duration::from_secs(10), |l| {
+        l["remote_id"] == remote_id.as_str() && l["state"] == "synced"
+    })
+    .await;
+    let held = stripe_customer(&url, &remote_id).await.expect("the record");
+    assert_eq!(held["phone"], "+15550001111", "{held:#}");
+    assert_eq!(held["email"], upper, "only the phone was sent: {held:#}");
+}
+
 /// A backfill stored while the connector is off waits for its switch (an
 /// `enable?backfill=true` whose switch met a store failure leaves one):
 /// asked again, `enable?backfill=true` switches on and runs it, instead of
@@ -2371,6 +2406,11 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_link_a_backfill_fills_sends_its_changes_alone() {
+        super::a_waiting_link_a_backfill_fills_sends_its_changes_alone(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn drift() {
         drift_is_found_reported_and_repaired(Backend::Sqlite).await;
     }
@@ -2527,6 +2567,11 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn backfill() {
         backfill_links_imports_and_pushes(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_link_a_backfill_fills_sends_its_changes_alone() {
+        super::a_waiting_link_a_backfill_fills_sends_its_changes_alone(Backend::Postgres).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
