@@ -1,5 +1,5 @@
--- A push whose outcome ferry does not know (it timed out, the remote
--- answered 5xx or 429): its version, and the hash of the last delivered
+-- A push whose outcome ferry does not know (the call's deadline passed
+-- with no answer): its version, and the hash of the last delivered
 -- push it was planned over. Its retry is planned over that base again, so
 -- it sends the same request under the same idempotency key; a later version
 -- goes whole. `pushed_hash` stays NULL meanwhile, as releases before this

@@ -186,6 +186,34 @@ async fn server_errors_and_network_failures_are_retryable() {
     }
 }
 
+/// A 5xx Stripe gives back from the answers it saved under the key
+/// (`Idempotent-Replayed: true`): every retry under the key gets it again,
+/// so an update is refused for good (its dead letter's replay goes under
+/// a new key). A create retries it: whether it made the customer is
+/// unknown, and one refused for good is forgotten, its replay a fresh
+/// create.
+#[tokio::test]
+async fn a_saved_server_error_ends_an_update_but_not_a_create() {
+    let kit = kit().await;
+    let saved = r#"{"error":{"type":"api_error","message":"An unknown error occurred"}}"#;
+    let replayed = [("idempotent-replayed", "true")];
+    kit.http().on("POST", API).respond(500, &replayed, saved);
+    kit.http()
+        .on("POST", &format!("{API}/cus_saved"))
+        .respond(500, &replayed, saved);
+    assert!(matches!(
+        connector_error(kit.push(create_request()).await),
+        ConnectorError::Retryable(_)
+    ));
+    let mut update = create_request();
+    update.operation = Operation::Update;
+    update.remote_id = Some("cus_saved".into());
+    assert!(matches!(
+        connector_error(kit.push(update).await),
+        ConnectorError::Permanent(m) if m.contains("saved answer")
+    ));
+}
+
 /// A phone longer than Stripe stores is refused before any call, with
 /// the limit and the length (Stripe's own refusal names neither).
 #[tokio::test]
@@ -279,18 +307,7 @@ async fn client_errors_map_to_their_kinds() {
         &[("stripe-should-retry", "false")],
         r#"{"error":{"type":"invalid_request_error","message":"Conflict that no retry resolves"}}"#,
     );
-    // A 500 Stripe saved for the key, given back: every retry under the
-    // key would get it again.
-    kit.http().on("POST", &format!("{API}/cus_saved")).respond(
-        500,
-        &[("idempotent-replayed", "true")],
-        r#"{"error":{"type":"api_error","message":"An unknown error occurred"}}"#,
-    );
-    for (remote_id, retried) in [
-        ("cus_racing", true),
-        ("cus_final", false),
-        ("cus_saved", false),
-    ] {
+    for (remote_id, retried) in [("cus_racing", true), ("cus_final", false)] {
         let mut push = create_request();
         push.operation = Operation::Update;
         push.remote_id = Some(remote_id.into());

@@ -230,8 +230,15 @@ impl Store {
             for bind in binds {
                 query = query.bind(*bind);
             }
-            let chosen: Vec<DeadLetter> = query.fetch_all(&mut *tx).await?;
+            let mut chosen: Vec<DeadLetter> = query.fetch_all(&mut *tx).await?;
             let chosen_ids: Vec<String> = chosen.iter().map(|l| l.id.clone()).collect();
+            // Links locked in the order every other writer takes them
+            // (customer, then connector): in the letters' order, a replay
+            // and an intake batch over two of its links could deadlock on
+            // PostgreSQL.
+            chosen.sort_by(|a, b| {
+                (&a.customer_id, &a.connector, &a.id).cmp(&(&b.customer_id, &b.connector, &b.id))
+            });
             let mut replayed = Vec::with_capacity(chosen.len());
             for letter in chosen {
                 // A replay running at once (a second click, another
@@ -268,8 +275,15 @@ impl Store {
                 // answer under the old one (Stripe does, for a day) would
                 // give it back to the replay. A create whose outcome is
                 // unknown keeps its key, or a second record could be made.
+                // Not sooner than the link was due: an update that died
+                // timing out leaves a call timeout's wait, for its request
+                // may still land, after which a newer version goes (a
+                // replay at once pushed it first, and the late one left
+                // the older values at the remote).
                 sqlx::query(
-                    "UPDATE sync_links SET state = 'pending', attempts = 0, next_attempt_at_ms = $1, \
+                    "UPDATE sync_links SET state = 'pending', attempts = 0, \
+                     next_attempt_at_ms = CASE WHEN next_attempt_at_ms > $1 THEN next_attempt_at_ms \
+                       ELSE $1 END, \
                      repairs = CASE WHEN pending_version IS NULL THEN repairs + 1 ELSE repairs END, \
                      updated_at = $2 WHERE customer_id = $3 AND connector = $4 AND state = 'dead'",
                 )

@@ -835,15 +835,16 @@ impl SyncEngine {
         // less one), and with that clock ahead of the remote's by more, an
         // edit made after the listing looked older than the repair, whose
         // listed copy then came back over it.
-        // So is a reconciliation's import or link by email whose listed
-        // copy is old (a finding resolved by hand, days later; a long
-        // run's repairs): the record may have been deleted since, and a
-        // remote that sends no deletes (Salesforce) never says. Applied as
-        // listed, it came back, and was pushed to every other system.
-        let listed_long_ago = link.is_none()
-            && event.remote_type == RECONCILIATION
-            && now_ms().saturating_sub(event.occurred_at_ms) > LISTED_COPY_FRESH_MS;
-        let doubtful = listed_long_ago
+        // So is an old copy of a record no link holds: a reconciliation's
+        // import or link by email resolved by hand days later, a long
+        // run's repairs, an inbound dead letter replayed, a webhook
+        // redelivered after an outage. The record may have been deleted
+        // since, and a remote that sends no deletes (Salesforce) never
+        // says; nor does Stripe's delete once retention trimmed it. Applied
+        // as sent, it came back, and was pushed to every other system.
+        let old_and_unlinked =
+            link.is_none() && now_ms().saturating_sub(event.occurred_at_ms) > LISTED_COPY_FRESH_MS;
+        let doubtful = old_and_unlinked
             || link.as_ref().is_some_and(|l| {
                 event.remote_type == RECONCILIATION
                     || event.occurred_at_ms == l.remote_seen_at_ms

@@ -1010,7 +1010,14 @@ impl SyncEngine {
                 breakers.failure(&link.connector);
                 let settle = Some(self.inner.call_timeout);
                 let error = CallError::DeadlineExceeded.to_string();
-                self.retry_later(link, Some((version, operation)), settle, error)
+                let (mut recorded, outcome) =
+                    self.retry_later(link, Some((version, operation)), settle, error);
+                // No answer: the retry is the same request (see
+                // `RecordedOutcome::RetryScheduled`).
+                if let RecordedOutcome::RetryScheduled { unanswered, .. } = &mut recorded {
+                    *unanswered = true;
+                }
+                (recorded, outcome)
             }
             // The guest misbehaved or ran out of time: retry, since a
             // timeout may be the remote's, and let the attempt budget end it.
@@ -1112,6 +1119,7 @@ impl SyncEngine {
                 at_ms,
                 error,
                 pending_version: None,
+                unanswered: false,
             },
             Outcome::RetryScheduled { attempt, at_ms },
         )

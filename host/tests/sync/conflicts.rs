@@ -223,6 +223,9 @@ async fn keeps_the_local_name_and_the_remote_phone(h: &Harness, conflict: &Value
 async fn name_edited_on_both_sides(h: &Harness) {
     h.proxy.set_down(true);
     h.app.patch(&h.id, json!({"name": "Local Name"})).await;
+    // Its push fails first: the remote's edit, taken before it, would find
+    // the push not yet tried (its outcome known, unlike a failed one's).
+    h.app.failed_stripe_link(&h.id).await;
     edit_in_stripe(&h.stripe.url(), &h.remote_id, "name", "Remote Name");
 }
 
@@ -396,8 +399,8 @@ async fn a_remote_edit_made_while_held_survives_the_resolution(backend: Backend,
     assert_eq!(inbox["oldest_age_seconds"], 0.0, "{inbox}");
     if known_base {
         let delivered = format!(
-            "UPDATE sync_links SET pushed_hash = unsure_base, unsure_version = NULL, \
-             unsure_base = NULL WHERE connector = 'stripe' AND remote_id = '{}'",
+            "UPDATE sync_links SET pushed_hash = 'remote' \
+             WHERE connector = 'stripe' AND remote_id = '{}'",
             h.remote_id
         );
         execute_raw(&h.app.database_url, &delivered, b"").await;

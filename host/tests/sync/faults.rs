@@ -70,22 +70,6 @@ async fn wait_forwarded(proxy: &FaultProxy, path: &str) {
     }
 }
 
-/// Customer `id`'s Stripe link once an attempt of its push has failed.
-async fn failed_stripe_link(app: &SyncApp, id: &str) -> ferry::store::SyncLink {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let links = app.store.links_of(id).await.expect("links");
-        if let Some(link) = links
-            .into_iter()
-            .find(|l| l.connector == "stripe" && l.attempts > 0)
-        {
-            return link;
-        }
-        assert!(std::time::Instant::now() < deadline, "no failure recorded");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn outcomes(status: &Value) -> Vec<String> {
     status["history"]
         .as_array()
@@ -190,7 +174,7 @@ async fn a_timed_out_update_is_retried_as_the_same_request(backend: Backend) {
     // not as `pushed_hash`: a replica of an older release, which knows
     // only that column, would take it for version 2's and skip a version
     // with that content as unchanged.
-    let timed_out = failed_stripe_link(&h.app, id).await;
+    let timed_out = h.app.failed_stripe_link(id).await;
     assert_eq!(timed_out.pushed_hash, None);
     assert_eq!(timed_out.unsure_version, Some(2));
     assert!(timed_out.unsure_base.is_some());
@@ -240,7 +224,7 @@ async fn a_timed_out_update_is_retried_only_after_the_call_timeout_again() {
     );
     h.app.patch(id, json!({"name": "Slow"})).await;
     wait_forwarded(&h.proxy, &update).await;
-    let link = failed_stripe_link(&h.app, id).await;
+    let link = h.app.failed_stripe_link(id).await;
     let recorded_at = ferry::store::now_ms();
     assert!(
         link.next_attempt_at_ms >= recorded_at + 1_500,
@@ -798,6 +782,112 @@ async fn a_server_error_stripe_says_not_to_retry_is_dead_lettered_at_once() {
         .wait_link(id, Duration::from_secs(20), |l| l["state"] == "dead")
         .await;
     assert_eq!(outcomes(&h.app.sync_status(id).await), ["dead_lettered"]);
+}
+
+/// An update that died timing out may still land: the link waits a call
+/// timeout (2 s here) before a newer version goes, and a replay at once
+/// keeps that wait. It pushed at once, and the late request could leave
+/// the older values at the remote while ferry counted the newer synced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_keeps_the_wait_of_an_update_that_died_timing_out() {
+    let h = harness(json!({"sync_max_attempts": 1})).await;
+    let (id, remote_id) = synced_customer(&h, "settle-replay", "Before").await;
+    let update = format!("/v1/customers/{remote_id}");
+    h.proxy.push(
+        Match::request("POST", &update),
+        Fault::ForwardThenDelay(Duration::from_secs(4)),
+    );
+    h.app.patch(&id, json!({"name": "Slow"})).await;
+    h.app
+        .wait_link(&id, Duration::from_secs(10), |l| l["state"] == "dead")
+        .await;
+    let due = h.app.failed_stripe_link(&id).await.next_attempt_at_ms;
+    let letters = stripe_dead_letters(&h.app).await;
+    let path = format!(
+        "/api/v1/dead-letters/{}/replay",
+        letters["data"][0]["id"].as_str().expect("a letter")
+    );
+    let replayed_at = ferry::store::now_ms();
+    let (status, _) = h.app.send(reqwest::Method::POST, &path, None).await;
+    assert_eq!(status, 200);
+    let links = h.app.store.links_of(&id).await.expect("links");
+    let link = links
+        .iter()
+        .find(|l| l.connector == "stripe")
+        .expect("link");
+    assert!(
+        due > replayed_at + 500 && link.next_attempt_at_ms >= due,
+        "due at {due}, replayed at {replayed_at}, due again at {}",
+        link.next_attempt_at_ms
+    );
+    h.app.wait_synced(&id, 2).await;
+}
+
+/// An update Stripe answered with a 500 it saved under the key (the
+/// request began executing): the retry is another request, the whole
+/// record under another key, and is delivered. The same request again
+/// would get the saved 500 back, for as long as Stripe keeps the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_answered_with_a_saved_server_error_is_retried_as_another_request() {
+    let h = harness(json!({})).await;
+    let (id, remote_id) = synced_customer(&h, "saved-500", "Before").await;
+    let update = format!("/v1/customers/{remote_id}");
+    h.proxy.push(
+        Match::request("POST", &update),
+        Fault::stripe_error(500, "api_error", "Something went wrong").saved(),
+    );
+    h.app.patch(&id, json!({"name": "After"})).await;
+    h.app.wait_synced(&id, 2).await;
+    let updates = h.proxy.requests_to("POST", &update);
+    assert_eq!(updates.len(), 2, "one failed attempt, one retry");
+    assert_ne!(
+        updates[0].header("idempotency-key"),
+        updates[1].header("idempotency-key")
+    );
+    let held = crate::helpers::stripe_customer(&h.stripe.url(), &remote_id)
+        .await
+        .expect("the record");
+    assert_eq!(held["name"], "After", "{held:#}");
+}
+
+/// A create Stripe answered with a 500 it saved: whether the customer was
+/// made is unknown, and every retry under the key gets the 500 back
+/// (marked `Idempotent-Replayed`). The create is not given up on as
+/// refused, which forgets it (its replay a fresh create under a new key:
+/// a second customer if the first was made): its retries run out, and the
+/// link keeps the create, replayed under its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_answered_with_a_saved_server_error_keeps_its_key() {
+    let h = harness(json!({"sync_max_attempts": 3})).await;
+    h.proxy.push(
+        Match::request("POST", "/v1/customers"),
+        Fault::stripe_error(500, "api_error", "Something went wrong").saved(),
+    );
+    let customer = h.app.create(json!({"email": email("saved-create")})).await;
+    let id = customer["id"].as_str().unwrap();
+    h.app
+        .wait_link(id, Duration::from_secs(20), |l| l["state"] == "dead")
+        .await;
+    let letters = stripe_dead_letters(&h.app).await;
+    let letter = letters["data"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["customer_id"] == id))
+        .expect("a dead letter");
+    assert_eq!(letter["error_kind"], "retries_exhausted", "{letter}");
+    let links = h.app.store.links_of(id).await.expect("links");
+    let link = links
+        .iter()
+        .find(|l| l.connector == "stripe")
+        .expect("a link");
+    assert_eq!(link.pending_version, Some(1), "the create is kept");
+    let creates = h.proxy.requests_to("POST", "/v1/customers");
+    assert!(creates.len() >= 2, "retried");
+    assert!(
+        creates
+            .iter()
+            .all(|c| c.header("idempotency-key") == creates[0].header("idempotency-key")),
+        "under one key"
+    );
 }
 
 /// The bus delivers a change at least once (a publish retried after a lost

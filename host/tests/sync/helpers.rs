@@ -417,6 +417,22 @@ impl SyncApp {
             .expect("webhook registered");
     }
 
+    /// Customer `id`'s Stripe link once an attempt of its push has failed.
+    pub async fn failed_stripe_link(&self, id: &str) -> ferry::store::SyncLink {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let links = self.store.links_of(id).await.expect("links");
+            if let Some(link) = links
+                .into_iter()
+                .find(|l| l.connector == "stripe" && l.attempts > 0)
+            {
+                return link;
+            }
+            assert!(std::time::Instant::now() < deadline, "no failure recorded");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until version `version` of the customer is synced to Stripe.
     pub async fn wait_synced(&self, id: &str, version: i64) -> Value {
         self.wait_link(id, Duration::from_secs(20), |link| {

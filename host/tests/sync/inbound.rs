@@ -501,6 +501,66 @@ async fn remote_customer_matches_local_email(backend: Backend, remote_city: bool
     );
 }
 
+/// An old copy of a record no link holds (an inbound dead letter replayed
+/// days later, a webhook redelivered after an outage) is read again before
+/// it is applied: the record was deleted since, and nothing is made of
+/// it. Applied as sent, it came back as a customer and went to every other
+/// system (retention had trimmed the delete that said so; Salesforce
+/// sends none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_copy_of_an_unlinked_record_is_read_again() {
+    use ferry::store::inbox::{InboxState, NewInboxEvent, RemoteChange};
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
+    let address = email("old-copy");
+    let remote_id = crate::helpers::stripe_create(
+        &stripe.url(),
+        &[("email", &address), ("name", "Gone Since")],
+    )
+    .await;
+    let deleted = reqwest::Client::new()
+        .delete(format!("{}/v1/customers/{remote_id}", stripe.url()))
+        .bearer_auth(STRIPE_KEY)
+        .send()
+        .await
+        .expect("localstripe answers");
+    assert!(deleted.status().is_success());
+    let copy = NewInboxEvent {
+        event_id: "evt_old_copy".into(),
+        entity: "customer".into(),
+        kind: RemoteChange::Upsert,
+        remote_id: remote_id.clone(),
+        occurred_at_ms: chrono::Utc::now().timestamp_millis() - 2 * 3_600_000,
+        record: Some(json!({"id": remote_id, "email": address, "name": "Gone Since"})),
+        origin_key: None,
+        remote_type: "customer.updated".into(),
+        policy: None,
+    };
+    app.store
+        .store_inbox_many(&[("stripe", std::slice::from_ref(&copy), None)])
+        .await
+        .expect("stored");
+    app.sync.wake();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let events = app
+            .store
+            .inbox_of_remote("stripe", &remote_id)
+            .await
+            .expect("inbox");
+        if !events.is_empty()
+            && events
+                .iter()
+                .all(|e| matches!(e.state, InboxState::Applied | InboxState::Skipped))
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{events:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(app.customer_by_email(&address).await.is_none());
+}
+
 /// An event without a time (`created` 0) after a dated one is dated on
 /// arrival and applied; at time zero it was skipped as stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
