@@ -30,8 +30,7 @@ LUA="$FERRY_ROOT/host/benches/api_load.lua"
 
 if ! command -v wrk >/dev/null; then
   step "installing wrk (Debian package)"
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk
+  apt_get_install wrk
 fi
 
 if [ -z "${BENCH_NO_BUILD:-}" ]; then

@@ -21,7 +21,7 @@ EVENTS=${EVENTS:-300000}
 SHARED=${SHARED_BENCH:-$FERRY_ROOT/../shared/bench/stripe-sync-engine}
 SECRET=whsec_bench_side_by_side
 [ -f "$SHARED/gen_webhooks.py" ] || { echo "no $SHARED/gen_webhooks.py (set SHARED_BENCH)" >&2; exit 1; }
-command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+command -v wrk >/dev/null || apt_get_install wrk
 [ -f "$CARGO_TARGET_DIR/release/connectors/stripe.wasm" ] || "$FERRY_ROOT/scripts/build-connectors.sh"
 if [ -z "${BENCH_NO_BUILD:-}" ]; then
   step "building ferry (release)"

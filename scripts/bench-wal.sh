@@ -24,7 +24,7 @@ SECRET=whsec_bench_wal
 build_release_unless_told
 FERRY="${FERRY_BIN:-$CARGO_TARGET_DIR/release/ferry}"
 CONNECTORS="${CONNECTORS_DIR:-$CARGO_TARGET_DIR/release/connectors}"
-command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+command -v wrk >/dev/null || apt_get_install wrk
 
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 wait_port() { for _ in $(seq 1 300); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.2; done; return 1; }

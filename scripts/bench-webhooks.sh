@@ -24,8 +24,7 @@ SECRET="whsec_bench_0123456789abcdef"
 
 if ! command -v wrk >/dev/null; then
   step "installing wrk (Debian package)"
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk
+  apt_get_install wrk
 fi
 [ -f "$CARGO_TARGET_DIR/release/connectors/stripe.wasm" ] || "$FERRY_ROOT/scripts/build-connectors.sh"
 if [ -z "${BENCH_NO_BUILD:-}" ]; then
@@ -33,7 +32,7 @@ if [ -z "${BENCH_NO_BUILD:-}" ]; then
   cargo build --quiet --release -p ferry --bin ferry -p ferry-test-support --bin ferry-pg
 fi
 ferry_bin="$CARGO_TARGET_DIR/release/ferry"
-FERRY_PG_BIN="$CARGO_TARGET_DIR/release/ferry-pg"
+pg_helper="$CARGO_TARGET_DIR/release/ferry-pg"
 
 WORK="$(mktemp -d)"
 PIDS=()
@@ -113,7 +112,7 @@ if [ -n "${BENCH_PG_PROFILE:-}" ]; then
   PG_OPTIONS="-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all"
 fi
 # Only the cluster gets it: ferry refuses FERRY_ variables it does not know.
-FERRY_PG_OPTIONS="$PG_OPTIONS" "$FERRY_PG_BIN" <"$WORK/pg-stdin" >"$WORK/pg-url" &
+FERRY_PG_OPTIONS="$PG_OPTIONS" "$pg_helper" <"$WORK/pg-stdin" >"$WORK/pg-url" &
 PIDS+=("$!")
 exec 8>"$WORK/pg-stdin"
 for _ in $(seq 1 300); do [ -s "$WORK/pg-url" ] && break; sleep 0.1; done

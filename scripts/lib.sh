@@ -34,14 +34,18 @@ hold_target_dir() {
 }
 
 # Installs Debian packages `$@` (through sudo unless root). A run killed
-# while dpkg worked leaves it "interrupted", which every install after
-# refuses until `dpkg --configure -a`; another install running holds dpkg's
-# lock, which apt then waits for rather than failing.
+# while dpkg worked leaves it "interrupted" (`dpkg --audit` lists what it
+# left), which every install after refuses until `dpkg --configure -a`;
+# another install running holds dpkg's lock, which apt then waits for
+# rather than failing (dpkg itself would not wait: it runs only when
+# something is left to configure).
 apt_get_install() {
   local sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
   # Through env: sudo resets the environment a prefix would set.
-  $sudo env DEBIAN_FRONTEND=noninteractive dpkg --configure -a
+  if [ -n "$(dpkg --audit 2>/dev/null)" ]; then
+    $sudo env DEBIAN_FRONTEND=noninteractive dpkg --configure -a
+  fi
   $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive \
     apt-get -o DPkg::Lock::Timeout=600 install -y -qq "$@"
