@@ -75,7 +75,7 @@ impl Connector for Stripe {
                     // second customer if the first was made); retried, it
                     // ends as exhausted retries, whose create is kept and
                     // replayed under its key.
-                    ConnectorError::Permanent(m) if m.starts_with(REPLAYED_FAILURE) => {
+                    ConnectorError::Permanent(m) if m.starts_with(SAVED_FAILURE) => {
                         ConnectorError::retryable(m)
                     }
                     err => err,
@@ -355,24 +355,23 @@ fn call(req: Request) -> Result<Response, ConnectorError> {
 /// account's default version cannot change the shapes under us.
 const STRIPE_VERSION: &str = "2024-06-20";
 
-/// How the message of a 5xx Stripe gave back from its saved answers starts.
-const REPLAYED_FAILURE: &str = "Stripe's saved answer to this idempotency key: ";
+/// How the message of a 5xx Stripe saved for the idempotency key starts.
+const SAVED_FAILURE: &str = "Stripe saved this answer for the idempotency key: ";
 
 /// Maps a non-2xx answer onto a typed error with Stripe's own message, and
 /// honours `Stripe-Should-Retry` when Stripe says more than the status does:
 /// `false` on a 5xx means Stripe stored that answer for the request's
-/// idempotency key, so every retry with the key would get it again; a 5xx
-/// marked `Idempotent-Replayed: true` is that stored answer itself, given
-/// back (Stripe saves a request's first answer, 500s included, once its
-/// endpoint began), and is not retried either (its message starts with
-/// [`REPLAYED_FAILURE`]; a create retries it all the same).
+/// idempotency key, so every retry with the key would get it again (its
+/// message starts with [`SAVED_FAILURE`]; a create retries it all the
+/// same). Another 5xx is retryable: the host retries an update or a
+/// delete under a fresh key, Stripe having perhaps saved the answer.
 /// A 409 is another request with the same idempotency key still in
 /// progress (a replay racing the request it replays): retried when the
 /// answer says nothing (localstripe says nothing), not when Stripe says
 /// `false` (a conflict no retry resolves). A 424 is a dependency
 /// outside Stripe that failed: retried unless Stripe says otherwise.
 fn checked(resp: Response) -> Result<Response, ConnectorError> {
-    let replayed_failure = resp.status >= 500 && resp.header("idempotent-replayed") == Some("true");
+    let server_error = resp.status >= 500;
     let should_retry = resp.header("stripe-should-retry").map(str::to_owned);
     let conflict = resp.status == 409;
     // "External dependency failed": a failure outside Stripe, transient by
@@ -388,8 +387,8 @@ fn checked(resp: Response) -> Result<Response, ConnectorError> {
             (ConnectorError::Permanent(m), Some("false")) => ConnectorError::permanent(m),
             (ConnectorError::Permanent(m), None) if conflict => ConnectorError::retryable(m),
             (ConnectorError::Permanent(m), None) if dependency => ConnectorError::retryable(m),
-            (ConnectorError::Retryable(m), _) if replayed_failure => {
-                ConnectorError::permanent(format!("{REPLAYED_FAILURE}{m}"))
+            (ConnectorError::Retryable(m), Some("false")) if server_error => {
+                ConnectorError::permanent(format!("{SAVED_FAILURE}{m}"))
             }
             (ConnectorError::Retryable(m), Some("false")) if !conflict => {
                 ConnectorError::permanent(m)

@@ -186,21 +186,20 @@ async fn server_errors_and_network_failures_are_retryable() {
     }
 }
 
-/// A 5xx Stripe gives back from the answers it saved under the key
-/// (`Idempotent-Replayed: true`): every retry under the key gets it again,
-/// so an update is refused for good (its dead letter's replay goes under
-/// a new key). A create retries it: whether it made the customer is
-/// unknown, and one refused for good is forgotten, its replay a fresh
-/// create.
+/// A 5xx Stripe says it saved for the key (`Stripe-Should-Retry: false`):
+/// every retry under the key gets it again, so an update is refused for
+/// good (its dead letter's replay goes under a new key). A create retries
+/// it: whether it made the customer is unknown, and one refused for good
+/// is forgotten, its replay a fresh create.
 #[tokio::test]
 async fn a_saved_server_error_ends_an_update_but_not_a_create() {
     let kit = kit().await;
     let saved = r#"{"error":{"type":"api_error","message":"An unknown error occurred"}}"#;
-    let replayed = [("idempotent-replayed", "true")];
-    kit.http().on("POST", API).respond(500, &replayed, saved);
+    let no_retry = [("stripe-should-retry", "false")];
+    kit.http().on("POST", API).respond(500, &no_retry, saved);
     kit.http()
         .on("POST", &format!("{API}/cus_saved"))
-        .respond(500, &replayed, saved);
+        .respond(500, &no_retry, saved);
     assert!(matches!(
         connector_error(kit.push(create_request()).await),
         ConnectorError::Retryable(_)
@@ -210,7 +209,7 @@ async fn a_saved_server_error_ends_an_update_but_not_a_create() {
     update.remote_id = Some("cus_saved".into());
     assert!(matches!(
         connector_error(kit.push(update).await),
-        ConnectorError::Permanent(m) if m.contains("saved answer")
+        ConnectorError::Permanent(m) if m.contains("saved this answer")
     ));
 }
 

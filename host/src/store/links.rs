@@ -98,8 +98,10 @@ pub struct SyncLink {
     pub pushed_at_ms: i64,
     /// The open conflict that holds this link, if any.
     pub held_by: Option<String>,
-    /// Pushes a repair forced at a version the remote already had a push
-    /// for (part of the idempotency key, see [`Store::force_push`]).
+    /// Fresh idempotency keys this link took (part of the key): a repair
+    /// forced at a version the remote already had a push for (see
+    /// [`Store::force_push`]), a dead letter's replay, a retry after a
+    /// failure the remote answered and may have saved under the key.
     pub repairs: i32,
 }
 
@@ -307,13 +309,15 @@ pub enum RecordedOutcome {
         error: String,
         /// Set when the failed attempt was a create whose outcome is unknown.
         pending_version: Option<i64>,
-        /// The remote gave no answer (the call's deadline passed): the
-        /// retry of this version sends the same request under the same key,
-        /// which the remote answers from the result it saved if the first
-        /// landed. A failure it answered (a 5xx) is retried over no base:
-        /// the remote may have saved that answer under the key (Stripe
-        /// does, 500s included), so only another request is tried at all.
-        unanswered: bool,
+        /// The remote answered the failure (a 5xx): it may have saved that
+        /// answer under the key (Stripe does, 500s included) and give it to
+        /// every retry under it, so the next attempt of an update or a
+        /// delete goes under a fresh key (`repairs` + 1). A create keeps
+        /// its key (its marker: a second record could be made). After no
+        /// answer (the call's deadline passed) the retry is the same request
+        /// under the same key, which the remote answers from the result it
+        /// saved if the first landed.
+        answered: bool,
     },
     /// Not attempted (breaker open); due again at `at_ms`. Costs no attempt
     /// and leaves no delivery record.
@@ -932,19 +936,20 @@ macro_rules! record_in {
                     .await?
                     .rows_affected()
                 }
-                RecordedOutcome::RetryScheduled { version, attempt, at_ms, error, pending_version, unanswered, .. } => {
+                RecordedOutcome::RetryScheduled { version, attempt, at_ms, error, pending_version, answered, .. } => {
                     // A failed push may have been applied (a timeout): what
                     // the remote holds is unknown until the next delivery,
                     // so no later version is skipped as unchanged or sent
                     // as its changed fields alone (here and on a dead
-                    // letter). The retry of this version after no answer
-                    // sends the same request under the same key, planned
-                    // over the same base (`unsure_base`): sent whole under
-                    // another key, the remote applied both, the second
-                    // over an edit made there between. A second version
-                    // failing so leaves no base at all: its request was the
-                    // whole record already. `pushed_hash` is NULL meanwhile,
-                    // as a replica of an older release reads it.
+                    // letter). The retry of this version is planned over
+                    // the same base (`unsure_base`), the same request: sent
+                    // whole under another key, the remote applied both, the
+                    // second over an edit made there between. After an
+                    // answered failure it goes under a fresh key (see
+                    // `answered`). A second version failing so leaves no
+                    // base at all: its request was the whole record
+                    // already. `pushed_hash` is NULL meanwhile, as a
+                    // replica of an older release reads it.
                     // A newer version taken in while the push was out
                     // started its own count (the intake reset it): this
                     // failure is its first, not the older one's next; one
@@ -954,10 +959,11 @@ macro_rules! record_in {
                          attempts = CASE WHEN wanted_version > $9 THEN attempts + $1 - $10 ELSE $1 END, \
                          next_attempt_at_ms = $2, \
                          last_error = $3, pending_version = COALESCE($4, pending_version), \
-                         unsure_base = CASE WHEN NOT $12 THEN NULL \
-                           WHEN pushed_hash IS NOT NULL THEN pushed_hash \
+                         unsure_base = CASE WHEN pushed_hash IS NOT NULL THEN pushed_hash \
                            WHEN unsure_version = $11 THEN unsure_base END, \
-                         unsure_version = CASE WHEN $12 THEN $11 END, pushed_hash = NULL, \
+                         unsure_version = $11, pushed_hash = NULL, \
+                         repairs = CASE WHEN $12 AND pending_version IS NULL \
+                           THEN repairs + 1 ELSE repairs END, \
                          lease_until_ms = 0, lease_token = NULL, updated_at = $5 \
                          WHERE customer_id = $6 AND connector = $7 AND lease_token = $8",
                     )
@@ -972,7 +978,7 @@ macro_rules! record_in {
                     .bind($link.wanted_version)
                     .bind($link.attempts)
                     .bind(version)
-                    .bind(unanswered)
+                    .bind(answered)
                     .execute(&mut *$tx)
                     .await?
                     .rows_affected()

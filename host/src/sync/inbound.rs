@@ -836,14 +836,23 @@ impl SyncEngine {
         // edit made after the listing looked older than the repair, whose
         // listed copy then came back over it.
         // So is an old copy of a record no link holds: a reconciliation's
-        // import or link by email resolved by hand days later, a long
-        // run's repairs, an inbound dead letter replayed, a webhook
-        // redelivered after an outage. The record may have been deleted
-        // since, and a remote that sends no deletes (Salesforce) never
-        // says; nor does Stripe's delete once retention trimmed it. Applied
-        // as sent, it came back, and was pushed to every other system.
+        // import or link by email whose listing is old (resolved by hand
+        // days later, a long run's repairs), an event taken in long ago (an
+        // inbound dead letter replayed, a backlog). The record may have
+        // been deleted since, and a remote that sends no deletes
+        // (Salesforce) never says; nor does Stripe's delete once retention
+        // trimmed it. Applied as sent, it came back, and was pushed to
+        // every other system. (A webhook's own date is not the measure: a
+        // Salesforce record keeps an old `LastModifiedDate`, and its
+        // messages would all be read again.)
+        let taken_in_ms = event.received_at.timestamp_millis();
+        let copied_at_ms = if event.remote_type == RECONCILIATION {
+            event.occurred_at_ms
+        } else {
+            taken_in_ms
+        };
         let old_and_unlinked =
-            link.is_none() && now_ms().saturating_sub(event.occurred_at_ms) > LISTED_COPY_FRESH_MS;
+            link.is_none() && now_ms().saturating_sub(copied_at_ms) > LISTED_COPY_FRESH_MS;
         let doubtful = old_and_unlinked
             || link.as_ref().is_some_and(|l| {
                 event.remote_type == RECONCILIATION
@@ -855,12 +864,27 @@ impl SyncEngine {
         let remote = match &event.record {
             Some(record) if !doubtful => canonical_record(&record.0),
             record => match (
-                self.fetch_current(
-                    event,
-                    link.as_ref().is_some_and(|l| l.remote_deleted),
-                    link.is_some(),
-                )
-                .await?,
+                match self
+                    .fetch_current(
+                        event,
+                        link.as_ref().is_some_and(|l| l.remote_deleted),
+                        link.is_some(),
+                    )
+                    .await
+                {
+                    // Read again for its age alone: a remote that cannot
+                    // answer for good (a record its API user may not see)
+                    // leaves the copy as the best there is, as before.
+                    Err(Failure::Permanent(reason)) if old_and_unlinked && record.is_some() => {
+                        tracing::warn!(
+                            reason,
+                            "an old copy of an unlinked record could not be read again; \
+                             applied as it came"
+                        );
+                        None
+                    }
+                    fetched => fetched?,
+                },
                 record,
             ) {
                 (Some(fetched), _) => canonical_record(&fetched),

@@ -998,7 +998,15 @@ impl SyncEngine {
             }
             CallError::Connector(ConnectorError::Retryable(message)) => {
                 breakers.failure(&link.connector);
-                self.retry_later(link, Some((version, operation)), None, message)
+                let (mut recorded, outcome) =
+                    self.retry_later(link, Some((version, operation)), None, message);
+                // An answer the remote may have saved under the key: the
+                // retry goes under a fresh one (see
+                // `RecordedOutcome::RetryScheduled`).
+                if let RecordedOutcome::RetryScheduled { answered, .. } = &mut recorded {
+                    *answered = true;
+                }
+                (recorded, outcome)
             }
             // The remote may still be working on an update or delete the
             // call gave up on: a retry at once (a newer version under a new
@@ -1010,14 +1018,7 @@ impl SyncEngine {
                 breakers.failure(&link.connector);
                 let settle = Some(self.inner.call_timeout);
                 let error = CallError::DeadlineExceeded.to_string();
-                let (mut recorded, outcome) =
-                    self.retry_later(link, Some((version, operation)), settle, error);
-                // No answer: the retry is the same request (see
-                // `RecordedOutcome::RetryScheduled`).
-                if let RecordedOutcome::RetryScheduled { unanswered, .. } = &mut recorded {
-                    *unanswered = true;
-                }
-                (recorded, outcome)
+                self.retry_later(link, Some((version, operation)), settle, error)
             }
             // The guest misbehaved or ran out of time: retry, since a
             // timeout may be the remote's, and let the attempt budget end it.
@@ -1119,7 +1120,7 @@ impl SyncEngine {
                 at_ms,
                 error,
                 pending_version: None,
-                unanswered: false,
+                answered: false,
             },
             Outcome::RetryScheduled { attempt, at_ms },
         )

@@ -767,35 +767,42 @@ async fn server_errors_are_retried_until_delivered() {
 
 /// A 5xx Stripe marks `Stripe-Should-Retry: false` was stored for the
 /// request's idempotency key: retrying with the key would get it again, so
-/// the push is dead-lettered at once, not after ten identical answers.
+/// the update is dead-lettered at once, not after ten identical answers
+/// (its replay goes under a new key). A create retries it (below).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_error_stripe_says_not_to_retry_is_dead_lettered_at_once() {
     let h = harness(json!({})).await;
+    let (id, remote_id) = synced_customer(&h, "no-retry", "Before").await;
     h.proxy.push(
-        Match::request("POST", "/v1/customers"),
+        Match::request("POST", &format!("/v1/customers/{remote_id}")),
         Fault::stripe_error(500, "api_error", "stored for this key")
             .with_header("stripe-should-retry", "false"),
     );
-    let customer = h.app.create(json!({"email": email("no-retry")})).await;
-    let id = customer["id"].as_str().unwrap();
+    h.app.patch(&id, json!({"name": "After"})).await;
     h.app
-        .wait_link(id, Duration::from_secs(20), |l| l["state"] == "dead")
+        .wait_link(&id, Duration::from_secs(20), |l| l["state"] == "dead")
         .await;
-    assert_eq!(outcomes(&h.app.sync_status(id).await), ["dead_lettered"]);
+    assert_eq!(
+        outcomes(&h.app.sync_status(&id).await),
+        ["delivered", "dead_lettered"]
+    );
 }
 
 /// An update that died timing out may still land: the link waits a call
-/// timeout (2 s here) before a newer version goes, and a replay at once
+/// timeout (5 s here) before a newer version goes, and a replay at once
 /// keeps that wait. It pushed at once, and the late request could leave
 /// the older values at the remote while ferry counted the newer synced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_keeps_the_wait_of_an_update_that_died_timing_out() {
-    let h = harness(json!({"sync_max_attempts": 1})).await;
+    let h = harness(
+        json!({"sync_max_attempts": 1, "connector_call_timeout": "5s", "sync_lease": "12s"}),
+    )
+    .await;
     let (id, remote_id) = synced_customer(&h, "settle-replay", "Before").await;
     let update = format!("/v1/customers/{remote_id}");
     h.proxy.push(
         Match::request("POST", &update),
-        Fault::ForwardThenDelay(Duration::from_secs(4)),
+        Fault::ForwardThenDelay(Duration::from_secs(8)),
     );
     h.app.patch(&id, json!({"name": "Slow"})).await;
     h.app
@@ -816,7 +823,7 @@ async fn a_replay_keeps_the_wait_of_an_update_that_died_timing_out() {
         .find(|l| l.connector == "stripe")
         .expect("link");
     assert!(
-        due > replayed_at + 500 && link.next_attempt_at_ms >= due,
+        due > replayed_at + 1_000 && link.next_attempt_at_ms >= due,
         "due at {due}, replayed at {replayed_at}, due again at {}",
         link.next_attempt_at_ms
     );
@@ -824,9 +831,9 @@ async fn a_replay_keeps_the_wait_of_an_update_that_died_timing_out() {
 }
 
 /// An update Stripe answered with a 500 it saved under the key (the
-/// request began executing): the retry is another request, the whole
-/// record under another key, and is delivered. The same request again
-/// would get the saved 500 back, for as long as Stripe keeps the key.
+/// request began executing): the retry goes under a fresh key (the same
+/// fields), and is delivered. Under the same key it would get the saved
+/// 500 back, for as long as Stripe keeps the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_answered_with_a_saved_server_error_is_retried_as_another_request() {
     let h = harness(json!({})).await;
@@ -844,15 +851,16 @@ async fn an_update_answered_with_a_saved_server_error_is_retried_as_another_requ
         updates[0].header("idempotency-key"),
         updates[1].header("idempotency-key")
     );
+    assert_eq!(updates[0].body, updates[1].body, "the same fields");
     let held = crate::helpers::stripe_customer(&h.stripe.url(), &remote_id)
         .await
         .expect("the record");
     assert_eq!(held["name"], "After", "{held:#}");
 }
 
-/// A create Stripe answered with a 500 it saved: whether the customer was
-/// made is unknown, and every retry under the key gets the 500 back
-/// (marked `Idempotent-Replayed`). The create is not given up on as
+/// A create Stripe answered with a 500 it saved (`Stripe-Should-Retry:
+/// false`): whether the customer was made is unknown, and every retry
+/// under the key gets the 500 back. The create is not given up on as
 /// refused, which forgets it (its replay a fresh create under a new key:
 /// a second customer if the first was made): its retries run out, and the
 /// link keeps the create, replayed under its key.
@@ -861,7 +869,9 @@ async fn a_create_answered_with_a_saved_server_error_keeps_its_key() {
     let h = harness(json!({"sync_max_attempts": 3})).await;
     h.proxy.push(
         Match::request("POST", "/v1/customers"),
-        Fault::stripe_error(500, "api_error", "Something went wrong").saved(),
+        Fault::stripe_error(500, "api_error", "Something went wrong")
+            .with_header("stripe-should-retry", "false")
+            .saved(),
     );
     let customer = h.app.create(json!({"email": email("saved-create")})).await;
     let id = customer["id"].as_str().unwrap();

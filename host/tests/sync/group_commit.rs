@@ -1365,7 +1365,7 @@ async fn a_newer_version_starts_its_own_attempts(postgres: bool) {
             at_ms: 0,
             error: "503".into(),
             pending_version: None,
-            unanswered: false,
+            answered: false,
         })
     };
     assert_eq!(
@@ -1949,7 +1949,7 @@ async fn each_link_write_gets_its_own_answer(postgres: bool) {
         at_ms: chrono::Utc::now().timestamp_millis() + 30_000,
         error: "remote answered 500".to_owned(),
         pending_version: None,
-        unanswered: false,
+        answered: false,
     });
     let writes = [
         (
@@ -2197,7 +2197,7 @@ async fn a_claim_marks_the_create_it_is_about_to_send(postgres: bool) {
         at_ms: chrono::Utc::now().timestamp_millis() - 1,
         error: "timed out".to_owned(),
         pending_version: None,
-        unanswered: false,
+        answered: false,
     });
     assert_eq!(
         store
@@ -2730,7 +2730,7 @@ async fn a_rate_limit_over_a_newer_version_spends_no_attempt(postgres: bool) {
             at_ms: chrono::Utc::now().timestamp_millis() - 1,
             error: "rate limited".to_owned(),
             pending_version: None,
-            unanswered: false,
+            answered: false,
         });
         assert_eq!(store.write_links(&[(link, &failed)]).await.unwrap(), [true]);
         let after = store.links_of(&link.customer_id).await.expect("links")[0].clone();
@@ -2763,7 +2763,7 @@ async fn a_refused_replay_leaves_the_fixed_version_to_push(postgres: bool) {
         at_ms: chrono::Utc::now().timestamp_millis() - 1,
         error: "timed out".to_owned(),
         pending_version: Some(links[0].wanted_version),
-        unanswered: false,
+        answered: false,
     });
     assert_eq!(
         store.write_links(&[(&links[0], &timed_out)]).await.unwrap(),
@@ -4095,7 +4095,7 @@ async fn postgres_link_writes_and_the_intake_lock_links_in_one_order() {
             at_ms: chrono::Utc::now().timestamp_millis() + 60_000,
             error: "timed out".into(),
             pending_version: None,
-            unanswered: false,
+            answered: false,
         })
     };
     let changes: Vec<ChangeNotice> = [&x, &y]

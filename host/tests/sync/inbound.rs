@@ -501,36 +501,32 @@ async fn remote_customer_matches_local_email(backend: Backend, remote_city: bool
     );
 }
 
-/// An old copy of a record no link holds (an inbound dead letter replayed
-/// days later, a webhook redelivered after an outage) is read again before
-/// it is applied: the record was deleted since, and nothing is made of
-/// it. Applied as sent, it came back as a customer and went to every other
-/// system (retention had trimmed the delete that said so; Salesforce
-/// sends none).
+/// An inbound dead letter replayed long after it was taken in: a record
+/// no link holds is read again before it is applied (deleted since, it is
+/// skipped). Applied as it came, a record deleted since came back as a
+/// customer and went to every other system (retention had trimmed the
+/// delete that said so; Salesforce sends none); here, under `reject`, it
+/// was dead-lettered again as a duplicate email.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_old_copy_of_an_unlinked_record_is_read_again() {
+async fn a_replayed_copy_of_an_unlinked_record_is_read_again() {
     use ferry::store::inbox::{InboxState, NewInboxEvent, RemoteChange};
     let stripe = LocalStripe::start().expect("localstripe");
     let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
     let address = email("old-copy");
+    let local = app.create(json!({"email": address, "name": "Here"})).await;
+    app.wait_synced(local["id"].as_str().expect("id"), 1).await;
+    // Another Stripe record with the customer's email: refused (`reject`).
     let remote_id = crate::helpers::stripe_create(
         &stripe.url(),
         &[("email", &address), ("name", "Gone Since")],
     )
     .await;
-    let deleted = reqwest::Client::new()
-        .delete(format!("{}/v1/customers/{remote_id}", stripe.url()))
-        .bearer_auth(STRIPE_KEY)
-        .send()
-        .await
-        .expect("localstripe answers");
-    assert!(deleted.status().is_success());
     let copy = NewInboxEvent {
         event_id: "evt_old_copy".into(),
         entity: "customer".into(),
         kind: RemoteChange::Upsert,
         remote_id: remote_id.clone(),
-        occurred_at_ms: chrono::Utc::now().timestamp_millis() - 2 * 3_600_000,
+        occurred_at_ms: chrono::Utc::now().timestamp_millis(),
         record: Some(json!({"id": remote_id, "email": address, "name": "Gone Since"})),
         origin_key: None,
         remote_type: "customer.updated".into(),
@@ -541,24 +537,53 @@ async fn an_old_copy_of_an_unlinked_record_is_read_again() {
         .await
         .expect("stored");
     app.sync.wake();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let events = app
-            .store
-            .inbox_of_remote("stripe", &remote_id)
-            .await
-            .expect("inbox");
-        if !events.is_empty()
-            && events
-                .iter()
-                .all(|e| matches!(e.state, InboxState::Applied | InboxState::Skipped))
-        {
-            break;
+    let ended = async |state: InboxState| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let events = app
+                .store
+                .inbox_of_remote("stripe", &remote_id)
+                .await
+                .expect("inbox");
+            if events.iter().any(|e| e.state == state) {
+                return events;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{events:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{events:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(app.customer_by_email(&address).await.is_none());
+    };
+    ended(InboxState::Dead).await;
+
+    // Days later the record is gone; the letter is replayed.
+    let deleted = reqwest::Client::new()
+        .delete(format!("{}/v1/customers/{remote_id}", stripe.url()))
+        .bearer_auth(STRIPE_KEY)
+        .send()
+        .await
+        .expect("localstripe answers");
+    assert!(deleted.status().is_success());
+    crate::helpers::execute_raw(
+        &app.database_url,
+        "UPDATE inbox SET received_at = '2026-01-01 00:00:00+00:00' WHERE event_id = 'evt_old_copy'",
+        b"",
+    )
+    .await;
+    let (status, replayed) = app
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/dead-letters/replay",
+            Some(json!({"connector": "stripe", "direction": "inbound"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{replayed}");
+    let events = ended(InboxState::Skipped).await;
+    assert!(
+        events[0]
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("no longer exists")),
+        "{events:?}"
+    );
 }
 
 /// An event without a time (`created` 0) after a dated one is dated on
