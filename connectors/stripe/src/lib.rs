@@ -67,19 +67,7 @@ impl Connector for Stripe {
                     format!("{}/v1/customers", api_base()),
                     &form,
                     &req.idempotency_key,
-                )
-                .map_err(|err| match err {
-                    // A 5xx Stripe saved for the key leaves unknown whether
-                    // the customer was made. Given up on as permanent, the
-                    // create is forgotten and its replay is a fresh one (a
-                    // second customer if the first was made); retried, it
-                    // ends as exhausted retries, whose create is kept and
-                    // replayed under its key.
-                    ConnectorError::Permanent(m) if m.starts_with(SAVED_FAILURE) => {
-                        ConnectorError::retryable(m)
-                    }
-                    err => err,
-                })?
+                )?
             }
             Operation::Update => {
                 let id = req.linked_remote_id("Stripe")?;
@@ -355,16 +343,15 @@ fn call(req: Request) -> Result<Response, ConnectorError> {
 /// account's default version cannot change the shapes under us.
 const STRIPE_VERSION: &str = "2024-06-20";
 
-/// How the message of a 5xx Stripe saved for the idempotency key starts.
-const SAVED_FAILURE: &str = "Stripe saved this answer for the idempotency key: ";
-
 /// Maps a non-2xx answer onto a typed error with Stripe's own message, and
 /// honours `Stripe-Should-Retry` when Stripe says more than the status does:
 /// `false` on a 5xx means Stripe stored that answer for the request's
-/// idempotency key, so every retry with the key would get it again (its
-/// message starts with [`SAVED_FAILURE`]; a create retries it all the
-/// same). Another 5xx is retryable: the host retries an update or a
-/// delete under a fresh key, Stripe having perhaps saved the answer.
+/// idempotency key, so every retry with the key would get it again: it
+/// stays retryable, as every 5xx, for the host retries an update or a
+/// delete after one under a fresh key, and a create (whose customer may
+/// have been made) under its own until its attempts run out, its create
+/// kept (refused for good, it was forgotten, and its replay a fresh
+/// create: a second customer if the first was made).
 /// A 409 is another request with the same idempotency key still in
 /// progress (a replay racing the request it replays): retried when the
 /// answer says nothing (localstripe says nothing), not when Stripe says
@@ -387,10 +374,7 @@ fn checked(resp: Response) -> Result<Response, ConnectorError> {
             (ConnectorError::Permanent(m), Some("false")) => ConnectorError::permanent(m),
             (ConnectorError::Permanent(m), None) if conflict => ConnectorError::retryable(m),
             (ConnectorError::Permanent(m), None) if dependency => ConnectorError::retryable(m),
-            (ConnectorError::Retryable(m), Some("false")) if server_error => {
-                ConnectorError::permanent(format!("{SAVED_FAILURE}{m}"))
-            }
-            (ConnectorError::Retryable(m), Some("false")) if !conflict => {
+            (ConnectorError::Retryable(m), Some("false")) if !conflict && !server_error => {
                 ConnectorError::permanent(m)
             }
             // A 404 for the request, not the record: a path Stripe does not

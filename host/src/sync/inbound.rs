@@ -842,15 +842,12 @@ impl SyncEngine {
         // been deleted since, and a remote that sends no deletes
         // (Salesforce) never says; nor does Stripe's delete once retention
         // trimmed it. Applied as sent, it came back, and was pushed to
-        // every other system. (A webhook's own date is not the measure: a
-        // Salesforce record keeps an old `LastModifiedDate`, and its
-        // messages would all be read again.)
-        let taken_in_ms = event.received_at.timestamp_millis();
-        let copied_at_ms = if event.remote_type == RECONCILIATION {
-            event.occurred_at_ms
-        } else {
-            taken_in_ms
-        };
+        // every other system. Old by the event's date (a delivery the
+        // sender retried through an outage) or by when ferry took it in
+        // (a replay, whose event may have been dated on arrival).
+        let copied_at_ms = event
+            .occurred_at_ms
+            .min(event.received_at.timestamp_millis());
         let old_and_unlinked =
             link.is_none() && now_ms().saturating_sub(copied_at_ms) > LISTED_COPY_FRESH_MS;
         let doubtful = old_and_unlinked
@@ -864,27 +861,12 @@ impl SyncEngine {
         let remote = match &event.record {
             Some(record) if !doubtful => canonical_record(&record.0),
             record => match (
-                match self
-                    .fetch_current(
-                        event,
-                        link.as_ref().is_some_and(|l| l.remote_deleted),
-                        link.is_some(),
-                    )
-                    .await
-                {
-                    // Read again for its age alone: a remote that cannot
-                    // answer for good (a record its API user may not see)
-                    // leaves the copy as the best there is, as before.
-                    Err(Failure::Permanent(reason)) if old_and_unlinked && record.is_some() => {
-                        tracing::warn!(
-                            reason,
-                            "an old copy of an unlinked record could not be read again; \
-                             applied as it came"
-                        );
-                        None
-                    }
-                    fetched => fetched?,
-                },
+                self.fetch_current(
+                    event,
+                    link.as_ref().is_some_and(|l| l.remote_deleted),
+                    link.is_some(),
+                )
+                .await?,
                 record,
             ) {
                 (Some(fetched), _) => canonical_record(&fetched),

@@ -501,6 +501,62 @@ async fn remote_customer_matches_local_email(backend: Backend, remote_city: bool
     );
 }
 
+/// A delivery its sender retried through an outage (dated more than an
+/// hour ago) of a record no link holds is read again before it is applied:
+/// deleted since, nothing is made of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_delivery_of_an_unlinked_record_is_read_again() {
+    use ferry::store::inbox::{InboxState, NewInboxEvent, RemoteChange};
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
+    let address = email("late-copy");
+    let remote_id = crate::helpers::stripe_create(
+        &stripe.url(),
+        &[("email", &address), ("name", "Gone Since")],
+    )
+    .await;
+    let deleted = reqwest::Client::new()
+        .delete(format!("{}/v1/customers/{remote_id}", stripe.url()))
+        .bearer_auth(STRIPE_KEY)
+        .send()
+        .await
+        .expect("localstripe answers");
+    assert!(deleted.status().is_success());
+    let late = NewInboxEvent {
+        event_id: "evt_late_copy".into(),
+        entity: "customer".into(),
+        kind: RemoteChange::Upsert,
+        remote_id: remote_id.clone(),
+        occurred_at_ms: chrono::Utc::now().timestamp_millis() - 2 * 3_600_000,
+        record: Some(json!({"id": remote_id, "email": address, "name": "Gone Since"})),
+        origin_key: None,
+        remote_type: "customer.updated".into(),
+        policy: None,
+    };
+    app.store
+        .store_inbox_many(&[("stripe", std::slice::from_ref(&late), None)])
+        .await
+        .expect("stored");
+    app.sync.wake();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let events = app
+            .store
+            .inbox_of_remote("stripe", &remote_id)
+            .await
+            .expect("inbox");
+        if events
+            .iter()
+            .any(|e| matches!(e.state, InboxState::Applied | InboxState::Skipped))
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{events:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(app.customer_by_email(&address).await.is_none());
+}
+
 /// An inbound dead letter replayed long after it was taken in: a record
 /// no link holds is read again before it is applied (deleted since, it is
 /// skipped). Applied as it came, a record deleted since came back as a
