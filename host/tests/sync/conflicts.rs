@@ -255,6 +255,20 @@ async fn open_conflict(app: &SyncApp) -> Value {
     }
 }
 
+/// Lets go of the customer's Stripe record while a conflict holds its link
+/// (as a reconciliation's recreate does); its email.
+async fn let_go_of_its_record(h: &Harness) -> String {
+    let release = format!(
+        "UPDATE sync_links SET remote_id = NULL WHERE customer_id = '{}' AND connector = 'stripe'",
+        h.id
+    );
+    execute_raw(&h.app.database_url, &release, b"").await;
+    customer(&h.app, &h.id).await["email"]
+        .as_str()
+        .expect("email")
+        .to_owned()
+}
+
 /// A link a conflict holds whose record was let go (a reconciliation's
 /// recreate clears it): another Stripe record with the customer's email
 /// waits for the person too. Its first sync met the hold at its write and
@@ -264,15 +278,7 @@ async fn a_record_for_a_held_link_it_would_take_waits() {
     let h = synced_customer("flag").await;
     name_edited_on_both_sides(&h).await;
     open_conflict(&h.app).await;
-    let release = format!(
-        "UPDATE sync_links SET remote_id = NULL WHERE customer_id = '{}' AND connector = 'stripe'",
-        h.id
-    );
-    execute_raw(&h.app.database_url, &release, b"").await;
-    let email = customer(&h.app, &h.id).await["email"]
-        .as_str()
-        .expect("email")
-        .to_owned();
+    let email = let_go_of_its_record(&h).await;
     let other = stripe_create(
         &h.stripe.url(),
         &[("email", &email), ("name", "Another Record")],
@@ -307,15 +313,7 @@ async fn a_record_merged_into_a_held_link_waits() {
     // The edit below is read again from Stripe (its record was pushed a
     // moment ago: it may be that push's echo).
     h.proxy.set_down(false);
-    let release = format!(
-        "UPDATE sync_links SET remote_id = NULL WHERE customer_id = '{}' AND connector = 'stripe'",
-        h.id
-    );
-    execute_raw(&h.app.database_url, &release, b"").await;
-    let email = customer(&h.app, &h.id).await["email"]
-        .as_str()
-        .expect("email")
-        .to_owned();
+    let email = let_go_of_its_record(&h).await;
     edit_in_stripe(&h.stripe.url(), &other_remote, "email", &email);
     wait_until_held(&h.app, &other_remote).await;
 }

@@ -501,12 +501,71 @@ async fn remote_customer_matches_local_email(backend: Backend, remote_city: bool
     );
 }
 
+/// Deletes Stripe customer `remote_id` directly in localstripe.
+async fn stripe_delete(stripe: &LocalStripe, remote_id: &str) {
+    let deleted = reqwest::Client::new()
+        .delete(format!("{}/v1/customers/{remote_id}", stripe.url()))
+        .bearer_auth(STRIPE_KEY)
+        .send()
+        .await
+        .expect("localstripe answers");
+    assert!(deleted.status().is_success());
+}
+
+/// Stores a Stripe event carrying record `remote_id` (email `address`,
+/// dated `occurred_at_ms`) as a webhook would, and wakes the workers.
+async fn store_copy(
+    app: &SyncApp,
+    event_id: &str,
+    remote_id: &str,
+    address: &str,
+    occurred_at_ms: i64,
+) {
+    use ferry::store::inbox::{NewInboxEvent, RemoteChange};
+    let copy = NewInboxEvent {
+        event_id: event_id.into(),
+        entity: "customer".into(),
+        kind: RemoteChange::Upsert,
+        remote_id: remote_id.into(),
+        occurred_at_ms,
+        record: Some(json!({"id": remote_id, "email": address, "name": "Gone Since"})),
+        origin_key: None,
+        remote_type: "customer.updated".into(),
+        policy: None,
+    };
+    app.store
+        .store_inbox_many(&[("stripe", std::slice::from_ref(&copy), None)])
+        .await
+        .expect("stored");
+    app.sync.wake();
+}
+
+/// Record `remote_id`'s inbox events once one of them is in `state`.
+async fn inbox_once(
+    app: &SyncApp,
+    remote_id: &str,
+    state: ferry::store::inbox::InboxState,
+) -> Vec<ferry::store::inbox::InboxEvent> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let events = app
+            .store
+            .inbox_of_remote("stripe", remote_id)
+            .await
+            .expect("inbox");
+        if events.iter().any(|e| e.state == state) {
+            return events;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{events:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A delivery its sender retried through an outage (dated more than an
 /// hour ago) of a record no link holds is read again before it is applied:
 /// deleted since, nothing is made of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_delivery_of_an_unlinked_record_is_read_again() {
-    use ferry::store::inbox::{InboxState, NewInboxEvent, RemoteChange};
     let stripe = LocalStripe::start().expect("localstripe");
     let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
     let address = email("late-copy");
@@ -515,46 +574,14 @@ async fn a_late_delivery_of_an_unlinked_record_is_read_again() {
         &[("email", &address), ("name", "Gone Since")],
     )
     .await;
-    let deleted = reqwest::Client::new()
-        .delete(format!("{}/v1/customers/{remote_id}", stripe.url()))
-        .bearer_auth(STRIPE_KEY)
-        .send()
-        .await
-        .expect("localstripe answers");
-    assert!(deleted.status().is_success());
-    let late = NewInboxEvent {
-        event_id: "evt_late_copy".into(),
-        entity: "customer".into(),
-        kind: RemoteChange::Upsert,
-        remote_id: remote_id.clone(),
-        occurred_at_ms: chrono::Utc::now().timestamp_millis() - 2 * 3_600_000,
-        record: Some(json!({"id": remote_id, "email": address, "name": "Gone Since"})),
-        origin_key: None,
-        remote_type: "customer.updated".into(),
-        policy: None,
-    };
-    app.store
-        .store_inbox_many(&[("stripe", std::slice::from_ref(&late), None)])
-        .await
-        .expect("stored");
-    app.sync.wake();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let events = app
-            .store
-            .inbox_of_remote("stripe", &remote_id)
-            .await
-            .expect("inbox");
-        if events
-            .iter()
-            .any(|e| matches!(e.state, InboxState::Applied | InboxState::Skipped))
-        {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{events:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(app.customer_by_email(&address).await.is_none());
+    stripe_delete(&stripe, &remote_id).await;
+    let two_hours_ago = chrono::Utc::now().timestamp_millis() - 2 * 3_600_000;
+    store_copy(&app, "evt_late_copy", &remote_id, &address, two_hours_ago).await;
+    let events = inbox_once(&app, &remote_id, ferry::store::inbox::InboxState::Skipped).await;
+    assert!(
+        app.customer_by_email(&address).await.is_none(),
+        "{events:?}"
+    );
 }
 
 /// An inbound dead letter replayed long after it was taken in: a record
@@ -565,7 +592,7 @@ async fn a_late_delivery_of_an_unlinked_record_is_read_again() {
 /// was dead-lettered again as a duplicate email.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_copy_of_an_unlinked_record_is_read_again() {
-    use ferry::store::inbox::{InboxState, NewInboxEvent, RemoteChange};
+    use ferry::store::inbox::InboxState;
     let stripe = LocalStripe::start().expect("localstripe");
     let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
     let address = email("old-copy");
@@ -577,47 +604,12 @@ async fn a_replayed_copy_of_an_unlinked_record_is_read_again() {
         &[("email", &address), ("name", "Gone Since")],
     )
     .await;
-    let copy = NewInboxEvent {
-        event_id: "evt_old_copy".into(),
-        entity: "customer".into(),
-        kind: RemoteChange::Upsert,
-        remote_id: remote_id.clone(),
-        occurred_at_ms: chrono::Utc::now().timestamp_millis(),
-        record: Some(json!({"id": remote_id, "email": address, "name": "Gone Since"})),
-        origin_key: None,
-        remote_type: "customer.updated".into(),
-        policy: None,
-    };
-    app.store
-        .store_inbox_many(&[("stripe", std::slice::from_ref(&copy), None)])
-        .await
-        .expect("stored");
-    app.sync.wake();
-    let ended = async |state: InboxState| {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            let events = app
-                .store
-                .inbox_of_remote("stripe", &remote_id)
-                .await
-                .expect("inbox");
-            if events.iter().any(|e| e.state == state) {
-                return events;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{events:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    ended(InboxState::Dead).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    store_copy(&app, "evt_old_copy", &remote_id, &address, now).await;
+    inbox_once(&app, &remote_id, InboxState::Dead).await;
 
     // Days later the record is gone; the letter is replayed.
-    let deleted = reqwest::Client::new()
-        .delete(format!("{}/v1/customers/{remote_id}", stripe.url()))
-        .bearer_auth(STRIPE_KEY)
-        .send()
-        .await
-        .expect("localstripe answers");
-    assert!(deleted.status().is_success());
+    stripe_delete(&stripe, &remote_id).await;
     crate::helpers::execute_raw(
         &app.database_url,
         "UPDATE inbox SET received_at = '2026-01-01 00:00:00+00:00' WHERE event_id = 'evt_old_copy'",
@@ -632,7 +624,7 @@ async fn a_replayed_copy_of_an_unlinked_record_is_read_again() {
         )
         .await;
     assert_eq!(status, 200, "{replayed}");
-    let events = ended(InboxState::Skipped).await;
+    let events = inbox_once(&app, &remote_id, InboxState::Skipped).await;
     assert!(
         events[0]
             .detail

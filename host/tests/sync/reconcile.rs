@@ -184,6 +184,16 @@ async fn stripe_configured_then_off(backend: Backend) -> (LocalStripe, SyncApp) 
     (stripe, app)
 }
 
+/// Waits until customer `id`'s push to Stripe is queued (it waits for the
+/// switch).
+async fn its_push_waits(app: &SyncApp, id: &str) {
+    eventually("its push waits", || async {
+        let links = app.store.links_of(id).await.unwrap();
+        links.iter().any(|l| l.connector == "stripe")
+    })
+    .await;
+}
+
 /// Customers made while a connector is switched off, before its first
 /// backfill, whose emails Stripe has: switched on with a backfill, their
 /// creates wait for it, which links each to Stripe's record. The switch
@@ -197,11 +207,7 @@ async fn creates_that_waited_for_the_switch_wait_for_its_backfill(backend: Backe
         stripe_create(&url, &[("email", address), ("name", "There")]).await;
         let customer = app.create(json!({"email": address, "name": "Here"})).await;
         let id = customer["id"].as_str().unwrap().to_owned();
-        eventually("its push waits", || async {
-            let links = app.store.links_of(&id).await.unwrap();
-            links.iter().any(|l| l.connector == "stripe")
-        })
-        .await;
+        its_push_waits(&app, &id).await;
     }
 
     let (status, connector) = switch_stripe(&app, "enable?backfill=true").await;
@@ -232,11 +238,7 @@ async fn a_waiting_link_a_backfill_fills_sends_its_changes_alone(backend: Backen
         .create(json!({"email": address, "name": "Same Name", "phone": "+15550001111"}))
         .await;
     let id = customer["id"].as_str().unwrap().to_owned();
-    eventually("its push waits", || async {
-        let links = app.store.links_of(&id).await.unwrap();
-        links.iter().any(|l| l.connector == "stripe")
-    })
-    .await;
+    its_push_waits(&app, &id).await;
 
     let (status, connector) = switch_stripe(&app, "enable?backfill=true").await;
     assert_eq!(status, 200, "{connector}");
