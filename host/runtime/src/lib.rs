@@ -162,8 +162,9 @@ pub fn cursor_problem(asked: Option<&str>, next: Option<&str>) -> Option<String>
 pub const DEFAULT_WEBHOOK_MAX_BODY_BYTES: usize = 256 * 1024;
 
 /// The idempotency key ferry sends with a push of `customer_id` at
-/// `version` to `connector` (`-r{repairs}` once a dead letter's replay
-/// asked for a fresh one). A remote's key length limit must allow it: the
+/// `version` to `connector` (`-r{repairs}` once a dead letter's replay, a
+/// reconciliation's repair or a failure the remote answered asked for a
+/// fresh one). A remote's key length limit must allow it: the
 /// customer ids are 36 bytes, connector names up to 64.
 pub fn idempotency_key(connector: &str, customer_id: &str, version: i64, repairs: i32) -> String {
     if repairs > 0 {
