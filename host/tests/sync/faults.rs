@@ -835,9 +835,10 @@ async fn a_replay_keeps_the_wait_of_an_update_that_died_timing_out() {
 /// under a fresh key (the same fields), and is delivered. Under the same
 /// key it would get the saved 500 back, for as long as Stripe keeps the
 /// key (it was dead-lettered at once, or after ten identical answers).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_update_answered_with_a_saved_server_error_is_retried_as_another_request() {
-    let h = harness(json!({})).await;
+async fn an_update_answered_with_a_saved_server_error_is_retried_as_another_request(
+    backend: Backend,
+) {
+    let h = harness_on(backend, json!({})).await;
     let (id, remote_id) = synced_customer(&h, "saved-500", "Before").await;
     let update = format!("/v1/customers/{remote_id}");
     h.proxy.push(
@@ -859,6 +860,18 @@ async fn an_update_answered_with_a_saved_server_error_is_retried_as_another_requ
         .await
         .expect("the record");
     assert_eq!(held["name"], "After", "{held:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_an_update_answered_with_a_saved_server_error_is_retried_as_another_request() {
+    an_update_answered_with_a_saved_server_error_is_retried_as_another_request(Backend::Sqlite)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_update_answered_with_a_saved_server_error_is_retried_as_another_request() {
+    an_update_answered_with_a_saved_server_error_is_retried_as_another_request(Backend::Postgres)
+        .await;
 }
 
 /// A create Stripe answered with a 500 it saved (`Stripe-Should-Retry:
