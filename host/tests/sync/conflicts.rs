@@ -160,27 +160,14 @@ async fn wait_until_an_edit_waits(h: &Harness) {
 /// Waits until an event of Stripe record `remote_id` waits behind an open
 /// conflict's hold.
 async fn wait_until_held(app: &SyncApp, remote_id: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let inbox = app
-            .store
-            .inbox_of_remote("stripe", remote_id)
-            .await
-            .unwrap();
-        let held = inbox.iter().any(|e| {
+    app.wait_inbox(remote_id, |inbox| {
+        inbox.iter().any(|e| {
             e.detail
                 .as_deref()
                 .is_some_and(|d| d.contains("held by open conflict"))
-        });
-        if held {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the remote edit never waited: {inbox:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        })
+    })
+    .await;
 }
 
 /// `POST /api/v1/conflicts/{id}/resolve` with `body`: the status and answer.

@@ -417,6 +417,31 @@ impl SyncApp {
             .expect("webhook registered");
     }
 
+    /// Stripe record `remote_id`'s inbox events once `done` holds for them
+    /// (20 s at most).
+    pub async fn wait_inbox(
+        &self,
+        remote_id: &str,
+        done: impl Fn(&[ferry::store::inbox::InboxEvent]) -> bool,
+    ) -> Vec<ferry::store::inbox::InboxEvent> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let events = self
+                .store
+                .inbox_of_remote("stripe", remote_id)
+                .await
+                .expect("inbox");
+            if done(&events) {
+                return events;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the inbox never got there: {events:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// Customer `id`'s Stripe link once an attempt of its push has failed.
     pub async fn failed_stripe_link(&self, id: &str) -> ferry::store::SyncLink {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

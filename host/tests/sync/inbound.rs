@@ -546,19 +546,8 @@ async fn inbox_once(
     remote_id: &str,
     state: ferry::store::inbox::InboxState,
 ) -> Vec<ferry::store::inbox::InboxEvent> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let events = app
-            .store
-            .inbox_of_remote("stripe", remote_id)
-            .await
-            .expect("inbox");
-        if events.iter().any(|e| e.state == state) {
-            return events;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{events:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    app.wait_inbox(remote_id, |events| events.iter().any(|e| e.state == state))
+        .await
 }
 
 /// A delivery its sender retried through an outage (dated more than an

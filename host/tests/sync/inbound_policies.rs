@@ -12,33 +12,16 @@ use serde_json::{json, Value};
 use crate::helpers::{email, spawn_sync_app, Backend, Setup, SyncApp, STRIPE_KEY, WEBHOOK_SECRET};
 use crate::inbound::{deliver, event, stripe_customer_json, stripe_signature};
 
-const SETTLE: Duration = Duration::from_secs(20);
-
-/// Waits until the inbox event `event_id` of `remote_id` is in `state`.
+/// Waits until the inbox event `event_id` of `remote_id` is in `state`;
+/// its detail.
 async fn wait_event(app: &SyncApp, remote_id: &str, event_id: &str, state: &str) -> String {
-    let deadline = tokio::time::Instant::now() + SETTLE;
-    loop {
-        let events = app
-            .store
-            .inbox_of_remote("stripe", remote_id)
-            .await
-            .expect("inbox");
-        if let Some(e) = events
-            .iter()
-            .find(|e| e.event_id == event_id && e.state.as_str() == state)
-        {
-            return e.detail.clone().unwrap_or_default();
-        }
-        let seen: Vec<(&str, &str)> = events
-            .iter()
-            .map(|e| (e.event_id.as_str(), e.state.as_str()))
-            .collect();
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "event {event_id} never reached {state}: {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let reached =
+        |e: &ferry::store::inbox::InboxEvent| e.event_id == event_id && e.state.as_str() == state;
+    let events = app
+        .wait_inbox(remote_id, |events| events.iter().any(reached))
+        .await;
+    let event = events.into_iter().find(reached).expect("reached");
+    event.detail.unwrap_or_default()
 }
 
 async fn signed(app: &SyncApp, body: &str) {

@@ -184,6 +184,14 @@ async fn stripe_configured_then_off(backend: Backend) -> (LocalStripe, SyncApp) 
     (stripe, app)
 }
 
+/// `enable?backfill=true` for Stripe, and its backfill run to completion.
+async fn switched_on_with_a_backfill(app: &SyncApp) {
+    let (status, connector) = switch_stripe(app, "enable?backfill=true").await;
+    assert_eq!(status, 200, "{connector}");
+    let run = connector["last_reconciliation"]["id"].as_str().unwrap();
+    assert_eq!(wait_run(&app.base, run).await["status"], "completed");
+}
+
 /// Waits until customer `id`'s push to Stripe is queued (it waits for the
 /// switch).
 async fn its_push_waits(app: &SyncApp, id: &str) {
@@ -210,10 +218,7 @@ async fn creates_that_waited_for_the_switch_wait_for_its_backfill(backend: Backe
         its_push_waits(&app, &id).await;
     }
 
-    let (status, connector) = switch_stripe(&app, "enable?backfill=true").await;
-    assert_eq!(status, 200, "{connector}");
-    let run = connector["last_reconciliation"]["id"].as_str().unwrap();
-    assert_eq!(wait_run(&app.base, run).await["status"], "completed");
+    switched_on_with_a_backfill(&app).await;
     for address in &emails {
         let customer = app.wait_customer_by_email(address).await;
         app.wait_synced(customer["id"].as_str().unwrap(), 1).await;
@@ -240,10 +245,7 @@ async fn a_waiting_link_a_backfill_fills_sends_its_changes_alone(backend: Backen
     let id = customer["id"].as_str().unwrap().to_owned();
     its_push_waits(&app, &id).await;
 
-    let (status, connector) = switch_stripe(&app, "enable?backfill=true").await;
-    assert_eq!(status, 200, "{connector}");
-    let run = connector["last_reconciliation"]["id"].as_str().unwrap();
-    assert_eq!(wait_run(&app.base, run).await["status"], "completed");
+    switched_on_with_a_backfill(&app).await;
     app.wait_link(&id, Duration::from_secs(10), |l| {
         l["remote_id"] == remote_id.as_str() && l["state"] == "synced"
     })
