@@ -271,6 +271,9 @@ impl Host for CallState {
             self.requests_unsettled -= 1;
         }
         let response = response?;
+        if response.status >= 500 {
+            self.server_errors += 1;
+        }
         let mut body = response.body;
         // A remote that echoes a credential must not hand it to the connector.
         self.redact(&mut body);

@@ -328,6 +328,17 @@ pub enum CallError {
     /// The connector answered with an error; its case drives retries.
     #[error("connector error: {0}")]
     Connector(ConnectorError),
+    /// The connector answered `retryable` (the error held here) after the
+    /// remote answered one of the call's requests with a server error
+    /// (5xx). Transient like any `retryable`, but the remote may have saved
+    /// that answer under the request's idempotency key (Stripe saves a
+    /// request's first answer, 500s included) and would give it to every
+    /// retry under that key. A `retryable` after anything else (a 409 for
+    /// a request under the same key still running, a 429 for an object
+    /// another request holds, a refused connection) is
+    /// [`CallError::Connector`]: nothing was saved.
+    #[error("connector error: {0}")]
+    ServerFailed(ConnectorError),
     /// The call ran past `call_timeout` and was stopped.
     #[error("the call exceeded its deadline")]
     DeadlineExceeded,
@@ -369,6 +380,8 @@ struct Ran<R> {
     /// Whether one of its requests timed out or was cut by the deadline:
     /// the remote may still apply it.
     unsettled: bool,
+    /// Whether the remote answered one of its requests with a 5xx.
+    server_error: bool,
 }
 
 impl<T> Ran<Result<T, ConnectorError>> {
@@ -381,7 +394,8 @@ impl<T> Ran<Result<T, ConnectorError>> {
     /// with it on the wire) is that timeout: the remote may still apply
     /// the request, so the caller waits before it sends a newer one (as
     /// for [`CallError::DeadlineExceeded`]), whatever ferry's pacing did
-    /// before.
+    /// before. One after the remote answered a request with a 5xx is
+    /// [`CallError::ServerFailed`].
     fn answer(self) -> Result<T, CallError> {
         match (self.result, self.throttled, self.unsettled) {
             (Ok(Ok(value)), _, _) => Ok(value),
@@ -395,6 +409,9 @@ impl<T> Ran<Result<T, ConnectorError>> {
                 Some(t),
                 _,
             ) => Err(t),
+            (Ok(Err(error @ ConnectorError::Retryable(_))), _, _) if self.server_error => {
+                Err(CallError::ServerFailed(printable(error)))
+            }
             (Ok(Err(error)), _, _) => Err(CallError::Connector(printable(error))),
             (Err(error), _, _) => Err(error),
         }
@@ -1116,6 +1133,7 @@ impl Connector {
             }),
             throttled: None,
             unsettled: false,
+            server_error: false,
         };
         let started_by = tokio::time::Instant::from_std(deadline - timeout / 2);
         let _slot = match tokio::time::timeout_at(started_by, runtime.slots.acquire()).await {
@@ -1127,6 +1145,7 @@ impl Connector {
                     )),
                     throttled: None,
                     unsettled: false,
+                    server_error: false,
                 }
             }
             Ok(Ok(slot)) => slot,
@@ -1191,6 +1210,7 @@ impl Connector {
             result,
             throttled,
             unsettled: state.requests_unsettled > 0,
+            server_error: state.server_errors > 0,
         }
     }
 

@@ -119,6 +119,9 @@ pub(crate) struct CallState {
     /// the wire when the call's deadline cut it. The remote may apply one
     /// after the call has ended.
     pub(crate) requests_unsettled: u32,
+    /// Requests the remote answered with a server error (5xx): it may have
+    /// saved that answer under the request's idempotency key.
+    pub(crate) server_errors: u32,
     /// Built on first use: most calls never touch WASI, and building a
     /// context seeds random number generators.
     wasi: Option<WasiCtx>,
@@ -150,6 +153,7 @@ impl CallState {
             data_placeholders: super::policy::DataPlaceholders::default(),
             requests_sent: 0,
             requests_unsettled: 0,
+            server_errors: 0,
             wasi: None,
             table: {
                 let mut table = ResourceTable::new();

@@ -314,9 +314,10 @@ pub enum RecordedOutcome {
         /// every retry under it, so the next attempt of an update or a
         /// delete goes under a fresh key (`repairs` + 1). A create keeps
         /// its key (its marker: a second record could be made). After no
-        /// answer (the call's deadline passed) the retry is the same request
-        /// under the same key, which the remote answers from the result it
-        /// saved if the first landed.
+        /// answer (the call's deadline passed), or a failure the remote
+        /// did not save (a 409 for the same key still running, a 429), the
+        /// retry is the same request under the same key, which the remote
+        /// answers from the result it saved if the first landed.
         answered: bool,
     },
     /// Not attempted (breaker open); due again at `at_ms`. Costs no attempt

@@ -996,7 +996,15 @@ impl SyncEngine {
                 breakers.unused(&link.connector, pass);
                 dead(DeadLetterKind::Permanent, message)
             }
+            // A failure the remote did not save (a 409 for a request
+            // under the same key still running, a 429 for an object
+            // another request holds, a refused connection): the retry is
+            // the same request, under the same key.
             CallError::Connector(ConnectorError::Retryable(message)) => {
+                breakers.failure(&link.connector);
+                self.retry_later(link, Some((version, operation)), None, message)
+            }
+            CallError::ServerFailed(ConnectorError::Retryable(message)) => {
                 breakers.failure(&link.connector);
                 let (mut recorded, outcome) =
                     self.retry_later(link, Some((version, operation)), None, message);

@@ -629,6 +629,61 @@ async fn a_rate_limited_update_is_retried_as_the_same_request() {
     assert_eq!(updates[1].body, updates[0].body);
 }
 
+/// A Stripe error answer with a `code`, which Stripe saves under no key:
+/// the request did not run.
+fn unsaved_stripe_error(status: u16, kind: &str, code: &str, message: &str) -> Fault {
+    let body = json!({"error": {"type": kind, "code": code, "message": message}});
+    Fault::Respond {
+        status,
+        headers: vec![("content-type".to_owned(), "application/json".to_owned())],
+        body: body.to_string().into_bytes(),
+    }
+}
+
+/// Stripe answers 409 `idempotency_key_in_use` while a request under the
+/// same key still runs, and 429 `lock_timeout` while another request holds
+/// the customer; it saves neither under the key. The retry is the same
+/// request under the same key: under a fresh one it would run beside (or
+/// after) the first, setting the same fields again, over an edit made at
+/// Stripe between.
+async fn a_refused_update_is_retried_as_the_same_request(fault: Fault) {
+    let h = harness(json!({})).await;
+    let (id, remote_id) = synced_customer(&h, "refused-update", "Before").await;
+    let update = format!("/v1/customers/{remote_id}");
+    h.proxy.push(Match::request("POST", &update), fault);
+    h.app.patch(&id, json!({"name": "Changed"})).await;
+    h.app.wait_synced(&id, 2).await;
+    let updates = h.proxy.requests_to("POST", &update);
+    assert_eq!(updates.len(), 2, "refused, then delivered");
+    assert_eq!(
+        updates[1].header("idempotency-key"),
+        updates[0].header("idempotency-key")
+    );
+    assert_eq!(updates[1].body, updates[0].body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_refused_while_its_key_is_in_use_is_retried_as_the_same_request() {
+    a_refused_update_is_retried_as_the_same_request(unsaved_stripe_error(
+        409,
+        "idempotency_error",
+        "idempotency_key_in_use",
+        "There is currently another in-progress request using this Idempotent Key.",
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_refused_while_its_customer_is_locked_is_retried_as_the_same_request() {
+    a_refused_update_is_retried_as_the_same_request(unsaved_stripe_error(
+        429,
+        "invalid_request_error",
+        "lock_timeout",
+        "This object cannot be accessed right now because another API request or Stripe process is currently accessing it.",
+    ))
+    .await;
+}
+
 /// A 429 without a Retry-After pauses the connector for the push's own
 /// backoff, so that the other pushes do not meet the limit too; before,
 /// nothing paused and every push spent attempts on it.

@@ -116,7 +116,11 @@ pub(super) fn manifest(m: &rt::Manifest) -> Manifest {
 
 pub(super) fn call_error(e: rt::CallError) -> CallError {
     match e {
-        rt::CallError::Connector(e) => CallError::Connector(connector_error(e)),
+        // Whether the remote answered with a 5xx decides only ferry's
+        // choice of key for the retry: the connector answered `retryable`.
+        rt::CallError::Connector(e) | rt::CallError::ServerFailed(e) => {
+            CallError::Connector(connector_error(e))
+        }
         rt::CallError::DeadlineExceeded => CallError::DeadlineExceeded,
         rt::CallError::ResourceExhausted(m) => CallError::ResourceExhausted(m),
         rt::CallError::Trap(m) => CallError::Trap(m),
