@@ -679,4 +679,37 @@ async fn redelivered_reordered_and_tampered_deliveries() {
         .await
         .expect_err("no email");
     assert!(refused.contains("no email"), "{refused}");
+
+    // A delete's record is not read: the deleted customer had no email.
+    event["type"] = json!("customer.deleted");
+    let body = event.to_string();
+    let deleted = testkit::webhook_request(
+        &[(
+            "Stripe-Signature",
+            &stripe_signature("whsec_kit", now_secs(), &body),
+        )],
+        body,
+    );
+    testkit::webhooks::check_delivery(&kit, deleted)
+        .await
+        .unwrap_or_else(|problem| panic!("{problem}"));
+}
+
+/// While a secret rotates Stripe signs with both (two `v1`), and test mode
+/// adds a `v0`: the forged delivery changes every one of them, not the
+/// last only (the connector rightly accepted the valid first `v1`, and the
+/// check called it open to anyone).
+#[tokio::test]
+async fn a_delivery_signed_twice_is_forged_whole() {
+    let kit = kit().await;
+    let body = event_body("customer.updated");
+    let t = now_secs();
+    let valid = stripe_signature("whsec_kit", t, &body);
+    let old = stripe_signature("whsec_old", t, &body);
+    let old_v1 = old.rsplit("v1=").next().expect("a v1");
+    let header = format!("{valid},v1={old_v1},v0={old_v1}");
+    let signed = testkit::webhook_request(&[("Stripe-Signature", &header)], body);
+    testkit::webhooks::check_delivery(&kit, signed)
+        .await
+        .unwrap_or_else(|problem| panic!("{problem}"));
 }

@@ -339,7 +339,8 @@ async fn watch(
 
 /// What [`WATCHED`] holds, as far as a rebuild cares: a fingerprint of
 /// every file's path, size and time (the lock file's apart: a build
-/// writes it), and the newest time. Compared whole, not by the newest
+/// writes it), and the newest time of those (the lock file's left out,
+/// so the build's write of it is no change). Compared whole, not by the newest
 /// time: a file dated in the future (an unpacked archive, a clock set
 /// right since) made every later edit look older, and nothing rebuilt
 /// until the clock caught up.
@@ -376,21 +377,19 @@ impl Sources {
             std::collections::hash_map::DefaultHasher::new(),
             std::collections::hash_map::DefaultHasher::new(),
         );
+        let mut newest = SystemTime::UNIX_EPOCH;
         for file in &found {
             if file.0 == lock {
                 file.hash(&mut locks);
             } else {
                 file.hash(&mut files);
+                newest = newest.max(file.2);
             }
         }
         Self {
             files: files.finish(),
             lock: locks.finish(),
-            newest: found
-                .iter()
-                .map(|f| f.2)
-                .max()
-                .unwrap_or(SystemTime::UNIX_EPOCH),
+            newest,
         }
     }
 
@@ -463,5 +462,23 @@ mod tests {
             built,
             "an edit older than the future file"
         );
+    }
+
+    /// A new crate's first build (or one after a dependency was added)
+    /// writes the lock file, newer than every source: no edit to rebuild
+    /// for (it rebuilt, and said "reloaded", with nothing edited).
+    #[test]
+    fn the_lock_file_a_build_writes_is_no_edit() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("src")).unwrap();
+        let now = SystemTime::now();
+        write(&dir.path().join("src/lib.rs"), "// lib", now);
+        let seen = Sources::of(dir.path());
+        write(
+            &dir.path().join("Cargo.lock"),
+            "# written by the build",
+            now + Duration::from_secs(10),
+        );
+        assert_eq!(Sources::of(dir.path()), seen.after_build(dir.path()));
     }
 }

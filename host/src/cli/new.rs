@@ -18,6 +18,12 @@ const README_MD: &str = include_str!("../../../sdk/template/README.md");
 /// The one line of the template that names the connector.
 const NAME_LINE: &str = "pub const NAME: &str = \"example\";";
 
+/// The connectors ferry ships. A connector is its name: an upload under
+/// one of these becomes that connector's next version, active on every
+/// replica, with its stored settings and secrets (Stripe's API key sent
+/// by the template's code to wherever `api_base` points).
+const SHIPPED: [&str; 2] = ["stripe", "salesforce"];
+
 /// What to scaffold.
 #[derive(Debug, Clone)]
 pub struct NewConnector {
@@ -57,6 +63,11 @@ pub fn scaffold(new: &NewConnector) -> anyhow::Result<PathBuf> {
         bail!(
             "`{name}` has `--`, which FERRY_CONNECTORS__{}__… cannot name: use single hyphens",
             name.replace('-', "_").to_ascii_uppercase()
+        );
+    }
+    if SHIPPED.contains(&name) {
+        bail!(
+            "`{name}` is a connector ferry ships: an upload of yours would become its next version, with its settings and secrets; choose another name (to change `{name}` itself, start from its source in ferry's connectors/{name})"
         );
     }
     let crate_name = format!("ferry-connector-{name}");
@@ -215,6 +226,14 @@ mod tests {
             runtime_path: None,
         })
         .is_err());
+        let shipped = scaffold(&NewConnector {
+            name: "stripe".into(),
+            dir: Some(dir.path().join("s")),
+            sdk_path: None,
+            runtime_path: None,
+        })
+        .expect_err("a shipped connector's name");
+        assert!(shipped.to_string().contains("ferry ships"), "{shipped}");
         assert!(
             scaffold(&NewConnector {
                 name: "again".into(),

@@ -429,8 +429,25 @@ fn replay(
             headers: exchange.response_headers.clone(),
             body: body_bytes(&exchange.response_body),
         }),
-        (None, Some(error)) => Err(WireError::Connect(error.clone())),
+        (None, Some(error)) => Err(recorded_error(error)),
         (None, None) => Err(WireError::Connect("recorded without an answer".into())),
+    }
+}
+
+/// The failure a recording holds, as it was (its text is the error's
+/// `Display`): a timeout replayed as a refused connection was a plain
+/// transient error to ferry instead of an unknown outcome, and an answer
+/// too large (permanent) a retryable one.
+fn recorded_error(text: &str) -> WireError {
+    let (kind, rest) = text.split_once(": ").unwrap_or(("", text));
+    let rest = rest.to_owned();
+    match kind {
+        "connect" => WireError::Connect(rest),
+        "interrupted" => WireError::Interrupted(rest),
+        "timeout" => WireError::Timeout(rest),
+        "too large" => WireError::TooLarge(rest),
+        "denied" => WireError::Denied(rest),
+        _ => WireError::Connect(text.to_owned()),
     }
 }
 
@@ -535,6 +552,30 @@ mod tests {
             body: body.map(|b| b.as_bytes().to_vec()),
             timeout: Duration::from_secs(1),
             max_response_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn a_recorded_failure_replays_as_the_same_kind() {
+        for error in [
+            WireError::Connect("refused".into()),
+            WireError::Interrupted("reset".into()),
+            WireError::Timeout("after 30000 ms".into()),
+            WireError::TooLarge("over 4 MiB".into()),
+            WireError::Denied("a private address".into()),
+        ] {
+            let failed = Exchange {
+                status: None,
+                error: Some(error.to_string()),
+                ..exchange("GET", "https://api.example.com/a", None)
+            };
+            let used = Mutex::new(vec![false]);
+            let replayed = replay(
+                &[failed],
+                &used,
+                &request("GET", "https://api.example.com/a", None),
+            );
+            assert_eq!(replayed.map(|r| r.status), Err(error));
         }
     }
 

@@ -15,7 +15,7 @@
 //! ```
 
 use super::{CallError, TestKit};
-use crate::{ConnectorError, ParsedWebhook, WebhookRequest};
+use crate::{ChangeKind, ConnectorError, ParsedWebhook, WebhookRequest};
 
 /// What [`check_delivery`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,12 +34,19 @@ pub struct DeliveryReport {
 /// - **duplicated**: the same delivery again gives the same event ids, so
 ///   the host stores it once (an id built from the time of receipt, or a
 ///   random one, would apply a redelivery twice);
-/// - **out of order**: every event says when the change happened
-///   (`occurred_at_ms > 0`), so the host can drop an older state that
-///   arrives after a newer one;
-/// - **tampered**: a body with one byte changed, a signature header with
-///   one character changed, and no signature header at all are each
-///   refused with `invalid-signature`, so the host stores nothing.
+/// - **out of order**: every event that carries a record says when the
+///   change happened, in milliseconds (`occurred_at_ms`; a time in
+///   seconds reads as January 1970), so the host can drop an older state
+///   that arrives after a newer one;
+/// - **tampered**: a body with one byte changed, the signature headers
+///   with every signature in them changed (a remote that sends two, or
+///   two values in one header while its secret rotates: the connector
+///   must check the one it trusts), and no signature header at all are
+///   each refused with `invalid-signature`, so the host stores nothing.
+///
+/// An upsert's record must be one ferry can make a customer of; a
+/// delete's record is not read (ferry applies the delete by the remote
+/// id), so a delete of a record without an email passes.
 ///
 /// The signature header is the one whose name has `signature` or `hmac`
 /// in it; a remote that signs in another (`X-Gitlab-Token`) is checked
@@ -65,8 +72,8 @@ pub async fn check_delivery(
 }
 
 /// [`check_delivery`], with the signature in the headers named `headers`
-/// (any case): the first is changed for the forged delivery, and all are
-/// left out of the unsigned one.
+/// (any case): all are changed for the forged delivery, and left out of
+/// the unsigned one.
 pub async fn check_delivery_signed_by(
     kit: &TestKit,
     signed: WebhookRequest,
@@ -101,34 +108,7 @@ pub async fn check_delivery_signed_by(
             ids(&again)
         ));
     }
-    // A trigger (no record) may leave its time to the host, which dates
-    // it on arrival; a record needs the remote's.
-    if let Some(event) = first
-        .events
-        .iter()
-        .find(|e| e.occurred_at_ms <= 0 && e.record.is_some())
-    {
-        return Err(format!(
-            "event {} carries a record but no occurred_at_ms: the host cannot tell an older state arriving late from a newer one",
-            event.id
-        ));
-    }
-
-    // ferry syncs customers: another entity's event is skipped, and a
-    // customer record ferry cannot make a customer of (no email, a phone
-    // or metadata key the catalog refuses) is dead-lettered when applied.
-    for event in &first.events {
-        if event.entity != "customer" {
-            return Err(format!(
-                "event {} is of entity `{}`: ferry syncs `customer` only, and skips it",
-                event.id, event.entity
-            ));
-        }
-        if let Some(record) = &event.record {
-            super::check_record(record)
-                .map_err(|problem| format!("event {}: {problem}", event.id))?;
-        }
-    }
+    check_events(&first)?;
 
     let mut tampered_body = signed.clone();
     let middle = tampered_body.body.len() / 2;
@@ -138,16 +118,13 @@ pub async fn check_delivery_signed_by(
     }
     refused(kit, tampered_body, "a body changed on the way").await?;
 
-    if let Some(index) = signed
-        .headers
-        .iter()
-        .position(|(name, _)| is_signature(name))
-    {
-        let mut forged = signed.clone();
-        let value = &mut forged.headers[index].1;
-        *value = flip_last_hex(value);
-        refused(kit, forged, "a signature header changed on the way").await?;
+    let mut forged = signed.clone();
+    for (name, value) in &mut forged.headers {
+        if is_signature(name) {
+            *value = forge(value);
+        }
     }
+    refused(kit, forged, "a signature header changed on the way").await?;
     let mut unsigned = signed;
     unsigned.headers.retain(|(name, _)| !is_signature(name));
     refused(kit, unsigned, "a delivery without its signature header").await?;
@@ -156,6 +133,44 @@ pub async fn check_delivery_signed_by(
         events: first.events.len(),
         event_ids: ids(&first),
     })
+}
+
+/// Before 2001-09-09 in milliseconds; a time in seconds is far below it.
+const EARLIEST_MS: i64 = 1_000_000_000_000;
+
+/// What ferry needs of each event of a delivery, in words.
+fn check_events(parsed: &ParsedWebhook) -> Result<(), String> {
+    for event in &parsed.events {
+        // ferry syncs customers: another entity's event is skipped.
+        if event.entity != "customer" {
+            return Err(format!(
+                "event {} is of entity `{}`: ferry syncs `customer` only, and skips it",
+                event.id, event.entity
+            ));
+        }
+        // A trigger (no record) may leave its time to the host, which
+        // dates it on arrival; a record needs the remote's.
+        if event.record.is_some() && event.occurred_at_ms <= 0 {
+            return Err(format!(
+                "event {} carries a record but no occurred_at_ms: the host cannot tell an older state arriving late from a newer one",
+                event.id
+            ));
+        }
+        if event.occurred_at_ms > 0 && event.occurred_at_ms < EARLIEST_MS {
+            return Err(format!(
+                "event {} says it happened at {} ms, before 2001: a time in seconds? occurred_at_ms is milliseconds (× 1000), and an event dated in 1970 is older than every state the host has seen",
+                event.id, event.occurred_at_ms
+            ));
+        }
+        // An upsert's record ferry cannot make a customer of (no email, a
+        // phone or metadata key the catalog refuses) is dead-lettered when
+        // applied; a delete's is not read.
+        if let (ChangeKind::Upsert, Some(record)) = (event.kind, &event.record) {
+            super::check_record(record)
+                .map_err(|problem| format!("event {}: {problem}", event.id))?;
+        }
+    }
+    Ok(())
 }
 
 async fn receive(kit: &TestKit, req: WebhookRequest, what: &str) -> Result<ParsedWebhook, String> {
@@ -174,14 +189,101 @@ async fn refused(kit: &TestKit, req: WebhookRequest, what: &str) -> Result<(), S
     }
 }
 
-/// Changes the last hexadecimal digit of a signature so it stays well
-/// formed but no longer matches.
-fn flip_last_hex(value: &str) -> String {
+/// A run of hexadecimal digits at least this long is a signature (a
+/// SHA-1 is 40, a Unix time in seconds 10).
+const SIGNATURE_DIGITS: usize = 16;
+
+/// Changes every signature in a header value (the last digit of each run
+/// of [`SIGNATURE_DIGITS`] hexadecimal digits or more: Stripe's
+/// `t=…,v1=…,v0=…`, two `v1` while a secret rotates), or the last
+/// hexadecimal digit when it holds no such run (a base64 signature), so it
+/// stays well formed but no longer matches.
+fn forge(value: &str) -> String {
     let mut chars: Vec<char> = value.chars().collect();
-    if let Some(c) = chars.iter_mut().rev().find(|c| c.is_ascii_hexdigit()) {
-        *c = if *c == '0' { '1' } else { '0' };
-    } else {
-        chars.push('0');
+    let flip = |c: &mut char| *c = if *c == '0' { '1' } else { '0' };
+    let mut run = 0;
+    let mut forged = false;
+    for i in 0..=chars.len() {
+        if chars.get(i).is_some_and(char::is_ascii_hexdigit) {
+            run += 1;
+            continue;
+        }
+        if run >= SIGNATURE_DIGITS {
+            flip(&mut chars[i - 1]);
+            forged = true;
+        }
+        run = 0;
+    }
+    if !forged {
+        match chars.iter_mut().rev().find(|c| c.is_ascii_hexdigit()) {
+            Some(c) => flip(c),
+            None => chars.push('0'),
+        }
     }
     chars.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Event;
+
+    #[test]
+    fn every_signature_of_a_header_is_forged() {
+        let (one, two) = ("a".repeat(64), "b".repeat(40));
+        let value = format!("t=1700000000,v1={one},v0={two}");
+        let forged = forge(&value);
+        assert_eq!(
+            forged,
+            format!("t=1700000000,v1={}0,v0={}0", &one[1..], &two[1..])
+        );
+        // No run of a signature's length (base64): the last hex digit.
+        assert_eq!(forge("c2lnbmF0dXJl"), "c2lnbmF00XJl");
+    }
+
+    fn event(kind: ChangeKind, occurred_at_ms: i64, record: Option<&str>) -> ParsedWebhook {
+        ParsedWebhook {
+            events: vec![Event {
+                id: "evt_1".into(),
+                entity: "customer".into(),
+                kind,
+                remote_id: "ct_1".into(),
+                occurred_at_ms,
+                record: record.map(str::to_owned),
+                origin_key: None,
+                remote_type: "contact.saved".into(),
+            }],
+            reply: None,
+        }
+    }
+
+    #[test]
+    fn a_delete_without_an_email_is_a_delete() {
+        let deleted = event(
+            ChangeKind::Delete,
+            1_700_000_000_000,
+            Some(r#"{"name":"Ada"}"#),
+        );
+        assert_eq!(check_events(&deleted), Ok(()));
+        let updated = event(
+            ChangeKind::Upsert,
+            1_700_000_000_000,
+            Some(r#"{"name":"Ada"}"#),
+        );
+        assert!(check_events(&updated).is_err());
+    }
+
+    #[test]
+    fn a_time_in_seconds_is_refused() {
+        let record = Some(r#"{"email":"ada@example.com"}"#);
+        let seconds = event(ChangeKind::Upsert, 1_700_000_000, record);
+        let problem = check_events(&seconds).expect_err("seconds");
+        assert!(problem.contains("milliseconds"), "{problem}");
+        assert_eq!(
+            check_events(&event(ChangeKind::Upsert, 1_700_000_000_000, record)),
+            Ok(())
+        );
+        // A trigger leaves its time to the host.
+        assert_eq!(check_events(&event(ChangeKind::Upsert, 0, None)), Ok(()));
+    }
 }
