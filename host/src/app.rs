@@ -230,7 +230,7 @@ impl App {
             }
         }
 
-        let problems = registry.check_environment();
+        let problems = registry.check_environment().await;
         if !problems.is_empty() {
             anyhow::bail!(
                 "connector configuration names what the connector does not declare:\n  {}",

@@ -1038,8 +1038,12 @@ impl Registry {
     /// against the loaded manifests, as `PUT /settings` does: a name a
     /// connector does not declare (a typo such as `APIBASE`) is returned,
     /// one line per problem. A connector name nobody registered is only
-    /// warned about: its component may be uploaded later.
-    pub fn check_environment(&self) -> Vec<String> {
+    /// warned about: its component may be uploaded later. So is a name
+    /// another stored version of the connector declares: after a rollback
+    /// through the API (`activate` of an older version) the variables of
+    /// the newer one stay in the deployment, and a restart that refused
+    /// them kept every replica down until someone edited it.
+    pub async fn check_environment(&self) -> Vec<String> {
         let mut problems = Vec::new();
         for (name, given) in &self.inner.options.environment {
             let env_name = |kind: &str, key: &str| {
@@ -1064,16 +1068,42 @@ impl Registry {
                 continue;
             };
             let manifest = active.connector.manifest();
-            for problem in config::check_against_manifest(
+            let found = config::check_against_manifest(
                 manifest,
                 given.settings.keys(),
                 given.secrets.keys(),
                 false,
-            ) {
+            );
+            let versions = if found.is_empty() {
+                Vec::new()
+            } else {
+                // Unread (a store error), every name is checked as before.
+                self.inner
+                    .store
+                    .connector_versions(name)
+                    .await
+                    .unwrap_or_default()
+            };
+            for problem in found {
                 let (kind, key) = problem
                     .field
                     .split_once('.')
                     .unwrap_or(("settings", &problem.field));
+                let declaring: Vec<&str> = versions
+                    .iter()
+                    .filter(|v| declares(&v.manifest, kind, key))
+                    .map(|v| v.version.as_str())
+                    .collect();
+                if !declaring.is_empty() {
+                    tracing::warn!(
+                        connector = %name,
+                        active = %active.meta.version,
+                        declared_by = ?declaring,
+                        "{} is not declared by the active version of `{name}`, only by others stored: it does nothing until one of those is active",
+                        env_name(kind, key)
+                    );
+                    continue;
+                }
                 let declared: Vec<&str> = if kind == "secrets" {
                     manifest.secrets.iter().map(|s| s.name.as_str()).collect()
                 } else {
@@ -1359,6 +1389,14 @@ fn same_manifest(loaded: &Manifest, stored: &serde_json::Value) -> Result<(), St
             differ.join(", ")
         )),
     }
+}
+
+/// Whether a stored manifest (as [`manifest_json`] wrote it) declares the
+/// setting or secret `key` (`kind` is `settings` or `secrets`).
+fn declares(manifest: &serde_json::Value, kind: &str, key: &str) -> bool {
+    manifest[kind]
+        .as_array()
+        .is_some_and(|specs| specs.iter().any(|spec| spec["name"] == key))
 }
 
 fn manifest_json(manifest: &Manifest) -> serde_json::Value {

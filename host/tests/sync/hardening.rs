@@ -498,6 +498,60 @@ async fn configuration_typos_are_refused_at_start() {
     );
 }
 
+/// A setting only another stored version declares is no typo: a version
+/// that added `account` was rolled back through the API (no restart),
+/// and the deployment still sets `…__SETTINGS__ACCOUNT`. Refused, every
+/// replica's next start failed until someone edited the deployment.
+#[tokio::test]
+async fn a_setting_of_a_version_rolled_back_does_not_stop_a_start() {
+    use ferry_test_support::wasm::{component_path, variant_path};
+    let dir = tempfile::tempdir().unwrap();
+    let connectors = dir.path().join("connectors");
+    std::fs::create_dir_all(&connectors).unwrap();
+    std::fs::copy(
+        component_path("ferry_test_recorder"),
+        connectors.join("recorder.wasm"),
+    )
+    .unwrap();
+    let config = |settings: Value| {
+        ferry::config::Config::from_overrides(json!({
+            "listen": "127.0.0.1:0",
+            "database_url": format!("sqlite://{}", dir.path().join("f.db").display()),
+            "connectors_dir": connectors,
+            "connectors": {"recorder": {"settings": settings}},
+        }))
+        .expect("config")
+    };
+    let first = ferry::app::App::build(config(json!({"api_base": "http://127.0.0.1:9"})))
+        .await
+        .expect("started");
+    let newer = std::fs::read(variant_path("ferry_test_recorder", "version-3")).unwrap();
+    first
+        .state()
+        .registry
+        .upload(&newer, true, "admin")
+        .await
+        .expect("0.3.0 uploaded");
+    drop(first);
+    let with_account = json!({"api_base": "http://127.0.0.1:9", "account": "acct_1"});
+    let second = ferry::app::App::build(config(with_account.clone()))
+        .await
+        .expect("0.3.0 declares `account`");
+    second
+        .state()
+        .registry
+        .activate("recorder", "0.1.0")
+        .await
+        .expect("rolled back");
+    drop(second);
+    if let Err(error) = ferry::app::App::build(config(with_account)).await {
+        panic!("a start after the rollback failed: {error:#}");
+    }
+    // A name no version declares is still a typo.
+    let typo = json!({"api_base": "http://127.0.0.1:9", "acount": "acct_1"});
+    assert!(ferry::app::App::build(config(typo)).await.is_err());
+}
+
 /// The operator's host allow-list (`connector_allowed_hosts`) is real: a
 /// component declaring a host outside it is refused at upload, one inside
 /// it is accepted.
