@@ -174,9 +174,8 @@ impl FieldMap {
     /// The mapped Salesforce fields an update of `c` that changes
     /// `changed` writes ([`Customer::changed_fields`]). The name's fields
     /// whenever the name changed, or the stand-in a nameless customer's
-    /// required name holds (made from the email, [`fallback_name`]): left
-    /// as the old email's, it read back as a name ferry never had, taken
-    /// in and pushed to every other system.
+    /// required name holds (made from the email, [`stand_in`]), kept
+    /// readable as the Contact's name in Salesforce.
     pub(crate) fn changed(&self, c: &Customer, changed: &ChangedFields) -> Vec<&str> {
         let name_changed = changed.field("name") || (c.name.is_none() && changed.field("email"));
         self.entries
@@ -202,9 +201,9 @@ impl FieldMap {
             let value = match path {
                 // Required whole (an Account's `Name`) or in part (a
                 // Contact's `LastName`): never empty.
-                Path::Name => Some(c.name.clone().unwrap_or_else(|| fallback_name(c))),
+                Path::Name => Some(c.name.clone().unwrap_or_else(|| stand_in(c))),
                 Path::FirstName => first.clone(),
-                Path::LastName => Some(last.clone().unwrap_or_else(|| fallback_name(c))),
+                Path::LastName => Some(last.clone().unwrap_or_else(|| stand_in(c))),
                 Path::Email => c.email.clone(),
                 Path::Phone => c.phone.clone(),
                 Path::Street => street(&address),
@@ -336,7 +335,7 @@ impl FieldMap {
         // The stand-in `to_sobject` writes for a nameless customer is no
         // name: read back as one, it became the sync's base, and a person
         // naming the Contact was taken for an edit on both sides.
-        if only_last && c.name.as_deref() == Some(fallback_name(&c).as_str()) {
+        if only_last && c.name.as_deref().is_some_and(|name| is_stand_in(name, &c)) {
             c.name = None;
         }
         if !address.is_empty() {
@@ -366,17 +365,41 @@ fn split_name(name: Option<&str>) -> (Option<String>, Option<String>) {
     }
 }
 
+/// What marks a name as [`stand_in`].
+const NO_NAME: &str = "(no name)";
+
 /// `LastName` (a Contact's) and `Name` (an Account's, a custom object's)
-/// are required: without a name, the e-mail's local part stands in, else
-/// `Unknown`.
-fn fallback_name(c: &Customer) -> String {
+/// are required: without a name, the e-mail's local part and
+/// [`NO_NAME`] stand in (`ada (no name)`), or `(no name)` alone. Marked,
+/// the stand-in reads as no name whatever the record's email says since:
+/// the bare local part this connector wrote before was known only while
+/// the email stayed (an email changed in Salesforce made `ada` a name
+/// ferry never had, taken in and pushed to every other system), and
+/// never with the email unmapped (an Account).
+fn stand_in(c: &Customer) -> String {
+    match local_part(c) {
+        Some(local) => format!("{local} {NO_NAME}"),
+        None => NO_NAME.to_owned(),
+    }
+}
+
+/// Whether `name`, read alone from a record holding `c`, is a stand-in:
+/// [`stand_in`]'s, or the bare local part (or `Unknown`) of the releases
+/// before, which Contacts written then still hold.
+fn is_stand_in(name: &str, c: &Customer) -> bool {
+    let marked = name == NO_NAME
+        || name
+            .strip_suffix(NO_NAME)
+            .is_some_and(|local| local.ends_with(' '));
+    marked || name == local_part(c).unwrap_or("Unknown")
+}
+
+fn local_part(c: &Customer) -> Option<&str> {
     c.email
         .as_deref()
         .and_then(|e| e.split('@').next())
         .map(str::trim)
         .filter(|local| !local.is_empty())
-        .unwrap_or("Unknown")
-        .to_owned()
 }
 
 fn street(a: &Address) -> Option<String> {
@@ -503,6 +526,15 @@ mod tests {
             let read = map.customer_from("003A", &written);
             assert_eq!(read.name, None, "{written:?}");
         }
+        // Its email changed in Salesforce since: still no name.
+        let mut written = map.to_sobject(&customer(None, Some("ada@example.com")), false);
+        written.insert("Email".into(), json!("bob@example.com"));
+        assert_eq!(map.customer_from("003A", &written).name, None);
+        // The bare local part an earlier release wrote, while the email
+        // stays, is no name either.
+        let earlier = json!({"LastName": "ada", "Email": "ada@example.com"});
+        let read = map.customer_from("003A", earlier.as_object().unwrap());
+        assert_eq!(read.name, None);
         // A name with a first name is a name, whatever its last word.
         let named = customer(Some("Countess ada"), Some("ada@example.com"));
         let read = map.customer_from("003A", &map.to_sobject(&named, false));
@@ -547,20 +579,26 @@ mod tests {
         assert_eq!(body.get("FirstName"), None);
         assert_eq!(body["LastName"], "Cher");
         let body = map.to_sobject(&customer(None, Some("ada@example.com")), true);
-        assert_eq!(body["LastName"], "ada");
+        assert_eq!(body["LastName"], "ada (no name)");
         assert_eq!(body["FirstName"], Value::Null);
         let body = map.to_sobject(&customer(None, None), true);
-        assert_eq!(body["LastName"], "Unknown");
+        assert_eq!(body["LastName"], "(no name)");
     }
 
     #[test]
     fn a_whole_name_is_never_empty_either() {
         let map = FieldMap::with_overrides(Some(r#"{"name": "Name"}"#)).expect("map");
         let body = map.to_sobject(&customer(None, Some("ada@example.com")), true);
-        assert_eq!(body["Name"], "ada");
+        assert_eq!(body["Name"], "ada (no name)");
         let body = map.to_sobject(&customer(None, None), false);
-        assert_eq!(body["Name"], "Unknown");
+        assert_eq!(body["Name"], "(no name)");
         assert!(map.name_part_fields().is_empty());
+        // An Account whose email is not mapped reads its stand-in as no
+        // name too (it compared with `Unknown`, and read `ada` as a name).
+        let account = FieldMap::with_overrides(Some(r#"{"name": "Name", "email": null}"#))
+            .expect("map");
+        let written = account.to_sobject(&customer(None, Some("ada@example.com")), false);
+        assert_eq!(account.customer_from("001A", &written).name, None);
     }
 
     #[test]

@@ -347,7 +347,7 @@ async fn an_update_writes_only_what_changed() {
     let body: Value = serde_json::from_str(&patch.body_text()).unwrap();
     assert_eq!(
         (&body["Email"], &body["LastName"]),
-        (&json!("bob@example.com"), &json!("bob")),
+        (&json!("bob@example.com"), &json!("bob (no name)")),
         "{body}"
     );
 

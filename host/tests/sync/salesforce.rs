@@ -455,6 +455,50 @@ async fn a_field_the_message_does_not_send_is_not_cleared() {
     assert_eq!(customer["phone"], "+14155550100", "{customer}");
 }
 
+/// A nameless customer's Contact holds a stand-in last name (required);
+/// its email changed in Salesforce, the stand-in made of the old email
+/// read as a name the customer never had, taken in and pushed to Stripe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nameless_contacts_new_email_gives_it_no_name() {
+    let rig = rig(Backend::Sqlite, FakeSalesforceConfig::default()).await;
+    let customer = rig
+        .app
+        .create(json!({"email": email("sf-nameless")}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let (stripe_link, link) = wait_both_synced(&rig.app, &id, 1).await;
+    let contact_id = remote_id(&link);
+    let moved = email("sf-renamed-mailbox");
+    rig.salesforce
+        .update_record("Contact", &contact_id, json!({"Email": moved}));
+    let delivery = rig
+        .salesforce
+        .send_outbound_message(&rig.webhook_url(), "Contact", &[contact_id.as_str()])
+        .await
+        .expect("delivery");
+    assert!(delivery.acked, "{delivery:?}");
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    let customer = loop {
+        let (_, customer) = rig
+            .app
+            .send(reqwest::Method::GET, &format!("/api/v1/customers/{id}"), None)
+            .await;
+        if customer["email"] == moved.as_str() {
+            break customer;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{customer}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(customer["name"], Value::Null, "{customer}");
+    let (_, link) = wait_both_synced(&rig.app, &id, 2).await;
+    assert_eq!(link["state"], "synced");
+    let in_stripe = stripe_customer(&rig.stripe.url(), &remote_id(&stripe_link))
+        .await
+        .expect("in Stripe");
+    assert_eq!(in_stripe["email"], moved.as_str(), "{in_stripe}");
+    assert_eq!(in_stripe["name"], Value::Null, "{in_stripe}");
+}
+
 /// With `fetch_records`, an Outbound Message is only a trigger: a forged
 /// one (the org id is not secret) with made-up fields and a far-future date
 /// makes ferry read the Contact from the API, and the customer holds what
