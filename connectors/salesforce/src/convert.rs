@@ -595,8 +595,8 @@ mod tests {
         assert!(map.name_part_fields().is_empty());
         // An Account whose email is not mapped reads its stand-in as no
         // name too (it compared with `Unknown`, and read `ada` as a name).
-        let account = FieldMap::with_overrides(Some(r#"{"name": "Name", "email": null}"#))
-            .expect("map");
+        let account =
+            FieldMap::with_overrides(Some(r#"{"name": "Name", "email": null}"#)).expect("map");
         let written = account.to_sobject(&customer(None, Some("ada@example.com")), false);
         assert_eq!(account.customer_from("001A", &written).name, None);
     }

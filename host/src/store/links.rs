@@ -433,11 +433,19 @@ const INTAKE_BATCH_SQLITE: &str = concat!(
 // per change, and no transaction of its own to open and commit): the batch
 // holds each (customer, connector) once, and its outbox rows ($7, with the
 // customer $8 and version $9 each message named) leave the queue with it,
-// those that announced that change only (see `CONSUMED_SQLITE`).
+// those that announced that change only (see `CONSUMED_SQLITE`). Their
+// queue rows are locked in rising id order first, as the relay's marks
+// lock them ([`Store::mark_published`]): a batch spanning partitions
+// names them in partition order, and a delete locking a later row while
+// the relay's mark held an earlier one and wanted the later was a
+// deadlock PostgreSQL broke by aborting one side.
 const INTAKE_BATCH_POSTGRES: &str = concat!(
-    "WITH consumed AS (DELETE FROM outbox_queue q USING outbox o, \
+    "WITH locked AS MATERIALIZED (SELECT outbox_id FROM outbox_queue \
+    WHERE outbox_id = ANY($7::bigint[]) ORDER BY outbox_id FOR UPDATE), \
+    consumed AS (DELETE FROM outbox_queue q USING locked l, outbox o, \
     UNNEST($7::bigint[], $8::text[], $9::bigint[]) AS m(id, c, v) \
-    WHERE q.outbox_id = m.id AND o.id = m.id AND o.aggregate_id = m.c AND o.version = m.v) \
+    WHERE q.outbox_id = l.outbox_id AND q.outbox_id = m.id AND o.id = m.id \
+    AND o.aggregate_id = m.c AND o.version = m.v) \
     INSERT INTO sync_links \
     (customer_id, connector, wanted_version, state, next_attempt_at_ms, correlation_id, updated_at) \
     SELECT c, k, v, 'pending', $4, r, $5 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $6::text[]) \

@@ -139,15 +139,22 @@ impl Store {
     }
 
     /// Marks outbox rows published (cluster mode, after the broker
-    /// acknowledged them).
+    /// acknowledged them). On PostgreSQL the rows are locked in rising id
+    /// order, as a consumer's intake locks them, whatever plan the update
+    /// gets (a sequential scan goes in the table's order).
     pub async fn mark_published(&self, ids: &[i64]) -> Result<(), StoreError> {
         let at = now();
         if let Backend::Postgres(pool) = &self.backend {
-            sqlx::query("UPDATE outbox_queue SET published_at = $1 WHERE outbox_id = ANY($2)")
-                .bind(at)
-                .bind(ids)
-                .execute(pool)
-                .await?;
+            sqlx::query(
+                "WITH locked AS MATERIALIZED (SELECT outbox_id FROM outbox_queue \
+                 WHERE outbox_id = ANY($2) ORDER BY outbox_id FOR UPDATE) \
+                 UPDATE outbox_queue q SET published_at = $1 FROM locked l \
+                 WHERE q.outbox_id = l.outbox_id",
+            )
+            .bind(at)
+            .bind(ids)
+            .execute(pool)
+            .await?;
             return Ok(());
         }
         dispatch!(self, write pool => {

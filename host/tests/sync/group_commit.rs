@@ -3393,6 +3393,83 @@ async fn postgres_a_claim_out_of_seq_order_waits_for_the_relays_mark() {
     assert_eq!(claimed, seqs);
 }
 
+/// The same race on the outbox's queue: a consumer's batch spanning
+/// partitions names its changes out of id order, and its intake takes
+/// their queue rows off while the relay marks them published (in rising id
+/// order). The intake locked the later row, waited for the earlier one the
+/// mark held, and the mark waited for the later one: a deadlock PostgreSQL
+/// broke by aborting one side (the batch rewound, or the relay's round
+/// published again). The intake locks in id order too.
+#[tokio::test]
+async fn postgres_an_intake_out_of_id_order_waits_for_the_relays_mark() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(true, dir.path()).await;
+    let store = open(&url).await;
+    let raw = sqlx::PgPool::connect(&url).await.expect("raw connection");
+    // A queue of some size, as under load: planned over a handful of rows,
+    // the intake's join read the whole queue in its order.
+    sqlx::query(
+        "INSERT INTO outbox (aggregate, aggregate_id, version, kind, created_at) \
+         SELECT 'customer', 'cus_queued_' || g, 1, 'created', now() FROM generate_series(1, 5000) g",
+    )
+    .execute(&raw)
+    .await
+    .expect("queued");
+    sqlx::query("ANALYZE outbox_queue")
+        .execute(&raw)
+        .await
+        .expect("analyzed");
+    let mut notices = Vec::new();
+    for n in 0..2 {
+        let customer = store
+            .create_customer(
+                fields(&email(&format!("intake-order-{n}")), "Order"),
+                WriteContext::default(),
+            )
+            .await
+            .expect("created");
+        let id: i64 = sqlx::query_scalar("SELECT id FROM outbox WHERE aggregate_id = $1")
+            .bind(customer.id.as_str())
+            .fetch_one(&raw)
+            .await
+            .expect("its outbox row");
+        notices.push(ChangeNotice {
+            outbox_id: Some(id),
+            ..notice(&customer)
+        });
+    }
+    let ids: Vec<i64> = notices.iter().filter_map(|n| n.outbox_id).collect();
+    let mut marking = raw.begin().await.expect("begin");
+    let mark = "UPDATE outbox_queue SET published_at = now() WHERE outbox_id = $1";
+    sqlx::query(mark)
+        .bind(ids[0])
+        .execute(&mut *marking)
+        .await
+        .expect("first marked");
+    let taking = {
+        let (store, batch) = (store.clone(), vec![notices[1].clone(), notices[0].clone()]);
+        tokio::spawn(async move { store.intake_changes(&batch, &["stripe".to_owned()]).await })
+    };
+    sessions_waiting_on_locks(&raw, 1).await;
+    sqlx::query(mark)
+        .bind(ids[1])
+        .execute(&mut *marking)
+        .await
+        .expect("second marked, not a deadlock");
+    marking.commit().await.expect("marks committed");
+    taking
+        .await
+        .expect("joined")
+        .expect("taken in, not a deadlock");
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox_queue WHERE outbox_id = ANY($1)")
+            .bind(&ids)
+            .fetch_one(&raw)
+            .await
+            .expect("counted");
+    assert_eq!(left, 0, "both taken off the queue");
+}
+
 /// Replayed dead letters stay as history and may outnumber the open ones
 /// by far after an outage: the backlog's count (every few seconds), the
 /// default list and a connector's replay read the open ones through

@@ -461,10 +461,7 @@ async fn a_field_the_message_does_not_send_is_not_cleared() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nameless_contacts_new_email_gives_it_no_name() {
     let rig = rig(Backend::Sqlite, FakeSalesforceConfig::default()).await;
-    let customer = rig
-        .app
-        .create(json!({"email": email("sf-nameless")}))
-        .await;
+    let customer = rig.app.create(json!({"email": email("sf-nameless")})).await;
     let id = customer["id"].as_str().expect("id").to_owned();
     let (stripe_link, link) = wait_both_synced(&rig.app, &id, 1).await;
     let contact_id = remote_id(&link);
@@ -481,7 +478,11 @@ async fn a_nameless_contacts_new_email_gives_it_no_name() {
     let customer = loop {
         let (_, customer) = rig
             .app
-            .send(reqwest::Method::GET, &format!("/api/v1/customers/{id}"), None)
+            .send(
+                reqwest::Method::GET,
+                &format!("/api/v1/customers/{id}"),
+                None,
+            )
             .await;
         if customer["email"] == moved.as_str() {
             break customer;
