@@ -52,8 +52,9 @@ pub(super) async fn store_inbox(
     if columns.event_ids.is_empty() {
         return Ok(stored);
     }
-    // Without a bus there is nothing to publish: stored as handed over.
-    let handed_over = (!store.inbox_bus).then(|| at.timestamp_millis());
+    // Without a bus there is nothing to publish: stored as handed over to
+    // none, which no inbox loop's grace waits for.
+    let handed_over = (!store.inbox_bus).then_some(super::inbox::NO_BUS);
     let new: Vec<(String, String)> = match &store.backend {
         Backend::Postgres(pool) => {
             sqlx::query_as(

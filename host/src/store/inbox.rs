@@ -13,6 +13,12 @@ use super::DeadLetterKind;
 use super::{dispatch, now, stored_names, Customer, CustomerFields, CustomerId, Store, StoreError};
 use super::{now_ms, Backend, SyncLink};
 
+/// `published_at_ms` of an event a replica without a bus stored: handed
+/// over to no bus, so no inbox loop waits for one to deliver it (see
+/// [`super::StoreOptions::inbox_bus`]). A published event holds the time
+/// the broker acknowledged it.
+pub const NO_BUS: i64 = 0;
+
 /// What a remote event did to its record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -437,12 +443,13 @@ impl Store {
     ) -> Result<Vec<InboxEvent>, StoreError> {
         let now = now_ms();
         // The BETWEEN is the index's range; the CASE only filters in it.
+        // An event stored where no bus runs gets no grace: none will carry it.
         let sql = format!(
             "UPDATE inbox SET lease_until_ms = $1, lease_token = $2 WHERE seq IN \
              (SELECT seq FROM inbox WHERE state IN ('pending', 'retry') \
              AND next_attempt_at_ms BETWEEN $6 AND $3 \
              AND next_attempt_at_ms <= (CASE WHEN state = 'pending' AND detail IS NULL \
-                THEN $3 - $5 ELSE $3 END) \
+                AND published_at_ms IS DISTINCT FROM {NO_BUS} THEN $3 - $5 ELSE $3 END) \
              AND lease_until_ms < $3 ORDER BY next_attempt_at_ms, seq LIMIT $4{}) RETURNING {INBOX_COLUMNS}",
             if matches!(self.backend, Backend::Postgres(_)) {
                 " FOR UPDATE SKIP LOCKED"

@@ -107,9 +107,12 @@ pub struct StoreOptions {
     /// PostgreSQL's `lock_timeout` on every pooled connection (zero: none).
     pub lock_timeout: Duration,
     /// Whether a bus (Kafka) publishes inbox events. Without one they are
-    /// stored as already handed over (`published_at_ms` = arrival): the
-    /// inbox loop applies them either way, the `inbox_unpublished` index
-    /// stays empty, and a broker configured later is not sent the history.
+    /// stored as handed over to no bus (`published_at_ms` =
+    /// [`inbox::NO_BUS`]): the inbox loops apply them at once, whatever
+    /// grace a replica with a bus keeps for the bus (an API-only replica
+    /// left without the broker's address, beside workers with one), the
+    /// `inbox_unpublished` index stays empty, and a broker configured
+    /// later is not sent the history.
     pub inbox_bus: bool,
 }
 

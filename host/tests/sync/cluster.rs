@@ -186,6 +186,49 @@ async fn webhook_events_go_through_kafka_in_order() {
     app.stop().await;
 }
 
+/// An API-only replica left without the broker's address (it serves no
+/// consumer, and its readiness asks no broker) stores its webhooks as no
+/// bus will carry them: the worker replicas' inbox loops take them at
+/// once. They were stored as handed over, and the workers, which wait
+/// `bus_redelivery_after` for the bus to deliver a fresh event, applied
+/// each that much later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_taken_by_a_replica_without_the_broker_is_applied_at_once() {
+    use crate::helpers::WEBHOOK_SECRET;
+    use crate::inbound::{deliver, event, stripe_customer_json, stripe_signature};
+
+    let broker = Broker::start().expect("broker");
+    let stripe = LocalStripe::start().expect("localstripe");
+    let mut setup = Setup::new(Backend::Postgres, &stripe.url());
+    setup.kafka = Some(broker.bootstrap());
+    setup.extra = json!({"bus_redelivery_after": "60s"});
+    let worker = spawn_sync_app(setup).await;
+    let mut setup = Setup::new(Backend::Postgres, &stripe.url());
+    setup.database_url = Some(worker.database_url.clone());
+    setup.extra = json!({"workers": false});
+    let api_only = spawn_sync_app(setup).await;
+
+    let address = email("api-only-webhook");
+    let body = event(
+        "evt_api_only",
+        "customer.created",
+        chrono::Utc::now().timestamp(),
+        stripe_customer_json("cus_api_only", &address, "Taken"),
+    );
+    let (status, _) = deliver(&api_only, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while worker.customer_by_email(&address).await.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not applied in 15 s (the grace is 60 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    api_only.stop().await;
+    worker.stop().await;
+}
+
 /// The relay cannot reach the bus (here: the broker is down): changes
 /// written meanwhile are not stranded on the outbox queue. Once they are
 /// older than `bus_redelivery_after`, the safety net schedules them from
