@@ -64,6 +64,8 @@ const MOST_PERIOD: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 pub const KAFKA_PROPERTY_PREFIXES: &[&str] = &[
     "security.protocol",
     "ssl.",
+    // A TLS property whose name does not start with `ssl.`.
+    "enable.ssl.certificate.verification",
     "sasl.",
     "socket.",
     "reconnect.backoff",
@@ -1142,6 +1144,10 @@ mod tests {
                 "FERRY_KAFKA_PROPERTIES__SASL_PASSWORD",
                 "hunter2-not-logged",
             );
+            jail.set_env(
+                "FERRY_KAFKA_PROPERTIES__ENABLE_SSL_CERTIFICATE_VERIFICATION",
+                "false",
+            );
             let config = Config::load(Some(Path::new("ferry.toml"))).map_err(|e| e.to_string())?;
             config.validate().map_err(|e| e.to_string())?;
             let names: Vec<String> = config
@@ -1151,7 +1157,12 @@ mod tests {
                 .collect();
             assert_eq!(
                 names,
-                ["sasl.password", "security.protocol", "ssl.ca.location"]
+                [
+                    "enable.ssl.certificate.verification",
+                    "sasl.password",
+                    "security.protocol",
+                    "ssl.ca.location"
+                ]
             );
             let shown = format!("{config:?}");
             assert!(!shown.contains("hunter2"), "{shown}");

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::store::inbox::InboxState;
 use crate::store::{ChangeNotice, Store};
 use crate::sync::SyncEngine;
 
@@ -600,9 +601,23 @@ async fn publish_inbox_round(
     producer: &kafka::KafkaProducer,
     topic: &str,
 ) -> anyhow::Result<usize> {
-    let events = store.unpublished_inbox(RELAY_BATCH).await?;
+    let mut events = store.unpublished_inbox(RELAY_BATCH).await?;
     if events.is_empty() {
         return Ok(0);
+    }
+    // Settled by the inbox loops while the broker was away: published,
+    // each would cost a consumer a claim that finds nothing, and hold back
+    // the webhooks that came after (a day's outage is millions).
+    let (open, settled): (Vec<_>, Vec<_>) = events
+        .drain(..)
+        .partition(|e| matches!(e.state, InboxState::Pending | InboxState::Retry));
+    let events = open;
+    if !settled.is_empty() {
+        let seqs: Vec<i64> = settled.iter().map(|e| e.seq).collect();
+        store.mark_inbox_unsent(&seqs).await?;
+        if events.is_empty() {
+            return Ok(seqs.len());
+        }
     }
     // Key = the remote record: its events stay in one partition, in order.
     let messages: Vec<kafka::Message> = events

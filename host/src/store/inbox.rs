@@ -530,7 +530,18 @@ impl Store {
 
     /// Marks inbox events published (after the broker acknowledged them).
     pub async fn mark_inbox_published(&self, seqs: &[i64]) -> Result<(), StoreError> {
-        let at = now_ms();
+        self.set_inbox_published(seqs, now_ms()).await
+    }
+
+    /// Marks inbox events the relay found settled already (applied,
+    /// skipped or dead-lettered by the inbox loops while the broker was
+    /// away) as handed over to no bus ([`NO_BUS`]): nothing is left for a
+    /// consumer to do with them.
+    pub async fn mark_inbox_unsent(&self, seqs: &[i64]) -> Result<(), StoreError> {
+        self.set_inbox_published(seqs, NO_BUS).await
+    }
+
+    async fn set_inbox_published(&self, seqs: &[i64], at: i64) -> Result<(), StoreError> {
         // In rising seq order, as claims lock (see
         // [`Store::claim_inbox_seqs`]).
         let mut ordered = seqs.to_vec();

@@ -229,6 +229,70 @@ async fn a_webhook_taken_by_a_replica_without_the_broker_is_applied_at_once() {
     worker.stop().await;
 }
 
+/// Webhooks taken while the broker is away are applied by the inbox loops
+/// after their grace. Once it is back, the relay hands those over to no
+/// one: it published every one of them (a day's outage is millions), each
+/// a consumer's claim that found nothing, ahead of the webhooks that came
+/// after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_applied_while_the_broker_was_away_are_not_published_after() {
+    use crate::helpers::WEBHOOK_SECRET;
+    use crate::inbound::{deliver, event, stripe_customer_json, stripe_signature};
+
+    let mut broker = Broker::start().expect("broker");
+    let stripe = LocalStripe::start().expect("localstripe");
+    let mut setup = Setup::new(Backend::Postgres, &stripe.url());
+    setup.kafka = Some(broker.bootstrap());
+    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+    setup.extra = json!({"bus_redelivery_after": "1s", "kafka_topic_prefix": prefix});
+    let app = spawn_sync_app(setup).await;
+    let webhook = |id: &str, remote: &str, address: &str| {
+        event(
+            id,
+            "customer.created",
+            chrono::Utc::now().timestamp(),
+            stripe_customer_json(remote, address, "Away"),
+        )
+    };
+    let applied = |address: String| {
+        let app = &app;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while app.customer_by_email(&address).await.is_none() {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{address} not applied"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    broker.stop();
+    for n in 0..2 {
+        let address = email(&format!("away-{n}"));
+        let body = webhook(&format!("evt_away_{n}"), &format!("cus_away_{n}"), &address);
+        let (status, _) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+        assert_eq!(status, 200);
+        applied(address).await;
+    }
+    broker.start_again().expect("broker back");
+    wait_for_topic(&broker, &format!("{prefix}.inbox")).await;
+    let address = email("back");
+    let body = webhook("evt_back", "cus_back", &address);
+    let (status, _) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200);
+    applied(address).await;
+    let keys = published_keys(&broker, &format!("{prefix}.inbox"), "stripe:cus_back").await;
+    assert!(keys.iter().any(|k| k == "stripe:cus_back"), "{keys:?}");
+    assert!(
+        !keys.iter().any(|k| k.starts_with("stripe:cus_away_")),
+        "published after they were applied: {keys:?}"
+    );
+    let unpublished = app.store.unpublished_inbox(10).await.expect("inbox");
+    assert!(unpublished.is_empty(), "{unpublished:?}");
+    app.stop().await;
+}
+
 /// The relay cannot reach the bus (here: the broker is down): changes
 /// written meanwhile are not stranded on the outbox queue. Once they are
 /// older than `bus_redelivery_after`, the safety net schedules them from
