@@ -293,8 +293,16 @@ impl Connector for Salesforce {
     fn fetch(entity: String, remote_id: String) -> Result<RemoteRecord, ConnectorError> {
         ferry_sdk::ensure_entity(&entity, ENTITY, "salesforce")?;
         let config = Config::load()?;
+        // The mapped fields by name, as the listing asks for them: the
+        // whole record leaves out a field the integration user may not
+        // see (field-level security), which read as cleared and cleared
+        // it in ferry and every other system; named, Salesforce refuses
+        // it (`INVALID_FIELD`, a dead letter that says so).
+        let selected = config.selected_fields().join(",");
         let resp = config.call(|base, token| {
-            Ok(Request::get(config.record_url(base, &remote_id)).bearer_token(token))
+            Ok(Request::get(config.record_url(base, &remote_id))
+                .query(&[("fields", selected.as_str())])?
+                .bearer_token(token))
         })?;
         let row: Map<String, Value> = resp.json()?;
         config.remote_record(&row)
@@ -609,17 +617,22 @@ impl Config {
     }
 
     /// `SELECT Id, LastModifiedDate, <mapped fields> FROM <object> ORDER BY Id`.
-    fn list_query(&self, after: Option<&str>, limit: u32) -> String {
+    /// What a read asks for: the id, the date and the mapped fields.
+    fn selected_fields(&self) -> Vec<&str> {
         let mut fields = vec!["Id", "LastModifiedDate"];
         for field in self.fields.fields() {
             if !fields.iter().any(|f| f.eq_ignore_ascii_case(field)) {
                 fields.push(field);
             }
         }
+        fields
+    }
+
+    fn list_query(&self, after: Option<&str>, limit: u32) -> String {
         let filter = after.map_or(String::new(), |id| format!(" WHERE Id > '{id}'"));
         format!(
             "SELECT {} FROM {}{filter} ORDER BY Id LIMIT {limit}",
-            fields.join(", "),
+            self.selected_fields().join(", "),
             self.object
         )
     }

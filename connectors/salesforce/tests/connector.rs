@@ -529,6 +529,21 @@ async fn fetch_maps_the_record_back() {
             "LastModifiedDate": "2026-11-29T08:00:00.000+0000"}),
         );
     let record = kit.fetch("customer", "003A").await.unwrap();
+    // The mapped fields by name: a field the integration user may not see
+    // is left out of a whole record's answer, and read as cleared.
+    let asked = kit.http().last_request().expect("the read").url;
+    let fields = asked.split("fields=").nth(1).expect("fields named");
+    for field in [
+        "Id",
+        "LastModifiedDate",
+        "FirstName",
+        "LastName",
+        "Email",
+        "Phone",
+        "Tier__c",
+    ] {
+        assert!(fields.split("%2C").any(|f| f == field), "{asked}");
+    }
     assert_eq!(record.remote_id, "003A");
     assert_eq!(record.updated_at_ms, Some(1_795_939_200_000));
     let c: Value = serde_json::from_str(&record.record).unwrap();
