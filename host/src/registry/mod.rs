@@ -1201,7 +1201,18 @@ impl Registry {
         if !blank.is_empty() {
             return Err(RegistryError::Settings(blank));
         }
-        let secrets = new
+        let given_names: Vec<String> = new
+            .settings
+            .keys()
+            .map(|k| format!("settings.{k}"))
+            .chain(
+                new.secrets
+                    .iter()
+                    .flatten()
+                    .map(|(k, _)| format!("secrets.{k}")),
+            )
+            .collect();
+        let mut secrets = new
             .secrets
             .map(|given| keep_secrets_in_effect(&entry, given))
             .transpose()?;
@@ -1212,9 +1223,52 @@ impl Registry {
             .await?
             .into_iter()
             .find(|c| c.connector == name);
+        // What the active version does not declare belongs to another
+        // (stored before a rollback through `activate`): a write while it
+        // is active keeps it, and may give it, as another version
+        // declares it. Dropped, a rollback's first save (the console's
+        // form names the active version's fields only) lost the newer
+        // version's settings and sealed secrets, and rolled forward it
+        // waited for them; refused, a write that left `secrets` out, or
+        // sent back what GET shows, was a 422.
+        let other_versions = self.inner.store.connector_versions(name).await?;
+        let declared_elsewhere = |field: &str| {
+            let (kind, key) = field.split_once('.').unwrap_or(("settings", field));
+            other_versions
+                .iter()
+                .any(|v| declares(&v.manifest, kind, key))
+        };
+        let mut settings = new.settings;
+        let mut carried: Vec<String> = Vec::new();
+        if let Some(previous) = &previous {
+            for (key, value) in &previous.settings {
+                if !manifest.settings.iter().any(|s| &s.name == key) && !settings.contains_key(key)
+                {
+                    settings.insert(key.clone(), value.clone());
+                    carried.push(format!("settings.{key}"));
+                }
+            }
+        }
+        if let Some(secrets) = &mut secrets {
+            for (key, value) in &entry.effective.config.secrets {
+                if !manifest.secrets.iter().any(|s| &s.name == key) && !secrets.contains_key(key) {
+                    secrets.insert(key.clone(), value.clone());
+                    carried.push(format!("secrets.{key}"));
+                }
+            }
+        }
         let secret_names: Vec<String> = match (&secrets, &previous) {
             (Some(secrets), _) => secrets.keys().cloned().collect(),
-            (None, Some(previous)) => previous.secret_names.clone(),
+            (None, Some(previous)) => {
+                carried.extend(
+                    previous
+                        .secret_names
+                        .iter()
+                        .filter(|k| !manifest.secrets.iter().any(|s| &s.name == *k))
+                        .map(|k| format!("secrets.{k}")),
+                );
+                previous.secret_names.clone()
+            }
             (None, None) => Vec::new(),
         };
         // Kept as it is: checked as switched on where any replica has it
@@ -1225,12 +1279,15 @@ impl Registry {
             Switch::Disabled => false,
             Switch::Unconfigured => entry.switched_on,
         });
-        let problems = config::check_against_manifest(
-            manifest,
-            new.settings.keys(),
-            secret_names.iter(),
-            enabled,
-        );
+        let problems: Vec<SettingsProblem> =
+            config::check_against_manifest(manifest, settings.keys(), secret_names.iter(), enabled)
+                .into_iter()
+                .filter(|p| {
+                    let another_versions =
+                        given_names.contains(&p.field) && declared_elsewhere(&p.field);
+                    !carried.contains(&p.field) && !another_versions
+                })
+                .collect();
         if !problems.is_empty() {
             return Err(RegistryError::Settings(problems));
         }
@@ -1238,7 +1295,7 @@ impl Registry {
             .host_settings
             .iter()
             .filter_map(|name| {
-                let value = new.settings.get(name)?;
+                let value = settings.get(name)?;
                 let why = self.inner.runtime.host_setting_problem(value)?;
                 Some(SettingsProblem::new(format!("settings.{name}"), why))
             })
@@ -1270,7 +1327,7 @@ impl Registry {
             .put_connector_config(
                 &StoredConnectorConfig {
                     connector: name.to_owned(),
-                    settings: new.settings,
+                    settings,
                     sealed_secrets,
                     secret_names,
                     updated_at: chrono::Utc::now(),

@@ -1806,6 +1806,54 @@ async fn a_version_that_needs_a_new_setting_waits_for_it(backend: Backend) {
     assert_eq!(remote.requests_to("POST", "/records").len(), 1);
 }
 
+/// Rolled back through `activate`, a version's settings the older one
+/// does not declare are another version's: a write keeps them (the
+/// console's form names the active version's fields only) and may send
+/// them back as GET shows them. Dropped, the version rolled forward to
+/// waited for its setting again; refused, GET's own answer was a 422.
+async fn a_rollback_keeps_the_newer_versions_settings(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let (status, version) = upload(&app, recorder_variant("version-3"), "").await;
+    assert_eq!(status, 201, "{version}");
+    let put = |body: Value| {
+        app.send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/recorder/settings",
+            Some(body),
+        )
+    };
+    let activate = |version: &str| {
+        post(
+            &app,
+            "/api/v1/connectors/recorder/activate",
+            Some(json!({"version": version})),
+        )
+    };
+    let (status, configured) =
+        put(json!({"settings": {"api_base": remote.url, "account": "acme"}})).await;
+    assert_eq!(status, 200, "{configured}");
+    let (status, rolled_back) = activate("0.1.0").await;
+    assert_eq!(status, 200, "{rolled_back}");
+    // The older version's form: its own fields only.
+    let (status, saved) = put(json!({"settings": {"api_base": remote.url}})).await;
+    assert_eq!(status, 200, "{saved}");
+    // What GET shows, sent back.
+    let (_, shown) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(shown["settings"]["account"], "acme", "{shown}");
+    let (status, again) = put(json!({"settings": shown["settings"].clone()})).await;
+    assert_eq!(status, 200, "{again}");
+    // A name no version declares is still refused.
+    let (status, typo) = put(json!({"settings": {"api_base": remote.url, "acount": "acme"}})).await;
+    assert_eq!(status, 422, "{typo}");
+    let (status, forward) = activate("0.3.0").await;
+    assert_eq!(status, 200, "{forward}");
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(connector["settings"]["account"], "acme", "{connector}");
+    assert!(connector["problem"].is_null(), "{connector}");
+}
+
 /// A replica that cannot open the stored secrets (another master key, a
 /// rotation half done) leaves the connector's pushes waiting, as for a
 /// missing setting. Before, it ran the connector without them: the push
@@ -2300,6 +2348,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_version_that_needs_a_new_setting() {
         a_version_that_needs_a_new_setting_waits_for_it(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rollback_keeps_the_newer_versions_settings() {
+        super::a_rollback_keeps_the_newer_versions_settings(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
