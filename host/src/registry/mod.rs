@@ -227,6 +227,22 @@ impl Entry {
             return Err(NotReady::Incomplete(missing.clone()));
         }
         match need {
+            // The version the store says is active handles it, the one
+            // loaded here does not (its load of that version failed, or
+            // has not happened yet): the work waits for a replica that
+            // loaded it. Skipped, a change queued for the active version
+            // was settled with nothing pushed.
+            Need::Entity(entity)
+                if !manifest.entities.iter().any(|e| e == entity)
+                    && self
+                        .entities
+                        .as_ref()
+                        .is_some_and(|stored| stored.iter().any(|e| e == entity)) =>
+            {
+                return Err(NotReady::NotLoaded(format!(
+                    "the active version syncs `{entity}`; the version loaded here does not"
+                )));
+            }
             Need::Entity(entity) if !manifest.entities.iter().any(|e| e == entity) => {
                 return Err(NotReady::Unsupported(format!("entity `{entity}`")));
             }

@@ -1074,6 +1074,73 @@ async fn a_version_that_fails_to_load_keeps_its_changes(backend: Backend) {
     .await;
 }
 
+/// The version the store says is active syncs `customer`; the one this
+/// replica runs (its load of the new one failed: here damaged bytes; or
+/// it has not caught up yet) does not. A customer change queued for the
+/// connector waits for a replica that loaded the active version, as when
+/// none is loaded here. It was skipped for good ("does not handle entity
+/// `customer`"), its link marked synced with nothing pushed.
+async fn a_version_loaded_here_without_customer_leaves_its_changes_waiting(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    let (status, version) = upload(&app, recorder_variant("no-customer"), "").await;
+    assert_eq!(status, 201, "{version}");
+    configure_recorder(&app, &remote).await;
+    let (status, version) = upload(&app, recorder(), "?activate=false").await;
+    assert_eq!(status, 201, "{version}");
+    // Made active where this replica cannot load it.
+    execute_raw(
+        &app.database_url,
+        "UPDATE connector_versions SET component = $1 WHERE name = 'recorder' AND version = '0.1.0'",
+        b"not a component",
+    )
+    .await;
+    execute_raw(
+        &app.database_url,
+        "UPDATE connectors SET active_version = '0.1.0', revision = revision + 1 \
+         WHERE name = 'recorder'",
+        b"",
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+        if connector["load_problem"].is_string() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{connector:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let created_ms = chrono::Utc::now().timestamp_millis();
+    let customer = app
+        .create(json!({"email": email("loaded-without"), "name": "Waits"}))
+        .await;
+    let id = customer["id"].as_str().unwrap();
+    // Looked at and deferred: due again seconds later, not settled.
+    let link = app
+        .wait_link_of("recorder", id, SETTLE, |l| {
+            (l.is_object() && l["state"] != "pending")
+                || l["next_attempt_at_ms"]
+                    .as_i64()
+                    .is_some_and(|at| at > created_ms + 3_000)
+        })
+        .await;
+    assert_eq!(link["state"], "pending", "{link}");
+    assert_eq!(link["attempts"], 0, "{link}");
+
+    execute_raw(
+        &app.database_url,
+        "UPDATE connector_versions SET component = $1 WHERE name = 'recorder' AND version = '0.1.0'",
+        &recorder(),
+    )
+    .await;
+    app.wait_link_of("recorder", id, SETTLE, |l| {
+        l["state"] == "synced" && l["remote_id"].is_string()
+    })
+    .await;
+    assert_eq!(remote.requests_to("POST", "/records").len(), 1);
+}
+
 /// A component whose manifest, read again at a later load, is not the one
 /// stored with it (what the upload showed the operator: here its hosts)
 /// is not loaded, at a start or by an activation: it would reach hosts
@@ -2348,6 +2415,12 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_version_that_needs_a_new_setting() {
         a_version_that_needs_a_new_setting_waits_for_it(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_loaded_here_without_customer() {
+        super::a_version_loaded_here_without_customer_leaves_its_changes_waiting(Backend::Sqlite)
+            .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
