@@ -503,6 +503,24 @@ impl Registry {
         self.entry(name).ok_or(RegistryError::NotFound)
     }
 
+    /// [`Registry::refresh`] after an operator's change committed: a busy
+    /// store is no failure of the change (answered 503 "nothing was
+    /// written", a client sent an upload again, or believed a version
+    /// still inactive), only a view that catches up at the next poll.
+    async fn refresh_after_commit(&self, change: &str) -> bool {
+        match self.refresh().await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(
+                    change,
+                    %error,
+                    "committed; this replica's view of its connectors catches up at its next poll"
+                );
+                false
+            }
+        }
+    }
+
     /// Re-reads what changed in the store since the last refresh and loads
     /// newly active versions. A version that fails to load leaves the
     /// previous one running and says why in [`Entry::problem`].
@@ -968,7 +986,7 @@ impl Registry {
             uploaded_by,
             "connector uploaded"
         );
-        self.refresh().await?;
+        self.refresh_after_commit("upload").await;
         Ok(uploaded)
     }
 
@@ -1046,7 +1064,7 @@ impl Registry {
             return Err(RegistryError::VersionNotFound(version.to_owned()));
         }
         tracing::info!(connector = name, version, "connector version activated");
-        self.refresh().await?;
+        self.refresh_after_commit("activation").await;
         Ok(())
     }
 
@@ -1170,7 +1188,7 @@ impl Registry {
             return Err(RegistryError::NotFound);
         }
         tracing::info!(connector = name, enabled, "connector switched");
-        self.refresh().await?;
+        self.refresh_after_commit("switch").await;
         Ok(())
     }
 
@@ -1357,10 +1375,11 @@ impl Registry {
         }
         tracing::info!(connector = name, enabled, "connector configured");
         // Released once this replica's view has the new settings, so a
-        // released push finds them.
-        self.refresh().await?;
-        if enabled {
-            self.inner.store.resume_connector_links(name).await?;
+        // released push finds them (else they wait for their recheck).
+        if self.refresh_after_commit("settings").await && enabled {
+            if let Err(error) = self.inner.store.resume_connector_links(name).await {
+                tracing::warn!(connector = name, %error, "configured; its waiting pushes go at their next recheck");
+            }
         }
         Ok(true)
     }
@@ -1379,7 +1398,7 @@ impl Registry {
             return Err(RegistryError::NotFound);
         }
         tracing::info!(connector = name, linked, "connector deleted");
-        self.refresh().await?;
+        self.refresh_after_commit("deletion").await;
         Ok(())
     }
 }
