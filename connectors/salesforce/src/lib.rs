@@ -592,8 +592,21 @@ impl Config {
                 ferry_sdk::http::path_segment(local_id)
             )
         };
-        let resp =
-            self.call(|base, token| Request::patch(url(base)).bearer_token(token).json(body))?;
+        let resp = self
+            .call(|base, token| Request::patch(url(base)).bearer_token(token).json(body))
+            .map_err(|error| match error {
+                // Two upserts of one external id at once (a create retried
+                // while its first attempt still ran): on a Unique field the
+                // second is refused as a duplicate of the record the first
+                // made, which its retry finds and updates. Refused for
+                // good, the create was dead-lettered with its Contact made.
+                ConnectorError::Permanent(message)
+                    if message.contains("DUPLICATE_VALUE") && message.contains(field) =>
+                {
+                    ConnectorError::retryable(message)
+                }
+                other => other,
+            })?;
         if resp.status != 204 && !resp.body.is_empty() {
             return Ok(resp.json::<SaveResult>()?.id);
         }

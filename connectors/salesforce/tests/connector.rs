@@ -670,6 +670,46 @@ async fn an_external_id_makes_create_an_upsert() {
     assert_eq!(kit.http().last_request().unwrap().method, "GET");
 }
 
+/// Two upserts of one external id at once (a create retried while its
+/// first attempt still ran): on a Unique field Salesforce refuses the
+/// second as a duplicate of the record the first made. Its retry finds
+/// that record; refused for good, the create was dead-lettered while its
+/// Contact existed.
+#[tokio::test]
+async fn an_upsert_that_raced_its_own_first_attempt_is_retried() {
+    let kit = kit().await.setting("external_id_field", "Ferry_Id__c");
+    script_tokens(&kit, &["tok-1"]);
+    let upsert = format!("{CONTACTS}/Ferry_Id__c/c1");
+    kit.http().on("PATCH", &upsert).respond_json(
+        400,
+        &sf_error(
+            "DUPLICATE_VALUE",
+            "duplicate value found: Ferry_Id__c duplicates value on record with id: 003N",
+            &[],
+        ),
+    );
+    assert!(matches!(
+        connector_error(kit.push(create_request()).await),
+        ConnectorError::Retryable(m) if m.contains("DUPLICATE_VALUE")
+    ));
+    // A duplicate of another field (a duplicate rule on Email) stays a
+    // refusal.
+    let kit = self::kit().await.setting("external_id_field", "Ferry_Id__c");
+    script_tokens(&kit, &["tok-1"]);
+    kit.http().on("PATCH", &upsert).respond_json(
+        400,
+        &sf_error(
+            "DUPLICATE_VALUE",
+            "duplicate value found: Email duplicates value on record with id: 003M",
+            &["Email"],
+        ),
+    );
+    assert!(matches!(
+        connector_error(kit.push(create_request()).await),
+        ConnectorError::Permanent(_)
+    ));
+}
+
 /// A URL setting with a path (an API URL pasted whole) is refused before
 /// any call: requests under it went to paths Salesforce answers with a
 /// record's 404, and deletes counted as done.
