@@ -694,7 +694,9 @@ async fn an_upsert_that_raced_its_own_first_attempt_is_retried() {
     ));
     // A duplicate of another field (a duplicate rule on Email) stays a
     // refusal.
-    let kit = self::kit().await.setting("external_id_field", "Ferry_Id__c");
+    let kit = self::kit()
+        .await
+        .setting("external_id_field", "Ferry_Id__c");
     script_tokens(&kit, &["tok-1"]);
     kit.http().on("PATCH", &upsert).respond_json(
         400,

@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use ferry_runtime::{HttpTransport, WireError, WireRequest, WireResponse};
 
@@ -21,6 +22,11 @@ pub struct RecordedRequest {
     pub headers: Vec<(String, String)>,
     /// The body, if any.
     pub body: Option<Vec<u8>>,
+    /// How long the host let it take: the operator's total timeout,
+    /// shortened by the connector's own (`Request::timeout_ms`) and by the
+    /// call's deadline. A connector that meant seconds and wrote `30` as
+    /// milliseconds passes every scripted answer, and times out in ferry.
+    pub timeout: Duration,
 }
 
 impl RecordedRequest {
@@ -87,6 +93,8 @@ struct Rule {
 enum Answer {
     Response(WireResponse),
     Error(WireError),
+    /// The response, once this much time has passed.
+    Late(Duration, WireResponse),
 }
 
 impl ScriptedHttp {
@@ -133,12 +141,19 @@ impl ScriptedHttp {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    #[cfg(test)]
     fn answer(&self, req: WireRequest) -> Result<WireResponse, WireError> {
+        self.answer_after(req).1
+    }
+
+    /// The answer to `req`, and how long to wait before giving it.
+    fn answer_after(&self, req: WireRequest) -> (Duration, Result<WireResponse, WireError>) {
         let recorded = RecordedRequest {
             method: req.method.as_str().to_ascii_uppercase(),
             url: req.url.to_string(),
             headers: req.headers,
             body: req.body,
+            timeout: req.timeout,
         };
         let mut state = self.lock();
         state.requests.push(recorded.clone());
@@ -160,25 +175,37 @@ impl ScriptedHttp {
             Some(rule) => rule.answers.front().cloned(),
             None => None,
         };
-        match answer {
-            Some(Answer::Response(resp)) => {
-                if resp.body.len() > req.max_response_bytes {
-                    return Err(WireError::TooLarge(format!(
-                        "scripted body of {} bytes exceeds the limit of {}",
-                        resp.body.len(),
-                        req.max_response_bytes
-                    )));
-                }
-                Ok(resp)
+        let within = |resp: WireResponse| {
+            if resp.body.len() > req.max_response_bytes {
+                return Err(WireError::TooLarge(format!(
+                    "scripted body of {} bytes exceeds the limit of {}",
+                    resp.body.len(),
+                    req.max_response_bytes
+                )));
             }
-            Some(Answer::Error(err)) => Err(err),
+            Ok(resp)
+        };
+        match answer {
+            Some(Answer::Response(resp)) => (Duration::ZERO, within(resp)),
+            // As the real wire: no answer within the request's timeout is
+            // a timeout, once that time has passed.
+            Some(Answer::Late(after, _)) if after >= req.timeout => (
+                req.timeout,
+                Err(WireError::Timeout(format!(
+                    "no answer within {} ms (scripted after {} ms)",
+                    req.timeout.as_millis(),
+                    after.as_millis()
+                ))),
+            ),
+            Some(Answer::Late(after, resp)) => (after, within(resp)),
+            Some(Answer::Error(err)) => (Duration::ZERO, Err(err)),
             None => {
                 let message = format!(
                     "no scripted response for {} {}",
                     recorded.method, recorded.url
                 );
                 state.unmatched.push(recorded);
-                Err(WireError::Connect(message))
+                (Duration::ZERO, Err(WireError::Connect(message)))
             }
         }
     }
@@ -189,8 +216,13 @@ impl HttpTransport for ScriptedHttp {
         &self,
         req: WireRequest,
     ) -> Pin<Box<dyn Future<Output = Result<WireResponse, WireError>> + Send + 'static>> {
-        let result = self.answer(req);
-        Box::pin(async move { result })
+        let (wait, result) = self.answer_after(req);
+        Box::pin(async move {
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            result
+        })
     }
 }
 
@@ -214,6 +246,28 @@ impl RuleHandle<'_> {
             body: body.into(),
         };
         self.push(Answer::Response(resp))
+    }
+
+    /// Answers as [`RuleHandle::respond`] does, `after` this long: a
+    /// request whose timeout is shorter (the operator's, the connector's
+    /// own `timeout_ms`, what is left of the call) times out as it would
+    /// in ferry.
+    pub fn respond_after(
+        self,
+        after: Duration,
+        status: u16,
+        headers: &[(&str, &str)],
+        body: impl Into<Vec<u8>>,
+    ) -> Self {
+        let resp = WireResponse {
+            status,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
+                .collect(),
+            body: body.into(),
+        };
+        self.push(Answer::Late(after, resp))
     }
 
     /// Answers with `status` and `body` serialized as JSON.
@@ -289,6 +343,31 @@ mod tests {
         ));
         assert_eq!(http.unmatched().len(), 1);
         assert_eq!(http.requests().len(), 2);
+    }
+
+    #[test]
+    fn a_late_answer_past_the_requests_timeout_is_a_timeout() {
+        let http = ScriptedHttp::default();
+        http.on("GET", "https://x.example/").respond_after(
+            Duration::from_secs(2),
+            200,
+            &[],
+            "late",
+        );
+        let (waited, answer) = http.answer_after(wire(::http::Method::GET, "https://x.example/"));
+        assert_eq!(waited, Duration::from_secs(1), "the request's own timeout");
+        assert!(matches!(answer, Err(WireError::Timeout(_))), "{answer:?}");
+        assert_eq!(http.requests()[0].timeout, Duration::from_secs(1));
+        http.on("GET", "https://x.example/soon").respond_after(
+            Duration::from_millis(10),
+            200,
+            &[],
+            "soon",
+        );
+        let (waited, answer) =
+            http.answer_after(wire(::http::Method::GET, "https://x.example/soon"));
+        assert_eq!(waited, Duration::from_millis(10));
+        assert_eq!(answer.map(|r| r.status), Ok(200));
     }
 
     #[test]
