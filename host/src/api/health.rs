@@ -3,6 +3,7 @@
 //! the links and inbox events still in flight.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -40,11 +41,21 @@ const PROBE_FRESH: Duration = Duration::from_secs(1);
 /// blocking pool the pushes' DNS lookups and the consumers' commits need,
 /// and starved the store's pool. Now the requests that arrive while a
 /// probe runs wait for it and share its answer.
+///
+/// The bus's check is the last answer of a probe that runs on its own:
+/// the broker's metadata takes up to [`BUS_PROBE_TIMEOUT`] when the
+/// broker is away, and awaited, every `/readyz` took that long, past a
+/// kubelet's 1 s probe timeout, which took every replica out of the load
+/// balancer for a check that gates nothing.
 #[derive(Debug, Default)]
 pub struct Probes {
     last: tokio::sync::Mutex<Option<(std::time::Instant, Vec<Check>)>>,
     /// Probes made (not answers shared), for the tests.
     made: std::sync::atomic::AtomicU64,
+    /// The bus probe's last answer.
+    bus: std::sync::Mutex<Option<Check>>,
+    /// Whether a bus probe is running.
+    bus_probing: std::sync::atomic::AtomicBool,
 }
 
 impl Probes {
@@ -122,20 +133,24 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             detail: "the readiness probe failed (the log says why)".into(),
         }]
     });
-    if let Some(why) = state.bus_topics.missing() {
-        checks.push(Check {
-            name: "bus_topics".into(),
-            ok: false,
-            detail: why,
-        });
-    }
-    // What gates readiness: the store and the bus's topics. The broker's
-    // answer and the connectors below are reported only.
-    let not_ready: Vec<String> = checks
+    // What gates readiness: the store and the bus's topics (unless the
+    // broker only did not answer). The broker's answer and the connectors
+    // below are reported only.
+    let mut not_ready: Vec<String> = checks
         .iter()
         .filter(|c| !c.ok && c.name != "bus")
         .map(|c| c.name.clone())
         .collect();
+    if let Some(wait) = state.bus_topics.missing() {
+        if wait.gates {
+            not_ready.push("bus_topics".into());
+        }
+        checks.push(Check {
+            name: "bus_topics".into(),
+            ok: false,
+            detail: wait.why,
+        });
+    }
     for entry in state.registry.entries() {
         let switched_on = entry.effective.switch == Switch::Enabled;
         // A replica still serving an older version (the new one failed to
@@ -220,26 +235,50 @@ async fn probe(state: &AppState) -> Vec<Check> {
         },
     });
     if let Some(bus) = &state.bus_probe {
-        checks.push(match bus.probe(BUS_PROBE_TIMEOUT).await {
-            Ok(()) => Check {
-                name: "bus".into(),
-                ok: true,
-                detail: "kafka".into(),
-            },
-            Err(error) => {
-                tracing::warn!(
-                    error = format!("{:#}", anyhow::Error::from(error)),
-                    "readiness: the bus failed"
-                );
-                Check {
-                    name: "bus".into(),
-                    ok: false,
-                    detail: "the Kafka cluster did not answer (the log says why)".into(),
-                }
-            }
-        });
+        checks.push(bus_check(&state.probes, bus));
     }
     checks
+}
+
+/// The bus probe's last answer, and a new probe started unless one runs
+/// (see [`Probes`]).
+fn bus_check(probes: &Arc<Probes>, bus: &Arc<crate::bus::kafka::KafkaProducer>) -> Check {
+    use std::sync::atomic::Ordering;
+    if !probes.bus_probing.swap(true, Ordering::AcqRel) {
+        let (probes, bus) = (probes.clone(), bus.clone());
+        tokio::spawn(async move {
+            let check = match bus.probe(BUS_PROBE_TIMEOUT).await {
+                Ok(()) => Check {
+                    name: "bus".into(),
+                    ok: true,
+                    detail: "kafka".into(),
+                },
+                Err(error) => {
+                    tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::from(error)),
+                        "readiness: the bus failed"
+                    );
+                    Check {
+                        name: "bus".into(),
+                        ok: false,
+                        detail: "the Kafka cluster did not answer (the log says why)".into(),
+                    }
+                }
+            };
+            *probes.bus.lock().unwrap_or_else(|p| p.into_inner()) = Some(check);
+            probes.bus_probing.store(false, Ordering::Release);
+        });
+    }
+    probes
+        .bus
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_else(|| Check {
+            name: "bus".into(),
+            ok: false,
+            detail: "the Kafka cluster has not answered a probe yet".into(),
+        })
 }
 
 /// Metrics in Prometheus text format (404 when `FERRY_METRICS=false`).
