@@ -121,18 +121,34 @@ async fn not_found() -> ApiError {
 /// Every answer under `/console` carries the console's security headers
 /// (no framing, nothing loaded from elsewhere, no caching), the ones made
 /// outside its routes too: a 404, a 405, a timeout, an open-mode refusal.
+/// Every answer under `/webhooks/` is sandboxed: a connector chooses its
+/// reply's body and content type (a SOAP acknowledgement), and one that
+/// answered `text/html` echoing its request would run script on the
+/// console's origin, which reads the console's forms and posts them.
 async fn console_headers(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    use axum::http::{header, HeaderValue};
     let path = request.uri().path();
     let console = path == "/console" || path.starts_with("/console/");
-    let response = next.run(request).await;
+    let webhook = path.starts_with("/webhooks/");
+    let mut response = next.run(request).await;
     if console {
-        crate::console::security_headers(response)
-    } else {
-        response
+        return crate::console::security_headers(response);
     }
+    if webhook {
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("sandbox; default-src 'none'; frame-ancestors 'none'"),
+        );
+        headers.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+    }
+    response
 }
 
 /// A path that does not decode to UTF-8 names nothing here: 404 as
@@ -159,25 +175,27 @@ async fn method_not_allowed() -> ApiError {
 /// keeps a web page the operator visits from using the API, so a request
 /// must name a loopback host (a page on a rebound DNS name cannot read or
 /// write), and a write a browser sends must come from ferry's own origin
-/// (a page elsewhere cannot post a form to it). Webhooks are left alone:
-/// their signatures authenticate them, and a tunnel forwards them under
-/// its public host name.
+/// (a page elsewhere cannot post a form to it). Webhooks may come under
+/// any host name (a tunnel forwards them under its public one), but not
+/// from a browser on another origin: a sender (Stripe, Salesforce) sends
+/// no `Origin`, and a page the operator visits could otherwise post to a
+/// connector that signs nothing (Salesforce's Outbound Messages carry an
+/// organization id, no signature; its proxy's checks are not on the
+/// loopback path).
 async fn same_origin_only(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::http::header;
     use axum::response::IntoResponse;
-    if request.uri().path().starts_with("/webhooks/") {
-        return next.run(request).await;
-    }
+    let webhook = request.uri().path().starts_with("/webhooks/");
     let host = request
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(str::to_owned)
         .or_else(|| request.uri().authority().map(|a| a.as_str().to_owned()));
-    if let Some(host) = &host {
+    if let Some(host) = host.as_ref().filter(|_| !webhook) {
         if !is_loopback_host(host) {
             return ApiError::CrossSiteRequest(format!(
                 "this ferry runs without an admin token and answers only requests to a loopback host, not `{host}`"

@@ -336,6 +336,29 @@ async fn open_mode_refuses_other_hosts_and_origins(backend: Backend) {
         .await
         .unwrap();
     assert_ne!(webhook.status(), 403);
+    // But not a browser's post from another origin: a page the operator
+    // visits reached every webhook, and a connector that signs nothing
+    // (Salesforce's Outbound Messages) took what it posted.
+    for (name, value) in [
+        ("origin", "https://evil.example"),
+        ("sec-fetch-site", "cross-site"),
+    ] {
+        let forged = app
+            .client
+            .post(format!("{}/webhooks/salesforce", app.base))
+            .header(name, value)
+            .header("content-type", "text/plain")
+            .body("<soapenv:Envelope/>")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            forged.headers()["x-content-type-options"],
+            "nosniff",
+            "every webhook answer is sandboxed"
+        );
+        assert_problem(forged, 403, "cross_site_request").await;
+    }
 }
 
 /// Metadata fits Stripe with the key its connector adds: 49 keys at most,
@@ -390,6 +413,28 @@ async fn metadata_leaves_room_for_the_connectors_key(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(swapped.status(), 200);
+    // Many unknown fields (the tests allow 16 KiB bodies, the default is
+    // 1 MiB): ten named, the rest counted. Each one answered
+    // an error naming it twice, an answer far larger than the request.
+    let unknown: serde_json::Map<String, serde_json::Value> =
+        (0..1_000).map(|i| (format!("x{i}"), json!(0))).collect();
+    let body = serde_json::Value::Object(unknown);
+    let sent = body.to_string().len();
+    let response = patch(body).await.unwrap();
+    assert_eq!(response.status(), 422);
+    let answer = response.text().await.unwrap();
+    assert!(
+        answer.len() < sent / 10,
+        "{} bytes for {sent}",
+        answer.len()
+    );
+    let problem: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    let errors = problem["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 11, "{problem}");
+    assert_eq!(
+        errors[10]["message"], "990 more unknown fields",
+        "{problem}"
+    );
 }
 
 on_both_backends!(
