@@ -180,7 +180,11 @@ async fn summary(state: &AppState, entry: &Entry) -> Result<ConnectorSummary, Ap
         secrets: effective.secret_names.clone(),
         problem: effective.problem.clone().or_else(|| entry.incomplete()),
         breaker: state.sync.breakers().view(&entry.name),
-        backfill_offered: last.is_none(),
+        // Offered again after a failed backfill, which holds the creates
+        // it held until another run.
+        backfill_offered: last
+            .as_ref()
+            .is_none_or(|run| run.mode == "backfill" && run.status == "failed"),
         last_reconciliation: last.map(|run| LastReconciliation {
             id: run.id,
             mode: run.mode,

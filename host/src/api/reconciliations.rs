@@ -266,6 +266,16 @@ pub async fn start_reconciliation(
         Mode::Reconcile => Repair::Report,
         Mode::Backfill => Repair::Merge,
     });
+    // A backfill holds the connector's creates back to link them to the
+    // records it lists; one that links nothing released each beside the
+    // record it was held for. What a backfill would find is a reconcile's
+    // report.
+    if mode == Mode::Backfill && repair == Repair::Report {
+        return Err(ApiError::field(
+            "repair",
+            "a backfill links and repairs; to see what it would find, run mode reconcile with repair report",
+        ));
+    }
     let run = start(&state, &request.connector, mode, repair).await?;
     let location = format!("/api/v1/reconciliations/{}", run.id);
     let mut response = (StatusCode::ACCEPTED, Json(Reconciliation::from(run))).into_response();

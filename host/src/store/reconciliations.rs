@@ -323,7 +323,11 @@ impl Store {
     /// listing may hold a record with that email, which the backfill
     /// links); while it repairs, one whose email a listed record has (its
     /// link is on the way). A create now would make a second record of a
-    /// customer the backfill links to the remote's.
+    /// customer the backfill links to the remote's. So does a backfill
+    /// that failed (a listing refused or cut short), until a later run of
+    /// the connector completes (or a later backfill runs): what the remote
+    /// holds is not known, and released, each create went out beside the
+    /// record it was held to be linked to.
     pub async fn backfill_holds_create(
         &self,
         connector: &str,
@@ -332,9 +336,13 @@ impl Store {
         Ok(dispatch!(self, read pool => {
             sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM reconciliation_runs r \
-                 WHERE r.connector = $1 AND r.status = 'running' AND r.mode = 'backfill' \
-                 AND (r.phase <> 'repairing' OR EXISTS (SELECT 1 FROM reconciliation_unlinked u \
-                   WHERE u.run_id = r.id AND u.email = $2)))",
+                 WHERE r.connector = $1 AND r.mode = 'backfill' \
+                 AND ((r.status = 'running' \
+                   AND (r.phase <> 'repairing' OR EXISTS (SELECT 1 FROM reconciliation_unlinked u \
+                     WHERE u.run_id = r.id AND u.email = $2))) \
+                 OR (r.status = 'failed' AND NOT EXISTS (SELECT 1 FROM reconciliation_runs later \
+                     WHERE later.connector = r.connector AND later.id > r.id \
+                     AND later.status = 'completed'))))",
             )
             .bind(connector)
             .bind(email)
