@@ -351,6 +351,19 @@ impl Store {
         }))
     }
 
+    /// Whether `run` listed a record with `email` that no link held.
+    pub async fn run_lists_unlinked(&self, run: &RunRow, email: &str) -> Result<bool, StoreError> {
+        Ok(dispatch!(self, read pool => {
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM reconciliation_unlinked WHERE run_id = $1 AND email = $2)",
+            )
+            .bind(&run.id)
+            .bind(email)
+            .fetch_one(pool)
+            .await?
+        }))
+    }
+
     /// Whether events a run stored (its imports and links, correlated by
     /// its id) wait in the inbox, not yet applied.
     pub async fn run_events_pending(&self, run: &RunRow) -> Result<bool, StoreError> {

@@ -1157,6 +1157,18 @@ impl SyncEngine {
             if let Some(known) = self.still_there(connector, seen).await {
                 return Ok(known);
             }
+            // Its record gone, but the run listed another with its email
+            // that no link holds (a Salesforce merge deletes the losing
+            // Contact; a dashboard delete whose webhook was lost, then a
+            // record made by hand): a third would stand beside it. Which
+            // one is the customer's is the duplicate finding's, a
+            // person's.
+            if store.run_lists_unlinked(run, &current.email).await? {
+                return Ok(Scheduled::Done(format!(
+                    "nothing: the remote has a record with {} that no link holds (a duplicate finding of this run); another create would stand beside it",
+                    current.email
+                )));
+            }
         }
         let what = if recreate.is_some() { "create" } else { "push" };
         let what = format!("{what} of version {} scheduled", current.version);

@@ -488,6 +488,44 @@ async fn backfill_links_imports_and_pushes(backend: Backend) {
     );
 }
 
+/// A linked record deleted behind ferry's back (no webhook) while another
+/// with the customer's email stands unlinked (made by hand; a Salesforce
+/// merge deletes the losing Contact): `push_local` does not create a third
+/// beside it. The orphan was recreated and the remote held two records of
+/// one email; which one is the customer's stays the duplicate finding's.
+async fn an_orphan_is_not_recreated_beside_a_record_with_its_email(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let app = spawn_sync_app(Setup::new(backend, &url)).await;
+    let address = email("orphan-beside");
+    let customer = app
+        .create(json!({"email": address, "name": "Beside"}))
+        .await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    let gone = app.wait_synced(&id, 1).await["remote_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    stripe_delete(&url, &gone).await;
+    let kept = stripe_create(&url, &[("email", &address), ("name", "Made By Hand")]).await;
+
+    let run = run_to_end(&app, json!({"connector": "stripe", "repair": "push_local"})).await;
+    assert_eq!(run["status"], "completed", "{run:#}");
+    let there = stripe_customers_by_email(&url, &address).await;
+    assert_eq!(there.len(), 1, "{there:?}");
+    assert_eq!(there[0]["id"], kept.as_str());
+    let id = run["id"].as_str().unwrap();
+    let orphan = &findings(&app.base, id, Some("orphan")).await[0];
+    assert!(
+        orphan["repair"]
+            .as_str()
+            .is_some_and(|r| r.contains("no link holds")),
+        "{orphan}"
+    );
+    let duplicate = &findings(&app.base, id, Some("duplicate")).await[0];
+    assert_eq!(duplicate["state"], "open", "{duplicate}");
+}
+
 /// Drift behind ferry's back (no webhooks): in Stripe a customer is
 /// deleted, another renamed, a third added. A report run finds the three
 /// and changes nothing; the report survives a restart; one finding is
@@ -2407,6 +2445,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_parked_backfill_goes_with_the_switch() {
         super::a_parked_backfill_goes_with_the_switch(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_orphan_is_not_recreated_beside_a_record_with_its_email() {
+        super::an_orphan_is_not_recreated_beside_a_record_with_its_email(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
