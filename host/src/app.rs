@@ -817,6 +817,11 @@ async fn serve(
             }
         });
     }
+    // Closed before the grace: a connection the kernel took into the
+    // backlog meanwhile (a load balancer that has not seen the replica
+    // leave) was held until the grace ended, then reset, a 502 for a
+    // webhook or a create; refused, a proxy tries another replica.
+    drop(listener);
     connections.close();
     if tokio::time::timeout(limits.shutdown_grace, connections.wait())
         .await

@@ -46,7 +46,9 @@ async fn shutdown_stops_listening_and_returns_ok(backend: Backend) {
 }
 
 /// A request whose body is still arriving when shutdown begins is served to
-/// the end and committed; only then does the app stop.
+/// the end and committed; only then does the app stop. A new connection
+/// meanwhile is refused at once (it was taken into the listener's backlog
+/// and held until the grace ended).
 async fn shutdown_lets_an_in_flight_request_finish(backend: Backend) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -67,15 +69,18 @@ async fn shutdown_lets_an_in_flight_request_finish(backend: Backend) {
     // Give the server time to start on the request before shutdown begins.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 
+    let address = app.base.trim_start_matches("http://").to_owned();
     let finish_request = async {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let refused = tokio::net::TcpStream::connect(&address).await.is_err();
         stream.write_all(rest).await.unwrap();
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await.unwrap();
-        String::from_utf8_lossy(&response).into_owned()
+        (String::from_utf8_lossy(&response).into_owned(), refused)
     };
-    let (stopped, response) = tokio::join!(app.shutdown(), finish_request);
+    let (stopped, (response, refused)) = tokio::join!(app.shutdown(), finish_request);
     stopped.expect("stopped cleanly");
+    assert!(refused, "a new connection during the grace is refused");
     assert!(
         response.starts_with("HTTP/1.1 201"),
         "the in-flight create was served: {response}"
