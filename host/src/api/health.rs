@@ -133,24 +133,20 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             detail: "the readiness probe failed (the log says why)".into(),
         }]
     });
-    // What gates readiness: the store and the bus's topics (unless the
-    // broker only did not answer). The broker's answer and the connectors
-    // below are reported only.
-    let mut not_ready: Vec<String> = checks
+    if let Some(why) = state.bus_topics.missing() {
+        checks.push(Check {
+            name: "bus_topics".into(),
+            ok: false,
+            detail: why,
+        });
+    }
+    // What gates readiness: the store and the bus's topics. The broker's
+    // answer and the connectors below are reported only.
+    let not_ready: Vec<String> = checks
         .iter()
         .filter(|c| !c.ok && c.name != "bus")
         .map(|c| c.name.clone())
         .collect();
-    if let Some(wait) = state.bus_topics.missing() {
-        if wait.gates {
-            not_ready.push("bus_topics".into());
-        }
-        checks.push(Check {
-            name: "bus_topics".into(),
-            ok: false,
-            detail: wait.why,
-        });
-    }
     for entry in state.registry.entries() {
         let switched_on = entry.effective.switch == Switch::Enabled;
         // A replica still serving an older version (the new one failed to

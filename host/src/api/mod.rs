@@ -177,18 +177,22 @@ async fn method_not_allowed() -> ApiError {
 /// write), and a write a browser sends must come from ferry's own origin
 /// (a page elsewhere cannot post a form to it). Webhooks may come under
 /// any host name (a tunnel forwards them under its public one), but not
-/// from a browser on another origin: a sender (Stripe, Salesforce) sends
-/// no `Origin`, and a page the operator visits could otherwise post to a
-/// connector that signs nothing (Salesforce's Outbound Messages carry an
-/// organization id, no signature; its proxy's checks are not on the
-/// loopback path).
+/// from a browser: a sender (Stripe, Salesforce) sends neither `Origin`
+/// nor `Sec-Fetch-Site`, and a page the operator visits could otherwise
+/// post to a connector that signs nothing (Salesforce's Outbound Messages
+/// carry an organization id, no signature; its proxy's checks are not on
+/// the loopback path). A browser's webhook request is held to both rules:
+/// a page on a name rebound to 127.0.0.1 sends an `Origin` equal to its
+/// host.
 async fn same_origin_only(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::http::header;
     use axum::response::IntoResponse;
-    let webhook = request.uri().path().starts_with("/webhooks/");
+    let browser = request.headers().contains_key(header::ORIGIN)
+        || request.headers().contains_key("sec-fetch-site");
+    let webhook = request.uri().path().starts_with("/webhooks/") && !browser;
     let host = request
         .headers()
         .get(header::HOST)

@@ -214,35 +214,6 @@ pub enum BusError {
     Assignment(#[source] Box<KafkaError>),
 }
 
-impl BusError {
-    /// Whether the cluster did not answer (unreachable, timed out, no
-    /// controller yet), as opposed to refusing what was asked (an ACL, a
-    /// replication factor above its broker count).
-    pub fn unanswered(&self) -> bool {
-        let code = match self {
-            Self::Admin(error) => match **error {
-                KafkaError::AdminOp(code) => code,
-                _ => return false,
-            },
-            Self::CreateTopic { code, .. } => *code,
-            _ => return false,
-        };
-        matches!(
-            code,
-            RDKafkaErrorCode::BrokerTransportFailure
-                | RDKafkaErrorCode::Resolve
-                | RDKafkaErrorCode::AllBrokersDown
-                | RDKafkaErrorCode::OperationTimedOut
-                | RDKafkaErrorCode::TimedOutQueue
-                | RDKafkaErrorCode::RequestTimedOut
-                | RDKafkaErrorCode::BrokerNotAvailable
-                | RDKafkaErrorCode::LeaderNotAvailable
-                | RDKafkaErrorCode::NetworkException
-                | RDKafkaErrorCode::NotController
-        )
-    }
-}
-
 /// One message on the bus.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {

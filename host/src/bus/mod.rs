@@ -226,7 +226,6 @@ pub async fn start_kafka(
             match created {
                 Ok(()) => break,
                 Err(error) => {
-                    let unanswered = error.unanswered();
                     let error = format!("{:#}", anyhow::Error::from(error));
                     tracing::warn!(
                         error,
@@ -235,15 +234,9 @@ pub async fn start_kafka(
                     );
                     // The reason is the log's: `/readyz` answers anyone,
                     // and librdkafka's text names brokers and SASL users.
-                    if unanswered {
-                        topics_state.unanswered(
-                            "the broker did not answer the ask for the bus's topics; sync goes through the redelivery net meanwhile (the reason is in the log, warn)",
-                        );
-                    } else {
-                        topics_state.waiting(
-                            "creating the bus's topics failed; the reason is in the log (warn)",
-                        );
-                    }
+                    topics_state.waiting(
+                        "creating the bus's topics failed; the reason is in the log (warn)",
+                    );
                     tokio::select! {
                         () = cancel.cancelled() => return,
                         () = tokio::time::sleep(BUS_RETRY) => {}
@@ -286,53 +279,26 @@ pub struct KafkaParts<'a> {
 /// replica runs no bus workers), for `/readyz`: until they exist the relay
 /// and the consumers have not started, and a broker that refuses them for
 /// good (a replication factor above its broker count, an ACL) would
-/// otherwise leave the replica ready on the redelivery net alone. A broker
-/// that does not answer at all is reported without making the replica
-/// unready: a replica running when the broker went away stays ready (the
-/// redelivery net and the inbox's grace carry sync), and one started
-/// meanwhile (a drained node, a rollout, a restart) was kept out of the
-/// load balancer for as long as the outage lasted.
+/// otherwise leave the replica ready on the redelivery net alone. (A
+/// replica started while the broker is away is unready too, until it
+/// answers: a mistyped broker address, a TLS or SASL mistake, looks the
+/// same from here, docs/performance.md, round 42.)
 #[derive(Debug, Clone, Default)]
-pub struct TopicsState(Arc<std::sync::Mutex<Option<TopicsWait>>>);
-
-/// Why the topics are missing, and whether that makes the replica unready.
-#[derive(Debug, Clone)]
-pub struct TopicsWait {
-    /// What `/readyz` says.
-    pub why: String,
-    /// Whether the replica is unready for it.
-    pub gates: bool,
-}
+pub struct TopicsState(Arc<std::sync::Mutex<Option<String>>>);
 
 impl TopicsState {
-    /// The topics are not there yet, because of `why` (the broker refused
-    /// them, or nobody asked yet): the replica is not ready.
+    /// The topics are not there yet, because of `why`.
     pub fn waiting(&self, why: &str) {
-        self.set(Some(TopicsWait {
-            why: why.to_owned(),
-            gates: true,
-        }));
-    }
-
-    /// The broker did not answer the ask: reported, not gating.
-    fn unanswered(&self, why: &str) {
-        self.set(Some(TopicsWait {
-            why: why.to_owned(),
-            gates: false,
-        }));
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_owned());
     }
 
     /// The topics exist.
     fn created(&self) {
-        self.set(None);
-    }
-
-    fn set(&self, wait: Option<TopicsWait>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = wait;
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Why the topics are not there yet, if they are not.
-    pub fn missing(&self) -> Option<TopicsWait> {
+    pub fn missing(&self) -> Option<String> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }

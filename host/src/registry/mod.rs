@@ -36,7 +36,7 @@ use crate::runtime::{Connector, ConnectorConfig, LoadError, Manifest, Runtime};
 use crate::secrets::{self, SecretBox};
 use crate::store::connector_configs::StoredConnectorConfig;
 use crate::store::connectors::{
-    AddedVersion, ConnectorRow, NewVersion, Seeded, VersionMeta, VersionSource,
+    newer_version, AddedVersion, ConnectorRow, NewVersion, Seeded, VersionMeta, VersionSource,
 };
 use crate::store::{Store, StoreError};
 use crate::sync::outbound::ENTITY;
@@ -1072,8 +1072,8 @@ impl Registry {
     /// against the loaded manifests, as `PUT /settings` does: a name a
     /// connector does not declare (a typo such as `APIBASE`) is returned,
     /// one line per problem. A connector name nobody registered is only
-    /// warned about: its component may be uploaded later. So is a name
-    /// another stored version of the connector declares: after a rollback
+    /// warned about: its component may be uploaded later. So is a name a
+    /// newer stored version of the connector declares: after a rollback
     /// through the API (`activate` of an older version) the variables of
     /// the newer one stay in the deployment, and a restart that refused
     /// them kept every replica down until someone edited it.
@@ -1125,6 +1125,7 @@ impl Registry {
                     .unwrap_or(("settings", &problem.field));
                 let declaring: Vec<&str> = versions
                     .iter()
+                    .filter(|v| newer_version(&v.version, &active.meta.version))
                     .filter(|v| declares(&v.manifest, kind, key))
                     .map(|v| v.version.as_str())
                     .collect();
@@ -1133,7 +1134,7 @@ impl Registry {
                         connector = %name,
                         active = %active.meta.version,
                         declared_by = ?declaring,
-                        "{} is not declared by the active version of `{name}`, only by others stored: it does nothing until one of those is active",
+                        "{} is not declared by the active version of `{name}`, only by newer ones stored (a rollback): it does nothing until one of those is active",
                         env_name(kind, key)
                     );
                     continue;
@@ -1257,18 +1258,32 @@ impl Registry {
             .await?
             .into_iter()
             .find(|c| c.connector == name);
-        // What the active version does not declare belongs to another
-        // (stored before a rollback through `activate`): a write while it
-        // is active keeps it, and may give it, as another version
-        // declares it. Dropped, a rollback's first save (the console's
+        // What the active version does not declare but a newer stored one
+        // does belongs to that one (a rollback through `activate`): a
+        // write while the older is active keeps what is stored of it, and
+        // may give it. Dropped, a rollback's first save (the console's
         // form names the active version's fields only) lost the newer
         // version's settings and sealed secrets, and rolled forward it
         // waited for them; refused, a write that left `secrets` out, or
-        // sent back what GET shows, was a 422.
-        let other_versions = self.inner.store.connector_versions(name).await?;
+        // sent back what GET shows, was a 422. A name only an older
+        // version declares is refused as before (a setting renamed since,
+        // given under its old name, would be stored and do nothing).
+        let active_version = entry
+            .active
+            .as_ref()
+            .map(|a| a.meta.version.clone())
+            .unwrap_or_default();
+        let newer_versions: Vec<VersionMeta> = self
+            .inner
+            .store
+            .connector_versions(name)
+            .await?
+            .into_iter()
+            .filter(|v| newer_version(&v.version, &active_version))
+            .collect();
         let declared_elsewhere = |field: &str| {
             let (kind, key) = field.split_once('.').unwrap_or(("settings", field));
-            other_versions
+            newer_versions
                 .iter()
                 .any(|v| declares(&v.manifest, kind, key))
         };

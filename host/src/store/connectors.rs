@@ -772,7 +772,7 @@ impl Store {
 /// newer than `1.0.0+a`: two replicas bundling them took each other's
 /// place at every start). A manifest's version parses; one stored before
 /// that was checked and does not is taken as different, so as a move.
-fn newer_version(candidate: &str, active: &str) -> bool {
+pub(crate) fn newer_version(candidate: &str, active: &str) -> bool {
     match (
         semver::Version::parse(candidate),
         semver::Version::parse(active),

@@ -359,7 +359,7 @@ pub const PAUSED_WAIT: &str = "waiting: the connector is paused or not configure
 /// What a create a backfill holds back keeps as its last error (the run's
 /// resume finds it by it, retries included).
 pub const BACKFILL_WAIT: &str =
-    "waiting: a backfill of the connector links records by email (or its last one failed: run another); the create goes when one is done";
+    "waiting: a backfill of the connector links records by email; the create goes when it is done";
 
 /// A write to a claimed link, batched by the sync engine.
 #[derive(Debug, Clone)]

@@ -9,8 +9,8 @@ use sqlx::types::Json;
 
 use super::customers::{columns, CustomerRow};
 use super::links::{link_columns, SyncLinkRow};
-use super::now_ms;
 use super::{dispatch, now, placeholders, Customer, Store, StoreError, SyncLink};
+use super::{now_ms, Backend};
 
 /// What a finding claimed by a person's resolution says until its repair is
 /// scheduled: `<repair>: being scheduled`.
@@ -323,11 +323,7 @@ impl Store {
     /// listing may hold a record with that email, which the backfill
     /// links); while it repairs, one whose email a listed record has (its
     /// link is on the way). A create now would make a second record of a
-    /// customer the backfill links to the remote's. So does a backfill
-    /// that failed (a listing refused or cut short), until a later run of
-    /// the connector completes (or a later backfill runs): what the remote
-    /// holds is not known, and released, each create went out beside the
-    /// record it was held to be linked to.
+    /// customer the backfill links to the remote's.
     pub async fn backfill_holds_create(
         &self,
         connector: &str,
@@ -336,13 +332,9 @@ impl Store {
         Ok(dispatch!(self, read pool => {
             sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM reconciliation_runs r \
-                 WHERE r.connector = $1 AND r.mode = 'backfill' \
-                 AND ((r.status = 'running' \
-                   AND (r.phase <> 'repairing' OR EXISTS (SELECT 1 FROM reconciliation_unlinked u \
-                     WHERE u.run_id = r.id AND u.email = $2))) \
-                 OR (r.status = 'failed' AND NOT EXISTS (SELECT 1 FROM reconciliation_runs later \
-                     WHERE later.connector = r.connector AND later.id > r.id \
-                     AND later.status = 'completed'))))",
+                 WHERE r.connector = $1 AND r.status = 'running' AND r.mode = 'backfill' \
+                 AND (r.phase <> 'repairing' OR EXISTS (SELECT 1 FROM reconciliation_unlinked u \
+                   WHERE u.run_id = r.id AND u.email = $2)))",
             )
             .bind(connector)
             .bind(email)
@@ -351,16 +343,26 @@ impl Store {
         }))
     }
 
-    /// Whether `run` listed a record with `email` that no link held.
+    /// Whether `run` listed a record with `email` that no link held: in
+    /// its scratch while it runs, in its findings (a duplicate, an import)
+    /// once it has ended and the scratch is cleared (a person resolving an
+    /// orphan after a report run).
     pub async fn run_lists_unlinked(&self, run: &RunRow, email: &str) -> Result<bool, StoreError> {
+        let found_email = match self.backend {
+            Backend::Postgres(_) => "lower(m.record ->> 'email')",
+            Backend::Sqlite(_) => "lower(json_extract(m.record, '$.email'))",
+        };
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM reconciliation_unlinked WHERE run_id = $1 AND email = lower($2)) \
+             OR EXISTS (SELECT 1 FROM reconciliation_mismatches m WHERE m.run_id = $1 \
+             AND m.kind IN ('duplicate', 'missing_local', 'unlinked') AND {found_email} = lower($2))"
+        );
         Ok(dispatch!(self, read pool => {
-            sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM reconciliation_unlinked WHERE run_id = $1 AND email = $2)",
-            )
-            .bind(&run.id)
-            .bind(email)
-            .fetch_one(pool)
-            .await?
+            sqlx::query_scalar(&sql)
+                .bind(&run.id)
+                .bind(email)
+                .fetch_one(pool)
+                .await?
         }))
     }
 

@@ -339,13 +339,19 @@ async fn open_mode_refuses_other_hosts_and_origins(backend: Backend) {
     // But not a browser's post from another origin: a page the operator
     // visits reached every webhook, and a connector that signs nothing
     // (Salesforce's Outbound Messages) took what it posted.
-    for (name, value) in [
-        ("origin", "https://evil.example"),
-        ("sec-fetch-site", "cross-site"),
+    // A page on a name rebound to 127.0.0.1 sends its own origin.
+    let rebound = format!("evil.example:{port}");
+    let rebound_origin = format!("http://{rebound}");
+    for (name, value, host) in [
+        ("origin", "https://evil.example", None),
+        ("sec-fetch-site", "cross-site", None),
+        ("origin", rebound_origin.as_str(), Some(rebound.as_str())),
     ] {
-        let forged = app
-            .client
-            .post(format!("{}/webhooks/salesforce", app.base))
+        let mut forged = app.client.post(format!("{}/webhooks/salesforce", app.base));
+        if let Some(host) = host {
+            forged = forged.header("host", host);
+        }
+        let forged = forged
             .header(name, value)
             .header("content-type", "text/plain")
             .body("<soapenv:Envelope/>")

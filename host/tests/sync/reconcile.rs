@@ -491,8 +491,9 @@ async fn backfill_links_imports_and_pushes(backend: Backend) {
 /// A linked record deleted behind ferry's back (no webhook) while another
 /// with the customer's email stands unlinked (made by hand; a Salesforce
 /// merge deletes the losing Contact): `push_local` does not create a third
-/// beside it. The orphan was recreated and the remote held two records of
-/// one email; which one is the customer's stays the duplicate finding's.
+/// beside it, by a run or by hand after a report. The orphan was recreated
+/// and the remote held two records of one email; which one is the
+/// customer's stays the duplicate finding's.
 async fn an_orphan_is_not_recreated_beside_a_record_with_its_email(backend: Backend) {
     let stripe = LocalStripe::start().expect("localstripe");
     let url = stripe.url();
@@ -508,6 +509,19 @@ async fn an_orphan_is_not_recreated_beside_a_record_with_its_email(backend: Back
         .to_owned();
     stripe_delete(&url, &gone).await;
     let kept = stripe_create(&url, &[("email", &address), ("name", "Made By Hand")]).await;
+
+    // By hand, after a report run (its scratch cleared when it ended).
+    let report = run_to_end(&app, json!({"connector": "stripe"})).await;
+    let report_id = report["id"].as_str().unwrap().to_owned();
+    let orphan = findings(&app.base, &report_id, Some("orphan")).await[0].clone();
+    let resolved = resolve_by_hand(&app, &report_id, &orphan, "push_local").await;
+    assert!(
+        resolved["repair"]
+            .as_str()
+            .is_some_and(|r| r.contains("no link holds")),
+        "{resolved}"
+    );
+    assert_eq!(stripe_customers_by_email(&url, &address).await.len(), 1);
 
     let run = run_to_end(&app, json!({"connector": "stripe", "repair": "push_local"})).await;
     assert_eq!(run["status"], "completed", "{run:#}");
