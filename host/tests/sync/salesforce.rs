@@ -133,6 +133,26 @@ async fn wait_both_synced(app: &SyncApp, id: &str, version: i64) -> (Value, Valu
     (stripe, salesforce)
 }
 
+/// Waits until customer `id`, as the API answers it, satisfies `done`;
+/// returns it.
+async fn wait_customer(app: &SyncApp, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let (_, customer) = app
+            .send(
+                reqwest::Method::GET,
+                &format!("/api/v1/customers/{id}"),
+                None,
+            )
+            .await;
+        if done(&customer) {
+            return customer;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{customer}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 fn remote_id(link: &Value) -> String {
     link["remote_id"].as_str().expect("remote id").to_owned()
 }
@@ -474,22 +494,7 @@ async fn a_nameless_contacts_new_email_gives_it_no_name() {
         .await
         .expect("delivery");
     assert!(delivery.acked, "{delivery:?}");
-    let deadline = tokio::time::Instant::now() + SETTLE;
-    let customer = loop {
-        let (_, customer) = rig
-            .app
-            .send(
-                reqwest::Method::GET,
-                &format!("/api/v1/customers/{id}"),
-                None,
-            )
-            .await;
-        if customer["email"] == moved.as_str() {
-            break customer;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{customer}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    };
+    let customer = wait_customer(&rig.app, &id, |c| c["email"] == moved.as_str()).await;
     assert_eq!(customer["name"], Value::Null, "{customer}");
     let (_, link) = wait_both_synced(&rig.app, &id, 2).await;
     assert_eq!(link["state"], "synced");
@@ -644,22 +649,7 @@ async fn fetched_records_make_a_forged_message_harmless() {
         .expect("delivery");
     assert!(delivery.acked, "{delivery:?}");
     let id = customer["id"].as_str().expect("id").to_owned();
-    let deadline = tokio::time::Instant::now() + SETTLE;
-    loop {
-        let (_, now) = rig
-            .app
-            .send(
-                reqwest::Method::GET,
-                &format!("/api/v1/customers/{id}"),
-                None,
-            )
-            .await;
-        if now["name"] == "Ada Renamed" {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{now}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_customer(&rig.app, &id, |c| c["name"] == "Ada Renamed").await;
 }
 
 /// A Contact deleted before its notification went out: Salesforce sends the

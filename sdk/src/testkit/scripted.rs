@@ -226,6 +226,18 @@ impl HttpTransport for ScriptedHttp {
     }
 }
 
+/// A scripted response, its header names lower-cased as the host does.
+fn response(status: u16, headers: &[(&str, &str)], body: Vec<u8>) -> WireResponse {
+    WireResponse {
+        status,
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
+            .collect(),
+        body,
+    }
+}
+
 /// Adds answers to one rule of a [`ScriptedHttp`]; calls chain, and answers
 /// are given in order, the last one repeating.
 pub struct RuleHandle<'a> {
@@ -237,15 +249,7 @@ impl RuleHandle<'_> {
     /// Answers with `status`, `headers` (names are lower-cased, as the host
     /// does) and `body`.
     pub fn respond(self, status: u16, headers: &[(&str, &str)], body: impl Into<Vec<u8>>) -> Self {
-        let resp = WireResponse {
-            status,
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
-                .collect(),
-            body: body.into(),
-        };
-        self.push(Answer::Response(resp))
+        self.push(Answer::Response(response(status, headers, body.into())))
     }
 
     /// Answers as [`RuleHandle::respond`] does, `after` this long: a
@@ -259,15 +263,7 @@ impl RuleHandle<'_> {
         headers: &[(&str, &str)],
         body: impl Into<Vec<u8>>,
     ) -> Self {
-        let resp = WireResponse {
-            status,
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
-                .collect(),
-            body: body.into(),
-        };
-        self.push(Answer::Late(after, resp))
+        self.push(Answer::Late(after, response(status, headers, body.into())))
     }
 
     /// Answers with `status` and `body` serialized as JSON.
