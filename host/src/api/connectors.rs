@@ -69,7 +69,8 @@ pub struct ConnectorSummary {
     pub breaker: BreakerView,
     /// The newest reconciliation or backfill run of it.
     pub last_reconciliation: Option<LastReconciliation>,
-    /// True until its first reconciliation or backfill: bring the data
+    /// True until its first reconciliation or backfill, and again while
+    /// its newest run is a failed backfill: bring the data
     /// already on both sides into sync with
     /// `POST /api/v1/connectors/{name}/enable?backfill=true` or
     /// `POST /api/v1/reconciliations {"mode": "backfill"}`.
@@ -617,8 +618,10 @@ pub async fn delete_connector(
 /// Configure a connector.
 ///
 /// Replaces the connector's settings and switch (and its secrets, if
-/// `secrets` is given). Names are checked against the active version's
-/// manifest: unknown names are refused and, for an enabled connector,
+/// `secrets` is given), keeping those stored that the active version does
+/// not declare but a newer stored version does (after a rollback). Names are checked
+/// against the active version's manifest: names neither it nor a newer
+/// stored version declares are refused and, for an enabled connector,
 /// missing required ones are named. Secrets are stored encrypted with
 /// `FERRY_MASTER_KEY` and never returned. Every replica picks the change up
 /// within about a second. Configuration stored here takes precedence over

@@ -1289,20 +1289,29 @@ impl Registry {
         };
         let mut settings = new.settings;
         let mut carried: Vec<String> = Vec::new();
+        // Only a newer version's: an older version's name (renamed since)
+        // is dropped by the write, as before, not kept for good.
         if let Some(previous) = &previous {
             for (key, value) in &previous.settings {
-                if !manifest.settings.iter().any(|s| &s.name == key) && !settings.contains_key(key)
+                let field = format!("settings.{key}");
+                if !manifest.settings.iter().any(|s| &s.name == key)
+                    && !settings.contains_key(key)
+                    && declared_elsewhere(&field)
                 {
                     settings.insert(key.clone(), value.clone());
-                    carried.push(format!("settings.{key}"));
+                    carried.push(field);
                 }
             }
         }
         if let Some(secrets) = &mut secrets {
             for (key, value) in &entry.effective.config.secrets {
-                if !manifest.secrets.iter().any(|s| &s.name == key) && !secrets.contains_key(key) {
+                let field = format!("secrets.{key}");
+                if !manifest.secrets.iter().any(|s| &s.name == key)
+                    && !secrets.contains_key(key)
+                    && declared_elsewhere(&field)
+                {
                     secrets.insert(key.clone(), value.clone());
-                    carried.push(format!("secrets.{key}"));
+                    carried.push(field);
                 }
             }
         }
