@@ -343,6 +343,44 @@ impl Store {
         }))
     }
 
+    /// Whether `run` listed every one of `remote_ids` already (on an
+    /// earlier page: a page commits them with its cursor).
+    pub async fn run_listed_all(
+        &self,
+        run: &RunRow,
+        remote_ids: &[&str],
+    ) -> Result<bool, StoreError> {
+        let mut ids: Vec<&str> = remote_ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let listed: i64 = match &self.backend {
+            Backend::Postgres(pool) => {
+                sqlx::query_scalar(
+                    "SELECT count(*) FROM (SELECT remote_id FROM reconciliation_seen \
+                     WHERE run_id = $1 AND remote_id = ANY($2) UNION SELECT remote_id \
+                     FROM reconciliation_unlinked WHERE run_id = $1 AND remote_id = ANY($2)) listed",
+                )
+                .bind(&run.id)
+                .bind(&ids)
+                .fetch_one(pool)
+                .await?
+            }
+            Backend::Sqlite(pools) => {
+                sqlx::query_scalar(
+                    "SELECT count(*) FROM (SELECT remote_id FROM reconciliation_seen \
+                     WHERE run_id = $1 AND remote_id IN (SELECT value FROM json_each($2)) \
+                     UNION SELECT remote_id FROM reconciliation_unlinked WHERE run_id = $1 \
+                     AND remote_id IN (SELECT value FROM json_each($2)))",
+                )
+                .bind(&run.id)
+                .bind(serde_json::to_string(&ids).unwrap_or_default())
+                .fetch_one(&pools.writer)
+                .await?
+            }
+        };
+        Ok(usize::try_from(listed).is_ok_and(|n| n >= ids.len()))
+    }
+
     /// Whether `run` listed a record with `email` that no link held: in
     /// its scratch while it runs, in its findings (a duplicate, an import)
     /// once it has ended and the scratch is cleared (a person resolving an

@@ -692,6 +692,21 @@ impl SyncEngine {
             {
                 return Err(Stop::Failed(format!("listing failed: {problem}")));
             }
+            // Cursors that go round over several pages (each differs from
+            // the one that asked, so the check above passes them): the
+            // listing came back to a page it had listed, and listed for
+            // ever, its findings inserted again every round. A keyset
+            // listing never lists a record twice; an offset one whose
+            // first records were deleted by a page's length between two
+            // pages would fail here too, and its run be started again.
+            let ids: Vec<&str> = page.records.iter().map(|r| r.remote_id.as_str()).collect();
+            if !ids.is_empty() && inner.store.run_listed_all(run, &ids).await? {
+                return Err(Stop::Failed(
+                    "listing failed: the connector's cursors went round (a page held only \
+                     records the run had listed already); its listing would never end"
+                        .into(),
+                ));
+            }
             let listed = i64::try_from(page.records.len()).unwrap_or(i64::MAX);
             self.compare_page(run, &page, &mut findings).await?;
             if !inner

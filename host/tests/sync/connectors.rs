@@ -2271,6 +2271,33 @@ async fn a_failed_backfill_is_offered_again(backend: Backend) {
     assert_eq!(connector["backfill_offered"], true, "{connector}");
 }
 
+/// A listing whose cursors go round over several pages (the last page
+/// names the second's cursor): each page's own cursor differs from the one
+/// that asked for it, so only a repeat was caught, and the run listed for
+/// ever (its pages and records growing, findings inserted again each
+/// round, the connector's one run slot taken). A page all of whose
+/// records the run has listed already ends it as failed.
+async fn a_listing_that_goes_round_fails(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    for i in 0..250 {
+        remote.insert(
+            &format!("rec_{i:03}"),
+            json!({"email": format!("round-{i}@example.com"), "name": format!("Round {i}")}),
+        );
+    }
+    remote.loop_at_the_end();
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let run = run_to_end(&app, json!({"connector": "recorder", "repair": "report"})).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert!(
+        run["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("went round")),
+        "{run:#}"
+    );
+}
+
 /// A record listed unlinked, then linked before the run classifies it
 /// (here ferry's own create, answered with that record's id; as well a
 /// webhook or another run's import): in sync, not reported as a duplicate
@@ -2460,6 +2487,11 @@ mod sqlite {
     async fn a_version_loaded_here_without_customer() {
         super::a_version_loaded_here_without_customer_leaves_its_changes_waiting(Backend::Sqlite)
             .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listing_that_goes_round() {
+        super::a_listing_that_goes_round_fails(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

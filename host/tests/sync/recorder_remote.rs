@@ -49,6 +49,11 @@ struct RemoteState {
     /// Whether a page after a listing's first names the cursor that asked
     /// for it as the next one (a broken remote).
     repeat_later_cursors: AtomicBool,
+    /// Whether the listing's last page names, as the next one, the cursor
+    /// the listing's second page was asked with (a broken remote whose
+    /// cursors go round), and that cursor once asked for.
+    loop_at_the_end: AtomicBool,
+    second_page_cursor: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -114,6 +119,12 @@ impl RecorderRemote {
         self.state
             .repeat_later_cursors
             .store(true, Ordering::SeqCst);
+    }
+
+    /// Answers the listing's last page with the cursor its second page was
+    /// asked with, so the listing goes round (never the cursor that asked).
+    pub fn loop_at_the_end(&self) {
+        self.state.loop_at_the_end.store(true, Ordering::SeqCst);
     }
 
     /// Holds the next page asked for after a listing's first for `delay`.
@@ -243,8 +254,14 @@ async fn list(state: &RemoteState, query: &str) -> Response {
         .take(limit + 1)
         .map(|(id, record)| json!({"id": id, "record": record}))
         .collect();
+    if let Some(after) = &after {
+        lock(&state.second_page_cursor).get_or_insert_with(|| after.clone());
+    }
     let next = match &after {
         Some(after) if state.repeat_later_cursors.load(Ordering::SeqCst) => Some(json!(after)),
+        Some(_) if page.len() <= limit && state.loop_at_the_end.load(Ordering::SeqCst) => {
+            lock(&state.second_page_cursor).clone().map(|c| json!(c))
+        }
         _ => (page.len() > limit).then(|| page[limit - 1]["id"].clone()),
     };
     let page: Vec<Value> = page.into_iter().take(limit).collect();
