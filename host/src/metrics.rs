@@ -188,6 +188,13 @@ pub fn retention_deleted(table: &'static str, rows: u64) {
     counter!("ferry_retention_deleted_total", "table" => table).increment(rows);
 }
 
+/// Retention starts: its success gauge reads the start until a pass ends,
+/// so a retention that fails from the start still falls behind (absent,
+/// `time() - gauge` never alerted).
+pub fn retention_started() {
+    gauge!("ferry_retention_last_success_timestamp_seconds").set(unix_now());
+}
+
 /// A retention pass finished (`ok`) or failed.
 pub fn retention_pass(ok: bool) {
     if ok {
@@ -267,6 +274,9 @@ pub async fn run_gauges(
     sync: SyncEngine,
     cancel: CancellationToken,
 ) {
+    // From the start, not from the first success: a store that fails from
+    // the start left the gauge absent, and `time() - gauge` never alerted.
+    gauge!("ferry_backlog_refreshed_timestamp_seconds").set(unix_now());
     let mut every = tokio::time::interval(GAUGE_INTERVAL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut previous = Vec::new();

@@ -31,6 +31,7 @@ pub async fn run(store: Store, retention: Retention, cancel: CancellationToken) 
     if retention.keep.is_zero() {
         return;
     }
+    crate::metrics::retention_started();
     let mut every = tokio::time::interval(retention.every);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
