@@ -798,7 +798,11 @@ impl Store {
     }
 
     /// Unlinked records of a run with their email's count among them, in
-    /// remote-id order after `after`.
+    /// remote-id order after `after`. Counted once per email of the page:
+    /// counted per record, a step of records sharing one email (an org's
+    /// placeholder address on 200,000 Contacts) read that email's entries
+    /// once for each of its records, minutes past the run's lease, and a
+    /// second driver took the step over again and again.
     pub async fn unlinked_records(
         &self,
         run_id: &str,
@@ -807,10 +811,13 @@ impl Store {
     ) -> Result<Vec<UnlinkedRecord>, StoreError> {
         Ok(dispatch!(self, read pool => {
             sqlx::query_as(
-                "SELECT u.remote_id, u.email, u.record, u.listed_at_ms, \
-                 (SELECT COUNT(*) FROM reconciliation_unlinked d WHERE d.run_id = u.run_id AND d.email = u.email) \
-                 AS same_email FROM reconciliation_unlinked u WHERE u.run_id = $1 \
-                 AND (CAST($2 AS TEXT) IS NULL OR u.remote_id > $2) ORDER BY u.remote_id LIMIT $3",
+                "WITH page AS (SELECT remote_id, email, record, listed_at_ms \
+                 FROM reconciliation_unlinked WHERE run_id = $1 \
+                 AND (CAST($2 AS TEXT) IS NULL OR remote_id > $2) ORDER BY remote_id LIMIT $3), \
+                 counts AS (SELECT d.email, COUNT(*) AS n FROM reconciliation_unlinked d \
+                 WHERE d.run_id = $1 AND d.email IN (SELECT email FROM page) GROUP BY d.email) \
+                 SELECT p.remote_id, p.email, p.record, p.listed_at_ms, COALESCE(c.n, 0) AS same_email \
+                 FROM page p LEFT JOIN counts c ON c.email = p.email ORDER BY p.remote_id",
             )
             .bind(run_id)
             .bind(after)
