@@ -2208,28 +2208,26 @@ async fn a_connector_without_a_version_leaves_the_replica_ready(backend: Backend
     assert_eq!(check["ok"], false, "reported: {ready:#}");
 }
 
+/// Runs a report of the recorder to its end, which must fail saying `says`.
+async fn a_report_run_fails_saying(app: &SyncApp, says: &str) {
+    let run = run_to_end(app, json!({"connector": "recorder", "repair": "report"})).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert!(
+        run["error"].as_str().is_some_and(|e| e.contains(says)),
+        "{run:#}"
+    );
+}
+
 /// A listing whose connector answers a page with the cursor that asked
 /// for it would list that page for ever (the run's page count growing,
 /// the connector's one run slot taken): the run fails and says why.
 async fn a_listing_that_repeats_its_cursor_fails(backend: Backend) {
     let remote = RecorderRemote::start().await;
-    for i in 0..150 {
-        remote.insert(
-            &format!("rec_{i:03}"),
-            json!({"email": format!("looped-{i}@example.com"), "name": format!("Looped {i}")}),
-        );
-    }
+    remote.insert_numbered(150, "looped", "Looped");
     remote.repeat_later_cursors();
     let app = spawn_sync_app(setup(backend)).await;
     install_recorder(&app, &remote).await;
-    let run = run_to_end(&app, json!({"connector": "recorder", "repair": "report"})).await;
-    assert_eq!(run["status"], "failed", "{run:#}");
-    assert!(
-        run["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("never end")),
-        "{run:#}"
-    );
+    a_report_run_fails_saying(&app, "never end").await;
 }
 
 /// A backfill whose listing fails (here: the connector repeats a cursor;
@@ -2240,12 +2238,7 @@ async fn a_listing_that_repeats_its_cursor_fails(backend: Backend) {
 /// the creates it held beside the records they were held for.
 async fn a_failed_backfill_is_offered_again(backend: Backend) {
     let remote = RecorderRemote::start().await;
-    for i in 0..150 {
-        remote.insert(
-            &format!("rec_{i:03}"),
-            json!({"email": format!("held-{i}@example.com"), "name": format!("Held {i}")}),
-        );
-    }
+    remote.insert_numbered(150, "held", "Held");
     remote.repeat_later_cursors();
     let app = spawn_sync_app(setup(backend)).await;
     install_recorder(&app, &remote).await;
@@ -2279,23 +2272,11 @@ async fn a_failed_backfill_is_offered_again(backend: Backend) {
 /// records the run has listed already ends it as failed.
 async fn a_listing_that_goes_round_fails(backend: Backend) {
     let remote = RecorderRemote::start().await;
-    for i in 0..250 {
-        remote.insert(
-            &format!("rec_{i:03}"),
-            json!({"email": format!("round-{i}@example.com"), "name": format!("Round {i}")}),
-        );
-    }
+    remote.insert_numbered(250, "round", "Round");
     remote.loop_at_the_end();
     let app = spawn_sync_app(setup(backend)).await;
     install_recorder(&app, &remote).await;
-    let run = run_to_end(&app, json!({"connector": "recorder", "repair": "report"})).await;
-    assert_eq!(run["status"], "failed", "{run:#}");
-    assert!(
-        run["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("went round")),
-        "{run:#}"
-    );
+    a_report_run_fails_saying(&app, "went round").await;
 }
 
 /// A record listed unlinked, then linked before the run classifies it
@@ -2304,12 +2285,7 @@ async fn a_listing_that_goes_round_fails(backend: Backend) {
 /// of itself ("linked to remote record" its own id).
 async fn a_record_linked_during_the_listing_is_no_duplicate(backend: Backend) {
     let remote = RecorderRemote::start().await;
-    for i in 0..150 {
-        remote.insert(
-            &format!("rec_{i:03}"),
-            json!({"email": format!("linked-{i}@example.com"), "name": format!("Linked {i}")}),
-        );
-    }
+    remote.insert_numbered(150, "linked", "Linked");
     remote.delay_next_later_page(Duration::from_secs(5));
     remote.answer_every_create_with("rec_005");
     let app = spawn_sync_app(setup(backend)).await;
@@ -2374,12 +2350,7 @@ async fn records_too_long_to_key_are_invalid(backend: Backend) {
 /// changed would) or mixing two versions' listings in one report.
 async fn a_version_activated_mid_listing_lists_again(backend: Backend) {
     let remote = RecorderRemote::start().await;
-    for i in 0..250 {
-        remote.insert(
-            &format!("rec_{i:03}"),
-            json!({"email": format!("listed-{i}@example.com"), "name": format!("Listed {i}")}),
-        );
-    }
+    remote.insert_numbered(250, "listed", "Listed");
     // Three pages; the second is held long enough for the upload to land
     // first on a busy machine, within a call timeout that outlasts it, so
     // the third is the first the new version lists.

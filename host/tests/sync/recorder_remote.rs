@@ -113,6 +113,17 @@ impl RecorderRemote {
         lock(&self.state.records).insert(id.to_owned(), record);
     }
 
+    /// Keeps `n` records `rec_000`, `rec_001`…, each with email
+    /// `{email}-{i}@example.com` and name `{name} {i}`.
+    pub fn insert_numbered(&self, n: usize, email: &str, name: &str) {
+        for i in 0..n {
+            self.insert(
+                &format!("rec_{i:03}"),
+                json!({"email": format!("{email}-{i}@example.com"), "name": format!("{name} {i}")}),
+            );
+        }
+    }
+
     /// Answers every page after a listing's first with the cursor that
     /// asked for it as the next one.
     pub fn repeat_later_cursors(&self) {
