@@ -515,6 +515,16 @@ impl SyncEngine {
         }
     }
 
+    /// Renews the run's lease when a third of it has passed since
+    /// `renewed`, inside a step whose calls or waits could outlast it.
+    async fn renew_when_due(&self, run: &RunRow, renewed: &mut Instant) -> Result<(), Stop> {
+        if renewed.elapsed() > self.inner.lease / 3 {
+            self.renew(run).await?;
+            *renewed = Instant::now();
+        }
+        Ok(())
+    }
+
     /// Forgets the run's listing so far, in steps under its lease, renewing
     /// it between batches (a large listing's scratch takes many).
     async fn restart_listing(&self, run: &RunRow) -> Result<(), Stop> {
@@ -1073,7 +1083,12 @@ impl SyncEngine {
             };
             let mut events = Vec::new();
             let mut done = Vec::new();
+            let mut renewed = Instant::now();
             for mismatch in &batch {
+                // An orphan's repair reads its record first, one call each:
+                // a step's reads outlast the lease (a replica took the run
+                // over mid-step, and the step ran again from its start).
+                self.renew_when_due(run, &mut renewed).await?;
                 // Under `reject` and `merge`, the import of a record whose
                 // email's customer is linked to another record would be
                 // dead-lettered, or take the link from that record, again
@@ -1330,10 +1345,7 @@ impl SyncEngine {
                 return Ok(());
             }
             pause(cancel, OWN_EVENTS_POLL).await?;
-            if renewed.elapsed() > self.inner.lease / 3 {
-                self.renew(run).await?;
-                renewed = Instant::now();
-            }
+            self.renew_when_due(run, &mut renewed).await?;
         }
         Ok(())
     }
@@ -1364,10 +1376,7 @@ impl SyncEngine {
                 return Ok(());
             }
             pause(cancel, BACKLOG_POLL).await?;
-            if renewed.elapsed() > self.inner.lease / 3 {
-                self.renew(run).await?;
-                renewed = Instant::now();
-            }
+            self.renew_when_due(run, &mut renewed).await?;
         }
     }
 }

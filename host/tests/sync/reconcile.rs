@@ -919,6 +919,53 @@ async fn an_orphan_the_remote_still_has_is_kept(backend: Backend, repair: &str) 
     );
 }
 
+/// A step whose orphans' reads outlast the run's lease renews it on the
+/// way: each record is read once. Before, the lease ran out mid-step, a
+/// second driver took the run over from the step's start while the first
+/// still read, and the records were read (and their repairs scheduled)
+/// twice.
+async fn a_step_of_slow_reads_keeps_its_lease(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    // The helpers' lease is 4 s, a call's timeout 2 s. Every link is an
+    // orphan: the mass-delete brake is opened.
+    let mut setup = Setup::new(backend, &proxy.url());
+    setup.extra = json!({"reconcile_max_delete_share": 1.0});
+    let app = spawn_sync_app(setup).await;
+    let mut remote_ids = Vec::new();
+    for n in 0..4 {
+        let address = email(&format!("slow-read-{n}"));
+        let customer = app.create(json!({"email": address, "name": "Slow"})).await;
+        let id = customer["id"].as_str().unwrap();
+        let link = app.wait_link(id, SETTLE, |l| l["state"] == "synced").await;
+        remote_ids.push(link["remote_id"].as_str().unwrap().to_owned());
+    }
+    // The listing comes back empty: four orphans the remote still has,
+    // each read in 1.5 s (6 s for the step).
+    proxy.push(
+        Match::request("GET", "/v1/customers"),
+        Fault::Respond {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: br#"{"object":"list","data":[],"has_more":false,"url":"/v1/customers"}"#.to_vec(),
+        },
+    );
+    for _ in &remote_ids {
+        proxy.push(
+            Match::request("GET", "/v1/customers/"),
+            Fault::ForwardThenDelay(Duration::from_millis(1500)),
+        );
+    }
+    proxy.clear_requests();
+    let run = run_to_end(&app, json!({"connector": "stripe", "repair": "push_local"})).await;
+    assert_eq!(run["status"], "completed", "{run:#}");
+    expect_counts(&run, &[("orphan", 4), ("repairs", 4)]);
+    for remote_id in &remote_ids {
+        let reads = proxy.requests_to("GET", &format!("/v1/customers/{remote_id}"));
+        assert_eq!(reads.len(), 1, "{remote_id} read {} times", reads.len());
+    }
+}
+
 /// Under `unlink`, a link whose record the remote deleted names a record
 /// the listing returns again (an undelete): its customer is not missing
 /// remotely, and no second record is created beside it. Before, the run's
@@ -2594,6 +2641,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_orphan_the_remote_still_has_is_not_recreated() {
         super::an_orphan_the_remote_still_has_is_not_recreated(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_step_of_slow_reads_keeps_its_lease() {
+        super::a_step_of_slow_reads_keeps_its_lease(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
