@@ -373,15 +373,13 @@ pub(crate) fn placeholders_in(data: &[u8]) -> Vec<Vec<u8>> {
         let mut rest = data;
         while let Some(start) = find(rest, open) {
             let after_open = &rest[start + open.len()..];
-            let Some(end) = find(after_open, PLACEHOLDER_CLOSE) else {
-                break;
-            };
-            if is_placeholder_name(&after_open[..end]) {
-                let close = start + open.len() + end + PLACEHOLDER_CLOSE.len();
-                found.push(rest[start..close].to_vec());
-                rest = &rest[close..];
-            } else {
-                rest = after_open;
+            match placeholder_name_len(after_open) {
+                Some(len) => {
+                    let close = start + open.len() + len + PLACEHOLDER_CLOSE.len();
+                    found.push(rest[start..close].to_vec());
+                    rest = &rest[close..];
+                }
+                None => rest = after_open,
             }
         }
     }
@@ -432,15 +430,12 @@ fn substitute<'v>(
     let mut substituted = 0;
     while let Some(start) = find(rest, open) {
         let after_open = &rest[start + open.len()..];
-        let Some(end) = find(after_open, PLACEHOLDER_CLOSE) else {
-            break;
-        };
-        let name = &after_open[..end];
-        if !is_placeholder_name(name) {
+        let Some(end) = placeholder_name_len(after_open) else {
             out.extend_from_slice(&rest[..start + open.len()]);
             rest = after_open;
             continue;
-        }
+        };
+        let name = &after_open[..end];
         let close = start + open.len() + end + PLACEHOLDER_CLOSE.len();
         if literal.contains(&rest[start..close]) {
             out.extend_from_slice(&rest[..close]);
@@ -465,10 +460,21 @@ fn substitute<'v>(
 
 /// Whether `name` may appear in a placeholder: `[a-z0-9_]+`.
 pub(crate) fn is_placeholder_name(name: &[u8]) -> bool {
-    !name.is_empty()
-        && name
-            .iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+    !name.is_empty() && name.iter().all(is_name_byte)
+}
+
+fn is_name_byte(c: &u8) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_'
+}
+
+/// The length of the placeholder name `after_open` starts with, when `}}`
+/// closes it right after. Read from the front only, so a scan stays
+/// linear: looking for each opening's `}}` to the end was quadratic, and a
+/// webhook body of 30,000 `{{secret:`, signed or not, held a worker thread
+/// for seconds before its signature was checked.
+fn placeholder_name_len(after_open: &[u8]) -> Option<usize> {
+    let len = after_open.iter().take_while(|c| is_name_byte(c)).count();
+    (len > 0 && after_open[len..].starts_with(PLACEHOLDER_CLOSE)).then_some(len)
 }
 
 /// Whether `input` holds anything that looks like a secret placeholder.
@@ -874,6 +880,26 @@ mod tests {
             substitute_secrets(more.as_bytes(), &declared, &secrets(), &BTreeSet::new()),
             Err(PolicyError::Invalid(_))
         ));
+    }
+
+    /// Openings that no name closes are read once each: a body of them
+    /// (a webhook's, before its signature is checked) was scanned to its
+    /// end from every opening, quadratic in its size (1 MiB of them: ~60
+    /// billion byte reads). An opening inside another's name still counts.
+    #[test]
+    fn unclosed_openings_are_read_once() {
+        let declared = vec!["api_key".to_owned()];
+        let mut flood = "{{secret:".repeat(120_000);
+        flood.push_str("{{token:t}} {{secret:{{secret:api_key}}");
+        let found = placeholders_in(flood.as_bytes());
+        assert_eq!(
+            found,
+            vec![b"{{secret:api_key}}".to_vec(), b"{{token:t}}".to_vec()]
+        );
+        let out =
+            substitute_secrets(flood.as_bytes(), &declared, &secrets(), &BTreeSet::new()).unwrap();
+        assert!(out.ends_with(b"{{token:t}} {{secret:sk_test_123456"));
+        assert_eq!(out.len(), flood.len() - "{{secret:api_key}}".len() + 14);
     }
 
     #[test]
