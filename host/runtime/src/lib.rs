@@ -435,8 +435,11 @@ fn webhook_data(req: &WebhookRequest) -> Vec<&[u8]> {
 /// connector need be hostile. A line break is the other danger: the host
 /// logs these texts, and one taken from a request (Salesforce's refusal
 /// names the organization the body claims) started a forged log line.
+/// Cut to [`MAX_ERROR_BYTES`] first: the text goes into logs, stored rows
+/// and a webhook sender's 400, and a guest's was as long as its memory.
 fn printable(error: ConnectorError) -> ConnectorError {
     fn clean(text: String) -> String {
+        let text = log::cut(text, MAX_ERROR_BYTES);
         let text = if text.contains('\0') {
             text.replace('\0', "\u{fffd}")
         } else {
@@ -457,6 +460,10 @@ fn printable(error: ConnectorError) -> ConnectorError {
         ConnectorError::Unsupported(m) => ConnectorError::Unsupported(clean(m)),
     }
 }
+
+/// The longest error text a call's error keeps, in bytes (a remote's
+/// error body quoted whole fits).
+pub const MAX_ERROR_BYTES: usize = 4 * 1024;
 
 /// State shared by the runtime and all calls.
 pub(crate) struct RuntimeShared {
@@ -1295,6 +1302,23 @@ mod tests {
         assert!(
             matches!(&limited, ConnectorError::RateLimited(r) if r.message == "slow\u{fffd}" && r.retry_after_ms == Some(5))
         );
+    }
+
+    /// A guest's error text as long as its memory went whole into logs,
+    /// stored rows and a webhook sender's 400: it is cut.
+    #[test]
+    fn a_connector_error_is_cut() {
+        let long = "é".repeat(1 << 20);
+        let cut = printable(ConnectorError::InvalidSignature(long));
+        let ConnectorError::InvalidSignature(text) = cut else {
+            panic!("{cut:?}");
+        };
+        assert!(
+            text.len() <= MAX_ERROR_BYTES + '…'.len_utf8(),
+            "{}",
+            text.len()
+        );
+        assert!(text.starts_with("éé") && text.ends_with('…'));
     }
 
     use super::*;

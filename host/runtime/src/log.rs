@@ -40,16 +40,7 @@ impl Host for CallState {
         if !take_line(&self.log_lines, connector) {
             return;
         }
-        let mut message = message;
-        if message.len() > MAX_LINE_BYTES {
-            let mut cut = MAX_LINE_BYTES;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push('…');
-        }
-        let message = one_line(message);
+        let message = one_line(cut(message, MAX_LINE_BYTES));
         match level {
             Level::Trace => tracing::trace!(target: "ferry::connector", connector, "{message}"),
             Level::Debug => tracing::debug!(target: "ferry::connector", connector, "{message}"),
@@ -58,6 +49,20 @@ impl Host for CallState {
             Level::Error => tracing::error!(target: "ferry::connector", connector, "{message}"),
         }
     }
+}
+
+/// `message` cut to at most `max` bytes, at a character's boundary, and
+/// marked `…` where it was cut.
+pub(crate) fn cut(mut message: String, max: usize) -> String {
+    if message.len() > max {
+        let mut at = max;
+        while !message.is_char_boundary(at) {
+            at -= 1;
+        }
+        message.truncate(at);
+        message.push('…');
+    }
+    message
 }
 
 /// A guest's text as one field's value: line breaks and other control
