@@ -64,6 +64,25 @@ pub fn unkeyable(what: &str, id: &str) -> Option<String> {
     })
 }
 
+/// The most events one delivery may hold (a Salesforce Outbound Message
+/// carries up to 100 notifications, a Stripe delivery one event).
+pub const MAX_DELIVERY_EVENTS: usize = 1000;
+
+/// The longest record an event may carry, in bytes of JSON (a customer's
+/// record is a few KiB).
+pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
+
+/// Refuses records a connector read that are longer than
+/// [`MAX_RECORD_BYTES`] (parsed on the host at many times their size).
+fn oversized(records: &[RemoteRecord]) -> Result<(), CallError> {
+    if records.iter().any(|r| r.record.len() > MAX_RECORD_BYTES) {
+        return Err(CallError::Connector(ConnectorError::Permanent(format!(
+            "the connector read a record longer than {MAX_RECORD_BYTES} bytes"
+        ))));
+    }
+    Ok(())
+}
+
 /// One event of a delivery that [`checked_delivery`] passed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckedEvent {
@@ -80,7 +99,16 @@ pub struct CheckedEvent {
 /// record that is not JSON, or one event id given to two different events
 /// (the inbox would keep the first and drop the other as a redelivery).
 /// The SDK's test kit fails the call with the same text.
+/// A delivery is bounded too ([`MAX_DELIVERY_EVENTS`], [`MAX_RECORD_BYTES`],
+/// its names at [`MAX_ID_BYTES`]): a guest's answer to a small body was
+/// as large as its memory, parsed on the host at many times that.
 pub fn checked_delivery(events: &[Event]) -> Result<Vec<CheckedEvent>, String> {
+    if events.len() > MAX_DELIVERY_EVENTS {
+        return Err(format!(
+            "{} events in one delivery, more than {MAX_DELIVERY_EVENTS}",
+            events.len()
+        ));
+    }
     let mut checked: Vec<CheckedEvent> = Vec::with_capacity(events.len());
     let mut first_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for (index, event) in events.iter().enumerate() {
@@ -88,6 +116,30 @@ pub fn checked_delivery(events: &[Event]) -> Result<Vec<CheckedEvent>, String> {
             unkeyable("event id", &event.id).or_else(|| unkeyable("remote id", &event.remote_id))
         {
             return Err(problem);
+        }
+        let names = [
+            ("entity", Some(&event.entity)),
+            ("remote type", Some(&event.remote_type)),
+            ("origin key", event.origin_key.as_ref()),
+        ];
+        if let Some((what, _)) = names
+            .iter()
+            .find(|(_, name)| name.is_some_and(|n| n.len() > MAX_ID_BYTES))
+        {
+            return Err(format!(
+                "event {}'s {what} is longer than {MAX_ID_BYTES} bytes",
+                event.id
+            ));
+        }
+        if event
+            .record
+            .as_ref()
+            .is_some_and(|r| r.len() > MAX_RECORD_BYTES)
+        {
+            return Err(format!(
+                "event {}'s record is longer than {MAX_RECORD_BYTES} bytes",
+                event.id
+            ));
         }
         let record = match event.record.as_deref().map(serde_json::from_str) {
             Some(Ok(record)) => Some(record),
@@ -1012,6 +1064,17 @@ impl Connector {
         )
         .await
         .answer()
+        .map(|mut result| {
+            // The write happened: kept, the record taken as unreturned
+            // (what was pushed stands for the remote's state).
+            if result.record.as_ref().is_some_and(|r| r.len() > MAX_RECORD_BYTES) {
+                tracing::warn!(
+                    "the connector's push result holds a record longer than {MAX_RECORD_BYTES} bytes; it is not read"
+                );
+                result.record = None;
+            }
+            result
+        })
     }
 
     /// Reads one remote record.
@@ -1031,6 +1094,10 @@ impl Connector {
         )
         .await
         .answer()
+        .and_then(|record| {
+            oversized(std::slice::from_ref(&record))?;
+            Ok(record)
+        })
     }
 
     /// Reads a page of remote records after `cursor`, `limit` at most.
@@ -1051,6 +1118,16 @@ impl Connector {
         )
         .await
         .answer()
+        .and_then(|page| {
+            if page.records.len() > usize::try_from(limit).unwrap_or(usize::MAX) {
+                return Err(CallError::Connector(ConnectorError::Permanent(format!(
+                    "the connector listed {} records on a page of {limit} at most",
+                    page.records.len()
+                ))));
+            }
+            oversized(&page.records)?;
+            Ok(page)
+        })
     }
 
     /// Reads the manifest on a fresh instance, checking on the way that every
@@ -1351,7 +1428,26 @@ mod tests {
         assert!(delivery_problem(&[ok.clone(), broken]).is_some_and(|p| p.contains("not JSON")));
         assert!(delivery_problem(&[event("", "cus_1", None)]).is_some());
         assert!(delivery_problem(&[event("evt_3", "a\0b", None)]).is_some());
-        assert_eq!(delivery_problem(&[ok, event("evt_4", "cus_1", None)]), None);
+        assert_eq!(
+            delivery_problem(&[ok.clone(), event("evt_4", "cus_1", None)]),
+            None
+        );
+        // Bounded: a guest's answer to a small body was as large as its
+        // memory, parsed on the host at many times that.
+        let many: Vec<Event> = (0..=MAX_DELIVERY_EVENTS)
+            .map(|n| event(&format!("evt_{n}"), "cus_1", None))
+            .collect();
+        assert!(delivery_problem(&many).is_some_and(|p| p.contains("events in one delivery")));
+        assert_eq!(delivery_problem(&many[1..]), None);
+        let huge = format!("[{}0]", "0,".repeat(MAX_RECORD_BYTES / 2));
+        assert!(delivery_problem(&[event("evt_5", "cus_1", Some(&huge))])
+            .is_some_and(|p| p.contains("record is longer")));
+        let mut typed = ok.clone();
+        typed.remote_type = "t".repeat(MAX_ID_BYTES + 1);
+        assert!(delivery_problem(&[typed]).is_some_and(|p| p.contains("remote type")));
+        let mut keyed = ok;
+        keyed.origin_key = Some("k".repeat(MAX_ID_BYTES + 1));
+        assert!(delivery_problem(&[keyed]).is_some_and(|p| p.contains("origin key")));
     }
 
     #[test]

@@ -981,3 +981,44 @@ async fn stdout_shares_the_log_line_budget() {
     let logged = lines.load(Ordering::SeqCst);
     assert!((1..=1000).contains(&logged), "{logged} stdout lines logged");
 }
+
+/// Records a connector reads are bounded (a page by its limit, a record by
+/// `MAX_RECORD_BYTES`): a guest's answer was as large as its memory, and
+/// parsed on the host at many times that. A push's oversized record is
+/// dropped, not the push: the write happened.
+#[tokio::test]
+async fn records_a_connector_reads_are_bounded() {
+    let runtime = Runtime::new(config()).unwrap();
+    let connector = load(&runtime).await;
+    let cfg = connector_config(&[]);
+    let refused = |result: Result<_, CallError>, says: &str| match result {
+        Err(CallError::Connector(ferry_runtime::ConnectorError::Permanent(m))) => {
+            assert!(m.contains(says), "{m}");
+        }
+        other => panic!("{other:?}"),
+    };
+    refused(
+        connector
+            .list(&cfg, "customer", Some("over".into()), 10)
+            .await
+            .map(drop),
+        "11 records on a page of 10",
+    );
+    refused(
+        connector
+            .list(&cfg, "customer", Some("huge".into()), 10)
+            .await
+            .map(drop),
+        "longer than",
+    );
+    refused(
+        connector.fetch(&cfg, "customer", "huge").await.map(drop),
+        "longer than",
+    );
+    let pushed = connector
+        .push(&cfg, instruction(json!({"do": "huge"})))
+        .await
+        .expect("the push stands");
+    assert_eq!(pushed.record, None);
+    assert_healthy(&connector, &cfg).await;
+}

@@ -15,7 +15,11 @@
 //! - `setting` with `name`: read a setting;
 //! - `print` with `count`: write that many lines to stdout;
 //! - `handles` with `count`: ask WASI for that many timers and never drop
-//!   them (each a handle in the host's resource table).
+//!   them (each a handle in the host's resource table);
+//! - `huge`: answer with a record of 2 MiB.
+//!
+//! `fetch` of `huge` and `list` from cursor `huge` read a record of 2 MiB;
+//! `list` from cursor `over` answers one record more than its limit.
 //!
 //! It declares host `api.example.com`, host setting `api_base` and secret
 //! `api_key`.
@@ -106,6 +110,10 @@ impl Guest for Hostile {
                 }
             }
             "stack" => report(json!(recurse(black_box(1)))),
+            "huge" => Ok(huge_record(req.local_id.clone())).map(|r| PushResult {
+                remote_id: r.remote_id,
+                record: Some(r.record),
+            }),
             // `abort` is the `unreachable` instruction on wasm32 (and still
             // compiles for the native clippy/test builds of the workspace).
             "trap" => std::process::abort(),
@@ -163,12 +171,40 @@ impl Guest for Hostile {
         }
     }
 
-    fn fetch(entity: String, _remote_id: String) -> Result<RemoteRecord, ConnectorError> {
-        Err(ConnectorError::Unsupported(format!("fetch {entity}")))
+    /// `huge`: a record of 2 MiB.
+    fn fetch(entity: String, remote_id: String) -> Result<RemoteRecord, ConnectorError> {
+        match remote_id.as_str() {
+            "huge" => Ok(huge_record(remote_id)),
+            _ => Err(ConnectorError::Unsupported(format!("fetch {entity}"))),
+        }
     }
 
-    fn list(entity: String, _cursor: Option<String>, _limit: u32) -> Result<Page, ConnectorError> {
-        Err(ConnectorError::Unsupported(format!("list {entity}")))
+    /// Cursor `over`: one record more than `limit`; `huge`: a record of
+    /// 2 MiB.
+    fn list(entity: String, cursor: Option<String>, limit: u32) -> Result<Page, ConnectorError> {
+        let records = match cursor.as_deref() {
+            Some("over") => (0..=limit)
+                .map(|n| RemoteRecord {
+                    remote_id: format!("r{n}"),
+                    record: "{}".into(),
+                    updated_at_ms: None,
+                })
+                .collect(),
+            Some("huge") => vec![huge_record("r0".into())],
+            _ => return Err(ConnectorError::Unsupported(format!("list {entity}"))),
+        };
+        Ok(Page {
+            records,
+            next_cursor: None,
+        })
+    }
+}
+
+fn huge_record(remote_id: String) -> RemoteRecord {
+    RemoteRecord {
+        remote_id,
+        record: json!({ "name": "x".repeat(2 << 20) }).to_string(),
+        updated_at_ms: None,
     }
 }
 
