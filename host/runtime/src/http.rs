@@ -102,6 +102,35 @@ impl CallState {
 
     fn prepare(&mut self, req: Request) -> Result<WireRequest, HttpError> {
         let runtime = &self.runtime.config;
+        // Bounded before anything is read or copied: a guest's request was
+        // as large as its memory, copied on the host for each step, and
+        // sent at the connector's request rate (ferry an amplifier).
+        if req.url.len() > MAX_URL_BYTES {
+            return Err(HttpError::InvalidRequest(format!(
+                "the URL is longer than {MAX_URL_BYTES} bytes"
+            )));
+        }
+        if req
+            .body
+            .as_ref()
+            .is_some_and(|b| b.len() > MAX_REQUEST_BODY_BYTES)
+        {
+            return Err(HttpError::InvalidRequest(format!(
+                "the body is longer than {MAX_REQUEST_BODY_BYTES} bytes"
+            )));
+        }
+        if req.headers.len() > MAX_REQUEST_HEADERS {
+            return Err(HttpError::InvalidRequest(format!(
+                "{} headers; a request carries at most {MAX_REQUEST_HEADERS}",
+                req.headers.len()
+            )));
+        }
+        let raw_header_bytes: usize = req.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+        if raw_header_bytes > MAX_REQUEST_HEADER_BYTES {
+            return Err(HttpError::InvalidRequest(format!(
+                "the headers hold more than {MAX_REQUEST_HEADER_BYTES} bytes"
+            )));
+        }
         let url = self.check_url(&req.url)?;
 
         // Only now, for an allowed host, do secrets enter the request.
@@ -112,12 +141,6 @@ impl CallState {
             .iter()
             .map(|s| s.name.clone())
             .collect();
-        if req.headers.len() > MAX_REQUEST_HEADERS {
-            return Err(HttpError::InvalidRequest(format!(
-                "{} headers; a request carries at most {MAX_REQUEST_HEADERS}",
-                req.headers.len()
-            )));
-        }
         let mut headers = Vec::with_capacity(req.headers.len());
         let mut header_bytes = 0usize;
         for (name, value) in req.headers {
@@ -182,6 +205,14 @@ impl CallState {
             }
             other => other,
         };
+        if body
+            .as_ref()
+            .is_some_and(|b| b.len() > MAX_REQUEST_BODY_BYTES)
+        {
+            return Err(HttpError::InvalidRequest(format!(
+                "the body is longer than {MAX_REQUEST_BODY_BYTES} bytes, secrets put in"
+            )));
+        }
 
         let timeout = self.request_timeout(req.timeout_ms);
         Ok(WireRequest {
@@ -349,6 +380,12 @@ const MAX_REQUEST_HEADERS: usize = 100;
 /// each value's placeholders are bounded, their sum over many headers was
 /// not (copies of a secret outside the guest's memory cap).
 const MAX_REQUEST_HEADER_BYTES: usize = 64 * 1024;
+
+/// The longest URL a request may have (Salesforce's own limit).
+const MAX_URL_BYTES: usize = 16 * 1024;
+
+/// The largest body a request may carry, secrets put in.
+const MAX_REQUEST_BODY_BYTES: usize = 8 * 1024 * 1024;
 
 fn is_host_owned(name: &http::HeaderName) -> bool {
     use http::header;

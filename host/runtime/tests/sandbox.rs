@@ -519,7 +519,7 @@ async fn a_guest_cannot_set_the_host_header() {
 /// holds: past 24,576 names the HTTP client's header map panicked, and the
 /// panic stopped ferry (the inbox loop is supervised) at every start.
 #[tokio::test]
-async fn a_request_carries_a_bounded_number_of_headers() {
+async fn a_request_is_bounded() {
     let transport = Arc::new(RecordingTransport::default());
     let runtime = Runtime::with_transport(config(), transport.clone()).unwrap();
     let connector = load(&runtime).await;
@@ -530,17 +530,26 @@ async fn a_request_carries_a_bounded_number_of_headers() {
     let long: serde_json::Map<String, Value> = (0..60)
         .map(|n| (format!("x-{n}"), json!("{{secret:api_key}}".repeat(64))))
         .collect();
-    for (headers, why) in [(many, "headers; a request"), (long, "bytes")] {
-        let report = push_report(
-            &connector,
-            &cfg,
-            json!({"do": "http", "url": "https://api.example.com/v1/x", "headers": headers}),
-        )
-        .await;
+    let url = "https://api.example.com/v1/x";
+    // So is the rest of a request, before anything is read or copied: a
+    // guest's was as large as its memory, sent at its request rate.
+    let one_long = serde_json::Map::from_iter([("x-long".to_owned(), json!("v".repeat(70_000)))]);
+    let long_url = format!("{url}?q={}", "a".repeat(17 * 1024));
+    for (instruction, why) in [
+        (json!({"url": url, "headers": many}), "headers; a request"),
+        (json!({"url": url, "headers": long}), "bytes"),
+        (json!({"url": url, "headers": one_long}), "bytes"),
+        (json!({"url": long_url}), "URL is longer"),
+        (json!({"url": url, "body_bytes": 9 << 20}), "body is longer"),
+    ] {
+        let mut instruction = instruction;
+        instruction["do"] = json!("http");
+        let report = push_report(&connector, &cfg, instruction).await;
         let error = report["error"].as_str().unwrap_or_default();
         assert!(
             error.contains("InvalidRequest") && error.contains(why),
-            "{report}"
+            "{why}: {}",
+            &report.to_string()[..200.min(report.to_string().len())]
         );
     }
     assert!(transport.requests.lock().unwrap().is_empty());

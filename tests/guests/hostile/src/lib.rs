@@ -10,7 +10,8 @@
 //! - `http` with `url`: send a request carrying `{{secret:api_key}}` in a
 //!   header and the body, and report what came back (status, body, headers,
 //!   or the error), so a test sees exactly what the guest saw; `headers`
-//!   (an object) adds headers of its own;
+//!   (an object) adds headers of its own, `body_bytes` sends that many
+//!   bytes as the body instead;
 //! - `hmac` with `secret`: HMAC `"message"` with that secret name;
 //! - `setting` with `name`: read a setting;
 //! - `print` with `count`: write that many lines to stdout;
@@ -129,7 +130,10 @@ impl Guest for Hostile {
                     method: http::Method::Post,
                     url: text("url"),
                     headers,
-                    body: Some(b"key={{secret:api_key}}".to_vec()),
+                    body: Some(match instruction["body_bytes"].as_u64() {
+                        Some(n) => vec![b'x'; usize::try_from(n).unwrap_or(0)],
+                        None => b"key={{secret:api_key}}".to_vec(),
+                    }),
                     timeout_ms: None,
                 };
                 match http::send(&request) {
