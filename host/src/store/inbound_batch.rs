@@ -172,9 +172,12 @@ impl EventColumns {
 }
 
 /// Whether a change is one the batch writes (the others need statements of
-/// their own: relinks, push-backs, conflicts and deletes are rare).
+/// their own: relinks, push-backs, conflicts and deletes are rare, and so
+/// is a new link to a customer matched by email that the change does not
+/// write, whose customer must still be live).
 fn batchable(change: &InboundChange) -> bool {
-    change.unlink_customer.is_none()
+    !super::inbox::links_to_a_customer_unwritten(change)
+        && change.unlink_customer.is_none()
         && change.releases.is_none()
         && change.push_back.is_none()
         && change.conflict.is_none()

@@ -277,6 +277,19 @@ pub(super) fn group_records(changes: &[InboundChange]) -> Result<String, serde_j
     )
 }
 
+/// Whether `change` links a record no link held to a customer it does
+/// not write (matched by email, nothing to change): that customer must
+/// still be live when it commits. A delete since the decision read it
+/// (whose push found no record and settled the link) left the record
+/// linked to a deleted customer, and its every change skipped for good;
+/// decided again, the record makes a customer of its own.
+pub(super) fn links_to_a_customer_unwritten(change: &InboundChange) -> bool {
+    matches!(change.customer, CustomerWrite::None)
+        && change.link_read.is_none()
+        && change.link_remote
+        && change.link_customer.is_some()
+}
+
 /// Everything one applied remote change writes, in one transaction.
 #[derive(Debug, Clone)]
 pub struct InboundChange {
@@ -743,6 +756,16 @@ impl Store {
                 .await?;
             if link_now != change.link_read {
                 return Ok(Applied::Raced);
+            }
+            if links_to_a_customer_unwritten(change) {
+                let customer_id = change.link_customer.as_ref().map(|c| c.as_str());
+                let live: Option<(i32,)> = sqlx::query_as(customer_live)
+                    .bind(customer_id.unwrap_or_default())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if live.is_none() {
+                    return Ok(Applied::Raced);
+                }
             }
             let (customer, kind) = match &change.customer {
                 CustomerWrite::None => (None, None),

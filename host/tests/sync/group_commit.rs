@@ -654,6 +654,61 @@ async fn sqlite_a_second_record_does_not_take_a_link_over() {
     a_second_record_does_not_take_a_link_over(false).await;
 }
 
+/// A record linked by email to a customer the change does not write, and
+/// deleted since the decision read it live, decides again, in a batch and
+/// alone. Linked, the record stayed with the deleted customer (whose
+/// delete had found no record to push and settled the link), and every
+/// change of it was skipped for good.
+async fn a_record_is_not_linked_to_a_customer_deleted_meanwhile(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let tag = format!("deleted_meanwhile_{postgres}");
+    let mut customers = Vec::new();
+    for name in ["Gone", "Kept"] {
+        let address = email(&format!("{tag}-{name}"));
+        let customer = store
+            .create_customer(fields(&address, name), WriteContext::default())
+            .await
+            .expect("customer");
+        customers.push(customer);
+    }
+    let (gone, kept) = (&customers[0], &customers[1]);
+    let remote: Vec<String> = (0..2).map(|i| format!("cus_{tag}_{i}")).collect();
+    let events = claimed(&store, &remote).await;
+    store
+        .delete_customer(&gone.id, None, WriteContext::default())
+        .await
+        .expect("deleted");
+    let results = store
+        .apply_inbound_many(&[
+            change(&events[0], CustomerWrite::None, Some(&gone.id)),
+            change(&events[1], CustomerWrite::None, Some(&kept.id)),
+        ])
+        .await
+        .expect("applied");
+    assert!(matches!(results[0], Ok(Applied::Raced)), "{results:?}");
+    assert!(matches!(results[1], Ok(Applied::Done(None))), "{results:?}");
+    let alone = store
+        .apply_inbound_many(&[change(&events[0], CustomerWrite::None, Some(&gone.id))])
+        .await
+        .expect("applied");
+    assert!(matches!(alone[0], Ok(Applied::Raced)), "{alone:?}");
+    assert!(store
+        .link_by_remote_id("stripe", &remote[0])
+        .await
+        .expect("link read")
+        .is_none());
+}
+
+#[tokio::test]
+async fn postgres_a_record_is_not_linked_to_a_customer_deleted_meanwhile() {
+    a_record_is_not_linked_to_a_customer_deleted_meanwhile(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_record_is_not_linked_to_a_customer_deleted_meanwhile() {
+    a_record_is_not_linked_to_a_customer_deleted_meanwhile(false).await;
+}
+
 /// Two events of one record in the same remote tick, decided on the same
 /// read of the link by two loops: the first only opens a flagged conflict
 /// (it writes no customer, and its date is the link's already), so the
