@@ -794,11 +794,11 @@ impl SyncEngine {
         let thin_upsert = event.kind == RemoteChange::Upsert && event.record.is_none();
         if let Some(link) = link.as_ref().filter(|l| !thin_upsert || l.remote_deleted) {
             let stale = event.occurred_at_ms < link.remote_seen_at_ms;
-            let in_the_same_tick =
-                event.kind == RemoteChange::Upsert && within_a_tick(event, link.remote_seen_at_ms);
+            let in_the_same_tick = within_a_tick(event, link.remote_seen_at_ms);
+            let read_again = event.kind == RemoteChange::Upsert && in_the_same_tick;
             if stale
                 && (link.remote_deleted
-                    || (!in_the_same_tick && !self.gone_after_all(event).await?))
+                    || (!read_again && !self.gone_after_all(event, in_the_same_tick).await?))
             {
                 return self
                     .skip(event, "stale: older than a change already applied")
@@ -1609,13 +1609,16 @@ impl SyncEngine {
     /// another's took the delete for stale, and the link stayed live, every
     /// later push a `not_found` dead letter); events dated by a remote's
     /// clock are compared with them too. A delete with its record, or an
-    /// upsert, is dated by the remote, and is as old as it looks.
+    /// upsert, is dated by the remote, and is as old as it looks, unless
+    /// dated in whole seconds within a tick of the last applied change
+    /// (`in_a_tick`, see [`REMOTE_TICK_MS`]): a thin event applied before
+    /// it, dated on arrival, made a delete in the same second look stale.
     /// The record there, a connector without `fetch`, or one deleted,
     /// leave it as stale as it looks; a read that failed, or a connector
     /// not loaded here ([`Self::readable`]), is the event's failure or
     /// wait: not a skip, which lost the delete.
-    async fn gone_after_all(&self, event: &InboxEvent) -> Result<bool, Failure> {
-        if event.kind != RemoteChange::Delete || event.record.is_some() {
+    async fn gone_after_all(&self, event: &InboxEvent, in_a_tick: bool) -> Result<bool, Failure> {
+        if event.kind != RemoteChange::Delete || (event.record.is_some() && !in_a_tick) {
             return Ok(false);
         }
         match self.record_there(event).await {

@@ -762,6 +762,7 @@ async fn a_thin_event_dated_behind_the_last_one_is_still_applied() {
 /// (Stripe's snapshot endpoint beside an event destination).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dated_event_a_tick_behind_a_thin_one_is_read_again() {
+    use ferry::store::inbox::{NewInboxEvent, RemoteChange};
     let stripe = LocalStripe::start().expect("localstripe");
     let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
     let address = email("tick");
@@ -786,6 +787,27 @@ async fn a_dated_event_a_tick_behind_a_thin_one_is_read_again() {
     assert_eq!(dated["state"], "applied", "{dated}");
     let customer = app.customer_by_email(&address).await.expect("customer");
     assert_eq!(customer["name"], "Second", "{customer}");
+
+    // So is a delete with its record in the same second, once the remote
+    // says the record is gone: it was skipped as stale, the customer kept
+    // live and every later push a `not_found` dead letter.
+    store(event("evt_tick_thin_again", second + 700, None)).await;
+    let thin = outcome_of(&app, remote_id.clone(), "evt_tick_thin_again").await;
+    assert_eq!(thin["state"], "applied", "{thin}");
+    stripe_py(
+        &stripe.url(),
+        &format!("stripe.Customer.delete('{remote_id}')\nprint('{{}}')"),
+    );
+    let record = json!({"id": remote_id, "email": address, "name": "Second", "deleted": true});
+    store(NewInboxEvent {
+        kind: RemoteChange::Delete,
+        remote_type: "customer.deleted".into(),
+        ..event("evt_tick_deleted", second, Some(record))
+    })
+    .await;
+    let deleted = outcome_of(&app, remote_id.clone(), "evt_tick_deleted").await;
+    assert_eq!(deleted["state"], "applied", "{deleted}");
+    assert!(app.customer_by_email(&address).await.is_none());
 }
 
 /// A thin event older than its record's delete is still stale: the fetch
