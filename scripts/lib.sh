@@ -31,6 +31,31 @@ hold_target_dir() {
     flock -w 7200 7 || { echo "error: $CARGO_TARGET_DIR.lock still held after 2 hours" >&2; exit 1; }
   fi
   export CI_TARGET_DIR_HELD=1
+  trim_target_dir
+}
+
+# The cached target dir grows by every run's new artifacts of the
+# workspace's own packages (test binaries of 100 MB and more, kept under a
+# new hash for each change: 30 GB in a day), until the disk is full. Past
+# FERRY_TARGET_DIR_CAP_MB those packages are cleaned (the dependencies stay
+# built: the next build takes minutes, not the cold build's 45), and the
+# whole dir if that is not enough.
+trim_target_dir() {
+  local cap="${FERRY_TARGET_DIR_CAP_MB:-20000}" size packages
+  [ -d "$CARGO_TARGET_DIR" ] || return 0
+  size=$(du -sm "$CARGO_TARGET_DIR" | cut -f1)
+  [ "$size" -gt "$cap" ] || return 0
+  step "$CARGO_TARGET_DIR holds $size MB, more than $cap: cleaning the workspace's own artifacts"
+  packages=$(cd "$FERRY_ROOT" && cargo metadata --no-deps --format-version 1 --offline \
+    | python3 -c 'import json, sys; print(" ".join("-p " + p["name"] for p in json.load(sys.stdin)["packages"]))')
+  # shellcheck disable=SC2086 # one word per option
+  (cd "$FERRY_ROOT" && cargo clean -q $packages && cargo clean -q --release $packages \
+    && cargo clean -q --target wasm32-wasip2 $packages) || true
+  size=$(du -sm "$CARGO_TARGET_DIR" | cut -f1)
+  if [ "$size" -gt "$cap" ]; then
+    step "$CARGO_TARGET_DIR still holds $size MB: removed whole"
+    rm -rf "$CARGO_TARGET_DIR"
+  fi
 }
 
 # Installs Debian packages `$@` (through sudo unless root). A run killed

@@ -49,10 +49,22 @@ run_backend() {
     "$ferry_bin" serve >"$log" 2>&1 &
   local pid=$!
   PIDS+=("$pid")
-  for _ in $(seq 1 100); do
-    curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
+  # Up to a minute: ferry migrates and compiles the bundled connectors
+  # before it listens. One that never came up is said so, not fuzzed.
+  local ready=""
+  for _ in $(seq 1 600); do
+    if curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; then
+      ready=1
+      break
+    fi
+    kill -0 "$pid" 2>/dev/null || break
     sleep 0.1
   done
+  if [ -z "$ready" ]; then
+    echo "error: ferry on $name did not become ready; its log ends:" >&2
+    tail -n 30 "$log" >&2
+    return 1
+  fi
   step "schemathesis on $name (max $MAX_EXAMPLES examples per operation)"
   local status=0
   "$ST" run "http://127.0.0.1:$port/openapi.json" \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs (once) tansu, the Apache Kafka-protocol broker the outbound sync
 # tests run as a real peer, into $FERRY_CACHE_DIR/tools/tansu. Built from
-# crates.io with cargo (about ten minutes the first time); an install whose
+# crates.io with cargo (about 25 minutes on two cores the first time); an install whose
 # stamp matches the pinned version and features is reused as is. Prints the
 # binary's path on stdout.
 source "$(dirname "$0")/lib.sh"
