@@ -267,6 +267,11 @@ pub struct RuntimeConfig {
     /// Instances that may run at once across all connectors (pool slots);
     /// further calls wait for a free slot.
     pub max_instances: u32,
+    /// Instances one loaded connector may run at once, of `max_instances`:
+    /// a connector whose calls wait (a slow remote, a guest sleeping until
+    /// its deadline, a flood of webhooks to it) held every slot, and every
+    /// other connector's calls failed as throttled.
+    pub max_instances_per_connector: u32,
     /// Where compiled components are cached across restarts (wasmtime's
     /// own cache, keyed by the bytes and the engine settings; feature
     /// `disk-cache`); `None` keeps the in-memory cache only.
@@ -288,6 +293,7 @@ impl Default for RuntimeConfig {
             http_total_timeout: Duration::from_secs(30),
             max_response_bytes: 4 * 1024 * 1024,
             max_instances: 1000,
+            max_instances_per_connector: 250,
             cache_dir: None,
             http_requests_per_second: 100,
         }
@@ -707,17 +713,22 @@ impl Runtime {
         // a live instance when the manifest is read.
         let exports = ExportIndices::new(&component, world).map_err(LoadError::WrongWorld)?;
 
+        let config = &self.inner.shared.config;
         let mut connector = Connector {
             runtime: self.inner.clone(),
             pre,
             exports,
             shared: Arc::new(ConnectorShared::loading()),
+            own_slots: tokio::sync::Semaphore::new(
+                config
+                    .max_instances_per_connector
+                    .clamp(1, config.max_instances.max(1)) as usize,
+            ),
             sha256,
             code_bytes: code_size(&component),
         };
         let manifest = connector.read_manifest().await?;
         let hosts = manifest::validate(&manifest).map_err(LoadError::InvalidManifest)?;
-        let config = &self.inner.shared.config;
         policy::check_declared_hosts(
             &hosts,
             &policy::OperatorHosts {
@@ -896,6 +907,8 @@ pub struct Connector {
     pre: InstancePre<CallState>,
     exports: ExportIndices,
     shared: Arc<ConnectorShared>,
+    /// Its share of the pool ([`RuntimeConfig::max_instances_per_connector`]).
+    own_slots: tokio::sync::Semaphore,
     sha256: String,
     code_bytes: usize,
 }
@@ -1220,7 +1233,11 @@ impl Connector {
             server_error: false,
         };
         let started_by = tokio::time::Instant::from_std(deadline - timeout / 2);
-        let _slot = match tokio::time::timeout_at(started_by, runtime.slots.acquire()).await {
+        let slots = async {
+            let own = self.own_slots.acquire().await?;
+            Ok::<_, tokio::sync::AcquireError>((own, runtime.slots.acquire().await?))
+        };
+        let _slots = match tokio::time::timeout_at(started_by, slots).await {
             Err(_busy) => return busy(),
             Ok(Err(_closed)) => {
                 return Ran {

@@ -277,6 +277,55 @@ async fn a_call_that_finds_every_instance_busy_is_held_back_not_timed_out() {
     assert_healthy(&connector, &cfg).await;
 }
 
+/// One connector's calls cannot hold the whole pool: a connector whose
+/// calls wait (here, loop until their deadline) takes its share, and
+/// another connector's calls still run. Before, every slot was the first
+/// one's, and the other's calls failed as throttled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connector_cannot_hold_every_instance() {
+    let runtime = Runtime::new(RuntimeConfig {
+        call_timeout: Duration::from_secs(1),
+        max_instances: 4,
+        max_instances_per_connector: 2,
+        ..config()
+    })
+    .unwrap();
+    let (greedy, other) = (load(&runtime).await, load(&runtime).await);
+    let cfg = connector_config(&[]);
+    let looping: Vec<_> = (0..4)
+        .map(|_| {
+            let (connector, cfg) = (greedy.clone(), cfg.clone());
+            tokio::spawn(async move {
+                connector
+                    .push(&cfg, instruction(json!({"do": "loop"})))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_healthy(&other, &cfg).await;
+    let mut outcomes = Vec::new();
+    for call in looping {
+        outcomes.push(call.await.unwrap().unwrap_err());
+    }
+    outcomes.sort_by_key(|e| format!("{e:?}"));
+    assert_eq!(
+        outcomes,
+        [
+            CallError::DeadlineExceeded,
+            CallError::DeadlineExceeded,
+            CallError::Throttled {
+                wait: Duration::from_millis(200),
+                reached_remote: false
+            },
+            CallError::Throttled {
+                wait: Duration::from_millis(200),
+                reached_remote: false
+            },
+        ]
+    );
+}
+
 #[tokio::test]
 async fn a_guest_waiting_on_the_host_is_stopped_at_the_deadline() {
     let runtime = Runtime::with_transport(
