@@ -59,7 +59,8 @@ pub struct RunRow {
     pub phase: String,
     /// The next page to list.
     pub cursor: Option<String>,
-    /// The sha256 of the connector code `cursor` came from.
+    /// What `cursor` came from: the sha256 of the connector's code and
+    /// settings.
     pub listed_with: Option<String>,
     /// Whether every page was listed.
     pub listing_complete: bool,

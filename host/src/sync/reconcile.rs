@@ -605,16 +605,18 @@ impl SyncEngine {
                 }
             };
             not_ready_since = None;
-            let code = ready.connector.sha256();
-            let other_version = cursor.is_some() && listed_with.as_deref() != Some(code);
+            let code = listing_of(ready.connector.sha256(), &ready.config.settings);
+            let other_version = cursor.is_some() && listed_with.as_deref() != Some(code.as_str());
             if other_version || unfinished_restart {
                 // Another version made the cursor (activated or rolled
                 // back since the last page): its format is that version's
                 // own, so the listing starts again with the active one.
+                // So does a settings change (Salesforce's `object`, a base
+                // URL): the pages so far are of another set of records.
                 if other_version {
                     tracing::info!(
                         run = %run.id,
-                        "another version of the connector is active; listing again from the first page"
+                        "another version of the connector is active, or its settings changed; listing again from the first page"
                     );
                 } else {
                     tracing::info!(run = %run.id, "finishing a listing's restart left half done");
@@ -721,12 +723,12 @@ impl SyncEngine {
             self.compare_page(run, &page, &mut findings).await?;
             if !inner
                 .store
-                .commit_page(run, &findings, page.next_cursor.as_deref(), code, listed)
+                .commit_page(run, &findings, page.next_cursor.as_deref(), &code, listed)
                 .await?
             {
                 return Err(Stop::LeaseLost);
             }
-            listed_with = Some(code.to_owned());
+            listed_with = Some(code);
             match page.next_cursor {
                 Some(next) => cursor = Some(next),
                 None => return Ok(()),
@@ -1524,6 +1526,19 @@ pub fn allowed_deletes(links: i64, share: f64) -> i64 {
 }
 
 /// Sleeps `wait`, or stops with the process.
+/// What a run's pages were listed with: the sha256 of the connector's code
+/// and of its settings (not its secrets), which a cursor belongs to.
+fn listing_of(code: &str, settings: &std::collections::BTreeMap<String, String>) -> String {
+    use sha2::{Digest, Sha256};
+    let settings = serde_json::to_vec(settings).unwrap_or_default();
+    hex::encode(
+        Sha256::new()
+            .chain_update(code)
+            .chain_update(settings)
+            .finalize(),
+    )
+}
+
 async fn pause(cancel: &CancellationToken, wait: Duration) -> Result<(), Stop> {
     tokio::select! {
         () = cancel.cancelled() => Err(Stop::Cancelled),

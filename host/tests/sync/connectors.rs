@@ -2347,8 +2347,11 @@ async fn records_too_long_to_key_are_invalid(backend: Backend) {
 /// version made active between two pages lists again from the first page,
 /// instead of being handed a cursor it cannot read (the recorder's
 /// versions refuse each other's, as a connector whose cursor format
-/// changed would) or mixing two versions' listings in one report.
-async fn a_version_activated_mid_listing_lists_again(backend: Backend) {
+/// changed would) or mixing two versions' listings in one report. So is
+/// it the settings' (`settings`: they change between two pages): a cursor
+/// of one Salesforce object, or one base URL, read the next page of
+/// another.
+async fn a_version_activated_mid_listing_lists_again(backend: Backend, settings: bool) {
     let remote = RecorderRemote::start().await;
     remote.insert_numbered(250, "listed", "Listed");
     // Three pages; the second is held long enough for the upload to land
@@ -2369,9 +2372,20 @@ async fn a_version_activated_mid_listing_lists_again(backend: Backend) {
             log.iter().any(later_page)
         })
         .await;
-    let (status, version) = upload(&app, recorder_variant("version-2"), "").await;
-    assert_eq!(status, 201, "{version}");
-    assert_eq!(version["active"], true, "{version}");
+    if settings {
+        let (status, connector) = app
+            .send(
+                reqwest::Method::PUT,
+                "/api/v1/connectors/recorder/settings",
+                Some(json!({"settings": {"api_base": remote.url, "send_api_key": "false"}})),
+            )
+            .await;
+        assert_eq!(status, 200, "{connector}");
+    } else {
+        let (status, version) = upload(&app, recorder_variant("version-2"), "").await;
+        assert_eq!(status, 201, "{version}");
+        assert_eq!(version["active"], true, "{version}");
+    }
 
     let run = wait_run(&app.base, &id).await;
     assert_eq!(run["status"], "completed", "{run:#}");
@@ -2512,7 +2526,12 @@ mod sqlite {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_version_activated_mid_listing() {
-        a_version_activated_mid_listing_lists_again(Backend::Sqlite).await;
+        a_version_activated_mid_listing_lists_again(Backend::Sqlite, false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn settings_changed_mid_listing() {
+        a_version_activated_mid_listing_lists_again(Backend::Sqlite, true).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2636,7 +2655,7 @@ mod postgres {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_version_activated_mid_listing() {
-        a_version_activated_mid_listing_lists_again(Backend::Postgres).await;
+        a_version_activated_mid_listing_lists_again(Backend::Postgres, false).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
