@@ -866,15 +866,23 @@ impl Store {
                 .await?;
             }
             if let (Some(old), Some(link_customer)) = (&change.releases, &link_customer) {
-                sqlx::query(
-                    "UPDATE sync_links SET remote_id = NULL WHERE customer_id = $1 \
-                     AND connector = $2 AND remote_id = $3",
+                // Remembered, so the released record's next event does not
+                // take the link back; not while a conflict holds the link
+                // (taken since the decision read it free: its hold would
+                // move to the new record), nor once it moved on.
+                let released = sqlx::query(
+                    "UPDATE sync_links SET remote_id = NULL, released_remote_id = $3 \
+                     WHERE customer_id = $1 AND connector = $2 AND remote_id = $3 \
+                     AND held_by IS NULL",
                 )
                 .bind(link_customer.as_str())
                 .bind(&event.connector)
                 .bind(old)
                 .execute(&mut *tx)
                 .await?;
+                if released.rows_affected() == 0 {
+                    return Ok(Applied::Raced);
+                }
             }
             if let Some(link_customer) = link_customer.as_ref().filter(|_| change.link_remote) {
                 let version = customer.as_ref().map(|c| c.version).unwrap_or(0);

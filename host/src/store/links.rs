@@ -1453,6 +1453,28 @@ impl Store {
         Ok(rows.into_iter().map(SyncLink::from).collect())
     }
 
+    /// Whether a duplicate-email `merge` took `customer_id`'s link of
+    /// `connector` from record `remote_id` (see the store's inbound write).
+    pub async fn released_by_merge(
+        &self,
+        customer_id: &str,
+        connector: &str,
+        remote_id: &str,
+    ) -> Result<bool, StoreError> {
+        let row: Option<(i32,)> = dispatch!(self, read pool => {
+            sqlx::query_as(
+                "SELECT 1 FROM sync_links WHERE customer_id = $1 AND connector = $2 \
+                 AND released_remote_id = $3",
+            )
+            .bind(customer_id)
+            .bind(connector)
+            .bind(remote_id)
+            .fetch_optional(pool)
+            .await?
+        });
+        Ok(row.is_some())
+    }
+
     /// The link of `remote_id` in `connector`, if any.
     pub async fn link_by_remote_id(
         &self,

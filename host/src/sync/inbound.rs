@@ -1209,6 +1209,23 @@ impl SyncEngine {
                 )
             }
             DuplicateEmail::Merge => {
+                // The record a merge took the owner's link from: merged
+                // again, it took the link back and its old values
+                // overwrote the customer's, and the other record took it
+                // back at its next event. Which of the two is the
+                // customer's is a person's (a reconciliation reports it).
+                if self
+                    .inner
+                    .store
+                    .released_by_merge(owner.id.as_str(), &event.connector, &event.remote_id)
+                    .await?
+                {
+                    let reason = format!(
+                        "a merge gave this record's link to {} record {other}: {what}",
+                        event.connector
+                    );
+                    return self.skip(event, &reason).await;
+                }
                 // The record now stands for the owner: it takes the
                 // owner's link, first-sync rules (no snapshot).
                 return self

@@ -893,6 +893,61 @@ async fn a_duplicate_merged_into_a_held_link_waits() {
     assert_eq!(open[0]["id"], conflict["id"]);
 }
 
+/// Under `merge`, the record that lost the customer's link to a second one
+/// with its email does not take it back at its next event. Before, it did,
+/// as a first sync whose differences were the remote's news: its old name
+/// overwrote the one ferry had since written (and pushed to the second
+/// record), and the second record took the link back at its own next
+/// event, and so on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_a_merge_released_does_not_take_the_link_back() {
+    let h = synced_customer_with(
+        Backend::Sqlite,
+        json!({"duplicate_email_policy": "merge", "sync_max_attempts": 100}),
+    )
+    .await;
+    let address = customer(&h.app, &h.id).await["email"]
+        .as_str()
+        .expect("an email")
+        .to_owned();
+    let second = stripe_create(&h.stripe.url(), &[("email", &address), ("name", "Second")]).await;
+    let settle = Duration::from_secs(30);
+    h.app
+        .wait_link(&h.id, settle, |l| l["remote_id"] == second.as_str())
+        .await;
+    let renamed = h.app.patch(&h.id, json!({"name": "Ada King"})).await;
+    let version = renamed["version"].as_i64().expect("a version");
+    h.app
+        .wait_link(&h.id, settle, |l| {
+            l["synced_version"].as_i64() >= Some(version)
+        })
+        .await;
+    let before = h
+        .app
+        .store
+        .inbox_of_remote("stripe", &h.remote_id)
+        .await
+        .expect("inbox")
+        .len();
+    edit_fields_in_stripe(&h.stripe.url(), &h.remote_id, &[("name", "Old Record")]);
+    let settled = h
+        .app
+        .wait_inbox_settled("stripe", &h.remote_id, before + 1)
+        .await;
+    let last = settled
+        .iter()
+        .max_by_key(|e| e.seq)
+        .expect("the released record's event");
+    assert_eq!(last.state.as_str(), "skipped", "{last:?}");
+    let link = h.app.wait_link(&h.id, settle, |_| true).await;
+    assert_eq!(link["remote_id"], second.as_str(), "{link:#}");
+    assert_eq!(customer(&h.app, &h.id).await["name"], "Ada King");
+    let at_stripe = stripe_customer(&h.stripe.url(), &second)
+        .await
+        .expect("the second record");
+    assert_eq!(at_stripe["name"], "Ada King", "{at_stripe:#}");
+}
+
 /// A customer synced under `conflict_policy` (duplicate emails flagged),
 /// renamed "Local Name" in ferry while Stripe's dashboard renames it and
 /// gives it another customer's email: the duplicate-email conflict.

@@ -782,6 +782,24 @@ async fn a_change_decided_before_a_hold_decides_again(postgres: bool) {
     let links = store.links_of(first.id.as_str()).await.expect("links");
     assert!(holder.is_some());
     assert_eq!(links[0].held_by, holder, "the first conflict's hold");
+
+    // So does a duplicate merged into the customer (`merge`) by a decision
+    // that read the link free: it moved the held link to its own record,
+    // and the conflict about the first record held the second.
+    let merged = format!("cus_tick_merged_{postgres}");
+    let merge = claim_later(&store, &[(format!("evt_merge_{postgres}"), &merged)]).await;
+    let relink = InboundChange {
+        releases: Some(remote[0].clone()),
+        ..change(&merge[0], CustomerWrite::None, Some(&first.id))
+    };
+    let results = store.apply_inbound_many(&[relink]).await.expect("applied");
+    assert!(matches!(results[0], Ok(Applied::Raced)), "{results:?}");
+    let links = store.links_of(first.id.as_str()).await.expect("links");
+    assert_eq!(
+        (links[0].remote_id.as_deref(), &links[0].held_by),
+        (Some(remote[0].as_str()), &holder),
+        "the held link stays with its record"
+    );
 }
 
 /// A reconciliation's forced push marks its finding repaired in the same
