@@ -1042,11 +1042,13 @@ macro_rules! record_in {
                     } else {
                         (*version).max($link.wanted_version)
                     };
+                    // Nor is a push forced meanwhile (`repairs` moved on, as
+                    // in `fenced_by_repairs!`): it is still to go.
                     sqlx::query(
                         "UPDATE sync_links SET \
-                         state = CASE WHEN wanted_version > $8 THEN 'pending' ELSE 'dead' END, \
+                         state = CASE WHEN wanted_version > $8 OR repairs <> $10 THEN 'pending' ELSE 'dead' END, \
                          wanted_version = CASE WHEN wanted_version > $8 THEN wanted_version ELSE $8 END, \
-                         attempts = CASE WHEN wanted_version > $8 THEN 0 ELSE $1 END, \
+                         attempts = CASE WHEN wanted_version > $8 OR repairs <> $10 THEN 0 ELSE $1 END, \
                          next_attempt_at_ms = $9, \
                          last_error = $2, \
                          pending_version = CASE WHEN $7 THEN NULL ELSE pending_version END, \
@@ -1063,6 +1065,7 @@ macro_rules! record_in {
                     .bind(forget_pending)
                     .bind(failed)
                     .bind($at.timestamp_millis().saturating_add(*settle_ms))
+                    .bind($link.repairs)
                     .execute(&mut *$tx)
                     .await?
                     .rows_affected()

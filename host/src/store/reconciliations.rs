@@ -1184,7 +1184,8 @@ impl Store {
                  repairs = sync_links.repairs + 1, \
                  synced_version = 0, \
                  wanted_version = CASE WHEN sync_links.wanted_version < $3 THEN $3 ELSE sync_links.wanted_version END, \
-                 state = 'pending', attempts = 0, next_attempt_at_ms = $4, updated_at = $5 \
+                 state = 'pending', attempts = 0, next_attempt_at_ms = $4, updated_at = $5, \
+                 lease_until_ms = 0, lease_token = NULL \
                  WHERE sync_links.lease_until_ms < $4 AND sync_links.pending_version IS NULL \
                  AND (sync_links.remote_id IS NULL OR sync_links.remote_deleted \
                       OR sync_links.remote_id = $6)",

@@ -1195,19 +1195,32 @@ async fn stripe_link_claimed(store: &Store, lease: &str, id: &str) -> SyncLink {
 /// the result marked the link synced with its own hash and snapshot, and
 /// the forced push never went.
 async fn a_push_forced_meanwhile_still_goes(postgres: bool, batched: bool) {
-    forced_meanwhile(postgres, batched, false).await;
+    forced_meanwhile(postgres, batched, Ended::Delivered).await;
 }
 
 /// [`a_push_forced_meanwhile_still_goes`], for a push that found nothing
 /// to send (its plan read the link before the force): the skip does not
 /// settle the forced push either.
 async fn a_skip_does_not_settle_a_push_forced_meanwhile(postgres: bool) {
-    forced_meanwhile(postgres, true, true).await;
+    forced_meanwhile(postgres, true, Ended::Skipped).await;
 }
 
-async fn forced_meanwhile(postgres: bool, batched: bool, skipped: bool) {
+/// Nor does a dead letter (the push's last attempt failed): the forced
+/// push was lost with the link dead, its finding marked repaired.
+async fn a_dead_letter_does_not_end_a_push_forced_meanwhile(postgres: bool) {
+    forced_meanwhile(postgres, true, Ended::DeadLettered).await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Ended {
+    Delivered,
+    Skipped,
+    DeadLettered,
+}
+
+async fn forced_meanwhile(postgres: bool, batched: bool, ended: Ended) {
     let (store, _dir) = store(postgres).await;
-    let tag = format!("forced_{postgres}_{batched}_{skipped}");
+    let tag = format!("forced_{postgres}_{batched}_{ended:?}");
     let (customers, remote, _) = two_linked(&store, &tag).await;
     let customer = &customers[0];
     let id = customer.id.as_str();
@@ -1224,14 +1237,21 @@ async fn forced_meanwhile(postgres: bool, batched: bool, skipped: bool) {
         .force_push(id, "stripe", customer.version)
         .await
         .expect("forced"));
-    let delivered = LinkWrite::Outcome(if skipped {
-        RecordedOutcome::Skipped {
+    let delivered = LinkWrite::Outcome(match ended {
+        Ended::Skipped => RecordedOutcome::Skipped {
             version: customer.version,
             reason: "content unchanged since the last push".to_owned(),
             mark_synced: true,
-        }
-    } else {
-        RecordedOutcome::Delivered {
+        },
+        Ended::DeadLettered => RecordedOutcome::DeadLettered {
+            version: customer.version,
+            operation: Some("update"),
+            attempt: 5,
+            error_kind: ferry::store::DeadLetterKind::RetriesExhausted,
+            error: "the remote kept failing".to_owned(),
+            settle_ms: 0,
+        },
+        Ended::Delivered => RecordedOutcome::Delivered {
             operation: "update",
             version: customer.version,
             remote_id: remote[0].clone(),
@@ -1239,7 +1259,7 @@ async fn forced_meanwhile(postgres: bool, batched: bool, skipped: bool) {
             pushed_hash: "hash-of-the-first-push".to_owned(),
             snapshot: Some(json!({"id": remote[0], "name": "as the first push left it"})),
             snapshot_base: None,
-        }
+        },
     });
     let marker = LinkWrite::CreatePending {
         version: customer.version,
@@ -1301,6 +1321,71 @@ async fn postgres_a_skip_does_not_settle_a_push_forced_meanwhile() {
 #[tokio::test]
 async fn sqlite_a_skip_does_not_settle_a_push_forced_meanwhile() {
     a_skip_does_not_settle_a_push_forced_meanwhile(false).await;
+}
+
+/// A reconciliation's recreate takes over a link whose push outlived its
+/// lease: the push's late outcome is refused. Before, the token stayed,
+/// and a late dead letter ended the recreate (the link dead, its finding
+/// marked repaired).
+async fn a_late_outcome_does_not_end_a_recreate(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let (customers, remote, _) = two_linked(&store, &format!("recreated_{postgres}")).await;
+    let customer = &customers[0];
+    let id = customer.id.as_str();
+    assert!(store
+        .force_push(id, "stripe", customer.version)
+        .await
+        .expect("forced"));
+    let until = chrono::Utc::now().timestamp_millis() + 50;
+    let link = store
+        .claim_due_links(&["stripe".to_owned()], "lease-late", until, 20)
+        .await
+        .expect("claimed")
+        .into_iter()
+        .find(|c| c.link.customer_id == id)
+        .expect("due")
+        .link;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(store
+        .recreate_remote(id, "stripe", customer.version, Some(&remote[0]))
+        .await
+        .expect("recreated"));
+    let late = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
+        version: customer.version,
+        operation: Some("update"),
+        attempt: 1,
+        error_kind: ferry::store::DeadLetterKind::NotFound,
+        error: "no such customer".to_owned(),
+        settle_ms: 0,
+    });
+    let applied = store.write_links(&[(&link, &late)]).await.expect("written");
+    assert_eq!(applied, [false]);
+    let after = store.links_of(id).await.expect("links").remove(0);
+    assert_eq!(
+        (after.state, after.remote_id.as_deref()),
+        (LinkState::Pending, None),
+        "{after:?}"
+    );
+}
+
+#[tokio::test]
+async fn postgres_a_late_outcome_does_not_end_a_recreate() {
+    a_late_outcome_does_not_end_a_recreate(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_late_outcome_does_not_end_a_recreate() {
+    a_late_outcome_does_not_end_a_recreate(false).await;
+}
+
+#[tokio::test]
+async fn postgres_a_dead_letter_does_not_end_a_push_forced_meanwhile() {
+    a_dead_letter_does_not_end_a_push_forced_meanwhile(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_dead_letter_does_not_end_a_push_forced_meanwhile() {
+    a_dead_letter_does_not_end_a_push_forced_meanwhile(false).await;
 }
 
 /// A message takes off the queue only the outbox row that announced its
