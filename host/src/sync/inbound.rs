@@ -1213,12 +1213,15 @@ impl SyncEngine {
                 // again, it took the link back and its old values
                 // overwrote the customer's, and the other record took it
                 // back at its next event. Which of the two is the
-                // customer's is a person's (a reconciliation reports it).
-                if self
-                    .inner
-                    .store
-                    .released_by_merge(owner.id.as_str(), &event.connector, &event.remote_id)
-                    .await?
+                // customer's is a person's (a reconciliation reports it,
+                // and the person's choice, an event of the run, merges:
+                // the marker then names the other record).
+                if event.remote_type != RECONCILIATION
+                    && self
+                        .inner
+                        .store
+                        .released_by_merge(owner.id.as_str(), &event.connector, &event.remote_id)
+                        .await?
                 {
                     let reason = format!(
                         "a merge gave this record's link to {} record {other}: {what}",

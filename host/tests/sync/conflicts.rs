@@ -946,6 +946,23 @@ async fn a_record_a_merge_released_does_not_take_the_link_back() {
         .await
         .expect("the second record");
     assert_eq!(at_stripe["name"], "Ada King", "{at_stripe:#}");
+
+    // A person who chooses the first record (a reconciliation's duplicate
+    // finding resolved with `merge`) gets it linked: the marker does not
+    // stand in their way.
+    let run =
+        crate::reconcile::run_to_end(&h.app, json!({"connector": "stripe", "repair": "report"}))
+            .await;
+    let id = run["id"].as_str().expect("a run id");
+    let duplicate = crate::reconcile::findings(&h.app.base, id, Some("duplicate"))
+        .await
+        .into_iter()
+        .find(|f| f["remote_id"] == h.remote_id.as_str())
+        .unwrap_or_else(|| panic!("the released record is a duplicate: {run:#}"));
+    crate::reconcile::resolve_by_hand(&h.app, id, &duplicate, "merge").await;
+    h.app
+        .wait_link(&h.id, settle, |l| l["remote_id"] == h.remote_id.as_str())
+        .await;
 }
 
 /// A customer synced under `conflict_policy` (duplicate emails flagged),

@@ -94,7 +94,7 @@ pub(crate) async fn run_to_end(app: &SyncApp, body: Value) -> Value {
 }
 
 /// Every finding of a run (all pages), optionally of one kind.
-async fn findings(base: &str, run: &str, kind: Option<&str>) -> Vec<Value> {
+pub(crate) async fn findings(base: &str, run: &str, kind: Option<&str>) -> Vec<Value> {
     let mut all = Vec::new();
     let mut after: Option<String> = None;
     loop {
@@ -1844,7 +1844,12 @@ async fn a_finding_resolved_again_stores_its_event_once() {
 
 /// `POST …/mismatches/{id}/resolve` with `action`; asserts 200 and returns
 /// the finding as resolved.
-async fn resolve_by_hand(app: &SyncApp, run: &str, finding: &Value, action: &str) -> Value {
+pub(crate) async fn resolve_by_hand(
+    app: &SyncApp,
+    run: &str,
+    finding: &Value,
+    action: &str,
+) -> Value {
     let path = format!(
         "/api/v1/reconciliations/{run}/mismatches/{}/resolve",
         finding["id"].as_str().unwrap()
