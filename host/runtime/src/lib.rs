@@ -100,7 +100,7 @@ pub struct CheckedEvent {
 /// (the inbox would keep the first and drop the other as a redelivery).
 /// The SDK's test kit fails the call with the same text.
 /// A delivery is bounded too ([`MAX_DELIVERY_EVENTS`], [`MAX_RECORD_BYTES`],
-/// its names at [`MAX_ID_BYTES`]): a guest's answer to a small body was
+/// its entity at [`MAX_ID_BYTES`]): a guest's answer to a small body was
 /// as large as its memory, parsed on the host at many times that.
 pub fn checked_delivery(events: &[Event]) -> Result<Vec<CheckedEvent>, String> {
     if events.len() > MAX_DELIVERY_EVENTS {
@@ -117,17 +117,12 @@ pub fn checked_delivery(events: &[Event]) -> Result<Vec<CheckedEvent>, String> {
         {
             return Err(problem);
         }
-        let names = [
-            ("entity", Some(&event.entity)),
-            ("remote type", Some(&event.remote_type)),
-            ("origin key", event.origin_key.as_ref()),
-        ];
-        if let Some((what, _)) = names
-            .iter()
-            .find(|(_, name)| name.is_some_and(|n| n.len() > MAX_ID_BYTES))
-        {
+        // An origin key or remote type too long is the endpoint's to drop
+        // or cut (a client's key can never be ferry's own): the delivery
+        // stands.
+        if event.entity.len() > MAX_ID_BYTES {
             return Err(format!(
-                "event {}'s {what} is longer than {MAX_ID_BYTES} bytes",
+                "event {}'s entity is longer than {MAX_ID_BYTES} bytes",
                 event.id
             ));
         }
@@ -458,6 +453,7 @@ impl<T> Ran<Result<T, ConnectorError>> {
         match (self.result, self.throttled, self.unsettled) {
             (Ok(Ok(value)), _, _) => Ok(value),
             (Ok(Err(ConnectorError::Retryable(message))), _, true) => {
+                let message = printable_text(message);
                 tracing::debug!(%message, "a request of the call timed out; its outcome is unknown");
                 Err(CallError::DeadlineExceeded)
             }
@@ -493,18 +489,10 @@ fn webhook_data(req: &WebhookRequest) -> Vec<&[u8]> {
 /// connector need be hostile. A line break is the other danger: the host
 /// logs these texts, and one taken from a request (Salesforce's refusal
 /// names the organization the body claims) started a forged log line.
-/// Cut to [`MAX_ERROR_BYTES`] first: the text goes into logs, stored rows
-/// and a webhook sender's 400, and a guest's was as long as its memory.
+/// Cut to [`MAX_ERROR_BYTES`]: the text goes into logs, stored rows and a
+/// webhook sender's 400, and a guest's was as long as its memory.
 fn printable(error: ConnectorError) -> ConnectorError {
-    fn clean(text: String) -> String {
-        let text = log::cut(text, MAX_ERROR_BYTES);
-        let text = if text.contains('\0') {
-            text.replace('\0', "\u{fffd}")
-        } else {
-            text
-        };
-        log::one_line(text)
-    }
+    let clean = printable_text;
     match error {
         ConnectorError::Retryable(m) => ConnectorError::Retryable(clean(m)),
         ConnectorError::RateLimited(mut limit) => {
@@ -522,6 +510,20 @@ fn printable(error: ConnectorError) -> ConnectorError {
 /// The longest error text a call's error keeps, in bytes (a remote's
 /// error body quoted whole fits).
 pub const MAX_ERROR_BYTES: usize = 4 * 1024;
+
+/// An error text as [`printable`] keeps it: cut before it is escaped (the
+/// work stays bounded), and again after (an escape takes up to six bytes).
+fn printable_text(text: String) -> String {
+    let text = log::cut(text, MAX_ERROR_BYTES);
+    let text = if text.contains('\0') {
+        text.replace('\0', "\u{fffd}")
+    } else {
+        text
+    };
+    log::cut(log::one_line(text), MAX_ERROR_BYTES)
+}
+
+pub use log::cut;
 
 /// State shared by the runtime and all calls.
 pub(crate) struct RuntimeShared {
@@ -1402,6 +1404,11 @@ mod tests {
     /// stored rows and a webhook sender's 400: it is cut.
     #[test]
     fn a_connector_error_is_cut() {
+        let escaped = printable(ConnectorError::Permanent("\u{1}".repeat(1 << 20)));
+        assert!(
+            matches!(&escaped, ConnectorError::Permanent(m) if m.len() <= MAX_ERROR_BYTES + '…'.len_utf8()),
+            "escapes count"
+        );
         let long = "é".repeat(1 << 20);
         let cut = printable(ConnectorError::InvalidSignature(long));
         let ConnectorError::InvalidSignature(text) = cut else {
@@ -1460,11 +1467,14 @@ mod tests {
         assert!(delivery_problem(&[event("evt_5", "cus_1", Some(&huge))])
             .is_some_and(|p| p.contains("record is longer")));
         let mut typed = ok.clone();
-        typed.remote_type = "t".repeat(MAX_ID_BYTES + 1);
-        assert!(delivery_problem(&[typed]).is_some_and(|p| p.contains("remote type")));
+        typed.entity = "e".repeat(MAX_ID_BYTES + 1);
+        assert!(delivery_problem(&[typed]).is_some_and(|p| p.contains("entity")));
+        // A client's long idempotency key (Stripe's are 255 characters)
+        // is not a reason to refuse a delivery: the endpoint drops it.
         let mut keyed = ok;
-        keyed.origin_key = Some("k".repeat(MAX_ID_BYTES + 1));
-        assert!(delivery_problem(&[keyed]).is_some_and(|p| p.contains("origin key")));
+        keyed.origin_key = Some("ключ".repeat(MAX_ID_BYTES / 4));
+        keyed.remote_type = "t".repeat(MAX_ID_BYTES + 1);
+        assert_eq!(delivery_problem(&[keyed]), None);
     }
 
     #[test]

@@ -53,7 +53,7 @@ impl Host for CallState {
 
 /// `message` cut to at most `max` bytes, at a character's boundary, and
 /// marked `…` where it was cut.
-pub(crate) fn cut(mut message: String, max: usize) -> String {
+pub fn cut(mut message: String, max: usize) -> String {
     if message.len() > max {
         let mut at = max;
         while !message.is_char_boundary(at) {

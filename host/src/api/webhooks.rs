@@ -152,8 +152,16 @@ pub async fn receive(
             remote_id: event.remote_id,
             occurred_at_ms: dated(event.occurred_at_ms),
             record,
-            origin_key: event.origin_key.map(without_nul),
-            remote_type: without_nul(event.remote_type),
+            // Compared with ferry's own short keys only: a longer one (a
+            // client's, up to 255 characters at Stripe) is nobody's echo.
+            origin_key: event
+                .origin_key
+                .filter(|key| key.len() <= crate::runtime::MAX_ID_BYTES)
+                .map(without_nul),
+            remote_type: without_nul(crate::runtime::cut(
+                event.remote_type,
+                crate::runtime::MAX_ID_BYTES,
+            )),
             policy: None,
         });
     }
