@@ -172,12 +172,9 @@ impl EventColumns {
 }
 
 /// Whether a change is one the batch writes (the others need statements of
-/// their own: relinks, push-backs, conflicts and deletes are rare, and so
-/// is a new link to a customer matched by email that the change does not
-/// write, whose customer must still be live).
+/// their own: relinks, push-backs, conflicts and deletes are rare).
 fn batchable(change: &InboundChange) -> bool {
-    !super::inbox::links_to_a_customer_unwritten(change)
-        && change.unlink_customer.is_none()
+    change.unlink_customer.is_none()
         && change.releases.is_none()
         && change.push_back.is_none()
         && change.conflict.is_none()
@@ -258,6 +255,23 @@ async fn write(
     let links_now = tx.links_read(changes).await?;
     for ((race, change), now) in raced.iter_mut().zip(changes).zip(links_now) {
         *race = now != change.link_read;
+    }
+    // A record linked to a customer the change does not write must find it
+    // live (see `links_to_a_customer_unwritten`); held until the commit on
+    // PostgreSQL.
+    let unwritten: Vec<usize> = (0..changes.len())
+        .filter(|&i| !raced[i] && super::inbox::links_to_a_customer_unwritten(&changes[i]))
+        .collect();
+    if !unwritten.is_empty() {
+        let ids: Vec<&str> = unwritten
+            .iter()
+            .filter_map(|&i| changes[i].link_customer.as_ref().map(CustomerId::as_str))
+            .collect();
+        let live = tx.live_customers(&ids).await?;
+        for &i in &unwritten {
+            let id = changes[i].link_customer.as_ref().map(CustomerId::as_str);
+            raced[i] = !id.is_some_and(|id| live.contains(id));
+        }
     }
 
     let creates: Vec<usize> = (0..changes.len())
@@ -471,6 +485,33 @@ impl<'c> Tx<'c> {
     /// go as two arrays (`unnest`): measured 0.32 ms a call for ≈ 33 rows
     /// against 0.46–0.48 ms for the JSON array that statement takes
     /// (`scripts/bench-wal.sh`, round 20), on the path most groups take.
+    /// Of `ids`, the customers not deleted (share-locked on PostgreSQL).
+    async fn live_customers(&mut self, ids: &[&str]) -> Result<HashSet<String>, sqlx::Error> {
+        let rows: Vec<(String,)> = match self {
+            Self::Postgres(tx) => {
+                sqlx::query_as(
+                    "SELECT id FROM customers WHERE id = ANY($1) AND deleted_at IS NULL \
+                     ORDER BY id FOR SHARE",
+                )
+                .bind(ids)
+                .persistent(false)
+                .fetch_all(&mut **tx)
+                .await?
+            }
+            Self::Sqlite(tx) => {
+                let ids = serde_json::to_string(ids).map_err(|e| sqlx::Error::Encode(e.into()))?;
+                sqlx::query_as(
+                    "SELECT id FROM customers WHERE id IN (SELECT value FROM json_each($1)) \
+                     AND deleted_at IS NULL",
+                )
+                .bind(ids)
+                .fetch_all(&mut **tx)
+                .await?
+            }
+        };
+        Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
+
     async fn links_read(
         &mut self,
         changes: &[InboundChange],
