@@ -211,6 +211,10 @@ pub struct Config {
     /// Outbound HTTP requests per second per connector (token bucket);
     /// 0 lifts the limit. Stripe allows 100/s in live mode.
     pub connector_requests_per_second: u32,
+    /// Connector calls (sandbox instances) one connector may run at once in
+    /// this process, of the pool's 1000: one whose calls wait cannot hold
+    /// every slot.
+    pub connector_max_instances: u32,
     /// Consecutive retryable failures that open a connector's breaker.
     pub breaker_failure_threshold: u32,
     /// How long an open breaker waits before letting one probe through.
@@ -383,6 +387,7 @@ impl std::fmt::Debug for Config {
                 "connector_requests_per_second",
                 &self.connector_requests_per_second,
             )
+            .field("connector_max_instances", &self.connector_max_instances)
             .field("breaker_failure_threshold", &self.breaker_failure_threshold)
             .field("breaker_cooldown", &self.breaker_cooldown)
             .field("inbound_delete_policy", &self.inbound_delete_policy)
@@ -442,6 +447,7 @@ struct Defaults {
     sync_lease: &'static str,
     connector_call_timeout: &'static str,
     connector_requests_per_second: u32,
+    connector_max_instances: u32,
     breaker_failure_threshold: u32,
     breaker_cooldown: &'static str,
     inbound_delete_policy: &'static str,
@@ -488,6 +494,7 @@ const DEFAULTS: Defaults = Defaults {
     sync_lease: "60s",
     connector_call_timeout: "10s",
     connector_requests_per_second: 100,
+    connector_max_instances: 250,
     breaker_failure_threshold: 5,
     breaker_cooldown: "30s",
     inbound_delete_policy: "soft_delete",
@@ -699,6 +706,18 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "sync_max_attempts, sync_concurrency and inbox_loops must be at least 1".into(),
             ));
+        }
+        // A connector's pushes alone may fill `sync_concurrency` slots;
+        // its webhooks need room beside them.
+        let pool = ferry_runtime::RuntimeConfig::default().max_instances;
+        if self.connector_max_instances == 0
+            || self.connector_max_instances > pool
+            || (self.connector_max_instances as usize) < self.sync_concurrency
+        {
+            return Err(ConfigError::Invalid(format!(
+                "connector_max_instances must be between sync_concurrency ({}) and {pool}",
+                self.sync_concurrency
+            )));
         }
         if self.sync_backoff_base.is_zero() || self.sync_backoff_max < self.sync_backoff_base {
             return Err(ConfigError::Invalid(
@@ -1329,6 +1348,16 @@ mod tests {
                 ),
                 ("FERRY_MAX_CONNECTIONS", "0", "max_connections"),
                 ("FERRY_RETENTION_BATCH", "0", "retention_batch"),
+                (
+                    "FERRY_CONNECTOR_MAX_INSTANCES",
+                    "32",
+                    "connector_max_instances",
+                ),
+                (
+                    "FERRY_CONNECTOR_MAX_INSTANCES",
+                    "5000",
+                    "connector_max_instances",
+                ),
                 // A key an operator typed, not one generated.
                 ("FERRY_MASTER_KEY", "hunter2", "master_key"),
                 (
