@@ -46,11 +46,16 @@ trim_target_dir() {
   size=$(du -sm "$CARGO_TARGET_DIR" | cut -f1)
   [ "$size" -gt "$cap" ] || return 0
   step "$CARGO_TARGET_DIR holds $size MB, more than $cap: cleaning the workspace's own artifacts"
-  packages=$(cd "$FERRY_ROOT" && cargo metadata --no-deps --format-version 1 --offline \
-    | python3 -c 'import json, sys; print(" ".join("-p " + p["name"] for p in json.load(sys.stdin)["packages"]))')
-  # shellcheck disable=SC2086 # one word per option
-  (cd "$FERRY_ROOT" && cargo clean -q $packages && cargo clean -q --release $packages \
-    && cargo clean -q --target wasm32-wasip2 $packages) || true
+  # A failure here falls through to removing the whole dir.
+  packages=$( (cd "$FERRY_ROOT" && cargo metadata --no-deps --format-version 1 --offline \
+    | python3 -c 'import json, sys; print(" ".join("-p " + p["name"] for p in json.load(sys.stdin)["packages"]))') \
+    2>/dev/null || true)
+  if [ -n "$packages" ]; then
+    # shellcheck disable=SC2086 # one word per option
+    (cd "$FERRY_ROOT" && for profile in "" --release; do
+      cargo clean -q $profile $packages && cargo clean -q $profile --target wasm32-wasip2 $packages
+    done) || true
+  fi
   size=$(du -sm "$CARGO_TARGET_DIR" | cut -f1)
   if [ "$size" -gt "$cap" ]; then
     step "$CARGO_TARGET_DIR still holds $size MB: removed whole"
