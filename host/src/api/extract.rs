@@ -138,10 +138,33 @@ fn shape_error(error: serde_path_to_error::Error<serde_json::Error>) -> ApiError
     match inner.classify() {
         serde_json::error::Category::Data => {
             let message = strip_position(&inner.to_string());
-            ApiError::Validation(vec![FieldError::new(field_name(&path, &message), message)])
+            // Both quote a name the client gave, as long as the body: cut,
+            // or a megabyte's key came back three times over.
+            let field = shown(&field_name(&path, &message), MAX_SHOWN_FIELD);
+            ApiError::Validation(vec![FieldError::new(
+                field,
+                shown(&message, MAX_SHOWN_MESSAGE),
+            )])
         }
         _ => ApiError::MalformedJson(inner.to_string()),
     }
+}
+
+/// The longest field path a shape error names, in characters.
+const MAX_SHOWN_FIELD: usize = 128;
+
+/// The longest shape error message, in characters (the fields it lists
+/// as expected fit).
+const MAX_SHOWN_MESSAGE: usize = 512;
+
+/// `text` cut to `max` characters, marked `…` where it was cut.
+fn shown(text: &str, max: usize) -> String {
+    let mut chars = text.chars();
+    let mut cut: String = chars.by_ref().take(max).collect();
+    if chars.next().is_some() {
+        cut.push('…');
+    }
+    cut
 }
 
 /// serde_path_to_error's path already ends in an unknown field's name, but a

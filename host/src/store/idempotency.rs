@@ -168,11 +168,15 @@ impl Store {
                     ClaimOutcome::InFlight
                 });
             }
-            if row.fingerprint != record.fingerprint {
-                return Ok(ClaimOutcome::Mismatch);
-            }
+            // A key still claimed is busy whatever the body: the request
+            // holding it may fail and release it, and a client that fixed
+            // its body meanwhile retries a 409, not a 422 it takes for
+            // final.
             if row.state == "in_flight" {
                 return Ok(ClaimOutcome::InFlight);
+            }
+            if row.fingerprint != record.fingerprint {
+                return Ok(ClaimOutcome::Mismatch);
             }
             Ok(ClaimOutcome::Done(StoredResponse {
                 status: row

@@ -90,6 +90,23 @@ async fn wrong_shapes_are_422_naming_the_field(backend: Backend) {
         let problem = assert_problem(response, 422, "validation_failed").await;
         assert_eq!(problem["errors"][0]["field"], field, "{body}: {problem}");
     }
+    // A long name the client gave is cut where the shape error quotes it
+    // (the field, its message and the detail): a megabyte's unknown key
+    // or wrongly typed metadata key came back three times over.
+    let long = "k".repeat(12_000);
+    for body in [
+        json!({"email": email("t"), &long: "x"}),
+        json!({"email": email("t"), "metadata": {&long: 1}}),
+    ] {
+        let sent = body.to_string().len();
+        let answer = app.create(&body).await;
+        assert_eq!(answer.status(), 422);
+        let answer = answer.text().await.unwrap();
+        assert!(answer.len() < sent / 4, "{} bytes for {sent}", answer.len());
+        let problem: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        let field = problem["errors"][0]["field"].as_str().unwrap_or_default();
+        assert!(field.chars().count() <= 129, "{field}");
+    }
     // Too many keys, each one bad too: one error, not several per key.
     let many: serde_json::Map<String, serde_json::Value> =
         (0..51).map(|i| (format!("k[{i}]"), json!("v"))).collect();

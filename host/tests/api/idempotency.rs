@@ -109,6 +109,18 @@ async fn key_in_flight_is_409(backend: Backend) {
     let after = busy.headers().get("retry-after").cloned();
     assert_eq!(after.as_ref().and_then(|v| v.to_str().ok()), Some("1"));
     assert_problem(busy, 409, "idempotency_key_in_flight").await;
+    // So is a fixed body under the key (the holder may fail and release
+    // it): it answered 422 `idempotency_key_reused`, which a client takes
+    // for final.
+    let fixed = app
+        .request(Method::POST, "/api/v1/customers")
+        .header("idempotency-key", "held-key")
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&json!({"email": email("flight-fixed")})).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_problem(fixed, 409, "idempotency_key_in_flight").await;
 
     // Once the holder gives up, the key is free.
     app.store.release_idempotency_key(&record).await.unwrap();
@@ -418,10 +430,11 @@ async fn an_abandoned_claim_is_taken_over_by_a_changed_request(backend: Backend)
     let first = record("the-first-body", "first");
     let claimed = app.store.claim_idempotency_key(&first, 3_600_000, LEASE_MS);
     assert_eq!(claimed.await.unwrap(), ClaimOutcome::Claimed);
-    // Within the lease the first request may still be running: refused.
+    // Within the lease the first request may still be running: busy (a
+    // 409 to retry, not the 422 of a body that contradicts an answer).
     let fixed = record("the-fixed-body", "fixed");
     let early = app.store.claim_idempotency_key(&fixed, 3_600_000, LEASE_MS);
-    assert_eq!(early.await.unwrap(), ClaimOutcome::Mismatch);
+    assert_eq!(early.await.unwrap(), ClaimOutcome::InFlight);
     // The lease over (0 here), the fixed request takes the key.
     let late = app.store.claim_idempotency_key(&fixed, 3_600_000, 0);
     assert_eq!(late.await.unwrap(), ClaimOutcome::Claimed);
