@@ -302,7 +302,10 @@ impl Host for CallState {
             self.requests_unsettled -= 1;
         }
         let response = response?;
-        if response.status >= 500 {
+        // A 424 (a dependency failed while the request ran) is saved
+        // under its key as a 5xx is (Stripe's): a retry under that key
+        // would only get it back.
+        if response.status >= 500 || response.status == 424 {
             self.server_errors += 1;
         }
         let mut body = response.body;

@@ -890,16 +890,23 @@ async fn a_replay_keeps_the_wait_of_an_update_that_died_timing_out() {
 /// under a fresh key (the same fields), and is delivered. Under the same
 /// key it would get the saved 500 back, for as long as Stripe keeps the
 /// key (it was dead-lettered at once, or after ten identical answers).
+/// So does one answered 424 (a dependency failed while it ran), which
+/// Stripe saves alike.
 async fn an_update_answered_with_a_saved_server_error_is_retried_as_another_request(
     backend: Backend,
+    status: u16,
 ) {
     let h = harness_on(backend, json!({})).await;
-    let (id, remote_id) = synced_customer(&h, "saved-500", "Before").await;
+    let (id, remote_id) = synced_customer(&h, &format!("saved-{status}"), "Before").await;
     let update = format!("/v1/customers/{remote_id}");
     h.proxy.push(
         Match::request("POST", &update),
-        Fault::stripe_error(500, "api_error", "Something went wrong")
-            .with_header("stripe-should-retry", "false")
+        // A 5xx is retried whatever Stripe says; a 424 unless it says no.
+        Fault::stripe_error(status, "api_error", "Something went wrong")
+            .with_header(
+                "stripe-should-retry",
+                if status >= 500 { "false" } else { "true" },
+            )
             .saved(),
     );
     h.app.patch(&id, json!({"name": "After"})).await;
@@ -919,14 +926,29 @@ async fn an_update_answered_with_a_saved_server_error_is_retried_as_another_requ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_an_update_answered_with_a_saved_server_error_is_retried_as_another_request() {
-    an_update_answered_with_a_saved_server_error_is_retried_as_another_request(Backend::Sqlite)
-        .await;
+    an_update_answered_with_a_saved_server_error_is_retried_as_another_request(
+        Backend::Sqlite,
+        500,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_answered_with_a_saved_failed_dependency_is_retried_as_another_request() {
+    an_update_answered_with_a_saved_server_error_is_retried_as_another_request(
+        Backend::Sqlite,
+        424,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_an_update_answered_with_a_saved_server_error_is_retried_as_another_request() {
-    an_update_answered_with_a_saved_server_error_is_retried_as_another_request(Backend::Postgres)
-        .await;
+    an_update_answered_with_a_saved_server_error_is_retried_as_another_request(
+        Backend::Postgres,
+        500,
+    )
+    .await;
 }
 
 /// A create Stripe answered with a 500 it saved (`Stripe-Should-Retry:
