@@ -368,6 +368,9 @@ fn checked(resp: Response) -> Result<Response, ConnectorError> {
     // same customer), not the account's rate: retried alone, without
     // pausing every push to Stripe for the pause a rate limit takes.
     let locked = resp.status == 429 && error_code(&resp).as_deref() == Some("lock_timeout");
+    // A 404 that is not Stripe's error answer (a proxy's or a gateway's
+    // page before an `api_base` that names it) says nothing of the record.
+    let stripes = stripe_error(&resp);
     resp.error_for_status_with(stripe_error_message)
         .map_err(|err| match (err, should_retry.as_deref()) {
             (ConnectorError::Permanent(m), Some("true")) => ConnectorError::retryable(m),
@@ -383,9 +386,18 @@ fn checked(resp: Response) -> Result<Response, ConnectorError> {
             // done and marked its link deleted, and creates were
             // dead-lettered as "not found".
             (ConnectorError::NotFound(m), _) if misaddressed(&m) => ConnectorError::permanent(m),
+            (ConnectorError::NotFound(m), _) if !stripes => ConnectorError::permanent(format!(
+                "a 404 that is not Stripe's error answer (is `api_base` right?): {m}"
+            )),
             (ConnectorError::RateLimited(r), _) if locked => ConnectorError::retryable(r.message),
             (err, _) => err,
         })
+}
+
+/// Whether the answer is Stripe's error shape (`{"error": {"type": …}}`).
+fn stripe_error(resp: &Response) -> bool {
+    serde_json::from_slice::<serde_json::Value>(&resp.body)
+        .is_ok_and(|body| body["error"]["type"].is_string())
 }
 
 /// The `error.code` of a Stripe error answer, if it has one.

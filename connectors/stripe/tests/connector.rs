@@ -271,6 +271,11 @@ async fn client_errors_map_to_their_kinds() {
         &[],
         r#"{"error":{"type":"invalid_request_error","message":"Unrecognized request URL (GET: /v1/v1/customers/cus_path). Please see https://stripe.com/docs"}}"#,
     );
+    kit.http().on("GET", &format!("{API}/cus_proxy")).respond(
+        404,
+        &[("content-type", "text/html")],
+        "<html><body>404 Not Found</body></html>",
+    );
     kit.http().on("GET", &format!("{API}/cus_live")).respond(
         404,
         &[],
@@ -317,7 +322,7 @@ async fn client_errors_map_to_their_kinds() {
             "{remote_id}: {error:?}"
         );
     }
-    for misaddressed in ["cus_path", "cus_live"] {
+    for misaddressed in ["cus_path", "cus_live", "cus_proxy"] {
         assert!(
             matches!(
                 connector_error(kit.fetch("customer", misaddressed).await),
