@@ -52,7 +52,8 @@ pub struct CustomerInput {
     /// Postal address.
     #[serde(default)]
     pub address: Option<Address>,
-    /// Up to 50 string pairs; keys up to 40 characters, values up to 500.
+    /// Up to 49 string pairs (ferry keeps one key for itself on the remotes);
+    /// keys up to 40 characters, values up to 500.
     #[serde(default)]
     pub metadata: Option<BTreeMap<String, String>>,
 }
@@ -120,6 +121,8 @@ pub struct ListParams {
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields or key reused", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): nothing was written", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store did not answer in time (`store_busy`) or is read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
@@ -161,6 +164,8 @@ pub async fn create_customer(
         (status = 200, description = "A page of customers", body = CustomerList),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): nothing was written", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store did not answer in time (`store_busy`) or is read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
@@ -223,6 +228,8 @@ pub async fn list_customers(
             headers(("ETag" = String, description = "Strong entity tag: the version"))),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such customer", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): nothing was written", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store did not answer in time (`store_busy`) or is read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
@@ -263,6 +270,8 @@ pub async fn get_customer(
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields or key reused", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): nothing was written", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store did not answer in time (`store_busy`) or is read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
@@ -334,6 +343,8 @@ pub async fn patch_customer(
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields or key reused", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): nothing was written", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store did not answer in time (`store_busy`) or is read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
@@ -390,6 +401,8 @@ pub async fn replace_customer(
         (status = 409, description = "Key in flight", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "If-Match is stale", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Key reused", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): nothing was written", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store did not answer in time (`store_busy`) or is read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
