@@ -507,6 +507,16 @@ async fn postgres_a_row_locked_elsewhere_is_503_store_busy() {
         Some(&b"1"[..])
     );
     assert_problem(response, 503, "store_busy").await;
+    // A patch of the wrong shape is answered without the row: it waited
+    // for the lock (and held a pooled connection) to say 422.
+    let wrong = app
+        .request(Method::PATCH, &path)
+        .json(&json!({"name": 5}))
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(wrong, 422, "validation_failed").await;
+    assert_eq!(problem["errors"][0]["field"], "name", "{problem}");
     let (_, unchanged) = app.get_json(&path).await;
     assert_eq!(
         (unchanged["name"].as_str(), unchanged["version"].as_i64()),

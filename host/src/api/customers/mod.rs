@@ -305,6 +305,9 @@ pub async fn patch_customer(
                 ));
             }
             refused_in_patch(&patch)?;
+            // A wrong type (`{"name": 5}`) is refused before the write
+            // holds the customer's row (on SQLite, the only writer).
+            from_value::<CustomerPatch>(patch.clone())?;
             let ctx = context(correlation_id, record.as_ref(), &render);
             let customer = state
                 .store
