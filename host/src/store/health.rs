@@ -137,17 +137,6 @@ impl Trimmed {
             Trimmed::Deliveries => ("id", "created_at", "TRUE"),
         }
     }
-
-    /// What a row must satisfy to be looked at at all: a delete kept
-    /// longer than the retention is passed over, or every pass would walk
-    /// again over all of them (after a remote's mass delete, hundreds of
-    /// steps a minute for days).
-    fn looked_at(self) -> &'static str {
-        match self {
-            Trimmed::Inbox => "(kind <> 'delete' OR received_at < $3)",
-            Trimmed::Outbox | Trimmed::Deliveries => "TRUE",
-        }
-    }
 }
 
 /// How long an applied or skipped inbound delete is kept at least, whatever
@@ -318,9 +307,13 @@ impl Store {
     ) -> Result<TrimStep, StoreError> {
         let (key, time, finished) = table.columns();
         let name = table.table();
-        let looked_at = table.looked_at();
+        // Only rows a delete would take: a window of rows kept longer
+        // (inbound deletes for `DELETES_KEPT`, dead events until replayed,
+        // outbox rows still queued) made every pass walk over all of them
+        // again, with a writer's delete of nothing each step (on SQLite,
+        // the one writer the webhooks wait for).
         let window_sql = format!(
-            "SELECT {key}, {time} FROM {name} WHERE {key} > $1 AND {looked_at} ORDER BY {key} LIMIT $2"
+            "SELECT {key}, {time} FROM {name} WHERE {key} > $1 AND {finished} ORDER BY {key} LIMIT $2"
         );
         let deletes_cutoff = cutoff.min(super::now() - DELETES_KEPT);
         let window: Vec<(i64, DateTime<Utc>)> = dispatch!(self, read pool => {

@@ -899,6 +899,19 @@ async fn retention_trims_what_is_finished(backend: Backend) {
         after["inbox"], 2,
         "the dead event stays, and the delete for 4 days: {after:?}"
     );
+    // What stays is not walked again by every pass: a window held the
+    // dead event (and a writer's delete of nothing each step).
+    let step = app
+        .store
+        .trim(
+            ferry::store::health::Trimmed::Inbox,
+            0,
+            chrono::Utc::now(),
+            1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(step.next, None, "{step:?}");
     assert!(app
         .store
         .remote_deleted_since("stripe", "cus_ret_gone", created * 1000)
