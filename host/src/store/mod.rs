@@ -621,9 +621,35 @@ impl Store {
                 sqlx::query("SET lock_timeout = 0")
                     .execute(&mut conn)
                     .await?;
-                let ran = sqlx::migrate!("../migrations/postgres")
-                    .run(&mut conn)
-                    .await;
+                // A migration's lock on a table another session holds (a
+                // dump, a transaction left open) is asked for with a short
+                // `lock_timeout` of its own (`SET LOCAL` in the migration)
+                // and asked again after a pause: waiting without limit, it
+                // queued every other replica's reads and writes of the
+                // table behind it, and each failed at its own timeout.
+                let mut pause = std::time::Duration::from_secs(1);
+                let ran = loop {
+                    let ran = sqlx::migrate!("../migrations/postgres")
+                        .run(&mut conn)
+                        .await;
+                    match &ran {
+                        Err(
+                            sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(db))
+                            | sqlx::migrate::MigrateError::ExecuteMigration(
+                                sqlx::Error::Database(db),
+                                _,
+                            ),
+                        ) if db.code().as_deref() == Some("55P03") => {
+                            tracing::warn!(
+                                wait_s = pause.as_secs(),
+                                "a migration waits for a table another session holds (a dump, an open transaction)"
+                            );
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(std::time::Duration::from_secs(10));
+                        }
+                        _ => break ran,
+                    }
+                };
                 // Closed whatever the migrations did: it is not the pool's.
                 let _ = sqlx::Connection::close(conn).await;
                 ran?
@@ -658,8 +684,19 @@ impl Store {
     pub async fn close(&self) {
         match &self.backend {
             Backend::Sqlite(pools) => {
-                pools.writer.close().await;
+                // The readers first: the last connection to close moves
+                // the WAL into the database file, and a read-only one
+                // cannot. Closed last, a reader left every commit since the
+                // last checkpoint in `ferry.db-wal` only, and a copy of
+                // `ferry.db` alone (a backup, a move) lost them.
                 pools.reader.close().await;
+                if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                    .execute(&pools.writer)
+                    .await
+                {
+                    tracing::warn!(%error, "checkpointing the SQLite WAL at shutdown failed");
+                }
+                pools.writer.close().await;
             }
             Backend::Postgres(pool) => pool.close().await,
         }

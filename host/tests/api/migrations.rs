@@ -253,3 +253,60 @@ on_both_backends!(
     a_create_pending_at_upgrade_keeps_its_record,
     emails_stored_at_upgrade_are_written_in_todays_form
 );
+
+/// The migration that remembers the record a duplicate-email merge let go
+/// (a column on `sync_links`, a table every replica reads and writes).
+const MERGE_RELEASED: i64 = 20261206000025;
+
+/// A migration that needs a table another session holds (a dump, a
+/// transaction left open) waits a second at a time and asks again, instead
+/// of queueing without limit: queued, its `ALTER` held every other session's
+/// reads and writes of the table behind it, and each failed at its own
+/// timeout, on every replica still serving.
+#[tokio::test]
+async fn postgres_a_migration_does_not_queue_the_table_behind_it() {
+    use sqlx::Connection;
+    let url = PgCluster::shared().create_database().await.unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    before(MERGE_RELEASED, sqlx::migrate!("../migrations/postgres"))
+        .run(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM sync_links LIMIT 1")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let store = Store::connect(&url, &Default::default()).await.unwrap();
+    let column = "SELECT column_name::text FROM information_schema.columns \
+                  WHERE table_name = 'sync_links' AND column_name = 'released_remote_id'";
+    let meanwhile = async {
+        tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+        // Another replica's read of the table, with a client's patience.
+        let mut reader = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query("SET statement_timeout = '3s'")
+            .execute(&mut reader)
+            .await
+            .unwrap();
+        let read: Result<(i64,), _> = sqlx::query_as("SELECT count(*) FROM sync_links")
+            .fetch_one(&mut reader)
+            .await;
+        let added: Option<(String,)> = sqlx::query_as(column)
+            .fetch_optional(&mut reader)
+            .await
+            .unwrap();
+        sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+        (read, added)
+    };
+    let (migrated, (read, added)) = tokio::join!(store.migrate(), meanwhile);
+    assert!(read.is_ok(), "{read:?}");
+    assert!(added.is_none(), "the migration waited for the table");
+    migrated.expect("migrated once the table is free");
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let added: Option<(String,)> = sqlx::query_as(column).fetch_optional(&pool).await.unwrap();
+    assert!(added.is_some());
+    pool.close().await;
+    store.close().await;
+}

@@ -699,6 +699,39 @@ async fn a_record_is_not_linked_to_a_customer_deleted_meanwhile(postgres: bool) 
         .is_none());
 }
 
+/// A clean stop leaves an embedded database whole in its one file: the
+/// readers closed last (read-only, they cannot checkpoint) left every
+/// commit since the last checkpoint in `ferry.db-wal` only, and a copy of
+/// `ferry.db` alone (a backup, a move to a new volume) lost them.
+#[tokio::test]
+async fn sqlite_a_clean_stop_leaves_the_database_in_its_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("ferry.db");
+    let store = open(&format!("sqlite://{}", file.display())).await;
+    let customer = store
+        .create_customer(
+            fields(&email("stopped"), "Stopped"),
+            WriteContext::default(),
+        )
+        .await
+        .expect("customer");
+    store.close().await;
+    let wal = dir.path().join("ferry.db-wal");
+    assert!(
+        std::fs::metadata(&wal).map_or(true, |m| m.len() == 0),
+        "{} bytes left in the WAL",
+        std::fs::metadata(&wal).map_or(0, |m| m.len())
+    );
+    let copy = dir.path().join("copy.db");
+    std::fs::copy(&file, &copy).expect("copied");
+    let copied = open(&format!("sqlite://{}", copy.display())).await;
+    let read = copied
+        .get_customer(&customer.id)
+        .await
+        .expect("in the copy");
+    assert_eq!(read.name.as_deref(), Some("Stopped"));
+}
+
 #[tokio::test]
 async fn postgres_a_record_is_not_linked_to_a_customer_deleted_meanwhile() {
     a_record_is_not_linked_to_a_customer_deleted_meanwhile(true).await;
