@@ -173,7 +173,7 @@ impl App {
             denied_hosts: config.connector_denied_hosts.clone(),
             call_timeout: config.connector_call_timeout,
             http_requests_per_second: config.connector_requests_per_second,
-            max_instances_per_connector: config.connector_max_instances,
+            max_instances_per_connector: config.connector_max_instances(),
             cache_dir: config.compile_cache(),
             ..RuntimeConfig::default()
         };

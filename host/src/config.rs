@@ -211,10 +211,13 @@ pub struct Config {
     /// Outbound HTTP requests per second per connector (token bucket);
     /// 0 lifts the limit. Stripe allows 100/s in live mode.
     pub connector_requests_per_second: u32,
-    /// Connector calls (sandbox instances) one connector may run at once in
-    /// this process, of the pool's 1000: one whose calls wait cannot hold
-    /// every slot.
-    pub connector_max_instances: u32,
+    /// Connector calls (sandbox instances) one loaded connector version
+    /// may run at once in this process, of the pool's 1000: one whose
+    /// calls wait cannot hold every slot. Unset: 250, or `sync_concurrency`
+    /// when that is more (at most 1000); see
+    /// [`Config::connector_max_instances`].
+    #[serde(default)]
+    pub connector_max_instances: Option<u32>,
     /// Consecutive retryable failures that open a connector's breaker.
     pub breaker_failure_threshold: u32,
     /// How long an open breaker waits before letting one probe through.
@@ -387,7 +390,7 @@ impl std::fmt::Debug for Config {
                 "connector_requests_per_second",
                 &self.connector_requests_per_second,
             )
-            .field("connector_max_instances", &self.connector_max_instances)
+            .field("connector_max_instances", &self.connector_max_instances())
             .field("breaker_failure_threshold", &self.breaker_failure_threshold)
             .field("breaker_cooldown", &self.breaker_cooldown)
             .field("inbound_delete_policy", &self.inbound_delete_policy)
@@ -447,7 +450,6 @@ struct Defaults {
     sync_lease: &'static str,
     connector_call_timeout: &'static str,
     connector_requests_per_second: u32,
-    connector_max_instances: u32,
     breaker_failure_threshold: u32,
     breaker_cooldown: &'static str,
     inbound_delete_policy: &'static str,
@@ -494,7 +496,6 @@ const DEFAULTS: Defaults = Defaults {
     sync_lease: "60s",
     connector_call_timeout: "10s",
     connector_requests_per_second: 100,
-    connector_max_instances: 250,
     breaker_failure_threshold: 5,
     breaker_cooldown: "30s",
     inbound_delete_policy: "soft_delete",
@@ -571,6 +572,20 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Connector calls one loaded connector version may run at once:
+    /// `connector_max_instances`, or unset 250, or `sync_concurrency` when
+    /// that is more (a configuration from before the setting starts as it
+    /// did), at most the pool's 1000.
+    pub fn connector_max_instances(&self) -> u32 {
+        let pool = ferry_runtime::RuntimeConfig::default().max_instances;
+        self.connector_max_instances.unwrap_or_else(|| {
+            u32::try_from(self.sync_concurrency)
+                .unwrap_or(u32::MAX)
+                .max(250)
+                .min(pool)
+        })
+    }
+
     /// Loads defaults, then `file` (if given), then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         Self::figment(file, Env::prefixed("FERRY_"))
@@ -708,16 +723,17 @@ impl Config {
             ));
         }
         // A connector's pushes alone may fill `sync_concurrency` slots;
-        // its webhooks need room beside them.
+        // its webhooks need room beside them. Only a value given is
+        // refused: unset, it follows `sync_concurrency`.
         let pool = ferry_runtime::RuntimeConfig::default().max_instances;
-        if self.connector_max_instances == 0
-            || self.connector_max_instances > pool
-            || (self.connector_max_instances as usize) < self.sync_concurrency
-        {
-            return Err(ConfigError::Invalid(format!(
-                "connector_max_instances must be between sync_concurrency ({}) and {pool}",
-                self.sync_concurrency
-            )));
+        if let Some(given) = self.connector_max_instances {
+            let least = self.sync_concurrency.min(pool as usize);
+            if given == 0 || given > pool || (given as usize) < least {
+                return Err(ConfigError::Invalid(format!(
+                    "connector_max_instances must be between {least} (sync_concurrency, at most \
+                     {pool}) and {pool}"
+                )));
+            }
         }
         if self.sync_backoff_base.is_zero() || self.sync_backoff_max < self.sync_backoff_base {
             return Err(ConfigError::Invalid(
@@ -1321,6 +1337,27 @@ mod tests {
             jail.set_env("FERRY_SYNC_LEASE", "11s");
             let config = Config::load(None).map_err(|e| e.to_string())?;
             config.validate().map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
+    /// A connector's share of the instance pool follows `sync_concurrency`
+    /// when not given: a configuration from before the setting (pushes
+    /// above 250) starts as it did.
+    #[test]
+    fn a_connectors_share_follows_sync_concurrency_unless_given() {
+        figment::Jail::expect_with(|jail| {
+            for (concurrency, share) in [("64", 250), ("400", 400), ("2000", 1000)] {
+                jail.clear_env();
+                jail.set_env("FERRY_SYNC_CONCURRENCY", concurrency);
+                let config = Config::load(None).map_err(|e| e.to_string())?;
+                config.validate().map_err(|e| e.to_string())?;
+                assert_eq!(config.connector_max_instances(), share, "{concurrency}");
+            }
+            jail.set_env("FERRY_CONNECTOR_MAX_INSTANCES", "1000");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            config.validate().map_err(|e| e.to_string())?;
+            assert_eq!(config.connector_max_instances(), 1000);
             Ok(())
         });
     }

@@ -370,7 +370,7 @@ fn checked(resp: Response) -> Result<Response, ConnectorError> {
     let locked = resp.status == 429 && error_code(&resp).as_deref() == Some("lock_timeout");
     // A 404 that is not Stripe's error answer (a proxy's or a gateway's
     // page before an `api_base` that names it) says nothing of the record.
-    let stripes = stripe_error(&resp);
+    let stripes = resp.status != 404 || stripe_error(&resp);
     resp.error_for_status_with(stripe_error_message)
         .map_err(|err| match (err, should_retry.as_deref()) {
             (ConnectorError::Permanent(m), Some("true")) => ConnectorError::retryable(m),

@@ -479,12 +479,6 @@ impl<'c> Tx<'c> {
         }
     }
 
-    /// The link of each change's remote record as [`LinkRead`] compares
-    /// it, in the changes' order; locked on PostgreSQL, in key order, as
-    /// `inbox::GROUP_LINKS_POSTGRES` does for the savepoint path. Here the keys
-    /// go as two arrays (`unnest`): measured 0.32 ms a call for ≈ 33 rows
-    /// against 0.46–0.48 ms for the JSON array that statement takes
-    /// (`scripts/bench-wal.sh`, round 20), on the path most groups take.
     /// Of `ids`, the customers not deleted (share-locked on PostgreSQL).
     async fn live_customers(&mut self, ids: &[&str]) -> Result<HashSet<String>, sqlx::Error> {
         let rows: Vec<(String,)> = match self {
@@ -512,6 +506,12 @@ impl<'c> Tx<'c> {
         Ok(rows.into_iter().map(|(id,)| id).collect())
     }
 
+    /// The link of each change's remote record as [`LinkRead`] compares
+    /// it, in the changes' order; locked on PostgreSQL, in key order, as
+    /// `inbox::GROUP_LINKS_POSTGRES` does for the savepoint path. Here the keys
+    /// go as two arrays (`unnest`): measured 0.32 ms a call for ≈ 33 rows
+    /// against 0.46–0.48 ms for the JSON array that statement takes
+    /// (`scripts/bench-wal.sh`, round 20), on the path most groups take.
     async fn links_read(
         &mut self,
         changes: &[InboundChange],

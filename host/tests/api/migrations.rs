@@ -310,3 +310,26 @@ async fn postgres_a_migration_does_not_queue_the_table_behind_it() {
     pool.close().await;
     store.close().await;
 }
+
+/// Every PostgreSQL migration from [`MERGE_RELEASED`] on asks for its
+/// locks with a `lock_timeout` of its own (see
+/// [`postgres_a_migration_does_not_queue_the_table_behind_it`]); the
+/// released ones before it keep their text (sqlx checks each one's
+/// checksum).
+#[test]
+fn later_migrations_wait_for_a_table_a_second_at_a_time() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations/postgres");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let version: i64 = name.split('_').next().unwrap().parse().unwrap();
+        if version < MERGE_RELEASED {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("SET LOCAL lock_timeout"),
+            "{name} sets no lock_timeout of its own"
+        );
+    }
+}

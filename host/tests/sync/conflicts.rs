@@ -963,6 +963,24 @@ async fn a_record_a_merge_released_does_not_take_the_link_back() {
     h.app
         .wait_link(&h.id, settle, |l| l["remote_id"] == h.remote_id.as_str())
         .await;
+    // And the marker names the other record now: its next event does not
+    // take the link back either.
+    let before = h
+        .app
+        .store
+        .inbox_of_remote("stripe", &second)
+        .await
+        .expect("inbox")
+        .len();
+    edit_fields_in_stripe(&h.stripe.url(), &second, &[("name", "Second Again")]);
+    let settled = h
+        .app
+        .wait_inbox_settled("stripe", &second, before + 1)
+        .await;
+    let last = settled.iter().max_by_key(|e| e.seq).expect("its event");
+    assert_eq!(last.state.as_str(), "skipped", "{last:?}");
+    let link = h.app.wait_link(&h.id, settle, |_| true).await;
+    assert_eq!(link["remote_id"], h.remote_id.as_str(), "{link:#}");
 }
 
 /// A customer synced under `conflict_policy` (duplicate emails flagged),

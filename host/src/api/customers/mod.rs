@@ -122,7 +122,7 @@ pub struct ListParams {
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields or key reused", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): nothing was written", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store did not answer in time (`store_busy`) or is read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
@@ -165,7 +165,7 @@ pub async fn create_customer(
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): nothing was written", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store did not answer in time (`store_busy`) or is read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
@@ -229,7 +229,7 @@ pub async fn list_customers(
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such customer", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): nothing was written", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store did not answer in time (`store_busy`) or is read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
@@ -271,7 +271,7 @@ pub async fn get_customer(
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields or key reused", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): nothing was written", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store did not answer in time (`store_busy`) or is read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
@@ -347,7 +347,7 @@ pub async fn patch_customer(
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields or key reused", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): nothing was written", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store did not answer in time (`store_busy`) or is read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
@@ -405,7 +405,7 @@ pub async fn replace_customer(
         (status = 412, description = "If-Match is stale", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Key reused", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): nothing was written", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store did not answer in time (`store_busy`) or is read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
