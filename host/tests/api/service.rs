@@ -15,6 +15,18 @@ async fn probes_and_openapi_answer(backend: Backend) {
     assert_eq!(status, 200);
     assert!(openapi["paths"]["/api/v1/customers/{id}"]["patch"].is_object());
     assert!(openapi["components"]["schemas"]["Problem"].is_object());
+    // What every customer operation may answer, with the headers it sends.
+    let delete = &openapi["paths"]["/api/v1/customers/{id}"]["delete"]["responses"];
+    assert!(delete["200"]["headers"]["ETag"].is_object(), "{delete:#}");
+    assert!(
+        delete["409"]["headers"]["Retry-After"].is_object(),
+        "{delete:#}"
+    );
+    assert!(
+        delete["503"]["headers"]["Retry-After"].is_object(),
+        "{delete:#}"
+    );
+    assert!(delete["408"].is_object(), "{delete:#}");
     let (status, connectors) = app.get_json("/api/v1/connectors").await;
     assert_eq!(status, 200);
     assert_eq!(

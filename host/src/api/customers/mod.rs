@@ -117,12 +117,14 @@ pub struct ListParams {
             headers(("ETag" = String, description = "Strong entity tag: the version"), ("Location" = String))),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Email taken or key in flight", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Email taken or key in flight", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = String, description = "Seconds to wait before sending it again (`idempotency_key_in_flight`)"))),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields or key reused", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): nothing was written", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = String, description = "Seconds to wait before sending it again"))),
     ),
     security((), ("admin_token" = []))
 )]
@@ -165,7 +167,8 @@ pub async fn create_customer(
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): nothing was written", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = String, description = "Seconds to wait before sending it again"))),
     ),
     security((), ("admin_token" = []))
 )]
@@ -229,7 +232,8 @@ pub async fn list_customers(
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such customer", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): nothing was written", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = String, description = "Seconds to wait before sending it again"))),
     ),
     security((), ("admin_token" = []))
 )]
@@ -265,13 +269,15 @@ pub async fn get_customer(
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such customer", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Email taken or key in flight", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Email taken or key in flight", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = String, description = "Seconds to wait before sending it again (`idempotency_key_in_flight`)"))),
         (status = 412, description = "If-Match is stale", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields or key reused", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): nothing was written", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = String, description = "Seconds to wait before sending it again"))),
     ),
     security((), ("admin_token" = []))
 )]
@@ -341,13 +347,15 @@ pub async fn patch_customer(
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such customer", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Email taken or key in flight", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Email taken or key in flight", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = String, description = "Seconds to wait before sending it again (`idempotency_key_in_flight`)"))),
         (status = 412, description = "If-Match is stale", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields or key reused", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): nothing was written", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = String, description = "Seconds to wait before sending it again"))),
     ),
     security((), ("admin_token" = []))
 )]
@@ -398,14 +406,17 @@ pub async fn replace_customer(
         ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the first response is replayed", pattern = "^[!-~]{1,255}$"),
     ),
     responses(
-        (status = 200, description = "The deleted customer", body = Customer),
+        (status = 200, description = "The deleted customer", body = Customer,
+            headers(("ETag" = String, description = "Strong entity tag: the deleted version"))),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such customer", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Key in flight", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Key in flight", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = String, description = "Seconds to wait before sending it again (`idempotency_key_in_flight`)"))),
         (status = 412, description = "If-Match is stale", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Key reused", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): nothing was written", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written; `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = String, description = "Seconds to wait before sending it again"))),
     ),
     security((), ("admin_token" = []))
 )]
