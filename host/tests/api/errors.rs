@@ -11,22 +11,41 @@ use crate::helpers::{
 
 async fn malformed_json_is_400(backend: Backend) {
     let app = spawn_app(backend).await;
+    let deep = format!(
+        "{{\"email\":\"a@b.co\",\"metadata\":{}1{}}}",
+        "[".repeat(200),
+        "]".repeat(200)
+    );
     for body in [
         "{",
         "{\"email\": }",
         "not json",
         "",
         "{\"email\":\"a@b.co\"} trailing",
+        // A number the parser refuses as it reads (docs/api.md).
+        "{\"email\":\"a@b.co\",\"name\":1e400}",
     ] {
         let response = app
             .request(Method::POST, "/api/v1/customers")
             .header("content-type", "application/json")
-            .body(body)
+            .body(body.to_owned())
             .send()
             .await
             .unwrap();
         assert_problem(response, 400, "malformed_json").await;
     }
+    // A patch is read as a JSON value first: nesting past 128 levels is
+    // refused as it reads too.
+    let customer = app.create_ok(&json!({"email": email("deep")})).await;
+    let path = format!("/api/v1/customers/{}", customer["id"].as_str().unwrap());
+    let response = app
+        .request(Method::PATCH, &path)
+        .header("content-type", "application/json")
+        .body(deep)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 400, "malformed_json").await;
 }
 
 async fn wrong_shapes_are_422_naming_the_field(backend: Backend) {
