@@ -973,9 +973,18 @@ impl SyncEngine {
             }
             CallError::Connector(ConnectorError::NotFound(message)) => {
                 breakers.success(&link.connector);
+                // An update's record gone (deleted there with no event
+                // ferry took: Salesforce sends none): a replay meets the
+                // same 404; a reconciliation finds the link an orphan.
+                let advice = if operation == "update" {
+                    "; a replay meets the same answer: a reconciliation run finds the link an \
+                     orphan and repairs it (`push_local` creates the record again)"
+                } else {
+                    ""
+                };
                 dead(
                     DeadLetterKind::NotFound,
-                    format!("remote record not found: {message}"),
+                    format!("remote record not found: {message}{advice}"),
                 )
             }
             CallError::Connector(ConnectorError::Unauthorized(message)) => {

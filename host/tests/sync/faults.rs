@@ -1470,3 +1470,33 @@ async fn pushes_over_ferrys_own_rate_limit_wait_their_turn() {
         .collect();
     assert_eq!(keys.len(), 12, "{creates:?}");
 }
+
+/// An update whose record the remote no longer has (deleted there with no
+/// event ferry took: Salesforce sends none) is a `not_found` dead letter
+/// that says a replay meets the same answer and a reconciliation repairs
+/// it; it said only "remote record not found".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_of_a_record_gone_says_how_to_repair_it() {
+    let h = harness(json!({})).await;
+    let (id, remote_id) = synced_customer(&h, "gone-update", "Before").await;
+    h.proxy.push(
+        Match::request("POST", &format!("/v1/customers/{remote_id}")),
+        Fault::stripe_error(404, "invalid_request_error", "No such customer"),
+    );
+    h.app.patch(&id, json!({"name": "After"})).await;
+    h.app
+        .wait_link(&id, Duration::from_secs(20), |l| l["state"] == "dead")
+        .await;
+    let letters = stripe_dead_letters(&h.app).await;
+    let letter = letters["data"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["customer_id"] == id.as_str()))
+        .cloned()
+        .expect("a dead letter");
+    assert_eq!(letter["error_kind"], "not_found", "{letter}");
+    let error = letter["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("No such customer") && error.contains("reconciliation"),
+        "{letter}"
+    );
+}
