@@ -19,6 +19,10 @@ async fn probes_and_openapi_answer(backend: Backend) {
     let delete = &openapi["paths"]["/api/v1/customers/{id}"]["delete"]["responses"];
     assert!(delete["200"]["headers"]["ETag"].is_object(), "{delete:#}");
     assert!(
+        delete["200"]["headers"]["Idempotent-Replayed"].is_object(),
+        "{delete:#}"
+    );
+    assert!(
         delete["409"]["headers"]["Retry-After"].is_object(),
         "{delete:#}"
     );
@@ -27,6 +31,13 @@ async fn probes_and_openapi_answer(backend: Backend) {
         "{delete:#}"
     );
     assert!(delete["408"].is_object(), "{delete:#}");
+    // A patch is a JSON merge patch (RFC 7396), under either media type.
+    let patch = &openapi["paths"]["/api/v1/customers/{id}"]["patch"]["requestBody"]["content"];
+    assert!(
+        patch["application/merge-patch+json"].is_object(),
+        "{patch:#}"
+    );
+    assert!(patch["application/json"].is_object(), "{patch:#}");
     let (status, connectors) = app.get_json("/api/v1/connectors").await;
     assert_eq!(status, 200);
     assert_eq!(

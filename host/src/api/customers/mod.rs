@@ -114,7 +114,7 @@ pub struct ListParams {
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the first response is replayed", pattern = "^[!-~]{1,255}$")),
     responses(
         (status = 201, description = "Created", body = Customer,
-            headers(("ETag" = String, description = "Strong entity tag: the version"), ("Location" = String))),
+            headers(("ETag" = String, description = "Strong entity tag: the version"), ("Location" = String), ("Idempotent-Replayed" = String, description = "`true` on the first answer given again for a repeated `Idempotency-Key`"))),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Email taken or key in flight", body = Problem, content_type = "application/problem+json",
@@ -257,7 +257,7 @@ pub async fn get_customer(
 /// refuse the change if someone else wrote in between (412).
 #[utoipa::path(
     patch, path = "/api/v1/customers/{id}", tag = "customers",
-    request_body(content = CustomerPatch, content_type = "application/json"),
+    request_body(content((CustomerPatch = "application/json"), (CustomerPatch = "application/merge-patch+json"))),
     params(
         ("id" = String, Path, description = "Customer id", pattern = "^cus_[0-9a-f]{32}$"),
         ("If-Match" = Option<String>, Header, description = "ETag the change is based on, e.g. \"3\"; or a list of them, one of which must be current; or *", pattern = "^(\\*|\"[0-9]+\"( *, *\"[0-9]+\")*)$"),
@@ -265,7 +265,7 @@ pub async fn get_customer(
     ),
     responses(
         (status = 200, description = "The updated customer", body = Customer,
-            headers(("ETag" = String, description = "Strong entity tag: the version"))),
+            headers(("ETag" = String, description = "Strong entity tag: the version"), ("Idempotent-Replayed" = String, description = "`true` on the first answer given again for a repeated `Idempotency-Key`"))),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such customer", body = Problem, content_type = "application/problem+json"),
@@ -343,7 +343,7 @@ pub async fn patch_customer(
     ),
     responses(
         (status = 200, description = "The replaced customer", body = Customer,
-            headers(("ETag" = String, description = "Strong entity tag: the version"))),
+            headers(("ETag" = String, description = "Strong entity tag: the version"), ("Idempotent-Replayed" = String, description = "`true` on the first answer given again for a repeated `Idempotency-Key`"))),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such customer", body = Problem, content_type = "application/problem+json"),
@@ -407,7 +407,7 @@ pub async fn replace_customer(
     ),
     responses(
         (status = 200, description = "The deleted customer", body = Customer,
-            headers(("ETag" = String, description = "Strong entity tag: the deleted version"))),
+            headers(("ETag" = String, description = "Strong entity tag: the deleted version"), ("Idempotent-Replayed" = String, description = "`true` on the first answer given again for a repeated `Idempotency-Key`"))),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such customer", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Key in flight", body = Problem, content_type = "application/problem+json",
