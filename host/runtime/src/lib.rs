@@ -492,18 +492,17 @@ fn webhook_data(req: &WebhookRequest) -> Vec<&[u8]> {
 /// Cut to [`MAX_ERROR_BYTES`]: the text goes into logs, stored rows and a
 /// webhook sender's 400, and a guest's was as long as its memory.
 fn printable(error: ConnectorError) -> ConnectorError {
-    let clean = printable_text;
     match error {
-        ConnectorError::Retryable(m) => ConnectorError::Retryable(clean(m)),
+        ConnectorError::Retryable(m) => ConnectorError::Retryable(printable_text(m)),
         ConnectorError::RateLimited(mut limit) => {
-            limit.message = clean(limit.message);
+            limit.message = printable_text(limit.message);
             ConnectorError::RateLimited(limit)
         }
-        ConnectorError::Permanent(m) => ConnectorError::Permanent(clean(m)),
-        ConnectorError::NotFound(m) => ConnectorError::NotFound(clean(m)),
-        ConnectorError::Unauthorized(m) => ConnectorError::Unauthorized(clean(m)),
-        ConnectorError::InvalidSignature(m) => ConnectorError::InvalidSignature(clean(m)),
-        ConnectorError::Unsupported(m) => ConnectorError::Unsupported(clean(m)),
+        ConnectorError::Permanent(m) => ConnectorError::Permanent(printable_text(m)),
+        ConnectorError::NotFound(m) => ConnectorError::NotFound(printable_text(m)),
+        ConnectorError::Unauthorized(m) => ConnectorError::Unauthorized(printable_text(m)),
+        ConnectorError::InvalidSignature(m) => ConnectorError::InvalidSignature(printable_text(m)),
+        ConnectorError::Unsupported(m) => ConnectorError::Unsupported(printable_text(m)),
     }
 }
 

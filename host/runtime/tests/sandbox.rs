@@ -87,6 +87,15 @@ async fn push_report(connector: &Connector, cfg: &ConnectorConfig, record: Value
     serde_json::from_str(result.record.as_deref().expect("guest reports")).expect("report is JSON")
 }
 
+/// How a call that found no free instance slot in time fails: ferry's own
+/// pacing, nothing sent.
+fn held_back() -> CallError {
+    CallError::Throttled {
+        wait: Duration::from_millis(200),
+        reached_remote: false,
+    }
+}
+
 async fn assert_healthy(connector: &Connector, cfg: &ConnectorConfig) {
     let result = connector
         .push(cfg, instruction(json!({"do": "ok"})))
@@ -263,13 +272,7 @@ async fn a_call_that_finds_every_instance_busy_is_held_back_not_timed_out() {
         .push(&cfg, instruction(json!({"do": "ok"})))
         .await
         .unwrap_err();
-    assert_eq!(
-        held,
-        CallError::Throttled {
-            wait: Duration::from_millis(200),
-            reached_remote: false
-        }
-    );
+    assert_eq!(held, held_back());
     assert_eq!(
         looping.await.unwrap().unwrap_err(),
         CallError::DeadlineExceeded
@@ -314,14 +317,8 @@ async fn one_connector_cannot_hold_every_instance() {
         [
             CallError::DeadlineExceeded,
             CallError::DeadlineExceeded,
-            CallError::Throttled {
-                wait: Duration::from_millis(200),
-                reached_remote: false
-            },
-            CallError::Throttled {
-                wait: Duration::from_millis(200),
-                reached_remote: false
-            },
+            held_back(),
+            held_back(),
         ]
     );
 }

@@ -414,6 +414,15 @@ async fn two_linked(store: &Store, tag: &str) -> (Vec<Customer>, Vec<String>, Ve
     (customers, remote, reads)
 }
 
+/// Whether no link holds Stripe record `remote_id`.
+async fn unlinked(store: &Store, remote_id: &str) -> bool {
+    store
+        .link_by_remote_id("stripe", remote_id)
+        .await
+        .expect("link read")
+        .is_none()
+}
+
 /// Stores a later event (at 2,000 ms) per `(event id, remote id)` and
 /// claims every due event.
 async fn claim_later(store: &Store, later: &[(String, &String)]) -> Vec<InboxEvent> {
@@ -597,11 +606,7 @@ async fn a_second_record_does_not_take_a_link_over(postgres: bool) {
         .expect("link read")
         .expect("the first record keeps its link");
     assert_eq!(held.customer_id, first.id.as_str());
-    assert!(store
-        .link_by_remote_id("stripe", &second)
-        .await
-        .expect("link read")
-        .is_none());
+    assert!(unlinked(&store, &second).await);
 
     // The first record's newest change is dated after the second's: the
     // link moving to the second record does not keep that date (the
@@ -637,11 +642,7 @@ async fn a_second_record_does_not_take_a_link_over(postgres: bool) {
         .expect("relinked");
     assert_eq!(moved.customer_id, first.id.as_str());
     assert_eq!(moved.remote_seen_at_ms, 2_000, "the second record's date");
-    assert!(store
-        .link_by_remote_id("stripe", &remote[0])
-        .await
-        .expect("link read")
-        .is_none());
+    assert!(unlinked(&store, &remote[0]).await);
 }
 
 #[tokio::test]
@@ -692,11 +693,7 @@ async fn a_record_is_not_linked_to_a_customer_deleted_meanwhile(postgres: bool) 
         .await
         .expect("applied");
     assert!(matches!(alone[0], Ok(Applied::Raced)), "{alone:?}");
-    assert!(store
-        .link_by_remote_id("stripe", &remote[0])
-        .await
-        .expect("link read")
-        .is_none());
+    assert!(unlinked(&store, &remote[0]).await);
 }
 
 /// A clean stop leaves an embedded database whole in its one file: the
