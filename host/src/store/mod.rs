@@ -305,6 +305,12 @@ pub struct Store {
     creates: std::sync::Arc<crate::sync::group_commit::GroupCommit<customers::Creates>>,
     /// See [`StoreOptions::inbox_bus`].
     inbox_bus: bool,
+    /// PostgreSQL: one connection of its own for [`Store::ping`], made when
+    /// first asked for. On the shared pool, a pool busy under load (every
+    /// connection taken for longer than the probe's 2 s) made every
+    /// replica of the database unready at once, and a slow service an
+    /// outage of the API and the webhooks.
+    probe: Option<PgPool>,
 }
 
 /// The database behind a [`Store`].
@@ -531,6 +537,12 @@ impl Store {
                 .filter(|(_, limit)| !limit.is_zero())
                 .map(|(name, limit)| (name, limit.as_millis().max(1).to_string()));
                 let connect = PgConnectOptions::from_str(url)?.options(timeouts);
+                let probe = PgPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(options.acquire_timeout)
+                    .idle_timeout(Duration::from_secs(300))
+                    .max_lifetime(Duration::from_secs(1800))
+                    .connect_lazy_with(connect.clone());
                 let pool = PgPoolOptions::new()
                     .max_connections(options.max_connections.max(1))
                     .acquire_timeout(options.acquire_timeout)
@@ -542,7 +554,9 @@ impl Store {
                     .max_lifetime(Duration::from_secs(1800))
                     .connect_with(connect)
                     .await?;
-                Ok(Self::new(Backend::Postgres(pool), options))
+                let mut store = Self::new(Backend::Postgres(pool), options);
+                store.probe = Some(probe);
+                Ok(store)
             }
         }
     }
@@ -553,6 +567,7 @@ impl Store {
             backend,
             commits: std::sync::Arc::default(),
             inbox_bus: options.inbox_bus,
+            probe: None,
         }
     }
 
@@ -660,13 +675,15 @@ impl Store {
 
     /// Checks that the database answers, and on PostgreSQL that it takes
     /// writes (for `/readyz`): a replica that can read but not write would
-    /// otherwise stay in the load balancer, answering every write 5xx.
+    /// otherwise stay in the load balancer, answering every write 5xx. On
+    /// PostgreSQL through a connection of its own, not the busy pool's.
     pub async fn ping(&self) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sqlite(pools) => {
                 sqlx::query("SELECT 1").execute(&pools.reader).await?;
             }
             Backend::Postgres(pool) => {
+                let pool = self.probe.as_ref().unwrap_or(pool);
                 // `on` on a hot standby as well as under the setting.
                 let read_only: String =
                     sqlx::query_scalar("SELECT current_setting('transaction_read_only')")
@@ -682,6 +699,9 @@ impl Store {
 
     /// Closes every pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
+        if let Some(probe) = &self.probe {
+            probe.close().await;
+        }
         match &self.backend {
             Backend::Sqlite(pools) => {
                 // The readers first: the last connection to close moves

@@ -775,6 +775,80 @@ async fn readyz_says_when_the_database_takes_no_writes_and_shares_its_probes() {
         .await;
 }
 
+/// `/readyz` asks PostgreSQL on a connection of its own: a pool busy under
+/// load (every connection held past the probe's 2 s, here behind a lock)
+/// is a slow replica, not one to take out of the load balancer. On the
+/// shared pool, the probe waited for a connection and every replica of
+/// the database went unready at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_busy_pool_leaves_the_replica_ready() {
+    let mut setup = Setup::new(Backend::Postgres, "http://127.0.0.1:9");
+    setup.extra = json!({"database_max_connections": 2, "database_lock_timeout": "60s"});
+    let app = spawn_sync_app(setup).await;
+    let mut ids = Vec::new();
+    for n in 0..2 {
+        let customer = app
+            .create(json!({"email": email(&format!("busy-{n}")), "name": "Busy"}))
+            .await;
+        ids.push(customer["id"].as_str().unwrap().to_owned());
+    }
+    let mut holder = <sqlx::PgConnection as sqlx::Connection>::connect(&app.database_url)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("LOCK TABLE customers IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    // A write per pooled connection, each waiting on the lock.
+    let writes: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let mut request = reqwest::Client::new()
+                .patch(format!("{}/api/v1/customers/{id}", app.base))
+                .json(&json!({"name": "Busier"}));
+            if let Some(token) = &app.token {
+                request = request.bearer_auth(token);
+            }
+            tokio::spawn(request.send())
+        })
+        .collect();
+    let waiting = || async {
+        let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&app.database_url)
+            .await
+            .unwrap();
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut admin)
+        .await
+        .unwrap()
+    };
+    wait_until("both pooled connections to wait on the lock", || async {
+        waiting().await >= 2
+    })
+    .await;
+    // Past the shared probes' second, so the store is asked now.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let response = reqwest::get(format!("{}/readyz", app.base))
+        .await
+        .expect("answered");
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        (status, &body["status"]),
+        (200, &json!("ready")),
+        "{body:#}"
+    );
+
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    for write in writes {
+        let response = write.await.unwrap().expect("answered");
+        assert_eq!(response.status(), 200);
+    }
+}
+
 /// Sets `database` read-only (or back) from `admin`, and makes every other
 /// connection to it again under the setting.
 async fn set_read_only(admin: &mut sqlx::PgConnection, database: &str, on: bool) {
