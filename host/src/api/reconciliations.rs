@@ -249,7 +249,7 @@ pub struct ResolveMismatch {
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such connector", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "A run of this connector is going (`reconciliation_running`), or the connector is disabled or unconfigured (`connector_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A run of this connector is going (`reconciliation_running`), or the connector cannot run one now: disabled, unconfigured, not loaded or not syncing customers (`connector_not_ready`)", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid request", body = Problem, content_type = "application/problem+json"),
     ),
