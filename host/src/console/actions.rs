@@ -111,9 +111,13 @@ pub async fn sign_out(State(state): State<AppState>, form: CsrfForm) -> Response
 /// copy (`remote.FIELD`) comes back as the browser encodes it, with every
 /// line break made CRLF, and a value with a line break was written, and
 /// pushed over the remote's, changed. A local pick keeps ferry's value as
-/// it is when the form is sent, as "Keep all of ferry's" does: the page's
-/// copy (`local.FIELD`) is what the conflict recorded, and a write made
-/// since the page was drawn must not be undone by it.
+/// the page showed it, read here (`local.FIELD` is the page's copy): the
+/// page carries the customer's version (`local_version`), and a local pick
+/// or "Keep all of ferry's" sent after the customer was written again is
+/// not resolved; the page is shown again with the new values. (A write in
+/// the instant after this read changes the current value from the one
+/// sent, which the API refuses as `conflict_stale`; "Keep all" keeps what
+/// stands then.)
 pub async fn resolve_conflict(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -121,12 +125,35 @@ pub async fn resolve_conflict(
     form: CsrfForm,
 ) -> Response {
     let resolution = form.get("resolution").unwrap_or("fields");
+    let drawn = form
+        .get("local_version")
+        .and_then(|v| v.parse::<i64>().ok());
+    let moved = |customer: Option<&crate::store::Customer>| matches!((customer, drawn), (Some(c), Some(drawn)) if c.version != drawn);
+    let changed_since = || {
+        done(
+            &form.session,
+            &format!("/console/conflicts/{id}"),
+            "The customer changed since this page was drawn: here are ferry's values now. \
+             Nothing was resolved.",
+        )
+    };
+    if resolution == "local" {
+        match customer_of(&state, &id).await {
+            Ok((_, current)) if moved(current.as_ref()) => return changed_since(),
+            Ok(_) => {}
+            Err(error) => return problem(&form.session, error),
+        }
+    }
     let mut request = json!({ "resolution": resolution });
     if resolution == "fields" {
         let (recorded, current) = match picked_sides(&state, &id, &form).await {
             Ok(sides) => sides,
             Err(error) => return problem(&form.session, error),
         };
+        // The same read as the values a local pick takes.
+        if moved(current.as_ref()) {
+            return changed_since();
+        }
         let mut fields = BTreeMap::new();
         for (name, pick) in form
             .fields
@@ -199,14 +226,32 @@ async fn picked_sides(
             .any(|(name, pick)| name.starts_with("pick.") && pick == side)
     };
     let (local, remote) = (picks("local"), picks("remote"));
-    if !(local || remote) || !crate::api::extract::is_id(id, "cf_") {
-        return Ok((None, None));
+    match (local, remote) {
+        (false, false) => Ok((None, None)),
+        (false, true) => Ok((conflict_of(state, id).await?, None)),
+        (true, _) => customer_of(state, id).await,
     }
-    let Some(conflict) = state.store.conflict(id).await? else {
+}
+
+/// Conflict `id` as recorded; `None` when there is none (the API then
+/// answers for it).
+async fn conflict_of(state: &AppState, id: &str) -> Result<Option<Conflict>, ApiError> {
+    if !crate::api::extract::is_id(id, "cf_") {
+        return Ok(None);
+    }
+    Ok(state.store.conflict(id).await?)
+}
+
+/// Conflict `id` as recorded and its customer as it is now (`None` when
+/// either is not there).
+async fn customer_of(
+    state: &AppState,
+    id: &str,
+) -> Result<(Option<Conflict>, Option<crate::store::Customer>), ApiError> {
+    let Some(conflict) = conflict_of(state, id).await? else {
         return Ok((None, None));
     };
-    let customer_id = crate::store::CustomerId::parse(&conflict.customer_id).filter(|_| local);
-    let Some(customer_id) = customer_id else {
+    let Some(customer_id) = crate::store::CustomerId::parse(&conflict.customer_id) else {
         return Ok((Some(conflict), None));
     };
     match state.store.get_customer(&customer_id).await {
@@ -405,19 +450,34 @@ pub async fn disable(
 
 /// `POST /console/connectors/{name}/settings`: `enabled` (checkbox) and
 /// `enabled_was` (how the page drew it),
-/// `setting.NAME` per setting, `secret.NAME` per declared secret (empty:
-/// keep the value in effect), `clear.NAME` (checkbox: remove it).
+/// `setting.NAME` per setting and `setting_was.NAME` (how the page drew
+/// it), `secret.NAME` per declared secret (empty: keep the value in
+/// effect), `clear.NAME` (checkbox: remove it).
 pub async fn put_settings(
     State(state): State<AppState>,
     Path(name): Path<String>,
     form: CsrfForm,
 ) -> Response {
+    // A setting the operator left as drawn keeps the value in effect now:
+    // the save replaces the whole set, and sent as drawn it undid a change
+    // made since the page was drawn (another operator's, the API's).
+    let in_effect = state
+        .registry
+        .entry(&name)
+        .map(|e| e.effective.config.settings.clone())
+        .unwrap_or_default();
     let mut settings = BTreeMap::new();
     let mut secrets = serde_json::Map::new();
     for (field, value) in &form.fields {
         if let Some(setting) = field.strip_prefix("setting.") {
-            if !value.trim().is_empty() {
-                settings.insert(setting.to_owned(), value.trim().to_owned());
+            let drawn = form.get(&format!("setting_was.{setting}"));
+            let value = if drawn.is_some_and(|drawn| drawn.trim() == value.trim()) {
+                in_effect.get(setting).map_or("", String::as_str)
+            } else {
+                value.trim()
+            };
+            if !value.is_empty() {
+                settings.insert(setting.to_owned(), value.to_owned());
             }
         } else if let Some(secret) = field.strip_prefix("secret.") {
             if form.get(&format!("clear.{secret}")).is_some() {

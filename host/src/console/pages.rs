@@ -13,6 +13,7 @@ use super::{page, problem, render};
 use crate::api::extract::QueryPairs;
 use crate::api::{conflicts, connectors, customers, dead_letters, health, reconciliations};
 use crate::app::AppState;
+use crate::store::CustomerId;
 
 /// The answer of an API handler, or its problem shown as the page.
 macro_rules! answer {
@@ -111,7 +112,9 @@ pub async fn customers(
     QueryPairs(pairs): QueryPairs,
 ) -> Response {
     let query = param(&pairs, "q").unwrap_or("");
-    if query.starts_with("cus_") {
+    // An id (or what looks like one: its page says it is not found) opens
+    // a customer; an email may start with `cus_` too.
+    if query.starts_with("cus_") && !query.contains('@') {
         let path = serde_urlencoded::to_string([("", query)]).unwrap_or_default();
         return Redirect::to(&format!(
             "/console/customers/{}",
@@ -225,12 +228,41 @@ pub async fn conflict(
 ) -> Response {
     let conflict = answer!(
         session,
-        conflicts::get_conflict(State(state), session.principal, Path(id))
+        conflicts::get_conflict(State(state.clone()), session.principal, Path(id))
     );
+    // ferry's side is ferry's value when the resolution is sent: the page
+    // shows it as it is now (and the version it read, which the resolution
+    // checks), not only as it was when the conflict was raised.
+    let customer = match CustomerId::parse(&conflict.customer_id) {
+        Some(id) if conflict.state == "open" => match state.store.get_customer(&id).await {
+            Ok(customer) => Some(customer),
+            Err(crate::store::StoreError::CustomerNotFound) => None,
+            Err(error) => return problem(&session, error.into()),
+        },
+        _ => None,
+    };
+    let mut now = serde_json::Map::new();
+    if let Some(customer) = &customer {
+        for field in conflict.fields.0.as_array().into_iter().flatten() {
+            let Some(name) = field["field"].as_str() else {
+                continue;
+            };
+            match conflicts::current_value(customer, name) {
+                Ok(value) => now.insert(name.to_owned(), json!(value)),
+                Err(error) => return problem(&session, error),
+            };
+        }
+    }
     page(
         &session,
         "conflict.html",
-        json!({ "section": "conflicts", "conflict": conflict, "notice": session.notice(&pairs) }),
+        json!({
+            "section": "conflicts",
+            "conflict": conflict,
+            "now": now,
+            "local_version": customer.map(|c| c.version),
+            "notice": session.notice(&pairs),
+        }),
     )
 }
 

@@ -1,6 +1,10 @@
 //! Console sessions: sign-in with the admin token sets a signed, HttpOnly,
-//! SameSite=Strict cookie; every form that changes something carries a
-//! CSRF token bound to the session.
+//! SameSite=Lax cookie; every form that changes something carries a CSRF
+//! token bound to the session. Lax, not Strict: a link from an alert or a
+//! chat opens the page it names, signed in (Strict sent no cookie with a
+//! navigation from another site, and every such link asked for the token
+//! again); a cross-site post still carries no cookie, and no GET changes
+//! anything.
 //!
 //! Sessions are stateless: `{id}.{expires}.{mac}`, the MAC an HMAC-SHA256
 //! under a key derived (PBKDF2-HMAC-SHA256, [`KDF_ROUNDS`] rounds) from the
@@ -399,7 +403,7 @@ fn cookie(value: &str, max_age: i64, secure: bool) -> HeaderValue {
     // Path=/console: the cookie never travels with API or webhook calls.
     let secure = if secure { "; Secure" } else { "" };
     HeaderValue::from_str(&format!(
-        "{COOKIE}={value}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
+        "{COOKIE}={value}; Path=/console; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}"
     ))
     .unwrap_or_else(|_| HeaderValue::from_static("ferry_console=; Path=/console; Max-Age=0"))
 }

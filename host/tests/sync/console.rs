@@ -319,7 +319,26 @@ async fn the_operator_console_in_a_real_browser() {
         "both sides shown"
     );
     console.shot("conflict").await;
-    console.click("input[name='pick.name'][value=remote]").await;
+    // ferry's side is ferry's value as the page showed it: a write since
+    // the page was drawn is not decided unseen (before, the page showed
+    // the value recorded with the conflict and a local pick wrote
+    // whatever ferry held when it was sent). The page is shown again with
+    // the new value, and nothing is resolved.
+    app.patch(&id, json!({"name": "Local Name 2"})).await;
+    console
+        .click("input[name='pick.metadata.note'][value=remote]")
+        .await;
+    console.follow("main form button[type=submit]").await;
+    let text = console
+        .wait_text("The customer changed since this page was drawn")
+        .await;
+    assert!(
+        text.contains("Local Name 2")
+            && text.contains("changed since the conflict, from Local Name"),
+        "{text}"
+    );
+    let open = api_get(&app, &format!("/api/v1/conflicts/{conflict_id}")).await;
+    assert_eq!(open["state"], "open");
     console
         .click("input[name='pick.metadata.note'][value=remote]")
         .await;
@@ -330,7 +349,7 @@ async fn the_operator_console_in_a_real_browser() {
     let merged = api_get(&app, &format!("/api/v1/customers/{id}")).await;
     assert_eq!(
         (merged["name"].as_str(), merged["phone"].as_str()),
-        (Some("Remote Name"), Some("+15550000002"))
+        (Some("Local Name 2"), Some("+15550000002"))
     );
     assert_eq!(merged["metadata"]["note"], "line 1\nline 2", "{merged}");
     app.wait_synced(&id, merged["version"].as_i64().unwrap())
@@ -340,7 +359,7 @@ async fn the_operator_console_in_a_real_browser() {
         .expect("in Stripe");
     assert_eq!(
         (in_stripe["name"].as_str(), in_stripe["phone"].as_str()),
-        (Some("Remote Name"), Some("+15550000002"))
+        (Some("Local Name 2"), Some("+15550000002"))
     );
 
     // 4. A wrong API key dead-letters a push; fixing the secret in the
@@ -694,7 +713,7 @@ async fn open_mode_signs_in_without_a_token_and_still_checks_csrf() {
         .to_str()
         .unwrap()
         .to_owned();
-    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/console"] {
+    for attribute in ["HttpOnly", "SameSite=Lax", "Path=/console"] {
         assert!(set_cookie.contains(attribute), "{set_cookie}");
     }
     assert!(!set_cookie.contains("Secure"), "plain HTTP: {set_cookie}");
@@ -759,6 +778,61 @@ async fn open_mode_signs_in_without_a_token_and_still_checks_csrf() {
         (stripe["state"].as_str(), stripe["config_source"].as_str()),
         (Some("unconfigured"), Some("api")),
         "{stripe}"
+    );
+
+    // A setting left as the page drew it keeps the value in effect: the
+    // save replaces the whole set, and sent as drawn it undid a change
+    // made since the page was drawn (here through the API).
+    let (status, body) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/stripe/settings",
+            Some(json!({"enabled": null, "settings": {"api_base": "http://127.0.0.1:10"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for (sent, kept) in [
+        ("http://127.0.0.1:9", "http://127.0.0.1:10"),
+        ("http://127.0.0.1:11", "http://127.0.0.1:11"),
+    ] {
+        let saved = client
+            .post(url("/console/connectors/stripe/settings"))
+            .header("cookie", &cookie)
+            .form(&[
+                ("csrf", csrf.as_str()),
+                ("enabled_was", "false"),
+                ("setting.api_base", sent),
+                ("setting_was.api_base", "http://127.0.0.1:9"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(saved.status(), 303);
+        let stripe = api_get(&app, "/api/v1/connectors/stripe").await;
+        assert_eq!(
+            stripe["settings"]["api_base"], kept,
+            "sent {sent}: {stripe}"
+        );
+    }
+
+    // Only a whole id opens a customer: an email may start with `cus_`.
+    let search = |q: &str| {
+        client
+            .get(url("/console/customers"))
+            .query(&[("q", q)])
+            .header("cookie", &cookie)
+            .send()
+    };
+    let by_email = search("cus_billing@example.com").await.unwrap();
+    assert_eq!(by_email.status(), 200);
+    let id = format!("cus_{}", "0".repeat(32));
+    let by_id = search(&id).await.unwrap();
+    assert_eq!(
+        (
+            by_id.status().as_u16(),
+            by_id.headers()["location"].to_str().unwrap()
+        ),
+        (303, format!("/console/customers/{id}").as_str())
     );
 
     let disable = url("/console/connectors/stripe/disable");
