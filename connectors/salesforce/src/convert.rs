@@ -239,6 +239,16 @@ impl FieldMap {
             .find(|field| !fields.keys().any(|k| k.eq_ignore_ascii_case(field)))
     }
 
+    /// The fields that hold the name: whole (an Account's `Name`) or in
+    /// parts.
+    pub(crate) fn name_fields(&self) -> Vec<&str> {
+        self.entries
+            .iter()
+            .filter(|(path, _)| matches!(path, Path::Name | Path::FirstName | Path::LastName))
+            .map(|(_, field)| field.as_str())
+            .collect()
+    }
+
     /// The fields the mapping splits the name into (a Contact's
     /// `FirstName` and `LastName`); empty when it maps the name whole.
     pub(crate) fn name_part_fields(&self) -> Vec<&str> {

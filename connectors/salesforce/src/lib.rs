@@ -226,86 +226,13 @@ impl Connector for Salesforce {
     fn push(req: PushRequest) -> Result<PushResult, ConnectorError> {
         ferry_sdk::ensure_entity(&req.entity, ENTITY, "salesforce")?;
         let config = Config::load()?;
-        match req.operation {
-            Operation::Create => {
-                let customer = Customer::from_json(&req.record)?;
-                // An upsert may update a record its external id already
-                // names (one restored from the Recycle Bin, one a lost
-                // answer made): it sends each field, unset ones as null, as
-                // an update does, so the record ferry keeps as the base is
-                // the one in Salesforce.
-                let upsert = config.external_id_field.is_some();
-                let fields = config.fields.to_sobject(&customer, upsert);
-                let body = Value::Object(fields.clone());
-                let id = match &config.external_id_field {
-                    Some(field) => config.upsert(field, &req.local_id, &body)?,
-                    None => config.create(&body)?,
-                };
-                Ok(written(&config, id, &fields))
-            }
-            Operation::Update => {
-                let id = req.linked_remote_id("Salesforce")?;
-                let customer = Customer::from_json(&req.record)?;
-                let mut fields = config.fields.to_sobject(&customer, true);
-                // Only the fields ferry changed since the last sync: one
-                // someone edited in Salesforce just before the push stays,
-                // and its Outbound Message reaches ferry as an edit.
-                let changed = Customer::changed_fields(&req.record);
-                let sent = config.fields.changed(&customer, &changed);
-                let mut body = fields.clone();
-                body.retain(|field, _| sent.contains(&field.as_str()));
-                if let Some(field) = &config.external_id_field {
-                    fields.insert(field.clone(), Value::String(req.local_id.clone()));
-                    body.insert(field.clone(), Value::String(req.local_id.clone()));
-                }
-                let kept = match changed.field("name") {
-                    true => config.name_parts_to_keep(id, customer.name.as_deref())?,
-                    false => None,
-                };
-                for (field, value) in kept.into_iter().flatten() {
-                    body.remove(&field);
-                    fields.insert(field, value);
-                }
-                // Only fields the mapping does not hold changed: nothing
-                // to write (an empty PATCH would still fire the org's
-                // triggers and Outbound Messages).
-                if body.is_empty() {
-                    return Ok(written(&config, id.to_owned(), &fields));
-                }
-                let body = Value::Object(body);
-                config.call(|base, token| {
-                    Request::patch(config.record_url(base, id))
-                        .bearer_token(token)
-                        .json(&body)
-                })?;
-                Ok(written(&config, id.to_owned(), &fields))
-            }
-            Operation::Delete => {
-                let id = req.linked_remote_id("Salesforce")?;
-                config.call(|base, token| {
-                    Ok(Request::delete(config.record_url(base, id)).bearer_token(token))
-                })?;
-                Ok(PushResult::new(id))
-            }
-        }
+        push(&config, &req).map_err(|error| config.record_gone(error))
     }
 
     fn fetch(entity: String, remote_id: String) -> Result<RemoteRecord, ConnectorError> {
         ferry_sdk::ensure_entity(&entity, ENTITY, "salesforce")?;
         let config = Config::load()?;
-        // The mapped fields by name, as the listing asks for them: the
-        // whole record leaves out a field the integration user may not
-        // see (field-level security), which read as cleared and cleared
-        // it in ferry and every other system; named, Salesforce refuses
-        // it (`INVALID_FIELD`, a dead letter that says so).
-        let selected = config.selected_fields().join(",");
-        let resp = config.call(|base, token| {
-            Ok(Request::get(config.record_url(base, &remote_id))
-                .query(&[("fields", selected.as_str())])?
-                .bearer_token(token))
-        })?;
-        let row: Map<String, Value> = resp.json()?;
-        config.remote_record(&row)
+        fetch(&config, &remote_id).map_err(|error| config.record_gone(error))
     }
 
     /// Keyset paging: `SELECT … WHERE Id > '<cursor>' ORDER BY Id LIMIT
@@ -364,6 +291,108 @@ impl Connector for Salesforce {
             .flatten();
         Ok(Page::new(records, next_cursor))
     }
+}
+
+/// A push with its configuration loaded.
+fn push(config: &Config, req: &PushRequest) -> Result<PushResult, ConnectorError> {
+    match req.operation {
+        Operation::Create => {
+            let customer = Customer::from_json(&req.record)?;
+            // An upsert may update a record its external id already
+            // names (one restored from the Recycle Bin, one a lost
+            // answer made): it sends each field, unset ones as null, as
+            // an update does, so the record ferry keeps as the base is
+            // the one in Salesforce.
+            let upsert = config.external_id_field.is_some();
+            let fields = config.fields.to_sobject(&customer, upsert);
+            let body = Value::Object(fields.clone());
+            let id = match &config.external_id_field {
+                Some(field) => config.upsert(field, &req.local_id, &body)?,
+                None => config.create(&body)?,
+            };
+            Ok(written(config, id, &fields))
+        }
+        Operation::Update => {
+            let id = req.linked_remote_id("Salesforce")?;
+            let customer = Customer::from_json(&req.record)?;
+            let mut fields = config.fields.to_sobject(&customer, true);
+            // Only the fields ferry changed since the last sync: one
+            // someone edited in Salesforce just before the push stays,
+            // and its Outbound Message reaches ferry as an edit.
+            let changed = Customer::changed_fields(&req.record);
+            let sent = config.fields.changed(&customer, &changed);
+            let mut body = fields.clone();
+            body.retain(|field, _| sent.contains(&field.as_str()));
+            let kept = match changed.field("name") {
+                true => config.name_parts_to_keep(id, customer.name.as_deref())?,
+                false => None,
+            };
+            for (field, value) in kept.into_iter().flatten() {
+                body.remove(&field);
+                fields.insert(field, value);
+            }
+            // A nameless customer's new email makes a new stand-in name;
+            // a name someone typed in Salesforce since (its message not
+            // yet applied, or never sent) is left as it is, not
+            // overwritten by the stand-in. The fields ferry keeps as the
+            // base stay the stand-in's, so that name still reaches ferry
+            // as Salesforce's edit.
+            if customer.name.is_none()
+                && !changed.field("name")
+                && changed.field("email")
+                && config.holds_a_typed_name(id)?
+            {
+                for field in config.fields.name_fields() {
+                    body.remove(field);
+                }
+            }
+            // Only fields the mapping does not hold changed: nothing
+            // to write (an empty PATCH would still fire the org's
+            // triggers and Outbound Messages). The external id goes
+            // with a write (a record linked before it was set gains it
+            // on its next change), and is never a write of its own.
+            if let Some(field) = &config.external_id_field {
+                fields.insert(field.clone(), Value::String(req.local_id.clone()));
+                if !body.is_empty() {
+                    body.insert(field.clone(), Value::String(req.local_id.clone()));
+                }
+            }
+            if body.is_empty() {
+                return Ok(written(config, id.to_owned(), &fields));
+            }
+            let body = Value::Object(body);
+            config.call(|base, token| {
+                Request::patch(config.record_url(base, id))
+                    .bearer_token(token)
+                    .json(&body)
+            })?;
+            Ok(written(config, id.to_owned(), &fields))
+        }
+        Operation::Delete => {
+            let id = req.linked_remote_id("Salesforce")?;
+            config.call(|base, token| {
+                Ok(Request::delete(config.record_url(base, id)).bearer_token(token))
+            })?;
+            Ok(PushResult::new(id))
+        }
+    }
+}
+
+/// A record read with its configuration loaded.
+fn fetch(config: &Config, remote_id: &str) -> Result<RemoteRecord, ConnectorError> {
+    // The mapped fields by name, as the listing asks for them: the
+    // whole record leaves out a field the integration user may not
+    // see (field-level security), which read as cleared and cleared
+    // it in ferry and every other system; named, Salesforce refuses
+    // it (`INVALID_FIELD`, a dead letter that says so).
+    let selected = config.selected_fields().join(",");
+    let resp = config.call(|base, token| {
+        Ok(Request::get(config.record_url(base, remote_id))
+            .query(&[("fields", selected.as_str())])?
+            .bearer_token(token))
+    })?;
+    let row: Map<String, Value> = resp.json()?;
+    config.remote_record(&row)
 }
 
 /// The push's result with what Salesforce now holds in the mapped fields
@@ -546,6 +575,59 @@ impl Config {
         Ok(self.fields.name_parts_to_keep(&current, name))
     }
 
+    /// Whether record `id` holds a name someone typed (not empty, not a
+    /// stand-in): one more request, made only when a nameless customer's
+    /// email changed.
+    fn holds_a_typed_name(&self, id: &str) -> Result<bool, ConnectorError> {
+        if self.fields.name_fields().is_empty() {
+            return Ok(false);
+        }
+        // Every mapped field: the email the record holds tells the bare
+        // stand-in of older releases (its local part) from a name.
+        let selected = self.selected_fields().join(",");
+        let resp = self.call(|base, token| {
+            Ok(Request::get(self.record_url(base, id))
+                .query(&[("fields", selected.as_str())])?
+                .bearer_token(token))
+        })?;
+        let current: Map<String, Value> = resp.json()?;
+        Ok(self.fields.customer_from(id, &current).name.is_some())
+    }
+
+    /// `error`, unless it is a plain `NOT_FOUND` (not `ENTITY_IS_DELETED`,
+    /// a record's own answer) and the org does not know the object or the
+    /// API version either: Salesforce answers a mistyped `object`, a
+    /// version newer than the org runs, or an object the integration user
+    /// cannot see with the same 404 as a record that is not there. Read as
+    /// the record gone, a delete counted as done and left the record in
+    /// Salesforce, and a read removed the customer's link. One more
+    /// request (the object's basic information), made only after such a
+    /// 404.
+    fn record_gone(&self, error: ConnectorError) -> ConnectorError {
+        let ConnectorError::NotFound(message) = &error else {
+            return error;
+        };
+        if !message.contains(": NOT_FOUND: ") {
+            return error;
+        }
+        let probe = self.call(|base, token| {
+            Ok(
+                Request::get(format!("{}/sobjects/{}", self.data_url(base), self.object))
+                    .bearer_token(token),
+            )
+        });
+        match probe {
+            Ok(_) => error,
+            Err(ConnectorError::NotFound(_)) => ConnectorError::permanent(format!(
+                "{message}; and this org does not know object `{}` under API version {} \
+                 either (is the `object` or `api_version` setting right, and may the \
+                 integration user see the object?): the record was not touched",
+                self.object, self.api_version
+            )),
+            Err(other) => other,
+        }
+    }
+
     fn record_url(&self, base: &str, id: &str) -> String {
         format!(
             "{}/sobjects/{}/{}",
@@ -592,6 +674,13 @@ impl Config {
                 ferry_sdk::http::path_segment(local_id)
             )
         };
+        let held_by = || {
+            self.call(|base, token| {
+                Request::get(url(base))
+                    .query(&[("fields", "Id")])
+                    .map(|r| r.bearer_token(token))
+            })
+        };
         let resp = self
             .call(|base, token| Request::patch(url(base)).bearer_token(token).json(body))
             .map_err(|error| match error {
@@ -600,10 +689,29 @@ impl Config {
                 // second is refused as a duplicate of the record the first
                 // made, which its retry finds and updates. Refused for
                 // good, the create was dead-lettered with its Contact made.
+                // Unless no live record holds the value: a deleted one in
+                // the Recycle Bin does (Salesforce's unique checks count
+                // it), and every retry and replay meets it until it is
+                // undeleted or purged, which a person must choose.
                 ConnectorError::Permanent(message)
                     if message.contains("DUPLICATE_VALUE") && message.contains(field) =>
                 {
-                    ConnectorError::retryable(message)
+                    match held_by() {
+                        Ok(_) => ConnectorError::retryable(message),
+                        Err(ConnectorError::NotFound(_)) => ConnectorError::permanent(format!(
+                            "{message}; no live {} holds {field} = {local_id}: the record \
+                             holding it is in the Recycle Bin. Undelete it (this create then \
+                             updates it) or empty it from the Recycle Bin, then replay",
+                            self.object
+                        )),
+                        Err(other) => {
+                            let detail = format!(
+                                "{message}; reading the record that holds it failed: {}",
+                                other.message()
+                            );
+                            with_message(other, detail)
+                        }
+                    }
                 }
                 other => other,
             })?;
@@ -612,11 +720,7 @@ impl Config {
         }
         // Versions before 46.0 answer an update through upsert with 204 and
         // no body: ask for the id.
-        let resp = self.call(|base, token| {
-            Request::get(url(base))
-                .query(&[("fields", "Id")])
-                .map(|r| r.bearer_token(token))
-        })?;
+        let resp = held_by()?;
         let row: Map<String, Value> = resp.json()?;
         row.get("Id")
             .and_then(Value::as_str)

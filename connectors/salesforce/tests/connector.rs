@@ -338,11 +338,29 @@ async fn an_update_writes_only_what_changed() {
 
     // A nameless customer's new email moves the stand-in its required
     // last name holds: left as the old email's, it read back as a name.
-    let mut nameless = linked(Operation::Update, "003A");
-    nameless.record = json!({"id": "c1", "email": "bob@example.com",
-        "changed_fields": ["email"]})
-    .to_string();
-    kit.push(nameless).await.expect("update");
+    // The record is read first: a name someone typed there meanwhile (its
+    // message not applied yet) is left alone, not overwritten by the
+    // stand-in, and stays out of what ferry keeps as synced, so that name
+    // still reaches ferry as Salesforce's edit.
+    kit.http()
+        .on("GET", &format!("{CONTACTS}/003A"))
+        .respond_json(
+            200,
+            &json!({"Id": "003A", "LastName": "old (no name)", "Email": "old@example.com"}),
+        )
+        .respond_json(
+            200,
+            &json!({"Id": "003A", "FirstName": "Ada", "LastName": "Lovelace",
+                "Email": "old@example.com"}),
+        );
+    let nameless = || {
+        let mut nameless = linked(Operation::Update, "003A");
+        nameless.record = json!({"id": "c1", "email": "bob@example.com",
+            "changed_fields": ["email"]})
+        .to_string();
+        nameless
+    };
+    kit.push(nameless()).await.expect("update");
     let patch = kit.http().last_request().expect("patch");
     let body: Value = serde_json::from_str(&patch.body_text()).unwrap();
     assert_eq!(
@@ -350,6 +368,16 @@ async fn an_update_writes_only_what_changed() {
         (&json!("bob@example.com"), &json!("bob (no name)")),
         "{body}"
     );
+    let result = kit.push(nameless()).await.expect("update");
+    let patch = kit.http().last_request().expect("patch");
+    let body: Value = serde_json::from_str(&patch.body_text()).unwrap();
+    assert_eq!(
+        body,
+        json!({"Email": "bob@example.com"}),
+        "the typed name is kept"
+    );
+    let record: Value = serde_json::from_str(result.record.as_deref().expect("record")).unwrap();
+    assert_eq!(record["name"], Value::Null, "{record}");
 
     // Only a field the mapping does not hold changed: no write at all.
     let before = kit.http().requests().len();
@@ -688,10 +716,27 @@ async fn an_upsert_that_raced_its_own_first_attempt_is_retried() {
             &[],
         ),
     );
+    kit.http()
+        .on("GET", &upsert)
+        .respond_json(
+            200,
+            &json!({"attributes": {"type": "Contact"}, "Id": "003N"}),
+        )
+        .respond_json(
+            404,
+            &sf_error("NOT_FOUND", "The requested resource does not exist", &[]),
+        );
     assert!(matches!(
         connector_error(kit.push(create_request()).await),
         ConnectorError::Retryable(m) if m.contains("DUPLICATE_VALUE")
     ));
+    // No live record holds the value: a deleted one in the Recycle Bin
+    // does, which no retry or replay gets past until a person undeletes or
+    // purges it.
+    match connector_error(kit.push(create_request()).await) {
+        ConnectorError::Permanent(m) => assert!(m.contains("Recycle Bin"), "{m}"),
+        other => panic!("{other:?}"),
+    }
     // A duplicate of another field (a duplicate rule on Email) stays a
     // refusal.
     let kit = self::kit()
@@ -710,6 +755,50 @@ async fn an_upsert_that_raced_its_own_first_attempt_is_retried() {
         connector_error(kit.push(create_request()).await),
         ConnectorError::Permanent(_)
     ));
+}
+
+/// Salesforce answers a mistyped `object`, an API version newer than the
+/// org runs, or an object the integration user cannot see with the same
+/// 404 `NOT_FOUND` as a record that is not there. Read as the record gone,
+/// a delete counted as done and left the record in Salesforce; the object
+/// is asked about first.
+#[tokio::test]
+async fn a_404_of_an_object_the_org_does_not_know_is_not_a_record_gone() {
+    let not_found = sf_error("NOT_FOUND", "The requested resource does not exist", &[]);
+    for (object_known, expect_gone) in [(false, false), (true, true)] {
+        let kit = kit().await;
+        script_tokens(&kit, &["tok-1"]);
+        kit.http()
+            .on("DELETE", &format!("{CONTACTS}/003A"))
+            .respond_json(404, &not_found);
+        kit.http()
+            .on("GET", &format!("{CONTACTS}/003A"))
+            .respond_json(404, &not_found);
+        let describe = json!({"objectDescribe": {"name": "Contact"}, "recentItems": []});
+        match object_known {
+            true => kit.http().on("GET", CONTACTS).respond_json(200, &describe),
+            false => kit.http().on("GET", CONTACTS).respond_json(404, &not_found),
+        };
+        for error in [
+            connector_error(kit.push(linked(Operation::Delete, "003A")).await),
+            connector_error(kit.fetch("customer", "003A").await),
+        ] {
+            match (expect_gone, error) {
+                (true, ConnectorError::NotFound(_)) => {}
+                (false, ConnectorError::Permanent(m)) => {
+                    assert!(m.contains("does not know object `Contact`"), "{m}")
+                }
+                (_, other) => panic!("object known: {object_known}: {other:?}"),
+            }
+        }
+        let probes = kit
+            .http()
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.url == CONTACTS)
+            .count();
+        assert_eq!(probes, 2, "one probe after each 404");
+    }
 }
 
 /// A URL setting with a path (an API URL pasted whole) is refused before

@@ -239,45 +239,68 @@ async fn api_changes_reach_salesforce(backend: Backend) {
 /// customer's delete counted as done and the Contact stayed; now the
 /// delete is dead-lettered for a person, and the Contact is still there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retired_api_version_is_not_a_record_gone() {
+async fn a_request_salesforce_cannot_serve_is_not_a_record_gone() {
     let rig = rig(Backend::Sqlite, FakeSalesforceConfig::default()).await;
-    let created = rig
-        .app
-        .create(json!({"name": "Ada Lovelace", "email": email("sf-retired")}))
-        .await;
-    let id = created["id"].as_str().expect("id").to_owned();
-    let (_, link) = wait_both_synced(&rig.app, &id, 1).await;
-    let contact_id = remote_id(&link);
-
-    let (status, body) = rig
-        .app
-        .send(
-            reqwest::Method::PUT,
-            "/api/v1/connectors/salesforce/settings",
-            Some(json!({
-                "settings": {
-                    "login_url": rig.salesforce.url(),
-                    "organization_id": rig.salesforce.org_id(),
-                    "client_name": CLIENT_NAME,
-                    "api_version": "30.0",
-                },
-                "secrets": {"client_id": null, "client_secret": null},
-            })),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    rig.app.delete(&id).await;
-    let link = rig
-        .app
-        .wait_link_of("salesforce", &id, SETTLE, |l| l["state"] == "dead")
-        .await;
-    assert!(
-        link["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("410")),
-        "{link}"
-    );
-    assert!(rig.salesforce.record("Contact", &contact_id).is_some());
+    // A retired API version (410), a mistyped object and a version newer
+    // than the org runs (both a plain 404 `NOT_FOUND`, as a record that is
+    // not there): each delete is a dead letter that says so, and the
+    // Contact stays.
+    let cases = [
+        (json!({"api_version": "30.0"}), "410"),
+        (
+            json!({"object": "Contacts"}),
+            "does not know object `Contacts` under API version 62.0",
+        ),
+        (
+            json!({"api_version": "99.0"}),
+            "does not know object `Contact` under API version 99.0",
+        ),
+    ];
+    let mut customers = Vec::new();
+    for (n, _) in cases.iter().enumerate() {
+        let created = rig
+            .app
+            .create(json!({"name": "Ada Lovelace", "email": email(&format!("sf-unserved-{n}"))}))
+            .await;
+        let id = created["id"].as_str().expect("id").to_owned();
+        let (_, link) = wait_both_synced(&rig.app, &id, 1).await;
+        customers.push((id, remote_id(&link)));
+    }
+    for ((setting, error), (id, contact_id)) in cases.into_iter().zip(customers) {
+        let mut settings = json!({
+            "login_url": rig.salesforce.url(),
+            "organization_id": rig.salesforce.org_id(),
+            "client_name": CLIENT_NAME,
+            "api_version": "62.0",
+        });
+        for (name, value) in setting.as_object().unwrap() {
+            settings[name] = value.clone();
+        }
+        let (status, body) = rig
+            .app
+            .send(
+                reqwest::Method::PUT,
+                "/api/v1/connectors/salesforce/settings",
+                Some(json!({
+                    "settings": settings,
+                    "secrets": {"client_id": null, "client_secret": null},
+                })),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        rig.app.delete(&id).await;
+        let link = rig
+            .app
+            .wait_link_of("salesforce", &id, SETTLE, |l| l["state"] == "dead")
+            .await;
+        assert!(
+            link["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains(error)),
+            "{setting}: {link}"
+        );
+        assert!(rig.salesforce.record("Contact", &contact_id).is_some());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

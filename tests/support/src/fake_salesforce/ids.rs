@@ -36,6 +36,16 @@ pub(super) fn key_prefix(object: &str) -> &'static str {
     }
 }
 
+/// Whether the org has `object`: the standard objects above, and any
+/// custom one (`…__c`). Salesforce answers a URL naming another with 404
+/// `NOT_FOUND`, and a query of one with 400 `INVALID_TYPE`.
+pub(super) fn known_object(object: &str) -> bool {
+    ["Account", "Contact", "Lead", "Opportunity"]
+        .into_iter()
+        .any(|known| known.eq_ignore_ascii_case(object))
+        || (object.len() > 3 && object.to_ascii_lowercase().ends_with("__c"))
+}
+
 /// Standard objects have a fixed spelling; URLs may use any case.
 pub(super) fn canonical_object(object: &str) -> String {
     ["Account", "Contact", "Lead", "Opportunity"]

@@ -26,7 +26,15 @@
 //!     system fields `CreatedDate`, `LastModifiedDate`, `SystemModstamp`,
 //!     `IsDeleted`, and `?fields=` selection), update by PATCH (204) and
 //!     delete (204); a deleted row answers 404 `ENTITY_IS_DELETED`, an
-//!     unknown one 404 `NOT_FOUND`; ids are 18-character case-safe ids with
+//!     unknown one 404 `NOT_FOUND`, and a record id of another object
+//!     404 `NOT_FOUND` "Provided external ID field does not exist or is
+//!     not accessible"; an object the org does not have (the standard four
+//!     below and any `…__c` are there) is 404 `NOT_FOUND` too, and 400
+//!     `INVALID_TYPE` in a query, and an API version newer than the org
+//!     runs (past Winter '27's 68.0) is 404 `NOT_FOUND`: a record that is
+//!     not there and a request the org cannot serve look alike; sObject
+//!     Basic Information (`GET sobjects/{Object}`) answers an object it
+//!     has; ids are 18-character case-safe ids with
 //!     the object's key prefix (`003` Contact, `001` Account, `00Q` Lead,
 //!     `006` Opportunity, `a0X` for anything else) and the documented
 //!     checksum suffix, and a 15-character id is accepted too;
@@ -724,7 +732,14 @@ fn find<'a>(data: &'a Data, object: &str, id: &str) -> Result<(String, &'a Store
     };
     match data.records.get(&id) {
         Some(rec) if rec.object.eq_ignore_ascii_case(object) => Ok((id, rec)),
-        _ => Err(SfError::not_found()),
+        // A record id of another object is read as a value of an external
+        // id field named by the segment before it, which is not one.
+        Some(_) => Err(SfError::new(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            format!("Provided external ID field does not exist or is not accessible: {id}"),
+        )),
+        None => Err(SfError::not_found()),
     }
 }
 
@@ -941,7 +956,9 @@ async fn handle(
         return SfError::not_found().into_response();
     };
     let (version, rest) = rest.split_once('/').unwrap_or((rest, ""));
-    if !is_api_version(version) {
+    // A version newer than the org runs (a sandbox a release ahead, a
+    // typo) is not there: 404 `NOT_FOUND`, as for any unknown resource.
+    if !is_api_version(version) || newer_than_served(version) {
         return SfError::not_found().into_response();
     }
     // Versions 21.0 to 30.0 were retired in Summer '25: Salesforce answers
@@ -969,6 +986,17 @@ fn retired(v: &str) -> bool {
         .and_then(|n| n.split_once('.'))
         .and_then(|(major, _)| major.parse::<u32>().ok())
         .is_some_and(|major| major <= 30)
+}
+
+/// The newest API version the fake serves: Winter '27's.
+const NEWEST_API_VERSION: u32 = 68;
+
+/// Whether API version `v` (`vNN.N`) is newer than the org runs.
+fn newer_than_served(v: &str) -> bool {
+    v.strip_prefix('v')
+        .and_then(|n| n.split_once('.'))
+        .and_then(|(major, _)| major.parse::<u32>().ok())
+        .is_some_and(|major| major > NEWEST_API_VERSION)
 }
 
 fn is_api_version(v: &str) -> bool {
@@ -1076,7 +1104,28 @@ fn data_api(
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     };
+    if let ["sobjects", object, ..] = segments.as_slice() {
+        if !known_object(object) {
+            return Err(SfError::not_found());
+        }
+    }
     match (method, segments.as_slice()) {
+        // sObject Basic Information: what the object is.
+        (&Method::GET, ["sobjects", object]) => {
+            let object = canonical_object(object);
+            let reply = json!({
+                "objectDescribe": {
+                    "name": object,
+                    "keyPrefix": key_prefix(&object),
+                    "custom": object.ends_with("__c"),
+                    "createable": true,
+                    "queryable": true,
+                    "urls": {"sobject": format!("/services/data/{version}/sobjects/{object}")},
+                },
+                "recentItems": [],
+            });
+            Ok(axum::Json(reply).into_response())
+        }
         (&Method::POST, ["sobjects", object]) => {
             let body = parse_json(body)?;
             let id = create_record(shared, object, &body)?;
@@ -1222,6 +1271,13 @@ fn page(
 
 fn run_query(shared: &Shared, version: &str, soql: &str) -> Result<Vec<Value>, SfError> {
     let query = parse_soql(soql)?;
+    if !known_object(&query.object) {
+        return Err(SfError::new(
+            StatusCode::BAD_REQUEST,
+            "INVALID_TYPE",
+            format!("sObject type '{}' is not supported.", query.object),
+        ));
+    }
     let object = canonical_object(&query.object);
     let select = query
         .fields

@@ -290,6 +290,65 @@ async fn fake_salesforce_contact_lifecycle() {
     assert!(created["id"].as_str().unwrap().starts_with("a0X"));
 }
 
+/// What Salesforce answers for an object, a version or a record id it
+/// does not serve: the same 404 `NOT_FOUND` as a record not there, and the
+/// object's basic information for one it has.
+#[tokio::test]
+async fn fake_salesforce_objects_and_versions_it_does_not_serve() {
+    use reqwest::Method;
+    let api = Api::start(FakeSalesforceConfig::default()).await;
+    let (status, described) = api.call(Method::GET, "sobjects/Contact", None).await;
+    assert_eq!(status, 200, "{described}");
+    assert_eq!(described["objectDescribe"]["name"], "Contact");
+    assert_eq!(described["objectDescribe"]["keyPrefix"], "003");
+    for path in ["sobjects/Contacts", "sobjects/Contacts/003000000000001AAA"] {
+        let (status, body) = api.call(Method::GET, path, None).await;
+        assert_eq!(
+            (status, &body[0]["errorCode"]),
+            (404, &json!("NOT_FOUND")),
+            "{path}"
+        );
+    }
+    let (status, body) = api
+        .call(Method::GET, "query?q=SELECT+Id+FROM+Contacts", None)
+        .await;
+    assert_eq!(
+        (status, &body[0]["errorCode"]),
+        (400, &json!("INVALID_TYPE"))
+    );
+    let newer = api
+        .http
+        .get(format!(
+            "{}/services/data/v99.0/sobjects/Contact",
+            api.fake.url()
+        ))
+        .bearer_auth(&api.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(newer.status(), 404);
+    // A record id of another object under Contact.
+    let (_, account) = api
+        .call(
+            Method::POST,
+            "sobjects/Account",
+            Some(json!({"Name": "Acme"})),
+        )
+        .await;
+    let account_id = account["id"].as_str().unwrap();
+    let (status, body) = api
+        .call(Method::GET, &format!("sobjects/Contact/{account_id}"), None)
+        .await;
+    assert_eq!(status, 404);
+    assert!(
+        body[0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Provided external ID field does not exist"),
+        "{body}"
+    );
+}
+
 #[tokio::test]
 async fn fake_salesforce_sessions_expire_and_limits_run_out() {
     use reqwest::Method;
