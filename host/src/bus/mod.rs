@@ -435,6 +435,20 @@ fn locked<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// What a relay round did: rows it moved on (published, or marked as
+/// needing no message), and of those, messages the broker acknowledged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Published {
+    moved: usize,
+    sent: usize,
+}
+
+impl Published {
+    fn sent(sent: usize) -> Self {
+        Self { moved: sent, sent }
+    }
+}
+
 impl TopicState {
     fn failed(&self, started: tokio::time::Instant) {
         let since = *locked(&self.failing_since).get_or_insert(started);
@@ -443,9 +457,16 @@ impl TopicState {
         }
     }
 
-    fn succeeded(&self, moved: usize) {
-        *locked(&self.failing_since) = None;
-        if moved > 0 {
+    /// Only the broker's acknowledgement shows it reachable from here: a
+    /// round that only marked rows (inbox events settled while it was away)
+    /// asked it nothing, and counted as published it kept a leader that
+    /// cannot reach the broker in place for as long as such a backlog
+    /// lasted.
+    fn succeeded(&self, round: Published) {
+        if round.sent > 0 || round.moved == 0 {
+            *locked(&self.failing_since) = None;
+        }
+        if round.sent > 0 {
             *locked(&self.stuck_since) = None;
             *locked(&self.published_at) = Some(tokio::time::Instant::now());
         }
@@ -481,7 +502,7 @@ async fn topic_loop<F, Fut>(
     stop: &CancellationToken,
 ) where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<usize>>,
+    Fut: std::future::Future<Output = anyhow::Result<Published>>,
 {
     loop {
         let started = tokio::time::Instant::now();
@@ -490,10 +511,10 @@ async fn topic_loop<F, Fut>(
             round = publish() => round,
         };
         let wait = match round {
-            Ok(moved) => {
-                state.succeeded(moved);
-                if moved > 0 {
-                    tracing::debug!(moved, "published");
+            Ok(round) => {
+                state.succeeded(round);
+                if round.moved > 0 {
+                    tracing::debug!(moved = round.moved, sent = round.sent, "published");
                     tokio::task::yield_now().await;
                     continue;
                 }
@@ -550,10 +571,10 @@ async fn publish_round(
     store: &Store,
     producer: &kafka::KafkaProducer,
     topic: &str,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<Published> {
     let changes = store.unpublished_outbox(RELAY_BATCH).await?;
     if changes.is_empty() {
-        return Ok(0);
+        return Ok(Published::default());
     }
     let messages = changes
         .iter()
@@ -572,7 +593,7 @@ async fn publish_round(
         .filter_map(|&i| changes[i].outbox_id)
         .collect();
     store.mark_published(&ids).await?;
-    Ok(ids.len())
+    Ok(Published::sent(acknowledged.len()))
 }
 
 /// The indexes of a published batch of `len` the broker acknowledged. A
@@ -603,10 +624,10 @@ async fn publish_inbox_round(
     store: &Store,
     producer: &kafka::KafkaProducer,
     topic: &str,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<Published> {
     let mut events = store.unpublished_inbox(RELAY_BATCH).await?;
     if events.is_empty() {
-        return Ok(0);
+        return Ok(Published::default());
     }
     // Settled by the inbox loops while the broker was away: published,
     // each would cost a consumer a claim that finds nothing, and hold back
@@ -619,7 +640,10 @@ async fn publish_inbox_round(
         let seqs: Vec<i64> = settled.iter().map(|e| e.seq).collect();
         store.mark_inbox_unsent(&seqs).await?;
         if events.is_empty() {
-            return Ok(seqs.len());
+            return Ok(Published {
+                moved: seqs.len(),
+                sent: 0,
+            });
         }
     }
     // Key = the remote record: its events stay in one partition, in order.
@@ -633,7 +657,10 @@ async fn publish_inbox_round(
     let acknowledged = acknowledged(producer.publish(topic, &messages).await, events.len())?;
     let seqs: Vec<i64> = acknowledged.iter().map(|&i| events[i].seq).collect();
     store.mark_inbox_published(&seqs).await?;
-    Ok(seqs.len())
+    Ok(Published {
+        moved: settled.len() + seqs.len(),
+        sent: seqs.len(),
+    })
 }
 
 /// Cluster mode: applies the inbox events the bus delivers, in order per
@@ -796,7 +823,7 @@ mod tests {
             || async {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 published.fetch_add(1, Ordering::SeqCst);
-                Ok(500)
+                Ok(Published::sent(500))
             },
             &wake_changes,
             &stop,
@@ -829,9 +856,18 @@ mod tests {
         let idle = TopicState::default();
         assert!(step_down_due(&idle, &inbox));
         assert!(step_down_due(&inbox, &idle));
-        inbox.succeeded(0);
+        inbox.succeeded(Published::default());
         assert!(step_down_due(&idle, &inbox));
-        inbox.succeeded(1);
+        // Rows marked without a message (inbox events the loops settled
+        // while the broker was away) ask the broker nothing: a leader that
+        // cannot reach it still steps down, however long that backlog.
+        inbox.succeeded(Published {
+            moved: 500,
+            sent: 0,
+        });
+        assert!(step_down_due(&idle, &inbox));
+        assert!(step_down_due(&inbox, &idle));
+        inbox.succeeded(Published::sent(1));
         assert!(!step_down_due(&idle, &inbox));
         assert!(!step_down_due(&idle, &TopicState::default()));
     }
