@@ -13,9 +13,10 @@ use tokio::net::TcpStream;
 use crate::helpers::{spawn_sync_app, stripe_component, Backend, Setup};
 use crate::process::FerryProcess;
 
-/// Reads until the server answers or closes; returns what it sent and how
-/// long that took.
-async fn answer(stream: &mut TcpStream, limit: Duration) -> (String, Duration) {
+/// Reads until the server answers or closes; returns what it sent. No
+/// answer within `limit` fails the test: how long an answer took is a
+/// benchmark's question, not a test's.
+async fn answer(stream: &mut TcpStream, limit: Duration) -> String {
     let started = Instant::now();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
@@ -41,10 +42,7 @@ async fn answer(stream: &mut TcpStream, limit: Duration) -> (String, Duration) {
             ),
         }
     }
-    (
-        String::from_utf8_lossy(&got).into_owned(),
-        started.elapsed(),
-    )
+    String::from_utf8_lossy(&got).into_owned()
 }
 
 #[tokio::test]
@@ -69,8 +67,9 @@ async fn slow_and_oversized_requests_are_cut_off() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let _ = slow_head.write_all(b"x-slow: 1\r\n").await;
     }
-    let (_, took) = answer(&mut slow_head, Duration::from_secs(5)).await;
-    assert!(took < Duration::from_secs(4), "closed after {took:?}");
+    // Closed (else `answer` fails after 5 s): nothing was answered.
+    let reply = answer(&mut slow_head, Duration::from_secs(5)).await;
+    assert!(!reply.contains("HTTP/1.1 2"), "{reply}");
 
     // A body that stalls: 408 request_timeout.
     let mut slow_body = connect().await.unwrap();
@@ -78,7 +77,7 @@ async fn slow_and_oversized_requests_are_cut_off() {
         .write_all(b"POST /webhooks/stripe HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"id\":")
         .await
         .unwrap();
-    let (reply, _) = answer(&mut slow_body, Duration::from_secs(5)).await;
+    let reply = answer(&mut slow_body, Duration::from_secs(5)).await;
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     assert!(reply.contains("request_timeout"), "{reply}");
     // The same on an API write and an upload (they were 400 and 422, as if
@@ -97,7 +96,7 @@ async fn slow_and_oversized_requests_are_cut_off() {
             )
             .await
             .unwrap();
-        let (reply, _) = answer(&mut slow_write, Duration::from_secs(5)).await;
+        let reply = answer(&mut slow_write, Duration::from_secs(5)).await;
         assert!(reply.starts_with("HTTP/1.1 408"), "{path}: {reply}");
         assert!(reply.contains("request_timeout"), "{path}: {reply}");
     }
@@ -108,13 +107,10 @@ async fn slow_and_oversized_requests_are_cut_off() {
         .write_all(b"POST /webhooks/stripe HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\n")
         .await
         .unwrap();
-    let (reply, took) = answer(&mut large, Duration::from_secs(5)).await;
+    // No body byte is ever sent: waiting for it would have ended in 408.
+    let reply = answer(&mut large, Duration::from_secs(5)).await;
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
     assert!(reply.contains("payload_too_large"), "{reply}");
-    assert!(
-        took < Duration::from_millis(400),
-        "answered before the body: {took:?}"
-    );
 
     // An unknown connector: 404 without reading the body.
     let mut unknown = connect().await.unwrap();
@@ -122,9 +118,8 @@ async fn slow_and_oversized_requests_are_cut_off() {
         .write_all(b"POST /webhooks/nope HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n")
         .await
         .unwrap();
-    let (reply, took) = answer(&mut unknown, Duration::from_secs(5)).await;
+    let reply = answer(&mut unknown, Duration::from_secs(5)).await;
     assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
-    assert!(took < Duration::from_millis(400), "{took:?}");
 
     // The server is still fine.
     let health: Value = reqwest::get(format!("{}/readyz", app.base))
@@ -165,20 +160,17 @@ async fn webhook_bodies_held_at_once_have_a_budget() {
     let mut second = stalled().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut third = stalled().await;
-    let (reply, took) = answer(&mut third, Duration::from_secs(5)).await;
+    // Answered before its body (never sent: waiting for it ends in 408).
+    let reply = answer(&mut third, Duration::from_secs(5)).await;
     assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
     assert!(reply.contains("webhooks_busy"), "{reply}");
     assert!(
         reply.to_ascii_lowercase().contains("retry-after: 1"),
         "{reply}"
     );
-    assert!(
-        took < Duration::from_millis(800),
-        "answered before the body: {took:?}"
-    );
     // The stalled ones are cut off (408), and give the budget back.
     for stream in [&mut first, &mut second] {
-        let (reply, _) = answer(stream, Duration::from_secs(5)).await;
+        let reply = answer(stream, Duration::from_secs(5)).await;
         assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     }
     let refused = reqwest::Client::new()
@@ -191,8 +183,9 @@ async fn webhook_bodies_held_at_once_have_a_budget() {
     assert_eq!(refused.status(), 400, "read and checked again");
 }
 
-/// Reads until the server closes the connection; how long that took.
-async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
+/// Reads until the server closes the connection; fails the test if it is
+/// still open after `limit`.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) {
     let started = Instant::now();
     let mut buf = [0u8; 4096];
     loop {
@@ -202,7 +195,7 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
         )
         .await
         {
-            Ok(Ok(0) | Err(_)) => return started.elapsed(),
+            Ok(Ok(0) | Err(_)) => return,
             Ok(Ok(_)) => {}
             Err(_) => panic!("the connection was still open after {limit:?}"),
         }
@@ -371,10 +364,11 @@ async fn sigterm_ends_the_process_within_the_grace_time_despite_a_stalled_client
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let took = ferry.terminate(Duration::from_secs(8)).await;
-    let took =
-        took.unwrap_or_else(|| panic!("still running after SIGTERM; log: {}", ferry.log_text()));
-    assert!(took < Duration::from_secs(4), "exited after {took:?}");
+    // Exited before the body's 10 s timeout (or the head's) could end it.
+    ferry
+        .terminate(Duration::from_secs(8))
+        .await
+        .unwrap_or_else(|| panic!("still running after SIGTERM; log: {}", ferry.log_text()));
     assert!(
         ferry
             .log_text()
@@ -662,7 +656,6 @@ async fn the_console_answers_stalls_and_odd_ids_as_the_api_does() {
     stalled.write_all(head.as_bytes()).await.unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
-    let started = Instant::now();
     while !String::from_utf8_lossy(&got).contains("</html>") {
         match tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
@@ -672,5 +665,4 @@ async fn the_console_answers_stalls_and_odd_ids_as_the_api_does() {
     let reply = String::from_utf8_lossy(&got);
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     assert!(reply.contains("request_timeout"), "{reply}");
-    assert!(started.elapsed() < Duration::from_secs(5));
 }

@@ -179,9 +179,10 @@ async fn round_trip_is_not_applied_twice(backend: Backend) {
     let id = customer["id"].as_str().unwrap();
     app.wait_synced(id, 1).await;
     app.patch(id, json!({"name": "Round Trip 2"})).await;
-    app.wait_synced(id, 2).await;
-    // Let the webhooks land and be processed.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let link = app.wait_synced(id, 2).await;
+    // Both echoes (the create's and the update's) landed and were settled.
+    let remote_id = link["remote_id"].as_str().unwrap();
+    app.wait_inbox_settled("stripe", remote_id, 2).await;
     let status = app.sync_status(id).await;
     assert_eq!(
         status["version"], 2,

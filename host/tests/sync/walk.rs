@@ -336,6 +336,8 @@ async fn from_ferry_connector_new_to_a_live_webhook() {
     .await
     .expect("tampered");
     assert_eq!(tampered.status(), 400);
+    let refused = tampered.text().await.expect("body");
+    assert!(refused.contains("invalid_signature"), "{refused}");
     let (newer, newer_body) = signed(
         &contact_event("evt_w3", "contact.updated", t - 5, "Grace B. Hopper"),
         t,

@@ -1,7 +1,7 @@
 //! The fault proxy in front of a real localstripe and of the fake Stripe:
 //! forwarding, each fault kind, going down, and the request log.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_test_support::fake_remote::FakeStripe;
 use ferry_test_support::fault_proxy::{Fault, FaultProxy, Match};
@@ -191,10 +191,8 @@ async fn down_drops_connections_until_up_again() {
     assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
 
     proxy.set_down(true);
-    let started = Instant::now();
     let err = client.get(&url).send().await.unwrap_err();
     assert!(!err.is_timeout(), "down must fail fast: {err:?}");
-    assert!(started.elapsed() < Duration::from_secs(2));
     let fresh = reqwest::Client::new().get(&url).send().await.unwrap_err();
     assert!(fresh.is_request() || fresh.is_connect(), "{fresh:?}");
 
