@@ -48,13 +48,24 @@ impl ConnectorError {
     /// Maps a remote HTTP status onto the error the host's retry policy
     /// expects, or `None` for a 1xx, 2xx or 304 answer.
     ///
-    /// 429 → rate-limited (with `Retry-After` in delta-seconds, if given),
-    /// 5xx and 408 → retryable, 401/403 → unauthorized, 404/410 → not-found,
-    /// any other 4xx → permanent, and a redirect (3xx but 304) → permanent:
-    /// the host never follows one, so the request did not reach what it was
-    /// meant for (a wrong base URL, an API that moved). `detail` (usually
-    /// the remote's error message, or a redirect's `Location`) is appended
-    /// for the operator.
+    /// 429, and a 503 with `Retry-After` (a maintenance window) →
+    /// rate-limited (with `Retry-After` in delta-seconds, if given), other
+    /// 5xx and 408 → retryable, 409 (the same idempotency key still
+    /// running, as Stripe and the IETF Idempotency-Key draft answer), 423
+    /// and 425 → retryable, 401/403 → unauthorized, 404/410 → not-found,
+    /// any other 4xx → permanent, and a redirect (3xx but 304) →
+    /// permanent: the host never follows one, so the request did not reach
+    /// what it was meant for (a wrong base URL, an API that moved).
+    /// `detail` (usually the remote's error message, or a redirect's
+    /// `Location`) is appended for the operator.
+    ///
+    /// A 404 is the record's answer only if the remote says so: a 404 for
+    /// the route (a base URL with one path segment too many, a typo in a
+    /// path) read as `not-found` counts a delete as done and leaves the
+    /// record there. A connector whose remote tells the two apart (an
+    /// error code in the body) should map the other 404s to `permanent`
+    /// itself, as the template does. An API that answers 409 for "already
+    /// exists" should map it to `permanent` itself.
     pub fn from_status(status: u16, retry_after: Option<&str>, detail: &str) -> Option<Self> {
         let message = if detail.is_empty() {
             format!("remote answered HTTP {status}")
@@ -67,10 +78,20 @@ impl ConnectorError {
                 "{message} (a redirect: ferry does not follow them; check the URL)"
             )),
             429 => Self::rate_limited(retry_after.and_then(parse_retry_after_ms), message),
+            // Down for a while, and saying how long: a wait, not attempts
+            // spent on a backoff of seconds (which dead-lettered the
+            // change within the window).
+            503 if retry_after.and_then(parse_retry_after_ms).is_some() => {
+                Self::rate_limited(retry_after.and_then(parse_retry_after_ms), message)
+            }
             401 | 403 => Self::unauthorized(message),
             404 | 410 => Self::not_found(message),
-            // A request timeout says nothing about the request itself.
-            408 => Self::retryable(message),
+            // A request timeout says nothing about the request itself; a
+            // request under the same idempotency key still running (409),
+            // a resource locked (423) or a request too early (425) passes.
+            // Dead-lettered at once, a 409 ended the very retry the key
+            // exists for.
+            408 | 409 | 423 | 425 => Self::retryable(message),
             400..=499 => Self::permanent(message),
             _ => Self::retryable(message),
         })
@@ -174,8 +195,27 @@ mod tests {
             ConnectorError::from_status(400, None, ""),
             Some(ConnectorError::Permanent(_))
         ));
+        // Down for a while, saying how long: a wait, not attempts.
+        assert_eq!(
+            ConnectorError::from_status(503, Some("600"), ""),
+            Some(ConnectorError::rate_limited(
+                Some(600_000),
+                "remote answered HTTP 503"
+            ))
+        );
+        // The same idempotency key still running, a lock, too early: they
+        // pass (a 409 dead-lettered the retry the key exists for).
+        for passing in [409, 423, 425] {
+            assert!(
+                matches!(
+                    ConnectorError::from_status(passing, None, ""),
+                    Some(ConnectorError::Retryable(_))
+                ),
+                "{passing}"
+            );
+        }
         assert!(matches!(
-            ConnectorError::from_status(409, None, ""),
+            ConnectorError::from_status(422, None, ""),
             Some(ConnectorError::Permanent(_))
         ));
         // A redirect is not done: the host does not follow it.

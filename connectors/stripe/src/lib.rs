@@ -360,7 +360,6 @@ const STRIPE_VERSION: &str = "2024-06-20";
 fn checked(resp: Response) -> Result<Response, ConnectorError> {
     let server_error = resp.status >= 500;
     let should_retry = resp.header("stripe-should-retry").map(str::to_owned);
-    let conflict = resp.status == 409;
     // "External dependency failed": a failure outside Stripe, transient by
     // nature, unless Stripe says not to retry.
     let dependency = resp.status == 424;
@@ -375,9 +374,10 @@ fn checked(resp: Response) -> Result<Response, ConnectorError> {
         .map_err(|err| match (err, should_retry.as_deref()) {
             (ConnectorError::Permanent(m), Some("true")) => ConnectorError::retryable(m),
             (ConnectorError::Permanent(m), Some("false")) => ConnectorError::permanent(m),
-            (ConnectorError::Permanent(m), None) if conflict => ConnectorError::retryable(m),
             (ConnectorError::Permanent(m), None) if dependency => ConnectorError::retryable(m),
-            (ConnectorError::Retryable(m), Some("false")) if !conflict && !server_error => {
+            // A 409 (the SDK's retryable: the same key still in progress)
+            // Stripe says no retry resolves.
+            (ConnectorError::Retryable(m), Some("false")) if !server_error => {
                 ConnectorError::permanent(m)
             }
             // A 404 for the request, not the record: a path Stripe does not

@@ -46,6 +46,9 @@ pub struct Report {
     pub accepted: bool,
     /// Why not, one entry per reason, each with the upload's problem code.
     pub refusals: Vec<Refusal>,
+    /// What an upload would do that its operator may not expect (it is
+    /// accepted all the same).
+    pub warnings: Vec<String>,
 }
 
 /// One reason an upload would be refused.
@@ -95,6 +98,7 @@ pub async fn check(file: &Path, options: &CheckOptions) -> anyhow::Result<Report
         manifest: None,
         accepted: true,
         refusals: Vec::new(),
+        warnings: Vec::new(),
     };
     if bytes.len() > options.max_bytes {
         report.refusals.push(Refusal {
@@ -112,6 +116,17 @@ pub async fn check(file: &Path, options: &CheckOptions) -> anyhow::Result<Report
         report.sha256 = Some(connector.sha256().to_owned());
         report.world = Some(connector.world().to_string());
         report.manifest = serde_json::to_value(connector.manifest()).ok();
+        // A connector is its name: uploaded, this one would be the shipped
+        // connector's next version, with its stored settings and secrets
+        // (a third party's code given Stripe's API key, sent to the hosts
+        // it declares).
+        let name = connector.manifest().name.as_str();
+        if super::new::SHIPPED.contains(&name) {
+            report.warnings.push(format!(
+                "named `{name}`, a connector ferry ships: uploaded, it becomes that \
+                 connector's next version and is handed its settings and secrets"
+            ));
+        }
     }
     if let Err(error) = strict.load(&bytes).await {
         report.refusals.push(Refusal {
@@ -231,6 +246,9 @@ impl Report {
                 ),
             );
         }
+        for warning in &self.warnings {
+            row("WARNING", warning.clone());
+        }
         if self.accepted {
             row("upload", "would be accepted".to_owned());
         } else {
@@ -278,6 +296,7 @@ mod tests {
                 code: "component_refused",
                 detail: "no".to_owned(),
             }],
+            warnings: Vec::new(),
         };
         let human = report.human();
         assert!(

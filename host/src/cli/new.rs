@@ -22,7 +22,7 @@ const NAME_LINE: &str = "pub const NAME: &str = \"example\";";
 /// one of these becomes that connector's next version, active on every
 /// replica, with its stored settings and secrets (Stripe's API key sent
 /// by the template's code to wherever `api_base` points).
-const SHIPPED: [&str; 2] = ["stripe", "salesforce"];
+pub(crate) const SHIPPED: [&str; 2] = ["stripe", "salesforce"];
 
 /// What to scaffold.
 #[derive(Debug, Clone)]

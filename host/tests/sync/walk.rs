@@ -566,6 +566,9 @@ fn check_reports_what_an_upload_would_refuse() {
         "api_key (required)",
         "ferry:connector/http@0.2.0",
         "would be accepted",
+        // Uploaded, a component named so would be Stripe's next version,
+        // handed its settings and secrets.
+        "WARNING     named `stripe`, a connector ferry ships",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }

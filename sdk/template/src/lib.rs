@@ -260,11 +260,27 @@ fn contact_url(id: &str) -> String {
 /// Sends with the API key as a bearer token (the host puts the secret in;
 /// the component only names it) and maps a non-2xx answer onto the typed
 /// error ferry's retries key off: 429 rate-limited (honouring Retry-After),
-/// 5xx retryable, 401/403 unauthorized, 404 not-found, other 4xx permanent.
+/// 5xx retryable, 401/403 unauthorized, a 404 the API calls `not_found`
+/// not-found, other 4xx permanent.
+///
+/// Any other 404 answered the route, not the record (an `api_base` with a
+/// path segment too many, a proxy's page): read as not-found, ferry counts
+/// a delete as done and leaves the contact there. It is `permanent`.
 fn send(req: Request) -> Result<Response, ConnectorError> {
-    req.bearer_secret("api_key")
-        .send()?
-        .error_for_status_with(api_error_message)
+    let resp = req.bearer_secret("api_key").send()?;
+    if resp.status == 404 && !api_says_not_found(&resp) {
+        return Err(ConnectorError::permanent(format!(
+            "remote answered HTTP 404 without the API's `not_found` error (is `api_base` right?): {}",
+            api_error_message(&resp)
+        )));
+    }
+    resp.error_for_status_with(api_error_message)
+}
+
+/// Whether the answer is the API's `{"error": {"code": "not_found"}}`.
+fn api_says_not_found(resp: &Response) -> bool {
+    serde_json::from_slice::<serde_json::Value>(&resp.body)
+        .is_ok_and(|body| body["error"]["code"] == "not_found")
 }
 
 /// The API's `{"error": {"code", "message"}}`, for the operator.

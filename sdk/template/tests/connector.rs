@@ -138,7 +138,7 @@ async fn updates_and_deletes_go_to_the_linked_contact() {
     );
     assert!(body.get("phone").is_some(), "{body}");
     update.operation = Operation::Delete;
-    assert_eq!(kit.push(update).await.unwrap().remote_id, "ct_1");
+    assert_eq!(kit.push(update.clone()).await.unwrap().remote_id, "ct_1");
     let methods: Vec<String> = kit
         .http()
         .requests()
@@ -146,6 +146,18 @@ async fn updates_and_deletes_go_to_the_linked_contact() {
         .map(|r| r.method)
         .collect();
     assert_eq!(methods, ["PATCH", "PATCH", "DELETE"]);
+    // A 404 the API does not call `not_found` answered the route (an
+    // `api_base` ending in `/v1`, a proxy's page), not the contact: read as
+    // gone, ferry counted the delete as done and left the contact there.
+    kit.http()
+        .on("DELETE", &format!("{API}/ct_2"))
+        .respond(404, &[], "404 page not found");
+    update.remote_id = Some("ct_2".into());
+    let refused = connector_error(kit.push(update).await);
+    assert!(
+        matches!(&refused, ConnectorError::Permanent(m) if m.contains("api_base")),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test]
