@@ -181,11 +181,7 @@ async fn summary(state: &AppState, entry: &Entry) -> Result<ConnectorSummary, Ap
         secrets: effective.secret_names.clone(),
         problem: effective.problem.clone().or_else(|| entry.incomplete()),
         breaker: state.sync.breakers().view(&entry.name),
-        // Offered again after a failed backfill: what both sides held
-        // before the connector was switched on is still not in sync.
-        backfill_offered: last
-            .as_ref()
-            .is_none_or(|run| run.mode == "backfill" && run.status == "failed"),
+        backfill_offered: crate::sync::reconcile::backfill_offered(last.as_ref()),
         last_reconciliation: last.map(|run| LastReconciliation {
             id: run.id,
             mode: run.mode,

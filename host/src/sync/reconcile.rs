@@ -303,19 +303,23 @@ impl SyncEngine {
             {
                 continue;
             }
-            let due = match self.inner.store.latest_run(&schedule.connector).await? {
-                Some(last) => {
+            let last = self.inner.store.latest_run(&schedule.connector).await?;
+            let due = match last {
+                // After a failed backfill the backfill is offered again:
+                // a scheduled run in its place linked and imported
+                // without holding creates back, and took the offer away.
+                Some(last) if !backfill_offered(Some(&last)) => {
                     last.status != "running"
                         && next_run_due(last.started_at, schedule.every, crate::store::now())
                 }
-                None => {
+                _ => {
                     if told.insert(schedule.connector.clone()) {
                         // A warning: a schedule that never starts is a trap
                         // (a deployment with nothing to backfill, old runs
                         // deleted by hand).
                         tracing::warn!(
                             connector = schedule.connector,
-                            "scheduled reconciliations wait for the connector's first run: start a backfill, or any run, through the API or the console"
+                            "scheduled reconciliations wait for the connector's first run (or a backfill after one that failed): start a backfill, or any run, through the API or the console"
                         );
                     }
                     false
@@ -1103,6 +1107,16 @@ impl SyncEngine {
                 else {
                     continue;
                 };
+                if matches!(&action, Action::Event(e) if e.kind == RemoteChange::Delete)
+                    && self.orphan_moved(run, mismatch).await?
+                {
+                    tracing::info!(
+                        finding = %mismatch.id,
+                        "an orphan's customer has its email on a record no link holds: \
+                         left for a person, with the duplicate finding"
+                    );
+                    continue;
+                }
                 let what = match action {
                     Action::Event(event) => {
                         let what = format!("inbox event {} ({})", event.event_id, event.kind);
@@ -1390,6 +1404,24 @@ impl SyncEngine {
     /// run) or move the link to it (`merge`: the next run finds the record
     /// it left unlinked a duplicate, and moves the link back, each move a
     /// merge fanned out).
+    /// Whether orphan `mismatch`'s customer has its email on a record this
+    /// run listed that no link holds: the remote merged its record into
+    /// another (Salesforce's merge deletes the losing Contact) and the
+    /// customer lives on there, which the duplicate finding leaves to a
+    /// person. Deleted as an orphan, the customer went from every system,
+    /// and the next run imported the record as a new one. The recreate
+    /// asks the same ([`crate::store::Store::run_lists_unlinked`]).
+    async fn orphan_moved(&self, run: &RunRow, mismatch: &MismatchRow) -> Result<bool, StoreError> {
+        let Some(customer) = mismatch.customer_id.as_deref() else {
+            return Ok(false);
+        };
+        let store = &self.inner.store;
+        match store.get_customer_any(customer).await? {
+            Some(current) => store.run_lists_unlinked(run, &current.email).await,
+            None => Ok(false),
+        }
+    }
+
     async fn duplicate_left_to_a_person(
         &self,
         run: &RunRow,
@@ -1516,6 +1548,14 @@ fn repair_stamp(mismatch: &MismatchRow) -> i64 {
 
 fn action_kind(mismatch: &MismatchRow) -> Kind {
     Kind::parse(&mismatch.kind).unwrap_or(Kind::Different)
+}
+
+/// Whether a backfill is offered for a connector whose newest run is
+/// `last`: before its first run, and again after a backfill that failed
+/// (what both sides held before the connector was switched on is still not
+/// in sync). Schedules wait meanwhile.
+pub fn backfill_offered(last: Option<&RunRow>) -> bool {
+    last.is_none_or(|run| run.mode == Mode::Backfill.as_str() && run.status == "failed")
 }
 
 /// Orphans a run may act on: `share` of `links`, and at least one.

@@ -493,7 +493,8 @@ async fn backfill_links_imports_and_pushes(backend: Backend) {
 /// merge deletes the losing Contact): `push_local` does not create a third
 /// beside it, by a run or by hand after a report. The orphan was recreated
 /// and the remote held two records of one email; which one is the
-/// customer's stays the duplicate finding's.
+/// customer's stays the duplicate finding's. Nor does `merge` delete the
+/// customer as an orphan.
 async fn an_orphan_is_not_recreated_beside_a_record_with_its_email(backend: Backend) {
     let stripe = LocalStripe::start().expect("localstripe");
     let url = stripe.url();
@@ -538,6 +539,23 @@ async fn an_orphan_is_not_recreated_beside_a_record_with_its_email(backend: Back
     );
     let duplicate = &findings(&app.base, id, Some("duplicate")).await[0];
     assert_eq!(duplicate["state"], "open", "{duplicate}");
+
+    // Nor does `merge` delete the customer as an orphan: it lives on in
+    // the record no link holds. Deleted, it went from every system, and
+    // the next run imported that record as a new customer.
+    let run = run_to_end(&app, json!({"connector": "stripe", "repair": "merge"})).await;
+    assert_eq!(run["status"], "completed", "{run:#}");
+    let run_id = run["id"].as_str().unwrap();
+    let orphan = &findings(&app.base, run_id, Some("orphan")).await[0];
+    assert_eq!(orphan["state"], "open", "{orphan}");
+    let (status, live) = app
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/v1/customers/{}", customer["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{live}");
 }
 
 /// Drift behind ferry's back (no webhooks): in Stripe a customer is
