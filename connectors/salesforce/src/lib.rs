@@ -385,13 +385,7 @@ fn fetch(config: &Config, remote_id: &str) -> Result<RemoteRecord, ConnectorErro
     // see (field-level security), which read as cleared and cleared
     // it in ferry and every other system; named, Salesforce refuses
     // it (`INVALID_FIELD`, a dead letter that says so).
-    let selected = config.selected_fields().join(",");
-    let resp = config.call(|base, token| {
-        Ok(Request::get(config.record_url(base, remote_id))
-            .query(&[("fields", selected.as_str())])?
-            .bearer_token(token))
-    })?;
-    let row: Map<String, Value> = resp.json()?;
+    let row = config.mapped_fields_of(remote_id)?;
     config.remote_record(&row)
 }
 
@@ -584,14 +578,19 @@ impl Config {
         }
         // Every mapped field: the email the record holds tells the bare
         // stand-in of older releases (its local part) from a name.
+        let current = self.mapped_fields_of(id)?;
+        Ok(self.fields.customer_from(id, &current).name.is_some())
+    }
+
+    /// Record `id`'s id, date and mapped fields ([`Config::selected_fields`]).
+    fn mapped_fields_of(&self, id: &str) -> Result<Map<String, Value>, ConnectorError> {
         let selected = self.selected_fields().join(",");
         let resp = self.call(|base, token| {
             Ok(Request::get(self.record_url(base, id))
                 .query(&[("fields", selected.as_str())])?
                 .bearer_token(token))
         })?;
-        let current: Map<String, Value> = resp.json()?;
-        Ok(self.fields.customer_from(id, &current).name.is_some())
+        resp.json()
     }
 
     /// `error`, unless it is a plain `NOT_FOUND` (not `ENTITY_IS_DELETED`,
