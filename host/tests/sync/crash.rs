@@ -97,15 +97,12 @@ async fn settled(base: &str, mut ledger: Ledger) -> Ledger {
     let client = reqwest::Client::new();
     let mut uncommitted = Vec::new();
     for email in std::mem::take(&mut ledger.unknown) {
-        let found: Value = client
-            .get(format!("{base}/api/v1/customers"))
-            .query(&[("email", email.as_str())])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let found = json_of(
+            client
+                .get(format!("{base}/api/v1/customers"))
+                .query(&[("email", email.as_str())]),
+        )
+        .await;
         match found["data"].as_array().map(Vec::as_slice) {
             Some([customer]) => ledger
                 .accepted
@@ -118,20 +115,18 @@ async fn settled(base: &str, mut ledger: Ledger) -> Ledger {
     ledger
 }
 
+/// The JSON body `request` is answered with.
+async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 /// Waits until every accepted customer is synced, asking `base`.
 async fn wait_all_synced(base: &str, ledger: &Ledger, log: impl Fn() -> String) {
     let client = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     for (id, _) in &ledger.accepted {
         loop {
-            let status: Value = client
-                .get(format!("{base}/api/v1/customers/{id}/sync"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let status = json_of(client.get(format!("{base}/api/v1/customers/{id}/sync"))).await;
             if status["connectors"][0]["state"] == "synced" {
                 break;
             }
