@@ -43,6 +43,13 @@ elif ! rustup target list --installed | grep -x wasm32-wasip2 >/dev/null; then
   step "adding the wasm32-wasip2 target"
   rustup target add wasm32-wasip2
 fi
+# The suite checks formatting and lints first; a toolchain installed with
+# rustup's minimal profile has neither.
+if $want_test && command -v rustup >/dev/null \
+  && ! { cargo fmt --version && cargo clippy --version; } >/dev/null 2>&1; then
+  step "adding rustfmt and clippy"
+  rustup component add rustfmt clippy
+fi
 
 # Debian packages missing, installed at once.
 missing=()
