@@ -771,6 +771,61 @@ pub fn replace_nul(value: &mut serde_json::Value) {
 mod tests {
     use super::*;
 
+    /// A database keeps the checksum of every migration it applied, and
+    /// refuses to start once a migration's text differs ("previously
+    /// applied but has been modified"), comments included. Rounds 37–43
+    /// edited four committed migrations, which stopped every database
+    /// made before. `migrations/checksums.txt` holds what each committed
+    /// migration must stay: a change goes in a new migration, whose line
+    /// is added there.
+    #[test]
+    fn committed_migrations_are_never_edited() {
+        let frozen = include_str!("../../../migrations/checksums.txt");
+        let frozen: std::collections::BTreeMap<(&str, i64), &str> = frozen
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                let mut parts = l.split_whitespace();
+                let (backend, version, sum) = (parts.next(), parts.next(), parts.next());
+                let version = version.and_then(|v| v.parse().ok());
+                match (backend, version, sum) {
+                    (Some(b), Some(v), Some(s)) => ((b, v), s),
+                    _ => panic!("migrations/checksums.txt: not `backend version sha384`: {l}"),
+                }
+            })
+            .collect();
+        let mut seen = 0;
+        for (backend, migrator) in [
+            ("sqlite", sqlx::migrate!("../migrations/sqlite")),
+            ("postgres", sqlx::migrate!("../migrations/postgres")),
+        ] {
+            for migration in migrator.iter() {
+                let sum = hex::encode(&migration.checksum);
+                let line = format!("{backend} {} {sum}", migration.version);
+                match frozen.get(&(backend, migration.version)) {
+                    Some(want) => assert_eq!(
+                        *want, sum,
+                        "{backend} migration {} ({}) was edited after it was committed: \
+                         databases that applied it refuse to start. Put the change in a new \
+                         migration, and restore this one.",
+                        migration.version, migration.description
+                    ),
+                    None => panic!(
+                        "{backend} migration {} is not in migrations/checksums.txt: once it is \
+                         committed, add `{line}` there",
+                        migration.version
+                    ),
+                }
+                seen += 1;
+            }
+        }
+        assert_eq!(
+            seen,
+            frozen.len(),
+            "checksums.txt names a migration that is gone"
+        );
+    }
+
     /// An in-memory database left a `file:sqlx-in-memory-0.lock` in the
     /// working directory, and refused a second in-memory ferry started
     /// there, though the two share nothing.
