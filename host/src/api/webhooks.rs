@@ -57,15 +57,17 @@ pub async fn receive(
 ) -> Result<Response, ApiError> {
     // Unknown, disabled, unconfigured or without webhooks: all look the
     // same from outside, and are answered before a byte of the body is read.
-    // A connector whose version this replica could not load (yet) is a
-    // passing failure: the sender retries (a 404 invites it to drop the
+    // A switched-on connector whose version this replica could not load
+    // (yet), or which lacks what its active version needs here (a new
+    // version's setting, secrets this replica's master key cannot open), is
+    // a passing failure: the sender retries (a 404 invites it to drop the
     // delivery, or the endpoint).
     let ready = state
         .registry
         .ready(&name, Need::Webhooks)
         .map_err(|not_ready| match not_ready {
-            NotReady::NotLoaded(why) if switched_on(&state, &name) => {
-                tracing::debug!(connector = %name, why, "webhook refused: no version is loaded here");
+            NotReady::NotLoaded(why) | NotReady::Incomplete(why) if switched_on(&state, &name) => {
+                tracing::debug!(connector = %name, why, "webhook refused: the connector cannot run here");
                 ApiError::ConnectorFailed
             }
             _ => ApiError::ConnectorNotFound,

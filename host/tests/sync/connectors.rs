@@ -1954,6 +1954,12 @@ async fn secrets_a_replica_cannot_open_leave_pushes_waiting(backend: Backend) {
             .is_some_and(|p| p.contains("secrets")),
         "{connector}"
     );
+    // A delivery is refused as a passing failure, for the sender to retry:
+    // a 404 invites it to drop the delivery, or the endpoint, for what is
+    // one replica's problem.
+    let (status, body) = recorder_webhook(&app.client, &app.base, "sealed").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("connector_failed"), "{body}");
     let (_, link) = a_change_put_back_to_wait(&app, "Sealed").await;
     assert_eq!(link["state"], "pending", "{link}");
     assert_eq!(link["attempts"], 0, "{link}");
