@@ -25,37 +25,65 @@ impl FromRequest<AppState> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let json = request
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .map(|essence| {
-                let essence = essence.trim().to_ascii_lowercase();
-                essence == "application/json" || essence == "application/merge-patch+json"
-            })
-            .unwrap_or(false);
-        if !json {
-            return Err(ApiError::UnsupportedMediaType {
-                expected: "application/json",
-            });
-        }
-        Bytes::from_request(request, state)
+        read_json(request, state, &["application/json"])
             .await
             .map(Self)
-            .map_err(|rejection| {
-                unreadable_body(
-                    rejection.status(),
-                    &rejection,
-                    rejection.body_text(),
-                    state,
-                    ApiError::PayloadTooLarge {
-                        limit: state.settings.max_body_bytes,
-                    },
-                    ApiError::MalformedJson,
-                )
-            })
     }
+}
+
+/// A JSON merge patch (RFC 7396) body: `application/merge-patch+json`, or
+/// plain `application/json`. Only a PATCH takes it: a replace sent as a
+/// merge patch would clear every field the client left out, as told.
+pub struct MergePatchBody(pub Bytes);
+
+impl FromRequest<AppState> for MergePatchBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        read_json(
+            request,
+            state,
+            &["application/json", "application/merge-patch+json"],
+        )
+        .await
+        .map(Self)
+    }
+}
+
+/// The body of `request`, whose `Content-Type` must be one of `types`.
+async fn read_json(
+    request: Request,
+    state: &AppState,
+    types: &[&'static str],
+) -> Result<Bytes, ApiError> {
+    let json = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| {
+            let essence = essence.trim().to_ascii_lowercase();
+            types.contains(&essence.as_str())
+        });
+    if !json {
+        return Err(ApiError::UnsupportedMediaType {
+            expected: types.last().copied().unwrap_or("application/json"),
+        });
+    }
+    Bytes::from_request(request, state)
+        .await
+        .map_err(|rejection| {
+            unreadable_body(
+                rejection.status(),
+                &rejection,
+                rejection.body_text(),
+                state,
+                ApiError::PayloadTooLarge {
+                    limit: state.settings.max_body_bytes,
+                },
+                ApiError::MalformedJson,
+            )
+        })
 }
 
 /// Why a body could not be read, as every reader answers it: over the

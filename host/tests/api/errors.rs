@@ -210,6 +210,38 @@ async fn non_json_content_type_is_415(backend: Backend) {
         }
         assert_problem(request.send().await.unwrap(), 415, "unsupported_media_type").await;
     }
+    // A merge patch is a PATCH's alone: a replace sent as one would clear
+    // every field the client left out, which it meant to keep.
+    let created = app
+        .create(&json!({"email": email("ct-merge"), "name": "Ada"}))
+        .await;
+    assert_eq!(created.status(), 201);
+    let created: serde_json::Value = created.json().await.unwrap();
+    let path = format!("/api/v1/customers/{}", created["id"].as_str().unwrap());
+    for method in [Method::PUT, Method::POST] {
+        let path = if method == Method::PUT {
+            path.as_str()
+        } else {
+            "/api/v1/customers"
+        };
+        let response = app
+            .request(method, path)
+            .header("content-type", "application/merge-patch+json")
+            .body(json!({"email": email("ct-merge")}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_problem(response, 415, "unsupported_media_type").await;
+    }
+    let kept: serde_json::Value = app
+        .request(Method::GET, &path)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(kept["name"], "Ada", "{kept}");
     let response = app
         .request(Method::POST, "/api/v1/customers")
         .header("content-type", "application/json; charset=utf-8")

@@ -19,7 +19,7 @@ pub use self::validate::{is_valid_email, normalise_email, validate};
 use super::error::{ApiError, FieldError, Problem};
 use super::extract::{
     from_value, page_limit, parse_json, CorrelationId, IdempotencyKey, IfMatch, JsonBody,
-    Principal, QueryPairs,
+    MergePatchBody, Principal, QueryPairs,
 };
 use super::idempotency;
 use crate::app::AppState;
@@ -288,7 +288,7 @@ pub async fn patch_customer(
     if_match: IfMatch,
     IdempotencyKey(key): IdempotencyKey,
     CorrelationId(correlation_id): CorrelationId,
-    JsonBody(body): JsonBody,
+    MergePatchBody(body): MergePatchBody,
 ) -> Result<Response, ApiError> {
     let path = format!("/api/v1/customers/{id}");
     let render = |c: &Customer| render(StatusCode::OK, c, false);
