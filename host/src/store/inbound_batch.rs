@@ -516,7 +516,7 @@ impl<'c> Tx<'c> {
         &mut self,
         changes: &[InboundChange],
     ) -> Result<Vec<Option<LinkRead>>, sqlx::Error> {
-        let rows: Vec<(String, String, i64, i64, bool, bool)> = match self {
+        let rows: Vec<(String, String, i64, i64, bool, bool, i64)> = match self {
             Self::Postgres(tx) => {
                 let (connectors, remote_ids): (Vec<&str>, Vec<&str>) = changes
                     .iter()
@@ -524,7 +524,7 @@ impl<'c> Tx<'c> {
                     .unzip();
                 sqlx::query_as(
                     "SELECT connector, remote_id, remote_seen_at_ms, wanted_version, \
-                     held_by IS NOT NULL, remote_deleted FROM sync_links \
+                     held_by IS NOT NULL, remote_deleted, pushed_at_ms FROM sync_links \
                      WHERE (connector, remote_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
                      ORDER BY customer_id, connector FOR NO KEY UPDATE",
                 )
@@ -554,12 +554,14 @@ impl<'c> Tx<'c> {
                     wanted_version,
                     held,
                     remote_deleted,
+                    pushed_at_ms,
                 )| {
                     let read = LinkRead {
                         remote_seen_at_ms,
                         wanted_version,
                         held,
                         remote_deleted,
+                        pushed_at_ms,
                     };
                     ((connector, remote_id), read)
                 },

@@ -218,6 +218,12 @@ pub struct NewConflict {
 /// delete under `unlink` (it only marks the record deleted): an upsert of
 /// the same tick decided on the live link wrote it live again, and the
 /// next local change was pushed as an update of a record that is gone.
+/// Nor does a push recorded as delivered meanwhile: it moves the
+/// snapshot on (to what ferry sent), and the change, decided on the
+/// snapshot before it, put that older one back (a later edit then met a
+/// base that was no longer the remote's, and made a false conflict). The
+/// push's time is compared too; decided again, the event is older than
+/// the push, and the record is read afresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
 pub struct LinkRead {
     /// When the newest remote change applied to the link happened.
@@ -228,6 +234,8 @@ pub struct LinkRead {
     pub held: bool,
     /// Whether the remote record's delete was applied.
     pub remote_deleted: bool,
+    /// When ferry's last push to the record was recorded as delivered.
+    pub pushed_at_ms: i64,
 }
 
 impl From<&SyncLink> for LinkRead {
@@ -237,6 +245,7 @@ impl From<&SyncLink> for LinkRead {
             wanted_version: link.wanted_version,
             held: link.held_by.is_some(),
             remote_deleted: link.remote_deleted,
+            pushed_at_ms: link.pushed_at_ms,
         }
     }
 }
@@ -244,8 +253,8 @@ impl From<&SyncLink> for LinkRead {
 /// The link of `(connector, remote id)` as [`LinkRead`] compares it. The
 /// group's links are locked already ([`GROUP_LINKS_POSTGRES`]).
 const LINK_READ: &str =
-    "SELECT remote_seen_at_ms, wanted_version, held_by IS NOT NULL AS held, remote_deleted \
-     FROM sync_links WHERE connector = $1 AND remote_id = $2";
+    "SELECT remote_seen_at_ms, wanted_version, held_by IS NOT NULL AS held, remote_deleted, \
+     pushed_at_ms FROM sync_links WHERE connector = $1 AND remote_id = $2";
 
 /// The links of a group of changes' remote records (`$1`:
 /// [`group_records`], one text for both backends, which the savepoint
@@ -260,12 +269,12 @@ const LINK_READ: &str =
 /// SQLite's one writer holds the database already.
 const GROUP_LINKS_POSTGRES: &str =
     "SELECT connector, remote_id, remote_seen_at_ms, wanted_version, held_by IS NOT NULL, \
-     remote_deleted FROM sync_links WHERE (connector, remote_id) IN \
+     remote_deleted, pushed_at_ms FROM sync_links WHERE (connector, remote_id) IN \
      (SELECT value ->> 0, value ->> 1 FROM jsonb_array_elements($1::jsonb)) \
      ORDER BY customer_id, connector FOR NO KEY UPDATE";
 pub(super) const GROUP_LINKS_SQLITE: &str =
     "SELECT connector, remote_id, remote_seen_at_ms, wanted_version, held_by IS NOT NULL, \
-     remote_deleted FROM json_each($1) JOIN sync_links ON connector = value ->> 0 AND remote_id = value ->> 1";
+     remote_deleted, pushed_at_ms FROM json_each($1) JOIN sync_links ON connector = value ->> 0 AND remote_id = value ->> 1";
 
 /// The changes' remote records as a JSON array of `[connector, remote id]`.
 pub(super) fn group_records(changes: &[InboundChange]) -> Result<String, serde_json::Error> {

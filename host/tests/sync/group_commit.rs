@@ -490,6 +490,7 @@ async fn a_change_whose_link_moved_on_decides_again(postgres: bool) {
             wanted_version: 0,
             held: false,
             remote_deleted: false,
+            pushed_at_ms: 0,
         }
     );
     let later: Vec<(String, &String)> = remote
@@ -944,6 +945,99 @@ async fn postgres_a_change_decided_before_a_hold_decides_again() {
 #[tokio::test]
 async fn sqlite_a_change_decided_before_a_hold_decides_again() {
     a_change_decided_before_a_hold_decides_again(false).await;
+}
+
+/// A change decided on the link before a push to its record was recorded
+/// as delivered writes nothing and decides again: it put back the snapshot
+/// from before the push, the base every later change of the record is
+/// merged against (a later edit then made a false conflict, or lost the
+/// local value under last-writer-wins).
+async fn a_change_decided_before_a_push_was_recorded_decides_again(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let (customers, remote, _) = two_linked(&store, &format!("pushed_{postgres}")).await;
+    let first = &customers[0];
+    let keys = store
+        .intake_changes(
+            &[ChangeNotice {
+                customer_id: first.id.as_str().to_owned(),
+                version: first.version,
+                correlation_id: None,
+                outbox_id: None,
+                source_connector: None,
+            }],
+            &["stripe".to_owned()],
+        )
+        .await
+        .expect("intake");
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let link = store
+        .claim_links(&keys, &[], "lease-push", until)
+        .await
+        .expect("claimed")
+        .pop()
+        .expect("the first customer's link")
+        .link;
+    let decided_on = link_read(&store, &remote[0]).await;
+    let events = claim_later(&store, &[(format!("evt_pushed_{postgres}"), &remote[0])]).await;
+    let pushed = LinkWrite::Outcome(RecordedOutcome::Delivered {
+        operation: "update",
+        version: link.wanted_version,
+        remote_id: remote[0].clone(),
+        remote_deleted: false,
+        pushed_hash: "pushed".to_owned(),
+        snapshot: Some(json!({"email": first.email, "name": "Pushed"})),
+        snapshot_base: None,
+    });
+    assert_eq!(
+        store
+            .write_links(&[(&link, &pushed)])
+            .await
+            .expect("written"),
+        [true]
+    );
+    for alone in [false, true] {
+        let mut changes = vec![renamed_from_remote(
+            &events[0],
+            first,
+            "Never",
+            Some(decided_on),
+        )];
+        if !alone {
+            let other = claim_later(
+                &store,
+                &[(format!("evt_pushed_other_{postgres}"), &remote[1])],
+            )
+            .await;
+            let read = link_read(&store, &remote[1]).await;
+            changes.push(renamed_from_remote(
+                &other[0],
+                &customers[1],
+                "Second, renamed",
+                Some(read),
+            ));
+        }
+        let results = store.apply_inbound_many(&changes).await.expect("applied");
+        assert!(matches!(results[0], Ok(Applied::Raced)), "{results:?}");
+    }
+    let now = store
+        .link_by_remote_id("stripe", &remote[0])
+        .await
+        .expect("link read")
+        .expect("linked");
+    assert_eq!(
+        now.snapshot.as_ref().map(|s| &s["name"]),
+        Some(&json!("Pushed"))
+    );
+}
+
+#[tokio::test]
+async fn postgres_a_change_decided_before_a_push_was_recorded_decides_again() {
+    a_change_decided_before_a_push_was_recorded_decides_again(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_change_decided_before_a_push_was_recorded_decides_again() {
+    a_change_decided_before_a_push_was_recorded_decides_again(false).await;
 }
 
 #[tokio::test]
