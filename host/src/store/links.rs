@@ -384,7 +384,9 @@ macro_rules! push_again {
     synced_version = CASE WHEN synced_version >= $3 THEN $3 - 1 ELSE synced_version END, \
     wanted_version = CASE WHEN wanted_version < $3 THEN $3 ELSE wanted_version END, \
     attempts = CASE WHEN state IN ('synced', 'dead') THEN 0 ELSE attempts END, \
-    next_attempt_at_ms = CASE WHEN state IN ('synced', 'dead') THEN $4 ELSE next_attempt_at_ms END, \
+    next_attempt_at_ms = CASE WHEN state = 'synced' THEN $4 \
+        WHEN state = 'dead' THEN (CASE WHEN next_attempt_at_ms > $4 THEN next_attempt_at_ms ELSE $4 END) \
+        ELSE next_attempt_at_ms END, \
     state = CASE WHEN state IN ('synced', 'dead') THEN 'pending' ELSE state END, \
     updated_at = $5 \
     WHERE customer_id = $1 AND connector = $2 AND remote_id IS NOT NULL AND NOT remote_deleted"
@@ -395,7 +397,10 @@ macro_rules! push_again {
 /// new idempotency key: the remote drifted from what ferry pushed (a
 /// reconciliation's repair). `$1` customer, `$2` connector, `$4` now (ms),
 /// `$5` now. A link in backoff keeps its schedule (its attempt pushes
-/// anyway). The push sends the whole record: what the remote holds is not
+/// anyway), and a dead one whose last update died unanswered waits for it
+/// to settle (its `next_attempt_at_ms`), as intake and a replay do: sent
+/// at once, the forced push could land first and the late update put the
+/// older values back. The push sends the whole record: what the remote holds is not
 /// known field by field.
 pub(crate) const FORCE_PUSH_SQL: &str = concat!(
     "UPDATE sync_links SET pushed_hash = NULL, unsure_base = NULL, ",

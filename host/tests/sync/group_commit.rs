@@ -1417,6 +1417,65 @@ async fn forced_meanwhile(postgres: bool, batched: bool, ended: Ended) {
     );
 }
 
+/// A push forced onto a link whose last update died unanswered (timed out:
+/// the request may still land) waits for that update to settle, as a new
+/// change or a replay does: sent at once, it could land first, and the late
+/// update put the older values back at the remote.
+async fn a_forced_push_waits_for_a_dead_update_to_settle(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let (customers, _, _) = two_linked(&store, &format!("settle_{postgres}")).await;
+    let customer = &customers[0];
+    let id = customer.id.as_str();
+    assert!(store
+        .force_push(id, "stripe", customer.version)
+        .await
+        .expect("forced"));
+    let link = stripe_link_claimed(&store, "lease-settle", id).await;
+    let died = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
+        version: customer.version,
+        operation: Some("update"),
+        attempt: 10,
+        error_kind: ferry::store::DeadLetterKind::RetriesExhausted,
+        error: "timed out".to_owned(),
+        settle_ms: 60_000,
+    });
+    assert_eq!(
+        store.write_links(&[(&link, &died)]).await.expect("written"),
+        [true]
+    );
+    let dead = store.links_of(id).await.expect("links").remove(0);
+    assert_eq!(dead.state, LinkState::Dead, "{dead:?}");
+    for _ in 0..2 {
+        // A repair's forced push, and an inbound merge's push back, alike.
+        assert!(store
+            .force_push(id, "stripe", customer.version)
+            .await
+            .expect("forced"));
+        let forced = store.links_of(id).await.expect("links").remove(0);
+        assert_eq!(forced.state, LinkState::Pending, "{forced:?}");
+        assert!(
+            forced.next_attempt_at_ms >= dead.next_attempt_at_ms,
+            "due before the dead update settles: {forced:?}"
+        );
+    }
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let due = store
+        .claim_due_links(&["stripe".to_owned()], "lease-early", until, 20)
+        .await
+        .expect("claimed");
+    assert!(!due.iter().any(|c| c.link.customer_id == id), "{due:?}");
+}
+
+#[tokio::test]
+async fn postgres_a_forced_push_waits_for_a_dead_update_to_settle() {
+    a_forced_push_waits_for_a_dead_update_to_settle(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_forced_push_waits_for_a_dead_update_to_settle() {
+    a_forced_push_waits_for_a_dead_update_to_settle(false).await;
+}
+
 #[tokio::test]
 async fn postgres_a_push_forced_meanwhile_still_goes_from_a_batch() {
     a_push_forced_meanwhile_still_goes(true, true).await;
