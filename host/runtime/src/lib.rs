@@ -72,12 +72,26 @@ pub const MAX_DELIVERY_EVENTS: usize = 1000;
 /// record is a few KiB).
 pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
 
+/// The most bytes of JSON the records of one call's answer (a page, a
+/// delivery's events) may hold together: a page of 100 records at 80 KiB
+/// each. Each record within [`MAX_RECORD_BYTES`], 60 of them filled a
+/// guest's 64 MiB, parsed on the host at up to 16 times that, for each of
+/// the calls running at once.
+pub const MAX_CALL_RECORD_BYTES: usize = 8 * 1024 * 1024;
+
 /// Refuses records a connector read that are longer than
-/// [`MAX_RECORD_BYTES`] (parsed on the host at many times their size).
+/// [`MAX_RECORD_BYTES`] each, or [`MAX_CALL_RECORD_BYTES`] together
+/// (parsed on the host at many times their size).
 fn oversized(records: &[RemoteRecord]) -> Result<(), CallError> {
     if records.iter().any(|r| r.record.len() > MAX_RECORD_BYTES) {
         return Err(CallError::Connector(ConnectorError::Permanent(format!(
             "the connector read a record longer than {MAX_RECORD_BYTES} bytes"
+        ))));
+    }
+    let total: usize = records.iter().map(|r| r.record.len()).sum();
+    if total > MAX_CALL_RECORD_BYTES {
+        return Err(CallError::Connector(ConnectorError::Permanent(format!(
+            "the connector read {total} bytes of records in one answer, more than {MAX_CALL_RECORD_BYTES}"
         ))));
     }
     Ok(())
@@ -99,14 +113,25 @@ pub struct CheckedEvent {
 /// record that is not JSON, or one event id given to two different events
 /// (the inbox would keep the first and drop the other as a redelivery).
 /// The SDK's test kit fails the call with the same text.
-/// A delivery is bounded too ([`MAX_DELIVERY_EVENTS`], [`MAX_RECORD_BYTES`],
-/// its entity at [`MAX_ID_BYTES`]): a guest's answer to a small body was
-/// as large as its memory, parsed on the host at many times that.
+/// A delivery is bounded too ([`MAX_DELIVERY_EVENTS`], [`MAX_RECORD_BYTES`]
+/// and [`MAX_CALL_RECORD_BYTES`], its entity at [`MAX_ID_BYTES`]): a
+/// guest's answer to a small body was as large as its memory, parsed on
+/// the host at many times that.
 pub fn checked_delivery(events: &[Event]) -> Result<Vec<CheckedEvent>, String> {
     if events.len() > MAX_DELIVERY_EVENTS {
         return Err(format!(
             "{} events in one delivery, more than {MAX_DELIVERY_EVENTS}",
             events.len()
+        ));
+    }
+    let total: usize = events
+        .iter()
+        .filter_map(|e| e.record.as_ref())
+        .map(String::len)
+        .sum();
+    if total > MAX_CALL_RECORD_BYTES {
+        return Err(format!(
+            "the delivery's records hold {total} bytes, more than {MAX_CALL_RECORD_BYTES}"
         ));
     }
     let mut checked: Vec<CheckedEvent> = Vec::with_capacity(events.len());
@@ -1465,6 +1490,27 @@ mod tests {
         let huge = format!("[{}0]", "0,".repeat(MAX_RECORD_BYTES / 2));
         assert!(delivery_problem(&[event("evt_5", "cus_1", Some(&huge))])
             .is_some_and(|p| p.contains("record is longer")));
+        // Each record within its bound, together past the call's: 60 of
+        // them filled a guest's memory, about 1 GiB once parsed here.
+        let large = format!("[{}0]", "0,".repeat(MAX_RECORD_BYTES / 2 - 2));
+        let filled: Vec<Event> = (0..=MAX_CALL_RECORD_BYTES / MAX_RECORD_BYTES)
+            .map(|n| event(&format!("evt_large_{n}"), "cus_1", Some(&large)))
+            .collect();
+        assert!(delivery_problem(&filled[..filled.len() - 1]).is_none());
+        assert!(delivery_problem(&filled).is_some_and(|p| p.contains("records hold")));
+        let page: Vec<RemoteRecord> = filled
+            .iter()
+            .map(|e| RemoteRecord {
+                remote_id: e.id.clone(),
+                record: large.clone(),
+                updated_at_ms: None,
+            })
+            .collect();
+        assert!(oversized(&page[..page.len() - 1]).is_ok());
+        assert!(matches!(
+            oversized(&page),
+            Err(CallError::Connector(ConnectorError::Permanent(m))) if m.contains("bytes of records")
+        ));
         let mut typed = ok.clone();
         typed.entity = "e".repeat(MAX_ID_BYTES + 1);
         assert!(delivery_problem(&[typed]).is_some_and(|p| p.contains("entity")));
