@@ -66,7 +66,7 @@ use crate::app::AppState;
         health::readyz,
     ),
     components(schemas(error::Problem, error::FieldError)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &EveryRoute),
     tags(
         (name = "customers", description = "The customer catalog"),
         (name = "connectors", description = "Connectors: upload, versions, activation, switches and configuration"),
@@ -87,6 +87,67 @@ impl Modify for BearerAuth {
             "admin_token",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
+    }
+}
+
+/// What any route may answer whatever its handler does, added to every
+/// operation that does not describe it already: 408 once the request
+/// outlives `request_timeout` (a layer over every route), and, on the
+/// routes that read the store, 503 when it does not answer in time. Listed
+/// by hand, most routes lacked them, and a client generated from the
+/// document had no case for either.
+struct EveryRoute;
+
+impl Modify for EveryRoute {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, HeaderBuilder, Ref, RefOr, ResponseBuilder, Type};
+        let problem = |description: &str| {
+            ResponseBuilder::new().description(description).content(
+                "application/problem+json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build(),
+            )
+        };
+        let timeout = problem(
+            "The request took longer than `request_timeout` (`request_timeout`): nothing was written",
+        )
+        .build();
+        let busy = problem(
+            "The store did not answer in time (`store_busy`), or a write found it read-only \
+             (`store_read_only`): nothing was written",
+        )
+        .header(
+            "Retry-After",
+            HeaderBuilder::new()
+                .schema(utoipa::openapi::ObjectBuilder::new().schema_type(Type::String))
+                .description(Some("Seconds to wait before sending it again"))
+                .build(),
+        )
+        .build();
+        for (path, item) in &mut openapi.paths.paths {
+            let reads_the_store = path.starts_with("/api/") || path.starts_with("/webhooks/");
+            for operation in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let responses = &mut operation.responses.responses;
+                responses
+                    .entry("408".to_owned())
+                    .or_insert_with(|| RefOr::T(timeout.clone()));
+                if reads_the_store {
+                    responses
+                        .entry("503".to_owned())
+                        .or_insert_with(|| RefOr::T(busy.clone()));
+                }
+            }
+        }
     }
 }
 
@@ -112,6 +173,14 @@ async fn openapi_json() -> axum::response::Response {
         DOCUMENT.clone(),
     )
         .into_response()
+}
+
+/// The answer to a request whose handler panicked: 500 `internal`, the
+/// panic's text in the log.
+fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let text = crate::app::panic_text(&*panic);
+    ApiError::Internal(anyhow::anyhow!("a request's handler panicked: {text}")).into_response()
 }
 
 async fn not_found() -> ApiError {
@@ -298,6 +367,9 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(utf8_paths_only))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // A handler's panic (a bug) answers 500 `internal` as documented;
+        // uncaught, it ended the connection with no answer at all.
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(axum::middleware::from_fn(console_headers))
         .layer(DefaultBodyLimit::max(max_body))
         // A stalled body fails after `body_read_timeout`.
@@ -317,4 +389,43 @@ pub fn router(state: AppState) -> Router {
                 .layer(PropagateRequestIdLayer::x_request_id()),
         )
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    /// A handler that panics answers 500 `internal` as problem+json (the
+    /// layer `router` puts over every route), not a dropped connection.
+    #[tokio::test]
+    async fn a_handler_that_panics_answers_500_internal() {
+        let app = axum::Router::new()
+            .route(
+                "/boom",
+                axum::routing::get(|| async {
+                    panic!("a bug");
+                    #[allow(unreachable_code)]
+                    ""
+                }),
+            )
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+                super::panicked,
+            ));
+        let response = app
+            .oneshot(Request::get("/boom").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 500);
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(problem["code"], "internal", "{problem}");
+    }
 }

@@ -31,6 +31,20 @@ async fn probes_and_openapi_answer(backend: Backend) {
         "{delete:#}"
     );
     assert!(delete["408"].is_object(), "{delete:#}");
+    // Every operation documents the timeout, and every one that reads the
+    // store its busy answer: most routes listed neither.
+    for (path, item) in openapi["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let responses = &operation["responses"];
+            assert!(responses["408"].is_object(), "{method} {path}");
+            if path.starts_with("/api/") || path.starts_with("/webhooks/") {
+                assert!(
+                    responses["503"]["content"]["application/problem+json"].is_object(),
+                    "{method} {path}: {responses:#}"
+                );
+            }
+        }
+    }
     // A patch is a JSON merge patch (RFC 7396), under either media type.
     let patch = &openapi["paths"]["/api/v1/customers/{id}"]["patch"]["requestBody"]["content"];
     assert!(
