@@ -318,9 +318,18 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let Some(value) = parts.headers.get("idempotency-key") else {
+        let mut values = parts.headers.get_all("idempotency-key").iter();
+        let Some(value) = values.next() else {
             return Ok(Self(None));
         };
+        // Two keys (a proxy that added its own): which one the client
+        // retries under is unknown, so neither is taken.
+        if values.next().is_some() {
+            return Err(ApiError::field(
+                "Idempotency-Key",
+                "sent more than once: send one key",
+            ));
+        }
         let key = value.to_str().unwrap_or("");
         let printable = key.bytes().all(|b| (0x21..=0x7e).contains(&b));
         if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY || !printable {

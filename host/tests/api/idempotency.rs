@@ -78,6 +78,22 @@ async fn same_key_other_request_is_refused(backend: Backend) {
         .await
         .unwrap();
     assert_problem(second, 422, "idempotency_key_reused").await;
+
+    // Two keys on one request (a proxy that added its own): the second
+    // was ignored, so a retry under it wrote again. Refused, naming it.
+    let twice = app
+        .request(Method::POST, "/api/v1/customers")
+        .header("idempotency-key", "client-key")
+        .header("idempotency-key", "proxy-key")
+        .json(&json!({"email": email("twice")}))
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(twice, 422, "validation_failed").await;
+    assert_eq!(
+        problem["errors"][0]["field"], "Idempotency-Key",
+        "{problem}"
+    );
 }
 
 async fn key_in_flight_is_409(backend: Backend) {
