@@ -142,8 +142,12 @@ pub(super) struct JoinedCustomer {
     c_name: Option<String>,
     c_email: Option<String>,
     c_phone: Option<String>,
-    c_address: Option<Json<Address>>,
-    c_metadata: Option<Json<BTreeMap<String, String>>>,
+    // Read as plain JSON and converted per row: a value the types refuse
+    // (written by hand in SQL, or by a newer release rolled back) failed
+    // the whole claim's decode after its leases were taken, and every link
+    // in it waited, claimed again and again, with no attempt counted.
+    c_address: Option<Json<serde_json::Value>>,
+    c_metadata: Option<Json<serde_json::Value>>,
     c_version: Option<i64>,
     c_created_at: Option<DateTime<Utc>>,
     c_updated_at: Option<DateTime<Utc>>,
@@ -151,15 +155,38 @@ pub(super) struct JoinedCustomer {
 }
 
 impl JoinedCustomer {
-    /// The customer, if the join found one.
+    /// The customer, if the join found one and can read it; else `None`,
+    /// and the push reads its own customer, failing alone if it cannot.
     pub(super) fn into_customer(self) -> Option<Customer> {
+        let id = self.c_id?;
+        let readable = |column: &str, error: serde_json::Error| {
+            tracing::warn!(customer_id = %id, column, %error,
+                "a claimed link's customer cannot be read; its push reads it again");
+        };
+        let address = match self.c_address {
+            Some(Json(value)) => match serde_json::from_value(value) {
+                Ok(address) => Some(Json(address)),
+                Err(error) => {
+                    readable("address", error);
+                    return None;
+                }
+            },
+            None => None,
+        };
+        let metadata = match serde_json::from_value(self.c_metadata?.0) {
+            Ok(metadata) => Json(metadata),
+            Err(error) => {
+                readable("metadata", error);
+                return None;
+            }
+        };
         let row = CustomerRow {
-            id: self.c_id?,
+            id,
             name: self.c_name,
             email: self.c_email?,
             phone: self.c_phone,
-            address: self.c_address,
-            metadata: self.c_metadata?,
+            address,
+            metadata,
             version: self.c_version?,
             created_at: self.c_created_at?,
             updated_at: self.c_updated_at?,

@@ -2042,6 +2042,82 @@ async fn claimed_links(store: &Store, n: usize) -> Vec<SyncLink> {
     links
 }
 
+/// A claimed link whose customer the claim cannot read (an address with a
+/// key ferry does not know, written by hand in SQL) is claimed with the
+/// others, without its customer: its push reads it and fails alone. On
+/// PostgreSQL, which reads the customers in the claim's statement, the
+/// whole claim failed after taking its leases, and every link in it
+/// waited, claimed again at each lease's end, with no attempt counted.
+async fn an_unreadable_customer_does_not_hold_a_claim(postgres: bool) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(postgres, dir.path()).await;
+    let store = open(&url).await;
+    let mut changes = Vec::new();
+    for name in ["Broken", "Healthy"] {
+        let customer = store
+            .create_customer(fields(&email(name), name), WriteContext::default())
+            .await
+            .expect("customer");
+        changes.push(ChangeNotice {
+            customer_id: customer.id.as_str().to_owned(),
+            version: customer.version,
+            correlation_id: None,
+            outbox_id: None,
+            source_connector: None,
+        });
+    }
+    let broken = &changes[0].customer_id;
+    let address = if postgres {
+        "'{\"floor\": \"3\"}'::jsonb"
+    } else {
+        "'{\"floor\": \"3\"}'"
+    };
+    let sql = format!("UPDATE customers SET address = {address} WHERE id = '{broken}'");
+    crate::helpers::execute_raw(&url, &sql, &[]).await;
+    let stripe = ["stripe".to_owned()];
+    let keys = store
+        .intake_changes(&changes, &stripe)
+        .await
+        .expect("intake");
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let claimed = store
+        .claim_links(&keys, &stripe, "lease-unreadable", until)
+        .await
+        .expect("the claim stands");
+    assert_eq!(claimed.len(), 2, "{claimed:?}");
+    for link in &claimed {
+        if &link.link.customer_id == broken {
+            assert!(link.customer.is_none(), "{link:?}");
+        } else if postgres {
+            // SQLite reads the batch's customers in a statement of their
+            // own, and when that fails every link goes without.
+            assert!(link.customer.is_some(), "{link:?}");
+        }
+    }
+    // The scheduler's claim alike, once the leases are handed back.
+    crate::helpers::execute_raw(
+        &url,
+        "UPDATE sync_links SET lease_token = NULL, lease_until_ms = 0",
+        &[],
+    )
+    .await;
+    let due = store
+        .claim_due_links(&stripe, "lease-due", until, 20)
+        .await
+        .expect("the claim stands");
+    assert_eq!(due.len(), 2, "{due:?}");
+}
+
+#[tokio::test]
+async fn postgres_an_unreadable_customer_does_not_hold_a_claim() {
+    an_unreadable_customer_does_not_hold_a_claim(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_an_unreadable_customer_does_not_hold_a_claim() {
+    an_unreadable_customer_does_not_hold_a_claim(false).await;
+}
+
 fn delivered(link: &SyncLink, remote_id: &str) -> LinkWrite {
     LinkWrite::Outcome(RecordedOutcome::Delivered {
         operation: "create",
