@@ -159,12 +159,28 @@ impl Connector for Salesforce {
         let events = notifications
             .into_iter()
             .map(|n| {
+                let when = ["LastModifiedDate", "SystemModstamp"]
+                    .iter()
+                    .find_map(|f| n.fields.get(*f).and_then(Value::as_str))
+                    .and_then(parse_datetime_ms)
+                    .unwrap_or(0);
                 // The event's id pairs the notification's with its record's:
                 // Salesforce counts notification ids up, so one forged
                 // ahead with a guessed id took a real notification's
                 // place in the inbox (the real one was then acknowledged
-                // as already received, and dropped).
-                let id = format!("{}:{}", n.id, n.record_id);
+                // as already received, and dropped). And with the record's
+                // date, when the message sends it: a notification sent
+                // again carries the record as it is by then ("only the
+                // latest data is delivered", Salesforce's "Understanding
+                // Notifications"), so one redelivered after a later edit
+                // (its first Ack lost) is that edit, which an id of the
+                // notification alone dropped as already received, and no
+                // other notification may carry (a rule that fires once).
+                let id = if when > 0 {
+                    format!("{}:{}:{when}", n.id, n.record_id)
+                } else {
+                    format!("{}:{}", n.id, n.record_id)
+                };
                 // A record deleted before the message went out comes with
                 // no data (Salesforce Help, "Considerations for Outbound
                 // Messages"): read as a record whose every field was cleared,
@@ -188,11 +204,6 @@ impl Connector for Salesforce {
                     return Event::upsert(id, ENTITY, n.record_id, 0, None)
                         .with_remote_type(remote_type.clone());
                 }
-                let when = ["LastModifiedDate", "SystemModstamp"]
-                    .iter()
-                    .find_map(|f| n.fields.get(*f).and_then(Value::as_str))
-                    .and_then(parse_datetime_ms)
-                    .unwrap_or(0);
                 // A message without its date (the Outbound Message not set
                 // to send `LastModifiedDate`) cannot be ordered: Salesforce
                 // redelivers a message it got no Ack for, later, so an

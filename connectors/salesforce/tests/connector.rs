@@ -907,14 +907,32 @@ async fn an_outbound_message_becomes_events_and_an_ack() {
                 ("content-type", "text/xml; charset=utf-8"),
                 ("soapaction", "\"\""),
             ],
-            body,
+            body.clone(),
         ))
         .await
         .expect("verified and parsed");
     // The Account notification is not the configured object: skipped.
     assert_eq!(parsed.events.len(), 3);
     let ids: Vec<_> = parsed.events.iter().map(|e| e.id.as_str()).collect();
-    assert_eq!(ids, ["04l01:003A", "04l02:003B", "04l03:003C"]);
+    // Each with its record's date: a notification sent again after a
+    // later edit carries that edit, under an id of its own.
+    assert_eq!(
+        ids,
+        [
+            "04l01:003A:1795939200000",
+            "04l02:003B:1795939200000",
+            "04l03:003C:1795939200000"
+        ]
+    );
+    let edited = body.replace("2026-11-29T08:00:00.000Z", "2026-11-29T08:05:00.000Z");
+    let again = kit
+        .receive_webhook(testkit::webhook_request(
+            &[("content-type", "text/xml; charset=utf-8")],
+            edited,
+        ))
+        .await
+        .expect("verified and parsed");
+    assert_eq!(again.events[0].id, "04l01:003A:1795939500000");
     let event = &parsed.events[1];
     assert_eq!(event.entity, "customer");
     assert_eq!(event.kind, ChangeKind::Upsert);
@@ -1031,7 +1049,7 @@ async fn fetch_records_turns_a_message_into_triggers() {
     let event = &parsed.events[0];
     assert_eq!(
         (event.id.as_str(), event.remote_id.as_str()),
-        ("04l01:003A", "003A")
+        ("04l01:003A:1795939200000", "003A")
     );
     assert_eq!(event.kind, ChangeKind::Upsert);
     assert_eq!(event.record, None);

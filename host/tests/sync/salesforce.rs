@@ -400,6 +400,23 @@ async fn outbound_message_is_acknowledged_applied_once_and_reaches_stripe() {
             .expect("inbox");
         assert_eq!(events.len(), 1, "stored once");
     }
+
+    // A notification sent again after a later edit (its Ack lost, and the
+    // rule fires no second notification) carries the record as it is then:
+    // that edit is applied, not dropped as the notification already taken.
+    rig.salesforce
+        .update_record("Contact", &ids[0], json!({"LastName": "Hopper-Murray"}));
+    let xml = rig
+        .salesforce
+        .outbound_message_xml(rig.salesforce.org_id(), "Contact", &again[..1]);
+    let redelivery = rig
+        .salesforce
+        .send_raw(&rig.webhook_url(), xml)
+        .await
+        .expect("redelivery");
+    assert!(redelivery.acked, "{redelivery:?}");
+    let id = customers[0]["id"].as_str().expect("id");
+    wait_customer(&rig.app, id, |c| c["name"] == "Grace Hopper-Murray").await;
 }
 
 /// An Outbound Message dated in the future (Salesforce's messages carry
