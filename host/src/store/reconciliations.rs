@@ -1024,14 +1024,18 @@ impl Store {
 
     /// Records a repair step in one transaction under the run's lease:
     /// each finding in `repaired` is marked `repaired` with what was done,
-    /// the run counts them, and its position moves to `cursor`.
+    /// the run counts those where something was (`true`: a finding closed
+    /// with nothing to do is no repair), and its position moves to
+    /// `cursor`.
     pub async fn commit_repairs(
         &self,
         run: &RunRow,
-        repaired: &[(String, String)],
+        repaired: &[(String, String, bool)],
         cursor: &str,
     ) -> Result<bool, StoreError> {
         let at = now();
+        // Closed with nothing to do (`false`): not a repair.
+        let acted = repaired.iter().filter(|(_, _, acted)| *acted).count();
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
             let updated = sqlx::query(
@@ -1041,7 +1045,7 @@ impl Store {
             .bind(&run.id)
             .bind(&run.lease_token)
             .bind(cursor)
-            .bind(i64::try_from(repaired.len()).unwrap_or(i64::MAX))
+            .bind(i64::try_from(acted).unwrap_or(i64::MAX))
             .bind(at)
             .execute(&mut *tx)
             .await?
@@ -1049,7 +1053,7 @@ impl Store {
             if updated != 1 {
                 return Ok(false);
             }
-            for (id, what) in repaired {
+            for (id, what, _) in repaired {
                 sqlx::query(
                     "UPDATE reconciliation_mismatches SET state = 'repaired', repair = $2 \
                      WHERE id = $1 AND state = 'open'",

@@ -102,8 +102,12 @@ pub enum Repair {
 
 /// What a repair's push came to ([`SyncEngine::schedule_push`]).
 enum Scheduled {
-    /// Scheduled, or nothing to do: what, for the finding's resolution.
+    /// Scheduled: what, for the finding's resolution.
     Done(String),
+    /// Nothing to do (the remote has the record after all; a record with
+    /// the customer's email stands there): why, for the finding's
+    /// resolution. Closed, and not counted as a repair.
+    Nothing(String),
     /// Not now: its link is busy (a push in flight carries the customer's
     /// state), or the customer is gone.
     Busy,
@@ -1117,17 +1121,18 @@ impl SyncEngine {
                     );
                     continue;
                 }
-                let what = match action {
+                let (what, repaired) = match action {
                     Action::Event(event) => {
                         let what = format!("inbox event {} ({})", event.event_id, event.kind);
                         events.push(*event);
-                        what
+                        (what, true)
                     }
                     push => match self
                         .schedule_push(run, &mismatch.id, ForcedBy::Run, push)
                         .await?
                     {
-                        Scheduled::Done(what) => what,
+                        Scheduled::Done(what) => (what, true),
+                        Scheduled::Nothing(why) => (why, false),
                         // Its link is busy: the push in flight carries the
                         // current state anyway; the finding stays open.
                         Scheduled::Busy => continue,
@@ -1140,7 +1145,7 @@ impl SyncEngine {
                         }
                     },
                 };
-                done.push((mismatch.id.clone(), what));
+                done.push((mismatch.id.clone(), what, repaired));
             }
             if !events.is_empty() {
                 store
@@ -1210,7 +1215,7 @@ impl SyncEngine {
             // one is the customer's is the duplicate finding's, a
             // person's.
             if store.run_lists_unlinked(run, &current.email).await? {
-                return Ok(Scheduled::Done(format!(
+                return Ok(Scheduled::Nothing(format!(
                     "nothing: the remote has a record with {} that no link holds (a duplicate finding of this run); another create would stand beside it",
                     current.email
                 )));
@@ -1259,7 +1264,7 @@ impl SyncEngine {
             .fetch(&ready.config, ENTITY, remote_id)
             .await
         {
-            Ok(_) => Some(Scheduled::Done(format!(
+            Ok(_) => Some(Scheduled::Nothing(format!(
                 "nothing: the remote has record {remote_id} (the listing missed it)"
             ))),
             Err(CallError::Connector(
@@ -1316,7 +1321,7 @@ impl SyncEngine {
                 .schedule_push(run, &mismatch.id, ForcedBy::Claim(claim), push)
                 .await?
             {
-                Scheduled::Done(what) => what,
+                Scheduled::Done(what) | Scheduled::Nothing(what) => what,
                 Scheduled::Busy | Scheduled::NotOurs => {
                     "nothing: a push of the customer is already on its way".to_owned()
                 }

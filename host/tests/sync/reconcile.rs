@@ -866,6 +866,13 @@ async fn an_orphan_the_remote_still_has_is_not_recreated(backend: Backend) {
     an_orphan_the_remote_still_has_is_kept(backend, "push_local").await;
 }
 
+/// The same, the record read at once by the run: the finding is closed
+/// saying so, and not counted among the run's repairs (nothing was done;
+/// the report said one repair).
+async fn an_orphan_the_run_finds_there_is_no_repair(backend: Backend) {
+    an_orphan_the_remote_still_has_is_kept(backend, "push_local_read").await;
+}
+
 async fn an_orphan_the_remote_still_has_is_kept(backend: Backend, repair: &str) {
     let stripe = LocalStripe::start().expect("localstripe");
     let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
@@ -886,7 +893,9 @@ async fn an_orphan_the_remote_still_has_is_kept(backend: Backend, repair: &str) 
             body: br#"{"object":"list","data":[],"has_more":false,"url":"/v1/customers"}"#.to_vec(),
         },
     );
-    if repair == "push_local" {
+    let read = repair == "push_local_read";
+    let repair = if read { "push_local" } else { repair };
+    if repair == "push_local" && !read {
         // The read of the record fails once: the finding stays open.
         proxy.push(
             Match::request("GET", &format!("/v1/customers/{remote_id}")),
@@ -909,6 +918,18 @@ async fn an_orphan_the_remote_still_has_is_kept(backend: Backend, repair: &str) 
                 .as_deref()
                 .is_some_and(|d| d.contains("the remote has the record")),
             "{repair:?}"
+        );
+    } else if read {
+        // No repair: the counts leave out a zero.
+        expect_counts(&run, &[("orphan", 1)]);
+        let id = run["id"].as_str().unwrap();
+        let orphan = findings(&app.base, id, Some("orphan")).await.remove(0);
+        assert_eq!(orphan["state"], "repaired", "{orphan}");
+        assert!(
+            orphan["repair"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("nothing: ") && r.contains("the listing missed it")),
+            "{orphan}"
         );
     } else {
         expect_counts(&run, &[("orphan", 1)]);
@@ -2674,6 +2695,11 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_orphan_the_run_finds_there_is_no_repair() {
+        super::an_orphan_the_run_finds_there_is_no_repair(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_step_of_slow_reads_keeps_its_lease() {
         super::a_step_of_slow_reads_keeps_its_lease(Backend::Sqlite).await;
     }
@@ -2745,6 +2771,11 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_orphan_the_remote_still_has_is_not_recreated() {
         super::an_orphan_the_remote_still_has_is_not_recreated(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_orphan_the_run_finds_there_is_no_repair() {
+        super::an_orphan_the_run_finds_there_is_no_repair(Backend::Postgres).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
