@@ -855,6 +855,21 @@ impl Store {
         }))
     }
 
+    /// Orphan findings of run `run_id` whose customer is live: the ones a
+    /// delete would act on.
+    pub async fn live_orphans(&self, run_id: &str) -> Result<i64, StoreError> {
+        Ok(dispatch!(self, read pool => {
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM reconciliation_mismatches m JOIN customers c \
+                 ON c.id = m.customer_id WHERE m.run_id = $1 AND m.kind = 'orphan' \
+                 AND c.deleted_at IS NULL",
+            )
+            .bind(run_id)
+            .fetch_one(pool)
+            .await?
+        }))
+    }
+
     /// Links of `connector` to a live remote record.
     pub async fn live_link_count(&self, connector: &str) -> Result<i64, StoreError> {
         Ok(dispatch!(self, read pool => {

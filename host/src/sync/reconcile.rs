@@ -1032,7 +1032,8 @@ impl SyncEngine {
     }
 
     /// The mass-delete brake: the reason to abort, if the run would act on
-    /// more orphans than the allowed share of the connector's live links.
+    /// more orphans of live customers than the allowed share of the
+    /// connector's live links.
     /// Orphans are what a listing that silently stopped short produces.
     async fn brake(
         &self,
@@ -1056,6 +1057,11 @@ impl SyncEngine {
         if orphans == 0 {
             return Ok(None);
         }
+        // Orphans of customers deleted in ferry already (their delete
+        // dead-lettered, the record deleted at the remote since) delete
+        // nothing: every run finds them again, and they set the brake off
+        // for good, stopping every other repair.
+        let orphans = self.inner.store.live_orphans(&run.id).await?;
         let links = self.inner.store.live_link_count(&run.connector).await?;
         let allowed = allowed_deletes(links, max_delete_share);
         Ok((orphans > allowed).then(|| {

@@ -1065,6 +1065,66 @@ async fn orphans_the_delete_policy_ignores_stay_open(backend: Backend) {
     }
 }
 
+/// Orphans of customers deleted in ferry already (their delete refused and
+/// dead-lettered, the record deleted at the remote since) delete nothing,
+/// and the brake does not count them. Found by every run, they set it off
+/// for good, stopping every other repair of the connector.
+async fn orphans_of_deleted_customers_do_not_set_the_brake_off(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let mut setup = Setup::new(backend, &proxy.url());
+    setup.extra = json!({"reconcile_max_delete_share": 0.25});
+    let app = spawn_sync_app(setup).await;
+    let mut linked = Vec::new();
+    for n in 0..4 {
+        let customer = app
+            .create(json!({"email": email(&format!("gone-{n}")), "name": "Gone"}))
+            .await;
+        let id = customer["id"].as_str().unwrap().to_owned();
+        let link = app.wait_link(&id, SETTLE, |l| l["state"] == "synced").await;
+        linked.push((id, link["remote_id"].as_str().unwrap().to_owned()));
+    }
+    // Two deletes Stripe refuses: dead-lettered at once (a 400 is
+    // permanent); then someone deletes the two records in the dashboard.
+    for (id, remote_id) in &linked[..2] {
+        proxy.push(
+            Match::request("DELETE", &format!("/v1/customers/{remote_id}")),
+            Fault::status(400),
+        );
+        app.delete(id).await;
+        app.wait_link(id, SETTLE, |l| l["state"] == "dead").await;
+        let deleted = reqwest::Client::new()
+            .delete(format!("{}/v1/customers/{remote_id}", stripe.url()))
+            .bearer_auth(STRIPE_KEY)
+            .send()
+            .await
+            .expect("localstripe answers");
+        assert!(deleted.status().is_success(), "{}", deleted.status());
+    }
+    // A live customer's record changed in the dashboard: the repair the
+    // brake would have stopped.
+    stripe_write(
+        &stripe.url(),
+        &format!("/v1/customers/{}", linked[2].1),
+        &[("name", "Renamed There")],
+    )
+    .await;
+    let run = run_to_end(&app, json!({"connector": "stripe", "repair": "merge"})).await;
+    assert_eq!(run["status"], "completed", "{run:#}");
+    let kinds = counts(&run);
+    assert_eq!(kinds.get("orphan"), Some(&2), "{run:#}");
+    assert_eq!(kinds.get("different"), Some(&1), "{run:#}");
+    let renamed = &linked[2].0;
+    eventually("the remote's rename applied", || async {
+        app.store
+            .get_customer_any(renamed)
+            .await
+            .unwrap()
+            .is_some_and(|c| c.name.as_deref() == Some("Renamed There"))
+    })
+    .await;
+}
+
 /// A listing that silently returns only part of the records (the fake
 /// truncates its queries, as a changed sharing rule would) looks like many
 /// deletes: the brake aborts the run before any repair, says so, and
@@ -2700,6 +2760,11 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn orphans_of_deleted_customers_do_not_set_the_brake_off() {
+        super::orphans_of_deleted_customers_do_not_set_the_brake_off(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_step_of_slow_reads_keeps_its_lease() {
         super::a_step_of_slow_reads_keeps_its_lease(Backend::Sqlite).await;
     }
@@ -2776,6 +2841,11 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_orphan_the_run_finds_there_is_no_repair() {
         super::an_orphan_the_run_finds_there_is_no_repair(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn orphans_of_deleted_customers_do_not_set_the_brake_off() {
+        super::orphans_of_deleted_customers_do_not_set_the_brake_off(Backend::Postgres).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
