@@ -19,6 +19,7 @@ use crate::app::AppState;
 use crate::store::conflicts::{Conflict, ListConflicts, Resolved};
 use crate::store::{Customer, CustomerId, StoreError};
 use crate::sync::inbound::{fields_of, local_record, FoldError};
+use crate::sync::merge::{field_of, set_field};
 
 const DEFAULT_LIMIT: u32 = 50;
 const MAX_LIMIT: u32 = 500;
@@ -151,15 +152,6 @@ pub(crate) fn current_value(customer: &Customer, field: &str) -> Result<Option<S
     })
 }
 
-/// A dotted field (`name`, `address.city`, `metadata.tier`) of a canonical
-/// record.
-fn field_of<'a>(record: &'a serde_json::Value, field: &str) -> Option<&'a serde_json::Value> {
-    match field.split_once('.') {
-        None => record.get(field),
-        Some((parent, child)) => record.get(parent).and_then(|p| p.get(child)),
-    }
-}
-
 /// The conflict's fields as a person decided them, for the record: every
 /// field the resolution wrote takes its choice (`remote` and `fields`
 /// write them all; `local` keeps what stands, so a field a policy already
@@ -190,34 +182,6 @@ fn text(value: &serde_json::Value) -> Option<String> {
         serde_json::Value::Null => None,
         serde_json::Value::String(text) => Some(text.clone()),
         other => Some(other.to_string()),
-    }
-}
-
-/// Sets a dotted field (`name`, `address.city`, `metadata.tier`) of a
-/// canonical record.
-fn set_field(record: &mut serde_json::Value, field: &str, value: serde_json::Value) {
-    let Some(object) = record.as_object_mut() else {
-        return;
-    };
-    match field.split_once('.') {
-        None => {
-            object.insert(field.to_owned(), value);
-        }
-        Some((parent, child)) => {
-            let nested = object
-                .entry(parent.to_owned())
-                .or_insert_with(|| serde_json::json!({}));
-            if !nested.is_object() {
-                *nested = serde_json::json!({});
-            }
-            if let Some(nested) = nested.as_object_mut() {
-                if value.is_null() {
-                    nested.remove(child);
-                } else {
-                    nested.insert(child.to_owned(), value);
-                }
-            }
-        }
     }
 }
 

@@ -24,7 +24,10 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::merge::{merge_owned, ConflictPolicy, FieldOwners, Resolution, Sides};
+use super::merge::{
+    field_of, merge_owned, same_text, set_field, ConflictPolicy, FieldConflict, FieldOwners,
+    Resolution, Sides,
+};
 use super::outbound::canonical_record;
 use super::SyncEngine;
 use crate::registry::{NotReady, Ready};
@@ -352,7 +355,7 @@ impl SyncEngine {
             (None, Some(record)) => canonical_record(&record.0),
             (None, None) => return Ok(None),
         };
-        let merged = merge_owned(
+        let mut merged = merge_owned(
             Sides {
                 base: link.snapshot.as_ref(),
                 local: resolved,
@@ -368,7 +371,7 @@ impl SyncEngine {
         // resolution's value: recorded, unless it is the one the person
         // just decided (the remote value the conflict showed).
         let decided = conflict.fields.0.as_array();
-        let overridden: Vec<_> = merged
+        let mut overridden: Vec<FieldConflict> = merged
             .conflicts
             .iter()
             .filter(|c| {
@@ -378,7 +381,37 @@ impl SyncEngine {
                         .any(|d| d["field"] == c.field.as_str() && d["remote"] == c.remote)
                 })
             })
+            .cloned()
             .collect();
+        // So does a field the person decided for the value the conflict
+        // showed for the remote: that value is the snapshot's, so the merge
+        // read it as unchanged in ferry and took the later edit, a value
+        // nobody picked, with nothing recorded.
+        let value = |record: Option<&serde_json::Value>, field: &str| {
+            record
+                .and_then(|r| field_of(r, field))
+                .cloned()
+                .unwrap_or(serde_json::Value::Null)
+        };
+        for field in decided
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d["field"].as_str())
+        {
+            let chosen = value(Some(resolved), field);
+            let now = value(Some(&merged.merged), field);
+            if same_text(field, now.as_str(), chosen.as_str()) {
+                continue;
+            }
+            set_field(&mut merged.merged, field, chosen.clone());
+            overridden.push(FieldConflict {
+                field: field.to_owned(),
+                base: value(link.snapshot.as_ref(), field),
+                local: chosen,
+                remote: now,
+                resolution: Resolution::Local,
+            });
+        }
         let folded = Folded {
             snapshot: remote,
             seen_at_ms: newest.occurred_at_ms,

@@ -671,6 +671,46 @@ fn record(id: Option<&str>, fields: &BTreeMap<String, String>) -> Value {
     Value::Object(record)
 }
 
+/// A dotted field (`name`, `address.city`, `metadata.tier`) of a canonical
+/// record.
+pub(crate) fn field_of<'a>(
+    record: &'a serde_json::Value,
+    field: &str,
+) -> Option<&'a serde_json::Value> {
+    match field.split_once('.') {
+        None => record.get(field),
+        Some((parent, child)) => record.get(parent).and_then(|p| p.get(child)),
+    }
+}
+
+/// Sets a dotted field (`name`, `address.city`, `metadata.tier`) of a
+/// canonical record.
+pub(crate) fn set_field(record: &mut serde_json::Value, field: &str, value: serde_json::Value) {
+    let Some(object) = record.as_object_mut() else {
+        return;
+    };
+    match field.split_once('.') {
+        None => {
+            object.insert(field.to_owned(), value);
+        }
+        Some((parent, child)) => {
+            let nested = object
+                .entry(parent.to_owned())
+                .or_insert_with(|| serde_json::json!({}));
+            if !nested.is_object() {
+                *nested = serde_json::json!({});
+            }
+            if let Some(nested) = nested.as_object_mut() {
+                if value.is_null() {
+                    nested.remove(child);
+                } else {
+                    nested.insert(child.to_owned(), value);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

@@ -495,6 +495,24 @@ async fn a_thin_remote_edit_made_while_held_survives_the_resolution() {
 /// value was dropped without a trace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_edit_the_resolution_overrides_is_recorded() {
+    resolution_over_a_later_remote_edit(json!({"resolution": "local"}), "Local Name").await;
+}
+
+/// The same for a resolution that picks the value the conflict showed for
+/// the remote (`remote`, or `fields` naming it): that value is the choice,
+/// and stands over the later edit, recorded. Before, the value equalled the
+/// snapshot, so the fold read the name as unchanged in ferry and took the
+/// later edit: a name nobody picked, and nothing recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_edit_a_remote_pick_overrides_is_recorded() {
+    resolution_over_a_later_remote_edit(
+        json!({"resolution": "fields", "fields": {"name": "Remote Name"}}),
+        "Remote Name",
+    )
+    .await;
+}
+
+async fn resolution_over_a_later_remote_edit(body: Value, name: &str) {
     let h = synced_customer("flag").await;
     name_edited_on_both_sides(&h).await;
     let conflict = open_conflict(&h.app).await;
@@ -503,9 +521,9 @@ async fn a_remote_edit_the_resolution_overrides_is_recorded() {
     edit_in_stripe(&h.stripe.url(), &h.remote_id, "name", "Remote Again");
     wait_until_an_edit_waits(&h).await;
 
-    let (status, resolved) = resolve(&h.app, &conflict, json!({"resolution": "local"})).await;
+    let (status, resolved) = resolve(&h.app, &conflict, body).await;
     assert_eq!(status, 200, "{resolved}");
-    assert_eq!(resolved["customer"]["name"], "Local Name", "{resolved}");
+    assert_eq!(resolved["customer"]["name"], name, "{resolved}");
     let all = conflicts(&h.app, "?state=resolved").await;
     let overridden = all
         .iter()
@@ -524,11 +542,11 @@ async fn a_remote_edit_the_resolution_overrides_is_recorded() {
             &fields[0]["local"],
             &fields[0]["remote"]
         ),
-        (&json!("name"), &json!("Local Name"), &json!("Remote Again")),
+        (&json!("name"), &json!(name), &json!("Remote Again")),
         "{overridden:#}"
     );
     let version = resolved["customer"]["version"].as_i64().unwrap();
-    assert_stripe_has(&h, version, "Local Name", "+15550000001").await;
+    assert_stripe_has(&h, version, name, "+15550000001").await;
 }
 
 /// A remote edit ferry refuses (a phone it cannot read) waits behind the
