@@ -2203,6 +2203,34 @@ async fn a_remote_record_linked_elsewhere_is_dead_lettered_once(backend: Backend
         .collect();
     assert_eq!(theirs.len(), 1, "{letters}");
     assert_eq!(theirs[0]["error_kind"], "remote_id_taken", "{letters}");
+
+    // The connector deleted (its letters kept for the record): a replay
+    // is refused, and the letter stays open. Before, it was closed and
+    // its link settled `synced` as skipped, though nothing was delivered.
+    let letter = theirs[0]["id"].as_str().unwrap().to_owned();
+    let (status, _) = app
+        .send(
+            reqwest::Method::DELETE,
+            "/api/v1/connectors/recorder?force=true",
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    for (path, body) in [
+        (
+            "/api/v1/dead-letters/replay".to_owned(),
+            Some(json!({"connector": "recorder"})),
+        ),
+        (format!("/api/v1/dead-letters/{letter}/replay"), None),
+    ] {
+        let (status, problem) = post(&app, &path, body).await;
+        assert_eq!(status, 404, "{path}: {problem}");
+        assert_eq!(problem["code"], "connector_not_found", "{problem}");
+    }
+    let (_, kept) = get(&app, &format!("/api/v1/dead-letters/{letter}")).await;
+    assert!(kept["replayed_at"].is_null(), "{kept}");
+    let link = &app.store.links_of(&second).await.unwrap()[0];
+    assert_eq!(link.state, ferry::store::LinkState::Dead, "{link:?}");
 }
 
 /// A switched-on connector with no version any replica can run (here:
