@@ -541,9 +541,13 @@ fn resolve(policy: ConflictPolicy, sides: &Sides<'_>) -> Resolution {
     match policy {
         // A tie goes to the remote: remote clocks are often coarser (Stripe
         // stamps whole seconds, truncated), so a remote change stamped with
-        // the same instant as a local one most likely happened after it.
+        // the same instant as a local one most likely happened after it. A
+        // stamp of a whole second covers that second: a local edit at .300
+        // and a Stripe edit at .700, stamped .000, is a tie, not a local
+        // win (compared to the millisecond, a local edit beat every remote
+        // edit of its own second).
         ConflictPolicy::LastWriterWins
-            if sides.local_changed_at_ms > sides.remote_changed_at_ms =>
+            if local_is_later(sides.local_changed_at_ms, sides.remote_changed_at_ms) =>
         {
             Resolution::Local
         }
@@ -551,6 +555,17 @@ fn resolve(policy: ConflictPolicy, sides: &Sides<'_>) -> Resolution {
         ConflictPolicy::PreferLocal => Resolution::Local,
         ConflictPolicy::PreferRemote => Resolution::Remote,
         ConflictPolicy::Flag => Resolution::Pending,
+    }
+}
+
+/// Whether a local change at `local_ms` came after a remote one stamped
+/// `remote_ms`: in whole seconds when the remote's stamp is one (its clock
+/// may have no finer), to the millisecond otherwise.
+fn local_is_later(local_ms: i64, remote_ms: i64) -> bool {
+    if remote_ms % 1_000 == 0 {
+        local_ms.div_euclid(1_000) > remote_ms.div_euclid(1_000)
+    } else {
+        local_ms > remote_ms
     }
 }
 
@@ -963,6 +978,12 @@ mod tests {
             (3_000, 2_000, "local@example.com"),
             (2_000, 3_000, "remote@example.com"),
             (2_000, 2_000, "remote@example.com"),
+            // A remote stamp of a whole second (Stripe's, truncated)
+            // covers that second: a local edit within it is a tie.
+            (10_300, 10_000, "remote@example.com"),
+            (11_000, 10_000, "local@example.com"),
+            // A stamp to the millisecond is compared to the millisecond.
+            (10_300, 10_250, "local@example.com"),
         ] {
             let merge = merge(
                 Sides {
