@@ -685,6 +685,11 @@ impl Config {
                 "field_owners: `{key}` is not a field (name, email, phone, address[.line1|line2|city|state|postal_code|country], metadata[.KEY])"
             )));
         }
+        if let Some((field, owner)) = self.field_owners.invalid_owner() {
+            return Err(ConfigError::Invalid(format!(
+                "field_owners: `{field}` is owned by `{owner}`, which is neither `ferry` nor a connector's name (lower-case letters, digits and hyphens)"
+            )));
+        }
         if !(0.0..=1.0).contains(&self.reconcile_max_delete_share) {
             return Err(ConfigError::Invalid(
                 "reconcile_max_delete_share must be between 0 and 1".into(),
@@ -1339,6 +1344,23 @@ mod tests {
             assert_eq!(owners.owner("address.line1"), None);
             assert_eq!(owners.owner("metadata.tier"), Some("salesforce"));
             assert_eq!(owners.owner("phone"), Some("ferry"));
+            Ok(())
+        });
+    }
+
+    /// An owner that is no system's name is refused: no change's source
+    /// ever equalled `Stripe`, and the field was silently ferry's.
+    #[test]
+    fn a_field_owner_that_is_no_system_is_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("FERRY_FIELD_OWNERS__PHONE", "Stripe");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let error = config.validate().expect_err("no such owner").to_string();
+            assert!(
+                error.contains("`phone`") && error.contains("`Stripe`"),
+                "{error}"
+            );
             Ok(())
         });
     }

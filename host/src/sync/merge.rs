@@ -219,6 +219,19 @@ impl FieldOwners {
             })
             .map(String::as_str)
     }
+
+    /// Names an owner that no system can be: neither `ferry` nor a
+    /// connector's name (`Stripe`, `sales force`), which no change's source
+    /// ever equals, so the field was silently ferry's (for configuration
+    /// checks).
+    pub fn invalid_owner(&self) -> Option<(&str, &str)> {
+        self.0
+            .iter()
+            .find(|(_, owner)| {
+                owner.as_str() != LOCAL_OWNER && !crate::runtime::valid_connector_name(owner)
+            })
+            .map(|(field, owner)| (field.as_str(), owner.as_str()))
+    }
 }
 
 /// The outcome of a three-way merge.
@@ -1432,6 +1445,24 @@ mod tests {
         );
         assert_eq!(
             owners(&[("metadata.tier", "x"), ("email", "ferry")]).invalid_key(),
+            None
+        );
+        // An owner no change's source can equal: the field was silently
+        // ferry's.
+        for owner in ["Stripe", "sales force", ""] {
+            assert_eq!(
+                owners(&[("phone", owner)]).invalid_owner(),
+                Some(("phone", owner)),
+                "{owner:?}"
+            );
+        }
+        assert_eq!(
+            owners(&[
+                ("phone", "salesforce"),
+                ("name", "ferry"),
+                ("email", "my-crm2")
+            ])
+            .invalid_owner(),
             None
         );
     }
