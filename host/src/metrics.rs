@@ -193,6 +193,10 @@ pub fn retention_deleted(table: &'static str, rows: u64) {
 /// `time() - gauge` never alerted).
 pub fn retention_started() {
     gauge!("ferry_retention_last_success_timestamp_seconds").set(unix_now());
+    // At 0 from the start: a counter's series that first appears at 1 is
+    // no increase to Prometheus (`increase()` sees one sample), and the
+    // alert on it missed the first failure.
+    counter!("ferry_retention_failures_total").increment(0);
 }
 
 /// A retention pass finished (`ok`) or failed.
@@ -248,6 +252,16 @@ pub fn webhook_verification(connector: &str, result: &'static str) {
     .increment(1);
 }
 
+/// The Kafka bus started, consuming `topics`: its failure counters at 0
+/// (see [`retention_started`]).
+pub fn kafka_started(topics: &[&str]) {
+    counter!("ferry_kafka_producer_errors_total").increment(0);
+    for topic in topics {
+        counter!("ferry_kafka_consumer_restarts_total", "topic" => (*topic).to_owned())
+            .increment(0);
+    }
+}
+
 /// A Kafka publish failed.
 pub fn kafka_producer_error() {
     counter!("ferry_kafka_producer_errors_total").increment(1);
@@ -299,6 +313,18 @@ pub async fn run_gauges(
         }
         let names: Vec<String> = registry.entries().iter().map(|e| e.name.clone()).collect();
         for name in &names {
+            // Each connector's failure counters at 0 from the start (see
+            // `retention_started`): the documented alert,
+            // `increase(ferry_dead_letters_total[1h]) > 0`, missed a
+            // replica's first dead letter, which is the usual one.
+            for direction in ["outbound", "inbound"] {
+                let labels = [
+                    ("connector", name.clone()),
+                    ("direction", direction.to_owned()),
+                ];
+                counter!("ferry_dead_letters_total", &labels).increment(0);
+                counter!("ferry_sync_retries_total", &labels).increment(0);
+            }
             let view = sync.breakers().view(name);
             let state = match view.state {
                 "open" => 2.0,

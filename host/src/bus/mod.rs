@@ -778,6 +778,7 @@ async fn consume<F, Fut>(
     F: FnMut(Vec<kafka::Message>) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
+    crate::metrics::kafka_started(&[topic]);
     while !cancel.is_cancelled() {
         let stopped = match kafka::KafkaConsumer::new(settings, topic) {
             Ok(consumer) => {

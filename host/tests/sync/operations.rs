@@ -122,6 +122,48 @@ async fn a_request_cut_off_by_the_request_timeout_is_counted() {
     );
 }
 
+/// The failure counters an alert watches are there at 0 before the first
+/// failure: a series that first appears at 1 is no `increase()` to
+/// Prometheus, and the documented dead-letter alert missed a replica's
+/// first dead letter.
+#[tokio::test]
+async fn failure_counters_are_there_before_the_first_failure() {
+    let app = spawn_sync_app(Setup::new(Backend::Sqlite, "http://127.0.0.1:9")).await;
+    let wanted = [
+        ("ferry_dead_letters_total", "outbound"),
+        ("ferry_dead_letters_total", "inbound"),
+        ("ferry_sync_retries_total", "outbound"),
+        ("ferry_sync_retries_total", "inbound"),
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let scrape = scrape(&app.base).await;
+        let there = |name: &str, labels: &[(&str, &str)]| {
+            scrape.iter().any(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+        };
+        let missing: Vec<_> = wanted
+            .iter()
+            .filter(|(name, direction)| {
+                !there(name, &[("connector", "stripe"), ("direction", direction)])
+            })
+            .collect();
+        let retention = there("ferry_retention_failures_total", &[]);
+        if missing.is_empty() && retention {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "absent: {missing:?}, retention failures there: {retention}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn metrics_move_with_syncs_refused_webhooks_retries_and_traps() {
     let stripe = LocalStripe::start().expect("localstripe");
