@@ -244,7 +244,8 @@ pub fn delivery(connector: &str, direction: &'static str, outcome: &'static str)
 
 /// One webhook delivery's verification: `verified` (and its events
 /// stored), `invalid_signature`, `invalid` (refused after verification),
-/// `failed` (the connector broke) or `unstored` (verified, and refused by
+/// `failed` (the connector broke, or cannot run on this replica) or
+/// `unstored` (verified, and refused by
 /// a busy or read-only store: the sender retries).
 pub fn webhook_verification(connector: &str, result: &'static str) {
     counter!("ferry_webhook_verifications_total",

@@ -342,6 +342,10 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi_json))
         .merge(docs::router())
         .merge(crate::console::router(max_component_bytes));
+    // A handler's panic (a bug) answers 500 `internal` as documented;
+    // uncaught, it ended the connection with no answer at all. Inside the
+    // metrics layer, so that the 500 is counted.
+    routes = routes.route_layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked));
     // A whole request fails after `request_timeout` (408 request_timeout).
     // Inside the metrics layer, so that a request cut off is counted too.
     routes = routes.route_layer(
@@ -367,9 +371,6 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(utf8_paths_only))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        // A handler's panic (a bug) answers 500 `internal` as documented;
-        // uncaught, it ended the connection with no answer at all.
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(axum::middleware::from_fn(console_headers))
         .layer(DefaultBodyLimit::max(max_body))
         // A stalled body fails after `body_read_timeout`.
@@ -398,7 +399,7 @@ mod tests {
     use tower::ServiceExt;
 
     /// A handler that panics answers 500 `internal` as problem+json (the
-    /// layer `router` puts over every route), not a dropped connection.
+    /// layer `router` puts on every route), not a dropped connection.
     #[tokio::test]
     async fn a_handler_that_panics_answers_500_internal() {
         let app = axum::Router::new()

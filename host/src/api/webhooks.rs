@@ -67,6 +67,9 @@ pub async fn receive(
         .ready(&name, Need::Webhooks)
         .map_err(|not_ready| match not_ready {
             NotReady::NotLoaded(why) | NotReady::Incomplete(why) if switched_on(&state, &name) => {
+                // Counted: hours of refused deliveries were on no metric
+                // but the HTTP status's.
+                crate::metrics::webhook_verification(&name, "failed");
                 tracing::debug!(connector = %name, why, "webhook refused: the connector cannot run here");
                 ApiError::ConnectorFailed
             }

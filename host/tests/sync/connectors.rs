@@ -2261,6 +2261,19 @@ async fn a_connector_without_a_version_leaves_the_replica_ready(backend: Backend
         .cloned()
         .unwrap_or_default();
     assert_eq!(check["ok"], false, "reported: {ready:#}");
+
+    // A delivery to it is refused for the sender to retry, and counted.
+    let failed = [("connector", "recorder"), ("result", "failed")];
+    let metric = "ferry_webhook_verifications_total";
+    let before = crate::operations::scrape(&app.base).await;
+    let (status, body) = recorder_webhook(&app.client, &app.base, "no-version").await;
+    assert_eq!(status, 503, "{body}");
+    let after = crate::operations::scrape(&app.base).await;
+    assert!(
+        crate::operations::value(&after, metric, &failed)
+            > crate::operations::value(&before, metric, &failed),
+        "the refused delivery is counted"
+    );
 }
 
 /// Runs a report of the recorder to its end, which must fail saying `says`.

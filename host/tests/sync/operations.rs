@@ -24,9 +24,9 @@ const TOKEN: &str = "ops-test-admin-token-0123456789";
 
 /// One scrape, parsed: (name, labels) → value (histograms by their
 /// `_count`).
-type Scrape = Vec<(String, BTreeMap<String, String>, f64)>;
+pub(crate) type Scrape = Vec<(String, BTreeMap<String, String>, f64)>;
 
-async fn scrape(base: &str) -> Scrape {
+pub(crate) async fn scrape(base: &str) -> Scrape {
     let response = reqwest::get(format!("{base}/metrics"))
         .await
         .expect("scraped");
@@ -61,7 +61,7 @@ async fn scrape(base: &str) -> Scrape {
 }
 
 /// The sum of `name`'s samples whose labels include `labels`.
-fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     scrape
         .iter()
         .filter(|(n, l, _)| {
