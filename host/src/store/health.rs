@@ -245,6 +245,8 @@ impl Store {
             .bind(filter.starting_after.as_ref().map(|(c, _)| c.as_str()))
             .bind(filter.starting_after.as_ref().map_or("", |(_, n)| n.as_str()))
             .bind(i64::from(filter.limit))
+            // Planned for each call: see `list_inbox`.
+            .persistent(false)
             .fetch_all(pool)
             .await?
         });
@@ -266,6 +268,13 @@ impl Store {
                 .bind(filter.state.as_deref())
                 .bind(filter.starting_after.unwrap_or(0))
                 .bind(i64::from(filter.limit))
+                // Planned for each call, with the filters given: a plan
+                // PostgreSQL keeps for a prepared statement (after five
+                // calls, when it looks no dearer) cannot use the partial
+                // indexes of due rows, and read the whole table by `seq`
+                // to find a few in `retry`, the very listing an incident
+                // asks for.
+                .persistent(false)
                 .fetch_all(pool)
                 .await?
         });
