@@ -376,6 +376,8 @@ pub enum Applied {
 /// the change decides again (see [`InboundChange::releases`]). A link
 /// that moves to another record takes that record's date: kept, the old
 /// record's newest date made the new one's changes dated before it stale.
+/// A dead link reopened waits for its last update to settle, as intake
+/// does (see `FORCE_PUSH_SQL`).
 macro_rules! link_upsert_on_conflict {
     () => {
         "ON CONFLICT (customer_id, connector) DO UPDATE SET remote_id = excluded.remote_id, \
@@ -388,7 +390,10 @@ macro_rules! link_upsert_on_conflict {
             AND sync_links.state IN ('synced', 'dead') THEN 0 ELSE sync_links.attempts END, \
          next_attempt_at_ms = CASE WHEN excluded.wanted_version > excluded.synced_version \
             AND excluded.wanted_version > sync_links.synced_version \
-            AND sync_links.state IN ('synced', 'dead') THEN excluded.next_attempt_at_ms \
+            AND sync_links.state IN ('synced', 'dead') THEN \
+              (CASE WHEN sync_links.state = 'dead' \
+                AND sync_links.next_attempt_at_ms > excluded.next_attempt_at_ms \
+              THEN sync_links.next_attempt_at_ms ELSE excluded.next_attempt_at_ms END) \
             ELSE sync_links.next_attempt_at_ms END, \
          snapshot = COALESCE(excluded.snapshot, sync_links.snapshot), \
          pushed_hash = CASE WHEN excluded.snapshot IS NULL THEN sync_links.pushed_hash \

@@ -1466,6 +1466,63 @@ async fn a_forced_push_waits_for_a_dead_update_to_settle(postgres: bool) {
     assert!(!due.iter().any(|c| c.link.customer_id == id), "{due:?}");
 }
 
+/// An inbound merge that keeps a value the remote lacks reopens a dead link
+/// to push it back: that push waits for the dead update to settle too. The
+/// link's upsert, which runs first, made it due at once.
+async fn an_inbound_push_back_waits_for_a_dead_update_to_settle(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let (customers, remote, _) = two_linked(&store, &format!("back_{postgres}")).await;
+    let customer = &customers[0];
+    let id = customer.id.as_str();
+    assert!(store
+        .force_push(id, "stripe", customer.version)
+        .await
+        .expect("forced"));
+    let link = stripe_link_claimed(&store, "lease-back", id).await;
+    let died = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
+        version: customer.version,
+        operation: Some("update"),
+        attempt: 10,
+        error_kind: ferry::store::DeadLetterKind::RetriesExhausted,
+        error: "timed out".to_owned(),
+        settle_ms: 60_000,
+    });
+    assert_eq!(
+        store.write_links(&[(&link, &died)]).await.expect("written"),
+        [true]
+    );
+    let dead = store.links_of(id).await.expect("links").remove(0);
+    assert_eq!(dead.state, LinkState::Dead, "{dead:?}");
+    let events = claim_later(&store, &[(format!("evt_back_{postgres}"), &remote[0])]).await;
+    let read = link_read(&store, &remote[0]).await;
+    let merged = InboundChange {
+        remote_has_result: false,
+        push_back: Some(customer.version + 1),
+        ..renamed_from_remote(&events[0], customer, "Merged", Some(read))
+    };
+    let results = store.apply_inbound_many(&[merged]).await.expect("applied");
+    assert!(
+        matches!(results[0], Ok(Applied::Done(Some(_)))),
+        "{results:?}"
+    );
+    let reopened = store.links_of(id).await.expect("links").remove(0);
+    assert_eq!(reopened.state, LinkState::Pending, "{reopened:?}");
+    assert!(
+        reopened.next_attempt_at_ms >= dead.next_attempt_at_ms,
+        "due before the dead update settles: {reopened:?}"
+    );
+}
+
+#[tokio::test]
+async fn postgres_an_inbound_push_back_waits_for_a_dead_update_to_settle() {
+    an_inbound_push_back_waits_for_a_dead_update_to_settle(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_an_inbound_push_back_waits_for_a_dead_update_to_settle() {
+    an_inbound_push_back_waits_for_a_dead_update_to_settle(false).await;
+}
+
 #[tokio::test]
 async fn postgres_a_forced_push_waits_for_a_dead_update_to_settle() {
     a_forced_push_waits_for_a_dead_update_to_settle(true).await;
