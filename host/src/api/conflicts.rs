@@ -345,7 +345,9 @@ pub async fn resolve_conflict(
         // the duplicate-email policy). Folded, they made every resolution
         // fail, and the link stayed held for good.
         let folding = if fold {
-            match state.sync.fold_waiting(&conflict, &record).await {
+            // A `local` resolution sets no field: it keeps what stands.
+            let set = request.resolution != Choice::Local;
+            match state.sync.fold_waiting(&conflict, &record, set).await {
                 Ok(folding) => folding,
                 Err(FoldError::Store(error)) => return Err(error.into()),
                 Err(FoldError::RemoteUnreadable(why)) => {

@@ -293,10 +293,13 @@ impl SyncEngine {
     /// base is the link's snapshot, the remote state the person saw; the
     /// person's choice is the newest word on every field it sets, the
     /// remote's edits are taken on the others (field owners first).
+    /// `set_every_field`: the person set every field the conflict lists
+    /// (`remote`, `fields`), not only kept ferry's (`local`).
     pub async fn fold_waiting(
         &self,
         conflict: &Conflict,
         resolved: &serde_json::Value,
+        set_every_field: bool,
     ) -> Result<Option<(serde_json::Value, Folded)>, FoldError> {
         let store = &self.inner.store;
         let links = store.links_of(&conflict.customer_id).await?;
@@ -383,21 +386,25 @@ impl SyncEngine {
             })
             .cloned()
             .collect();
-        // So does a field the person decided for the value the conflict
-        // showed for the remote: that value is the snapshot's, so the merge
-        // read it as unchanged in ferry and took the later edit, a value
-        // nobody picked, with nothing recorded.
+        // So does a field the person set (`remote` or `fields`, which set
+        // every field the conflict lists) to the value the conflict showed
+        // for the remote: that value is the snapshot's, so the merge read
+        // it as unchanged in ferry and took the later edit, a value nobody
+        // picked, with nothing recorded. Not a `local` resolution's fields
+        // (it sets none: a field the policy gave the remote stays open to
+        // the remote's later edits), nor an owned field (its owner first).
         let value = |record: Option<&serde_json::Value>, field: &str| {
             record
                 .and_then(|r| field_of(r, field))
                 .cloned()
                 .unwrap_or(serde_json::Value::Null)
         };
-        for field in decided
+        let set = decided
             .into_iter()
             .flatten()
             .filter_map(|d| d["field"].as_str())
-        {
+            .filter(|field| set_every_field && self.inner.field_owners.owner(field).is_none());
+        for field in set {
             let chosen = value(Some(resolved), field);
             let now = value(Some(&merged.merged), field);
             if same_text(field, now.as_str(), chosen.as_str()) {

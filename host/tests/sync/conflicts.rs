@@ -512,6 +512,11 @@ async fn a_remote_edit_a_remote_pick_overrides_is_recorded() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_edit_a_remote_resolution_overrides_is_recorded() {
+    resolution_over_a_later_remote_edit(json!({"resolution": "remote"}), "Remote Name").await;
+}
+
 async fn resolution_over_a_later_remote_edit(body: Value, name: &str) {
     let h = synced_customer("flag").await;
     name_edited_on_both_sides(&h).await;
