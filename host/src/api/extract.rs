@@ -25,7 +25,7 @@ impl FromRequest<AppState> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        read_json(request, state, &["application/json"])
+        read_json(request, state, &["application/json"], "application/json")
             .await
             .map(Self)
     }
@@ -44,17 +44,20 @@ impl FromRequest<AppState> for MergePatchBody {
             request,
             state,
             &["application/json", "application/merge-patch+json"],
+            "application/json or application/merge-patch+json",
         )
         .await
         .map(Self)
     }
 }
 
-/// The body of `request`, whose `Content-Type` must be one of `types`.
+/// The body of `request`, whose `Content-Type` must be one of `types`
+/// (`expected` says which, when it is not).
 async fn read_json(
     request: Request,
     state: &AppState,
-    types: &[&'static str],
+    types: &[&str],
+    expected: &'static str,
 ) -> Result<Bytes, ApiError> {
     let json = request
         .headers()
@@ -66,9 +69,7 @@ async fn read_json(
             types.contains(&essence.as_str())
         });
     if !json {
-        return Err(ApiError::UnsupportedMediaType {
-            expected: types.last().copied().unwrap_or("application/json"),
-        });
+        return Err(ApiError::UnsupportedMediaType { expected });
     }
     Bytes::from_request(request, state)
         .await

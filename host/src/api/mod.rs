@@ -371,6 +371,9 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(utf8_paths_only))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // And around the middleware and fallbacks too (their panics are
+        // not counted: no route matched yet).
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(axum::middleware::from_fn(console_headers))
         .layer(DefaultBodyLimit::max(max_body))
         // A stalled body fails after `body_read_timeout`.
