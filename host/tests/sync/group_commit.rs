@@ -1417,20 +1417,15 @@ async fn forced_meanwhile(postgres: bool, batched: bool, ended: Ended) {
     );
 }
 
-/// A push forced onto a link whose last update died unanswered (timed out:
-/// the request may still land) waits for that update to settle, as a new
-/// change or a replay does: sent at once, it could land first, and the late
-/// update put the older values back at the remote.
-async fn a_forced_push_waits_for_a_dead_update_to_settle(postgres: bool) {
-    let (store, _dir) = store(postgres).await;
-    let (customers, _, _) = two_linked(&store, &format!("settle_{postgres}")).await;
-    let customer = &customers[0];
+/// `customer`'s Stripe link dead after a forced update timed out on its
+/// last attempt, waiting a minute for it to settle (it may still land).
+async fn dead_after_an_update_timed_out(store: &Store, customer: &Customer) -> SyncLink {
     let id = customer.id.as_str();
     assert!(store
         .force_push(id, "stripe", customer.version)
         .await
         .expect("forced"));
-    let link = stripe_link_claimed(&store, "lease-settle", id).await;
+    let link = stripe_link_claimed(store, "lease-settle", id).await;
     let died = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
         version: customer.version,
         operation: Some("update"),
@@ -1445,6 +1440,19 @@ async fn a_forced_push_waits_for_a_dead_update_to_settle(postgres: bool) {
     );
     let dead = store.links_of(id).await.expect("links").remove(0);
     assert_eq!(dead.state, LinkState::Dead, "{dead:?}");
+    dead
+}
+
+/// A push forced onto a link whose last update died unanswered (timed out:
+/// the request may still land) waits for that update to settle, as a new
+/// change or a replay does: sent at once, it could land first, and the late
+/// update put the older values back at the remote.
+async fn a_forced_push_waits_for_a_dead_update_to_settle(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let (customers, _, _) = two_linked(&store, &format!("settle_{postgres}")).await;
+    let customer = &customers[0];
+    let id = customer.id.as_str();
+    let dead = dead_after_an_update_timed_out(&store, customer).await;
     for _ in 0..2 {
         // A repair's forced push, and an inbound merge's push back, alike.
         assert!(store
@@ -1474,25 +1482,7 @@ async fn an_inbound_push_back_waits_for_a_dead_update_to_settle(postgres: bool) 
     let (customers, remote, _) = two_linked(&store, &format!("back_{postgres}")).await;
     let customer = &customers[0];
     let id = customer.id.as_str();
-    assert!(store
-        .force_push(id, "stripe", customer.version)
-        .await
-        .expect("forced"));
-    let link = stripe_link_claimed(&store, "lease-back", id).await;
-    let died = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
-        version: customer.version,
-        operation: Some("update"),
-        attempt: 10,
-        error_kind: ferry::store::DeadLetterKind::RetriesExhausted,
-        error: "timed out".to_owned(),
-        settle_ms: 60_000,
-    });
-    assert_eq!(
-        store.write_links(&[(&link, &died)]).await.expect("written"),
-        [true]
-    );
-    let dead = store.links_of(id).await.expect("links").remove(0);
-    assert_eq!(dead.state, LinkState::Dead, "{dead:?}");
+    let dead = dead_after_an_update_timed_out(&store, customer).await;
     let events = claim_later(&store, &[(format!("evt_back_{postgres}"), &remote[0])]).await;
     let read = link_read(&store, &remote[0]).await;
     let merged = InboundChange {
