@@ -520,6 +520,11 @@ async fn deleted_only_with_force(app: &SyncApp) {
         problem["detail"].as_str().unwrap().starts_with("1 "),
         "{problem}"
     );
+    force_delete_recorder(app).await;
+}
+
+/// `DELETE /api/v1/connectors/recorder?force=true`, which must answer 204.
+async fn force_delete_recorder(app: &SyncApp) {
     let (status, _) = app
         .send(
             reqwest::Method::DELETE,
@@ -2208,14 +2213,7 @@ async fn a_remote_record_linked_elsewhere_is_dead_lettered_once(backend: Backend
     // is refused, and the letter stays open. Before, it was closed and
     // its link settled `synced` as skipped, though nothing was delivered.
     let letter = theirs[0]["id"].as_str().unwrap().to_owned();
-    let (status, _) = app
-        .send(
-            reqwest::Method::DELETE,
-            "/api/v1/connectors/recorder?force=true",
-            None,
-        )
-        .await;
-    assert_eq!(status, 204);
+    force_delete_recorder(&app).await;
     for (path, body) in [
         (
             "/api/v1/dead-letters/replay".to_owned(),

@@ -378,15 +378,21 @@ async fn outbound_message_is_acknowledged_applied_once_and_reaches_stripe() {
         .cloned()
         .zip(ids.iter().cloned())
         .collect();
-    let xml = rig
-        .salesforce
-        .outbound_message_xml(rig.salesforce.org_id(), "Contact", &again);
-    let redelivery = rig
-        .salesforce
-        .send_raw(&rig.webhook_url(), xml)
-        .await
-        .expect("redelivery");
-    assert!(redelivery.acked, "{redelivery:?}");
+    let redeliver = |notifications: &[(String, String)]| {
+        let rig = &rig;
+        let xml =
+            rig.salesforce
+                .outbound_message_xml(rig.salesforce.org_id(), "Contact", notifications);
+        async move {
+            let redelivery = rig
+                .salesforce
+                .send_raw(&rig.webhook_url(), xml)
+                .await
+                .expect("redelivery");
+            assert!(redelivery.acked, "{redelivery:?}");
+        }
+    };
+    redeliver(&again).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     for (customer, contact_id) in customers.iter().zip(&ids) {
         let id = customer["id"].as_str().expect("id");
@@ -406,15 +412,7 @@ async fn outbound_message_is_acknowledged_applied_once_and_reaches_stripe() {
     // that edit is applied, not dropped as the notification already taken.
     rig.salesforce
         .update_record("Contact", &ids[0], json!({"LastName": "Hopper-Murray"}));
-    let xml = rig
-        .salesforce
-        .outbound_message_xml(rig.salesforce.org_id(), "Contact", &again[..1]);
-    let redelivery = rig
-        .salesforce
-        .send_raw(&rig.webhook_url(), xml)
-        .await
-        .expect("redelivery");
-    assert!(redelivery.acked, "{redelivery:?}");
+    redeliver(&again[..1]).await;
     let id = customers[0]["id"].as_str().expect("id");
     wait_customer(&rig.app, id, |c| c["name"] == "Grace Hopper-Murray").await;
 }
