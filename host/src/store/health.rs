@@ -158,12 +158,42 @@ pub struct TrimStep {
 /// given, at most `$5`. The cursor is one row-value range, which both
 /// planners seek the primary key with: `(? IS NULL OR …)` kept SQLite
 /// reading it from the start on every page.
-pub(super) const LIST_LINKS_SQL: &str = "SELECT customer_id, connector, remote_id, state, \
-     attempts, next_attempt_at_ms, last_error, correlation_id, updated_at FROM sync_links \
-     WHERE (CAST($1 AS TEXT) IS NULL OR connector = $1) \
-     AND (CAST($2 AS TEXT) IS NULL OR state = $2) \
-     AND (customer_id, connector) > (COALESCE(CAST($3 AS TEXT), ''), CAST($4 AS TEXT)) \
-     ORDER BY customer_id, connector LIMIT $5";
+/// `state = $2` when a listing names a state, so SQLite can read that
+/// state's partial index (the dead ones): it plans a statement before its
+/// values are bound and cannot prove `(? IS NULL OR state = ?)` implies
+/// `state = 'dead'`. `$2` is NULL otherwise.
+fn state_filter(given: bool) -> &'static str {
+    if given {
+        "state = $2"
+    } else {
+        "CAST($2 AS TEXT) IS NULL"
+    }
+}
+
+/// A page of links, filtered by connector and (when `state`) state, after
+/// a `(customer_id, connector)`.
+pub(super) fn list_links_sql(state: bool) -> String {
+    format!(
+        "SELECT customer_id, connector, remote_id, state, \
+         attempts, next_attempt_at_ms, last_error, correlation_id, updated_at FROM sync_links \
+         WHERE (CAST($1 AS TEXT) IS NULL OR connector = $1) AND {} \
+         AND (customer_id, connector) > (COALESCE(CAST($3 AS TEXT), ''), CAST($4 AS TEXT)) \
+         ORDER BY customer_id, connector LIMIT $5",
+        state_filter(state)
+    )
+}
+
+/// A page of inbox events, filtered by connector and (when `state`) state,
+/// after a `seq`.
+pub(super) fn list_inbox_sql(state: bool) -> String {
+    format!(
+        "SELECT {} FROM inbox \
+         WHERE (CAST($1 AS TEXT) IS NULL OR connector = $1) AND {} \
+         AND seq > $3 ORDER BY seq LIMIT $4",
+        super::inbox::INBOX_COLUMNS,
+        state_filter(state)
+    )
+}
 
 impl Store {
     /// The backlogs, from partial indexes only.
@@ -238,8 +268,9 @@ impl Store {
 
     /// A page of links, by customer id.
     pub async fn list_links(&self, filter: &LinkFilter) -> Result<Vec<LinkSummary>, StoreError> {
+        let sql = list_links_sql(filter.state.is_some());
         let rows = dispatch!(self, read pool => {
-            sqlx::query_as(LIST_LINKS_SQL)
+            sqlx::query_as(&sql)
             .bind(filter.connector.as_deref())
             .bind(filter.state.as_deref())
             .bind(filter.starting_after.as_ref().map(|(c, _)| c.as_str()))
@@ -255,13 +286,7 @@ impl Store {
 
     /// A page of inbox events, by arrival.
     pub async fn list_inbox(&self, filter: &InboxFilter) -> Result<Vec<InboxEvent>, StoreError> {
-        let sql = format!(
-            "SELECT {} FROM inbox \
-             WHERE (CAST($1 AS TEXT) IS NULL OR connector = $1) \
-             AND (CAST($2 AS TEXT) IS NULL OR state = $2) \
-             AND seq > $3 ORDER BY seq LIMIT $4",
-            super::inbox::INBOX_COLUMNS
-        );
+        let sql = list_inbox_sql(filter.state.is_some());
         let rows = dispatch!(self, read pool => {
             sqlx::query_as(&sql)
                 .bind(filter.connector.as_deref())

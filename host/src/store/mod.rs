@@ -897,17 +897,101 @@ mod tests {
             "{plan:?}"
         );
         // The links' listing likewise.
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&format!(
+            "EXPLAIN QUERY PLAN {}",
+            health::list_links_sql(false)
+        ))
+        .bind(None::<String>)
+        .bind(None::<String>)
+        .bind("cus_0123")
+        .bind("stripe")
+        .bind(10_i64)
+        .fetch_all(&pools.writer)
+        .await
+        .unwrap();
+        let plan: Vec<&str> = plan.iter().map(|(_, _, _, d)| d.as_str()).collect();
+        assert!(plan.iter().any(|d| d.starts_with("SEARCH")), "{plan:?}");
+    }
+
+    /// The dead inbox events and dead links are listed from their own
+    /// indexes: without them a listing read every event or link in its
+    /// order to find the few that died.
+    #[tokio::test]
+    async fn dead_listings_read_their_indexes() {
+        let (inbox, links) = (health::list_inbox_sql(true), health::list_links_sql(true));
+        let store = Store::connect("sqlite::memory:", &StoreOptions::default())
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let Backend::Sqlite(pools) = &store.backend else {
+            unreachable!()
+        };
         let plan: Vec<(i64, i64, i64, String)> =
-            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {}", health::LIST_LINKS_SQL))
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {inbox}"))
                 .bind(None::<String>)
-                .bind(None::<String>)
-                .bind("cus_0123")
-                .bind("stripe")
+                .bind("dead")
+                .bind(0_i64)
                 .bind(10_i64)
                 .fetch_all(&pools.writer)
                 .await
                 .unwrap();
-        let plan: Vec<&str> = plan.iter().map(|(_, _, _, d)| d.as_str()).collect();
-        assert!(plan.iter().any(|d| d.starts_with("SEARCH")), "{plan:?}");
+        assert!(
+            plan.iter().any(|(_, _, _, d)| d.contains("inbox_dead")),
+            "{plan:?}"
+        );
+        let plan: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {links}"))
+                .bind(None::<String>)
+                .bind("dead")
+                .bind(None::<String>)
+                .bind("")
+                .bind(10_i64)
+                .fetch_all(&pools.writer)
+                .await
+                .unwrap();
+        assert!(
+            plan.iter()
+                .any(|(_, _, _, d)| d.contains("sync_links_dead")),
+            "{plan:?}"
+        );
+
+        // PostgreSQL plans each listing with its filters' values (an
+        // unnamed statement), which leaves `state = 'dead'` to match the
+        // index. Sequential scans are off: these tables are empty.
+        let cluster = ferry_test_support::postgres::PgCluster::shared();
+        let url = cluster.create_database().await.unwrap();
+        let store = Store::connect(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let Backend::Postgres(pool) = &store.backend else {
+            unreachable!()
+        };
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("SET LOCAL enable_seqscan = off")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let plan: serde_json::Value = sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) {inbox}"))
+            .bind(None::<String>)
+            .bind("dead")
+            .bind(0_i64)
+            .bind(10_i64)
+            .persistent(false)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert!(plan.to_string().contains("inbox_dead"), "{plan}");
+        let plan: serde_json::Value = sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) {links}"))
+            .bind(None::<String>)
+            .bind("dead")
+            .bind(None::<String>)
+            .bind("")
+            .bind(10_i64)
+            .persistent(false)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert!(plan.to_string().contains("sync_links_dead"), "{plan}");
     }
 }

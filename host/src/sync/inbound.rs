@@ -1945,7 +1945,7 @@ mod tests {
             "ada+dup-stripe-cus_1@example.com"
         );
         let long_local = format!("{}@example.com", "a".repeat(50));
-        let long_id = "cus_".to_owned() + &"x".repeat(60);
+        let long_id = format!("cus_{}", "x".repeat(60));
         for (email, id) in [
             (long_local.as_str(), "cus_1"),
             ("ada@example.com", long_id.as_str()),
