@@ -21,7 +21,7 @@ use crate::app::AppState;
 use crate::registry::{Need, NotReady};
 use crate::store::reconciliations::{scheduling_claim, MismatchRow, RunRow};
 use crate::sync::merge::FieldDifference;
-use crate::sync::reconcile::{Kind, Mode, Repair};
+use crate::sync::reconcile::{Kind, Mode, Repair, Resolved};
 use crate::sync::ENTITY;
 
 const DEFAULT_LIMIT: u32 = 50;
@@ -489,7 +489,7 @@ pub async fn list_mismatches(
         (status = 404, description = "No such run or finding", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not open (`mismatch_not_open`), or its run is still going (`reconciliation_running`)", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The action does nothing for this kind of finding", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The action does nothing for this kind of finding, or would do what a run leaves for a person (delete a customer whose email is on a record no link holds)", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
@@ -574,8 +574,8 @@ async fn settle(
         .resolve_mismatch(run, mismatch, repair, &claim)
         .await
     {
-        Ok(Some(what)) => Ok(what),
-        Ok(None) => Err(ApiError::field(
+        Ok(Resolved::Scheduled(what)) => Ok(what),
+        Ok(Resolved::NotApplicable) => Err(ApiError::field(
             "action",
             format!(
                 "{} does nothing for a {} finding",
@@ -583,6 +583,7 @@ async fn settle(
                 mismatch.kind
             ),
         )),
+        Ok(Resolved::Refused(why)) => Err(ApiError::field("action", why)),
         Err(crate::sync::inbound::FoldError::Store(error)) => Err(error.into()),
         Err(crate::sync::inbound::FoldError::RemoteUnreadable(why)) => {
             Err(ApiError::RemoteUnavailable(why))

@@ -362,6 +362,14 @@ impl SyncEngine {
             Ok(()) => Ok(()),
             Err(Stop::Failed(reason)) => {
                 tracing::warn!(reason, "reconciliation failed");
+                // The findings its pages made are counted, as a finished
+                // run's are: some kinds are counted only once classified.
+                if let Err(error) = store.recount(&run).await {
+                    tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::from(error)),
+                        "a failed reconciliation's findings were not counted"
+                    );
+                }
                 match store.finish_run(&run, "failed", Some(&reason)).await {
                     Ok(true) => Ok(()),
                     Ok(false) => {
@@ -788,11 +796,7 @@ impl SyncEngine {
                 .iter()
                 .find(|(l, _)| l.remote_id.as_deref() == Some(record.remote_id.as_str()));
             let Some((link, customer)) = link else {
-                // An email no customer can have (longer than the API
-                // takes) is none: it could only be dead-lettered, and kept
-                // as a key it failed the page's commit on PostgreSQL.
-                let email = email_of(&remote)
-                    .filter(|e| e.len() <= crate::api::customers::validate::MAX_EMAIL);
+                let email = importable_email(&remote);
                 findings
                     .unlinked
                     .push((record.remote_id.clone(), email, remote));
@@ -1085,6 +1089,9 @@ impl SyncEngine {
         let store = &self.inner.store;
         let mut after = run.cursor.clone();
         loop {
+            if cancel.is_cancelled() {
+                return Err(Stop::Cancelled);
+            }
             self.renew(run).await?;
             self.may_repair(run).await?;
             self.wait_for_backlog(run, cancel).await?;
@@ -1094,13 +1101,22 @@ impl SyncEngine {
             let batch = store
                 .mismatches(&run.id, None, Some("open"), after.as_deref(), STEP)
                 .await?;
-            let Some(last) = batch.last().map(|m| m.id.clone()) else {
+            if batch.is_empty() {
                 return Ok(());
-            };
+            }
             let mut events = Vec::new();
             let mut done = Vec::new();
             let mut renewed = Instant::now();
+            // The last finding looked at: a shutdown stops the step there
+            // (an orphan's read may take a call's whole timeout, and a
+            // step's findings that add nothing to the backlog never wait
+            // where a shutdown is seen), and what it scheduled is recorded.
+            let mut looked = None;
             for mismatch in &batch {
+                if cancel.is_cancelled() {
+                    break;
+                }
+                looked = Some(mismatch.id.clone());
                 // An orphan's repair reads its record first, one call each:
                 // a step's reads outlast the lease (a replica took the run
                 // over mid-step, and the step ran again from its start).
@@ -1110,6 +1126,10 @@ impl SyncEngine {
                 // dead-lettered, or take the link from that record, again
                 // by every run: it stays for a person.
                 if self.duplicate_left_to_a_person(run, mismatch).await? {
+                    continue;
+                }
+                if let Some(nothing) = self.orphan_of_a_deleted_customer(mismatch).await? {
+                    done.push((mismatch.id.clone(), nothing, false));
                     continue;
                 }
                 let Some(action) =
@@ -1153,6 +1173,9 @@ impl SyncEngine {
                 };
                 done.push((mismatch.id.clone(), what, repaired));
             }
+            let Some(last) = looked else {
+                return Err(Stop::Cancelled);
+            };
             if !events.is_empty() {
                 store
                     .store_inbox_many(&[(
@@ -1164,6 +1187,9 @@ impl SyncEngine {
             }
             if !store.commit_repairs(run, &done, &last).await? {
                 return Err(Stop::LeaseLost);
+            }
+            if cancel.is_cancelled() {
+                return Err(Stop::Cancelled);
             }
             after = Some(last);
         }
@@ -1283,7 +1309,8 @@ impl SyncEngine {
     /// Resolves one open finding by hand with `action`, the way a run with
     /// that repair policy would (orphans included, whatever the run's
     /// mode); what was scheduled, or `None` when the action does nothing
-    /// for this kind of finding.
+    /// for this kind of finding, [`Resolved::Refused`] when it would do
+    /// what a run leaves for a person.
     /// An orphan's recreate whose record the remote cannot be asked about
     /// now is [`FoldError::RemoteUnreadable`] (the finding stays open). A
     /// forced push records what it did in the finding while it holds
@@ -1294,7 +1321,7 @@ impl SyncEngine {
         mismatch: &MismatchRow,
         action: Repair,
         claim: &str,
-    ) -> Result<Option<String>, FoldError> {
+    ) -> Result<Resolved, FoldError> {
         let store = &self.inner.store;
         let Some(planned) = plan_repair(
             run,
@@ -1303,8 +1330,25 @@ impl SyncEngine {
             self.inner.delete_policy,
             mismatch,
         ) else {
-            return Ok(None);
+            return Ok(Resolved::NotApplicable);
         };
+        if let Some(nothing) = self.orphan_of_a_deleted_customer(mismatch).await? {
+            return Ok(Resolved::Scheduled(nothing));
+        }
+        // As a run leaves it: the customer lives on in a record no link
+        // holds (a Salesforce merge, a record made again by hand).
+        // Deleted, it went from every system, and the next run imported
+        // that record as a new customer.
+        if matches!(&planned, Action::Event(e) if e.kind == RemoteChange::Delete)
+            && self.orphan_moved(run, mismatch).await?
+        {
+            return Ok(Resolved::Refused(format!(
+                "{} would delete the customer, whose email the remote has on a record no link \
+                 holds (this run's duplicate finding): resolve that finding, which links it, \
+                 or dismiss this one",
+                action.as_str()
+            )));
+        }
         let what = match planned {
             Action::Event(mut event) => {
                 // Not the run's own event of the finding; one per action:
@@ -1334,7 +1378,7 @@ impl SyncEngine {
                 Scheduled::Unreadable(why) => return Err(FoldError::RemoteUnreadable(why)),
             },
         };
-        Ok(Some(what))
+        Ok(Resolved::Scheduled(what))
     }
 
     /// Lets the pushes a backfill held back go (they wait in the store, on
@@ -1422,6 +1466,31 @@ impl SyncEngine {
     /// person. Deleted as an orphan, the customer went from every system,
     /// and the next run imported the record as a new one. The recreate
     /// asks the same ([`crate::store::Store::run_lists_unlinked`]).
+    /// Why an orphan needs nothing, when its customer was deleted already
+    /// (its delete dead-lettered, the record since deleted at the remote):
+    /// created again it would be skipped as deleted, and a delete applied
+    /// to it changes nothing; either was counted as a repair.
+    async fn orphan_of_a_deleted_customer(
+        &self,
+        mismatch: &MismatchRow,
+    ) -> Result<Option<String>, StoreError> {
+        let Some(customer) = mismatch.customer_id.as_deref() else {
+            return Ok(None);
+        };
+        if action_kind(mismatch) != Kind::Orphan {
+            return Ok(None);
+        }
+        let deleted = self
+            .inner
+            .store
+            .get_customer_any(customer)
+            .await?
+            .is_some_and(|c| c.deleted_at.is_some());
+        Ok(deleted.then(|| {
+            "nothing: the customer was deleted already, and the remote record is gone".to_owned()
+        }))
+    }
+
     async fn orphan_moved(&self, run: &RunRow, mismatch: &MismatchRow) -> Result<bool, StoreError> {
         let Some(customer) = mismatch.customer_id.as_deref() else {
             return Ok(false);
@@ -1457,6 +1526,16 @@ impl SyncEngine {
                 && l.remote_id != mismatch.remote_id
         }))
     }
+}
+
+/// What a resolution by hand came to.
+pub enum Resolved {
+    /// What was scheduled (or, `nothing: …`, why nothing had to be).
+    Scheduled(String),
+    /// The action does nothing for this kind of finding.
+    NotApplicable,
+    /// The action would do what a run leaves for a person: why.
+    Refused(String),
 }
 
 /// What repairing `mismatch` under `repair` does; `None`: it stays open
@@ -1512,7 +1591,7 @@ fn plan_repair(
             if mismatch
                 .record
                 .as_ref()
-                .and_then(|r| email_of(&r.0))
+                .and_then(|r| importable_email(&r.0))
                 .is_none() =>
         {
             None
@@ -1540,6 +1619,14 @@ fn plan_repair(
         // The delete policy decides, as for a remote delete.
         (Kind::Orphan, PullRemote | Merge) => event(RemoteChange::Delete, None),
     }
+}
+
+/// The email of a listed record, if a customer can have it: one no
+/// customer can have (not an address, longer than the API takes) is none.
+/// Imported, it could only be dead-lettered, by every run again; kept as a
+/// key it failed the page's commit on PostgreSQL.
+fn importable_email(record: &serde_json::Value) -> Option<String> {
+    email_of(record).filter(|e| crate::api::customers::validate::is_valid_email(e))
 }
 
 /// When a repair event from `mismatch` happened, for the inbound stale
@@ -1692,9 +1779,21 @@ mod tests {
             plan_repair(&reconcile, Mode::Reconcile, Repair::Merge, SOFT, &deleted),
             Some(Action::ForcePush(_))
         ));
-        let no_email = missing_local(None, serde_json::json!({"name": "No Email"}));
-        for repair in [Repair::Merge, Repair::PullRemote] {
-            assert!(plan_repair(&reconcile, Mode::Reconcile, repair, SOFT, &no_email).is_none());
+        // Nor one whose email no customer can have: the listing reports
+        // it as having none.
+        for record in [
+            serde_json::json!({"name": "No Email"}),
+            serde_json::json!({"email": "not-an-email"}),
+            serde_json::json!({"email": format!("{}@b.c", "a".repeat(300))}),
+        ] {
+            let no_email = missing_local(None, record);
+            for repair in [Repair::Merge, Repair::PullRemote] {
+                assert!(
+                    plan_repair(&reconcile, Mode::Reconcile, repair, SOFT, &no_email).is_none(),
+                    "{:?}",
+                    no_email.record
+                );
+            }
         }
         let importable = missing_local(None, serde_json::json!({"email": "a@b.c"}));
         assert!(matches!(

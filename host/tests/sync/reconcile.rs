@@ -546,6 +546,30 @@ async fn an_orphan_is_not_recreated_beside_a_record_with_its_email(backend: Back
     let run = run_to_end(&app, json!({"connector": "stripe", "repair": "merge"})).await;
     assert_eq!(run["status"], "completed", "{run:#}");
     let run_id = run["id"].as_str().unwrap();
+    let orphan = findings(&app.base, run_id, Some("orphan")).await[0].clone();
+    assert_eq!(orphan["state"], "open", "{orphan}");
+    // Nor by hand: the resolution is refused, naming why, and the finding
+    // stays open.
+    for action in ["merge", "pull_remote"] {
+        let path = format!(
+            "/api/v1/reconciliations/{run_id}/mismatches/{}/resolve",
+            orphan["id"].as_str().unwrap()
+        );
+        let (status, problem) = app
+            .send(
+                reqwest::Method::POST,
+                &path,
+                Some(json!({"action": action})),
+            )
+            .await;
+        assert_eq!(status, 422, "{action}: {problem}");
+        assert!(
+            problem["errors"][0]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("no link holds")),
+            "{problem}"
+        );
+    }
     let orphan = &findings(&app.base, run_id, Some("orphan")).await[0];
     assert_eq!(orphan["state"], "open", "{orphan}");
     let (status, live) = app
@@ -556,6 +580,7 @@ async fn an_orphan_is_not_recreated_beside_a_record_with_its_email(backend: Back
         )
         .await;
     assert_eq!(status, 200, "{live}");
+    assert!(live["deleted_at"].is_null(), "{live}");
 }
 
 /// Drift behind ferry's back (no webhooks): in Stripe a customer is
@@ -1015,6 +1040,114 @@ async fn a_step_of_slow_reads_keeps_its_lease(backend: Backend) {
     }
 }
 
+/// A run whose listing fails after a page reports the findings that page
+/// made: its counts said 0 `different` while the finding was listed (and
+/// could be resolved by hand), as they were set only once classified.
+async fn a_failed_run_counts_its_findings(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let app = spawn_sync_app(Setup::new(backend, &proxy.url())).await;
+    let customer = app
+        .create(json!({"email": email("failed-run"), "name": "Listed"}))
+        .await;
+    let id = customer["id"].as_str().unwrap();
+    let link = app.wait_link(id, SETTLE, |l| l["state"] == "synced").await;
+    let remote_id = link["remote_id"].as_str().unwrap();
+    // The first page holds the record, renamed there, and says more
+    // follow; the next page is refused for good.
+    let mut record: Value = reqwest::Client::new()
+        .get(format!("{}/v1/customers/{remote_id}", stripe.url()))
+        .bearer_auth(STRIPE_KEY)
+        .send()
+        .await
+        .expect("localstripe")
+        .json()
+        .await
+        .expect("json");
+    record["name"] = json!("Renamed There");
+    let page =
+        json!({"object": "list", "data": [record], "has_more": true, "url": "/v1/customers"});
+    proxy.push(
+        Match::request("GET", "/v1/customers"),
+        Fault::Respond {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: page.to_string().into_bytes(),
+        },
+    );
+    proxy.push(
+        Match::request("GET", "/v1/customers"),
+        Fault::Respond {
+            status: 400,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: br#"{"error":{"type":"invalid_request_error","message":"refused"}}"#.to_vec(),
+        },
+    );
+    let run = run_to_end(&app, json!({"connector": "stripe"})).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    let listed = findings(&app.base, run["id"].as_str().unwrap(), Some("different")).await;
+    assert_eq!(listed.len(), 1, "{listed:#?}");
+    assert_eq!(counts(&run).get("different"), Some(&1), "{run:#}");
+}
+
+/// A shutdown stops a repair step at the finding it is on: the reads of
+/// orphans the remote still has add nothing to the backlog, so the step
+/// never paused where a shutdown is seen, and the process waited for every
+/// read of the step (each up to a call's timeout against a remote that is
+/// down) before it stopped.
+async fn a_shutdown_stops_a_repair_step(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let mut setup = Setup::new(backend, &proxy.url());
+    setup.extra = json!({"reconcile_max_delete_share": 1.0});
+    let app = spawn_sync_app(setup).await;
+    let mut remote_ids = Vec::new();
+    for n in 0..4 {
+        let address = email(&format!("stopped-read-{n}"));
+        let customer = app
+            .create(json!({"email": address, "name": "Stopped"}))
+            .await;
+        let id = customer["id"].as_str().unwrap();
+        let link = app.wait_link(id, SETTLE, |l| l["state"] == "synced").await;
+        remote_ids.push(link["remote_id"].as_str().unwrap().to_owned());
+    }
+    // An empty listing: four orphans, each read in 1.5 s.
+    proxy.push(
+        Match::request("GET", "/v1/customers"),
+        Fault::Respond {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: br#"{"object":"list","data":[],"has_more":false,"url":"/v1/customers"}"#.to_vec(),
+        },
+    );
+    for _ in &remote_ids {
+        proxy.push(
+            Match::request("GET", "/v1/customers/"),
+            Fault::ForwardThenDelay(Duration::from_millis(1500)),
+        );
+    }
+    proxy.clear_requests();
+    start_run(&app, json!({"connector": "stripe", "repair": "push_local"})).await;
+    let reads = |proxy: &FaultProxy| {
+        remote_ids
+            .iter()
+            .map(|r| {
+                proxy
+                    .requests_to("GET", &format!("/v1/customers/{r}"))
+                    .len()
+            })
+            .sum::<usize>()
+    };
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while reads(&proxy) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no orphan read");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.stop().await;
+    // The read under way finished; none after it was started.
+    assert_eq!(reads(&proxy), 1, "{:#?}", proxy.requests());
+}
+
 /// Under `unlink`, a link whose record the remote deleted names a record
 /// the listing returns again (an undelete): its customer is not missing
 /// remotely, and no second record is created beside it. Before, the run's
@@ -1133,6 +1266,23 @@ async fn orphans_of_deleted_customers_do_not_set_the_brake_off(backend: Backend)
             .is_some_and(|c| c.name.as_deref() == Some("Renamed There"))
     })
     .await;
+    // Nor are they repairs: a delete of a deleted customer changes nothing,
+    // and a create of one is skipped. Each was counted as a repair.
+    assert_eq!(kinds.get("repairs"), Some(&1), "{run:#}");
+    let run = run_to_end(&app, json!({"connector": "stripe", "repair": "push_local"})).await;
+    assert_eq!(run["status"], "completed", "{run:#}");
+    let kinds = counts(&run);
+    assert_eq!(kinds.get("orphan"), Some(&2), "{run:#}");
+    assert_eq!(kinds.get("repairs").copied().unwrap_or(0), 0, "{run:#}");
+    let id = run["id"].as_str().unwrap();
+    for orphan in findings(&app.base, id, Some("orphan")).await {
+        assert!(
+            orphan["repair"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("nothing: the customer was deleted")),
+            "{orphan}"
+        );
+    }
 }
 
 /// A listing that silently returns only part of the records (the fake
@@ -2777,6 +2927,16 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_step_of_slow_reads_keeps_its_lease() {
         super::a_step_of_slow_reads_keeps_its_lease(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_run_counts_its_findings() {
+        super::a_failed_run_counts_its_findings(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shutdown_stops_a_repair_step() {
+        super::a_shutdown_stops_a_repair_step(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
