@@ -92,7 +92,7 @@ impl Connector for Salesforce {
             .setting(
                 "fetch_records",
                 "When ferry reads a record from the API instead of taking an Outbound Message's fields: `always` (or `true`: a message only names the records that changed, so a forged one cannot write a record's content), `incomplete` (or `false`: when the message lacks a mapped field, which may be empty or not sent, and cannot be told apart), `never` (a missing field is read as cleared: only for a message set up to send every mapped field)",
-                Some("incomplete"),
+                Some("always"),
                 false,
             )
             .secret("client_id", "Consumer key of the connected app", true)
@@ -507,7 +507,7 @@ impl Config {
         if let Some(field) = &external_id_field {
             checked_name("external_id_field", field)?;
         }
-        let fetch_records = match setting_or("fetch_records", "incomplete").as_str() {
+        let fetch_records = match setting_or("fetch_records", "always").as_str() {
             "always" | "true" => Fetch::Always,
             "incomplete" | "false" => Fetch::Incomplete,
             "never" => Fetch::Never,

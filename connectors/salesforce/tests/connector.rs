@@ -958,14 +958,15 @@ async fn an_outbound_message_becomes_events_and_an_ack() {
     assert!(kit.http().requests().is_empty(), "no API call needed");
 }
 
-/// By default a message that lacks a mapped field (here `Phone` and the
-/// mailing address but the city) is a trigger: Salesforce leaves out empty
-/// fields and fields the message is not set up to send alike, and read as
-/// cleared, one never sent wiped the customer's value. A message carrying
-/// every mapped field is taken as it is, without an API call.
+/// Under `incomplete` a message that lacks a mapped field (here `Phone`
+/// and the mailing address but the city) is a trigger: Salesforce leaves
+/// out empty fields and fields the message is not set up to send alike,
+/// and read as cleared, one never sent wiped the customer's value. A
+/// message carrying every mapped field is taken as it is, without an API
+/// call.
 #[tokio::test]
 async fn a_message_without_every_mapped_field_is_a_trigger() {
-    let kit = kit().await;
+    let kit = kit().await.setting("fetch_records", "incomplete");
     let body = outbound_message(ORG_ID, &[("04l01", "Contact", "003A")]);
     let parsed = kit
         .receive_webhook(testkit::webhook_request(&[], body.clone()))
@@ -1032,13 +1033,40 @@ async fn a_message_without_every_mapped_field_is_a_trigger() {
     assert!(parsed.events[0].record.is_some());
 }
 
-/// `fetch_records`: the events only name their records, undated (ferry
-/// dates them on arrival, by the clock its replicas share), and nothing is
-/// read until ferry applies them (it calls `fetch`).
+/// `fetch_records` (`always`, the default): the events only name their
+/// records, undated (ferry dates them on arrival, by the clock its
+/// replicas share), and nothing is read until ferry applies them (it calls
+/// `fetch`). The organization id is no secret: a forged message that
+/// carried every mapped field wrote what it said under the earlier
+/// default, `incomplete`.
 #[tokio::test]
 async fn fetch_records_turns_a_message_into_triggers() {
-    let kit = kit().await.setting("fetch_records", "true");
+    let kit = kit().await;
     let body = outbound_message(ORG_ID, &[("04l01", "Contact", "003A")]);
+    let complete = body.replace(
+        "<sf:MailingCity>London</sf:MailingCity>",
+        concat!(
+            "<sf:MailingCity>London</sf:MailingCity>",
+            "<sf:MailingCountry>United Kingdom</sf:MailingCountry>",
+            "<sf:MailingPostalCode>N1 9GU</sf:MailingPostalCode>",
+            "<sf:MailingState>London</sf:MailingState>",
+            "<sf:MailingStreet>1 Road</sf:MailingStreet>",
+            "<sf:Phone>+44 20 7946 0000</sf:Phone>",
+        ),
+    );
+    let parsed = kit
+        .receive_webhook(testkit::webhook_request(&[], complete))
+        .await
+        .expect("verified and parsed");
+    assert_eq!(
+        (
+            parsed.events[0].record.as_deref(),
+            parsed.events[0].occurred_at_ms
+        ),
+        (None, 0),
+        "a complete message is a trigger too"
+    );
+    let kit = kit.setting("fetch_records", "true");
     let parsed = kit
         .receive_webhook(testkit::webhook_request(
             &[("content-type", "text/xml; charset=utf-8")],

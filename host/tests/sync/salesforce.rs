@@ -543,19 +543,20 @@ async fn a_nameless_contacts_new_email_gives_it_no_name() {
     assert_eq!(in_stripe["name"], Value::Null, "{in_stripe}");
 }
 
-/// With `fetch_records`, an Outbound Message is only a trigger: a forged
-/// one (the org id is not secret) with made-up fields and a far-future date
-/// makes ferry read the Contact from the API, and the customer holds what
-/// the org holds, dated when the message arrived. A forged message naming a
-/// record the org does not have creates nothing.
+/// By default (`fetch_records = always`) an Outbound Message is only a
+/// trigger: a forged one (the org id is not secret) with made-up fields and
+/// a far-future date makes ferry read the Contact from the API, and the
+/// customer holds what the org holds, dated when the message arrived. A
+/// forged message naming a record the org does not have creates nothing.
+/// Under the earlier default (`incomplete`) both messages, carrying every
+/// mapped field, were applied as they said.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetched_records_make_a_forged_message_harmless() {
     let stripe = LocalStripe::start().expect("localstripe");
     let salesforce = FakeSalesforce::start(FakeSalesforceConfig::default())
         .await
         .expect("fake salesforce");
-    let mut setup = setup(Backend::Sqlite, &stripe, &salesforce, None);
-    setup.extra_connectors[0].config["settings"]["fetch_records"] = json!("true");
+    let setup = setup(Backend::Sqlite, &stripe, &salesforce, None);
     let app = spawn_sync_app(setup).await;
     app.assert_enabled("salesforce").await;
     let rig = Rig {
