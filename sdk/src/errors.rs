@@ -72,18 +72,17 @@ impl ConnectorError {
         } else {
             format!("remote answered HTTP {status}: {detail}")
         };
+        let wait = retry_after.and_then(|value| parse_retry_after_ms(value, crate::clock::now_ms));
         Some(match status {
             100..=299 | 304 => return None,
             300..=399 => Self::permanent(format!(
                 "{message} (a redirect: ferry does not follow them; check the URL)"
             )),
-            429 => Self::rate_limited(retry_after.and_then(parse_retry_after_ms), message),
+            429 => Self::rate_limited(wait, message),
             // Down for a while, and saying how long: a wait, not attempts
             // spent on a backoff of seconds (which dead-lettered the
             // change within the window).
-            503 if retry_after.and_then(parse_retry_after_ms).is_some() => {
-                Self::rate_limited(retry_after.and_then(parse_retry_after_ms), message)
-            }
+            503 if wait.is_some() => Self::rate_limited(wait, message),
             401 | 403 => Self::unauthorized(message),
             404 | 410 => Self::not_found(message),
             // A request timeout says nothing about the request itself; a
@@ -111,20 +110,30 @@ impl ConnectorError {
     }
 }
 
-/// `Retry-After` in delta-seconds as milliseconds. The HTTP-date form is not
-/// parsed (no remote ferry talks to sends it); it yields `None`, which lets
-/// the host fall back to its own backoff.
-fn parse_retry_after_ms(value: &str) -> Option<u64> {
+/// `Retry-After` as milliseconds to wait: delta-seconds, or an HTTP date
+/// (`Wed, 21 Oct 2026 07:28:00 GMT`, a maintenance window's end) less
+/// `now_ms` (asked only for a date). A date already past, or a value that
+/// is neither, yields `None`, which lets the host fall back to its own
+/// backoff.
+fn parse_retry_after_ms(value: &str, now_ms: impl FnOnce() -> i64) -> Option<u64> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {
         return Some(secs.saturating_mul(1000));
     }
     // Some APIs send fractional seconds.
-    value
+    if let Some(ms) = value
         .parse::<f64>()
         .ok()
         .filter(|s| s.is_finite() && *s >= 0.0)
         .map(|s| (s * 1000.0).ceil() as u64)
+    {
+        return Some(ms);
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    let at_ms = i64::try_from(at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis()).ok()?;
+    u64::try_from(at_ms.saturating_sub(now_ms()))
+        .ok()
+        .filter(|&ms| ms > 0)
 }
 
 impl From<HttpError> for ConnectorError {
@@ -232,11 +241,24 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_parses_delta_seconds_only() {
-        assert_eq!(parse_retry_after_ms(" 2 "), Some(2000));
-        assert_eq!(parse_retry_after_ms("0.5"), Some(500));
-        assert_eq!(parse_retry_after_ms("Wed, 21 Oct 2015 07:28:00 GMT"), None);
-        assert_eq!(parse_retry_after_ms("-1"), None);
+    fn retry_after_parses_delta_seconds_and_dates() {
+        let no_clock = || unreachable!("asked only for a date");
+        assert_eq!(parse_retry_after_ms(" 2 ", no_clock), Some(2000));
+        assert_eq!(parse_retry_after_ms("0.5", no_clock), Some(500));
+        // A maintenance window's end, ten minutes from now: before, it
+        // was ignored, and a 503 spent the change's attempts within it.
+        let now = 1_792_567_080_000; // 2026-10-21T07:18:00Z
+        assert_eq!(
+            parse_retry_after_ms("Wed, 21 Oct 2026 07:28:00 GMT", || now),
+            Some(600_000)
+        );
+        // Already past: the host's own backoff.
+        assert_eq!(
+            parse_retry_after_ms("Wed, 21 Oct 2015 07:28:00 GMT", || now),
+            None
+        );
+        assert_eq!(parse_retry_after_ms("-1", || now), None);
+        assert_eq!(parse_retry_after_ms("soon", || now), None);
     }
 
     #[test]

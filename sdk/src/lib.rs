@@ -28,7 +28,12 @@
 //!             .send()?
 //!             .error_for_status()?;
 //!         let created: serde_json::Value = resp.json()?;
-//!         Ok(PushResult::new(created["id"].as_str().unwrap_or_default()))
+//!         // Without its id the record cannot be linked: say so (an empty
+//!         // id dead-letters the change after the record was made).
+//!         let id = created["id"].as_str().ok_or_else(|| {
+//!             ConnectorError::permanent("the created customer has no id")
+//!         })?;
+//!         Ok(PushResult::new(id))
 //!     }
 //! }
 //!

@@ -398,8 +398,11 @@ impl TestKit {
         Ok(convert::parsed_webhook(parsed))
     }
 
-    /// Calls `push`; a remote id ferry could not store (empty, a NUL) fails
-    /// the call, as it dead-letters the change in ferry; so does a result
+    /// Calls `push`; a remote id ferry could not store or key (empty, a
+    /// NUL, longer than 255 bytes) fails the call: the first dead-letters
+    /// the change in ferry, and the record of a longer one could never be
+    /// listed (a reconciliation skips it, and reports its link an orphan)
+    /// nor named by a webhook (refused); so does a result
     /// record that is not a JSON object (ferry ignores it, and takes what it
     /// pushed as the remote's state).
     pub async fn push(&self, req: PushRequest) -> Result<PushResult, CallError> {
@@ -409,7 +412,7 @@ impl TestKit {
             .await
             .map(convert::push_result)
             .map_err(convert::call_error)?;
-        storable("remote id", &result.remote_id)?;
+        refused(ferry_runtime::unkeyable("remote id", &result.remote_id))?;
         if let Some(record) = &result.record {
             let object = serde_json::from_str::<serde_json::Value>(record)
                 .is_ok_and(|value| value.is_object());
@@ -434,7 +437,9 @@ impl TestKit {
 
     /// Calls `list`; a `next_cursor` ferry could not follow (empty, a NUL,
     /// or the cursor that asked for the page) fails the call, as it fails a
-    /// reconciliation run.
+    /// reconciliation run; so does a record's id ferry cannot key (empty, a
+    /// NUL, longer than 255 bytes): a run skips the record, and reports the
+    /// customer linked to it an orphan.
     pub async fn list(
         &self,
         entity: &str,
@@ -451,6 +456,12 @@ impl TestKit {
             cursor.as_deref(),
             page.next_cursor.as_deref(),
         ))?;
+        for record in &page.records {
+            refused(ferry_runtime::unkeyable(
+                "listed record's id",
+                &record.remote_id,
+            ))?;
+        }
         Ok(page)
     }
 }
@@ -594,10 +605,6 @@ pub fn check_record(record: &str) -> Result<(), String> {
 
 /// A permanent error, as ferry reports it, for a remote id it could not
 /// store on a link.
-fn storable(what: &str, id: &str) -> Result<(), CallError> {
-    refused(ferry_runtime::unstorable(what, id))
-}
-
 fn refused(problem: Option<String>) -> Result<(), CallError> {
     problem.map_or(Ok(()), |problem| Err(refusal(&problem)))
 }

@@ -251,6 +251,18 @@ async fn fetch_and_list_read_contacts_as_customers() {
         connector_error(kit.list("customer", Some("ct_9".to_owned()), 2).await),
         ConnectorError::Permanent(m) if m.contains("never end")
     ));
+    // An id ferry cannot keep (over 255 bytes): a run skips the record,
+    // and reports the customer linked to it an orphan.
+    kit.http()
+        .on("GET", &format!("{API}?limit=2&starting_after=ct_long"))
+        .respond_json(
+            200,
+            &json!({"data": [contact(&"c".repeat(300), "L")], "has_more": false}),
+        );
+    assert!(matches!(
+        connector_error(kit.list("customer", Some("ct_long".to_owned()), 2).await),
+        ConnectorError::Permanent(m) if m.contains("255 bytes")
+    ));
 }
 
 fn event(id: &str, kind: &str, created_at: i64, name: &str) -> Vec<u8> {
