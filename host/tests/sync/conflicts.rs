@@ -382,6 +382,12 @@ async fn a_remote_edit_made_while_held_survives_the_resolution(backend: Backend,
     assert_eq!(inbox["held"], 1, "{inbox}");
     assert_eq!(inbox["unapplied"], 1, "{inbox}");
     assert_eq!(inbox["oldest_age_seconds"], 0.0, "{inbox}");
+    // The console's overview says so: "1 (oldest –)" looked like an event
+    // on its way.
+    let (client, cookie) = crate::helpers::console_session(&h.app.base).await;
+    let overview =
+        crate::helpers::console_page(&client, &cookie, &format!("{}/console", h.app.base)).await;
+    assert!(overview.contains("1 (1 held by a conflict)"), "{overview}");
     if known_base {
         let delivered = format!(
             "UPDATE sync_links SET pushed_hash = 'remote' \
