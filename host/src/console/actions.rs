@@ -460,7 +460,12 @@ pub async fn put_settings(
 ) -> Response {
     // A setting the operator left as drawn keeps the value in effect now:
     // the save replaces the whole set, and sent as drawn it undid a change
-    // made since the page was drawn (another operator's, the API's).
+    // made since the page was drawn (another operator's, the API's). Now,
+    // as the store has it: this replica's view may be a poll (a second)
+    // behind another's save, whose new secret the save then dropped.
+    if let Err(error) = state.registry.refresh().await {
+        return problem(&form.session, error.into());
+    }
     let in_effect = state
         .registry
         .entry(&name)
@@ -470,8 +475,17 @@ pub async fn put_settings(
     let mut secrets = serde_json::Map::new();
     for (field, value) in &form.fields {
         if let Some(setting) = field.strip_prefix("setting.") {
+            // Browsers strip line breaks from an input's value, and send
+            // the hidden copy's as CRLF: a value drawn with them (a
+            // pretty-printed JSON setting) was taken for an edit.
+            let unbroken = |text: &str| -> String {
+                text.trim()
+                    .chars()
+                    .filter(|c| !matches!(c, '\r' | '\n'))
+                    .collect()
+            };
             let drawn = form.get(&format!("setting_was.{setting}"));
-            let value = if drawn.is_some_and(|drawn| drawn.trim() == value.trim()) {
+            let value = if drawn.is_some_and(|drawn| unbroken(drawn) == unbroken(value)) {
                 in_effect.get(setting).map_or("", String::as_str)
             } else {
                 value.trim()

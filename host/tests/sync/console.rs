@@ -791,9 +791,25 @@ async fn open_mode_signs_in_without_a_token_and_still_checks_csrf() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    for (sent, kept) in [
-        ("http://127.0.0.1:9", "http://127.0.0.1:10"),
-        ("http://127.0.0.1:11", "http://127.0.0.1:11"),
+    // A value drawn with line breaks (a pretty-printed JSON setting) comes
+    // back from its input without them (browsers strip them from an
+    // input's value), and from the hidden copy with CRLF: still as drawn.
+    for (sent, drawn, kept) in [
+        (
+            "http://127.0.0.1:9",
+            "http://127.0.0.1:9",
+            "http://127.0.0.1:10",
+        ),
+        (
+            "http://127.0.0.1:11",
+            "http://127.0.0.1:9",
+            "http://127.0.0.1:11",
+        ),
+        (
+            "http://127.0.0.1:9",
+            "http://127.0.0.1:\r\n9",
+            "http://127.0.0.1:11",
+        ),
     ] {
         let saved = client
             .post(url("/console/connectors/stripe/settings"))
@@ -802,7 +818,7 @@ async fn open_mode_signs_in_without_a_token_and_still_checks_csrf() {
                 ("csrf", csrf.as_str()),
                 ("enabled_was", "false"),
                 ("setting.api_base", sent),
-                ("setting_was.api_base", "http://127.0.0.1:9"),
+                ("setting_was.api_base", drawn),
             ])
             .send()
             .await
