@@ -417,6 +417,81 @@ async fn outbound_message_is_acknowledged_applied_once_and_reaches_stripe() {
     wait_customer(&rig.app, id, |c| c["name"] == "Grace Hopper-Murray").await;
 }
 
+/// Salesforce dates records in whole seconds: two edits within one second
+/// carry one date. Their messages (taken as they are, `fetch_records =
+/// never`) delivered backwards end on the later edit: the earlier one,
+/// dated as the last applied, is read afresh from the org instead of being
+/// applied or dropped on its date.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_of_one_second_delivered_backwards_end_on_the_later() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let salesforce = FakeSalesforce::start(FakeSalesforceConfig::default())
+        .await
+        .expect("fake salesforce");
+    let mut setup = setup(Backend::Sqlite, &stripe, &salesforce, None);
+    setup.extra_connectors[0].config["settings"]["fetch_records"] = json!("never");
+    let app = spawn_sync_app(setup).await;
+    app.assert_enabled("salesforce").await;
+    let rig = Rig {
+        stripe,
+        salesforce,
+        app,
+    };
+    let address = email("sf-one-second");
+    let contact = rig.salesforce.insert_record(
+        "Contact",
+        json!({"FirstName": "Ada", "LastName": "First", "Email": address}),
+    );
+    let message = |n: &str| {
+        rig.salesforce.outbound_message_xml(
+            rig.salesforce.org_id(),
+            "Contact",
+            &[(format!("04l00000000SEC{n}"), contact.clone())],
+        )
+    };
+    let send = |xml: String| {
+        let rig = &rig;
+        async move {
+            let delivery = rig
+                .salesforce
+                .send_raw(&rig.webhook_url(), xml)
+                .await
+                .expect("delivery");
+            assert!(delivery.acked, "{delivery:?}");
+        }
+    };
+    send(message("0")).await;
+    let customer = rig.app.wait_customer_by_email(&address).await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    rig.app.wait_inbox_settled("salesforce", &contact, 1).await;
+
+    rig.salesforce
+        .update_record("Contact", &contact, json!({"LastName": "One"}));
+    let one = message("1");
+    rig.salesforce
+        .update_record("Contact", &contact, json!({"LastName": "Two"}));
+    let two = message("2");
+    let date = |xml: &str| {
+        let start = xml.find("<sf:LastModifiedDate>").expect("dated");
+        xml[start..start + 45].to_owned()
+    };
+    // As Salesforce writes them in a message: whole seconds, in `Z`.
+    assert!(date(&two).ends_with(".000Z"), "{}", date(&two));
+    let same_second = date(&one) == date(&two);
+    let retrieves = rig.salesforce.counts().retrieves;
+    send(two).await;
+    send(one).await;
+    rig.app.wait_inbox_settled("salesforce", &contact, 3).await;
+    let now = wait_customer(&rig.app, &id, |c| c["name"] == "Ada Two").await;
+    assert_eq!(now["name"], "Ada Two", "{now}");
+    if same_second {
+        assert!(
+            rig.salesforce.counts().retrieves > retrieves,
+            "the message dated as the last applied was read afresh"
+        );
+    }
+}
+
 /// An Outbound Message dated in the future (Salesforce's messages carry
 /// their own `LastModifiedDate`, which a forged or mangled message can set
 /// to anything) is stored as happening at most five minutes after it

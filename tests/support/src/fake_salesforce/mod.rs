@@ -85,9 +85,11 @@
 //! sent), field-level security, sharing, triggers, duplicate rules; locator
 //! expiry; the `Sforce-Limit-Info` response header; Outbound Messaging
 //! retries, queuing and the "Send Session ID" option (the fake sends once
-//! and reports the answer; a test drives any redelivery itself). Timestamps
-//! come from the wall clock at millisecond precision, so two writes in the
-//! same millisecond share a `SystemModstamp`, as they can in Salesforce.
+//! and reports the answer; a test drives any redelivery itself); an
+//! Outbound Message sends every field the record holds, not the ones its
+//! setup selects. Timestamps come from the wall clock in whole seconds, as
+//! Salesforce's do (`….000+0000` over REST, `….000Z` in a message), so two
+//! writes in one second share a `LastModifiedDate`.
 //! Request
 //! headers such as `Sforce-Call-Options` are recorded (see
 //! [`FakeSalesforce::requests`]) but have no effect.
@@ -530,6 +532,17 @@ impl FakeSalesforce {
                 fields.sort_by(|a, b| a.0.cmp(&b.0));
                 for (name, value) in fields {
                     let text = match value {
+                        // The SOAP form of a date: `….000Z`, where REST
+                        // writes `….000+0000`.
+                        Value::String(s)
+                            if matches!(
+                                name.as_str(),
+                                "CreatedDate" | "LastModifiedDate" | "SystemModstamp"
+                            ) =>
+                        {
+                            s.strip_suffix("+0000")
+                                .map_or(s.clone(), |d| format!("{d}Z"))
+                        }
                         Value::String(s) => s,
                         other => other.to_string(),
                     };
@@ -863,11 +876,20 @@ fn apply_fields(
     Ok(())
 }
 
+/// Now, as Salesforce dates a record: `CreatedDate`, `LastModifiedDate`
+/// and `SystemModstamp` hold whole seconds (`….000+0000`), so two edits
+/// within a second carry the same date, and ferry's rule for dates of
+/// equal seconds (read the record again) is what runs against the fake.
+fn stamp_now() -> String {
+    let millis = i64::try_from(now_millis()).unwrap_or(i64::MAX);
+    format_datetime(millis - millis.rem_euclid(1000))
+}
+
 fn create_record(shared: &Shared, object: &str, body: &Value) -> Result<String, SfError> {
     let object = canonical_object(object);
     let mut fields = Map::new();
     apply_fields(&object, &mut fields, body)?;
-    let now = format_datetime(i64::try_from(now_millis()).unwrap_or(i64::MAX));
+    let now = stamp_now();
     let mut data = shared.data();
     let id = make_id(key_prefix(&object), data.next_seq());
     data.records.insert(
@@ -894,7 +916,7 @@ fn update_record(shared: &Shared, object: &str, id: &str, body: &Value) -> Resul
     apply_fields(&object, &mut fields, body)?;
     if let Some(rec) = data.records.get_mut(&id) {
         rec.fields = fields;
-        rec.modified = format_datetime(i64::try_from(now_millis()).unwrap_or(i64::MAX));
+        rec.modified = stamp_now();
     }
     Ok(())
 }
@@ -907,7 +929,7 @@ fn delete_record(shared: &Shared, object: &str, id: &str) -> Result<(), SfError>
     }
     if let Some(rec) = data.records.get_mut(&id) {
         rec.deleted = true;
-        rec.modified = format_datetime(i64::try_from(now_millis()).unwrap_or(i64::MAX));
+        rec.modified = stamp_now();
     }
     Ok(())
 }
