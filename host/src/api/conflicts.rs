@@ -202,7 +202,7 @@ fn text(value: &serde_json::Value) -> Option<String> {
         (status = 200, description = "Resolved", body = ConflictResolution),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such conflict (a deleted customer's conflicts are closed with it: 409 `conflict_not_open`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Already resolved (`conflict_not_open`), the customer changed under the resolution three times in a row (`conflict_customer_busy`), or ferry changed a conflicting field since the conflict was recorded and the resolution would overwrite it (`conflict_stale`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already resolved (`conflict_not_open`), the customer changed under the resolution three times in a row (`conflict_customer_busy`), or ferry changed a conflicting field since the conflict was recorded and the resolution would overwrite it (`conflict_stale`), or the email the resolution writes is another customer's (`email_taken`)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid resolution", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "A remote edit made while the conflict was open waits, and the remote could not be read for it (`remote_unavailable`): nothing was written, resolve again shortly", body = Problem, content_type = "application/problem+json"),
     ),

@@ -490,6 +490,7 @@ pub async fn list_mismatches(
         (status = 409, description = "Not open (`mismatch_not_open`), or its run is still going (`reconciliation_running`)", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The action does nothing for this kind of finding, or would do what a run leaves for a person (delete a customer whose email is on a record no link holds)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Whether an orphan's record still exists cannot be read from the remote now (`remote_unavailable`; the finding stays open), or the store did not answer in time", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]

@@ -1234,7 +1234,9 @@ impl SyncEngine {
             Action::Recreate { customer, seen } => (customer, Some(seen)),
         };
         let Some(current) = store.get_customer_any(&customer).await? else {
-            return Ok(Scheduled::Busy);
+            return Ok(Scheduled::Nothing(format!(
+                "nothing: customer {customer} no longer exists"
+            )));
         };
         if let Some(Some(seen)) = &recreate {
             if let Some(known) = self.still_there(connector, seen).await {
