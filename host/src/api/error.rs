@@ -118,6 +118,10 @@ pub enum ApiError {
     /// through the connector.
     #[error("{0}")]
     CustomersLinked(String),
+    /// A version would be made active over a running one while it needs
+    /// settings the connector lacks.
+    #[error("{0}")]
+    SettingsMissing(String),
     /// An uploaded component was refused; `code` says why.
     #[error("{detail}")]
     ComponentRefused {
@@ -254,6 +258,7 @@ impl ApiError {
             Self::ConnectorNotLoaded(_)
             | Self::ConnectorInUse { .. }
             | Self::CustomersLinked(_)
+            | Self::SettingsMissing(_)
             | Self::VersionExists(_) => StatusCode::CONFLICT,
             Self::ComponentRefused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::ComponentTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -296,6 +301,7 @@ impl ApiError {
             Self::ConnectorNotLoaded(_) => "connector_not_loaded",
             Self::ConnectorInUse { .. } => "connector_in_use",
             Self::CustomersLinked(_) => "customers_linked",
+            Self::SettingsMissing(_) => "settings_missing",
             Self::ComponentRefused { code, .. } => code,
             Self::ComponentTooLarge { .. } => "component_too_large",
             Self::VersionExists(_) => "version_exists",
@@ -343,6 +349,7 @@ impl ApiError {
             Self::ConnectorNotLoaded(_) => "Connector not loaded",
             Self::ConnectorInUse { .. } => "Connector in use",
             Self::CustomersLinked(_) => "Customers linked",
+            Self::SettingsMissing(_) => "Settings missing",
             Self::ComponentRefused { .. } => "Component refused",
             Self::ComponentTooLarge { .. } => "Component too large",
             Self::VersionExists(_) => "Version exists",
@@ -432,6 +439,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::NotLoaded(why) => Self::ConnectorNotLoaded(why),
             RegistryError::Linked(linked) => Self::ConnectorInUse { linked },
             RegistryError::DropsCustomers { .. } => Self::CustomersLinked(error.to_string()),
+            RegistryError::NeedsSettings { .. } => Self::SettingsMissing(error.to_string()),
             RegistryError::Settings(problems) => Self::Validation(
                 problems
                     .into_iter()

@@ -283,6 +283,17 @@ pub enum RegistryError {
         /// How many links it would strand.
         linked: i64,
     },
+    /// The version needs settings or secrets the running connector lacks:
+    /// made active, the connector would stop.
+    #[error("version {version} needs {missing}, which the connector lacks: made active, the running connector would stop (its pushes waiting, its webhooks answered 503). Upload it with ?activate=false, give them with PUT /api/v1/connectors/{name}/settings (a version stored since may declare them), then activate it")]
+    NeedsSettings {
+        /// The connector.
+        name: String,
+        /// The version refused.
+        version: String,
+        /// What it needs (`settings.account, secrets.token`).
+        missing: String,
+    },
     /// Settings or secrets do not fit the active manifest.
     #[error("the settings do not fit the connector's manifest")]
     Settings(Vec<SettingsProblem>),
@@ -946,6 +957,7 @@ impl Registry {
             .map_err(RegistryError::Invalid)?;
         if activate {
             self.check_keeps_customers(&connector).await?;
+            self.check_keeps_running(&connector)?;
         }
         let manifest = manifest_json(connector.manifest());
         let world = connector.world().to_string();
@@ -1019,6 +1031,30 @@ impl Registry {
         Ok(())
     }
 
+    /// Refuses to make `connector` active over a running version of it
+    /// when it needs settings or secrets the connector lacks (a required
+    /// one added or renamed): the connector would stop until someone gave
+    /// them. Stored with `activate=false`, its settings can be given first
+    /// (a write keeps what a newer stored version declares). A connector
+    /// that does not run (switched off, or lacking settings already) may
+    /// take it: nothing stops.
+    fn check_keeps_running(&self, connector: &Connector) -> Result<(), RegistryError> {
+        let Some(entry) = self.entry(connector.name()) else {
+            return Ok(());
+        };
+        if entry.active.is_none() || !entry.runs() {
+            return Ok(());
+        }
+        match Entry::missing_settings(&entry.effective, connector.manifest(), &self.inner.runtime) {
+            Some(missing) => Err(RegistryError::NeedsSettings {
+                name: connector.name().to_owned(),
+                version: connector.manifest().version.clone(),
+                missing,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The stored versions of `name`, oldest first.
     pub async fn versions(&self, name: &str) -> Result<Vec<VersionMeta>, RegistryError> {
         self.current_entry(name).await?;
@@ -1054,6 +1090,7 @@ impl Registry {
                 .map_err(|reason| RegistryError::Invalid(LoadError::InvalidManifest(reason)))?;
         }
         self.check_keeps_customers(&connector).await?;
+        self.check_keeps_running(&connector)?;
         self.stage(&connector);
         if !self
             .inner

@@ -1838,30 +1838,43 @@ async fn a_thin_event_from_a_connector_without_fetch_is_skipped() {
     );
 }
 
-/// A new version that needs a setting the connector does not have is
-/// activated, and its work waits as for a disabled connector: changes
-/// stay pending without spending attempts, the connector says what is
-/// missing, and giving the setting pushes them. Before, every push ran
-/// against the incomplete configuration and failed.
-async fn a_version_that_needs_a_new_setting_waits_for_it(backend: Backend) {
+/// A new version that needs a setting the running connector does not
+/// have is not made active over it (by an upload or an activation): 409
+/// `settings_missing`, naming the setting and the way through, and the
+/// running version goes on. Before, it was activated, and the connector
+/// stopped until someone gave the setting: its pushes waited, its webhooks
+/// were refused. Stored with `activate=false`, its setting given (a write
+/// keeps what a newer stored version declares), it is made active.
+async fn a_version_that_needs_a_new_setting_does_not_stop_the_connector(backend: Backend) {
     let remote = RecorderRemote::start().await;
     let app = spawn_sync_app(setup(backend)).await;
     install_recorder(&app, &remote).await;
-    let (status, version) = upload(&app, recorder_variant("version-3"), "").await;
-    assert_eq!(status, 201, "{version}");
-    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
-    assert_eq!(connector["active_version"], "0.3.0", "{connector}");
+    let (status, refused) = upload(&app, recorder_variant("version-3"), "").await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["code"], "settings_missing", "{refused}");
     assert!(
-        connector["problem"]
+        refused["detail"]
             .as_str()
-            .is_some_and(|p| p.contains("settings.account")),
-        "{connector}"
+            .is_some_and(|d| d.contains("settings.account") && d.contains("activate=false")),
+        "{refused}"
     );
-    let (id, link) = a_change_put_back_to_wait(&app, "Waiting").await;
-    assert_eq!(link["state"], "pending", "{link}");
-    assert_eq!(link["attempts"], 0, "{link}");
-    assert!(remote.requests_to("POST", "/records").is_empty());
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(connector["active_version"], "0.1.0", "{connector}");
+    assert!(connector["problem"].is_null(), "{connector}");
+    linked_customer(&app, "Still Running").await;
 
+    let (status, stored) = upload(&app, recorder_variant("version-3"), "?activate=false").await;
+    assert_eq!(status, 201, "{stored}");
+    let activate = || {
+        post(
+            &app,
+            "/api/v1/connectors/recorder/activate",
+            Some(json!({"version": "0.3.0"})),
+        )
+    };
+    let (status, refused) = activate().await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["code"], "settings_missing", "{refused}");
     let (status, configured) = app
         .send(
             reqwest::Method::PUT,
@@ -1870,11 +1883,12 @@ async fn a_version_that_needs_a_new_setting_waits_for_it(backend: Backend) {
         )
         .await;
     assert_eq!(status, 200, "{configured}");
-    app.wait_link_of("recorder", &id, Duration::from_secs(20), |l| {
-        l["state"] == "synced"
-    })
-    .await;
-    assert_eq!(remote.requests_to("POST", "/records").len(), 1);
+    let (status, activated) = activate().await;
+    assert_eq!(status, 200, "{activated}");
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(connector["active_version"], "0.3.0", "{connector}");
+    assert!(connector["problem"].is_null(), "{connector}");
+    linked_customer(&app, "On The New Version").await;
 }
 
 /// Rolled back through `activate`, a version's settings the older one
@@ -1886,7 +1900,7 @@ async fn a_rollback_keeps_the_newer_versions_settings(backend: Backend) {
     let remote = RecorderRemote::start().await;
     let app = spawn_sync_app(setup(backend)).await;
     install_recorder(&app, &remote).await;
-    let (status, version) = upload(&app, recorder_variant("version-3"), "").await;
+    let (status, version) = upload(&app, recorder_variant("version-3"), "?activate=false").await;
     assert_eq!(status, 201, "{version}");
     let put = |body: Value| {
         app.send(
@@ -1905,6 +1919,8 @@ async fn a_rollback_keeps_the_newer_versions_settings(backend: Backend) {
     let (status, configured) =
         put(json!({"settings": {"api_base": remote.url, "account": "acme"}})).await;
     assert_eq!(status, 200, "{configured}");
+    let (status, forward) = activate("0.3.0").await;
+    assert_eq!(status, 200, "{forward}");
     let (status, rolled_back) = activate("0.1.0").await;
     assert_eq!(status, 200, "{rolled_back}");
     // The older version's form: its own fields only.
@@ -2531,7 +2547,8 @@ mod sqlite {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_version_that_needs_a_new_setting() {
-        a_version_that_needs_a_new_setting_waits_for_it(Backend::Sqlite).await;
+        super::a_version_that_needs_a_new_setting_does_not_stop_the_connector(Backend::Sqlite)
+            .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
