@@ -244,7 +244,9 @@ impl Response {
 /// webhook or an operator can never change the path it is put in. An id
 /// of `.` or `..` cannot be one segment: URL parsers resolve it as a path
 /// step, `%2E%2E` too, and the host refuses a request whose path holds
-/// one (`invalid-request`).
+/// one (`invalid-request`). An empty id stays empty, and `…/contacts/{}`
+/// then names the collection: ferry never hands a connector an empty
+/// remote id, but check one your code takes from a payload.
 ///
 /// ```
 /// use ferry_sdk::http::path_segment;
