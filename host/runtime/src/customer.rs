@@ -384,15 +384,10 @@ pub fn validate(input: CustomerInput) -> Result<CustomerFields, Vec<FieldProblem
                 format!("keys must be 1 to {MAX_METADATA_KEY} characters"),
             ));
         }
-        // Stripe takes an empty value as "remove the key" (and a create
-        // does not store it): the value would never reach it, and every
-        // reconciliation would find the two different.
-        if value.is_empty() || value.chars().count() > MAX_METADATA_VALUE {
+        if value.chars().count() > MAX_METADATA_VALUE {
             errors.push(FieldProblem::new(
                 format!("metadata.{named}"),
-                format!(
-                    "values must be 1 to {MAX_METADATA_VALUE} characters (send null to remove a key)"
-                ),
+                format!("values must be at most {MAX_METADATA_VALUE} characters"),
             ));
         }
     }

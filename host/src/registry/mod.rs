@@ -285,7 +285,7 @@ pub enum RegistryError {
     },
     /// The version needs settings or secrets the running connector lacks:
     /// made active, the connector would stop.
-    #[error("version {version} needs {missing}, which the connector lacks: made active, the running connector would stop (its pushes waiting, its webhooks answered 503). Upload it with ?activate=false, give them with PUT /api/v1/connectors/{name}/settings (a version stored since may declare them), then activate it")]
+    #[error("version {version} needs {missing}, which the connector lacks: made active, the running connector would stop (its pushes waiting, its webhooks answered 503). Upload it with ?activate=false, give them with PUT /api/v1/connectors/{name}/settings (a version stored since may declare them), then activate it; or switch the connector off first")]
     NeedsSettings {
         /// The connector.
         name: String,
@@ -957,7 +957,7 @@ impl Registry {
             .map_err(RegistryError::Invalid)?;
         if activate {
             self.check_keeps_customers(&connector).await?;
-            self.check_keeps_running(&connector)?;
+            self.check_keeps_running(&connector).await?;
         }
         let manifest = manifest_json(connector.manifest());
         let world = connector.world().to_string();
@@ -1038,11 +1038,23 @@ impl Registry {
     /// (a write keeps what a newer stored version declares). A connector
     /// that does not run (switched off, or lacking settings already) may
     /// take it: nothing stops.
-    fn check_keeps_running(&self, connector: &Connector) -> Result<(), RegistryError> {
-        let Some(entry) = self.entry(connector.name()) else {
+    ///
+    /// Only a version newer than the running one: a rollback (an
+    /// emergency's) goes through, and its settings cannot be given first
+    /// (a write refuses a name only an older version declares). As the
+    /// store has it now: this replica's view may be a poll behind another
+    /// replica's settings write.
+    async fn check_keeps_running(&self, connector: &Connector) -> Result<(), RegistryError> {
+        let entry = match self.current_entry(connector.name()).await {
+            Ok(entry) => entry,
+            Err(RegistryError::NotFound) => return Ok(()),
+            Err(error) => return Err(error),
+        };
+        let Some(active) = &entry.active else {
             return Ok(());
         };
-        if entry.active.is_none() || !entry.runs() {
+        let target = &connector.manifest().version;
+        if !entry.runs() || !newer_version(target, &active.meta.version) {
             return Ok(());
         }
         match Entry::missing_settings(&entry.effective, connector.manifest(), &self.inner.runtime) {
@@ -1090,7 +1102,7 @@ impl Registry {
                 .map_err(|reason| RegistryError::Invalid(LoadError::InvalidManifest(reason)))?;
         }
         self.check_keeps_customers(&connector).await?;
-        self.check_keeps_running(&connector)?;
+        self.check_keeps_running(&connector).await?;
         self.stage(&connector);
         if !self
             .inner

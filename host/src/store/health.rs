@@ -153,11 +153,6 @@ pub struct TrimStep {
     pub next: Option<i64>,
 }
 
-/// A page of links after the cursor (`$3`, `$4`: customer id and
-/// connector; none: from the start), by connector `$1` and state `$2` if
-/// given, at most `$5`. The cursor is one row-value range, which both
-/// planners seek the primary key with: `(? IS NULL OR …)` kept SQLite
-/// reading it from the start on every page.
 /// `state = $2` when a listing names a state, so SQLite can read that
 /// state's partial index (the dead ones): it plans a statement before its
 /// values are bound and cannot prove `(? IS NULL OR state = ?)` implies
@@ -170,8 +165,11 @@ fn state_filter(given: bool) -> &'static str {
     }
 }
 
-/// A page of links, filtered by connector and (when `state`) state, after
-/// a `(customer_id, connector)`.
+/// A page of links after the cursor (`$3`, `$4`: customer id and
+/// connector; none: from the start), by connector `$1` and state `$2` if
+/// given, at most `$5`. The cursor is one row-value range, which both
+/// planners seek the primary key with: `(? IS NULL OR …)` kept SQLite
+/// reading it from the start on every page.
 pub(super) fn list_links_sql(state: bool) -> String {
     format!(
         "SELECT customer_id, connector, remote_id, state, \

@@ -821,9 +821,11 @@ impl SyncEngine {
         let operation = operation_name(plan.operation);
         tracing::debug!(operation, version = plan.version, "pushing");
         let pushed = connector.push(&config, request).await;
-        // A remote id ferry cannot store (empty, too long, a NUL) would
-        // fail the write of a push that did reach the remote, and the push
-        // would run again at every lease expiry: the connector is broken,
+        // A remote id ferry cannot store (empty, a NUL) would fail the
+        // write of a push that did reach the remote, and the push would
+        // run again at every lease expiry; one too long to key (over 255
+        // bytes) could never be listed by a reconciliation (which reports
+        // the link an orphan) nor named by a webhook: the connector is broken,
         // and the change goes to a dead letter with the reason. The remote
         // applied it: a create keeps its marker, so the dead letter's
         // replay, once the connector is fixed, sends it under its key (the
@@ -831,7 +833,7 @@ impl SyncEngine {
         if let Some(problem) = pushed
             .as_ref()
             .ok()
-            .and_then(|result| crate::store::unstorable("remote id", &result.remote_id))
+            .and_then(|result| crate::runtime::unkeyable("remote id", &result.remote_id))
         {
             inner.breakers.success(&link.connector);
             let message = format!("the connector returned {problem}");

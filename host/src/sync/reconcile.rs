@@ -1128,15 +1128,15 @@ impl SyncEngine {
                 if self.duplicate_left_to_a_person(run, mismatch).await? {
                     continue;
                 }
-                if let Some(nothing) = self.orphan_of_a_deleted_customer(mismatch).await? {
-                    done.push((mismatch.id.clone(), nothing, false));
-                    continue;
-                }
                 let Some(action) =
                     plan_repair(run, mode, repair, self.inner.delete_policy, mismatch)
                 else {
                     continue;
                 };
+                if let Some(nothing) = self.orphan_of_a_deleted_customer(&action, mismatch).await? {
+                    done.push((mismatch.id.clone(), nothing, false));
+                    continue;
+                }
                 if matches!(&action, Action::Event(e) if e.kind == RemoteChange::Delete)
                     && self.orphan_moved(run, mismatch).await?
                 {
@@ -1334,7 +1334,10 @@ impl SyncEngine {
         ) else {
             return Ok(Resolved::NotApplicable);
         };
-        if let Some(nothing) = self.orphan_of_a_deleted_customer(mismatch).await? {
+        if let Some(nothing) = self
+            .orphan_of_a_deleted_customer(&planned, mismatch)
+            .await?
+        {
             return Ok(Resolved::Scheduled(nothing));
         }
         // As a run leaves it: the customer lives on in a record no link
@@ -1455,31 +1458,23 @@ impl SyncEngine {
 }
 
 impl SyncEngine {
-    /// Whether `mismatch` is a duplicate a run leaves to a person: its
-    /// email's customer is linked to another live record of the connector,
-    /// and the strategy would only refuse it (`reject`: a dead letter each
-    /// run) or move the link to it (`merge`: the next run finds the record
-    /// it left unlinked a duplicate, and moves the link back, each move a
-    /// merge fanned out).
-    /// Whether orphan `mismatch`'s customer has its email on a record this
-    /// run listed that no link holds: the remote merged its record into
-    /// another (Salesforce's merge deletes the losing Contact) and the
-    /// customer lives on there, which the duplicate finding leaves to a
-    /// person. Deleted as an orphan, the customer went from every system,
-    /// and the next run imported the record as a new one. The recreate
-    /// asks the same ([`crate::store::Store::run_lists_unlinked`]).
-    /// Why an orphan needs nothing, when its customer was deleted already
-    /// (its delete dead-lettered, the record since deleted at the remote):
-    /// created again it would be skipped as deleted, and a delete applied
-    /// to it changes nothing; either was counted as a repair.
+    /// Why orphan `mismatch` needs nothing of `action`, when its customer
+    /// was deleted already (its delete dead-lettered, the record since
+    /// deleted at the remote): created again it would be skipped as
+    /// deleted, and a delete applied to it changes nothing; either was
+    /// counted as a repair. Under the `unlink` delete policy the delete
+    /// still unlinks the gone record: it is done.
     async fn orphan_of_a_deleted_customer(
         &self,
+        action: &Action,
         mismatch: &MismatchRow,
     ) -> Result<Option<String>, StoreError> {
         let Some(customer) = mismatch.customer_id.as_deref() else {
             return Ok(None);
         };
-        if action_kind(mismatch) != Kind::Orphan {
+        let unlinks = matches!(action, Action::Event(e) if e.kind == RemoteChange::Delete)
+            && self.inner.delete_policy == DeletePolicy::Unlink;
+        if action_kind(mismatch) != Kind::Orphan || unlinks {
             return Ok(None);
         }
         let deleted = self
@@ -1493,6 +1488,13 @@ impl SyncEngine {
         }))
     }
 
+    /// Whether orphan `mismatch`'s customer has its email on a record this
+    /// run listed that no link holds: the remote merged its record into
+    /// another (Salesforce's merge deletes the losing Contact) and the
+    /// customer lives on there, which the duplicate finding leaves to a
+    /// person. Deleted as an orphan, the customer went from every system,
+    /// and the next run imported the record as a new one. The recreate
+    /// asks the same ([`crate::store::Store::run_lists_unlinked`]).
     async fn orphan_moved(&self, run: &RunRow, mismatch: &MismatchRow) -> Result<bool, StoreError> {
         let Some(customer) = mismatch.customer_id.as_deref() else {
             return Ok(false);
@@ -1504,6 +1506,12 @@ impl SyncEngine {
         }
     }
 
+    /// Whether `mismatch` is a duplicate a run leaves to a person: its
+    /// email's customer is linked to another live record of the connector,
+    /// and the strategy would only refuse it (`reject`: a dead letter each
+    /// run) or move the link to it (`merge`: the next run finds the record
+    /// it left unlinked a duplicate, and moves the link back, each move a
+    /// merge fanned out).
     async fn duplicate_left_to_a_person(
         &self,
         run: &RunRow,

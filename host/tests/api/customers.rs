@@ -3,7 +3,7 @@
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_problem, email, on_both_backends, spawn_app, Backend};
+use crate::helpers::{assert_problem, email, on_both_backends, spawn_app, Backend, TestApp};
 
 async fn create_returns_201_with_location_etag_and_outbox_event(backend: Backend) {
     let app = spawn_app(backend).await;
@@ -518,13 +518,88 @@ async fn concurrent_patches_without_if_match_all_apply(backend: Backend) {
     assert_eq!(after["metadata"].as_object().map(|m| m.len()), Some(16));
 }
 
+/// Runs `sql` with `binds` on the app's database, behind the API's back.
+async fn execute_raw(app: &TestApp, backend: Backend, sql: &str, binds: &[&str]) {
+    use sqlx::Connection;
+    match backend {
+        Backend::Postgres => {
+            let mut db = sqlx::PgConnection::connect(&app.database_url)
+                .await
+                .unwrap();
+            let mut query = sqlx::query(sql);
+            for bind in binds {
+                query = query.bind(*bind);
+            }
+            query.execute(&mut db).await.unwrap();
+        }
+        Backend::Sqlite => {
+            let mut db = sqlx::SqliteConnection::connect(&app.database_url)
+                .await
+                .unwrap();
+            let mut query = sqlx::query(sql);
+            for bind in binds {
+                query = query.bind(*bind);
+            }
+            query.execute(&mut db).await.unwrap();
+        }
+    }
+}
+
+/// A request's empty metadata value is refused (Stripe takes it as
+/// removing the key: it never reached Stripe, and every reconciliation
+/// found the two different), in a create, a replace and a patch. One
+/// stored before is kept: a patch of another field still applies.
+async fn an_empty_metadata_value_is_refused_as_sent_and_kept_as_stored(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let customer = app
+        .create_ok(&json!({"email": email("empty-meta"), "metadata": {"plan": "pro"}}))
+        .await;
+    let id = customer["id"].as_str().unwrap();
+    let path = format!("/api/v1/customers/{id}");
+    for (method, body) in [
+        (Method::PATCH, json!({"metadata": {"plan": ""}})),
+        (
+            Method::PUT,
+            json!({"email": email("empty-meta"), "metadata": {"plan": ""}}),
+        ),
+    ] {
+        let response = app
+            .request(method.clone(), &path)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let problem = assert_problem(response, 422, "validation_failed").await;
+        assert_eq!(
+            problem["errors"][0]["field"], "metadata.plan",
+            "{method}: {problem}"
+        );
+    }
+    execute_raw(
+        &app,
+        backend,
+        r#"UPDATE customers SET metadata = '{"plan": ""}' WHERE id = $1"#,
+        &[id],
+    )
+    .await;
+    let response = app
+        .request(Method::PATCH, &path)
+        .json(&json!({"name": "Still Writable"}))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let patched: Value = response.json().await.unwrap();
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(patched["metadata"]["plan"], "", "{patched}");
+}
+
 /// A PATCH that does not name `email` keeps the stored one as it is. An
 /// email stored before emails were kept in NFC, whose NFC form is another
 /// live customer's, stays in its old form (`renormalise_emails`, for a
 /// person to merge); every PATCH of that customer, of any field, was
 /// refused 409 `email_taken` for the email it never sent.
 async fn a_patch_without_email_keeps_the_stored_one(backend: Backend) {
-    use sqlx::Connection;
     let app = spawn_app(backend).await;
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let (nfc, nfd) = (
@@ -535,31 +610,13 @@ async fn a_patch_without_email_keeps_the_stored_one(backend: Backend) {
         .await;
     let older = app.create_ok(&json!({"email": email("older")})).await;
     let id = older["id"].as_str().unwrap();
-    let sql = "UPDATE customers SET email = $1 WHERE id = $2";
-    match backend {
-        Backend::Postgres => {
-            let mut db = sqlx::PgConnection::connect(&app.database_url)
-                .await
-                .unwrap();
-            sqlx::query(sql)
-                .bind(&nfd)
-                .bind(id)
-                .execute(&mut db)
-                .await
-                .unwrap();
-        }
-        Backend::Sqlite => {
-            let mut db = sqlx::SqliteConnection::connect(&app.database_url)
-                .await
-                .unwrap();
-            sqlx::query(sql)
-                .bind(&nfd)
-                .bind(id)
-                .execute(&mut db)
-                .await
-                .unwrap();
-        }
-    }
+    execute_raw(
+        &app,
+        backend,
+        "UPDATE customers SET email = $1 WHERE id = $2",
+        &[&nfd, id],
+    )
+    .await;
     let response = app
         .request(Method::PATCH, &format!("/api/v1/customers/{id}"))
         .json(&json!({"name": "Renamed"}))
@@ -574,6 +631,7 @@ async fn a_patch_without_email_keeps_the_stored_one(backend: Backend) {
 }
 
 on_both_backends!(
+    an_empty_metadata_value_is_refused_as_sent_and_kept_as_stored,
     a_patch_without_email_keeps_the_stored_one,
     concurrent_patches_without_if_match_all_apply,
     a_burst_of_creates_answers_each_on_its_own,

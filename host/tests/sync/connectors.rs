@@ -2135,7 +2135,7 @@ async fn a_settings_write_from_a_stale_view_keeps_a_rotated_key(backend: Backend
 }
 
 /// A push whose connector answers with a remote id ferry cannot keep (a
-/// NUL, which PostgreSQL refuses) dead-letters with the reason, once,
+/// NUL, which PostgreSQL refuses; over 255 bytes) dead-letters with the reason, once,
 /// rather than failing its write and running again at every lease expiry.
 /// The remote made the record: the letter's replay, once the connector is
 /// fixed, sends the create under its first key (the remote answers with
@@ -2192,6 +2192,26 @@ async fn a_remote_id_ferry_cannot_keep_is_dead_lettered(backend: Backend) {
         .collect();
     assert_eq!(keys.len(), 2, "{keys:?}");
     assert_eq!(keys[0], keys[1], "the replay's key");
+
+    // Nor one longer than ferry keys (255 bytes): linked, the record could
+    // never be listed by a reconciliation (which reported the link an
+    // orphan) nor named by a webhook.
+    remote.answer_ids_with(&"r".repeat(300));
+    let customer = app
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Long"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let link = app
+        .wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
+            l["state"] == "dead"
+        })
+        .await;
+    assert!(
+        link["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("longer than 255 bytes")),
+        "{link}"
+    );
 }
 
 /// A create the remote answers with a record another customer is linked to

@@ -58,6 +58,20 @@ pub struct CustomerInput {
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
+/// `input` if the metadata it gives has no empty value (see
+/// [`validate::refuse_empty_metadata`]).
+fn given(input: CustomerInput) -> Result<CustomerInput, ApiError> {
+    validate::refuse_empty_metadata(
+        input
+            .metadata
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k, v.as_str())),
+        "leave the key out",
+    )?;
+    Ok(input)
+}
+
 /// A JSON merge patch (RFC 7396) of a customer: a field left out stays as
 /// is, `null` clears it (`email` cannot be cleared), objects (`address`,
 /// `metadata`) merge key by key.
@@ -146,7 +160,7 @@ pub async fn create_customer(
         path,
         body,
         |record| async move {
-            let fields = validate(parse_json::<CustomerInput>(body)?)?;
+            let fields = validate(given(parse_json::<CustomerInput>(body)?)?)?;
             let ctx = context(correlation_id, record.as_ref(), &render);
             let customer = state.store.create_customer(fields, ctx).await?;
             Ok(render(&customer))
@@ -311,6 +325,14 @@ pub async fn patch_customer(
                 ));
             }
             refused_in_patch(&patch)?;
+            if let Some(metadata) = patch.get("metadata").and_then(|m| m.as_object()) {
+                validate::refuse_empty_metadata(
+                    metadata
+                        .iter()
+                        .filter_map(|(k, v)| v.as_str().map(|v| (k, v))),
+                    "send null to remove it",
+                )?;
+            }
             // A wrong type (`{"name": 5}`) is refused before the write
             // holds the customer's row (on SQLite, the only writer).
             from_value::<CustomerPatch>(patch.clone())?;
@@ -388,7 +410,7 @@ pub async fn replace_customer(
         |record| async move {
             let id = CustomerId::parse(&id).ok_or(ApiError::CustomerNotFound)?;
             let expected = if_match.expected(&state.store, &id).await?;
-            let fields = validate(parse_json::<CustomerInput>(body)?)?;
+            let fields = validate(given(parse_json::<CustomerInput>(body)?)?)?;
             let ctx = context(correlation_id, record.as_ref(), &render);
             let customer = state
                 .store

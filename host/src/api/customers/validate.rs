@@ -9,6 +9,32 @@ use crate::store::CustomerFields;
 
 pub use crate::runtime::customer::{is_valid_email, normalise_email, MAX_EMAIL, MAX_METADATA_KEYS};
 
+/// Refuses the empty metadata values a request gives (`values`: its own,
+/// not the stored customer's): Stripe takes an empty value as removing the
+/// key (and a create does not store it), so it would never reach Stripe,
+/// and every reconciliation would find the two different. Only what a
+/// client sends: a value stored before (or a remote's) still merges.
+pub fn refuse_empty_metadata<'a>(
+    values: impl IntoIterator<Item = (&'a String, &'a str)>,
+    remove: &str,
+) -> Result<(), ApiError> {
+    let empty: Vec<FieldError> = values
+        .into_iter()
+        .filter(|(_, value)| value.is_empty())
+        .map(|(key, _)| {
+            FieldError::new(
+                format!("metadata.{}", key.chars().take(41).collect::<String>()),
+                format!("an empty value: Stripe takes it as removing the key; {remove}"),
+            )
+        })
+        .collect();
+    if empty.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Validation(empty))
+    }
+}
+
 /// Validates and normalises a request into the stored fields, reporting
 /// every invalid field at once.
 pub fn validate(input: CustomerInput) -> Result<CustomerFields, ApiError> {
