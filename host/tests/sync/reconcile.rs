@@ -1208,16 +1208,14 @@ async fn orphans_the_delete_policy_ignores_stay_open(backend: Backend) {
     }
 }
 
-/// Orphans of customers deleted in ferry already (their delete refused and
-/// dead-lettered, the record deleted at the remote since) delete nothing,
-/// and the brake does not count them. Found by every run, they set it off
-/// for good, stopping every other repair of the connector.
-async fn orphans_of_deleted_customers_do_not_set_the_brake_off(backend: Backend) {
-    let stripe = LocalStripe::start().expect("localstripe");
-    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
-    let mut setup = Setup::new(backend, &proxy.url());
-    setup.extra = json!({"reconcile_max_delete_share": 0.25});
-    let app = spawn_sync_app(setup).await;
+/// Four customers linked to Stripe, the first two deleted in ferry (their
+/// deletes refused by Stripe and dead-lettered) and their records since
+/// deleted in the dashboard: `(customer id, remote id)` of the four.
+async fn two_of_four_deleted_everywhere(
+    app: &SyncApp,
+    stripe: &LocalStripe,
+    proxy: &FaultProxy,
+) -> Vec<(String, String)> {
     let mut linked = Vec::new();
     for n in 0..4 {
         let customer = app
@@ -1227,8 +1225,7 @@ async fn orphans_of_deleted_customers_do_not_set_the_brake_off(backend: Backend)
         let link = app.wait_link(&id, SETTLE, |l| l["state"] == "synced").await;
         linked.push((id, link["remote_id"].as_str().unwrap().to_owned()));
     }
-    // Two deletes Stripe refuses: dead-lettered at once (a 400 is
-    // permanent); then someone deletes the two records in the dashboard.
+    // A 400 is permanent: dead-lettered at once.
     for (id, remote_id) in &linked[..2] {
         proxy.push(
             Match::request("DELETE", &format!("/v1/customers/{remote_id}")),
@@ -1244,6 +1241,42 @@ async fn orphans_of_deleted_customers_do_not_set_the_brake_off(backend: Backend)
             .expect("localstripe answers");
         assert!(deleted.status().is_success(), "{}", deleted.status());
     }
+    linked
+}
+
+/// Under the `unlink` delete policy, a `merge` run still unlinks the gone
+/// records of customers deleted already: the delete is the repair (closed
+/// as needing nothing, the link stayed on a record that is gone, and every
+/// run found the same orphan again).
+async fn orphans_of_deleted_customers_are_unlinked_under_unlink(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let mut setup = Setup::new(backend, &proxy.url());
+    setup.extra = json!({"inbound_delete_policy": "unlink", "reconcile_max_delete_share": 1.0});
+    let app = spawn_sync_app(setup).await;
+    two_of_four_deleted_everywhere(&app, &stripe, &proxy).await;
+    let run = run_to_end(&app, json!({"connector": "stripe", "repair": "merge"})).await;
+    assert_eq!(run["status"], "completed", "{run:#}");
+    assert_eq!(counts(&run).get("orphan"), Some(&2), "{run:#}");
+    assert_eq!(counts(&run).get("repairs"), Some(&2), "{run:#}");
+    eventually("the gone records unlinked", || async {
+        let run = run_to_end(&app, json!({"connector": "stripe"})).await;
+        !counts(&run).contains_key("orphan")
+    })
+    .await;
+}
+
+/// Orphans of customers deleted in ferry already (their delete refused and
+/// dead-lettered, the record deleted at the remote since) delete nothing,
+/// and the brake does not count them. Found by every run, they set it off
+/// for good, stopping every other repair of the connector.
+async fn orphans_of_deleted_customers_do_not_set_the_brake_off(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let mut setup = Setup::new(backend, &proxy.url());
+    setup.extra = json!({"reconcile_max_delete_share": 0.25});
+    let app = spawn_sync_app(setup).await;
+    let linked = two_of_four_deleted_everywhere(&app, &stripe, &proxy).await;
     // A live customer's record changed in the dashboard: the repair the
     // brake would have stopped.
     stripe_write(
@@ -2927,6 +2960,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_step_of_slow_reads_keeps_its_lease() {
         super::a_step_of_slow_reads_keeps_its_lease(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn orphans_of_deleted_customers_are_unlinked_under_unlink() {
+        super::orphans_of_deleted_customers_are_unlinked_under_unlink(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
