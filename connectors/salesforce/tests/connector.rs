@@ -958,6 +958,22 @@ async fn an_outbound_message_becomes_events_and_an_ack() {
     assert!(kit.http().requests().is_empty(), "no API call needed");
 }
 
+/// `body`, an Outbound Message of `outbound_message`, with every mapped
+/// field of its Contact.
+fn complete(body: &str) -> String {
+    body.replace(
+        "<sf:MailingCity>London</sf:MailingCity>",
+        concat!(
+            "<sf:MailingCity>London</sf:MailingCity>",
+            "<sf:MailingCountry>United Kingdom</sf:MailingCountry>",
+            "<sf:MailingPostalCode>N1 9GU</sf:MailingPostalCode>",
+            "<sf:MailingState>London</sf:MailingState>",
+            "<sf:MailingStreet>1 Road</sf:MailingStreet>",
+            "<sf:Phone>+44 20 7946 0000</sf:Phone>",
+        ),
+    )
+}
+
 /// Under `incomplete` a message that lacks a mapped field (here `Phone`
 /// and the mailing address but the city) is a trigger: Salesforce leaves
 /// out empty fields and fields the message is not set up to send alike,
@@ -980,17 +996,7 @@ async fn a_message_without_every_mapped_field_is_a_trigger() {
         "dated as the message, as the complete ones are"
     );
 
-    let complete = body.replace(
-        "<sf:MailingCity>London</sf:MailingCity>",
-        concat!(
-            "<sf:MailingCity>London</sf:MailingCity>",
-            "<sf:MailingCountry>United Kingdom</sf:MailingCountry>",
-            "<sf:MailingPostalCode>N1 9GU</sf:MailingPostalCode>",
-            "<sf:MailingState>London</sf:MailingState>",
-            "<sf:MailingStreet>1 Road</sf:MailingStreet>",
-            "<sf:Phone>+44 20 7946 0000</sf:Phone>",
-        ),
-    );
+    let complete = complete(&body);
     let parsed = kit
         .receive_webhook(testkit::webhook_request(&[], complete.clone()))
         .await
@@ -1043,17 +1049,7 @@ async fn a_message_without_every_mapped_field_is_a_trigger() {
 async fn fetch_records_turns_a_message_into_triggers() {
     let kit = kit().await;
     let body = outbound_message(ORG_ID, &[("04l01", "Contact", "003A")]);
-    let complete = body.replace(
-        "<sf:MailingCity>London</sf:MailingCity>",
-        concat!(
-            "<sf:MailingCity>London</sf:MailingCity>",
-            "<sf:MailingCountry>United Kingdom</sf:MailingCountry>",
-            "<sf:MailingPostalCode>N1 9GU</sf:MailingPostalCode>",
-            "<sf:MailingState>London</sf:MailingState>",
-            "<sf:MailingStreet>1 Road</sf:MailingStreet>",
-            "<sf:Phone>+44 20 7946 0000</sf:Phone>",
-        ),
-    );
+    let complete = complete(&body);
     let parsed = kit
         .receive_webhook(testkit::webhook_request(&[], complete))
         .await

@@ -2134,6 +2134,20 @@ async fn a_settings_write_from_a_stale_view_keeps_a_rotated_key(backend: Backend
     );
 }
 
+/// Waits until customer `id`'s recorder link is dead with an error that
+/// says `why`.
+async fn dead_saying(app: &SyncApp, id: &str, why: &str) {
+    let link = app
+        .wait_link_of("recorder", id, Duration::from_secs(10), |l| {
+            l["state"] == "dead"
+        })
+        .await;
+    assert!(
+        link["last_error"].as_str().is_some_and(|e| e.contains(why)),
+        "{link}"
+    );
+}
+
 /// A push whose connector answers with a remote id ferry cannot keep (a
 /// NUL, which PostgreSQL refuses; over 255 bytes) dead-letters with the reason, once,
 /// rather than failing its write and running again at every lease expiry.
@@ -2149,17 +2163,7 @@ async fn a_remote_id_ferry_cannot_keep_is_dead_lettered(backend: Backend) {
         .create(json!({"email": format!("{}@example.com", uuid()), "name": "Nul"}))
         .await;
     let id = customer["id"].as_str().expect("id").to_owned();
-    let link = app
-        .wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
-            l["state"] == "dead"
-        })
-        .await;
-    assert!(
-        link["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("NUL")),
-        "{link}"
-    );
+    dead_saying(&app, &id, "NUL").await;
     assert_eq!(remote.requests_to("POST", "/records").len(), 1);
 
     remote.answer_ids_with("rec_fixed_");
@@ -2201,17 +2205,7 @@ async fn a_remote_id_ferry_cannot_keep_is_dead_lettered(backend: Backend) {
         .create(json!({"email": format!("{}@example.com", uuid()), "name": "Long"}))
         .await;
     let id = customer["id"].as_str().expect("id").to_owned();
-    let link = app
-        .wait_link_of("recorder", &id, Duration::from_secs(10), |l| {
-            l["state"] == "dead"
-        })
-        .await;
-    assert!(
-        link["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("longer than 255 bytes")),
-        "{link}"
-    );
+    dead_saying(&app, &id, "longer than 255 bytes").await;
 }
 
 /// A create the remote answers with a record another customer is linked to

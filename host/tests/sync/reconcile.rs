@@ -983,29 +983,26 @@ async fn an_orphan_the_remote_still_has_is_kept(backend: Backend, repair: &str) 
     );
 }
 
-/// A step whose orphans' reads outlast the run's lease renews it on the
-/// way: each record is read once. Before, the lease ran out mid-step, a
-/// second driver took the run over from the step's start while the first
-/// still read, and the records were read (and their repairs scheduled)
-/// twice.
-async fn a_step_of_slow_reads_keeps_its_lease(backend: Backend) {
-    let stripe = LocalStripe::start().expect("localstripe");
-    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
-    // The helpers' lease is 4 s, a call's timeout 2 s. Every link is an
-    // orphan: the mass-delete brake is opened.
+/// An app, every link an orphan (the mass-delete brake opened), on Stripe
+/// behind `proxy`: four customers `{tag}-{n}` linked, then the listing
+/// comes back empty, and each record the remote still has is read in
+/// 1.5 s. The app and the four remote ids.
+async fn four_orphans_read_slowly(
+    backend: Backend,
+    proxy: &FaultProxy,
+    tag: &str,
+) -> (SyncApp, Vec<String>) {
     let mut setup = Setup::new(backend, &proxy.url());
     setup.extra = json!({"reconcile_max_delete_share": 1.0});
     let app = spawn_sync_app(setup).await;
     let mut remote_ids = Vec::new();
     for n in 0..4 {
-        let address = email(&format!("slow-read-{n}"));
-        let customer = app.create(json!({"email": address, "name": "Slow"})).await;
+        let address = email(&format!("{tag}-{n}"));
+        let customer = app.create(json!({"email": address, "name": tag})).await;
         let id = customer["id"].as_str().unwrap();
         let link = app.wait_link(id, SETTLE, |l| l["state"] == "synced").await;
         remote_ids.push(link["remote_id"].as_str().unwrap().to_owned());
     }
-    // The listing comes back empty: four orphans the remote still has,
-    // each read in 1.5 s (6 s for the step).
     proxy.push(
         Match::request("GET", "/v1/customers"),
         Fault::Respond {
@@ -1021,6 +1018,20 @@ async fn a_step_of_slow_reads_keeps_its_lease(backend: Backend) {
         );
     }
     proxy.clear_requests();
+    (app, remote_ids)
+}
+
+/// A step whose orphans' reads outlast the run's lease renews it on the
+/// way: each record is read once. Before, the lease ran out mid-step, a
+/// second driver took the run over from the step's start while the first
+/// still read, and the records were read (and their repairs scheduled)
+/// twice.
+async fn a_step_of_slow_reads_keeps_its_lease(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    // The helpers' lease is 4 s, a call's timeout 2 s. Every link is an
+    // orphan: the mass-delete brake is opened.
+    let (app, remote_ids) = four_orphans_read_slowly(backend, &proxy, "slow-read").await;
     let run = run_to_end(&app, json!({"connector": "stripe", "repair": "push_local"})).await;
     assert_eq!(run["status"], "completed", "{run:#}");
     // Each read finds its record: closed with nothing to do, no repair.
@@ -1098,35 +1109,7 @@ async fn a_failed_run_counts_its_findings(backend: Backend) {
 async fn a_shutdown_stops_a_repair_step(backend: Backend) {
     let stripe = LocalStripe::start().expect("localstripe");
     let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
-    let mut setup = Setup::new(backend, &proxy.url());
-    setup.extra = json!({"reconcile_max_delete_share": 1.0});
-    let app = spawn_sync_app(setup).await;
-    let mut remote_ids = Vec::new();
-    for n in 0..4 {
-        let address = email(&format!("stopped-read-{n}"));
-        let customer = app
-            .create(json!({"email": address, "name": "Stopped"}))
-            .await;
-        let id = customer["id"].as_str().unwrap();
-        let link = app.wait_link(id, SETTLE, |l| l["state"] == "synced").await;
-        remote_ids.push(link["remote_id"].as_str().unwrap().to_owned());
-    }
-    // An empty listing: four orphans, each read in 1.5 s.
-    proxy.push(
-        Match::request("GET", "/v1/customers"),
-        Fault::Respond {
-            status: 200,
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: br#"{"object":"list","data":[],"has_more":false,"url":"/v1/customers"}"#.to_vec(),
-        },
-    );
-    for _ in &remote_ids {
-        proxy.push(
-            Match::request("GET", "/v1/customers/"),
-            Fault::ForwardThenDelay(Duration::from_millis(1500)),
-        );
-    }
-    proxy.clear_requests();
+    let (app, remote_ids) = four_orphans_read_slowly(backend, &proxy, "stopped-read").await;
     start_run(&app, json!({"connector": "stripe", "repair": "push_local"})).await;
     let reads = |proxy: &FaultProxy| {
         remote_ids

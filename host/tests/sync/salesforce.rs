@@ -96,6 +96,28 @@ async fn rig_on(
     }
 }
 
+/// The rig on SQLite, the Salesforce connector given `settings` besides
+/// its own, and Stripe's webhooks not forwarded.
+async fn rig_without_stripe_webhooks(settings: Value) -> Rig {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let salesforce = FakeSalesforce::start(FakeSalesforceConfig::default())
+        .await
+        .expect("fake salesforce");
+    let mut setup = setup(Backend::Sqlite, &stripe, &salesforce, None);
+    if let Some(given) = settings.as_object() {
+        for (name, value) in given {
+            setup.extra_connectors[0].config["settings"][name] = value.clone();
+        }
+    }
+    let app = spawn_sync_app(setup).await;
+    app.assert_enabled("salesforce").await;
+    Rig {
+        stripe,
+        salesforce,
+        app,
+    }
+}
+
 /// ferry with Stripe at `stripe` and Salesforce at `salesforce`.
 fn setup(
     backend: Backend,
@@ -424,19 +446,7 @@ async fn outbound_message_is_acknowledged_applied_once_and_reaches_stripe() {
 /// applied or dropped on its date.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edits_of_one_second_delivered_backwards_end_on_the_later() {
-    let stripe = LocalStripe::start().expect("localstripe");
-    let salesforce = FakeSalesforce::start(FakeSalesforceConfig::default())
-        .await
-        .expect("fake salesforce");
-    let mut setup = setup(Backend::Sqlite, &stripe, &salesforce, None);
-    setup.extra_connectors[0].config["settings"]["fetch_records"] = json!("never");
-    let app = spawn_sync_app(setup).await;
-    app.assert_enabled("salesforce").await;
-    let rig = Rig {
-        stripe,
-        salesforce,
-        app,
-    };
+    let rig = rig_without_stripe_webhooks(json!({"fetch_records": "never"})).await;
     let address = email("sf-one-second");
     let contact = rig.salesforce.insert_record(
         "Contact",
@@ -627,18 +637,7 @@ async fn a_nameless_contacts_new_email_gives_it_no_name() {
 /// mapped field, were applied as they said.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetched_records_make_a_forged_message_harmless() {
-    let stripe = LocalStripe::start().expect("localstripe");
-    let salesforce = FakeSalesforce::start(FakeSalesforceConfig::default())
-        .await
-        .expect("fake salesforce");
-    let setup = setup(Backend::Sqlite, &stripe, &salesforce, None);
-    let app = spawn_sync_app(setup).await;
-    app.assert_enabled("salesforce").await;
-    let rig = Rig {
-        stripe,
-        salesforce,
-        app,
-    };
+    let rig = rig_without_stripe_webhooks(json!({})).await;
 
     let address = email("sf-fetched");
     let contact_id = rig.salesforce.insert_record(
