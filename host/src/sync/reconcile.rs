@@ -1310,9 +1310,9 @@ impl SyncEngine {
 
     /// Resolves one open finding by hand with `action`, the way a run with
     /// that repair policy would (orphans included, whatever the run's
-    /// mode); what was scheduled, or `None` when the action does nothing
-    /// for this kind of finding, [`Resolved::Refused`] when it would do
-    /// what a run leaves for a person.
+    /// mode): what was scheduled, [`Resolved::NotApplicable`] when the
+    /// action does nothing for this kind of finding, [`Resolved::Refused`]
+    /// when it would do what a run leaves for a person.
     /// An orphan's recreate whose record the remote cannot be asked about
     /// now is [`FoldError::RemoteUnreadable`] (the finding stays open). A
     /// forced push records what it did in the finding while it holds
@@ -1483,9 +1483,7 @@ impl SyncEngine {
             .get_customer_any(customer)
             .await?
             .is_some_and(|c| c.deleted_at.is_some());
-        Ok(deleted.then(|| {
-            "nothing: the customer was deleted already, and the remote record is gone".to_owned()
-        }))
+        Ok(deleted.then(|| "nothing: the customer was deleted already".to_owned()))
     }
 
     /// Whether orphan `mismatch`'s customer has its email on a record this
