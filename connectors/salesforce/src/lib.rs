@@ -176,10 +176,15 @@ impl Connector for Salesforce {
                 // (its first Ack lost) is that edit, which an id of the
                 // notification alone dropped as already received, and no
                 // other notification may carry (a rule that fires once).
+                // Salesforce dates in whole seconds, so an edit of the same
+                // second kept the id: a digest of the fields sent tells
+                // the two apart, and leaves a redelivery of the same
+                // message (its Ack lost) one event.
+                let digest = fields_digest(&n.fields);
                 let id = if when > 0 {
-                    format!("{}:{}:{when}", n.id, n.record_id)
+                    format!("{}:{}:{when}:{digest}", n.id, n.record_id)
                 } else {
-                    format!("{}:{}", n.id, n.record_id)
+                    format!("{}:{}:{digest}", n.id, n.record_id)
                 };
                 // A record deleted before the message went out comes with
                 // no data (Salesforce Help, "Considerations for Outbound
@@ -927,4 +932,24 @@ fn with_message(err: ConnectorError, message: String) -> ConnectorError {
         ConnectorError::InvalidSignature(_) => ConnectorError::InvalidSignature(message),
         ConnectorError::Unsupported(_) => ConnectorError::Unsupported(message),
     }
+}
+
+/// The first 8 bytes of the SHA-256 of a notification's fields (name and
+/// text, in name order), in hex: the same message gives the same digest,
+/// a message carrying any other value another.
+fn fields_digest(fields: &serde_json::Map<String, Value>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut names: Vec<&String> = fields.keys().collect();
+    names.sort();
+    let mut hasher = Sha256::new();
+    for name in names {
+        hasher.update(name.as_bytes());
+        hasher.update([0]);
+        hasher.update(fields[name].to_string().as_bytes());
+        hasher.update([0]);
+    }
+    hasher.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

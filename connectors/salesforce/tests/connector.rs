@@ -914,25 +914,47 @@ async fn an_outbound_message_becomes_events_and_an_ack() {
     // The Account notification is not the configured object: skipped.
     assert_eq!(parsed.events.len(), 3);
     let ids: Vec<_> = parsed.events.iter().map(|e| e.id.as_str()).collect();
-    // Each with its record's date: a notification sent again after a
-    // later edit carries that edit, under an id of its own.
+    // Each with its record's date and a digest of its fields: a
+    // notification sent again after a later edit carries that edit, under
+    // an id of its own, also when the edit is of the same second
+    // (Salesforce dates in whole seconds).
+    for (id, prefix) in ids.iter().zip([
+        "04l01:003A:1795939200000:",
+        "04l02:003B:1795939200000:",
+        "04l03:003C:1795939200000:",
+    ]) {
+        let digest = id.strip_prefix(prefix).unwrap_or_else(|| panic!("{id}"));
+        assert!(
+            digest.len() == 16 && digest.chars().all(|c| c.is_ascii_hexdigit()),
+            "{id}"
+        );
+    }
+    let receive = |xml: String| {
+        let kit = &kit;
+        async move {
+            kit.receive_webhook(testkit::webhook_request(
+                &[("content-type", "text/xml; charset=utf-8")],
+                xml,
+            ))
+            .await
+            .expect("verified and parsed")
+        }
+    };
+    let redelivered = receive(body.clone()).await;
     assert_eq!(
-        ids,
-        [
-            "04l01:003A:1795939200000",
-            "04l02:003B:1795939200000",
-            "04l03:003C:1795939200000"
-        ]
+        redelivered.events[0].id, ids[0],
+        "a redelivery is one event"
     );
-    let edited = body.replace("2026-11-29T08:00:00.000Z", "2026-11-29T08:05:00.000Z");
-    let again = kit
-        .receive_webhook(testkit::webhook_request(
-            &[("content-type", "text/xml; charset=utf-8")],
-            edited,
-        ))
-        .await
-        .expect("verified and parsed");
-    assert_eq!(again.events[0].id, "04l01:003A:1795939500000");
+    let later = receive(body.replace("2026-11-29T08:00:00.000Z", "2026-11-29T08:05:00.000Z")).await;
+    assert!(later.events[0].id.starts_with("04l01:003A:1795939500000:"));
+    let same_second = receive(body.replacen(">London<", ">Paris<", 1)).await;
+    assert!(same_second.events[0]
+        .id
+        .starts_with("04l01:003A:1795939200000:"));
+    assert_ne!(
+        same_second.events[0].id, ids[0],
+        "an edit of the same second"
+    );
     let event = &parsed.events[1];
     assert_eq!(event.entity, "customer");
     assert_eq!(event.kind, ChangeKind::Upsert);
@@ -1071,10 +1093,12 @@ async fn fetch_records_turns_a_message_into_triggers() {
         .await
         .expect("verified and parsed");
     let event = &parsed.events[0];
-    assert_eq!(
-        (event.id.as_str(), event.remote_id.as_str()),
-        ("04l01:003A:1795939200000", "003A")
+    assert!(
+        event.id.starts_with("04l01:003A:1795939200000:"),
+        "{}",
+        event.id
     );
+    assert_eq!(event.remote_id, "003A");
     assert_eq!(event.kind, ChangeKind::Upsert);
     assert_eq!(event.record, None);
     assert_eq!(
