@@ -865,15 +865,21 @@ mod tests {
         }
     }
 
+    /// A migrated in-memory SQLite store.
+    async fn migrated_in_memory() -> Store {
+        let store = Store::connect("sqlite::memory:", &StoreOptions::default())
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        store
+    }
+
     /// A page of customers after a cursor seeks the id index: with
     /// `(? IS NULL OR id > ?)` SQLite scanned it from the start on every
     /// page, and reading the catalogue page by page grew with its square.
     #[tokio::test]
     async fn a_page_after_a_cursor_seeks_the_index() {
-        let store = Store::connect("sqlite::memory:", &StoreOptions::default())
-            .await
-            .unwrap();
-        store.migrate().await.unwrap();
+        let store = migrated_in_memory().await;
         let Backend::Sqlite(pools) = &store.backend else {
             unreachable!()
         };
@@ -919,10 +925,7 @@ mod tests {
     #[tokio::test]
     async fn dead_listings_read_their_indexes() {
         let (inbox, links) = (health::list_inbox_sql(true), health::list_links_sql(true));
-        let store = Store::connect("sqlite::memory:", &StoreOptions::default())
-            .await
-            .unwrap();
-        store.migrate().await.unwrap();
+        let store = migrated_in_memory().await;
         let Backend::Sqlite(pools) = &store.backend else {
             unreachable!()
         };

@@ -1066,15 +1066,9 @@ async fn a_failed_run_counts_its_findings(backend: Backend) {
     let remote_id = link["remote_id"].as_str().unwrap();
     // The first page holds the record, renamed there, and says more
     // follow; the next page is refused for good.
-    let mut record: Value = reqwest::Client::new()
-        .get(format!("{}/v1/customers/{remote_id}", stripe.url()))
-        .bearer_auth(STRIPE_KEY)
-        .send()
+    let mut record = stripe_customer(&stripe.url(), remote_id)
         .await
-        .expect("localstripe")
-        .json()
-        .await
-        .expect("json");
+        .expect("in Stripe");
     record["name"] = json!("Renamed There");
     let page =
         json!({"object": "list", "data": [record], "has_more": true, "url": "/v1/customers"});

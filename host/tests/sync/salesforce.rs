@@ -33,6 +33,16 @@ struct Rig {
 }
 
 impl Rig {
+    /// Posts `xml` to ferry's Salesforce webhook; it must be acknowledged.
+    async fn deliver_acked(&self, xml: String) {
+        let delivery = self
+            .salesforce
+            .send_raw(&self.webhook_url(), xml)
+            .await
+            .expect("delivery");
+        assert!(delivery.acked, "{delivery:?}");
+    }
+
     fn webhook_url(&self) -> String {
         format!("{}/webhooks/salesforce", self.app.base)
     }
@@ -406,12 +416,7 @@ async fn outbound_message_is_acknowledged_applied_once_and_reaches_stripe() {
             rig.salesforce
                 .outbound_message_xml(rig.salesforce.org_id(), "Contact", notifications);
         async move {
-            let redelivery = rig
-                .salesforce
-                .send_raw(&rig.webhook_url(), xml)
-                .await
-                .expect("redelivery");
-            assert!(redelivery.acked, "{redelivery:?}");
+            rig.deliver_acked(xml).await;
         }
     };
     redeliver(&again).await;
@@ -459,18 +464,7 @@ async fn edits_of_one_second_delivered_backwards_end_on_the_later() {
             &[(format!("04l00000000SEC{n}"), contact.clone())],
         )
     };
-    let send = |xml: String| {
-        let rig = &rig;
-        async move {
-            let delivery = rig
-                .salesforce
-                .send_raw(&rig.webhook_url(), xml)
-                .await
-                .expect("delivery");
-            assert!(delivery.acked, "{delivery:?}");
-        }
-    };
-    send(message("0")).await;
+    rig.deliver_acked(message("0")).await;
     let customer = rig.app.wait_customer_by_email(&address).await;
     let id = customer["id"].as_str().unwrap().to_owned();
     rig.app.wait_inbox_settled("salesforce", &contact, 1).await;
@@ -489,8 +483,8 @@ async fn edits_of_one_second_delivered_backwards_end_on_the_later() {
     assert!(date(&two).ends_with(".000Z"), "{}", date(&two));
     let same_second = date(&one) == date(&two);
     let retrieves = rig.salesforce.counts().retrieves;
-    send(two).await;
-    send(one).await;
+    rig.deliver_acked(two).await;
+    rig.deliver_acked(one).await;
     rig.app.wait_inbox_settled("salesforce", &contact, 3).await;
     let now = wait_customer(&rig.app, &id, |c| c["name"] == "Ada Two").await;
     assert_eq!(now["name"], "Ada Two", "{now}");
@@ -524,12 +518,7 @@ async fn an_event_dated_in_the_future_does_not_freeze_its_record() {
     let end = start + xml[start..].find('<').expect("closed");
     let future = format!("{}2099-01-01T00:00:00.000Z{}", &xml[..start], &xml[end..]);
     let sent_at = chrono::Utc::now().timestamp_millis();
-    let delivery = rig
-        .salesforce
-        .send_raw(&rig.webhook_url(), future)
-        .await
-        .expect("delivery");
-    assert!(delivery.acked, "{delivery:?}");
+    rig.deliver_acked(future).await;
     rig.app.wait_customer_by_email(&address).await;
     let stored = rig
         .app
@@ -580,12 +569,7 @@ async fn a_field_the_message_does_not_send_is_not_cleared() {
     let later =
         (chrono::Utc::now() + chrono::Duration::seconds(10)).format("%Y-%m-%dT%H:%M:%S%.3fZ");
     let xml = format!("{}{later}{}", &xml[..start], &xml[end..]);
-    let delivery = rig
-        .salesforce
-        .send_raw(&rig.webhook_url(), xml.replace(phone, ""))
-        .await
-        .expect("delivery");
-    assert!(delivery.acked, "{delivery:?}");
+    rig.deliver_acked(xml.replace(phone, "")).await;
     let deadline = tokio::time::Instant::now() + SETTLE;
     let customer = loop {
         let customer = rig.app.customer_by_email(&address).await.expect("live");
@@ -675,12 +659,7 @@ async fn fetched_records_make_a_forged_message_harmless() {
 
     let sent_at = chrono::Utc::now().timestamp_millis();
     for xml in [missing, forged] {
-        let delivery = rig
-            .salesforce
-            .send_raw(&rig.webhook_url(), xml)
-            .await
-            .expect("delivery");
-        assert!(delivery.acked, "{delivery:?}");
+        rig.deliver_acked(xml).await;
     }
     let customer = rig.app.wait_customer_by_email(&address).await;
     assert_eq!(customer["name"], "Ada Real", "{customer}");
@@ -742,12 +721,7 @@ async fn fetched_records_make_a_forged_message_harmless() {
             &[("04l00000000NEXT1".to_owned(), contact_id.clone())],
         )
         .replace(&contact_id, "003000000000NOQ");
-    let delivery = rig
-        .salesforce
-        .send_raw(&rig.webhook_url(), guessed)
-        .await
-        .expect("delivery");
-    assert!(delivery.acked, "{delivery:?}");
+    rig.deliver_acked(guessed).await;
     rig.salesforce
         .update_record("Contact", &contact_id, json!({"LastName": "Renamed"}));
     let real = rig.salesforce.outbound_message_xml(
@@ -755,12 +729,7 @@ async fn fetched_records_make_a_forged_message_harmless() {
         "Contact",
         &[("04l00000000NEXT1".to_owned(), contact_id.clone())],
     );
-    let delivery = rig
-        .salesforce
-        .send_raw(&rig.webhook_url(), real)
-        .await
-        .expect("delivery");
-    assert!(delivery.acked, "{delivery:?}");
+    rig.deliver_acked(real).await;
     let id = customer["id"].as_str().expect("id").to_owned();
     wait_customer(&rig.app, &id, |c| c["name"] == "Ada Renamed").await;
 }
@@ -808,12 +777,7 @@ async fn a_notification_for_a_deleted_contact_leaves_the_customer_alone() {
                 ..nameless.find("</notifications>").unwrap()]
         ),
     );
-    let delivery = rig
-        .salesforce
-        .send_raw(&rig.webhook_url(), both)
-        .await
-        .expect("delivery");
-    assert!(delivery.acked, "{delivery:?}");
+    rig.deliver_acked(both).await;
 
     let deadline = tokio::time::Instant::now() + SETTLE;
     let late_event = loop {
