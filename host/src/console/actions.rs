@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use axum::body::Bytes;
-use axum::extract::multipart::MultipartError;
+use axum::extract::multipart::{MultipartError, MultipartRejection};
 use axum::extract::{Multipart, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -325,8 +325,13 @@ fn upload_failed(state: &AppState, error: &MultipartError) -> ApiError {
 pub async fn upload_connector(
     State(state): State<AppState>,
     session: Session,
-    mut multipart: Multipart,
+    multipart: Result<Multipart, MultipartRejection>,
 ) -> Response {
+    // Not a multipart form: refused as a form without its token is (a
+    // page, as `CsrfForm` refuses another content type).
+    let Ok(mut multipart) = multipart else {
+        return session::csrf_refused();
+    };
     let (mut csrf, mut component, mut activate) = (None, None, false);
     loop {
         match multipart.next_field().await {

@@ -606,7 +606,8 @@ async fn connections_beyond_the_limit_wait() {
 
 /// The console answers as the API does: an upload that stalls is 408 (it
 /// was 413 `component_too_large`, whatever went wrong), a conflict id with
-/// a NUL is 404 (PostgreSQL refused it: a 500 without its cause logged).
+/// a NUL is 404 (PostgreSQL refused it: a 500 without its cause logged),
+/// an upload that is no multipart form is a problem page.
 #[tokio::test]
 async fn the_console_answers_stalls_and_odd_ids_as_the_api_does() {
     let mut setup = Setup::new(Backend::Postgres, "http://127.0.0.1:9");
@@ -629,6 +630,23 @@ async fn the_console_answers_stalls_and_odd_ids_as_the_api_does() {
         .await
         .unwrap();
     assert_eq!(odd.status(), 404, "{}", odd.text().await.unwrap());
+
+    // An upload that is no multipart form is refused as a form without
+    // its token is, on a page (it was axum's plain-text 400).
+    let plain = client
+        .post(format!("{}/console/connectors", app.base))
+        .header("cookie", &cookie)
+        .header("content-type", "text/plain")
+        .body("\0asm")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 403);
+    let page = plain.text().await.unwrap();
+    assert!(
+        page.contains("csrf_failed") && page.contains("</html>"),
+        "{page}"
+    );
 
     // A sign-in holds a token and a path: 1 MiB read before anyone is known,
     // on each of an HTTP/2 connection's streams, was memory for the taking.
