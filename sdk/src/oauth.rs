@@ -118,7 +118,9 @@ impl Token {
         &self.fields
     }
 
-    /// When the token expires, ms since the Unix epoch, if the server said.
+    /// When the token expires, ms since the Unix epoch: the server's
+    /// `expires_in`, a day at most (a day when it sent none). `None` from an older
+    /// ferry, which kept such a token until it was invalidated.
     pub fn expires_at_ms(&self) -> Option<i64> {
         self.expires_at_ms
     }

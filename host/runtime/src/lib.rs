@@ -110,7 +110,7 @@ pub struct CheckedEvent {
 /// webhook endpoint stores them, with their records parsed once; or why
 /// the endpoint refuses the delivery (503, so the sender keeps it; the
 /// connector is what is broken): an event it cannot key ([`unkeyable`]), a
-/// record that is not JSON, or one event id given to two different events
+/// record that is not a JSON object, or one event id given to two different events
 /// (the inbox would keep the first and drop the other as a redelivery).
 /// The SDK's test kit fails the call with the same text.
 /// A delivery is bounded too ([`MAX_DELIVERY_EVENTS`], [`MAX_RECORD_BYTES`]
@@ -162,7 +162,10 @@ pub fn checked_delivery(events: &[Event]) -> Result<Vec<CheckedEvent>, String> {
             ));
         }
         let record = match event.record.as_deref().map(serde_json::from_str) {
-            Some(Ok(record)) => Some(record),
+            // A record is an object: `null` or `[]` read as a record whose
+            // every field the remote cleared.
+            Some(Ok(serde_json::Value::Object(record))) => Some(serde_json::Value::Object(record)),
+            Some(Ok(_)) => return Err(format!("event {}'s record is not a JSON object", event.id)),
             Some(Err(error)) => {
                 return Err(format!("event {}'s record is not JSON: {error}", event.id))
             }
@@ -191,6 +194,32 @@ pub fn checked_delivery(events: &[Event]) -> Result<Vec<CheckedEvent>, String> {
         checked.push(CheckedEvent { record, repeat });
     }
     Ok(checked)
+}
+
+/// The largest reply body a connector may give a webhook's sender (a
+/// Salesforce acknowledgement is a few hundred bytes).
+pub const MAX_REPLY_BYTES: usize = 64 * 1024;
+
+/// Why a connector's reply to a webhook cannot be sent, if it cannot: a
+/// body over [`MAX_REPLY_BYTES`] (a small delivery answered with as much
+/// as the guest's memory made ferry an amplifier), or a content type over
+/// [`MAX_ID_BYTES`]. ferry refuses the delivery as it refuses events it
+/// cannot store (503, the sender keeps it); the SDK's test kit fails the
+/// call.
+pub fn reply_problem(reply: Option<&WebhookReply>) -> Option<String> {
+    let reply = reply?;
+    if reply.body.len() > MAX_REPLY_BYTES {
+        Some(format!(
+            "a reply of {} bytes, more than {MAX_REPLY_BYTES}",
+            reply.body.len()
+        ))
+    } else if reply.content_type.len() > MAX_ID_BYTES {
+        Some(format!(
+            "a reply content type longer than {MAX_ID_BYTES} bytes"
+        ))
+    } else {
+        None
+    }
 }
 
 /// Why [`checked_delivery`] refuses `events`, if it does.
@@ -255,6 +284,14 @@ pub fn valid_connector_name(name: &str) -> bool {
 /// How often the epoch advances. A guest stuck in a loop is stopped at most
 /// one tick after its deadline and yields to the executor once per tick.
 const EPOCH_TICK: Duration = Duration::from_millis(2);
+
+/// The most bytes a guest may hand the host in one crossing (the arguments
+/// of one host call, or one export's results): above the largest a host
+/// call takes (a 16 MiB message to sign) and an answer may hold (8 MiB of
+/// records). wasmtime's default, 128 MiB, let a guest whose strings all
+/// point at the same bytes make the host copy twice its memory limit, for
+/// each call running at once.
+const HOSTCALL_BYTES: usize = 24 * 1024 * 1024;
 
 /// Core instances, tables and memories a connector component may create
 /// per component instance (a Rust guest uses 3-4 core instances and one
@@ -822,6 +859,23 @@ impl Runtime {
     }
 }
 
+/// Whether the host has swap (or may: `/proc/meminfo` unreadable), read
+/// once when an engine is built. Swap turned on after that needs a restart
+/// for the safe reset (docs/runtime.md).
+fn swap_configured() -> bool {
+    std::fs::read_to_string("/proc/meminfo").map_or(true, |meminfo| has_swap(&meminfo))
+}
+
+/// Whether `meminfo` (`/proc/meminfo`'s text) names any swap; a text
+/// without the line counts as swap, to stay on the safe side.
+fn has_swap(meminfo: &str) -> bool {
+    meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("SwapTotal:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .is_none_or(|kib| kib > 0)
+}
+
 fn build_engine(config: &RuntimeConfig) -> Result<Engine, RuntimeError> {
     let mut pool = PoolingAllocationConfig::default();
     let n = config.max_instances.max(1);
@@ -843,7 +897,14 @@ fn build_engine(config: &RuntimeConfig) -> Result<Engine, RuntimeError> {
         // On reuse, reset only the pages a guest dirtied (Linux >= 6.7) and
         // do it with memset rather than madvise, so the next call on the
         // slot takes no page faults. A Rust guest's stack sits below 1 MiB.
-        .pagemap_scan(wasmtime::Enabled::Auto)
+        // Only without swap: the scan resets the written pages that are
+        // resident, so a page swapped out would keep one call's data for
+        // the next call on the slot, another connector's perhaps.
+        .pagemap_scan(if swap_configured() {
+            wasmtime::Enabled::No
+        } else {
+            wasmtime::Enabled::Auto
+        })
         .linear_memory_keep_resident(2 * 1024 * 1024)
         .table_keep_resident(64 * 1024);
 
@@ -1288,6 +1349,7 @@ impl Connector {
         }
         let mut store = Store::new(&runtime.engine, state);
         store.limiter(|s| &mut s.limiter);
+        store.set_hostcall_fuel(HOSTCALL_BYTES);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|ctx| {
             if Instant::now() >= ctx.data().deadline {
@@ -1369,6 +1431,12 @@ impl Connector {
             _ if memory_hit => {
                 CallError::ResourceExhausted(format!("memory limit of {limit} bytes reached"))
             }
+            // wasmtime's error for it is private: its text is what says so.
+            _ if chain(e).contains("fuel allocated for hostcalls has been exhausted") => {
+                CallError::ResourceExhausted(format!(
+                    "the guest handed the host more than {HOSTCALL_BYTES} bytes at once"
+                ))
+            }
             _ if e.downcast_ref::<ResourceTableError>().is_some() => {
                 CallError::ResourceExhausted(format!(
                     "limit of {} WASI handles held at once reached",
@@ -1407,6 +1475,23 @@ where
 
 #[cfg(test)]
 mod tests {
+
+    /// The dirty-page scan resets only resident pages: with swap it is off.
+    #[test]
+    fn the_page_scan_is_used_only_without_swap() {
+        let without = "MemTotal:  8000000 kB\nSwapTotal:             0 kB\nSwapFree: 0 kB\n";
+        let with = "MemTotal:  8000000 kB\nSwapTotal:       2097148 kB\n";
+        assert!(!super::has_swap(without));
+        assert!(super::has_swap(with));
+        assert!(
+            super::has_swap("MemTotal:  8000000 kB\n"),
+            "unknown counts as swap"
+        );
+        assert!(
+            super::has_swap("SwapTotal: lots\n"),
+            "unreadable counts as swap"
+        );
+    }
 
     /// A remote's binary error body (a gzipped error page) put NULs in a
     /// connector's message; PostgreSQL refused the write that recorded it,
@@ -1462,6 +1547,23 @@ mod tests {
     }
 
     #[test]
+    fn a_reply_ferry_would_not_send_says_why() {
+        let reply = |bytes: usize, content_type: &str| WebhookReply {
+            content_type: content_type.to_owned(),
+            body: vec![b'x'; bytes],
+        };
+        assert_eq!(reply_problem(None), None);
+        assert_eq!(
+            reply_problem(Some(&reply(MAX_REPLY_BYTES, "text/xml"))),
+            None
+        );
+        assert!(reply_problem(Some(&reply(MAX_REPLY_BYTES + 1, "text/xml")))
+            .is_some_and(|p| p.contains("more than")));
+        assert!(reply_problem(Some(&reply(10, &"x".repeat(256))))
+            .is_some_and(|p| p.contains("content type")));
+    }
+
+    #[test]
     fn a_delivery_ferry_would_refuse_says_why() {
         let ok = event("evt_1", "cus_1", Some(r#"{"name": "Ada"}"#));
         // The same event twice (a batch that repeats itself) is stored once.
@@ -1474,6 +1576,13 @@ mod tests {
         assert!(delivery_problem(&[ok.clone(), changed]).is_some());
         let broken = event("evt_2", "cus_1", Some("{name: Ada"));
         assert!(delivery_problem(&[ok.clone(), broken]).is_some_and(|p| p.contains("not JSON")));
+        for not_an_object in ["null", "[]", "\"Ada\"", "1"] {
+            let odd = event("evt_2", "cus_1", Some(not_an_object));
+            assert!(
+                delivery_problem(&[odd]).is_some_and(|p| p.contains("not a JSON object")),
+                "{not_an_object}"
+            );
+        }
         assert!(delivery_problem(&[event("", "cus_1", None)]).is_some());
         assert!(delivery_problem(&[event("evt_3", "a\0b", None)]).is_some());
         assert_eq!(
@@ -1492,7 +1601,7 @@ mod tests {
             .is_some_and(|p| p.contains("record is longer")));
         // Each record within its bound, together past the call's: 60 of
         // them filled a guest's memory, about 1 GiB once parsed here.
-        let large = format!("[{}0]", "0,".repeat(MAX_RECORD_BYTES / 2 - 2));
+        let large = format!("{{\"a\":[{}0]}}", "0,".repeat(MAX_RECORD_BYTES / 2 - 8));
         let filled: Vec<Event> = (0..=MAX_CALL_RECORD_BYTES / MAX_RECORD_BYTES)
             .map(|n| event(&format!("evt_large_{n}"), "cus_1", Some(&large)))
             .collect();

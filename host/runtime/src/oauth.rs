@@ -246,21 +246,21 @@ fn parse_token(
     for name in SECRET_FIELDS {
         fields.remove(*name);
     }
-    let expires_at = fields
+    // The remote's number, trusted only up to a day: a token that lives
+    // longer, or one sent without an expiry (Salesforce's), is fetched
+    // again daily, and an absurd one (2^64 seconds) cannot overflow the
+    // clock.
+    let secs = fields
         .get("expires_in")
         .and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()))
-        .map(|secs| {
-            // The remote's number, trusted only up to a day: a token that
-            // lives longer is fetched again daily, and an absurd one (2^64
-            // seconds) cannot overflow the clock.
-            let ttl = Duration::from_secs(secs.min(MAX_TOKEN_TTL_SECS));
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2))
-                .unwrap_or(0);
-            let wall = now_ms + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
-            (Instant::now() + ttl, wall)
-        });
+        .unwrap_or(MAX_TOKEN_TTL_SECS);
+    let ttl = Duration::from_secs(secs.min(MAX_TOKEN_TTL_SECS));
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2))
+        .unwrap_or(0);
+    let wall = now_ms + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+    let expires_at = Some((Instant::now() + ttl, wall));
     // What is left goes to the guest: an endpoint that echoes the client's
     // credentials (or the token under another name) must not hand them over.
     let token = BTreeMap::from([(issued.name.to_owned(), value.clone())]);
@@ -411,10 +411,18 @@ mod tests {
         assert_eq!(cached.value.expose_secret(), "00Dx!AQ.secret");
         let info = cached.info();
         assert_eq!(info.generation, 7);
-        assert_eq!(
-            info.expires_at_ms, None,
-            "no expires_in: kept until invalidated"
-        );
+        // No expires_in (Salesforce's): kept for a day at most, or until
+        // invalidated.
+        let day_ms = i64::try_from(MAX_TOKEN_TTL_SECS * 1000).unwrap();
+        let at = info.expires_at_ms.expect("a day at most");
+        let now_ms = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap();
+        assert!(at > now_ms && at <= now_ms + day_ms, "{at}");
         let fields: Map<String, Value> = serde_json::from_str(&info.fields).unwrap();
         assert_eq!(fields["instance_url"], "https://acme.my.salesforce.com");
         for secret in SECRET_FIELDS {

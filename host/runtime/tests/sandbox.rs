@@ -602,6 +602,16 @@ async fn a_request_is_bounded() {
         );
     }
     assert!(transport.requests.lock().unwrap().is_empty());
+
+    // Past what any host call takes, the copy itself stops: the host
+    // allocated whatever the guest pointed at (twice its memory, strings
+    // sharing bytes) before refusing it.
+    let over = json!({"do": "http", "url": url, "body_bytes": 25 << 20});
+    match connector.push(&cfg, instruction(over)).await {
+        Err(CallError::ResourceExhausted(m)) => assert!(m.contains("bytes at once"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(transport.requests.lock().unwrap().is_empty());
 }
 
 #[tokio::test]

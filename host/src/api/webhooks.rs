@@ -128,12 +128,15 @@ pub async fn receive(
         }
     };
     // An event ferry cannot key (its id deduplicates deliveries, its remote
-    // id finds the link), a record that is not JSON, or one id given to two
+    // id finds the link), a record that is not JSON, one id given to two
     // different events (the store would keep the first and drop the other
-    // while the sender hears 200): the connector is broken, and the sender
+    // while the sender hears 200), or a reply too large to send back: the
+    // connector is broken, and the sender
     // keeps the events until it is fixed (a 4xx would make many senders
     // drop them for good). The same event twice is stored once.
-    let checked = match crate::runtime::checked_delivery(&parsed.events) {
+    let checked = match crate::runtime::reply_problem(parsed.reply.as_ref())
+        .map_or_else(|| crate::runtime::checked_delivery(&parsed.events), Err)
+    {
         Ok(checked) => checked,
         Err(problem) => {
             crate::metrics::webhook_verification(&name, "failed");

@@ -1589,9 +1589,17 @@ impl SyncEngine {
             .await
         {
             Ok(remote) => {
-                let mut record = serde_json::from_str(&remote.record).map_err(|e| {
-                    Failure::Permanent(format!("the connector returned invalid JSON: {e}"))
-                })?;
+                let mut record: serde_json::Value =
+                    serde_json::from_str(&remote.record).map_err(|e| {
+                        Failure::Permanent(format!("the connector returned invalid JSON: {e}"))
+                    })?;
+                // `null` or `[]` would read as a record whose every field
+                // the remote cleared (as a delivery's is refused).
+                if !record.is_object() {
+                    return Err(Failure::Permanent(
+                        "the connector returned a record that is not a JSON object".into(),
+                    ));
+                }
                 crate::store::replace_nul(&mut record);
                 Ok(Some(record))
             }

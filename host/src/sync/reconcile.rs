@@ -780,13 +780,18 @@ impl SyncEngine {
                 *findings.counts.entry("invalid").or_default() += 1;
                 continue;
             }
+            // Not an object (`null`, `[]`) read as a record with every
+            // field cleared: invalid too, as a delivery's is refused.
             let remote = match serde_json::from_str::<serde_json::Value>(&record.record) {
-                Ok(mut remote) => {
+                Ok(mut remote) if remote.is_object() => {
                     crate::store::replace_nul(&mut remote);
                     canonical_record(&remote)
                 }
-                Err(error) => {
-                    tracing::warn!(remote_id = record.remote_id, %error, "listed record is not JSON; skipped");
+                parsed => {
+                    let error = parsed
+                        .err()
+                        .map_or_else(|| "not an object".to_owned(), |error| error.to_string());
+                    tracing::warn!(remote_id = record.remote_id, %error, "listed record is not a JSON object; skipped");
                     *findings.counts.entry("invalid").or_default() += 1;
                     findings.seen.push(record.remote_id.clone());
                     continue;

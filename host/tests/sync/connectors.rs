@@ -1388,11 +1388,14 @@ async fn one_id_for_two_events_of_a_delivery_is_refused(backend: Backend) {
         assert!(stored.is_empty(), "{stored:?}");
     }
     // A record that is not JSON is the connector's bug too: 503, so the
-    // sender keeps the event (a 4xx makes many senders drop it).
-    let broken = json!({"id": uuid(), "remote_id": first, "raw_record": "{not json"});
-    let response = post(broken).await.unwrap();
-    assert_eq!(response.status(), 503);
-    assert!(response.text().await.unwrap().contains("connector_failed"));
+    // sender keeps the event (a 4xx makes many senders drop it). So is one
+    // that is no object (`null` read as every field cleared remotely).
+    for raw in ["{not json", "null", "[]"] {
+        let broken = json!({"id": uuid(), "remote_id": first, "raw_record": raw});
+        let response = post(broken).await.unwrap();
+        assert_eq!(response.status(), 503, "{raw}");
+        assert!(response.text().await.unwrap().contains("connector_failed"));
+    }
     let response = post(json!([event(&first), event(&first)])).await.unwrap();
     assert_eq!(response.status(), 200);
     let stored = app.store.inbox_of_remote("recorder", &first).await.unwrap();

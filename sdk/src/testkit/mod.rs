@@ -373,7 +373,8 @@ impl TestKit {
     /// does not declare webhooks (ferry answers 404), and events ferry
     /// would not store: an id or remote id it could not keep (empty, over
     /// 255 bytes, a NUL), a record that is not JSON, or one id given to two
-    /// different events; and a delivery larger than ferry reads by default
+    /// different events; a reply over 64 KiB; and a delivery larger than
+    /// ferry reads by default
     /// (ferry answers 413 without calling the connector).
     pub async fn receive_webhook(&self, req: WebhookRequest) -> Result<ParsedWebhook, CallError> {
         if req.body.len() > ferry_runtime::DEFAULT_WEBHOOK_MAX_BODY_BYTES {
@@ -395,6 +396,7 @@ impl TestKit {
             .await
             .map_err(convert::call_error)?;
         refused(ferry_runtime::delivery_problem(&parsed.events))?;
+        refused(ferry_runtime::reply_problem(parsed.reply.as_ref()))?;
         Ok(convert::parsed_webhook(parsed))
     }
 
