@@ -1089,6 +1089,31 @@ impl Store {
         Ok(found > 0)
     }
 
+    /// Whether an event of a remote record stored before `seq` is not
+    /// settled yet (waiting, being applied, to be retried). Read through
+    /// the `inbox_due` index: only unsettled rows are scanned, no index of
+    /// every row's record is kept for this rare question (a delete of a
+    /// record nothing links).
+    pub async fn inbox_unsettled_before(
+        &self,
+        connector: &str,
+        remote_id: &str,
+        seq: i64,
+    ) -> Result<bool, StoreError> {
+        let found: i64 = dispatch!(self, read pool => {
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM inbox WHERE state IN ('pending', 'retry') \
+                 AND connector = $1 AND remote_id = $2 AND seq < $3 LIMIT 1) AS earlier",
+            )
+            .bind(connector)
+            .bind(remote_id)
+            .bind(seq)
+            .fetch_one(pool)
+            .await?
+        });
+        Ok(found > 0)
+    }
+
     /// The events of a remote record that wait to be applied (a worker
     /// looking at one again included: the resolution takes it over) and
     /// happened at or after `after_ms` (a remote tick may hold more than

@@ -110,6 +110,10 @@ const HELD_RECHECK_MS: i64 = 60_000;
 /// How long an event waits when the store was too busy to take its write.
 const STORE_BUSY_WAIT: Duration = Duration::from_secs(1);
 
+/// How long a delete of a record nothing links waits for an earlier event
+/// of the record (its create) to be applied.
+const EARLIER_EVENT_WAIT: Duration = Duration::from_secs(1);
+
 /// How long an event waits for its connector to be loaded here.
 const NOT_LOADED_RECHECK: Duration = Duration::from_secs(5);
 /// How often a decision is retaken when the customer changed under it.
@@ -1424,6 +1428,21 @@ impl SyncEngine {
         link: Option<crate::store::SyncLink>,
     ) -> Result<Option<InboundOutcome>, Failure> {
         let Some(link) = link else {
+            // An earlier event of the record (its create) may be in
+            // another loop's hands, past its own look for this delete and
+            // about to link it: skipped now, the delete was lost and the
+            // record lived on as a customer. The delete waits for it.
+            if self
+                .inner
+                .store
+                .inbox_unsettled_before(&event.connector, &event.remote_id, event.seq)
+                .await?
+            {
+                return Err(Failure::Wait(
+                    "an earlier event of this record is not applied yet".into(),
+                    EARLIER_EVENT_WAIT,
+                ));
+            }
             return self
                 .skip(event, "delete of a remote record ferry never linked")
                 .await;

@@ -1402,6 +1402,103 @@ async fn one_id_for_two_events_of_a_delivery_is_refused(backend: Backend) {
     assert_eq!(stored.len(), 1, "{stored:?}");
 }
 
+/// A remote record's delete that another inbox loop takes while the
+/// record's create is being written (past the create's own look for a
+/// delete) waits for the create: skipped as "never linked", the delete was
+/// lost and the record lived on as a customer. PostgreSQL runs two inbox
+/// loops; an uncommitted customer with the same email holds the create's
+/// insert on the unique index while the delete is taken.
+async fn a_delete_taken_while_its_create_is_written_is_applied(backend: Backend) {
+    use ferry::store::inbox::InboxState;
+    use sqlx::Connection as _;
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let id = uuid();
+    let (remote_id, email) = (format!("rec_{id}"), format!("{id}@example.com"));
+    let mut blocker = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .expect("postgres");
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query(
+        "INSERT INTO customers (id, email, version, created_at, updated_at) \
+         VALUES ($1, $2, 1, now(), now())",
+    )
+    .bind(format!("cus_blocker_{id}"))
+    .bind(&email)
+    .execute(&mut blocker)
+    .await
+    .unwrap();
+    let created = app
+        .client
+        .post(format!("{}/webhooks/recorder", app.base))
+        .json(
+            &json!({"id": format!("{id}_created"), "remote_id": remote_id,
+            "record": {"email": email, "name": "Short-lived"}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !app
+        .store
+        .inbox_of_remote("recorder", &remote_id)
+        .await
+        .unwrap()
+        .iter()
+        .any(|e| e.lease_token.is_some())
+    {
+        assert!(Instant::now() < deadline, "the create was never taken");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The create's write reaches the index and waits there; the delete is
+    // taken by the other loop meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let delete = NewInboxEvent {
+        event_id: format!("{id}_deleted"),
+        entity: "customer".into(),
+        kind: RemoteChange::Delete,
+        remote_id: remote_id.clone(),
+        occurred_at_ms: chrono::Utc::now().timestamp_millis(),
+        record: None,
+        origin_key: None,
+        remote_type: "record.deleted".into(),
+        policy: None,
+    };
+    app.store
+        .store_inbox_many(&[("recorder", std::slice::from_ref(&delete), None)])
+        .await
+        .expect("stored");
+    app.sync.wake();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let events = loop {
+        let events = app
+            .store
+            .inbox_of_remote("recorder", &remote_id)
+            .await
+            .unwrap();
+        if events.len() == 2
+            && events
+                .iter()
+                .all(|e| !matches!(e.state, InboxState::Pending | InboxState::Retry))
+        {
+            break events;
+        }
+        assert!(Instant::now() < deadline, "never settled: {events:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let deleted = events
+        .iter()
+        .find(|e| e.kind == RemoteChange::Delete)
+        .unwrap();
+    assert_eq!(deleted.state, InboxState::Applied, "{events:?}");
+    assert_eq!(app.customer_by_email(&email).await, None, "{events:?}");
+}
+
 /// Waits until `base` answers recorder webhooks with `expected` (fails
 /// the test past 10 s).
 async fn wait_served(client: &reqwest::Client, base: &str, expected: &str) {
@@ -2677,6 +2774,11 @@ mod sqlite {
 
 mod postgres {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delete_taken_while_its_create_is_written() {
+        a_delete_taken_while_its_create_is_written_is_applied(Backend::Postgres).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_connector_configured_on_another_replica() {
