@@ -178,7 +178,14 @@ pub const MAX_METADATA_VALUE: usize = 500;
 /// would otherwise accept a symbol (`☃.com`) or drop an invisible
 /// character the check exists to catch.
 pub fn normalise_email(email: &str) -> String {
-    let email: String = email.trim().to_lowercase().nfc().collect();
+    // Letter by letter: `str::to_lowercase` makes a `Σ` that ends a word
+    // a final `ς`, so `ΑΣ@x.gr` and `ασ@x.gr` were two customers.
+    let email: String = email
+        .trim()
+        .chars()
+        .flat_map(char::to_lowercase)
+        .nfc()
+        .collect();
     let Some((local, domain)) = email.rsplit_once('@') else {
         return email;
     };
@@ -485,5 +492,12 @@ mod tests {
     #[test]
     fn normalisation_trims_and_lowercases() {
         assert_eq!(normalise_email("  Ada@Example.COM "), "ada@example.com");
+        // One address whatever the case, wherever a capital sigma stands
+        // (in the domain, IDNA's own mapping agrees).
+        assert_eq!(
+            normalise_email("ΑΣ@example.com"),
+            normalise_email("ασ@example.com")
+        );
+        assert_eq!(normalise_email("a@ΑΣ.gr"), normalise_email("a@ασ.gr"));
     }
 }

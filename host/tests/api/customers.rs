@@ -410,6 +410,20 @@ async fn duplicate_email_is_409(backend: Backend) {
         .await;
     assert_problem(response, 409, "email_taken").await;
 
+    // A capital sigma ending a word lowercases as any other (`str`'s
+    // lowercasing made it a final `ς`: two customers of one address).
+    let sigma = app
+        .create_ok(&json!({"email": format!("{local}-\u{391}\u{3a3}@example.com")}))
+        .await;
+    assert_eq!(
+        sigma["email"],
+        format!("{local}-\u{3b1}\u{3c3}@example.com")
+    );
+    let response = app
+        .create(&json!({"email": format!("{local}-\u{3b1}\u{3c3}@example.com")}))
+        .await;
+    assert_problem(response, 409, "email_taken").await;
+
     let other = app.create_ok(&json!({"email": email("other")})).await;
     let path = format!("/api/v1/customers/{}", other["id"].as_str().unwrap());
     let response = app
@@ -598,7 +612,8 @@ async fn an_empty_metadata_value_is_refused_as_sent_and_kept_as_stored(backend: 
 /// email stored before emails were kept in NFC, whose NFC form is another
 /// live customer's, stays in its old form (`renormalise_emails`, for a
 /// person to merge); every PATCH of that customer, of any field, was
-/// refused 409 `email_taken` for the email it never sent.
+/// refused 409 `email_taken` for the email it never sent (and 422 for one
+/// today's rules refuse).
 async fn a_patch_without_email_keeps_the_stored_one(backend: Backend) {
     let app = spawn_app(backend).await;
     let tag = uuid::Uuid::new_v4().simple().to_string();
@@ -628,6 +643,29 @@ async fn a_patch_without_email_keeps_the_stored_one(backend: Backend) {
     assert_eq!(status, 200, "{patched}");
     assert_eq!(patched["name"], "Renamed");
     assert_eq!(patched["email"], nfd.as_str(), "the stored form kept");
+
+    // Nor is it judged again: one stored before today's rules refused it
+    // (an invisible combining grapheme joiner) made every PATCH 422 naming
+    // `email`, a field the client never sent.
+    let invisible = format!("ada\u{34f}-{tag}@example.com");
+    execute_raw(
+        &app,
+        backend,
+        "UPDATE customers SET email = $1 WHERE id = $2",
+        &[&invisible, id],
+    )
+    .await;
+    let response = app
+        .request(Method::PATCH, &format!("/api/v1/customers/{id}"))
+        .json(&json!({"phone": "+15550000009"}))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let patched: Value = response.json().await.unwrap();
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(patched["phone"], "+15550000009");
+    assert_eq!(patched["email"], invisible.as_str(), "kept byte for byte");
 }
 
 on_both_backends!(
