@@ -448,6 +448,7 @@ pub async fn activate(
         (status = 200, description = "The connector", body = ConnectorSummary),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such connector", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "No version of it is loaded here (`connector_not_loaded`); with `?backfill=true`, a run of it goes on (`reconciliation_running`) or its version does not sync customers or is not loaded (`connector_not_ready`)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Required settings or secrets are missing", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
