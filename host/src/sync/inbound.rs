@@ -790,7 +790,9 @@ impl SyncEngine {
                                 | Failure::Missing(_)),
                             ) => return Err(failure),
                             // It cannot be read at all: linked without one.
-                            Err(Failure::Permanent(_) | Failure::Skip(_)) => None,
+                            Err(
+                                Failure::Permanent(_) | Failure::Unauthorized(_) | Failure::Skip(_),
+                            ) => None,
                         },
                     };
                     let adopted = inner
@@ -1602,11 +1604,7 @@ impl SyncEngine {
         known: bool,
     ) -> Result<Option<serde_json::Value>, Failure> {
         let ready = self.readable(event).await?;
-        let (connector, config) = (ready.connector, ready.config);
-        match connector
-            .fetch(&config, super::ENTITY, &event.remote_id)
-            .await
-        {
+        match self.fetch_guarded(event, &ready).await? {
             Ok(remote) => {
                 let mut record: serde_json::Value =
                     serde_json::from_str(&remote.record).map_err(|e| {
@@ -1667,6 +1665,57 @@ impl SyncEngine {
         }
     }
 
+    /// Reads `event`'s record as a push calls its remote: not while the
+    /// connector's breaker is open or its remote asked for a pause (the
+    /// event waits, spending no attempt), and each answer tells the
+    /// breaker what it says of the remote. Without it, a remote down for
+    /// minutes dead-lettered every event that needed a read meanwhile
+    /// (Salesforce's, by default), each attempt a call timeout of an inbox
+    /// loop's time.
+    async fn fetch_guarded(
+        &self,
+        event: &InboxEvent,
+        ready: &Ready,
+    ) -> Result<Result<crate::runtime::RemoteRecord, CallError>, Failure> {
+        let breakers = &self.inner.breakers;
+        let pass = breakers.allow(&event.connector).map_err(|deferred| {
+            Failure::Wait(
+                "the connector's remote is failing (circuit breaker open); read again after \
+                 its cool-down"
+                    .into(),
+                deferred.0,
+            )
+        })?;
+        let fetched = ready
+            .connector
+            .fetch(&ready.config, super::ENTITY, &event.remote_id)
+            .await;
+        match &fetched {
+            // The remote answered: it is up.
+            Ok(_)
+            | Err(CallError::Connector(
+                ConnectorError::NotFound(_)
+                | ConnectorError::Permanent(_)
+                | ConnectorError::Unauthorized(_),
+            )) => breakers.success(&event.connector),
+            // Nothing said of the remote: the connector's own answer, a
+            // rate limit (its pause is set by `read_failed`), ferry's
+            // pacing.
+            Err(
+                CallError::Connector(
+                    ConnectorError::Unsupported(_)
+                    | ConnectorError::RateLimited(_)
+                    | ConnectorError::InvalidSignature(_),
+                )
+                | CallError::Throttled { .. },
+            ) => breakers.unused(&event.connector, pass),
+            // A timeout, a 5xx, a refused connection; a guest that trapped
+            // (as a push's, the attempt budget ends it).
+            Err(_) => breakers.failure(&event.connector),
+        }
+        Ok(fetched)
+    }
+
     /// What a failed read of `event`'s record (but a "not found" or a
     /// `fetch` the connector lacks) makes of the event.
     fn read_failed(&self, event: &InboxEvent, error: CallError) -> Failure {
@@ -1682,9 +1731,10 @@ impl SyncEngine {
                 self.inner.breakers.pause(&event.connector, wait);
                 Failure::Wait(format!("rate limited: {}", limit.message), wait)
             }
-            CallError::Connector(
-                ConnectorError::Permanent(m) | ConnectorError::Unauthorized(m),
-            ) => Failure::Permanent(m),
+            CallError::Connector(ConnectorError::Permanent(m)) => Failure::Permanent(m),
+            // Its own kind, as a push's: replayed with the others once the
+            // credentials are mended.
+            CallError::Connector(ConnectorError::Unauthorized(m)) => Failure::Unauthorized(m),
             error => Failure::Retry(error.to_string()),
         }
     }
@@ -1722,11 +1772,7 @@ impl SyncEngine {
     /// failure ([`Self::readable`], [`Self::read_failed`]).
     async fn record_there(&self, event: &InboxEvent) -> Result<Option<bool>, Failure> {
         let ready = self.readable(event).await?;
-        match ready
-            .connector
-            .fetch(&ready.config, super::ENTITY, &event.remote_id)
-            .await
-        {
+        match self.fetch_guarded(event, &ready).await? {
             Ok(_) => Ok(Some(true)),
             Err(CallError::Connector(ConnectorError::NotFound(_))) => Ok(Some(false)),
             Err(CallError::Connector(ConnectorError::Unsupported(_))) => Ok(None),
@@ -1777,6 +1823,11 @@ impl SyncEngine {
                 };
             }
             Failure::Permanent(message) => (message, None, Some(DeadLetterKind::Permanent)),
+            Failure::Unauthorized(message) => (
+                format!("unauthorized: {message}"),
+                None,
+                Some(DeadLetterKind::Unauthorized),
+            ),
             Failure::Retry(message) | Failure::Missing(message)
                 if self.inner.policy.exhausted(attempt) =>
             {
@@ -1838,6 +1889,9 @@ enum Failure {
     Wait(String, Duration),
     /// Will never work as it is: dead letter.
     Permanent(String),
+    /// The remote refused the connector's credentials: dead letter of
+    /// that kind (replayed once they are mended).
+    Unauthorized(String),
     /// Nothing left to apply it with (its connector was deleted): skipped
     /// with the reason.
     Skip(String),

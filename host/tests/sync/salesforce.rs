@@ -345,6 +345,107 @@ async fn api_changes_reach_salesforce_postgres() {
     api_changes_reach_salesforce(Backend::Postgres).await;
 }
 
+/// Reads of a Salesforce that is down (503 `SERVER_UNAVAILABLE`) go
+/// through the connector's circuit breaker, as its pushes do: once it
+/// opens, the Outbound Message's events wait, spending no attempt, and are
+/// applied when Salesforce is back. Every event needs a read (the default
+/// `fetch_records = always`); each read spent an attempt, and an outage
+/// longer than the attempts' backoff dead-lettered every event of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_of_salesforce_holds_its_events_without_spending_attempts() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let salesforce = FakeSalesforce::start(FakeSalesforceConfig::default())
+        .await
+        .expect("fake salesforce");
+    let mut setup = setup(Backend::Sqlite, &stripe, &salesforce, None);
+    setup.extra = json!({
+        "sync_max_attempts": 4,
+        "sync_backoff_base": "50ms",
+        "sync_backoff_max": "100ms",
+        "breaker_failure_threshold": 2,
+        "breaker_cooldown": "2s",
+    });
+    let app = spawn_sync_app(setup).await;
+    app.assert_enabled("salesforce").await;
+    let people: Vec<String> = (0..5).map(|n| email(&format!("sf-outage-{n}"))).collect();
+    let ids: Vec<String> = people
+        .iter()
+        .map(|address| {
+            salesforce.insert_record("Contact", json!({"LastName": "Outage", "Email": address}))
+        })
+        .collect();
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    salesforce.set_unavailable(true);
+    let delivery = salesforce
+        .send_outbound_message(
+            &format!("{}/webhooks/salesforce", app.base),
+            "Contact",
+            &id_refs,
+        )
+        .await
+        .expect("delivery");
+    assert!(delivery.acked, "{delivery:?}");
+    // Longer than four attempts' backoff, shorter than two cool-downs.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    salesforce.set_unavailable(false);
+
+    for address in &people {
+        app.wait_customer_by_email(address).await;
+    }
+    let (_, letters) = app
+        .send(
+            reqwest::Method::GET,
+            "/api/v1/dead-letters?connector=salesforce",
+            None,
+        )
+        .await;
+    assert_eq!(letters["data"], json!([]), "{letters}");
+}
+
+/// A read the org refuses for the connector's credentials (its token
+/// request answered `invalid_client`) is dead-lettered as `unauthorized`,
+/// as a push's is, so a replay of that kind once the secret is mended
+/// takes it too (it was `permanent`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_refused_for_credentials_is_an_unauthorized_dead_letter() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let salesforce = FakeSalesforce::start(FakeSalesforceConfig::default())
+        .await
+        .expect("fake salesforce");
+    let mut setup = setup(Backend::Sqlite, &stripe, &salesforce, None);
+    setup.extra_connectors[0].config["secrets"]["client_secret"] = json!("not-the-secret");
+    let app = spawn_sync_app(setup).await;
+    app.assert_enabled("salesforce").await;
+    let address = email("sf-refused");
+    let id = salesforce.insert_record("Contact", json!({"LastName": "Refused", "Email": address}));
+    let delivery = salesforce
+        .send_outbound_message(
+            &format!("{}/webhooks/salesforce", app.base),
+            "Contact",
+            &[&id],
+        )
+        .await
+        .expect("delivery");
+    assert!(delivery.acked, "{delivery:?}");
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    let letter = loop {
+        let (_, letters) = app
+            .send(
+                reqwest::Method::GET,
+                "/api/v1/dead-letters?connector=salesforce",
+                None,
+            )
+            .await;
+        if let Some(letter) = letters["data"].as_array().and_then(|d| d.first()) {
+            break letter.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{letters}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(letter["error_kind"], "unauthorized", "{letter}");
+    assert_eq!(letter["direction"], "inbound", "{letter}");
+}
+
 /// An Outbound Message with three notifications is acknowledged, each
 /// Contact becomes a ferry customer that travels on to Stripe, nothing is
 /// written back to Salesforce, and a redelivery of the same notifications

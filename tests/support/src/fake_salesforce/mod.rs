@@ -296,6 +296,7 @@ struct Data {
     tokens: HashSet<String>,
     cursors: HashMap<String, Cursor>,
     limit_failures: u64,
+    unavailable: bool,
     query_cap: Option<usize>,
     requests: Vec<RecordedRequest>,
     counts: Counts,
@@ -389,6 +390,13 @@ impl FakeSalesforce {
     /// Calls without a live session answer 401 and do not use one up.
     pub fn fail_with_request_limit(&self, n: u64) {
         self.shared.data().limit_failures = n;
+    }
+
+    /// While `down`, every authenticated data-API call answers 503
+    /// `SERVER_UNAVAILABLE`, as Salesforce documents for an instance down
+    /// for maintenance or overloaded (token requests still answer).
+    pub fn set_unavailable(&self, down: bool) {
+        self.shared.data().unavailable = down;
     }
 
     /// Makes every SOQL query return at most `cap` rows and say it is
@@ -1093,6 +1101,13 @@ fn check_session(shared: &Shared, headers: &HeaderMap) -> Result<(), SfError> {
             StatusCode::UNAUTHORIZED,
             "INVALID_SESSION_ID",
             "Session expired or invalid",
+        ));
+    }
+    if data.unavailable {
+        return Err(SfError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SERVER_UNAVAILABLE",
+            "The server is unavailable to handle the request.",
         ));
     }
     if data.limit_failures > 0 {
