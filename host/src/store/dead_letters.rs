@@ -274,7 +274,9 @@ impl Store {
                 // new idempotency key: a remote that saved the failed
                 // answer under the old one (Stripe does, for a day) would
                 // give it back to the replay. A create whose outcome is
-                // unknown keeps its key, or a second record could be made.
+                // unknown keeps its key, or a second record could be made
+                // (a link with a live record replays no create, whatever
+                // marker it kept: its update takes a fresh key).
                 // Not sooner than the link was due: an update that died
                 // timing out leaves a call timeout's wait, for its request
                 // may still land, after which a newer version goes (a
@@ -284,7 +286,8 @@ impl Store {
                     "UPDATE sync_links SET state = 'pending', attempts = 0, \
                      next_attempt_at_ms = CASE WHEN next_attempt_at_ms > $1 THEN next_attempt_at_ms \
                        ELSE $1 END, \
-                     repairs = CASE WHEN pending_version IS NULL THEN repairs + 1 ELSE repairs END, \
+                     repairs = CASE WHEN pending_version IS NULL \
+                       OR (remote_id IS NOT NULL AND NOT remote_deleted) THEN repairs + 1 ELSE repairs END, \
                      updated_at = $2 WHERE customer_id = $3 AND connector = $4 AND state = 'dead'",
                 )
                 .bind(at.timestamp_millis())

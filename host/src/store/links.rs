@@ -950,7 +950,7 @@ macro_rules! record_in {
                     .await?
                     .rows_affected()
                 }
-                RecordedOutcome::RetryScheduled { version, attempt, at_ms, error, pending_version, answered, .. } => {
+                RecordedOutcome::RetryScheduled { version, operation, attempt, at_ms, error, pending_version, answered } => {
                     // A failed push may have been applied (a timeout): what
                     // the remote holds is unknown until the next delivery,
                     // so no later version is skipped as unchanged or sent
@@ -960,7 +960,11 @@ macro_rules! record_in {
                     // whole under another key, the remote applied both, the
                     // second over an edit made there between. After an
                     // answered failure it goes under a fresh key (see
-                    // `answered`). A second version failing so leaves no
+                    // `answered`), unless it was a create: judged by the
+                    // push, not by a create marker on the link (one left
+                    // by a create held back, then linked by an inbound
+                    // event, kept every update's retry on the key whose
+                    // 500 the remote had saved). A second version failing so leaves no
                     // base at all: its request was the whole record
                     // already. `pushed_hash` is NULL meanwhile, as a
                     // replica of an older release reads it.
@@ -976,7 +980,7 @@ macro_rules! record_in {
                          unsure_base = CASE WHEN pushed_hash IS NOT NULL THEN pushed_hash \
                            WHEN unsure_version = $11 THEN unsure_base END, \
                          unsure_version = $11, pushed_hash = NULL, \
-                         repairs = CASE WHEN $12 AND pending_version IS NULL \
+                         repairs = CASE WHEN $12 AND $13 <> 'create' \
                            THEN repairs + 1 ELSE repairs END, \
                          lease_until_ms = 0, lease_token = NULL, updated_at = $5 \
                          WHERE customer_id = $6 AND connector = $7 AND lease_token = $8",
@@ -993,6 +997,7 @@ macro_rules! record_in {
                     .bind($link.attempts)
                     .bind(version)
                     .bind(answered)
+                    .bind(operation)
                     .execute(&mut *$tx)
                     .await?
                     .rows_affected()

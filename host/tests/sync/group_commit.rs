@@ -3287,6 +3287,92 @@ async fn a_refused_replay_leaves_the_fixed_version_to_push(postgres: bool) {
     );
 }
 
+/// A create marker left on a link whose record an inbound event then
+/// linked (the create was held back: a backfill, an open breaker) does
+/// not keep the update's retries on one key: after a 5xx the remote may
+/// have saved (Stripe does, for a day), the retry, and a replay of the dead
+/// letter, go under a fresh key. The marker kept the key, and every retry
+/// got the saved 500 back.
+async fn a_stale_create_marker_does_not_keep_an_updates_key(postgres: bool) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(postgres, dir.path()).await;
+    let store = open(&url).await;
+    let links = claimed_links(&store, 1).await;
+    let link = &links[0];
+    let mark = LinkWrite::CreatePending {
+        version: link.wanted_version,
+        record: json!({ "id": link.customer_id }),
+    };
+    assert_eq!(store.write_links(&[(link, &mark)]).await.unwrap(), [true]);
+    // The inbound event linking the record by its email.
+    let sql = format!(
+        "UPDATE sync_links SET remote_id = 'cus_linked' WHERE customer_id = '{}'",
+        link.customer_id
+    );
+    crate::helpers::execute_raw(&url, &sql, &[]).await;
+    let repairs = |store: &Store| {
+        let id = link.customer_id.clone();
+        let store = store.clone();
+        async move { store.links_of(&id).await.expect("links")[0].repairs }
+    };
+    let before = repairs(&store).await;
+    let failed = LinkWrite::Outcome(RecordedOutcome::RetryScheduled {
+        version: link.wanted_version,
+        operation: "update",
+        attempt: 1,
+        at_ms: chrono::Utc::now().timestamp_millis() - 1,
+        error: "remote answered 500".to_owned(),
+        pending_version: None,
+        answered: true,
+    });
+    assert_eq!(store.write_links(&[(link, &failed)]).await.unwrap(), [true]);
+    assert_eq!(
+        repairs(&store).await,
+        before + 1,
+        "a fresh key for the retry"
+    );
+
+    let until = chrono::Utc::now().timestamp_millis() + 60_000;
+    let claimed = store
+        .claim_due_links(&["stripe".to_owned()], "lease-again", until, 10)
+        .await
+        .expect("claimed");
+    let again = claimed
+        .into_iter()
+        .map(|c| c.link)
+        .find(|l| l.customer_id == link.customer_id)
+        .expect("due again");
+    let died = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
+        version: again.wanted_version,
+        operation: Some("update"),
+        attempt: 2,
+        error_kind: ferry::store::DeadLetterKind::RetriesExhausted,
+        error: "remote answered 500".to_owned(),
+        settle_ms: 0,
+    });
+    assert_eq!(store.write_links(&[(&again, &died)]).await.unwrap(), [true]);
+    let replayed = store
+        .replay_dead_letters(None, Some("stripe"), Some("outbound"))
+        .await
+        .expect("replayed");
+    assert_eq!(replayed.len(), 1, "{replayed:?}");
+    assert_eq!(
+        repairs(&store).await,
+        before + 2,
+        "a fresh key for the replay"
+    );
+}
+
+#[tokio::test]
+async fn postgres_a_stale_create_marker_does_not_keep_an_updates_key() {
+    a_stale_create_marker_does_not_keep_an_updates_key(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_stale_create_marker_does_not_keep_an_updates_key() {
+    a_stale_create_marker_does_not_keep_an_updates_key(false).await;
+}
+
 #[tokio::test]
 async fn postgres_a_refused_replay_leaves_the_fixed_version_to_push() {
     a_refused_replay_leaves_the_fixed_version_to_push(true).await;
