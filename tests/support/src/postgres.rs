@@ -26,6 +26,14 @@ const WATCHDOG: &str = r#"
     -c shared_buffers=128MB -c log_min_messages=warning $EXTRA 2>"$ROOT/postgres.log" &
 pg=$!
 while kill -0 "$pg" 2>/dev/null && [ ! -e "$DATA/postmaster.pid" ]; do sleep 0.1; done
+# Exited before it ran (its port taken in between, say): its log goes to
+# the test's stderr before the directory goes, and the start is retried.
+if ! kill -0 "$pg" 2>/dev/null; then
+    echo "postgres on port $PORT exited at start:" >&2
+    cat "$ROOT/postgres.log" >&2
+    rm -rf "$ROOT" 2>/dev/null
+    exit 1
+fi
 # Runs while the owner lives and the server runs, or is paused (see
 # `PgCluster::pause`): a resumed server is a new process, so its pid file
 # is what is watched.
@@ -57,8 +65,24 @@ impl PgCluster {
         SHARED.get_or_init(|| Self::start().expect("starting the throw-away PostgreSQL cluster"))
     }
 
-    /// Starts a new cluster (blocking; takes about a second).
+    /// Starts a new cluster (blocking; takes about a second). A server
+    /// that exits at start (its port, free when picked, taken before it
+    /// bound: parallel tests pick ports too) is started again on another,
+    /// twice at most.
     pub fn start() -> anyhow::Result<Self> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match free_port().and_then(Self::start_on) {
+                Err(error) if tries < 3 => {
+                    eprintln!("starting the throw-away PostgreSQL again: {error:#}");
+                }
+                started => return started,
+            }
+        }
+    }
+
+    fn start_on(port: u16) -> anyhow::Result<Self> {
         let bin = std::env::var_os("FERRY_PG_BIN")
             .map_or_else(|| PathBuf::from(DEFAULT_BIN_DIR), PathBuf::from);
         let as_postgres = running_as_root();
@@ -87,7 +111,6 @@ impl PgCluster {
         ]);
         run(&mut initdb).context("initdb")?;
 
-        let port = free_port()?;
         let mut shell = command(as_postgres, Path::new("/bin/sh"));
         shell
             .args(["-c", WATCHDOG])
@@ -106,15 +129,31 @@ impl PgCluster {
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         let watchdog = shell.spawn().context("starting postgres")?;
-        let cluster = Self {
+        let mut cluster = Self {
             root,
             port,
             bin,
             watchdog: Some(watchdog),
             as_postgres,
         };
-        cluster.wait_ready(Duration::from_secs(60))?;
-        Ok(cluster)
+        let started = Instant::now();
+        loop {
+            // The watchdog ends this early only when the server never ran.
+            if let Some(watchdog) = &mut cluster.watchdog {
+                if let Some(status) = watchdog.try_wait().context("watching postgres")? {
+                    cluster.watchdog = None;
+                    bail!(
+                        "postgres exited at start on port {} ({status}; its log is on stderr)",
+                        cluster.port
+                    );
+                }
+            }
+            match cluster.wait_ready(Duration::from_millis(500)) {
+                Ok(()) => return Ok(cluster),
+                Err(error) if started.elapsed() > Duration::from_secs(60) => return Err(error),
+                Err(_) => {}
+            }
+        }
     }
 
     fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
@@ -284,8 +323,8 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A free loopback port (the OS picks; a race with another process taking
-/// it before postgres binds is possible but shows up as a clear failure).
+/// A free loopback port (the OS picks; another process may take it before
+/// postgres binds: [`PgCluster::start`] then starts again on another).
 pub fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(listener.local_addr()?.port())
@@ -304,4 +343,20 @@ fn uuid_like() -> String {
         nanos,
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    /// A server whose port is taken exits at start: that is known at once,
+    /// with its log on stderr, not after a minute of "not ready" with the
+    /// log deleted.
+    #[test]
+    fn a_taken_port_fails_the_start_at_once() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let port = taken.local_addr().expect("its address").port();
+        let error = super::PgCluster::start_on(port)
+            .err()
+            .expect("the port is taken");
+        assert!(error.to_string().contains("exited at start"), "{error:#}");
+    }
 }
