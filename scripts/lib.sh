@@ -27,8 +27,10 @@ hold_target_dir() {
   exec 7>"$CARGO_TARGET_DIR.lock"
   if ! flock -n 7; then
     step "waiting for another run using $CARGO_TARGET_DIR"
-    # Bounded: a process left holding it fails this run, not hangs it.
-    flock -w 7200 7 || { echo "error: $CARGO_TARGET_DIR.lock still held after 2 hours" >&2; exit 1; }
+    # Bounded: a process left holding it fails this run, not hangs it;
+    # within CI's 90 minutes, so the reason is printed (a cold run takes
+    # under an hour, a warm one a quarter).
+    flock -w 3600 7 || { echo "error: $CARGO_TARGET_DIR.lock still held after an hour (a run left a process holding fd 7?)" >&2; exit 1; }
   fi
   export CI_TARGET_DIR_HELD=1
   trim_target_dir
