@@ -53,6 +53,11 @@ pub struct Problem {
     pub errors: Vec<FieldError>,
 }
 
+/// The most field errors a problem document lists.
+const MAX_LISTED_ERRORS: usize = 20;
+/// The longest field name a problem document lists, in characters.
+const MAX_LISTED_FIELD: usize = 128;
+
 /// Every way an API call can fail.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -380,14 +385,35 @@ impl ApiError {
         }
     }
 
-    /// The problem document for this error.
+    /// The problem document for this error. A validation's errors are
+    /// listed up to [`MAX_LISTED_ERRORS`], each field name cut to
+    /// [`MAX_LISTED_FIELD`] characters, and counted beyond (field `*`):
+    /// a body of short unknown names (a settings write, a conflict's
+    /// resolution: a megabyte holds 130,000) answered one error each,
+    /// named twice, an answer ten times the request.
     pub fn problem(&self) -> Problem {
         let errors = match self {
-            Self::Validation(errors) => errors.clone(),
+            Self::Validation(errors) => {
+                let mut listed: Vec<FieldError> = errors
+                    .iter()
+                    .take(MAX_LISTED_ERRORS)
+                    .map(|e| FieldError {
+                        field: e.field.chars().take(MAX_LISTED_FIELD).collect(),
+                        message: e.message.clone(),
+                    })
+                    .collect();
+                if errors.len() > MAX_LISTED_ERRORS {
+                    listed.push(FieldError::new(
+                        "*",
+                        format!("{} more invalid fields", errors.len() - MAX_LISTED_ERRORS),
+                    ));
+                }
+                listed
+            }
             _ => Vec::new(),
         };
         let detail = match self {
-            Self::Validation(errors) => {
+            Self::Validation(_) => {
                 let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
                 format!("invalid fields: {}", fields.join(", "))
             }

@@ -1634,6 +1634,25 @@ async fn nul_in_settings_or_a_version_is_refused(backend: Backend) {
         problem["errors"][0]["field"], "settings.api_base",
         "{problem}"
     );
+    // Unknown names are listed 20 at most, and counted beyond: 3,000 of
+    // them were an answer twice the request, each named twice.
+    let many: serde_json::Map<String, Value> = (0..3_000)
+        .map(|n| (format!("unknown_{n}_{}", "x".repeat(200)), json!("")))
+        .collect();
+    let (status, problem) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/recorder/settings",
+            Some(json!({ "settings": many })),
+        )
+        .await;
+    let text = problem.to_string();
+    let short: String = text.chars().take(300).collect();
+    assert_eq!(status, 422, "{short}");
+    let errors = problem["errors"].as_array().expect("errors");
+    assert_eq!(errors.len(), 21, "{short}");
+    assert_eq!(errors[20]["field"], "*", "{short}");
+    assert!(text.len() < 16 * 1024, "{} bytes", text.len());
     let (status, problem) = app
         .send(
             reqwest::Method::POST,
