@@ -179,7 +179,8 @@ async fn request_token(
     if !(200..300).contains(&response.status) {
         let mut body = response.body;
         policy::redact_secrets(&mut body, secrets);
-        return Err(token_error(response.status, &body, &response.headers));
+        let error = token_error(response.status, &body, &response.headers);
+        return Err(redacted(error, secrets));
     }
     parse_token(
         &response.body,
@@ -187,6 +188,31 @@ async fn request_token(
         generation,
         fingerprint,
     )
+}
+
+/// `error` with the secrets redacted from its message as decoded: the
+/// body's redaction matches the bytes as sent, and an endpoint that
+/// escapes characters in JSON (`\u00e4` for `ä`, as Python does) echoed
+/// a client secret the raw match missed, into the guest's error, dead
+/// letters and logs.
+fn redacted(error: ConnectorError, secrets: &BTreeMap<String, SecretString>) -> ConnectorError {
+    let scrub = |message: String| {
+        let mut bytes = message.into_bytes();
+        policy::redact_secrets(&mut bytes, secrets);
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    match error {
+        ConnectorError::RateLimited(mut limit) => {
+            limit.message = scrub(limit.message);
+            ConnectorError::RateLimited(limit)
+        }
+        ConnectorError::Retryable(m) => ConnectorError::Retryable(scrub(m)),
+        ConnectorError::Permanent(m) => ConnectorError::Permanent(scrub(m)),
+        ConnectorError::NotFound(m) => ConnectorError::NotFound(scrub(m)),
+        ConnectorError::Unauthorized(m) => ConnectorError::Unauthorized(scrub(m)),
+        ConnectorError::InvalidSignature(m) => ConnectorError::InvalidSignature(scrub(m)),
+        ConnectorError::Unsupported(m) => ConnectorError::Unsupported(scrub(m)),
+    }
 }
 
 /// Maps a refused token request onto the connector's error cases.
@@ -525,6 +551,25 @@ mod tests {
         .unwrap();
         let at = endless.info().expires_at_ms.unwrap();
         assert!(at > now_ms && at <= now_ms + day_ms, "{at}");
+    }
+
+    #[test]
+    fn a_refusal_echoing_an_escaped_secret_does_not_carry_it() {
+        let secrets = BTreeMap::from([(
+            "client_secret".to_owned(),
+            SecretString::from("p\u{e4}ssw\u{f6}rd-123".to_owned()),
+        )]);
+        // Python's encoder writes what is not ASCII as `\uXXXX`.
+        let mut body =
+            br#"{"error":"invalid_client","error_description":"bad secret p\u00e4ssw\u00f6rd-123"}"#
+                .to_vec();
+        policy::redact_secrets(&mut body, &secrets);
+        let error = redacted(token_error(401, &body, &[]), &secrets);
+        let ConnectorError::Unauthorized(message) = error else {
+            panic!("{error:?}");
+        };
+        assert!(!message.contains("p\u{e4}ssw\u{f6}rd-123"), "{message}");
+        assert!(message.contains("{{secret:client_secret}}"), "{message}");
     }
 
     #[test]

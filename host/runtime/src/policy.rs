@@ -523,7 +523,8 @@ const MIN_FRAGMENT_LEN: usize = 8;
 /// (upper- or lower-case hex, `+` for spaces as forms do), as a JSON
 /// string escapes it (`\"`, `\\`, and `\/` as PHP's encoder writes a
 /// slash: an OAuth error body echoing the client secret so reached the
-/// connector, its errors and the logs), and in base64
+/// connector, its errors and the logs; `\u00e4` for what is not ASCII, as
+/// Python's does, and `\u0026` for `&`, as Go's), and in base64
 /// (standard or URL-safe), where it may sit at any byte offset of a longer
 /// encoded text such as `user:secret` in a Basic credential. For base64 the
 /// fragment that does not depend on the neighbouring bytes is matched, for
@@ -545,6 +546,28 @@ fn encoded_forms(value: &[u8]) -> Vec<Vec<u8>> {
         let json = serde_json::Value::from(text).to_string();
         let json = json[1..json.len() - 1].to_owned();
         forms.push(json.replace('/', "\\/").into_bytes());
+        // What is not ASCII as `\uXXXX` (Python's default), and `&`, `<`,
+        // `>` so too (Go's), in either case of hex.
+        for upper in [false, true] {
+            let mut escaped = String::with_capacity(json.len());
+            for c in json.chars() {
+                if c.is_ascii() && !matches!(c, '&' | '<' | '>') {
+                    escaped.push(c);
+                    continue;
+                }
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    if upper {
+                        escaped.push_str(&format!("\\u{unit:04X}"));
+                    } else {
+                        escaped.push_str(&format!("\\u{unit:04x}"));
+                    }
+                }
+            }
+            if escaped != json {
+                forms.push(escaped.into_bytes());
+            }
+        }
         forms.push(json.into_bytes());
     }
     for engine in [
@@ -946,6 +969,18 @@ mod tests {
             // What is left of the secret is at most the two characters next
             // to a base64 fragment's edge.
             assert!(!text.contains("abc"), "{echo} -> {text}");
+        }
+        // Escaped as Python (what is not ASCII) and Go (`&<>`) write JSON.
+        let secret = "p\u{e4}ss&w\u{f6}rd<42>";
+        let values = BTreeMap::from([("api_key".to_owned(), SecretString::from(secret))]);
+        for echo in [
+            r#"{"error_description":"bad p\u00e4ss\u0026w\u00f6rd\u003c42\u003e"}"#,
+            r#"{"error_description":"bad p\u00E4ss\u0026w\u00F6rd\u003C42\u003E"}"#,
+        ] {
+            let mut body = echo.as_bytes().to_vec();
+            redact_secrets(&mut body, &values);
+            let text = String::from_utf8(body).unwrap();
+            assert!(text.contains("{{secret:api_key}}"), "{echo} -> {text}");
         }
     }
 

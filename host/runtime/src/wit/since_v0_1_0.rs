@@ -14,7 +14,6 @@ wasmtime::component::bindgen!({
     path: "wit/since_v0.1.0",
     imports: {
         "ferry:connector/http.send": async,
-        default: tracing,
     },
     exports: { default: async },
 });

@@ -7,12 +7,13 @@ wasmtime::component::bindgen!({
     world: "connector",
     path: "wit/since_v0.2.0",
     // Only `http.send` and `oauth` wait (on I/O, or on another call's token
-    // request); the other imports answer from memory.
+    // request); the other imports answer from memory. No `tracing`: at
+    // TRACE it logged each call's arguments whole, a `log.write` message
+    // before its 8 KiB cut and its 1000 lines a call.
     imports: {
         "ferry:connector/http.send": async,
         "ferry:connector/oauth.client-credentials-token": async,
         "ferry:connector/oauth.invalidate": async,
-        default: tracing,
     },
     exports: { default: async },
     additional_derives: [
