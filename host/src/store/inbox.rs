@@ -1089,29 +1089,39 @@ impl Store {
         Ok(found > 0)
     }
 
-    /// Whether an event of a remote record stored before `seq` is not
-    /// settled yet (waiting, being applied, to be retried). Read through
-    /// the `inbox_due` index: only unsettled rows are scanned, no index of
-    /// every row's record is kept for this rare question (a delete of a
-    /// record nothing links).
+    /// When the earliest event of a remote record stored before `seq`
+    /// that is not settled yet (waiting, being applied, to be retried) is
+    /// due, if one is. Read through the `inbox_due` index, which holds
+    /// unsettled rows only (SQLite is told to: it chose `inbox_event`, and
+    /// read every row the connector's inbox keeps); no index of every
+    /// row's record is kept for this rare question (a delete of a record
+    /// nothing links).
     pub async fn inbox_unsettled_before(
         &self,
         connector: &str,
         remote_id: &str,
         seq: i64,
-    ) -> Result<bool, StoreError> {
-        let found: i64 = dispatch!(self, read pool => {
-            sqlx::query_scalar(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM inbox WHERE state IN ('pending', 'retry') \
-                 AND connector = $1 AND remote_id = $2 AND seq < $3 LIMIT 1) AS earlier",
-            )
-            .bind(connector)
-            .bind(remote_id)
-            .bind(seq)
-            .fetch_one(pool)
-            .await?
+    ) -> Result<Option<i64>, StoreError> {
+        let sql = match &self.backend {
+            Backend::Sqlite(_) => {
+                "SELECT MIN(next_attempt_at_ms) FROM inbox INDEXED BY inbox_due \
+                 WHERE state IN ('pending', 'retry') AND connector = $1 AND remote_id = $2 \
+                 AND seq < $3"
+            }
+            Backend::Postgres(_) => {
+                "SELECT MIN(next_attempt_at_ms) FROM inbox WHERE state IN ('pending', 'retry') \
+                 AND connector = $1 AND remote_id = $2 AND seq < $3"
+            }
+        };
+        let due: Option<i64> = dispatch!(self, read pool => {
+            sqlx::query_scalar(sql)
+                .bind(connector)
+                .bind(remote_id)
+                .bind(seq)
+                .fetch_one(pool)
+                .await?
         });
-        Ok(found > 0)
+        Ok(due)
     }
 
     /// The events of a remote record that wait to be applied (a worker

@@ -346,7 +346,9 @@ impl SyncEngine {
                 // resolution waits for it. Made without it, the resolution
                 // was pushed over the edit, and the edit, read after that
                 // push, was taken for its echo: lost on both sides.
-                Err(Failure::Retry(why) | Failure::Wait(why, _)) if newest.record.is_none() => {
+                Err(Failure::Retry(why) | Failure::Wait(why, _) | Failure::Unauthorized(why))
+                    if newest.record.is_none() =>
+                {
                     return Err(FoldError::RemoteUnreadable(why));
                 }
                 // Gone, or never to be read: the resolution stands alone
@@ -1429,25 +1431,44 @@ impl SyncEngine {
         event: &InboxEvent,
         link: Option<crate::store::SyncLink>,
     ) -> Result<Option<InboundOutcome>, Failure> {
-        let Some(link) = link else {
-            // An earlier event of the record (its create) may be in
-            // another loop's hands, past its own look for this delete and
-            // about to link it: skipped now, the delete was lost and the
-            // record lived on as a customer. The delete waits for it.
-            if self
-                .inner
-                .store
-                .inbox_unsettled_before(&event.connector, &event.remote_id, event.seq)
-                .await?
-            {
-                return Err(Failure::Wait(
-                    "an earlier event of this record is not applied yet".into(),
-                    EARLIER_EVENT_WAIT,
-                ));
+        let link = match link {
+            Some(link) => link,
+            None => {
+                // An earlier event of the record (its create) may be in
+                // another loop's hands, past its own look for this delete
+                // and about to link it: skipped now, the delete was lost
+                // and the record lived on as a customer. The delete waits
+                // for it (until it is due, if it waits for a retry).
+                if let Some(due) = self
+                    .inner
+                    .store
+                    .inbox_unsettled_before(&event.connector, &event.remote_id, event.seq)
+                    .await?
+                {
+                    let until_due = u64::try_from(due - now_ms()).unwrap_or(0);
+                    return Err(Failure::Wait(
+                        "an earlier event of this record is not applied yet".into(),
+                        EARLIER_EVENT_WAIT.max(Duration::from_millis(until_due)),
+                    ));
+                }
+                // Read again: that event may have been applied since the
+                // link was read (its link and its state commit together,
+                // so the look above saw it applied, and this one sees its
+                // link).
+                match self
+                    .inner
+                    .store
+                    .link_by_remote_id(&event.connector, &event.remote_id)
+                    .await?
+                {
+                    Some(link) => link,
+                    None => {
+                        return self
+                            .skip(event, "delete of a remote record ferry never linked")
+                            .await
+                    }
+                }
             }
-            return self
-                .skip(event, "delete of a remote record ferry never linked")
-                .await;
         };
         if link.remote_deleted {
             return self
