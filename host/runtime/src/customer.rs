@@ -168,7 +168,8 @@ pub const RESERVED_METADATA_KEY: &str = "ferry_id";
 pub const MAX_METADATA_KEY: usize = 40;
 /// Longest metadata value, in characters.
 pub const MAX_METADATA_VALUE: usize = 500;
-/// How emails are stored and compared: trimmed, lowercased, in Unicode
+/// How emails are stored and compared: trimmed, lowercased (a final sigma
+/// folded to `σ`), in Unicode
 /// normal form C (an `é` typed as `e` and a combining accent is the same
 /// address as one typed as one character), and with an internationalised
 /// domain in its ASCII form (`bücher.de` and `xn--bcher-kva.de` are one
@@ -178,12 +179,16 @@ pub const MAX_METADATA_VALUE: usize = 500;
 /// would otherwise accept a symbol (`☃.com`) or drop an invisible
 /// character the check exists to catch.
 pub fn normalise_email(email: &str) -> String {
-    // Letter by letter: `str::to_lowercase` makes a `Σ` that ends a word
-    // a final `ς`, so `ΑΣ@x.gr` and `ασ@x.gr` were two customers.
+    // Letter by letter, and the final sigma folded as Unicode's case
+    // folding does: `str::to_lowercase` made a capital sigma that ends a
+    // word a final sigma, so `ΑΣ@x.gr` and `ασ@x.gr` were two
+    // customers, and by letter alone `ας@x.gr` and `ΑΣ@x.gr` were.
+    // All three are one.
     let email: String = email
         .trim()
         .chars()
         .flat_map(char::to_lowercase)
+        .map(|c| if c == 'ς' { 'σ' } else { c })
         .nfc()
         .collect();
     let Some((local, domain)) = email.rsplit_once('@') else {
@@ -499,5 +504,9 @@ mod tests {
             normalise_email("ασ@example.com")
         );
         assert_eq!(normalise_email("a@ΑΣ.gr"), normalise_email("a@ασ.gr"));
+        assert_eq!(
+            normalise_email("ας@example.com"),
+            normalise_email("ασ@example.com")
+        );
     }
 }

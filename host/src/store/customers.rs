@@ -592,8 +592,10 @@ pub struct Renormalised {
     pub kept: Vec<(String, String, String)>,
 }
 
-/// The data step that rewrites stored emails in today's form.
-const EMAILS_STEP: &str = "emails_nfc_idna";
+/// The data step that rewrites stored emails in today's form; named anew
+/// when the form changes, so a database that took the last one takes this
+/// one too (`emails_nfc_idna`, then the final sigma folded to `σ`).
+const EMAILS_STEP: &str = "emails_nfc_idna_sigma";
 
 impl Store {
     /// Once per database (the `data_steps` table remembers it): rewrites

@@ -56,6 +56,17 @@ const OLD_EMAILS: &str =
      ('cus_00000000000000000000000000000005', 'zoe@b\u{fc}cher.de ', 2, $1, $1, $1), \
      ('cus_00000000000000000000000000000006', 'plain@example.com', 1, $1, $1, NULL)";
 
+/// The migration after the data steps' table.
+const AFTER_DATA_STEPS: i64 = 20261204000017;
+
+/// A database that took the first emails rewrite, holding a final sigma
+/// (an address typed `ας@`, or `ΑΣ@` lowercased as a word).
+const OLD_SIGMA: [&str; 2] = [
+    "INSERT INTO customers (id, email, version, created_at, updated_at, deleted_at) VALUES \
+     ('cus_00000000000000000000000000000007', 'ας@example.gr', 1, $1, $1, NULL)",
+    "INSERT INTO data_steps (name, done_at) VALUES ('emails_nfc_idna', $1)",
+];
+
 fn before(version: i64, mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
     let older: Vec<_> = migrator
         .migrations
@@ -248,10 +259,29 @@ async fn emails_stored_at_upgrade_are_written_in_todays_form(backend: Backend) {
     store.close().await;
 }
 
+/// A final sigma an earlier release stored is folded at the next start,
+/// though that database took the first rewrite already: the step is named
+/// anew when the form changes.
+async fn a_final_sigma_stored_before_is_folded_at_the_next_start(backend: Backend) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let at = Utc::now() - Duration::minutes(5);
+    let store = upgraded(backend, &dir, AFTER_DATA_STEPS, &OLD_SIGMA, at).await;
+    let done = store
+        .renormalise_emails(ferry::api::customers::normalise_email)
+        .await
+        .unwrap();
+    assert_eq!(done.changed, 1, "{done:?}");
+    let id = ferry::store::CustomerId::parse("cus_00000000000000000000000000000007").unwrap();
+    let customer = store.get_customer(&id).await.unwrap();
+    assert_eq!(customer.email, "ασ@example.gr");
+    store.close().await;
+}
+
 on_both_backends!(
     an_outbox_waiting_at_upgrade_is_still_relayed,
     a_create_pending_at_upgrade_keeps_its_record,
-    emails_stored_at_upgrade_are_written_in_todays_form
+    emails_stored_at_upgrade_are_written_in_todays_form,
+    a_final_sigma_stored_before_is_folded_at_the_next_start
 );
 
 /// The migration that remembers the record a duplicate-email merge let go
