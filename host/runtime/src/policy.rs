@@ -546,12 +546,24 @@ fn encoded_forms(value: &[u8]) -> Vec<Vec<u8>> {
         let json = serde_json::Value::from(text).to_string();
         let json = json[1..json.len() - 1].to_owned();
         forms.push(json.replace('/', "\\/").into_bytes());
-        // What is not ASCII as `\uXXXX` (Python's default), and `&`, `<`,
-        // `>` so too (Go's), in either case of hex.
-        for upper in [false, true] {
+        // What is not ASCII as `\uXXXX` (Python's default), `&`, `<`, `>`
+        // so (Go's), or both, in either case of hex.
+        for (non_ascii, html, upper) in [
+            (true, false, false),
+            (false, true, false),
+            (true, true, false),
+            (true, false, true),
+            (false, true, true),
+            (true, true, true),
+        ] {
             let mut escaped = String::with_capacity(json.len());
             for c in json.chars() {
-                if c.is_ascii() && !matches!(c, '&' | '<' | '>') {
+                let escape = if c.is_ascii() {
+                    html && matches!(c, '&' | '<' | '>')
+                } else {
+                    non_ascii
+                };
+                if !escape {
                     escaped.push(c);
                     continue;
                 }
@@ -970,10 +982,13 @@ mod tests {
             // to a base64 fragment's edge.
             assert!(!text.contains("abc"), "{echo} -> {text}");
         }
-        // Escaped as Python (what is not ASCII) and Go (`&<>`) write JSON.
+        // Escaped as Python (what is not ASCII) and Go (`&<>`) write JSON,
+        // and as an encoder escaping both.
         let secret = "p\u{e4}ss&w\u{f6}rd<42>";
         let values = BTreeMap::from([("api_key".to_owned(), SecretString::from(secret))]);
         for echo in [
+            r#"{"error_description":"bad p\u00e4ss&w\u00f6rd<42>"}"#,
+            "{\"error_description\":\"bad p\u{e4}ss\\u0026w\u{f6}rd\\u003c42\\u003e\"}",
             r#"{"error_description":"bad p\u00e4ss\u0026w\u00f6rd\u003c42\u003e"}"#,
             r#"{"error_description":"bad p\u00E4ss\u0026w\u00F6rd\u003C42\u003E"}"#,
         ] {

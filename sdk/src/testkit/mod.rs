@@ -372,7 +372,7 @@ impl TestKit {
     /// instance; and, as ferry does, refuses a connector whose manifest
     /// does not declare webhooks (ferry answers 404), and events ferry
     /// would not store: an id or remote id it could not keep (empty, over
-    /// 255 bytes, a NUL), a record that is not JSON, or one id given to two
+    /// 255 bytes, a NUL), a record that is not a JSON object, or one id given to two
     /// different events; a reply over 64 KiB; and a delivery larger than
     /// ferry reads by default
     /// (ferry answers 413 without calling the connector).
