@@ -554,17 +554,22 @@ fn webhook_data(req: &WebhookRequest) -> Vec<&[u8]> {
 /// Cut to [`MAX_ERROR_BYTES`]: the text goes into logs, stored rows and a
 /// webhook sender's 400, and a guest's was as long as its memory.
 fn printable(error: ConnectorError) -> ConnectorError {
+    with_text(error, printable_text)
+}
+
+/// `error`, its case kept, with `f` applied to its text.
+pub(crate) fn with_text(error: ConnectorError, f: impl Fn(String) -> String) -> ConnectorError {
     match error {
-        ConnectorError::Retryable(m) => ConnectorError::Retryable(printable_text(m)),
+        ConnectorError::Retryable(m) => ConnectorError::Retryable(f(m)),
         ConnectorError::RateLimited(mut limit) => {
-            limit.message = printable_text(limit.message);
+            limit.message = f(limit.message);
             ConnectorError::RateLimited(limit)
         }
-        ConnectorError::Permanent(m) => ConnectorError::Permanent(printable_text(m)),
-        ConnectorError::NotFound(m) => ConnectorError::NotFound(printable_text(m)),
-        ConnectorError::Unauthorized(m) => ConnectorError::Unauthorized(printable_text(m)),
-        ConnectorError::InvalidSignature(m) => ConnectorError::InvalidSignature(printable_text(m)),
-        ConnectorError::Unsupported(m) => ConnectorError::Unsupported(printable_text(m)),
+        ConnectorError::Permanent(m) => ConnectorError::Permanent(f(m)),
+        ConnectorError::NotFound(m) => ConnectorError::NotFound(f(m)),
+        ConnectorError::Unauthorized(m) => ConnectorError::Unauthorized(f(m)),
+        ConnectorError::InvalidSignature(m) => ConnectorError::InvalidSignature(f(m)),
+        ConnectorError::Unsupported(m) => ConnectorError::Unsupported(f(m)),
     }
 }
 

@@ -196,23 +196,11 @@ async fn request_token(
 /// a client secret the raw match missed, into the guest's error, dead
 /// letters and logs.
 fn redacted(error: ConnectorError, secrets: &BTreeMap<String, SecretString>) -> ConnectorError {
-    let scrub = |message: String| {
+    super::with_text(error, |message| {
         let mut bytes = message.into_bytes();
         policy::redact_secrets(&mut bytes, secrets);
         String::from_utf8_lossy(&bytes).into_owned()
-    };
-    match error {
-        ConnectorError::RateLimited(mut limit) => {
-            limit.message = scrub(limit.message);
-            ConnectorError::RateLimited(limit)
-        }
-        ConnectorError::Retryable(m) => ConnectorError::Retryable(scrub(m)),
-        ConnectorError::Permanent(m) => ConnectorError::Permanent(scrub(m)),
-        ConnectorError::NotFound(m) => ConnectorError::NotFound(scrub(m)),
-        ConnectorError::Unauthorized(m) => ConnectorError::Unauthorized(scrub(m)),
-        ConnectorError::InvalidSignature(m) => ConnectorError::InvalidSignature(scrub(m)),
-        ConnectorError::Unsupported(m) => ConnectorError::Unsupported(scrub(m)),
-    }
+    })
 }
 
 /// Maps a refused token request onto the connector's error cases.
@@ -439,16 +427,7 @@ mod tests {
         assert_eq!(info.generation, 7);
         // No expires_in (Salesforce's): kept for a day at most, or until
         // invalidated.
-        let day_ms = i64::try_from(MAX_TOKEN_TTL_SECS * 1000).unwrap();
-        let at = info.expires_at_ms.expect("a day at most");
-        let now_ms = i64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis(),
-        )
-        .unwrap();
-        assert!(at > now_ms && at <= now_ms + day_ms, "{at}");
+        assert_within_a_day(info.expires_at_ms);
         let fields: Map<String, Value> = serde_json::from_str(&info.fields).unwrap();
         assert_eq!(fields["instance_url"], "https://acme.my.salesforce.com");
         for secret in SECRET_FIELDS {
@@ -541,6 +520,11 @@ mod tests {
         )
         .unwrap();
         assert!(endless.is_fresh(&[0; 32]));
+        assert_within_a_day(endless.info().expires_at_ms);
+    }
+
+    /// A token's expiry is set, later than now and a day away at most.
+    fn assert_within_a_day(expires_at_ms: Option<i64>) {
         let day_ms = i64::try_from(MAX_TOKEN_TTL_SECS * 1000).unwrap();
         let now_ms = i64::try_from(
             std::time::SystemTime::now()
@@ -549,7 +533,7 @@ mod tests {
                 .as_millis(),
         )
         .unwrap();
-        let at = endless.info().expires_at_ms.unwrap();
+        let at = expires_at_ms.expect("an expiry, a day at most");
         assert!(at > now_ms && at <= now_ms + day_ms, "{at}");
     }
 

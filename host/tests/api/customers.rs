@@ -628,22 +628,30 @@ async fn a_patch_without_email_keeps_the_stored_one(backend: Backend) {
         .await;
     let older = app.create_ok(&json!({"email": email("older")})).await;
     let id = older["id"].as_str().unwrap();
-    execute_raw(
-        &app,
-        backend,
-        "UPDATE customers SET email = $1 WHERE id = $2",
-        &[&nfd, id],
-    )
-    .await;
-    let response = app
-        .request(Method::PATCH, &format!("/api/v1/customers/{id}"))
-        .json(&json!({"name": "Renamed"}))
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    let patched: Value = response.json().await.unwrap();
-    assert_eq!(status, 200, "{patched}");
+    // Stores `email` behind ferry's back, then patches `patch`: the answer.
+    let stored_then_patched = |email: String, patch: Value| {
+        let app = &app;
+        async move {
+            execute_raw(
+                app,
+                backend,
+                "UPDATE customers SET email = $1 WHERE id = $2",
+                &[&email, id],
+            )
+            .await;
+            let response = app
+                .request(Method::PATCH, &format!("/api/v1/customers/{id}"))
+                .json(&patch)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let patched: Value = response.json().await.unwrap();
+            assert_eq!(status, 200, "{patched}");
+            patched
+        }
+    };
+    let patched = stored_then_patched(nfd.clone(), json!({"name": "Renamed"})).await;
     assert_eq!(patched["name"], "Renamed");
     assert_eq!(patched["email"], nfd.as_str(), "the stored form kept");
 
@@ -651,22 +659,7 @@ async fn a_patch_without_email_keeps_the_stored_one(backend: Backend) {
     // (an invisible combining grapheme joiner) made every PATCH 422 naming
     // `email`, a field the client never sent.
     let invisible = format!("ada\u{34f}-{tag}@example.com");
-    execute_raw(
-        &app,
-        backend,
-        "UPDATE customers SET email = $1 WHERE id = $2",
-        &[&invisible, id],
-    )
-    .await;
-    let response = app
-        .request(Method::PATCH, &format!("/api/v1/customers/{id}"))
-        .json(&json!({"phone": "+15550000009"}))
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    let patched: Value = response.json().await.unwrap();
-    assert_eq!(status, 200, "{patched}");
+    let patched = stored_then_patched(invisible.clone(), json!({"phone": "+15550000009"})).await;
     assert_eq!(patched["phone"], "+15550000009");
     assert_eq!(patched["email"], invisible.as_str(), "kept byte for byte");
 }

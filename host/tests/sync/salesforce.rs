@@ -109,16 +109,25 @@ async fn rig_on(
 /// The rig on SQLite, the Salesforce connector given `settings` besides
 /// its own, and Stripe's webhooks not forwarded.
 async fn rig_without_stripe_webhooks(settings: Value) -> Rig {
+    rig_adjusted(|setup| {
+        if let Some(given) = settings.as_object() {
+            for (name, value) in given {
+                setup.extra_connectors[0].config["settings"][name] = value.clone();
+            }
+        }
+    })
+    .await
+}
+
+/// The rig on SQLite, its setup changed by `adjust`, and Stripe's webhooks
+/// not forwarded.
+async fn rig_adjusted(adjust: impl FnOnce(&mut Setup)) -> Rig {
     let stripe = LocalStripe::start().expect("localstripe");
     let salesforce = FakeSalesforce::start(FakeSalesforceConfig::default())
         .await
         .expect("fake salesforce");
     let mut setup = setup(Backend::Sqlite, &stripe, &salesforce, None);
-    if let Some(given) = settings.as_object() {
-        for (name, value) in given {
-            setup.extra_connectors[0].config["settings"][name] = value.clone();
-        }
-    }
+    adjust(&mut setup);
     let app = spawn_sync_app(setup).await;
     app.assert_enabled("salesforce").await;
     Rig {
@@ -353,20 +362,17 @@ async fn api_changes_reach_salesforce_postgres() {
 /// longer than the attempts' backoff dead-lettered every event of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_of_salesforce_holds_its_events_without_spending_attempts() {
-    let stripe = LocalStripe::start().expect("localstripe");
-    let salesforce = FakeSalesforce::start(FakeSalesforceConfig::default())
-        .await
-        .expect("fake salesforce");
-    let mut setup = setup(Backend::Sqlite, &stripe, &salesforce, None);
-    setup.extra = json!({
-        "sync_max_attempts": 4,
-        "sync_backoff_base": "50ms",
-        "sync_backoff_max": "100ms",
-        "breaker_failure_threshold": 2,
-        "breaker_cooldown": "2s",
-    });
-    let app = spawn_sync_app(setup).await;
-    app.assert_enabled("salesforce").await;
+    let rig = rig_adjusted(|setup| {
+        setup.extra = json!({
+            "sync_max_attempts": 4,
+            "sync_backoff_base": "50ms",
+            "sync_backoff_max": "100ms",
+            "breaker_failure_threshold": 2,
+            "breaker_cooldown": "2s",
+        });
+    })
+    .await;
+    let (app, salesforce) = (&rig.app, &rig.salesforce);
     let people: Vec<String> = (0..5).map(|n| email(&format!("sf-outage-{n}"))).collect();
     let ids: Vec<String> = people
         .iter()
@@ -404,18 +410,14 @@ async fn an_outage_of_salesforce_holds_its_events_without_spending_attempts() {
 
 /// A read the org refuses for the connector's credentials (its token
 /// request answered `invalid_client`) is dead-lettered as `unauthorized`,
-/// as a push's is, so a replay of that kind once the secret is mended
-/// takes it too (it was `permanent`).
+/// as a push's is: the letter says what to mend (it said `permanent`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_refused_for_credentials_is_an_unauthorized_dead_letter() {
-    let stripe = LocalStripe::start().expect("localstripe");
-    let salesforce = FakeSalesforce::start(FakeSalesforceConfig::default())
-        .await
-        .expect("fake salesforce");
-    let mut setup = setup(Backend::Sqlite, &stripe, &salesforce, None);
-    setup.extra_connectors[0].config["secrets"]["client_secret"] = json!("not-the-secret");
-    let app = spawn_sync_app(setup).await;
-    app.assert_enabled("salesforce").await;
+    let rig = rig_adjusted(|setup| {
+        setup.extra_connectors[0].config["secrets"]["client_secret"] = json!("not-the-secret");
+    })
+    .await;
+    let (app, salesforce) = (&rig.app, &rig.salesforce);
     let address = email("sf-refused");
     let id = salesforce.insert_record("Contact", json!({"LastName": "Refused", "Email": address}));
     let delivery = salesforce
