@@ -43,6 +43,19 @@ impl Rig {
         assert!(delivery.acked, "{delivery:?}");
     }
 
+    /// The Salesforce connector's open dead letters, as the API lists them.
+    async fn dead_letters(&self) -> Value {
+        let (_, letters) = self
+            .app
+            .send(
+                reqwest::Method::GET,
+                "/api/v1/dead-letters?connector=salesforce",
+                None,
+            )
+            .await;
+        letters
+    }
+
     fn webhook_url(&self) -> String {
         format!("{}/webhooks/salesforce", self.app.base)
     }
@@ -383,11 +396,7 @@ async fn an_outage_of_salesforce_holds_its_events_without_spending_attempts() {
     let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     salesforce.set_unavailable(true);
     let delivery = salesforce
-        .send_outbound_message(
-            &format!("{}/webhooks/salesforce", app.base),
-            "Contact",
-            &id_refs,
-        )
+        .send_outbound_message(&rig.webhook_url(), "Contact", &id_refs)
         .await
         .expect("delivery");
     assert!(delivery.acked, "{delivery:?}");
@@ -398,13 +407,7 @@ async fn an_outage_of_salesforce_holds_its_events_without_spending_attempts() {
     for address in &people {
         app.wait_customer_by_email(address).await;
     }
-    let (_, letters) = app
-        .send(
-            reqwest::Method::GET,
-            "/api/v1/dead-letters?connector=salesforce",
-            None,
-        )
-        .await;
+    let letters = rig.dead_letters().await;
     assert_eq!(letters["data"], json!([]), "{letters}");
 }
 
@@ -417,27 +420,17 @@ async fn a_read_refused_for_credentials_is_an_unauthorized_dead_letter() {
         setup.extra_connectors[0].config["secrets"]["client_secret"] = json!("not-the-secret");
     })
     .await;
-    let (app, salesforce) = (&rig.app, &rig.salesforce);
+    let salesforce = &rig.salesforce;
     let address = email("sf-refused");
     let id = salesforce.insert_record("Contact", json!({"LastName": "Refused", "Email": address}));
     let delivery = salesforce
-        .send_outbound_message(
-            &format!("{}/webhooks/salesforce", app.base),
-            "Contact",
-            &[&id],
-        )
+        .send_outbound_message(&rig.webhook_url(), "Contact", &[&id])
         .await
         .expect("delivery");
     assert!(delivery.acked, "{delivery:?}");
     let deadline = tokio::time::Instant::now() + SETTLE;
     let letter = loop {
-        let (_, letters) = app
-            .send(
-                reqwest::Method::GET,
-                "/api/v1/dead-letters?connector=salesforce",
-                None,
-            )
-            .await;
+        let letters = rig.dead_letters().await;
         if let Some(letter) = letters["data"].as_array().and_then(|d| d.first()) {
             break letter.clone();
         }
