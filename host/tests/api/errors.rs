@@ -315,6 +315,53 @@ async fn token_is_required_when_configured(backend: Backend) {
     assert_eq!(response.status(), 200);
 }
 
+/// Every operation the OpenAPI document says needs the admin token refuses
+/// a request without it (401 `unauthorized`), whatever its body: each
+/// handler takes the token as its first extractor, and a new handler that
+/// forgot it would be public.
+async fn every_operation_needing_the_token_refuses_one_without(backend: Backend) {
+    let app = spawn_app_with_token(backend).await;
+    let (status, spec) = app.get_json("/openapi.json").await;
+    assert_eq!(status, 200);
+    let mut checked = 0;
+    for (path, operations) in spec["paths"].as_object().expect("paths") {
+        for (method, operation) in operations.as_object().expect("operations") {
+            let needs_token = operation["security"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|r| r.get("admin_token").is_some()));
+            if !needs_token {
+                continue;
+            }
+            // Any value fills a path parameter: the token is checked first.
+            let mut concrete = String::new();
+            let mut rest = path.as_str();
+            while let Some(open) = rest.find('{') {
+                let close = rest[open..].find('}').map_or(rest.len(), |c| open + c + 1);
+                concrete.push_str(&rest[..open]);
+                concrete.push_str("cus_00000000000000000000000000000001");
+                rest = &rest[close..];
+            }
+            concrete.push_str(rest);
+            let method = Method::from_bytes(method.to_uppercase().as_bytes()).expect("a method");
+            let response = app
+                .client
+                .request(method.clone(), format!("{}{concrete}", app.base))
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                response.status().as_u16(),
+                401,
+                "{method} {path} answered without the token"
+            );
+            assert_problem(response, 401, "unauthorized").await;
+            checked += 1;
+        }
+    }
+    assert!(checked >= 25, "{checked} operations checked");
+}
+
 /// Open mode (no admin token) answers only requests to a loopback host,
 /// and writes from its own origin: a page on a rebound DNS name cannot read
 /// the catalog, and a page elsewhere cannot post a form to the API. Tools
@@ -525,6 +572,7 @@ on_both_backends!(
     non_json_content_type_is_415,
     unknown_routes_and_methods_are_problems,
     token_is_required_when_configured,
+    every_operation_needing_the_token_refuses_one_without,
 );
 
 /// A customer's row locked by another session (an operator's transaction
