@@ -1102,19 +1102,16 @@ impl Store {
         remote_id: &str,
         seq: i64,
     ) -> Result<Option<i64>, StoreError> {
-        let sql = match &self.backend {
-            Backend::Sqlite(_) => {
-                "SELECT MIN(next_attempt_at_ms) FROM inbox INDEXED BY inbox_due \
-                 WHERE state IN ('pending', 'retry') AND connector = $1 AND remote_id = $2 \
-                 AND seq < $3"
-            }
-            Backend::Postgres(_) => {
-                "SELECT MIN(next_attempt_at_ms) FROM inbox WHERE state IN ('pending', 'retry') \
-                 AND connector = $1 AND remote_id = $2 AND seq < $3"
-            }
+        let index = match &self.backend {
+            Backend::Sqlite(_) => "INDEXED BY inbox_due",
+            Backend::Postgres(_) => "",
         };
+        let sql = format!(
+            "SELECT MIN(next_attempt_at_ms) FROM inbox {index} WHERE state IN ('pending', 'retry') \
+             AND connector = $1 AND remote_id = $2 AND seq < $3"
+        );
         let due: Option<i64> = dispatch!(self, read pool => {
-            sqlx::query_scalar(sql)
+            sqlx::query_scalar(&sql)
                 .bind(connector)
                 .bind(remote_id)
                 .bind(seq)

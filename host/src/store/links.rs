@@ -964,9 +964,9 @@ macro_rules! record_in {
                     // push, not by a create marker on the link (one left
                     // by a create held back, then linked by an inbound
                     // event, kept every update's retry on the key whose
-                    // 500 the remote had saved). A second version failing so leaves no
-                    // base at all: its request was the whole record
-                    // already. `pushed_hash` is NULL meanwhile, as a
+                    // 500 the remote had saved). A second version failing
+                    // so leaves no base at all: its request was the whole
+                    // record already. `pushed_hash` is NULL meanwhile, as a
                     // replica of an older release reads it.
                     // A newer version taken in while the push was out
                     // started its own count (the intake reset it): this
