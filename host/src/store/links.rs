@@ -678,12 +678,24 @@ const CLAIM_ONE_SQL: &str = claim_sqlite!(
      AND next_attempt_at_ms <= $5 AND lease_until_ms < $5 AND held_by IS NULL"
 );
 
+// A scheduler's claim: the due links, oldest due first (`$3` now, `$4` how
+// many); `_OF_`: of the connector `$6` only. Two statements, not a
+// nullable parameter: a plain `connector = $6` is a condition the due
+// index answers.
 const CLAIM_DUE_SQLITE: &str = claim_sqlite!(
     "$1, lease_token = $2",
     "IN (SELECT value FROM json_each($5))",
     "(customer_id, connector) IN (SELECT customer_id, connector FROM sync_links \
      WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= $3 AND lease_until_ms < $3 \
      AND held_by IS NULL ORDER BY next_attempt_at_ms LIMIT $4)"
+);
+
+const CLAIM_DUE_OF_SQLITE: &str = claim_sqlite!(
+    "$1, lease_token = $2",
+    "IN (SELECT value FROM json_each($5))",
+    "(customer_id, connector) IN (SELECT customer_id, connector FROM sync_links \
+     WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= $3 AND lease_until_ms < $3 \
+     AND held_by IS NULL AND connector = $6 ORDER BY next_attempt_at_ms LIMIT $4)"
 );
 
 // SKIP LOCKED: replicas polling at once take disjoint rows instead of queueing.
@@ -693,6 +705,14 @@ const CLAIM_DUE_POSTGRES: &str = claim_postgres!(
     "(customer_id, connector) IN (SELECT customer_id, connector FROM sync_links \
      WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= $3 AND lease_until_ms < $3 \
      AND held_by IS NULL ORDER BY next_attempt_at_ms LIMIT $4 FOR UPDATE SKIP LOCKED)"
+);
+
+const CLAIM_DUE_OF_POSTGRES: &str = claim_postgres!(
+    "$1, lease_token = $2",
+    "= ANY($5::text[])",
+    "(customer_id, connector) IN (SELECT customer_id, connector FROM sync_links \
+     WHERE state IN ('pending', 'retry') AND next_attempt_at_ms <= $3 AND lease_until_ms < $3 \
+     AND held_by IS NULL AND connector = $6 ORDER BY next_attempt_at_ms LIMIT $4 FOR UPDATE SKIP LOCKED)"
 );
 
 /// Whether a delivered push may write its remote id over the link in
@@ -1386,10 +1406,12 @@ impl Store {
             .collect()
     }
 
-    /// Claims up to `limit` due, free links, oldest due first. `ready`: the
+    /// Claims up to `limit` due, free links, oldest due first: `of` one
+    /// connector's only, or (`None`) any connector's. `ready`: the
     /// connectors that may push now (see [`ClaimedLink`]).
     pub async fn claim_due_links(
         &self,
+        of: Option<&str>,
         ready: &[String],
         lease_token: &str,
         lease_until_ms: i64,
@@ -1398,25 +1420,39 @@ impl Store {
         let now = now_ms();
         match &self.backend {
             Backend::Sqlite(pools) => {
-                let rows: Vec<SyncLinkRow> = sqlx::query_as(CLAIM_DUE_SQLITE)
+                let sql = if of.is_some() {
+                    CLAIM_DUE_OF_SQLITE
+                } else {
+                    CLAIM_DUE_SQLITE
+                };
+                let mut claim = sqlx::query_as(sql)
                     .bind(lease_until_ms)
                     .bind(lease_token)
                     .bind(now)
                     .bind(i64::from(limit))
-                    .bind(json_array(ready))
-                    .fetch_all(&pools.writer)
-                    .await?;
+                    .bind(json_array(ready));
+                if let Some(of) = of {
+                    claim = claim.bind(of);
+                }
+                let rows: Vec<SyncLinkRow> = claim.fetch_all(&pools.writer).await?;
                 Ok(self.with_customers(rows).await)
             }
             Backend::Postgres(pool) => {
-                let rows: Vec<ClaimedRow> = sqlx::query_as(CLAIM_DUE_POSTGRES)
+                let sql = if of.is_some() {
+                    CLAIM_DUE_OF_POSTGRES
+                } else {
+                    CLAIM_DUE_POSTGRES
+                };
+                let mut claim = sqlx::query_as(sql)
                     .bind(lease_until_ms)
                     .bind(lease_token)
                     .bind(now)
                     .bind(i64::from(limit))
-                    .bind(ready)
-                    .fetch_all(pool)
-                    .await?;
+                    .bind(ready);
+                if let Some(of) = of {
+                    claim = claim.bind(of);
+                }
+                let rows: Vec<ClaimedRow> = claim.fetch_all(pool).await?;
                 Ok(rows.into_iter().map(ClaimedLink::from).collect())
             }
         }

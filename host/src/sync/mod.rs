@@ -73,6 +73,8 @@ struct Inner {
     call_timeout: Duration,
     permits: Arc<Semaphore>,
     concurrency: usize,
+    /// Pushes running now, by connector (see [`SyncEngine::shares`]).
+    pushing: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
     link_writes: GroupCommit<LinkWrites>,
     inbox_writes: GroupCommit<InboxWrites>,
     inbound_applies: GroupCommit<InboundApplies>,
@@ -136,6 +138,7 @@ impl SyncEngine {
                 call_timeout: options.call_timeout,
                 permits: Arc::new(Semaphore::new(options.concurrency)),
                 concurrency: options.concurrency,
+                pushing: Arc::default(),
                 link_writes,
                 inbox_writes,
                 inbound_applies,
@@ -260,6 +263,26 @@ impl SyncEngine {
         let connectors: std::collections::BTreeSet<&str> =
             keys.iter().map(|k| k.connector.as_str()).collect();
         let ready = self.ready_to_push(connectors);
+        // A connector's links beyond its share of the slots are left to the
+        // scheduler, which hands them out fairly, so a slow remote's pushes
+        // hold neither another connector's nor the consumer's.
+        let participants = self.inner.registry.participants(ENTITY);
+        let mut room = self.shares(&self.ready_to_push(participants.iter().map(String::as_str)));
+        let offered = keys.len();
+        let keys: Vec<LinkKey> = keys
+            .into_iter()
+            .filter(|key| match room.get_mut(&key.connector) {
+                Some(0) => false,
+                Some(left) => {
+                    *left -= 1;
+                    true
+                }
+                None => true,
+            })
+            .collect();
+        if keys.len() < offered {
+            self.wake();
+        }
         let claimed = match self
             .inner
             .store
@@ -290,8 +313,9 @@ impl SyncEngine {
             };
             let engine = self.clone();
             let outcomes_tx = outcomes_tx.clone();
+            let pushing = self.pushing(&link.connector);
             tasks.spawn(async move {
-                let _permit = permit;
+                let _slot = (permit, pushing);
                 let _ = outcomes_tx.send(engine.push_link(link, customer, until).await);
             });
         }
@@ -317,6 +341,35 @@ impl SyncEngine {
             outcomes.push(outcome);
         }
         outcomes
+    }
+
+    /// The slots each of `ready` may still take of its share: with two or
+    /// more connectors ready, each has an equal share of the pushes
+    /// (`concurrency`) first, so one whose remote is slow cannot hold every
+    /// slot while another's pushes wait (docs/sync.md). Empty with one.
+    fn shares(&self, ready: &[String]) -> std::collections::HashMap<String, usize> {
+        if ready.len() < 2 {
+            return std::collections::HashMap::new();
+        }
+        let share = (self.inner.concurrency / ready.len()).max(1);
+        let pushing = lock(&self.inner.pushing);
+        ready
+            .iter()
+            .map(|c| {
+                let busy = pushing.get(c).copied().unwrap_or(0);
+                (c.clone(), share.saturating_sub(busy))
+            })
+            .collect()
+    }
+
+    /// Counts a push of `connector` as running until the guard is dropped.
+    fn pushing(&self, connector: &str) -> Pushing {
+        let pushing = Arc::clone(&self.inner.pushing);
+        *lock(&pushing).entry(connector.to_owned()).or_default() += 1;
+        Pushing {
+            pushing,
+            connector: connector.to_owned(),
+        }
     }
 
     /// Of `connectors`, those a claim may mark creates for
@@ -362,34 +415,52 @@ impl SyncEngine {
                 capacity.merge(extra);
             }
             let (token, until) = self.lease();
-            let limit = u32::try_from(capacity.num_permits()).unwrap_or(1);
             let participants = self.inner.registry.participants(ENTITY);
             let ready = self.ready_to_push(participants.iter().map(String::as_str));
-            let claimed = match self
-                .inner
-                .store
-                .claim_due_links(&ready, &token, until, limit)
-                .await
-            {
-                Ok(claimed) => claimed,
-                Err(error) => {
-                    tracing::warn!(
-                        error = format!("{:#}", anyhow::Error::from(error)),
-                        "claiming due links failed"
-                    );
-                    Vec::new()
+            // Each ready connector first, up to its share; then whatever is
+            // due, oldest first, for the slots left (a connector borrows
+            // the slots others leave idle).
+            let shares = self.shares(&ready);
+            let mut claims: Vec<(Option<&str>, usize)> = shares
+                .iter()
+                .filter(|&(_, &room)| room > 0)
+                .map(|(connector, &room)| (Some(connector.as_str()), room))
+                .collect();
+            claims.sort_by_key(|&(_, room)| std::cmp::Reverse(room));
+            claims.push((None, usize::MAX));
+            let mut busy = false;
+            for (of, room) in claims {
+                let limit = room.min(capacity.num_permits());
+                if limit == 0 {
+                    continue;
                 }
-            };
-            let busy = !claimed.is_empty();
-            for ClaimedLink { link, customer } in claimed {
-                let Some(permit) = capacity.split(1) else {
-                    break;
+                let claimed = match self
+                    .inner
+                    .store
+                    .claim_due_links(of, &ready, &token, until, u32::try_from(limit).unwrap_or(1))
+                    .await
+                {
+                    Ok(claimed) => claimed,
+                    Err(error) => {
+                        tracing::warn!(
+                            error = format!("{:#}", anyhow::Error::from(error)),
+                            "claiming due links failed"
+                        );
+                        Vec::new()
+                    }
                 };
-                let engine = self.clone();
-                tasks.spawn(async move {
-                    let _permit = permit;
-                    engine.push_link(link, customer, until).await;
-                });
+                busy |= !claimed.is_empty();
+                for ClaimedLink { link, customer } in claimed {
+                    let Some(permit) = capacity.split(1) else {
+                        break;
+                    };
+                    let engine = self.clone();
+                    let pushing = self.pushing(&link.connector);
+                    tasks.spawn(async move {
+                        let _slot = (permit, pushing);
+                        engine.push_link(link, customer, until).await;
+                    });
+                }
             }
             drop(capacity);
             if busy {
@@ -411,6 +482,30 @@ impl SyncEngine {
         tasks.close();
         tasks.wait().await;
     }
+}
+
+/// A running push of one connector, counted in [`Inner::pushing`].
+struct Pushing {
+    pushing: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    connector: String,
+}
+
+impl Drop for Pushing {
+    fn drop(&mut self) {
+        let mut pushing = lock(&self.pushing);
+        if let Some(busy) = pushing.get_mut(&self.connector) {
+            *busy = busy.saturating_sub(1);
+            if *busy == 0 {
+                pushing.remove(&self.connector);
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Link writes (create markers and outcomes) of concurrent pushes.

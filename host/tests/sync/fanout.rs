@@ -304,8 +304,60 @@ async fn api_change_reaches_each_connector_once(backend: Backend) {
     );
 }
 
+/// Each connector has its share of the push slots: with four slots and a
+/// recorder remote that takes 1.5 s per write, Stripe's creates do not
+/// wait behind the recorder's (with slots handed out oldest first, the
+/// recorder's pushes held every slot and Stripe went at its pace), and the
+/// recorder's pushes take the slots Stripe leaves idle once it is done.
+async fn a_slow_remote_leaves_other_connectors_their_share(backend: Backend) {
+    const CUSTOMERS: usize = 20;
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let remote = RecorderRemote::start().await;
+    remote.delay_writes(Duration::from_millis(1500));
+    let mut setup = Setup::new(backend, &proxy.url());
+    setup.extra_connectors.push(remote.connector());
+    setup.extra = json!({"sync_concurrency": 4});
+    let app = spawn_sync_app(setup).await;
+    app.assert_enabled("recorder").await;
+
+    let mut ids = Vec::new();
+    for i in 0..CUSTOMERS {
+        let created = app
+            .create(json!({"email": email(&format!("share-{i}")), "name": format!("Share {i}")}))
+            .await;
+        ids.push(created["id"].as_str().expect("id").to_owned());
+    }
+    for id in &ids {
+        app.wait_link_of("stripe", id, SETTLE, |link| link["state"] == "synced")
+            .await;
+    }
+    let recorder_writes = remote.requests_to("POST", "/records").len();
+    assert!(
+        recorder_writes < CUSTOMERS / 2,
+        "Stripe's creates waited behind the slow remote's: {recorder_writes} of \
+         {CUSTOMERS} recorder creates had started when Stripe's were done"
+    );
+    for id in &ids {
+        app.wait_link_of("recorder", id, Duration::from_secs(60), |link| {
+            link["state"] == "synced"
+        })
+        .await;
+    }
+    assert_eq!(
+        remote.requests_to("POST", "/records").len(),
+        CUSTOMERS,
+        "one create each at the recorder"
+    );
+}
+
 mod sqlite {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_remote_leaves_others_their_share() {
+        a_slow_remote_leaves_other_connectors_their_share(Backend::Sqlite).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn stripe_change_fans_out() {
@@ -320,6 +372,11 @@ mod sqlite {
 
 mod postgres {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_remote_leaves_others_their_share() {
+        a_slow_remote_leaves_other_connectors_their_share(Backend::Postgres).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn stripe_change_fans_out() {

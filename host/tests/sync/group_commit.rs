@@ -1258,7 +1258,7 @@ async fn a_result_the_remote_lacks_is_pushed_back(postgres: bool, batched: bool)
     store.intake_queued(10, &connectors).await.expect("intake");
     let until = chrono::Utc::now().timestamp_millis() + 60_000;
     let mut claimed: Vec<(String, i64)> = store
-        .claim_due_links(&connectors, "lease-push", until, 20)
+        .claim_due_links(None, &connectors, "lease-push", until, 20)
         .await
         .expect("claimed")
         .into_iter()
@@ -1302,7 +1302,7 @@ async fn sqlite_a_result_the_remote_lacks_is_pushed_back_alone() {
 async fn stripe_link_claimed(store: &Store, lease: &str, id: &str) -> SyncLink {
     let until = chrono::Utc::now().timestamp_millis() + 60_000;
     store
-        .claim_due_links(&["stripe".to_owned()], lease, until, 20)
+        .claim_due_links(None, &["stripe".to_owned()], lease, until, 20)
         .await
         .expect("claimed")
         .into_iter()
@@ -1408,7 +1408,7 @@ async fn forced_meanwhile(postgres: bool, batched: bool, ended: Ended) {
     assert_eq!(after.snapshot, before, "{after:?}");
     assert_eq!(after.repairs, link.repairs + 1, "{after:?}");
     let again = store
-        .claim_due_links(&stripe, "lease-again", until, 20)
+        .claim_due_links(None, &stripe, "lease-again", until, 20)
         .await
         .expect("claimed");
     assert!(
@@ -1468,7 +1468,7 @@ async fn a_forced_push_waits_for_a_dead_update_to_settle(postgres: bool) {
     }
     let until = chrono::Utc::now().timestamp_millis() + 60_000;
     let due = store
-        .claim_due_links(&["stripe".to_owned()], "lease-early", until, 20)
+        .claim_due_links(None, &["stripe".to_owned()], "lease-early", until, 20)
         .await
         .expect("claimed");
     assert!(!due.iter().any(|c| c.link.customer_id == id), "{due:?}");
@@ -1568,7 +1568,7 @@ async fn a_late_outcome_does_not_end_a_recreate(postgres: bool) {
         .expect("forced"));
     let until = chrono::Utc::now().timestamp_millis() + 50;
     let link = store
-        .claim_due_links(&["stripe".to_owned()], "lease-late", until, 20)
+        .claim_due_links(None, &["stripe".to_owned()], "lease-late", until, 20)
         .await
         .expect("claimed")
         .into_iter()
@@ -2149,7 +2149,7 @@ async fn an_unreadable_customer_does_not_hold_a_claim(postgres: bool) {
     )
     .await;
     let due = store
-        .claim_due_links(&stripe, "lease-due", until, 20)
+        .claim_due_links(None, &stripe, "lease-due", until, 20)
         .await
         .expect("the claim stands");
     assert_eq!(due.len(), 2, "{due:?}");
@@ -2257,7 +2257,7 @@ async fn a_push_keeps_a_snapshot_an_event_wrote_meanwhile(postgres: bool, batche
     }
     let until = chrono::Utc::now().timestamp_millis() + 60_000;
     let mut claimed: Vec<SyncLink> = store
-        .claim_due_links(&["stripe".to_owned()], "lease-b", until, 10)
+        .claim_due_links(None, &["stripe".to_owned()], "lease-b", until, 10)
         .await
         .expect("claimed")
         .into_iter()
@@ -2363,7 +2363,7 @@ async fn a_claim_after_an_unrecorded_push_forgets_the_pushed_content(postgres: b
         let (store, connectors) = (&store, &connectors);
         async move {
             store
-                .claim_due_links(connectors, token, until, 10)
+                .claim_due_links(None, connectors, token, until, 10)
                 .await
                 .expect("claimed")
                 .remove(0)
@@ -2689,7 +2689,7 @@ async fn a_claim_marks_the_create_it_is_about_to_send(postgres: bool) {
         .await
         .expect("intake");
     let mut due = store
-        .claim_due_links(&connectors[..1], "lease-b", until, 10)
+        .claim_due_links(None, &connectors[..1], "lease-b", until, 10)
         .await
         .expect("claimed");
     due.sort_by_key(|c| c.link.customer_id != fresh.id.as_str());
@@ -3250,7 +3250,7 @@ async fn a_refused_replay_leaves_the_fixed_version_to_push(postgres: bool) {
         .expect("intake");
     let until = chrono::Utc::now().timestamp_millis() + 60_000;
     let claimed = store
-        .claim_due_links(&["stripe".to_owned()], "lease-replay", until, 10)
+        .claim_due_links(None, &["stripe".to_owned()], "lease-replay", until, 10)
         .await
         .expect("claimed");
     let link = claimed
@@ -3334,7 +3334,7 @@ async fn a_stale_create_marker_does_not_keep_an_updates_key(postgres: bool) {
 
     let until = chrono::Utc::now().timestamp_millis() + 60_000;
     let claimed = store
-        .claim_due_links(&["stripe".to_owned()], "lease-again", until, 10)
+        .claim_due_links(None, &["stripe".to_owned()], "lease-again", until, 10)
         .await
         .expect("claimed");
     let again = claimed

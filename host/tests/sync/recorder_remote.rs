@@ -46,6 +46,8 @@ struct RemoteState {
     /// How long the next page of a listing after its first waits before
     /// its answer.
     later_page_delay: Mutex<Option<Duration>>,
+    /// How long every write waits before its answer (a slow remote).
+    write_delay: Mutex<Option<Duration>>,
     /// Whether a page after a listing's first names the cursor that asked
     /// for it as the next one (a broken remote).
     repeat_later_cursors: AtomicBool,
@@ -143,6 +145,12 @@ impl RecorderRemote {
         *lock(&self.state.later_page_delay) = Some(delay);
     }
 
+    /// Holds every write (create, update, delete) for `delay` before it
+    /// is applied and answered: a slow remote.
+    pub fn delay_writes(&self, delay: Duration) {
+        *lock(&self.state.write_delay) = Some(delay);
+    }
+
     pub fn record(&self, id: &str) -> Option<Value> {
         lock(&self.state.records).get(id).cloned()
     }
@@ -207,6 +215,10 @@ async fn record_request(
     });
     if method == Method::GET && path == "/records" {
         return list(&state, uri.query().unwrap_or("")).await;
+    }
+    let write_delay = *lock(&state.write_delay);
+    if let Some(delay) = write_delay {
+        tokio::time::sleep(delay).await;
     }
     let mut records = lock(&state.records);
     match (method, path.strip_prefix("/records")) {
