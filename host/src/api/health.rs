@@ -152,6 +152,17 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         // A replica still serving an older version (the new one failed to
         // load here) is ready, and says so.
         let (ok, detail) = match (&entry.active, &entry.problem) {
+            // Loaded, but this replica cannot run it: settings it lacks, or
+            // stored secrets its master key cannot open. Its webhooks are
+            // refused here and its pushes wait.
+            (Some(active), _) if entry.incomplete().is_some() => (
+                false,
+                format!(
+                    "version {} loaded; {}",
+                    active.meta.version,
+                    entry.incomplete().unwrap_or_default()
+                ),
+            ),
             (Some(active), None) => (true, format!("version {} loaded", active.meta.version)),
             (Some(active), Some(problem)) => (
                 true,
@@ -322,8 +333,12 @@ pub struct InboxCounts {
 pub struct ConnectorHealth {
     /// The connector.
     pub connector: String,
-    /// Whether a version is loaded and it is switched on.
+    /// How it is switched: `enabled`, `disabled`, `unconfigured` (never
+    /// switched on), or `removed` (only its rows are left).
     pub switch: String,
+    /// Why this replica cannot run it although it is switched on: no
+    /// version loaded, or settings or secrets it lacks here.
+    pub problem: Option<String>,
     /// Outbound links by state.
     pub links: LinkCounts,
     /// Inbound events waiting.
@@ -381,11 +396,14 @@ pub async fn health(
     names.extend(backlog.conflicts_open.keys().cloned());
     names.sort();
     names.dedup();
-    let switches: BTreeMap<String, Switch> = state
-        .registry
-        .entries()
-        .into_iter()
-        .map(|e| (e.name.clone(), e.effective.switch))
+    let entries = state.registry.entries();
+    let switches: BTreeMap<&str, Switch> = entries
+        .iter()
+        .map(|e| (e.name.as_str(), e.effective.switch))
+        .collect();
+    let problems: BTreeMap<&str, String> = entries
+        .iter()
+        .filter_map(|e| Some((e.name.as_str(), e.problem_running()?)))
         .collect();
     let connectors = names
         .into_iter()
@@ -398,13 +416,14 @@ pub async fn health(
             };
             ConnectorHealth {
                 switch: switches
-                    .get(&name)
+                    .get(name.as_str())
                     .map_or("removed", |s| match s {
                         Switch::Enabled => "enabled",
                         Switch::Disabled => "disabled",
                         Switch::Unconfigured => "unconfigured",
                     })
                     .to_owned(),
+                problem: problems.get(name.as_str()).cloned(),
                 links: LinkCounts {
                     synced: count("synced"),
                     pending: count("pending"),

@@ -203,6 +203,22 @@ impl Entry {
             .map(|missing| NotReady::Incomplete(missing).to_string())
     }
 
+    /// Why this replica cannot run the switched-on connector, if it
+    /// cannot: no version loaded, or settings or secrets it lacks.
+    pub fn problem_running(&self) -> Option<String> {
+        if self.effective.switch != Switch::Enabled {
+            return None;
+        }
+        match &self.active {
+            None => Some(
+                self.problem
+                    .clone()
+                    .unwrap_or_else(|| "no version is active".to_owned()),
+            ),
+            Some(_) => self.incomplete(),
+        }
+    }
+
     /// Whether the connector's work runs: switched on, and the active
     /// version has every setting it requires.
     fn runs(&self) -> bool {

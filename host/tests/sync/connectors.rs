@@ -2094,6 +2094,31 @@ async fn secrets_a_replica_cannot_open_leave_pushes_waiting(backend: Backend) {
             .is_some_and(|p| p.contains("secrets")),
         "{connector}"
     );
+    // Readiness and the health summary say so: this replica's probe is
+    // where an operator looks for what only it lacks.
+    let (_, ready) = get(&app, "/readyz").await;
+    let check = ready["checks"]
+        .as_array()
+        .and_then(|checks| checks.iter().find(|c| c["name"] == "connector:recorder"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(check["ok"], false, "{ready}");
+    assert!(
+        check["detail"].as_str().is_some_and(|d| d.contains("secrets")),
+        "{ready}"
+    );
+    let (_, health) = get(&app, "/api/v1/health").await;
+    let recorder_health = health["connectors"]
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["connector"] == "recorder"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        recorder_health["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("secrets")),
+        "{health}"
+    );
     // A delivery is refused as a passing failure, for the sender to retry:
     // a 404 invites it to drop the delivery, or the endpoint, for what is
     // one replica's problem.
