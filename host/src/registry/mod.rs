@@ -972,8 +972,10 @@ impl Registry {
             .await
             .map_err(RegistryError::Invalid)?;
         if activate {
-            self.check_keeps_customers(&connector).await?;
+            // This one first: it reads the store's view afresh, which the
+            // other then judges by.
             self.check_keeps_running(&connector).await?;
+            self.check_keeps_customers(&connector).await?;
         }
         let manifest = manifest_json(connector.manifest());
         let world = connector.world().to_string();
@@ -1059,7 +1061,10 @@ impl Registry {
     /// emergency's) goes through, and its settings cannot be given first
     /// (a write refuses a name only an older version declares). As the
     /// store has it now: this replica's view may be a poll behind another
-    /// replica's settings write.
+    /// replica's settings write. On a replica that does not run it because
+    /// other replicas' environments configure it, not its own, the settings
+    /// the new version requires and the running one does not declare count
+    /// as missing.
     async fn check_keeps_running(&self, connector: &Connector) -> Result<(), RegistryError> {
         let entry = match self.current_entry(connector.name()).await {
             Ok(entry) => entry,
@@ -1070,10 +1075,32 @@ impl Registry {
             return Ok(());
         };
         let target = &connector.manifest().version;
-        if !entry.runs() || !newer_version(target, &active.meta.version) {
+        if !newer_version(target, &active.meta.version) {
             return Ok(());
         }
-        match Entry::missing_settings(&entry.effective, connector.manifest(), &self.inner.runtime) {
+        let missing = if entry.runs() {
+            Entry::missing_settings(&entry.effective, connector.manifest(), &self.inner.runtime)
+        } else if entry.switched_on && entry.effective.switch == Switch::Unconfigured {
+            // Switched on by other replicas' environments, which this one
+            // cannot read: what the new version requires and the running one
+            // does not declare is missing there (an environment refuses a
+            // name the running version does not declare).
+            let running = active.connector.manifest();
+            let missing: Vec<String> = config::check_against_manifest(
+                connector.manifest(),
+                running.settings.iter().map(|s| &s.name),
+                running.secrets.iter().map(|s| &s.name),
+                true,
+            )
+            .into_iter()
+            .filter(|p| p.message == config::REQUIRED)
+            .map(|p| p.field)
+            .collect();
+            (!missing.is_empty()).then(|| missing.join(", "))
+        } else {
+            None
+        };
+        match missing {
             Some(missing) => Err(RegistryError::NeedsSettings {
                 name: connector.name().to_owned(),
                 version: connector.manifest().version.clone(),
@@ -1225,6 +1252,12 @@ impl Registry {
     /// pushes that waited.
     pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), RegistryError> {
         let entry = self.current_entry(name).await?;
+        // Never switched on, anywhere: it is off already. Paused, it would
+        // take changes for a later enable to push as creates, and stay
+        // switched on for good.
+        if !enabled && !entry.takes_changes() {
+            return Ok(());
+        }
         if enabled {
             let manifest = active_manifest(&entry)?;
             let problems: Vec<SettingsProblem> = config::check_against_manifest(
@@ -1455,7 +1488,8 @@ impl Registry {
                     secret_names,
                     updated_at: chrono::Utc::now(),
                 },
-                new.enabled,
+                // As for `disable`: one never switched on stays so.
+                new.enabled.filter(|&on| on || entry.takes_changes()),
                 Some(entry.revision),
             )
             .await?;

@@ -2010,6 +2010,86 @@ async fn a_version_that_needs_a_new_setting_does_not_stop_the_connector(backend:
     linked_customer(&app, "On The New Version").await;
 }
 
+/// The same through a replica that does not run the connector because
+/// only the other replicas' environments configure it: it cannot read
+/// their settings, so what the new version requires and the running one
+/// does not declare counts as missing there. Before, this replica took the
+/// connector for stopped and activated the version over the running ones.
+async fn a_version_needing_a_setting_is_refused_through_a_replica_not_configured(backend: Backend) {
+    let dir = tempfile::tempdir().expect("dir");
+    let database_url = new_database(backend, dir.path()).await;
+    let remote = RecorderRemote::start().await;
+    let mut configured = setup(backend);
+    configured.database_url = Some(database_url.clone());
+    configured.extra_connectors.push(remote.connector());
+    let configured = spawn_sync_app(configured).await;
+
+    let mut other = setup(backend);
+    other.database_url = Some(database_url);
+    let mut unconfigured = remote.connector();
+    unconfigured.config = json!({});
+    other.extra_connectors.push(unconfigured);
+    let other = spawn_sync_app(other).await;
+    let (status, refused) = upload(&other, recorder_variant("version-3"), "").await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["code"], "settings_missing", "{refused}");
+    assert!(
+        refused["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("settings.account")),
+        "{refused}"
+    );
+    let (_, connector) = get(&configured, "/api/v1/connectors/recorder").await;
+    assert_eq!(connector["active_version"], "0.1.0", "{connector}");
+    // Stored without activating, as the refusal says, it is taken.
+    let (status, stored) = upload(&other, recorder_variant("version-3"), "?activate=false").await;
+    assert_eq!(status, 201, "{stored}");
+}
+
+/// Disabling a connector never switched on (loaded, not configured) leaves
+/// it unconfigured, through `disable` or settings sent as off: it takes no
+/// changes. Before, it was paused, counted as switched on for good, and
+/// queued a push of every customer for a later enable to make as creates.
+async fn disabling_a_connector_never_switched_on_queues_nothing(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let mut never_on = setup(backend);
+    let mut unconfigured = remote.connector();
+    unconfigured.config = json!({});
+    never_on.extra_connectors.push(unconfigured);
+    let app = spawn_sync_app(never_on).await;
+    let (status, disabled) = post(&app, "/api/v1/connectors/recorder/disable", None).await;
+    assert_eq!(status, 200, "{disabled}");
+    let (status, configured) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/recorder/settings",
+            Some(json!({"settings": {"api_base": remote.url}, "enabled": false})),
+        )
+        .await;
+    assert_eq!(status, 200, "{configured}");
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(
+        (
+            connector["state"].as_str(),
+            connector["takes_changes"].as_bool(),
+            connector["settings"]["api_base"].as_str(),
+        ),
+        (Some("unconfigured"), Some(false), Some(remote.url.as_str())),
+        "{connector}"
+    );
+    let customer = app
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Never On"}))
+        .await;
+    let id = customer["id"].as_str().expect("id");
+    let status = app.sync_status(id).await;
+    assert!(
+        status["connectors"]
+            .as_array()
+            .is_some_and(|links| links.iter().all(|l| l["connector"] != "recorder")),
+        "{status}"
+    );
+}
+
 /// Rolled back through `activate`, a version's settings the older one
 /// does not declare are another version's: a write keeps them (the
 /// console's form names the active version's fields only) and may send
@@ -2104,7 +2184,9 @@ async fn secrets_a_replica_cannot_open_leave_pushes_waiting(backend: Backend) {
         .unwrap_or_default();
     assert_eq!(check["ok"], false, "{ready}");
     assert!(
-        check["detail"].as_str().is_some_and(|d| d.contains("secrets")),
+        check["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("secrets")),
         "{ready}"
     );
     let (_, health) = get(&app, "/api/v1/health").await;
@@ -2710,6 +2792,11 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn disabling_a_connector_never_switched_on() {
+        super::disabling_a_connector_never_switched_on_queues_nothing(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_version_loaded_here_without_customer() {
         super::a_version_loaded_here_without_customer_leaves_its_changes_waiting(Backend::Sqlite)
             .await;
@@ -2827,6 +2914,17 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_connector_configured_on_another_replica() {
         a_connector_configured_on_another_replica_takes_this_ones_changes(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn disabling_a_connector_never_switched_on() {
+        disabling_a_connector_never_switched_on_queues_nothing(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_needing_a_setting_through_a_replica_not_configured() {
+        a_version_needing_a_setting_is_refused_through_a_replica_not_configured(Backend::Postgres)
+            .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -851,6 +851,19 @@ async fn open_mode_signs_in_without_a_token_and_still_checks_csrf() {
         (303, format!("/console/customers/{id}").as_str())
     );
 
+    // Switched on, so that a disable pauses it (one never switched on
+    // stays unconfigured).
+    let (status, enabled) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/stripe/settings",
+            Some(
+                json!({"secrets": {"api_key": "sk_test_console", "webhook_secret": "whsec_console"},
+                "enabled": true}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 200, "{enabled}");
     let disable = url("/console/connectors/stripe/disable");
     let refused = client
         .post(&disable)
