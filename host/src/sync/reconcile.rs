@@ -44,6 +44,10 @@ use crate::store::StoreError;
 
 /// Remote records asked for per `list` call.
 pub const PAGE_SIZE: u32 = 100;
+/// Empty pages in a row, each naming a next one, after which a listing is
+/// taken to never end (a connector answering "more" past its last record;
+/// a listing with records in between starts counting again).
+const EMPTY_PAGES: u32 = 1000;
 /// Stored records or findings handled per classification or repair step.
 const STEP: u32 = 500;
 /// How often the worker looks for runs to drive and schedules to start.
@@ -593,6 +597,7 @@ impl SyncEngine {
         let mut unfinished_restart = run.restart_unfinished();
         let mut failures = 0u32;
         let mut not_ready_since: Option<Instant> = None;
+        let mut empty_pages = 0u32;
         loop {
             if cancel.is_cancelled() {
                 return Err(Stop::Cancelled);
@@ -727,7 +732,15 @@ impl SyncEngine {
             // listing never lists a record twice; an offset one whose
             // first records were deleted by a page's length between two
             // pages would fail here too, and its run be started again.
-            let ids: Vec<&str> = page.records.iter().map(|r| r.remote_id.as_str()).collect();
+            // Ids a key cannot hold are left out, as the comparison below
+            // leaves them out: on PostgreSQL a NUL failed this read, and
+            // the run listed the page again every lease, for ever.
+            let ids: Vec<&str> = page
+                .records
+                .iter()
+                .map(|r| r.remote_id.as_str())
+                .filter(|id| crate::store::unkeyable("remote id", id).is_none())
+                .collect();
             if !ids.is_empty() && inner.store.run_listed_all(run, &ids).await? {
                 return Err(Stop::Failed(
                     "listing failed: the connector's cursors went round (a page held only \
@@ -745,7 +758,21 @@ impl SyncEngine {
                 return Err(Stop::LeaseLost);
             }
             listed_with = Some(code);
+            // Empty pages that always name a next one pass both checks
+            // above (the cursors differ, no record repeats): the run
+            // listed for ever, and a backfill held every create meanwhile.
+            empty_pages = if page.records.is_empty() {
+                empty_pages + 1
+            } else {
+                0
+            };
             match page.next_cursor {
+                Some(_) if empty_pages >= EMPTY_PAGES => {
+                    return Err(Stop::Failed(format!(
+                        "listing failed: {EMPTY_PAGES} empty pages in a row, each naming a next \
+                         one; the connector's listing would never end"
+                    )))
+                }
                 Some(next) => cursor = Some(next),
                 None => return Ok(()),
             }

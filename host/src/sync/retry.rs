@@ -10,12 +10,14 @@ use rand::Rng;
 pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// How long a read the remote rate-limited waits: its Retry-After (capped
-/// at [`MAX_RETRY_AFTER`]), else a second. Pushes wait their own backoff
-/// instead (see `outbound`).
+/// at [`MAX_RETRY_AFTER`]), else a second; a second at least (a remote
+/// answering 429 with `Retry-After: 0` again and again had a listing ask
+/// it again at once, hundreds of times a second). Pushes wait their own
+/// backoff instead (see `outbound`).
 pub(crate) fn rate_limited_read_wait(retry_after_ms: Option<u64>) -> Duration {
     retry_after_ms
         .map_or(Duration::from_secs(1), Duration::from_millis)
-        .min(MAX_RETRY_AFTER)
+        .clamp(Duration::from_secs(1), MAX_RETRY_AFTER)
 }
 
 /// The retry schedule of failed pushes.
@@ -83,6 +85,17 @@ mod tests {
         base: Duration::from_secs(1),
         max_delay: Duration::from_secs(60),
     };
+
+    /// A read the remote rate-limited waits a second at least: with
+    /// `Retry-After: 0` a listing asked again at once, in a tight loop.
+    #[test]
+    fn a_rate_limited_read_waits_a_second_at_least() {
+        assert_eq!(rate_limited_read_wait(Some(0)), Duration::from_secs(1));
+        assert_eq!(rate_limited_read_wait(Some(400)), Duration::from_secs(1));
+        assert_eq!(rate_limited_read_wait(None), Duration::from_secs(1));
+        assert_eq!(rate_limited_read_wait(Some(5_000)), Duration::from_secs(5));
+        assert_eq!(rate_limited_read_wait(Some(u64::MAX)), MAX_RETRY_AFTER);
+    }
 
     #[test]
     fn delays_grow_exponentially_under_the_cap() {

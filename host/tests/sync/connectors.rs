@@ -2601,6 +2601,18 @@ async fn a_listing_that_goes_round_fails(backend: Backend) {
     a_report_run_fails_saying(&app, "went round").await;
 }
 
+/// A listing whose connector answers "more" past its last record, with a
+/// fresh cursor and nothing in each page, passed both checks above: the
+/// run listed empty pages for ever. A thousand in a row end it as failed.
+async fn a_listing_of_endless_empty_pages_fails(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    remote.insert_numbered(3, "endless", "Endless");
+    remote.endless_empty_pages();
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    a_report_run_fails_saying(&app, "1000 empty pages in a row").await;
+}
+
 /// A record listed unlinked, then linked before the run classifies it
 /// (here ferry's own create, answered with that record's id; as well a
 /// webhook or another run's import): in sync, not reported as a duplicate
@@ -2657,11 +2669,17 @@ async fn records_too_long_to_key_are_invalid(backend: Backend) {
         "rec_long_email",
         json!({"email": format!("{long}@example.com"), "name": "Long Email"}),
     );
+    // A NUL: PostgreSQL refuses it in any text, and the check that the
+    // listing goes round read it, failing the page every lease for ever.
+    remote.insert(
+        "rec_nul\u{0}",
+        json!({"email": "nul-id@example.com", "name": "Nul Id"}),
+    );
     let app = spawn_sync_app(setup(backend)).await;
     install_recorder(&app, &remote).await;
     let run = run_to_end(&app, json!({"connector": "recorder", "repair": "report"})).await;
     assert_eq!(run["status"], "completed", "{run:#}");
-    assert_eq!(run["counts"]["invalid"], 1, "{run:#}");
+    assert_eq!(run["counts"]["invalid"], 2, "{run:#}");
     assert_eq!(run["counts"]["missing_local"], 1, "{run:#}");
 }
 
@@ -2805,6 +2823,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_listing_that_goes_round() {
         super::a_listing_that_goes_round_fails(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listing_of_endless_empty_pages_fails() {
+        super::a_listing_of_endless_empty_pages_fails(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -56,6 +56,11 @@ struct RemoteState {
     /// cursors go round), and that cursor once asked for.
     loop_at_the_end: AtomicBool,
     second_page_cursor: Mutex<Option<String>>,
+    /// Whether the last page, and every page after it, names a fresh
+    /// cursor past the last record (a broken remote whose listing says
+    /// "more" for ever, with nothing in it).
+    endless_empty_pages: AtomicBool,
+    empty_pages: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -138,6 +143,12 @@ impl RecorderRemote {
     /// asked with, so the listing goes round (never the cursor that asked).
     pub fn loop_at_the_end(&self) {
         self.state.loop_at_the_end.store(true, Ordering::SeqCst);
+    }
+
+    /// Answers the listing's last page, and every page after it, with a
+    /// fresh cursor past the last record: empty pages that never end.
+    pub fn endless_empty_pages(&self) {
+        self.state.endless_empty_pages.store(true, Ordering::SeqCst);
     }
 
     /// Holds the next page asked for after a listing's first for `delay`.
@@ -284,6 +295,11 @@ async fn list(state: &RemoteState, query: &str) -> Response {
         Some(after) if state.repeat_later_cursors.load(Ordering::SeqCst) => Some(json!(after)),
         Some(_) if page.len() <= limit && state.loop_at_the_end.load(Ordering::SeqCst) => {
             lock(&state.second_page_cursor).clone().map(|c| json!(c))
+        }
+        _ if page.len() <= limit && state.endless_empty_pages.load(Ordering::SeqCst) => {
+            // Sorts after every `rec_` id: the page it asks for is empty.
+            let n = state.empty_pages.fetch_add(1, Ordering::SeqCst);
+            Some(json!(format!("zz_more_{n:09}")))
         }
         _ => (page.len() > limit).then(|| page[limit - 1]["id"].clone()),
     };
