@@ -443,9 +443,10 @@ pub enum CallError {
     /// The connector answered with an error; its case drives retries.
     #[error("connector error: {0}")]
     Connector(ConnectorError),
-    /// The connector answered `retryable` (the error held here) after the
-    /// remote answered one of the call's requests with a server error
-    /// (5xx). Transient like any `retryable`, but the remote may have saved
+    /// The connector answered `retryable` or `rate-limited` (the error held
+    /// here) after the remote answered one of the call's requests with a
+    /// server error (5xx; the SDK reads a 503 with `Retry-After` as a rate
+    /// limit). Transient like any of those, but the remote may have saved
     /// that answer under the request's idempotency key (Stripe saves a
     /// request's first answer, 500s included) and would give it to every
     /// retry under that key. A `retryable` after anything else (a 409 for
@@ -509,8 +510,8 @@ impl<T> Ran<Result<T, ConnectorError>> {
     /// with it on the wire) is that timeout: the remote may still apply
     /// the request, so the caller waits before it sends a newer one (as
     /// for [`CallError::DeadlineExceeded`]), whatever ferry's pacing did
-    /// before. One after the remote answered a request with a 5xx is
-    /// [`CallError::ServerFailed`].
+    /// before. A `retryable` or `rate-limited` after the remote answered a
+    /// request with a 5xx is [`CallError::ServerFailed`].
     fn answer(self) -> Result<T, CallError> {
         match (self.result, self.throttled, self.unsettled) {
             (Ok(Ok(value)), _, _) => Ok(value),
@@ -525,9 +526,11 @@ impl<T> Ran<Result<T, ConnectorError>> {
                 Some(t),
                 _,
             ) => Err(t),
-            (Ok(Err(error @ ConnectorError::Retryable(_))), _, _) if self.server_error => {
-                Err(CallError::ServerFailed(printable(error)))
-            }
+            (
+                Ok(Err(error @ (ConnectorError::Retryable(_) | ConnectorError::RateLimited(_)))),
+                _,
+                _,
+            ) if self.server_error => Err(CallError::ServerFailed(printable(error))),
             (Ok(Err(error)), _, _) => Err(CallError::Connector(printable(error))),
             (Err(error), _, _) => Err(error),
         }

@@ -1728,6 +1728,7 @@ impl SyncEngine {
                     | ConnectorError::RateLimited(_)
                     | ConnectorError::InvalidSignature(_),
                 )
+                | CallError::ServerFailed(ConnectorError::RateLimited(_))
                 | CallError::Throttled { .. },
             ) => breakers.unused(&event.connector, pass),
             // A timeout, a 5xx, a refused connection; a guest that trapped
@@ -1747,7 +1748,8 @@ impl SyncEngine {
             // The remote is up and says "later": no attempt spent (a bulk
             // edit's thin events, read back one by one, were dead-lettered
             // healthy), and the connector's pushes pause with them.
-            CallError::Connector(ConnectorError::RateLimited(limit)) => {
+            CallError::Connector(ConnectorError::RateLimited(limit))
+            | CallError::ServerFailed(ConnectorError::RateLimited(limit)) => {
                 let wait = super::retry::rate_limited_read_wait(limit.retry_after_ms);
                 self.inner.breakers.pause(&event.connector, wait);
                 Failure::Wait(format!("rate limited: {}", limit.message), wait)

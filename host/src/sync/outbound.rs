@@ -922,7 +922,8 @@ impl SyncEngine {
             )
         };
         match error {
-            CallError::Connector(ConnectorError::RateLimited(limit)) => {
+            CallError::Connector(ConnectorError::RateLimited(ref limit))
+            | CallError::ServerFailed(ConnectorError::RateLimited(ref limit)) => {
                 let after = limit.retry_after_ms.map(Duration::from_millis);
                 // Without a Retry-After (a daily API limit, an HTTP-date),
                 // the connector rests for a backoff that grows with the
@@ -940,13 +941,25 @@ impl SyncEngine {
                 // limit spends no attempt (the pause above paces the
                 // connector). A rate-limited bulk import, several replicas
                 // sending at once, dead-lettered healthy changes.
-                self.schedule_retry(
+                let (mut recorded, outcome) = self.schedule_retry(
                     link,
                     Some((version, operation)),
                     Some(pause),
                     format!("rate limited: {}", limit.message),
                     Spend::Nothing,
-                )
+                );
+                // A 503 with `Retry-After` the remote may have saved under
+                // the key, as any 5xx: under the same key every retry got
+                // it back, never spending an attempt, until the key
+                // expired (a day at Stripe).
+                if let (
+                    CallError::ServerFailed(_),
+                    RecordedOutcome::RetryScheduled { answered, .. },
+                ) = (&error, &mut recorded)
+                {
+                    *answered = true;
+                }
+                (recorded, outcome)
             }
             // ferry's own pacing said no, not the remote: no breaker
             // failure. Nothing went out, so the push waits for the next

@@ -677,7 +677,10 @@ impl SyncEngine {
                     failures = 0;
                     page
                 }
-                Err(CallError::Connector(ConnectorError::RateLimited(limit))) => {
+                Err(
+                    CallError::Connector(ConnectorError::RateLimited(limit))
+                    | CallError::ServerFailed(ConnectorError::RateLimited(limit)),
+                ) => {
                     let wait = super::retry::rate_limited_read_wait(limit.retry_after_ms);
                     inner.breakers.pause(&run.connector, wait);
                     tracing::info!(

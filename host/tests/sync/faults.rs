@@ -891,7 +891,9 @@ async fn a_replay_keeps_the_wait_of_an_update_that_died_timing_out() {
 /// key it would get the saved 500 back, for as long as Stripe keeps the
 /// key (it was dead-lettered at once, or after ten identical answers).
 /// So does one answered 424 (a dependency failed while it ran), which
-/// Stripe saves alike.
+/// Stripe saves alike, and a 503 with `Retry-After` (the SDK reads it as a
+/// rate limit, which spends no attempt: under the same key it was retried,
+/// and got back, until the key expired).
 async fn an_update_answered_with_a_saved_server_error_is_retried_as_another_request(
     backend: Backend,
     status: u16,
@@ -899,16 +901,15 @@ async fn an_update_answered_with_a_saved_server_error_is_retried_as_another_requ
     let h = harness_on(backend, json!({})).await;
     let (id, remote_id) = synced_customer(&h, &format!("saved-{status}"), "Before").await;
     let update = format!("/v1/customers/{remote_id}");
-    h.proxy.push(
-        Match::request("POST", &update),
-        // A 5xx is retried whatever Stripe says; a 424 unless it says no.
-        Fault::stripe_error(status, "api_error", "Something went wrong")
-            .with_header(
-                "stripe-should-retry",
-                if status >= 500 { "false" } else { "true" },
-            )
-            .saved(),
+    // A 5xx is retried whatever Stripe says; a 424 unless it says no.
+    let mut fault = Fault::stripe_error(status, "api_error", "Something went wrong").with_header(
+        "stripe-should-retry",
+        if status >= 500 { "false" } else { "true" },
     );
+    if status == 503 {
+        fault = fault.with_header("retry-after", "1");
+    }
+    h.proxy.push(Match::request("POST", &update), fault.saved());
     h.app.patch(&id, json!({"name": "After"})).await;
     h.app.wait_synced(&id, 2).await;
     let updates = h.proxy.requests_to("POST", &update);
@@ -929,6 +930,15 @@ async fn sqlite_an_update_answered_with_a_saved_server_error_is_retried_as_anoth
     an_update_answered_with_a_saved_server_error_is_retried_as_another_request(
         Backend::Sqlite,
         500,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_answered_with_a_saved_unavailable_is_retried_as_another_request() {
+    an_update_answered_with_a_saved_server_error_is_retried_as_another_request(
+        Backend::Sqlite,
+        503,
     )
     .await;
 }
