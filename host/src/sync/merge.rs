@@ -534,7 +534,11 @@ pub fn merge_owned(
         if remote_moved {
             remote_changed.push(field.clone());
         }
-        let value = if take_remote { r } else { l };
+        let value = if take_remote {
+            remote.given(&field)
+        } else {
+            local.given(&field)
+        };
         if let Some(value) = value {
             merged.insert(field, value.to_owned());
         }
@@ -582,14 +586,21 @@ fn local_is_later(local_ms: i64, remote_ms: i64) -> bool {
     }
 }
 
-/// A record flattened to its set fields: dotted name → trimmed value.
+/// A record flattened to its set fields (a value blank once trimmed is not
+/// set): dotted name → value as given. Compared trimmed ([`Fields::get`]);
+/// a merge writes a metadata value as the side it takes gave it
+/// ([`Fields::given`]; trimmed, `" gold "` came back changed, and a value
+/// ending in a line break lost it), the catalog's own fields trimmed.
 struct Fields(BTreeMap<String, String>);
 
 impl Fields {
     fn of(record: &Value) -> Self {
         let mut fields = BTreeMap::new();
         let mut put = |name: String, value: Option<&Value>| {
-            if let Some(text) = value.and_then(set_text) {
+            if let Some(text) = value
+                .and_then(Value::as_str)
+                .filter(|s| set_text(s).is_some())
+            {
                 fields.insert(name, text.to_owned());
             }
         };
@@ -609,14 +620,25 @@ impl Fields {
         Fields(fields)
     }
 
+    /// The field's value, trimmed, as merges compare it.
     fn get(&self, field: &str) -> Option<&str> {
-        self.0.get(field).map(String::as_str)
+        self.0.get(field).map(|s| s.trim())
+    }
+
+    /// The field's value as a merge writes it: a metadata value as the
+    /// record gave it (opaque to ferry), any other trimmed.
+    fn given(&self, field: &str) -> Option<&str> {
+        if field.starts_with("metadata.") {
+            self.0.get(field).map(String::as_str)
+        } else {
+            self.get(field)
+        }
     }
 }
 
-/// The trimmed text of a set value; `None` for "not set".
-fn set_text(value: &Value) -> Option<&str> {
-    value.as_str().map(str::trim).filter(|s| !s.is_empty())
+/// The trimmed text of a value; `None` for "not set" (blank).
+fn set_text(value: &str) -> Option<&str> {
+    Some(value.trim()).filter(|s| !s.is_empty())
 }
 
 /// Every field set in any of `records`, sorted.
@@ -806,6 +828,24 @@ mod tests {
         ConflictPolicy::PreferRemote,
         ConflictPolicy::Flag,
     ];
+
+    /// A metadata value is written as the side taken gave it, spaces and
+    /// line breaks kept (it is opaque to ferry); compared trimmed, so no
+    /// side moved it. The catalog's own fields are written trimmed.
+    #[test]
+    fn metadata_values_are_written_as_given() {
+        let base = with(&customer(), "metadata.tier", json!(" gold "));
+        let base = with(&base, "metadata.ref", json!("A-1\n"));
+        let remote = with(&base, "name", json!("Ada King "));
+        let remote = with(&remote, "metadata.ref", json!("A-1"));
+        for policy in ALL {
+            let merge = run(Some(&base), &base, &remote, policy);
+            assert_eq!(merge.merged["metadata"]["tier"], " gold ", "{policy:?}");
+            assert_eq!(merge.merged["metadata"]["ref"], "A-1\n", "{policy:?}");
+            assert_eq!(merge.merged["name"], "Ada King", "{policy:?}");
+            assert_eq!(merge.remote_changed, ["name"], "{policy:?}");
+        }
+    }
 
     #[test]
     fn no_changes_merges_to_the_local_record() {

@@ -567,8 +567,10 @@ async fn execute_raw(app: &TestApp, backend: Backend, sql: &str, binds: &[&str])
 
 /// A request's empty metadata value is refused (Stripe takes it as
 /// removing the key: it never reached Stripe, and every reconciliation
-/// found the two different), in a create, a replace and a patch. One
-/// stored before is kept: a patch of another field still applies.
+/// found the two different), in a create, a replace and a patch; so is a
+/// blank one (a sync's merge took it for none, and a remote's edit of any
+/// field dropped it everywhere). One stored before is kept: a patch of
+/// another field still applies.
 async fn an_empty_metadata_value_is_refused_as_sent_and_kept_as_stored(backend: Backend) {
     let app = spawn_app(backend).await;
     let customer = app
@@ -578,6 +580,7 @@ async fn an_empty_metadata_value_is_refused_as_sent_and_kept_as_stored(backend: 
     let path = format!("/api/v1/customers/{id}");
     for (method, body) in [
         (Method::PATCH, json!({"metadata": {"plan": ""}})),
+        (Method::PATCH, json!({"metadata": {"plan": " \n"}})),
         (
             Method::PUT,
             json!({"email": email("empty-meta"), "metadata": {"plan": ""}}),

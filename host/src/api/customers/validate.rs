@@ -9,22 +9,27 @@ use crate::store::CustomerFields;
 
 pub use crate::runtime::customer::{is_valid_email, normalise_email, MAX_EMAIL, MAX_METADATA_KEYS};
 
-/// Refuses the empty metadata values a request gives (`values`: its own,
-/// not the stored customer's): Stripe takes an empty value as removing the
-/// key (and a create does not store it), so it would never reach Stripe,
-/// and every reconciliation would find the two different. Only what a
-/// client sends: a value stored before (or a remote's) still merges.
+/// Refuses the empty or blank metadata values a request gives (`values`:
+/// its own, not the stored customer's): Stripe takes an empty value as
+/// removing the key (and a create does not store it), so it would never
+/// reach Stripe, and every reconciliation would find the two different; a
+/// blank one a merge takes for no value (so a remote's edit of any field
+/// dropped it everywhere). Only what a client sends: a value stored before
+/// (or a remote's) still merges.
 pub fn refuse_empty_metadata<'a>(
     values: impl IntoIterator<Item = (&'a String, &'a str)>,
     remove: &str,
 ) -> Result<(), ApiError> {
     let empty: Vec<FieldError> = values
         .into_iter()
-        .filter(|(_, value)| value.is_empty())
+        .filter(|(_, value)| value.trim().is_empty())
         .map(|(key, _)| {
             FieldError::new(
                 format!("metadata.{}", key.chars().take(41).collect::<String>()),
-                format!("an empty value: Stripe takes it as removing the key; {remove}"),
+                format!(
+                    "an empty or blank value: Stripe takes an empty one as removing the key, \
+                     and a sync takes a blank one for none; {remove}"
+                ),
             )
         })
         .collect();
