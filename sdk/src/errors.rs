@@ -167,6 +167,26 @@ impl From<serde_urlencoded::ser::Error> for ConnectorError {
 mod tests {
     use super::*;
 
+    /// Off wasm there is no host to ask the time: a date in `Retry-After`
+    /// panicked a connector's plain unit test of its error mapping.
+    #[test]
+    fn a_date_to_retry_after_maps_in_a_native_test() {
+        let in_a_minute = httpdate::fmt_http_date(
+            std::time::SystemTime::now() + std::time::Duration::from_secs(60),
+        );
+        let Some(ConnectorError::RateLimited(limit)) =
+            ConnectorError::from_status(503, Some(&in_a_minute), "")
+        else {
+            panic!("a 503 with Retry-After is a rate limit");
+        };
+        assert!(
+            limit
+                .retry_after_ms
+                .is_some_and(|ms| (50_000..=60_000).contains(&ms)),
+            "{limit:?}"
+        );
+    }
+
     #[test]
     fn status_mapping_follows_the_contract() {
         assert_eq!(ConnectorError::from_status(200, None, ""), None);

@@ -593,6 +593,7 @@ fn printable_text(text: String) -> String {
 }
 
 pub use log::cut;
+pub use policy::encoded_forms;
 
 /// State shared by the runtime and all calls.
 pub(crate) struct RuntimeShared {

@@ -524,12 +524,13 @@ const MIN_FRAGMENT_LEN: usize = 8;
 /// string escapes it (`\"`, `\\`, and `\/` as PHP's encoder writes a
 /// slash: an OAuth error body echoing the client secret so reached the
 /// connector, its errors and the logs; `\u00e4` for what is not ASCII, as
-/// Python's does, and `\u0026` for `&`, as Go's), and in base64
+/// Python's does, `\u0026` for `&`, as Go's, and `\u002B` for `+` and `'`
+/// and `` ` `` too, as .NET's `System.Text.Json`), and in base64
 /// (standard or URL-safe), where it may sit at any byte offset of a longer
 /// encoded text such as `user:secret` in a Basic credential. For base64 the
 /// fragment that does not depend on the neighbouring bytes is matched, for
 /// each of the three alignments.
-fn encoded_forms(value: &[u8]) -> Vec<Vec<u8>> {
+pub fn encoded_forms(value: &[u8]) -> Vec<Vec<u8>> {
     use base64::Engine as _;
     let mut forms = vec![value.to_vec()];
     for upper in [true, false] {
@@ -547,19 +548,26 @@ fn encoded_forms(value: &[u8]) -> Vec<Vec<u8>> {
         let json = json[1..json.len() - 1].to_owned();
         forms.push(json.replace('/', "\\/").into_bytes());
         // What is not ASCII as `\uXXXX` (Python's default), `&`, `<`, `>`
-        // so (Go's), or both, in either case of hex.
-        for (non_ascii, html, upper) in [
-            (true, false, false),
-            (false, true, false),
-            (true, true, false),
-            (true, false, true),
-            (false, true, true),
-            (true, true, true),
+        // so (Go's), or both; or those and `+`, `'`, `` ` `` (.NET's); in
+        // either case of hex.
+        const GO: &[char] = &['&', '<', '>'];
+        const DOTNET: &[char] = &['&', '<', '>', '+', '\'', '`'];
+        for (non_ascii, ascii, upper) in [
+            (true, &[][..], false),
+            (false, GO, false),
+            (true, GO, false),
+            (false, DOTNET, false),
+            (true, DOTNET, false),
+            (true, &[][..], true),
+            (false, GO, true),
+            (true, GO, true),
+            (false, DOTNET, true),
+            (true, DOTNET, true),
         ] {
             let mut escaped = String::with_capacity(json.len());
             for c in json.chars() {
                 let escape = if c.is_ascii() {
-                    html && matches!(c, '&' | '<' | '>')
+                    ascii.contains(&c)
                 } else {
                     non_ascii
                 };
@@ -576,7 +584,7 @@ fn encoded_forms(value: &[u8]) -> Vec<Vec<u8>> {
                     }
                 }
             }
-            if escaped != json {
+            if escaped != json && !forms.iter().any(|f| f == escaped.as_bytes()) {
                 forms.push(escaped.into_bytes());
             }
         }
@@ -991,6 +999,18 @@ mod tests {
             "{\"error_description\":\"bad p\u{e4}ss\\u0026w\u{f6}rd\\u003c42\\u003e\"}",
             r#"{"error_description":"bad p\u00e4ss\u0026w\u00f6rd\u003c42\u003e"}"#,
             r#"{"error_description":"bad p\u00E4ss\u0026w\u00F6rd\u003C42\u003E"}"#,
+        ] {
+            let mut body = echo.as_bytes().to_vec();
+            redact_secrets(&mut body, &values);
+            let text = String::from_utf8(body).unwrap();
+            assert!(text.contains("{{secret:api_key}}"), "{echo} -> {text}");
+        }
+        // As .NET's encoder writes it: `+` and `'` escaped too.
+        let secret = "ab+cd'ef&gh";
+        let values = BTreeMap::from([("api_key".to_owned(), SecretString::from(secret))]);
+        for echo in [
+            r#"{"access_token":"ab\u002Bcd\u0027ef\u0026gh"}"#,
+            r#"{"access_token":"ab\u002bcd\u0027ef\u0026gh"}"#,
         ] {
             let mut body = echo.as_bytes().to_vec();
             redact_secrets(&mut body, &values);

@@ -158,6 +158,8 @@ pub struct TestKit {
     tape: Option<Arc<tape::TapeTransport>>,
     settings: BTreeMap<String, String>,
     secrets: BTreeMap<String, String>,
+    /// Values secrets had before they were set again (see `save_recording`).
+    earlier_secrets: Vec<(String, String)>,
 }
 
 impl TestKit {
@@ -231,6 +233,7 @@ impl TestKit {
             tape,
             settings: BTreeMap::new(),
             secrets: BTreeMap::new(),
+            earlier_secrets: Vec::new(),
         })
     }
 
@@ -260,6 +263,7 @@ impl TestKit {
             tape,
             settings: BTreeMap::new(),
             secrets: BTreeMap::new(),
+            earlier_secrets: Vec::new(),
         })
     }
 
@@ -298,7 +302,11 @@ impl TestKit {
             manifest.secrets.iter().map(|s| s.name.as_str()),
             &name,
         );
-        self.secrets.insert(name, value.into());
+        // The value it replaces may be in what was recorded so far: the
+        // tape scrubs it too.
+        if let Some(earlier) = self.secrets.insert(name.clone(), value.into()) {
+            self.earlier_secrets.push((name, earlier));
+        }
         self
     }
 
@@ -322,7 +330,15 @@ impl TestKit {
     /// every OAuth token by `{{token}}`. Returns the file.
     pub fn save_recording(&self) -> Result<PathBuf, TestKitError> {
         match &self.tape {
-            Some(tape) => tape.save(&self.secrets),
+            Some(tape) => {
+                let secrets: Vec<(String, String)> = self
+                    .secrets
+                    .iter()
+                    .map(|(name, value)| (name.clone(), value.clone()))
+                    .chain(self.earlier_secrets.iter().cloned())
+                    .collect();
+                tape.save(&secrets)
+            }
             None => Err(TestKitError::Tape(
                 "this kit was not loaded with Http::Record".into(),
             )),

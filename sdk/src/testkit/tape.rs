@@ -14,7 +14,6 @@
 //! different secret values than the recording, and a connector that now
 //! sends another body is told so.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -152,10 +151,7 @@ fn still_holds(tape: &Tape, text: &str, values: &[(String, String)]) -> bool {
 
 /// `recorded` with every form of every secret value and token replaced by
 /// its placeholder; also the (value, placeholder) pairs it used.
-fn scrubbed(
-    recorded: &[Exchange],
-    secrets: &BTreeMap<String, String>,
-) -> (Tape, Vec<(String, String)>) {
+fn scrubbed(recorded: &[Exchange], secrets: &[(String, String)]) -> (Tape, Vec<(String, String)>) {
     let mut values: Vec<(String, String)> = Vec::new();
     for (name, value) in secrets {
         for form in encodings(value) {
@@ -200,19 +196,20 @@ fn scrubbed(
 
 /// The forms a value takes on the wire and in the tape: as is, form- and
 /// percent-encoded (a token request's body sends the client secret
-/// form-encoded: `~` becomes `%7E`, `+` `%2B`), and JSON-escaped.
+/// form-encoded: `~` becomes `%7E`, `+` `%2B`), JSON-escaped, and in
+/// base64.
 fn encodings(value: &str) -> Vec<String> {
-    let mut forms = vec![value.to_owned()];
+    // The forms ferry redacts a secret in (percent and form encoding, the
+    // JSON escapes of PHP, Python, Go and .NET, base64): a token a .NET
+    // server wrote as `ab\u002Bcd` stayed in the tape.
+    let mut forms: Vec<String> = ferry_runtime::encoded_forms(value.as_bytes())
+        .into_iter()
+        .filter_map(|form| String::from_utf8(form).ok())
+        .collect();
     if let Ok(form) = serde_urlencoded::to_string([("v", value)]) {
         forms.push(form["v=".len()..].to_owned());
         // The same with spaces as `%20` (a URL's query or path).
         forms.push(form["v=".len()..].replace('+', "%20"));
-    }
-    if let Ok(json) = serde_json::to_string(value) {
-        let escaped = &json[1..json.len() - 1];
-        forms.push(escaped.to_owned());
-        // Some servers escape `/` in JSON strings (PHP's default).
-        forms.push(escaped.replace('/', "\\/"));
     }
     forms.retain(|form| !form.is_empty());
     forms.sort();
@@ -302,8 +299,9 @@ impl TapeTransport {
             .collect()
     }
 
-    /// Writes the recording, scrubbed of `secrets` and of every token.
-    pub(super) fn save(&self, secrets: &BTreeMap<String, String>) -> Result<PathBuf, TestKitError> {
+    /// Writes the recording, scrubbed of `secrets` ((name, value): every
+    /// value a secret had while recording) and of every token.
+    pub(super) fn save(&self, secrets: &[(String, String)]) -> Result<PathBuf, TestKitError> {
         let Mode::Record { path, recorded, .. } = &self.mode else {
             return Err(TestKitError::Tape(
                 "this kit replays; it records nothing".into(),
@@ -698,7 +696,7 @@ mod tests {
             response_body: json,
             error: None,
         }];
-        let secrets = BTreeMap::from([("client_secret".to_owned(), secret.to_owned())]);
+        let secrets = [("client_secret".to_owned(), secret.to_owned())];
         let (tape, values) = scrubbed(&recorded, &secrets);
         let text = serde_json::to_string(&tape).unwrap();
         for (form, _) in &values {
@@ -719,7 +717,7 @@ mod tests {
     /// the guard before writing looked for neither.
     #[test]
     fn escaped_tokens_and_binary_bodies_are_scrubbed() {
-        let secrets = BTreeMap::from([("api_key".to_owned(), "sk_live_0123".to_owned())]);
+        let secrets = [("api_key".to_owned(), "sk_live_0123".to_owned())];
         let mut binary = vec![0xff, 0x00];
         binary.extend_from_slice(b"key=sk_live_0123");
         let recorded = vec![
@@ -757,7 +755,46 @@ mod tests {
             "{sent:?}"
         );
         // The guard sees inside binary bodies.
-        let (raw, _) = scrubbed(&recorded, &BTreeMap::new());
+        let (raw, _) = scrubbed(&recorded, &[]);
         assert!(still_holds(&raw, "", &values));
+    }
+
+    /// A token a .NET server wrote with `+` escaped (`ab\u002Bcd`), and a
+    /// secret's value before a test set it again, stayed in the tape; the
+    /// guard before writing looked for neither.
+    #[test]
+    fn dotnet_escaped_tokens_and_earlier_secret_values_are_scrubbed() {
+        let recorded = vec![
+            Exchange {
+                method: "POST".into(),
+                url: "https://login.example/token".into(),
+                request_headers: Vec::new(),
+                request_body: Some("client_secret=first-value".into()),
+                status: Some(200),
+                response_headers: Vec::new(),
+                response_body: r#"{"access_token":"ab\u002Bcd_tok3n"}"#.into(),
+                error: None,
+            },
+            Exchange {
+                method: "GET".into(),
+                url: "https://api.example/contacts".into(),
+                request_headers: Vec::new(),
+                request_body: None,
+                status: Some(200),
+                response_headers: Vec::new(),
+                response_body: r#"{"echo":"ab+cd_tok3n second-value"}"#.into(),
+                error: None,
+            },
+        ];
+        let secrets = [
+            ("client_secret".to_owned(), "second-value".to_owned()),
+            ("client_secret".to_owned(), "first-value".to_owned()),
+        ];
+        let (tape, values) = scrubbed(&recorded, &secrets);
+        let text = serde_json::to_string(&tape).unwrap();
+        for leaked in ["first-value", "second-value", "u002Bcd", "ab+cd"] {
+            assert!(!text.contains(leaked), "{leaked} in {text}");
+        }
+        assert!(!still_holds(&tape, &text, &values), "{text}");
     }
 }

@@ -138,6 +138,17 @@ pub async fn check_delivery_signed_by(
 /// Before 2001-09-09 in milliseconds; a time in seconds is far below it.
 const EARLIEST_MS: i64 = 1_000_000_000_000;
 
+/// How far ahead of now an event's time may be (a remote's clock may run a
+/// little fast; ferry allows five minutes and dates later ones on arrival).
+const LATEST_AHEAD_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// Milliseconds since the Unix epoch, by this machine's clock.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// What ferry needs of each event of a delivery, in words.
 fn check_events(parsed: &ParsedWebhook) -> Result<(), String> {
     for event in &parsed.events {
@@ -154,6 +165,17 @@ fn check_events(parsed: &ParsedWebhook) -> Result<(), String> {
             return Err(format!(
                 "event {} carries a record but no occurred_at_ms: the host cannot tell an older state arriving late from a newer one",
                 event.id
+            ));
+        }
+        // ferry dates an event no later than five minutes after it
+        // arrives: one dated a thousand years ahead (a time in
+        // microseconds, or milliseconds multiplied by 1000 again) is
+        // dated on arrival, its order with the record's other events lost.
+        let latest_ms = now_ms().saturating_add(LATEST_AHEAD_MS);
+        if event.occurred_at_ms > latest_ms {
+            return Err(format!(
+                "event {} says it happened at {} ms, more than a day from now: a time in microseconds, or milliseconds multiplied by 1000 again? occurred_at_ms is milliseconds since 1970, and ferry dates an event from the future on arrival, losing its order",
+                event.id, event.occurred_at_ms
             ));
         }
         if event.occurred_at_ms > 0 && event.occurred_at_ms < EARLIEST_MS {
@@ -285,5 +307,21 @@ mod tests {
         );
         // A trigger leaves its time to the host.
         assert_eq!(check_events(&event(ChangeKind::Upsert, 0, None)), Ok(()));
+    }
+
+    /// A time multiplied by 1000 once too often (the template's
+    /// `created_at * 1000` over an API that gives milliseconds already)
+    /// is a thousand years ahead: ferry would date it on arrival.
+    #[test]
+    fn a_time_far_ahead_is_refused() {
+        let record = Some(r#"{"email":"ada@example.com"}"#);
+        let micros = event(ChangeKind::Upsert, 1_700_000_000_000_000, record);
+        let problem = check_events(&micros).expect_err("a thousand years ahead");
+        assert!(problem.contains("more than a day from now"), "{problem}");
+        let in_an_hour = now_ms() + 60 * 60 * 1000;
+        assert_eq!(
+            check_events(&event(ChangeKind::Upsert, in_an_hour, record)),
+            Ok(())
+        );
     }
 }

@@ -211,6 +211,9 @@ struct WebhookEvent {
     #[serde(rename = "type")]
     kind: String,
     created_at: i64,
+    // Read only for the `contact.*` types: a delivery of another type may
+    // have none, and is answered 200 all the same.
+    #[serde(default)]
     data: serde_json::Value,
 }
 
