@@ -328,4 +328,28 @@ mod tests {
             "{conflicts}"
         );
     }
+
+    /// A value one side lacks reads "(empty)", not "None" (a remote whose
+    /// value is the text "None" looked the same), and a resolved
+    /// conflict shows what was written.
+    #[test]
+    fn a_missing_value_reads_empty_and_a_resolution_shows_what_it_wrote() {
+        let findings = render(
+            "reconciliation.html",
+            json!({"run": {"id": "rc_1", "status": "completed", "progress": {}, "counts": {}},
+                "findings": {"data": [{"id": "mm_1", "kind": "different", "state": "open",
+                    "fields": [{"field": "phone", "local": "+15550100", "remote": null}]}],
+                    "next_cursor": null}}),
+        );
+        assert!(findings.contains(">(empty)<"), "{findings}");
+        assert!(!findings.contains(">None<"), "{findings}");
+        let conflict = render(
+            "conflict.html",
+            json!({"conflict": {"id": "cf_1", "connector": "stripe", "state": "resolved",
+                "resolution": "fields", "customer_id": "cus_1",
+                "fields": [{"field": "name", "base": "Ada", "local": "Ada L", "remote": "Ada K",
+                    "resolution": "fields", "value": "Grace"}]}}),
+        );
+        assert!(conflict.contains(">Grace<"), "{conflict}");
+    }
 }

@@ -146,9 +146,11 @@ pub async fn customer(
     Path(id): Path<String>,
     QueryPairs(pairs): QueryPairs,
 ) -> Response {
+    // A hand-edited value is clamped to what the API serves (1–1000), not
+    // shown as an error page.
     let history: u32 = param(&pairs, "history")
-        .and_then(|h| h.parse().ok())
-        .unwrap_or(100);
+        .and_then(|h| h.parse::<u64>().ok())
+        .map_or(100, |h| u32::try_from(h.clamp(1, 1000)).unwrap_or(1000));
     let sync = answer!(
         session,
         customers::sync::customer_sync(
@@ -327,6 +329,14 @@ pub async fn connector(
     Path(name): Path<String>,
     QueryPairs(pairs): QueryPairs,
 ) -> Response {
+    // The page an upload, an activation or a switch lands on: another
+    // replica may have made it a moment ago, before this one's poll
+    // (answered 404 for a connector just uploaded, or the old version
+    // marked active under "Version 2.0.0 is active."). A busy store only
+    // leaves the view as it is.
+    if let Err(error) = state.registry.refresh().await {
+        tracing::debug!(%error, "the connector page shows this replica's view as it is");
+    }
     let summary = answer!(
         session,
         connectors::get_connector(State(state.clone()), session.principal, Path(name.clone()))

@@ -996,3 +996,65 @@ async fn open_mode_signs_in_without_a_token_and_still_checks_csrf() {
         "disabled"
     );
 }
+
+/// Two replicas: the connector page an upload through one lands on, read
+/// at once through the other (a load balancer's choice), shows the new
+/// connector and its version. The other answered from its own view, a
+/// poll behind: 404 for a connector uploaded a moment ago.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connector_page_of_another_replica_shows_an_upload_at_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    let database_url = crate::helpers::new_database(Backend::Postgres, dir.path()).await;
+    let replica = || {
+        let mut setup = Setup::new(Backend::Postgres, "http://127.0.0.1:9");
+        setup.stripe_url = None;
+        setup.database_url = Some(database_url.clone());
+        setup
+    };
+    let first = spawn_sync_app(replica()).await;
+    let second = spawn_sync_app(replica()).await;
+    let (client, cookie) = crate::helpers::console_session(&second.base).await;
+    // The second reads its view now, so the upload is newer than it.
+    let page = crate::helpers::console_page(
+        &client,
+        &cookie,
+        &format!("{}/console/connectors", second.base),
+    )
+    .await;
+    assert!(!page.contains("/console/connectors/recorder\""), "{page}");
+    let uploaded = first
+        .client
+        .post(format!("{}/api/v1/connectors", first.base))
+        .header("content-type", "application/wasm")
+        .body(std::fs::read(crate::helpers::recorder_component()).expect("the recorder"))
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(uploaded.status(), 201);
+    let response = client
+        .get(format!("{}/console/connectors/recorder", second.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("page");
+    assert_eq!(response.status(), 200);
+    let page = response.text().await.expect("its HTML");
+    assert!(page.contains("0.1.0"), "{page}");
+
+    // A hand-edited history length is clamped to what the API serves, not
+    // answered with an error page.
+    let customer = first.create(json!({"email": email("history")})).await;
+    let id = customer["id"].as_str().expect("id");
+    for history in ["5000", "0"] {
+        let response = client
+            .get(format!(
+                "{}/console/customers/{id}?history={history}",
+                second.base
+            ))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .expect("page");
+        assert_eq!(response.status(), 200, "history={history}");
+    }
+}
