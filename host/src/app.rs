@@ -331,7 +331,8 @@ impl App {
         let bus_probe = match &kafka {
             Some(settings) if config.workers => Some(Arc::new(
                 crate::bus::kafka::KafkaProducer::new(settings)
-                    .context("creating the Kafka readiness client")?,
+                    .context("creating the Kafka readiness client")?
+                    .probing(crate::bus::changes_topic(&config.kafka_topic_prefix)),
             )),
             _ => None,
         };

@@ -80,7 +80,18 @@ pub async fn receive(
     // Held until the answer: the body, its copy in the sandbox and the
     // events it parses to are this request's while it is verified and
     // stored.
-    let (body, _held) = read_body(&state, &headers, body).await?;
+    // A delivery turned away before it is verified (too large, stalled,
+    // the webhook buffer full) is counted too: hours of them were on no
+    // metric but the HTTP status's.
+    let (body, _held) = read_body(&state, &headers, body)
+        .await
+        .inspect_err(|error| {
+            let result = match error {
+                ApiError::WebhooksBusy => "busy",
+                _ => "refused",
+            };
+            crate::metrics::webhook_verification(&name, result);
+        })?;
     let body_len = body.len();
     let request = WebhookRequest {
         headers: headers

@@ -227,6 +227,8 @@ pub struct KafkaProducer {
     producer: FutureProducer<BusContext>,
     admin: AdminClient<BusContext>,
     settings: KafkaSettings,
+    /// The topic [`KafkaProducer::probe`] asks about (see there).
+    probe_topic: Option<String>,
 }
 
 impl KafkaProducer {
@@ -265,7 +267,16 @@ impl KafkaProducer {
             producer,
             admin,
             settings: settings.clone(),
+            probe_topic: None,
         })
+    }
+
+    /// This producer, its [`KafkaProducer::probe`] asking about `topic`
+    /// only.
+    #[must_use]
+    pub fn probing(mut self, topic: String) -> Self {
+        self.probe_topic = Some(topic);
+        self
     }
 
     /// Creates the topics that are missing, with the configured partitions
@@ -412,13 +423,17 @@ impl KafkaProducer {
             .map(|(code, reason)| format!("{code}: {reason}"))
     }
 
-    /// Asks the cluster for its metadata (`/readyz` in cluster mode).
+    /// Asks the cluster for its metadata (`/readyz` in cluster mode): of
+    /// ferry's changes topic only, when set ([`KafkaProducer::probing`]),
+    /// which says as well whether the brokers answer. Of every topic, on a
+    /// large shared cluster, it was a sizeable answer each second of each
+    /// replica's probe.
     pub async fn probe(self: &std::sync::Arc<Self>, timeout: Duration) -> Result<(), BusError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
             this.producer
                 .client()
-                .fetch_metadata(None, timeout)
+                .fetch_metadata(this.probe_topic.as_deref(), timeout)
                 .map(drop)
                 .map_err(|source| BusError::Client {
                     role: "readiness probe",

@@ -177,6 +177,11 @@ const CONSUME_BATCH: usize = 256;
 /// away, and before a consumer that stopped on a fatal error is made again.
 const BUS_RETRY: Duration = Duration::from_secs(2);
 
+/// The topic of the outbox's changes under `prefix`.
+pub fn changes_topic(prefix: &str) -> String {
+    format!("{prefix}.changes")
+}
+
 /// Cluster mode: starts the redelivery safety net at once, then, as soon as
 /// the topics exist (`{prefix}.changes` for the outbox, `{prefix}.inbox`
 /// for webhook events; created if missing), the relay and the two
@@ -197,7 +202,7 @@ pub async fn start_kafka(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let topics = Topics {
-        changes: format!("{prefix}.changes"),
+        changes: changes_topic(prefix),
         inbox: format!("{prefix}.inbox"),
     };
     let producer = kafka::KafkaProducer::new(settings)?;

@@ -1276,3 +1276,28 @@ async fn a_table_that_outgrew_its_statistics_is_analysed() {
         ferry::store::statistics::SETTLED_ROWS
     );
 }
+
+/// A delivery turned away before verification (here: over
+/// `webhook_max_body_bytes`, 413) is counted `refused`: it was on no
+/// webhook metric, only the HTTP status's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_refused_before_verification_is_counted() {
+    let mut setup = Setup::new(Backend::Sqlite, "http://127.0.0.1:9");
+    setup.extra = json!({"webhook_max_body_bytes": 2048});
+    let app = spawn_sync_app(setup).await;
+    let before = scrape(&app.base).await;
+    let body = format!("{{\"padding\":\"{}\"}}", "x".repeat(4096));
+    let (status, problem) = deliver(&app, &body, "t=1,v1=00").await;
+    assert_eq!(status, 413, "{problem}");
+    let after = scrape(&app.base).await;
+    let labels = [("connector", "stripe"), ("result", "refused")];
+    assert_eq!(
+        moved(
+            &before,
+            &after,
+            "ferry_webhook_verifications_total",
+            &labels
+        ),
+        1.0
+    );
+}
