@@ -400,6 +400,10 @@ struct Inner {
     staged: Mutex<HashMap<String, Arc<Connector>>>,
     /// Counts refreshes that changed something; workers wait on it.
     changes: watch::Sender<u64>,
+    /// Bundled versions not registered because the file or environment
+    /// names what no version declares: problems of
+    /// [`Registry::check_environment`].
+    refused_bundled: Mutex<Vec<String>>,
 }
 
 /// The connector registry; cheap to clone.
@@ -432,6 +436,7 @@ impl Registry {
                 refreshing: tokio::sync::Mutex::new(()),
                 staged: Mutex::new(HashMap::new()),
                 changes: watch::channel(0).0,
+                refused_bundled: Mutex::default(),
             }),
         }
     }
@@ -900,6 +905,42 @@ impl Registry {
                 source: VersionSource::Bundled,
                 uploaded_by: &path,
             };
+            // Checked before the version may become active: a start its
+            // environment check then refused had made it active on every
+            // replica already (the others' environments may lack what it
+            // needs), and a rolled-back deployment left it so.
+            let unknown = self.undeclared_in_environment(&connector).await?;
+            if !unknown.is_empty() {
+                let manifest = connector.manifest();
+                let declared: Vec<String> = manifest
+                    .settings
+                    .iter()
+                    .map(|s| format!("settings.{}", s.name))
+                    .chain(
+                        manifest
+                            .secrets
+                            .iter()
+                            .map(|s| format!("secrets.{}", s.name)),
+                    )
+                    .collect();
+                let mut refused = self
+                    .inner
+                    .refused_bundled
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for field in unknown {
+                    let (kind, key) = field.split_once('.').unwrap_or(("settings", &field));
+                    refused.push(format!(
+                        "{}: declared by no version of `{}` (bundled {} from {path} declares: {}); \
+                         that version was not registered, and the active one stays as it is",
+                        environment_name(connector.name(), kind, key),
+                        connector.name(),
+                        manifest.version,
+                        declared.join(", ")
+                    ));
+                }
+                continue;
+            }
             let syncs_customers = connector.manifest().entities.iter().any(|e| e == ENTITY);
             let outcome = self
                 .inner
@@ -931,6 +972,40 @@ impl Registry {
         }
         self.refresh().await?;
         Ok(seeded)
+    }
+
+    /// The settings and secrets the file or environment gives `connector`
+    /// that neither it nor any stored version of it declares
+    /// (`settings.NAME`), as [`Registry::check_environment`] refuses them.
+    async fn undeclared_in_environment(
+        &self,
+        connector: &Connector,
+    ) -> Result<Vec<String>, StoreError> {
+        let Some(given) = self.inner.options.environment.get(connector.name()) else {
+            return Ok(Vec::new());
+        };
+        let undeclared = config::check_against_manifest(
+            connector.manifest(),
+            given.settings.keys(),
+            given.secrets.keys(),
+            false,
+        );
+        if undeclared.is_empty() {
+            return Ok(Vec::new());
+        }
+        let versions = self
+            .inner
+            .store
+            .connector_versions(connector.name())
+            .await?;
+        Ok(undeclared
+            .into_iter()
+            .map(|problem| problem.field)
+            .filter(|field| {
+                let (kind, key) = field.split_once('.').unwrap_or(("settings", field));
+                !versions.iter().any(|v| declares(&v.manifest, kind, key))
+            })
+            .collect())
     }
 
     /// Brings back `name`, deleted through the API, for the next seed of
@@ -1164,23 +1239,21 @@ impl Registry {
     /// against the loaded manifests, as `PUT /settings` does: a name a
     /// connector does not declare (a typo such as `APIBASE`) is returned,
     /// one line per problem. A connector name nobody registered is only
-    /// warned about: its component may be uploaded later. So is a name a
-    /// newer stored version of the connector declares: after a rollback
+    /// warned about: its component may be uploaded later. So is a name
+    /// another stored version of the connector declares: after a rollback
     /// through the API (`activate` of an older version) the variables of
     /// the newer one stay in the deployment, and a restart that refused
-    /// them kept every replica down until someone edited it.
+    /// them kept every replica down until someone edited it; after a roll
+    /// forward to a version that dropped a setting, the same.
     pub async fn check_environment(&self) -> Vec<String> {
-        let mut problems = Vec::new();
+        let mut problems = self
+            .inner
+            .refused_bundled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         for (name, given) in &self.inner.options.environment {
-            let env_name = |kind: &str, key: &str| {
-                format!(
-                    "FERRY_CONNECTORS__{}__{}__{} ({})",
-                    name.to_ascii_uppercase().replace('-', "_"),
-                    kind.to_ascii_uppercase(),
-                    key.to_ascii_uppercase(),
-                    format_args!("connectors.{name}.{kind}.{key}")
-                )
-            };
+            let env_name = |kind: &str, key: &str| environment_name(name, kind, key);
             let Some(entry) = self.entry(name) else {
                 let known: Vec<String> = self.entries().iter().map(|e| e.name.clone()).collect();
                 tracing::warn!(
@@ -1217,7 +1290,6 @@ impl Registry {
                     .unwrap_or(("settings", &problem.field));
                 let declaring: Vec<&str> = versions
                     .iter()
-                    .filter(|v| newer_version(&v.version, &active.meta.version))
                     .filter(|v| declares(&v.manifest, kind, key))
                     .map(|v| v.version.as_str())
                     .collect();
@@ -1226,7 +1298,7 @@ impl Registry {
                         connector = %name,
                         active = %active.meta.version,
                         declared_by = ?declaring,
-                        "{} is not declared by the active version of `{name}`, only by newer ones stored (a rollback): it does nothing until one of those is active",
+                        "{} is not declared by the active version of `{name}`, only by other versions stored (after a rollback, or a version that dropped it): it does nothing until one of those is active",
                         env_name(kind, key)
                     );
                     continue;
@@ -1608,6 +1680,18 @@ fn same_manifest(loaded: &Manifest, stored: &serde_json::Value) -> Result<(), St
 
 /// Whether a stored manifest (as [`manifest_json`] wrote it) declares the
 /// setting or secret `key` (`kind` is `settings` or `secrets`).
+/// How the file or environment names `kind.key` of connector `name`:
+/// `FERRY_CONNECTORS__NAME__KIND__KEY (connectors.name.kind.key)`.
+fn environment_name(name: &str, kind: &str, key: &str) -> String {
+    format!(
+        "FERRY_CONNECTORS__{}__{}__{} ({})",
+        name.to_ascii_uppercase().replace('-', "_"),
+        kind.to_ascii_uppercase(),
+        key.to_ascii_uppercase(),
+        format_args!("connectors.{name}.{kind}.{key}")
+    )
+}
+
 fn declares(manifest: &serde_json::Value, kind: &str, key: &str) -> bool {
     manifest[kind]
         .as_array()

@@ -546,6 +546,73 @@ async fn a_setting_of_a_version_rolled_back_does_not_stop_a_start() {
     assert!(ferry::app::App::build(config(typo)).await.is_err());
 }
 
+/// A deployment bundling a newer version with a typo in its environment
+/// is refused at start before the version is made active: it had been
+/// made active first, so every replica still running (whose environment
+/// lacks what it needs) stopped the connector, and rolling the deployment
+/// back left it so. A name only an older version declared (a roll forward
+/// dropped it) does not stop a start.
+#[tokio::test]
+async fn a_start_refused_for_its_environment_makes_no_version_active() {
+    use ferry_test_support::wasm::{component_path, variant_path};
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = |component: std::path::PathBuf, folder: &str| {
+        let connectors = dir.path().join(folder);
+        std::fs::create_dir_all(&connectors).unwrap();
+        std::fs::copy(component, connectors.join("recorder.wasm")).unwrap();
+        connectors
+    };
+    let old = bundle(component_path("ferry_test_recorder"), "old");
+    let new = bundle(variant_path("ferry_test_recorder", "version-3"), "new");
+    let config = |connectors: &std::path::Path, settings: Value| {
+        ferry::config::Config::from_overrides(json!({
+            "listen": "127.0.0.1:0",
+            "database_url": format!("sqlite://{}", dir.path().join("f.db").display()),
+            "connectors_dir": connectors,
+            "connectors": {"recorder": {"settings": settings}},
+        }))
+        .expect("config")
+    };
+    let running = ferry::app::App::build(config(&old, json!({"api_base": "http://127.0.0.1:9"})))
+        .await
+        .expect("0.1.0 started");
+    let typo = json!({"api_base": "http://127.0.0.1:9", "account": "acct_1", "acount": "acct_1"});
+    let error = match ferry::app::App::build(config(&new, typo)).await {
+        Ok(_) => panic!("started with a setting no version declares"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(error.contains("acount"), "{error}");
+    let rows = running.state().store.connector_rows().await.expect("rows");
+    let recorder = rows
+        .iter()
+        .find(|r| r.name == "recorder")
+        .expect("recorder");
+    assert_eq!(
+        recorder.active_version.as_deref(),
+        Some("0.1.0"),
+        "{recorder:?}"
+    );
+    drop(running);
+
+    // Rolled forward to 0.3.0 (which needs `account`), then to a version
+    // without it: the deployment's `account` is another version's now.
+    let with_account = json!({"api_base": "http://127.0.0.1:9", "account": "acct_1"});
+    let forward = ferry::app::App::build(config(&new, with_account.clone()))
+        .await
+        .expect("0.3.0 started");
+    let dropped = std::fs::read(variant_path("ferry_test_recorder", "no-customer")).unwrap();
+    forward
+        .state()
+        .registry
+        .upload(&dropped, true, "admin")
+        .await
+        .expect("0.4.0 uploaded");
+    drop(forward);
+    if let Err(error) = ferry::app::App::build(config(&new, with_account)).await {
+        panic!("a start after a roll forward that dropped a setting failed: {error:#}");
+    }
+}
+
 /// The operator's host allow-list (`connector_allowed_hosts`) is real: a
 /// component declaring a host outside it is refused at upload, one inside
 /// it is accepted.
