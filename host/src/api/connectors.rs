@@ -114,7 +114,9 @@ pub struct ConnectorVersion {
     pub uploaded_by: String,
     /// When it was stored.
     pub uploaded_at: DateTime<Utc>,
-    /// Whether it is the active version.
+    /// Whether it is the active version, as the store records it (a
+    /// replica that failed to load it still runs the previous one; see the
+    /// connector's `load_problem`).
     pub active: bool,
     /// Its manifest.
     #[schema(value_type = Object)]
@@ -203,6 +205,20 @@ fn version_view(meta: VersionMeta, active: Option<&str>) -> ConnectorVersion {
         uploaded_at: meta.uploaded_at,
         manifest: meta.manifest,
     }
+}
+
+/// The version the store records as active for `name`: the one every
+/// replica runs once loaded. This replica's own (a load of the stored one
+/// failed here, so it runs the previous) marked the wrong version active
+/// in a list an operator picks a rollback from.
+async fn stored_active(state: &AppState, name: &str) -> Result<Option<String>, ApiError> {
+    Ok(state
+        .store
+        .connector_rows()
+        .await?
+        .into_iter()
+        .find(|row| row.name == name)
+        .and_then(|row| row.active_version))
 }
 
 async fn current(state: &AppState, name: &str) -> Result<Json<ConnectorSummary>, ApiError> {
@@ -307,10 +323,7 @@ pub async fn upload_connector(
         .upload(&bytes, activate, principal.scope())
         .await?;
     let name = uploaded.version.name.clone();
-    let active = state
-        .registry
-        .entry(&name)
-        .and_then(|e| e.active.as_ref().map(|a| a.meta.version.clone()));
+    let active = stored_active(&state, &name).await?;
     let status = if uploaded.created {
         StatusCode::CREATED
     } else {
@@ -386,10 +399,7 @@ pub async fn list_versions(
     Path(name): Path<String>,
 ) -> Result<Json<ConnectorVersionList>, ApiError> {
     let versions = state.registry.versions(&name).await?;
-    let active = state
-        .registry
-        .entry(&name)
-        .and_then(|e| e.active.as_ref().map(|a| a.meta.version.clone()));
+    let active = stored_active(&state, &name).await?;
     let data = versions
         .into_iter()
         .map(|v| version_view(v, active.as_deref()))

@@ -1047,6 +1047,17 @@ async fn a_version_that_fails_to_load_keeps_its_changes(backend: Backend) {
             .is_some_and(|p| p.contains("failed to load")),
         "{connector:#}"
     );
+    // The versions list marks the version the store has active (every
+    // replica's once loaded), not this replica's (here: none).
+    let (_, versions) = get(&app, "/api/v1/connectors/recorder/versions").await;
+    let active: Vec<&str> = versions["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["active"] == true)
+        .filter_map(|v| v["version"].as_str())
+        .collect();
+    assert_eq!(active, ["0.1.0"], "{versions:#}");
     // A webhook meanwhile is a passing failure, which its sender retries
     // (a 404 invited it to drop the delivery).
     let (status, problem) = recorder_webhook(&app.client, &app.base, &uuid()).await;
