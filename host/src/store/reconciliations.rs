@@ -344,42 +344,42 @@ impl Store {
         }))
     }
 
-    /// Whether `run` listed every one of `remote_ids` already (on an
-    /// earlier page: a page commits them with its cursor).
-    pub async fn run_listed_all(
+    /// Which of `remote_ids` `run` listed already (on an earlier page: a
+    /// page commits them with its cursor).
+    pub async fn run_listed(
         &self,
         run: &RunRow,
         remote_ids: &[&str],
-    ) -> Result<bool, StoreError> {
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
         let mut ids: Vec<&str> = remote_ids.to_vec();
         ids.sort_unstable();
         ids.dedup();
-        let listed: i64 = match &self.backend {
+        let listed: Vec<String> = match &self.backend {
             Backend::Postgres(pool) => {
                 sqlx::query_scalar(
-                    "SELECT count(*) FROM (SELECT remote_id FROM reconciliation_seen \
+                    "SELECT remote_id FROM reconciliation_seen \
                      WHERE run_id = $1 AND remote_id = ANY($2) UNION SELECT remote_id \
-                     FROM reconciliation_unlinked WHERE run_id = $1 AND remote_id = ANY($2)) listed",
+                     FROM reconciliation_unlinked WHERE run_id = $1 AND remote_id = ANY($2)",
                 )
                 .bind(&run.id)
                 .bind(&ids)
-                .fetch_one(pool)
+                .fetch_all(pool)
                 .await?
             }
             Backend::Sqlite(pools) => {
                 sqlx::query_scalar(
-                    "SELECT count(*) FROM (SELECT remote_id FROM reconciliation_seen \
+                    "SELECT remote_id FROM reconciliation_seen \
                      WHERE run_id = $1 AND remote_id IN (SELECT value FROM json_each($2)) \
                      UNION SELECT remote_id FROM reconciliation_unlinked WHERE run_id = $1 \
-                     AND remote_id IN (SELECT value FROM json_each($2)))",
+                     AND remote_id IN (SELECT value FROM json_each($2))",
                 )
                 .bind(&run.id)
                 .bind(serde_json::to_string(&ids).unwrap_or_default())
-                .fetch_one(&pools.writer)
+                .fetch_all(&pools.writer)
                 .await?
             }
         };
-        Ok(usize::try_from(listed).is_ok_and(|n| n >= ids.len()))
+        Ok(listed.into_iter().collect())
     }
 
     /// Whether `run` listed a record with `email` that no link held: in

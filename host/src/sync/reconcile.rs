@@ -744,13 +744,27 @@ impl SyncEngine {
                 .map(|r| r.remote_id.as_str())
                 .filter(|id| crate::store::unkeyable("remote id", id).is_none())
                 .collect();
-            if !ids.is_empty() && inner.store.run_listed_all(run, &ids).await? {
+            let before = if ids.is_empty() {
+                std::collections::HashSet::new()
+            } else {
+                inner.store.run_listed(run, &ids).await?
+            };
+            if !ids.is_empty() && ids.iter().all(|id| before.contains(*id)) {
                 return Err(Stop::Failed(
                     "listing failed: the connector's cursors went round (a page held only \
                      records the run had listed already); its listing would never end"
                         .into(),
                 ));
             }
+            // A record listed on an earlier page too (an offset listing
+            // shifted by a record inserted ahead of it), or twice on this
+            // one, is compared once: it was found, counted and repaired
+            // twice.
+            let mut page = page;
+            let mut this_page = std::collections::HashSet::new();
+            page.records.retain(|r| {
+                !before.contains(&r.remote_id) && this_page.insert(r.remote_id.clone())
+            });
             let listed = i64::try_from(page.records.len()).unwrap_or(i64::MAX);
             self.compare_page(run, &page, &mut findings).await?;
             if !inner

@@ -2612,6 +2612,21 @@ async fn a_listing_that_goes_round_fails(backend: Backend) {
     a_report_run_fails_saying(&app, "went round").await;
 }
 
+/// A record an offset listing lists on two pages (here: every page after
+/// the first starts with the last record of the one before) is compared
+/// once: it was counted, found and repaired twice.
+async fn a_record_listed_twice_is_compared_once(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    remote.insert_numbered(150, "twice", "Twice");
+    remote.repeat_the_cursors_record();
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let run = run_to_end(&app, json!({"connector": "recorder", "repair": "report"})).await;
+    assert_eq!(run["status"], "completed", "{run:#}");
+    assert_eq!(run["progress"]["records"], 150, "{run:#}");
+    assert_eq!(run["counts"]["missing_local"], 150, "{run:#}");
+}
+
 /// A listing whose connector answers "more" past its last record, with a
 /// fresh cursor and nothing in each page, passed both checks above: the
 /// run listed empty pages for ever. A thousand in a row end it as failed.
@@ -2842,6 +2857,11 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_listed_twice_is_compared_once() {
+        super::a_record_listed_twice_is_compared_once(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_backfill_is_offered_again() {
         super::a_failed_backfill_is_offered_again(Backend::Sqlite).await;
     }
@@ -2953,6 +2973,11 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn disabling_a_connector_never_switched_on() {
         disabling_a_connector_never_switched_on_queues_nothing(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_listed_twice_is_compared_once() {
+        super::a_record_listed_twice_is_compared_once(Backend::Postgres).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

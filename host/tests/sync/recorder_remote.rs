@@ -61,6 +61,9 @@ struct RemoteState {
     /// "more" for ever, with nothing in it).
     endless_empty_pages: AtomicBool,
     empty_pages: AtomicU64,
+    /// Whether a page after the first starts with the record its cursor
+    /// names (an offset listing shifted by a record inserted ahead).
+    repeat_the_cursors_record: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -143,6 +146,15 @@ impl RecorderRemote {
     /// asked with, so the listing goes round (never the cursor that asked).
     pub fn loop_at_the_end(&self) {
         self.state.loop_at_the_end.store(true, Ordering::SeqCst);
+    }
+
+    /// Starts every page after the first with the record its cursor names,
+    /// listed last on the page before: an offset listing that a record
+    /// inserted ahead of it shifted by one.
+    pub fn repeat_the_cursors_record(&self) {
+        self.state
+            .repeat_the_cursors_record
+            .store(true, Ordering::SeqCst);
     }
 
     /// Answers the listing's last page, and every page after it, with a
@@ -280,6 +292,9 @@ async fn list(state: &RemoteState, query: &str) -> Response {
     }
     let records = lock(&state.records);
     let from = match &after {
+        Some(after) if state.repeat_the_cursors_record.load(Ordering::SeqCst) => {
+            std::ops::Bound::Included(after.clone())
+        }
         Some(after) => std::ops::Bound::Excluded(after.clone()),
         None => std::ops::Bound::Unbounded,
     };
