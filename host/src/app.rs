@@ -330,9 +330,11 @@ impl App {
         // of the load balancer with every other when Kafka restarted.
         let bus_probe = match &kafka {
             Some(settings) if config.workers => Some(Arc::new(
-                crate::bus::kafka::KafkaProducer::new(settings)
-                    .context("creating the Kafka readiness client")?
-                    .probing(crate::bus::changes_topic(&config.kafka_topic_prefix)),
+                crate::bus::kafka::KafkaProducer::for_probe(
+                    settings,
+                    crate::bus::changes_topic(&config.kafka_topic_prefix),
+                )
+                .context("creating the Kafka readiness client")?,
             )),
             _ => None,
         };

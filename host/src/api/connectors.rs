@@ -323,7 +323,15 @@ pub async fn upload_connector(
         .upload(&bytes, activate, principal.scope())
         .await?;
     let name = uploaded.version.name.clone();
-    let active = stored_active(&state, &name).await?;
+    // Stored already: a busy store only leaves the answer's `active` to
+    // this replica's view.
+    let active = match stored_active(&state, &name).await {
+        Ok(active) => active,
+        Err(_) => state
+            .registry
+            .entry(&name)
+            .and_then(|e| e.active.as_ref().map(|a| a.meta.version.clone())),
+    };
     let status = if uploaded.created {
         StatusCode::CREATED
     } else {

@@ -235,8 +235,26 @@ impl KafkaProducer {
     /// A producer for the brokers in `settings`. Connects lazily: a broker
     /// that is down shows up as an error of the first call, not here.
     pub fn new(settings: &KafkaSettings) -> Result<Self, BusError> {
+        Self::build(settings, &[])
+    }
+
+    /// A client for [`KafkaProducer::probe`] that asks about `topic`
+    /// only, and never has the broker create it: librdkafka's producers
+    /// ask the broker to create a topic they ask about by default, and one
+    /// made so before ferry made its own would have the broker's default
+    /// partitions, which ferry then leaves as they are.
+    pub fn for_probe(settings: &KafkaSettings, topic: String) -> Result<Self, BusError> {
+        let mut this = Self::build(settings, &[("allow.auto.create.topics", "false")])?;
+        this.probe_topic = Some(topic);
+        Ok(this)
+    }
+
+    fn build(settings: &KafkaSettings, extra: &[(&str, &str)]) -> Result<Self, BusError> {
         settings.validate()?;
         let mut config = settings.client_config();
+        for (key, value) in extra {
+            config.set(*key, *value);
+        }
         config
             // No duplicates or reordering from librdkafka's own retries.
             .set("enable.idempotence", "true")
@@ -269,14 +287,6 @@ impl KafkaProducer {
             settings: settings.clone(),
             probe_topic: None,
         })
-    }
-
-    /// This producer, its [`KafkaProducer::probe`] asking about `topic`
-    /// only.
-    #[must_use]
-    pub fn probing(mut self, topic: String) -> Self {
-        self.probe_topic = Some(topic);
-        self
     }
 
     /// Creates the topics that are missing, with the configured partitions
@@ -424,7 +434,7 @@ impl KafkaProducer {
     }
 
     /// Asks the cluster for its metadata (`/readyz` in cluster mode): of
-    /// ferry's changes topic only, when set ([`KafkaProducer::probing`]),
+    /// ferry's changes topic only, when set ([`KafkaProducer::for_probe`]),
     /// which says as well whether the brokers answer. Of every topic, on a
     /// large shared cluster, it was a sizeable answer each second of each
     /// replica's probe.

@@ -884,6 +884,11 @@ impl Registry {
         files: &[bundled::BundledFile],
     ) -> Result<Vec<(String, Seeded)>, StoreError> {
         let mut seeded = Vec::new();
+        self.inner
+            .refused_bundled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
         for file in files {
             let path = file.path.display().to_string();
             let connector = match self.inner.runtime.load(&file.bytes).await {
@@ -928,6 +933,13 @@ impl Registry {
                     .refused_bundled
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
+                tracing::error!(
+                    connector = %connector.name(),
+                    version = %manifest.version,
+                    path,
+                    names = ?unknown,
+                    "bundled connector version NOT registered: its file or environment configuration names what no version of it declares (a typo?); the active version stays as it is"
+                );
                 for field in unknown {
                     let (kind, key) = field.split_once('.').unwrap_or(("settings", &field));
                     refused.push(format!(
@@ -1155,11 +1167,17 @@ impl Registry {
         }
         let missing = if entry.runs() {
             Entry::missing_settings(&entry.effective, connector.manifest(), &self.inner.runtime)
-        } else if entry.switched_on && entry.effective.switch == Switch::Unconfigured {
-            // Switched on by other replicas' environments, which this one
-            // cannot read: what the new version requires and the running one
-            // does not declare is missing there (an environment refuses a
-            // name the running version does not declare).
+        } else if entry.switched_on
+            && entry.effective.switch != Switch::Disabled
+            && !matches!(entry.effective.source, ConfigSource::Api)
+        {
+            // Switched on, and configured by replicas' environments (this
+            // one's lacks what the running version needs, or has nothing),
+            // which this one cannot read: what the new version requires and
+            // the running one does not declare is missing there (an
+            // environment refuses a name the running version does not
+            // declare). Stored through the API, the configuration is every
+            // replica's, and this one's view is theirs.
             let running = active.connector.manifest();
             let missing: Vec<String> = config::check_against_manifest(
                 connector.manifest(),
@@ -1678,8 +1696,6 @@ fn same_manifest(loaded: &Manifest, stored: &serde_json::Value) -> Result<(), St
     }
 }
 
-/// Whether a stored manifest (as [`manifest_json`] wrote it) declares the
-/// setting or secret `key` (`kind` is `settings` or `secrets`).
 /// How the file or environment names `kind.key` of connector `name`:
 /// `FERRY_CONNECTORS__NAME__KIND__KEY (connectors.name.kind.key)`.
 fn environment_name(name: &str, kind: &str, key: &str) -> String {
@@ -1692,6 +1708,8 @@ fn environment_name(name: &str, kind: &str, key: &str) -> String {
     )
 }
 
+/// Whether a stored manifest (as [`manifest_json`] wrote it) declares the
+/// setting or secret `key` (`kind` is `settings` or `secrets`).
 fn declares(manifest: &serde_json::Value, kind: &str, key: &str) -> bool {
     manifest[kind]
         .as_array()

@@ -680,8 +680,8 @@ const CLAIM_ONE_SQL: &str = claim_sqlite!(
 
 // A scheduler's claim: the due links, oldest due first (`$3` now, `$4` how
 // many); `_OF_`: of the connector `$6` only. Two statements, not a
-// nullable parameter: a plain `connector = $6` is a condition the due
-// index answers.
+// nullable parameter: a plain `connector = $6` is one the per-connector
+// due index (`sync_links_due_by_connector`) answers in due order.
 const CLAIM_DUE_SQLITE: &str = claim_sqlite!(
     "$1, lease_token = $2",
     "IN (SELECT value FROM json_each($5))",

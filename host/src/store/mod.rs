@@ -654,7 +654,10 @@ impl Store {
                                 sqlx::Error::Database(db),
                                 _,
                             ),
-                        ) if db.code().as_deref() == Some("55P03") => {
+                            // A deadlock too: a migration that builds an index and
+                            // then drops another waits for a running replica's
+                            // transaction that waits for the build.
+                        ) if matches!(db.code().as_deref(), Some("55P03" | "40P01")) => {
                             tracing::warn!(
                                 wait_s = pause.as_secs(),
                                 "a migration waits for a table another session holds (a dump, an open transaction)"

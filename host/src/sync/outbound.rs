@@ -941,17 +941,26 @@ impl SyncEngine {
                 // limit spends no attempt (the pause above paces the
                 // connector). A rate-limited bulk import, several replicas
                 // sending at once, dead-lettered healthy changes.
+                // A 503 with `Retry-After` the remote may have saved under
+                // the key, as any 5xx: under the same key every retry got
+                // it back, never spending an attempt, until the key
+                // expired (a day at Stripe). An update or delete goes
+                // under a fresh key (below); a create keeps its key (a
+                // fresh one could make a second record), so it spends an
+                // attempt, as after a saved 500, and its retries end.
+                let saved = matches!(error, CallError::ServerFailed(_));
+                let spend = if saved && operation == "create" {
+                    Spend::Attempt
+                } else {
+                    Spend::Nothing
+                };
                 let (mut recorded, outcome) = self.schedule_retry(
                     link,
                     Some((version, operation)),
                     Some(pause),
                     format!("rate limited: {}", limit.message),
-                    Spend::Nothing,
+                    spend,
                 );
-                // A 503 with `Retry-After` the remote may have saved under
-                // the key, as any 5xx: under the same key every retry got
-                // it back, never spending an attempt, until the key
-                // expired (a day at Stripe).
                 if let (
                     CallError::ServerFailed(_),
                     RecordedOutcome::RetryScheduled { answered, .. },

@@ -2055,6 +2055,28 @@ async fn a_version_needing_a_setting_is_refused_through_a_replica_not_configured
     // Stored without activating, as the refusal says, it is taken.
     let (status, stored) = upload(&other, recorder_variant("version-3"), "?activate=false").await;
     assert_eq!(status, 201, "{stored}");
+    // Paused and resumed through the API (the switch stored: enabled on
+    // every replica, this one lacking every setting), an activation
+    // through this replica is refused alike.
+    for switch in ["disable", "enable"] {
+        let (status, body) = post(
+            &configured,
+            &format!("/api/v1/connectors/recorder/{switch}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{switch}: {body}");
+    }
+    let (status, refused) = post(
+        &other,
+        "/api/v1/connectors/recorder/activate",
+        Some(json!({"version": "0.3.0"})),
+    )
+    .await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["code"], "settings_missing", "{refused}");
+    let (_, connector) = get(&configured, "/api/v1/connectors/recorder").await;
+    assert_eq!(connector["active_version"], "0.1.0", "{connector}");
 }
 
 /// Disabling a connector never switched on (loaded, not configured) leaves

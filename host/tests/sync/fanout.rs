@@ -338,6 +338,7 @@ async fn a_slow_remote_leaves_other_connectors_their_share(backend: Backend) {
         "Stripe's creates waited behind the slow remote's: {recorder_writes} of \
          {CUSTOMERS} recorder creates had started when Stripe's were done"
     );
+    remote.writes_at_once();
     for id in &ids {
         app.wait_link_of("recorder", id, Duration::from_secs(60), |link| {
             link["state"] == "synced"
@@ -349,6 +350,9 @@ async fn a_slow_remote_leaves_other_connectors_their_share(backend: Backend) {
         CUSTOMERS,
         "one create each at the recorder"
     );
+    // With Stripe done, the recorder took the slots beyond its share (2).
+    let at_once = remote.writes_at_once();
+    assert!(at_once > 2, "at most {at_once} recorder writes at once");
 }
 
 mod sqlite {

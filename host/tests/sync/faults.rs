@@ -966,16 +966,18 @@ async fn postgres_an_update_answered_with_a_saved_server_error_is_retried_as_ano
 /// under the key gets the 500 back. The create is not given up on as
 /// refused, which forgets it (its replay a fresh create under a new key:
 /// a second customer if the first was made): its retries run out, and the
-/// link keeps the create, replayed under its key.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_create_answered_with_a_saved_server_error_keeps_its_key() {
+/// link keeps the create, replayed under its key. So does one answered
+/// with a saved 503 and `Retry-After` (read as a rate limit, which spends
+/// no attempt: its retries got the 503 back until the key expired).
+async fn a_create_answered_with_a_saved_failure_keeps_its_key(status: u16) {
     let h = harness(json!({"sync_max_attempts": 3})).await;
-    h.proxy.push(
-        Match::request("POST", "/v1/customers"),
-        Fault::stripe_error(500, "api_error", "Something went wrong")
-            .with_header("stripe-should-retry", "false")
-            .saved(),
-    );
+    let mut fault = Fault::stripe_error(status, "api_error", "Something went wrong")
+        .with_header("stripe-should-retry", "false");
+    if status == 503 {
+        fault = fault.with_header("retry-after", "1");
+    }
+    h.proxy
+        .push(Match::request("POST", "/v1/customers"), fault.saved());
     let customer = h.app.create(json!({"email": email("saved-create")})).await;
     let id = customer["id"].as_str().unwrap();
     h.app
@@ -1001,6 +1003,16 @@ async fn a_create_answered_with_a_saved_server_error_keeps_its_key() {
             .all(|c| c.header("idempotency-key") == creates[0].header("idempotency-key")),
         "under one key"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_answered_with_a_saved_server_error_keeps_its_key() {
+    a_create_answered_with_a_saved_failure_keeps_its_key(500).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_answered_with_a_saved_unavailable_keeps_its_key_and_ends() {
+    a_create_answered_with_a_saved_failure_keeps_its_key(503).await;
 }
 
 /// The bus delivers a change at least once (a publish retried after a lost

@@ -48,6 +48,10 @@ struct RemoteState {
     later_page_delay: Mutex<Option<Duration>>,
     /// How long every write waits before its answer (a slow remote).
     write_delay: Mutex<Option<Duration>>,
+    /// Writes being answered now, and the most at once since the last
+    /// [`RecorderRemote::writes_at_once`].
+    writing: AtomicU64,
+    most_writing: AtomicU64,
     /// Whether a page after a listing's first names the cursor that asked
     /// for it as the next one (a broken remote).
     repeat_later_cursors: AtomicBool,
@@ -174,6 +178,15 @@ impl RecorderRemote {
         *lock(&self.state.write_delay) = Some(delay);
     }
 
+    /// The most writes answered at once since the last call (a write waits
+    /// for [`RecorderRemote::delay_writes`]'s delay), and starts counting
+    /// again.
+    pub fn writes_at_once(&self) -> u64 {
+        self.state
+            .most_writing
+            .swap(self.state.writing.load(Ordering::SeqCst), Ordering::SeqCst)
+    }
+
     pub fn record(&self, id: &str) -> Option<Value> {
         lock(&self.state.records).get(id).cloned()
     }
@@ -241,7 +254,10 @@ async fn record_request(
     }
     let write_delay = *lock(&state.write_delay);
     if let Some(delay) = write_delay {
+        let now = state.writing.fetch_add(1, Ordering::SeqCst) + 1;
+        state.most_writing.fetch_max(now, Ordering::SeqCst);
         tokio::time::sleep(delay).await;
+        state.writing.fetch_sub(1, Ordering::SeqCst);
     }
     let mut records = lock(&state.records);
     match (method, path.strip_prefix("/records")) {
