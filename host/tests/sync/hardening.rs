@@ -512,6 +512,9 @@ async fn a_setting_of_a_version_rolled_back_does_not_stop_a_start() {
             "listen": "127.0.0.1:0",
             "database_url": format!("sqlite://{}", dir.path().join("f.db").display()),
             "connectors_dir": connectors,
+            // The recorder's `api_base` is a private address: allowed, the
+            // connector runs.
+            "allow_private_hosts": true,
             "connectors": {"recorder": {"settings": settings}},
         }))
         .expect("config")
@@ -519,11 +522,12 @@ async fn a_setting_of_a_version_rolled_back_does_not_stop_a_start() {
     let first = ferry::app::App::build(config(json!({"api_base": "http://127.0.0.1:9"})))
         .await
         .expect("started");
+    // Stored, not active: it needs `account`, which this deployment lacks.
     let newer = std::fs::read(variant_path("ferry_test_recorder", "version-3")).unwrap();
     first
         .state()
         .registry
-        .upload(&newer, true, "admin")
+        .upload(&newer, false, "admin")
         .await
         .expect("0.3.0 uploaded");
     drop(first);
@@ -531,12 +535,14 @@ async fn a_setting_of_a_version_rolled_back_does_not_stop_a_start() {
     let second = ferry::app::App::build(config(with_account.clone()))
         .await
         .expect("0.3.0 declares `account`");
-    second
-        .state()
-        .registry
-        .activate("recorder", "0.1.0")
-        .await
-        .expect("rolled back");
+    for (version, what) in [("0.3.0", "rolled forward"), ("0.1.0", "rolled back")] {
+        second
+            .state()
+            .registry
+            .activate("recorder", version)
+            .await
+            .expect(what);
+    }
     drop(second);
     if let Err(error) = ferry::app::App::build(config(with_account)).await {
         panic!("a start after the rollback failed: {error:#}");
@@ -569,6 +575,7 @@ async fn a_start_refused_for_its_environment_makes_no_version_active() {
             "listen": "127.0.0.1:0",
             "database_url": format!("sqlite://{}", dir.path().join("f.db").display()),
             "connectors_dir": connectors,
+            "allow_private_hosts": true,
             "connectors": {"recorder": {"settings": settings}},
         }))
         .expect("config")
