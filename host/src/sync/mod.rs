@@ -260,14 +260,14 @@ impl SyncEngine {
     /// their lease until it runs out.
     pub async fn push_now(&self, keys: Vec<LinkKey>, cancel: &CancellationToken) -> Vec<Outcome> {
         let (token, until) = self.lease();
-        let connectors: std::collections::BTreeSet<&str> =
-            keys.iter().map(|k| k.connector.as_str()).collect();
-        let ready = self.ready_to_push(connectors);
+        // Every connector ready to push (a ready one takes part): the claim
+        // marks creates only for the keys' own.
+        let participants = self.inner.registry.participants(ENTITY);
+        let ready = self.ready_to_push(participants.iter().map(String::as_str));
         // A connector's links beyond its share of the slots are left to the
         // scheduler, which hands them out fairly, so a slow remote's pushes
         // hold neither another connector's nor the consumer's.
-        let participants = self.inner.registry.participants(ENTITY);
-        let mut room = self.shares(&self.ready_to_push(participants.iter().map(String::as_str)));
+        let mut room = self.shares(&ready);
         let offered = keys.len();
         let keys: Vec<LinkKey> = keys
             .into_iter()
