@@ -71,12 +71,13 @@ pub struct ConflictResolution {
 /// List conflicts.
 ///
 /// Query: `state` (`open` or `resolved`; default all), `customer_id`,
-/// `limit` (1–500), `starting_after`.
+/// `connector`, `limit` (1–500), `starting_after`.
 #[utoipa::path(
     get, path = "/api/v1/conflicts", tag = "sync",
     params(
         ("state" = Option<String>, Query, description = "open or resolved"),
         ("customer_id" = Option<String>, Query, description = "Only this customer's"),
+        ("connector" = Option<String>, Query, description = "Only this connector's"),
         ("starting_after" = Option<String>, Query, description = "Cursor from the previous page"),
         ("limit" = Option<u32>, Query, description = "Page size, 1 to 500"),
     ),
@@ -101,6 +102,7 @@ pub async fn list_conflicts(
             "state" if value == "open" || value == "resolved" => request.state = Some(value),
             "state" => return Err(ApiError::field("state", "must be open or resolved")),
             "customer_id" => request.customer_id = Some(text_param("customer_id", value)?),
+            "connector" => request.connector = Some(text_param("connector", value)?),
             "starting_after" => request.starting_after = Some(text_param("starting_after", value)?),
             "limit" => request.limit = page_limit(&value, MAX_LIMIT)?,
             _ => {}

@@ -193,14 +193,15 @@ pub async fn customer(
     )
 }
 
-/// `GET /console/conflicts?state=` (`open` by default, `resolved`, `all`).
+/// `GET /console/conflicts?state=` (`open` by default, `resolved`, `all`),
+/// with `customer_id` or `connector` to narrow it.
 pub async fn conflicts(
     session: Session,
     State(state): State<AppState>,
     QueryPairs(pairs): QueryPairs,
 ) -> Response {
     let shown = param(&pairs, "state").unwrap_or("open").to_owned();
-    let mut query = pass(&pairs, &["starting_after", "customer_id"]);
+    let mut query = pass(&pairs, &["starting_after", "customer_id", "connector"]);
     if shown != "all" {
         query.0.push(("state".to_owned(), shown.clone()));
     }
@@ -216,6 +217,7 @@ pub async fn conflicts(
             "shown": shown,
             "list": list,
             "customer_id": param(&pairs, "customer_id"),
+            "connector": param(&pairs, "connector"),
             "notice": session.notice(&pairs),
         }),
     )

@@ -52,6 +52,8 @@ pub struct ListConflicts {
     pub state: Option<String>,
     /// Only this customer's.
     pub customer_id: Option<String>,
+    /// Only this connector's.
+    pub connector: Option<String>,
     /// Ids after this one.
     pub starting_after: Option<String>,
     /// Page size.
@@ -113,12 +115,14 @@ impl Store {
             "SELECT {CONFLICT_COLUMNS} FROM conflicts \
              WHERE (CAST($1 AS TEXT) IS NULL OR state = $1) \
              AND (CAST($2 AS TEXT) IS NULL OR customer_id = $2) \
-             AND id > COALESCE(CAST($3 AS TEXT), '') ORDER BY id LIMIT $4"
+             AND (CAST($3 AS TEXT) IS NULL OR connector = $3) \
+             AND id > COALESCE(CAST($4 AS TEXT), '') ORDER BY id LIMIT $5"
         );
         let rows = dispatch!(self, read pool => {
             sqlx::query_as(&sql)
                 .bind(&request.state)
                 .bind(&request.customer_id)
+                .bind(&request.connector)
                 .bind(&request.starting_after)
                 .bind(i64::from(request.limit))
                 .fetch_all(pool)

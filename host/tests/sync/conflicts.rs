@@ -704,6 +704,10 @@ async fn flagged_conflicts_hold_the_link_until_resolved() {
 
     let conflict = open_conflict(&h.app).await;
     assert_eq!(conflict["customer_id"], h.id.as_str());
+    // Listed by its connector, and by no other.
+    let of_stripe = conflicts(&h.app, "?state=open&connector=stripe").await;
+    assert_eq!(of_stripe.len(), 1, "{of_stripe:?}");
+    assert!(conflicts(&h.app, "?connector=salesforce").await.is_empty());
     assert_eq!(conflict["fields"][0]["field"], "name");
     assert_eq!(conflict["fields"][0]["local"], "Local Name");
     assert_eq!(conflict["fields"][0]["remote"], "Remote Name");

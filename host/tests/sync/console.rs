@@ -308,7 +308,14 @@ async fn the_operator_console_in_a_real_browser() {
     .await;
     let conflict_id = conflicts["data"][0]["id"].as_str().unwrap().to_owned();
     proxy.set_down(false);
-    console.open("/console/conflicts").await;
+    // The overview's count of open conflicts lists the connector's.
+    console.open("/console").await;
+    console
+        .follow("a[href='/console/conflicts?state=open&connector=stripe']")
+        .await;
+    let text = console.text().await;
+    assert!(text.contains("from connector stripe"), "{text}");
+    assert!(text.contains(&conflict_id), "{text}");
     console.shot("conflicts").await;
     console
         .follow(&format!("a[href='/console/conflicts/{conflict_id}']"))
