@@ -157,7 +157,7 @@ impl SettingsProblem {
 }
 
 /// The message of a required setting or secret without a value.
-pub(crate) const REQUIRED: &str = "required by this connector";
+const REQUIRED: &str = "required by this connector";
 
 /// The message of a secret given an empty value.
 pub(crate) const BLANK_SECRET: &str = "a secret cannot be empty";
@@ -188,23 +188,32 @@ pub(crate) fn check_against_manifest<'a>(
         }
     }
     if running {
-        for spec in &manifest.settings {
-            if spec.required && spec.default.is_none() && !settings.clone().any(|k| k == &spec.name)
-            {
-                problems.push(SettingsProblem::new(
-                    format!("settings.{}", spec.name),
-                    REQUIRED,
-                ));
-            }
-        }
-        for spec in &manifest.secrets {
-            if spec.required && !secrets.clone().any(|k| k == &spec.name) {
-                problems.push(SettingsProblem::new(
-                    format!("secrets.{}", spec.name),
-                    REQUIRED,
-                ));
-            }
-        }
+        problems.extend(missing_required(manifest, settings, secrets));
     }
     problems
+}
+
+/// The settings (without a default) and secrets `manifest` requires that
+/// `settings` and `secrets` do not name, as [`REQUIRED`] problems.
+pub(crate) fn missing_required<'a>(
+    manifest: &Manifest,
+    settings: impl Iterator<Item = &'a String> + Clone,
+    secrets: impl Iterator<Item = &'a String> + Clone,
+) -> Vec<SettingsProblem> {
+    let settings = manifest
+        .settings
+        .iter()
+        .filter(|spec| spec.required && spec.default.is_none())
+        .filter(|spec| !settings.clone().any(|k| k == &spec.name))
+        .map(|spec| format!("settings.{}", spec.name));
+    let secrets = manifest
+        .secrets
+        .iter()
+        .filter(|spec| spec.required)
+        .filter(|spec| !secrets.clone().any(|k| k == &spec.name))
+        .map(|spec| format!("secrets.{}", spec.name));
+    settings
+        .chain(secrets)
+        .map(|field| SettingsProblem::new(field, REQUIRED))
+        .collect()
 }

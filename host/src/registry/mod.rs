@@ -168,14 +168,12 @@ impl Entry {
         manifest: &Manifest,
         runtime: &Runtime,
     ) -> Option<String> {
-        let mut missing: Vec<String> = config::check_against_manifest(
+        let mut missing: Vec<String> = config::missing_required(
             manifest,
             config.config.settings.keys(),
             config.secret_names.iter(),
-            true,
         )
         .into_iter()
-        .filter(|p| p.message == config::REQUIRED)
         .map(|p| p.field)
         .collect();
         missing.extend(
@@ -1179,14 +1177,12 @@ impl Registry {
             // declare). Stored through the API, the configuration is every
             // replica's, and this one's view is theirs.
             let running = active.connector.manifest();
-            let missing: Vec<String> = config::check_against_manifest(
+            let missing: Vec<String> = config::missing_required(
                 connector.manifest(),
                 running.settings.iter().map(|s| &s.name),
                 running.secrets.iter().map(|s| &s.name),
-                true,
             )
             .into_iter()
-            .filter(|p| p.message == config::REQUIRED)
             .map(|p| p.field)
             .collect();
             (!missing.is_empty()).then(|| missing.join(", "))
@@ -1350,14 +1346,12 @@ impl Registry {
         }
         if enabled {
             let manifest = active_manifest(&entry)?;
-            let problems: Vec<SettingsProblem> = config::check_against_manifest(
+            let problems: Vec<SettingsProblem> = config::missing_required(
                 manifest,
                 entry.effective.config.settings.keys(),
                 entry.effective.secret_names.iter(),
-                true,
             )
             .into_iter()
-            .filter(|p| p.message == config::REQUIRED)
             .chain(refused_host_settings(
                 manifest,
                 &entry.effective.config.settings,
