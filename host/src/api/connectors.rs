@@ -229,9 +229,17 @@ async fn current(state: &AppState, name: &str) -> Result<Json<ConnectorSummary>,
     Ok(Json(summary(state, &entry).await?))
 }
 
-/// `true` or `false` in a query string.
-fn bool_param(pairs: &[(String, String)], name: &str, default: bool) -> Result<bool, ApiError> {
-    match pairs.iter().rev().find(|(n, _)| n == name) {
+/// The one query flag of a connector write, `true` or `false` (`default`
+/// when absent). Any other parameter is refused: a misspelled flag
+/// (`?backfil=true`) would otherwise do the write with the default.
+fn flag(pairs: &[(String, String)], name: &str, default: bool) -> Result<bool, ApiError> {
+    if let Some((other, _)) = pairs.iter().find(|(n, _)| n != name) {
+        return Err(ApiError::field(
+            other.as_str(),
+            format!("not a parameter of this operation (it takes `{name}`)"),
+        ));
+    }
+    match pairs.last() {
         None => Ok(default),
         Some((_, value)) => value
             .parse()
@@ -306,7 +314,7 @@ impl FromRequest<AppState> for WasmBody {
         (status = 409, description = "This version exists with other bytes (`version_exists`), or it would be made active without the `customer` entity while customers are linked through the connector (`customers_linked`), or over a running version while it needs settings the connector lacks (`settings_missing`)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Larger than the component limit (`component_too_large`)", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not sent as application/wasm or application/octet-stream", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Refused: `not_wasm`, `core_module`, `invalid_component`, `not_a_connector`, `world_unsupported`, `world_too_new`, `world_mismatch`, `manifest_failed`, `invalid_manifest` or `forbidden_host`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Refused: `not_wasm`, `core_module`, `invalid_component`, `not_a_connector`, `world_unsupported`, `world_too_new`, `world_mismatch`, `manifest_failed`, `invalid_manifest` or `forbidden_host`; or `validation_failed`, a query parameter other than `activate` or an invalid `activate`", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Every connector instance was busy (`runtime_busy`), or the store was (`store_busy`): nothing was written, send it again", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
@@ -317,7 +325,7 @@ pub async fn upload_connector(
     QueryPairs(pairs): QueryPairs,
     WasmBody(bytes): WasmBody,
 ) -> Result<Response, ApiError> {
-    let activate = bool_param(&pairs, "activate", true)?;
+    let activate = flag(&pairs, "activate", true)?;
     let uploaded = state
         .registry
         .upload(&bytes, activate, principal.scope())
@@ -467,7 +475,7 @@ pub async fn activate(
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such connector", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "No version of it is loaded here (`connector_not_loaded`); with `?backfill=true`, a run of it goes on (`reconciliation_running`) or its version does not sync customers or is not loaded (`connector_not_ready`)", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Required settings or secrets are missing", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Required settings or secrets are missing, or a query parameter other than `backfill` or an invalid `backfill`", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
@@ -477,7 +485,7 @@ pub async fn enable(
     Path(name): Path<String>,
     QueryPairs(pairs): QueryPairs,
 ) -> Result<Json<ConnectorSummary>, ApiError> {
-    let backfill = bool_param(&pairs, "backfill", false)?;
+    let backfill = flag(&pairs, "backfill", false)?;
     if !backfill {
         state.registry.set_enabled(&name, true).await?;
         return current(&state, &name).await;
@@ -615,7 +623,7 @@ pub async fn disable(
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such connector", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Customers are linked or changes wait (`connector_in_use`)", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid `force`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A query parameter other than `force`, or an invalid `force`", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
@@ -625,7 +633,7 @@ pub async fn delete_connector(
     Path(name): Path<String>,
     QueryPairs(pairs): QueryPairs,
 ) -> Result<StatusCode, ApiError> {
-    let force = bool_param(&pairs, "force", false)?;
+    let force = flag(&pairs, "force", false)?;
     state.registry.delete(&name, force).await?;
     Ok(StatusCode::NO_CONTENT)
 }

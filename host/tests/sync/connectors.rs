@@ -347,6 +347,17 @@ async fn invalid_uploads_are_refused(backend: Backend) {
         (status, problem["code"].as_str()),
         (422, Some("validation_failed"))
     );
+    // A misspelled flag is refused, not read as the default (active).
+    let (status, problem) = upload(&app, recorder(), "?activte=false").await;
+    assert_eq!(
+        (
+            status,
+            problem["code"].as_str(),
+            problem["errors"][0]["field"].as_str()
+        ),
+        (422, Some("validation_failed"), Some("activte")),
+        "{problem}"
+    );
 
     let (_, page) = get(&app, "/api/v1/connectors").await;
     assert_eq!(
@@ -417,6 +428,21 @@ async fn rollback_disable_and_enable(backend: Backend) {
     assert_eq!(link["state"], "pending", "{link}");
     assert_eq!(link["attempts"], 0, "no attempt spent: {link}");
 
+    // A misspelled flag is refused: enabled without the backfill asked
+    // for, the waiting pushes would go out as creates.
+    let (status, problem) = post(
+        &app,
+        "/api/v1/connectors/recorder/enable?backfil=true",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (422, Some("validation_failed")),
+        "{problem}"
+    );
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(connector["state"], "disabled", "{connector}");
     let (status, connector) = post(&app, "/api/v1/connectors/recorder/enable", None).await;
     assert_eq!(status, 200, "{connector}");
     assert_eq!(connector["state"], "enabled");
