@@ -949,11 +949,23 @@ macro_rules! record_in {
                     // the lease (`adopt_created_remote`).
                     // A push forced meanwhile (`repairs` moved on, as in
                     // `fenced_by_repairs!`) is not this skip's to settle.
+                    // A wanted version the customer has not reached (a
+                    // change message taken in from before a database was
+                    // restored, or failed over, behind it) is no change to
+                    // wait for: left pending, the link was claimed and
+                    // skipped again at once, for ever. It comes down to
+                    // the version considered; the customer's next write
+                    // re-opens the link as any change does.
                     sqlx::query(
                         "UPDATE sync_links SET \
                          synced_version = CASE WHEN repairs <> $8 OR synced_version > $1 \
                            THEN synced_version ELSE $1 END, \
-                         state = CASE WHEN repairs <> $8 OR wanted_version > $2 THEN 'pending' ELSE 'synced' END, \
+                         state = CASE WHEN repairs <> $8 OR (wanted_version > $2 AND EXISTS \
+                           (SELECT 1 FROM customers WHERE id = $5 AND version > $2)) \
+                           THEN 'pending' ELSE 'synced' END, \
+                         wanted_version = CASE WHEN wanted_version > $2 AND NOT EXISTS \
+                           (SELECT 1 FROM customers WHERE id = $5 AND version > $2) \
+                           THEN $2 ELSE wanted_version END, \
                          attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, \
                          next_attempt_at_ms = $3, updated_at = $4 \
                          WHERE customer_id = $5 AND connector = $6 AND lease_token = $7",
@@ -1042,13 +1054,16 @@ macro_rules! record_in {
                     // it, so a fixed record is sent fresh. Exhausted retries
                     // may have been applied (timeouts), refused credentials
                     // say nothing about an earlier attempt that timed out,
-                    // and an answer ferry could not keep came from a create
-                    // that was applied: keep replaying that create.
+                    // and an answer ferry could not keep (unusable, or
+                    // naming a record another customer links) came from a
+                    // create that was applied: keep replaying that create
+                    // (under a fresh key, a replay made another record).
                     let forget_pending = !matches!(
                         error_kind,
                         DeadLetterKind::RetriesExhausted
                             | DeadLetterKind::Unauthorized
                             | DeadLetterKind::UnusableAnswer
+                            | DeadLetterKind::RemoteIdTaken
                     );
                     // A newer change that came in during the push is not
                     // this failure's: the link stays open for it (intake

@@ -577,9 +577,14 @@ impl SyncEngine {
         };
         // The version the push sent (the claim may have read a customer
         // past its wanted version): the one a dead letter names.
-        let pushed = match &recorded {
-            RecordedOutcome::Delivered { version, .. } => *version,
-            _ => link.wanted_version,
+        let (pushed, answered) = match &recorded {
+            RecordedOutcome::Delivered {
+                version,
+                operation,
+                remote_id,
+                ..
+            } => (*version, Some((*operation, remote_id.clone()))),
+            _ => (link.wanted_version, None),
         };
         match self.write_link(&link, LinkWrite::Outcome(recorded)).await {
             Ok(true) => {
@@ -607,10 +612,17 @@ impl SyncEngine {
                 Outcome::LeaseLost
             }
             Err(crate::store::StoreError::RemoteIdTaken) => {
-                let reason = "the remote record is already linked to another customer".to_owned();
+                // The remote applied the push: its answer names a record
+                // another customer links (a create's echo made that
+                // customer). Named here, as the link keeps no trace of it.
+                let (operation, remote_id) = answered.unzip();
+                let reason = format!(
+                    "the remote answered with record {}, which is already linked to another customer",
+                    remote_id.as_deref().unwrap_or("?")
+                );
                 let dead = RecordedOutcome::DeadLettered {
                     version: pushed,
-                    operation: None,
+                    operation,
                     attempt: link.attempts + 1,
                     error_kind: DeadLetterKind::RemoteIdTaken,
                     error: reason.clone(),

@@ -577,6 +577,52 @@ async fn postgres_a_create_answered_after_another_record_was_linked_keeps_it() {
     a_create_answered_after_another_record_was_linked_keeps_it(Backend::Postgres).await;
 }
 
+/// A link wanting a version its customer never reached (a change message
+/// taken in from before the database was restored behind it) settles at
+/// the customer's version. Before, it was claimed and skipped again at
+/// once, for ever, a delivery row each time.
+async fn a_wanted_version_the_customer_never_reached_settles(backend: Backend) {
+    let h = harness_on(backend, json!({})).await;
+    let customer = h
+        .app
+        .create(json!({"email": email("ahead"), "name": "Ahead"}))
+        .await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    h.app.wait_synced(&id, 1).await;
+    let ahead = format!(
+        "UPDATE sync_links SET wanted_version = 3, state = 'pending', next_attempt_at_ms = 0 \
+         WHERE customer_id = '{id}'"
+    );
+    execute_raw(&h.app.database_url, &ahead, b"").await;
+    h.app
+        .wait_link(&id, Duration::from_secs(15), |l| {
+            l["state"] == "synced" && l["wanted_version"] == 1
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let skipped = outcomes(&h.app.sync_status(&id).await)
+        .iter()
+        .filter(|o| *o == "skipped")
+        .count();
+    assert!(
+        skipped <= 2,
+        "settled once, not claimed again: {skipped} skips"
+    );
+    // The customer's next write goes as any change does.
+    h.app.patch(&id, json!({"name": "Next"})).await;
+    h.app.wait_synced(&id, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_wanted_version_the_customer_never_reached_settles() {
+    a_wanted_version_the_customer_never_reached_settles(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_wanted_version_the_customer_never_reached_settles() {
+    a_wanted_version_the_customer_never_reached_settles(Backend::Postgres).await;
+}
+
 /// 429 with Retry-After: the next attempt waits at least that long.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_honour_retry_after() {
