@@ -936,7 +936,13 @@ impl SyncEngine {
         match error {
             CallError::Connector(ConnectorError::RateLimited(ref limit))
             | CallError::ServerFailed(ConnectorError::RateLimited(ref limit)) => {
-                let after = limit.retry_after_ms.map(Duration::from_millis);
+                // `Retry-After: 0` is read as none: taken as said, no
+                // pause, and a rate limit spends no attempt, so the remote
+                // was asked again within moments, for ever.
+                let after = limit
+                    .retry_after_ms
+                    .filter(|ms| *ms > 0)
+                    .map(Duration::from_millis);
                 // Without a Retry-After (a daily API limit, an HTTP-date),
                 // the connector rests for a backoff that grows with the
                 // rate limits in a row (until a call succeeds), and so

@@ -735,11 +735,25 @@ async fn an_update_refused_while_its_customer_is_locked_is_retried_as_the_same_r
 /// nothing paused and every push spent attempts on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_without_retry_after_pauses_the_connector() {
+    a_rate_limit_pauses_the_connector(Fault::stripe_error(
+        429,
+        "rate_limit_error",
+        "Too many requests",
+    ))
+    .await;
+}
+
+/// `Retry-After: 0` is read as none: taken as said, the connector was
+/// never paused and a throttled remote was asked again within moments,
+/// for ever (a rate limit spends no attempt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_with_a_zero_retry_after_pauses_the_connector() {
+    a_rate_limit_pauses_the_connector(Fault::rate_limited(0)).await;
+}
+
+async fn a_rate_limit_pauses_the_connector(fault: Fault) {
     let h = harness(json!({"sync_backoff_base": "4s", "sync_backoff_max": "4s"})).await;
-    h.proxy.push(
-        Match::request("POST", "/v1/customers"),
-        Fault::stripe_error(429, "rate_limit_error", "Too many requests"),
-    );
+    h.proxy.push(Match::request("POST", "/v1/customers"), fault);
     let customer = h.app.create(json!({"email": email("limited-plain")})).await;
     let id = customer["id"].as_str().unwrap();
     h.app
