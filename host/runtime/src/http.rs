@@ -274,10 +274,15 @@ impl CallState {
         }
     }
 
-    /// Replaces any secret or token the remote echoed with its placeholder.
+    /// Replaces any secret or token the remote echoed with its placeholder:
+    /// every token the connector obtained, not only this call's (one
+    /// cached by an earlier call, or replaced by a newer grant while still
+    /// valid, came back in clear to a call that never asked for it).
     fn redact(&self, data: &mut Vec<u8>) {
         policy::redact_secrets(data, self.secrets());
         policy::redact_tokens(data, &self.tokens);
+        let issued = self.connector.tokens.issued();
+        policy::redact_tokens(data, issued.iter().map(|(name, value)| (name, value)));
     }
 }
 

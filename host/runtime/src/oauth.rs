@@ -44,7 +44,14 @@ const SECRET_FIELDS: &[&str] = &["access_token", "refresh_token", "id_token"];
 pub(crate) struct TokenCache {
     slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
     generations: AtomicU64,
+    /// The newest token values obtained, by name, oldest first (at most
+    /// [`MAX_ISSUED`]): what every call's responses are scrubbed of.
+    issued: Mutex<Vec<(String, SecretString)>>,
 }
+
+/// How many token values the cache keeps for redaction: two for each name
+/// it can hold (a replaced token may still be valid at the remote).
+const MAX_ISSUED: usize = 2 * MAX_TOKENS;
 
 /// How many named tokens one loaded connector may keep. The cache lives as
 /// long as the connector, across calls: without a bound a guest naming a
@@ -73,6 +80,23 @@ impl TokenCache {
     fn existing(&self, name: &str) -> Option<Arc<tokio::sync::Mutex<Option<Cached>>>> {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.get(name).cloned()
+    }
+
+    /// Notes a token obtained under `name`, to scrub it from responses.
+    fn remember(&self, name: &str, value: &SecretString) {
+        let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+        if issued.len() == MAX_ISSUED {
+            issued.remove(0);
+        }
+        issued.push((name.to_owned(), value.clone()));
+    }
+
+    /// The token values obtained, by name: see [`TokenCache::remember`].
+    pub(crate) fn issued(&self) -> Vec<(String, SecretString)> {
+        self.issued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn next_generation(&self) -> u64 {
@@ -246,8 +270,14 @@ fn parse_token(
     generation: u64,
     grant: [u8; 32],
 ) -> Result<Cached, ConnectorError> {
+    // Where, not what: serde's message quotes the value it met (a bare
+    // string answer, an echoed client secret in it).
     let mut fields: Map<String, Value> = serde_json::from_slice(body).map_err(|e| {
-        ConnectorError::Permanent(format!("token response is not a JSON object: {e}"))
+        ConnectorError::Permanent(format!(
+            "token response is not a JSON object (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
     })?;
     let value = match fields.get("access_token") {
         Some(Value::String(token)) if !token.is_empty() => SecretString::from(token.clone()),
@@ -383,6 +413,7 @@ impl Host for CallState {
         tracing::info!(connector = %self.connector.name, token = %name, generation,
             "obtained an OAuth token");
         let info = token.info();
+        self.connector.tokens.remember(&name, &token.value);
         self.tokens.insert(name, token.value.clone());
         *cached = Some(token);
         Ok(info)
@@ -487,6 +518,36 @@ mod tests {
         assert_eq!(slots, MAX_TOKENS, "invalidating makes no slot");
         assert!(check_name(&"a".repeat(MAX_TOKEN_NAME)).is_ok());
         assert!(check_name(&"a".repeat(MAX_TOKEN_NAME + 1)).is_err());
+    }
+
+    /// A token answer that is not an object is refused without quoting it:
+    /// serde's message carried a bare string's text (an echoed client
+    /// secret) into the guest's error, logs and dead letters.
+    #[test]
+    fn a_token_answer_that_is_no_object_is_not_quoted() {
+        let Err(error) = parse_token(br#""cs_echoed_client_secret""#, &issued(), 1, [0; 32]) else {
+            panic!("a bare string is no token answer");
+        };
+        assert!(!format!("{error:?}").contains("cs_echoed"), "{error:?}");
+    }
+
+    /// Every token the connector obtained is kept for redaction, the
+    /// newest two per name the cache holds, whichever call obtained them.
+    #[test]
+    fn the_cache_keeps_the_tokens_to_scrub() {
+        let cache = TokenCache::default();
+        for n in 0..(MAX_ISSUED + 3) {
+            cache.remember("api", &SecretString::from(format!("token-{n:04}")));
+        }
+        let issued = cache.issued();
+        assert_eq!(issued.len(), MAX_ISSUED);
+        assert_eq!(
+            issued.last().map(|(_, v)| v.expose_secret().to_owned()),
+            Some(format!("token-{:04}", MAX_ISSUED + 2))
+        );
+        let mut body = b"echo token-0034 and token-0002".to_vec();
+        policy::redact_tokens(&mut body, issued.iter().map(|(n, v)| (n, v)));
+        assert_eq!(body, b"echo {{token:api}} and token-0002");
     }
 
     #[test]

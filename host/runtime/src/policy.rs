@@ -38,7 +38,14 @@ impl DeclaredHost {
     /// Parses a manifest `hosts` entry, `host` or `host:port`, nothing else.
     pub(crate) fn from_manifest_entry(entry: &str) -> Result<Self, String> {
         let invalid = || format!("`{entry}` is not a host name or host:port");
-        if entry.is_empty() || entry.contains(['/', '?', '#', '@', '*']) || entry.contains("://") {
+        // Nor what the URL parser reads otherwise than it shows: `\` ends
+        // the host, `%2E` decodes to a dot, tabs and line breaks vanish
+        // (`evil.com\.api.stripe.com` declared `evil.com`).
+        if entry.is_empty()
+            || entry.contains(['/', '?', '#', '@', '*', '\\', '%'])
+            || entry.contains(|c: char| c.is_whitespace() || c.is_control())
+            || entry.contains("://")
+        {
             return Err(invalid());
         }
         let url = Url::parse(&format!("https://{entry}")).map_err(|_| invalid())?;
@@ -473,9 +480,20 @@ fn is_name_byte(c: &u8) -> bool {
 /// webhook body of 30,000 `{{secret:`, signed or not, held a worker thread
 /// for seconds before its signature was checked.
 fn placeholder_name_len(after_open: &[u8]) -> Option<usize> {
-    let len = after_open.iter().take_while(|c| is_name_byte(c)).count();
-    (len > 0 && after_open[len..].starts_with(PLACEHOLDER_CLOSE)).then_some(len)
+    let len = after_open
+        .iter()
+        .take(MAX_PLACEHOLDER_NAME + 1)
+        .take_while(|c| is_name_byte(c))
+        .count();
+    (len > 0 && len <= MAX_PLACEHOLDER_NAME && after_open[len..].starts_with(PLACEHOLDER_CLOSE))
+        .then_some(len)
 }
+
+/// The longest name a placeholder can hold: that of a secret a manifest
+/// declares, or of a token a call obtains. Longer runs are plain text:
+/// kept whole, a remote's answers of megabytes each grew the call's set
+/// of data placeholders to gigabytes on the host.
+const MAX_PLACEHOLDER_NAME: usize = 64;
 
 /// Whether `input` holds anything that looks like a secret placeholder.
 pub(crate) fn has_placeholder(input: &[u8]) -> bool {
@@ -497,12 +515,20 @@ pub(crate) fn redact_secrets(data: &mut Vec<u8>, values: &BTreeMap<String, Secre
     redact(data, values, "secret");
 }
 
-/// Like [`redact_secrets`], for the OAuth tokens a call holds.
-pub(crate) fn redact_tokens(data: &mut Vec<u8>, tokens: &BTreeMap<String, SecretString>) {
+/// Like [`redact_secrets`], for OAuth tokens, by name (one name may
+/// come with several values: those a connector obtained under it).
+pub(crate) fn redact_tokens<'a>(
+    data: &mut Vec<u8>,
+    tokens: impl IntoIterator<Item = (&'a String, &'a SecretString)>,
+) {
     redact(data, tokens, "token");
 }
 
-fn redact(data: &mut Vec<u8>, values: &BTreeMap<String, SecretString>, kind: &str) {
+fn redact<'a>(
+    data: &mut Vec<u8>,
+    values: impl IntoIterator<Item = (&'a String, &'a SecretString)>,
+    kind: &str,
+) {
     for (name, value) in values {
         let value = value.expose_secret().as_bytes();
         if value.len() < MIN_REDACTED_LEN {
@@ -939,6 +965,27 @@ mod tests {
         assert_eq!(out.len(), flood.len() - "{{secret:api_key}}".len() + 14);
     }
 
+    /// A name longer than any a secret or token can have is no
+    /// placeholder: kept whole, megabytes of it were held for the call.
+    #[test]
+    fn names_longer_than_a_declared_one_are_no_placeholders() {
+        let longest = format!("{{{{secret:{}}}}}", "a".repeat(64));
+        assert_eq!(
+            placeholders_in(longest.as_bytes()),
+            vec![longest.clone().into_bytes()]
+        );
+        let longer = format!(
+            "{{{{secret:{}}}}} {{{{token:{}}}}}",
+            "a".repeat(65),
+            "b".repeat(100_000)
+        );
+        assert!(placeholders_in(longer.as_bytes()).is_empty());
+        let declared = vec!["api_key".to_owned()];
+        let out =
+            substitute_secrets(longer.as_bytes(), &declared, &secrets(), &BTreeSet::new()).unwrap();
+        assert_eq!(out, longer.as_bytes(), "sent as written");
+    }
+
     #[test]
     fn substitutes_tokens_obtained_in_the_call_only() {
         let tokens = BTreeMap::from([("api".to_owned(), SecretString::from("00Dtoken!abc"))]);
@@ -1040,6 +1087,11 @@ mod tests {
             "*.stripe.com",
             "",
             "a b",
+            // Read by the URL parser as another host than shown.
+            "evil.com\\.api.stripe.com",
+            "api.stripe.com%2Eevil.com",
+            "api.stripe.com\t.evil.com",
+            "api.stripe.com\n.evil.com",
         ] {
             assert!(DeclaredHost::from_manifest_entry(bad).is_err(), "{bad}");
         }

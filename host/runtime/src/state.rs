@@ -190,6 +190,12 @@ impl WasiView for CallState {
     }
 }
 
+/// The most random bytes a guest gets in one call of `get-random-bytes`
+/// (Rust's std asks for 16 or 32): WASI's default of 64 MiB had the host
+/// allocate and fill that much for each call, outside the guest's memory
+/// cap, in one step no deadline interrupts.
+const MAX_RANDOM_BYTES: u64 = 64 * 1024;
+
 /// WASI with nothing in it. Rust's std imports `wasi:*` even in a guest that
 /// never uses it, so the interfaces must be linked, but they grant nothing:
 /// no preopened directories, no environment, no arguments, no stdin, no
@@ -209,6 +215,7 @@ fn deny_all_wasi(connector: Arc<str>, lines: Arc<AtomicU32>) -> WasiCtx {
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
+        .max_random_size(MAX_RANDOM_BYTES)
         .build()
 }
 

@@ -444,6 +444,24 @@ async fn endless_wasi_handles_fail_that_call_only() {
     assert_healthy(&connector, &cfg).await;
 }
 
+/// `get-random-bytes` makes at most 64 KiB at once: at WASI's default of
+/// 64 MiB, a guest had the host allocate and fill that much per call,
+/// outside its memory cap and beyond the reach of its deadline.
+#[tokio::test]
+async fn random_bytes_are_bounded() {
+    let runtime = Runtime::new(config()).unwrap();
+    let connector = load(&runtime).await;
+    let cfg = connector_config(&[]);
+    let report = push_report(&connector, &cfg, json!({"do": "random", "len": 65_536})).await;
+    assert_eq!(report["random"], 65_536, "a guest's ordinary use fits");
+    let err = connector
+        .push(&cfg, instruction(json!({"do": "random", "len": 1 << 20})))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CallError::Trap(_)), "{err:?}");
+    assert_healthy(&connector, &cfg).await;
+}
+
 #[tokio::test]
 async fn a_trap_fails_that_call_only() {
     let runtime = Runtime::new(config()).unwrap();

@@ -169,6 +169,10 @@ impl Guest for Hostile {
                 }
                 report(json!({ "held": count }))
             }
+            "random" => {
+                let len = instruction["len"].as_u64().unwrap_or(16);
+                report(json!({ "random": random_bytes(len) }))
+            }
             other => Err(ConnectorError::Unsupported(format!(
                 "unknown instruction `{other}`"
             ))),
@@ -230,6 +234,28 @@ fn subscribe_duration(nanos: u64) -> i32 {
 #[cfg(not(target_arch = "wasm32"))]
 fn subscribe_duration(_nanos: u64) -> i32 {
     0
+}
+
+// WASI's `get-random-bytes`, imported by hand like the timer: how many
+// bytes a guest may ask the host to make at once is the sandbox's to bound.
+#[cfg(target_arch = "wasm32")]
+fn random_bytes(len: u64) -> usize {
+    #[link(wasm_import_module = "wasi:random/random@0.2.0")]
+    extern "C" {
+        #[link_name = "get-random-bytes"]
+        fn get_random_bytes(len: i64, ret: *mut usize);
+    }
+    let mut ret = [0usize; 2];
+    // SAFETY: the canonical ABI writes the list's pointer and length to
+    // `ret`, allocating the list through this module's `cabi_realloc`; the
+    // list is deliberately leaked.
+    unsafe { get_random_bytes(len as i64, ret.as_mut_ptr()) };
+    ret[1]
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn random_bytes(len: u64) -> usize {
+    len as usize
 }
 
 /// Recurses until the stack runs out; the result is never reached.
