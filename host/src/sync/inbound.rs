@@ -161,10 +161,14 @@ struct ClaimFloor {
 }
 
 impl ClaimFloor {
-    /// The `from_ms` of a claim made now (unix ms).
+    /// The `from_ms` of a claim made now (unix ms). A clock stepped back
+    /// sweeps: the floor, read on the clock before the step, may lie past
+    /// `now`, and every claim until the clock caught up was empty.
     fn next(&mut self, now: i64) -> i64 {
         match self.swept_at_ms {
-            Some(at) if now - at < CLAIM_SWEEP_EVERY_MS => self.from_ms,
+            Some(at) if (0..CLAIM_SWEEP_EVERY_MS).contains(&(now.saturating_sub(at))) => {
+                self.from_ms
+            }
             _ => {
                 self.swept_at_ms = Some(now);
                 i64::MIN
@@ -2084,6 +2088,12 @@ mod tests {
         assert_eq!(floor.next(now + CLAIM_SWEEP_EVERY_MS - 1), from);
         assert_eq!(floor.next(now + CLAIM_SWEEP_EVERY_MS), i64::MIN);
         assert_eq!(floor.next(now + CLAIM_SWEEP_EVERY_MS + 1), from);
+        // The clock stepped back ten minutes: a sweep, not a floor past
+        // now until the clock catches up.
+        let back = now - 600_000;
+        assert_eq!(floor.next(back), i64::MIN);
+        floor.claimed(back - 5);
+        assert_eq!(floor.next(back + 1), back - 5 - CLAIM_FLOOR_MARGIN_MS);
     }
 
     #[test]
