@@ -47,7 +47,7 @@ pub struct WebhookReceipt {
         (status = 400, description = "Signature or payload refused", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown or disabled connector", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The connector failed, or ferry holds as many webhook bodies as it may; retry", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The connector failed (`connector_failed`), every instance of it was busy (`runtime_busy`), or ferry holds as many webhook bodies as it may (`webhooks_busy`); retry", body = Problem, content_type = "application/problem+json"),
     ),
 )]
 pub async fn receive(
@@ -129,6 +129,14 @@ pub async fn receive(
                 "verified webhook refused: the connector cannot parse it; the sender will retry"
             );
             return Err(ApiError::InvalidWebhook(message));
+        }
+        // Every instance of the connector busy (slow pushes, a burst), or
+        // ferry's own pacing held the call back: ferry is saturated, the
+        // connector is not broken. The sender retries, paced.
+        Err(error @ CallError::Throttled { .. }) => {
+            crate::metrics::webhook_verification(&name, "busy");
+            tracing::debug!(connector = %name, %error, "webhook not processed: ferry is busy; the sender will retry");
+            return Err(ApiError::RuntimeBusy);
         }
         // The connector broke (trap, deadline, a retryable error of its
         // own): the sender must retry, and the host stays up.

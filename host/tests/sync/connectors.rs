@@ -126,6 +126,43 @@ async fn recorder_webhook(client: &reqwest::Client, base: &str, id: &str) -> (u1
     }
 }
 
+/// A webhook that finds every instance of its connector busy is answered
+/// 503 `runtime_busy` with a Retry-After: before, it was a connector
+/// failure (`connector_failed`, counted `failed`, a warning each) while
+/// ferry itself was saturated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_finding_every_instance_busy_is_answered_busy() {
+    let remote = RecorderRemote::start().await;
+    let mut setup = setup(Backend::Sqlite);
+    setup.extra = json!({"sync_concurrency": 1, "connector_max_instances": 1,
+        "connector_call_timeout": "6s", "sync_lease": "30s"});
+    let app = spawn_sync_app(setup).await;
+    install_recorder(&app, &remote).await;
+    remote.delay_writes(Duration::from_secs(5));
+    app.create(json!({"email": format!("{}@example.com", uuid()), "name": "Slow"}))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while remote.writes_at_once() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the push never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let response = app
+        .client
+        .post(format!("{}/webhooks/recorder", app.base))
+        .json(&json!({"id": uuid(), "remote_id": "rec_busy",
+            "record": {"email": format!("{}@example.com", uuid()), "name": "Busy"}}))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status().as_u16(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let problem: Value = response.json().await.expect("problem+json");
+    assert_eq!(problem["code"], "runtime_busy", "{problem}");
+}
+
 /// Uploads the recorder and enables it against `remote`.
 async fn install_recorder(app: &SyncApp, remote: &RecorderRemote) {
     let (status, version) = upload(app, recorder(), "").await;
