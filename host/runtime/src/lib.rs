@@ -203,7 +203,7 @@ pub const MAX_REPLY_BYTES: usize = 64 * 1024;
 /// Why a connector's reply to a webhook cannot be sent, if it cannot: a
 /// body over [`MAX_REPLY_BYTES`] (a small delivery answered with as much
 /// as the guest's memory made ferry an amplifier), or a content type over
-/// [`MAX_ID_BYTES`]. ferry refuses the delivery as it refuses events it
+/// [`MAX_ID_BYTES`] or not visible ASCII. ferry refuses the delivery as it refuses events it
 /// cannot store (503, the sender keeps it); the SDK's test kit fails the
 /// call.
 pub fn reply_problem(reply: Option<&WebhookReply>) -> Option<String> {
@@ -217,6 +217,15 @@ pub fn reply_problem(reply: Option<&WebhookReply>) -> Option<String> {
         Some(format!(
             "a reply content type longer than {MAX_ID_BYTES} bytes"
         ))
+    } else if !reply
+        .content_type
+        .bytes()
+        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+    {
+        // Not a header value: the reply went out with no content type, and
+        // a sender that then did not take it as an acknowledgement
+        // delivered the events again for a day.
+        Some("a reply content type that is not visible ASCII".to_owned())
     } else {
         None
     }
@@ -1596,6 +1605,16 @@ mod tests {
             .is_some_and(|p| p.contains("more than")));
         assert!(reply_problem(Some(&reply(10, &"x".repeat(256))))
             .is_some_and(|p| p.contains("content type")));
+        for odd in ["text/xml\r\nX-Injected: 1", "text/xml; charset=\u{e9}"] {
+            assert!(
+                reply_problem(Some(&reply(10, odd))).is_some_and(|p| p.contains("content type")),
+                "{odd:?}"
+            );
+        }
+        assert_eq!(
+            reply_problem(Some(&reply(10, "text/xml; charset=utf-8"))),
+            None
+        );
     }
 
     #[test]

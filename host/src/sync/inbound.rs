@@ -579,6 +579,11 @@ impl SyncEngine {
         claimed: Vec<InboxEvent>,
         cancel: Option<&CancellationToken>,
     ) {
+        // An idle poll claims nothing: no batch read (on PostgreSQL a round
+        // trip with empty arrays, several a second).
+        if claimed.is_empty() {
+            return;
+        }
         let mut groups: Vec<Vec<InboxEvent>> = Vec::new();
         let mut index: HashMap<(String, String), usize> = HashMap::new();
         for event in claimed {
@@ -1817,8 +1822,13 @@ impl SyncEngine {
     ) -> Result<Option<InboundOutcome>, Failure> {
         let at_ms = now_ms() + HELD_RECHECK_MS;
         let finish = InboxFinish::Held { conflict, at_ms };
-        self.inner.store.finish_inbox(event, finish).await?;
-        Ok(Some(InboundOutcome::Deferred))
+        Ok(Some(
+            if self.inner.store.finish_inbox(event, finish).await? {
+                InboundOutcome::Deferred
+            } else {
+                InboundOutcome::LeaseLost
+            },
+        ))
     }
 
     async fn inbound_failed(&self, event: &InboxEvent, failure: Failure) -> InboundOutcome {
