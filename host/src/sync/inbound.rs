@@ -1080,7 +1080,7 @@ impl SyncEngine {
                     }
                     DuplicateEmail::AutoRename => {
                         fields.email =
-                            renamed_email(&fields.email, &event.connector, &event.remote_id);
+                            checked_rename(&fields.email, &event.connector, &event.remote_id)?;
                         detail_prefix = format!("email rewritten to {}; ", fields.email);
                     }
                     DuplicateEmail::Merge => {
@@ -1304,7 +1304,7 @@ impl SyncEngine {
             }
             DuplicateEmail::AutoRename => {
                 let mut fields = fields_of(&remote).map_err(Failure::Permanent)?;
-                fields.email = renamed_email(&fields.email, &event.connector, &event.remote_id);
+                fields.email = checked_rename(&fields.email, &event.connector, &event.remote_id)?;
                 let detail = format!(
                     "created with the email rewritten to {}: {what}",
                     fields.email
@@ -2019,13 +2019,18 @@ pub fn renamed_email(email: &str, connector: &str, remote_id: &str) -> String {
         Some((local, domain)) => (local, Some(domain)),
         None => (email, None),
     };
+    // Within the whole address's bound too: a long domain left a local
+    // part of 64 bytes making an address the API refuses.
+    let max_local = domain.map_or(MAX_LOCAL, |domain| {
+        MAX_LOCAL.min(crate::runtime::customer::MAX_EMAIL.saturating_sub(1 + domain.len()))
+    });
     let mut tag = email_tag(connector, remote_id);
-    if local.len() + 1 + tag.len() > MAX_LOCAL {
+    if local.len() + 1 + tag.len() > max_local {
         use sha2::Digest;
         let digest = sha2::Sha256::digest(format!("{connector}\0{remote_id}"));
         tag = format!("dup-{}", &hex::encode(digest)[..12]);
     }
-    let mut keep = MAX_LOCAL.saturating_sub(1 + tag.len()).min(local.len());
+    let mut keep = max_local.saturating_sub(1 + tag.len()).min(local.len());
     while !local.is_char_boundary(keep) {
         keep -= 1;
     }
@@ -2034,6 +2039,20 @@ pub fn renamed_email(email: &str, connector: &str, remote_id: &str) -> String {
         Some(domain) => format!("{local}+{tag}@{domain}"),
         None => format!("{local}+{tag}"),
     }
+}
+
+/// [`renamed_email`], refused when no rewrite of it fits an address's
+/// 254 bytes (a domain of more than 236): stored, it was an email the API
+/// refuses.
+fn checked_rename(email: &str, connector: &str, remote_id: &str) -> Result<String, Failure> {
+    let renamed = renamed_email(email, connector, remote_id);
+    if renamed.len() > crate::runtime::customer::MAX_EMAIL {
+        return Err(Failure::Permanent(format!(
+            "the email {email} cannot be rewritten apart within {} bytes (duplicate_email policy auto_rename)",
+            crate::runtime::customer::MAX_EMAIL
+        )));
+    }
+    Ok(renamed)
 }
 
 /// `dup-{connector}-{remote_id}`, in the characters a local part takes.
@@ -2053,6 +2072,27 @@ fn email_tag(connector: &str, remote_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A long domain shortens the local part so the whole address stays
+    /// within 254 bytes; one too long for any rewrite is refused.
+    #[test]
+    fn a_renamed_email_fits_the_whole_address() {
+        let labels = |n: usize| vec!["d".repeat(50); n].join(".");
+        let domain = format!("{}.example.com", labels(4));
+        let email = format!("{}@{domain}", "a".repeat(35));
+        let renamed = renamed_email(&email, "stripe", "cus_1");
+        assert!(
+            renamed.len() <= crate::runtime::customer::MAX_EMAIL,
+            "{renamed}"
+        );
+        assert!(
+            crate::runtime::customer::is_valid_email(&renamed),
+            "{renamed}"
+        );
+        assert_ne!(renamed, renamed_email(&email, "stripe", "cus_2"));
+        let longer = format!("a@{}.example.com", labels(5));
+        assert!(checked_rename(&longer, "stripe", "cus_1").is_err());
+    }
 
     /// A renamed address stays one the API accepts, however long the
     /// remote's local part or id.
