@@ -72,7 +72,7 @@ impl ConnectorError {
         } else {
             format!("remote answered HTTP {status}: {detail}")
         };
-        let wait = retry_after.and_then(|value| parse_retry_after_ms(value, crate::clock::now_ms));
+        let wait = retry_after.and_then(retry_after_ms);
         Some(match status {
             100..=299 | 304 => return None,
             300..=399 => Self::permanent(format!(
@@ -112,9 +112,14 @@ impl ConnectorError {
 
 /// `Retry-After` as milliseconds to wait: delta-seconds, or an HTTP date
 /// (`Wed, 21 Oct 2026 07:28:00 GMT`, a maintenance window's end) less
-/// `now_ms` (asked only for a date). A date already past, or a value that
+/// the time now. A date already past, or a value that
 /// is neither, yields `None`, which lets the host fall back to its own
 /// backoff.
+pub(crate) fn retry_after_ms(value: &str) -> Option<u64> {
+    parse_retry_after_ms(value, crate::clock::now_ms)
+}
+
+/// [`retry_after_ms`] against the clock `now_ms` (asked only for a date).
 fn parse_retry_after_ms(value: &str, now_ms: impl FnOnce() -> i64) -> Option<u64> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {

@@ -193,6 +193,15 @@ impl Response {
         header(&self.headers, name)
     }
 
+    /// `Retry-After` as milliseconds to wait, read as
+    /// [`ConnectorError::from_status`](crate::ConnectorError::from_status)
+    /// reads it: delta-seconds or an HTTP date (a maintenance window's
+    /// end); `None` without one, or for a date already past.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        self.header("retry-after")
+            .and_then(crate::errors::retry_after_ms)
+    }
+
     /// Whether the status is 2xx.
     pub fn is_success(&self) -> bool {
         (200..300).contains(&self.status)

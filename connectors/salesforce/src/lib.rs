@@ -376,12 +376,30 @@ fn push(config: &Config, req: &PushRequest) -> Result<PushResult, ConnectorError
             if body.is_empty() {
                 return Ok(written(config, id.to_owned(), &fields));
             }
-            let body = Value::Object(body);
-            config.call(|base, token| {
-                Request::patch(config.record_url(base, id))
-                    .bearer_token(token)
-                    .json(&body)
-            })?;
+            let patch = |body: &Map<String, Value>| {
+                config.call(|base, token| {
+                    Request::patch(config.record_url(base, id))
+                        .bearer_token(token)
+                        .json(body)
+                })
+            };
+            match (patch(&body), &config.external_id_field) {
+                // Another record holds the external id (the Contact this
+                // customer was linked to before a merge or relink, in the
+                // Recycle Bin or alive): the stamp is a convenience, the
+                // change is the point. Refused for good, every later
+                // change of the customer was dead-lettered.
+                (Err(ConnectorError::Permanent(message)), Some(field))
+                    if duplicate_value_of(&message, field) =>
+                {
+                    body.remove(field);
+                    fields.remove(field);
+                    patch(&body)?;
+                }
+                (sent, _) => {
+                    sent?;
+                }
+            }
             Ok(written(config, id.to_owned(), &fields))
         }
         Operation::Delete => {
@@ -392,6 +410,16 @@ fn push(config: &Config, req: &PushRequest) -> Result<PushResult, ConnectorError
             Ok(PushResult::new(id))
         }
     }
+}
+
+/// Whether Salesforce refused a write as a `DUPLICATE_VALUE` of `field`
+/// (the unique external id). Salesforce names the field as the org spells
+/// it; the setting may spell it otherwise (API names ignore case).
+fn duplicate_value_of(message: &str, field: &str) -> bool {
+    message.contains("DUPLICATE_VALUE")
+        && message
+            .to_ascii_lowercase()
+            .contains(&field.to_ascii_lowercase())
 }
 
 /// A record read with its configuration loaded.
@@ -708,9 +736,7 @@ impl Config {
                 // the Recycle Bin does (Salesforce's unique checks count
                 // it), and every retry and replay meets it until it is
                 // undeleted or purged, which a person must choose.
-                ConnectorError::Permanent(message)
-                    if message.contains("DUPLICATE_VALUE") && message.contains(field) =>
-                {
+                ConnectorError::Permanent(message) if duplicate_value_of(&message, field) => {
                     match held_by() {
                         Ok(_) => ConnectorError::retryable(message),
                         Err(ConnectorError::NotFound(_)) => ConnectorError::permanent(format!(
@@ -843,10 +869,8 @@ fn api_error(resp: &Response) -> ConnectorError {
     };
     let message = format!("Salesforce answered HTTP {}: {detail}", resp.status);
     let code = errors.first().map(|e| e.error_code.as_str()).unwrap_or("");
-    let retry_after = resp
-        .header("retry-after")
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|secs| secs.saturating_mul(1000));
+    // Seconds or an HTTP date (a maintenance window's end).
+    let retry_after = resp.retry_after_ms();
     match code {
         "REQUEST_LIMIT_EXCEEDED" => {
             let retry_after = retry_after

@@ -757,6 +757,50 @@ async fn an_upsert_that_raced_its_own_first_attempt_is_retried() {
     ));
 }
 
+/// An update stamps the external id; when another record holds it (the
+/// Contact the customer was linked to before a merge or a relink, in the
+/// Recycle Bin or alive), the change goes without the stamp. Before, the
+/// refusal was permanent and every later change of the customer was
+/// dead-lettered. The setting's spelling of the field need not match the
+/// org's.
+#[tokio::test]
+async fn an_update_whose_external_id_another_record_holds_goes_without_it() {
+    let kit = kit().await.setting("external_id_field", "ferry_id__c");
+    script_tokens(&kit, &["tok-1"]);
+    kit.http()
+        .on("PATCH", &format!("{CONTACTS}/003B"))
+        .respond_json(
+            400,
+            &sf_error(
+                "DUPLICATE_VALUE",
+                "duplicate value found: Ferry_Id__c duplicates value on record with id: 003A",
+                &[],
+            ),
+        )
+        .respond(204, &[], "");
+    let mut update = linked(Operation::Update, "003B");
+    let mut record: Value = serde_json::from_str(&update.record).unwrap();
+    record["changed_fields"] = json!(["email"]);
+    update.record = record.to_string();
+    let result = kit.push(update).await.expect("update");
+    let patches: Vec<Value> = kit
+        .http()
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .map(|r| serde_json::from_str(&r.body_text()).unwrap())
+        .collect();
+    assert_eq!(
+        patches,
+        [
+            json!({"Email": "ada@example.com", "ferry_id__c": "c1"}),
+            json!({"Email": "ada@example.com"}),
+        ]
+    );
+    let record: Value = serde_json::from_str(result.record.as_deref().expect("record")).unwrap();
+    assert_eq!(record["email"], "ada@example.com", "{record}");
+}
+
 /// Salesforce answers a mistyped `object`, an API version newer than the
 /// org runs, or an object the integration user cannot see with the same
 /// 404 `NOT_FOUND` as a record that is not there. Read as the record gone,
