@@ -113,6 +113,14 @@ async fn run<C: Committer>(
                 gather(&mut queue, &mut batch, writers, patience).await;
             }
         }
+        // A writer that stopped waiting while its write queued (its
+        // request timed out and was answered that nothing was written, or
+        // its client left) is not committed behind its back: a create the
+        // client retried met its own customer as `email_taken`.
+        batch.retain(|(_, waiter)| !waiter.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         metrics::histogram!("ferry_group_commit_size", "writes" => C::NAME)
             .record(batch.len() as f64);
         let (writes, waiting): (Vec<C::Write>, Vec<_>) = batch.drain(..).unzip();
@@ -381,6 +389,25 @@ mod tests {
         // Gathering, the three wait for the first; the last group is the
         // three whose sixth write is left, after waiting for the first.
         assert_eq!(four_writers::<true>().await, [1, 4, 4, 4, 4, 4, 3]);
+    }
+
+    /// A write whose writer stopped waiting while it queued behind
+    /// another group is not committed: its request was answered 408,
+    /// nothing written.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_whose_writer_left_while_queued_is_not_committed() {
+        let groups = Groups::default();
+        let queue = Arc::new(GroupCommit::start(Recorder::<false>(groups.clone()), 1));
+        let first = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.submit(0).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let left = tokio::time::timeout(Duration::from_millis(1), queue.submit(1)).await;
+        assert!(left.is_err(), "gave up while group 0 committed");
+        queue.submit(2).await.expect("committed");
+        first.await.expect("writer").expect("committed");
+        assert_eq!(*groups.lock().unwrap(), [vec![0], vec![2]]);
     }
 
     #[tokio::test(start_paused = true)]
