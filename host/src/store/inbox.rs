@@ -442,13 +442,11 @@ impl Store {
         let at = now();
         let stored = super::inbound_batch::store_inbox(self, deliveries, at).await?;
         if stored.iter().any(|n| *n > 0) {
+            // With a bus the relay's inbox loop publishes them first (woken
+            // by `stored_inbox`; its changes loop has nothing to do with
+            // them); the inbox loop applies them.
             self.stored_inbox();
-            // The inbox loop applies them; with a bus the relay publishes
-            // them first.
             self.committed_inbox();
-            if self.inbox_bus {
-                self.committed_outbox();
-            }
         }
         Ok(stored)
     }
