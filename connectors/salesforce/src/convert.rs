@@ -268,8 +268,10 @@ impl FieldMap {
         current: &Map<String, Value>,
         name: Option<&str>,
     ) -> Option<Map<String, Value>> {
+        // The name as the parts read back, exactly: one they hold with
+        // other spacing is written again (whole, see `split_name`).
         let held = self.customer_from("", current).name?;
-        if !held.split_whitespace().eq(name?.split_whitespace()) {
+        if held != name? {
             return None;
         }
         let by_lower: BTreeMap<String, &Value> = current
@@ -365,9 +367,19 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
-/// `(first, last)`: the last whitespace-separated word is the last name.
+/// `(first, last)`: the last space-separated word is the last name. A
+/// name that reading the two back (joined by one space) would not give
+/// again (two spaces in a row, a no-break or ideographic space between
+/// words) goes whole into the last name: split, it read back changed, and
+/// never matched ferry's again (every update wrote it, every
+/// reconciliation found it different, and taking Salesforce's side
+/// rewrote the name everywhere).
 fn split_name(name: Option<&str>) -> (Option<String>, Option<String>) {
-    let words: Vec<&str> = name.unwrap_or_default().split_whitespace().collect();
+    let name = name.unwrap_or_default();
+    let words: Vec<&str> = name.split_whitespace().collect();
+    if words.len() > 1 && words.join(" ") != name {
+        return (None, Some(name.to_owned()));
+    }
     match words.split_last() {
         None => (None, None),
         Some((last, [])) => (None, Some((*last).to_owned())),
@@ -582,9 +594,21 @@ mod tests {
     #[test]
     fn names_split_on_the_last_word_and_last_name_is_never_empty() {
         let map = FieldMap::default();
-        let body = map.to_sobject(&customer(Some("Ada  King Lovelace"), None), false);
+        let body = map.to_sobject(&customer(Some("Ada King Lovelace"), None), false);
         assert_eq!(body["FirstName"], "Ada King");
         assert_eq!(body["LastName"], "Lovelace");
+        // Spacing the parts could not give back goes whole, and reads back
+        // as written.
+        for name in [
+            "Ada  King Lovelace",
+            "山田\u{3000}太郎",
+            "Ada\u{a0}Lovelace",
+        ] {
+            let body = map.to_sobject(&customer(Some(name), None), false);
+            assert_eq!(body.get("FirstName"), None, "{name:?}");
+            assert_eq!(body["LastName"], name);
+            assert_eq!(map.customer_from("003A", &body).name.as_deref(), Some(name));
+        }
         let body = map.to_sobject(&customer(Some("Cher"), None), false);
         assert_eq!(body.get("FirstName"), None);
         assert_eq!(body["LastName"], "Cher");
@@ -617,14 +641,19 @@ mod tests {
         let held = json!({"FirstName": "Ludwig", "lastname": "van Beethoven"});
         let held = held.as_object().unwrap();
         let kept = map
-            .name_parts_to_keep(held, Some("Ludwig  van Beethoven"))
+            .name_parts_to_keep(held, Some("Ludwig van Beethoven"))
             .expect("the parts make up the name");
         assert_eq!(
             Value::Object(kept),
             json!({"FirstName": "Ludwig", "LastName": "van Beethoven"})
         );
-        // A new name is split again; no name keeps nothing.
+        // A new name is split again, as is one the parts give back with
+        // other spacing; no name keeps nothing.
         assert_eq!(map.name_parts_to_keep(held, Some("Ludwig Beethoven")), None);
+        assert_eq!(
+            map.name_parts_to_keep(held, Some("Ludwig  van Beethoven")),
+            None
+        );
         assert_eq!(map.name_parts_to_keep(held, None), None);
         let only_last = json!({"FirstName": null, "LastName": "Cher"});
         let kept = map
