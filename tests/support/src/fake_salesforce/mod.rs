@@ -259,7 +259,13 @@ impl StoredRecord {
             "IsDeleted" => Value::Bool(self.deleted),
             "CreatedDate" => Value::String(self.created.clone()),
             "LastModifiedDate" | "SystemModstamp" => Value::String(self.modified.clone()),
-            _ => self.fields.get(name).cloned().unwrap_or(Value::Null),
+            // Field names ignore case (a custom field queried in another
+            // spelling than it was written in is the same field).
+            _ => self
+                .fields
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map_or(Value::Null, |(_, v)| v.clone()),
         }
     }
 
@@ -843,6 +849,14 @@ fn apply_fields(
             continue;
         }
         let name = writable_field(object, name)?;
+        // One field whatever the case it is written in: the spelling it
+        // was first written in stays (Salesforce's field names ignore
+        // case; a second key held a stale value beside the first).
+        let name = merged
+            .keys()
+            .find(|k| k.eq_ignore_ascii_case(&name))
+            .cloned()
+            .unwrap_or(name);
         if value.is_null() {
             merged.remove(&name);
         } else {

@@ -153,6 +153,20 @@ async fn fake_salesforce_contact_lifecycle() {
     assert_eq!(now["Phone"], "+44 20 7946 0000");
     assert!(now["Email"].is_null());
 
+    // A custom field is one field whatever the case it is written or read
+    // in, as Salesforce's field names are.
+    api.fake
+        .update_record("Contact", &id, json!({"Tier__c": "gold"}));
+    api.fake
+        .update_record("Contact", &id, json!({"tier__c": "silver"}));
+    let now = api.fake.record("Contact", &id).unwrap();
+    assert_eq!(now["Tier__c"], "silver", "{now}");
+    assert!(now.get("tier__c").is_none(), "one key: {now}");
+    api.fake
+        .update_record("Contact", &id, json!({"TIER__C": null}));
+    let now = api.fake.record("Contact", &id).unwrap();
+    assert!(now.get("Tier__c").is_none(), "cleared: {now}");
+
     // Validation.
     let (status, body) = api
         .call(
