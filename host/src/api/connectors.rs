@@ -308,8 +308,10 @@ impl FromRequest<AppState> for WasmBody {
         ),
     ),
     responses(
-        (status = 201, description = "Stored (and active, unless activate=false)", body = ConnectorVersion),
-        (status = 200, description = "These bytes were stored already; nothing changed", body = ConnectorVersion),
+        (status = 201, description = "Stored (and active, unless activate=false)", body = ConnectorVersion,
+            headers(("Location" = String, description = "The connector: `/api/v1/connectors/{name}`"))),
+        (status = 200, description = "These bytes were stored already; nothing changed", body = ConnectorVersion,
+            headers(("Location" = String, description = "The connector: `/api/v1/connectors/{name}`"))),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "This version exists with other bytes (`version_exists`), or it would be made active without the `customer` entity while customers are linked through the connector (`customers_linked`), or over a running version while it needs settings the connector lacks (`settings_missing`)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Larger than the component limit (`component_too_large`)", body = Problem, content_type = "application/problem+json"),
