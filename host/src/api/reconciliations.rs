@@ -489,7 +489,7 @@ pub async fn list_mismatches(
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such run or finding", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Not open (`mismatch_not_open`), or its run is still going (`reconciliation_running`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not open (`mismatch_not_open`), or its run is still going, or a repair was asked for while a newer run of its connector goes (`reconciliation_running`)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The action does nothing for this kind of finding, or would do what a run leaves for a person (delete a customer whose email is on a record no link holds)", body = Problem, content_type = "application/problem+json"),
@@ -525,6 +525,17 @@ pub async fn resolve_mismatch(
         ResolveAction::PullRemote => Some(Repair::PullRemote),
         ResolveAction::Merge => Some(Repair::Merge),
     };
+    // Nor repaired while a newer run of the connector goes (paused with
+    // its connector too): it looks at the record again and may repair it
+    // itself, and a repair of the older finding beside it would act on
+    // what that run has moved past. Dismissing changes nothing.
+    if repair.is_some() {
+        if let Some(newer) = state.store.latest_run(&run.connector).await? {
+            if newer.status == "running" {
+                return Err(ApiError::ReconciliationRunning(newer.id));
+            }
+        }
+    }
     // Claimed, scheduled and described in a task of its own: a client
     // that goes away (a closed tab, a timeout) drops this handler, not the
     // task, and cannot leave a claimed finding "being scheduled" with

@@ -2111,6 +2111,70 @@ async fn a_finding_resolved_again_stores_its_event_once() {
     assert_eq!(by_hand.len(), 1, "{events:?}");
 }
 
+/// A finding of an earlier run is not repaired while a newer run of its
+/// connector goes (409 `reconciliation_running`, naming that run): the
+/// newer run looks at the record again and may repair it itself. Before,
+/// both repairs went, the older one over what the newer had moved past.
+/// Dismissing it changes nothing, and is not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finding_waits_for_a_newer_run_of_its_connector() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let mut setup = Setup::new(Backend::Sqlite, &proxy.url());
+    setup.extra = json!({"connector_call_timeout": "15s", "sync_lease": "20s"});
+    let app = spawn_sync_app(setup).await;
+    let customer = app
+        .create(json!({"email": email("newer-run"), "name": "Ours"}))
+        .await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    let remote = app.wait_synced(&id, 1).await["remote_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    stripe_update(&stripe.url(), &remote, &[("name", "Theirs")]).await;
+    let report = run_to_end(&app, json!({"connector": "stripe"})).await;
+    let report_id = report["id"].as_str().unwrap().to_owned();
+    let finding = findings(&app.base, &report_id, Some("different")).await[0].clone();
+
+    proxy.push(
+        Match::request("GET", "/v1/customers"),
+        Fault::ForwardThenDelay(Duration::from_secs(5)),
+    );
+    let listed = proxy.requests_to("GET", "/v1/customers").len();
+    let newer = start_run(&app, json!({"connector": "stripe"})).await;
+    let newer_id = newer["id"].as_str().unwrap().to_owned();
+    eventually("the newer run lists", || async {
+        proxy.requests_to("GET", "/v1/customers").len() > listed
+    })
+    .await;
+    let path = format!(
+        "/api/v1/reconciliations/{report_id}/mismatches/{}/resolve",
+        finding["id"].as_str().unwrap()
+    );
+    let (status, problem) = app
+        .send(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"action": "push_local"})),
+        )
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (409, Some("reconciliation_running")),
+        "{problem}"
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&newer_id),
+        "{problem}"
+    );
+    let resolved = resolve_by_hand(&app, &report_id, &finding, "dismiss").await;
+    assert_eq!(resolved["state"], "resolved", "{resolved}");
+    wait_run(&app.base, &newer_id).await;
+}
+
 /// `POST …/mismatches/{id}/resolve` with `action`; asserts 200 and returns
 /// the finding as resolved.
 pub(crate) async fn resolve_by_hand(
