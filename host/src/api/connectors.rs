@@ -212,13 +212,7 @@ fn version_view(meta: VersionMeta, active: Option<&str>) -> ConnectorVersion {
 /// failed here, so it runs the previous) marked the wrong version active
 /// in a list an operator picks a rollback from.
 async fn stored_active(state: &AppState, name: &str) -> Result<Option<String>, ApiError> {
-    Ok(state
-        .store
-        .connector_rows()
-        .await?
-        .into_iter()
-        .find(|row| row.name == name)
-        .and_then(|row| row.active_version))
+    Ok(state.store.stored_active_version(name).await?)
 }
 
 async fn current(state: &AppState, name: &str) -> Result<Json<ConnectorSummary>, ApiError> {

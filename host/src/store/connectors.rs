@@ -263,6 +263,18 @@ impl Store {
         Ok(rows.into_iter().map(ConnectorRow::from).collect())
     }
 
+    /// The version the store records as active for connector `name` (the
+    /// one every replica runs once loaded), if it has one.
+    pub async fn stored_active_version(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let active: Option<Option<String>> = dispatch!(self, read pool => {
+            sqlx::query_scalar("SELECT active_version FROM connectors WHERE name = $1")
+                .bind(name)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(active.flatten())
+    }
+
     /// Brings back `name`, deleted through the API, as a connector with no
     /// version: the next seed of its bundled component stores and
     /// activates it as bundled. False if it is not deleted.
