@@ -524,14 +524,7 @@ impl<T> Ran<Result<T, ConnectorError>> {
     fn answer(self) -> Result<T, CallError> {
         match (self.result, self.throttled, self.unsettled) {
             (Ok(Ok(value)), _, _) => Ok(value),
-            (
-                Ok(Err(
-                    ConnectorError::Retryable(message)
-                    | ConnectorError::RateLimited(RateLimit { message, .. }),
-                )),
-                _,
-                true,
-            ) => {
+            (Ok(Err(ConnectorError::Retryable(message))), _, true) => {
                 let message = printable_text(message);
                 tracing::debug!(%message, "a request of the call timed out; its outcome is unknown");
                 Err(CallError::DeadlineExceeded)
@@ -1516,25 +1509,6 @@ mod tests {
             super::has_swap("SwapTotal: lots\n"),
             "unreadable counts as swap"
         );
-    }
-
-    /// A connector that retried a request which timed out and then met a
-    /// rate limit answered `rate-limited`: the request's outcome is still
-    /// unknown, so the call is a timeout (a push waits before a newer
-    /// version goes), as after any transient answer; before, only
-    /// `retryable` counted, and the newer version could be overtaken.
-    #[test]
-    fn a_rate_limit_after_an_unsettled_request_is_a_timeout() {
-        let ran = Ran::<Result<(), ConnectorError>> {
-            result: Ok(Err(ConnectorError::RateLimited(RateLimit {
-                retry_after_ms: Some(1_000),
-                message: "slow down".into(),
-            }))),
-            throttled: None,
-            unsettled: true,
-            server_error: false,
-        };
-        assert!(matches!(ran.answer(), Err(CallError::DeadlineExceeded)));
     }
 
     /// A remote's binary error body (a gzipped error page) put NULs in a

@@ -551,7 +551,7 @@ const MIN_FRAGMENT_LEN: usize = 8;
 /// slash: an OAuth error body echoing the client secret so reached the
 /// connector, its errors and the logs; `\u00e4` for what is not ASCII, as
 /// Python's does, `\u0026` for `&`, as Go's, and `\u002B` for `+` and `'`
-/// and `` ` `` too, as .NET's `System.Text.Json`), and in base64
+/// and `` ` `` too, and `\u0022` for `"`, as .NET's `System.Text.Json`), and in base64
 /// (standard or URL-safe), where it may sit at any byte offset of a longer
 /// encoded text such as `user:secret` in a Basic credential. For base64 the
 /// fragment that does not depend on the neighbouring bytes is matched, for
@@ -590,8 +590,15 @@ pub fn encoded_forms(value: &[u8]) -> Vec<Vec<u8>> {
             (false, DOTNET, true),
             (true, DOTNET, true),
         ] {
+            // .NET's encoder writes a `"` as `\u0022`, not `\"` (the one
+            // JSON escape made of a backslash and a quote).
+            let source = if ascii == DOTNET {
+                json.replace("\\\"", "\\u0022")
+            } else {
+                json.clone()
+            };
             let mut escaped = String::with_capacity(json.len());
-            for c in json.chars() {
+            for c in source.chars() {
                 let escape = if c.is_ascii() {
                     ascii.contains(&c)
                 } else {
@@ -1052,12 +1059,12 @@ mod tests {
             let text = String::from_utf8(body).unwrap();
             assert!(text.contains("{{secret:api_key}}"), "{echo} -> {text}");
         }
-        // As .NET's encoder writes it: `+` and `'` escaped too.
-        let secret = "ab+cd'ef&gh";
+        // As .NET's encoder writes it: `+`, `'` and `"` escaped too.
+        let secret = "ab+cd'ef&gh\"ij\\\"k";
         let values = BTreeMap::from([("api_key".to_owned(), SecretString::from(secret))]);
         for echo in [
-            r#"{"access_token":"ab\u002Bcd\u0027ef\u0026gh"}"#,
-            r#"{"access_token":"ab\u002bcd\u0027ef\u0026gh"}"#,
+            r#"{"access_token":"ab\u002Bcd\u0027ef\u0026gh\u0022ij\\\u0022k"}"#,
+            r#"{"access_token":"ab\u002bcd\u0027ef\u0026gh\u0022ij\\\u0022k"}"#,
         ] {
             let mut body = echo.as_bytes().to_vec();
             redact_secrets(&mut body, &values);
