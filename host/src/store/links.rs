@@ -955,16 +955,19 @@ macro_rules! record_in {
                     // wait for: left pending, the link was claimed and
                     // skipped again at once, for ever. It comes down to
                     // the version considered; the customer's next write
-                    // re-opens the link as any change does.
+                    // re-opens the link as any change does. Only the
+                    // wanted version the claim saw ($9): one an intake
+                    // raised since is a change committed after this
+                    // statement's snapshot of the customer.
                     sqlx::query(
                         "UPDATE sync_links SET \
                          synced_version = CASE WHEN repairs <> $8 OR synced_version > $1 \
                            THEN synced_version ELSE $1 END, \
-                         state = CASE WHEN repairs <> $8 OR (wanted_version > $2 AND EXISTS \
-                           (SELECT 1 FROM customers WHERE id = $5 AND version > $2)) \
+                         state = CASE WHEN repairs <> $8 OR (wanted_version > $2 AND (wanted_version <> $9 \
+                           OR EXISTS (SELECT 1 FROM customers WHERE id = $5 AND version > $2))) \
                            THEN 'pending' ELSE 'synced' END, \
-                         wanted_version = CASE WHEN wanted_version > $2 AND NOT EXISTS \
-                           (SELECT 1 FROM customers WHERE id = $5 AND version > $2) \
+                         wanted_version = CASE WHEN wanted_version > $2 AND wanted_version = $9 \
+                           AND NOT EXISTS (SELECT 1 FROM customers WHERE id = $5 AND version > $2) \
                            THEN $2 ELSE wanted_version END, \
                          attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, \
                          next_attempt_at_ms = $3, updated_at = $4 \
@@ -978,6 +981,7 @@ macro_rules! record_in {
                     .bind(&$link.connector)
                     .bind(&$link.lease_token)
                     .bind($link.repairs)
+                    .bind($link.wanted_version)
                     .execute(&mut *$tx)
                     .await?
                     .rows_affected()
@@ -1054,16 +1058,17 @@ macro_rules! record_in {
                     // it, so a fixed record is sent fresh. Exhausted retries
                     // may have been applied (timeouts), refused credentials
                     // say nothing about an earlier attempt that timed out,
-                    // and an answer ferry could not keep (unusable, or
-                    // naming a record another customer links) came from a
-                    // create that was applied: keep replaying that create
-                    // (under a fresh key, a replay made another record).
+                    // and an answer ferry could not keep came from a
+                    // create that was applied: keep replaying that create.
+                    // Not one answered with a record another customer
+                    // links: its replay would meet that link again, and so
+                    // would every later version behind the kept create
+                    // (docs/performance.md, round 49, "Left").
                     let forget_pending = !matches!(
                         error_kind,
                         DeadLetterKind::RetriesExhausted
                             | DeadLetterKind::Unauthorized
                             | DeadLetterKind::UnusableAnswer
-                            | DeadLetterKind::RemoteIdTaken
                     );
                     // A newer change that came in during the push is not
                     // this failure's: the link stays open for it (intake

@@ -614,11 +614,26 @@ impl SyncEngine {
             Err(crate::store::StoreError::RemoteIdTaken) => {
                 // The remote applied the push: its answer names a record
                 // another customer links (a create's echo made that
-                // customer). Named here, as the link keeps no trace of it.
+                // customer). Both named here, as the link keeps no trace
+                // of them.
                 let (operation, remote_id) = answered.unzip();
+                let remote_id = remote_id.unwrap_or_default();
+                // Which customer: read for the letter alone (a failed
+                // read leaves it unnamed).
+                let holder = self
+                    .inner
+                    .store
+                    .link_by_remote_id(&link.connector, &remote_id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map_or_else(
+                        || "another customer".to_owned(),
+                        |l| format!("customer {}", l.customer_id),
+                    );
                 let reason = format!(
-                    "the remote answered with record {}, which is already linked to another customer",
-                    remote_id.as_deref().unwrap_or("?")
+                    "the remote answered with record {remote_id}, which {holder} links \
+                     (made from this create's echo, say)"
                 );
                 let dead = RecordedOutcome::DeadLettered {
                     version: pushed,
@@ -936,13 +951,14 @@ impl SyncEngine {
         match error {
             CallError::Connector(ConnectorError::RateLimited(ref limit))
             | CallError::ServerFailed(ConnectorError::RateLimited(ref limit)) => {
-                // `Retry-After: 0` is read as none: taken as said, no
-                // pause, and a rate limit spends no attempt, so the remote
-                // was asked again within moments, for ever.
+                // `Retry-After: 0` is read as none, and a wait under a
+                // second as one: taken as said, no pause, and a rate
+                // limit spends no attempt, so the remote was asked again
+                // within moments, for ever.
                 let after = limit
                     .retry_after_ms
                     .filter(|ms| *ms > 0)
-                    .map(Duration::from_millis);
+                    .map(|ms| Duration::from_millis(ms.max(1_000)));
                 // Without a Retry-After (a daily API limit, an HTTP-date),
                 // the connector rests for a backoff that grows with the
                 // rate limits in a row (until a call succeeds), and so
