@@ -377,7 +377,9 @@ fn text(v: &Value) -> Option<String> {
 fn split_name(name: Option<&str>) -> (Option<String>, Option<String>) {
     let name = name.unwrap_or_default();
     let words: Vec<&str> = name.split_whitespace().collect();
-    if words.len() > 1 && words.join(" ") != name {
+    // Within `LastName`'s 80 characters: a longer one is split as any
+    // other (read back with its spacing changed, but written).
+    if words.len() > 1 && words.join(" ") != name && name.chars().count() <= MAX_LAST_NAME {
         return (None, Some(name.to_owned()));
     }
     match words.split_last() {
@@ -386,6 +388,9 @@ fn split_name(name: Option<&str>) -> (Option<String>, Option<String>) {
         Some((last, rest)) => (Some(rest.join(" ")), Some((*last).to_owned())),
     }
 }
+
+/// `Contact.LastName`'s length, in characters.
+const MAX_LAST_NAME: usize = 80;
 
 /// What marks a name as [`stand_in`].
 const NO_NAME: &str = "(no name)";
@@ -609,6 +614,10 @@ mod tests {
             assert_eq!(body["LastName"], name);
             assert_eq!(map.customer_from("003A", &body).name.as_deref(), Some(name));
         }
+        // Not beyond what `LastName` holds.
+        let long = format!("{}  Lovelace", "A".repeat(75));
+        let body = map.to_sobject(&customer(Some(&long), None), false);
+        assert_eq!(body["LastName"], "Lovelace");
         let body = map.to_sobject(&customer(Some("Cher"), None), false);
         assert_eq!(body.get("FirstName"), None);
         assert_eq!(body["LastName"], "Cher");

@@ -392,6 +392,11 @@ fn push(config: &Config, req: &PushRequest) -> Result<PushResult, ConnectorError
                 (Err(ConnectorError::Permanent(message)), Some(field))
                     if duplicate_value_of(&message, field) =>
                 {
+                    eprintln!(
+                        "record {id}: {field} = {} is held by another record; the change goes \
+                         without it ({message})",
+                        req.local_id
+                    );
                     body.remove(field);
                     fields.remove(field);
                     patch(&body)?;
@@ -416,10 +421,13 @@ fn push(config: &Config, req: &PushRequest) -> Result<PushResult, ConnectorError
 /// (the unique external id). Salesforce names the field as the org spells
 /// it; the setting may spell it otherwise (API names ignore case).
 fn duplicate_value_of(message: &str, field: &str) -> bool {
-    message.contains("DUPLICATE_VALUE")
-        && message
-            .to_ascii_lowercase()
-            .contains(&field.to_ascii_lowercase())
+    let (message, field) = (message.to_ascii_lowercase(), field.to_ascii_lowercase());
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    // The whole name: `Legacy_Ferry_Id__c` is another field.
+    message.contains("duplicate_value")
+        && message.match_indices(&field).any(|(at, _)| {
+            !message[..at].ends_with(is_name) && !message[at + field.len()..].starts_with(is_name)
+        })
 }
 
 /// A record read with its configuration loaded.

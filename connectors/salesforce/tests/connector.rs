@@ -799,6 +799,31 @@ async fn an_update_whose_external_id_another_record_holds_goes_without_it() {
     );
     let record: Value = serde_json::from_str(result.record.as_deref().expect("record")).unwrap();
     assert_eq!(record["email"], "ada@example.com", "{record}");
+
+    // A duplicate of another unique field whose name holds this one's is
+    // that field's refusal.
+    let kit = self::kit()
+        .await
+        .setting("external_id_field", "Ferry_Id__c");
+    script_tokens(&kit, &["tok-1"]);
+    kit.http()
+        .on("PATCH", &format!("{CONTACTS}/003B"))
+        .respond_json(
+        400,
+        &sf_error(
+            "DUPLICATE_VALUE",
+            "duplicate value found: Legacy_Ferry_Id__c duplicates value on record with id: 003A",
+            &[],
+        ),
+    );
+    let mut update = linked(Operation::Update, "003B");
+    let mut record: Value = serde_json::from_str(&update.record).unwrap();
+    record["changed_fields"] = json!(["email"]);
+    update.record = record.to_string();
+    assert!(matches!(
+        connector_error(kit.push(update).await),
+        ConnectorError::Permanent(_)
+    ));
 }
 
 /// Salesforce answers a mistyped `object`, an API version newer than the
