@@ -82,10 +82,17 @@ impl TokenCache {
         slots.get(name).cloned()
     }
 
-    /// Notes a token obtained under `name`, to scrub it from responses.
+    /// Notes a token obtained under `name`, to scrub it from responses:
+    /// the newest two of each name (a name refreshed again and again does
+    /// not push the others' out).
     fn remember(&self, name: &str, value: &SecretString) {
         let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
-        if issued.len() == MAX_ISSUED {
+        if issued.iter().filter(|(n, _)| n == name).count() >= 2 {
+            if let Some(oldest) = issued.iter().position(|(n, _)| n == name) {
+                issued.remove(oldest);
+            }
+        }
+        if issued.len() >= MAX_ISSUED {
             issued.remove(0);
         }
         issued.push((name.to_owned(), value.clone()));
@@ -532,22 +539,23 @@ mod tests {
     }
 
     /// Every token the connector obtained is kept for redaction, the
-    /// newest two per name the cache holds, whichever call obtained them.
+    /// newest two per name, whichever call obtained them: one name
+    /// refreshed again and again keeps the others'.
     #[test]
     fn the_cache_keeps_the_tokens_to_scrub() {
         let cache = TokenCache::default();
+        cache.remember("other", &SecretString::from("other-token"));
         for n in 0..(MAX_ISSUED + 3) {
             cache.remember("api", &SecretString::from(format!("token-{n:04}")));
         }
         let issued = cache.issued();
-        assert_eq!(issued.len(), MAX_ISSUED);
-        assert_eq!(
-            issued.last().map(|(_, v)| v.expose_secret().to_owned()),
-            Some(format!("token-{:04}", MAX_ISSUED + 2))
-        );
-        let mut body = b"echo token-0034 and token-0002".to_vec();
+        assert_eq!(issued.len(), 3);
+        let mut body = b"echo token-0034, token-0033, token-0032 and other-token".to_vec();
         policy::redact_tokens(&mut body, issued.iter().map(|(n, v)| (n, v)));
-        assert_eq!(body, b"echo {{token:api}} and token-0002");
+        assert_eq!(
+            body,
+            b"echo {{token:api}}, {{token:api}}, token-0032 and {{token:other}}"
+        );
     }
 
     #[test]

@@ -169,7 +169,12 @@ impl ClaimFloor {
             Some(at) if (0..CLAIM_SWEEP_EVERY_MS).contains(&(now.saturating_sub(at))) => {
                 self.from_ms
             }
-            _ => {
+            swept => {
+                // Stepped back: the floor, read before the step, may lie
+                // past now until a claim moves it.
+                if swept.is_some_and(|at| now < at) {
+                    self.from_ms = i64::MIN;
+                }
                 self.swept_at_ms = Some(now);
                 i64::MIN
             }
@@ -2142,6 +2147,11 @@ mod tests {
         // now until the clock catches up.
         let back = now - 600_000;
         assert_eq!(floor.next(back), i64::MIN);
+        assert_eq!(
+            floor.next(back + 1),
+            i64::MIN,
+            "nothing claimed: from the start"
+        );
         floor.claimed(back - 5);
         assert_eq!(floor.next(back + 1), back - 5 - CLAIM_FLOOR_MARGIN_MS);
     }
