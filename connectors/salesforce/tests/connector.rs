@@ -60,6 +60,15 @@ fn linked(operation: Operation, id: &str) -> PushRequest {
     req
 }
 
+/// An update of the linked record `id` in which `changed` changed.
+fn update_of(id: &str, changed: &[&str]) -> PushRequest {
+    let mut update = linked(Operation::Update, id);
+    let mut record: Value = serde_json::from_str(&update.record).unwrap();
+    record["changed_fields"] = json!(changed);
+    update.record = record.to_string();
+    update
+}
+
 fn connector_error(result: Result<impl std::fmt::Debug, CallError>) -> ConnectorError {
     match result {
         Err(CallError::Connector(err)) => err,
@@ -322,11 +331,10 @@ async fn an_update_writes_only_what_changed() {
     kit.http()
         .on("PATCH", &format!("{CONTACTS}/003A"))
         .respond(204, &[], "");
-    let mut update = linked(Operation::Update, "003A");
-    let mut record: Value = serde_json::from_str(&update.record).unwrap();
-    record["changed_fields"] = json!(["email", "address.line2"]);
-    update.record = record.to_string();
-    let result = kit.push(update).await.expect("update");
+    let result = kit
+        .push(update_of("003A", &["email", "address.line2"]))
+        .await
+        .expect("update");
     assert_eq!(kit.http().requests().len(), 2, "a token and the write");
     let patch = kit.http().last_request().expect("patch");
     let body: Value = serde_json::from_str(&patch.body_text()).unwrap();
@@ -381,11 +389,9 @@ async fn an_update_writes_only_what_changed() {
 
     // Only a field the mapping does not hold changed: no write at all.
     let before = kit.http().requests().len();
-    let mut unmapped = linked(Operation::Update, "003A");
-    let mut record: Value = serde_json::from_str(&unmapped.record).unwrap();
-    record["changed_fields"] = json!(["metadata.plan"]);
-    unmapped.record = record.to_string();
-    kit.push(unmapped).await.expect("update");
+    kit.push(update_of("003A", &["metadata.plan"]))
+        .await
+        .expect("update");
     assert_eq!(kit.http().requests().len(), before, "nothing to write");
 }
 
@@ -778,10 +784,7 @@ async fn an_update_whose_external_id_another_record_holds_goes_without_it() {
             ),
         )
         .respond(204, &[], "");
-    let mut update = linked(Operation::Update, "003B");
-    let mut record: Value = serde_json::from_str(&update.record).unwrap();
-    record["changed_fields"] = json!(["email"]);
-    update.record = record.to_string();
+    let update = update_of("003B", &["email"]);
     let result = kit.push(update).await.expect("update");
     let patches: Vec<Value> = kit
         .http()
@@ -816,10 +819,7 @@ async fn an_update_whose_external_id_another_record_holds_goes_without_it() {
             &[],
         ),
     );
-    let mut update = linked(Operation::Update, "003B");
-    let mut record: Value = serde_json::from_str(&update.record).unwrap();
-    record["changed_fields"] = json!(["email"]);
-    update.record = record.to_string();
+    let update = update_of("003B", &["email"]);
     assert!(matches!(
         connector_error(kit.push(update).await),
         ConnectorError::Permanent(_)

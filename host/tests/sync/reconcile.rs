@@ -2147,17 +2147,7 @@ async fn a_finding_waits_for_a_newer_run_of_its_connector() {
         proxy.requests_to("GET", "/v1/customers").len() > listed
     })
     .await;
-    let path = format!(
-        "/api/v1/reconciliations/{report_id}/mismatches/{}/resolve",
-        finding["id"].as_str().unwrap()
-    );
-    let (status, problem) = app
-        .send(
-            reqwest::Method::POST,
-            &path,
-            Some(json!({"action": "push_local"})),
-        )
-        .await;
+    let (status, problem) = resolve(&app, &report_id, &finding, "push_local").await;
     assert_eq!(
         (status, problem["code"].as_str()),
         (409, Some("reconciliation_running")),
@@ -2175,25 +2165,28 @@ async fn a_finding_waits_for_a_newer_run_of_its_connector() {
     wait_run(&app.base, &newer_id).await;
 }
 
-/// `POST …/mismatches/{id}/resolve` with `action`; asserts 200 and returns
-/// the finding as resolved.
+/// `POST …/mismatches/{id}/resolve` with `action`: the status and body.
+async fn resolve(app: &SyncApp, run: &str, finding: &Value, action: &str) -> (u16, Value) {
+    let path = format!(
+        "/api/v1/reconciliations/{run}/mismatches/{}/resolve",
+        finding["id"].as_str().unwrap()
+    );
+    app.send(
+        reqwest::Method::POST,
+        &path,
+        Some(json!({"action": action})),
+    )
+    .await
+}
+
+/// [`resolve`], answered 200: the finding as resolved.
 pub(crate) async fn resolve_by_hand(
     app: &SyncApp,
     run: &str,
     finding: &Value,
     action: &str,
 ) -> Value {
-    let path = format!(
-        "/api/v1/reconciliations/{run}/mismatches/{}/resolve",
-        finding["id"].as_str().unwrap()
-    );
-    let (status, resolved) = app
-        .send(
-            reqwest::Method::POST,
-            &path,
-            Some(json!({"action": action})),
-        )
-        .await;
+    let (status, resolved) = resolve(app, run, finding, action).await;
     assert_eq!(status, 200, "{resolved}");
     resolved
 }
