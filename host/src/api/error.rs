@@ -200,7 +200,8 @@ pub enum ApiError {
     #[error("ferry is holding as many webhook bodies as it may; send it again shortly")]
     WebhooksBusy,
     /// Every connector instance is busy: an upload or activation could not
-    /// read the manifest in time. Nothing was written; send it again.
+    /// read the manifest in time, or a webhook could not be verified.
+    /// Nothing was written; send it again.
     #[error("every connector instance is busy; nothing was written, send the request again")]
     RuntimeBusy,
     /// The store did not answer in time (no connection free, a lock held

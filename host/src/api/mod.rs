@@ -110,7 +110,7 @@ impl Modify for EveryRoute {
             )
         };
         let timeout = problem(
-            "The request took longer than `request_timeout` (`request_timeout`): nothing was written",
+            "The request took longer than `request_timeout` (`request_timeout`): a write still queued was dropped; one whose commit had begun may land (send it again with the same `Idempotency-Key`)",
         )
         .build();
         let busy = problem(
