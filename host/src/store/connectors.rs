@@ -711,8 +711,10 @@ impl Store {
     }
 
     /// Makes the pushes that waited while `name` was disabled due now, and
-    /// the creates a backfill held: those whose wait says so
-    /// ([`super::links::PAUSED_WAIT`], [`super::links::BACKFILL_WAIT`]),
+    /// the creates a backfill held, and the pushes deferred behind a breaker's
+    /// probe once it succeeded: those whose wait says so
+    /// ([`super::links::PAUSED_WAIT`], [`super::links::BACKFILL_WAIT`],
+    /// [`super::links::PROBING_WAIT`]),
     /// pending or retrying (a retry meets the switch only once its backoff
     /// is over). Other waits keep their time: a retry's backoff, and the
     /// settle time a version waits after an update that timed out (made
@@ -730,7 +732,7 @@ impl Store {
                     "UPDATE sync_links SET next_attempt_at_ms = $2 \
                      WHERE (customer_id, connector) IN (SELECT customer_id, connector \
                        FROM sync_links WHERE state IN ('pending', 'retry') \
-                       AND last_error IN ($4, $5) \
+                       AND last_error IN ($4, $5, $6) \
                        AND next_attempt_at_ms > $2 AND connector = $1 \
                        LIMIT $3)",
                 )
@@ -739,6 +741,7 @@ impl Store {
                 .bind(RESUME_BATCH)
                 .bind(super::links::PAUSED_WAIT)
                 .bind(super::links::BACKFILL_WAIT)
+                .bind(super::links::PROBING_WAIT)
                 .execute(pool)
                 .await?
                 .rows_affected()

@@ -356,6 +356,12 @@ pub enum RecordedOutcome {
 /// retries included.
 pub const PAUSED_WAIT: &str = "waiting: the connector is paused or not configured here";
 
+/// What a push deferred behind its connector's breaker probe keeps as its
+/// last error: the probe's success makes it due at once
+/// ([`crate::store::Store::resume_connector_links`]).
+pub const PROBING_WAIT: &str =
+    "waiting: a probe of the remote is out (the connector's breaker is half-open)";
+
 /// What a create a backfill holds back keeps as its last error (the run's
 /// resume finds it by it, retries included).
 pub const BACKFILL_WAIT: &str =

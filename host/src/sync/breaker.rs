@@ -14,8 +14,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-/// How long calls are deferred while a probe is out.
+/// How long calls are deferred while a probe is out: until the probe may
+/// be replaced, within these bounds. A success releases them at once
+/// ([`Breakers::success`]); deferred a second at a time, a large backlog
+/// was written about once a second for the probe's life.
 const PROBE_WAIT: Duration = Duration::from_secs(1);
+const PROBE_WAIT_MAX: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy)]
 enum State {
@@ -45,9 +49,11 @@ pub struct Pass {
     probe: Option<u64>,
 }
 
-/// What an open breaker says: try again no sooner than this.
+/// What an open breaker says: try again no sooner than this; and whether
+/// it is a half-open breaker's probe the call waits behind (released when
+/// the probe succeeds).
 #[derive(Debug, Clone, Copy)]
-pub struct Deferred(pub Duration);
+pub struct Deferred(pub Duration, pub bool);
 
 /// A breaker's state, for the API.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -117,7 +123,7 @@ impl Breakers {
     pub fn allow(&self, connector: &str) -> Result<Pass, Deferred> {
         let now = Instant::now();
         if let Some(wait) = self.paused_for(connector, now) {
-            return Err(Deferred(wait));
+            return Err(Deferred(wait, false));
         }
         let next = || {
             self.probes
@@ -135,7 +141,7 @@ impl Breakers {
                 };
                 Ok(Pass { probe: Some(probe) })
             }
-            State::Open { until, .. } => Err(Deferred(until - now)),
+            State::Open { until, .. } => Err(Deferred(until - now, false)),
             // A probe that never reported back (its call was skipped, or
             // its task died) is replaced after a cool-down.
             State::HalfOpen {
@@ -151,7 +157,12 @@ impl Breakers {
                 };
                 Ok(Pass { probe: Some(probe) })
             }
-            State::HalfOpen { .. } => Err(Deferred(PROBE_WAIT)),
+            State::HalfOpen { probe_started, .. } => Err(Deferred(
+                (probe_started + self.cooldown)
+                    .saturating_duration_since(now)
+                    .clamp(PROBE_WAIT, PROBE_WAIT_MAX),
+                true,
+            )),
         })
     }
 
@@ -186,9 +197,17 @@ impl Breakers {
     }
 
     /// The remote answered (successfully, or with an error that says it is up).
-    pub fn success(&self, connector: &str) {
-        self.with(connector, |state| *state = State::Closed { failures: 0 });
+    ///
+    /// Whether it closed a breaker that was not (the calls deferred behind
+    /// its probe may go now).
+    pub fn success(&self, connector: &str) -> bool {
+        let closed_now = self.with(connector, |state| {
+            let was_closed = matches!(state, State::Closed { .. });
+            *state = State::Closed { failures: 0 };
+            !was_closed
+        });
         self.end_streak(connector);
+        closed_now
     }
 
     /// The remote rate-limited a call: how many times in a row now. Calls
@@ -374,11 +393,32 @@ mod tests {
         );
     }
 
+    /// Behind a probe, a call waits until the probe may be replaced (1 to
+    /// 10 s), not a second at a time; the probe's success says the breaker
+    /// closed, so the calls behind it can be released.
+    #[test]
+    fn calls_behind_a_probe_wait_for_it() {
+        let breakers = Breakers::new(1, Duration::from_millis(10));
+        breakers.failure("stripe");
+        std::thread::sleep(Duration::from_millis(20));
+        let _probe = breakers.allow("stripe").expect("the probe");
+        let Err(Deferred(wait, behind)) = breakers.allow("stripe") else {
+            panic!("behind the probe")
+        };
+        assert!(behind);
+        assert_eq!(wait, PROBE_WAIT, "the probe's time, at least a second");
+        let slow = Breakers::new(1, Duration::from_secs(30));
+        slow.failure("stripe");
+        assert!(!slow.allow("stripe").unwrap_err().1, "open: no probe out");
+        assert!(breakers.success("stripe"), "closed by the probe");
+        assert!(!breakers.success("stripe"), "closed already");
+    }
+
     #[test]
     fn a_pause_is_capped_at_a_day() {
         let breakers = Breakers::new(5, Duration::from_secs(30));
         breakers.pause("stripe", Duration::from_millis(u64::MAX));
-        let Err(Deferred(wait)) = breakers.allow("stripe") else {
+        let Err(Deferred(wait, _)) = breakers.allow("stripe") else {
             panic!("paused")
         };
         assert!(wait <= Duration::from_secs(24 * 60 * 60), "{wait:?}");
@@ -399,7 +439,7 @@ mod tests {
             breakers.failure("stripe");
         }
         std::thread::sleep(Duration::from_millis(20));
-        let Err(Deferred(wait)) = breakers.allow("stripe") else {
+        let Err(Deferred(wait, _)) = breakers.allow("stripe") else {
             panic!("still paused after the breaker's own cool-down")
         };
         assert!(wait > Duration::from_secs(50), "{wait:?}");
@@ -411,7 +451,7 @@ mod tests {
     fn rate_limits_pause_the_connector() {
         let breakers = Breakers::new(5, Duration::from_secs(30));
         breakers.pause("stripe", Duration::from_millis(30));
-        let Err(Deferred(wait)) = breakers.allow("stripe") else {
+        let Err(Deferred(wait, _)) = breakers.allow("stripe") else {
             panic!("paused")
         };
         assert!(wait <= Duration::from_millis(30));

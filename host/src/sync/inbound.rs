@@ -1718,7 +1718,13 @@ impl SyncEngine {
                 "the connector's remote is failing (circuit breaker open); read again after \
                  its cool-down"
                     .into(),
-                deferred.0,
+                // Behind a probe: looked at again each second (nothing
+                // releases an inbox event when the probe succeeds).
+                if deferred.1 {
+                    deferred.0.min(Duration::from_secs(1))
+                } else {
+                    deferred.0
+                },
             )
         })?;
         let fetched = ready
@@ -1732,7 +1738,7 @@ impl SyncEngine {
                 ConnectorError::NotFound(_)
                 | ConnectorError::Permanent(_)
                 | ConnectorError::Unauthorized(_),
-            )) => breakers.success(&event.connector),
+            )) => self.answered(&event.connector),
             // Nothing said of the remote: the connector's own answer, a
             // rate limit (its pause is set by `read_failed`), ferry's
             // pacing.

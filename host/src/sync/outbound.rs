@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::breaker::Pass;
+use super::breaker::{Deferred, Pass};
 use super::inbound::kept_apart;
 use super::SyncEngine;
 use crate::api::customers::normalise_email;
@@ -671,6 +671,17 @@ impl SyncEngine {
     /// The connector may have been enabled between this step's look at it
     /// and the write that parked the link: the enable's resume then ran
     /// too early for it. Resume again, so it does not wait the recheck out.
+    /// The remote answered a call: the connector's breaker closes, and
+    /// the pushes deferred behind its probe go now (they would wait out the
+    /// probe's time otherwise).
+    pub(crate) fn answered(&self, connector: &str) {
+        if self.inner.breakers.success(connector) {
+            let engine = self.clone();
+            let connector = connector.to_owned();
+            tokio::spawn(async move { engine.resume_if_enabled_meanwhile(&connector).await });
+        }
+    }
+
     async fn resume_if_enabled_meanwhile(&self, connector: &str) {
         if self
             .inner
@@ -802,7 +813,12 @@ impl SyncEngine {
         }
         let pass = match inner.breakers.allow(&link.connector) {
             Ok(pass) => pass,
-            Err(wait) => return deferred(wait.0),
+            // Behind a probe: released when it succeeds.
+            Err(Deferred(after, true)) => {
+                let why = crate::store::links::PROBING_WAIT;
+                return (wait(after, Some(why)), Outcome::Deferred);
+            }
+            Err(Deferred(after, false)) => return deferred(after),
         };
         if plan.operation == Operation::Create && link.pending_version != Some(plan.version) {
             // Durable before the request leaves: if we crash or time out,
@@ -862,7 +878,7 @@ impl SyncEngine {
             .ok()
             .and_then(|result| crate::runtime::unkeyable("remote id", &result.remote_id))
         {
-            inner.breakers.success(&link.connector);
+            self.answered(&link.connector);
             let message = format!("the connector returned {problem}");
             return (
                 RecordedOutcome::DeadLettered {
@@ -878,7 +894,7 @@ impl SyncEngine {
         }
         match pushed {
             Ok(result) => {
-                inner.breakers.success(&link.connector);
+                self.answered(&link.connector);
                 let mut snapshot =
                     snapshot_after(result.record.as_deref(), &plan, link.snapshot.as_ref());
                 if let Some(snapshot) = &mut snapshot {
@@ -903,7 +919,7 @@ impl SyncEngine {
             Err(CallError::Connector(ConnectorError::NotFound(message)))
                 if plan.operation == Operation::Delete =>
             {
-                inner.breakers.success(&link.connector);
+                self.answered(&link.connector);
                 tracing::info!(message, "remote record already gone; delete counts as done");
                 let remote_id = link.remote_id.clone().unwrap_or_default();
                 (
@@ -1026,11 +1042,11 @@ impl SyncEngine {
                 )
             }
             CallError::Connector(ConnectorError::Permanent(message)) => {
-                breakers.success(&link.connector);
+                self.answered(&link.connector);
                 dead(DeadLetterKind::Permanent, message)
             }
             CallError::Connector(ConnectorError::NotFound(message)) => {
-                breakers.success(&link.connector);
+                self.answered(&link.connector);
                 // An update's record gone (deleted there with no event
                 // ferry took: Salesforce sends none): a replay meets the
                 // same 404; a reconciliation finds the link an orphan.
@@ -1046,7 +1062,7 @@ impl SyncEngine {
                 )
             }
             CallError::Connector(ConnectorError::Unauthorized(message)) => {
-                breakers.success(&link.connector);
+                self.answered(&link.connector);
                 dead(
                     DeadLetterKind::Unauthorized,
                     format!("unauthorized: {message}"),

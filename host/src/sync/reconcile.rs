@@ -648,7 +648,7 @@ impl SyncEngine {
                 unfinished_restart = false;
                 continue;
             }
-            if let Err(Deferred(wait)) = inner.breakers.allow(&run.connector) {
+            if let Err(Deferred(wait, _)) = inner.breakers.allow(&run.connector) {
                 self.wait(
                     run,
                     cancel,
@@ -673,7 +673,7 @@ impl SyncEngine {
             };
             let page = match listed {
                 Ok(page) => {
-                    inner.breakers.success(&run.connector);
+                    self.answered(&run.connector);
                     failures = 0;
                     page
                 }
