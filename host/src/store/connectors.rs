@@ -711,10 +711,9 @@ impl Store {
     }
 
     /// Makes the pushes that waited while `name` was disabled due now, and
-    /// the creates a backfill held, and the pushes deferred behind a breaker's
-    /// probe once it succeeded: those whose wait says so
+    /// the creates a backfill held: those whose wait says so
     /// ([`super::links::PAUSED_WAIT`], [`super::links::BACKFILL_WAIT`],
-    /// [`super::links::PROBING_WAIT`]),
+    /// and [`super::links::PROBING_WAIT`], behind a probe an enable ends),
     /// pending or retrying (a retry meets the switch only once its backoff
     /// is over). Other waits keep their time: a retry's backoff, and the
     /// settle time a version waits after an update that timed out (made
@@ -722,6 +721,21 @@ impl Store {
     /// statement: one statement over a long backlog held SQLite's only
     /// writer (every webhook behind it) for as long as it took.
     pub async fn resume_connector_links(&self, name: &str) -> Result<u64, StoreError> {
+        use super::links::{BACKFILL_WAIT, PAUSED_WAIT, PROBING_WAIT};
+        self.links_waiting_due(name, [PAUSED_WAIT, BACKFILL_WAIT, PROBING_WAIT])
+            .await
+    }
+
+    /// Makes the pushes deferred behind a probe of `name`'s breaker due now
+    /// ([`super::links::PROBING_WAIT`]): the probe succeeded.
+    pub async fn release_probed_links(&self, name: &str) -> Result<u64, StoreError> {
+        use super::links::PROBING_WAIT;
+        self.links_waiting_due(name, [PROBING_WAIT; 3]).await
+    }
+
+    /// Makes `name`'s links that wait for one of `waits` (their last
+    /// error) due now, as [`Store::resume_connector_links`] says.
+    async fn links_waiting_due(&self, name: &str, waits: [&str; 3]) -> Result<u64, StoreError> {
         let now_ms = super::now_ms();
         let mut resumed = 0;
         loop {
@@ -739,9 +753,9 @@ impl Store {
                 .bind(name)
                 .bind(now_ms)
                 .bind(RESUME_BATCH)
-                .bind(super::links::PAUSED_WAIT)
-                .bind(super::links::BACKFILL_WAIT)
-                .bind(super::links::PROBING_WAIT)
+                .bind(waits[0])
+                .bind(waits[1])
+                .bind(waits[2])
                 .execute(pool)
                 .await?
                 .rows_affected()

@@ -35,6 +35,9 @@ enum State {
         probe: u64,
         probe_started: Instant,
         failures: u32,
+        /// Whether a call was deferred behind the probe (its success then
+        /// releases them).
+        parked: bool,
     },
 }
 
@@ -138,6 +141,7 @@ impl Breakers {
                     probe,
                     probe_started: now,
                     failures,
+                    parked: false,
                 };
                 Ok(Pass { probe: Some(probe) })
             }
@@ -147,6 +151,7 @@ impl Breakers {
             State::HalfOpen {
                 probe_started,
                 failures,
+                parked,
                 ..
             } if now.duration_since(probe_started) >= self.cooldown => {
                 let probe = next();
@@ -154,15 +159,23 @@ impl Breakers {
                     probe,
                     probe_started: now,
                     failures,
+                    parked,
                 };
                 Ok(Pass { probe: Some(probe) })
             }
-            State::HalfOpen { probe_started, .. } => Err(Deferred(
-                (probe_started + self.cooldown)
-                    .saturating_duration_since(now)
-                    .clamp(PROBE_WAIT, PROBE_WAIT_MAX),
-                true,
-            )),
+            State::HalfOpen {
+                probe_started,
+                ref mut parked,
+                ..
+            } => {
+                *parked = true;
+                Err(Deferred(
+                    (probe_started + self.cooldown)
+                        .saturating_duration_since(now)
+                        .clamp(PROBE_WAIT, PROBE_WAIT_MAX),
+                    true,
+                ))
+            }
         })
     }
 
@@ -198,13 +211,13 @@ impl Breakers {
 
     /// The remote answered (successfully, or with an error that says it is up).
     ///
-    /// Whether it closed a breaker that was not (the calls deferred behind
-    /// its probe may go now).
+    /// Whether it closed a half-open breaker with calls deferred behind its
+    /// probe (they may go now).
     pub fn success(&self, connector: &str) -> bool {
         let closed_now = self.with(connector, |state| {
-            let was_closed = matches!(state, State::Closed { .. });
+            let parked = matches!(state, State::HalfOpen { parked: true, .. });
             *state = State::Closed { failures: 0 };
-            !was_closed
+            parked
         });
         self.end_streak(connector);
         closed_now
@@ -398,9 +411,9 @@ mod tests {
     /// closed, so the calls behind it can be released.
     #[test]
     fn calls_behind_a_probe_wait_for_it() {
-        let breakers = Breakers::new(1, Duration::from_millis(10));
+        let breakers = Breakers::new(1, Duration::from_millis(200));
         breakers.failure("stripe");
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(250));
         let _probe = breakers.allow("stripe").expect("the probe");
         let Err(Deferred(wait, behind)) = breakers.allow("stripe") else {
             panic!("behind the probe")
@@ -410,8 +423,16 @@ mod tests {
         let slow = Breakers::new(1, Duration::from_secs(30));
         slow.failure("stripe");
         assert!(!slow.allow("stripe").unwrap_err().1, "open: no probe out");
-        assert!(breakers.success("stripe"), "closed by the probe");
+        assert!(
+            breakers.success("stripe"),
+            "closed by the probe, a call behind it"
+        );
         assert!(!breakers.success("stripe"), "closed already");
+        // A probe with no call behind it releases nothing.
+        breakers.failure("stripe");
+        std::thread::sleep(Duration::from_millis(250));
+        let _probe = breakers.allow("stripe").expect("the probe");
+        assert!(!breakers.success("stripe"), "nothing was parked");
     }
 
     #[test]

@@ -577,6 +577,13 @@ impl SyncEngine {
         };
         // The version the push sent (the claim may have read a customer
         // past its wanted version): the one a dead letter names.
+        // Deferred behind a probe that may have succeeded before this write
+        // (its release ran too early for it): looked at once written.
+        let behind_probe = matches!(
+            &recorded,
+            RecordedOutcome::Deferred { waits_for: Some(why), .. }
+                if *why == crate::store::links::PROBING_WAIT
+        );
         let (pushed, answered) = match &recorded {
             RecordedOutcome::Delivered {
                 version,
@@ -604,6 +611,9 @@ impl SyncEngine {
                 }
                 if outcome == Outcome::Paused {
                     self.resume_if_enabled_meanwhile(&link.connector).await;
+                }
+                if behind_probe && self.inner.breakers.is_closed(&link.connector) {
+                    self.release_probed(&link.connector).await;
                 }
                 outcome
             }
@@ -668,9 +678,6 @@ impl SyncEngine {
         Outcome::LeaseLost
     }
 
-    /// The connector may have been enabled between this step's look at it
-    /// and the write that parked the link: the enable's resume then ran
-    /// too early for it. Resume again, so it does not wait the recheck out.
     /// The remote answered a call: the connector's breaker closes, and
     /// the pushes deferred behind its probe go now (they would wait out the
     /// probe's time otherwise).
@@ -678,10 +685,24 @@ impl SyncEngine {
         if self.inner.breakers.success(connector) {
             let engine = self.clone();
             let connector = connector.to_owned();
-            tokio::spawn(async move { engine.resume_if_enabled_meanwhile(&connector).await });
+            tokio::spawn(async move { engine.release_probed(&connector).await });
         }
     }
 
+    /// Makes the pushes deferred behind `connector`'s probe due now.
+    async fn release_probed(&self, connector: &str) {
+        match self.inner.store.release_probed_links(connector).await {
+            Ok(_) => self.inner.store.committed_links(),
+            Err(error) => tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "releasing the pushes behind a probe failed; they go when their wait ends"
+            ),
+        }
+    }
+
+    /// The connector may have been enabled between this step's look at it
+    /// and the write that parked the link: the enable's resume then ran
+    /// too early for it. Resume again, so it does not wait the recheck out.
     async fn resume_if_enabled_meanwhile(&self, connector: &str) {
         if self
             .inner

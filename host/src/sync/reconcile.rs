@@ -648,13 +648,16 @@ impl SyncEngine {
                 unfinished_restart = false;
                 continue;
             }
-            if let Err(Deferred(wait, _)) = inner.breakers.allow(&run.connector) {
-                self.wait(
-                    run,
-                    cancel,
-                    wait.clamp(Duration::from_millis(50), Duration::from_secs(5)),
-                )
-                .await?;
+            if let Err(Deferred(wait, behind_probe)) = inner.breakers.allow(&run.connector) {
+                // Behind a probe: looked at again each second, as before
+                // (nothing releases a listing when the probe succeeds).
+                let most = if behind_probe {
+                    Duration::from_secs(1)
+                } else {
+                    Duration::from_secs(5)
+                };
+                self.wait(run, cancel, wait.clamp(Duration::from_millis(50), most))
+                    .await?;
                 continue;
             }
             let (listed, listed_at_ms) = {
