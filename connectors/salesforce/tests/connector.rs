@@ -40,6 +40,16 @@ fn sf_error(code: &str, message: &str, fields: &[&str]) -> Value {
     json!([{"message": message, "errorCode": code, "fields": fields}])
 }
 
+/// Salesforce's refusal of a write as a duplicate of `field`'s value held
+/// by record `holder`.
+fn duplicate_of(field: &str, holder: &str, fields: &[&str]) -> Value {
+    sf_error(
+        "DUPLICATE_VALUE",
+        &format!("duplicate value found: {field} duplicates value on record with id: {holder}"),
+        fields,
+    )
+}
+
 fn create_request() -> PushRequest {
     let record = json!({"id": "c1", "name": "Ada King Lovelace", "email": "ada@example.com",
         "address": {"line1": "12 St James's Sq", "line2": "Flat 1", "city": "London", "country": "GB"},
@@ -714,14 +724,9 @@ async fn an_upsert_that_raced_its_own_first_attempt_is_retried() {
     let kit = kit().await.setting("external_id_field", "Ferry_Id__c");
     script_tokens(&kit, &["tok-1"]);
     let upsert = format!("{CONTACTS}/Ferry_Id__c/c1");
-    kit.http().on("PATCH", &upsert).respond_json(
-        400,
-        &sf_error(
-            "DUPLICATE_VALUE",
-            "duplicate value found: Ferry_Id__c duplicates value on record with id: 003N",
-            &[],
-        ),
-    );
+    kit.http()
+        .on("PATCH", &upsert)
+        .respond_json(400, &duplicate_of("Ferry_Id__c", "003N", &[]));
     kit.http()
         .on("GET", &upsert)
         .respond_json(
@@ -749,14 +754,9 @@ async fn an_upsert_that_raced_its_own_first_attempt_is_retried() {
         .await
         .setting("external_id_field", "Ferry_Id__c");
     script_tokens(&kit, &["tok-1"]);
-    kit.http().on("PATCH", &upsert).respond_json(
-        400,
-        &sf_error(
-            "DUPLICATE_VALUE",
-            "duplicate value found: Email duplicates value on record with id: 003M",
-            &["Email"],
-        ),
-    );
+    kit.http()
+        .on("PATCH", &upsert)
+        .respond_json(400, &duplicate_of("Email", "003M", &["Email"]));
     assert!(matches!(
         connector_error(kit.push(create_request()).await),
         ConnectorError::Permanent(_)
@@ -775,14 +775,7 @@ async fn an_update_whose_external_id_another_record_holds_goes_without_it() {
     script_tokens(&kit, &["tok-1"]);
     kit.http()
         .on("PATCH", &format!("{CONTACTS}/003B"))
-        .respond_json(
-            400,
-            &sf_error(
-                "DUPLICATE_VALUE",
-                "duplicate value found: Ferry_Id__c duplicates value on record with id: 003A",
-                &[],
-            ),
-        )
+        .respond_json(400, &duplicate_of("Ferry_Id__c", "003A", &[]))
         .respond(204, &[], "");
     let update = update_of("003B", &["email"]);
     let result = kit.push(update).await.expect("update");
@@ -811,14 +804,7 @@ async fn an_update_whose_external_id_another_record_holds_goes_without_it() {
     script_tokens(&kit, &["tok-1"]);
     kit.http()
         .on("PATCH", &format!("{CONTACTS}/003B"))
-        .respond_json(
-        400,
-        &sf_error(
-            "DUPLICATE_VALUE",
-            "duplicate value found: Legacy_Ferry_Id__c duplicates value on record with id: 003A",
-            &[],
-        ),
-    );
+        .respond_json(400, &duplicate_of("Legacy_Ferry_Id__c", "003A", &[]));
     let update = update_of("003B", &["email"]);
     assert!(matches!(
         connector_error(kit.push(update).await),
