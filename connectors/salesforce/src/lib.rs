@@ -248,7 +248,9 @@ impl Connector for Salesforce {
     fn fetch(entity: String, remote_id: String) -> Result<RemoteRecord, ConnectorError> {
         ferry_sdk::ensure_entity(&entity, ENTITY, "salesforce")?;
         let config = Config::load()?;
-        fetch(&config, &remote_id).map_err(|error| config.record_gone(error))
+        fetch(&config, &remote_id)
+            .map_err(|error| config.record_gone(error))
+            .map_err(not_shown_deleted)
     }
 
     /// Keyset paging: `SELECT … WHERE Id > '<cursor>' ORDER BY Id LIMIT
@@ -439,6 +441,28 @@ fn fetch(config: &Config, remote_id: &str) -> Result<RemoteRecord, ConnectorErro
     // it (`INVALID_FIELD`, a dead letter that says so).
     let row = config.mapped_fields_of(remote_id)?;
     config.remote_record(&row)
+}
+
+/// A read's 404, unless Salesforce said the record is deleted
+/// (`ENTITY_IS_DELETED`: in the Recycle Bin). A plain `NOT_FOUND` for an
+/// object the org knows is also what the integration user gets for a
+/// record a sharing change hides from it: read as gone, a reconciliation's
+/// orphan (the listing missed the record for the same reason) deleted the
+/// customer and fanned the delete out. A record purged from the Recycle
+/// Bin answers the same, and is then a dead letter for a person, not a
+/// delete.
+fn not_shown_deleted(error: ConnectorError) -> ConnectorError {
+    match error {
+        ConnectorError::NotFound(message) if message.contains(": NOT_FOUND: ") => {
+            ConnectorError::permanent(format!(
+                "{message}; Salesforce answers so for a record purged from the Recycle Bin \
+                 and for one the integration user may not see (sharing) alike, and only a \
+                 deleted record's `ENTITY_IS_DELETED` is taken as deleted: nothing was \
+                 changed in ferry"
+            ))
+        }
+        other => other,
+    }
 }
 
 /// The push's result with what Salesforce now holds in the mapped fields

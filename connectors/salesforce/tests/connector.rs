@@ -834,16 +834,24 @@ async fn a_404_of_an_object_the_org_does_not_know_is_not_a_record_gone() {
             true => kit.http().on("GET", CONTACTS).respond_json(200, &describe),
             false => kit.http().on("GET", CONTACTS).respond_json(404, &not_found),
         };
-        for error in [
-            connector_error(kit.push(linked(Operation::Delete, "003A")).await),
-            connector_error(kit.fetch("customer", "003A").await),
+        for (read, error) in [
+            (
+                false,
+                connector_error(kit.push(linked(Operation::Delete, "003A")).await),
+            ),
+            (true, connector_error(kit.fetch("customer", "003A").await)),
         ] {
-            match (expect_gone, error) {
-                (true, ConnectorError::NotFound(_)) => {}
-                (false, ConnectorError::Permanent(m)) => {
+            match (expect_gone, read, error) {
+                (true, false, ConnectorError::NotFound(_)) => {}
+                // A read's plain `NOT_FOUND` is no proof of a delete
+                // either (a_read_takes_only_a_deleted_record_as_gone).
+                (true, true, ConnectorError::Permanent(m)) => {
+                    assert!(m.contains("ENTITY_IS_DELETED"), "{m}")
+                }
+                (false, _, ConnectorError::Permanent(m)) => {
                     assert!(m.contains("does not know object `Contact`"), "{m}")
                 }
-                (_, other) => panic!("object known: {object_known}: {other:?}"),
+                (_, _, other) => panic!("object known: {object_known}: {other:?}"),
             }
         }
         let probes = kit
@@ -854,6 +862,42 @@ async fn a_404_of_an_object_the_org_does_not_know_is_not_a_record_gone() {
             .count();
         assert_eq!(probes, 2, "one probe after each 404");
     }
+}
+
+/// A read answered 404 `NOT_FOUND` (not `ENTITY_IS_DELETED`) is not the
+/// record gone: Salesforce answers so for a record a sharing change hides
+/// from the integration user, and a reconciliation whose listing missed
+/// it for the same reason deleted the customer (and fanned the delete
+/// out). A deleted record's own answer still is.
+#[tokio::test]
+async fn a_read_takes_only_a_deleted_record_as_gone() {
+    let kit = kit().await;
+    script_tokens(&kit, &["tok-1"]);
+    let describe = json!({"objectDescribe": {"name": "Contact"}, "recentItems": []});
+    kit.http().on("GET", CONTACTS).respond_json(200, &describe);
+    kit.http()
+        .on("GET", &format!("{CONTACTS}/003H"))
+        .respond_json(
+            404,
+            &sf_error("NOT_FOUND", "The requested resource does not exist", &[]),
+        );
+    kit.http()
+        .on("GET", &format!("{CONTACTS}/003D"))
+        .respond_json(
+            404,
+            &sf_error("ENTITY_IS_DELETED", "entity is deleted", &[]),
+        );
+    match connector_error(kit.fetch("customer", "003H").await) {
+        ConnectorError::Permanent(m) => {
+            assert!(m.contains("NOT_FOUND"), "{m}");
+            assert!(m.contains("may not see (sharing)"), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        connector_error(kit.fetch("customer", "003D").await),
+        ConnectorError::NotFound(m) if m.contains("ENTITY_IS_DELETED")
+    ));
 }
 
 /// A URL setting with a path (an API URL pasted whole) is refused before

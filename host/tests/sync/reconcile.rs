@@ -876,6 +876,64 @@ async fn salesforce_delete_is_an_orphan(backend: Backend) {
     }
 }
 
+/// A Contact a sharing change takes from the integration user (or one
+/// purged from the Recycle Bin) is missing from the listing and answers
+/// its read with a plain `NOT_FOUND`: no proof of a delete. The orphan's
+/// repair is a dead letter that says so; the customer stays, in ferry and
+/// at Stripe. Before, both were deleted, and the brake (a share of the
+/// links) let a few percent through.
+async fn a_salesforce_record_out_of_reach_is_not_deleted(backend: Backend) {
+    let (stripe, salesforce, app) = salesforce_app(backend, json!({})).await;
+    let pairs = customers_with_contacts(&app, 2, "sf-hidden").await;
+    let (hidden_customer, hidden_contact) = pairs[0].clone();
+    salesforce.purge_record("Contact", &hidden_contact);
+
+    let run = run_to_end(&app, json!({"connector": "salesforce", "repair": "merge"})).await;
+    assert_eq!(run["status"], "completed", "{run:#}");
+    expect_counts(&run, &[("equal", 1), ("orphan", 1), ("repairs", 1)]);
+    eventually("the orphan's repair is a dead letter", || async {
+        let events = app
+            .store
+            .inbox_of_remote("salesforce", &hidden_contact)
+            .await;
+        events.unwrap().iter().any(|e| e.state.as_str() == "dead")
+    })
+    .await;
+    let events = app
+        .store
+        .inbox_of_remote("salesforce", &hidden_contact)
+        .await
+        .unwrap();
+    let repair = events
+        .iter()
+        .find(|e| e.remote_type == "reconciliation")
+        .expect("the orphan's repair");
+    assert_eq!(repair.state.as_str(), "dead", "{repair:?}");
+    assert!(
+        repair
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("may not see (sharing)")),
+        "{repair:?}"
+    );
+    let customer = app
+        .store
+        .get_customer_any(&hidden_customer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(customer.deleted_at.is_none(), "{customer:?}");
+    let stripe_link = app
+        .wait_link(&hidden_customer, SETTLE, |l| l["state"] == "synced")
+        .await;
+    assert_eq!(stripe_link["remote_deleted"], false, "{stripe_link}");
+    assert!(
+        stripe_customer(&stripe.url(), stripe_link["remote_id"].as_str().unwrap())
+            .await
+            .is_some()
+    );
+}
+
 /// An orphan the remote still has (the listing missed it: a sharing rule,
 /// a narrowed key) is not deleted: its repair reads the record first and
 /// is skipped, saying why. Before, the customer was soft-deleted and the
@@ -2864,6 +2922,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn salesforce_delete() {
         salesforce_delete_is_an_orphan(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn salesforce_record_out_of_reach() {
+        a_salesforce_record_out_of_reach_is_not_deleted(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

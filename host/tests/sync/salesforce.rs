@@ -789,10 +789,20 @@ async fn fetched_records_make_a_forged_message_harmless() {
             .inbox_of_remote("salesforce", "003000000000NOP")
             .await
             .expect("inbox");
-        // A record ferry never knew, gone: skipped at the first read (it
-        // was read again with backoff until it was dead-lettered, a
-        // forged message's reads against the org's API times the attempts).
-        if ghost.first().is_some_and(|e| e.state.as_str() == "skipped") {
+        // A record ferry never knew, not found: a dead letter at the first
+        // read (it was read again with backoff until it was, a forged
+        // message's reads against the org's API times the attempts). Not
+        // a skip: Salesforce answers so for a record the integration user
+        // may not see, whose message a person should look at.
+        if let Some(first) = ghost.first().filter(|e| e.state.as_str() == "dead") {
+            assert_eq!(first.attempts, 1, "{first:?}");
+            assert!(
+                first
+                    .detail
+                    .as_deref()
+                    .is_some_and(|d| d.contains("may not see (sharing)")),
+                "{first:?}"
+            );
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "{ghost:?}");

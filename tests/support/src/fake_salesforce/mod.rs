@@ -461,6 +461,23 @@ impl FakeSalesforce {
         }
     }
 
+    /// Takes a record out of the integration user's reach: its Recycle Bin
+    /// emptied (a hard delete), or a sharing change that hides it from
+    /// that user. Salesforce answers both as it answers an id it never had
+    /// (404 `NOT_FOUND`; left out of every query), and so does the fake.
+    ///
+    /// # Panics
+    /// If the record does not exist.
+    #[track_caller]
+    pub fn purge_record(&self, object: &str, id: &str) {
+        let mut data = self.shared.data();
+        let id = match find(&data, object, id) {
+            Ok((id, _)) => id,
+            Err(err) => panic!("purge_record({object}, {id}) failed: {err:?}"),
+        };
+        data.records.remove(&id);
+    }
+
     /// The record's current fields as the REST API would return them
     /// (without `attributes`); `None` if it is unknown or deleted.
     pub fn record(&self, object: &str, id: &str) -> Option<Value> {
