@@ -13,7 +13,7 @@ step "building connectors (wasm32-wasip2 components)"
 built="$CARGO_TARGET_DIR/wasm32-wasip2/release"
 # The recorder test guest's variants first (the connector-plane tests upload
 # them), each copied aside: the plain build below writes the default file.
-for variant in version-2 version-3 rebuilt invalid-manifest no-customer; do
+for variant in version-2 version-3 rebuilt invalid-manifest no-customer version-5; do
   cargo build --quiet --target wasm32-wasip2 --release -p ferry-test-recorder --features "$variant"
   cmp -s "$built/ferry_test_recorder.wasm" "$built/ferry_test_recorder-$variant.wasm" \
     || cp "$built/ferry_test_recorder.wasm" "$built/ferry_test_recorder-$variant.wasm"

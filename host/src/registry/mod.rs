@@ -1143,8 +1143,9 @@ impl Registry {
     /// take it: nothing stops.
     ///
     /// Only a version newer than the running one: a rollback (an
-    /// emergency's) goes through, and its settings cannot be given first
-    /// (a write refuses a name only an older version declares). As the
+    /// emergency's) goes through. Its settings cannot be given first (a
+    /// write refuses a name only an older version declares), and need not
+    /// be: every write since it ran kept what is stored of them. As the
     /// store has it now: this replica's view may be a poll behind another
     /// replica's settings write. On a replica that does not run it because
     /// other replicas' environments configure it, not its own, the settings
@@ -1440,45 +1441,46 @@ impl Registry {
             .await?
             .into_iter()
             .find(|c| c.connector == name);
-        // What the active version does not declare but a newer stored one
-        // does belongs to that one (a rollback through `activate`): a
-        // write while the older is active keeps what is stored of it, and
-        // may give it. Dropped, a rollback's first save (the console's
-        // form names the active version's fields only) lost the newer
-        // version's settings and sealed secrets, and rolled forward it
-        // waited for them; refused, a write that left `secrets` out, or
-        // sent back what GET shows, was a 422. A name only an older
-        // version declares is refused as before (a setting renamed since,
+        // What the active version does not declare but another stored one
+        // does belongs to that one (a rollback or a roll forward through
+        // `activate`): a write while this one is active keeps what is
+        // stored of it. Dropped, the first save (the console's form names
+        // the active version's fields only) lost the other version's
+        // settings and sealed secrets, and activated it waited for them:
+        // an emergency's rollback answered 200 and stopped the connector.
+        // Refused, a write that left `secrets` out, or sent back what GET
+        // shows, was a 422. Given, a newer version's name is taken (its
+        // settings can be given before it is activated); a name only an
+        // older version declares is refused (a setting renamed since,
         // given under its old name, would be stored and do nothing).
         let active_version = entry
             .active
             .as_ref()
             .map(|a| a.meta.version.clone())
             .unwrap_or_default();
-        let newer_versions: Vec<VersionMeta> = self
+        let (newer_versions, older_versions): (Vec<VersionMeta>, Vec<VersionMeta>) = self
             .inner
             .store
             .connector_versions(name)
             .await?
             .into_iter()
-            .filter(|v| newer_version(&v.version, &active_version))
-            .collect();
-        let declared_elsewhere = |field: &str| {
+            .filter(|v| v.version != active_version)
+            .partition(|v| newer_version(&v.version, &active_version));
+        let declared_by = |versions: &[VersionMeta], field: &str| {
             let (kind, key) = field.split_once('.').unwrap_or(("settings", field));
-            newer_versions
-                .iter()
-                .any(|v| declares(&v.manifest, kind, key))
+            versions.iter().any(|v| declares(&v.manifest, kind, key))
         };
+        let declared_elsewhere = |field: &str| declared_by(&newer_versions, field);
+        let kept_elsewhere =
+            |field: &str| declared_elsewhere(field) || declared_by(&older_versions, field);
         let mut settings = new.settings;
         let mut carried: Vec<String> = Vec::new();
-        // Only a newer version's: an older version's name (renamed since)
-        // is dropped by the write, as before, not kept for good.
         if let Some(previous) = &previous {
             for (key, value) in &previous.settings {
                 let field = format!("settings.{key}");
                 if !manifest.settings.iter().any(|s| &s.name == key)
                     && !settings.contains_key(key)
-                    && declared_elsewhere(&field)
+                    && kept_elsewhere(&field)
                 {
                     settings.insert(key.clone(), value.clone());
                     carried.push(field);
@@ -1490,7 +1492,7 @@ impl Registry {
                 let field = format!("secrets.{key}");
                 if !manifest.secrets.iter().any(|s| &s.name == key)
                     && !secrets.contains_key(key)
-                    && declared_elsewhere(&field)
+                    && kept_elsewhere(&field)
                 {
                     secrets.insert(key.clone(), value.clone());
                     carried.push(field);

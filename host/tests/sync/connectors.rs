@@ -4,8 +4,9 @@
 //! each other's changes. The uploaded connector is the recorder test guest
 //! (tests/guests/recorder) and its variants: `version-2` (0.2.0),
 //! `version-3` (0.3.0, a new required setting), `rebuilt`
-//! (0.1.0 with other bytes), `invalid-manifest` and `no-customer` (0.4.0,
-//! syncing `invoice` only). Its webhook answers
+//! (0.1.0 with other bytes), `invalid-manifest`, `no-customer` (0.4.0,
+//! syncing `invoice` only) and `version-5` (0.5.0, 0.3.0's setting
+//! renamed). Its webhook answers
 //! `recorder VERSION`, so a test sees which version served a delivery.
 
 use std::collections::BTreeMap;
@@ -2236,6 +2237,59 @@ async fn a_rollback_keeps_the_newer_versions_settings(backend: Backend) {
     assert!(connector["problem"].is_null(), "{connector}");
 }
 
+/// The other way: a write while a newer version runs keeps what only an
+/// older stored version declares (a setting renamed since), so a rollback
+/// to it runs. Dropped, the way back of an emergency answered 200 and left
+/// the connector waiting for a setting no form offered.
+async fn a_roll_forward_keeps_the_older_versions_settings(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let put = |body: Value| {
+        app.send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/recorder/settings",
+            Some(body),
+        )
+    };
+    let activate = |version: &str| {
+        post(
+            &app,
+            "/api/v1/connectors/recorder/activate",
+            Some(json!({"version": version})),
+        )
+    };
+    for variant in ["version-3", "version-5"] {
+        let (status, version) = upload(&app, recorder_variant(variant), "?activate=false").await;
+        assert_eq!(status, 201, "{version}");
+    }
+    let (status, configured) = put(json!({"settings": {
+        "api_base": remote.url, "account": "acme", "account_number": "acme-1"
+    }}))
+    .await;
+    assert_eq!(status, 200, "{configured}");
+    let (status, forward) = activate("0.5.0").await;
+    assert_eq!(status, 200, "{forward}");
+    // 0.5.0's form: its own fields only.
+    let (status, saved) =
+        put(json!({"settings": {"api_base": remote.url, "account_number": "acme-2"}})).await;
+    assert_eq!(status, 200, "{saved}");
+    let (status, back) = activate("0.3.0").await;
+    assert_eq!(status, 200, "{back}");
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(connector["settings"]["account"], "acme", "{connector}");
+    assert!(connector["problem"].is_null(), "{connector}");
+    // Newly given, a name only an older version declares is still refused
+    // while a newer runs (a setting renamed since would do nothing).
+    let (status, _) = activate("0.5.0").await;
+    assert_eq!(status, 200);
+    let (status, old_name) = put(json!({"settings": {
+        "api_base": remote.url, "account_number": "acme-2", "account": "other"
+    }}))
+    .await;
+    assert_eq!(status, 422, "{old_name}");
+}
+
 /// A replica that cannot open the stored secrets (another master key, a
 /// rotation half done) leaves the connector's pushes waiting, as for a
 /// missing setting. Before, it ran the connector without them: the push
@@ -2958,6 +3012,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_rollback_keeps_the_newer_versions_settings() {
         super::a_rollback_keeps_the_newer_versions_settings(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_roll_forward_keeps_the_older_versions_settings() {
+        super::a_roll_forward_keeps_the_older_versions_settings(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

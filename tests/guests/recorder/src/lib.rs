@@ -35,7 +35,9 @@
 //! `version-2` is version 0.2.0, `version-3` is version 0.3.0 with a new
 //! required setting `account`, `rebuilt` is the default version with other
 //! bytes, `invalid-manifest` declares a name and version ferry refuses,
-//! `no-customer` is version 0.4.0 syncing `invoice` instead of `customer`.
+//! `no-customer` is version 0.4.0 syncing `invoice` instead of `customer`,
+//! `version-5` is version 0.5.0 with 0.3.0's `account` renamed
+//! `account_number`.
 
 use ferry_sdk::http::{Request, Response};
 use ferry_sdk::{
@@ -64,6 +66,8 @@ const VERSION: &str = if cfg!(feature = "invalid-manifest") {
     "0.3.0"
 } else if cfg!(feature = "no-customer") {
     "0.4.0"
+} else if cfg!(feature = "version-5") {
+    "0.5.0"
 } else {
     env!("CARGO_PKG_VERSION")
 };
@@ -95,6 +99,13 @@ impl Connector for Recorder {
             builder.setting(
                 "account",
                 "The recording service's account (new in 0.3.0, required)",
+                None,
+                true,
+            )
+        } else if cfg!(feature = "version-5") {
+            builder.setting(
+                "account_number",
+                "The recording service's account (0.3.0's `account`, renamed in 0.5.0)",
                 None,
                 true,
             )
