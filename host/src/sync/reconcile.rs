@@ -607,15 +607,22 @@ impl SyncEngine {
                 Ok(ready) => ready,
                 // Paused by an operator, or waiting for the settings its
                 // active version needs: the run waits with it, without
-                // holding a place runs of other connectors need.
-                Err(NotReady::Disabled | NotReady::Incomplete(_)) => return Err(Stop::Parked),
-                // Not loaded here yet (a connector uploaded a moment ago,
-                // its compile still running on this replica, whose view
-                // refreshes every second): wait a while before failing.
-                Err(
-                    other @ (NotReady::Unknown | NotReady::NotLoaded(_) | NotReady::Unconfigured),
-                ) if not_ready_since.get_or_insert_with(Instant::now).elapsed()
-                    < NOT_READY_GRACE =>
+                // holding a place runs of other connectors need. So it does
+                // for a replica that loaded it, as pushes do, when this one
+                // has no version of it loaded (a load that failed here:
+                // another master key, operator rules, a compile; or not
+                // done yet). Failed, one run in N of a cluster with one
+                // such replica failed, and a failed backfill released the
+                // creates it held beside the records they were held for.
+                Err(NotReady::Disabled | NotReady::Incomplete(_) | NotReady::NotLoaded(_)) => {
+                    return Err(Stop::Parked)
+                }
+                // Not known here yet (a connector uploaded a moment ago,
+                // this replica's view refreshes every second): wait a
+                // while before failing.
+                Err(other @ (NotReady::Unknown | NotReady::Unconfigured))
+                    if not_ready_since.get_or_insert_with(Instant::now).elapsed()
+                        < NOT_READY_GRACE =>
                 {
                     tracing::debug!(%other, "the connector is not ready here yet; waiting");
                     self.wait(run, cancel, POLL).await?;

@@ -1154,6 +1154,39 @@ async fn a_version_that_fails_to_load_keeps_its_changes(backend: Backend) {
     .await;
 }
 
+/// A reconciliation taken by a replica that cannot load its connector
+/// (damaged bytes here; another master key, operator rules or a compile
+/// its memory cannot hold elsewhere) waits for one that can, as pushes
+/// do: it gives its place up and is taken again. Before, it failed after
+/// 30 s, in a cluster one run in N, and a failed backfill released the
+/// creates it held beside the records they were held for.
+async fn a_run_waits_for_a_replica_that_loads_its_connector(backend: Backend) {
+    let dir = tempfile::tempdir().expect("dir");
+    let remote = RecorderRemote::start().await;
+    let damage = "UPDATE connector_versions SET component = $1 WHERE name = 'recorder'";
+    let (app, database_url, _) =
+        restarted_after_a_change(backend, dir.path(), &remote, damage, b"not a component").await;
+    // Started through a replica that has it loaded (its API refuses one
+    // here, 409 `connector_not_ready`); this one's reconciler takes it.
+    let run = app
+        .store
+        .start_run("recorder", "reconcile", "report", "api")
+        .await
+        .unwrap()
+        .expect("started");
+    let id = run.id;
+    // Past the grace a connector not known here yet gets.
+    tokio::time::sleep(std::time::Duration::from_secs(32)).await;
+    let (_, now) = get(&app, &format!("/api/v1/reconciliations/{id}")).await;
+    assert_eq!(now["status"], "running", "{now:#}");
+    execute_raw(&database_url, damage, &recorder()).await;
+    // A change to the connector: the replica loads it at once (not at its
+    // next retry, by then half a minute away).
+    let bump = "UPDATE connectors SET revision = revision + 1 WHERE name = 'recorder'";
+    execute_raw(&database_url, bump, b"").await;
+    assert_eq!(wait_run(&app.base, &id).await["status"], "completed");
+}
+
 /// The version the store says is active syncs `customer`; the one this
 /// replica runs (its load of the new one failed: here damaged bytes; or
 /// it has not caught up yet) does not. A customer change queued for the
@@ -3037,6 +3070,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn failed_load_keeps_changes() {
         a_version_that_fails_to_load_keeps_its_changes(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_waits_for_a_replica_that_loads_its_connector() {
+        super::a_run_waits_for_a_replica_that_loads_its_connector(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
