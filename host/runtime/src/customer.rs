@@ -169,7 +169,7 @@ pub const MAX_METADATA_KEY: usize = 40;
 /// Longest metadata value, in characters.
 pub const MAX_METADATA_VALUE: usize = 500;
 /// How emails are stored and compared: trimmed, lowercased (a final sigma
-/// folded to `σ`), in Unicode
+/// of the local part folded to `σ`), in Unicode
 /// normal form C (an `é` typed as `e` and a combining accent is the same
 /// address as one typed as one character), and with an internationalised
 /// domain in its ASCII form (`bücher.de` and `xn--bcher-kva.de` are one
@@ -179,18 +179,23 @@ pub const MAX_METADATA_VALUE: usize = 500;
 /// would otherwise accept a symbol (`☃.com`) or drop an invisible
 /// character the check exists to catch.
 pub fn normalise_email(email: &str) -> String {
-    // Letter by letter, and the final sigma folded as Unicode's case
-    // folding does: `str::to_lowercase` made a capital sigma that ends a
-    // word a final sigma, so `ΑΣ@x.gr` and `ασ@x.gr` were two
-    // customers, and by letter alone `ας@x.gr` and `ΑΣ@x.gr` were.
-    // All three are one.
+    // Letter by letter, and in the local part the final sigma folded as
+    // Unicode's case folding does: `str::to_lowercase` made a capital
+    // sigma that ends a word a final sigma, so `ΑΣ@x.gr` and `ασ@x.gr`
+    // were two customers, and by letter alone `ας@x.gr` and `ΑΣ@x.gr`
+    // were. All three are one. Not in the domain: IDNA keeps the final
+    // sigma a letter of its own (`ας.gr` and `ασ.gr` are two domains), and
+    // folded there the address was stored, and pushed, under the other.
     let email: String = email
         .trim()
         .chars()
         .flat_map(char::to_lowercase)
-        .map(|c| if c == 'ς' { 'σ' } else { c })
         .nfc()
         .collect();
+    let email = match email.rsplit_once('@') {
+        Some((local, domain)) => format!("{}@{domain}", local.replace('ς', "σ")),
+        None => email.replace('ς', "σ"),
+    };
     let Some((local, domain)) = email.rsplit_once('@') else {
         return email;
     };
@@ -508,5 +513,13 @@ mod tests {
             normalise_email("ας@example.com"),
             normalise_email("ασ@example.com")
         );
+        // Not in the domain: IDNA keeps a final sigma a letter of its own
+        // (`ας.gr` and `ασ.gr` are two domains), and folded first the
+        // address was stored under the other one, and pushed so.
+        assert_eq!(
+            normalise_email("a@ας.gr"),
+            format!("a@{}", idna::domain_to_ascii("ας.gr").unwrap())
+        );
+        assert_ne!(normalise_email("a@ας.gr"), normalise_email("a@ασ.gr"));
     }
 }
