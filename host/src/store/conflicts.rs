@@ -243,7 +243,7 @@ impl Store {
                          VALUES ($1, $2, $3, $4, 'prefer_local', $5, $6, 'resolved', \
                          'prefer_local', $7, $7, $8)",
                     )
-                    .bind(format!("cf_{}", uuid::Uuid::now_v7().simple()))
+                    .bind(super::new_id("cf_"))
                     .bind(&conflict.customer_id)
                     .bind(&conflict.connector)
                     .bind(&folded.event_id)

@@ -29,9 +29,9 @@ impl CustomerId {
     /// Characters in an id: the prefix and 32 hex digits.
     pub const LEN: usize = 36;
 
-    /// A new, time-ordered id.
+    /// A new id, ordered by the database's clock ([`super::new_id`]).
     pub fn generate() -> Self {
-        Self(format!("{}{}", Self::PREFIX, uuid::Uuid::now_v7().simple()))
+        Self(super::new_id(Self::PREFIX))
     }
 
     /// Parses `cus_<32 lowercase hex>`; anything else is not an id.

@@ -694,7 +694,7 @@ impl Store {
                         WHERE connector = $3 AND remote_id = $10), ''), \
                      $3, 'inbound', 0, $4, $5, $6, $7, $8, $9)",
                 )
-                .bind(format!("dl_{}", uuid::Uuid::now_v7().simple()))
+                .bind(super::new_id("dl_"))
                 .bind(&event.customer_id)
                 .bind(&event.connector)
                 .bind(kind.as_str())
@@ -981,7 +981,7 @@ impl Store {
                         return Ok(Applied::Raced);
                     }
                 }
-                let conflict_id = format!("cf_{}", uuid::Uuid::now_v7().simple());
+                let conflict_id = super::new_id("cf_");
                 sqlx::query(
                     "INSERT INTO conflicts (id, customer_id, connector, event_id, policy, fields, remote_record, \
                      state, resolution, created_at, correlation_id) \

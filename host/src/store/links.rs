@@ -1166,7 +1166,7 @@ macro_rules! record_in {
                      error_kind, error, attempts, correlation_id, created_at) \
                      VALUES ($1, $2, $3, 'outbound', $4, $5, $6, $7, $8, $9)",
                 )
-                .bind(format!("dl_{}", uuid::Uuid::now_v7().simple()))
+                .bind(super::new_id("dl_"))
                 .bind(&$link.customer_id)
                 .bind(&$link.connector)
                 .bind(version)

@@ -467,6 +467,27 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis() + clock::offset_ms()
 }
 
+/// A new id: `prefix` and a UUIDv7 (hex) dated [`now_ms`], the database's
+/// clock as this process follows it. Lists page by id (`starting_after`):
+/// dated by a replica's own clock, running 30 s slow, its customers landed
+/// 30 s behind cursors already handed out, and a client paging through
+/// never saw them. Within one process ids still only grow.
+pub(crate) fn new_id(prefix: &str) -> String {
+    id_at(prefix, now_ms())
+}
+
+fn id_at(prefix: &str, ms: i64) -> String {
+    static CONTEXT: std::sync::Mutex<uuid::ContextV7> =
+        std::sync::Mutex::new(uuid::ContextV7::new());
+    let ms = u64::try_from(ms).unwrap_or(0);
+    let context = CONTEXT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let nanos = u32::try_from(ms % 1_000 * 1_000_000).unwrap_or(0);
+    let at = uuid::Timestamp::from_unix(&*context, ms / 1_000, nanos);
+    format!("{prefix}{}", uuid::Uuid::new_v7(at).simple())
+}
+
 /// Longest error text stored on a link, a delivery, a dead letter or an
 /// inbox event, in bytes: a remote's error body can be arbitrarily large.
 pub const MAX_ERROR_BYTES: usize = 4096;
@@ -773,6 +794,22 @@ pub fn replace_nul(value: &mut serde_json::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An id carries the time it is given (the database's clock, by
+    /// [`new_id`]), not this machine's, and ids made in one millisecond
+    /// still grow.
+    #[test]
+    fn ids_are_dated_by_the_clock_they_are_given() {
+        let an_hour_ahead = chrono::Utc::now().timestamp_millis() + 3_600_000;
+        let ids: Vec<String> = (0..100).map(|_| id_at("cus_", an_hour_ahead)).collect();
+        for id in &ids {
+            let uuid = uuid::Uuid::parse_str(id.strip_prefix("cus_").unwrap()).unwrap();
+            let (seconds, nanos) = uuid.get_timestamp().unwrap().to_unix();
+            let ms = i64::try_from(seconds).unwrap() * 1_000 + i64::from(nanos / 1_000_000);
+            assert_eq!(ms, an_hour_ahead, "{id}");
+        }
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    }
 
     /// A database keeps the checksum of every migration it applied, and
     /// refuses to start once a migration's text differs ("previously

@@ -192,7 +192,7 @@ macro_rules! insert_mismatches {
                      fields, record, detail, state, created_at, listed_at_ms) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'open', $9, $10)",
                 )
-                .bind(format!("mm_{}", uuid::Uuid::now_v7().simple()))
+                .bind(super::new_id("mm_"))
                 .bind($run)
                 .bind(mismatch.kind)
                 .bind(&mismatch.remote_id)
@@ -252,7 +252,7 @@ impl Store {
         repair: &str,
         trigger: &str,
     ) -> Result<Option<RunRow>, StoreError> {
-        let id = format!("rec_{}", uuid::Uuid::now_v7().simple());
+        let id = super::new_id("rec_");
         let at = now();
         let inserted = dispatch!(self, write pool => {
             sqlx::query(
