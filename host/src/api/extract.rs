@@ -167,6 +167,14 @@ fn shape_error(error: serde_path_to_error::Error<serde_json::Error>) -> ApiError
     match inner.classify() {
         serde_json::error::Category::Data => {
             let message = strip_position(&inner.to_string());
+            // serde quotes the value it refused (`invalid type: string
+            // "sk_live_…"`): under `secrets` that was a secret, sent back
+            // to the caller and into any log of the response.
+            let message = if path == "secrets" || path.starts_with("secrets.") {
+                unquoted(&message)
+            } else {
+                message
+            };
             // Both quote a name the client gave, as long as the body: cut,
             // or a megabyte's key came back three times over.
             let field = shown(&field_name(&path, &message), MAX_SHOWN_FIELD);
@@ -176,6 +184,16 @@ fn shape_error(error: serde_path_to_error::Error<serde_json::Error>) -> ApiError
             )])
         }
         _ => ApiError::MalformedJson(inner.to_string()),
+    }
+}
+
+/// A shape error's `message` without the value it quotes: what was
+/// expected only.
+fn unquoted(message: &str) -> String {
+    const NOT_SHOWN: &str = "invalid value (not shown: it may be a secret)";
+    match message.split_once(", expected ") {
+        Some((_, expected)) => format!("{NOT_SHOWN}, expected {expected}"),
+        None => NOT_SHOWN.to_owned(),
     }
 }
 

@@ -2323,6 +2323,36 @@ async fn a_roll_forward_keeps_the_older_versions_settings(backend: Backend) {
     assert_eq!(status, 422, "{old_name}");
 }
 
+/// A secret of the wrong shape (a string where a map belongs, a number
+/// for a value) is refused without quoting it: serde's message quoted the
+/// value, and the 422 carried the secret back to the caller and into any
+/// log of responses.
+async fn a_refused_secret_is_not_quoted_back(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    for body in [
+        json!({"secrets": "sk_live_quoted_back_0123"}),
+        json!({"secrets": {"api_key": 98765432123_u64}}),
+        json!({"secrets": {"api_key": ["sk_live_quoted_back_0123"]}}),
+    ] {
+        let (status, problem) = app
+            .send(
+                reqwest::Method::PUT,
+                "/api/v1/connectors/recorder/settings",
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(status, 422, "{problem}");
+        let text = problem.to_string();
+        assert!(
+            !text.contains("sk_live_quoted_back_0123") && !text.contains("98765432123"),
+            "{text}"
+        );
+        assert!(text.contains("expected"), "{text}");
+    }
+}
+
 /// A replica that cannot open the stored secrets (another master key, a
 /// rotation half done) leaves the connector's pushes waiting, as for a
 /// missing setting. Before, it ran the connector without them: the push
@@ -3045,6 +3075,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_rollback_keeps_the_newer_versions_settings() {
         super::a_rollback_keeps_the_newer_versions_settings(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_secret_is_not_quoted_back() {
+        super::a_refused_secret_is_not_quoted_back(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
