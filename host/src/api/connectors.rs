@@ -391,6 +391,12 @@ pub async fn get_connector(
     _principal: Principal,
     Path(name): Path<String>,
 ) -> Result<Json<ConnectorSummary>, ApiError> {
+    // Uploaded through another replica a moment ago (a client's GET of the
+    // upload's `Location`, through a load balancer): this replica's view
+    // may not have it until its next poll. One fresh look before a 404.
+    if state.registry.entry(&name).is_none() {
+        state.registry.refresh().await?;
+    }
     current(&state, &name).await
 }
 

@@ -881,7 +881,19 @@ async fn a_change_on_one_replica_reaches_the_other() {
         .await
         .expect("upload");
     assert_eq!(response.status(), 201);
+    let location = response.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_owned();
     seen.push(response.text().await.unwrap());
+    // The upload's `Location`, read at once through the other replica (a
+    // poll behind, it answered 404).
+    let shown = call(&b.base, reqwest::Method::GET, &location)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(shown.status(), 200, "{location}");
+    seen.push(shown.text().await.unwrap());
     let answer = |process: &FerryProcess| {
         let client = client.clone();
         let base = process.base.clone();
