@@ -14,11 +14,16 @@ pub fn require(name: &str) -> Result<String, ConnectorError> {
     get(name).ok_or_else(|| ConnectorError::permanent(format!("setting `{name}` is not set")))
 }
 
-/// A base-URL setting without its trailing slashes, ready for `format!`.
+/// A base-URL setting without surrounding white space or trailing
+/// slashes, ready for `format!`. A space an env file left at the end
+/// passes ferry's check of the setting (a URL parser strips it), and kept
+/// here it went into every request's URL: each one refused as invalid,
+/// each change dead-lettered.
 pub fn base_url(name: &str, default: &str) -> String {
     get(name)
         .filter(|v| !v.trim().is_empty())
         .unwrap_or_else(|| default.to_owned())
+        .trim()
         .trim_end_matches('/')
         .to_owned()
 }

@@ -45,6 +45,18 @@ fn connector_error(result: Result<impl std::fmt::Debug, CallError>) -> Connector
     }
 }
 
+/// A base URL given with white space around it (an env file's trailing
+/// space) is used without it: kept, every request's URL was refused.
+#[tokio::test]
+async fn a_base_url_with_spaces_around_it_is_used_without_them() {
+    let kit = kit().await.setting("api_base", " https://api.stripe.com/ ");
+    kit.http()
+        .on("GET", &format!("{API}/cus_spaced"))
+        .respond_json(200, &stripe_customer("cus_spaced"));
+    let record = kit.fetch("customer", "cus_spaced").await.expect("fetched");
+    assert!(record.record.contains("Ada Lovelace"), "{}", record.record);
+}
+
 #[tokio::test]
 async fn manifest_declares_what_the_connector_needs() {
     let kit = kit().await;

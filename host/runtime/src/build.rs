@@ -20,15 +20,23 @@ pub fn component_in(
     quiet: bool,
     target_dir: Option<&Path>,
 ) -> Result<PathBuf, String> {
+    let absolute = |path: &Path| std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let manifest_dir = absolute(manifest_dir);
     let manifest = manifest_dir.join("Cargo.toml");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
+    // In the crate's folder, as `cargo build` typed there: rustup reads the
+    // crate's `rust-toolchain.toml` from the working folder, and cargo its
+    // `.cargo/config.toml` (flags, `[env]`, registries). Run from
+    // elsewhere (`ferry connector dev ../acme`), both were ignored: another
+    // toolchain, or a build unlike the author's own.
+    command.current_dir(&manifest_dir);
     command.args(["build", "--release", "--target", "wasm32-wasip2"]);
     if quiet {
         command.arg("--quiet");
     }
     if let Some(dir) = target_dir {
-        command.arg("--target-dir").arg(dir);
+        command.arg("--target-dir").arg(absolute(dir));
     }
     let output = command
         .arg("--message-format=json-render-diagnostics")
@@ -46,7 +54,8 @@ pub fn component_in(
     }
     let manifest = manifest.canonicalize().unwrap_or(manifest);
     // The package's own cdylib artifact (the last one reported), not one of
-    // its dependencies'.
+    // its dependencies', nor a binary of the crate (`src/bin/tool.rs`: a
+    // command component, which ferry refuses as the wrong world).
     let stdout = String::from_utf8_lossy(&output.stdout);
     stdout
         .lines()
@@ -57,6 +66,11 @@ pub fn component_in(
             msg["manifest_path"]
                 .as_str()
                 .is_some_and(|p| same_file(Path::new(p), &manifest))
+        })
+        .filter(|msg| {
+            msg["target"]["kind"]
+                .as_array()
+                .is_some_and(|kinds| kinds.iter().any(|k| k == "cdylib"))
         })
         .find_map(|msg| {
             msg["filenames"].as_array().and_then(|files| {
@@ -127,6 +141,53 @@ mod tests {
         cargo_made(&inner, true);
         assert_eq!(target_dir_of(&binary(&inner)), Some(inner));
         assert_eq!(target_dir_of(&dir.path().join("bin/tool")), None);
+    }
+
+    /// Built as `cargo build` typed in the crate's folder: its
+    /// `.cargo/config.toml` counts (here an `[env]` the code reads), and
+    /// the component is the library's, not a binary's of the same crate.
+    #[test]
+    fn a_crate_is_built_in_its_own_folder_and_its_library_is_the_component() {
+        let dir = tempfile::tempdir().expect("dir");
+        let krate = dir.path().join("acme");
+        std::fs::create_dir_all(krate.join(".cargo")).expect("dirs");
+        std::fs::create_dir_all(krate.join("src/bin")).expect("dirs");
+        std::fs::write(
+            krate.join("Cargo.toml"),
+            "[package]\nname = \"acme\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
+             [lib]\ncrate-type = [\"cdylib\"]\n\n[workspace]\n",
+        )
+        .expect("manifest");
+        std::fs::write(
+            krate.join(".cargo/config.toml"),
+            "[env]\nACME_BUILT_IN_ITS_FOLDER = \"yes\"\n",
+        )
+        .expect("config");
+        std::fs::write(
+            krate.join("src/lib.rs"),
+            "pub const BUILT: &str = env!(\"ACME_BUILT_IN_ITS_FOLDER\");\n",
+        )
+        .expect("lib");
+        std::fs::write(krate.join("src/bin/tool.rs"), "fn main() {}\n").expect("bin");
+        // Relative, from another folder (this test's own).
+        let relative = pathdiff(&krate);
+        let target = dir.path().join("target");
+        let built = component_in(&relative, true, Some(&target)).expect("built");
+        assert_eq!(
+            built.file_name().and_then(|n| n.to_str()),
+            Some("acme.wasm")
+        );
+        assert!(built.is_file(), "{}", built.display());
+    }
+
+    /// `path` relative to the working folder, when it can be (`..`s up to
+    /// the root); else as it is.
+    fn pathdiff(path: &Path) -> PathBuf {
+        let here = std::env::current_dir().expect("cwd");
+        let ups = here.components().count().saturating_sub(1);
+        let mut relative: PathBuf = std::iter::repeat_n("..", ups).collect();
+        relative.push(path.strip_prefix("/").unwrap_or(path));
+        relative
     }
 
     #[cfg(unix)]

@@ -64,6 +64,12 @@ pub fn unkeyable(what: &str, id: &str) -> Option<String> {
     })
 }
 
+/// How far ahead of the host's clock an event's own time may be (a
+/// remote's clock may run ahead of a replica's): a later one is dated on
+/// arrival plus this much, its order among its record's events lost. The
+/// SDK's test kit holds a connector's deliveries to it.
+pub const FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
+
 /// The most events one delivery may hold (a Salesforce Outbound Message
 /// carries up to 100 notifications, a Stripe delivery one event).
 pub const MAX_DELIVERY_EVENTS: usize = 1000;

@@ -336,7 +336,7 @@ pub fn router() -> Router<AppState> {
 /// remote's clock may run ahead of this replica's, and clamping a true
 /// time would reorder the record's events. A date beyond it holds the
 /// record's later events (as stale) for this long at most.
-const FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
+const FUTURE_SKEW_MS: i64 = crate::runtime::FUTURE_SKEW_MS;
 
 /// Whether connector `name` is enabled here (whatever its load state):
 /// one disabled or never configured is a 404 to a sender, loaded or not.

@@ -138,9 +138,12 @@ pub async fn check_delivery_signed_by(
 /// Before 2001-09-09 in milliseconds; a time in seconds is far below it.
 const EARLIEST_MS: i64 = 1_000_000_000_000;
 
-/// How far ahead of now an event's time may be (a remote's clock may run a
-/// little fast; ferry allows five minutes and dates later ones on arrival).
-const LATEST_AHEAD_MS: i64 = 24 * 60 * 60 * 1000;
+/// How far ahead of now an event's time may be: ferry's own bound (a
+/// remote's clock may run a little fast; later ones are dated on arrival,
+/// their order lost). A day let a connector that read a remote's local
+/// times as UTC (nine hours ahead in Tokyo) pass here and lose the order
+/// of every event in ferry.
+const LATEST_AHEAD_MS: i64 = ferry_runtime::FUTURE_SKEW_MS;
 
 /// Milliseconds since the Unix epoch, by this machine's clock.
 fn now_ms() -> i64 {
@@ -174,7 +177,7 @@ fn check_events(parsed: &ParsedWebhook) -> Result<(), String> {
         let latest_ms = now_ms().saturating_add(LATEST_AHEAD_MS);
         if event.occurred_at_ms > latest_ms {
             return Err(format!(
-                "event {} says it happened at {} ms, more than a day from now: a time in microseconds, or milliseconds multiplied by 1000 again? occurred_at_ms is milliseconds since 1970, and ferry dates an event from the future on arrival, losing its order",
+                "event {} says it happened at {} ms, more than five minutes from now: a local time read as UTC, a time in microseconds, or milliseconds multiplied by 1000 again? occurred_at_ms is milliseconds since 1970 (UTC), and ferry dates an event from the future on arrival, losing its order",
                 event.id, event.occurred_at_ms
             ));
         }
@@ -317,10 +320,20 @@ mod tests {
         let record = Some(r#"{"email":"ada@example.com"}"#);
         let micros = event(ChangeKind::Upsert, 1_700_000_000_000_000, record);
         let problem = check_events(&micros).expect_err("a thousand years ahead");
-        assert!(problem.contains("more than a day from now"), "{problem}");
-        let in_an_hour = now_ms() + 60 * 60 * 1000;
+        assert!(
+            problem.contains("more than five minutes from now"),
+            "{problem}"
+        );
+        // A remote's local time read as UTC (Tokyo's, nine hours ahead):
+        // ferry would date it on arrival too.
+        let local_as_utc = now_ms() + 9 * 60 * 60 * 1000;
+        let problem = check_events(&event(ChangeKind::Upsert, local_as_utc, record))
+            .expect_err("nine hours ahead");
+        assert!(problem.contains("a local time read as UTC"), "{problem}");
+        // A clock a little fast is fine.
+        let in_a_minute = now_ms() + 60 * 1000;
         assert_eq!(
-            check_events(&event(ChangeKind::Upsert, in_an_hour, record)),
+            check_events(&event(ChangeKind::Upsert, in_a_minute, record)),
             Ok(())
         );
     }
