@@ -80,7 +80,11 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<DeclaredHost>, String> {
     if !problems.is_empty() {
         return Err(problems.join("; "));
     }
-    if !is_connector_name(&m.name) {
+    if m.name == RESERVED_NAME {
+        problems.push(format!(
+            "name `{RESERVED_NAME}` is reserved: field owners name ferry's own API so"
+        ));
+    } else if !is_connector_name(&m.name) {
         problems.push(format!(
             "name `{}` must be 1-{MAX_NAME_LEN} characters of [a-z0-9-], not starting or ending with `-`",
             m.name
@@ -134,8 +138,14 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<DeclaredHost>, String> {
     }
 }
 
+/// The name no connector may take: `field_owners` give fields to `ferry`
+/// for ferry's own API alone, and a connector of that name would have
+/// changed them as their owner.
+pub(crate) const RESERVED_NAME: &str = "ferry";
+
 pub(crate) fn is_connector_name(name: &str) -> bool {
-    !name.is_empty()
+    name != RESERVED_NAME
+        && !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name
             .bytes()
@@ -264,6 +274,18 @@ mod tests {
         ] {
             assert!(err.contains(needle), "{needle} missing from {err}");
         }
+    }
+
+    /// `ferry` names ferry's own API in `field_owners`: a connector of
+    /// that name would have changed the fields given to it alone.
+    #[test]
+    fn the_name_ferry_is_reserved() {
+        let mut m = manifest();
+        m.name = "ferry".into();
+        let err = validate(&m).unwrap_err();
+        assert!(err.contains("name `ferry` is reserved"), "{err}");
+        assert!(!is_connector_name("ferry"));
+        assert!(is_connector_name("ferry-crm"));
     }
 
     #[test]

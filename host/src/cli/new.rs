@@ -54,7 +54,7 @@ pub fn scaffold(new: &NewConnector) -> anyhow::Result<PathBuf> {
     let name = new.name.as_str();
     if !crate::runtime::valid_connector_name(name) {
         bail!(
-            "`{name}` is not a connector name: use 1-64 characters of a-z, 0-9 and `-`, not starting or ending with `-`"
+            "`{name}` is not a connector name: use 1-64 characters of a-z, 0-9 and `-`, not starting or ending with `-`, and not `ferry` (field owners name ferry's own API so)"
         );
     }
     // Valid in a manifest, but its settings could not be given in the
