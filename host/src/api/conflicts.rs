@@ -278,6 +278,19 @@ pub async fn resolve_conflict(
                 ));
             }
         }
+        // As every other way in: a blank metadata value is refused (Stripe
+        // takes an empty one as removing the key, a sync a blank one for
+        // none); `null` removes the key.
+        for (name, value) in &request.fields {
+            if let (Some(key), Some(value)) = (name.strip_prefix("metadata."), value) {
+                if value.trim().is_empty() {
+                    errors.push(FieldError::new(
+                        format!("fields.{name}"),
+                        format!("an empty or blank value for metadata key `{key}`: send null to remove the key"),
+                    ));
+                }
+            }
+        }
         if !errors.is_empty() {
             return Err(ApiError::Validation(errors));
         }

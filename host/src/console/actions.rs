@@ -176,8 +176,10 @@ pub async fn resolve_conflict(
                 ("remote", _, Some(remote)) => remote,
                 ("local" | "remote" | "value", _, _) => form
                     .get(&format!("{pick}.{name}"))
-                    // An empty value clears the field (null).
-                    .filter(|v| !v.is_empty())
+                    // An empty or blank value clears the field (null):
+                    // kept, a blank metadata value was stored, which every
+                    // other way in refuses.
+                    .filter(|v| !v.trim().is_empty())
                     .map(str::to_owned),
                 _ => continue,
             };

@@ -792,6 +792,18 @@ async fn a_conflict_over_an_untrimmed_value_resolves() {
     );
     assert_eq!(conflict["fields"][0]["local"], "silver", "{conflict}");
     h.proxy.set_down(false);
+    // A blank value is refused, as every other way in refuses it (Stripe
+    // takes an empty one as removing the key); it was stored.
+    for blank in ["", "  "] {
+        let (status, refused) = resolve(
+            &h.app,
+            &conflict,
+            json!({"resolution": "fields", "fields": {"metadata.tier": blank}}),
+        )
+        .await;
+        assert_eq!(status, 422, "{refused}");
+        assert!(refused.to_string().contains("send null"), "{refused}");
+    }
     let (status, resolved) = resolve(&h.app, &conflict, json!({"resolution": "remote"})).await;
     assert_eq!(status, 200, "{resolved}");
     assert_eq!(resolved["customer"]["metadata"]["tier"], "platinum");
