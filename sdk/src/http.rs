@@ -84,6 +84,25 @@ impl Request {
         self.header("authorization", value)
     }
 
+    /// `Authorization: Basic {{secret:NAME}}`, for HTTP Basic auth
+    /// (Zendesk, Twilio, Jira): the secret's value is the base64 of
+    /// `user:password`, as the header carries it. The host puts secrets
+    /// into headers and bodies as they are; encoded inside the guest, the
+    /// placeholder itself would be encoded and never replaced (a 401 on
+    /// every call). The same holds for a query string or a form body
+    /// ([`Request::query`], [`Request::form`] percent-encode `{{`): a
+    /// secret goes in a header, or in a body built with [`Request::body`].
+    ///
+    /// ```
+    /// use ferry_sdk::http::Request;
+    /// let req = Request::get("https://acme.zendesk.com/api/v2/users").basic_secret("credentials");
+    /// # let _ = req;
+    /// ```
+    pub fn basic_secret(self, secret_name: &str) -> Self {
+        let value = format!("Basic {}", secret(secret_name));
+        self.header("authorization", value)
+    }
+
     /// `Authorization: Bearer {{token:NAME}}` for a token the host holds
     /// (see [`crate::oauth`]).
     pub fn bearer_token(self, token: &crate::oauth::Token) -> Self {
@@ -312,6 +331,20 @@ mod tests {
         assert_eq!(
             req.body_bytes().unwrap(),
             b"name=Ada+Lovelace&metadata%5Bferry_id%5D=a%26b"
+        );
+    }
+
+    /// The placeholder goes into the header as it is, for the host to put
+    /// the secret in (encoded in the guest, it never would be).
+    #[test]
+    fn basic_auth_names_the_secret_in_a_header() {
+        let req = Request::get("https://acme.example.com/api").basic_secret("credentials");
+        assert_eq!(
+            req.headers,
+            [(
+                "authorization".to_owned(),
+                "Basic {{secret:credentials}}".to_owned()
+            )]
         );
     }
 
