@@ -1143,9 +1143,8 @@ impl Registry {
     /// take it: nothing stops.
     ///
     /// Only a version newer than the running one: a rollback (an
-    /// emergency's) goes through. Its settings cannot be given first (a
-    /// write refuses a name only an older version declares), and need not
-    /// be: every write since it ran kept what is stored of them. As the
+    /// emergency's) goes through, with its settings as they were last
+    /// given (every write since it ran kept them, and may give them). As the
     /// store has it now: this replica's view may be a poll behind another
     /// replica's settings write. On a replica that does not run it because
     /// other replicas' environments configure it, not its own, the settings
@@ -1449,30 +1448,29 @@ impl Registry {
         // settings and sealed secrets, and activated it waited for them:
         // an emergency's rollback answered 200 and stopped the connector.
         // Refused, a write that left `secrets` out, or sent back what GET
-        // shows, was a 422. Given, a newer version's name is taken (its
-        // settings can be given before it is activated); a name only an
-        // older version declares is refused (a setting renamed since,
-        // given under its old name, would be stored and do nothing).
+        // shows, was a 422. Given, another version's name is taken: its
+        // settings can be given before it is activated, a rollback's
+        // ahead of an emergency (a setting renamed since is as it was
+        // last given, and can be given again while the newer runs).
         let active_version = entry
             .active
             .as_ref()
             .map(|a| a.meta.version.clone())
             .unwrap_or_default();
-        let (newer_versions, older_versions): (Vec<VersionMeta>, Vec<VersionMeta>) = self
+        let other_versions: Vec<VersionMeta> = self
             .inner
             .store
             .connector_versions(name)
             .await?
             .into_iter()
             .filter(|v| v.version != active_version)
-            .partition(|v| newer_version(&v.version, &active_version));
-        let declared_by = |versions: &[VersionMeta], field: &str| {
+            .collect();
+        let declared_elsewhere = |field: &str| {
             let (kind, key) = field.split_once('.').unwrap_or(("settings", field));
-            versions.iter().any(|v| declares(&v.manifest, kind, key))
+            other_versions
+                .iter()
+                .any(|v| declares(&v.manifest, kind, key))
         };
-        let declared_elsewhere = |field: &str| declared_by(&newer_versions, field);
-        let kept_elsewhere =
-            |field: &str| declared_elsewhere(field) || declared_by(&older_versions, field);
         let mut settings = new.settings;
         let mut carried: Vec<String> = Vec::new();
         if let Some(previous) = &previous {
@@ -1480,7 +1478,7 @@ impl Registry {
                 let field = format!("settings.{key}");
                 if !manifest.settings.iter().any(|s| &s.name == key)
                     && !settings.contains_key(key)
-                    && kept_elsewhere(&field)
+                    && declared_elsewhere(&field)
                 {
                     settings.insert(key.clone(), value.clone());
                     carried.push(field);
@@ -1492,7 +1490,7 @@ impl Registry {
                 let field = format!("secrets.{key}");
                 if !manifest.secrets.iter().any(|s| &s.name == key)
                     && !secrets.contains_key(key)
-                    && kept_elsewhere(&field)
+                    && declared_elsewhere(&field)
                 {
                     secrets.insert(key.clone(), value.clone());
                     carried.push(field);

@@ -2324,15 +2324,26 @@ async fn a_roll_forward_keeps_the_older_versions_settings(backend: Backend) {
     let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
     assert_eq!(connector["settings"]["account"], "acme", "{connector}");
     assert!(connector["problem"].is_null(), "{connector}");
-    // Newly given, a name only an older version declares is still refused
-    // while a newer runs (a setting renamed since would do nothing).
+    // Rolled forward again, what GET shows (the older version's name
+    // among it) can be sent back, and the older version's setting given
+    // ahead of the next rollback.
     let (status, _) = activate("0.5.0").await;
     assert_eq!(status, 200);
-    let (status, old_name) = put(json!({"settings": {
-        "api_base": remote.url, "account_number": "acme-2", "account": "other"
+    let (_, shown) = get(&app, "/api/v1/connectors/recorder").await;
+    let (status, again) = put(json!({"settings": shown["settings"].clone()})).await;
+    assert_eq!(status, 200, "{again}");
+    let (status, given) = put(json!({"settings": {
+        "api_base": remote.url, "account_number": "acme-2", "account": "acme-3"
     }}))
     .await;
-    assert_eq!(status, 422, "{old_name}");
+    assert_eq!(status, 200, "{given}");
+    let (status, back) = activate("0.3.0").await;
+    assert_eq!(status, 200, "{back}");
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(connector["settings"]["account"], "acme-3", "{connector}");
+    // A name no version declares is still refused.
+    let (status, typo) = put(json!({"settings": {"api_base": remote.url, "acount": "x"}})).await;
+    assert_eq!(status, 422, "{typo}");
 }
 
 /// A secret of the wrong shape (a string where a map belongs, a number
