@@ -449,16 +449,18 @@ fn fetch(config: &Config, remote_id: &str) -> Result<RemoteRecord, ConnectorErro
 /// record a sharing change hides from it: read as gone, a reconciliation's
 /// orphan (the listing missed the record for the same reason) deleted the
 /// customer and fanned the delete out. A record purged from the Recycle
-/// Bin answers the same, and is then a dead letter for a person, not a
-/// delete.
+/// Bin (after 15 days) answers the same, and is then a dead letter for a
+/// person, not a delete; so is a 404 without Salesforce's own error (a
+/// proxy's page).
 fn not_shown_deleted(error: ConnectorError) -> ConnectorError {
     match error {
-        ConnectorError::NotFound(message) if message.contains(": NOT_FOUND: ") => {
+        ConnectorError::NotFound(message) if !message.contains("ENTITY_IS_DELETED") => {
             ConnectorError::permanent(format!(
                 "{message}; Salesforce answers so for a record purged from the Recycle Bin \
                  and for one the integration user may not see (sharing) alike, and only a \
                  deleted record's `ENTITY_IS_DELETED` is taken as deleted: nothing was \
-                 changed in ferry"
+                 changed in ferry (if the record was deleted, delete the customer through \
+                 ferry's API; if it is hidden, let the integration user see it again)"
             ))
         }
         other => other,

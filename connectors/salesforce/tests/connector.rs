@@ -887,6 +887,13 @@ async fn a_read_takes_only_a_deleted_record_as_gone() {
             404,
             &sf_error("ENTITY_IS_DELETED", "entity is deleted", &[]),
         );
+    // A 404 without Salesforce's own error (a proxy's page) says nothing
+    // either.
+    kit.http().on("GET", &format!("{CONTACTS}/003P")).respond(
+        404,
+        &[("content-type", "text/html")],
+        "<html>Not Found</html>",
+    );
     match connector_error(kit.fetch("customer", "003H").await) {
         ConnectorError::Permanent(m) => {
             assert!(m.contains("NOT_FOUND"), "{m}");
@@ -897,6 +904,10 @@ async fn a_read_takes_only_a_deleted_record_as_gone() {
     assert!(matches!(
         connector_error(kit.fetch("customer", "003D").await),
         ConnectorError::NotFound(m) if m.contains("ENTITY_IS_DELETED")
+    ));
+    assert!(matches!(
+        connector_error(kit.fetch("customer", "003P").await),
+        ConnectorError::Permanent(m) if m.contains("delete the customer through ferry's API")
     ));
 }
 

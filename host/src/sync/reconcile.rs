@@ -52,9 +52,12 @@ const EMPTY_PAGES: u32 = 1000;
 const STEP: u32 = 500;
 /// How often the worker looks for runs to drive and schedules to start.
 const POLL: Duration = Duration::from_secs(1);
-/// How long a run's listing waits for a connector this replica has not
-/// loaded (or does not know yet) before it fails.
+/// How long a run's listing waits for a connector this replica does not
+/// know yet before it fails.
 const NOT_READY_GRACE: Duration = Duration::from_secs(30);
+/// How long a run waits for a replica that has its connector loaded,
+/// counted from its last step (see `SyncEngine::list_remote`).
+const NOT_LOADED_BOUND: Duration = Duration::from_secs(15 * 60);
 /// A repair step waits until fewer than this many inbox events, and as
 /// many pushes, are waiting (and adds at most [`STEP`]): the queues never
 /// run dry during a backfill, and a live webhook or push waits behind at
@@ -614,8 +617,22 @@ impl SyncEngine {
                 // done yet). Failed, one run in N of a cluster with one
                 // such replica failed, and a failed backfill released the
                 // creates it held beside the records they were held for.
-                Err(NotReady::Disabled | NotReady::Incomplete(_) | NotReady::NotLoaded(_)) => {
-                    return Err(Stop::Parked)
+                Err(NotReady::Disabled | NotReady::Incomplete(_)) => return Err(Stop::Parked),
+                // For as long as a replica could take it over: a run no
+                // replica took a step of for NOT_LOADED_BOUND has none that
+                // loads the connector (damaged bytes, a rule every replica
+                // shares), and fails saying why, rather than stay `running`
+                // for good, holding a backfill's creates.
+                Err(NotReady::NotLoaded(problem)) => {
+                    let idle = chrono::Utc::now().signed_duration_since(run.updated_at);
+                    if idle.to_std().is_ok_and(|idle| idle >= NOT_LOADED_BOUND) {
+                        return Err(Stop::Failed(format!(
+                            "no replica has loaded the connector for {} minutes: {problem}",
+                            NOT_LOADED_BOUND.as_secs() / 60
+                        )));
+                    }
+                    tracing::debug!(%problem, "the connector is not loaded here; the run waits for a replica that has it");
+                    return Err(Stop::Parked);
                 }
                 // Not known here yet (a connector uploaded a moment ago,
                 // this replica's view refreshes every second): wait a
