@@ -25,12 +25,18 @@ pub fn component_in(
     let manifest = manifest_dir.join("Cargo.toml");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
-    // In the crate's folder, as `cargo build` typed there: rustup reads the
-    // crate's `rust-toolchain.toml` from the working folder, and cargo its
-    // `.cargo/config.toml` (flags, `[env]`, registries). Run from
-    // elsewhere (`ferry connector dev ../acme`), both were ignored: another
-    // toolchain, or a build unlike the author's own.
+    // In the crate's folder, as `cargo build` typed there: cargo reads the
+    // crate's `.cargo/config.toml` (flags, `[env]`, registries) from the
+    // working folder, and rustup its `rust-toolchain.toml` (when cargo is
+    // rustup's proxy, not a toolchain's own cargo named by `CARGO`, as
+    // under `cargo test`). Run from elsewhere (`ferry connector dev
+    // ../acme`), both were ignored: a build unlike the author's own.
     command.current_dir(&manifest_dir);
+    // A relative `CARGO_TARGET_DIR` is the caller's folder's, as typed
+    // (cargo would read it against the crate's now).
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
+        command.env("CARGO_TARGET_DIR", absolute(Path::new(&dir)));
+    }
     command.args(["build", "--release", "--target", "wasm32-wasip2"]);
     if quiet {
         command.arg("--quiet");

@@ -191,7 +191,8 @@ fn shape_error(error: serde_path_to_error::Error<serde_json::Error>) -> ApiError
 /// expected only.
 fn unquoted(message: &str) -> String {
     const NOT_SHOWN: &str = "invalid value (not shown: it may be a secret)";
-    match message.split_once(", expected ") {
+    // The last: a refused secret may hold the words itself.
+    match message.rsplit_once(", expected ") {
         Some((_, expected)) => format!("{NOT_SHOWN}, expected {expected}"),
         None => NOT_SHOWN.to_owned(),
     }

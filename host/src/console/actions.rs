@@ -183,6 +183,10 @@ pub async fn resolve_conflict(
                     .map(str::to_owned),
                 _ => continue,
             };
+            // Blank, whichever side it came from (a value an older release
+            // stored): none, which the resolution takes (a blank metadata
+            // value it refuses).
+            let value = value.filter(|v| !v.trim().is_empty());
             fields.insert(name.to_owned(), value);
         }
         request["fields"] = json!(fields);

@@ -473,14 +473,14 @@ pub fn now_ms() -> i64 {
 /// 30 s behind cursors already handed out, and a client paging through
 /// never saw them. Within one process ids still only grow.
 pub(crate) fn new_id(prefix: &str) -> String {
-    id_at(prefix, now_ms())
-}
-
-fn id_at(prefix: &str, ms: i64) -> String {
     static CONTEXT: std::sync::Mutex<uuid::ContextV7> =
         std::sync::Mutex::new(uuid::ContextV7::new());
+    id_at(&CONTEXT, prefix, now_ms())
+}
+
+fn id_at(context: &std::sync::Mutex<uuid::ContextV7>, prefix: &str, ms: i64) -> String {
     let ms = u64::try_from(ms).unwrap_or(0);
-    let context = CONTEXT
+    let context = context
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let nanos = u32::try_from(ms % 1_000 * 1_000_000).unwrap_or(0);
@@ -801,7 +801,12 @@ mod tests {
     #[test]
     fn ids_are_dated_by_the_clock_they_are_given() {
         let an_hour_ahead = chrono::Utc::now().timestamp_millis() + 3_600_000;
-        let ids: Vec<String> = (0..100).map(|_| id_at("cus_", an_hour_ahead)).collect();
+        // A context of its own: the process's would keep the hour ahead
+        // for every later id of this test binary.
+        let context = std::sync::Mutex::new(uuid::ContextV7::new());
+        let ids: Vec<String> = (0..100)
+            .map(|_| id_at(&context, "cus_", an_hour_ahead))
+            .collect();
         for id in &ids {
             let uuid = uuid::Uuid::parse_str(id.strip_prefix("cus_").unwrap()).unwrap();
             let (seconds, nanos) = uuid.get_timestamp().unwrap().to_unix();
