@@ -92,10 +92,26 @@ async fn trim_all(
     };
     let cutoff = crate::store::now() - keep;
     let mut deleted = 0;
+    let mut failed = None;
+    // A table that fails (a lock or statement timeout, a privilege taken
+    // from it) leaves the others trimmed: the pass stopped at it, and a
+    // failing outbox kept the inbox and the deliveries growing unchecked.
+    // The pass still fails, and the log names the table.
     for table in Trimmed::ALL {
         let mut after = 0;
         loop {
-            let step = store.trim(table, after, cutoff, retention.batch).await?;
+            let step = match store.trim(table, after, cutoff, retention.batch).await {
+                Ok(step) => step,
+                Err(error) => {
+                    tracing::warn!(
+                        table = table.table(),
+                        error = chain(&error),
+                        "retention could not trim a table; the others are trimmed"
+                    );
+                    failed.get_or_insert(error);
+                    break;
+                }
+            };
             deleted += step.deleted;
             crate::metrics::retention_deleted(table.table(), step.deleted);
             match step.next {
@@ -105,5 +121,20 @@ async fn trim_all(
             tokio::time::sleep(BETWEEN_BATCHES).await;
         }
     }
-    Ok(deleted)
+    match failed {
+        Some(error) => Err(error),
+        None => Ok(deleted),
+    }
+}
+
+/// `error` and its causes, as anyhow's `{:#}` shows them.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

@@ -14,8 +14,8 @@ use serde_json::{json, Value};
 use tokio::process::Command;
 
 use crate::helpers::{
-    email, new_database, salesforce_component, spawn_sync_app, stripe_component, Backend, Setup,
-    SyncApp, STRIPE_KEY, WEBHOOK_SECRET,
+    email, execute_raw, new_database, salesforce_component, spawn_sync_app, stripe_component,
+    Backend, Setup, SyncApp, STRIPE_KEY, WEBHOOK_SECRET,
 };
 use crate::inbound::{deliver, event, stripe_customer_json, stripe_signature};
 use crate::process::FerryProcess;
@@ -1077,6 +1077,55 @@ async fn retention_trims_what_is_finished(backend: Backend) {
     assert!(moved(&scraped, &now, "ferry_retention_failures_total", &[]) >= 1.0);
     // The backlog gauges say when they were last read.
     assert!(value(&now, "ferry_backlog_refreshed_timestamp_seconds", &[]) > 0.0);
+}
+
+/// A table retention cannot trim (here: the outbox's queue renamed away;
+/// a lock or statement timeout, a privilege taken, elsewhere) leaves the
+/// others trimmed, and the pass still fails. It stopped at the outbox, the
+/// first, and the deliveries and the inbox grew unchecked.
+#[tokio::test]
+async fn a_table_retention_cannot_trim_leaves_the_others_trimmed() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
+    let customer = app
+        .create(json!({"email": email("ret-partial"), "name": "R"}))
+        .await;
+    app.wait_synced(customer["id"].as_str().unwrap(), 1).await;
+    wait_until("the outbox to drain", || async {
+        app.store.backlog().await.unwrap().outbox_unpublished == 0
+    })
+    .await;
+    let before = app.store.table_rows().await.unwrap();
+    assert!(
+        before["outbox"] >= 1 && before["deliveries"] >= 1,
+        "{before:?}"
+    );
+    execute_raw(
+        &app.database_url,
+        "ALTER TABLE outbox_queue RENAME TO outbox_queue_away",
+        b"",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let retention = ferry::retention::Retention {
+        keep: Duration::from_millis(10),
+        every: Duration::from_secs(60),
+        batch: 100,
+    };
+    assert!(
+        ferry::retention::pass(&app.store, retention, &Default::default())
+            .await
+            .is_err()
+    );
+    let after = app.store.table_rows().await.unwrap();
+    assert_eq!(after["outbox"], before["outbox"], "{after:?}");
+    assert_eq!(after["deliveries"], 0, "{after:?}");
+    execute_raw(
+        &app.database_url,
+        "ALTER TABLE outbox_queue_away RENAME TO outbox_queue",
+        b"",
+    )
+    .await;
 }
 
 /// How many items `GET path` lists (one page).
