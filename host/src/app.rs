@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -174,7 +175,7 @@ impl App {
             call_timeout: config.connector_call_timeout,
             http_requests_per_second: config.connector_requests_per_second,
             max_instances_per_connector: config.connector_max_instances(),
-            cache_dir: config.compile_cache(),
+            cache_dir: usable_compile_cache(config.compile_cache(), &config.compile_cache_dir),
             ..RuntimeConfig::default()
         };
         let runtime =
@@ -588,6 +589,29 @@ impl Supervised {
     }
 }
 
+/// The compiled-code cache to use: `dir`, unless it is the default (none
+/// was configured) and cannot be made: then none, with a warning. A
+/// container whose home is not writable (an arbitrary uid with `HOME=/`, a
+/// read-only root file system) did not start at all for a cache that only
+/// saves compile time. One configured must work.
+fn usable_compile_cache(dir: Option<PathBuf>, configured: &Option<PathBuf>) -> Option<PathBuf> {
+    let dir = dir?;
+    if configured.is_some() {
+        return Some(dir);
+    }
+    match std::fs::create_dir_all(&dir) {
+        Ok(()) => Some(dir),
+        Err(error) => {
+            tracing::warn!(
+                dir = %dir.display(),
+                %error,
+                "the default compiled-code cache cannot be made; connectors are compiled at each start (set compile_cache_dir)"
+            );
+            None
+        }
+    }
+}
+
 /// What a caught panic said (its `&str` or `String` payload).
 pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
     panic
@@ -860,5 +884,27 @@ mod tests {
         tasks.tracker.close();
         tasks.tracker.wait().await;
         assert_eq!(tasks.failed.get(), Some(&"broken"));
+    }
+
+    /// The default cache that cannot be made (a home that is not
+    /// writable) is none, and ferry starts; one configured is kept, for
+    /// the runtime to refuse.
+    #[test]
+    fn a_default_compile_cache_that_cannot_be_made_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"").unwrap();
+        let unmakeable = file.join("ferry/compiled");
+        assert_eq!(usable_compile_cache(Some(unmakeable.clone()), &None), None);
+        assert_eq!(
+            usable_compile_cache(Some(unmakeable.clone()), &Some(unmakeable.clone())),
+            Some(unmakeable)
+        );
+        let makeable = dir.path().join("cache/ferry/compiled");
+        assert_eq!(
+            usable_compile_cache(Some(makeable.clone()), &None),
+            Some(makeable.clone())
+        );
+        assert!(makeable.is_dir());
     }
 }
