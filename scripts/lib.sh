@@ -1,6 +1,13 @@
 # Sourced by the other scripts: where caches live and how to log.
 set -euo pipefail
 FERRY_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Some CI agents (systemd units, `env -i`) start without HOME: under `set -u`
+# every script died at the next line, saying only "HOME: unbound variable".
+# cargo, rustup and pip need it too: it is the user's home from passwd.
+if [ -z "${HOME:-}" ]; then
+  HOME="$(getent passwd "$(id -u)" | cut -d: -f6)"
+  export HOME
+fi
 export FERRY_CACHE_DIR="${FERRY_CACHE_DIR:-$HOME/.cache/ferry}"
 # CI starts from a clean clone each time; keep the build outside the clone so a
 # second run on the same machine reuses it. Developers keep ./target.

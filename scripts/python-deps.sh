@@ -6,7 +6,7 @@
 # pinned set is reused as is. Prints the venv's python path on stdout.
 set -euo pipefail
 
-CACHE_DIR="${FERRY_CACHE_DIR:-$HOME/.cache/ferry}"
+CACHE_DIR="${FERRY_CACHE_DIR:-${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}/.cache/ferry}"
 PYTHON="${PYTHON:-python3}"
 
 # Pinned: versions checked to install and run together on Python 3.11. What
@@ -18,14 +18,22 @@ REQUIREMENTS=(
   "schemathesis==4.32.5"
 )
 CONSTRAINTS="$(cd "$(dirname "$0")" && pwd)/python-constraints.txt"
-WANT="$(printf '%s\n' "${REQUIREMENTS[@]}" "$(sha256sum "$CONSTRAINTS" | cut -d' ' -f1)")"
+# And the interpreter: a venv made with Debian's python3 3.11 kept its
+# packages under lib/python3.11, and after an upgrade to 3.13 (or another
+# PYTHON) its stamp still matched and every run reused a venv that could not
+# import them.
+INTERPRETER="$("$PYTHON" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
+WANT="$(printf '%s\n' "${REQUIREMENTS[@]}" "$(sha256sum "$CONSTRAINTS" | cut -d' ' -f1)" "$INTERPRETER")"
 # One venv per pinned set: a run whose pins changed builds its own beside
 # the one another run (CI runs of several clones share the cache) is using,
 # rather than deleting that one under it.
 VENV="$CACHE_DIR/venv-$(printf '%s' "$WANT" | sha256sum | cut -c1-12)"
 STAMP="$VENV/.ferry-requirements"
 
-up_to_date() { [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; }
+up_to_date() {
+  [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] &&
+    "$VENV/bin/python" -c 'import localstripe, stripe' 2>/dev/null
+}
 
 if up_to_date; then
   echo "$VENV/bin/python"

@@ -301,7 +301,14 @@ fn running_as_root() -> bool {
 
 fn command(as_postgres: bool, program: &Path) -> Command {
     if as_postgres {
-        let mut command = Command::new("runuser");
+        // Where Debian keeps it (util-linux), else on PATH: setup takes
+        // /sbin/runuser as there, and a root whose PATH lacks /sbin (cron,
+        // a minimal runner) failed every PostgreSQL test with ENOENT.
+        let runuser = ["/usr/sbin/runuser", "/sbin/runuser"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+            .unwrap_or("runuser");
+        let mut command = Command::new(runuser);
         command.args(["-u", "postgres", "--"]).arg(program);
         command
     } else {
