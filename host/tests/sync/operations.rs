@@ -1128,6 +1128,64 @@ async fn a_table_retention_cannot_trim_leaves_the_others_trimmed() {
     .await;
 }
 
+/// An event waiting out a retry's backoff is not the pipeline behind: the
+/// inbox's age counts the events that are due. Counted from its arrival,
+/// one thin event whose fetch failed once paged the documented alert for
+/// up to 17 minutes while every other event applied at once.
+#[tokio::test]
+async fn an_event_in_backoff_does_not_age_the_inbox() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
+    let body = event(
+        "evt_backoff",
+        "customer.created",
+        chrono::Utc::now().timestamp(),
+        stripe_customer_json("cus_backoff", &email("backoff"), "Backoff"),
+    );
+    assert_eq!(
+        deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET))
+            .await
+            .0,
+        200
+    );
+    app.wait_inbox_settled("stripe", "cus_backoff", 1).await;
+    // Back to a retry due in ten minutes.
+    let later = chrono::Utc::now().timestamp_millis() + 600_000;
+    execute_raw(
+        &app.database_url,
+        &format!(
+            "UPDATE inbox SET state = 'retry', next_attempt_at_ms = {later} \
+             WHERE event_id = 'evt_backoff'"
+        ),
+        b"",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let backlog = app.store.backlog().await.unwrap();
+    assert_eq!(
+        backlog.inbox_unapplied.get("stripe"),
+        Some(&1),
+        "{backlog:?}"
+    );
+    assert_eq!(backlog.inbox_oldest_age, Duration::ZERO, "{backlog:?}");
+    // Due (its backoff over, the loops not at it yet): it counts from then.
+    let due = chrono::Utc::now().timestamp_millis() - 90_000;
+    execute_raw(
+        &app.database_url,
+        &format!(
+            "UPDATE inbox SET next_attempt_at_ms = {due}, lease_until_ms = {later} \
+             WHERE event_id = 'evt_backoff'"
+        ),
+        b"",
+    )
+    .await;
+    let backlog = app.store.backlog().await.unwrap();
+    assert!(
+        backlog.inbox_oldest_age >= Duration::from_secs(89),
+        "{backlog:?}"
+    );
+}
+
 /// How many items `GET path` lists (one page).
 async fn count(app: &SyncApp, path: &str) -> usize {
     let response = app
