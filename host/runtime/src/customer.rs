@@ -305,6 +305,30 @@ fn optional_text(
     Some(value)
 }
 
+/// Whether `phone` reads as a phone number: digits, spaces and `+-()./`
+/// (at least one digit), and an extension at the end (`x12`, `ext. 12`,
+/// `#12`). Stripe and Salesforce take any text; what their users type
+/// there (`+1 555 0100 x12`, `555/0100`) was refused, and an inbound
+/// record carrying it was dead-lettered whole, its other changes with it.
+pub fn is_phone(phone: &str) -> bool {
+    let lower = phone.to_ascii_lowercase();
+    let number = lower.trim_end();
+    let digits = number.len() - number.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    let number = if digits > 0 {
+        let before = number[..number.len() - digits].trim_end();
+        ["ext.", "ext", "x", "#"]
+            .iter()
+            .find_map(|marker| before.strip_suffix(marker))
+            .map_or(number, |rest| rest.trim_end().trim_end_matches(','))
+    } else {
+        number
+    };
+    number.chars().any(|c| c.is_ascii_digit())
+        && number
+            .chars()
+            .all(|c| c.is_ascii_digit() || " +-()./".contains(c))
+}
+
 /// Validates and normalises a request into the stored fields, reporting
 /// every invalid field at once.
 pub fn validate(input: CustomerInput) -> Result<CustomerFields, Vec<FieldProblem>> {
@@ -319,13 +343,11 @@ pub fn validate(input: CustomerInput) -> Result<CustomerFields, Vec<FieldProblem
     }
     let phone = optional_text(&mut errors, "phone", input.phone, MAX_PHONE);
     if let Some(phone) = &phone {
-        let allowed = phone
-            .chars()
-            .all(|c| c.is_ascii_digit() || " +-().".contains(c));
-        if !allowed || !phone.chars().any(|c| c.is_ascii_digit()) {
+        if !is_phone(phone) {
             errors.push(FieldProblem::new(
                 "phone",
-                "may contain only digits, spaces and +-().",
+                "may contain only digits, spaces and +-()./, and an extension at the end \
+                 (`x12`, `ext. 12`, `#12`)",
             ));
         }
     }
@@ -497,6 +519,34 @@ mod tests {
             assert!(!is_valid_email(email), "{email}");
         }
         assert!(!is_valid_email(&format!("{}@example.com", "a".repeat(65))));
+    }
+
+    #[test]
+    fn phones_are_what_people_type() {
+        for ok in [
+            "+44 20 7946 0000",
+            "(555) 010-0100",
+            "555.0100",
+            "555/0100",
+            "+1 555 0100 x12",
+            "+1 555 0100 ext. 12",
+            "555-0100 EXT 7",
+            "+44 (0)20 7946 0000 #3",
+            "555 0100, x12",
+        ] {
+            assert!(is_phone(ok), "{ok}");
+        }
+        for bad in [
+            "call me",
+            "x12",
+            "ext",
+            "555-CALL",
+            "555 0100 x",
+            "555 0100 y12",
+            "+-",
+        ] {
+            assert!(!is_phone(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -91,7 +91,7 @@ async fn patch_merges_fields_and_bumps_version(backend: Backend) {
     let app = spawn_app(backend).await;
     let created = app
         .create_ok(&json!({
-            "name": "Grace", "email": email("grace"), "phone": "555 0100",
+            "name": "Grace", "email": email("grace"), "phone": "+1 555 0100 ext. 12",
             "address": {"city": "Arlington", "country": "US"},
             "metadata": {"a": "1", "b": "2"}
         }))

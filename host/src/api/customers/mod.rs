@@ -45,7 +45,8 @@ pub struct CustomerInput {
     /// Email; stored trimmed and lowercased, unique among live customers.
     #[schema(max_length = 254, example = "ada@example.com")]
     pub email: String,
-    /// Phone number: digits, spaces and `+-().`.
+    /// Phone number: digits, spaces and `+-()./`, and an extension at the
+    /// end (`x12`, `ext. 12`, `#12`).
     #[serde(default)]
     #[schema(max_length = 40, min_length = 1)]
     pub phone: Option<String>,
