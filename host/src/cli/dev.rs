@@ -37,8 +37,23 @@ pub async fn run(options: DevOptions, cancel: CancellationToken) -> anyhow::Resu
         .with_context(|| format!("resolving {}", options.dir.display()))?;
     // Before the first build, which can take minutes: a file saved while
     // it runs is a change the loop must build.
-    let built_from = Sources::of(&dir);
-    let wasm = build(&dir).await?;
+    let mut built_from = Sources::of(&dir);
+    let wasm = loop {
+        match build(&dir).await {
+            Ok(wasm) => break wasm,
+            // Watching, a first build that fails (the loop started mid-edit)
+            // waits for the fix, as a later one does; it ended the loop.
+            Err(error) if options.watch => {
+                eprintln!("not built: {error:#}; building again when a source changes");
+                let seen = built_from.after_build(&dir);
+                built_from = tokio::select! {
+                    () = cancel.cancelled() => return Ok(()),
+                    changed = changed_from(&dir, seen) => changed,
+                };
+            }
+            Err(error) => return Err(error),
+        }
+    };
     let built_from = built_from.after_build(&dir);
     let state_dir = dir.join("target/ferry-dev");
     std::fs::create_dir_all(&state_dir)
@@ -300,6 +315,19 @@ const QUIET: Duration = Duration::from_millis(700);
 
 /// Rebuilds and re-registers when a file [`WATCHED`] (`src/`, `Cargo.toml`…)
 /// changes after `seen` (and then stays unchanged for [`QUIET`]).
+/// Waits until the sources differ from `seen` and have been quiet for
+/// [`QUIET`]; what they are then.
+async fn changed_from(dir: &Path, seen: Sources) -> Sources {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        let now = Sources::of(dir);
+        if now != seen && !now.newest.elapsed().is_ok_and(|age| age < QUIET) {
+            return now;
+        }
+    }
+}
+
 async fn watch(
     dir: PathBuf,
     mut seen: Sources,
@@ -307,16 +335,11 @@ async fn watch(
     take_over: bool,
     stop: CancellationToken,
 ) {
-    let mut every = tokio::time::interval(Duration::from_secs(1));
     loop {
-        tokio::select! {
+        let now = tokio::select! {
             () = stop.cancelled() => return,
-            _ = every.tick() => {}
-        }
-        let now = Sources::of(&dir);
-        if now == seen || now.newest.elapsed().is_ok_and(|age| age < QUIET) {
-            continue;
-        }
+            now = changed_from(&dir, seen) => now,
+        };
         let built = build(&dir).await;
         seen = now.after_build(&dir);
         match built {

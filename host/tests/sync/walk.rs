@@ -208,7 +208,20 @@ async fn from_ferry_connector_new_to_a_live_webhook() {
         .expect("delete");
     assert_eq!(deleted.status(), 204);
     dev.stop();
+    // Started mid-edit (a source that does not build), the watching loop
+    // waits for the fix, and serves once it builds: it exited.
+    let whole = std::fs::read_to_string(&lib_rs).expect("src/lib.rs");
+    std::fs::write(&lib_rs, format!("{whole}\ncompile_error!(\"mid-edit\");\n"))
+        .expect("break src/lib.rs");
     let mut dev = DevProcess::start(&crate_dir);
+    let log = dev.log.clone();
+    wait_for(Duration::from_secs(120), || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("not built").then_some(())
+    })
+    .await
+    .expect("the first build failed, and the loop said so");
+    std::fs::write(&lib_rs, &whole).expect("fix src/lib.rs");
     let served = dev.wait_connector("0.1.1").await;
     assert_eq!(served["source"], "bundled", "{served}");
     let source = std::fs::read_to_string(&lib_rs).expect("src/lib.rs");
