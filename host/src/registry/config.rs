@@ -114,7 +114,7 @@ pub(crate) fn effective(
                 .secrets
                 .iter()
                 .filter(|(_, value)| !value.expose_secret().trim().is_empty())
-                .map(|(name, value)| (name.clone(), value.clone()))
+                .map(|(name, value)| (name.clone(), super::trimmed_secret(value)))
                 .collect();
             EffectiveConfig {
                 switch,

@@ -1636,6 +1636,10 @@ fn keep_secrets_in_effect(
     let mut problems = Vec::new();
     let mut secrets = BTreeMap::new();
     for (name, value) in given {
+        // Given, without the white space around it (a pasted value's
+        // newline, a CRLF file's `\r`): kept, every webhook's signature
+        // failed against it, or its header was refused on every push.
+        let value = value.map(|v| trimmed_secret(&v));
         match value.or_else(|| in_effect.get(&name).cloned()) {
             Some(value) => {
                 secrets.insert(name, value);
@@ -1650,6 +1654,19 @@ fn keep_secrets_in_effect(
         Ok(secrets)
     } else {
         Err(RegistryError::Settings(problems))
+    }
+}
+
+/// `secret` without the white space around it: no API key, token or
+/// signing secret has any, and a value pasted or read from a CRLF file
+/// often does.
+pub(crate) fn trimmed_secret(secret: &SecretString) -> SecretString {
+    let value = secret.expose_secret();
+    let trimmed = value.trim();
+    if trimmed.len() == value.len() {
+        secret.clone()
+    } else {
+        SecretString::from(trimmed.to_owned())
     }
 }
 

@@ -2376,6 +2376,39 @@ async fn a_refused_secret_is_not_quoted_back(backend: Backend) {
     }
 }
 
+/// A secret given with white space around it (a pasted value's newline, a
+/// CRLF file's `\r`) is used without it: kept, its header was refused on
+/// every push (each one dead-lettered), and a webhook secret failed every
+/// signature.
+async fn a_secret_is_used_without_white_space_around_it(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let (status, configured) = app
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/connectors/recorder/settings",
+            Some(json!({
+                "settings": {"api_base": remote.url, "send_api_key": "true"},
+                "secrets": {"api_key": "key-1\r\n"},
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{configured}");
+    let customer = app
+        .create(json!({"email": email("trimmed-secret"), "name": "Trimmed"}))
+        .await;
+    let id = customer["id"].as_str().unwrap();
+    app.wait_link_of("recorder", id, SETTLE, |l| l["state"] == "synced")
+        .await;
+    let sent = remote.requests_to("POST", "/records");
+    assert_eq!(
+        sent.last().and_then(|r| r.authorization.as_deref()),
+        Some("Bearer key-1"),
+        "{sent:?}"
+    );
+}
+
 /// A replica that cannot open the stored secrets (another master key, a
 /// rotation half done) leaves the connector's pushes waiting, as for a
 /// missing setting. Before, it ran the connector without them: the push
@@ -3098,6 +3131,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_rollback_keeps_the_newer_versions_settings() {
         super::a_rollback_keeps_the_newer_versions_settings(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_secret_is_used_without_white_space_around_it() {
+        super::a_secret_is_used_without_white_space_around_it(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

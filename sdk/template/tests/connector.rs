@@ -60,9 +60,8 @@ fn records_ferry_refuses_are_caught_here() {
     assert!(testkit::check_record(r#"{"email":"ada@example.com","name":"Ada"}"#).is_ok());
     let no_email = testkit::check_record(r#"{"name":"Ada"}"#).unwrap_err();
     assert!(no_email.contains("no email"), "{no_email}");
-    let phone =
-        testkit::check_record(r#"{"email":"ada@example.com","phone":"+1 555 CALL NOW"}"#)
-            .unwrap_err();
+    let phone = testkit::check_record(r#"{"email":"ada@example.com","phone":"+1 555 CALL NOW"}"#)
+        .unwrap_err();
     assert!(phone.contains("phone"), "{phone}");
 }
 
