@@ -83,7 +83,14 @@ pub(crate) fn effective(
             let (secrets, problem) = match (&row.sealed_secrets, secret_box) {
                 (None, _) => (BTreeMap::new(), None),
                 (Some(sealed), Some(secret_box)) => match secret_box.open(name, sealed) {
-                    Ok(secrets) => (secrets, None),
+                    // Stored before they were trimmed on the way in.
+                    Ok(secrets) => (
+                        secrets
+                            .iter()
+                            .map(|(name, value)| (name.clone(), super::trimmed_secret(value)))
+                            .collect(),
+                        None,
+                    ),
                     Err(error) => (BTreeMap::new(), Some(error.to_string())),
                 },
                 (Some(_), None) => (
