@@ -324,7 +324,8 @@ pub struct InboxCounts {
     /// How many of them wait for a person to resolve the open conflict
     /// holding their link (see `conflicts_open`).
     pub held: i64,
-    /// Age of the oldest of them not held, in seconds.
+    /// Age of the oldest of them not held, in seconds: a pending one's
+    /// since it arrived, a retrying one's since its backoff ended.
     pub oldest_age_seconds: f64,
 }
 

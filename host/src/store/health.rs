@@ -24,10 +24,10 @@ pub struct Backlog {
     pub inbox_unapplied: BTreeMap<String, i64>,
     /// How many of them wait behind an open conflict, per connector.
     pub inbox_held: BTreeMap<String, i64>,
-    /// How long the oldest of them that is due (not waiting out a retry's
-    /// backoff) has been due, those waiting behind an open conflict left
-    /// out (they wait on a person, whom `conflicts_open` calls), per
-    /// connector.
+    /// Age of the oldest of them: a pending one's since it arrived, a
+    /// retrying one's since its backoff ended (none while it waits it
+    /// out); those waiting behind an open conflict left out (they wait on
+    /// a person, whom `conflicts_open` calls), per connector.
     pub inbox_oldest_age_by_connector: BTreeMap<String, Duration>,
     /// The same, all connectors.
     pub inbox_oldest_age: Duration,
@@ -195,6 +195,10 @@ pub(super) fn list_inbox_sql(state: bool) -> String {
     )
 }
 
+/// Per connector: events unapplied, held, the oldest pending one's arrival,
+/// the earliest end of a retry's backoff that has passed.
+type InboxBacklogRow = (String, i64, i64, Option<DateTime<Utc>>, Option<i64>);
+
 impl Store {
     /// The backlogs, from partial indexes only.
     pub async fn backlog(&self) -> Result<Backlog, StoreError> {
@@ -206,20 +210,24 @@ impl Store {
             )
             .fetch_one(pool)
             .await?;
-            // The oldest due: an event waiting out a retry's backoff (a
-            // thin event whose fetch failed once, for up to 17 minutes) is
-            // not the pipeline behind, and counted from its arrival it
-            // paged the documented alert while every other event applied
-            // at once. Due, it counts from when it fell due.
-            let inbox: Vec<(String, i64, i64, Option<i64>)> = sqlx::query_as(
-                "SELECT connector, COUNT(*), COUNT(held_by), \
-                 MIN(CASE WHEN held_by IS NULL AND next_attempt_at_ms <= $1 \
-                 THEN next_attempt_at_ms END) FROM inbox \
-                 WHERE state IN ('pending', 'retry') GROUP BY connector",
-            )
-            .bind(now_ms)
-            .fetch_all(pool)
-            .await?;
+            // A pending event counts from its arrival (one that waits, for
+            // a connector not loaded or a breaker open, stays pending and
+            // ages); a retrying one from when its backoff ended, and not
+            // before: waiting out a retry's backoff (a thin event whose
+            // fetch failed once, for up to 17 minutes) is not the pipeline
+            // behind, and counted from its arrival it paged the documented
+            // alert while every other event applied at once.
+            let inbox: Vec<InboxBacklogRow> =
+                sqlx::query_as(
+                    "SELECT connector, COUNT(*), COUNT(held_by), \
+                     MIN(CASE WHEN held_by IS NULL AND state = 'pending' THEN received_at END), \
+                     MIN(CASE WHEN held_by IS NULL AND state = 'retry' AND next_attempt_at_ms <= $1 \
+                     THEN next_attempt_at_ms END) FROM inbox \
+                     WHERE state IN ('pending', 'retry') GROUP BY connector",
+                )
+                .bind(now_ms)
+                .fetch_all(pool)
+                .await?;
             let links: Vec<(String, String, i64)> = sqlx::query_as(
                 "SELECT connector, state, COUNT(*) FROM sync_links \
                  WHERE state IN ('pending', 'retry') GROUP BY connector, state",
@@ -244,10 +252,11 @@ impl Store {
             outbox_oldest_age: age(outbox.1),
             ..Backlog::default()
         };
-        for (connector, count, held, oldest) in inbox {
-            let oldest = oldest
+        for (connector, count, held, pending, retry_due) in inbox {
+            let overdue = retry_due
                 .and_then(|due| u64::try_from(now_ms.saturating_sub(due)).ok())
                 .map_or(Duration::ZERO, Duration::from_millis);
+            let oldest = age(pending).max(overdue);
             backlog.inbox_oldest_age = backlog.inbox_oldest_age.max(oldest);
             backlog
                 .inbox_oldest_age_by_connector

@@ -1184,6 +1184,23 @@ async fn an_event_in_backoff_does_not_age_the_inbox() {
         backlog.inbox_oldest_age >= Duration::from_secs(89),
         "{backlog:?}"
     );
+    // A pending event that waits (a connector not loaded, a breaker open:
+    // each look moves its next attempt a few seconds on) ages from its
+    // arrival all the same: the pipeline is stuck.
+    execute_raw(
+        &app.database_url,
+        &format!(
+            "UPDATE inbox SET state = 'pending', next_attempt_at_ms = {later} \
+             WHERE event_id = 'evt_backoff'"
+        ),
+        b"",
+    )
+    .await;
+    let backlog = app.store.backlog().await.unwrap();
+    assert!(
+        backlog.inbox_oldest_age >= Duration::from_secs(1),
+        "{backlog:?}"
+    );
 }
 
 /// How many items `GET path` lists (one page).
