@@ -55,9 +55,6 @@ const POLL: Duration = Duration::from_secs(1);
 /// How long a run's listing waits for a connector this replica does not
 /// know yet before it fails.
 const NOT_READY_GRACE: Duration = Duration::from_secs(30);
-/// How long a run waits for a replica that has its connector loaded,
-/// counted from its last step (see `SyncEngine::list_remote`).
-const NOT_LOADED_BOUND: Duration = Duration::from_secs(15 * 60);
 /// A repair step waits until fewer than this many inbox events, and as
 /// many pushes, are waiting (and adds at most [`STEP`]): the queues never
 /// run dry during a backfill, and a live webhook or push waits behind at
@@ -618,19 +615,12 @@ impl SyncEngine {
                 // such replica failed, and a failed backfill released the
                 // creates it held beside the records they were held for.
                 Err(NotReady::Disabled | NotReady::Incomplete(_)) => return Err(Stop::Parked),
-                // For as long as a replica could take it over: a run no
-                // replica took a step of for NOT_LOADED_BOUND has none that
-                // loads the connector (damaged bytes, a rule every replica
-                // shares), and fails saying why, rather than stay `running`
-                // for good, holding a backfill's creates.
+                // Waited for as pushes wait, however long: no bound tells
+                // "no replica loads it" from a connector switched off, or
+                // the replicas that load it busy with other runs (this
+                // replica, without it, sees either as not loaded). The
+                // connector's load problem is on `/readyz` and its page.
                 Err(NotReady::NotLoaded(problem)) => {
-                    let idle = chrono::Utc::now().signed_duration_since(run.updated_at);
-                    if idle.to_std().is_ok_and(|idle| idle >= NOT_LOADED_BOUND) {
-                        return Err(Stop::Failed(format!(
-                            "no replica has loaded the connector for {} minutes: {problem}",
-                            NOT_LOADED_BOUND.as_secs() / 60
-                        )));
-                    }
                     tracing::debug!(%problem, "the connector is not loaded here; the run waits for a replica that has it");
                     return Err(Stop::Parked);
                 }
