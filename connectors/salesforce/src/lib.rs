@@ -454,7 +454,7 @@ fn fetch(config: &Config, remote_id: &str) -> Result<RemoteRecord, ConnectorErro
 /// proxy's page).
 fn not_shown_deleted(error: ConnectorError) -> ConnectorError {
     match error {
-        ConnectorError::NotFound(message) if !message.contains("ENTITY_IS_DELETED") => {
+        ConnectorError::NotFound(message) if !message.contains("HTTP 404: ENTITY_IS_DELETED: ") => {
             ConnectorError::permanent(format!(
                 "{message}; Salesforce answers so for a record purged from the Recycle Bin \
                  and for one the integration user may not see (sharing) alike, and only a \
@@ -973,6 +973,10 @@ fn api_error(resp: &Response) -> ConnectorError {
         // answer: a deleted one is 404 `ENTITY_IS_DELETED`). Read as
         // gone, every delete counted as done and left the record there.
         300 | 410 => ConnectorError::permanent(message),
+        // A 404 without Salesforce's own error (a proxy's or a gateway's
+        // page) is no record's answer: read as gone, a delete counted as
+        // done and left the record there.
+        404 if errors.is_empty() => ConnectorError::permanent(message),
         _ => ConnectorError::from_status(resp.status, resp.header("retry-after"), "")
             .map(|err| with_message(err, message.clone()))
             .unwrap_or_else(|| ConnectorError::permanent(message)),

@@ -907,7 +907,19 @@ async fn a_read_takes_only_a_deleted_record_as_gone() {
     ));
     assert!(matches!(
         connector_error(kit.fetch("customer", "003P").await),
-        ConnectorError::Permanent(m) if m.contains("delete the customer through ferry's API")
+        ConnectorError::Permanent(m) if m.contains("HTTP 404")
+    ));
+    // Nor is it a delete's answer: counted as done, the record stayed.
+    kit.http()
+        .on("DELETE", &format!("{CONTACTS}/003P"))
+        .respond(
+            404,
+            &[("content-type", "text/html")],
+            "<html>Not Found</html>",
+        );
+    assert!(matches!(
+        connector_error(kit.push(linked(Operation::Delete, "003P")).await),
+        ConnectorError::Permanent(_)
     ));
 }
 
