@@ -57,7 +57,15 @@ impl Connector for Stripe {
     fn push(req: PushRequest) -> Result<PushResult, ConnectorError> {
         ferry_sdk::ensure_entity(&req.entity, ENTITY, "stripe")?;
         let customer = Customer::from_json(&req.record)?;
-        if req.operation != Operation::Delete {
+        // Only when the phone is sent: an update that leaves it alone (a
+        // name change of a customer whose phone Stripe never took) goes
+        // through, and only the phone stays behind.
+        let sends_phone = match req.operation {
+            Operation::Create => true,
+            Operation::Update => Update::of(&req.record).changed.field("phone"),
+            Operation::Delete => false,
+        };
+        if sends_phone {
             check_phone(&customer)?;
         }
         let response = match req.operation {

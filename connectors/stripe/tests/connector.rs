@@ -251,6 +251,39 @@ async fn a_phone_stripe_cannot_store_is_refused_before_the_call() {
     assert!(kit.http().requests().is_empty(), "no call was made");
 }
 
+/// An update that does not send the phone goes through whatever its
+/// length (a name change of a customer whose phone Stripe never took:
+/// refused, every later change of that customer was dead-lettered); one
+/// that sends it is refused as a create is.
+#[tokio::test]
+async fn an_update_that_leaves_a_long_phone_alone_goes_through() {
+    let kit = kit().await;
+    kit.http()
+        .on("POST", &format!("{API}/cus_long"))
+        .respond_json(200, &stripe_customer("cus_long"));
+    let update = |changed: &[&str]| {
+        let record = json!({"id": "c1", "email": "ada@example.com", "name": "Ada Lovelace",
+            "phone": "+44 20 7946 0958 ext. 1234", "metadata": {}, "changed_fields": changed});
+        testkit::push_request(
+            "customer",
+            Operation::Update,
+            "c1",
+            Some("cus_long"),
+            record.to_string(),
+        )
+    };
+    kit.push(update(&["name"])).await.expect("the name goes");
+    let sent = kit.http().requests();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert!(
+        !String::from_utf8_lossy(sent[0].body.as_deref().unwrap_or_default()).contains("phone")
+    );
+    assert!(matches!(
+        connector_error(kit.push(update(&["phone"])).await),
+        ConnectorError::Permanent(m) if m.contains("at most 20 characters")
+    ));
+}
+
 #[tokio::test]
 async fn client_errors_map_to_their_kinds() {
     let kit = kit().await;
