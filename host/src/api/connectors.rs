@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, FieldError, Problem};
-use super::extract::{parse_json, JsonBody, Principal, QueryPairs};
+use super::extract::{parse_json, IfMatch, JsonBody, Principal, QueryPairs};
 use crate::app::AppState;
 use crate::registry::{ConfigSource, Entry, NewSettings, NotReady, RegistryError, Switch};
 use crate::store::connectors::VersionMeta;
@@ -215,12 +215,21 @@ async fn stored_active(state: &AppState, name: &str) -> Result<Option<String>, A
     Ok(state.store.stored_active_version(name).await?)
 }
 
-async fn current(state: &AppState, name: &str) -> Result<Json<ConnectorSummary>, ApiError> {
+/// A connector as answered: its summary, and its revision as `ETag` (a
+/// settings write sent with it as `If-Match` lands only over it).
+type Shown = (
+    [(header::HeaderName, HeaderValue); 1],
+    Json<ConnectorSummary>,
+);
+
+async fn current(state: &AppState, name: &str) -> Result<Shown, ApiError> {
     let entry = state
         .registry
         .entry(name)
         .ok_or(ApiError::ConnectorNotFound)?;
-    Ok(Json(summary(state, &entry).await?))
+    let etag = HeaderValue::from_str(&format!("\"{}\"", entry.revision()))
+        .unwrap_or_else(|_| HeaderValue::from_static("\"0\""));
+    Ok(([(header::ETAG, etag)], Json(summary(state, &entry).await?)))
 }
 
 /// The one query flag of a connector write, `true` or `false` (`default`
@@ -380,7 +389,8 @@ pub async fn list_connectors(
     get, path = "/api/v1/connectors/{name}", tag = "connectors",
     params(("name" = String, Path, description = "Connector name", example = "stripe")),
     responses(
-        (status = 200, description = "The connector", body = ConnectorSummary),
+        (status = 200, description = "The connector", body = ConnectorSummary,
+            headers(("ETag" = String, description = "Strong entity tag: the connector's revision, for `If-Match` on a settings write"))),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such connector", body = Problem, content_type = "application/problem+json"),
     ),
@@ -390,7 +400,7 @@ pub async fn get_connector(
     State(state): State<AppState>,
     _principal: Principal,
     Path(name): Path<String>,
-) -> Result<Json<ConnectorSummary>, ApiError> {
+) -> Result<Shown, ApiError> {
     // Uploaded through another replica a moment ago (a client's GET of the
     // upload's `Location`, through a load balancer): this replica's view
     // may not have it until its next poll. One fresh look before a 404.
@@ -452,7 +462,7 @@ pub async fn activate(
     _principal: Principal,
     Path(name): Path<String>,
     JsonBody(body): JsonBody,
-) -> Result<Json<ConnectorSummary>, ApiError> {
+) -> Result<Shown, ApiError> {
     let request: Activate = parse_json(&body)?;
     state.registry.activate(&name, &request.version).await?;
     current(&state, &name).await
@@ -486,7 +496,7 @@ pub async fn enable(
     _principal: Principal,
     Path(name): Path<String>,
     QueryPairs(pairs): QueryPairs,
-) -> Result<Json<ConnectorSummary>, ApiError> {
+) -> Result<Shown, ApiError> {
     let backfill = flag(&pairs, "backfill", false)?;
     if !backfill {
         state.registry.set_enabled(&name, true).await?;
@@ -602,7 +612,7 @@ pub async fn disable(
     State(state): State<AppState>,
     _principal: Principal,
     Path(name): Path<String>,
-) -> Result<Json<ConnectorSummary>, ApiError> {
+) -> Result<Shown, ApiError> {
     state.registry.set_enabled(&name, false).await?;
     current(&state, &name).await
 }
@@ -644,22 +654,29 @@ pub async fn delete_connector(
 ///
 /// Replaces the connector's settings and switch (and its secrets, if
 /// `secrets` is given), keeping those stored that the active version does
-/// not declare but a newer stored version does (after a rollback). Names are checked
-/// against the active version's manifest: names neither it nor a newer
-/// stored version declares are refused and, for an enabled connector,
-/// missing required ones are named. Secrets are stored encrypted with
+/// not declare but another stored version does (after a rollback or a roll
+/// forward). Names are checked against the stored versions' manifests:
+/// names none of them declares are refused and, for an enabled connector,
+/// the active version's missing required ones are named. With `If-Match`
+/// (the connector's `ETag`), the write lands only over that revision. Secrets are stored encrypted with
 /// `FERRY_MASTER_KEY` and never returned. Every replica picks the change up
 /// within about a second. Configuration stored here takes precedence over
 /// `FERRY_CONNECTORS__*` variables.
 #[utoipa::path(
     put, path = "/api/v1/connectors/{name}/settings", tag = "connectors",
-    params(("name" = String, Path, description = "Connector name", example = "stripe")),
+    params(
+        ("name" = String, Path, description = "Connector name", example = "stripe"),
+        ("If-Match" = Option<String>, Header, description = "The connector's ETag the write is based on, e.g. \"7\"; or a list of them, one of which must be current; or *", pattern = "^(\\*|\"[0-9]+\"( *, *\"[0-9]+\")*)$"),
+    ),
     request_body = PutSettings,
     responses(
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 200, description = "The connector as now configured", body = ConnectorSummary),
+        (status = 200, description = "The connector as now configured", body = ConnectorSummary,
+            headers(("ETag" = String, description = "Strong entity tag: the connector's revision"))),
+        (status = 412, description = "`If-Match` names another revision than the current one; `ETag` is the current", body = Problem, content_type = "application/problem+json",
+            headers(("ETag" = String, description = "The current revision"))),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such connector", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Secrets given but no master key is configured, or no version is loaded", body = Problem, content_type = "application/problem+json"),
@@ -671,14 +688,16 @@ pub async fn put_settings(
     State(state): State<AppState>,
     _principal: Principal,
     Path(name): Path<String>,
+    if_match: IfMatch,
     JsonBody(body): JsonBody,
-) -> Result<Json<ConnectorSummary>, ApiError> {
+) -> Result<Shown, ApiError> {
     // The store's connectors as they are now: a replica a poll behind
     // another's upload answered 404 for the new connector.
     state.registry.refresh().await?;
-    if state.registry.entry(&name).is_none() {
+    let Some(entry) = state.registry.entry(&name) else {
         return Err(ApiError::ConnectorNotFound);
-    }
+    };
+    let expected = if_match.against(entry.revision());
     let request: PutSettings = parse_json(&body)?;
     // PostgreSQL's JSONB refuses a NUL (a 500); SQLite stored it.
     let with_nul: Vec<FieldError> = request
@@ -704,6 +723,7 @@ pub async fn put_settings(
                 settings: request.settings,
                 secrets: request.secrets,
             },
+            expected,
         )
         .await?;
     current(&state, &name).await

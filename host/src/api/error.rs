@@ -487,6 +487,7 @@ impl From<RegistryError> for ApiError {
             },
             // As for a busy store: nothing written, send it again.
             RegistryError::Changed => Self::StoreBusy,
+            RegistryError::Stale(current) => Self::PreconditionFailed { current },
             RegistryError::Store(store) => store.into(),
         }
     }

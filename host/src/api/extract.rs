@@ -257,6 +257,23 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryPairs {
 pub struct IfMatch(Option<Vec<i64>>);
 
 impl IfMatch {
+    /// No condition.
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// The revision a write must find, if the client named any: one tag is
+    /// that revision; a list holding `current` is `current`; any other
+    /// list matches nothing (0, never a revision).
+    pub fn against(&self, current: i64) -> Option<i64> {
+        match self.0.as_deref() {
+            None => None,
+            Some([one]) => Some(*one),
+            Some(tags) if tags.contains(&current) => Some(current),
+            Some(_) => Some(0),
+        }
+    }
+
     /// The version a write must find, if any. One tag is that version; a
     /// list is resolved against the customer's current version (the write
     /// still checks it atomically, so a change in between is a 412).

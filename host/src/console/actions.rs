@@ -399,7 +399,7 @@ pub async fn activate(
     )
     .await
     {
-        Ok(axum::Json(summary)) => done(
+        Ok((_, axum::Json(summary))) => done(
             &form.session,
             &format!("/console/connectors/{name}"),
             &format!(
@@ -540,6 +540,9 @@ pub async fn put_settings(
         State(state),
         form.session.principal,
         Path(name.clone()),
+        // The console keeps what it did not draw as in effect now (above),
+        // field by field: no condition on the whole.
+        crate::api::extract::IfMatch::none(),
         body(&request),
     )
     .await

@@ -19,10 +19,27 @@ use crate::store::CustomerId;
 macro_rules! answer {
     ($session:expr, $call:expr) => {
         match $call.await {
-            Ok(Json(value)) => value,
+            Ok(answered) => Answered::value(answered),
             Err(error) => return problem(&$session, error),
         }
     };
+}
+
+/// The value an API handler answered, without its headers.
+pub(crate) trait Answered<T> {
+    fn value(self) -> T;
+}
+
+impl<T> Answered<T> for Json<T> {
+    fn value(self) -> T {
+        self.0
+    }
+}
+
+impl<T, H> Answered<T> for (H, Json<T>) {
+    fn value(self) -> T {
+        self.1 .0
+    }
 }
 
 /// The first value of `name` in a query, if not empty.

@@ -156,6 +156,12 @@ fn refused_host_settings(
 }
 
 impl Entry {
+    /// The connector's revision as this replica read it: every change to
+    /// it (a version, a switch, settings) moves it. Its `ETag`.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
     /// The required settings and secrets of `manifest` that `config` lacks,
     /// and its host settings whose value in effect (given, else the
     /// manifest's default) the egress policy refuses, if any
@@ -330,6 +336,11 @@ pub enum RegistryError {
     /// (other replicas writing it at once); nothing was written.
     #[error("the connector changed while its settings were written; send them again")]
     Changed,
+    /// The write was made against another revision of the connector than
+    /// the current one (`If-Match`): someone changed it since the caller
+    /// read it.
+    #[error("the connector is at revision {0}, not the one the write was made against")]
+    Stale(i64),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -1138,7 +1149,7 @@ impl Registry {
     /// when it needs settings or secrets the connector lacks (a required
     /// one added or renamed): the connector would stop until someone gave
     /// them. Stored with `activate=false`, its settings can be given first
-    /// (a write keeps what a newer stored version declares). A connector
+    /// (a write keeps and takes what any stored version declares). A connector
     /// that does not run (switched off, or lacking settings already) may
     /// take it: nothing stops.
     ///
@@ -1384,10 +1395,30 @@ impl Registry {
     /// that view holds: a change another replica committed since (a key
     /// rotated) is read, and the write built again, instead of being
     /// silently undone by an older copy.
-    pub async fn put_settings(&self, name: &str, new: NewSettings) -> Result<(), RegistryError> {
+    ///
+    /// With `expected` (`If-Match`: the revision the caller read), the
+    /// write lands only over that revision, or is [`RegistryError::Stale`]:
+    /// a client sending back settings it read earlier undid a change made
+    /// since (another operator's rotated key), silently.
+    pub async fn put_settings(
+        &self,
+        name: &str,
+        new: NewSettings,
+        expected: Option<i64>,
+    ) -> Result<(), RegistryError> {
         self.current_entry(name).await?;
+        if let Some(expected) = expected {
+            if self
+                .put_settings_over_view(name, new, Some(expected))
+                .await?
+            {
+                return Ok(());
+            }
+            let now = self.current_entry(name).await?.revision;
+            return Err(RegistryError::Stale(now));
+        }
         for _ in 0..SETTINGS_RACES {
-            if self.put_settings_over_view(name, new.clone()).await? {
+            if self.put_settings_over_view(name, new.clone(), None).await? {
                 return Ok(());
             }
             self.refresh().await?;
@@ -1401,8 +1432,12 @@ impl Registry {
         &self,
         name: &str,
         new: NewSettings,
+        expected: Option<i64>,
     ) -> Result<bool, RegistryError> {
         let entry = self.entry(name).ok_or(RegistryError::NotFound)?;
+        if expected.is_some_and(|expected| expected != entry.revision) {
+            return Err(RegistryError::Stale(entry.revision));
+        }
         let manifest = active_manifest(&entry)?;
         let blank: Vec<SettingsProblem> = new
             .secrets

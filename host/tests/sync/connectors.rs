@@ -2376,6 +2376,57 @@ async fn a_refused_secret_is_not_quoted_back(backend: Backend) {
     }
 }
 
+/// A settings write sent with the `ETag` a client read (`If-Match`) lands
+/// only over that revision: a client sending back settings it read before
+/// another operator's change undid it, silently. Without `If-Match` a
+/// write lands as before.
+async fn a_settings_write_with_if_match_lands_only_over_what_was_read(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let url = format!("{}/api/v1/connectors/recorder", app.base);
+    let authed = |request: reqwest::RequestBuilder| match &app.token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    };
+    let read = authed(app.client.get(&url)).send().await.expect("get");
+    let etag = read.headers()["etag"].to_str().unwrap().to_owned();
+    let shown: Value = read.json().await.unwrap();
+    let put = |etag: Option<&str>, settings: Value| {
+        let mut request =
+            authed(app.client.put(format!("{url}/settings"))).json(&json!({"settings": settings}));
+        if let Some(etag) = etag {
+            request = request.header("if-match", etag);
+        }
+        request.send()
+    };
+    // Another operator changes a setting (no condition).
+    let other = put(
+        None,
+        json!({"api_base": remote.url, "send_api_key": "true"}),
+    )
+    .await
+    .expect("put");
+    assert_eq!(other.status(), 200);
+    let now = other.headers()["etag"].to_str().unwrap().to_owned();
+    assert_ne!(now, etag);
+    // The first client's write, made against what it read: refused, the
+    // current revision named, nothing written.
+    let stale = put(Some(&etag), shown["settings"].clone())
+        .await
+        .expect("put");
+    assert_eq!(stale.status(), 412);
+    assert_eq!(stale.headers()["etag"].to_str().unwrap(), now);
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(connector["settings"]["send_api_key"], "true", "{connector}");
+    // Against the current one: it lands.
+    let fresh = put(Some(&now), json!({"api_base": remote.url}))
+        .await
+        .expect("put");
+    assert_eq!(fresh.status(), 200);
+    assert_ne!(fresh.headers()["etag"].to_str().unwrap(), now);
+}
+
 /// A secret given with white space around it (a pasted value's newline, a
 /// CRLF file's `\r`) is used without it: kept, its header was refused on
 /// every push (each one dead-lettered), and a webhook secret failed every
@@ -3131,6 +3182,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_rollback_keeps_the_newer_versions_settings() {
         super::a_rollback_keeps_the_newer_versions_settings(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_settings_write_with_if_match_lands_only_over_what_was_read() {
+        super::a_settings_write_with_if_match_lands_only_over_what_was_read(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
