@@ -26,7 +26,9 @@ FERRY="${FERRY_BIN:-$CARGO_TARGET_DIR/release/ferry}"
 CONNECTORS="${CONNECTORS_DIR:-$CARGO_TARGET_DIR/release/connectors}"
 command -v wrk >/dev/null || apt_get_install wrk
 
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+# runuser lives in /sbin, off a minimal PATH (cron, some runners).
+RUNUSER="$(command -v runuser || echo /sbin/runuser)"
+as_pg() { if [ "$(id -u)" = 0 ]; then "$RUNUSER" -u postgres -- "$@"; else "$@"; fi; }
 wait_port() { for _ in $(seq 1 300); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.2; done; return 1; }
 
 work=$(mktemp -d)

@@ -5,7 +5,11 @@ FERRY_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # every script died at the next line, saying only "HOME: unbound variable".
 # cargo, rustup and pip need it too: it is the user's home from passwd.
 if [ -z "${HOME:-}" ]; then
-  HOME="$(getent passwd "$(id -u)" | cut -d: -f6)"
+  HOME="$(getent passwd "$(id -u)" 2>/dev/null | cut -d: -f6 || true)"
+  if [ -z "$HOME" ]; then
+    echo "error: HOME is not set and user $(id -u) has no passwd entry: set HOME" >&2
+    exit 1
+  fi
   export HOME
 fi
 export FERRY_CACHE_DIR="${FERRY_CACHE_DIR:-$HOME/.cache/ferry}"

@@ -6,7 +6,12 @@
 # pinned set is reused as is. Prints the venv's python path on stdout.
 set -euo pipefail
 
-CACHE_DIR="${FERRY_CACHE_DIR:-${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}/.cache/ferry}"
+HOME="${HOME:-$(getent passwd "$(id -u)" 2>/dev/null | cut -d: -f6 || true)}"
+if [ -z "$HOME" ] && [ -z "${FERRY_CACHE_DIR:-}" ]; then
+  echo "error: HOME is not set and user $(id -u) has no passwd entry: set HOME" >&2
+  exit 1
+fi
+CACHE_DIR="${FERRY_CACHE_DIR:-$HOME/.cache/ferry}"
 PYTHON="${PYTHON:-python3}"
 
 # Pinned: versions checked to install and run together on Python 3.11. What

@@ -313,8 +313,6 @@ fn print_next_steps(name: &str, base: &str, wasm: &Path, body: &str) {
 /// saving as one types would otherwise rebuild every second.
 const QUIET: Duration = Duration::from_millis(700);
 
-/// Rebuilds and re-registers when a file [`WATCHED`] (`src/`, `Cargo.toml`…)
-/// changes after `seen` (and then stays unchanged for [`QUIET`]).
 /// Waits until the sources differ from `seen` and have been quiet for
 /// [`QUIET`]; what they are then.
 async fn changed_from(dir: &Path, seen: Sources) -> Sources {
@@ -328,6 +326,8 @@ async fn changed_from(dir: &Path, seen: Sources) -> Sources {
     }
 }
 
+/// Rebuilds and re-registers when a file [`WATCHED`] (`src/`, `Cargo.toml`…)
+/// changes after `seen` (and then stays unchanged for [`QUIET`]).
 async fn watch(
     dir: PathBuf,
     mut seen: Sources,
