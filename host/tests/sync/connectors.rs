@@ -84,6 +84,26 @@ async fn post(app: &SyncApp, path: &str, body: Option<Value>) -> (u16, Value) {
     app.send(reqwest::Method::POST, path, body).await
 }
 
+/// `PUT /api/v1/connectors/recorder/settings` with `body`.
+async fn put_settings(app: &SyncApp, body: Value) -> (u16, Value) {
+    app.send(
+        reqwest::Method::PUT,
+        "/api/v1/connectors/recorder/settings",
+        Some(body),
+    )
+    .await
+}
+
+/// `POST /api/v1/connectors/recorder/activate` of `version`.
+async fn activate(app: &SyncApp, version: &str) -> (u16, Value) {
+    post(
+        app,
+        "/api/v1/connectors/recorder/activate",
+        Some(json!({ "version": version })),
+    )
+    .await
+}
+
 /// Stores a recorder event that carries no record (another replica took
 /// it in), wakes the inbox, and returns the event.
 async fn store_thin_event(app: &SyncApp, event_id: &str, remote_id: &str) -> NewInboxEvent {
@@ -173,13 +193,8 @@ async fn install_recorder(app: &SyncApp, remote: &RecorderRemote) {
 
 /// Points the uploaded recorder at `remote`, which enables it.
 async fn configure_recorder(app: &SyncApp, remote: &RecorderRemote) {
-    let (status, connector) = app
-        .send(
-            reqwest::Method::PUT,
-            "/api/v1/connectors/recorder/settings",
-            Some(json!({"settings": {"api_base": remote.url}})),
-        )
-        .await;
+    let (status, connector) =
+        put_settings(app, json!({"settings": {"api_base": remote.url}})).await;
     assert_eq!(status, 200, "{connector}");
     assert_eq!(connector["state"], "enabled");
 }
@@ -421,21 +436,11 @@ async fn rollback_disable_and_enable(backend: Backend) {
     let (status, _) = upload(&app, recorder_variant("version-2"), "").await;
     assert_eq!(status, 201);
     assert_eq!(served_by().await, (200, "recorder 0.2.0".to_owned()));
-    let (status, connector) = post(
-        &app,
-        "/api/v1/connectors/recorder/activate",
-        Some(json!({"version": "0.1.0"})),
-    )
-    .await;
+    let (status, connector) = activate(&app, "0.1.0").await;
     assert_eq!(status, 200, "{connector}");
     assert_eq!(connector["active_version"], "0.1.0");
     assert_eq!(served_by().await, (200, "recorder 0.1.0".to_owned()));
-    let (status, problem) = post(
-        &app,
-        "/api/v1/connectors/recorder/activate",
-        Some(json!({"version": "9.9.9"})),
-    )
-    .await;
+    let (status, problem) = activate(&app, "9.9.9").await;
     assert_eq!(
         (status, problem["code"].as_str()),
         (404, Some("connector_version_not_found"))
@@ -698,12 +703,7 @@ async fn a_version_without_customers_is_refused_while_linked(backend: Backend) {
     let (status, version) = upload(&app, recorder_variant("no-customer"), "?activate=false").await;
     assert_eq!(status, 201, "{version}");
     assert_eq!(version["active"], false);
-    let (status, problem) = post(
-        &app,
-        "/api/v1/connectors/recorder/activate",
-        Some(json!({"version": "0.4.0"})),
-    )
-    .await;
+    let (status, problem) = activate(&app, "0.4.0").await;
     assert_eq!(status, 409, "{problem}");
     assert_eq!(problem["code"], "customers_linked");
     let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
@@ -778,12 +778,7 @@ async fn swap_under_webhook_load(backend: Backend) {
     assert_eq!(status, 201);
     for version in ["0.1.0", "0.2.0", "0.1.0", "0.2.0"] {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let (status, body) = post(
-            &app,
-            "/api/v1/connectors/recorder/activate",
-            Some(json!({"version": version})),
-        )
-        .await;
+        let (status, body) = activate(&app, version).await;
         assert_eq!(status, 200, "{body}");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1292,12 +1287,7 @@ async fn a_manifest_unlike_the_stored_one_is_not_loaded(backend: Backend) {
             .is_some_and(|p| p.contains("not the one stored with it (hosts differ)")),
         "{connector:#}"
     );
-    let (status, problem) = post(
-        &app,
-        "/api/v1/connectors/recorder/activate",
-        Some(json!({"version": version})),
-    )
-    .await;
+    let (status, problem) = activate(&app, &version).await;
     assert_eq!(
         (status, problem["code"].as_str()),
         (422, Some("invalid_manifest")),
@@ -1742,13 +1732,11 @@ async fn nul_in_settings_or_a_version_is_refused(backend: Backend) {
     let remote = RecorderRemote::start().await;
     let app = spawn_sync_app(setup(backend)).await;
     install_recorder(&app, &remote).await;
-    let (status, problem) = app
-        .send(
-            reqwest::Method::PUT,
-            "/api/v1/connectors/recorder/settings",
-            Some(json!({"settings": {"api_base": format!("{}\u{0}", remote.url)}})),
-        )
-        .await;
+    let (status, problem) = put_settings(
+        &app,
+        json!({"settings": {"api_base": format!("{}\u{0}", remote.url)}}),
+    )
+    .await;
     assert_eq!(status, 422, "{problem}");
     assert_eq!(
         problem["errors"][0]["field"], "settings.api_base",
@@ -1759,13 +1747,7 @@ async fn nul_in_settings_or_a_version_is_refused(backend: Backend) {
     let many: serde_json::Map<String, Value> = (0..3_000)
         .map(|n| (format!("unknown_{n}_{}", "x".repeat(200)), json!("")))
         .collect();
-    let (status, problem) = app
-        .send(
-            reqwest::Method::PUT,
-            "/api/v1/connectors/recorder/settings",
-            Some(json!({ "settings": many })),
-        )
-        .await;
+    let (status, problem) = put_settings(&app, json!({ "settings": many })).await;
     let text = problem.to_string();
     let short: String = text.chars().take(300).collect();
     assert_eq!(status, 422, "{short}");
@@ -1799,13 +1781,7 @@ async fn a_host_setting_the_policy_refuses_is_refused_when_given() {
         ("https://api.evil.example", "deny-list"),
         ("not a url", "absolute http(s) URL"),
     ] {
-        let (status, problem) = app
-            .send(
-                reqwest::Method::PUT,
-                "/api/v1/connectors/recorder/settings",
-                Some(json!({"settings": {"api_base": value}})),
-            )
-            .await;
+        let (status, problem) = put_settings(&app, json!({"settings": {"api_base": value}})).await;
         assert_eq!(status, 422, "{value}: {problem}");
         assert_eq!(
             problem["errors"][0]["field"], "settings.api_base",
@@ -1919,12 +1895,7 @@ async fn postgres_a_rebuilt_bundle_reaches_every_replica() {
         recorder_bundle(recorder_variant("rebuilt")),
     );
     let app = with_bundle(&first, None).await;
-    let (status, connector) = post(
-        &app,
-        "/api/v1/connectors/recorder/activate",
-        Some(json!({"version": "0.1.0"})),
-    )
-    .await;
+    let (status, connector) = activate(&app, "0.1.0").await;
     assert_eq!(status, 200, "{connector}");
     let before = connector["sha256"].clone();
 
@@ -2104,25 +2075,16 @@ async fn a_version_that_needs_a_new_setting_does_not_stop_the_connector(backend:
 
     let (status, stored) = upload(&app, recorder_variant("version-3"), "?activate=false").await;
     assert_eq!(status, 201, "{stored}");
-    let activate = || {
-        post(
-            &app,
-            "/api/v1/connectors/recorder/activate",
-            Some(json!({"version": "0.3.0"})),
-        )
-    };
-    let (status, refused) = activate().await;
+    let (status, refused) = activate(&app, "0.3.0").await;
     assert_eq!(status, 409, "{refused}");
     assert_eq!(refused["code"], "settings_missing", "{refused}");
-    let (status, configured) = app
-        .send(
-            reqwest::Method::PUT,
-            "/api/v1/connectors/recorder/settings",
-            Some(json!({"settings": {"api_base": remote.url, "account": "acme"}})),
-        )
-        .await;
+    let (status, configured) = put_settings(
+        &app,
+        json!({"settings": {"api_base": remote.url, "account": "acme"}}),
+    )
+    .await;
     assert_eq!(status, 200, "{configured}");
-    let (status, activated) = activate().await;
+    let (status, activated) = activate(&app, "0.3.0").await;
     assert_eq!(status, 200, "{activated}");
     let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
     assert_eq!(connector["active_version"], "0.3.0", "{connector}");
@@ -2176,12 +2138,7 @@ async fn a_version_needing_a_setting_is_refused_through_a_replica_not_configured
         .await;
         assert_eq!(status, 200, "{switch}: {body}");
     }
-    let (status, refused) = post(
-        &other,
-        "/api/v1/connectors/recorder/activate",
-        Some(json!({"version": "0.3.0"})),
-    )
-    .await;
+    let (status, refused) = activate(&other, "0.3.0").await;
     assert_eq!(status, 409, "{refused}");
     assert_eq!(refused["code"], "settings_missing", "{refused}");
     let (_, connector) = get(&configured, "/api/v1/connectors/recorder").await;
@@ -2201,13 +2158,11 @@ async fn disabling_a_connector_never_switched_on_queues_nothing(backend: Backend
     let app = spawn_sync_app(never_on).await;
     let (status, disabled) = post(&app, "/api/v1/connectors/recorder/disable", None).await;
     assert_eq!(status, 200, "{disabled}");
-    let (status, configured) = app
-        .send(
-            reqwest::Method::PUT,
-            "/api/v1/connectors/recorder/settings",
-            Some(json!({"settings": {"api_base": remote.url}, "enabled": false})),
-        )
-        .await;
+    let (status, configured) = put_settings(
+        &app,
+        json!({"settings": {"api_base": remote.url}, "enabled": false}),
+    )
+    .await;
     assert_eq!(status, 200, "{configured}");
     let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
     assert_eq!(
@@ -2243,26 +2198,13 @@ async fn a_rollback_keeps_the_newer_versions_settings(backend: Backend) {
     install_recorder(&app, &remote).await;
     let (status, version) = upload(&app, recorder_variant("version-3"), "?activate=false").await;
     assert_eq!(status, 201, "{version}");
-    let put = |body: Value| {
-        app.send(
-            reqwest::Method::PUT,
-            "/api/v1/connectors/recorder/settings",
-            Some(body),
-        )
-    };
-    let activate = |version: &str| {
-        post(
-            &app,
-            "/api/v1/connectors/recorder/activate",
-            Some(json!({"version": version})),
-        )
-    };
+    let put = |body: Value| put_settings(&app, body);
     let (status, configured) =
         put(json!({"settings": {"api_base": remote.url, "account": "acme"}})).await;
     assert_eq!(status, 200, "{configured}");
-    let (status, forward) = activate("0.3.0").await;
+    let (status, forward) = activate(&app, "0.3.0").await;
     assert_eq!(status, 200, "{forward}");
-    let (status, rolled_back) = activate("0.1.0").await;
+    let (status, rolled_back) = activate(&app, "0.1.0").await;
     assert_eq!(status, 200, "{rolled_back}");
     // The older version's form: its own fields only.
     let (status, saved) = put(json!({"settings": {"api_base": remote.url}})).await;
@@ -2275,7 +2217,7 @@ async fn a_rollback_keeps_the_newer_versions_settings(backend: Backend) {
     // A name no version declares is still refused.
     let (status, typo) = put(json!({"settings": {"api_base": remote.url, "acount": "acme"}})).await;
     assert_eq!(status, 422, "{typo}");
-    let (status, forward) = activate("0.3.0").await;
+    let (status, forward) = activate(&app, "0.3.0").await;
     assert_eq!(status, 200, "{forward}");
     let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
     assert_eq!(connector["settings"]["account"], "acme", "{connector}");
@@ -2290,20 +2232,7 @@ async fn a_roll_forward_keeps_the_older_versions_settings(backend: Backend) {
     let remote = RecorderRemote::start().await;
     let app = spawn_sync_app(setup(backend)).await;
     install_recorder(&app, &remote).await;
-    let put = |body: Value| {
-        app.send(
-            reqwest::Method::PUT,
-            "/api/v1/connectors/recorder/settings",
-            Some(body),
-        )
-    };
-    let activate = |version: &str| {
-        post(
-            &app,
-            "/api/v1/connectors/recorder/activate",
-            Some(json!({"version": version})),
-        )
-    };
+    let put = |body: Value| put_settings(&app, body);
     for variant in ["version-3", "version-5"] {
         let (status, version) = upload(&app, recorder_variant(variant), "?activate=false").await;
         assert_eq!(status, 201, "{version}");
@@ -2313,13 +2242,13 @@ async fn a_roll_forward_keeps_the_older_versions_settings(backend: Backend) {
     }}))
     .await;
     assert_eq!(status, 200, "{configured}");
-    let (status, forward) = activate("0.5.0").await;
+    let (status, forward) = activate(&app, "0.5.0").await;
     assert_eq!(status, 200, "{forward}");
     // 0.5.0's form: its own fields only.
     let (status, saved) =
         put(json!({"settings": {"api_base": remote.url, "account_number": "acme-2"}})).await;
     assert_eq!(status, 200, "{saved}");
-    let (status, back) = activate("0.3.0").await;
+    let (status, back) = activate(&app, "0.3.0").await;
     assert_eq!(status, 200, "{back}");
     let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
     assert_eq!(connector["settings"]["account"], "acme", "{connector}");
@@ -2327,7 +2256,7 @@ async fn a_roll_forward_keeps_the_older_versions_settings(backend: Backend) {
     // Rolled forward again, what GET shows (the older version's name
     // among it) can be sent back, and the older version's setting given
     // ahead of the next rollback.
-    let (status, _) = activate("0.5.0").await;
+    let (status, _) = activate(&app, "0.5.0").await;
     assert_eq!(status, 200);
     let (_, shown) = get(&app, "/api/v1/connectors/recorder").await;
     let (status, again) = put(json!({"settings": shown["settings"].clone()})).await;
@@ -2337,7 +2266,7 @@ async fn a_roll_forward_keeps_the_older_versions_settings(backend: Backend) {
     }}))
     .await;
     assert_eq!(status, 200, "{given}");
-    let (status, back) = activate("0.3.0").await;
+    let (status, back) = activate(&app, "0.3.0").await;
     assert_eq!(status, 200, "{back}");
     let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
     assert_eq!(connector["settings"]["account"], "acme-3", "{connector}");
@@ -2359,13 +2288,7 @@ async fn a_refused_secret_is_not_quoted_back(backend: Backend) {
         json!({"secrets": {"api_key": 98765432123_u64}}),
         json!({"secrets": {"api_key": ["sk_live_quoted_back_0123"]}}),
     ] {
-        let (status, problem) = app
-            .send(
-                reqwest::Method::PUT,
-                "/api/v1/connectors/recorder/settings",
-                Some(body.clone()),
-            )
-            .await;
+        let (status, problem) = put_settings(&app, body.clone()).await;
         assert_eq!(status, 422, "{problem}");
         let text = problem.to_string();
         assert!(
@@ -2435,16 +2358,14 @@ async fn a_secret_is_used_without_white_space_around_it(backend: Backend) {
     let remote = RecorderRemote::start().await;
     let app = spawn_sync_app(setup(backend)).await;
     install_recorder(&app, &remote).await;
-    let (status, configured) = app
-        .send(
-            reqwest::Method::PUT,
-            "/api/v1/connectors/recorder/settings",
-            Some(json!({
-                "settings": {"api_base": remote.url, "send_api_key": "true"},
-                "secrets": {"api_key": "key-1\r\n"},
-            })),
-        )
-        .await;
+    let (status, configured) = put_settings(
+        &app,
+        json!({
+            "settings": {"api_base": remote.url, "send_api_key": "true"},
+            "secrets": {"api_key": "key-1\r\n"},
+        }),
+    )
+    .await;
     assert_eq!(status, 200, "{configured}");
     let customer = app
         .create(json!({"email": email("trimmed-secret"), "name": "Trimmed"}))
@@ -2469,16 +2390,12 @@ async fn secrets_a_replica_cannot_open_leave_pushes_waiting(backend: Backend) {
     let first = spawn_sync_app(setup(backend)).await;
     let (status, version) = upload(&first, recorder(), "").await;
     assert_eq!(status, 201, "{version}");
-    let (status, connector) = first
-        .send(
-            reqwest::Method::PUT,
-            "/api/v1/connectors/recorder/settings",
-            Some(
-                json!({"settings": {"api_base": remote.url, "send_api_key": "true"},
+    let (status, connector) = put_settings(
+        &first,
+        json!({"settings": {"api_base": remote.url, "send_api_key": "true"},
                 "secrets": {"api_key": "key-1"}}),
-            ),
-        )
-        .await;
+    )
+    .await;
     assert_eq!(status, 200, "{connector}");
     let database_url = first.database_url.clone();
     first.stop().await;
@@ -2609,16 +2526,8 @@ async fn a_settings_write_from_a_stale_view_keeps_a_rotated_key(backend: Backend
     let first = spawn_sync_app(setup(backend)).await;
     let (status, version) = upload(&first, recorder(), "").await;
     assert_eq!(status, 201, "{version}");
-    async fn put(app: &SyncApp, body: Value) -> (u16, Value) {
-        app.send(
-            reqwest::Method::PUT,
-            "/api/v1/connectors/recorder/settings",
-            Some(body),
-        )
-        .await
-    }
     let settings = json!({"api_base": remote.url, "send_api_key": "true"});
-    let (status, answer) = put(
+    let (status, answer) = put_settings(
         &first,
         json!({"settings": settings, "secrets": {"api_key": "key-1"}}),
     )
@@ -2628,13 +2537,13 @@ async fn a_settings_write_from_a_stale_view_keeps_a_rotated_key(backend: Backend
     other.database_url = Some(first.database_url.clone());
     let second = spawn_sync_app(other).await;
 
-    let (status, answer) = put(
+    let (status, answer) = put_settings(
         &first,
         json!({"settings": settings, "secrets": {"api_key": "key-2"}}),
     )
     .await;
     assert_eq!(status, 200, "{answer}");
-    let (status, answer) = put(
+    let (status, answer) = put_settings(
         &second,
         json!({"settings": settings, "secrets": {"api_key": null}}),
     )
@@ -3052,13 +2961,11 @@ async fn a_version_activated_mid_listing_lists_again(backend: Backend, settings:
         })
         .await;
     if settings {
-        let (status, connector) = app
-            .send(
-                reqwest::Method::PUT,
-                "/api/v1/connectors/recorder/settings",
-                Some(json!({"settings": {"api_base": remote.url, "send_api_key": "false"}})),
-            )
-            .await;
+        let (status, connector) = put_settings(
+            &app,
+            json!({"settings": {"api_base": remote.url, "send_api_key": "false"}}),
+        )
+        .await;
         assert_eq!(status, 200, "{connector}");
     } else {
         let (status, version) = upload(&app, recorder_variant("version-2"), "").await;
