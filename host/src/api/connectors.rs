@@ -445,7 +445,8 @@ pub async fn list_versions(
     params(("name" = String, Path, description = "Connector name", example = "stripe")),
     request_body = Activate,
     responses(
-        (status = 200, description = "The connector, now on that version", body = ConnectorSummary),
+        (status = 200, description = "The connector, now on that version", body = ConnectorSummary,
+            headers(("ETag" = String, description = "Strong entity tag: the connector's revision"))),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such connector or version", body = Problem, content_type = "application/problem+json"),
@@ -483,7 +484,8 @@ pub async fn activate(
         ("backfill" = Option<bool>, Query, description = "Also start a backfill run"),
     ),
     responses(
-        (status = 200, description = "The connector", body = ConnectorSummary),
+        (status = 200, description = "The connector", body = ConnectorSummary,
+            headers(("ETag" = String, description = "Strong entity tag: the connector's revision"))),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such connector", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "No version of it is loaded here (`connector_not_loaded`); with `?backfill=true`, a run of it goes on (`reconciliation_running`) or its version does not sync customers or is not loaded (`connector_not_ready`)", body = Problem, content_type = "application/problem+json"),
@@ -602,7 +604,8 @@ fn parked_backfill(state: &AppState, name: &str, run: &RunRow) -> bool {
     post, path = "/api/v1/connectors/{name}/disable", tag = "connectors",
     params(("name" = String, Path, description = "Connector name", example = "stripe")),
     responses(
-        (status = 200, description = "The connector", body = ConnectorSummary),
+        (status = 200, description = "The connector", body = ConnectorSummary,
+            headers(("ETag" = String, description = "Strong entity tag: the connector's revision"))),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such connector", body = Problem, content_type = "application/problem+json"),
     ),

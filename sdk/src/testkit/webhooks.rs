@@ -177,7 +177,7 @@ fn check_events(parsed: &ParsedWebhook) -> Result<(), String> {
         let latest_ms = now_ms().saturating_add(LATEST_AHEAD_MS);
         if event.occurred_at_ms > latest_ms {
             return Err(format!(
-                "event {} says it happened at {} ms, more than five minutes from now: a local time read as UTC, a time in microseconds, or milliseconds multiplied by 1000 again? occurred_at_ms is milliseconds since 1970 (UTC), and ferry dates an event from the future on arrival, losing its order",
+                "event {} says it happened at {} ms, more than five minutes from now: a local time read as UTC, a time in microseconds, or milliseconds multiplied by 1000 again? occurred_at_ms is milliseconds since 1970 (UTC), and ferry dates an event more than five minutes ahead at its arrival plus five minutes, losing its order",
                 event.id, event.occurred_at_ms
             ));
         }
