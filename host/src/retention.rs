@@ -43,7 +43,7 @@ pub async fn run(store: Store, retention: Retention, cancel: CancellationToken) 
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "retention pass done"),
             Err(error) => tracing::warn!(
-                error = format!("{:#}", anyhow::Error::from(error)),
+                error = format!("{error:#}"),
                 "retention pass failed; the next one continues"
             ),
         }
@@ -76,7 +76,7 @@ pub async fn pass(
     store: &Store,
     retention: Retention,
     cancel: &CancellationToken,
-) -> Result<u64, StoreError> {
+) -> anyhow::Result<u64> {
     let result = trim_all(store, retention, cancel).await;
     crate::metrics::retention_pass(result.is_ok());
     result
@@ -86,13 +86,13 @@ async fn trim_all(
     store: &Store,
     retention: Retention,
     cancel: &CancellationToken,
-) -> Result<u64, StoreError> {
+) -> anyhow::Result<u64> {
     let Ok(keep) = chrono::Duration::from_std(retention.keep) else {
         return Ok(0);
     };
     let cutoff = crate::store::now() - keep;
     let mut deleted = 0;
-    let mut failed = None;
+    let mut failed = Vec::new();
     // A table that fails (a lock or statement timeout, a privilege taken
     // from it) leaves the others trimmed: the pass stopped at it, and a
     // failing outbox kept the inbox and the deliveries growing unchecked.
@@ -105,10 +105,10 @@ async fn trim_all(
                 Err(error) => {
                     tracing::warn!(
                         table = table.table(),
-                        error = chain(&error),
+                        error = format!("{:#}", anyhow::Error::from(error)),
                         "retention could not trim a table; the others are trimmed"
                     );
-                    failed.get_or_insert(error);
+                    failed.push(table.table());
                     break;
                 }
             };
@@ -121,20 +121,9 @@ async fn trim_all(
             tokio::time::sleep(BETWEEN_BATCHES).await;
         }
     }
-    match failed {
-        Some(error) => Err(error),
-        None => Ok(deleted),
+    if failed.is_empty() {
+        Ok(deleted)
+    } else {
+        anyhow::bail!("could not trim {} (the log says why)", failed.join(", "))
     }
-}
-
-/// `error` and its causes, as anyhow's `{:#}` shows them.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
