@@ -442,11 +442,16 @@ pub async fn list_versions(
 /// on.
 #[utoipa::path(
     post, path = "/api/v1/connectors/{name}/activate", tag = "connectors",
-    params(("name" = String, Path, description = "Connector name", example = "stripe")),
+    params(
+        ("name" = String, Path, description = "Connector name", example = "stripe"),
+        ("If-Match" = Option<String>, Header, description = "The connector's ETag the change is based on, e.g. \"7\"; or a list of them, one of which must be current; or *", pattern = "^(\\*|\"[0-9]+\"( *, *\"[0-9]+\")*)$"),
+    ),
     request_body = Activate,
     responses(
         (status = 200, description = "The connector, now on that version", body = ConnectorSummary,
             headers(("ETag" = String, description = "Strong entity tag: the connector's revision"))),
+        (status = 412, description = "`If-Match` names another revision than the current one; `ETag` is the current", body = Problem, content_type = "application/problem+json",
+            headers(("ETag" = String, description = "The current revision"))),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such connector or version", body = Problem, content_type = "application/problem+json"),
@@ -462,10 +467,15 @@ pub async fn activate(
     State(state): State<AppState>,
     _principal: Principal,
     Path(name): Path<String>,
+    if_match: IfMatch,
     JsonBody(body): JsonBody,
 ) -> Result<Shown, ApiError> {
     let request: Activate = parse_json(&body)?;
-    state.registry.activate(&name, &request.version).await?;
+    let expected = expected(&state, &name, &if_match).await?;
+    state
+        .registry
+        .activate(&name, &request.version, expected)
+        .await?;
     current(&state, &name).await
 }
 
@@ -482,10 +492,13 @@ pub async fn activate(
     params(
         ("name" = String, Path, description = "Connector name", example = "stripe"),
         ("backfill" = Option<bool>, Query, description = "Also start a backfill run"),
+        ("If-Match" = Option<String>, Header, description = "The connector's ETag the change is based on, e.g. \"7\"; or a list of them, one of which must be current; or *", pattern = "^(\\*|\"[0-9]+\"( *, *\"[0-9]+\")*)$"),
     ),
     responses(
         (status = 200, description = "The connector", body = ConnectorSummary,
             headers(("ETag" = String, description = "Strong entity tag: the connector's revision"))),
+        (status = 412, description = "`If-Match` names another revision than the current one; `ETag` is the current", body = Problem, content_type = "application/problem+json",
+            headers(("ETag" = String, description = "The current revision"))),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such connector", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "No version of it is loaded here (`connector_not_loaded`); with `?backfill=true`, a run of it goes on (`reconciliation_running`) or its version does not sync customers or is not loaded (`connector_not_ready`)", body = Problem, content_type = "application/problem+json"),
@@ -498,10 +511,12 @@ pub async fn enable(
     _principal: Principal,
     Path(name): Path<String>,
     QueryPairs(pairs): QueryPairs,
+    if_match: IfMatch,
 ) -> Result<Shown, ApiError> {
     let backfill = flag(&pairs, "backfill", false)?;
+    let expected = expected(&state, &name, &if_match).await?;
     if !backfill {
-        state.registry.set_enabled(&name, true).await?;
+        state.registry.set_enabled(&name, true, expected).await?;
         return current(&state, &name).await;
     }
     // What would refuse the run is checked before the switch: an error
@@ -513,7 +528,7 @@ pub async fn enable(
     // switch met a store failure) is this one's: asked again, the same
     // request finishes what the first began instead of answering 409.
     if let Some(parked) = backfill_possible(&state, &name).await? {
-        state.registry.set_enabled(&name, true).await?;
+        state.registry.set_enabled(&name, true, expected).await?;
         tracing::info!(run = %parked, connector = %name, "a parked backfill goes with the switch");
         return current(&state, &name).await;
     }
@@ -528,14 +543,17 @@ pub async fn enable(
         crate::sync::reconcile::Repair::Merge,
     )
     .await?;
-    if let Err(error) = state.registry.set_enabled(&name, true).await {
+    if let Err(error) = state.registry.set_enabled(&name, true, expected).await {
         // Refused before the switch was written: the run goes with it. A
         // store failure may come after the write (the refresh that
         // follows it): the run stays, parked while the switch is off, and
         // holding the creates if it is on.
         let refused = matches!(
             error,
-            RegistryError::Settings(_) | RegistryError::NotFound | RegistryError::NotLoaded(_)
+            RegistryError::Settings(_)
+                | RegistryError::NotFound
+                | RegistryError::NotLoaded(_)
+                | RegistryError::Stale(_)
         );
         if refused {
             if let Err(forgotten) = state.store.forget_unstarted_run(&run.id).await {
@@ -602,10 +620,15 @@ fn parked_backfill(state: &AppState, name: &str, run: &RunRow) -> bool {
 /// with a system for good, delete the connector.
 #[utoipa::path(
     post, path = "/api/v1/connectors/{name}/disable", tag = "connectors",
-    params(("name" = String, Path, description = "Connector name", example = "stripe")),
+    params(
+        ("name" = String, Path, description = "Connector name", example = "stripe"),
+        ("If-Match" = Option<String>, Header, description = "The connector's ETag the change is based on, e.g. \"7\"; or a list of them, one of which must be current; or *", pattern = "^(\\*|\"[0-9]+\"( *, *\"[0-9]+\")*)$"),
+    ),
     responses(
         (status = 200, description = "The connector", body = ConnectorSummary,
             headers(("ETag" = String, description = "Strong entity tag: the connector's revision"))),
+        (status = 412, description = "`If-Match` names another revision than the current one; `ETag` is the current", body = Problem, content_type = "application/problem+json",
+            headers(("ETag" = String, description = "The current revision"))),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such connector", body = Problem, content_type = "application/problem+json"),
     ),
@@ -615,8 +638,10 @@ pub async fn disable(
     State(state): State<AppState>,
     _principal: Principal,
     Path(name): Path<String>,
+    if_match: IfMatch,
 ) -> Result<Shown, ApiError> {
-    state.registry.set_enabled(&name, false).await?;
+    let expected = expected(&state, &name, &if_match).await?;
+    state.registry.set_enabled(&name, false, expected).await?;
     current(&state, &name).await
 }
 
@@ -632,9 +657,12 @@ pub async fn disable(
     params(
         ("name" = String, Path, description = "Connector name", example = "stripe"),
         ("force" = Option<bool>, Query, description = "Delete even while customers are linked or changes wait"),
+        ("If-Match" = Option<String>, Header, description = "The connector's ETag the change is based on, e.g. \"7\"; or a list of them, one of which must be current; or *", pattern = "^(\\*|\"[0-9]+\"( *, *\"[0-9]+\")*)$"),
     ),
     responses(
         (status = 204, description = "Deleted"),
+        (status = 412, description = "`If-Match` names another revision than the current one; `ETag` is the current", body = Problem, content_type = "application/problem+json",
+            headers(("ETag" = String, description = "The current revision"))),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such connector", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Customers are linked or changes wait (`connector_in_use`)", body = Problem, content_type = "application/problem+json"),
@@ -647,9 +675,11 @@ pub async fn delete_connector(
     _principal: Principal,
     Path(name): Path<String>,
     QueryPairs(pairs): QueryPairs,
+    if_match: IfMatch,
 ) -> Result<StatusCode, ApiError> {
     let force = flag(&pairs, "force", false)?;
-    state.registry.delete(&name, force).await?;
+    let expected = expected(&state, &name, &if_match).await?;
+    state.registry.delete(&name, force, expected).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -694,13 +724,7 @@ pub async fn put_settings(
     if_match: IfMatch,
     JsonBody(body): JsonBody,
 ) -> Result<Shown, ApiError> {
-    // The store's connectors as they are now: a replica a poll behind
-    // another's upload answered 404 for the new connector.
-    state.registry.refresh().await?;
-    let Some(entry) = state.registry.entry(&name) else {
-        return Err(ApiError::ConnectorNotFound);
-    };
-    let expected = if_match.against(entry.revision());
+    let expected = expected(&state, &name, &if_match).await?;
     let request: PutSettings = parse_json(&body)?;
     // PostgreSQL's JSONB refuses a NUL (a 500); SQLite stored it.
     let with_nul: Vec<FieldError> = request
@@ -730,6 +754,32 @@ pub async fn put_settings(
         )
         .await?;
     current(&state, &name).await
+}
+
+/// The revision `If-Match` asks a change of `name` to find, if it sent
+/// any: read from the store's connectors as they are now (a replica a
+/// poll behind another's change would answer 412 for the current tag).
+/// Another revision is a 412 at once, before any work (a backfill's run);
+/// the write itself lands only over the one returned.
+async fn expected(
+    state: &AppState,
+    name: &str,
+    if_match: &IfMatch,
+) -> Result<Option<i64>, ApiError> {
+    if !if_match.given() {
+        return Ok(None);
+    }
+    state.registry.refresh().await?;
+    let entry = state
+        .registry
+        .entry(name)
+        .ok_or(ApiError::ConnectorNotFound)?;
+    match if_match.against(entry.revision()) {
+        Some(named) if named != entry.revision() => Err(ApiError::PreconditionFailed {
+            current: entry.revision(),
+        }),
+        expected => Ok(expected),
+    }
 }
 
 /// Routes under `/api/v1/connectors`.

@@ -262,6 +262,11 @@ impl IfMatch {
         Self(None)
     }
 
+    /// Whether the client sent a condition (`*` is none).
+    pub fn given(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// The revision a write must find, if the client named any: one tag is
     /// that revision; a list holding `current` is `current`; any other
     /// list matches nothing (0, never a revision).
@@ -285,10 +290,10 @@ impl IfMatch {
         match self.0.as_deref() {
             None => Ok(None),
             Some([version]) => Ok(Some(*version)),
-            Some(versions) => match store.get_customer(id).await {
-                Ok(current) if versions.contains(&current.version) => Ok(Some(current.version)),
-                // None of them, or no such customer: the write says which.
-                Ok(_) | Err(crate::store::StoreError::CustomerNotFound) => Ok(Some(0)),
+            Some(_) => match store.get_customer(id).await {
+                Ok(current) => Ok(self.against(current.version)),
+                // No such customer: the write says so.
+                Err(crate::store::StoreError::CustomerNotFound) => Ok(Some(0)),
                 Err(error) => Err(error.into()),
             },
         }

@@ -236,7 +236,7 @@ pub(crate) async fn register(registry: &Registry, built: &Built<'_>) -> anyhow::
                 );
             }
             registry
-                .activate(&entry.name, &stored.version)
+                .activate(&entry.name, &stored.version, None)
                 .await
                 .with_context(|| format!("activating {} {}", entry.name, stored.version))?;
             return Ok(entry.name.clone());

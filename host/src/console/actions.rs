@@ -16,7 +16,7 @@ use super::session::{self, CsrfForm, Session};
 use super::{done, problem, render};
 use crate::api::connectors::WasmBody;
 use crate::api::error::ApiError;
-use crate::api::extract::{JsonBody, QueryPairs};
+use crate::api::extract::{IfMatch, JsonBody, QueryPairs};
 use crate::api::{conflicts, connectors, dead_letters, reconciliations};
 use crate::app::AppState;
 use crate::store::conflicts::Conflict;
@@ -395,6 +395,7 @@ pub async fn activate(
         State(state),
         form.session.principal,
         Path(name.clone()),
+        IfMatch::none(),
         body(&request),
     )
     .await
@@ -424,6 +425,7 @@ pub async fn enable(
         form.session.principal,
         Path(name.clone()),
         query,
+        IfMatch::none(),
     )
     .await
     {
@@ -449,7 +451,14 @@ pub async fn disable(
     Path(name): Path<String>,
     form: CsrfForm,
 ) -> Response {
-    match connectors::disable(State(state), form.session.principal, Path(name.clone())).await {
+    match connectors::disable(
+        State(state),
+        form.session.principal,
+        Path(name.clone()),
+        IfMatch::none(),
+    )
+    .await
+    {
         Ok(_) => done(
             &form.session,
             &format!("/console/connectors/{name}"),
@@ -542,7 +551,7 @@ pub async fn put_settings(
         Path(name.clone()),
         // The console keeps what it did not draw as in effect now (above),
         // field by field: no condition on the whole.
-        crate::api::extract::IfMatch::none(),
+        IfMatch::none(),
         body(&request),
     )
     .await

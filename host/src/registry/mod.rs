@@ -162,6 +162,15 @@ impl Entry {
         self.revision
     }
 
+    /// Whether a write conditioned on `expected` (`If-Match`) may go on
+    /// over this view; [`RegistryError::Stale`] names the revision it is at.
+    fn fresh(&self, expected: Option<i64>) -> Result<(), RegistryError> {
+        match expected {
+            Some(expected) if expected != self.revision => Err(RegistryError::Stale(self.revision)),
+            _ => Ok(()),
+        }
+    }
+
     /// The required settings and secrets of `manifest` that `config` lacks,
     /// and its host settings whose value in effect (given, else the
     /// manifest's default) the egress policy refuses, if any
@@ -542,6 +551,25 @@ impl Registry {
     async fn current_entry(&self, name: &str) -> Result<Arc<Entry>, RegistryError> {
         self.refresh().await?;
         self.entry(name).ok_or(RegistryError::NotFound)
+    }
+
+    /// Why a write of `name` conditioned on `expected` changed no row: the
+    /// connector moved past that revision since it was checked
+    /// ([`RegistryError::Stale`]), or `otherwise`.
+    async fn missed(
+        &self,
+        name: &str,
+        expected: Option<i64>,
+        otherwise: RegistryError,
+    ) -> RegistryError {
+        let Some(expected) = expected else {
+            return otherwise;
+        };
+        match self.current_entry(name).await {
+            Ok(entry) if entry.revision != expected => RegistryError::Stale(entry.revision),
+            Ok(_) => otherwise,
+            Err(error) => error,
+        }
     }
 
     /// [`Registry::refresh`] after an operator's change committed: a busy
@@ -1217,9 +1245,15 @@ impl Registry {
     }
 
     /// Makes `version` of `name` the active one (rollback or roll
-    /// forward), after loading it here to be sure it still loads.
-    pub async fn activate(&self, name: &str, version: &str) -> Result<(), RegistryError> {
-        self.current_entry(name).await?;
+    /// forward), after loading it here to be sure it still loads. With
+    /// `expected` (`If-Match`), only over that revision.
+    pub async fn activate(
+        &self,
+        name: &str,
+        version: &str,
+        expected: Option<i64>,
+    ) -> Result<(), RegistryError> {
+        self.current_entry(name).await?.fresh(expected)?;
         // No version holds one (manifests refuse it), and PostgreSQL
         // refuses a NUL in a query's text: a 500 for a 404.
         if version.contains('\0') {
@@ -1250,10 +1284,11 @@ impl Registry {
         if !self
             .inner
             .store
-            .activate_connector_version(name, version)
+            .activate_connector_version(name, version, expected)
             .await?
         {
-            return Err(RegistryError::VersionNotFound(version.to_owned()));
+            let missing = RegistryError::VersionNotFound(version.to_owned());
+            return Err(self.missed(name, expected, missing).await);
         }
         tracing::info!(connector = name, version, "connector version activated");
         self.refresh_after_commit("activation").await;
@@ -1346,9 +1381,16 @@ impl Registry {
 
     /// Enables or disables `name`. Enabling needs the active manifest's
     /// required settings and secrets; the refresh that follows releases the
-    /// pushes that waited.
-    pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), RegistryError> {
+    /// pushes that waited. With `expected` (`If-Match`), only over that
+    /// revision.
+    pub async fn set_enabled(
+        &self,
+        name: &str,
+        enabled: bool,
+        expected: Option<i64>,
+    ) -> Result<(), RegistryError> {
         let entry = self.current_entry(name).await?;
+        entry.fresh(expected)?;
         // Never switched on, anywhere: it is off already. Paused, it would
         // take changes for a later enable to push as creates, and stay
         // switched on for good.
@@ -1376,10 +1418,10 @@ impl Registry {
         if !self
             .inner
             .store
-            .set_connector_enabled(name, enabled)
+            .set_connector_enabled(name, enabled, expected)
             .await?
         {
-            return Err(RegistryError::NotFound);
+            return Err(self.missed(name, expected, RegistryError::NotFound).await);
         }
         tracing::info!(connector = name, enabled, "connector switched");
         self.refresh_after_commit("switch").await;
@@ -1435,9 +1477,7 @@ impl Registry {
         expected: Option<i64>,
     ) -> Result<bool, RegistryError> {
         let entry = self.entry(name).ok_or(RegistryError::NotFound)?;
-        if expected.is_some_and(|expected| expected != entry.revision) {
-            return Err(RegistryError::Stale(entry.revision));
-        }
+        entry.fresh(expected)?;
         let manifest = active_manifest(&entry)?;
         let blank: Vec<SettingsProblem> = new
             .secrets
@@ -1629,15 +1669,21 @@ impl Registry {
     /// Deletes `name`: its versions and stored settings. Refused while
     /// customers are linked to its records or changes wait for it (a
     /// push to make, an inbound event to apply), unless `force`; the links
-    /// are kept either way, for audit.
-    pub async fn delete(&self, name: &str, force: bool) -> Result<(), RegistryError> {
-        self.current_entry(name).await?;
+    /// are kept either way, for audit. With `expected` (`If-Match`), only
+    /// over that revision.
+    pub async fn delete(
+        &self,
+        name: &str,
+        force: bool,
+        expected: Option<i64>,
+    ) -> Result<(), RegistryError> {
+        self.current_entry(name).await?.fresh(expected)?;
         let linked = self.inner.store.connector_in_use(name).await?;
         if linked > 0 && !force {
             return Err(RegistryError::Linked(linked));
         }
-        if !self.inner.store.delete_connector(name).await? {
-            return Err(RegistryError::NotFound);
+        if !self.inner.store.delete_connector(name, expected).await? {
+            return Err(self.missed(name, expected, RegistryError::NotFound).await);
         }
         tracing::info!(connector = name, linked, "connector deleted");
         self.refresh_after_commit("deletion").await;

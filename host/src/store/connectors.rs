@@ -631,23 +631,26 @@ impl Store {
     }
 
     /// Makes `version` of `name` active (rollback or roll forward); false
-    /// if the connector or that version does not exist.
+    /// if the connector or that version does not exist, or the connector
+    /// is past the `expected` revision.
     pub async fn activate_connector_version(
         &self,
         name: &str,
         version: &str,
+        expected: Option<i64>,
     ) -> Result<bool, StoreError> {
         let updated = dispatch!(self, write pool => {
             sqlx::query(
                 "UPDATE connectors SET active_version = $2, activated_by = $3, \
                  revision = revision + 1, updated_at = $4 \
-                 WHERE name = $1 AND deleted_at IS NULL AND EXISTS \
-                 (SELECT 1 FROM connector_versions v WHERE v.name = $1 AND v.version = $2)",
+                 WHERE name = $1 AND deleted_at IS NULL AND revision = COALESCE($5, revision) \
+                 AND EXISTS (SELECT 1 FROM connector_versions v WHERE v.name = $1 AND v.version = $2)",
             )
             .bind(name)
             .bind(version)
             .bind(ActivatedBy::Api.as_str())
             .bind(now())
+            .bind(expected)
             .execute(pool)
             .await?
             .rows_affected()
@@ -655,20 +658,23 @@ impl Store {
         Ok(updated == 1)
     }
 
-    /// Sets the operator's enabled switch; false if no such connector.
+    /// Sets the operator's enabled switch; false if no such connector, or
+    /// it is past the `expected` revision.
     pub async fn set_connector_enabled(
         &self,
         name: &str,
         enabled: bool,
+        expected: Option<i64>,
     ) -> Result<bool, StoreError> {
         let updated = dispatch!(self, write pool => {
             sqlx::query(
                 "UPDATE connectors SET enabled = $2, revision = revision + 1, updated_at = $3 \
-                 WHERE name = $1 AND deleted_at IS NULL",
+                 WHERE name = $1 AND deleted_at IS NULL AND revision = COALESCE($4, revision)",
             )
             .bind(name)
             .bind(enabled)
             .bind(now())
+            .bind(expected)
             .execute(pool)
             .await?
             .rows_affected()
@@ -678,19 +684,25 @@ impl Store {
 
     /// Deletes a connector: its versions and stored configuration go, its
     /// row stays as a tombstone (so the bundle does not bring it back) and
-    /// its links stay for audit.
+    /// its links stay for audit. False if no such connector, or it is past
+    /// the `expected` revision.
     #[tracing::instrument(skip_all, fields(connector = name))]
-    pub async fn delete_connector(&self, name: &str) -> Result<bool, StoreError> {
+    pub async fn delete_connector(
+        &self,
+        name: &str,
+        expected: Option<i64>,
+    ) -> Result<bool, StoreError> {
         let at = now();
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
             let updated = sqlx::query(
                 "UPDATE connectors SET deleted_at = $2, active_version = NULL, enabled = NULL, \
                  switched_on = FALSE, activated_by = 'bundle', revision = revision + 1, updated_at = $2 \
-                 WHERE name = $1 AND deleted_at IS NULL",
+                 WHERE name = $1 AND deleted_at IS NULL AND revision = COALESCE($3, revision)",
             )
             .bind(name)
             .bind(at)
+            .bind(expected)
             .execute(&mut *tx)
             .await?
             .rows_affected();

@@ -1441,7 +1441,7 @@ async fn settings_put_as_the_connector_is_deleted_are_not_kept(backend: Backend)
     let remote = RecorderRemote::start().await;
     let app = spawn_sync_app(setup(backend)).await;
     install_recorder(&app, &remote).await;
-    assert!(app.store.delete_connector("recorder").await.unwrap());
+    assert!(app.store.delete_connector("recorder", None).await.unwrap());
     let late = StoredConnectorConfig {
         connector: "recorder".into(),
         settings: [("api_base".to_owned(), remote.url.clone())].into(),
@@ -2350,6 +2350,85 @@ async fn a_settings_write_with_if_match_lands_only_over_what_was_read(backend: B
     assert_ne!(fresh.headers()["etag"].to_str().unwrap(), now);
 }
 
+/// Activation, the switch and deletion sent with the `ETag` a client read
+/// (`If-Match`) land only over that revision, as a settings write does: a
+/// rollback decided on a page read before another operator's change went
+/// ahead over it. The 412 names the current revision; nothing is written.
+async fn connector_changes_with_if_match_land_only_over_what_was_read(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let (status, second) = upload(&app, recorder_variant("version-2"), "?activate=false").await;
+    assert_eq!(status, 201, "{second}");
+    let url = format!("{}/api/v1/connectors/recorder", app.base);
+    let send = |request: reqwest::RequestBuilder, etag: &str| {
+        let request = request.header("if-match", etag);
+        match &app.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+        .send()
+    };
+    let etag_of =
+        |response: &reqwest::Response| response.headers()["etag"].to_str().unwrap().to_owned();
+    let read = send(app.client.get(&url), "*").await.expect("get");
+    let read = etag_of(&read);
+    // Another operator disables it (no condition).
+    let (status, _) = post(&app, "/api/v1/connectors/recorder/disable", None).await;
+    assert_eq!(status, 200);
+    let (_, shown) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(shown["state"], "disabled", "{shown}");
+    let now = send(app.client.get(&url), "*").await.expect("get");
+    let now = etag_of(&now);
+    assert_ne!(now, read);
+    // Each change made against what was read: refused, the current
+    // revision named, nothing written.
+    let activate = || {
+        app.client
+            .post(format!("{url}/activate"))
+            .json(&json!({"version": "0.2.0"}))
+    };
+    for (what, request) in [
+        ("activate", activate()),
+        ("enable", app.client.post(format!("{url}/enable"))),
+        (
+            "enable with a backfill",
+            app.client.post(format!("{url}/enable?backfill=true")),
+        ),
+        ("disable", app.client.post(format!("{url}/disable"))),
+        ("delete", app.client.delete(&url)),
+    ] {
+        let stale = send(request, &read).await.expect("sent");
+        assert_eq!(stale.status(), 412, "{what}");
+        assert_eq!(etag_of(&stale), now, "{what}");
+        let problem: Value = stale.json().await.unwrap();
+        assert_eq!(problem["code"], "precondition_failed", "{what}: {problem}");
+    }
+    let (_, shown) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(shown["state"], "disabled", "{shown}");
+    assert_eq!(shown["active_version"], "0.1.0", "{shown}");
+    let (_, runs) = get(&app, "/api/v1/reconciliations?connector=recorder").await;
+    assert_eq!(runs["data"], json!([]), "{runs}");
+    // Against the current revision: each lands, and moves it.
+    let activated = send(activate(), &now).await.expect("sent");
+    assert_eq!(activated.status(), 200);
+    let after = etag_of(&activated);
+    assert_ne!(after, now);
+    let shown: Value = activated.json().await.unwrap();
+    assert_eq!(shown["active_version"], "0.2.0", "{shown}");
+    let enabled = send(app.client.post(format!("{url}/enable")), &after)
+        .await
+        .expect("sent");
+    assert_eq!(enabled.status(), 200);
+    let after = etag_of(&enabled);
+    // One of a list of tags, as for customers.
+    let listed = format!("\"999\", {after}");
+    let deleted = send(app.client.delete(&url), &listed).await.expect("sent");
+    assert_eq!(deleted.status(), 204);
+    let (status, _) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(status, 404);
+}
+
 /// A secret given with white space around it (a pasted value's newline, a
 /// CRLF file's `\r`) is used without it: kept, its header was refused on
 /// every push (each one dead-lettered), and a webhook secret failed every
@@ -3097,6 +3176,11 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connector_changes_with_if_match_land_only_over_what_was_read() {
+        super::connector_changes_with_if_match_land_only_over_what_was_read(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_secret_is_used_without_white_space_around_it() {
         super::a_secret_is_used_without_white_space_around_it(Backend::Sqlite).await;
     }
@@ -3204,6 +3288,12 @@ mod sqlite {
 
 mod postgres {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connector_changes_with_if_match_land_only_over_what_was_read() {
+        super::connector_changes_with_if_match_land_only_over_what_was_read(Backend::Postgres)
+            .await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_delete_taken_while_its_create_is_written() {

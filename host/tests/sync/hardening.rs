@@ -539,7 +539,7 @@ async fn a_setting_of_a_version_rolled_back_does_not_stop_a_start() {
         second
             .state()
             .registry
-            .activate("recorder", version)
+            .activate("recorder", version, None)
             .await
             .expect(what);
     }
