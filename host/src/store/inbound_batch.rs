@@ -508,7 +508,8 @@ impl<'c> Tx<'c> {
 
     /// The link of each change's remote record as [`LinkRead`] compares
     /// it, in the changes' order; locked on PostgreSQL, in key order, as
-    /// `inbox::GROUP_LINKS_POSTGRES` does for the savepoint path. Here the keys
+    /// `inbox::GROUP_LINKS_POSTGRES` does for the savepoint path, after
+    /// the records no link held (`inbox::LOCK_UNLINKED_POSTGRES`). Here the keys
     /// go as two arrays (`unnest`): measured 0.32 ms a call for ≈ 33 rows
     /// against 0.46–0.48 ms for the JSON array that statement takes
     /// (`scripts/bench-wal.sh`, round 20), on the path most groups take.
@@ -518,6 +519,14 @@ impl<'c> Tx<'c> {
     ) -> Result<Vec<Option<LinkRead>>, sqlx::Error> {
         let rows: Vec<(String, String, i64, i64, bool, bool, i64)> = match self {
             Self::Postgres(tx) => {
+                let unlinked = super::inbox::unlinked_records(changes)
+                    .map_err(|e| sqlx::Error::Encode(e.into()))?;
+                if let Some(unlinked) = unlinked {
+                    sqlx::query(super::inbox::LOCK_UNLINKED_POSTGRES)
+                        .bind(unlinked)
+                        .execute(&mut **tx)
+                        .await?;
+                }
                 let (connectors, remote_ids): (Vec<&str>, Vec<&str>) = changes
                     .iter()
                     .map(|c| (c.event.connector.as_str(), c.event.remote_id.as_str()))

@@ -290,6 +290,38 @@ pub(super) const GROUP_LINKS_SQLITE: &str =
     "SELECT connector, remote_id, remote_seen_at_ms, wanted_version, held_by IS NOT NULL, \
      remote_deleted, pushed_at_ms FROM json_each($1) JOIN sync_links ON connector = value ->> 0 AND remote_id = value ->> 1";
 
+/// On PostgreSQL, before a group's links are read: the remote records of
+/// its changes decided with no link (`$1`: [`unlinked_records`]) are
+/// locked for the transaction, in one order. A link another transaction
+/// is writing for such a record (two events of one record no link held, in
+/// two loops' claims) has no row to lock yet: the read saw none, the change
+/// wrote the customer, and its link upsert then waited for that link and
+/// took it over, an older event's values and snapshot over a newer one's.
+/// Waiting here, in a statement of its own, the read that follows sees
+/// that link, and the change decides again. The lock goes with the
+/// transaction; SQLite's one writer holds the database already. (A
+/// connector's name has no space: the key is one record's alone.)
+pub(super) const LOCK_UNLINKED_POSTGRES: &str =
+    "SELECT pg_advisory_xact_lock(key) FROM (SELECT DISTINCT \
+     hashtextextended((value ->> 0) || ' ' || (value ->> 1), 0) AS key \
+     FROM jsonb_array_elements($1::jsonb) ORDER BY key) AS keys";
+
+/// The remote records of `changes` decided with no link, as
+/// [`group_records`] gives them; `None` if every one had a link.
+pub(super) fn unlinked_records(
+    changes: &[InboundChange],
+) -> Result<Option<String>, serde_json::Error> {
+    let unlinked: Vec<[&str; 2]> = changes
+        .iter()
+        .filter(|c| c.link_read.is_none())
+        .map(|c| [c.event.connector.as_str(), c.event.remote_id.as_str()])
+        .collect();
+    if unlinked.is_empty() {
+        return Ok(None);
+    }
+    serde_json::to_string(&unlinked).map(Some)
+}
+
 /// The changes' remote records as a JSON array of `[connector, remote id]`.
 pub(super) fn group_records(changes: &[InboundChange]) -> Result<String, serde_json::Error> {
     serde_json::to_string(
@@ -764,9 +796,16 @@ impl Store {
             Backend::Sqlite(_) => "SELECT 1 FROM customers WHERE id = $1 AND deleted_at IS NULL",
         };
         let records = group_records(changes)?;
+        let unlinked = unlinked_records(changes)?;
         dispatch!(self, write pool => {
             let mut outer = pool.begin().await?;
             if let Some(lock_links) = lock_links {
+                if let Some(unlinked) = &unlinked {
+                    sqlx::query(LOCK_UNLINKED_POSTGRES)
+                        .bind(unlinked)
+                        .execute(&mut *outer)
+                        .await?;
+                }
                 sqlx::query(lock_links)
                     .bind(&records)
                     // Planned for each call (the store module's "Plans

@@ -657,6 +657,70 @@ async fn an_undated_event_is_dated_on_arrival() {
     assert_eq!(customer["name"], "Undated");
 }
 
+/// Two events of one Stripe record no link holds yet, applied by two inbox
+/// loops at once, the newer one first (PostgreSQL: the second loop claims
+/// the older one while the first one's transaction is still open): the
+/// older one is skipped as stale. Before, its decision read no link (the
+/// newer one's was not committed), it wrote the customer, and its link
+/// write waited for the newer one's and took it over: the customer and
+/// the merge base went back to the older event's values. A trigger holds
+/// the first link write open for two seconds, as a slow commit would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_events_of_a_record_no_link_held_apply_in_order() {
+    let mut setup = Setup::new(Backend::Postgres, "http://127.0.0.1:9");
+    setup.extra = json!({"duplicate_email_policy": "merge", "inbox_loops": 2});
+    let app = spawn_sync_app(setup).await;
+    let address = email("two-loops");
+    let customer = app.create(json!({"email": address, "name": "Ada"})).await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    // Its push to Stripe cannot land (nothing listens): its link waits,
+    // without a record, for the one the events bring.
+    app.wait_link_of("stripe", &id, Duration::from_secs(20), |l| !l.is_null())
+        .await;
+    for sql in [
+        "CREATE FUNCTION ferry_test_slow_link() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$",
+        "CREATE TRIGGER ferry_test_slow_link AFTER UPDATE ON sync_links FOR EACH ROW \
+         WHEN (NEW.remote_id = 'cus_twoloops' AND OLD.remote_id IS DISTINCT FROM NEW.remote_id) \
+         EXECUTE FUNCTION ferry_test_slow_link()",
+    ] {
+        crate::helpers::execute_raw(&app.database_url, sql, &[]).await;
+    }
+    let now = chrono::Utc::now().timestamp();
+    let newer = event(
+        "evt_twoloops_newer",
+        "customer.updated",
+        now,
+        stripe_customer_json("cus_twoloops", &address, "Ada"),
+    );
+    let mut with_phone = stripe_customer_json("cus_twoloops", &address, "Ada");
+    with_phone["phone"] = json!("+15555550100");
+    let older = event(
+        "evt_twoloops_older",
+        "customer.created",
+        now - 60,
+        with_phone,
+    );
+    let (status, _) = deliver(&app, &newer, &stripe_signature(&newer, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200);
+    // The newer one's link write is under way (held by the trigger).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, _) = deliver(&app, &older, &stripe_signature(&older, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200);
+    let newer = outcome_of(&app, "cus_twoloops".into(), "evt_twoloops_newer").await;
+    let older = outcome_of(&app, "cus_twoloops".into(), "evt_twoloops_older").await;
+    assert_eq!(newer["state"], "applied", "{newer}");
+    assert_eq!(older["state"], "skipped", "{older}");
+    let (_, customer) = app
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/v1/customers/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(customer["phone"], Value::Null, "{customer}");
+}
+
 /// A Stripe `customer.updated` of `remote_id` dated `at_ms`, as a replica
 /// stores one it took in: `record` its payload, none for a thin event.
 fn stripe_upsert(
