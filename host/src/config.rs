@@ -523,7 +523,17 @@ const DEFAULTS: Defaults = Defaults {
 /// an `api_version` of `62.0` would reach string settings as numbers (and
 /// `62.0` as `62`). Numbers and booleans are read from their text when the
 /// configuration is extracted (`extract_lossy`).
+///
+/// A blank variable is as if unset: the file's value, or the default,
+/// stays. A compose file's `FERRY_CONNECTOR_ALLOWED_HOSTS=${HOSTS:-}`
+/// replaced the file's allow-list with none, which lets connectors call
+/// any host. Kept blank: [`KEPT_BLANK`].
 struct RawEnv(Env);
+
+/// The variables whose blank value means something: `compile_cache_dir`
+/// (`""` turns the disk cache off), and `admin_token` (a blank token is
+/// refused, not taken for none: that would leave the API open).
+const KEPT_BLANK: &[&str] = &["compile_cache_dir", "admin_token"];
 
 impl figment::Provider for RawEnv {
     fn metadata(&self) -> figment::Metadata {
@@ -535,6 +545,12 @@ impl figment::Provider for RawEnv {
     ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
         let mut dict = figment::value::Dict::new();
         for (key, value) in self.0.iter() {
+            let kept = KEPT_BLANK
+                .iter()
+                .any(|k| key.as_str().eq_ignore_ascii_case(k));
+            if value.trim().is_empty() && !kept {
+                continue;
+            }
             let nested = figment::util::nest(key.as_str(), figment::value::Value::from(value));
             if let Some(nested) = nested.into_dict() {
                 merge_dicts(&mut dict, nested);
@@ -572,6 +588,49 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+impl ConfigError {
+    /// figment's error without the values it quotes: a secret set where a
+    /// map was expected (`FERRY_CONNECTORS__STRIPE__SECRETS=sk_live_…`,
+    /// its name left off) was printed whole in the start's error, and so
+    /// in the container's log. The key and what was expected stay.
+    fn load(error: figment::Error) -> Self {
+        use figment::error::{Actual, Kind};
+        let shown = |actual: Actual| {
+            Actual::Other(
+                match actual {
+                    Actual::Str(_) => "a string",
+                    Actual::Bytes(_) => "bytes",
+                    Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
+                    Actual::Float(_) => "a float",
+                    Actual::Char(_) => "a character",
+                    Actual::Bool(_) => "a boolean",
+                    other => return other,
+                }
+                .to_owned(),
+            )
+        };
+        let mut errors: Vec<figment::Error> = error
+            .into_iter()
+            .map(|mut error| {
+                error.kind = match error.kind {
+                    Kind::InvalidType(actual, expected) => {
+                        Kind::InvalidType(shown(actual), expected)
+                    }
+                    Kind::InvalidValue(actual, expected) => {
+                        Kind::InvalidValue(shown(actual), expected)
+                    }
+                    kind => kind,
+                };
+                error
+            })
+            .collect();
+        // The iterator gives the last error first; chained back in order.
+        let oldest = errors.pop().expect("an error is at least one");
+        let error = errors.into_iter().rev().fold(oldest, figment::Error::chain);
+        Self::Load(Box::new(error))
+    }
+}
+
 impl Config {
     /// Connector calls one loaded connector version may run at once:
     /// `connector_max_instances`, or unset 250, or `sync_concurrency` when
@@ -591,7 +650,7 @@ impl Config {
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         Self::figment(file, Env::prefixed("FERRY_"))
             .extract_lossy()
-            .map_err(|e| ConfigError::Load(Box::new(e)))
+            .map_err(ConfigError::load)
     }
 
     /// Like [`Config::load`], with `overrides` on top of the compiled-in
@@ -610,7 +669,7 @@ impl Config {
                     .split("__"),
             ))
             .extract_lossy()
-            .map_err(|e| ConfigError::Load(Box::new(e)))
+            .map_err(ConfigError::load)
     }
 
     /// Defaults, then `file`, then `env` (`FERRY_` variables).
@@ -630,7 +689,7 @@ impl Config {
     pub fn upload_rules(file: Option<&Path>) -> Result<UploadRules, ConfigError> {
         Self::figment(file, Env::prefixed("FERRY_"))
             .extract_lossy()
-            .map_err(|e| ConfigError::Load(Box::new(e)))
+            .map_err(ConfigError::load)
     }
 
     /// Defaults plus `overrides` (used by tests).
@@ -638,7 +697,7 @@ impl Config {
         Figment::from(Serialized::defaults(DEFAULTS))
             .merge(Serialized::defaults(overrides))
             .extract()
-            .map_err(|e| ConfigError::Load(Box::new(e)))
+            .map_err(ConfigError::load)
     }
 
     /// Checks what serde cannot: an API reachable from other hosts must be
@@ -728,6 +787,12 @@ impl Config {
                 "sync_max_attempts, sync_concurrency and inbox_loops must be at least 1".into(),
             ));
         }
+        // 0 read as "no breaker" opened it at the first retryable failure.
+        if self.breaker_failure_threshold == 0 {
+            return Err(ConfigError::Invalid(
+                "breaker_failure_threshold must be at least 1".into(),
+            ));
+        }
         // A connector's pushes alone may fill `sync_concurrency` slots;
         // its webhooks need room beside them. Only a value given is
         // refused: unset, it follows `sync_concurrency`.
@@ -801,6 +866,9 @@ impl Config {
             ("connector_call_timeout", self.connector_call_timeout),
             ("retention_every", self.retention_every),
             ("bus_redelivery_after", self.bus_redelivery_after),
+            // 0 replaced a half-open breaker's probe at every call: every
+            // call went out to a remote that was down.
+            ("breaker_cooldown", self.breaker_cooldown),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, value)| value.is_zero()) {
             return Err(ConfigError::Invalid(format!("{name} must be positive")));
@@ -1143,9 +1211,64 @@ mod tests {
             jail.set_env("FERRY_KAFKA_BROKERS", "");
             let config = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(config.kafka_brokers, None);
+            // A blank variable is as if unset: the file's value stays. An
+            // allow-list emptied so let connectors call any host.
+            jail.create_file(
+                "lists.toml",
+                "connector_allowed_hosts = [\"api.stripe.com\"]\n\
+                 kafka_brokers = \"kafka:9092\"\n\
+                 [connectors.stripe.secrets]\nwebhook_secret = \"whsec_file\"\n",
+            )?;
+            jail.set_env("FERRY_CONNECTOR_ALLOWED_HOSTS", " ");
+            jail.set_env("FERRY_CONNECTORS__STRIPE__SECRETS__WEBHOOK_SECRET", "");
+            let config = Config::load(Some(Path::new("lists.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(config.connector_allowed_hosts, ["api.stripe.com"]);
+            assert_eq!(config.kafka_brokers.as_deref(), Some("kafka:9092"));
+            let secret = &config.connectors["stripe"].secrets["webhook_secret"];
+            assert_eq!(secret.expose_secret(), "whsec_file");
+            // But for those whose blank means something.
+            jail.set_env("FERRY_COMPILE_CACHE_DIR", "");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.compile_cache_dir, Some(PathBuf::new()));
+            jail.set_env("FERRY_ADMIN_TOKEN", "");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert!(config.validate().is_err());
+            jail.set_env("FERRY_ADMIN_TOKEN", "0123456789abcdef0123");
 
             jail.set_env("FERRY_ADMN_TOKEN", "typo");
             assert!(Config::load(None).is_err());
+            Ok(())
+        });
+    }
+
+    /// A value of the wrong type is not quoted in the error: a secret set
+    /// where a map was expected reached the start's error, and the log.
+    #[test]
+    fn a_value_of_the_wrong_type_is_not_quoted() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("ferry.toml", "admin_token = 98765432123456789\n")?;
+            let refused = |file: Option<&str>, value: &str, key: &str, found: &str| {
+                let error = match Config::load(file.map(Path::new)) {
+                    Err(ConfigError::Load(error)) => error,
+                    other => panic!("{other:?}"),
+                };
+                let all: Vec<String> = error.into_iter().map(|e| e.to_string()).collect();
+                let all = all.join("; ");
+                assert!(!all.contains(value), "{all}");
+                assert!(
+                    all.to_lowercase().contains(key) && all.contains(found),
+                    "{all}"
+                );
+            };
+            refused(
+                Some("ferry.toml"),
+                "98765432123456789",
+                "admin_token",
+                "an integer",
+            );
+            jail.set_env("FERRY_CONNECTORS__STRIPE__SECRETS", "sk_live_quoted_0123");
+            refused(None, "sk_live_quoted_0123", "secrets", "a string");
             Ok(())
         });
     }
@@ -1436,6 +1559,12 @@ mod tests {
                 ),
                 ("FERRY_RETENTION_EVERY", "0s", "retention_every"),
                 ("FERRY_BUS_REDELIVERY_AFTER", "0s", "bus_redelivery_after"),
+                ("FERRY_BREAKER_COOLDOWN", "0s", "breaker_cooldown"),
+                (
+                    "FERRY_BREAKER_FAILURE_THRESHOLD",
+                    "0",
+                    "breaker_failure_threshold",
+                ),
                 (
                     "FERRY_WEBHOOK_MAX_BODY_BYTES",
                     "0",

@@ -18,12 +18,22 @@ pub struct StatusOptions {
 }
 
 /// The URL `ferry status` asks by default: `FERRY_LISTEN`'s address.
+/// An address that listens everywhere is asked on its loopback. (A text
+/// replace turned `10.0.0.0:80` into `1127.0.0.1:80`.)
 pub fn default_url(listen: Option<&str>) -> String {
-    let listen = listen.unwrap_or("127.0.0.1:8080");
-    let listen = listen
-        .replace("0.0.0.0", "127.0.0.1")
-        .replace("[::]", "[::1]");
-    format!("http://{listen}")
+    let listen = listen.unwrap_or("127.0.0.1:8080").trim();
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(mut address) => {
+            if address.ip().is_unspecified() {
+                address.set_ip(match address {
+                    std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            format!("http://{address}")
+        }
+        Err(_) => format!("http://{listen}"),
+    }
 }
 
 /// Fetches the health summary and renders it.
@@ -152,6 +162,10 @@ mod tests {
     fn default_url_follows_the_listen_address() {
         assert_eq!(default_url(None), "http://127.0.0.1:8080");
         assert_eq!(default_url(Some("0.0.0.0:9000")), "http://127.0.0.1:9000");
+        assert_eq!(default_url(Some("[::]:9000")), "http://[::1]:9000");
+        // An address that merely contains `0.0.0.0` is asked as it is.
+        assert_eq!(default_url(Some("10.0.0.0:80")), "http://10.0.0.0:80");
+        assert_eq!(default_url(Some("10.20.0.0:80")), "http://10.20.0.0:80");
     }
 
     #[test]
