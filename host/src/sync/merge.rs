@@ -497,6 +497,14 @@ pub fn merge_owned(
 
         let owner = owners.owner(&field);
         let take_remote = match (owner, local_moved, remote_moved) {
+            // ferry holds no customer without an email: a remote that
+            // cleared it keeps ferry's, pushed back to it. Taken, the
+            // merged record failed validation, and so did every later
+            // event of the record (its snapshot never moved on).
+            (_, _, true) if field == "email" && r.is_none() && l.is_some() => {
+                overridden.push(field.clone());
+                false
+            }
             // The owner's record: its value when it changed it (or, with
             // no base, when it holds one ferry's differs from). Not when
             // only ferry moved: an API write not yet pushed was reverted
@@ -832,6 +840,33 @@ mod tests {
     /// A metadata value is written as the side taken gave it, spaces and
     /// line breaks kept (it is opaque to ferry); compared trimmed, so no
     /// side moved it. The catalog's own fields are written trimmed.
+    /// A remote that clears the email (a Salesforce user emptied the
+    /// Contact's Email) keeps ferry's, which is pushed back: taken, the
+    /// merged record had no email and every later event of the record
+    /// was dead-lettered. Whatever the policy, and with ferry's own
+    /// change of it too.
+    #[test]
+    fn a_cleared_email_keeps_ferrys_and_is_pushed_back() {
+        let base = json!({"id": "r_1", "name": "Ada", "email": "ada@example.com"});
+        let remote = json!({"id": "r_1", "name": "Ada King", "email": null});
+        for local_email in ["ada@example.com", "ada.king@example.com"] {
+            let local = json!({"id": "cus_1", "name": "Ada", "email": local_email});
+            for policy in [
+                ConflictPolicy::LastWriterWins,
+                ConflictPolicy::PreferRemote,
+                ConflictPolicy::PreferLocal,
+                ConflictPolicy::Flag,
+            ] {
+                let merged = run(Some(&base), &local, &remote, policy);
+                assert_eq!(merged.merged["email"], local_email, "{policy:?}");
+                assert_eq!(merged.merged["name"], "Ada King", "{policy:?}");
+                assert_eq!(merged.overridden, vec!["email".to_owned()], "{policy:?}");
+                assert!(merged.conflicts.is_empty(), "{policy:?}");
+                assert!(merged.remote_needs_push(), "{policy:?}");
+            }
+        }
+    }
+
     #[test]
     fn metadata_values_are_written_as_given() {
         let base = with(&customer(), "metadata.tier", json!(" gold "));

@@ -678,6 +678,52 @@ async fn a_field_the_message_does_not_send_is_not_cleared() {
     assert_eq!(customer["phone"], "+14155550100", "{customer}");
 }
 
+/// A Contact whose Email a Salesforce user cleared keeps the customer's
+/// email, which goes back to the Contact, and the Contact's later edits
+/// apply. Before, the merged record had no email: the event, and every
+/// later one of the Contact, was dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contact_whose_email_is_cleared_gets_it_back() {
+    let rig = rig(Backend::Sqlite, FakeSalesforceConfig::default()).await;
+    let address = email("sf-cleared");
+    let customer = rig
+        .app
+        .create(json!({"email": address, "name": "Ada Cleared"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    let (_, link) = wait_both_synced(&rig.app, &id, 1).await;
+    let contact_id = remote_id(&link);
+    for (fields, name) in [
+        (json!({"Email": null, "LastName": "Emptied"}), "Ada Emptied"),
+        (json!({"LastName": "Later"}), "Ada Later"),
+    ] {
+        rig.salesforce.update_record("Contact", &contact_id, fields);
+        let delivery = rig
+            .salesforce
+            .send_outbound_message(&rig.webhook_url(), "Contact", &[contact_id.as_str()])
+            .await
+            .expect("delivery");
+        assert!(delivery.acked, "{delivery:?}");
+        let customer = wait_customer(&rig.app, &id, |c| c["name"] == name).await;
+        assert_eq!(customer["email"], address.as_str(), "{customer}");
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let contact = rig.salesforce.record("Contact", &contact_id).expect("kept");
+            if contact["Email"] == address.as_str() {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{contact}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    let (status, dead) = rig
+        .app
+        .send(reqwest::Method::GET, "/api/v1/dead-letters", None)
+        .await;
+    assert_eq!(status, 200, "{dead}");
+    assert_eq!(dead["data"], json!([]), "{dead}");
+}
+
 /// A nameless customer's Contact holds a stand-in last name (required);
 /// its email changed in Salesforce, the stand-in made of the old email
 /// read as a name the customer never had, taken in and pushed to Stripe.
