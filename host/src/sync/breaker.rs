@@ -196,13 +196,29 @@ impl Breakers {
         self.with(connector, |state| match (*state, pass.probe) {
             (
                 State::HalfOpen {
-                    probe, failures, ..
+                    probe,
+                    failures,
+                    parked,
+                    ..
                 },
                 Some(mine),
             ) if probe == mine => {
-                *state = State::Open {
-                    until: Instant::now(),
-                    failures,
+                // The next call takes a new probe at once, and the calls
+                // parked behind this one stay parked behind it: its
+                // success releases them. (Reopened, the breaker forgot
+                // them, and each waited out its own deferral.)
+                let now = Instant::now();
+                *state = match now.checked_sub(self.cooldown) {
+                    Some(long_ago) => State::HalfOpen {
+                        probe,
+                        probe_started: long_ago,
+                        failures,
+                        parked,
+                    },
+                    None => State::Open {
+                        until: now,
+                        failures,
+                    },
                 };
             }
             _ => {}
@@ -433,6 +449,20 @@ mod tests {
         std::thread::sleep(Duration::from_millis(250));
         let _probe = breakers.allow("stripe").expect("the probe");
         assert!(!breakers.success("stripe"), "nothing was parked");
+    }
+
+    /// Calls parked behind a probe that is handed back stay parked behind
+    /// the next one: its success releases them.
+    #[test]
+    fn calls_parked_behind_a_probe_handed_back_are_released_by_the_next() {
+        let breakers = Breakers::new(1, Duration::from_millis(200));
+        breakers.failure("stripe");
+        std::thread::sleep(Duration::from_millis(250));
+        let probe = breakers.allow("stripe").expect("the probe");
+        assert!(breakers.allow("stripe").unwrap_err().1, "parked behind it");
+        breakers.unused("stripe", probe);
+        let _next = breakers.allow("stripe").expect("the next probe, at once");
+        assert!(breakers.success("stripe"), "the parked call is released");
     }
 
     #[test]

@@ -662,18 +662,22 @@ impl SyncEngine {
                 unfinished_restart = false;
                 continue;
             }
-            if let Err(Deferred(wait, behind_probe)) = inner.breakers.allow(&run.connector) {
-                // Behind a probe: looked at again each second, as before
-                // (nothing releases a listing when the probe succeeds).
-                let most = if behind_probe {
-                    Duration::from_secs(1)
-                } else {
-                    Duration::from_secs(5)
-                };
-                self.wait(run, cancel, wait.clamp(Duration::from_millis(50), most))
-                    .await?;
-                continue;
-            }
+            let pass = match inner.breakers.allow(&run.connector) {
+                Ok(pass) => pass,
+                Err(Deferred(wait, behind_probe)) => {
+                    // Behind a probe: looked at again each second, as
+                    // before (nothing releases a listing when the probe
+                    // succeeds).
+                    let most = if behind_probe {
+                        Duration::from_secs(1)
+                    } else {
+                        Duration::from_secs(5)
+                    };
+                    self.wait(run, cancel, wait.clamp(Duration::from_millis(50), most))
+                        .await?;
+                    continue;
+                }
+            };
             let (listed, listed_at_ms) = {
                 let _permit = inner.permits.acquire().await;
                 // Before the request: the page holds no edit made later.
@@ -699,6 +703,11 @@ impl SyncEngine {
                     | CallError::ServerFailed(ConnectorError::RateLimited(limit)),
                 ) => {
                     let wait = super::retry::rate_limited_read_wait(limit.retry_after_ms);
+                    // A probe this listing carried is handed back, as a
+                    // push's is: the pause says when the next call goes.
+                    // Kept, every push and read of the connector waited
+                    // out the probe's cool-down behind it.
+                    inner.breakers.unused(&run.connector, pass);
                     inner.breakers.pause(&run.connector, wait);
                     tracing::info!(
                         wait_ms = wait.as_millis() as u64,
@@ -714,14 +723,21 @@ impl SyncEngine {
                 // ferry's own pacing, not the remote: wait for the next
                 // slot, counting no failure.
                 Err(CallError::Throttled { wait, .. }) => {
+                    inner.breakers.unused(&run.connector, pass);
                     self.wait(run, cancel, wait).await?;
                     continue;
                 }
+                // The remote answered: it is up.
                 Err(CallError::Connector(
-                    ConnectorError::Permanent(m)
-                    | ConnectorError::Unauthorized(m)
-                    | ConnectorError::Unsupported(m),
-                )) => return Err(Stop::Failed(format!("listing failed: {m}"))),
+                    ConnectorError::Permanent(m) | ConnectorError::Unauthorized(m),
+                )) => {
+                    self.answered(&run.connector);
+                    return Err(Stop::Failed(format!("listing failed: {m}")));
+                }
+                Err(CallError::Connector(ConnectorError::Unsupported(m))) => {
+                    inner.breakers.unused(&run.connector, pass);
+                    return Err(Stop::Failed(format!("listing failed: {m}")));
+                }
                 Err(error) => {
                     inner.breakers.failure(&run.connector);
                     failures += 1;
