@@ -552,7 +552,24 @@ impl SyncEngine {
         customer: Option<Customer>,
         lease_until_ms: i64,
     ) -> Outcome {
-        let (recorded, outcome) = self.try_push(&link, customer, lease_until_ms).await;
+        // A panic in the push (ferry's bug: a guest's trap is an error)
+        // spends an attempt, as a failure does, and ends in a dead letter
+        // that says so. Uncaught, the task died in silence, and the link
+        // waited out its lease to panic again, every lease, for ever.
+        let push = std::panic::AssertUnwindSafe(self.try_push(&link, customer, lease_until_ms));
+        let (recorded, outcome) = match futures::FutureExt::catch_unwind(push).await {
+            Ok(done) => done,
+            Err(panic) => {
+                let text = crate::app::panic_text(&*panic);
+                tracing::error!(
+                    connector = %link.connector,
+                    panic = text,
+                    "a push panicked (a bug in ferry: please report it); retried as a failure"
+                );
+                let error = format!("ferry failed while pushing (a bug: please report it): {text}");
+                self.retry_later(&link, None, None, error)
+            }
+        };
         let connector = &link.connector;
         // Counted once written: a write that loses its lease runs again.
         let retry_error = match &recorded {
