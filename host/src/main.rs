@@ -278,28 +278,46 @@ async fn connector(
 }
 
 /// Cancels `cancel` on SIGINT or SIGTERM: the server stops accepting
-/// connections, lets in-flight requests finish, and exits.
+/// connections, lets in-flight requests finish, and exits. A second signal
+/// exits at once (130): a shutdown waiting on something slow (a broker
+/// gone, a long statement) ignored every later Ctrl-C, and `connector dev`
+/// went on building and started serving after one.
 fn stop_on_signal(cancel: CancellationToken) {
     tokio::spawn(async move {
-        let interrupt = tokio::signal::ctrl_c();
         #[cfg(unix)]
-        let terminate = async {
+        let mut terminate =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut signal) => {
-                    signal.recv().await;
-                }
+                Ok(signal) => Some(signal),
                 Err(error) => {
                     tracing::error!(%error, "cannot listen for SIGTERM");
-                    std::future::pending::<()>().await;
+                    None
                 }
+            };
+        let mut next = async || {
+            #[cfg(unix)]
+            let terminate = async {
+                match terminate.as_mut() {
+                    Some(signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let terminate = std::future::pending::<()>();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                () = terminate => "SIGTERM",
             }
         };
-        #[cfg(not(unix))]
-        let terminate = std::future::pending::<()>();
-        tokio::select! {
-            _ = interrupt => tracing::info!("SIGINT received, shutting down"),
-            () = terminate => tracing::info!("SIGTERM received, shutting down"),
-        }
+        let signal = next().await;
+        tracing::info!(signal, "shutting down; a second signal exits at once");
         cancel.cancel();
+        let signal = next().await;
+        tracing::warn!(
+            signal,
+            "exiting without waiting for the shutdown (what was acknowledged is stored)"
+        );
+        std::process::exit(130);
     });
 }
