@@ -524,16 +524,24 @@ const DEFAULTS: Defaults = Defaults {
 /// `62.0` as `62`). Numbers and booleans are read from their text when the
 /// configuration is extracted (`extract_lossy`).
 ///
-/// A blank variable is as if unset: the file's value, or the default,
-/// stays. A compose file's `FERRY_CONNECTOR_ALLOWED_HOSTS=${HOSTS:-}`
-/// replaced the file's allow-list with none, which lets connectors call
-/// any host. Kept blank: [`KEPT_BLANK`].
+/// A blank list, broker list or connector setting or secret is as if
+/// unset ([`blank_is_unset`]): the file's value, or the default, stays. A
+/// compose file's `FERRY_CONNECTOR_ALLOWED_HOSTS=${HOSTS:-}` replaced the
+/// file's allow-list with none, which lets connectors call any host.
+/// Any other blank is taken as given, and refused where it must not be
+/// (a blank `FERRY_DATABASE_URL`, read as unset, would start a replica on
+/// a SQLite file of its own).
 struct RawEnv(Env);
 
-/// The variables whose blank value means something: `compile_cache_dir`
-/// (`""` turns the disk cache off), and `admin_token` (a blank token is
-/// refused, not taken for none: that would leave the API open).
-const KEPT_BLANK: &[&str] = &["compile_cache_dir", "admin_token"];
+/// Whether a blank value of the variable `key` (`__` read as `.`) counts
+/// as unset.
+fn blank_is_unset(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    matches!(
+        key.as_str(),
+        "connector_allowed_hosts" | "connector_denied_hosts" | "kafka_brokers"
+    ) || key.starts_with("connectors.")
+}
 
 impl figment::Provider for RawEnv {
     fn metadata(&self) -> figment::Metadata {
@@ -545,10 +553,7 @@ impl figment::Provider for RawEnv {
     ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
         let mut dict = figment::value::Dict::new();
         for (key, value) in self.0.iter() {
-            let kept = KEPT_BLANK
-                .iter()
-                .any(|k| key.as_str().eq_ignore_ascii_case(k));
-            if value.trim().is_empty() && !kept {
+            if value.trim().is_empty() && blank_is_unset(key.as_str()) {
                 continue;
             }
             let nested = figment::util::nest(key.as_str(), figment::value::Value::from(value));
@@ -1226,7 +1231,12 @@ mod tests {
             assert_eq!(config.kafka_brokers.as_deref(), Some("kafka:9092"));
             let secret = &config.connectors["stripe"].secrets["webhook_secret"];
             assert_eq!(secret.expose_secret(), "whsec_file");
-            // But for those whose blank means something.
+            // Other blanks are taken as given: a blank database URL, read as
+            // unset, would start a replica on a SQLite file of its own.
+            jail.set_env("FERRY_DATABASE_URL", "");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert!(config.validate().is_err());
+            jail.set_env("FERRY_DATABASE_URL", "sqlite://ferry.db");
             jail.set_env("FERRY_COMPILE_CACHE_DIR", "");
             let config = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(config.compile_cache_dir, Some(PathBuf::new()));
