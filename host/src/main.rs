@@ -305,8 +305,14 @@ fn stop_on_signal(cancel: CancellationToken) {
             };
             #[cfg(not(unix))]
             let terminate = std::future::pending::<()>();
+            let interrupt = async {
+                if let Err(error) = tokio::signal::ctrl_c().await {
+                    tracing::error!(%error, "cannot listen for SIGINT");
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => "SIGINT",
+                () = interrupt => "SIGINT",
                 () = terminate => "SIGTERM",
             }
         };
