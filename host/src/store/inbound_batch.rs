@@ -535,7 +535,7 @@ impl<'c> Tx<'c> {
                     "SELECT connector, remote_id, remote_seen_at_ms, wanted_version, \
                      held_by IS NOT NULL, remote_deleted, pushed_at_ms FROM sync_links \
                      WHERE (connector, remote_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
-                     ORDER BY customer_id, connector FOR NO KEY UPDATE",
+                     ORDER BY customer_id COLLATE \"C\", connector COLLATE \"C\" FOR NO KEY UPDATE",
                 )
                 .bind(connectors)
                 .bind(remote_ids)

@@ -285,7 +285,7 @@ const GROUP_LINKS_POSTGRES: &str =
     "SELECT connector, remote_id, remote_seen_at_ms, wanted_version, held_by IS NOT NULL, \
      remote_deleted, pushed_at_ms FROM sync_links WHERE (connector, remote_id) IN \
      (SELECT value ->> 0, value ->> 1 FROM jsonb_array_elements($1::jsonb)) \
-     ORDER BY customer_id, connector FOR NO KEY UPDATE";
+     ORDER BY customer_id COLLATE \"C\", connector COLLATE \"C\" FOR NO KEY UPDATE";
 pub(super) const GROUP_LINKS_SQLITE: &str =
     "SELECT connector, remote_id, remote_seen_at_ms, wanted_version, held_by IS NOT NULL, \
      remote_deleted, pushed_at_ms FROM json_each($1) JOIN sync_links ON connector = value ->> 0 AND remote_id = value ->> 1";

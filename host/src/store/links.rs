@@ -576,12 +576,17 @@ macro_rules! claim_postgres {
     };
 }
 
+// The links named, those another transaction holds skipped (the
+// scheduler pushes them when due), as the due claim does: waiting for
+// them, in whatever order the plan read them, it could hold one an
+// intake wanted while waiting for one the intake held (40P01).
 const CLAIM_KEYS_POSTGRES: &str = claim_postgres!(
     "$3, lease_token = $4",
     "= ANY($6::text[])",
-    "(customer_id, connector) IN (SELECT * FROM UNNEST($1::text[], $2::text[])) \
+    "(customer_id, connector) IN (SELECT customer_id, connector FROM sync_links \
+     WHERE (customer_id, connector) IN (SELECT * FROM UNNEST($1::text[], $2::text[])) \
      AND state IN ('pending', 'retry') AND next_attempt_at_ms <= $5 AND lease_until_ms < $5 \
-     AND held_by IS NULL"
+     AND held_by IS NULL FOR UPDATE SKIP LOCKED)"
 );
 
 // PostgreSQL, the in-process bus: takes up to `$1` changes off the outbox
@@ -609,7 +614,7 @@ const INTAKE_QUEUED_POSTGRES: &str = concat!(
        SELECT n.aggregate_id, k.connector, n.version, 'pending', $3, n.correlation_id, $4 \
        FROM newest n CROSS JOIN UNNEST($2::text[]) AS k(connector) \
        WHERE k.connector IS DISTINCT FROM n.source_connector \
-       ORDER BY n.aggregate_id, k.connector ",
+       ORDER BY n.aggregate_id COLLATE \"C\", k.connector COLLATE \"C\" ",
     intake_on_conflict!(),
     " RETURNING 1) \
      SELECT (SELECT count(*) FROM taken), (SELECT count(*) FROM scheduled)"
@@ -1680,7 +1685,10 @@ async fn write_links_postgres(
     let firsts = first_of_link(writes);
     // Links are locked in (customer, connector) order, as the relay's
     // intake locks them: in the order the pushes ended, a group and an
-    // intake could each hold a link the other waits for (40P01).
+    // intake could each hold a link the other waits for (40P01). Byte
+    // order, which the statements' `COLLATE "C"` follow: a database's
+    // own collation (glibc's `en_US.UTF-8` passes over `-`) put
+    // `sf-eu` and `sfa` the other way round.
     let in_key_order = |a: &usize, b: &usize| {
         let key = |i: usize| (&writes[i].0.customer_id, &writes[i].0.connector);
         key(*a).cmp(&key(*b)).then(a.cmp(b))
