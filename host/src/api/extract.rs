@@ -237,7 +237,8 @@ fn strip_position(message: &str) -> String {
     }
 }
 
-/// The query string as name/value pairs (percent-decoded).
+/// The query string as name/value pairs (percent-decoded), each name
+/// once (422 otherwise).
 pub struct QueryPairs(pub Vec<(String, String)>);
 
 impl<S: Send + Sync> FromRequestParts<S> for QueryPairs {
@@ -245,9 +246,17 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryPairs {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let query = parts.uri.query().unwrap_or("");
-        serde_urlencoded::from_str(query)
-            .map(Self)
-            .map_err(|e| ApiError::field("query", e.to_string()))
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
+            .map_err(|e| ApiError::field("query", e.to_string()))?;
+        // Each parameter once: the handlers read its last value, where a
+        // proxy's rule or an audit log may read the first
+        // (`?force=false&force=true` deleted by force).
+        for (i, (name, _)) in pairs.iter().enumerate() {
+            if pairs[..i].iter().any(|(earlier, _)| earlier == name) {
+                return Err(ApiError::field(name.as_str(), "given more than once"));
+            }
+        }
+        Ok(Self(pairs))
     }
 }
 
