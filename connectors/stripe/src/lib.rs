@@ -57,13 +57,14 @@ impl Connector for Stripe {
     fn push(req: PushRequest) -> Result<PushResult, ConnectorError> {
         ferry_sdk::ensure_entity(&req.entity, ENTITY, "stripe")?;
         let customer = Customer::from_json(&req.record)?;
+        let update = matches!(req.operation, Operation::Update).then(|| Update::of(&req.record));
         // Only when the phone is sent: an update that leaves it alone (a
         // name change of a customer whose phone Stripe never took) goes
         // through, and only the phone stays behind.
-        let sends_phone = match req.operation {
-            Operation::Create => true,
-            Operation::Update => Update::of(&req.record).changed.field("phone"),
-            Operation::Delete => false,
+        let sends_phone = match (&req.operation, &update) {
+            (Operation::Create, _) => true,
+            (Operation::Update, Some(update)) => update.changed.field("phone"),
+            _ => false,
         };
         if sends_phone {
             check_phone(&customer)?;
@@ -82,8 +83,7 @@ impl Connector for Stripe {
                 // Only the fields ferry changed; Stripe merges metadata: a
                 // key ferry removed is unset by posting it empty, or it
                 // stayed there for good.
-                let update = Update::of(&req.record);
-                let form = customer_form(&customer, &req.local_id, Some(&update));
+                let form = customer_form(&customer, &req.local_id, update.as_ref());
                 post(customer_url(id), &form, &req.idempotency_key)?
             }
             Operation::Delete => {
