@@ -636,11 +636,15 @@ async fn purge_idempotency_keys(store: Store, batch: u32, cancel: CancellationTo
             {
                 Ok(0) => {}
                 Ok(purged) => tracing::debug!(purged, "expired idempotency keys purged"),
-                Err(error) => tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)), "purging idempotency keys failed"),
+                Err(error) => {
+                    crate::metrics::background_failed("idempotency_purge");
+                    tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)), "purging idempotency keys failed");
+                }
             },
         }
         // The console's sign-outs of expired sessions: a few rows a day.
         if let Err(error) = store.purge_expired_sign_outs().await {
+            crate::metrics::background_failed("sign_out_purge");
             tracing::warn!(
                 error = format!("{:#}", anyhow::Error::from(error)),
                 "purging console sign-outs failed"

@@ -164,6 +164,14 @@ fn describe() {
         "ferry_retention_failures_total",
         "Retention passes that failed (the next one continues)"
     );
+    describe_counter!(
+        "ferry_background_failures_total",
+        "Background passes that failed, by task (the next one tries again; the log says why)"
+    );
+    // At 0 from the start, as the retention's (see `retention_started`).
+    for task in BACKGROUND_TASKS {
+        counter!("ferry_background_failures_total", "task" => task).increment(0);
+    }
     describe_gauge!(
         "ferry_retention_last_success_timestamp_seconds",
         Unit::Seconds,
@@ -181,6 +189,18 @@ fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The background tasks whose failed passes
+/// `ferry_background_failures_total` counts: the purge of expired
+/// idempotency keys, the purge of the console's expired sign-outs, and the
+/// registry's poll of the store (failing, this replica follows no
+/// connector change another replica makes).
+pub const BACKGROUND_TASKS: [&str; 3] = ["idempotency_purge", "sign_out_purge", "registry_refresh"];
+
+/// A pass of the background `task` (one of [`BACKGROUND_TASKS`]) failed.
+pub fn background_failed(task: &'static str) {
+    counter!("ferry_background_failures_total", "task" => task).increment(1);
 }
 
 /// Retention deleted `rows` of `table`.

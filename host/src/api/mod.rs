@@ -388,11 +388,41 @@ pub fn router(state: AppState) -> Router {
                     TraceLayer::new_for_http()
                         .make_span_with(crate::telemetry::request_span)
                         // One access-log line per request, inside the request span.
-                        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+                        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO))
+                        .on_failure(on_failure),
                 )
                 .layer(PropagateRequestIdLayer::x_request_id()),
         )
         .with_state(state)
+}
+
+/// A failed response's log line: at `error`, but a 503 at `warn`. A 503
+/// is ferry saying "busy, send it again" (the store or every connector
+/// instance busy, a connector waiting for settings): expected under load,
+/// answered with `Retry-After`, and paged on at `error` for nothing.
+fn on_failure(
+    class: tower_http::classify::ServerErrorsFailureClass,
+    latency: std::time::Duration,
+    _span: &tracing::Span,
+) {
+    let latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
+    if failure_level(&class) == tracing::Level::WARN {
+        tracing::warn!(classification = %class, latency_ms, "response failed");
+    } else {
+        tracing::error!(classification = %class, latency_ms, "response failed");
+    }
+}
+
+/// The level [`on_failure`] logs `class` at.
+fn failure_level(class: &tower_http::classify::ServerErrorsFailureClass) -> tracing::Level {
+    match class {
+        tower_http::classify::ServerErrorsFailureClass::StatusCode(code)
+            if *code == axum::http::StatusCode::SERVICE_UNAVAILABLE =>
+        {
+            tracing::Level::WARN
+        }
+        _ => tracing::Level::ERROR,
+    }
 }
 
 #[cfg(test)]
@@ -431,5 +461,24 @@ mod tests {
             .unwrap();
         let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(problem["code"], "internal", "{problem}");
+    }
+
+    /// A 503 ("busy, send it again") is logged at `warn`, any other
+    /// failure at `error`.
+    #[test]
+    fn a_503_is_a_warning() {
+        use axum::http::StatusCode;
+        use tower_http::classify::ServerErrorsFailureClass as Class;
+        assert_eq!(
+            super::failure_level(&Class::StatusCode(StatusCode::SERVICE_UNAVAILABLE)),
+            tracing::Level::WARN
+        );
+        for failure in [
+            Class::StatusCode(StatusCode::INTERNAL_SERVER_ERROR),
+            Class::StatusCode(StatusCode::BAD_GATEWAY),
+            Class::Error("a panic".to_owned()),
+        ] {
+            assert_eq!(super::failure_level(&failure), tracing::Level::ERROR);
+        }
     }
 }

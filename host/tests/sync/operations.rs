@@ -152,7 +152,10 @@ async fn failure_counters_are_there_before_the_first_failure() {
                 !there(name, &[("connector", "stripe"), ("direction", direction)])
             })
             .collect();
-        let retention = there("ferry_retention_failures_total", &[]);
+        let retention = there("ferry_retention_failures_total", &[])
+            && ferry::metrics::BACKGROUND_TASKS
+                .iter()
+                .all(|task| there("ferry_background_failures_total", &[("task", task)]));
         if missing.is_empty() && retention {
             break;
         }
