@@ -729,7 +729,7 @@ impl Registry {
                     )
                 })
             });
-            let entry = Entry {
+            let mut entry = Entry {
                 name: row.name.clone(),
                 active: resolved.active,
                 problem: resolved.problem,
@@ -743,14 +743,24 @@ impl Registry {
             // Switched on here and not yet in the store: say so, for every
             // replica to queue its changes (the revision moves, so they
             // read it within a second, and so does this one).
+            // The entry holds the revision the mark made: an answer's
+            // `ETag` read from it after a first switch was one behind the
+            // store's, and a change sent back with it was a 412.
             if !row.switched_on && entry.effective.switch != Switch::Unconfigured {
-                if let Err(error) = self
+                match self
                     .inner
                     .store
                     .mark_switched_on(&row.name, row.revision)
                     .await
                 {
-                    tracing::warn!(connector = %row.name, error = format!("{:#}", anyhow::Error::from(error)), "could not record the connector as switched on; tried again at the next refresh");
+                    Ok(true) => {
+                        entry.switched_on = true;
+                        entry.revision = row.revision + 1;
+                    }
+                    Ok(false) => {}
+                    Err(error) => {
+                        tracing::warn!(connector = %row.name, error = format!("{:#}", anyhow::Error::from(error)), "could not record the connector as switched on; tried again at the next refresh");
+                    }
                 }
             }
             entries.insert(row.name, Arc::new(entry));
@@ -906,6 +916,7 @@ impl Registry {
                 () = cancel.cancelled() => return,
                 _ = every.tick() => {
                     if let Err(error) = self.refresh().await {
+                        crate::metrics::background_failed("registry_refresh");
                         tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)), "connector registry refresh failed");
                     }
                 }

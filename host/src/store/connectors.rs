@@ -298,10 +298,11 @@ impl Store {
     /// queues its changes (see [`ConnectorRow::switched_on`]). Bumps the
     /// revision, once, for the others to see it.
     /// Only over `revision`, the row the decision was made on (a
-    /// connector deleted and uploaded again since starts unmarked).
-    pub async fn mark_switched_on(&self, name: &str, revision: i64) -> Result<(), StoreError> {
+    /// connector deleted and uploaded again since starts unmarked); true
+    /// if it was (the revision is then one past it).
+    pub async fn mark_switched_on(&self, name: &str, revision: i64) -> Result<bool, StoreError> {
         let at = now();
-        dispatch!(self, write pool => {
+        let marked = dispatch!(self, write pool => {
             sqlx::query(
                 "UPDATE connectors SET switched_on = TRUE, revision = revision + 1, updated_at = $2 \
                  WHERE name = $1 AND NOT switched_on AND deleted_at IS NULL AND revision = $3",
@@ -310,9 +311,10 @@ impl Store {
             .bind(at)
             .bind(revision)
             .execute(pool)
-            .await?;
+            .await?
+            .rows_affected()
         });
-        Ok(())
+        Ok(marked == 1)
     }
 
     /// The stored versions of `name`, oldest first.

@@ -2404,6 +2404,23 @@ async fn connector_changes_with_if_match_land_only_over_what_was_read(backend: B
         let problem: Value = stale.json().await.unwrap();
         assert_eq!(problem["code"], "precondition_failed", "{what}: {problem}");
     }
+    // The writes themselves land only over the revision named (a change
+    // committed between the API's check and the write): none of these
+    // touches the connector.
+    let stale: i64 = read.trim_matches('"').parse().expect("a revision");
+    let store = &app.store;
+    assert!(!store
+        .activate_connector_version("recorder", "0.2.0", Some(stale))
+        .await
+        .unwrap());
+    assert!(!store
+        .set_connector_enabled("recorder", true, Some(stale))
+        .await
+        .unwrap());
+    assert!(!store
+        .delete_connector("recorder", Some(stale))
+        .await
+        .unwrap());
     let (_, shown) = get(&app, "/api/v1/connectors/recorder").await;
     assert_eq!(shown["state"], "disabled", "{shown}");
     assert_eq!(shown["active_version"], "0.1.0", "{shown}");
@@ -2421,12 +2438,46 @@ async fn connector_changes_with_if_match_land_only_over_what_was_read(backend: B
         .expect("sent");
     assert_eq!(enabled.status(), 200);
     let after = etag_of(&enabled);
+    // A flag given twice is refused, whichever value is last: a proxy's
+    // rule or a log may read the first.
+    let twice = app.client.delete(format!("{url}?force=false&force=true"));
+    let twice = send(twice, &after).await.expect("sent");
+    assert_eq!(twice.status(), 422);
     // One of a list of tags, as for customers.
     let listed = format!("\"999\", {after}");
     let deleted = send(app.client.delete(&url), &listed).await.expect("sent");
     assert_eq!(deleted.status(), 204);
     let (status, _) = get(&app, "/api/v1/connectors/recorder").await;
     assert_eq!(status, 404);
+}
+
+/// The `ETag` of the write that switches a connector on for the first
+/// time is current: the switch is recorded (its revision moves once
+/// more), and the answer held the revision before that, so a change sent
+/// straight back with it was a 412 though nobody else changed anything.
+async fn the_etag_of_a_first_switch_is_current(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    let (status, version) = upload(&app, recorder(), "").await;
+    assert_eq!(status, 201, "{version}");
+    let url = format!("{}/api/v1/connectors/recorder", app.base);
+    let authed = |request: reqwest::RequestBuilder| match &app.token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    };
+    let switched = authed(app.client.put(format!("{url}/settings")))
+        .json(&json!({"settings": {"api_base": remote.url}}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(switched.status(), 200);
+    let etag = switched.headers()["etag"].to_str().unwrap().to_owned();
+    let disabled = authed(app.client.post(format!("{url}/disable")))
+        .header("if-match", &etag)
+        .send()
+        .await
+        .expect("disable");
+    assert_eq!(disabled.status(), 200, "{etag}");
 }
 
 /// A secret given with white space around it (a pasted value's newline, a
@@ -3178,6 +3229,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connector_changes_with_if_match_land_only_over_what_was_read() {
         super::connector_changes_with_if_match_land_only_over_what_was_read(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_etag_of_a_first_switch_is_current() {
+        super::the_etag_of_a_first_switch_is_current(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
