@@ -163,7 +163,10 @@ pub async fn receive(
             return Err(ApiError::ConnectorFailed);
         }
     };
-    let mut events: Vec<NewInboxEvent> = Vec::with_capacity(parsed.events.len());
+    // Every event the delivery carried, as the receipt says; an event
+    // repeated in it is stored once.
+    let count = parsed.events.len();
+    let mut events: Vec<NewInboxEvent> = Vec::with_capacity(count);
     for (event, checked) in parsed.events.into_iter().zip(checked) {
         if checked.repeat {
             continue;
@@ -193,7 +196,6 @@ pub async fn receive(
         });
     }
     let correlation_id = request_id(&headers);
-    let count = events.len();
     // Counted once taken: a delivery the store refused (busy, read-only)
     // is sent again, and each try counted `verified`.
     let stored = match state
