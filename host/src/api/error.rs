@@ -498,6 +498,15 @@ impl IntoResponse for ApiError {
         if let Self::Internal(cause) = &self {
             tracing::error!(error = format!("{cause:#}"), "request failed");
         }
+        // A 503 that is no "busy, send it again" (the trace layer logs a
+        // 503 at `warn`): a store that takes no writes, a connector that
+        // failed, a remote that is down. Said at `error`, as every 503 was.
+        if matches!(
+            self,
+            Self::StoreReadOnly | Self::ConnectorFailed | Self::RemoteUnavailable(_)
+        ) {
+            tracing::error!(code = self.code(), detail = %self, "request failed");
+        }
         let status = self.status();
         let body = serde_json::to_vec(&self.problem()).unwrap_or_default();
         let mut response = (status, body).into_response();

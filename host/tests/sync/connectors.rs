@@ -3352,6 +3352,11 @@ mod postgres {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_etag_of_a_first_switch_is_current() {
+        super::the_etag_of_a_first_switch_is_current(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_delete_taken_while_its_create_is_written() {
         a_delete_taken_while_its_create_is_written_is_applied(Backend::Postgres).await;
     }
