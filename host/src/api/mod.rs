@@ -397,9 +397,10 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// A failed response's log line: at `error`, but a 503 at `warn`. A 503
-/// is ferry saying "busy, send it again" (the store or every connector
-/// instance busy, a connector waiting for settings): expected under load,
-/// answered with `Retry-After`, and paged on at `error` for nothing.
+/// is mostly ferry saying "busy, send it again" (the store, the webhook
+/// buffer or every connector instance busy): expected under load,
+/// answered with `Retry-After`, and paged on at `error` for nothing. The
+/// others log their own line at `error` (see `ApiError::into_response`).
 fn on_failure(
     class: tower_http::classify::ServerErrorsFailureClass,
     latency: std::time::Duration,
