@@ -311,22 +311,24 @@ pub(super) const LOCK_UNLINKED_POSTGRES: &str =
 pub(super) fn unlinked_records(
     changes: &[InboundChange],
 ) -> Result<Option<String>, serde_json::Error> {
-    let unlinked: Vec<[&str; 2]> = changes
-        .iter()
-        .filter(|c| c.link_read.is_none())
-        .map(|c| [c.event.connector.as_str(), c.event.remote_id.as_str()])
-        .collect();
-    if unlinked.is_empty() {
+    let mut unlinked = changes.iter().filter(|c| c.link_read.is_none()).peekable();
+    if unlinked.peek().is_none() {
         return Ok(None);
     }
-    serde_json::to_string(&unlinked).map(Some)
+    records_json(unlinked).map(Some)
 }
 
 /// The changes' remote records as a JSON array of `[connector, remote id]`.
 pub(super) fn group_records(changes: &[InboundChange]) -> Result<String, serde_json::Error> {
+    records_json(changes.iter())
+}
+
+/// `changes`' remote records as a JSON array of `[connector, remote id]`.
+fn records_json<'a>(
+    changes: impl Iterator<Item = &'a InboundChange>,
+) -> Result<String, serde_json::Error> {
     serde_json::to_string(
         &changes
-            .iter()
             .map(|c| [c.event.connector.as_str(), c.event.remote_id.as_str()])
             .collect::<Vec<_>>(),
     )
