@@ -1019,9 +1019,17 @@ macro_rules! record_in {
                     // started its own count (the intake reset it): this
                     // failure is its first, not the older one's next; one
                     // that spends no attempt (a rate limit) leaves it at 0.
+                    // A push of a version past the claim's wanted one was
+                    // counted from 0 already (`schedule_retry`), and that
+                    // version is the wanted one from now on: left below, a
+                    // claim that read past it again, while its change was
+                    // still not taken in, started the count afresh every
+                    // time, and the push never gave up.
                     sqlx::query(
                         "UPDATE sync_links SET state = 'retry', \
-                         attempts = CASE WHEN wanted_version > $9 THEN attempts + $1 - $10 ELSE $1 END, \
+                         attempts = CASE WHEN wanted_version > $9 \
+                           THEN attempts + $1 - (CASE WHEN $11 > $9 THEN 0 ELSE $10 END) ELSE $1 END, \
+                         wanted_version = CASE WHEN $11 > wanted_version THEN $11 ELSE wanted_version END, \
                          next_attempt_at_ms = $2, \
                          last_error = $3, pending_version = COALESCE($4, pending_version), \
                          unsure_base = CASE WHEN pushed_hash IS NOT NULL THEN pushed_hash \

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::breaker::{Deferred, Pass};
 use super::inbound::kept_apart;
+use super::retry::RetryPolicy;
 use super::SyncEngine;
 use crate::api::customers::normalise_email;
 use crate::registry::{Need, NotReady};
@@ -1194,9 +1195,6 @@ impl SyncEngine {
         self.schedule_retry(link, attempted, retry_after, error, Spend::Attempt)
     }
 
-    /// The next attempt, or a dead letter once the attempts are spent. A
-    /// failure that spends [`Spend::Nothing`] keeps the link's count (and
-    /// so never gives up, nor brings a later failure nearer its end).
     fn schedule_retry(
         &self,
         link: &SyncLink,
@@ -1205,55 +1203,85 @@ impl SyncEngine {
         error: String,
         spend: Spend,
     ) -> (RecordedOutcome, Outcome) {
-        let policy = &self.inner.policy;
-        let next = link.attempts + 1;
-        let attempt = match spend {
-            Spend::Attempt => next,
-            Spend::Nothing => link.attempts,
-        };
-        let (version, operation) = attempted.unwrap_or((link.wanted_version, "none"));
-        if spend == Spend::Attempt && policy.exhausted(u32::try_from(attempt).unwrap_or(u32::MAX)) {
-            let message = format!("gave up after {attempt} attempts: {error}");
-            // The wait this failure asked for (an update that timed out may
-            // still be at work in the remote) holds for the newer version
-            // the link reopens for.
-            let settle = retry_after.map_or(0, |after| {
-                i64::try_from(after.min(super::retry::MAX_RETRY_AFTER).as_millis())
-                    .unwrap_or(i64::MAX)
-            });
-            return (
-                RecordedOutcome::DeadLettered {
-                    version,
-                    operation: attempted.map(|(_, op)| op),
-                    attempt,
-                    error_kind: DeadLetterKind::RetriesExhausted,
-                    error: message.clone(),
-                    settle_ms: settle,
-                },
-                Outcome::DeadLettered { reason: message },
-            );
-        }
-        let delay = policy.delay(u32::try_from(next).unwrap_or(u32::MAX), retry_after);
-        let at_ms = now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
-        tracing::info!(
-            attempt,
-            delay_ms = delay.as_millis() as u64,
+        schedule_retry(
+            &self.inner.policy,
+            link,
+            attempted,
+            retry_after,
             error,
-            "push failed; retry scheduled"
-        );
-        (
-            RecordedOutcome::RetryScheduled {
-                version,
-                operation,
-                attempt,
-                at_ms,
-                error,
-                pending_version: None,
-                answered: false,
-            },
-            Outcome::RetryScheduled { attempt, at_ms },
+            spend,
         )
     }
+}
+
+/// The next attempt, or a dead letter once the attempts are spent. A
+/// failure that spends [`Spend::Nothing`] keeps the link's count (and so
+/// never gives up, nor brings a later failure nearer its end).
+fn schedule_retry(
+    policy: &RetryPolicy,
+    link: &SyncLink,
+    attempted: Option<(i64, &'static str)>,
+    retry_after: Option<Duration>,
+    error: String,
+    spend: Spend,
+) -> (RecordedOutcome, Outcome) {
+    let (version, operation) = attempted.unwrap_or((link.wanted_version, "none"));
+    // A push of a version newer than the claim's wanted one (the
+    // customer read past it: its change is taken in later, or was
+    // while the push was out, and the intake reset the count) is that
+    // version's first attempt, not the older one's next: counted on
+    // from the older one's, it was dead-lettered after one try when
+    // the older one's attempts ran out. The store counts the same way.
+    let spent = if version > link.wanted_version {
+        0
+    } else {
+        link.attempts
+    };
+    let next = spent + 1;
+    let attempt = match spend {
+        Spend::Attempt => next,
+        Spend::Nothing => spent,
+    };
+    if spend == Spend::Attempt && policy.exhausted(u32::try_from(attempt).unwrap_or(u32::MAX)) {
+        let message = format!("gave up after {attempt} attempts: {error}");
+        // The wait this failure asked for (an update that timed out may
+        // still be at work in the remote) holds for the newer version
+        // the link reopens for.
+        let settle = retry_after.map_or(0, |after| {
+            i64::try_from(after.min(super::retry::MAX_RETRY_AFTER).as_millis()).unwrap_or(i64::MAX)
+        });
+        return (
+            RecordedOutcome::DeadLettered {
+                version,
+                operation: attempted.map(|(_, op)| op),
+                attempt,
+                error_kind: DeadLetterKind::RetriesExhausted,
+                error: message.clone(),
+                settle_ms: settle,
+            },
+            Outcome::DeadLettered { reason: message },
+        );
+    }
+    let delay = policy.delay(u32::try_from(next).unwrap_or(u32::MAX), retry_after);
+    let at_ms = now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+    tracing::info!(
+        attempt,
+        delay_ms = delay.as_millis() as u64,
+        error,
+        "push failed; retry scheduled"
+    );
+    (
+        RecordedOutcome::RetryScheduled {
+            version,
+            operation,
+            attempt,
+            at_ms,
+            error,
+            pending_version: None,
+            answered: false,
+        },
+        Outcome::RetryScheduled { attempt, at_ms },
+    )
 }
 
 /// What a store failure before a push spends (see
@@ -1349,6 +1377,65 @@ mod tests {
             held_by: None,
             repairs: 0,
         }
+    }
+
+    /// The claim wanted version 3 and had spent 9 of 10 attempts on it;
+    /// the push read the customer at version 4 (its change not yet taken
+    /// in, or taken in while the push was out). Its failure is version 4's
+    /// first: it was dead-lettered, "gave up after 10 attempts", after one.
+    /// A failure of version 3 itself is still the last one.
+    #[test]
+    fn a_newer_version_pushed_on_an_older_ones_last_attempt_starts_its_count() {
+        let policy = RetryPolicy {
+            max_attempts: 10,
+            base: Duration::from_millis(10),
+            max_delay: Duration::from_millis(10),
+        };
+        let customer = customer("cus_0193a5c4a1b27c3d8e9f0a1b2c3d4e5f", 3);
+        let link = SyncLink {
+            attempts: 9,
+            state: crate::store::LinkState::Retry,
+            ..linked(&customer)
+        };
+        let failed = |version: i64, spend: Spend| {
+            schedule_retry(
+                &policy,
+                &link,
+                Some((version, "update")),
+                None,
+                "503".to_owned(),
+                spend,
+            )
+            .0
+        };
+        assert!(
+            matches!(
+                failed(4, Spend::Attempt),
+                RecordedOutcome::RetryScheduled {
+                    version: 4,
+                    attempt: 1,
+                    ..
+                }
+            ),
+            "{:?}",
+            failed(4, Spend::Attempt)
+        );
+        assert!(matches!(
+            failed(4, Spend::Nothing),
+            RecordedOutcome::RetryScheduled {
+                version: 4,
+                attempt: 0,
+                ..
+            }
+        ));
+        assert!(matches!(
+            failed(3, Spend::Attempt),
+            RecordedOutcome::DeadLettered {
+                version: 3,
+                attempt: 10,
+                ..
+            }
+        ));
     }
 
     /// A create kept for replay, on a link whose record was deleted

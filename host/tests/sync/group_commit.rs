@@ -1804,6 +1804,74 @@ async fn a_newer_version_starts_its_own_attempts(postgres: bool) {
     assert_eq!(attempts(&store).await, 1);
 }
 
+/// A push that read the customer past its claim's wanted version (the
+/// change not yet taken in by the relay, or taken in while the push was
+/// out) failed: that version's first failure, counted from 0, and the
+/// wanted version from now on, so the next claim counts on from it (left
+/// behind, every claim that read past it counted afresh, and the push
+/// never gave up while the relay lagged).
+async fn a_push_past_the_wanted_version_counts_for_that_version(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let tag = format!("past_wanted_{postgres}");
+    let (customers, _, _) = two_linked(&store, &tag).await;
+    let stripe = ["stripe".to_owned()];
+    let attempts = |id: &str| {
+        let id = id.to_owned();
+        let store = store.clone();
+        async move {
+            let link = store.links_of(&id).await.expect("links")[0].clone();
+            (link.wanted_version, link.attempts)
+        }
+    };
+    for (customer, taken_in_meanwhile) in [(&customers[0], false), (&customers[1], true)] {
+        let second = rename(&store, &customer.id, "Second").await;
+        store
+            .intake_changes(&[notice(&second)], &stripe)
+            .await
+            .expect("intake");
+        let id = second.id.as_str();
+        let link = stripe_link_claimed(&store, "lease-past-1", id).await;
+        let failed = |version: i64, attempt: i32| {
+            LinkWrite::Outcome(RecordedOutcome::RetryScheduled {
+                version,
+                operation: "update",
+                attempt,
+                at_ms: 0,
+                error: "503".into(),
+                pending_version: None,
+                answered: false,
+            })
+        };
+        let write = failed(second.version, 9);
+        let written = store.write_links(&[(&link, &write)]).await;
+        assert_eq!(written.expect("written"), vec![true]);
+        assert_eq!(attempts(id).await, (second.version, 9));
+        // The claim wants the second version; the push reads the third.
+        let out = stripe_link_claimed(&store, "lease-past-2", id).await;
+        let third = rename(&store, &second.id, "Third").await;
+        if taken_in_meanwhile {
+            store
+                .intake_changes(&[notice(&third)], &stripe)
+                .await
+                .expect("intake");
+        }
+        let write = failed(third.version, 1);
+        let written = store.write_links(&[(&out, &write)]).await;
+        assert_eq!(written.expect("written"), vec![true]);
+        assert_eq!(
+            attempts(id).await,
+            (third.version, 1),
+            "taken in meanwhile: {taken_in_meanwhile}"
+        );
+        // Its change comes in (again): the count stays.
+        store
+            .intake_changes(&[notice(&third)], &stripe)
+            .await
+            .expect("intake");
+        assert_eq!(attempts(id).await, (third.version, 1));
+    }
+}
+
 /// An update whose last attempt timed out may still be at work in the
 /// remote: the newer version the dead letter reopens the link for waits
 /// the same settle time before it goes (it went at once, and could land
@@ -1889,6 +1957,16 @@ async fn postgres_a_newer_version_waits_out_a_timed_out_last_attempt() {
 #[tokio::test]
 async fn sqlite_a_newer_version_waits_out_a_timed_out_last_attempt() {
     a_newer_version_waits_out_a_timed_out_last_attempt(false).await;
+}
+
+#[tokio::test]
+async fn postgres_a_push_past_the_wanted_version_counts_for_that_version() {
+    a_push_past_the_wanted_version_counts_for_that_version(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_push_past_the_wanted_version_counts_for_that_version() {
+    a_push_past_the_wanted_version_counts_for_that_version(false).await;
 }
 
 #[tokio::test]
