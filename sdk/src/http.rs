@@ -73,6 +73,15 @@ impl Request {
     }
 
     /// Adds a header (repeatable).
+    ///
+    /// Header values are the connector's own: the host replaces every
+    /// `{{secret:NAME}}` and `{{token:NAME}}` in them, including one that
+    /// came from data. Never copy a record's or a remote's value into a
+    /// header: a customer whose reference reads `{{secret:api_key}}` would
+    /// send the key to the remote. Bodies are guarded (placeholders the
+    /// call's data holds go as written); headers are not, so that a
+    /// customer named after a secret cannot break the call's own
+    /// `Authorization`.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), value.into()));
         self

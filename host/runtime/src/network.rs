@@ -2,9 +2,10 @@
 //! a resolver that refuses names resolving to private addresses. Builds
 //! without it (the SDK's test kit) bring their own [`HttpTransport`].
 
+use std::collections::HashMap;
 use std::error::Error as StdError;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -31,6 +32,7 @@ impl ReqwestTransport {
             .no_proxy()
             .dns_resolver(Arc::new(FilteringResolver {
                 allow_private_hosts,
+                lookups: Lookups::new(MAX_LOOKUPS, MAX_LOOKUPS_PER_NAME),
             }))
             .build()
             .map_err(|e| WireError::Connect(format!("building the HTTP client: {e}")))?;
@@ -126,21 +128,119 @@ fn map_reqwest_error(e: reqwest::Error) -> WireError {
 #[error("{0} resolves only to private, loopback or link-local addresses")]
 struct PrivateAddress(String);
 
+/// How many name lookups run at once, in all, and of one name. The system
+/// resolver holds a thread of tokio's blocking pool until it answers or
+/// gives up (10 to 30 s for a name whose servers never answer), and a
+/// request that times out does not end it: unbounded, a connector whose
+/// remote's DNS hung took the pool's 512 threads, and every other
+/// connector's lookups, the components' compiles and Kafka's commits
+/// queued behind it. A name at its own bound is refused at once (the push
+/// is retried later); past the overall bound a lookup waits, within its
+/// request's deadline.
+const MAX_LOOKUPS: usize = 64;
+const MAX_LOOKUPS_PER_NAME: usize = 8;
+
+type Counts = Arc<Mutex<HashMap<String, usize>>>;
+
+/// The lookups in flight: permits of the overall bound, and a count per
+/// name.
+#[derive(Clone)]
+struct Lookups {
+    all: Arc<tokio::sync::Semaphore>,
+    by_name: Counts,
+    per_name: usize,
+}
+
+/// One lookup's share of [`Lookups`], held by the thread that resolves
+/// until the resolver answers (or by the wait for a permit, until its
+/// request gives up), and given back when dropped.
+struct Held {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    by_name: Counts,
+    name: String,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = by_name.get_mut(&self.name) {
+            *count -= 1;
+            if *count == 0 {
+                by_name.remove(&self.name);
+            }
+        }
+    }
+}
+
+impl Lookups {
+    fn new(all: usize, per_name: usize) -> Self {
+        Self {
+            all: Arc::new(tokio::sync::Semaphore::new(all)),
+            by_name: Counts::default(),
+            per_name,
+        }
+    }
+
+    /// Runs `lookup` of `name` on the blocking pool, within the bounds.
+    async fn run<T: Send + 'static>(
+        &self,
+        name: String,
+        lookup: impl FnOnce(&str) -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let mut held = {
+            let mut by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
+            let count = by_name.entry(name.clone()).or_insert(0);
+            if *count >= self.per_name {
+                return Err(std::io::Error::other(format!(
+                    "{} lookups of {name} are still unanswered",
+                    self.per_name
+                )));
+            }
+            *count += 1;
+            Held {
+                permit: None,
+                by_name: Arc::clone(&self.by_name),
+                name,
+            }
+        };
+        // Counted before the wait: a name whose lookups hang cannot queue
+        // more than its share behind the overall bound either.
+        let permit = Arc::clone(&self.all)
+            .acquire_owned()
+            .await
+            .map_err(std::io::Error::other)?;
+        held.permit = Some(permit);
+        tokio::task::spawn_blocking(move || {
+            let held = held;
+            lookup(&held.name)
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+}
+
 /// Resolves with the system resolver, then drops forbidden addresses, so a
 /// declared name pointing at 127.0.0.1 or 169.254.169.254 cannot reach it.
 struct FilteringResolver {
     allow_private_hosts: bool,
+    lookups: Lookups,
 }
 
 impl reqwest::dns::Resolve for FilteringResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let allow_private = self.allow_private_hosts;
+        let host = name.as_str().to_owned();
+        let lookups = self.lookups.clone();
         Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+            let lookup = |host: &str| {
+                (host, 0)
+                    .to_socket_addrs()
+                    .map(Iterator::collect::<Vec<SocketAddr>>)
+            };
+            let addrs = lookups
+                .run(host.clone(), lookup)
                 .await
-                .map_err(|e| -> Box<dyn StdError + Send + Sync> { Box::new(e) })?
-                .collect();
+                .map_err(|e| -> Box<dyn StdError + Send + Sync> { Box::new(e) })?;
             let allowed: Vec<SocketAddr> = addrs
                 .into_iter()
                 .filter(|a| allow_private || !is_forbidden_ip(a.ip()))
@@ -166,6 +266,69 @@ mod tests {
             timeout: Duration::from_secs(2),
             max_response_bytes: 1024,
         }
+    }
+
+    /// Lookups that never answer hold a name's share of threads and no
+    /// more: the next of that name is refused at once, another name still
+    /// resolves, and a wait given up or a lookup answered gives its share
+    /// back.
+    #[tokio::test]
+    async fn hanging_lookups_hold_their_names_share_and_no_more() {
+        let lookups = Lookups::new(3, 2);
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Arc::new(Mutex::new(released));
+        let hang = |released: Arc<Mutex<std::sync::mpsc::Receiver<()>>>| {
+            move |_: &str| {
+                released.lock().unwrap().recv().ok();
+                Ok(())
+            }
+        };
+        let mut hanging = Vec::new();
+        for _ in 0..2 {
+            let lookups = lookups.clone();
+            let lookup = hang(Arc::clone(&released));
+            hanging.push(tokio::spawn(async move {
+                lookups.run("hang.example".to_owned(), lookup).await
+            }));
+        }
+        while lookups.by_name.lock().unwrap().get("hang.example") != Some(&2) {
+            tokio::task::yield_now().await;
+        }
+        let refused = lookups
+            .run("hang.example".to_owned(), |_| Ok(()))
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("still unanswered"),
+            "{refused}"
+        );
+        // The third permit: another name resolves.
+        let other = lookups.run("other.example".to_owned(), |name| Ok(name.to_owned()));
+        assert_eq!(other.await.unwrap(), "other.example");
+        // Every permit held: a wait given up gives its count back.
+        let third = hang(Arc::clone(&released));
+        let blocking = {
+            let lookups = lookups.clone();
+            tokio::spawn(async move { lookups.run("third.example".to_owned(), third).await })
+        };
+        while lookups.all.available_permits() != 0 {
+            tokio::task::yield_now().await;
+        }
+        let waited = tokio::time::timeout(
+            Duration::from_millis(20),
+            lookups.run("late.example".to_owned(), |_| Ok(())),
+        );
+        assert!(waited.await.is_err(), "no permit is free");
+        assert_eq!(lookups.by_name.lock().unwrap().get("late.example"), None);
+        for _ in 0..3 {
+            release.send(()).unwrap();
+        }
+        for lookup in hanging {
+            lookup.await.unwrap().unwrap();
+        }
+        blocking.await.unwrap().unwrap();
+        assert!(lookups.by_name.lock().unwrap().is_empty());
+        assert_eq!(lookups.all.available_permits(), 3);
     }
 
     #[tokio::test]
