@@ -1468,14 +1468,18 @@ impl SyncEngine {
                 // Read again: that event may have been applied since the
                 // link was read (its link and its state commit together,
                 // so the look above saw it applied, and this one sees its
-                // link).
+                // link). A link found now decides again, from the top: a
+                // newer event another loop applied meanwhile (an undelete)
+                // made it, and this delete is stale, or held behind a
+                // conflict. Taken as it was, the delete went past both
+                // checks and deleted what the newer event made.
                 match self
                     .inner
                     .store
                     .link_by_remote_id(&event.connector, &event.remote_id)
                     .await?
                 {
-                    Some(link) => link,
+                    Some(_) => return Ok(None),
                     None => {
                         return self
                             .skip(event, "delete of a remote record ferry never linked")

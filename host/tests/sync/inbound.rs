@@ -721,6 +721,96 @@ async fn two_events_of_a_record_no_link_held_apply_in_order() {
     assert_eq!(customer["phone"], Value::Null, "{customer}");
 }
 
+/// A delete read no link (the batch's read, taken before an earlier group
+/// of the claim was applied), and another loop meanwhile applied a newer
+/// event of the record (an undelete) and linked it: the delete decides
+/// again from the link, and is skipped as stale. It went on from the link
+/// it found on its second look, past the stale and held checks, and
+/// deleted the customer the newer event had made (and fanned the delete
+/// out). The earlier group is a thin event whose read of Stripe is held
+/// three seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_that_finds_a_newer_link_on_its_second_look_decides_again() {
+    use ferry::store::inbox::{NewInboxEvent, RemoteChange};
+    use ferry_test_support::fault_proxy::{Fault, FaultProxy, Match};
+    let stripe = LocalStripe::start().expect("localstripe");
+    let proxy = FaultProxy::start(&stripe.url()).await.expect("proxy");
+    let mut setup = Setup::new(Backend::Postgres, &proxy.url());
+    setup.extra = json!({"inbox_loops": 2, "sync_concurrency": 1});
+    let app = spawn_sync_app(setup).await;
+    let slow = stripe_py(
+        &stripe.url(),
+        &format!(
+            "c = stripe.Customer.create(email='{}', name='Slow')\nprint(json.dumps({{'id': c.id}}))",
+            email("second-look-slow")
+        ),
+    )["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    proxy.push(
+        Match::request("GET", &format!("/v1/customers/{slow}")),
+        Fault::ForwardThenDelay(Duration::from_secs(3)),
+    );
+    let address = email("second-look");
+    let now = chrono::Utc::now().timestamp_millis();
+    let delete = NewInboxEvent {
+        kind: RemoteChange::Delete,
+        remote_type: "customer.deleted".into(),
+        ..stripe_upsert(
+            "evt_second_look_delete",
+            "cus_secondlook",
+            now - 60_000,
+            Some(stripe_customer_json("cus_secondlook", &address, "Ada")),
+        )
+    };
+    app.store
+        .store_inbox_many(&[(
+            "stripe",
+            &[
+                stripe_upsert("evt_second_look_slow", &slow, now, None),
+                delete,
+            ][..],
+            None,
+        )])
+        .await
+        .expect("stored");
+    app.sync.wake();
+    // One loop holds both, reading the slow record; the other applies the
+    // undelete.
+    proxy
+        .wait_for(Duration::from_secs(20), |log| {
+            log.iter()
+                .any(|r| r.is("GET", &format!("/v1/customers/{slow}")))
+        })
+        .await
+        .expect("the slow read went out");
+    store_stripe_event(
+        &app,
+        stripe_upsert(
+            "evt_second_look_undelete",
+            "cus_secondlook",
+            now,
+            Some(stripe_customer_json("cus_secondlook", &address, "Ada")),
+        ),
+    )
+    .await;
+    let undelete = outcome_of(&app, "cus_secondlook".into(), "evt_second_look_undelete").await;
+    assert_eq!(undelete["state"], "applied", "{undelete}");
+    let delete = outcome_of(&app, "cus_secondlook".into(), "evt_second_look_delete").await;
+    assert_eq!(delete["state"], "skipped", "{delete}");
+    assert!(
+        delete["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("stale")),
+        "{delete}"
+    );
+    assert!(
+        app.customer_by_email(&address).await.is_some(),
+        "the undeleted record's customer lives"
+    );
+}
+
 /// A Stripe `customer.updated` of `remote_id` dated `at_ms`, as a replica
 /// stores one it took in: `record` its payload, none for a thin event.
 fn stripe_upsert(
