@@ -857,6 +857,16 @@ macro_rules! fenced_by_repairs {
     };
 }
 
+/// The condition, in a dead letter's write, that the link wants a version
+/// newer than the one that died (`$8`): one an intake raised while the
+/// push was out (not the claim's, `$11`), or one the customer has reached.
+macro_rules! dead_letter_leaves_newer {
+    () => {
+        "(wanted_version > $8 AND (wanted_version <> $11 \
+           OR EXISTS (SELECT 1 FROM customers WHERE id = $4 AND version > $8)))"
+    };
+}
+
 /// Inside a dispatched transaction `$tx`: writes `$outcome` for `$link`
 /// under its lease. Evaluates to `Result<bool, StoreError>`: false if the
 /// lease was lost.
@@ -1113,18 +1123,24 @@ macro_rules! record_in {
                     };
                     // Nor is a push forced meanwhile (`repairs` moved on, as
                     // in `fenced_by_repairs!`): it is still to go.
-                    sqlx::query(
+                    // A wanted version the customer has not reached (a
+                    // change message from before the database was restored
+                    // or failed over behind it) is no newer change, as for
+                    // a skip: taken as one, the link was pending again at
+                    // once, pushed, refused and dead-lettered again, for
+                    // ever. It comes down to the version that died.
+                    sqlx::query(concat!(
                         "UPDATE sync_links SET \
-                         state = CASE WHEN wanted_version > $8 OR repairs <> $10 THEN 'pending' ELSE 'dead' END, \
-                         wanted_version = CASE WHEN wanted_version > $8 THEN wanted_version ELSE $8 END, \
-                         attempts = CASE WHEN wanted_version > $8 OR repairs <> $10 THEN 0 ELSE $1 END, \
+                         state = CASE WHEN ", dead_letter_leaves_newer!(), " OR repairs <> $10 THEN 'pending' ELSE 'dead' END, \
+                         wanted_version = CASE WHEN ", dead_letter_leaves_newer!(), " THEN wanted_version ELSE $8 END, \
+                         attempts = CASE WHEN ", dead_letter_leaves_newer!(), " OR repairs <> $10 THEN 0 ELSE $1 END, \
                          next_attempt_at_ms = $9, \
                          last_error = $2, \
                          pending_version = CASE WHEN $7 THEN NULL ELSE pending_version END, \
                          pending_record = CASE WHEN $7 THEN NULL ELSE pending_record END, \
                          pushed_hash = NULL, unsure_version = NULL, unsure_base = NULL, lease_until_ms = 0, lease_token = NULL, updated_at = $3 \
                          WHERE customer_id = $4 AND connector = $5 AND lease_token = $6",
-                    )
+                    ))
                     .bind(attempt)
                     .bind(super::capped(error))
                     .bind($at)
@@ -1135,6 +1151,7 @@ macro_rules! record_in {
                     .bind(failed)
                     .bind($at.timestamp_millis().saturating_add(*settle_ms))
                     .bind($link.repairs)
+                    .bind($link.wanted_version)
                     .execute(&mut *$tx)
                     .await?
                     .rows_affected()

@@ -1804,6 +1804,69 @@ async fn a_newer_version_starts_its_own_attempts(postgres: bool) {
     assert_eq!(attempts(&store).await, 1);
 }
 
+/// A link wanting a version its customer never reached (a change message
+/// from before the database was restored or failed over behind it) whose
+/// push is refused for good dies at the customer's version. The wanted
+/// version read as a newer change: the link was pending again at once,
+/// pushed, refused and dead-lettered again, for ever. A version an intake
+/// raises while the push is out still leaves the link pending for it.
+async fn a_refused_push_under_a_version_never_reached_dies(postgres: bool) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(postgres, dir.path()).await;
+    let store = open(&url).await;
+    let tag = format!("never_reached_{postgres}");
+    let (customers, _, _) = two_linked(&store, &tag).await;
+    let stripe = ["stripe".to_owned()];
+    for (customer, raised_meanwhile) in [(&customers[0], false), (&customers[1], true)] {
+        let edited = rename(&store, &customer.id, "Edited").await;
+        store
+            .intake_changes(&[notice(&edited)], &stripe)
+            .await
+            .expect("intake");
+        let ahead = format!(
+            "UPDATE sync_links SET wanted_version = {} WHERE customer_id = '{}'",
+            edited.version + 5,
+            edited.id.as_str()
+        );
+        crate::helpers::execute_raw(&url, &ahead, &[]).await;
+        let id = edited.id.as_str();
+        let link = stripe_link_claimed(&store, "lease-never-reached", id).await;
+        if raised_meanwhile {
+            // A newer change, taken in while the push is out.
+            rename(&store, &edited.id, "Newer").await;
+            let sql = format!(
+                "UPDATE sync_links SET wanted_version = {} WHERE customer_id = '{id}'",
+                edited.version + 6
+            );
+            crate::helpers::execute_raw(&url, &sql, &[]).await;
+        }
+        let refused = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
+            version: edited.version,
+            operation: Some("update"),
+            attempt: 1,
+            error_kind: ferry::store::DeadLetterKind::Permanent,
+            error: "remote answered 400".to_owned(),
+            settle_ms: 0,
+        });
+        let written = store.write_links(&[(&link, &refused)]).await;
+        assert_eq!(written.expect("written"), [true]);
+        let after = store.links_of(id).await.expect("links")[0].clone();
+        if raised_meanwhile {
+            assert_eq!(
+                (after.state, after.wanted_version),
+                (LinkState::Pending, edited.version + 6),
+                "a version raised meanwhile is still to push"
+            );
+        } else {
+            assert_eq!(
+                (after.state, after.wanted_version),
+                (LinkState::Dead, edited.version),
+                "dead at the version that died"
+            );
+        }
+    }
+}
+
 /// A push that read the customer past its claim's wanted version (the
 /// change not yet taken in by the relay, or taken in while the push was
 /// out) failed: that version's first failure, counted from 0, and the
@@ -1957,6 +2020,16 @@ async fn postgres_a_newer_version_waits_out_a_timed_out_last_attempt() {
 #[tokio::test]
 async fn sqlite_a_newer_version_waits_out_a_timed_out_last_attempt() {
     a_newer_version_waits_out_a_timed_out_last_attempt(false).await;
+}
+
+#[tokio::test]
+async fn postgres_a_refused_push_under_a_version_never_reached_dies() {
+    a_refused_push_under_a_version_never_reached_dies(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_refused_push_under_a_version_never_reached_dies() {
+    a_refused_push_under_a_version_never_reached_dies(false).await;
 }
 
 #[tokio::test]
