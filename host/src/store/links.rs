@@ -980,6 +980,13 @@ macro_rules! record_in {
                     // wanted version the claim saw ($9): one an intake
                     // raised since is a change committed after this
                     // statement's snapshot of the customer.
+                    // A create's marker on a link that holds a live record
+                    // (a backfill or an inbound event linked one while the
+                    // create waited) is settled, as a delivery settles it:
+                    // no create is replayed over a live record, and left,
+                    // it barred a repair from ever recreating the record
+                    // (`recreate_remote`), and was replayed, old record and
+                    // all, once that record was deleted remotely.
                     sqlx::query(
                         "UPDATE sync_links SET \
                          synced_version = CASE WHEN repairs <> $8 OR synced_version > $1 \
@@ -991,6 +998,10 @@ macro_rules! record_in {
                            AND NOT EXISTS (SELECT 1 FROM customers WHERE id = $5 AND version > $2) \
                            THEN $2 ELSE wanted_version END, \
                          attempts = 0, last_error = NULL, lease_until_ms = 0, lease_token = NULL, \
+                         pending_version = CASE WHEN remote_id IS NOT NULL AND NOT remote_deleted \
+                           THEN NULL ELSE pending_version END, \
+                         pending_record = CASE WHEN remote_id IS NOT NULL AND NOT remote_deleted \
+                           THEN NULL ELSE pending_record END, \
                          next_attempt_at_ms = $3, updated_at = $4 \
                          WHERE customer_id = $5 AND connector = $6 AND lease_token = $7",
                     )

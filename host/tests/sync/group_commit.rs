@@ -1804,6 +1804,49 @@ async fn a_newer_version_starts_its_own_attempts(postgres: bool) {
     assert_eq!(attempts(&store).await, 1);
 }
 
+/// A create marked on a link, then held back (a backfill); meanwhile an
+/// inbound event links the customer to a live record. The push then finds
+/// the version synced and skips: the marker is settled with it, as a
+/// delivery settles it. Left, it barred a repair from recreating the
+/// record for good and was replayed once that record was deleted.
+async fn a_skip_over_a_live_record_settles_a_create_marker(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let links = claimed_links(&store, 1).await;
+    let marker = LinkWrite::CreatePending {
+        version: links[0].wanted_version,
+        record: json!({ "id": links[0].customer_id }),
+    };
+    let written = store.write_links(&[(&links[0], &marker)]).await;
+    assert_eq!(written.expect("written"), [true]);
+    let id = CustomerId::parse(&links[0].customer_id).expect("id");
+    let remote = format!("cus_marker_{postgres}");
+    let events = claimed(&store, std::slice::from_ref(&remote)).await;
+    let linked = store
+        .apply_inbound_many(&[change(&events[0], CustomerWrite::None, Some(&id))])
+        .await
+        .expect("linked");
+    assert!(matches!(linked[0], Ok(Applied::Done(None))), "{linked:?}");
+    let before = store.links_of(id.as_str()).await.expect("links")[0].clone();
+    assert_eq!(
+        (before.remote_id.as_deref(), before.pending_version),
+        (Some(remote.as_str()), Some(links[0].wanted_version)),
+        "linked, the marker still there"
+    );
+    let skipped = LinkWrite::Outcome(RecordedOutcome::Skipped {
+        version: links[0].wanted_version,
+        reason: "already synced".to_owned(),
+        mark_synced: false,
+    });
+    let written = store.write_links(&[(&links[0], &skipped)]).await;
+    assert_eq!(written.expect("written"), [true]);
+    let after = store.links_of(id.as_str()).await.expect("links")[0].clone();
+    assert_eq!(
+        (after.pending_version, after.pending_record.is_some()),
+        (None, false),
+        "{after:?}"
+    );
+}
+
 /// A link wanting a version its customer never reached (a change message
 /// from before the database was restored or failed over behind it) whose
 /// push is refused for good dies at the customer's version. The wanted
@@ -2020,6 +2063,16 @@ async fn postgres_a_newer_version_waits_out_a_timed_out_last_attempt() {
 #[tokio::test]
 async fn sqlite_a_newer_version_waits_out_a_timed_out_last_attempt() {
     a_newer_version_waits_out_a_timed_out_last_attempt(false).await;
+}
+
+#[tokio::test]
+async fn postgres_a_skip_over_a_live_record_settles_a_create_marker() {
+    a_skip_over_a_live_record_settles_a_create_marker(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_skip_over_a_live_record_settles_a_create_marker() {
+    a_skip_over_a_live_record_settles_a_create_marker(false).await;
 }
 
 #[tokio::test]
