@@ -1142,9 +1142,13 @@ impl SyncEngine {
             // call gave up on: a retry at once (a newer version under a new
             // key) could land before it, and the late one would leave the
             // remote with the older values. The next attempt waits a call
-            // timeout more, the time the first had. (A create keeps its
-            // marker and replays the same version and key instead.)
-            CallError::DeadlineExceeded if operation != "create" => {
+            // timeout more, the time the first had. So does a create (it
+            // keeps its marker and replays the same version and key): at
+            // once, it met the first still running under its key (Stripe's
+            // 409), which spent a second attempt and a second breaker
+            // failure, and a remote without keys was likeliest then to
+            // make a second record.
+            CallError::DeadlineExceeded => {
                 breakers.failure(&link.connector);
                 let settle = Some(self.inner.call_timeout);
                 let error = CallError::DeadlineExceeded.to_string();

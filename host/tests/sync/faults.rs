@@ -82,7 +82,8 @@ fn outcomes(status: &Value) -> Vec<String> {
 
 /// The remote applied the create but the answer came too late: the retry
 /// carries the same idempotency key, so Stripe answers with the customer it
-/// already made and no second one exists.
+/// already made and no second one exists. It waits a call timeout first,
+/// as an update's does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_after_the_remote_applied_the_write_creates_no_duplicate() {
     let h = harness(json!({})).await;
@@ -107,6 +108,13 @@ async fn timeout_after_the_remote_applied_the_write_creates_no_duplicate() {
     assert!(
         creates[0].forwarded && !creates[1].forwarded,
         "the retry was answered from Stripe's saved result"
+    );
+    // The replay waited a call timeout (2 s) more than the first took: at
+    // once, it met the first still running under its key (Stripe's 409).
+    let gap = creates[1].received_at - creates[0].received_at;
+    assert!(
+        gap >= Duration::from_millis(3_900),
+        "replayed after {gap:?}"
     );
     assert_eq!(
         stripe_customers_by_email(&h.stripe.url(), &address)

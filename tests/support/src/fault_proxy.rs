@@ -176,6 +176,8 @@ pub struct LoggedRequest {
     /// The status the client got (or will get after a delay); `None` while
     /// in flight, for a hung request, or when the connection was dropped.
     pub answered_status: Option<u16>,
+    /// When its handling started.
+    pub received_at: std::time::Instant,
 }
 
 impl LoggedRequest {
@@ -474,6 +476,7 @@ async fn handle(
             forwarded: false,
             held: false,
             answered_status: None,
+            received_at: std::time::Instant::now(),
         });
         log.len() - 1
     };
