@@ -74,6 +74,10 @@ pub struct BreakerView {
 pub struct Breakers {
     threshold: u32,
     cooldown: Duration,
+    /// How long a probe that has not reported back is waited for before
+    /// another replaces it: the cool-down, or a call's whole time when
+    /// that is longer (see [`Breakers::with_calls_of`]).
+    probe_life: Duration,
     states: Mutex<HashMap<String, State>>,
     /// Until when a connector is paused because its remote said so (a
     /// rate limit's Retry-After): kept apart from the breaker's state, so
@@ -94,11 +98,21 @@ impl Breakers {
         Self {
             threshold: threshold.max(1),
             cooldown,
+            probe_life: cooldown,
             states: Mutex::default(),
             paused: Mutex::default(),
             limited: Mutex::default(),
             probes: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Breakers whose probe may take a call's whole `call_timeout` before
+    /// another replaces it. Replaced after a cool-down shorter than that,
+    /// a probe still on the wire (a slow remote, just back) had a second
+    /// one sent beside it, and a third, against a remote barely up.
+    pub fn with_calls_of(mut self, call_timeout: Duration) -> Self {
+        self.probe_life = self.cooldown.max(call_timeout);
+        self
     }
 
     /// How long `connector` stays paused by a remote's Retry-After.
@@ -147,13 +161,13 @@ impl Breakers {
             }
             State::Open { until, .. } => Err(Deferred(until - now, false)),
             // A probe that never reported back (its call was skipped, or
-            // its task died) is replaced after a cool-down.
+            // its task died) is replaced once its time is up.
             State::HalfOpen {
                 probe_started,
                 failures,
                 parked,
                 ..
-            } if now.duration_since(probe_started) >= self.cooldown => {
+            } if now.duration_since(probe_started) >= self.probe_life => {
                 let probe = next();
                 *state = State::HalfOpen {
                     probe,
@@ -170,7 +184,7 @@ impl Breakers {
             } => {
                 *parked = true;
                 Err(Deferred(
-                    (probe_started + self.cooldown)
+                    (probe_started + self.probe_life)
                         .saturating_duration_since(now)
                         .clamp(PROBE_WAIT, PROBE_WAIT_MAX),
                     true,
@@ -208,7 +222,7 @@ impl Breakers {
                 // success releases them. (Reopened, the breaker forgot
                 // them, and each waited out its own deferral.)
                 let now = Instant::now();
-                *state = match now.checked_sub(self.cooldown) {
+                *state = match now.checked_sub(self.probe_life) {
                     Some(long_ago) => State::HalfOpen {
                         probe,
                         probe_started: long_ago,
@@ -449,6 +463,29 @@ mod tests {
         std::thread::sleep(Duration::from_millis(250));
         let _probe = breakers.allow("stripe").expect("the probe");
         assert!(!breakers.success("stripe"), "nothing was parked");
+    }
+
+    /// A probe still on the wire is not replaced after a cool-down shorter
+    /// than a call's time: only once the call's time is up (or when it is
+    /// handed back).
+    #[test]
+    fn a_probe_is_waited_for_as_long_as_its_call_may_take() {
+        let breakers =
+            Breakers::new(1, Duration::from_millis(20)).with_calls_of(Duration::from_millis(300));
+        breakers.failure("stripe");
+        std::thread::sleep(Duration::from_millis(40));
+        let probe = breakers.allow("stripe").expect("the probe");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(
+            breakers.allow("stripe").unwrap_err().1,
+            "past the cool-down, the probe on the wire is waited for"
+        );
+        breakers.unused("stripe", probe);
+        let _next = breakers
+            .allow("stripe")
+            .expect("handed back: the next, at once");
+        std::thread::sleep(Duration::from_millis(350));
+        let _replaced = breakers.allow("stripe").expect("its call's time is up");
     }
 
     /// Calls parked behind a probe that is handed back stay parked behind

@@ -132,7 +132,8 @@ impl SyncEngine {
                 breakers: Breakers::new(
                     options.breaker_failure_threshold,
                     options.breaker_cooldown,
-                ),
+                )
+                .with_calls_of(options.call_timeout),
                 policy: options.policy,
                 lease: options.lease,
                 call_timeout: options.call_timeout,
