@@ -1041,15 +1041,18 @@ macro_rules! record_in {
                     // failure is its first, not the older one's next; one
                     // that spends no attempt (a rate limit) leaves it at 0.
                     // A push of a version past the claim's wanted one was
-                    // counted from 0 already (`schedule_retry`), and that
-                    // version is the wanted one from now on: left below, a
-                    // claim that read past it again, while its change was
-                    // still not taken in, started the count afresh every
-                    // time, and the push never gave up.
+                    // counted from 0 already (`schedule_retry`), whatever
+                    // raised the wanted version meanwhile (an intake that
+                    // reset the count, or an inbound link write or a
+                    // forced push that kept it), and that version is the
+                    // wanted one from now on: left below, a claim that read
+                    // past it again, while its change was still not taken
+                    // in, started the count afresh every time, and the push
+                    // never gave up.
                     sqlx::query(
                         "UPDATE sync_links SET state = 'retry', \
-                         attempts = CASE WHEN wanted_version > $9 \
-                           THEN attempts + $1 - (CASE WHEN $11 > $9 THEN 0 ELSE $10 END) ELSE $1 END, \
+                         attempts = CASE WHEN $11 > $9 THEN $1 \
+                           WHEN wanted_version > $9 THEN attempts + $1 - $10 ELSE $1 END, \
                          wanted_version = CASE WHEN $11 > wanted_version THEN $11 ELSE wanted_version END, \
                          next_attempt_at_ms = $2, \
                          last_error = $3, pending_version = COALESCE($4, pending_version), \
@@ -1093,7 +1096,7 @@ macro_rules! record_in {
                     .await?
                     .rows_affected()
                 }
-                RecordedOutcome::DeadLettered { version, attempt, error, error_kind, settle_ms, .. } => {
+                RecordedOutcome::DeadLettered { version, operation, attempt, error, error_kind, settle_ms } => {
                     // A create the remote refused was not applied: forget
                     // it, so a fixed record is sent fresh. Exhausted retries
                     // may have been applied (timeouts), refused credentials
@@ -1127,7 +1130,12 @@ macro_rules! record_in {
                     // never tried, and stays to push. A create kept for
                     // replay would only be replayed again, so there the
                     // wanted version dies with it.
-                    let failed = if forget_pending {
+                    // Only a create's replay: an update or delete below the
+                    // claim's wanted version pushed a customer that never
+                    // reached it (a database restored behind its bus), and
+                    // dying at that version would leave every later edit
+                    // up to it unpushed.
+                    let failed = if forget_pending || *operation != Some("create") {
                         *version
                     } else {
                         (*version).max($link.wanted_version)

@@ -112,10 +112,7 @@ async fn timeout_after_the_remote_applied_the_write_creates_no_duplicate() {
     // The replay waited a call timeout (2 s) more than the first took: at
     // once, it met the first still running under its key (Stripe's 409).
     let gap = creates[1].received_at - creates[0].received_at;
-    assert!(
-        gap >= Duration::from_millis(3_900),
-        "replayed after {gap:?}"
-    );
+    assert!(gap >= Duration::from_secs(3), "replayed after {gap:?}");
     assert_eq!(
         stripe_customers_by_email(&h.stripe.url(), &address)
             .await

@@ -1859,8 +1859,24 @@ async fn a_refused_push_under_a_version_never_reached_dies(postgres: bool) {
     let store = open(&url).await;
     let tag = format!("never_reached_{postgres}");
     let (customers, _, _) = two_linked(&store, &tag).await;
+    let (more, _, _) = two_linked(&store, &format!("{tag}_more")).await;
     let stripe = ["stripe".to_owned()];
-    for (customer, raised_meanwhile) in [(&customers[0], false), (&customers[1], true)] {
+    // Refused for good; refused with the wanted version raised meanwhile;
+    // retried until the attempts ran out (a kind that keeps a create's
+    // marker, and once died at the wanted version the claim saw).
+    for (customer, raised_meanwhile, error_kind) in [
+        (
+            &customers[0],
+            false,
+            ferry::store::DeadLetterKind::Permanent,
+        ),
+        (&customers[1], true, ferry::store::DeadLetterKind::Permanent),
+        (
+            &more[0],
+            false,
+            ferry::store::DeadLetterKind::RetriesExhausted,
+        ),
+    ] {
         let edited = rename(&store, &customer.id, "Edited").await;
         store
             .intake_changes(&[notice(&edited)], &stripe)
@@ -1875,8 +1891,9 @@ async fn a_refused_push_under_a_version_never_reached_dies(postgres: bool) {
         let id = edited.id.as_str();
         let link = stripe_link_claimed(&store, "lease-never-reached", id).await;
         if raised_meanwhile {
-            // A newer change, taken in while the push is out.
-            rename(&store, &edited.id, "Newer").await;
+            // Raised while the push is out (an intake's write): the
+            // customer itself did not move, so only the claim's wanted
+            // version tells it from the one the restore left.
             let sql = format!(
                 "UPDATE sync_links SET wanted_version = {} WHERE customer_id = '{id}'",
                 edited.version + 6
@@ -1887,7 +1904,7 @@ async fn a_refused_push_under_a_version_never_reached_dies(postgres: bool) {
             version: edited.version,
             operation: Some("update"),
             attempt: 1,
-            error_kind: ferry::store::DeadLetterKind::Permanent,
+            error_kind,
             error: "remote answered 400".to_owned(),
             settle_ms: 0,
         });
@@ -1904,7 +1921,7 @@ async fn a_refused_push_under_a_version_never_reached_dies(postgres: bool) {
             assert_eq!(
                 (after.state, after.wanted_version),
                 (LinkState::Dead, edited.version),
-                "dead at the version that died"
+                "dead at the version that died: {error_kind:?}"
             );
         }
     }
@@ -1917,9 +1934,12 @@ async fn a_refused_push_under_a_version_never_reached_dies(postgres: bool) {
 /// behind, every claim that read past it counted afresh, and the push
 /// never gave up while the relay lagged).
 async fn a_push_past_the_wanted_version_counts_for_that_version(postgres: bool) {
-    let (store, _dir) = store(postgres).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(postgres, dir.path()).await;
+    let store = open(&url).await;
     let tag = format!("past_wanted_{postgres}");
     let (customers, _, _) = two_linked(&store, &tag).await;
+    let (more, _, _) = two_linked(&store, &format!("{tag}_more")).await;
     let stripe = ["stripe".to_owned()];
     let attempts = |id: &str| {
         let id = id.to_owned();
@@ -1929,7 +1949,14 @@ async fn a_push_past_the_wanted_version_counts_for_that_version(postgres: bool) 
             (link.wanted_version, link.attempts)
         }
     };
-    for (customer, taken_in_meanwhile) in [(&customers[0], false), (&customers[1], true)] {
+    // Meanwhile: nothing; the intake takes the change in (and resets the
+    // count); an inbound link write or a forced push raises the wanted
+    // version and keeps the count.
+    for (customer, meanwhile) in [
+        (&customers[0], "nothing"),
+        (&customers[1], "intake"),
+        (&more[0], "raised"),
+    ] {
         let second = rename(&store, &customer.id, "Second").await;
         store
             .intake_changes(&[notice(&second)], &stripe)
@@ -1955,11 +1982,17 @@ async fn a_push_past_the_wanted_version_counts_for_that_version(postgres: bool) 
         // The claim wants the second version; the push reads the third.
         let out = stripe_link_claimed(&store, "lease-past-2", id).await;
         let third = rename(&store, &second.id, "Third").await;
-        if taken_in_meanwhile {
+        if meanwhile == "intake" {
             store
                 .intake_changes(&[notice(&third)], &stripe)
                 .await
                 .expect("intake");
+        } else if meanwhile == "raised" {
+            let sql = format!(
+                "UPDATE sync_links SET wanted_version = {} WHERE customer_id = '{id}'",
+                third.version
+            );
+            crate::helpers::execute_raw(&url, &sql, &[]).await;
         }
         let write = failed(third.version, 1);
         let written = store.write_links(&[(&out, &write)]).await;
@@ -1967,7 +2000,7 @@ async fn a_push_past_the_wanted_version_counts_for_that_version(postgres: bool) 
         assert_eq!(
             attempts(id).await,
             (third.version, 1),
-            "taken in meanwhile: {taken_in_meanwhile}"
+            "meanwhile: {meanwhile}"
         );
         // Its change comes in (again): the count stays.
         store
