@@ -134,40 +134,43 @@ struct PrivateAddress(String);
 /// request that times out does not end it: unbounded, a connector whose
 /// remote's DNS hung took the pool's 512 threads, and every other
 /// connector's lookups, the components' compiles and Kafka's commits
-/// queued behind it. A name at its own bound is refused at once (the push
-/// is retried later); past the overall bound a lookup waits, within its
-/// request's deadline.
+/// queued behind it. Past either bound a lookup waits (holding no thread),
+/// within its request's connect timeout.
 const MAX_LOOKUPS: usize = 64;
 const MAX_LOOKUPS_PER_NAME: usize = 8;
 
-type Counts = Arc<Mutex<HashMap<String, usize>>>;
+type Names = Arc<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>;
 
-/// The lookups in flight: permits of the overall bound, and a count per
-/// name.
+/// The lookups in flight: permits of the overall bound, and of each name's.
 #[derive(Clone)]
 struct Lookups {
     all: Arc<tokio::sync::Semaphore>,
-    by_name: Counts,
+    by_name: Names,
     per_name: usize,
 }
 
-/// One lookup's share of [`Lookups`], held by the thread that resolves
-/// until the resolver answers (or by the wait for a permit, until its
-/// request gives up), and given back when dropped.
+/// One lookup's permits, held by the thread that resolves until the
+/// resolver answers (or by the wait for them, until its request gives
+/// up). Dropped, a name nobody else holds or waits for is forgotten.
 struct Held {
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    by_name: Counts,
+    name_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    all_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    by_name: Names,
     name: String,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
+        self.all_permit.take();
+        self.name_permit.take();
         let mut by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = by_name.get_mut(&self.name) {
-            *count -= 1;
-            if *count == 0 {
-                by_name.remove(&self.name);
-            }
+        // Held by the map alone: nobody holds or waits for it (a waiter
+        // took its clone under this lock).
+        if by_name
+            .get(&self.name)
+            .is_some_and(|name| Arc::strong_count(name) == 1)
+        {
+            by_name.remove(&self.name);
         }
     }
 }
@@ -176,7 +179,7 @@ impl Lookups {
     fn new(all: usize, per_name: usize) -> Self {
         Self {
             all: Arc::new(tokio::sync::Semaphore::new(all)),
-            by_name: Counts::default(),
+            by_name: Names::default(),
             per_name,
         }
     }
@@ -187,29 +190,33 @@ impl Lookups {
         name: String,
         lookup: impl FnOnce(&str) -> std::io::Result<T> + Send + 'static,
     ) -> std::io::Result<T> {
-        let mut held = {
+        let share = {
             let mut by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
-            let count = by_name.entry(name.clone()).or_insert(0);
-            if *count >= self.per_name {
-                return Err(std::io::Error::other(format!(
-                    "{} lookups of {name} are still unanswered",
-                    self.per_name
-                )));
-            }
-            *count += 1;
-            Held {
-                permit: None,
-                by_name: Arc::clone(&self.by_name),
-                name,
-            }
+            // A wait given up may have dropped its name's last clone after
+            // its `Held` looked: names nobody holds are forgotten here too.
+            by_name.retain(|_, share| Arc::strong_count(share) > 1);
+            let per_name = self.per_name;
+            Arc::clone(
+                by_name
+                    .entry(name.clone())
+                    .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(per_name))),
+            )
         };
-        // Counted before the wait: a name whose lookups hang cannot queue
-        // more than its share behind the overall bound either.
-        let permit = Arc::clone(&self.all)
+        let mut held = Held {
+            name_permit: None,
+            all_permit: None,
+            by_name: Arc::clone(&self.by_name),
+            name,
+        };
+        // The name's share first: a name whose lookups hang waits on its
+        // own, and cannot queue more than its share for the overall bound.
+        let name_permit = share.acquire_owned().await.map_err(std::io::Error::other)?;
+        held.name_permit = Some(name_permit);
+        let all_permit = Arc::clone(&self.all)
             .acquire_owned()
             .await
             .map_err(std::io::Error::other)?;
-        held.permit = Some(permit);
+        held.all_permit = Some(all_permit);
         tokio::task::spawn_blocking(move || {
             let held = held;
             lookup(&held.name)
@@ -269,9 +276,9 @@ mod tests {
     }
 
     /// Lookups that never answer hold a name's share of threads and no
-    /// more: the next of that name is refused at once, another name still
-    /// resolves, and a wait given up or a lookup answered gives its share
-    /// back.
+    /// more: the next of that name waits (holding no thread), another name
+    /// still resolves, and a wait given up or a lookup answered gives its
+    /// share back.
     #[tokio::test]
     async fn hanging_lookups_hold_their_names_share_and_no_more() {
         let lookups = Lookups::new(3, 2);
@@ -291,21 +298,21 @@ mod tests {
                 lookups.run("hang.example".to_owned(), lookup).await
             }));
         }
-        while lookups.by_name.lock().unwrap().get("hang.example") != Some(&2) {
+        while lookups.all.available_permits() != 1 {
             tokio::task::yield_now().await;
         }
-        let refused = lookups
-            .run("hang.example".to_owned(), |_| Ok(()))
-            .await
-            .unwrap_err();
-        assert!(
-            refused.to_string().contains("still unanswered"),
-            "{refused}"
+        // The name's share is taken: the next of it waits, and no thread
+        // (no overall permit) goes to it.
+        let waited = tokio::time::timeout(
+            Duration::from_millis(50),
+            lookups.run("hang.example".to_owned(), |_| Ok(())),
         );
+        assert!(waited.await.is_err(), "the name's share is taken");
+        assert_eq!(lookups.all.available_permits(), 1);
         // The third permit: another name resolves.
         let other = lookups.run("other.example".to_owned(), |name| Ok(name.to_owned()));
         assert_eq!(other.await.unwrap(), "other.example");
-        // Every permit held: a wait given up gives its count back.
+        // Every permit held: a wait given up gives its name back.
         let third = hang(Arc::clone(&released));
         let blocking = {
             let lookups = lookups.clone();
@@ -319,7 +326,6 @@ mod tests {
             lookups.run("late.example".to_owned(), |_| Ok(())),
         );
         assert!(waited.await.is_err(), "no permit is free");
-        assert_eq!(lookups.by_name.lock().unwrap().get("late.example"), None);
         for _ in 0..3 {
             release.send(()).unwrap();
         }
@@ -327,7 +333,12 @@ mod tests {
             lookup.await.unwrap().unwrap();
         }
         blocking.await.unwrap().unwrap();
-        assert!(lookups.by_name.lock().unwrap().is_empty());
+        let after = lookups.run("hang.example".to_owned(), |_| Ok(()));
+        after.await.expect("its share is back");
+        assert!(
+            lookups.by_name.lock().unwrap().is_empty(),
+            "names nobody holds are forgotten"
+        );
         assert_eq!(lookups.all.available_permits(), 3);
     }
 
