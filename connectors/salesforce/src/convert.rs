@@ -385,9 +385,31 @@ fn split_name(name: Option<&str>) -> (Option<String>, Option<String>) {
     match words.split_last() {
         None => (None, None),
         Some((last, [])) => (None, Some((*last).to_owned())),
-        Some((last, rest)) => (Some(rest.join(" ")), Some((*last).to_owned())),
+        Some((last, rest)) => {
+            let first = rest.join(" ");
+            if first.chars().count() <= MAX_FIRST_NAME {
+                return (Some(first), Some((*last).to_owned()));
+            }
+            // A long name ("Acme International Trading Company of London
+            // Ltd"): words move from the first name to the last until
+            // both fit (read back, joined by one space, it is the same
+            // name); all in the first name, it was refused for good
+            // (`STRING_TOO_LONG`). Neither fits: as before.
+            (0..words.len())
+                .rev()
+                .map(|at| (words[..at].join(" "), words[at..].join(" ")))
+                .find(|(first, last)| {
+                    first.chars().count() <= MAX_FIRST_NAME && last.chars().count() <= MAX_LAST_NAME
+                })
+                .map_or((Some(first), Some((*last).to_owned())), |(first, last)| {
+                    (Some(first).filter(|f| !f.is_empty()), Some(last))
+                })
+        }
     }
 }
+
+/// `Contact.FirstName`'s length, in characters.
+const MAX_FIRST_NAME: usize = 40;
 
 /// `Contact.LastName`'s length, in characters.
 const MAX_LAST_NAME: usize = 80;
@@ -626,6 +648,26 @@ mod tests {
         assert_eq!(body["FirstName"], Value::Null);
         let body = map.to_sobject(&customer(None, None), true);
         assert_eq!(body["LastName"], "(no name)");
+    }
+
+    /// A name whose words but the last run past `FirstName`'s 40
+    /// characters moves words into `LastName` until both fit, and reads
+    /// back the same; all in `FirstName`, Salesforce refused it for good.
+    #[test]
+    fn a_long_name_is_split_where_both_parts_fit() {
+        let map = FieldMap::default();
+        let name = "Acme International Trading Company of London Ltd";
+        let body = map.to_sobject(&customer(Some(name), None), false);
+        assert_eq!(body["FirstName"], "Acme International Trading Company of");
+        assert_eq!(body["LastName"], "London Ltd");
+        assert_eq!(map.customer_from("003A", &body).name.as_deref(), Some(name));
+        // A first word too long for `FirstName`: the name goes whole into
+        // `LastName`.
+        let long = format!("{} Ltd", "B".repeat(45));
+        let body = map.to_sobject(&customer(Some(&long), None), false);
+        assert_eq!(body.get("FirstName"), None, "{body:?}");
+        assert_eq!(body["LastName"], long.as_str());
+        assert_eq!(map.customer_from("003A", &body).name, Some(long));
     }
 
     #[test]
