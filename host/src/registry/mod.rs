@@ -36,7 +36,7 @@ use crate::runtime::{Connector, ConnectorConfig, LoadError, Manifest, Runtime};
 use crate::secrets::{self, SecretBox};
 use crate::store::connector_configs::StoredConnectorConfig;
 use crate::store::connectors::{
-    newer_version, AddedVersion, ConnectorRow, NewVersion, Seeded, VersionMeta, VersionSource,
+    is_rollback, AddedVersion, ConnectorRow, NewVersion, Seeded, VersionMeta, VersionSource,
 };
 use crate::store::{Store, StoreError};
 use crate::sync::outbound::ENTITY;
@@ -1192,7 +1192,9 @@ impl Registry {
     /// that does not run (switched off, or lacking settings already) may
     /// take it: nothing stops.
     ///
-    /// Only a version newer than the running one: a rollback (an
+    /// Any version but an older one (a build that differs only in its
+    /// metadata is checked too: taken for a rollback, a CI build needing a
+    /// new secret went active and stopped the connector): a rollback (an
     /// emergency's) goes through, with its settings as they were last
     /// given (every write since it ran kept them, and may give them). As the
     /// store has it now: this replica's view may be a poll behind another
@@ -1210,7 +1212,7 @@ impl Registry {
             return Ok(());
         };
         let target = &connector.manifest().version;
-        if !newer_version(target, &active.meta.version) {
+        if is_rollback(target, &active.meta.version) {
             return Ok(());
         }
         let missing = if entry.runs() {
@@ -1272,7 +1274,7 @@ impl Registry {
                 version.replace('\0', "\u{fffd}"),
             ));
         }
-        let (_, bytes) = self
+        let (sha256, bytes) = self
             .inner
             .store
             .connector_component(name, version)
@@ -1285,6 +1287,14 @@ impl Registry {
             .load(&bytes)
             .await
             .map_err(RegistryError::Invalid)?;
+        // Bytes damaged in the store: every replica would refuse them at
+        // its next poll ("do not match its sha256") and keep the running
+        // version, after this one answered 200.
+        if connector.sha256() != sha256 {
+            return Err(RegistryError::Invalid(LoadError::Compile(format!(
+                "version {version}'s stored bytes do not match its sha256 {sha256}"
+            ))));
+        }
         if let Some(meta) = self.inner.store.connector_version(name, version).await? {
             same_manifest(connector.manifest(), &meta.manifest)
                 .map_err(|reason| RegistryError::Invalid(LoadError::InvalidManifest(reason)))?;

@@ -825,9 +825,30 @@ pub(crate) fn newer_version(candidate: &str, active: &str) -> bool {
     }
 }
 
+/// Whether `candidate` goes back from `active` (a rollback): older by
+/// semver precedence. A build that differs only in its metadata
+/// (`1.4.0+b2` over `1.4.0+b1`) is not one, nor are two versions semver
+/// cannot order.
+pub(crate) fn is_rollback(candidate: &str, active: &str) -> bool {
+    newer_version(active, candidate) && !newer_version(candidate, active)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::newer_version;
+    use super::{is_rollback, newer_version};
+
+    /// Only a version older by precedence is a rollback: one that differs
+    /// only in build metadata was taken for one, and activated without the
+    /// check of the settings it needs.
+    #[test]
+    fn only_an_older_version_is_a_rollback() {
+        assert!(is_rollback("1.3.0", "1.4.0"));
+        assert!(is_rollback("1.4.0-rc.1", "1.4.0"));
+        assert!(!is_rollback("1.4.0+b2", "1.4.0+b1"));
+        assert!(!is_rollback("1.4.0", "1.4.0"));
+        assert!(!is_rollback("1.5.0", "1.4.0"));
+        assert!(!is_rollback("nightly-2", "nightly-1"));
+    }
 
     #[test]
     fn versions_are_ordered_by_precedence() {
