@@ -873,16 +873,31 @@ impl SyncEngine {
             // sharing rule, a narrowed key, an undelete since): the
             // remote is asked first, and only a record it no longer has
             // is deleted here (and fanned out).
-            if event.remote_type == RECONCILIATION
-                && event.record.is_none()
-                && self.record_there(event).await? == Some(true)
-            {
-                return self
-                    .skip(
-                        event,
-                        "the remote has the record: the listing that found it missing missed it",
-                    )
-                    .await;
+            // Only a read that says the record is gone deletes: a
+            // connector without `fetch` (the SDK's default) cannot say,
+            // and its listing alone deleted every customer it left out
+            // (an API-side filter, a narrowed key), and fanned them out.
+            if event.remote_type == RECONCILIATION && event.record.is_none() {
+                match self.record_there(event).await? {
+                    Some(false) => {}
+                    Some(true) => {
+                        return self
+                            .skip(
+                                event,
+                                "the remote has the record: the listing that found it missing missed it",
+                            )
+                            .await
+                    }
+                    None => {
+                        return self
+                            .skip(
+                                event,
+                                "the connector cannot read the record (no fetch), so nothing says it is gone: \
+                                 a listing alone deletes nothing (delete the customer, or dismiss the finding)",
+                            )
+                            .await
+                    }
+                }
             }
             return self.apply_delete(event, link).await;
         }

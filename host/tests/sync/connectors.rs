@@ -2903,6 +2903,34 @@ async fn a_report_run_fails_saying(app: &SyncApp, says: &str) {
     );
 }
 
+/// An orphan of a connector without `fetch` (the SDK's default): the
+/// listing left its record out (an API-side filter), and nothing can say
+/// the record is gone, so its `merge` repair deletes nothing and says why.
+/// It deleted the customer, and fanned the delete out, on the listing's
+/// word alone.
+async fn an_orphan_a_connector_cannot_read_is_not_deleted(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let id = linked_customer(&app, "Left Out").await;
+    let link = app
+        .wait_link_of("recorder", &id, SETTLE, |l| l["state"] == "synced")
+        .await;
+    let remote_id = link["remote_id"].as_str().expect("remote id").to_owned();
+    remote.leave_out_of_listings(&remote_id);
+    let run = run_to_end(&app, json!({"connector": "recorder", "repair": "merge"})).await;
+    assert_eq!(run["status"], "completed", "{run:#}");
+    let repair = recorder_event(&app, &remote_id, |e| {
+        e.remote_type == "reconciliation" && e.state.as_str() != "pending"
+    })
+    .await;
+    assert_eq!(repair.state.as_str(), "skipped", "{repair:?}");
+    assert!(detail_has(&repair, "cannot read the record"), "{repair:?}");
+    let kept = app.store.get_customer_any(&id).await.unwrap().unwrap();
+    assert!(kept.deleted_at.is_none(), "{kept:?}");
+    assert!(remote.record(&remote_id).is_some());
+}
+
 /// A listing whose connector answers a page with the cursor that asked
 /// for it would list that page for ever (the run's page count growing,
 /// the connector's one run slot taken): the run fails and says why.
@@ -3299,6 +3327,11 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn settings_changed_mid_listing() {
         a_version_activated_mid_listing_lists_again(Backend::Sqlite, true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_orphan_a_connector_cannot_read() {
+        an_orphan_a_connector_cannot_read_is_not_deleted(Backend::Sqlite).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

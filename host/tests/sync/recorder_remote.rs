@@ -48,6 +48,8 @@ struct RemoteState {
     later_page_delay: Mutex<Option<Duration>>,
     /// How long every write waits before its answer (a slow remote).
     write_delay: Mutex<Option<Duration>>,
+    /// Records a listing leaves out (an API-side filter, a narrowed key).
+    unlisted: Mutex<std::collections::BTreeSet<String>>,
     /// Writes being answered now, and the most at once since the last
     /// [`RecorderRemote::writes_at_once`].
     writing: AtomicU64,
@@ -187,6 +189,12 @@ impl RecorderRemote {
             .swap(self.state.writing.load(Ordering::SeqCst), Ordering::SeqCst)
     }
 
+    /// Leaves record `id` out of every listing from now on; it stays,
+    /// and is written as before.
+    pub fn leave_out_of_listings(&self, id: &str) {
+        lock(&self.state.unlisted).insert(id.to_owned());
+    }
+
     pub fn record(&self, id: &str) -> Option<Value> {
         lock(&self.state.records).get(id).cloned()
     }
@@ -306,6 +314,7 @@ async fn list(state: &RemoteState, query: &str) -> Response {
             tokio::time::sleep(delay).await;
         }
     }
+    let unlisted = lock(&state.unlisted).clone();
     let records = lock(&state.records);
     let from = match &after {
         Some(after) if state.repeat_the_cursors_record.load(Ordering::SeqCst) => {
@@ -316,6 +325,7 @@ async fn list(state: &RemoteState, query: &str) -> Response {
     };
     let page: Vec<Value> = records
         .range((from, std::ops::Bound::Unbounded))
+        .filter(|(id, _)| !unlisted.contains(*id))
         .take(limit + 1)
         .map(|(id, record)| json!({"id": id, "record": record}))
         .collect();
