@@ -431,7 +431,8 @@ impl Store {
                  enabled = CASE WHEN connectors.deleted_at IS NULL THEN connectors.enabled END, \
                  switched_on = connectors.switched_on AND connectors.deleted_at IS NULL, \
                  active_version = CASE WHEN $3 THEN $2 ELSE connectors.active_version END, \
-                 activated_by = CASE WHEN $3 THEN 'api' ELSE connectors.activated_by END, \
+                 activated_by = CASE WHEN $3 OR connectors.deleted_at IS NOT NULL THEN 'api' \
+                   ELSE connectors.activated_by END, \
                  revision = connectors.revision + 1, updated_at = $4",
             )
             .bind(new.name)
@@ -570,8 +571,13 @@ impl Store {
             // it: every replica must load them (see below).
             let replaced_active = replaced
                 && current.as_ref().and_then(|(active, _)| active.as_deref()) == Some(new.version);
+            // No version active: the bundle's to choose only if it chose
+            // before (a connector revived by an upload without activating
+            // it is the operator's; the bundle made it active again, a
+            // deleted bundled connector back on at the next start).
             let take = match &current {
-                None | Some((None, _)) => true,
+                None => true,
+                Some((None, by)) => by == "bundle",
                 Some((Some(active), by)) if by == "bundle" => {
                     (active == new.version && replaced) || newer_version(new.version, active)
                 }

@@ -671,12 +671,28 @@ async fn delete_refused_while_linked_then_forced(backend: Backend) {
         status, 404,
         "a deleted bundled connector is not seeded again"
     );
+    // Uploaded again without activating it, it is not made active by the
+    // next start's bundle (the deleted row still said `bundle` chose its
+    // version: the deleted bundled Stripe came back on).
     let stripe = std::fs::read(stripe_component()).expect("stripe.wasm");
-    let (status, version) = upload(&app, stripe, "").await;
+    let (status, version) = upload(&app, stripe, "?activate=false").await;
     assert_eq!(status, 201, "{version}");
+    let mut third = setup(backend);
+    third.database_url = Some(app.database_url.clone());
+    drop(app);
+    let app = spawn_sync_app(third).await;
     let (status, connector) = get(&app, "/api/v1/connectors/stripe").await;
     assert_eq!(status, 200);
-    assert_eq!(connector["source"], "upload");
+    assert_eq!(connector["active_version"], Value::Null, "{connector}");
+    let (status, activated) = post(
+        &app,
+        "/api/v1/connectors/stripe/activate",
+        Some(json!({ "version": version["version"] })),
+    )
+    .await;
+    assert_eq!(status, 200, "{activated}");
+    let (_, connector) = get(&app, "/api/v1/connectors/stripe").await;
+    assert_eq!(connector["source"], "upload", "{connector}");
 }
 
 /// A version that does not sync `customer` is not made active, by an upload
