@@ -57,6 +57,7 @@ use crate::app::AppState;
         reconciliations::start_reconciliation,
         reconciliations::list_reconciliations,
         reconciliations::get_reconciliation,
+        reconciliations::cancel_reconciliation,
         reconciliations::list_mismatches,
         reconciliations::resolve_mismatch,
         health::health,

@@ -395,6 +395,42 @@ pub async fn get_reconciliation(
     Ok(Json(Reconciliation::from(find_run(&state, &id).await?)))
 }
 
+/// Cancel a running run: it ends `failed` ("cancelled by admin"), its
+/// findings so far counted and kept, and a backfill's held creates let go,
+/// as a failure does. For a run that will not end by itself (a remote that
+/// answers 429 for hours, a listing of the wrong object, a connector no
+/// replica loads), which holds the connector's one run. Its driver stops
+/// at its next lease renewal; a page or a step of repairs under way
+/// finishes. 409 `reconciliation_not_running` once it ended.
+#[utoipa::path(
+    post, path = "/api/v1/reconciliations/{id}/cancel", tag = "reconciliation",
+    params(("id" = String, Path, description = "Run id")),
+    responses(
+        (status = 200, description = "The run, cancelled", body = Reconciliation),
+        (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The run ended already", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn cancel_reconciliation(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<Reconciliation>, ApiError> {
+    let run = find_run(&state, &id).await?;
+    if run.status != "running"
+        || !state
+            .sync
+            .cancel_reconciliation(&run, principal.scope())
+            .await?
+    {
+        let ended = state.store.run(&run.id).await?.unwrap_or(run);
+        return Err(ApiError::ReconciliationNotRunning(ended.status));
+    }
+    Ok(Json(Reconciliation::from(find_run(&state, &id).await?)))
+}
+
 async fn find_run(state: &AppState, id: &str) -> Result<RunRow, ApiError> {
     if !is_id(id, "rec_") {
         return Err(ApiError::ReconciliationNotFound);
@@ -627,6 +663,7 @@ pub fn router() -> Router<AppState> {
             post(start_reconciliation).get(list_reconciliations),
         )
         .route("/reconciliations/{id}", get(get_reconciliation))
+        .route("/reconciliations/{id}/cancel", post(cancel_reconciliation))
         .route("/reconciliations/{id}/mismatches", get(list_mismatches))
         .route(
             "/reconciliations/{id}/mismatches/{mismatch_id}/resolve",

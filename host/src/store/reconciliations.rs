@@ -755,6 +755,28 @@ impl Store {
         Ok(true)
     }
 
+    /// Ends run `id` as `failed`, "cancelled", if it is running, whoever
+    /// drives it: its lease is taken away, and every write its driver
+    /// makes under it (a page, counts, a renewal) finds none and stops it;
+    /// `false` if it had ended.
+    pub async fn cancel_run(&self, id: &str, by: &str) -> Result<bool, StoreError> {
+        let at = now();
+        let ended = dispatch!(self, write pool => {
+            sqlx::query(
+                "UPDATE reconciliation_runs SET status = 'failed', phase = 'done', error = $2, \
+                 finished_at = $3, updated_at = $3, lease_until_ms = 0, lease_token = NULL \
+                 WHERE id = $1 AND status = 'running'",
+            )
+            .bind(id)
+            .bind(super::capped(&format!("cancelled by {by}")))
+            .bind(at)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(ended == 1)
+    }
+
     /// Forgets run `id`, stored for a switch that was then refused: it
     /// never started (parked while its connector was off, it listed
     /// nothing), and kept it would end the connector's backfill offer.

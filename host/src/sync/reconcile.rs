@@ -1468,6 +1468,30 @@ impl SyncEngine {
         Ok(Resolved::Scheduled(what))
     }
 
+    /// Cancels `run` (`by` whom): ended as `failed`, its findings counted,
+    /// and a backfill's held creates let go, as a failure does; `false`
+    /// if it had ended already. Its driver, on whichever replica, stops
+    /// at its next lease renewal; a page or a step of repairs under way
+    /// there finishes.
+    pub async fn cancel_reconciliation(&self, run: &RunRow, by: &str) -> Result<bool, StoreError> {
+        let store = &self.inner.store;
+        // Counted first, under the lease as read: the cancel takes it.
+        if let Err(error) = store.recount(run).await {
+            tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "a cancelled reconciliation's findings were not counted"
+            );
+        }
+        if !store.cancel_run(&run.id, by).await? {
+            return Ok(false);
+        }
+        if run.mode == Mode::Backfill.as_str() {
+            self.resume_held_creates(&run.connector).await;
+        }
+        tracing::info!(run_id = %run.id, connector = %run.connector, by, "reconciliation cancelled");
+        Ok(true)
+    }
+
     /// Lets the pushes a backfill held back go (they wait in the store, on
     /// any replica): at once, not at their next look.
     async fn resume_held_creates(&self, connector: &str) {

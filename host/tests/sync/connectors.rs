@@ -2919,6 +2919,51 @@ async fn a_report_run_fails_saying(app: &SyncApp, says: &str) {
     );
 }
 
+/// A run that would not end by itself (here: a page the remote holds back)
+/// is cancelled: it ends `failed`, saying who cancelled it, its driver
+/// stops (the held page's answer changes nothing), and the connector takes
+/// a new run at once. It held the connector's one run until it ended.
+/// Cancelled again, or any ended run: 409.
+async fn a_run_is_cancelled(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    remote.insert_numbered(150, "cancelled", "Cancelled");
+    remote.delay_next_later_page(Duration::from_secs(4));
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let run = start_run(&app, json!({"connector": "recorder", "repair": "report"})).await;
+    let id = run["id"].as_str().expect("id").to_owned();
+    let cancel = format!("/api/v1/reconciliations/{id}/cancel");
+    let (status, cancelled) = post(&app, &cancel, None).await;
+    assert_eq!(status, 200, "{cancelled}");
+    assert_eq!(cancelled["status"], "failed", "{cancelled}");
+    assert!(
+        cancelled["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cancelled by")),
+        "{cancelled}"
+    );
+    let (status, again) = post(&app, &cancel, None).await;
+    assert_eq!(status, 409, "{again}");
+    assert_eq!(again["code"], "reconciliation_not_running", "{again}");
+    let next = run_to_end(&app, json!({"connector": "recorder", "repair": "report"})).await;
+    assert_eq!(next["status"], "completed", "{next:#}");
+    // The held page came back meanwhile: the cancelled run stays as it
+    // was cancelled.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, after) = get(&app, &format!("/api/v1/reconciliations/{id}")).await;
+    assert_eq!(
+        (&after["status"], &after["error"], &after["pages"]),
+        (
+            &cancelled["status"],
+            &cancelled["error"],
+            &cancelled["pages"]
+        ),
+        "{after:#}"
+    );
+    let (status, unknown) = post(&app, "/api/v1/reconciliations/rec_nope/cancel", None).await;
+    assert_eq!(status, 404, "{unknown}");
+}
+
 /// An orphan of a connector without `fetch` (the SDK's default): the
 /// listing left its record out (an API-side filter), and nothing can say
 /// the record is gone, so its `merge` repair deletes nothing and says why.
@@ -3346,6 +3391,11 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_is_cancelled() {
+        super::a_run_is_cancelled(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_orphan_a_connector_cannot_read() {
         an_orphan_a_connector_cannot_read_is_not_deleted(Backend::Sqlite).await;
     }
@@ -3393,6 +3443,11 @@ mod sqlite {
 
 mod postgres {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_is_cancelled() {
+        super::a_run_is_cancelled(Backend::Postgres).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connector_changes_with_if_match_land_only_over_what_was_read() {
