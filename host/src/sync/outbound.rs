@@ -1043,7 +1043,8 @@ impl SyncEngine {
                 } else {
                     Spend::Nothing
                 };
-                let (mut recorded, outcome) = self.schedule_retry(
+                let (mut recorded, outcome) = schedule_retry(
+                    &self.inner.policy,
                     link,
                     Some((version, operation)),
                     Some(pause),
@@ -1072,7 +1073,8 @@ impl SyncEngine {
             }
             error @ CallError::Throttled { wait, .. } => {
                 breakers.unused(&link.connector, pass);
-                self.schedule_retry(
+                schedule_retry(
+                    &self.inner.policy,
                     link,
                     Some((version, operation)),
                     Some(wait),
@@ -1196,24 +1198,13 @@ impl SyncEngine {
         retry_after: Option<Duration>,
         error: String,
     ) -> (RecordedOutcome, Outcome) {
-        self.schedule_retry(link, attempted, retry_after, error, Spend::Attempt)
-    }
-
-    fn schedule_retry(
-        &self,
-        link: &SyncLink,
-        attempted: Option<(i64, &'static str)>,
-        retry_after: Option<Duration>,
-        error: String,
-        spend: Spend,
-    ) -> (RecordedOutcome, Outcome) {
         schedule_retry(
             &self.inner.policy,
             link,
             attempted,
             retry_after,
             error,
-            spend,
+            Spend::Attempt,
         )
     }
 }
