@@ -13,10 +13,11 @@ use ferry_sdk::{Address, ChangedFields, ConnectorError, Customer};
 pub(crate) enum Path {
     /// The whole name in one field (an Account's `Name`).
     Name,
-    /// All but the last word of the name (a Contact's `FirstName`).
+    /// All but the last word of the name (a Contact's `FirstName`), or
+    /// fewer when they pass its 40 characters (see `split_name`).
     FirstName,
-    /// The last word of the name (a Contact's `LastName`); never empty,
-    /// because Salesforce requires it.
+    /// The last word of the name (a Contact's `LastName`), or the last
+    /// few; never empty, because Salesforce requires it.
     LastName,
     Email,
     Phone,

@@ -172,9 +172,9 @@ pub enum ApiError {
     /// No reconciliation run has this id.
     #[error("no reconciliation with this id")]
     ReconciliationNotFound,
-    /// The run ended already (its status).
-    #[error("the reconciliation is not running: it ended {0}")]
-    ReconciliationNotRunning(String),
+    /// The run ended, or is past its listing (why).
+    #[error("{0}")]
+    ReconciliationNotCancellable(String),
     /// The run has no finding with this id.
     #[error("the reconciliation has no finding with this id")]
     MismatchNotFound,
@@ -262,7 +262,7 @@ impl ApiError {
             | Self::ConflictStale(_)
             | Self::MismatchNotOpen
             | Self::ReconciliationRunning(_)
-            | Self::ReconciliationNotRunning(_)
+            | Self::ReconciliationNotCancellable(_)
             | Self::ConnectorNotReady(_) => StatusCode::CONFLICT,
             Self::MasterKeyRequired => StatusCode::CONFLICT,
             Self::ConnectorNotLoaded(_)
@@ -321,7 +321,7 @@ impl ApiError {
             Self::ConflictCustomerBusy => "conflict_customer_busy",
             Self::ConflictStale(_) => "conflict_stale",
             Self::ReconciliationRunning(_) => "reconciliation_running",
-            Self::ReconciliationNotRunning(_) => "reconciliation_not_running",
+            Self::ReconciliationNotCancellable(_) => "reconciliation_not_cancellable",
             Self::ReconciliationNotFound => "reconciliation_not_found",
             Self::MismatchNotFound => "mismatch_not_found",
             Self::MismatchNotOpen => "mismatch_not_open",
@@ -370,7 +370,7 @@ impl ApiError {
             Self::ConflictCustomerBusy => "Customer busy",
             Self::ConflictStale(_) => "Conflict stale",
             Self::ReconciliationRunning(_) => "Reconciliation running",
-            Self::ReconciliationNotRunning(_) => "Reconciliation not running",
+            Self::ReconciliationNotCancellable(_) => "Reconciliation not cancellable",
             Self::ReconciliationNotFound => "Reconciliation not found",
             Self::MismatchNotFound => "Finding not found",
             Self::MismatchNotOpen => "Finding not open",

@@ -395,13 +395,16 @@ pub async fn get_reconciliation(
     Ok(Json(Reconciliation::from(find_run(&state, &id).await?)))
 }
 
-/// Cancel a running run: it ends `failed` ("cancelled by admin"), its
-/// findings so far counted and kept, and a backfill's held creates let go,
-/// as a failure does. For a run that will not end by itself (a remote that
+/// Cancel a run while it lists: it ends `failed` ("cancelled by admin"),
+/// its findings so far kept, and a backfill's held creates let go, as a
+/// failure does. For a run that will not end by itself (a remote that
 /// answers 429 for hours, a listing of the wrong object, a connector no
 /// replica loads), which holds the connector's one run. Its driver stops
-/// at its next lease renewal; a page or a step of repairs under way
-/// finishes. 409 `reconciliation_not_running` once it ended.
+/// at its next write under its lease (a page under way is not kept).
+/// 409 `reconciliation_not_cancellable` once it ended, or once it is past
+/// its listing (classifying and repairing end by themselves; a backfill
+/// ended while its link events wait would let its held creates go
+/// beside the records they link).
 #[utoipa::path(
     post, path = "/api/v1/reconciliations/{id}/cancel", tag = "reconciliation",
     params(("id" = String, Path, description = "Run id")),
@@ -409,7 +412,7 @@ pub async fn get_reconciliation(
         (status = 200, description = "The run, cancelled", body = Reconciliation),
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The run ended already", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The run ended, or is past its listing", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
 )]
@@ -425,8 +428,17 @@ pub async fn cancel_reconciliation(
             .cancel_reconciliation(&run, principal.scope())
             .await?
     {
-        let ended = state.store.run(&run.id).await?.unwrap_or(run);
-        return Err(ApiError::ReconciliationNotRunning(ended.status));
+        let now = state.store.run(&run.id).await?.unwrap_or(run);
+        return Err(ApiError::ReconciliationNotCancellable(
+            if now.status == "running" {
+                format!(
+                    "the run is past its listing ({}): it ends by itself",
+                    now.phase
+                )
+            } else {
+                format!("the run ended ({})", now.status)
+            },
+        ));
     }
     Ok(Json(Reconciliation::from(find_run(&state, &id).await?)))
 }

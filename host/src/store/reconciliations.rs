@@ -39,6 +39,9 @@ pub fn scheduling_claim(repair: &str) -> String {
     format!("{repair}{SCHEDULING}")
 }
 
+/// How a run a person cancelled starts its error (then who).
+const CANCELLED_BY: &str = "cancelled by ";
+
 /// One `reconciliation_runs` row. The enumerations are stored as their
 /// `snake_case` names and typed by `crate::sync::reconcile`.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -82,6 +85,17 @@ pub struct RunRow {
     pub updated_at: DateTime<Utc>,
     /// When it ended.
     pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl RunRow {
+    /// Whether the run ended by a person's cancel.
+    pub fn cancelled(&self) -> bool {
+        self.status == "failed"
+            && self
+                .error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(CANCELLED_BY))
+    }
 }
 
 impl RunRow {
@@ -755,20 +769,25 @@ impl Store {
         Ok(true)
     }
 
-    /// Ends run `id` as `failed`, "cancelled", if it is running, whoever
-    /// drives it: its lease is taken away, and every write its driver
-    /// makes under it (a page, counts, a renewal) finds none and stops it;
-    /// `false` if it had ended.
+    /// Ends run `id` as `failed` ([`CANCELLED_BY`] `by`) if it is still
+    /// listing, whoever drives it: its lease is taken away, and every
+    /// write its driver makes under it (a page, counts, a renewal) finds
+    /// none and stops it; `false` if it had ended or is past its listing.
+    /// Only while listing: nothing is classified or scheduled yet (a
+    /// backfill's repairs under way hold creates back until their link
+    /// events are applied; ended there, the creates went beside the
+    /// records those events link), and every finding is counted by the
+    /// page that found it.
     pub async fn cancel_run(&self, id: &str, by: &str) -> Result<bool, StoreError> {
         let at = now();
         let ended = dispatch!(self, write pool => {
             sqlx::query(
                 "UPDATE reconciliation_runs SET status = 'failed', phase = 'done', error = $2, \
                  finished_at = $3, updated_at = $3, lease_until_ms = 0, lease_token = NULL \
-                 WHERE id = $1 AND status = 'running'",
+                 WHERE id = $1 AND status = 'running' AND phase = 'listing'",
             )
             .bind(id)
-            .bind(super::capped(&format!("cancelled by {by}")))
+            .bind(super::capped(&format!("{CANCELLED_BY}{by}")))
             .bind(at)
             .execute(pool)
             .await?

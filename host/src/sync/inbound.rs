@@ -893,7 +893,7 @@ impl SyncEngine {
                             .skip(
                                 event,
                                 "the connector cannot read the record (no fetch), so nothing says it is gone: \
-                                 a listing alone deletes nothing (delete the customer, or dismiss the finding)",
+                                 a listing alone deletes nothing (if the record is gone, delete the customer)",
                             )
                             .await
                     }

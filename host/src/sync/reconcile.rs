@@ -316,9 +316,13 @@ impl SyncEngine {
                 // After a failed backfill the backfill is offered again:
                 // a scheduled run in its place linked and imported
                 // without holding creates back, and took the offer away.
+                // A run a person cancelled counts from its cancel: from its
+                // start, a schedule's run stuck past its interval (a remote
+                // answering 429 for hours) started again at once.
                 Some(last) if !backfill_offered(Some(&last)) => {
+                    let from = schedule_from(last.started_at, last.finished_at, last.cancelled());
                     last.status != "running"
-                        && next_run_due(last.started_at, schedule.every, crate::store::now())
+                        && next_run_due(from, schedule.every, crate::store::now())
                 }
                 _ => {
                     if told.insert(schedule.connector.clone()) {
@@ -1468,20 +1472,14 @@ impl SyncEngine {
         Ok(Resolved::Scheduled(what))
     }
 
-    /// Cancels `run` (`by` whom): ended as `failed`, its findings counted,
-    /// and a backfill's held creates let go, as a failure does; `false`
-    /// if it had ended already. Its driver, on whichever replica, stops
-    /// at its next lease renewal; a page or a step of repairs under way
-    /// there finishes.
+    /// Cancels `run` (`by` whom) while it lists: ended as `failed`, and a
+    /// backfill's held creates let go, as a failure does; `false` if it
+    /// had ended or is past its listing (see
+    /// [`Store::cancel_run`](crate::store::Store::cancel_run)). Its driver,
+    /// on whichever replica, stops at its next write under its lease (a
+    /// page under way there finishes, and is not kept).
     pub async fn cancel_reconciliation(&self, run: &RunRow, by: &str) -> Result<bool, StoreError> {
         let store = &self.inner.store;
-        // Counted first, under the lease as read: the cancel takes it.
-        if let Err(error) = store.recount(run).await {
-            tracing::warn!(
-                error = format!("{:#}", anyhow::Error::from(error)),
-                "a cancelled reconciliation's findings were not counted"
-            );
-        }
         if !store.cancel_run(&run.id, by).await? {
             return Ok(false);
         }
@@ -1802,6 +1800,19 @@ async fn pause(cancel: &CancellationToken, wait: Duration) -> Result<(), Stop> {
 /// `now`. A period past what a date can hold (a `reconcile_every` of a
 /// million years) is never due: adding it panicked the reconciler's task,
 /// and no run was driven again, API-started ones included.
+/// When a connector's schedule counts from after its newest run: its
+/// start, or its end when a person cancelled it (see [`SyncEngine::start_scheduled`]).
+fn schedule_from(
+    started_at: chrono::DateTime<chrono::Utc>,
+    finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    cancelled: bool,
+) -> chrono::DateTime<chrono::Utc> {
+    match finished_at {
+        Some(finished_at) if cancelled => finished_at,
+        _ => started_at,
+    }
+}
+
 fn next_run_due(
     last: chrono::DateTime<chrono::Utc>,
     every: Duration,
@@ -1952,6 +1963,20 @@ mod tests {
                 _ => panic!("{kind:?}: no event"),
             }
         }
+    }
+
+    /// A scheduled run stuck past its interval and cancelled: the next is
+    /// due an interval after the cancel, not at once.
+    #[test]
+    fn a_cancelled_run_is_scheduled_from_its_cancel() {
+        let started = chrono::Utc::now() - chrono::Duration::hours(30);
+        let cancelled = started + chrono::Duration::hours(29);
+        let every = Duration::from_secs(24 * 3600);
+        let now = chrono::Utc::now();
+        let from = schedule_from(started, Some(cancelled), true);
+        assert!(!next_run_due(from, every, now));
+        let from = schedule_from(started, Some(cancelled), false);
+        assert!(next_run_due(from, every, now), "a run that ended by itself");
     }
 
     #[test]

@@ -2920,10 +2920,10 @@ async fn a_report_run_fails_saying(app: &SyncApp, says: &str) {
 }
 
 /// A run that would not end by itself (here: a page the remote holds back)
-/// is cancelled: it ends `failed`, saying who cancelled it, its driver
-/// stops (the held page's answer changes nothing), and the connector takes
-/// a new run at once. It held the connector's one run until it ended.
-/// Cancelled again, or any ended run: 409.
+/// is cancelled while it lists: it ends `failed`, saying who cancelled it,
+/// its driver stops (the held page's answer changes nothing), and the
+/// connector takes a new run at once. It held the connector's one run
+/// until it ended. Cancelled again, or any ended run: 409.
 async fn a_run_is_cancelled(backend: Backend) {
     let remote = RecorderRemote::start().await;
     remote.insert_numbered(150, "cancelled", "Cancelled");
@@ -2932,6 +2932,16 @@ async fn a_run_is_cancelled(backend: Backend) {
     install_recorder(&app, &remote).await;
     let run = start_run(&app, json!({"connector": "recorder", "repair": "report"})).await;
     let id = run["id"].as_str().expect("id").to_owned();
+    // Its driver has listed a page and waits for the held one.
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let (_, now) = get(&app, &format!("/api/v1/reconciliations/{id}")).await;
+        if now["progress"]["pages"].as_i64() >= Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never listed a page: {now:#}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     let cancel = format!("/api/v1/reconciliations/{id}/cancel");
     let (status, cancelled) = post(&app, &cancel, None).await;
     assert_eq!(status, 200, "{cancelled}");
@@ -2944,7 +2954,7 @@ async fn a_run_is_cancelled(backend: Backend) {
     );
     let (status, again) = post(&app, &cancel, None).await;
     assert_eq!(status, 409, "{again}");
-    assert_eq!(again["code"], "reconciliation_not_running", "{again}");
+    assert_eq!(again["code"], "reconciliation_not_cancellable", "{again}");
     let next = run_to_end(&app, json!({"connector": "recorder", "repair": "report"})).await;
     assert_eq!(next["status"], "completed", "{next:#}");
     // The held page came back meanwhile: the cancelled run stays as it
