@@ -1796,10 +1796,6 @@ async fn pause(cancel: &CancellationToken, wait: Duration) -> Result<(), Stop> {
     }
 }
 
-/// Whether a scheduled run `every` after one started at `last` is due at
-/// `now`. A period past what a date can hold (a `reconcile_every` of a
-/// million years) is never due: adding it panicked the reconciler's task,
-/// and no run was driven again, API-started ones included.
 /// When a connector's schedule counts from after its newest run: its
 /// start, or its end when a person cancelled it (see [`SyncEngine::start_scheduled`]).
 fn schedule_from(
@@ -1813,6 +1809,10 @@ fn schedule_from(
     }
 }
 
+/// Whether a scheduled run `every` after one started at `last` is due at
+/// `now`. A period past what a date can hold (a `reconcile_every` of a
+/// million years) is never due: adding it panicked the reconciler's task,
+/// and no run was driven again, API-started ones included.
 fn next_run_due(
     last: chrono::DateTime<chrono::Utc>,
     every: Duration,

@@ -2923,7 +2923,7 @@ async fn a_report_run_fails_saying(app: &SyncApp, says: &str) {
 /// is cancelled while it lists: it ends `failed`, saying who cancelled it,
 /// its driver stops (the held page's answer changes nothing), and the
 /// connector takes a new run at once. It held the connector's one run
-/// until it ended. Cancelled again, or any ended run: 409.
+/// until it ended. Cancelled again (it ended): 409.
 async fn a_run_is_cancelled(backend: Backend) {
     let remote = RecorderRemote::start().await;
     remote.insert_numbered(150, "cancelled", "Cancelled");
@@ -2962,13 +2962,21 @@ async fn a_run_is_cancelled(backend: Backend) {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (_, after) = get(&app, &format!("/api/v1/reconciliations/{id}")).await;
     assert_eq!(
-        (&after["status"], &after["error"], &after["pages"]),
+        (
+            &after["status"],
+            &after["error"],
+            &after["progress"]["pages"]
+        ),
         (
             &cancelled["status"],
             &cancelled["error"],
-            &cancelled["pages"]
+            &cancelled["progress"]["pages"]
         ),
         "{after:#}"
+    );
+    assert!(
+        cancelled["progress"]["pages"].as_i64() >= Some(1),
+        "{cancelled:#}"
     );
     let (status, unknown) = post(&app, "/api/v1/reconciliations/rec_nope/cancel", None).await;
     assert_eq!(status, 404, "{unknown}");
