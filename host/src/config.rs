@@ -792,6 +792,19 @@ impl Config {
                 "sync_max_attempts, sync_concurrency and inbox_loops must be at least 1".into(),
             ));
         }
+        // An entry that is no host matched nothing: a deny-list of
+        // `10.0.0.0/8` looked like it denied a range, and denied nothing.
+        for (name, list) in [
+            ("connector_allowed_hosts", &self.connector_allowed_hosts),
+            ("connector_denied_hosts", &self.connector_denied_hosts),
+        ] {
+            if let Some(problem) = list
+                .iter()
+                .find_map(|e| ferry_runtime::list_entry_problem(e))
+            {
+                return Err(ConfigError::Invalid(format!("{name}: {problem}")));
+            }
+        }
         // 0 read as "no breaker" opened it at the first retryable failure.
         if self.breaker_failure_threshold == 0 {
             return Err(ConfigError::Invalid(
@@ -1602,6 +1615,17 @@ mod tests {
                 ("FERRY_SYNC_LEASE", "100000000d", "sync_lease"),
                 // The default database is SQLite: nothing would sync.
                 ("FERRY_WORKERS", "false", "workers"),
+                // No host: a range, a port.
+                (
+                    "FERRY_CONNECTOR_DENIED_HOSTS",
+                    "10.0.0.0/8",
+                    "connector_denied_hosts",
+                ),
+                (
+                    "FERRY_CONNECTOR_ALLOWED_HOSTS",
+                    "api.stripe.com:443",
+                    "connector_allowed_hosts",
+                ),
                 (
                     "FERRY_CONNECTORS__STRIPE__RECONCILE_EVERY",
                     "1s",

@@ -223,6 +223,24 @@ fn has_dot_segment(raw: &str) -> bool {
     })
 }
 
+/// Why `entry` cannot be an allow- or deny-list entry (an exact host or
+/// `*.suffix`), if it cannot: a CIDR range (`10.0.0.0/8`), a port
+/// (`api.example.com:443`) or a URL matched no host, and a deny-list
+/// holding one denied nothing.
+pub fn list_entry_problem(entry: &str) -> Option<String> {
+    let name = entry.trim().trim_end_matches('.');
+    let name = name.strip_prefix("*.").unwrap_or(name);
+    // An IPv6 address is taken bare too, as hosts are written.
+    let bare_ip = name.parse::<IpAddr>().is_ok();
+    match Host::parse(name) {
+        Ok(_) if !name.is_empty() && !name.contains('*') => None,
+        _ if bare_ip => None,
+        _ => Some(format!(
+            "`{entry}` is not a host or `*.suffix` (ranges, ports, URLs and other wildcards are not taken)"
+        )),
+    }
+}
+
 /// An operator allow- or deny-list entry: an exact host or `*.suffix`.
 /// The entry is written as hosts are ([`normalize_host`]): an entry
 /// `bücher.example` or `[2606:4700::1111]` matched no host (they are
@@ -923,6 +941,33 @@ mod tests {
 
     /// A remote answering with more distinct placeholders than are kept:
     /// the set stops growing, and no body of the call is substituted.
+    /// A list entry that is no host is refused (it matched nothing); a
+    /// host, a `*.suffix`, an address (bare IPv6 too) are taken.
+    #[test]
+    fn list_entries_that_are_no_host_are_refused() {
+        for taken in [
+            "api.stripe.com",
+            "*.salesforce.com",
+            "API.Example.com.",
+            "10.1.2.3",
+            "2606:4700::1111",
+            "[2606:4700::1111]",
+            "bücher.example",
+        ] {
+            assert_eq!(list_entry_problem(taken), None, "{taken}");
+        }
+        for refused in [
+            "10.0.0.0/8",
+            "api.example.com:443",
+            "https://api.example.com",
+            "*.",
+            "*",
+            "api.*.example.com",
+        ] {
+            assert!(list_entry_problem(refused).is_some(), "{refused}");
+        }
+    }
+
     #[test]
     fn data_placeholders_are_bounded() {
         let mut data = DataPlaceholders::default();
