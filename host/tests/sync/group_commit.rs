@@ -1847,6 +1847,22 @@ async fn a_skip_over_a_live_record_settles_a_create_marker(postgres: bool) {
     );
 }
 
+/// A fresh store (and its URL, for raw SQL) holding three customers linked
+/// to Stripe records (`cus_{tag}_…`).
+async fn three_linked(
+    postgres: bool,
+    tag: &str,
+) -> (Store, String, tempfile::TempDir, Vec<Customer>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(postgres, dir.path()).await;
+    let store = open(&url).await;
+    let tag = format!("{tag}_{postgres}");
+    let (mut customers, _, _) = two_linked(&store, &tag).await;
+    let (more, _, _) = two_linked(&store, &format!("{tag}_more")).await;
+    customers.push(more[0].clone());
+    (store, url, dir, customers)
+}
+
 /// A link wanting a version its customer never reached (a change message
 /// from before the database was restored or failed over behind it) whose
 /// push is refused for good dies at the customer's version. The wanted
@@ -1854,12 +1870,7 @@ async fn a_skip_over_a_live_record_settles_a_create_marker(postgres: bool) {
 /// pushed, refused and dead-lettered again, for ever. A version an intake
 /// raises while the push is out still leaves the link pending for it.
 async fn a_refused_push_under_a_version_never_reached_dies(postgres: bool) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let url = database_url(postgres, dir.path()).await;
-    let store = open(&url).await;
-    let tag = format!("never_reached_{postgres}");
-    let (customers, _, _) = two_linked(&store, &tag).await;
-    let (more, _, _) = two_linked(&store, &format!("{tag}_more")).await;
+    let (store, url, _dir, customers) = three_linked(postgres, "never_reached").await;
     let stripe = ["stripe".to_owned()];
     // Refused for good; refused with the wanted version raised meanwhile;
     // retried until the attempts ran out (a kind that keeps a create's
@@ -1872,7 +1883,7 @@ async fn a_refused_push_under_a_version_never_reached_dies(postgres: bool) {
         ),
         (&customers[1], true, ferry::store::DeadLetterKind::Permanent),
         (
-            &more[0],
+            &customers[2],
             false,
             ferry::store::DeadLetterKind::RetriesExhausted,
         ),
@@ -1934,12 +1945,7 @@ async fn a_refused_push_under_a_version_never_reached_dies(postgres: bool) {
 /// behind, every claim that read past it counted afresh, and the push
 /// never gave up while the relay lagged).
 async fn a_push_past_the_wanted_version_counts_for_that_version(postgres: bool) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let url = database_url(postgres, dir.path()).await;
-    let store = open(&url).await;
-    let tag = format!("past_wanted_{postgres}");
-    let (customers, _, _) = two_linked(&store, &tag).await;
-    let (more, _, _) = two_linked(&store, &format!("{tag}_more")).await;
+    let (store, url, _dir, customers) = three_linked(postgres, "past_wanted").await;
     let stripe = ["stripe".to_owned()];
     let attempts = |id: &str| {
         let id = id.to_owned();
@@ -1955,7 +1961,7 @@ async fn a_push_past_the_wanted_version_counts_for_that_version(postgres: bool) 
     for (customer, meanwhile) in [
         (&customers[0], "nothing"),
         (&customers[1], "intake"),
-        (&more[0], "raised"),
+        (&customers[2], "raised"),
     ] {
         let second = rename(&store, &customer.id, "Second").await;
         store
