@@ -28,7 +28,7 @@ pub mod wit;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -351,6 +351,12 @@ pub struct RuntimeConfig {
     /// Outbound requests per second per connector (token bucket, bursts of
     /// the same size); 0 disables the limit.
     pub http_requests_per_second: u32,
+    /// Components compiled at once (uploads, loads, checks); further
+    /// compiles wait. A compile takes cores and memory for seconds and
+    /// cannot be stopped once begun: unbounded, a burst of uploads held
+    /// compiler memory and blocking threads many times over. Default: half
+    /// the cores, at least one.
+    pub max_compiles: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -368,6 +374,9 @@ impl Default for RuntimeConfig {
             max_instances_per_connector: 250,
             cache_dir: None,
             http_requests_per_second: 100,
+            max_compiles: std::thread::available_parallelism()
+                .map_or(1, |cores| cores.get() / 2)
+                .max(1),
         }
     }
 }
@@ -668,6 +677,11 @@ struct RuntimeInner {
     components: Arc<Mutex<ComponentCache>>,
     /// One permit per pool slot, so calls beyond the pool wait instead of failing.
     slots: Arc<tokio::sync::Semaphore>,
+    /// `max_compiles` permits; a compile holds one until it ends, even when
+    /// its caller has gone.
+    compile_permits: Arc<tokio::sync::Semaphore>,
+    /// Compiles running now.
+    compiling: Arc<AtomicUsize>,
     /// Stops the epoch thread when the last runtime sharing it goes.
     _ticker: Arc<EpochTicker>,
 }
@@ -745,6 +759,7 @@ impl Runtime {
         let stop_ticker = Arc::new(AtomicBool::new(false));
         spawn_epoch_ticker(engine.clone(), stop_ticker.clone())?;
         let slots = Arc::new(tokio::sync::Semaphore::new(config.max_instances as usize));
+        let compile_permits = Arc::new(tokio::sync::Semaphore::new(config.max_compiles.max(1)));
         Ok(Runtime {
             inner: Arc::new(RuntimeInner {
                 shared: Arc::new(RuntimeShared { config, transport }),
@@ -752,6 +767,8 @@ impl Runtime {
                 linker,
                 components: Arc::default(),
                 slots,
+                compile_permits,
+                compiling: Arc::default(),
                 _ticker: Arc::new(EpochTicker(stop_ticker)),
             }),
         })
@@ -773,6 +790,8 @@ impl Runtime {
                 linker: inner.linker.clone(),
                 components: Arc::clone(&inner.components),
                 slots: Arc::clone(&inner.slots),
+                compile_permits: Arc::clone(&inner.compile_permits),
+                compiling: Arc::clone(&inner.compiling),
                 _ticker: Arc::clone(&inner._ticker),
             }),
         }
@@ -854,26 +873,53 @@ impl Runtime {
     }
 
     async fn compile(&self, sha256: &str, wasm: &[u8]) -> Result<Component, LoadError> {
-        if let Some(c) = self
-            .inner
-            .components
-            .lock()
-            .ok()
-            .and_then(|mut m| m.get(sha256))
-        {
+        let cached = || {
+            self.inner
+                .components
+                .lock()
+                .ok()
+                .and_then(|mut m| m.get(sha256))
+        };
+        if let Some(c) = cached() {
             return Ok(c);
         }
-        // Compiling takes up to seconds of CPU: keep it off the async workers.
-        let engine = self.inner.engine.clone();
-        let bytes = wasm.to_vec();
-        let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
+        let permit = Arc::clone(&self.inner.compile_permits)
+            .acquire_owned()
             .await
-            .map_err(|e| LoadError::Compile(format!("compiler task failed: {e}")))?
-            .map_err(|e| LoadError::Compile(chain(&e)))?;
-        if let Ok(mut map) = self.inner.components.lock() {
-            map.insert(sha256, component.clone());
+            .map_err(|_| LoadError::Compile("the runtime is shutting down".into()))?;
+        // The same bytes compiled while this one waited (an upload sent
+        // twice at once): one compile, not two.
+        if let Some(c) = cached() {
+            return Ok(c);
         }
-        Ok(component)
+        // Compiling takes up to seconds of CPU: keep it off the async
+        // workers. The permit and the cache go into the task: a caller that
+        // gives up (a request past its timeout) leaves a compile that runs
+        // on, and must still count, and whose result the caller's retry
+        // finds.
+        let engine = self.inner.engine.clone();
+        let components = Arc::clone(&self.inner.components);
+        let compiling = Arc::clone(&self.inner.compiling);
+        let bytes = wasm.to_vec();
+        let sha256 = sha256.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            compiling.fetch_add(1, Ordering::Relaxed);
+            let component = Component::new(&engine, &bytes);
+            compiling.fetch_sub(1, Ordering::Relaxed);
+            let component = component.map_err(|e| LoadError::Compile(chain(&e)))?;
+            if let Ok(mut map) = components.lock() {
+                map.insert(&sha256, component.clone());
+            }
+            Ok(component)
+        })
+        .await
+        .map_err(|e| LoadError::Compile(format!("compiler task failed: {e}")))?
+    }
+
+    /// Compiles running now (at most `max_compiles`).
+    pub fn compiles_running(&self) -> usize {
+        self.inner.compiling.load(Ordering::Relaxed)
     }
 
     /// How many compiled components this runtime keeps for reuse (at most

@@ -831,6 +831,41 @@ async fn compiled_components_are_kept_up_to_a_bound() {
     assert_healthy(&connector, &connector_config(&[])).await;
 }
 
+/// Compiles are bounded in number: a burst of uploads compiled all at
+/// once, each taking a core and memory for seconds. A compile whose caller
+/// gave up (a request past its timeout) still counts until it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiles_run_one_at_a_time_when_so_bounded() {
+    let runtime = Runtime::new(RuntimeConfig {
+        // No disk cache: every variant below is compiled for real.
+        cache_dir: None,
+        max_compiles: 1,
+        ..config()
+    })
+    .unwrap();
+    let wasm = hostile_bytes();
+    let load = |n: u8| {
+        let runtime = runtime.clone();
+        let wasm = with_custom_section(&wasm, n);
+        tokio::spawn(async move { runtime.load(&wasm).await.map(|_| ()) })
+    };
+    let given_up = load(0);
+    while runtime.compiles_running() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    given_up.abort();
+    let loads: Vec<_> = (1..4).map(load).collect();
+    let mut most = 0;
+    while !loads.iter().all(|l| l.is_finished()) {
+        most = most.max(runtime.compiles_running());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for l in loads {
+        l.await.unwrap().expect("loads");
+    }
+    assert_eq!(most, 1, "compiles at once");
+}
+
 #[tokio::test]
 async fn hmac_uses_declared_secrets_only() {
     let runtime = Runtime::new(config()).unwrap();
