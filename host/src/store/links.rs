@@ -1135,10 +1135,22 @@ macro_rules! record_in {
                     // reached it (a database restored behind its bus), and
                     // dying at that version would leave every later edit
                     // up to it unpushed.
-                    let failed = if forget_pending || *operation != Some("create") {
+                    // And a create's replay only up to the version the
+                    // customer reached: a first create under a wanted
+                    // version from before a restore died there, and the
+                    // edits up to it never re-opened the link.
+                    let failed = if forget_pending
+                        || *operation != Some("create")
+                        || $link.wanted_version <= *version
+                    {
                         *version
                     } else {
-                        (*version).max($link.wanted_version)
+                        let reached: Option<i64> =
+                            sqlx::query_scalar("SELECT version FROM customers WHERE id = $1")
+                                .bind(&$link.customer_id)
+                                .fetch_optional(&mut *$tx)
+                                .await?;
+                        (*version).max($link.wanted_version.min(reached.unwrap_or(*version)))
                     };
                     // Nor is a push forced meanwhile (`repairs` moved on, as
                     // in `fenced_by_repairs!`): it is still to go.

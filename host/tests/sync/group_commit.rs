@@ -1874,19 +1874,16 @@ async fn a_refused_push_under_a_version_never_reached_dies(postgres: bool) {
     let stripe = ["stripe".to_owned()];
     // Refused for good; refused with the wanted version raised meanwhile;
     // retried until the attempts ran out (a kind that keeps a create's
-    // marker, and once died at the wanted version the claim saw).
-    for (customer, raised_meanwhile, error_kind) in [
-        (
-            &customers[0],
-            false,
-            ferry::store::DeadLetterKind::Permanent,
-        ),
-        (&customers[1], true, ferry::store::DeadLetterKind::Permanent),
-        (
-            &customers[2],
-            false,
-            ferry::store::DeadLetterKind::RetriesExhausted,
-        ),
+    // marker, and once died at the wanted version the claim saw); a first
+    // create retried until they ran out (which died there still: a create
+    // kept for replay dies at the wanted version, but only up to the
+    // version the customer reached).
+    use ferry::store::DeadLetterKind::{Permanent, RetriesExhausted};
+    for (customer, raised_meanwhile, error_kind, operation) in [
+        (&customers[0], false, Permanent, "update"),
+        (&customers[1], true, Permanent, "update"),
+        (&customers[2], false, RetriesExhausted, "update"),
+        (&customers[2], false, RetriesExhausted, "create"),
     ] {
         let edited = rename(&store, &customer.id, "Edited").await;
         store
@@ -1913,7 +1910,7 @@ async fn a_refused_push_under_a_version_never_reached_dies(postgres: bool) {
         }
         let refused = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
             version: edited.version,
-            operation: Some("update"),
+            operation: Some(operation),
             attempt: 1,
             error_kind,
             error: "remote answered 400".to_owned(),
@@ -1932,10 +1929,22 @@ async fn a_refused_push_under_a_version_never_reached_dies(postgres: bool) {
             assert_eq!(
                 (after.state, after.wanted_version),
                 (LinkState::Dead, edited.version),
-                "dead at the version that died: {error_kind:?}"
+                "dead at the version that died: {error_kind:?} {operation}"
             );
         }
     }
+    // The next edit re-opens the link the create died on.
+    let edited = rename(&store, &customers[2].id, "Edited again").await;
+    store
+        .intake_changes(&[notice(&edited)], &stripe)
+        .await
+        .expect("intake");
+    let after = store.links_of(edited.id.as_str()).await.expect("links")[0].clone();
+    assert_eq!(
+        (after.state, after.wanted_version),
+        (LinkState::Pending, edited.version),
+        "the next edit is pushed"
+    );
 }
 
 /// A push that read the customer past its claim's wanted version (the
