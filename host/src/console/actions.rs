@@ -137,8 +137,20 @@ pub async fn resolve_conflict(
              Nothing was resolved.",
         )
     };
+    // A double click's second post, or another operator's: the resolution
+    // wrote the customer, so the page's version is behind it, but the page
+    // must say the conflict was resolved, not that nothing was.
+    let not_open = || {
+        done(
+            &form.session,
+            &format!("/console/conflicts/{id}"),
+            "This conflict is no longer open: this click changed nothing.",
+        )
+    };
+    let closed = |conflict: Option<&Conflict>| conflict.is_some_and(|c| c.state != "open");
     if resolution == "local" {
         match customer_of(&state, &id).await {
+            Ok((conflict, _)) if closed(conflict.as_ref()) => return not_open(),
             Ok((_, current)) if moved(current.as_ref()) => return changed_since(),
             Ok(_) => {}
             Err(error) => return problem(&form.session, error),
@@ -151,6 +163,9 @@ pub async fn resolve_conflict(
             Err(error) => return problem(&form.session, error),
         };
         // The same read as the values a local pick takes.
+        if closed(recorded.as_ref()) {
+            return not_open();
+        }
         if moved(current.as_ref()) {
             return changed_since();
         }
@@ -207,13 +222,9 @@ pub async fn resolve_conflict(
             &format!("/console/conflicts/{id}"),
             "Conflict resolved; the merged record is being pushed.",
         ),
-        // A double click's second post, or another operator's: the page
-        // says how it was resolved, not an error over a resolution made.
-        Err(ApiError::ConflictNotOpen) => done(
-            &form.session,
-            &format!("/console/conflicts/{id}"),
-            "This conflict is no longer open: this click changed nothing.",
-        ),
+        // The same, resolved between the read above and this write: the
+        // page says how it was resolved, not an error over a resolution made.
+        Err(ApiError::ConflictNotOpen) => not_open(),
         Err(error) => problem(&form.session, error),
     }
 }
@@ -468,7 +479,8 @@ pub async fn disable(
     }
 }
 
-/// `POST /console/connectors/{name}/settings`: `enabled` (checkbox) and
+/// `POST /console/connectors/{name}/settings`: `version_was` (the active
+/// version the page drew the form for), `enabled` (checkbox) and
 /// `enabled_was` (how the page drew it),
 /// `setting.NAME` per setting and `setting_was.NAME` (how the page drew
 /// it), `secret.NAME` per declared secret (empty: keep the value in
@@ -485,6 +497,25 @@ pub async fn put_settings(
     // behind another's save, whose new secret the save then dropped.
     if let Err(error) = state.registry.refresh().await {
         return problem(&form.session, error.into());
+    }
+    // A form drawn for another version than the one active now (activated
+    // or rolled back since): it lacks the fields only the active one
+    // declares, and the save replaces the whole set, so their values (a
+    // sealed secret's too) were dropped. Drawn again, nothing saved.
+    let active = state
+        .registry
+        .entry(&name)
+        .and_then(|e| e.active.as_ref().map(|a| a.meta.version.clone()));
+    if form
+        .get("version_was")
+        .is_some_and(|drawn| Some(drawn) != active.as_deref())
+    {
+        return done(
+            &form.session,
+            &format!("/console/connectors/{name}"),
+            "Another version is active since this page was drawn: here is its form. \
+             Nothing was saved.",
+        );
     }
     let in_effect = state
         .registry

@@ -2240,6 +2240,61 @@ async fn a_rollback_keeps_the_newer_versions_settings(backend: Backend) {
     assert!(connector["problem"].is_null(), "{connector}");
 }
 
+/// The console's settings form, drawn for the version active then and
+/// saved after another was activated, saves nothing: it lacks the fields
+/// only the active one declares, and the save replaces the whole set, so
+/// their values (a sealed secret's too) were dropped.
+async fn a_settings_form_drawn_for_another_version_saves_nothing(backend: Backend) {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(backend)).await;
+    install_recorder(&app, &remote).await;
+    let (status, version) = upload(&app, recorder_variant("version-3"), "?activate=false").await;
+    assert_eq!(status, 201, "{version}");
+    let (status, configured) = put_settings(
+        &app,
+        json!({"settings": {"api_base": remote.url, "account": "acme"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{configured}");
+    let (client, cookie) = crate::helpers::console_session(&app.base).await;
+    let page = crate::helpers::console_page(
+        &client,
+        &cookie,
+        &format!("{}/console/connectors/recorder", app.base),
+    )
+    .await;
+    assert!(
+        page.contains(r#"name="version_was" value="0.1.0""#),
+        "{page}"
+    );
+    let csrf = crate::helpers::csrf_field(&page);
+    let (status, forward) = activate(&app, "0.3.0").await;
+    assert_eq!(status, 200, "{forward}");
+    let saved = client
+        .post(format!("{}/console/connectors/recorder/settings", app.base))
+        .header("cookie", &cookie)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("version_was", "0.1.0"),
+            ("setting.api_base", &format!("{}/elsewhere", remote.url)),
+            ("setting_was.api_base", remote.url.as_str()),
+            ("enabled_was", "true"),
+            ("enabled", "true"),
+        ])
+        .send()
+        .await
+        .expect("posted");
+    assert_eq!(saved.status(), 303);
+    let location = saved.headers()["location"].to_str().unwrap().to_owned();
+    assert!(
+        location.contains("notice=Another+version+is+active"),
+        "{location}"
+    );
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(connector["settings"]["account"], "acme", "{connector}");
+    assert_eq!(connector["settings"]["api_base"], remote.url, "{connector}");
+}
+
 /// The other way: a write while a newer version runs keeps what only an
 /// older stored version declares (a setting renamed since), so a rollback
 /// to it runs. Dropped, the way back of an emergency answered 200 and left
@@ -3249,6 +3304,11 @@ async fn a_version_activated_mid_listing_lists_again(backend: Backend, settings:
 }
 
 mod sqlite {
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_settings_form_drawn_for_another_version_saves_nothing() {
+        super::a_settings_form_drawn_for_another_version_saves_nothing(Backend::Sqlite).await;
+    }
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -621,7 +621,9 @@ async fn the_operator_console_in_a_real_browser() {
         assert!(response.text().await.unwrap().contains("csrf_failed"));
     }
     // A second post of a resolution (a double click): the conflict's page
-    // says it is no longer open, not an error over the first one's work.
+    // says it is no longer open, not an error over the first one's work,
+    // nor that nothing was resolved (the form carries the version its page
+    // drew, which the first post's write moved past).
     let csrf = csrf_field(&console.seen().await);
     let again = client
         .post(format!(
@@ -630,7 +632,7 @@ async fn the_operator_console_in_a_real_browser() {
         ))
         .header("cookie", format!("ferry_console={}", cookie.value))
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("csrf={csrf}&resolution=local"))
+        .body(format!("csrf={csrf}&resolution=local&local_version=1"))
         .send()
         .await
         .unwrap();
