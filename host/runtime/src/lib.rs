@@ -273,6 +273,19 @@ pub fn cursor_problem(asked: Option<&str>, next: Option<&str>) -> Option<String>
     })
 }
 
+/// Why a record a connector's `fetch` or `list` returned cannot be taken,
+/// if it cannot: not JSON, or JSON that is no object (`null` or `[]`
+/// would read as a record whose every field the remote cleared). ferry
+/// dead-letters an event whose `fetch` returns one, and a listing skips
+/// the record; the SDK's test kit fails the call.
+pub fn record_problem(record: &str) -> Option<String> {
+    match serde_json::from_str::<serde_json::Value>(record) {
+        Ok(value) if value.is_object() => None,
+        Ok(_) => Some("the connector returned a record that is not a JSON object".to_owned()),
+        Err(e) => Some(format!("the connector returned invalid JSON: {e}")),
+    }
+}
+
 /// The largest webhook delivery ferry reads by default (its
 /// `webhook_max_body_bytes`); a larger one is answered 413.
 pub const DEFAULT_WEBHOOK_MAX_BODY_BYTES: usize = 256 * 1024;

@@ -1660,17 +1660,17 @@ impl SyncEngine {
         let ready = self.readable(event).await?;
         match self.fetch_guarded(event, &ready).await? {
             Ok(remote) => {
-                let mut record: serde_json::Value =
-                    serde_json::from_str(&remote.record).map_err(|e| {
-                        Failure::Permanent(format!("the connector returned invalid JSON: {e}"))
-                    })?;
-                // `null` or `[]` would read as a record whose every field
-                // the remote cleared (as a delivery's is refused).
-                if !record.is_object() {
-                    return Err(Failure::Permanent(
-                        "the connector returned a record that is not a JSON object".into(),
-                    ));
-                }
+                // Not JSON, or no object (`null` or `[]` would read as a
+                // record whose every field the remote cleared, as a
+                // delivery's is refused).
+                let mut record = match serde_json::from_str::<serde_json::Value>(&remote.record) {
+                    Ok(record) if record.is_object() => record,
+                    _ => {
+                        return Err(Failure::Permanent(
+                            ferry_runtime::record_problem(&remote.record).unwrap_or_default(),
+                        ))
+                    }
+                };
                 crate::store::replace_nul(&mut record);
                 Ok(Some(record))
             }

@@ -444,20 +444,26 @@ impl TestKit {
         Ok(result)
     }
 
-    /// Calls `fetch`.
+    /// Calls `fetch`; a record that is not a JSON object fails the call,
+    /// as ferry dead-letters the event it was fetched for.
     pub async fn fetch(&self, entity: &str, remote_id: &str) -> Result<RemoteRecord, CallError> {
-        self.connector
+        let record = self
+            .connector
             .fetch(&self.config(), entity, remote_id)
             .await
             .map(convert::remote_record)
-            .map_err(convert::call_error)
+            .map_err(convert::call_error)?;
+        refused(ferry_runtime::record_problem(&record.record))?;
+        Ok(record)
     }
 
     /// Calls `list`; a `next_cursor` ferry could not follow (empty, a NUL,
     /// or the cursor that asked for the page) fails the call, as it fails a
     /// reconciliation run; so does a record's id ferry cannot key (empty, a
     /// NUL, longer than 255 bytes): a run skips the record, and reports the
-    /// customer linked to it an orphan.
+    /// customer linked to it an orphan; so does a record that is not a
+    /// JSON object (a run skips it as `invalid`: never imported, linked or
+    /// compared).
     pub async fn list(
         &self,
         entity: &str,
@@ -479,6 +485,10 @@ impl TestKit {
                 "listed record's id",
                 &record.remote_id,
             ))?;
+            refused(
+                ferry_runtime::record_problem(&record.record)
+                    .map(|problem| format!("listed record {}: {problem}", record.remote_id)),
+            )?;
         }
         Ok(page)
     }

@@ -179,16 +179,21 @@ impl Guest for Hostile {
         }
     }
 
-    /// `huge`: a record of 2 MiB.
+    /// `huge`: a record of 2 MiB; `array`: a record that is no object.
     fn fetch(entity: String, remote_id: String) -> Result<RemoteRecord, ConnectorError> {
         match remote_id.as_str() {
             "huge" => Ok(huge_record(remote_id)),
+            "array" => Ok(RemoteRecord {
+                remote_id,
+                record: "[]".into(),
+                updated_at_ms: None,
+            }),
             _ => Err(ConnectorError::Unsupported(format!("fetch {entity}"))),
         }
     }
 
     /// Cursor `over`: one record more than `limit`; `huge`: a record of
-    /// 2 MiB.
+    /// 2 MiB; `null`: a record that is no object.
     fn list(entity: String, cursor: Option<String>, limit: u32) -> Result<Page, ConnectorError> {
         let records = match cursor.as_deref() {
             Some("over") => (0..=limit)
@@ -199,6 +204,11 @@ impl Guest for Hostile {
                 })
                 .collect(),
             Some("huge") => vec![huge_record("r0".into())],
+            Some("null") => vec![RemoteRecord {
+                remote_id: "r0".into(),
+                record: "null".into(),
+                updated_at_ms: None,
+            }],
             _ => return Err(ConnectorError::Unsupported(format!("list {entity}"))),
         };
         Ok(Page {
