@@ -60,8 +60,22 @@ pub struct Refusal {
     pub detail: String,
 }
 
-/// Checks `file` under `options`.
+/// Checks `file` under `options`. A list entry that is no host (`10.0.0.0/8`,
+/// a port, a URL, `*`) is an error, as it refuses `ferry serve`'s start:
+/// taken, it matched nothing, and a deny-list the operator thought applied
+/// was not.
 pub async fn check(file: &Path, options: &CheckOptions) -> anyhow::Result<Report> {
+    for (name, list) in [
+        ("connector_allowed_hosts", &options.allowed_hosts),
+        ("connector_denied_hosts", &options.denied_hosts),
+    ] {
+        if let Some(problem) = list
+            .iter()
+            .find_map(|e| crate::runtime::list_entry_problem(e))
+        {
+            anyhow::bail!("{name}: {problem}");
+        }
+    }
     let bytes = tokio::fs::read(file)
         .await
         .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
@@ -279,6 +293,30 @@ fn printable(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_list_entry_that_is_no_host_is_an_error() {
+        for (allowed, denied) in [
+            (vec![], vec!["10.0.0.0/8"]),
+            (vec!["api.acme.example:443"], vec![]),
+        ] {
+            let options = CheckOptions {
+                max_bytes: 1 << 20,
+                allowed_hosts: allowed.into_iter().map(str::to_owned).collect(),
+                denied_hosts: denied.into_iter().map(str::to_owned).collect(),
+                allow_private_hosts: false,
+            };
+            let error = check(Path::new("not-read.wasm"), &options)
+                .await
+                .expect_err("refused")
+                .to_string();
+            assert!(error.starts_with("connector_"), "{error}");
+            assert!(
+                !error.contains("not-read.wasm"),
+                "refused before reading: {error}"
+            );
+        }
+    }
 
     #[test]
     fn a_components_text_cannot_drive_the_terminal() {
