@@ -161,7 +161,7 @@ impl Store {
                         .chain(chunk.iter().map(|id| Some(id.as_str())))
                         .collect();
                     let (batch, _) = self.replay_batch(&sql, &binds).await?;
-                    replayed.extend(batch.into_iter().map(|letter| letter.id));
+                    replayed.extend(batch);
                 }
             }
             None => {
@@ -202,7 +202,7 @@ impl Store {
                     // console click) made a short batch, and the rest of
                     // the backlog was left open under a 200.
                     let (batch, chosen) = self.replay_batch(&sql, &binds).await?;
-                    replayed.extend(batch.into_iter().map(|letter| letter.id));
+                    replayed.extend(batch);
                     let Some(last) = chosen.last() else { break };
                     after = Some(last.clone());
                     if chosen.len() < REPLAY_BATCH as usize {
@@ -215,14 +215,15 @@ impl Store {
     }
 
     /// One transaction of [`Store::replay_dead_letters`]: the open letters
-    /// `select` finds with `binds` as its parameters, in order; those it
-    /// replayed, and the ids of all it chose (a replay running at once may
-    /// have taken some first).
+    /// `select` finds with `binds` as its parameters, in order; the ids of
+    /// those it replayed (with the other open letters of a link it
+    /// re-opened), and the ids of all it chose (a replay running at once
+    /// may have taken some first).
     async fn replay_batch(
         &self,
         select: &str,
         binds: &[Option<&str>],
-    ) -> Result<(Vec<DeadLetter>, Vec<String>), StoreError> {
+    ) -> Result<(Vec<String>, Vec<String>), StoreError> {
         let at = now();
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
@@ -266,7 +267,7 @@ impl Store {
                     .bind(&letter.id)
                     .execute(&mut *tx)
                     .await?;
-                    replayed.push(letter);
+                    replayed.push(letter.id);
                     continue;
                 }
                 // An outbound one re-opens its link (an inbound letter of
@@ -282,7 +283,7 @@ impl Store {
                 // may still land, after which a newer version goes (a
                 // replay at once pushed it first, and the late one left
                 // the older values at the remote).
-                sqlx::query(
+                let reopened = sqlx::query(
                     "UPDATE sync_links SET state = 'pending', attempts = 0, \
                      next_attempt_at_ms = CASE WHEN next_attempt_at_ms > $1 THEN next_attempt_at_ms \
                        ELSE $1 END, \
@@ -295,8 +296,27 @@ impl Store {
                 .bind(&letter.customer_id)
                 .bind(&letter.connector)
                 .execute(&mut *tx)
-                .await?;
-                replayed.push(letter);
+                .await?
+                .rows_affected();
+                // The link's other open letters (a push of an older or a
+                // newer version that died too) are replayed with it: the
+                // link pushes the customer as it is now. Left open, the
+                // count of letters to replay kept them, and their own
+                // replay later answered `replayed: 1` and did nothing.
+                if reopened == 1 {
+                    let also: Vec<String> = sqlx::query_scalar(
+                        "UPDATE dead_letters SET replayed_at = $1 WHERE customer_id = $2 \
+                         AND connector = $3 AND direction = 'outbound' AND replayed_at IS NULL \
+                         RETURNING id",
+                    )
+                    .bind(at)
+                    .bind(&letter.customer_id)
+                    .bind(&letter.connector)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    replayed.extend(also);
+                }
+                replayed.push(letter.id);
             }
             tx.commit().await?;
             if !replayed.is_empty() {

@@ -3982,6 +3982,65 @@ async fn sqlite_only_the_lease_holder_ends_a_run() {
     only_the_lease_holder_ends_a_run(false).await;
 }
 
+/// A link that died twice (a version refused, then the next one) has two
+/// open letters; replaying either re-opens the link, which pushes the
+/// customer as it is now, and closes both. The other stayed open: counted
+/// among the letters to replay, and its own replay answered `replayed: 1`
+/// and did nothing.
+async fn a_replay_closes_every_letter_of_the_link_it_reopens(postgres: bool) {
+    use ferry::store::{DeadLetterKind, ListDeadLetters};
+    let (store, _url, _dir, customers) = three_linked(postgres, "replay_both").await;
+    let stripe = ["stripe".to_owned()];
+    let id = customers[0].id.as_str();
+    for name in ["Refused once", "Refused again"] {
+        let edited = rename(&store, &customers[0].id, name).await;
+        store
+            .intake_changes(&[notice(&edited)], &stripe)
+            .await
+            .expect("intake");
+        let link = stripe_link_claimed(&store, "lease-replay-both", id).await;
+        let refused = LinkWrite::Outcome(RecordedOutcome::DeadLettered {
+            version: edited.version,
+            operation: Some("update"),
+            attempt: 1,
+            error_kind: DeadLetterKind::Permanent,
+            error: "remote answered 400".to_owned(),
+            settle_ms: 0,
+        });
+        let written = store.write_links(&[(&link, &refused)]).await;
+        assert_eq!(written.expect("written"), [true]);
+    }
+    let open = || async {
+        store
+            .dead_letters(&ListDeadLetters {
+                limit: 10,
+                ..ListDeadLetters::default()
+            })
+            .await
+            .expect("letters")
+            .into_iter()
+            .filter(|l| l.customer_id == id)
+            .map(|l| l.id)
+            .collect::<Vec<_>>()
+    };
+    let letters = open().await;
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    let mut replayed = store
+        .replay_dead_letters(Some(&letters[..1]), None, None)
+        .await
+        .expect("replayed");
+    replayed.sort();
+    assert_eq!(replayed, letters, "both letters of the link");
+    assert_eq!(open().await, Vec::<String>::new());
+    let link = store.links_of(id).await.expect("links")[0].clone();
+    assert_eq!(link.state, LinkState::Pending);
+    let again = store
+        .replay_dead_letters(Some(&letters[1..]), None, None)
+        .await
+        .expect("replayed");
+    assert_eq!(again, Vec::<String>::new(), "nothing left to replay");
+}
+
 /// Replaying an inbound dead letter re-opens its inbox event and leaves the
 /// customer's dead push alone (that letter is still open, its cause maybe
 /// not fixed); a connector's replay takes every open letter, in batches.
@@ -4084,6 +4143,16 @@ async fn a_replay_reopens_only_its_own_work(postgres: bool) {
     assert_eq!(link.state, LinkState::Pending);
     let last = store.links_of(&many[499].customer_id).await.expect("links")[0].clone();
     assert_eq!(last.state, LinkState::Pending);
+}
+
+#[tokio::test]
+async fn postgres_a_replay_closes_every_letter_of_the_link_it_reopens() {
+    a_replay_closes_every_letter_of_the_link_it_reopens(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_replay_closes_every_letter_of_the_link_it_reopens() {
+    a_replay_closes_every_letter_of_the_link_it_reopens(false).await;
 }
 
 #[tokio::test]
