@@ -216,6 +216,11 @@ pub enum ApiError {
     /// read-only database, a full disk); nothing was written.
     #[error("the store takes no writes now (read-only or full); nothing was written, send the request again later")]
     StoreReadOnly,
+    /// The connection to the database was lost during the request, or
+    /// none could be made (the server restarting, a failover): a write
+    /// under way may have landed or not.
+    #[error("the connection to the database was lost; a write under way may or may not have landed: send the request again (with the same Idempotency-Key)")]
+    StoreUnavailable,
     /// Secrets cannot be stored without a master key.
     #[error("secrets can only be stored when FERRY_MASTER_KEY is set; or give them through FERRY_CONNECTORS__<NAME>__SECRETS__<SECRET>")]
     MasterKeyRequired,
@@ -276,6 +281,7 @@ impl ApiError {
             Self::ConnectorFailed
             | Self::StoreBusy
             | Self::StoreReadOnly
+            | Self::StoreUnavailable
             | Self::RuntimeBusy
             | Self::WebhooksBusy
             | Self::RemoteUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -335,6 +341,7 @@ impl ApiError {
             Self::WebhooksBusy => "webhooks_busy",
             Self::StoreBusy => "store_busy",
             Self::StoreReadOnly => "store_read_only",
+            Self::StoreUnavailable => "store_unavailable",
             Self::Unauthorized => "unauthorized",
             Self::CrossSiteRequest(_) => "cross_site_request",
             Self::NotFound => "not_found",
@@ -384,6 +391,7 @@ impl ApiError {
             Self::WebhooksBusy => "Webhooks busy",
             Self::StoreBusy => "Store busy",
             Self::StoreReadOnly => "Store takes no writes",
+            Self::StoreUnavailable => "Store unreachable",
             Self::Unauthorized => "Unauthorized",
             Self::CrossSiteRequest(_) => "Cross-site request refused",
             Self::NotFound => "Not found",
@@ -459,6 +467,16 @@ impl From<StoreError> for ApiError {
                 );
                 Self::StoreReadOnly
             }
+            // A failover's or a restart's moment, not a fault of ferry's:
+            // answered 500 `internal`, the client had no word that sending
+            // it again was the thing to do.
+            lost if lost.lost_connection() => {
+                tracing::error!(
+                    error = format!("{:#}", anyhow::Error::from(lost)),
+                    "the connection to the store was lost"
+                );
+                Self::StoreUnavailable
+            }
             other => Self::Internal(other.into()),
         }
     }
@@ -529,7 +547,7 @@ impl IntoResponse for ApiError {
         ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        if matches!(self, Self::StoreReadOnly) {
+        if matches!(self, Self::StoreReadOnly | Self::StoreUnavailable) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
         if matches!(self, Self::Unauthorized) {
@@ -542,6 +560,21 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection lost mid-request (a failover, a restart) is a 503 to
+    /// send again, not a 500 that says nothing.
+    #[test]
+    fn a_lost_connection_is_a_passing_failure() {
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let lost = ApiError::from(StoreError::Database(sqlx::Error::Io(reset)));
+        assert_eq!(
+            (lost.status(), lost.code()),
+            (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+        );
+        assert_eq!(lost.into_response().headers()[header::RETRY_AFTER], "5");
+        let other = ApiError::from(StoreError::Database(sqlx::Error::RowNotFound));
+        assert_eq!(other.code(), "internal");
+    }
 
     /// A manifest read held back by ferry's own pacing is a 503 to send
     /// again, not the component's refusal.

@@ -116,7 +116,9 @@ impl Modify for EveryRoute {
         .build();
         let busy = problem(
             "The store did not answer in time (`store_busy`), or a write found it read-only \
-             (`store_read_only`): nothing was written",
+             (`store_read_only`): nothing was written; or the connection to it was lost \
+             (`store_unavailable`): a write under way may have landed (send it again with the \
+             same `Idempotency-Key`)",
         )
         .header(
             "Retry-After",

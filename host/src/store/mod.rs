@@ -208,6 +208,24 @@ impl StoreError {
         }
     }
 
+    /// Whether the connection to the database was lost, or none could be
+    /// made: an I/O error on the socket, or PostgreSQL shutting down or
+    /// starting (57P01-57P03) or refusing a connection (class 08). A write
+    /// under way may have landed or not.
+    pub fn lost_connection(&self) -> bool {
+        match self {
+            Self::Database(sqlx::Error::Io(_)) => true,
+            Self::Database(sqlx::Error::Database(db))
+                if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_none() =>
+            {
+                db.code().as_deref().is_some_and(|code| {
+                    matches!(code, "57P01" | "57P02" | "57P03") || code.starts_with("08")
+                })
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the store takes no writes: PostgreSQL in a read-only
     /// transaction (25006: a standby after a failover,
     /// `default_transaction_read_only`), SQLite's database read-only

@@ -138,7 +138,7 @@ pub struct ListParams {
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields or key reused", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): a write still queued was dropped; one whose commit had begun may land (send it again with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written", body = Problem, content_type = "application/problem+json",
+        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written; or the connection to it was lost (`store_unavailable`): a write under way may have landed (send it again with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = String, description = "Seconds to wait before sending it again"))),
     ),
     security((), ("admin_token" = []))
@@ -182,7 +182,7 @@ pub async fn create_customer(
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): a write still queued was dropped; one whose commit had begun may land (send it again with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written", body = Problem, content_type = "application/problem+json",
+        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written; or the connection to it was lost (`store_unavailable`): a write under way may have landed (send it again with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = String, description = "Seconds to wait before sending it again"))),
     ),
     security((), ("admin_token" = []))
@@ -247,7 +247,7 @@ pub async fn list_customers(
         (status = 401, description = "Unauthorized", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such customer", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): a write still queued was dropped; one whose commit had begun may land (send it again with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written", body = Problem, content_type = "application/problem+json",
+        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written; or the connection to it was lost (`store_unavailable`): a write under way may have landed (send it again with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = String, description = "Seconds to wait before sending it again"))),
     ),
     security((), ("admin_token" = []))
@@ -292,7 +292,7 @@ pub async fn get_customer(
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields or key reused", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): a write still queued was dropped; one whose commit had begun may land (send it again with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written", body = Problem, content_type = "application/problem+json",
+        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written; or the connection to it was lost (`store_unavailable`): a write under way may have landed (send it again with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = String, description = "Seconds to wait before sending it again"))),
     ),
     security((), ("admin_token" = []))
@@ -398,7 +398,7 @@ const KEPT_EMAIL_STAND_IN: &str = "kept@example.com";
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields or key reused", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): a write still queued was dropped; one whose commit had begun may land (send it again with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written", body = Problem, content_type = "application/problem+json",
+        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written; or the connection to it was lost (`store_unavailable`): a write under way may have landed (send it again with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = String, description = "Seconds to wait before sending it again"))),
     ),
     security((), ("admin_token" = []))
@@ -460,7 +460,7 @@ pub async fn replace_customer(
             headers(("ETag" = String, description = "The customer's current version"))),
         (status = 422, description = "Key reused", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request took longer than `request_timeout` (`request_timeout`): a write still queued was dropped; one whose commit had begun may land (send it again with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written", body = Problem, content_type = "application/problem+json",
+        (status = 503, description = "The store did not answer in time (`store_busy`), or a write found it read-only (`store_read_only`): nothing was written; or the connection to it was lost (`store_unavailable`): a write under way may have landed (send it again with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = String, description = "Seconds to wait before sending it again"))),
     ),
     security((), ("admin_token" = []))
