@@ -266,7 +266,10 @@ pub fn delivery(connector: &str, direction: &'static str, outcome: &'static str)
 /// stored), `invalid_signature`, `invalid` (refused after verification),
 /// `failed` (the connector broke, or cannot run on this replica) or
 /// `unstored` (verified, and refused by
-/// a busy or read-only store: the sender retries).
+/// a busy or read-only store: the sender retries), `busy`, `refused`
+/// (turned away before verification: too large, stalled) or `dropped`
+/// (the request ended before its answer: past `request_timeout`, or the
+/// sender gone).
 pub fn webhook_verification(connector: &str, result: &'static str) {
     counter!("ferry_webhook_verifications_total",
         "connector" => connector.to_owned(), "result" => result)

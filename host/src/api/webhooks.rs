@@ -75,6 +75,13 @@ pub async fn receive(
             }
             _ => ApiError::ConnectorNotFound,
         })?;
+    // One result per delivery to a switched-on connector, also for one
+    // whose request ends before its answer (past `request_timeout`, or
+    // the sender gone): those were on no metric but the HTTP status's.
+    let mut counted = Counted {
+        connector: &name,
+        result: None,
+    };
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
     // Held until the answer: the body, its copy in the sandbox and the
@@ -90,7 +97,7 @@ pub async fn receive(
                 ApiError::WebhooksBusy => "busy",
                 _ => "refused",
             };
-            crate::metrics::webhook_verification(&name, result);
+            counted.result = Some(result);
         })?;
     let body_len = body.len();
     let request = WebhookRequest {
@@ -110,7 +117,7 @@ pub async fn receive(
         // the connector then botches counts `failed` only.
         Ok(parsed) => parsed,
         Err(CallError::Connector(ConnectorError::InvalidSignature(message))) => {
-            crate::metrics::webhook_verification(&name, "invalid_signature");
+            counted.result = Some("invalid_signature");
             tracing::info!(connector = %name, reason = ?message, "webhook refused: signature");
             return Err(ApiError::InvalidSignature(message));
         }
@@ -121,7 +128,7 @@ pub async fn receive(
             // (an API version the connector does not read, say): the
             // sender keeps it and retries (Stripe for 3 days, Salesforce
             // for 24 hours), and an operator must hear of it in time.
-            crate::metrics::webhook_verification(&name, "invalid");
+            counted.result = Some("invalid");
             tracing::warn!(
                 connector = %name,
                 reason = %message,
@@ -134,14 +141,14 @@ pub async fn receive(
         // ferry's own pacing held the call back: ferry is saturated, the
         // connector is not broken. The sender retries, paced.
         Err(error @ CallError::Throttled { .. }) => {
-            crate::metrics::webhook_verification(&name, "busy");
+            counted.result = Some("busy");
             tracing::debug!(connector = %name, %error, "webhook not processed: ferry is busy; the sender will retry");
             return Err(ApiError::RuntimeBusy);
         }
         // The connector broke (trap, deadline, a retryable error of its
         // own): the sender must retry, and the host stays up.
         Err(error) => {
-            crate::metrics::webhook_verification(&name, "failed");
+            counted.result = Some("failed");
             tracing::warn!(connector = %name, %error, "webhook not processed; the sender will retry");
             return Err(ApiError::ConnectorFailed);
         }
@@ -158,7 +165,7 @@ pub async fn receive(
     {
         Ok(checked) => checked,
         Err(problem) => {
-            crate::metrics::webhook_verification(&name, "failed");
+            counted.result = Some("failed");
             tracing::warn!(connector = %name, %problem, "the connector produced events ferry cannot store; the sender will retry");
             return Err(ApiError::ConnectorFailed);
         }
@@ -205,11 +212,11 @@ pub async fn receive(
     {
         Ok(stored) => stored,
         Err(error) => {
-            crate::metrics::webhook_verification(&name, "unstored");
+            counted.result = Some("unstored");
             return Err(error.into());
         }
     };
-    crate::metrics::webhook_verification(&name, "verified");
+    counted.result = Some("verified");
     tracing::info!(connector = %name, events = count, stored, "webhook received");
     Ok(match parsed.reply {
         Some(reply) => {
@@ -225,6 +232,21 @@ pub async fn receive(
         })
         .into_response(),
     })
+}
+
+/// A delivery's verification result, counted once when the handler ends:
+/// the result it named, or `dropped` when it ended before naming one (its
+/// request past `request_timeout`, or the sender gone: the future is
+/// dropped mid-way).
+struct Counted<'a> {
+    connector: &'a str,
+    result: Option<&'static str>,
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        crate::metrics::webhook_verification(self.connector, self.result.unwrap_or("dropped"));
+    }
 }
 
 fn kind_of(kind: ChangeKind) -> RemoteChange {

@@ -1428,3 +1428,42 @@ async fn a_webhook_refused_before_verification_is_counted() {
         1.0
     );
 }
+
+/// A delivery whose request ends before its answer (here its body stalls
+/// past `request_timeout`, within `body_read_timeout`) is counted
+/// `dropped`: it was on no metric but the HTTP status's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_cut_off_by_the_request_timeout_is_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut setup = Setup::new(Backend::Sqlite, "http://127.0.0.1:9");
+    setup.extra = json!({"request_timeout": "1s", "body_read_timeout": "30s"});
+    let app = spawn_sync_app(setup).await;
+    let before = scrape(&app.base).await;
+    let address = app.base.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /webhooks/stripe HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\n\
+         stripe-signature: t=1,v1=00\r\ncontent-length: 100\r\n\r\n{{\"id\":"
+    );
+    socket.write_all(head.as_bytes()).await.expect("head");
+    let mut answer = vec![0; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(20), socket.read(&mut answer))
+        .await
+        .expect("answered")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer[..read]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let after = scrape(&app.base).await;
+    let labels = [("connector", "stripe"), ("result", "dropped")];
+    assert_eq!(
+        moved(
+            &before,
+            &after,
+            "ferry_webhook_verifications_total",
+            &labels
+        ),
+        1.0
+    );
+}
