@@ -343,6 +343,15 @@ async fn watch(
         let built = build(&dir).await;
         seen = now.after_build(&dir);
         match built {
+            // The bytes served already: "reloaded" said an edit was live
+            // when cargo had rebuilt nothing (a source restored with an
+            // older time, which its freshness check does not see).
+            Ok(wasm) if served_already(&registry, &wasm).await => eprintln!(
+                "unchanged: the build gave the component served already ({}); an edit that \
+                 changes no code, or a source restored with an older time, which cargo does \
+                 not rebuild (touch it to force one)",
+                wasm.display()
+            ),
             Ok(wasm) => match register(
                 &registry,
                 &Built {
@@ -358,6 +367,18 @@ async fn watch(
             Err(error) => eprintln!("not rebuilt: {error:#}"),
         }
     }
+}
+
+/// Whether `wasm`'s bytes are a connector's active version now.
+async fn served_already(registry: &Registry, wasm: &Path) -> bool {
+    let Ok(bytes) = tokio::fs::read(wasm).await else {
+        return false;
+    };
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    registry
+        .entries()
+        .iter()
+        .any(|e| e.active.as_ref().is_some_and(|a| a.meta.sha256 == sha256))
 }
 
 /// What [`WATCHED`] holds, as far as a rebuild cares: a fingerprint of

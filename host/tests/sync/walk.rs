@@ -256,6 +256,29 @@ async fn from_ferry_connector_new_to_a_live_webhook() {
         last.lock().unwrap(),
         std::fs::read_to_string(&dev.log).unwrap_or_default()
     );
+    // The source put back as it was, with a time before the last build
+    // (`cp -p`, a restore): cargo rebuilds nothing, and the loop says so
+    // instead of "reloaded" over the edit it still serves.
+    std::fs::write(&lib_rs, &source).expect("restore src/lib.rs");
+    let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&lib_rs)
+        .and_then(|file| file.set_modified(an_hour_ago))
+        .expect("date src/lib.rs back");
+    let log = dev.log.clone();
+    wait_for(Duration::from_secs(120), || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("unchanged: the build gave the component served already")
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "the loop did not say the build changed nothing:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
     dev.stop();
     std::fs::write(&lib_rs, source).expect("restore src/lib.rs");
     std::fs::write(&manifest, toml).expect("restore the version");
