@@ -917,10 +917,9 @@ impl Runtime {
         let sha256 = sha256.to_owned();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            compiling.fetch_add(1, Ordering::Relaxed);
-            let component = Component::new(&engine, &bytes);
-            compiling.fetch_sub(1, Ordering::Relaxed);
-            let component = component.map_err(|e| LoadError::Compile(chain(&e)))?;
+            let _running = Running::count(&compiling);
+            let component =
+                Component::new(&engine, &bytes).map_err(|e| LoadError::Compile(chain(&e)))?;
             if let Ok(mut map) = components.lock() {
                 map.insert(&sha256, component.clone());
             }
@@ -939,6 +938,23 @@ impl Runtime {
     /// 16; the ones loaded connectors hold are kept by them).
     pub fn cached_components(&self) -> usize {
         self.inner.components.lock().map_or(0, |m| m.entries.len())
+    }
+}
+
+/// One compile counted in [`Runtime::compiles_running`] while it lives
+/// (a compile that panics, too).
+struct Running<'a>(&'a AtomicUsize);
+
+impl<'a> Running<'a> {
+    fn count(running: &'a AtomicUsize) -> Self {
+        running.fetch_add(1, Ordering::Relaxed);
+        Self(running)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

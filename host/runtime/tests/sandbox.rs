@@ -850,7 +850,13 @@ async fn compiles_run_one_at_a_time_when_so_bounded() {
         tokio::spawn(async move { runtime.load(&wasm).await.map(|_| ()) })
     };
     let given_up = load(0);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while runtime.compiles_running() == 0 {
+        assert!(
+            !given_up.is_finished(),
+            "the compile ended before it was seen"
+        );
+        assert!(Instant::now() < deadline, "the compile never began");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     given_up.abort();
@@ -864,6 +870,11 @@ async fn compiles_run_one_at_a_time_when_so_bounded() {
         l.await.unwrap().expect("loads");
     }
     assert_eq!(most, 1, "compiles at once");
+    // The compile given up ran to its end, and is cached for a retry.
+    while runtime.compiles_running() > 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(runtime.cached_components(), 4, "every variant is cached");
 }
 
 #[tokio::test]

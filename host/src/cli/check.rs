@@ -65,6 +65,20 @@ pub struct Refusal {
 /// taken, it matched nothing, and a deny-list the operator thought applied
 /// was not.
 pub async fn check(file: &Path, options: &CheckOptions) -> anyhow::Result<Report> {
+    // Blank entries (`--allowed-hosts api.x.com,`) are none, as `ferry
+    // serve` reads its lists.
+    let listed = |list: &[String]| -> Vec<String> {
+        list.iter()
+            .map(|e| e.trim())
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    let options = &CheckOptions {
+        allowed_hosts: listed(&options.allowed_hosts),
+        denied_hosts: listed(&options.denied_hosts),
+        ..options.clone()
+    };
     for (name, list) in [
         ("connector_allowed_hosts", &options.allowed_hosts),
         ("connector_denied_hosts", &options.denied_hosts),
@@ -316,6 +330,19 @@ mod tests {
                 "refused before reading: {error}"
             );
         }
+        // A blank entry is none, as `ferry serve` reads it: the file is
+        // read (and is missing) past the lists' check.
+        let options = CheckOptions {
+            max_bytes: 1 << 20,
+            allowed_hosts: vec!["api.acme.example".to_owned(), String::new()],
+            denied_hosts: vec![" ".to_owned()],
+            allow_private_hosts: false,
+        };
+        let error = check(Path::new("not-read.wasm"), &options)
+            .await
+            .expect_err("the file is missing")
+            .to_string();
+        assert!(error.contains("not-read.wasm"), "{error}");
     }
 
     #[test]

@@ -501,11 +501,13 @@ pub async fn put_settings(
     // A form drawn for another version than the one active now (activated
     // or rolled back since): it lacks the fields only the active one
     // declares, and the save replaces the whole set, so their values (a
-    // sealed secret's too) were dropped. Drawn again, nothing saved.
-    let active = state
-        .registry
-        .entry(&name)
-        .and_then(|e| e.active.as_ref().map(|a| a.meta.version.clone()));
+    // sealed secret's too) were dropped. Drawn again, nothing saved. The
+    // store's active version, as the page drew it: a replica that could
+    // not load it runs another, and refused every form drawn elsewhere.
+    let active = match state.store.stored_active_version(&name).await {
+        Ok(active) => active,
+        Err(error) => return problem(&form.session, error.into()),
+    };
     if form
         .get("version_was")
         .is_some_and(|drawn| Some(drawn) != active.as_deref())

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::{dispatch, now, stored_names, Store, StoreError};
+use super::{dispatch, now, stored_names, Backend, Store, StoreError};
 
 /// Why a change was given up (a dead letter's `error_kind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
@@ -160,7 +160,7 @@ impl Store {
                     let binds: Vec<Option<&str>> = std::iter::once(connector)
                         .chain(chunk.iter().map(|id| Some(id.as_str())))
                         .collect();
-                    let (batch, _) = self.replay_batch(&sql, &binds).await?;
+                    let (batch, _) = self.replay_batch(&sql, &binds, true).await?;
                     replayed.extend(batch);
                 }
             }
@@ -201,7 +201,7 @@ impl Store {
                     // letters a replay running at once took first (a
                     // console click) made a short batch, and the rest of
                     // the backlog was left open under a 200.
-                    let (batch, chosen) = self.replay_batch(&sql, &binds).await?;
+                    let (batch, chosen) = self.replay_batch(&sql, &binds, false).await?;
                     replayed.extend(batch);
                     let Some(last) = chosen.last() else { break };
                     after = Some(last.clone());
@@ -216,15 +216,17 @@ impl Store {
 
     /// One transaction of [`Store::replay_dead_letters`]: the open letters
     /// `select` finds with `binds` as its parameters, in order; the ids of
-    /// those it replayed (with the other open letters of a link it
-    /// re-opened), and the ids of all it chose (a replay running at once
-    /// may have taken some first).
+    /// those it replayed (with, if `with_link_s_others`, the other open
+    /// letters of a link it re-opened), and the ids of all it chose (a
+    /// replay running at once may have taken some first).
     async fn replay_batch(
         &self,
         select: &str,
         binds: &[Option<&str>],
+        with_link_s_others: bool,
     ) -> Result<(Vec<String>, Vec<String>), StoreError> {
         let at = now();
+        let postgres = matches!(self.backend, Backend::Postgres(_));
         dispatch!(self, write pool => {
             let mut tx = pool.begin().await?;
             let mut query = sqlx::query_as(select);
@@ -242,6 +244,20 @@ impl Store {
             });
             let mut replayed = Vec::with_capacity(chosen.len());
             for letter in chosen {
+                // An outbound letter's link before the letter, as every
+                // replay takes them: one replay held a letter and waited
+                // for its link, another held the link and waited for a
+                // letter of it (the link's others, below), and PostgreSQL
+                // broke the deadlock by failing one.
+                if postgres && letter.direction == "outbound" {
+                    sqlx::query(
+                        "SELECT 1 FROM sync_links WHERE customer_id = $1 AND connector = $2 FOR UPDATE",
+                    )
+                    .bind(&letter.customer_id)
+                    .bind(&letter.connector)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 // A replay running at once (a second click, another
                 // operator) read the same letters and took them first: on
                 // PostgreSQL this one waited for its row locks, and finds
@@ -303,7 +319,11 @@ impl Store {
                 // link pushes the customer as it is now. Left open, the
                 // count of letters to replay kept them, and their own
                 // replay later answered `replayed: 1` and did nothing.
-                if reopened == 1 {
+                // A letter replayed by its id only: a connector's replay
+                // takes all its open letters anyway, and this look (no
+                // index leads with the customer) per link made it
+                // quadratic in the backlog.
+                if reopened == 1 && with_link_s_others {
                     let also: Vec<String> = sqlx::query_scalar(
                         "UPDATE dead_letters SET replayed_at = $1 WHERE customer_id = $2 \
                          AND connector = $3 AND direction = 'outbound' AND replayed_at IS NULL \

@@ -210,7 +210,9 @@ impl StoreError {
 
     /// Whether the connection to the database was lost, or none could be
     /// made: an I/O error on the socket, or PostgreSQL shutting down or
-    /// starting (57P01-57P03) or refusing a connection (class 08). A write
+    /// starting (57P01-57P03), or a connection failure of class 08 (not
+    /// 08P01, a protocol violation: a statement's binds not matching its
+    /// placeholders, ferry's own bug, is no passing failure). A write
     /// under way may have landed or not.
     pub fn lost_connection(&self) -> bool {
         match self {
@@ -218,9 +220,20 @@ impl StoreError {
             Self::Database(sqlx::Error::Database(db))
                 if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_none() =>
             {
-                db.code().as_deref().is_some_and(|code| {
-                    matches!(code, "57P01" | "57P02" | "57P03") || code.starts_with("08")
-                })
+                matches!(
+                    db.code().as_deref(),
+                    Some(
+                        "57P01"
+                            | "57P02"
+                            | "57P03"
+                            | "08000"
+                            | "08001"
+                            | "08003"
+                            | "08004"
+                            | "08006"
+                            | "08007"
+                    )
+                )
             }
             _ => false,
         }

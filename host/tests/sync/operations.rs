@@ -1457,13 +1457,13 @@ async fn a_webhook_cut_off_by_the_request_timeout_is_counted() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     let after = scrape(&app.base).await;
     let labels = [("connector", "stripe"), ("result", "dropped")];
-    assert_eq!(
-        moved(
-            &before,
-            &after,
-            "ferry_webhook_verifications_total",
-            &labels
-        ),
-        1.0
+    // At least: the counter is the process's, and another test's request
+    // may be cut off too.
+    let dropped = moved(
+        &before,
+        &after,
+        "ferry_webhook_verifications_total",
+        &labels,
     );
+    assert!(dropped >= 1.0, "{dropped}");
 }
