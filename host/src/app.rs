@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -255,6 +255,17 @@ impl App {
             tracing::warn!(
                 listen = %address,
                 "NO ADMIN TOKEN: the API is UNAUTHENTICATED; anyone who can reach this loopback address can read and change every customer. Set FERRY_ADMIN_TOKEN."
+            );
+        }
+        // Part of the key, and so of every secret sealed under it: not
+        // trimmed (that would make them unreadable), but said, before a
+        // fixed env file changes the key.
+        if config.master_key.as_ref().is_some_and(|key| {
+            let key = key.expose_secret();
+            key.trim() != key
+        }) {
+            tracing::warn!(
+                "master_key starts or ends with white space (a trailing newline?): it is part of the key that seals stored secrets, so keep it exactly so, or re-enter the secrets after changing it"
             );
         }
 

@@ -720,6 +720,15 @@ impl Config {
                     "admin_token must be at least 16 characters".into(),
                 ));
             }
+            // A trailing line break (a secret made with `--from-file`, an
+            // env file with CRLF) or a space: no header carries it, and
+            // what a client sends is trimmed, so nothing ever matched the
+            // token, and every request was refused without a word why.
+            if !token.expose_secret().bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::Invalid(
+                    "admin_token must be visible ASCII characters only (no spaces or line breaks: check for a trailing newline)".into(),
+                ));
+            }
         }
         if let Some(key) = &self.master_key {
             if key.expose_secret().len() < crate::secrets::MIN_MASTER_KEY_BYTES {
@@ -850,6 +859,22 @@ impl Config {
         self.validate_limits()?;
         let kind = crate::store::StoreKind::from_url(self.database_url_exposed())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        // A key the driver does not read did nothing, and the driver logged
+        // it with its value at every connection: an `sslpassword` (an
+        // encrypted client key's passphrase, which it cannot use) went to
+        // the logs. Named without its value.
+        if kind == crate::store::StoreKind::Postgres {
+            if let Ok(url) = url::Url::parse(self.database_url_exposed()) {
+                if let Some((key, _)) = url.query_pairs().find(|(k, _)| {
+                    !POSTGRES_URL_KEYS.contains(&k.as_ref()) && !k.starts_with("options[")
+                }) {
+                    return Err(ConfigError::Invalid(format!(
+                        "database_url: the query parameter `{key}` is not one ferry's PostgreSQL driver reads (it would be ignored, and logged with its value); it reads {} (an encrypted client key is not supported: give `sslkey` a key without a passphrase)",
+                        POSTGRES_URL_KEYS.join(", ")
+                    )));
+                }
+            }
+        }
         // In cluster mode on PostgreSQL, the replica leading the relay holds
         // a connection of the pool for its lock as long as it leads: with a
         // pool of one, nothing else ever gets a connection.
@@ -993,7 +1018,37 @@ impl Config {
     }
 }
 
-/// Replaces the password of a URL (and any `password=` query value).
+/// Whether a URL's query key names a secret (`password`, libpq's
+/// `sslpassword`: the passphrase of an encrypted client key).
+fn secret_key(key: &str) -> bool {
+    key.to_ascii_lowercase().contains("password")
+}
+
+/// The connection parameters sqlx's PostgreSQL driver reads from a URL's
+/// query; it ignores any other, and logs it with its value.
+const POSTGRES_URL_KEYS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// Replaces the password of a URL (and any query value whose key names a
+/// password: `password=`, `sslpassword=`).
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut url) => {
@@ -1001,14 +1056,11 @@ pub fn redact_url(raw: &str) -> String {
                 // Only fails for URLs that cannot have a password.
                 let _ = url.set_password(Some("REDACTED"));
             }
-            if url
-                .query_pairs()
-                .any(|(k, _)| k.eq_ignore_ascii_case("password"))
-            {
+            if url.query_pairs().any(|(k, _)| secret_key(&k)) {
                 let pairs: Vec<(String, String)> = url
                     .query_pairs()
                     .map(|(k, v)| {
-                        let v = if k.eq_ignore_ascii_case("password") {
+                        let v = if secret_key(&k) {
                             "REDACTED".into()
                         } else {
                             v.into_owned()
@@ -1470,6 +1522,54 @@ mod tests {
                 .to_string();
             assert!(!error.contains("hunter2"), "{error}");
             assert!(error.contains("line 2"), "{error}");
+            Ok(())
+        });
+    }
+
+    /// A PostgreSQL URL's query key the driver does not read is refused,
+    /// named without its value (an `sslpassword` was logged by the driver
+    /// at every connection, and by ferry's start line); a password of any
+    /// key is redacted.
+    #[test]
+    fn a_database_url_key_the_driver_ignores_is_refused_without_its_value() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env(
+                "FERRY_DATABASE_URL",
+                "postgres://ferry@db/ferry?sslmode=verify-full&sslkey=k.pem&sslpassword=hunter2",
+            );
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert!(!format!("{config:?}").contains("hunter2"));
+            let error = config.validate().expect_err("ignored key").to_string();
+            assert!(error.contains("`sslpassword`"), "{error}");
+            assert!(!error.contains("hunter2"), "{error}");
+            jail.set_env(
+                "FERRY_DATABASE_URL",
+                "postgres://ferry@db/ferry?sslmode=require&application_name=ferry&options[statement_timeout]=5s",
+            );
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            config.validate().map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
+    /// An admin token with a trailing line break (a secret made with
+    /// `--from-file`, a CRLF env file) is refused: nothing could match it.
+    #[test]
+    fn an_admin_token_no_header_can_carry_is_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            for token in [
+                "0123456789abcdef0123\r",
+                "0123456789abcdef0123\n",
+                "0123456789 abcdef0123",
+            ] {
+                jail.set_env("FERRY_ADMIN_TOKEN", token);
+                let config = Config::load(None).map_err(|e| e.to_string())?;
+                let error = config.validate().expect_err("refused").to_string();
+                assert!(error.contains("visible ASCII"), "{error}");
+                assert!(!error.contains("0123456789"), "{error}");
+            }
             Ok(())
         });
     }
