@@ -271,6 +271,21 @@ async fn same_origin_only(
         .and_then(|h| h.to_str().ok())
         .map(str::to_owned)
         .or_else(|| request.uri().authority().map(|a| a.as_str().to_owned()));
+    // A proxy on this machine forwards the world's requests from a
+    // loopback address, and may keep a loopback `Host` (nginx's default
+    // `proxy_pass`): the API was open to anyone who reached the proxy.
+    // Its own headers say it forwarded them.
+    if !webhook {
+        if let Some(forwarded) = FORWARDED_HEADERS
+            .iter()
+            .find(|name| request.headers().contains_key(**name))
+        {
+            return ApiError::CrossSiteRequest(format!(
+                "this ferry runs without an admin token and answers only requests made on its own machine, not one a proxy forwarded (`{forwarded}`); set FERRY_ADMIN_TOKEN to serve behind a proxy"
+            ))
+            .into_response();
+        }
+    }
     if let Some(host) = host.as_ref().filter(|_| !webhook) {
         if !is_loopback_host(host) {
             return ApiError::CrossSiteRequest(format!(
@@ -311,6 +326,16 @@ async fn same_origin_only(
     }
     next.run(request).await
 }
+
+/// Headers a proxy adds to what it forwards.
+const FORWARDED_HEADERS: [&str; 6] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "via",
+];
 
 /// `localhost`, `127.x.x.x` or `[::1]`, with or without a port.
 fn is_loopback_host(host: &str) -> bool {

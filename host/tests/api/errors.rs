@@ -426,6 +426,22 @@ async fn open_mode_refuses_other_hosts_and_origins(backend: Backend) {
         .await
         .unwrap();
     assert_problem(other_port, 403, "cross_site_request").await;
+    // A proxy on this machine forwarding the world's requests under a
+    // loopback `Host` (nginx's default): its own headers refuse them.
+    for (name, value) in [
+        ("x-forwarded-for", "203.0.113.9"),
+        ("forwarded", "for=203.0.113.9"),
+        ("via", "1.1 proxy"),
+    ] {
+        let proxied = app
+            .client
+            .get(&url)
+            .header(name, value)
+            .send()
+            .await
+            .unwrap();
+        assert_problem(proxied, 403, "cross_site_request").await;
+    }
 
     let own = app
         .client
