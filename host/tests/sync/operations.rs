@@ -425,6 +425,47 @@ where
     }
 }
 
+/// A collector that refuses the spans (a wrong path or port, a 401) is
+/// named in the log: the exporter's failures were dropped without a
+/// trace, and an operator believed tracing was on.
+#[tokio::test]
+async fn an_otlp_collector_that_refuses_the_spans_is_named_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(|| async { axum::http::StatusCode::NOT_FOUND }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{address}")
+    };
+    let env = BTreeMap::from([
+        (
+            "FERRY_DATABASE_URL".to_owned(),
+            format!("sqlite://{}", dir.path().join("f.db").display()),
+        ),
+        ("FERRY_OTLP_ENDPOINT".to_owned(), collector),
+        ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "200".to_owned()),
+    ]);
+    let ferry = FerryProcess::start(env, dir.path()).await;
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !ferry.log_text().contains("ExportError") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no export failure in the log:\n{}",
+            ferry.log_text()
+        );
+        let _ = client
+            .get(format!("{}/api/v1/customers", ferry.base))
+            .send()
+            .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The real binary with JSON logs: a customer created through the API
 /// reaches localstripe, localstripe's webhook comes back and is suppressed
 /// as an echo, and every step logs the API request's correlation id; the
