@@ -1058,6 +1058,13 @@ impl SyncEngine {
         });
         let mut fields = fields_of(&merged.merged).map_err(Failure::Permanent)?;
         let mut detail_prefix = String::new();
+        // The same address in an older form the customer keeps (one left
+        // beside another customer's by `Store::renormalise_emails`): kept,
+        // not looked up, which found the other customer and dead-lettered
+        // (or flagged) every event of the record, a phone edit's too.
+        if crate::sync::merge::same_text("email", Some(&fields.email), Some(&customer.email)) {
+            fields.email.clone_from(&customer.email);
+        }
         if fields.email != customer.email {
             if let Some(owner) = self
                 .other_customer_with(&fields.email, &customer.id)

@@ -677,6 +677,53 @@ async fn a_patch_without_email_keeps_the_stored_one(backend: Backend) {
     let patched = stored_then_patched(invisible.clone(), json!({"phone": "+15550000009"})).await;
     assert_eq!(patched["phone"], "+15550000009");
     assert_eq!(patched["email"], invisible.as_str(), "kept byte for byte");
+
+    // A client sending back what it read, the email as stored: by PATCH
+    // naming it, and by PUT of the whole record (both answered 409 for the
+    // older form, and 422 for the invisible one).
+    for stored in [nfd.clone(), invisible.clone()] {
+        let patched = stored_then_patched(
+            stored.clone(),
+            json!({"email": stored.as_str(), "name": "Sent back"}),
+        )
+        .await;
+        assert_eq!(patched["name"], "Sent back");
+        assert_eq!(patched["email"], stored.as_str());
+        let mut read = app
+            .request(Method::GET, &format!("/api/v1/customers/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap();
+        let whole: serde_json::Map<String, Value> =
+            ["email", "name", "phone", "address", "metadata"]
+                .iter()
+                .map(|field| (field.to_string(), read[*field].take()))
+                .collect();
+        let mut whole = Value::Object(whole);
+        whole["name"] = json!("Replaced");
+        let response = app
+            .request(Method::PUT, &format!("/api/v1/customers/{id}"))
+            .json(&whole)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let replaced: Value = response.json().await.unwrap();
+        assert_eq!(status, 200, "{replaced}");
+        assert_eq!(replaced["name"], "Replaced");
+        assert_eq!(replaced["email"], stored.as_str(), "kept byte for byte");
+    }
+    // A new email is judged as ever: another customer's is taken.
+    let response = app
+        .request(Method::PUT, &format!("/api/v1/customers/{id}"))
+        .json(&json!({"email": nfc}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409);
 }
 
 on_both_backends!(

@@ -1260,6 +1260,70 @@ async fn stripe_thin_events_are_fetched_and_applied() {
     assert_eq!(app.customer_by_email(&address).await, None, "deleted");
 }
 
+/// A customer keeping an older form of its email (left beside another
+/// customer's by the start's renormalisation, for a person to merge) still
+/// takes its record's edits: the merged email, the same address, was
+/// looked up, found the other customer, and every event of the record was
+/// dead-lettered, a phone edit's too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_form_of_the_email_still_takes_remote_edits() {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let app = spawn_sync_app(Setup::new(Backend::Sqlite, &stripe.url())).await;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let (nfc, nfd) = (
+        format!("ren\u{e9}-{tag}@example.com"),
+        format!("rene\u{301}-{tag}@example.com"),
+    );
+    let (status, holder) = app
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/customers",
+            Some(json!({"email": nfc, "name": "Holds the NFC form"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{holder}");
+    let address = email("older-form");
+    let created = stripe_py(
+        &stripe.url(),
+        &format!("c = stripe.Customer.create(email='{address}', name='Older Form')\nprint(json.dumps({{'id': c.id}}))"),
+    );
+    let remote_id = created["id"].as_str().unwrap().to_owned();
+    let thin = |id: &str| {
+        json!({"id": id, "object": "v2.core.event", "type": "v1.customer.updated",
+            "created": chrono::Utc::now().to_rfc3339(), "livemode": false, "context": null,
+            "related_object": {"id": remote_id, "type": "customer",
+                "url": format!("/v1/customers/{remote_id}")}})
+        .to_string()
+    };
+    let body = thin("evt_older_form_1");
+    let (status, problem) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200, "{problem}");
+    let applied = outcome_of(&app, remote_id.clone(), "evt_older_form_1").await;
+    assert_eq!(applied["state"], "applied", "{applied}");
+    let customer = app.customer_by_email(&address).await.expect("created");
+    let id = customer["id"].as_str().unwrap().to_owned();
+    let sql = format!("UPDATE customers SET email = '{nfd}' WHERE id = '{id}'");
+    crate::helpers::execute_raw(&app.database_url, &sql, &[]).await;
+    stripe_py(
+        &stripe.url(),
+        &format!("stripe.Customer.modify('{remote_id}', phone='+15555550199')\nprint('null')"),
+    );
+    let body = thin("evt_older_form_2");
+    let (status, problem) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200, "{problem}");
+    let applied = outcome_of(&app, remote_id.clone(), "evt_older_form_2").await;
+    assert_eq!(applied["state"], "applied", "{applied}");
+    let (_, customer) = app
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/v1/customers/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(customer["phone"], "+15555550199", "{customer}");
+    assert_eq!(customer["email"], nfd.as_str(), "the stored form kept");
+}
+
 /// A blank webhook secret (a compose variable left unset, read as "") is no
 /// secret: a delivery signed with the empty key is refused and stores
 /// nothing, and the API refuses to store a blank secret. Before, HMAC took

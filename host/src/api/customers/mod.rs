@@ -346,13 +346,17 @@ pub async fn patch_customer(
                         .map_err(|e| ApiError::Internal(e.into()))?;
                     merge_patch(&mut merged, &patch);
                     let mut input = from_value::<CustomerInput>(merged)?;
-                    // An email the patch does not name stays as stored, and
-                    // is not judged again: an older form kept beside
-                    // another customer's (see `Store::renormalise_emails`)
-                    // made every patch 409, and one today's rules refuse
-                    // (an invisible character) every patch 422 naming a
-                    // field the client never sent.
-                    let kept = patch.get("email").is_none();
+                    // An email the patch does not name, or names as stored
+                    // (a client sending back what it read), stays as
+                    // stored, and is not judged again: an older form kept
+                    // beside another customer's (see
+                    // `Store::renormalise_emails`) made every patch 409,
+                    // and one today's rules refuse (an invisible
+                    // character) every patch 422 naming a field the
+                    // client never changed.
+                    let kept = patch
+                        .get("email")
+                        .is_none_or(|email| email.as_str() == Some(current.email.as_str()));
                     if kept {
                         input.email = KEPT_EMAIL_STAND_IN.to_owned();
                     }
@@ -425,11 +429,27 @@ pub async fn replace_customer(
         |record| async move {
             let id = CustomerId::parse(&id).ok_or(ApiError::CustomerNotFound)?;
             let expected = if_match.expected(&state.store, &id).await?;
-            let fields = validate(given(parse_json::<CustomerInput>(body)?)?)?;
+            let input = given(parse_json::<CustomerInput>(body)?)?;
+            // The other fields judged before the write holds the row; the
+            // email judged there, unless sent as stored (the record read,
+            // sent back): kept, not judged again, as a patch's (an older
+            // form beside another customer's made every replace 409).
+            let others = validate(CustomerInput {
+                email: KEPT_EMAIL_STAND_IN.to_owned(),
+                ..input.clone()
+            })?;
             let ctx = context(correlation_id, record.as_ref(), &render);
             let customer = state
                 .store
-                .update_customer(&id, expected, ctx, |_| Ok::<_, ApiError>(fields.clone()))
+                .update_customer(&id, expected, ctx, |current| {
+                    if input.email == current.email {
+                        let mut fields = others.clone();
+                        fields.email.clone_from(&current.email);
+                        Ok(fields)
+                    } else {
+                        validate(input.clone())
+                    }
+                })
                 .await?;
             Ok(render(&customer))
         },
