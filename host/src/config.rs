@@ -720,13 +720,15 @@ impl Config {
                     "admin_token must be at least 16 characters".into(),
                 ));
             }
-            // A trailing line break (a secret made with `--from-file`, an
-            // env file with CRLF) or a space: no header carries it, and
-            // what a client sends is trimmed, so nothing ever matched the
+            // A line break or a space around it (a secret made with
+            // `--from-file`, an env file with CRLF), a control character or
+            // a non-ASCII one: what a client sends is trimmed, and a header
+            // carries none of the others, so nothing ever matched the
             // token, and every request was refused without a word why.
-            if !token.expose_secret().bytes().all(|b| b.is_ascii_graphic()) {
+            let token = token.expose_secret();
+            if token.trim() != token || !token.bytes().all(|b| (b' '..=b'~').contains(&b)) {
                 return Err(ConfigError::Invalid(
-                    "admin_token must be visible ASCII characters only (no spaces or line breaks: check for a trailing newline)".into(),
+                    "admin_token must be printable ASCII without white space around it (check for a trailing newline)".into(),
                 ));
             }
         }
@@ -749,6 +751,17 @@ impl Config {
             if !scheme_ok {
                 return Err(ConfigError::Invalid(format!(
                     "otlp_endpoint must be an http:// or https:// URL, got {}",
+                    redact_url(endpoint)
+                )));
+            }
+            // An export that fails is logged with the endpoint's whole URL
+            // (the HTTP client's error): credentials in it would go to the
+            // logs. Headers carry them (`OTEL_EXPORTER_OTLP_HEADERS`).
+            let credentials = url::Url::parse(endpoint)
+                .is_ok_and(|u| !u.username().is_empty() || u.password().is_some());
+            if credentials {
+                return Err(ConfigError::Invalid(format!(
+                    "otlp_endpoint must not carry credentials ({}): give them as headers, OTEL_EXPORTER_OTLP_HEADERS=authorization=...",
                     redact_url(endpoint)
                 )));
             }
@@ -859,18 +872,20 @@ impl Config {
         self.validate_limits()?;
         let kind = crate::store::StoreKind::from_url(self.database_url_exposed())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        // A key the driver does not read did nothing, and the driver logged
-        // it with its value at every connection: an `sslpassword` (an
-        // encrypted client key's passphrase, which it cannot use) went to
-        // the logs. Named without its value.
+        // A secret in a key the driver does not read: it did nothing, and
+        // the driver logged it with its value at start (an `sslpassword`,
+        // an encrypted client key's passphrase, which it cannot use, went
+        // to the logs). Named without its value. Other keys it ignores
+        // (libpq's `channel_binding`, `connect_timeout`) are no secret, and
+        // URLs that carry them keep working.
         if kind == crate::store::StoreKind::Postgres {
             if let Ok(url) = url::Url::parse(self.database_url_exposed()) {
-                if let Some((key, _)) = url.query_pairs().find(|(k, _)| {
-                    !POSTGRES_URL_KEYS.contains(&k.as_ref()) && !k.starts_with("options[")
-                }) {
+                if let Some((key, _)) = url
+                    .query_pairs()
+                    .find(|(k, _)| secret_key(k) && !POSTGRES_URL_KEYS.contains(&k.as_ref()))
+                {
                     return Err(ConfigError::Invalid(format!(
-                        "database_url: the query parameter `{key}` is not one ferry's PostgreSQL driver reads (it would be ignored, and logged with its value); it reads {} (an encrypted client key is not supported: give `sslkey` a key without a passphrase)",
-                        POSTGRES_URL_KEYS.join(", ")
+                        "database_url: the query parameter `{key}` names a secret ferry's PostgreSQL driver does not read (it would be ignored, and logged with its value); an encrypted client key is not supported: give `sslkey` a key without a passphrase"
                     )));
                 }
             }
@@ -1526,12 +1541,14 @@ mod tests {
         });
     }
 
-    /// A PostgreSQL URL's query key the driver does not read is refused,
-    /// named without its value (an `sslpassword` was logged by the driver
-    /// at every connection, and by ferry's start line); a password of any
-    /// key is redacted.
+    /// A PostgreSQL URL's query key naming a secret the driver does not
+    /// read is refused, named without its value (an `sslpassword` was
+    /// logged by the driver at start, and by ferry's start line); a
+    /// password of any key is redacted; other keys it ignores still start
+    /// (a provider's `channel_binding`). An OTLP endpoint with credentials
+    /// is refused (a failed export logs its URL).
     #[test]
-    fn a_database_url_key_the_driver_ignores_is_refused_without_its_value() {
+    fn a_secret_the_database_driver_ignores_is_refused_without_its_value() {
         figment::Jail::expect_with(|jail| {
             jail.clear_env();
             jail.set_env(
@@ -1545,10 +1562,15 @@ mod tests {
             assert!(!error.contains("hunter2"), "{error}");
             jail.set_env(
                 "FERRY_DATABASE_URL",
-                "postgres://ferry@db/ferry?sslmode=require&application_name=ferry&options[statement_timeout]=5s",
+                "postgres://ferry@db/ferry?sslmode=require&channel_binding=require&options[statement_timeout]=5s",
             );
             let config = Config::load(None).map_err(|e| e.to_string())?;
             config.validate().map_err(|e| e.to_string())?;
+            jail.set_env("FERRY_OTLP_ENDPOINT", "https://user:hunter2@otel.example");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let error = config.validate().expect_err("credentials").to_string();
+            assert!(error.contains("otlp_endpoint"), "{error}");
+            assert!(!error.contains("hunter2"), "{error}");
             Ok(())
         });
     }
@@ -1562,12 +1584,13 @@ mod tests {
             for token in [
                 "0123456789abcdef0123\r",
                 "0123456789abcdef0123\n",
-                "0123456789 abcdef0123",
+                " 0123456789abcdef0123",
+                "0123456789abcdef\u{e9}0123",
             ] {
                 jail.set_env("FERRY_ADMIN_TOKEN", token);
                 let config = Config::load(None).map_err(|e| e.to_string())?;
                 let error = config.validate().expect_err("refused").to_string();
-                assert!(error.contains("visible ASCII"), "{error}");
+                assert!(error.contains("printable ASCII"), "{error}");
                 assert!(!error.contains("0123456789"), "{error}");
             }
             Ok(())

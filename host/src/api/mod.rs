@@ -272,13 +272,17 @@ async fn same_origin_only(
         .map(str::to_owned)
         .or_else(|| request.uri().authority().map(|a| a.as_str().to_owned()));
     // A proxy on this machine forwards the world's requests from a
-    // loopback address, and may keep a loopback `Host` (nginx's default
-    // `proxy_pass`): the API was open to anyone who reached the proxy.
-    // Its own headers say it forwarded them.
+    // loopback address, and may keep a loopback `Host` (nginx's plain
+    // `proxy_pass` to 127.0.0.1): the API was open to anyone who reached
+    // the proxy. The headers most proxies add say it forwarded them; one
+    // that adds none (nginx's plain `proxy_pass` again) cannot be told
+    // apart, and the docs say to set a token behind any proxy.
     if !webhook {
-        if let Some(forwarded) = FORWARDED_HEADERS
-            .iter()
-            .find(|name| request.headers().contains_key(**name))
+        if let Some(forwarded) = request
+            .headers()
+            .keys()
+            .map(axum::http::HeaderName::as_str)
+            .find(|name| FORWARDED_HEADERS.contains(name) || name.starts_with("x-forwarded-"))
         {
             return ApiError::CrossSiteRequest(format!(
                 "this ferry runs without an admin token and answers only requests made on its own machine, not one a proxy forwarded (`{forwarded}`); set FERRY_ADMIN_TOKEN to serve behind a proxy"
@@ -327,15 +331,8 @@ async fn same_origin_only(
     next.run(request).await
 }
 
-/// Headers a proxy adds to what it forwards.
-const FORWARDED_HEADERS: [&str; 6] = [
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-real-ip",
-    "via",
-];
+/// Headers a proxy adds to what it forwards (and any `X-Forwarded-*`).
+const FORWARDED_HEADERS: [&str; 3] = ["forwarded", "x-real-ip", "via"];
 
 /// `localhost`, `127.x.x.x` or `[::1]`, with or without a port.
 fn is_loopback_host(host: &str) -> bool {

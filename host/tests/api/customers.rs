@@ -716,7 +716,8 @@ async fn a_patch_without_email_keeps_the_stored_one(backend: Backend) {
         assert_eq!(replaced["name"], "Replaced");
         assert_eq!(replaced["email"], stored.as_str(), "kept byte for byte");
     }
-    // A new email is judged as ever: another customer's is taken.
+    // A new email is judged as ever: another customer's is taken, and a
+    // bad one is named beside another field's problem.
     let response = app
         .request(Method::PUT, &format!("/api/v1/customers/{id}"))
         .json(&json!({"email": nfc}))
@@ -724,6 +725,24 @@ async fn a_patch_without_email_keeps_the_stored_one(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(response.status(), 409);
+    let response = app
+        .request(Method::PUT, &format!("/api/v1/customers/{id}"))
+        .json(&json!({"email": "not an email", "phone": "call me"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let problem: Value = response.json().await.unwrap();
+    let fields: Vec<&str> = problem["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .filter_map(|e| e["field"].as_str())
+        .collect();
+    assert!(
+        fields.contains(&"email") && fields.contains(&"phone"),
+        "{problem}"
+    );
 }
 
 on_both_backends!(

@@ -427,7 +427,7 @@ async fn open_mode_refuses_other_hosts_and_origins(backend: Backend) {
         .unwrap();
     assert_problem(other_port, 403, "cross_site_request").await;
     // A proxy on this machine forwarding the world's requests under a
-    // loopback `Host` (nginx's default): its own headers refuse them.
+    // loopback `Host`: the headers it adds refuse them.
     for (name, value) in [
         ("x-forwarded-for", "203.0.113.9"),
         ("forwarded", "for=203.0.113.9"),

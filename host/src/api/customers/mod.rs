@@ -430,14 +430,17 @@ pub async fn replace_customer(
             let id = CustomerId::parse(&id).ok_or(ApiError::CustomerNotFound)?;
             let expected = if_match.expected(&state.store, &id).await?;
             let input = given(parse_json::<CustomerInput>(body)?)?;
-            // The other fields judged before the write holds the row; the
-            // email judged there, unless sent as stored (the record read,
-            // sent back): kept, not judged again, as a patch's (an older
-            // form beside another customer's made every replace 409).
+            // Judged before the write holds the row (every problem named
+            // when another field has one); but an email sent as stored (the
+            // record read, sent back) is kept, not judged again, as a
+            // patch's (an older form beside another customer's made every
+            // replace 409, one today's rules refuse 422).
+            let whole = validate(input.clone());
             let others = validate(CustomerInput {
                 email: KEPT_EMAIL_STAND_IN.to_owned(),
                 ..input.clone()
-            })?;
+            })
+            .or_else(|_| validate(input.clone()))?;
             let ctx = context(correlation_id, record.as_ref(), &render);
             let customer = state
                 .store
@@ -447,7 +450,10 @@ pub async fn replace_customer(
                         fields.email.clone_from(&current.email);
                         Ok(fields)
                     } else {
-                        validate(input.clone())
+                        match &whole {
+                            Ok(fields) => Ok(fields.clone()),
+                            Err(_) => validate(input.clone()),
+                        }
                     }
                 })
                 .await?;
