@@ -900,8 +900,9 @@ impl Runtime {
             .acquire_owned()
             .await
             .map_err(|_| LoadError::Compile("the runtime is shutting down".into()))?;
-        // The same bytes compiled while this one waited (an upload sent
-        // twice at once): one compile, not two.
+        // The same bytes compiled while this one waited for its permit (an
+        // upload sent twice at once, when compiles queue): taken from the
+        // cache, not compiled again.
         if let Some(c) = cached() {
             return Ok(c);
         }

@@ -1274,14 +1274,8 @@ async fn an_older_form_of_the_email_still_takes_remote_edits() {
         format!("ren\u{e9}-{tag}@example.com"),
         format!("rene\u{301}-{tag}@example.com"),
     );
-    let (status, holder) = app
-        .send(
-            reqwest::Method::POST,
-            "/api/v1/customers",
-            Some(json!({"email": nfc, "name": "Holds the NFC form"})),
-        )
+    app.create(json!({"email": nfc, "name": "Holds the NFC form"}))
         .await;
-    assert_eq!(status, 201, "{holder}");
     let address = email("older-form");
     let created = stripe_py(
         &stripe.url(),
