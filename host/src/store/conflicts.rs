@@ -102,10 +102,10 @@ pub(super) const CLOSE_FOR_DELETED_SQL: &str = "UPDATE conflicts SET state = 're
 pub(super) const RELEASE_FOR_DELETED_SQL: &str = "UPDATE sync_links SET held_by = NULL, \
     updated_at = $2 WHERE customer_id = $1 AND held_by IS NOT NULL";
 
-/// ...and wake the inbox events they held, due now. `$1` the customer,
-/// `$2` now (ms).
+/// ...and wake the inbox events they held, due now (`retry`: see
+/// [`Store::backlog`]). `$1` the customer, `$2` now (ms).
 pub(super) const WAKE_FOR_DELETED_SQL: &str = "UPDATE inbox SET held_by = NULL, \
-    next_attempt_at_ms = $2 WHERE held_by IN (SELECT id FROM conflicts WHERE customer_id = $1) \
+    state = 'retry', next_attempt_at_ms = $2 WHERE held_by IN (SELECT id FROM conflicts WHERE customer_id = $1) \
     AND state IN ('pending', 'retry')";
 
 impl Store {
@@ -287,7 +287,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             sqlx::query(
-                "UPDATE inbox SET held_by = NULL, next_attempt_at_ms = $1 \
+                "UPDATE inbox SET held_by = NULL, state = 'retry', next_attempt_at_ms = $1 \
                  WHERE held_by = $2 AND state IN ('pending', 'retry')",
             )
             .bind(at_ms)

@@ -274,9 +274,13 @@ impl Store {
                     continue;
                 }
                 if letter.direction == "inbound" {
-                    // An inbound dead letter re-opens its inbox event.
+                    // An inbound dead letter re-opens its inbox event, as
+                    // a retry due now: the backlog's age counts a retry
+                    // from when it is due, and counted from the event's
+                    // arrival (pending), a replay of letters days old read
+                    // as the pipeline days behind, and paged.
                     sqlx::query(
-                        "UPDATE inbox SET state = 'pending', attempts = 0, next_attempt_at_ms = $1 \
+                        "UPDATE inbox SET state = 'retry', attempts = 0, next_attempt_at_ms = $1 \
                          WHERE state = 'dead' AND seq = (SELECT inbox_seq FROM dead_letters WHERE id = $2)",
                     )
                     .bind(at.timestamp_millis())

@@ -216,7 +216,9 @@ impl Store {
             // before: waiting out a retry's backoff (a thin event whose
             // fetch failed once, for up to 17 minutes) is not the pipeline
             // behind, and counted from its arrival it paged the documented
-            // alert while every other event applied at once.
+            // alert while every other event applied at once. So is an
+            // event a dead letter's replay or a conflict's end made due
+            // again (`retry`): days held, it read as days behind.
             let inbox: Vec<InboxBacklogRow> =
                 sqlx::query_as(
                     "SELECT connector, COUNT(*), COUNT(held_by), \

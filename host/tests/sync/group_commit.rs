@@ -3982,6 +3982,51 @@ async fn sqlite_only_the_lease_holder_ends_a_run() {
     only_the_lease_holder_ends_a_run(false).await;
 }
 
+/// An inbound event a dead letter's replay makes due again counts its age
+/// from the replay, not from its arrival: a replay of letters days old
+/// read as the pipeline days behind, and paged the documented alert while
+/// the events applied.
+async fn a_replayed_event_ages_from_its_replay(postgres: bool) {
+    use ferry::store::{DeadLetterKind, ListDeadLetters};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(postgres, dir.path()).await;
+    let store = open(&url).await;
+    let (_, remote, _) = two_linked(&store, &format!("aged_{postgres}")).await;
+    let event_id = format!("evt_aged_{postgres}");
+    let events = claim_later(&store, &[(event_id.clone(), &remote[0])]).await;
+    let finish = InboxFinish::Dead {
+        error: "the record does not validate",
+        kind: DeadLetterKind::Permanent,
+    };
+    assert!(store.finish_inbox(&events[0], finish).await.expect("dead"));
+    let a_day_ago = (chrono::Utc::now() - chrono::Duration::days(1)).to_rfc3339();
+    let sql = format!("UPDATE inbox SET received_at = '{a_day_ago}' WHERE event_id = '{event_id}'");
+    crate::helpers::execute_raw(&url, &sql, &[]).await;
+    let letters = store
+        .dead_letters(&ListDeadLetters {
+            limit: 10,
+            ..ListDeadLetters::default()
+        })
+        .await
+        .expect("letters");
+    let inbound: Vec<String> = letters
+        .into_iter()
+        .filter(|l| l.direction == "inbound")
+        .map(|l| l.id)
+        .collect();
+    let replayed = store
+        .replay_dead_letters(Some(&inbound), None, None)
+        .await
+        .expect("replayed");
+    assert_eq!(replayed.len(), 1);
+    let backlog = store.backlog().await.expect("backlog");
+    assert!(
+        backlog.inbox_oldest_age < std::time::Duration::from_secs(60),
+        "{:?}",
+        backlog.inbox_oldest_age
+    );
+}
+
 /// A link that died twice (a version refused, then the next one) has two
 /// open letters; replaying either re-opens the link, which pushes the
 /// customer as it is now, and closes both. The other stayed open: counted
@@ -4153,6 +4198,16 @@ async fn postgres_a_replay_closes_every_letter_of_the_link_it_reopens() {
 #[tokio::test]
 async fn sqlite_a_replay_closes_every_letter_of_the_link_it_reopens() {
     a_replay_closes_every_letter_of_the_link_it_reopens(false).await;
+}
+
+#[tokio::test]
+async fn postgres_a_replayed_event_ages_from_its_replay() {
+    a_replayed_event_ages_from_its_replay(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_replayed_event_ages_from_its_replay() {
+    a_replayed_event_ages_from_its_replay(false).await;
 }
 
 #[tokio::test]
