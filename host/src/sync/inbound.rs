@@ -1062,7 +1062,9 @@ impl SyncEngine {
         // beside another customer's by `Store::renormalise_emails`): kept,
         // not looked up, which found the other customer and dead-lettered
         // (or flagged) every event of the record, a phone edit's too.
-        if crate::sync::merge::same_text("email", Some(&fields.email), Some(&customer.email)) {
+        if fields.email != customer.email
+            && crate::sync::merge::same_text("email", Some(&fields.email), Some(&customer.email))
+        {
             fields.email.clone_from(&customer.email);
         }
         if fields.email != customer.email {

@@ -425,6 +425,17 @@ async fn unlinked(store: &Store, remote_id: &str) -> bool {
 
 /// Stores a later event (at 2,000 ms) per `(event id, remote id)` and
 /// claims every due event.
+/// The open dead letters (ten at most: a test's own).
+async fn open_letters(store: &Store) -> Vec<ferry::store::DeadLetter> {
+    store
+        .dead_letters(&ferry::store::ListDeadLetters {
+            limit: 10,
+            ..ferry::store::ListDeadLetters::default()
+        })
+        .await
+        .expect("letters")
+}
+
 async fn claim_later(store: &Store, later: &[(String, &String)]) -> Vec<InboxEvent> {
     claim_dated(store, later, 2_000).await
 }
@@ -3987,7 +3998,7 @@ async fn sqlite_only_the_lease_holder_ends_a_run() {
 /// read as the pipeline days behind, and paged the documented alert while
 /// the events applied.
 async fn a_replayed_event_ages_from_its_replay(postgres: bool) {
-    use ferry::store::{DeadLetterKind, ListDeadLetters};
+    use ferry::store::DeadLetterKind;
     let dir = tempfile::tempdir().expect("temp dir");
     let url = database_url(postgres, dir.path()).await;
     let store = open(&url).await;
@@ -4002,13 +4013,7 @@ async fn a_replayed_event_ages_from_its_replay(postgres: bool) {
     let a_day_ago = (chrono::Utc::now() - chrono::Duration::days(1)).to_rfc3339();
     let sql = format!("UPDATE inbox SET received_at = '{a_day_ago}' WHERE event_id = '{event_id}'");
     crate::helpers::execute_raw(&url, &sql, &[]).await;
-    let letters = store
-        .dead_letters(&ListDeadLetters {
-            limit: 10,
-            ..ListDeadLetters::default()
-        })
-        .await
-        .expect("letters");
+    let letters = open_letters(&store).await;
     let inbound: Vec<String> = letters
         .into_iter()
         .filter(|l| l.direction == "inbound")
@@ -4033,7 +4038,7 @@ async fn a_replayed_event_ages_from_its_replay(postgres: bool) {
 /// among the letters to replay, and its own replay answered `replayed: 1`
 /// and did nothing.
 async fn a_replay_closes_every_letter_of_the_link_it_reopens(postgres: bool) {
-    use ferry::store::{DeadLetterKind, ListDeadLetters};
+    use ferry::store::DeadLetterKind;
     let (store, _url, _dir, customers) = three_linked(postgres, "replay_both").await;
     let stripe = ["stripe".to_owned()];
     let id = customers[0].id.as_str();
@@ -4056,13 +4061,8 @@ async fn a_replay_closes_every_letter_of_the_link_it_reopens(postgres: bool) {
         assert_eq!(written.expect("written"), [true]);
     }
     let open = || async {
-        store
-            .dead_letters(&ListDeadLetters {
-                limit: 10,
-                ..ListDeadLetters::default()
-            })
+        open_letters(&store)
             .await
-            .expect("letters")
             .into_iter()
             .filter(|l| l.customer_id == id)
             .map(|l| l.id)
@@ -4090,7 +4090,7 @@ async fn a_replay_closes_every_letter_of_the_link_it_reopens(postgres: bool) {
 /// customer's dead push alone (that letter is still open, its cause maybe
 /// not fixed); a connector's replay takes every open letter, in batches.
 async fn a_replay_reopens_only_its_own_work(postgres: bool) {
-    use ferry::store::{DeadLetterKind, ListDeadLetters};
+    use ferry::store::DeadLetterKind;
     let (store, _dir) = store(postgres).await;
     let (customers, remote, _reads) = two_linked(&store, &format!("replay_{postgres}")).await;
     let first = &customers[0];
@@ -4128,13 +4128,7 @@ async fn a_replay_reopens_only_its_own_work(postgres: bool) {
             .expect("written"),
         [true]
     );
-    let letters = store
-        .dead_letters(&ListDeadLetters {
-            limit: 10,
-            ..ListDeadLetters::default()
-        })
-        .await
-        .expect("letters");
+    let letters = open_letters(&store).await;
     let inbound = letters
         .iter()
         .find(|l| l.direction == "inbound")

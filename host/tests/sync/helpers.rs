@@ -241,6 +241,17 @@ impl SyncApp {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Customer `id` as the API answers it (a problem's body if none).
+    pub async fn customer(&self, id: &str) -> Value {
+        self.send(
+            reqwest::Method::GET,
+            &format!("/api/v1/customers/{id}"),
+            None,
+        )
+        .await
+        .1
+    }
+
     pub async fn create(&self, body: Value) -> Value {
         let (status, customer) = self
             .send(reqwest::Method::POST, "/api/v1/customers", Some(body))

@@ -711,13 +711,7 @@ async fn two_events_of_a_record_no_link_held_apply_in_order() {
     let older = outcome_of(&app, "cus_twoloops".into(), "evt_twoloops_older").await;
     assert_eq!(newer["state"], "applied", "{newer}");
     assert_eq!(older["state"], "skipped", "{older}");
-    let (_, customer) = app
-        .send(
-            reqwest::Method::GET,
-            &format!("/api/v1/customers/{id}"),
-            None,
-        )
-        .await;
+    let customer = app.customer(&id).await;
     assert_eq!(customer["phone"], Value::Null, "{customer}");
 }
 
@@ -1307,13 +1301,7 @@ async fn an_older_form_of_the_email_still_takes_remote_edits() {
     assert_eq!(status, 200, "{problem}");
     let applied = outcome_of(&app, remote_id.clone(), "evt_older_form_2").await;
     assert_eq!(applied["state"], "applied", "{applied}");
-    let (_, customer) = app
-        .send(
-            reqwest::Method::GET,
-            &format!("/api/v1/customers/{id}"),
-            None,
-        )
-        .await;
+    let customer = app.customer(&id).await;
     assert_eq!(customer["phone"], "+15555550199", "{customer}");
     assert_eq!(customer["email"], nfd.as_str(), "the stored form kept");
 }

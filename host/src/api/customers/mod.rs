@@ -436,11 +436,14 @@ pub async fn replace_customer(
             // patch's (an older form beside another customer's made every
             // replace 409, one today's rules refuse 422).
             let whole = validate(input.clone());
-            let others = validate(CustomerInput {
-                email: KEPT_EMAIL_STAND_IN.to_owned(),
-                ..input.clone()
-            })
-            .or_else(|_| validate(input.clone()))?;
+            let others = match &whole {
+                Ok(fields) => fields.clone(),
+                Err(_) => validate(CustomerInput {
+                    email: KEPT_EMAIL_STAND_IN.to_owned(),
+                    ..input.clone()
+                })
+                .or_else(|_| validate(input.clone()))?,
+            };
             let ctx = context(correlation_id, record.as_ref(), &render);
             let customer = state
                 .store
