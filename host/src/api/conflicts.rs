@@ -18,7 +18,7 @@ use super::extract::{
 use crate::app::AppState;
 use crate::store::conflicts::{Conflict, ListConflicts, Resolved};
 use crate::store::{Customer, CustomerId, StoreError};
-use crate::sync::inbound::{fields_of, local_record, FoldError};
+use crate::sync::inbound::{fields_for, local_record, FoldError};
 use crate::sync::merge::{field_of, set_field};
 
 const DEFAULT_LIMIT: u32 = 50;
@@ -373,11 +373,15 @@ pub async fn resolve_conflict(
             None
         };
         let (record, folded) = match folding {
-            Some((merged, folded)) if fields_of(&merged).is_ok() => (merged, Some(folded)),
+            Some((merged, folded)) if fields_for(&merged, &customer.email).is_ok() => {
+                (merged, Some(folded))
+            }
             _ => (record, None),
         };
-        // The resolved record goes through the API's own validation.
-        let fields = fields_of(&record).map_err(|message| ApiError::field("fields", message))?;
+        // The resolved record goes through the API's own validation (the
+        // customer's own email kept as stored, as a merge keeps it).
+        let fields = fields_for(&record, &customer.email)
+            .map_err(|message| ApiError::field("fields", message))?;
         let choice = match request.resolution {
             Choice::Local => "local",
             Choice::Remote => "remote",

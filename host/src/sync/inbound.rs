@@ -288,6 +288,29 @@ pub(crate) fn fields_of(record: &serde_json::Value) -> Result<CustomerFields, St
     crate::runtime::customer::fields_of(record)
 }
 
+/// The fields `record` (a merge's, or a resolution's) makes for a stored
+/// customer whose email is `stored`: an email that is the customer's own,
+/// as stored or the same address in another form, stays as stored and is
+/// not judged again. An older form kept beside another customer's (by
+/// `Store::renormalise_emails`) was looked up and found the other; one
+/// today's rules refuse (an invisible character) failed the record; either
+/// way every event of the record was dead-lettered, a phone edit's too.
+pub(crate) fn fields_for(
+    record: &serde_json::Value,
+    stored: &str,
+) -> Result<CustomerFields, String> {
+    let own = record
+        .get("email")
+        .and_then(serde_json::Value::as_str)
+        .map(str::trim)
+        .is_some_and(|email| email == stored || same_text("email", Some(email), Some(stored)));
+    if own {
+        crate::runtime::customer::fields_keeping_email(record, stored)
+    } else {
+        fields_of(record)
+    }
+}
+
 pub(crate) fn local_record(customer: &Customer) -> Result<serde_json::Value, StoreError> {
     Ok(canonical_record(&serde_json::to_value(customer)?))
 }
@@ -1056,17 +1079,8 @@ impl SyncEngine {
             fields: serde_json::to_value(&merged.conflicts).unwrap_or_default(),
             open: merged.has_pending_conflicts(),
         });
-        let mut fields = fields_of(&merged.merged).map_err(Failure::Permanent)?;
+        let mut fields = fields_for(&merged.merged, &customer.email).map_err(Failure::Permanent)?;
         let mut detail_prefix = String::new();
-        // The same address in an older form the customer keeps (one left
-        // beside another customer's by `Store::renormalise_emails`): kept,
-        // not looked up, which found the other customer and dead-lettered
-        // (or flagged) every event of the record, a phone edit's too.
-        if fields.email != customer.email
-            && crate::sync::merge::same_text("email", Some(&fields.email), Some(&customer.email))
-        {
-            fields.email.clone_from(&customer.email);
-        }
         if fields.email != customer.email {
             if let Some(owner) = self
                 .other_customer_with(&fields.email, &customer.id)
@@ -1386,7 +1400,7 @@ impl SyncEngine {
             &inner.field_owners,
             &event.connector,
         );
-        let fields = fields_of(&merged.merged).map_err(Failure::Permanent)?;
+        let fields = fields_for(&merged.merged, &customer.email).map_err(Failure::Permanent)?;
         let change = if merged.changes_local(&local) {
             CustomerWrite::Update {
                 id: customer.id.clone(),

@@ -1258,7 +1258,8 @@ async fn stripe_thin_events_are_fetched_and_applied() {
 /// customer's by the start's renormalisation, for a person to merge) still
 /// takes its record's edits: the merged email, the same address, was
 /// looked up, found the other customer, and every event of the record was
-/// dead-lettered, a phone edit's too.
+/// dead-lettered, a phone edit's too. So does one whose stored email
+/// today's rules refuse: the merged record failed validation on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_form_of_the_email_still_takes_remote_edits() {
     let stripe = LocalStripe::start().expect("localstripe");
@@ -1304,6 +1305,25 @@ async fn an_older_form_of_the_email_still_takes_remote_edits() {
     let customer = app.customer(&id).await;
     assert_eq!(customer["phone"], "+15555550199", "{customer}");
     assert_eq!(customer["email"], nfd.as_str(), "the stored form kept");
+
+    // One today's rules refuse (a combining grapheme joiner, drawn as
+    // nothing, stored before the rules named it): the merge keeps the
+    // local email, and the record failed validation on it.
+    let refused = format!("older\u{34f}-{tag}@example.com");
+    let sql = format!("UPDATE customers SET email = '{refused}' WHERE id = '{id}'");
+    crate::helpers::execute_raw(&app.database_url, &sql, &[]).await;
+    stripe_py(
+        &stripe.url(),
+        &format!("stripe.Customer.modify('{remote_id}', phone='+15555550123')\nprint('null')"),
+    );
+    let body = thin("evt_older_form_3");
+    let (status, problem) = deliver(&app, &body, &stripe_signature(&body, WEBHOOK_SECRET)).await;
+    assert_eq!(status, 200, "{problem}");
+    let applied = outcome_of(&app, remote_id.clone(), "evt_older_form_3").await;
+    assert_eq!(applied["state"], "applied", "{applied}");
+    let customer = app.customer(&id).await;
+    assert_eq!(customer["phone"], "+15555550123", "{customer}");
+    assert_eq!(customer["email"], refused.as_str(), "the stored email kept");
 }
 
 /// A blank webhook secret (a compose variable left unset, read as "") is no

@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-pub use self::validate::{is_valid_email, normalise_email, validate};
+pub use self::validate::{is_valid_email, normalise_email, validate, validate_keeping_email};
 use super::error::{ApiError, FieldError, Problem};
 use super::extract::{
     from_value, page_limit, parse_json, CorrelationId, IdempotencyKey, IfMatch, JsonBody,
@@ -345,7 +345,7 @@ pub async fn patch_customer(
                     let mut merged = serde_json::to_value(input_of(current))
                         .map_err(|e| ApiError::Internal(e.into()))?;
                     merge_patch(&mut merged, &patch);
-                    let mut input = from_value::<CustomerInput>(merged)?;
+                    let input = from_value::<CustomerInput>(merged)?;
                     // An email the patch does not name, or names as stored
                     // (a client sending back what it read), stays as
                     // stored, and is not judged again: an older form kept
@@ -358,13 +358,10 @@ pub async fn patch_customer(
                         .get("email")
                         .is_none_or(|email| email.as_str() == Some(current.email.as_str()));
                     if kept {
-                        input.email = KEPT_EMAIL_STAND_IN.to_owned();
+                        validate_keeping_email(input, &current.email)
+                    } else {
+                        validate(input)
                     }
-                    let mut fields = validate(input)?;
-                    if kept {
-                        fields.email.clone_from(&current.email);
-                    }
-                    Ok::<_, ApiError>(fields)
                 })
                 .await?;
             Ok(render(&customer))
@@ -372,10 +369,6 @@ pub async fn patch_customer(
     )
     .await
 }
-
-/// What a patch that leaves the email out is validated with, in the stored
-/// email's place (which is then kept).
-const KEPT_EMAIL_STAND_IN: &str = "kept@example.com";
 
 /// Replace a customer.
 ///
@@ -438,11 +431,10 @@ pub async fn replace_customer(
             let whole = validate(input.clone());
             let others = match &whole {
                 Ok(fields) => fields.clone(),
-                Err(_) => validate(CustomerInput {
-                    email: KEPT_EMAIL_STAND_IN.to_owned(),
-                    ..input.clone()
-                })
-                .or_else(|_| validate(input.clone()))?,
+                // The email as sent, unjudged: taken only if it is the
+                // stored one.
+                Err(_) => validate_keeping_email(input.clone(), &input.email)
+                    .or_else(|_| validate(input.clone()))?,
             };
             let ctx = context(correlation_id, record.as_ref(), &render);
             let customer = state

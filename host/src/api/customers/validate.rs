@@ -53,6 +53,26 @@ pub fn validate(input: CustomerInput) -> Result<CustomerFields, ApiError> {
     .map_err(problems)
 }
 
+/// [`validate`] for a stored customer's request whose email stays `kept`
+/// and is not judged again (an email the request leaves out or sends as
+/// stored).
+pub fn validate_keeping_email(
+    input: CustomerInput,
+    kept: &str,
+) -> Result<CustomerFields, ApiError> {
+    customer::validate_keeping_email(
+        customer::CustomerInput {
+            name: input.name,
+            email: input.email,
+            phone: input.phone,
+            address: input.address,
+            metadata: input.metadata,
+        },
+        kept,
+    )
+    .map_err(problems)
+}
+
 /// The catalog's problems as the API's 422.
 fn problems(problems: Vec<FieldProblem>) -> ApiError {
     ApiError::Validation(
