@@ -106,6 +106,20 @@ impl OperatorHosts<'_> {
         if self.denied.iter().any(|d| list_matches(d, host)) {
             return Some(format!("host `{host}` is on the operator's deny-list"));
         }
+        // An IPv6 form of a denied IPv4 address (`[::ffff:93.184.216.34]`,
+        // NAT64's `[64:ff9b::5db8:d822]`) reaches it as well, and matched
+        // no entry written as the IPv4 address.
+        let embedded = match ip {
+            Some(IpAddr::V6(v6)) => embedded_v4(v6).map(|v4| v4.to_string()),
+            _ => None,
+        };
+        if let Some(v4) = embedded {
+            if self.denied.iter().any(|d| list_matches(d, &v4)) {
+                return Some(format!(
+                    "host `{host}` is {v4}, which is on the operator's deny-list"
+                ));
+            }
+        }
         if !self.allowed.is_empty() && !self.allowed.iter().any(|a| list_matches(a, host)) {
             return Some(format!("host `{host}` is not on the operator's allow-list"));
         }
@@ -294,8 +308,10 @@ fn forbidden_v4(ip: Ipv4Addr) -> bool {
 }
 
 fn forbidden_v6(ip: Ipv6Addr) -> bool {
-    if let Some(v4) = ip.to_ipv4_mapped() {
-        return forbidden_v4(v4);
+    if let Some(v4) = embedded_v4(ip) {
+        if forbidden_v4(v4) {
+            return true;
+        }
     }
     let seg = ip.segments();
     ip.is_loopback()
@@ -307,32 +323,36 @@ fn forbidden_v6(ip: Ipv6Addr) -> bool {
         || (seg[0] == 0x2001 && seg[1] == 0x0db8) // documentation
         // NAT64 for local use (RFC 8215), 64:ff9b:1::/48: local networks only.
         || (seg[0] == 0x64 && seg[1] == 0xff9b && seg[2] == 1)
-        // Forms that embed an IPv4 address in their last 32 bits: NAT64
-        // (64:ff9b::/96), IPv4-compatible (::/96), IPv4-translated
-        // (::ffff:0:0/96, RFC 2765).
-        || (seg[0] == 0x64 && seg[1] == 0xff9b && forbidden_v4(embedded_v4(&seg)))
-        || (seg[..6] == [0, 0, 0, 0, 0, 0] && forbidden_v4(embedded_v4(&seg)))
-        || (seg[..6] == [0, 0, 0, 0, 0xffff, 0] && forbidden_v4(embedded_v4(&seg)))
-        // 6to4 (2002::/16) carries its IPv4 address in bits 16 to 48.
-        || (seg[0] == 0x2002 && forbidden_v4(six_to_four_v4(&seg)))
 }
 
-fn six_to_four_v4(seg: &[u16; 8]) -> Ipv4Addr {
-    Ipv4Addr::new(
-        (seg[1] >> 8) as u8,
-        seg[1] as u8,
-        (seg[2] >> 8) as u8,
-        seg[2] as u8,
-    )
-}
-
-fn embedded_v4(seg: &[u16; 8]) -> Ipv4Addr {
-    Ipv4Addr::new(
-        (seg[6] >> 8) as u8,
-        seg[6] as u8,
-        (seg[7] >> 8) as u8,
-        seg[7] as u8,
-    )
+/// The IPv4 address an IPv6 one carries, in the forms that reach it:
+/// IPv4-mapped (`::ffff:0:0/96`), NAT64 (`64:ff9b::/96`), IPv4-compatible
+/// (`::/96`, but for `::` and `::1`), IPv4-translated (`::ffff:0:0:0/96`,
+/// RFC 2765) in the last 32 bits; 6to4 (`2002::/16`) in bits 16 to 48.
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let seg = ip.segments();
+    let last = |seg: &[u16; 8]| {
+        Ipv4Addr::new(
+            (seg[6] >> 8) as u8,
+            seg[6] as u8,
+            (seg[7] >> 8) as u8,
+            seg[7] as u8,
+        )
+    };
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    match seg {
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] | [0, 0, 0, 0, 0xffff, 0, _, _] => Some(last(&seg)),
+        [0, 0, 0, 0, 0, 0, _, _] if !ip.is_loopback() && !ip.is_unspecified() => Some(last(&seg)),
+        [0x2002, _, _, _, _, _, _, _] => Some(Ipv4Addr::new(
+            (seg[1] >> 8) as u8,
+            seg[1] as u8,
+            (seg[2] >> 8) as u8,
+            seg[2] as u8,
+        )),
+        _ => None,
+    }
 }
 
 const SECRET_OPEN: &[u8] = b"{{secret:";
@@ -837,6 +857,44 @@ mod tests {
         assert!(list_matches("[2606:4700:0::1111]", "2606:4700::1111"));
         assert!(list_matches(" API.example.com ", "api.example.com"));
         assert!(!list_matches("*.example.com", "example.com"));
+    }
+
+    /// An IPv6 form of a denied IPv4 address reaches it as well: it matched
+    /// no entry written as the IPv4 address, and went out.
+    #[test]
+    fn an_ipv6_form_of_a_denied_address_is_denied() {
+        let denied = ["93.184.216.34".to_owned()];
+        let operator = OperatorHosts {
+            allowed: &[],
+            denied: &denied,
+            allow_private: true,
+        };
+        for url in [
+            "https://93.184.216.34/",
+            "https://[::ffff:93.184.216.34]/",
+            "https://[::ffff:5db8:d822]/",
+            "https://[64:ff9b::93.184.216.34]/",
+            "https://[::93.184.216.34]/",
+            "https://[::ffff:0:93.184.216.34]/",
+            "https://[2002:5db8:d822::1]/",
+        ] {
+            let d = declared(&[url.trim_start_matches("https://").trim_end_matches('/')]);
+            let rules = HostRules {
+                declared: &d,
+                operator,
+            };
+            let refused = check_url(url, &rules);
+            assert!(
+                matches!(&refused, Err(PolicyError::Denied(why)) if why.contains("deny-list")),
+                "{url}: {refused:?}"
+            );
+        }
+        let d = declared(&["[::ffff:93.184.216.35]"]);
+        let rules = HostRules {
+            declared: &d,
+            operator,
+        };
+        assert!(check_url("https://[::ffff:93.184.216.35]/", &rules).is_ok());
     }
 
     #[test]
