@@ -339,6 +339,13 @@ impl FieldMap {
             }
         }
         let only_last = first.is_none();
+        // A first name typed beside the stand-in (`LastName` is required,
+        // so a person naming the Contact keeps it) is the name: joined,
+        // `Ada ada (no name)` was taken for an edit, stored and pushed to
+        // every other system, and split back as `Ada ada (no` and `name)`.
+        if !only_last && last.as_deref().is_some_and(is_marked) {
+            last = None;
+        }
         if c.name.is_none() {
             let joined = [first, last].into_iter().flatten().collect::<Vec<_>>();
             if !joined.is_empty() {
@@ -437,11 +444,15 @@ fn stand_in(c: &Customer) -> String {
 /// [`stand_in`]'s, or the bare local part (or `Unknown`) of the releases
 /// before, which Contacts written then still hold.
 fn is_stand_in(name: &str, c: &Customer) -> bool {
-    let marked = name == NO_NAME
+    is_marked(name) || name == local_part(c).unwrap_or("Unknown")
+}
+
+/// Whether `name` is [`stand_in`]'s, marked with [`NO_NAME`].
+fn is_marked(name: &str) -> bool {
+    name == NO_NAME
         || name
             .strip_suffix(NO_NAME)
-            .is_some_and(|local| local.ends_with(' '));
-    marked || name == local_part(c).unwrap_or("Unknown")
+            .is_some_and(|local| local.ends_with(' '))
 }
 
 fn local_part(c: &Customer) -> Option<&str> {
@@ -589,6 +600,18 @@ mod tests {
         let named = customer(Some("Countess ada"), Some("ada@example.com"));
         let read = map.customer_from("003A", &map.to_sobject(&named, false));
         assert_eq!(read.name.as_deref(), Some("Countess ada"));
+        // A first name typed beside the stand-in is the name alone.
+        let mut written = map.to_sobject(&customer(None, Some("ada@example.com")), false);
+        written.insert("FirstName".into(), json!("Ada"));
+        assert_eq!(
+            map.customer_from("003A", &written).name.as_deref(),
+            Some("Ada")
+        );
+        written.insert("LastName".into(), json!("(no name)"));
+        assert_eq!(
+            map.customer_from("003A", &written).name.as_deref(),
+            Some("Ada")
+        );
     }
 
     #[test]
