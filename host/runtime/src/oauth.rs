@@ -12,7 +12,11 @@
 //! connector shares its tokens. A cached token is reused until it expires
 //! (`expires_in`, less a margin), the grant's secrets change, or the
 //! connector reports it refused with `invalidate`. Concurrent calls wait on
-//! one token request instead of each sending their own.
+//! one token request instead of each sending their own, and a refused
+//! request's error is the answer of every call for a few seconds (the
+//! endpoint's `Retry-After` when it sets one): each call waiting behind a
+//! failing request sent its own, a backlog as many as the request budget
+//! allowed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,7 +46,7 @@ const SECRET_FIELDS: &[&str] = &["access_token", "refresh_token", "id_token"];
 /// The tokens of one loaded connector, by name.
 #[derive(Default)]
 pub(crate) struct TokenCache {
-    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
+    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
     generations: AtomicU64,
     /// The newest token values obtained, by name, oldest first (at most
     /// [`MAX_ISSUED`]): what every call's responses are scrubbed of.
@@ -63,7 +67,7 @@ const MAX_TOKEN_NAME: usize = 64;
 
 impl TokenCache {
     /// `name`'s slot, made if new and the cache has room.
-    fn slot(&self, name: &str) -> Result<Arc<tokio::sync::Mutex<Option<Cached>>>, ConnectorError> {
+    fn slot(&self, name: &str) -> Result<Arc<tokio::sync::Mutex<Slot>>, ConnectorError> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(slot) = slots.get(name) {
             return Ok(slot.clone());
@@ -77,7 +81,7 @@ impl TokenCache {
     }
 
     /// `name`'s slot, if it has one (nothing is made to invalidate).
-    fn existing(&self, name: &str) -> Option<Arc<tokio::sync::Mutex<Option<Cached>>>> {
+    fn existing(&self, name: &str) -> Option<Arc<tokio::sync::Mutex<Slot>>> {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.get(name).cloned()
     }
@@ -111,12 +115,55 @@ impl TokenCache {
     }
 }
 
+/// One named token: the one obtained, or why the last request for it
+/// failed.
+#[derive(Default)]
+struct Slot {
+    token: Option<Cached>,
+    failed: Option<Failed>,
+}
+
+/// A refused token request, answered again until `until`.
+struct Failed {
+    error: ConnectorError,
+    /// The grant it was refused for: a rotated secret asks again at once.
+    grant: [u8; 32],
+    until: Instant,
+}
+
+/// How long a refused token request's error stands, unless the endpoint
+/// says (`Retry-After`, up to [`MAX_FAILED_HOLD`]).
+const FAILED_HOLD: Duration = Duration::from_secs(5);
+/// The longest a refused token request's error stands.
+const MAX_FAILED_HOLD: Duration = Duration::from_secs(60);
+
+impl Failed {
+    fn new(error: &ConnectorError, grant: [u8; 32]) -> Self {
+        let hold = match error {
+            ConnectorError::RateLimited(RateLimit {
+                retry_after_ms: Some(ms),
+                ..
+            }) => Duration::from_millis(*ms).min(MAX_FAILED_HOLD),
+            _ => FAILED_HOLD,
+        };
+        Self {
+            error: error.clone(),
+            grant,
+            until: Instant::now() + hold,
+        }
+    }
+}
+
 struct Cached {
     value: SecretString,
     generation: u64,
     /// Non-secret response fields, as JSON object text.
     fields: String,
     expires_at: Option<(Instant, i64)>,
+    /// How long before `expires_at` it is taken for expired:
+    /// [`EXPIRY_MARGIN`], or half the token's life when that is shorter (a
+    /// token of 30 s or less was never fresh, and fetched on every call).
+    margin: Duration,
     /// Hash of the grant and its secret values: a rotated secret or another
     /// endpoint means another token.
     grant: [u8; 32],
@@ -127,7 +174,7 @@ impl Cached {
         &self.grant == grant
             && self
                 .expires_at
-                .is_none_or(|(at, _)| Instant::now() + EXPIRY_MARGIN < at)
+                .is_none_or(|(at, _)| Instant::now() + self.margin < at)
     }
 
     fn info(&self) -> TokenInfo {
@@ -327,6 +374,7 @@ fn parse_token(
         generation,
         fields: fields.to_string(),
         expires_at,
+        margin: EXPIRY_MARGIN.min(ttl / 2),
         grant,
     })
 }
@@ -391,9 +439,16 @@ impl Host for CallState {
         // Holding the slot while the request runs makes concurrent calls wait
         // for this token instead of each asking for their own.
         let mut cached = slot.lock().await;
-        if let Some(token) = cached.as_ref().filter(|t| t.is_fresh(&fingerprint)) {
+        if let Some(token) = cached.token.as_ref().filter(|t| t.is_fresh(&fingerprint)) {
             self.tokens.insert(name, token.value.clone());
             return Ok(token.info());
+        }
+        if let Some(failed) = cached
+            .failed
+            .as_ref()
+            .filter(|f| f.grant == fingerprint && Instant::now() < f.until)
+        {
+            return Err(failed.error.clone());
         }
         let generation = self.connector.tokens.next_generation();
         let wire = self.token_request(&grant)?;
@@ -408,7 +463,7 @@ impl Host for CallState {
             ));
         }
         let secrets = self.secrets().clone();
-        let token = request_token(
+        let requested = request_token(
             wire,
             self.dispatcher(),
             &name,
@@ -416,23 +471,35 @@ impl Host for CallState {
             generation,
             fingerprint,
         )
-        .await?;
+        .await;
+        let token = match requested {
+            Ok(token) => token,
+            Err(error) => {
+                cached.failed = Some(Failed::new(&error, fingerprint));
+                return Err(error);
+            }
+        };
         tracing::info!(connector = %self.connector.name, token = %name, generation,
             "obtained an OAuth token");
         let info = token.info();
         self.connector.tokens.remember(&name, &token.value);
         self.tokens.insert(name, token.value.clone());
-        *cached = Some(token);
+        cached.token = Some(token);
+        cached.failed = None;
         Ok(info)
     }
 
     async fn invalidate(&mut self, name: String, generation: u64) {
         if let Some(slot) = self.connector.tokens.existing(&name) {
             let mut cached = slot.lock().await;
-            if cached.as_ref().is_some_and(|t| t.generation == generation) {
+            if cached
+                .token
+                .as_ref()
+                .is_some_and(|t| t.generation == generation)
+            {
                 tracing::info!(connector = %self.connector.name, token = %name, generation,
                     "OAuth token refused by the remote; dropping it");
-                *cached = None;
+                cached.token = None;
             }
         }
         self.tokens.remove(&name);
@@ -558,16 +625,27 @@ mod tests {
         );
     }
 
+    /// A token is taken for expired 30 s before its end, or half its life
+    /// before when that is shorter: a token of 30 s or less was never
+    /// fresh, and every call asked for another.
     #[test]
     fn expiry_counts_with_a_margin() {
-        let soon = parse_token(
+        let short = parse_token(
             br#"{"access_token":"t","expires_in":10}"#,
             &issued(),
             1,
             [0; 32],
         )
         .unwrap();
-        assert!(!soon.is_fresh(&[0; 32]), "within the margin");
+        assert!(short.is_fresh(&[0; 32]), "for half its life");
+        let spent = parse_token(
+            br#"{"access_token":"t","expires_in":0}"#,
+            &issued(),
+            1,
+            [0; 32],
+        )
+        .unwrap();
+        assert!(!spent.is_fresh(&[0; 32]));
         let later = parse_token(
             br#"{"access_token":"t","expires_in":"3600"}"#,
             &issued(),

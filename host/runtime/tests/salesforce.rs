@@ -258,6 +258,49 @@ async fn an_expired_session_is_refreshed_once_for_many_calls() {
     }
 }
 
+/// A refused token request answers every call waiting behind it, and
+/// those made for a few seconds after: each sent its own request, so a
+/// rotated client secret made a backlog hammer the token endpoint with as
+/// many as the request budget allowed. The right secret asks at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_token_request_answers_the_calls_waiting_for_it() {
+    let h = Harness::start(FakeSalesforceConfig::default()).await;
+    let wrong = h.config_with_secret("wrong-secret");
+    let results = futures::future::join_all((0..8).map(|n| {
+        let req = PushRequest {
+            entity: "customer".into(),
+            operation: Operation::Create,
+            local_id: format!("w{n}"),
+            remote_id: None,
+            version: 1,
+            idempotency_key: format!("k{n}"),
+            record:
+                json!({"id": format!("w{n}"), "name": "W", "email": format!("w{n}@example.com")})
+                    .to_string(),
+        };
+        h.connector.push(&wrong, req)
+    }))
+    .await;
+    for result in results {
+        let refused = connector_error(result);
+        assert!(
+            matches!(&refused, ConnectorError::Unauthorized(m) if m.contains("invalid_client")),
+            "{refused:?}"
+        );
+    }
+    let asked = || {
+        h.salesforce
+            .requests()
+            .iter()
+            .filter(|r| r.path == "/services/oauth2/token")
+            .count()
+    };
+    assert_eq!(asked(), 1, "eight calls, one refused token request");
+    h.create("right", "Right Secret").await;
+    assert_eq!(asked(), 2);
+    assert_eq!(h.salesforce.counts().token_requests, 1, "the right one");
+}
+
 /// A token request is paced like every other request: with the rate used
 /// up, a session refreshed mid-call waits for its turn. It was refused as
 /// if Salesforce had answered 429, which paused every push of the
