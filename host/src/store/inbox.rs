@@ -684,8 +684,14 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
+            // A deferred or parked event due again as a retry (a dead
+            // letter's replay, a conflict's end) stays one: made pending,
+            // the backlog counted it from its arrival, days before, and a
+            // replay that met ferry's own pacing paged.
             let updated = sqlx::query(
-                "UPDATE inbox SET state = $1, detail = $2, attempts = $3, \
+                "UPDATE inbox SET \
+                 state = CASE WHEN $1 = 'pending' AND state = 'retry' THEN 'retry' ELSE $1 END, \
+                 detail = $2, attempts = $3, \
                  next_attempt_at_ms = COALESCE($4, next_attempt_at_ms), held_by = $7, \
                  lease_until_ms = 0, lease_token = NULL WHERE seq = $5 AND lease_token = $6",
             )
@@ -707,7 +713,7 @@ impl Store {
                 // since, its wake run before this park: not held, and due
                 // now.
                 sqlx::query(
-                    "UPDATE inbox SET held_by = NULL, next_attempt_at_ms = $1 \
+                    "UPDATE inbox SET held_by = NULL, state = 'retry', next_attempt_at_ms = $1 \
                      WHERE seq = $2 AND held_by = $3 AND NOT EXISTS \
                      (SELECT 1 FROM conflicts WHERE id = $3 AND state = 'open')",
                 )
