@@ -249,6 +249,34 @@ macro_rules! add_counts {
     };
 }
 
+/// Inside a dispatched transaction `$tx`: sets `$counts` (run `$run`'s) of
+/// each kind of finding a run stores to the number it stored.
+macro_rules! count_findings {
+    ($tx:ident, $run:expr, $counts:expr) => {
+        async {
+            let rows: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT kind, COUNT(*) FROM reconciliation_mismatches WHERE run_id = $1 GROUP BY kind",
+            )
+            .bind($run)
+            .fetch_all(&mut *$tx)
+            .await?;
+            for kind in [
+                "different",
+                "missing_local",
+                "missing_remote",
+                "orphan",
+                "duplicate",
+                "unlinked",
+            ] {
+                let n = rows.iter().find(|(k, _)| k == kind).map_or(0, |(_, n)| *n);
+                $counts.insert(kind.to_owned(), n.into());
+            }
+            Ok::<(), StoreError>(())
+        }
+        .await
+    };
+}
+
 /// Inside a statement whose `$1` is a run id and `$2` its lease token:
 /// that run is still listing under that lease.
 const LISTING_HELD: &str = "EXISTS (SELECT 1 FROM reconciliation_runs r WHERE r.id = $1 \
@@ -706,23 +734,7 @@ impl Store {
             let Some(Json(mut counts)) = held else {
                 return Ok(false);
             };
-            let rows: Vec<(String, i64)> = sqlx::query_as(
-                "SELECT kind, COUNT(*) FROM reconciliation_mismatches WHERE run_id = $1 GROUP BY kind",
-            )
-            .bind(&run.id)
-            .fetch_all(&mut *tx)
-            .await?;
-            for kind in [
-                "different",
-                "missing_local",
-                "missing_remote",
-                "orphan",
-                "duplicate",
-                "unlinked",
-            ] {
-                let n = rows.iter().find(|(k, _)| k == kind).map_or(0, |(_, n)| *n);
-                counts.insert(kind.to_owned(), n.into());
-            }
+            count_findings!(tx, &run.id, counts)?;
             sqlx::query("UPDATE reconciliation_runs SET counts = $2, updated_at = $3 WHERE id = $1")
                 .bind(&run.id)
                 .bind(Json(counts))
@@ -776,22 +788,44 @@ impl Store {
     /// Only while listing: nothing is classified or scheduled yet (a
     /// backfill's repairs under way hold creates back until their link
     /// events are applied; ended there, the creates went beside the
-    /// records those events link), and every finding is counted by the
-    /// page that found it.
+    /// records those events link). Its findings are counted as it ends:
+    /// a page counts only those it classified at once (`equal`,
+    /// `in_flight`, `invalid`), and a cancelled run read "different: 0"
+    /// beside the differences it had stored.
     pub async fn cancel_run(&self, id: &str, by: &str) -> Result<bool, StoreError> {
         let at = now();
+        let lock = match &self.backend {
+            super::Backend::Postgres(_) => {
+                "SELECT counts FROM reconciliation_runs WHERE id = $1 AND status = 'running' \
+                 AND phase = 'listing' FOR UPDATE"
+            }
+            super::Backend::Sqlite(_) => {
+                "SELECT counts FROM reconciliation_runs WHERE id = $1 AND status = 'running' \
+                 AND phase = 'listing'"
+            }
+        };
         let ended = dispatch!(self, write pool => {
-            sqlx::query(
+            let mut tx = pool.begin().await?;
+            let held: Option<Json<serde_json::Map<String, serde_json::Value>>> =
+                sqlx::query_scalar(lock).bind(id).fetch_optional(&mut *tx).await?;
+            let Some(Json(mut counts)) = held else {
+                return Ok(false);
+            };
+            count_findings!(tx, id, counts)?;
+            let ended = sqlx::query(
                 "UPDATE reconciliation_runs SET status = 'failed', phase = 'done', error = $2, \
-                 finished_at = $3, updated_at = $3, lease_until_ms = 0, lease_token = NULL \
-                 WHERE id = $1 AND status = 'running' AND phase = 'listing'",
+                 finished_at = $3, updated_at = $3, lease_until_ms = 0, lease_token = NULL, \
+                 counts = $4 WHERE id = $1 AND status = 'running' AND phase = 'listing'",
             )
             .bind(id)
             .bind(super::capped(&format!("{CANCELLED_BY}{by}")))
             .bind(at)
-            .execute(pool)
+            .bind(Json(counts))
+            .execute(&mut *tx)
             .await?
-            .rows_affected()
+            .rows_affected();
+            tx.commit().await?;
+            ended
         });
         Ok(ended == 1)
     }

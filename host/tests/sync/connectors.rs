@@ -2985,6 +2985,17 @@ async fn a_run_is_cancelled(backend: Backend) {
     remote.delay_next_later_page(Duration::from_secs(4));
     let app = spawn_sync_app(setup(backend)).await;
     install_recorder(&app, &remote).await;
+    // A linked record renamed at the remote, on the first page (its id
+    // sorts before the others'): a difference the page stores.
+    remote.answer_ids_with("a_");
+    let linked = linked_customer(&app, "Drifted").await;
+    let link = app
+        .wait_link_of("recorder", &linked, SETTLE, |l| l["state"] == "synced")
+        .await;
+    let remote_id = link["remote_id"].as_str().expect("remote id").to_owned();
+    let mut drifted = remote.record(&remote_id).expect("pushed");
+    drifted["name"] = json!("Renamed At The Remote");
+    remote.insert(&remote_id, drifted);
     let run = start_run(&app, json!({"connector": "recorder", "repair": "report"})).await;
     let id = run["id"].as_str().expect("id").to_owned();
     // Its driver has listed a page and waits for the held one.
@@ -3033,6 +3044,16 @@ async fn a_run_is_cancelled(backend: Backend) {
         cancelled["progress"]["pages"].as_i64() >= Some(1),
         "{cancelled:#}"
     );
+    // Its findings are counted: a page counts only those it classifies at
+    // once, and the cancelled run read "different: 0" beside the
+    // difference it had stored.
+    let (_, found) = get(
+        &app,
+        &format!("/api/v1/reconciliations/{id}/mismatches?kind=different"),
+    )
+    .await;
+    assert_eq!(found["data"].as_array().map(Vec::len), Some(1), "{found:#}");
+    assert_eq!(after["counts"]["different"], 1, "{after:#}");
     let (status, unknown) = post(&app, "/api/v1/reconciliations/rec_nope/cancel", None).await;
     assert_eq!(status, 404, "{unknown}");
 }
