@@ -250,6 +250,7 @@ impl Connector for Salesforce {
         let config = Config::load()?;
         fetch(&config, &remote_id)
             .map_err(|error| config.record_gone(error))
+            .map_err(|error| config.not_merged(error, &remote_id))
             .map_err(not_shown_deleted)
     }
 
@@ -702,6 +703,53 @@ impl Config {
                 self.object, self.api_version
             )),
             Err(other) => other,
+        }
+    }
+
+    /// `error`, unless it says record `id` is deleted and a merge deleted
+    /// it: Salesforce deletes a merge's losing records (`ENTITY_IS_DELETED`
+    /// like any other) and keeps the winner's id in their `MasterRecordId`.
+    /// Read as deleted, the customer linked to the loser was deleted in
+    /// ferry and every other system, while its person lives on in the
+    /// winner. One more request (`queryAll`, the only read of a deleted
+    /// record), made only after such a 404; an object without
+    /// `MasterRecordId` (a custom one: no merge) answers `INVALID_FIELD`,
+    /// and the record is deleted.
+    fn not_merged(&self, error: ConnectorError, id: &str) -> ConnectorError {
+        match &error {
+            ConnectorError::NotFound(message)
+                if message.contains("HTTP 404: ENTITY_IS_DELETED: ") && is_record_id(id) => {}
+            _ => return error,
+        }
+        let soql = format!(
+            "SELECT Id, MasterRecordId FROM {} WHERE Id = '{id}'",
+            self.object
+        );
+        let read = self.call(|base, token| {
+            Ok(Request::get(format!("{}/queryAll", self.data_url(base)))
+                .query(&[("q", soql.as_str())])?
+                .bearer_token(token))
+        });
+        let result: QueryResult = match read.and_then(|resp| resp.json()) {
+            Ok(result) => result,
+            Err(ConnectorError::Permanent(message)) if message.contains(": INVALID_FIELD: ") => {
+                return error
+            }
+            Err(other) => return other,
+        };
+        match result
+            .records
+            .first()
+            .and_then(|row| row.get("MasterRecordId"))
+            .and_then(Value::as_str)
+        {
+            Some(master) => ConnectorError::permanent(format!(
+                "{} {id} was merged into {master} in Salesforce (a merge deletes the \
+                 losing records): nothing was changed in ferry; link the customer to \
+                 {master}, or delete it, through ferry's API",
+                self.object
+            )),
+            None => error,
         }
     }
 

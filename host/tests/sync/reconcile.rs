@@ -881,16 +881,54 @@ async fn salesforce_delete_is_an_orphan(backend: Backend) {
 /// its read with a plain `NOT_FOUND`: no proof of a delete. The orphan's
 /// repair is a dead letter that says so; the customer stays, in ferry and
 /// at Stripe. Before, both were deleted, and the brake (a share of the
-/// links) let a few percent through.
+/// links) let a few percent through. So does a Contact a merge in
+/// Salesforce deleted (`ENTITY_IS_DELETED`, as any delete): its person
+/// lives on in the winner, and the dead letter names it.
 async fn a_salesforce_record_out_of_reach_is_not_deleted(backend: Backend) {
-    let (stripe, salesforce, app) = salesforce_app(backend, json!({})).await;
-    let pairs = customers_with_contacts(&app, 2, "sf-hidden").await;
+    // Two orphans of three links: past the default brake.
+    let brake = json!({"reconcile_max_delete_share": 0.7});
+    let (stripe, salesforce, app) = salesforce_app(backend, brake).await;
+    let pairs = customers_with_contacts(&app, 3, "sf-hidden").await;
     let (hidden_customer, hidden_contact) = pairs[0].clone();
     salesforce.purge_record("Contact", &hidden_contact);
+    let (merged_customer, merged_contact) = pairs[2].clone();
+    salesforce.merge_records("Contact", &pairs[1].1, &merged_contact);
 
     let run = run_to_end(&app, json!({"connector": "salesforce", "repair": "merge"})).await;
     assert_eq!(run["status"], "completed", "{run:#}");
-    expect_counts(&run, &[("equal", 1), ("orphan", 1), ("repairs", 1)]);
+    expect_counts(&run, &[("equal", 1), ("orphan", 2), ("repairs", 2)]);
+    eventually("the merged record's repair is a dead letter", || async {
+        let events = app
+            .store
+            .inbox_of_remote("salesforce", &merged_contact)
+            .await;
+        events.unwrap().iter().any(|e| e.state.as_str() == "dead")
+    })
+    .await;
+    let events = app
+        .store
+        .inbox_of_remote("salesforce", &merged_contact)
+        .await
+        .unwrap();
+    let repair = events
+        .iter()
+        .find(|e| e.remote_type == "reconciliation")
+        .expect("the merged record's repair");
+    let merged_into = format!("was merged into {}", pairs[1].1);
+    assert!(
+        repair
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains(&merged_into)),
+        "{repair:?}"
+    );
+    let kept = app
+        .store
+        .get_customer_any(&merged_customer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(kept.deleted_at.is_none(), "{kept:?}");
     eventually("the orphan's repair is a dead letter", || async {
         let events = app
             .store

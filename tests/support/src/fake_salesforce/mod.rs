@@ -49,7 +49,8 @@
 //!     [ASC|DESC]] [LIMIT n]`, with `op` one of `= != < <= > >=` and `v` a
 //!     quoted string, a datetime literal, a number, `true`/`false` or
 //!     `null`; anything else is `MALFORMED_QUERY`. Deleted rows are left
-//!     out (as with `query`, not `queryAll`). Results are paged with
+//!     out of `query` and read by `queryAll` ("QueryAll": deleted and
+//!     merged records, `IsDeleted` true). Results are paged with
 //!     `nextRecordsUrl` (`.../query/01g...-<offset>`) and the page size
 //!     follows `Sforce-Query-Options: batchSize=N` clamped to 200..=2000
 //!     (default 2000), as the "Query Options Header" page says, unless
@@ -60,6 +61,10 @@
 //!     has been served, after which it is closed. Rows come in `Id` order
 //!     unless `ORDER BY` says otherwise (nulls first ascending, last
 //!     descending);
+//!   - Merges ("Merging Records", Apex Developer Guide, "Triggers and
+//!     Merge Statements"): [`FakeSalesforce::merge_records`] deletes the
+//!     losing record and sets its `MasterRecordId` to the winner's id (a
+//!     system field, null otherwise), as a merge in the UI does;
 //!   - API request limits: [`FakeSalesforce::fail_with_request_limit`]
 //!     makes the next authenticated calls answer 403
 //!     `REQUEST_LIMIT_EXCEEDED`.
@@ -80,7 +85,7 @@
 //! What it does not model: other OAuth flows, refresh tokens, client
 //! credentials in an HTTP Basic header, token revocation or introspection;
 //! describe, composite, collections, upsert by external id, Bulk API,
-//! SOSL, `queryAll`, relationship queries, aggregate SOQL, `OR`/`IN`/`LIKE`
+//! SOSL, relationship queries, aggregate SOQL, `OR`/`IN`/`LIKE`
 //! in SOQL; field types and lengths (every field is stored as the JSON value
 //! sent), field-level security, sharing, triggers, duplicate rules; locator
 //! expiry; the `Sforce-Limit-Info` response header; Outbound Messaging
@@ -153,6 +158,7 @@ const SYSTEM_FIELDS: &[&str] = &[
     "CreatedDate",
     "LastModifiedDate",
     "SystemModstamp",
+    "MasterRecordId",
 ];
 
 /// How the fake org is set up.
@@ -248,6 +254,8 @@ struct StoredRecord {
     created: String,
     modified: String,
     deleted: bool,
+    /// The record a merge deleted this one into.
+    master: Option<String>,
 }
 
 impl StoredRecord {
@@ -257,6 +265,7 @@ impl StoredRecord {
         match name {
             "Id" => Value::String(id.to_owned()),
             "IsDeleted" => Value::Bool(self.deleted),
+            "MasterRecordId" => self.master.clone().map_or(Value::Null, Value::String),
             "CreatedDate" => Value::String(self.created.clone()),
             "LastModifiedDate" | "SystemModstamp" => Value::String(self.modified.clone()),
             // Field names ignore case (a custom field queried in another
@@ -458,6 +467,33 @@ impl FakeSalesforce {
     pub fn delete_record(&self, object: &str, id: &str) {
         if let Err(err) = delete_record(&self.shared, object, id) {
             panic!("delete_record({object}, {id}) failed: {err:?}");
+        }
+    }
+
+    /// Merges record `loser` into `master`, as a merge in Salesforce does:
+    /// the loser is deleted with `MasterRecordId` naming the master, whose
+    /// `LastModifiedDate` moves.
+    ///
+    /// # Panics
+    /// If either record does not exist or is deleted.
+    #[track_caller]
+    pub fn merge_records(&self, object: &str, master: &str, loser: &str) {
+        let mut data = self.shared.data();
+        let ids = match (find(&data, object, master), find(&data, object, loser)) {
+            (Ok((m, mr)), Ok((l, lr))) if !mr.deleted && !lr.deleted => Some((m, l)),
+            _ => None,
+        };
+        let Some((master, loser)) = ids else {
+            panic!("merge_records({object}, {master}, {loser}): both must be live records");
+        };
+        let now = stamp_now();
+        if let Some(rec) = data.records.get_mut(&loser) {
+            rec.deleted = true;
+            rec.master = Some(master.clone());
+            rec.modified.clone_from(&now);
+        }
+        if let Some(rec) = data.records.get_mut(&master) {
+            rec.modified = now;
         }
     }
 
@@ -939,6 +975,7 @@ fn create_record(shared: &Shared, object: &str, body: &Value) -> Result<String, 
             created: now.clone(),
             modified: now,
             deleted: false,
+            master: None,
         },
     );
     Ok(id)
@@ -1237,7 +1274,7 @@ fn data_api(
             shared.data().counts.deletes += 1;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
-        (&Method::GET, ["query"]) => {
+        (&Method::GET, [verb @ ("query" | "queryAll")]) => {
             let soql = param("q")
                 .ok_or_else(|| SfError::malformed_query("A query string has to be specified"))?;
             let page_size = shared
@@ -1245,7 +1282,7 @@ fn data_api(
                 .query_page_size
                 .unwrap_or_else(|| batch_size(headers))
                 .max(1);
-            let rows = run_query(shared, version, soql)?;
+            let rows = run_query(shared, version, soql, *verb == "queryAll")?;
             let mut data = shared.data();
             data.counts.queries += 1;
             let locator = make_id("01g", data.next_seq());
@@ -1337,7 +1374,8 @@ fn page(
     axum::Json(body).into_response()
 }
 
-fn run_query(shared: &Shared, version: &str, soql: &str) -> Result<Vec<Value>, SfError> {
+/// `soql`'s rows; deleted records too when `all` (`queryAll`).
+fn run_query(shared: &Shared, version: &str, soql: &str, all: bool) -> Result<Vec<Value>, SfError> {
     let query = parse_soql(soql)?;
     if !known_object(&query.object) {
         return Err(SfError::new(
@@ -1375,7 +1413,7 @@ fn run_query(shared: &Shared, version: &str, soql: &str) -> Result<Vec<Value>, S
     let mut hits: Vec<(&String, &StoredRecord)> = data
         .records
         .iter()
-        .filter(|(_, r)| !r.deleted && r.object.eq_ignore_ascii_case(&object))
+        .filter(|(_, r)| (all || !r.deleted) && r.object.eq_ignore_ascii_case(&object))
         .filter(|(id, r)| {
             conditions
                 .iter()
