@@ -175,12 +175,15 @@ pub struct InboxEvent {
     /// The conflict policy it is applied with, if not the configured one.
     #[serde(skip)]
     pub policy: Option<String>,
+    /// The open conflict it was parked behind, if it was.
+    #[serde(skip)]
+    pub held_by: Option<String>,
 }
 
 pub(crate) const INBOX_COLUMNS: &str =
     "seq, connector, event_id, entity, kind, remote_id, occurred_at_ms, \
      record, origin_key, remote_type, state, attempts, detail, customer_id, correlation_id, \
-     lease_token, received_at, policy";
+     lease_token, received_at, policy, held_by";
 
 /// What applying a remote change does to the customer.
 #[derive(Debug, Clone)]

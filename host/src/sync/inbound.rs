@@ -725,6 +725,26 @@ impl SyncEngine {
         event: &InboxEvent,
         mut known: Option<Known>,
     ) -> InboundOutcome {
+        // Parked behind a conflict still open: parked again, nothing
+        // decided. Decided again at each recheck, an event of a record no
+        // link holds (a duplicate of the email's owner, whose link the
+        // conflict holds) read its record from the remote every minute
+        // until a person resolved the conflict, the org's API allowance
+        // and the connector's request rate spent on it.
+        if let Some(conflict) = &event.held_by {
+            let open = self.inner.store.conflict(conflict).await;
+            match open {
+                Ok(Some(c)) if c.state == "open" => {
+                    return match self.held(event, conflict).await {
+                        Ok(Some(outcome)) => outcome,
+                        Ok(None) => InboundOutcome::LeaseLost,
+                        Err(error) => self.inbound_failed(event, error).await,
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => return self.inbound_failed(event, error.into()).await,
+            }
+        }
         for _ in 0..RACE_RETRIES {
             // A decision taken again after a race reads afresh.
             match self.try_apply(event, known.take()).await {

@@ -946,6 +946,80 @@ async fn a_duplicate_merged_into_a_held_link_waits() {
     assert_eq!(open[0]["id"], conflict["id"]);
 }
 
+/// The event of a record parked behind the conflict holding its email
+/// owner's link is parked again at its recheck without reading anything:
+/// decided again, a thin event read its record from the remote every
+/// minute until a person resolved the conflict (a Salesforce org's daily
+/// API allowance and the connector's request rate spent on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_event_is_parked_again_without_reading_the_remote() {
+    use ferry::store::inbox::{NewInboxEvent, RemoteChange};
+    let h = synced_customer_watched(
+        Backend::Sqlite,
+        json!({
+            "conflict_policy": "flag",
+            "duplicate_email_policy": "merge",
+            "sync_max_attempts": 100,
+        }),
+        true,
+    )
+    .await;
+    let address = customer(&h.app, &h.id).await["email"]
+        .as_str()
+        .expect("an email")
+        .to_owned();
+    name_edited_on_both_sides(&h).await;
+    open_conflict(&h.app).await;
+    h.proxy.set_down(false);
+    let second = stripe_create(&h.stripe.url(), &[("email", &address), ("name", "Second")]).await;
+    wait_until_held(&h.app, &second).await;
+    // A thin event of it (no record: read from Stripe) parks as well.
+    let thin = NewInboxEvent {
+        event_id: "evt_thin_parked".into(),
+        entity: "customer".into(),
+        kind: RemoteChange::Upsert,
+        remote_id: second.clone(),
+        occurred_at_ms: chrono::Utc::now().timestamp_millis(),
+        record: None,
+        origin_key: None,
+        remote_type: "v1.customer.updated".into(),
+        policy: None,
+    };
+    h.app
+        .store
+        .store_inbox_many(&[("stripe", std::slice::from_ref(&thin), None)])
+        .await
+        .expect("stored");
+    h.app.sync.wake();
+    let read = format!("/v1/customers/{second}");
+    let parked = |detail: &str| {
+        let detail = detail.to_owned();
+        let app = &h.app;
+        let second = second.clone();
+        async move {
+            app.wait_inbox(&second, |inbox| {
+                inbox.iter().any(|e| {
+                    e.event_id == "evt_thin_parked"
+                        && e.detail.as_deref().is_some_and(|d| d.contains(&detail))
+                })
+            })
+            .await;
+        }
+    };
+    parked("held by open conflict").await;
+    let reads = h.proxy.requests_to("GET", &read).len();
+    assert!(reads >= 1, "the first decision reads the record");
+    // Its recheck comes (made due now): parked again, nothing read.
+    for _ in 0..2 {
+        let sql = "UPDATE inbox SET next_attempt_at_ms = 0, detail = 'recheck' \
+                   WHERE event_id = 'evt_thin_parked'";
+        crate::helpers::execute_raw(&h.app.database_url, sql, &[]).await;
+        h.app.sync.wake();
+        parked("held by open conflict").await;
+    }
+    assert_eq!(h.proxy.requests_to("GET", &read).len(), reads);
+}
+
 /// Under `merge`, the record that lost the customer's link to a second one
 /// with its email does not take it back at its next event. Before, it did,
 /// as a first sync whose differences were the remote's news: its old name
