@@ -687,13 +687,16 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
-            // A deferred or parked event due again as a retry (a dead
-            // letter's replay, a conflict's end) stays one: made pending,
-            // the backlog counted it from its arrival, days before, and a
-            // replay that met ferry's own pacing paged.
+            // A parked event due again as a retry (a dead letter's
+            // replay, a conflict's end) stays one: made pending, the
+            // backlog counted it from its arrival, days before, once a
+            // conflict let it go. Not a deferred one: its due time moves
+            // at each look, and a retry behind an open breaker would read
+            // as never behind.
+            let keeps_retry = matches!(finish, InboxFinish::Held { .. });
             let updated = sqlx::query(
                 "UPDATE inbox SET \
-                 state = CASE WHEN $1 = 'pending' AND state = 'retry' THEN 'retry' ELSE $1 END, \
+                 state = CASE WHEN $8 AND state = 'retry' THEN 'retry' ELSE $1 END, \
                  detail = $2, attempts = $3, \
                  next_attempt_at_ms = COALESCE($4, next_attempt_at_ms), held_by = $7, \
                  lease_until_ms = 0, lease_token = NULL WHERE seq = $5 AND lease_token = $6",
@@ -705,6 +708,7 @@ impl Store {
             .bind(event.seq)
             .bind(&event.lease_token)
             .bind(held_by)
+            .bind(keeps_retry)
             .execute(&mut *tx)
             .await?
             .rows_affected();

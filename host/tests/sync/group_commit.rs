@@ -4030,26 +4030,27 @@ async fn a_replayed_event_ages_from_its_replay(postgres: bool) {
         "{:?}",
         backlog.inbox_oldest_age
     );
-    // Deferred at its next try (its fetch met ferry's own pacing), then
-    // due again: still a retry, aged from then, not from its arrival.
+    // Parked at its next try behind a conflict that closed meanwhile
+    // (let go at once, due now): still a retry, aged from then, not from
+    // its arrival.
     let until = chrono::Utc::now().timestamp_millis() + 60_000;
     let claimed = store
         .claim_due_inbox("lease-aged", until, 100, 0, i64::MIN)
         .await
         .expect("claimed");
     assert_eq!(claimed.len(), 1);
-    let deferred = InboxFinish::Deferred {
-        detail: "waiting: ferry's request rate for this connector is used up",
-        at_ms: chrono::Utc::now().timestamp_millis() - 1,
+    let parked = InboxFinish::Held {
+        conflict: "cf_closed_meanwhile",
+        at_ms: chrono::Utc::now().timestamp_millis() + 60_000,
     };
     assert!(store
-        .finish_inbox(&claimed[0], deferred)
+        .finish_inbox(&claimed[0], parked)
         .await
-        .expect("deferred"));
+        .expect("parked"));
     let backlog = store.backlog().await.expect("backlog");
     assert!(
         backlog.inbox_oldest_age < std::time::Duration::from_secs(60),
-        "deferred: {:?}",
+        "parked, let go: {:?}",
         backlog.inbox_oldest_age
     );
 }
