@@ -138,6 +138,27 @@ const FAILED_HOLD: Duration = Duration::from_secs(5);
 const MAX_FAILED_HOLD: Duration = Duration::from_secs(60);
 
 impl Failed {
+    /// The error again, a rate limit's wait counted from now.
+    fn answer(&self) -> ConnectorError {
+        match &self.error {
+            ConnectorError::RateLimited(RateLimit {
+                retry_after_ms: Some(_),
+                message,
+            }) => ConnectorError::RateLimited(RateLimit {
+                retry_after_ms: Some(
+                    u64::try_from(
+                        self.until
+                            .saturating_duration_since(Instant::now())
+                            .as_millis(),
+                    )
+                    .unwrap_or(u64::MAX),
+                ),
+                message: message.clone(),
+            }),
+            other => other.clone(),
+        }
+    }
+
     fn new(error: &ConnectorError, grant: [u8; 32]) -> Self {
         let hold = match error {
             ConnectorError::RateLimited(RateLimit {
@@ -249,16 +270,20 @@ async fn request_token(
     secrets: &BTreeMap<String, SecretString>,
     generation: u64,
     fingerprint: [u8; 32],
-) -> Result<Cached, ConnectorError> {
-    let response = dispatcher.send(wire).await.map_err(|e| match e {
-        WireError::Denied(m) => ConnectorError::Permanent(format!("token endpoint: {m}")),
-        other => ConnectorError::Retryable(format!("token endpoint: {other}")),
+) -> Result<Cached, TokenFailure> {
+    // Not the endpoint's answer: a timeout may be this call's deadline
+    // (what an earlier request left of it), which another call has whole.
+    let response = dispatcher.send(wire).await.map_err(|e| {
+        TokenFailure::Unanswered(match e {
+            WireError::Denied(m) => ConnectorError::Permanent(format!("token endpoint: {m}")),
+            other => ConnectorError::Retryable(format!("token endpoint: {other}")),
+        })
     })?;
     if !(200..300).contains(&response.status) {
         let mut body = response.body;
         policy::redact_secrets(&mut body, secrets);
         let error = token_error(response.status, &body, &response.headers);
-        return Err(redacted(error, secrets));
+        return Err(TokenFailure::Refused(redacted(error, secrets)));
     }
     parse_token(
         &response.body,
@@ -266,6 +291,16 @@ async fn request_token(
         generation,
         fingerprint,
     )
+    .map_err(TokenFailure::Refused)
+}
+
+/// Why no token was obtained.
+enum TokenFailure {
+    /// The endpoint answered with a refusal, or with no token: the answer
+    /// every call for the same grant gets for a while ([`Failed`]).
+    Refused(ConnectorError),
+    /// It did not answer (a timeout, a connection refused): this call's.
+    Unanswered(ConnectorError),
 }
 
 /// `error` with the secrets redacted from its message as decoded: the
@@ -448,7 +483,7 @@ impl Host for CallState {
             .as_ref()
             .filter(|f| f.grant == fingerprint && Instant::now() < f.until)
         {
-            return Err(failed.error.clone());
+            return Err(failed.answer());
         }
         let generation = self.connector.tokens.next_generation();
         let wire = self.token_request(&grant)?;
@@ -474,10 +509,11 @@ impl Host for CallState {
         .await;
         let token = match requested {
             Ok(token) => token,
-            Err(error) => {
+            Err(TokenFailure::Refused(error)) => {
                 cached.failed = Some(Failed::new(&error, fingerprint));
                 return Err(error);
             }
+            Err(TokenFailure::Unanswered(error)) => return Err(error),
         };
         tracing::info!(connector = %self.connector.name, token = %name, generation,
             "obtained an OAuth token");
