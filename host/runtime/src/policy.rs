@@ -108,13 +108,22 @@ impl OperatorHosts<'_> {
         }
         // An IPv6 form of a denied IPv4 address (`[::ffff:93.184.216.34]`,
         // NAT64's `[64:ff9b::5db8:d822]`) reaches it as well, and matched
-        // no entry written as the IPv4 address.
-        let embedded = match ip {
-            Some(IpAddr::V6(v6)) => embedded_v4(v6).map(|v4| v4.to_string()),
-            _ => None,
+        // no entry written as the IPv4 address (nor the IPv4 address an
+        // entry written in one of those forms).
+        let reaches = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(v6) => embedded_v4(v6),
         };
-        if let Some(v4) = embedded {
-            if self.denied.iter().any(|d| list_matches(d, &v4)) {
+        if let Some(v4) = ip.and_then(reaches) {
+            let denied = self.denied.iter().any(|entry| {
+                let entry = entry.trim();
+                let entry = entry
+                    .strip_prefix('[')
+                    .and_then(|e| e.strip_suffix(']'))
+                    .unwrap_or(entry);
+                entry.parse::<IpAddr>().ok().and_then(reaches) == Some(v4)
+            });
+            if denied {
                 return Some(format!(
                     "host `{host}` is {v4}, which is on the operator's deny-list"
                 ));
@@ -895,6 +904,22 @@ mod tests {
             operator,
         };
         assert!(check_url("https://[::ffff:93.184.216.35]/", &rules).is_ok());
+        // An entry written in one of those forms denies the address too.
+        let denied = ["[64:ff9b::5db8:d822]".to_owned()];
+        let operator = OperatorHosts {
+            allowed: &[],
+            denied: &denied,
+            allow_private: true,
+        };
+        let d = declared(&["93.184.216.34"]);
+        let rules = HostRules {
+            declared: &d,
+            operator,
+        };
+        assert!(matches!(
+            check_url("https://93.184.216.34/", &rules),
+            Err(PolicyError::Denied(_))
+        ));
     }
 
     #[test]
