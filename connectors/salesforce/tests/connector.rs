@@ -864,6 +864,67 @@ async fn a_404_of_an_object_the_org_does_not_know_is_not_a_record_gone() {
     }
 }
 
+/// A record a merge deleted answers its read `ENTITY_IS_DELETED` like any
+/// delete; its `MasterRecordId` (read with `queryAll`) names the winner,
+/// and the read is a dead letter naming it, not a delete (the customer
+/// was deleted in ferry and everywhere else). Without a winner it is a
+/// delete, and so it is for an object without `MasterRecordId` (a custom
+/// one: `INVALID_FIELD`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_a_merge_deleted_is_not_gone() {
+    let kit = kit().await;
+    script_tokens(&kit, &["tok-1"]);
+    let query_all = "https://acme.my.salesforce.com/services/data/v62.0/queryAll";
+    let (merged, deleted, custom) = (
+        "003000000000001AAA",
+        "003000000000002AAA",
+        "003000000000003AAA",
+    );
+    for id in [merged, deleted, custom] {
+        kit.http()
+            .on("GET", &format!("{CONTACTS}/{id}"))
+            .respond_json(
+                404,
+                &sf_error("ENTITY_IS_DELETED", "entity is deleted", &[]),
+            );
+    }
+    let row = |id: &str, master: Value| {
+        json!({"totalSize": 1, "done": true, "records": [
+            {"attributes": {"type": "Contact"}, "Id": id, "MasterRecordId": master}]})
+    };
+    kit.http()
+        .on("GET", query_all)
+        .respond_json(200, &row(merged, json!("003000000000009AAA")))
+        .respond_json(200, &row(deleted, Value::Null))
+        .respond_json(
+            400,
+            &sf_error(
+                "INVALID_FIELD",
+                "No such column 'MasterRecordId' on sobject of type Contact",
+                &[],
+            ),
+        );
+    match connector_error(kit.fetch("customer", merged).await) {
+        ConnectorError::Permanent(m) => {
+            assert!(m.contains("was merged into 003000000000009AAA"), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+    for id in [deleted, custom] {
+        assert!(matches!(
+            connector_error(kit.fetch("customer", id).await),
+            ConnectorError::NotFound(m) if m.contains("ENTITY_IS_DELETED")
+        ));
+    }
+    let asked = kit
+        .http()
+        .requests()
+        .iter()
+        .filter(|r| r.url.starts_with(query_all))
+        .count();
+    assert_eq!(asked, 3);
+}
+
 /// A read answered 404 `NOT_FOUND` (not `ENTITY_IS_DELETED`) is not the
 /// record gone: Salesforce answers so for a record a sharing change hides
 /// from the integration user, and a reconciliation whose listing missed

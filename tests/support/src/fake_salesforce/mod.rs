@@ -64,7 +64,9 @@
 //!   - Merges ("Merging Records", Apex Developer Guide, "Triggers and
 //!     Merge Statements"): [`FakeSalesforce::merge_records`] deletes the
 //!     losing record and sets its `MasterRecordId` to the winner's id (a
-//!     system field, null otherwise), as a merge in the UI does;
+//!     system field, null otherwise, of Contact, Account and Lead only: a
+//!     custom object's query of it is `INVALID_FIELD`), as a merge in the
+//!     UI does;
 //!   - API request limits: [`FakeSalesforce::fail_with_request_limit`]
 //!     makes the next authenticated calls answer 403
 //!     `REQUEST_LIMIT_EXCEEDED`.
@@ -843,8 +845,22 @@ fn writable_field(object: &str, name: &str) -> Result<String, SfError> {
 /// The canonical spelling of field `name` on `object` (system fields
 /// included), or `INVALID_FIELD`.
 fn readable_field(object: &str, name: &str) -> Result<String, SfError> {
-    if let Some(system) = SYSTEM_FIELDS.iter().find(|f| f.eq_ignore_ascii_case(name)) {
+    // Only the objects Salesforce merges have it ("Merging Records"); a
+    // custom object's query of it is refused.
+    let merged = ["Contact", "Account", "Lead"].contains(&object);
+    if let Some(system) = SYSTEM_FIELDS
+        .iter()
+        .find(|f| f.eq_ignore_ascii_case(name))
+        .filter(|f| merged || **f != "MasterRecordId")
+    {
         return Ok((*system).to_owned());
+    }
+    if !merged && name.eq_ignore_ascii_case("MasterRecordId") {
+        return Err(SfError::new(
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD",
+            format!("No such column '{name}' on sobject of type {object}"),
+        ));
     }
     if object != "Contact" {
         return Ok(name.to_owned());
