@@ -75,6 +75,10 @@ fn describe() {
         "Sync attempts by connector, direction (outbound, inbound) and outcome"
     );
     describe_counter!(
+        "ferry_bus_redelivered_total",
+        "Cluster mode: changes the bus did not deliver within bus_redelivery_after, scheduled from the outbox"
+    );
+    describe_counter!(
         "ferry_sync_retries_total",
         "Attempts that failed and were scheduled again"
     );

@@ -150,6 +150,12 @@ pub async fn run_redelivery(
                     );
                     match engine.accept(&changes).await {
                         Ok(_) => {
+                            // Counted: a change the relay published but no
+                            // consumer took (a group's ACL, another member
+                            // holding the partitions) left the outbox's
+                            // gauges at 0, and this log line was all.
+                            metrics::counter!("ferry_bus_redelivered_total")
+                                .increment(changes.len() as u64);
                             engine.wake();
                             full = changes.len() >= RELAY_BATCH as usize;
                         }

@@ -310,9 +310,15 @@ async fn changes_the_relay_cannot_publish_are_scheduled_from_the_outbox() {
         .create(json!({"name": "Online", "email": email("online")}))
         .await;
     app.wait_synced(first["id"].as_str().expect("id"), 1).await;
+    let before = crate::operations::scrape(&app.base).await;
     broker.stop();
 
     let id = reaches_stripe_without_the_bus(&app, &stripe, "offline").await;
+    // Counted: a log line was all an operator had.
+    let after = crate::operations::scrape(&app.base).await;
+    let redelivered = crate::operations::value(&after, "ferry_bus_redelivered_total", &[])
+        - crate::operations::value(&before, "ferry_bus_redelivered_total", &[]);
+    assert!(redelivered >= 1.0, "{redelivered}");
     let events = app.store.outbox_events(&id).await.expect("outbox");
     assert!(events.iter().all(|e| !e.queued), "{events:?}");
     // Ready all along, saying the broker is away: unready, every running
