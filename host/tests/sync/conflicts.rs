@@ -925,15 +925,7 @@ async fn a_duplicate_merged_into_a_held_link_waits() {
         }),
     )
     .await;
-    let address = customer(&h.app, &h.id).await["email"]
-        .as_str()
-        .expect("an email")
-        .to_owned();
-    name_edited_on_both_sides(&h).await;
-    let conflict = open_conflict(&h.app).await;
-
-    let second = stripe_create(&h.stripe.url(), &[("email", &address), ("name", "Second")]).await;
-    wait_until_held(&h.app, &second).await;
+    let (conflict, _) = a_duplicate_waits(&h).await;
     let links = h.app.sync_status(&h.id).await;
     let stripe_link = links["connectors"]
         .as_array()
@@ -944,6 +936,21 @@ async fn a_duplicate_merged_into_a_held_link_waits() {
     let open = conflicts(&h.app, "?state=open").await;
     assert_eq!(open.len(), 1, "{open:#?}");
     assert_eq!(open[0]["id"], conflict["id"]);
+}
+
+/// Opens a conflict on `h`'s customer, then makes a second Stripe record
+/// with its email and waits until that record's event waits behind the
+/// conflict's hold: the conflict and the second record's id.
+async fn a_duplicate_waits(h: &Harness) -> (Value, String) {
+    let address = customer(&h.app, &h.id).await["email"]
+        .as_str()
+        .expect("an email")
+        .to_owned();
+    name_edited_on_both_sides(h).await;
+    let conflict = open_conflict(&h.app).await;
+    let second = stripe_create(&h.stripe.url(), &[("email", &address), ("name", "Second")]).await;
+    wait_until_held(&h.app, &second).await;
+    (conflict, second)
 }
 
 /// The event of a record parked behind the conflict holding its email
@@ -964,15 +971,8 @@ async fn a_parked_event_is_parked_again_without_reading_the_remote() {
         true,
     )
     .await;
-    let address = customer(&h.app, &h.id).await["email"]
-        .as_str()
-        .expect("an email")
-        .to_owned();
-    name_edited_on_both_sides(&h).await;
-    open_conflict(&h.app).await;
+    let (_, second) = a_duplicate_waits(&h).await;
     h.proxy.set_down(false);
-    let second = stripe_create(&h.stripe.url(), &[("email", &address), ("name", "Second")]).await;
-    wait_until_held(&h.app, &second).await;
     // A thin event of it (no record: read from Stripe) parks as well.
     let thin = NewInboxEvent {
         event_id: "evt_thin_parked".into(),
