@@ -138,7 +138,9 @@ impl Token {
 }
 
 /// The token called `name`: the host's cached one, or a new one obtained
-/// with `grant`.
+/// with `grant` (a refusal from the token endpoint is the answer, without
+/// asking again, for the same grant for 5 s, or its `Retry-After` up to a
+/// minute).
 pub fn client_credentials(name: &str, grant: &ClientCredentials) -> Result<Token, ConnectorError> {
     let info = raw::client_credentials_token(name, &grant.to_raw())?;
     let fields = match serde_json::from_str::<Value>(&info.fields) {

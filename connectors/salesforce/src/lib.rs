@@ -745,8 +745,10 @@ impl Config {
         {
             Some(master) => ConnectorError::permanent(format!(
                 "{} {id} was merged into {master} in Salesforce (a merge deletes the \
-                 losing records): nothing was changed in ferry; link the customer to \
-                 {master}, or delete it, through ferry's API",
+                 losing records): nothing was changed in ferry; a person decides what \
+                 becomes of the customer (delete it through ferry's API if {master}'s \
+                 customer is the same person; a reconciliation reports {master} as a \
+                 record no link holds if none is linked to it)",
                 self.object
             )),
             None => error,
