@@ -131,6 +131,18 @@ impl Store {
         Ok(rows)
     }
 
+    /// Whether conflict `id` is open (a parked event's recheck: the row's
+    /// fields and remote record are not read).
+    pub async fn conflict_is_open(&self, id: &str) -> Result<bool, StoreError> {
+        let open: Option<i32> = dispatch!(self, read pool => {
+            sqlx::query_scalar("SELECT 1 FROM conflicts WHERE id = $1 AND state = 'open'")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(open.is_some())
+    }
+
     /// One conflict.
     pub async fn conflict(&self, id: &str) -> Result<Option<Conflict>, StoreError> {
         let sql = format!("SELECT {CONFLICT_COLUMNS} FROM conflicts WHERE id = $1");

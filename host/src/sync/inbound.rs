@@ -732,16 +732,15 @@ impl SyncEngine {
         // until a person resolved the conflict, the org's API allowance
         // and the connector's request rate spent on it.
         if let Some(conflict) = &event.held_by {
-            let open = self.inner.store.conflict(conflict).await;
-            match open {
-                Ok(Some(c)) if c.state == "open" => {
+            match self.inner.store.conflict_is_open(conflict).await {
+                Ok(true) => {
                     return match self.held(event, conflict).await {
                         Ok(Some(outcome)) => outcome,
                         Ok(None) => InboundOutcome::LeaseLost,
                         Err(error) => self.inbound_failed(event, error).await,
                     }
                 }
-                Ok(_) => {}
+                Ok(false) => {}
                 Err(error) => return self.inbound_failed(event, error.into()).await,
             }
         }
