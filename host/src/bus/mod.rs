@@ -125,6 +125,9 @@ pub async fn run_redelivery(
     cancel: CancellationToken,
 ) {
     let every = (after / 2).max(Duration::from_millis(500));
+    // At 0 from the start: a series first seen at its first rise reads as
+    // no increase, and the alert on it missed the one burst it is for.
+    metrics::counter!("ferry_bus_redelivered_total").increment(0);
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,

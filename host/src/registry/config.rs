@@ -56,10 +56,12 @@ pub struct EffectiveConfig {
 }
 
 /// The operator's switch (`None`: not set through the API), the stored
-/// configuration and the environment's, combined.
+/// configuration and the environment's, combined. `switched_on`: whether
+/// it was ever switched on (see [`crate::store::ConnectorRow::switched_on`]).
 pub(crate) fn effective(
     name: &str,
     switch: Option<bool>,
+    switched_on: bool,
     stored: Option<&StoredConnectorConfig>,
     environment: Option<&ConnectorSettingsConfig>,
     secret_box: Option<&SecretBox>,
@@ -68,7 +70,12 @@ pub(crate) fn effective(
         let configured = !env.settings.is_empty() || !env.secrets.is_empty();
         match env.enabled {
             Some(true) => Switch::Enabled,
-            Some(false) => Switch::Disabled,
+            // As the API's disable: one never switched on stays so. Paused,
+            // `ENABLED=false` (a deployment that does not use it) queued
+            // every customer's change for it, and a later enable made them
+            // all as creates beside the records a backfill would have linked.
+            Some(false) if switched_on => Switch::Disabled,
+            Some(false) => Switch::Unconfigured,
             None if configured => Switch::Enabled,
             None => Switch::Unconfigured,
         }

@@ -692,6 +692,7 @@ impl Registry {
             let effective = config::effective(
                 &row.name,
                 row.enabled,
+                row.switched_on,
                 configs.get(&row.name),
                 self.inner.options.environment.get(&row.name),
                 self.inner.options.secret_box.as_ref(),

@@ -311,6 +311,14 @@ async fn changes_the_relay_cannot_publish_are_scheduled_from_the_outbox() {
         .await;
     app.wait_synced(first["id"].as_str().expect("id"), 1).await;
     let before = crate::operations::scrape(&app.base).await;
+    // Exported before its first rise: `increase()` over a series that
+    // appears at 40 reads 0, and the alert missed the burst.
+    assert!(
+        before
+            .iter()
+            .any(|(name, _, _)| name == "ferry_bus_redelivered_total"),
+        "not exported at 0"
+    );
     broker.stop();
 
     let id = reaches_stripe_without_the_bus(&app, &stripe, "offline").await;

@@ -2162,11 +2162,41 @@ async fn a_version_needing_a_setting_is_refused_through_a_replica_not_configured
 }
 
 /// Disabling a connector never switched on (loaded, not configured) leaves
-/// it unconfigured, through `disable` or settings sent as off: it takes no
-/// changes. Before, it was paused, counted as switched on for good, and
-/// queued a push of every customer for a later enable to make as creates.
+/// it unconfigured, through `disable`, settings sent as off or the
+/// configuration's `enabled = false`: it takes no changes. Before, it was
+/// paused, counted as switched on for good, and queued a push of every
+/// customer for a later enable to make as creates.
 async fn disabling_a_connector_never_switched_on_queues_nothing(backend: Backend) {
     let remote = RecorderRemote::start().await;
+    let mut off_from_the_start = setup(backend);
+    let mut off = remote.connector();
+    off.config["enabled"] = json!(false);
+    off_from_the_start.extra_connectors.push(off);
+    let app = spawn_sync_app(off_from_the_start).await;
+    let (_, connector) = get(&app, "/api/v1/connectors/recorder").await;
+    assert_eq!(
+        (
+            connector["state"].as_str(),
+            connector["takes_changes"].as_bool()
+        ),
+        (Some("unconfigured"), Some(false)),
+        "{connector}"
+    );
+    let customer = app
+        .create(json!({"email": format!("{}@example.com", uuid()), "name": "Off"}))
+        .await;
+    let status = app.sync_status(customer["id"].as_str().expect("id")).await;
+    assert!(
+        status["connectors"]
+            .as_array()
+            .is_some_and(|links| links.iter().all(|l| l["connector"] != "recorder")),
+        "{status}"
+    );
+    app.stop().await;
+    disabled_through_the_api(backend, remote).await;
+}
+
+async fn disabled_through_the_api(backend: Backend, remote: RecorderRemote) {
     let mut never_on = setup(backend);
     let mut unconfigured = remote.connector();
     unconfigured.config = json!({});
