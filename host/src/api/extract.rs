@@ -271,6 +271,11 @@ impl IfMatch {
         Self(None)
     }
 
+    /// The condition a form carries: the revision its page was drawn at.
+    pub fn revision(revision: i64) -> Self {
+        Self(Some(vec![revision]))
+    }
+
     /// Whether the client sent a condition (`*` is none).
     pub fn given(&self) -> bool {
         self.0.is_some()

@@ -423,7 +423,23 @@ pub async fn activate(
     }
 }
 
-/// `POST /console/connectors/{name}/enable`: `backfill` (checkbox).
+/// The switch's condition: the revision its page was drawn at
+/// (`revision`). A stale page's post (another operator's switch since, a
+/// double click whose first post is done) changes nothing: enabled again
+/// with its box ticked, it started a second backfill of the whole remote
+/// catalog once the first had completed.
+fn drawn_at(form: &CsrfForm) -> IfMatch {
+    form.get("revision")
+        .and_then(|revision| revision.parse().ok())
+        .map_or_else(IfMatch::none, IfMatch::revision)
+}
+
+/// The notice of a switch posted from a page drawn before a change.
+const CHANGED_SINCE: &str = "The connector changed since this page was drawn (switched or \
+    configured elsewhere): here it is as it is now. This click changed nothing.";
+
+/// `POST /console/connectors/{name}/enable`: `backfill` (checkbox) and
+/// `revision` (see [`drawn_at`]).
 pub async fn enable(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -436,7 +452,7 @@ pub async fn enable(
         form.session.principal,
         Path(name.clone()),
         query,
-        IfMatch::none(),
+        drawn_at(&form),
     )
     .await
     {
@@ -452,11 +468,16 @@ pub async fn enable(
             &format!("/console/connectors/{name}"),
             &format!("A run of {name} is going ({run}): this click changed nothing."),
         ),
+        Err(ApiError::PreconditionFailed { .. }) => done(
+            &form.session,
+            &format!("/console/connectors/{name}"),
+            CHANGED_SINCE,
+        ),
         Err(error) => problem(&form.session, error),
     }
 }
 
-/// `POST /console/connectors/{name}/disable`.
+/// `POST /console/connectors/{name}/disable`: `revision` (see [`drawn_at`]).
 pub async fn disable(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -466,7 +487,7 @@ pub async fn disable(
         State(state),
         form.session.principal,
         Path(name.clone()),
-        IfMatch::none(),
+        drawn_at(&form),
     )
     .await
     {
@@ -474,6 +495,11 @@ pub async fn disable(
             &form.session,
             &format!("/console/connectors/{name}"),
             "Disabled.",
+        ),
+        Err(ApiError::PreconditionFailed { .. }) => done(
+            &form.session,
+            &format!("/console/connectors/{name}"),
+            CHANGED_SINCE,
         ),
         Err(error) => problem(&form.session, error),
     }

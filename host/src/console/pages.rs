@@ -356,6 +356,9 @@ pub async fn connector(
     if let Err(error) = state.registry.refresh().await {
         tracing::debug!(%error, "the connector page shows this replica's view as it is");
     }
+    // The revision the switch's form is drawn at, read before what it
+    // shows: a change between is older than the page, and its post a 412.
+    let revision = state.registry.entry(&name).map(|entry| entry.revision());
     let summary = answer!(
         session,
         connectors::get_connector(State(state.clone()), session.principal, Path(name.clone()))
@@ -367,7 +370,7 @@ pub async fn connector(
     page(
         &session,
         "connector.html",
-        json!({ "section": "connectors", "connector": summary, "versions": versions.data, "notice": session.notice(&pairs) }),
+        json!({ "section": "connectors", "connector": summary, "revision": revision, "versions": versions.data, "notice": session.notice(&pairs) }),
     )
 }
 

@@ -1083,3 +1083,65 @@ async fn the_connector_page_of_another_replica_shows_an_upload_at_once() {
         assert_eq!(response.status(), 200, "history={history}");
     }
 }
+
+/// The switch's form is conditional on the connector as its page was drawn:
+/// posted again from a stale page (a double click whose first post is done,
+/// another operator's tab), "Enable" with its backfill box ticked changes
+/// nothing. It started a second backfill, a whole listing and merge of the
+/// remote's catalog, once the first had completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_enable_form_starts_no_second_backfill() {
+    let remote = crate::recorder_remote::RecorderRemote::start().await;
+    let mut setup = Setup::new(Backend::Sqlite, "http://127.0.0.1:9");
+    setup.stripe_url = None;
+    let mut off = remote.connector();
+    off.config["enabled"] = json!(false);
+    setup.extra_connectors.push(off);
+    let app = spawn_sync_app(setup).await;
+    let (client, cookie) = crate::helpers::console_session(&app.base).await;
+    let page = crate::helpers::console_page(
+        &client,
+        &cookie,
+        &format!("{}/console/connectors/recorder", app.base),
+    )
+    .await;
+    assert!(page.contains("and backfill"), "{page}");
+    let revision = page
+        .split("name=\"revision\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the revision the form was drawn at")
+        .to_owned();
+    let csrf = csrf_field(&page);
+    let enable = || {
+        client
+            .post(format!("{}/console/connectors/recorder/enable", app.base))
+            .header("cookie", &cookie)
+            .form(&[
+                ("csrf", csrf.as_str()),
+                ("revision", revision.as_str()),
+                ("backfill", "true"),
+            ])
+            .send()
+    };
+    let first = enable().await.expect("enabled");
+    assert_eq!(first.status(), 303);
+    let location = first.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.contains("notice=Enabled."), "{location}");
+    let runs = "/api/v1/reconciliations?connector=recorder";
+    wait_api(&app, runs, |runs| {
+        runs["data"][0]["status"].as_str() == Some("completed")
+    })
+    .await;
+
+    let again = enable().await.expect("posted again");
+    assert_eq!(again.status(), 303);
+    let location = again.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.contains("changed+nothing"), "{location}");
+    let runs = api_get(&app, runs).await;
+    assert_eq!(
+        runs["data"].as_array().map(Vec::len),
+        Some(1),
+        "a second backfill: {runs}"
+    );
+}
