@@ -48,8 +48,9 @@ impl ConnectorError {
     /// Maps a remote HTTP status onto the error the host's retry policy
     /// expects, or `None` for a 1xx, 2xx or 304 answer.
     ///
-    /// 429, and a 503 with `Retry-After` (a maintenance window) →
-    /// rate-limited (with `Retry-After` in delta-seconds, if given), other
+    /// 429, a 503 with `Retry-After` (a maintenance window) and a 403 with
+    /// `Retry-After` (a limit: GitHub's secondary ones) → rate-limited
+    /// (with `Retry-After` in delta-seconds, if given), other
     /// 5xx and 408 → retryable, 409 (the same idempotency key still
     /// running, as Stripe and the IETF Idempotency-Key draft answer), 423
     /// and 425 → retryable, 401/403 → unauthorized, 404/410 → not-found,
@@ -83,6 +84,11 @@ impl ConnectorError {
             // spent on a backoff of seconds (which dead-lettered the
             // change within the window).
             503 if wait.is_some() => Self::rate_limited(wait, message),
+            // A refusal saying when to come back is a limit, not the
+            // credentials (GitHub's secondary rate limits, a CDN's):
+            // `unauthorized`, it dead-lettered the change at once, and
+            // `oauth::with_token` dropped a good token and called twice.
+            403 if wait.is_some() => Self::rate_limited(wait, message),
             401 | 403 => Self::unauthorized(message),
             404 | 410 => Self::not_found(message),
             // A request timeout says nothing about the request itself; a
@@ -237,6 +243,19 @@ mod tests {
                 "remote answered HTTP 503"
             ))
         );
+        // A refusal saying when to come back is a limit; without it, the
+        // credentials.
+        assert_eq!(
+            ConnectorError::from_status(403, Some("60"), ""),
+            Some(ConnectorError::rate_limited(
+                Some(60_000),
+                "remote answered HTTP 403"
+            ))
+        );
+        assert!(matches!(
+            ConnectorError::from_status(403, None, ""),
+            Some(ConnectorError::Unauthorized(_))
+        ));
         // The same idempotency key still running, a lock, too early: they
         // pass (a 409 dead-lettered the retry the key exists for).
         for passing in [409, 423, 425] {

@@ -72,7 +72,9 @@ impl Request {
         Self::new(Method::Delete, url)
     }
 
-    /// Adds a header (repeatable).
+    /// Adds a header (repeatable), but for `content-type`, which a
+    /// request has once: given again, it replaces the one set before (a
+    /// [`Request::json`] body sent as `application/merge-patch+json`).
     ///
     /// Header values are the connector's own: the host replaces every
     /// `{{secret:NAME}}` and `{{token:NAME}}` in them, including one that
@@ -83,8 +85,25 @@ impl Request {
     /// customer named after a secret cannot break the call's own
     /// `Authorization`.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.push((name.into(), value.into()));
+        let name = name.into();
+        if name.eq_ignore_ascii_case("content-type") {
+            self.headers
+                .retain(|(set, _)| !set.eq_ignore_ascii_case("content-type"));
+        }
+        self.headers.push((name, value.into()));
         self
+    }
+
+    /// Sets `content-type` unless the connector set its own: two went on
+    /// the wire (`application/vnd.api+json` and the body's), which an API
+    /// answers with a 415 or a 400, every change dead-lettered, while a
+    /// test reading the first saw the connector's.
+    fn content_type_unless_set(self, value: &str) -> Self {
+        if header(&self.headers, "content-type").is_some() {
+            self
+        } else {
+            self.header("content-type", value)
+        }
     }
 
     /// `Authorization: Bearer {{secret:NAME}}`: the host puts the token in.
@@ -129,20 +148,22 @@ impl Request {
         Ok(self)
     }
 
-    /// A JSON body with `content-type: application/json`.
+    /// A JSON body with `content-type: application/json`, unless the
+    /// request has a `content-type` of its own (`application/merge-patch+json`).
     pub fn json<T: Serialize + ?Sized>(self, body: &T) -> Result<Self, ConnectorError> {
         let bytes = serde_json::to_vec(body)?;
-        Ok(self.header("content-type", "application/json").body(bytes))
+        Ok(self.content_type_unless_set("application/json").body(bytes))
     }
 
-    /// A form body (`application/x-www-form-urlencoded`) from `body`, which
+    /// A form body (`application/x-www-form-urlencoded`, unless the request
+    /// has a `content-type` of its own) from `body`, which
     /// serializes to a flat sequence of pairs (a struct, a map or a
     /// `Vec<(K, V)>`). For nested keys such as Stripe's `metadata[k]`, build
     /// the pairs yourself.
     pub fn form<T: Serialize + ?Sized>(self, body: &T) -> Result<Self, ConnectorError> {
         let encoded = serde_urlencoded::to_string(body)?;
         Ok(self
-            .header("content-type", "application/x-www-form-urlencoded")
+            .content_type_unless_set("application/x-www-form-urlencoded")
             .body(encoded.into_bytes()))
     }
 
@@ -341,6 +362,33 @@ mod tests {
             req.body_bytes().unwrap(),
             b"name=Ada+Lovelace&metadata%5Bferry_id%5D=a%26b"
         );
+    }
+
+    /// One `content-type`, whichever comes first: the connector's own
+    /// kept by a JSON body, or the body's replaced by the connector's.
+    #[test]
+    fn a_request_has_one_content_type() {
+        let content_types = |req: &Request| -> Vec<String> {
+            req.headers
+                .iter()
+                .filter(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+                .map(|(_, value)| value.clone())
+                .collect()
+        };
+        let before = Request::patch("https://x.example/v1/c/1")
+            .header("Content-Type", "application/merge-patch+json")
+            .json(&serde_json::json!({"name": "Ada"}))
+            .unwrap();
+        assert_eq!(content_types(&before), ["application/merge-patch+json"]);
+        let after = Request::post("https://x.example/v1/c")
+            .json(&serde_json::json!({"name": "Ada"}))
+            .unwrap()
+            .header("content-type", "application/vnd.api+json");
+        assert_eq!(content_types(&after), ["application/vnd.api+json"]);
+        let plain = Request::post("https://x.example/v1/c")
+            .form(&[("name", "Ada")])
+            .unwrap();
+        assert_eq!(content_types(&plain), ["application/x-www-form-urlencoded"]);
     }
 
     /// The placeholder goes into the header as it is, for the host to put

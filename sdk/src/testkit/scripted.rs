@@ -67,8 +67,12 @@ impl RecordedRequest {
 /// An [`HttpTransport`] answering from a script and recording every request.
 ///
 /// A request is answered by the matching rule (method equal, URL starting
-/// with the rule's prefix) with the longest prefix; among equals, the first
-/// added. Each rule answers its responses in order and repeats the last one.
+/// with the rule's prefix) with the longest prefix; among equals, the one
+/// added last, so a test scripts the same endpoint again to change its
+/// answer from there on. Each rule answers its responses in order and
+/// repeats the last one until more are added to it. A prefix matches
+/// within a path segment (`…/ct_1` answers `…/ct_10`, `?limit=2`
+/// answers `?limit=20`): end it with `/`, or give the whole id or query.
 /// A request no rule matches fails with a connect error (which the SDK maps
 /// to retryable) and is listed by [`ScriptedHttp::unmatched`].
 #[derive(Default)]
@@ -87,6 +91,9 @@ struct Rule {
     method: String,
     url_prefix: String,
     answers: VecDeque<Answer>,
+    /// The one answer left was given (and repeats): an answer added now
+    /// replaces it, rather than come after one more of it.
+    repeating: bool,
 }
 
 #[derive(Clone)]
@@ -106,6 +113,7 @@ impl ScriptedHttp {
             method: method.to_ascii_uppercase(),
             url_prefix: url_prefix.to_owned(),
             answers: VecDeque::new(),
+            repeating: false,
         });
         RuleHandle {
             http: self,
@@ -166,13 +174,17 @@ impl ScriptedHttp {
                     && recorded.url.starts_with(&r.url_prefix)
                     && !r.answers.is_empty()
             })
-            // Longest prefix wins; `max_by_key` keeps the last maximum, so
-            // rank by (length, reversed index) to prefer the first added.
-            .max_by_key(|(i, r)| (r.url_prefix.len(), usize::MAX - i))
+            // Longest prefix wins; among equals the last added (which
+            // `max_by_key` keeps): the first, it hid every rule a test
+            // added later for the same endpoint.
+            .max_by_key(|(i, r)| (r.url_prefix.len(), *i))
             .map(|(_, r)| r);
         let answer = match rule {
             Some(rule) if rule.answers.len() > 1 => rule.answers.pop_front(),
-            Some(rule) => rule.answers.front().cloned(),
+            Some(rule) => {
+                rule.repeating = true;
+                rule.answers.front().cloned()
+            }
             None => None,
         };
         let within = |resp: WireResponse| {
@@ -279,6 +291,9 @@ impl RuleHandle<'_> {
 
     fn push(self, answer: Answer) -> Self {
         if let Some(rule) = self.http.lock().rules.get_mut(self.index) {
+            if std::mem::take(&mut rule.repeating) {
+                rule.answers.clear();
+            }
             rule.answers.push_back(answer);
         }
         self
@@ -322,6 +337,31 @@ mod tests {
         assert_eq!(first.method, "POST");
         assert_eq!(first.header("Authorization"), Some("Bearer k"));
         assert_eq!(first.form_value("b").as_deref(), Some("x y"));
+    }
+
+    /// A test changes an endpoint's answer by scripting it again, or by
+    /// adding to a rule whose last answer repeats: the answer given next
+    /// is the new one. The first rule hid every later one, and an answer
+    /// added came after one more of the old.
+    #[test]
+    fn the_endpoint_scripted_last_answers() {
+        let http = ScriptedHttp::default();
+        let status = |url: &str| {
+            http.answer(wire(::http::Method::POST, url))
+                .map(|r| r.status)
+                .unwrap()
+        };
+        let url = "https://x.example/v1/customers/ct_1";
+        http.on("POST", url).respond(200, &[], "ok");
+        assert_eq!(status(url), 200);
+        http.on("POST", url).respond(404, &[], "gone");
+        assert_eq!(status(url), 404);
+
+        let rule = http.on("POST", url).respond(201, &[], "made");
+        assert_eq!(status(url), 201);
+        let _ = rule.respond(500, &[], "down");
+        assert_eq!(status(url), 500);
+        assert_eq!(status(url), 500);
     }
 
     #[test]
