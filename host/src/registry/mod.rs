@@ -114,9 +114,9 @@ pub struct Entry {
     pub problem: Option<String>,
     /// Switch and configuration.
     pub effective: EffectiveConfig,
-    /// The entities of the version the store says is active (its stored
+    /// What the version the store says is active serves (its stored
     /// manifest, loaded or not); `None` while that could not be read.
-    entities: Option<Vec<String>>,
+    serves: Option<Serves>,
     /// Set while the active version is not the one loaded here: when to
     /// load it again, and how many loads failed in a row.
     retry: Option<(tokio::time::Instant, u32)>,
@@ -264,9 +264,9 @@ impl Entry {
             Need::Entity(entity)
                 if !manifest.entities.iter().any(|e| e == entity)
                     && self
-                        .entities
+                        .serves
                         .as_ref()
-                        .is_some_and(|stored| stored.iter().any(|e| e == entity)) =>
+                        .is_some_and(|stored| stored.entities.iter().any(|e| e == entity)) =>
             {
                 return Err(NotReady::NotLoaded(format!(
                     "the active version syncs `{entity}`; the version loaded here does not"
@@ -274,6 +274,17 @@ impl Entry {
             }
             Need::Entity(entity) if !manifest.entities.iter().any(|e| e == entity) => {
                 return Err(NotReady::Unsupported(format!("entity `{entity}`")));
+            }
+            // As for an entity: a sender told 404 by the replica that
+            // could not load the active version drops the delivery, or
+            // the endpoint.
+            Need::Webhooks
+                if !manifest.webhooks && self.serves.as_ref().is_some_and(|s| s.webhooks) =>
+            {
+                return Err(NotReady::NotLoaded(
+                    "the active version takes webhooks; the version loaded here does not"
+                        .to_owned(),
+                ));
             }
             Need::Webhooks if !manifest.webhooks => {
                 return Err(NotReady::Unsupported("webhooks".to_owned()));
@@ -395,7 +406,7 @@ pub struct NewSettings {
 struct Resolved {
     active: Option<Active>,
     problem: Option<String>,
-    entities: Option<Vec<String>>,
+    serves: Option<Serves>,
     /// The active version could not be loaded: try again later.
     failed: bool,
 }
@@ -524,9 +535,9 @@ impl Registry {
             .values()
             .filter(|e| e.takes_changes())
             .filter(|e| {
-                e.entities
+                e.serves
                     .as_ref()
-                    .is_none_or(|entities| entities.iter().any(|x| x == entity))
+                    .is_none_or(|serves| serves.entities.iter().any(|x| x == entity))
             })
             .map(|e| e.name.clone())
             .collect()
@@ -735,7 +746,7 @@ impl Registry {
                 active: resolved.active,
                 problem: resolved.problem,
                 effective,
-                entities: resolved.entities,
+                serves: resolved.serves,
                 retry,
                 missing,
                 switched_on: row.switched_on,
@@ -795,11 +806,11 @@ impl Registry {
             return Resolved {
                 active: None,
                 problem: Some("no version is active".to_owned()),
-                entities: Some(Vec::new()),
+                serves: Some(Serves::default()),
                 failed: false,
             };
         };
-        let keep = |reason: String, entities: Option<Vec<String>>| {
+        let keep = |reason: String, serves: Option<Serves>| {
             let reason = match previous {
                 Some(p) => format!("{reason}; still running {}", p.meta.version),
                 None => reason,
@@ -807,8 +818,7 @@ impl Registry {
             Resolved {
                 active: previous.cloned(),
                 problem: Some(reason),
-                entities: entities
-                    .or_else(|| previous.map(|p| manifest_entities(&p.meta.manifest))),
+                serves: serves.or_else(|| previous.map(|p| Serves::of(&p.meta.manifest))),
                 failed: true,
             }
         };
@@ -817,7 +827,7 @@ impl Registry {
             Ok(None) => return keep(format!("version {version} is not stored"), None),
             Err(error) => return keep(format!("reading version {version} failed: {error}"), None),
         };
-        let entities = Some(manifest_entities(&meta.manifest));
+        let serves = Some(Serves::of(&meta.manifest));
         if let Some(previous) = previous.filter(|p| p.meta.sha256 == meta.sha256) {
             return Resolved {
                 active: Some(Active {
@@ -825,7 +835,7 @@ impl Registry {
                     meta,
                 }),
                 problem: None,
-                entities,
+                serves,
                 failed: false,
             };
         }
@@ -843,7 +853,7 @@ impl Registry {
                     tracing::error!(connector = %row.name, version = %version, %reason, "connector version not loaded");
                     return keep(
                         format!("version {version} failed to load: {reason}"),
-                        entities,
+                        serves,
                     );
                 }
             },
@@ -851,14 +861,14 @@ impl Registry {
         if connector.sha256() != meta.sha256 {
             return keep(
                 format!("version {version}'s bytes do not match its sha256"),
-                entities,
+                serves,
             );
         }
         if let Err(reason) = same_manifest(connector.manifest(), &meta.manifest) {
             tracing::error!(connector = %row.name, version = %version, %reason, "connector version not loaded");
             return keep(
                 format!("version {version} failed to load: {reason}"),
-                entities,
+                serves,
             );
         }
         tracing::info!(
@@ -873,7 +883,7 @@ impl Registry {
         Resolved {
             active: Some(Active { connector, meta }),
             problem: None,
-            entities,
+            serves,
             failed: false,
         }
     }
@@ -1169,9 +1179,9 @@ impl Registry {
         };
         // A manifest the store could not read is taken to sync customers.
         if entry
-            .entities
+            .serves
             .as_ref()
-            .is_some_and(|entities| !entities.iter().any(|e| e == ENTITY))
+            .is_some_and(|serves| !serves.entities.iter().any(|e| e == ENTITY))
         {
             return Ok(());
         }
@@ -1773,17 +1783,30 @@ pub(crate) fn trimmed_secret(secret: &SecretString) -> SecretString {
     }
 }
 
-/// The entity types a stored manifest lists.
-fn manifest_entities(manifest: &serde_json::Value) -> Vec<String> {
-    manifest["entities"]
-        .as_array()
-        .map(|entities| {
-            entities
-                .iter()
-                .filter_map(|e| e.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
+/// What a stored manifest says its version serves.
+#[derive(Debug, Clone, Default)]
+struct Serves {
+    /// The entity types it syncs.
+    entities: Vec<String>,
+    /// Whether it takes webhooks.
+    webhooks: bool,
+}
+
+impl Serves {
+    fn of(manifest: &serde_json::Value) -> Self {
+        Self {
+            entities: manifest["entities"]
+                .as_array()
+                .map(|entities| {
+                    entities
+                        .iter()
+                        .filter_map(|e| e.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            webhooks: manifest["webhooks"].as_bool().unwrap_or(false),
+        }
+    }
 }
 
 /// Whether `loaded`, the manifest a component gave when loaded again, is

@@ -1210,12 +1210,14 @@ async fn a_run_waits_for_a_replica_that_loads_its_connector(backend: Backend) {
     assert_eq!(wait_run(&app.base, &id).await["status"], "completed");
 }
 
-/// The version the store says is active syncs `customer`; the one this
-/// replica runs (its load of the new one failed: here damaged bytes; or
-/// it has not caught up yet) does not. A customer change queued for the
-/// connector waits for a replica that loaded the active version, as when
-/// none is loaded here. It was skipped for good ("does not handle entity
-/// `customer`"), its link marked synced with nothing pushed.
+/// The version the store says is active syncs `customer` and takes
+/// webhooks; the one this replica runs (its load of the new one failed:
+/// here damaged bytes; or it has not caught up yet) does neither. A
+/// customer change queued for the connector waits for a replica that
+/// loaded the active version, as when none is loaded here. It was skipped
+/// for good ("does not handle entity `customer`"), its link marked synced
+/// with nothing pushed. A webhook is a passing failure (503), which its
+/// sender retries: a 404 invited it to drop the delivery.
 async fn a_version_loaded_here_without_customer_leaves_its_changes_waiting(backend: Backend) {
     let remote = RecorderRemote::start().await;
     let app = spawn_sync_app(setup(backend)).await;
@@ -1247,6 +1249,11 @@ async fn a_version_loaded_here_without_customer_leaves_its_changes_waiting(backe
         assert!(tokio::time::Instant::now() < deadline, "{connector:#}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let (status, problem) = recorder_webhook(&app.client, &app.base, &uuid()).await;
+    assert!(
+        status == 503 && problem.contains("connector_failed"),
+        "{status} {problem}"
+    );
     let created_ms = chrono::Utc::now().timestamp_millis();
     let customer = app
         .create(json!({"email": email("loaded-without"), "name": "Waits"}))

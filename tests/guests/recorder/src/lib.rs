@@ -118,7 +118,7 @@ impl Connector for Recorder {
         } else {
             builder.entity(ENTITY)
         };
-        builder
+        let builder = builder
             .base_url_setting(
                 "api_base",
                 "Base URL of the recording service",
@@ -130,9 +130,14 @@ impl Connector for Recorder {
                 Some("false"),
                 false,
             )
-            .secret("api_key", "Token for the recording service", false)
-            .webhooks()
-            .build()
+            .secret("api_key", "Token for the recording service", false);
+        // A version for invoices alone takes no webhooks either.
+        let builder = if cfg!(feature = "no-customer") {
+            builder
+        } else {
+            builder.webhooks()
+        };
+        builder.build()
     }
 
     fn verify_webhook(req: WebhookRequest) -> Result<(), ConnectorError> {
