@@ -66,7 +66,8 @@ pub struct DeadLetter {
     pub correlation_id: Option<String>,
     /// When it was dead-lettered.
     pub created_at: DateTime<Utc>,
-    /// When it was replayed; null while open.
+    /// When it was replayed, or closed with nothing to send (a create
+    /// whose lost answer its echo revealed); null while open.
     pub replayed_at: Option<DateTime<Utc>>,
 }
 

@@ -374,34 +374,43 @@ async fn the_echo_of_a_create_over_a_deleted_record_links_its_record() {
 /// for good): its echo, which carries ferry's idempotency key and the
 /// record made, links the customer to that record. Before, the echo was
 /// skipped and only a replay of the create under its key could find the
-/// record, which Stripe forgets after a day: a second customer.
+/// record, which Stripe forgets after a day: a second customer. The link
+/// is in sync then: `synced`, its letter closed. It stayed `dead`, with
+/// its letter open, for a person to replay what had nothing to send.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_echo_of_a_create_whose_answer_was_lost_links_its_record() {
     let h = harness(json!({})).await;
     let (id, address, made) = a_create_whose_answer_was_lost(&h, "lost-answer").await;
     let id = id.as_str();
     let remote_id = made["id"].as_str().unwrap().to_owned();
+    let letters = stripe_dead_letters(&h.app).await;
+    assert_eq!(
+        letters["data"].as_array().map(Vec::len),
+        Some(1),
+        "{letters}"
+    );
 
     let link = echo_links(&h, "evt_lost_answer", id, &made).await;
-    assert_eq!(link["state"], "dead", "{link}");
+    assert_eq!(
+        (link["state"].as_str(), link["synced_version"].as_i64()),
+        (Some("synced"), Some(1)),
+        "{link}"
+    );
+    let letters = stripe_dead_letters(&h.app).await;
+    assert_eq!(
+        letters["data"].as_array().map(Vec::len),
+        Some(0),
+        "{letters}"
+    );
     // The echo's record is the link's base for the next merge, as a
     // delivered create's answer would have been.
     let snapshot = stripe_snapshot(&h, id).await.expect("a snapshot");
     assert_eq!(snapshot["email"], address.as_str(), "{snapshot}");
 
-    // Replayed: nothing to send. The record made holds version 1, and an
-    // update of it would reuse the create's key on another endpoint, which
-    // Stripe refuses (400 `idempotency_error`).
+    // Nothing to send: the record made holds version 1, and an update of
+    // it would reuse the create's key on another endpoint, which Stripe
+    // refuses (400 `idempotency_error`).
     h.proxy.set_down(false);
-    let letters = stripe_dead_letters(&h.app).await;
-    let letter = &letters["data"][0];
-    let path = format!(
-        "/api/v1/dead-letters/{}/replay",
-        letter["id"].as_str().unwrap()
-    );
-    let (status, _) = h.app.send(reqwest::Method::POST, &path, None).await;
-    assert_eq!(status, 200);
-    h.app.wait_synced(id, 1).await;
     assert!(h
         .proxy
         .requests_to("POST", &format!("/v1/customers/{remote_id}"))
@@ -422,7 +431,6 @@ async fn the_echo_of_a_create_whose_answer_was_lost_links_its_record() {
         .find(|(name, _)| name == "idempotency-key")
         .map(|(_, value)| value.as_str())
         .unwrap_or_default();
-    // (`-r1`: the replay's repair.)
     assert!(key.starts_with(&format!("ferry-stripe-{id}-v2")), "{key}");
     assert_eq!(
         stripe_customers_by_email(&h.stripe.url(), &address)
