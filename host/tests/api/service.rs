@@ -11,6 +11,21 @@ async fn probes_and_openapi_answer(backend: Backend) {
         let response = app.request(Method::GET, path).send().await.unwrap();
         assert_eq!(response.status(), 200, "{path}");
     }
+    // The reference shares the console's origin: it runs ferry's own
+    // scripts alone, is never framed, and runs no inline script (the
+    // browser test renders it under this policy).
+    let docs = app.request(Method::GET, "/docs").send().await.unwrap();
+    let policy = docs.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        policy.contains("script-src 'self';") && policy.contains("frame-ancestors 'none'"),
+        "{policy}"
+    );
+    assert_eq!(docs.headers()["x-frame-options"], "DENY");
+    let html = docs.text().await.unwrap();
+    assert!(!html.contains("<script>"), "{html}");
     let (status, openapi) = app.get_json("/openapi.json").await;
     assert_eq!(status, 200);
     assert!(openapi["paths"]["/api/v1/customers/{id}"]["patch"].is_object());
