@@ -263,13 +263,22 @@ pub async fn conflict(
         _ => None,
     };
     let mut now = serde_json::Map::new();
+    // Fields a write changed since the conflict, compared as the merge
+    // compared them (trimmed, empty as unset): a stored `"silver "` read
+    // "changed since the conflict, from silver" when nothing had.
+    let mut changed = serde_json::Map::new();
     if let Some(customer) = &customer {
         for field in conflict.fields.0.as_array().into_iter().flatten() {
             let Some(name) = field["field"].as_str() else {
                 continue;
             };
             match conflicts::current_value(customer, name) {
-                Ok(value) => now.insert(name.to_owned(), json!(value)),
+                Ok(value) => {
+                    let recorded = field["local"].as_str();
+                    let moved = !crate::sync::merge::same_text(name, value.as_deref(), recorded);
+                    changed.insert(name.to_owned(), json!(moved));
+                    now.insert(name.to_owned(), json!(value))
+                }
                 Err(error) => return problem(&session, error),
             };
         }
@@ -281,6 +290,7 @@ pub async fn conflict(
             "section": "conflicts",
             "conflict": conflict,
             "now": now,
+            "changed": changed,
             "local_version": customer.map(|c| c.version),
             "notice": session.notice(&pairs),
         }),
