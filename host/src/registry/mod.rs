@@ -1638,11 +1638,24 @@ impl Registry {
         if !problems.is_empty() {
             return Err(RegistryError::Settings(problems));
         }
-        let unreachable: Vec<SettingsProblem> = manifest
-            .host_settings
+        // The active version's host settings, and those another stored
+        // version names that this write gives (a rollback's prepared
+        // value): accepted unchecked, the activation that followed left
+        // the connector waiting, its pushes held and its webhooks 503.
+        let another_versions_host = |name: &str| {
+            given_names.contains(&format!("settings.{name}"))
+                && other_versions.iter().any(|v| {
+                    v.manifest["host_settings"]
+                        .as_array()
+                        .is_some_and(|names| names.iter().any(|n| n == name))
+                })
+        };
+        let unreachable: Vec<SettingsProblem> = settings
             .iter()
-            .filter_map(|name| {
-                let value = settings.get(name)?;
+            .filter(|(name, _)| {
+                manifest.host_settings.contains(name) || another_versions_host(name)
+            })
+            .filter_map(|(name, value)| {
                 let why = self.inner.runtime.host_setting_problem(value)?;
                 Some(SettingsProblem::new(format!("settings.{name}"), why))
             })

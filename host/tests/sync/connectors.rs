@@ -1824,6 +1824,29 @@ async fn a_host_setting_the_policy_refuses_is_refused_when_given() {
         remote.url.as_str(),
         "{connector}"
     );
+
+    // Another stored version's host setting, given ahead of a rollback to
+    // it: checked as well. Accepted, the activation that followed left the
+    // connector waiting for settings.
+    let (status, version) = upload(&app, recorder_variant("version-3"), "?activate=false").await;
+    assert_eq!(status, 201, "{version}");
+    execute_raw(
+        &app.database_url,
+        "UPDATE connector_versions SET manifest = json_set(manifest, '$.host_settings', \
+         json('[\"api_base\", \"account\"]')) WHERE name = 'recorder' AND version = '0.3.0'",
+        b"",
+    )
+    .await;
+    let (status, problem) = put_settings(
+        &app,
+        json!({"settings": {"api_base": remote.url, "account": "https://api.evil.example"}}),
+    )
+    .await;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(
+        problem["errors"][0]["field"], "settings.account",
+        "{problem}"
+    );
 }
 
 /// A host setting the egress policy refuses where it is in effect (the
