@@ -433,6 +433,10 @@ struct Inner {
     /// names what no version declares: problems of
     /// [`Registry::check_environment`].
     refused_bundled: Mutex<Vec<String>>,
+    /// Connectors whose waiting pushes a task of this process is releasing,
+    /// each with whether it was asked again meanwhile (see
+    /// [`Registry::release_waiting`]).
+    releasing: Mutex<HashMap<String, bool>>,
 }
 
 /// The connector registry; cheap to clone.
@@ -466,6 +470,7 @@ impl Registry {
                 staged: Mutex::new(HashMap::new()),
                 changes: watch::channel(0).0,
                 refused_bundled: Mutex::default(),
+                releasing: Mutex::default(),
             }),
         }
     }
@@ -619,24 +624,61 @@ impl Registry {
         // Every replica that sees a connector switched on releases the
         // pushes that waited for it (once the new view is in place, so a
         // released push sees it enabled), and so a push parked by a replica
-        // whose view was still stale does not wait out its recheck. Not
-        // under the refresh's lock: over a long backlog (batches of
-        // `RESUME_BATCH`) it held every refresh here, an operator's
-        // rollback and the poll that loads it among them.
-        for name in switched_on {
-            match self.inner.store.resume_connector_links(&name).await {
-                Ok(resumed) => {
-                    tracing::info!(connector = %name, resumed, "connector enabled; waiting pushes released")
-                }
-                Err(error) => {
-                    tracing::warn!(connector = %name, error = format!("{:#}", anyhow::Error::from(error)), "releasing waiting pushes failed; they retry within a minute")
-                }
-            }
-        }
-        // The scheduler claims what the new view (and the release) made
-        // due.
+        // whose view was still stale does not wait out its recheck.
+        self.release_waiting(switched_on);
+        // The scheduler claims what the new view made due.
         self.inner.changes.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// Releases the pushes waiting for each of `names` (see
+    /// [`Store::resume_connector_links`]) in a task of its own, one per
+    /// connector at a time (asked again meanwhile, it runs once more). Not
+    /// awaited: over a long backlog (batches of `RESUME_BATCH`) it held the
+    /// refresh it followed, so an enable's answer (past `request_timeout`,
+    /// a 408 for a switch made) and this replica's poll, which went on
+    /// pushing with a version an operator had just rolled back.
+    fn release_waiting(&self, names: Vec<String>) {
+        for name in names {
+            {
+                let mut releasing = self
+                    .inner
+                    .releasing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if let Some(again) = releasing.get_mut(&name) {
+                    *again = true;
+                    continue;
+                }
+                releasing.insert(name.clone(), false);
+            }
+            let registry = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    match registry.inner.store.resume_connector_links(&name).await {
+                        Ok(resumed) => {
+                            tracing::info!(connector = %name, resumed, "waiting pushes released");
+                        }
+                        Err(error) => {
+                            tracing::warn!(connector = %name, error = format!("{:#}", anyhow::Error::from(error)), "releasing waiting pushes failed; they retry within a minute");
+                        }
+                    }
+                    // The scheduler claims what the release made due.
+                    registry.inner.changes.send_modify(|n| *n += 1);
+                    let mut releasing = registry
+                        .inner
+                        .releasing
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    if releasing.get(&name) == Some(&true) {
+                        releasing.insert(name.clone(), false);
+                        continue;
+                    }
+                    releasing.remove(&name);
+                    break;
+                }
+            });
+        }
     }
 
     /// Reads the store's connectors into a new view; the names of those
@@ -1704,9 +1746,7 @@ impl Registry {
         // Released once this replica's view has the new settings, so a
         // released push finds them (else they wait for their recheck).
         if self.refresh_after_commit("settings").await && enabled {
-            if let Err(error) = self.inner.store.resume_connector_links(name).await {
-                tracing::warn!(connector = name, %error, "configured; its waiting pushes go at their next recheck");
-            }
+            self.release_waiting(vec![name.to_owned()]);
         }
         Ok(true)
     }

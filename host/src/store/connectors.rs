@@ -755,8 +755,27 @@ impl Store {
 
     /// Makes `name`'s links that wait for one of `waits` (their last
     /// error) due now, as [`Store::resume_connector_links`] says.
+    ///
+    /// At most as many as waited when it began: a link a worker parks
+    /// again meanwhile (a create a backfill still holds, a replica whose
+    /// view lags) waits past the start as well, and the release went on
+    /// for as long as workers kept parking them.
     async fn links_waiting_due(&self, name: &str, waits: [&str; 3]) -> Result<u64, StoreError> {
         let now_ms = super::now_ms();
+        let waiting: i64 = dispatch!(self, read pool => {
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM sync_links WHERE state IN ('pending', 'retry') \
+                 AND last_error IN ($3, $4, $5) AND next_attempt_at_ms > $2 AND connector = $1",
+            )
+            .bind(name)
+            .bind(now_ms)
+            .bind(waits[0])
+            .bind(waits[1])
+            .bind(waits[2])
+            .fetch_one(pool)
+            .await?
+        });
+        let waiting = u64::try_from(waiting).unwrap_or(0);
         let mut resumed = 0;
         loop {
             // `state IN (…)` as well: the due links' partial index, which
@@ -781,7 +800,7 @@ impl Store {
                 .rows_affected()
             });
             resumed += step;
-            if step < u64::try_from(RESUME_BATCH).unwrap_or(0) {
+            if step < u64::try_from(RESUME_BATCH).unwrap_or(0) || resumed >= waiting {
                 return Ok(resumed);
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;

@@ -3725,3 +3725,50 @@ mod postgres {
         records_too_long_to_key_are_invalid(Backend::Postgres).await;
     }
 }
+
+/// An enable answers once the switch is made, not once every waiting push
+/// is released: over a long backlog (here: a release held up behind rows
+/// another transaction locks) the release held the enable's answer, past
+/// `request_timeout` a 408 for a switch made, and the replica's poll,
+/// which went on pushing with a version an operator had rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enable_answers_before_its_backlog_is_released() {
+    let remote = RecorderRemote::start().await;
+    let app = spawn_sync_app(setup(Backend::Postgres)).await;
+    install_recorder(&app, &remote).await;
+    let (status, disabled) = post(&app, "/api/v1/connectors/recorder/disable", None).await;
+    assert_eq!(status, 200, "{disabled}");
+    let customer = app
+        .create(json!({"email": email("held-back"), "name": "Held Back"}))
+        .await;
+    let id = customer["id"].as_str().expect("id").to_owned();
+    app.wait_link_of("recorder", &id, SETTLE, |l| {
+        l["last_error"].as_str() == Some(ferry::store::links::PAUSED_WAIT)
+    })
+    .await;
+
+    let pool = sqlx::PgPool::connect(&app.database_url)
+        .await
+        .expect("postgres");
+    let mut holding = pool.begin().await.expect("a transaction");
+    sqlx::query("SELECT 1 FROM sync_links WHERE connector = 'recorder' FOR UPDATE")
+        .execute(&mut *holding)
+        .await
+        .expect("the links locked");
+    // Within half the store's `lock_timeout` (10 s): awaited, the
+    // release held the answer until the lock or the timeout ended (and,
+    // refused at the timeout, left the push waiting out its minute).
+    let enabled = app
+        .client
+        .post(format!("{}/api/v1/connectors/recorder/enable", app.base))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("an answer while the release waits");
+    assert_eq!(enabled.status(), 200);
+
+    holding.rollback().await.expect("released");
+    app.wait_link_of("recorder", &id, SETTLE, |l| l["state"] == "synced")
+        .await;
+    assert_eq!(remote.requests_to("POST", "/records").len(), 1);
+}
