@@ -382,8 +382,8 @@ pub enum LinkWrite {
     Outcome(RecordedOutcome),
 }
 
-/// The assignments and condition that make a link push the customer's
-/// current version again (see [`FORCE_PUSH_SQL`]).
+/// The assignments that make a link push the customer's current version
+/// again (see [`FORCE_PUSH_SQL`]).
 macro_rules! push_again {
     () => {
         "repairs = repairs + 1, \
@@ -394,8 +394,7 @@ macro_rules! push_again {
         WHEN state = 'dead' THEN (CASE WHEN next_attempt_at_ms > $4 THEN next_attempt_at_ms ELSE $4 END) \
         ELSE next_attempt_at_ms END, \
     state = CASE WHEN state IN ('synced', 'dead') THEN 'pending' ELSE state END, \
-    updated_at = $5 \
-    WHERE customer_id = $1 AND connector = $2 AND remote_id IS NOT NULL AND NOT remote_deleted"
+    updated_at = $5 "
     };
 }
 
@@ -408,9 +407,17 @@ macro_rules! push_again {
 /// at once, the forced push could land first and the late update put the
 /// older values back. The push sends the whole record: what the remote holds is not
 /// known field by field.
+///
+/// `$6`: the record a finding saw listed, or NULL. A link that names it
+/// marked deleted (the remote deleted it, and ferry the customer with it,
+/// then the remote restored it: a Recycle Bin undelete) is live again, so
+/// that the deleted customer's delete is pushed to it; else nothing was
+/// sent, and the restored record stayed for good.
 pub(crate) const FORCE_PUSH_SQL: &str = concat!(
-    "UPDATE sync_links SET pushed_hash = NULL, unsure_base = NULL, ",
-    push_again!()
+    "UPDATE sync_links SET pushed_hash = NULL, unsure_base = NULL, remote_deleted = FALSE, ",
+    push_again!(),
+    "WHERE customer_id = $1 AND connector = $2 AND remote_id IS NOT NULL \
+     AND (NOT remote_deleted OR remote_id = $6)"
 );
 
 /// [`FORCE_PUSH_SQL`] for an inbound merge that kept values the remote
@@ -418,7 +425,11 @@ pub(crate) const FORCE_PUSH_SQL: &str = concat!(
 /// the snapshot was just written from the remote's record, so the update
 /// names the fields that differ from it and sends those alone (a dashboard
 /// edit of another field, made meanwhile, stays).
-pub(crate) const PUSH_BACK_SQL: &str = concat!("UPDATE sync_links SET ", push_again!());
+pub(crate) const PUSH_BACK_SQL: &str = concat!(
+    "UPDATE sync_links SET ",
+    push_again!(),
+    "WHERE customer_id = $1 AND connector = $2 AND remote_id IS NOT NULL AND NOT remote_deleted"
+);
 
 // Upserts a link for a change. A newer version re-opens a synced link, and
 // a dead-lettered one when it is newer than the version that died (see

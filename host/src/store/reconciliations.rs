@@ -1168,7 +1168,9 @@ impl Store {
     /// person's resolution is described while the finding holds its claim
     /// (a process that died between the push and the description left the
     /// claim, which is opened again once stalled, and resolved again it
-    /// forced a second push).
+    /// forced a second push). `restored`: the record a deleted customer's
+    /// finding saw listed (see `FORCE_PUSH_SQL`).
+    #[allow(clippy::too_many_arguments)]
     pub async fn force_push_for(
         &self,
         run: &RunRow,
@@ -1177,6 +1179,7 @@ impl Store {
         what: &str,
         customer_id: &str,
         version: i64,
+        restored: Option<&str>,
     ) -> Result<Option<bool>, StoreError> {
         let at = now();
         let forced = dispatch!(self, write pool => {
@@ -1211,6 +1214,7 @@ impl Store {
                 .bind(version)
                 .bind(at.timestamp_millis())
                 .bind(at)
+                .bind(restored)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
@@ -1242,6 +1246,7 @@ impl Store {
                 .bind(version)
                 .bind(at.timestamp_millis())
                 .bind(at)
+                .bind(None::<&str>)
                 .execute(pool)
                 .await?
                 .rows_affected()

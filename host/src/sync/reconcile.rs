@@ -222,6 +222,13 @@ enum Action {
     Event(Box<NewInboxEvent>),
     /// Push the customer's current version again (a new idempotency key).
     ForcePush(String),
+    /// Push a deleted customer's delete to the record the finding saw
+    /// listed (`seen`), also where its link says the remote deleted it
+    /// (and has it again: restored).
+    PushDelete {
+        customer: String,
+        seen: Option<String>,
+    },
     /// Create the customer's record anew, provided its link still names
     /// no live record but the one the finding saw missing (`seen`: `None`
     /// for a customer never linked).
@@ -901,20 +908,25 @@ impl SyncEngine {
                 continue;
             }
             if customer.deleted_at.is_some() {
-                if !link.remote_deleted {
-                    findings.mismatches.push(NewMismatch {
-                        kind: Kind::MissingLocal.as_str(),
-                        remote_id: Some(record.remote_id.clone()),
-                        customer_id: Some(customer.id.as_str().to_owned()),
-                        fields: serde_json::json!([]),
-                        record: Some(remote),
-                        detail: Some(
-                            "the customer was deleted in ferry; the remote still has the record"
-                                .into(),
-                        ),
-                        listed_at_ms: Some(findings.listed_at_ms),
-                    });
-                }
+                // A link marked deleted names a record the remote deleted
+                // (and ferry the customer with it, or before it) and has
+                // again: restored (Salesforce's undelete). Counted in no
+                // kind and repaired by no mode, it stayed for good.
+                let detail = if link.remote_deleted {
+                    "the customer was deleted in ferry, and the remote deleted the record; \
+                     the remote has it again (restored)"
+                } else {
+                    "the customer was deleted in ferry; the remote still has the record"
+                };
+                findings.mismatches.push(NewMismatch {
+                    kind: Kind::MissingLocal.as_str(),
+                    remote_id: Some(record.remote_id.clone()),
+                    customer_id: Some(customer.id.as_str().to_owned()),
+                    fields: serde_json::json!([]),
+                    record: Some(remote),
+                    detail: Some(detail.into()),
+                    listed_at_ms: Some(findings.listed_at_ms),
+                });
                 continue;
             }
             // Deleted at the remote (applied under `unlink`) and listed
@@ -1314,10 +1326,11 @@ impl SyncEngine {
     ) -> Result<Scheduled, StoreError> {
         let store = &self.inner.store;
         let connector = run.connector.as_str();
-        let (customer, recreate) = match action {
+        let (customer, recreate, restored) = match action {
             Action::Event(_) => return Ok(Scheduled::Busy),
-            Action::ForcePush(customer) => (customer, None),
-            Action::Recreate { customer, seen } => (customer, Some(seen)),
+            Action::ForcePush(customer) => (customer, None, None),
+            Action::PushDelete { customer, seen } => (customer, None, seen),
+            Action::Recreate { customer, seen } => (customer, Some(seen), None),
         };
         let Some(current) = store.get_customer_any(&customer).await? else {
             return Ok(Scheduled::Nothing(format!(
@@ -1350,7 +1363,15 @@ impl SyncEngine {
                     .await?
             }
             None => match store
-                .force_push_for(run, finding, by, &what, &customer, current.version)
+                .force_push_for(
+                    run,
+                    finding,
+                    by,
+                    &what,
+                    &customer,
+                    current.version,
+                    restored.as_deref(),
+                )
                 .await?
             {
                 Some(forced) => forced,
@@ -1694,7 +1715,10 @@ fn plan_repair(
         // for a person).
         (Kind::MissingLocal, _) if customer.is_some() && mode == Mode::Backfill => None,
         (Kind::MissingLocal, PushLocal | Merge) if customer.is_some() => {
-            customer.map(Action::ForcePush)
+            customer.map(|customer| Action::PushDelete {
+                customer,
+                seen: mismatch.remote_id.clone(),
+            })
         }
         (Kind::MissingLocal, _) if customer.is_some() => None,
         // A record without an email cannot become a customer: imported, it
@@ -1902,7 +1926,7 @@ mod tests {
         let reconcile = run("reconcile");
         assert!(matches!(
             plan_repair(&reconcile, Mode::Reconcile, Repair::Merge, SOFT, &deleted),
-            Some(Action::ForcePush(_))
+            Some(Action::PushDelete { .. })
         ));
         // Nor one whose email no customer can have: the listing reports
         // it as having none.

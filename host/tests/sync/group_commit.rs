@@ -884,12 +884,36 @@ async fn a_finding_is_forced_once(postgres: bool) {
         ..run.clone()
     };
     let what = "push of version 1 scheduled";
-    let forced = store.force_push_for(&stale, &finding, ForcedBy::Run, what, first.id.as_str(), 1);
+    let forced = store.force_push_for(
+        &stale,
+        &finding,
+        ForcedBy::Run,
+        what,
+        first.id.as_str(),
+        1,
+        None,
+    );
     assert_eq!(forced.await.expect("ran"), None);
-    let forced = store.force_push_for(&run, &finding, ForcedBy::Run, what, first.id.as_str(), 1);
+    let forced = store.force_push_for(
+        &run,
+        &finding,
+        ForcedBy::Run,
+        what,
+        first.id.as_str(),
+        1,
+        None,
+    );
     assert_eq!(forced.await.expect("ran"), Some(true));
     // The run again after a crash: the finding is repaired already.
-    let again = store.force_push_for(&run, &finding, ForcedBy::Run, what, first.id.as_str(), 1);
+    let again = store.force_push_for(
+        &run,
+        &finding,
+        ForcedBy::Run,
+        what,
+        first.id.as_str(),
+        1,
+        None,
+    );
     assert_eq!(again.await.expect("ran"), None);
     let after = repairs(store.links_of(first.id.as_str()).await.expect("links"));
     assert_eq!(after, before + 1, "forced once");
@@ -918,6 +942,7 @@ async fn a_finding_is_forced_once(postgres: bool) {
         what,
         first.id.as_str(),
         1,
+        None,
     );
     assert_eq!(forced.await.expect("ran"), Some(true));
     let again = store.force_push_for(
@@ -927,6 +952,7 @@ async fn a_finding_is_forced_once(postgres: bool) {
         what,
         first.id.as_str(),
         1,
+        None,
     );
     assert_eq!(again.await.expect("ran"), None);
     let stalled = store

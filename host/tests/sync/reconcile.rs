@@ -1255,6 +1255,48 @@ async fn a_record_listed_again_is_not_recreated_beside_itself(backend: Backend) 
     assert_eq!(records[0]["name"], "Back Again", "{link}");
 }
 
+/// A record the remote deleted (the link marked so) and has again
+/// (restored: a Recycle Bin undelete) while its customer is deleted in
+/// ferry is a `missing_local` finding, and a `merge` run pushes the
+/// customer's delete to it, as to any record a deleted customer left.
+/// Before, it was counted in no kind and repaired by no mode: the record
+/// stayed at the remote for good.
+async fn a_record_restored_after_its_customer_was_deleted_is_found(backend: Backend) {
+    let stripe = LocalStripe::start().expect("localstripe");
+    let url = stripe.url();
+    let app = spawn_sync_app(Setup::new(backend, &url)).await;
+    let address = email("restored");
+    let customer = app.create(json!({"email": address, "name": "Back"})).await;
+    let id = customer["id"].as_str().unwrap();
+    app.wait_link(id, SETTLE, |l| l["state"] == "synced").await;
+    // The remote's delete (marked on the link) came first, then ferry's:
+    // nothing to push. The record is there again.
+    let sql = format!(
+        "UPDATE sync_links SET remote_deleted = TRUE \
+         WHERE connector = 'stripe' AND customer_id = '{id}' AND $1 IS NOT NULL"
+    );
+    execute_raw(&app.database_url, &sql, b"").await;
+    app.delete(id).await;
+    app.wait_link(id, SETTLE, |l| l["state"] == "synced").await;
+    assert_eq!(stripe_customers_by_email(&url, &address).await.len(), 1);
+
+    let run = run_to_end(&app, json!({"connector": "stripe", "repair": "report"})).await;
+    expect_counts(&run, &[("missing_local", 1)]);
+    let run = run_to_end(&app, json!({"connector": "stripe", "repair": "merge"})).await;
+    assert_eq!(run["status"], "completed", "{run:#}");
+    expect_counts(&run, &[("missing_local", 1), ("repairs", 1)]);
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while !stripe_customers_by_email(&url, &address).await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the restored record stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let run = run_to_end(&app, json!({"connector": "stripe", "repair": "report"})).await;
+    assert!(!counts(&run).contains_key("missing_local"), "{run:#}");
+}
+
 /// Under the `ignore` delete policy a remote delete changes nothing, and
 /// neither does a run: its orphans stay open for a person, every run, and
 /// the brake does not count them. A run planned their deletes, which
@@ -2577,6 +2619,26 @@ async fn a_run_does_not_wait_for_another_connectors_paused_work(backend: Backend
         }),
     });
     let app = spawn_sync_app(setup).await;
+    // Switched on once before (else `enabled = false` leaves it
+    // unconfigured, taking no changes): paused now.
+    execute_raw(
+        &app.database_url,
+        "UPDATE connectors SET switched_on = TRUE, revision = revision + 1 \
+         WHERE name = 'salesforce' AND $1 IS NOT NULL",
+        b"",
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let (_, connector) = app
+            .send(reqwest::Method::GET, "/api/v1/connectors/salesforce", None)
+            .await;
+        if connector["state"] == "disabled" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{connector:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let mut last = String::new();
     for n in 0..600 {
         let fields = CustomerFields {
@@ -3123,6 +3185,11 @@ mod sqlite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn restored_after_a_delete() {
+        super::a_record_restored_after_its_customer_was_deleted_is_found(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn paused_work_elsewhere() {
         a_run_does_not_wait_for_another_connectors_paused_work(Backend::Sqlite).await;
     }
@@ -3194,6 +3261,11 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn listed_again() {
         a_record_listed_again_is_not_recreated_beside_itself(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn restored_after_a_delete() {
+        super::a_record_restored_after_its_customer_was_deleted_is_found(Backend::Postgres).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
