@@ -238,6 +238,8 @@ impl RemoteRecord {
     }
 
     /// When the remote last changed it, ms since the Unix epoch.
+    /// Informational: ferry orders nothing by it today (a reconciliation
+    /// dates what it lists by the listing's time).
     #[must_use]
     pub fn with_updated_at_ms(mut self, ms: i64) -> Self {
         self.updated_at_ms = Some(ms);

@@ -242,6 +242,13 @@ pub(crate) async fn register(registry: &Registry, built: &Built<'_>) -> anyhow::
             return Ok(entry.name.clone());
         }
     }
+    // The environment names what the build does not declare (a typo in a
+    // `FERRY_CONNECTORS__…` variable): `check` reads no environment, and
+    // accepted the component it was pointed at.
+    let problems = registry.check_environment().await;
+    if !problems.is_empty() {
+        anyhow::bail!("the component was not registered: {}", problems.join("; "));
+    }
     anyhow::bail!(
         "the component was refused (see the log above; `ferry connector check FILE` says why)"
     )
