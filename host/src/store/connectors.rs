@@ -756,15 +756,18 @@ impl Store {
     /// Makes `name`'s links that wait for one of `waits` (their last
     /// error) due now, as [`Store::resume_connector_links`] says.
     ///
-    /// At most as many as waited when it began: a link a worker parks
-    /// again meanwhile (a create a backfill still holds, a replica whose
-    /// view lags) waits past the start as well, and the release went on
-    /// for as long as workers kept parking them.
+    /// Only the links that waited when it began, and at most as many: a
+    /// link a worker parks again meanwhile (a create a backfill still
+    /// holds, a replica whose view lags) waits past the start as well, and
+    /// the release went on for as long as workers kept parking them. One
+    /// parked again is due later than any that waited (parked after them,
+    /// for the same wait), so the latest due time then bounds them.
     async fn links_waiting_due(&self, name: &str, waits: [&str; 3]) -> Result<u64, StoreError> {
         let now_ms = super::now_ms();
-        let waiting: i64 = dispatch!(self, read pool => {
-            sqlx::query_scalar(
-                "SELECT COUNT(*) FROM sync_links WHERE state IN ('pending', 'retry') \
+        let (waiting, latest): (i64, Option<i64>) = dispatch!(self, read pool => {
+            sqlx::query_as(
+                "SELECT COUNT(*), MAX(next_attempt_at_ms) FROM sync_links \
+                 WHERE state IN ('pending', 'retry') \
                  AND last_error IN ($3, $4, $5) AND next_attempt_at_ms > $2 AND connector = $1",
             )
             .bind(name)
@@ -775,6 +778,9 @@ impl Store {
             .fetch_one(pool)
             .await?
         });
+        let Some(latest) = latest else {
+            return Ok(0);
+        };
         let waiting = u64::try_from(waiting).unwrap_or(0);
         let mut resumed = 0;
         loop {
@@ -786,8 +792,8 @@ impl Store {
                      WHERE (customer_id, connector) IN (SELECT customer_id, connector \
                        FROM sync_links WHERE state IN ('pending', 'retry') \
                        AND last_error IN ($4, $5, $6) \
-                       AND next_attempt_at_ms > $2 AND connector = $1 \
-                       LIMIT $3)",
+                       AND next_attempt_at_ms > $2 AND next_attempt_at_ms <= $7 \
+                       AND connector = $1 LIMIT $3)",
                 )
                 .bind(name)
                 .bind(now_ms)
@@ -795,6 +801,7 @@ impl Store {
                 .bind(waits[0])
                 .bind(waits[1])
                 .bind(waits[2])
+                .bind(latest)
                 .execute(pool)
                 .await?
                 .rows_affected()
