@@ -152,7 +152,107 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     deserializer
         .end()
         .map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    // A key given twice: serde takes the last (a map, a merge patch) or
+    // refuses it (a struct's field), where a proxy's rule or an audit log
+    // reads the first. `{"email": "a@…", "email": "b@…"}` was 422 for a
+    // create and stored `b@…` for a patch. Refused alike, as a query
+    // parameter given twice is.
+    if let Some(path) = repeated_key(bytes) {
+        return Err(ApiError::field(path, "given more than once"));
+    }
     Ok(value)
+}
+
+/// The first key an object in the JSON document `bytes` holds twice, as a
+/// path (`metadata.plan`), if any; `None` for a document that does not
+/// parse (its own parse says why).
+fn repeated_key(bytes: &[u8]) -> Option<String> {
+    let mut found = None;
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let seed = UniqueKeys {
+        path: String::new(),
+        found: &mut found,
+    };
+    serde::de::DeserializeSeed::deserialize(seed, &mut deserializer).ok()?;
+    found
+}
+
+/// Walks a JSON value, noting in `found` the first key an object repeats.
+struct UniqueKeys<'a> {
+    path: String,
+    found: &'a mut Option<String>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for UniqueKeys<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeys<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let found = self.found;
+        while seq
+            .next_element_seed(UniqueKeys {
+                path: self.path.clone(),
+                found: &mut *found,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let found = self.found;
+        let mut keys = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let path = if self.path.is_empty() {
+                key.clone()
+            } else {
+                format!("{}.{key}", self.path)
+            };
+            if !keys.insert(key) && found.is_none() {
+                *found = Some(path.clone());
+            }
+            map.next_value_seed(UniqueKeys {
+                path,
+                found: &mut *found,
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// Converts a `serde_json::Value` into `T` with the same error mapping as

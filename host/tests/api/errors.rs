@@ -179,6 +179,42 @@ async fn wrong_shapes_are_422_naming_the_field(backend: Backend) {
     let problem = assert_problem(response, 422, "validation_failed").await;
     assert_eq!(problem["errors"][0]["field"], "direction", "{problem}");
 
+    // A key given twice: refused naming it, for a create as for a patch
+    // (which took the last, where a proxy or an audit log reads the first).
+    let created = app.create(&json!({"email": email("twice")})).await;
+    let created: serde_json::Value = created.json().await.unwrap();
+    let id = created["id"].as_str().unwrap();
+    for (method, path, body, field) in [
+        (
+            Method::POST,
+            "/api/v1/customers".to_owned(),
+            r#"{"email": "a@example.com", "metadata": {"plan": "pro", "plan": "free"}}"#,
+            "metadata.plan",
+        ),
+        (
+            Method::PATCH,
+            format!("/api/v1/customers/{id}"),
+            r#"{"email": "a@example.com", "email": "b@example.com"}"#,
+            "email",
+        ),
+        (
+            Method::PATCH,
+            format!("/api/v1/customers/{id}"),
+            r#"{"metadata": {"plan": "pro"}, "metadata": null}"#,
+            "metadata",
+        ),
+    ] {
+        let response = app
+            .request(method, &path)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let problem = assert_problem(response, 422, "validation_failed").await;
+        assert_eq!(problem["errors"][0]["field"], field, "{body}: {problem}");
+    }
+
     // A path that is not UTF-8 once decoded: 404 as problem+json.
     for (method, path) in [
         (Method::GET, "/api/v1/customers/%FF"),
