@@ -49,8 +49,9 @@ impl ConnectorError {
     /// expects, or `None` for a 1xx, 2xx or 304 answer.
     ///
     /// 429, a 503 with `Retry-After` (a maintenance window) and a 403 with
-    /// `Retry-After` (a limit: GitHub's secondary ones) → rate-limited
-    /// (with `Retry-After` in delta-seconds, if given), other
+    /// `Retry-After` (a limit: GitHub's secondary ones), each whose wait is
+    /// still to come → rate-limited (with `Retry-After` in delta-seconds,
+    /// if given), other
     /// 5xx and 408 → retryable, 409 (the same idempotency key still
     /// running, as Stripe and the IETF Idempotency-Key draft answer), 423
     /// and 425 → retryable, 401/403 → unauthorized, 404/410 → not-found,

@@ -128,6 +128,14 @@ impl Modify for EveryRoute {
                 .build(),
         )
         .build();
+        // Open mode (no admin token) serves the loopback only, and refuses
+        // a request another site's page sent (`same_origin_only`), on
+        // every route.
+        let cross_site = problem(
+            "Open mode: a request another site's page sent, one for another host, or one a \
+             proxy forwarded (`cross_site_request`)",
+        )
+        .build();
         for (path, item) in &mut openapi.paths.paths {
             let reads_the_store = path.starts_with("/api/") || path.starts_with("/webhooks/");
             for operation in [
@@ -149,6 +157,9 @@ impl Modify for EveryRoute {
                         .entry("503".to_owned())
                         .or_insert_with(|| RefOr::T(busy.clone()));
                 }
+                responses
+                    .entry("403".to_owned())
+                    .or_insert_with(|| RefOr::T(cross_site.clone()));
             }
         }
     }

@@ -82,8 +82,8 @@ pub struct CustomerPatch {
     /// Full name or business name; null clears it.
     #[schema(max_length = 256, min_length = 1)]
     pub name: Option<String>,
-    /// Email.
-    #[schema(max_length = 254, example = "ada@example.com")]
+    /// Email; it cannot be cleared (null is a 422), only left out.
+    #[schema(max_length = 254, example = "ada@example.com", nullable = false)]
     pub email: Option<String>,
     /// Phone number; null clears it.
     #[schema(max_length = 40, min_length = 1)]
