@@ -1221,6 +1221,21 @@ async fn a_shutdown_stops_a_repair_step(backend: Backend) {
     assert_eq!(reads(&proxy), 1, "{:#?}", proxy.requests());
 }
 
+/// A customer synced to Stripe whose link then says the remote deleted its
+/// record (which Stripe still has): `(customer id, email)`.
+async fn marked_deleted_at_stripe(app: &SyncApp, tag: &str) -> (String, String) {
+    let address = email(tag);
+    let customer = app.create(json!({"email": address, "name": "Back"})).await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    app.wait_link(&id, SETTLE, |l| l["state"] == "synced").await;
+    let sql = format!(
+        "UPDATE sync_links SET remote_deleted = TRUE \
+         WHERE connector = 'stripe' AND customer_id = '{id}' AND $1 IS NOT NULL"
+    );
+    execute_raw(&app.database_url, &sql, b"").await;
+    (id, address)
+}
+
 /// Under `unlink`, a link whose record the remote deleted names a record
 /// the listing returns again (an undelete): its customer is not missing
 /// remotely, and no second record is created beside it. Before, the run's
@@ -1231,16 +1246,9 @@ async fn a_record_listed_again_is_not_recreated_beside_itself(backend: Backend) 
     let mut setup = Setup::new(backend, &url);
     setup.extra = json!({"inbound_delete_policy": "unlink"});
     let app = spawn_sync_app(setup).await;
-    let address = email("undeleted");
-    let customer = app.create(json!({"email": address, "name": "Back"})).await;
-    let id = customer["id"].as_str().unwrap();
-    app.wait_link(id, SETTLE, |l| l["state"] == "synced").await;
     // The remote's delete was applied (unlinked); the record came back.
-    let sql = format!(
-        "UPDATE sync_links SET remote_deleted = TRUE \
-         WHERE connector = 'stripe' AND customer_id = '{id}' AND $1 IS NOT NULL"
-    );
-    execute_raw(&app.database_url, &sql, b"").await;
+    let (id, address) = marked_deleted_at_stripe(&app, "undeleted").await;
+    let id = id.as_str();
     let run = run_to_end(&app, json!({"connector": "stripe", "repair": "merge"})).await;
     assert_eq!(run["status"], "completed", "{run:#}");
     assert!(!counts(&run).contains_key("missing_remote"), "{run:#}");
@@ -1265,17 +1273,10 @@ async fn a_record_restored_after_its_customer_was_deleted_is_found(backend: Back
     let stripe = LocalStripe::start().expect("localstripe");
     let url = stripe.url();
     let app = spawn_sync_app(Setup::new(backend, &url)).await;
-    let address = email("restored");
-    let customer = app.create(json!({"email": address, "name": "Back"})).await;
-    let id = customer["id"].as_str().unwrap();
-    app.wait_link(id, SETTLE, |l| l["state"] == "synced").await;
     // The remote's delete (marked on the link) came first, then ferry's:
     // nothing to push. The record is there again.
-    let sql = format!(
-        "UPDATE sync_links SET remote_deleted = TRUE \
-         WHERE connector = 'stripe' AND customer_id = '{id}' AND $1 IS NOT NULL"
-    );
-    execute_raw(&app.database_url, &sql, b"").await;
+    let (id, address) = marked_deleted_at_stripe(&app, "restored").await;
+    let id = id.as_str();
     app.delete(id).await;
     app.wait_link(id, SETTLE, |l| l["state"] == "synced").await;
     assert_eq!(stripe_customers_by_email(&url, &address).await.len(), 1);
