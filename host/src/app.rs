@@ -479,6 +479,14 @@ impl App {
                 ),
             );
             tasks.spawn(
+                "dead letters",
+                close_superseded_dead_letters(
+                    self.state.store.clone(),
+                    self.retention.batch,
+                    self.cancel.clone(),
+                ),
+            );
+            tasks.spawn(
                 "statistics",
                 crate::store::statistics::run(
                     self.state.store.clone(),
@@ -660,6 +668,36 @@ async fn purge_idempotency_keys(store: Store, batch: u32, cancel: CancellationTo
                 error = format!("{:#}", anyhow::Error::from(error)),
                 "purging console sign-outs failed"
             );
+        }
+    }
+}
+
+/// How often open outbound dead letters whose link delivered since are
+/// closed (see [`Store::close_superseded_dead_letters`]).
+const SUPERSEDED_LETTERS_EVERY: Duration = Duration::from_secs(10);
+
+async fn close_superseded_dead_letters(store: Store, batch: u32, cancel: CancellationToken) {
+    let mut every = tokio::time::interval(SUPERSEDED_LETTERS_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match crate::retention::in_batches(&cancel, || store.close_superseded_dead_letters(batch))
+            .await
+        {
+            Ok(0) => {}
+            Ok(closed) => {
+                tracing::info!(closed, "dead letters closed: their links delivered since")
+            }
+            Err(error) => {
+                crate::metrics::background_failed("dead_letter_close");
+                tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::from(error)),
+                    "closing dead letters whose links delivered since failed"
+                );
+            }
         }
     }
 }

@@ -197,10 +197,16 @@ fn unix_now() -> f64 {
 
 /// The background tasks whose failed passes
 /// `ferry_background_failures_total` counts: the purge of expired
-/// idempotency keys, the purge of the console's expired sign-outs, and the
+/// idempotency keys, the purge of the console's expired sign-outs, the
 /// registry's poll of the store (failing, this replica follows no
-/// connector change another replica makes).
-pub const BACKGROUND_TASKS: [&str; 3] = ["idempotency_purge", "sign_out_purge", "registry_refresh"];
+/// connector change another replica makes), and the closing of dead
+/// letters whose links delivered since.
+pub const BACKGROUND_TASKS: [&str; 4] = [
+    "idempotency_purge",
+    "sign_out_purge",
+    "registry_refresh",
+    "dead_letter_close",
+];
 
 /// A pass of the background `task` (one of [`BACKGROUND_TASKS`]) failed.
 pub fn background_failed(task: &'static str) {

@@ -66,8 +66,9 @@ pub struct DeadLetter {
     pub correlation_id: Option<String>,
     /// When it was dead-lettered.
     pub created_at: DateTime<Utc>,
-    /// When it was replayed, or closed with nothing to send (a create
-    /// whose lost answer its echo revealed); null while open.
+    /// When it was replayed, or closed with nothing to send (its link
+    /// delivered that version or a newer one since; a create whose lost
+    /// answer its echo revealed); null while open.
     pub replayed_at: Option<DateTime<Utc>>,
 }
 
@@ -352,5 +353,28 @@ impl Store {
             }
             Ok((replayed, chosen_ids))
         })
+    }
+
+    /// Closes up to `batch` open outbound dead letters whose link has since
+    /// delivered their version or a newer one (an edit re-opened it, and
+    /// its push went through): nothing is left to send for them. Open, they
+    /// were counted in the backlog, the health page and the alert on it
+    /// for a person to replay what had nothing to send.
+    pub async fn close_superseded_dead_letters(&self, batch: u32) -> Result<u64, StoreError> {
+        let at = now();
+        Ok(dispatch!(self, write pool => {
+            sqlx::query(
+                "UPDATE dead_letters SET replayed_at = $1 WHERE replayed_at IS NULL AND id IN (SELECT d.id \
+                 FROM dead_letters d JOIN sync_links l \
+                 ON l.customer_id = d.customer_id AND l.connector = d.connector \
+                 WHERE d.replayed_at IS NULL AND d.direction = 'outbound' \
+                 AND l.state = 'synced' AND l.synced_version >= d.version LIMIT $2)",
+            )
+            .bind(at)
+            .bind(i64::from(batch))
+            .execute(pool)
+            .await?
+            .rows_affected()
+        }))
     }
 }
