@@ -278,11 +278,25 @@ impl CallState {
     /// every token the connector obtained, not only this call's (one
     /// cached by an earlier call, or replaced by a newer grant while still
     /// valid, came back in clear to a call that never asked for it).
-    fn redact(&self, data: &mut Vec<u8>) {
-        policy::redact_secrets(data, self.secrets());
-        policy::redact_tokens(data, &self.tokens);
-        let issued = self.connector.tokens.issued();
-        policy::redact_tokens(data, issued.iter().map(|(name, value)| (name, value)));
+    fn redact(&mut self, data: &mut Vec<u8>) {
+        // Built once for the call's responses and headers, again only when
+        // a token was obtained since.
+        let issued_version = self.connector.tokens.issued_version();
+        if self
+            .redactor
+            .as_ref()
+            .is_none_or(|(version, _)| *version != issued_version)
+        {
+            let issued = self.connector.tokens.issued();
+            let redactor = policy::Redactor::default()
+                .secrets(self.secrets())
+                .tokens(&self.tokens)
+                .tokens(issued.iter().map(|(name, value)| (name, value)));
+            self.redactor = Some((issued_version, redactor));
+        }
+        if let Some((_, redactor)) = &self.redactor {
+            redactor.redact(data);
+        }
     }
 }
 
@@ -344,6 +358,14 @@ pub(crate) struct Dispatcher {
 }
 
 impl Dispatcher {
+    #[cfg(test)]
+    pub(crate) fn new(transport: Arc<dyn HttpTransport>, connector: &str) -> Self {
+        Self {
+            transport,
+            connector: connector.into(),
+        }
+    }
+
     /// Sends `wire`, bounded by its timeout, and logs the outcome (never
     /// headers or bodies: they may hold substituted secrets).
     pub(crate) async fn send(self, wire: WireRequest) -> Result<WireResponse, WireError> {

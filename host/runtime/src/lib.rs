@@ -630,7 +630,7 @@ fn printable_text(text: String) -> String {
 }
 
 pub use log::cut;
-pub use policy::{encoded_forms, list_entry_problem};
+pub use policy::{encoded_forms, list_entry_problem, Redactor};
 
 /// State shared by the runtime and all calls.
 pub(crate) struct RuntimeShared {

@@ -51,7 +51,20 @@ pub(crate) struct TokenCache {
     /// The newest token values obtained, by name, oldest first (at most
     /// [`MAX_ISSUED`]): what every call's responses are scrubbed of.
     issued: Mutex<Vec<(String, SecretString)>>,
+    /// Counts the changes to `issued`: a call's redactor made before one is
+    /// made again.
+    issued_version: AtomicU64,
 }
+
+/// The longest token answer read, in bytes. Real ones are a few hundred
+/// bytes to a few KiB (a JWT with its claims); an endpoint of the
+/// connector's choosing that answered megabytes had the host keep them,
+/// scrub them string by string and put them into every request header
+/// naming the token, outside the guest's memory cap and its deadline.
+const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// The longest access token taken, in bytes.
+const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
 /// How many token values the cache keeps for redaction: two for each name
 /// it can hold (a replaced token may still be valid at the remote).
@@ -100,6 +113,12 @@ impl TokenCache {
             issued.remove(0);
         }
         issued.push((name.to_owned(), value.clone()));
+        self.issued_version.fetch_add(1, Ordering::Release);
+    }
+
+    /// Rises whenever [`TokenCache::issued`] changes.
+    pub(crate) fn issued_version(&self) -> u64 {
+        self.issued_version.load(Ordering::Acquire)
     }
 
     /// The token values obtained, by name: see [`TokenCache::remember`].
@@ -257,7 +276,8 @@ impl CallState {
             ],
             body: Some(body.into_bytes()),
             timeout: self.request_timeout(None),
-            max_response_bytes: self.runtime.config.max_response_bytes,
+            max_response_bytes: MAX_TOKEN_RESPONSE_BYTES
+                .min(self.runtime.config.max_response_bytes),
         })
     }
 }
@@ -273,11 +293,18 @@ async fn request_token(
 ) -> Result<Cached, TokenFailure> {
     // Not the endpoint's answer: a timeout may be this call's deadline
     // (what an earlier request left of it), which another call has whole.
-    let response = dispatcher.send(wire).await.map_err(|e| {
-        TokenFailure::Unanswered(match e {
-            WireError::Denied(m) => ConnectorError::Permanent(format!("token endpoint: {m}")),
-            other => ConnectorError::Retryable(format!("token endpoint: {other}")),
-        })
+    let response = dispatcher.send(wire).await.map_err(|e| match e {
+        // An answer, and the one the endpoint will give again: held as a
+        // refusal is.
+        WireError::TooLarge(_) => TokenFailure::Refused(ConnectorError::Permanent(format!(
+            "token endpoint answered more than {MAX_TOKEN_RESPONSE_BYTES} bytes"
+        ))),
+        WireError::Denied(m) => {
+            TokenFailure::Unanswered(ConnectorError::Permanent(format!("token endpoint: {m}")))
+        }
+        other => TokenFailure::Unanswered(ConnectorError::Retryable(format!(
+            "token endpoint: {other}"
+        ))),
     })?;
     if !(200..300).contains(&response.status) {
         let mut body = response.body;
@@ -328,7 +355,11 @@ fn token_error(status: u16, body: &[u8], headers: &[(String, String)]) -> Connec
             .to_owned()
     };
     let (code, description) = (text("error"), text("error_description"));
-    let message = format!("token endpoint answered HTTP {status}: {code} {description}");
+    // Cut: a refusal is held and handed to every call for a while.
+    let message = crate::cut(
+        format!("token endpoint answered HTTP {status}: {code} {description}"),
+        crate::MAX_ERROR_BYTES,
+    );
     match (status, code.as_str()) {
         (429, _) => ConnectorError::RateLimited(RateLimit {
             retry_after_ms: headers
@@ -369,6 +400,11 @@ fn parse_token(
         ))
     })?;
     let value = match fields.get("access_token") {
+        Some(Value::String(token)) if token.len() > MAX_TOKEN_BYTES => {
+            return Err(ConnectorError::Permanent(format!(
+                "token response's access_token is longer than {MAX_TOKEN_BYTES} bytes"
+            )))
+        }
         Some(Value::String(token)) if !token.is_empty() => SecretString::from(token.clone()),
         _ => {
             return Err(ConnectorError::Permanent(
@@ -397,10 +433,13 @@ fn parse_token(
     // What is left goes to the guest: an endpoint that echoes the client's
     // credentials (or the token under another name) must not hand them over.
     let token = BTreeMap::from([(issued.name.to_owned(), value.clone())]);
+    // Made once for every string of the answer.
+    let redactor = policy::Redactor::default()
+        .secrets(issued.secrets)
+        .tokens(&token);
     let scrub = |text: &mut String| {
         let mut bytes = std::mem::take(text).into_bytes();
-        policy::redact_secrets(&mut bytes, issued.secrets);
-        policy::redact_tokens(&mut bytes, &token);
+        redactor.redact(&mut bytes);
         *text = String::from_utf8_lossy(&bytes).into_owned();
     };
     let fields = scrubbed(Value::Object(fields), &scrub);
@@ -476,6 +515,7 @@ impl Host for CallState {
         let mut cached = slot.lock().await;
         if let Some(token) = cached.token.as_ref().filter(|t| t.is_fresh(&fingerprint)) {
             self.tokens.insert(name, token.value.clone());
+            self.redactor = None;
             return Ok(token.info());
         }
         if let Some(failed) = cached
@@ -520,6 +560,7 @@ impl Host for CallState {
         let info = token.info();
         self.connector.tokens.remember(&name, &token.value);
         self.tokens.insert(name, token.value.clone());
+        self.redactor = None;
         cached.token = Some(token);
         cached.failed = None;
         Ok(info)
@@ -539,6 +580,7 @@ impl Host for CallState {
             }
         }
         self.tokens.remove(&name);
+        self.redactor = None;
     }
 }
 
@@ -654,7 +696,9 @@ mod tests {
         let issued = cache.issued();
         assert_eq!(issued.len(), 3);
         let mut body = b"echo token-0034, token-0033, token-0032 and other-token".to_vec();
-        policy::redact_tokens(&mut body, issued.iter().map(|(n, v)| (n, v)));
+        policy::Redactor::default()
+            .tokens(issued.iter().map(|(n, v)| (n, v)))
+            .redact(&mut body);
         assert_eq!(
             body,
             b"echo {{token:api}}, {{token:api}}, token-0032 and {{token:other}}"
@@ -737,6 +781,86 @@ mod tests {
         };
         assert!(!message.contains("p\u{e4}ssw\u{f6}rd-123"), "{message}");
         assert!(message.contains("{{secret:client_secret}}"), "{message}");
+    }
+
+    /// An endpoint of the connector's choosing answering a token of
+    /// megabytes had the host keep it, scrub it and put it into every
+    /// header naming it: refused, and held as a refusal is.
+    #[test]
+    fn an_oversized_token_is_refused() {
+        let body = format!(
+            r#"{{"access_token":"{}","token_type":"Bearer"}}"#,
+            "t".repeat(MAX_TOKEN_BYTES + 1)
+        );
+        let refused = parse_token(body.as_bytes(), &issued(), 1, [0; 32]);
+        assert!(
+            matches!(&refused, Err(ConnectorError::Permanent(m)) if m.contains("longer than")),
+            "{:?}",
+            refused.err()
+        );
+        let body = format!(
+            r#"{{"access_token":"{}","token_type":"Bearer"}}"#,
+            "t".repeat(MAX_TOKEN_BYTES)
+        );
+        assert!(parse_token(body.as_bytes(), &issued(), 1, [0; 32]).is_ok());
+        // A refusal's description is cut: it is handed to every call
+        // while it is held.
+        let long = format!(
+            r#"{{"error":"invalid_client","error_description":"{}"}}"#,
+            "d".repeat(100_000)
+        );
+        let refused = token_error(401, long.as_bytes(), &[]);
+        let ConnectorError::Unauthorized(message) = refused else {
+            panic!("{refused:?}");
+        };
+        assert!(
+            message.len() <= crate::MAX_ERROR_BYTES + 4,
+            "{}",
+            message.len()
+        );
+    }
+
+    /// The token request reads at most [`MAX_TOKEN_RESPONSE_BYTES`], and an
+    /// answer past it is a refusal (held), not a passing failure every
+    /// call asks again after.
+    #[tokio::test]
+    async fn an_oversized_token_answer_is_a_refusal() {
+        struct Huge;
+        impl crate::transport::HttpTransport for Huge {
+            fn send(
+                &self,
+                req: crate::transport::WireRequest,
+            ) -> futures::future::BoxFuture<
+                'static,
+                Result<crate::transport::WireResponse, WireError>,
+            > {
+                Box::pin(async move {
+                    // As the real transport does, past the request's limit.
+                    assert!(req.max_response_bytes <= MAX_TOKEN_RESPONSE_BYTES);
+                    Err(WireError::TooLarge(format!(
+                        "more than {}",
+                        req.max_response_bytes
+                    )))
+                })
+            }
+        }
+        let wire = crate::transport::WireRequest {
+            method: http::Method::POST,
+            url: url::Url::parse("https://login.example.com/token").unwrap(),
+            headers: Vec::new(),
+            body: None,
+            timeout: Duration::from_secs(1),
+            max_response_bytes: MAX_TOKEN_RESPONSE_BYTES,
+        };
+        let dispatcher = Dispatcher::new(Arc::new(Huge), "c");
+        let failure = request_token(wire, dispatcher, "api", &BTreeMap::new(), 1, [0; 32]).await;
+        assert!(
+            matches!(
+                &failure,
+                Err(TokenFailure::Refused(ConnectorError::Permanent(m))) if m.contains("more than")
+            ),
+            "refused and held"
+        );
     }
 
     #[test]

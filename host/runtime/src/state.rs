@@ -106,6 +106,10 @@ pub(crate) struct CallState {
     pub(crate) log_lines: Arc<AtomicU32>,
     /// OAuth tokens this call obtained, for `{{token:NAME}}` substitution.
     pub(crate) tokens: CallTokens,
+    /// What the call's responses are redacted with, and the version of the
+    /// connector's issued tokens it holds (see [`TokenCache::issued_version`]):
+    /// dropped when the call's own tokens change.
+    pub(crate) redactor: Option<(u64, super::policy::Redactor)>,
     /// Set when ferry's own rate limit refused one of the call's requests:
     /// how long until the connector's next slot.
     pub(crate) throttled: Option<Duration>,
@@ -149,6 +153,7 @@ impl CallState {
             limiter,
             log_lines: Arc::default(),
             tokens: CallTokens::new(),
+            redactor: None,
             throttled: None,
             data_placeholders: super::policy::DataPlaceholders::default(),
             requests_sent: 0,
