@@ -1141,14 +1141,21 @@ impl Store {
         Ok(found > 0)
     }
 
-    /// When the earliest event of a remote record stored before `seq`
-    /// that is not settled yet (waiting, being applied, to be retried) is
-    /// due, if one is. Read through the `inbox_due` index, which holds
+    /// When the earliest event of a remote record that a delete numbered
+    /// `seq` waits for is due, if one is: one not settled yet (waiting,
+    /// being applied, to be retried) and stored before it, or an upsert
+    /// stored after it. Numbers are taken as inserts begin and commit in
+    /// another order on PostgreSQL (two replicas' inbox writers): a create
+    /// numbered after its delete, committed first, looked for the delete
+    /// before it was there and made the record a customer, while the
+    /// delete, waiting only for what was numbered before it, found no link
+    /// and was skipped. Deletes never wait for a later delete, so two
+    /// never wait for each other; an upsert waits for no delete. Read through the `inbox_due` index, which holds
     /// unsettled rows only (SQLite is told to: it chose `inbox_event`, and
     /// read every row the connector's inbox keeps); no index of every
     /// row's record is kept for this rare question (a delete of a record
     /// nothing links).
-    pub async fn inbox_unsettled_before(
+    pub async fn inbox_awaited_by_delete(
         &self,
         connector: &str,
         remote_id: &str,
@@ -1160,7 +1167,7 @@ impl Store {
         };
         let sql = format!(
             "SELECT MIN(next_attempt_at_ms) FROM inbox {index} WHERE state IN ('pending', 'retry') \
-             AND connector = $1 AND remote_id = $2 AND seq < $3"
+             AND connector = $1 AND remote_id = $2 AND (seq < $3 OR kind = 'upsert')"
         );
         let due: Option<i64> = dispatch!(self, read pool => {
             sqlx::query_scalar(&sql)

@@ -1509,16 +1509,18 @@ impl SyncEngine {
                 // another loop's hands, past its own look for this delete
                 // and about to link it: skipped now, the delete was lost
                 // and the record lived on as a customer. The delete waits
-                // for it (until it is due, if it waits for a retry).
+                // for it (until it is due, if it waits for a retry), and
+                // for any upsert of the record stored after it (numbered
+                // later, it may have committed first).
                 if let Some(due) = self
                     .inner
                     .store
-                    .inbox_unsettled_before(&event.connector, &event.remote_id, event.seq)
+                    .inbox_awaited_by_delete(&event.connector, &event.remote_id, event.seq)
                     .await?
                 {
                     let until_due = u64::try_from(due - now_ms()).unwrap_or(0);
                     return Err(Failure::Wait(
-                        "an earlier event of this record is not applied yet".into(),
+                        "another event of this record is not applied yet".into(),
                         EARLIER_EVENT_WAIT.max(Duration::from_millis(until_due)),
                     ));
                 }

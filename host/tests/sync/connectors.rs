@@ -1541,7 +1541,17 @@ async fn one_id_for_two_events_of_a_delivery_is_refused(backend: Backend) {
 /// lost and the record lived on as a customer. PostgreSQL runs two inbox
 /// loops; an uncommitted customer with the same email holds the create's
 /// insert on the unique index while the delete is taken.
-async fn a_delete_taken_while_its_create_is_written_is_applied(backend: Backend) {
+///
+/// `delete_numbered_first`: the delete took its place in the inbox before
+/// the create did, and committed after the create was taken (two replicas'
+/// inbox writers, one slower): it waited only for events numbered before
+/// it, found none and no link, and was skipped as "never linked" while the
+/// create, which had looked for a delete before it committed, made the
+/// record a customer for good.
+async fn a_delete_taken_while_its_create_is_written_is_applied(
+    backend: Backend,
+    delete_numbered_first: bool,
+) {
     use ferry::store::inbox::InboxState;
     use sqlx::Connection as _;
     let remote = RecorderRemote::start().await;
@@ -1549,6 +1559,28 @@ async fn a_delete_taken_while_its_create_is_written_is_applied(backend: Backend)
     install_recorder(&app, &remote).await;
     let id = uuid();
     let (remote_id, email) = (format!("rec_{id}"), format!("{id}@example.com"));
+    // The delete's insert, numbered now and committed later.
+    let mut early_delete = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .expect("postgres");
+    if delete_numbered_first {
+        sqlx::query("BEGIN")
+            .execute(&mut early_delete)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO inbox (connector, event_id, entity, kind, remote_id, occurred_at_ms, \
+             remote_type, state, next_attempt_at_ms, received_at) \
+             VALUES ('recorder', $1, 'customer', 'delete', $2, $3, 'record.deleted', 'pending', \
+             0, now())",
+        )
+        .bind(format!("{id}_deleted"))
+        .bind(&remote_id)
+        .bind(chrono::Utc::now().timestamp_millis() + 1_000)
+        .execute(&mut early_delete)
+        .await
+        .unwrap();
+    }
     let mut blocker = sqlx::PgConnection::connect(&app.database_url)
         .await
         .expect("postgres");
@@ -1588,21 +1620,14 @@ async fn a_delete_taken_while_its_create_is_written_is_applied(backend: Backend)
     // The create's write reaches the index and waits there; the delete is
     // taken by the other loop meanwhile.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let delete = NewInboxEvent {
-        event_id: format!("{id}_deleted"),
-        entity: "customer".into(),
-        kind: RemoteChange::Delete,
-        remote_id: remote_id.clone(),
-        occurred_at_ms: chrono::Utc::now().timestamp_millis(),
-        record: None,
-        origin_key: None,
-        remote_type: "record.deleted".into(),
-        policy: None,
-    };
-    app.store
-        .store_inbox_many(&[("recorder", std::slice::from_ref(&delete), None)])
-        .await
-        .expect("stored");
+    if delete_numbered_first {
+        sqlx::query("COMMIT")
+            .execute(&mut early_delete)
+            .await
+            .unwrap();
+    } else {
+        store_delete(&app, &id, &remote_id).await;
+    }
     app.sync.wake();
     tokio::time::sleep(Duration::from_secs(2)).await;
     sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
@@ -1630,6 +1655,25 @@ async fn a_delete_taken_while_its_create_is_written_is_applied(backend: Backend)
         .unwrap();
     assert_eq!(deleted.state, InboxState::Applied, "{events:?}");
     assert_eq!(app.customer_by_email(&email).await, None, "{events:?}");
+}
+
+/// Stores the delete of `remote_id` (a recorder record) in the inbox.
+async fn store_delete(app: &SyncApp, id: &str, remote_id: &str) {
+    let delete = NewInboxEvent {
+        event_id: format!("{id}_deleted"),
+        entity: "customer".into(),
+        kind: RemoteChange::Delete,
+        remote_id: remote_id.to_owned(),
+        occurred_at_ms: chrono::Utc::now().timestamp_millis(),
+        record: None,
+        origin_key: None,
+        remote_type: "record.deleted".into(),
+        policy: None,
+    };
+    app.store
+        .store_inbox_many(&[("recorder", std::slice::from_ref(&delete), None)])
+        .await
+        .expect("stored");
 }
 
 /// Waits until `base` answers recorder webhooks with `expected` (fails
@@ -3621,7 +3665,12 @@ mod postgres {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_delete_taken_while_its_create_is_written() {
-        a_delete_taken_while_its_create_is_written_is_applied(Backend::Postgres).await;
+        a_delete_taken_while_its_create_is_written_is_applied(Backend::Postgres, false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delete_numbered_before_its_create_and_committed_after() {
+        a_delete_taken_while_its_create_is_written_is_applied(Backend::Postgres, true).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
