@@ -676,17 +676,36 @@ async fn purge_idempotency_keys(store: Store, batch: u32, cancel: CancellationTo
 /// closed (see [`Store::close_superseded_dead_letters`]).
 const SUPERSEDED_LETTERS_EVERY: Duration = Duration::from_secs(10);
 
+/// How many open letters one round looks at, at most: one page of
+/// `batch` after another from where the last round stopped, so an
+/// outage's backlog is gone through over rounds.
+const SUPERSEDED_LETTERS_PAGES: u32 = 10;
+
 async fn close_superseded_dead_letters(store: Store, batch: u32, cancel: CancellationToken) {
     let mut every = tokio::time::interval(SUPERSEDED_LETTERS_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut after = None;
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
             _ = every.tick() => {}
         }
-        match crate::retention::in_batches(&cancel, || store.close_superseded_dead_letters(batch))
-            .await
-        {
+        let mut round = async || -> Result<u64, crate::store::StoreError> {
+            let mut closed = 0;
+            for _ in 0..SUPERSEDED_LETTERS_PAGES {
+                let (now, next) = store
+                    .close_superseded_dead_letters(after.as_ref(), batch)
+                    .await?;
+                closed += now;
+                after = next;
+                if after.is_none() || cancel.is_cancelled() {
+                    break;
+                }
+                tokio::time::sleep(crate::retention::BETWEEN_BATCHES).await;
+            }
+            Ok(closed)
+        };
+        match round().await {
             Ok(0) => {}
             Ok(closed) => {
                 tracing::info!(closed, "dead letters closed: their links delivered since")

@@ -24,7 +24,7 @@ pub struct Retention {
 }
 
 /// A pause between two batches, so a long pass yields the writer.
-const BETWEEN_BATCHES: Duration = Duration::from_millis(10);
+pub(crate) const BETWEEN_BATCHES: Duration = Duration::from_millis(10);
 
 /// Runs a pass every `retention.every` until cancelled.
 pub async fn run(store: Store, retention: Retention, cancel: CancellationToken) {

@@ -355,26 +355,80 @@ impl Store {
         })
     }
 
-    /// Closes up to `batch` open outbound dead letters whose link has since
-    /// delivered their version or a newer one (an edit re-opened it, and
-    /// its push went through): nothing is left to send for them. Open, they
-    /// were counted in the backlog, the health page and the alert on it
-    /// for a person to replay what had nothing to send.
-    pub async fn close_superseded_dead_letters(&self, batch: u32) -> Result<u64, StoreError> {
-        let at = now();
-        Ok(dispatch!(self, write pool => {
-            sqlx::query(
-                "UPDATE dead_letters SET replayed_at = $1 WHERE replayed_at IS NULL AND id IN (SELECT d.id \
-                 FROM dead_letters d JOIN sync_links l \
-                 ON l.customer_id = d.customer_id AND l.connector = d.connector \
-                 WHERE d.replayed_at IS NULL AND d.direction = 'outbound' \
-                 AND l.state = 'synced' AND l.synced_version >= d.version LIMIT $2)",
+    /// Looks at up to `page` open outbound dead letters after `after` (in
+    /// the order of connector and id), and closes those whose link has
+    /// since delivered their version or a newer one (an edit re-opened it,
+    /// and its push went through): nothing is left to send for them. Open,
+    /// they were counted in the backlog, the health page and the alert on
+    /// it for a person to replay what had nothing to send.
+    ///
+    /// Returns how many it closed and where the next page starts (`None`:
+    /// this one held the last). The letters are read on the reader side a
+    /// page at a time and only those to close are written: one statement
+    /// that looked for them read every open letter and its link each time,
+    /// on SQLite's one writer, which webhooks and the API queued behind
+    /// every ten seconds of an outage's hundreds of thousands of letters.
+    pub async fn close_superseded_dead_letters(
+        &self,
+        after: Option<&LetterKey>,
+        page: u32,
+    ) -> Result<(u64, Option<LetterKey>), StoreError> {
+        let (after_connector, after_id) = after.map_or(("", ""), |k| (&k.0, &k.1));
+        let looked: Vec<(String, String, i32)> = dispatch!(self, read pool => {
+            sqlx::query_as(
+                "SELECT p.connector, p.id, CASE WHEN l.state = 'synced' \
+                 AND l.synced_version >= p.version THEN 1 ELSE 0 END \
+                 FROM (SELECT connector, id, customer_id, version FROM dead_letters \
+                 WHERE replayed_at IS NULL AND direction = 'outbound' AND (connector, id) > ($1, $2) \
+                 ORDER BY connector, id LIMIT $3) AS p \
+                 LEFT JOIN sync_links l ON l.customer_id = p.customer_id AND l.connector = p.connector \
+                 ORDER BY p.connector, p.id",
             )
+            .bind(after_connector)
+            .bind(after_id)
+            .bind(i64::from(page))
+            .fetch_all(pool)
+            .await?
+        });
+        let next = (looked.len() >= usize::try_from(page).unwrap_or(usize::MAX))
+            .then(|| looked.last().map(|(c, id, _)| (c.clone(), id.clone())))
+            .flatten();
+        let done: Vec<String> = looked
+            .into_iter()
+            .filter(|(_, _, delivered)| *delivered == 1)
+            .map(|(_, id, _)| id)
+            .collect();
+        if done.is_empty() {
+            return Ok((0, next));
+        }
+        // Checked again as it is written: the link is read under the write.
+        const DELIVERED: &str = "replayed_at IS NULL AND EXISTS (SELECT 1 FROM sync_links l \
+             WHERE l.customer_id = dead_letters.customer_id AND l.connector = dead_letters.connector \
+             AND l.state = 'synced' AND l.synced_version >= dead_letters.version)";
+        let at = now();
+        let closed = match &self.backend {
+            Backend::Sqlite(pools) => sqlx::query(&format!(
+                "UPDATE dead_letters SET replayed_at = $1 \
+                 WHERE id IN (SELECT value FROM json_each($2)) AND {DELIVERED}"
+            ))
             .bind(at)
-            .bind(i64::from(batch))
+            .bind(serde_json::Value::from(done).to_string())
+            .execute(&pools.writer)
+            .await?
+            .rows_affected(),
+            Backend::Postgres(pool) => sqlx::query(&format!(
+                "UPDATE dead_letters SET replayed_at = $1 WHERE id = ANY($2) AND {DELIVERED}"
+            ))
+            .bind(at)
+            .bind(&done)
             .execute(pool)
             .await?
-            .rows_affected()
-        }))
+            .rows_affected(),
+        };
+        Ok((closed, next))
     }
 }
+
+/// A dead letter's place in [`Store::close_superseded_dead_letters`]'s
+/// order: its connector and id.
+pub type LetterKey = (String, String);

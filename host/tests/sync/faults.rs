@@ -1147,6 +1147,51 @@ async fn a_change_delivered_again_leaves_its_dead_letter_alone(backend: Backend)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // Looked at a page at a time, from where the last page stopped: every
+    // delivered letter is closed however small the page, and one of a
+    // version not delivered stays open.
+    for (letter, version) in [
+        ("dl_page_a", 1),
+        ("dl_page_b", 2),
+        ("dl_page_c", 99),
+        ("dl_page_d", 1),
+    ] {
+        execute_raw(
+            &h.app.database_url,
+            &format!(
+                "INSERT INTO dead_letters (id, customer_id, connector, direction, version, \
+                 error_kind, error, attempts, created_at) SELECT '{letter}', customer_id, \
+                 connector, direction, {version}, error_kind, error, attempts, created_at \
+                 FROM dead_letters WHERE customer_id = '{id}' AND id NOT LIKE 'dl_page_%'"
+            ),
+            b"",
+        )
+        .await;
+    }
+    let (mut closed, mut after, mut pages) = (0, None, 0);
+    loop {
+        let (now, next) = h
+            .app
+            .store
+            .close_superseded_dead_letters(after.as_ref(), 1)
+            .await
+            .expect("a page");
+        (closed, after, pages) = (closed + now, next, pages + 1);
+        if after.is_none() {
+            break;
+        }
+        assert!(pages < 100, "the pages never end");
+    }
+    assert_eq!(closed, 3, "after {pages} pages");
+    let letters = stripe_dead_letters(&h.app).await;
+    let open: Vec<_> = letters["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["version"].clone())
+        .collect();
+    assert_eq!(open, [json!(99)], "{letters:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
