@@ -365,12 +365,25 @@ impl FieldMap {
     }
 }
 
-/// A field's value as text; `null` and `""` are "not known".
+/// A field's value as text; `null` and `""` are "not known". A whole
+/// number reads without a fraction: a Number field (a metadata key mapped
+/// to one) holds the `"5"` ferry wrote and answers `5.0`, which read as
+/// `"5.0"` was a remote edit, taken into ferry's metadata and sent to
+/// every other system.
 fn text(v: &Value) -> Option<String> {
+    /// Below 2^53, where every whole `f64` is exact.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
     match v {
         Value::Null => None,
         Value::String(s) if s.is_empty() => None,
         Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(match n.as_f64() {
+            #[allow(clippy::cast_possible_truncation)] // whole, and within i64
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < EXACT => {
+                format!("{}", f as i64)
+            }
+            _ => n.to_string(),
+        }),
         other => Some(other.to_string()),
     }
 }
@@ -612,6 +625,23 @@ mod tests {
             map.customer_from("003A", &written).name.as_deref(),
             Some("Ada")
         );
+    }
+
+    /// A metadata key mapped to a Number field reads back as written: `5`,
+    /// not the `5.0` Salesforce answers.
+    #[test]
+    fn a_whole_number_reads_without_a_fraction() {
+        for (answer, read) in [
+            (json!(5.0), Some("5")),
+            (json!(-12.0), Some("-12")),
+            (json!(5), Some("5")),
+            (json!(2.5), Some("2.5")),
+            (json!(1e300), Some("1e+300")),
+            (json!(true), Some("true")),
+            (json!(null), None),
+        ] {
+            assert_eq!(text(&answer).as_deref(), read, "{answer}");
+        }
     }
 
     #[test]
