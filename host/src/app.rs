@@ -257,6 +257,15 @@ impl App {
                 "NO ADMIN TOKEN: the API is UNAUTHENTICATED; anyone who can reach this loopback address can read and change every customer. Set FERRY_ADMIN_TOKEN."
             );
         }
+        // The inbox remembers which events it has seen for this long: a
+        // remote's redelivery after it (Stripe retries for three days) is
+        // stored again, and an event that found no link applied again.
+        if !config.retention.is_zero() && config.retention < SHORTEST_SAFE_RETENTION {
+            tracing::warn!(
+                retention_seconds = config.retention.as_secs(),
+                "retention is shorter than Stripe's three days of webhook retries: an event delivered again after it is stored and may be applied again; keep it at 3d or more"
+            );
+        }
         // Part of the key, and so of every secret sealed under it: not
         // trimmed (that would make them unreadable), but said, before a
         // fixed env file changes the key.
@@ -494,15 +503,36 @@ impl App {
                     self.cancel.clone(),
                 ),
             );
-            self.spawn_sync(&tasks).await?;
+            if let Err(error) = self.spawn_sync(&tasks).await {
+                // The tasks already started end with it: left running
+                // without a server, `ferry connector dev` sat there syncing
+                // until a person pressed Ctrl-C.
+                self.cancel.cancel();
+                tasks.tracker.close();
+                tasks.tracker.wait().await;
+                self.state.store.close().await;
+                return Err(error);
+            }
         }
         tasks.tracker.close();
 
         let router = crate::api::router(self.state.clone());
         serve(self.listener, router, self.limits, self.cancel.clone()).await;
-        // Whatever ended the server ends the background tasks too.
+        // Whatever ended the server ends the background tasks too, within
+        // a bound: a Kafka consumer's close waits for its group's
+        // coordinator for ever when the broker is gone, and a stop on
+        // SIGTERM then never ended (what was acknowledged is stored; what
+        // was not started is picked up by the next process).
         self.cancel.cancel();
-        tasks.tracker.wait().await;
+        if tokio::time::timeout(TASKS_STOP_WITHIN, tasks.tracker.wait())
+            .await
+            .is_err()
+        {
+            anyhow::bail!(
+                "ferry stopped without its background tasks: they were still stopping after {} s (a Kafka consumer closing against a broker that is gone?)",
+                TASKS_STOP_WITHIN.as_secs()
+            );
+        }
         self.state.store.close().await;
         if let Some(task) = tasks.failed.get() {
             anyhow::bail!("ferry stopped: its background task `{task}` panicked");
@@ -671,6 +701,15 @@ async fn purge_idempotency_keys(store: Store, batch: u32, cancel: CancellationTo
         }
     }
 }
+
+/// How long the background tasks may take to stop once the server has:
+/// a push or an inbound event already begun ends within its connector
+/// call's timeout (10 s by default).
+const TASKS_STOP_WITHIN: Duration = Duration::from_secs(60);
+
+/// The shortest retention that remembers an event through a remote's
+/// redeliveries (Stripe's: three days).
+const SHORTEST_SAFE_RETENTION: Duration = Duration::from_secs(3 * 24 * 3600);
 
 /// How often open outbound dead letters whose link delivered since are
 /// closed (see [`Store::close_superseded_dead_letters`]).

@@ -204,9 +204,13 @@ impl Store {
     pub async fn backlog(&self) -> Result<Backlog, StoreError> {
         let now_ms = super::now_ms();
         let (outbox, inbox, links, dead, conflicts) = dispatch!(self, read pool => {
+            // The oldest from the lowest id's row (ids grow with time): a
+            // join read every queued change's outbox row, every few
+            // seconds on every replica, through a broker outage's backlog.
             let outbox: (i64, Option<DateTime<Utc>>) = sqlx::query_as(
-                "SELECT COUNT(*), MIN(o.created_at) FROM outbox_queue q \
-                 JOIN outbox o ON o.id = q.outbox_id WHERE q.published_at IS NULL",
+                "SELECT COUNT(*), (SELECT o.created_at FROM outbox o WHERE o.id = \
+                 (SELECT MIN(outbox_id) FROM outbox_queue WHERE published_at IS NULL)) \
+                 FROM outbox_queue WHERE published_at IS NULL",
             )
             .fetch_one(pool)
             .await?;

@@ -140,6 +140,12 @@ async fn an_outbox_waiting_at_upgrade_is_still_relayed(backend: Backend) {
     assert_eq!(customers, ["cus_waiting"], "{unpublished:?}");
     assert_eq!(unpublished[0].correlation_id.as_deref(), Some("req-1"));
     assert_eq!(unpublished[0].version, 1);
+    // The backlog's view: one change not published, five minutes old
+    // (read from the oldest queued row alone).
+    let backlog = store.backlog().await.unwrap();
+    assert_eq!(backlog.outbox_unpublished, 1, "{backlog:?}");
+    let age = backlog.outbox_oldest_age.as_secs();
+    assert!((299..400).contains(&age), "{backlog:?}");
 
     // The redelivery net's view: both rows still queued, the one published
     // and not consumed, and the one never published (the relay could not
