@@ -376,7 +376,8 @@ impl Dispatcher {
         let timeout = wire.timeout;
         let started = Instant::now();
         // The transport should honour `timeout` itself; this bounds one that does not.
-        let result = match tokio::time::timeout(timeout, self.transport.send(wire)).await {
+        let sent = super::transport::with_owner(self.connector.clone(), self.transport.send(wire));
+        let result = match tokio::time::timeout(timeout, sent).await {
             Ok(result) => result,
             Err(_) => Err(WireError::Timeout(format!(
                 "no response within {} ms",

@@ -32,7 +32,7 @@ impl ReqwestTransport {
             .no_proxy()
             .dns_resolver(Arc::new(FilteringResolver {
                 allow_private_hosts,
-                lookups: Lookups::new(MAX_LOOKUPS, MAX_LOOKUPS_PER_NAME),
+                lookups: Lookups::new(MAX_LOOKUPS, MAX_LOOKUPS_PER_NAME, MAX_LOOKUPS_PER_CONNECTOR),
             }))
             .build()
             .map_err(|e| WireError::Connect(format!("building the HTTP client: {e}")))?;
@@ -128,95 +128,128 @@ fn map_reqwest_error(e: reqwest::Error) -> WireError {
 #[error("{0} resolves only to private, loopback or link-local addresses")]
 struct PrivateAddress(String);
 
-/// How many name lookups run at once, in all, and of one name. The system
-/// resolver holds a thread of tokio's blocking pool until it answers or
-/// gives up (10 to 30 s for a name whose servers never answer), and a
-/// request that times out does not end it: unbounded, a connector whose
-/// remote's DNS hung took the pool's 512 threads, and every other
-/// connector's lookups, the components' compiles and Kafka's commits
-/// queued behind it. Past either bound a lookup waits (holding no thread),
-/// within its request's connect timeout.
+/// How many name lookups run at once, in all, of one name, and for one
+/// connector. The system resolver holds a thread of tokio's blocking pool
+/// until it answers or gives up (10 to 30 s for a name whose servers never
+/// answer), and a request that times out does not end it: unbounded, a
+/// connector whose remote's DNS hung took the pool's 512 threads, and
+/// every other connector's lookups, the components' compiles and Kafka's
+/// commits queued behind it. Bounded by name alone, a connector declaring
+/// eight names under a domain whose servers never answer took every
+/// overall permit, and every other connector's new connections failed at
+/// their connect timeout, their remotes taken for down. Past any bound a
+/// lookup waits (holding no thread), within its request's connect timeout.
 const MAX_LOOKUPS: usize = 64;
 const MAX_LOOKUPS_PER_NAME: usize = 8;
+const MAX_LOOKUPS_PER_CONNECTOR: usize = 8;
 
-type Names = Arc<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>;
+type Shares = Arc<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>;
 
-/// The lookups in flight: permits of the overall bound, and of each name's.
+/// Semaphores by key (a name, a connector), made on first use and
+/// forgotten once nobody holds or waits for them.
+#[derive(Clone)]
+struct Shared {
+    by_key: Shares,
+    per_key: usize,
+}
+
+impl Shared {
+    fn new(per_key: usize) -> Self {
+        Self {
+            by_key: Shares::default(),
+            per_key,
+        }
+    }
+
+    /// `key`'s semaphore, made if new.
+    fn of(&self, key: &str) -> Arc<tokio::sync::Semaphore> {
+        let mut by_key = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
+        // A wait given up may have dropped its key's last clone after its
+        // `Held` looked: keys nobody holds are forgotten here too.
+        by_key.retain(|_, share| Arc::strong_count(share) > 1);
+        let per_key = self.per_key;
+        Arc::clone(
+            by_key
+                .entry(key.to_owned())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(per_key))),
+        )
+    }
+
+    /// Forgets `key` if nobody holds or waits for it (a waiter took its
+    /// clone under this lock).
+    fn release(&self, key: &str) {
+        let mut by_key = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
+        if by_key
+            .get(key)
+            .is_some_and(|share| Arc::strong_count(share) == 1)
+        {
+            by_key.remove(key);
+        }
+    }
+}
+
+/// The lookups in flight: permits of the overall bound, each name's and
+/// each connector's.
 #[derive(Clone)]
 struct Lookups {
     all: Arc<tokio::sync::Semaphore>,
-    by_name: Names,
-    per_name: usize,
+    names: Shared,
+    owners: Shared,
 }
 
 /// One lookup's permits, held by the thread that resolves until the
 /// resolver answers (or by the wait for them, until its request gives
-/// up). Dropped, a name nobody else holds or waits for is forgotten.
+/// up). Dropped, a name or connector nobody else holds or waits for is
+/// forgotten.
 struct Held {
-    name_permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    all_permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    by_name: Names,
+    permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+    names: Shared,
+    owners: Shared,
     name: String,
+    owner: Arc<str>,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.all_permit.take();
-        self.name_permit.take();
-        let mut by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
-        // Held by the map alone: nobody holds or waits for it (a waiter
-        // took its clone under this lock).
-        if by_name
-            .get(&self.name)
-            .is_some_and(|name| Arc::strong_count(name) == 1)
-        {
-            by_name.remove(&self.name);
-        }
+        self.permits.clear();
+        self.names.release(&self.name);
+        self.owners.release(&self.owner);
     }
 }
 
 impl Lookups {
-    fn new(all: usize, per_name: usize) -> Self {
+    fn new(all: usize, per_name: usize, per_owner: usize) -> Self {
         Self {
             all: Arc::new(tokio::sync::Semaphore::new(all)),
-            by_name: Names::default(),
-            per_name,
+            names: Shared::new(per_name),
+            owners: Shared::new(per_owner),
         }
     }
 
-    /// Runs `lookup` of `name` on the blocking pool, within the bounds.
+    /// Runs `lookup` of `name` for `owner` on the blocking pool, within
+    /// the bounds.
     async fn run<T: Send + 'static>(
         &self,
+        owner: Arc<str>,
         name: String,
         lookup: impl FnOnce(&str) -> std::io::Result<T> + Send + 'static,
     ) -> std::io::Result<T> {
-        let share = {
-            let mut by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
-            // A wait given up may have dropped its name's last clone after
-            // its `Held` looked: names nobody holds are forgotten here too.
-            by_name.retain(|_, share| Arc::strong_count(share) > 1);
-            let per_name = self.per_name;
-            Arc::clone(
-                by_name
-                    .entry(name.clone())
-                    .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(per_name))),
-            )
-        };
+        let name_share = self.names.of(&name);
+        let owner_share = self.owners.of(&owner);
         let mut held = Held {
-            name_permit: None,
-            all_permit: None,
-            by_name: Arc::clone(&self.by_name),
+            permits: Vec::with_capacity(3),
+            names: self.names.clone(),
+            owners: self.owners.clone(),
             name,
+            owner,
         };
-        // The name's share first: a name whose lookups hang waits on its
-        // own, and cannot queue more than its share for the overall bound.
-        let name_permit = share.acquire_owned().await.map_err(std::io::Error::other)?;
-        held.name_permit = Some(name_permit);
-        let all_permit = Arc::clone(&self.all)
-            .acquire_owned()
-            .await
-            .map_err(std::io::Error::other)?;
-        held.all_permit = Some(all_permit);
+        // The name's share first, then the connector's: a name or a
+        // connector whose lookups hang waits on its own, and cannot queue
+        // more than its share for the overall bound.
+        for share in [name_share, owner_share, Arc::clone(&self.all)] {
+            let permit = share.acquire_owned().await.map_err(std::io::Error::other)?;
+            held.permits.push(permit);
+        }
         tokio::task::spawn_blocking(move || {
             let held = held;
             lookup(&held.name)
@@ -238,6 +271,12 @@ impl reqwest::dns::Resolve for FilteringResolver {
         let allow_private = self.allow_private_hosts;
         let host = name.as_str().to_owned();
         let lookups = self.lookups.clone();
+        let owner = super::transport::request_owner();
+        #[cfg(test)]
+        tests::OWNERS_SEEN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((host.clone(), owner.clone()));
         Box::pin(async move {
             let lookup = |host: &str| {
                 (host, 0)
@@ -245,7 +284,7 @@ impl reqwest::dns::Resolve for FilteringResolver {
                     .map(Iterator::collect::<Vec<SocketAddr>>)
             };
             let addrs = lookups
-                .run(host.clone(), lookup)
+                .run(owner, host.clone(), lookup)
                 .await
                 .map_err(|e| -> Box<dyn StdError + Send + Sync> { Box::new(e) })?;
             let allowed: Vec<SocketAddr> = addrs
@@ -275,13 +314,85 @@ mod tests {
         }
     }
 
+    fn owner() -> Arc<str> {
+        Arc::from("c")
+    }
+
+    /// The connector each name the resolver was asked for was resolved for.
+    pub(super) static OWNERS_SEEN: Mutex<Vec<(String, Arc<str>)>> = Mutex::new(Vec::new());
+
+    /// reqwest resolves a request's name as the request is first polled,
+    /// within the connector's scope: the lookup counts against its share.
+    #[tokio::test]
+    async fn a_lookup_counts_against_the_connector_that_asked() {
+        let transport = ReqwestTransport::new(Duration::from_secs(1), false).unwrap();
+        let sent = crate::transport::with_owner(
+            Arc::from("asking-connector"),
+            transport.send(request("http://owner-check.localhost:9/")),
+        );
+        let _ = sent.await;
+        let seen = OWNERS_SEEN.lock().unwrap().clone();
+        assert!(
+            seen.iter()
+                .any(|(host, owner)| host == "owner-check.localhost"
+                    && &**owner == "asking-connector"),
+            "{seen:?}"
+        );
+    }
+
+    /// A connector whose names all hang (several names under a domain
+    /// whose servers never answer) holds its own share of the lookups and
+    /// no more: its next lookup waits, whatever the name, while another
+    /// connector's resolve.
+    #[tokio::test]
+    async fn hanging_lookups_hold_their_connectors_share_and_no_more() {
+        let lookups = Lookups::new(4, 2, 2);
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Arc::new(Mutex::new(released));
+        let mut hanging = Vec::new();
+        for name in ["a.evil.example", "b.evil.example"] {
+            let (lookups, released) = (lookups.clone(), Arc::clone(&released));
+            hanging.push(tokio::spawn(async move {
+                lookups
+                    .run(Arc::from("evil"), name.to_owned(), move |_| {
+                        released.lock().unwrap().recv().ok();
+                        Ok(())
+                    })
+                    .await
+            }));
+        }
+        while lookups.all.available_permits() != 2 {
+            tokio::task::yield_now().await;
+        }
+        let waited = tokio::time::timeout(
+            Duration::from_millis(50),
+            lookups.run(Arc::from("evil"), "c.evil.example".to_owned(), |_| Ok(())),
+        );
+        assert!(waited.await.is_err(), "the connector's share is taken");
+        assert_eq!(lookups.all.available_permits(), 2, "and no overall permit");
+        let other = lookups.run(Arc::from("good"), "api.example".to_owned(), |name| {
+            Ok(name.to_owned())
+        });
+        assert_eq!(other.await.unwrap(), "api.example");
+        for _ in 0..2 {
+            release.send(()).unwrap();
+        }
+        for lookup in hanging {
+            lookup.await.unwrap().unwrap();
+        }
+        let after = lookups.run(Arc::from("evil"), "c.evil.example".to_owned(), |_| Ok(()));
+        after.await.expect("its share is back");
+        assert!(lookups.owners.by_key.lock().unwrap().is_empty());
+        assert_eq!(lookups.all.available_permits(), 4);
+    }
+
     /// Lookups that never answer hold a name's share of threads and no
     /// more: the next of that name waits (holding no thread), another name
     /// still resolves, and a wait given up or a lookup answered gives its
     /// share back.
     #[tokio::test]
     async fn hanging_lookups_hold_their_names_share_and_no_more() {
-        let lookups = Lookups::new(3, 2);
+        let lookups = Lookups::new(3, 2, 3);
         let (release, released) = std::sync::mpsc::channel::<()>();
         let released = Arc::new(Mutex::new(released));
         let hang = |released: Arc<Mutex<std::sync::mpsc::Receiver<()>>>| {
@@ -295,7 +406,9 @@ mod tests {
             let lookups = lookups.clone();
             let lookup = hang(Arc::clone(&released));
             hanging.push(tokio::spawn(async move {
-                lookups.run("hang.example".to_owned(), lookup).await
+                lookups
+                    .run(owner(), "hang.example".to_owned(), lookup)
+                    .await
             }));
         }
         while lookups.all.available_permits() != 1 {
@@ -305,25 +418,31 @@ mod tests {
         // (no overall permit) goes to it.
         let waited = tokio::time::timeout(
             Duration::from_millis(50),
-            lookups.run("hang.example".to_owned(), |_| Ok(())),
+            lookups.run(owner(), "hang.example".to_owned(), |_| Ok(())),
         );
         assert!(waited.await.is_err(), "the name's share is taken");
         assert_eq!(lookups.all.available_permits(), 1);
         // The third permit: another name resolves.
-        let other = lookups.run("other.example".to_owned(), |name| Ok(name.to_owned()));
+        let other = lookups.run(owner(), "other.example".to_owned(), |name| {
+            Ok(name.to_owned())
+        });
         assert_eq!(other.await.unwrap(), "other.example");
         // Every permit held: a wait given up gives its name back.
         let third = hang(Arc::clone(&released));
         let blocking = {
             let lookups = lookups.clone();
-            tokio::spawn(async move { lookups.run("third.example".to_owned(), third).await })
+            tokio::spawn(async move {
+                lookups
+                    .run(owner(), "third.example".to_owned(), third)
+                    .await
+            })
         };
         while lookups.all.available_permits() != 0 {
             tokio::task::yield_now().await;
         }
         let waited = tokio::time::timeout(
             Duration::from_millis(20),
-            lookups.run("late.example".to_owned(), |_| Ok(())),
+            lookups.run(owner(), "late.example".to_owned(), |_| Ok(())),
         );
         assert!(waited.await.is_err(), "no permit is free");
         for _ in 0..3 {
@@ -333,10 +452,10 @@ mod tests {
             lookup.await.unwrap().unwrap();
         }
         blocking.await.unwrap().unwrap();
-        let after = lookups.run("hang.example".to_owned(), |_| Ok(()));
+        let after = lookups.run(owner(), "hang.example".to_owned(), |_| Ok(()));
         after.await.expect("its share is back");
         assert!(
-            lookups.by_name.lock().unwrap().is_empty(),
+            lookups.names.by_key.lock().unwrap().is_empty(),
             "names nobody holds are forgotten"
         );
         assert_eq!(lookups.all.available_permits(), 3);

@@ -85,3 +85,28 @@ pub trait HttpTransport: Send + Sync + 'static {
     /// Send one request.
     fn send(&self, req: WireRequest) -> BoxFuture<'static, Result<WireResponse, WireError>>;
 }
+
+tokio::task_local! {
+    /// The connector whose request is being sent (set around it by
+    /// [`with_owner`]): whose share of the name lookups it takes.
+    static OWNER: std::sync::Arc<str>;
+}
+
+/// Runs `request` as `connector`'s: the names the transport resolves for
+/// it count against that connector's share of the lookups. A transport
+/// resolves as the request is first polled, within this scope.
+pub(crate) async fn with_owner<T>(
+    connector: std::sync::Arc<str>,
+    request: impl std::future::Future<Output = T>,
+) -> T {
+    OWNER.scope(connector, request).await
+}
+
+/// The connector whose request is being sent: `""` outside any (none is,
+/// in ferry), which then shares one share.
+#[cfg_attr(not(feature = "network"), allow(dead_code))]
+pub(crate) fn request_owner() -> std::sync::Arc<str> {
+    OWNER
+        .try_with(std::sync::Arc::clone)
+        .unwrap_or_else(|_| std::sync::Arc::from(""))
+}
