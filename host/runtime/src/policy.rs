@@ -181,7 +181,9 @@ pub(crate) fn check_url(raw: &str, rules: &HostRules<'_>) -> Result<Url, PolicyE
         ));
     }
     let url = Url::parse(raw).map_err(|e| PolicyError::Invalid(format!("bad URL: {e}")))?;
-    if has_dot_segment(raw) {
+    // Checked as the parser reads it: without the spaces it drops at
+    // either end, `/contacts/.. ` is a `..` segment to it.
+    if has_dot_segment(raw.trim_matches(' ')) {
         return Err(PolicyError::Invalid(
             "a URL path with a `.` or `..` segment (an id put into the path must not be one)"
                 .into(),
@@ -275,7 +277,16 @@ fn list_matches(entry: &str, host: &str) -> bool {
         Some(suffix) => ("*.", suffix),
         None => ("", entry),
     };
-    let name = match Host::parse(name) {
+    // A bare IPv6 address in any of its spellings (`2606:4700:0:0::1111`):
+    // the host parser takes it bracketed only, and compared as text it
+    // matched no host.
+    let name = match name.parse::<IpAddr>().map_or_else(
+        |_| Host::parse(name),
+        |ip| match ip {
+            IpAddr::V4(ip) => Ok(Host::Ipv4(ip)),
+            IpAddr::V6(ip) => Ok(Host::Ipv6(ip)),
+        },
+    ) {
         Ok(Host::Domain(domain)) => normalize_host(Host::Domain(&domain)),
         Ok(Host::Ipv4(ip)) => normalize_host(Host::Ipv4(ip)),
         Ok(Host::Ipv6(ip)) => normalize_host(Host::Ipv6(ip)),
@@ -846,6 +857,9 @@ mod tests {
             "https://api.example.com/v1/contacts/.\t.",
             "https://api.example.com/v1/contacts/%2\ne",
             "https://api.example.com/v1/contacts/.\r",
+            // The parser drops the spaces at either end.
+            "https://api.example.com/v1/contacts/.. ",
+            " https://api.example.com/v1/contacts/%2e%2e  ",
         ] {
             let refused = check_url(url, &rules(&d, &[], false));
             assert!(
@@ -921,6 +935,10 @@ mod tests {
         ));
         assert!(list_matches("[2606:4700::1111]", "2606:4700::1111"));
         assert!(list_matches("[2606:4700:0::1111]", "2606:4700::1111"));
+        // Bare, in any spelling.
+        assert!(list_matches("2606:4700:0:0::1111", "2606:4700::1111"));
+        assert!(list_matches("2606:4700::1111", "2606:4700::1111"));
+        assert!(list_matches("10.0.0.1", "10.0.0.1"));
         assert!(list_matches(" API.example.com ", "api.example.com"));
         assert!(!list_matches("*.example.com", "example.com"));
     }
