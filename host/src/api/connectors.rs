@@ -299,10 +299,17 @@ impl FromRequest<AppState> for WasmBody {
 /// about a second), unless `activate=false`; calls already running finish
 /// on the version they started on. The same bytes again change nothing and
 /// answer 200 with the stored version; a version number already stored
-/// with other bytes is 409 `version_exists`.
+/// with other bytes is 409 `version_exists`. The component's manifest
+/// names the connector it is a version of, and that connector's settings
+/// and secrets are its; give `name` to refuse one that names another
+/// (422 `name_mismatch`, nothing stored): a component handed over as
+/// `acme-crm` that names itself `stripe` would otherwise take Stripe's key.
 #[utoipa::path(
     post, path = "/api/v1/connectors", tag = "connectors",
-    params(("activate" = Option<bool>, Query, description = "Make the new version active (default true)")),
+    params(
+        ("activate" = Option<bool>, Query, description = "Make the new version active (default true)"),
+        ("name" = Option<String>, Query, description = "The connector the component must be a version of: one whose manifest names another is refused (`name_mismatch`)"),
+    ),
     request_body(
         description = "The component, as `application/wasm` (or `application/octet-stream`)",
         content(
@@ -319,7 +326,7 @@ impl FromRequest<AppState> for WasmBody {
         (status = 409, description = "This version exists with other bytes (`version_exists`), or it would be made active without the `customer` entity while customers are linked through the connector (`customers_linked`), or over a running version while it needs settings the connector lacks (`settings_missing`)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Larger than the component limit (`component_too_large`)", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not sent as application/wasm or application/octet-stream", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Refused: `not_wasm`, `core_module`, `invalid_component`, `not_a_connector`, `world_unsupported`, `world_too_new`, `world_mismatch`, `manifest_failed`, `invalid_manifest` or `forbidden_host`; or `validation_failed`, a query parameter other than `activate` or an invalid `activate`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Refused: `not_wasm`, `core_module`, `invalid_component`, `not_a_connector`, `world_unsupported`, `world_too_new`, `world_mismatch`, `manifest_failed`, `invalid_manifest`, `forbidden_host` or `name_mismatch` (the manifest names another connector than `name`); or `validation_failed`, a query parameter other than `activate` and `name` or an invalid `activate`", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Every connector instance was busy (`runtime_busy`), or the store was (`store_busy`): nothing was written, send it again", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("admin_token" = []))
@@ -330,10 +337,12 @@ pub async fn upload_connector(
     QueryPairs(pairs): QueryPairs,
     WasmBody(bytes): WasmBody,
 ) -> Result<Response, ApiError> {
-    let activate = flag(&pairs, "activate", true)?;
+    let (named, others): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|(n, _)| n == "name");
+    let activate = flag(&others, "activate", true)?;
+    let expected = named.last().map(|(_, name)| name.as_str());
     let uploaded = state
         .registry
-        .upload(&bytes, activate, principal.scope())
+        .upload(&bytes, activate, expected, principal.scope())
         .await?;
     let name = uploaded.version.name.clone();
     // Stored already: a busy store only leaves the answer's `active` to

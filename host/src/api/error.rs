@@ -132,7 +132,8 @@ pub enum ApiError {
     ComponentRefused {
         /// `not_wasm`, `core_module`, `invalid_component`, `not_a_connector`,
         /// `world_unsupported`, `world_too_new`, `world_mismatch`,
-        /// `manifest_failed`, `invalid_manifest` or `forbidden_host`.
+        /// `manifest_failed`, `invalid_manifest`, `forbidden_host` or
+        /// `name_mismatch`.
         code: &'static str,
         /// What is wrong, for a person.
         detail: String,
@@ -500,6 +501,10 @@ impl From<RegistryError> for ApiError {
             RegistryError::MasterKeyRequired => Self::MasterKeyRequired,
             RegistryError::TooLarge { limit } => Self::ComponentTooLarge { limit },
             RegistryError::VersionExists(_) => Self::VersionExists(error.to_string()),
+            RegistryError::NameMismatch { .. } => Self::ComponentRefused {
+                code: "name_mismatch",
+                detail: error.to_string(),
+            },
             // Ferry's own pacing (every instance busy), not the component:
             // a refusal would tell its author to change what is fine.
             RegistryError::Invalid(LoadError::ManifestCall(CallError::Throttled { .. })) => {

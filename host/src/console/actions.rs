@@ -349,7 +349,7 @@ pub async fn upload_connector(
     let Ok(mut multipart) = multipart else {
         return session::csrf_refused();
     };
-    let (mut csrf, mut component, mut activate) = (None, None, false);
+    let (mut csrf, mut component, mut activate, mut expected) = (None, None, false, None);
     loop {
         match multipart.next_field().await {
             Ok(Some(field)) => {
@@ -362,6 +362,10 @@ pub async fn upload_connector(
                     "csrf" => csrf = Some(String::from_utf8_lossy(&bytes).into_owned()),
                     "component" => component = Some(bytes),
                     "activate" => activate = true,
+                    "name" => {
+                        let name = String::from_utf8_lossy(&bytes).trim().to_owned();
+                        expected = Some(name).filter(|n| !n.is_empty());
+                    }
                     _ => {}
                 }
             }
@@ -378,7 +382,11 @@ pub async fn upload_connector(
             ApiError::field("component", "choose a .wasm file"),
         );
     };
-    let query = QueryPairs(vec![("activate".to_owned(), activate.to_string())]);
+    let mut query = vec![("activate".to_owned(), activate.to_string())];
+    if let Some(name) = expected {
+        query.push(("name".to_owned(), name));
+    }
+    let query = QueryPairs(query);
     match connectors::upload_connector(State(state), session.principal, query, WasmBody(component))
         .await
     {

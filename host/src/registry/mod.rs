@@ -340,6 +340,15 @@ pub enum RegistryError {
     /// Secrets were given but no master key is configured.
     #[error("secrets can only be stored with a master key")]
     MasterKeyRequired,
+    /// The component names another connector than the upload said it
+    /// would be a version of.
+    #[error("the component is the connector `{found}`, not `{expected}`: its manifest names it, and a version of `{found}` would take that connector's settings and secrets")]
+    NameMismatch {
+        /// The name the upload gave.
+        expected: String,
+        /// The name the component's manifest gives.
+        found: String,
+    },
     /// The component is larger than the configured limit.
     #[error("the component exceeds {limit} bytes")]
     TooLarge {
@@ -1140,14 +1149,23 @@ impl Registry {
         &self,
         bytes: &[u8],
         activate: bool,
+        expected_name: Option<&str>,
         uploaded_by: &str,
     ) -> Result<Uploaded, RegistryError> {
         let limit = self.inner.options.max_component_bytes;
         if bytes.len() > limit {
             return Err(RegistryError::TooLarge { limit });
         }
+        let named = |found: &str| match expected_name {
+            Some(expected) if expected != found => Err(RegistryError::NameMismatch {
+                expected: expected.to_owned(),
+                found: found.to_owned(),
+            }),
+            _ => Ok(()),
+        };
         let sha256 = hex::encode(Sha256::digest(bytes));
         if let Some(existing) = self.inner.store.connector_version_by_sha(&sha256).await? {
+            named(&existing.name)?;
             return Ok(Uploaded {
                 version: existing,
                 created: false,
@@ -1159,6 +1177,7 @@ impl Registry {
             .load(bytes)
             .await
             .map_err(RegistryError::Invalid)?;
+        named(connector.name())?;
         if activate {
             // This one first: it reads the store's view afresh, which the
             // other then judges by.

@@ -250,6 +250,30 @@ async fn upload_and_upload_again(backend: Backend) {
     assert_eq!(status, 200, "the same bytes again: {again}");
     assert_eq!(again["sha256"], version["sha256"]);
     assert_eq!(again["uploaded_at"], version["uploaded_at"]);
+    let (status, again) = upload(&app, recorder(), "?name=recorder").await;
+    assert_eq!(status, 200, "named as its manifest names it: {again}");
+
+    // Handed over as another connector: a component naming itself
+    // `recorder` (or `stripe`) would take that connector's settings and
+    // secrets; given the name it must have, it is refused, stored or not.
+    for bytes in [recorder(), recorder_variant("version-2")] {
+        let (status, problem) = upload(&app, bytes, "?name=acme-crm&activate=false").await;
+        assert_eq!(status, 422, "{problem}");
+        assert_eq!(problem["code"], "name_mismatch", "{problem}");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("`recorder`, not `acme-crm`"),
+            "{problem}"
+        );
+    }
+    let (_, versions) = get(&app, "/api/v1/connectors/recorder/versions").await;
+    assert_eq!(
+        versions["data"].as_array().map(Vec::len),
+        Some(1),
+        "{versions}"
+    );
 
     let (status, second) = upload(&app, recorder_variant("version-2"), "?activate=false").await;
     assert_eq!(status, 201, "{second}");

@@ -527,7 +527,7 @@ async fn a_setting_of_a_version_rolled_back_does_not_stop_a_start() {
     first
         .state()
         .registry
-        .upload(&newer, false, "admin")
+        .upload(&newer, false, None, "admin")
         .await
         .expect("0.3.0 uploaded");
     drop(first);
@@ -611,7 +611,7 @@ async fn a_start_refused_for_its_environment_makes_no_version_active() {
     forward
         .state()
         .registry
-        .upload(&dropped, true, "admin")
+        .upload(&dropped, true, None, "admin")
         .await
         .expect("0.4.0 uploaded");
     drop(forward);
@@ -676,6 +676,49 @@ async fn connections_beyond_the_limit_wait() {
         .expect("served once a connection closed");
     assert_eq!(served.status(), 200);
     drop(second);
+}
+
+/// The console's upload takes the name the component must have: one
+/// handed over as another connector is refused on a page, nothing stored.
+#[tokio::test]
+async fn the_console_refuses_a_component_named_otherwise() {
+    let app = spawn_sync_app(Setup::new(Backend::Sqlite, "http://127.0.0.1:9")).await;
+    let (client, cookie) = crate::helpers::console_session(&app.base).await;
+    let page = crate::helpers::console_page(
+        &client,
+        &cookie,
+        &format!("{}/console/connectors", app.base),
+    )
+    .await;
+    assert!(page.contains("name=\"name\""), "the form asks for it");
+    let csrf = crate::helpers::csrf_field(&page);
+    let mut body = Vec::new();
+    for (field, value) in [("csrf", csrf.as_bytes()), ("name", b"acme-crm".as_slice())] {
+        body.extend_from_slice(
+            format!("--XX\r\ncontent-disposition: form-data; name=\"{field}\"\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(value);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(
+        b"--XX\r\ncontent-disposition: form-data; name=\"component\"; filename=\"c.wasm\"\r\n\r\n",
+    );
+    body.extend_from_slice(&std::fs::read(stripe_component()).expect("stripe.wasm"));
+    body.extend_from_slice(b"\r\n--XX--\r\n");
+    let refused = client
+        .post(format!("{}/console/connectors", app.base))
+        .header("cookie", &cookie)
+        .header("content-type", "multipart/form-data; boundary=XX")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422);
+    let page = refused.text().await.unwrap();
+    assert!(
+        page.contains("name_mismatch") && page.contains("</html>"),
+        "{page}"
+    );
 }
 
 /// The console answers as the API does: an upload that stalls is 408 (it
