@@ -338,6 +338,12 @@ pub async fn upload_connector(
     WasmBody(bytes): WasmBody,
 ) -> Result<Response, ApiError> {
     let (named, others): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|(n, _)| n == "name");
+    if let Some((other, _)) = others.iter().find(|(n, _)| n != "activate") {
+        return Err(ApiError::field(
+            other.as_str(),
+            "not a parameter of this operation (it takes `activate` and `name`)",
+        ));
+    }
     let activate = flag(&others, "activate", true)?;
     let expected = named.last().map(|(_, name)| name.as_str());
     let uploaded = state
