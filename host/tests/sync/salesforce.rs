@@ -288,6 +288,47 @@ async fn api_changes_reach_salesforce(backend: Backend) {
     }
 }
 
+/// A value longer than its Contact field holds (a city past 40
+/// characters, which ferry takes) refuses the whole create, as Salesforce
+/// does: a dead letter naming the field and its length, Stripe's copy
+/// unaffected; the customer fixed, the create goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_longer_than_its_field_is_a_dead_letter_naming_it() {
+    let rig = rig(Backend::Sqlite, FakeSalesforceConfig::default()).await;
+    let created = rig
+        .app
+        .create(json!({
+            "name": "Ada Lovelace",
+            "email": email("sf-long"),
+            "address": {"city": "Llanfairpwllgwyngyllgogerychwyrndrobwllllantysiliogogogoch"},
+        }))
+        .await;
+    let id = created["id"].as_str().expect("id").to_owned();
+    rig.app
+        .wait_link_of("salesforce", &id, SETTLE, |l| l["state"] == "dead")
+        .await;
+    let letters = rig.dead_letters().await;
+    let error = letters["data"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("STRING_TOO_LONG")
+            && error.contains("MailingCity")
+            && error.contains("max length=40"),
+        "{letters:#}"
+    );
+    assert_eq!(letters["data"][0]["error_kind"], "permanent", "{letters:#}");
+    rig.app
+        .wait_link_of("stripe", &id, SETTLE, |l| l["state"] == "synced")
+        .await;
+    assert_eq!(rig.salesforce.counts().creates, 0);
+
+    rig.app
+        .patch(&id, json!({"address": {"city": "Llanfair PG"}}))
+        .await;
+    let (_, link) = wait_both_synced(&rig.app, &id, 2).await;
+    let contact = rig.wait_contact(&remote_id(&link), |c| c.is_some()).await;
+    assert_eq!(contact["MailingCity"], "Llanfair PG", "{contact}");
+}
+
 /// An org pinned to an API version Salesforce has since retired: its
 /// requests are answered 410, which is not a record gone. Read as one, a
 /// customer's delete counted as done and the Contact stayed; now the

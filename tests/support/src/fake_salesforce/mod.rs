@@ -39,7 +39,10 @@
 //!     `006` Opportunity, `a0X` for anything else) and the documented
 //!     checksum suffix, and a 15-character id is accepted too;
 //!   - Contact validation: `LastName` is required (`REQUIRED_FIELD_MISSING`),
-//!     `Email` must look like an address (`INVALID_EMAIL_ADDRESS`), a field
+//!     `Email` must look like an address (`INVALID_EMAIL_ADDRESS`), a
+//!     standard text field holds at most its documented length (Object
+//!     Reference: `MailingCity` 40, `Email` 80, `MailingPostalCode` 20…;
+//!     `STRING_TOO_LONG` naming it), a field
 //!     the object does not have is `INVALID_FIELD`, a system field in the
 //!     body is `INVALID_FIELD_FOR_INSERT_UPDATE`, a body that is not a JSON
 //!     object is `JSON_PARSER_ERROR`; field names are case-insensitive, as
@@ -900,6 +903,64 @@ fn is_blank(v: Option<&Value>) -> bool {
 
 /// Merges `body` into `fields` after checking it the way Salesforce does
 /// for `object`. `attributes` in a body is ignored, as Salesforce does.
+/// A standard text field's length, in characters, as the Object Reference
+/// gives it (Contact, Account and Lead: the fields a sync writes). A
+/// longer value refuses the whole write, `STRING_TOO_LONG` naming the
+/// field (the REST API truncates nothing unless asked to, which ferry
+/// does not).
+fn max_length(object: &str, field: &str) -> Option<usize> {
+    const CONTACT: &[(&str, usize)] = &[
+        ("FirstName", 40),
+        ("LastName", 80),
+        ("Email", 80),
+        ("Phone", 40),
+        ("MobilePhone", 40),
+        ("Title", 128),
+        ("MailingStreet", 255),
+        ("MailingCity", 40),
+        ("MailingState", 80),
+        ("MailingPostalCode", 20),
+        ("MailingCountry", 80),
+    ];
+    const ACCOUNT: &[(&str, usize)] = &[
+        ("Name", 255),
+        ("Phone", 40),
+        ("Website", 255),
+        ("BillingStreet", 255),
+        ("BillingCity", 40),
+        ("BillingState", 80),
+        ("BillingPostalCode", 20),
+        ("BillingCountry", 80),
+        ("ShippingStreet", 255),
+        ("ShippingCity", 40),
+        ("ShippingState", 80),
+        ("ShippingPostalCode", 20),
+        ("ShippingCountry", 80),
+    ];
+    const LEAD: &[(&str, usize)] = &[
+        ("FirstName", 40),
+        ("LastName", 80),
+        ("Company", 255),
+        ("Email", 80),
+        ("Phone", 40),
+        ("Street", 255),
+        ("City", 40),
+        ("State", 80),
+        ("PostalCode", 20),
+        ("Country", 80),
+    ];
+    let fields = match object {
+        "Contact" => CONTACT,
+        "Account" => ACCOUNT,
+        "Lead" => LEAD,
+        _ => return None,
+    };
+    fields
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(field))
+        .map(|(_, max)| *max)
+}
+
 fn apply_fields(
     object: &str,
     fields: &mut Map<String, Value>,
@@ -918,6 +979,17 @@ fn apply_fields(
             continue;
         }
         let name = writable_field(object, name)?;
+        if let (Some(max), Some(text)) = (max_length(object, &name), value.as_str()) {
+            let length = text.chars().count();
+            if length > max {
+                return Err(SfError::new(
+                    StatusCode::BAD_REQUEST,
+                    "STRING_TOO_LONG",
+                    format!("{name}: data value too large: {text} (max length={max})"),
+                )
+                .with_fields(&[name.as_str()]));
+            }
+        }
         // One field whatever the case it is written in: the spelling it
         // was first written in stays (Salesforce's field names ignore
         // case; a second key held a stale value beside the first).

@@ -212,6 +212,17 @@ async fn fake_salesforce_contact_lifecycle() {
         .await;
     assert_eq!(body[0]["errorCode"], "INVALID_EMAIL_ADDRESS");
     assert_eq!(body[0]["fields"], json!(["Email"]));
+    // A value past its field's length, counted in characters.
+    let (status, body) = api
+        .call(
+            Method::POST,
+            "sobjects/Contact",
+            Some(json!({"LastName": "X", "mailingcity": "ü".repeat(41)})),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(body[0]["errorCode"], "STRING_TOO_LONG");
+    assert_eq!(body[0]["fields"], json!(["MailingCity"]));
     let (_, body) = api
         .call(
             Method::POST,
