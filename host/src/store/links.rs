@@ -535,7 +535,13 @@ macro_rules! mark_create {
 // claim end without an outcome written (a crash, a lost lease, a store
 // error after the call): that push may have landed, so what the remote
 // holds is unknown and the pushed content is forgotten, as after a failed
-// push (every outcome written clears the token).
+// push (every outcome written clears the token). As after a failed push,
+// a retry of the version that claim pushed is planned over the base it
+// was planned over (`unsure_version`, `unsure_base`): each claim over a
+// delivered push marks them (its wanted version, the pushed hash), and
+// the claim after an unrecorded one keeps them. Forgotten, the update's
+// retry went whole, under another key, and the remote applied both, the
+// second over an edit made there between.
 macro_rules! claim {
     (
         $table:literal,
@@ -552,6 +558,24 @@ macro_rules! claim {
             $lease,
             ", ",
             mark_create!($link, $ready, $record),
+            ", unsure_version = CASE WHEN ",
+            $link,
+            ".lease_token IS NULL AND ",
+            $link,
+            ".pushed_hash IS NOT NULL THEN ",
+            $link,
+            ".wanted_version ELSE ",
+            $link,
+            ".unsure_version END",
+            ", unsure_base = CASE WHEN ",
+            $link,
+            ".lease_token IS NULL AND ",
+            $link,
+            ".pushed_hash IS NOT NULL THEN ",
+            $link,
+            ".pushed_hash ELSE ",
+            $link,
+            ".unsure_base END",
             ", pushed_hash = CASE WHEN ",
             $link,
             ".lease_token IS NOT NULL THEN NULL ELSE ",

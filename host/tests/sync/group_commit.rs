@@ -2683,6 +2683,16 @@ async fn a_claim_after_an_unrecorded_push_forgets_the_pushed_content(postgres: b
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let third = claim("lease-3", until).await;
     assert_eq!(third.pushed_hash, None, "{third:?}");
+    // The retry of the version the unrecorded claim pushed is planned over
+    // the base that claim planned it over: the same request, under the
+    // same key (it went whole, under another, and the remote applied
+    // both). A later version has no base: the remote may hold either.
+    assert_eq!(
+        third.delivered_base(renamed.version),
+        Some("hash"),
+        "{third:?}"
+    );
+    assert_eq!(third.delivered_base(renamed.version + 1), None, "{third:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
