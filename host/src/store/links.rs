@@ -1864,6 +1864,28 @@ async fn write_links_postgres(
         return Ok(applied);
     }
     let mut tx = pool.begin().await?;
+    // Every link of the group locked first, in key order: the statements
+    // below take theirs one after another (the create markers', then the
+    // deliveries', then each other write's), and so in no one order, and
+    // an intake locking the same links in key order meanwhile deadlocked
+    // with it (40P01: a second's stall, and one side undone).
+    let mut keys: Vec<(&str, &str)> = writes
+        .iter()
+        .map(|(link, _)| (link.customer_id.as_str(), link.connector.as_str()))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let (customers, connectors): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
+    sqlx::query(
+        "SELECT 1 FROM sync_links WHERE (customer_id, connector) IN \
+         (SELECT * FROM UNNEST($1::text[], $2::text[])) \
+         ORDER BY customer_id COLLATE \"C\", connector COLLATE \"C\" FOR NO KEY UPDATE",
+    )
+    .bind(customers)
+    .bind(connectors)
+    .persistent(false)
+    .execute(&mut *tx)
+    .await?;
     batches.write(&mut tx, at, &mut applied).await?;
     // The lease lost, or the link took another record: the write alone
     // tells which.

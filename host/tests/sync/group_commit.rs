@@ -2821,6 +2821,64 @@ async fn sqlite_each_link_write_gets_its_own_answer() {
     each_link_write_gets_its_own_answer(false).await;
 }
 
+/// A group of link writes of several kinds (a create marker, a delivery)
+/// locks its links in key order before writing any, as an intake does: it
+/// marked the later link's create first and then waited for the earlier
+/// one, which an intake held while it waited for the later (40P01, one
+/// side undone after a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_group_of_link_writes_locks_in_key_order() {
+    use sqlx::Connection as _;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = database_url(true, dir.path()).await;
+    let store = open(&url).await;
+    let links = claimed_links(&store, 2).await;
+    let (first, second) = (&links[0], &links[1]);
+    assert!(first.customer_id < second.customer_id, "made in key order");
+    // Another transaction (an intake) holds the first link.
+    let mut other = sqlx::PgConnection::connect(&url).await.expect("postgres");
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("SET LOCAL lock_timeout = '5s'")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    sqlx::query(
+        "SELECT 1 FROM sync_links WHERE customer_id = $1 AND connector = 'stripe' \
+         FOR NO KEY UPDATE",
+    )
+    .bind(&first.customer_id)
+    .execute(&mut other)
+    .await
+    .unwrap();
+    let marker = LinkWrite::CreatePending {
+        version: second.wanted_version,
+        record: json!({"email": "second@example.com"}),
+    };
+    let delivery = delivered(first, "cus_first");
+    let group = {
+        let (store, first, second) = (store.clone(), first.clone(), second.clone());
+        tokio::spawn(async move {
+            store
+                .write_links(&[(&first, &delivery), (&second, &marker)])
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // The intake goes on to the second link: the group waits for the
+    // first before it touches the second, so nobody waits on anybody else.
+    let second_taken = sqlx::query(
+        "UPDATE sync_links SET wanted_version = wanted_version \
+         WHERE customer_id = $1 AND connector = 'stripe'",
+    )
+    .bind(&second.customer_id)
+    .execute(&mut other)
+    .await;
+    assert!(second_taken.is_ok(), "{second_taken:?}");
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+    let written = group.await.unwrap().expect("the group is written");
+    assert_eq!(written, [true, true]);
+}
+
 /// The bus's notice of `customer`'s current version.
 fn notice(customer: &Customer) -> ChangeNotice {
     ChangeNotice {
