@@ -1606,15 +1606,25 @@ impl Store {
         }
     }
 
-    /// When the next link falls due (unix ms), if any is waiting.
+    /// When the next link falls due (unix ms), if any is waiting: the
+    /// earliest due one whose lease does not outlast its due time, or has
+    /// ended. A push in flight is left out: its outcome's commit wakes the
+    /// scheduler, and one that never ends is found at the next idle poll.
+    /// Read from the due index, first row first: a minimum over every
+    /// waiting link's due time and lease read them all, twice a second
+    /// while the scheduler idled over a backlog waiting out a rate limit
+    /// or a backoff.
     pub async fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
+        let now = super::now_ms();
         let next: Option<i64> = dispatch!(self, read pool => {
             sqlx::query_scalar(
-                "SELECT MIN(CASE WHEN lease_until_ms > next_attempt_at_ms THEN lease_until_ms \
-                 ELSE next_attempt_at_ms END) FROM sync_links WHERE state IN ('pending', 'retry') \
-                 AND held_by IS NULL",
+                "SELECT CASE WHEN lease_until_ms > next_attempt_at_ms THEN lease_until_ms \
+                 ELSE next_attempt_at_ms END FROM sync_links WHERE state IN ('pending', 'retry') \
+                 AND held_by IS NULL AND (lease_until_ms <= next_attempt_at_ms OR lease_until_ms < $1) \
+                 ORDER BY next_attempt_at_ms LIMIT 1",
             )
-            .fetch_one(pool)
+            .bind(now)
+            .fetch_optional(pool)
             .await?
         });
         Ok(next)

@@ -2821,6 +2821,46 @@ async fn sqlite_each_link_write_gets_its_own_answer() {
     each_link_write_gets_its_own_answer(false).await;
 }
 
+/// The scheduler's next wake: the earliest due link not in flight; a
+/// push in flight (its lease outlasting its due time) is not waited for.
+async fn the_next_due_link_is_one_not_in_flight(postgres: bool) {
+    let (store, _dir) = store(postgres).await;
+    let links = claimed_links(&store, 2).await;
+    assert_eq!(
+        store.next_due_ms().await.expect("read"),
+        None,
+        "both in flight"
+    );
+    let due = chrono::Utc::now().timestamp_millis() + 10_000;
+    let retry = LinkWrite::Outcome(RecordedOutcome::RetryScheduled {
+        version: links[0].wanted_version,
+        operation: "create",
+        attempt: 1,
+        at_ms: due,
+        error: "remote answered 500".to_owned(),
+        pending_version: None,
+        answered: false,
+    });
+    assert_eq!(
+        store
+            .write_links(&[(&links[0], &retry)])
+            .await
+            .expect("written"),
+        [true]
+    );
+    assert_eq!(store.next_due_ms().await.expect("read"), Some(due));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_the_next_due_link_is_one_not_in_flight() {
+    the_next_due_link_is_one_not_in_flight(true).await;
+}
+
+#[tokio::test]
+async fn sqlite_the_next_due_link_is_one_not_in_flight() {
+    the_next_due_link_is_one_not_in_flight(false).await;
+}
+
 /// A group of link writes of several kinds (a create marker, a delivery)
 /// locks its links in key order before writing any, as an intake does: it
 /// marked the later link's create first and then waited for the earlier
