@@ -243,10 +243,13 @@ impl Lookups {
             name,
             owner,
         };
-        // The name's share first, then the connector's: a name or a
-        // connector whose lookups hang waits on its own, and cannot queue
-        // more than its share for the overall bound.
-        for share in [name_share, owner_share, Arc::clone(&self.all)] {
+        // The connector's share first, then the name's: a connector whose
+        // lookups hang waits on its own, holding no permit of a name it
+        // shares with others (taken first, its waits held `api.stripe.com`'s
+        // share from every connector that resolves it); a name whose
+        // lookups hang cannot queue more than its share for the overall
+        // bound.
+        for share in [owner_share, name_share, Arc::clone(&self.all)] {
             let permit = share.acquire_owned().await.map_err(std::io::Error::other)?;
             held.permits.push(permit);
         }
@@ -370,6 +373,30 @@ mod tests {
         );
         assert!(waited.await.is_err(), "the connector's share is taken");
         assert_eq!(lookups.all.available_permits(), 2, "and no overall permit");
+        // Its further lookups of a name another connector resolves too wait
+        // on its own share, holding none of the name's.
+        let mut waiting = Vec::new();
+        for _ in 0..2 {
+            let lookups = lookups.clone();
+            waiting.push(tokio::spawn(async move {
+                lookups
+                    .run(Arc::from("evil"), "api.shared.example".to_owned(), |_| {
+                        Ok(())
+                    })
+                    .await
+            }));
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let shared = lookups.run(Arc::from("good"), "api.shared.example".to_owned(), |name| {
+            Ok(name.to_owned())
+        });
+        let shared = tokio::time::timeout(Duration::from_secs(5), shared).await;
+        assert_eq!(
+            shared.expect("the shared name's share is free").unwrap(),
+            "api.shared.example"
+        );
         let other = lookups.run(Arc::from("good"), "api.example".to_owned(), |name| {
             Ok(name.to_owned())
         });
@@ -377,7 +404,7 @@ mod tests {
         for _ in 0..2 {
             release.send(()).unwrap();
         }
-        for lookup in hanging {
+        for lookup in hanging.into_iter().chain(waiting) {
             lookup.await.unwrap().unwrap();
         }
         let after = lookups.run(Arc::from("evil"), "c.evil.example".to_owned(), |_| Ok(()));

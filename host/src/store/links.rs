@@ -538,7 +538,8 @@ macro_rules! mark_create {
 // push (every outcome written clears the token). As after a failed push,
 // a retry of the version that claim pushed is planned over the base it
 // was planned over (`unsure_version`, `unsure_base`): each claim over a
-// delivered push marks them (its wanted version, the pushed hash), and
+// delivered push marks them (the customer's version as the claim reads
+// it, which the push sends, and the pushed hash), and
 // the claim after an unrecorded one keeps them. Forgotten, the update's
 // retry went whole, under another key, and the remote applied both, the
 // second over an edit made there between.
@@ -562,9 +563,11 @@ macro_rules! claim {
             $link,
             ".lease_token IS NULL AND ",
             $link,
-            ".pushed_hash IS NOT NULL THEN ",
+            ".pushed_hash IS NOT NULL THEN COALESCE((SELECT c.version FROM customers c WHERE c.id = ",
             $link,
-            ".wanted_version ELSE ",
+            ".customer_id), ",
+            $link,
+            ".wanted_version) ELSE ",
             $link,
             ".unsure_version END",
             ", unsure_base = CASE WHEN ",

@@ -2675,10 +2675,14 @@ async fn a_claim_after_an_unrecorded_push_forgets_the_pushed_content(postgres: b
         .intake_changes(&[notice(&renamed)], &connectors)
         .await
         .expect("intake");
+    // An edit committed and not taken in yet (the relay behind): the
+    // claim pushes the customer's version, past the wanted one.
+    let renamed = rename(&store, &customer.id, "Changed again").await;
     // Claimed after a written outcome: the pushed content stands. This
     // claim's lease ends with nothing written.
     let soon = chrono::Utc::now().timestamp_millis() + 20;
     let second = claim("lease-2", soon).await;
+    assert!(second.wanted_version < renamed.version, "{second:?}");
     assert_eq!(second.pushed_hash.as_deref(), Some("hash"));
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let third = claim("lease-3", until).await;
@@ -2903,7 +2907,25 @@ async fn postgres_a_group_of_link_writes_locks_in_key_order() {
                 .await
         })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Until the group waits for the first link's lock.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND datname = current_database()",
+        )
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the group never waited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     // The intake goes on to the second link: the group waits for the
     // first before it touches the second, so nobody waits on anybody else.
     let second_taken = sqlx::query(
