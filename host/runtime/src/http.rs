@@ -279,8 +279,9 @@ impl CallState {
     /// cached by an earlier call, or replaced by a newer grant while still
     /// valid, came back in clear to a call that never asked for it).
     fn redact(&mut self, data: &mut Vec<u8>) {
-        // Built once for the call's responses and headers, again only when
-        // a token was obtained since.
+        // Built once for the call's responses and headers, again when any
+        // call obtained a token since, or this call's tokens changed (they
+        // drop it).
         let issued_version = self.connector.tokens.issued_version();
         if self
             .redactor

@@ -1150,11 +1150,12 @@ impl Store {
     /// before it was there and made the record a customer, while the
     /// delete, waiting only for what was numbered before it, found no link
     /// and was skipped. Deletes never wait for a later delete, so two
-    /// never wait for each other; an upsert waits for no delete. Read through the `inbox_due` index, which holds
-    /// unsettled rows only (SQLite is told to: it chose `inbox_event`, and
-    /// read every row the connector's inbox keeps); no index of every
-    /// row's record is kept for this rare question (a delete of a record
-    /// nothing links).
+    /// never wait for each other; an upsert waits for no delete.
+    ///
+    /// Read through the `inbox_due` index, which holds unsettled rows only
+    /// (SQLite is told to: it chose `inbox_event`, and read every row the
+    /// connector's inbox keeps); no index of every row's record is kept
+    /// for this rare question (a delete of a record nothing links).
     pub async fn inbox_awaited_by_delete(
         &self,
         connector: &str,

@@ -539,10 +539,10 @@ macro_rules! mark_create {
 // a retry of the version that claim pushed is planned over the base it
 // was planned over (`unsure_version`, `unsure_base`): each claim over a
 // delivered push marks them (the customer's version as the claim reads
-// it, which the push sends, and the pushed hash), and
-// the claim after an unrecorded one keeps them. Forgotten, the update's
-// retry went whole, under another key, and the remote applied both, the
-// second over an edit made there between.
+// it, which the push sends, and the pushed hash), and the claim after an
+// unrecorded one keeps them. Forgotten, the update's retry went whole,
+// under another key, and the remote applied both, the second over an edit
+// made there between.
 macro_rules! claim {
     (
         $table:literal,
