@@ -883,38 +883,23 @@ async fn a_finding_is_forced_once(postgres: bool) {
         lease_token: Some("driver-gone".into()),
         ..run.clone()
     };
-    let what = "push of version 1 scheduled";
-    let forced = store.force_push_for(
-        &stale,
-        &finding,
-        ForcedBy::Run,
-        what,
-        first.id.as_str(),
-        1,
-        None,
+    let force = |run, finding, by| {
+        let what = "push of version 1 scheduled";
+        store.force_push_for(run, finding, by, what, first.id.as_str(), 1, None)
+    };
+    assert_eq!(
+        force(&stale, &finding, ForcedBy::Run).await.expect("ran"),
+        None
     );
-    assert_eq!(forced.await.expect("ran"), None);
-    let forced = store.force_push_for(
-        &run,
-        &finding,
-        ForcedBy::Run,
-        what,
-        first.id.as_str(),
-        1,
-        None,
+    assert_eq!(
+        force(&run, &finding, ForcedBy::Run).await.expect("ran"),
+        Some(true)
     );
-    assert_eq!(forced.await.expect("ran"), Some(true));
     // The run again after a crash: the finding is repaired already.
-    let again = store.force_push_for(
-        &run,
-        &finding,
-        ForcedBy::Run,
-        what,
-        first.id.as_str(),
-        1,
-        None,
+    assert_eq!(
+        force(&run, &finding, ForcedBy::Run).await.expect("ran"),
+        None
     );
-    assert_eq!(again.await.expect("ran"), None);
     let after = repairs(store.links_of(first.id.as_str()).await.expect("links"));
     assert_eq!(after, before + 1, "forced once");
     let open = store
@@ -935,26 +920,12 @@ async fn a_finding_is_forced_once(postgres: bool) {
         .settle_mismatch(&by_hand, "resolved", &claim)
         .await
         .expect("claimed"));
-    let forced = store.force_push_for(
-        &run,
-        &by_hand,
-        ForcedBy::Claim(&claim),
-        what,
-        first.id.as_str(),
-        1,
-        None,
+    let by_claim = || ForcedBy::Claim(&claim);
+    assert_eq!(
+        force(&run, &by_hand, by_claim()).await.expect("ran"),
+        Some(true)
     );
-    assert_eq!(forced.await.expect("ran"), Some(true));
-    let again = store.force_push_for(
-        &run,
-        &by_hand,
-        ForcedBy::Claim(&claim),
-        what,
-        first.id.as_str(),
-        1,
-        None,
-    );
-    assert_eq!(again.await.expect("ran"), None);
+    assert_eq!(force(&run, &by_hand, by_claim()).await.expect("ran"), None);
     let stalled = store
         .reopen_stalled_resolutions(chrono::Utc::now() + chrono::Duration::hours(1))
         .await
